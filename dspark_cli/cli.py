@@ -1,0 +1,48 @@
+"""The `dspark` command: a thin typer layer; each command lives in dspark_cli/commands/<name>.py
+and exposes `register(app)`. Errors become one line on stderr and the documented exit code."""
+
+import importlib
+import sys
+
+import typer
+
+from dspark_cli.errors import EXIT_USAGE, DsparkError
+from dspark_cli.output import err_console
+
+COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
+
+app = typer.Typer(
+    name="dspark",
+    help="DSpark speculative decoding for pinned vLLM and TGI trees.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"dspark_cli.commands.{_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"dspark_cli.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DsparkError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except (typer.BadParameter, __import__("click").exceptions.UsageError) as exc:
+        err_console.print(f"[red]usage:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""One exception type per exit code, so every failure ends as one clear line.
+
+Exit codes (documented in README.md):
+  0  ok
+  1  a check, verification or test failed
+  2  bad usage or input (unknown pin, malformed compat.yaml, dirty worktree without --force, ...)
+  3  environment problem (git, nvcc, torch, CUDA_HOME, network, disk)
+  4  a patch did not apply; the workspace was restored to its exact pre-apply state
+"""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENV = 3
+EXIT_PATCH = 4
+
+
+class DsparkError(Exception):
+    exit_code = EXIT_FAILED
+
+
+class CheckFailed(DsparkError):
+    exit_code = EXIT_FAILED
+
+
+class UsageError(DsparkError):
+    exit_code = EXIT_USAGE
+
+
+class EnvironmentProblem(DsparkError):
+    exit_code = EXIT_ENV
+
+
+class PatchFailed(DsparkError):
+    exit_code = EXIT_PATCH
