@@ -1,0 +1,32 @@
+"""`dspark verify ops|vllm|tgi`: check a built extension or a patched engine for real."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    verify = typer.Typer(help="Verify the built extension or a patched engine.", no_args_is_help=True)
+
+    @verify.command("ops")
+    def verify_ops(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+        """Load the built CUDA extension and check every op against the torch reference on the GPU."""
+        from dspark_cli.selftest import run_self_test
+
+        run_self_test(as_json=as_json)
+
+    @verify.command("vllm")
+    def verify_vllm(
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ) -> None:
+        """Run DSpark end to end in the installed, patched vLLM and compare with no speculation."""
+        from dspark_cli.integrations.vllm.verify import run
+
+        run(as_json=as_json)
+
+    @verify.command("tgi")
+    def verify_tgi(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+        """Check the installed, patched TGI server package against dspark_cli.runtime."""
+        from dspark_cli.integrations.tgi.verify import run
+
+        run(as_json=as_json)
+
+    app.add_typer(verify, name="verify")
