@@ -1,0 +1,52 @@
+"""Input validation shared by the runtime: one clear ValueError per problem, raised before any
+work. Shape/dtype checks never touch device memory; value checks (NaN, range) need a
+device->host sync, so callers run them only when asked (default: on CPU tensors)."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, ndim: int, dtypes=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+    return t
+
+
+def dim(name: str, t: torch.Tensor, axis: int, expected: int, what: str) -> None:
+    if t.shape[axis] != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}: dimension {axis} must be {expected} ({what})"
+        )
+
+
+def nonempty_batch(name: str, t: torch.Tensor) -> None:
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (0 requests)")
+
+
+def same_device(**tensors) -> None:
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device: {listing}")
+
+
+def want_value_checks(validate: bool | None, t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu") if validate is None else validate
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def in_unit_interval(name: str, t: torch.Tensor) -> None:
+    finite(name, t)
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError(f"{name} must lie in [0, 1]")

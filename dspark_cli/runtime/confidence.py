@@ -1,0 +1,110 @@
+"""Confidence head (DSPARK.md §1.4): c_k = σ(z_k / T_k), z_k = w·[h_k ; W1[x_{k-1}]] + b, the
+conditional probability that draft k survives given 1..k-1 survived; survival a_k = Π_{i≤k} c_i.
+T_k is the per-position Sequential Temperature Scaling (STS) calibration (1.0 when absent)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dspark_cli.runtime import _checks
+
+STS_FORMAT = "dspark-sts/1"
+
+
+def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
+    """h [R, γ, d], prev_emb [R, γ, r], weight [1, d+r] or [d+r], bias [1] or scalar -> z [R, γ] fp32."""
+    _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
+    _checks.tensor("prev_emb", prev_emb, 3, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("h", h)
+    if prev_emb.shape[:2] != h.shape[:2]:
+        raise ValueError(f"prev_emb has shape {tuple(prev_emb.shape)}: its [R, γ] must match h {tuple(h.shape[:2])}")
+    d, r = h.shape[2], prev_emb.shape[2]
+    w = weight.reshape(-1)
+    if w.numel() != d + r:
+        raise ValueError(f"weight has {w.numel()} entries; expected d + r = {d} + {r} = {d + r}")
+    b = torch.as_tensor(bias, device=h.device).reshape(-1)
+    if b.numel() != 1:
+        raise ValueError(f"bias must hold one value, got {b.numel()}")
+    w = w.float()
+    return h.float() @ w[:d] + prev_emb.float() @ w[d:] + b.float()
+
+
+def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None) -> torch.Tensor:
+    """σ(z_k / T_k) -> c [R, γ] fp32."""
+    _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
+    if sts is None:
+        return torch.sigmoid(z.float())
+    temps = sts.tensor(z.device)
+    _checks.dim("z", z, 1, temps.numel(), "block size γ of the STS calibration")
+    return torch.sigmoid(z.float() / temps)
+
+
+def survival(c: torch.Tensor) -> torch.Tensor:
+    """Prefix survival a_{r,j} = Π_{i≤j} c_{r,i} -> [R, γ], non-increasing along γ."""
+    _checks.tensor("c", c, 2, _checks.FLOAT_DTYPES)
+    return torch.cumprod(c.float(), dim=1)
+
+
+@dataclass
+class STSCalibration:
+    """Per-position temperatures T_1..T_γ on the confidence logits.
+
+    File (JSON): {"format": "dspark-sts/1", "temperatures": [T_1, ..., T_γ], ...metadata}."""
+
+    temperatures: list[float]
+    metadata: dict | None = None
+
+    def __post_init__(self):
+        if not self.temperatures or any(not (t > 0) for t in self.temperatures):
+            raise ValueError(f"STS temperatures must be a non-empty list of positive numbers, got {self.temperatures}")
+
+    def tensor(self, device) -> torch.Tensor:
+        return torch.tensor(self.temperatures, dtype=torch.float32, device=device)
+
+    @classmethod
+    def load(cls, path) -> "STSCalibration":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read STS calibration {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != STS_FORMAT or "temperatures" not in data:
+            raise ValueError(f"{path} is not a {STS_FORMAT} file (need 'format' and 'temperatures')")
+        meta = {k: v for k, v in data.items() if k not in ("format", "temperatures")}
+        return cls([float(t) for t in data["temperatures"]], meta or None)
+
+    def save(self, path) -> None:
+        doc = {"format": STS_FORMAT, "temperatures": self.temperatures, **(self.metadata or {})}
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, num_accepted: torch.Tensor, grid=None, bins: int = 20) -> "STSCalibration":
+        """Fit T_k in order k = 1..γ by grid search minimizing the ECE of the cumulative product
+        Π_{i≤k} σ(z_i/T_i) against the realized survival 1[num_accepted ≥ k], with earlier T fixed
+        (paper §3.2.1). z [N, γ] from rounds verified at full length; num_accepted [N]."""
+        _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
+        _checks.nonempty_batch("z", z)
+        _checks.tensor("num_accepted", num_accepted, 1)
+        _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
+        grid = torch.exp(torch.linspace(-2.0, 2.0, 81)) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
+        z = z.float()
+        survived_before = torch.ones(z.shape[0])
+        temps = []
+        for k in range(z.shape[1]):
+            label = (num_accepted >= k + 1).float()
+            eces = torch.stack([expected_calibration_error(survived_before * torch.sigmoid(z[:, k] / t), label, bins)
+                                for t in grid])
+            best = grid[int(torch.argmin(eces))]
+            temps.append(float(best))
+            survived_before = survived_before * torch.sigmoid(z[:, k] / best)
+        return cls(temps)
+
+
+def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:
+    """ECE with equal-width bins: Σ_b (n_b/N)·|mean(prob_b) − mean(label_b)|."""
+    idx = torch.clamp((prob * bins).long(), max=bins - 1)
+    count = torch.zeros(bins).index_add_(0, idx, torch.ones_like(prob))
+    p_sum = torch.zeros(bins).index_add_(0, idx, prob)
+    y_sum = torch.zeros(bins).index_add_(0, idx, label)
+    return (p_sum - y_sum).abs().sum() / prob.numel()

@@ -1,0 +1,133 @@
+"""Markov-chain drafting (DSPARK.md §1.3, §4): x_k ~ q_k = warp(softmax((U_k + W2·W1[x_{k-1}]) / T))
+with x_0 = the anchor. The fp32 q_k we sample from is exactly the q_k the ratio test uses."""
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark_cli.runtime import _checks, rng
+from dspark_cli.runtime._dispatch import try_cuda
+from dspark_cli.runtime.sampling import probs_from_logits
+
+INT_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass
+class DraftSource:
+    """What rebuilds any q row without storing q: base logits, anchors, Markov weights, warps."""
+
+    U: torch.Tensor
+    anchors: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+
+
+@dataclass
+class MarkovDraft:
+    tokens: torch.Tensor  # [R, γ] int64
+    q_token: torch.Tensor  # [R, γ] fp32: q_k(x_k) (1.0 for greedy requests)
+    q: torch.Tensor | None  # [R, γ, V] fp32 when return_q=True
+    prev_emb: torch.Tensor  # [R, γ, r] W1[x_{k-1}] (x_0 = anchor), for the confidence head
+    source: DraftSource | None = None  # set when q is None, so residual rows can be rebuilt
+
+    def q_rows(self, position: torch.Tensor) -> torch.Tensor:
+        """q_{position_r + 1} for each request r (0-based draft position) -> [R, V] fp32."""
+        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
+        if self.q is not None:
+            return self.q[rows, position]
+        if self.source is None:
+            raise ValueError("this draft has neither q nor the inputs to rebuild q rows")
+        s = self.source
+        prev_tokens = torch.cat([s.anchors.to(torch.int64).unsqueeze(1), self.tokens], dim=1)
+        return residual_row(s.U[rows, position], prev_tokens[rows, position], s.w1, s.w2,
+                            s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+
+def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp32: torch.Tensor):
+    """U_k + W2·W1[prev] in fp32: [R, V]."""
+    return U_k.float() + w1[prev].float() @ w2_fp32.t()
+
+
+def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> torch.Tensor:
+    """Rebuild q rows [R, V] fp32 from base logits U_k [R, V] and the previous tokens [R], bit-for-bit
+    the rows markov_chain sampled from (so engines need not keep q [R, γ, V] in memory)."""
+    _checks.tensor("U_k", U_k, 2, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("U_k", U_k)
+    R, V = U_k.shape
+    _check_markov_weights(w1, w2, V)
+    _check_request_vector("prev", prev, R, INT_DTYPES)
+    _check_warps(temperature, top_k, top_p, R)
+    return probs_from_logits(_step_logits(U_k, prev.to(torch.int64), w1, w2.float()),
+                             temperature.float(), top_k, top_p)
+
+
+def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None,
+                 generator=None, return_q=True) -> MarkovDraft:
+    """Draft γ tokens per request, sequential over positions, batched over requests.
+
+    Sampling is an exponential race on the fp32 q row: with `seeds` [R] int64 the noise is the
+    counter-based stream rng.STREAM_DRAFT (identical on every rank and in our CUDA kernel);
+    otherwise it comes from `generator` (or torch's global RNG). Greedy requests
+    (temperature < 1e-5) take the argmax and get q = one-hot."""
+    _checks.tensor("U", U, 3, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("U", U)
+    R, gamma, V = U.shape
+    if gamma == 0:
+        raise ValueError("U has block size γ = 0; nothing to draft")
+    _check_markov_weights(w1, w2, V)
+    _check_request_vector("anchors", anchors, R, INT_DTYPES)
+    _check_warps(temperature, top_k, top_p, R)
+    if seeds is not None:
+        _check_request_vector("seeds", seeds, R, (torch.int64,))
+    _checks.same_device(U=U, anchors=anchors, w1=w1, w2=w2, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seeds=seeds)
+
+    tensors = [t for t in (U, anchors, w1, w2, temperature, top_k, top_p, seeds) if t is not None]
+    out = try_cuda("markov_chain", tensors, U, anchors, w1, w2, temperature, top_k=top_k,
+                   top_p=top_p, seeds=seeds, generator=generator, return_q=return_q)
+    if out is not NotImplemented:
+        return out
+
+    temperature = temperature.float()
+    w2_fp32 = w2.float()
+    tokens = torch.empty(R, gamma, dtype=torch.int64, device=U.device)
+    q_token = torch.empty(R, gamma, dtype=torch.float32, device=U.device)
+    q = torch.empty(R, gamma, V, dtype=torch.float32, device=U.device) if return_q else None
+    prev_emb = torch.empty(R, gamma, w1.shape[1], dtype=w1.dtype, device=U.device)
+    prev = anchors.to(torch.int64)
+    for k in range(gamma):  # the chain is inherently sequential over positions
+        prev_emb[:, k] = w1[prev]
+        probs = probs_from_logits(_step_logits(U[:, k], prev, w1, w2_fp32), temperature, top_k, top_p)
+        noise = (rng.exponential(seeds, rng.STREAM_DRAFT, k, V) if seeds is not None
+                 else rng.exponential_like(probs, generator))
+        prev = rng.race_sample(probs, noise)  # one-hot rows (greedy) pick their argmax
+        tokens[:, k] = prev
+        q_token[:, k] = probs.gather(1, prev.unsqueeze(1)).squeeze(1)
+        if q is not None:
+            q[:, k] = probs
+    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, top_k, top_p)
+    return MarkovDraft(tokens, q_token, q, prev_emb, source)
+
+
+def _check_markov_weights(w1, w2, vocab: int) -> None:
+    _checks.tensor("w1", w1, 2, _checks.FLOAT_DTYPES)
+    _checks.tensor("w2", w2, 2, _checks.FLOAT_DTYPES)
+    _checks.dim("w1", w1, 0, vocab, "vocab size V of the logits")
+    _checks.dim("w2", w2, 0, vocab, "vocab size V; W2 is stored [V, r] like nn.Linear(r, V).weight")
+    _checks.dim("w2", w2, 1, w1.shape[1], "Markov rank r of w1")
+
+
+def _check_request_vector(name, t, R: int, dtypes) -> None:
+    _checks.tensor(name, t, 1, dtypes)
+    _checks.dim(name, t, 0, R, "one entry per request")
+
+
+def _check_warps(temperature, top_k, top_p, R: int) -> None:
+    _check_request_vector("temperature", temperature, R, _checks.FLOAT_DTYPES)
+    if top_k is not None:
+        _check_request_vector("top_k", top_k, R, INT_DTYPES)
+    if top_p is not None:
+        _check_request_vector("top_p", top_p, R, _checks.FLOAT_DTYPES)

@@ -1,0 +1,136 @@
+"""Lossless variable-length rejection sampling (DSPARK.md §3.2 V2-V3, §4).
+
+Request r verifies its first ℓ_r drafts: target rows p_0..p_{ℓ_r} (row j scores draft x_{j+1},
+row ℓ_r gives the bonus). Accept x_j iff u_j·q_j(x_j) < p_{j-1}(x_j) (= u_j < min(1, p/q), no
+clamp on q, which would bias rare draws) along the prefix; at the first rejection sample from
+max(p − q, 0) (from p when that mass ≤ 1e-8); if all ℓ_r are accepted, sample the bonus from p_{ℓ_r}.
+ℓ_r = 0 is a plain decode step. Greedy requests: accept iff x_j = argmax p_{j-1}; emit argmax.
+Everything is tensor ops: no host sync, no Python loop over requests or positions."""
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark_cli.runtime import _checks, rng
+from dspark_cli.runtime._dispatch import try_cuda
+from dspark_cli.runtime.markov import MarkovDraft
+
+RESIDUAL_MASS_FLOOR = 1e-8
+
+
+@dataclass
+class VerifyResult:
+    output_tokens: torch.Tensor  # [R, γ+1] int64: accepted drafts, then the recovered/bonus token, −1 padded
+    num_accepted: torch.Tensor  # [R] int64; request r emits num_accepted + 1 tokens
+
+
+def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, generator=None) -> VerifyResult:
+    """target_probs [R, γ+1, V] fp32 (rows beyond ℓ_r are ignored); draft: MarkovDraft or
+    (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in [0, γ]; greedy [R] bool
+    (None: no greedy request); seeds [R] int64 for counter-based uniforms (else `generator`)."""
+    draft = _as_draft(draft)
+    _checks.tensor("target_probs", target_probs, 3, (torch.float32,))
+    _checks.nonempty_batch("target_probs", target_probs)
+    R, rows, V = target_probs.shape
+    gamma = draft.tokens.shape[1]
+    _checks.dim("target_probs", target_probs, 1, gamma + 1, "γ + 1 target rows per request")
+    _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
+    _checks.dim("ell", ell, 0, R, "one verify length per request")
+    row_start = torch.arange(R, device=target_probs.device, dtype=torch.int64) * (gamma + 1)
+    return _verify(target_probs.reshape(R * rows, V), row_start, ell.to(torch.int64), draft,
+                   greedy, seeds, generator, check_values=_checks.want_value_checks(None, ell))
+
+
+def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, seeds=None,
+                          generator=None) -> VerifyResult:
+    """Varlen entry (the layout of a flattened verify batch, as vLLM V1 builds it):
+    target_probs [Σ_r (1+ℓ_r), V] fp32, request r owns rows cu_num_tokens[r] .. cu_num_tokens[r+1]−1
+    (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 starting at 0. Drafts stay [R, γ]."""
+    draft = _as_draft(draft)
+    _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
+    _checks.tensor("cu_num_tokens", cu_num_tokens, 1, (torch.int64, torch.int32))
+    R = draft.tokens.shape[0]
+    _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
+    cu = cu_num_tokens.to(torch.int64)
+    ell = cu[1:] - cu[:-1] - 1
+    return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator,
+                   check_values=_checks.want_value_checks(None, cu))
+
+
+def _as_draft(draft) -> MarkovDraft:
+    if isinstance(draft, MarkovDraft):
+        return draft
+    if isinstance(draft, (tuple, list)) and len(draft) == 3:
+        tokens, q_token, q = draft
+        _checks.tensor("draft tokens", tokens, 2, (torch.int64, torch.int32))
+        _checks.tensor("draft q_token", q_token, 2, (torch.float32,))
+        if q is None:
+            raise ValueError("a (tokens, q_token, q) draft needs q; pass a MarkovDraft to rebuild q rows")
+        _checks.tensor("draft q", q, 3, (torch.float32,))
+        if q_token.shape != tokens.shape or q.shape[:2] != tokens.shape:
+            raise ValueError(f"draft shapes disagree: tokens {tuple(tokens.shape)}, q_token "
+                             f"{tuple(q_token.shape)}, q {tuple(q.shape)}")
+        return MarkovDraft(tokens.to(torch.int64), q_token, q, prev_emb=None)
+    raise ValueError("draft must be a MarkovDraft or a (tokens, q_token, q) tuple")
+
+
+def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, check_values) -> VerifyResult:
+    R, gamma = draft.tokens.shape
+    num_rows, V = target.shape
+    _checks.nonempty_batch("draft tokens", draft.tokens)
+    if gamma == 0:
+        raise ValueError("drafts have block size γ = 0")
+    _checks.dim("draft q_token", draft.q_token, 0, R, "one row per request")
+    if draft.q is not None:
+        _checks.dim("draft q", draft.q, 2, V, "vocab size V of target_probs")
+    for name, t in (("greedy", greedy), ("seeds", seeds)):
+        if t is not None:
+            _checks.tensor(name, t, 1, (torch.bool,) if name == "greedy" else (torch.int64,))
+            _checks.dim(name, t, 0, R, "one entry per request")
+    _checks.same_device(target=target, tokens=draft.tokens, ell=ell, greedy=greedy, seeds=seeds)
+    if check_values:
+        if bool(((ell < 0) | (ell > gamma)).any()):
+            raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
+        if int((row_start + ell).max()) >= num_rows:
+            raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
+
+    tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds) if t is not None]
+    out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
+                   seeds=seeds, generator=generator)
+    if out is not NotImplemented:
+        return out
+
+    device = target.device
+    pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j
+    verified = pos < ell.unsqueeze(1)
+    rows = torch.clamp(row_start.unsqueeze(1) + pos, max=num_rows - 1)  # row j scores draft j+1
+    tokens = draft.tokens
+    p_token = target[rows, tokens]  # [R, γ]
+
+    if seeds is not None:
+        u = rng.uniform(seeds, rng.STREAM_ACCEPT, pos, 0)
+    else:
+        u = torch.rand(R, gamma, device=device, generator=generator)
+    accept = u * draft.q_token.float() < p_token
+    if greedy is not None:
+        match = tokens == target[rows].argmax(dim=-1)
+        accept = torch.where(greedy.unsqueeze(1), match, accept)
+    num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
+
+    p_row = target[row_start + num_accepted]  # [R, V]: scores the first unaccepted slot
+    rejected = num_accepted < ell
+    q_row = draft.q_rows(torch.clamp(num_accepted, max=gamma - 1))
+    residual = torch.clamp(p_row - q_row, min=0.0)
+    use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MASS_FLOOR)
+    weights = torch.where(use_residual.unsqueeze(1), residual, p_row)
+    noise = (rng.exponential(seeds, rng.STREAM_RECOVER, 0, V) if seeds is not None
+             else rng.exponential_like(weights, generator))
+    next_token = rng.race_sample(weights, noise)  # the race needs no normalization
+    if greedy is not None:
+        next_token = torch.where(greedy, p_row.argmax(dim=-1), next_token)
+
+    out_pos = torch.arange(gamma + 1, device=device, dtype=torch.int64).unsqueeze(0)
+    padded = torch.cat([tokens, torch.full((R, 1), -1, dtype=torch.int64, device=device)], dim=1)
+    output = torch.where(out_pos < num_accepted.unsqueeze(1), padded, torch.full_like(padded, -1))
+    output.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
+    return VerifyResult(output, num_accepted)

@@ -1,0 +1,98 @@
+"""Verify-length schedulers (DSPARK.md §5): how many drafts ℓ_r ∈ [0, γ] each request verifies.
+
+All candidates (r, j) are ranked by survival a_{r,j} descending, ties broken by position j, then by
+request r: never by token values, and since a is non-increasing in j this order respects every
+request's prefix. Admitting the first n candidates gives ℓ_r = #admitted of request r, the batch
+B = R + n tokens and τ = R + Σ a. Everything is tensor ops on a's device: no host sync, no loop."""
+
+import torch
+
+from dspark_cli.runtime import _checks
+from dspark_cli.runtime._dispatch import try_cuda
+from dspark_cli.runtime.sps import SPSTable
+
+
+def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> torch.Tensor:
+    """DeepSpec's static rule: ℓ_r = first k with per-step c_k < threshold (0 verifies all)."""
+    _check_matrix("c", c, validate)
+    return torch.cumprod((c >= threshold).to(torch.int64), dim=1).sum(dim=1)
+
+
+def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Tensor:
+    """Algorithm 1: admit candidates in rank order while Θ = τ·SPS(B) strictly improves; stop at
+    the first non-improvement (early stop keeps admission non-anticipating). a = survival(c)."""
+    _check_survival("a", a, validate)
+    R = a.shape[0]
+    a_sorted, request = _ranked(a)
+    theta = _theta(a_sorted, R, sps)  # Θ_0 .. Θ_n
+    improves = (theta[1:] > theta[:-1]) & (a_sorted > 0)
+    admitted = torch.cumprod(improves.to(torch.int64), dim=0).sum()
+    return _lengths(request, admitted, R)
+
+
+def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, validate=None) -> torch.Tensor:
+    """Production step 1 (paper §5.2): K = argmax_n Θ_n over ALL n (no early stop), from survival
+    two steps old, for a batch of `num_requests` anchors. Returns a 0-dim int64 tensor (no sync);
+    the earliest n wins ties. Stale data cannot depend on the current drafts: the causal barrier."""
+    _check_survival("a_stale", a_stale, validate)
+    a_sorted, _ = _ranked(a_stale)
+    theta = _theta(a_sorted, num_requests, sps)
+    return torch.clamp(torch.argmax(theta), max=num_requests * a_stale.shape[1])
+
+
+def admit_top_k(a_now: torch.Tensor, budget, *, validate=None) -> torch.Tensor:
+    """Production step 2: admit the `budget` highest-ranked current candidates (B = R + budget)."""
+    _check_survival("a_now", a_now, validate)
+    _, request = _ranked(a_now)
+    budget = torch.as_tensor(budget, device=a_now.device, dtype=torch.int64)
+    return _lengths(request, torch.clamp(budget, 0, request.numel()), a_now.shape[0])
+
+
+def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Tensor:
+    """K from t−2 survival (verify_budget), then top-K by current survival (admit_top_k).
+
+    Passing the current survival as a_stale is the retrospective search of the paper's Appendix A
+    and is NOT lossless; tests/test_runtime_scheduler.py measures that bias."""
+    _check_survival("a_now", a_now, validate)
+    if a_stale.dim() == 2 and a_stale.shape[1] != a_now.shape[1]:
+        raise ValueError(f"a_stale has block size {a_stale.shape[1]}, a_now {a_now.shape[1]}")
+    out = try_cuda("schedule_production", [a_stale, a_now], a_stale, a_now, sps)
+    if out is not NotImplemented:
+        return out
+    return admit_top_k(a_now, verify_budget(a_stale, sps, a_now.shape[0], validate=validate), validate=False)
+
+
+def _ranked(a: torch.Tensor):
+    """Flatten j-major (index j·R + r) so a stable descending sort breaks ties by j, then r."""
+    R = a.shape[0]
+    flat = a.t().reshape(-1).float()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    return flat[order], order % R
+
+
+def _theta(a_sorted: torch.Tensor, num_requests: int, sps: SPSTable) -> torch.Tensor:
+    """Θ_n = (R + Σ_{i≤n} a_i)·SPS(R + n) for n = 0..len(a_sorted)."""
+    device = a_sorted.device
+    n = torch.arange(a_sorted.numel() + 1, device=device, dtype=torch.int64)
+    tau = num_requests + torch.cat([torch.zeros(1, device=device), torch.cumsum(a_sorted, dim=0)])
+    return tau * sps.lookup(num_requests + n)
+
+
+def _lengths(request: torch.Tensor, admitted: torch.Tensor, R: int) -> torch.Tensor:
+    take = (torch.arange(request.numel(), device=request.device) < admitted).to(torch.int64)
+    return torch.zeros(R, dtype=torch.int64, device=request.device).scatter_add_(0, request, take)
+
+
+def _check_matrix(name: str, t, validate) -> None:
+    _checks.tensor(name, t, 2, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch(name, t)
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has block size γ = 0")
+    if _checks.want_value_checks(validate, t):
+        _checks.in_unit_interval(name, t)
+
+
+def _check_survival(name: str, a, validate) -> None:
+    _check_matrix(name, a, validate)
+    if _checks.want_value_checks(validate, a) and bool((a[:, 1:] > a[:, :-1]).any()):
+        raise ValueError(f"{name} must be non-increasing along γ: pass survival(c), not c")

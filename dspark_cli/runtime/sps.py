@@ -1,0 +1,126 @@
+"""SPS cost table: engine steps per second as a function of the tokens in one target forward
+(DSPARK.md §5.1, §5.4), profiled once per model and GPU by `dspark profile`.
+
+Our file (JSON):
+  {"format": "dspark-sps/1", "tokens": [1, 2, 4, ...], "steps_per_s": [...],
+   "capture_sizes": [...CUDA-graph capture sizes, may be empty...], ...metadata}
+SGLang's file for --speculative-dspark-sps-table-path (its SpsCostTable):
+  {"sample_batch_tokens": [...], "sample_steps_per_sec": [...], "max_batch_tokens": N}
+`SPSTable.load` reads both.
+
+Lookup SPS(B): with CUDA graphs a forward of B tokens runs padded to the smallest capture size
+≥ B, so B is first rounded up to it (this is what makes the real curve step-wise); then linear
+interpolation between profiled points, the first value below the first point, and beyond the last
+point a constant token rate (SPS = SPS_last · B_last / B), a conservative extrapolation."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SPS_FORMAT = "dspark-sps/1"
+
+# Documented default when no profile exists: step time = 10 ms + 20 µs per token, an
+# order-of-magnitude stand-in for a dense 4-8B model on one H100/H200-class GPU. Profile instead.
+DEFAULT_FIXED_S = 10e-3
+DEFAULT_PER_TOKEN_S = 20e-6
+
+
+@dataclass
+class SPSTable:
+    tokens: list[int]
+    steps_per_s: list[float]
+    capture_sizes: list[int] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.tokens = [int(t) for t in self.tokens]
+        self.steps_per_s = [float(s) for s in self.steps_per_s]
+        self.capture_sizes = sorted(int(c) for c in self.capture_sizes)
+        if not self.tokens or len(self.tokens) != len(self.steps_per_s):
+            raise ValueError("an SPS table needs as many steps_per_s values as tokens entries, at least one")
+        if self.tokens[0] < 1 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError(f"SPS table tokens must be strictly increasing and ≥ 1, got {self.tokens}")
+        if any(not (s > 0) or s == float("inf") for s in self.steps_per_s):
+            raise ValueError("SPS table steps_per_s must be finite and positive")
+        if self.capture_sizes and self.capture_sizes[0] < 1:
+            raise ValueError("CUDA-graph capture sizes must be ≥ 1")
+        self._dense_cache: dict = {}
+
+    # ---- lookup -------------------------------------------------------------------------------
+    def _padded(self, b: int) -> int:
+        for size in self.capture_sizes:
+            if size >= b:
+                return size
+        return b
+
+    def sps(self, tokens: int) -> float:
+        """SPS at one batch size (host float)."""
+        b = self._padded(max(int(tokens), 1))
+        xs, ys = self.tokens, self.steps_per_s
+        if b <= xs[0]:
+            return ys[0]
+        if b >= xs[-1]:
+            return ys[-1] * xs[-1] / b
+        i = next(i for i in range(1, len(xs)) if xs[i] >= b)
+        t = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
+    @property
+    def dense_limit(self) -> int:
+        return max(self.tokens[-1], self.capture_sizes[-1] if self.capture_sizes else 1)
+
+    def dense(self, device) -> torch.Tensor:
+        """SPS for B = 0..dense_limit as an fp32 tensor on `device` (index 0 unused), cached."""
+        key = str(device)
+        if key not in self._dense_cache:
+            values = [self.sps(max(b, 1)) for b in range(self.dense_limit + 1)]
+            self._dense_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return self._dense_cache[key]
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vectorized SPS(B) for an int64 tensor of batch sizes, on its device, no host sync."""
+        dense = self.dense(tokens.device)
+        limit = self.dense_limit
+        inside = dense[torch.clamp(tokens, 1, limit)]
+        beyond = dense[limit] * limit / torch.clamp(tokens, min=1).to(torch.float32)
+        return torch.where(tokens > limit, beyond, inside)
+
+    # ---- files --------------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> "SPSTable":
+        sizes = [2**i for i in range(14)]  # 1 .. 8192
+        return cls(sizes, [1.0 / (DEFAULT_FIXED_S + DEFAULT_PER_TOKEN_S * b) for b in sizes],
+                   metadata={"source": "default model: 10 ms + 20 us per token (not profiled)"})
+
+    @classmethod
+    def load(cls, path) -> "SPSTable":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read SPS table {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an SPS table is a JSON object")
+        if data.get("format") == SPS_FORMAT:
+            meta = {k: v for k, v in data.items() if k not in ("format", "tokens", "steps_per_s", "capture_sizes")}
+            return cls(data.get("tokens", []), data.get("steps_per_s", []), data.get("capture_sizes", []), meta)
+        if "sample_batch_tokens" in data and "sample_steps_per_sec" in data:
+            return cls(data["sample_batch_tokens"], data["sample_steps_per_sec"],
+                       metadata={"source": "sglang", "max_batch_tokens": data.get("max_batch_tokens")})
+        raise ValueError(f"{path} is neither a {SPS_FORMAT} table nor SGLang's SpsCostTable JSON")
+
+    def to_dict(self) -> dict:
+        return {"format": SPS_FORMAT, "tokens": self.tokens, "steps_per_s": self.steps_per_s,
+                "capture_sizes": self.capture_sizes, **self.metadata}
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_sglang(self) -> dict:
+        """SGLang's SpsCostTable fields; its lookup is a step function on the probes (floor)."""
+        return {"sample_batch_tokens": self.tokens, "sample_steps_per_sec": self.steps_per_s,
+                "max_batch_tokens": self.tokens[-1]}
+
+    def save_sglang(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_sglang()) + "\n")
