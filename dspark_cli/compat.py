@@ -1,0 +1,268 @@
+"""compat.yaml: which upstream trees we support and how to get them, validated on load.
+
+Validation walks the YAML node tree (not the constructed objects) so every error can name the
+key path and its line: `compat.yaml:14: engines.vllm.pins.v0.32.0.commit: expected ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from dspark_cli.errors import UsageError
+
+SCHEMA_VERSION = 1
+HEX_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+FULL_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RELEASE_SUFFIXES = (".whl", ".tar.gz", ".zip")
+
+
+class CompatError(UsageError):
+    """compat.yaml is malformed (exit 2)."""
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    package: str
+    version: str
+    file: str
+    sha256: str
+
+    @property
+    def kind(self) -> str:
+        return "wheel" if self.file.endswith(".whl") else "sdist"
+
+
+@dataclass(frozen=True)
+class Pin:
+    engine: str
+    name: str
+    commit: str
+    tag: str
+    patches: Path  # resolved series directory
+    releases: tuple[ReleaseFile, ...]
+    python: str
+    torch: str
+    cuda: str
+    tested: dict = field(default_factory=dict)
+
+    @property
+    def commit_is_full(self) -> bool:
+        return bool(FULL_COMMIT.match(self.commit))
+
+    def matches_commit(self, commit: str) -> bool:
+        """True if `commit` (full or abbreviated) names this pin's commit."""
+        commit = commit.lower()
+        return len(commit) >= 7 and (self.commit.startswith(commit) or commit.startswith(self.commit))
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    repository: str
+    module: str
+    distributions: tuple[str, ...]
+    default_pin: str
+    pins: dict[str, Pin]
+
+    def resolve_pin(self, ref: str | None) -> Pin | None:
+        """The pin named by `ref`: its name, tag, or (short) commit; the default pin for None."""
+        if ref is None:
+            return self.pins[self.default_pin]
+        for pin in self.pins.values():
+            if ref in (pin.name, pin.tag) or (HEX_COMMIT.match(ref.lower()) and pin.matches_commit(ref)):
+                return pin
+        return None
+
+
+@dataclass(frozen=True)
+class Compat:
+    path: Path
+    engines: dict[str, Engine]
+
+    def engine(self, name: str) -> Engine:
+        if name not in self.engines:
+            raise UsageError(f"unknown engine {name!r}; compat.yaml knows: {', '.join(self.engines)}")
+        return self.engines[name]
+
+
+def default_path() -> Path:
+    """$DSPARK_COMPAT, else the compat.yaml shipped in the package, else the checkout's."""
+    if os.environ.get("DSPARK_COMPAT"):
+        return Path(os.environ["DSPARK_COMPAT"])
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "compat.yaml", here.parent / "compat.yaml"):
+        if candidate.is_file():
+            return candidate
+    return here.parent / "compat.yaml"
+
+
+def load(path: Path | None = None) -> Compat:
+    path = Path(path) if path else default_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CompatError(f"{path}: cannot read: {exc}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Compat:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CompatError(f"{path}{line}: not valid YAML: {problem}") from None
+    except ValueError as exc:  # e.g. control characters the reader rejects
+        raise CompatError(f"{path}: not valid YAML: {exc}") from None
+    return _Validator(path).compat(root)
+
+
+class _Validator:
+    def __init__(self, path: Path):
+        self.path = path
+        self.base = path.resolve().parent
+
+    def fail(self, node, key_path: str, expected: str):
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        got = ""
+        if isinstance(node, yaml.ScalarNode):
+            got = f", got {node.value[:60]!r}"
+        elif node is not None:
+            got = f", got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}"
+        raise CompatError(f"{self.path}{line}: {key_path or '(top level)'}: expected {expected}{got}")
+
+    def mapping(self, node, key_path, required, optional=()) -> dict:
+        """{key: value node} of a mapping with exactly the required keys (plus optional ones)."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, key_path, "a mapping")
+        result = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:null":
+                self.fail(key_node, key_path, "string keys")
+            key = key_node.value
+            if key in result:
+                self.fail(key_node, f"{key_path}.{key}".lstrip("."), "each key once")
+            if required is not None and key not in required and key not in optional:
+                known = ", ".join(list(required) + list(optional))
+                self.fail(key_node, f"{key_path}.{key}".lstrip("."), f"one of the keys {known}")
+            result[key] = value_node
+        for key in required or ():
+            if key not in result:
+                self.fail(node, key_path, f"a key {key!r}")
+        return result
+
+    def string(self, node, key_path, pattern=None, expected="a non-empty string") -> str:
+        if not isinstance(node, yaml.ScalarNode) or node.tag == "tag:yaml.org,2002:null":
+            self.fail(node, key_path, expected)
+        value = node.value
+        if not value.strip() or (pattern is not None and not pattern.match(value)):
+            self.fail(node, key_path, expected)
+        return value
+
+    def specifier(self, node, key_path) -> str:
+        value = self.string(node, key_path, expected="a version range such as '>=3.11'")
+        try:
+            SpecifierSet(value)
+        except InvalidSpecifier:
+            self.fail(node, key_path, "a version range such as '>=3.11'")
+        return value
+
+    def sequence(self, node, key_path, expected) -> list:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, key_path, expected)
+        return node.value
+
+    def compat(self, root) -> Compat:
+        if root is None:
+            raise CompatError(f"{self.path}: empty file; expected keys 'schema' and 'engines'")
+        top = self.mapping(root, "", ("schema", "engines"))
+        if self.string(top["schema"], "schema", expected=f"schema {SCHEMA_VERSION}") != str(SCHEMA_VERSION):
+            self.fail(top["schema"], "schema", f"schema {SCHEMA_VERSION}")
+        engines_node = top["engines"]
+        engines = self.mapping(engines_node, "engines", None)
+        if not engines:
+            self.fail(engines_node, "engines", "at least one engine")
+        return Compat(
+            path=self.path,
+            engines={name: self.engine(name, node) for name, node in engines.items()},
+        )
+
+    def engine(self, name, node) -> Engine:
+        where = f"engines.{name}"
+        if not NAME.match(name):
+            self.fail(node, where, "an engine name of letters, digits, '.', '_' or '-'")
+        keys = self.mapping(node, where, ("repository", "module", "distributions", "default_pin", "pins"))
+        pins_node = keys["pins"]
+        pin_nodes = self.mapping(pins_node, f"{where}.pins", None)
+        if not pin_nodes:
+            self.fail(pins_node, f"{where}.pins", "at least one pin")
+        pins = {pin_name: self.pin(name, pin_name, pin_node) for pin_name, pin_node in pin_nodes.items()}
+        default_pin = self.string(keys["default_pin"], f"{where}.default_pin")
+        if default_pin not in pins:
+            self.fail(keys["default_pin"], f"{where}.default_pin", f"one of the pins ({', '.join(pins)})")
+        distributions = tuple(
+            self.string(item, f"{where}.distributions[{i}]", NAME, "a package name")
+            for i, item in enumerate(self.sequence(keys["distributions"], f"{where}.distributions", "a list of package names"))
+        )
+        return Engine(
+            name=name,
+            repository=self.string(keys["repository"], f"{where}.repository", expected="a repository URL or path"),
+            module=self.string(keys["module"], f"{where}.module", re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$"), "a Python module name"),
+            distributions=distributions,
+            default_pin=default_pin,
+            pins=pins,
+        )
+
+    def pin(self, engine, name, node) -> Pin:
+        where = f"engines.{engine}.pins.{name}"
+        if not NAME.match(name):
+            self.fail(node, where, "a pin name of letters, digits, '.', '_' or '-'")
+        keys = self.mapping(
+            node, where, ("commit", "tag", "patches", "releases", "python", "torch", "cuda", "tested")
+        )
+        commit = self.string(keys["commit"], f"{where}.commit", HEX_COMMIT, "a commit id of 7 to 40 lowercase hex digits")
+        patches = self.string(keys["patches"], f"{where}.patches", expected="a series directory (relative to compat.yaml)")
+        release_nodes = self.sequence(keys["releases"], f"{where}.releases", "a list of release files")
+        tested_keys = self.mapping(keys["tested"], f"{where}.tested", None)
+        return Pin(
+            engine=engine,
+            name=name,
+            commit=commit,
+            tag=self.string(keys["tag"], f"{where}.tag"),
+            patches=(self.base / patches),
+            releases=tuple(self.release(f"{where}.releases[{i}]", n) for i, n in enumerate(release_nodes)),
+            python=self.specifier(keys["python"], f"{where}.python"),
+            torch=self.specifier(keys["torch"], f"{where}.torch"),
+            cuda=self.specifier(keys["cuda"], f"{where}.cuda"),
+            tested={place: self.string(text, f"{where}.tested.{place}") for place, text in tested_keys.items()},
+        )
+
+    def release(self, where, node) -> ReleaseFile:
+        keys = self.mapping(node, where, ("package", "version", "file", "sha256"))
+        file_name = self.string(keys["file"], f"{where}.file", expected="a file name")
+        if "/" in file_name or not file_name.endswith(RELEASE_SUFFIXES):
+            self.fail(keys["file"], f"{where}.file", "a wheel or sdist file name (.whl, .tar.gz, .zip)")
+        return ReleaseFile(
+            package=self.string(keys["package"], f"{where}.package", NAME, "a package name"),
+            version=self.string(keys["version"], f"{where}.version", expected="a version"),
+            file=file_name,
+            sha256=self.string(keys["sha256"], f"{where}.sha256", SHA256, "64 lowercase hex digits"),
+        )
+
+
+def replace_scalar(text: str, root_path_keys: list[str], new_value: str) -> str:
+    """Rewrite one scalar in compat.yaml text in place, keeping comments and layout."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key in root_path_keys:
+        node = next(v for k, v in node.value if k.value == key)
+    start, end = node.start_mark.index, node.end_mark.index
+    return text[:start] + new_value + text[end:]

@@ -1,0 +1,118 @@
+"""Patch series on disk: the `series` order file, the `series.lock` digests, and loading both.
+
+Format: docs/patch-series.md. Nothing here touches a git workspace; see workspace.py for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_cli.errors import CheckFailed, UsageError
+
+SERIES_FILE = "series"
+LOCK_FILE = "series.lock"
+_LOCK_LINE = re.compile(r"^([0-9a-f]{64})  (\S+)$")
+
+
+@dataclass(frozen=True)
+class Patch:
+    layer: str  # "dspark" for our own series, the directory name for a --series layer
+    path: Path
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        """What the commit trailer records, e.g. `dspark/0001-dspark-config.patch`."""
+        return f"{self.layer}/{self.name}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_series(directory: Path) -> list[str]:
+    """Patch names listed in DIR/series, in order."""
+    series_file = directory / SERIES_FILE
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such series directory")
+    if not series_file.is_file():
+        raise UsageError(f"{series_file}: missing (a series directory needs a `series` file)")
+    names: list[str] = []
+    for number, raw in enumerate(series_file.read_text(encoding="utf-8").splitlines(), 1):
+        name = raw.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if "/" in name or " " in name or name in (".", ".."):
+            raise UsageError(f"{series_file}:{number}: expected a patch file name, got {name!r}")
+        if name in names:
+            raise UsageError(f"{series_file}:{number}: {name} is listed twice")
+        if not (directory / name).is_file():
+            raise UsageError(f"{series_file}:{number}: {name} does not exist in {directory}")
+        names.append(name)
+    return names
+
+
+def read_lock(directory: Path) -> dict[str, str]:
+    """name -> sha256 from DIR/series.lock, in file order."""
+    lock_file = directory / LOCK_FILE
+    if not lock_file.is_file():
+        raise UsageError(f"{lock_file}: missing; run `dspark series lock {directory}`")
+    locked: dict[str, str] = {}
+    for number, raw in enumerate(lock_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        match = _LOCK_LINE.match(raw)
+        if not match:
+            raise UsageError(f"{lock_file}:{number}: expected '<sha256>  <patch name>', got {raw!r}")
+        locked[match.group(2)] = match.group(1)
+    return locked
+
+
+def lock_text(directory: Path) -> str:
+    return "".join(f"{sha256_of(directory / name)}  {name}\n" for name in read_series(directory))
+
+
+def write_lock(directory: Path) -> Path:
+    lock_file = directory / LOCK_FILE
+    lock_file.write_text(lock_text(directory), encoding="utf-8")
+    return lock_file
+
+
+def check_lock(directory: Path) -> None:
+    """CheckFailed unless series.lock is exactly what `dspark series lock` would write."""
+    lock_file = directory / LOCK_FILE
+    current = lock_file.read_text(encoding="utf-8") if lock_file.is_file() else None
+    if current != lock_text(directory):
+        raise CheckFailed(f"{lock_file} is out of date; run `dspark series lock {directory}`")
+
+
+def load_series(directory: Path, layer: str) -> list[Patch]:
+    """The patches of one layer, each checked against the lock. Raises before anything is applied."""
+    names = read_series(directory)
+    locked = read_lock(directory)
+    lock_file = directory / LOCK_FILE
+    extra = [name for name in locked if name not in names]
+    if extra:
+        raise UsageError(f"{lock_file}: {extra[0]} is locked but not listed in series; relock")
+    patches = []
+    for name in names:
+        if name not in locked:
+            raise UsageError(f"{lock_file}: {name} has no digest; run `dspark series lock {directory}`")
+        actual = sha256_of(directory / name)
+        if actual != locked[name]:
+            raise UsageError(
+                f"{directory / name}: sha256 {actual[:12]}… does not match the lock ({locked[name][:12]}…)"
+            )
+        patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
+    return patches
