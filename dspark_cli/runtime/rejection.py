@@ -24,10 +24,13 @@ class VerifyResult:
     num_accepted: torch.Tensor  # [R] int64; request r emits num_accepted + 1 tokens
 
 
-def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, generator=None) -> VerifyResult:
+def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, generator=None,
+                     uniforms=None, exp_noise=None) -> VerifyResult:
     """target_probs [R, γ+1, V] fp32 (rows beyond ℓ_r are ignored); draft: MarkovDraft or
     (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in [0, γ]; greedy [R] bool
-    (None: no greedy request); seeds [R] int64 for counter-based uniforms (else `generator`)."""
+    (None: no greedy request). Randomness: seeds [R] int64 (counter-based, see rng.py), else
+    `generator`; an engine that draws with its own per-request generators passes them instead:
+    uniforms [R, γ] in [0, 1) for the ratio tests, exp_noise [R, V] Exp(1) for the residual/bonus."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 3, (torch.float32,))
     _checks.nonempty_batch("target_probs", target_probs)
@@ -38,11 +41,11 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     _checks.dim("ell", ell, 0, R, "one verify length per request")
     row_start = torch.arange(R, device=target_probs.device, dtype=torch.int64) * (gamma + 1)
     return _verify(target_probs.reshape(R * rows, V), row_start, ell.to(torch.int64), draft,
-                   greedy, seeds, generator, check_values=_checks.want_value_checks(None, ell))
+                   greedy, seeds, generator, uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell))
 
 
 def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, seeds=None,
-                          generator=None) -> VerifyResult:
+                          generator=None, uniforms=None, exp_noise=None) -> VerifyResult:
     """Varlen entry (the layout of a flattened verify batch, as vLLM V1 builds it):
     target_probs [Σ_r (1+ℓ_r), V] fp32, request r owns rows cu_num_tokens[r] .. cu_num_tokens[r+1]−1
     (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 starting at 0. Drafts stay [R, γ]."""
@@ -53,7 +56,7 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
     cu = cu_num_tokens.to(torch.int64)
     ell = cu[1:] - cu[:-1] - 1
-    return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator,
+    return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator, uniforms, exp_noise,
                    check_values=_checks.want_value_checks(None, cu))
 
 
@@ -74,7 +77,8 @@ def _as_draft(draft) -> MarkovDraft:
     raise ValueError("draft must be a MarkovDraft or a (tokens, q_token, q) tuple")
 
 
-def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, check_values) -> VerifyResult:
+def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
+            check_values) -> VerifyResult:
     R, gamma = draft.tokens.shape
     num_rows, V = target.shape
     _checks.nonempty_batch("draft tokens", draft.tokens)
@@ -87,16 +91,21 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if t is not None:
             _checks.tensor(name, t, 1, (torch.bool,) if name == "greedy" else (torch.int64,))
             _checks.dim(name, t, 0, R, "one entry per request")
-    _checks.same_device(target=target, tokens=draft.tokens, ell=ell, greedy=greedy, seeds=seeds)
+    for name, t, shape in (("uniforms", uniforms, (R, gamma)), ("exp_noise", exp_noise, (R, V))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    _checks.same_device(target=target, tokens=draft.tokens, ell=ell, greedy=greedy, seeds=seeds,
+                        uniforms=uniforms, exp_noise=exp_noise)
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
         if int((row_start + ell).max()) >= num_rows:
             raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
 
-    tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds) if t is not None]
+    tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
+                           uniforms, exp_noise) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
-                   seeds=seeds, generator=generator)
+                   seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise)
     if out is not NotImplemented:
         return out
 
@@ -107,7 +116,9 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     tokens = draft.tokens
     p_token = target[rows, tokens]  # [R, γ]
 
-    if seeds is not None:
+    if uniforms is not None:
+        u = uniforms.float()
+    elif seeds is not None:
         u = rng.uniform(seeds, rng.STREAM_ACCEPT, pos, 0)
     else:
         u = torch.rand(R, gamma, device=device, generator=generator)
@@ -123,8 +134,12 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     residual = torch.clamp(p_row - q_row, min=0.0)
     use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MASS_FLOOR)
     weights = torch.where(use_residual.unsqueeze(1), residual, p_row)
-    noise = (rng.exponential(seeds, rng.STREAM_RECOVER, 0, V) if seeds is not None
-             else rng.exponential_like(weights, generator))
+    if exp_noise is not None:
+        noise = exp_noise.float()
+    elif seeds is not None:
+        noise = rng.exponential(seeds, rng.STREAM_RECOVER, 0, V)
+    else:
+        noise = rng.exponential_like(weights, generator)
     next_token = rng.race_sample(weights, noise)  # the race needs no normalization
     if greedy is not None:
         next_token = torch.where(greedy, p_row.argmax(dim=-1), next_token)

@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+from dspark_cli.runtime import markov_chain, probs_from_logits, residual_row, rng
+from tests._runtime_stats import chi2_pvalue
+
+
+def _setup(R=5, gamma=4, V=40, r=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R, gamma, V, generator=g).to(dtype)
+    w1 = torch.randn(V, r, generator=g).to(dtype)
+    w2 = (0.3 * torch.randn(V, r, generator=g)).to(dtype)
+    anchors = torch.randint(0, V, (R,), generator=g)
+    return U, anchors, w1, w2
+
+
+def _plain_chain(U, anchors, w1, w2, temperature, seeds):
+    """One request and one position at a time, straight from DSPARK.md §1.3."""
+    R, gamma, V = U.shape
+    tokens, qs = torch.zeros(R, gamma, dtype=torch.int64), torch.zeros(R, gamma, V)
+    for r in range(R):
+        prev = int(anchors[r])
+        for k in range(gamma):
+            logits = U[r, k].float() + w2.float() @ w1[prev].float()
+            T = float(temperature[r])
+            if T < 1e-5:
+                q = torch.zeros(V)
+                q[int(torch.argmax(logits))] = 1.0
+            else:
+                q = torch.softmax(logits / T, dim=0)
+            noise = rng.exponential(seeds[r : r + 1], rng.STREAM_DRAFT, k, V)[0]
+            prev = int(torch.argmax(q / noise))
+            tokens[r, k], qs[r, k] = prev, q
+    return tokens, qs
+
+
+@pytest.mark.parametrize("temps", [[0.0] * 5, [1.0, 0.7, 1.3, 0.0, 2.0]], ids=["greedy", "sampled"])
+def test_chain_matches_plain_per_step_implementation(temps):
+    U, anchors, w1, w2 = _setup()
+    temperature, seeds = torch.tensor(temps), torch.arange(100, 105)
+    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds)
+    tokens, qs = _plain_chain(U, anchors, w1, w2, temperature, seeds)
+    assert torch.equal(draft.tokens, tokens)
+    torch.testing.assert_close(draft.q, qs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(draft.q_token, qs.gather(2, tokens.unsqueeze(2)).squeeze(2))
+    prev = torch.cat([anchors.unsqueeze(1), tokens[:, :-1]], dim=1)
+    torch.testing.assert_close(draft.prev_emb, w1[prev])
+
+
+def test_greedy_chain_is_argmax_of_corrected_logits_bf16():
+    U, anchors, w1, w2 = _setup(dtype=torch.bfloat16)
+    draft = markov_chain(U, anchors, w1, w2, torch.zeros(5))
+    prev = anchors
+    for k in range(U.shape[1]):
+        expected = (U[:, k].float() + w1[prev].float() @ w2.float().t()).argmax(dim=1)
+        assert torch.equal(draft.tokens[:, k], expected)
+        prev = expected
+    assert torch.all(draft.q_token == 1.0)
+
+
+def test_sampled_chain_joint_distribution_chi2():
+    # γ=2, V=5: the joint of (x1, x2) must be q1(x1)·q2(x2 | x1), with q2 depending on x1 via W1.
+    N, V = 100_000, 5
+    U, anchors, w1, w2 = _setup(R=1, gamma=2, V=V, r=3, seed=3)
+    w2 = w2 * 4  # a strong Markov bias so x1 matters
+    T = torch.tensor([0.9])
+    draft = markov_chain(U.expand(N, 2, V), anchors.expand(N), w1, w2, T.expand(N),
+                         generator=torch.Generator().manual_seed(7), return_q=False)
+    q1 = probs_from_logits(U[:, 0].float() + w1[anchors].float() @ w2.float().t(), T)[0]
+    q2 = probs_from_logits(U[0, 1].float().expand(V, V) + w1.float() @ w2.float().t(), T.expand(V))
+    joint = (q1.unsqueeze(1) * q2).flatten()
+    assert chi2_pvalue(draft.tokens[:, 0] * V + draft.tokens[:, 1], joint) > 0.01
+
+
+def _naive_top_k_top_p(logits_row, T, k, p):
+    x = logits_row / T
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if 0 < k < x.numel():
+        keep &= x >= torch.sort(x, descending=True).values[k - 1]
+    x = x.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(x, dim=0)
+    sorted_p, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_p, 0) - sorted_p
+    keep_sorted = mass_before < p
+    keep_sorted[0] = True
+    keep = torch.zeros_like(keep).scatter(0, order, keep_sorted) & keep
+    out = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=0)
+    return out
+
+
+def test_top_k_top_p_warps_q_like_the_target_and_draws_stay_inside():
+    U, anchors, w1, w2 = _setup(R=4, gamma=3, V=30)
+    temperature = torch.tensor([1.0, 0.8, 1.2, 1.0])
+    top_k = torch.tensor([0, 5, 12, 3])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95])
+    draft = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=torch.arange(4))
+    prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)
+    for r in range(4):
+        for k in range(3):
+            logits = U[r, k] + w2 @ w1[prev[r, k]]
+            expected = _naive_top_k_top_p(logits, float(temperature[r]), int(top_k[r]), float(top_p[r]))
+            torch.testing.assert_close(draft.q[r, k], expected, atol=1e-6, rtol=1e-5)
+            assert draft.q[r, k, draft.tokens[r, k]] > 0
+
+
+def test_residual_row_rebuilds_q_exactly():
+    U, anchors, w1, w2 = _setup(R=3, gamma=4, V=50)
+    temperature = torch.tensor([1.0, 0.0, 0.6])
+    draft = markov_chain(U, anchors, w1, w2, temperature, top_p=torch.tensor([0.8, 1.0, 0.9]), seeds=torch.arange(3))
+    prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)
+    for k in range(4):
+        row = residual_row(U[:, k], prev[:, k], w1, w2, temperature, top_p=torch.tensor([0.8, 1.0, 0.9]))
+        assert torch.equal(row, draft.q[:, k])
+    lazy = markov_chain(U, anchors, w1, w2, temperature, top_p=torch.tensor([0.8, 1.0, 0.9]),
+                        seeds=torch.arange(3), return_q=False)
+    assert lazy.q is None and torch.equal(lazy.tokens, draft.tokens)
+    assert torch.equal(lazy.q_rows(torch.tensor([0, 3, 2])), draft.q[torch.arange(3), torch.tensor([0, 3, 2])])
+
+
+def test_seeds_make_draws_reproducible_and_per_request():
+    U, anchors, w1, w2 = _setup(R=2, gamma=6, V=200)
+    U = U.clone()
+    U[1] = U[0]
+    anchors = torch.tensor([7, 7])
+    T = torch.ones(2)
+    a = markov_chain(U, anchors, w1, w2, T, seeds=torch.tensor([11, 12]))
+    b = markov_chain(U, anchors, w1, w2, T, seeds=torch.tensor([11, 12]))
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens[0], a.tokens[1])  # same inputs, different seeds
+    c = markov_chain(U[:1], anchors[:1], w1, w2, T[:1], seeds=torch.tensor([11]))
+    assert torch.equal(c.tokens[0], a.tokens[0])  # a request's draws do not depend on the batch
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "w1": a["w1"][:-1]}, "w1 has shape"),
+        (lambda a: {**a, "w2": a["w2"][:, :-1]}, "Markov rank"),
+        (lambda a: {**a, "anchors": a["anchors"].float()}, "anchors must have dtype"),
+        (lambda a: {**a, "temperature": torch.ones(2)}, "temperature has shape"),
+        (lambda a: {**a, "U": a["U"][0]}, "U must have 3 dimensions"),
+        (lambda a: {**a, "U": a["U"][:0], "anchors": a["anchors"][:0], "temperature": torch.ones(0)}, "empty batch"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    U, anchors, w1, w2 = _setup(R=3)
+    args = change({"U": U, "anchors": anchors, "w1": w1, "w2": w2, "temperature": torch.ones(3)})
+    with pytest.raises(ValueError, match=message):
+        markov_chain(args["U"], args["anchors"], args["w1"], args["w2"], args["temperature"])

@@ -1,0 +1,163 @@
+import pytest
+import torch
+
+from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat
+from tests._runtime_stats import chi2_pvalue
+
+N = 100_000
+
+
+def _dist(g, *shape):
+    return torch.softmax(2.0 * torch.randn(*shape, generator=g), dim=-1)
+
+
+def _tuple_draft(q, g):
+    """Independent per-position drafts x_j ~ q_j for N identical requests (q: [γ, V])."""
+    gamma, V = q.shape
+    tokens = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(gamma)], dim=1)
+    q_full = q.expand(N, gamma, V)
+    return tokens, q_full.gather(2, tokens.unsqueeze(2)).squeeze(2), q_full
+
+
+@pytest.mark.parametrize("case", ["ell0", "partial", "full_acceptance", "near_zero_residual"])
+def test_first_token_and_bonus_follow_target_chi2(case):
+    g = torch.Generator().manual_seed({"ell0": 1, "partial": 2, "full_acceptance": 3, "near_zero_residual": 4}[case])
+    gamma, V = 3, 6
+    p = _dist(g, gamma + 1, V)
+    q = _dist(g, gamma, V)
+    if case == "full_acceptance":
+        q = p[:gamma].clone()
+    if case == "near_zero_residual":
+        q = p[:gamma] * (1 + 1e-6 * torch.randn(gamma, V, generator=g))
+        q = q / q.sum(-1, keepdim=True)
+    ell = {"ell0": 0, "partial": 2, "full_acceptance": 3, "near_zero_residual": 3}[case]
+    draft = _tuple_draft(q, g)
+    res = rejection_sample(p.expand(N, gamma + 1, V).contiguous(), draft, torch.full((N,), ell),
+                           seeds=torch.arange(N) + 1000 * ell)
+    assert torch.all(res.num_accepted <= ell)
+    assert chi2_pvalue(res.output_tokens[:, 0], p[0]) > 0.01
+    if case == "ell0":
+        assert torch.all(res.num_accepted == 0) and torch.all(res.output_tokens[:, 1:] == -1)
+    if case == "full_acceptance":
+        assert torch.all(res.num_accepted == ell)
+        assert chi2_pvalue(res.output_tokens[:, ell], p[ell]) > 0.01  # the bonus token
+
+
+@pytest.mark.parametrize("ell", [0, 1, 2])
+def test_two_token_sequences_follow_target_with_markov_drafts_chi2(ell):
+    """End to end over rounds: Markov-chain drafts (q_2 depends on x_1), a prefix-dependent target,
+    verify ℓ drafts; the first two emitted tokens must be distributed as p(y1)·p(y2 | y1)."""
+    g = torch.Generator().manual_seed(10 + ell)
+    V, gamma, r = 4, 2, 3
+    p0, p1, p2 = _dist(g, V), _dist(g, V, V), _dist(g, V, V, V)
+    U1, U2 = torch.randn(gamma, V, generator=g), torch.randn(gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), 2 * torch.randn(V, r, generator=g)
+    ones = torch.ones(N)
+    idx = torch.arange(N)
+
+    d1 = markov_chain(U1.expand(N, gamma, V), torch.zeros(N, dtype=torch.int64), w1, w2, ones, generator=g)
+    x1, x2 = d1.tokens[:, 0], d1.tokens[:, 1]
+    target1 = torch.stack([p0.expand(N, V), p1[x1], p2[x1, x2]], dim=1)
+    r1 = rejection_sample(target1, d1, torch.full((N,), ell), generator=g)
+    y1, y2 = r1.output_tokens[:, 0], r1.output_tokens[:, 1].clone()
+
+    need = (r1.num_accepted == 0).nonzero().squeeze(1)  # only y1 emitted: run a second round
+    M = need.numel()
+    d2 = markov_chain(U2.expand(M, gamma, V), y1[need], w1, w2, ones[:M], generator=g)
+    target2 = torch.stack([p1[y1[need]], p2[y1[need], d2.tokens[:, 0]], _dist(g, V).expand(M, V)], dim=1)
+    r2 = rejection_sample(target2, d2, torch.full((M,), ell), generator=g)
+    y2[need] = r2.output_tokens[:, 0]
+    assert bool((y2 >= 0).all()) and idx.numel() == N
+    joint = (p0.unsqueeze(1) * p1).flatten()
+    assert chi2_pvalue(y1 * V + y2, joint) > 0.01
+
+
+def test_residual_floor_falls_back_to_target_and_residual_is_used_above_it():
+    p = torch.tensor([[1e-3, 1e-3, 0.998], [1 / 3, 1 / 3, 1 / 3]])
+    tokens = torch.tensor([[0]])
+    u = torch.tensor([[0.9999999]])  # forces rejection whenever p(x) < q(x) at all
+    # residual mass 5e-9 ≤ 1e-8 (all on token 1): the next token comes from p instead, and this
+    # noise makes p pick token 2
+    q_tiny = torch.tensor([[[1e-3 + 5e-9, 1e-3 - 5e-9, 0.998]]])
+    noise = torch.tensor([[1.0, 1.0, 0.9]])
+    res = rejection_sample(p.unsqueeze(0), (tokens, q_tiny[:, :, 0], q_tiny), torch.tensor([1]),
+                           uniforms=u, exp_noise=noise)
+    assert res.num_accepted.tolist() == [0]
+    assert res.output_tokens.tolist() == [[2, -1]]
+    # residual mass 0.049: the next token is where p exceeds q (token 2), whatever the noise says
+    q_big = torch.tensor([[[0.05, 1e-3, 0.949]]])
+    res = rejection_sample(p.unsqueeze(0), (tokens, q_big[:, :, 0], q_big), torch.tensor([1]),
+                           uniforms=u, exp_noise=torch.tensor([[1e-6, 5.0, 1.0]]))  # p would give token 0
+    assert res.output_tokens.tolist() == [[2, -1]]
+
+
+def _naive_greedy(target, tokens, ell):
+    out = []
+    for r in range(tokens.shape[0]):
+        emitted = []
+        for j in range(int(ell[r])):
+            best = int(target[r, j].argmax())
+            if int(tokens[r, j]) != best:
+                break
+            emitted.append(best)
+        emitted.append(int(target[r, len(emitted)].argmax()))
+        out.append(emitted)
+    return out
+
+
+def test_greedy_is_exact_argmax_match():
+    g = torch.Generator().manual_seed(5)
+    R, gamma, V = 64, 4, 5
+    target = _dist(g, R, gamma + 1, V)
+    tokens = target[:, :gamma].argmax(-1)
+    flip = torch.rand(R, gamma, generator=g) < 0.3  # some drafts disagree with the target
+    tokens = torch.where(flip, (tokens + 1) % V, tokens)
+    q = _dist(g, R, gamma, V)
+    ell = torch.randint(0, gamma + 1, (R,), generator=g)
+    res = rejection_sample(target, (tokens, q.gather(2, tokens.unsqueeze(2)).squeeze(2), q), ell,
+                           greedy=torch.ones(R, dtype=torch.bool), seeds=torch.arange(R))
+    expected = _naive_greedy(target, tokens, ell)
+    for r in range(R):
+        n = int(res.num_accepted[r])
+        assert res.output_tokens[r, : n + 1].tolist() == expected[r]
+        assert torch.all(res.output_tokens[r, n + 1 :] == -1)
+
+
+def test_flat_layout_matches_padded_and_lazy_q_matches_stored():
+    g = torch.Generator().manual_seed(6)
+    R, gamma, V, r = 6, 3, 20, 4
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    T = torch.tensor([1.0, 0.5, 0.0, 1.0, 2.0, 1.0])
+    anchors = torch.randint(0, V, (R,), generator=g)
+    stored = markov_chain(U, anchors, w1, w2, T, seeds=torch.arange(R))
+    lazy = markov_chain(U, anchors, w1, w2, T, seeds=torch.arange(R), return_q=False)
+    target = _dist(g, R, gamma + 1, V)
+    ell = torch.tensor([0, 1, 3, 2, 3, 1])
+    greedy = T < 1e-5
+    padded = rejection_sample(target, stored, ell, greedy=greedy, seeds=torch.arange(R) + 50)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(ell + 1, 0)])
+    flat_rows = torch.cat([target[i, : int(ell[i]) + 1] for i in range(R)])
+    flat = rejection_sample_flat(flat_rows, cu, lazy, greedy=greedy, seeds=torch.arange(R) + 50)
+    assert torch.equal(padded.output_tokens, flat.output_tokens)
+    assert torch.equal(padded.num_accepted, flat.num_accepted)
+
+
+def test_bad_inputs_raise_clear_errors():
+    g = torch.Generator().manual_seed(0)
+    p = _dist(g, 2, 4, 5)
+    q = _dist(g, 2, 3, 5)
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    draft = (tokens, q[:, :, 0], q)
+    with pytest.raises(ValueError, match=r"verify lengths must lie in \[0, γ=3\]"):
+        rejection_sample(p, draft, torch.tensor([4, 0]))
+    with pytest.raises(ValueError, match="target_probs must have dtype float32"):
+        rejection_sample(p.bfloat16(), draft, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="γ \\+ 1 target rows"):
+        rejection_sample(p[:, :3], draft, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="empty batch"):
+        rejection_sample(p[:0], (tokens[:0], q[:0, :, 0], q[:0]), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="draft shapes disagree"):
+        rejection_sample(p, (tokens[:, :2], q[:, :, 0], q), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="one verify length per request"):
+        rejection_sample(p, draft, torch.tensor([1]))

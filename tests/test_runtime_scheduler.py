@@ -1,0 +1,159 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from dspark_cli.runtime import (
+    SPSTable,
+    admit_top_k,
+    confidence_logits,
+    confidence_probs,
+    markov_chain,
+    rejection_sample,
+    schedule_exact,
+    schedule_production,
+    schedule_threshold,
+    survival,
+    verify_budget,
+)
+
+# R = 2 anchors, so B = 2 + admitted drafts. SMOOTH decays; JAGGED has a cliff at 5 and recovers at 6.
+SMOOTH = SPSTable([2, 3, 4, 5, 6], [1.0, 0.9, 0.8, 0.5, 0.45])
+JAGGED = SPSTable([2, 3, 4, 5, 6], [1.0, 0.9, 0.8, 0.5, 0.7])
+A = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
+# Ranked: 0.9 (r0,j1), 0.8 (r1,j1), 0.5 (r0,j2), 0.1 (r1,j2)
+# Θ_0..Θ_4 smooth: 2.0, 2.9·0.9=2.61, 3.7·0.8=2.96, 4.2·0.5=2.10, 4.3·0.45=1.935
+# jagged: same but Θ_4 = 4.3·0.7 = 3.01 (the global maximum behind the cliff)
+
+
+def test_threshold_rule_cuts_at_first_low_step_confidence():
+    c = torch.tensor([[0.9, 0.4, 0.95], [0.8, 0.8, 0.8], [0.1, 0.9, 0.9]])
+    assert schedule_threshold(c, 0.5).tolist() == [1, 3, 0]
+    assert schedule_threshold(c, 0.0).tolist() == [3, 3, 3]
+
+
+def test_algorithm1_hand_computed():
+    assert schedule_exact(A, SMOOTH).tolist() == [1, 1]
+    # early stop at the cliff even though verifying everything would pay off (Θ_4 = 3.01)
+    assert schedule_exact(A, JAGGED).tolist() == [1, 1]
+    # a flat table: every candidate with a > 0 improves Θ, zero-survival ones are never admitted
+    flat = SPSTable([1, 100], [1.0, 1.0])
+    a = torch.tensor([[0.9, 0.0], [0.5, 0.2]])
+    assert schedule_exact(a, flat).tolist() == [1, 2]
+    # nothing worth verifying: plain decode for everyone
+    assert schedule_exact(torch.tensor([[0.05, 0.01], [0.02, 0.0]]), SMOOTH).tolist() == [0, 0]
+
+
+def test_production_budget_is_a_global_search_and_admission_is_top_k():
+    assert int(verify_budget(A, SMOOTH, 2)) == 2
+    assert int(verify_budget(A, JAGGED, 2)) == 4  # no early stop: it finds the maximum behind the cliff
+    a_now = torch.tensor([[0.3, 0.2], [0.9, 0.85]])
+    assert schedule_production(A, a_now, SMOOTH).tolist() == [0, 2]  # K=2, both go to request 1
+    assert schedule_production(A, a_now, JAGGED).tolist() == [2, 2]
+    assert admit_top_k(a_now, 3).tolist() == [1, 2]
+    # the stale batch may have had a different size; K is capped by R·γ of the current batch
+    assert int(verify_budget(torch.ones(5, 2), SPSTable([1, 100], [1.0, 1.0]), 2)) == 4
+
+
+def _brute_force_lengths(a, budget):
+    R, gamma = a.shape
+    ranked = sorted(((-float(a[r, j]), j, r) for r in range(R) for j in range(gamma)))
+    ell = [0] * R
+    for _, j, r in ranked[:budget]:
+        ell[r] += 1
+    return ell
+
+
+def test_tie_break_is_deterministic_by_position_then_request():
+    a = torch.full((3, 2), 0.5)
+    assert admit_top_k(a, 4).tolist() == [2, 1, 1]  # (r0,j1),(r1,j1),(r2,j1),(r0,j2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # many ties (coarse values); results are prefix-closed and repeatable
+        c = (torch.randint(1, 4, (7, 5), generator=g) / 3.0)
+        a = survival(c)
+        k = int(torch.randint(0, 36, (1,), generator=g))
+        ell = admit_top_k(a, k)
+        assert ell.tolist() == _brute_force_lengths(a, k) == admit_top_k(a.clone(), k).tolist()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        schedule_exact(torch.tensor([[0.9, float("nan")]]), SMOOTH)
+    with pytest.raises(ValueError, match="NaN"):
+        schedule_production(A, torch.tensor([[0.9, float("nan")], [0.1, 0.1]]), SMOOTH)
+    with pytest.raises(ValueError, match="empty batch"):
+        schedule_exact(torch.zeros(0, 7), SMOOTH)
+    with pytest.raises(ValueError, match="must have 2 dimensions"):
+        schedule_exact(torch.ones(7), SMOOTH)
+    with pytest.raises(ValueError, match="must have dtype"):
+        schedule_threshold(torch.ones(2, 7, dtype=torch.int64), 0.5)
+    with pytest.raises(ValueError, match="non-increasing"):
+        schedule_exact(torch.tensor([[0.5, 0.9]]), SMOOTH)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        schedule_exact(torch.tensor([[1.5, 0.9]]), SMOOTH)
+    with pytest.raises(ValueError, match="block size"):
+        schedule_production(torch.ones(2, 3), A, SMOOTH)
+
+
+# ---- Appendix A: why the admission of x_k must not look at x_k ------------------------------------
+# Target (0.7, 0.3) over {A, B}; draft (0.5, 0.5); SPS(1..3) = 1, 0.5, 0.45; a_1 = 0.8; c_2 = 0.9
+# after x_1 = A and 0 after x_1 = B. The first emitted token must be A with probability 0.7.
+APPENDIX_SPS = SPSTable([1, 2, 3], [1.0, 0.5, 0.45])
+TRIALS = 100_000
+
+
+def _appendix_round(g):
+    """Draft, confidence and target for TRIALS independent single-request rounds (R = 1 each)."""
+    V, gamma = 2, 2
+    w1 = torch.tensor([[1.0], [-1.0]])  # Markov embedding (r = 1) of A = 0, B = 1
+    draft = markov_chain(torch.zeros(TRIALS, gamma, V), torch.zeros(TRIALS, dtype=torch.int64), w1,
+                         torch.zeros(V, 1), torch.ones(TRIALS), generator=g)  # q = (0.5, 0.5)
+    # z_k = h_k + 100·W1[x_{k-1}]: c_1 = σ(logit 0.8); c_2 = σ(logit 0.9) after A, σ(−197.8) = 0 after B
+    h = torch.tensor([math.log(0.8 / 0.2) - 100.0, math.log(0.9 / 0.1) - 100.0]).expand(TRIALS, 1, 2).transpose(1, 2)
+    z = confidence_logits(h.contiguous(), draft.prev_emb, torch.tensor([1.0, 100.0]), torch.tensor([0.0]))
+    a = survival(confidence_probs(z))
+    target = torch.tensor([0.7, 0.3]).expand(TRIALS, gamma + 1, V).contiguous()
+    return draft, a, target
+
+
+def _per_trial(schedule, *survivals):
+    """Run a scheduler on every trial as its own batch of one request. The scheduler is a
+    deterministic function of its inputs, so it is called once per distinct input row."""
+    rows = torch.cat(survivals, dim=1)
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    gamma = survivals[0].shape[1]
+    per_unique = torch.stack([schedule(*(u[None, i * gamma:(i + 1) * gamma] for i in range(len(survivals))))[0]
+                              for u in unique])
+    return per_unique[inverse]
+
+
+def _prob_first_token_is_a(scheduler_name, seed):
+    g = torch.Generator().manual_seed(seed)
+    draft, a_now, target = _appendix_round(g)
+    if scheduler_name == "exact":
+        ell = _per_trial(lambda a: schedule_exact(a, APPENDIX_SPS), a_now)
+    elif scheduler_name == "production":
+        _, a_stale, _ = _appendix_round(g)  # survival from an earlier, independent round
+        ell = _per_trial(lambda s, n: schedule_production(s, n, APPENDIX_SPS), a_stale, a_now)
+    else:  # retrospective: a global search on the CURRENT survival (the paper's lossy policy)
+        ell = _per_trial(lambda n: schedule_production(n, n, APPENDIX_SPS), a_now)
+    out = rejection_sample(target, draft, ell, generator=g)
+    hits = int((out.output_tokens[:, 0] == 0).sum())
+    return hits, ell
+
+
+@pytest.mark.parametrize("name", ["exact", "production"])
+def test_appendix_a_causal_schedulers_keep_p_a_at_0_7(name):
+    hits, ell = _prob_first_token_is_a(name, seed=21)
+    if name == "production":
+        assert set(ell.tolist()) == {0, 2}  # it does verify drafts, with K from the stale round
+    assert stats.binomtest(hits, TRIALS, 0.7).pvalue > 0.01
+    assert abs(hits / TRIALS - 0.7) < 0.005
+
+
+def test_appendix_a_retrospective_search_biases_p_a_to_0_85():
+    hits, ell = _prob_first_token_is_a("retrospective", seed=22)
+    assert set(ell.tolist()) == {0, 2}  # verifies x_1 only when x_1 = A
+    assert stats.binomtest(hits, TRIALS, 0.85).pvalue > 0.01
+    assert abs(hits / TRIALS - 0.85) < 0.005
