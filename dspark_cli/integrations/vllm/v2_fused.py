@@ -1,0 +1,187 @@
+"""vLLM v0.33.0 Model Runner V2: run DSpark's Markov chain and confidence head through
+dspark_cli.runtime (our fused CUDA ops when the extension is built, the torch reference otherwise).
+
+vLLM v0.33.0's `DSparkSpeculator._sample_sequential` first offers each draft step to the draft
+model's `sample_sequential(spec, num_reqs, head_hidden) -> bool`; True means the model wrote
+`spec.draft_tokens` (and, where used, `spec.draft_logits` / `spec.draft_token_confidence_probs`)
+itself. Our v0.33.0 patch gives `Qwen3DSparkForCausalLM` that method, delegating to
+`sample_sequential` below.
+
+It runs inside vLLM's FULL CUDA graph of the draft step, so everything here is tensor work on the
+device: no `.item()`, no host copies, no data-dependent shapes. Cases we do not cover exactly are
+declined once at the first call (vLLM's own loop then runs) and the reason is logged:
+
+  * probabilistic drafting needs `draft_logits` in fp32 (vLLM caches the pre-temperature draft
+    logits in `head_dtype`, bf16 by default; the ratio test rebuilds q from that cache, so our fp32
+    chain must store exactly the logits it sampled from). Serve the target with
+    `--hf-overrides '{"head_dtype": "float32"}'` to use the fused path with probabilistic drafts;
+  * reduced draft vocabularies (d2t), logit scale or soft-capping on the draft head, an output
+    logit transform, draft watermarking, the acceptance estimator (adaptive verification without
+    a confidence head), a confidence head without the Markov input, quantized Markov weights.
+
+Switch: env DSPARK_V2_FUSED=1/0 forces it on/off; unset, it is on exactly when our CUDA extension
+is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dspark_cli.runtime import cuda_ops, rng
+from dspark_cli.runtime.confidence import confidence_logits, confidence_probs
+from dspark_cli.runtime.markov import markov_chain
+
+ENV_SWITCH = "DSPARK_V2_FUSED"
+_PLAN_ATTR = "_dspark_v2_plan"
+# Counter word used to derive a per-round seed; disjoint from rng's streams (stream << 16 | pos).
+_ROUND_SEED_COUNTER = 0xFFFF0000
+
+logger = logging.getLogger("dspark.vllm.v2_fused")
+
+
+def enabled() -> bool:
+    """DSPARK_V2_FUSED=1/0 wins; unset, on exactly when our CUDA extension is loaded."""
+    value = os.environ.get(ENV_SWITCH)
+    if value is None or value.strip() == "":
+        return bool(cuda_ops.available())
+    return value.strip().lower() not in ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the fused path needs, resolved once per draft model (None stored = declined)."""
+
+    w1: torch.Tensor  # [V, r] Markov embedding of the previous token
+    w2: torch.Tensor  # [V, r] Markov projection (padding rows of the LM-head layout cut off)
+    probabilistic: bool  # spec.draft_logits is kept: write the corrected logits, sample at T
+    confidence_weight: torch.Tensor | None  # [1, d + r] fp32 when the confidence head is used
+    confidence_bias: torch.Tensor | None
+
+
+def decline_reason(model, spec) -> str | None:
+    """Why the fused path cannot reproduce vLLM's semantics exactly for this model, or None."""
+    if not enabled():
+        return f"{ENV_SWITCH} is off (or our CUDA extension is not built)"
+    if getattr(model, "draft_id_to_target_id", None) is not None:
+        return "reduced draft vocabulary (d2t mapping)"
+    processor = getattr(model, "logits_processor", None)
+    if processor is None or getattr(processor, "scale", 1.0) != 1.0 or getattr(processor, "soft_cap", None):
+        return "draft head applies a logit scale or soft cap"
+    if hasattr(model, "apply_output_logit_transform"):
+        return "draft model has an output logit transform"
+    if getattr(spec, "draft_watermarker", None) is not None:
+        return "draft watermarking is on"
+    if getattr(spec, "use_acceptance_estimator", False):
+        return "adaptive verification uses the acceptance estimator (no confidence head)"
+    head = model.model.markov_head
+    w1, w2 = head.markov_w1.weight, head.markov_w2.weight
+    if not (w1.is_floating_point() and w2.is_floating_point()):
+        return "quantized Markov weights"
+    if spec.draft_logits is not None and spec.draft_logits.dtype != torch.float32:
+        return (f"draft_logits are cached in {str(spec.draft_logits.dtype).removeprefix('torch.')}, "
+                "not float32 (serve with --hf-overrides '{\"head_dtype\": \"float32\"}')")
+    if getattr(spec, "use_confidence_head", False):
+        confidence = model.model.confidence_head
+        if confidence is None or not getattr(confidence, "with_markov", False):
+            return "confidence head without the Markov input"
+    return None
+
+
+def _resolve_plan(model, spec) -> _Plan | None:
+    reason = decline_reason(model, spec)
+    if reason is not None:
+        logger.info("DSpark V2 fused Markov path off, vLLM's loop runs: %s", reason)
+        return None
+    head = model.model.markov_head
+    w1 = head.markov_w1.weight
+    weight = bias = None
+    if spec.use_confidence_head:
+        proj = model.model.confidence_head.proj
+        weight = proj.weight
+        bias = proj.bias if proj.bias is not None else torch.zeros(1, device=weight.device)
+    logger.info("DSpark V2 fused Markov path on (CUDA ops: %s)", bool(cuda_ops.available()))
+    return _Plan(w1=w1, w2=head.markov_w2.weight[: w1.shape[0]], probabilistic=spec.draft_logits is not None,
+                 confidence_weight=weight, confidence_bias=bias)
+
+
+def _plan_for(model, spec) -> _Plan | None:
+    # Resolved at the first call, which vLLM makes eagerly (profile run) before any graph capture.
+    if not hasattr(model, _PLAN_ATTR):
+        setattr(model, _PLAN_ATTR, _resolve_plan(model, spec))
+    return getattr(model, _PLAN_ATTR)
+
+
+def round_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A fresh 63-bit seed per (request seed, absolute position of the block's first sample).
+
+    The runtime's counter only holds the position inside the block, so without this every round
+    of a request would reuse the same noise: drafts would depend on earlier rounds' noise, and the
+    ratio test needs them independent. Threefry keyed by the request seed is a PRF of the position.
+    """
+    seeds = seeds.to(torch.int64)
+    positions = positions.to(torch.int64)
+    x0, x1 = rng.threefry2x32(seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF,
+                              positions & 0xFFFFFFFF, torch.full_like(positions, _ROUND_SEED_COUNTER))
+    return x0 | ((x1 & 0x7FFFFFFF) << 32)
+
+
+def corrected_logits(U: torch.Tensor, prev_emb: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """U_k + W2·W1[x_{k-1}] in fp32, [R, γ, V], computed position by position exactly as
+    runtime.markov_chain's reference does, so the cached logits are the ones it sampled from."""
+    w2_fp32 = w2.float()
+    return torch.stack([U[:, k].float() + prev_emb[:, k].float() @ w2_fp32.t() for k in range(U.shape[1])], dim=1)
+
+
+def store_by_request_state(cache: torch.Tensor, state: torch.Tensor, valid: torch.Tensor,
+                           rows: torch.Tensor) -> None:
+    """cache[state[b], :γ] = rows[b] for valid rows b, without a host sync.
+
+    Invalid rows (state -1: CUDA-graph padding, dummy runs) are pointed at the first valid row's
+    slot with that row's own values, so every write into a slot carries identical bits; with no
+    valid row they rewrite slot 0 with its current content. Either way no slot changes wrongly.
+    """
+    gamma = rows.shape[1]
+    first = torch.argmax(valid.to(torch.int32))  # first True, or 0 when none is
+    slot = state.clamp(min=0)
+    first_slot = slot[first]
+    filler = torch.where(valid[first], rows[first], cache[first_slot, :gamma].to(rows.dtype))
+    target = torch.where(valid, slot, first_slot)
+    values = torch.where(valid[:, None, None], rows, filler.unsqueeze(0))
+    cache[:, :gamma].index_copy_(0, target, values.to(cache.dtype))
+
+
+def sample_sequential(model, spec, num_reqs: int, head_hidden: torch.Tensor) -> bool:
+    """vLLM's draft-model hook: draft γ tokens per request with the Markov chain, fill
+    spec.draft_tokens (+ draft_logits, draft_token_confidence_probs); False = vLLM's loop runs."""
+    plan = _plan_for(model, spec)
+    if plan is None:
+        return False
+    gamma = spec.num_speculative_steps
+    num_sample = num_reqs * gamma
+    sample_hidden = head_hidden[spec.sample_indices[:num_sample]]
+    U = model.compute_draft_logits(sample_hidden).view(num_reqs, gamma, -1)
+
+    state = spec.sample_idx_mapping[:num_sample].view(num_reqs, gamma)[:, 0]  # -1 = padded row
+    valid = state >= 0
+    slot = state.clamp(min=0)
+    anchors = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    if plan.probabilistic:
+        temperature = torch.where(valid, spec.temperature[slot], torch.zeros_like(spec.temperature[slot]))
+    else:  # greedy drafting (draft_sample_method="greedy"): argmax of the corrected logits
+        temperature = torch.zeros(num_reqs, dtype=torch.float32, device=U.device)
+    first_pos = spec.sample_pos[:num_sample].view(num_reqs, gamma)[:, 0]
+    seeds = round_seeds(spec.seeds[slot], first_pos)
+
+    draft = markov_chain(U, anchors, plan.w1, plan.w2, temperature, seeds=seeds, return_q=False)
+    spec.draft_tokens[:num_reqs] = draft.tokens
+    if plan.probabilistic:
+        store_by_request_state(spec.draft_logits, state, valid, corrected_logits(U, draft.prev_emb, plan.w2))
+    if plan.confidence_weight is not None:
+        z = confidence_logits(sample_hidden.view(num_reqs, gamma, -1), draft.prev_emb,
+                              plan.confidence_weight, plan.confidence_bias)
+        spec.draft_token_confidence_probs[:num_reqs] = confidence_probs(z)
+    return True

@@ -1,0 +1,184 @@
+"""dspark_cli.integrations.vllm.v2_fused: the `sample_sequential` hook for vLLM v0.33.0's V2 runner.
+
+vLLM's V2 runner needs a GPU and Triton, so the engine itself cannot run here. These tests drive
+the hook through the exact attributes vLLM v0.33.0's DSparkSpeculator and Qwen3DSparkForCausalLM
+expose to it (read from the 0.33.0 release: dspark/speculator.py, qwen3_dspark.py), built from
+real torch modules with the same shapes, and check the results against the DSpark math directly.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from scipy import stats
+
+from dspark_cli.integrations.vllm import v2_fused
+
+V, R_MARKOV, D, GAMMA, MAX_REQS = 50, 8, 16, 4, 6
+
+
+class _Processor:
+    scale, soft_cap = 1.0, None
+
+    def __call__(self, head, hidden):
+        return hidden @ head.weight[:V].t()
+
+
+def make_model(seed=0, confidence=True):
+    torch.manual_seed(seed)
+    markov = torch.nn.Module()
+    markov.markov_w1 = torch.nn.Embedding(V, R_MARKOV)
+    markov.markov_w2 = torch.nn.Linear(R_MARKOV, V + 14, bias=False)  # padded rows like ParallelLMHead
+    with torch.no_grad():
+        markov.markov_w2.weight.mul_(8.0)  # a strong Markov bias, so a wrong prev token shows
+    inner = torch.nn.Module()
+    inner.markov_head = markov
+    inner.confidence_head = None
+    if confidence:
+        inner.confidence_head = SimpleNamespace(with_markov=True, proj=torch.nn.Linear(D + R_MARKOV, 1))
+    lm_head = torch.nn.Linear(D, V, bias=False)
+    processor = _Processor()
+    return SimpleNamespace(model=inner, lm_head=lm_head, logits_processor=processor, draft_id_to_target_id=None,
+                           compute_draft_logits=lambda h: processor(lm_head, h))
+
+
+def make_spec(num_reqs, states, *, probabilistic=True, temperature=1.0, seed=7, first_pos=100,
+              use_confidence_head=True, cache_dtype=torch.float32):
+    """DSparkSpeculator's buffers after its prepare-inputs kernel (anchor-as-first layout)."""
+    sample_idx_mapping = torch.full((MAX_REQS * GAMMA,), -1, dtype=torch.int64)
+    sample_pos = torch.zeros(MAX_REQS * GAMMA, dtype=torch.int64)
+    for b, s in enumerate(states):
+        sample_idx_mapping[b * GAMMA:(b + 1) * GAMMA] = s
+        sample_pos[b * GAMMA:(b + 1) * GAMMA] = first_pos + torch.arange(GAMMA)
+    input_ids = torch.randint(0, V, (MAX_REQS * GAMMA,), generator=torch.Generator().manual_seed(3))
+    return SimpleNamespace(
+        num_speculative_steps=GAMMA,
+        sample_indices=torch.arange(MAX_REQS * GAMMA),
+        sample_idx_mapping=sample_idx_mapping,
+        sample_pos=sample_pos,
+        input_buffers=SimpleNamespace(input_ids=input_ids),
+        _anchor_idx=torch.arange(MAX_REQS) * GAMMA,
+        temperature=torch.full((MAX_REQS,), temperature),
+        seeds=torch.full((MAX_REQS,), seed, dtype=torch.int64),
+        draft_tokens=torch.zeros(MAX_REQS, GAMMA, dtype=torch.int64),
+        draft_logits=torch.full((MAX_REQS, GAMMA, V), -123.0, dtype=cache_dtype) if probabilistic else None,
+        draft_token_confidence_probs=torch.zeros(MAX_REQS, GAMMA),
+        draft_watermarker=None,
+        use_acceptance_estimator=False,
+        use_confidence_head=use_confidence_head,
+    )
+
+
+def corrected(model, U, prev):
+    w1 = model.model.markov_head.markov_w1.weight
+    w2 = model.model.markov_head.markov_w2.weight[:V]
+    return U.float() + w1[prev].float() @ w2.float().t()
+
+
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setenv(v2_fused.ENV_SWITCH, "1")
+    with torch.inference_mode():  # as vLLM runs the draft step
+        yield
+
+
+def test_greedy_drafts_follow_the_markov_chain():
+    model, num_reqs = make_model(), 3
+    spec = make_spec(num_reqs, [2, 0, 5], probabilistic=False)
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    assert v2_fused.sample_sequential(model, spec, num_reqs, hidden) is True
+    U = model.compute_draft_logits(hidden[: num_reqs * GAMMA]).view(num_reqs, GAMMA, V)
+    prev = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    for k in range(GAMMA):
+        prev = corrected(model, U[:, k], prev).argmax(dim=-1)
+        assert torch.equal(spec.draft_tokens[:num_reqs, k], prev)
+
+
+def test_probabilistic_caches_the_logits_it_sampled_from_and_spares_padded_rows():
+    model, num_reqs = make_model(), 4
+    spec = make_spec(num_reqs, [3, 1, -1, -1])  # two real requests, two CUDA-graph padding rows
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    before = spec.draft_logits.clone()
+    assert v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+    U = model.compute_draft_logits(hidden[: num_reqs * GAMMA]).view(num_reqs, GAMMA, V)
+    anchors = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    for row, state in ((0, 3), (1, 1)):
+        prev = torch.cat([anchors[row:row + 1], spec.draft_tokens[row, : GAMMA - 1]])
+        expected = torch.stack([corrected(model, U[row, k:k + 1], prev[k:k + 1])[0] for k in range(GAMMA)])
+        torch.testing.assert_close(spec.draft_logits[state], expected, rtol=1e-6, atol=1e-5)
+    for untouched in (0, 2, 4, 5):  # slot 0 is what the padding rows' clamped index points at
+        assert torch.equal(spec.draft_logits[untouched], before[untouched])
+
+
+def test_all_rows_padded_changes_nothing():
+    model = make_model()
+    spec = make_spec(3, [-1, -1, -1])
+    before = spec.draft_logits.clone()
+    assert v2_fused.sample_sequential(model, spec, 3, torch.randn(MAX_REQS * GAMMA, D))
+    assert torch.equal(spec.draft_logits, before)
+
+
+def test_confidence_is_the_head_on_hidden_and_previous_token_embedding():
+    model, num_reqs = make_model(), 2
+    spec = make_spec(num_reqs, [0, 4], temperature=0.7)
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    assert v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+    w1 = model.model.markov_head.markov_w1.weight
+    proj = model.model.confidence_head.proj
+    anchors = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    prev = torch.cat([anchors[:, None], spec.draft_tokens[:num_reqs, : GAMMA - 1]], dim=1)
+    x = torch.cat([hidden[: num_reqs * GAMMA].view(num_reqs, GAMMA, D), w1[prev]], dim=-1)
+    expected = torch.sigmoid(proj(x).squeeze(-1))
+    torch.testing.assert_close(spec.draft_token_confidence_probs[:num_reqs], expected.detach())
+
+
+def test_draws_match_q_across_rounds_and_repeat_for_the_same_seed_and_position():
+    """Position 0's q depends only on the anchor, so rounds (new positions) must draw afresh from it."""
+    model, rounds = make_model(seed=1), 2000
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    counts = torch.zeros(V)
+    q0 = None
+    for r in range(rounds):
+        spec = make_spec(1, [2], temperature=1.3, first_pos=10 + r * GAMMA)
+        v2_fused.sample_sequential(model, spec, 1, hidden)
+        counts[spec.draft_tokens[0, 0]] += 1
+        q0 = torch.softmax(spec.draft_logits[2, 0] / 1.3, dim=-1)
+    expected = q0 * rounds
+    keep = expected >= 5  # chi-square needs enough mass per cell; pool the rest
+    observed = torch.cat([counts[keep], counts[~keep].sum().unsqueeze(0)])
+    expect = torch.cat([expected[keep], expected[~keep].sum().unsqueeze(0)])
+    assert stats.chisquare(observed.numpy(), expect.numpy() * observed.sum().item() / expect.sum().item()).pvalue > 1e-3
+
+    again = [make_spec(1, [2], temperature=1.3, first_pos=10) for _ in range(2)]
+    for spec in again:
+        v2_fused.sample_sequential(model, spec, 1, hidden)
+    assert torch.equal(again[0].draft_tokens, again[1].draft_tokens)
+
+
+def test_declines_what_it_cannot_reproduce_exactly(monkeypatch):
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    bf16 = make_spec(2, [0, 1], cache_dtype=torch.bfloat16)
+    assert "float32" in v2_fused.decline_reason(make_model(), bf16)
+    assert v2_fused.sample_sequential(make_model(), bf16, 2, hidden) is False
+    assert torch.all(bf16.draft_tokens == 0)
+
+    estimator = make_spec(2, [0, 1], use_confidence_head=False)
+    estimator.use_acceptance_estimator = True
+    assert v2_fused.sample_sequential(make_model(), estimator, 2, hidden) is False
+
+    monkeypatch.setenv(v2_fused.ENV_SWITCH, "0")
+    assert v2_fused.sample_sequential(make_model(), make_spec(2, [0, 1]), 2, hidden) is False
+
+
+def test_switch_defaults_to_whether_the_extension_is_loaded(monkeypatch):
+    monkeypatch.delenv(v2_fused.ENV_SWITCH)
+    from dspark_cli.runtime import cuda_ops
+
+    assert v2_fused.enabled() == bool(cuda_ops.available())
+
+
+def test_round_seeds_differ_by_position_and_by_seed():
+    seeds = torch.tensor([1, 1, 2], dtype=torch.int64)
+    pos = torch.tensor([5, 9, 5], dtype=torch.int64)
+    out = v2_fused.round_seeds(seeds, pos)
+    assert len(set(out.tolist())) == 3 and bool((out >= 0).all())
