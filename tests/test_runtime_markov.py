@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dspark_cli.runtime import markov_chain, probs_from_logits, residual_row, rng
-from tests._runtime_stats import chi2_pvalue
+from tests.test_runtime_chi2 import chi2_pvalue
 
 
 def _setup(R=5, gamma=4, V=40, r=8, seed=0, dtype=torch.float32):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat
-from tests._runtime_stats import chi2_pvalue
+from tests.test_runtime_chi2 import chi2_pvalue
 
 N = 100_000
 

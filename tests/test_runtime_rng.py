@@ -1,7 +1,7 @@
 import torch
 
 from dspark_cli.runtime import rng
-from tests._runtime_stats import chi2_pvalue
+from tests.test_runtime_chi2 import chi2_pvalue
 
 
 def _t(*values):

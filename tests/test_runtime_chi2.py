@@ -1,4 +1,4 @@
-"""Shared helpers for the runtime's statistical tests (χ² goodness of fit on small vocabularies)."""
+"""χ² goodness of fit on small vocabularies, shared by the runtime's statistical tests, and a check of its power."""
 
 import numpy as np
 import torch
@@ -20,3 +20,13 @@ def chi2_pvalue(samples: torch.Tensor, expected_probs: torch.Tensor) -> float:
             assert observed[-1] == 0, "samples landed on a zero-probability outcome"
             observed, expected = observed[:-1], expected[:-1]
     return float(stats.chisquare(observed, expected).pvalue)
+
+
+def test_chi2_helper_has_power_to_catch_a_small_bias():
+    """The losslessness tests rely on this helper: with 1e5 draws it must flag a 2-point bias
+    (e.g. the 0.85 vs 0.7 of Appendix A is far larger) and accept the true distribution."""
+    g = torch.Generator().manual_seed(0)
+    true = torch.tensor([0.5, 0.3, 0.2])
+    draws = torch.multinomial(true, 100_000, replacement=True, generator=g)
+    assert chi2_pvalue(draws, true) > 0.01
+    assert chi2_pvalue(draws, torch.tensor([0.52, 0.28, 0.2])) < 1e-6

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from dspark_cli.runtime import STSCalibration, confidence_logits, confidence_probs, survival
+
+
+def test_confidence_head_matches_linear_layer_on_concatenation():
+    g = torch.Generator().manual_seed(0)
+    R, gamma, d, r = 3, 7, 16, 8
+    h, prev_emb = torch.randn(R, gamma, d, generator=g), torch.randn(R, gamma, r, generator=g)
+    head = torch.nn.Linear(d + r, 1)  # DeepSpec's AcceptRatePredictor shape: weight [1, d+r], bias [1]
+    with torch.no_grad():
+        expected = head(torch.cat([h, prev_emb], dim=-1)).squeeze(-1)
+        z = confidence_logits(h.bfloat16().float(), prev_emb, head.weight, head.bias)
+        z_exact = confidence_logits(h, prev_emb, head.weight, head.bias)
+    torch.testing.assert_close(z_exact, expected)
+    assert z.dtype == torch.float32 and z.shape == (R, gamma)
+    c = confidence_probs(z_exact)
+    torch.testing.assert_close(c, torch.sigmoid(expected))
+    a = survival(c)
+    torch.testing.assert_close(a, torch.cumprod(torch.sigmoid(expected), dim=1))
+    assert bool((a[:, 1:] <= a[:, :-1]).all())
+
+
+def test_sts_scales_each_position_and_round_trips(tmp_path):
+    z = torch.tensor([[2.0, 2.0, -1.0]])
+    sts = STSCalibration([1.0, 2.0, 0.5], metadata={"temperature": 0.0})
+    torch.testing.assert_close(confidence_probs(z, sts), torch.sigmoid(torch.tensor([[2.0, 1.0, -2.0]])))
+    path = tmp_path / "sts.json"
+    sts.save(path)
+    assert json.loads(path.read_text())["format"] == "dspark-sts/1"
+    loaded = STSCalibration.load(path)
+    assert loaded.temperatures == [1.0, 2.0, 0.5] and loaded.metadata == {"temperature": 0.0}
+    with pytest.raises(ValueError, match="block size"):
+        confidence_probs(torch.zeros(1, 4), sts)
+
+
+def test_sts_fit_recovers_overconfidence():
+    # True conditional acceptance σ(z/2) per position; the raw head claims σ(z): fitted T ≈ 2,
+    # and ECE of the cumulative product drops.
+    from dspark_cli.runtime.confidence import expected_calibration_error
+
+    g = torch.Generator().manual_seed(1)
+    N, gamma = 40_000, 3
+    z = 3 * torch.randn(N, gamma, generator=g)
+    accepted_step = torch.rand(N, gamma, generator=g) < torch.sigmoid(z / 2)
+    num_accepted = torch.cumprod(accepted_step.long(), dim=1).sum(1)
+    sts = STSCalibration.fit(z, num_accepted)
+    assert all(1.6 < t < 2.5 for t in sts.temperatures), sts.temperatures
+    label = (num_accepted >= gamma).float()
+    raw = expected_calibration_error(survival(torch.sigmoid(z))[:, -1], label)
+    fitted = expected_calibration_error(survival(confidence_probs(z, sts))[:, -1], label)
+    assert fitted < raw / 3
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    h, e = torch.zeros(2, 3, 4), torch.zeros(2, 3, 2)
+    with pytest.raises(ValueError, match="expected d \\+ r = 4 \\+ 2 = 6"):
+        confidence_logits(h, e, torch.zeros(5), torch.zeros(1))
+    with pytest.raises(ValueError, match="must match h"):
+        confidence_logits(h, torch.zeros(2, 4, 2), torch.zeros(6), torch.zeros(1))
+    with pytest.raises(ValueError, match="empty batch"):
+        confidence_logits(h[:0], e[:0], torch.zeros(6), torch.zeros(1))
+    with pytest.raises(ValueError, match="positive"):
+        STSCalibration([1.0, 0.0])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"temperatures": [1.0]}')
+    with pytest.raises(ValueError, match="not a dspark-sts/1 file"):
+        STSCalibration.load(bad)

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from dspark_cli.runtime import SPSTable
+
+
+def test_interpolation_and_extrapolation():
+    t = SPSTable([1, 10, 100], [100.0, 50.0, 10.0])
+    assert t.sps(1) == 100.0 and t.sps(0) == 100.0
+    assert t.sps(5) == pytest.approx(100 - 50 * 4 / 9)
+    assert t.sps(55) == pytest.approx(30.0)
+    assert t.sps(200) == pytest.approx(5.0)  # constant token rate beyond the last point
+    B = torch.tensor([1, 5, 55, 100, 200, 1000])
+    torch.testing.assert_close(t.lookup(B), torch.tensor([t.sps(int(b)) for b in B]))
+
+
+def test_capture_sizes_make_the_curve_step_wise():
+    t = SPSTable([1, 8, 16, 32], [80.0, 72.0, 64.0, 40.0], capture_sizes=[8, 16, 32])
+    assert t.sps(3) == t.sps(8) == 72.0  # a 3-token forward replays the 8-token graph
+    assert t.sps(9) == t.sps(16) == 64.0
+    assert t.sps(40) == pytest.approx(40.0 * 32 / 40)  # beyond the graphs: eager, extrapolated
+    torch.testing.assert_close(t.lookup(torch.tensor([3, 9, 17])), torch.tensor([72.0, 64.0, 40.0]))
+
+
+def test_files_round_trip_in_both_formats(tmp_path):
+    t = SPSTable([1, 2, 4], [30.0, 29.0, 25.0], capture_sizes=[1, 2, 4], metadata={"model": "tiny"})
+    ours, sglang = tmp_path / "sps.json", tmp_path / "sglang.json"
+    t.save(ours)
+    t.save_sglang(sglang)
+    back = SPSTable.load(ours)
+    assert (back.tokens, back.steps_per_s, back.capture_sizes) == (t.tokens, t.steps_per_s, t.capture_sizes)
+    assert back.metadata["model"] == "tiny"
+    assert json.loads(sglang.read_text()) == {
+        "sample_batch_tokens": [1, 2, 4], "sample_steps_per_sec": [30.0, 29.0, 25.0], "max_batch_tokens": 4}
+    assert SPSTable.load(sglang).steps_per_s == t.steps_per_s
+
+
+def test_default_table_is_documented_model():
+    t = SPSTable.default()
+    assert t.sps(1) == pytest.approx(1 / (10e-3 + 20e-6))
+    assert t.sps(512) == pytest.approx(1 / (10e-3 + 20e-6 * 512))
+
+
+def test_bad_tables_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SPSTable([4, 2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="as many steps_per_s"):
+        SPSTable([1, 2], [1.0])
+    with pytest.raises(ValueError, match="finite and positive"):
+        SPSTable([1, 2], [1.0, float("nan")])
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        SPSTable.load(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        SPSTable.load(tmp_path / "missing.json")
