@@ -1,0 +1,148 @@
+"""`dspark profile`: measure the SPS cost table (steps/s vs tokens per forward) the DSpark
+scheduler reads, by timing a real transformers forward of the target model (random weights)."""
+
+import datetime
+import platform
+from pathlib import Path
+
+import typer
+
+from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.output import console, emit, err_console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile(
+        model: Path = typer.Option(..., "--model", help="Model directory with config.json, or a config.json file."),
+        out: Path = typer.Option(..., "--out", help="Where to write our SPS table (dspark-sps/1 JSON)."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Largest batch size B (tokens per forward)."),
+        sizes: str = typer.Option("", "--sizes", help="Comma-separated batch sizes instead of the default sweep."),
+        capture_sizes: str = typer.Option(
+            "auto", "--capture-sizes",
+            help="Comma-separated CUDA-graph capture sizes of the serving engine; 'auto' = vLLM's defaults "
+                 "on cuda, none on cpu; 'none' = eager."),
+        context: int = typer.Option(64, "--context", min=1, help="KV-cache context length per sequence."),
+        repeats: int = typer.Option(5, "--repeats", min=1, help="Timed forwards per size (median kept)."),
+        warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed forwards per size."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32."),
+        sglang_out: Path = typer.Option(
+            None, "--sglang-out",
+            help="Where to write SGLang's --speculative-dspark-sps-table-path JSON [default: OUT with .sglang.json]."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ) -> None:
+        """Time the target forward across batch-token sizes and write the SPS table (ours + SGLang's)."""
+        result = run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, repeats,
+                             warmup, dtype, sglang_out, show_progress=True)
+        emit(result, as_json, _render)
+
+
+def _parse_sizes(text: str, option: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise UsageError(f"{option} needs positive integers, got {text!r}")
+    return values
+
+
+def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, repeats, warmup,
+                dtype, sglang_out, show_progress=False) -> dict:
+    try:
+        import torch
+
+        from dspark_cli.runtime import sps_profile
+    except ImportError as exc:
+        raise EnvironmentProblem(f"dspark profile needs torch and transformers: {exc}") from exc
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EnvironmentProblem(f"--device {device}: torch {torch.__version__} sees no CUDA GPU")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif dtype in dtypes:
+        torch_dtype = dtypes[dtype]
+    else:
+        raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+
+    if capture_sizes == "auto":
+        graphs = sps_profile.vllm_capture_sizes(max_tokens) if device.startswith("cuda") else []
+    elif capture_sizes == "none":
+        graphs = []
+    else:
+        graphs = [b for b in _parse_sizes(capture_sizes, "--capture-sizes") if b <= max_tokens]
+    batch_sizes = _parse_sizes(sizes, "--sizes") if sizes else sps_profile.default_sizes(max_tokens)
+    batch_sizes = sorted(set(batch_sizes) | set(graphs))  # graph sizes are where the step curve is read
+
+    try:
+        config = sps_profile.load_config(model)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+        raise UsageError(f"--model {model}: {exc}") from exc
+    settings = sps_profile.ProfileSettings(device=device, dtype=torch_dtype, context=context,
+                                           warmup=warmup, repeats=repeats)
+    try:
+        timer = sps_profile.ForwardTimer(config, settings)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"--model {model}: transformers cannot build this config: {exc}") from exc
+    except RuntimeError as exc:  # out of memory, device errors
+        raise EnvironmentProblem(f"cannot build the model on {device}: {exc}") from exc
+
+    metadata = {
+        "model": str(model), "model_type": config.model_type, "device": _device_name(torch, device),
+        "dtype": str(torch_dtype).removeprefix("torch."), "context": context, "repeats": repeats,
+        "shape": "B sequences x 1 new token over a KV cache of `context` tokens; median step time",
+        "weights": "random (timing only)", "torch": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        table = _measure(sps_profile, timer, batch_sizes, graphs, metadata, show_progress)
+    except RuntimeError as exc:
+        raise EnvironmentProblem(f"the forward failed on {device}: {exc}") from exc
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(out)
+    sglang_path = sglang_out or out.with_name(out.stem + ".sglang.json")
+    table.save_sglang(sglang_path)
+    return {"out": str(out), "sglang_out": str(sglang_path), "device": metadata["device"],
+            "points": [{"tokens": b, "steps_per_s": s} for b, s in zip(table.tokens, table.steps_per_s)],
+            "capture_sizes": table.capture_sizes}
+
+
+def _measure(sps_profile, timer, batch_sizes, graphs, metadata, show_progress):
+    if not show_progress:
+        return sps_profile.profile_table(timer, batch_sizes, graphs, metadata)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]profiling[/bold] B={task.fields[batch]:>5}"), BarColumn(),
+               MofNCompleteColumn(), TextColumn("{task.fields[last]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        task = progress.add_task("sps", total=len(batch_sizes), batch=batch_sizes[0], last="")
+
+        def advance(batch, seconds):
+            nxt = batch_sizes[min(batch_sizes.index(batch) + 1, len(batch_sizes) - 1)]
+            progress.update(task, advance=1, batch=nxt, last=f"B={batch}: {1 / seconds:,.1f} steps/s")
+
+        return sps_profile.profile_table(timer, batch_sizes, graphs, metadata, on_size=advance)
+
+
+def _device_name(torch, device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _render(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"SPS on {result['device']}")
+    table.add_column("tokens B", justify="right")
+    table.add_column("steps/s", justify="right")
+    table.add_column("tokens/s", justify="right")
+    for p in result["points"]:
+        table.add_row(str(p["tokens"]), f"{p['steps_per_s']:,.1f}", f"{p['tokens'] * p['steps_per_s']:,.0f}")
+    console.print(table)
+    console.print(f"wrote {result['out']} and {result['sglang_out']} (--speculative-dspark-sps-table-path)")

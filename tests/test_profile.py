@@ -1,0 +1,62 @@
+"""`dspark profile` end to end on the CPU: a tiny Qwen3 built from its config by transformers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dspark_cli.runtime import SPSTable
+from dspark_cli.runtime.sps_profile import default_sizes, vllm_capture_sizes
+
+TINY_QWEN3 = {
+    "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+    "max_position_embeddings": 1024,
+}
+
+
+def _dspark(*args):
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_QWEN3))
+    return tmp_path / "model"
+
+
+def test_profile_times_a_real_forward_and_writes_both_tables(model_dir, tmp_path):
+    out = tmp_path / "sps.json"
+    proc = _dspark("profile", "--model", str(model_dir), "--out", str(out), "--max-tokens", "16",
+                   "--capture-sizes", "4,8", "--repeats", "2", "--warmup", "1", "--context", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    table = SPSTable.load(out)
+    assert table.tokens == [1, 2, 4, 8, 16] == [p["tokens"] for p in result["points"]]
+    assert table.capture_sizes == [4, 8]
+    assert all(s > 0 for s in table.steps_per_s)
+    assert table.metadata["model_type"] == "qwen3" and table.metadata["device"].startswith("cpu")
+    assert table.sps(3) == table.sps(4)  # a 3-token forward replays the 4-token graph
+    sglang = json.loads((tmp_path / "sps.sglang.json").read_text())
+    assert sglang == {"sample_batch_tokens": table.tokens, "sample_steps_per_sec": table.steps_per_s,
+                      "max_batch_tokens": 16}
+
+
+def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
+    missing = _dspark("profile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json"))
+    assert missing.returncode == 2 and "no config.json" in missing.stderr
+    bad_sizes = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"), "--sizes", "0,4")
+    assert bad_sizes.returncode == 2 and "positive integers" in bad_sizes.stderr
+    if not torch.cuda.is_available():
+        no_gpu = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"), "--device", "cuda")
+        assert no_gpu.returncode == 3 and "sees no CUDA GPU" in no_gpu.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_default_sweeps():
+    assert default_sizes(16) == [1, 2, 4, 8, 16]
+    assert default_sizes(100)[-1] == 100 and 96 in default_sizes(100)
+    assert vllm_capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
