@@ -1,0 +1,84 @@
+"""End-to-end runs of the patched vLLM on constructed models; run inside the vLLM venv:
+
+    python -m dspark_cli.integrations.vllm.e2e SPEC.json OUT.json   (vLLM logs to stdout)
+
+SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random", "draft": "oracle"|"partial"|"random",
+       "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
+       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed"}]}
+Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
+engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens)."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SPEC_METRICS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+}
+
+
+def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int):
+    from vllm import LLM
+
+    return LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=512,
+               enforce_eager=True, seed=0, gpu_memory_utilization=0.1, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=4096, disable_log_stats=False, speculative_config=speculative_config)
+
+
+def _counters(llm) -> dict:
+    out = {v: 0 for v in SPEC_METRICS.values()}
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_METRICS:
+            out[SPEC_METRICS[metric.name]] = int(getattr(metric, "value", 0))
+    return out
+
+
+def _generate(llm, workload: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
+    params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
+                             ignore_eos=True, detokenize=False,
+                             seed=None if workload.get("seed") is None else workload["seed"] + i)
+              for i in range(len(prompts))]
+    before = _counters(llm)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    after = _counters(llm)
+    outputs = [list(r.outputs[0].token_ids) for r in results]
+    generated = sum(len(o) for o in outputs)
+    return {"outputs": outputs, "seconds": seconds, "tokens_per_s": generated / seconds,
+            "spec": {k: after[k] - before[k] for k in after}}
+
+
+def run(spec: dict) -> dict:
+    from dspark_cli.integrations.vllm.models import build_draft, build_target
+
+    work = Path(spec["workdir"])
+    target = build_target(work / f"target-{spec['target']}", spec["target"])
+    draft = build_draft(work / f"draft-{spec['draft']}-{spec['gamma']}", spec["gamma"], spec["draft"], target)
+    os.environ.update(spec.get("env", {}))
+    max_seqs = max(len(w["prompts"]) for w in spec["workloads"])
+    result = {"gamma": spec["gamma"], "workloads": {}}
+    if spec.get("baseline", True):
+        llm = _engine(target, None, max_seqs)
+        for w in spec["workloads"]:
+            result["workloads"].setdefault(w["name"], {})["baseline"] = _generate(llm, w)
+        del llm
+    config = {"method": "dspark", "model": str(draft), "num_speculative_tokens": spec["gamma"],
+              "draft_sample_method": spec.get("draft_sample_method", "probabilistic"),
+              "enable_adaptive_verification": bool(spec.get("adaptive", False))}
+    llm = _engine(target, config, max_seqs)
+    for w in spec["workloads"]:
+        result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)
+    return result
+
+
+if __name__ == "__main__":
+    Path(sys.argv[2]).write_text(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))

@@ -1,0 +1,136 @@
+"""Tiny constructed checkpoints for end-to-end checks: a Qwen3 target and DSpark drafts in the
+released format (architecture `Qwen3DSparkModel`, config keys and tensor names of DSPARK.md §2).
+
+- `successor` target: greedy next token = (prev + 1) mod V. Every layer's o_proj/down_proj is
+  zero, so the residual stream stays the token embedding; lm_head row y is embedding row y−1.
+- `oracle` draft: zero final norm (base logits U = 0) and a one-hot Markov head W2·W1[x] = α·e_{f(x)}
+  with f(x) = x+1 (or a partially wrong f); confidence head bias +6 (c ≈ 0.998).
+- `random` target/draft: seeded random weights."""
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+VOCAB = 256
+HIDDEN = 128
+HEAD_DIM = 64
+TARGET_LAYERS = 4
+DRAFT_LAYERS = 2
+TARGET_LAYER_IDS = [0, 2]  # decoder-layer outputs the draft reads (never the last layer)
+MASK_TOKEN_ID = VOCAB - 1
+MARKOV_SCALE = 40.0
+
+
+def target_config() -> dict:
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": VOCAB,
+        "hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": TARGET_LAYERS,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": HEAD_DIM,
+        "hidden_act": "silu", "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "tie_word_embeddings": False, "attention_bias": False, "sliding_window": None,
+        "use_sliding_window": False, "bos_token_id": 0, "eos_token_id": VOCAB - 2,
+        "dtype": "float32", "torch_dtype": "float32",
+    }
+
+
+def draft_config(gamma: int) -> dict:
+    cfg = copy.deepcopy(target_config())
+    cfg.update({
+        "architectures": ["Qwen3DSparkModel"], "num_hidden_layers": DRAFT_LAYERS,
+        "num_target_layers": TARGET_LAYERS, "block_size": gamma, "target_layer_ids": TARGET_LAYER_IDS,
+        "mask_token_id": MASK_TOKEN_ID, "num_anchors": 512, "tie_word_embeddings": False,
+        "layer_types": ["full_attention"] * DRAFT_LAYERS, "enable_confidence_head": True,
+        "confidence_head_with_markov": True, "markov_rank": VOCAB, "markov_head_type": "vanilla",
+    })
+    return cfg
+
+
+def _layer_tensors(prefix: str, g: torch.Generator, std: float) -> dict:
+    q, kv, inter = 2 * HEAD_DIM, HEAD_DIM, 2 * HIDDEN
+    shapes = {
+        "self_attn.q_proj.weight": (q, HIDDEN), "self_attn.k_proj.weight": (kv, HIDDEN),
+        "self_attn.v_proj.weight": (kv, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, q),
+        "mlp.gate_proj.weight": (inter, HIDDEN), "mlp.up_proj.weight": (inter, HIDDEN),
+        "mlp.down_proj.weight": (HIDDEN, inter),
+    }
+    out = {f"{prefix}.{k}": torch.randn(s, generator=g) * std for k, s in shapes.items()}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN)
+    for norm in ("self_attn.q_norm", "self_attn.k_norm"):
+        out[f"{prefix}.{norm}.weight"] = torch.ones(HEAD_DIM)
+    return out
+
+
+def _save(path: Path, config: dict, tensors: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(VOCAB, HIDDEN, generator=g)
+    tensors = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(HIDDEN)}
+    for i in range(TARGET_LAYERS):
+        tensors.update(_layer_tensors(f"model.layers.{i}", g, 0.1))
+    if kind == "successor":
+        for i in range(TARGET_LAYERS):
+            tensors[f"model.layers.{i}.self_attn.o_proj.weight"].zero_()
+            tensors[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
+        tensors["lm_head.weight"] = torch.roll(embed, shifts=1, dims=0)
+    elif kind == "random":
+        tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
+    else:
+        raise ValueError(f"unknown target kind {kind!r}")
+    return _save(path, target_config(), tensors)
+
+
+def successor_map(kind: str) -> torch.Tensor:
+    """f(x) that the Markov head of an oracle-style draft predicts after token x."""
+    x = torch.arange(VOCAB)
+    if kind == "oracle":
+        return (x + 1) % VOCAB
+    if kind == "partial":  # right for two tokens in three
+        return torch.where(x % 3 == 2, (x + 2) % VOCAB, (x + 1) % VOCAB)
+    raise ValueError(f"unknown draft kind {kind!r}")
+
+
+def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1) -> Path:
+    """kind: oracle | partial (Markov head encodes f, base logits zero) | random."""
+    g = torch.Generator().manual_seed(seed)
+    n_aux = len(TARGET_LAYER_IDS)
+    tensors = {
+        "fc.weight": torch.randn(HIDDEN, n_aux * HIDDEN, generator=g) * 0.05,
+        "hidden_norm.weight": torch.ones(HIDDEN), "norm.weight": torch.ones(HIDDEN),
+        "confidence_head.proj.weight": torch.randn(1, HIDDEN + VOCAB, generator=g) * 0.1,
+        "confidence_head.proj.bias": torch.tensor([1.0]),
+    }
+    for i in range(DRAFT_LAYERS):
+        tensors.update(_layer_tensors(f"layers.{i}", g, 0.1))
+    if target is not None:  # the released drafts carry byte copies of the target's embedding/head
+        from safetensors.torch import load_file
+
+        t = load_file(str(target / "model.safetensors"))
+        tensors["embed_tokens.weight"], tensors["lm_head.weight"] = t["model.embed_tokens.weight"], t["lm_head.weight"]
+    else:
+        tensors["embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN, generator=g)
+        tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
+    w1 = torch.eye(VOCAB)
+    if kind in ("oracle", "partial"):
+        tensors["norm.weight"] = torch.zeros(HIDDEN)  # h = 0, so U = lm_head(h) = 0
+        w2 = torch.zeros(VOCAB, VOCAB)
+        w2[successor_map(kind), torch.arange(VOCAB)] = MARKOV_SCALE
+        tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
+        tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
+    elif kind == "random":
+        w2 = torch.randn(VOCAB, VOCAB, generator=g)
+    else:
+        raise ValueError(f"unknown draft kind {kind!r}")
+    tensors["markov_head.markov_w1.weight"] = w1
+    tensors["markov_head.markov_w2.weight"] = w2
+    return _save(path, draft_config(gamma), tensors)

@@ -1,0 +1,126 @@
+"""DSpark proposer for vLLM 0.32.0's Model Runner V1 (built by our patched GPUModelRunner).
+
+It reuses V1's DFlash machinery by inheritance (context-K/V precompute from the captured target
+layers, a non-causal block forward over the draft KV cache) with DSpark's anchor-first block:
+γ queries = anchor + (γ−1) mask tokens, and every query position is a draft. The sequential part
+runs through dspark_cli.runtime: the Markov chain (sampling from, and returning, the exact
+Markov-corrected q that V1's RejectionSampler then tests against), the confidence head, and with
+`enable_adaptive_verification` the verify-length scheduler. Verify lengths cut the draft lists
+handed back to the scheduler, so the next target forward really carries only 1 + ℓ_r tokens."""
+
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.v1.spec_decode.dflash import DFlashProposer
+
+from dspark_cli.runtime import confidence_logits, confidence_probs, markov_chain, survival
+
+from dspark_cli.integrations.vllm.settings import SchedulerSettings
+from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
+
+
+def aux_layer_ids(spec_config) -> tuple[int, ...]:
+    """Target layers whose outputs the draft reads, as V1 aux-capture points: the released
+    `target_layer_ids` are decoder-layer outputs, V1 captures layer inputs, hence +1."""
+    hf = spec_config.draft_model_config.hf_config
+    ids = (getattr(hf, "dspark_target_layer_ids", None) or getattr(hf, "target_layer_ids", None)
+           or (getattr(hf, "dflash_config", None) or {}).get("target_layer_ids"))
+    if not ids:
+        raise ValueError("the DSpark draft config has no target_layer_ids")
+    return tuple(int(i) + 1 for i in ids)
+
+
+class DSparkProposer(DFlashProposer):
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner)
+        spec = vllm_config.speculative_config
+        self.gamma = spec.num_speculative_tokens
+        self.runner = runner
+        self.probabilistic = spec.draft_sample_method == "probabilistic"
+        self.adaptive = bool(spec.enable_adaptive_verification)
+        self.verify_lengths = None
+        if self.adaptive:
+            if runner is not None and getattr(runner, "use_async_scheduling", False):
+                raise ValueError("DSpark adaptive verification on Model Runner V1 needs async_scheduling=False")
+            settings = SchedulerSettings.resolve(self.draft_model_config.hf_config)
+            self.verify_lengths = VerifyLengthScheduler(settings)
+        # Per-step statistics for `dspark verify vllm` and tests: drafted vs scheduled tokens.
+        self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0}
+
+    def model_returns_tuple(self) -> bool:
+        return False  # the DSpark backbone returns one hidden-state tensor, as DFlash's does
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        if getattr(self.model, "draft_id_to_target_id", None) is not None:
+            raise ValueError("reduced-vocabulary DSpark drafts are not supported on Model Runner V1")
+        if self.adaptive and self.model.model.confidence_head is None:
+            raise ValueError("enable_adaptive_verification needs a DSpark draft with a confidence head")
+
+    @torch.inference_mode()
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+        self._last_draft_probs = None
+        R, gamma = common_attn_metadata.batch_size(), self.gamma
+        h = self._block_hidden_states(target_token_ids, target_positions, target_hidden_states,
+                                      next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)
+        h = h[: R * gamma].view(R, gamma, -1)
+        U = self.model.compute_draft_logits(h.reshape(R * gamma, -1)).view(R, gamma, -1)
+        V = U.shape[-1]
+        head = self.model.model.markov_head
+        temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
+        need_q = bool((temperature >= 1e-5).any())
+        draft = markov_chain(U, next_token_ids[:R].to(torch.int64), head.markov_w1.weight,
+                             head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
+                             return_q=need_q)
+        tokens = draft.tokens
+        if need_q:
+            self._last_draft_probs = draft.q.contiguous()
+        self.stats["steps"] += 1
+        self.stats["requests"] += R
+        self.stats["drafted"] += R * gamma
+        if not self.adaptive:
+            self.stats["scheduled"] += R * gamma
+            return tokens
+        conf = self.model.model.confidence_head
+        z = confidence_logits(h, draft.prev_emb, conf.proj.weight, conf.proj.bias)
+        a = survival(confidence_probs(z, self.verify_lengths.settings.sts))
+        ell = self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()
+        self.stats["scheduled"] += sum(ell)
+        rows = tokens.tolist()
+        return [row[:n] for row, n in zip(rows, ell)]
+
+    def _block_hidden_states(self, target_token_ids, target_positions, target_hidden_states,
+                             next_token_ids, cad, num_rejected_tokens_gpu) -> torch.Tensor:
+        """One non-causal forward over [anchor, mask×(γ−1)] per request, attending to the draft KV
+        of all committed tokens (projected here from the captured target layers)."""
+        context = self.model.combine_hidden_states(target_hidden_states)
+        # DFlash's input builder lays out 1 + num_speculative_tokens queries: ask it for γ−1 masks.
+        self.num_speculative_tokens = self.gamma - 1
+        try:
+            num_tokens, _, cad = self.set_inputs_first_pass(
+                target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+                target_positions=target_positions, target_hidden_states=context,
+                token_indices_to_sample=None, cad=cad, num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        finally:
+            self.num_speculative_tokens = self.gamma
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+        kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
+        with set_forward_context(per_layer, self.vllm_config, num_tokens=num_input_tokens,
+                                 num_tokens_across_dp=across_dp, cudagraph_runtime_mode=mode,
+                                 slot_mapping=self._get_slot_mapping(slot_size, cad.slot_mapping)):
+            return self.model(**kwargs)
+
+    def _draft_warps(self, sampling_metadata, R: int, V: int):
+        """Draft with the request's temperature/top-k/top-p (any q is lossless; matching the
+        target's warp maximizes acceptance). Greedy drafting when draft_sample_method=greedy."""
+        device = self.device
+        if not self.probabilistic or sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+            return torch.zeros(R, dtype=torch.float32, device=device), None, None
+        temperature = sampling_metadata.temperature[:R].float()
+        top_k = sampling_metadata.top_k
+        top_p = sampling_metadata.top_p
+        top_k = None if top_k is None else top_k[:R].to(torch.int64)
+        top_p = None if top_p is None else top_p[:R].float()
+        return temperature, top_k, top_p

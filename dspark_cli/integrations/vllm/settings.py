@@ -1,0 +1,37 @@
+"""Knobs of DSpark's verify-length scheduling on vLLM V1, from the environment or the draft's
+config.json (the environment wins):
+
+  DSPARK_SCHEDULER / "dspark_scheduler":          exact (Algorithm 1, default) | production
+  DSPARK_SPS_TABLE / "dspark_sps_table_path":     SPS table JSON (dspark-sps/1 or SGLang's format);
+                                                   default: SPSTable.default() (10 ms + 20 µs/token)
+  DSPARK_STS / "dspark_sts_path":                 per-position confidence temperatures (optional)
+"""
+
+import os
+from dataclasses import dataclass
+
+from dspark_cli.runtime import SPSTable, STSCalibration
+
+SCHEDULERS = ("exact", "production")
+
+
+@dataclass
+class SchedulerSettings:
+    scheduler: str
+    sps: SPSTable
+    sts: STSCalibration | None
+    sps_source: str
+
+    @classmethod
+    def resolve(cls, hf_config, environ=os.environ) -> "SchedulerSettings":
+        def pick(env: str, key: str):
+            return environ.get(env) or getattr(hf_config, key, None)
+
+        scheduler = pick("DSPARK_SCHEDULER", "dspark_scheduler") or "exact"
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"DSPARK_SCHEDULER must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        sps_path = pick("DSPARK_SPS_TABLE", "dspark_sps_table_path")
+        sts_path = pick("DSPARK_STS", "dspark_sts_path")
+        sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
+        sts = STSCalibration.load(sts_path) if sts_path else None
+        return cls(scheduler, sps, sts, sps_path or "default")
