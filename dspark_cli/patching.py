@@ -1,0 +1,108 @@
+"""Apply one format-patch file as one commit (like `git am`), and explain a patch that fails."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_cli.series import Patch
+from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_PATCH, TRAILER_SHA, Workspace
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
+_FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
+_FILE_ERROR = re.compile(r"^error: (?:patch failed: )?(.+?): (.+)$")
+
+
+class PatchConflict(Exception):
+    """`git apply` refused a patch; `file`/`hunk` say where, as precisely as git tells."""
+
+    def __init__(self, patch: Patch, file: str | None, hunk: str | None, detail: str):
+        self.patch, self.file, self.hunk, self.detail = patch, file, hunk, detail
+        where = f"file {file}" if file else "patch"
+        where += f", hunk {hunk}" if hunk else ""
+        super().__init__(f"{patch.label} did not apply: {where}: {detail}")
+
+
+@dataclass(frozen=True)
+class MailInfo:
+    author: str
+    email: str
+    date: str
+    subject: str
+    body: str
+
+
+def mail_info(ws: Workspace, patch: Patch) -> MailInfo:
+    """Author, date, subject and message of a format-patch file, parsed by `git mailinfo`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        msg, diff = Path(tmp) / "msg", Path(tmp) / "patch"
+        raw = patch.path.read_text(encoding="utf-8", errors="replace")
+        info = ws.git.run("mailinfo", "-u", str(msg), str(diff), input=raw).stdout
+        body = msg.read_text(encoding="utf-8", errors="replace").strip()
+    fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
+    return MailInfo(
+        author=fields.get("Author", "").strip() or "dspark",
+        email=fields.get("Email", "").strip() or "dspark@localhost",
+        date=fields.get("Date", "").strip(),
+        subject=fields.get("Subject", "").strip() or patch.name,
+        body=body,
+    )
+
+
+def commit_message(info: MailInfo, patch: Patch) -> str:
+    parts = [info.subject]
+    if info.body:
+        parts.append(info.body)
+    parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}")
+    return "\n\n".join(parts) + "\n"
+
+
+def apply_and_commit(ws: Workspace, patch: Patch) -> str:
+    """Apply `patch` with `git apply --3way` and commit it; returns the new commit id."""
+    result = ws.git.run("apply", "--3way", "--index", "--whitespace=nowarn", str(patch.path), check=False)
+    if result.returncode != 0:
+        raise diagnose(ws, patch, result.stderr)
+    info = mail_info(ws, patch)
+    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
+    if info.date:
+        env["GIT_AUTHOR_DATE"] = info.date
+    ws.git.run(
+        "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
+        input=commit_message(info, patch), env=env,
+    )
+    return ws.head()
+
+
+def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflict:
+    """Find the file and hunk that failed: reset the half-applied patch, then ask `git apply --check`."""
+    ws.git.run("reset", "-q", "--hard")
+    check = ws.git.run("apply", "--check", "--verbose", str(patch.path), check=False)
+    stderr = check.stderr if check.returncode != 0 else three_way_stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    for line in errors:
+        failed = _FAILED_AT.search(line)
+        if failed:
+            file, old_start = failed.group(1), int(failed.group(2))
+            return PatchConflict(patch, file, hunk_at(patch.path, file, old_start), "context does not match the tree")
+    for line in errors:
+        match = _FILE_ERROR.match(line)
+        if match:
+            return PatchConflict(patch, match.group(1), None, match.group(2))
+    detail = (errors or stderr.strip().splitlines() or ["git apply failed"])[0]
+    return PatchConflict(patch, None, None, detail.removeprefix("error: "))
+
+
+def hunk_at(patch_path: Path, file: str, old_start: int) -> str | None:
+    """'#2 (@@ -12,6 +12,7 @@)': the hunk of `file` in the patch that starts at old line `old_start`."""
+    current, number = None, 0
+    for line in patch_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("diff --git "):
+            current, number = line.split(" b/", 1)[-1], 0
+        elif line.startswith("@@") and current is not None:
+            number += 1
+            match = _HUNK.match(line)
+            if current == file and match and int(match.group(1)) == old_start:
+                return f"#{number} ({line.split('@@')[1].strip().join(['@@ ', ' @@'])})"
+    return None

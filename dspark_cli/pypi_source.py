@@ -1,0 +1,158 @@
+"""`--source pypi`: fetch the release file named in compat.yaml, check its sha256, and make a git
+repository of its source tree whose first commit (the base) records where it came from.
+
+Wheels are downloaded with `pip download` (no build step). An sdist is fetched by URL from the
+package index's JSON simple API (PEP 691), the index pip itself reads: `pip download` of an sdist
+would run the package's build backend to read its metadata, and vLLM's needs torch and CMake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from dspark_cli.compat import Pin, ReleaseFile
+from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
+from dspark_cli.output import err_console
+from dspark_cli.series import sha256_of
+from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
+
+
+def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:
+    """The pin's first release file, or the one `--package`/`--file` names."""
+    if not pin.releases:
+        raise UsageError(f"{pin.engine} {pin.name} has no release file in compat.yaml; use --source git")
+    candidates = [r for r in pin.releases if (package is None or r.package == package) and (file is None or r.file == file)]
+    if not candidates:
+        known = ", ".join(f"{r.package} ({r.file})" for r in pin.releases)
+        raise UsageError(f"no release file of {pin.engine} {pin.name} matches; compat.yaml lists: {known}")
+    return candidates[0]
+
+
+def fetch_release(release: ReleaseFile) -> Path:
+    """The release file in the cache ($DSPARK_CACHE/releases), downloaded if needed, sha256 checked."""
+    releases = cache_dir() / "releases"
+    target = releases / release.file
+    if target.is_file() and sha256_of(target) == release.sha256:
+        return target
+    releases.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=releases, prefix=".download-") as tmp:
+        downloaded = (_pip_download if release.kind == "wheel" else _index_download)(release, Path(tmp))
+        actual = sha256_of(downloaded)
+        if actual != release.sha256:
+            raise CheckFailed(f"{release.file}: sha256 {actual} does not match compat.yaml ({release.sha256})")
+        os.replace(downloaded, target)
+    return target
+
+
+def _pip_download(release: ReleaseFile, dest: Path) -> Path:
+    err_console.print(f"pip download {release.package}=={release.version} ({release.file})")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--dest", str(dest), f"{release.package}=={release.version}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise EnvironmentProblem(f"pip download {release.package}=={release.version} failed: {last}")
+    path = dest / release.file
+    if not path.is_file():
+        got = ", ".join(p.name for p in dest.iterdir()) or "nothing"
+        raise EnvironmentProblem(f"pip chose {got} for this platform, not {release.file}; use --package/--file")
+    return path
+
+
+def _index_download(release: ReleaseFile, dest: Path) -> Path:
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = release.package.lower().replace("_", "-").replace(".", "-")
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        url = next(f["url"] for f in files if f["filename"] == release.file)
+    except StopIteration:
+        raise EnvironmentProblem(f"{index} does not list {release.file}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
+    path = dest / release.file
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out, Progress(
+            TextColumn(release.file), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=err_console, transient=True,
+        ) as progress:
+            task = progress.add_task("download", total=int(response.headers.get("Content-Length") or 0) or None)
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                progress.advance(task, len(block))
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot download {url}: {exc}") from None
+    return path
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """The release's source tree into `dest`: a wheel's files as they are, an sdist's top directory."""
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as wheel:
+            wheel.extractall(dest)  # zipfile drops absolute and `..` parts
+        return
+    unpacked = dest.parent / f"{dest.name}.unpack"
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as sdist:
+            sdist.extractall(unpacked)
+    else:
+        with tarfile.open(archive) as sdist:
+            sdist.extractall(unpacked, filter="data")
+    tops = list(unpacked.iterdir())
+    if len(tops) != 1 or not tops[0].is_dir():
+        raise CheckFailed(f"{archive.name}: expected one top-level directory, found {len(tops)} entries")
+    os.replace(tops[0], dest)
+    unpacked.rmdir()
+
+
+def base_message(pin: Pin, release: ReleaseFile) -> str:
+    return (
+        f"dspark base: {release.package} {release.version} from {release.file}\n\n"
+        f"The unmodified tree of the release file, made by `dspark apply {pin.engine} --source pypi`.\n\n"
+        f"Dspark-Base-Package: {release.package}=={release.version}\n"
+        f"Dspark-Base-File: {release.file}\n"
+        f"Dspark-Base-Sha256: {release.sha256}\n"
+    )
+
+
+def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict) -> tuple[Workspace, str]:
+    """Build the workspace in a temporary sibling and rename it into place: a killed run leaves no
+    half-made workdir behind. Returns the workspace and its base commit."""
+    archive = fetch_release(release)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.dspark-new-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    tmp = path.parent / f".{path.name}.dspark-new-{os.getpid()}"
+    tree = tmp / "tree"
+    tmp.mkdir()
+    err_console.print(f"extracting {release.file}")
+    extract(archive, tree)
+    ws = Workspace(tree)
+    ws.git.run("init", "-q", "-b", branch)
+    ws.git.run("add", "--all", "--force", ".")  # the release's files exactly, whatever its .gitignore says
+    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
+    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-F", "-",
+               input=base_message(pin, release), env=env)
+    base = ws.head()
+    ws.write_state({**state, "base": base, "in_progress": None})
+    if path.exists():
+        path.rmdir()  # an empty directory the user made for us
+    os.replace(tree, path)
+    tmp.rmdir()
+    return Workspace(path), base

@@ -1,0 +1,224 @@
+"""A git workspace dspark patches: running git, the state file, and exact snapshots for rollback.
+
+The state file lives inside the git directory (`.git/dspark/state.json`) so it never shows up as
+a worktree change. While an operation runs it holds an `in_progress` record (the snapshot taken
+before anything was touched); a run killed midway leaves it behind and the next run restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dspark_cli.errors import EnvironmentProblem, UsageError
+
+TRAILER_PATCH = "Dspark-Patch"
+TRAILER_SHA = "Dspark-Patch-Sha256"
+# Our own commits (base, patches) are committed by dspark; patch authors are kept as authors.
+DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspark@localhost"}
+
+
+class GitFailed(Exception):
+    def __init__(self, args, result):
+        self.args_ = args
+        self.stderr = result.stderr
+        self.stdout = result.stdout
+        super().__init__(f"git {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+
+
+class Git:
+    def __init__(self, cwd: Path):
+        self.cwd = Path(cwd)
+        if shutil.which("git") is None:
+            raise EnvironmentProblem("git is not installed (needed to patch the engine tree)")
+
+    def run(self, *args: str, check: bool = True, env: dict | None = None, input: str | None = None):
+        full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
+        result = subprocess.run(
+            ["git", *args], cwd=self.cwd, env=full_env, input=input, capture_output=True, text=True
+        )
+        if check and result.returncode != 0:
+            raise GitFailed(args, result)
+        return result
+
+    def out(self, *args: str, **kwargs) -> str:
+        return self.run(*args, **kwargs).stdout.strip()
+
+    def ok(self, *args: str) -> bool:
+        return self.run(*args, check=False).returncode == 0
+
+
+@dataclass
+class Snapshot:
+    """What `restore` needs to put HEAD, branches, index and worktree back exactly."""
+
+    head: str | None  # None: the repository had no commit yet
+    branch: str | None  # full ref HEAD pointed at, None if detached
+    work_branch: str  # the dspark/<pin> branch the operation may create or move
+    work_branch_sha: str | None  # its value before, None if it did not exist
+    stash_message: str | None  # set when local changes were stashed (`--force`)
+    pid: int
+    op: str
+    started: str
+
+
+@dataclass(frozen=True)
+class AppliedPatch:
+    label: str
+    sha256: str
+    commit: str
+    subject: str
+
+
+class Workspace:
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.git = Git(self.path)
+
+    # -- basic facts -------------------------------------------------------------------------
+    def is_repo(self) -> bool:
+        return (self.path / ".git").exists() and self.git.ok("rev-parse", "--git-dir")
+
+    @property
+    def git_dir(self) -> Path:
+        return Path(self.git.out("rev-parse", "--absolute-git-dir"))
+
+    @property
+    def state_file(self) -> Path:
+        return self.git_dir / "dspark" / "state.json"
+
+    def head(self) -> str | None:
+        result = self.git.run("rev-parse", "--verify", "-q", "HEAD", check=False)
+        return result.stdout.strip() or None
+
+    def current_branch(self) -> str | None:
+        result = self.git.run("symbolic-ref", "-q", "HEAD", check=False)
+        return result.stdout.strip() or None
+
+    def branch_sha(self, branch: str) -> str | None:
+        result = self.git.run("rev-parse", "--verify", "-q", f"refs/heads/{branch}", check=False)
+        return result.stdout.strip() or None
+
+    def resolve_commit(self, ref: str) -> str | None:
+        result = self.git.run("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False)
+        return result.stdout.strip() or None
+
+    def local_changes(self) -> list[str]:
+        """`git status --porcelain` lines: modified, staged and untracked (not ignored) paths."""
+        lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all").stdout.splitlines()
+        return [line for line in lines if line.strip()]
+
+    def is_ancestor(self, ancestor: str, commit: str) -> bool:
+        return self.git.ok("merge-base", "--is-ancestor", ancestor, commit)
+
+    # -- state file --------------------------------------------------------------------------
+    def read_state(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.state_file}: unreadable dspark state ({exc}); remove it to start over") from None
+
+    def write_state(self, state: dict) -> None:
+        """Atomic replace, so a kill never leaves half a state file."""
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.state_file)
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def begin(self, op: str, work_branch: str, stash_changes: bool, state: dict) -> Snapshot:
+        """Record the pre-operation snapshot in the state file, then stash local changes if asked."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        snapshot = Snapshot(
+            head=self.head(),
+            branch=self.current_branch(),
+            work_branch=work_branch,
+            work_branch_sha=self.branch_sha(work_branch),
+            stash_message=f"dspark {op} {os.getpid()} {stamp}: local changes" if stash_changes else None,
+            pid=os.getpid(),
+            op=op,
+            started=stamp,
+        )
+        self.write_state({**state, "in_progress": asdict(snapshot)})
+        if stash_changes:
+            self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message)
+        return snapshot
+
+    def finish(self, state: dict) -> None:
+        self.write_state({**state, "in_progress": None})
+
+    def stash_ref(self, message: str) -> str | None:
+        """The stash entry (stash@{n}) whose message is `message`."""
+        listing = self.git.run("stash", "list", "--format=%gd%x00%gs", check=False).stdout
+        for line in listing.splitlines():
+            ref, _, subject = line.partition("\0")
+            if subject.endswith(message):
+                return ref
+        return None
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
+        lock = self.git_dir / "index.lock"
+        if lock.exists():  # left by a git killed with us; only ever removed on our own rollback path
+            lock.unlink()
+        self.git.run("cherry-pick", "--abort", check=False)
+        if snapshot.head is None:
+            self.git.run("reset", "-q", "--hard", check=False)
+        else:
+            self.git.run("reset", "-q", "--hard")
+            self.git.run("checkout", "-q", "-f", "--detach", snapshot.head)
+        ref = f"refs/heads/{snapshot.work_branch}"
+        if snapshot.work_branch_sha:
+            self.git.run("update-ref", ref, snapshot.work_branch_sha)
+        elif self.branch_sha(snapshot.work_branch):
+            self.git.run("update-ref", "-d", ref)
+        if snapshot.branch:
+            self.git.run("symbolic-ref", "HEAD", snapshot.branch)
+        if snapshot.stash_message:
+            stash = self.stash_ref(snapshot.stash_message)
+            if stash:
+                self.git.run("stash", "pop", "--index", stash)
+
+    # -- applied series ----------------------------------------------------------------------
+    def commits_since(self, base: str, tip: str) -> list[tuple[str, str, dict[str, str]]]:
+        """(commit, subject, dspark trailers) for base..tip, oldest first."""
+        raw = self.git.out("log", "--reverse", "--first-parent", "--format=%H%x1f%s%x1f%B%x1e", f"{base}..{tip}")
+        commits = []
+        for record in raw.split("\x1e"):
+            if not record.strip():
+                continue
+            sha, subject, body = record.strip("\n").split("\x1f", 2)
+            trailers = {}
+            for line in body.splitlines():
+                key, sep, value = line.partition(": ")
+                if sep and key in (TRAILER_PATCH, TRAILER_SHA):
+                    trailers[key] = value.strip()
+            commits.append((sha, subject, trailers))
+        return commits
+
+    def applied(self, base: str, tip: str) -> tuple[list[AppliedPatch], list[tuple[str, str]]]:
+        """Patches committed on base..tip (by their trailers) and the other, user, commits."""
+        patches, user = [], []
+        for sha, subject, trailers in self.commits_since(base, tip):
+            if TRAILER_PATCH in trailers:
+                patches.append(AppliedPatch(trailers[TRAILER_PATCH], trailers.get(TRAILER_SHA, ""), sha, subject))
+            else:
+                user.append((sha, subject))
+        return patches, user
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
