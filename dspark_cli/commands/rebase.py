@@ -1,0 +1,126 @@
+"""`dspark rebase <engine> --from <pin> --onto <commit|release>`: carry a pinned series onto a new
+upstream tree with 3-way merges and write the refreshed series (docs/rebase.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from dspark_cli import compat as compat_mod
+from dspark_cli import pypi_source, rebase
+from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
+from dspark_cli.output import console, emit
+from dspark_cli.series import load_series
+from dspark_cli.workspace import Workspace
+
+_VERSION = re.compile(r"^v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)$")
+_COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]([0-9a-f]{7,40})['"]""")
+
+
+def _sdist_first(pin: compat_mod.Pin) -> compat_mod.ReleaseFile:
+    """The pin's sdist if it lists one (an sdist is the tagged tree), else its first release file."""
+    sdists = [r for r in pin.releases if r.kind == "sdist"]
+    return sdists[0] if sdists else pypi_source.choose_release(pin, None, None)
+
+
+def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[compat_mod.ReleaseFile, str]:
+    pin = engine.resolve_pin(onto)
+    if pin is not None and pin.releases:
+        return _sdist_first(pin), pin.name
+    match = _VERSION.match(onto)
+    if not match:
+        raise UsageError(f"--onto {onto!r}: without --repo it must be a release version (e.g. v0.33.0) "
+                         "or a pin in compat.yaml")
+    return rebase.index_release(package, match.group(1)), f"v{match.group(1)}"
+
+
+def _release_commit_id(ws: Workspace, commit: str, module: str) -> str | None:
+    """The upstream commit a release tree records (vLLM: `<module>/_version.py` __commit_id__)."""
+    shown = ws.git.run("show", f"{commit}:{module}/_version.py", check=False)
+    match = _COMMIT_ID.search(shown.stdout) if shown.returncode == 0 else None
+    return match.group(1) if match else None
+
+
+def _render(report: dict) -> None:
+    table = Table(title=f"rebase onto {report['onto'][:12]} (branch {report['branch']})")
+    for column in ("patch", "result", "files", "details"):
+        table.add_column(column, overflow="fold")
+    for p in report["patches"]:
+        style = {"clean": "green", "3-way": "yellow", "resolved": "yellow", "conflict": "red"}.get(p["status"], "dim")
+        table.add_row(p["patch"], f"[{style}]{p['status']}[/{style}]", "\n".join(p["files"]),
+                      "\n".join(p["details"]))
+    console.print(table)
+    if report["compiled"] or report["compile_errors"]:
+        console.print(f"byte-compiled {len(report['compiled'])} patched Python files"
+                      + (f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else ""))
+    if report["out_dir"]:
+        console.print(f"refreshed series written to {report['out_dir']}")
+    if report.get("compat_entry"):
+        console.print("compat.yaml entry for the new pin:", report["compat_entry"], highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("rebase")
+    def rebase_command(
+        engine_name: str = typer.Argument(..., metavar="ENGINE", help="Engine in compat.yaml, e.g. vllm."),
+        from_pin: str = typer.Option(..., "--from", help="Pin whose series to carry, e.g. v0.32.0."),
+        onto: str = typer.Option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0)."),
+        repo: Path | None = typer.Option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
+        out: Path | None = typer.Option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN)."),
+        new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
+        series_dir: Path | None = typer.Option(None, "--series", help="Series to carry (default: the --from pin's)."),
+        workdir: Path | None = typer.Option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
+        force: bool = typer.Option(False, "--force", help="Restart an existing work branch; replace a non-empty --out."),
+        resume: bool = typer.Option(False, "--continue", help="Go on after a conflict you resolved and committed."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ) -> None:
+        """Apply a pin's patch series onto another upstream tree patch by patch (3-way merges),
+        report each patch as clean / 3-way / conflict, and write the refreshed series.
+
+        Exit codes: 0 written, 1 a patched file no longer byte-compiles, 2 bad input,
+        3 environment, 4 a patch conflicted (markers left on the work branch)."""
+        engine = compat_mod.load().engine(engine_name)
+        pin = engine.resolve_pin(from_pin)
+        if pin is None:
+            raise UsageError(f"unknown {engine_name} pin {from_pin!r}; compat.yaml knows: {', '.join(engine.pins)}")
+        source_dir = series_dir or pin.patches
+        patches = load_series(source_dir, "dspark")
+
+        compat_entry = None
+        if repo is not None:
+            name = new_pin or (onto if not compat_mod.HEX_COMMIT.match(onto.lower()) else onto[:12])
+            work = workdir or pypi_source.cache_dir() / "rebase" / f"{engine_name}-{name}"
+            ws = rebase.worktree_of(repo.resolve(), work.resolve(), onto)
+            base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
+            onto_commit = ws.resolve_commit(onto)
+            if base is None:
+                raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
+            if onto_commit is None:
+                raise UsageError(f"{repo}: --onto {onto} does not name a commit")
+        else:
+            base_release = _sdist_first(pin)
+            onto_release, name = _onto_release(engine, onto, base_release.package)
+            name = new_pin or name
+            work = workdir or pypi_source.cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
+            ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
+            compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
+                            "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
+
+        result = rebase.rebase_series(ws, base, onto_commit, patches, f"dspark/rebase-{name}", force=force,
+                                      resume=resume)
+        conflict = result.conflicted
+        if conflict is None:
+            rebase.byte_compile(ws, result)
+            if not result.compile_errors:
+                rebase.write_series(ws, result, source_dir, out or pin.patches.parent / name, force)
+        report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
+                  "compat_entry": compat_entry if conflict is None and not result.compile_errors else None}
+        emit(report, as_json, _render)
+        if conflict is not None:
+            raise PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); markers left on branch "
+                              f"{result.branch} in {result.workdir}: resolve, commit, then run again with --continue")
+        if result.compile_errors:
+            raise CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")

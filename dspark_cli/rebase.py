@@ -1,0 +1,343 @@
+"""Carry a patch series onto another upstream tree: `dspark rebase`.
+
+The worktree holds both trees: the commit the series was made on (`base`) and the new upstream
+commit (`onto`). Each patch is applied on `onto` in series order and classified:
+
+  clean     `git apply` with the patch's own context (hunks may sit at an offset);
+  3-way     the context moved or changed, and `git apply --3way` merged the patch using the
+            base blobs named in its `index` lines (which is why `base` must be in the repository);
+  conflict  the merge left conflict markers (or could not run); the rebase stops there, on the
+            work branch, for a human to resolve.
+
+Each applied patch becomes one commit (author, date and message kept, like `git am`). When every
+patch applied, the refreshed series is written from those commits with `git format-patch`, with
+the original file names, order and amount of diff context, and a new lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import re
+import urllib.request
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dspark_cli import pypi_source
+from dspark_cli import series as series_mod
+from dspark_cli.compat import ReleaseFile
+from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.patching import hunk_at, mail_info
+from dspark_cli.series import Patch
+from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
+
+CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
+RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
+_OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
+_CHECKING = re.compile(r"^Checking patch (.+)\.\.\.$")
+_HUNK_HEADER = re.compile(r"^@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@")
+
+
+@dataclass
+class PatchOutcome:
+    patch: str
+    status: str
+    files: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # offsets, merged files, conflict regions
+    commit: str | None = None
+
+
+@dataclass
+class RebaseResult:
+    workdir: Path
+    branch: str
+    base: str
+    onto: str
+    outcomes: list[PatchOutcome]
+    out_dir: Path | None = None
+    compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
+    compile_errors: list[str] = field(default_factory=list)
+
+    @property
+    def conflicted(self) -> PatchOutcome | None:
+        return next((o for o in self.outcomes if o.status == CONFLICT), None)
+
+    def to_json(self) -> dict:
+        return {
+            "workdir": str(self.workdir), "branch": self.branch, "base": self.base, "onto": self.onto,
+            "patches": [vars(o) for o in self.outcomes],
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+            "compiled": self.compiled, "compile_errors": self.compile_errors,
+        }
+
+
+def patch_files(text: str) -> list[str]:
+    """Paths a patch touches (new side; the old side for deletions)."""
+    files = []
+    for line in text.splitlines():
+        if line.startswith("diff --git "):
+            files.append(line.split(" b/", 1)[-1])
+    return files
+
+
+def context_lines(text: str, default: int = 3) -> int:
+    """The diff context the patch was made with (its widest leading context), so a refreshed
+    patch keeps the original's minimal context."""
+    widest, in_hunk, leading = 0, False, 0
+    for line in text.splitlines():
+        if _HUNK_HEADER.match(line):
+            in_hunk, leading = True, 0
+        elif in_hunk and line.startswith(" "):
+            leading += 1
+        elif in_hunk:
+            widest, in_hunk = max(widest, leading), False
+    return widest or default
+
+
+def conflict_regions(path: Path) -> list[str]:
+    """'120-134' line ranges of the conflict markers left in a file."""
+    regions, start = [], None
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    for number, line in enumerate(lines, 1):
+        if line.startswith("<<<<<<< "):
+            start = number
+        elif line.startswith(">>>>>>> ") and start is not None:
+            regions.append(f"{start}-{number}")
+            start = None
+    return regions
+
+
+def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
+    """Put the worktree on a fresh `branch` at `onto`; an existing branch is kept unless `force`."""
+    if ws.branch_sha(branch) is not None and not force:
+        raise UsageError(f"{ws.path}: branch {branch} exists (an earlier rebase, perhaps being resolved); "
+                         "finish or delete it, or pass --force to start over")
+    ws.git.run("reset", "-q", "--hard", check=False)  # a conflicted earlier run (only with --force)
+    ws.git.run("checkout", "-q", "-f", "-B", branch, onto)
+    ws.git.run("clean", "-q", "-fdx")
+
+
+def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
+    """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree."""
+    text = patch.path.read_text(encoding="utf-8", errors="replace")
+    outcome = PatchOutcome(patch=patch.name, status=CLEAN, files=patch_files(text))
+    check = ws.git.run("apply", "--check", "--verbose", "--whitespace=nowarn", str(patch.path), check=False)
+    if check.returncode == 0:
+        ws.git.run("apply", "--index", "--whitespace=nowarn", str(patch.path))
+        outcome.details = _offsets(check.stderr)
+    else:
+        merged = ws.git.run("apply", "--3way", "--index", "--verbose", "--whitespace=nowarn", str(patch.path),
+                            check=False)
+        unmerged = ws.git.out("diff", "--name-only", "--diff-filter=U").splitlines()
+        if merged.returncode != 0 or unmerged:
+            outcome.status = CONFLICT
+            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged)
+            return outcome
+        outcome.status = THREE_WAY
+        outcome.details = _failed_hunks(patch, check.stderr)
+    outcome.commit = _commit(ws, patch)
+    return outcome
+
+
+def _offsets(verbose_stderr: str) -> list[str]:
+    details, current = [], None
+    for line in verbose_stderr.splitlines():
+        checking = _CHECKING.match(line)
+        if checking:
+            current = checking.group(1)
+        match = _OFFSET.search(line)
+        if match and match.group(3):
+            details.append(f"{current}: hunk #{match.group(1)} at line {match.group(2)} (offset {match.group(3)})")
+    return details
+
+
+def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
+    """'file: hunk #2 (@@ … @@) merged' for each hunk whose context no longer matched."""
+    details = []
+    for match in re.finditer(r"patch failed: (.+):(\d+)", check_stderr):
+        file, line = match.group(1), int(match.group(2))
+        hunk = hunk_at(patch.path, file, line) or f"at old line {line}"
+        details.append(f"{file}: hunk {hunk} merged 3-way")
+    for match in re.finditer(r"error: (.+): (does not exist in index|No such file or directory)", check_stderr):
+        details.append(f"{match.group(1)}: moved or missing upstream, merged 3-way")
+    return details
+
+
+def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stderr: str,
+                      unmerged: list[str]) -> list[str]:
+    details = []
+    for file in unmerged:
+        regions = conflict_regions(ws.path / file)
+        details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
+                       else f"{file}: unmerged")
+    if not unmerged:  # 3-way could not even start (e.g. no base blob, file gone): say what git said
+        details = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
+        details += [d for d in _failed_hunks(patch, check_stderr) if d not in details]
+    return details or ["git apply --3way failed"]
+
+
+def _commit(ws: Workspace, patch: Patch) -> str:
+    info = mail_info(ws, patch)
+    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
+    if info.date:
+        env["GIT_AUTHOR_DATE"] = info.date
+    message = info.subject + (f"\n\n{info.body}" if info.body else "") + "\n"
+    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
+               input=message, env=env)
+    return ws.head()
+
+
+def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], branch: str,
+                  force: bool = False, resume: bool = False) -> RebaseResult:
+    """Apply `patches` on `onto` (both commits in ws) one by one; stop at the first conflict.
+
+    With `resume`, the work branch already holds the first patches as commits (a human resolved a
+    conflict and committed it): those count as resolved and the rest are applied on top."""
+    for name, commit in (("base", base), ("onto", onto)):
+        if ws.resolve_commit(commit) is None:
+            raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
+    outcomes: list[PatchOutcome] = []
+    if resume:
+        for patch, commit in zip(patches, _resumed_commits(ws, onto, branch, len(patches))):
+            outcomes.append(PatchOutcome(patch=patch.name, status=RESOLVED, commit=commit,
+                                         files=patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))))
+    else:
+        start_branch(ws, branch, onto, force)
+    for patch in patches[len(outcomes):]:
+        if any(o.status == CONFLICT for o in outcomes):
+            text = patch.path.read_text(encoding="utf-8", errors="replace")
+            outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
+            continue
+        outcomes.append(apply_one(ws, patch))
+    return RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
+                        outcomes=outcomes)
+
+
+def _resumed_commits(ws: Workspace, onto: str, branch: str, num_patches: int) -> list[str]:
+    if ws.current_branch() != f"refs/heads/{branch}":
+        raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
+    if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
+        raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
+    commits = ws.git.out("rev-list", "--reverse", f"{onto}..HEAD").splitlines()
+    if len(commits) > num_patches:
+        raise UsageError(f"{branch} holds {len(commits)} commits on the new tree but the series has {num_patches}")
+    return commits
+
+
+def byte_compile(ws: Workspace, result: RebaseResult) -> None:
+    """Every Python file the series touches must still compile on the new tree."""
+    touched = sorted({f for o in result.outcomes for f in o.files if f.endswith(".py")})
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in touched:
+            path = ws.path / file
+            if not path.is_file():
+                continue  # deleted by the series
+            try:
+                py_compile.compile(str(path), cfile=str(Path(tmp) / "x.pyc"), doraise=True)
+                result.compiled.append(file)
+            except py_compile.PyCompileError as exc:
+                result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
+
+
+def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path, force: bool) -> None:
+    """The refreshed series from the rebase commits: same names and order, new lock."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for outcome in result.outcomes:
+        context = context_lines((source_dir / outcome.patch).read_text(encoding="utf-8", errors="replace"))
+        text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature", f"-U{context}",
+                          outcome.commit).stdout
+        (out_dir / outcome.patch).write_text(text, encoding="utf-8")
+    shutil.copyfile(source_dir / series_mod.SERIES_FILE, out_dir / series_mod.SERIES_FILE)
+    series_mod.write_lock(out_dir)
+    result.out_dir = out_dir
+
+
+# ------------------------------------------------------------------ where the two trees come from
+
+
+def worktree_of(repo: Path, workdir: Path, onto: str) -> Workspace:
+    """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched."""
+    source = Workspace(repo)
+    if not source.is_repo():
+        raise UsageError(f"{repo}: not a git repository")
+    if source.resolve_commit(onto) is None:
+        raise UsageError(f"{repo}: --onto {onto} does not name a commit")
+    if (workdir / ".git").exists():
+        ws = Workspace(workdir)
+        if Path(ws.git.out("rev-parse", "--git-common-dir")).resolve() != source.git_dir.resolve():
+            raise UsageError(f"{workdir}: is a git worktree of another repository; use another --workdir")
+        return ws
+    if workdir.exists() and any(workdir.iterdir()):
+        raise UsageError(f"{workdir}: exists, is not empty and is not a worktree of {repo}")
+    source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto)
+    return Workspace(workdir)
+
+
+def import_tree(ws: Workspace, directory: Path, parent: str | None, message: str) -> str:
+    """Commit the files under `directory` as one commit (on `parent`), without touching HEAD."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        ws.git.run("--work-tree", str(directory), "add", "-A", "-f", ".", env=env)
+        tree = ws.git.out("write-tree", env=env)
+    parents = ["-p", parent] if parent else []
+    return ws.git.out("commit-tree", tree, *parents, "-F", "-", input=message, env=DSPARK_IDENTITY)
+
+
+def release_label(release: ReleaseFile) -> str:
+    return f"{release.package}=={release.version} {release.file} sha256={release.sha256}"
+
+
+def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile) -> tuple[Workspace, str, str]:
+    """A repository holding two release trees: base (root commit) and onto (its child). The
+    release files come from the cache or the index (sha256 checked); a repository that already
+    holds these exact trees is reused."""
+    ws = Workspace(workdir)
+    if not (workdir / ".git").exists():
+        if workdir.exists() and any(workdir.iterdir()):
+            raise UsageError(f"{workdir}: exists, is not empty and is not a git repository")
+        workdir.mkdir(parents=True, exist_ok=True)
+        ws.git.run("init", "-q")
+    commits: list[str] = []
+    for release in (base, onto):
+        parent = commits[-1] if commits else None
+        ref = f"refs/dspark/release/{release.sha256}" + (f"-on-{parent[:12]}" if parent else "")
+        commit = ws.resolve_commit(ref)
+        if commit is None:
+            archive = pypi_source.fetch_release(release)
+            with tempfile.TemporaryDirectory(dir=workdir.parent, prefix=".dspark-tree-") as tmp:
+                tree = Path(tmp) / "tree"
+                pypi_source.extract(archive, tree)
+                label = release_label(release)
+                commit = import_tree(ws, tree, parent, f"{release.package} {release.version}\n\nDspark-Base: {label}\n")
+            ws.git.run("update-ref", ref, commit)
+        commits.append(commit)
+    return ws, commits[0], commits[1]
+
+
+def index_release(package: str, version: str) -> ReleaseFile:
+    """The sdist of `package==version` as the package index lists it (name and sha256), for
+    releases compat.yaml does not know yet (`--onto 0.31.0`)."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = package.lower().replace("_", "-").replace(".", "-")
+    wanted = f"{package.replace('-', '_')}-{version}.tar.gz"
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
+    for entry in files:
+        if entry["filename"].lower() == wanted.lower() and entry.get("hashes", {}).get("sha256"):
+            return ReleaseFile(package=package, version=version, file=entry["filename"],
+                               sha256=entry["hashes"]["sha256"])
+    raise UsageError(f"{index} lists no sdist {wanted} for {package} {version}")

@@ -1,0 +1,172 @@
+"""`dspark rebase` with real git on throwaway repositories: a clean carry (with offsets), a 3-way
+merge, a conflict left for a human and finished with --continue, and a tree that no longer
+byte-compiles."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import series
+
+MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
+OTHER = "A = 1\nB = 2\nC = 3\nD = 4\nE = 5\nF = 6\n"
+
+
+def git(cwd, *args, input=None):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True,
+                          input=input).stdout.strip()
+
+
+def commit_files(repo, files, message):
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    """A repository with base commit A, a three-patch series made on A, and compat.yaml naming it."""
+    repo = tmp_path / "upstream"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    base = commit_files(repo, {"mod.py": MOD, "other.py": OTHER}, "base")
+    git(repo, "tag", "v1.0")
+    git(repo, "checkout", "-q", "-b", "work")
+    commit_files(repo, {"mod.py": MOD.replace("return x + 3", "return x + 3  # ours")}, "ours: mark f3")
+    commit_files(repo, {"ours.py": "HOOK = True\n"}, "ours: new module")
+    commit_files(repo, {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
+    patches = tmp_path / "patches" / "eng" / "v1.0"
+    names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2", base).splitlines()
+    (patches / "series").write_text("# test series\n" + "".join(Path(n).name + "\n" for n in names))
+    series.write_lock(patches)
+    git(repo, "checkout", "-q", "main")
+    compat = tmp_path / "compat.yaml"
+    compat.write_text(f"""schema: 1
+engines:
+  eng:
+    repository: {repo}
+    module: eng
+    distributions: [eng]
+    default_pin: v1.0
+    pins:
+      v1.0:
+        commit: {base}
+        tag: v1.0
+        patches: patches/eng/v1.0
+        releases: []
+        python: ">=3.8"
+        torch: ">=2.0"
+        cuda: ">=12"
+        tested:
+          ci-cpu: test
+""")
+    return {"repo": repo, "base": base, "patches": patches, "compat": compat, "tmp": tmp_path}
+
+
+def dspark(env_paths, *args):
+    env = {**os.environ, "DSPARK_COMPAT": str(env_paths["compat"]), "DSPARK_CACHE": str(env_paths["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull}
+    return subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", *args, "--json"],
+                          env=env, capture_output=True, text=True)
+
+
+def new_upstream(u, files, tag):
+    git(u["repo"], "checkout", "-q", "main")
+    commit = commit_files(u["repo"], files, f"upstream {tag}")
+    git(u["repo"], "tag", tag)
+    return commit
+
+
+def test_clean_and_three_way_patches_are_carried_and_the_series_is_refreshed(upstream):
+    u = upstream
+    onto = new_upstream(u, {
+        "mod.py": "import os\n\n\n" + MOD,  # f3 moves down three lines: still a clean apply, at an offset
+        "other.py": OTHER.replace("C = 3", "C = 33").replace("F = 6", "F = 66"),  # our context changed
+    }, "v2.0")
+    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd"))
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    status = {p["patch"]: p for p in report["patches"]}
+    first, second, third = sorted(status)
+    assert status[first]["status"] == "clean" and "offset 3" in status[first]["details"][0]
+    assert status[second]["status"] == "clean"
+    assert status[third]["status"] == "3-way" and status[third]["files"] == ["other.py"]
+    assert report["onto"] == onto and sorted(report["compiled"]) == ["mod.py", "other.py", "ours.py"]
+
+    out = u["tmp"] / "patches" / "eng" / "v2.0"
+    assert Path(report["out_dir"]) == out
+    refreshed = series.load_series(out, "dspark")  # lock matches what was written
+    assert [p.name for p in refreshed] == sorted(status)
+    assert "@@ -3,4 +3,5 @@" in (out / third).read_text()  # the series' -U2 context is kept
+    # The refreshed series applies exactly (no 3-way) to the new tree and gives the rebased result.
+    fresh = u["tmp"] / "fresh"
+    git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
+    git(fresh, "checkout", "-q", onto)
+    for p in refreshed:
+        git(fresh, "apply", "--index", str(p.path))
+    wd = u["tmp"] / "wd"
+    for name in ("mod.py", "other.py", "ours.py"):
+        assert (fresh / name).read_text() == (wd / name).read_text()
+    assert "C = 33\nD = 4\nOURS = 44\nE = 5\nF = 66" in (wd / "other.py").read_text()
+    subjects = git(wd, "log", "--format=%s", f"{onto}..HEAD").splitlines()
+    assert subjects == ["ours: other", "ours: new module", "ours: mark f3"]
+
+
+def test_conflict_is_left_for_a_human_then_continue_finishes(upstream):
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v3.0")
+    wd = u["tmp"] / "wd3"
+    run = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert run.returncode == 4, run.stderr
+    report = json.loads(run.stdout)
+    assert [p["status"] for p in report["patches"]] == ["conflict", "not run", "not run"]
+    assert report["patches"][0]["details"][0].startswith("mod.py: conflict markers at lines ")
+    assert report["out_dir"] is None and not (u["tmp"] / "patches" / "eng" / "v3.0").exists()
+    assert "conflicts" in run.stderr and "dspark/rebase-v3.0" in run.stderr
+    text = (wd / "mod.py").read_text()
+    assert "<<<<<<<" in text and ">>>>>>>" in text
+    assert git(u["repo"], "branch", "--list", "dspark/rebase-v3.0")  # the work branch lives in the user's repo
+    assert git(u["repo"], "rev-parse", "--abbrev-ref", "HEAD") == "main"  # their checkout was not touched
+
+    again = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert again.returncode == 2 and "--force" in again.stderr  # never overwrite work in progress silently
+
+    resolved = MOD.replace("return x + 3", "return x + 300  # ours")
+    (wd / "mod.py").write_text(resolved)
+    git(wd, "add", "mod.py")
+    git(wd, "commit", "-q", "-m", "ours: mark f3")
+    done = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--continue")
+    assert done.returncode == 0, done.stderr
+    statuses = [p["status"] for p in json.loads(done.stdout)["patches"]]
+    assert statuses == ["resolved", "clean", "clean"]
+    out = u["tmp"] / "patches" / "eng" / "v3.0"
+    first = series.load_series(out, "dspark")[0]
+    assert "+    return x + 300  # ours" in first.path.read_text()
+
+
+def test_a_tree_that_no_longer_byte_compiles_is_reported_and_not_written(upstream):
+    u = upstream
+    new_upstream(u, {"other.py": "def broken(:\n" + OTHER}, "v4.0")
+    run = dspark(u, "--onto", "v4.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd4"))
+    assert run.returncode == 1
+    report = json.loads(run.stdout)
+    assert report["compile_errors"] and report["compile_errors"][0].startswith("other.py")
+    assert report["out_dir"] is None
+
+
+def test_unknown_pin_and_unknown_onto_are_usage_errors(upstream):
+    u = upstream
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache")}
+    bad_pin = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v9", "--onto", "x",
+                              "--repo", str(u["repo"])], env=env, capture_output=True, text=True)
+    assert bad_pin.returncode == 2 and "v1.0" in bad_pin.stderr
+    bad_onto = dspark(u, "--onto", "no-such-tag", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd5"))
+    assert bad_onto.returncode == 2 and "Traceback" not in bad_onto.stderr
