@@ -1,0 +1,268 @@
+"""The patch-series engine on a throwaway upstream repository, with real git throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import applier, compat
+from dspark_cli.errors import PatchFailed, UsageError
+from test_apply_support import (CORE, dspark_edits, git, isolate_git, make_series, make_upstream,
+                                tree_fingerprint, write_compat)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
+    compat_path = write_compat(tmp_path, upstream, series_dir)
+    return {"root": tmp_path, "upstream": upstream, "series": series_dir, "compat": compat.load(compat_path),
+            "compat_path": compat_path, "workdir": tmp_path / "work"}
+
+
+def run_apply(toy, **options):
+    request = applier.ApplyRequest(engine="toy", workdir=toy["workdir"], **options)
+    return applier.apply(toy["compat"], request)
+
+
+def test_apply_commits_each_patch_on_the_pin_branch(toy):
+    result = run_apply(toy)
+    work = toy["workdir"]
+    assert result["status"] == "applied"
+    assert result["base"] == toy["upstream"]["v1.0"]
+    assert git(work, "symbolic-ref", "HEAD") == "refs/heads/dspark/v1.0"
+    assert git(work, "log", "--format=%s", f"{result['base']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
+    assert git(work, "log", "-1", "--format=%an") == "Test"  # the patch's author is kept
+    body = git(work, "log", "-1", "--format=%B")
+    assert "Dspark-Patch: dspark/0002-dspark-method-and-module.patch" in body
+    assert "Why: dspark: method and module." in body
+    assert "import engine.dspark  # hook" in (work / "engine" / "core.py").read_text()
+    assert (work / "engine" / "dspark.py").read_text() == "ENABLED = True\n"
+    assert git(work, "status", "--porcelain") == ""
+
+
+def test_second_apply_reports_already_applied_and_changes_nothing(toy):
+    run_apply(toy)
+    before = tree_fingerprint(toy["workdir"])
+    state_file = toy["workdir"] / ".git" / "dspark" / "state.json"
+    state_before = state_file.read_bytes()
+    result = run_apply(toy)
+    assert result["status"] == "already applied" and result["new"] == []
+    assert tree_fingerprint(toy["workdir"]) == before
+    assert state_file.read_bytes() == state_before
+
+
+def test_dirty_worktree_is_refused_without_force_and_kept_with_it(toy):
+    run_apply(toy, commit="v1.0")
+    git(toy["workdir"], "checkout", "-q", "--detach", toy["upstream"]["v1.0"])  # leave the branch
+    (toy["workdir"] / "engine" / "config.py").write_text("mine\n")
+    (toy["workdir"] / "notes.txt").write_text("untracked\n")
+    before = tree_fingerprint(toy["workdir"])
+    with pytest.raises(UsageError, match="local change"):
+        run_apply(toy)
+    assert tree_fingerprint(toy["workdir"]) == before
+    result = run_apply(toy, force=True)
+    assert any("git stash pop" in note for note in result["notes"])
+    assert not (toy["workdir"] / "notes.txt").exists()
+    git(toy["workdir"], "checkout", "-q", "--detach", toy["upstream"]["v1.0"])
+    git(toy["workdir"], "stash", "pop")
+    assert (toy["workdir"] / "engine" / "config.py").read_text() == "mine\n"
+    assert (toy["workdir"] / "notes.txt").read_text() == "untracked\n"
+
+
+def test_failing_patch_restores_the_exact_previous_state(toy):
+    """DSpark's series is applied; a team layer's 2nd patch conflicts. With --force over staged
+    and unstaged edits, the failure must give back HEAD, branches, index, stash and every byte."""
+    run_apply(toy)
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: readme", {"README.team": "ours\n"}),
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 11\n", "line eleven\n")}),
+    ])
+    work = toy["workdir"]
+    (work / "engine" / "config.py").write_text("staged edit\n")
+    git(work, "add", "engine/config.py")
+    (work / "engine" / "config.py").write_text("unstaged edit on top\n")
+    (work / "scratch.txt").write_text("untracked\n")
+    before = tree_fingerprint(work)
+    with pytest.raises(PatchFailed) as failure:
+        run_apply(toy, series=(team,), force=True)
+    message = str(failure.value)
+    assert "team/0002-team-conflicting-core-edit.patch" in message
+    assert "file engine/core.py" in message and "hunk #1 (@@ -8,7 +8,7 @@)" in message
+    assert failure.value.exit_code == 4
+    assert tree_fingerprint(work) == before
+    state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
+    assert state["in_progress"] is None
+
+
+def test_layered_series_goes_after_dspark_and_only_new_patches_are_applied(toy):
+    run_apply(toy)
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: telemetry", {"engine/telemetry.py": "ON = 1\n"}),
+    ])
+    result = run_apply(toy, series=(team,))
+    assert result["new"] == ["team/0001-team-telemetry.patch"]
+    assert result["applied"][:2] == ["dspark/0001-dspark-hook-in-core.patch", "dspark/0002-dspark-method-and-module.patch"]
+    assert git(toy["workdir"], "log", "-1", "--format=%s") == "team: telemetry"
+    status = applier.status(toy["workdir"])
+    assert [p["label"] for p in status["applied"]] == result["applied"]
+    assert status["drift"] == []
+
+
+def test_patch_changed_after_apply_is_refused(toy):
+    run_apply(toy)
+    patch = toy["series"] / "0002-dspark-method-and-module.patch"
+    patch.write_text(patch.read_text().replace("ENABLED = True", "ENABLED = False"))
+    with pytest.raises(UsageError, match="does not match the lock"):
+        run_apply(toy)
+    from dspark_cli import series
+    series.write_lock(toy["series"])
+    with pytest.raises(UsageError, match="changed since it was applied"):
+        run_apply(toy)
+    assert any("changed in its series" in line for line in applier.status(toy["workdir"])["drift"])
+
+
+def test_unpinned_commit_is_refused_unless_allowed(toy):
+    with pytest.raises(UsageError, match=r"known pins: v1\.0"):
+        run_apply(toy, commit=toy["upstream"]["v1.1"])
+    assert not toy["workdir"].exists()
+    result = run_apply(toy, commit=toy["upstream"]["v1.1"][:10], allow_unpinned=True)
+    assert result["status"] == "applied" and result["base"] == toy["upstream"]["v1.1"]
+    assert "1 commit(s) ahead of and 0 behind v1.0" in result["drift"][0]
+
+
+def test_short_commit_and_tag_are_checked_against_the_clone(toy, tmp_path):
+    short = write_compat(tmp_path / "short", toy["upstream"], toy["series"], commit=toy["upstream"]["v1.0"][:9]) \
+        if (tmp_path / "short").mkdir() is None else None
+    result = applier.apply(compat.load(short), applier.ApplyRequest(engine="toy", workdir=tmp_path / "w2"))
+    assert result["base"] == toy["upstream"]["v1.0"]
+    git(toy["upstream"]["repo"], "tag", "-f", "v1.0", toy["upstream"]["v1.1"])  # a moved tag
+    with pytest.raises(UsageError, match="tag v1.0 points at"):
+        applier.apply(compat.load(short), applier.ApplyRequest(engine="toy", workdir=tmp_path / "w3"))
+
+
+def test_revert_goes_back_to_base_and_never_loses_user_commits(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    old_tip = git(work, "rev-parse", "HEAD")
+    result = applier.revert(work)
+    assert result["status"] == "reverted" and len(result["removed"]) == 2
+    assert git(work, "rev-parse", "HEAD") == toy["upstream"]["v1.0"]
+    assert git(work, "rev-parse", "refs/dspark/before-revert") == old_tip
+    assert git(work, "status", "--porcelain") == ""
+    assert applier.revert(work)["status"] == "already at base"
+
+    run_apply(toy)
+    (work / "mine.py").write_text("x = 1\n")
+    git(work, "add", "mine.py")
+    git(work, "commit", "-q", "-m", "my own work")
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match="1 commit\\(s\\) of yours"):
+        applier.revert(work)
+    assert tree_fingerprint(work) == before
+    result = applier.revert(work, keep_user_commits=True)
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD") == "my own work"
+    assert (work / "mine.py").exists() and not (work / "engine" / "dspark.py").exists()
+    assert run_apply(toy)["status"] == "applied"  # patches go back on top of the user's commit
+
+
+def test_revert_that_cannot_replay_a_user_commit_changes_nothing(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    (work / "engine" / "dspark.py").write_text("ENABLED = False  # tuned\n")
+    git(work, "commit", "-q", "-am", "tune dspark")
+    before = tree_fingerprint(work)
+    with pytest.raises(PatchFailed, match="does not apply without the patches"):
+        applier.revert(work, keep_user_commits=True)
+    assert tree_fingerprint(work) == before
+
+
+def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
+    """SIGKILL the real CLI right after its first patch commit, then run apply again."""
+    env = {**os.environ, "DSPARK_COMPAT": str(toy["compat_path"]), applier.KILL_AFTER_ENV: "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    killed = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "--workdir", str(toy["workdir"])],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    work = toy["workdir"]
+    state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
+    assert state["in_progress"]["op"] == "apply"
+    assert git(work, "log", "-1", "--format=%s") == "dspark: hook in core"  # half applied
+    assert any("interrupted apply" in line for line in applier.status(work)["drift"])
+
+    result = run_apply(toy)
+    assert any(note.startswith("recovered an interrupted apply") for note in result["notes"])
+    assert result["new"] == ["dspark/0001-dspark-hook-in-core.patch", "dspark/0002-dspark-method-and-module.patch"]
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
+    assert git(work, "status", "--porcelain") == ""
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A real HTTP package index (PEP 691 JSON) on localhost, serving files from `root/files`."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "index"
+    (root / "files").mkdir(parents=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("PIP_INDEX_URL", f"{url}/simple")
+
+    def publish(project: str, path: Path) -> None:
+        (root / "files" / path.name).write_bytes(path.read_bytes())
+        (root / "simple" / project).mkdir(parents=True, exist_ok=True)
+        (root / "simple" / project / "index.html").write_text(json.dumps(
+            {"files": [{"filename": path.name, "url": f"{url}/files/{path.name}"}]}))
+
+    yield publish
+    server.shutdown()
+
+
+def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, local_index):
+    """The PyPI path end to end against a local index: download, sha256, base commit, series."""
+    import tarfile
+
+    from dspark_cli.errors import CheckFailed
+    from dspark_cli.series import sha256_of
+
+    sdist = tmp_path / "toy-engine-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(toy["upstream"]["repo"] / "engine", arcname="toy-engine-1.0/engine")
+    local_index("toy-engine", sdist)
+    digest = sha256_of(sdist)
+    toy["compat_path"].write_text(toy["compat_path"].read_text().replace("releases: []", (
+        "releases:\n          - package: toy-engine\n            version: '1.0'\n"
+        f"            file: toy-engine-1.0.tar.gz\n            sha256: {digest}")))
+    request = applier.ApplyRequest(engine="toy", workdir=tmp_path / "pypi-work", source="pypi")
+    result = applier.apply(compat.load(toy["compat_path"]), request)
+    work = tmp_path / "pypi-work"
+    assert result["status"] == "applied" and result["source"]["file"] == "toy-engine-1.0.tar.gz"
+    assert sha256_of(tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz") == digest
+    message = git(work, "log", "-1", "--format=%B", result["base"])
+    assert f"Dspark-Base-Sha256: {digest}" in message and "toy-engine 1.0" in message
+    assert git(work, "ls-tree", "-r", "--name-only", result["base"]).splitlines() == ["engine/config.py", "engine/core.py"]
+    assert applier.apply(compat.load(toy["compat_path"]), request)["status"] == "already applied"
+
+    (tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz").unlink()
+    sdist.write_bytes(sdist.read_bytes() + b"tampered")
+    local_index("toy-engine", sdist)
+    with pytest.raises(CheckFailed, match="sha256 .* does not match compat.yaml"):
+        applier.apply(compat.load(toy["compat_path"]),
+                      applier.ApplyRequest(engine="toy", workdir=tmp_path / "pypi-2", source="pypi"))
+    assert not (tmp_path / "pypi-2").exists()
+    assert not (tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz").exists()
