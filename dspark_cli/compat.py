@@ -121,8 +121,8 @@ def parse(text: str, path: Path) -> Compat:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise CompatError(f"{path}{line}: not valid YAML: {problem}") from None
-    except ValueError as exc:  # e.g. control characters the reader rejects
-        raise CompatError(f"{path}: not valid YAML: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. characters the reader rejects, absurd nesting
+        raise CompatError(f"{path}: not valid YAML: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return _Validator(path).compat(root)
 
 

