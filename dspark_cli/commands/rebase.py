@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import typer
+import yaml
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
@@ -17,7 +18,7 @@ from dspark_cli.series import load_series
 from dspark_cli.workspace import Workspace
 
 _VERSION = re.compile(r"^v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)$")
-_COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]([0-9a-f]{7,40})['"]""")
+_COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]g?([0-9a-f]{7,40})['"]""")
 
 
 def _sdist_first(pin: compat_mod.Pin) -> compat_mod.ReleaseFile:
@@ -59,7 +60,8 @@ def _render(report: dict) -> None:
     if report["out_dir"]:
         console.print(f"refreshed series written to {report['out_dir']}")
     if report.get("compat_entry"):
-        console.print("compat.yaml entry for the new pin:", report["compat_entry"], highlight=False)
+        entry = yaml.safe_dump({report["new_pin"]: report["compat_entry"]}, sort_keys=False)
+        console.print(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
