@@ -1,0 +1,152 @@
+"""The apply/status/revert/compat/series commands through typer's CliRunner and a real process:
+--help everywhere, --json documents, and the documented exit codes with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dspark_cli.cli import app
+from dspark_cli.errors import DsparkError
+from test_apply_support import CORE, dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MY_COMMANDS = [["apply"], ["status"], ["revert"], ["compat"], ["compat", "lock"], ["series"], ["series", "lock"]]
+
+
+def exit_code(result) -> int:
+    """What `dspark` (cli.main) exits with: DsparkError carries its code, the runner sees it raised."""
+    if isinstance(result.exception, DsparkError):
+        return result.exception.exit_code
+    return result.exit_code
+
+
+def run_real(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=full_env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", MY_COMMANDS, ids=" ".join)
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    if command[-1] != "series":
+        assert "--json" in result.output
+
+
+def test_dspark_help_in_a_real_process():
+    result = run_real("--help")
+    assert result.returncode == 0
+    for name in ("apply", "status", "revert", "compat", "series"):
+        assert name in result.stdout
+
+
+@pytest.fixture
+def toy_env(tmp_path, monkeypatch):
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
+    compat_path = write_compat(tmp_path, upstream, series_dir)
+    monkeypatch.setenv("DSPARK_COMPAT", str(compat_path))
+    return {"root": tmp_path, "upstream": upstream, "series": series_dir, "work": tmp_path / "work"}
+
+
+def test_apply_status_revert_json_round_trip(toy_env):
+    runner = CliRunner()
+    work = str(toy_env["work"])
+    applied = runner.invoke(app, ["apply", "toy", "--workdir", work, "--json"])
+    assert applied.exit_code == 0, applied.output
+    document = json.loads(applied.stdout)
+    assert document["status"] == "applied" and len(document["new"]) == 2
+    assert document["base"] == toy_env["upstream"]["v1.0"]
+
+    again = json.loads(runner.invoke(app, ["apply", "toy", "--workdir", work, "--json"]).stdout)
+    assert again["status"] == "already applied"
+
+    status = json.loads(runner.invoke(app, ["status", "--workdir", work, "--json"]).stdout)
+    assert [p["label"] for p in status["applied"]] == document["applied"]
+    assert status["drift"] == [] and status["build"] == []
+
+    human = runner.invoke(app, ["status", "-C", work])
+    assert "dspark/0001-dspark-hook-in-core.patch" in human.output and "drift      none" in human.output
+
+    reverted = json.loads(runner.invoke(app, ["revert", "--workdir", work, "--json"]).stdout)
+    assert reverted["status"] == "reverted" and reverted["head"] == toy_env["upstream"]["v1.0"]
+
+
+def test_status_shows_a_build_record_when_one_exists(toy_env, tmp_path):
+    runner = CliRunner()
+    runner.invoke(app, ["apply", "toy", "--workdir", str(toy_env["work"])])
+    build = tmp_path / "cache" / "build"
+    build.mkdir(parents=True)
+    (build / "dspark_ops.json").write_text(json.dumps({"ok": True, "arch": "9.0a", "torch": "2.13.0"}))
+    status = json.loads(runner.invoke(app, ["status", "-C", str(toy_env["work"]), "--json"]).stdout)
+    assert status["build"][0]["record"]["arch"] == "9.0a"
+    assert "arch=9.0a" in runner.invoke(app, ["status", "-C", str(toy_env["work"])]).output
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["apply", "nosuch"], 2, "unknown engine 'nosuch'"),
+    (["apply", "toy", "--commit", "v9.9"], 2, "known pins: v1.0"),
+    (["apply", "toy", "--source", "svn"], 2, "--source must be git or pypi"),
+    (["apply", "toy", "--source", "pypi"], 2, "has no release file"),
+    (["status", "--workdir", "/nonexistent"], 2, "is not a dspark workspace"),
+    (["series", "lock", "/nonexistent"], 2, "no such series directory"),
+])
+def test_errors_map_to_documented_exit_codes(toy_env, args, code, text):
+    result = CliRunner().invoke(app, args)
+    assert exit_code(result) == code and text in str(result.exception)
+
+
+def test_conflict_in_a_real_process_exits_4_with_one_line(toy_env):
+    """Exit code 4 and a single stderr line naming patch, file and hunk; the tree is untouched."""
+    team = make_series(toy_env["root"], toy_env["upstream"]["repo"], "team", toy_env["upstream"]["v1.1"], [
+        ("team: edit a line 1.1 changed", {"engine/core.py": CORE.replace("line 25\n", "line 25 (team)\n")}),
+    ])
+    work = str(toy_env["work"])
+    assert run_real("apply", "toy", "--workdir", work).returncode == 0
+    head = git(toy_env["work"], "rev-parse", "HEAD")
+    failed = run_real("apply", "toy", "--workdir", work, "--series", str(team))
+    assert failed.returncode == 4
+    assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr
+    assert "team/0001-team-edit-a-line-1.1-changed.patch did not apply: file engine/core.py, hunk #1" in failed.stderr
+    assert git(toy_env["work"], "rev-parse", "HEAD") == head and git(toy_env["work"], "status", "--porcelain") == ""
+
+
+def test_dirty_tree_in_a_real_process_exits_2(toy_env):
+    work = toy_env["work"]
+    assert run_real("apply", "toy", "--workdir", str(work)).returncode == 0
+    git(work, "checkout", "-q", "--detach", toy_env["upstream"]["v1.0"])
+    (work / "engine" / "core.py").write_text("edited\n")
+    result = run_real("apply", "toy", "--workdir", str(work))
+    assert result.returncode == 2 and "local change" in result.stderr and "--force" in result.stderr
+
+
+def test_series_lock_writes_and_checks(toy_env):
+    runner = CliRunner()
+    series_dir = toy_env["series"]
+    checked = runner.invoke(app, ["series", "lock", str(series_dir), "--check", "--json"])
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["up_to_date"]
+    (series_dir / "0003-extra.patch").write_text((series_dir / "0001-dspark-hook-in-core.patch").read_text())
+    with open(series_dir / "series", "a") as handle:
+        handle.write("0003-extra.patch  # added later\n")
+    stale = runner.invoke(app, ["series", "lock", str(series_dir), "--check"])
+    assert exit_code(stale) == 1 and "out of date" in str(stale.exception)
+    written = runner.invoke(app, ["series", "lock", str(series_dir), "--json"])
+    assert [p["name"] for p in json.loads(written.stdout)["patches"]][-1] == "0003-extra.patch"
+    assert "0003-extra.patch" in (series_dir / "series.lock").read_text()
+    assert run_real("series", "lock", str(series_dir), "--check").returncode == 0
+
+
+def test_compat_json_lists_engines_and_pins():
+    result = CliRunner().invoke(app, ["compat", "--json"], env={"DSPARK_COMPAT": str(REPO_ROOT / "compat.yaml")})
+    document = json.loads(result.stdout)
+    assert document["engines"]["vllm"]["default_pin"] == "v0.32.0"
+    assert document["engines"]["vllm"]["pins"]["v0.32.0"]["releases"][0]["file"] == "vllm-0.32.0.tar.gz"
+    assert "v3.3.7" in document["engines"]["tgi"]["pins"]
