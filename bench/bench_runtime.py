@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 5 on cpu, 20 on cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 1 on cpu, 3 on cuda)")
     parser.add_argument("--only", default="", help="run only pieces whose name contains this text")
+    parser.add_argument("--skip", default="", help="skip pieces whose name contains this text (e.g. seeds)")
     parser.add_argument("--json-out", default="", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         x = make_inputs(R, args.device)
         impl = "cuda op" if cuda and cuda_ops.available(x["U"], x["w1"], x["w2"]) else "torch reference"
         for name, fn in pieces(x, R, args.device).items():
-            if args.only and args.only not in name:
+            if (args.only and args.only not in name) or (args.skip and args.skip in name):
                 continue
             ms = 1e3 * time_call(fn, args.device, warmup, repeats)
             rows.append({"piece": name, "R": R, "median_ms": ms, "impl": impl})
