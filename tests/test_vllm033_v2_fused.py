@@ -182,3 +182,46 @@ def test_round_seeds_differ_by_position_and_by_seed():
     pos = torch.tensor([5, 9, 5], dtype=torch.int64)
     out = v2_fused.round_seeds(seeds, pos)
     assert len(set(out.tolist())) == 3 and bool((out >= 0).all())
+
+
+def _to(obj, device):
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            setattr(obj, name, value.to(device))
+        elif isinstance(value, SimpleNamespace):
+            _to(value, device)
+    return obj
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: vLLM captures the draft step in a CUDA graph")
+def test_hook_is_capturable_in_a_cuda_graph_and_replays_like_eager():
+    """vLLM runs sample_sequential inside the draft step's FULL CUDA graph: capture it, change the
+    inputs in place (new hidden states, seeds, positions, temperatures), replay, compare with eager."""
+    model, num_reqs = make_model(), 4
+    for module in (model.lm_head, model.model.markov_head, model.model.confidence_head.proj):
+        module.to("cuda")
+    spec = _to(make_spec(num_reqs, [3, 1, 0, -1]), "cuda")
+    hidden = torch.randn(MAX_REQS * GAMMA, D, device="cuda")
+    assert v2_fused.sample_sequential(model, spec, num_reqs, hidden)  # eager first call, as vLLM's profile run
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+
+    for trial in range(3):
+        hidden.copy_(torch.randn_like(hidden))
+        spec.seeds.copy_(torch.randint(0, 2**62, (MAX_REQS,), device="cuda"))
+        spec.sample_pos.add_(GAMMA)
+        spec.temperature.copy_(torch.rand(MAX_REQS, device="cuda") + 0.5 * trial)
+        eager = SimpleNamespace(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(spec).items()})
+        graph.replay()
+        assert v2_fused.sample_sequential(model, eager, num_reqs, hidden.clone())
+        torch.cuda.synchronize()
+        assert torch.equal(spec.draft_tokens, eager.draft_tokens)
+        torch.testing.assert_close(spec.draft_logits, eager.draft_logits)
+        torch.testing.assert_close(spec.draft_token_confidence_probs, eager.draft_token_confidence_probs)

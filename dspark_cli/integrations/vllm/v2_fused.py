@@ -145,12 +145,14 @@ def store_by_request_state(cache: torch.Tensor, state: torch.Tensor, valid: torc
     valid row they rewrite slot 0 with its current content. Either way no slot changes wrongly.
     """
     gamma = rows.shape[1]
-    first = torch.argmax(valid.to(torch.int32))  # first True, or 0 when none is
+    # One-element index tensors throughout: indexing by a 0-dim CUDA tensor would read it on the host.
+    first = torch.argmax(valid.to(torch.int32)).view(1)  # first True, or 0 when none is
     slot = state.clamp(min=0)
-    first_slot = slot[first]
-    filler = torch.where(valid[first], rows[first], cache[first_slot, :gamma].to(rows.dtype))
+    first_slot = slot.index_select(0, first)
+    old = cache.index_select(0, first_slot)[:, :gamma].to(rows.dtype)
+    filler = torch.where(valid.index_select(0, first).view(1, 1, 1), rows.index_select(0, first), old)
     target = torch.where(valid, slot, first_slot)
-    values = torch.where(valid[:, None, None], rows, filler.unsqueeze(0))
+    values = torch.where(valid[:, None, None], rows, filler)
     cache[:, :gamma].index_copy_(0, target, values.to(cache.dtype))
 
 
