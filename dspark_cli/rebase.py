@@ -204,8 +204,11 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
     outcomes: list[PatchOutcome] = []
     if resume:
+        earlier = _recorded_statuses(ws, branch, onto)
         for patch, commit in zip(patches, _resumed_commits(ws, onto, branch, len(patches))):
-            outcomes.append(PatchOutcome(patch=patch.name, status=RESOLVED, commit=commit,
+            status = earlier.get(patch.name, RESOLVED)
+            outcomes.append(PatchOutcome(patch=patch.name, status=RESOLVED if status == CONFLICT else status,
+                                         commit=commit,
                                          files=patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))))
     else:
         start_branch(ws, branch, onto, force)
@@ -215,8 +218,31 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
             continue
         outcomes.append(apply_one(ws, patch))
-    return RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
-                        outcomes=outcomes)
+    result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
+                          outcomes=outcomes)
+    _record_statuses(ws, result)
+    return result
+
+
+def _record_file(ws: Workspace) -> Path:
+    return ws.git_dir / "dspark" / "rebase.json"
+
+
+def _record_statuses(ws: Workspace, result: RebaseResult) -> None:
+    """Remember how each patch applied, so --continue reports clean/3-way ones as such."""
+    record = _record_file(ws)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"branch": result.branch, "onto": result.onto,
+                                  "statuses": {o.patch: o.status for o in result.outcomes}}))
+
+
+def _recorded_statuses(ws: Workspace, branch: str, onto: str) -> dict[str, str]:
+    try:
+        data = json.loads(_record_file(ws).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = data.get("branch") == branch and data.get("onto") == ws.resolve_commit(onto)
+    return data.get("statuses", {}) if same else {}
 
 
 def _resumed_commits(ws: Workspace, onto: str, branch: str, num_patches: int) -> list[str]:

@@ -147,6 +147,9 @@ def test_conflict_is_left_for_a_human_then_continue_finishes(upstream):
     assert done.returncode == 0, done.stderr
     statuses = [p["status"] for p in json.loads(done.stdout)["patches"]]
     assert statuses == ["resolved", "clean", "clean"]
+    # The work branch now holds the patches: a second --continue reports how each one got there.
+    again = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--continue", "--force")
+    assert [p["status"] for p in json.loads(again.stdout)["patches"]] == ["resolved", "clean", "clean"]
     out = u["tmp"] / "patches" / "eng" / "v3.0"
     first = series.load_series(out, "dspark")[0]
     assert "+    return x + 300  # ours" in first.path.read_text()
