@@ -46,8 +46,11 @@ def uniform(seeds: torch.Tensor, stream: int, position, index) -> torch.Tensor:
     seeds = seeds.to(torch.int64)
     key0 = (seeds & _MASK32).unsqueeze(1)
     key1 = ((seeds >> 32) & _MASK32).unsqueeze(1)
-    index = torch.as_tensor(index, device=seeds.device, dtype=torch.int64)
-    position = torch.as_tensor(position, device=seeds.device, dtype=torch.int64)
+    # Python ints stay ints: a host->device copy here would break CUDA-graph capture.
+    if not isinstance(index, int):
+        index = torch.as_tensor(index, device=seeds.device, dtype=torch.int64)
+    if not isinstance(position, int):
+        position = torch.as_tensor(position, device=seeds.device, dtype=torch.int64)
     x0, _ = threefry2x32(key0, key1, index & _MASK32, (stream << 16) | (position & 0xFFFF))
     return ((x0 >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
