@@ -12,7 +12,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
-from dspark_cli.runtime import confidence_logits, confidence_probs, markov_chain, survival
+from dspark_cli.runtime import confidence_probs, markov_chain, survival
 
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
@@ -82,8 +82,10 @@ class DSparkProposer(DFlashProposer):
         if not self.adaptive:
             self.stats["scheduled"] += R * gamma
             return tokens
+        # vLLM's DSparkConfidenceHead computes the logit z = w·[h_k ; W1[x_{k-1}]] + b with its own
+        # (possibly repacked) parameters; calibration and survival come from dspark_cli.runtime.
         conf = self.model.model.confidence_head
-        z = confidence_logits(h, draft.prev_emb, conf.proj.weight, conf.proj.bias)
+        z = conf(h.reshape(R * gamma, -1), draft.prev_emb.reshape(R * gamma, -1).to(h.dtype)).view(R, gamma)
         a = survival(confidence_probs(z, self.verify_lengths.settings.sts))
         ell = self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()
         self.stats["scheduled"] += sum(ell)
