@@ -104,13 +104,15 @@ def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
 
 
 def step_stats(run: dict, num_prompts: int) -> dict:
-    """Per request-step averages from one workload run. Every decode step of a request emits
-    accepted + 1 tokens and the prefill emits one, so request-steps = generated − prompts − accepted;
-    verified tokens per step counts the anchor plus the drafts the target actually computed."""
+    """Per request-step averages from one workload run. accepted_length is vLLM's mean acceptance
+    length, 1 + accepted / drafts (a draft = one request-step with ≥ 1 draft token). Every decode
+    step of a request emits accepted + 1 tokens and the prefill one, so request-steps ≈ generated −
+    prompts − accepted (the last step may overshoot max_tokens); verified tokens per step counts
+    the anchor plus the drafts the target actually computed, including steps with ℓ_r = 0."""
     generated = sum(len(o) for o in run["outputs"])
     spec = run["spec"]
-    steps = generated - num_prompts - spec["accepted_tokens"]
+    steps = max(generated - num_prompts - spec["accepted_tokens"], 1)
     return {"request_steps": steps,
-            "accepted_length": (steps + spec["accepted_tokens"]) / steps,
+            "accepted_length": 1 + spec["accepted_tokens"] / max(spec["drafts"], 1),
             "verified_per_step": (steps + spec["draft_tokens"]) / steps,
             "tokens_per_s": run["tokens_per_s"]}
