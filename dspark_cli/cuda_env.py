@@ -1,0 +1,207 @@
+"""What CUDA toolchain, torch and GPU this machine has — shared by `dspark build` and `dspark doctor`.
+
+Every probe returns a small dataclass carrying a `problem` and a fix `hint` instead of raising, so
+doctor can print one line per check and build can refuse with one clear line.
+
+CUDA_HOME is the subtle one: torch guesses it as the parent of the directory holding `nvcc`, and
+when `nvcc` on PATH is a wrapper (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc)
+that guess is /usr/local, which has no libcudart: extension links then fail late and obscurely.
+We ask nvcc itself where its toolkit is (`nvcc -dryrun` prints TOP=...) and check the prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CudaHome:
+    path: Path | None
+    source: str                      # where the answer came from: CUDA_HOME, CUDA_PATH, nvcc, default
+    torch_guess: str | None = None   # what torch.utils.cpp_extension would use
+    problem: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class Nvcc:
+    path: str | None
+    version: str | None              # "13.0"
+    problem: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class TorchInfo:
+    version: str | None              # "2.14.1+cu130"
+    cuda: str | None                 # torch.version.cuda, None for a CPU build
+    problem: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class Gpus:
+    names: list[str] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)   # "9.0"
+    driver: str | None = None
+    problem: str | None = None
+    hint: str | None = None
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def prefix_problem(prefix: Path) -> str | None:
+    """Why `prefix` cannot serve as CUDA_HOME for building extensions, or None if it can."""
+    if not (prefix / "bin" / "nvcc").is_file():
+        return f"{prefix} has no bin/nvcc"
+    if not any((prefix / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "targets/x86_64-linux/lib")):
+        return f"{prefix} has no lib64/libcudart.so (extension links would fail)"
+    if not any((prefix / inc / "cuda_runtime.h").exists() for inc in ("include", "targets/x86_64-linux/include")):
+        return f"{prefix} has no include/cuda_runtime.h"
+    return None
+
+
+def _nvcc_toolkit_root(nvcc: str) -> Path | None:
+    """The toolkit nvcc really belongs to, as nvcc itself reports it (follows wrapper scripts)."""
+    out = _run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull])
+    if out is None:
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    return Path(m.group(1).strip()).resolve() if m else None
+
+
+def torch_cuda_home_guess() -> str | None:
+    """torch's own guess, reproduced without importing torch: env vars, then `which nvcc`/../.."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).parent.parent)
+    return "/usr/local/cuda" if Path("/usr/local/cuda").exists() else None
+
+
+def resolve_cuda_home() -> CudaHome:
+    guess = torch_cuda_home_guess()
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            problem = prefix_problem(Path(value))
+            hint = None
+            if problem:
+                real = _from_nvcc()
+                hint = f"export {var}={real}" if real else f"point {var} at a CUDA toolkit"
+            return CudaHome(Path(value), var, guess, problem, hint)
+    real = _from_nvcc()
+    if real:
+        home = CudaHome(real, "nvcc", guess)
+        if guess and Path(guess).resolve() != real and prefix_problem(Path(guess)):
+            # torch would pick the wrong prefix: we pass ours explicitly when building,
+            # but anything else using torch's cpp_extension on this machine needs the variable.
+            home.problem = f"torch would guess CUDA_HOME={guess}, but {prefix_problem(Path(guess))}"
+            home.hint = f"export CUDA_HOME={real}"
+        return home
+    default = Path("/usr/local/cuda")
+    if default.exists() and not prefix_problem(default):
+        return CudaHome(default, "default", guess)
+    return CudaHome(None, "none", guess, "no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset)",
+                    "install the CUDA toolkit matching torch's CUDA version and set CUDA_HOME")
+
+
+def _from_nvcc() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    root = _nvcc_toolkit_root(nvcc)
+    return root if root and not prefix_problem(root) else None
+
+
+def nvcc_info(home: CudaHome | None = None) -> Nvcc:
+    home = home or resolve_cuda_home()
+    nvcc = str(home.path / "bin" / "nvcc") if home.path and (home.path / "bin" / "nvcc").is_file() \
+        else shutil.which("nvcc")
+    if not nvcc:
+        return Nvcc(None, None, "nvcc not found", "install the CUDA toolkit (nvcc) and put its bin/ on PATH")
+    out = _run([nvcc, "--version"])
+    m = re.search(r"release (\d+\.\d+)", out.stdout if out else "")
+    if not m:
+        return Nvcc(nvcc, None, f"{nvcc} --version did not report a release", "check the CUDA toolkit install")
+    return Nvcc(nvcc, m.group(1))
+
+
+def torch_info() -> TorchInfo:
+    try:
+        import torch
+    except ImportError:
+        return TorchInfo(None, None, "torch is not installed", 'pip install "dspark[build]" (or the torch your engine pins)')
+    return TorchInfo(torch.__version__, torch.version.cuda,
+                     None if torch.version.cuda else "torch is a CPU build (no CUDA)",
+                     None if torch.version.cuda else "install a CUDA build of torch to build or run our kernels")
+
+
+def gpu_info() -> Gpus:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        out = _run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
+        if out and out.returncode == 0 and out.stdout.strip():
+            g = Gpus()
+            for line in out.stdout.strip().splitlines():
+                name, cap, driver = (x.strip() for x in line.split(","))
+                g.names.append(name)
+                g.capabilities.append(cap)
+                g.driver = driver
+            return g
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            g = Gpus()
+            for i in range(torch.cuda.device_count()):
+                g.names.append(torch.cuda.get_device_name(i))
+                major, minor = torch.cuda.get_device_capability(i)
+                g.capabilities.append(f"{major}.{minor}")
+            return g
+    except ImportError:
+        pass
+    return Gpus(problem="no NVIDIA GPU visible (no nvidia-smi, torch sees none)",
+                hint="builds still work with --arch or TORCH_CUDA_ARCH_LIST; kernels need a GPU to run")
+
+
+def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[list[str], str]:
+    """(arch list, where it came from). Hopper gets 9.0a: our kernels use sm_90a-only instructions."""
+    source = "--arch"
+    spec = explicit
+    if not spec and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        spec, source = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
+    if not spec:
+        gpus = gpus or gpu_info()
+        if not gpus.capabilities:
+            return [], "none (no GPU; pass --arch or set TORCH_CUDA_ARCH_LIST)"
+        spec, source = ";".join(sorted(set(gpus.capabilities))), "detected GPU"
+    archs = []
+    for item in re.split(r"[;,\s]+", spec.strip()):
+        if not item:
+            continue
+        item = item.removeprefix("sm_").replace("+PTX", "")
+        if re.fullmatch(r"\d\d\w?", item):          # "90a" -> "9.0a"
+            item = f"{item[0]}.{item[1:]}"
+        if not re.fullmatch(r"\d+\.\d+a?", item):
+            raise ValueError(f"not a CUDA arch: {item!r} (expected e.g. 9.0a, 8.0, sm_90a)")
+        if item == "9.0":
+            item = "9.0a"
+        archs.append(item)
+    return sorted(set(archs)), source
+
+
+def major(version: str | None) -> int | None:
+    return int(version.split(".")[0]) if version else None
