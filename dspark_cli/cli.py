@@ -9,6 +9,9 @@ import typer
 from dspark_cli.errors import EXIT_USAGE, DsparkError
 from dspark_cli.output import err_console
 
+# typer may vendor its own click; take the usage-error class from typer's own exception tree.
+ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
 app = typer.Typer(
@@ -31,17 +34,18 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except DsparkError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except (typer.BadParameter, __import__("click").exceptions.UsageError) as exc:
+    except ClickUsageError as exc:
         err_console.print(f"[red]usage:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""`dspark doctor`: can this machine apply, build and run DSpark? One line per check."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from dspark_cli.errors import EXIT_FAILED
+from dspark_cli.output import console, emit
+
+STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def doctor(
+        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Where trees and builds go (disk check)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
+    ) -> None:
+        """Check Python, git, GPU/driver, nvcc, torch's CUDA, arch list, compiler, ninja, CUDA_HOME,
+        disk and the installed engines. Exit 1 if any check fails (warnings don't)."""
+        from dspark_cli.doctor import FAIL, run_checks
+
+        checks = run_checks(workdir)
+        failed = any(c.status == FAIL for c in checks)
+
+        def render(_):
+            for c in checks:
+                line = f"[{STYLE[c.status]}]{c.status:4}[/] {c.name:14} {escape(str(c.detail))}"
+                if c.hint and c.status != "ok":
+                    line += f"\n     {'':14} → {escape(c.hint)}"
+                console.print(line, highlight=False, soft_wrap=True)
+
+        emit({"ok": not failed, "checks": [asdict(c) for c in checks]}, as_json, render)
+        if failed:
+            raise typer.Exit(EXIT_FAILED)

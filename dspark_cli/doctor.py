@@ -1,0 +1,222 @@
+"""`dspark doctor`: one check per line — ok / warn / fail with a fix hint.
+
+Checks are plain functions returning Check records; none raises, so doctor always finishes (a
+machine without a GPU gets warnings, not a crash). Only `fail` makes the exit code 1.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import platform
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from dspark_cli import cuda_env
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+MIN_FREE_GB = 20  # a vLLM tree + wheel cache + build cache
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    hint: str | None = None
+
+
+def check_python() -> Check:
+    v = platform.python_version()
+    if sys.version_info < (3, 10):
+        return Check("python", FAIL, v, "use Python 3.10 or newer")
+    return Check("python", OK, f"{v} ({sys.executable})")
+
+
+def check_git() -> Check:
+    git = shutil.which("git")
+    if not git:
+        return Check("git", FAIL, "not found", "install git (apply, status, revert and rebase need it)")
+    out = cuda_env._run([git, "--version"])
+    return Check("git", OK, out.stdout.strip() if out else git)
+
+
+def check_gpu(gpus: cuda_env.Gpus) -> Check:
+    if gpus.problem:
+        return Check("gpu", WARN, gpus.problem, gpus.hint)
+    driver = f", driver {gpus.driver}" if gpus.driver else ""
+    return Check("gpu", OK, ", ".join(f"{n} (sm {c})" for n, c in zip(gpus.names, gpus.capabilities)) + driver)
+
+
+def check_nvcc(nvcc: cuda_env.Nvcc) -> Check:
+    if nvcc.problem:
+        return Check("cuda toolkit", FAIL, nvcc.problem, nvcc.hint)
+    return Check("cuda toolkit", OK, f"nvcc {nvcc.version} ({nvcc.path})")
+
+
+def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc) -> Check:
+    if torch.version is None:
+        return Check("torch", WARN, torch.problem, torch.hint)
+    if torch.cuda is None:
+        return Check("torch", WARN, f"{torch.version}: {torch.problem}", torch.hint)
+    detail = f"{torch.version}, built for CUDA {torch.cuda}"
+    if nvcc.version:
+        if cuda_env.major(nvcc.version) != cuda_env.major(torch.cuda):
+            return Check("torch", FAIL, f"{detail}; nvcc is {nvcc.version} (major versions differ)",
+                         f"install the CUDA {torch.cuda} toolkit, or a torch built for CUDA {nvcc.version}")
+        if nvcc.version != torch.cuda:
+            return Check("torch", WARN, f"{detail}; nvcc is {nvcc.version} (minor versions differ)",
+                         "usually fine; match them if the build fails")
+        detail += "; matches nvcc"
+    return Check("torch", OK, detail)
+
+
+def check_arch(gpus: cuda_env.Gpus) -> Check:
+    try:
+        archs, source = cuda_env.arch_list(gpus=gpus)
+    except ValueError as exc:
+        return Check("arch list", FAIL, str(exc), "fix TORCH_CUDA_ARCH_LIST (e.g. 9.0a)")
+    if not archs:
+        return Check("arch list", WARN, source, "dspark build --arch 9.0a (Hopper) or set TORCH_CUDA_ARCH_LIST")
+    return Check("arch list", OK, f"{';'.join(archs)} ({source})")
+
+
+def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return Check("c++ compiler", FAIL, "no c++/g++ on PATH", "install g++ (Debian/Ubuntu: build-essential)")
+    out = cuda_env._run([cxx, "-dumpfullversion", "-dumpversion"])
+    version = out.stdout.strip() if out else "?"
+    # nvcc 12.x/13.x accept GCC up to 13/14/15; older host compilers than 9 are refused.
+    try:
+        gcc_major = int(version.split(".")[0])
+    except ValueError:
+        return Check("c++ compiler", WARN, f"{cxx}: version {version!r} not understood")
+    limit = {12: 13, 13: 15}.get(cuda_env.major(nvcc.version) or 0)
+    if gcc_major < 9 or (limit and gcc_major > limit):
+        return Check("c++ compiler", FAIL, f"{cxx} {version} is not accepted by nvcc {nvcc.version}",
+                     f"install a GCC between 9 and {limit or 'the newest nvcc supports'} and set CXX")
+    return Check("c++ compiler", OK, f"{cxx} {version}")
+
+
+def check_ninja() -> Check:
+    ninja = shutil.which("ninja")
+    if ninja:
+        out = cuda_env._run([ninja, "--version"])
+        return Check("ninja", OK, f"{out.stdout.strip() if out else '?'} ({ninja})")
+    return Check("ninja", WARN, "not found", 'pip install ninja (or "dspark[build]"): builds are much slower without')
+
+
+def check_cuda_home(home: cuda_env.CudaHome) -> Check:
+    if home.path is None:
+        return Check("CUDA_HOME", FAIL, home.problem, home.hint)
+    detail = f"{home.path} (from {home.source})"
+    if home.problem:
+        status = FAIL if home.source in ("CUDA_HOME", "CUDA_PATH") else WARN
+        return Check("CUDA_HOME", status, f"{detail}: {home.problem}", home.hint)
+    return Check("CUDA_HOME", OK, detail)
+
+
+def check_disk(path: Path) -> Check:
+    usage = shutil.disk_usage(path)
+    free_gb = usage.free / 2**30
+    detail = f"{free_gb:.1f} GiB free at {path}"
+    if free_gb < MIN_FREE_GB:
+        return Check("disk", WARN, detail, f"a vLLM tree, its release file and builds want about {MIN_FREE_GB} GiB")
+    return Check("disk", OK, detail)
+
+
+def patch_marker(module: str) -> dict | None:
+    """SERIES/PATCHES from <module>/_dspark.py, found without importing the engine (vLLM is slow to import)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        marker = Path(location) / "_dspark.py"
+        if marker.is_file():
+            values = {}
+            for node in ast.parse(marker.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        pass
+            return values
+    return {}
+
+
+def check_engine(engine) -> Check:
+    installed = []
+    for dist in engine.distributions:
+        try:
+            installed.append((dist, importlib.metadata.version(dist)))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    name = f"engine {engine.name}"
+    if not installed:
+        return Check(name, OK, "not installed in this environment",
+                     f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
+    dist, version = installed[0]
+    pinned = any(_same_release(version, p) for p in engine.pins.values())
+    marker = patch_marker(engine.module)
+    if not marker:
+        return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
+                     f"dspark apply {engine.name} --commit <pin> and install the patched tree")
+    detail = f"{dist} {version}, patched with {marker.get('SERIES', '?')} ({len(marker.get('PATCHES', []))} patches)"
+    if not pinned:
+        return Check(name, WARN, detail + "; this version is not pinned in compat.yaml", "dspark compat")
+    return Check(name, OK, detail)
+
+
+def _same_release(version: str, pin) -> bool:
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    return any(Version(r.version).release == v.release for r in pin.releases) or pin.name.lstrip("v") == \
+        ".".join(map(str, v.release))
+
+
+def check_engine_torch(engine, torch: cuda_env.TorchInfo) -> list[Check]:
+    """An installed engine's pin asks for a torch range; say so when this torch falls outside."""
+    out = []
+    for dist in engine.distributions:
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for pin in engine.pins.values():
+            if _same_release(version, pin) and torch.version:
+                base = re.sub(r"\+.*$", "", torch.version)
+                if base not in SpecifierSet(pin.torch):
+                    out.append(Check(f"engine {engine.name} torch", WARN,
+                                     f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
+                                     f"pip install 'torch{pin.torch}'"))
+        break
+    return out
+
+
+def run_checks(workdir: Path | None = None) -> list[Check]:
+    home = cuda_env.resolve_cuda_home()
+    nvcc = cuda_env.nvcc_info(home)
+    torch = cuda_env.torch_info()
+    gpus = cuda_env.gpu_info()
+    checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
+              check_arch(gpus), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
+              check_disk(workdir or Path.cwd())]
+    try:
+        from dspark_cli.compat import load as load_compat
+
+        for engine in load_compat().engines.values():
+            checks.append(check_engine(engine))
+            checks += check_engine_torch(engine, torch)
+    except Exception as exc:  # noqa: BLE001 - a broken compat.yaml is one failed check, not a crash
+        checks.append(Check("compat.yaml", FAIL, str(exc), "dspark compat shows the problem"))
+    return checks
