@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 import shutil
@@ -20,6 +21,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from dspark_cli import cuda_env
+from dspark_cli.errors import DsparkError
+from dspark_cli.series import read_series
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_GB = 20  # a vLLM tree + wheel cache + build cache
@@ -88,22 +91,29 @@ def check_arch(gpus: cuda_env.Gpus) -> Check:
     return Check("arch list", OK, f"{';'.join(archs)} ({source})")
 
 
+def host_compiler() -> str | None:
+    """The C++ compiler extension builds use: $CXX as torch's cpp_extension does, else c++ on PATH."""
+    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
+
+
 def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
-    cxx = shutil.which("c++") or shutil.which("g++")
+    cxx = host_compiler()
     if not cxx:
-        return Check("c++ compiler", FAIL, "no c++/g++ on PATH", "install g++ (Debian/Ubuntu: build-essential)")
+        return Check("c++ compiler", FAIL, "no c++/g++ on PATH (nor $CXX)", "install g++ (Debian/Ubuntu: build-essential)")
     out = cuda_env._run([cxx, "-dumpfullversion", "-dumpversion"])
-    version = out.stdout.strip() if out else "?"
-    # nvcc 12.x/13.x accept GCC up to 13/14/15; older host compilers than 9 are refused.
-    try:
-        gcc_major = int(version.split(".")[0])
-    except ValueError:
-        return Check("c++ compiler", WARN, f"{cxx}: version {version!r} not understood")
-    limit = {12: 13, 13: 15}.get(cuda_env.major(nvcc.version) or 0)
-    if gcc_major < 9 or (limit and gcc_major > limit):
-        return Check("c++ compiler", FAIL, f"{cxx} {version} is not accepted by nvcc {nvcc.version}",
-                     f"install a GCC between 9 and {limit or 'the newest nvcc supports'} and set CXX")
-    return Check("c++ compiler", OK, f"{cxx} {version}")
+    detail = f"{cxx} {out.stdout.strip() if out and out.returncode == 0 else '(version unknown)'}"
+    if not nvcc.path:
+        return Check("c++ compiler", OK, f"{detail}; not checked against nvcc (no nvcc)")
+    # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
+    # preprocessing an empty .cu file with -ccbin runs exactly that check (~0.1 s).
+    probe = cuda_env._run([nvcc.path, "-ccbin", cxx, "-E", "-x", "cu", os.devnull, "-o", os.devnull])
+    if probe is None or probe.returncode != 0:
+        text = (probe.stdout + probe.stderr) if probe else "nvcc did not run"
+        reason = next((l.split("#error", 1)[1].strip(" -") for l in text.splitlines() if "#error" in l),
+                      text.strip().splitlines()[-1] if text.strip() else "unknown error")
+        return Check("c++ compiler", FAIL, f"{detail} is refused by nvcc {nvcc.version}: {reason[:200]}",
+                     "install a host compiler this nvcc supports and set CXX (and CC) to it")
+    return Check("c++ compiler", OK, f"{detail}; accepted by nvcc {nvcc.version}")
 
 
 def check_ninja() -> Check:
@@ -124,13 +134,20 @@ def check_cuda_home(home: cuda_env.CudaHome) -> Check:
     return Check("CUDA_HOME", OK, detail)
 
 
-def check_disk(path: Path) -> Check:
-    usage = shutil.disk_usage(path)
-    free_gb = usage.free / 2**30
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
+
+
+def check_disk(name: str, path: Path) -> Check:
+    """Free space where `path` will live (its nearest existing parent: the workdir may not exist yet)."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free_gb = shutil.disk_usage(existing).free / 2**30
     detail = f"{free_gb:.1f} GiB free at {path}"
     if free_gb < MIN_FREE_GB:
-        return Check("disk", WARN, detail, f"a vLLM tree, its release file and builds want about {MIN_FREE_GB} GiB")
-    return Check("disk", OK, detail)
+        return Check(name, WARN, detail, f"a vLLM tree, its release file and builds want about {MIN_FREE_GB} GiB")
+    return Check(name, OK, detail)
 
 
 def patch_marker(module: str) -> dict | None:
@@ -153,6 +170,7 @@ def patch_marker(module: str) -> dict | None:
 
 
 def check_engine(engine) -> Check:
+    """Installed here (importlib.metadata), at which version, and with which of our patches (the marker)."""
     installed = []
     for dist in engine.distributions:
         try:
@@ -164,15 +182,37 @@ def check_engine(engine) -> Check:
         return Check(name, OK, "not installed in this environment",
                      f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
     dist, version = installed[0]
-    pinned = any(_same_release(version, p) for p in engine.pins.values())
+    pin = next((p for p in engine.pins.values() if _same_release(version, p)), None)
     marker = patch_marker(engine.module)
     if not marker:
         return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
-                     f"dspark apply {engine.name} --commit <pin> and install the patched tree")
-    detail = f"{dist} {version}, patched with {marker.get('SERIES', '?')} ({len(marker.get('PATCHES', []))} patches)"
-    if not pinned:
-        return Check(name, WARN, detail + "; this version is not pinned in compat.yaml", "dspark compat")
-    return Check(name, OK, detail)
+                     f"dspark apply {engine.name} --commit {pin.name if pin else '<pin>'} and install the patched tree")
+    series, patches = marker.get("SERIES", "?"), list(marker.get("PATCHES", []))
+    detail = f"{dist} {version}, patched with {series} ({len(patches)} patches)"
+    if pin is None:
+        return Check(name, WARN, f"{detail}; {version} is not pinned in compat.yaml", "dspark compat lists the pins")
+    if series != f"{engine.name}/{pin.name}":
+        return Check(name, FAIL, f"{detail}, but {version} is pin {pin.name}: the series is for another release",
+                     f"dspark apply {engine.name} --commit {pin.name} and reinstall the tree")
+    drift = _series_drift(pin, patches)
+    if drift:
+        return Check(name, WARN, f"{detail}; {drift}",
+                     f"dspark apply {engine.name} --commit {pin.name} and reinstall the tree")
+    return Check(name, OK, f"{detail}; matches {pin.patches.name}/series")
+
+
+def _series_drift(pin, installed: list[str]) -> str | None:
+    """How the installed patch list differs from the series this checkout would apply now."""
+    try:
+        current = read_series(pin.patches)
+    except DsparkError as exc:
+        return f"cannot read the current series ({exc})"
+    missing = [n for n in current if n not in installed]
+    extra = [n for n in installed if n not in current]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"not in the series now: {', '.join(extra)}"] if extra else [])
+        return "older series than this checkout's: " + "; ".join(parts)
+    return None
 
 
 def _same_release(version: str, pin) -> bool:
@@ -210,7 +250,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     gpus = cuda_env.gpu_info()
     checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
               check_arch(gpus), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
-              check_disk(workdir or Path.cwd())]
+              check_disk("disk (workdir)", workdir or Path.cwd()), check_disk("disk (cache)", cache_dir())]
     try:
         from dspark_cli.compat import load as load_compat
 

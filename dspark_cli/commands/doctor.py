@@ -29,10 +29,11 @@ def register(app: typer.Typer) -> None:
         failed = any(c.status == FAIL for c in checks)
 
         def render(_):
+            width = max(len(c.name) for c in checks)
             for c in checks:
-                line = f"[{STYLE[c.status]}]{c.status:4}[/] {c.name:14} {escape(str(c.detail))}"
+                line = f"[{STYLE[c.status]}]{c.status:4}[/] {escape(c.name):{width}} {escape(str(c.detail))}"
                 if c.hint and c.status != "ok":
-                    line += f"\n     {'':14} → {escape(c.hint)}"
+                    line += f"\n     {'':{width}} → {escape(c.hint)}"
                 console.print(line, highlight=False, soft_wrap=True)
 
         emit({"ok": not failed, "checks": [asdict(c) for c in checks]}, as_json, render)
