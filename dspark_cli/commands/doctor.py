@@ -21,8 +21,10 @@ def register(app: typer.Typer) -> None:
         workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Where trees and builds go (disk check)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
     ) -> None:
-        """Check Python, git, GPU/driver, nvcc, torch's CUDA, arch list, compiler, ninja, CUDA_HOME,
-        disk and the installed engines. Exit 1 if any check fails (warnings don't)."""
+        """Check Python, git, GPU, nvcc, torch, arch list, compiler, ninja, CUDA_HOME, disk, engines.
+
+        One line per check: ok / warn / fail with a fix hint. Exit 1 if any check fails, 0 otherwise.
+        """
         from dspark_cli.doctor import FAIL, run_checks
 
         checks = run_checks(workdir)
