@@ -1,6 +1,78 @@
-"""Dispatch to our CUDA extension (csrc/). Until the extension is built and loaded, every op
-reports itself unavailable and callers use the torch reference."""
+"""Dispatch to our CUDA extension (csrc/, built by `dspark build`).
+
+The extension is found through $DSPARK_OPS_LIB or the last successful build recorded in
+$DSPARK_CACHE/build/last.json, and loaded once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False))
+keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
+Each op returns NotImplemented for cases it does not cover; the torch reference then runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+_state = {"tried": False, "loaded": None, "error": None, "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
+
+
+def library_path() -> Path | None:
+    explicit = os.environ.get("DSPARK_OPS_LIB")
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
+    try:
+        last = json.loads((cache / "build" / "last.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Path(last["path"]) if last.get("status") in ("built", "cached") else None
+
+
+def load(path: str | Path | None = None) -> str | None:
+    """Load the extension (once); returns the loaded path or None. load_error() says why not."""
+    if _state["loaded"] or (_state["tried"] and path is None):
+        return _state["loaded"]
+    _state["tried"] = True
+    lib = Path(path) if path else library_path()
+    if lib is None or not lib.is_file():
+        _state["error"] = f"no built extension ({lib or 'run dspark build'})"
+        return None
+    try:
+        torch.ops.load_library(str(lib))
+    except OSError as exc:
+        _state["error"] = f"{lib}: {exc}"
+        return None
+    _state["loaded"] = str(lib)
+    return _state["loaded"]
+
+
+def load_error() -> str | None:
+    return _state["error"]
+
+
+def set_enabled(enabled: bool) -> None:
+    _state["enabled"] = enabled
 
 
 def available(*tensors) -> bool:
-    return False
+    if not _state["enabled"] or not all(t.is_cuda for t in tensors):
+        return False
+    return load() is not None
+
+
+def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None, generator=None,
+                 return_q=True):
+    """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, no top-k/top-p,
+    w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes."""
+    from dspark_cli.runtime.markov import DraftSource, MarkovDraft
+
+    if top_k is not None or top_p is not None or seeds is None or w1.dtype != w2.dtype:
+        return NotImplemented
+    if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
+        return NotImplemented
+    temperature = temperature.to(torch.float32).contiguous()
+    tokens, q_token, q, prev_emb = torch.ops.dspark.markov_chain(
+        U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
+        seeds.contiguous(), return_q)
+    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None)
+    return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source)

@@ -1,0 +1,265 @@
+// Markov-chain drafting on the GPU (docs/kernels.md): all γ steps from one host call, no host sync.
+//
+// Per step k:
+//   1. bias = W1[x_{k-1}] · W2ᵀ           cuBLAS GEMM (bf16/fp16/fp32 in, fp32 out; W2 read once
+//                                          for all R requests), written to an fp32 scratch [R, V]
+//   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key
+//      x - log(E_v) with E_v from the counter-based Threefry stream (or the raw logit for greedy)
+//   3. per-request reduction of the split partials: token, q_k(x_k), row max and log-sum-exp,
+//      and the W1 gather of the new token for step k+1 (prev_emb)
+//   4. (return_q only) q_k rows = exp(x - max) / sum
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "threefry.cuh"
+
+namespace dspark {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kGreedyBelow = 1e-5f;  // sampling.GREEDY_BELOW
+constexpr int kStreamDraft = 0;        // rng.STREAM_DRAFT
+
+struct Partial {
+  float max;   // running max of x over the slice
+  float sum;   // sum of exp(x - max)
+  float key;   // best race key
+  float x;     // x at the best key
+  int idx;     // vocab id of the best key
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ bool better(float key, int idx, float best_key, int best_idx) {
+  return key > best_key || (key == best_key && idx < best_idx);  // ties: lowest index, as argmax
+}
+
+__device__ __forceinline__ Partial combine(Partial a, Partial b) {
+  Partial out;
+  out.max = fmaxf(a.max, b.max);
+  out.sum = (a.sum == 0.f ? 0.f : a.sum * __expf(a.max - out.max)) +
+            (b.sum == 0.f ? 0.f : b.sum * __expf(b.max - out.max));
+  const bool take_b = better(b.key, b.idx, a.key, a.idx);
+  out.key = take_b ? b.key : a.key;
+  out.x = take_b ? b.x : a.x;
+  out.idx = take_b ? b.idx : a.idx;
+  return out;
+}
+
+__device__ __forceinline__ Partial warp_combine(Partial p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Partial o;
+    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
+    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
+    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
+    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
+    p = combine(p, o);
+  }
+  return p;
+}
+
+__device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
+
+// Step 2: grid (splits, R). The slice [start, end) of request r's row.
+template <typename UT>
+__global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
+                                  const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
+                                  Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
+  const int r = blockIdx.y;
+  const int start = blockIdx.x * slice;
+  const int end = min(V, start + slice);
+  const float T = temperature[r];
+  const bool greedy = T < kGreedyBelow;
+  const float scale = greedy ? 1.f : T;
+  const int64_t seed = seeds[r];
+  const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
+  const float* b_row = bias + static_cast<int64_t>(r) * V;
+
+  Partial p = empty_partial();
+  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+    const float x = (to_float(u_row[v]) + b_row[v]) / scale;
+    if (x > p.max) {
+      p.sum = p.sum * __expf(p.max - x) + 1.f;
+      p.max = x;
+    } else {
+      p.sum += __expf(x - p.max);
+    }
+    // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x).
+    const float key = greedy ? x : x - logf(-logf(counter_uniform(seed, kStreamDraft, k, v)));
+    if (better(key, v, p.key, p.idx)) {
+      p.key = key;
+      p.x = x;
+      p.idx = v;
+    }
+  }
+  p = warp_combine(p);
+  __shared__ Partial warp_partials[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_partials[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < blockDim.x / 32 ? warp_partials[lane] : empty_partial();
+    p = warp_combine(p);
+    if (lane == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
+  }
+}
+
+// Step 3: one block per request.
+template <typename WT>
+__global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
+                              const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
+                              float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
+                              int k, int gamma) {
+  const int r = blockIdx.x;
+  __shared__ int token_s;
+  if (threadIdx.x < 32) {
+    Partial p = empty_partial();
+    for (int i = threadIdx.x; i < splits; i += 32) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
+    p = warp_combine(p);
+    if (threadIdx.x == 0) {
+      const bool greedy = temperature[r] < kGreedyBelow;
+      tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
+      q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
+      row_stats[2 * r] = p.max;
+      row_stats[2 * r + 1] = p.sum;
+      token_s = p.idx;
+    }
+  }
+  __syncthreads();
+  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
+    const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
+    WT* dst = prev_emb + (static_cast<int64_t>(r) * gamma + k + 1) * rank;
+    for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
+  }
+}
+
+template <typename WT, typename IT>
+__global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
+                                     WT* __restrict__ prev_emb) {
+  const int r = blockIdx.x;
+  const WT* src = w1 + static_cast<int64_t>(anchors[r]) * rank;
+  WT* dst = prev_emb + static_cast<int64_t>(r) * gamma * rank;
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
+}
+
+// Step 4: q rows, grid (splits, R).
+template <typename UT>
+__global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
+                              const float* __restrict__ temperature, const float* __restrict__ row_stats,
+                              const int64_t* __restrict__ tokens, float* __restrict__ q, int k, int gamma, int V,
+                              int slice) {
+  const int r = blockIdx.y;
+  const int start = blockIdx.x * slice;
+  const int end = min(V, start + slice);
+  const float T = temperature[r];
+  const bool greedy = T < kGreedyBelow;
+  const float m = row_stats[2 * r], s = row_stats[2 * r + 1];
+  const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
+  const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
+  const float* b_row = bias + static_cast<int64_t>(r) * V;
+  float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
+  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+    q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf((to_float(u_row[v]) + b_row[v]) / T - m) / s;
+  }
+}
+
+cudaDataType_t cublas_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
+
+// bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]).
+void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
+  const int V = w2.size(0), rank = w2.size(1);
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const float alpha = 1.f, beta = 0.f;
+  const cudaDataType_t t = cublas_type(w2.scalar_type());
+  // Column-major view: biasᵀ [V, R] = W2 (stored [r, V] col-major, transposed) · Hᵀ ([r, R] col-major).
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, V, R, rank, &alpha, w2.data_ptr(), t, rank, h,
+                                    t, static_cast<int>(ldh), &beta, bias.data_ptr<float>(), CUDA_R_32F, V,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+int choose_splits(int R, int V) {
+  // Enough blocks to fill 132 SMs several times over, slices of at least 1024 vocab entries.
+  const int want = (4 * 132 + R - 1) / R;
+  const int most = (V + 1023) / 1024;
+  return std::max(1, std::min(want, most));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+    const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
+  TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
+  TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous(),
+              "dspark::markov_chain: w1 and w2 must be contiguous with one dtype");
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat && seeds.scalar_type() == at::kLong,
+              "dspark::markov_chain: temperature must be fp32 and seeds int64");
+  const c10::cuda::CUDAGuard guard(U.device());
+  const int R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto f32 = U.options().dtype(at::kFloat);
+
+  auto tokens = at::empty({R, gamma}, U.options().dtype(at::kLong));
+  auto q_token = at::empty({R, gamma}, f32);
+  auto q = return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32);
+  auto prev_emb = at::empty({R, gamma, rank}, w1.options());
+  auto bias = at::empty({R, V}, f32);
+  const int splits = choose_splits(R, V);
+  const int slice = (V + splits - 1) / splits;
+  auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
+                            U.options().dtype(at::kByte));
+  auto row_stats = at::empty({R, 2}, f32);
+  auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
+    using WT = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
+                                  std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, scalar_t>>;
+    const WT* w1p = reinterpret_cast<const WT*>(w1.data_ptr());
+    WT* embp = reinterpret_cast<WT*>(prev_emb.data_ptr());
+    if (anchors.scalar_type() == at::kLong)
+      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int64_t>(), rank, gamma, embp);
+    else
+      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int32_t>(), rank, gamma, embp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_markov_u", [&] {
+      using UT = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, scalar_t>>;
+      const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
+      const dim3 grid(splits, R);
+      for (int k = 0; k < gamma; ++k) {
+        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, static_cast<int64_t>(gamma) * rank, R, bias);
+        split_pass_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature.data_ptr<float>(),
+                                                             seeds.data_ptr<int64_t>(), parts, k, gamma, V, slice);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        reduce_kernel<WT><<<R, 256, 0, stream>>>(parts, splits, temperature.data_ptr<float>(), w1p, rank,
+                                                 tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
+                                                 row_stats.data_ptr<float>(), embp, k, gamma);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (return_q) {
+          q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature.data_ptr<float>(),
+                                                           row_stats.data_ptr<float>(), tokens.data_ptr<int64_t>(),
+                                                           q.data_ptr<float>(), k, gamma, V, slice);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  });
+  return {tokens, q_token, q, prev_emb};
+}
+
+}  // namespace dspark

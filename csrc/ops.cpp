@@ -1,0 +1,32 @@
+// The one registration point of our torch ops: TORCH_LIBRARY(dspark) with CUDA kernels and Meta
+// (fake) implementations, so the ops trace under torch.compile and capture in CUDA graphs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace dspark {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+    const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q);
+
+// Shapes only: what markov_chain_cuda allocates.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
+    const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
+  const auto R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
+  auto f32 = U.options().dtype(at::kFloat);
+  return {at::empty({R, gamma}, U.options().dtype(at::kLong)), at::empty({R, gamma}, f32),
+          return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32), at::empty({R, gamma, rank}, w1.options())};
+}
+
+}  // namespace dspark
+
+TORCH_LIBRARY(dspark, m) {
+  m.def(
+      "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
+      "bool return_q) -> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb)");
+}
+
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) { m.impl("markov_chain", &dspark::markov_chain_cuda); }
+
+TORCH_LIBRARY_IMPL(dspark, Meta, m) { m.impl("markov_chain", &dspark::markov_chain_meta); }

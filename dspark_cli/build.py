@@ -1,0 +1,161 @@
+"""Build and load our CUDA extension (csrc/) with torch.utils.cpp_extension and ninja.
+
+Builds go to $DSPARK_CACHE/build/<key> (DSPARK_CACHE defaults to ~/.cache/dspark), keyed by torch
+version, CUDA version, arch list and a hash of csrc/, so an unchanged rebuild only finds the .so.
+No typer/rich here: the GPU machine builds through `python -c` with PYTHONPATH=. alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dspark_cli import cuda_env
+from dspark_cli.errors import EnvironmentProblem, UsageError
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+LIB_NAME = "dspark_ops"
+SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark") / "build"
+
+
+def source_files() -> list[Path]:
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in SOURCE_SUFFIXES)
+    if not files:
+        raise EnvironmentProblem(f"no CUDA sources in {CSRC} (is this a full checkout?)")
+    return files
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for p in source_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class BuildPlan:
+    torch_version: str
+    torch_cuda: str
+    nvcc_version: str
+    cuda_home: str
+    archs: list[str]
+    arch_source: str
+    key: str
+
+    @property
+    def directory(self) -> Path:
+        return cache_root() / self.key
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{LIB_NAME}.so"
+
+
+def plan(arch: str | None = None) -> BuildPlan:
+    """Check the toolchain and work out where the build goes; one clear line on any problem."""
+    torch = cuda_env.torch_info()
+    if torch.problem:
+        raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
+    home = cuda_env.resolve_cuda_home()
+    if home.path is None or (home.problem and home.source != "nvcc"):
+        raise EnvironmentProblem(f"CUDA_HOME: {home.problem}; {home.hint}")
+    nvcc = cuda_env.nvcc_info(home)
+    if nvcc.problem:
+        raise EnvironmentProblem(f"{nvcc.problem}; {nvcc.hint}")
+    if cuda_env.major(nvcc.version) != cuda_env.major(torch.cuda):
+        raise EnvironmentProblem(
+            f"nvcc is CUDA {nvcc.version} but torch {torch.version} was built for CUDA {torch.cuda}: "
+            f"install the CUDA {cuda_env.major(torch.cuda)}.x toolkit or a torch built for CUDA {nvcc.version}")
+    try:
+        archs, arch_source = cuda_env.arch_list(arch)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not archs:
+        raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
+    raw = json.dumps([torch.version, nvcc.version, archs, source_hash()])
+    key = f"torch{torch.version}-cu{nvcc.version}-{'_'.join(archs)}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+    return BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
+
+
+@dataclass
+class BuildResult:
+    status: str          # "built" | "cached"
+    path: str
+    key: str
+    seconds: float
+    archs: list[str]
+
+
+def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False) -> BuildResult:
+    """Compile csrc/ into the cache (or find it there) and record it in last.json."""
+    started = time.monotonic()
+    p = plan(arch)
+    if p.library.is_file() and not force:
+        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
+    p.directory.mkdir(parents=True, exist_ok=True)
+    env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
+    if jobs:
+        env["MAX_JOBS"] = str(jobs)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # torch.utils.cpp_extension reads these from the environment
+    try:
+        import torch.utils.cpp_extension as ext
+
+        ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
+        includes, cublas = _cuda_library_paths(Path(p.cuda_home))
+        ext.load(name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
+                 build_directory=str(p.directory), extra_cflags=["-O3"],
+                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+                 extra_include_paths=includes, extra_ldflags=[cublas],
+                 is_python_module=False, verbose=verbose)
+    except Exception as exc:  # compiler errors are long; the log stays in the build directory
+        _record(BuildResult("failed", str(p.directory), p.key, time.monotonic() - started, p.archs))
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise EnvironmentProblem(f"build failed in {p.directory}: {first} (rerun with --verbose)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs))
+
+
+def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:
+    """(extra include dirs, libcublas to link). A bare toolkit (nvcc + cudart, as in CI) has no
+    cublas_v2.h or cusparse.h, which torch's CUDA headers need: take them from the CUDA libraries
+    torch's wheel brings (site-packages/nvidia/cu13/...). At run time the soname resolves to the
+    libcublas torch has already loaded."""
+    import torch
+
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    includes = [] if (cuda_home / "include" / "cublas_v2.h").is_file() else \
+        sorted(str(d) for d in nvidia.glob("*/include") if (d / "cublas_v2.h").is_file())
+    candidates = [cuda_home / "lib64" / "libcublas.so", *sorted(nvidia.glob("*/lib/libcublas.so*"))]
+    cublas = next((c for c in candidates if c.is_file()), None)
+    if cublas is None:
+        raise EnvironmentProblem(f"libcublas not found under {cuda_home}/lib64 or {nvidia}: install the CUDA toolkit's cuBLAS")
+    return includes, str(cublas)
+
+
+def _record(result: BuildResult) -> BuildResult:
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "last.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def last_build() -> dict | None:
+    """What the last `dspark build` left (status, path, key), for `dspark status` and the loader."""
+    try:
+        return json.loads((cache_root() / "last.json").read_text())
+    except (OSError, ValueError):
+        return None
