@@ -1,0 +1,114 @@
+"""Our CUDA ops vs the torch reference vs the HBM floor, from one run, at Qwen3-4B shapes
+(V=151936, r=256, γ=7, bf16 U/W1/W2).
+
+    PYTHONPATH=. python bench/bench_kernels.py --sizes 1,16,128 [--json-out FILE]
+
+Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
+of --repeats replays is reported. Floor = bytes that must move / measured copy bandwidth:
+W2 once per step (γ·V·r·2), U (R·γ·V·2), and q (R·γ·V·4) when return_q."""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from dspark_cli.runtime import cuda_ops, markov_chain
+
+V, RANK, GAMMA = 151936, 256, 7
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    times = time_replays(lambda: dst.copy_(src), 20, graph=False)
+    return 2 * nbytes / statistics.median(times)
+
+
+def time_replays(fn, repeats: int, graph: bool = True) -> list[float]:
+    """Seconds per call, one CUDA-event pair each."""
+    fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        except RuntimeError as exc:
+            print(f"  (capture failed, timing eagerly: {str(exc).splitlines()[0][:100]})")
+            torch.cuda.synchronize()
+    for _ in range(3):
+        run()
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return out
+
+
+def markov_inputs(R: int, greedy: bool):
+    g = torch.Generator(device="cuda").manual_seed(R)
+    U = torch.randn(R, GAMMA, V, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
+    w1 = torch.randn(V, RANK, device="cuda", generator=g).to(torch.bfloat16)
+    w2 = torch.randn(V, RANK, device="cuda", generator=g).div_(16).to(torch.bfloat16)
+    anchors = torch.randint(0, V, (R,), device="cuda", generator=g)
+    temperature = torch.full((R,), 0.0 if greedy else 1.0, device="cuda")
+    seeds = torch.randint(0, 2**62, (R,), device="cuda", generator=g)
+    return U, anchors, w1, w2, temperature, seeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,16,128")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    if cuda_ops.load() is None:
+        raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
+    bw = copy_bandwidth()
+    print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'floor ms':>9} {'kernel/floor':>12} {'speedup':>8}")
+    rows = []
+    for R in [int(s) for s in args.sizes.split(",")]:
+        for greedy in (False, True):
+            inputs = markov_inputs(R, greedy)
+            U, anchors, w1, w2, temperature, seeds = inputs
+            for return_q in (False, True):
+                def call():
+                    return markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=return_q)
+
+                medians = {}
+                for use_ops in (True, False):
+                    cuda_ops.set_enabled(use_ops)
+                    medians[use_ops] = statistics.median(time_replays(call, args.repeats))
+                cuda_ops.set_enabled(True)
+                nbytes = GAMMA * V * RANK * 2 + R * GAMMA * V * 2 + (R * GAMMA * V * 4 if return_q else 0)
+                floor = nbytes / bw
+                name = f"markov {'greedy' if greedy else 'sampled'}{' +q' if return_q else ''}"
+                row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "torch_ms": medians[False] * 1e3,
+                       "floor_ms": floor * 1e3}
+                rows.append(row)
+                print(f"{name:28} {R:4d} {row['kernel_ms']:10.3f} {row['torch_ms']:10.3f} {row['floor_ms']:9.3f} "
+                      f"{medians[True] / floor:12.2f} {medians[False] / medians[True]:8.1f}x", flush=True)
+            del inputs, U, w1, w2
+            torch.cuda.empty_cache()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
+                       "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
