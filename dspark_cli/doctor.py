@@ -21,6 +21,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from dspark_cli import cuda_env
+from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError
 from dspark_cli.series import read_series
 
@@ -151,20 +152,26 @@ def check_disk(name: str, path: Path) -> Check:
 
 
 def patch_marker(module: str) -> dict | None:
-    """SERIES/PATCHES from <module>/_dspark.py, found without importing the engine (vLLM is slow to import)."""
+    """Literal constants (SERIES, PATCHES, ...) of <module>/_dspark.py; None without the module, {} without
+    the marker. Found with find_spec and read with ast: the engine is never imported (vLLM takes seconds).
+    Raises ValueError for a marker that is not valid Python."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
         marker = Path(location) / "_dspark.py"
         if marker.is_file():
+            try:
+                tree = ast.parse(marker.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{marker} is not readable Python: {exc}") from None
             values = {}
-            for node in ast.parse(marker.read_text(encoding="utf-8")).body:
+            for node in tree.body:
                 if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                     try:
                         values[node.targets[0].id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        pass
+                    except (ValueError, TypeError, SyntaxError, RecursionError):
+                        pass  # not a literal: never evaluated
             return values
     return {}
 
@@ -183,7 +190,11 @@ def check_engine(engine) -> Check:
                      f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
     dist, version = installed[0]
     pin = next((p for p in engine.pins.values() if _same_release(version, p)), None)
-    marker = patch_marker(engine.module)
+    try:
+        marker = patch_marker(engine.module)
+    except ValueError as exc:
+        return Check(name, WARN, f"{dist} {version}; DSpark marker unreadable: {exc}",
+                     f"dspark apply {engine.name} and reinstall the patched tree")
     if not marker:
         return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
                      f"dspark apply {engine.name} --commit {pin.name if pin else '<pin>'} and install the patched tree")
@@ -216,12 +227,13 @@ def _series_drift(pin, installed: list[str]) -> str | None:
 
 
 def _same_release(version: str, pin) -> bool:
+    """An installed version (maybe with a local tag, 0.32.0+cpu) is the release a pin names."""
     try:
-        v = Version(version)
+        release = Version(version).release
+        return (any(Version(r.version).release == release for r in pin.releases)
+                or Version(pin.name.lstrip("v")).release == release)
     except InvalidVersion:
         return False
-    return any(Version(r.version).release == v.release for r in pin.releases) or pin.name.lstrip("v") == \
-        ".".join(map(str, v.release))
 
 
 def check_engine_torch(engine, torch: cuda_env.TorchInfo) -> list[Check]:
@@ -235,7 +247,7 @@ def check_engine_torch(engine, torch: cuda_env.TorchInfo) -> list[Check]:
         for pin in engine.pins.values():
             if _same_release(version, pin) and torch.version:
                 base = re.sub(r"\+.*$", "", torch.version)
-                if base not in SpecifierSet(pin.torch):
+                if not SpecifierSet(pin.torch).contains(base, prereleases=True):
                     out.append(Check(f"engine {engine.name} torch", WARN,
                                      f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
                                      f"pip install 'torch{pin.torch}'"))
@@ -252,11 +264,11 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
               check_arch(gpus), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
               check_disk("disk (workdir)", workdir or Path.cwd()), check_disk("disk (cache)", cache_dir())]
     try:
-        from dspark_cli.compat import load as load_compat
-
-        for engine in load_compat().engines.values():
-            checks.append(check_engine(engine))
-            checks += check_engine_torch(engine, torch)
-    except Exception as exc:  # noqa: BLE001 - a broken compat.yaml is one failed check, not a crash
-        checks.append(Check("compat.yaml", FAIL, str(exc), "dspark compat shows the problem"))
+        engines = load_compat().engines.values()
+    except DsparkError as exc:  # a missing or malformed compat.yaml is one failed check, not a crash
+        return checks + [Check("compat.yaml", FAIL, str(exc),
+                               "fix the file (dspark compat names the key), or point DSPARK_COMPAT at a valid one")]
+    for engine in engines:
+        checks.append(check_engine(engine))
+        checks += check_engine_torch(engine, torch)
     return checks

@@ -59,3 +59,15 @@ def test_real_dspark_process():
     assert_schema(report)
     assert out.returncode == (0 if report["ok"] else 1)
     assert "Traceback" not in out.stderr
+
+
+def test_malformed_compat_yaml_is_one_failed_check(tmp_path):
+    bad = tmp_path / "compat.yaml"
+    bad.write_text("schema: 1\nengines: [vllm]\n")
+    result = CliRunner().invoke(app, ["doctor", "--json"], env={"DSPARK_COMPAT": str(bad)})
+    report = json.loads(result.stdout)
+    assert_schema(report)
+    assert result.exit_code == 1
+    check = report["checks"][-1]
+    assert check["name"] == "compat.yaml" and check["status"] == "fail"
+    assert check["detail"].startswith(f"{bad}:2: engines: expected a mapping") and "DSPARK_COMPAT" in check["hint"]

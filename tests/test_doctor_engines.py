@@ -116,3 +116,23 @@ def test_marker_values_are_read_as_literals_only(tmp_path, monkeypatch):
     assert doctor.patch_marker("vllm") == {"SERIES": "vllm/v0.32.0"}
     assert doctor.patch_marker("json") == {}  # a real package without our marker
     assert doctor.patch_marker("no_such_module_here") is None
+
+
+def test_stand_in_marker_that_is_not_python_warns(tmp_path, monkeypatch):
+    check = doctor.check_engine(stand_in_site(tmp_path, monkeypatch, marker="SERIES = (\n"))
+    assert check.status == "warn" and "marker unreadable" in check.detail and "_dspark.py" in check.detail
+
+
+def test_stand_in_engine_next_to_a_torch_outside_its_pin(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    engine = stand_in_site(tmp_path, monkeypatch, "0.33.0",
+                           marker_text("vllm/v0.33.0", read_series(REPO / "patches/vllm/v0.33.0")))
+    assert doctor.check_engine(engine).status == "ok"
+    pinned = engine.pins["v0.33.0"].torch
+    found = doctor.check_engine_torch(engine, doctor.cuda_env.torch_info())
+    in_range = doctor.SpecifierSet(pinned).contains(torch.__version__.split("+")[0], prereleases=True)
+    if in_range:
+        assert found == []
+    else:
+        assert [c.status for c in found] == ["warn"]
+        assert found[0].detail == f"vllm 0.33.0 pins torch{pinned}, found {torch.__version__}"
