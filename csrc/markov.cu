@@ -69,7 +69,20 @@ __device__ __forceinline__ Partial warp_combine(Partial p) {
 __device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
 
 // Step 2: grid (splits, R). The slice [start, end) of request r's row.
-template <typename UT>
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float out[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
+}
+
+__device__ __forceinline__ void load8(const float* p, float out[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+template <typename UT, bool kVec>
 __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
                                   Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
@@ -84,8 +97,8 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
   const float* b_row = bias + static_cast<int64_t>(r) * V;
 
   Partial p = empty_partial();
-  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-    const float x = (to_float(u_row[v]) + b_row[v]) / scale;
+  auto visit = [&](int v, float u, float b) {
+    const float x = (u + b) / scale;
     if (x > p.max) {
       p.sum = p.sum * __expf(p.max - x) + 1.f;
       p.max = x;
@@ -99,6 +112,17 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
       p.x = x;
       p.idx = v;
     }
+  };
+  if (kVec) {  // 8 elements per load: 16-byte U loads, two 16-byte bias loads (start, end, V % 8 == 0)
+    for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
+      float u[8], b[8];
+      load8(u_row + v, u);
+      load8(b_row + v, b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) visit(v + i, u[i], b[i]);
+    }
+  } else {
+    for (int v = start + threadIdx.x; v < end; v += blockDim.x) visit(v, to_float(u_row[v]), b_row[v]);
   }
   p = warp_combine(p);
   __shared__ Partial warp_partials[kThreads / 32];
@@ -185,10 +209,17 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType_t t = cublas_type(w2.scalar_type());
+  // torch leaves reduced-precision (bf16/fp16) split-K reductions allowed on its handle; the
+  // reference's bias is an fp32 GEMM, so keep every partial sum in fp32 here.
+  cublasMath_t mode;
+  TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &mode));
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, static_cast<cublasMath_t>(
+      CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   // Column-major view: biasᵀ [V, R] = W2 (stored [r, V] col-major, transposed) · Hᵀ ([r, R] col-major).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, V, R, rank, &alpha, w2.data_ptr(), t, rank, h,
                                     t, static_cast<int>(ldh), &beta, bias.data_ptr<float>(), CUDA_R_32F, V,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
 }
 
 int choose_splits(int R, int V) {
@@ -219,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto prev_emb = at::empty({R, gamma, rank}, w1.options());
   auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
-  const int slice = (V + splits - 1) / splits;
+  const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, 2}, f32);
@@ -243,8 +274,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const dim3 grid(splits, R);
       for (int k = 0; k < gamma; ++k) {
         bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, static_cast<int64_t>(gamma) * rank, R, bias);
-        split_pass_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature.data_ptr<float>(),
-                                                             seeds.data_ptr<int64_t>(), parts, k, gamma, V, slice);
+        if (V % 8 == 0)
+          split_pass_kernel<UT, true><<<grid, kThreads, 0, stream>>>(
+              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma, V,
+              slice);
+        else
+          split_pass_kernel<UT, false><<<grid, kThreads, 0, stream>>>(
+              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma, V,
+              slice);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         reduce_kernel<WT><<<R, 256, 0, stream>>>(parts, splits, temperature.data_ptr<float>(), w1p, rank,
                                                  tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
