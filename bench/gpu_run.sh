@@ -15,7 +15,9 @@ import time; from dspark_cli.build import build
 r = build(jobs=16); print('build:', r)
 t = time.monotonic(); r2 = build(); print('rebuild (nothing changed): %.2f s' % (time.monotonic() - t), r2.status)
 " 2>&1 | grep -v "warning #\|^ *^\|^$" | tee "$OUT/build.txt" || exit 1
+# The CLI path too, where the machine has typer/rich: a cached rebuild and `dspark verify ops`.
+( time python3 -m dspark_cli build ) 2>&1 | tee "$OUT/cli_build.txt"
+python3 -m dspark_cli verify ops 2>&1 | tee "$OUT/verify_ops.txt"
 python3 -m pytest -x -q -ra -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$OUT/pytest.txt"
-python3 -c "from dspark_cli.selftest import SELF_TEST_CASES, compare_markov; [print(compare_markov(c)) for c in SELF_TEST_CASES]" 2>&1 | tee "$OUT/selftest.txt"
 python3 bench/bench_kernels.py --sizes 1,16,128 --json-out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.txt"
 python3 bench/bench_runtime.py --device cuda --sizes 1,16,128 --repeats 5 2>&1 | tee "$OUT/bench_runtime.txt"
