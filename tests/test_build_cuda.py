@@ -1,0 +1,81 @@
+"""A real nvcc build of csrc/ (sm_90a) in the CUDA torch venv that .ci/prepare.d/20-cuda-torch.sh
+makes ($DSPARK_CUDA_TORCH_PYTHON), run in a subprocess: the library links, loads without a GPU,
+registers its ops with Meta implementations, and a second build is a cache hit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PYTHON = os.environ.get("DSPARK_CUDA_TORCH_PYTHON")
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import json, time, torch
+from dspark_cli.build import build, last_build
+from dspark_cli.runtime import cuda_ops
+first = build(arch="sm_90a", jobs=2)
+t = time.monotonic(); second = build(arch="sm_90a"); rebuild_s = time.monotonic() - t
+assert cuda_ops.load(first.path) == first.path, cuda_ops.load_error()
+meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
+outs = torch.ops.dspark.markov_chain(meta(3, 7, 1000, dtype=torch.bfloat16), meta(3, dtype=torch.long),
+                                     meta(1000, 64, dtype=torch.bfloat16), meta(1000, 64, dtype=torch.bfloat16),
+                                     meta(3), meta(3, dtype=torch.long), False)
+print(json.dumps({"first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
+                  "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs],
+                  "schema": str(torch.ops.dspark.markov_chain.default._schema)}))
+"""
+
+
+@pytest.mark.skipif(not PYTHON, reason="DSPARK_CUDA_TORCH_PYTHON unset (.ci/prepare.d/20-cuda-torch.sh makes it where nvcc exists)")
+def test_csrc_compiles_links_and_registers_ops(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_CACHE": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    proc = subprocess.run([PYTHON, "-W", "ignore", "-c", SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["first"] == "built" and res["second"] == "cached" and res["rebuild_s"] < 2
+    assert res["last"]["status"] == "cached" and res["last"]["path"] == res["path"]
+    assert "9.0a" in Path(res["path"]).parent.name
+    assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
+                           [[3, 7, 64], "torch.bfloat16"]]
+    assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
+    # the library carries sm_90a machine code
+    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
+    if cuobjdump.is_file():
+        listing = subprocess.run([str(cuobjdump), "--list-elf", res["path"]], capture_output=True, text=True).stdout
+        assert "sm_90a" in listing
+
+
+def test_build_refuses_cuda_major_mismatch(monkeypatch):
+    """One clear line, exit code 3, when nvcc's CUDA major differs from torch's."""
+    from dspark_cli import build, cuda_env
+    from dspark_cli.errors import EnvironmentProblem
+
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/opt/cuda-12.8"), "CUDA_HOME"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/opt/cuda-12.8/bin/nvcc", "12.8"))
+    with pytest.raises(EnvironmentProblem) as exc:
+        build.plan("9.0a")
+    assert exc.value.exit_code == 3 and "CUDA 12.8" in str(exc.value) and "CUDA 13.0" in str(exc.value)
+
+
+def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
+    from dspark_cli import build, cuda_env
+
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/usr/local/cuda"), "nvcc"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/usr/local/cuda/bin/nvcc", "13.0"))
+    a, b = build.plan("9.0a"), build.plan("8.0;9.0")
+    assert a.key != b.key and b.archs == ["8.0", "9.0a"]
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "x.cu").write_text("// v1\n")
+    monkeypatch.setattr(build, "CSRC", src)
+    k1 = build.plan("9.0a").key
+    (src / "x.cu").write_text("// v2\n")
+    assert build.plan("9.0a").key != k1
