@@ -47,6 +47,15 @@ def test_without_a_gpu_gpu_and_arch_list_warn(monkeypatch):
     assert arch.status == "ok" and arch.detail == "8.0;9.0a (TORCH_CUDA_ARCH_LIST)"
 
 
+@pytest.mark.skipif(not cuda_env.gpu_info().capabilities, reason="no GPU on this machine")
+def test_with_a_gpu_it_is_named_and_targeted(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    gpus = cuda_env.gpu_info()
+    checks = by_name(doctor.run_checks())
+    assert checks["gpu"].status == "ok" and f"(sm {gpus.capabilities[0]})" in checks["gpu"].detail
+    assert checks["arch list"].status == "ok" and checks["arch list"].detail.endswith("(detected GPU)")
+
+
 @needs_nvcc
 def test_toolkit_and_compiler_on_this_machine():
     checks = by_name(doctor.run_checks())
