@@ -5,7 +5,8 @@
 PKG_VENV="$DSPARK_CACHE/venv-package"
 [ -x "$PKG_VENV/bin/python" ] || python3 -m venv "$PKG_VENV"
 PKG_SRC="$(mktemp -d)"
-git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$PKG_SRC"
+# (a file deleted in the worktree but still tracked is skipped, not an error)
+git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -cf - -T - 2>/dev/null | tar -xf - -C "$PKG_SRC"
 "$PKG_VENV/bin/python" -m pip install -q "$PKG_SRC" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 rm -rf "$PKG_SRC"
 "$PKG_VENV/bin/dspark" --help > /dev/null
