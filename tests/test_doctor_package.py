@@ -4,6 +4,7 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,11 @@ def test_installed_command_runs_help_and_doctor(tmp_path):
     assert os.path.dirname(DSPARK) in next(c for c in report["checks"] if c["name"] == "python")["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="compat.yaml and patches/ are not in the built package yet "
-                   "(pyproject/compat.py owner): an installed dspark finds no compat.yaml outside a checkout")
 def test_installed_command_finds_compat_yaml(tmp_path):
     out = run("compat", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    pins = [p for e in json.loads(out.stdout)["engines"].values() for p in e["pins"].values()]
+    for pin in pins:  # every series ships with the package, lock included
+        series = Path(pin["patches"])
+        assert (series / "series").is_file() and (series / "series.lock").is_file(), series
+        assert "site-packages" in str(series)
