@@ -138,7 +138,8 @@ class _Validator:
             got = f", got {node.value[:60]!r}"
         elif node is not None:
             got = f", got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}"
-        raise CompatError(f"{self.path}{line}: {key_path or '(top level)'}: expected {expected}{got}")
+        where = (key_path or "(top level)").encode("unicode_escape").decode("ascii")  # keys may hold newlines
+        raise CompatError(f"{self.path}{line}: {where}: expected {expected}{got}")
 
     def mapping(self, node, key_path, required, optional=()) -> dict:
         """{key: value node} of a mapping with exactly the required keys (plus optional ones)."""
