@@ -105,8 +105,13 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
     } else {
       p.sum += __expf(x - p.max);
     }
-    // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x).
-    const float key = greedy ? x : x - logf(-logf(counter_uniform(seed, kStreamDraft, k, v)));
+    // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x). u rounds to 1.0
+    // once in 2^24 draws: the reference's E is then -0.0 and q / E = -inf, so that entry never wins.
+    float key = x;
+    if (!greedy) {
+      const float u = counter_uniform(seed, kStreamDraft, k, v);
+      key = u == 1.f ? -INFINITY : x - logf(-logf(u));
+    }
     if (better(key, v, p.key, p.idx)) {
       p.key = key;
       p.x = x;

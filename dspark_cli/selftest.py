@@ -110,8 +110,8 @@ def run_self_test(as_json: bool = False) -> list[dict]:
         raise EnvironmentProblem(f"CUDA extension not loaded: {cuda_ops.load_error()}; run dspark build")
     results = [compare_markov(c) for c in SELF_TEST_CASES]
 
-    def render(rows):
-        for r in rows:
+    def render(doc):
+        for r in doc["results"]:
             console.print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  diverged={r['diverged']} "
                           f"q_token_rel={r['q_token_max_rel_err']:.2e}", highlight=False)
 
