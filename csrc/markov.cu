@@ -1,6 +1,6 @@
 // Markov-chain drafting on the GPU (docs/kernels.md): all γ steps from one host call, no host sync.
 //
-// Per step k (R <= 8 and r = 256: steps 1 and 2 are one fused kernel, fused_step_kernel):
+// Per step k:
 //   1. bias = W1[x_{k-1}] · W2ᵀ           cuBLAS GEMM (bf16/fp16/fp32 in, fp32 out; W2 read once
 //                                          for all R requests), written to an fp32 scratch [R, V]
 //   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key
@@ -150,71 +150,6 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
 }
 
-// Steps 1+2 fused for small batches (R <= kFusedMaxR, r = 256): each warp streams 32 W2 rows at a
-// time (one 512-byte row per warp load, 16 bytes a lane), dots them with the R prev-embeddings held
-// in registers, and lane i then runs the softmax/race epilogue for row i of the group. W2 is read
-// once per step, the bias never touches memory (written only when q rows are wanted).
-constexpr int kFusedMaxR = 8;
-constexpr int kFusedRank = 256;
-
-template <typename WT, typename UT>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(
-    const UT* __restrict__ U, const WT* __restrict__ w2, const WT* __restrict__ prev_emb,
-    const float* __restrict__ temperature, const int64_t* __restrict__ seeds, Partial* __restrict__ partials,
-    float* __restrict__ bias_out, int R, int k, int gamma, int V, int slice) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float h[kFusedMaxR][8];
-#pragma unroll
-  for (int r = 0; r < kFusedMaxR; ++r) {
-    if (r < R) load8(prev_emb + (static_cast<int64_t>(r) * gamma + k) * kFusedRank + 8 * lane, h[r]);
-    else for (int j = 0; j < 8; ++j) h[r][j] = 0.f;
-  }
-  Partial p[kFusedMaxR];
-#pragma unroll
-  for (int r = 0; r < kFusedMaxR; ++r) p[r] = empty_partial();
-
-  const int start = blockIdx.x * slice;
-  const int end = min(V, start + slice);
-  for (int base = start + 32 * warp; base < end; base += 32 * (kThreads / 32)) {
-    float mine[kFusedMaxR];  // lane i: bias of row base + i for each request
-#pragma unroll 4
-    for (int i = 0; i < 32; ++i) {
-      const int row = base + i;
-      float w[8];
-      if (row < end) load8(w2 + static_cast<int64_t>(row) * kFusedRank + 8 * lane, w);
-      else for (int j = 0; j < 8; ++j) w[j] = 0.f;
-#pragma unroll
-      for (int r = 0; r < kFusedMaxR; ++r) {
-        if (r >= R) break;
-        float d = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) d = fmaf(w[j], h[r][j], d);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-        if (lane == i) mine[r] = d;
-      }
-    }
-    const int v = base + lane;
-    if (v < end) {
-#pragma unroll
-      for (int r = 0; r < kFusedMaxR; ++r) {
-        if (r >= R) break;
-        const float T = temperature[r];
-        const bool greedy = T < kGreedyBelow;
-        const float u = to_float(U[(static_cast<int64_t>(r) * gamma + k) * V + v]);
-        if (bias_out) bias_out[static_cast<int64_t>(r) * V + v] = mine[r];
-        visit_entry(p[r], (u + mine[r]) / (greedy ? 1.f : T), v, greedy, seeds[r], k);
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kFusedMaxR; ++r) {
-    if (r >= R) break;
-    const Partial b = block_combine(p[r]);
-    if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = b;
-  }
-}
-
 // Step 3: one block per request.
 template <typename WT>
 __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
@@ -330,12 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
-  const bool fused = R <= kFusedMaxR && rank == kFusedRank;
-  // Fused path: blocks of 8 warps x 32-row groups, about two blocks per SM.
-  const int fused_slice = 256 * ((V + 256 * 2 * 132 - 1) / (256 * 2 * 132));
-  const int fused_splits = (V + fused_slice - 1) / fused_slice;
-  const int reduce_splits = fused ? fused_splits : splits;
-  auto partials = at::empty({static_cast<int64_t>(R) * std::max(splits, fused_splits) * static_cast<int64_t>(sizeof(Partial))},
+  auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, 2}, f32);
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
@@ -357,24 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const dim3 grid(splits, R);
       for (int k = 0; k < gamma; ++k) {
-        if (fused) {
-          fused_step_kernel<WT, UT><<<fused_splits, kThreads, 0, stream>>>(
-              up, reinterpret_cast<const WT*>(w2.data_ptr()), embp, temperature.data_ptr<float>(),
-              seeds.data_ptr<int64_t>(), parts, return_q ? bias.data_ptr<float>() : nullptr, R, k, gamma, V,
-              fused_slice);
-        } else {
-          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, static_cast<int64_t>(gamma) * rank, R, bias);
-          if (V % 8 == 0)
-            split_pass_kernel<UT, true><<<grid, kThreads, 0, stream>>>(
-                up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
-                V, slice);
-          else
-            split_pass_kernel<UT, false><<<grid, kThreads, 0, stream>>>(
-                up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
-                V, slice);
-        }
+        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, static_cast<int64_t>(gamma) * rank, R, bias);
+        if (V % 8 == 0)
+          split_pass_kernel<UT, true><<<grid, kThreads, 0, stream>>>(
+              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
+              V, slice);
+        else
+          split_pass_kernel<UT, false><<<grid, kThreads, 0, stream>>>(
+              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
+              V, slice);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        reduce_kernel<WT><<<R, 256, 0, stream>>>(parts, reduce_splits, temperature.data_ptr<float>(), w1p, rank,
+        reduce_kernel<WT><<<R, 256, 0, stream>>>(parts, splits, temperature.data_ptr<float>(), w1p, rank,
                                                  tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
                                                  row_stats.data_ptr<float>(), embp, k, gamma);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
