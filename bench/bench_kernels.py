@@ -5,7 +5,8 @@
 
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
 of --repeats replays is reported. Floor = bytes that must move / measured copy bandwidth:
-W2 once per step (γ·V·r·2), U (R·γ·V·2), and q (R·γ·V·4) when return_q."""
+W2 once per step (γ·V·r·2), U (R·γ·V·2), and q (R·γ·V·4) when return_q. The scheduler
+(schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs at R = 256."""
 
 import argparse
 import json
@@ -13,7 +14,7 @@ import statistics
 
 import torch
 
-from dspark_cli.runtime import cuda_ops, markov_chain
+from dspark_cli.runtime import SPSTable, cuda_ops, markov_chain, schedule_production
 
 V, RANK, GAMMA = 151936, 256, 7
 
@@ -104,6 +105,21 @@ def main() -> None:
                       f"{medians[True] / floor:12.2f} {medians[False] / medians[True]:8.1f}x", flush=True)
             del inputs, U, w1, w2
             torch.cuda.empty_cache()
+    sps = SPSTable.default()
+    for R in (16, 128, 256):
+        g = torch.Generator(device="cuda").manual_seed(R)
+        a_stale, a_now = (torch.cumprod(torch.rand(R, GAMMA, device="cuda", generator=g) ** 0.3, dim=1) for _ in range(2))
+        medians = {}
+        for use_ops in (True, False):
+            cuda_ops.set_enabled(use_ops)
+            medians[use_ops] = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps),
+                                                              args.repeats))
+        cuda_ops.set_enabled(True)
+        row = {"op": "schedule_production", "R": R, "kernel_ms": medians[True] * 1e3, "torch_ms": medians[False] * 1e3,
+               "floor_ms": None}
+        rows.append(row)
+        print(f"{'schedule_production':28} {R:4d} {row['kernel_ms']:10.4f} {row['torch_ms']:10.3f} {'-':>9} "
+              f"{'-':>12} {medians[False] / medians[True]:8.1f}x", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,

@@ -9,7 +9,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q);
 
-// Shapes only: what markov_chain_cuda allocates.
+at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
+                                    int64_t sps_limit);
+
+// Shapes only: what the CUDA implementations allocate.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
@@ -19,14 +22,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
           return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32), at::empty({R, gamma, rank}, w1.options())};
 }
 
+at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
+                                    int64_t sps_limit) {
+  return at::empty({a_now.size(0)}, a_now.options().dtype(at::kLong));
+}
+
 }  // namespace dspark
 
 TORCH_LIBRARY(dspark, m) {
   m.def(
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
       "bool return_q) -> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb)");
+  m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
 }
 
-TORCH_LIBRARY_IMPL(dspark, CUDA, m) { m.impl("markov_chain", &dspark::markov_chain_cuda); }
+TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
+  m.impl("markov_chain", &dspark::markov_chain_cuda);
+  m.impl("schedule_production", &dspark::schedule_production_cuda);
+}
 
-TORCH_LIBRARY_IMPL(dspark, Meta, m) { m.impl("markov_chain", &dspark::markov_chain_meta); }
+TORCH_LIBRARY_IMPL(dspark, Meta, m) {
+  m.impl("markov_chain", &dspark::markov_chain_meta);
+  m.impl("schedule_production", &dspark::schedule_production_meta);
+}

@@ -93,6 +93,29 @@ def compare_markov(case: MarkovCase) -> dict:
     return res
 
 
+def survival_matrix(R: int, gamma: int, g: torch.Generator) -> torch.Tensor:
+    """Random non-increasing survival rows a_{r,j} = prod_{i<=j} c_{r,i}, c in (0, 1)."""
+    return torch.cumprod(torch.rand(R, gamma, generator=g) ** 0.3, dim=1)
+
+
+def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0) -> dict:
+    """schedule_production kernel vs reference: ℓ must match exactly (lengths and their sum)."""
+    from dspark_cli.runtime import SPSTable, cuda_ops, schedule_production
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a_stale, a_now = survival_matrix(R_stale, gamma, g).cuda(), survival_matrix(R, gamma, g).cuda()
+    sps = SPSTable.default()
+    cuda_ops.set_enabled(False)
+    try:
+        ref = schedule_production(a_stale, a_now, sps)
+    finally:
+        cuda_ops.set_enabled(True)
+    poison_allocator()
+    out = schedule_production(a_stale, a_now, sps)
+    return {"case": f"schedule_production R={R} R_stale={R_stale} γ={gamma}", "ok": bool(torch.equal(out, ref)),
+            "budget": int(out.sum()), "budget_ref": int(ref.sum()), "rows_differing": int((out != ref).sum())}
+
+
 SELF_TEST_CASES = [
     MarkovCase(1, 7, 151936, 256),
     MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),
@@ -108,12 +131,14 @@ def run_self_test(as_json: bool = False) -> list[dict]:
         raise EnvironmentProblem("no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
     if cuda_ops.load() is None:
         raise EnvironmentProblem(f"CUDA extension not loaded: {cuda_ops.load_error()}; run dspark build")
-    results = [compare_markov(c) for c in SELF_TEST_CASES]
+    results = [compare_markov(c) for c in SELF_TEST_CASES] + [compare_schedule(256, 256, seed=1),
+                                                             compare_schedule(5, 9, seed=2)]
 
     def render(doc):
         for r in doc["results"]:
-            console.print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  diverged={r['diverged']} "
-                          f"q_token_rel={r['q_token_max_rel_err']:.2e}", highlight=False)
+            detail = (f"diverged={r['diverged']} q_token_rel={r['q_token_max_rel_err']:.2e}" if "diverged" in r
+                      else f"budget={r['budget']} (reference {r['budget_ref']})")
+            console.print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  {detail}", highlight=False)
 
     emit({"ok": all(r["ok"] for r in results), "library": cuda_ops.load(), "results": results}, as_json, render)
     if not all(r["ok"] for r in results):

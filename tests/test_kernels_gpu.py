@@ -7,7 +7,7 @@ memory, CUDA-graph capture and torch.compile. Skipped, with the reason, without 
 import pytest
 import torch
 
-from dspark_cli.selftest import MarkovCase, compare_markov, markov_inputs, poison_allocator
+from dspark_cli.selftest import MarkovCase, compare_markov, compare_schedule, markov_inputs, poison_allocator
 
 pytestmark = pytest.mark.gpu
 
@@ -90,3 +90,17 @@ def test_markov_chain_op_under_torch_compile():
     tokens, q2, _ = draft(U, anchors, w1, w2, temperature, seeds)
     ref = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
     assert torch.equal(tokens, ref[0]) and torch.equal(q2, ref[1] * 2)
+
+
+@pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
+                                                  (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7)])
+def test_schedule_production_matches_reference(R, R_stale, gamma, seed):
+    res = compare_schedule(R, R_stale, gamma, seed)
+    assert res["ok"], res
+
+
+def test_schedule_production_declines_too_many_candidates():
+    from dspark_cli.runtime import SPSTable, cuda_ops
+
+    a = torch.rand(300, 7, device="cuda")
+    assert cuda_ops.schedule_production(a, a, SPSTable.default()) is NotImplemented

@@ -76,3 +76,14 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         seeds.contiguous(), return_q)
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None)
     return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source)
+
+
+MAX_SCHEDULE_CANDIDATES = 2048  # R·γ of either survival matrix: one block sorts them in shared memory
+
+
+def schedule_production(a_stale, a_now, sps):
+    """Covers R·γ <= 2048 for both survival matrices (R = 256 at γ = 7 fits)."""
+    if a_stale.numel() > MAX_SCHEDULE_CANDIDATES or a_now.numel() > MAX_SCHEDULE_CANDIDATES:
+        return NotImplemented
+    return torch.ops.dspark.schedule_production(a_stale.float().contiguous(), a_now.float().contiguous(),
+                                                sps.dense(a_now.device), sps.dense_limit)

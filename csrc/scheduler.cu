@@ -1,0 +1,147 @@
+// Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production) in one
+// block: K = argmax_n Θ_n over the stale survival (Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n
+// on ties), then the top-K current candidates are admitted; ℓ_r = admitted candidates of request r.
+// Candidates are ranked by a descending, then by the j-major flat index j·R + r ascending — the
+// reference's stable sort — with a bitonic sort of 64-bit keys in shared memory. No host sync.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace dspark {
+namespace {
+
+constexpr int kMaxCandidates = 2048;
+constexpr int kThreads = 1024;
+
+// Ascending order of these keys = a descending, then flat index ascending (a >= 0: its bits are monotone).
+__device__ __forceinline__ uint64_t rank_key(float a, int flat) {
+  const uint32_t bits = __float_as_uint(a + 0.f);  // -0.0 -> +0.0
+  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(flat);
+}
+
+__device__ __forceinline__ float key_value(uint64_t key) { return __uint_as_float(~static_cast<uint32_t>(key >> 32)); }
+
+// Load a [R, γ] survival matrix j-major and sort it; n_pad is a power of two >= R·γ.
+__device__ void load_sorted(const float* a, int R, int gamma, int n_pad, uint64_t* keys) {
+  const int n = R * gamma;
+  for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
+    // flat index i = j·R + r holds a[r, j]
+    keys[i] = i < n ? rank_key(a[(i % R) * gamma + i / R], i) : ~0ull;
+  }
+  __syncthreads();
+  for (int size = 2; size <= n_pad; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
+        const int partner = i ^ stride;
+        if (partner > i) {
+          const bool ascending = (i & size) == 0;
+          const uint64_t x = keys[i], y = keys[partner];
+          if ((x > y) == ascending) {
+            keys[i] = y;
+            keys[partner] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) schedule_production_kernel(
+    const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
+    const float* __restrict__ sps_dense, int sps_limit, int n_pad_stale, int n_pad_now, int64_t* __restrict__ ell) {
+  __shared__ uint64_t keys[kMaxCandidates];
+  __shared__ float prefix[kMaxCandidates];
+  __shared__ float best_theta[kThreads / 32];
+  __shared__ int best_n[kThreads / 32];
+  __shared__ int ell_s[kMaxCandidates];
+  __shared__ int budget;
+
+  // 1. budget K from the stale survival
+  load_sorted(a_stale, R_stale, gamma, n_pad_stale, keys);
+  const int n_stale = R_stale * gamma;
+  for (int i = threadIdx.x; i < n_pad_stale; i += blockDim.x) prefix[i] = i < n_stale ? key_value(keys[i]) : 0.f;
+  __syncthreads();
+  for (int offset = 1; offset < n_pad_stale; offset <<= 1) {  // inclusive scan (Hillis-Steele)
+    float add[kMaxCandidates / kThreads];
+    for (int i = threadIdx.x, c = 0; i < n_pad_stale; i += blockDim.x, ++c) add[c] = i >= offset ? prefix[i - offset] : 0.f;
+    __syncthreads();
+    for (int i = threadIdx.x, c = 0; i < n_pad_stale; i += blockDim.x, ++c) prefix[i] += add[c];
+    __syncthreads();
+  }
+  float theta = -INFINITY;
+  int arg = 0x7fffffff;
+  for (int n = threadIdx.x; n <= n_stale; n += blockDim.x) {
+    const int tokens = R + n;
+    const float sps = tokens > sps_limit ? sps_dense[sps_limit] * static_cast<float>(sps_limit) / static_cast<float>(tokens)
+                                         : sps_dense[max(tokens, 1)];
+    const float t = (static_cast<float>(R) + (n > 0 ? prefix[n - 1] : 0.f)) * sps;
+    if (t > theta) {  // n ascending per thread: strict > keeps the earliest
+      theta = t;
+      arg = n;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const float t = __shfl_xor_sync(0xffffffffu, theta, off);
+    const int n = __shfl_xor_sync(0xffffffffu, arg, off);
+    if (t > theta || (t == theta && n < arg)) {
+      theta = t;
+      arg = n;
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    best_theta[warp] = theta;
+    best_n[warp] = arg;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < blockDim.x / 32; ++w) {
+      if (best_theta[w] > best_theta[0] || (best_theta[w] == best_theta[0] && best_n[w] < best_n[0])) {
+        best_theta[0] = best_theta[w];
+        best_n[0] = best_n[w];
+      }
+    }
+    budget = min(best_n[0], R * gamma);
+  }
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ell_s[r] = 0;
+  __syncthreads();
+
+  // 2. admit the top-K current candidates
+  load_sorted(a_now, R, gamma, n_pad_now, keys);
+  for (int i = threadIdx.x; i < budget; i += blockDim.x) atomicAdd(&ell_s[static_cast<uint32_t>(keys[i]) % R], 1);
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ell[r] = ell_s[r];
+}
+
+int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
+                                    int64_t sps_limit) {
+  TORCH_CHECK(a_stale.is_cuda() && a_now.is_cuda() && sps_dense.is_cuda(), "dspark::schedule_production: CUDA tensors");
+  TORCH_CHECK(a_stale.scalar_type() == at::kFloat && a_now.scalar_type() == at::kFloat &&
+                  sps_dense.scalar_type() == at::kFloat, "dspark::schedule_production: fp32 inputs");
+  TORCH_CHECK(a_stale.dim() == 2 && a_now.dim() == 2 && a_stale.size(1) == a_now.size(1),
+              "dspark::schedule_production: a_stale [R', γ] and a_now [R, γ]");
+  TORCH_CHECK(a_stale.numel() <= kMaxCandidates && a_now.numel() <= kMaxCandidates,
+              "dspark::schedule_production: at most 2048 candidates");
+  TORCH_CHECK(sps_dense.numel() == sps_limit + 1, "dspark::schedule_production: sps_dense has sps_limit + 1 entries");
+  const c10::cuda::CUDAGuard guard(a_now.device());
+  const int R = a_now.size(0), gamma = a_now.size(1), R_stale = a_stale.size(0);
+  auto ell = at::empty({R}, a_now.options().dtype(at::kLong));
+  auto stale = a_stale.contiguous(), now = a_now.contiguous();
+  schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      stale.data_ptr<float>(), R_stale, now.data_ptr<float>(), R, gamma, sps_dense.data_ptr<float>(),
+      static_cast<int>(sps_limit), pow2_at_least(std::max(1, R_stale * gamma)), pow2_at_least(std::max(1, R * gamma)),
+      ell.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ell;
+}
+
+}  // namespace dspark
