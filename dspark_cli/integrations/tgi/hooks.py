@@ -1,0 +1,87 @@
+"""The two entry points TGI's patched files call (patches/tgi/v3.3.7). Everything that touches
+TGI's batch object lives here; the math is in speculation.py and dspark_cli.runtime.
+
+Not run inside a real TGI server in this project (its server package needs CUDA-only wheels):
+the batch fields used below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids,
+cu_seqlen_prefill, next_token_chooser, speculative_ids).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dspark_cli import runtime
+from dspark_cli.integrations.tgi.draft import DSparkDraft
+from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, DSparkSpeculation,
+                                                     HiddenCapture)
+
+
+def maybe_attach(flash_model) -> DSparkSpeculation | None:
+    """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set."""
+    path = os.environ.get(ENV_DRAFT)
+    if not path:
+        return None
+    target = flash_model.model
+    weight = next(target.parameters())
+    draft = DSparkDraft.load(Path(path), device=weight.device, dtype=weight.dtype)
+    capture = HiddenCapture(target, draft.config.target_layer_ids)
+    sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
+    return DSparkSpeculation(draft, capture, os.environ.get(ENV_SCHEDULER, "exact"), sps)
+
+
+def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
+    """TGI's processors and warpers, exactly as HeterogeneousNextTokenChooser applies them, without the choice."""
+    chooser = batch.next_token_chooser
+    input_ids = batch.all_input_ids_tensor[:, : batch.max_current_length]
+    scores = logits.view(len(batch), S, -1).clone()
+    for j in range(S):
+        s = scores[:, j]
+        for proc in (chooser.watermark_processor, chooser.repetition_processor, chooser.frequency_processor):
+            if proc is not None:
+                s = proc(input_ids, s)
+        if chooser.grammar_processor is not None:
+            s = chooser.grammar_processor(s, chooser.fsm_grammar_states)
+        for warper in chooser.warpers:
+            s = warper(input_ids, s)
+        scores[:, j] = s
+    return scores
+
+
+def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, speculate: int):
+    """Drop-in for batch.next_token_chooser(...): (next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids)."""
+    request_ids = [r.id for r in batch.requests]
+    spec.forget_except(set(request_ids))
+    S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
+    scores = _warped_logits(batch, next_token_logits, S)
+    greedy = torch.tensor([not s for s in batch.next_token_chooser.do_sample], device=scores.device)
+    tokens, n_acc = spec.verify(request_ids, scores, greedy)
+
+    # Commit: target features of the anchor + accepted rows extend each request's draft context.
+    features = spec.capture.features()
+    if batch.cu_seqlen_prefill is not None:  # prefill: every prompt row is context
+        cu = batch.cu_seqlen_prefill.tolist()
+        rows = [list(range(cu[i], cu[i + 1])) for i in range(len(batch))]
+        positions = batch.position_ids.view(-1)
+    else:
+        rows = [[i * S + j for j in range(n_acc[i] + 1)] for i in range(len(batch))]
+        positions = (batch.position_ids.view(-1, 1) + torch.arange(S, device=batch.position_ids.device)).view(-1)
+    for i, r in enumerate(request_ids):
+        idx = torch.tensor(rows[i], device=features.device)
+        spec.draft.extend_context(r, features[idx], positions[idx])
+    anchors = torch.tensor([t[-1] for t in tokens], device=scores.device)
+    anchor_positions = [int(positions[rows[i][-1]]) + 1 for i in range(len(batch))]
+    temperature = torch.tensor([p.parameters.temperature if p.parameters.do_sample else 0.0 for p in batch.requests])
+    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature)
+    spec.stats["steps"] += 1
+
+    flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
+    alllogprobs = torch.log_softmax(scores.view(len(batch) * S, -1).float(), -1)
+    next_ids = torch.tensor([t for ts in tokens for t in ts], device=scores.device, dtype=torch.long)
+    logprobs = alllogprobs[flat_rows]
+    next_logprobs = torch.gather(logprobs, 1, next_ids.view(-1, 1)).view(-1)
+    accepted_ids = torch.tensor([len(t) for t in tokens], device=scores.device, dtype=batch.input_ids.dtype)
+    speculative_ids = proposal.draft.tokens[:, :speculate].to(scores.device) if speculate > 0 else None
+    return next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids

@@ -1,0 +1,156 @@
+"""DSpark inside TGI's flash causal-LM loop: what our two hooks in TGI call.
+
+- `maybe_attach(model)` (end of FlashCausalLM.__init__): when DSPARK_DRAFT names a checkpoint,
+  load the drafter and hook the target's configured decoder layers to capture their residual
+  stream (raw layer output, pre-final-norm, DSPARK.md §1.1).
+- `DSparkSpeculation.choose(batch, logits, speculate)` replaces `batch.next_token_chooser(...)` in
+  generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
+  only knows the global `--speculate γ`) is unchanged.
+
+Verification is lossless rejection sampling against TGI's own warped target distribution
+(its processors and warpers run exactly as in the plain path) with the Markov-corrected q the
+drafts were sampled from; greedy requests need an exact argmax match. The per-request verify
+length ℓ_r ≤ γ comes from our scheduler: TGI's batch layout always runs 1+γ rows per request, so
+here ℓ_r bounds what may be accepted (non-anticipating), it does not shrink the forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dspark_cli import runtime
+from dspark_cli.integrations.tgi.draft import BlockProposal, DSparkDraft
+
+ENV_DRAFT = "DSPARK_DRAFT"
+ENV_SCHEDULER = "DSPARK_SCHEDULER"      # exact (Algorithm 1) | production | off (verify all γ)
+ENV_SPS = "DSPARK_SPS_TABLE"
+
+
+def draft_block_size() -> int | None:
+    """γ of the configured drafter (get_model's hook sets TGI's global speculate to it)."""
+    path = os.environ.get(ENV_DRAFT)
+    if not path:
+        return None
+    from dspark_cli.integrations.tgi.draft import DraftConfig
+
+    return DraftConfig.load(Path(path)).block_size
+
+
+def layer_output(out) -> torch.Tensor:
+    """TGI's flash decoder layers return (hidden, residual) with the residual add deferred to the
+    next layer: the residual stream after the layer is their sum."""
+    if isinstance(out, tuple):
+        hidden, residual = out[0], out[1] if len(out) > 1 else None
+        return hidden if residual is None else hidden + residual
+    return out
+
+
+def find_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            return module
+    raise ValueError("no decoder `layers` ModuleList found in the target model")
+
+
+class HiddenCapture:
+    """Forward hooks on the target layers; `features()` = [tokens, 5·d_t] of the last forward."""
+
+    def __init__(self, model: torch.nn.Module, layer_ids: list[int]):
+        layers = find_layers(model)
+        if max(layer_ids) >= len(layers) - 1:
+            raise ValueError(f"target_layer_ids {layer_ids}: the last layer ({len(layers) - 1}) is normed; not allowed")
+        self.layer_ids = layer_ids
+        self.captured: dict[int, torch.Tensor] = {}
+        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in layer_ids]
+
+    def _hook(self, i: int):
+        def hook(module, args, out):
+            self.captured[i] = layer_output(out).detach()
+        return hook
+
+    def features(self) -> torch.Tensor:
+        missing = [i for i in self.layer_ids if i not in self.captured]
+        if missing:
+            raise RuntimeError(f"target layers {missing} did not run (CUDA-graph replay skips hooks: "
+                               f"launch TGI with --cuda-graphs 0 for DSpark)")
+        return torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+
+
+@dataclass
+class Pending:
+    """What the next verify needs from this step's proposal, for one request."""
+    tokens: torch.Tensor      # [γ]
+    q_token: torch.Tensor     # [γ]
+    q: torch.Tensor           # [γ, V]
+    ell: int                  # verify length chosen by the scheduler
+    survival: torch.Tensor    # [γ], kept for the production scheduler's stale budget
+
+
+class DSparkSpeculation:
+    def __init__(self, draft: DSparkDraft, capture: HiddenCapture | None, scheduler: str = "exact",
+                 sps: runtime.SPSTable | None = None, seed: int = 0):
+        if scheduler not in ("exact", "production", "off"):
+            raise ValueError(f"{ENV_SCHEDULER} must be exact, production or off, got {scheduler!r}")
+        self.draft, self.capture, self.scheduler = draft, capture, scheduler
+        self.sps = sps or runtime.SPSTable.default()
+        self.pending: dict[int, Pending] = {}
+        self.stale: list[torch.Tensor] = []       # survival rows of the last two steps (production)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.stats = {"steps": 0, "verified": 0, "accepted": 0}
+
+    # ------------------------------------------------------------------ verification
+
+    def verify(self, request_ids: list[int], target_logits: torch.Tensor, greedy: torch.Tensor):
+        """target_logits [B, S, V] already warped by TGI (S = 1 + γ with drafts, 1 without).
+        Returns (tokens per request, number of accepted drafts per request)."""
+        B, S, V = target_logits.shape
+        probs = torch.softmax(target_logits.float(), dim=-1)
+        if S == 1 or not all(r in self.pending for r in request_ids):
+            nxt = torch.where(greedy, probs[:, 0].argmax(-1),
+                              torch.multinomial(probs[:, 0].cpu(), 1, generator=self.generator).view(-1).to(probs.device))
+            return [[int(t)] for t in nxt], [0] * B
+        pend = [self.pending[r] for r in request_ids]
+        tokens = torch.stack([p.tokens for p in pend])[:, : S - 1]
+        q_token = torch.stack([p.q_token for p in pend])[:, : S - 1]
+        q = torch.stack([p.q for p in pend])[:, : S - 1]
+        ell = torch.tensor([min(p.ell, S - 1) for p in pend], dtype=torch.int64, device=probs.device)
+        res = runtime.rejection_sample(probs, (tokens, q_token, q), ell, greedy=greedy, generator=self.generator)
+        out, n_acc = [], res.num_accepted.tolist()
+        for i in range(B):
+            out.append([int(t) for t in res.output_tokens[i, : n_acc[i] + 1]])
+        self.stats["verified"] += int(ell.sum())
+        self.stats["accepted"] += sum(n_acc)
+        return out, n_acc
+
+    # ------------------------------------------------------------------ drafting
+
+    def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
+                temperature: torch.Tensor) -> BlockProposal:
+        proposal = self.draft.propose(request_ids, anchors, anchor_positions, temperature, generator=self.generator)
+        a = proposal.survival
+        gamma = a.shape[1]
+        if self.scheduler == "off":
+            ell = torch.full((len(request_ids),), gamma, dtype=torch.int64)
+        elif self.scheduler == "exact":
+            ell = runtime.schedule_exact(a, self.sps)
+        else:
+            # Budget from survival two steps old (cannot depend on these drafts), top-K by current survival.
+            stale = self.stale[0] if len(self.stale) == 2 else a.new_ones(a.shape)
+            if stale.shape[0] != a.shape[0]:
+                stale = a.new_ones(a.shape)  # batch composition changed: be optimistic, still non-anticipating
+            ell = runtime.schedule_production(stale, a, self.sps)
+        self.stale = (self.stale + [a.detach()])[-2:]
+        for i, r in enumerate(request_ids):
+            d = proposal.draft
+            self.pending[r] = Pending(d.tokens[i], d.q_token[i], d.q[i], int(ell[i]), a[i])
+        return proposal
+
+    def forget_except(self, live: set[int]) -> None:
+        for r in [r for r in self.pending if r not in live]:
+            self.pending.pop(r)
+        for r in [r for r in self.draft.caches if r not in live]:
+            self.draft.drop(r)
