@@ -24,8 +24,9 @@ meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtyp
 outs = torch.ops.dspark.markov_chain(meta(3, 7, 1000, dtype=torch.bfloat16), meta(3, dtype=torch.long),
                                      meta(1000, 64, dtype=torch.bfloat16), meta(1000, 64, dtype=torch.bfloat16),
                                      meta(3), meta(3, dtype=torch.long), False)
+ell = torch.ops.dspark.schedule_production(meta(4, 7), meta(5, 7), meta(9), 8)
 print(json.dumps({"first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
-                  "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs],
+                  "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
                   "schema": str(torch.ops.dspark.markov_chain.default._schema)}))
 """
 
@@ -43,6 +44,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert "9.0a" in Path(res["path"]).parent.name
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
                            [[3, 7, 64], "torch.bfloat16"]]
+    assert res["ell"] == [[5], "torch.int64"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
     # the library carries sm_90a machine code
     cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
