@@ -2,7 +2,8 @@
 // block: K = argmax_n Θ_n over the stale survival (Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n
 // on ties), then the top-K current candidates are admitted; ℓ_r = admitted candidates of request r.
 // Candidates are ranked by a descending, then by the j-major flat index j·R + r ascending — the
-// reference's stable sort — with a bitonic sort of 64-bit keys in shared memory. No host sync.
+// reference's stable sort — with a bitonic sort of 64-bit keys (registers, shuffles, shared memory).
+// No host sync.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,54 +22,102 @@ __device__ __forceinline__ uint64_t rank_key(float a, int flat) {
 
 __device__ __forceinline__ float key_value(uint64_t key) { return __uint_as_float(~static_cast<uint32_t>(key >> 32)); }
 
-// Load a [R, γ] survival matrix j-major and sort it; n_pad is a power of two >= R·γ.
-__device__ void load_sorted(const float* a, int R, int gamma, int n_pad, uint64_t* keys) {
-  const int n = R * gamma;
-  for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
-    // flat index i = j·R + r holds a[r, j]
-    keys[i] = i < n ? rank_key(a[(i % R) * gamma + i / R], i) : ~0ull;
+// Compare-exchange element i (holding `mine`) with its partner i ^ stride (holding `theirs`) in
+// bitonic stage `size`: the lower index keeps the min when the run is ascending.
+__device__ __forceinline__ uint64_t exchange(uint64_t mine, uint64_t theirs, int i, int stride, int size) {
+  const bool ascending = (i & size) == 0, lower = (i & stride) == 0;
+  return (lower == ascending) ? min(mine, theirs) : max(mine, theirs);
+}
+
+// Strides <= 32 of one bitonic stage: thread t holds elements 2t and 2t+1, so stride 1 is inside
+// the thread and strides 2..32 are inside the warp (shuffles, no barrier).
+__device__ __forceinline__ void small_strides(uint64_t& k0, uint64_t& k1, int size, int top) {
+  const int i0 = 2 * threadIdx.x;
+  for (int stride = top; stride >= 2; stride >>= 1) {
+    const uint64_t t0 = __shfl_xor_sync(0xffffffffu, k0, stride / 2);
+    const uint64_t t1 = __shfl_xor_sync(0xffffffffu, k1, stride / 2);
+    k0 = exchange(k0, t0, i0, stride, size);
+    k1 = exchange(k1, t1, i0 + 1, stride, size);
   }
+  const uint64_t lo = exchange(k0, k1, i0, 1, size), hi = exchange(k1, k0, i0 + 1, 1, size);
+  k0 = lo;
+  k1 = hi;
+}
+
+// Load a [R, γ] survival matrix j-major (flat index j·R + r) and sort all kMaxCandidates keys
+// (padding sorts last). Barriers only for strides >= 64: 21 instead of 66.
+__device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
+  const int n = R * gamma;
+  const int i0 = 2 * threadIdx.x;
+  uint64_t k0 = i0 < n ? rank_key(a[(i0 % R) * gamma + i0 / R], i0) : ~0ull;
+  uint64_t k1 = i0 + 1 < n ? rank_key(a[((i0 + 1) % R) * gamma + (i0 + 1) / R], i0 + 1) : ~0ull;
+  for (int size = 2; size <= 64; size <<= 1) small_strides(k0, k1, size, min(size / 2, 32));
+  keys[i0] = k0;
+  keys[i0 + 1] = k1;
   __syncthreads();
-  for (int size = 2; size <= n_pad; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
+  for (int size = 128; size <= kMaxCandidates; size <<= 1) {
+    for (int stride = size / 2; stride >= 64; stride >>= 1) {
+      for (int i = threadIdx.x; i < kMaxCandidates; i += blockDim.x) {
         const int partner = i ^ stride;
         if (partner > i) {
-          const bool ascending = (i & size) == 0;
           const uint64_t x = keys[i], y = keys[partner];
-          if ((x > y) == ascending) {
-            keys[i] = y;
-            keys[partner] = x;
-          }
+          keys[i] = exchange(x, y, i, stride, size);
+          keys[partner] = exchange(y, x, partner, stride, size);
         }
       }
       __syncthreads();
     }
+    k0 = keys[i0];
+    k1 = keys[i0 + 1];
+    small_strides(k0, k1, size, 32);
+    keys[i0] = k0;
+    keys[i0 + 1] = k1;
+    __syncthreads();
   }
 }
 
 __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
     const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
-    const float* __restrict__ sps_dense, int sps_limit, int n_pad_stale, int n_pad_now, int64_t* __restrict__ ell) {
+    const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
   __shared__ uint64_t keys[kMaxCandidates];
   __shared__ float prefix[kMaxCandidates];
+  __shared__ float warp_total[kThreads / 32];
   __shared__ float best_theta[kThreads / 32];
   __shared__ int best_n[kThreads / 32];
   __shared__ int ell_s[kMaxCandidates];
   __shared__ int budget;
 
-  // 1. budget K from the stale survival
-  load_sorted(a_stale, R_stale, gamma, n_pad_stale, keys);
+  // 1. budget K from the stale survival: sort, then inclusive prefix sums (thread t owns 2t, 2t+1)
+  load_sorted(a_stale, R_stale, gamma, keys);
   const int n_stale = R_stale * gamma;
-  for (int i = threadIdx.x; i < n_pad_stale; i += blockDim.x) prefix[i] = i < n_stale ? key_value(keys[i]) : 0.f;
-  __syncthreads();
-  for (int offset = 1; offset < n_pad_stale; offset <<= 1) {  // inclusive scan (Hillis-Steele)
-    float add[kMaxCandidates / kThreads];
-    for (int i = threadIdx.x, c = 0; i < n_pad_stale; i += blockDim.x, ++c) add[c] = i >= offset ? prefix[i - offset] : 0.f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  {
+    const int i0 = 2 * threadIdx.x;
+    const float v0 = i0 < n_stale ? key_value(keys[i0]) : 0.f;
+    const float v1 = i0 + 1 < n_stale ? key_value(keys[i0 + 1]) : 0.f;
+    float run = v0 + v1;
+    for (int off = 1; off < 32; off <<= 1) {
+      const float up = __shfl_up_sync(0xffffffffu, run, off);
+      if (lane >= off) run += up;
+    }
+    if (lane == 31) warp_total[warp] = run;
     __syncthreads();
-    for (int i = threadIdx.x, c = 0; i < n_pad_stale; i += blockDim.x, ++c) prefix[i] += add[c];
+    if (warp == 0) {
+      float t = warp_total[lane];
+      for (int off = 1; off < 32; off <<= 1) {
+        const float up = __shfl_up_sync(0xffffffffu, t, off);
+        if (lane >= off) t += up;
+      }
+      warp_total[lane] = t;  // inclusive over warps
+    }
     __syncthreads();
+    float exclusive = __shfl_up_sync(0xffffffffu, run, 1);
+    if (lane == 0) exclusive = 0.f;
+    const float before = (warp > 0 ? warp_total[warp - 1] : 0.f) + exclusive;
+    prefix[i0] = before + v0;
+    prefix[i0 + 1] = before + v0 + v1;
   }
+  __syncthreads();
   float theta = -INFINITY;
   int arg = 0x7fffffff;
   for (int n = threadIdx.x; n <= n_stale; n += blockDim.x) {
@@ -89,7 +138,6 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
       arg = n;
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     best_theta[warp] = theta;
     best_n[warp] = arg;
@@ -108,16 +156,10 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
   __syncthreads();
 
   // 2. admit the top-K current candidates
-  load_sorted(a_now, R, gamma, n_pad_now, keys);
+  load_sorted(a_now, R, gamma, keys);
   for (int i = threadIdx.x; i < budget; i += blockDim.x) atomicAdd(&ell_s[static_cast<uint32_t>(keys[i]) % R], 1);
   __syncthreads();
   for (int r = threadIdx.x; r < R; r += blockDim.x) ell[r] = ell_s[r];
-}
-
-int pow2_at_least(int n) {
-  int p = 1;
-  while (p < n) p <<= 1;
-  return p;
 }
 
 }  // namespace
@@ -138,8 +180,7 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
   auto stale = a_stale.contiguous(), now = a_now.contiguous();
   schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       stale.data_ptr<float>(), R_stale, now.data_ptr<float>(), R, gamma, sps_dense.data_ptr<float>(),
-      static_cast<int>(sps_limit), pow2_at_least(std::max(1, R_stale * gamma)), pow2_at_least(std::max(1, R * gamma)),
-      ell.data_ptr<int64_t>());
+      static_cast<int>(sps_limit), ell.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return ell;
 }
