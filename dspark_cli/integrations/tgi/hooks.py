@@ -3,11 +3,13 @@ TGI's batch object lives here; the math is in speculation.py and dspark_cli.runt
 
 Not run inside a real TGI server in this project (its server package needs CUDA-only wheels):
 the batch fields used below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids,
-cu_seqlen_prefill, next_token_chooser, speculative_ids).
+cu_seqlen_prefill, cache_lengths, input_ids, all_input_ids_tensor, max_current_length,
+next_token_chooser, speculative_ids); tests/test_tgi_dspark.py checks they exist in the real tree.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +19,11 @@ from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, DSparkSpeculation,
                                                      HiddenCapture)
+
+try:  # TGI logs through loguru
+    from loguru import logger
+except ImportError:
+    logger = logging.getLogger(__name__)
 
 
 def maybe_attach(flash_model) -> DSparkSpeculation | None:
@@ -56,24 +63,29 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     spec.forget_except(set(request_ids))
     S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
     scores = _warped_logits(batch, next_token_logits, S)
-    greedy = torch.tensor([not s for s in batch.next_token_chooser.do_sample], device=scores.device)
+    do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
+    greedy = torch.tensor([not s for s in do_sample], device=scores.device)
     tokens, n_acc = spec.verify(request_ids, scores, greedy)
 
     # Commit: target features of the anchor + accepted rows extend each request's draft context.
-    features = spec.capture.features()
-    if batch.cu_seqlen_prefill is not None:  # prefill: every prompt row is context
+    if batch.cu_seqlen_prefill is not None:  # prefill: every computed prompt row is context
         cu = batch.cu_seqlen_prefill.tolist()
         rows = [list(range(cu[i], cu[i + 1])) for i in range(len(batch))]
         positions = batch.position_ids.view(-1)
+        if any(batch.cache_lengths) and not spec.warned_prefix_cache:
+            spec.warned_prefix_cache = True  # still lossless; the draft just misses the cached prefix
+            logger.warning("DSpark: prefix-cached prompt rows are not in the draft's context; "
+                           "set PREFIX_CACHING=0 for full draft quality")
     else:
         rows = [[i * S + j for j in range(n_acc[i] + 1)] for i in range(len(batch))]
         positions = (batch.position_ids.view(-1, 1) + torch.arange(S, device=batch.position_ids.device)).view(-1)
+    features = spec.capture.features(positions.numel())
     for i, r in enumerate(request_ids):
         idx = torch.tensor(rows[i], device=features.device)
         spec.draft.extend_context(r, features[idx], positions[idx])
     anchors = torch.tensor([t[-1] for t in tokens], device=scores.device)
     anchor_positions = [int(positions[rows[i][-1]]) + 1 for i in range(len(batch))]
-    temperature = torch.tensor([p.parameters.temperature if p.parameters.do_sample else 0.0 for p in batch.requests])
+    temperature = torch.tensor([p.parameters.temperature if s else 0.0 for p, s in zip(batch.requests, do_sample)])
     proposal = spec.propose(request_ids, anchors, anchor_positions, temperature)
     spec.stats["steps"] += 1
 

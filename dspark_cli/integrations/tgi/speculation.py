@@ -2,8 +2,8 @@
 
 - `maybe_attach(model)` (end of FlashCausalLM.__init__): when DSPARK_DRAFT names a checkpoint,
   load the drafter and hook the target's configured decoder layers to capture their residual
-  stream (raw layer output, pre-final-norm, DSPARK.md §1.1).
-- `DSparkSpeculation.choose(batch, logits, speculate)` replaces `batch.next_token_chooser(...)` in
+  stream (raw layer output, pre-final-norm, DSPARK.md §1.1) into a CUDA-graph-safe buffer.
+- `hooks.choose(spec, batch, logits, speculate)` replaces `batch.next_token_chooser(...)` in
   generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
   only knows the global `--speculate γ`) is unchanged.
 
@@ -57,27 +57,49 @@ def find_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class HiddenCapture:
-    """Forward hooks on the target layers; `features()` = [tokens, 5·d_t] of the last forward."""
+    """Forward hooks on the target layers copy each layer's residual stream into one static buffer
+    [rows, n_layers·d_t]; `features(n)` = its first n rows (the last forward's real rows).
+
+    Copying into a buffer that outlives every forward (rather than keeping the layer's output) is
+    what makes this CUDA-graph safe: a graph captured through the hook records the copy and
+    replays it into the same buffer; padded graph rows land after the real ones. The buffer is
+    sized by the first eager forward (TGI's warmup prefill, its largest batch) and never moves
+    once a graph has been captured through it."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int]):
         layers = find_layers(model)
         if max(layer_ids) >= len(layers) - 1:
             raise ValueError(f"target_layer_ids {layer_ids}: the last layer ({len(layers) - 1}) is normed; not allowed")
         self.layer_ids = layer_ids
-        self.captured: dict[int, torch.Tensor] = {}
-        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in layer_ids]
+        self.buffer: torch.Tensor | None = None
+        self.graph_captured = False
+        self.handles = [layers[i].register_forward_hook(self._hook(slot)) for slot, i in enumerate(layer_ids)]
 
-    def _hook(self, i: int):
+    def _hook(self, slot: int):
         def hook(module, args, out):
-            self.captured[i] = layer_output(out).detach()
+            x = layer_output(out).detach()
+            x = x.reshape(-1, x.shape[-1])
+            self._ensure(x)
+            d = x.shape[-1]
+            self.buffer[: x.shape[0], slot * d:(slot + 1) * d].copy_(x)
         return hook
 
-    def features(self) -> torch.Tensor:
-        missing = [i for i in self.layer_ids if i not in self.captured]
-        if missing:
-            raise RuntimeError(f"target layers {missing} did not run (CUDA-graph replay skips hooks: "
-                               f"launch TGI with --cuda-graphs 0 for DSpark)")
-        return torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+    def _ensure(self, x: torch.Tensor) -> None:
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        self.graph_captured |= capturing
+        fits = (self.buffer is not None and self.buffer.shape[0] >= x.shape[0] and self.buffer.device == x.device
+                and self.buffer.dtype == x.dtype)
+        if fits:
+            return
+        if self.graph_captured:
+            raise RuntimeError(f"DSpark capture buffer ({None if self.buffer is None else self.buffer.shape[0]} rows) "
+                               f"cannot grow to {x.shape[0]} rows after a CUDA graph was captured through it")
+        self.buffer = x.new_empty((x.shape[0], len(self.layer_ids) * x.shape[-1]))
+
+    def features(self, rows: int) -> torch.Tensor:
+        if self.buffer is None or self.buffer.shape[0] < rows:
+            raise RuntimeError(f"the target layers {self.layer_ids} did not run on {rows} rows")
+        return self.buffer[:rows]
 
 
 @dataclass
@@ -101,6 +123,7 @@ class DSparkSpeculation:
         self.stale: list[torch.Tensor] = []       # survival rows of the last two steps (production)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.stats = {"steps": 0, "verified": 0, "accepted": 0}
+        self.warned_prefix_cache = False
 
     # ------------------------------------------------------------------ verification
 
