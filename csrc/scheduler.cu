@@ -44,10 +44,12 @@ __device__ __forceinline__ void small_strides(uint64_t& k0, uint64_t& k1, int si
   k1 = hi;
 }
 
-// Load a [R, γ] survival matrix j-major (flat index j·R + r) and sort all kMaxCandidates keys
-// (padding sorts last). Barriers only for strides >= 64: 21 instead of 66.
+// Load a [R, γ] survival matrix j-major (flat index j·R + r) and sort its keys, padded with
+// all-ones keys to n_pad = max(64, 2^⌈log2 R·γ⌉). Barriers only for strides >= 64 (21 at n_pad = 2048).
 __device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
   const int n = R * gamma;
+  int n_pad = 64;
+  while (n_pad < n) n_pad <<= 1;
   const int i0 = 2 * threadIdx.x;
   uint64_t k0 = i0 < n ? rank_key(a[(i0 % R) * gamma + i0 / R], i0) : ~0ull;
   uint64_t k1 = i0 + 1 < n ? rank_key(a[((i0 + 1) % R) * gamma + (i0 + 1) / R], i0 + 1) : ~0ull;
@@ -55,9 +57,9 @@ __device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
   keys[i0] = k0;
   keys[i0 + 1] = k1;
   __syncthreads();
-  for (int size = 128; size <= kMaxCandidates; size <<= 1) {
+  for (int size = 128; size <= n_pad; size <<= 1) {
     for (int stride = size / 2; stride >= 64; stride >>= 1) {
-      for (int i = threadIdx.x; i < kMaxCandidates; i += blockDim.x) {
+      for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
         const int partner = i ^ stride;
         if (partner > i) {
           const uint64_t x = keys[i], y = keys[partner];
