@@ -32,7 +32,8 @@ def test_series_applies_to_the_real_tree_and_compiles(tmp_path):
     changed = subprocess.run(["git", "-C", str(work), "diff", "--name-only", "dfb3fbe78e0d1d69251bd33065591c61bafdfaa8",
                               "HEAD"], capture_output=True, text=True, check=True).stdout.split()
     assert {"server/text_generation_server/_dspark.py", "server/text_generation_server/models/__init__.py",
-            "server/text_generation_server/models/flash_causal_lm.py"} == set(changed)
+            "server/text_generation_server/models/flash_causal_lm.py",
+            "server/text_generation_server/models/transformers_flash_causal_lm.py"} == set(changed)
     for f in changed:
         py_compile.compile(str(work / f), doraise=True)
     marker = {}
@@ -163,3 +164,4 @@ def test_layer_output_sums_tgi_deferred_residual():
     h, r = torch.ones(2, 3), torch.full((2, 3), 2.0)
     assert torch.equal(layer_output((h, r)), torch.full((2, 3), 3.0))
     assert torch.equal(layer_output((h, None)), h) and torch.equal(layer_output(h), h)
+    assert torch.equal(layer_output((h, torch.ones(1, 2, 2))), h)  # (hidden, attention weights)

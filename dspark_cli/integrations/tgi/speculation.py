@@ -43,9 +43,10 @@ def draft_block_size() -> int | None:
 def layer_output(out) -> torch.Tensor:
     """TGI's flash decoder layers return (hidden, residual) with the residual add deferred to the
     next layer: the residual stream after the layer is their sum."""
-    if isinstance(out, tuple):
-        hidden, residual = out[0], out[1] if len(out) > 1 else None
-        return hidden if residual is None else hidden + residual
+    if isinstance(out, tuple):  # transformers layers may return (hidden,) or (hidden, attn_weights)
+        hidden, rest = out[0], out[1] if len(out) > 1 else None
+        deferred = isinstance(rest, torch.Tensor) and rest.shape == hidden.shape
+        return hidden + rest if deferred else hidden
     return out
 
 
