@@ -1,0 +1,151 @@
+"""hooks.choose against TGI's own HeterogeneousNextTokenChooser (real v3.3.7 code).
+
+TGI's utils/tokens.py, logits_process.py and watermark.py are copied from DSPARK_TGI_SRC into a
+temporary `text_generation_server` package (with generate_pb2 compiled from the real proto) and
+imported in DSPARK_TGI_UTILS_PYTHON (a Python with TGI's loguru/outlines/protobuf/grpcio-tools;
+.ci/prepare.d/40-tgi-utils.sh builds it). Only the flash batch stays a plain object: its module
+needs TGI's CUDA kernels. Checks:
+- our warped scores are exactly the ones TGI's chooser turns into log-probs (penalties, temperature,
+  top-k, top-p);
+- on an all-greedy batch, choose() returns TGI's next ids, accepted counts and log-probs for the
+  same drafts (TGI's exact-match acceptance is the greedy limit of ours).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
+TGI_PY = os.environ.get("DSPARK_TGI_UTILS_PYTHON")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_tgi_utils_package(src: Path, dest: Path, python: str) -> Path:
+    pkg = dest / "text_generation_server"
+    (pkg / "pb").mkdir(parents=True)
+    (pkg / "utils").mkdir()
+    for f in (pkg / "__init__.py", pkg / "pb" / "__init__.py", pkg / "utils" / "__init__.py"):
+        f.touch()  # the real utils/__init__ imports the weights/hub/CUDA side; we need three leaf modules
+    for name in ("tokens.py", "logits_process.py", "watermark.py"):
+        shutil.copy(src / "server" / "text_generation_server" / "utils" / name, pkg / "utils" / name)
+    subprocess.run([python, "-m", "grpc_tools.protoc", f"-I{src / 'proto' / 'v3'}", f"--python_out={pkg / 'pb'}",
+                    "generate.proto"], check=True)
+    return dest
+
+
+@pytest.mark.skipif(not (TGI_SRC and TGI_PY), reason="needs DSPARK_TGI_SRC (a v3.3.7 clone; GitHub is not reachable "
+                                                     "from CI) and DSPARK_TGI_UTILS_PYTHON (.ci/prepare.d/40-tgi-utils.sh)")
+def test_choose_matches_tgi_next_token_chooser(tmp_path):
+    root = build_tgi_utils_package(Path(TGI_SRC), tmp_path / "tgi", TGI_PY)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{REPO}")
+    out = subprocess.run([TGI_PY, __file__, str(tmp_path / "ckpt")], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "greedy-equivalent" in out.stdout and "warped-equal" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- runs inside DSPARK_TGI_UTILS_PYTHON
+
+
+@dataclass
+class DecodeBatch:
+    """The FlashCausalLMBatch fields hooks.choose reads (v3.3.7 names; tests/test_tgi_capture.py checks them)."""
+    requests: list
+    next_token_chooser: object
+    input_ids: "torch.Tensor"
+    position_ids: "torch.Tensor"
+    all_input_ids_tensor: "torch.Tensor"
+    max_current_length: int
+    speculative_ids: object = None
+    cu_seqlen_prefill: object = None
+    cache_lengths: list = None
+
+    def __len__(self):
+        return len(self.requests)
+
+
+def _params(pb, **kw):
+    base = dict(temperature=1.0, repetition_penalty=1.0, frequency_penalty=0.0, top_k=0, top_p=1.0, typical_p=1.0,
+                do_sample=False, seed=0, watermark=False)
+    base.update(kw)
+    return pb.NextTokenChooserParameters(**base)
+
+
+def _check(ckpt_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from text_generation_server.pb import generate_pb2 as pb
+    from text_generation_server.utils.tokens import HeterogeneousNextTokenChooser
+
+    from dspark_cli.integrations.tgi.draft import DSparkDraft
+    from dspark_cli.integrations.tgi.hooks import _warped_logits, choose
+    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture
+    from dspark_cli.integrations.vllm import models
+
+    torch.manual_seed(0)
+    target_path = models.build_target(ckpt_dir / "target", "successor")
+    target = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
+    draft = DSparkDraft.load(models.build_draft(ckpt_dir / "partial", gamma=3, kind="partial", target=target_path))
+    spec = DSparkSpeculation(draft, HiddenCapture(target, draft.config.target_layer_ids), scheduler="off")
+
+    # 1. Warped scores (sampling parameters) equal TGI's.
+    sampled = [_params(pb, temperature=0.7, top_k=5, do_sample=True), _params(pb, top_p=0.9, frequency_penalty=0.5,
+               do_sample=True), _params(pb, repetition_penalty=1.3), _params(pb, temperature=1.3, typical_p=0.8)]
+    chooser = HeterogeneousNextTokenChooser.from_pb(sampled, torch.float32, torch.device("cpu"), None)
+    B, S, V = len(sampled), 4, models.VOCAB
+    history = torch.randint(0, V, (B, 6))
+    batch = DecodeBatch([pb.Request(id=i, parameters=p) for i, p in enumerate(sampled)], chooser, history[:, -1],
+                        torch.full((B,), 5), history, 6, speculative_ids=torch.randint(0, V, (B, S - 1)))
+    logits = torch.randn(B * S, V)
+    ours = torch.log_softmax(_warped_logits(batch, logits.clone(), S).view(B * S, V), -1)
+    _, _, tgi_all, _, _ = chooser(history, logits.clone(), S - 1, batch.speculative_ids)
+    assert torch.allclose(ours, tgi_all, equal_nan=True), (ours - tgi_all).abs().nan_to_num().max()
+    print("warped-equal")
+
+    # 2. Greedy batch: prefill, then decode steps; TGI's chooser and ours agree on every output.
+    greedy = [_params(pb), _params(pb, repetition_penalty=1.2), _params(pb)]
+    B, P = len(greedy), 5
+    prompts = torch.stack([torch.arange(P) * (i + 2) % (V - 2) for i in range(B)])
+    requests = [pb.Request(id=10 + i, parameters=p) for i, p in enumerate(greedy)]
+    seqs = prompts.clone()
+    with torch.no_grad():
+        logits = target(prompts).logits  # prefill: rows i*P + t, as TGI's cu_seqlen_prefill layout
+    chooser = HeterogeneousNextTokenChooser.from_pb(greedy, torch.float32, torch.device("cpu"), None)
+    pre = DecodeBatch(requests, chooser, prompts.view(-1), torch.arange(P).repeat(B), seqs, P,
+                      cu_seqlen_prefill=torch.arange(0, B * P + 1, P), cache_lengths=[0] * B)
+    next_ids, _, _, accepted, drafts = choose(spec, pre, logits[:, -1].clone(), 3)
+    seqs = [[int(t) for t in prompt] + [int(t)] for prompt, t in zip(prompts, next_ids)]
+    total_accepted = 0
+    for _ in range(4):
+        # Each request's rows: its sequence plus its drafts through the target; stacked they are
+        # what TGI's one flattened decode forward (B·S rows) produces.
+        S = 1 + drafts.shape[1]
+        rows_logits, rows_feats = [], []
+        for i in range(B):
+            inp = torch.tensor([seqs[i] + drafts[i].tolist()])
+            with torch.no_grad():
+                rows_logits.append(target(inp).logits[0, -S:])
+            rows_feats.append(spec.capture.features(inp.shape[1])[-S:].clone())
+        spec.capture.buffer = torch.cat(rows_feats)
+        step_logits = torch.cat(rows_logits)
+        L = max(len(x) for x in seqs)
+        history = torch.tensor([x + [0] * (L - len(x)) for x in seqs])  # right-padded, as TGI's tensor
+        dec = DecodeBatch(requests, chooser, history[:, 0].new_tensor([x[-1] for x in seqs]),
+                          torch.tensor([len(x) - 1 for x in seqs]), history, L, speculative_ids=drafts.clone())
+        t_ids, t_lp, t_all, t_acc, _ = chooser(history, step_logits.clone(), S - 1, drafts.clone())
+        o_ids, o_lp, o_all, o_acc, drafts = choose(spec, dec, step_logits.clone(), 3)
+        assert torch.equal(o_ids, t_ids) and torch.equal(o_acc, t_acc), (o_ids, t_ids, o_acc, t_acc)
+        assert torch.allclose(o_lp, t_lp) and torch.allclose(o_all, t_all)
+        total_accepted += int(t_acc.sum()) - B
+        for x, new in zip(seqs, t_ids.split(t_acc.tolist())):
+            x.extend(int(t) for t in new)
+    assert total_accepted > 0, "no draft was accepted: the comparison did not exercise acceptance"
+    print(f"greedy-equivalent (accepted drafts: {total_accepted})")
+
+
+if __name__ == "__main__":
+    _check(Path(sys.argv[1]))
