@@ -109,13 +109,15 @@ def test_scheduler_limits_what_may_be_accepted(checkpoints):
 
 
 def test_sampled_tokens_follow_the_target_distribution():
-    """Losslessness at T > 0 through our verify path: many requests, one round, a random draft
-    proposing from the real drafter and a fixed target distribution p; emitted tokens ~ p."""
+    """Losslessness at T > 0 through our verify path: many requests, one round, drafts from the real
+    drafter (Markov chain, its corrected q) and a different target distribution p_j at each verify
+    row j; the k-th emitted token of a request follows p_{k-1} (χ², fixed seeds) — a row
+    misalignment or an uncorrected q would skew position 2."""
     g = torch.Generator().manual_seed(0)
-    V, B = models.VOCAB, 3000
+    V, B, S = models.VOCAB, 3000, 4
     support = torch.arange(0, V, V // 8)[:8]
-    p_logits = torch.full((V,), -1e9)
-    p_logits[support] = torch.randn(8, generator=g)
+    p_logits = torch.full((S, V), -1e9)
+    p_logits[:, support] = torch.randn(S, 8, generator=g)
     p = torch.softmax(p_logits, -1)
 
     draft = _random_draft_with_q_on_the_support(support, V, g)
@@ -124,13 +126,15 @@ def test_sampled_tokens_follow_the_target_distribution():
     for r in ids:
         draft.extend_context(r, torch.zeros(0, 1), torch.zeros(0))
     spec.propose(ids, torch.randint(0, V, (B,), generator=g), [0] * B, torch.ones(B))
-    scores = p_logits.expand(B, 4, V).clone()
+    scores = p_logits.expand(B, S, V).clone()
     tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool))
-    first = torch.tensor([t[0] for t in tokens])
-    counts = torch.stack([(first == s).sum() for s in support]).double()
-    assert counts.sum() == B  # nothing outside p's support
-    expected = p[support].double() / p[support].double().sum() * B
-    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 0.01
+    for k in range(2):  # position 3 is reached by too few requests for a χ² with 8 cells
+        emitted = torch.tensor([t[k] for t in tokens if len(t) > k])
+        assert len(emitted) >= 200, f"too few requests reached position {k + 1}"
+        counts = torch.stack([(emitted == s).sum() for s in support]).double()
+        assert counts.sum() == len(emitted)  # nothing outside p's support
+        expected = p[k, support].double() / p[k, support].double().sum() * len(emitted)
+        assert chisquare(counts.numpy(), expected.numpy()).pvalue > 0.01, k
     assert 0 < sum(n_acc) < 3 * B  # drafts were really tested, some accepted, some not
 
 
