@@ -1,0 +1,77 @@
+"""Tiny constructed targets for running the real TGI shard: Llama and Qwen2 checkpoints (the two
+flash model families the series captures from) with a word-level tokenizer, so TGI loads them
+from a local directory like any hub model. Same dimensions as dspark_cli.integrations.vllm.models,
+so its DSpark drafts (released format) fit them: the successor target's greedy next token is
+(prev + 1) mod V and the `oracle` draft predicts exactly that."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark_cli.integrations.vllm import models
+
+FAMILIES = ("llama", "qwen2")
+
+
+def build(path: Path, family: str = "llama", kind: str = "successor", seed: int = 0,
+          logit_scale: float = 1.0) -> Path:
+    """A `family` checkpoint of the `kind` weights (successor | random) of models.build_target.
+    logit_scale multiplies lm_head (a small scale gives a spread-out distribution to sample from)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    path = Path(path)
+    models.build_target(path, kind, seed=seed)
+    tensors = load_file(str(path / "model.safetensors"))
+    # Qwen3's per-head q/k norms are not part of Llama or Qwen2; Qwen2 adds q/k/v biases.
+    tensors = {k: v for k, v in tensors.items() if "q_norm" not in k and "k_norm" not in k}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * logit_scale
+    g = torch.Generator().manual_seed(seed + 1000)
+    if family == "qwen2":
+        for i in range(models.TARGET_LAYERS):
+            for proj, width in (("q_proj", 2 * models.HEAD_DIM), ("k_proj", models.HEAD_DIM),
+                                ("v_proj", models.HEAD_DIM)):
+                tensors[f"model.layers.{i}.self_attn.{proj}.bias"] = torch.randn(width, generator=g) * 0.05
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(_config(family), indent=2))
+    write_tokenizer(path)
+    return path
+
+
+def _config(family: str) -> dict:
+    c = models.target_config()
+    base = {k: c[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                              "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                              "bos_token_id", "eos_token_id", "torch_dtype")}
+    base["rope_theta"] = c["rope_parameters"]["rope_theta"]
+    if family == "llama":
+        return {**base, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                "mlp_bias": False}
+    return {**base, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": models.TARGET_LAYERS}
+
+
+def token(i: int) -> str:
+    return f"t{i}"
+
+
+def text(ids: list[int]) -> str:
+    return " ".join(token(i) for i in ids)
+
+
+def write_tokenizer(path: Path) -> None:
+    """Word-level vocabulary t0 … t{V-1}: token i is the word `t{i}`; no special tokens are added."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token(i): i for i in range(models.VOCAB)}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token=token(models.VOCAB - 3)))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=token(0), eos_token=token(models.VOCAB - 2),
+                                   unk_token=token(models.VOCAB - 3), pad_token=token(models.VOCAB - 3))
+    fast.save_pretrained(str(path))
