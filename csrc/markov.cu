@@ -77,12 +77,11 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
   } else {
     p.sum += __expf(x - p.max);
   }
-  // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x). u rounds to 1.0
-  // once in 2^24 draws: the reference's E is then -0.0 and q / E = -inf, so that entry never wins.
+  // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x); u < 1 always, so E > 0.
   float key = x;
   if (!greedy) {
     const float u = counter_uniform(seed, kStreamDraft, k, v);
-    key = u == 1.f ? -INFINITY : x - logf(-logf(u));
+    key = x - logf(-logf(u));
   }
   if (better(key, v, p.key, p.idx)) {
     p.key = key;

@@ -26,13 +26,13 @@ __device__ __forceinline__ uint32_t threefry2x32_x0(uint32_t k0, uint32_t k1, ui
   return x0;
 }
 
-// u in (0, 1): ((x0 >> 8) + 0.5) * 2^-24, exactly as the torch reference computes it in fp32.
+// u in (0, 1): ((x0 >> 9) + 0.5) * 2^-23, exactly as the torch reference computes it in fp32 (never 1.0).
 __device__ __forceinline__ float counter_uniform(int64_t seed, int stream, int position, uint32_t index) {
   const uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffull);
   const uint32_t k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   const uint32_t c1 = (static_cast<uint32_t>(stream) << 16) | (static_cast<uint32_t>(position) & 0xffffu);
   const uint32_t x0 = threefry2x32_x0(k0, k1, index, c1);
-  return (static_cast<float>(x0 >> 8) + 0.5f) * 5.9604644775390625e-08f;
+  return (static_cast<float>(x0 >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 }  // namespace dspark

@@ -6,7 +6,8 @@ which int64 torch tensors do exactly on any device (Philox's 32x32->64 multiply 
 Counter layout (documented in docs/runtime-api.md, the kernels reproduce it):
   key     = (seed & 0xffffffff, (seed >> 32) & 0xffffffff)      one seed per request
   counter = (index, (stream << 16) | position)                   index = vocab id or 0
-Only output word 0 is used: u = ((x0 >> 8) + 0.5) * 2**-24, uniform in (0, 1).
+Only output word 0 is used: u = ((x0 >> 9) + 0.5) * 2**-23, uniform in (0, 1) and exact in fp32
+(with 24 bits, (2**24 - 0.5) * 2**-24 rounds to 1.0: E = -log(u) = -0 would make a token undrawable).
 """
 
 import torch
@@ -52,7 +53,7 @@ def uniform(seeds: torch.Tensor, stream: int, position, index) -> torch.Tensor:
     if not isinstance(position, int):
         position = torch.as_tensor(position, device=seeds.device, dtype=torch.int64)
     x0, _ = threefry2x32(key0, key1, index & _MASK32, (stream << 16) | (position & 0xFFFF))
-    return ((x0 >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    return ((x0 >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 
 def exponential(seeds: torch.Tensor, stream: int, position: int, width: int) -> torch.Tensor:
