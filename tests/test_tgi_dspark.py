@@ -22,13 +22,22 @@ SERIES = REPO / "patches" / "tgi" / "v3.3.7"
 TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
 
 
-@pytest.mark.skipif(not TGI_SRC, reason="DSPARK_TGI_SRC (a clone of huggingface/text-generation-inference "
-                                        "holding v3.3.7) is not set; GitHub is not reachable from CI")
-def test_series_applies_to_the_real_tree_and_compiles(tmp_path):
-    work = tmp_path / "tgi"
+needs_tree = pytest.mark.skipif(not TGI_SRC, reason="DSPARK_TGI_SRC (a clone of huggingface/text-generation-inference "
+                                                    "holding v3.3.7) is not set; GitHub is not reachable from CI")
+
+
+@pytest.fixture(scope="module")
+def applied_tree(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tgi") / "tgi"
     out = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "tgi", "--repo", TGI_SRC, "-C", str(work),
                           "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    return work
+
+
+@needs_tree
+def test_series_applies_to_the_real_tree_and_compiles(applied_tree):
+    work = applied_tree
     changed = subprocess.run(["git", "-C", str(work), "diff", "--name-only", "dfb3fbe78e0d1d69251bd33065591c61bafdfaa8",
                               "HEAD"], capture_output=True, text=True, check=True).stdout.split()
     assert {"server/text_generation_server/_dspark.py", "server/text_generation_server/models/__init__.py",
@@ -40,6 +49,25 @@ def test_series_applies_to_the_real_tree_and_compiles(tmp_path):
     exec((work / "server/text_generation_server/_dspark.py").read_text(), marker)
     listed = [l for l in (SERIES / "series").read_text().splitlines() if l and not l.startswith("#")]
     assert marker["SERIES"] == "tgi/v3.3.7" and marker["PATCHES"] == listed
+
+
+@needs_tree
+def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
+    """`dspark verify tgi` finds the patched text_generation_server on the path (read from disk, not
+    imported) and fails with exit 1 on an unpatched copy."""
+    server = applied_tree / "server"
+    run = lambda path: subprocess.run([sys.executable, "-m", "dspark_cli", "verify", "tgi", "--json"],
+                                      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(path)))
+    ok = run(server)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    import json
+    result = json.loads(ok.stdout)
+    assert result["tgi_server"]["series"] == "tgi/v3.3.7" and result["tgi_server"]["problems"] == []
+    unpatched = tmp_path / "server"
+    subprocess.run(["cp", "-r", str(server), str(unpatched)], check=True)
+    (unpatched / "text_generation_server" / "_dspark.py").unlink()
+    bad = run(unpatched)
+    assert bad.returncode == 1 and "not patched" in bad.stdout + bad.stderr
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""`dspark verify tgi`: is the installed TGI patched with our series, and does our TGI-side
-drafter/verifier stay lossless? TGI's server cannot run without its CUDA wheels, so the loop below
-drives our hooks' logic over a real transformers target built on the spot (tiny, constructed)."""
+"""`dspark verify tgi`: is the installed TGI server package patched with our series (marker and
+hooks in place), and does our TGI-side drafter/verifier stay lossless? TGI's server cannot run
+without its CUDA wheels, so the loop below drives our hooks' logic over a real transformers target
+built on the spot (tiny, constructed)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,35 @@ import torch
 
 from dspark_cli.errors import CheckFailed
 from dspark_cli.output import console, emit
+
+SERIES = "tgi/v3.3.7"
+# file of the installed package -> a name our patch puts there
+HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "dspark_choose",
+         "models/transformers_flash_causal_lm.py": "maybe_attach"}
+
+
+def installed_server() -> dict:
+    """State of the importable text_generation_server (read from disk, never imported: it needs CUDA)."""
+    import importlib.util
+
+    from dspark_cli.doctor import patch_marker
+    from dspark_cli.series import read_series
+
+    marker = patch_marker("text_generation_server")
+    if marker is None:
+        return {"installed": False, "problems": []}
+    expected = read_series(Path(__file__).resolve().parents[2] / "patches" / "tgi" / "v3.3.7")
+    problems = []
+    if not marker:
+        problems.append("text_generation_server has no _dspark.py: not patched (dspark apply tgi, then reinstall)")
+    elif marker.get("SERIES") != SERIES or marker.get("PATCHES") != expected:
+        problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({SERIES} {expected})")
+    root = Path(importlib.util.find_spec("text_generation_server").submodule_search_locations[0])
+    for rel, name in HOOKS.items():
+        f = root / rel
+        if not f.is_file() or name not in f.read_text(encoding="utf-8"):
+            problems.append(f"{f}: DSpark hook ({name}) missing")
+    return {"installed": True, "location": str(root), "series": marker.get("SERIES"), "problems": problems}
 
 
 def generate(target, speculation, prompt: list[int], steps: int, temperature: float = 0.0):
@@ -42,12 +72,15 @@ def generate(target, speculation, prompt: list[int], steps: int, temperature: fl
 def run(as_json: bool = False) -> None:
     from transformers import AutoModelForCausalLM
 
-    from dspark_cli.doctor import patch_marker
+    from transformers.utils import logging as hf_logging
+
     from dspark_cli.integrations.tgi.draft import DSparkDraft
     from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture
     from dspark_cli.integrations.vllm import models
 
-    marker = patch_marker("text_generation_server")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    server = installed_server()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         target_path = models.build_target(Path(tmp) / "target", "successor")
@@ -64,11 +97,17 @@ def run(as_json: bool = False) -> None:
             out, accepted, rounds = generate(target, spec, prompt, steps)
             rows.append({"draft": kind, "identical": out == ref, "mean_accepted_length": steps / rounds,
                          "tokens_per_s": steps / (time.perf_counter() - start), "tokens_per_s_no_spec": base_tps})
-    result = {"tgi_installed_patched": marker.get("SERIES") if marker else None, "checks": rows,
-              "ok": all(r["identical"] for r in rows)}
+    result = {"tgi_server": server, "checks": rows,
+              "ok": all(r["identical"] for r in rows) and not server["problems"]}
 
     def render(r):
-        console.print(f"installed TGI: {r['tgi_installed_patched'] or 'not installed or not patched here'}")
+        srv = r["tgi_server"]
+        if not srv["installed"]:
+            console.print("installed TGI server: none in this environment (only the TGI-side loop below ran)")
+        elif not srv["problems"]:
+            console.print(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({srv['location']})")
+        for problem in srv["problems"]:
+            console.print(f"[red]FAIL[/red] {problem}")
         for c in r["checks"]:
             mark = "[green]ok[/green]" if c["identical"] else "[red]FAIL[/red]"
             console.print(f"{mark} {c['draft']:8} greedy identical to no speculation; accepted length "
@@ -77,4 +116,4 @@ def run(as_json: bool = False) -> None:
 
     emit(result, as_json, render)
     if not result["ok"]:
-        raise CheckFailed("DSpark output differs from no speculation in the TGI-side loop")
+        raise CheckFailed("; ".join(server["problems"]) or "DSpark output differs from no speculation in the TGI-side loop")
