@@ -17,8 +17,8 @@ import torch
 
 from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft import DSparkDraft
-from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, DSparkSpeculation,
-                                                     HiddenCapture)
+from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, ENV_STS,
+                                                     DSparkSpeculation, HiddenCapture)
 
 try:  # TGI logs through loguru
     from loguru import logger
@@ -34,6 +34,8 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
     target = flash_model.model
     weight = next(target.parameters())
     draft = DSparkDraft.load(Path(path), device=weight.device, dtype=weight.dtype)
+    if os.environ.get(ENV_STS):
+        draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
     capture = HiddenCapture(target, draft.config.target_layer_ids)
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
     return DSparkSpeculation(draft, capture, os.environ.get(ENV_SCHEDULER, "exact"), sps)
@@ -60,7 +62,10 @@ def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
 def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, speculate: int):
     """Drop-in for batch.next_token_chooser(...): (next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids)."""
     request_ids = [r.id for r in batch.requests]
-    spec.forget_except(set(request_ids))
+    if batch.cu_seqlen_prefill is None:
+        # A decode batch holds every live request (the router decodes all cached batches together);
+        # a prefill batch holds only the arriving ones, so forgetting there would drop live drafts.
+        spec.forget_except(set(request_ids))
     S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
     scores = _warped_logits(batch, next_token_logits, S)
     do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
@@ -85,8 +90,11 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         spec.draft.extend_context(r, features[idx], positions[idx])
     anchors = torch.tensor([t[-1] for t in tokens], device=scores.device)
     anchor_positions = [int(positions[rows[i][-1]]) + 1 for i in range(len(batch))]
-    temperature = torch.tensor([p.parameters.temperature if s else 0.0 for p, s in zip(batch.requests, do_sample)])
-    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature)
+    params = [r.parameters for r in batch.requests]
+    temperature = torch.tensor([p.temperature if s else 0.0 for p, s in zip(params, do_sample)])
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+    top_p = torch.tensor([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], dtype=torch.float32)
+    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p)
     spec.stats["steps"] += 1
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]

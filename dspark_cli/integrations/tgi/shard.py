@@ -12,7 +12,8 @@ TGI's Intel path (torch 2.7.0 + intel-extension-for-pytorch 2.7.0, ATTENTION=fla
 SPEC: {"model": dir, "draft": dir|null, "waves": [[arrival_decode_step, [request, ...]], ...],
        "env": {...}} with request = {"id", "prompt": [ids], "max_new_tokens", "temperature",
        "do_sample", "seed", "top_k", "top_p", "repetition_penalty"}.
-OUT: {"speculate": Info.speculate, "tokens": {id: [generated ids]}, "finish": {id: reason}, "steps": n}
+OUT: {"speculate": Info.speculate, "tokens": {id: [generated ids]}, "finish": {id: reason},
+      "rounds": {id: generate_token calls that emitted its tokens}, "steps": decode calls}
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Router:
         self.next_block = 1  # never reused: tests are small
         self.batch_ids = 0
         self.tokens: dict[int, list[int]] = {}
+        self.rounds: dict[int, int] = {}  # generate_token calls that emitted tokens for the request
         self.finish: dict[int, str] = {}
 
     def _request(self, r: dict):
@@ -68,6 +70,7 @@ class Router:
     def _collect(self, generations) -> None:
         for g in generations:
             self.tokens.setdefault(g.request_id, []).extend(g.tokens.ids)
+            self.rounds[g.request_id] = self.rounds.get(g.request_id, 0) + 1
             if g.HasField("generated_text"):
                 self.finish[g.request_id] = self.pb.FinishReason.Name(g.generated_text.finish_reason)
 
@@ -150,7 +153,8 @@ def serve_and_drive(spec: dict) -> dict:
             steps = router.run(spec["waves"])
             return {"speculate": info.speculate, "device_type": info.device_type,
                     "tokens": {str(k): v for k, v in router.tokens.items()},
-                    "finish": {str(k): v for k, v in router.finish.items()}, "steps": steps}
+                    "finish": {str(k): v for k, v in router.finish.items()},
+                    "rounds": {str(k): v for k, v in router.rounds.items()}, "steps": steps}
         except grpc.RpcError as e:
             log.seek(0)
             server.poll()
