@@ -136,7 +136,9 @@ def test_scheduler_limits_what_may_be_accepted(checkpoints):
     assert spec.stats["verified"] < 3 * (rounds - 1)
 
 
-def test_sampled_tokens_follow_the_target_distribution():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_sampled_tokens_follow_the_target_distribution(device):
     """Losslessness at T > 0 through our verify path: many requests, one round, drafts from the real
     drafter (Markov chain, its corrected q) and a different target distribution p_j at each verify
     row j; the k-th emitted token of a request follows p_{k-1} (χ², fixed seeds) — a row
@@ -148,14 +150,15 @@ def test_sampled_tokens_follow_the_target_distribution():
     p_logits[:, support] = torch.randn(S, 8, generator=g)
     p = torch.softmax(p_logits, -1)
 
-    draft = _random_draft_with_q_on_the_support(support, V, g)
+    cpu_draft = _random_draft_with_q_on_the_support(support, V, g)
+    draft = DSparkDraft(cpu_draft.config, {k: v.to(device) for k, v in cpu_draft.w.items()})
     spec = DSparkSpeculation(draft, None, scheduler="off", seed=1)
     ids = list(range(B))
     for r in ids:
-        draft.extend_context(r, torch.zeros(0, 1), torch.zeros(0))
-    spec.propose(ids, torch.randint(0, V, (B,), generator=g), [0] * B, torch.ones(B))
-    scores = p_logits.expand(B, S, V).clone()
-    tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool))
+        draft.extend_context(r, torch.zeros(0, 1, device=device), torch.zeros(0, device=device))
+    spec.propose(ids, torch.randint(0, V, (B,), generator=g).to(device), [0] * B, torch.ones(B))
+    scores = p_logits.expand(B, S, V).clone().to(device)
+    tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool, device=device))
     for k in range(2):  # position 3 is reached by too few requests for a χ² with 8 cells
         emitted = torch.tensor([t[k] for t in tokens if len(t) > k])
         assert len(emitted) >= 200, f"too few requests reached position {k + 1}"

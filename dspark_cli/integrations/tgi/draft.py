@@ -77,9 +77,11 @@ class BlockProposal:
 
 
 class DSparkDraft:
-    def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor],
+                 sts: runtime.STSCalibration | None = None):
         self.config = config
         self.w = weights
+        self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
         self.caches: dict[int, RequestCache] = {}
 
     @classmethod
@@ -163,13 +165,15 @@ class DSparkDraft:
         h = torch.stack([self.hidden_block(r, int(a), p) for r, a, p in zip(request_ids, anchors.tolist(),
                                                                               anchor_positions)])
         U = h @ w["lm_head.weight"].T
-        draft = runtime.markov_chain(U, anchors.to(torch.int64), w["markov_head.markov_w1.weight"],
-                                     w["markov_head.markov_w2.weight"], temperature.float(),
-                                     top_k=top_k, top_p=top_p, seeds=seeds, generator=generator)
+        dev = U.device
+        draft = runtime.markov_chain(U, anchors.to(dev, torch.int64), w["markov_head.markov_w1.weight"],
+                                     w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
+                                     top_k=None if top_k is None else top_k.to(dev),
+                                     top_p=None if top_p is None else top_p.to(dev), seeds=seeds, generator=generator)
         if "confidence_head.proj.weight" in w:
             z = runtime.confidence_logits(h.float(), draft.prev_emb.float(), w["confidence_head.proj.weight"].float(),
                                           w["confidence_head.proj.bias"].float())
-            c = runtime.confidence_probs(z)
+            c = runtime.confidence_probs(z, self.sts)
         else:  # a checkpoint without the head: verify everything (scheduler sees certainty)
             c = torch.ones(draft.tokens.shape, dtype=torch.float32, device=U.device)
         return BlockProposal(draft=draft, confidence=c, survival=runtime.survival(c))

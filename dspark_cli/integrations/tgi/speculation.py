@@ -28,6 +28,7 @@ from dspark_cli.integrations.tgi.draft import BlockProposal, DSparkDraft
 ENV_DRAFT = "DSPARK_DRAFT"
 ENV_SCHEDULER = "DSPARK_SCHEDULER"      # exact (Algorithm 1) | production | off (verify all γ)
 ENV_SPS = "DSPARK_SPS_TABLE"
+ENV_STS = "DSPARK_STS"                  # STS calibration file (dspark-sts/1) for the confidence head
 
 
 def draft_block_size() -> int | None:
@@ -122,7 +123,8 @@ class DSparkSpeculation:
         self.sps = sps or runtime.SPSTable.default()
         self.pending: dict[int, Pending] = {}
         self.stale: list[torch.Tensor] = []       # survival rows of the last two steps (production)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # on the draft's device: the runtime draws its noise on the tensors' device
+        self.generator = torch.Generator(device=draft.w["embed_tokens.weight"].device).manual_seed(seed)
         self.stats = {"steps": 0, "verified": 0, "accepted": 0}
         self.warned_prefix_cache = False
 
@@ -134,8 +136,9 @@ class DSparkSpeculation:
         B, S, V = target_logits.shape
         probs = torch.softmax(target_logits.float(), dim=-1)
         if S == 1 or not all(r in self.pending for r in request_ids):
-            nxt = torch.where(greedy, probs[:, 0].argmax(-1),
-                              torch.multinomial(probs[:, 0].cpu(), 1, generator=self.generator).view(-1).to(probs.device))
+            probs = probs.to(self.generator.device)
+            nxt = torch.where(greedy.to(probs.device), probs[:, 0].argmax(-1),
+                              torch.multinomial(probs[:, 0], 1, generator=self.generator).view(-1))
             return [[int(t)] for t in nxt], [0] * B
         pend = [self.pending[r] for r in request_ids]
         tokens = torch.stack([p.tokens for p in pend])[:, : S - 1]
@@ -153,8 +156,12 @@ class DSparkSpeculation:
     # ------------------------------------------------------------------ drafting
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
-                temperature: torch.Tensor) -> BlockProposal:
-        proposal = self.draft.propose(request_ids, anchors, anchor_positions, temperature, generator=self.generator)
+                temperature: torch.Tensor, top_k: torch.Tensor | None = None,
+                top_p: torch.Tensor | None = None) -> BlockProposal:
+        """top_k/top_p: the request's warp, applied to q as to the target (higher acceptance; any q
+        stays lossless because the drafts are tested against the q they were sampled from)."""
+        proposal = self.draft.propose(request_ids, anchors, anchor_positions, temperature, top_k=top_k, top_p=top_p,
+                                      generator=self.generator)
         a = proposal.survival
         gamma = a.shape[1]
         if self.scheduler == "off":
