@@ -1,0 +1,126 @@
+"""cuda_env's probes: CUDA_HOME resolution on real directory layouts and on this machine's real
+nvcc (a wrapper script in /usr/local/bin, the case torch's own guess gets wrong), version parsing
+and the arch list. Every probe reports a problem and hint instead of raising."""
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import cuda_env
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+
+
+def make_prefix(root: Path, nvcc=True, cudart=True, header=True) -> Path:
+    """A directory laid out like a CUDA toolkit, with the parts asked for."""
+    (root / "bin").mkdir(parents=True)
+    if nvcc:
+        (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+        (root / "bin" / "nvcc").chmod(0o755)
+    if cudart:
+        (root / "lib64").mkdir()
+        (root / "lib64" / "libcudart.so").write_text("")
+    if header:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_prefix_problem_names_the_missing_part(tmp_path):
+    assert cuda_env.prefix_problem(make_prefix(tmp_path / "ok")) is None
+    assert "no bin/nvcc" in cuda_env.prefix_problem(make_prefix(tmp_path / "a", nvcc=False))
+    assert "libcudart" in cuda_env.prefix_problem(make_prefix(tmp_path / "b", cudart=False))
+    assert "cuda_runtime.h" in cuda_env.prefix_problem(make_prefix(tmp_path / "c", header=False))
+
+
+def test_cuda_home_without_libcudart_is_refused_with_a_hint(tmp_path, monkeypatch):
+    """The /usr/local case: bin/nvcc exists (a wrapper) but the prefix has no toolkit libraries."""
+    bad = make_prefix(tmp_path / "usr-local", cudart=False, header=False)
+    monkeypatch.setenv("CUDA_HOME", str(bad))
+    home = cuda_env.resolve_cuda_home()
+    assert home.source == "CUDA_HOME" and home.path == bad
+    assert "libcudart" in home.problem and "CUDA_HOME" in home.hint
+
+
+def test_cuda_path_is_honoured_when_cuda_home_is_unset(tmp_path, monkeypatch):
+    good = make_prefix(tmp_path / "cuda")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CUDA_PATH", str(good))
+    home = cuda_env.resolve_cuda_home()
+    assert (home.path, home.source, home.problem) == (good, "CUDA_PATH", None)
+
+
+def test_no_toolkit_at_all_is_a_problem_not_an_exception(tmp_path, monkeypatch):
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc anywhere on PATH
+    monkeypatch.setattr(cuda_env, "Path", _no_default_cuda(cuda_env.Path))
+    home = cuda_env.resolve_cuda_home()
+    assert home.path is None and home.problem and home.hint
+    nvcc = cuda_env.nvcc_info(home)
+    assert nvcc.path is None and nvcc.problem == "nvcc not found" and nvcc.hint
+
+
+def _no_default_cuda(real_path):
+    """Path, except that /usr/local/cuda does not exist (this machine may have one)."""
+
+    class P(type(real_path())):
+        def exists(self, *a, **k):
+            return False if str(self) == "/usr/local/cuda" else super().exists(*a, **k)
+
+    return P
+
+
+@needs_nvcc
+def test_real_nvcc_resolves_to_its_own_toolkit(monkeypatch):
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    home = cuda_env.resolve_cuda_home()
+    assert home.source == "nvcc" and home.path is not None
+    assert cuda_env.prefix_problem(home.path) is None
+    assert os.access(home.path / "bin" / "nvcc", os.X_OK)
+    if Path(NVCC).resolve().parent.parent != home.path:  # nvcc on PATH is a wrapper elsewhere
+        assert home.torch_guess == str(Path(NVCC).parent.parent)
+    nvcc = cuda_env.nvcc_info(home)
+    assert nvcc.problem is None and nvcc.path.startswith(str(home.path))
+    major, minor = nvcc.version.split(".")
+    assert int(major) >= 11 and minor.isdigit()
+
+
+def test_nvcc_without_a_release_line_is_reported(tmp_path):
+    fake = make_prefix(tmp_path / "odd")
+    (fake / "bin" / "nvcc").write_text("#!/bin/sh\necho 'not a compiler'\n")
+    (fake / "bin" / "nvcc").chmod((fake / "bin" / "nvcc").stat().st_mode | stat.S_IEXEC)
+    info = cuda_env.nvcc_info(cuda_env.CudaHome(fake, "CUDA_HOME"))
+    assert info.version is None and "did not report a release" in info.problem
+
+
+def test_torch_info_reports_this_torch():
+    import torch
+
+    info = cuda_env.torch_info()
+    assert info.version == torch.__version__ and info.cuda == torch.version.cuda
+    assert (info.problem is None) == (torch.version.cuda is not None)
+
+
+def test_arch_list_sources_and_normalisation(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert cuda_env.arch_list("9.0") == (["9.0a"], "--arch")  # Hopper gets its sm_90a features
+    assert cuda_env.arch_list("sm_90a, 80 8.6+PTX") == (["8.0", "8.6", "9.0a"], "--arch")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert cuda_env.arch_list() == (["9.0a"], "TORCH_CUDA_ARCH_LIST")
+    assert cuda_env.arch_list("8.0") == (["8.0"], "--arch")  # the flag wins over the variable
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert cuda_env.arch_list(gpus=cuda_env.Gpus(["H200"], ["9.0"])) == (["9.0a"], "detected GPU")
+    archs, source = cuda_env.arch_list(gpus=cuda_env.Gpus())
+    assert archs == [] and "--arch" in source
+    with pytest.raises(ValueError, match="not a CUDA arch"):
+        cuda_env.arch_list("hopper")
+
+
+def test_major():
+    assert cuda_env.major("13.0") == 13 and cuda_env.major(None) is None
