@@ -64,14 +64,15 @@ def text(ids: list[int]) -> str:
 
 
 def write_tokenizer(path: Path) -> None:
-    """Word-level vocabulary t0 … t{V-1}: token i is the word `t{i}`; no special tokens are added."""
+    """Word-level vocabulary t0 … t{V-1}: token i is the word `t{i}`; no special tokens are added.
+    Written as tokenizer.json + a PreTrainedTokenizerFast config so any transformers version reads it."""
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {token(i): i for i in range(models.VOCAB)}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token=token(models.VOCAB - 3)))
+    unk = token(models.VOCAB - 3)
+    tok = Tokenizer(tok_models.WordLevel({token(i): i for i in range(models.VOCAB)}, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=token(0), eos_token=token(models.VOCAB - 2),
-                                   unk_token=token(models.VOCAB - 3), pad_token=token(models.VOCAB - 3))
-    fast.save_pretrained(str(path))
+    tok.save(str(Path(path) / "tokenizer.json"))
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token(0), "eos_token": token(models.VOCAB - 2),
+        "unk_token": unk, "pad_token": unk, "model_max_length": 1024}, indent=2))

@@ -1,0 +1,114 @@
+"""DSpark inside the real TGI v3.3.7 shard (`text-generation-server serve`, our series applied),
+driven over gRPC like TGI's router by dspark_cli.integrations.tgi.shard, on the CPU through TGI's
+Intel path (torch 2.7.0 + ipex 2.7.0, bf16). Needs DSPARK_TGI_SHARD_PYTHON (the venv that
+.ci/prepare.d/41-tgi-shard.sh builds); skips with the reason otherwise."""
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from dspark_cli.integrations.tgi import fixtures
+from dspark_cli.integrations.vllm import models
+
+SHARD_PYTHON = os.environ.get("DSPARK_TGI_SHARD_PYTHON")
+pytestmark = pytest.mark.skipif(not SHARD_PYTHON, reason="DSPARK_TGI_SHARD_PYTHON (a venv with the patched TGI "
+                                                         "v3.3.7 server, built by .ci/prepare.d/41-tgi-shard.sh "
+                                                         "from DSPARK_TGI_SRC) is not set")
+GAMMA = 3
+
+
+def shard(tmp_path: Path, name: str, spec: dict) -> dict:
+    spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([SHARD_PYTHON, "-m", "dspark_cli.integrations.tgi.shard", str(spec_file), str(out_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out_file.read_text())
+
+
+def waves() -> list:
+    """Two arrivals: the second is prefilled while the first decodes, then both decode together."""
+    first = [{"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 13},
+             {"id": 2, "prompt": [40, 41], "max_new_tokens": 9, "repetition_penalty": 1.3},
+             {"id": 3, "prompt": [120], "max_new_tokens": 17}]
+    second = [{"id": 4, "prompt": [7, 8, 9, 10], "max_new_tokens": 10},
+              {"id": 5, "prompt": [200, 1], "max_new_tokens": 6}]
+    return [[0, first], [2, second]]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tgi-llama")
+    target = fixtures.build(root / "target", "llama", "successor")
+    return {"target": target,
+            "oracle": models.build_draft(root / "oracle", gamma=GAMMA, kind="oracle", target=target),
+            "partial": models.build_draft(root / "partial", gamma=GAMMA, kind="partial", target=target)}
+
+
+def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama, tmp_path):
+    plain = shard(tmp_path, "plain", {"model": str(llama["target"]), "draft": None, "waves": waves()})
+    oracle = shard(tmp_path, "oracle", {"model": str(llama["target"]), "draft": str(llama["oracle"]),
+                                        "waves": waves()})
+    partial = shard(tmp_path, "partial", {"model": str(llama["target"]), "draft": str(llama["partial"]),
+                                          "waves": waves()})
+    assert plain["speculate"] == 0 and oracle["speculate"] == partial["speculate"] == GAMMA  # patch 0002
+    assert oracle["tokens"] == plain["tokens"] == partial["tokens"]
+    for r in (p for _, wave in waves() for p in wave):
+        rid, n = str(r["id"]), r["max_new_tokens"]
+        assert plain["tokens"][rid] == [(r["prompt"][-1] + 1 + i) % models.VOCAB for i in range(n)]
+        assert plain["finish"][rid] == oracle["finish"][rid] == "FINISH_REASON_LENGTH"
+        # Oracle: prefill gives 1 token, every decode round γ + 1 (arrivals and concatenation lose none).
+        assert oracle["rounds"][rid] == 1 + math.ceil((n - 1) / (GAMMA + 1))
+        assert oracle["rounds"][rid] <= partial["rounds"][rid] < plain["rounds"][rid] == n
+
+
+def test_qwen2_random_target_greedy_identical(tmp_path):
+    target = fixtures.build(tmp_path / "target", "qwen2", "random", seed=3)
+    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="random", target=target, seed=4)
+    spec = {"model": str(target), "waves": waves()}
+    plain = shard(tmp_path, "plain", {**spec, "draft": None})
+    dspark = shard(tmp_path, "dspark", {**spec, "draft": str(draft)})
+    assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
+    assert all(len(dspark["tokens"][str(r["id"])]) == r["max_new_tokens"] for _, w in waves() for r in w)
+
+
+def test_sampled_tokens_follow_the_target_distribution(tmp_path):
+    """T = 1: N requests with one prompt emit t1 (prefill) and t2 (the first verify round, where the
+    oracle-style draft proposes t1 + 1 from its Markov q). Both marginals and P(t2 = t1 + 1) must
+    match the target's own distribution, computed with transformers on the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
+    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
+    prompt, N = [3, 17, 99], 600
+    requests = [{"id": i + 1, "prompt": prompt, "max_new_tokens": 2, "do_sample": True, "temperature": 1.0,
+                 "seed": 1000 + i} for i in range(N)]
+    out = shard(tmp_path, "sampled", {"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
+    pairs = torch.tensor([out["tokens"][str(r["id"])] for r in requests])  # [N, 2]
+
+    hf = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1].double(), -1)          # [V]
+        seqs = torch.cat([torch.tensor(prompt).expand(models.VOCAB, -1), torch.arange(models.VOCAB)[:, None]], 1)
+        p2 = torch.softmax(hf(seqs).logits[:, -1].double(), -1)                            # [V t1, V t2]
+    expected = {"t1": p1, "t2": p1 @ p2}
+    for name, col in (("t1", 0), ("t2", 1)):
+        _chi2(pairs[:, col], expected[name], N, name)
+    succ = (pairs[:, 1] == (pairs[:, 0] + 1) % models.VOCAB).sum().item()
+    p_succ = sum(p1[t] * p2[t, (t + 1) % models.VOCAB] for t in range(models.VOCAB)).item()
+    assert chisquare([succ, N - succ], [N * p_succ, N * (1 - p_succ)]).pvalue > 1e-3, (succ, N * p_succ)
+
+
+def _chi2(samples: torch.Tensor, p: torch.Tensor, n: int, name: str) -> None:
+    """χ² over the tokens expected ≥ 5 times each, the rest pooled in one cell."""
+    big = (p * n >= 5).nonzero().view(-1)
+    observed = [int((samples == t).sum()) for t in big] + [n - int(torch.isin(samples, big).sum())]
+    expected = (p[big] * n).tolist() + [n * (1 - float(p[big].sum()))]
+    assert len(big) >= 1 and expected[-1] > 0
+    assert chisquare(observed, expected).pvalue > 1e-3, (name, observed, expected)
