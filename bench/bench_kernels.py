@@ -5,16 +5,19 @@
 
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
 of --repeats replays is reported. Floor = bytes that must move / measured copy bandwidth:
-W2 once per step (γ·V·r·2), U (R·γ·V·2), and q (R·γ·V·4) when return_q. The scheduler
+W2 once per step (γ·V·r·2), U (R·γ·V·2), and q (R·γ·V·4) when return_q. Rejection sampling
+(all ℓ_r = γ, every request rejected at a random position, so every request reads a q row): the p row
+and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U row (R·V·2) instead. The scheduler
 (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs at R = 256."""
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
 
-from dspark_cli.runtime import SPSTable, cuda_ops, markov_chain, schedule_production
+from dspark_cli.runtime import SPSTable, cuda_ops, markov_chain, rejection_sample, schedule_production
 
 V, RANK, GAMMA = 151936, 256, 7
 
@@ -70,10 +73,47 @@ def markov_inputs(R: int, greedy: bool):
     return U, anchors, w1, w2, temperature, seeds
 
 
+def bench_rejection(R: int, bw: float, repeats: int) -> list[dict]:
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
+    rows = []
+    for stored in (False, True):
+        cuda_ops.set_enabled(False)
+        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
+        cuda_ops.set_enabled(True)
+        g = torch.Generator(device="cuda").manual_seed(R + 1)
+        target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
+        target /= target.sum(-1, keepdim=True)
+        # p(x_j) = 0 at one random position per request: a rejection there, a residual draw over V
+        reject_at = torch.randint(0, GAMMA, (R,), device="cuda", generator=g)
+        target[torch.arange(R, device="cuda"), reject_at, draft.tokens.gather(1, reject_at[:, None])[:, 0]] = 0
+        ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+
+        def call():
+            return rejection_sample(target, draft, ell, seeds=seeds)
+
+        medians = {}
+        for use_ops in (True, False):
+            cuda_ops.set_enabled(use_ops)
+            medians[use_ops] = statistics.median(time_replays(call, repeats))
+        cuda_ops.set_enabled(True)
+        nbytes = R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)
+        floor = nbytes / bw
+        name = f"rejection {'q stored' if stored else 'q rebuilt'}"
+        row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "torch_ms": medians[False] * 1e3,
+               "floor_ms": floor * 1e3}
+        rows.append(row)
+        print(f"{name:28} {R:4d} {row['kernel_ms']:10.3f} {row['torch_ms']:10.3f} {row['floor_ms']:9.3f} "
+              f"{medians[True] / floor:12.2f} {medians[False] / medians[True]:8.1f}x", flush=True)
+        del draft, target
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,128")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--ops", default="markov,rejection,schedule", help="which of markov, rejection, schedule to run")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if cuda_ops.load() is None:
@@ -82,7 +122,8 @@ def main() -> None:
     print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'floor ms':>9} {'kernel/floor':>12} {'speedup':>8}")
     rows = []
-    for R in [int(s) for s in args.sizes.split(",")]:
+    ops = set(args.ops.split(","))
+    for R in [int(s) for s in args.sizes.split(",")] if "markov" in ops else []:
         for greedy in (False, True):
             inputs = markov_inputs(R, greedy)
             U, anchors, w1, w2, temperature, seeds = inputs
@@ -105,8 +146,11 @@ def main() -> None:
                       f"{medians[True] / floor:12.2f} {medians[False] / medians[True]:8.1f}x", flush=True)
             del inputs, U, w1, w2
             torch.cuda.empty_cache()
+    os.environ["DSPARK_CUDA_OPS_UNVERIFIED"] = "1"  # time the rejection kernel even before it is verified
+    for R in [int(s) for s in args.sizes.split(",")] if "rejection" in ops else []:
+        rows += bench_rejection(R, bw, args.repeats)
     sps = SPSTable.default()
-    for R in (16, 128, 256):
+    for R in (16, 128, 256) if "schedule" in ops else ():
         g = torch.Generator(device="cuda").manual_seed(R)
         a_stale, a_now = (torch.cumprod(torch.rand(R, GAMMA, device="cuda", generator=g) ** 0.3, dim=1) for _ in range(2))
         medians = {}

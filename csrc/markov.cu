@@ -216,7 +216,10 @@ cudaDataType_t cublas_type(at::ScalarType t) {
   }
 }
 
-// bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]).
+}  // namespace
+
+// bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
+// rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
   const int V = w2.size(0), rank = w2.size(1);
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
@@ -234,6 +237,8 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
 }
+
+namespace {
 
 int choose_splits(int R, int V) {
   // Enough blocks to fill 132 SMs several times over, slices of at least 1024 vocab entries.

@@ -9,6 +9,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q);
 
+std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
+    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
+    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
+    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds);
+
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
 
@@ -27,21 +34,36 @@ at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor&
   return at::empty({a_now.size(0)}, a_now.options().dtype(at::kLong));
 }
 
+std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
+    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
+    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
+    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds) {
+  return {at::empty({tokens.size(0), tokens.size(1) + 1}, tokens.options()), at::empty({tokens.size(0)}, tokens.options())};
+}
+
 }  // namespace dspark
 
 TORCH_LIBRARY(dspark, m) {
   m.def(
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
       "bool return_q) -> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb)");
+  m.def(
+      "rejection_sample(Tensor target, Tensor row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
+      "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds) "
+      "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
 }
 
 TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("markov_chain", &dspark::markov_chain_cuda);
+  m.impl("rejection_sample", &dspark::rejection_sample_cuda);
   m.impl("schedule_production", &dspark::schedule_production_cuda);
 }
 
 TORCH_LIBRARY_IMPL(dspark, Meta, m) {
   m.impl("markov_chain", &dspark::markov_chain_meta);
+  m.impl("rejection_sample", &dspark::rejection_sample_meta);
   m.impl("schedule_production", &dspark::schedule_production_meta);
 }

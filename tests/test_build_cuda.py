@@ -25,8 +25,14 @@ outs = torch.ops.dspark.markov_chain(meta(3, 7, 1000, dtype=torch.bfloat16), met
                                      meta(1000, 64, dtype=torch.bfloat16), meta(1000, 64, dtype=torch.bfloat16),
                                      meta(3), meta(3, dtype=torch.long), False)
 ell = torch.ops.dspark.schedule_production(meta(4, 7), meta(5, 7), meta(9), 8)
+L = lambda *s: meta(*s, dtype=torch.long)
+rej = torch.ops.dspark.rejection_sample(meta(20, 1000), L(3), L(3), L(3, 7), meta(3, 7), None,
+                                        meta(3, 7, 1000, dtype=torch.bfloat16), L(3), meta(1000, 64, dtype=torch.bfloat16),
+                                        meta(1000, 64, dtype=torch.bfloat16), meta(3), None, L(3))
 print(json.dumps({"first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
+                  "rej": [[list(o.shape), str(o.dtype)] for o in rej],
+                  "ops": sorted(n for n in dir(torch.ops.dspark) if not n.startswith("_") and n not in ("name", "overloads")),
                   "schema": str(torch.ops.dspark.markov_chain.default._schema)}))
 """
 
@@ -45,6 +51,8 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
                            [[3, 7, 64], "torch.bfloat16"]]
     assert res["ell"] == [[5], "torch.int64"]
+    assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
+    assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
     # the library carries sm_90a machine code
     cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
@@ -81,3 +89,18 @@ def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
     k1 = build.plan("9.0a").key
     (src / "x.cu").write_text("// v2\n")
     assert build.plan("9.0a").key != k1
+
+
+def test_unverified_ops_stay_off_until_allowed(monkeypatch):
+    """An op not yet checked on a GPU declines (the torch reference runs) unless explicitly allowed."""
+    from dspark_cli.runtime import cuda_ops
+
+    monkeypatch.delenv("DSPARK_CUDA_OPS_UNVERIFIED", raising=False)
+    if not cuda_ops.UNVERIFIED:
+        pytest.skip("every op has been checked on a GPU")
+    assert not any(cuda_ops.verified_or_allowed(op) for op in cuda_ops.UNVERIFIED)
+    if "rejection_sample" in cuda_ops.UNVERIFIED:  # declines before touching its arguments
+        assert cuda_ops.rejection_sample(None, None, None, None, seeds=None) is NotImplemented
+    assert cuda_ops.verified_or_allowed("markov_chain")
+    monkeypatch.setenv("DSPARK_CUDA_OPS_UNVERIFIED", "1")
+    assert all(cuda_ops.verified_or_allowed(op) for op in cuda_ops.UNVERIFIED)

@@ -7,7 +7,8 @@ memory, CUDA-graph capture and torch.compile. Skipped, with the reason, without 
 import pytest
 import torch
 
-from dspark_cli.selftest import MarkovCase, compare_markov, compare_schedule, markov_inputs, poison_allocator
+from dspark_cli.selftest import (MarkovCase, RejectionCase, compare_markov, compare_rejection, compare_schedule,
+                                 markov_inputs, poison_allocator, rejection_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -104,3 +105,54 @@ def test_schedule_production_declines_too_many_candidates():
 
     a = torch.rand(300, 7, device="cuda")
     assert cuda_ops.schedule_production(a, a, SPSTable.default()) is NotImplemented
+
+
+REJECTION_CASES = [
+    RejectionCase(1, 7, 151936, 256, seed=1),
+    RejectionCase(16, 7, 151936, 256, greedy_every=3, seed=2),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, seed=3),
+    RejectionCase(128, 7, 151936, 256, q_stored=False, seed=4),
+    RejectionCase(37, 3, 50257, 64, greedy_every=2, flat=True, seed=5),
+    RejectionCase(37, 3, 50257, 64, q_stored=False, greedy_every=2, flat=True, seed=6),
+    RejectionCase(5, 1, 1000, 16, q_stored=False, seed=7),
+    RejectionCase(9, 4, 32000, 32, greedy_every=1, seed=8),  # all greedy
+]
+
+
+@pytest.mark.parametrize("case", REJECTION_CASES, ids=lambda c: c.label())
+def test_rejection_sample_matches_reference(case):
+    res = compare_rejection(case)
+    assert res["ok"], res
+    assert 0 < res["accepted_total"] < res["verified_total"] or case.R == 1, res  # both outcomes exercised
+
+
+def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
+    draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(16, 7, 50257, 64, q_stored=False,
+                                                                      greedy_every=4, seed=9))
+    R, gamma = draft.tokens.shape
+    row_start = torch.arange(R, device="cuda") * (gamma + 1)
+    s = draft.source
+    args = (target.reshape(-1, target.shape[-1]), row_start, ell, draft.tokens, draft.q_token, None, s.U,
+            s.anchors.long(), s.w1, s.w2, s.temperature.float(), greedy, seeds)
+    op = torch.ops.dspark.rejection_sample
+    eager = op(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(*args)
+    captured[0].fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+    @torch.compile(fullgraph=True)
+    def verify(*a):
+        out, n = op(*a)
+        return out + 0, n * 1
+
+    out, n = verify(*args)
+    assert torch.equal(out, eager[0]) and torch.equal(n, eager[1])

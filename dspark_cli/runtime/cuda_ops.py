@@ -3,7 +3,10 @@
 The extension is found through $DSPARK_OPS_LIB or the last successful build recorded in
 $DSPARK_CACHE/build/last.json, and loaded once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False))
 keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
-Each op returns NotImplemented for cases it does not cover; the torch reference then runs."""
+Each op returns NotImplemented for cases it does not cover; the torch reference then runs.
+An op in UNVERIFIED is compiled and registered (CI checks that) but has not yet been run against
+the reference on a GPU: the runtime uses it only with DSPARK_CUDA_OPS_UNVERIFIED=1, which the GPU
+tests and `dspark verify ops` set; a GPU run that passes them is what moves it out of the set."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+
+UNVERIFIED = {"rejection_sample"}
 
 _state = {"tried": False, "loaded": None, "error": None, "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
 
@@ -54,6 +59,10 @@ def set_enabled(enabled: bool) -> None:
     _state["enabled"] = enabled
 
 
+def verified_or_allowed(op: str) -> bool:
+    return op not in UNVERIFIED or os.environ.get("DSPARK_CUDA_OPS_UNVERIFIED") == "1"
+
+
 def available(*tensors) -> bool:
     if not _state["enabled"] or not all(t.is_cuda for t in tensors):
         return False
@@ -87,3 +96,26 @@ def schedule_production(a_stale, a_now, sps):
         return NotImplemented
     return torch.ops.dspark.schedule_production(a_stale.float().contiguous(), a_now.float().contiguous(),
                                                 sps.dense(a_now.device), sps.dense_limit)
+
+
+def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, generator=None, uniforms=None,
+                     exp_noise=None):
+    """Covers seeded (counter-based) randomness, greedy and sampled requests mixed, q stored or
+    rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype)."""
+    from dspark_cli.runtime.rejection import VerifyResult
+
+    if not verified_or_allowed("rejection_sample") or seeds is None or uniforms is not None or exp_noise is not None:
+        return NotImplemented
+    if draft.q is not None:
+        q, rebuild = draft.q.float().contiguous(), (None,) * 5
+    else:
+        s = draft.source
+        if s is None or s.top_k is not None or s.top_p is not None or s.w1.dtype != s.w2.dtype:
+            return NotImplemented
+        q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
+                            s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
+    output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
+        target.contiguous(), row_start.to(torch.int64).contiguous(), ell.to(torch.int64).contiguous(),
+        draft.tokens.to(torch.int64).contiguous(), draft.q_token.to(torch.float32).contiguous(), q, *rebuild,
+        None if greedy is None else greedy.contiguous(), seeds.contiguous())
+    return VerifyResult(output_tokens, num_accepted)

@@ -1,0 +1,370 @@
+// Variable-length rejection sampling on the GPU (docs/kernels.md), the math of
+// dspark_cli/runtime/rejection.py, without storing q [R, γ, V]: the one q row a rejected request
+// needs is rebuilt from U_k + W2·W1[x_{k-1}] (or read from q when the draft kept it).
+//
+//   1. accept_kernel, one block per request: ratio tests u_j·q_j(x_j) < p_j(x_j) along the prefix
+//      (greedy requests: x_j == argmax p_j), n = accepted count; greedy requests also emit argmax of
+//      the first unaccepted row here; the drafts are copied into the output, −1 padded.
+//      For a rebuilt q row it gathers W1[x_{n-1}] (x_{-1} = anchor) into H [R, r].
+//   2. (rebuilt q only) bias = H·W2ᵀ by cuBLAS (the GEMM markov_chain sampled with), then per split
+//      of V the online max / sum-exp (and argmax, for a request at temperature < 1e-5) of (U_n + bias)/T
+//   3. race_kernel per split of V: residual max(p − q, 0) and its mass, and the exponential race of
+//      the residual and of p with the same noise E_v (stream 2), so no second pass over V is needed
+//   4. finish_kernel: residual winner if rejected and its mass > 1e-8, else p's winner.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "threefry.cuh"
+
+namespace dspark {
+
+// markov.cu: bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, H rows ldh elements apart.
+void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kAcceptThreads = 1024;
+constexpr float kGreedyBelow = 1e-5f;        // sampling.GREEDY_BELOW
+constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
+constexpr int kStreamAccept = 1, kStreamRecover = 2;  // rng.STREAM_ACCEPT / STREAM_RECOVER
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+struct Best {  // argmax with ties to the lowest index, as torch.argmax
+  float key;
+  int idx;
+};
+
+__device__ __forceinline__ Best pick(Best a, Best b) {
+  return (b.key > a.key || (b.key == a.key && b.idx < a.idx)) ? b : a;
+}
+
+__device__ __forceinline__ Best warp_pick(Best b) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Best o{__shfl_xor_sync(0xffffffffu, b.key, off), __shfl_xor_sync(0xffffffffu, b.idx, off)};
+    b = pick(b, o);
+  }
+  return b;
+}
+
+// argmax of one fp32 row over the whole block (every thread gets it).
+__device__ int block_argmax(const float* __restrict__ row, int V) {
+  __shared__ Best warp_best[kAcceptThreads / 32];
+  __shared__ int result;
+  Best b{-INFINITY, 0x7fffffff};
+  for (int v = threadIdx.x; v < V; v += blockDim.x) b = pick(b, Best{row[v], v});
+  b = warp_pick(b);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // warp_best / result may still be read from the previous call
+  if (lane == 0) warp_best[warp] = b;
+  __syncthreads();
+  if (warp == 0) {
+    b = lane < blockDim.x / 32 ? warp_best[lane] : Best{-INFINITY, 0x7fffffff};
+    b = warp_pick(b);
+    if (lane == 0) result = b.idx;
+  }
+  __syncthreads();
+  return result;
+}
+
+// Step 1. state[r] = {n, rejected}: what the later kernels need.
+template <typename WT>
+__global__ void accept_kernel(const float* __restrict__ target, int V, const int64_t* __restrict__ row_start,
+                              const int64_t* __restrict__ ell, const int64_t* __restrict__ tokens,
+                              const float* __restrict__ q_token, const bool* __restrict__ greedy,
+                              const int64_t* __restrict__ seeds, int gamma, const int64_t* __restrict__ anchors,
+                              const WT* __restrict__ w1, int rank, WT* __restrict__ h,
+                              int64_t* __restrict__ out_tokens, int64_t* __restrict__ num_accepted,
+                              int* __restrict__ state) {
+  const int r = blockIdx.x;
+  const bool is_greedy = greedy != nullptr && greedy[r];
+  const int64_t start = row_start[r], len = ell[r];
+  const int64_t* draft = tokens + static_cast<int64_t>(r) * gamma;
+  int n = 0;
+  int greedy_next = -1;  // argmax of row start + n, once known
+  for (; n < len; ++n) {
+    const float* row = target + (start + n) * V;
+    bool accept;
+    if (is_greedy) {
+      greedy_next = block_argmax(row, V);
+      accept = draft[n] == greedy_next;
+    } else {
+      const float u = counter_uniform(seeds[r], kStreamAccept, n, 0u);
+      accept = u * q_token[static_cast<int64_t>(r) * gamma + n] < row[draft[n]];
+    }
+    if (!accept) break;
+    greedy_next = -1;
+  }
+  if (is_greedy && greedy_next < 0) greedy_next = block_argmax(target + (start + n) * V, V);
+  int64_t* out = out_tokens + static_cast<int64_t>(r) * (gamma + 1);
+  for (int i = threadIdx.x; i <= gamma; i += blockDim.x) {
+    out[i] = i < n ? draft[i] : (i == n && is_greedy ? greedy_next : -1);
+  }
+  if (threadIdx.x == 0) {
+    num_accepted[r] = n;
+    state[2 * r] = n;
+    state[2 * r + 1] = (!is_greedy && n < len) ? 1 : 0;
+  }
+  if (h != nullptr) {  // W1 of the token before draft position n, for the rebuilt q row
+    const int pos = min(n, gamma - 1);
+    const int64_t prev = pos == 0 ? anchors[r] : draft[pos - 1];
+    for (int j = threadIdx.x; j < rank; j += blockDim.x) h[static_cast<int64_t>(r) * rank + j] = w1[prev * rank + j];
+  }
+}
+
+struct Stats {  // of x = logits / T over a slice: max, sum exp(x - max), first argmax
+  float max;
+  float sum;
+  int idx;
+};
+
+__device__ __forceinline__ Stats merge(Stats a, Stats b) {
+  Stats out;
+  out.max = fmaxf(a.max, b.max);
+  out.sum = (a.sum == 0.f ? 0.f : a.sum * __expf(a.max - out.max)) +
+            (b.sum == 0.f ? 0.f : b.sum * __expf(b.max - out.max));
+  out.idx = (b.max > a.max || (b.max == a.max && b.idx < a.idx)) ? b.idx : a.idx;
+  return out;
+}
+
+__device__ __forceinline__ Stats warp_merge(Stats s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Stats o{__shfl_xor_sync(0xffffffffu, s.max, off), __shfl_xor_sync(0xffffffffu, s.sum, off),
+            __shfl_xor_sync(0xffffffffu, s.idx, off)};
+    s = merge(s, o);
+  }
+  return s;
+}
+
+template <typename T, typename F>
+__device__ __forceinline__ T block_reduce(T value, F op, T empty) {
+  __shared__ T warp_values[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) warp_values[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < blockDim.x / 32 ? warp_values[lane] : empty;
+    value = op(value);
+  }
+  return value;  // valid in thread 0
+}
+
+__device__ __forceinline__ float step_scale(float T) { return T < kGreedyBelow ? 1.f : T; }
+
+// Step 2b, grid (splits, R): stats of the rebuilt logits row, for rejected sampled requests only.
+template <typename UT>
+__global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
+                                 const float* __restrict__ temperature, const int* __restrict__ state,
+                                 Stats* __restrict__ partials, int gamma, int V, int slice) {
+  const int r = blockIdx.y;
+  if (!state[2 * r + 1]) return;
+  const int pos = min(state[2 * r], gamma - 1);
+  const float scale = step_scale(temperature[r]);
+  const UT* u_row = U + (static_cast<int64_t>(r) * gamma + pos) * V;
+  const float* b_row = bias + static_cast<int64_t>(r) * V;
+  const int start = blockIdx.x * slice, end = min(V, start + slice);
+  Stats s{-INFINITY, 0.f, 0x7fffffff};
+  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+    const float x = (to_float(u_row[v]) + b_row[v]) / scale;
+    if (x > s.max) {
+      s.sum = s.sum * __expf(s.max - x) + 1.f;
+      s.max = x;
+      s.idx = v;
+    } else {
+      s.sum += __expf(x - s.max);
+    }
+  }
+  s = block_reduce(warp_merge(s), [](Stats v) { return warp_merge(v); }, Stats{-INFINITY, 0.f, 0x7fffffff});
+  if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = s;
+}
+
+struct Race {  // per slice: the residual's and p's race winners, and the residual mass
+  Best res;
+  Best p;
+  float mass;
+};
+
+__device__ __forceinline__ Race merge(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
+
+__device__ __forceinline__ Race warp_merge(Race x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Race o{{__shfl_xor_sync(0xffffffffu, x.res.key, off), __shfl_xor_sync(0xffffffffu, x.res.idx, off)},
+           {__shfl_xor_sync(0xffffffffu, x.p.key, off), __shfl_xor_sync(0xffffffffu, x.p.idx, off)},
+           __shfl_xor_sync(0xffffffffu, x.mass, off)};
+    x = merge(x, o);
+  }
+  return x;
+}
+
+// Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the
+// merged row stats (stats_partials, stats_splits of them per request).
+template <typename UT>
+__global__ void race_kernel(const float* __restrict__ target, const int64_t* __restrict__ row_start,
+                            const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
+                            const int* __restrict__ state, const float* __restrict__ q_stored,
+                            const UT* __restrict__ U, const float* __restrict__ bias,
+                            const float* __restrict__ temperature, const Stats* __restrict__ stats_partials,
+                            int stats_splits, Race* __restrict__ partials, int gamma, int V, int slice) {
+  const int r = blockIdx.y;
+  if (greedy != nullptr && greedy[r]) return;
+  const int n = state[2 * r];
+  const bool rejected = state[2 * r + 1];
+  const int pos = min(n, gamma - 1);
+  const float* p_row = target + (row_start[r] + n) * V;
+  const int64_t seed = seeds[r];
+
+  // Rebuilt q: q_v = exp(x_v - max) / sum, or one-hot at the argmax for a greedy temperature.
+  __shared__ Stats row;
+  const bool rebuilt = rejected && q_stored == nullptr;
+  if (rebuilt && threadIdx.x < 32) {
+    Stats s{-INFINITY, 0.f, 0x7fffffff};
+    for (int i = threadIdx.x; i < stats_splits; i += 32) s = merge(s, stats_partials[static_cast<int64_t>(r) * stats_splits + i]);
+    s = warp_merge(s);
+    if (threadIdx.x == 0) row = s;
+  }
+  __syncthreads();
+  const float T = temperature != nullptr ? temperature[r] : 1.f;
+  const bool one_hot = T < kGreedyBelow;
+  const float scale = step_scale(T);
+  const float* q_row = q_stored != nullptr ? q_stored + (static_cast<int64_t>(r) * gamma + pos) * V : nullptr;
+  const UT* u_row = U != nullptr ? U + (static_cast<int64_t>(r) * gamma + pos) * V : nullptr;
+  const float* b_row = bias != nullptr ? bias + static_cast<int64_t>(r) * V : nullptr;
+
+  const int start = blockIdx.x * slice, end = min(V, start + slice);
+  Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
+  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+    const float p = p_row[v];
+    const float E = -logf(counter_uniform(seed, kStreamRecover, 0, static_cast<uint32_t>(v)));
+    acc.p = pick(acc.p, Best{p / E, v});
+    if (rejected) {
+      float q;
+      if (!rebuilt) q = q_row[v];
+      else if (one_hot) q = v == row.idx ? 1.f : 0.f;
+      else q = expf((to_float(u_row[v]) + b_row[v]) / scale - row.max) / row.sum;
+      const float res = fmaxf(p - q, 0.f);
+      acc.mass += res;
+      acc.res = pick(acc.res, Best{res / E, v});
+    }
+  }
+  const Race empty{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
+  acc = block_reduce(warp_merge(acc), [](Race v) { return warp_merge(v); }, empty);
+  if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = acc;
+}
+
+// Step 4, one warp per request.
+__global__ void finish_kernel(const Race* __restrict__ partials, int splits, const bool* __restrict__ greedy,
+                              const int* __restrict__ state, int gamma, int64_t* __restrict__ out_tokens) {
+  const int r = blockIdx.x;
+  if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
+  Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
+  for (int i = threadIdx.x; i < splits; i += 32) acc = merge(acc, partials[static_cast<int64_t>(r) * splits + i]);
+  acc = warp_merge(acc);
+  if (threadIdx.x == 0) {
+    const bool use_residual = state[2 * r + 1] && acc.mass > kResidualMassFloor;
+    out_tokens[static_cast<int64_t>(r) * (gamma + 1) + state[2 * r]] = use_residual ? acc.res.idx : acc.p.idx;
+  }
+}
+
+int choose_splits(int R, int V) {
+  const int want = (4 * 132 + R - 1) / R;
+  return std::max(1, std::min(want, (V + 1023) / 1024));
+}
+
+template <typename T>
+using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
+    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
+    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
+    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds) {
+  TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
+              "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
+  TORCH_CHECK(row_start.scalar_type() == at::kLong && ell.scalar_type() == at::kLong &&
+                  tokens.scalar_type() == at::kLong && seeds.scalar_type() == at::kLong &&
+                  q_token.scalar_type() == at::kFloat,
+              "dspark::rejection_sample: row_start, ell, tokens, seeds must be int64 and q_token fp32");
+  const bool stored = q.has_value() && q->defined();
+  TORCH_CHECK(stored || (U && anchors && w1 && w2 && temperature),
+              "dspark::rejection_sample: pass q, or U, anchors, w1, w2 and temperature to rebuild it");
+  const c10::cuda::CUDAGuard guard(target.device());
+  const int R = tokens.size(0), gamma = tokens.size(1), V = target.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto out_tokens = at::empty({R, gamma + 1}, tokens.options());
+  auto num_accepted = at::empty({R}, tokens.options());
+  auto state = at::empty({R, 2}, tokens.options().dtype(at::kInt));
+  const bool* greedy_p = greedy && greedy->defined() ? greedy->data_ptr<bool>() : nullptr;
+  const int splits = choose_splits(R, V);
+  const int slice = (V + splits - 1) / splits;
+  auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
+                              target.options().dtype(at::kByte));
+  auto* races = reinterpret_cast<Race*>(race_parts.data_ptr<uint8_t>());
+
+  if (stored) {
+    TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
+                "dspark::rejection_sample: q must be contiguous fp32 [R, γ, V]");
+    accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
+        target.data_ptr<float>(), V, row_start.data_ptr<int64_t>(), ell.data_ptr<int64_t>(),
+        tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr,
+        nullptr, 0, nullptr, out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    race_kernel<float><<<dim3(splits, R), kThreads, 0, stream>>>(
+        target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
+        state.data_ptr<int>(), q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, 0, races, gamma, V, slice);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_CHECK(w1->scalar_type() == w2->scalar_type() && w1->is_contiguous() && w2->is_contiguous() &&
+                    U->is_contiguous() && U->size(2) == V && anchors->scalar_type() == at::kLong &&
+                    temperature->scalar_type() == at::kFloat,
+                "dspark::rejection_sample: U, w1, w2 contiguous (w1, w2 of one dtype), anchors int64, temperature fp32");
+    const int rank = w1->size(1);
+    auto h = at::empty({R, rank}, w1->options());
+    auto bias = at::empty({R, V}, target.options());
+    auto stats_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
+                                 target.options().dtype(at::kByte));
+    auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1->scalar_type(), "dspark_reject_w", [&] {
+      using WT = device_t<scalar_t>;
+      accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
+          target.data_ptr<float>(), V, row_start.data_ptr<int64_t>(), ell.data_ptr<int64_t>(),
+          tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma,
+          anchors->data_ptr<int64_t>(), reinterpret_cast<const WT*>(w1->data_ptr()), rank,
+          reinterpret_cast<WT*>(h.data_ptr()), out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+          state.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    bias_gemm(*w2, h.data_ptr(), rank, R, bias);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
+      using UT = device_t<scalar_t>;
+      const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
+      row_stats_kernel<UT><<<dim3(splits, R), kThreads, 0, stream>>>(
+          up, bias.data_ptr<float>(), temperature->data_ptr<float>(), state.data_ptr<int>(), stats, gamma, V, slice);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      race_kernel<UT><<<dim3(splits, R), kThreads, 0, stream>>>(
+          target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
+          state.data_ptr<int>(), nullptr, up, bias.data_ptr<float>(), temperature->data_ptr<float>(), stats, splits,
+          races, gamma, V, slice);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
+                                      out_tokens.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out_tokens, num_accepted};
+}
+
+}  // namespace dspark
