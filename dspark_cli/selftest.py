@@ -163,14 +163,10 @@ def rejection_inputs(case: RejectionCase):
 
 
 def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
-    import os
-
     from dspark_cli.runtime import cuda_ops, rejection_sample, rejection_sample_flat
 
     draft, target, ell, greedy, seeds = inputs
     cuda_ops.set_enabled(use_cuda_ops)
-    saved = os.environ.get("DSPARK_CUDA_OPS_UNVERIFIED")
-    os.environ["DSPARK_CUDA_OPS_UNVERIFIED"] = "1"
     try:
         poison_allocator()
         if not case.flat:
@@ -181,10 +177,6 @@ def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
         return rejection_sample_flat(torch.cat(rows).contiguous(), cu, draft, greedy=greedy, seeds=seeds)
     finally:
         cuda_ops.set_enabled(True)
-        if saved is None:
-            os.environ.pop("DSPARK_CUDA_OPS_UNVERIFIED")
-        else:
-            os.environ["DSPARK_CUDA_OPS_UNVERIFIED"] = saved
 
 
 def compare_rejection(case: RejectionCase) -> dict:

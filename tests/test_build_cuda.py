@@ -90,17 +90,3 @@ def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
     (src / "x.cu").write_text("// v2\n")
     assert build.plan("9.0a").key != k1
 
-
-def test_unverified_ops_stay_off_until_allowed(monkeypatch):
-    """An op not yet checked on a GPU declines (the torch reference runs) unless explicitly allowed."""
-    from dspark_cli.runtime import cuda_ops
-
-    monkeypatch.delenv("DSPARK_CUDA_OPS_UNVERIFIED", raising=False)
-    if not cuda_ops.UNVERIFIED:
-        pytest.skip("every op has been checked on a GPU")
-    assert not any(cuda_ops.verified_or_allowed(op) for op in cuda_ops.UNVERIFIED)
-    if "rejection_sample" in cuda_ops.UNVERIFIED:  # declines before touching its arguments
-        assert cuda_ops.rejection_sample(None, None, None, None, seeds=None) is NotImplemented
-    assert cuda_ops.verified_or_allowed("markov_chain")
-    monkeypatch.setenv("DSPARK_CUDA_OPS_UNVERIFIED", "1")
-    assert all(cuda_ops.verified_or_allowed(op) for op in cuda_ops.UNVERIFIED)

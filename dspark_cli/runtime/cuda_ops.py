@@ -3,10 +3,7 @@
 The extension is found through $DSPARK_OPS_LIB or the last successful build recorded in
 $DSPARK_CACHE/build/last.json, and loaded once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False))
 keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
-Each op returns NotImplemented for cases it does not cover; the torch reference then runs.
-An op in UNVERIFIED is compiled and registered (CI checks that) but has not yet been run against
-the reference on a GPU: the runtime uses it only with DSPARK_CUDA_OPS_UNVERIFIED=1, which the GPU
-tests and `dspark verify ops` set; a GPU run that passes them is what moves it out of the set."""
+Each op returns NotImplemented for cases it does not cover; the torch reference then runs."""
 
 from __future__ import annotations
 
@@ -15,8 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-
-UNVERIFIED = {"rejection_sample"}
 
 _state = {"tried": False, "loaded": None, "error": None, "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
 
@@ -57,10 +52,6 @@ def load_error() -> str | None:
 
 def set_enabled(enabled: bool) -> None:
     _state["enabled"] = enabled
-
-
-def verified_or_allowed(op: str) -> bool:
-    return op not in UNVERIFIED or os.environ.get("DSPARK_CUDA_OPS_UNVERIFIED") == "1"
 
 
 def available(*tensors) -> bool:
@@ -104,7 +95,7 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype)."""
     from dspark_cli.runtime.rejection import VerifyResult
 
-    if not verified_or_allowed("rejection_sample") or seeds is None or uniforms is not None or exp_noise is not None:
+    if seeds is None or uniforms is not None or exp_noise is not None:
         return NotImplemented
     if draft.q is not None:
         q, rebuild = draft.q.float().contiguous(), (None,) * 5
