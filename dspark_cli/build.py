@@ -7,14 +7,18 @@ No typer/rich here: the GPU machine builds through `python -c` with PYTHONPATH=.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
+import sysconfig
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dspark_cli import cuda_env
+from dspark_cli import __version__, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -159,3 +163,57 @@ def last_build() -> dict | None:
         return json.loads((cache_root() / "last.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+WHEEL_PACKAGE = "dspark_ops"
+
+_WHEEL_INIT = '''"""Prebuilt dspark CUDA ops, from `dspark build --wheel`. load() registers torch.ops.dspark.*;
+dspark_cli.runtime.cuda_ops finds this package when there is no local build."""
+
+from pathlib import Path
+
+LIBRARY = Path(__file__).with_name("dspark_ops.so")
+BUILD = {build!r}
+
+
+def load() -> str:
+    import torch
+
+    torch.ops.load_library(str(LIBRARY))
+    return str(LIBRARY)
+'''
+
+
+def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
+    """A wheel holding the built library (package dspark_ops), pinned to the exact torch it was
+    built against: the .so uses torch's C++ ABI, not Python's, hence the py3-none tag."""
+    info = cuda_env.torch_info()
+    p = {"torch": info.version, "cuda": info.cuda}
+    archs = ".".join("sm" + a.replace(".", "") for a in result.archs)
+    local = re.sub(r"[^0-9a-zA-Z]+", ".", f"torch{p['torch']}.{archs}.{result.key[-12:]}")
+    version = f"{__version__}+{local.strip('.').lower()}"
+    platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    tag = f"py3-none-{platform}"
+    dist_info = f"{WHEEL_PACKAGE}-{version}.dist-info"
+    files = {
+        f"{WHEEL_PACKAGE}/__init__.py": _WHEEL_INIT.format(build={**p, "key": result.key, "archs": result.archs}).encode(),
+        f"{WHEEL_PACKAGE}/dspark_ops.so": Path(result.path).read_bytes(),
+        f"{dist_info}/METADATA": (f"Metadata-Version: 2.1\nName: {WHEEL_PACKAGE}\nVersion: {version}\n"
+                                  f"Summary: dspark CUDA ops built for {', '.join(result.archs)}\n"
+                                  f"Requires-Dist: torch=={p['torch']}\n").encode(),
+        f"{dist_info}/WHEEL": (f"Wheel-Version: 1.0\nGenerator: dspark {__version__}\nRoot-Is-Purelib: false\n"
+                               f"Tag: {tag}\n").encode(),
+    }
+    record = [f"{name},sha256={_b64_digest(data)},{len(data)}" for name, data in files.items()]
+    files[f"{dist_info}/RECORD"] = ("\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n").encode()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wheel = out / f"{WHEEL_PACKAGE}-{version}-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return wheel
+
+
+def _b64_digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()

@@ -2,10 +2,12 @@
 makes ($DSPARK_CUDA_TORCH_PYTHON), run in a subprocess: the library links, loads without a GPU,
 registers its ops with Meta implementations, and a second build is a cache hit."""
 
+import base64
+import hashlib
 import json
 import os
 import subprocess
-import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
 import json, time, torch
-from dspark_cli.build import build, last_build
+from dspark_cli.build import build, last_build, write_wheel
 from dspark_cli.runtime import cuda_ops
 first = build(arch="sm_90a", jobs=2)
+wheel = write_wheel(first, WHEEL_DIR)
 t = time.monotonic(); second = build(arch="sm_90a"); rebuild_s = time.monotonic() - t
 assert cuda_ops.load(first.path) == first.path, cuda_ops.load_error()
 meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
@@ -29,7 +32,7 @@ L = lambda *s: meta(*s, dtype=torch.long)
 rej = torch.ops.dspark.rejection_sample(meta(20, 1000), L(3), L(3), L(3, 7), meta(3, 7), None,
                                         meta(3, 7, 1000, dtype=torch.bfloat16), L(3), meta(1000, 64, dtype=torch.bfloat16),
                                         meta(1000, 64, dtype=torch.bfloat16), meta(3), None, L(3))
-print(json.dumps({"first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
+print(json.dumps({"wheel": str(wheel), "first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
                   "rej": [[list(o.shape), str(o.dtype)] for o in rej],
                   "ops": sorted(n for n in dir(torch.ops.dspark) if not n.startswith("_") and n not in ("name", "overloads")),
@@ -41,7 +44,8 @@ print(json.dumps({"first": first.status, "second": second.status, "rebuild_s": r
 def test_csrc_compiles_links_and_registers_ops(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_CACHE": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TORCH_CUDA_ARCH_LIST", None)
-    proc = subprocess.run([PYTHON, "-W", "ignore", "-c", SCRIPT], env=env, capture_output=True, text=True,
+    wheels = tmp_path / "wheels"
+    proc = subprocess.run([PYTHON, "-W", "ignore", "-c", f"WHEEL_DIR = {str(wheels)!r}\n" + SCRIPT], env=env, capture_output=True, text=True,
                           timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -54,11 +58,42 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
     assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
+    check_wheel(Path(res["wheel"]), Path(res["path"]), tmp_path)
     # the library carries sm_90a machine code
     cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
     if cuobjdump.is_file():
         listing = subprocess.run([str(cuobjdump), "--list-elf", res["path"]], capture_output=True, text=True).stdout
         assert "sm_90a" in listing
+
+
+def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:
+    """`dspark build --wheel`: a valid wheel (RECORD hashes) that pip installs and that registers
+    the ops from its installed location, pinned to the torch it was built against."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        for line in zf.read(record).decode().splitlines():
+            name, digest, size = line.split(",")
+            if name != record:
+                data = zf.read(name)
+                assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert int(size) == len(data)
+        assert zf.read("dspark_ops/dspark_ops.so") == library.read_bytes()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert wheel.name.startswith("dspark_ops-0.1.0+torch2.14.1.cu130") and wheel.name.endswith("-py3-none-linux_x86_64.whl")
+    assert "Requires-Dist: torch==2.14.1+cu130" in metadata
+    site = tmp_path / "site"
+    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    probe = ("import sys, torch; from dspark_cli.runtime import cuda_ops; p = cuda_ops.load(); "
+             "print(p); print(sorted(torch.ops.dspark.rejection_sample.overloads()))")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{site}", "DSPARK_CACHE": str(tmp_path / "empty-cache"),
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("DSPARK_OPS_LIB", None)
+    out = subprocess.run([PYTHON, "-W", "ignore", "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, overloads = out.stdout.strip().splitlines()[-2:]
+    assert loaded == str(site / "dspark_ops" / "dspark_ops.so") and overloads == "['default']"
 
 
 def test_build_refuses_cuda_major_mismatch(monkeypatch):

@@ -1,12 +1,13 @@
 """Dispatch to our CUDA extension (csrc/, built by `dspark build`).
 
-The extension is found through $DSPARK_OPS_LIB or the last successful build recorded in
-$DSPARK_CACHE/build/last.json, and loaded once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False))
-keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
+The extension is found through $DSPARK_OPS_LIB, the last successful build recorded in
+$DSPARK_CACHE/build/last.json, or an installed dspark_ops wheel (`dspark build --wheel`), and loaded
+once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False)) keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
 Each op returns NotImplemented for cases it does not cover; the torch reference then runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,9 +24,12 @@ def library_path() -> Path | None:
     cache = Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
     try:
         last = json.loads((cache / "build" / "last.json").read_text())
+        if last.get("status") in ("built", "cached"):
+            return Path(last["path"])
     except (OSError, ValueError):
-        return None
-    return Path(last["path"]) if last.get("status") in ("built", "cached") else None
+        pass
+    wheel = importlib.util.find_spec("dspark_ops")  # installed from `dspark build --wheel`
+    return Path(wheel.origin).with_name("dspark_ops.so") if wheel and wheel.origin else None
 
 
 def load(path: str | Path | None = None) -> str | None:
