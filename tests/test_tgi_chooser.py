@@ -5,8 +5,8 @@ temporary `text_generation_server` package (with generate_pb2 compiled from the 
 imported in DSPARK_TGI_UTILS_PYTHON (a Python with TGI's loguru/outlines/protobuf/grpcio-tools;
 .ci/prepare.d/40-tgi-utils.sh builds it). Only the flash batch stays a plain object: its module
 needs TGI's CUDA kernels. Checks:
-- our warped scores are exactly the ones TGI's chooser turns into log-probs (penalties, temperature,
-  top-k, top-p);
+- our warped scores are exactly the ones TGI's chooser turns into log-probs without speculation,
+  row j with drafts 1..j already emitted (penalties, temperature, top-k, top-p);
 - on an all-greedy batch, choose() returns TGI's next ids, accepted counts and log-probs for the
   same drafts (TGI's exact-match acceptance is the greedy limit of ours).
 """
@@ -68,6 +68,18 @@ class DecodeBatch:
         return len(self.requests)
 
 
+def plain_rows(chooser, history, logits, drafts, S):
+    """TGI's log-probs without speculation, row by row: row j once drafts 1..j had been emitted
+    (the reference for losslessness; TGI's speculative chooser gives every row the same history)."""
+    import torch
+
+    B = history.shape[0]
+    rows = logits.view(B, S, -1)
+    out = [chooser(torch.cat([history, drafts[:, :j].to(history.dtype)], 1), rows[:, j].clone(), 0)[2]
+           for j in range(S)]
+    return torch.stack(out, 1).view(B * S, -1)
+
+
 def _params(pb, **kw):
     base = dict(temperature=1.0, repetition_penalty=1.0, frequency_penalty=0.0, top_k=0, top_p=1.0, typical_p=1.0,
                 do_sample=False, seed=0, watermark=False)
@@ -102,7 +114,7 @@ def _check(ckpt_dir: Path) -> None:
                         torch.full((B,), 5), history, 6, speculative_ids=torch.randint(0, V, (B, S - 1)))
     logits = torch.randn(B * S, V)
     ours = torch.log_softmax(_warped_logits(batch, logits.clone(), S).view(B * S, V), -1)
-    _, _, tgi_all, _, _ = chooser(history, logits.clone(), S - 1, batch.speculative_ids)
+    tgi_all = plain_rows(chooser, history, logits, batch.speculative_ids, S)
     assert torch.allclose(ours, tgi_all, equal_nan=True), (ours - tgi_all).abs().nan_to_num().max()
     print("warped-equal")
 
@@ -136,10 +148,12 @@ def _check(ckpt_dir: Path) -> None:
         history = torch.tensor([x + [0] * (L - len(x)) for x in seqs])  # right-padded, as TGI's tensor
         dec = DecodeBatch(requests, chooser, history[:, 0].new_tensor([x[-1] for x in seqs]),
                           torch.tensor([len(x) - 1 for x in seqs]), history, L, speculative_ids=drafts.clone())
-        t_ids, t_lp, t_all, t_acc, _ = chooser(history, step_logits.clone(), S - 1, drafts.clone())
+        t_ids, _, _, t_acc, _ = chooser(history, step_logits.clone(), S - 1, drafts.clone())
+        t_all = plain_rows(chooser, history, step_logits, drafts, S)
         o_ids, o_lp, o_all, o_acc, drafts = choose(spec, dec, step_logits.clone(), 3)
         assert torch.equal(o_ids, t_ids) and torch.equal(o_acc, t_acc), (o_ids, t_ids, o_acc, t_acc)
-        assert torch.allclose(o_lp, t_lp) and torch.allclose(o_all, t_all)
+        kept = [i * S + j for i, n in enumerate(t_acc.tolist()) for j in range(n)]
+        assert torch.allclose(o_all, t_all) and torch.allclose(o_lp, t_all[kept, t_ids])
         total_accepted += int(t_acc.sum()) - B
         for x, new in zip(seqs, t_ids.split(t_acc.tolist())):
             x.extend(int(t) for t in new)

@@ -112,3 +112,17 @@ def _chi2(samples: torch.Tensor, p: torch.Tensor, n: int, name: str) -> None:
     expected = (p[big] * n).tolist() + [n * (1 - float(p[big].sum()))]
     assert len(big) >= 1 and expected[-1] > 0
     assert chisquare(observed, expected).pvalue > 1e-3, (name, observed, expected)
+
+
+def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
+    """Greedy with a repetition penalty on a target that revisits tokens (20 21 22 23 22 …): row j of
+    a verify round must be penalized for drafts 1..j as plain TGI penalizes tokens once emitted."""
+    target = fixtures.build(tmp_path / "target", "llama", "loop")
+    draft = fixtures.build_loop_draft(tmp_path / "draft", GAMMA, target)
+    requests = [{"id": 1, "prompt": [20], "max_new_tokens": 12, "repetition_penalty": 10.0},
+                {"id": 2, "prompt": [20], "max_new_tokens": 12}]
+    plain = shard(tmp_path, "plain", {"model": str(target), "draft": None, "waves": [[0, requests]]})
+    dspark = shard(tmp_path, "dspark", {"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
+    assert plain["tokens"]["2"] == [21, 22, 23] + [22, 23] * 4 + [22]  # the loop, unpenalized
+    assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
+    assert dspark["tokens"] == plain["tokens"]

@@ -15,17 +15,29 @@ from safetensors.torch import load_file, save_file
 from dspark_cli.integrations.vllm import models
 
 FAMILIES = ("llama", "qwen2")
+LOOP_FROM, LOOP_TO = 23, 22  # the `loop` target: successor, except 23 → 22 (20 21 22 23 22 23 …)
+
+
+def loop_map() -> torch.Tensor:
+    f = (torch.arange(models.VOCAB) + 1) % models.VOCAB
+    f[LOOP_FROM] = LOOP_TO
+    return f
 
 
 def build(path: Path, family: str = "llama", kind: str = "successor", seed: int = 0,
           logit_scale: float = 1.0) -> Path:
-    """A `family` checkpoint of the `kind` weights (successor | random) of models.build_target.
+    """A `family` checkpoint of the `kind` weights of models.build_target (successor | random), or
+    `loop`: the successor target with lm_head row y = Σ embed[x] over f(x) = y for f = loop_map(),
+    so greedy decoding revisits tokens (what repetition penalties act on).
     logit_scale multiplies lm_head (a small scale gives a spread-out distribution to sample from)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     path = Path(path)
-    models.build_target(path, kind, seed=seed)
+    models.build_target(path, "successor" if kind == "loop" else kind, seed=seed)
     tensors = load_file(str(path / "model.safetensors"))
+    if kind == "loop":
+        embed = tensors["model.embed_tokens.weight"]
+        tensors["lm_head.weight"] = torch.zeros_like(embed).index_add_(0, loop_map(), embed)
     # Qwen3's per-head q/k norms are not part of Llama or Qwen2; Qwen2 adds q/k/v biases.
     tensors = {k: v for k, v in tensors.items() if "q_norm" not in k and "k_norm" not in k}
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * logit_scale
@@ -39,6 +51,17 @@ def build(path: Path, family: str = "llama", kind: str = "successor", seed: int 
     (path / "config.json").write_text(json.dumps(_config(family), indent=2))
     write_tokenizer(path)
     return path
+
+
+def build_loop_draft(path: Path, gamma: int, target: Path) -> Path:
+    """An oracle draft (released format) for the `loop` target: its Markov head predicts loop_map()."""
+    models.build_draft(path, gamma=gamma, kind="oracle", target=target)
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    w2 = torch.zeros(models.VOCAB, models.VOCAB)
+    w2[loop_map(), torch.arange(models.VOCAB)] = models.MARKOV_SCALE
+    tensors["markov_head.markov_w2.weight"] = w2
+    save_file(tensors, str(Path(path) / "model.safetensors"))
+    return Path(path)
 
 
 def _config(family: str) -> dict:

@@ -42,11 +42,15 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
 
 
 def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
-    """TGI's processors and warpers, exactly as HeterogeneousNextTokenChooser applies them, without the choice."""
+    """TGI's processors and warpers as HeterogeneousNextTokenChooser applies them, without the choice.
+    Row j scores the token after draft j, so its processors see drafts 1..j as already emitted, as
+    plain (non-speculative) TGI's would; TGI's own speculative chooser gives every row the committed
+    history only, which makes repetition/frequency penalties lossy."""
     chooser = batch.next_token_chooser
-    input_ids = batch.all_input_ids_tensor[:, : batch.max_current_length]
+    history = batch.all_input_ids_tensor[:, : batch.max_current_length]
     scores = logits.view(len(batch), S, -1).clone()
     for j in range(S):
+        input_ids = history if j == 0 else torch.cat([history, batch.speculative_ids[:, :j].to(history.dtype)], 1)
         s = scores[:, j]
         for proc in (chooser.watermark_processor, chooser.repetition_processor, chooser.frequency_processor):
             if proc is not None:
