@@ -31,7 +31,13 @@ def register(app: typer.Typer) -> None:
             p = builder.plan(arch)
             console.print(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
                           f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}", highlight=False)
-        result = builder.build(arch, jobs, force, verbose)
+        if as_json or verbose:  # --verbose streams ninja's own [k/N] lines and the compiler output
+            result = builder.build(arch, jobs, force, verbose)
+        else:
+            sources = len(builder.source_files())
+            with console.status(f"compiling csrc/ ({sources} files) with nvcc and ninja "
+                                f"(a first build takes 30 s to a few minutes)…"):
+                result = builder.build(arch, jobs, force, verbose)
         doc = asdict(result)
         if wheel is not None:
             doc["wheel"] = str(builder.write_wheel(result, wheel))
