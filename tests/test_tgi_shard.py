@@ -126,3 +126,15 @@ def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
     assert plain["tokens"]["2"] == [21, 22, 23] + [22, 23] * 4 + [22]  # the loop, unpenalized
     assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
     assert dspark["tokens"] == plain["tokens"]
+
+
+def test_grammar_state_advances_through_the_drafts(llama, tmp_path):
+    """A regex forcing t20 after t21 t22 t23 on the successor target: the oracle drafts 22 23 24 after
+    the anchor 21; row 2 must be masked by the grammar state after t23 (only t20 allowed)."""
+    requests = [{"id": 1, "prompt": [20], "max_new_tokens": 8, "regex": "t21t22t23t20(t2[0-9])*"},
+                {"id": 2, "prompt": [50], "max_new_tokens": 8}]
+    plain = shard(tmp_path, "plain", {"model": str(llama["target"]), "draft": None, "waves": [[0, requests]]})
+    dspark = shard(tmp_path, "dspark", {"model": str(llama["target"]), "draft": str(llama["oracle"]),
+                                        "waves": [[0, requests]]})
+    assert plain["tokens"]["1"][:5] == [21, 22, 23, 20, 21]
+    assert dspark["tokens"] == plain["tokens"]

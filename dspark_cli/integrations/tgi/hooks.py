@@ -44,10 +44,12 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
 def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
     """TGI's processors and warpers as HeterogeneousNextTokenChooser applies them, without the choice.
     Row j scores the token after draft j, so its processors see drafts 1..j as already emitted, as
-    plain (non-speculative) TGI's would; TGI's own speculative chooser gives every row the committed
-    history only, which makes repetition/frequency penalties lossy."""
+    plain (non-speculative) TGI's would: penalties count them and the grammar state has advanced
+    through them. TGI's own speculative chooser gives every row the committed history and grammar
+    state, which makes penalties lossy and lets grammar-constrained requests accept invalid drafts."""
     chooser = batch.next_token_chooser
     history = batch.all_input_ids_tensor[:, : batch.max_current_length]
+    grammar_states = chooser.fsm_grammar_states
     scores = logits.view(len(batch), S, -1).clone()
     for j in range(S):
         input_ids = history if j == 0 else torch.cat([history, batch.speculative_ids[:, :j].to(history.dtype)], 1)
@@ -56,7 +58,10 @@ def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
             if proc is not None:
                 s = proc(input_ids, s)
         if chooser.grammar_processor is not None:
-            s = chooser.grammar_processor(s, chooser.fsm_grammar_states)
+            if j > 0:  # (advance_at_index, unlike advance_batch, passes requests without a grammar)
+                grammar_states = [chooser.grammar_processor.advance_at_index(t, state, i) for i, (t, state)
+                                  in enumerate(zip(batch.speculative_ids[:, j - 1].tolist(), grammar_states))]
+            s = chooser.grammar_processor(s, grammar_states)
         for warper in chooser.warpers:
             s = warper(input_ids, s)
         scores[:, j] = s

@@ -11,7 +11,7 @@ TGI's Intel path (torch 2.7.0 + intel-extension-for-pytorch 2.7.0, ATTENTION=fla
 
 SPEC: {"model": dir, "draft": dir|null, "waves": [[arrival_decode_step, [request, ...]], ...],
        "env": {...}} with request = {"id", "prompt": [ids], "max_new_tokens", "temperature",
-       "do_sample", "seed", "top_k", "top_p", "repetition_penalty"}.
+       "do_sample", "seed", "top_k", "top_p", "repetition_penalty", "regex"}.
 OUT: {"speculate": Info.speculate, "tokens": {id: [generated ids]}, "finish": {id: reason},
       "rounds": {id: generate_token calls that emitted its tokens}, "steps": decode calls}
 """
@@ -57,7 +57,8 @@ class Router:
             parameters=pb.NextTokenChooserParameters(
                 temperature=r.get("temperature", 1.0), top_k=r.get("top_k", 0), top_p=r.get("top_p", 1.0),
                 typical_p=1.0, do_sample=r.get("do_sample", False), seed=r.get("seed", 0),
-                repetition_penalty=r.get("repetition_penalty", 1.0), frequency_penalty=0.0),
+                repetition_penalty=r.get("repetition_penalty", 1.0), frequency_penalty=0.0,
+                grammar=r.get("regex", ""), grammar_type=pb.GRAMMAR_TYPE_REGEX if r.get("regex") else pb.GRAMMAR_TYPE_NONE),
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=r["max_new_tokens"],
                                                               ignore_eos_token=True))
 
