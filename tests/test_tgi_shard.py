@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not SHARD_PYTHON, reason="DSPARK_TGI_SHARD_PYTHO
                                                          "v3.3.7 server, built by .ci/prepare.d/41-tgi-shard.sh "
                                                          "from DSPARK_TGI_SRC) is not set")
 GAMMA = 3
+GRAMMAR_ID = 6
 
 
 def shard(tmp_path: Path, name: str, spec: dict) -> dict:
@@ -38,7 +39,10 @@ def waves() -> list:
              {"id": 2, "prompt": [40, 41], "max_new_tokens": 9, "repetition_penalty": 1.3},
              {"id": 3, "prompt": [120], "max_new_tokens": 17}]
     second = [{"id": 4, "prompt": [7, 8, 9, 10], "max_new_tokens": 10},
-              {"id": 5, "prompt": [200, 1], "max_new_tokens": 6}]
+              {"id": 5, "prompt": [200, 1], "max_new_tokens": 6},
+              # A regex forcing t20 after t21 t22 t23: the oracle drafts 22 23 24 after the anchor 21,
+              # so row 2 must be masked by the grammar state after t23 (only t20 allowed).
+              {"id": GRAMMAR_ID, "prompt": [20], "max_new_tokens": 8, "regex": "t21t22t23t20(t2[0-9])*"}]
     return [[0, first], [2, second]]
 
 
@@ -59,7 +63,8 @@ def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama, tmp
                                           "waves": waves()})
     assert plain["speculate"] == 0 and oracle["speculate"] == partial["speculate"] == GAMMA  # patch 0002
     assert oracle["tokens"] == plain["tokens"] == partial["tokens"]
-    for r in (p for _, wave in waves() for p in wave):
+    assert plain["tokens"][str(GRAMMAR_ID)][:5] == [21, 22, 23, 20, 21]
+    for r in (p for _, wave in waves() for p in wave if p["id"] != GRAMMAR_ID):
         rid, n = str(r["id"]), r["max_new_tokens"]
         assert plain["tokens"][rid] == [(r["prompt"][-1] + 1 + i) % models.VOCAB for i in range(n)]
         assert plain["finish"][rid] == oracle["finish"][rid] == "FINISH_REASON_LENGTH"
@@ -79,30 +84,43 @@ def test_qwen2_random_target_greedy_identical(tmp_path):
 
 
 def test_sampled_tokens_follow_the_target_distribution(tmp_path):
-    """T = 1: N requests with one prompt emit t1 (prefill) and t2 (the first verify round, where the
-    oracle-style draft proposes t1 + 1 from its Markov q). Both marginals and P(t2 = t1 + 1) must
-    match the target's own distribution, computed with transformers on the same checkpoint."""
+    """N requests with one prompt emit t1 (prefill) and t2 (the first verify round, where the
+    oracle-style draft proposes t1 + 1 from its Markov q), at T = 1 and with TGI's warpers
+    (T = 0.7, top-k 4). Both marginals and P(t2 = t1 + 1) must match the target's own (warped)
+    distribution, computed with transformers on the same checkpoint."""
     from transformers import AutoModelForCausalLM
 
     target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
     draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
     prompt, N = [3, 17, 99], 600
-    requests = [{"id": i + 1, "prompt": prompt, "max_new_tokens": 2, "do_sample": True, "temperature": 1.0,
-                 "seed": 1000 + i} for i in range(N)]
-    out = shard(tmp_path, "sampled", {"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
-    pairs = torch.tensor([out["tokens"][str(r["id"])] for r in requests])  # [N, 2]
+    groups = {"T=1": {"temperature": 1.0}, "T=0.7,top-k=4": {"temperature": 0.7, "top_k": 4}}
+    requests = {name: [{"id": g * N + i + 1, "prompt": prompt, "max_new_tokens": 2, "do_sample": True,
+                        "seed": 1000 + g * N + i, **params} for i in range(N)]
+                for g, (name, params) in enumerate(groups.items())}
+    out = shard(tmp_path, "sampled", {"model": str(target), "draft": str(draft),
+                                      "waves": [[0, [r for rs in requests.values() for r in rs]]]})
 
     hf = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()
+    seqs = torch.cat([torch.tensor(prompt).expand(models.VOCAB, -1), torch.arange(models.VOCAB)[:, None]], 1)
     with torch.no_grad():
-        p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1].double(), -1)          # [V]
-        seqs = torch.cat([torch.tensor(prompt).expand(models.VOCAB, -1), torch.arange(models.VOCAB)[:, None]], 1)
-        p2 = torch.softmax(hf(seqs).logits[:, -1].double(), -1)                            # [V t1, V t2]
-    expected = {"t1": p1, "t2": p1 @ p2}
-    for name, col in (("t1", 0), ("t2", 1)):
-        _chi2(pairs[:, col], expected[name], N, name)
-    succ = (pairs[:, 1] == (pairs[:, 0] + 1) % models.VOCAB).sum().item()
-    p_succ = sum(p1[t] * p2[t, (t + 1) % models.VOCAB] for t in range(models.VOCAB)).item()
-    assert chisquare([succ, N - succ], [N * p_succ, N * (1 - p_succ)]).pvalue > 1e-3, (succ, N * p_succ)
+        logits1, logits2 = hf(torch.tensor([prompt])).logits[0, -1].double(), hf(seqs).logits[:, -1].double()
+    for name, params in groups.items():
+        pairs = torch.tensor([out["tokens"][str(r["id"])] for r in requests[name]])  # [N, 2]
+        p1 = _warped_probs(logits1, **params)                                        # [V]
+        p2 = _warped_probs(logits2, **params)                                        # [V t1, V t2]
+        _chi2(pairs[:, 0], p1, N, f"{name} t1")
+        _chi2(pairs[:, 1], p1 @ p2, N, f"{name} t2")
+        succ = (pairs[:, 1] == (pairs[:, 0] + 1) % models.VOCAB).sum().item()
+        p_succ = sum(p1[t] * p2[t, (t + 1) % models.VOCAB] for t in range(models.VOCAB)).item()
+        assert chisquare([succ, N - succ], [N * p_succ, N * (1 - p_succ)]).pvalue > 1e-3, (name, succ, N * p_succ)
+
+
+def _warped_probs(logits: torch.Tensor, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """TGI's warper order: temperature, then top-k."""
+    z = logits / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    return torch.softmax(z, -1)
 
 
 def _chi2(samples: torch.Tensor, p: torch.Tensor, n: int, name: str) -> None:
@@ -127,14 +145,3 @@ def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
     assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
     assert dspark["tokens"] == plain["tokens"]
 
-
-def test_grammar_state_advances_through_the_drafts(llama, tmp_path):
-    """A regex forcing t20 after t21 t22 t23 on the successor target: the oracle drafts 22 23 24 after
-    the anchor 21; row 2 must be masked by the grammar state after t23 (only t20 allowed)."""
-    requests = [{"id": 1, "prompt": [20], "max_new_tokens": 8, "regex": "t21t22t23t20(t2[0-9])*"},
-                {"id": 2, "prompt": [50], "max_new_tokens": 8}]
-    plain = shard(tmp_path, "plain", {"model": str(llama["target"]), "draft": None, "waves": [[0, requests]]})
-    dspark = shard(tmp_path, "dspark", {"model": str(llama["target"]), "draft": str(llama["oracle"]),
-                                        "waves": [[0, requests]]})
-    assert plain["tokens"]["1"][:5] == [21, 22, 23, 20, 21]
-    assert dspark["tokens"] == plain["tokens"]
