@@ -73,6 +73,17 @@ def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama, tmp
         assert oracle["rounds"][rid] <= partial["rounds"][rid] < plain["rounds"][rid] == n
 
 
+def test_qwen3_through_the_transformers_backend(tmp_path):
+    """TGI has no flash Qwen3 model: Qwen3 targets run in TransformersFlashCausalLM (patch 0004)."""
+    target = fixtures.build(tmp_path / "target", "qwen3", "successor")
+    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="partial", target=target)
+    spec = {"model": str(target), "waves": waves()[:1]}
+    plain = shard(tmp_path, "plain", {**spec, "draft": None})
+    dspark = shard(tmp_path, "dspark", {**spec, "draft": str(draft)})
+    assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
+    assert sum(dspark["rounds"].values()) < sum(plain["rounds"].values())
+
+
 def test_qwen2_random_target_greedy_identical(tmp_path):
     target = fixtures.build(tmp_path / "target", "qwen2", "random", seed=3)
     draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="random", target=target, seed=4)

@@ -1,5 +1,6 @@
 """Tiny constructed targets for running the real TGI shard: Llama and Qwen2 checkpoints (the two
-flash model families the series captures from) with a word-level tokenizer, so TGI loads them
+flash model families the series captures from) and Qwen3 (TGI's transformers backend, patch 0004)
+with a word-level tokenizer, so TGI loads them
 from a local directory like any hub model. Same dimensions as dspark_cli.integrations.vllm.models,
 so its DSpark drafts (released format) fit them: the successor target's greedy next token is
 (prev + 1) mod V and the `oracle` draft predicts exactly that."""
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark_cli.integrations.vllm import models
 
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "qwen2", "qwen3")  # qwen3: TGI's transformers backend (no flash Qwen3 model)
 LOOP_FROM, LOOP_TO = 23, 22  # the `loop` target: successor, except 23 → 22 (20 21 22 23 22 23 …)
 
 
@@ -39,7 +40,8 @@ def build(path: Path, family: str = "llama", kind: str = "successor", seed: int 
         embed = tensors["model.embed_tokens.weight"]
         tensors["lm_head.weight"] = torch.zeros_like(embed).index_add_(0, loop_map(), embed)
     # Qwen3's per-head q/k norms are not part of Llama or Qwen2; Qwen2 adds q/k/v biases.
-    tensors = {k: v for k, v in tensors.items() if "q_norm" not in k and "k_norm" not in k}
+    if family != "qwen3":
+        tensors = {k: v for k, v in tensors.items() if "q_norm" not in k and "k_norm" not in k}
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * logit_scale
     g = torch.Generator().manual_seed(seed + 1000)
     if family == "qwen2":
@@ -71,6 +73,8 @@ def _config(family: str) -> dict:
                               "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
                               "bos_token_id", "eos_token_id", "torch_dtype")}
     base["rope_theta"] = c["rope_parameters"]["rope_theta"]
+    if family == "qwen3":  # transformers 4.51 (TGI's pin) reads rope_theta, not rope_parameters
+        return {**models.target_config(), "rope_theta": base["rope_theta"]}
     if family == "llama":
         return {**base, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
                 "mlp_bias": False}
