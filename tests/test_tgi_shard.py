@@ -156,3 +156,13 @@ def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
     assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
     assert dspark["tokens"] == plain["tokens"]
 
+
+
+def test_dspark_verify_tgi_serves_with_the_installed_shard(tmp_path):
+    proc = subprocess.run([SHARD_PYTHON, "-m", "dspark_cli", "verify", "tgi", "--json"], capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    shard_row = result["tgi_shard"]
+    assert result["ok"] and shard_row["ran"] and shard_row["identical"] and shard_row["speculate"] == 3
+    assert shard_row["rounds"] < shard_row["rounds_no_spec"]

@@ -120,8 +120,8 @@ def serve_and_drive(spec: dict) -> dict:
     from text_generation_server.pb import generate_pb2_grpc
     import grpc
 
-    env = {**os.environ, "ATTENTION": ATTENTION, "PREFIX_CACHING": "0", "USE_PREFIX_CACHING": "0",
-           **spec.get("env", {})}
+    env = {**os.environ, "PREFIX_CACHING": "0", "USE_PREFIX_CACHING": "0", **spec.get("env", {})}
+    env.setdefault("ATTENTION", ATTENTION)  # the launcher's choice when it is set
     env.pop("DSPARK_DRAFT", None)
     if spec.get("draft"):
         env["DSPARK_DRAFT"] = spec["draft"]

@@ -1,7 +1,8 @@
 """`dspark verify tgi`: is the installed TGI server package patched with our series (marker and
-hooks in place), and does our TGI-side drafter/verifier stay lossless? TGI's server cannot run
-without its CUDA wheels, so the loop below drives our hooks' logic over a real transformers target
-built on the spot (tiny, constructed)."""
+hooks in place), does the installed shard serve identical greedy output with DSpark on and off
+(a tiny constructed Llama, driven over gRPC by shard.py's router stand-in; only when a patched
+server is installed here), and does our TGI-side drafter/verifier stay lossless in the loop below
+(our hooks' logic over a real transformers target built on the spot)?"""
 
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def installed_server() -> dict:
     return {"installed": True, "location": str(root), "series": marker.get("SERIES"), "problems": problems}
 
 
+def shard_check(tmp: Path) -> dict:
+    """The installed TGI shard (real `text-generation-server serve`) on a tiny Llama, without and
+    with DSpark (a partly wrong draft): same greedy tokens, fewer rounds, speculate = γ."""
+    from dspark_cli.integrations.tgi import fixtures, shard
+    from dspark_cli.integrations.vllm import models
+
+    target = fixtures.build(tmp / "shard-llama", "llama", "successor")
+    draft = models.build_draft(tmp / "shard-draft", gamma=3, kind="partial", target=target)
+    waves = [[0, [{"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 16},
+                  {"id": 2, "prompt": [40], "max_new_tokens": 12, "repetition_penalty": 1.2}]]]
+    try:
+        plain = shard.serve_and_drive({"model": str(target), "draft": None, "waves": waves})
+        start = time.perf_counter()
+        dspark = shard.serve_and_drive({"model": str(target), "draft": str(draft), "waves": waves})
+    except RuntimeError as e:  # the shard did not start or failed: its log tail is the message
+        return {"ran": True, "identical": False, "error": str(e).splitlines()[0]}
+    return {"ran": True, "identical": dspark["tokens"] == plain["tokens"], "speculate": dspark["speculate"],
+            "rounds": sum(dspark["rounds"].values()), "rounds_no_spec": sum(plain["rounds"].values()),
+            "seconds": time.perf_counter() - start}
+
+
 def generate(target, speculation, prompt: list[int], steps: int, temperature: float = 0.0):
     """A minimal engine loop (the target recomputes the whole sequence each round) driving
     verify / commit / propose in the order hooks.choose runs them inside TGI.
@@ -83,6 +105,8 @@ def run(as_json: bool = False) -> None:
     server = installed_server()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        runnable = server["installed"] and not server["problems"]
+        served = shard_check(Path(tmp)) if runnable else {"ran": False}
         target_path = models.build_target(Path(tmp) / "target", "successor")
         target = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
         prompt, steps = [3, 17, 99], 32
@@ -97,8 +121,9 @@ def run(as_json: bool = False) -> None:
             out, accepted, rounds = generate(target, spec, prompt, steps)
             rows.append({"draft": kind, "identical": out == ref, "mean_accepted_length": steps / rounds,
                          "tokens_per_s": steps / (time.perf_counter() - start), "tokens_per_s_no_spec": base_tps})
-    result = {"tgi_server": server, "checks": rows,
-              "ok": all(r["identical"] for r in rows) and not server["problems"]}
+    result = {"tgi_server": server, "tgi_shard": served, "checks": rows,
+              "ok": all(r["identical"] for r in rows) and not server["problems"]
+              and (not served["ran"] or served["identical"])}
 
     def render(r):
         srv = r["tgi_server"]
@@ -108,6 +133,13 @@ def run(as_json: bool = False) -> None:
             console.print(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({srv['location']})")
         for problem in srv["problems"]:
             console.print(f"[red]FAIL[/red] {problem}")
+        sh = r["tgi_shard"]
+        if sh["ran"] and "error" in sh:
+            console.print(f"[red]FAIL[/red] installed TGI shard: {sh['error']}")
+        elif sh["ran"]:
+            mark = "[green]ok[/green]" if sh["identical"] else "[red]FAIL[/red]"
+            console.print(f"{mark} installed TGI shard: greedy identical with DSpark on/off; {sh['rounds']} rounds "
+                          f"vs {sh['rounds_no_spec']} without (speculate {sh['speculate']})")
         for c in r["checks"]:
             mark = "[green]ok[/green]" if c["identical"] else "[red]FAIL[/red]"
             console.print(f"{mark} {c['draft']:8} greedy identical to no speculation; accepted length "
@@ -116,4 +148,7 @@ def run(as_json: bool = False) -> None:
 
     emit(result, as_json, render)
     if not result["ok"]:
-        raise CheckFailed("; ".join(server["problems"]) or "DSpark output differs from no speculation in the TGI-side loop")
+        raise CheckFailed("; ".join(server["problems"]) or served.get("error")
+                          or "DSpark output differs from no speculation"
+                          + (" in the installed TGI shard" if served["ran"] and not served["identical"] else
+                             " in the TGI-side loop"))
