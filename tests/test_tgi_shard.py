@@ -166,3 +166,16 @@ def test_dspark_verify_tgi_serves_with_the_installed_shard(tmp_path):
     shard_row = result["tgi_shard"]
     assert result["ok"] and shard_row["ran"] and shard_row["identical"] and shard_row["speculate"] == 3
     assert shard_row["rounds"] < shard_row["rounds_no_spec"]
+
+
+def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(llama, tmp_path):
+    """As in plain TGI, a request's seed fixes its sampled output whatever else is batched with it."""
+    target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
+    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
+    probe = {"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 12, "do_sample": True, "seed": 7}
+    others = [{"id": 10 + i, "prompt": [i, 2 * i], "max_new_tokens": 6 + i, "do_sample": True, "seed": 100 + i}
+              for i in range(4)]
+    out = shard(tmp_path, "seeded", {"model": str(target), "draft": str(draft), "waves": [
+        [0, [probe]], [1, [{**probe, "id": 2}] + others[:2]], [3, others[2:]]]})
+    assert out["tokens"]["1"] == out["tokens"]["2"]
+    assert len(set(tuple(v) for v in out["tokens"].values())) > 2  # sampling did vary across seeds

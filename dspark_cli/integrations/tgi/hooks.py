@@ -18,7 +18,7 @@ import torch
 from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, ENV_STS,
-                                                     DSparkSpeculation, HiddenCapture)
+                                                     DSparkSpeculation, HiddenCapture, step_seeds)
 
 try:  # TGI logs through loguru
     from loguru import logger
@@ -79,7 +79,12 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     scores = _warped_logits(batch, next_token_logits, S)
     do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
     greedy = torch.tensor([not s for s in do_sample], device=scores.device)
-    tokens, n_acc = spec.verify(request_ids, scores, greedy)
+    # Each request's TGI seed keys its own noise (position of the row it samples after), so like
+    # plain TGI a seeded request's output does not depend on what else is in the batch.
+    seeds = [r.parameters.seed for r in batch.requests]
+    last_rows = batch.cu_seqlen_prefill[1:] - 1 if batch.cu_seqlen_prefill is not None else None
+    sample_positions = (batch.position_ids.view(-1) if last_rows is None else batch.position_ids[last_rows]).tolist()
+    tokens, n_acc = spec.verify(request_ids, scores, greedy, step_seeds(seeds, sample_positions))
 
     # Commit: target features of the anchor + accepted rows extend each request's draft context.
     if batch.cu_seqlen_prefill is not None:  # prefill: every computed prompt row is context
@@ -103,7 +108,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     temperature = torch.tensor([p.temperature if s else 0.0 for p, s in zip(params, do_sample)])
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
     top_p = torch.tensor([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], dtype=torch.float32)
-    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p)
+    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p,
+                            step_seeds(seeds, anchor_positions))
     spec.stats["steps"] += 1
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]

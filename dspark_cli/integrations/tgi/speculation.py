@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dspark_cli import runtime
+from dspark_cli.runtime import rng
 from dspark_cli.integrations.tgi.draft import BlockProposal, DSparkDraft
 
 ENV_DRAFT = "DSPARK_DRAFT"
@@ -114,6 +115,14 @@ class Pending:
     survival: torch.Tensor    # [γ], kept for the production scheduler's stale budget
 
 
+def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
+    """One counter-based key per request and step: its TGI seed mixed with the absolute position the
+    step samples at (fresh every step, the same whatever else is in the batch)."""
+    mask = (1 << 63) - 1
+    return torch.tensor([(s * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03 + 1) & mask
+                         for s, p in zip(request_seeds, positions)], dtype=torch.int64)
+
+
 class DSparkSpeculation:
     def __init__(self, draft: DSparkDraft, capture: HiddenCapture | None, scheduler: str = "exact",
                  sps: runtime.SPSTable | None = None, seed: int = 0):
@@ -130,22 +139,31 @@ class DSparkSpeculation:
 
     # ------------------------------------------------------------------ verification
 
-    def verify(self, request_ids: list[int], target_logits: torch.Tensor, greedy: torch.Tensor):
+    def verify(self, request_ids: list[int], target_logits: torch.Tensor, greedy: torch.Tensor,
+               seeds: torch.Tensor | None = None):
         """target_logits [B, S, V] already warped by TGI (S = 1 + γ with drafts, 1 without).
+        seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
+        sampled output depends on its own seed only, not on the batch; else the shard's generator.
         Returns (tokens per request, number of accepted drafts per request)."""
         B, S, V = target_logits.shape
         probs = torch.softmax(target_logits.float(), dim=-1)
         if S == 1 or not all(r in self.pending for r in request_ids):
-            probs = probs.to(self.generator.device)
-            nxt = torch.where(greedy.to(probs.device), probs[:, 0].argmax(-1),
-                              torch.multinomial(probs[:, 0], 1, generator=self.generator).view(-1))
+            if seeds is not None:
+                noise = rng.exponential(seeds.to(probs.device), rng.STREAM_RECOVER, 0, V)
+                sampled = rng.race_sample(probs[:, 0], noise)
+            else:
+                probs = probs.to(self.generator.device)
+                sampled = torch.multinomial(probs[:, 0], 1, generator=self.generator).view(-1)
+            nxt = torch.where(greedy.to(probs.device), probs[:, 0].argmax(-1), sampled.to(probs.device))
             return [[int(t)] for t in nxt], [0] * B
         pend = [self.pending[r] for r in request_ids]
         tokens = torch.stack([p.tokens for p in pend])[:, : S - 1]
         q_token = torch.stack([p.q_token for p in pend])[:, : S - 1]
         q = torch.stack([p.q for p in pend])[:, : S - 1]
         ell = torch.tensor([min(p.ell, S - 1) for p in pend], dtype=torch.int64, device=probs.device)
-        res = runtime.rejection_sample(probs, (tokens, q_token, q), ell, greedy=greedy, generator=self.generator)
+        res = runtime.rejection_sample(probs, (tokens, q_token, q), ell, greedy=greedy,
+                                       seeds=None if seeds is None else seeds.to(probs.device),
+                                       generator=None if seeds is not None else self.generator)
         out, n_acc = [], res.num_accepted.tolist()
         for i in range(B):
             out.append([int(t) for t in res.output_tokens[i, : n_acc[i] + 1]])
@@ -157,11 +175,12 @@ class DSparkSpeculation:
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
                 temperature: torch.Tensor, top_k: torch.Tensor | None = None,
-                top_p: torch.Tensor | None = None) -> BlockProposal:
+                top_p: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> BlockProposal:
         """top_k/top_p: the request's warp, applied to q as to the target (higher acceptance; any q
-        stays lossless because the drafts are tested against the q they were sampled from)."""
+        stays lossless because the drafts are tested against the q they were sampled from).
+        seeds: as in verify (the draft stream of the key is independent of its accept/recover streams)."""
         proposal = self.draft.propose(request_ids, anchors, anchor_positions, temperature, top_k=top_k, top_p=top_p,
-                                      generator=self.generator)
+                                      seeds=seeds, generator=None if seeds is not None else self.generator)
         a = proposal.survival
         gamma = a.shape[1]
         if self.scheduler == "off":
