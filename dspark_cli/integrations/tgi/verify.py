@@ -45,6 +45,23 @@ def installed_server() -> dict:
     return {"installed": True, "location": str(root), "series": marker.get("SERIES"), "problems": problems}
 
 
+def shard_unservable() -> str | None:
+    """Why the installed server cannot serve here (None: it can): its generated gRPC stubs, grpc, and
+    a device TGI runs on (CUDA, or the CPU through intel-extension-for-pytorch)."""
+    import importlib.util
+
+    for module in ("grpc", "text_generation_server.pb.generate_pb2"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            return f"{module} is not importable (TGI's `make gen-server` and server dependencies)"
+    if not torch.cuda.is_available() and importlib.util.find_spec("intel_extension_for_pytorch") is None:
+        return "no CUDA GPU and no intel-extension-for-pytorch (TGI's CPU path)"
+    return None
+
+
 def shard_check(tmp: Path) -> dict:
     """The installed TGI shard (real `text-generation-server serve`) on a tiny Llama, without and
     with DSpark (a partly wrong draft): same greedy tokens, fewer rounds, speculate = γ."""
@@ -105,8 +122,9 @@ def run(as_json: bool = False) -> None:
     server = installed_server()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runnable = server["installed"] and not server["problems"]
-        served = shard_check(Path(tmp)) if runnable else {"ran": False}
+        why_not = None if server["installed"] and not server["problems"] else "no patched TGI server installed"
+        why_not = why_not or shard_unservable()
+        served = {"ran": False, "why_not": why_not} if why_not else shard_check(Path(tmp))
         target_path = models.build_target(Path(tmp) / "target", "successor")
         target = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
         prompt, steps = [3, 17, 99], 32
@@ -134,7 +152,9 @@ def run(as_json: bool = False) -> None:
         for problem in srv["problems"]:
             console.print(f"[red]FAIL[/red] {problem}")
         sh = r["tgi_shard"]
-        if sh["ran"] and "error" in sh:
+        if srv["installed"] and not sh["ran"]:
+            console.print(f"skip installed TGI shard: {sh['why_not']}")
+        elif sh["ran"] and "error" in sh:
             console.print(f"[red]FAIL[/red] installed TGI shard: {sh['error']}")
         elif sh["ran"]:
             mark = "[green]ok[/green]" if sh["identical"] else "[red]FAIL[/red]"
