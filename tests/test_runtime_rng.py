@@ -8,16 +8,26 @@ def _t(*values):
     return [torch.tensor([v], dtype=torch.int64) for v in values]
 
 
-def test_threefry_known_answers():
-    # Random123 known-answer vectors for Threefry-2x32-20 (key0, key1, ctr0, ctr1) -> (x0, x1).
+def test_philox_known_answers():
+    # Random123 known-answer vectors for Philox-4x32-10: (key0, key1), (ctr0..ctr3) -> 4 words.
     cases = [
-        ((0, 0, 0, 0), (0x6B200159, 0x99BA4EFE)),
-        ((0xFFFFFFFF,) * 4, (0x1CB996FC, 0xBB002BE7)),
-        ((0x13198A2E, 0x03707344, 0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+        ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 2, (0xFFFFFFFF,) * 4, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
     ]
-    for (k0, k1, c0, c1), expected in cases:
-        x0, x1 = rng.threefry2x32(*_t(k0, k1, c0, c1))
-        assert (int(x0), int(x1)) == expected
+    for key, ctr, expected in cases:
+        words = rng.philox4x32(*_t(*key), *_t(*ctr))
+        assert tuple(int(w) for w in words) == expected
+
+
+def test_uniform_and_exponential_agree_on_every_word():
+    """exponential() takes four vocab ids per Philox call; uniform() picks word index & 3."""
+    seeds = torch.tensor([7, 2**40 + 1])
+    index = torch.arange(4 * 9 + 3).unsqueeze(0)
+    assert torch.equal(rng.exponential(seeds, rng.STREAM_RECOVER, 5, 39),
+                       -torch.log(rng.uniform(seeds, rng.STREAM_RECOVER, 5, index)))
+    assert torch.equal(rng.uniform(seeds, rng.STREAM_ACCEPT, 2, 0), rng.uniform(seeds, rng.STREAM_ACCEPT, 2, index[:, :1]))
 
 
 def test_uniform_is_deterministic_in_open_interval_and_uniform():
