@@ -120,13 +120,13 @@ def round_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     The runtime's counter only holds the position inside the block, so without this every round
     of a request would reuse the same noise: drafts would depend on earlier rounds' noise, and the
-    ratio test needs them independent. Threefry keyed by the request seed is a PRF of the position.
+    ratio test needs them independent. Philox keyed by the request seed is a PRF of the position.
     """
     seeds = seeds.to(torch.int64)
     positions = positions.to(torch.int64)
-    x0, x1 = rng.threefry2x32(seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF,
-                              positions & 0xFFFFFFFF, torch.full_like(positions, _ROUND_SEED_COUNTER))
-    return x0 | ((x1 & 0x7FFFFFFF) << 32)
+    w0, w1, _, _ = rng.philox4x32(seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF, positions & 0xFFFFFFFF,
+                                  _ROUND_SEED_COUNTER)
+    return w0 | ((w1 & 0x7FFFFFFF) << 32)
 
 
 def corrected_logits(U: torch.Tensor, prev_emb: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
