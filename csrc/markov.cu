@@ -1,21 +1,28 @@
 // Markov-chain drafting on the GPU (docs/kernels.md): all γ steps from one host call, no host sync.
 //
-// Per step k:
-//   1. bias = W1[x_{k-1}] · W2ᵀ           cuBLAS GEMM (bf16/fp16/fp32 in, fp32 out; W2 read once
-//                                          for all R requests), written to an fp32 scratch [R, V]
-//   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key
-//      x - log(E_v) with E_v from the counter-based Threefry stream (or the raw logit for greedy)
-//   3. per-request reduction of the split partials: token, q_k(x_k), row max and log-sum-exp,
-//      and the W1 gather of the new token for step k+1 (prev_emb)
-//   4. (return_q only) q_k rows = exp(x - max) / sum
+// Tensor-core path (W1/W2 bf16 or fp16, rank 256 — the released DSpark head), per step k:
+//   1. fused_step_kernel, one CTA per 128-row tile of W2 (read from HBM once per step, whatever R):
+//      for each tile of 64 requests, bias = W1[x_{k-1}] · W2ᵀ on the tensor cores (WMMA, fp32
+//      accumulate) into shared memory, then x = (U_k + bias) / T, online max / sum-exp and the
+//      exponential race key x - log E_v (Philox noise, four vocab ids per call) or x (greedy);
+//      one partial per (request, tile). The fp32 bias never goes through HBM.
+//   2. reduce_kernel, one block per request: token, q_k(x_k), row max / sum-exp, W1[x_k] for k+1.
+//   3. (return_q only) q rows = exp(x - max) / sum over the logits step 1 stored.
+// Other dtypes and ranks: step 1 is a cuBLAS GEMM into an fp32 [R, V] scratch plus a split-V pass.
+// DSPARK_MARKOV_GEMM=cublas forces the cuBLAS path (comparison, debugging).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
-#include "threefry.cuh"
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "philox.cuh"
 
 namespace dspark {
 namespace {
@@ -68,9 +75,9 @@ __device__ __forceinline__ Partial warp_combine(Partial p) {
 
 __device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
 
-// Step 2: grid (splits, R). The slice [start, end) of request r's row.
-// One vocab entry of one request's step: online max / sum-exp and the race key.
-__device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool greedy, int64_t seed, int k) {
+// One vocab entry of one request's step: online max / sum-exp and the race key. `word` is the
+// entry's Philox output (unused for greedy rows).
+__device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool greedy, uint32_t word) {
   if (x > p.max) {
     p.sum = p.sum * __expf(p.max - x) + 1.f;
     p.max = x;
@@ -78,11 +85,7 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
     p.sum += __expf(x - p.max);
   }
   // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x); u < 1 always, so E > 0.
-  float key = x;
-  if (!greedy) {
-    const float u = counter_uniform(seed, kStreamDraft, k, v);
-    key = x - logf(-logf(u));
-  }
+  const float key = greedy ? x : x - logf(-logf(word_uniform(word)));
   if (better(key, v, p.key, p.idx)) {
     p.key = key;
     p.x = x;
@@ -118,6 +121,21 @@ __device__ __forceinline__ void load8(const float* p, float out[8]) {
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
 
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float out[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
+}
+
+__device__ __forceinline__ void load4(const float* p, float out[4]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuBLAS path, step 1b: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
 __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
@@ -133,61 +151,30 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
   const float* b_row = bias + static_cast<int64_t>(r) * V;
 
   Partial p = empty_partial();
-  auto visit = [&](int v, float u, float b) { visit_entry(p, (u + b) / scale, v, greedy, seed, k); };
-  if (kVec) {  // 8 elements per load: 16-byte U loads, two 16-byte bias loads (start, end, V % 8 == 0)
+  if (kVec) {  // 8 entries per thread: 16-byte loads, two Philox calls (start, end, V % 8 == 0)
     for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
       float u[8], b[8];
       load8(u_row + v, u);
       load8(b_row + v, b);
+      uint4 w[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+      if (!greedy) {
+        w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
+        w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
+      }
 #pragma unroll
-      for (int i = 0; i < 8; ++i) visit(v + i, u[i], b[i]);
+      for (int i = 0; i < 8; ++i) visit_entry(p, (u[i] + b[i]) / scale, v + i, greedy, word_at(w[i / 4], i % 4));
     }
   } else {
-    for (int v = start + threadIdx.x; v < end; v += blockDim.x) visit(v, to_float(u_row[v]), b_row[v]);
+    for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+      const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
+      visit_entry(p, (to_float(u_row[v]) + b_row[v]) / scale, v, greedy, word);
+    }
   }
   p = block_combine(p);
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
 }
 
-// Step 3: one block per request.
-template <typename WT>
-__global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
-                              const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
-                              float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
-                              int k, int gamma) {
-  const int r = blockIdx.x;
-  __shared__ int token_s;
-  if (threadIdx.x < 32) {
-    Partial p = empty_partial();
-    for (int i = threadIdx.x; i < splits; i += 32) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
-    p = warp_combine(p);
-    if (threadIdx.x == 0) {
-      const bool greedy = temperature[r] < kGreedyBelow;
-      tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
-      q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
-      row_stats[2 * r] = p.max;
-      row_stats[2 * r + 1] = p.sum;
-      token_s = p.idx;
-    }
-  }
-  __syncthreads();
-  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
-    const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
-    WT* dst = prev_emb + (static_cast<int64_t>(r) * gamma + k + 1) * rank;
-    for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
-  }
-}
-
-template <typename WT, typename IT>
-__global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
-                                     WT* __restrict__ prev_emb) {
-  const int r = blockIdx.x;
-  const WT* src = w1 + static_cast<int64_t>(anchors[r]) * rank;
-  WT* dst = prev_emb + static_cast<int64_t>(r) * gamma * rank;
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
-}
-
-// Step 4: q rows, grid (splits, R).
+// cuBLAS path, step 3: q rows, grid (splits, R).
 template <typename UT>
 __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                               const float* __restrict__ temperature, const float* __restrict__ row_stats,
@@ -208,6 +195,220 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path.
+constexpr int kTileV = 128;                        // W2 rows per CTA: 8 warps × 16 columns of the bias tile
+constexpr int kTileR = 64;                         // requests per pass over the W2 tile (4 WMMA row fragments)
+constexpr int kTcRank = 256;                       // the Markov rank this path is specialised to
+constexpr int kLdW = kTcRank + 8;                  // shared row pitch in elements (bank spread; WMMA needs % 8)
+constexpr int kLdC = kTileV + 4;                   // fp32 bias tile pitch
+constexpr int kChunks = kTcRank / 8;               // 16-byte chunks per row
+constexpr int kWTileBytes = kTileV * kLdW * 2;
+constexpr int kHTileBytes = kTileR * kLdW * 2;     // H = W1[x] rows, later reused for the fp32 bias tile
+constexpr int kTcSmem = kWTileBytes + kHTileBytes;  // 99 KB: two CTAs per SM
+static_assert(kTileR * kLdC * 4 <= kHTileBytes, "the bias tile must fit where the H tile was");
+
+// 16-byte global -> shared copies that bypass registers (sm_80+; a plain copy before that).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// W2 rows v0 .. v0+127 into shared memory (zeros past V), asynchronously: wait with cp_async_wait_all.
+template <typename WT>
+__device__ __forceinline__ void load_w2_tile(WT* w_tile, const WT* __restrict__ w2, int v0, int V) {
+  for (int i = threadIdx.x; i < kTileV * kChunks; i += kThreads) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    WT* dst = w_tile + row * kLdW + chunk * 8;
+    if (v0 + row < V) cp_async16(dst, w2 + static_cast<int64_t>(v0 + row) * kTcRank + chunk * 8);
+    else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// H rows r0 .. r0+rows-1 (rows ld_h elements apart), zeros up to the next multiple of 16.
+template <typename WT>
+__device__ __forceinline__ void load_h_tile(WT* h_tile, const WT* __restrict__ h, int64_t ld_h, int r0, int rows) {
+  const int padded = (rows + 15) / 16 * 16;
+  for (int i = threadIdx.x; i < padded * kChunks; i += kThreads) {
+    const int row = i / kChunks, chunk = i % kChunks;
+    WT* dst = h_tile + row * kLdW + chunk * 8;
+    if (row < rows) cp_async16(dst, h + static_cast<int64_t>(r0 + row) * ld_h + chunk * 8);
+    else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// c_tile[rr][col] = Σ_j H[rr][j] · W2[v0 + col][j] for rr < rows, fp32 accumulation in a fixed
+// order. c_tile aliases h_tile. Both the chain and the rejection kernel's rebuilt q row use this,
+// so a rebuilt row is bit-identical to the one the chain sampled from.
+template <typename WT>
+__device__ __forceinline__ void tile_bias(const WT* w_tile, const WT* h_tile, float* c_tile, int rows) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32;
+  const int frags = (rows + 15) / 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileR / 16];
+#pragma unroll
+  for (int i = 0; i < kTileR / 16; ++i) wmma::fill_fragment(acc[i], 0.f);
+#pragma unroll 4
+  for (int kk = 0; kk < kTcRank / 16; ++kk) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> b;  // B[j][v] = W2[v][j]
+    wmma::load_matrix_sync(b, w_tile + warp * 16 * kLdW + kk * 16, kLdW);
+#pragma unroll
+    for (int i = 0; i < kTileR / 16; ++i) {
+      if (i < frags) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> a;
+        wmma::load_matrix_sync(a, h_tile + i * 16 * kLdW + kk * 16, kLdW);
+        wmma::mma_sync(acc[i], a, b, acc[i]);
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with h_tile before the bias tile overwrites it
+#pragma unroll
+  for (int i = 0; i < kTileR / 16; ++i) {
+    if (i < frags) wmma::store_matrix_sync(c_tile + i * 16 * kLdC + warp * 16, acc[i], kLdC, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// Step 1, grid (V tiles). Partials [R, V tiles]; logits_out (return_q) gets x for step 3.
+template <typename WT, typename UT, bool kVec>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(
+    const WT* __restrict__ w2, const WT* __restrict__ emb, int64_t ld_emb, const UT* __restrict__ U,
+    const float* __restrict__ temperature, const int64_t* __restrict__ seeds, float* __restrict__ logits_out,
+    Partial* __restrict__ partials, int R, int k, int gamma, int V) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  WT* w_tile = reinterpret_cast<WT*>(smem);
+  WT* h_tile = reinterpret_cast<WT*>(smem + kWTileBytes);
+  float* c_tile = reinterpret_cast<float*>(smem + kWTileBytes);
+  const int v0 = blockIdx.x * kTileV;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_w2_tile(w_tile, w2, v0, V);
+  for (int r0 = 0; r0 < R; r0 += kTileR) {
+    const int rows = min(kTileR, R - r0);
+    load_h_tile(h_tile, emb, ld_emb, r0, rows);
+    cp_async_wait_all();
+    __syncthreads();
+    tile_bias(w_tile, h_tile, c_tile, rows);
+
+    // Epilogue: one warp per request row, four consecutive vocab ids per lane (one Philox call).
+    const int col = 4 * lane, v = v0 + col;
+    for (int rr = warp; rr < rows; rr += kThreads / 32) {
+      const int r = r0 + rr;
+      const float T = temperature[r];
+      const bool greedy = T < kGreedyBelow;
+      const float scale = greedy ? 1.f : T;
+      const int64_t row_off = (static_cast<int64_t>(r) * gamma + k) * V;
+      const float4 b4 = *reinterpret_cast<const float4*>(c_tile + rr * kLdC + col);
+      const float b[4] = {b4.x, b4.y, b4.z, b4.w};
+      float u[4];
+      if (kVec && v < V) {
+        load4(U + row_off + v, u);  // V % 4 == 0: all four in range
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) u[i] = v + i < V ? to_float(U[row_off + v + i]) : 0.f;
+      }
+      const uint4 words = greedy || v >= V ? make_uint4(0, 0, 0, 0) : counter_words(seeds[r], kStreamDraft, k, v >> 2);
+      Partial p = empty_partial();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (v + i < V) {
+          const float x = (u[i] + b[i]) / scale;
+          if (logits_out != nullptr) logits_out[row_off + v + i] = x;
+          visit_entry(p, x, v + i, greedy, word_at(words, i));
+        }
+      }
+      p = warp_combine(p);
+      if (lane == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
+    }
+    __syncthreads();  // the bias tile is read before the next request tile's H overwrites it
+  }
+}
+
+// bias[R, V] = H · W2ᵀ through tile_bias (what the rejection kernel rebuilds a q row with).
+template <typename WT>
+__global__ void __launch_bounds__(kThreads) tile_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h,
+                                                             int64_t ld_h, int R, int V, float* __restrict__ bias) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  WT* w_tile = reinterpret_cast<WT*>(smem);
+  WT* h_tile = reinterpret_cast<WT*>(smem + kWTileBytes);
+  float* c_tile = reinterpret_cast<float*>(smem + kWTileBytes);
+  const int v0 = blockIdx.x * kTileV;
+  load_w2_tile(w_tile, w2, v0, V);
+  for (int r0 = 0; r0 < R; r0 += kTileR) {
+    const int rows = min(kTileR, R - r0);
+    load_h_tile(h_tile, h, ld_h, r0, rows);
+    cp_async_wait_all();
+    __syncthreads();
+    tile_bias(w_tile, h_tile, c_tile, rows);
+    for (int i = threadIdx.x; i < rows * kTileV; i += kThreads) {
+      const int rr = i / kTileV, col = i % kTileV;
+      if (v0 + col < V) bias[static_cast<int64_t>(r0 + rr) * V + v0 + col] = c_tile[rr * kLdC + col];
+    }
+    __syncthreads();
+  }
+}
+
+// Tensor-core step 3: q = exp(x - max) / sum in place over the logits step 1 stored.
+__global__ void q_normalize_kernel(float* __restrict__ q, const float* __restrict__ temperature,
+                                   const float* __restrict__ row_stats, const int64_t* __restrict__ tokens, int k,
+                                   int gamma, int V, int slice) {
+  const int r = blockIdx.y;
+  const int start = blockIdx.x * slice, end = min(V, start + slice);
+  const bool greedy = temperature[r] < kGreedyBelow;
+  const float m = row_stats[2 * r], s = row_stats[2 * r + 1];
+  const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
+  float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
+  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+    q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf(q_row[v] - m) / s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2 (both paths): one block per request over its `splits` partials.
+template <typename WT>
+__global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
+                              const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
+                              float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
+                              int k, int gamma) {
+  const int r = blockIdx.x;
+  __shared__ int token_s;
+  Partial p = empty_partial();
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
+  p = block_combine(p);
+  if (threadIdx.x == 0) {
+    const bool greedy = temperature[r] < kGreedyBelow;
+    tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
+    q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
+    row_stats[2 * r] = p.max;
+    row_stats[2 * r + 1] = p.sum;
+    token_s = p.idx;
+  }
+  __syncthreads();
+  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
+    const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
+    WT* dst = prev_emb + (static_cast<int64_t>(r) * gamma + k + 1) * rank;
+    for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
+  }
+}
+
+template <typename WT, typename IT>
+__global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
+                                     WT* __restrict__ prev_emb) {
+  const int r = blockIdx.x;
+  const WT* src = w1 + static_cast<int64_t>(anchors[r]) * rank;
+  WT* dst = prev_emb + static_cast<int64_t>(r) * gamma * rank;
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
+}
+
 cudaDataType_t cublas_type(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return CUDA_R_16BF;
@@ -216,12 +417,57 @@ cudaDataType_t cublas_type(at::ScalarType t) {
   }
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The tensor-core path applies to bf16/fp16 weights of rank 256 on 16-byte boundaries.
+bool tensor_core_path(const at::Tensor& w2, const void* h, int64_t ldh) {
+  const char* env = std::getenv("DSPARK_MARKOV_GEMM");
+  if (env != nullptr && std::strcmp(env, "cublas") == 0) return false;
+  return (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kTcRank &&
+         aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
+}
+
+// cudaFuncSetAttribute once per kernel and device (a host call, kept out of CUDA-graph capture
+// by the eager first call every engine makes).
+template <auto Kernel>
+void allow_tc_smem() {
+  static std::atomic<uint64_t> done_devices{0};
+  const uint64_t bit = uint64_t{1} << (c10::cuda::current_device() % 64);
+  if (done_devices.load() & bit) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTcSmem));
+  done_devices.fetch_or(bit);
+}
+
+template <typename T>
+using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
+
+int choose_splits(int R, int V) {
+  // Enough blocks to fill 132 SMs several times over, slices of at least 1024 vocab entries.
+  const int want = (4 * 132 + R - 1) / R;
+  const int most = (V + 1023) / 1024;
+  return std::max(1, std::min(want, most));
+}
+
 }  // namespace
 
-// bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
-// rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
+// bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows ldh elements apart (prev_emb[:, k]): the GEMM the
+// chain samples with (tensor-core tiles or cuBLAS, by the same rule), also used by rejection.cu
+// to rebuild a q row bit-identical to the chain's.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
   const int V = w2.size(0), rank = w2.size(1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (tensor_core_path(w2, h, ldh)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_tile_bias", [&] {
+      using WT = device_t<scalar_t>;
+      allow_tc_smem<tile_bias_kernel<WT>>();
+      tile_bias_kernel<WT><<<(V + kTileV - 1) / kTileV, kThreads, kTcSmem, stream>>>(
+          reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V,
+          bias.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType_t t = cublas_type(w2.scalar_type());
@@ -237,17 +483,6 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
 }
-
-namespace {
-
-int choose_splits(int R, int V) {
-  // Enough blocks to fill 132 SMs several times over, slices of at least 1024 vocab entries.
-  const int want = (4 * 132 + R - 1) / R;
-  const int most = (V + 1023) / 1024;
-  return std::max(1, std::min(want, most));
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
@@ -266,18 +501,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto q_token = at::empty({R, gamma}, f32);
   auto q = return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32);
   auto prev_emb = at::empty({R, gamma, rank}, w1.options());
-  auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
-  auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
-                            U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, 2}, f32);
+  const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
+  const bool tensor_cores = tensor_core_path(w2, prev_emb.data_ptr(), ld_emb);
+  const int parts_per_row = tensor_cores ? (V + kTileV - 1) / kTileV : splits;
+  auto partials = at::empty({static_cast<int64_t>(R) * parts_per_row * static_cast<int64_t>(sizeof(Partial))},
+                            U.options().dtype(at::kByte));
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
+  const dim3 grid(splits, R);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
-    using WT = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
-                                  std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, scalar_t>>;
+    using WT = device_t<scalar_t>;
     const WT* w1p = reinterpret_cast<const WT*>(w1.data_ptr());
+    const WT* w2p = reinterpret_cast<const WT*>(w2.data_ptr());
     WT* embp = reinterpret_cast<WT*>(prev_emb.data_ptr());
     if (anchors.scalar_type() == at::kLong)
       gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int64_t>(), rank, gamma, embp);
@@ -286,29 +524,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_markov_u", [&] {
-      using UT = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16,
-                                    std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half, scalar_t>>;
+      using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
-      const dim3 grid(splits, R);
+      const float* tp = temperature.data_ptr<float>();
+      const int64_t* sp = seeds.data_ptr<int64_t>();
+      auto bias = tensor_cores ? at::empty({0}, f32) : at::empty({R, V}, f32);
       for (int k = 0; k < gamma; ++k) {
-        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, static_cast<int64_t>(gamma) * rank, R, bias);
-        if (V % 8 == 0)
-          split_pass_kernel<UT, true><<<grid, kThreads, 0, stream>>>(
-              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
-              V, slice);
-        else
-          split_pass_kernel<UT, false><<<grid, kThreads, 0, stream>>>(
-              up, bias.data_ptr<float>(), temperature.data_ptr<float>(), seeds.data_ptr<int64_t>(), parts, k, gamma,
-              V, slice);
+        const WT* emb_k = embp + static_cast<int64_t>(k) * rank;
+        if (tensor_cores) {
+          if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
+            const bool vec = V % 4 == 0 && aligned16(up);
+            if (vec) allow_tc_smem<fused_step_kernel<WT, UT, true>>();
+            else allow_tc_smem<fused_step_kernel<WT, UT, false>>();
+            auto kernel = vec ? fused_step_kernel<WT, UT, true> : fused_step_kernel<WT, UT, false>;
+            kernel<<<parts_per_row, kThreads, kTcSmem, stream>>>(w2p, emb_k, ld_emb, up, tp, sp,
+                                                                 return_q ? q.data_ptr<float>() : nullptr, parts, R,
+                                                                 k, gamma, V);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        } else {
+          bias_gemm(w2, emb_k, ld_emb, R, bias);
+          if (V % 8 == 0)
+            split_pass_kernel<UT, true><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, sp, parts, k,
+                                                                      gamma, V, slice);
+          else
+            split_pass_kernel<UT, false><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, sp, parts, k,
+                                                                       gamma, V, slice);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, parts_per_row, tp, w1p, rank, tokens.data_ptr<int64_t>(),
+                                                      q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k,
+                                                      gamma);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        reduce_kernel<WT><<<R, 256, 0, stream>>>(parts, splits, temperature.data_ptr<float>(), w1p, rank,
-                                                 tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
-                                                 row_stats.data_ptr<float>(), embp, k, gamma);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (return_q) {
-          q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature.data_ptr<float>(),
-                                                           row_stats.data_ptr<float>(), tokens.data_ptr<int64_t>(),
-                                                           q.data_ptr<float>(), k, gamma, V, slice);
+        if (return_q && tensor_cores) {
+          q_normalize_kernel<<<grid, kThreads, 0, stream>>>(q.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
+                                                            tokens.data_ptr<int64_t>(), k, gamma, V, slice);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else if (return_q) {
+          q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
+                                                           tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma,
+                                                           V, slice);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

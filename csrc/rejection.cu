@@ -17,7 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "threefry.cuh"
+#include "philox.cuh"
 
 namespace dspark {
 
@@ -242,18 +242,24 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
 
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
-  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-    const float p = p_row[v];
-    const float E = -logf(counter_uniform(seed, kStreamRecover, 0, static_cast<uint32_t>(v)));
-    acc.p = pick(acc.p, Best{p / E, v});
-    if (rejected) {
-      float q;
-      if (!rebuilt) q = q_row[v];
-      else if (one_hot) q = v == row.idx ? 1.f : 0.f;
-      else q = expf((to_float(u_row[v]) + b_row[v]) / scale - row.max) / row.sum;
-      const float res = fmaxf(p - q, 0.f);
-      acc.mass += res;
-      acc.res = pick(acc.res, Best{res / E, v});
+  for (int v4 = start + 4 * threadIdx.x; v4 < end; v4 += 4 * blockDim.x) {  // one Philox call per 4 ids
+    const uint4 words = counter_words(seed, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = v4 + i;
+      if (v >= end) break;
+      const float p = p_row[v];
+      const float E = -logf(word_uniform(word_at(words, i)));
+      acc.p = pick(acc.p, Best{p / E, v});
+      if (rejected) {
+        float q;
+        if (!rebuilt) q = q_row[v];
+        else if (one_hot) q = v == row.idx ? 1.f : 0.f;
+        else q = expf((to_float(u_row[v]) + b_row[v]) / scale - row.max) / row.sum;
+        const float res = fmaxf(p - q, 0.f);
+        acc.mass += res;
+        acc.res = pick(acc.res, Best{res / E, v});
+      }
     }
   }
   const Race empty{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
@@ -309,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto state = at::empty({R, 2}, tokens.options().dtype(at::kInt));
   const bool* greedy_p = greedy && greedy->defined() ? greedy->data_ptr<bool>() : nullptr;
   const int splits = choose_splits(R, V);
-  const int slice = (V + splits - 1) / splits;
+  const int slice = ((V + splits - 1) / splits + 3) / 4 * 4;  // a multiple of 4: whole Philox calls per slice
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
   auto* races = reinterpret_cast<Race*>(race_parts.data_ptr<uint8_t>());
