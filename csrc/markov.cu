@@ -1,6 +1,6 @@
 // Markov-chain drafting on the GPU (docs/kernels.md): all γ steps from one host call, no host sync.
 //
-// Tensor-core path (W1/W2 bf16 or fp16, rank 256 — the released DSpark head), per step k:
+// Tensor-core path (W1/W2 bf16 or fp16, rank 256 — the released DSpark head — and R >= 64), per step k:
 //   1. fused_step_kernel, one CTA per 128-row tile of W2 (read from HBM once per step, whatever R):
 //      for each tile of 64 requests, bias = W1[x_{k-1}] · W2ᵀ on the tensor cores (WMMA, fp32
 //      accumulate) into shared memory, then x = (U_k + bias) / T, online max / sum-exp and the
@@ -9,7 +9,7 @@
 //   2. reduce_kernel, one block per request: token, q_k(x_k), row max / sum-exp, W1[x_k] for k+1.
 //   3. (return_q only) q rows = exp(x - max) / sum over the logits step 1 stored.
 // Other dtypes and ranks: step 1 is a cuBLAS GEMM into an fp32 [R, V] scratch plus a split-V pass.
-// DSPARK_MARKOV_GEMM=cublas forces the cuBLAS path (comparison, debugging).
+// Which path runs: tensor_core_path() below (R >= 64 by default; DSPARK_MARKOV_GEMM overrides).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -93,6 +93,29 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
   }
 }
 
+// Eight consecutive vocab entries v .. v+7 at once: independent exps, logs and noise (short
+// dependency chains), then one merge into the running partial. The outer log of the race key is
+// __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
+__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, bool greedy, const uint4 words[2]) {
+  float m = x[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) m = fmaxf(m, x[i]);
+  float e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = __expf(x[i] - m);
+  Partial c{m, ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])), -INFINITY, -INFINITY, 0x7fffffff};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float key = greedy ? x[i] : x[i] - __logf(-logf(word_uniform(word_at(words[i / 4], i % 4))));
+    if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
+      c.key = key;
+      c.x = x[i];
+      c.idx = v + i;
+    }
+  }
+  p = combine(p, c);
+}
+
 // Block-wide combine; thread 0 gets the result.
 __device__ __forceinline__ Partial block_combine(Partial p) {
   __shared__ Partial warp_partials[kThreads / 32];
@@ -119,19 +142,6 @@ __device__ __forceinline__ void load8(const T* p, float out[8]) {
 __device__ __forceinline__ void load8(const float* p, float out[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-}
-
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float out[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
-}
-
-__device__ __forceinline__ void load4(const float* p, float out[4]) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,8 +171,10 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
         w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
         w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
       }
+      float x[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) visit_entry(p, (u[i] + b[i]) / scale, v + i, greedy, word_at(w[i / 4], i % 4));
+      for (int i = 0; i < 8; ++i) x[i] = (u[i] + b[i]) / scale;
+      visit8(p, x, v, greedy, w);
     }
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
@@ -207,6 +219,7 @@ constexpr int kWTileBytes = kTileV * kLdW * 2;
 constexpr int kHTileBytes = kTileR * kLdW * 2;     // H = W1[x] rows, later reused for the fp32 bias tile
 constexpr int kTcSmem = kWTileBytes + kHTileBytes;  // 99 KB: two CTAs per SM
 static_assert(kTileR * kLdC * 4 <= kHTileBytes, "the bias tile must fit where the H tile was");
+static_assert(kTileR * 4 == kThreads && kTileV == 4 * 32, "epilogue: four threads per row, 32 columns each");
 
 // 16-byte global -> shared copies that bypass registers (sm_80+; a plain copy before that).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -290,7 +303,6 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(
   WT* h_tile = reinterpret_cast<WT*>(smem + kWTileBytes);
   float* c_tile = reinterpret_cast<float*>(smem + kWTileBytes);
   const int v0 = blockIdx.x * kTileV;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   load_w2_tile(w_tile, w2, v0, V);
   for (int r0 = 0; r0 < R; r0 += kTileR) {
     const int rows = min(kTileR, R - r0);
@@ -299,36 +311,60 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(
     __syncthreads();
     tile_bias(w_tile, h_tile, c_tile, rows);
 
-    // Epilogue: one warp per request row, four consecutive vocab ids per lane (one Philox call).
-    const int col = 4 * lane, v = v0 + col;
-    for (int rr = warp; rr < rows; rr += kThreads / 32) {
+    // Epilogue: four threads per request row; thread t takes vocab columns 8·(t % 4) + 32·g + 0..7
+    // for g = 0..3 (bank-conflict-free float4 reads of the bias tile, 16-byte U loads, two Philox
+    // calls per group), then the four threads (adjacent lanes) combine their partials.
+    const int rr = threadIdx.x / 4;
+    Partial p = empty_partial();
+    if (rr < rows) {
       const int r = r0 + rr;
       const float T = temperature[r];
       const bool greedy = T < kGreedyBelow;
       const float scale = greedy ? 1.f : T;
+      const int64_t seed = seeds[r];
       const int64_t row_off = (static_cast<int64_t>(r) * gamma + k) * V;
-      const float4 b4 = *reinterpret_cast<const float4*>(c_tile + rr * kLdC + col);
-      const float b[4] = {b4.x, b4.y, b4.z, b4.w};
-      float u[4];
-      if (kVec && v < V) {
-        load4(U + row_off + v, u);  // V % 4 == 0: all four in range
-      } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) u[i] = v + i < V ? to_float(U[row_off + v + i]) : 0.f;
-      }
-      const uint4 words = greedy || v >= V ? make_uint4(0, 0, 0, 0) : counter_words(seeds[r], kStreamDraft, k, v >> 2);
-      Partial p = empty_partial();
+      for (int g = 0; g < 4; ++g) {
+        const int col = 8 * (threadIdx.x % 4) + 32 * g, v = v0 + col;
+        const float* c = c_tile + rr * kLdC + col;
+        if (kVec && v < V) {  // V % 8 == 0: all eight in range
+          float u[8], x[8];
+          load8(U + row_off + v, u);
+          const float4 c0 = *reinterpret_cast<const float4*>(c), c1 = *reinterpret_cast<const float4*>(c + 4);
+          const float b[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (v + i < V) {
-          const float x = (u[i] + b[i]) / scale;
-          if (logits_out != nullptr) logits_out[row_off + v + i] = x;
-          visit_entry(p, x, v + i, greedy, word_at(words, i));
+          for (int i = 0; i < 8; ++i) x[i] = (u[i] + b[i]) / scale;
+          if (logits_out != nullptr) {
+            reinterpret_cast<float4*>(logits_out + row_off + v)[0] = make_float4(x[0], x[1], x[2], x[3]);
+            reinterpret_cast<float4*>(logits_out + row_off + v)[1] = make_float4(x[4], x[5], x[6], x[7]);
+          }
+          uint4 w[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+          if (!greedy) {
+            w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
+            w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
+          }
+          visit8(p, x, v, greedy, w);
+        } else {
+          for (int i = 0; i < 8 && v + i < V; ++i) {
+            const float x = (to_float(U[row_off + v + i]) + c[i]) / scale;
+            if (logits_out != nullptr) logits_out[row_off + v + i] = x;
+            const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, (v + i) >> 2), (v + i) & 3);
+            visit_entry(p, x, v + i, greedy, word);
+          }
         }
       }
-      p = warp_combine(p);
-      if (lane == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
     }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {  // every lane takes part; idle rows carry empty partials
+      Partial o;
+      o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
+      o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
+      o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
+      o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
+      o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
+      p = combine(p, o);
+    }
+    if (rr < rows && threadIdx.x % 4 == 0) partials[static_cast<int64_t>(r0 + rr) * gridDim.x + blockIdx.x] = p;
     __syncthreads();  // the bias tile is read before the next request tile's H overwrites it
   }
 }
@@ -419,12 +455,19 @@ cudaDataType_t cublas_type(at::ScalarType t) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The tensor-core path applies to bf16/fp16 weights of rank 256 on 16-byte boundaries.
-bool tensor_core_path(const at::Tensor& w2, const void* h, int64_t ldh) {
+// The tensor-core path: bf16/fp16 weights of rank 256 on 16-byte boundaries, and enough requests
+// that the cuBLAS path's fp32 bias round trip (R·V·4 bytes written and read per step) outweighs
+// cuBLAS's better W2 streaming (GEMV-like below that; bench/RESULTS.md has both paths).
+// DSPARK_MARKOV_GEMM=cublas / tensor-cores overrides the request-count rule (never the others).
+constexpr int kTcMinRequests = 64;
+
+bool tensor_core_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
+  const bool eligible = (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) &&
+                        w2.size(1) == kTcRank && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
   const char* env = std::getenv("DSPARK_MARKOV_GEMM");
   if (env != nullptr && std::strcmp(env, "cublas") == 0) return false;
-  return (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kTcRank &&
-         aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
+  if (env != nullptr && std::strcmp(env, "tensor-cores") == 0) return eligible;
+  return eligible && R >= kTcMinRequests;
 }
 
 // cudaFuncSetAttribute once per kernel and device (a host call, kept out of CUDA-graph capture
@@ -457,7 +500,7 @@ int choose_splits(int R, int V) {
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
   const int V = w2.size(0), rank = w2.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tensor_core_path(w2, h, ldh)) {
+  if (tensor_core_path(w2, h, ldh, R)) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_tile_bias", [&] {
       using WT = device_t<scalar_t>;
       allow_tc_smem<tile_bias_kernel<WT>>();
@@ -505,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   auto row_stats = at::empty({R, 2}, f32);
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
-  const bool tensor_cores = tensor_core_path(w2, prev_emb.data_ptr(), ld_emb);
+  const bool tensor_cores = tensor_core_path(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_row = tensor_cores ? (V + kTileV - 1) / kTileV : splits;
   auto partials = at::empty({static_cast<int64_t>(R) * parts_per_row * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
@@ -533,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
         const WT* emb_k = embp + static_cast<int64_t>(k) * rank;
         if (tensor_cores) {
           if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
-            const bool vec = V % 4 == 0 && aligned16(up);
+            const bool vec = V % 8 == 0 && aligned16(up);
             if (vec) allow_tc_smem<fused_step_kernel<WT, UT, true>>();
             else allow_tc_smem<fused_step_kernel<WT, UT, false>>();
             auto kernel = vec ? fused_step_kernel<WT, UT, true> : fused_step_kernel<WT, UT, false>;
