@@ -282,7 +282,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
 }
 
 int choose_splits(int R, int V) {
-  const int want = (4 * 132 + R - 1) / R;
+  const int want = (16 * 132 + R - 1) / R;  // about 16 short blocks per SM: a small last-wave tail
   return std::max(1, std::min(want, (V + 1023) / 1024));
 }
 
