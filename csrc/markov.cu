@@ -4,10 +4,10 @@
 //   1. bias = W1[x_{k-1}] · W2ᵀ           cuBLAS GEMM (bf16/fp16/fp32 in, fp32 out; W2 read once
 //                                          for all R requests), written to an fp32 scratch [R, V]
 //   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key x - log E_v
-//      (Philox noise, four vocab ids per call) or x (greedy), one partial per (request, slice);
-//      the last block to finish a request reduces its partials: token, q_k(x_k), row max and
-//      log-sum-exp, and the W1 gather of the new token for step k+1 (prev_emb)
-//   3. (return_q only) q_k rows = exp(x - max) / sum
+//      (Philox noise, four vocab ids per call) or x (greedy), one partial per (request, slice)
+//   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
+//      W1 gather of the new token for step k+1 (prev_emb)
+//   4. (return_q only) q_k rows = exp(x - max) / sum
 // A tensor-core variant that keeps the bias tile in shared memory (no fp32 bias round trip) was
 // measured slower than this at R = 1..128 on the H200 (bench/RESULTS.md); it lives on branch
 // wip/tensor-core-markov-step.
@@ -140,42 +140,11 @@ __device__ __forceinline__ void load8(const float* p, float out[8]) {
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
 
-// Step 2, the last block of request r: merge its partials, write the step's outputs, gather W1[x_k].
-template <typename WT>
-__device__ void finish_request(const Partial* __restrict__ partials, int splits, bool greedy, const WT* __restrict__ w1,
-                               int rank, int64_t* __restrict__ tokens, float* __restrict__ q_token,
-                               float* __restrict__ row_stats, WT* __restrict__ prev_emb, int r, int k, int gamma) {
-  __shared__ int token_s;
-  Partial p = empty_partial();
-  for (int i = threadIdx.x; i < splits; i += blockDim.x) {
-    const Partial* src = partials + static_cast<int64_t>(r) * splits + i;  // written by other blocks: via L2
-    p = combine(p, Partial{__ldcg(&src->max), __ldcg(&src->sum), __ldcg(&src->key), __ldcg(&src->x), __ldcg(&src->idx)});
-  }
-  p = block_combine(p);
-  if (threadIdx.x == 0) {
-    tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
-    q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
-    row_stats[2 * r] = p.max;
-    row_stats[2 * r + 1] = p.sum;
-    token_s = p.idx;
-  }
-  __syncthreads();
-  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
-    const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
-    WT* dst = prev_emb + (static_cast<int64_t>(r) * gamma + k + 1) * rank;
-    for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
-  }
-}
-
-// Steps 2 and 3 in one launch: grid (splits, R), the slice [start, end) of request r's row; the
-// last block to finish request r (done_count, reset for the next step) finishes the request.
-template <typename UT, typename WT, bool kVec>
+// Step 2: grid (splits, R), the slice [start, end) of request r's row.
+template <typename UT, bool kVec>
 __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
-                                  Partial* __restrict__ partials, int* __restrict__ done_count,
-                                  const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
-                                  float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
-                                  int k, int gamma, int V, int slice) {
+                                  Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
   const int r = blockIdx.y;
   const int start = blockIdx.x * slice;
   const int end = min(V, start + slice);
@@ -209,21 +178,37 @@ __global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restr
     }
   }
   p = block_combine(p);
-  __shared__ bool last;
+  if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
+}
+
+// Step 3: one block per request merges its partials: token, q_k(x_k), row stats, W1[x_k] for k+1.
+template <typename WT>
+__global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
+                              const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
+                              float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
+                              int k, int gamma) {
+  const int r = blockIdx.x;
+  __shared__ int token_s;
+  Partial p = empty_partial();
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
+  p = block_combine(p);
   if (threadIdx.x == 0) {
-    partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
-    __threadfence();  // the partial is visible device-wide before the count says so
-    last = atomicAdd(&done_count[r], 1) == static_cast<int>(gridDim.x) - 1;
-    if (last) done_count[r] = 0;  // ready for the next step (and the next CUDA-graph replay)
+    const bool greedy = temperature[r] < kGreedyBelow;
+    tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
+    q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
+    row_stats[2 * r] = p.max;
+    row_stats[2 * r + 1] = p.sum;
+    token_s = p.idx;
   }
   __syncthreads();
-  if (last) {
-    __threadfence();
-    finish_request(partials, gridDim.x, greedy, w1, rank, tokens, q_token, row_stats, prev_emb, r, k, gamma);
+  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
+    const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
+    WT* dst = prev_emb + (static_cast<int64_t>(r) * gamma + k + 1) * rank;
+    for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
   }
 }
 
-// Step 3: q rows, grid (splits, R).
+// Step 4: q rows, grid (splits, R).
 template <typename UT>
 __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                               const float* __restrict__ temperature, const float* __restrict__ row_stats,
@@ -266,9 +251,9 @@ using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat
                                     std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
 
 int choose_splits(int R, int V) {
-  // Many short blocks (about 16 per SM) so the last wave's tail is small, slices of at least 1024
-  // vocab entries.
-  const int want = (16 * 132 + R - 1) / R;
+  // About 4 blocks per SM, slices of at least 1024 vocab entries (measured on the H200: 16 per SM,
+  // or finishing each request in its last block instead of a reduce launch, were both slower).
+  const int want = (4 * 132 + R - 1) / R;
   const int most = (V + 1023) / 1024;
   return std::max(1, std::min(want, most));
 }
@@ -317,7 +302,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
-  auto done_count = at::zeros({R}, U.options().dtype(at::kInt));
   auto row_stats = at::empty({R, 2}, f32);
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
@@ -339,11 +323,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const float* tp = temperature.data_ptr<float>();
       for (int k = 0; k < gamma; ++k) {
         bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-        auto pass = V % 8 == 0 ? split_pass_kernel<UT, WT, true> : split_pass_kernel<UT, WT, false>;
-        pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts,
-                                            done_count.data_ptr<int>(), w1p, rank, tokens.data_ptr<int64_t>(),
-                                            q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k, gamma, V,
-                                            slice);
+        auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+        pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k, gamma,
+                                            V, slice);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
+                                                      q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k,
+                                                      gamma);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (return_q) {
           q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),

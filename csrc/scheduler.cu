@@ -145,14 +145,18 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
     best_n[warp] = arg;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < blockDim.x / 32; ++w) {
-      if (best_theta[w] > best_theta[0] || (best_theta[w] == best_theta[0] && best_n[w] < best_n[0])) {
-        best_theta[0] = best_theta[w];
-        best_n[0] = best_n[w];
+  if (warp == 0) {  // argmax over the warps' bests, earliest n on ties
+    theta = best_theta[lane];
+    arg = best_n[lane];
+    for (int off = 16; off > 0; off >>= 1) {
+      const float t = __shfl_xor_sync(0xffffffffu, theta, off);
+      const int n = __shfl_xor_sync(0xffffffffu, arg, off);
+      if (t > theta || (t == theta && n < arg)) {
+        theta = t;
+        arg = n;
       }
     }
-    budget = min(best_n[0], R * gamma);
+    if (lane == 0) budget = min(arg, R * gamma);
   }
   for (int r = threadIdx.x; r < R; r += blockDim.x) ell_s[r] = 0;
   __syncthreads();
