@@ -8,7 +8,6 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
-// Small batches (R <= 4, bf16/fp16 rank-256 heads) fuse 1 and 2 into one GEMV-style kernel.
 // A tensor-core variant that keeps the bias tile in shared memory (no fp32 bias round trip) was
 // measured slower than this at R = 1..128 on the H200 (bench/RESULTS.md); it lives on branch
 // wip/tensor-core-markov-step.
@@ -230,122 +229,6 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Small batches (R <= 4, 16-bit weights of rank 256): the bias is a GEMV, bandwidth-bound on W2.
-// One kernel per step streams W2 (each warp 8 rows, every lane a 16-byte slice of each) and runs
-// the split pass on the bias values it just made, so neither a GEMM launch nor the fp32 bias
-// round trip is needed; rejection.cu rebuilds q rows with the same warp_bias8 (bit-identical).
-constexpr int kGemvMaxRequests = 4;
-constexpr int kGemvRank = 256;                            // 32 lanes × 8 elements
-constexpr int kGemvRowsPerWarp = 8;
-constexpr int kGemvRowsPerBlock = kGemvRowsPerWarp * (kThreads / 32);
-
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& raw, float out[8]) {
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
-}
-
-// bias[i][r] = W2[v0 + i] · H[r] for the warp's 8 rows and R <= 4 requests: each lane multiplies
-// its 8 elements in order, then xor-shuffle sums (a fixed order) leave every lane with all values.
-template <typename WT>
-__device__ __forceinline__ void warp_bias8(const WT* __restrict__ w2, int v0, int V, const WT* __restrict__ h,
-                                           int64_t ldh, int R, float bias[kGemvRowsPerWarp][kGemvMaxRequests]) {
-  const int lane = threadIdx.x % 32;
-  uint4 raw[kGemvRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kGemvRowsPerWarp; ++i)  // all 8 loads in flight before any math
-    raw[i] = v0 + i < V ? *reinterpret_cast<const uint4*>(w2 + static_cast<int64_t>(v0 + i) * kGemvRank + 8 * lane)
-                        : make_uint4(0, 0, 0, 0);
-  float hv[kGemvMaxRequests][8];
-#pragma unroll
-  for (int r = 0; r < kGemvMaxRequests; ++r) {
-    if (r < R) unpack8<WT>(*reinterpret_cast<const uint4*>(h + r * ldh + 8 * lane), hv[r]);
-  }
-#pragma unroll
-  for (int i = 0; i < kGemvRowsPerWarp; ++i) {
-    float w[8];
-    unpack8<WT>(raw[i], w);
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRequests; ++r) {
-      float d = 0.f;
-      if (r < R) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) d = fmaf(w[j], hv[r][j], d);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
-      }
-      bias[i][r] = d;
-    }
-  }
-}
-
-// The value of lane (row i = lane % 8, request r = lane / 8) without dynamic register indexing.
-__device__ __forceinline__ float lane_bias(const float bias[kGemvRowsPerWarp][kGemvMaxRequests], int i, int r) {
-  float out = 0.f;
-#pragma unroll
-  for (int ii = 0; ii < kGemvRowsPerWarp; ++ii)
-#pragma unroll
-    for (int rr = 0; rr < kGemvMaxRequests; ++rr) out = (ii == i && rr == r) ? bias[ii][rr] : out;
-  return out;
-}
-
-// Steps 1 and 2 for R <= 4: grid (V / 64), one partial per (request, block); bias_out (return_q) keeps
-// the bias for the q rows.
-template <typename WT, typename UT>
-__global__ void gemv_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ emb, int64_t ld_emb,
-                                 const UT* __restrict__ U, const float* __restrict__ temperature,
-                                 const int64_t* __restrict__ seeds, float* __restrict__ bias_out,
-                                 Partial* __restrict__ partials, int R, int k, int gamma, int V) {
-  __shared__ Partial warp_parts[kThreads / 32][kGemvMaxRequests];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int v0 = blockIdx.x * kGemvRowsPerBlock + warp * kGemvRowsPerWarp;
-  float bias[kGemvRowsPerWarp][kGemvMaxRequests];
-  warp_bias8(w2, v0, V, emb, ld_emb, R, bias);
-  const int i = lane % kGemvRowsPerWarp, r = lane / kGemvRowsPerWarp, v = v0 + i;
-  const float b = lane_bias(bias, i, r);
-  Partial p = empty_partial();
-  if (r < R && v < V) {
-    const float T = temperature[r];
-    const bool greedy = T < kGreedyBelow;
-    const float x = (to_float(U[(static_cast<int64_t>(r) * gamma + k) * V + v]) + b) / (greedy ? 1.f : T);
-    if (bias_out != nullptr) bias_out[static_cast<int64_t>(r) * V + v] = b;
-    const uint32_t word = greedy ? 0u : word_at(counter_words(seeds[r], kStreamDraft, k, v >> 2), v & 3);
-    visit_entry(p, x, v, greedy, word);
-  }
-#pragma unroll
-  for (int off = 1; off < kGemvRowsPerWarp; off <<= 1) {  // within each 8-lane group (one request)
-    Partial o;
-    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
-    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
-    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
-    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
-    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
-    p = combine(p, o);
-  }
-  if (i == 0) warp_parts[warp][r] = p;
-  __syncthreads();
-  if (threadIdx.x < R) {
-    Partial q = empty_partial();
-    for (int w = 0; w < kThreads / 32; ++w) q = combine(q, warp_parts[w][threadIdx.x]);
-    partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = q;
-  }
-}
-
-// bias[R, V] with warp_bias8, for rejection.cu's rebuilt q rows at R <= 4.
-template <typename WT>
-__global__ void gemv_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V,
-                                 float* __restrict__ bias_out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int v0 = blockIdx.x * kGemvRowsPerBlock + warp * kGemvRowsPerWarp;
-  float bias[kGemvRowsPerWarp][kGemvMaxRequests];
-  warp_bias8(w2, v0, V, h, ldh, R, bias);
-  const int i = lane % kGemvRowsPerWarp, r = lane / kGemvRowsPerWarp;
-  const float b = lane_bias(bias, i, r);
-  if (r < R && v0 + i < V) bias_out[static_cast<int64_t>(r) * V + v0 + i] = b;
-}
-
 template <typename WT, typename IT>
 __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
                                      WT* __restrict__ prev_emb) {
@@ -367,14 +250,6 @@ template <typename T>
 using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
                                     std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// The small-batch GEMV path: R <= 4 requests, bf16/fp16 weights of rank 256, 16-byte aligned rows.
-bool gemv_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
-  return R <= kGemvMaxRequests && (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) &&
-         w2.size(1) == kGemvRank && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
-}
-
 int choose_splits(int R, int V) {
   // About 4 blocks per SM, slices of at least 1024 vocab entries (measured on the H200: 16 per SM,
   // or finishing each request in its last block instead of a reduce launch, were both slower).
@@ -389,17 +264,6 @@ int choose_splits(int R, int V) {
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
   const int V = w2.size(0), rank = w2.size(1);
-  if (gemv_path(w2, h, ldh, R)) {  // the chain drafted with warp_bias8: rebuild with it too
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_gemv_bias", [&] {
-      using WT = device_t<scalar_t>;
-      gemv_bias_kernel<WT><<<(V + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock, kThreads, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const WT*>(w2.data_ptr()),
-                                                                 reinterpret_cast<const WT*>(h), ldh, R, V,
-                                                                 bias.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return;
-  }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType_t t = cublas_type(w2.scalar_type());
@@ -436,13 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
-  const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
-  const bool small_batch = gemv_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  const int parts_per_row = small_batch ? (V + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock : splits;
-  auto partials = at::empty({static_cast<int64_t>(R) * parts_per_row * static_cast<int64_t>(sizeof(Partial))},
+  auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, 2}, f32);
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
+  const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
@@ -460,22 +322,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();
       for (int k = 0; k < gamma; ++k) {
-        const WT* emb_k = embp + static_cast<int64_t>(k) * rank;
-        if (small_batch) {
-          if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
-            gemv_step_kernel<WT, UT><<<parts_per_row, kThreads, 0, stream>>>(
-                reinterpret_cast<const WT*>(w2.data_ptr()), emb_k, ld_emb, up, tp, seeds.data_ptr<int64_t>(),
-                return_q ? bias.data_ptr<float>() : nullptr, parts, R, k, gamma, V);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-        } else {
-          bias_gemm(w2, emb_k, ld_emb, R, bias);
-          auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
-          pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
-                                              gamma, V, slice);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, parts_per_row, tp, w1p, rank, tokens.data_ptr<int64_t>(),
+        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
+        auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+        pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k, gamma,
+                                            V, slice);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
                                                       q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k,
                                                       gamma);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
