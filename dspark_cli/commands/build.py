@@ -1,4 +1,5 @@
-"""`dspark build`: compile csrc/ into the build cache (see dspark_cli/build.py)."""
+"""`dspark build`: compile csrc/ into the build cache (see dspark_cli/build.py); with --engine tgi,
+also install the patched TGI server of a workspace into this interpreter (dspark_cli/engine_install.py)."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -6,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from dspark_cli.output import console, emit
+from dspark_cli.errors import UsageError
+from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
+from dspark_cli.output import console, emit, err_console
 
 
 def register(app: typer.Typer) -> None:
@@ -20,11 +23,33 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build."),
         self_test: bool = typer.Option(False, "--self-test", help="Then check every op on the GPU (dspark verify ops)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the compiler commands and output."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="Also install this engine's patched server "
+                                             "(tgi) from the --workdir workspace into this Python (docs/tgi.md)."),
+        workdir: Path = typer.Option(Path("."), "--workdir", "-C", help="--engine: the workspace `dspark apply` made."),
+        no_deps: bool = typer.Option(False, "--no-deps", help="--engine: install the server without its "
+                                     "dependencies (you manage the stack; grpcio-tools must be there for the stubs)."),
+        extras: str = typer.Option(",".join(TGI_DEFAULT_EXTRAS), "--extras",
+                                   help="--engine: the server's pip extras, comma-separated ('' for none)."),
+        no_extension: bool = typer.Option(False, "--no-extension", help="--engine: do not build the CUDA extension."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
     ) -> None:
         """Build the CUDA extension with torch.utils.cpp_extension and ninja, cached by torch version,
         CUDA version, arch list and source hash (an unchanged rebuild takes about a second).
-        Exit 3 on a toolchain problem (no nvcc, CUDA major mismatch with torch, no arch)."""
+        Exit 3 on a toolchain problem (no nvcc, CUDA major mismatch with torch, no arch).
+
+        With --engine tgi -C DIR: build the extension if this Python's torch has CUDA and nvcc matches
+        (else skip it and say why), generate TGI's gRPC stubs if missing, and pip-install DIR/server
+        (editable) into this Python. Exit 2 if DIR is not an applied TGI workspace, 3 if a step fails."""
+        if engine is not None:
+            if wheel is not None or self_test:
+                raise UsageError("--wheel and --self-test are for the extension alone: run `dspark build` without --engine")
+            _install_engine(engine, workdir, not no_deps, extras, not no_extension, arch, jobs, force, verbose, as_json)
+            return
+        given = [name for name, value in (("--workdir", workdir != Path(".")), ("--no-deps", no_deps),
+                                          ("--no-extension", no_extension),
+                                          ("--extras", extras != ",".join(TGI_DEFAULT_EXTRAS))) if value]
+        if given:
+            raise UsageError(f"{given[0]} goes with --engine (e.g. `dspark build --engine tgi -C ./tgi`)")
         from dspark_cli import build as builder
 
         if not as_json:
@@ -54,3 +79,32 @@ def register(app: typer.Typer) -> None:
 
             cuda_ops.load(result.path)
             run_self_test(as_json=as_json)
+
+
+def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extension: bool, arch: Optional[str],
+                    jobs: Optional[int], force: bool, verbose: bool, as_json: bool) -> None:
+    from dspark_cli import engine_install
+
+    request = engine_install.EngineInstall(
+        workdir=workdir, engine=engine, deps=deps, extras=tuple(e.strip() for e in extras.split(",") if e.strip()),
+        extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)
+    # Progress goes to stderr, with pip's own output: stdout carries only the result (or the JSON).
+    result = engine_install.install(request, log=lambda line: err_console.print(f"[dim]>[/dim] {line}", highlight=False,
+                                                                         soft_wrap=True))
+
+    def render(r: dict) -> None:
+        for note in r["notes"]:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        ext = r["extension"]
+        console.print("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped"
+                                       else f"{ext['status']}: {ext['path']}"), highlight=False)
+        console.print(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}", highlight=False)
+        inst = r["install"]
+        deps_note = f"with deps, extras [{','.join(inst['extras'])}]" if inst["deps"] else "--no-deps"
+        console.print(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from "
+                      f"{inst['source']} into {r['python']}: {len(inst['installed'])} distribution(s) in "
+                      f"{inst['seconds']:.0f} s", highlight=False)
+        console.print(f"[bold]ok[/bold]: {r['series']} server imports from the workspace "
+                      f"({r['check']['marker']})", highlight=False)
+
+    emit(result, as_json, render)
