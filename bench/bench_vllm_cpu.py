@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from dspark_cli.integrations.vllm.e2e import run_in_python, step_stats
+from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
 
 GAMMA = 7
 PROMPTS = [[1, 2, 3], [40, 41], [100, 7, 9, 11]]
@@ -21,8 +21,8 @@ def main() -> None:
     python = os.environ.get("DSPARK_VLLM_PYTHON", sys.executable)
     results = {}
     for batch in (1, len(PROMPTS)):
-        run = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "oracle", "workloads": [
-            {"name": "w", "prompts": PROMPTS[:batch], "max_tokens": MAX_TOKENS, "temperature": 0.0}]})["workloads"]["w"]
+        run = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
+                                     "workloads": [greedy_workload("w", PROMPTS[:batch], MAX_TOKENS)]})["workloads"]["w"]
         assert run["dspark"]["outputs"] == run["baseline"]["outputs"], "DSpark changed the greedy output"
         s, b = step_stats(run["dspark"], batch), step_stats(run["baseline"], batch)
         results[f"batch{batch}"] = {"tokens_per_s_dspark": s["tokens_per_s"], "tokens_per_s_baseline": b["tokens_per_s"],

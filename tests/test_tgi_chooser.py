@@ -89,26 +89,25 @@ def _params(pb, **kw):
 
 def _check(ckpt_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
     from text_generation_server.pb import generate_pb2 as pb
     from text_generation_server.utils.tokens import HeterogeneousNextTokenChooser
 
+    from dspark_cli import tiny_models
     from dspark_cli.integrations.tgi.draft import DSparkDraft
     from dspark_cli.integrations.tgi.hooks import _warped_logits, choose
-    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture
-    from dspark_cli.integrations.vllm import models
+    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
 
     torch.manual_seed(0)
-    target_path = models.build_target(ckpt_dir / "target", "successor")
-    target = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
-    draft = DSparkDraft.load(models.build_draft(ckpt_dir / "partial", gamma=3, kind="partial", target=target_path))
-    spec = DSparkSpeculation(draft, HiddenCapture(target, draft.config.target_layer_ids), scheduler="off")
+    target_path = tiny_models.build_target(ckpt_dir / "target", "successor")
+    target = tiny_models.load_transformers(target_path)
+    draft = DSparkDraft.load(tiny_models.build_draft(ckpt_dir / "partial", gamma=3, kind="partial", target=target_path))
+    spec = DSparkSpeculation.for_target(target, draft, scheduler="off")
 
     # 1. Warped scores (sampling parameters) equal TGI's.
     sampled = [_params(pb, temperature=0.7, top_k=5, do_sample=True), _params(pb, top_p=0.9, frequency_penalty=0.5,
                do_sample=True), _params(pb, repetition_penalty=1.3), _params(pb, temperature=1.3, typical_p=0.8)]
     chooser = HeterogeneousNextTokenChooser.from_pb(sampled, torch.float32, torch.device("cpu"), None)
-    B, S, V = len(sampled), 4, models.VOCAB
+    B, S, V = len(sampled), 4, tiny_models.VOCAB
     history = torch.randint(0, V, (B, 6))
     batch = DecodeBatch([pb.Request(id=i, parameters=p) for i, p in enumerate(sampled)], chooser, history[:, -1],
                         torch.full((B,), 5), history, 6, speculative_ids=torch.randint(0, V, (B, S - 1)))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from dspark_cli import tiny_models
 from dspark_cli.integrations.tgi.draft import DSparkDraft
-from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture, layer_output
-from dspark_cli.integrations.tgi.verify import generate
-from dspark_cli.integrations.vllm import models
+from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, layer_output
+from dspark_cli.integrations.tgi.verify import generate, greedy_reference
 
 REPO = Path(__file__).resolve().parent.parent
 SERIES = REPO / "patches" / "tgi" / "v3.3.7"
@@ -73,17 +73,17 @@ def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    target = models.build_target(root / "target", "successor")
+    target = tiny_models.build_target(root / "target", "successor")
     return {"target": target,
-            "oracle": models.build_draft(root / "oracle", gamma=3, kind="oracle", target=target),
-            "partial": models.build_draft(root / "partial", gamma=3, kind="partial", target=target),
-            "random": models.build_draft(root / "random", gamma=3, kind="random", seed=5)}
+            "oracle": tiny_models.build_draft(root / "oracle", gamma=3, kind="oracle", target=target),
+            "partial": tiny_models.build_draft(root / "partial", gamma=3, kind="partial", target=target),
+            "random": tiny_models.build_draft(root / "random", gamma=3, kind="random", seed=5)}
 
 
 def test_released_format_loads_and_the_oracle_markov_head_drafts_the_successors(checkpoints):
     draft = DSparkDraft.load(checkpoints["oracle"])
-    assert draft.config.block_size == 3 and draft.config.target_layer_ids == models.TARGET_LAYER_IDS
-    feats = torch.randn(5, len(models.TARGET_LAYER_IDS) * models.HIDDEN)
+    assert draft.config.block_size == 3 and draft.config.target_layer_ids == tiny_models.TARGET_LAYER_IDS
+    feats = torch.randn(5, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     draft.extend_context(7, feats, torch.arange(5))
     assert draft.caches[7].length == 5 and draft.caches[7].k[0].shape[0] == 5
     prop = draft.propose([7], torch.tensor([41]), [5], torch.zeros(1))
@@ -93,29 +93,20 @@ def test_released_format_loads_and_the_oracle_markov_head_drafts_the_successors(
 
 def test_block_attention_sees_the_context(checkpoints):
     draft = DSparkDraft.load(checkpoints["random"])
-    feats = torch.randn(4, len(models.TARGET_LAYER_IDS) * models.HIDDEN)
+    feats = torch.randn(4, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     draft.extend_context(1, feats, torch.arange(4))
     draft.extend_context(2, feats * 3, torch.arange(4))
     h1, h2 = draft.hidden_block(1, 9, 4), draft.hidden_block(2, 9, 4)
-    assert h1.shape == (3, models.HIDDEN) and not torch.allclose(h1, h2)
-
-
-def load_target(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    assert h1.shape == (3, tiny_models.HIDDEN) and not torch.allclose(h1, h2)
 
 
 @pytest.mark.parametrize("kind", ["oracle", "partial", "random"])
 def test_greedy_output_is_identical_to_no_speculation(checkpoints, kind):
-    target = load_target(checkpoints["target"])
-    draft = DSparkDraft.load(checkpoints[kind])
-    spec = DSparkSpeculation(draft, HiddenCapture(target, draft.config.target_layer_ids), scheduler="off")
+    target = tiny_models.load_transformers(checkpoints["target"])
+    spec = DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints[kind]), scheduler="off")
     prompt = [3, 17, 99]
     out, accepted, rounds = generate(target, spec, prompt, steps=24)
-    with torch.no_grad():
-        ref = target.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
-    assert out == ref == [(prompt[-1] + 1 + i) % models.VOCAB for i in range(24)]
+    assert out == greedy_reference(target, prompt, 24) == tiny_models.successor_tokens(prompt, 24)
     mean_len = len(out) / rounds
     if kind == "oracle":  # every draft accepted: γ + 1 tokens per round after prefill
         assert accepted == 3 * (rounds - 1) and mean_len > 3.0
@@ -127,12 +118,11 @@ def test_scheduler_limits_what_may_be_accepted(checkpoints):
     """A steep SPS table makes Algorithm 1 verify less; output stays identical."""
     from dspark_cli.runtime import SPSTable
 
-    target = load_target(checkpoints["target"])
-    draft = DSparkDraft.load(checkpoints["oracle"])
+    target = tiny_models.load_transformers(checkpoints["target"])
     steep = SPSTable([1, 2, 4, 8], [100.0, 60.0, 20.0, 1.0])  # one request: verifying 3 drafts costs 5x
-    spec = DSparkSpeculation(draft, HiddenCapture(target, draft.config.target_layer_ids), "exact", steep)
+    spec = DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["oracle"]), "exact", steep)
     out, accepted, rounds = generate(target, spec, [5, 6], steps=12)
-    assert out == [(7 + i) % models.VOCAB for i in range(12)]
+    assert out == tiny_models.successor_tokens([5, 6], 12)
     assert spec.stats["verified"] < 3 * (rounds - 1)
 
 
@@ -144,7 +134,7 @@ def test_sampled_tokens_follow_the_target_distribution(device):
     row j; the k-th emitted token of a request follows p_{k-1} (χ², fixed seeds) — a row
     misalignment or an uncorrected q would skew position 2."""
     g = torch.Generator().manual_seed(0)
-    V, B, S = models.VOCAB, 3000, 4
+    V, B, S = tiny_models.VOCAB, 3000, 4
     support = torch.arange(0, V, V // 8)[:8]
     p_logits = torch.full((S, V), -1e9)
     p_logits[:, support] = torch.randn(S, 8, generator=g)
@@ -183,15 +173,7 @@ def _random_draft_with_q_on_the_support(support, V, g):
     head = torch.randn(V, d, generator=g) * 0.01
     head[support] += torch.randn(len(support), d, generator=g)
     w["lm_head.weight"] = head * 3
-    p = "layers.0."
-    for name, shape in [("self_attn.q_proj", (16, d)), ("self_attn.k_proj", (8, d)), ("self_attn.v_proj", (8, d)),
-                        ("self_attn.o_proj", (d, 16)), ("mlp.gate_proj", (32, d)), ("mlp.up_proj", (32, d)),
-                        ("mlp.down_proj", (d, 32))]:
-        w[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.1
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        w[p + name + ".weight"] = torch.ones(d)
-    w[p + "self_attn.q_norm.weight"] = torch.ones(8)
-    w[p + "self_attn.k_norm.weight"] = torch.ones(8)
+    w.update(tiny_models.layer_tensors("layers.0", g, 0.1, hidden=d, head_dim=8))
     return DSparkDraft(cfg, w)
 
 

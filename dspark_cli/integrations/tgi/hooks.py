@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft import DSparkDraft
-from dspark_cli.integrations.tgi.speculation import (ENV_DRAFT, ENV_SCHEDULER, ENV_SPS, ENV_STS,
-                                                     DSparkSpeculation, HiddenCapture, step_seeds)
+from dspark_cli.integrations.tgi.speculation import (ENV_SCHEDULER, ENV_SPS, ENV_STS, DSparkSpeculation,
+                                                     configured_draft, step_seeds)
 
 try:  # TGI logs through loguru
     from loguru import logger
@@ -28,17 +27,16 @@ except ImportError:
 
 def maybe_attach(flash_model) -> DSparkSpeculation | None:
     """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set."""
-    path = os.environ.get(ENV_DRAFT)
-    if not path:
+    path = configured_draft()
+    if path is None:
         return None
     target = flash_model.model
     weight = next(target.parameters())
-    draft = DSparkDraft.load(Path(path), device=weight.device, dtype=weight.dtype)
+    draft = DSparkDraft.load(path, device=weight.device, dtype=weight.dtype)
     if os.environ.get(ENV_STS):
         draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
-    capture = HiddenCapture(target, draft.config.target_layer_ids)
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
-    return DSparkSpeculation(draft, capture, os.environ.get(ENV_SCHEDULER, "exact"), sps)
+    return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER, "exact"), sps)
 
 
 def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:

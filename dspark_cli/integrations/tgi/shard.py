@@ -18,7 +18,6 @@ OUT: {"speculate": Info.speculate, "tokens": {id: [generated ids]}, "finish": {i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dspark_cli.integrations.spec_runner import serve_spec
 
 ATTENTION = "paged"
 
@@ -169,11 +170,5 @@ def serve_and_drive(spec: dict) -> dict:
                 server.kill()
 
 
-def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    Path(argv[1]).write_text(json.dumps(serve_and_drive(spec)))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve_spec(serve_and_drive)

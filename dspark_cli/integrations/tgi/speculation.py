@@ -32,14 +32,20 @@ ENV_SPS = "DSPARK_SPS_TABLE"
 ENV_STS = "DSPARK_STS"                  # STS calibration file (dspark-sts/1) for the confidence head
 
 
+def configured_draft() -> Path | None:
+    """The drafter checkpoint DSPARK_DRAFT names; None: DSpark is off."""
+    path = os.environ.get(ENV_DRAFT)
+    return Path(path) if path else None
+
+
 def draft_block_size() -> int | None:
     """γ of the configured drafter (get_model's hook sets TGI's global speculate to it)."""
-    path = os.environ.get(ENV_DRAFT)
-    if not path:
+    path = configured_draft()
+    if path is None:
         return None
     from dspark_cli.integrations.tgi.draft import DraftConfig
 
-    return DraftConfig.load(Path(path)).block_size
+    return DraftConfig.load(path).block_size
 
 
 def layer_output(out) -> torch.Tensor:
@@ -136,6 +142,12 @@ class DSparkSpeculation:
         self.generator = torch.Generator(device=draft.w["embed_tokens.weight"].device).manual_seed(seed)
         self.stats = {"steps": 0, "verified": 0, "accepted": 0}
         self.warned_prefix_cache = False
+
+    @classmethod
+    def for_target(cls, target: torch.nn.Module, draft: DSparkDraft, scheduler: str = "exact",
+                   sps: runtime.SPSTable | None = None) -> "DSparkSpeculation":
+        """Speculation over `target`, its layers that the draft reads hooked for capture."""
+        return cls(draft, HiddenCapture(target, draft.config.target_layer_ids), scheduler, sps)
 
     # ------------------------------------------------------------------ verification
 

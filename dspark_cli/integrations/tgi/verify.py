@@ -65,11 +65,11 @@ def shard_unservable() -> str | None:
 def shard_check(tmp: Path) -> dict:
     """The installed TGI shard (real `text-generation-server serve`) on a tiny Llama, without and
     with DSpark (a partly wrong draft): same greedy tokens, fewer rounds, speculate = γ."""
+    from dspark_cli import tiny_models
     from dspark_cli.integrations.tgi import fixtures, shard
-    from dspark_cli.integrations.vllm import models
 
     target = fixtures.build(tmp / "shard-llama", "llama", "successor")
-    draft = models.build_draft(tmp / "shard-draft", gamma=3, kind="partial", target=target)
+    draft = tiny_models.build_draft(tmp / "shard-draft", gamma=3, kind="partial", target=target)
     waves = [[0, [{"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 16},
                   {"id": 2, "prompt": [40], "max_new_tokens": 12, "repetition_penalty": 1.2}]]]
     try:
@@ -108,14 +108,18 @@ def generate(target, speculation, prompt: list[int], steps: int, temperature: fl
     return emitted[:steps], accepted, rounds
 
 
-def run(as_json: bool = False) -> None:
-    from transformers import AutoModelForCausalLM
+def greedy_reference(target, prompt: list[int], steps: int) -> list[int]:
+    """The target's own greedy continuation (transformers' generate, no speculation)."""
+    with torch.no_grad():
+        return target.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)[0, len(prompt):].tolist()
 
+
+def run(as_json: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
+    from dspark_cli import tiny_models
     from dspark_cli.integrations.tgi.draft import DSparkDraft
-    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture
-    from dspark_cli.integrations.vllm import models
+    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -125,16 +129,15 @@ def run(as_json: bool = False) -> None:
         why_not = None if server["installed"] and not server["problems"] else "no patched TGI server installed"
         why_not = why_not or shard_unservable()
         served = {"ran": False, "why_not": why_not} if why_not else shard_check(Path(tmp))
-        target_path = models.build_target(Path(tmp) / "target", "successor")
-        target = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
+        target_path = tiny_models.build_target(Path(tmp) / "target", "successor")
+        target = tiny_models.load_transformers(target_path)
         prompt, steps = [3, 17, 99], 32
         start = time.perf_counter()
-        with torch.no_grad():
-            ref = target.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)[0, 3:].tolist()
+        ref = greedy_reference(target, prompt, steps)
         base_tps = steps / (time.perf_counter() - start)
         for kind in ("oracle", "partial", "random"):
-            draft = DSparkDraft.load(models.build_draft(Path(tmp) / kind, gamma=3, kind=kind, target=target_path))
-            spec = DSparkSpeculation(draft, HiddenCapture(target, draft.config.target_layer_ids), scheduler="off")
+            draft = DSparkDraft.load(tiny_models.build_draft(Path(tmp) / kind, gamma=3, kind=kind, target=target_path))
+            spec = DSparkSpeculation.for_target(target, draft, scheduler="off")
             start = time.perf_counter()
             out, accepted, rounds = generate(target, spec, prompt, steps)
             rows.append({"draft": kind, "identical": out == ref, "mean_accepted_length": steps / rounds,

@@ -8,11 +8,12 @@ SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random", "draft": "or
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
 engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens)."""
 
-import json
 import os
-import sys
+import tempfile
 import time
 from pathlib import Path
+
+from dspark_cli.integrations.spec_runner import run_module, serve_spec
 
 SPEC_METRICS = {
     "vllm:spec_decode_num_drafts": "drafts",
@@ -27,6 +28,10 @@ def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int):
     return LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=512,
                enforce_eager=True, seed=0, gpu_memory_utilization=0.1, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=4096, disable_log_stats=False, speculative_config=speculative_config)
+
+
+def greedy_workload(name: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
 
 
 def _counters(llm) -> dict:
@@ -58,7 +63,7 @@ def _generate(llm, workload: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    from dspark_cli.integrations.vllm.models import build_draft, build_target
+    from dspark_cli.tiny_models import build_draft, build_target
 
     work = Path(spec["workdir"])
     target = build_target(work / f"target-{spec['target']}", spec["target"])
@@ -80,27 +85,12 @@ def run(spec: dict) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    Path(sys.argv[2]).write_text(json.dumps(run(json.loads(Path(sys.argv[1]).read_text()))))
-
-
 def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
-    """Run `spec` with the vLLM venv's interpreter; this package is put on its PYTHONPATH."""
-    import subprocess
-    import tempfile
-
-    repo_root = Path(__file__).resolve().parents[3]
+    """Run `spec` with the vLLM venv's interpreter (this package first on its path)."""
     with tempfile.TemporaryDirectory(prefix="dspark-vllm-") as tmp:
-        spec = {"workdir": str(Path(tmp) / "models"), **spec}
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])),
-               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        proc = subprocess.run([python, "-m", "dspark_cli.integrations.vllm.e2e", str(spec_path), str(out_path)],
-                              env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-        return json.loads(out_path.read_text())
+        return run_module(python, "dspark_cli.integrations.vllm.e2e", {"workdir": str(Path(tmp) / "models"), **spec},
+                          timeout_s, "vLLM run",
+                          env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
 
 
 def step_stats(run: dict, num_prompts: int) -> dict:
@@ -116,3 +106,7 @@ def step_stats(run: dict, num_prompts: int) -> dict:
             "accepted_length": 1 + spec["accepted_tokens"] / max(spec["drafts"], 1),
             "verified_per_step": (steps + spec["draft_tokens"]) / steps,
             "tokens_per_s": run["tokens_per_s"]}
+
+
+if __name__ == "__main__":
+    serve_spec(run)

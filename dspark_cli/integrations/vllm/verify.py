@@ -16,11 +16,14 @@ from pathlib import Path
 from dspark_cli.errors import CheckFailed, EnvironmentProblem
 from dspark_cli.output import console, emit
 
-from dspark_cli.integrations.vllm.e2e import run_in_python, step_stats
-from dspark_cli.integrations.vllm.models import VOCAB
+from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
+from dspark_cli.tiny_models import successor_tokens
 
 GAMMA = 3
 PROMPTS = [[3, 9, 27], [100, 7], [50, 60, 70, 80], [200, 1, 2, 3, 4]]
+MAX_TOKENS = 24
+# Steep SPS table: flat up to 4 tokens per forward, then falling fast, so Algorithm 1 verifies
+# whole blocks for one request and almost nothing for eight.
 STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [100.0, 100.0, 50.0, 10.0]}
 
 
@@ -34,10 +37,6 @@ def _python() -> str:
     return python
 
 
-def _greedy(name, prompts, max_tokens=24):
-    return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
-
-
 def _checks(python: str) -> list[dict]:
     rows = []
 
@@ -45,8 +44,8 @@ def _checks(python: str) -> list[dict]:
         rows.append({"check": name, "ok": bool(ok), **numbers})
 
     oracle = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
-                                    "workloads": [_greedy("batch", PROMPTS, 48)]})["workloads"]["batch"]
-    expected = [[(p[-1] + 1 + i) % VOCAB for i in range(48)] for p in PROMPTS]
+                                    "workloads": [greedy_workload("batch", PROMPTS, 48)]})["workloads"]["batch"]
+    expected = [successor_tokens(p, 48) for p in PROMPTS]
     s, b = step_stats(oracle["dspark"], len(PROMPTS)), step_stats(oracle["baseline"], len(PROMPTS))
     check("oracle draft: output = no speculation, whole blocks accepted",
           oracle["dspark"]["outputs"] == oracle["baseline"]["outputs"] == expected and s["accepted_length"] > GAMMA + 0.5,
@@ -54,14 +53,15 @@ def _checks(python: str) -> list[dict]:
           tokens_per_s=s["tokens_per_s"], baseline_tokens_per_s=b["tokens_per_s"])
 
     partial = run_in_python(python, {"gamma": GAMMA, "target": "successor", "draft": "partial",
-                                     "workloads": [_greedy("batch", PROMPTS)]})["workloads"]["batch"]
+                                     "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})["workloads"]["batch"]
     s = step_stats(partial["dspark"], len(PROMPTS))
     check("partially wrong draft: output = no speculation",
           partial["dspark"]["outputs"] == partial["baseline"]["outputs"] and 1 < s["accepted_length"] < GAMMA + 1,
           accepted_length=s["accepted_length"], verified_per_step=s["verified_per_step"])
 
     rand = run_in_python(python, {"gamma": GAMMA, "target": "random", "draft": "random",
-                                  "workloads": [_greedy("one", PROMPTS[:1]), _greedy("batch", PROMPTS)]})["workloads"]
+                                  "workloads": [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
+                                                greedy_workload("batch", PROMPTS, MAX_TOKENS)]})["workloads"]
     for name, w in rand.items():
         s = step_stats(w["dspark"], len(w["dspark"]["outputs"]))
         check(f"random target and draft, {len(w['dspark']['outputs'])} prompt(s): greedy output token-identical",
@@ -73,11 +73,12 @@ def _checks(python: str) -> list[dict]:
         adaptive = run_in_python(python, {
             "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
             "env": {"DSPARK_SCHEDULER": "exact", "DSPARK_SPS_TABLE": str(sps)},
-            "workloads": [_greedy("one", PROMPTS[:1]), _greedy("eight", (PROMPTS * 2)[:8])]})["workloads"]
+            "workloads": [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
+                          greedy_workload("eight", (PROMPTS * 2)[:8], MAX_TOKENS)]})["workloads"]
     light, loaded = step_stats(adaptive["one"]["dspark"], 1), step_stats(adaptive["eight"]["dspark"], 8)
     check("adaptive verification: fewer verified tokens per step at batch 8 (steep SPS table)",
           loaded["verified_per_step"] < light["verified_per_step"] - 1
-          and adaptive["eight"]["dspark"]["outputs"] == [[(p[-1] + 1 + i) % VOCAB for i in range(24)] for p in (PROMPTS * 2)[:8]],
+          and adaptive["eight"]["dspark"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in (PROMPTS * 2)[:8]],
           verified_per_step=loaded["verified_per_step"], verified_per_step_batch1=light["verified_per_step"])
     return rows
 

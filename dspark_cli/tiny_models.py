@@ -1,5 +1,6 @@
-"""Tiny constructed checkpoints for end-to-end checks: a Qwen3 target and DSpark drafts in the
-released format (architecture `Qwen3DSparkModel`, config keys and tensor names of DSPARK.md §2).
+"""Tiny constructed checkpoints for end-to-end checks in any engine (vLLM, TGI, transformers): a
+Qwen3 target and DSpark drafts in the released format (architecture `Qwen3DSparkModel`, config keys
+and tensor names of DSPARK.md §2).
 
 - `successor` target: greedy next token = (prev + 1) mod V. Every layer's o_proj/down_proj is
   zero, so the residual stream stays the token embedding; lm_head row y is embedding row y−1.
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 VOCAB = 256
 HIDDEN = 128
@@ -22,6 +23,7 @@ DRAFT_LAYERS = 2
 TARGET_LAYER_IDS = [0, 2]  # decoder-layer outputs the draft reads (never the last layer)
 MASK_TOKEN_ID = VOCAB - 1
 MARKOV_SCALE = 40.0
+WEIGHTS = "model.safetensors"
 
 
 def target_config() -> dict:
@@ -49,26 +51,37 @@ def draft_config(gamma: int) -> dict:
     return cfg
 
 
-def _layer_tensors(prefix: str, g: torch.Generator, std: float) -> dict:
-    q, kv, inter = 2 * HEAD_DIM, HEAD_DIM, 2 * HIDDEN
+def layer_tensors(prefix: str, g: torch.Generator, std: float, hidden: int = HIDDEN,
+                  head_dim: int = HEAD_DIM) -> dict:
+    """One Qwen3 decoder layer (2 query heads, 1 KV head, MLP width 2·hidden): seeded random
+    projections, unit norms."""
+    q, kv, inter = 2 * head_dim, head_dim, 2 * hidden
     shapes = {
-        "self_attn.q_proj.weight": (q, HIDDEN), "self_attn.k_proj.weight": (kv, HIDDEN),
-        "self_attn.v_proj.weight": (kv, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, q),
-        "mlp.gate_proj.weight": (inter, HIDDEN), "mlp.up_proj.weight": (inter, HIDDEN),
-        "mlp.down_proj.weight": (HIDDEN, inter),
+        "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
     }
     out = {f"{prefix}.{k}": torch.randn(s, generator=g) * std for k, s in shapes.items()}
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[f"{prefix}.{norm}.weight"] = torch.ones(HIDDEN)
+        out[f"{prefix}.{norm}.weight"] = torch.ones(hidden)
     for norm in ("self_attn.q_norm", "self_attn.k_norm"):
-        out[f"{prefix}.{norm}.weight"] = torch.ones(HEAD_DIM)
+        out[f"{prefix}.{norm}.weight"] = torch.ones(head_dim)
     return out
+
+
+def read_weights(path: Path) -> dict:
+    return load_file(str(Path(path) / WEIGHTS))
+
+
+def write_weights(path: Path, tensors: dict) -> None:
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(Path(path) / WEIGHTS))
 
 
 def _save(path: Path, config: dict, tensors: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    write_weights(path, tensors)
     return path
 
 
@@ -77,7 +90,7 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
     embed = torch.randn(VOCAB, HIDDEN, generator=g)
     tensors = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(HIDDEN)}
     for i in range(TARGET_LAYERS):
-        tensors.update(_layer_tensors(f"model.layers.{i}", g, 0.1))
+        tensors.update(layer_tensors(f"model.layers.{i}", g, 0.1))
     if kind == "successor":
         for i in range(TARGET_LAYERS):
             tensors[f"model.layers.{i}.self_attn.o_proj.weight"].zero_()
@@ -88,6 +101,18 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
     else:
         raise ValueError(f"unknown target kind {kind!r}")
     return _save(path, target_config(), tensors)
+
+
+def successor_tokens(prompt: list[int], n: int) -> list[int]:
+    """The successor target's greedy continuation of `prompt`: n tokens counting up from its last."""
+    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+
+
+def load_transformers(path: Path):
+    """A constructed target as a transformers causal LM (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
 def successor_map(kind: str) -> torch.Tensor:
@@ -111,11 +136,9 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
         "confidence_head.proj.bias": torch.tensor([1.0]),
     }
     for i in range(DRAFT_LAYERS):
-        tensors.update(_layer_tensors(f"layers.{i}", g, 0.1))
+        tensors.update(layer_tensors(f"layers.{i}", g, 0.1))
     if target is not None:  # the released drafts carry byte copies of the target's embedding/head
-        from safetensors.torch import load_file
-
-        t = load_file(str(target / "model.safetensors"))
+        t = read_weights(target)
         tensors["embed_tokens.weight"], tensors["lm_head.weight"] = t["model.embed_tokens.weight"], t["lm_head.weight"]
     else:
         tensors["embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN, generator=g)

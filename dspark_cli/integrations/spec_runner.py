@@ -1,0 +1,35 @@
+"""Run one of our modules in an engine's own Python (its venv: vLLM, the TGI shard) with a JSON spec
+in and a JSON result out, so the caller never imports the engine:
+
+    python -m <module> SPEC.json OUT.json"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The folder holding dspark_cli: the engine's Python imports this checkout's package, whatever its
+# site-packages hold.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str, env: dict | None = None) -> dict:
+    """`python -m module SPEC.json OUT.json` -> OUT; RuntimeError("<what> failed …" + output tail) if it fails."""
+    with tempfile.TemporaryDirectory(prefix="dspark-spec-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+        proc = subprocess.run([python, "-m", module, str(spec_path), str(out_path)],
+                              env={**os.environ, **(env or {}), "PYTHONPATH": pythonpath},
+                              capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def serve_spec(run) -> None:
+    """The module side (its `__main__`): OUT.json = run(SPEC.json) for the paths on the command line."""
+    spec_path, out_path = sys.argv[1:3]
+    Path(out_path).write_text(json.dumps(run(json.loads(Path(spec_path).read_text()))))
