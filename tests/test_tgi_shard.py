@@ -28,6 +28,12 @@ def shard(spec: dict) -> dict:
     return run_module(SHARD_PYTHON, "dspark_cli.integrations.tgi.shard", spec, 600, "TGI shard run")
 
 
+def plain_and_dspark(target, draft, waves: list) -> tuple[dict, dict]:
+    """The shard's results for the same waves without, then with DSpark."""
+    spec = {"model": str(target), "waves": waves}
+    return shard({**spec, "draft": None}), shard({**spec, "draft": str(draft)})
+
+
 def waves() -> list:
     """Two arrivals: the second is prefilled while the first decodes, then both decode together."""
     first = [{"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 13},
@@ -70,9 +76,7 @@ def test_qwen3_through_the_transformers_backend(tmp_path):
     """TGI has no flash Qwen3 model: Qwen3 targets run in TransformersFlashCausalLM (patch 0004)."""
     target = fixtures.build(tmp_path / "target", "qwen3", "successor")
     draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="partial", target=target)
-    spec = {"model": str(target), "waves": waves()[:1]}
-    plain = shard({**spec, "draft": None})
-    dspark = shard({**spec, "draft": str(draft)})
+    plain, dspark = plain_and_dspark(target, draft, waves()[:1])
     assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
     assert sum(dspark["rounds"].values()) < sum(plain["rounds"].values())
 
@@ -80,9 +84,7 @@ def test_qwen3_through_the_transformers_backend(tmp_path):
 def test_qwen2_random_target_greedy_identical(tmp_path):
     target = fixtures.build(tmp_path / "target", "qwen2", "random", seed=3)
     draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="random", target=target, seed=4)
-    spec = {"model": str(target), "waves": waves()}
-    plain = shard({**spec, "draft": None})
-    dspark = shard({**spec, "draft": str(draft)})
+    plain, dspark = plain_and_dspark(target, draft, waves())
     assert dspark["speculate"] == GAMMA and dspark["tokens"] == plain["tokens"]
     assert all(len(dspark["tokens"][str(r["id"])]) == r["max_new_tokens"] for _, w in waves() for r in w)
 
@@ -141,8 +143,7 @@ def test_repetition_penalty_sees_the_drafts_before_each_verify_row(tmp_path):
     draft = fixtures.build_loop_draft(tmp_path / "draft", GAMMA, target)
     requests = [{"id": 1, "prompt": [20], "max_new_tokens": 12, "repetition_penalty": 10.0},
                 {"id": 2, "prompt": [20], "max_new_tokens": 12}]
-    plain = shard({"model": str(target), "draft": None, "waves": [[0, requests]]})
-    dspark = shard({"model": str(target), "draft": str(draft), "waves": [[0, requests]]})
+    plain, dspark = plain_and_dspark(target, draft, [[0, requests]])
     assert plain["tokens"]["2"] == [21, 22, 23] + [22, 23] * 4 + [22]  # the loop, unpenalized
     assert plain["tokens"]["1"][:3] == [21, 22, 23] and plain["tokens"]["1"][3] != 22  # 22 was emitted: penalized
     assert dspark["tokens"] == plain["tokens"]

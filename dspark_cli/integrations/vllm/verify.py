@@ -37,6 +37,17 @@ def _python() -> str:
     return python
 
 
+def steep_adaptive_run(python: str, gamma: int, scheduler: str, workloads: list[dict]) -> dict:
+    """Successor target + oracle draft with adaptive verification under STEEP_SPS (no baseline engine):
+    the per-workload results, {name: {"dspark": ...}}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sps = Path(tmp) / "steep.json"
+        sps.write_text(json.dumps(STEEP_SPS))
+        return run_in_python(python, {
+            "gamma": gamma, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
+            "env": {"DSPARK_SCHEDULER": scheduler, "DSPARK_SPS_TABLE": str(sps)}, "workloads": workloads})["workloads"]
+
+
 def _checks(python: str) -> list[dict]:
     rows = []
 
@@ -67,14 +78,8 @@ def _checks(python: str) -> list[dict]:
         check(f"random target and draft, {len(w['dspark']['outputs'])} prompt(s): greedy output token-identical",
               w["dspark"]["outputs"] == w["baseline"]["outputs"], accepted_length=s["accepted_length"])
 
-    with tempfile.TemporaryDirectory() as tmp:
-        sps = Path(tmp) / "steep.json"
-        sps.write_text(json.dumps(STEEP_SPS))
-        adaptive = run_in_python(python, {
-            "gamma": GAMMA, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
-            "env": {"DSPARK_SCHEDULER": "exact", "DSPARK_SPS_TABLE": str(sps)},
-            "workloads": [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
-                          greedy_workload("eight", (PROMPTS * 2)[:8], MAX_TOKENS)]})["workloads"]
+    adaptive = steep_adaptive_run(python, GAMMA, "exact", [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
+                                                          greedy_workload("eight", (PROMPTS * 2)[:8], MAX_TOKENS)])
     light, loaded = step_stats(adaptive["one"]["dspark"], 1), step_stats(adaptive["eight"]["dspark"], 8)
     check("adaptive verification: fewer verified tokens per step at batch 8 (steep SPS table)",
           loaded["verified_per_step"] < light["verified_per_step"] - 1
