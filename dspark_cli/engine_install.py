@@ -16,7 +16,8 @@ is not an applied TGI tree):
   check       a fresh interpreter imports text_generation_server._dspark from this workspace
 
 Nothing half-done: every check runs before the first change, stubs are written to a scratch
-directory and moved in whole, and stubs made by this run are removed again if pip fails.
+directory and moved in whole, and stubs made by this run are removed again if pip fails (pip
+rolls back its own install; grpcio-tools from gen-tools stays, a tool added to the environment).
 No typer/rich here: the CLI layer (commands/build.py) only renders what this returns.
 """
 
@@ -80,7 +81,7 @@ def install(request: EngineInstall, log: Log = lambda line: None) -> dict:
     """Run every step for `request`; returns what was done (the --json document)."""
     if request.engine not in ENGINES:
         raise UsageError(f"--engine {request.engine}: only {', '.join(ENGINES)} can be installed by `dspark build` "
-                         "(vLLM: install the applied tree with pip as docs/vllm.md says)")
+                         "(a vLLM tree is built and installed by vLLM's own setup)")
     started = time.monotonic()
     python = sys.executable
     tree = check_workspace(Path(request.workdir).resolve())
@@ -267,19 +268,19 @@ def pip_install_server(request: EngineInstall, workdir: Path, log: Log) -> dict:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dspark-pip-report-") as scratch:
         report = Path(scratch) / "report.json"  # what pip resolved and installed, as JSON
-        run_pip([*args, "--report", str(report)], "install")
+        run_pip(args, "install", hidden=["--report", str(report)])
         installed = _report_installs(report)
     return {"package": TGI_DISTRIBUTION, "source": str(server), "editable": True, "deps": request.deps,
             "extras": list(request.extras) if request.deps else [], "installed": installed,
             "command": [sys.executable, "-m", "pip", *args], "seconds": round(time.monotonic() - started, 1)}
 
 
-def run_pip(args: list[str], step: str) -> None:
+def run_pip(args: list[str], step: str, hidden: list[str] = ()) -> None:
     """pip in this interpreter, its output (and progress bars, on a terminal) on our stderr:
-    stdout stays free for --json."""
+    stdout stays free for --json. `hidden` args are passed but left out of the error line."""
     command = [sys.executable, "-m", "pip", *args]
     try:
-        code = subprocess.call(command, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
+        code = subprocess.call([*command, *hidden], stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
     except OSError as exc:
         raise StepFailed(step, f"could not run {sys.executable}: {exc}") from None
     if code != 0:

@@ -1,11 +1,13 @@
 # The real TGI v3.3.7 shard on the CPU for tests/test_tgi_shard.py (sourced by .ci/run): TGI's
 # Intel path (torch 2.7.0 + intel-extension-for-pytorch 2.7.0, TGI's pinned Python deps) in a venv
 # cached under $DSPARK_CACHE; a fresh tree with our series applied each run (`dspark apply tgi`),
-# its protobuf stubs generated as TGI's `make gen-server` does, installed editable without deps.
+# installed into that venv by `dspark build --engine tgi --no-deps` run with the venv's own Python
+# (gRPC stubs generated, server installed editable; --no-extension: the shard runs on the CPU, and
+# a CI machine with a CUDA 12 nvcc would otherwise compile our kernels for torch 2.7.0 here).
 # Needs DSPARK_TGI_SRC (39-tgi-src.sh); the first build downloads ~3.5 GB (torch 2.7.0's CUDA libs).
 if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   TGI_VENV="$DSPARK_CACHE/venv-tgi-shard-3.3.7"
-  if ! "$TGI_VENV/bin/python" -c "import intel_extension_for_pytorch, grpc_tools, outlines, compressed_tensors, peft" 2>/dev/null; then
+  if ! "$TGI_VENV/bin/python" -c "import intel_extension_for_pytorch, grpc_tools, outlines, compressed_tensors, peft, typer, rich, git, yaml" 2>/dev/null; then
     rm -rf "$TGI_VENV"
     python3.11 -m venv "$TGI_VENV"
     "$TGI_VENV/bin/pip" install -q "torch==2.7.0" "intel-extension-for-pytorch==2.7.0"
@@ -22,15 +24,12 @@ if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   TGI_TREE="$DSPARK_CACHE/tree-tgi-shard-3.3.7"
   rm -rf "$TGI_TREE"  # a fresh tree each run: the series may have changed since the last one
   dspark apply tgi --repo "$DSPARK_TGI_SRC" -C "$TGI_TREE" > /dev/null
-  (cd "$TGI_TREE/server" && mkdir -p text_generation_server/pb \
-    && "$TGI_VENV/bin/python" -m grpc_tools.protoc -I../proto/v3 --python_out=text_generation_server/pb \
-         --grpc_python_out=text_generation_server/pb ../proto/v3/generate.proto \
-    && sed -i -e 's/^\(import.*pb2\)/from . \1/g' text_generation_server/pb/*.py \
-    && touch text_generation_server/pb/__init__.py)
-  "$TGI_VENV/bin/pip" install -q --no-deps -e "$TGI_TREE/server"
-  # Our package from this checkout (the patched server imports dspark_cli).
+  # Our package from this checkout (the patched server imports dspark_cli, and `dspark build` runs
+  # in the venv it installs into).
   TGI_SITE="$("$TGI_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   pwd > "$TGI_SITE/dspark-checkout.pth"
+  "$TGI_VENV/bin/python" -m dspark_cli build --engine tgi -C "$TGI_TREE" --no-deps --no-extension --json \
+    > "$DSPARK_CACHE/tgi-shard-install.json"
   "$TGI_VENV/bin/python" -c "import text_generation_server._dspark as d; print('patched TGI shard venv:', d.SERIES)"
   export DSPARK_TGI_SHARD_PYTHON="$TGI_VENV/bin/python"
 else

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (ninja)."),
         wheel: Optional[Path] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
                                              "(package dspark_ops, pinned to this torch) into this directory."),
-        force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build."),
+        force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build "
+                                   "(--engine: also regenerate the gRPC stubs)."),
         self_test: bool = typer.Option(False, "--self-test", help="Then check every op on the GPU (dspark verify ops)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the compiler commands and output."),
         engine: Optional[str] = typer.Option(None, "--engine", help="Also install this engine's patched server "
@@ -37,9 +38,9 @@ def register(app: typer.Typer) -> None:
         CUDA version, arch list and source hash (an unchanged rebuild takes about a second).
         Exit 3 on a toolchain problem (no nvcc, CUDA major mismatch with torch, no arch).
 
-        With --engine tgi -C DIR: build the extension if this Python's torch has CUDA and nvcc matches
-        (else skip it and say why), generate TGI's gRPC stubs if missing, and pip-install DIR/server
-        (editable) into this Python. Exit 2 if DIR is not an applied TGI workspace, 3 if a step fails."""
+        With --engine tgi -C DIR: build the extension if this Python's torch has CUDA and nvcc matches,
+        else skip it and say why; generate TGI's gRPC stubs if missing; pip-install DIR/server, editable,
+        into this Python. Exit 2 if DIR is not an applied TGI workspace, 3 if a step fails."""
         if engine is not None:
             if wheel is not None or self_test:
                 raise UsageError("--wheel and --self-test are for the extension alone: run `dspark build` without --engine")
@@ -89,22 +90,21 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
         workdir=workdir, engine=engine, deps=deps, extras=tuple(e.strip() for e in extras.split(",") if e.strip()),
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)
     # Progress goes to stderr, with pip's own output: stdout carries only the result (or the JSON).
-    result = engine_install.install(request, log=lambda line: err_console.print(f"[dim]>[/dim] {line}", highlight=False,
-                                                                         soft_wrap=True))
+    result = engine_install.install(
+        request, log=lambda line: err_console.print(f"[dim]>[/dim] {line}", highlight=False, soft_wrap=True))
 
     def render(r: dict) -> None:
+        def say(text: str) -> None:  # whole lines: paths stay copyable
+            console.print(text, highlight=False, soft_wrap=True)
+
         for note in r["notes"]:
-            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        ext = r["extension"]
-        console.print("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped"
-                                       else f"{ext['status']}: {ext['path']}"), highlight=False)
-        console.print(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}", highlight=False)
-        inst = r["install"]
+            say(f"[yellow]note:[/yellow] {note}")
+        ext, inst = r["extension"], r["install"]
+        say("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped" else f"{ext['status']}: {ext['path']}"))
+        say(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}")
         deps_note = f"with deps, extras [{','.join(inst['extras'])}]" if inst["deps"] else "--no-deps"
-        console.print(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from "
-                      f"{inst['source']} into {r['python']}: {len(inst['installed'])} distribution(s) in "
-                      f"{inst['seconds']:.0f} s", highlight=False)
-        console.print(f"[bold]ok[/bold]: {r['series']} server imports from the workspace "
-                      f"({r['check']['marker']})", highlight=False)
+        say(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from {inst['source']} "
+            f"into {r['python']}: {len(inst['installed'])} distribution(s) in {inst['seconds']:.0f} s")
+        say(f"[bold]ok[/bold]: {r['series']} server imports from the workspace ({r['check']['marker']})")
 
     emit(result, as_json, render)
