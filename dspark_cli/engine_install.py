@@ -268,14 +268,14 @@ def pip_install_server(request: EngineInstall, workdir: Path, log: Log) -> dict:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dspark-pip-report-") as scratch:
         report = Path(scratch) / "report.json"  # what pip resolved and installed, as JSON
-        run_pip(args, "install", hidden=["--report", str(report)])
+        run_pip(args, "install", hidden=("--report", str(report)))
         installed = _report_installs(report)
     return {"package": TGI_DISTRIBUTION, "source": str(server), "editable": True, "deps": request.deps,
             "extras": list(request.extras) if request.deps else [], "installed": installed,
             "command": [sys.executable, "-m", "pip", *args], "seconds": round(time.monotonic() - started, 1)}
 
 
-def run_pip(args: list[str], step: str, hidden: list[str] = ()) -> None:
+def run_pip(args: list[str], step: str, hidden: tuple[str, ...] = ()) -> None:
     """pip in this interpreter, its output (and progress bars, on a terminal) on our stderr:
     stdout stays free for --json. `hidden` args are passed but left out of the error line."""
     command = [sys.executable, "-m", "pip", *args]
