@@ -5,8 +5,7 @@
 
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
 of --repeats replays is reported. Floors = bytes that must move / measured copy bandwidth. Markov
-chain: "kernel" is the default path (the tensor-core step for these bf16 rank-256 weights),
-"cublas" the cuBLAS GEMM + split pass (DSPARK_MARKOV_GEMM=cublas); "floor" counts what the call must move — W2 once per step (γ·V·r·2), U (R·γ·V·2) and q
+chain: "floor" counts what the call must move — W2 once per step (γ·V·r·2), U (R·γ·V·2) and q
 (R·γ·V·4) only when return_q; "issue floor" is issue 4's definition, W2 + U + q always. "vs vLLM" divides the vLLM v0.33.0 V2 loop's time on one H200 as
 issue 4 reports it (0.316 / 0.480 / 1.631 ms at R = 1 / 16 / 128, sampled, no q) by ours.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
@@ -17,7 +16,6 @@ and per call inside a graph of 20 calls (its cost inside an engine's captured st
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
@@ -131,7 +129,7 @@ def main() -> None:
     rows = []
     ops = set(args.ops.split(","))
     if "markov" in ops:
-        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cublas ms':>10} {'torch ms':>10} {'floor ms':>9} "
+        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'floor ms':>9} "
               f"{'k/floor':>8} {'issue floor':>11} {'k/issue':>8} {'vs vLLM':>8}")
     for R in [int(s) for s in args.sizes.split(",")] if "markov" in ops else []:
         for greedy in (False, True):
@@ -146,11 +144,6 @@ def main() -> None:
                     cuda_ops.set_enabled(use_ops)
                     medians[use_ops] = statistics.median(time_replays(call, args.repeats))
                 cuda_ops.set_enabled(True)
-                os.environ["DSPARK_MARKOV_GEMM"] = "cublas"
-                try:
-                    cublas = statistics.median(time_replays(call, args.repeats))
-                finally:
-                    del os.environ["DSPARK_MARKOV_GEMM"]
                 q_bytes = R * GAMMA * V * 4
                 base = GAMMA * V * RANK * 2 + R * GAMMA * V * 2
                 floor = (base + (q_bytes if return_q else 0)) / bw
@@ -158,12 +151,12 @@ def main() -> None:
                 name = f"markov {'greedy' if greedy else 'sampled'}{' +q' if return_q else ''}"
                 kernel = medians[True]
                 peer = VLLM_V2_LOOP_MS.get(R) if not greedy and not return_q else None
-                row = {"op": name, "R": R, "kernel_ms": kernel * 1e3, "cublas_path_ms": cublas * 1e3,
-                       "torch_ms": medians[False] * 1e3, "floor_ms": floor * 1e3, "issue_floor_ms": issue_floor * 1e3,
+                row = {"op": name, "R": R, "kernel_ms": kernel * 1e3, "torch_ms": medians[False] * 1e3,
+                       "floor_ms": floor * 1e3, "issue_floor_ms": issue_floor * 1e3,
                        "vllm_v2_loop_ms": peer}
                 rows.append(row)
                 vs = f"{peer / (kernel * 1e3):7.2f}x" if peer else f"{'-':>8}"
-                print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} {cublas * 1e3:10.3f} "
+                print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} "
                       f"{medians[False] * 1e3:10.3f} {floor * 1e3:9.3f} {kernel / floor:8.2f} "
                       f"{issue_floor * 1e3:11.3f} {kernel / issue_floor:8.2f} {vs}", flush=True)
             del inputs, U, w1, w2

@@ -18,18 +18,127 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "markov_common.cuh"
+#include "philox.cuh"
 
 namespace dspark {
-
-// markov_tc.cu: the tensor-core step (bf16/fp16 rank-256 heads) and its bias GEMM.
-bool use_tensor_cores(const at::Tensor& w2, const void* h, int64_t ldh, int R);
-int tc_partials_per_request(int V);
-void tc_step(const at::Tensor& U, const at::Tensor& w2, const at::Tensor& prev_emb, const at::Tensor& temperature,
-             const at::Tensor& seeds, float* logits_out, void* partials, int k);
-void tc_bias(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
-
 namespace {
+
+constexpr int kThreads = 256;
+constexpr float kGreedyBelow = 1e-5f;  // sampling.GREEDY_BELOW
+constexpr int kStreamDraft = 0;        // rng.STREAM_DRAFT
+
+struct Partial {
+  float max;   // running max of x over the slice
+  float sum;   // sum of exp(x - max)
+  float key;   // best race key
+  float x;     // x at the best key
+  int idx;     // vocab id of the best key
+};
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ bool better(float key, int idx, float best_key, int best_idx) {
+  return key > best_key || (key == best_key && idx < best_idx);  // ties: lowest index, as argmax
+}
+
+__device__ __forceinline__ Partial combine(Partial a, Partial b) {
+  Partial out;
+  out.max = fmaxf(a.max, b.max);
+  out.sum = (a.sum == 0.f ? 0.f : a.sum * __expf(a.max - out.max)) +
+            (b.sum == 0.f ? 0.f : b.sum * __expf(b.max - out.max));
+  const bool take_b = better(b.key, b.idx, a.key, a.idx);
+  out.key = take_b ? b.key : a.key;
+  out.x = take_b ? b.x : a.x;
+  out.idx = take_b ? b.idx : a.idx;
+  return out;
+}
+
+__device__ __forceinline__ Partial warp_combine(Partial p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Partial o;
+    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
+    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
+    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
+    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
+    p = combine(p, o);
+  }
+  return p;
+}
+
+__device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
+
+// One vocab entry of one request's step: online max / sum-exp and the race key. `word` is the
+// entry's Philox output (unused for greedy rows).
+__device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool greedy, uint32_t word) {
+  if (x > p.max) {
+    p.sum = p.sum * __expf(p.max - x) + 1.f;
+    p.max = x;
+  } else {
+    p.sum += __expf(x - p.max);
+  }
+  // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x); u < 1 always, so E > 0.
+  const float key = greedy ? x : x - logf(-logf(word_uniform(word)));
+  if (better(key, v, p.key, p.idx)) {
+    p.key = key;
+    p.x = x;
+    p.idx = v;
+  }
+}
+
+// Eight consecutive vocab entries v .. v+7 at once: independent exps, logs and noise (short
+// dependency chains), then one merge into the running partial. The outer log of the race key is
+// __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
+__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, bool greedy, const uint4 words[2]) {
+  float m = x[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) m = fmaxf(m, x[i]);
+  float e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = __expf(x[i] - m);
+  Partial c{m, ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])), -INFINITY, -INFINITY, 0x7fffffff};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float key = greedy ? x[i] : x[i] - __logf(-logf(word_uniform(word_at(words[i / 4], i % 4))));
+    if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
+      c.key = key;
+      c.x = x[i];
+      c.idx = v + i;
+    }
+  }
+  p = combine(p, c);
+}
+
+// Block-wide combine; thread 0 gets the result.
+__device__ __forceinline__ Partial block_combine(Partial p) {
+  __shared__ Partial warp_partials[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  p = warp_combine(p);
+  __syncthreads();  // warp_partials may still be read by an earlier call
+  if (lane == 0) warp_partials[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < blockDim.x / 32 ? warp_partials[lane] : empty_partial();
+    p = warp_combine(p);
+  }
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float out[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
+}
+
+__device__ __forceinline__ void load8(const float* p, float out[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
@@ -120,21 +229,6 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   }
 }
 
-// Step 4 after a tensor-core step: q = exp(x - max) / sum in place over the logits it stored.
-__global__ void q_normalize_kernel(float* __restrict__ q, const float* __restrict__ temperature,
-                                   const float* __restrict__ row_stats, const int64_t* __restrict__ tokens, int k,
-                                   int gamma, int V, int slice) {
-  const int r = blockIdx.y;
-  const int start = blockIdx.x * slice, end = min(V, start + slice);
-  const bool greedy = temperature[r] < kGreedyBelow;
-  const float m = row_stats[2 * r], s = row_stats[2 * r + 1];
-  const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
-  float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
-  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-    q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf(q_row[v] - m) / s;
-  }
-}
-
 template <typename WT, typename IT>
 __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
                                      WT* __restrict__ prev_emb) {
@@ -169,10 +263,6 @@ int choose_splits(int R, int V) {
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
-  if (use_tensor_cores(w2, h, ldh, R)) {
-    tc_bias(w2, h, ldh, R, bias);
-    return;
-  }
   const int V = w2.size(0), rank = w2.size(1);
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
@@ -207,16 +297,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto q_token = at::empty({R, gamma}, f32);
   auto q = return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32);
   auto prev_emb = at::empty({R, gamma, rank}, w1.options());
+  auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
-  const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
-  const bool tensor_cores = use_tensor_cores(w2, prev_emb.data_ptr(), ld_emb, R);
-  const int parts_per_row = tensor_cores ? tc_partials_per_request(V) : splits;
-  auto bias = tensor_cores ? at::empty({0}, f32) : at::empty({R, V}, f32);
-  auto partials = at::empty({static_cast<int64_t>(R) * parts_per_row * static_cast<int64_t>(sizeof(Partial))},
+  auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, 2}, f32);
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
+  const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
@@ -234,24 +322,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();
       for (int k = 0; k < gamma; ++k) {
-        if (tensor_cores) {
-          tc_step(U, w2, prev_emb, temperature, seeds, return_q ? q.data_ptr<float>() : nullptr, parts, k);
-        } else {
-          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-          auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
-          pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
-                                              gamma, V, slice);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, parts_per_row, tp, w1p, rank, tokens.data_ptr<int64_t>(),
+        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
+        auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+        pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k, gamma,
+                                            V, slice);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
                                                       q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k,
                                                       gamma);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (return_q && tensor_cores) {
-          q_normalize_kernel<<<grid, kThreads, 0, stream>>>(q.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
-                                                            tokens.data_ptr<int64_t>(), k, gamma, V, slice);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else if (return_q) {
+        if (return_q) {
           q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
                                                            tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma,
                                                            V, slice);
