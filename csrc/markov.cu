@@ -8,9 +8,10 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
-// Two fused variants measured slower than this on the H200 (bench/RESULTS.md): a tensor-core step
-// keeping the bias tile in shared memory (branch wip/tensor-core-markov-step) and a GEMV step for
-// R <= 4 (branch wip/gemv-markov-step).
+// Three fused variants measured slower than this on the H200 (bench/RESULTS.md): a tensor-core step
+// keeping the bias tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step)
+// or pipelined through persistent CTAs (wip/pipelined-tc-markov-step), and a GEMV step for R <= 4
+// (wip/gemv-markov-step).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
