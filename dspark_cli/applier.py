@@ -293,7 +293,8 @@ def status(workdir: Path) -> dict:
 
 
 def build_records() -> list[dict]:
-    """Build records the kernel build writes under $DSPARK_CACHE/build (a JSON file or a folder of them)."""
+    """Records `dspark build` writes under $DSPARK_CACHE/build: the kernel build (last.json) and
+    engine installs (engine-<name>.json)."""
     where = pypi_source.cache_dir() / "build"
     files = sorted(where.glob("*.json")) if where.is_dir() else [where] if where.is_file() else []
     records = []
