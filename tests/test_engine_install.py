@@ -11,7 +11,6 @@ Needs a package index for pip (setuptools for the build, grpcio-tools, our packa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +20,10 @@ import pytest
 from dspark_cli import applier, compat
 from dspark_cli import series as series_files
 from test_apply_support import git, isolate_git, tree_fingerprint
+from tests.tgi_tree import TGI_SRC, needs_tree
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = Path("server/text_generation_server/_dspark.py")
-TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
 # The versions of the shard venv (.ci/prepare.d/41-tgi-shard.sh): usually in pip's cache already.
 GEN_TOOLS = ["grpcio-tools==1.70.0", "protobuf==5.29.3"]
 
@@ -254,8 +253,7 @@ def test_refuses_trees_that_are_not_applied_tgi_workspaces(root):
     assert out.returncode == 2 and "--wheel and --self-test" in out.stderr
 
 
-@pytest.mark.skipif(not TGI_SRC, reason="DSPARK_TGI_SRC (a clone of huggingface/text-generation-inference holding "
-                                        "v3.3.7) is not set; GitHub is not reachable from CI")
+@needs_tree
 def test_real_tgi_tree_installs_and_imports(root, target_python):
     """The real v3.3.7 tree with our whole series: stubs from TGI's generate.proto, the server
     installed --no-deps (its build requires `kernels`, which pip's isolated build fetches)."""

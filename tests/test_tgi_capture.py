@@ -3,7 +3,6 @@ buffer (so a CUDA graph replays the copy), and the TGI v3.3.7 fields our hooks r
 tree (DSPARK_TGI_SRC; TGI's server itself does not import here)."""
 
 import ast
-import os
 import re
 from pathlib import Path
 
@@ -11,10 +10,7 @@ import pytest
 import torch
 
 from dspark_cli.integrations.tgi.speculation import HiddenCapture
-
-TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
-needs_tree = pytest.mark.skipif(not TGI_SRC, reason="DSPARK_TGI_SRC (a clone of huggingface/text-generation-inference "
-                                                    "holding v3.3.7) is not set; GitHub is not reachable from CI")
+from tests.tgi_tree import TGI_SRC, needs_tree
 
 
 class DeferredResidualLayer(torch.nn.Module):

@@ -16,14 +16,10 @@ from dspark_cli import tiny_models
 from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, layer_output
 from dspark_cli.integrations.tgi.verify import generate, greedy_reference
+from tests.tgi_tree import TGI_SRC, needs_tree
 
 REPO = Path(__file__).resolve().parent.parent
 SERIES = REPO / "patches" / "tgi" / "v3.3.7"
-TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
-
-
-needs_tree = pytest.mark.skipif(not TGI_SRC, reason="DSPARK_TGI_SRC (a clone of huggingface/text-generation-inference "
-                                                    "holding v3.3.7) is not set; GitHub is not reachable from CI")
 
 
 @pytest.fixture(scope="module")
