@@ -1,5 +1,6 @@
-// Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production) in one
-// block: K = argmax_n Θ_n over the stale survival (Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n
+// Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production): on
+// Hopper a cluster of two blocks (one sorts the stale survival, one the current), else one block.
+// K = argmax_n Θ_n over the stale survival (Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n
 // on ties), then the top-K current candidates are admitted; ℓ_r = admitted candidates of request r.
 // Candidates are ranked by a descending, then by the j-major flat index j·R + r ascending — the
 // reference's stable sort — with a bitonic sort of 64-bit keys (registers, shuffles, shared memory).
@@ -7,9 +8,15 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace dspark {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kMaxCandidates = 2048;
 constexpr int kThreads = 1024;
@@ -51,11 +58,15 @@ __device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
   int n_pad = 64;
   while (n_pad < n) n_pad <<= 1;
   const int i0 = 2 * threadIdx.x;
+  // Only the first n_pad / 2 threads (whole warps: n_pad >= 64) hold keys; the rest just keep the barriers.
+  const bool holds = i0 < n_pad;
   uint64_t k0 = i0 < n ? rank_key(a[(i0 % R) * gamma + i0 / R], i0) : ~0ull;
   uint64_t k1 = i0 + 1 < n ? rank_key(a[((i0 + 1) % R) * gamma + (i0 + 1) / R], i0 + 1) : ~0ull;
-  for (int size = 2; size <= 64; size <<= 1) small_strides(k0, k1, size, min(size / 2, 32));
-  keys[i0] = k0;
-  keys[i0 + 1] = k1;
+  if (holds) {
+    for (int size = 2; size <= 64; size <<= 1) small_strides(k0, k1, size, min(size / 2, 32));
+    keys[i0] = k0;
+    keys[i0 + 1] = k1;
+  }
   __syncthreads();
   for (int size = 128; size <= n_pad; size <<= 1) {
     for (int stride = size / 2; stride >= 64; stride >>= 1) {
@@ -69,55 +80,60 @@ __device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
       }
       __syncthreads();
     }
-    k0 = keys[i0];
-    k1 = keys[i0 + 1];
-    small_strides(k0, k1, size, 32);
-    keys[i0] = k0;
-    keys[i0 + 1] = k1;
+    if (holds) {
+      k0 = keys[i0];
+      k1 = keys[i0 + 1];
+      small_strides(k0, k1, size, 32);
+      keys[i0] = k0;
+      keys[i0 + 1] = k1;
+    }
     __syncthreads();
   }
 }
 
-__global__ void __launch_bounds__(kThreads) schedule_production_kernel(
-    const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
-    const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
-  __shared__ uint64_t keys[kMaxCandidates];
-  __shared__ float prefix[kMaxCandidates];
-  __shared__ float warp_total[kThreads / 32];
-  __shared__ float best_theta[kThreads / 32];
-  __shared__ int best_n[kThreads / 32];
-  __shared__ int ell_s[kMaxCandidates];
-  __shared__ int budget;
+// One block's shared state.
+struct Smem {
+  uint64_t keys[kMaxCandidates];
+  float prefix[kMaxCandidates];
+  float warp_total[kThreads / 32];
+  float best_theta[kThreads / 32];
+  int best_n[kThreads / 32];
+  int ell_s[kMaxCandidates];
+  int budget;
+};
 
-  // 1. budget K from the stale survival: sort, then inclusive prefix sums (thread t owns 2t, 2t+1)
-  load_sorted(a_stale, R_stale, gamma, keys);
+// 1. The verify budget K from the stale survival (into sm.budget, valid after the final barrier):
+// sort, inclusive prefix sums (thread t owns 2t, 2t+1), then the first argmax of Θ_n.
+__device__ void verify_budget_block(const float* __restrict__ a_stale, int R_stale, int R, int gamma,
+                                    const float* __restrict__ sps_dense, int sps_limit, Smem& sm) {
+  load_sorted(a_stale, R_stale, gamma, sm.keys);
   const int n_stale = R_stale * gamma;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   {
     const int i0 = 2 * threadIdx.x;
-    const float v0 = i0 < n_stale ? key_value(keys[i0]) : 0.f;
-    const float v1 = i0 + 1 < n_stale ? key_value(keys[i0 + 1]) : 0.f;
+    const float v0 = i0 < n_stale ? key_value(sm.keys[i0]) : 0.f;
+    const float v1 = i0 + 1 < n_stale ? key_value(sm.keys[i0 + 1]) : 0.f;
     float run = v0 + v1;
     for (int off = 1; off < 32; off <<= 1) {
       const float up = __shfl_up_sync(0xffffffffu, run, off);
       if (lane >= off) run += up;
     }
-    if (lane == 31) warp_total[warp] = run;
+    if (lane == 31) sm.warp_total[warp] = run;
     __syncthreads();
     if (warp == 0) {
-      float t = warp_total[lane];
+      float t = sm.warp_total[lane];
       for (int off = 1; off < 32; off <<= 1) {
         const float up = __shfl_up_sync(0xffffffffu, t, off);
         if (lane >= off) t += up;
       }
-      warp_total[lane] = t;  // inclusive over warps
+      sm.warp_total[lane] = t;  // inclusive over warps
     }
     __syncthreads();
     float exclusive = __shfl_up_sync(0xffffffffu, run, 1);
     if (lane == 0) exclusive = 0.f;
-    const float before = (warp > 0 ? warp_total[warp - 1] : 0.f) + exclusive;
-    prefix[i0] = before + v0;
-    prefix[i0 + 1] = before + v0 + v1;
+    const float before = (warp > 0 ? sm.warp_total[warp - 1] : 0.f) + exclusive;
+    sm.prefix[i0] = before + v0;
+    sm.prefix[i0 + 1] = before + v0 + v1;
   }
   __syncthreads();
   float theta = -INFINITY;
@@ -126,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
     const int tokens = R + n;
     const float sps = tokens > sps_limit ? sps_dense[sps_limit] * static_cast<float>(sps_limit) / static_cast<float>(tokens)
                                          : sps_dense[max(tokens, 1)];
-    const float t = (static_cast<float>(R) + (n > 0 ? prefix[n - 1] : 0.f)) * sps;
+    const float t = (static_cast<float>(R) + (n > 0 ? sm.prefix[n - 1] : 0.f)) * sps;
     if (t > theta) {  // n ascending per thread: strict > keeps the earliest
       theta = t;
       arg = n;
@@ -141,13 +157,13 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
     }
   }
   if (lane == 0) {
-    best_theta[warp] = theta;
-    best_n[warp] = arg;
+    sm.best_theta[warp] = theta;
+    sm.best_n[warp] = arg;
   }
   __syncthreads();
   if (warp == 0) {  // argmax over the warps' bests, earliest n on ties
-    theta = best_theta[lane];
-    arg = best_n[lane];
+    theta = sm.best_theta[lane];
+    arg = sm.best_n[lane];
     for (int off = 16; off > 0; off >>= 1) {
       const float t = __shfl_xor_sync(0xffffffffu, theta, off);
       const int n = __shfl_xor_sync(0xffffffffu, arg, off);
@@ -156,16 +172,48 @@ __global__ void __launch_bounds__(kThreads) schedule_production_kernel(
         arg = n;
       }
     }
-    if (lane == 0) budget = min(arg, R * gamma);
+    if (lane == 0) sm.budget = min(arg, R * gamma);
   }
-  for (int r = threadIdx.x; r < R; r += blockDim.x) ell_s[r] = 0;
   __syncthreads();
+}
 
-  // 2. admit the top-K current candidates
-  load_sorted(a_now, R, gamma, keys);
-  for (int i = threadIdx.x; i < budget; i += blockDim.x) atomicAdd(&ell_s[static_cast<uint32_t>(keys[i]) % R], 1);
+// 2. Admit the top-`budget` current candidates, from keys already sorted by load_sorted(a_now).
+__device__ void admit_block(int R, int budget, Smem& sm, int64_t* __restrict__ ell) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) sm.ell_s[r] = 0;
   __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) ell[r] = ell_s[r];
+  for (int i = threadIdx.x; i < budget; i += blockDim.x) atomicAdd(&sm.ell_s[static_cast<uint32_t>(sm.keys[i]) % R], 1);
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ell[r] = sm.ell_s[r];
+}
+
+// One block does both sorts in turn (GPUs before Hopper).
+__global__ void __launch_bounds__(kThreads) schedule_production_kernel(
+    const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
+    const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
+  __shared__ Smem sm;
+  verify_budget_block(a_stale, R_stale, R, gamma, sps_dense, sps_limit, sm);
+  const int budget = sm.budget;
+  __syncthreads();  // everyone has read the budget before load_sorted reuses the keys
+  load_sorted(a_now, R, gamma, sm.keys);
+  admit_block(R, budget, sm, ell);
+}
+
+// Hopper: a cluster of two blocks sorts the stale and the current survival at the same time; block 1
+// reads the budget from block 0's shared memory (distributed shared memory), then admits.
+__global__ void __launch_bounds__(kThreads) schedule_production_cluster_kernel(
+    const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
+    const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ Smem sm;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.block_rank() == 0) verify_budget_block(a_stale, R_stale, R, gamma, sps_dense, sps_limit, sm);
+  else load_sorted(a_now, R, gamma, sm.keys);
+  cluster.sync();  // block 0's budget is final and visible to block 1
+  int budget = 0;
+  if (cluster.block_rank() == 1) budget = *cluster.map_shared_rank(&sm.budget, 0);
+  cluster.sync();  // block 0 keeps its shared memory until block 1 has read it
+  if (cluster.block_rank() == 1) admit_block(R, budget, sm, ell);
+#endif
 }
 
 }  // namespace
@@ -184,9 +232,32 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
   const int R = a_now.size(0), gamma = a_now.size(1), R_stale = a_stale.size(0);
   auto ell = at::empty({R}, a_now.options().dtype(at::kLong));
   auto stale = a_stale.contiguous(), now = a_now.contiguous();
-  schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      stale.data_ptr<float>(), R_stale, now.data_ptr<float>(), R, gamma, sps_dense.data_ptr<float>(),
-      static_cast<int>(sps_limit), ell.data_ptr<int64_t>());
+  const float* stale_p = stale.data_ptr<float>();
+  const float* now_p = now.data_ptr<float>();
+  const float* sps_p = sps_dense.data_ptr<float>();
+  const int limit = static_cast<int>(sps_limit);
+  int64_t* ell_p = ell.data_ptr<int64_t>();
+  // DSPARK_SCHEDULE_ONE_BLOCK=1 takes the pre-Hopper kernel on Hopper too (tests cover both).
+  const char* one_block = std::getenv("DSPARK_SCHEDULE_ONE_BLOCK");
+  const bool force_one_block = one_block != nullptr && std::strcmp(one_block, "1") == 0;
+  if (at::cuda::getCurrentDeviceProperties()->major >= 9 && !force_one_block) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(2);
+    config.blockDim = dim3(kThreads);
+    config.stream = at::cuda::getCurrentCUDAStream();
+    cudaLaunchAttribute cluster;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, schedule_production_cluster_kernel, stale_p, R_stale, now_p, R, gamma,
+                                      sps_p, limit, ell_p));
+  } else {
+    schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(stale_p, R_stale, now_p, R, gamma,
+                                                                                      sps_p, limit, ell_p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return ell;
 }

@@ -104,6 +104,14 @@ def test_schedule_production_matches_reference(R, R_stale, gamma, seed):
     assert res["ok"], res
 
 
+@pytest.mark.parametrize("R,R_stale,gamma,seed", [(5, 9, 7, 1), (256, 256, 7, 4), (300, 40, 5, 6)])
+def test_schedule_production_one_block_kernel_matches_reference(R, R_stale, gamma, seed, monkeypatch):
+    """The pre-Hopper single-block kernel (Hopper runs a two-block cluster by default)."""
+    monkeypatch.setenv("DSPARK_SCHEDULE_ONE_BLOCK", "1")
+    res = compare_schedule(R, R_stale, gamma, seed)
+    assert res["ok"], res
+
+
 def test_schedule_production_declines_too_many_candidates():
     from dspark_cli.runtime import SPSTable, cuda_ops
 
