@@ -1,8 +1,8 @@
 """patches/vllm/v0.33.0 on the real v0.33.0 release trees from PyPI.
 
 What runs: `dspark apply vllm --commit v0.33.0 --source pypi` on the sdist (downloaded into
-$DSPARK_CACHE/releases when missing, 47 MB) and on the x86_64 wheel when it is already cached
-(336 MB: not downloaded here); every Python file the series touches byte-compiles; the hook's
+$DSPARK_CACHE/releases when missing, 47 MB) and on the x86_64 wheel when it is cached (336 MB:
+.ci/prepare.d/32-vllm033-wheel.sh fetches it in CI; a local run without it skips that case); every Python file the series touches byte-compiles; the hook's
 contract is checked on the patched tree's syntax (AST): vLLM's DSparkSpeculator offers
 `model.sample_sequential(self, num_reqs, head_hidden)`, our patch defines it on
 Qwen3DSparkForCausalLM, and every attribute v2_fused reads exists on those classes.
@@ -42,7 +42,8 @@ def patched_tree(request, tmp_path_factory):
     rel = release(request.param)
     cached = pypi_source.cache_dir() / "releases" / rel.file
     if request.param == "wheel" and not cached.is_file():
-        pytest.skip(f"{rel.file} (336 MB) is not cached under {cached.parent}; the sdist case covers the tree")
+        pytest.skip(f"{rel.file} (336 MB) is not cached under {cached.parent} (.ci/prepare.d/32-vllm033-wheel.sh "
+                    "fetches it); the sdist case covers the tree")
     try:
         pypi_source.fetch_release(rel)
     except DsparkError as exc:
