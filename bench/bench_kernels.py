@@ -6,8 +6,9 @@
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
 of --repeats replays is reported. Floors = bytes that must move / measured copy bandwidth. Markov
 chain: "floor" counts what the call must move — W2 once per step (γ·V·r·2), U (R·γ·V·2) and q
-(R·γ·V·4) only when return_q; "issue floor" is issue 4's definition, W2 + U + q always. "vs vLLM" divides the vLLM v0.33.0 V2 loop's time on one H200 as
-issue 4 reports it (0.316 / 0.480 / 1.631 ms at R = 1 / 16 / 128, sampled, no q) by ours.
+(R·γ·V·4) only when return_q; "issue floor" is issue 4's definition, W2 + U + q always. "vs vLLM"
+divides the vLLM v0.33.0 V2 loop's time on one H200 as issue 4 reports it (0.316 / 0.480 / 1.631 ms
+at R = 1 / 16 / 128, sampled, no q) by ours.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
 row (R·V·2) instead. The scheduler (schedule_production, SPSTable.default()) is latency-bound: no
