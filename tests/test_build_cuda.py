@@ -50,6 +50,11 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["first"] == "built" and res["second"] == "cached" and res["rebuild_s"] < 2
+    # A fresh process finds the cached build without importing torch (its import alone takes seconds).
+    fresh = subprocess.run([PYTHON, "-c", "import sys; from dspark_cli.build import build; "
+                            "print(build(arch='sm_90a').status, 'torch' in sys.modules)"],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert fresh.stdout.split() == ["cached", "False"], fresh.stderr[-2000:]
     assert res["last"]["status"] == "cached" and res["last"]["path"] == res["path"]
     assert "9.0a" in Path(res["path"]).parent.name
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],

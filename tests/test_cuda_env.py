@@ -5,6 +5,8 @@ and the arch list. Every probe reports a problem and hint instead of raising."""
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,11 +101,14 @@ def test_nvcc_without_a_release_line_is_reported(tmp_path):
     assert info.version is None and "did not report a release" in info.problem
 
 
-def test_torch_info_reports_this_torch():
+def test_torch_info_reports_this_torch_without_importing_it():
+    probe = ("import sys; from dspark_cli import cuda_env; i = cuda_env.torch_info(); "
+             "print(i.version, i.cuda, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     import torch
 
+    assert out == [torch.__version__, str(torch.version.cuda), "False"]
     info = cuda_env.torch_info()
-    assert info.version == torch.__version__ and info.cuda == torch.version.cuda
     assert (info.problem is None) == (torch.version.cuda is not None)
 
 
