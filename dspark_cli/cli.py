@@ -5,6 +5,7 @@ import importlib
 import sys
 
 import typer
+from rich.markup import escape
 
 from dspark_cli.errors import EXIT_USAGE, DsparkError
 from dspark_cli.output import err_console
@@ -36,12 +37,12 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except DsparkError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
     except ClickUsageError as exc:
-        err_console.print(f"[red]usage:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]usage:[/red] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -150,3 +150,9 @@ def test_compat_json_lists_engines_and_pins():
     assert document["engines"]["vllm"]["default_pin"] == "v0.32.0"
     assert document["engines"]["vllm"]["pins"]["v0.32.0"]["releases"][0]["file"] == "vllm-0.32.0.tar.gz"
     assert "v3.3.7" in document["engines"]["tgi"]["pins"]
+
+
+def test_error_line_keeps_square_brackets():
+    """Error text is data, not rich markup: a bracketed value (like `dspark[build]`) stays."""
+    result = run_real("apply", "vllm", "--commit", "[build]", "--source", "pypi", "--workdir", "unused")
+    assert result.returncode == 2 and "error: [build] is not pinned" in result.stderr, result.stderr

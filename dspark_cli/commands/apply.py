@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from dspark_cli.output import console, emit
 
@@ -13,9 +14,9 @@ WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace 
 
 def _print_notes(result: dict) -> None:
     for note in result.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     for line in result.get("drift", []):
-        console.print(f"[yellow]drift:[/yellow] {line}", highlight=False)
+        console.print(f"[yellow]drift:[/yellow] {escape(line)}", highlight=False)
 
 
 def _render_apply(result: dict) -> None:
@@ -39,12 +40,12 @@ def _render_status(result: dict) -> None:
     console.print(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", highlight=False)
     console.print(f"applied    {len(result['applied'])} patch(es)", highlight=False)
     for patch in result["applied"]:
-        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {patch['subject']}", highlight=False)
+        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}", highlight=False)
     for commit in result["user_commits"]:
-        console.print(f"  {commit['commit'][:12]}  (yours)  {commit['subject']}", highlight=False)
+        console.print(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}", highlight=False)
     console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False)
     for line in result["drift"]:
-        console.print(f"  - {line}", highlight=False)
+        console.print(f"  - {escape(line)}", highlight=False)
     if not result["build"]:
         console.print("build      no build record", highlight=False)
     for build in result["build"]:
