@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from dspark_cli.errors import UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
@@ -91,20 +92,20 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)
     # Progress goes to stderr, with pip's own output: stdout carries only the result (or the JSON).
     result = engine_install.install(
-        request, log=lambda line: err_console.print(f"[dim]>[/dim] {line}", highlight=False, soft_wrap=True))
+        request, log=lambda line: err_console.print(f"[dim]>[/dim] {escape(line)}", highlight=False, soft_wrap=True))
 
     def render(r: dict) -> None:
-        def say(text: str) -> None:  # whole lines: paths stay copyable
-            console.print(text, highlight=False, soft_wrap=True)
+        def say(text: str, style: str = "") -> None:  # whole lines, data never read as markup: paths stay copyable
+            console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), highlight=False, soft_wrap=True)
 
         for note in r["notes"]:
-            say(f"[yellow]note:[/yellow] {note}")
+            say(f"note: {note}", "yellow")
         ext, inst = r["extension"], r["install"]
         say("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped" else f"{ext['status']}: {ext['path']}"))
         say(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}")
         deps_note = f"with deps, extras [{','.join(inst['extras'])}]" if inst["deps"] else "--no-deps"
         say(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from {inst['source']} "
             f"into {r['python']}: {len(inst['installed'])} distribution(s) in {inst['seconds']:.0f} s")
-        say(f"[bold]ok[/bold]: {r['series']} server imports from the workspace ({r['check']['marker']})")
+        say(f"ok: {r['series']} server imports from the workspace ({r['check']['marker']})", "bold")
 
     emit(result, as_json, render)
