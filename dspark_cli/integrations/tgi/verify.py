@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from dspark_cli.errors import CheckFailed
 from dspark_cli.output import console, emit
@@ -151,14 +152,14 @@ def run(as_json: bool = False) -> None:
         if not srv["installed"]:
             console.print("installed TGI server: none in this environment (only the TGI-side loop below ran)")
         elif not srv["problems"]:
-            console.print(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({srv['location']})")
+            console.print(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({escape(str(srv['location']))})")
         for problem in srv["problems"]:
-            console.print(f"[red]FAIL[/red] {problem}")
+            console.print(f"[red]FAIL[/red] {escape(problem)}")
         sh = r["tgi_shard"]
         if srv["installed"] and not sh["ran"]:
-            console.print(f"skip installed TGI shard: {sh['why_not']}")
+            console.print(f"skip installed TGI shard: {escape(sh['why_not'])}")
         elif sh["ran"] and "error" in sh:
-            console.print(f"[red]FAIL[/red] installed TGI shard: {sh['error']}")
+            console.print(f"[red]FAIL[/red] installed TGI shard: {escape(sh['error'])}")
         elif sh["ran"]:
             mark = "[green]ok[/green]" if sh["identical"] else "[red]FAIL[/red]"
             console.print(f"{mark} installed TGI shard: greedy identical with DSpark on/off; {sh['rounds']} rounds "

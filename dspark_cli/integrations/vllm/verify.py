@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rich.markup import escape
+
 from dspark_cli.errors import CheckFailed, EnvironmentProblem
 from dspark_cli.output import console, emit
 
@@ -103,4 +105,4 @@ def run(as_json: bool) -> None:
 def _render(result: dict) -> None:
     for row in result["checks"]:
         numbers = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float))
-        console.print(f"{'[green]ok[/green]' if row['ok'] else '[red]FAIL[/red]'}  {row['check']}  ({numbers})", highlight=False)
+        console.print(f"{'[green]ok[/green]' if row['ok'] else '[red]FAIL[/red]'}  {escape(row['check'])}  ({numbers})", highlight=False)
