@@ -56,9 +56,10 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tenso
     hd = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
     ang = positions.float()[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
-    x1, x2 = x.float()[..., : hd // 2], x.float()[..., hd // 2:]
-    return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+    cos, sin = ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
+    xf = x.float()
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
+    return (xf * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
 
 @dataclass
