@@ -8,7 +8,6 @@ Each op returns NotImplemented for cases it does not cover; the torch reference 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -21,13 +20,11 @@ def library_path() -> Path | None:
     explicit = os.environ.get("DSPARK_OPS_LIB")
     if explicit:
         return Path(explicit)
-    cache = Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
-    try:
-        last = json.loads((cache / "build" / "last.json").read_text())
-        if last.get("status") in ("built", "cached"):
-            return Path(last["path"])
-    except (OSError, ValueError):
-        pass
+    from dspark_cli.build import last_build  # the record `dspark build` leaves
+
+    last = last_build()
+    if last and last.get("status") in ("built", "cached"):
+        return Path(last["path"])
     wheel = importlib.util.find_spec("dspark_ops")  # installed from `dspark build --wheel`
     return Path(wheel.origin).with_name("dspark_ops.so") if wheel and wheel.origin else None
 
