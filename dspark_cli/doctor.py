@@ -176,19 +176,24 @@ def patch_marker(module: str) -> dict | None:
     return {}
 
 
-def check_engine(engine) -> Check:
-    """Installed here (importlib.metadata), at which version, and with which of our patches (the marker)."""
-    installed = []
+def installed_distribution(engine) -> tuple[str, str] | None:
+    """(distribution, version) of the first of the engine's distributions installed here, or None."""
     for dist in engine.distributions:
         try:
-            installed.append((dist, importlib.metadata.version(dist)))
+            return dist, importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
+    return None
+
+
+def check_engine(engine) -> Check:
+    """Installed here (importlib.metadata), at which version, and with which of our patches (the marker)."""
+    installed = installed_distribution(engine)
     name = f"engine {engine.name}"
     if not installed:
         return Check(name, OK, "not installed in this environment",
                      f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
-    dist, version = installed[0]
+    dist, version = installed
     pin = next((p for p in engine.pins.values() if _same_release(version, p)), None)
     try:
         marker = patch_marker(engine.module)
@@ -238,21 +243,15 @@ def _same_release(version: str, pin) -> bool:
 
 def check_engine_torch(engine, torch: cuda_env.TorchInfo) -> list[Check]:
     """An installed engine's pin asks for a torch range; say so when this torch falls outside."""
-    out = []
-    for dist in engine.distributions:
-        try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for pin in engine.pins.values():
-            if _same_release(version, pin) and torch.version:
-                base = re.sub(r"\+.*$", "", torch.version)
-                if not SpecifierSet(pin.torch).contains(base, prereleases=True):
-                    out.append(Check(f"engine {engine.name} torch", WARN,
-                                     f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
-                                     f"pip install 'torch{pin.torch}'"))
-        break
-    return out
+    installed = installed_distribution(engine)
+    if not installed or not torch.version:
+        return []
+    dist, version = installed
+    base = re.sub(r"\+.*$", "", torch.version)
+    return [Check(f"engine {engine.name} torch", WARN, f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
+                  f"pip install 'torch{pin.torch}'")
+            for pin in engine.pins.values()
+            if _same_release(version, pin) and not SpecifierSet(pin.torch).contains(base, prereleases=True)]
 
 
 def run_checks(workdir: Path | None = None) -> list[Check]:
