@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import applier, compat
-from dspark_cli import series as series_files
-from test_apply_support import git, isolate_git, tree_fingerprint
+from test_apply_support import git, isolate_git, make_series, tree_fingerprint
 from tests.tgi_tree import TGI_SRC, needs_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,15 +87,7 @@ def apply_mini(root: Path, name: str = "ws") -> Path:
     upstream = make_mini_tgi(root) if not (root / "mini-tgi").exists() else root / "mini-tgi"
     series_dir = root / "series-tgi"
     if not series_dir.exists():
-        scratch = root / "scratch-series"
-        git(root, "clone", "-q", str(upstream), str(scratch))
-        (scratch / MARKER).write_text(MINI_MARKER)
-        git(scratch, "add", ".")
-        git(scratch, "commit", "-q", "-m", "dspark: marker module")
-        series_dir.mkdir()
-        git(scratch, "format-patch", "--zero-commit", "--no-signature", "-o", str(series_dir), "HEAD~1")
-        (series_dir / "series").write_text("0001-dspark-marker-module.patch\n")
-        series_files.write_lock(series_dir)
+        make_series(root, upstream, series_dir.name, "v3.3.7", [("dspark: marker module", {str(MARKER): MINI_MARKER})])
     path = root / "compat.yaml"
     path.write_text(f"""schema: 1
 engines:
