@@ -106,10 +106,10 @@ def resolve_cuda_home() -> CudaHome:
     real = _from_nvcc()
     if real:
         home = CudaHome(real, "nvcc", guess)
-        if guess and Path(guess).resolve() != real and prefix_problem(Path(guess)):
+        if guess and Path(guess).resolve() != real and (guess_problem := prefix_problem(Path(guess))):
             # torch would pick the wrong prefix: we pass ours explicitly when building,
             # but anything else using torch's cpp_extension on this machine needs the variable.
-            home.problem = f"torch would guess CUDA_HOME={guess}, but {prefix_problem(Path(guess))}"
+            home.problem = f"torch would guess CUDA_HOME={guess}, but {guess_problem}"
             home.hint = f"export CUDA_HOME={real}"
         return home
     default = Path("/usr/local/cuda")
