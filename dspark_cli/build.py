@@ -91,7 +91,7 @@ def plan(arch: str | None = None) -> BuildPlan:
 
 @dataclass
 class BuildResult:
-    status: str          # "built" | "cached"
+    status: str          # "built" | "cached" | "failed" (recorded, then raised)
     path: str
     key: str
     seconds: float
