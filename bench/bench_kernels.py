@@ -1,7 +1,7 @@
 """Our CUDA ops vs the torch reference vs the HBM floor, from one run, at Qwen3-4B shapes
 (V=151936, r=256, γ=7, bf16 U/W1/W2).
 
-    PYTHONPATH=. python bench/bench_kernels.py --sizes 1,16,128 [--json-out FILE]
+    PYTHONPATH=. python bench/bench_kernels.py --sizes 1,16,128 [--ops ...] [--kernel-only] [--json-out FILE]
 
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
 of --repeats replays is reported. Floors = bytes that must move / measured copy bandwidth. Markov
@@ -9,6 +9,9 @@ chain: "floor" counts what the call must move — W2 once per step (γ·V·r·2)
 (R·γ·V·4) only when return_q; "issue floor" is issue 4's definition, W2 + U + q always. "vs vLLM"
 divides the vLLM v0.33.0 V2 loop's time on one H200 as issue 4 reports it (0.316 / 0.480 / 1.631 ms
 at R = 1 / 16 / 128, sampled, no q) by ours.
+"cold ms": the same op with L2 emptied before each call (a 256 MB write, after resetting any
+persisting lines), so nothing a previous call left in L2 is found; the difference between the two
+columns is what back-to-back replays gain from L2 leftovers.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
 row (R·V·2) instead. The scheduler (schedule_production, SPSTable.default()) is latency-bound: no
@@ -36,9 +39,25 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1) -> list[float]:
+def cold_l2():
+    """A callable that empties L2 before a timed call: persisting lines reset (cudart), then a
+    256 MB write evicts the rest."""
+    import ctypes
+
+    cudart = ctypes.CDLL(f"libcudart.so.{torch.version.cuda.split('.')[0]}")
+    scratch = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def flush():
+        torch.cuda.synchronize()
+        assert cudart.cudaCtxResetPersistingL2Cache() == 0
+        scratch.fill_(1)
+    return flush
+
+
+def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1, before=None) -> list[float]:
     """Seconds per call, one CUDA-event pair each; with inner > 1 the graph holds that many calls
-    back to back (a small op's cost inside an engine's captured step, without the graph launch)."""
+    back to back (a small op's cost inside an engine's captured step, without the graph launch).
+    `before` runs ahead of each timed call, outside the timing."""
     fn()
     torch.cuda.synchronize()
     run = fn
@@ -61,6 +80,8 @@ def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1) -> list[f
         run()
     out = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         run()
@@ -81,7 +102,29 @@ def markov_inputs(R: int, greedy: bool):
     return U, anchors, w1, w2, temperature, seeds
 
 
-def bench_rejection(R: int, bw: float, repeats: int) -> list[dict]:
+def ms(seconds):
+    return None if seconds is None else seconds * 1e3
+
+
+def fmt(value_ms, width: int = 10) -> str:
+    return f"{'-':>{width}}" if value_ms is None else f"{value_ms:{width}.3f}"
+
+
+def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
+    """Median seconds: {True: our op, False: torch reference (None with kernel_only)}, and our op
+    with L2 emptied before each call."""
+    medians = {True: statistics.median(time_replays(call, repeats))}
+    cold = statistics.median(time_replays(call, repeats, before=flush))
+    if not kernel_only:
+        cuda_ops.set_enabled(False)
+        medians[False] = statistics.median(time_replays(call, repeats))
+        cuda_ops.set_enabled(True)
+    else:
+        medians[False] = None
+    return medians, cold
+
+
+def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush) -> list[dict]:
     U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
     rows = []
     for stored in (False, True):
@@ -99,19 +142,15 @@ def bench_rejection(R: int, bw: float, repeats: int) -> list[dict]:
         def call():
             return rejection_sample(target, draft, ell, seeds=seeds)
 
-        medians = {}
-        for use_ops in (True, False):
-            cuda_ops.set_enabled(use_ops)
-            medians[use_ops] = statistics.median(time_replays(call, repeats))
-        cuda_ops.set_enabled(True)
+        medians, cold = timed(call, repeats, kernel_only, flush)
         nbytes = R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)
         floor = nbytes / bw
         name = f"rejection {'q stored' if stored else 'q rebuilt'}"
-        row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "torch_ms": medians[False] * 1e3,
-               "floor_ms": floor * 1e3}
+        row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "kernel_cold_l2_ms": cold * 1e3,
+               "torch_ms": ms(medians[False]), "floor_ms": floor * 1e3}
         rows.append(row)
-        print(f"{name:28} {R:4d} {row['kernel_ms']:10.3f} {row['torch_ms']:10.3f} {row['floor_ms']:9.3f} "
-              f"{medians[True] / floor:12.2f} {medians[False] / medians[True]:8.1f}x", flush=True)
+        print(f"{name:28} {R:4d} {row['kernel_ms']:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
+              f"{row['floor_ms']:9.3f} {medians[True] / floor:8.2f} {cold / floor:7.2f}", flush=True)
         del draft, target
     torch.cuda.empty_cache()
     return rows
@@ -122,17 +161,21 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,16,128")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--ops", default="markov,rejection,schedule", help="which of markov, rejection, schedule to run")
+    ap.add_argument("--kernel-only", action="store_true", help="skip timing the torch reference")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if cuda_ops.load() is None:
         raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
     bw = copy_bandwidth()
-    print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
+          f"L2 {torch.cuda.get_device_properties(0).L2_cache_size >> 20} MB  "
+          f"DSPARK_L2_PERSIST_MB={os.environ.get('DSPARK_L2_PERSIST_MB', '(unset: device maximum)')}")
+    flush = cold_l2()
     rows = []
     ops = set(args.ops.split(","))
     if "markov" in ops:
-        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'floor ms':>9} "
-              f"{'k/floor':>8} {'issue floor':>11} {'k/issue':>8} {'vs vLLM':>8}")
+        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cold ms':>8} {'torch ms':>10} {'floor ms':>9} "
+              f"{'k/floor':>8} {'issue floor':>11} {'k/issue':>8} {'c/issue':>7} {'vs vLLM (cold)':>14}")
     for R in [int(s) for s in args.sizes.split(",")] if "markov" in ops else []:
         for greedy in (False, True):
             inputs = markov_inputs(R, greedy)
@@ -141,11 +184,7 @@ def main() -> None:
                 def call():
                     return markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=return_q)
 
-                medians = {}
-                for use_ops in (True, False):
-                    cuda_ops.set_enabled(use_ops)
-                    medians[use_ops] = statistics.median(time_replays(call, args.repeats))
-                cuda_ops.set_enabled(True)
+                medians, cold = timed(call, args.repeats, args.kernel_only, flush)
                 q_bytes = R * GAMMA * V * 4
                 base = GAMMA * V * RANK * 2 + R * GAMMA * V * 2
                 floor = (base + (q_bytes if return_q else 0)) / bw
@@ -153,20 +192,23 @@ def main() -> None:
                 name = f"markov {'greedy' if greedy else 'sampled'}{' +q' if return_q else ''}"
                 kernel = medians[True]
                 peer = VLLM_V2_LOOP_MS.get(R) if not greedy and not return_q else None
-                row = {"op": name, "R": R, "kernel_ms": kernel * 1e3, "torch_ms": medians[False] * 1e3,
-                       "floor_ms": floor * 1e3, "issue_floor_ms": issue_floor * 1e3,
+                row = {"op": name, "R": R, "kernel_ms": kernel * 1e3, "kernel_cold_l2_ms": cold * 1e3,
+                       "torch_ms": ms(medians[False]), "floor_ms": floor * 1e3, "issue_floor_ms": issue_floor * 1e3,
                        "vllm_v2_loop_ms": peer}
                 rows.append(row)
-                vs = f"{peer / (kernel * 1e3):7.2f}x" if peer else f"{'-':>8}"
-                print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} "
-                      f"{medians[False] * 1e3:10.3f} {floor * 1e3:9.3f} {kernel / floor:8.2f} "
-                      f"{issue_floor * 1e3:11.3f} {kernel / issue_floor:8.2f} {vs}", flush=True)
+                vs = f"{peer / (kernel * 1e3):7.2f}x {peer / (cold * 1e3):5.2f}x" if peer else f"{'-':>14}"
+                print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
+                      f"{floor * 1e3:9.3f} {kernel / floor:8.2f} {issue_floor * 1e3:11.3f} "
+                      f"{kernel / issue_floor:8.2f} {cold / issue_floor:7.2f} {vs}", flush=True)
             del inputs, U, w1, w2
             torch.cuda.empty_cache()
-    if ops & {"rejection", "schedule"}:
-        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'floor ms':>9} {'kernel/floor':>12} {'speedup':>8}")
+    if "rejection" in ops:
+        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cold ms':>8} {'torch ms':>10} {'floor ms':>9} "
+              f"{'k/floor':>8} {'c/floor':>7}")
     for R in [int(s) for s in args.sizes.split(",")] if "rejection" in ops else []:
-        rows += bench_rejection(R, bw, args.repeats)
+        rows += bench_rejection(R, bw, args.repeats, args.kernel_only, flush)
+    if "schedule" in ops:
+        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'speedup':>8}")
     sps = SPSTable.default()
     for R in (16, 128, 256) if "schedule" in ops else ():
         g = torch.Generator(device="cuda").manual_seed(R)
@@ -189,8 +231,8 @@ def main() -> None:
                "floor_ms": None, "kernel_in_graph_of_20_ms": in_graph * 1e3,
                "one_block_kernel_in_graph_of_20_ms": one_block * 1e3}
         rows.append(row)
-        print(f"{'schedule_production':28} {R:4d} {row['kernel_ms']:10.4f} {row['torch_ms']:10.3f} {'-':>9} "
-              f"{'-':>12} {medians[False] / medians[True]:8.1f}x   per call in a graph of 20: {in_graph * 1e6:.1f} µs "
+        print(f"{'schedule_production':28} {R:4d} {row['kernel_ms']:10.4f} {row['torch_ms']:10.3f} "
+              f"{medians[False] / medians[True]:8.1f}x   per call in a graph of 20: {in_graph * 1e6:.1f} µs "
               f"(one-block kernel {one_block * 1e6:.1f} µs)",
               flush=True)
     if args.json_out:

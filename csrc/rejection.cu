@@ -160,8 +160,44 @@ __device__ __forceinline__ T block_reduce(T value, F op, T empty) {
 
 __device__ __forceinline__ float step_scale(float T) { return T < kGreedyBelow ? 1.f : T; }
 
+// Four consecutive entries (16-byte fp32 / 8-byte half loads; the caller checked alignment).
+__device__ __forceinline__ void load4(const float* p, float out[4]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+}
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float out[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
+}
+
+// Entries v .. v+3 of a row, vector loads when kVec, else one by one up to `end`.
+template <bool kVec, typename T>
+__device__ __forceinline__ void load_quad(const T* row, int v, int end, float out[4]) {
+  if (kVec) {
+    load4(row + v, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ void add_to_stats(Stats& s, float x, int v) {
+  if (x > s.max) {
+    s.sum = s.sum * __expf(s.max - x) + 1.f;
+    s.max = x;
+    s.idx = v;
+  } else {
+    s.sum += __expf(x - s.max);
+  }
+}
+
 // Step 2b, grid (splits, R): stats of the rebuilt logits row, for rejected sampled requests only.
-template <typename UT>
+// Four entries per thread per iteration (kVec: V % 4 == 0 and aligned rows).
+template <typename UT, bool kVec>
 __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                  const float* __restrict__ temperature, const int* __restrict__ state,
                                  Stats* __restrict__ partials, int gamma, int V, int slice) {
@@ -173,14 +209,13 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
   const float* b_row = bias + static_cast<int64_t>(r) * V;
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Stats s{-INFINITY, 0.f, 0x7fffffff};
-  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-    const float x = (to_float(u_row[v]) + b_row[v]) / scale;
-    if (x > s.max) {
-      s.sum = s.sum * __expf(s.max - x) + 1.f;
-      s.max = x;
-      s.idx = v;
-    } else {
-      s.sum += __expf(x - s.max);
+  for (int v4 = start + 4 * threadIdx.x; v4 < end; v4 += 4 * blockDim.x) {
+    float u[4], b[4];
+    load_quad<kVec>(u_row, v4, end, u);
+    load_quad<kVec>(b_row, v4, end, b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (v4 + i < end) add_to_stats(s, (u[i] + b[i]) / scale, v4 + i);
     }
   }
   s = block_reduce(warp_merge(s), [](Stats v) { return warp_merge(v); }, Stats{-INFINITY, 0.f, 0x7fffffff});
@@ -208,7 +243,7 @@ __device__ __forceinline__ Race warp_merge(Race x) {
 
 // Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the
 // merged row stats (stats_partials, stats_splits of them per request).
-template <typename UT>
+template <typename UT, bool kVec>
 __global__ void race_kernel(const float* __restrict__ target, const int64_t* __restrict__ row_start,
                             const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
                             const int* __restrict__ state, const float* __restrict__ q_stored,
@@ -243,20 +278,26 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
   for (int v4 = start + 4 * threadIdx.x; v4 < end; v4 += 4 * blockDim.x) {  // one Philox call per 4 ids
+    float p[4], q[4];
+    load_quad<kVec>(p_row, v4, end, p);
+    if (rejected && !rebuilt) load_quad<kVec>(q_row, v4, end, q);
+    if (rebuilt && !one_hot) {
+      float u[4], b[4];
+      load_quad<kVec>(u_row, v4, end, u);
+      load_quad<kVec>(b_row, v4, end, b);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q[i] = expf((u[i] + b[i]) / scale - row.max) / row.sum;
+    }
     const uint4 words = counter_words(seed, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int v = v4 + i;
       if (v >= end) break;
-      const float p = p_row[v];
       const float E = -logf(word_uniform(word_at(words, i)));
-      acc.p = pick(acc.p, Best{p / E, v});
+      acc.p = pick(acc.p, Best{p[i] / E, v});
       if (rejected) {
-        float q;
-        if (!rebuilt) q = q_row[v];
-        else if (one_hot) q = v == row.idx ? 1.f : 0.f;
-        else q = expf((to_float(u_row[v]) + b_row[v]) / scale - row.max) / row.sum;
-        const float res = fmaxf(p - q, 0.f);
+        if (rebuilt && one_hot) q[i] = v == row.idx ? 1.f : 0.f;
+        const float res = fmaxf(p[i] - q[i], 0.f);
         acc.mass += res;
         acc.res = pick(acc.res, Best{res / E, v});
       }
@@ -319,6 +360,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
   auto* races = reinterpret_cast<Race*>(race_parts.data_ptr<uint8_t>());
+  // Vector loads need every row start aligned: V % 4 == 0 and 16-byte aligned bases.
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool vec = V % 4 == 0 && aligned(target.data_ptr()) && (!stored || aligned(q->data_ptr())) &&
+                   (stored || aligned(U->data_ptr()));
 
   if (stored) {
     TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
@@ -328,7 +373,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
         tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr,
         nullptr, 0, nullptr, out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    race_kernel<float><<<dim3(splits, R), kThreads, 0, stream>>>(
+    auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
+    race<<<dim3(splits, R), kThreads, 0, stream>>>(
         target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
         state.data_ptr<int>(), q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, 0, races, gamma, V, slice);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -357,10 +403,12 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
-      row_stats_kernel<UT><<<dim3(splits, R), kThreads, 0, stream>>>(
+      auto stats_pass = vec ? row_stats_kernel<UT, true> : row_stats_kernel<UT, false>;
+      auto race = vec ? race_kernel<UT, true> : race_kernel<UT, false>;
+      stats_pass<<<dim3(splits, R), kThreads, 0, stream>>>(
           up, bias.data_ptr<float>(), temperature->data_ptr<float>(), state.data_ptr<int>(), stats, gamma, V, slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      race_kernel<UT><<<dim3(splits, R), kThreads, 0, stream>>>(
+      race<<<dim3(splits, R), kThreads, 0, stream>>>(
           target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
           state.data_ptr<int>(), nullptr, up, bias.data_ptr<float>(), temperature->data_ptr<float>(), stats, splits,
           races, gamma, V, slice);

@@ -1,0 +1,59 @@
+"""Per-kernel device time of one markov_chain / rejection_sample call (torch.profiler), at the
+shapes of bench_kernels.py: where a call's time goes, kernel by kernel.
+
+    PYTHONPATH=. python bench/profile_kernels.py --sizes 1,128 [--calls 20]
+"""
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.bench_kernels import GAMMA, V, markov_inputs
+from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample
+
+
+def breakdown(fn, calls: int) -> list[tuple[str, float, int]]:
+    """(kernel name, µs per call, launches per call), largest first."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total, count = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total[event.name] += event.device_time
+            count[event.name] += 1
+    return sorted(((name[:90], total[name] / calls, count[name] // calls) for name in total), key=lambda t: -t[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,128")
+    ap.add_argument("--calls", type=int, default=20)
+    args = ap.parse_args()
+    if cuda_ops.load() is None:
+        raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
+    for R in (int(s) for s in args.sizes.split(",")):
+        U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
+        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+        target = torch.rand(R, GAMMA + 1, V, device="cuda")
+        target /= target.sum(-1, keepdim=True)
+        target[torch.arange(R, device="cuda"), 0, draft.tokens[:, 0]] = 0  # every request rejects at 0
+        ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+        cases = {"markov_chain sampled, q lazy":
+                     lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False),
+                 "rejection_sample q rebuilt": lambda: rejection_sample(target, draft, ell, seeds=seeds)}
+        for name, fn in cases.items():
+            rows = breakdown(fn, args.calls)
+            print(f"\n{name}, R={R}: {sum(t for _, t, _ in rows):.1f} µs of kernels per call")
+            for kernel, us, launches in rows:
+                print(f"  {us:8.1f} µs  {launches:3d}×  {kernel}")
+
+
+if __name__ == "__main__":
+    main()
