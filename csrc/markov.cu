@@ -8,16 +8,25 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
-// Three fused variants measured slower than this on the H200 (bench/RESULTS.md): a tensor-core step
-// keeping the bias tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step)
-// or pipelined through persistent CTAs (wip/pipelined-tc-markov-step), and a GEMV step for R <= 4
-// (wip/gemv-markov-step).
+// Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
+// stream W2 rows, sum their dot products with a transposed warp reduction, run step 2 on the fresh
+// bias, and the last block to finish does step 3 (no GEMM launch, no fp32 bias round trip, no reduce
+// launch). On sm_90 each step is launched as a programmatic dependent of the previous one, so its
+// first W2 loads overlap the previous step's last block.
+// Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
+// tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
+// through persistent CTAs (wip/pipelined-tc-markov-step); an earlier GEMV step for R <= 4 with a
+// 40-shuffle reduction and a reduce launch (wip/gemv-markov-step); the small-batch step at R = 3, 4.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "philox.cuh"
 
@@ -143,7 +152,7 @@ __device__ __forceinline__ void load8(const float* p, float out[8]) {
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
-__global__ void split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
+__global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
                                   Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
   const int r = blockIdx.y;
@@ -230,6 +239,236 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small batches: one kernel per step.
+constexpr int kSmallMaxRequests = 2;  // measured: at 4 the cuBLAS path is faster (H200)
+constexpr int kSmallRank = 256;          // 32 lanes × 8 elements: one 16-byte load per lane per W2 row
+constexpr int kSmallRows = 8;            // W2 rows per warp batch (8 loads in flight per lane)
+// Resident blocks per SM: 64 registers a thread for one request, 128 for two (no spills).
+constexpr int small_blocks_per_sm(int capacity) { return capacity == 1 ? 4 : 2; }
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float out[8]) {
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
+}
+
+// Sums s[i] (row i of the batch) over the warp, transposed: halving exchanges on lane bits 4, 3, 2
+// leave each lane one row's partial (row (lane >> 2) & 7), then bits 1 and 0 finish it. 9 shuffles
+// instead of 40; every row's order of additions is fixed, and the four lanes that end with a row
+// hold the same bits (a + b == b + a).
+__device__ __forceinline__ float transposed_warp_sum8(const float s[8]) {
+  const int lane = threadIdx.x % 32;
+  float t[4], u[2];
+  const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) t[i] = (b4 ? s[i + 4] : s[i]) + __shfl_xor_sync(0xffffffffu, b4 ? s[i] : s[i + 4], 16);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) u[i] = (b3 ? t[i + 2] : t[i]) + __shfl_xor_sync(0xffffffffu, b3 ? t[i] : t[i + 2], 8);
+  float w = (b2 ? u[1] : u[0]) + __shfl_xor_sync(0xffffffffu, b2 ? u[0] : u[1], 4);
+  w += __shfl_xor_sync(0xffffffffu, w, 2);
+  w += __shfl_xor_sync(0xffffffffu, w, 1);
+  return w;
+}
+
+// This lane's 16-byte slices of W2 rows v0 .. v0+7 (zeros past V): eight loads in flight at once.
+template <typename WT>
+__device__ __forceinline__ void load_rows(const WT* __restrict__ w2, int v0, int V, uint4 raw[kSmallRows]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kSmallRows; ++i)
+    raw[i] = v0 + i < V ? __ldg(reinterpret_cast<const uint4*>(w2 + static_cast<int64_t>(v0 + i) * kSmallRank) + lane)
+                        : make_uint4(0, 0, 0, 0);
+}
+
+// bias of the eight rows in raw for request (lane & 3) (request 0 in every lane when NR == 1), at
+// row ((lane >> 2) & 7) of the eight; all lanes of the warp calling. h: W1[x] of each request. Shared by the chain and by rejection's
+// rebuilt q row, so the two see identical bias bits.
+template <typename WT, int NR>
+__device__ __forceinline__ float rows_bias(const uint4 raw[kSmallRows], const uint4 h[NR]) {
+  const int lane = threadIdx.x % 32;
+  float mine = 0.f;
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    float hv[8], s[8];
+    unpack8<WT>(h[r], hv);
+#pragma unroll
+    for (int i = 0; i < kSmallRows; ++i) {
+      float w[8];
+      unpack8<WT>(raw[i], w);
+      float d = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) d = fmaf(w[j], hv[j], d);
+      s[i] = d;
+    }
+    const float sum = transposed_warp_sum8(s);
+    if (NR == 1 || (lane & 3) == r) mine = sum;
+  }
+  return mine;
+}
+
+template <typename WT, int NR>
+__device__ __forceinline__ void load_h(const WT* __restrict__ h, int64_t ldh, int R, uint4 out[NR]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+    out[r] = r < R ? *(reinterpret_cast<const uint4*>(h + r * ldh) + lane) : make_uint4(0, 0, 0, 0);
+}
+
+// Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait
+// for the previous kernel's results (and memory) before reading them.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ Partial load_partial_cg(const Partial* p) {  // another block's write: skip L1
+  const float* f = reinterpret_cast<const float*>(p);
+  return {__ldcg(f), __ldcg(f + 1), __ldcg(f + 2), __ldcg(f + 3), __ldcg(reinterpret_cast<const int*>(p) + 4)};
+}
+
+// Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
+// of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
+template <typename WT, typename UT, int NR>
+__global__ void __launch_bounds__(kThreads, small_blocks_per_sm(NR))
+small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
+                  const UT* __restrict__ U, const float* __restrict__ temperature,
+                  const int64_t* __restrict__ seeds, float* __restrict__ bias_out, Partial* __restrict__ partials,
+                  unsigned* __restrict__ done, int64_t* __restrict__ tokens, float* __restrict__ q_token,
+                  float* __restrict__ row_stats, int R, int k, int gamma, int V) {
+  allow_next_kernel();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int r = NR == 1 ? 0 : lane & 3;  // this lane's request in the epilogue
+  const bool active = r < R;
+  const float T = active ? temperature[r] : 1.f;
+  const bool greedy = T < kGreedyBelow;
+  const float scale = greedy ? 1.f : T;
+  const int64_t seed = active ? seeds[r] : 0;
+  const UT* u_row = U + (static_cast<int64_t>(active ? r : 0) * gamma + k) * V;
+  const int64_t ld_emb = static_cast<int64_t>(gamma) * kSmallRank;
+
+  // W2 does not depend on the previous step: the first rows are requested before waiting for it.
+  const int batches = (V + kSmallRows - 1) / kSmallRows, stride = gridDim.x * (kThreads / 32);
+  const int row_in_batch = (lane >> 2) & 7;
+  int b = blockIdx.x * (kThreads / 32) + warp;
+  uint4 raw[kSmallRows];
+  float u_next = 0.f;  // U at this lane's row of the batch in raw
+  const auto request = [&](int batch) {
+    load_rows(w2, batch * kSmallRows, V, raw);
+    const int v = batch * kSmallRows + row_in_batch;
+    u_next = active && v < V ? to_float(u_row[v]) : 0.f;
+  };
+  if (b < batches) request(b);
+  wait_previous_kernel();  // prev_emb[:, k] is the previous step's output
+  uint4 h[NR];
+  load_h<WT, NR>(prev_emb + static_cast<int64_t>(k) * kSmallRank, ld_emb, R, h);
+  Partial p = empty_partial();
+  const auto epilogue = [&](float u, float bias, int v) {  // step 2 for one (request, row)
+    if (bias_out != nullptr) bias_out[static_cast<int64_t>(r) * V + v] = bias;
+    const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
+    visit_entry(p, (u + bias) / scale, v, greedy, word);
+  };
+  // With one request all four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of
+  // every four the warp streams: the epilogue runs once per 32 rows on every lane, not per 8 rows
+  // on a quarter of them. With more, lane & 3 is the request and each batch gets its epilogue.
+  int held = 0, kept_v = V;
+  float kept_u = 0.f, kept_bias = 0.f;
+  for (; b < batches; b += stride) {
+    const int v = b * kSmallRows + row_in_batch;
+    const float bias = rows_bias<WT, NR>(raw, h);
+    const float u = u_next;
+    const bool more = b + stride < batches;
+    if (more) request(b + stride);  // the next batch's loads fly during this epilogue
+    if constexpr (NR == 1) {
+      if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
+      if (++held == 4 || !more) {
+        if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
+        held = 0;
+        kept_v = V;
+      }
+    } else {
+      if (active && v < V) epilogue(u, bias, v);
+    }
+  }
+
+  // Per request: lanes r, r+4, .. (every lane with one request), then the block's warps in order.
+  __shared__ Partial warp_parts[kThreads / 32][kSmallMaxRequests];
+#pragma unroll
+  for (int off = NR == 1 ? 1 : 4; off < 32; off <<= 1) {
+    Partial o;
+    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
+    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
+    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
+    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
+    p = combine(p, o);
+  }
+  if (lane < NR) warp_parts[warp][lane] = p;
+  __syncthreads();
+  if (threadIdx.x < R) {
+    Partial q = empty_partial();
+    for (int w = 0; w < kThreads / 32; ++w) q = combine(q, warp_parts[w][threadIdx.x]);
+    partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = q;
+  }
+
+  // The last block to finish merges every block's partials (step 3).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done + k, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  __shared__ int token_s[kSmallMaxRequests];
+  for (int rr = 0; rr < R; ++rr) {
+    Partial q = empty_partial();
+    for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x)
+      q = combine(q, load_partial_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
+    q = block_combine(q);
+    if (threadIdx.x == 0) {
+      const bool g = temperature[rr] < kGreedyBelow;
+      tokens[static_cast<int64_t>(rr) * gamma + k] = q.idx;
+      q_token[static_cast<int64_t>(rr) * gamma + k] = g ? 1.f : expf(q.x - q.max) / q.sum;
+      row_stats[2 * rr] = q.max;
+      row_stats[2 * rr + 1] = q.sum;
+      token_s[rr] = q.idx;
+    }
+  }
+  __syncthreads();
+  if (k + 1 < gamma) {  // W1[x_k] feeds step k+1 and the confidence head
+    for (int i = threadIdx.x; i < R * kSmallRank; i += blockDim.x) {
+      const int rr = i / kSmallRank, j = i % kSmallRank;
+      prev_emb[(static_cast<int64_t>(rr) * gamma + k + 1) * kSmallRank + j] =
+          w1[static_cast<int64_t>(token_s[rr]) * kSmallRank + j];
+    }
+  }
+}
+
+// bias[R, V] with rows_bias: rejection's rebuilt q rows at R <= 2, bit-identical to the chain's.
+template <typename WT, int NR>
+__global__ void __launch_bounds__(kThreads, small_blocks_per_sm(NR))
+small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V,
+                  float* __restrict__ bias_out) {
+  const int lane = threadIdx.x % 32;
+  uint4 hr[NR];
+  load_h<WT, NR>(h, ldh, R, hr);
+  const int batches = (V + kSmallRows - 1) / kSmallRows;
+  for (int b = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; b < batches; b += gridDim.x * (kThreads / 32)) {
+    uint4 raw[kSmallRows];
+    load_rows(w2, b * kSmallRows, V, raw);
+    const float bias = rows_bias<WT, NR>(raw, hr);
+    const int v = b * kSmallRows + ((lane >> 2) & 7);
+    if ((lane & 3) < R && v < V) bias_out[static_cast<int64_t>(lane & 3) * V + v] = bias;
+  }
+}
+
 template <typename WT, typename IT>
 __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
                                      WT* __restrict__ prev_emb) {
@@ -254,9 +493,50 @@ using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat
 int choose_splits(int R, int V) {
   // About 4 blocks per SM, slices of at least 1024 vocab entries (measured on the H200: 16 per SM,
   // or finishing each request in its last block instead of a reduce launch, were both slower).
-  const int want = (4 * 132 + R - 1) / R;
+  const int want = 4 * 132 / R;  // one wave: four resident blocks per SM (launch bounds)
   const int most = (V + 1023) / 1024;
   return std::max(1, std::min(want, most));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The small-batch path: R <= 2 requests, bf16/fp16 W2 of rank 256, 16-byte aligned rows of W2 and H.
+// DSPARK_MARKOV_PATH=gemm forces the cuBLAS path (comparisons; the chain and rejection read it alike).
+bool small_batch_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
+  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
+  return !(forced && std::string(forced) == "gemm") && R <= kSmallMaxRequests &&
+         (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kSmallRank &&
+         aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
+}
+
+int small_batch_blocks(int V, int capacity) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int warps_needed = (V + kSmallRows - 1) / kSmallRows;
+  return std::max(1, std::min(sms * small_blocks_per_sm(capacity), (warps_needed + kThreads / 32 - 1) / (kThreads / 32)));
+}
+
+// Calls f with R (1 or 2) as a compile-time constant: the kernels' request capacity.
+template <typename F>
+void with_small_capacity(int R, F&& f) {
+  if (R == 1) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
+// Each small-batch step may start while the previous kernel drains (programmatic dependent launch,
+// sm_90+; the kernel waits before reading the previous step's output). DSPARK_PDL=0 turns it off.
+template <typename... Params, typename... Args>
+void launch_step(void (*kernel)(Params...), int blocks, cudaStream_t stream, Args... args) {
+  const char* off = std::getenv("DSPARK_PDL");
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 && !(off && std::string(off) == "0") ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
 }  // namespace
@@ -265,6 +545,19 @@ int choose_splits(int R, int V) {
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
   const int V = w2.size(0), rank = w2.size(1);
+  if (small_batch_path(w2, h, ldh, R)) {  // the chain drafted with rows_bias: rebuild with it too
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_bias", [&] {
+      using WT = device_t<scalar_t>;
+      with_small_capacity(R, [&](auto capacity) {
+        small_bias_kernel<WT, decltype(capacity)::value><<<small_batch_blocks(V, capacity), kThreads, 0,
+                                                           at::cuda::getCurrentCUDAStream()>>>(
+            reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V,
+            bias.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return;
+  }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType_t t = cublas_type(w2.scalar_type());
@@ -307,6 +600,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
+  const bool small = small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
+  const int small_blocks = small ? small_batch_blocks(V, R) : 0;
+  auto small_parts = at::empty({small ? static_cast<int64_t>(R) * small_blocks * static_cast<int64_t>(sizeof(Partial)) : 0},
+                               U.options().dtype(at::kByte));
+  auto done = at::zeros({small ? gamma : 0}, U.options().dtype(at::kInt));  // finished blocks per step
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
     using WT = device_t<scalar_t>;
@@ -323,15 +621,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();
       for (int k = 0; k < gamma; ++k) {
-        bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-        auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
-        pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k, gamma,
-                                            V, slice);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
-                                                      q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp, k,
-                                                      gamma);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
+          if (small) {
+            with_small_capacity(R, [&](auto capacity) {
+              launch_step(small_step_kernel<WT, UT, decltype(capacity)::value>, small_blocks, stream,
+                          reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
+                          return_q ? bias.data_ptr<float>() : nullptr,
+                          reinterpret_cast<Partial*>(small_parts.data_ptr<uint8_t>()),
+                          reinterpret_cast<unsigned*>(done.data_ptr<int>()), tokens.data_ptr<int64_t>(),
+                          q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, k, gamma, V);
+            });
+          }
+        }
+        if (!small) {
+          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
+          auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+          pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
+                                              gamma, V, slice);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
+                                                        q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp,
+                                                        k, gamma);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
         if (return_q) {
           q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
                                                            tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma,

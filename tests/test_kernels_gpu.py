@@ -44,11 +44,27 @@ CASES = [
     MarkovCase(67, 3, 50001, 256, greedy_every=3, seed=13),
     MarkovCase(130, 2, 4099, 256, torch.float16, torch.float16, return_q=False, greedy_every=7, seed=14),
     MarkovCase(65, 4, 32000, 256, torch.bfloat16, torch.float32, greedy_every=4, seed=15),
+    # the small-batch path (R <= 2, rank 256, 16-bit weights): one and two requests, an odd V (a
+    # partial last batch of W2 rows), fp32 U
+    MarkovCase(2, 7, 151936, 256, torch.float16, torch.bfloat16, greedy_every=2, seed=16),
+    MarkovCase(2, 5, 50001, 256, torch.bfloat16, torch.float32, seed=17),
+    MarkovCase(1, 3, 4099, 256, torch.bfloat16, torch.float16, return_q=False, seed=18),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label())
 def test_markov_chain_matches_reference(case):
+    res = compare_markov(case)
+    assert res["ok"], res
+
+
+@pytest.mark.parametrize("case", [MarkovCase(1, 7, 151936, 256, seed=19), MarkovCase(2, 4, 50001, 256, greedy_every=2, seed=20)],
+                         ids=lambda c: c.label())
+@pytest.mark.parametrize("env", ["DSPARK_MARKOV_PATH=gemm", "DSPARK_PDL=0"])
+def test_markov_chain_small_batches_other_paths(case, env, monkeypatch):
+    """The cuBLAS path forced at R <= 2, and the small-batch path without programmatic launch."""
+    name, value = env.split("=")
+    monkeypatch.setenv(name, value)
     res = compare_markov(case)
     assert res["ok"], res
 
@@ -66,8 +82,9 @@ def test_markov_chain_is_deterministic_per_seed():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-def test_markov_chain_op_captures_in_cuda_graph():
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(16, 7, 151936, 256, seed=8))
+@pytest.mark.parametrize("R", [16, 1, 2])  # the cuBLAS path; the small-batch path, launched programmatically
+def test_markov_chain_op_captures_in_cuda_graph(R):
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 7, 151936, 256, seed=8))
     op = torch.ops.dspark.markov_chain
     eager = op(U, anchors, w1, w2, temperature, seeds, False)
     side = torch.cuda.Stream()
@@ -130,6 +147,10 @@ REJECTION_CASES = [
     RejectionCase(9, 4, 32000, 32, greedy_every=1, seed=8),  # all greedy
     RejectionCase(70, 4, 50001, 256, q_stored=False, greedy_every=9, seed=10),
     RejectionCase(128, 7, 151936, 256, q_stored=False, greedy_every=6, seed=11),
+    # q rebuilt by the small-batch bias (R <= 2, rank 256)
+    RejectionCase(1, 7, 151936, 256, q_stored=False, seed=12),
+    RejectionCase(2, 5, 50001, 256, q_stored=False, greedy_every=2, seed=13),
+    RejectionCase(2, 7, 151936, 256, q_stored=False, flat=True, seed=14),
 ]
 
 
@@ -137,7 +158,8 @@ REJECTION_CASES = [
 def test_rejection_sample_matches_reference(case):
     res = compare_rejection(case)
     assert res["ok"], res
-    assert 0 < res["accepted_total"] < res["verified_total"] or case.R == 1, res  # both outcomes exercised
+    # both outcomes exercised (a batch of a few requests may see only one)
+    assert 0 < res["accepted_total"] < res["verified_total"] or case.R <= 2, res
 
 
 def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
