@@ -123,3 +123,13 @@ def tree_fingerprint(repo: Path) -> dict:
         "stash": git(repo, "stash", "list", "--format=%gs"),
         "files": files,
     }
+
+
+def make_toy(tmp_path: Path, monkeypatch) -> dict:
+    """The toy engine end to end: isolated git, an upstream repository, DSpark's two-patch series
+    and a compat.yaml pinning it (root, upstream, series, compat_path)."""
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
+    return {"root": tmp_path, "upstream": upstream, "series": series_dir,
+            "compat_path": write_compat(tmp_path, upstream, series_dir)}

@@ -13,20 +13,15 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import PatchFailed, UsageError
-from test_apply_support import (CORE, dspark_edits, git, isolate_git, make_series, make_upstream,
-                                tree_fingerprint, write_compat)
+from test_apply_support import CORE, git, make_series, make_toy, tree_fingerprint, write_compat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    isolate_git(monkeypatch, tmp_path)
-    upstream = make_upstream(tmp_path)
-    series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
-    compat_path = write_compat(tmp_path, upstream, series_dir)
-    return {"root": tmp_path, "upstream": upstream, "series": series_dir, "compat": compat.load(compat_path),
-            "compat_path": compat_path, "workdir": tmp_path / "work"}
+    t = make_toy(tmp_path, monkeypatch)
+    return {**t, "compat": compat.load(t["compat_path"]), "workdir": tmp_path / "work"}
 
 
 def run_apply(toy, **options):

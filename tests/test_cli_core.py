@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dspark_cli.cli import app
 from dspark_cli.errors import DsparkError
-from test_apply_support import CORE, dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
+from test_apply_support import CORE, git, make_series, make_toy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MY_COMMANDS = [["apply"], ["status"], ["revert"], ["compat"], ["compat", "lock"], ["series"], ["series", "lock"]]
@@ -49,12 +49,9 @@ def test_dspark_help_in_a_real_process():
 
 @pytest.fixture
 def toy_env(tmp_path, monkeypatch):
-    isolate_git(monkeypatch, tmp_path)
-    upstream = make_upstream(tmp_path)
-    series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
-    compat_path = write_compat(tmp_path, upstream, series_dir)
-    monkeypatch.setenv("DSPARK_COMPAT", str(compat_path))
-    return {"root": tmp_path, "upstream": upstream, "series": series_dir, "work": tmp_path / "work"}
+    t = make_toy(tmp_path, monkeypatch)
+    monkeypatch.setenv("DSPARK_COMPAT", str(t["compat_path"]))
+    return {**t, "work": tmp_path / "work"}
 
 
 def test_apply_status_revert_json_round_trip(toy_env):

@@ -2,6 +2,9 @@
 work. Shape/dtype checks never touch device memory; value checks (NaN, range) need a
 device->host sync, so callers run them only when asked (default: on CPU tensors)."""
 
+import json
+from pathlib import Path
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,3 +53,11 @@ def in_unit_interval(name: str, t: torch.Tensor) -> None:
     finite(name, t)
     if bool(((t < 0) | (t > 1)).any()):
         raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def read_json(path, what: str):
+    """The parsed JSON file at path; an unreadable or malformed file is one ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc

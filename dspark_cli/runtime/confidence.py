@@ -65,10 +65,7 @@ class STSCalibration:
 
     @classmethod
     def load(cls, path) -> "STSCalibration":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read STS calibration {path}: {exc}") from exc
+        data = _checks.read_json(path, "STS calibration")
         if not isinstance(data, dict) or data.get("format") != STS_FORMAT or "temperatures" not in data:
             raise ValueError(f"{path} is not a {STS_FORMAT} file (need 'format' and 'temperatures')")
         meta = {k: v for k, v in data.items() if k not in ("format", "temperatures")}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from dspark_cli.runtime import _checks
+
 SPS_FORMAT = "dspark-sps/1"
 
 # Documented default when no profile exists: step time = 10 ms + 20 µs per token, an
@@ -96,10 +98,7 @@ class SPSTable:
 
     @classmethod
     def load(cls, path) -> "SPSTable":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read SPS table {path}: {exc}") from exc
+        data = _checks.read_json(path, "SPS table")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: an SPS table is a JSON object")
         if data.get("format") == SPS_FORMAT:
