@@ -28,14 +28,13 @@
 #include <string>
 #include <type_traits>
 
+#include "common.cuh"
 #include "philox.cuh"
 
 namespace dspark {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kGreedyBelow = 1e-5f;  // sampling.GREEDY_BELOW
-constexpr int kStreamDraft = 0;        // rng.STREAM_DRAFT
 
 struct Partial {
   float max;   // running max of x over the slice
@@ -44,10 +43,6 @@ struct Partial {
   float x;     // x at the best key
   int idx;     // vocab id of the best key
 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 __device__ __forceinline__ bool better(float key, int idx, float best_key, int best_idx) {
   return key > best_key || (key == best_key && idx < best_idx);  // ties: lowest index, as argmax
@@ -65,9 +60,11 @@ __device__ __forceinline__ Partial combine(Partial a, Partial b) {
   return out;
 }
 
-__device__ __forceinline__ Partial warp_combine(Partial p) {
+// Combines the partials of lanes that differ in lane bits >= log2(lowest); lane 0 gets the result
+// (and every lane with lowest == 1).
+__device__ __forceinline__ Partial warp_combine(Partial p, int lowest = 1) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
+  for (int off = 16; off >= lowest; off >>= 1) {
     Partial o;
     o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
     o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
@@ -137,19 +134,6 @@ __device__ __forceinline__ Partial block_combine(Partial p) {
   return p;
 }
 
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float out[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = to_float(h[i]);
-}
-
-__device__ __forceinline__ void load8(const float* p, float out[8]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-}
-
 // Step 2: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
 __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
@@ -169,8 +153,8 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   if (kVec) {  // 8 entries per thread: 16-byte loads, two Philox calls (start, end, V % 8 == 0)
     for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
       float u[8], b[8];
-      load8(u_row + v, u);
-      load8(b_row + v, b);
+      load_vec<8>(u_row + v, u);
+      load_vec<8>(b_row + v, b);
       uint4 w[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
       if (!greedy) {
         w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
@@ -191,6 +175,18 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
 }
 
+// Step 3's outputs for request r from its merged partial: token, q_k(x_k), row max and sum-exp.
+__device__ __forceinline__ int write_step(const Partial& p, int r, int k, int gamma, const float* __restrict__ temperature,
+                                          int64_t* __restrict__ tokens, float* __restrict__ q_token,
+                                          float* __restrict__ row_stats) {
+  const bool greedy = temperature[r] < kGreedyBelow;
+  tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
+  q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
+  row_stats[2 * r] = p.max;
+  row_stats[2 * r + 1] = p.sum;
+  return p.idx;
+}
+
 // Step 3: one block per request merges its partials: token, q_k(x_k), row stats, W1[x_k] for k+1.
 template <typename WT>
 __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
@@ -202,14 +198,7 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
   Partial p = empty_partial();
   for (int i = threadIdx.x; i < splits; i += blockDim.x) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
   p = block_combine(p);
-  if (threadIdx.x == 0) {
-    const bool greedy = temperature[r] < kGreedyBelow;
-    tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
-    q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
-    row_stats[2 * r] = p.max;
-    row_stats[2 * r + 1] = p.sum;
-    token_s = p.idx;
-  }
+  if (threadIdx.x == 0) token_s = write_step(p, r, k, gamma, temperature, tokens, q_token, row_stats);
   __syncthreads();
   if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
     const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
@@ -400,16 +389,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
 
   // Per request: lanes r, r+4, .. (every lane with one request), then the block's warps in order.
   __shared__ Partial warp_parts[kThreads / 32][kSmallMaxRequests];
-#pragma unroll
-  for (int off = NR == 1 ? 1 : 4; off < 32; off <<= 1) {
-    Partial o;
-    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
-    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
-    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
-    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
-    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
-    p = combine(p, o);
-  }
+  p = warp_combine(p, NR == 1 ? 1 : 4);
   if (lane < NR) warp_parts[warp][lane] = p;
   __syncthreads();
   if (threadIdx.x < R) {
@@ -432,14 +412,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
     for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x)
       q = combine(q, load_partial_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
     q = block_combine(q);
-    if (threadIdx.x == 0) {
-      const bool g = temperature[rr] < kGreedyBelow;
-      tokens[static_cast<int64_t>(rr) * gamma + k] = q.idx;
-      q_token[static_cast<int64_t>(rr) * gamma + k] = g ? 1.f : expf(q.x - q.max) / q.sum;
-      row_stats[2 * rr] = q.max;
-      row_stats[2 * rr + 1] = q.sum;
-      token_s[rr] = q.idx;
-    }
+    if (threadIdx.x == 0) token_s[rr] = write_step(q, rr, k, gamma, temperature, tokens, q_token, row_stats);
   }
   __syncthreads();
   if (k + 1 < gamma) {  // W1[x_k] feeds step k+1 and the confidence head
@@ -486,9 +459,6 @@ cudaDataType_t cublas_type(at::ScalarType t) {
   }
 }
 
-template <typename T>
-using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
-                                    std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
 
 int choose_splits(int R, int V) {
   // About 4 blocks per SM, slices of at least 1024 vocab entries (measured on the H200: 16 per SM,

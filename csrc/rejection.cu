@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
 #include "philox.cuh"
 
 namespace dspark {
@@ -28,13 +29,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kAcceptThreads = 1024;
-constexpr float kGreedyBelow = 1e-5f;        // sampling.GREEDY_BELOW
 constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
-constexpr int kStreamAccept = 1, kStreamRecover = 2;  // rng.STREAM_ACCEPT / STREAM_RECOVER
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 struct Best {  // argmax with ties to the lowest index, as torch.argmax
   float key;
@@ -160,25 +155,11 @@ __device__ __forceinline__ T block_reduce(T value, F op, T empty) {
 
 __device__ __forceinline__ float step_scale(float T) { return T < kGreedyBelow ? 1.f : T; }
 
-// Four consecutive entries (16-byte fp32 / 8-byte half loads; the caller checked alignment).
-__device__ __forceinline__ void load4(const float* p, float out[4]) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
-}
-
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float out[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
-}
-
 // Entries v .. v+3 of a row, vector loads when kVec, else one by one up to `end`.
 template <bool kVec, typename T>
 __device__ __forceinline__ void load_quad(const T* row, int v, int end, float out[4]) {
   if (kVec) {
-    load4(row + v, out);
+    load_vec<4>(row + v, out);
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
@@ -327,9 +308,6 @@ int choose_splits(int R, int V) {
   return std::max(1, std::min(want, (V + 1023) / 1024));
 }
 
-template <typename T>
-using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
-                                    std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
 
 }  // namespace
 

@@ -102,6 +102,18 @@ struct Smem {
   int budget;
 };
 
+// Argmax of (theta, arg) over the warp, the earliest arg on ties; every lane gets it.
+__device__ __forceinline__ void warp_argmax(float& theta, int& arg) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float t = __shfl_xor_sync(0xffffffffu, theta, off);
+    const int n = __shfl_xor_sync(0xffffffffu, arg, off);
+    if (t > theta || (t == theta && n < arg)) {
+      theta = t;
+      arg = n;
+    }
+  }
+}
+
 // 1. The verify budget K from the stale survival (into sm.budget, valid after the final barrier):
 // sort, inclusive prefix sums (thread t owns 2t, 2t+1), then the first argmax of Θ_n.
 __device__ void verify_budget_block(const float* __restrict__ a_stale, int R_stale, int R, int gamma,
@@ -148,14 +160,7 @@ __device__ void verify_budget_block(const float* __restrict__ a_stale, int R_sta
       arg = n;
     }
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    const float t = __shfl_xor_sync(0xffffffffu, theta, off);
-    const int n = __shfl_xor_sync(0xffffffffu, arg, off);
-    if (t > theta || (t == theta && n < arg)) {
-      theta = t;
-      arg = n;
-    }
-  }
+  warp_argmax(theta, arg);
   if (lane == 0) {
     sm.best_theta[warp] = theta;
     sm.best_n[warp] = arg;
@@ -164,14 +169,7 @@ __device__ void verify_budget_block(const float* __restrict__ a_stale, int R_sta
   if (warp == 0) {  // argmax over the warps' bests, earliest n on ties
     theta = sm.best_theta[lane];
     arg = sm.best_n[lane];
-    for (int off = 16; off > 0; off >>= 1) {
-      const float t = __shfl_xor_sync(0xffffffffu, theta, off);
-      const int n = __shfl_xor_sync(0xffffffffu, arg, off);
-      if (t > theta || (t == theta && n < arg)) {
-        theta = t;
-        arg = n;
-      }
-    }
+    warp_argmax(theta, arg);
     if (lane == 0) sm.budget = min(arg, R * gamma);
   }
   __syncthreads();

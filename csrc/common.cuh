@@ -1,0 +1,44 @@
+// Device helpers shared by the chain (markov.cu) and rejection (rejection.cu) kernels: the runtime's
+// constants, 16-bit to fp32 conversion, and vector loads of N consecutive entries.
+#pragma once
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace dspark {
+
+constexpr float kGreedyBelow = 1e-5f;                                 // sampling.GREEDY_BELOW
+constexpr int kStreamDraft = 0, kStreamAccept = 1, kStreamRecover = 2;  // rng.STREAM_*
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// The CUDA type of a torch scalar type (at::BFloat16 -> __nv_bfloat16, at::Half -> __half).
+template <typename T>
+using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<T, at::Half>, __half, T>>;
+
+// Entries p[0 .. N-1] as fp32, N = 4 or 8, in 16-byte (or, for four 16-bit entries, 8-byte) loads;
+// the caller guarantees the alignment.
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float out[N]) {
+  static_assert(N == 4 || N == 8, "four or eight entries");
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 a = reinterpret_cast<const float4*>(p)[i];
+      out[4 * i] = a.x, out[4 * i + 1] = a.y, out[4 * i + 2] = a.z, out[4 * i + 3] = a.w;
+    }
+  } else {
+    using Raw = std::conditional_t<N == 8, uint4, uint2>;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float(h[i]);
+  }
+}
+
+}  // namespace dspark
