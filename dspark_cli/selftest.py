@@ -202,7 +202,7 @@ def compare_rejection(case: RejectionCase) -> dict:
     return res
 
 
-SELF_TEST_CASES = [
+SELF_TEST_CASES = [  # R = 1: the small-batch step kernel; R = 16, 13: cuBLAS GEMM + split pass
     MarkovCase(1, 7, 151936, 256),
     MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),
     MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),
@@ -212,6 +212,7 @@ SELF_TEST_CASES = [
 SELF_TEST_REJECTION = [
     RejectionCase(16, 7, 151936, 256, greedy_every=3, seed=1),
     RejectionCase(13, 5, 50257, 64, q_stored=False, greedy_every=4, flat=True, seed=2),
+    RejectionCase(1, 7, 151936, 256, q_stored=False, seed=3),  # q row rebuilt by the small-batch bias
 ]
 
 
