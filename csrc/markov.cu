@@ -272,8 +272,8 @@ __device__ __forceinline__ void load_rows(const WT* __restrict__ w2, int v0, int
 }
 
 // bias of the eight rows in raw for request (lane & 3) (request 0 in every lane when NR == 1), at
-// row ((lane >> 2) & 7) of the eight; all lanes of the warp calling. h: W1[x] of each request. Shared by the chain and by rejection's
-// rebuilt q row, so the two see identical bias bits.
+// row ((lane >> 2) & 7) of the eight; all lanes of the warp calling. h: W1[x] of each request.
+// Shared by the chain and by rejection's rebuilt q row, so the two see identical bias bits.
 template <typename WT, int NR>
 __device__ __forceinline__ float rows_bias(const uint4 raw[kSmallRows], const uint4 h[NR]) {
   const int lane = threadIdx.x % 32;
