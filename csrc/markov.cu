@@ -590,6 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();
+      const bool vec = V % 8 == 0 && reinterpret_cast<uintptr_t>(up) % 16 == 0;  // 16-byte loads of U rows
       for (int k = 0; k < gamma; ++k) {
         if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
           if (small) {
@@ -605,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
         }
         if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-          auto pass = V % 8 == 0 ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+          auto pass = vec ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
           pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
                                               gamma, V, slice);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -69,6 +69,24 @@ def test_markov_chain_small_batches_other_paths(case, env, monkeypatch):
     assert res["ok"], res
 
 
+def test_markov_chain_with_misaligned_U_takes_the_scalar_split_pass():
+    """U contiguous but starting one element into its storage: 16-byte loads would fault, so the
+    op must take the scalar split pass and still agree with the reference."""
+    from dspark_cli.runtime import cuda_ops, markov_chain
+
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(5, 3, 50000, 256, seed=21))
+    storage = torch.empty(U.numel() + 1, dtype=U.dtype, device=U.device)
+    shifted = storage[1:].view(U.shape)
+    shifted.copy_(U)
+    out = markov_chain(shifted, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    cuda_ops.set_enabled(False)
+    try:
+        ref = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    finally:
+        cuda_ops.set_enabled(True)
+    assert (out.tokens == ref.tokens).all(dim=1).sum() >= 4  # at most one near-tie flip (R // 64, min 1)
+
+
 def test_markov_chain_is_deterministic_per_seed():
     """Same seeds -> same tokens (what keeps tensor-parallel ranks in step)."""
     from dspark_cli.runtime import markov_chain
