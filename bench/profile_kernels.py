@@ -1,5 +1,7 @@
 """Per-kernel device time of one markov_chain / rejection_sample call (torch.profiler), at the
-shapes of bench_kernels.py: where a call's time goes, kernel by kernel.
+shapes of bench_kernels.py: where a call's time goes, kernel by kernel. A kernel launched as a
+programmatic dependent (the small-batch Markov steps) starts early and waits for its predecessor,
+so its time includes that wait and the sum can exceed the call's wall time.
 
     PYTHONPATH=. python bench/profile_kernels.py --sizes 1,128 [--calls 20]
 """
