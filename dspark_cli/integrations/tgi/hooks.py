@@ -101,7 +101,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         idx = torch.tensor(rows[i], device=features.device)
         spec.draft.extend_context(r, features[idx], positions[idx])
     anchors = torch.tensor([t[-1] for t in tokens], device=scores.device)
-    anchor_positions = [int(positions[rows[i][-1]]) + 1 for i in range(len(batch))]
+    last_row = torch.tensor([r[-1] for r in rows], device=positions.device)
+    anchor_positions = (positions[last_row] + 1).tolist()  # one device->host copy for the batch
     params = [r.parameters for r in batch.requests]
     temperature = torch.tensor([p.temperature if s else 0.0 for p, s in zip(params, do_sample)])
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
