@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli import git_source, pypi_source
+from dspark_cli.build import cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.patching import PatchConflict, apply_and_commit
@@ -288,19 +289,24 @@ def status(workdir: Path) -> dict:
         "source": state.get("source"), "base": base, "branch": branch, "head": ws.head(),
         "applied": [{"label": p.label, "commit": p.commit, "subject": p.subject, "sha256": p.sha256} for p in applied],
         "user_commits": [{"commit": sha, "subject": subject} for sha, subject in user],
-        "drift": drift, "build": build_records(),
+        "drift": drift, "build": build_records(state.get("engine"), ws.path),
     }
 
 
-def build_records() -> list[dict]:
-    """Records `dspark build` writes under $DSPARK_CACHE/build: the kernel build (last.json) and
-    engine installs (engine-<name>.json)."""
-    where = pypi_source.cache_dir() / "build"
-    files = sorted(where.glob("*.json")) if where.is_dir() else [where] if where.is_file() else []
+def build_records(engine: str | None, workdir: Path) -> list[dict]:
+    """What `dspark build` recorded that concerns this workdir: the kernel build (last.json) and the
+    install of this engine's server from this workdir (engine-<name>.json; another tree's is not shown)."""
+    root = cache_root()
     records = []
-    for path in files:
+    for path in (root / "last.json", root / f"engine-{engine}.json"):
+        if not path.is_file():
+            continue
         try:
-            records.append({"file": str(path), "record": json.loads(path.read_text(encoding="utf-8"))})
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             records.append({"file": str(path), "error": f"unreadable: {exc}"})
+            continue
+        if path.name.startswith("engine-") and Path(record.get("workdir", "")).resolve() != workdir.resolve():
+            continue
+        records.append({"file": str(path), "record": record})
     return records

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dspark_cli import __version__, cuda_env
+from dspark_cli import __version__, cache_dir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -27,7 +27,7 @@ SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark") / "build"
+    return cache_dir() / "build"
 
 
 def source_files() -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from dspark_cli import git_source
 from dspark_cli.compat import Compat, replace_scalar
 from dspark_cli.errors import UsageError
-from dspark_cli.pypi_source import cache_dir
+from dspark_cli import cache_dir
 from dspark_cli.workspace import Workspace
 
 

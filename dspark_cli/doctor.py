@@ -20,7 +20,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from dspark_cli import cuda_env
+from dspark_cli import cache_dir, cuda_env
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError
 from dspark_cli.series import read_series
@@ -133,10 +133,6 @@ def check_cuda_home(home: cuda_env.CudaHome) -> Check:
         status = FAIL if home.source in ("CUDA_HOME", "CUDA_PATH") else WARN
         return Check("CUDA_HOME", status, f"{detail}: {home.problem}", home.hint)
     return Check("CUDA_HOME", OK, detail)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
 
 
 def check_disk(name: str, path: Path) -> Check:

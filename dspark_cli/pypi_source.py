@@ -21,15 +21,12 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from dspark_cli import cache_dir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
 
 
 def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:

@@ -82,10 +82,25 @@ def test_status_shows_a_build_record_when_one_exists(toy_env, tmp_path):
     runner.invoke(app, ["apply", "toy", "--workdir", str(toy_env["work"])])
     build = tmp_path / "cache" / "build"
     build.mkdir(parents=True)
-    (build / "dspark_ops.json").write_text(json.dumps({"ok": True, "arch": "9.0a", "torch": "2.13.0"}))
+    (build / "last.json").write_text(json.dumps({"ok": True, "arch": "9.0a", "torch": "2.13.0"}))
     status = json.loads(runner.invoke(app, ["status", "-C", str(toy_env["work"]), "--json"]).stdout)
     assert status["build"][0]["record"]["arch"] == "9.0a"
     assert "arch=9.0a" in runner.invoke(app, ["status", "-C", str(toy_env["work"])]).output
+
+
+def test_status_lists_only_this_workdirs_engine_install(toy_env, tmp_path):
+    """An install of another engine, or of this engine from another tree, is not this workdir's."""
+    runner = CliRunner()
+    runner.invoke(app, ["apply", "toy", "--workdir", str(toy_env["work"])])
+    build = tmp_path / "cache" / "build"
+    build.mkdir(parents=True)
+    (build / "engine-tgi.json").write_text(json.dumps({"status": "installed", "workdir": str(tmp_path / "tgi")}))
+    (build / "engine-toy.json").write_text(json.dumps({"status": "installed", "workdir": str(tmp_path / "other")}))
+    status = json.loads(runner.invoke(app, ["status", "-C", str(toy_env["work"]), "--json"]).stdout)
+    assert status["build"] == []
+    (build / "engine-toy.json").write_text(json.dumps({"status": "installed", "workdir": str(toy_env["work"])}))
+    status = json.loads(runner.invoke(app, ["status", "-C", str(toy_env["work"]), "--json"]).stdout)
+    assert [Path(b["file"]).name for b in status["build"]] == ["engine-toy.json"]
 
 
 @pytest.mark.parametrize("args, code, text", [

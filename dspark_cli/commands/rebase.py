@@ -11,7 +11,7 @@ import yaml
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
-from dspark_cli import pypi_source, rebase
+from dspark_cli import cache_dir, pypi_source, rebase
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
 from dspark_cli.output import console, emit
 from dspark_cli.series import load_series
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
         compat_entry = None
         if repo is not None:
             name = new_pin or (onto if not compat_mod.HEX_COMMIT.match(onto.lower()) else onto[:12])
-            work = workdir or pypi_source.cache_dir() / "rebase" / f"{engine_name}-{name}"
+            work = workdir or cache_dir() / "rebase" / f"{engine_name}-{name}"
             ws = rebase.worktree_of(repo.resolve(), work.resolve(), onto)
             base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
             onto_commit = ws.resolve_commit(onto)
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             base_release = _sdist_first(pin)
             onto_release, name = _onto_release(engine, onto, base_release.package)
             name = new_pin or name
-            work = workdir or pypi_source.cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
+            work = workdir or cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
             ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
             compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
