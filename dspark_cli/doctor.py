@@ -6,7 +6,6 @@ machine without a GPU gets warnings, not a crash). Only `fail` makes the exit co
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
 import importlib.util
 import os
@@ -23,7 +22,7 @@ from packaging.version import InvalidVersion, Version
 from dspark_cli import cache_dir, cuda_env
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError
-from dspark_cli.series import read_series
+from dspark_cli.series import marker_constants, read_series
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_GB = 20  # a vLLM tree + wheel cache + build cache
@@ -157,18 +156,7 @@ def patch_marker(module: str) -> dict | None:
     for location in spec.submodule_search_locations:
         marker = Path(location) / "_dspark.py"
         if marker.is_file():
-            try:
-                tree = ast.parse(marker.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{marker} is not readable Python: {exc}") from None
-            values = {}
-            for node in tree.body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                    try:
-                        values[node.targets[0].id] = ast.literal_eval(node.value)
-                    except (ValueError, TypeError, SyntaxError, RecursionError):
-                        pass  # not a literal: never evaluated
-            return values
+            return marker_constants(marker)
     return {}
 
 

@@ -23,7 +23,6 @@ No typer/rich here: the CLI layer (commands/build.py) only renders what this ret
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.series import marker_constants
 
 ENGINES = ("tgi",)
 # TGI's Makefile `install-server` target installs the server with these extras.
@@ -158,11 +158,9 @@ def check_workspace(workdir: Path) -> dict:
 def read_marker(marker: Path) -> tuple[str, list[str]]:
     """SERIES and PATCHES from the marker module, read without importing it."""
     try:
-        tree = ast.parse(marker.read_text(encoding="utf-8"))
-        values = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-                  if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+        values = marker_constants(marker)
         return str(values["SERIES"]), [str(p) for p in values["PATCHES"]]
-    except (OSError, SyntaxError, ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"step workspace: {marker} is not a dspark marker ({type(exc).__name__}: {exc})") from None
 
 

@@ -5,6 +5,7 @@ Format: docs/patch-series.md. Nothing here touches a git workspace; see workspac
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 from dataclasses import dataclass
@@ -116,3 +117,21 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             )
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
     return patches
+
+
+def marker_constants(marker: Path) -> dict:
+    """The literal constants (SERIES, PATCHES, ...) of a marker module (<package>/_dspark.py, added by
+    a series' first patch), read with ast so the engine is never imported; assignments that are not
+    literals are skipped. Raises ValueError for a file that is not readable Python."""
+    try:
+        tree = ast.parse(marker.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{marker} is not readable Python: {exc}") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                pass  # not a literal: never evaluated
+    return values
