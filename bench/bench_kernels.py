@@ -115,12 +115,10 @@ def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
     with L2 emptied before each call."""
     medians = {True: statistics.median(time_replays(call, repeats))}
     cold = statistics.median(time_replays(call, repeats, before=flush))
+    medians[False] = None
     if not kernel_only:
-        cuda_ops.set_enabled(False)
-        medians[False] = statistics.median(time_replays(call, repeats))
-        cuda_ops.set_enabled(True)
-    else:
-        medians[False] = None
+        with cuda_ops.enabled(False):
+            medians[False] = statistics.median(time_replays(call, repeats))
     return medians, cold
 
 
@@ -128,9 +126,8 @@ def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush) -
     U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
     rows = []
     for stored in (False, True):
-        cuda_ops.set_enabled(False)
-        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
-        cuda_ops.set_enabled(True)
+        with cuda_ops.enabled(False):
+            draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
         g = torch.Generator(device="cuda").manual_seed(R + 1)
         target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
         target /= target.sum(-1, keepdim=True)
@@ -214,10 +211,9 @@ def main() -> None:
         a_stale, a_now = (torch.cumprod(torch.rand(R, GAMMA, device="cuda", generator=g) ** 0.3, dim=1) for _ in range(2))
         medians = {}
         for use_ops in (True, False):
-            cuda_ops.set_enabled(use_ops)
-            medians[use_ops] = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps),
-                                                              args.repeats))
-        cuda_ops.set_enabled(True)
+            with cuda_ops.enabled(use_ops):
+                medians[use_ops] = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps),
+                                                                  args.repeats))
         in_graph = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps), args.repeats,
                                                   inner=20))
         os.environ["DSPARK_SCHEDULE_ONE_BLOCK"] = "1"  # the pre-Hopper kernel, for comparison

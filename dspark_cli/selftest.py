@@ -54,12 +54,9 @@ def run_markov(case: MarkovCase, use_cuda_ops: bool, inputs=None):
 
     inputs = inputs or markov_inputs(case)
     U, anchors, w1, w2, temperature, seeds = inputs
-    cuda_ops.set_enabled(use_cuda_ops)
-    try:
+    with cuda_ops.enabled(use_cuda_ops):
         poison_allocator()
         return markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q)
-    finally:
-        cuda_ops.set_enabled(True)
 
 
 def compare_markov(case: MarkovCase) -> dict:
@@ -105,11 +102,8 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0) -> dic
     g = torch.Generator(device="cpu").manual_seed(seed)
     a_stale, a_now = survival_matrix(R_stale, gamma, g).cuda(), survival_matrix(R, gamma, g).cuda()
     sps = SPSTable.default()
-    cuda_ops.set_enabled(False)
-    try:
+    with cuda_ops.enabled(False):
         ref = schedule_production(a_stale, a_now, sps)
-    finally:
-        cuda_ops.set_enabled(True)
     poison_allocator()
     out = schedule_production(a_stale, a_now, sps)
     return {"case": f"schedule_production R={R} R_stale={R_stale} γ={gamma}", "ok": bool(torch.equal(out, ref)),
@@ -141,11 +135,8 @@ def rejection_inputs(case: RejectionCase):
     mc = MarkovCase(case.R, case.gamma, case.V, case.rank, greedy_every=case.greedy_every,
                     return_q=case.q_stored, seed=case.seed)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(mc)
-    cuda_ops.set_enabled(False)
-    try:
+    with cuda_ops.enabled(False):
         draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.q_stored)
-    finally:
-        cuda_ops.set_enabled(True)
     g = torch.Generator(device="cuda").manual_seed(case.seed + 1000)
     R, gamma, V = case.R, case.gamma, case.V
     q = draft.q if draft.q is not None else torch.stack(
@@ -166,8 +157,7 @@ def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
     from dspark_cli.runtime import cuda_ops, rejection_sample, rejection_sample_flat
 
     draft, target, ell, greedy, seeds = inputs
-    cuda_ops.set_enabled(use_cuda_ops)
-    try:
+    with cuda_ops.enabled(use_cuda_ops):
         poison_allocator()
         if not case.flat:
             return rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
@@ -175,8 +165,6 @@ def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
         cu = torch.zeros(case.R + 1, dtype=torch.int64, device="cuda")
         cu[1:] = torch.cumsum(ell + 1, dim=0)
         return rejection_sample_flat(torch.cat(rows).contiguous(), cu, draft, greedy=greedy, seeds=seeds)
-    finally:
-        cuda_ops.set_enabled(True)
 
 
 def compare_rejection(case: RejectionCase) -> dict:

@@ -2,11 +2,12 @@
 
 The extension is found through $DSPARK_OPS_LIB, the last successful build recorded in
 $DSPARK_CACHE/build/last.json, or an installed dspark_ops wheel (`dspark build --wheel`), and loaded
-once. $DSPARK_DISABLE_CUDA_OPS=1 (or set_enabled(False)) keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
+once. $DSPARK_DISABLE_CUDA_OPS=1 (or `with enabled(False):` for a block) keeps every op unavailable, so callers run the torch reference (benchmarks compare the two).
 Each op returns NotImplemented for cases it does not cover; the torch reference then runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -51,8 +52,16 @@ def load_error() -> str | None:
     return _state["error"]
 
 
-def set_enabled(enabled: bool) -> None:
-    _state["enabled"] = enabled
+@contextlib.contextmanager
+def enabled(flag: bool):
+    """Our ops (flag True) or the torch reference (False) inside the block; the setting before it
+    comes back after, so a reference run inside DSPARK_DISABLE_CUDA_OPS=1 does not switch ops on."""
+    previous = _state["enabled"]
+    _state["enabled"] = flag
+    try:
+        yield
+    finally:
+        _state["enabled"] = previous
 
 
 def available(*tensors) -> bool:
