@@ -16,6 +16,22 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
+// exp(x) as __expf computes it (ex2.approx of x·log2 e), but results below 2^-126 flush to zero
+// instead of taking __expf's denormal path: for terms of a sum that already holds a 1 (the max's
+// own term) the sum's bits are the same, in fewer instructions.
+__device__ __forceinline__ float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
+// Max over the warp, every lane calling.
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
 // The CUDA type of a torch scalar type (at::BFloat16 -> __nv_bfloat16, at::Half -> __half).
 template <typename T>
 using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,

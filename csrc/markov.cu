@@ -99,21 +99,43 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
 // Eight consecutive vocab entries v .. v+7 at once: independent exps, logs and noise (short
 // dependency chains), then one merge into the running partial. The outer log of the race key is
 // __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
-__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, bool greedy, const uint4 words[2]) {
+// Sampled rows skip both logarithms when no entry can beat `reached`, a key already reached in the
+// row: entry i can only if E_i < exp(x_i - reached), and E_i >= 1 - u_i (word_gap), so the screen
+// d_i < e_i·exp(m - reached) (loosened by 1e-3, far above the approximate exps' error) keeps every
+// entry that could. Entries that cannot win the row are all it drops: the row's winner is the same.
+template <bool kSampled>
+__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, const uint4 words[2], float reached) {
   float m = x[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) m = fmaxf(m, x[i]);
   float e[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) e[i] = __expf(x[i] - m);
+  for (int i = 0; i < 8; ++i) e[i] = exp_ftz(x[i] - m);
   Partial c{m, ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])), -INFINITY, -INFINITY, 0x7fffffff};
+  if constexpr (kSampled) {
+    const float t = exp_ftz(m - reached) * 1.001f;  // inf while reached = -inf: every entry passes
+    bool may_win = false;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float key = greedy ? x[i] : x[i] - __logf(-logf(word_uniform(word_at(words[i / 4], i % 4))));
-    if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
-      c.key = key;
-      c.x = x[i];
-      c.idx = v + i;
+    for (int i = 0; i < 8; ++i) may_win |= !(word_gap(word_at(words[i / 4], i % 4)) >= e[i] * t);  // NaN passes
+    if (may_win) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float key = x[i] - __logf(-logf(word_uniform(word_at(words[i / 4], i % 4))));
+        if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
+          c.key = key;
+          c.x = x[i];
+          c.idx = v + i;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (x[i] > c.key) {
+        c.key = x[i];
+        c.x = x[i];
+        c.idx = v + i;
+      }
     }
   }
   p = combine(p, c);
@@ -151,20 +173,29 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
 
   Partial p = empty_partial();
   if (kVec) {  // 8 entries per thread: 16-byte loads, two Philox calls (start, end, V % 8 == 0)
-    for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
-      float u[8], b[8];
-      load_vec<8>(u_row + v, u);
-      load_vec<8>(b_row + v, b);
-      uint4 w[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-      if (!greedy) {
-        w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
-        w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
-      }
-      float x[8];
+    // Every lane runs every round (the sampled screen reads the warp's best key); x / 1 == x.
+    const auto rounds = [&](auto sampled, auto unit_scale) {
+      for (int base = start; base < end; base += 8 * blockDim.x) {
+        const int v = base + 8 * threadIdx.x;
+        const float reached = decltype(sampled)::value ? warp_max(p.key) : -INFINITY;
+        if (v >= end) continue;
+        float u[8], b[8];
+        load_vec<8>(u_row + v, u);
+        load_vec<8>(b_row + v, b);
+        uint4 w[2] = {};
+        if constexpr (decltype(sampled)::value) {
+          w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
+          w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
+        }
+        float x[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = (u[i] + b[i]) / scale;
-      visit8(p, x, v, greedy, w);
-    }
+        for (int i = 0; i < 8; ++i) x[i] = decltype(unit_scale)::value ? u[i] + b[i] : (u[i] + b[i]) / scale;
+        visit8<decltype(sampled)::value>(p, x, v, w, reached);
+      }
+    };
+    if (greedy) rounds(std::false_type{}, std::true_type{});
+    else if (scale == 1.f) rounds(std::true_type{}, std::true_type{});
+    else rounds(std::true_type{}, std::false_type{});
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
       const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);

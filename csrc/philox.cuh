@@ -39,6 +39,13 @@ __device__ __forceinline__ float word_uniform(uint32_t word) {
   return (static_cast<float>(word >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
+// 1 - u for the same word, exactly: u = k·2^-24 with k = 2·(word >> 9) + 1 odd, so 1 - u =
+// (2^24 - k)·2^-24, an integer below 2^24 times a power of two. Since -log u >= 1 - u, it bounds
+// the exponential E = -log u from below without a logarithm (the races' screens).
+__device__ __forceinline__ float word_gap(uint32_t word) {
+  return static_cast<float>(0x1000000u - ((word >> 8) | 1u)) * 5.9604644775390625e-08f;
+}
+
 __device__ __forceinline__ float counter_uniform(int64_t seed, int stream, int position, uint32_t index) {
   return word_uniform(word_at(counter_words(seed, stream, position, index >> 2), index & 3));
 }

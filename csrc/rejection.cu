@@ -166,13 +166,13 @@ __device__ __forceinline__ void load_quad(const T* row, int v, int end, float ou
   }
 }
 
-__device__ __forceinline__ void add_to_stats(Stats& s, float x, int v) {
+__device__ __forceinline__ void add_to_stats(Stats& s, float x, int v) {  // the sum holds the max's 1: exp_ftz
   if (x > s.max) {
-    s.sum = s.sum * __expf(s.max - x) + 1.f;
+    s.sum = s.sum * exp_ftz(s.max - x) + 1.f;
     s.max = x;
     s.idx = v;
   } else {
-    s.sum += __expf(x - s.max);
+    s.sum += exp_ftz(x - s.max);
   }
 }
 
@@ -196,7 +196,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
     load_quad<kVec>(b_row, v4, end, b);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (v4 + i < end) add_to_stats(s, (u[i] + b[i]) / scale, v4 + i);
+      if (v4 + i < end) add_to_stats(s, scale == 1.f ? u[i] + b[i] : (u[i] + b[i]) / scale, v4 + i);  // x / 1 == x
     }
   }
   s = block_reduce(warp_merge(s), [](Stats v) { return warp_merge(v); }, Stats{-INFINITY, 0.f, 0x7fffffff});
@@ -258,7 +258,14 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
 
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
-  for (int v4 = start + 4 * threadIdx.x; v4 < end; v4 += 4 * blockDim.x) {  // one Philox call per 4 ids
+  // Every lane runs every round: the screen reads the warp's best keys. An entry's key a_v / E_v
+  // (a = p or the residual) can reach best only if a_v >= best·E_v >= best·(1 - u_v) (word_gap),
+  // so below best·(1 - u_v)·0.999 (far outside logf's and the division's rounding) it cannot win
+  // and its logarithm and divisions are skipped; the kept ones are computed exactly as before.
+  for (int base = start; base < end; base += 4 * blockDim.x) {  // one Philox call per 4 ids
+    const int v4 = base + 4 * threadIdx.x;
+    const float best_p = warp_max(acc.p.key), best_res = warp_max(acc.res.key);
+    if (v4 >= end) continue;
     float p[4], q[4];
     load_quad<kVec>(p_row, v4, end, p);
     if (rejected && !rebuilt) load_quad<kVec>(q_row, v4, end, q);
@@ -267,20 +274,25 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
       load_quad<kVec>(u_row, v4, end, u);
       load_quad<kVec>(b_row, v4, end, b);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = expf((u[i] + b[i]) / scale - row.max) / row.sum;
+      for (int i = 0; i < 4; ++i) q[i] = expf((scale == 1.f ? u[i] + b[i] : (u[i] + b[i]) / scale) - row.max) / row.sum;
     }
     const uint4 words = counter_words(seed, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int v = v4 + i;
       if (v >= end) break;
-      const float E = -logf(word_uniform(word_at(words, i)));
-      acc.p = pick(acc.p, Best{p[i] / E, v});
+      float res = 0.f;
       if (rejected) {
         if (rebuilt && one_hot) q[i] = v == row.idx ? 1.f : 0.f;
-        const float res = fmaxf(p[i] - q[i], 0.f);
+        res = fmaxf(p[i] - q[i], 0.f);
         acc.mass += res;
-        acc.res = pick(acc.res, Best{res / E, v});
+      }
+      const float gap = word_gap(word_at(words, i)) * 0.999f;
+      const bool may_p = !(p[i] < best_p * gap), may_res = rejected && !(res < best_res * gap);
+      if (may_p || may_res) {
+        const float E = -logf(word_uniform(word_at(words, i)));
+        if (may_p) acc.p = pick(acc.p, Best{p[i] / E, v});
+        if (may_res) acc.res = pick(acc.res, Best{res / E, v});
       }
     }
   }

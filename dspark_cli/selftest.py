@@ -23,11 +23,13 @@ class MarkovCase:
     greedy_every: int = 0      # every n-th request greedy (0: none)
     return_q: bool = True
     seed: int = 0
+    t_one_every: int = 0       # every n-th request (from the second) at temperature exactly 1
 
     def label(self) -> str:
         w, u = str(self.w_dtype).removeprefix("torch."), str(self.u_dtype).removeprefix("torch.")
         return (f"markov R={self.R} γ={self.gamma} V={self.V} r={self.rank} w={w} U={u} "
-                f"greedy_every={self.greedy_every} return_q={self.return_q}")
+                f"greedy_every={self.greedy_every} return_q={self.return_q}"
+                + (f" t_one_every={self.t_one_every}" if self.t_one_every else ""))
 
 
 def markov_inputs(case: MarkovCase, device: str = "cuda"):
@@ -37,6 +39,8 @@ def markov_inputs(case: MarkovCase, device: str = "cuda"):
     w2 = (torch.randn(case.V, case.rank, generator=g) / case.rank**0.5).to(case.w_dtype).to(device)
     anchors = torch.randint(0, case.V, (case.R,), generator=g).to(device)
     temperature = (0.5 + torch.rand(case.R, generator=g)).to(device)
+    if case.t_one_every:  # the kernels skip x / T there
+        temperature[1:: case.t_one_every] = 1.0
     if case.greedy_every:
         temperature[:: case.greedy_every] = 0.0
     seeds = torch.randint(-2**62, 2**62, (case.R,), generator=g).to(device)
@@ -120,10 +124,12 @@ class RejectionCase:
     greedy_every: int = 0      # every n-th request greedy (0: none; then greedy=None is passed)
     flat: bool = False         # rejection_sample_flat: ragged [Σ(1+ℓ_r), V] target rows
     seed: int = 0
+    t_one_every: int = 0       # as MarkovCase
 
     def label(self) -> str:
         return (f"rejection R={self.R} γ={self.gamma} V={self.V} q={'stored' if self.q_stored else 'rebuilt'} "
-                f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}")
+                f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}"
+                + (f" t_one_every={self.t_one_every}" if self.t_one_every else ""))
 
 
 def rejection_inputs(case: RejectionCase):
@@ -133,7 +139,7 @@ def rejection_inputs(case: RejectionCase):
     from dspark_cli.runtime import cuda_ops, markov_chain
 
     mc = MarkovCase(case.R, case.gamma, case.V, case.rank, greedy_every=case.greedy_every,
-                    return_q=case.q_stored, seed=case.seed)
+                    return_q=case.q_stored, seed=case.seed, t_one_every=case.t_one_every)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(mc)
     with cuda_ops.enabled(False):
         draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.q_stored)
@@ -194,6 +200,7 @@ SELF_TEST_CASES = [  # R = 1: the small-batch step kernel; R = 16, 13: cuBLAS GE
     MarkovCase(1, 7, 151936, 256),
     MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),
     MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),
+    MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),
 ]
 
 
@@ -201,6 +208,7 @@ SELF_TEST_REJECTION = [
     RejectionCase(16, 7, 151936, 256, greedy_every=3, seed=1),
     RejectionCase(13, 5, 50257, 64, q_stored=False, greedy_every=4, flat=True, seed=2),
     RejectionCase(1, 7, 151936, 256, q_stored=False, seed=3),  # q row rebuilt by the small-batch bias
+    RejectionCase(37, 5, 151936, 256, q_stored=False, greedy_every=6, t_one_every=2, seed=4),
 ]
 
 

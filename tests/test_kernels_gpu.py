@@ -49,6 +49,10 @@ CASES = [
     MarkovCase(2, 7, 151936, 256, torch.float16, torch.bfloat16, greedy_every=2, seed=16),
     MarkovCase(2, 5, 50001, 256, torch.bfloat16, torch.float32, seed=17),
     MarkovCase(1, 3, 4099, 256, torch.bfloat16, torch.float16, return_q=False, seed=18),
+    # requests at temperature exactly 1 (no division) beside others; many split-pass rounds per
+    # thread, so the sampled race's screen skips most logarithms
+    MarkovCase(128, 3, 151936, 256, greedy_every=7, t_one_every=2, seed=22),
+    MarkovCase(40, 2, 50000, 256, torch.float16, torch.float32, t_one_every=3, return_q=False, seed=23),
 ]
 
 
@@ -166,6 +170,9 @@ REJECTION_CASES = [
     RejectionCase(1, 7, 151936, 256, q_stored=False, seed=12),
     RejectionCase(2, 5, 50001, 256, q_stored=False, greedy_every=2, seed=13),
     RejectionCase(2, 7, 151936, 256, q_stored=False, flat=True, seed=14),
+    # temperature exactly 1 in the rebuilt rows (no division), stored and rebuilt
+    RejectionCase(64, 7, 151936, 256, q_stored=False, greedy_every=9, t_one_every=2, seed=15),
+    RejectionCase(33, 4, 50000, 256, t_one_every=3, flat=True, seed=16),
 ]
 
 
