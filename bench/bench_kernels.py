@@ -91,13 +91,13 @@ def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1, before=No
     return out
 
 
-def markov_inputs(R: int, greedy: bool):
+def markov_inputs(R: int, greedy: bool, temperature: float = 1.0):
     g = torch.Generator(device="cuda").manual_seed(R)
     U = torch.randn(R, GAMMA, V, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
     w1 = torch.randn(V, RANK, device="cuda", generator=g).to(torch.bfloat16)
     w2 = torch.randn(V, RANK, device="cuda", generator=g).div_(16).to(torch.bfloat16)
     anchors = torch.randint(0, V, (R,), device="cuda", generator=g)
-    temperature = torch.full((R,), 0.0 if greedy else 1.0, device="cuda")
+    temperature = torch.full((R,), 0.0 if greedy else temperature, device="cuda")
     seeds = torch.randint(0, 2**62, (R,), device="cuda", generator=g)
     return U, anchors, w1, w2, temperature, seeds
 
@@ -122,8 +122,8 @@ def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
     return medians, cold
 
 
-def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush) -> list[dict]:
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
+def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, temperature: float) -> list[dict]:
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False, temperature=temperature)
     rows = []
     for stored in (False, True):
         with cuda_ops.enabled(False):
@@ -159,13 +159,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--ops", default="markov,rejection,schedule", help="which of markov, rejection, schedule to run")
     ap.add_argument("--kernel-only", action="store_true", help="skip timing the torch reference (markov, rejection)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="of the sampled rows (at exactly 1 the kernels skip dividing by it)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if cuda_ops.load() is None:
         raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
     bw = copy_bandwidth()
     print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s  "
-          f"L2 {torch.cuda.get_device_properties(0).L2_cache_size >> 20} MB")
+          f"L2 {torch.cuda.get_device_properties(0).L2_cache_size >> 20} MB  sampled rows at T = {args.temperature:g}")
     flush = cold_l2()
     rows = []
     ops = set(args.ops.split(","))
@@ -174,7 +176,7 @@ def main() -> None:
               f"{'k/floor':>8} {'issue floor':>11} {'k/issue':>8} {'c/issue':>7} {'vs vLLM (cold)':>14}")
     for R in [int(s) for s in args.sizes.split(",")] if "markov" in ops else []:
         for greedy in (False, True):
-            inputs = markov_inputs(R, greedy)
+            inputs = markov_inputs(R, greedy, args.temperature)
             U, anchors, w1, w2, temperature, seeds = inputs
             for return_q in (False, True):
                 def call():
@@ -202,7 +204,7 @@ def main() -> None:
         print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cold ms':>8} {'torch ms':>10} {'floor ms':>9} "
               f"{'k/floor':>8} {'c/floor':>7}")
     for R in [int(s) for s in args.sizes.split(",")] if "rejection" in ops else []:
-        rows += bench_rejection(R, bw, args.repeats, args.kernel_only, flush)
+        rows += bench_rejection(R, bw, args.repeats, args.kernel_only, flush, args.temperature)
     if "schedule" in ops:
         print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'speedup':>8}")
     sps = SPSTable.default()
