@@ -9,13 +9,14 @@
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
-// stream W2 rows, sum their dot products with a transposed warp reduction, run step 2 on the fresh
+// stream W2 rows (at R = 1 two batches of 8 in flight per warp), sum their dot products with a transposed warp reduction, run step 2 on the fresh
 // bias, and the last block to finish does step 3 (no GEMM launch, no fp32 bias round trip, no reduce
 // launch). On sm_90 each step is launched as a programmatic dependent of the previous one, so its
 // first W2 loads overlap the previous step's last block.
 // Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
 // tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
-// through persistent CTAs (wip/pipelined-tc-markov-step); an earlier GEMV step for R <= 4 with a
+// through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
+// per-lane cp.async rings (wip/mma-mid-batch-step); an earlier GEMV step for R <= 4 with a
 // 40-shuffle reduction and a reduce launch (wip/gemv-markov-step); the small-batch step at R = 3, 4.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -264,8 +265,13 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
 constexpr int kSmallMaxRequests = 2;  // measured: at 4 the cuBLAS path is faster (H200)
 constexpr int kSmallRank = 256;          // 32 lanes × 8 elements: one 16-byte load per lane per W2 row
 constexpr int kSmallRows = 8;            // W2 rows per warp batch (8 loads in flight per lane)
-// Resident blocks per SM: 64 registers a thread for one request, 128 for two (no spills).
-constexpr int small_blocks_per_sm(int capacity) { return capacity == 1 ? 4 : 2; }
+// Batches of W2 rows in flight per warp: with one request two (the next batch's loads fly during
+// this one's dot products too; 115 registers, so two blocks per SM: R = 1 measured 3-5 % faster
+// than one batch at four blocks per SM); two requests need those registers for the second one.
+constexpr int small_depth(int capacity) { return capacity == 1 ? 2 : 1; }
+constexpr int kSmallStepBlocksPerSm = 2;
+// The bias-only kernel keeps one batch in flight: 64 registers a thread for one request, 128 for two.
+constexpr int small_bias_blocks_per_sm(int capacity) { return capacity == 1 ? 4 : 2; }
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float out[8]) {
@@ -357,7 +363,7 @@ __device__ __forceinline__ Partial load_partial_cg(const Partial* p) {  // anoth
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
 // of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
 template <typename WT, typename UT, int NR>
-__global__ void __launch_bounds__(kThreads, small_blocks_per_sm(NR))
+__global__ void __launch_bounds__(kThreads, kSmallStepBlocksPerSm)
 small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
                   const UT* __restrict__ U, const float* __restrict__ temperature,
                   const int64_t* __restrict__ seeds, float* __restrict__ bias_out, Partial* __restrict__ partials,
@@ -378,14 +384,17 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   const int batches = (V + kSmallRows - 1) / kSmallRows, stride = gridDim.x * (kThreads / 32);
   const int row_in_batch = (lane >> 2) & 7;
   int b = blockIdx.x * (kThreads / 32) + warp;
-  uint4 raw[kSmallRows];
-  float u_next = 0.f;  // U at this lane's row of the batch in raw
-  const auto request = [&](int batch) {
-    load_rows(w2, batch * kSmallRows, V, raw);
+  constexpr int kSmallDepth = small_depth(NR);
+  uint4 raw[kSmallDepth][kSmallRows];
+  float u_next[kSmallDepth] = {};  // U at this lane's row of the batch in raw[d]
+  const auto request = [&](int batch, int d) {
+    load_rows(w2, batch * kSmallRows, V, raw[d]);
     const int v = batch * kSmallRows + row_in_batch;
-    u_next = active && v < V ? to_float(u_row[v]) : 0.f;
+    u_next[d] = active && v < V ? to_float(u_row[v]) : 0.f;
   };
-  if (b < batches) request(b);
+#pragma unroll
+  for (int d = 0; d < kSmallDepth; ++d)
+    if (b + d * stride < batches) request(b + d * stride, d);
   wait_previous_kernel();  // prev_emb[:, k] is the previous step's output
   uint4 h[NR];
   load_h<WT, NR>(prev_emb + static_cast<int64_t>(k) * kSmallRank, ld_emb, R, h);
@@ -400,21 +409,26 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   // on a quarter of them. With more, lane & 3 is the request and each batch gets its epilogue.
   int held = 0, kept_v = V;
   float kept_u = 0.f, kept_bias = 0.f;
-  for (; b < batches; b += stride) {
-    const int v = b * kSmallRows + row_in_batch;
-    const float bias = rows_bias<WT, NR>(raw, h);
-    const float u = u_next;
-    const bool more = b + stride < batches;
-    if (more) request(b + stride);  // the next batch's loads fly during this epilogue
-    if constexpr (NR == 1) {
-      if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
-      if (++held == 4 || !more) {
-        if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
-        held = 0;
-        kept_v = V;
+  for (; b < batches; b += kSmallDepth * stride) {
+#pragma unroll
+    for (int d = 0; d < kSmallDepth; ++d) {
+      const int bd = b + d * stride;
+      if (bd >= batches) break;
+      const int v = bd * kSmallRows + row_in_batch;
+      const float bias = rows_bias<WT, NR>(raw[d], h);
+      const float u = u_next[d];
+      const bool more = bd + stride < batches;
+      if (bd + kSmallDepth * stride < batches) request(bd + kSmallDepth * stride, d);  // in flight meanwhile
+      if constexpr (NR == 1) {
+        if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
+        if (++held == 4 || !more) {
+          if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
+          held = 0;
+          kept_v = V;
+        }
+      } else {
+        if (active && v < V) epilogue(u, bias, v);
       }
-    } else {
-      if (active && v < V) epilogue(u, bias, v);
     }
   }
 
@@ -457,7 +471,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
 
 // bias[R, V] with rows_bias: rejection's rebuilt q rows at R <= 2, bit-identical to the chain's.
 template <typename WT, int NR>
-__global__ void __launch_bounds__(kThreads, small_blocks_per_sm(NR))
+__global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
 small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V,
                   float* __restrict__ bias_out) {
   const int lane = threadIdx.x % 32;
@@ -510,10 +524,10 @@ bool small_batch_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
          aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
 }
 
-int small_batch_blocks(int V, int capacity) {
+int small_batch_blocks(int V, int blocks_per_sm) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int warps_needed = (V + kSmallRows - 1) / kSmallRows;
-  return std::max(1, std::min(sms * small_blocks_per_sm(capacity), (warps_needed + kThreads / 32 - 1) / (kThreads / 32)));
+  return std::max(1, std::min(sms * blocks_per_sm, (warps_needed + kThreads / 32 - 1) / (kThreads / 32)));
 }
 
 // Calls f with R (1 or 2) as a compile-time constant: the kernels' request capacity.
@@ -550,7 +564,7 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
     AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_bias", [&] {
       using WT = device_t<scalar_t>;
       with_small_capacity(R, [&](auto capacity) {
-        small_bias_kernel<WT, decltype(capacity)::value><<<small_batch_blocks(V, capacity), kThreads, 0,
+        small_bias_kernel<WT, decltype(capacity)::value><<<small_batch_blocks(V, small_bias_blocks_per_sm(capacity)), kThreads, 0,
                                                            at::cuda::getCurrentCUDAStream()>>>(
             reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V,
             bias.data_ptr<float>());
@@ -602,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
   const bool small = small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  const int small_blocks = small ? small_batch_blocks(V, R) : 0;
+  const int small_blocks = small ? small_batch_blocks(V, kSmallStepBlocksPerSm) : 0;
   auto small_parts = at::empty({small ? static_cast<int64_t>(R) * small_blocks * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
   auto done = at::zeros({small ? gamma : 0}, U.options().dtype(at::kInt));  // finished blocks per step
