@@ -9,10 +9,11 @@
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
-// stream W2 rows (at R = 1 two batches of 8 in flight per warp), sum their dot products with a transposed warp reduction, run step 2 on the fresh
-// bias, and the last block to finish does step 3 (no GEMM launch, no fp32 bias round trip, no reduce
-// launch). On sm_90 each step is launched as a programmatic dependent of the previous one, so its
-// first W2 loads overlap the previous step's last block.
+// stream W2 rows (at R = 1 two batches of 8 in flight per warp), sum their dot products with a
+// transposed warp reduction, run step 2 on the fresh bias, and the last block to finish does step 3
+// (no GEMM launch, no fp32 bias round trip, no reduce launch). On sm_90 each step is launched as a
+// programmatic dependent of the previous one, so its first W2 loads overlap the previous step's
+// last block.
 // Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
 // tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
 // through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
