@@ -25,6 +25,9 @@ __device__ __forceinline__ float exp_ftz(float x) {
   return y;
 }
 
+// x = s / T as the reference computes it, without the division at T = 1 (where it is s).
+__device__ __forceinline__ float over_temperature(float s, float scale) { return scale == 1.f ? s : s / scale; }
+
 // Max over the warp, every lane calling.
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll

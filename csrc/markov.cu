@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
       const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
-      visit_entry(p, (to_float(u_row[v]) + b_row[v]) / scale, v, greedy, word);
+      visit_entry(p, over_temperature(to_float(u_row[v]) + b_row[v], scale), v, greedy, word);
     }
   }
   p = block_combine(p);
@@ -403,7 +403,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   const auto epilogue = [&](float u, float bias, int v) {  // step 2 for one (request, row)
     if (bias_out != nullptr) bias_out[static_cast<int64_t>(r) * V + v] = bias;
     const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
-    visit_entry(p, (u + bias) / scale, v, greedy, word);
+    visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
   };
   // With one request all four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of
   // every four the warp streams: the epilogue runs once per 32 rows on every lane, not per 8 rows

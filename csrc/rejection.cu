@@ -196,7 +196,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
     load_quad<kVec>(b_row, v4, end, b);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (v4 + i < end) add_to_stats(s, scale == 1.f ? u[i] + b[i] : (u[i] + b[i]) / scale, v4 + i);  // x / 1 == x
+      if (v4 + i < end) add_to_stats(s, over_temperature(u[i] + b[i], scale), v4 + i);
     }
   }
   s = block_reduce(warp_merge(s), [](Stats v) { return warp_merge(v); }, Stats{-INFINITY, 0.f, 0x7fffffff});
@@ -264,7 +264,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   // and its logarithm and divisions are skipped; the kept ones are computed exactly as before.
   for (int base = start; base < end; base += 4 * blockDim.x) {  // one Philox call per 4 ids
     const int v4 = base + 4 * threadIdx.x;
-    const float best_p = warp_max(acc.p.key), best_res = warp_max(acc.res.key);
+    const float best_p = warp_max(acc.p.key), best_res = rejected ? warp_max(acc.res.key) : -INFINITY;
     if (v4 >= end) continue;
     float p[4], q[4];
     load_quad<kVec>(p_row, v4, end, p);
@@ -274,7 +274,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
       load_quad<kVec>(u_row, v4, end, u);
       load_quad<kVec>(b_row, v4, end, b);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = expf((scale == 1.f ? u[i] + b[i] : (u[i] + b[i]) / scale) - row.max) / row.sum;
+      for (int i = 0; i < 4; ++i) q[i] = expf(over_temperature(u[i] + b[i], scale) - row.max) / row.sum;
     }
     const uint4 words = counter_words(seed, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
 #pragma unroll

@@ -196,7 +196,7 @@ def compare_rejection(case: RejectionCase) -> dict:
     return res
 
 
-SELF_TEST_CASES = [  # R = 1: the small-batch step kernel; R = 16, 13: cuBLAS GEMM + split pass
+SELF_TEST_CASES = [  # R = 1: the small-batch step; R = 16, 13, 37: cuBLAS GEMM + split pass (37: rows at T = 1)
     MarkovCase(1, 7, 151936, 256),
     MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),
     MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),

@@ -101,7 +101,6 @@ class STSCalibration:
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:
     """ECE with equal-width bins: Σ_b (n_b/N)·|mean(prob_b) − mean(label_b)|."""
     idx = torch.clamp((prob * bins).long(), max=bins - 1)
-    count = torch.zeros(bins).index_add_(0, idx, torch.ones_like(prob))
     p_sum = torch.zeros(bins).index_add_(0, idx, prob)
     y_sum = torch.zeros(bins).index_add_(0, idx, label)
     return (p_sum - y_sum).abs().sum() / prob.numel()
