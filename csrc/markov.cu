@@ -101,10 +101,12 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
 // Eight consecutive vocab entries v .. v+7 at once: independent exps, logs and noise (short
 // dependency chains), then one merge into the running partial. The outer log of the race key is
 // __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
-// Sampled rows skip both logarithms when no entry can beat `reached`, a key already reached in the
-// row: entry i can only if E_i < exp(x_i - reached), and E_i >= 1 - u_i (word_gap), so the screen
-// d_i < e_i·exp(m - reached) (loosened by 1e-3, far above the approximate exps' error) keeps every
-// entry that could. Entries that cannot win the row are all it drops: the row's winner is the same.
+// Sampled rows skip an entry's logarithms when it cannot beat `reached`, a key already reached in
+// the row: it can only if E_i < exp(x_i - reached) = e_i·exp(m - reached), and E_i >= 1 - u_i =
+// (2 - 2^-24) - f_i (word_one_plus), so f_i + e_i·t < 2 - 2^-24 with t = exp(m - reached)·1.001
+// (loosened far beyond the approximate exps' error) is necessary. fl(f_i + e_i·t) < 2 is implied
+// by it: below 2 the fma's rounding is at most 2^-24. Entries that cannot win the row are all
+// it drops, each on its own (logs run only where a lane's entry passes): the winner is unchanged.
 template <bool kSampled>
 __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, const uint4 words[2], float reached) {
   float m = x[0];
@@ -116,13 +118,11 @@ __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, cons
   Partial c{m, ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])), -INFINITY, -INFINITY, 0x7fffffff};
   if constexpr (kSampled) {
     const float t = exp_ftz(m - reached) * 1.001f;  // inf while reached = -inf: every entry passes
-    bool may_win = false;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) may_win |= !(word_gap(word_at(words[i / 4], i % 4)) >= e[i] * t);  // NaN passes
-    if (may_win) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float key = x[i] - __logf(-logf(word_uniform(word_at(words[i / 4], i % 4))));
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t w = word_at(words[i / 4], i % 4);
+      if (!(fmaf(e[i], t, word_one_plus(w)) < 2.f)) {  // NaN passes
+        const float key = x[i] - __logf(-logf(word_uniform(w)));
         if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
           c.key = key;
           c.x = x[i];
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   const float T = temperature[r];
   const bool greedy = T < kGreedyBelow;
   const float scale = greedy ? 1.f : T;
-  const int64_t seed = seeds[r];
+  const PhiloxKey key = philox_key(seeds[r]);
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
 
@@ -186,8 +186,8 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
         load_vec<8>(b_row + v, b);
         uint4 w[2] = {};
         if constexpr (decltype(sampled)::value) {
-          w[0] = counter_words(seed, kStreamDraft, k, v >> 2);
-          w[1] = counter_words(seed, kStreamDraft, k, (v >> 2) + 1);
+          w[0] = counter_words(key, kStreamDraft, k, v >> 2);
+          w[1] = counter_words(key, kStreamDraft, k, (v >> 2) + 1);
         }
         float x[8];
 #pragma unroll
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
     else rounds(std::true_type{}, std::false_type{});
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-      const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
+      const uint32_t word = greedy ? 0u : word_at(counter_words(key, kStreamDraft, k, v >> 2), v & 3);
       visit_entry(p, over_temperature(to_float(u_row[v]) + b_row[v], scale), v, greedy, word);
     }
   }

@@ -6,28 +6,45 @@
 
 namespace dspark {
 
-__device__ __forceinline__ uint4 philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
+// The ten round keys of a seed: kernels drawing many counters under one seed compute them once.
+struct PhiloxKey {
+  uint32_t k0[10], k1[10];
+};
+
+__device__ __forceinline__ PhiloxKey philox_key(int64_t seed) {
+  PhiloxKey key;
+  key.k0[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffull);
+  key.k1[0] = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+#pragma unroll
+  for (int i = 1; i < 10; ++i) {
+    key.k0[i] = key.k0[i - 1] + 0x9E3779B9u;
+    key.k1[i] = key.k1[i - 1] + 0xBB67AE85u;
+  }
+  return key;
+}
+
+__device__ __forceinline__ uint4 philox4x32_10(const PhiloxKey& key, uint32_t c0, uint32_t c1) {
   uint32_t x0 = c0, x1 = c1, x2 = 0u, x3 = 0u;
 #pragma unroll
   for (int i = 0; i < 10; ++i) {
     const uint32_t hi0 = __umulhi(0xD2511F53u, x0), lo0 = 0xD2511F53u * x0;
     const uint32_t hi1 = __umulhi(0xCD9E8D57u, x2), lo1 = 0xCD9E8D57u * x2;
-    x0 = hi1 ^ x1 ^ k0;
+    x0 = hi1 ^ x1 ^ key.k0[i];
     x1 = lo1;
-    x2 = hi0 ^ x3 ^ k1;
+    x2 = hi0 ^ x3 ^ key.k1[i];
     x3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   return make_uint4(x0, x1, x2, x3);
 }
 
 // The four words for vocab ids 4·block .. 4·block + 3 of (seed, stream, position).
-__device__ __forceinline__ uint4 counter_words(int64_t seed, int stream, int position, uint32_t block) {
-  const uint32_t k0 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffull);
-  const uint32_t k1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+__device__ __forceinline__ uint4 counter_words(const PhiloxKey& key, int stream, int position, uint32_t block) {
   const uint32_t c1 = (static_cast<uint32_t>(stream) << 16) | (static_cast<uint32_t>(position) & 0xffffu);
-  return philox4x32_10(k0, k1, block, c1);
+  return philox4x32_10(key, block, c1);
+}
+
+__device__ __forceinline__ uint4 counter_words(int64_t seed, int stream, int position, uint32_t block) {
+  return counter_words(philox_key(seed), stream, position, block);
 }
 
 __device__ __forceinline__ uint32_t word_at(const uint4& w, int i) {
@@ -39,12 +56,10 @@ __device__ __forceinline__ float word_uniform(uint32_t word) {
   return (static_cast<float>(word >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// 1 - u for the same word, exactly: u = k·2^-24 with k = 2·(word >> 9) + 1 odd, so 1 - u =
-// (2^24 - k)·2^-24, an integer below 2^24 times a power of two. Since -log u >= 1 - u, it bounds
-// the exponential E = -log u from below without a logarithm (the races' screens).
-__device__ __forceinline__ float word_gap(uint32_t word) {
-  return static_cast<float>(0x1000000u - ((word >> 8) | 1u)) * 5.9604644775390625e-08f;
-}
+// f = 1 + (word >> 9)·2^-23 exactly, one integer add: word_uniform's u is f - 1 + 2^-24, so
+// 1 - u = (2 - 2^-24) - f. Since -log u >= 1 - u, the races' screens bound the exponential
+// E = -log u from below through f, without a logarithm or an int-to-float conversion.
+__device__ __forceinline__ float word_one_plus(uint32_t word) { return __uint_as_float(0x3f800000u + (word >> 9)); }
 
 __device__ __forceinline__ float counter_uniform(int64_t seed, int stream, int position, uint32_t index) {
   return word_uniform(word_at(counter_words(seed, stream, position, index >> 2), index & 3));

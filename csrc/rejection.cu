@@ -194,9 +194,19 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
     float u[4], b[4];
     load_quad<kVec>(u_row, v4, end, u);
     load_quad<kVec>(b_row, v4, end, b);
+    if (kVec) {  // four at once: their max, independent exps, one merge (short dependency chains)
+      float x[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (v4 + i < end) add_to_stats(s, over_temperature(u[i] + b[i], scale), v4 + i);
+      for (int i = 0; i < 4; ++i) x[i] = over_temperature(u[i] + b[i], scale);
+      const float m = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+      const int first = x[0] == m ? 0 : x[1] == m ? 1 : x[2] == m ? 2 : 3;  // ties: lowest index
+      s = merge(s, Stats{m, (exp_ftz(x[0] - m) + exp_ftz(x[1] - m)) + (exp_ftz(x[2] - m) + exp_ftz(x[3] - m)),
+                         v4 + first});
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (v4 + i < end) add_to_stats(s, over_temperature(u[i] + b[i], scale), v4 + i);
+      }
     }
   }
   s = block_reduce(warp_merge(s), [](Stats v) { return warp_merge(v); }, Stats{-INFINITY, 0.f, 0x7fffffff});
@@ -237,7 +247,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   const bool rejected = state[2 * r + 1];
   const int pos = min(n, gamma - 1);
   const float* p_row = target + (row_start[r] + n) * V;
-  const int64_t seed = seeds[r];
+  const PhiloxKey key = philox_key(seeds[r]);
 
   // Rebuilt q: q_v = exp(x_v - max) / sum, or one-hot at the argmax for a greedy temperature.
   __shared__ Stats row;
@@ -259,9 +269,10 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
   // Every lane runs every round: the screen reads the warp's best keys. An entry's key a_v / E_v
-  // (a = p or the residual) can reach best only if a_v >= best·E_v >= best·(1 - u_v) (word_gap),
-  // so below best·(1 - u_v)·0.999 (far outside logf's and the division's rounding) it cannot win
-  // and its logarithm and divisions are skipped; the kept ones are computed exactly as before.
+  // (a = p or the residual) can reach best only if a_v >= best·E_v >= best·(1 - u_v), so below
+  // best·g_v·0.999 with g_v = (2 - 2^-23) - f_v = 1 - u_v - 2^-24 (word_one_plus; the subtraction
+  // is exact) it cannot win (the 0.999 is far outside logf's and the division's rounding) and its
+  // logarithm and divisions are skipped; the kept ones are computed exactly as before.
   for (int base = start; base < end; base += 4 * blockDim.x) {  // one Philox call per 4 ids
     const int v4 = base + 4 * threadIdx.x;
     const float best_p = warp_max(acc.p.key), best_res = rejected ? warp_max(acc.res.key) : -INFINITY;
@@ -276,7 +287,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
 #pragma unroll
       for (int i = 0; i < 4; ++i) q[i] = expf(over_temperature(u[i] + b[i], scale) - row.max) / row.sum;
     }
-    const uint4 words = counter_words(seed, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
+    const uint4 words = counter_words(key, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int v = v4 + i;
@@ -287,7 +298,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
         res = fmaxf(p[i] - q[i], 0.f);
         acc.mass += res;
       }
-      const float gap = word_gap(word_at(words, i)) * 0.999f;
+      const float gap = (0x1.fffffep0f - word_one_plus(word_at(words, i))) * 0.999f;
       const bool may_p = !(p[i] < best_p * gap), may_res = rejected && !(res < best_res * gap);
       if (may_p || may_res) {
         const float E = -logf(word_uniform(word_at(words, i)));

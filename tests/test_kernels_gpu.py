@@ -53,6 +53,8 @@ CASES = [
     # thread, so the sampled race's screen skips most logarithms
     MarkovCase(128, 3, 151936, 256, greedy_every=7, t_one_every=2, seed=22),
     MarkovCase(40, 2, 50000, 256, torch.float16, torch.float32, t_one_every=3, return_q=False, seed=23),
+    MarkovCase(29, 3, 151936, 256, torch.bfloat16, torch.float16, greedy_every=3, t_one_every=2, seed=26),
+    MarkovCase(50, 2, 32003, 256, return_q=False, greedy_every=4, seed=27),
 ]
 
 
@@ -71,6 +73,20 @@ def test_markov_chain_small_batches_other_paths(case, env, monkeypatch):
     monkeypatch.setenv(name, value)
     res = compare_markov(case)
     assert res["ok"], res
+
+
+@pytest.mark.parametrize("R", [48, 1])  # cuBLAS + split pass; small-batch step (cuBLAS too under "gemm")
+@pytest.mark.parametrize("path", ["default", "gemm"])
+def test_markov_chain_q_rows_hold_the_probability_it_sampled_with(R, path, monkeypatch):
+    """The stored q row (built from the bias the step wrote out, the bits rejection rebuilds) gives
+    the drafted token exactly the q_k(x_k) the step reported."""
+    from dspark_cli.runtime import markov_chain
+
+    if path == "gemm":
+        monkeypatch.setenv("DSPARK_MARKOV_PATH", "gemm")
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 4, 151936, 256, t_one_every=2, seed=28))
+    out = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True)
+    assert torch.equal(out.q.gather(-1, out.tokens.unsqueeze(-1)).squeeze(-1), out.q_token)
 
 
 def test_markov_chain_with_misaligned_U_takes_the_scalar_split_pass():
