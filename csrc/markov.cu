@@ -143,6 +143,22 @@ __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, cons
   p = combine(p, c);
 }
 
+// The race key of the largest x of eight (the lowest index on ties), as a partial with no sum: a key
+// really reached in the row, so that a slice's first round has one to screen against and runs
+// one logarithm per lane instead of eight. visit8 recomputes it bit for bit if the entry passes.
+__device__ __forceinline__ Partial pilot8(const float x[8], int v, const uint4 words[2]) {
+  int j = 0;
+#pragma unroll
+  for (int i = 1; i < 8; ++i)
+    if (x[i] > x[j]) j = i;
+  float xj = x[0];
+  uint32_t wj = words[0].x;
+#pragma unroll
+  for (int i = 1; i < 8; ++i)
+    if (i == j) xj = x[i], wj = word_at(words[i / 4], i % 4);
+  return {-INFINITY, 0.f, xj - __logf(-logf(word_uniform(wj))), xj, v + j};
+}
+
 // Block-wide combine; thread 0 gets the result.
 __device__ __forceinline__ Partial block_combine(Partial p) {
   __shared__ Partial warp_partials[kThreads / 32];
@@ -179,20 +195,29 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
     const auto rounds = [&](auto sampled, auto unit_scale) {
       for (int base = start; base < end; base += 8 * blockDim.x) {
         const int v = base + 8 * threadIdx.x;
-        const float reached = decltype(sampled)::value ? warp_max(p.key) : -INFINITY;
-        if (v >= end) continue;
-        float u[8], b[8];
-        load_vec<8>(u_row + v, u);
-        load_vec<8>(b_row + v, b);
-        uint4 w[2] = {};
-        if constexpr (decltype(sampled)::value) {
-          w[0] = counter_words(key, kStreamDraft, k, v >> 2);
-          w[1] = counter_words(key, kStreamDraft, k, (v >> 2) + 1);
-        }
+        const bool active = v < end;
         float x[8];
+        uint4 w[2] = {};
+        if (active) {
+          float u[8], b[8];
+          load_vec<8>(u_row + v, u);
+          load_vec<8>(b_row + v, b);
+          if constexpr (decltype(sampled)::value) {
+            w[0] = counter_words(key, kStreamDraft, k, v >> 2);
+            w[1] = counter_words(key, kStreamDraft, k, (v >> 2) + 1);
+          }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) x[i] = decltype(unit_scale)::value ? u[i] + b[i] : (u[i] + b[i]) / scale;
-        visit8<decltype(sampled)::value>(p, x, v, w, reached);
+          for (int i = 0; i < 8; ++i) x[i] = decltype(unit_scale)::value ? u[i] + b[i] : (u[i] + b[i]) / scale;
+        }
+        float reached = -INFINITY;
+        if constexpr (decltype(sampled)::value) {
+          if (base == start && active) {
+            const Partial pilot = pilot8(x, v, w);
+            if (pilot.key > -INFINITY) p = pilot;  // not a NaN row's key, which no later key could beat
+          }
+          reached = warp_max(p.key);
+        }
+        if (active) visit8<decltype(sampled)::value>(p, x, v, w, reached);
       }
     };
     if (greedy) rounds(std::false_type{}, std::true_type{});
