@@ -8,6 +8,8 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
 //      W1 gather of the new token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
+// On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
+// predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
 // stream W2 rows (at R = 1 two batches of 8 in flight per warp), sum their dot products with a
 // transposed warp reduction, run step 2 on the fresh bias, and the last block to finish does step 3
@@ -17,8 +19,10 @@
 // Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
 // tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
 // through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
-// per-lane cp.async rings (wip/mma-mid-batch-step); an earlier GEMV step for R <= 4 with a
-// 40-shuffle reduction and a reduce launch (wip/gemv-markov-step); the small-batch step at R = 3, 4.
+// per-lane cp.async rings (wip/mma-mid-batch-step) or, for 3 <= R <= 128, a producer warp feeding
+// an mbarrier ring and eight mma warps running the split pass on their accumulators
+// (wip/fused-mma-step); an earlier GEMV step for R <= 4 with a 40-shuffle reduction and a reduce
+// launch (wip/gemv-markov-step); the small-batch step at R = 3, 4.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -174,11 +178,26 @@ __device__ __forceinline__ Partial block_combine(Partial p) {
   return p;
 }
 
+// Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait
+// for the previous kernel's results (and memory) before reading them.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Step 2: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
 __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
                                   Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
+  wait_previous_kernel();  // launched programmatically after the bias GEMM
+  allow_next_kernel();
   const int r = blockIdx.y;
   const int start = blockIdx.x * slice;
   const int end = min(V, start + slice);
@@ -251,6 +270,7 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
                               const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
                               float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
                               int k, int gamma) {
+  wait_previous_kernel();  // launched programmatically after the split pass
   const int r = blockIdx.x;
   __shared__ int token_s;
   Partial p = empty_partial();
@@ -366,19 +386,6 @@ __device__ __forceinline__ void load_h(const WT* __restrict__ h, int64_t ldh, in
 #pragma unroll
   for (int r = 0; r < NR; ++r)
     out[r] = r < R ? *(reinterpret_cast<const uint4*>(h + r * ldh) + lane) : make_uint4(0, 0, 0, 0);
-}
-
-// Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait
-// for the previous kernel's results (and memory) before reading them.
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ Partial load_partial_cg(const Partial* p) {  // another block's write: skip L1
@@ -563,16 +570,17 @@ void with_small_capacity(int R, F&& f) {
   else f(std::integral_constant<int, 2>{});
 }
 
-// Each small-batch step may start while the previous kernel drains (programmatic dependent launch,
-// sm_90+; the kernel waits before reading the previous step's output). DSPARK_PDL=0 turns it off.
+// A kernel launched this way may start while the previous kernel drains (programmatic dependent
+// launch, sm_90+): it waits (wait_previous_kernel) before reading the previous kernel's output. The
+// small-batch steps, the split pass and the reduce go this way; DSPARK_PDL=0 turns it off.
 template <typename... Params, typename... Args>
-void launch_step(void (*kernel)(Params...), int blocks, cudaStream_t stream, Args... args) {
+void launch_programmatic(void (*kernel)(Params...), dim3 blocks, cudaStream_t stream, Args... args) {
   const char* off = std::getenv("DSPARK_PDL");
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
+  config.gridDim = blocks;
   config.blockDim = dim3(kThreads);
   config.stream = stream;
   config.attrs = &attr;
@@ -666,7 +674,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
         if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
           if (small) {
             with_small_capacity(R, [&](auto capacity) {
-              launch_step(small_step_kernel<WT, UT, decltype(capacity)::value>, small_blocks, stream,
+              launch_programmatic(small_step_kernel<WT, UT, decltype(capacity)::value>, dim3(small_blocks), stream,
                           reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
                           return_q ? bias.data_ptr<float>() : nullptr,
                           reinterpret_cast<Partial*>(small_parts.data_ptr<uint8_t>()),
@@ -678,13 +686,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
         if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
           auto pass = vec ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
-          pass<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
-                                              gamma, V, slice);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          reduce_kernel<WT><<<R, kThreads, 0, stream>>>(parts, splits, tp, w1p, rank, tokens.data_ptr<int64_t>(),
-                                                        q_token.data_ptr<float>(), row_stats.data_ptr<float>(), embp,
-                                                        k, gamma);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_programmatic(pass, grid, stream, up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
+                              gamma, V, slice);
+          launch_programmatic(reduce_kernel<WT>, dim3(R), stream, parts, splits, tp, w1p, rank,
+                              tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), row_stats.data_ptr<float>(),
+                              embp, k, gamma);
         }
         if (return_q) {
           q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
