@@ -107,10 +107,10 @@ __device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool gre
 // __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
 // Sampled rows skip an entry's logarithms when it cannot beat `reached`, a key already reached in
 // the row: it can only if E_i < exp(x_i - reached) = e_i·exp(m - reached), and E_i >= 1 - u_i =
-// (2 - 2^-24) - f_i (word_one_plus), so f_i + e_i·t < 2 - 2^-24 with t = exp(m - reached)·1.001
-// (loosened far beyond the approximate exps' error) is necessary. fl(f_i + e_i·t) < 2 is implied
-// by it: below 2 the fma's rounding is at most 2^-24. Entries that cannot win the row are all
-// it drops, each on its own (logs run only where a lane's entry passes): the winner is unchanged.
+// (2 - 2^-24) - f_i (word_one_plus), so only if f_i + e_i·t > 2 - 2^-24, with t = exp(m - reached)
+// ·1.001 (loosened far beyond the approximate exps' error). An entry with fl(f_i + e_i·t) < 2
+// fails that, since below 2 the fma rounds by at most 2^-24, and is dropped. Entries that cannot
+// win the row are all it drops, each on its own (logs run only where a lane's entry passes).
 template <bool kSampled>
 __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, const uint4 words[2], float reached) {
   float m = x[0];
