@@ -170,9 +170,10 @@ def installed_distribution(engine) -> tuple[str, str] | None:
     return None
 
 
-def check_engine(engine) -> Check:
-    """Installed here (importlib.metadata), at which version, and with which of our patches (the marker)."""
-    installed = installed_distribution(engine)
+def check_engine(engine, installed: tuple[str, str] | None = None) -> Check:
+    """Installed here (importlib.metadata, or `installed` as installed_distribution gave it), at which
+    version, and with which of our patches (the marker)."""
+    installed = installed or installed_distribution(engine)
     name = f"engine {engine.name}"
     if not installed:
         return Check(name, OK, "not installed in this environment",
@@ -225,9 +226,8 @@ def _same_release(version: str, pin) -> bool:
         return False
 
 
-def check_engine_torch(engine, torch: cuda_env.TorchInfo) -> list[Check]:
+def check_engine_torch(engine, installed: tuple[str, str] | None, torch: cuda_env.TorchInfo) -> list[Check]:
     """An installed engine's pin asks for a torch range; say so when this torch falls outside."""
-    installed = installed_distribution(engine)
     if not installed or not torch.version:
         return []
     dist, version = installed
@@ -252,6 +252,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
         return checks + [Check("compat.yaml", FAIL, str(exc),
                                "fix the file (dspark compat names the key), or point DSPARK_COMPAT at a valid one")]
     for engine in engines:
-        checks.append(check_engine(engine))
-        checks += check_engine_torch(engine, torch)
+        installed = installed_distribution(engine)
+        checks.append(check_engine(engine, installed))
+        checks += check_engine_torch(engine, installed, torch)
     return checks

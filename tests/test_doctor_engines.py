@@ -129,7 +129,7 @@ def test_stand_in_engine_next_to_a_torch_outside_its_pin(tmp_path, monkeypatch):
                            marker_text("vllm/v0.33.0", read_series(REPO / "patches/vllm/v0.33.0")))
     assert doctor.check_engine(engine).status == "ok"
     pinned = engine.pins["v0.33.0"].torch
-    found = doctor.check_engine_torch(engine, doctor.cuda_env.torch_info())
+    found = doctor.check_engine_torch(engine, doctor.installed_distribution(engine), doctor.cuda_env.torch_info())
     in_range = doctor.SpecifierSet(pinned).contains(torch.__version__.split("+")[0], prereleases=True)
     if in_range:
         assert found == []
