@@ -152,14 +152,11 @@ __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, cons
 // one logarithm per lane instead of eight. visit8 recomputes it bit for bit if the entry passes.
 __device__ __forceinline__ Partial pilot8(const float x[8], int v, const uint4 words[2]) {
   int j = 0;
-#pragma unroll
-  for (int i = 1; i < 8; ++i)
-    if (x[i] > x[j]) j = i;
   float xj = x[0];
   uint32_t wj = words[0].x;
 #pragma unroll
   for (int i = 1; i < 8; ++i)
-    if (i == j) xj = x[i], wj = word_at(words[i / 4], i % 4);
+    if (x[i] > xj) j = i, xj = x[i], wj = word_at(words[i / 4], i % 4);
   return {-INFINITY, 0.f, xj - __logf(-logf(word_uniform(wj))), xj, v + j};
 }
 
