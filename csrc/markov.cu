@@ -16,6 +16,11 @@
 // (no GEMM launch, no fp32 bias round trip, no reduce launch). On sm_90 each step is launched as a
 // programmatic dependent of the previous one, so its first W2 loads overlap the previous step's
 // last block.
+// With q not returned (the production path: rejection rebuilds the one row it needs) a small
+// batch runs all γ steps in one cooperative launch instead: one block per SM keeps its first W2
+// batches in shared memory from step 0 on, so later steps stream about 61 % of W2 (Qwen3-4B on the
+// H200), and the blocks meet at a grid barrier between steps (measured: L2 prefetches and
+// evict_last hints for the streamed rows gained nothing).
 // Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
 // tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
 // through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
@@ -499,6 +504,169 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Small batches, all γ steps in one cooperative launch (q lazy). One block per SM owns a contiguous
+// range of W2 row batches and keeps the first `resident` of them in shared memory from step 0 on
+// (about 39 % of W2 at Qwen3-4B sizes on the H200), so steps 1 .. γ-1 stream only the rest from
+// HBM. Between steps the blocks meet at a grid barrier; every block merges the step's partials
+// itself (the token is the same in all of them: the key order is total) and reads W1[x_k] for the
+// next step, while its first W2 loads of that step are already in flight. Bias, noise, keys and
+// tokens are computed exactly as in small_step_kernel (the same rows_bias batches and epilogue).
+constexpr int kChainThreads = 512;
+constexpr int kChainWarps = kChainThreads / 32;
+constexpr int kBatchBytes = kSmallRows * kSmallRank * 2;  // one batch of 16-bit W2 rows: 4 KB
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// The grid barrier of step k: every block's writes before it are visible to every block after it.
+// `arrived` is zeroed per launch and only grows, so step k waits for (k + 1) · gridDim.x arrivals.
+__device__ __forceinline__ void grid_barrier(unsigned* arrived, int k) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(arrived, 1u);
+    const unsigned target = static_cast<unsigned>(k + 1) * gridDim.x;
+    while (load_acquire(arrived) < target) __nanosleep(20);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Grid: one block per SM (all co-resident: cooperative launch), block b owning batches
+// [b·per_block, (b+1)·per_block) of ceil(V / 8); partials [γ][R][gridDim.x]; `arrived` zeroed.
+template <typename WT, typename UT, int NR>
+__global__ void __launch_bounds__(kChainThreads, 1)
+small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
+                   const UT* __restrict__ U, const float* __restrict__ temperature,
+                   const int64_t* __restrict__ seeds, Partial* __restrict__ partials, unsigned* __restrict__ arrived,
+                   int64_t* __restrict__ tokens, float* __restrict__ q_token, float* __restrict__ row_stats, int R,
+                   int gamma, int V, int per_block, int resident) {
+  extern __shared__ uint4 resident_rows[];  // [resident batch][row of 8][lane]
+  __shared__ Partial warp_parts[kChainWarps][kSmallMaxRequests];
+  __shared__ int token_s[kSmallMaxRequests];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int r = NR == 1 ? 0 : lane & 3;  // this lane's request in the epilogue
+  const bool active = r < R;
+  const float T = active ? temperature[r] : 1.f;
+  const bool greedy = T < kGreedyBelow;
+  const float scale = greedy ? 1.f : T;
+  const int64_t seed = active ? seeds[r] : 0;
+  const int row_in_batch = (lane >> 2) & 7;
+
+  // This warp's batches (local index j ≡ warp mod kChainWarps): the streamed ones (j >= resident)
+  // first, so the loads issued before a barrier are the slow ones, then the resident ones.
+  const int first = blockIdx.x * per_block;
+  const int count = max(0, min(per_block, (V + kSmallRows - 1) / kSmallRows - first));
+  const int res = min(resident, count);
+  const int s0 = res + ((warp - res) % kChainWarps + kChainWarps) % kChainWarps;
+  const int n_streamed = s0 < count ? (count - s0 + kChainWarps - 1) / kChainWarps : 0;
+  const int n_total = n_streamed + (warp < res ? (res - warp + kChainWarps - 1) / kChainWarps : 0);
+  const auto local = [&](int n) { return n < n_streamed ? s0 + n * kChainWarps : warp + (n - n_streamed) * kChainWarps; };
+
+  constexpr int kDepth = small_depth(NR);
+  uint4 raw[kDepth][kSmallRows];
+  float u_next[kDepth] = {};
+  const auto request = [&](int n, int d, int k) {  // batch n of this warp's list, step k, into slot d
+    const int j = local(n);
+    if (k > 0 && j < res) {
+#pragma unroll
+      for (int i = 0; i < kSmallRows; ++i) raw[d][i] = resident_rows[(j * kSmallRows + i) * 32 + lane];
+    } else {
+      load_rows(w2, (first + j) * kSmallRows, V, raw[d]);
+    }
+    const int v = (first + j) * kSmallRows + row_in_batch;
+    u_next[d] = active && v < V ? to_float(U[(static_cast<int64_t>(r) * gamma + k) * V + v]) : 0.f;
+  };
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d)
+    if (d < n_total) request(d, d, 0);
+  uint4 h[NR];
+  load_h<WT, NR>(prev_emb, static_cast<int64_t>(gamma) * kSmallRank, R, h);  // W1[anchor]
+
+  for (int k = 0; k < gamma; ++k) {
+    Partial p = empty_partial();
+    const auto epilogue = [&](float u, float bias, int v) {
+      const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
+      visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
+    };
+    // As in small_step_kernel: with one request, lane (lane & 3) == held keeps batch `held` of each four.
+    int held = 0, kept_v = V;
+    float kept_u = 0.f, kept_bias = 0.f;
+    for (int n = 0; n < n_total; n += kDepth) {
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) {
+        const int nd = n + d;
+        if (nd >= n_total) break;
+        const int j = local(nd);
+        const int v = (first + j) * kSmallRows + row_in_batch;
+        const float bias = rows_bias<WT, NR>(raw[d], h);
+        if (k == 0 && j < res) {
+#pragma unroll
+          for (int i = 0; i < kSmallRows; ++i) resident_rows[(j * kSmallRows + i) * 32 + lane] = raw[d][i];
+        }
+        const float u = u_next[d];
+        // The next batch of this step into the slot, or (past the end) this warp's first batch of
+        // step k+1, so it is in flight across the barrier.
+        const int next = nd + kDepth;
+        if (next < n_total) request(next, d, k);
+        else if (k + 1 < gamma) request(d, d, k + 1);  // batch d: processed already (d <= nd)
+        if constexpr (NR == 1) {
+          if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
+          if (++held == 4 || nd + 1 == n_total) {
+            if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
+            held = 0;
+            kept_v = V;
+          }
+        } else {
+          if (active && v < V) epilogue(u, bias, v);
+        }
+      }
+    }
+
+    p = warp_combine(p, NR == 1 ? 1 : 4);
+    if (lane < NR) warp_parts[warp][lane] = p;
+    __syncthreads();
+    Partial* step_parts = partials + static_cast<int64_t>(k) * R * gridDim.x;
+    if (threadIdx.x < R) {
+      Partial q = empty_partial();
+      for (int w = 0; w < kChainWarps; ++w) q = combine(q, warp_parts[w][threadIdx.x]);
+      step_parts[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = q;
+    }
+    grid_barrier(arrived, k);
+    if (k + 1 == gamma && blockIdx.x != 0) return;  // block 0 writes the last token
+
+    // Every block merges the step (same order everywhere); block 0 writes its outputs.
+    if (warp == 0) {
+      for (int rr = 0; rr < R; ++rr) {
+        Partial q = empty_partial();
+        for (int i = lane; i < gridDim.x; i += 32)
+          q = combine(q, load_partial_cg(step_parts + static_cast<int64_t>(rr) * gridDim.x + i));
+        q = warp_combine(q);
+        if (lane == 0) {
+          token_s[rr] = q.idx;
+          if (blockIdx.x == 0) write_step(q, rr, k, gamma, temperature, tokens, q_token, row_stats);
+        }
+      }
+    }
+    __syncthreads();
+    if (k + 1 < gamma) {  // W1[x_k]: step k+1's bias here, and prev_emb for the confidence head
+#pragma unroll
+      for (int rr = 0; rr < NR; ++rr)
+        h[rr] = rr < R ? *(reinterpret_cast<const uint4*>(w1 + static_cast<int64_t>(token_s[rr]) * kSmallRank) + lane)
+                       : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int rr = 0; rr < NR; ++rr)
+        if (blockIdx.x == 0 && warp == rr && rr < R)
+          *(reinterpret_cast<uint4*>(prev_emb + (static_cast<int64_t>(rr) * gamma + k + 1) * kSmallRank) + lane) =
+              h[rr];
+    }
+  }
+}
+
 // bias[R, V] with rows_bias: rejection's rebuilt q rows at R <= 2, bit-identical to the chain's.
 template <typename WT, int NR>
 __global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
@@ -585,6 +753,42 @@ void launch_programmatic(void (*kernel)(Params...), dim3 blocks, cudaStream_t st
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
+// Launches small_chain_kernel (all γ steps at R <= 2, q lazy) with one block per SM and as many W2
+// batches resident in shared memory as fit; false (nothing launched) when a block cannot be
+// resident, and the per-step kernels run instead. partials: γ·R·(SM count) Partials; arrived: zeroed.
+template <typename WT, typename UT, int NR>
+bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, const float* temperature,
+                        const int64_t* seeds, Partial* partials, unsigned* arrived, int64_t* tokens, float* q_token,
+                        float* row_stats, int R, int gamma, int V, cudaStream_t stream) {
+  auto* kernel = small_chain_kernel<WT, UT, NR>;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  cudaFuncAttributes attrs{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  const int total = (V + kSmallRows - 1) / kSmallRows;
+  const int per_block = (total + props->multiProcessorCount - 1) / props->multiProcessorCount;
+  const int grid = (total + per_block - 1) / per_block;
+  const int fit = (static_cast<int>(props->sharedMemPerBlockOptin) - static_cast<int>(attrs.sharedSizeBytes)) / kBatchBytes;
+  const int resident = std::max(0, std::min(per_block, fit));
+  const size_t smem = static_cast<size_t>(resident) * kBatchBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads, smem));
+  if (per_sm < 1) return false;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeCooperative;  // every block resident at once: the grid barrier needs it
+  attr.val.cooperative = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kChainThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, w2, w1, prev_emb, U, temperature, seeds, partials, arrived,
+                                    tokens, q_token, row_stats, R, gamma, V, per_block, resident));
+  return true;
+}
+
 }  // namespace
 
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
@@ -651,6 +855,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto small_parts = at::empty({small ? static_cast<int64_t>(R) * small_blocks * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
   auto done = at::zeros({small ? gamma : 0}, U.options().dtype(at::kInt));  // finished blocks per step
+  // All steps in one cooperative launch at R <= 2 when q is not returned (DSPARK_MARKOV_PATH=step:
+  // one launch per step); its partials are per step, so no step overwrites one still being read.
+  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
+  bool chain = small && !return_q && !(forced && std::string(forced) == "step");
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
+                               U.options().dtype(at::kByte));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
     using WT = device_t<scalar_t>;
@@ -667,6 +878,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();
       const bool vec = V % 8 == 0 && reinterpret_cast<uintptr_t>(up) % 16 == 0;  // 16-byte loads of U rows
+      if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
+        if (chain) {
+          with_small_capacity(R, [&](auto capacity) {
+            chain = launch_small_chain<WT, UT, decltype(capacity)::value>(
+                reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
+                reinterpret_cast<Partial*>(chain_parts.data_ptr<uint8_t>()),
+                reinterpret_cast<unsigned*>(done.data_ptr<int>()), tokens.data_ptr<int64_t>(),
+                q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, gamma, V, stream);
+          });
+          if (chain) return;
+        }
+      }
       for (int k = 0; k < gamma; ++k) {
         if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
           if (small) {

@@ -55,6 +55,10 @@ CASES = [
     MarkovCase(40, 2, 50000, 256, torch.float16, torch.float32, t_one_every=3, return_q=False, seed=23),
     MarkovCase(29, 3, 151936, 256, torch.bfloat16, torch.float16, greedy_every=3, t_one_every=2, seed=26),
     MarkovCase(50, 2, 32003, 256, return_q=False, greedy_every=4, seed=27),
+    # q lazy at R <= 2: all steps in one cooperative launch, W2 batches resident in shared memory
+    MarkovCase(1, 7, 151936, 256, return_q=False, t_one_every=2, seed=30),
+    MarkovCase(2, 7, 151936, 256, torch.float16, torch.float16, greedy_every=2, return_q=False, seed=31),
+    MarkovCase(2, 4, 50001, 256, torch.bfloat16, torch.float32, return_q=False, seed=32),
 ]
 
 
@@ -73,6 +77,25 @@ def test_markov_chain_small_batches_other_paths(case, env, monkeypatch):
     monkeypatch.setenv(name, value)
     res = compare_markov(case)
     assert res["ok"], res
+
+
+@pytest.mark.parametrize("case", [MarkovCase(1, 7, 151936, 256, seed=33), MarkovCase(2, 5, 151936, 256, greedy_every=2, seed=34),
+                                  MarkovCase(1, 3, 4099, 256, torch.float16, torch.float16, seed=35),
+                                  MarkovCase(2, 7, 50001, 256, torch.bfloat16, torch.float32, seed=36)],
+                         ids=lambda c: c.label())
+def test_markov_chain_all_steps_launch_draws_what_the_per_step_kernels_draw(case, monkeypatch):
+    """At R <= 2 with q lazy, the one cooperative launch (W2 partly resident in shared memory, a
+    grid barrier per step) and the per-step kernels compute the same bias bits, noise and keys:
+    identical tokens and W1 gathers; q_token only sums in another order."""
+    from dspark_cli.runtime import markov_chain
+
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    chain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    monkeypatch.setenv("DSPARK_MARKOV_PATH", "step")
+    poison_allocator()
+    steps = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    assert torch.equal(chain.tokens, steps.tokens) and torch.equal(chain.prev_emb, steps.prev_emb)
+    torch.testing.assert_close(chain.q_token, steps.q_token, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("R", [48, 1])  # cuBLAS + split pass; small-batch step (cuBLAS too under "gemm")
