@@ -20,7 +20,8 @@
 // batch runs all γ steps in one cooperative launch instead: one block per SM keeps its first W2
 // batches in shared memory from step 0 on, so later steps stream about 61 % of W2 (Qwen3-4B on the
 // H200), and the blocks meet at a grid barrier between steps (measured: L2 prefetches and
-// evict_last hints for the streamed rows gained nothing).
+// evict_last hints for the streamed rows, and L2 prefetches of each block's winner's W1 row,
+// gained nothing; what mattered was the merge after the barrier taking one round trip).
 // Fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
 // tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
 // through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
@@ -526,12 +527,10 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 // `arrived` is zeroed per launch and only grows, so step k waits for (k + 1) · gridDim.x arrivals.
 __device__ __forceinline__ void grid_barrier(unsigned* arrived, int k) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(arrived, 1u);
+  if (threadIdx.x == 0) {  // release: the block's writes (ordered by the CTA barrier) go with the arrival
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
     const unsigned target = static_cast<unsigned>(k + 1) * gridDim.x;
     while (load_acquire(arrived) < target) __nanosleep(20);
-    __threadfence();
   }
   __syncthreads();
 }
@@ -547,6 +546,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
                    int gamma, int V, int per_block, int resident) {
   extern __shared__ uint4 resident_rows[];  // [resident batch][row of 8][lane]
   __shared__ Partial warp_parts[kChainWarps][kSmallMaxRequests];
+  __shared__ Partial merge_parts[kChainWarps];
   __shared__ int token_s[kSmallMaxRequests];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int r = NR == 1 ? 0 : lane & 3;  // this lane's request in the epilogue
@@ -631,26 +631,31 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
     if (lane < NR) warp_parts[warp][lane] = p;
     __syncthreads();
     Partial* step_parts = partials + static_cast<int64_t>(k) * R * gridDim.x;
-    if (threadIdx.x < R) {
-      Partial q = empty_partial();
-      for (int w = 0; w < kChainWarps; ++w) q = combine(q, warp_parts[w][threadIdx.x]);
-      step_parts[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = q;
+    if (warp < R) {  // warp rr merges the block's warps for request rr
+      Partial q = lane < kChainWarps ? warp_parts[lane][warp] : empty_partial();
+      q = warp_combine(q);
+      if (lane == 0) step_parts[static_cast<int64_t>(warp) * gridDim.x + blockIdx.x] = q;
     }
     grid_barrier(arrived, k);
     if (k + 1 == gamma && blockIdx.x != 0) return;  // block 0 writes the last token
 
-    // Every block merges the step (same order everywhere); block 0 writes its outputs.
-    if (warp == 0) {
-      for (int rr = 0; rr < R; ++rr) {
-        Partial q = empty_partial();
-        for (int i = lane; i < gridDim.x; i += 32)
-          q = combine(q, load_partial_cg(step_parts + static_cast<int64_t>(rr) * gridDim.x + i));
-        q = warp_combine(q);
-        if (lane == 0) {
-          token_s[rr] = q.idx;
-          if (blockIdx.x == 0) write_step(q, rr, k, gamma, temperature, tokens, q_token, row_stats);
-        }
-      }
+    // Every block merges the step (same order everywhere), one partial per lane so that all loads
+    // are one round trip: warps [rr·per_request, (rr+1)·per_request) take request rr's partials.
+    // Block 0 writes the step's outputs.
+    const int per_request = (gridDim.x + 31) / 32;
+    const int mr = warp / per_request, part = (warp % per_request) * 32 + lane;
+    if (mr < R) {
+      Partial q = empty_partial();
+      if (part < gridDim.x) q = load_partial_cg(step_parts + static_cast<int64_t>(mr) * gridDim.x + part);
+      q = warp_combine(q);
+      if (lane == 0) merge_parts[warp] = q;
+    }
+    __syncthreads();
+    if (threadIdx.x < R) {
+      Partial q = empty_partial();
+      for (int w = 0; w < per_request; ++w) q = combine(q, merge_parts[threadIdx.x * per_request + w]);
+      token_s[threadIdx.x] = q.idx;
+      if (blockIdx.x == 0) write_step(q, threadIdx.x, k, gamma, temperature, tokens, q_token, row_stats);
     }
     __syncthreads();
     if (k + 1 < gamma) {  // W1[x_k]: step k+1's bias here, and prev_emb for the confidence head
@@ -773,7 +778,7 @@ bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, c
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads, smem));
-  if (per_sm < 1) return false;
+  if (per_sm < 1 || grid > 32 * (kChainWarps / NR)) return false;  // the merge takes one partial per lane
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeCooperative;  // every block resident at once: the grid barrier needs it
   attr.val.cooperative = 1;
