@@ -196,11 +196,12 @@ def compare_rejection(case: RejectionCase) -> dict:
     return res
 
 
-SELF_TEST_CASES = [  # R = 1: the small-batch step; R = 16, 13, 37: cuBLAS GEMM + split pass (37: rows at T = 1)
-    MarkovCase(1, 7, 151936, 256),
-    MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),
+SELF_TEST_CASES = [
+    MarkovCase(1, 7, 151936, 256),  # the small-batch step (q returned)
+    MarkovCase(1, 7, 151936, 256, return_q=False, t_one_every=2),  # all steps in one cooperative launch
+    MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),  # cuBLAS GEMM + split pass
     MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),
-    MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),
+    MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # rows at T = 1
 ]
 
 

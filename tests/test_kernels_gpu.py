@@ -140,7 +140,7 @@ def test_markov_chain_is_deterministic_per_seed():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-@pytest.mark.parametrize("R", [16, 1, 2])  # the cuBLAS path; the small-batch path, launched programmatically
+@pytest.mark.parametrize("R", [16, 1, 2])  # the cuBLAS path; the small-batch chain's cooperative launch
 def test_markov_chain_op_captures_in_cuda_graph(R):
     U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 7, 151936, 256, seed=8))
     op = torch.ops.dspark.markov_chain
