@@ -396,6 +396,27 @@ __device__ __forceinline__ Partial load_partial_cg(const Partial* p) {  // anoth
   return {__ldcg(f), __ldcg(f + 1), __ldcg(f + 2), __ldcg(f + 3), __ldcg(reinterpret_cast<const int*>(p) + 4)};
 }
 
+// The request a lane serves in a small-batch epilogue (lane & 3; request 0 when NR == 1), its
+// sampling settings, and step 2 for one (vocab row, bias) entry of it at step k.
+struct LaneRequest {
+  int r;
+  bool active, greedy;
+  float scale;
+  int64_t seed;
+
+  __device__ LaneRequest(int NR, int R, const float* __restrict__ temperature, const int64_t* __restrict__ seeds)
+      : r(NR == 1 ? 0 : (threadIdx.x % 32) & 3), active(r < R) {
+    const float T = active ? temperature[r] : 1.f;
+    greedy = T < kGreedyBelow;
+    scale = greedy ? 1.f : T;
+    seed = active ? seeds[r] : 0;
+  }
+  __device__ __forceinline__ void visit(Partial& p, float u, float bias, int v, int k) const {
+    const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
+    visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
+  }
+};
+
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
 // of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
 template <typename WT, typename UT, int NR>
@@ -407,13 +428,8 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
                   float* __restrict__ row_stats, int R, int k, int gamma, int V) {
   allow_next_kernel();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int r = NR == 1 ? 0 : lane & 3;  // this lane's request in the epilogue
-  const bool active = r < R;
-  const float T = active ? temperature[r] : 1.f;
-  const bool greedy = T < kGreedyBelow;
-  const float scale = greedy ? 1.f : T;
-  const int64_t seed = active ? seeds[r] : 0;
-  const UT* u_row = U + (static_cast<int64_t>(active ? r : 0) * gamma + k) * V;
+  const LaneRequest req(NR, R, temperature, seeds);
+  const UT* u_row = U + (static_cast<int64_t>(req.active ? req.r : 0) * gamma + k) * V;
   const int64_t ld_emb = static_cast<int64_t>(gamma) * kSmallRank;
 
   // W2 does not depend on the previous step: the first rows are requested before waiting for it.
@@ -426,7 +442,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   const auto request = [&](int batch, int d) {
     load_rows(w2, batch * kSmallRows, V, raw[d]);
     const int v = batch * kSmallRows + row_in_batch;
-    u_next[d] = active && v < V ? to_float(u_row[v]) : 0.f;
+    u_next[d] = req.active && v < V ? to_float(u_row[v]) : 0.f;
   };
 #pragma unroll
   for (int d = 0; d < kSmallDepth; ++d)
@@ -436,9 +452,8 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   load_h<WT, NR>(prev_emb + static_cast<int64_t>(k) * kSmallRank, ld_emb, R, h);
   Partial p = empty_partial();
   const auto epilogue = [&](float u, float bias, int v) {  // step 2 for one (request, row)
-    if (bias_out != nullptr) bias_out[static_cast<int64_t>(r) * V + v] = bias;
-    const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
-    visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
+    if (bias_out != nullptr) bias_out[static_cast<int64_t>(req.r) * V + v] = bias;
+    req.visit(p, u, bias, v, k);
   };
   // With one request all four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of
   // every four the warp streams: the epilogue runs once per 32 rows on every lane, not per 8 rows
@@ -463,7 +478,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
           kept_v = V;
         }
       } else {
-        if (active && v < V) epilogue(u, bias, v);
+        if (req.active && v < V) epilogue(u, bias, v);
       }
     }
   }
@@ -549,12 +564,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
   __shared__ Partial merge_parts[kChainWarps];
   __shared__ int token_s[kSmallMaxRequests];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int r = NR == 1 ? 0 : lane & 3;  // this lane's request in the epilogue
-  const bool active = r < R;
-  const float T = active ? temperature[r] : 1.f;
-  const bool greedy = T < kGreedyBelow;
-  const float scale = greedy ? 1.f : T;
-  const int64_t seed = active ? seeds[r] : 0;
+  const LaneRequest req(NR, R, temperature, seeds);
   const int row_in_batch = (lane >> 2) & 7;
 
   // This warp's batches (local index j ≡ warp mod kChainWarps): the streamed ones (j >= resident)
@@ -579,7 +589,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
       load_rows(w2, (first + j) * kSmallRows, V, raw[d]);
     }
     const int v = (first + j) * kSmallRows + row_in_batch;
-    u_next[d] = active && v < V ? to_float(U[(static_cast<int64_t>(r) * gamma + k) * V + v]) : 0.f;
+    u_next[d] = req.active && v < V ? to_float(U[(static_cast<int64_t>(req.r) * gamma + k) * V + v]) : 0.f;
   };
 #pragma unroll
   for (int d = 0; d < kDepth; ++d)
@@ -589,10 +599,6 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
 
   for (int k = 0; k < gamma; ++k) {
     Partial p = empty_partial();
-    const auto epilogue = [&](float u, float bias, int v) {
-      const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
-      visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
-    };
     // As in small_step_kernel: with one request, lane (lane & 3) == held keeps batch `held` of each four.
     int held = 0, kept_v = V;
     float kept_u = 0.f, kept_bias = 0.f;
@@ -617,12 +623,12 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
         if constexpr (NR == 1) {
           if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
           if (++held == 4 || nd + 1 == n_total) {
-            if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
+            if (kept_v < V) req.visit(p, kept_u, kept_bias, kept_v, k);
             held = 0;
             kept_v = V;
           }
         } else {
-          if (active && v < V) epilogue(u, bias, v);
+          if (req.active && v < V) req.visit(p, u, bias, v, k);
         }
       }
     }
@@ -631,7 +637,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
     if (lane < NR) warp_parts[warp][lane] = p;
     __syncthreads();
     Partial* step_parts = partials + static_cast<int64_t>(k) * R * gridDim.x;
-    if (warp < R) {  // warp rr merges the block's warps for request rr
+    if (warp < R) {  // warp w < R merges the block's warps for request w
       Partial q = lane < kChainWarps ? warp_parts[lane][warp] : empty_partial();
       q = warp_combine(q);
       if (lane == 0) step_parts[static_cast<int64_t>(warp) * gridDim.x + blockIdx.x] = q;
