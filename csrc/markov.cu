@@ -417,6 +417,32 @@ struct LaneRequest {
   }
 };
 
+// Where a small-batch kernel's entry (u, bias) of vocab row v goes to step 2. With one request all
+// four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of every four the warp
+// streams and visits it once: the epilogue runs once per 32 rows on every lane, not per 8 rows on a
+// quarter of them. With more, lane & 3 is the request and every batch's entry is visited.
+template <int NR>
+struct EntryRouter {
+  int held = 0, v;
+  float u = 0.f, bias = 0.f;
+
+  __device__ explicit EntryRouter(int V) : v(V) {}
+  // last: no batch follows in this pass, so a kept entry is visited now.
+  template <typename Visit>
+  __device__ __forceinline__ void offer(bool active, float u_, float bias_, int v_, int V, bool last, Visit&& visit) {
+    if constexpr (NR == 1) {
+      if ((threadIdx.x & 3) == held) u = u_, bias = bias_, v = v_;
+      if (++held == 4 || last) {
+        if (v < V) visit(u, bias, v);
+        held = 0;
+        v = V;
+      }
+    } else if (active && v_ < V) {
+      visit(u_, bias_, v_);
+    }
+  }
+};
+
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
 // of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
 template <typename WT, typename UT, int NR>
@@ -455,11 +481,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
     if (bias_out != nullptr) bias_out[static_cast<int64_t>(req.r) * V + v] = bias;
     req.visit(p, u, bias, v, k);
   };
-  // With one request all four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of
-  // every four the warp streams: the epilogue runs once per 32 rows on every lane, not per 8 rows
-  // on a quarter of them. With more, lane & 3 is the request and each batch gets its epilogue.
-  int held = 0, kept_v = V;
-  float kept_u = 0.f, kept_bias = 0.f;
+  EntryRouter<NR> route(V);
   for (; b < batches; b += kSmallDepth * stride) {
 #pragma unroll
     for (int d = 0; d < kSmallDepth; ++d) {
@@ -468,18 +490,8 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
       const int v = bd * kSmallRows + row_in_batch;
       const float bias = rows_bias<WT, NR>(raw[d], h);
       const float u = u_next[d];
-      const bool more = bd + stride < batches;
       if (bd + kSmallDepth * stride < batches) request(bd + kSmallDepth * stride, d);  // in flight meanwhile
-      if constexpr (NR == 1) {
-        if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
-        if (++held == 4 || !more) {
-          if (kept_v < V) epilogue(kept_u, kept_bias, kept_v);
-          held = 0;
-          kept_v = V;
-        }
-      } else {
-        if (req.active && v < V) epilogue(u, bias, v);
-      }
+      route.offer(req.active, u, bias, v, V, bd + stride >= batches, epilogue);
     }
   }
 
@@ -599,9 +611,8 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
 
   for (int k = 0; k < gamma; ++k) {
     Partial p = empty_partial();
-    // As in small_step_kernel: with one request, lane (lane & 3) == held keeps batch `held` of each four.
-    int held = 0, kept_v = V;
-    float kept_u = 0.f, kept_bias = 0.f;
+    EntryRouter<NR> route(V);
+    const auto visit = [&](float u, float bias, int v) { req.visit(p, u, bias, v, k); };
     for (int n = 0; n < n_total; n += kDepth) {
 #pragma unroll
       for (int d = 0; d < kDepth; ++d) {
@@ -620,16 +631,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
         const int next = nd + kDepth;
         if (next < n_total) request(next, d, k);
         else if (k + 1 < gamma) request(d, d, k + 1);  // batch d: processed already (d <= nd)
-        if constexpr (NR == 1) {
-          if ((lane & 3) == held) kept_u = u, kept_bias = bias, kept_v = v;
-          if (++held == 4 || nd + 1 == n_total) {
-            if (kept_v < V) req.visit(p, kept_u, kept_bias, kept_v, k);
-            held = 0;
-            kept_v = V;
-          }
-        } else {
-          if (req.active && v < V) req.visit(p, u, bias, v, k);
-        }
+        route.offer(req.active, u, bias, v, V, nd + 1 == n_total, visit);
       }
     }
 
@@ -724,11 +726,16 @@ int choose_splits(int R, int V) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// DSPARK_MARKOV_PATH=gemm | step: a path forced for comparisons and diagnostics (docs/kernels.md).
+bool markov_path_forced(const char* path) {
+  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
+  return forced && std::string(forced) == path;
+}
+
 // The small-batch path: R <= 2 requests, bf16/fp16 W2 of rank 256, 16-byte aligned rows of W2 and H.
 // DSPARK_MARKOV_PATH=gemm forces the cuBLAS path (comparisons; the chain and rejection read it alike).
 bool small_batch_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
-  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
-  return !(forced && std::string(forced) == "gemm") && R <= kSmallMaxRequests &&
+  return !markov_path_forced("gemm") && R <= kSmallMaxRequests &&
          (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kSmallRank &&
          aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0;
 }
@@ -868,8 +875,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   auto done = at::zeros({small ? gamma : 0}, U.options().dtype(at::kInt));  // finished blocks per step
   // All steps in one cooperative launch at R <= 2 when q is not returned (DSPARK_MARKOV_PATH=step:
   // one launch per step); its partials are per step, so no step overwrites one still being read.
-  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
-  bool chain = small && !return_q && !(forced && std::string(forced) == "step");
+  bool chain = small && !return_q && !markov_path_forced("step");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
