@@ -14,7 +14,8 @@ persisting lines), so nothing a previous call left in L2 is found; the differenc
 columns is what back-to-back replays gain from L2 leftovers.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
-row (R·V·2) instead. The scheduler (schedule_production, SPSTable.default()) is latency-bound: no
+row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt row takes the chain's
+row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first). The scheduler (schedule_production, SPSTable.default()) is latency-bound: no
 floor, goal <= 20 µs at R = 256; timed per replay of a one-call graph (includes the graph launch)
 and per call inside a graph of 20 calls (its cost inside an engine's captured step)."""
 
@@ -125,8 +126,11 @@ def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
 def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, temperature: float) -> list[dict]:
     U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False, temperature=temperature)
     rows = []
-    for stored in (False, True):
-        with cuda_ops.enabled(False):
+    # q rebuilt from a draft of our chain (its row stats: no stats pass), the production path; from a
+    # torch-reference draft (a stats pass first); q stored.
+    variants = (("q rebuilt", False, True), ("q rebuilt, stats pass", False, False), ("q stored", True, False))
+    for name, stored, chain_draft in variants:
+        with cuda_ops.enabled(chain_draft):
             draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
         g = torch.Generator(device="cuda").manual_seed(R + 1)
         target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
@@ -142,7 +146,7 @@ def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, t
         medians, cold = timed(call, repeats, kernel_only, flush)
         nbytes = R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)
         floor = nbytes / bw
-        name = f"rejection {'q stored' if stored else 'q rebuilt'}"
+        name = f"rejection {name}"
         row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "kernel_cold_l2_ms": cold * 1e3,
                "torch_ms": ms(medians[False]), "floor_ms": floor * 1e3}
         rows.append(row)

@@ -5,8 +5,9 @@
 //                                          for all R requests), written to an fp32 scratch [R, V]
 //   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key x - log E_v
 //      (Philox noise, four vocab ids per call) or x (greedy), one partial per (request, slice)
-//   3. per-request reduction of the partials: token, q_k(x_k), row max and log-sum-exp, and the
-//      W1 gather of the new token for step k+1 (prev_emb)
+//   3. per-request reduction of the partials: token, q_k(x_k), row max and sum-exp (returned as
+//      row_stats [R, γ, 2]: rejection rebuilds a q row with them), and the W1 gather of the new
+//      token for step k+1 (prev_emb)
 //   4. (return_q only) q_k rows = exp(x - max) / sum
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
@@ -262,8 +263,8 @@ __device__ __forceinline__ int write_step(const Partial& p, int r, int k, int ga
   const bool greedy = temperature[r] < kGreedyBelow;
   tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
   q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
-  row_stats[2 * r] = p.max;
-  row_stats[2 * r + 1] = p.sum;
+  row_stats[2 * (static_cast<int64_t>(r) * gamma + k)] = p.max;
+  row_stats[2 * (static_cast<int64_t>(r) * gamma + k) + 1] = p.sum;
   return p.idx;
 }
 
@@ -299,7 +300,8 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   const int end = min(V, start + slice);
   const float T = temperature[r];
   const bool greedy = T < kGreedyBelow;
-  const float m = row_stats[2 * r], s = row_stats[2 * r + 1];
+  const float m = row_stats[2 * (static_cast<int64_t>(r) * gamma + k)];
+  const float s = row_stats[2 * (static_cast<int64_t>(r) * gamma + k) + 1];
   const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
@@ -842,7 +844,7 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
@@ -864,7 +866,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   auto partials = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
-  auto row_stats = at::empty({R, 2}, f32);
+  auto row_stats = at::empty({R, gamma, 2}, f32);
   auto* parts = reinterpret_cast<Partial*>(partials.data_ptr<uint8_t>());
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
@@ -938,7 +940,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
       }
     });
   });
-  return {tokens, q_token, q, prev_emb};
+  return {tokens, q_token, q, prev_emb, row_stats};
 }
 
 }  // namespace dspark

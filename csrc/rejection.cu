@@ -232,14 +232,16 @@ __device__ __forceinline__ Race warp_merge(Race x) {
   return x;
 }
 
-// Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the
-// merged row stats (stats_partials, stats_splits of them per request).
+// Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the row
+// stats: the chain's (chain_stats [R, γ, 2] with the drafted tokens, the very max and sum-exp its
+// q_token came from), or else the merged stats partials (stats_partials, stats_splits per request).
 template <typename UT, bool kVec>
 __global__ void race_kernel(const float* __restrict__ target, const int64_t* __restrict__ row_start,
                             const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
                             const int* __restrict__ state, const float* __restrict__ q_stored,
                             const UT* __restrict__ U, const float* __restrict__ bias,
-                            const float* __restrict__ temperature, const Stats* __restrict__ stats_partials,
+                            const float* __restrict__ temperature, const float* __restrict__ chain_stats,
+                            const int64_t* __restrict__ tokens, const Stats* __restrict__ stats_partials,
                             int stats_splits, Race* __restrict__ partials, int gamma, int V, int slice) {
   const int r = blockIdx.y;
   if (greedy != nullptr && greedy[r]) return;
@@ -252,7 +254,12 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   // Rebuilt q: q_v = exp(x_v - max) / sum, or one-hot at the argmax for a greedy temperature.
   __shared__ Stats row;
   const bool rebuilt = rejected && q_stored == nullptr;
-  if (rebuilt && threadIdx.x < 32) {
+  if (rebuilt && chain_stats != nullptr) {  // a one-hot (greedy) draft row's argmax is its token
+    if (threadIdx.x == 0) {
+      const int64_t at = static_cast<int64_t>(r) * gamma + pos;
+      row = Stats{chain_stats[2 * at], chain_stats[2 * at + 1], static_cast<int>(tokens[at])};
+    }
+  } else if (rebuilt && threadIdx.x < 32) {
     Stats s{-INFINITY, 0.f, 0x7fffffff};
     for (int i = threadIdx.x; i < stats_splits; i += 32) s = merge(s, stats_partials[static_cast<int64_t>(r) * stats_splits + i]);
     s = warp_merge(s);
@@ -339,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
     const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
-    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds) {
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats) {
   TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
   TORCH_CHECK(row_start.scalar_type() == at::kLong && ell.scalar_type() == at::kLong &&
@@ -377,17 +384,24 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
     race<<<dim3(splits, R), kThreads, 0, stream>>>(
         target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
-        state.data_ptr<int>(), q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, 0, races, gamma, V, slice);
+        state.data_ptr<int>(), q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, races,
+        gamma, V, slice);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     TORCH_CHECK(w1->scalar_type() == w2->scalar_type() && w1->is_contiguous() && w2->is_contiguous() &&
                     U->is_contiguous() && U->size(2) == V && anchors->scalar_type() == at::kLong &&
                     temperature->scalar_type() == at::kFloat,
                 "dspark::rejection_sample: U, w1, w2 contiguous (w1, w2 of one dtype), anchors int64, temperature fp32");
+    // The chain's row stats, when given, replace the stats pass (and are the very ones it sampled with).
+    const bool chain_stats = row_stats.has_value() && row_stats->defined();
+    TORCH_CHECK(!chain_stats || (row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous() &&
+                                 row_stats->dim() == 3 && row_stats->size(0) == R && row_stats->size(1) == gamma &&
+                                 row_stats->size(2) == 2),
+                "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     const int rank = w1->size(1);
     auto h = at::empty({R, rank}, w1->options());
     auto bias = at::empty({R, V}, target.options());
-    auto stats_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
+    auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1->scalar_type(), "dspark_reject_w", [&] {
@@ -406,13 +420,16 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
       auto stats_pass = vec ? row_stats_kernel<UT, true> : row_stats_kernel<UT, false>;
       auto race = vec ? race_kernel<UT, true> : race_kernel<UT, false>;
-      stats_pass<<<dim3(splits, R), kThreads, 0, stream>>>(
-          up, bias.data_ptr<float>(), temperature->data_ptr<float>(), state.data_ptr<int>(), stats, gamma, V, slice);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!chain_stats) {
+        stats_pass<<<dim3(splits, R), kThreads, 0, stream>>>(
+            up, bias.data_ptr<float>(), temperature->data_ptr<float>(), state.data_ptr<int>(), stats, gamma, V, slice);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       race<<<dim3(splits, R), kThreads, 0, stream>>>(
           target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
-          state.data_ptr<int>(), nullptr, up, bias.data_ptr<float>(), temperature->data_ptr<float>(), stats, splits,
-          races, gamma, V, slice);
+          state.data_ptr<int>(), nullptr, up, bias.data_ptr<float>(), temperature->data_ptr<float>(),
+          chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), stats, splits, races,
+          gamma, V, slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

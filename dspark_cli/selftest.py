@@ -125,15 +125,18 @@ class RejectionCase:
     flat: bool = False         # rejection_sample_flat: ragged [Σ(1+ℓ_r), V] target rows
     seed: int = 0
     t_one_every: int = 0       # as MarkovCase
+    chain_draft: bool = False  # drafted by our CUDA chain: a rebuilt row uses the chain's row stats
 
     def label(self) -> str:
         return (f"rejection R={self.R} γ={self.gamma} V={self.V} q={'stored' if self.q_stored else 'rebuilt'} "
                 f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}"
-                + (f" t_one_every={self.t_one_every}" if self.t_one_every else ""))
+                + (f" t_one_every={self.t_one_every}" if self.t_one_every else "")
+                + (" chain_draft" if self.chain_draft else ""))
 
 
 def rejection_inputs(case: RejectionCase):
-    """A real draft (reference markov_chain on the GPU) and target rows near q, so that the
+    """A real draft (markov_chain on the GPU: the torch reference, or our kernel with
+    case.chain_draft) and target rows near q, so that the
     verify lengths see acceptances, rejections and bonus draws; greedy rows match argmax p only
     sometimes. Returns (draft, target [R, γ+1, V], ell, greedy, seeds)."""
     from dspark_cli.runtime import cuda_ops, markov_chain
@@ -141,7 +144,7 @@ def rejection_inputs(case: RejectionCase):
     mc = MarkovCase(case.R, case.gamma, case.V, case.rank, greedy_every=case.greedy_every,
                     return_q=case.q_stored, seed=case.seed, t_one_every=case.t_one_every)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(mc)
-    with cuda_ops.enabled(False):
+    with cuda_ops.enabled(case.chain_draft):
         draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.q_stored)
     g = torch.Generator(device="cuda").manual_seed(case.seed + 1000)
     R, gamma, V = case.R, case.gamma, case.V
@@ -210,6 +213,7 @@ SELF_TEST_REJECTION = [
     RejectionCase(13, 5, 50257, 64, q_stored=False, greedy_every=4, flat=True, seed=2),
     RejectionCase(1, 7, 151936, 256, q_stored=False, seed=3),  # q row rebuilt by the small-batch bias
     RejectionCase(37, 5, 151936, 256, q_stored=False, greedy_every=6, t_one_every=2, seed=4),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=5),
 ]
 
 

@@ -31,7 +31,7 @@ ell = torch.ops.dspark.schedule_production(meta(4, 7), meta(5, 7), meta(9), 8)
 L = lambda *s: meta(*s, dtype=torch.long)
 rej = torch.ops.dspark.rejection_sample(meta(20, 1000), L(3), L(3), L(3, 7), meta(3, 7), None,
                                         meta(3, 7, 1000, dtype=torch.bfloat16), L(3), meta(1000, 64, dtype=torch.bfloat16),
-                                        meta(1000, 64, dtype=torch.bfloat16), meta(3), None, L(3))
+                                        meta(1000, 64, dtype=torch.bfloat16), meta(3), None, L(3), row_stats=meta(3, 7, 2))
 print(json.dumps({"wheel": str(wheel), "first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
                   "rej": [[list(o.shape), str(o.dtype)] for o in rej],
@@ -58,7 +58,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["last"]["status"] == "cached" and res["last"]["path"] == res["path"]
     assert "9.0a" in Path(res["path"]).parent.name
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
-                           [[3, 7, 64], "torch.bfloat16"]]
+                           [[3, 7, 64], "torch.bfloat16"], [[3, 7, 2], "torch.float32"]]
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
     assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]

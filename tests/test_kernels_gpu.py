@@ -159,12 +159,36 @@ def test_markov_chain_op_captures_in_cuda_graph(R):
     assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
+@pytest.mark.parametrize("case", [MarkovCase(1, 7, 151936, 256, greedy_every=0, return_q=False, seed=30),
+                                  MarkovCase(2, 5, 50001, 256, greedy_every=2, return_q=True, seed=31),
+                                  MarkovCase(16, 7, 151936, 256, greedy_every=3, t_one_every=2, return_q=False, seed=32),
+                                  MarkovCase(37, 3, 50257, 64, torch.float32, torch.float16, greedy_every=4, seed=33)],
+                         ids=lambda c: c.label())
+def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
+    """row_stats[r, k] = max and Σ exp(x - max) of x = (U_k + W2·W1[x_{k-1}]) / T (T = 1 for a
+    greedy row) over the chain's own tokens, and q_token = exp(x_tok - max) / sum with them."""
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    poison_allocator()
+    tokens, q_token, _, _, stats = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
+    prev = torch.cat([anchors.long()[:, None], tokens[:, :-1]], dim=1)
+    scale = torch.where(temperature < 1e-5, torch.ones_like(temperature), temperature)[:, None]
+    greedy = temperature < 1e-5
+    for k in range(case.gamma):
+        x = (U[:, k].float() + w1[prev[:, k]].float() @ w2.float().t()) / scale
+        m = x.max(dim=1).values
+        s = torch.exp(x - m[:, None]).sum(dim=1)
+        torch.testing.assert_close(stats[:, k, 0], m, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats[:, k, 1], s, rtol=1e-4, atol=0)
+        own = torch.exp(x.gather(1, tokens[:, k:k + 1]).squeeze(1) - stats[:, k, 0]) / stats[:, k, 1]
+        torch.testing.assert_close(q_token[:, k][~greedy], own[~greedy], rtol=1e-5, atol=0)
+
+
 def test_markov_chain_op_under_torch_compile():
     U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(4, 3, 4096, 32, seed=9))
 
     @torch.compile(fullgraph=True)
     def draft(U, anchors, w1, w2, temperature, seeds):
-        tokens, q_token, _, emb = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
+        tokens, q_token, _, emb, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
         return tokens + 0, q_token * 2, emb
 
     tokens, q2, _ = draft(U, anchors, w1, w2, temperature, seeds)
@@ -212,6 +236,12 @@ REJECTION_CASES = [
     # temperature exactly 1 in the rebuilt rows (no division), stored and rebuilt
     RejectionCase(64, 7, 151936, 256, q_stored=False, greedy_every=9, t_one_every=2, seed=15),
     RejectionCase(33, 4, 50000, 256, t_one_every=3, flat=True, seed=16),
+    # drafted by our chain: the rebuilt row takes the chain's row stats (no stats pass)
+    RejectionCase(1, 7, 151936, 256, q_stored=False, chain_draft=True, seed=17),
+    RejectionCase(2, 7, 151936, 256, q_stored=False, greedy_every=2, flat=True, chain_draft=True, seed=18),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=19),
+    RejectionCase(128, 7, 151936, 256, q_stored=False, greedy_every=6, t_one_every=3, chain_draft=True, seed=20),
+    RejectionCase(37, 3, 50257, 64, q_stored=False, greedy_every=2, flat=True, chain_draft=True, seed=21),
 ]
 
 

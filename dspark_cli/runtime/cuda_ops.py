@@ -81,10 +81,10 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
         return NotImplemented
     temperature = temperature.to(torch.float32).contiguous()
-    tokens, q_token, q, prev_emb = torch.ops.dspark.markov_chain(
+    tokens, q_token, q, prev_emb, row_stats = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
         seeds.contiguous(), return_q)
-    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None)
+    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats)
     return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source)
 
 
@@ -102,11 +102,13 @@ def schedule_production(a_stale, a_now, sps):
 def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, generator=None, uniforms=None,
                      exp_noise=None):
     """Covers seeded (counter-based) randomness, greedy and sampled requests mixed, q stored or
-    rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype)."""
+    rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype), with the chain's row
+    stats when the CUDA chain drafted it."""
     from dspark_cli.runtime.rejection import VerifyResult
 
     if seeds is None or uniforms is not None or exp_noise is not None:
         return NotImplemented
+    row_stats = None
     if draft.q is not None:
         q, rebuild = draft.q.float().contiguous(), (None,) * 5
     else:
@@ -115,8 +117,9 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
             return NotImplemented
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
+        row_stats = s.row_stats
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
         target.contiguous(), row_start.to(torch.int64).contiguous(), ell.to(torch.int64).contiguous(),
         draft.tokens.to(torch.int64).contiguous(), draft.q_token.to(torch.float32).contiguous(), q, *rebuild,
-        None if greedy is None else greedy.contiguous(), seeds.contiguous())
+        None if greedy is None else greedy.contiguous(), seeds.contiguous(), row_stats)
     return VerifyResult(output_tokens, num_accepted)

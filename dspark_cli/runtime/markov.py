@@ -23,6 +23,10 @@ class DraftSource:
     temperature: torch.Tensor
     top_k: torch.Tensor | None
     top_p: torch.Tensor | None
+    # [R, γ, 2] fp32 max and sum-exp of each (U_k + B_k)/T row as our CUDA chain computed them: the
+    # CUDA rejection rebuilds a row with these instead of recomputing them (then the rebuilt q is
+    # bit-for-bit the one the chain sampled from). None from the torch reference.
+    row_stats: torch.Tensor | None = None
 
 
 @dataclass
