@@ -6,8 +6,10 @@
 //      (greedy requests: x_j == argmax p_j), n = accepted count; greedy requests also emit argmax of
 //      the first unaccepted row here; the drafts are copied into the output, −1 padded.
 //      For a rebuilt q row it gathers W1[x_{n-1}] (x_{-1} = anchor) into H [R, r].
-//   2. (rebuilt q only) bias = H·W2ᵀ by cuBLAS (the GEMM markov_chain sampled with), then per split
-//      of V the online max / sum-exp (and argmax, for a request at temperature < 1e-5) of (U_n + bias)/T
+//   2. (rebuilt q only) bias = H·W2ᵀ by cuBLAS (the GEMM markov_chain sampled with); the row's max
+//      and sum-exp of (U_n + bias)/T are the chain's row_stats when given (the very ones it sampled
+//      with), else a pass per split of V computes them (and the argmax, for a request at
+//      temperature < 1e-5; with row_stats that argmax is the drafted token)
 //   3. race_kernel per split of V: residual max(p − q, 0) and its mass, and the exponential race of
 //      the residual and of p with the same noise E_v (stream 2), so no second pass over V is needed
 //   4. finish_kernel: residual winner if rejected and its mass > 1e-8, else p's winner.
