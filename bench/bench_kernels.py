@@ -15,9 +15,10 @@ columns is what back-to-back replays gain from L2 leftovers.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
 row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt row takes the chain's
-row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first). The scheduler (schedule_production, SPSTable.default()) is latency-bound: no
-floor, goal <= 20 µs at R = 256; timed per replay of a one-call graph (includes the graph launch)
-and per call inside a graph of 20 calls (its cost inside an engine's captured step)."""
+row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first).
+The scheduler (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs
+at R = 256; timed per replay of a one-call graph (includes the graph launch) and per call inside a
+graph of 20 calls (its cost inside an engine's captured step)."""
 
 import argparse
 import json
