@@ -38,8 +38,10 @@
 #include <cuda_fp16.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 
 #include "common.cuh"
 #include "philox.cuh"
@@ -773,6 +775,29 @@ void launch_programmatic(void (*kernel)(Params...), dim3 blocks, cudaStream_t st
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
+// How many W2 batches one small_chain_kernel block can keep in shared memory on the current device
+// (-1 when one block per SM cannot run at all): the kernel's attributes and occupancy, queried
+// and its shared-memory limit raised once per device, not on every call.
+template <typename WT, typename UT, int NR>
+int chain_batch_capacity() {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> per_device;
+  const int device = at::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = per_device.find(device);
+  if (found != per_device.end()) return found->second;
+  auto* kernel = small_chain_kernel<WT, UT, NR>;
+  cudaFuncAttributes attrs{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int fit = std::max(0, (optin - static_cast<int>(attrs.sharedSizeBytes)) / kBatchBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, fit * kBatchBytes));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads,
+                                                               static_cast<size_t>(fit) * kBatchBytes));
+  return per_device[device] = per_sm < 1 ? -1 : fit;
+}
+
 // Launches small_chain_kernel (all γ steps at R <= 2, q lazy) with one block per SM and as many W2
 // batches resident in shared memory as fit; false (nothing launched) when a block cannot be
 // resident, and the per-step kernels run instead. partials: γ·R·(SM count) Partials; arrived: zeroed.
@@ -780,20 +805,14 @@ template <typename WT, typename UT, int NR>
 bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, const float* temperature,
                         const int64_t* seeds, Partial* partials, unsigned* arrived, int64_t* tokens, float* q_token,
                         float* row_stats, int R, int gamma, int V, cudaStream_t stream) {
-  auto* kernel = small_chain_kernel<WT, UT, NR>;
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  cudaFuncAttributes attrs{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  const int fit = chain_batch_capacity<WT, UT, NR>();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int total = (V + kSmallRows - 1) / kSmallRows;
-  const int per_block = (total + props->multiProcessorCount - 1) / props->multiProcessorCount;
+  const int per_block = (total + sms - 1) / sms;
   const int grid = (total + per_block - 1) / per_block;
-  const int fit = (static_cast<int>(props->sharedMemPerBlockOptin) - static_cast<int>(attrs.sharedSizeBytes)) / kBatchBytes;
-  const int resident = std::max(0, std::min(per_block, fit));
+  if (fit < 0 || grid > 32 * (kChainWarps / NR)) return false;  // the merge takes one partial per lane
+  const int resident = std::min(per_block, fit);
   const size_t smem = static_cast<size_t>(resident) * kBatchBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChainThreads, smem));
-  if (per_sm < 1 || grid > 32 * (kChainWarps / NR)) return false;  // the merge takes one partial per lane
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeCooperative;  // every block resident at once: the grid barrier needs it
   attr.val.cooperative = 1;
@@ -804,8 +823,8 @@ bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, c
   config.stream = stream;
   config.attrs = &attr;
   config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, w2, w1, prev_emb, U, temperature, seeds, partials, arrived,
-                                    tokens, q_token, row_stats, R, gamma, V, per_block, resident));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, small_chain_kernel<WT, UT, NR>, w2, w1, prev_emb, U, temperature, seeds,
+                                    partials, arrived, tokens, q_token, row_stats, R, gamma, V, per_block, resident));
   return true;
 }
 
