@@ -1,0 +1,462 @@
+// The fused Markov step (docs/kernels.md), Hopper only: per step k, bias = W1[x_{k-1}]·W2ᵀ on the
+// tensor cores and the split pass on the accumulators in one kernel, so the fp32 bias never goes
+// through HBM (at R = 128 its round trip was 156 MB of the ~270 MB a cuBLAS step moved).
+//
+// One CTA per SM walks a contiguous range of 64-vocab W2 tiles:
+//   - a producer warp loads each tile with TMA into a four-slot shared-memory ring (an mbarrier per
+//     slot says full, another says freed). The tensor map permutes the tile's rows so that
+//     accumulator column 8j + 2q + e holds vocab 16q + 2j + e: lane q of a quad then owns 16
+//     consecutive vocab ids (one 32-byte U load, four Philox calls, entries in ascending order);
+//   - four consumer warpgroups keep W1[x_{k-1}] of up to 128 requests in shared memory (64 requests
+//     per wgmma, 128-byte swizzled as wgmma reads it), multiply a tile with wgmma m64n64k16 (fp32
+//     accumulation in a fixed k order), free its slot and run the split pass's epilogue (visit8) on
+//     the accumulators while other warpgroups multiply. At R <= 64 the four warpgroups take
+//     alternate tiles; above, two pairs do, one warpgroup per 64 requests;
+//   - each request's quads, then warps, merge into one partial per CTA for markov.cu's reduce.
+// Rejection rebuilds a q row through this kernel too (bias_out, no U), so it reads the bias bits the
+// chain sampled from.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <string>
+
+#include "fused_step.h"
+
+namespace dspark {
+namespace {
+
+constexpr int kRank = 256;
+constexpr int kTileVocab = 64;                       // wgmma N
+constexpr int kHalfRows = 64;                        // wgmma M: requests per warpgroup
+constexpr int kBlockBytes = 64 * 128;                // 64 rows × one 128-byte swizzled K block (64 elements)
+constexpr int kKBlocks = kRank / 64;
+constexpr int kTileBytes = kKBlocks * kBlockBytes;   // one W2 tile: 32 KB
+constexpr int kHalfBytes = kKBlocks * kBlockBytes;   // W1[x] of 64 requests: 32 KB
+constexpr int kSlots = 4;
+constexpr int kGroups = 4;                           // consumer warpgroups
+constexpr int kConsumers = 128 * kGroups;
+constexpr int kFusedThreads = kConsumers + 128;      // + the producer warpgroup (one thread issues TMA)
+// Registers per thread: 96 at launch (640 threads); the producer gives its own back (setmaxnreg)
+// so the consumers run with 112.
+constexpr int kProducerRegs = 24, kConsumerRegs = 112;
+constexpr int kMaxRequests = 2 * kHalfRows;
+// At R <= 16 only one warp of each warpgroup holds request rows: it stages them in shared memory
+// (two buffers) and the whole warpgroup runs the epilogue, eight threads per request.
+constexpr int kStagedMaxRequests = 16;
+constexpr int kStageStride = kTileVocab + 4;         // floats per staged row (padding spreads the banks)
+constexpr int kStageBytes = 2 * kGroups * kStagedMaxRequests * kStageStride * 4;
+// The ring, W1[x] of one half per 64 requests (staged: R <= 16, one half) and the staged rows.
+constexpr int smem_bytes(bool staged) {
+  return kSlots * kTileBytes + (staged ? kHalfBytes + kStageBytes : 2 * kHalfBytes) + 1024;  // + room to align to 1024
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// K block kb of W2 tile `tile` (the 5-D map of w2_tile_map) into dst; the mbarrier counts its bytes.
+__device__ __forceinline__ void tma_load_block(uint32_t dst, const CUtensorMap* map, uint64_t* bar, int kb, int tile) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+      "%6}], [%7];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(64 * kb), "r"(0), "r"(0), "r"(0), "r"(tile), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// wgmma shared-memory descriptor of a K-major operand in 128-byte swizzled 8-row atoms (1024 bytes
+// apart), starting at addr (advanced by 32 bytes per k16 slice inside a 64-element K block).
+__device__ __forceinline__ uint64_t swizzled_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+// d (64 × 64 fp32, the warpgroup's fragment) = A·Bᵀ (+ d when accumulate), A and B K-major bf16/fp16.
+template <typename WT>
+__device__ __forceinline__ void wgmma_64x64x16(float d[32], uint64_t a, uint64_t b, int accumulate) {
+#define DSPARK_WGMMA(TYPE)                                                                                     \
+  asm volatile(                                                                                                \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "  \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                        \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),        \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),             \
+        "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),             \
+        "+f"(d[30]), "+f"(d[31])                                                                               \
+      : "l"(a), "l"(b), "r"(accumulate))
+  if constexpr (std::is_same_v<WT, __nv_bfloat16>) DSPARK_WGMMA("bf16");
+  else DSPARK_WGMMA("f16");
+#undef DSPARK_WGMMA
+}
+
+// The accumulators are written by the asynchronous wgmma until wgmma.wait_group: keep the compiler
+// from moving their reads across it.
+__device__ __forceinline__ void fence_fragment(float d[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Combines the partials of each group of W consecutive lanes (W = 4: a quad; 8), every lane
+// getting its group's result.
+template <int W>
+__device__ __forceinline__ Partial group_combine(Partial p) {
+#pragma unroll
+  for (int off = 1; off < W; off <<= 1) {
+    Partial o;
+    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
+    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
+    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
+    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
+    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
+    p = combine(p, o);
+  }
+  return p;
+}
+
+template <int W>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int off = 1; off < W; off <<= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+// A request's settings for the epilogue: its U row at step k, temperature, greedy or sampled.
+template <typename UT>
+struct RowRequest {
+  bool active = false, greedy = true;
+  float scale = 1.f;
+  int64_t seed = 0;
+  const UT* u_row = nullptr;
+
+  __device__ RowRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
+                        const int64_t* __restrict__ seeds, int k, int gamma, int V) {
+    if (U == nullptr || r >= R) return;
+    active = true;
+    const float T = temperature[r];
+    greedy = T < kGreedyBelow;
+    scale = greedy ? 1.f : T;
+    seed = seeds[r];
+    u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
+  }
+};
+
+// Entries v .. v+N-1 of one request (x = the bias on entry, (U + bias) / T after) into p: the split
+// pass's visits, N = 8 or 16. `reached` is the best key its lanes have (every lane calling with it).
+template <int N, typename UT>
+__device__ __forceinline__ void visit_entries(Partial& p, float x[N], const uint4* u, const RowRequest<UT>& req, int v,
+                                              int k, float reached) {
+  const UT* ui = reinterpret_cast<const UT*>(u);
+#pragma unroll
+  for (int e = 0; e < N; ++e) x[e] = over_temperature(to_float(ui[e]) + x[e], req.scale);
+  if (req.greedy) {
+    const uint4 none[2] = {};
+#pragma unroll
+    for (int h = 0; h < N; h += 8) visit8<false>(p, x + h, v + h, none, -INFINITY);
+    return;
+  }
+  uint4 w[N / 4];
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) w[c] = counter_words(req.seed, kStreamDraft, k, (v >> 2) + c);
+#pragma unroll
+  for (int h = 0; h < N; h += 8) visit8<true>(p, x + h, v + h, w + h / 4, fmaxf(reached, p.key));
+}
+
+// The first sampled visit of a request screens against a key really reached: the largest of its
+// first eight entries (pilot8), once per thread.
+template <typename UT>
+__device__ __forceinline__ void pilot_first(Partial& p, const float x[8], const uint4* u, const RowRequest<UT>& req,
+                                            int v, int k) {
+  if (!req.active || req.greedy || p.key != -INFINITY) return;
+  const UT* ui = reinterpret_cast<const UT*>(u);
+  float y[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) y[e] = over_temperature(to_float(ui[e]) + x[e], req.scale);
+  const uint4 w[2] = {counter_words(req.seed, kStreamDraft, k, v >> 2), counter_words(req.seed, kStreamDraft, k, (v >> 2) + 1)};
+  const Partial pilot = pilot8(y, v, w);
+  if (pilot.key > -INFINITY) p = pilot;  // not a NaN row's key, which no later key could beat
+}
+
+template <int N, typename UT>
+__device__ __forceinline__ void load_u(const RowRequest<UT>& req, int v, uint4 out[N * sizeof(UT) / 16]) {
+#pragma unroll
+  for (int c = 0; c < static_cast<int>(N * sizeof(UT) / 16); ++c)
+    out[c] = req.active ? reinterpret_cast<const uint4*>(req.u_row + v)[c] : make_uint4(0, 0, 0, 0);
+}
+
+// Grid: one CTA per SM (at most one per tile), V % 64 == 0. partials [R, gridDim.x] when U is
+// given; bias_out [R, V] when not null. kStaged: R <= 16 (see kStagedMaxRequests).
+template <typename WT, typename UT, bool kStaged>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __restrict__ h, int64_t ldh, int R, int V,
+                  const UT* __restrict__ U, const float* __restrict__ temperature,
+                  const int64_t* __restrict__ seeds, Partial* __restrict__ partials, float* __restrict__ bias_out,
+                  int k, int gamma) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  // The 128-byte swizzle (TMA's and wgmma's) is a function of address bits 4-9: 1024-byte aligned.
+  unsigned char* ring = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* w1x = ring + kSlots * kTileBytes;
+  float* stage = reinterpret_cast<float*>(w1x + kHalfBytes);  // kStaged only (one half of W1[x])
+  __shared__ __align__(8) uint64_t full[kSlots], freed[kSlots];
+  __shared__ Partial merged[kConsumers / 32][16];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int halves = R > kHalfRows ? 2 : 1, groups = kGroups / halves;
+  const int tiles = V / kTileVocab;
+  const int first = static_cast<int>(static_cast<int64_t>(blockIdx.x) * tiles / gridDim.x);
+  const int count = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * tiles / gridDim.x) - first;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kSlots; ++i) {
+      mbar_init(&full[i], 1);               // the producer's expect_tx; TMA's bytes complete the phase
+      mbar_init(&freed[i], 4 * halves);     // the warps of the warpgroup(s) that multiply the tile
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  allow_next_kernel();
+
+  if (warp >= kConsumers / 32) {  // producer: W2 does not depend on the previous kernel, so no wait
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    if (threadIdx.x == kConsumers) {
+      for (int t = 0; t < count; ++t) {
+        const int slot = t % kSlots;
+        if (t >= kSlots) mbar_wait(&freed[slot], (t / kSlots - 1) & 1);
+        mbar_expect_tx(&full[slot], kTileBytes);
+        for (int kb = 0; kb < kKBlocks; ++kb)
+          tma_load_block(smem_u32(ring + slot * kTileBytes + kb * kBlockBytes), &w2_tiles, &full[slot], kb, first + t);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+
+  wait_previous_kernel();  // H (prev_emb[:, k]) is the previous step's reduce output
+  // W1[x] rows into wgmma's layout: row m of a half, 16-byte chunk c of K block kb at
+  // kb·8 KB + 128·m + 16·(c ^ (m % 8)); zeros past R.
+  for (int i = threadIdx.x; i < halves * kHalfRows * (kRank / 8); i += kConsumers) {
+    const int row = i / (kRank / 8), chunk = i % (kRank / 8);
+    const int m = row % kHalfRows, kb = chunk / 8, c = chunk % 8;
+    const uint4 val = row < R ? *reinterpret_cast<const uint4*>(h + row * ldh + 8 * chunk) : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(w1x + (row / kHalfRows) * kHalfBytes + kb * kBlockBytes + 128 * m + 16 * (c ^ (m & 7))) =
+        val;
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads through the async proxy
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");   // consumers only
+
+  const int wg = warp / 4, half = wg % halves, group = wg / halves;
+  const int gid = lane >> 2, quad = lane & 3;
+  const int rows[2] = {half * kHalfRows + (warp % 4) * 16 + gid, half * kHalfRows + (warp % 4) * 16 + gid + 8};
+  const bool epilogue = U != nullptr;
+  // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
+  const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
+  const RowRequest<UT> req[2] = {
+      RowRequest<UT>(kStaged ? staged_row : rows[0], R, U, temperature, seeds, k, gamma, V),
+      RowRequest<UT>(kStaged ? R : rows[1], R, U, temperature, seeds, k, gamma, V)};
+  Partial p[2] = {empty_partial(), empty_partial()};
+  const uint32_t a_base = smem_u32(w1x + half * kHalfBytes);
+  float acc[32];
+
+  for (int t = group, n = 0; t < count; t += groups, ++n) {
+    const int slot = t % kSlots;
+    const int v0 = (first + t) * kTileVocab;
+    const int v = v0 + (kStaged ? 8 * staged_part : 16 * quad);  // this thread's first vocab id of the tile
+    constexpr int kEntries = kStaged ? 8 : 16;
+    uint4 u[2][kEntries * sizeof(UT) / 16];  // in flight during the multiply
+    load_u<kEntries>(req[0], v, u[0]);
+    if (!kStaged) load_u<kEntries>(req[1], v, u[1]);
+    mbar_wait(&full[slot], (t / kSlots) & 1);
+    const uint32_t b_base = smem_u32(ring + slot * kTileBytes);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int kb = 0; kb < kKBlocks; ++kb) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        wgmma_64x64x16<WT>(acc, swizzled_desc(a_base + kb * kBlockBytes + 32 * s),
+                           swizzled_desc(b_base + kb * kBlockBytes + 32 * s), kb | s);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    fence_fragment(acc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&freed[slot]);
+
+    float* staged = stage + ((n & 1) * kGroups + wg) * kStagedMaxRequests * kStageStride;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float x[16];  // entry 2j + e (vocab v0 + 16·quad + 2j + e) is column 8j + 2·quad + e: acc[4j + 2i + e]
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[2 * j] = acc[4 * j + 2 * i], x[2 * j + 1] = acc[4 * j + 2 * i + 1];
+      if (bias_out != nullptr && rows[i] < R) {
+        float4* dst = reinterpret_cast<float4*>(bias_out + static_cast<int64_t>(rows[i]) * V + v0 + 16 * quad);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dst[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
+      }
+      if (!epilogue) continue;
+      if constexpr (kStaged) {
+        if (warp % 4 == 0) {
+          float4* dst = reinterpret_cast<float4*>(staged + (gid + 8 * i) * kStageStride + 16 * quad);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) dst[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
+        }
+      } else {
+        pilot_first(p[i], x, u[i], req[i], v, k);
+        const float reached = group_max<4>(p[i].key);  // every lane: the quad shares the request
+        if (req[i].active) visit_entries<16>(p[i], x, u[i], req[i], v, k, reached);
+      }
+    }
+    if constexpr (kStaged) {
+      if (!epilogue) continue;
+      asm volatile("bar.sync %0, 128;" ::"r"(2 + wg) : "memory");  // this warpgroup's staged rows are written
+      float x[8];
+      const float4* src = reinterpret_cast<const float4*>(staged + staged_row * kStageStride + 8 * staged_part);
+      const float4 a = src[0], b = src[1];
+      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+      pilot_first(p[0], x, u[0], req[0], v, k);
+      const float reached = group_max<8>(p[0].key);  // the request's eight threads share their best key
+      if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k, reached);
+    }
+  }
+  if (!epilogue) return;
+
+  // Per request: its threads (a quad, or eight staged threads), then the groups' warps in order;
+  // one partial (r, CTA).
+  if constexpr (kStaged) {
+    const Partial mine = group_combine<8>(p[0]);
+    if (lane % 8 == 0) merged[warp][lane / 8] = mine;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const Partial mine = group_combine<4>(p[i]);
+      if (quad == 0) merged[warp][gid + 8 * i] = mine;
+    }
+  }
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+  for (int r = threadIdx.x; r < R; r += kConsumers) {
+    Partial all = empty_partial();
+    for (int g = 0; g < groups; ++g) {
+      all = combine(all, kStaged ? merged[4 * g + r / 4][r % 4]
+                                 : merged[4 * (g * halves + r / kHalfRows) + (r % kHalfRows) / 16][r % 16]);
+    }
+    partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = all;
+  }
+#else
+  __trap();  // built without sm_90a: fused_step_supported keeps the host from launching this
+#endif
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr, "dspark: the CUDA driver lacks cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// W2 [V, 256] as 5-D tiles (k, e, q, j, tile) -> W2[64·tile + 16q + 2j + e, k]: a box {64, 2, 4, 8, 1}
+// lands in shared memory as row 8j + 2q + e (the permutation in the header comment), 128-byte swizzled.
+CUtensorMap w2_tile_map(const at::Tensor& w2) {
+  const cuuint64_t row = kRank * w2.element_size();
+  const cuuint64_t dims[5] = {kRank, 2, 4, 8, static_cast<cuuint64_t>(w2.size(0) / kTileVocab)};
+  const cuuint64_t strides[4] = {row, 16 * row, 2 * row, 64 * row};
+  const cuuint32_t box[5] = {64, 2, 4, 8, 1};
+  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult res = tensor_map_encoder()(
+      &map, w2.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
+      w2.data_ptr(), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "dspark: cuTensorMapEncodeTiled failed for W2 (CUresult ", static_cast<int>(res), ")");
+  return map;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename WT, typename UT, bool kStaged>
+void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, const float* temperature,
+            const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma, cudaStream_t stream) {
+  auto* kernel = fused_step_kernel<WT, UT, kStaged>;
+  static const bool sized = [&] {  // once per instantiation: the ring and W1[x] exceed 48 KB
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(kStaged)));
+    return true;
+  }();
+  (void)sized;
+  // A programmatic dependent of the previous step's reduce: the producer starts streaming W2 while
+  // it drains (DSPARK_PDL=0: plain stream order).
+  const char* pdl = std::getenv("DSPARK_PDL");
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(fused_step_blocks(w2.size(0)));
+  config.blockDim = dim3(kFusedThreads);
+  config.dynamicSmemBytes = smem_bytes(kStaged);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl && std::string(pdl) == "0" ? 0 : 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U,
+                                    temperature, seeds, partials, bias_out, k, gamma));
+}
+
+}  // namespace
+
+bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return !markov_path_forced("gemm") && props->major == 9 && R >= 1 && R <= kMaxRequests &&
+         (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kRank &&
+         w2.size(0) % kTileVocab == 0 && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0 &&
+         // + the static shared memory (mbarriers, merged partials: about 5 KB)
+         static_cast<size_t>(std::max(smem_bytes(false), smem_bytes(true))) + 8192 <= props->sharedMemPerBlockOptin;
+}
+
+int fused_step_blocks(int V) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max(1, std::min(sms, V / kTileVocab));
+}
+
+void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
+                const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
+                cudaStream_t stream) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_fused_step", [&] {
+    using WT = device_t<scalar_t>;
+    const WT* hp = reinterpret_cast<const WT*>(h);
+    const auto with_u = [&](auto u_type_tag) {
+      using UT = decltype(u_type_tag);
+      auto* run = R <= kStagedMaxRequests ? launch<WT, UT, true> : launch<WT, UT, false>;
+      run(w2, hp, ldh, R, reinterpret_cast<const UT*>(U), temperature, seeds, partials, bias_out, k, gamma, stream);
+    };
+    switch (u_type) {  // U without a row (bias only) comes as bf16
+      case at::kBFloat16: with_u(__nv_bfloat16{}); break;
+      case at::kHalf: with_u(__half{}); break;
+      case at::kFloat: with_u(float{}); break;
+      default: TORCH_CHECK(false, "dspark::markov_chain: U must be bf16, fp16 or fp32");
+    }
+  });
+}
+
+}  // namespace dspark

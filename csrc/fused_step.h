@@ -1,0 +1,33 @@
+// The fused Markov step (fused_step.cu): the bias GEMM and the split pass in one Hopper kernel.
+#pragma once
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "race.cuh"
+
+namespace dspark {
+
+// DSPARK_MARKOV_PATH=gemm | step: a path forced for comparisons and diagnostics (docs/kernels.md).
+inline bool markov_path_forced(const char* path) {
+  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
+  return forced && std::string(forced) == path;
+}
+
+// Whether the fused step serves R requests with these weights on the current device: sm_90,
+// bf16/fp16 W2 [V, 256] with V % 64 == 0, 16-byte aligned W2 and H rows (ldh elements apart),
+// R <= 128, and the cuBLAS path not forced.
+bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R);
+
+// Partials the fused step writes per request (one per CTA).
+int fused_step_blocks(int V);
+
+// One step for R requests: partials [R, fused_step_blocks(V)] for reduce_kernel when U is given
+// (U [R, γ, V] of u_type, row k), and the fp32 bias [R, V] into bias_out when it is not null.
+void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
+                const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
+                cudaStream_t stream);
+
+}  // namespace dspark
