@@ -42,12 +42,13 @@ constexpr int kGroups = 4;                           // consumer warpgroups
 constexpr int kConsumers = 128 * kGroups;
 constexpr int kFusedThreads = kConsumers + 128;      // + the producer warpgroup (one thread issues TMA)
 // Registers per thread: 96 at launch (640 threads); the producer gives its own back (setmaxnreg)
-// so the consumers run with 112.
+// so the consumers run with 112 (ptxas allocates them: without it the epilogue spills).
 constexpr int kProducerRegs = 24, kConsumerRegs = 112;
 constexpr int kMaxRequests = 2 * kHalfRows;
 // At R <= 16 only one warp of each warpgroup holds request rows: it stages them in shared memory
 // (two buffers) and the whole warpgroup runs the epilogue, eight threads per request.
 constexpr int kStagedMaxRequests = 16;
+constexpr int kMinUnstagedRequests = 48;             // measured crossover with the cuBLAS path (H200)
 constexpr int kStageStride = kTileVocab + 4;         // floats per staged row (padding spreads the banks)
 constexpr int kStageBytes = 2 * kGroups * kStagedMaxRequests * kStageStride * 4;
 // The ring, W1[x] of one half per 64 requests (staged: R <= 16, one half) and the staged rows.
@@ -427,7 +428,9 @@ void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, 
 
 bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  return !markov_path_forced("gemm") && props->major == 9 && R >= 1 && R <= kMaxRequests &&
+  // 16 < R < 48: rows fill only part of each warpgroup's epilogue; the cuBLAS path was faster there.
+  const bool batch = R <= kStagedMaxRequests || (R >= kMinUnstagedRequests && R <= kMaxRequests);
+  return !markov_path_forced("gemm") && props->major == 9 && batch &&
          (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kRank &&
          w2.size(0) % kTileVocab == 0 && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0 &&
          // + the static shared memory (mbarriers, merged partials: about 5 KB)

@@ -202,9 +202,10 @@ def compare_rejection(case: RejectionCase) -> dict:
 SELF_TEST_CASES = [
     MarkovCase(1, 7, 151936, 256),  # the small-batch step (q returned)
     MarkovCase(1, 7, 151936, 256, return_q=False, t_one_every=2),  # all steps in one cooperative launch
-    MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),  # cuBLAS GEMM + split pass
-    MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),
-    MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # rows at T = 1
+    MarkovCase(16, 7, 151936, 256, greedy_every=3, return_q=False),  # fused step (Hopper), staged rows
+    MarkovCase(64, 3, 151936, 256, greedy_every=5, t_one_every=2),  # fused step, rows at T = 1, q returned
+    MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),  # cuBLAS GEMM + split pass
+    MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # cuBLAS, rows at T = 1
 ]
 
 

@@ -59,6 +59,14 @@ CASES = [
     MarkovCase(1, 7, 151936, 256, return_q=False, t_one_every=2, seed=30),
     MarkovCase(2, 7, 151936, 256, torch.float16, torch.float16, greedy_every=2, return_q=False, seed=31),
     MarkovCase(2, 4, 50001, 256, torch.bfloat16, torch.float32, return_q=False, seed=32),
+    # the fused step (sm_90, V % 64 == 0, rank 256): staged rows at R <= 16 (fp32 U, T = 1 rows,
+    # q stored and not, V = 32000), the lowest unstaged batch, two halves partly filled
+    MarkovCase(16, 7, 151936, 256, torch.float16, torch.float32, greedy_every=3, t_one_every=2, return_q=False,
+               seed=40),
+    MarkovCase(12, 3, 32000, 256, torch.bfloat16, torch.float16, greedy_every=4, seed=41),
+    MarkovCase(3, 5, 151936, 256, return_q=False, greedy_every=2, seed=44),
+    MarkovCase(48, 3, 151936, 256, torch.float16, torch.bfloat16, greedy_every=5, seed=42),
+    MarkovCase(100, 2, 32000, 256, torch.bfloat16, torch.float32, return_q=False, t_one_every=3, seed=43),
 ]
 
 
@@ -98,7 +106,7 @@ def test_markov_chain_all_steps_launch_draws_what_the_per_step_kernels_draw(case
     torch.testing.assert_close(chain.q_token, steps.q_token, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("R", [48, 1])  # cuBLAS + split pass; small-batch step (cuBLAS too under "gemm")
+@pytest.mark.parametrize("R", [48, 16, 1])  # fused step (cuBLAS + split pass under "gemm"); small-batch step
 @pytest.mark.parametrize("path", ["default", "gemm"])
 def test_markov_chain_q_rows_hold_the_probability_it_sampled_with(R, path, monkeypatch):
     """The stored q row (built from the bias the step wrote out, the bits rejection rebuilds) gives
@@ -140,7 +148,7 @@ def test_markov_chain_is_deterministic_per_seed():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-@pytest.mark.parametrize("R", [16, 1, 2])  # the cuBLAS path; the small-batch chain's cooperative launch
+@pytest.mark.parametrize("R", [16, 64, 1, 2])  # the fused step (staged, unstaged); the small-batch chain's cooperative launch
 def test_markov_chain_op_captures_in_cuda_graph(R):
     U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 7, 151936, 256, seed=8))
     op = torch.ops.dspark.markov_chain
@@ -242,6 +250,9 @@ REJECTION_CASES = [
     RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=19),
     RejectionCase(128, 7, 151936, 256, q_stored=False, greedy_every=6, t_one_every=3, chain_draft=True, seed=20),
     RejectionCase(37, 3, 50257, 64, q_stored=False, greedy_every=2, flat=True, chain_draft=True, seed=21),
+    # rows rebuilt by the fused step's bias (staged at R = 5, unstaged at 48)
+    RejectionCase(5, 7, 151936, 256, q_stored=False, flat=True, chain_draft=True, seed=22),
+    RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=4, chain_draft=True, seed=23),
 ]
 
 
