@@ -208,6 +208,37 @@ __device__ __forceinline__ void load_u(const RowRequest<UT>& req, int v, uint4 o
     out[c] = req.active ? reinterpret_cast<const uint4*>(req.u_row + v)[c] : make_uint4(0, 0, 0, 0);
 }
 
+// bias_out rows of this warp's 16 requests for tile columns v0 .. v0+63. The fragment holds 16-byte
+// pieces 64 bytes apart, so the rows go through the tile's ring slot (its W2 consumed once every
+// warp multiplying it has waited for its wgmma) and leave as whole 256-byte rows. Row m of the
+// half keeps 16-byte chunk c at chunk c ^ (m % 8), which spreads the banks.
+__device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned char* slot, float* __restrict__ bias_out,
+                                                int R, int V, int v0, int half, int halves, int group) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, quad = lane & 3;
+  // Every warp of the warpgroup(s) multiplying this tile is done reading the slot.
+  asm volatile("bar.sync %0, %1;" ::"r"(6 + group), "r"(128 * halves) : "memory");
+  float* rows = reinterpret_cast<float*>(slot) + half * kHalfRows * kTileVocab;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = 16 * (warp % 4) + gid + 8 * i;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // columns 16·quad + 2j, +1 (the permuted fragment: acc[4j + 2i + e])
+      const int chunk = 4 * quad + j / 2;
+      *reinterpret_cast<float2*>(rows + 64 * m + 4 * (chunk ^ (m & 7)) + 2 * (j & 1)) =
+          make_float2(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {  // two rows of 16 chunks per instruction
+    const int m = 16 * (warp % 4) + (32 * it + lane) / 16, c = lane % 16;
+    const int r = half * kHalfRows + m;
+    const float4 val = *reinterpret_cast<const float4*>(rows + 64 * m + 4 * (c ^ (m & 7)));
+    if (r < R) reinterpret_cast<float4*>(bias_out + static_cast<int64_t>(r) * V + v0)[c] = val;
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills the slot
+}
+
 // Grid: one CTA per SM (at most one per tile), V % 64 == 0. partials [R, gridDim.x] when U is
 // given; bias_out [R, V] when not null. kStaged: R <= 16 (see kStagedMaxRequests).
 template <typename WT, typename UT, bool kStaged>
@@ -301,6 +332,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     fence_fragment(acc);
+    if (bias_out != nullptr) write_bias_rows(acc, ring + slot * kTileBytes, bias_out, R, V, v0, half, halves, group);
     __syncwarp();
     if (lane == 0) mbar_arrive(&freed[slot]);
 
@@ -310,11 +342,6 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       float x[16];  // entry 2j + e (vocab v0 + 16·quad + 2j + e) is column 8j + 2·quad + e: acc[4j + 2i + e]
 #pragma unroll
       for (int j = 0; j < 8; ++j) x[2 * j] = acc[4 * j + 2 * i], x[2 * j + 1] = acc[4 * j + 2 * i + 1];
-      if (bias_out != nullptr && rows[i] < R) {
-        float4* dst = reinterpret_cast<float4*>(bias_out + static_cast<int64_t>(rows[i]) * V + v0 + 16 * quad);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) dst[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
-      }
       if (!epilogue) continue;
       if constexpr (kStaged) {
         if (warp % 4 == 0) {
