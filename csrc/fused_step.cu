@@ -1,20 +1,23 @@
 // The fused Markov step (docs/kernels.md), Hopper only: per step k, bias = W1[x_{k-1}]·W2ᵀ on the
 // tensor cores and the split pass on the accumulators in one kernel, so the fp32 bias never goes
-// through HBM (at R = 128 its round trip was 156 MB of the ~270 MB a cuBLAS step moved).
+// through HBM (at R = 128 its round trip was 156 MB of the ~270 MB a cuBLAS step moved). markov.cu
+// takes it at R <= 16 and 48 <= R <= 128 (in between the cuBLAS path measured faster).
 //
 // One CTA per SM walks a contiguous range of 64-vocab W2 tiles:
-//   - a producer warp loads each tile with TMA into a four-slot shared-memory ring (an mbarrier per
-//     slot says full, another says freed). The tensor map permutes the tile's rows so that
-//     accumulator column 8j + 2q + e holds vocab 16q + 2j + e: lane q of a quad then owns 16
-//     consecutive vocab ids (one 32-byte U load, four Philox calls, entries in ascending order);
+//   - a producer warpgroup (one thread issues, the rest give their registers to the consumers with
+//     setmaxnreg) loads each tile with TMA into a four-slot shared-memory ring (an mbarrier per slot
+//     says full, another says freed). The tensor map permutes the tile's rows so that accumulator
+//     column 8j + 2q + e holds vocab 16q + 2j + e: lane q of a quad then owns 16 consecutive vocab
+//     ids (one 32-byte U load, four Philox calls, entries in ascending order);
 //   - four consumer warpgroups keep W1[x_{k-1}] of up to 128 requests in shared memory (64 requests
 //     per wgmma, 128-byte swizzled as wgmma reads it), multiply a tile with wgmma m64n64k16 (fp32
 //     accumulation in a fixed k order), free its slot and run the split pass's epilogue (visit8) on
 //     the accumulators while other warpgroups multiply. At R <= 64 the four warpgroups take
-//     alternate tiles; above, two pairs do, one warpgroup per 64 requests;
-//   - each request's quads, then warps, merge into one partial per CTA for markov.cu's reduce.
-// Rejection rebuilds a q row through this kernel too (bias_out, no U), so it reads the bias bits the
-// chain sampled from.
+//     alternate tiles; above, two pairs do, one warpgroup per 64 requests. At R <= 16 the one warp
+//     of a warpgroup that holds rows stages them in shared memory and all four warps share them;
+//   - each request's threads, then warps, merge into one partial per CTA for markov.cu's reduce.
+// Rejection rebuilds a q row through this kernel too (bias written out, no U), so it reads the bias
+// bits the chain sampled from; the rows leave through the consumed ring slot as whole 256-byte rows.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -126,15 +129,7 @@ __device__ __forceinline__ void fence_fragment(float d[32]) {
 template <int W>
 __device__ __forceinline__ Partial group_combine(Partial p) {
 #pragma unroll
-  for (int off = 1; off < W; off <<= 1) {
-    Partial o;
-    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
-    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
-    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
-    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
-    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
-    p = combine(p, o);
-  }
+  for (int off = 1; off < W; off <<= 1) p = combine(p, shfl_xor_partial(p, off));
   return p;
 }
 
@@ -240,8 +235,8 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
 }
 
 // Grid: one CTA per SM (at most one per tile), V % 64 == 0. partials [R, gridDim.x] when U is
-// given; bias_out [R, V] when kBiasOut (its code kept out of the production q-lazy kernel, where it
-// measured 3-4 % slower). kStaged: R <= 16 (see kStagedMaxRequests).
+// given; bias_out [R, V] when kBiasOut (its code, barrier and registers kept out of the production
+// q-lazy kernel). kStaged: R <= 16 (see kStagedMaxRequests).
 template <typename WT, typename UT, bool kStaged, bool kBiasOut>
 __global__ void __launch_bounds__(kFusedThreads, 1)
 fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __restrict__ h, int64_t ldh, int R, int V,

@@ -32,19 +32,18 @@ __device__ __forceinline__ Partial combine(Partial a, Partial b) {
   return out;
 }
 
+// The partial of lane (lane ^ off), every lane calling.
+__device__ __forceinline__ Partial shfl_xor_partial(const Partial& p, int off) {
+  return {__shfl_xor_sync(0xffffffffu, p.max, off), __shfl_xor_sync(0xffffffffu, p.sum, off),
+          __shfl_xor_sync(0xffffffffu, p.key, off), __shfl_xor_sync(0xffffffffu, p.x, off),
+          __shfl_xor_sync(0xffffffffu, p.idx, off)};
+}
+
 // Combines the partials of lanes that differ in lane bits >= log2(lowest); lane 0 gets the result
 // (and every lane with lowest == 1).
 __device__ __forceinline__ Partial warp_combine(Partial p, int lowest = 1) {
 #pragma unroll
-  for (int off = 16; off >= lowest; off >>= 1) {
-    Partial o;
-    o.max = __shfl_xor_sync(0xffffffffu, p.max, off);
-    o.sum = __shfl_xor_sync(0xffffffffu, p.sum, off);
-    o.key = __shfl_xor_sync(0xffffffffu, p.key, off);
-    o.x = __shfl_xor_sync(0xffffffffu, p.x, off);
-    o.idx = __shfl_xor_sync(0xffffffffu, p.idx, off);
-    p = combine(p, o);
-  }
+  for (int off = 16; off >= lowest; off >>= 1) p = combine(p, shfl_xor_partial(p, off));
   return p;
 }
 
