@@ -179,8 +179,9 @@ def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
 def compare_rejection(case: RejectionCase) -> dict:
     """Kernel vs reference on the same draft and target. Accepted counts depend only on q_token and
     p, so they must match exactly; with q stored the recovered tokens must too (same fp32 residual
-    and noise). A rebuilt q row differs from torch's in the last bits (cuBLAS vs torch GEMM order),
-    which can flip a near-tie of the residual race: counted as `differing`, at most R/64 (min 1)."""
+    and noise). A rebuilt q row differs from torch's in the last bits (our GEMM's summation order
+    against torch's), which can flip a near-tie of the residual race: counted as `differing`, at
+    most R/64 (min 1)."""
     inputs = rejection_inputs(case)
     ref = run_rejection(case, False, inputs)
     out = run_rejection(case, True, inputs)
