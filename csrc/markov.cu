@@ -25,8 +25,8 @@
 // gained nothing; what mattered was the merge after the barrier taking one round trip).
 // On Hopper, R <= 16 and 48 <= R <= 128 (bf16/fp16 rank-256 heads, V % 64 == 0) run steps 1 and 2
 // as one kernel instead: fused_step.cu (TMA-fed wgmma tiles, the split pass on the accumulators).
-// Earlier fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping the bias
-// tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
+// Earlier fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping
+// the bias tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
 // through persistent CTAs (wip/pipelined-tc-markov-step) or one-kernel steps at 3 <= R <= 16 on
 // per-lane cp.async rings (wip/mma-mid-batch-step) or, for 3 <= R <= 128, a producer warp feeding
 // an mbarrier ring and eight mma warps running the split pass on their accumulators
@@ -69,7 +69,6 @@ __device__ __forceinline__ Partial block_combine(Partial p) {
   }
   return p;
 }
-
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row.
 template <typename UT, bool kVec>
@@ -753,7 +752,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
   auto q_token = at::empty({R, gamma}, f32);
   auto q = return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32);
   auto prev_emb = at::empty({R, gamma, rank}, w1.options());
-  auto bias = at::empty({R, V}, f32);
   const int splits = choose_splits(R, V);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
@@ -761,6 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
   const bool small = small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
   const bool fused = !small && fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
+  // The fp32 bias scratch: for q rows, and for the cuBLAS path's split pass.
+  auto bias = at::empty({return_q || (!small && !fused) ? R : 0, V}, f32);
   auto partials = at::empty({static_cast<int64_t>(R) * parts_per_request * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, gamma, 2}, f32);
