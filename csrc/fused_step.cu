@@ -26,9 +26,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <string>
-
 #include "fused_step.h"
+#include "launch.h"
 
 namespace dspark {
 namespace {
@@ -191,7 +190,8 @@ __device__ __forceinline__ void pilot_first(Partial& p, const float x[8], const 
   float y[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) y[e] = over_temperature(to_float(ui[e]) + x[e], req.scale);
-  const uint4 w[2] = {counter_words(req.seed, kStreamDraft, k, v >> 2), counter_words(req.seed, kStreamDraft, k, (v >> 2) + 1)};
+  const uint4 w[2] = {counter_words(req.seed, kStreamDraft, k, v >> 2),
+                      counter_words(req.seed, kStreamDraft, k, (v >> 2) + 1)};
   const Partial pilot = pilot8(y, v, w);
   if (pilot.key > -INFINITY) p = pilot;  // not a NaN row's key, which no later key could beat
 }
@@ -396,7 +396,8 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr, "dspark: the CUDA driver lacks cuTensorMapEncodeTiled");
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "dspark: the CUDA driver lacks cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   return encode;
@@ -415,36 +416,21 @@ CUtensorMap w2_tile_map(const at::Tensor& w2) {
       &map, w2.scalar_type() == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
       w2.data_ptr(), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(res == CUDA_SUCCESS, "dspark: cuTensorMapEncodeTiled failed for W2 (CUresult ", static_cast<int>(res), ")");
+  TORCH_CHECK(res == CUDA_SUCCESS, "dspark: cuTensorMapEncodeTiled failed for W2 (CUresult ", static_cast<int>(res),
+              ")");
   return map;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
+// A programmatic dependent of the previous step's reduce: the producer starts streaming W2 while it
+// drains.
 template <typename WT, typename UT, bool kStaged, bool kBiasOut>
 void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, const float* temperature,
             const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma, cudaStream_t stream) {
   auto* kernel = fused_step_kernel<WT, UT, kStaged, kBiasOut>;
-  static const bool sized = [&] {  // once per instantiation: the ring and W1[x] exceed 48 KB
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(kStaged)));
-    return true;
-  }();
-  (void)sized;
-  // A programmatic dependent of the previous step's reduce: the producer starts streaming W2 while
-  // it drains (DSPARK_PDL=0: plain stream order).
-  const char* pdl = std::getenv("DSPARK_PDL");
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(fused_step_blocks(w2.size(0)));
-  config.blockDim = dim3(kFusedThreads);
-  config.dynamicSmemBytes = smem_bytes(kStaged);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl && std::string(pdl) == "0" ? 0 : 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U,
-                                    temperature, seeds, partials, bias_out, k, gamma));
+  allow_dynamic_smem(kernel, smem_bytes(kStaged));  // the ring and W1[x] exceed 48 KB
+  launch_programmatic(kernel, dim3(fused_step_blocks(w2.size(0))), dim3(kFusedThreads), smem_bytes(kStaged), stream,
+                      w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U, temperature, seeds, partials,
+                      bias_out, k, gamma);
 }
 
 }  // namespace

@@ -3,18 +3,9 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "race.cuh"
 
 namespace dspark {
-
-// DSPARK_MARKOV_PATH=gemm | step: a path forced for comparisons and diagnostics (docs/kernels.md).
-inline bool markov_path_forced(const char* path) {
-  const char* forced = std::getenv("DSPARK_MARKOV_PATH");
-  return forced && std::string(forced) == path;
-}
 
 // Whether the fused step serves R requests with these weights on the current device: sm_90,
 // bf16/fp16 W2 [V, 256] with V % 64 == 0, 16-byte aligned W2 and H rows (ldh elements apart),

@@ -39,14 +39,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
 #include <mutex>
-#include <string>
 #include <type_traits>
 #include <unordered_map>
 
 #include "common.cuh"
 #include "fused_step.h"
+#include "launch.h"
 #include "philox.cuh"
 #include "race.cuh"
 
@@ -601,8 +600,6 @@ int choose_splits(int R, int V) {
   return std::max(1, std::min(want, most));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The small-batch path: R <= 2 requests, bf16/fp16 W2 of rank 256, 16-byte aligned rows of W2 and H.
 // DSPARK_MARKOV_PATH=gemm forces the cuBLAS path (comparisons; the chain and rejection read it alike).
 bool small_batch_path(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
@@ -622,24 +619,6 @@ template <typename F>
 void with_small_capacity(int R, F&& f) {
   if (R == 1) f(std::integral_constant<int, 1>{});
   else f(std::integral_constant<int, 2>{});
-}
-
-// A kernel launched this way may start while the previous kernel drains (programmatic dependent
-// launch, sm_90+): it waits (wait_previous_kernel) before reading the previous kernel's output. The
-// small-batch steps, the split pass and the reduce go this way; DSPARK_PDL=0 turns it off.
-template <typename... Params, typename... Args>
-void launch_programmatic(void (*kernel)(Params...), dim3 blocks, cudaStream_t stream, Args... args) {
-  const char* off = std::getenv("DSPARK_PDL");
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = blocks;
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 && !(off && std::string(off) == "0") ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
 // How many W2 batches one small_chain_kernel block can keep in shared memory on the current device
@@ -807,9 +786,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
         if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
           if (small) {
             with_small_capacity(R, [&](auto capacity) {
-              launch_programmatic(small_step_kernel<WT, UT, decltype(capacity)::value>, dim3(small_blocks), stream,
-                          reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
-                          return_q ? bias.data_ptr<float>() : nullptr,
+              launch_programmatic(small_step_kernel<WT, UT, decltype(capacity)::value>, dim3(small_blocks),
+                          dim3(kThreads), 0, stream, reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp,
+                          seeds.data_ptr<int64_t>(), return_q ? bias.data_ptr<float>() : nullptr,
                           reinterpret_cast<Partial*>(small_parts.data_ptr<uint8_t>()),
                           reinterpret_cast<unsigned*>(done.data_ptr<int>()), tokens.data_ptr<int64_t>(),
                           q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, k, gamma, V);
@@ -822,13 +801,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
         } else if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
           auto pass = vec ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
-          launch_programmatic(pass, grid, stream, up, bias.data_ptr<float>(), tp, seeds.data_ptr<int64_t>(), parts, k,
-                              gamma, V, slice);
+          launch_programmatic(pass, grid, dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,
+                              seeds.data_ptr<int64_t>(), parts, k, gamma, V, slice);
         }
         if (!small) {
-          launch_programmatic(reduce_kernel<WT>, dim3(R), stream, parts, parts_per_request, tp, w1p, rank,
-                              tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), row_stats.data_ptr<float>(),
-                              embp, k, gamma);
+          launch_programmatic(reduce_kernel<WT>, dim3(R), dim3(kThreads), 0, stream, parts, parts_per_request, tp,
+                              w1p, rank, tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
+                              row_stats.data_ptr<float>(), embp, k, gamma);
         }
         if (return_q) {
           q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
