@@ -8,7 +8,7 @@
 //     setmaxnreg) loads each tile with TMA into a four-slot shared-memory ring (an mbarrier per slot
 //     says full, another says freed). The tensor map permutes the tile's rows so that accumulator
 //     column 8j + 2q + e holds vocab 16q + 2j + e: lane q of a quad then owns 16 consecutive vocab
-//     ids (one 32-byte U load, four Philox calls, entries in ascending order);
+//     ids (one 32-byte U load, two race groups of eight sharing one Philox call);
 //   - four consumer warpgroups keep W1[x_{k-1}] of up to 128 requests in shared memory (64 requests
 //     per wgmma, 128-byte swizzled as wgmma reads it), multiply a tile with wgmma m64n64k16 (fp32
 //     accumulation in a fixed k order), free its slot and run the split pass's epilogue (visit8) on
@@ -91,26 +91,38 @@ __device__ __forceinline__ void tma_load_block(uint32_t dst, const CUtensorMap* 
 }
 
 // wgmma shared-memory descriptor of a K-major operand in 128-byte swizzled 8-row atoms (1024 bytes
-// apart), starting at addr (advanced by 32 bytes per k16 slice inside a 64-element K block).
+// apart), starting at addr.
 __device__ __forceinline__ uint64_t swizzled_desc(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
          (1ull << 62);
 }
 
-// d (64 × 64 fp32, the warpgroup's fragment) = A·Bᵀ (+ d when accumulate), A and B K-major bf16/fp16.
+// Descriptors are built once per operand; a k16 slice (32 bytes) or K block (kBlockBytes) further
+// on only adds to the low word's start address (16-byte units; shared memory, < 256 KB, never
+// carries out of its field). Re-encoding the address per wgmma cost 14 instructions a wgmma,
+// about 7 per vocab entry of the epilogue's budget.
+__device__ __forceinline__ uint32_t desc_lo(uint64_t desc, uint32_t bytes) {
+  return static_cast<uint32_t>(desc) + (bytes >> 4);
+}
+__device__ __forceinline__ uint32_t desc_hi(uint64_t desc) { return static_cast<uint32_t>(desc >> 32); }
+
+// d (64 × 64 fp32, the warpgroup's fragment) = A·Bᵀ (+ d when accumulate), A and B K-major bf16/fp16,
+// their descriptors as (low, high) words: desc_advance only changes the low one.
 template <typename WT>
-__device__ __forceinline__ void wgmma_64x64x16(float d[32], uint64_t a, uint64_t b, int accumulate) {
+__device__ __forceinline__ void wgmma_64x64x16(float d[32], uint32_t a_lo, uint32_t a_hi, uint32_t b_lo,
+                                               uint32_t b_hi, int accumulate) {
 #define DSPARK_WGMMA(TYPE)                                                                                     \
   asm volatile(                                                                                                \
-      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE \
+      "{\n .reg .pred p;\n .reg .b64 a, b;\n setp.ne.b32 p, %36, 0;\n mov.b64 a, {%32, %33};\n"                  \
+      " mov.b64 b, {%34, %35};\n wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                       \
       " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "  \
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                        \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, a, b, p, 1, 1, 0, 0;\n}\n"                            \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),        \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),             \
         "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),             \
         "+f"(d[30]), "+f"(d[31])                                                                               \
-      : "l"(a), "l"(b), "r"(accumulate))
+      : "r"(a_lo), "r"(a_hi), "r"(b_lo), "r"(b_hi), "r"(accumulate))
   if constexpr (std::is_same_v<WT, __nv_bfloat16>) DSPARK_WGMMA("bf16");
   else DSPARK_WGMMA("f16");
 #undef DSPARK_WGMMA
@@ -130,13 +142,6 @@ __device__ __forceinline__ Partial group_combine(Partial p) {
 #pragma unroll
   for (int off = 1; off < W; off <<= 1) p = combine(p, shfl_xor_partial(p, off));
   return p;
-}
-
-template <int W>
-__device__ __forceinline__ float group_max(float x) {
-#pragma unroll
-  for (int off = 1; off < W; off <<= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
 }
 
 // A request's settings for the epilogue: its U row at step k, temperature, greedy or sampled.
@@ -159,41 +164,34 @@ struct RowRequest {
   }
 };
 
-// Entries v .. v+N-1 of one request (x = the bias on entry, (U + bias) / T after) into p: the split
-// pass's visits, N = 8 or 16. `reached` is the best key its lanes have (every lane calling with it).
+// x = (U + x) / T for N entries, U packed in u. One branch on T for all N: per entry it was a
+// branch each (the division's slow path keeps the compiler from predicating it).
 template <int N, typename UT>
-__device__ __forceinline__ void visit_entries(Partial& p, float x[N], const uint4* u, const RowRequest<UT>& req, int v,
-                                              int k, float reached) {
+__device__ __forceinline__ void add_u_over_temperature(float x[N], const uint4* u, float scale) {
   const UT* ui = reinterpret_cast<const UT*>(u);
+  if (scale == 1.f) {
 #pragma unroll
-  for (int e = 0; e < N; ++e) x[e] = over_temperature(to_float(ui[e]) + x[e], req.scale);
-  if (req.greedy) {
-    const uint4 none[2] = {};
+    for (int e = 0; e < N; ++e) x[e] = to_float(ui[e]) + x[e];
+  } else {
 #pragma unroll
-    for (int h = 0; h < N; h += 8) visit8<false>(p, x + h, v + h, none, -INFINITY);
-    return;
+    for (int e = 0; e < N; ++e) x[e] = (to_float(ui[e]) + x[e]) / scale;
   }
-  uint4 w[N / 4];
-#pragma unroll
-  for (int c = 0; c < N / 4; ++c) w[c] = counter_words(req.seed, kStreamDraft, k, (v >> 2) + c);
-#pragma unroll
-  for (int h = 0; h < N; h += 8) visit8<true>(p, x + h, v + h, w + h / 4, fmaxf(reached, p.key));
 }
 
-// The first sampled visit of a request screens against a key really reached: the largest of its
-// first eight entries (pilot8), once per thread.
-template <typename UT>
-__device__ __forceinline__ void pilot_first(Partial& p, const float x[8], const uint4* u, const RowRequest<UT>& req,
-                                            int v, int k) {
-  if (!req.active || req.greedy || p.key != -INFINITY) return;
-  const UT* ui = reinterpret_cast<const UT*>(u);
-  float y[8];
+// Entries v .. v+N-1 of one request (x = the bias on entry, (U + bias) / T after) into p: the split
+// pass's visits, N = 8 or 16 (v % N == 0: one Philox call serves both groups of 16).
+template <int N, typename UT>
+__device__ __forceinline__ void visit_entries(Partial& p, float x[N], const uint4* u, const RowRequest<UT>& req, int v,
+                                              int k) {
+  add_u_over_temperature<N, UT>(x, u, req.scale);
+  if (req.greedy) {
 #pragma unroll
-  for (int e = 0; e < 8; ++e) y[e] = over_temperature(to_float(ui[e]) + x[e], req.scale);
-  const uint4 w[2] = {counter_words(req.seed, kStreamDraft, k, v >> 2),
-                      counter_words(req.seed, kStreamDraft, k, (v >> 2) + 1)};
-  const Partial pilot = pilot8(y, v, w);
-  if (pilot.key > -INFINITY) p = pilot;  // not a NaN row's key, which no later key could beat
+    for (int h = 0; h < N; h += 8) visit8<false>(p, x + h, v + h, {});
+    return;
+  }
+  const uint4 w = counter_words(req.seed, kStreamDraft, k, v >> 4);
+#pragma unroll
+  for (int h = 0; h < N; h += 8) visit8<true>(p, x + h, v + h, group_noise(w, (v + h) >> 3));
 }
 
 template <int N, typename UT>
@@ -304,7 +302,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       RowRequest<UT>(kStaged ? staged_row : rows[0], R, U, temperature, seeds, k, gamma, V),
       RowRequest<UT>(kStaged ? R : rows[1], R, U, temperature, seeds, k, gamma, V)};
   Partial p[2] = {empty_partial(), empty_partial()};
-  const uint32_t a_base = smem_u32(w1x + half * kHalfBytes);
+  const uint64_t a_desc = swizzled_desc(smem_u32(w1x + half * kHalfBytes));
   float acc[32];
 
   for (int t = group, n = 0; t < count; t += groups, ++n) {
@@ -316,14 +314,14 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     load_u<kEntries>(req[0], v, u[0]);
     if (!kStaged) load_u<kEntries>(req[1], v, u[1]);
     mbar_wait(&full[slot], (t / kSlots) & 1);
-    const uint32_t b_base = smem_u32(ring + slot * kTileBytes);
+    const uint64_t b_desc = swizzled_desc(smem_u32(ring + slot * kTileBytes));
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int kb = 0; kb < kKBlocks; ++kb) {
 #pragma unroll
       for (int s = 0; s < 4; ++s)
-        wgmma_64x64x16<WT>(acc, swizzled_desc(a_base + kb * kBlockBytes + 32 * s),
-                           swizzled_desc(b_base + kb * kBlockBytes + 32 * s), kb | s);
+        wgmma_64x64x16<WT>(acc, desc_lo(a_desc, kb * kBlockBytes + 32 * s), desc_hi(a_desc),
+                           desc_lo(b_desc, kb * kBlockBytes + 32 * s), desc_hi(b_desc), kb | s);
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -346,9 +344,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
           for (int c = 0; c < 4; ++c) dst[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
         }
       } else {
-        pilot_first(p[i], x, u[i], req[i], v, k);
-        const float reached = group_max<4>(p[i].key);  // every lane: the quad shares the request
-        if (req[i].active) visit_entries<16>(p[i], x, u[i], req[i], v, k, reached);
+        if (req[i].active) visit_entries<16>(p[i], x, u[i], req[i], v, k);
       }
     }
     if constexpr (kStaged) {
@@ -358,9 +354,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       const float4* src = reinterpret_cast<const float4*>(staged + staged_row * kStageStride + 8 * staged_part);
       const float4 a = src[0], b = src[1];
       x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-      pilot_first(p[0], x, u[0], req[0], v, k);
-      const float reached = group_max<8>(p[0].key);  // the request's eight threads share their best key
-      if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k, reached);
+      if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k);
     }
   }
   if (!epilogue) return;
@@ -437,8 +431,10 @@ void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, 
 
 bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  // 16 < R < 48: rows fill only part of each warpgroup's epilogue; the cuBLAS path was faster there.
-  const bool batch = R <= kStagedMaxRequests || (R >= kMinUnstagedRequests && R <= kMaxRequests);
+  // 16 < R < 48: rows fill only part of each warpgroup's epilogue; the cuBLAS path was faster there
+  // (DSPARK_MARKOV_PATH=fused takes the fused step anyway, to measure that).
+  const bool batch = R <= kStagedMaxRequests ||
+                     (R <= kMaxRequests && (R >= kMinUnstagedRequests || markov_path_forced("fused")));
   return !markov_path_forced("gemm") && props->major == 9 && batch &&
          (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kRank &&
          w2.size(0) % kTileVocab == 0 && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0 &&

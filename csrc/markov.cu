@@ -3,8 +3,9 @@
 // Per step k:
 //   1. bias = W1[x_{k-1}] · W2ᵀ           cuBLAS GEMM (bf16/fp16/fp32 in, fp32 out; W2 read once
 //                                          for all R requests), written to an fp32 scratch [R, V]
-//   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, exponential race key x - log E_v
-//      (Philox noise, four vocab ids per call) or x (greedy), one partial per (request, slice)
+//   2. split-V pass: x = (U_k + bias) / T, online max / sum-exp, the grouped race (race.cuh: groups
+//      of eight vocab ids, one Philox call per two groups) or the argmax (greedy), one partial per
+//      (request, slice)
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and sum-exp (returned as
 //      row_stats [R, γ, 2]: rejection rebuilds a q row with them), and the W1 gather of the new
 //      token for step k+1 (prev_emb)
@@ -86,46 +87,34 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
 
+  // One race group of 8 entries per thread and round (slices start at multiples of 8). kVec: 16-byte
+  // loads (V % 8 == 0, aligned rows); else scalar loads, entries past `end` -inf (no weight).
   Partial p = empty_partial();
-  if (kVec) {  // 8 entries per thread: 16-byte loads, two Philox calls (start, end, V % 8 == 0)
-    // Every lane runs every round (the sampled screen reads the warp's best key); x / 1 == x.
-    const auto rounds = [&](auto sampled, auto unit_scale) {
-      for (int base = start; base < end; base += 8 * blockDim.x) {
-        const int v = base + 8 * threadIdx.x;
-        const bool active = v < end;
-        float x[8];
-        uint4 w[2] = {};
-        if (active) {
-          float u[8], b[8];
-          load_vec<8>(u_row + v, u);
-          load_vec<8>(b_row + v, b);
-          if constexpr (decltype(sampled)::value) {
-            w[0] = counter_words(key, kStreamDraft, k, v >> 2);
-            w[1] = counter_words(key, kStreamDraft, k, (v >> 2) + 1);
-          }
+  const auto rounds = [&](auto sampled, auto unit_scale) {
+    for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
+      float x[8];
+      if constexpr (kVec) {
+        float u[8], b[8];
+        load_vec<8>(u_row + v, u);
+        load_vec<8>(b_row + v, b);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) x[i] = decltype(unit_scale)::value ? u[i] + b[i] : (u[i] + b[i]) / scale;
+        for (int i = 0; i < 8; ++i) x[i] = decltype(unit_scale)::value ? u[i] + b[i] : (u[i] + b[i]) / scale;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float s = v + i < end ? to_float(u_row[v + i]) + b_row[v + i] : -INFINITY;
+          x[i] = decltype(unit_scale)::value ? s : s / scale;
         }
-        float reached = -INFINITY;
-        if constexpr (decltype(sampled)::value) {
-          if (base == start && active) {
-            const Partial pilot = pilot8(x, v, w);
-            if (pilot.key > -INFINITY) p = pilot;  // not a NaN row's key, which no later key could beat
-          }
-          reached = warp_max(p.key);
-        }
-        if (active) visit8<decltype(sampled)::value>(p, x, v, w, reached);
       }
-    };
-    if (greedy) rounds(std::false_type{}, std::true_type{});
-    else if (scale == 1.f) rounds(std::true_type{}, std::true_type{});
-    else rounds(std::true_type{}, std::false_type{});
-  } else {
-    for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-      const uint32_t word = greedy ? 0u : word_at(counter_words(key, kStreamDraft, k, v >> 2), v & 3);
-      visit_entry(p, over_temperature(to_float(u_row[v]) + b_row[v], scale), v, greedy, word);
+      GroupNoise noise{};
+      if constexpr (decltype(sampled)::value)
+        noise = group_noise(counter_words(key, kStreamDraft, k, static_cast<uint32_t>(v) >> 4), v >> 3);
+      visit8<decltype(sampled)::value>(p, x, v, noise);
     }
-  }
+  };
+  if (greedy) rounds(std::false_type{}, std::true_type{});  // x / 1 == x
+  else if (scale == 1.f) rounds(std::true_type{}, std::true_type{});
+  else rounds(std::true_type{}, std::false_type{});
   p = block_combine(p);
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
 }
@@ -287,34 +276,40 @@ struct LaneRequest {
     scale = greedy ? 1.f : T;
     seed = active ? seeds[r] : 0;
   }
-  __device__ __forceinline__ void visit(Partial& p, float u, float bias, int v, int k) const {
-    const uint32_t word = greedy ? 0u : word_at(counter_words(seed, kStreamDraft, k, v >> 2), v & 3);
-    visit_entry(p, over_temperature(u + bias, scale), v, greedy, word);
+  // Step 2 for the race group this lane's entry (u, bias) of vocab row v belongs to: the group's
+  // eight entries are on the lanes sharing lane & 3 (visit_lane_group); every lane calls, `valid`
+  // false where the lane holds no entry.
+  __device__ __forceinline__ void visit(Partial& p, float u, float bias, int v, int k, bool valid) const {
+    const float x = valid ? over_temperature(u + bias, scale) : -INFINITY;
+    const uint32_t group = static_cast<uint32_t>(v) >> 3;
+    const GroupNoise noise = greedy ? GroupNoise{} : group_noise(counter_words(seed, kStreamDraft, k, group >> 1), group);
+    visit_lane_group(p, x, v, !greedy, noise);
   }
 };
 
-// Where a small-batch kernel's entry (u, bias) of vocab row v goes to step 2. With one request all
-// four lanes holding a row agree, so lane (lane & 3) == j keeps batch j of every four the warp
-// streams and visits it once: the epilogue runs once per 32 rows on every lane, not per 8 rows on a
-// quarter of them. With more, lane & 3 is the request and every batch's entry is visited.
+// Where a small-batch kernel's entry (u, bias) of vocab row v goes to step 2. A batch of 8 W2 rows
+// is one race group, row (lane >> 2) & 7 on the lanes sharing lane & 3. With one request all four
+// lanes holding a row agree, so lane (lane & 3) == j keeps batch j of every four the warp streams:
+// then the lanes hold four groups and visit them at once, and the epilogue runs once per 32 rows,
+// not per 8. With more, lane & 3 is the request and every batch is visited.
 template <int NR>
 struct EntryRouter {
   int held = 0, v;
   float u = 0.f, bias = 0.f;
 
   __device__ explicit EntryRouter(int V) : v(V) {}
-  // last: no batch follows in this pass, so a kept entry is visited now.
+  // last: no batch follows in this pass, so the kept entries are visited now. Every lane calls.
   template <typename Visit>
   __device__ __forceinline__ void offer(bool active, float u_, float bias_, int v_, int V, bool last, Visit&& visit) {
     if constexpr (NR == 1) {
       if ((threadIdx.x & 3) == held) u = u_, bias = bias_, v = v_;
       if (++held == 4 || last) {
-        if (v < V) visit(u, bias, v);
+        visit(u, bias, v, v < V);
         held = 0;
         v = V;
       }
-    } else if (active && v_ < V) {
-      visit(u_, bias_, v_);
+    } else {
+      visit(u_, bias_, v_, active && v_ < V);
     }
   }
 };
@@ -353,9 +348,9 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   uint4 h[NR];
   load_h<WT, NR>(prev_emb + static_cast<int64_t>(k) * kSmallRank, ld_emb, R, h);
   Partial p = empty_partial();
-  const auto epilogue = [&](float u, float bias, int v) {  // step 2 for one (request, row)
-    if (bias_out != nullptr) bias_out[static_cast<int64_t>(req.r) * V + v] = bias;
-    req.visit(p, u, bias, v, k);
+  const auto epilogue = [&](float u, float bias, int v, bool valid) {  // step 2 for one (request, row)
+    if (bias_out != nullptr && valid) bias_out[static_cast<int64_t>(req.r) * V + v] = bias;
+    req.visit(p, u, bias, v, k, valid);
   };
   EntryRouter<NR> route(V);
   for (; b < batches; b += kSmallDepth * stride) {
@@ -488,7 +483,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
   for (int k = 0; k < gamma; ++k) {
     Partial p = empty_partial();
     EntryRouter<NR> route(V);
-    const auto visit = [&](float u, float bias, int v) { req.visit(p, u, bias, v, k); };
+    const auto visit = [&](float u, float bias, int v, bool valid) { req.visit(p, u, bias, v, k, valid); };
     for (int n = 0; n < n_total; n += kDepth) {
 #pragma unroll
       for (int d = 0; d < kDepth; ++d) {

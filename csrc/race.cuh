@@ -49,80 +49,93 @@ __device__ __forceinline__ Partial warp_combine(Partial p, int lowest = 1) {
 
 __device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
 
-// One vocab entry of one request's step: online max / sum-exp and the race key. `word` is the
-// entry's Philox output (unused for greedy rows).
-__device__ __forceinline__ void visit_entry(Partial& p, float x, int v, bool greedy, uint32_t word) {
-  if (x > p.max) {
-    p.sum = p.sum * __expf(p.max - x) + 1.f;
-    p.max = x;
-  } else {
-    p.sum += __expf(x - p.max);
-  }
-  // argmax_v q_v / E_v == argmax_v x_v - log E_v (softmax is monotone in x); u < 1 always, so E > 0.
-  const float key = greedy ? x : x - logf(-logf(word_uniform(word)));
-  if (better(key, v, p.key, p.idx)) {
-    p.key = key;
-    p.x = x;
-    p.idx = v;
-  }
+// The draft's grouped race (docs/runtime-api.md, "Random numbers"): vocab ids 8g .. 8g+7 form group
+// g. Its race key is log(W_g / E_g), W_g = Σ exp(x) over the group, E_g = -log u_g, so the winning
+// group is drawn ∝ W_g; inside it the first entry whose prefix sum exceeds v_g·W_g is taken (inverse
+// CDF), so each token is drawn ∝ exp(x), the softmax. The noise is per group, not per entry: Philox
+// block g >> 1 of (seed, kStreamDraft, step) serves groups 2b and 2b+1 with words (x, y) and (z, w),
+// the race uniform u_g and the pick uniform v_g. (A race per entry spent most of the sampled
+// epilogue on one Philox word and, where the entry could win, two logarithms per vocab entry.)
+struct GroupNoise {
+  uint32_t race, pick;
+};
+
+__device__ __forceinline__ GroupNoise group_noise(const uint4& block_words, int group) {
+  return group & 1 ? GroupNoise{block_words.z, block_words.w} : GroupNoise{block_words.x, block_words.y};
 }
 
-// Eight consecutive vocab entries v .. v+7 at once: independent exps, logs and noise (short
-// dependency chains), then one merge into the running partial. The outer log of the race key is
-// __logf (3 ulp; the key is compared, never exponentiated); -log u keeps logf's accuracy near u = 1.
-// Sampled rows skip an entry's logarithms when it cannot beat `reached`, a key already reached in
-// the row: it can only if E_i < exp(x_i - reached) = e_i·exp(m - reached), and E_i >= 1 - u_i =
-// (2 - 2^-24) - f_i (word_one_plus), so only if f_i + e_i·t > 2 - 2^-24, with t = exp(m - reached)
-// ·1.001 (loosened far beyond the approximate exps' error). An entry with fl(f_i + e_i·t) < 2
-// fails that, since below 2 the fma rounds by at most 2^-24, and is dropped. Entries that cannot
-// win the row are all it drops, each on its own (logs run only where a lane's entry passes).
+// The group's race key from its max m and sum-exp s (relative to m). The outer logs are __logf (a
+// few ulp: keys are only compared); -log u keeps logf's accuracy near u = 1.
+__device__ __forceinline__ float group_key(float m, float s, uint32_t race_word) {
+  return m + (__logf(s) - __logf(-logf(word_uniform(race_word))));
+}
+
+// Group v .. v+7 (v % 8 == 0) of one request's step into p: online max / sum-exp, then the group's
+// race (sampled) or its argmax, lowest index on ties (greedy).
 template <bool kSampled>
-__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, const uint4 words[2], float reached) {
+__device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, GroupNoise noise) {
   float m = x[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) m = fmaxf(m, x[i]);
   float e[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) e[i] = exp_ftz(x[i] - m);
-  Partial c{m, ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])), -INFINITY, -INFINITY, 0x7fffffff};
+  // Prefix sums, c[7] summed as a tree (the row sum-exp's bits on every path of the chain).
+  const float e01 = e[0] + e[1], e23 = e[2] + e[3], e45 = e[4] + e[5], e67 = e[6] + e[7];
+  const float c[8] = {e[0], e01, e01 + e[2], e01 + e23, (e01 + e23) + e[4], (e01 + e23) + e45,
+                      ((e01 + e23) + e45) + e[6], (e01 + e23) + (e45 + e67)};
+  Partial g{m, c[7], -INFINITY, -INFINITY, 0x7fffffff};
   if constexpr (kSampled) {
-    const float t = exp_ftz(m - reached) * 1.001f;  // inf while reached = -inf: every entry passes
+    g.key = group_key(m, c[7], noise.race);
+    const float t = word_uniform(noise.pick) * c[7];  // < c[7]: u < 1 rounds below it
+    int j = 7;
+    float xj = x[7];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t w = word_at(words[i / 4], i % 4);
-      if (!(fmaf(e[i], t, word_one_plus(w)) < 2.f)) {  // NaN passes
-        const float key = x[i] - __logf(-logf(word_uniform(w)));
-        if (key > c.key) {  // ascending i: strict > keeps the lowest index on ties
-          c.key = key;
-          c.x = x[i];
-          c.idx = v + i;
-        }
-      }
-    }
+    for (int i = 6; i >= 0; --i)  // c is non-decreasing: the last i passing is the first above t
+      if (c[i] > t) j = i, xj = x[i];
+    g.x = xj;
+    g.idx = v + j;
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      if (x[i] > c.key) {
-        c.key = x[i];
-        c.x = x[i];
-        c.idx = v + i;
+      if (x[i] > g.key) {  // ascending i: strict > keeps the lowest index on ties
+        g.key = x[i];
+        g.x = x[i];
+        g.idx = v + i;
       }
     }
   }
-  p = combine(p, c);
+  p = combine(p, g);
 }
 
-// The race key of the largest x of eight (the lowest index on ties), as a partial with no sum: a key
-// really reached in the row, so that a slice's first round has one to screen against and runs
-// one logarithm per lane instead of eight. visit8 recomputes it bit for bit if the entry passes.
-__device__ __forceinline__ Partial pilot8(const float x[8], int v, const uint4 words[2]) {
-  int j = 0;
-  float xj = x[0];
-  uint32_t wj = words[0].x;
+// The same for a group spread over eight lanes of a warp: the lanes sharing lane & 3, entry
+// j = (lane >> 2) & 7 of group v >> 3 (v = this lane's vocab id; x = -inf where there is no entry).
+// Every lane of the warp calls (lanes may differ in `sampled`: their requests do); the group's
+// result goes into the partial of its j = 0 lane. The scan's c[7] adds in visit8's pairs.
+__device__ __forceinline__ void visit_lane_group(Partial& p, float x, int v, bool sampled, GroupNoise noise) {
+  const int lane = threadIdx.x % 32, j = (lane >> 2) & 7;
+  float m = x;
 #pragma unroll
-  for (int i = 1; i < 8; ++i)
-    if (x[i] > xj) j = i, xj = x[i], wj = word_at(words[i / 4], i % 4);
-  return {-INFINITY, 0.f, xj - __logf(-logf(word_uniform(wj))), xj, v + j};
+  for (int off = 4; off < 32; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  float c = x == -INFINITY ? 0.f : exp_ftz(x - m);
+#pragma unroll
+  for (int d = 1; d < 8; d <<= 1) {
+    const float below = __shfl_up_sync(0xffffffffu, c, 4 * d);
+    if (j >= d) c += below;
+  }
+  const float s = __shfl_sync(0xffffffffu, c, (lane & 3) | 28);
+  // Sampled: the first entry whose prefix sum passes v_g·s; greedy: the first at the max.
+  const bool taken = sampled ? c > word_uniform(noise.pick) * s : x == m;
+  const unsigned group_taken = __ballot_sync(0xffffffffu, taken) & (0x11111111u << (lane & 3));
+  const int first = group_taken ? __ffs(group_taken) - 1 : lane;
+  const float x_first = __shfl_sync(0xffffffffu, x, first);
+  Partial g{m, s, -INFINITY, -INFINITY, 0x7fffffff};
+  if (group_taken && s > 0.f) {  // s == 0: a group without entries
+    g.key = sampled ? group_key(m, s, noise.race) : m;
+    g.x = x_first;
+    g.idx = (v & ~7) + ((first >> 2) & 7);
+  }
+  if (j == 0) p = combine(p, g);
 }
 
 // Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait

@@ -64,9 +64,10 @@ def run_markov(case: MarkovCase, use_cuda_ops: bool, inputs=None):
 
 
 def compare_markov(case: MarkovCase) -> dict:
-    """Kernel vs reference on the same inputs. Tokens must match exactly; a near-tie in the race
-    (keys within fp32 rounding: the kernel compares x - log E, the reference q / E) may flip one
-    request's chain, which is reported as `diverged` rather than hidden."""
+    """Kernel vs reference on the same inputs. Tokens must match exactly; a near-tie in the grouped
+    race (group keys or a pick threshold within fp32 rounding: kernel and reference round the group
+    sums and keys differently) may flip one request's chain, which is reported as `diverged`
+    rather than hidden."""
     inputs = markov_inputs(case)
     ref = run_markov(case, False, inputs)
     out = run_markov(case, True, inputs)

@@ -3,6 +3,7 @@ import torch
 
 from dspark_cli.runtime import markov_chain, probs_from_logits, residual_row, rng
 from tests.test_runtime_chi2 import chi2_pvalue
+from tests.test_runtime_rng import grouped_race_by_hand
 
 
 def _setup(R=5, gamma=4, V=40, r=8, seed=0, dtype=torch.float32):
@@ -15,7 +16,8 @@ def _setup(R=5, gamma=4, V=40, r=8, seed=0, dtype=torch.float32):
 
 
 def _plain_chain(U, anchors, w1, w2, temperature, seeds):
-    """One request and one position at a time, straight from DSPARK.md §1.3."""
+    """One request and one position at a time, straight from DSPARK.md §1.3; seeded draws by the
+    grouped race written out group by group (not rng.grouped_race_sample)."""
     R, gamma, V = U.shape
     tokens, qs = torch.zeros(R, gamma, dtype=torch.int64), torch.zeros(R, gamma, V)
     for r in range(R):
@@ -28,15 +30,14 @@ def _plain_chain(U, anchors, w1, w2, temperature, seeds):
                 q[int(torch.argmax(logits))] = 1.0
             else:
                 q = torch.softmax(logits / T, dim=0)
-            noise = rng.exponential(seeds[r : r + 1], rng.STREAM_DRAFT, k, V)[0]
-            prev = int(torch.argmax(q / noise))
+            prev = grouped_race_by_hand(q, int(seeds[r]), rng.STREAM_DRAFT, k)
             tokens[r, k], qs[r, k] = prev, q
     return tokens, qs
 
 
 @pytest.mark.parametrize("temps", [[0.0] * 5, [1.0, 0.7, 1.3, 0.0, 2.0]], ids=["greedy", "sampled"])
 def test_chain_matches_plain_per_step_implementation(temps):
-    U, anchors, w1, w2 = _setup()
+    U, anchors, w1, w2 = _setup(V=43)  # a partial last group of the grouped race
     temperature, seeds = torch.tensor(temps), torch.arange(100, 105)
     draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds)
     tokens, qs = _plain_chain(U, anchors, w1, w2, temperature, seeds)

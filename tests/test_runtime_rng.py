@@ -46,3 +46,65 @@ def test_race_sample_follows_weights():
     seeds = torch.arange(100_000)
     draws = rng.race_sample(w.expand(100_000, 4), rng.exponential(seeds, rng.STREAM_RECOVER, 0, 4))
     assert chi2_pvalue(draws, w / w.sum()) > 0.01
+
+
+def grouped_race_by_hand(weights: torch.Tensor, seed: int, stream: int, position: int) -> int:
+    """The grouped race of docs/runtime-api.md for one row [V], one group at a time."""
+    key = _t(seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    best_key, best_group, best_sums, best_pick = None, None, None, None
+    for g in range((weights.numel() + 7) // 8):
+        words = rng.philox4x32(*key, *_t(g >> 1, (stream << 16) | (position & 0xFFFF)))
+        race_u, pick_u = rng._to_uniform(words[2 * (g & 1)]), rng._to_uniform(words[2 * (g & 1) + 1])
+        sums, total = [], torch.zeros(1)
+        for w in weights[8 * g : 8 * g + 8]:
+            total = total + w  # fp32, left to right
+            sums.append(total)
+        group_key = total / -torch.log(race_u)
+        if best_key is None or group_key > best_key:
+            best_key, best_group, best_sums, best_pick = group_key, g, sums, pick_u
+    threshold = best_pick * best_sums[-1]
+    return 8 * best_group + sum(int(s <= threshold) for s in best_sums)
+
+
+def test_grouped_race_matches_the_spec_group_by_group():
+    g = torch.Generator().manual_seed(1)
+    V = 37  # a partial last group of 5
+    w = torch.rand(6, V, generator=g) ** 4 * torch.logspace(-6, 2, 6).unsqueeze(1)
+    w[2, 8:16] = 0.0  # a group that can never win
+    seeds = torch.tensor([0, 1, -3, 2**40 + 5, 2**63 - 1, 12345])
+    for stream, position in [(rng.STREAM_DRAFT, 0), (rng.STREAM_DRAFT, 5), (rng.STREAM_RECOVER, 70_000)]:
+        draws = rng.grouped_race_sample(w, seeds, stream, position)
+        assert draws.tolist() == [grouped_race_by_hand(w[r], int(seeds[r]), stream, position) for r in range(6)]
+    positions = torch.arange(6).unsqueeze(1)  # a tensor position: one per request
+    assert rng.grouped_race_sample(w, seeds, rng.STREAM_DRAFT, positions).tolist() == [
+        grouped_race_by_hand(w[r], int(seeds[r]), rng.STREAM_DRAFT, r) for r in range(6)]
+
+
+def test_grouped_race_follows_weights_chi2():
+    # V = 29: groups 0..7, 8..15, 16..23 (all zero), 24..28 (partial); zeros also first in a group;
+    # weights over six decades, scaled small on purpose (the race needs no normalization).
+    w = torch.tensor([0.0, 3.0, 0.5, 1e-2, 7.0, 0.0, 2.0, 0.05,
+                      1.0, 4.0, 0.0, 0.3, 1e-3, 6.0, 0.8, 1e-5,
+                      0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                      2.5, 0.1, 0.0, 1.5, 5.0]) * 1e-4
+    n = 200_000
+    draws = rng.grouped_race_sample(w.expand(n, -1), torch.arange(n), rng.STREAM_DRAFT, 3)
+    assert torch.all(torch.bincount(draws, minlength=w.numel())[w == 0] == 0)
+    assert chi2_pvalue(draws, w / w.sum()) > 0.01
+
+
+def test_grouped_race_of_one_hot_rows_is_their_argmax():
+    V = 21
+    hot = torch.tensor([0, 7, 8, 13, 16, 20])
+    rows = torch.nn.functional.one_hot(hot, V).float()
+    for position in range(4):
+        assert torch.equal(rng.grouped_race_sample(rows, torch.arange(6) * 977, rng.STREAM_DRAFT, position), hot)
+
+
+def test_grouped_race_draws_depend_only_on_own_seed_and_row():
+    g = torch.Generator().manual_seed(2)
+    w, seeds = torch.rand(64, 50, generator=g), torch.randint(-2**62, 2**62, (64,), generator=g)
+    perm = torch.randperm(64, generator=g)
+    draws = rng.grouped_race_sample(w, seeds, rng.STREAM_DRAFT, 1)
+    assert torch.equal(rng.grouped_race_sample(w[perm], seeds[perm], rng.STREAM_DRAFT, 1), draws[perm])
+    assert torch.equal(rng.grouped_race_sample(w[:1], seeds[:1], rng.STREAM_DRAFT, 1), draws[:1])

@@ -17,8 +17,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # torch is imported where the code runs (inside DSPARK_TGI_UTILS_PYTHON)
+    import torch
 
 TGI_SRC = os.environ.get("DSPARK_TGI_SRC")
 TGI_PY = os.environ.get("DSPARK_TGI_UTILS_PYTHON")

@@ -72,10 +72,10 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
                  generator=None, return_q=True) -> MarkovDraft:
     """Draft γ tokens per request, sequential over positions, batched over requests.
 
-    Sampling is an exponential race on the fp32 q row: with `seeds` [R] int64 the noise is the
-    counter-based stream rng.STREAM_DRAFT (identical on every rank and in our CUDA kernel);
-    otherwise it comes from `generator` (or torch's global RNG). Greedy requests
-    (temperature < 1e-5) take the argmax and get q = one-hot."""
+    x_k is drawn ∝ the fp32 q row: with `seeds` [R] int64 by rng.grouped_race_sample on the
+    counter-based stream rng.STREAM_DRAFT, position k (identical on every rank and in our CUDA
+    kernel); otherwise by an exponential race with noise from `generator` (or torch's global RNG).
+    Greedy requests (temperature < 1e-5) take the argmax and get q = one-hot."""
     _checks.tensor("U", U, 3, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("U", U)
     R, gamma, V = U.shape
@@ -105,15 +105,20 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     for k in range(gamma):  # the chain is inherently sequential over positions
         prev_emb[:, k] = w1[prev]
         probs = probs_from_logits(_step_logits(U[:, k], prev, w1, w2_fp32), temperature, top_k, top_p)
-        noise = (rng.exponential(seeds, rng.STREAM_DRAFT, k, V) if seeds is not None
-                 else rng.exponential_like(probs, generator))
-        prev = rng.race_sample(probs, noise)  # one-hot rows (greedy) pick their argmax
+        prev = _sample(probs, seeds, k, generator)
         tokens[:, k] = prev
         q_token[:, k] = probs.gather(1, prev.unsqueeze(1)).squeeze(1)
         if q is not None:
             q[:, k] = probs
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, top_k, top_p)
     return MarkovDraft(tokens, q_token, q, prev_emb, source)
+
+
+def _sample(probs, seeds, k: int, generator) -> torch.Tensor:
+    """x_k [R] ∝ probs; one-hot rows (greedy) give their argmax."""
+    if seeds is not None:
+        return rng.grouped_race_sample(probs, seeds, rng.STREAM_DRAFT, k)
+    return rng.race_sample(probs, rng.exponential_like(probs, generator))
 
 
 def _check_markov_weights(w1, w2, vocab: int) -> None:

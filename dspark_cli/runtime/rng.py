@@ -9,13 +9,20 @@ Counter layout (documented in docs/runtime-api.md, the kernels reproduce it):
   word    = output word (index & 3): four consecutive vocab ids share one Philox call
 u = ((word >> 9) + 0.5) * 2**-23, uniform in (0, 1) and exact in fp32
 (with 24 bits, (2**24 - 0.5) * 2**-24 rounds to 1.0: E = -log(u) = -0 would make a token undrawable).
+The grouped race (grouped_race_sample, the draft stream) reads per group g of 8 vocab ids instead:
+  counter = (g >> 1, (stream << 16) | position, 0, 0)
+  words   = 2 * (g & 1) (race uniform) and 2 * (g & 1) + 1 (pick uniform): one call per 16 vocab ids
 """
 
-import torch
+from itertools import accumulate
 
-STREAM_DRAFT = 0  # Markov chain sampling: position k, index v
+import torch
+import torch.nn.functional as F
+
+STREAM_DRAFT = 0  # Markov chain grouped race: position k, group g
 STREAM_ACCEPT = 1  # acceptance uniforms: position j, index 0
 STREAM_RECOVER = 2  # residual / bonus sample: position 0, index v
+_GROUP = 8  # vocab ids per group of grouped_race_sample
 
 _MASK32 = 0xFFFFFFFF
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
@@ -89,3 +96,44 @@ def race_sample(weights: torch.Tensor, exp_noise: torch.Tensor) -> torch.Tensor:
     """Exponential race: argmax_v w_v / E_v is distributed ∝ w_v (w ≥ 0, any scale), i.e.
     Gumbel-max without logs of w. Ties (measure zero) resolve to the lowest index."""
     return torch.argmax(weights / exp_noise, dim=-1)
+
+
+def grouped_race_sample(weights: torch.Tensor, seeds: torch.Tensor, stream: int,
+                        position: int | torch.Tensor) -> torch.Tensor:
+    """One id per row ∝ weights [R, V] fp32 ≥ 0 (any scale) -> [R] int64, from the counter-based
+    stream: an exponential race between groups of 8 consecutive ids (key W_g / E_g with W_g the
+    group's sum; max-stability makes P(g) ∝ W_g), then inverse-CDF sampling inside the winner (the
+    first id whose running sum exceeds v·W_g). It needs one Philox call per 16 ids and one log per
+    8, where race_sample needs one log per id. position: int or int64 tensor broadcastable to [R, 1].
+    The spec (docs/runtime-api.md) is what the CUDA kernels reproduce."""
+    sums = _group_running_sums(weights)
+    race_u, pick_u = _group_uniforms(seeds, stream, position, sums.shape[1])
+    totals = sums[..., -1]
+    winner = torch.argmax(totals / -torch.log(race_u), dim=-1, keepdim=True)  # ties: lowest group
+    threshold = pick_u.gather(1, winner) * totals.gather(1, winner)
+    winner_sums = sums.gather(1, winner.unsqueeze(-1).expand(-1, -1, _GROUP)).squeeze(1)
+    offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(_GROUP - 1)  # 8 only for an all-zero row
+    return _GROUP * winner.squeeze(1) + offset
+
+
+def _group_running_sums(weights: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R, ceil(V/8), 8] fp32 running sums within each group, ids past V weighing 0.
+    Added left to right in fp32 so the reference rounds alike on every device (torch.cumsum
+    accumulates fp32 in fp64 on the CPU, and its order on CUDA is its own). The CUDA kernels sum
+    exp(x - group max) instead, so their sums differ in the last bits: near-ties only."""
+    R, V = weights.shape
+    groups = F.pad(weights, (0, -V % _GROUP)).reshape(R, -1, _GROUP)
+    return torch.stack(list(accumulate(groups.unbind(-1))), dim=-1)
+
+
+def _group_uniforms(seeds: torch.Tensor, stream: int, position, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(race u, pick v) [R, groups]: group g takes words 2(g & 1) and 2(g & 1) + 1 of call g >> 1."""
+    key0, key1 = _keys(seeds)
+    # Python ints stay ints: a host->device copy here would break CUDA-graph capture.
+    if not isinstance(position, int):
+        position = torch.as_tensor(position, device=seeds.device, dtype=torch.int64)
+    calls = torch.arange((groups + 1) // 2, device=seeds.device, dtype=torch.int64).unsqueeze(0)
+    w0, w1, w2, w3 = philox4x32(key0, key1, calls, (stream << 16) | (position & 0xFFFF))
+    race = torch.stack((w0, w2), dim=-1).flatten(-2)[..., :groups]
+    pick = torch.stack((w1, w3), dim=-1).flatten(-2)[..., :groups]
+    return _to_uniform(race), _to_uniform(pick)
