@@ -1,7 +1,7 @@
 // The fused Markov step (docs/kernels.md), Hopper only: per step k, bias = W1[x_{k-1}]·W2ᵀ on the
 // tensor cores and the split pass on the accumulators in one kernel, so the fp32 bias never goes
 // through HBM (at R = 128 its round trip was 156 MB of the ~270 MB a cuBLAS step moved). markov.cu
-// takes it at R <= 16 and 48 <= R <= 128 (in between the cuBLAS path measured faster).
+// takes it at 3 <= R <= 128 (R <= 2 runs its small-batch kernels).
 //
 // One CTA per SM walks a contiguous range of 64-vocab W2 tiles:
 //   - a producer warpgroup (one thread issues, the rest give their registers to the consumers with
@@ -50,7 +50,6 @@ constexpr int kMaxRequests = 2 * kHalfRows;
 // At R <= 16 only one warp of each warpgroup holds request rows: it stages them in shared memory
 // (two buffers) and the whole warpgroup runs the epilogue, eight threads per request.
 constexpr int kStagedMaxRequests = 16;
-constexpr int kMinUnstagedRequests = 48;             // measured crossover with the cuBLAS path (H200)
 constexpr int kStageStride = kTileVocab + 4;         // floats per staged row (padding spreads the banks)
 constexpr int kStageBytes = 2 * kGroups * kStagedMaxRequests * kStageStride * 4;
 // The ring, W1[x] of one half per 64 requests (staged: R <= 16, one half) and the staged rows.
@@ -431,11 +430,7 @@ void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, 
 
 bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  // 16 < R < 48: rows fill only part of each warpgroup's epilogue; the cuBLAS path was faster there
-  // (DSPARK_MARKOV_PATH=fused takes the fused step anyway, to measure that).
-  const bool batch = R <= kStagedMaxRequests ||
-                     (R <= kMaxRequests && (R >= kMinUnstagedRequests || markov_path_forced("fused")));
-  return !markov_path_forced("gemm") && props->major == 9 && batch &&
+  return !markov_path_forced("gemm") && props->major == 9 && R <= kMaxRequests &&
          (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kRank &&
          w2.size(0) % kTileVocab == 0 && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0 &&
          // + the static shared memory (mbarriers, merged partials: about 5 KB)

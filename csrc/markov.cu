@@ -24,7 +24,7 @@
 // H200), and the blocks meet at a grid barrier between steps (measured: L2 prefetches and
 // evict_last hints for the streamed rows, and L2 prefetches of each block's winner's W1 row,
 // gained nothing; what mattered was the merge after the barrier taking one round trip).
-// On Hopper, R <= 16 and 48 <= R <= 128 (bf16/fp16 rank-256 heads, V % 64 == 0) run steps 1 and 2
+// On Hopper, 3 <= R <= 128 (bf16/fp16 rank-256 heads, V % 64 == 0) run steps 1 and 2
 // as one kernel instead: fused_step.cu (TMA-fed wgmma tiles, the split pass on the accumulators).
 // Earlier fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping
 // the bias tile in shared memory, one W2 tile per CTA (branch wip/tensor-core-markov-step) or pipelined
