@@ -28,6 +28,7 @@
 
 #include "fused_step.h"
 #include "launch.h"
+#include "residual.cuh"
 
 namespace dspark {
 namespace {
@@ -143,6 +144,25 @@ __device__ __forceinline__ Partial group_combine(Partial p) {
   return p;
 }
 
+template <int W>
+__device__ __forceinline__ Race group_combine(Race x) {
+#pragma unroll
+  for (int off = 1; off < W; off <<= 1) x = merge(x, shfl_xor_race(x, off));
+  return x;
+}
+
+// A thread's running result: the chain step's partial, or rejection's races (kResidual).
+template <bool kResidual>
+using EpilogueState = std::conditional_t<kResidual, Race, Partial>;
+
+template <bool kResidual>
+__device__ __forceinline__ EpilogueState<kResidual> empty_state() {
+  if constexpr (kResidual) return empty_race();
+  else return empty_partial();
+}
+
+__device__ __forceinline__ Race combine(Race a, Race b) { return merge(a, b); }
+
 // A request's settings for the epilogue: its U row at step k, temperature, greedy or sampled.
 template <typename UT>
 struct RowRequest {
@@ -193,11 +213,66 @@ __device__ __forceinline__ void visit_entries(Partial& p, float x[N], const uint
   for (int h = 0; h < N; h += 8) visit8<true>(p, x + h, v + h, group_noise(w, (v + h) >> 3));
 }
 
-template <int N, typename UT>
-__device__ __forceinline__ void load_u(const RowRequest<UT>& req, int v, uint4 out[N * sizeof(UT) / 16]) {
+// U entries v .. v+N-1 of a request's row (zeros for a request without one), issued before the
+// multiply so they are in flight meanwhile.
+template <int N, typename UT, typename Request>
+__device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * sizeof(UT) / 16]) {
 #pragma unroll
   for (int c = 0; c < static_cast<int>(N * sizeof(UT) / 16); ++c)
-    out[c] = req.active ? reinterpret_cast<const uint4*>(req.u_row + v)[c] : make_uint4(0, 0, 0, 0);
+    out[c] = req.u_row != nullptr ? reinterpret_cast<const uint4*>(req.u_row + v)[c] : make_uint4(0, 0, 0, 0);
+}
+
+// Rejection's settings for a request (the residual epilogue, ResidualRows): nothing for a greedy
+// one (accept_kernel emitted its token); else p's race over its row target[row_start + n], and
+// when it was rejected at draft position n the residual against the q row the chain sampled
+// there: U row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
+template <typename UT>
+struct ResidualRequest {
+  bool active = false, rejected = false, one_hot = false;
+  float scale = 1.f, max = 0.f, sum = 1.f;
+  int token = -1;
+  int64_t seed = 0;
+  const UT* u_row = nullptr;
+  const float* p_row = nullptr;
+
+  __device__ ResidualRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
+                             const int64_t* __restrict__ seeds, int gamma, int V, const ResidualRows& rows) {
+    if (r >= R || (rows.greedy != nullptr && rows.greedy[r])) return;
+    active = true;
+    const int n = rows.state[2 * r];
+    seed = seeds[r];
+    p_row = rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V);
+    rejected = rows.state[2 * r + 1];
+    if (!rejected) return;
+    const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
+    const float T = temperature[r];
+    one_hot = T < kGreedyBelow;
+    scale = one_hot ? 1.f : T;
+    max = rows.row_stats[2 * at];
+    sum = rows.row_stats[2 * at + 1];
+    token = static_cast<int>(rows.tokens[at]);
+    if (!one_hot) u_row = U + at * V;
+  }
+};
+
+// Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q = exp(x/T −
+// max) / sum exactly as the chain's q_token (or one-hot at the token), p from the target row.
+template <int N, typename UT>
+__device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4* u, const ResidualRequest<UT>& req,
+                                              int v, int /*k*/) {
+  if (req.rejected && !req.one_hot) add_u_over_temperature<N, UT>(x, u, req.scale);
+  const uint4 w = counter_words(req.seed, kStreamRecover, 0, v >> 4);
+#pragma unroll
+  for (int h = 0; h < N; h += 8) {
+    float p[8], q[8] = {};
+    load_vec<8>(req.p_row + v + h, p);
+    if (req.rejected) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        q[i] = req.one_hot ? (v + h + i == req.token ? 1.f : 0.f) : expf(x[h + i] - req.max) / req.sum;
+    }
+    visit_residual_group(acc, p, q, req.rejected, v + h, group_noise(w, (v + h) >> 3));
+  }
 }
 
 // bias_out rows of this warp's 16 requests for tile columns v0 .. v0+63. The fragment holds 16-byte
@@ -231,15 +306,17 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills the slot
 }
 
-// Grid: one CTA per SM (at most one per tile), V % 64 == 0. partials [R, gridDim.x] when U is
-// given; bias_out [R, V] when kBiasOut (its code, barrier and registers kept out of the production
-// q-lazy kernel). kStaged: R <= 16 (see kStagedMaxRequests).
-template <typename WT, typename UT, bool kStaged, bool kBiasOut>
+// Grid: one CTA per SM (at most one per tile), V % 64 == 0. results [R, gridDim.x] when U is
+// given: the chain step's partials, or with kResidual rejection's races (ResidualRows); bias_out
+// [R, V] when kBiasOut (its code, barrier and registers kept out of the production q-lazy kernel).
+// kStaged: R <= 16 (see kStagedMaxRequests).
+template <typename WT, typename UT, bool kStaged, bool kBiasOut, bool kResidual>
 __global__ void __launch_bounds__(kFusedThreads, 1)
 fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __restrict__ h, int64_t ldh, int R, int V,
                   const UT* __restrict__ U, const float* __restrict__ temperature,
-                  const int64_t* __restrict__ seeds, Partial* __restrict__ partials, float* __restrict__ bias_out,
-                  int k, int gamma) {
+                  const int64_t* __restrict__ seeds, const ResidualRows residual_rows, void* __restrict__ results,
+                  float* __restrict__ bias_out, int k, int gamma) {
+  using State = EpilogueState<kResidual>;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle (TMA's and wgmma's) is a function of address bits 4-9: 1024-byte aligned.
@@ -247,7 +324,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   unsigned char* w1x = ring + kSlots * kTileBytes;
   float* stage = reinterpret_cast<float*>(w1x + kHalfBytes);  // kStaged only (one half of W1[x])
   __shared__ __align__(8) uint64_t full[kSlots], freed[kSlots];
-  __shared__ Partial merged[kConsumers / 32][16];
+  __shared__ State merged[kConsumers / 32][16];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int halves = R > kHalfRows ? 2 : 1, groups = kGroups / halves;
   const int tiles = V / kTileVocab;
@@ -278,7 +355,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
 
-  wait_previous_kernel();  // H (prev_emb[:, k]) is the previous step's reduce output
+  wait_previous_kernel();  // H (prev_emb[:, k]) is the previous step's reduce output (or accept_kernel's)
   // W1[x] rows into wgmma's layout: row m of a half, 16-byte chunk c of K block kb at
   // kb·8 KB + 128·m + 16·(c ^ (m % 8)); zeros past R.
   for (int i = threadIdx.x; i < halves * kHalfRows * (kRank / 8); i += kConsumers) {
@@ -297,10 +374,12 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   const bool epilogue = U != nullptr;
   // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
   const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
-  const RowRequest<UT> req[2] = {
-      RowRequest<UT>(kStaged ? staged_row : rows[0], R, U, temperature, seeds, k, gamma, V),
-      RowRequest<UT>(kStaged ? R : rows[1], R, U, temperature, seeds, k, gamma, V)};
-  Partial p[2] = {empty_partial(), empty_partial()};
+  const auto request = [&](int r) {
+    if constexpr (kResidual) return ResidualRequest<UT>(r, R, U, temperature, seeds, gamma, V, residual_rows);
+    else return RowRequest<UT>(r, R, U, temperature, seeds, k, gamma, V);
+  };
+  const decltype(request(0)) req[2] = {request(kStaged ? staged_row : rows[0]), request(kStaged ? R : rows[1])};
+  State p[2] = {empty_state<kResidual>(), empty_state<kResidual>()};
   const uint64_t a_desc = swizzled_desc(smem_u32(w1x + half * kHalfBytes));
   float acc[32];
 
@@ -310,8 +389,8 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     const int v = v0 + (kStaged ? 8 * staged_part : 16 * quad);  // this thread's first vocab id of the tile
     constexpr int kEntries = kStaged ? 8 : 16;
     uint4 u[2][kEntries * sizeof(UT) / 16];  // in flight during the multiply
-    load_u<kEntries>(req[0], v, u[0]);
-    if (!kStaged) load_u<kEntries>(req[1], v, u[1]);
+    load_u<kEntries, UT>(req[0], v, u[0]);
+    if (!kStaged) load_u<kEntries, UT>(req[1], v, u[1]);
     mbar_wait(&full[slot], (t / kSlots) & 1);
     const uint64_t b_desc = swizzled_desc(smem_u32(ring + slot * kTileBytes));
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -359,25 +438,25 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   if (!epilogue) return;
 
   // Per request: its threads (a quad, or eight staged threads), then the groups' warps in order;
-  // one partial (r, CTA).
+  // one result (r, CTA).
   if constexpr (kStaged) {
-    const Partial mine = group_combine<8>(p[0]);
+    const State mine = group_combine<8>(p[0]);
     if (lane % 8 == 0) merged[warp][lane / 8] = mine;
   } else {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const Partial mine = group_combine<4>(p[i]);
+      const State mine = group_combine<4>(p[i]);
       if (quad == 0) merged[warp][gid + 8 * i] = mine;
     }
   }
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
   for (int r = threadIdx.x; r < R; r += kConsumers) {
-    Partial all = empty_partial();
+    State all = empty_state<kResidual>();
     for (int g = 0; g < groups; ++g) {
       all = combine(all, kStaged ? merged[4 * g + r / 4][r % 4]
                                  : merged[4 * (g * halves + r / kHalfRows) + (r % kHalfRows) / 16][r % 16]);
     }
-    partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = all;
+    static_cast<State*>(results)[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = all;
   }
 #else
   __trap();  // built without sm_90a: fused_step_supported keeps the host from launching this
@@ -414,16 +493,48 @@ CUtensorMap w2_tile_map(const at::Tensor& w2) {
   return map;
 }
 
-// A programmatic dependent of the previous step's reduce: the producer starts streaming W2 while it
-// drains.
-template <typename WT, typename UT, bool kStaged, bool kBiasOut>
+// A programmatic dependent of the previous kernel (the previous step's reduce, or rejection's
+// accept_kernel): the producer starts streaming W2 while it drains.
+template <typename WT, typename UT, bool kStaged, bool kBiasOut, bool kResidual>
 void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, const float* temperature,
-            const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma, cudaStream_t stream) {
-  auto* kernel = fused_step_kernel<WT, UT, kStaged, kBiasOut>;
+            const int64_t* seeds, const ResidualRows& residual_rows, void* results, float* bias_out, int k, int gamma,
+            cudaStream_t stream) {
+  auto* kernel = fused_step_kernel<WT, UT, kStaged, kBiasOut, kResidual>;
   allow_dynamic_smem(kernel, smem_bytes(kStaged));  // the ring and W1[x] exceed 48 KB
   launch_programmatic(kernel, dim3(fused_step_blocks(w2.size(0))), dim3(kFusedThreads), smem_bytes(kStaged), stream,
-                      w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U, temperature, seeds, partials,
-                      bias_out, k, gamma);
+                      w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U, temperature, seeds, residual_rows,
+                      results, bias_out, k, gamma);
+}
+
+// The chain's launchers and rejection's for one (W, U) dtype pair and R.
+template <typename WT, typename UT>
+void dispatch(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, const float* temperature,
+              const int64_t* seeds, const ResidualRows* residual_rows, void* results, float* bias_out, int k, int gamma,
+              cudaStream_t stream) {
+  const bool staged = R <= kStagedMaxRequests;
+  const WT* hp = static_cast<const WT*>(h);
+  const UT* up = static_cast<const UT*>(U);
+  if (residual_rows != nullptr) {
+    auto* run = staged ? launch<WT, UT, true, false, true> : launch<WT, UT, false, false, true>;
+    run(w2, hp, ldh, R, up, temperature, seeds, *residual_rows, results, nullptr, 0, gamma, stream);
+    return;
+  }
+  auto* run = bias_out == nullptr ? (staged ? launch<WT, UT, true, false, false> : launch<WT, UT, false, false, false>)
+                                  : (staged ? launch<WT, UT, true, true, false> : launch<WT, UT, false, true, false>);
+  run(w2, hp, ldh, R, up, temperature, seeds, ResidualRows{}, results, bias_out, k, gamma, stream);
+}
+
+template <typename F>
+void with_types(const at::Tensor& w2, at::ScalarType u_type, F&& f) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_fused_step", [&] {
+    using WT = device_t<scalar_t>;
+    switch (u_type) {  // U without a row (bias only) comes as bf16
+      case at::kBFloat16: f(WT{}, __nv_bfloat16{}); break;
+      case at::kHalf: f(WT{}, __half{}); break;
+      case at::kFloat: f(WT{}, float{}); break;
+      default: TORCH_CHECK(false, "dspark: U must be bf16, fp16 or fp32");
+    }
+  });
 }
 
 }  // namespace
@@ -445,22 +556,18 @@ int fused_step_blocks(int V) {
 void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
                 const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
                 cudaStream_t stream) {
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_fused_step", [&] {
-    using WT = device_t<scalar_t>;
-    const WT* hp = reinterpret_cast<const WT*>(h);
-    const auto with_u = [&](auto u_type_tag) {
-      using UT = decltype(u_type_tag);
-      const bool staged = R <= kStagedMaxRequests;
-      auto* run = bias_out == nullptr ? (staged ? launch<WT, UT, true, false> : launch<WT, UT, false, false>)
-                                      : (staged ? launch<WT, UT, true, true> : launch<WT, UT, false, true>);
-      run(w2, hp, ldh, R, reinterpret_cast<const UT*>(U), temperature, seeds, partials, bias_out, k, gamma, stream);
-    };
-    switch (u_type) {  // U without a row (bias only) comes as bf16
-      case at::kBFloat16: with_u(__nv_bfloat16{}); break;
-      case at::kHalf: with_u(__half{}); break;
-      case at::kFloat: with_u(float{}); break;
-      default: TORCH_CHECK(false, "dspark::markov_chain: U must be bf16, fp16 or fp32");
-    }
+  with_types(w2, u_type, [&](auto w_tag, auto u_tag) {
+    dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, nullptr, partials, bias_out, k,
+                                               gamma, stream);
+  });
+}
+
+void fused_residual(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
+                    const float* temperature, const int64_t* seeds, const ResidualRows& rows, Race* races, int gamma,
+                    cudaStream_t stream) {
+  with_types(w2, u_type, [&](auto w_tag, auto u_tag) {
+    dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, &rows, races, nullptr, 0, gamma,
+                                               stream);
   });
 }
 

@@ -671,6 +671,12 @@ bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, c
 
 }  // namespace
 
+// Whether the chain's bias for R requests comes from the fused step (rejection.cu then runs its
+// races in that kernel too: same bias bits).
+bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
+  return !small_batch_path(w2, h, ldh, R) && fused_step_supported(w2, h, ldh, R);
+}
+
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {

@@ -6,13 +6,16 @@
 //      (greedy requests: x_j == argmax p_j), n = accepted count; greedy requests also emit argmax of
 //      the first unaccepted row here; the drafts are copied into the output, −1 padded.
 //      For a rebuilt q row it gathers W1[x_{n-1}] (x_{-1} = anchor) into H [R, r].
-//   2. (rebuilt q only) bias = H·W2ᵀ by cuBLAS (the GEMM markov_chain sampled with); the row's max
-//      and sum-exp of (U_n + bias)/T are the chain's row_stats when given (the very ones it sampled
-//      with), else a pass per split of V computes them (and the argmax, for a request at
+//   2. (rebuilt q only) bias = H·W2ᵀ with the GEMM markov_chain sampled with (bias_gemm); the row's
+//      max and sum-exp of (U_n + bias)/T are the chain's row_stats when given (the very ones it
+//      sampled with), else a pass per split of V computes them (and the argmax, for a request at
 //      temperature < 1e-5; with row_stats that argmax is the drafted token)
-//   3. race_kernel per split of V: residual max(p − q, 0) and its mass, and the exponential race of
-//      the residual and of p with the same noise E_v (stream 2), so no second pass over V is needed
+//   3. race_kernel per split of V: residual max(p − q, 0) and its mass, and the grouped races
+//      (residual.cuh) of the residual and of p with the same noise (stream 2), so no second pass
+//      over V is needed
 //   4. finish_kernel: residual winner if rejected and its mass > 1e-8, else p's winner.
+// On Hopper with the chain's row_stats, steps 2 and 3 are one kernel instead: fused_step.cu's
+// residual epilogue runs the races on the bias accumulators (the bias never goes through HBM).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,36 +23,23 @@
 #include <cuda_fp16.h>
 
 #include "common.cuh"
+#include "fused_step.h"
+#include "launch.h"
 #include "philox.cuh"
+#include "residual.cuh"
 
 namespace dspark {
 
-// markov.cu: bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, H rows ldh elements apart.
+// markov.cu: bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, H rows ldh elements apart, by the kernel the
+// chain used for R requests; and whether that is the fused step.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
+bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R);
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kAcceptThreads = 1024;
 constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
-
-struct Best {  // argmax with ties to the lowest index, as torch.argmax
-  float key;
-  int idx;
-};
-
-__device__ __forceinline__ Best pick(Best a, Best b) {
-  return (b.key > a.key || (b.key == a.key && b.idx < a.idx)) ? b : a;
-}
-
-__device__ __forceinline__ Best warp_pick(Best b) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    Best o{__shfl_xor_sync(0xffffffffu, b.key, off), __shfl_xor_sync(0xffffffffu, b.idx, off)};
-    b = pick(b, o);
-  }
-  return b;
-}
 
 // argmax of one fp32 row over the whole block (every thread gets it).
 __device__ int block_argmax(const float* __restrict__ row, int V) {
@@ -168,6 +158,17 @@ __device__ __forceinline__ void load_quad(const T* row, int v, int end, float ou
   }
 }
 
+// Entries v .. v+7 (a race group), vector loads when kVec, else one by one, 0 from `end` on.
+template <bool kVec, typename T>
+__device__ __forceinline__ void load_group(const T* row, int v, int end, float out[8]) {
+  if (kVec) {
+    load_vec<8>(row + v, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
+  }
+}
+
 __device__ __forceinline__ void add_to_stats(Stats& s, float x, int v) {  // the sum holds the max's 1: exp_ftz
   if (x > s.max) {
     s.sum = s.sum * exp_ftz(s.max - x) + 1.f;
@@ -215,25 +216,6 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = s;
 }
 
-struct Race {  // per slice: the residual's and p's race winners, and the residual mass
-  Best res;
-  Best p;
-  float mass;
-};
-
-__device__ __forceinline__ Race merge(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
-
-__device__ __forceinline__ Race warp_merge(Race x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    Race o{{__shfl_xor_sync(0xffffffffu, x.res.key, off), __shfl_xor_sync(0xffffffffu, x.res.idx, off)},
-           {__shfl_xor_sync(0xffffffffu, x.p.key, off), __shfl_xor_sync(0xffffffffu, x.p.idx, off)},
-           __shfl_xor_sync(0xffffffffu, x.mass, off)};
-    x = merge(x, o);
-  }
-  return x;
-}
-
 // Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the row
 // stats: the chain's (chain_stats [R, γ, 2] with the drafted tokens, the very max and sum-exp its
 // q_token came from), or else the merged stats partials (stats_partials, stats_splits per request).
@@ -276,48 +258,25 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   const float* b_row = bias != nullptr ? bias + static_cast<int64_t>(r) * V : nullptr;
 
   const int start = blockIdx.x * slice, end = min(V, start + slice);
-  Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
-  // Every lane runs every round: the screen reads the warp's best keys. An entry's key a_v / E_v
-  // (a = p or the residual) can reach best only if a_v >= best·E_v >= best·(1 - u_v), so below
-  // best·g_v·0.999 with g_v = (2 - 2^-23) - f_v = 1 - u_v - 2^-24 (word_one_plus; the subtraction
-  // is exact) it cannot win (the 0.999 is far outside logf's and the division's rounding) and its
-  // logarithm and divisions are skipped; the kept ones are computed exactly as before.
-  for (int base = start; base < end; base += 4 * blockDim.x) {  // one Philox call per 4 ids
-    const int v4 = base + 4 * threadIdx.x;
-    const float best_p = warp_max(acc.p.key), best_res = rejected ? warp_max(acc.res.key) : -INFINITY;
-    if (v4 >= end) continue;
-    float p[4], q[4];
-    load_quad<kVec>(p_row, v4, end, p);
-    if (rejected && !rebuilt) load_quad<kVec>(q_row, v4, end, q);
+  Race acc = empty_race();
+  for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {  // one race group per round
+    float p[8], q[8] = {};
+    load_group<kVec>(p_row, v, end, p);
+    if (rejected && !rebuilt) load_group<kVec>(q_row, v, end, q);
     if (rebuilt && !one_hot) {
-      float u[4], b[4];
-      load_quad<kVec>(u_row, v4, end, u);
-      load_quad<kVec>(b_row, v4, end, b);
+      float u[8], b[8];
+      load_group<kVec>(u_row, v, end, u);
+      load_group<kVec>(b_row, v, end, b);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = expf(over_temperature(u[i] + b[i], scale) - row.max) / row.sum;
+      for (int i = 0; i < 8; ++i) q[i] = expf(over_temperature(u[i] + b[i], scale) - row.max) / row.sum;
     }
-    const uint4 words = counter_words(key, kStreamRecover, 0, static_cast<uint32_t>(v4) >> 2);
+    if (rebuilt && one_hot) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int v = v4 + i;
-      if (v >= end) break;
-      float res = 0.f;
-      if (rejected) {
-        if (rebuilt && one_hot) q[i] = v == row.idx ? 1.f : 0.f;
-        res = fmaxf(p[i] - q[i], 0.f);
-        acc.mass += res;
-      }
-      const float gap = (0x1.fffffep0f - word_one_plus(word_at(words, i))) * 0.999f;
-      const bool may_p = !(p[i] < best_p * gap), may_res = rejected && !(res < best_res * gap);
-      if (may_p || may_res) {
-        const float E = -logf(word_uniform(word_at(words, i)));
-        if (may_p) acc.p = pick(acc.p, Best{p[i] / E, v});
-        if (may_res) acc.res = pick(acc.res, Best{res / E, v});
-      }
+      for (int i = 0; i < 8; ++i) q[i] = v + i == row.idx ? 1.f : 0.f;
     }
+    visit_residual_group(acc, p, q, rejected, v, recover_noise(key, v));
   }
-  const Race empty{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
-  acc = block_reduce(warp_merge(acc), [](Race v) { return warp_merge(v); }, empty);
+  acc = block_reduce(warp_merge(acc), [](Race v) { return warp_merge(v); }, empty_race());
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = acc;
 }
 
@@ -326,7 +285,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
                               const int* __restrict__ state, int gamma, int64_t* __restrict__ out_tokens) {
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
-  Race acc{{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f};
+  Race acc = empty_race();
   for (int i = threadIdx.x; i < splits; i += 32) acc = merge(acc, partials[static_cast<int64_t>(r) * splits + i]);
   acc = warp_merge(acc);
   if (threadIdx.x == 0) {
@@ -365,15 +324,21 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto num_accepted = at::empty({R}, tokens.options());
   auto state = at::empty({R, 2}, tokens.options().dtype(at::kInt));
   const bool* greedy_p = greedy && greedy->defined() ? greedy->data_ptr<bool>() : nullptr;
-  const int splits = choose_splits(R, V);
-  const int slice = ((V + splits - 1) / splits + 3) / 4 * 4;  // a multiple of 4: whole Philox calls per slice
+  const int split_count = choose_splits(R, V);
+  const int slice = ((V + split_count - 1) / split_count + 15) / 16 * 16;  // whole race groups and Philox calls
+  // Vector loads need every row start aligned: V % 8 == 0 and 16-byte aligned bases.
+  const bool vec = V % 8 == 0 && aligned16(target.data_ptr()) && (!stored || aligned16(q->data_ptr())) &&
+                   (stored || aligned16(U->data_ptr()));
+  // Rebuilt rows with the chain's row stats on Hopper: the races run on the fused step's
+  // accumulators (no fp32 bias round trip, no separate race pass); their bias bits are the chain's.
+  const bool chain_stats = !stored && row_stats.has_value() && row_stats->defined();
+  const int rank = stored ? 0 : w1->size(1);
+  auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
+  const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
+  const int splits = fused ? fused_step_blocks(V) : split_count;  // race partials per request
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
   auto* races = reinterpret_cast<Race*>(race_parts.data_ptr<uint8_t>());
-  // Vector loads need every row start aligned: V % 4 == 0 and 16-byte aligned bases.
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool vec = V % 4 == 0 && aligned(target.data_ptr()) && (!stored || aligned(q->data_ptr())) &&
-                   (stored || aligned(U->data_ptr()));
 
   if (stored) {
     TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
@@ -395,14 +360,11 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                     temperature->scalar_type() == at::kFloat,
                 "dspark::rejection_sample: U, w1, w2 contiguous (w1, w2 of one dtype), anchors int64, temperature fp32");
     // The chain's row stats, when given, replace the stats pass (and are the very ones it sampled with).
-    const bool chain_stats = row_stats.has_value() && row_stats->defined();
     TORCH_CHECK(!chain_stats || (row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous() &&
                                  row_stats->dim() == 3 && row_stats->size(0) == R && row_stats->size(1) == gamma &&
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
-    const int rank = w1->size(1);
-    auto h = at::empty({R, rank}, w1->options());
-    auto bias = at::empty({R, V}, target.options());
+    auto bias = at::empty({fused ? 0 : R, V}, target.options());
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
@@ -416,8 +378,15 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
           state.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    bias_gemm(*w2, h.data_ptr(), rank, R, bias);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
+    if (fused) {
+      const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
+                              row_stats->data_ptr<float>(), tokens.data_ptr<int64_t>(), greedy_p};
+      fused_residual(*w2, h.data_ptr(), rank, R, U->data_ptr(), U->scalar_type(), temperature->data_ptr<float>(),
+                     seeds.data_ptr<int64_t>(), rows, races, gamma, stream);
+    } else {
+      bias_gemm(*w2, h.data_ptr(), rank, R, bias);
+    }
+    if (!fused) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
       auto stats_pass = vec ? row_stats_kernel<UT, true> : row_stats_kernel<UT, false>;

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat
+from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat, rng
 from tests.test_runtime_chi2 import chi2_pvalue
+from tests.test_runtime_rng import grouped_race_by_hand
 
 N = 100_000
 
@@ -89,6 +90,27 @@ def test_residual_floor_falls_back_to_target_and_residual_is_used_above_it():
     res = rejection_sample(p.unsqueeze(0), (tokens, q_big[:, :, 0], q_big), torch.tensor([1]),
                            uniforms=u, exp_noise=torch.tensor([[1e-6, 5.0, 1.0]]))  # p would give token 0
     assert res.output_tokens.tolist() == [[2, -1]]
+
+
+def test_seeded_residual_and_bonus_are_the_grouped_race():
+    """With seeds the recovered/bonus token is the grouped race (stream 2, position 0) on the
+    residual row, or on p when all ℓ_r were accepted or the residual mass is below the floor."""
+    g = torch.Generator().manual_seed(7)
+    R, gamma, V = 48, 3, 37  # a partial last group
+    target = _dist(g, R, gamma + 1, V)
+    q = _dist(g, R, gamma, V)
+    q[:4] = target[:4, :gamma]  # p = q: every draft accepted, the bonus comes from p_ℓ
+    tokens = torch.multinomial(q.reshape(-1, V), 1, generator=g).view(R, gamma)
+    ell = torch.randint(0, gamma + 1, (R,), generator=g)
+    seeds = torch.arange(R) * 7919 - 5
+    res = rejection_sample(target, (tokens, q.gather(2, tokens.unsqueeze(2)).squeeze(2), q), ell, seeds=seeds)
+    for r in range(R):
+        n = int(res.num_accepted[r])
+        weights = target[r, n]
+        if n < int(ell[r]):
+            residual = torch.clamp(target[r, n] - q[r, n], min=0.0)
+            weights = residual if float(residual.sum()) > 1e-8 else weights
+        assert int(res.output_tokens[r, n]) == grouped_race_by_hand(weights, int(seeds[r]), rng.STREAM_RECOVER, 0)
 
 
 def _naive_greedy(target, tokens, ell):

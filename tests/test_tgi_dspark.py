@@ -155,6 +155,22 @@ def test_sampled_tokens_follow_the_target_distribution(device):
     assert 0 < sum(n_acc) < 3 * B  # drafts were really tested, some accepted, some not
 
 
+def test_seeded_decode_step_draws_what_rejection_sample_draws_at_ell_0():
+    """A step without drafts samples as rejection_sample does with ℓ = 0 (same seeds, same token)."""
+    from dspark_cli.runtime import rejection_sample
+
+    g = torch.Generator().manual_seed(3)
+    V, B = tiny_models.VOCAB, 32
+    spec = DSparkSpeculation(_random_draft_with_q_on_the_support(torch.arange(8), V, g), None, scheduler="off")
+    logits = 3 * torch.randn(B, 1, V, generator=g)
+    seeds = torch.arange(B) * 101 + 7
+    tokens, n_acc = spec.verify(list(range(B)), logits, torch.zeros(B, dtype=torch.bool), seeds)
+    p = torch.softmax(logits, -1)
+    zeros = torch.zeros(B, 1, dtype=torch.int64)
+    ref = rejection_sample(torch.cat([p, p], 1), (zeros, torch.ones(B, 1), p), zeros[:, 0], seeds=seeds)
+    assert tokens == [[t] for t in ref.output_tokens[:, 0].tolist()] and n_acc == [0] * B
+
+
 def _random_draft_with_q_on_the_support(support, V, g):
     """A real DSparkDraft whose base logits favour p's support (so acceptance is neither 0 nor 1)."""
     from dspark_cli.integrations.tgi.draft import DraftConfig

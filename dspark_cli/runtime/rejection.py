@@ -28,9 +28,10 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
                      uniforms=None, exp_noise=None) -> VerifyResult:
     """target_probs [R, γ+1, V] fp32 (rows beyond ℓ_r are ignored); draft: MarkovDraft or
     (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in [0, γ]; greedy [R] bool
-    (None: no greedy request). Randomness: seeds [R] int64 (counter-based, see rng.py), else
-    `generator`; an engine that draws with its own per-request generators passes them instead:
-    uniforms [R, γ] in [0, 1) for the ratio tests, exp_noise [R, V] Exp(1) for the residual/bonus."""
+    (None: no greedy request). Randomness: seeds [R] int64 (counter-based, see rng.py; the
+    residual/bonus by the grouped race), else `generator` (exponential race); an engine that draws
+    with its own per-request generators passes them instead: uniforms [R, γ] in [0, 1) for the
+    ratio tests, exp_noise [R, V] Exp(1) for the residual/bonus (exponential race)."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 3, (torch.float32,))
     _checks.nonempty_batch("target_probs", target_probs)
@@ -133,14 +134,14 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     q_row = draft.q_rows(torch.clamp(num_accepted, max=gamma - 1))
     residual = torch.clamp(p_row - q_row, min=0.0)
     use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MASS_FLOOR)
-    weights = torch.where(use_residual.unsqueeze(1), residual, p_row)
+    weights = torch.where(use_residual.unsqueeze(1), residual, p_row)  # neither race needs normalization
     if exp_noise is not None:
-        noise = exp_noise.float()
+        next_token = rng.race_sample(weights, exp_noise.float())
     elif seeds is not None:
-        noise = rng.exponential(seeds, rng.STREAM_RECOVER, 0, V)
+        # the draft's grouped race: no per-id noise (one Philox call per 16 ids, one log per 8)
+        next_token = rng.grouped_race_sample(weights, seeds, rng.STREAM_RECOVER, 0)
     else:
-        noise = rng.exponential_like(weights, generator)
-    next_token = rng.race_sample(weights, noise)  # the race needs no normalization
+        next_token = rng.race_sample(weights, rng.exponential_like(weights, generator))
     if greedy is not None:
         next_token = torch.where(greedy, p_row.argmax(dim=-1), next_token)
 

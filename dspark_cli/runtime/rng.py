@@ -9,7 +9,7 @@ Counter layout (documented in docs/runtime-api.md, the kernels reproduce it):
   word    = output word (index & 3): four consecutive vocab ids share one Philox call
 u = ((word >> 9) + 0.5) * 2**-23, uniform in (0, 1) and exact in fp32
 (with 24 bits, (2**24 - 0.5) * 2**-24 rounds to 1.0: E = -log(u) = -0 would make a token undrawable).
-The grouped race (grouped_race_sample, the draft stream) reads per group g of 8 vocab ids instead:
+The grouped race (grouped_race_sample: draft and residual/bonus streams) reads per group g of 8 ids instead:
   counter = (g >> 1, (stream << 16) | position, 0, 0)
   words   = 2 * (g & 1) (race uniform) and 2 * (g & 1) + 1 (pick uniform): one call per 16 vocab ids
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 STREAM_DRAFT = 0  # Markov chain grouped race: position k, group g
 STREAM_ACCEPT = 1  # acceptance uniforms: position j, index 0
-STREAM_RECOVER = 2  # residual / bonus sample: position 0, index v
+STREAM_RECOVER = 2  # residual / bonus grouped race (seeded): position 0, group g
 _GROUP = 8  # vocab ids per group of grouped_race_sample
 
 _MASK32 = 0xFFFFFFFF

@@ -157,12 +157,12 @@ class DSparkSpeculation:
         seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
         sampled output depends on its own seed only, not on the batch; else the shard's generator.
         Returns (tokens per request, number of accepted drafts per request)."""
-        B, S, V = target_logits.shape
+        B, S, _ = target_logits.shape
         probs = torch.softmax(target_logits.float(), dim=-1)
         if S == 1 or not all(r in self.pending for r in request_ids):
             if seeds is not None:
-                noise = rng.exponential(seeds.to(probs.device), rng.STREAM_RECOVER, 0, V)
-                sampled = rng.race_sample(probs[:, 0], noise)
+                # what rejection_sample draws with ℓ = 0
+                sampled = rng.grouped_race_sample(probs[:, 0], seeds.to(probs.device), rng.STREAM_RECOVER, 0)
             else:
                 probs = probs.to(self.generator.device)
                 sampled = torch.multinomial(probs[:, 0], 1, generator=self.generator).view(-1)

@@ -1,0 +1,93 @@
+// Rejection's recovered token (rejection.cu, and fused_step.cu's residual epilogue): the grouped
+// race of dspark_cli/runtime/rng.py (groups of eight vocab ids; race.cuh's noise layout, here on
+// stream kStreamRecover, position 0) over the residual max(p − q, 0) and, with the same noise, over
+// p (the bonus row, and the fallback when the residual's mass is ~0). Group sums are added left to
+// right and keyed W_g / E_g as the reference does, so with the same p and q the winner is its winner.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "philox.cuh"
+#include "race.cuh"
+
+namespace dspark {
+
+struct Best {  // argmax with ties to the lowest index, as torch.argmax
+  float key;
+  int idx;
+};
+
+__device__ __forceinline__ Best pick(Best a, Best b) {
+  return (b.key > a.key || (b.key == a.key && b.idx < a.idx)) ? b : a;
+}
+
+__device__ __forceinline__ Best warp_pick(Best b) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Best o{__shfl_xor_sync(0xffffffffu, b.key, off), __shfl_xor_sync(0xffffffffu, b.idx, off)};
+    b = pick(b, o);
+  }
+  return b;
+}
+
+struct Race {  // the residual's and p's winners and the residual's mass, over a part of the row
+  Best res;
+  Best p;
+  float mass;
+};
+
+__device__ __forceinline__ Race empty_race() { return {{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f}; }
+
+__device__ __forceinline__ Race merge(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
+
+__device__ __forceinline__ Race shfl_xor_race(const Race& x, int off) {
+  return {{__shfl_xor_sync(0xffffffffu, x.res.key, off), __shfl_xor_sync(0xffffffffu, x.res.idx, off)},
+          {__shfl_xor_sync(0xffffffffu, x.p.key, off), __shfl_xor_sync(0xffffffffu, x.p.idx, off)},
+          __shfl_xor_sync(0xffffffffu, x.mass, off)};
+}
+
+// Merges the races of lanes that differ in lane bits >= log2(lowest) (all lanes get the result).
+__device__ __forceinline__ Race warp_merge(Race x, int lowest = 1) {
+#pragma unroll
+  for (int off = 16; off >= lowest; off >>= 1) x = merge(x, shfl_xor_race(x, off));
+  return x;
+}
+
+// Group v .. v+7 (v % 8 == 0) with weights w into best; returns the group's weight.
+__device__ __forceinline__ float race_group(Best& best, const float w[8], float E, float pick_u, int v) {
+  float c[8];
+  c[0] = w[0];
+#pragma unroll
+  for (int i = 1; i < 8; ++i) c[i] = c[i - 1] + w[i];
+  const float key = c[7] / E;
+  if (key > best.key || (key == best.key && v < best.idx)) {  // ties: the lower group, as argmax
+    const float t = pick_u * c[7];
+    int j = 7;  // the first c above t (c[7] > t unless the group weighs 0: then 7, as the reference's clamp)
+#pragma unroll
+    for (int i = 6; i >= 0; --i)
+      if (c[i] > t) j = i;
+    best = {key, v + j};
+  }
+  return c[7];
+}
+
+// One group of a request's row: p's race always, the residual's when the request was rejected
+// (q: the draft's row there).
+__device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8], const float q[8], bool rejected,
+                                                     int v, GroupNoise noise) {
+  const float E = -logf(word_uniform(noise.race)), pick_u = word_uniform(noise.pick);
+  race_group(acc.p, p, E, pick_u, v);
+  if (rejected) {
+    float res[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) res[i] = fmaxf(p[i] - q[i], 0.f);
+    acc.mass += race_group(acc.res, res, E, pick_u, v);
+  }
+}
+
+// The group noise of ids v .. v+7 on the recovery stream.
+template <typename Key>  // PhiloxKey, or the int64 seed
+__device__ __forceinline__ GroupNoise recover_noise(const Key& key, int v) {
+  return group_noise(counter_words(key, kStreamRecover, 0, static_cast<uint32_t>(v) >> 4), v >> 3);
+}
+
+}  // namespace dspark
