@@ -229,7 +229,7 @@ __device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * 
 template <typename UT>
 struct ResidualRequest {
   bool active = false, rejected = false, one_hot = false;
-  float scale = 1.f, max = 0.f, sum = 1.f;
+  float scale = 1.f, max = 0.f, inv_sum = 1.f;
   int token = -1;
   int64_t seed = 0;
   const UT* u_row = nullptr;
@@ -249,14 +249,14 @@ struct ResidualRequest {
     one_hot = T < kGreedyBelow;
     scale = one_hot ? 1.f : T;
     max = rows.row_stats[2 * at];
-    sum = rows.row_stats[2 * at + 1];
+    inv_sum = 1.f / rows.row_stats[2 * at + 1];
     token = static_cast<int>(rows.tokens[at]);
     if (!one_hot) u_row = U + at * V;
   }
 };
 
-// Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q = exp(x/T −
-// max) / sum exactly as the chain's q_token (or one-hot at the token), p from the target row.
+// Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q rebuilt with the
+// chain's row stats (rebuilt_q; one-hot at the token for a greedy draft row), p from the target row.
 template <int N, typename UT>
 __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4* u, const ResidualRequest<UT>& req,
                                               int v, int /*k*/) {
@@ -269,7 +269,7 @@ __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4
     if (req.rejected) {
 #pragma unroll
       for (int i = 0; i < 8; ++i)
-        q[i] = req.one_hot ? (v + h + i == req.token ? 1.f : 0.f) : expf(x[h + i] - req.max) / req.sum;
+        q[i] = req.one_hot ? (v + h + i == req.token ? 1.f : 0.f) : rebuilt_q(x[h + i], req.max, req.inv_sum);
     }
     visit_residual_group(acc, p, q, req.rejected, v + h, group_noise(w, (v + h) >> 3));
   }

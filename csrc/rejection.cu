@@ -235,7 +235,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   const float* p_row = target + (row_start[r] + n) * V;
   const PhiloxKey key = philox_key(seeds[r]);
 
-  // Rebuilt q: q_v = exp(x_v - max) / sum, or one-hot at the argmax for a greedy temperature.
+  // Rebuilt q: exp(x_v - max) / sum (rebuilt_q), or one-hot at the argmax for a greedy temperature.
   __shared__ Stats row;
   const bool rebuilt = rejected && q_stored == nullptr;
   if (rebuilt && chain_stats != nullptr) {  // a one-hot (greedy) draft row's argmax is its token
@@ -267,8 +267,9 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
       float u[8], b[8];
       load_group<kVec>(u_row, v, end, u);
       load_group<kVec>(b_row, v, end, b);
+      const float inv_sum = 1.f / row.sum;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) q[i] = expf(over_temperature(u[i] + b[i], scale) - row.max) / row.sum;
+      for (int i = 0; i < 8; ++i) q[i] = rebuilt_q(over_temperature(u[i] + b[i], scale), row.max, inv_sum);
     }
     if (rebuilt && one_hot) {
 #pragma unroll

@@ -52,26 +52,26 @@ __device__ __forceinline__ Race warp_merge(Race x, int lowest = 1) {
   return x;
 }
 
-// Group v .. v+7 (v % 8 == 0) with weights w into best; returns the group's weight.
+// Group v .. v+7 (v % 8 == 0) with weights w into best; returns the group's weight. The pick is
+// computed whether or not the group wins (selects, no branch: a branch per group and race cost
+// more than the pick in the fused epilogue, where lanes rarely agree).
 __device__ __forceinline__ float race_group(Best& best, const float w[8], float E, float pick_u, int v) {
   float c[8];
   c[0] = w[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) c[i] = c[i - 1] + w[i];
-  const float key = c[7] / E;
-  if (key > best.key || (key == best.key && v < best.idx)) {  // ties: the lower group, as argmax
-    const float t = pick_u * c[7];
-    int j = 7;  // the first c above t (c[7] > t unless the group weighs 0: then 7, as the reference's clamp)
+  const float key = c[7] / E, t = pick_u * c[7];
+  int j = 7;  // the first c above t (c[7] > t unless the group weighs 0: then 7, as the reference's clamp)
 #pragma unroll
-    for (int i = 6; i >= 0; --i)
-      if (c[i] > t) j = i;
-    best = {key, v + j};
-  }
+  for (int i = 6; i >= 0; --i) j = c[i] > t ? i : j;
+  const bool wins = key > best.key || (key == best.key && v < best.idx);  // ties: the lower group, as argmax
+  best.key = wins ? key : best.key;
+  best.idx = wins ? v + j : best.idx;
   return c[7];
 }
 
 // One group of a request's row: p's race always, the residual's when the request was rejected
-// (q: the draft's row there).
+// (q: the draft's row there, q = 0 elsewhere).
 __device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8], const float q[8], bool rejected,
                                                      int v, GroupNoise noise) {
   const float E = -logf(word_uniform(noise.race)), pick_u = word_uniform(noise.pick);
@@ -83,6 +83,10 @@ __device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8]
     acc.mass += race_group(acc.res, res, E, pick_u, v);
   }
 }
+
+// A rebuilt q entry from the chain's row max and 1 / sum-exp: exp_ftz and a multiply (within a
+// few ulp of q_token's expf and division; those cost most of the residual pass's instructions).
+__device__ __forceinline__ float rebuilt_q(float x, float max, float inv_sum) { return exp_ftz(x - max) * inv_sum; }
 
 // The group noise of ids v .. v+7 on the recovery stream.
 template <typename Key>  // PhiloxKey, or the int64 seed

@@ -40,7 +40,7 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     _checks.dim("target_probs", target_probs, 1, gamma + 1, "γ + 1 target rows per request")
     _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
     _checks.dim("ell", ell, 0, R, "one verify length per request")
-    row_start = torch.arange(R, device=target_probs.device, dtype=torch.int64) * (gamma + 1)
+    row_start = torch.arange(0, R * rows, rows, device=target_probs.device, dtype=torch.int64)  # one launch
     return _verify(target_probs.reshape(R * rows, V), row_start, ell.to(torch.int64), draft,
                    greedy, seeds, generator, uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell))
 
