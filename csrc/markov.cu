@@ -49,6 +49,7 @@
 #include "launch.h"
 #include "philox.cuh"
 #include "race.cuh"
+#include "residual.cuh"
 
 namespace dspark {
 namespace {
@@ -569,6 +570,84 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
   }
 }
 
+// Rejection's recovered tokens at R <= NR requests in one pass over W2, with rows_bias (the chain's
+// small-batch bias bits): each batch of 8 W2 rows is one race group of the residual and p
+// (visit_lane_residual), the q entries rebuilt with the chain's row stats. A programmatic dependent
+// of accept_kernel (state, H = W1[x_{n-1}], `done` zeroed): the first W2 rows are requested before
+// waiting for it. The last block to finish merges the partials [R, gridDim.x] and writes the token.
+template <typename WT, typename UT, int NR>
+__global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
+small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R, int V, const UT* __restrict__ U,
+                      const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
+                      const ResidualRows rows, Race* __restrict__ partials, unsigned* __restrict__ done, int gamma,
+                      int64_t* __restrict__ out_tokens) {
+  allow_next_kernel();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int batches = (V + kSmallRows - 1) / kSmallRows, stride = gridDim.x * (kThreads / 32);
+  int b = blockIdx.x * (kThreads / 32) + warp;
+  uint4 raw[kSmallRows];
+  if (b < batches) load_rows(w2, b * kSmallRows, V, raw);
+  wait_previous_kernel();
+
+  // This lane's request (lane & 3; 0 when NR == 1) as ResidualRequest sees it.
+  const int r = NR == 1 ? 0 : lane & 3;
+  const bool active = r < R && !(rows.greedy != nullptr && rows.greedy[r]);
+  const int n = active ? rows.state[2 * r] : 0;
+  const bool rejected = active && rows.state[2 * r + 1];
+  const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
+  const float T = rejected ? temperature[r] : 1.f;
+  const bool one_hot = T < kGreedyBelow;
+  const float scale = one_hot ? 1.f : T;
+  const float max = rejected ? rows.row_stats[2 * at] : 0.f;
+  const float inv_sum = rejected ? 1.f / rows.row_stats[2 * at + 1] : 1.f;
+  const int token = rejected ? static_cast<int>(rows.tokens[at]) : -1;
+  const float* p_row = active ? rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V) : nullptr;
+  const UT* u_row = U + at * V;
+  const int64_t seed = active ? seeds[r] : 0;
+  uint4 hr[NR];
+  load_h<WT, NR>(h, kSmallRank, R, hr);
+
+  Race acc = empty_race();
+  for (; b < batches; b += stride) {  // warp-uniform: every lane reaches the shuffles
+    const float bias = rows_bias<WT, NR>(raw, hr);
+    const int v = b * kSmallRows + ((lane >> 2) & 7);
+    if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw);
+    const bool valid = active && v < V;
+    const float p = valid ? p_row[v] : 0.f;
+    float q = 0.f;
+    if (valid && rejected) q = one_hot ? (v == token ? 1.f : 0.f) : rebuilt_q(over_temperature(to_float(u_row[v]) + bias, scale), max, inv_sum);
+    visit_lane_residual(acc, p, q, rejected, v, recover_noise(seed, v & ~7));
+  }
+
+  // Per request: lanes r, r+4, .. then the block's warps; the last block merges all blocks.
+  __shared__ Race warp_parts[kThreads / 32][kSmallMaxRequests];
+  acc = warp_merge(acc, 4);
+  if (lane < NR) warp_parts[warp][lane] = acc;
+  __syncthreads();
+  if (threadIdx.x < R) {
+    Race all = empty_race();
+    for (int w = 0; w < kThreads / 32; ++w) all = merge(all, warp_parts[w][threadIdx.x]);
+    partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = all;
+  }
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last || warp >= R) return;
+  __threadfence();
+  const int rr = warp;  // warp rr merges request rr
+  if (rows.greedy != nullptr && rows.greedy[rr]) return;  // accept_kernel wrote its token
+  Race all = empty_race();
+  for (int i = lane; i < gridDim.x; i += 32) {
+    const Race* part = partials + static_cast<int64_t>(rr) * gridDim.x + i;
+    all = merge(all, Race{{__ldcg(&part->res.key), __ldcg(&part->res.idx)}, {__ldcg(&part->p.key), __ldcg(&part->p.idx)},
+                          __ldcg(&part->mass)});
+  }
+  all = warp_merge(all);
+  if (lane == 0) out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + rows.state[2 * rr]] = recovered_token(all, rows.state[2 * rr + 1]);
+}
+
 template <typename WT, typename IT>
 __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
                                      WT* __restrict__ prev_emb) {
@@ -677,6 +756,11 @@ bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R
   return !small_batch_path(w2, h, ldh, R) && fused_step_supported(w2, h, ldh, R);
 }
 
+// Whether it comes from the small-batch kernels (rejection.cu then races in small_residual_kernel).
+bool chain_bias_is_small(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
+  return small_batch_path(w2, h, ldh, R);
+}
+
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
@@ -713,6 +797,32 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
                                     t, static_cast<int>(ldh), &beta, bias.data_ptr<float>(), CUDA_R_32F, V,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
+}
+
+// Rejection's recovered tokens where the chain drafted with its small-batch kernels
+// (chain_bias_is_small): small_residual_kernel. `done` is one counter accept_kernel zeroed;
+// partials [R, small_batch_blocks] Races.
+void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
+                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, unsigned* done, int gamma,
+                    int64_t* out_tokens) {
+  const int V = w2.size(0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_residual_w", [&] {
+    using WT = device_t<scalar_t>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_small_residual_u", [&] {
+      using UT = device_t<scalar_t>;
+      with_small_capacity(R, [&](auto capacity) {
+        constexpr int NR = decltype(capacity)::value;
+        const int blocks = small_batch_blocks(V, small_bias_blocks_per_sm(NR));
+        partials = at::empty({static_cast<int64_t>(R) * blocks * static_cast<int64_t>(sizeof(Race))},
+                             U.options().dtype(at::kByte));
+        launch_programmatic(small_residual_kernel<WT, UT, NR>, dim3(blocks), dim3(kThreads), 0, stream,
+                            reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), R, V,
+                            reinterpret_cast<const UT*>(U.data_ptr()), temperature, seeds, rows,
+                            reinterpret_cast<Race*>(partials.data_ptr<uint8_t>()), done, gamma, out_tokens);
+      });
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(

@@ -34,12 +34,17 @@ namespace dspark {
 // chain used for R requests; and whether that is the fused step.
 void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
 bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R);
+bool chain_bias_is_small(const at::Tensor& w2, const void* h, int64_t ldh, int R);
+// markov.cu: rejection's recovered tokens where the chain used its small-batch kernels (R <= 2),
+// written to out_tokens. partials: its scratch; done: one counter zeroed by accept_kernel.
+void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
+                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, unsigned* done, int gamma,
+                    int64_t* out_tokens);
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kAcceptThreads = 1024;
-constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
 
 // argmax of one fp32 row over the whole block (every thread gets it).
 __device__ int block_argmax(const float* __restrict__ row, int V) {
@@ -69,8 +74,9 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, const int
                               const int64_t* __restrict__ seeds, int gamma, const int64_t* __restrict__ anchors,
                               const WT* __restrict__ w1, int rank, WT* __restrict__ h,
                               int64_t* __restrict__ out_tokens, int64_t* __restrict__ num_accepted,
-                              int* __restrict__ state) {
+                              int* __restrict__ state, unsigned* __restrict__ done) {
   const int r = blockIdx.x;
+  if (done != nullptr && r == 0 && threadIdx.x == 0) *done = 0;  // small_residual_kernel's block count
   const bool is_greedy = greedy != nullptr && greedy[r];
   const int64_t start = row_start[r], len = ell[r];
   const int64_t* draft = tokens + static_cast<int64_t>(r) * gamma;
@@ -290,8 +296,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
   for (int i = threadIdx.x; i < splits; i += 32) acc = merge(acc, partials[static_cast<int64_t>(r) * splits + i]);
   acc = warp_merge(acc);
   if (threadIdx.x == 0) {
-    const bool use_residual = state[2 * r + 1] && acc.mass > kResidualMassFloor;
-    out_tokens[static_cast<int64_t>(r) * (gamma + 1) + state[2 * r]] = use_residual ? acc.res.idx : acc.p.idx;
+    out_tokens[static_cast<int64_t>(r) * (gamma + 1) + state[2 * r]] = recovered_token(acc, state[2 * r + 1]);
   }
 }
 
@@ -335,6 +340,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const bool chain_stats = !stored && row_stats.has_value() && row_stats->defined();
   const int rank = stored ? 0 : w1->size(1);
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
+  const bool small = chain_stats && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
   const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
   const int splits = fused ? fused_step_blocks(V) : split_count;  // race partials per request
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
@@ -347,7 +353,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
         target.data_ptr<float>(), V, row_start.data_ptr<int64_t>(), ell.data_ptr<int64_t>(),
         tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr,
-        nullptr, 0, nullptr, out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
+        nullptr, 0, nullptr, out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>(),
+        nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
     race<<<dim3(splits, R), kThreads, 0, stream>>>(
@@ -365,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                                  row_stats->dim() == 3 && row_stats->size(0) == R && row_stats->size(1) == gamma &&
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
-    auto bias = at::empty({fused ? 0 : R, V}, target.options());
+    auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
+    auto done = at::empty({small ? 1 : 0}, target.options().dtype(at::kInt));
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
@@ -376,18 +384,25 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
           tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma,
           anchors->data_ptr<int64_t>(), reinterpret_cast<const WT*>(w1->data_ptr()), rank,
           reinterpret_cast<WT*>(h.data_ptr()), out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-          state.data_ptr<int>());
+          state.data_ptr<int>(), small ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    if (fused) {
-      const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
-                              row_stats->data_ptr<float>(), tokens.data_ptr<int64_t>(), greedy_p};
+    const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
+                            chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p};
+    at::Tensor small_parts;
+    // With the chain's row stats the races run where the bias is made: at R <= 2 in the small-batch
+    // kernel (which also writes the tokens), on Hopper in the fused step; else bias + race pass.
+    if (small) {
+      small_residual(*w2, h.data_ptr(), R, *U, temperature->data_ptr<float>(), seeds.data_ptr<int64_t>(), rows,
+                     small_parts, reinterpret_cast<unsigned*>(done.data_ptr<int>()), gamma,
+                     out_tokens.data_ptr<int64_t>());
+    } else if (fused) {
       fused_residual(*w2, h.data_ptr(), rank, R, U->data_ptr(), U->scalar_type(), temperature->data_ptr<float>(),
                      seeds.data_ptr<int64_t>(), rows, races, gamma, stream);
     } else {
       bias_gemm(*w2, h.data_ptr(), rank, R, bias);
     }
-    if (!fused) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
+    if (!small && !fused) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
       auto stats_pass = vec ? row_stats_kernel<UT, true> : row_stats_kernel<UT, false>;
@@ -405,9 +420,11 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
-                                      out_tokens.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!small) {
+    finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
+                                        out_tokens.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out_tokens, num_accepted};
 }
 

@@ -88,6 +88,44 @@ __device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8]
 // few ulp of q_token's expf and division; those cost most of the residual pass's instructions).
 __device__ __forceinline__ float rebuilt_q(float x, float max, float inv_sum) { return exp_ftz(x - max) * inv_sum; }
 
+// The same for a group spread over eight lanes (the lanes sharing lane & 3, entry (lane >> 2) & 7 of
+// group v >> 3; p = q = 0 where a lane holds no entry), every lane of the warp calling; the
+// result goes into the acc of the group's first lane. The sums are a lane scan, so their last bits
+// are not the reference's left-to-right ones (near-ties only).
+__device__ __forceinline__ void visit_lane_residual(Race& acc, float p, float q, bool rejected, int v,
+                                                    GroupNoise noise) {
+  const int lane = threadIdx.x % 32, j = (lane >> 2) & 7;
+  float cp = p, cr = rejected ? fmaxf(p - q, 0.f) : 0.f;
+#pragma unroll
+  for (int d = 1; d < 8; d <<= 1) {
+    const float below_p = __shfl_up_sync(0xffffffffu, cp, 4 * d), below_r = __shfl_up_sync(0xffffffffu, cr, 4 * d);
+    if (j >= d) cp += below_p, cr += below_r;
+  }
+  const int last = (lane & 3) | 28;
+  const float wp = __shfl_sync(0xffffffffu, cp, last), wr = __shfl_sync(0xffffffffu, cr, last);
+  const float E = -logf(word_uniform(noise.race)), pick_u = word_uniform(noise.pick);
+  const unsigned group_lanes = 0x11111111u << (lane & 3);
+  // The first lane above the threshold (lane 28 + (lane & 3), entry 7, when none: a weightless group).
+  const auto first_above = [&](float c, float w) {
+    const unsigned above = __ballot_sync(0xffffffffu, c > pick_u * w) & group_lanes;
+    return (v & ~7) + (above ? ((__ffs(above) - 1) >> 2) & 7 : 7);
+  };
+  const int idx_p = first_above(cp, wp), idx_r = first_above(cr, wr);
+  if (j == 0) {
+    acc.p = pick(acc.p, Best{wp / E, idx_p});
+    acc.res = pick(acc.res, Best{wr / E, idx_r});
+    acc.mass += wr;
+  }
+}
+
+// The recovered token from a request's merged races: the residual's winner when it was rejected and
+// the residual has mass, else p's (the bonus row, or p itself when p ≈ q left no residual).
+constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
+
+__device__ __forceinline__ int recovered_token(const Race& race, bool rejected) {
+  return rejected && race.mass > kResidualMassFloor ? race.res.idx : race.p.idx;
+}
+
 // The group noise of ids v .. v+7 on the recovery stream.
 template <typename Key>  // PhiloxKey, or the int64 seed
 __device__ __forceinline__ GroupNoise recover_noise(const Key& key, int v) {

@@ -264,6 +264,34 @@ def test_rejection_sample_matches_reference(case):
     assert 0 < res["accepted_total"] < res["verified_total"] or case.R <= 2, res
 
 
+@pytest.mark.parametrize("R", [1, 16])
+def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
+    """The races where the bias is made (R = 1: the small-batch kernel, its block counter zeroed by
+    the accept kernel; R = 16: the fused step's epilogue): replays give the eager tokens."""
+    draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(R, 7, 151936, 256, q_stored=False,
+                                                                      chain_draft=True, seed=24))
+    gamma = draft.tokens.shape[1]
+    s = draft.source
+    args = (target.reshape(-1, target.shape[-1]), torch.arange(0, R * (gamma + 1), gamma + 1, device="cuda"), ell,
+            draft.tokens, draft.q_token, None, s.U, s.anchors.long(), s.w1, s.w2, s.temperature.float(), greedy,
+            seeds, s.row_stats)
+    op = torch.ops.dspark.rejection_sample
+    eager = op(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(*args)
+    for _ in range(2):  # the second replay finds the counter the first one left
+        captured[0].fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
 def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
     draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(16, 7, 50257, 64, q_stored=False,
                                                                       greedy_every=4, seed=9))
