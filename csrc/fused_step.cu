@@ -306,6 +306,26 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills the slot
 }
 
+// Rejection, after each CTA wrote its races (consumer threads only): the last CTA to finish merges
+// every CTA's races per request (a warp each) and writes the recovered token.
+__device__ __forceinline__ void finish_residual(const Race* races, const ResidualRows& rows, int R, int gamma) {
+  __shared__ bool last;
+  __threadfence();
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+  if (threadIdx.x == 0) last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+  if (!last) return;
+  __threadfence();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < R; r += kConsumers / 32) {
+    if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
+    Race all = empty_race();
+    for (int i = lane; i < gridDim.x; i += 32) all = merge(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
+    all = warp_merge(all);
+    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + rows.state[2 * r]] = recovered_token(all, rows.state[2 * r + 1]);
+  }
+}
+
 // Grid: one CTA per SM (at most one per tile), V % 64 == 0. results [R, gridDim.x] when U is
 // given: the chain step's partials, or with kResidual rejection's races (ResidualRows); bias_out
 // [R, V] when kBiasOut (its code, barrier and registers kept out of the production q-lazy kernel).
@@ -458,6 +478,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     }
     static_cast<State*>(results)[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = all;
   }
+  if constexpr (kResidual) finish_residual(static_cast<const Race*>(results), residual_rows, R, gamma);
 #else
   __trap();  // built without sm_90a: fused_step_supported keeps the host from launching this
 #endif

@@ -22,10 +22,11 @@ void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const v
                 const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
                 cudaStream_t stream);
 
-// Rejection's rows for the fused step's residual epilogue (rejection.cu): per request the accept
+// Rejection's rows for the races where the bias is made (rejection.cu): per request the accept
 // kernel's state {n, rejected}, its target row target[row_start[r] + n], the chain's row stats
-// [R, γ, 2] and drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), and which
-// requests verify greedily (skipped: their token is already out).
+// [R, γ, 2] and drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which
+// requests verify greedily (skipped: their token is already out); the block counter accept_kernel
+// zeroed and the output tokens [R, γ + 1] the last block writes the recovered token into.
 struct ResidualRows {
   const float* target = nullptr;
   const int64_t* row_start = nullptr;
@@ -33,10 +34,12 @@ struct ResidualRows {
   const float* row_stats = nullptr;
   const int64_t* tokens = nullptr;
   const bool* greedy = nullptr;
+  unsigned* done = nullptr;
+  int64_t* out_tokens = nullptr;
 };
 
-// Rejection's recovered-token races for R requests in one pass over W2 (H = W1[x_{n-1}] rows):
-// races [R, fused_step_blocks(V)] for rejection's finish kernel. Bias bits as the chain's fused step.
+// Rejection's recovered tokens for R requests in one pass over W2 (H = W1[x_{n-1}] rows), races
+// [R, fused_step_blocks(V)] its scratch. Bias bits as the chain's fused step.
 void fused_residual(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
                     const float* temperature, const int64_t* seeds, const ResidualRows& rows, Race* races, int gamma,
                     cudaStream_t stream);

@@ -579,8 +579,7 @@ template <typename WT, typename UT, int NR>
 __global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
 small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R, int V, const UT* __restrict__ U,
                       const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
-                      const ResidualRows rows, Race* __restrict__ partials, unsigned* __restrict__ done, int gamma,
-                      int64_t* __restrict__ out_tokens) {
+                      const ResidualRows rows, Race* __restrict__ partials, int gamma) {
   allow_next_kernel();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int batches = (V + kSmallRows - 1) / kSmallRows, stride = gridDim.x * (kThreads / 32);
@@ -607,16 +606,24 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   uint4 hr[NR];
   load_h<WT, NR>(h, kSmallRank, R, hr);
 
+  // p and U at this lane's row of a batch, requested with the batch's W2 rows (in flight meanwhile).
+  const int row_in_batch = (lane >> 2) & 7;
+  float p_next = 0.f, u_next = 0.f;
+  const auto request_row = [&](int batch) {
+    const int v = batch * kSmallRows + row_in_batch;
+    p_next = active && v < V ? p_row[v] : 0.f;
+    u_next = rejected && !one_hot && v < V ? to_float(u_row[v]) : 0.f;
+  };
+  if (b < batches) request_row(b);
   Race acc = empty_race();
   for (; b < batches; b += stride) {  // warp-uniform: every lane reaches the shuffles
     const float bias = rows_bias<WT, NR>(raw, hr);
-    const int v = b * kSmallRows + ((lane >> 2) & 7);
-    if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw);
-    const bool valid = active && v < V;
-    const float p = valid ? p_row[v] : 0.f;
+    const int v = b * kSmallRows + row_in_batch;
+    const float p = p_next, u = u_next;
+    if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw), request_row(b + stride);
     float q = 0.f;
-    if (valid && rejected) q = one_hot ? (v == token ? 1.f : 0.f) : rebuilt_q(over_temperature(to_float(u_row[v]) + bias, scale), max, inv_sum);
-    visit_lane_residual(acc, p, q, rejected, v, recover_noise(seed, v & ~7));
+    if (rejected && v < V) q = one_hot ? (v == token ? 1.f : 0.f) : rebuilt_q(over_temperature(u + bias, scale), max, inv_sum);
+    visit_lane_residual(acc, p, q, rejected, v, recover_noise(seed, v));
   }
 
   // Per request: lanes r, r+4, .. then the block's warps; the last block merges all blocks.
@@ -632,20 +639,17 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last || warp >= R) return;
   __threadfence();
   const int rr = warp;  // warp rr merges request rr
   if (rows.greedy != nullptr && rows.greedy[rr]) return;  // accept_kernel wrote its token
   Race all = empty_race();
-  for (int i = lane; i < gridDim.x; i += 32) {
-    const Race* part = partials + static_cast<int64_t>(rr) * gridDim.x + i;
-    all = merge(all, Race{{__ldcg(&part->res.key), __ldcg(&part->res.idx)}, {__ldcg(&part->p.key), __ldcg(&part->p.idx)},
-                          __ldcg(&part->mass)});
-  }
+  for (int i = lane; i < gridDim.x; i += 32) all = merge(all, load_race_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
   all = warp_merge(all);
-  if (lane == 0) out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + rows.state[2 * rr]] = recovered_token(all, rows.state[2 * rr + 1]);
+  if (lane == 0)
+    rows.out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + rows.state[2 * rr]] = recovered_token(all, rows.state[2 * rr + 1]);
 }
 
 template <typename WT, typename IT>
@@ -800,11 +804,9 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
 }
 
 // Rejection's recovered tokens where the chain drafted with its small-batch kernels
-// (chain_bias_is_small): small_residual_kernel. `done` is one counter accept_kernel zeroed;
-// partials [R, small_batch_blocks] Races.
+// (chain_bias_is_small): small_residual_kernel. partials: [R, small_batch_blocks] Races.
 void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
-                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, unsigned* done, int gamma,
-                    int64_t* out_tokens) {
+                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, int gamma) {
   const int V = w2.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_residual_w", [&] {
@@ -819,7 +821,7 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
         launch_programmatic(small_residual_kernel<WT, UT, NR>, dim3(blocks), dim3(kThreads), 0, stream,
                             reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), R, V,
                             reinterpret_cast<const UT*>(U.data_ptr()), temperature, seeds, rows,
-                            reinterpret_cast<Race*>(partials.data_ptr<uint8_t>()), done, gamma, out_tokens);
+                            reinterpret_cast<Race*>(partials.data_ptr<uint8_t>()), gamma);
       });
     });
   });

@@ -36,10 +36,9 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
 bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R);
 bool chain_bias_is_small(const at::Tensor& w2, const void* h, int64_t ldh, int R);
 // markov.cu: rejection's recovered tokens where the chain used its small-batch kernels (R <= 2),
-// written to out_tokens. partials: its scratch; done: one counter zeroed by accept_kernel.
+// written to rows.out_tokens. partials: its scratch.
 void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
-                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, unsigned* done, int gamma,
-                    int64_t* out_tokens);
+                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, int gamma);
 
 namespace {
 
@@ -373,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
-    auto done = at::empty({small ? 1 : 0}, target.options().dtype(at::kInt));
+    auto done = at::empty({small || fused ? 1 : 0}, target.options().dtype(at::kInt));
+    unsigned* done_p = small || fused ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr;
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
@@ -384,18 +384,19 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
           tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma,
           anchors->data_ptr<int64_t>(), reinterpret_cast<const WT*>(w1->data_ptr()), rank,
           reinterpret_cast<WT*>(h.data_ptr()), out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-          state.data_ptr<int>(), small ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr);
+          state.data_ptr<int>(), done_p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
-                            chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p};
+                            chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p,
+                            done_p, out_tokens.data_ptr<int64_t>()};
     at::Tensor small_parts;
-    // With the chain's row stats the races run where the bias is made: at R <= 2 in the small-batch
-    // kernel (which also writes the tokens), on Hopper in the fused step; else bias + race pass.
+    // With the chain's row stats the races run where the bias is made, and that kernel's last
+    // block writes the tokens: at R <= 2 the small-batch kernel, on Hopper the fused step; else
+    // bias + race pass + finish_kernel.
     if (small) {
       small_residual(*w2, h.data_ptr(), R, *U, temperature->data_ptr<float>(), seeds.data_ptr<int64_t>(), rows,
-                     small_parts, reinterpret_cast<unsigned*>(done.data_ptr<int>()), gamma,
-                     out_tokens.data_ptr<int64_t>());
+                     small_parts, gamma);
     } else if (fused) {
       fused_residual(*w2, h.data_ptr(), rank, R, U->data_ptr(), U->scalar_type(), temperature->data_ptr<float>(),
                      seeds.data_ptr<int64_t>(), rows, races, gamma, stream);
@@ -420,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!small) {
+  if (!small && !fused) {
     finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
                                         out_tokens.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -52,6 +52,11 @@ __device__ __forceinline__ Race warp_merge(Race x, int lowest = 1) {
   return x;
 }
 
+// Another block's race (written before a grid-wide handshake): through L2, not a stale L1 line.
+__device__ __forceinline__ Race load_race_cg(const Race* x) {
+  return {{__ldcg(&x->res.key), __ldcg(&x->res.idx)}, {__ldcg(&x->p.key), __ldcg(&x->p.idx)}, __ldcg(&x->mass)};
+}
+
 // Group v .. v+7 (v % 8 == 0) with weights w into best; returns the group's weight. The pick is
 // computed whether or not the group wins (selects, no branch: a branch per group and race cost
 // more than the pick in the fused epilogue, where lanes rarely agree).
