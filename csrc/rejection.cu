@@ -341,6 +341,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
   const bool small = chain_stats && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
   const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
+  // Where the racing kernel's last block writes the tokens (a block counter accept_kernel zeroes).
+  const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
   const int splits = fused ? fused_step_blocks(V) : split_count;  // race partials per request
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
@@ -372,8 +374,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
-    auto done = at::empty({small || fused ? 1 : 0}, target.options().dtype(at::kInt));
-    unsigned* done_p = small || fused ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr;
+    auto done = at::empty({finished_there ? 1 : 0}, target.options().dtype(at::kInt));
+    unsigned* done_p = finished_there ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr;
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
@@ -389,11 +391,11 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     });
     const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
                             chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p,
-                            done_p, out_tokens.data_ptr<int64_t>()};
+                            done_p, finished_there ? out_tokens.data_ptr<int64_t>() : nullptr};
     at::Tensor small_parts;
-    // With the chain's row stats the races run where the bias is made, and that kernel's last
-    // block writes the tokens: at R <= 2 the small-batch kernel, on Hopper the fused step; else
-    // bias + race pass + finish_kernel.
+    // With the chain's row stats the races run where the bias is made: at R <= 2 the small-batch
+    // kernel, on Hopper the fused step (its last block writes the tokens up to 16 requests, else
+    // finish_kernel does); else bias + race pass + finish_kernel.
     if (small) {
       small_residual(*w2, h.data_ptr(), R, *U, temperature->data_ptr<float>(), seeds.data_ptr<int64_t>(), rows,
                      small_parts, gamma);
@@ -421,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!small && !fused) {
+  if (!finished_there) {
     finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
                                         out_tokens.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
