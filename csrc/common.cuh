@@ -28,13 +28,6 @@ __device__ __forceinline__ float exp_ftz(float x) {
 // x = s / T as the reference computes it, without the division at T = 1 (where it is s).
 __device__ __forceinline__ float over_temperature(float s, float scale) { return scale == 1.f ? s : s / scale; }
 
-// Max over the warp, every lane calling.
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
-}
-
 // The CUDA type of a torch scalar type (at::BFloat16 -> __nv_bfloat16, at::Half -> __half).
 template <typename T>
 using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,

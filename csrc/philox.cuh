@@ -56,11 +56,6 @@ __device__ __forceinline__ float word_uniform(uint32_t word) {
   return (static_cast<float>(word >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// f = 1 + (word >> 9)·2^-23 exactly, one integer add: word_uniform's u is f - 1 + 2^-24, so
-// 1 - u = (2 - 2^-24) - f. Since -log u >= 1 - u, the races' screens bound the exponential
-// E = -log u from below through f, without a logarithm or an int-to-float conversion.
-__device__ __forceinline__ float word_one_plus(uint32_t word) { return __uint_as_float(0x3f800000u + (word >> 9)); }
-
 __device__ __forceinline__ float counter_uniform(int64_t seed, int stream, int position, uint32_t index) {
   return word_uniform(word_at(counter_words(seed, stream, position, index >> 2), index & 3));
 }

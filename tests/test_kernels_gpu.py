@@ -49,8 +49,7 @@ CASES = [
     MarkovCase(2, 7, 151936, 256, torch.float16, torch.bfloat16, greedy_every=2, seed=16),
     MarkovCase(2, 5, 50001, 256, torch.bfloat16, torch.float32, seed=17),
     MarkovCase(1, 3, 4099, 256, torch.bfloat16, torch.float16, return_q=False, seed=18),
-    # requests at temperature exactly 1 (no division) beside others; many split-pass rounds per
-    # thread, so the sampled race's screen skips most logarithms
+    # requests at temperature exactly 1 (no division) beside others; many race groups per thread
     MarkovCase(128, 3, 151936, 256, greedy_every=7, t_one_every=2, seed=22),
     MarkovCase(40, 2, 50000, 256, torch.float16, torch.float32, t_one_every=3, return_q=False, seed=23),
     MarkovCase(29, 3, 151936, 256, torch.bfloat16, torch.float16, greedy_every=3, t_one_every=2, seed=26),
@@ -60,7 +59,7 @@ CASES = [
     MarkovCase(2, 7, 151936, 256, torch.float16, torch.float16, greedy_every=2, return_q=False, seed=31),
     MarkovCase(2, 4, 50001, 256, torch.bfloat16, torch.float32, return_q=False, seed=32),
     # the fused step (sm_90, V % 64 == 0, rank 256): staged rows at R <= 16 (fp32 U, T = 1 rows,
-    # q stored and not, V = 32000), the lowest unstaged batch, two halves partly filled
+    # q stored and not, V = 32000), unstaged batches with one and two halves partly filled
     MarkovCase(16, 7, 151936, 256, torch.float16, torch.float32, greedy_every=3, t_one_every=2, return_q=False,
                seed=40),
     MarkovCase(12, 3, 32000, 256, torch.bfloat16, torch.float16, greedy_every=4, seed=41),

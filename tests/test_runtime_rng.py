@@ -21,12 +21,14 @@ def test_philox_known_answers():
         assert tuple(int(w) for w in words) == expected
 
 
-def test_uniform_and_exponential_agree_on_every_word():
-    """exponential() takes four vocab ids per Philox call; uniform() picks word index & 3."""
+def test_uniform_takes_four_ids_per_philox_call():
+    """uniform() picks word index & 3 of the call for index >> 2."""
     seeds = torch.tensor([7, 2**40 + 1])
     index = torch.arange(4 * 9 + 3).unsqueeze(0)
-    assert torch.equal(rng.exponential(seeds, rng.STREAM_RECOVER, 5, 39),
-                       -torch.log(rng.uniform(seeds, rng.STREAM_RECOVER, 5, index)))
+    key0, key1 = rng._keys(seeds)
+    words = torch.stack(rng.philox4x32(key0, key1, index >> 2, (rng.STREAM_RECOVER << 16) | 5), dim=-1)
+    assert torch.equal(rng.uniform(seeds, rng.STREAM_RECOVER, 5, index),
+                       rng._to_uniform(words.gather(-1, (index & 3).expand(2, -1).unsqueeze(-1)).squeeze(-1)))
     assert torch.equal(rng.uniform(seeds, rng.STREAM_ACCEPT, 2, 0), rng.uniform(seeds, rng.STREAM_ACCEPT, 2, index[:, :1]))
 
 
@@ -43,8 +45,8 @@ def test_uniform_is_deterministic_in_open_interval_and_uniform():
 
 def test_race_sample_follows_weights():
     w = torch.tensor([0.1, 0.0, 0.6, 0.3]) * 7.0  # unnormalized on purpose
-    seeds = torch.arange(100_000)
-    draws = rng.race_sample(w.expand(100_000, 4), rng.exponential(seeds, rng.STREAM_RECOVER, 0, 4))
+    rows = w.expand(100_000, 4)
+    draws = rng.race_sample(rows, rng.exponential_like(rows, torch.Generator().manual_seed(0)))
     assert chi2_pvalue(draws, w / w.sum()) > 0.01
 
 

@@ -78,14 +78,6 @@ def uniform(seeds: torch.Tensor, stream: int, position, index) -> torch.Tensor:
     return _to_uniform(picked)
 
 
-def exponential(seeds: torch.Tensor, stream: int, position: int, width: int) -> torch.Tensor:
-    """Exp(1) variates -log(u) [R, width] over index 0..width-1, never 0 (u < 1)."""
-    key0, key1 = _keys(seeds)
-    blocks = torch.arange((width + 3) // 4, device=seeds.device, dtype=torch.int64).unsqueeze(0)
-    words = torch.stack(philox4x32(key0, key1, blocks, (stream << 16) | (position & 0xFFFF)), dim=-1)
-    return -torch.log(_to_uniform(words.flatten(-2)[..., :width]))
-
-
 def exponential_like(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Exp(1) variates shaped like `rows` from a torch.Generator (or the global RNG)."""
     e = torch.empty(rows.shape, dtype=torch.float32, device=rows.device).exponential_(generator=generator)
