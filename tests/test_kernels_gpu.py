@@ -147,23 +147,30 @@ def test_markov_chain_is_deterministic_per_seed():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-@pytest.mark.parametrize("R", [16, 64, 1, 2])  # the fused step (staged, unstaged); the small-batch chain's cooperative launch
-def test_markov_chain_op_captures_in_cuda_graph(R):
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 7, 151936, 256, seed=8))
-    op = torch.ops.dspark.markov_chain
-    eager = op(U, anchors, w1, w2, temperature, seeds, False)
+def _graph_replays_match_eager(op, args, replays: int = 1):
+    """op eagerly, then captured in a CUDA graph (warmed on a side stream); each replay, its outputs
+    poisoned first, must give the eager outputs. Returns the eager outputs."""
+    eager = op(*args)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        op(U, anchors, w1, w2, temperature, seeds, False)  # warm-up (cuBLAS workspace) off-graph
+        op(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = op(U, anchors, w1, w2, temperature, seeds, False)
-    captured[0].fill_(-1)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+        captured = op(*args)
+    for _ in range(replays):
+        captured[0].fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    return eager
+
+
+@pytest.mark.parametrize("R", [16, 64, 1, 2])  # the fused step (staged, unstaged); the small-batch chain's cooperative launch
+def test_markov_chain_op_captures_in_cuda_graph(R):
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 7, 151936, 256, seed=8))
+    _graph_replays_match_eager(torch.ops.dspark.markov_chain, (U, anchors, w1, w2, temperature, seeds, False))
 
 
 @pytest.mark.parametrize("case", [MarkovCase(1, 7, 151936, 256, greedy_every=0, return_q=False, seed=30),
@@ -266,7 +273,8 @@ def test_rejection_sample_matches_reference(case):
 @pytest.mark.parametrize("R", [1, 16])
 def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
     """The races where the bias is made (R = 1: the small-batch kernel, its block counter zeroed by
-    the accept kernel; R = 16: the fused step's epilogue): replays give the eager tokens."""
+    the accept kernel; R = 16: the fused step's epilogue): replays give the eager tokens, the second
+    one after the counter the first left."""
     draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(R, 7, 151936, 256, q_stored=False,
                                                                       chain_draft=True, seed=24))
     gamma = draft.tokens.shape[1]
@@ -274,21 +282,7 @@ def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
     args = (target.reshape(-1, target.shape[-1]), torch.arange(0, R * (gamma + 1), gamma + 1, device="cuda"), ell,
             draft.tokens, draft.q_token, None, s.U, s.anchors.long(), s.w1, s.w2, s.temperature.float(), greedy,
             seeds, s.row_stats)
-    op = torch.ops.dspark.rejection_sample
-    eager = op(*args)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        op(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = op(*args)
-    for _ in range(2):  # the second replay finds the counter the first one left
-        captured[0].fill_(-7)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    _graph_replays_match_eager(torch.ops.dspark.rejection_sample, args, replays=2)
 
 
 def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
@@ -300,19 +294,7 @@ def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
     args = (target.reshape(-1, target.shape[-1]), row_start, ell, draft.tokens, draft.q_token, None, s.U,
             s.anchors.long(), s.w1, s.w2, s.temperature.float(), greedy, seeds)
     op = torch.ops.dspark.rejection_sample
-    eager = op(*args)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        op(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = op(*args)
-    captured[0].fill_(-7)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    eager = _graph_replays_match_eager(op, args)
 
     @torch.compile(fullgraph=True)
     def verify(*a):
