@@ -135,22 +135,6 @@ __device__ __forceinline__ void fence_fragment(float d[32]) {
   for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Combines the partials of each group of W consecutive lanes (W = 4: a quad; 8), every lane
-// getting its group's result.
-template <int W>
-__device__ __forceinline__ Partial group_combine(Partial p) {
-#pragma unroll
-  for (int off = 1; off < W; off <<= 1) p = combine(p, shfl_xor_partial(p, off));
-  return p;
-}
-
-template <int W>
-__device__ __forceinline__ Race group_combine(Race x) {
-#pragma unroll
-  for (int off = 1; off < W; off <<= 1) x = merge(x, shfl_xor_race(x, off));
-  return x;
-}
-
 // A thread's running result: the chain step's partial, or rejection's races (kResidual).
 template <bool kResidual>
 using EpilogueState = std::conditional_t<kResidual, Race, Partial>;
@@ -160,8 +144,6 @@ __device__ __forceinline__ EpilogueState<kResidual> empty_state() {
   if constexpr (kResidual) return empty_race();
   else return empty_partial();
 }
-
-__device__ __forceinline__ Race combine(Race a, Race b) { return merge(a, b); }
 
 // A request's settings for the epilogue: its U row at step k, temperature, greedy or sampled.
 template <typename UT>
@@ -311,6 +293,7 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
 // at R <= 16 (one request per consumer warp); above, rounds of dependent merges in one CTA cost
 // more than a finish launch (R = 128: 87 against 67 µs for the step).
 __device__ __forceinline__ void finish_residual(const Race* races, const ResidualRows& rows, int R, int gamma) {
+  // race.cuh's last_block_to_finish, on the consumers' named barrier (the producer warps have exited).
   __shared__ bool last;
   __threadfence();
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
@@ -322,8 +305,8 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   for (int r = warp; r < R; r += kConsumers / 32) {
     if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
     Race all = empty_race();
-    for (int i = lane; i < gridDim.x; i += 32) all = merge(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
-    all = warp_merge(all);
+    for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
+    all = warp_combine(all);
     if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + rows.state[2 * r]] = recovered_token(all, rows.state[2 * r + 1]);
   }
 }

@@ -379,13 +379,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   }
 
   // The last block to finish merges every block's partials (step 3).
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done + k, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_block_to_finish(done + k)) return;
   __shared__ int token_s[kSmallMaxRequests];
   for (int rr = 0; rr < R; ++rr) {
     Partial q = empty_partial();
@@ -628,26 +622,20 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
 
   // Per request: lanes r, r+4, .. then the block's warps; the last block merges all blocks.
   __shared__ Race warp_parts[kThreads / 32][kSmallMaxRequests];
-  acc = warp_merge(acc, 4);
+  acc = warp_combine(acc, 4);
   if (lane < NR) warp_parts[warp][lane] = acc;
   __syncthreads();
   if (threadIdx.x < R) {
     Race all = empty_race();
-    for (int w = 0; w < kThreads / 32; ++w) all = merge(all, warp_parts[w][threadIdx.x]);
+    for (int w = 0; w < kThreads / 32; ++w) all = combine(all, warp_parts[w][threadIdx.x]);
     partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = all;
   }
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last || warp >= R) return;
-  __threadfence();
+  if (!last_block_to_finish(rows.done) || warp >= R) return;
   const int rr = warp;  // warp rr merges request rr
   if (rows.greedy != nullptr && rows.greedy[rr]) return;  // accept_kernel wrote its token
   Race all = empty_race();
-  for (int i = lane; i < gridDim.x; i += 32) all = merge(all, load_race_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
-  all = warp_merge(all);
+  for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
+  all = warp_combine(all);
   if (lane == 0)
     rows.out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + rows.state[2 * rr]] = recovered_token(all, rows.state[2 * rr + 1]);
 }

@@ -1,5 +1,6 @@
 // The split pass's per-entry work, shared by the chain's kernels (markov.cu, fused_step.cu): a
-// partial (online max / sum-exp and the best race key) and how entries enter and partials merge.
+// partial (online max / sum-exp and the best race key) and how entries enter and partials merge
+// (across lanes for any result with combine and shfl_xor, and across blocks).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -33,18 +34,39 @@ __device__ __forceinline__ Partial combine(Partial a, Partial b) {
 }
 
 // The partial of lane (lane ^ off), every lane calling.
-__device__ __forceinline__ Partial shfl_xor_partial(const Partial& p, int off) {
+__device__ __forceinline__ Partial shfl_xor(const Partial& p, int off) {
   return {__shfl_xor_sync(0xffffffffu, p.max, off), __shfl_xor_sync(0xffffffffu, p.sum, off),
           __shfl_xor_sync(0xffffffffu, p.key, off), __shfl_xor_sync(0xffffffffu, p.x, off),
           __shfl_xor_sync(0xffffffffu, p.idx, off)};
 }
 
-// Combines the partials of lanes that differ in lane bits >= log2(lowest); lane 0 gets the result
-// (and every lane with lowest == 1).
-__device__ __forceinline__ Partial warp_combine(Partial p, int lowest = 1) {
+// Combines the results (a Partial, or residual.cuh's Race: each with combine and shfl_xor) of
+// lanes that differ in lane bits >= log2(lowest); every lane gets its lanes' result.
+template <typename T>
+__device__ __forceinline__ T warp_combine(T p, int lowest = 1) {
 #pragma unroll
-  for (int off = 16; off >= lowest; off >>= 1) p = combine(p, shfl_xor_partial(p, off));
+  for (int off = 16; off >= lowest; off >>= 1) p = combine(p, shfl_xor(p, off));
   return p;
+}
+
+// The same for each group of W consecutive lanes (W = 4: a quad; 8).
+template <int W, typename T>
+__device__ __forceinline__ T group_combine(T p) {
+#pragma unroll
+  for (int off = 1; off < W; off <<= 1) p = combine(p, shfl_xor(p, off));
+  return p;
+}
+
+// Whether this block is the last of the grid to get here (every thread calling): its writes before
+// and every other block's are visible to it after. counter counts blocks, zeroed before the launch.
+__device__ __forceinline__ bool last_block_to_finish(unsigned* counter) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
 }
 
 __device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }

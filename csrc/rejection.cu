@@ -152,25 +152,15 @@ __device__ __forceinline__ T block_reduce(T value, F op, T empty) {
 
 __device__ __forceinline__ float step_scale(float T) { return T < kGreedyBelow ? 1.f : T; }
 
-// Entries v .. v+3 of a row, vector loads when kVec, else one by one up to `end`.
-template <bool kVec, typename T>
-__device__ __forceinline__ void load_quad(const T* row, int v, int end, float out[4]) {
+// Entries v .. v+N-1 of a row (N = 4, or 8: a race group), vector loads when kVec, else one by one,
+// 0 from `end` on.
+template <int N, bool kVec, typename T>
+__device__ __forceinline__ void load_entries(const T* row, int v, int end, float out[N]) {
   if (kVec) {
-    load_vec<4>(row + v, out);
+    load_vec<N>(row + v, out);
   } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
-  }
-}
-
-// Entries v .. v+7 (a race group), vector loads when kVec, else one by one, 0 from `end` on.
-template <bool kVec, typename T>
-__device__ __forceinline__ void load_group(const T* row, int v, int end, float out[8]) {
-  if (kVec) {
-    load_vec<8>(row + v, out);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
+    for (int i = 0; i < N; ++i) out[i] = v + i < end ? to_float(row[v + i]) : 0.f;
   }
 }
 
@@ -200,8 +190,8 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
   Stats s{-INFINITY, 0.f, 0x7fffffff};
   for (int v4 = start + 4 * threadIdx.x; v4 < end; v4 += 4 * blockDim.x) {
     float u[4], b[4];
-    load_quad<kVec>(u_row, v4, end, u);
-    load_quad<kVec>(b_row, v4, end, b);
+    load_entries<4, kVec>(u_row, v4, end, u);
+    load_entries<4, kVec>(b_row, v4, end, b);
     if (kVec) {  // four at once: their max, independent exps, one merge (short dependency chains)
       float x[4];
 #pragma unroll
@@ -266,12 +256,12 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
   Race acc = empty_race();
   for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {  // one race group per round
     float p[8], q[8] = {};
-    load_group<kVec>(p_row, v, end, p);
-    if (rejected && !rebuilt) load_group<kVec>(q_row, v, end, q);
+    load_entries<8, kVec>(p_row, v, end, p);
+    if (rejected && !rebuilt) load_entries<8, kVec>(q_row, v, end, q);
     if (rebuilt && !one_hot) {
       float u[8], b[8];
-      load_group<kVec>(u_row, v, end, u);
-      load_group<kVec>(b_row, v, end, b);
+      load_entries<8, kVec>(u_row, v, end, u);
+      load_entries<8, kVec>(b_row, v, end, b);
       const float inv_sum = 1.f / row.sum;
 #pragma unroll
       for (int i = 0; i < 8; ++i) q[i] = rebuilt_q(over_temperature(u[i] + b[i], scale), row.max, inv_sum);
@@ -282,7 +272,7 @@ __global__ void race_kernel(const float* __restrict__ target, const int64_t* __r
     }
     visit_residual_group(acc, p, q, rejected, v, recover_noise(key, v));
   }
-  acc = block_reduce(warp_merge(acc), [](Race v) { return warp_merge(v); }, empty_race());
+  acc = block_reduce(warp_combine(acc), [](Race v) { return warp_combine(v); }, empty_race());
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = acc;
 }
 
@@ -292,8 +282,8 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
   Race acc = empty_race();
-  for (int i = threadIdx.x; i < splits; i += 32) acc = merge(acc, partials[static_cast<int64_t>(r) * splits + i]);
-  acc = warp_merge(acc);
+  for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
+  acc = warp_combine(acc);
   if (threadIdx.x == 0) {
     out_tokens[static_cast<int64_t>(r) * (gamma + 1) + state[2 * r]] = recovered_token(acc, state[2 * r + 1]);
   }

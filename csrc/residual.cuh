@@ -37,19 +37,13 @@ struct Race {  // the residual's and p's winners and the residual's mass, over a
 
 __device__ __forceinline__ Race empty_race() { return {{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f}; }
 
-__device__ __forceinline__ Race merge(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
+__device__ __forceinline__ Race combine(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
 
-__device__ __forceinline__ Race shfl_xor_race(const Race& x, int off) {
+// The race of lane (lane ^ off), every lane calling (race.cuh's warp_combine / group_combine).
+__device__ __forceinline__ Race shfl_xor(const Race& x, int off) {
   return {{__shfl_xor_sync(0xffffffffu, x.res.key, off), __shfl_xor_sync(0xffffffffu, x.res.idx, off)},
           {__shfl_xor_sync(0xffffffffu, x.p.key, off), __shfl_xor_sync(0xffffffffu, x.p.idx, off)},
           __shfl_xor_sync(0xffffffffu, x.mass, off)};
-}
-
-// Merges the races of lanes that differ in lane bits >= log2(lowest) (all lanes get the result).
-__device__ __forceinline__ Race warp_merge(Race x, int lowest = 1) {
-#pragma unroll
-  for (int off = 16; off >= lowest; off >>= 1) x = merge(x, shfl_xor_race(x, off));
-  return x;
 }
 
 // Another block's race (written before a grid-wide handshake): through L2, not a stale L1 line.
