@@ -206,8 +206,8 @@ __device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * 
 
 // Rejection's settings for a request (the residual epilogue, ResidualRows): nothing for a greedy
 // one (accept_kernel emitted its token); else p's race over its row target[row_start + n], and
-// when it was rejected at draft position n the residual against the q row the chain sampled
-// there: U row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
+// when it was rejected at draft position n (its verdict) the residual against the q row the chain
+// sampled there: U row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
 template <typename UT>
 struct ResidualRequest {
   bool active = false, rejected = false, one_hot = false;
@@ -217,14 +217,16 @@ struct ResidualRequest {
   const UT* u_row = nullptr;
   const float* p_row = nullptr;
 
+  template <int capacity>
   __device__ ResidualRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
-                             const int64_t* __restrict__ seeds, int gamma, int V, const ResidualRows& rows) {
+                             const int64_t* __restrict__ seeds, int gamma, int V, const ResidualRows& rows,
+                             const Verdicts<capacity>& verdicts) {
     if (r >= R || (rows.greedy != nullptr && rows.greedy[r])) return;
     active = true;
-    const int n = rows.state[2 * r];
+    const int n = verdicts.n[r];
     seed = seeds[r];
     p_row = rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V);
-    rejected = rows.state[2 * r + 1];
+    rejected = verdicts.rejected[r];
     if (!rejected) return;
     const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
     const float T = temperature[r];
@@ -234,6 +236,11 @@ struct ResidualRequest {
     inv_sum = 1.f / rows.row_stats[2 * at + 1];
     token = static_cast<int>(rows.tokens[at]);
     if (!one_hot) u_row = U + at * V;
+  }
+
+  // Asks L2 for p entries v .. (the line) a tile ahead: the epilogue's loads of p then hit L2.
+  __device__ void prefetch_p(int v) const {
+    if (active) asm volatile("prefetch.global.L2 [%0];" ::"l"(p_row + v));
   }
 };
 
@@ -292,7 +299,9 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
 // every CTA's races per request (a warp each) and writes the recovered token. The host asks for it
 // at R <= 16 (one request per consumer warp); above, rounds of dependent merges in one CTA cost
 // more than a finish launch (R = 128: 87 against 67 µs for the step).
-__device__ __forceinline__ void finish_residual(const Race* races, const ResidualRows& rows, int R, int gamma) {
+template <int capacity>
+__device__ __forceinline__ void finish_residual(const Race* races, const ResidualRows& rows,
+                                                const Verdicts<capacity>& verdicts, int R, int gamma) {
   // race.cuh's last_block_to_finish, on the consumers' named barrier (the producer warps have exited).
   __shared__ bool last;
   __threadfence();
@@ -307,7 +316,7 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
     Race all = empty_race();
     for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
     all = warp_combine(all);
-    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + rows.state[2 * r]] = recovered_token(all, rows.state[2 * r + 1]);
+    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + verdicts.n[r]] = recovered_token(all, verdicts.rejected[r]);
   }
 }
 
@@ -361,14 +370,36 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
 
   wait_previous_kernel();  // H (prev_emb[:, k]) is the previous step's reduce output (or accept_kernel's)
+  // Rejection: each request's verdict, from accept_kernel or the ratio tests run here (then H is
+  // gathered here too: W1 rows of the tokens before the first unaccepted positions).
+  __shared__ Verdicts<kResidual ? kMaxRequests : 1> verdicts;
+  const auto consumers_sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); };
+  if constexpr (kResidual)
+    find_verdicts(verdicts, residual_rows.tests, residual_rows.state, residual_rows.target, residual_rows.row_start,
+                  residual_rows.tokens, seeds, R, gamma, V, threadIdx.x, kConsumers, consumers_sync);
+  const bool gather = kResidual && residual_rows.tests.ell != nullptr;
+  const WT* w1 = static_cast<const WT*>(residual_rows.tests.w1);
   // W1[x] rows into wgmma's layout: row m of a half, 16-byte chunk c of K block kb at
-  // kb·8 KB + 128·m + 16·(c ^ (m % 8)); zeros past R.
-  for (int i = threadIdx.x; i < halves * kHalfRows * (kRank / 8); i += kConsumers) {
-    const int row = i / (kRank / 8), chunk = i % (kRank / 8);
+  // kb·8 KB + 128·m + 16·(c ^ (m % 8)); zeros past R. A thread's loads are all issued before its
+  // stores (one memory round trip, not one per chunk).
+  constexpr int kFill = kMaxRequests * (kRank / 8) / kConsumers;
+  uint4 val[kFill];
+#pragma unroll
+  for (int f = 0; f < kFill; ++f) {
+    const int i = threadIdx.x + f * kConsumers, row = i / (kRank / 8), chunk = i % (kRank / 8);
+    val[f] = make_uint4(0, 0, 0, 0);
+    if (row < R) {
+      const WT* src = gather ? w1 + static_cast<int64_t>(verdicts.before[row]) * kRank : h + row * ldh;
+      val[f] = *reinterpret_cast<const uint4*>(src + 8 * chunk);
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kFill; ++f) {
+    const int i = threadIdx.x + f * kConsumers, row = i / (kRank / 8), chunk = i % (kRank / 8);
     const int m = row % kHalfRows, kb = chunk / 8, c = chunk % 8;
-    const uint4 val = row < R ? *reinterpret_cast<const uint4*>(h + row * ldh + 8 * chunk) : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(w1x + (row / kHalfRows) * kHalfBytes + kb * kBlockBytes + 128 * m + 16 * (c ^ (m & 7))) =
-        val;
+    if (row < halves * kHalfRows)
+      *reinterpret_cast<uint4*>(w1x + (row / kHalfRows) * kHalfBytes + kb * kBlockBytes + 128 * m + 16 * (c ^ (m & 7))) =
+          val[f];
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads through the async proxy
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");   // consumers only
@@ -380,7 +411,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
   const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
   const auto request = [&](int r) {
-    if constexpr (kResidual) return ResidualRequest<UT>(r, R, U, temperature, seeds, gamma, V, residual_rows);
+    if constexpr (kResidual) return ResidualRequest<UT>(r, R, U, temperature, seeds, gamma, V, residual_rows, verdicts);
     else return RowRequest<UT>(r, R, U, temperature, seeds, k, gamma, V);
   };
   const decltype(request(0)) req[2] = {request(kStaged ? staged_row : rows[0]), request(kStaged ? R : rows[1])};
@@ -396,6 +427,10 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     uint4 u[2][kEntries * sizeof(UT) / 16];  // in flight during the multiply
     load_u<kEntries, UT>(req[0], v, u[0]);
     if (!kStaged) load_u<kEntries, UT>(req[1], v, u[1]);
+    // (Staged only: unstaged, the prefetch's registers made the epilogue spill.)
+    if constexpr (kResidual && kStaged) {
+      if (t + groups < count) req[0].prefetch_p(v + groups * kTileVocab);
+    }
     mbar_wait(&full[slot], (t / kSlots) & 1);
     const uint64_t b_desc = swizzled_desc(smem_u32(ring + slot * kTileBytes));
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -464,7 +499,8 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     static_cast<State*>(results)[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = all;
   }
   if constexpr (kResidual) {
-    if (residual_rows.out_tokens != nullptr) finish_residual(static_cast<const Race*>(results), residual_rows, R, gamma);
+    if (residual_rows.out_tokens != nullptr)
+      finish_residual(static_cast<const Race*>(results), residual_rows, verdicts, R, gamma);
   }
 #else
   __trap();  // built without sm_90a: fused_step_supported keeps the host from launching this

@@ -5,6 +5,7 @@
 
 #include "race.cuh"
 #include "residual.cuh"
+#include "verdicts.cuh"
 
 namespace dspark {
 
@@ -22,26 +23,27 @@ void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const v
                 const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
                 cudaStream_t stream);
 
-// Rejection's rows for the races where the bias is made (rejection.cu): per request the accept
-// kernel's state {n, rejected}, its target row target[row_start[r] + n], the chain's row stats
-// [R, γ, 2] and drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which
-// requests verify greedily (skipped: their token is already out); the block counter accept_kernel
-// zeroed and the output tokens [R, γ + 1] the last block writes the recovered token into (null: a
-// finish kernel does).
+// Rejection's rows for the races where the bias is made (rejection.cu): per request its verdict
+// (verdicts.cuh: accept_kernel's state {n, rejected}, or the ratio tests run in the kernel when
+// tests.ell is set), its target row target[row_start[r] + n], the chain's row stats [R, γ, 2] and
+// drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which requests verify
+// greedily (skipped: their token is already out); a zeroed block counter and the output tokens
+// [R, γ + 1] the last block writes the recovered token into (null: a finish kernel does).
 struct ResidualRows {
   const float* target = nullptr;
-  const int64_t* row_start = nullptr;
-  const int* state = nullptr;
+  RowStarts row_start;
+  int* state = nullptr;
   const float* row_stats = nullptr;
   const int64_t* tokens = nullptr;
   const bool* greedy = nullptr;
   unsigned* done = nullptr;
   int64_t* out_tokens = nullptr;
+  RatioTests tests;
 };
 
-// Rejection's recovered-token races for R requests in one pass over W2 (H = W1[x_{n-1}] rows) into
-// races [R, fused_step_blocks(V)], and the tokens when rows.out_tokens is set. Bias bits as the
-// chain's fused step.
+// Rejection's recovered-token races for R requests in one pass over W2 (H = W1[x_{n-1}] rows, or
+// gathered in the kernel with rows.tests) into races [R, fused_step_blocks(V)], and the tokens when
+// rows.out_tokens is set. Bias bits as the chain's fused step.
 constexpr int kFusedFinishMaxRequests = 16;  // rows.out_tokens only up to here (fused_step.cu)
 void fused_residual(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
                     const float* temperature, const int64_t* seeds, const ResidualRows& rows, Race* races, int gamma,

@@ -566,9 +566,10 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
 
 // Rejection's recovered tokens at R <= NR requests in one pass over W2, with rows_bias (the chain's
 // small-batch bias bits): each batch of 8 W2 rows is one race group of the residual and p
-// (visit_lane_residual), the q entries rebuilt with the chain's row stats. A programmatic dependent
-// of accept_kernel (state, H = W1[x_{n-1}], `done` zeroed): the first W2 rows are requested before
-// waiting for it. The last block to finish merges the partials [R, gridDim.x] and writes the token.
+// (visit_lane_residual), the q entries rebuilt with the chain's row stats. The verdicts and H =
+// W1[x_{n-1}] come from accept_kernel (this kernel is its programmatic dependent) or from the ratio
+// tests run here (rows.tests); either way the first W2 rows are requested before. The last block to
+// finish (rows.done zeroed) merges the partials [R, gridDim.x] and writes the token.
 template <typename WT, typename UT, int NR>
 __global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
 small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R, int V, const UT* __restrict__ U,
@@ -581,12 +582,15 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   uint4 raw[kSmallRows];
   if (b < batches) load_rows(w2, b * kSmallRows, V, raw);
   wait_previous_kernel();
+  __shared__ Verdicts<kSmallMaxRequests> verdicts;
+  find_verdicts(verdicts, rows.tests, rows.state, rows.target, rows.row_start, rows.tokens, seeds, R, gamma, V,
+                threadIdx.x, kThreads, [] { __syncthreads(); });
 
   // This lane's request (lane & 3; 0 when NR == 1) as ResidualRequest sees it.
   const int r = NR == 1 ? 0 : lane & 3;
   const bool active = r < R && !(rows.greedy != nullptr && rows.greedy[r]);
-  const int n = active ? rows.state[2 * r] : 0;
-  const bool rejected = active && rows.state[2 * r + 1];
+  const int n = active ? verdicts.n[r] : 0;
+  const bool rejected = active && verdicts.rejected[r];
   const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
   const float T = rejected ? temperature[r] : 1.f;
   const bool one_hot = T < kGreedyBelow;
@@ -598,7 +602,15 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   const UT* u_row = U + at * V;
   const int64_t seed = active ? seeds[r] : 0;
   uint4 hr[NR];
-  load_h<WT, NR>(h, kSmallRank, R, hr);
+  if (rows.tests.ell == nullptr) {
+    load_h<WT, NR>(h, kSmallRank, R, hr);
+  } else {
+#pragma unroll
+    for (int rr = 0; rr < NR; ++rr) {
+      const WT* w1_row = static_cast<const WT*>(rows.tests.w1) + static_cast<int64_t>(verdicts.before[rr]) * kSmallRank;
+      hr[rr] = rr < R ? *(reinterpret_cast<const uint4*>(w1_row) + lane) : make_uint4(0, 0, 0, 0);
+    }
+  }
 
   // p and U at this lane's row of a batch, requested with the batch's W2 rows (in flight meanwhile).
   const int row_in_batch = (lane >> 2) & 7;
@@ -637,7 +649,7 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
   all = warp_combine(all);
   if (lane == 0)
-    rows.out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + rows.state[2 * rr]] = recovered_token(all, rows.state[2 * rr + 1]);
+    rows.out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + verdicts.n[rr]] = recovered_token(all, verdicts.rejected[rr]);
 }
 
 template <typename WT, typename IT>

@@ -10,11 +10,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q);
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
-    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
-    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
-    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
+    const at::Tensor& tokens, const at::Tensor& q_token, const std::optional<at::Tensor>& q,
+    const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
-    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats);
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
+    int64_t row_stride);
 
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
@@ -36,11 +37,12 @@ at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
-    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
-    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
-    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
+    const at::Tensor& tokens, const at::Tensor& q_token, const std::optional<at::Tensor>& q,
+    const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
-    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats) {
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
+    int64_t row_stride) {
   return {at::empty({tokens.size(0), tokens.size(1) + 1}, tokens.options()), at::empty({tokens.size(0)}, tokens.options())};
 }
 
@@ -51,9 +53,9 @@ TORCH_LIBRARY(dspark, m) {
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
       "bool return_q) -> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats)");
   m.def(
-      "rejection_sample(Tensor target, Tensor row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
+      "rejection_sample(Tensor target, Tensor? row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
       "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds, "
-      "Tensor? row_stats=None) "
+      "Tensor? row_stats=None, int row_stride=0) "
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
 }

@@ -14,8 +14,11 @@
 //      (residual.cuh) of the residual and of p with the same noise (stream 2), so no second pass
 //      over V is needed
 //   4. finish_kernel: residual winner if rejected and its mass > 1e-8, else p's winner.
-// On Hopper with the chain's row_stats, steps 2 and 3 are one kernel instead: fused_step.cu's
-// residual epilogue runs the races on the bias accumulators (the bias never goes through HBM).
+// With the chain's row_stats, steps 2 and 3 are one kernel instead: on Hopper fused_step.cu's
+// residual epilogue runs the races on the bias accumulators (the bias never goes through HBM), at
+// R <= 2 markov.cu's small_residual_kernel; without greedy requests that kernel runs step 1's
+// ratio tests itself too (verdicts.cuh), and up to 16 requests its last block does step 4: the
+// whole verification is then one launch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -67,15 +70,14 @@ __device__ int block_argmax(const float* __restrict__ row, int V) {
 
 // Step 1. state[r] = {n, rejected}: what the later kernels need.
 template <typename WT>
-__global__ void accept_kernel(const float* __restrict__ target, int V, const int64_t* __restrict__ row_start,
+__global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts row_start,
                               const int64_t* __restrict__ ell, const int64_t* __restrict__ tokens,
                               const float* __restrict__ q_token, const bool* __restrict__ greedy,
                               const int64_t* __restrict__ seeds, int gamma, const int64_t* __restrict__ anchors,
                               const WT* __restrict__ w1, int rank, WT* __restrict__ h,
                               int64_t* __restrict__ out_tokens, int64_t* __restrict__ num_accepted,
-                              int* __restrict__ state, unsigned* __restrict__ done) {
+                              int* __restrict__ state) {
   const int r = blockIdx.x;
-  if (done != nullptr && r == 0 && threadIdx.x == 0) *done = 0;  // small_residual_kernel's block count
   const bool is_greedy = greedy != nullptr && greedy[r];
   const int64_t start = row_start[r], len = ell[r];
   const int64_t* draft = tokens + static_cast<int64_t>(r) * gamma;
@@ -215,7 +217,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
 // stats: the chain's (chain_stats [R, γ, 2] with the drafted tokens, the very max and sum-exp its
 // q_token came from), or else the merged stats partials (stats_partials, stats_splits per request).
 template <typename UT, bool kVec>
-__global__ void race_kernel(const float* __restrict__ target, const int64_t* __restrict__ row_start,
+__global__ void race_kernel(const float* __restrict__ target, RowStarts row_start,
                             const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
                             const int* __restrict__ state, const float* __restrict__ q_stored,
                             const UT* __restrict__ U, const float* __restrict__ bias,
@@ -298,17 +300,21 @@ int choose_splits(int R, int V) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
-    const at::Tensor& target, const at::Tensor& row_start, const at::Tensor& ell, const at::Tensor& tokens,
-    const at::Tensor& q_token, const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& U,
-    const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
+    const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
+    const at::Tensor& tokens, const at::Tensor& q_token, const std::optional<at::Tensor>& q,
+    const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
-    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats) {
+    const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
+    int64_t row_stride) {
   TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
-  TORCH_CHECK(row_start.scalar_type() == at::kLong && ell.scalar_type() == at::kLong &&
-                  tokens.scalar_type() == at::kLong && seeds.scalar_type() == at::kLong &&
+  const bool starts_given = row_start.has_value() && row_start->defined();
+  TORCH_CHECK(starts_given ? row_start->scalar_type() == at::kLong : row_stride > 0,
+              "dspark::rejection_sample: pass int64 row_start, or row_stride > 0 for a dense [R, row_stride, V] batch");
+  TORCH_CHECK(ell.scalar_type() == at::kLong && tokens.scalar_type() == at::kLong && seeds.scalar_type() == at::kLong &&
                   q_token.scalar_type() == at::kFloat,
-              "dspark::rejection_sample: row_start, ell, tokens, seeds must be int64 and q_token fp32");
+              "dspark::rejection_sample: ell, tokens, seeds must be int64 and q_token fp32");
+  const RowStarts starts{starts_given ? row_start->data_ptr<int64_t>() : nullptr, row_stride};
   const bool stored = q.has_value() && q->defined();
   TORCH_CHECK(stored || (U && anchors && w1 && w2 && temperature),
               "dspark::rejection_sample: pass q, or U, anchors, w1, w2 and temperature to rebuild it");
@@ -331,8 +337,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
   const bool small = chain_stats && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
   const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
-  // Where the racing kernel's last block writes the tokens (a block counter accept_kernel zeroes).
+  // Where the racing kernel's last block writes the tokens (a zeroed block counter), and where it
+  // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
+  const bool tests_there = (small || fused) && greedy_p == nullptr;
   const int splits = fused ? fused_step_blocks(V) : split_count;  // race partials per request
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
@@ -342,15 +350,14 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
                 "dspark::rejection_sample: q must be contiguous fp32 [R, γ, V]");
     accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
-        target.data_ptr<float>(), V, row_start.data_ptr<int64_t>(), ell.data_ptr<int64_t>(),
-        tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr,
-        nullptr, 0, nullptr, out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>(),
-        nullptr);
+        target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+        q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr, nullptr, 0, nullptr,
+        out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
     race<<<dim3(splits, R), kThreads, 0, stream>>>(
-        target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
-        state.data_ptr<int>(), q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, races,
+        target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(),
+        q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, races,
         gamma, V, slice);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -364,24 +371,27 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
-    auto done = at::empty({finished_there ? 1 : 0}, target.options().dtype(at::kInt));
+    auto done = at::zeros({finished_there ? 1 : 0}, target.options().dtype(at::kInt));
     unsigned* done_p = finished_there ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr;
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1->scalar_type(), "dspark_reject_w", [&] {
+    if (!tests_there) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1->scalar_type(), "dspark_reject_w", [&] {
       using WT = device_t<scalar_t>;
       accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
-          target.data_ptr<float>(), V, row_start.data_ptr<int64_t>(), ell.data_ptr<int64_t>(),
-          tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma,
-          anchors->data_ptr<int64_t>(), reinterpret_cast<const WT*>(w1->data_ptr()), rank,
-          reinterpret_cast<WT*>(h.data_ptr()), out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-          state.data_ptr<int>(), done_p);
+          target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+          q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, anchors->data_ptr<int64_t>(),
+          reinterpret_cast<const WT*>(w1->data_ptr()), rank, reinterpret_cast<WT*>(h.data_ptr()),
+          out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    const ResidualRows rows{target.data_ptr<float>(), row_start.data_ptr<int64_t>(), state.data_ptr<int>(),
+    RatioTests tests;
+    if (tests_there)
+      tests = {ell.data_ptr<int64_t>(), q_token.data_ptr<float>(), anchors->data_ptr<int64_t>(), w1->data_ptr(),
+               out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>()};
+    const ResidualRows rows{target.data_ptr<float>(), starts, state.data_ptr<int>(),
                             chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p,
-                            done_p, finished_there ? out_tokens.data_ptr<int64_t>() : nullptr};
+                            done_p, finished_there ? out_tokens.data_ptr<int64_t>() : nullptr, tests};
     at::Tensor small_parts;
     // With the chain's row stats the races run where the bias is made: at R <= 2 the small-batch
     // kernel, on Hopper the fused step (its last block writes the tokens up to 16 requests, else
@@ -406,8 +416,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       race<<<dim3(splits, R), kThreads, 0, stream>>>(
-          target.data_ptr<float>(), row_start.data_ptr<int64_t>(), greedy_p, seeds.data_ptr<int64_t>(),
-          state.data_ptr<int>(), nullptr, up, bias.data_ptr<float>(), temperature->data_ptr<float>(),
+          target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(), nullptr, up,
+          bias.data_ptr<float>(), temperature->data_ptr<float>(),
           chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), stats, splits, races,
           gamma, V, slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

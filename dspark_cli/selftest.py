@@ -217,6 +217,7 @@ SELF_TEST_REJECTION = [
     RejectionCase(1, 7, 151936, 256, q_stored=False, seed=3),  # q row rebuilt by the small-batch bias
     RejectionCase(37, 5, 151936, 256, q_stored=False, greedy_every=6, t_one_every=2, seed=4),
     RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=5),
+    RejectionCase(128, 7, 151936, 256, q_stored=False, chain_draft=True, seed=6),  # ratio tests in the racing kernel
 ]
 
 

@@ -160,7 +160,7 @@ def _graph_replays_match_eager(op, args, replays: int = 1):
     with torch.cuda.graph(graph):
         captured = op(*args)
     for _ in range(replays):
-        captured[0].fill_(-7)
+        captured[0].fill_(-7), captured[1].fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
@@ -259,6 +259,12 @@ REJECTION_CASES = [
     # rows rebuilt by the fused step's bias (staged at R = 5, unstaged at 48)
     RejectionCase(5, 7, 151936, 256, q_stored=False, flat=True, chain_draft=True, seed=22),
     RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=4, chain_draft=True, seed=23),
+    # no greedy request: the racing kernel runs the ratio tests itself (small-batch kernel at R = 2,
+    # fused step staged at 16 with its last CTA finishing, unstaged at 48 / 128 with finish_kernel)
+    RejectionCase(2, 7, 151936, 256, q_stored=False, chain_draft=True, seed=25),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, seed=26),
+    RejectionCase(48, 5, 151936, 256, q_stored=False, flat=True, chain_draft=True, seed=27),
+    RejectionCase(128, 7, 151936, 256, q_stored=False, t_one_every=3, chain_draft=True, seed=28),
 ]
 
 
@@ -270,18 +276,18 @@ def test_rejection_sample_matches_reference(case):
     assert 0 < res["accepted_total"] < res["verified_total"] or case.R <= 2, res
 
 
-@pytest.mark.parametrize("R", [1, 16])
+@pytest.mark.parametrize("R", [1, 16, 128])
 def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
-    """The races where the bias is made (R = 1: the small-batch kernel, its block counter zeroed by
-    the accept kernel; R = 16: the fused step's epilogue): replays give the eager tokens, the second
-    one after the counter the first left."""
+    """The whole verification in the racing kernel (no greedy request, dense rows without a
+    row_start tensor; R = 1: the small-batch kernel, R = 16: the fused step's epilogue and its last
+    CTA, R = 128: the fused step and finish_kernel): replays give the eager tokens, the second one
+    after the block counter the first left."""
     draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(R, 7, 151936, 256, q_stored=False,
                                                                       chain_draft=True, seed=24))
     gamma = draft.tokens.shape[1]
     s = draft.source
-    args = (target.reshape(-1, target.shape[-1]), torch.arange(0, R * (gamma + 1), gamma + 1, device="cuda"), ell,
-            draft.tokens, draft.q_token, None, s.U, s.anchors.long(), s.w1, s.w2, s.temperature.float(), greedy,
-            seeds, s.row_stats)
+    args = (target.reshape(-1, target.shape[-1]), None, ell, draft.tokens, draft.q_token, None, s.U, s.anchors.long(),
+            s.w1, s.w2, s.temperature.float(), greedy, seeds, s.row_stats, gamma + 1)
     _graph_replays_match_eager(torch.ops.dspark.rejection_sample, args, replays=2)
 
 

@@ -100,10 +100,10 @@ def schedule_production(a_stale, a_now, sps):
 
 
 def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, generator=None, uniforms=None,
-                     exp_noise=None):
+                     exp_noise=None, row_stride=0):
     """Covers seeded (counter-based) randomness, greedy and sampled requests mixed, q stored or
     rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype), with the chain's row
-    stats when the CUDA chain drafted it."""
+    stats when the CUDA chain drafted it. row_start None: request r's rows start at r·row_stride."""
     from dspark_cli.runtime.rejection import VerifyResult
 
     if seeds is None or uniforms is not None or exp_noise is not None:
@@ -119,7 +119,8 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
         row_stats = s.row_stats
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
-        target.contiguous(), row_start.to(torch.int64).contiguous(), ell.to(torch.int64).contiguous(),
-        draft.tokens.to(torch.int64).contiguous(), draft.q_token.to(torch.float32).contiguous(), q, *rebuild,
-        None if greedy is None else greedy.contiguous(), seeds.contiguous(), row_stats)
+        target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
+        ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),
+        draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
+        seeds.contiguous(), row_stats, row_stride)
     return VerifyResult(output_tokens, num_accepted)

@@ -40,9 +40,9 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     _checks.dim("target_probs", target_probs, 1, gamma + 1, "γ + 1 target rows per request")
     _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
     _checks.dim("ell", ell, 0, R, "one verify length per request")
-    row_start = torch.arange(0, R * rows, rows, device=target_probs.device, dtype=torch.int64)  # one launch
-    return _verify(target_probs.reshape(R * rows, V), row_start, ell.to(torch.int64), draft,
-                   greedy, seeds, generator, uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell))
+    # request r's rows start at r·rows: no row_start tensor (the CUDA op computes it, saving a launch)
+    return _verify(target_probs.reshape(R * rows, V), None, ell.to(torch.int64), draft, greedy, seeds, generator,
+                   uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows)
 
 
 def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, seeds=None,
@@ -79,7 +79,8 @@ def _as_draft(draft) -> MarkovDraft:
 
 
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
-            check_values) -> VerifyResult:
+            check_values, row_stride=0) -> VerifyResult:
+    """row_start [R] int64, or None for dense rows: request r's start at r·row_stride."""
     R, gamma = draft.tokens.shape
     num_rows, V = target.shape
     _checks.nonempty_batch("draft tokens", draft.tokens)
@@ -100,15 +101,17 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
-        if int((row_start + ell).max()) >= num_rows:
+        if row_start is not None and int((row_start + ell).max()) >= num_rows:
             raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
-                   seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise)
+                   seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise, row_stride=row_stride)
     if out is not NotImplemented:
         return out
+    if row_start is None:
+        row_start = torch.arange(0, R * row_stride, row_stride, device=target.device, dtype=torch.int64)
 
     device = target.device
     pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j

@@ -1,0 +1,79 @@
+// Rejection's per-request verdicts {n accepted, rejected} where the racing kernels need them: read
+// from accept_kernel's state, or, for a batch without greedy requests, found by the racing kernel
+// itself (every block runs the R·γ ratio tests: a few gathers, cheaper than a separate accept launch
+// and the dependency on it). The tests are accept_kernel's: u_j·q_j(x_j) < p_j(x_j) along the prefix.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "philox.cuh"
+
+namespace dspark {
+
+// Request r's first target row: starts[r], or r · stride for a dense [R, γ + 1, V] batch.
+struct RowStarts {
+  const int64_t* starts = nullptr;
+  int64_t stride = 0;
+  __host__ __device__ int64_t operator[](int r) const { return starts != nullptr ? starts[r] : r * stride; }
+};
+
+// What a racing kernel needs to run the ratio tests itself (ell set), or nothing (ell null: the
+// verdicts come from accept_kernel's state). Block 0 writes the accepted prefix (−1 padded: the
+// recovered token goes in later), num_accepted and the state a finish kernel reads.
+struct RatioTests {
+  const int64_t* ell = nullptr;
+  const float* q_token = nullptr;  // [R, γ]
+  const int64_t* anchors = nullptr;
+  const void* w1 = nullptr;  // [V, rank], the W2 dtype: H = W1[x_{n-1}] is gathered by the racing kernel
+  int64_t* out_tokens = nullptr;  // [R, γ + 1]
+  int64_t* num_accepted = nullptr;
+};
+
+// Up to `capacity` requests' verdicts in shared memory.
+template <int capacity>
+struct Verdicts {
+  int n[capacity];
+  int rejected[capacity];
+  int before[capacity];  // x_{n-1} at draft position min(n, γ - 1) (the anchor at 0): its W1 row is H
+};
+
+// Fills v for R requests, threads tid = 0 .. nthreads-1 of the block taking part (sync: their
+// barrier). With tests.ell the ratio tests run here and block 0 writes the outputs and the state
+// [R, 2] {n, rejected} (a finish kernel reads it); else accept_kernel's state is read (`before` is
+// then not needed: H is accept_kernel's gather).
+template <int capacity, typename Sync>
+__device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const float* target,
+                              RowStarts row_start, const int64_t* tokens, const int64_t* seeds, int R, int gamma,
+                              int V, int tid, int nthreads, Sync sync) {
+  if (tests.ell == nullptr) {
+    for (int r = tid; r < R; r += nthreads) v.n[r] = state[2 * r], v.rejected[r] = state[2 * r + 1];
+    sync();
+    return;
+  }
+  for (int r = tid; r < R; r += nthreads) v.n[r] = static_cast<int>(tests.ell[r]);
+  sync();
+  for (int i = tid; i < R * gamma; i += nthreads) {
+    const int r = i / gamma, j = i % gamma;
+    if (j >= v.n[r]) continue;  // past ℓ_r, or past a rejection already found
+    const float u = counter_uniform(seeds[r], kStreamAccept, j, 0u);
+    if (!(u * tests.q_token[i] < target[(row_start[r] + j) * V + tokens[i]])) atomicMin(&v.n[r], j);
+  }
+  sync();
+  for (int r = tid; r < R; r += nthreads) {
+    const int n = v.n[r], pos = min(n, gamma - 1);
+    v.rejected[r] = n < tests.ell[r];
+    v.before[r] = static_cast<int>(pos == 0 ? tests.anchors[r] : tokens[static_cast<int64_t>(r) * gamma + pos - 1]);
+    if (blockIdx.x == 0) tests.num_accepted[r] = n, state[2 * r] = n, state[2 * r + 1] = v.rejected[r];
+  }
+  if (blockIdx.x == 0) {
+    for (int i = tid; i < R * (gamma + 1); i += nthreads) {
+      const int r = i / (gamma + 1), j = i % (gamma + 1);
+      tests.out_tokens[i] = j < v.n[r] ? tokens[static_cast<int64_t>(r) * gamma + j] : -1;
+    }
+  }
+  sync();
+}
+
+}  // namespace dspark
