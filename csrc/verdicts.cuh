@@ -5,6 +5,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "common.cuh"
@@ -52,28 +53,32 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     sync();
     return;
   }
-  for (int r = tid; r < R; r += nthreads) v.n[r] = static_cast<int>(tests.ell[r]);
+  // Two dependent memory round trips (the inputs, then the target gathers) and one more for the H
+  // rows after: a failing position lowers n[r] from "none", the anchor rides along in `before`.
+  for (int r = tid; r < R; r += nthreads) v.n[r] = INT_MAX;
   sync();
   for (int i = tid; i < R * gamma; i += nthreads) {
     const int r = i / gamma, j = i % gamma;
-    if (j >= v.n[r]) continue;  // past ℓ_r, or past a rejection already found
+    if (j == 0) v.before[r] = static_cast<int>(tests.anchors[r]);
+    if (j >= tests.ell[r]) continue;
     const float u = counter_uniform(seeds[r], kStreamAccept, j, 0u);
     if (!(u * tests.q_token[i] < target[(row_start[r] + j) * V + tokens[i]])) atomicMin(&v.n[r], j);
   }
   sync();
   for (int r = tid; r < R; r += nthreads) {
-    const int n = v.n[r], pos = min(n, gamma - 1);
-    v.rejected[r] = n < tests.ell[r];
-    v.before[r] = static_cast<int>(pos == 0 ? tests.anchors[r] : tokens[static_cast<int64_t>(r) * gamma + pos - 1]);
+    const int len = static_cast<int>(tests.ell[r]), n = min(v.n[r], len), pos = min(n, gamma - 1);
+    v.n[r] = n;
+    v.rejected[r] = n < len;
+    if (pos > 0) v.before[r] = static_cast<int>(tokens[static_cast<int64_t>(r) * gamma + pos - 1]);
     if (blockIdx.x == 0) tests.num_accepted[r] = n, state[2 * r] = n, state[2 * r + 1] = v.rejected[r];
   }
+  sync();
   if (blockIdx.x == 0) {
     for (int i = tid; i < R * (gamma + 1); i += nthreads) {
       const int r = i / (gamma + 1), j = i % (gamma + 1);
       tests.out_tokens[i] = j < v.n[r] ? tokens[static_cast<int64_t>(r) * gamma + j] : -1;
     }
   }
-  sync();
 }
 
 }  // namespace dspark
