@@ -374,9 +374,10 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   // gathered here too: W1 rows of the tokens before the first unaccepted positions).
   __shared__ Verdicts<kResidual ? kMaxRequests : 1> verdicts;
   const auto consumers_sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); };
-  if constexpr (kResidual)
-    find_verdicts(verdicts, residual_rows.tests, residual_rows.state, residual_rows.target, residual_rows.row_start,
-                  residual_rows.tokens, seeds, R, gamma, V, threadIdx.x, kConsumers, consumers_sync);
+  if constexpr (kResidual)  // two tests a thread: one round up to R·γ = 1024 (γ <= 8 at R = 128)
+    find_verdicts<2>(verdicts, residual_rows.tests, residual_rows.state, residual_rows.target,
+                     residual_rows.row_start, residual_rows.tokens, seeds, R, gamma, V, threadIdx.x, kConsumers,
+                     consumers_sync);
   const bool gather = kResidual && residual_rows.tests.ell != nullptr;
   const WT* w1 = static_cast<const WT*>(residual_rows.tests.w1);
   // W1[x] rows into wgmma's layout: row m of a half, 16-byte chunk c of K block kb at

@@ -583,7 +583,7 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   if (b < batches) load_rows(w2, b * kSmallRows, V, raw);
   wait_previous_kernel();
   __shared__ Verdicts<kSmallMaxRequests> verdicts;
-  find_verdicts(verdicts, rows.tests, rows.state, rows.target, rows.row_start, rows.tokens, seeds, R, gamma, V,
+  find_verdicts<1>(verdicts, rows.tests, rows.state, rows.target, rows.row_start, rows.tokens, seeds, R, gamma, V,
                 threadIdx.x, kThreads, [] { __syncthreads(); });
 
   // This lane's request (lane & 3; 0 when NR == 1) as ResidualRequest sees it.

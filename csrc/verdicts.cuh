@@ -41,10 +41,10 @@ struct Verdicts {
 };
 
 // Fills v for R requests, threads tid = 0 .. nthreads-1 of the block taking part (sync: their
-// barrier). With tests.ell the ratio tests run here and block 0 writes the outputs and the state
+// barrier), kPairs ratio tests per thread per round (more: fewer rounds, more registers). With tests.ell the ratio tests run here and block 0 writes the outputs and the state
 // [R, 2] {n, rejected} (a finish kernel reads it); else accept_kernel's state is read (`before` is
 // then not needed: H is accept_kernel's gather).
-template <int capacity, typename Sync>
+template <int kPairs, int capacity, typename Sync>
 __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const float* target,
                               RowStarts row_start, const int64_t* tokens, const int64_t* seeds, int R, int gamma,
                               int V, int tid, int nthreads, Sync sync) {
@@ -53,16 +53,34 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     sync();
     return;
   }
-  // Two dependent memory round trips (the inputs, then the target gathers) and one more for the H
-  // rows after: a failing position lowers n[r] from "none", the anchor rides along in `before`.
+  // Two dependent memory round trips (every input at once, then the target gathers), and one more
+  // for the H rows after: a failing position lowers n[r] from "none"; the anchor rides along in
+  // `before`. kPairs (r, j) per thread per round, all loads issued before any is used.
   for (int r = tid; r < R; r += nthreads) v.n[r] = INT_MAX;
   sync();
-  for (int i = tid; i < R * gamma; i += nthreads) {
-    const int r = i / gamma, j = i % gamma;
-    if (j == 0) v.before[r] = static_cast<int>(tests.anchors[r]);
-    if (j >= tests.ell[r]) continue;
-    const float u = counter_uniform(seeds[r], kStreamAccept, j, 0u);
-    if (!(u * tests.q_token[i] < target[(row_start[r] + j) * V + tokens[i]])) atomicMin(&v.n[r], j);
+  for (int base = tid; base < R * gamma; base += kPairs * nthreads) {
+    int64_t token[kPairs], len[kPairs], seed[kPairs], start[kPairs];
+    float q[kPairs], p[kPairs];
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int i = base + k * nthreads, r = i / gamma;
+      if (i >= R * gamma) continue;
+      token[k] = tokens[i], q[k] = tests.q_token[i], len[k] = tests.ell[r], seed[k] = seeds[r];
+      start[k] = row_start[r];
+      if (i % gamma == 0) v.before[r] = static_cast<int>(tests.anchors[r]);
+    }
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int i = base + k * nthreads, j = i % gamma;
+      if (i < R * gamma && j < len[k]) p[k] = target[(start[k] + j) * V + token[k]];
+    }
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      const int i = base + k * nthreads, j = i % gamma;
+      if (i >= R * gamma || j >= len[k]) continue;
+      const float u = counter_uniform(seed[k], kStreamAccept, j, 0u);
+      if (!(u * q[k] < p[k])) atomicMin(&v.n[i / gamma], j);
+    }
   }
   sync();
   for (int r = tid; r < R; r += nthreads) {
