@@ -237,24 +237,25 @@ struct ResidualRequest {
     token = static_cast<int>(rows.tokens[at]);
     if (!one_hot) u_row = U + at * V;
   }
-
-  // Asks L2 for p entries v .. (the line) a tile ahead: the epilogue's loads of p then hit L2.
-  __device__ void prefetch_p(int v) const {
-    if (active) asm volatile("prefetch.global.L2 [%0];" ::"l"(p_row + v));
-  }
 };
 
 // Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q rebuilt with the
-// chain's row stats (rebuilt_q; one-hot at the token for a greedy draft row), p from the target row.
+// chain's row stats (rebuilt_q; one-hot at the token for a greedy draft row), p from the target row
+// (p_early: its entries already loaded, else loaded here).
 template <int N, typename UT>
 __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4* u, const ResidualRequest<UT>& req,
-                                              int v, int /*k*/) {
+                                              int v, int /*k*/, const float* p_early = nullptr) {
   if (req.rejected && !req.one_hot) add_u_over_temperature<N, UT>(x, u, req.scale);
   const uint4 w = counter_words(req.seed, kStreamRecover, 0, v >> 4);
 #pragma unroll
   for (int h = 0; h < N; h += 8) {
     float p[8], q[8] = {};
-    load_vec<8>(req.p_row + v + h, p);
+    if (p_early != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) p[i] = p_early[h + i];
+    } else {
+      load_vec<8>(req.p_row + v + h, p);
+    }
     if (req.rejected) {
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -428,9 +429,10 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     uint4 u[2][kEntries * sizeof(UT) / 16];  // in flight during the multiply
     load_u<kEntries, UT>(req[0], v, u[0]);
     if (!kStaged) load_u<kEntries, UT>(req[1], v, u[1]);
-    // (Staged only: unstaged, the prefetch's registers made the epilogue spill.)
+    // Staged rejection rows: p too (unstaged, its 32 registers a thread would spill the epilogue).
+    float p_early[kResidual && kStaged ? 8 : 1];
     if constexpr (kResidual && kStaged) {
-      if (t + groups < count) req[0].prefetch_p(v + groups * kTileVocab);
+      if (req[0].active) load_vec<8>(req[0].p_row + v, p_early);
     }
     mbar_wait(&full[slot], (t / kSlots) & 1);
     const uint64_t b_desc = swizzled_desc(smem_u32(ring + slot * kTileBytes));
@@ -473,7 +475,11 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       const float4* src = reinterpret_cast<const float4*>(staged + staged_row * kStageStride + 8 * staged_part);
       const float4 a = src[0], b = src[1];
       x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-      if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k);
+      if constexpr (kResidual) {
+        if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k, p_early);
+      } else {
+        if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k);
+      }
     }
   }
   if (!epilogue) return;
