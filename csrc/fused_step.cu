@@ -45,7 +45,9 @@ constexpr int kGroups = 4;                           // consumer warpgroups
 constexpr int kConsumers = 128 * kGroups;
 constexpr int kFusedThreads = kConsumers + 128;      // + the producer warpgroup (one thread issues TMA)
 // Registers per thread: 96 at launch (640 threads); the producer gives its own back (setmaxnreg)
-// so the consumers run with 112 (ptxas allocates them: without it the epilogue spills).
+// so the consumers run with 112 (ptxas allocates them: without it the epilogue spills). 112 is the
+// ceiling: setmaxnreg.inc only takes what the CTA's .dec released, 128·(96 − 24) = 9216 registers
+// (120 would need 12288: the consumers waited forever, measured).
 constexpr int kProducerRegs = 24, kConsumerRegs = 112;
 constexpr int kMaxRequests = 2 * kHalfRows;
 // At R <= 16 only one warp of each warpgroup holds request rows: it stages them in shared memory
