@@ -1,7 +1,7 @@
 // Rejection's per-request verdicts {n accepted, rejected} where the racing kernels need them: read
 // from accept_kernel's state, or, for a batch without greedy requests, found by the racing kernel
-// itself (every block runs the R·γ ratio tests: a few gathers, cheaper than a separate accept launch
-// and the dependency on it). The tests are accept_kernel's: u_j·q_j(x_j) < p_j(x_j) along the prefix.
+// itself (every block runs the R·γ ratio tests, a few gathers: one launch and one dependency fewer
+// than with accept_kernel). The tests are accept_kernel's: u_j·q_j(x_j) < p_j(x_j) along the prefix.
 #pragma once
 #include <cuda_runtime.h>
 
