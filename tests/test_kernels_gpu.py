@@ -160,7 +160,8 @@ def _graph_replays_match_eager(op, args, replays: int = 1):
     with torch.cuda.graph(graph):
         captured = op(*args)
     for _ in range(replays):
-        captured[0].fill_(-7), captured[1].fill_(-7)
+        for out in captured[:2]:
+            out.fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
@@ -280,8 +281,8 @@ def test_rejection_sample_matches_reference(case):
 def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
     """The whole verification in the racing kernel (no greedy request, dense rows without a
     row_start tensor; R = 1: the small-batch kernel, R = 16: the fused step's epilogue and its last
-    CTA, R = 128: the fused step and finish_kernel): replays give the eager tokens, the second one
-    after the block counter the first left."""
+    CTA, R = 128: the fused step and finish_kernel): two replays, each zeroing the block counter
+    inside the graph, give the eager outputs."""
     draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(R, 7, 151936, 256, q_stored=False,
                                                                       chain_draft=True, seed=24))
     gamma = draft.tokens.shape[1]
