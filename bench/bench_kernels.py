@@ -18,7 +18,8 @@ row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt ro
 row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first).
 The scheduler (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs
 at R = 256; timed per replay of a one-call graph (includes the graph launch) and per call inside a
-graph of 20 calls (its cost inside an engine's captured step)."""
+graph of 20 calls (its cost inside an engine's captured step). The production rejection path is
+timed that way too: per call in a graph of 8, each call on inputs of its own (no L2 reuse)."""
 
 import argparse
 import json
@@ -93,8 +94,8 @@ def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1, before=No
     return out
 
 
-def markov_inputs(R: int, greedy: bool, temperature: float = 1.0):
-    g = torch.Generator(device="cuda").manual_seed(R)
+def markov_inputs(R: int, greedy: bool, temperature: float = 1.0, seed: int | None = None):
+    g = torch.Generator(device="cuda").manual_seed(R if seed is None else seed)
     U = torch.randn(R, GAMMA, V, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
     w1 = torch.randn(V, RANK, device="cuda", generator=g).to(torch.bfloat16)
     w2 = torch.randn(V, RANK, device="cuda", generator=g).div_(16).to(torch.bfloat16)
@@ -124,37 +125,53 @@ def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
     return medians, cold
 
 
+def rejection_call(R: int, temperature: float, stored: bool, chain_draft: bool, seed: int | None = None):
+    """One verification at Qwen3-4B shapes on inputs of its own (seed): all ℓ_r = γ, p(x_j) = 0 at one
+    random position per request, so every request is rejected there and draws over V."""
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False, temperature=temperature, seed=seed)
+    with cuda_ops.enabled(chain_draft):
+        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
+    g = torch.Generator(device="cuda").manual_seed(R + 1 if seed is None else seed + 1)
+    target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
+    target /= target.sum(-1, keepdim=True)
+    reject_at = torch.randint(0, GAMMA, (R,), device="cuda", generator=g)
+    target[torch.arange(R, device="cuda"), reject_at, draft.tokens.gather(1, reject_at[:, None])[:, 0]] = 0
+    ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+    return lambda: rejection_sample(target, draft, ell, seeds=seeds)
+
+
+GRAPH_OF = 8  # rejection calls in one graph, each on its own inputs (8 · 78 MB of W2 alone: no L2 reuse)
+
+
 def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, temperature: float) -> list[dict]:
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False, temperature=temperature)
     rows = []
     # q rebuilt from a draft of our chain (its row stats: no stats pass), the production path; from a
     # torch-reference draft (a stats pass first); q stored.
     variants = (("q rebuilt", False, True), ("q rebuilt, stats pass", False, False), ("q stored", True, False))
     for name, stored, chain_draft in variants:
-        with cuda_ops.enabled(chain_draft):
-            draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
-        g = torch.Generator(device="cuda").manual_seed(R + 1)
-        target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
-        target /= target.sum(-1, keepdim=True)
-        # p(x_j) = 0 at one random position per request: a rejection there, a residual draw over V
-        reject_at = torch.randint(0, GAMMA, (R,), device="cuda", generator=g)
-        target[torch.arange(R, device="cuda"), reject_at, draft.tokens.gather(1, reject_at[:, None])[:, 0]] = 0
-        ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
-
-        def call():
-            return rejection_sample(target, draft, ell, seeds=seeds)
-
+        call = rejection_call(R, temperature, stored, chain_draft)
         medians, cold = timed(call, repeats, kernel_only, flush)
         nbytes = R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)
         floor = nbytes / bw
         name = f"rejection {name}"
         row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "kernel_cold_l2_ms": cold * 1e3,
                "torch_ms": ms(medians[False]), "floor_ms": floor * 1e3}
+        in_graph = ""
+        if not stored and chain_draft:
+            # The verification's cost inside an engine's captured step: no graph launch, and no L2
+            # leftovers either (each call reads its own inputs).
+            calls = [call] + [rejection_call(R, temperature, stored, chain_draft, seed=1000 * i + R)
+                              for i in range(1, GRAPH_OF)]
+            per_call = statistics.median(time_replays(lambda: [c() for c in calls], repeats)) / GRAPH_OF
+            row[f"kernel_in_graph_of_{GRAPH_OF}_ms"] = per_call * 1e3
+            in_graph = f"   per call in a graph of {GRAPH_OF} (own inputs each): {per_call * 1e3:.3f} ms = " \
+                       f"{per_call / floor:.2f}x floor"
+            del calls
         rows.append(row)
         print(f"{name:28} {R:4d} {row['kernel_ms']:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
-              f"{row['floor_ms']:9.3f} {medians[True] / floor:8.2f} {cold / floor:7.2f}", flush=True)
-        del draft, target
-    torch.cuda.empty_cache()
+              f"{row['floor_ms']:9.3f} {medians[True] / floor:8.2f} {cold / floor:7.2f}{in_graph}", flush=True)
+        del call
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -203,8 +220,6 @@ def main() -> None:
                 print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
                       f"{floor * 1e3:9.3f} {kernel / floor:8.2f} {issue_floor * 1e3:11.3f} "
                       f"{kernel / issue_floor:8.2f} {cold / issue_floor:7.2f} {vs}", flush=True)
-            del inputs, U, w1, w2
-            torch.cuda.empty_cache()
     if "rejection" in ops:
         print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cold ms':>8} {'torch ms':>10} {'floor ms':>9} "
               f"{'k/floor':>8} {'c/floor':>7}")

@@ -288,32 +288,50 @@ struct LaneRequest {
   }
 };
 
-// Where a small-batch kernel's entry (u, bias) of vocab row v goes to step 2. A batch of 8 W2 rows
-// is one race group, row (lane >> 2) & 7 on the lanes sharing lane & 3. With one request all four
-// lanes holding a row agree, so lane (lane & 3) == j keeps batch j of every four the warp streams:
-// then the lanes hold four groups and visit them at once, and the epilogue runs once per 32 rows,
-// not per 8. With more, lane & 3 is the request and every batch is visited.
+// Where a small-batch kernel's entry of vocab row v (two floats: the chain's U and bias, rejection's
+// p and q) goes to its epilogue. A batch of 8 W2 rows is one race group, row (lane >> 2) & 7 on the
+// lanes sharing lane & 3. With one request all four lanes holding a row agree, so lane
+// (lane & 3) == j keeps batch j of every four the warp streams: then the lanes hold four groups and
+// visit them at once, and the epilogue runs once per 32 rows, not per 8. With more, lane & 3 is the
+// request and every batch is visited.
 template <int NR>
 struct EntryRouter {
   int held = 0, v;
-  float u = 0.f, bias = 0.f;
+  float a = 0.f, b = 0.f;
 
   __device__ explicit EntryRouter(int V) : v(V) {}
   // last: no batch follows in this pass, so the kept entries are visited now. Every lane calls.
   template <typename Visit>
-  __device__ __forceinline__ void offer(bool active, float u_, float bias_, int v_, int V, bool last, Visit&& visit) {
+  __device__ __forceinline__ void offer(bool active, float a_, float b_, int v_, int V, bool last, Visit&& visit) {
     if constexpr (NR == 1) {
-      if ((threadIdx.x & 3) == held) u = u_, bias = bias_, v = v_;
+      if ((threadIdx.x & 3) == held) a = a_, b = b_, v = v_;
       if (++held == 4 || last) {
-        visit(u, bias, v, v < V);
+        visit(a, b, v, v < V);
         held = 0;
         v = V;
       }
     } else {
-      visit(u_, bias_, v_, active && v_ < V);
+      visit(a_, b_, v_, active && v_ < V);
     }
   }
 };
+
+// The block's result per request into results [R, gridDim.x] (a Partial, or residual.cuh's Race):
+// this lane's request's lanes (lanes r, r+4, ..; every lane with one request), then the block's
+// warps in order. Every thread calls.
+template <int NR, typename State>
+__device__ __forceinline__ void store_block_result(State mine, int R, State* __restrict__ results) {
+  __shared__ State warp_parts[kThreads / 32][kSmallMaxRequests];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  mine = warp_combine(mine, NR == 1 ? 1 : 4);
+  if (lane < NR) warp_parts[warp][lane] = mine;
+  __syncthreads();
+  if (threadIdx.x < R) {
+    State all = warp_parts[0][threadIdx.x];
+    for (int w = 1; w < kThreads / 32; ++w) all = combine(all, warp_parts[w][threadIdx.x]);
+    results[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = all;
+  }
+}
 
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
 // of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
@@ -367,16 +385,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
     }
   }
 
-  // Per request: lanes r, r+4, .. (every lane with one request), then the block's warps in order.
-  __shared__ Partial warp_parts[kThreads / 32][kSmallMaxRequests];
-  p = warp_combine(p, NR == 1 ? 1 : 4);
-  if (lane < NR) warp_parts[warp][lane] = p;
-  __syncthreads();
-  if (threadIdx.x < R) {
-    Partial q = empty_partial();
-    for (int w = 0; w < kThreads / 32; ++w) q = combine(q, warp_parts[w][threadIdx.x]);
-    partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = q;
-  }
+  store_block_result<NR>(p, R, partials);
 
   // The last block to finish merges every block's partials (step 3).
   if (!last_block_to_finish(done + k)) return;
@@ -566,12 +575,18 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
 
 // Rejection's recovered tokens at R <= NR requests in one pass over W2, with rows_bias (the chain's
 // small-batch bias bits): each batch of 8 W2 rows is one race group of the residual and p
-// (visit_lane_residual), the q entries rebuilt with the chain's row stats. The verdicts and H =
-// W1[x_{n-1}] come from accept_kernel (this kernel is its programmatic dependent) or from the ratio
-// tests run here (rows.tests); either way the first W2 rows are requested before. The last block to
-// finish (rows.done zeroed) merges the partials [R, gridDim.x] and writes the token.
+// (visit_lane_residual), the q entries rebuilt with the chain's row stats; with one request the
+// lanes' four copies of a row serve four batches (EntryRouter), so a group is visited once, not four
+// times. The verdicts and H = W1[x_{n-1}] come from accept_kernel (this kernel is its programmatic
+// dependent) or from the ratio tests run here (rows.tests); either way the first W2 rows are
+// requested before. The last block to finish (rows.done zeroed) merges the partials
+// [R, gridDim.x] and writes the token. One batch of W2 rows in flight per warp; one request at
+// three blocks per SM (80 registers; at four the kernel spilled and took 30.9 µs against 26.5 on the
+// H200, two batches in flight at two blocks per SM 27.2).
+constexpr int residual_blocks_per_sm(int capacity) { return capacity == 1 ? 3 : 2; }
+
 template <typename WT, typename UT, int NR>
-__global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
+__global__ void __launch_bounds__(kThreads, residual_blocks_per_sm(NR))
 small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R, int V, const UT* __restrict__ U,
                       const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
                       const ResidualRows rows, Race* __restrict__ partials, int gamma) {
@@ -622,6 +637,10 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   };
   if (b < batches) request_row(b);
   Race acc = empty_race();
+  const auto visit = [&](float p, float q, int v, bool valid) {  // p = q = 0: no weight
+    visit_lane_residual(acc, valid ? p : 0.f, valid ? q : 0.f, rejected, v, recover_noise(seed, v));
+  };
+  EntryRouter<NR> route(V);
   for (; b < batches; b += stride) {  // warp-uniform: every lane reaches the shuffles
     const float bias = rows_bias<WT, NR>(raw, hr);
     const int v = b * kSmallRows + row_in_batch;
@@ -629,27 +648,28 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
     if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw), request_row(b + stride);
     float q = 0.f;
     if (rejected && v < V) q = one_hot ? (v == token ? 1.f : 0.f) : rebuilt_q(over_temperature(u + bias, scale), max, inv_sum);
-    visit_lane_residual(acc, p, q, rejected, v, recover_noise(seed, v));
+    route.offer(active, p, q, v, V, b + stride >= batches, visit);
   }
+  store_block_result<NR>(acc, R, partials);
 
-  // Per request: lanes r, r+4, .. then the block's warps; the last block merges all blocks.
-  __shared__ Race warp_parts[kThreads / 32][kSmallMaxRequests];
-  acc = warp_combine(acc, 4);
-  if (lane < NR) warp_parts[warp][lane] = acc;
-  __syncthreads();
-  if (threadIdx.x < R) {
-    Race all = empty_race();
-    for (int w = 0; w < kThreads / 32; ++w) all = combine(all, warp_parts[w][threadIdx.x]);
-    partials[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = all;
-  }
-  if (!last_block_to_finish(rows.done) || warp >= R) return;
-  const int rr = warp;  // warp rr merges request rr
-  if (rows.greedy != nullptr && rows.greedy[rr]) return;  // accept_kernel wrote its token
+  // The last block merges every block's races with all its warps (warps [rr·w, (rr+1)·w) take
+  // request rr's, w = 8 / NR): each thread's loads in one round trip.
+  if (!last_block_to_finish(rows.done)) return;
+  constexpr int kWarpsPerRequest = (kThreads / 32) / NR;
+  __shared__ Race merged[kThreads / 32];
+  const int rr = warp / kWarpsPerRequest;
   Race all = empty_race();
-  for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
+  if (rr < R)
+    all = gather_races<3>(partials + static_cast<int64_t>(rr) * gridDim.x, (warp % kWarpsPerRequest) * 32 + lane,
+                          gridDim.x, kWarpsPerRequest * 32);
   all = warp_combine(all);
-  if (lane == 0)
-    rows.out_tokens[static_cast<int64_t>(rr) * (gamma + 1) + verdicts.n[rr]] = recovered_token(all, verdicts.rejected[rr]);
+  if (lane == 0) merged[warp] = all;
+  __syncthreads();
+  const int mine = threadIdx.x;
+  if (mine >= R || (rows.greedy != nullptr && rows.greedy[mine])) return;  // accept_kernel wrote a greedy token
+  all = merged[mine * kWarpsPerRequest];
+  for (int w = 1; w < kWarpsPerRequest; ++w) all = combine(all, merged[mine * kWarpsPerRequest + w]);
+  rows.out_tokens[static_cast<int64_t>(mine) * (gamma + 1) + verdicts.n[mine]] = recovered_token(all, verdicts.rejected[mine]);
 }
 
 template <typename WT, typename IT>
@@ -815,7 +835,7 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
       using UT = device_t<scalar_t>;
       with_small_capacity(R, [&](auto capacity) {
         constexpr int NR = decltype(capacity)::value;
-        const int blocks = small_batch_blocks(V, small_bias_blocks_per_sm(NR));
+        const int blocks = small_batch_blocks(V, residual_blocks_per_sm(NR));
         partials = at::empty({static_cast<int64_t>(R) * blocks * static_cast<int64_t>(sizeof(Race))},
                              U.options().dtype(at::kByte));
         launch_programmatic(small_residual_kernel<WT, UT, NR>, dim3(blocks), dim3(kThreads), 0, stream,

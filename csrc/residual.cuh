@@ -69,6 +69,25 @@ __device__ __forceinline__ float race_group(Best& best, const float w[8], float 
   return c[7];
 }
 
+// This thread's share of a request's races, parts[first], parts[first + stride], .. below count,
+// combined. The loads go out kBatch at a time, so a merge waits one round trip per kBatch · stride
+// races (a plain loop, which the compiler unrolls by four, waited one per four loads a lane).
+template <int kBatch>
+__device__ __forceinline__ Race gather_races(const Race* parts, int first, int count, int stride) {
+  Race acc = empty_race();
+  for (int base = first; base < count; base += kBatch * stride) {
+    Race got[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * stride;
+      got[j] = i < count ? load_race_cg(parts + i) : empty_race();
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) acc = combine(acc, got[j]);
+  }
+  return acc;
+}
+
 // One group of a request's row: p's race always, the residual's when the request was rejected
 // (q: the draft's row there, q = 0 elsewhere).
 __device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8], const float q[8], bool rejected,
