@@ -304,7 +304,8 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
 // more than a finish launch (R = 128: 87 against 67 µs for the step).
 template <int capacity>
 __device__ __forceinline__ void finish_residual(const Race* races, const ResidualRows& rows,
-                                                const Verdicts<capacity>& verdicts, int R, int gamma) {
+                                                const Verdicts<capacity>& verdicts, const int64_t* seeds, int R,
+                                                int gamma, int V) {
   // race.cuh's last_block_to_finish, on the consumers' named barrier (the producer warps have exited).
   __shared__ bool last;
   __threadfence();
@@ -319,7 +320,9 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
     Race all = empty_race();
     for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
     all = warp_combine(all);
-    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + verdicts.n[r]] = recovered_token(all, verdicts.rejected[r]);
+    const int n = verdicts.n[r];
+    const int token = recovered_token(all, verdicts.rejected[r], rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
+    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
   }
 }
 
@@ -509,7 +512,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   }
   if constexpr (kResidual) {
     if (residual_rows.out_tokens != nullptr)
-      finish_residual(static_cast<const Race*>(results), residual_rows, verdicts, R, gamma);
+      finish_residual(static_cast<const Race*>(results), residual_rows, verdicts, seeds, R, gamma, V);
   }
 #else
   __trap();  // built without sm_90a: fused_step_supported keeps the host from launching this

@@ -665,11 +665,15 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   all = warp_combine(all);
   if (lane == 0) merged[warp] = all;
   __syncthreads();
-  const int mine = threadIdx.x;
-  if (mine >= R || (rows.greedy != nullptr && rows.greedy[mine])) return;  // accept_kernel wrote a greedy token
-  all = merged[mine * kWarpsPerRequest];
-  for (int w = 1; w < kWarpsPerRequest; ++w) all = combine(all, merged[mine * kWarpsPerRequest + w]);
-  rows.out_tokens[static_cast<int64_t>(mine) * (gamma + 1) + verdicts.n[mine]] = recovered_token(all, verdicts.rejected[mine]);
+  // Warp rr writes request rr's token (recovered_token wants a warp).
+  if (warp >= R || (rows.greedy != nullptr && rows.greedy[warp])) return;  // accept_kernel wrote a greedy token
+  all = merged[warp * kWarpsPerRequest];
+  for (int w = 1; w < kWarpsPerRequest; ++w) all = combine(all, merged[warp * kWarpsPerRequest + w]);
+  const int at_n = verdicts.n[warp];
+  const int recovered = recovered_token(all, verdicts.rejected[warp],
+                                        rows.target + (rows.row_start[warp] + at_n) * static_cast<int64_t>(V), V,
+                                        seeds[warp]);
+  if (lane == 0) rows.out_tokens[static_cast<int64_t>(warp) * (gamma + 1) + at_n] = recovered;
 }
 
 template <typename WT, typename IT>

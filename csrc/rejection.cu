@@ -10,10 +10,10 @@
 //      max and sum-exp of (U_n + bias)/T are the chain's row_stats when given (the very ones it
 //      sampled with), else a pass per split of V computes them (and the argmax, for a request at
 //      temperature < 1e-5; with row_stats that argmax is the drafted token)
-//   3. race_kernel per split of V: residual max(p − q, 0) and its mass, and the grouped races
-//      (residual.cuh) of the residual and of p with the same noise (stream 2), so no second pass
-//      over V is needed
-//   4. finish_kernel: residual winner if rejected and its mass > 1e-8, else p's winner.
+//   3. race_kernel per split of V: the grouped race (residual.cuh, stream 2) of the residual
+//      max(p − q, 0) and its mass for a rejected request, of p for one that accepted every draft
+//   4. finish_kernel: the race's winner, or, for a rejected request whose residual has no mass
+//      (≤ 1e-8), p's race over its row (run there: p ≈ q along a whole row is rare).
 // With the chain's row_stats, steps 2 and 3 are one kernel instead: on Hopper fused_step.cu's
 // residual epilogue runs the races on the bias accumulators (the bias never goes through HBM), at
 // R <= 2 markov.cu's small_residual_kernel; without greedy requests that kernel runs step 1's
@@ -280,15 +280,16 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
 
 // Step 4, one warp per request.
 __global__ void finish_kernel(const Race* __restrict__ partials, int splits, const bool* __restrict__ greedy,
-                              const int* __restrict__ state, int gamma, int64_t* __restrict__ out_tokens) {
+                              const int* __restrict__ state, const float* __restrict__ target, RowStarts row_start,
+                              const int64_t* __restrict__ seeds, int gamma, int V, int64_t* __restrict__ out_tokens) {
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
   Race acc = empty_race();
   for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
   acc = warp_combine(acc);
-  if (threadIdx.x == 0) {
-    out_tokens[static_cast<int64_t>(r) * (gamma + 1) + state[2 * r]] = recovered_token(acc, state[2 * r + 1]);
-  }
+  const int n = state[2 * r];
+  const int token = recovered_token(acc, state[2 * r + 1], target + (row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
+  if (threadIdx.x == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
 }
 
 int choose_splits(int R, int V) {
@@ -424,8 +425,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     });
   }
   if (!finished_there) {
-    finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), gamma,
-                                        out_tokens.data_ptr<int64_t>());
+    finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), target.data_ptr<float>(),
+                                        starts, seeds.data_ptr<int64_t>(), gamma, V, out_tokens.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {out_tokens, num_accepted};

@@ -1,8 +1,10 @@
 // Rejection's recovered token (rejection.cu, and fused_step.cu's residual epilogue): the grouped
 // race of dspark_cli/runtime/rng.py (groups of eight vocab ids; race.cuh's noise layout, here on
-// stream kStreamRecover, position 0) over the residual max(p − q, 0) and, with the same noise, over
-// p (the bonus row, and the fallback when the residual's mass is ~0). Group sums are added left to
-// right and keyed W_g / E_g as the reference does, so with the same p and q the winner is its winner.
+// stream kStreamRecover, position 0) over the residual max(p − q, 0) of a rejected request, over p
+// for one that accepted all its drafts (the bonus row). Group sums are added left to right and keyed
+// W_g / E_g as the reference does, so with the same p and q the winner is its winner. When the
+// residual has no mass (p ≈ q) the reference races over p instead: the finish runs that race then
+// (recovered_token), so the pass over V runs one race per group, not two.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -29,26 +31,24 @@ __device__ __forceinline__ Best warp_pick(Best b) {
   return b;
 }
 
-struct Race {  // the residual's and p's winners and the residual's mass, over a part of the row
-  Best res;
-  Best p;
-  float mass;
+struct Race {  // over a part of a request's row: the winner of its race and the weight raced over
+  Best best;
+  float mass;  // the residual's mass for a rejected request
 };
 
-__device__ __forceinline__ Race empty_race() { return {{-INFINITY, 0x7fffffff}, {-INFINITY, 0x7fffffff}, 0.f}; }
+__device__ __forceinline__ Race empty_race() { return {{-INFINITY, 0x7fffffff}, 0.f}; }
 
-__device__ __forceinline__ Race combine(Race a, Race b) { return {pick(a.res, b.res), pick(a.p, b.p), a.mass + b.mass}; }
+__device__ __forceinline__ Race combine(Race a, Race b) { return {pick(a.best, b.best), a.mass + b.mass}; }
 
 // The race of lane (lane ^ off), every lane calling (race.cuh's warp_combine / group_combine).
 __device__ __forceinline__ Race shfl_xor(const Race& x, int off) {
-  return {{__shfl_xor_sync(0xffffffffu, x.res.key, off), __shfl_xor_sync(0xffffffffu, x.res.idx, off)},
-          {__shfl_xor_sync(0xffffffffu, x.p.key, off), __shfl_xor_sync(0xffffffffu, x.p.idx, off)},
+  return {{__shfl_xor_sync(0xffffffffu, x.best.key, off), __shfl_xor_sync(0xffffffffu, x.best.idx, off)},
           __shfl_xor_sync(0xffffffffu, x.mass, off)};
 }
 
 // Another block's race (written before a grid-wide handshake): through L2, not a stale L1 line.
 __device__ __forceinline__ Race load_race_cg(const Race* x) {
-  return {{__ldcg(&x->res.key), __ldcg(&x->res.idx)}, {__ldcg(&x->p.key), __ldcg(&x->p.idx)}, __ldcg(&x->mass)};
+  return {{__ldcg(&x->best.key), __ldcg(&x->best.idx)}, __ldcg(&x->mass)};
 }
 
 // Group v .. v+7 (v % 8 == 0) with weights w into best; returns the group's weight. The pick is
@@ -88,18 +88,15 @@ __device__ __forceinline__ Race gather_races(const Race* parts, int first, int c
   return acc;
 }
 
-// One group of a request's row: p's race always, the residual's when the request was rejected
-// (q: the draft's row there, q = 0 elsewhere).
+// One group of a request's row: the residual's race when the request was rejected (q: the draft's
+// row there), else p's.
 __device__ __forceinline__ void visit_residual_group(Race& acc, const float p[8], const float q[8], bool rejected,
                                                      int v, GroupNoise noise) {
   const float E = -logf(word_uniform(noise.race)), pick_u = word_uniform(noise.pick);
-  race_group(acc.p, p, E, pick_u, v);
-  if (rejected) {
-    float res[8];
+  float w[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) res[i] = fmaxf(p[i] - q[i], 0.f);
-    acc.mass += race_group(acc.res, res, E, pick_u, v);
-  }
+  for (int i = 0; i < 8; ++i) w[i] = rejected ? fmaxf(p[i] - q[i], 0.f) : p[i];
+  acc.mass += race_group(acc.best, w, E, pick_u, v);
 }
 
 // A rebuilt q entry from the chain's row max and 1 / sum-exp: exp_ftz and a multiply (within a
@@ -113,41 +110,48 @@ __device__ __forceinline__ float rebuilt_q(float x, float max, float inv_sum) { 
 __device__ __forceinline__ void visit_lane_residual(Race& acc, float p, float q, bool rejected, int v,
                                                     GroupNoise noise) {
   const int lane = threadIdx.x % 32, j = (lane >> 2) & 7;
-  float cp = p, cr = rejected ? fmaxf(p - q, 0.f) : 0.f;
+  float c = rejected ? fmaxf(p - q, 0.f) : p;
 #pragma unroll
   for (int d = 1; d < 8; d <<= 1) {
-    const float below_p = __shfl_up_sync(0xffffffffu, cp, 4 * d), below_r = __shfl_up_sync(0xffffffffu, cr, 4 * d);
-    if (j >= d) cp += below_p, cr += below_r;
+    const float below = __shfl_up_sync(0xffffffffu, c, 4 * d);
+    if (j >= d) c += below;
   }
-  const int last = (lane & 3) | 28;
-  const float wp = __shfl_sync(0xffffffffu, cp, last), wr = __shfl_sync(0xffffffffu, cr, last);
+  const float w = __shfl_sync(0xffffffffu, c, (lane & 3) | 28);
   const float E = -logf(word_uniform(noise.race)), pick_u = word_uniform(noise.pick);
-  const unsigned group_lanes = 0x11111111u << (lane & 3);
   // The first lane above the threshold (lane 28 + (lane & 3), entry 7, when none: a weightless group).
-  const auto first_above = [&](float c, float w) {
-    const unsigned above = __ballot_sync(0xffffffffu, c > pick_u * w) & group_lanes;
-    return (v & ~7) + (above ? ((__ffs(above) - 1) >> 2) & 7 : 7);
-  };
-  const int idx_p = first_above(cp, wp), idx_r = first_above(cr, wr);
+  const unsigned above = __ballot_sync(0xffffffffu, c > pick_u * w) & (0x11111111u << (lane & 3));
+  const int idx = (v & ~7) + (above ? ((__ffs(above) - 1) >> 2) & 7 : 7);
   if (j == 0) {
-    acc.p = pick(acc.p, Best{wp / E, idx_p});
-    acc.res = pick(acc.res, Best{wr / E, idx_r});
-    acc.mass += wr;
+    acc.best = pick(acc.best, Best{w / E, idx});
+    acc.mass += w;
   }
-}
-
-// The recovered token from a request's merged races: the residual's winner when it was rejected and
-// the residual has mass, else p's (the bonus row, or p itself when p ≈ q left no residual).
-constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
-
-__device__ __forceinline__ int recovered_token(const Race& race, bool rejected) {
-  return rejected && race.mass > kResidualMassFloor ? race.res.idx : race.p.idx;
 }
 
 // The group noise of ids v .. v+7 on the recovery stream.
 template <typename Key>  // PhiloxKey, or the int64 seed
 __device__ __forceinline__ GroupNoise recover_noise(const Key& key, int v) {
   return group_noise(counter_words(key, kStreamRecover, 0, static_cast<uint32_t>(v) >> 4), v >> 3);
+}
+
+// The recovered token from a request's merged race, every lane of a warp calling with the same race
+// (lane 0 writes it): the race's winner, unless the request was rejected and the residual had no
+// mass, when the reference races over p (its row p_row, V ids) instead. That takes p ≈ q along the
+// whole row, rare enough for one warp to run the race over V here (left-to-right group sums, the
+// main pass's noise and keys: the winner p's race would have had there).
+constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
+
+__device__ __forceinline__ int recovered_token(const Race& race, bool rejected, const float* p_row, int V,
+                                               int64_t seed) {
+  if (!rejected || race.mass > kResidualMassFloor) return race.best.idx;
+  Best best{-INFINITY, 0x7fffffff};
+  for (int v = 8 * (threadIdx.x % 32); v < V; v += 8 * 32) {
+    float p[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) p[i] = v + i < V ? p_row[v + i] : 0.f;
+    const GroupNoise noise = recover_noise(seed, v);
+    race_group(best, p, -logf(word_uniform(noise.race)), word_uniform(noise.pick), v);
+  }
+  return warp_pick(best).idx;
 }
 
 }  // namespace dspark

@@ -127,12 +127,13 @@ class RejectionCase:
     seed: int = 0
     t_one_every: int = 0       # as MarkovCase
     chain_draft: bool = False  # drafted by our CUDA chain: a rebuilt row uses the chain's row stats
+    no_residual: bool = False  # target rows at half the draft's q: a rejection leaves no residual mass
 
     def label(self) -> str:
         return (f"rejection R={self.R} γ={self.gamma} V={self.V} q={'stored' if self.q_stored else 'rebuilt'} "
                 f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}"
                 + (f" t_one_every={self.t_one_every}" if self.t_one_every else "")
-                + (" chain_draft" if self.chain_draft else ""))
+                + (" chain_draft" if self.chain_draft else "") + (" no_residual" if self.no_residual else ""))
 
 
 def rejection_inputs(case: RejectionCase):
@@ -158,6 +159,11 @@ def rejection_inputs(case: RejectionCase):
     bonus = torch.rand(R, 1, V, device="cuda", generator=g) ** 8
     target = torch.cat([near_q, bonus], dim=1)
     target = (target / target.sum(-1, keepdim=True)).contiguous()
+    if case.no_residual:
+        # p = q / 2 (unnormalized: the races need no normalization): each draft passes with
+        # probability 1/2, and a rejected one leaves max(p − q, 0) = 0, so its token comes from p's
+        # race (the reference's fallback), the only way to reach that branch.
+        target[:, :gamma] = 0.5 * q
     ell = torch.randint(0, gamma + 1, (R,), device="cuda", generator=g)
     greedy = (temperature < 1e-5) if case.greedy_every else None
     return draft, target, ell, greedy, seeds
@@ -218,6 +224,7 @@ SELF_TEST_REJECTION = [
     RejectionCase(37, 5, 151936, 256, q_stored=False, greedy_every=6, t_one_every=2, seed=4),
     RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=5),
     RejectionCase(128, 7, 151936, 256, q_stored=False, chain_draft=True, seed=6),  # ratio tests in the racing kernel
+    RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=7),  # p's race instead
 ]
 
 

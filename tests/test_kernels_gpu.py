@@ -266,6 +266,12 @@ REJECTION_CASES = [
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, seed=26),
     RejectionCase(48, 5, 151936, 256, q_stored=False, flat=True, chain_draft=True, seed=27),
     RejectionCase(128, 7, 151936, 256, q_stored=False, t_one_every=3, chain_draft=True, seed=28),
+    # rejections with no residual mass (p = q / 2): the finishes race over p (q stored: finish_kernel;
+    # small-batch kernel; fused step's last CTA at 16, finish_kernel at 48)
+    RejectionCase(16, 7, 151936, 256, no_residual=True, seed=29),
+    RejectionCase(1, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=30),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=31),
+    RejectionCase(48, 5, 151936, 256, q_stored=False, flat=True, chain_draft=True, no_residual=True, seed=32),
 ]
 
 
