@@ -384,6 +384,18 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     find_verdicts<2>(verdicts, residual_rows.tests, residual_rows.state, residual_rows.target,
                      residual_rows.row_start, residual_rows.tokens, seeds, R, gamma, V, threadIdx.x, kConsumers,
                      consumers_sync);
+  // This thread's requests (their settings load while the H rows below do).
+  const int wg = warp / 4, half = wg % halves, group = wg / halves;
+  const int gid = lane >> 2, quad = lane & 3;
+  const int rows[2] = {half * kHalfRows + (warp % 4) * 16 + gid, half * kHalfRows + (warp % 4) * 16 + gid + 8};
+  const bool epilogue = U != nullptr;
+  // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
+  const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
+  const auto request = [&](int r) {
+    if constexpr (kResidual) return ResidualRequest<UT>(r, R, U, temperature, seeds, gamma, V, residual_rows, verdicts);
+    else return RowRequest<UT>(r, R, U, temperature, seeds, k, gamma, V);
+  };
+  const decltype(request(0)) req[2] = {request(kStaged ? staged_row : rows[0]), request(kStaged ? R : rows[1])};
   const bool gather = kResidual && residual_rows.tests.ell != nullptr;
   const WT* w1 = static_cast<const WT*>(residual_rows.tests.w1);
   // W1[x] rows into wgmma's layout: row m of a half, 16-byte chunk c of K block kb at
@@ -411,17 +423,6 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads through the async proxy
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");   // consumers only
 
-  const int wg = warp / 4, half = wg % halves, group = wg / halves;
-  const int gid = lane >> 2, quad = lane & 3;
-  const int rows[2] = {half * kHalfRows + (warp % 4) * 16 + gid, half * kHalfRows + (warp % 4) * 16 + gid + 8};
-  const bool epilogue = U != nullptr;
-  // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
-  const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
-  const auto request = [&](int r) {
-    if constexpr (kResidual) return ResidualRequest<UT>(r, R, U, temperature, seeds, gamma, V, residual_rows, verdicts);
-    else return RowRequest<UT>(r, R, U, temperature, seeds, k, gamma, V);
-  };
-  const decltype(request(0)) req[2] = {request(kStaged ? staged_row : rows[0]), request(kStaged ? R : rows[1])};
   State p[2] = {empty_state<kResidual>(), empty_state<kResidual>()};
   const uint64_t a_desc = swizzled_desc(smem_u32(w1x + half * kHalfBytes));
   float acc[32];
