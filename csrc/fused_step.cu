@@ -207,9 +207,10 @@ __device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * 
 }
 
 // Rejection's settings for a request (the residual epilogue, ResidualRows): nothing for a greedy
-// one (accept_kernel emitted its token); else p's race over its row target[row_start + n], and
-// when it was rejected at draft position n (its verdict) the residual against the q row the chain
-// sampled there: U row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
+// one (accept_kernel emitted its token); else its row target[row_start + n], raced over as it is
+// (the bonus row) or, when it was rejected at draft position n (its verdict), as the residual
+// against the q row the chain sampled there: U row min(n, γ - 1), the chain's max and sum-exp of
+// it, its token for a one-hot row.
 template <typename UT>
 struct ResidualRequest {
   bool active = false, rejected = false, one_hot = false;

@@ -574,8 +574,8 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
 }
 
 // Rejection's recovered tokens at R <= NR requests in one pass over W2, with rows_bias (the chain's
-// small-batch bias bits): each batch of 8 W2 rows is one race group of the residual and p
-// (visit_lane_residual), the q entries rebuilt with the chain's row stats; with one request the
+// small-batch bias bits): each batch of 8 W2 rows is one race group of the residual, or of p for a
+// request that accepted every draft (visit_lane_residual), the q entries rebuilt with the chain's row stats; with one request the
 // lanes' four copies of a row serve four batches (EntryRouter), so a group is visited once, not four
 // times. The verdicts and H = W1[x_{n-1}] come from accept_kernel (this kernel is its programmatic
 // dependent) or from the ratio tests run here (rows.tests); either way the first W2 rows are
