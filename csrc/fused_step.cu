@@ -206,42 +206,6 @@ __device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * 
     out[c] = req.u_row != nullptr ? reinterpret_cast<const uint4*>(req.u_row + v)[c] : make_uint4(0, 0, 0, 0);
 }
 
-// Rejection's settings for a request (the residual epilogue, ResidualRows): nothing for a greedy
-// one (accept_kernel emitted its token); else its row target[row_start + n], raced over as it is
-// (the bonus row) or, when it was rejected at draft position n (its verdict), as the residual
-// against the q row the chain sampled there: U row min(n, γ - 1), the chain's max and sum-exp of
-// it, its token for a one-hot row.
-template <typename UT>
-struct ResidualRequest {
-  bool active = false, rejected = false, one_hot = false;
-  float scale = 1.f, max = 0.f, inv_sum = 1.f;
-  int token = -1;
-  int64_t seed = 0;
-  const UT* u_row = nullptr;
-  const float* p_row = nullptr;
-
-  template <int capacity>
-  __device__ ResidualRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
-                             const int64_t* __restrict__ seeds, int gamma, int V, const ResidualRows& rows,
-                             const Verdicts<capacity>& verdicts) {
-    if (r >= R || (rows.greedy != nullptr && rows.greedy[r])) return;
-    active = true;
-    const int n = verdicts.n[r];
-    seed = seeds[r];
-    p_row = rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V);
-    rejected = verdicts.rejected[r];
-    if (!rejected) return;
-    const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
-    const float T = temperature[r];
-    one_hot = T < kGreedyBelow;
-    scale = one_hot ? 1.f : T;
-    max = rows.row_stats[2 * at];
-    inv_sum = 1.f / rows.row_stats[2 * at + 1];
-    token = static_cast<int>(rows.tokens[at]);
-    if (!one_hot) u_row = U + at * V;
-  }
-};
-
 // Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q rebuilt with the
 // chain's row stats (rebuilt_q; one-hot at the token for a greedy draft row), p from the target row
 // (p_early: its entries already loaded, else loaded here).
@@ -318,9 +282,7 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < R; r += kConsumers / 32) {
     if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
-    Race all = empty_race();
-    for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
-    all = warp_combine(all);
+    const Race all = warp_combine(gather_races<4>(races + static_cast<int64_t>(r) * gridDim.x, lane, gridDim.x, 32));
     const int n = verdicts.n[r];
     const int token = recovered_token(all, verdicts.rejected[r], rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
     if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;

@@ -41,6 +41,43 @@ struct ResidualRows {
   RatioTests tests;
 };
 
+// Rejection's settings for a request where its races run (fused_step.cu's residual epilogue, markov.cu's
+// small_residual_kernel): nothing for a greedy
+// one (accept_kernel emitted its token); else its row target[row_start + n], raced over as it is
+// (the bonus row) or, when it was rejected at draft position n (its verdict), as the residual
+// against the q row the chain sampled there: U row min(n, γ - 1), the chain's max and sum-exp of
+// it, its token for a one-hot row.
+template <typename UT>
+struct ResidualRequest {
+  bool active = false, rejected = false, one_hot = false;
+  float scale = 1.f, max = 0.f, inv_sum = 1.f;
+  int token = -1;
+  int64_t seed = 0;
+  const UT* u_row = nullptr;
+  const float* p_row = nullptr;
+
+  template <int capacity>
+  __device__ ResidualRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
+                             const int64_t* __restrict__ seeds, int gamma, int V, const ResidualRows& rows,
+                             const Verdicts<capacity>& verdicts) {
+    if (r >= R || (rows.greedy != nullptr && rows.greedy[r])) return;
+    active = true;
+    const int n = verdicts.n[r];
+    seed = seeds[r];
+    p_row = rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V);
+    rejected = verdicts.rejected[r];
+    if (!rejected) return;
+    const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
+    const float T = temperature[r];
+    one_hot = T < kGreedyBelow;
+    scale = one_hot ? 1.f : T;
+    max = rows.row_stats[2 * at];
+    inv_sum = 1.f / rows.row_stats[2 * at + 1];
+    token = static_cast<int>(rows.tokens[at]);
+    if (!one_hot) u_row = U + at * V;
+  }
+};
+
 // Rejection's recovered-token races for R requests in one pass over W2 (H = W1[x_{n-1}] rows, or
 // gathered in the kernel with rows.tests) into races [R, fused_step_blocks(V)], and the tokens when
 // rows.out_tokens is set. Bias bits as the chain's fused step.

@@ -601,21 +601,8 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   find_verdicts<1>(verdicts, rows.tests, rows.state, rows.target, rows.row_start, rows.tokens, seeds, R, gamma, V,
                 threadIdx.x, kThreads, [] { __syncthreads(); });
 
-  // This lane's request (lane & 3; 0 when NR == 1) as ResidualRequest sees it.
-  const int r = NR == 1 ? 0 : lane & 3;
-  const bool active = r < R && !(rows.greedy != nullptr && rows.greedy[r]);
-  const int n = active ? verdicts.n[r] : 0;
-  const bool rejected = active && verdicts.rejected[r];
-  const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);
-  const float T = rejected ? temperature[r] : 1.f;
-  const bool one_hot = T < kGreedyBelow;
-  const float scale = one_hot ? 1.f : T;
-  const float max = rejected ? rows.row_stats[2 * at] : 0.f;
-  const float inv_sum = rejected ? 1.f / rows.row_stats[2 * at + 1] : 1.f;
-  const int token = rejected ? static_cast<int>(rows.tokens[at]) : -1;
-  const float* p_row = active ? rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V) : nullptr;
-  const UT* u_row = U + at * V;
-  const int64_t seed = active ? seeds[r] : 0;
+  // This lane's request: lane & 3 (0 when NR == 1).
+  const ResidualRequest<UT> req(NR == 1 ? 0 : lane & 3, R, U, temperature, seeds, gamma, V, rows, verdicts);
   uint4 hr[NR];
   if (rows.tests.ell == nullptr) {
     load_h<WT, NR>(h, kSmallRank, R, hr);
@@ -632,13 +619,13 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   float p_next = 0.f, u_next = 0.f;
   const auto request_row = [&](int batch) {
     const int v = batch * kSmallRows + row_in_batch;
-    p_next = active && v < V ? p_row[v] : 0.f;
-    u_next = rejected && !one_hot && v < V ? to_float(u_row[v]) : 0.f;
+    p_next = req.active && v < V ? req.p_row[v] : 0.f;
+    u_next = req.u_row != nullptr && v < V ? to_float(req.u_row[v]) : 0.f;
   };
   if (b < batches) request_row(b);
   Race acc = empty_race();
   const auto visit = [&](float p, float q, int v, bool valid) {  // p = q = 0: no weight
-    visit_lane_residual(acc, valid ? p : 0.f, valid ? q : 0.f, rejected, v, recover_noise(seed, v));
+    visit_lane_residual(acc, valid ? p : 0.f, valid ? q : 0.f, req.rejected, v, recover_noise(req.seed, v));
   };
   EntryRouter<NR> route(V);
   for (; b < batches; b += stride) {  // warp-uniform: every lane reaches the shuffles
@@ -647,8 +634,9 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
     const float p = p_next, u = u_next;
     if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw), request_row(b + stride);
     float q = 0.f;
-    if (rejected && v < V) q = one_hot ? (v == token ? 1.f : 0.f) : rebuilt_q(over_temperature(u + bias, scale), max, inv_sum);
-    route.offer(active, p, q, v, V, b + stride >= batches, visit);
+    if (req.rejected && v < V)
+      q = req.one_hot ? (v == req.token ? 1.f : 0.f) : rebuilt_q(over_temperature(u + bias, req.scale), req.max, req.inv_sum);
+    route.offer(req.active, p, q, v, V, b + stride >= batches, visit);
   }
   store_block_result<NR>(acc, R, partials);
 

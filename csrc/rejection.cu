@@ -90,8 +90,7 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
       greedy_next = block_argmax(row, V);
       accept = draft[n] == greedy_next;
     } else {
-      const float u = counter_uniform(seeds[r], kStreamAccept, n, 0u);
-      accept = u * q_token[static_cast<int64_t>(r) * gamma + n] < row[draft[n]];
+      accept = passes_ratio_test(seeds[r], n, q_token[static_cast<int64_t>(r) * gamma + n], row[draft[n]]);
     }
     if (!accept) break;
     greedy_next = -1;
@@ -284,9 +283,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
                               const int64_t* __restrict__ seeds, int gamma, int V, int64_t* __restrict__ out_tokens) {
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
-  Race acc = empty_race();
-  for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
-  acc = warp_combine(acc);
+  const Race acc = warp_combine(gather_races<4>(partials + static_cast<int64_t>(r) * splits, threadIdx.x, splits, 32));
   const int n = state[2 * r];
   const int token = recovered_token(acc, state[2 * r + 1], target + (row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
   if (threadIdx.x == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;

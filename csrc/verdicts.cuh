@@ -1,7 +1,7 @@
 // Rejection's per-request verdicts {n accepted, rejected} where the racing kernels need them: read
 // from accept_kernel's state, or, for a batch without greedy requests, found by the racing kernel
 // itself (every block runs the R·γ ratio tests, a few gathers: one launch and one dependency fewer
-// than with accept_kernel). The tests are accept_kernel's: u_j·q_j(x_j) < p_j(x_j) along the prefix.
+// than with accept_kernel). Both run passes_ratio_test along the prefix.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -31,6 +31,12 @@ struct RatioTests {
   int64_t* out_tokens = nullptr;  // [R, γ + 1]
   int64_t* num_accepted = nullptr;
 };
+
+// The ratio test of draft position j (rejection.py's): u_j·q_j(x_j) < p_j(x_j), u_j from the request's
+// seed on the acceptance stream.
+__device__ __forceinline__ bool passes_ratio_test(int64_t seed, int j, float q, float p) {
+  return counter_uniform(seed, kStreamAccept, j, 0u) * q < p;
+}
 
 // Up to `capacity` requests' verdicts in shared memory.
 template <int capacity>
@@ -78,8 +84,7 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     for (int k = 0; k < kPairs; ++k) {
       const int i = base + k * nthreads, j = i % gamma;
       if (i >= R * gamma || j >= len[k]) continue;
-      const float u = counter_uniform(seed[k], kStreamAccept, j, 0u);
-      if (!(u * q[k] < p[k])) atomicMin(&v.n[i / gamma], j);
+      if (!passes_ratio_test(seed[k], j, q[k], p[k])) atomicMin(&v.n[i / gamma], j);
     }
   }
   sync();
