@@ -275,14 +275,19 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   __shared__ bool last;
   __threadfence();
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
-  if (threadIdx.x == 0) last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) {
+    last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
+    if (last) *rows.done = 0;  // zero again for the next launch (race.cuh)
+  }
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
   if (!last) return;
   __threadfence();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < R; r += kConsumers / 32) {
     if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
-    const Race all = warp_combine(gather_races<4>(races + static_cast<int64_t>(r) * gridDim.x, lane, gridDim.x, 32));
+    Race all = empty_race();  // a plain loop: gather_races measured slower here (few partials)
+    for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
+    all = warp_combine(all);
     const int n = verdicts.n[r];
     const int token = recovered_token(all, verdicts.rejected[r], rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
     if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;

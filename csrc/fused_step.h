@@ -27,7 +27,8 @@ void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const v
 // (verdicts.cuh: accept_kernel's state {n, rejected}, or the ratio tests run in the kernel when
 // tests.ell is set), its target row target[row_start[r] + n], the chain's row stats [R, γ, 2] and
 // drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which requests verify
-// greedily (skipped: their token is already out); a zeroed block counter and the output tokens
+// greedily (skipped: their token is already out); a block counter (zero; the last block leaves it
+// zero: race.cuh's last_block_to_finish) and the output tokens
 // [R, γ + 1] the last block writes the recovered token into (null: a finish kernel does).
 struct ResidualRows {
   const float* target = nullptr;

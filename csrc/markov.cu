@@ -664,10 +664,14 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   if (lane == 0) rows.out_tokens[static_cast<int64_t>(warp) * (gamma + 1) + at_n] = recovered;
 }
 
+// W1[anchor] into prev_emb[:, 0]. Also zeroes the chain's n block counters: the launch
+// that runs first anyway does it, where a fill would be a launch of its own.
 template <typename WT, typename IT>
 __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __restrict__ anchors, int rank, int gamma,
-                                     WT* __restrict__ prev_emb) {
+                                     WT* __restrict__ prev_emb, int* __restrict__ counters, int n) {
   const int r = blockIdx.x;
+  if (r == 0)
+    for (int i = threadIdx.x; i < n; i += blockDim.x) counters[i] = 0;
   const WT* src = w1 + static_cast<int64_t>(anchors[r]) * rank;
   WT* dst = prev_emb + static_cast<int64_t>(r) * gamma * rank;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
@@ -839,7 +843,7 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
@@ -872,7 +876,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
   const int small_blocks = small ? small_batch_blocks(V, kSmallStepBlocksPerSm) : 0;
   auto small_parts = at::empty({small ? static_cast<int64_t>(R) * small_blocks * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
-  auto done = at::zeros({small ? gamma : 0}, U.options().dtype(at::kInt));  // finished blocks per step
+  // Block counters, zeroed by gather_anchor_kernel: finished blocks per small-batch step, and the last
+  // one for rejection_sample's one-launch path (its last block leaves it zero again).
+  auto counters = at::empty({gamma + 1}, U.options().dtype(at::kInt));
+  auto* done = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
   // All steps in one cooperative launch at R <= 2 when q is not returned (DSPARK_MARKOV_PATH=step:
   // one launch per step); its partials are per step, so no step overwrites one still being read.
   bool chain = small && !return_q && !markov_path_forced("step");
@@ -885,9 +892,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
     const WT* w1p = reinterpret_cast<const WT*>(w1.data_ptr());
     WT* embp = reinterpret_cast<WT*>(prev_emb.data_ptr());
     if (anchors.scalar_type() == at::kLong)
-      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int64_t>(), rank, gamma, embp);
+      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int64_t>(), rank, gamma, embp,
+                                                  counters.data_ptr<int>(), gamma + 1);
     else
-      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int32_t>(), rank, gamma, embp);
+      gather_anchor_kernel<<<R, 256, 0, stream>>>(w1p, anchors.data_ptr<int32_t>(), rank, gamma, embp,
+                                                  counters.data_ptr<int>(), gamma + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_markov_u", [&] {
@@ -901,7 +910,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
             chain = launch_small_chain<WT, UT, decltype(capacity)::value>(
                 reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
                 reinterpret_cast<Partial*>(chain_parts.data_ptr<uint8_t>()),
-                reinterpret_cast<unsigned*>(done.data_ptr<int>()), tokens.data_ptr<int64_t>(),
+                done, tokens.data_ptr<int64_t>(),
                 q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, gamma, V, stream);
           });
           if (chain) return;
@@ -915,7 +924,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
                           dim3(kThreads), 0, stream, reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp,
                           seeds.data_ptr<int64_t>(), return_q ? bias.data_ptr<float>() : nullptr,
                           reinterpret_cast<Partial*>(small_parts.data_ptr<uint8_t>()),
-                          reinterpret_cast<unsigned*>(done.data_ptr<int>()), tokens.data_ptr<int64_t>(),
+                          done, tokens.data_ptr<int64_t>(),
                           q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, k, gamma, V);
             });
           }
@@ -943,7 +952,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_ch
       }
     });
   });
-  return {tokens, q_token, q, prev_emb, row_stats};
+  return {tokens, q_token, q, prev_emb, row_stats, counters.narrow(0, gamma, 1)};
 }
 
 }  // namespace dspark

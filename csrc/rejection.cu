@@ -18,7 +18,7 @@
 // residual epilogue runs the races on the bias accumulators (the bias never goes through HBM), at
 // R <= 2 markov.cu's small_residual_kernel; without greedy requests that kernel runs step 1's
 // ratio tests itself too (verdicts.cuh), and up to 16 requests its last block does step 4: the
-// whole verification is then one launch.
+// whole verification is then one launch (the chain's block counter given: without it a fill precedes).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -283,7 +283,9 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
                               const int64_t* __restrict__ seeds, int gamma, int V, int64_t* __restrict__ out_tokens) {
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
-  const Race acc = warp_combine(gather_races<4>(partials + static_cast<int64_t>(r) * splits, threadIdx.x, splits, 32));
+  Race acc = empty_race();  // a plain loop: gather_races measured slower here (few partials)
+  for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
+  acc = warp_combine(acc);
   const int n = state[2 * r];
   const int token = recovered_token(acc, state[2 * r + 1], target + (row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
   if (threadIdx.x == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
@@ -303,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride) {
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter) {
   TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
   const bool starts_given = row_start.has_value() && row_start->defined();
@@ -335,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
   const bool small = chain_stats && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
   const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
-  // Where the racing kernel's last block writes the tokens (a zeroed block counter), and where it
+  // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
   const bool tests_there = (small || fused) && greedy_p == nullptr;
@@ -369,7 +371,12 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                                  row_stats->size(2) == 2),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
-    auto done = at::zeros({finished_there ? 1 : 0}, target.options().dtype(at::kInt));
+    // The chain's block counter (zero, and left zero) when given, else a zeroed one: a fill launch.
+    const bool counter_given = block_counter.has_value() && block_counter->defined();
+    TORCH_CHECK(!counter_given || (block_counter->scalar_type() == at::kInt && block_counter->numel() == 1 &&
+                                   block_counter->device() == target.device()),
+                "dspark::rejection_sample: block_counter must be one int32 on the target's device");
+    auto done = counter_given ? *block_counter : at::zeros({finished_there ? 1 : 0}, target.options().dtype(at::kInt));
     unsigned* done_p = finished_there ? reinterpret_cast<unsigned*>(done.data_ptr<int>()) : nullptr;
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));

@@ -184,7 +184,7 @@ def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
     greedy row) over the chain's own tokens, and q_token = exp(x_tok - max) / sum with them."""
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     poison_allocator()
-    tokens, q_token, _, _, stats = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
+    tokens, q_token, _, _, stats, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
     prev = torch.cat([anchors.long()[:, None], tokens[:, :-1]], dim=1)
     scale = torch.where(temperature < 1e-5, torch.ones_like(temperature), temperature)[:, None]
     greedy = temperature < 1e-5
@@ -203,7 +203,7 @@ def test_markov_chain_op_under_torch_compile():
 
     @torch.compile(fullgraph=True)
     def draft(U, anchors, w1, w2, temperature, seeds):
-        tokens, q_token, _, emb, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
+        tokens, q_token, _, emb, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
         return tokens + 0, q_token * 2, emb
 
     tokens, q2, _ = draft(U, anchors, w1, w2, temperature, seeds)
@@ -283,19 +283,23 @@ def test_rejection_sample_matches_reference(case):
     assert 0 < res["accepted_total"] < res["verified_total"] or case.R <= 2, res
 
 
-@pytest.mark.parametrize("R", [1, 16, 128])
-def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R):
+@pytest.mark.parametrize("R,chain_counter", [(1, True), (1, False), (16, True), (16, False), (128, True)])
+def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R, chain_counter):
     """The whole verification in the racing kernel (no greedy request, dense rows without a
     row_start tensor; R = 1: the small-batch kernel, R = 16: the fused step's epilogue and its last
-    CTA, R = 128: the fused step and finish_kernel): two replays, each zeroing the block counter
-    inside the graph, give the eager outputs."""
+    CTA, R = 128: the fused step and finish_kernel): three replays give the eager outputs, counting
+    blocks on the chain's block counter (which each call leaves zero for the next), or on one the op
+    zeroes inside the graph."""
     draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(R, 7, 151936, 256, q_stored=False,
                                                                       chain_draft=True, seed=24))
     gamma = draft.tokens.shape[1]
     s = draft.source
+    assert s.block_counter.dtype == torch.int32 and s.block_counter.tolist() == [0]
     args = (target.reshape(-1, target.shape[-1]), None, ell, draft.tokens, draft.q_token, None, s.U, s.anchors.long(),
-            s.w1, s.w2, s.temperature.float(), greedy, seeds, s.row_stats, gamma + 1)
-    _graph_replays_match_eager(torch.ops.dspark.rejection_sample, args, replays=2)
+            s.w1, s.w2, s.temperature.float(), greedy, seeds, s.row_stats, gamma + 1,
+            s.block_counter if chain_counter else None)
+    _graph_replays_match_eager(torch.ops.dspark.rejection_sample, args, replays=3)
+    assert s.block_counter.tolist() == [0]
 
 
 def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():

@@ -81,10 +81,11 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
         return NotImplemented
     temperature = temperature.to(torch.float32).contiguous()
-    tokens, q_token, q, prev_emb, row_stats = torch.ops.dspark.markov_chain(
+    tokens, q_token, q, prev_emb, row_stats, block_counter = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
         seeds.contiguous(), return_q)
-    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats)
+    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats,
+                                                  block_counter)
     return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source)
 
 
@@ -108,7 +109,7 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
 
     if seeds is None or uniforms is not None or exp_noise is not None:
         return NotImplemented
-    row_stats = None
+    row_stats = block_counter = None
     if draft.q is not None:
         q, rebuild = draft.q.float().contiguous(), (None,) * 5
     else:
@@ -117,10 +118,10 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
             return NotImplemented
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
-        row_stats = s.row_stats
+        row_stats, block_counter = s.row_stats, s.block_counter
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
         target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
         ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),
         draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
-        seeds.contiguous(), row_stats, row_stride)
+        seeds.contiguous(), row_stats, row_stride, block_counter)
     return VerifyResult(output_tokens, num_accepted)

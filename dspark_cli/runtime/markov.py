@@ -27,6 +27,10 @@ class DraftSource:
     # CUDA rejection rebuilds a row with these instead of recomputing them (then the rebuilt q is
     # bit-for-bit the one the chain sampled from). None from the torch reference.
     row_stats: torch.Tensor | None = None
+    # [1] int32, zero: the block counter the CUDA rejection's one-launch path counts finished blocks
+    # with (its last block sets it back to zero). The chain zeroes it in a launch it makes anyway, so
+    # verifying costs no fill launch. Verify a draft on one stream at a time. None from the reference.
+    block_counter: torch.Tensor | None = None
 
 
 @dataclass
