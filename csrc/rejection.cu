@@ -281,6 +281,7 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
 __global__ void finish_kernel(const Race* __restrict__ partials, int splits, const bool* __restrict__ greedy,
                               const int* __restrict__ state, const float* __restrict__ target, RowStarts row_start,
                               const int64_t* __restrict__ seeds, int gamma, int V, int64_t* __restrict__ out_tokens) {
+  wait_previous_kernel();  // the races (its launch overlaps the racing kernel's tail)
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
   Race acc = empty_race();  // a plain loop: gather_races measured slower here (few partials)
@@ -428,10 +429,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!finished_there) {
-    finish_kernel<<<R, 32, 0, stream>>>(races, splits, greedy_p, state.data_ptr<int>(), target.data_ptr<float>(),
-                                        starts, seeds.data_ptr<int64_t>(), gamma, V, out_tokens.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!finished_there) {  // a programmatic dependent of the racing kernel: its launch overlaps that tail
+    launch_programmatic(finish_kernel, dim3(R), dim3(32), 0, stream, races, splits, greedy_p, state.data_ptr<int>(),
+                        target.data_ptr<float>(), starts, seeds.data_ptr<int64_t>(), gamma, V,
+                        out_tokens.data_ptr<int64_t>());
   }
   return {out_tokens, num_accepted};
 }
