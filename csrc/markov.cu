@@ -334,7 +334,7 @@ __device__ __forceinline__ void store_block_result(State mine, int R, State* __r
 }
 
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
-// of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed per call).
+// of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed by gather_anchor_kernel).
 template <typename WT, typename UT, int NR>
 __global__ void __launch_bounds__(kThreads, kSmallStepBlocksPerSm)
 small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
@@ -579,7 +579,7 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
 // lanes' four copies of a row serve four batches (EntryRouter), so a group is visited once, not four
 // times. The verdicts and H = W1[x_{n-1}] come from accept_kernel (this kernel is its programmatic
 // dependent) or from the ratio tests run here (rows.tests); either way the first W2 rows are
-// requested before. The last block to finish (rows.done zeroed) merges the partials
+// requested before. The last block to finish (counted on rows.done) merges the partials
 // [R, gridDim.x] and writes the token. One batch of W2 rows in flight per warp; one request at
 // three blocks per SM (80 registers; at four the kernel spilled and took 30.9 µs against 26.5 on the
 // H200, two batches in flight at two blocks per SM 27.2).

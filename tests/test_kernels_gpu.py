@@ -320,3 +320,27 @@ def test_rejection_sample_op_captures_in_cuda_graph_and_compiles():
 
     out, n = verify(*args)
     assert torch.equal(out, eager[0]) and torch.equal(n, eager[1])
+
+
+def test_rejection_with_chain_block_counter_under_torch_compile():
+    """The op declares the block counter as written (Tensor(a!)): compiled, it runs the one-launch
+    path (R = 16, no greedy request) on the chain's counter, gives the eager outputs twice, and
+    leaves the counter zero."""
+    draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(16, 7, 151936, 256, q_stored=False,
+                                                                      chain_draft=True, seed=34))
+    gamma = draft.tokens.shape[1]
+    s = draft.source
+    args = (target.reshape(-1, target.shape[-1]), None, ell, draft.tokens, draft.q_token, None, s.U, s.anchors.long(),
+            s.w1, s.w2, s.temperature.float(), greedy, seeds, s.row_stats, gamma + 1, s.block_counter)
+    op = torch.ops.dspark.rejection_sample
+    eager = op(*args)
+
+    @torch.compile(fullgraph=True)
+    def verify(*a):
+        out, n = op(*a)
+        return out + 0, n * 1
+
+    for _ in range(2):
+        out, n = verify(*args)
+        assert torch.equal(out, eager[0]) and torch.equal(n, eager[1])
+    assert s.block_counter.tolist() == [0]
