@@ -12,6 +12,9 @@ at R = 1 / 16 / 128, sampled, no q) by ours.
 "cold ms": the same op with L2 emptied before each call (a 256 MB write, after resetting any
 persisting lines), so nothing a previous call left in L2 is found; the difference between the two
 columns is what back-to-back replays gain from L2 leftovers.
+Confidence: the sampled chain (q lazy) given the confidence head (h [R, γ, 2560] bf16, fp32
+weight), which computes the logits in its own last launch, against the chain followed by the torch
+confidence_logits, and the chain alone; "+µs" is each one's cost over the chain alone.
 Rejection sampling (all ℓ_r = γ, every request rejected at a random position, so every request
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
 row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt row takes the chain's
@@ -28,9 +31,10 @@ import statistics
 
 import torch
 
-from dspark_cli.runtime import SPSTable, cuda_ops, markov_chain, rejection_sample, schedule_production
+from dspark_cli.runtime import (SPSTable, confidence_logits, cuda_ops, markov_chain, rejection_sample,
+                                schedule_production)
 
-V, RANK, GAMMA = 151936, 256, 7
+V, RANK, GAMMA, HIDDEN = 151936, 256, 7, 2560
 VLLM_V2_LOOP_MS = {1: 0.316, 16: 0.480, 128: 1.631}  # issue 4, measured by its author on one H200
 
 
@@ -175,11 +179,38 @@ def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, t
     return rows
 
 
+def bench_confidence(R: int, repeats: int) -> dict:
+    """The sampled chain (q lazy) with the confidence head's logits from its own last launch, against
+    the chain followed by the torch confidence_logits, and the chain alone; each in a CUDA graph,
+    the three timed in turn over three rounds (median of the rounds' medians), so that a drift of
+    the GPU's clocks between them does not read as a cost."""
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, False)
+    g = torch.Generator(device="cuda").manual_seed(R)
+    h = torch.randn(R, GAMMA, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
+    weight = torch.randn(1, HIDDEN + RANK, device="cuda", generator=g).div_(64)
+    bias = torch.zeros(1, device="cuda")
+    chain = lambda **kw: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False, **kw)
+    variants = {"fused": lambda: chain(confidence=(h, weight, bias)),
+                "torch": lambda: confidence_logits(h, chain().prev_emb, weight, bias),
+                "alone": chain}
+    rounds = {name: [] for name in variants}
+    for _ in range(3):
+        for name, fn in variants.items():
+            rounds[name].append(statistics.median(time_replays(fn, repeats)))
+    t = {name: statistics.median(r) * 1e3 for name, r in rounds.items()}
+    row = {"op": "markov sampled + confidence", "R": R, "kernel_ms": t["fused"], "chain_then_torch_ms": t["torch"],
+           "chain_alone_ms": t["alone"]}
+    print(f"{'markov sampled + confidence':28} {R:4d} {t['fused']:10.3f} {t['torch']:14.3f} {t['alone']:11.3f} "
+          f"{(t['fused'] - t['alone']) * 1e3:9.1f} {(t['torch'] - t['alone']) * 1e3:9.1f}", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,128")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--ops", default="markov,rejection,schedule", help="which of markov, rejection, schedule to run")
+    ap.add_argument("--ops", default="markov,confidence,rejection,schedule",
+                    help="which of markov, confidence, rejection, schedule to run")
     ap.add_argument("--kernel-only", action="store_true", help="skip timing the torch reference (markov, rejection)")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="of the sampled rows (at exactly 1 the kernels skip dividing by it)")
@@ -220,6 +251,11 @@ def main() -> None:
                 print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
                       f"{floor * 1e3:9.3f} {kernel / floor:8.2f} {issue_floor * 1e3:11.3f} "
                       f"{kernel / issue_floor:8.2f} {cold / issue_floor:7.2f} {vs}", flush=True)
+    if "confidence" in ops:
+        print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'+ torch conf':>14} {'chain only':>11} "
+              f"{'+µs ours':>9} {'+µs torch':>9}   (d = {HIDDEN}, h bf16, fp32 head)")
+    for R in [int(s) for s in args.sizes.split(",")] if "confidence" in ops else []:
+        rows.append(bench_confidence(R, args.repeats))
     if "rejection" in ops:
         print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'cold ms':>8} {'torch ms':>10} {'floor ms':>9} "
               f"{'k/floor':>8} {'c/floor':>7}")

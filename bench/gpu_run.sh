@@ -19,7 +19,7 @@ r = build(jobs=16); print('build:', r)
 t = time.monotonic(); r2 = build(); print('rebuild (nothing changed): %.2f s' % (time.monotonic() - t), r2.status)
 " 2>&1 | grep -v "warning #\|^ *^\|^$" | tee -a "$OUT/build.txt" || exit 1
 python3 -m pytest -q -ra -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
-python3 bench/bench_kernels.py --ops markov,schedule --repeats "$REPEATS" --sizes 1,16,128 \
+python3 bench/bench_kernels.py --ops markov,confidence,schedule --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.txt"
 python3 bench/bench_kernels.py --ops rejection --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_rejection.json" 2>&1 | tee "$OUT/bench_rejection.txt"

@@ -138,7 +138,10 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
                               const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
                               float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
                               int k, int gamma) {
-  wait_previous_kernel();  // launched programmatically after the split pass
+  // The next step's fused kernel may launch now: its producer streams W2 (no input of ours) while
+  // this merge runs; its consumers wait for us. H200: chain R = 16 / 128 4-5 % faster.
+  allow_next_kernel();
+  wait_previous_kernel();  // launched programmatically after the split pass (or the fused step)
   const int r = blockIdx.x;
   __shared__ int token_s;
   Partial p = empty_partial();
@@ -677,6 +680,75 @@ __global__ void gather_anchor_kernel(const WT* __restrict__ w1, const IT* __rest
   for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = src[j];
 }
 
+// This thread's share of x·w over n entries (x fp32/bf16/fp16, w fp32), threads tid of nthreads:
+// four at a time when vec (n % 4 == 0, 16-byte aligned bases), kPass of them loaded before the
+// first is used (one memory round trip per pass: a d = 2560 row is one pass of 128 threads).
+template <typename T>
+__device__ __forceinline__ float thread_dot(const T* __restrict__ x, const float* __restrict__ w, int n, int tid,
+                                            int nthreads, bool vec) {
+  constexpr int kPass = 8;
+  float acc = 0.f;
+  if (!vec) {
+    for (int j = tid; j < n; j += nthreads) acc += to_float(x[j]) * w[j];
+    return acc;
+  }
+  for (int base = 4 * tid; base < n; base += 4 * nthreads * kPass) {
+    float xv[kPass][4];
+    float4 wv[kPass];
+#pragma unroll
+    for (int c = 0; c < kPass; ++c) {
+      const int j = base + 4 * nthreads * c;
+      if (j < n) {
+        load_vec<4>(x + j, xv[c]);
+        wv[c] = *reinterpret_cast<const float4*>(w + j);
+      } else {
+        xv[c][0] = xv[c][1] = xv[c][2] = xv[c][3] = 0.f;
+        wv[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kPass; ++c) acc += xv[c][0] * wv[c].x + xv[c][1] * wv[c].y + xv[c][2] * wv[c].z + xv[c][3] * wv[c].w;
+  }
+  return acc;
+}
+
+// The confidence head's logits (confidence.py): z[i] = w[:d]·h[i] + w[d:]·prev_emb[i] + b for the
+// R·γ rows i, a block each (kConfidenceThreads). A programmatic dependent of the chain's last
+// kernel: h and w are inputs of the op (ready before it began), so their dots run while that
+// kernel drains; prev_emb after it.
+constexpr int kConfidenceThreads = 128;
+
+template <typename HT, typename ET>
+__global__ void __launch_bounds__(kConfidenceThreads)
+confidence_kernel(const HT* __restrict__ h, const ET* __restrict__ prev_emb, const float* __restrict__ weight,
+                  const float* __restrict__ bias, int d, int rank, bool vec, float* __restrict__ z) {
+  const int i = blockIdx.x;
+  float acc = thread_dot(h + static_cast<int64_t>(i) * d, weight, d, threadIdx.x, kConfidenceThreads, vec);
+  wait_previous_kernel();  // prev_emb is the chain's
+  acc += thread_dot(prev_emb + static_cast<int64_t>(i) * rank, weight + d, rank, threadIdx.x, kConfidenceThreads, vec);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  __shared__ float warp_sums[kConfidenceThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = bias[0];
+    for (int w = 0; w < kConfidenceThreads / 32; ++w) sum += warp_sums[w];
+    z[i] = sum;
+  }
+}
+
+// f(T{}) for a float, bf16 or fp16 tensor's device type.
+template <typename F>
+void with_float_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    case at::kHalf: f(__half{}); break;
+    default: TORCH_CHECK(false, "dspark::markov_chain: conf_h and w1 must be fp32, bf16 or fp16 for the confidence head");
+  }
+}
+
 cudaDataType_t cublas_type(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return CUDA_R_16BF;
@@ -843,9 +915,10 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
-    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
   TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous(),
               "dspark::markov_chain: w1 and w2 must be contiguous with one dtype");
@@ -855,6 +928,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto f32 = U.options().dtype(at::kFloat);
+  const bool confidence = conf_h.has_value() && conf_h->defined();
+  const int d = confidence ? conf_h->size(-1) : 0;
+  TORCH_CHECK(!confidence || (conf_h->dim() == 3 && conf_h->size(0) == R && conf_h->size(1) == gamma &&
+                              conf_h->is_contiguous() && conf_h->device() == U.device() && conf_weight && conf_bias &&
+                              conf_weight->scalar_type() == at::kFloat && conf_weight->is_contiguous() &&
+                              conf_weight->numel() == d + rank && conf_weight->device() == U.device() &&
+                              conf_bias->scalar_type() == at::kFloat && conf_bias->numel() == 1 &&
+                              conf_bias->device() == U.device()),
+              "dspark::markov_chain: the confidence head needs contiguous conf_h [R, γ, d], fp32 conf_weight "
+              "[d + r] and fp32 conf_bias [1] on U's device");
 
   auto tokens = at::empty({R, gamma}, U.options().dtype(at::kLong));
   auto q_token = at::empty({R, gamma}, f32);
@@ -952,7 +1035,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   });
-  return {tokens, q_token, q, prev_emb, row_stats, counters.narrow(0, gamma, 1)};
+  auto conf_logits = at::empty({confidence ? R : 0, gamma}, f32);
+  if (confidence) {
+    const bool vec = d % 4 == 0 && rank % 4 == 0 && aligned16(conf_h->data_ptr()) && aligned16(prev_emb.data_ptr()) &&
+                     aligned16(conf_weight->data_ptr());
+    const int rows = R * gamma;
+    with_float_type(conf_h->scalar_type(), [&](auto h_tag) {
+      with_float_type(w1.scalar_type(), [&](auto e_tag) {
+        using HT = decltype(h_tag);
+        using ET = decltype(e_tag);
+        launch_programmatic(confidence_kernel<HT, ET>, dim3(rows), dim3(kConfidenceThreads), 0, stream,
+                            reinterpret_cast<const HT*>(conf_h->data_ptr()),
+                            reinterpret_cast<const ET*>(prev_emb.data_ptr()), conf_weight->data_ptr<float>(),
+                            conf_bias->data_ptr<float>(), d, rank, vec, conf_logits.data_ptr<float>());
+      });
+    });
+  }
+  return {tokens, q_token, q, prev_emb, row_stats, counters.narrow(0, gamma, 1), conf_logits};
 }
 
 }  // namespace dspark

@@ -5,9 +5,10 @@
 
 namespace dspark {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
-    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q);
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias);
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
@@ -21,14 +22,16 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
                                     int64_t sps_limit);
 
 // Shapes only: what the CUDA implementations allocate.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
-    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q) {
+    const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias) {
   const auto R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
   auto f32 = U.options().dtype(at::kFloat);
   return {at::empty({R, gamma}, U.options().dtype(at::kLong)), at::empty({R, gamma}, f32),
           return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32), at::empty({R, gamma, rank}, w1.options()),
-          at::empty({R, gamma, 2}, f32), at::empty({1}, U.options().dtype(at::kInt))};
+          at::empty({R, gamma, 2}, f32), at::empty({1}, U.options().dtype(at::kInt)),
+          at::empty({conf_h.has_value() && conf_h->defined() ? R : 0, gamma}, f32)};
 }
 
 at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
@@ -51,8 +54,9 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
 TORCH_LIBRARY(dspark, m) {
   m.def(
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
-      "bool return_q) -> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats, "
-      "Tensor block_counter)");
+      "bool return_q, Tensor? conf_h=None, Tensor? conf_weight=None, Tensor? conf_bias=None) "
+      "-> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats, Tensor block_counter, "
+      "Tensor conf_logits)");
   m.def(
       "rejection_sample(Tensor target, Tensor? row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
       "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds, "

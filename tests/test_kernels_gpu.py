@@ -147,9 +147,9 @@ def test_markov_chain_is_deterministic_per_seed():
     assert not torch.equal(a.tokens, c.tokens)
 
 
-def _graph_replays_match_eager(op, args, replays: int = 1):
-    """op eagerly, then captured in a CUDA graph (warmed on a side stream); each replay, its outputs
-    poisoned first, must give the eager outputs. Returns the eager outputs."""
+def _graph_replays_match_eager(op, args, replays: int = 1, outputs=(0, 1)):
+    """op eagerly, then captured in a CUDA graph (warmed on a side stream); each replay, the compared
+    outputs poisoned first, must give the eager outputs. Returns the eager outputs."""
     eager = op(*args)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -160,11 +160,11 @@ def _graph_replays_match_eager(op, args, replays: int = 1):
     with torch.cuda.graph(graph):
         captured = op(*args)
     for _ in range(replays):
-        for out in captured[:2]:
-            out.fill_(-7)
+        for i in outputs:
+            captured[i].fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+        assert all(torch.equal(captured[i], eager[i]) for i in outputs)
     return eager
 
 
@@ -184,7 +184,7 @@ def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
     greedy row) over the chain's own tokens, and q_token = exp(x_tok - max) / sum with them."""
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     poison_allocator()
-    tokens, q_token, _, _, stats, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
+    tokens, q_token, _, _, stats, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
     prev = torch.cat([anchors.long()[:, None], tokens[:, :-1]], dim=1)
     scale = torch.where(temperature < 1e-5, torch.ones_like(temperature), temperature)[:, None]
     greedy = temperature < 1e-5
@@ -198,12 +198,55 @@ def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
         torch.testing.assert_close(q_token[:, k][~greedy], own[~greedy], rtol=1e-5, atol=0)
 
 
+def _confidence_inputs(case: MarkovCase, h_dtype, d: int):
+    g = torch.Generator(device="cuda").manual_seed(case.seed)
+    h = torch.randn(case.R, case.gamma, d, device="cuda", generator=g).to(h_dtype)
+    weight = torch.randn(1, d + case.rank, device="cuda", generator=g) / 32
+    return h, weight, torch.randn(1, device="cuda", generator=g)
+
+
+# The chain's last launch differs per path; d % 4 != 0 takes the kernel's scalar loads.
+CONFIDENCE_CASES = [
+    (MarkovCase(1, 7, 151936, 256, return_q=False, seed=50), torch.bfloat16, 2560),  # one cooperative launch
+    (MarkovCase(2, 5, 50001, 256, greedy_every=2, seed=51), torch.float32, 1024),  # small steps, q rows
+    (MarkovCase(16, 7, 151936, 256, return_q=False, seed=52), torch.bfloat16, 2560),  # fused step, staged
+    (MarkovCase(128, 7, 151936, 256, return_q=False, greedy_every=5, seed=53), torch.bfloat16, 2560),
+    (MarkovCase(37, 3, 50257, 64, torch.float32, torch.float16, greedy_every=4, seed=54), torch.float16, 1030),
+]
+
+
+@pytest.mark.parametrize("case,h_dtype,d", CONFIDENCE_CASES, ids=lambda c: c.label() if isinstance(c, MarkovCase) else str(c))
+def test_markov_chain_confidence_logits_match_reference(case, h_dtype, d):
+    """The chain given the confidence head returns its logits z = w·[h_k ; W1[x_{k-1}]] + b
+    (confidence.py's, computed in the chain's own last launch), and drafts the same tokens."""
+    from dspark_cli.runtime import confidence_logits, markov_chain
+
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    h, weight, bias = _confidence_inputs(case, h_dtype, d)
+    poison_allocator()
+    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q,
+                         confidence=(h, weight, bias))
+    torch.testing.assert_close(draft.confidence_logits, confidence_logits(h, draft.prev_emb, weight, bias),
+                               rtol=1e-5, atol=1e-4)
+    plain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q)
+    assert plain.confidence_logits is None and torch.equal(plain.tokens, draft.tokens)
+
+
+def test_markov_chain_op_with_confidence_captures_in_cuda_graph():
+    case = MarkovCase(16, 7, 151936, 256, seed=55)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    h, weight, bias = _confidence_inputs(case, torch.bfloat16, 2560)
+    _graph_replays_match_eager(torch.ops.dspark.markov_chain,
+                               (U, anchors, w1, w2, temperature, seeds, False, h, weight.reshape(-1), bias),
+                               replays=2, outputs=(0, 1, 6))
+
+
 def test_markov_chain_op_under_torch_compile():
     U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(4, 3, 4096, 32, seed=9))
 
     @torch.compile(fullgraph=True)
     def draft(U, anchors, w1, w2, temperature, seeds):
-        tokens, q_token, _, emb, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
+        tokens, q_token, _, emb, _, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
         return tokens + 0, q_token * 2, emb
 
     tokens, q2, _ = draft(U, anchors, w1, w2, temperature, seeds)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dspark_cli.runtime import markov_chain, probs_from_logits, residual_row, rng
+from dspark_cli.runtime import confidence_logits, markov_chain, probs_from_logits, residual_row, rng
 from tests.test_runtime_chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
 
@@ -141,10 +141,28 @@ def test_seeds_make_draws_reproducible_and_per_request():
         (lambda a: {**a, "temperature": torch.ones(2)}, "temperature has shape"),
         (lambda a: {**a, "U": a["U"][0]}, "U must have 3 dimensions"),
         (lambda a: {**a, "U": a["U"][:0], "anchors": a["anchors"][:0], "temperature": torch.ones(0)}, "empty batch"),
+        (lambda a: {**a, "confidence": (torch.zeros(3, 3, 6), torch.zeros(14), torch.zeros(1))}, "must be \\(3, 4\\)"),
+        (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), torch.zeros(13), torch.zeros(1))}, "d \\+ r = 6 \\+ 8"),
+        (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), torch.zeros(14), torch.zeros(2))}, "one value"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, message):
     U, anchors, w1, w2 = _setup(R=3)
     args = change({"U": U, "anchors": anchors, "w1": w1, "w2": w2, "temperature": torch.ones(3)})
     with pytest.raises(ValueError, match=message):
-        markov_chain(args["U"], args["anchors"], args["w1"], args["w2"], args["temperature"])
+        markov_chain(args["U"], args["anchors"], args["w1"], args["w2"], args["temperature"],
+                     confidence=args.get("confidence"))
+
+
+def test_chain_returns_the_confidence_heads_logits_when_given_the_head():
+    """z_k = w·[h_k ; W1[x_{k-1}]] + b over the chain's own tokens (DSPARK.md §1.4)."""
+    U, anchors, w1, w2 = _setup()
+    g = torch.Generator().manual_seed(3)
+    h, weight, bias = torch.randn(5, 4, 6, generator=g), torch.randn(1, 6 + 8, generator=g), torch.randn(1, generator=g)
+    T, seeds = torch.tensor([1.0, 0.7, 1.3, 0.0, 2.0]), torch.arange(5)
+    draft = markov_chain(U, anchors, w1, w2, T, seeds=seeds, confidence=(h, weight, bias))
+    prev = torch.cat([anchors.unsqueeze(1), draft.tokens[:, :-1]], dim=1)
+    expected = torch.cat([h, w1[prev]], dim=2) @ weight.reshape(-1) + bias
+    torch.testing.assert_close(draft.confidence_logits, expected)
+    assert torch.equal(draft.confidence_logits, confidence_logits(h, draft.prev_emb, weight, bias))
+    assert markov_chain(U, anchors, w1, w2, T, seeds=seeds).confidence_logits is None

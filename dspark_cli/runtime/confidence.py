@@ -13,21 +13,30 @@ from dspark_cli.runtime import _checks
 STS_FORMAT = "dspark-sts/1"
 
 
+def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> None:
+    """The head's inputs for R requests of γ drafts, Markov rank r: h [R, γ, d], weight with d + r
+    entries, one bias value."""
+    _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("h", h)
+    if tuple(h.shape[:2]) != (R, gamma):
+        raise ValueError(f"h has shape {tuple(h.shape)}: its [R, γ] must be {(R, gamma)}")
+    d = h.shape[2]
+    if weight.numel() != d + rank:
+        raise ValueError(f"weight has {weight.numel()} entries; expected d + r = {d} + {rank} = {d + rank}")
+    if torch.as_tensor(bias).numel() != 1:
+        raise ValueError(f"bias must hold one value, got {torch.as_tensor(bias).numel()}")
+
+
 def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     """h [R, γ, d], prev_emb [R, γ, r], weight [1, d+r] or [d+r], bias [1] or scalar -> z [R, γ] fp32."""
-    _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
     _checks.tensor("prev_emb", prev_emb, 3, _checks.FLOAT_DTYPES)
-    _checks.nonempty_batch("h", h)
+    _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
     if prev_emb.shape[:2] != h.shape[:2]:
         raise ValueError(f"prev_emb has shape {tuple(prev_emb.shape)}: its [R, γ] must match h {tuple(h.shape[:2])}")
-    d, r = h.shape[2], prev_emb.shape[2]
-    w = weight.reshape(-1)
-    if w.numel() != d + r:
-        raise ValueError(f"weight has {w.numel()} entries; expected d + r = {d} + {r} = {d + r}")
+    check_confidence_inputs(h, weight, bias, *prev_emb.shape)
+    d = h.shape[2]
+    w = weight.reshape(-1).float()
     b = torch.as_tensor(bias, device=h.device).reshape(-1)
-    if b.numel() != 1:
-        raise ValueError(f"bias must hold one value, got {b.numel()}")
-    w = w.float()
     return h.float() @ w[:d] + prev_emb.float() @ w[d:] + b.float()
 
 

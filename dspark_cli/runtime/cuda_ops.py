@@ -71,22 +71,32 @@ def available(*tensors) -> bool:
 
 
 def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None, generator=None,
-                 return_q=True):
+                 return_q=True, confidence=None):
     """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, no top-k/top-p,
-    w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes."""
+    w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes; the confidence head
+    with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call)."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
     if top_k is not None or top_p is not None or seeds is None or w1.dtype != w2.dtype:
         return NotImplemented
     if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
         return NotImplemented
+    conf = (None, None, None)
+    if confidence is not None:
+        h, weight, bias = confidence
+        if h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (
+                isinstance(bias, torch.Tensor) and bias.device == U.device and weight.device == U.device
+                and h.device == U.device):
+            return NotImplemented
+        conf = (h.contiguous(), weight.reshape(-1).float().contiguous(), bias.reshape(-1).float())
     temperature = temperature.to(torch.float32).contiguous()
-    tokens, q_token, q, prev_emb, row_stats, block_counter = torch.ops.dspark.markov_chain(
+    tokens, q_token, q, prev_emb, row_stats, block_counter, z = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
-        seeds.contiguous(), return_q)
+        seeds.contiguous(), return_q, *conf)
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats,
                                                   block_counter)
-    return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source)
+    return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source,
+                       None if confidence is None else z)
 
 
 MAX_SCHEDULE_CANDIDATES = 2048  # R·γ of either survival matrix: one block sorts them in shared memory

@@ -7,6 +7,7 @@ import torch
 
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
+from dspark_cli.runtime.confidence import check_confidence_inputs, confidence_logits
 from dspark_cli.runtime.sampling import probs_from_logits
 
 INT_DTYPES = (torch.int64, torch.int32)
@@ -40,6 +41,7 @@ class MarkovDraft:
     q: torch.Tensor | None  # [R, γ, V] fp32 when return_q=True
     prev_emb: torch.Tensor  # [R, γ, r] W1[x_{k-1}] (x_0 = anchor), for the confidence head
     source: DraftSource | None = None  # set when q is None, so residual rows can be rebuilt
+    confidence_logits: torch.Tensor | None = None  # [R, γ] fp32 z_k when markov_chain got `confidence`
 
     def q_rows(self, position: torch.Tensor) -> torch.Tensor:
         """q_{position_r + 1} for each request r (0-based draft position) -> [R, V] fp32."""
@@ -73,13 +75,16 @@ def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> t
 
 
 def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None,
-                 generator=None, return_q=True) -> MarkovDraft:
+                 generator=None, return_q=True, confidence=None) -> MarkovDraft:
     """Draft γ tokens per request, sequential over positions, batched over requests.
 
     x_k is drawn ∝ the fp32 q row: with `seeds` [R] int64 by rng.grouped_race_sample on the
     counter-based stream rng.STREAM_DRAFT, position k (identical on every rank and in our CUDA
     kernel); otherwise by an exponential race with noise from `generator` (or torch's global RNG).
-    Greedy requests (temperature < 1e-5) take the argmax and get q = one-hot."""
+    Greedy requests (temperature < 1e-5) take the argmax and get q = one-hot.
+    confidence = (h [R, γ, d], weight [1, d+r] or [d+r], bias [1]): the draft also carries the
+    confidence head's logits confidence_logits(h, prev_emb, weight, bias) (the CUDA chain computes
+    them in its own last launch)."""
     _checks.tensor("U", U, 3, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("U", U)
     R, gamma, V = U.shape
@@ -92,10 +97,12 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         _check_request_vector("seeds", seeds, R, (torch.int64,))
     _checks.same_device(U=U, anchors=anchors, w1=w1, w2=w2, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds)
+    if confidence is not None:
+        check_confidence_inputs(*confidence, R, gamma, w1.shape[1])
 
     tensors = [t for t in (U, anchors, w1, w2, temperature, top_k, top_p, seeds) if t is not None]
     out = try_cuda("markov_chain", tensors, U, anchors, w1, w2, temperature, top_k=top_k,
-                   top_p=top_p, seeds=seeds, generator=generator, return_q=return_q)
+                   top_p=top_p, seeds=seeds, generator=generator, return_q=return_q, confidence=confidence)
     if out is not NotImplemented:
         return out
 
@@ -115,7 +122,8 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         if q is not None:
             q[:, k] = probs
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, top_k, top_p)
-    return MarkovDraft(tokens, q_token, q, prev_emb, source)
+    z = None if confidence is None else confidence_logits(confidence[0], prev_emb, *confidence[1:])
+    return MarkovDraft(tokens, q_token, q, prev_emb, source, z)
 
 
 def _sample(probs, seeds, k: int, generator) -> torch.Tensor:

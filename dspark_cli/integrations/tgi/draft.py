@@ -167,14 +167,15 @@ class DSparkDraft:
                                                                               anchor_positions)])
         U = h @ w["lm_head.weight"].T
         dev = U.device
+        head = (h, w["confidence_head.proj.weight"], w["confidence_head.proj.bias"]) \
+            if "confidence_head.proj.weight" in w else None
         draft = runtime.markov_chain(U, anchors.to(dev, torch.int64), w["markov_head.markov_w1.weight"],
                                      w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
                                      top_k=None if top_k is None else top_k.to(dev),
-                                     top_p=None if top_p is None else top_p.to(dev), seeds=seeds, generator=generator)
-        if "confidence_head.proj.weight" in w:
-            z = runtime.confidence_logits(h.float(), draft.prev_emb.float(), w["confidence_head.proj.weight"].float(),
-                                          w["confidence_head.proj.bias"].float())
-            c = runtime.confidence_probs(z, self.sts)
+                                     top_p=None if top_p is None else top_p.to(dev), seeds=seeds, generator=generator,
+                                     confidence=head)
+        if draft.confidence_logits is not None:  # the head's logits come with the draft
+            c = runtime.confidence_probs(draft.confidence_logits, self.sts)
         else:  # a checkpoint without the head: verify everything (scheduler sees certainty)
             c = torch.ones(draft.tokens.shape, dtype=torch.float32, device=U.device)
         return BlockProposal(draft=draft, confidence=c, survival=runtime.survival(c))

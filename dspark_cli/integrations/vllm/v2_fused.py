@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark_cli.runtime import cuda_ops, rng
-from dspark_cli.runtime.confidence import confidence_logits, confidence_probs
+from dspark_cli.runtime.confidence import confidence_probs
 from dspark_cli.runtime.markov import markov_chain
 
 ENV_SWITCH = "DSPARK_V2_FUSED"
@@ -101,8 +101,8 @@ def _resolve_plan(model, spec) -> _Plan | None:
     weight = bias = None
     if spec.use_confidence_head:
         proj = model.model.confidence_head.proj
-        weight = proj.weight
-        bias = proj.bias if proj.bias is not None else torch.zeros(1, device=weight.device)
+        weight = proj.weight.float()  # fp32 once here: the chain's confidence launch reads fp32
+        bias = proj.bias.float() if proj.bias is not None else torch.zeros(1, device=weight.device)
     logger.info("DSpark V2 fused Markov path on (CUDA ops: %s)", bool(cuda_ops.available()))
     return _Plan(w1=w1, w2=head.markov_w2.weight[: w1.shape[0]], probabilistic=spec.draft_logits is not None,
                  confidence_weight=weight, confidence_bias=bias)
@@ -178,12 +178,14 @@ def sample_sequential(model, spec, num_reqs: int, head_hidden: torch.Tensor) -> 
     first_pos = spec.sample_pos[:num_sample].view(num_reqs, gamma)[:, 0]
     seeds = round_seeds(spec.seeds[slot], first_pos)
 
-    draft = markov_chain(U, anchors, plan.w1, plan.w2, temperature, seeds=seeds, return_q=False)
+    confidence = None  # the head's logits come with the draft (our CUDA chain: from its last launch)
+    if plan.confidence_weight is not None:
+        confidence = (sample_hidden.view(num_reqs, gamma, -1), plan.confidence_weight, plan.confidence_bias)
+    draft = markov_chain(U, anchors, plan.w1, plan.w2, temperature, seeds=seeds, return_q=False,
+                         confidence=confidence)
     spec.draft_tokens[:num_reqs] = draft.tokens
     if plan.probabilistic:
         store_by_request_state(spec.draft_logits, state, valid, corrected_logits(U, draft.prev_emb, plan.w2))
-    if plan.confidence_weight is not None:
-        z = confidence_logits(sample_hidden.view(num_reqs, gamma, -1), draft.prev_emb,
-                              plan.confidence_weight, plan.confidence_bias)
-        spec.draft_token_confidence_probs[:num_reqs] = confidence_probs(z)
+    if draft.confidence_logits is not None:
+        spec.draft_token_confidence_probs[:num_reqs] = confidence_probs(draft.confidence_logits)
     return True
