@@ -275,10 +275,7 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   __shared__ bool last;
   __threadfence();
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
-  if (threadIdx.x == 0) {
-    last = atomicAdd(rows.done, 1u) == gridDim.x - 1;
-    if (last) *rows.done = 0;  // zero again for the next launch (race.cuh)
-  }
+  if (threadIdx.x == 0) last = count_block_is_last(rows.done);
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
   if (!last) return;
   __threadfence();
@@ -288,9 +285,8 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
     Race all = empty_race();  // a plain loop: gather_races measured slower here (few partials)
     for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
     all = warp_combine(all);
-    const int n = verdicts.n[r];
-    const int token = recovered_token(all, verdicts.rejected[r], rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
-    if (lane == 0) rows.out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
+    write_recovered_token(all, r, verdicts.n[r], verdicts.rejected[r], rows.target, rows.row_start, V, seeds[r],
+                          rows.out_tokens, gamma);
   }
 }
 
@@ -552,13 +548,8 @@ void dispatch(const at::Tensor& w2, const void* h, int64_t ldh, int R, const voi
 template <typename F>
 void with_types(const at::Tensor& w2, at::ScalarType u_type, F&& f) {
   AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_fused_step", [&] {
-    using WT = device_t<scalar_t>;
-    switch (u_type) {  // U without a row (bias only) comes as bf16
-      case at::kBFloat16: f(WT{}, __nv_bfloat16{}); break;
-      case at::kHalf: f(WT{}, __half{}); break;
-      case at::kFloat: f(WT{}, float{}); break;
-      default: TORCH_CHECK(false, "dspark: U must be bf16, fp16 or fp32");
-    }
+    using WT = device_t<scalar_t>;  // U without a row (bias only) comes as bf16
+    with_float_type(u_type, "dspark: U must be bf16, fp16 or fp32", [&](auto u_tag) { f(WT{}, u_tag); });
   });
 }
 

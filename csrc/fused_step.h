@@ -28,8 +28,8 @@ void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const v
 // tests.ell is set), its target row target[row_start[r] + n], the chain's row stats [R, γ, 2] and
 // drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which requests verify
 // greedily (skipped: their token is already out); a block counter (zero; the last block leaves it
-// zero: race.cuh's last_block_to_finish) and the output tokens
-// [R, γ + 1] the last block writes the recovered token into (null: a finish kernel does).
+// zero: race.cuh's count_block_is_last) and the output tokens [R, γ + 1] the last block writes the
+// recovered token into (null: a finish kernel does).
 struct ResidualRows {
   const float* target = nullptr;
   RowStarts row_start;
@@ -42,12 +42,11 @@ struct ResidualRows {
   RatioTests tests;
 };
 
-// Rejection's settings for a request where its races run (fused_step.cu's residual epilogue, markov.cu's
-// small_residual_kernel): nothing for a greedy
-// one (accept_kernel emitted its token); else its row target[row_start + n], raced over as it is
-// (the bonus row) or, when it was rejected at draft position n (its verdict), as the residual
-// against the q row the chain sampled there: U row min(n, γ - 1), the chain's max and sum-exp of
-// it, its token for a one-hot row.
+// Rejection's settings for a request where its races run (fused_step.cu's residual epilogue,
+// markov.cu's small_residual_kernel): nothing for a greedy one (accept_kernel emitted its token);
+// else its row target[row_start + n], raced over as it is (the bonus row) or, when it was rejected
+// at draft position n (its verdict), as the residual against the q row the chain sampled there: U
+// row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
 template <typename UT>
 struct ResidualRequest {
   bool active = false, rejected = false, one_hot = false;

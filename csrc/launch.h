@@ -1,8 +1,11 @@
 // Host-side helpers shared by the chain's launchers (markov.cu, fused_step.cu): forced paths,
-// alignment, programmatic dependent launch and the dynamic shared-memory limit.
+// alignment, dispatch on a float tensor's type, programmatic dependent launch and the dynamic
+// shared-memory limit.
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -21,6 +24,17 @@ inline bool markov_path_forced(const char* path) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// f(T{}) with T the device type of an fp32, bf16 or fp16 tensor; `what` is the error otherwise.
+template <typename F>
+void with_float_type(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    case at::kHalf: f(__half{}); break;
+    default: TORCH_CHECK(false, what);
+  }
+}
 
 // A kernel launched this way may start while the previous kernel drains (programmatic dependent
 // launch, sm_90+): it waits (wait_previous_kernel) before reading the previous kernel's output.

@@ -660,11 +660,8 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   if (warp >= R || (rows.greedy != nullptr && rows.greedy[warp])) return;  // accept_kernel wrote a greedy token
   all = merged[warp * kWarpsPerRequest];
   for (int w = 1; w < kWarpsPerRequest; ++w) all = combine(all, merged[warp * kWarpsPerRequest + w]);
-  const int at_n = verdicts.n[warp];
-  const int recovered = recovered_token(all, verdicts.rejected[warp],
-                                        rows.target + (rows.row_start[warp] + at_n) * static_cast<int64_t>(V), V,
-                                        seeds[warp]);
-  if (lane == 0) rows.out_tokens[static_cast<int64_t>(warp) * (gamma + 1) + at_n] = recovered;
+  write_recovered_token(all, warp, verdicts.n[warp], verdicts.rejected[warp], rows.target, rows.row_start, V,
+                        seeds[warp], rows.out_tokens, gamma);
 }
 
 // W1[anchor] into prev_emb[:, 0]. Also zeroes the chain's n block counters: the launch
@@ -735,17 +732,6 @@ confidence_kernel(const HT* __restrict__ h, const ET* __restrict__ prev_emb, con
     float sum = bias[0];
     for (int w = 0; w < kConfidenceThreads / 32; ++w) sum += warp_sums[w];
     z[i] = sum;
-  }
-}
-
-// f(T{}) for a float, bf16 or fp16 tensor's device type.
-template <typename F>
-void with_float_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    case at::kHalf: f(__half{}); break;
-    default: TORCH_CHECK(false, "dspark::markov_chain: conf_h and w1 must be fp32, bf16 or fp16 for the confidence head");
   }
 }
 
@@ -1040,8 +1026,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const bool vec = d % 4 == 0 && rank % 4 == 0 && aligned16(conf_h->data_ptr()) && aligned16(prev_emb.data_ptr()) &&
                      aligned16(conf_weight->data_ptr());
     const int rows = R * gamma;
-    with_float_type(conf_h->scalar_type(), [&](auto h_tag) {
-      with_float_type(w1.scalar_type(), [&](auto e_tag) {
+    constexpr const char* kTypes = "dspark::markov_chain: conf_h and w1 must be fp32, bf16 or fp16 for the confidence head";
+    with_float_type(conf_h->scalar_type(), kTypes, [&](auto h_tag) {
+      with_float_type(w1.scalar_type(), kTypes, [&](auto e_tag) {
         using HT = decltype(h_tag);
         using ET = decltype(e_tag);
         launch_programmatic(confidence_kernel<HT, ET>, dim3(rows), dim3(kConfidenceThreads), 0, stream,

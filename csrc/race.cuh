@@ -57,18 +57,22 @@ __device__ __forceinline__ T group_combine(T p) {
   return p;
 }
 
+// Counts this block on counter (one thread of it calling): whether it is the grid's last. counter is
+// zero before the launch, and the last block puts it back to zero (every other block has counted by
+// then), so a counter zeroed once serves each later launch that uses it in turn.
+__device__ __forceinline__ bool count_block_is_last(unsigned* counter) {
+  const bool last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  if (last) *counter = 0;
+  return last;
+}
+
 // Whether this block is the last of the grid to get here (every thread calling): its writes before
-// and every other block's are visible to it after. counter counts blocks: zero before the launch,
-// and the last block puts it back to zero (every other block has counted by then), so a counter
-// zeroed once serves each later launch that uses it in turn.
+// and every other block's are visible to it after.
 __device__ __forceinline__ bool last_block_to_finish(unsigned* counter) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    if (last) *counter = 0;
-  }
+  if (threadIdx.x == 0) last = count_block_is_last(counter);
   __syncthreads();
   if (last) __threadfence();
   return last;

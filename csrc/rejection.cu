@@ -287,9 +287,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
   Race acc = empty_race();  // a plain loop: gather_races measured slower here (few partials)
   for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
   acc = warp_combine(acc);
-  const int n = state[2 * r];
-  const int token = recovered_token(acc, state[2 * r + 1], target + (row_start[r] + n) * static_cast<int64_t>(V), V, seeds[r]);
-  if (threadIdx.x == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
+  write_recovered_token(acc, r, state[2 * r], state[2 * r + 1], target, row_start, V, seeds[r], out_tokens, gamma);
 }
 
 int choose_splits(int R, int V) {

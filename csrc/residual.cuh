@@ -10,6 +10,7 @@
 
 #include "philox.cuh"
 #include "race.cuh"
+#include "verdicts.cuh"
 
 namespace dspark {
 
@@ -152,6 +153,16 @@ __device__ __forceinline__ int recovered_token(const Race& race, bool rejected, 
     race_group(best, p, -logf(word_uniform(noise.race)), word_uniform(noise.pick), v);
   }
   return warp_pick(best).idx;
+}
+
+// Request r's recovered token from its merged race into out_tokens [R, γ + 1] at n, its first
+// unaccepted position (target row row_start[r] + n is its p): every lane of a warp calling, lane 0
+// writing.
+__device__ __forceinline__ void write_recovered_token(const Race& race, int r, int n, bool rejected,
+                                                      const float* target, RowStarts row_start, int V, int64_t seed,
+                                                      int64_t* out_tokens, int gamma) {
+  const int token = recovered_token(race, rejected, target + (row_start[r] + n) * static_cast<int64_t>(V), V, seed);
+  if (threadIdx.x % 32 == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
 }
 
 }  // namespace dspark

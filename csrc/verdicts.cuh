@@ -47,9 +47,10 @@ struct Verdicts {
 };
 
 // Fills v for R requests, threads tid = 0 .. nthreads-1 of the block taking part (sync: their
-// barrier), kPairs ratio tests per thread per round (more: fewer rounds, more registers). With tests.ell the ratio tests run here and block 0 writes the outputs and the state
-// [R, 2] {n, rejected} (a finish kernel reads it); else accept_kernel's state is read (`before` is
-// then not needed: H is accept_kernel's gather).
+// barrier), kPairs ratio tests per thread per round (more: fewer rounds, more registers). With
+// tests.ell the ratio tests run here and block 0 writes the outputs and the state [R, 2]
+// {n, rejected} (a finish kernel reads it); else accept_kernel's state is read (`before` is then
+// not needed: H is accept_kernel's gather).
 template <int kPairs, int capacity, typename Sync>
 __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const float* target,
                               RowStarts row_start, const int64_t* tokens, const int64_t* seeds, int R, int gamma,

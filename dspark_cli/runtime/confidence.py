@@ -23,8 +23,9 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     d = h.shape[2]
     if weight.numel() != d + rank:
         raise ValueError(f"weight has {weight.numel()} entries; expected d + r = {d} + {rank} = {d + rank}")
-    if torch.as_tensor(bias).numel() != 1:
-        raise ValueError(f"bias must hold one value, got {torch.as_tensor(bias).numel()}")
+    values = torch.as_tensor(bias).numel()
+    if values != 1:
+        raise ValueError(f"bias must hold one value, got {values}")
 
 
 def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:

@@ -83,6 +83,11 @@ class DSparkDraft:
         self.config = config
         self.w = weights
         self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
+        # The confidence head's weight and bias in fp32 once here (the chain's head reads fp32), or
+        # None for a checkpoint without the head.
+        self.confidence_head = (weights["confidence_head.proj.weight"].float(),
+                                weights["confidence_head.proj.bias"].float()) \
+            if "confidence_head.proj.weight" in weights else None
         self.caches: dict[int, RequestCache] = {}
 
     @classmethod
@@ -167,8 +172,7 @@ class DSparkDraft:
                                                                               anchor_positions)])
         U = h @ w["lm_head.weight"].T
         dev = U.device
-        head = (h, w["confidence_head.proj.weight"], w["confidence_head.proj.bias"]) \
-            if "confidence_head.proj.weight" in w else None
+        head = None if self.confidence_head is None else (h, *self.confidence_head)
         draft = runtime.markov_chain(U, anchors.to(dev, torch.int64), w["markov_head.markov_w1.weight"],
                                      w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
                                      top_k=None if top_k is None else top_k.to(dev),
