@@ -29,6 +29,27 @@ def aux_layer_ids(spec_config) -> tuple[int, ...]:
     return tuple(int(i) + 1 for i in ids)
 
 
+@torch.no_grad()
+def confidence_head_fp32(head) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's DSparkConfidenceHead as the runtime takes it: weight [1, d + r] and bias [1] in fp32
+    (a checkpoint without a bias, like V4's, gets 0)."""
+    if head is None:
+        raise ValueError("enable_adaptive_verification needs a DSpark draft with a confidence head")
+    if not getattr(head, "with_markov", False):
+        raise ValueError("the DSpark draft's confidence head does not read W1[x_{k-1}] "
+                         "(confidence_head_with_markov=false); every DSpark release does")
+    proj = head.proj
+    weight = proj.weight
+    if weight.numel() == 0:
+        # vLLM's CPU backend packs linear weights for oneDNN / sgl-kernel and drops the originals.
+        # The layer's own GEMM on the identity gives them back exactly: output i is w_i·1 plus zeros.
+        eye = torch.eye(proj.input_size, dtype=torch.float32, device=weight.device)
+        weight = proj.quant_method.apply(proj, eye, None).reshape(1, -1)
+    weight = weight.float()
+    bias = proj.bias.float() if proj.bias is not None else torch.zeros(1, device=weight.device)
+    return weight, bias
+
+
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
@@ -53,8 +74,9 @@ class DSparkProposer(DFlashProposer):
         super().load_model(target_model)
         if getattr(self.model, "draft_id_to_target_id", None) is not None:
             raise ValueError("reduced-vocabulary DSpark drafts are not supported on Model Runner V1")
-        if self.adaptive and self.model.model.confidence_head is None:
-            raise ValueError("enable_adaptive_verification needs a DSpark draft with a confidence head")
+        self.confidence_head = None
+        if self.adaptive:
+            self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
 
     @torch.inference_mode()
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
@@ -70,9 +92,10 @@ class DSparkProposer(DFlashProposer):
         head = self.model.model.markov_head
         temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
         need_q = bool((temperature >= 1e-5).any())
+        confidence = None if self.confidence_head is None else (h, *self.confidence_head)
         draft = markov_chain(U, next_token_ids[:R].to(torch.int64), head.markov_w1.weight,
                              head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
-                             return_q=need_q)
+                             return_q=need_q, confidence=confidence)
         tokens = draft.tokens
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
@@ -82,11 +105,9 @@ class DSparkProposer(DFlashProposer):
         if not self.adaptive:
             self.stats["scheduled"] += R * gamma
             return tokens
-        # vLLM's DSparkConfidenceHead computes the logit z = w·[h_k ; W1[x_{k-1}]] + b with its own
-        # (possibly repacked) parameters; calibration and survival come from dspark_cli.runtime.
-        conf = self.model.model.confidence_head
-        z = conf(h.reshape(R * gamma, -1), draft.prev_emb.reshape(R * gamma, -1).to(h.dtype)).view(R, gamma)
-        a = survival(confidence_probs(z, self.verify_lengths.settings.sts))
+        # The head's logits z = w·[h_k ; W1[x_{k-1}]] + b came with the draft (our CUDA chain
+        # computes them in its last launch); calibration and survival follow.
+        a = survival(confidence_probs(draft.confidence_logits, self.verify_lengths.settings.sts))
         ell = self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
