@@ -6,7 +6,9 @@ and tensor names of DSPARK.md §2).
   zero, so the residual stream stays the token embedding; lm_head row y is embedding row y−1.
 - `oracle` draft: zero final norm (base logits U = 0) and a one-hot Markov head W2·W1[x] = α·e_{f(x)}
   with f(x) = x+1 (or a partially wrong f); confidence head bias +6 (c ≈ 0.998).
-- `random` target/draft: seeded random weights."""
+- `random` target/draft: seeded random weights; a `flat` target is a random one whose head is
+  scaled down so its next-token distribution is spread out: sampled drafts are often accepted and
+  every draw shows in the output."""
 
 import copy
 import json
@@ -96,8 +98,8 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
             tensors[f"model.layers.{i}.self_attn.o_proj.weight"].zero_()
             tensors[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
         tensors["lm_head.weight"] = torch.roll(embed, shifts=1, dims=0)
-    elif kind == "random":
-        tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
+    elif kind in ("random", "flat"):
+        tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * (0.3 if kind == "random" else 0.05)
     else:
         raise ValueError(f"unknown target kind {kind!r}")
     return _save(path, target_config(), tensors)

@@ -32,6 +32,17 @@ def test_uniform_takes_four_ids_per_philox_call():
     assert torch.equal(rng.uniform(seeds, rng.STREAM_ACCEPT, 2, 0), rng.uniform(seeds, rng.STREAM_ACCEPT, 2, index[:, :1]))
 
 
+def test_round_seeds_are_philox_of_the_position_under_the_request_seed():
+    seeds = rng.seed_tensor([1, 1, 2, 2**64 - 5])  # a u64 seed is held wrapped: -5
+    assert seeds.tolist() == [1, 1, 2, -5]
+    pos = torch.tensor([5, 9, 5, 5], dtype=torch.int64)
+    out = rng.round_seeds(seeds, pos)
+    assert len(set(out.tolist())) == 4 and bool((out >= 0).all())
+    w0, w1, _, _ = rng.philox4x32(*_t(0xFFFFFFFB, 0xFFFFFFFF), *_t(5, 0xFFFF0000))
+    assert int(out[3]) == int(w0) | (int(w1) & 0x7FFFFFFF) << 32
+    assert torch.equal(rng.round_seeds(seeds[1:2], pos[1:2]), out[1:2])  # the batch does not matter
+
+
 def test_uniform_is_deterministic_in_open_interval_and_uniform():
     seeds = torch.tensor([0, 1, -5, 2**40 + 3])
     u = rng.uniform(seeds, rng.STREAM_DRAFT, 3, torch.arange(50_000).unsqueeze(0))

@@ -177,13 +177,6 @@ def test_switch_defaults_to_whether_the_extension_is_loaded(monkeypatch):
     assert v2_fused.enabled() == bool(cuda_ops.available())
 
 
-def test_round_seeds_differ_by_position_and_by_seed():
-    seeds = torch.tensor([1, 1, 2], dtype=torch.int64)
-    pos = torch.tensor([5, 9, 5], dtype=torch.int64)
-    out = v2_fused.round_seeds(seeds, pos)
-    assert len(set(out.tolist())) == 3 and bool((out >= 0).all())
-
-
 def _to(obj, device):
     for name, value in vars(obj).items():
         if isinstance(value, torch.Tensor):

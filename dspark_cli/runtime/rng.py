@@ -23,6 +23,7 @@ STREAM_DRAFT = 0  # Markov chain grouped race: position k, group g
 STREAM_ACCEPT = 1  # acceptance uniforms: position j, index 0
 STREAM_RECOVER = 2  # residual / bonus grouped race (seeded): position 0, group g
 _GROUP = 8  # vocab ids per group of grouped_race_sample
+_ROUND_SEED_COUNTER = 0xFFFF0000  # round_seeds' counter word: disjoint from (stream << 16) | position
 
 _MASK32 = 0xFFFFFFFF
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
@@ -49,6 +50,25 @@ def philox4x32(key0, key1, ctr0, ctr1, ctr2=0, ctr3=0) -> tuple[torch.Tensor, ..
         hi1, lo1 = _mulhilo(_MULTIPLIERS[1], c[2])
         c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
     return tuple(c)
+
+
+def seed_tensor(seeds: list[int], device=None) -> torch.Tensor:
+    """Engines' request seeds (Python ints up to 2**64 - 1) as int64, the u64 ones wrapped: the
+    kernels and Philox read the seed's two 32-bit words, which wrapping keeps."""
+    return torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seeds], dtype=torch.int64, device=device)
+
+
+def round_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A fresh 63-bit seed per (request seed, absolute position of the round's first sample).
+
+    The streams' counters hold only the position inside a block, so an engine that passed a
+    request's own seed every round would reuse that round's noise: drafts would depend on earlier
+    rounds' noise, and the ratio test needs them independent. Philox keyed by the request seed is a
+    PRF of the position, so a seeded request's noise does not depend on the rest of the batch."""
+    seeds = seeds.to(torch.int64)
+    positions = positions.to(torch.int64)
+    w0, w1, _, _ = philox4x32(seeds & _MASK32, (seeds >> 32) & _MASK32, positions & _MASK32, _ROUND_SEED_COUNTER)
+    return w0 | ((w1 & 0x7FFFFFFF) << 32)
 
 
 def _to_uniform(word: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,10 @@ class Pending:
 
 
 def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
-    """One counter-based key per request and step: its TGI seed mixed with the absolute position the
-    step samples at (fresh every step, the same whatever else is in the batch)."""
-    mask = (1 << 63) - 1
-    return torch.tensor([(s * 0x9E3779B97F4A7C15 + p * 0xD1B54A32D192ED03 + 1) & mask
-                         for s, p in zip(request_seeds, positions)], dtype=torch.int64)
+    """One counter-based key per request and step (rng.round_seeds): its TGI seed, a u64 held
+    wrapped in int64, keys Philox of the absolute position the step samples at (fresh every step,
+    the same whatever else is in the batch)."""
+    return rng.round_seeds(rng.seed_tensor(request_seeds), torch.tensor(positions, dtype=torch.int64))
 
 
 class DSparkSpeculation:

@@ -2,7 +2,7 @@
 
     python -m dspark_cli.integrations.vllm.e2e SPEC.json OUT.json   (vLLM logs to stdout)
 
-SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random", "draft": "oracle"|"partial"|"random",
+SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed"}]}
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the

@@ -37,8 +37,6 @@ from dspark_cli.runtime.markov import markov_chain
 
 ENV_SWITCH = "DSPARK_V2_FUSED"
 _PLAN_ATTR = "_dspark_v2_plan"
-# Counter word used to derive a per-round seed; disjoint from rng's streams (stream << 16 | pos).
-_ROUND_SEED_COUNTER = 0xFFFF0000
 
 logger = logging.getLogger("dspark.vllm.v2_fused")
 
@@ -115,20 +113,6 @@ def _plan_for(model, spec) -> _Plan | None:
     return getattr(model, _PLAN_ATTR)
 
 
-def round_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A fresh 63-bit seed per (request seed, absolute position of the block's first sample).
-
-    The runtime's counter only holds the position inside the block, so without this every round
-    of a request would reuse the same noise: drafts would depend on earlier rounds' noise, and the
-    ratio test needs them independent. Philox keyed by the request seed is a PRF of the position.
-    """
-    seeds = seeds.to(torch.int64)
-    positions = positions.to(torch.int64)
-    w0, w1, _, _ = rng.philox4x32(seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF, positions & 0xFFFFFFFF,
-                                  _ROUND_SEED_COUNTER)
-    return w0 | ((w1 & 0x7FFFFFFF) << 32)
-
-
 def corrected_logits(U: torch.Tensor, prev_emb: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """U_k + W2·W1[x_{k-1}] in fp32, [R, γ, V], computed position by position exactly as
     runtime.markov_chain's reference does, so the cached logits are the ones it sampled from."""
@@ -176,7 +160,7 @@ def sample_sequential(model, spec, num_reqs: int, head_hidden: torch.Tensor) -> 
     else:  # greedy drafting (draft_sample_method="greedy"): argmax of the corrected logits
         temperature = torch.zeros(num_reqs, dtype=torch.float32, device=U.device)
     first_pos = spec.sample_pos[:num_sample].view(num_reqs, gamma)[:, 0]
-    seeds = round_seeds(spec.seeds[slot], first_pos)
+    seeds = rng.round_seeds(spec.seeds[slot], first_pos)
 
     confidence = None  # the head's logits come with the draft (our CUDA chain: from its last launch)
     if plan.confidence_weight is not None:
