@@ -2,9 +2,10 @@
 
 Runs the engine with the Python that has vLLM (DSPARK_VLLM_PYTHON, else this interpreter): the
 oracle draft (whole blocks accepted), a partially wrong draft, random target and draft (greedy
-outputs must be token-identical to no speculation) and adaptive verification under a steep SPS
-table (fewer verified tokens per step at batch 8 than at batch 1), and reports the mean accepted
-length, verified tokens per step and tokens/s with and without DSpark from the same run."""
+outputs must be token-identical to no speculation), a seeded sampled request (the same output
+alone and in a batch) and adaptive verification under a steep SPS table (fewer verified tokens
+per step at batch 8 than at batch 1), and reports the mean accepted length, verified tokens per
+step and tokens/s with and without DSpark from the same run."""
 
 import json
 import os
@@ -79,6 +80,15 @@ def _checks(python: str) -> list[dict]:
         s = step_stats(w["dspark"], len(w["dspark"]["outputs"]))
         check(f"random target and draft, {len(w['dspark']['outputs'])} prompt(s): greedy output token-identical",
               w["dspark"]["outputs"] == w["baseline"]["outputs"], accepted_length=s["accepted_length"])
+
+    seeded = run_in_python(python, {"gamma": GAMMA, "target": "flat", "draft": "random", "workloads": [
+        {"name": name, "prompts": prompts, "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 5}
+        for name, prompts in (("alone", PROMPTS[:1]), ("in_batch", PROMPTS))]})["workloads"]
+    s = step_stats(seeded["in_batch"]["dspark"], len(PROMPTS))
+    check("sampled (T = 1): a seeded request gives the same output alone and in a batch",
+          seeded["alone"]["dspark"]["outputs"][0] == seeded["in_batch"]["dspark"]["outputs"][0]
+          and seeded["in_batch"]["dspark"]["spec"]["accepted_tokens"] > 0,
+          accepted_length=s["accepted_length"])
 
     adaptive = steep_adaptive_run(python, GAMMA, "exact", [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
                                                           greedy_workload("eight", (PROMPTS * 2)[:8], MAX_TOKENS)])

