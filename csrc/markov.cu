@@ -156,8 +156,10 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
   }
 }
 
-// Step 4: q rows, grid (splits, R).
-template <typename UT>
+// Step 4: q rows, grid (splits, R). kVec: four entries per thread and round, a warp's stores one
+// contiguous 512-byte run (V % 8 == 0, aligned rows; slices start at multiples of 8); greedy rows
+// read nothing.
+template <typename UT, bool kVec>
 __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                               const float* __restrict__ temperature, const float* __restrict__ row_stats,
                               const int64_t* __restrict__ tokens, float* __restrict__ q, int k, int gamma, int V,
@@ -173,8 +175,26 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
   float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
-  for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-    q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf((to_float(u_row[v]) + b_row[v]) / T - m) / s;
+  if constexpr (kVec) {
+#pragma unroll 2
+    for (int v = start + 4 * threadIdx.x; v < end; v += 4 * blockDim.x) {
+      float out[4];
+      if (greedy) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) out[i] = v + i == tok ? 1.f : 0.f;
+      } else {
+        float u[4], b[4];
+        load_vec<4>(u_row + v, u);
+        load_vec<4>(b_row + v, b);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) out[i] = expf((u[i] + b[i]) / T - m) / s;  // the chain's arithmetic
+      }
+      *reinterpret_cast<float4*>(q_row + v) = make_float4(out[0], out[1], out[2], out[3]);
+    }
+  } else {
+    for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
+      q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf((to_float(u_row[v]) + b_row[v]) / T - m) / s;
+    }
   }
 }
 
@@ -1013,9 +1033,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               row_stats.data_ptr<float>(), embp, k, gamma);
         }
         if (return_q) {
-          q_rows_kernel<UT><<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
-                                                           tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma,
-                                                           V, slice);
+          auto q_rows = vec ? q_rows_kernel<UT, true> : q_rows_kernel<UT, false>;
+          q_rows<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
+                                                tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma, V, slice);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
