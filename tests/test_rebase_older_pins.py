@@ -68,7 +68,7 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     missing = self_members(ours, stored_only=False) - self_members(ours, stored_only=True) - upstream
     assert not missing, f"{pin_name}: vLLM's V1 proposer classes lack {sorted(missing)}"
     assert "def use_dspark" in (workdir / "vllm/config/speculative.py").read_text()
-    # ... and it reads the confidence head's layer (proposer.confidence_head_fp32).
+    # ... and it reads the confidence head's layer (confidence_head.confidence_head_fp32).
     head = self_members(ast.parse((workdir / "vllm/model_executor/models/qwen3_dspark.py").read_text()), stored_only=True)
     linear = self_members(ast.parse((workdir / "vllm/model_executor/layers/linear.py").read_text()), stored_only=True)
     assert {"confidence_head", "proj", "with_markov"} <= head and {"input_size", "quant_method"} <= linear

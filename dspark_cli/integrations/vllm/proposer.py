@@ -14,6 +14,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_cli.runtime import confidence_probs, cuda_ops, markov_chain, rng, survival
 
+from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 
@@ -27,27 +28,6 @@ def aux_layer_ids(spec_config) -> tuple[int, ...]:
     if not ids:
         raise ValueError("the DSpark draft config has no target_layer_ids")
     return tuple(int(i) + 1 for i in ids)
-
-
-@torch.no_grad()
-def confidence_head_fp32(head) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's DSparkConfidenceHead as the runtime takes it: weight [1, d + r] and bias [1] in fp32
-    (a checkpoint without a bias, like V4's, gets 0)."""
-    if head is None:
-        raise ValueError("enable_adaptive_verification needs a DSpark draft with a confidence head")
-    if not getattr(head, "with_markov", False):
-        raise ValueError("the DSpark draft's confidence head does not read W1[x_{k-1}] "
-                         "(confidence_head_with_markov=false); every DSpark release does")
-    proj = head.proj
-    weight = proj.weight
-    if weight.numel() == 0:
-        # vLLM's CPU backend packs linear weights for oneDNN / sgl-kernel and drops the originals.
-        # The layer's own GEMM on the identity gives them back exactly: output i is w_i·1 plus zeros.
-        eye = torch.eye(proj.input_size, dtype=torch.float32, device=weight.device)
-        weight = proj.quant_method.apply(proj, eye, None).reshape(1, -1)
-    weight = weight.float()
-    bias = proj.bias.float() if proj.bias is not None else torch.zeros(1, device=weight.device)
-    return weight, bias
 
 
 class DSparkProposer(DFlashProposer):

@@ -35,6 +35,8 @@ from dspark_cli.runtime import cuda_ops, rng
 from dspark_cli.runtime.confidence import confidence_probs
 from dspark_cli.runtime.markov import markov_chain
 
+from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
+
 ENV_SWITCH = "DSPARK_V2_FUSED"
 _PLAN_ATTR = "_dspark_v2_plan"
 
@@ -97,10 +99,8 @@ def _resolve_plan(model, spec) -> _Plan | None:
     head = model.model.markov_head
     w1 = head.markov_w1.weight
     weight = bias = None
-    if spec.use_confidence_head:
-        proj = model.model.confidence_head.proj
-        weight = proj.weight.float()  # fp32 once here: the chain's confidence launch reads fp32
-        bias = proj.bias.float() if proj.bias is not None else torch.zeros(1, device=weight.device)
+    if spec.use_confidence_head:  # fp32 once here: the chain's confidence launch reads fp32
+        weight, bias = confidence_head_fp32(model.model.confidence_head)
     logger.info("DSpark V2 fused Markov path on (CUDA ops: %s)", bool(cuda_ops.available()))
     return _Plan(w1=w1, w2=head.markov_w2.weight[: w1.shape[0]], probabilistic=spec.draft_logits is not None,
                  confidence_weight=weight, confidence_bias=bias)
