@@ -35,3 +35,13 @@ def test_installed_command_finds_compat_yaml(tmp_path):
         series = Path(pin["patches"])
         assert (series / "series").is_file() and (series / "series.lock").is_file(), series
         assert "site-packages" in str(series)
+
+
+@pytest.mark.parametrize("target", ["ops", "tgi", "vllm"])
+def test_installed_verify_without_torch_or_engine_is_one_line_and_exit_3(tmp_path, target):
+    """The package alone has no torch: `verify ops` / `verify tgi` say so; `verify vllm` needs none
+    here (the engine's Python runs the models) and says it found no patched vLLM."""
+    proc = subprocess.run([DSPARK, "verify", target], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "DSPARK_VLLM_PYTHON": str(Path(DSPARK).with_name("python"))})
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -2,6 +2,16 @@
 
 import typer
 
+from dspark_cli.cuda_env import torch_info
+from dspark_cli.errors import EnvironmentProblem
+
+
+def _require_torch() -> None:
+    """The ops and TGI checks run torch in this process: without it, one line and exit 3."""
+    torch = torch_info()
+    if torch.problem:
+        raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
+
 
 def register(app: typer.Typer) -> None:
     verify = typer.Typer(help="Verify the built extension or a patched engine.", no_args_is_help=True)
@@ -9,6 +19,7 @@ def register(app: typer.Typer) -> None:
     @verify.command("ops")
     def verify_ops(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
         """Load the built CUDA extension and check every op against the torch reference on the GPU."""
+        _require_torch()
         from dspark_cli.selftest import run_self_test
 
         run_self_test(as_json=as_json)
@@ -25,6 +36,7 @@ def register(app: typer.Typer) -> None:
     @verify.command("tgi")
     def verify_tgi(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
         """Check the installed, patched TGI server package against dspark_cli.runtime."""
+        _require_torch()
         from dspark_cli.integrations.tgi.verify import run
 
         run(as_json=as_json)

@@ -6,7 +6,8 @@ SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draf
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed"}]}
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
-engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens)."""
+engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
+successor target also `expected`, the rule's greedy continuation of each prompt."""
 
 import os
 import tempfile
@@ -63,7 +64,7 @@ def _generate(llm, workload: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    from dspark_cli.tiny_models import build_draft, build_target
+    from dspark_cli.tiny_models import build_draft, build_target, successor_tokens
 
     work = Path(spec["workdir"])
     target = build_target(work / f"target-{spec['target']}", spec["target"])
@@ -82,6 +83,8 @@ def run(spec: dict) -> dict:
     llm = _engine(target, config, max_seqs)
     for w in spec["workloads"]:
         result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)
+        if spec["target"] == "successor":  # the rule's continuation, for callers without torch
+            result["workloads"][w["name"]]["expected"] = [successor_tokens(p, w["max_tokens"]) for p in w["prompts"]]
     return result
 
 
