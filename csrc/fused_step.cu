@@ -282,9 +282,7 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < R; r += kConsumers / 32) {
     if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
-    Race all = empty_race();  // a plain loop: gather_races measured slower here (few partials)
-    for (int i = lane; i < gridDim.x; i += 32) all = combine(all, load_race_cg(races + static_cast<int64_t>(r) * gridDim.x + i));
-    all = warp_combine(all);
+    const Race all = warp_merge_races(races + static_cast<int64_t>(r) * gridDim.x, gridDim.x, lane);
     write_recovered_token(all, r, verdicts.n[r], verdicts.rejected[r], rows.target, rows.row_start, V, seeds[r],
                           rows.out_tokens, gamma);
   }

@@ -284,9 +284,7 @@ __global__ void finish_kernel(const Race* __restrict__ partials, int splits, con
   wait_previous_kernel();  // the races (its launch overlaps the racing kernel's tail)
   const int r = blockIdx.x;
   if (greedy != nullptr && greedy[r]) return;  // emitted by accept_kernel
-  Race acc = empty_race();  // a plain loop: gather_races measured slower here (few partials)
-  for (int i = threadIdx.x; i < splits; i += 32) acc = combine(acc, partials[static_cast<int64_t>(r) * splits + i]);
-  acc = warp_combine(acc);
+  const Race acc = warp_merge_races(partials + static_cast<int64_t>(r) * splits, splits, threadIdx.x);
   write_recovered_token(acc, r, state[2 * r], state[2 * r + 1], target, row_start, V, seeds[r], out_tokens, gamma);
 }
 
