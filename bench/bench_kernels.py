@@ -19,6 +19,10 @@ Rejection sampling (all ℓ_r = γ, every request rejected at a random position,
 reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 once (V·r·2) and the U
 row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt row takes the chain's
 row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first).
+Warped: the sampled chain with every request at top-k 50, top-p 0.9 or both (warp.cu's thresholds
+on the materialized bias, q stored: 3 or 6 histogram passes and picks per step) against the torch
+reference (a sort per row and step) and against the unwarped sampled chain with q ("+q"), the cost
+of the warp; floor as "markov sampled +q".
 The scheduler (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs
 at R = 256; timed per replay of a one-call graph (includes the graph launch) and per call inside a
 graph of 20 calls (its cost inside an engine's captured step). The production rejection path is
@@ -179,6 +183,36 @@ def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, t
     return rows
 
 
+WARPS = {"top-k 50": (50, None), "top-p 0.9": (None, 0.9), "top-k 50 + top-p 0.9": (50, 0.9)}
+
+
+def bench_warped(R: int, bw: float, repeats: int, kernel_only: bool, temperature: float) -> list[dict]:
+    U, anchors, w1, w2, temp, seeds = markov_inputs(R, False, temperature)
+    plain = statistics.median(time_replays(
+        lambda: markov_chain(U, anchors, w1, w2, temp, seeds=seeds, return_q=True), repeats))
+    floor = (GAMMA * V * RANK * 2 + R * GAMMA * V * 2 + R * GAMMA * V * 4) / bw
+    rows = []
+    for name, (k, p) in WARPS.items():
+        top_k = None if k is None else torch.full((R,), k, dtype=torch.int64, device="cuda")
+        top_p = None if p is None else torch.full((R,), p, device="cuda")
+
+        def call():
+            return markov_chain(U, anchors, w1, w2, temp, top_k=top_k, top_p=top_p, seeds=seeds, return_q=True)
+
+        kernel = statistics.median(time_replays(call, repeats))
+        reference = None
+        if not kernel_only:
+            with cuda_ops.enabled(False):
+                reference = statistics.median(time_replays(call, max(5, repeats // 5)))
+        row = {"op": f"markov sampled +q, {name}", "R": R, "kernel_ms": kernel * 1e3, "torch_ms": ms(reference),
+               "unwarped_ms": plain * 1e3, "floor_ms": floor * 1e3}
+        rows.append(row)
+        speedup = f"{reference / kernel:8.1f}x" if reference else f"{'-':>9}"
+        print(f"{row['op']:36} {R:4d} {kernel * 1e3:10.3f} {fmt(row['torch_ms'])} {speedup} {plain * 1e3:10.3f} "
+              f"{kernel / plain:8.2f} {kernel / floor:8.2f}", flush=True)
+    return rows
+
+
 def bench_confidence(R: int, repeats: int) -> dict:
     """The sampled chain (q lazy) with the confidence head's logits from its own last launch, against
     the chain followed by the torch confidence_logits, and the chain alone; each in a CUDA graph,
@@ -209,8 +243,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,128")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--ops", default="markov,confidence,rejection,schedule",
-                    help="which of markov, confidence, rejection, schedule to run")
+    ap.add_argument("--ops", default="markov,warped,confidence,rejection,schedule",
+                    help="which of markov, warped, confidence, rejection, schedule to run")
     ap.add_argument("--kernel-only", action="store_true", help="skip timing the torch reference (markov, rejection)")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="of the sampled rows (at exactly 1 the kernels skip dividing by it)")
@@ -251,6 +285,11 @@ def main() -> None:
                 print(f"{name:28} {R:4d} {kernel * 1e3:10.3f} {cold * 1e3:8.3f} {fmt(row['torch_ms'])} "
                       f"{floor * 1e3:9.3f} {kernel / floor:8.2f} {issue_floor * 1e3:11.3f} "
                       f"{kernel / issue_floor:8.2f} {cold / issue_floor:7.2f} {vs}", flush=True)
+    if "warped" in ops:
+        print(f"{'op':36} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'speedup':>9} {'unwarped':>10} "
+              f"{'÷ unwarp':>8} {'k/floor':>8}")
+    for R in [int(s) for s in args.sizes.split(",")] if "warped" in ops else []:
+        rows += bench_warped(R, bw, args.repeats, args.kernel_only, args.temperature)
     if "confidence" in ops:
         print(f"{'op':28} {'R':>4} {'kernel ms':>10} {'+ torch conf':>14} {'chain only':>11} "
               f"{'+µs ours':>9} {'+µs torch':>9}   (d = {HIDDEN}, h bf16, fp32 head)")

@@ -23,6 +23,8 @@ python3 bench/bench_kernels.py --ops markov,confidence,schedule --repeats "$REPE
   --json-out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.txt"
 python3 bench/bench_kernels.py --ops rejection --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_rejection.json" 2>&1 | tee "$OUT/bench_rejection.txt"
+python3 bench/bench_kernels.py --ops warped --repeats "$REPEATS" --sizes 1,16,128 \
+  --json-out "$OUT/bench_warped.json" 2>&1 | tee "$OUT/bench_warped.txt"
 # The CLI path too, where the machine has typer/rich: a cached rebuild and `dspark verify ops`.
 { time python3 -m dspark_cli build; python3 -m dspark_cli verify ops; } 2>&1 | tee "$OUT/cli.txt"
 [ -z "${SKIP_RUNTIME_BENCH:-}" ] && python3 bench/bench_runtime.py --device cuda --sizes 1,16,128 --repeats 5 2>&1 \

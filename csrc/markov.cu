@@ -50,6 +50,7 @@
 #include "philox.cuh"
 #include "race.cuh"
 #include "residual.cuh"
+#include "warp.h"
 
 namespace dspark {
 namespace {
@@ -71,11 +72,13 @@ __device__ __forceinline__ Partial block_combine(Partial p) {
   return p;
 }
 
-// Step 2: grid (splits, R), the slice [start, end) of request r's row.
-template <typename UT, bool kVec>
+// Step 2: grid (splits, R), the slice [start, end) of request r's row. kMasked: top-k/top-p rows,
+// entries below threshold[r·γ + k] (warp.cu) out.
+template <typename UT, bool kVec, bool kMasked>
 __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
-                                  Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
+                                  const float* __restrict__ threshold, Partial* __restrict__ partials, int k,
+                                  int gamma, int V, int slice) {
   wait_previous_kernel();  // launched programmatically after the bias GEMM
   allow_next_kernel();
   const int r = blockIdx.y;
@@ -87,6 +90,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   const PhiloxKey key = philox_key(seeds[r]);
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
+  const float t = kMasked ? threshold[static_cast<int64_t>(r) * gamma + k] : -INFINITY;
 
   // One race group of 8 entries per thread and round (slices start at multiples of 8). kVec: 16-byte
   // loads (V % 8 == 0, aligned rows); else scalar loads, entries past `end` -inf (no weight).
@@ -107,10 +111,14 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
           x[i] = decltype(unit_scale)::value ? s : s / scale;
         }
       }
+      if constexpr (kMasked) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = x[i] < t ? -INFINITY : x[i];
+      }
       GroupNoise noise{};
       if constexpr (decltype(sampled)::value)
         noise = group_noise(counter_words(key, kStreamDraft, k, static_cast<uint32_t>(v) >> 4), v >> 3);
-      visit8<decltype(sampled)::value>(p, x, v, noise);
+      visit8<decltype(sampled)::value, kMasked>(p, x, v, noise);
     }
   };
   if (greedy) rounds(std::false_type{}, std::true_type{});  // x / 1 == x
@@ -158,12 +166,12 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
 
 // Step 4: q rows, grid (splits, R). kVec: four entries per thread and round, a warp's stores one
 // contiguous 512-byte run (V % 8 == 0, aligned rows; slices start at multiples of 8); greedy rows
-// read nothing.
+// read nothing. threshold (null: none): top-k/top-p rows' entries below it are 0.
 template <typename UT, bool kVec>
 __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                               const float* __restrict__ temperature, const float* __restrict__ row_stats,
-                              const int64_t* __restrict__ tokens, float* __restrict__ q, int k, int gamma, int V,
-                              int slice) {
+                              const int64_t* __restrict__ tokens, const float* __restrict__ threshold,
+                              float* __restrict__ q, int k, int gamma, int V, int slice) {
   const int r = blockIdx.y;
   const int start = blockIdx.x * slice;
   const int end = min(V, start + slice);
@@ -172,6 +180,7 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
   const float m = row_stats[2 * (static_cast<int64_t>(r) * gamma + k)];
   const float s = row_stats[2 * (static_cast<int64_t>(r) * gamma + k) + 1];
   const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
+  const float t = threshold ? threshold[static_cast<int64_t>(r) * gamma + k] : -INFINITY;
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
   float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
@@ -187,13 +196,17 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
         load_vec<4>(u_row + v, u);
         load_vec<4>(b_row + v, b);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) out[i] = expf((u[i] + b[i]) / T - m) / s;  // the chain's arithmetic
+        for (int i = 0; i < 4; ++i) {
+          const float x = (u[i] + b[i]) / T;  // the chain's arithmetic
+          out[i] = x < t ? 0.f : expf(x - m) / s;
+        }
       }
       *reinterpret_cast<float4*>(q_row + v) = make_float4(out[0], out[1], out[2], out[3]);
     }
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-      q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : expf((to_float(u_row[v]) + b_row[v]) / T - m) / s;
+      const float x = (to_float(u_row[v]) + b_row[v]) / T;
+      q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : x < t ? 0.f : expf(x - m) / s;
     }
   }
 }
@@ -924,7 +937,8 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
-    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias) {
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
   TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous(),
               "dspark::markov_chain: w1 and w2 must be contiguous with one dtype");
@@ -944,6 +958,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               conf_bias->device() == U.device()),
               "dspark::markov_chain: the confidence head needs contiguous conf_h [R, γ, d], fp32 conf_weight "
               "[d + r] and fp32 conf_bias [1] on U's device");
+  const bool has_top_k = top_k.has_value() && top_k->defined(), has_top_p = top_p.has_value() && top_p->defined();
+  const bool warped = has_top_k || has_top_p;
+  TORCH_CHECK(!has_top_k || (top_k->scalar_type() == at::kLong && top_k->numel() == R && top_k->is_contiguous() &&
+                             top_k->device() == U.device()),
+              "dspark::markov_chain: top_k must be a contiguous int64 [R] on U's device");
+  TORCH_CHECK(!has_top_p || (top_p->scalar_type() == at::kFloat && top_p->numel() == R && top_p->is_contiguous() &&
+                             top_p->device() == U.device()),
+              "dspark::markov_chain: top_p must be a contiguous fp32 [R] on U's device");
+  // Warped rows need the whole row before sampling (warp.cu's thresholds), so they take the
+  // materialized bias, and q is stored: rejection reads it instead of rebuilding rows.
+  TORCH_CHECK(!warped || return_q, "dspark::markov_chain: top_k/top_p need return_q=True (warped q rows are stored)");
 
   auto tokens = at::empty({R, gamma}, U.options().dtype(at::kLong));
   auto q_token = at::empty({R, gamma}, f32);
@@ -953,8 +978,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
-  const bool small = small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  const bool fused = !small && fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
+  const bool small = !warped && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
+  const bool fused = !warped && !small && fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
   // The fp32 bias scratch: for q rows, and for the cuBLAS path's split pass.
   auto bias = at::empty({return_q || (!small && !fused) ? R : 0, V}, f32);
@@ -973,6 +998,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // one launch per step); its partials are per step, so no step overwrites one still being read.
   bool chain = small && !return_q && !markov_path_forced("step");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto thresholds = at::full({warped ? R : 0, gamma}, -INFINITY, f32);  // -inf: the row keeps everything
+  WarpScratch warp_scratch = warped ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
 
@@ -1023,9 +1050,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      seeds.data_ptr<int64_t>(), parts, return_q ? bias.data_ptr<float>() : nullptr, k, gamma, stream);
         } else if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-          auto pass = vec ? split_pass_kernel<UT, true> : split_pass_kernel<UT, false>;
+          if (warped) {
+            warp_thresholds(U, bias, tp, has_top_k ? top_k->data_ptr<int64_t>() : nullptr,
+                            has_top_p ? top_p->data_ptr<float>() : nullptr, warp_scratch, thresholds.data_ptr<float>(),
+                            k, splits, slice, stream);
+          }
+          auto pass = warped ? (vec ? split_pass_kernel<UT, true, true> : split_pass_kernel<UT, false, true>)
+                             : (vec ? split_pass_kernel<UT, true, false> : split_pass_kernel<UT, false, false>);
           launch_programmatic(pass, grid, dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,
-                              seeds.data_ptr<int64_t>(), parts, k, gamma, V, slice);
+                              seeds.data_ptr<int64_t>(), warped ? thresholds.data_ptr<float>() : nullptr, parts, k,
+                              gamma, V, slice);
         }
         if (!small) {
           launch_programmatic(reduce_kernel<WT>, dim3(R), dim3(kThreads), 0, stream, parts, parts_per_request, tp,
@@ -1035,7 +1069,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (return_q) {
           auto q_rows = vec ? q_rows_kernel<UT, true> : q_rows_kernel<UT, false>;
           q_rows<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
-                                                tokens.data_ptr<int64_t>(), q.data_ptr<float>(), k, gamma, V, slice);
+                                                tokens.data_ptr<int64_t>(),
+                                                warped ? thresholds.data_ptr<float>() : nullptr, q.data_ptr<float>(),
+                                                k, gamma, V, slice);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

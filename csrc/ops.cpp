@@ -8,7 +8,8 @@ namespace dspark {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
-    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias);
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p);
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
@@ -25,7 +26,8 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
-    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias) {
+    const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
   const auto R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
   auto f32 = U.options().dtype(at::kFloat);
   return {at::empty({R, gamma}, U.options().dtype(at::kLong)), at::empty({R, gamma}, f32),
@@ -54,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
 TORCH_LIBRARY(dspark, m) {
   m.def(
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
-      "bool return_q, Tensor? conf_h=None, Tensor? conf_weight=None, Tensor? conf_bias=None) "
+      "bool return_q, Tensor? conf_h=None, Tensor? conf_weight=None, Tensor? conf_bias=None, Tensor? top_k=None, "
+      "Tensor? top_p=None) "
       "-> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats, Tensor block_counter, "
       "Tensor conf_logits)");
   m.def(

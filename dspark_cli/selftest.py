@@ -24,12 +24,13 @@ class MarkovCase:
     return_q: bool = True
     seed: int = 0
     t_one_every: int = 0       # every n-th request (from the second) at temperature exactly 1
+    warps: bool = False        # top-k/top-p per request (markov_warps)
 
     def label(self) -> str:
         w, u = str(self.w_dtype).removeprefix("torch."), str(self.u_dtype).removeprefix("torch.")
         return (f"markov R={self.R} γ={self.gamma} V={self.V} r={self.rank} w={w} U={u} "
                 f"greedy_every={self.greedy_every} return_q={self.return_q}"
-                + (f" t_one_every={self.t_one_every}" if self.t_one_every else ""))
+                + (f" t_one_every={self.t_one_every}" if self.t_one_every else "") + (" warps" if self.warps else ""))
 
 
 def markov_inputs(case: MarkovCase, device: str = "cuda"):
@@ -47,6 +48,21 @@ def markov_inputs(case: MarkovCase, device: str = "cuda"):
     return U, anchors, w1, w2, temperature, seeds
 
 
+def markov_warps(case: MarkovCase, device: str = "cuda"):
+    """(top_k, top_p) for case.warps, else (None, None): requests take in turn both warps, top-k
+    (k in 1..200), top-p (p in 0.5..0.99) and none; request 1 has k = 1 and request 2 p = 0 (the
+    most likely token alone)."""
+    if not case.warps:
+        return None, None
+    g = torch.Generator(device="cpu").manual_seed(case.seed + 7919)
+    kind = torch.arange(case.R) % 4
+    top_k = torch.randint(1, 201, (case.R,), generator=g).masked_fill(kind >= 2, 0)
+    top_p = (0.5 + 0.49 * torch.rand(case.R, generator=g)).masked_fill((kind == 1) | (kind == 3), 1.0)
+    if case.R > 2:
+        top_k[1], top_p[2] = 1, 0.0
+    return top_k.to(device), top_p.to(device)
+
+
 def poison_allocator(device: str = "cuda", nbytes: int = 1 << 30) -> None:
     """Fill freed caching-allocator blocks with NaN so unwritten output elements show up."""
     junk = torch.full((nbytes // 4,), float("nan"), device=device)
@@ -58,16 +74,21 @@ def run_markov(case: MarkovCase, use_cuda_ops: bool, inputs=None):
 
     inputs = inputs or markov_inputs(case)
     U, anchors, w1, w2, temperature, seeds = inputs
+    top_k, top_p = markov_warps(case)
     with cuda_ops.enabled(use_cuda_ops):
         poison_allocator()
-        return markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q)
+        return markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                            return_q=case.return_q)
 
 
 def compare_markov(case: MarkovCase) -> dict:
     """Kernel vs reference on the same inputs. Tokens must match exactly; a near-tie in the grouped
     race (group keys or a pick threshold within fp32 rounding: kernel and reference round the group
     sums and keys differently) may flip one request's chain, which is reported as `diverged`
-    rather than hidden."""
+    rather than hidden. With warps, a top-p boundary entry whose mass above lies within rounding of p
+    (the kernel sums exp in fp32 into exact fixed point, the reference in fp64) may be kept by one
+    and not the other: such steps are counted as `support_differs` and their q rows left out of the
+    q error."""
     inputs = markov_inputs(case)
     ref = run_markov(case, False, inputs)
     out = run_markov(case, True, inputs)
@@ -84,14 +105,25 @@ def compare_markov(case: MarkovCase) -> dict:
         "tokens_in_range": bool(((out.tokens >= 0) & (out.tokens < case.V)).all()),
     }
     if case.return_q:
-        res["q_max_abs_err"] = float((out.q - ref.q)[ok_rows].abs().max()) if ok_rows.any() else 0.0
+        same_support = ((out.q > 0) == (ref.q > 0)).all(-1)
+        compared = ok_rows.unsqueeze(1) & same_support
+        res["q_max_abs_err"] = float((out.q - ref.q)[compared].abs().max()) if compared.any() else 0.0
         res["q_rows_sum_err"] = float((out.q.sum(-1) - 1).abs().max())
+        res["support_differs"] = int((ok_rows.unsqueeze(1) & ~same_support).sum())
+        if case.warps:  # the warps must bite: sampled rows with a warp keep fewer than V entries
+            top_k, top_p = markov_warps(case)
+            warped = (inputs[4] >= 1e-5) & (((top_k > 0) & (top_k < case.V)) | (top_p < 1))
+            res["masked_entries"] = int((out.q[warped] == 0).sum())
+    elif case.warps:
+        res["q_stored"] = out.q is not None and out.source is None
     else:
         res["q_is_none"] = out.q is None and out.source is not None
     res["ok"] = (res["diverged"] <= max(1, case.R // 64) and res["q_token_max_rel_err"] < 1e-4
                  and res["prev_emb_equal"] and res["finite"] and res["tokens_in_range"]
                  and res.get("q_max_abs_err", 0.0) < 1e-5 and res.get("q_rows_sum_err", 0.0) < 1e-4
-                 and res.get("q_is_none", True))
+                 and res.get("q_is_none", True) and res.get("q_stored", True)
+                 and res.get("support_differs", 0) <= max(1, case.R * case.gamma // 64)
+                 and (not case.warps or not case.return_q or res["masked_entries"] > 0))
     return res
 
 
@@ -214,6 +246,8 @@ SELF_TEST_CASES = [
     MarkovCase(64, 3, 151936, 256, greedy_every=5, t_one_every=2),  # fused step, rows at T = 1, q returned
     MarkovCase(13, 5, 50257, 64, torch.float32, torch.float16, greedy_every=2),  # cuBLAS GEMM + split pass
     MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # cuBLAS, rows at T = 1
+    MarkovCase(16, 7, 151936, 256, greedy_every=5, warps=True, seed=8),  # top-k/top-p thresholds (warp.cu)
+    MarkovCase(1, 7, 151936, 256, return_q=False, warps=True, seed=9),  # warped: q stored all the same
 ]
 
 

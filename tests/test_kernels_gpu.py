@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dspark_cli.selftest import (MarkovCase, RejectionCase, compare_markov, compare_rejection, compare_schedule,
-                                 markov_inputs, poison_allocator, rejection_inputs)
+                                 markov_inputs, markov_warps, poison_allocator, rejection_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -253,6 +253,92 @@ def test_markov_chain_op_under_torch_compile():
     ref = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
     assert torch.equal(tokens, ref[0]) and torch.equal(q2, ref[1] * 2)
 
+
+# Top-k/top-p (warp.cu): every bias path feeds the thresholds (small-batch bias at R <= 2, the fused
+# step's bias at 3..128, cuBLAS for fp32 heads and above 128), odd V (scalar loads), fp32 U.
+WARPED_CASES = [
+    MarkovCase(1, 7, 151936, 256, warps=True, seed=60),
+    MarkovCase(2, 5, 50001, 256, torch.bfloat16, torch.float32, greedy_every=2, warps=True, seed=61),
+    MarkovCase(16, 7, 151936, 256, greedy_every=5, t_one_every=3, warps=True, seed=62),
+    MarkovCase(128, 3, 151936, 256, greedy_every=7, warps=True, seed=63),
+    MarkovCase(37, 3, 50257, 64, torch.float32, torch.float16, greedy_every=4, warps=True, seed=64),
+    MarkovCase(130, 2, 4099, 256, torch.float16, torch.float16, warps=True, seed=65),
+    MarkovCase(9, 4, 1000, 16, torch.float16, torch.float32, warps=True, seed=66),
+]
+
+
+@pytest.mark.parametrize("case", WARPED_CASES, ids=lambda c: c.label())
+def test_markov_chain_with_top_k_top_p_matches_reference(case):
+    res = compare_markov(case)
+    assert res["ok"], res
+
+
+def test_markov_chain_warped_rows_keep_what_their_threshold_keeps():
+    """Each warped q row keeps exactly the entries a top-k / top-p rule keeps, computed here in fp64
+    from the row's own logits: k entries (plus ties) for top-k; for top-p the kept set's mass
+    reaches p and falls below it without its smallest entry."""
+    from dspark_cli.runtime import markov_chain
+
+    case = MarkovCase(12, 3, 151936, 256, warps=True, seed=67)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    top_k, top_p = markov_warps(case)
+    out = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds)
+    prev = torch.cat([anchors.long()[:, None], out.tokens[:, :-1]], dim=1)
+    for k in range(case.gamma):
+        x = ((U[:, k].float() + w1[prev[:, k]].float() @ w2.float().t()) / temperature[:, None]).double()
+        for r in range(case.R):
+            kept = out.q[r, k] > 0
+            kk, p = int(top_k[r]), float(top_p[r])
+            row = x[r]
+            if 0 < kk < case.V:
+                kth = row.topk(kk).values[-1]
+                assert int(kept.sum()) >= kk or p < 1
+                assert bool((row[kept] >= kth - 1e-4).all())
+                row = row.masked_fill(row < kth - 1e-4, float("-inf"))
+            if p < 1:
+                probs = row.softmax(0)
+                mass = float(probs[kept].sum())
+                assert mass >= p - 1e-5
+                assert mass - float(probs[kept].min()) < p + 1e-5
+                assert bool((probs[~kept] <= probs[kept].min() * (1 + 1e-4)).all())
+            elif not 0 < kk < case.V:
+                assert bool(kept.all())
+
+
+def test_warped_draft_stores_q_and_verifies_on_the_gpu():
+    """return_q=False with warps still stores q (rejection reads it, no rebuild); the CUDA rejection
+    then accepts exactly what the reference accepts on that draft and recovers the same tokens."""
+    from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample
+
+    case = MarkovCase(16, 7, 151936, 256, greedy_every=4, warps=True, seed=68)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    top_k, top_p = markov_warps(case)
+    draft = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds, return_q=False)
+    assert draft.q is not None and draft.source is None
+    g = torch.Generator(device="cuda").manual_seed(5)
+    target = torch.rand(case.R, case.gamma + 1, case.V, device="cuda", generator=g) ** 8
+    target /= target.sum(-1, keepdim=True)
+    ell = torch.randint(0, case.gamma + 1, (case.R,), device="cuda", generator=g)
+    greedy = temperature < 1e-5
+    out = rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
+    with cuda_ops.enabled(False):
+        ref = rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
+    assert torch.equal(out.num_accepted, ref.num_accepted) and torch.equal(out.output_tokens, ref.output_tokens)
+
+
+def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
+    """The thresholds' integer histograms add in any order to the same sums: a replay of the captured
+    op, and a second eager call, give the same tokens and q bits."""
+    case = MarkovCase(16, 4, 151936, 256, greedy_every=5, warps=True, seed=69)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    top_k, top_p = markov_warps(case)
+    args = (U, anchors, w1, w2, temperature, seeds, True, None, None, None, top_k, top_p)
+    eager = _graph_replays_match_eager(torch.ops.dspark.markov_chain, args, replays=2, outputs=(0, 1, 2))
+    poison_allocator()
+    again = torch.ops.dspark.markov_chain(*args)
+    assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2])
+    with pytest.raises(RuntimeError, match="return_q"):
+        torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False, None, None, None, top_k, top_p)
 
 @pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
                                                   (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7)])

@@ -166,3 +166,23 @@ def test_chain_returns_the_confidence_heads_logits_when_given_the_head():
     torch.testing.assert_close(draft.confidence_logits, expected)
     assert torch.equal(draft.confidence_logits, confidence_logits(h, draft.prev_emb, weight, bias))
     assert markov_chain(U, anchors, w1, w2, T, seeds=seeds).confidence_logits is None
+
+
+def test_top_p_keeps_ties_of_its_smallest_kept_value_and_sums_in_fp64():
+    """x = [3, 1, 1, 1, 0]: the three 1s share the mass above them (0.687 < 0.75), so top-p 0.75
+    keeps all three, as top-k keeps its ties; an fp32-only rule would keep one of them, by sort order."""
+    from dspark_cli.runtime.sampling import warp_logits
+
+    x = torch.tensor([[0.0, 1.0, 3.0, 1.0, 1.0]])
+    kept = torch.isfinite(warp_logits(x, torch.ones(1), top_p=torch.tensor([0.75])))
+    assert kept.tolist() == [[False, True, True, True, True]]
+    assert torch.isfinite(warp_logits(x, torch.ones(1), top_p=torch.tensor([0.5]))).tolist() == [
+        [False, False, True, False, False]]
+    # Mass reaching p only in the last of 150000 equal small terms: fp64 finds where it crosses.
+    row = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, -1e-3, 150000)]).unsqueeze(0)
+    probs = torch.softmax(row.double(), -1)[0]
+    p = float(probs[0] + probs[1:100001].sum()) - 1e-9  # crosses at the 100000th small term
+    kept = torch.isfinite(warp_logits(row, torch.ones(1), top_p=torch.tensor([p], dtype=torch.float64).float()))
+    expected = int((torch.cumsum(probs.sort(descending=True).values, 0) - probs.sort(descending=True).values
+                    < torch.tensor([p], dtype=torch.float64).float().double()).sum())
+    assert int(kept.sum()) == expected

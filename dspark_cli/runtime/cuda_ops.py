@@ -72,12 +72,14 @@ def available(*tensors) -> bool:
 
 def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None, generator=None,
                  return_q=True, confidence=None):
-    """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, no top-k/top-p,
+    """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, top-k/top-p per request,
     w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes; the confidence head
-    with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call)."""
+    with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call).
+    With top_k or top_p the draft stores q (R·γ·V·4 bytes) even when return_q is False: the warped
+    rows' thresholds come from whole rows, which rejection would otherwise have to select again."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
-    if top_k is not None or top_p is not None or seeds is None or w1.dtype != w2.dtype:
+    if seeds is None or w1.dtype != w2.dtype:
         return NotImplemented
     if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
         return NotImplemented
@@ -89,13 +91,16 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
                 and h.device == U.device):
             return NotImplemented
         conf = (h.contiguous(), weight.reshape(-1).float().contiguous(), bias.reshape(-1).float())
+    warps = (None if top_k is None else top_k.to(torch.int64).contiguous(),
+             None if top_p is None else top_p.to(torch.float32).contiguous())
+    store_q = return_q or top_k is not None or top_p is not None
     temperature = temperature.to(torch.float32).contiguous()
     tokens, q_token, q, prev_emb, row_stats, block_counter, z = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
-        seeds.contiguous(), return_q, *conf)
-    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats,
-                                                  block_counter)
-    return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source,
+        seeds.contiguous(), store_q, *conf, *warps)
+    source = None if store_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats,
+                                                 block_counter)
+    return MarkovDraft(tokens, q_token, q if store_q else None, prev_emb, source,
                        None if confidence is None else z)
 
 

@@ -15,8 +15,10 @@ def warp_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k=None, top
     """fp32 logits [R, V] -> warped fp32 logits (masked entries = -inf).
 
     top_k [R] int64: keep the entries ≥ the k-th largest (0 or ≥ V: off).
-    top_p [R] fp32: keep the smallest high-probability set whose mass reaches p (1.0: off); the
-    most likely token always stays. Greedy rows are only masked, not scaled."""
+    top_p [R] fp32: keep the smallest high-probability set whose mass reaches p (1.0: off): x stays
+    iff the mass of the entries above it is < p, summed in fp64 (the fp32 cumsum of 151936 entries
+    is off by ~1e-5, several tokens at the boundary); the most likely token always stays, and ties of
+    the smallest kept value stay with it, as top-k's do. Greedy rows are only masked, not scaled."""
     scale = torch.where(is_greedy(temperature), torch.ones_like(temperature), temperature)
     logits = logits.float() / scale.unsqueeze(1)
     if top_k is None and top_p is None:
@@ -29,10 +31,11 @@ def warp_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k=None, top
         kth = sorted_logits.gather(1, (vocab - k).unsqueeze(1))
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     if top_p is not None:
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= (1.0 - top_p.float()).unsqueeze(1)
+        cum = sorted_logits.double().softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1.0 - top_p.double()).unsqueeze(1)
         drop[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        smallest_kept = sorted_logits.gather(1, drop.sum(dim=1, keepdim=True))  # drop is a prefix
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < smallest_kept, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 

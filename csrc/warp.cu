@@ -1,0 +1,274 @@
+// Top-k / top-p for the Markov chain's warped rows (docs/kernels.md). A warped row keeps exactly the
+// entries x >= t, one threshold t per request and step, found by radix selection over x's
+// order-preserving 32-bit keys: three rounds (11, 11, 10 key bits) per criterion, each a histogram
+// pass over the row and a pick per request.
+//   top-k: t = the k-th largest x (ties kept, as the reference's `sorted < kth` mask);
+//   top-p: among the entries >= top-k's t, the smallest x whose mass strictly above it is < p·Z
+//          (Z: the mass of those entries), the reference's cumulative rule with ties kept.
+// Masses are exp(x - max) in 2^-40 fixed point summed with integer atomics: the histograms, and so
+// the thresholds, do not depend on the order blocks add in, so every run keeps the same entries.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <type_traits>
+
+#include "common.cuh"
+#include "launch.h"
+#include "warp.h"
+
+namespace dspark {
+namespace {
+
+constexpr int kWarpThreads = 256;
+constexpr int kBins = 2048;  // the widest round's digit: 11 bits
+
+__host__ __device__ constexpr int round_bits(int round) { return round == 2 ? 10 : 11; }
+__host__ __device__ constexpr int round_shift(int round) { return round == 0 ? 21 : round == 1 ? 10 : 0; }
+
+struct WarpRow {
+  unsigned max_key;           // the row's largest key (the step's first pass)
+  unsigned prefix;            // the key bits the rounds so far fixed
+  unsigned floor_key;         // top-p's rounds skip keys below it: top-k's threshold (0: none)
+  unsigned unused;
+  unsigned long long above;   // weight of the entries above the key range still searched
+  unsigned long long target;  // top-p: the weight the kept set must reach, ceil(p·Z)
+};
+
+// Keys ordered as the floats are (-0 just below +0).
+__device__ __forceinline__ unsigned order_key(float x) {
+  const unsigned b = __float_as_uint(x);
+  return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
+__device__ __forceinline__ float key_value(unsigned key) {
+  return __uint_as_float(key & 0x80000000u ? key & 0x7fffffffu : ~key);
+}
+
+__device__ __forceinline__ unsigned long long fixed_mass(float below_max) {
+  return __float2ull_rn(expf(below_max) * 1099511627776.f);  // 2^40: V·2^40 fits in 64 bits
+}
+
+// Greedy rows never warp (their argmax is always kept).
+__device__ __forceinline__ bool top_k_on(const int64_t* top_k, int r, int V, float T) {
+  return top_k && T >= kGreedyBelow && top_k[r] > 0 && top_k[r] < V;
+}
+__device__ __forceinline__ bool top_p_on(const float* top_p, int r, float T) {
+  return top_p && T >= kGreedyBelow && top_p[r] < 1.f;  // NaN: off, as the reference's comparison
+}
+
+// One round's histogram of request r's step-k row, grid (splits, R). kMass: a top-p round (weights
+// exp(x - max), entries below floor_key out); else a top-k round (counts), whose round 0 also takes
+// the row's max key for every warped row (with top_k null it does only that). x is computed as the
+// split pass computes it, so the thresholds are values of the very entries the chain samples from.
+template <typename UT, bool kMass, bool kVec>
+__global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
+    const UT* __restrict__ U, const float* __restrict__ bias, const float* __restrict__ temperature,
+    const int64_t* __restrict__ top_k, const float* __restrict__ top_p, WarpRow* __restrict__ rows,
+    unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, int k, int gamma, int V, int slice,
+    int round) {
+  __shared__ unsigned s_count[kBins];
+  __shared__ unsigned long long s_mass[kMass ? kBins : 1];
+  __shared__ unsigned s_max;
+  const int r = blockIdx.y;
+  const float T = temperature[r];
+  const bool p_on = top_p_on(top_p, r, T);
+  const bool counting = kMass ? p_on : top_k_on(top_k, r, V, T);
+  const bool maxing = !kMass && round == 0 && (counting || p_on);
+  if (!counting && !maxing) return;
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    s_count[i] = 0;
+    if constexpr (kMass) s_mass[i] = 0;
+  }
+  if (threadIdx.x == 0) s_max = 0;
+  __syncthreads();
+  const WarpRow row = rows[r];
+  const int shift = round_shift(round), above_bits = shift + round_bits(round);
+  const unsigned digit_mask = (1u << round_bits(round)) - 1;
+  const float m = kMass ? key_value(row.max_key) : 0.f;
+  const int start = blockIdx.x * slice, end = min(V, start + slice);
+  const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
+  const float* b_row = bias + static_cast<int64_t>(r) * V;
+  unsigned local_max = 0;
+  const auto visit = [&](float x) {
+    const unsigned key = order_key(x);
+    local_max = max(local_max, key);
+    if (!counting || (above_bits < 32 && (key >> above_bits) != (row.prefix >> above_bits))) return;
+    if (kMass && key < row.floor_key) return;
+    const unsigned digit = (key >> shift) & digit_mask;
+    atomicAdd(&s_count[digit], 1u);
+    if constexpr (kMass) atomicAdd(&s_mass[digit], fixed_mass(x - m));
+  };
+  for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
+    if constexpr (kVec) {
+      float u[8], b[8];
+      load_vec<8>(u_row + v, u);
+      load_vec<8>(b_row + v, b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) visit((u[i] + b[i]) / T);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (v + i < end) visit((to_float(u_row[v + i]) + b_row[v + i]) / T);
+    }
+  }
+  if (maxing) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) local_max = max(local_max, __shfl_xor_sync(0xffffffffu, local_max, off));
+    if (threadIdx.x % 32 == 0) atomicMax(&s_max, local_max);
+  }
+  __syncthreads();
+  if (maxing && threadIdx.x == 0) atomicMax(&rows[r].max_key, s_max);
+  if (!counting) return;
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    if (!s_count[i]) continue;
+    atomicAdd(&counts[static_cast<int64_t>(r) * kBins + i], s_count[i]);
+    if constexpr (kMass) atomicAdd(&masses[static_cast<int64_t>(r) * kBins + i], s_mass[i]);
+  }
+}
+
+// Exclusive prefix sum over the block in thread order; *total gets the block's sum.
+__device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* total) {
+  __shared__ unsigned long long warp_sums[kWarpThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned long long inclusive = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned long long below = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += below;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  unsigned long long before = 0, all = 0;
+#pragma unroll
+  for (int i = 0; i < kWarpThreads / 32; ++i) {
+    before += i < warp ? warp_sums[i] : 0;
+    all += warp_sums[i];
+  }
+  *total = all;
+  return before + inclusive - v;
+}
+
+// One round's pick for request r (a block each): scanning the bins from the top, the first non-empty
+// bin where the weight so far reaches the target (top-k: k entries; top-p: ceil(p·Z) of mass) fixes
+// the round's digit; the histogram is zeroed behind the scan for the next round. After round 2 the
+// key is whole: top-k's becomes top-p's floor and the threshold, top-p's the threshold.
+template <bool kMass>
+__global__ void __launch_bounds__(kWarpThreads) pick_kernel(
+    const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
+    WarpRow* __restrict__ rows, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
+    float* __restrict__ threshold, int V, int k, int gamma, int round, bool last_of_step) {
+  const int r = blockIdx.x;
+  const float T = temperature[r];
+  const bool on = kMass ? top_p_on(top_p, r, T) : top_k_on(top_k, r, V, T);
+  if (!on) {
+    if (last_of_step && threadIdx.x == 0) rows[r] = WarpRow{};  // the next step starts from zero
+    return;
+  }
+  __shared__ int s_first;
+  const WarpRow row = rows[r];
+  const int bins = 1 << round_bits(round);
+  unsigned* g_count = counts + static_cast<int64_t>(r) * kBins;
+  unsigned long long* g_mass = kMass ? masses + static_cast<int64_t>(r) * kBins : nullptr;
+  unsigned c[8];
+  unsigned long long w[8], local = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {  // thread t: bins bins-1-8t down to bins-8-8t
+    const int b = bins - 1 - (8 * static_cast<int>(threadIdx.x) + j);
+    c[j] = b >= 0 ? g_count[b] : 0u;
+    w[j] = kMass ? (b >= 0 ? g_mass[b] : 0ull) : c[j];
+    local += w[j];
+  }
+  if (threadIdx.x == 0) s_first = INT_MAX;
+  unsigned long long total;
+  unsigned long long cum = row.above + block_exclusive_scan(local, &total);  // weight above my first bin
+  unsigned long long target;
+  if constexpr (!kMass) target = static_cast<unsigned long long>(top_k[r]);
+  else if (round == 0) target = top_p[r] <= 0.f ? 0ull : static_cast<unsigned long long>(
+                                    ceil(static_cast<double>(top_p[r]) * static_cast<double>(total)));
+  else target = row.target;
+  int mine = -1;
+  unsigned long long above_mine = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (mine < 0 && c[j] > 0 && cum + w[j] >= target) mine = 8 * threadIdx.x + j, above_mine = cum;
+    cum += w[j];
+  }
+  __syncthreads();  // s_first set; every bin read
+  if (mine >= 0) atomicMin(&s_first, mine);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int b = bins - 1 - (8 * static_cast<int>(threadIdx.x) + j);
+    if (c[j]) {
+      g_count[b] = 0;
+      if constexpr (kMass) g_mass[b] = 0;
+    }
+  }
+  __syncthreads();
+  if (s_first == INT_MAX) {  // no bin reaches the target (cannot happen: keep the whole row)
+    if (last_of_step && threadIdx.x == 0) rows[r] = WarpRow{};
+    return;
+  }
+  if (mine != s_first) return;
+  const unsigned key = row.prefix | (static_cast<unsigned>(bins - 1 - mine) << round_shift(round));
+  WarpRow next = row;
+  if (round < 2) {
+    next.prefix = key;
+    next.above = above_mine;
+    if (kMass && round == 0) next.target = target;
+  } else {
+    threshold[static_cast<int64_t>(r) * gamma + k] = key_value(key);
+    next.floor_key = key;  // top-p's rounds, if any, search at and above top-k's threshold
+    next.prefix = 0;
+    next.above = 0;
+    if (last_of_step) next = WarpRow{};
+  }
+  rows[r] = next;
+}
+
+}  // namespace
+
+WarpScratch WarpScratch::make(const at::Tensor& like, int R, bool top_p) {
+  auto options = like.options();
+  return {at::zeros({static_cast<int64_t>(R) * static_cast<int64_t>(sizeof(WarpRow))}, options.dtype(at::kByte)),
+          at::zeros({R, kBins}, options.dtype(at::kInt)), at::zeros({top_p ? R : 0, kBins}, options.dtype(at::kLong))};
+}
+
+void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
+                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits, int slice,
+                     cudaStream_t stream) {
+  const int R = U.size(0), gamma = U.size(1), V = U.size(2);
+  auto* rows = reinterpret_cast<WarpRow*>(scratch.rows.data_ptr<uint8_t>());
+  auto* counts = reinterpret_cast<unsigned*>(scratch.counts.data_ptr<int>());
+  auto* masses = top_p ? reinterpret_cast<unsigned long long*>(scratch.masses.data_ptr<int64_t>()) : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_warp_thresholds", [&] {
+    using UT = device_t<scalar_t>;
+    const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
+    const bool vec = V % 8 == 0 && aligned16(up);
+    const auto pass = [&](auto mass, int round) {
+      constexpr bool kMass = decltype(mass)::value;
+      auto kernel = vec ? histogram_kernel<UT, kMass, true> : histogram_kernel<UT, kMass, false>;
+      kernel<<<dim3(splits, R), kWarpThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature, top_k, top_p,
+                                                           rows, counts, masses, k, gamma, V, slice, round);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    const auto pick = [&](auto mass, int round, bool last_of_step) {
+      pick_kernel<decltype(mass)::value><<<R, kWarpThreads, 0, stream>>>(temperature, top_k, top_p, rows, counts,
+                                                                         masses, threshold, V, k, gamma, round,
+                                                                         last_of_step);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (!top_k) pass(std::false_type{}, 0);  // the row max only
+    for (int round = 0; top_k && round < 3; ++round) {
+      pass(std::false_type{}, round);
+      pick(std::false_type{}, round, round == 2 && !top_p);
+    }
+    for (int round = 0; top_p && round < 3; ++round) {
+      pass(std::true_type{}, round);
+      pick(std::true_type{}, round, round == 2);
+    }
+  });
+}
+
+}  // namespace dspark

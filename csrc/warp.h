@@ -1,0 +1,26 @@
+// Top-k / top-p thresholds of the Markov chain's warped rows (warp.cu), called by markov.cu.
+#pragma once
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dspark {
+
+// Scratch the selection keeps across a chain's steps: per-request state and one round's
+// histograms. Zeroed once per chain (make); each step leaves it zeroed for the next.
+struct WarpScratch {
+  at::Tensor rows;    // [R] WarpRow, as bytes
+  at::Tensor counts;  // [R, 2048] uint32 (as int32)
+  at::Tensor masses;  // [R, 2048] uint64 (as int64), only with top-p
+  static WarpScratch make(const at::Tensor& like, int R, bool top_p);
+};
+
+// threshold[r·γ + k] = the smallest x = (U_k + bias)/T request r keeps at step k (rows without a
+// warp, and greedy rows, keep their -inf). bias [R, V] fp32 is step k's; top_k [R] int64 (0 or >= V:
+// off) and top_p [R] fp32 (>= 1: off) may be null, not both. Launches on `stream`.
+void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
+                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits, int slice,
+                     cudaStream_t stream);
+
+}  // namespace dspark
