@@ -1053,7 +1053,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           if (warped) {
             warp_thresholds(U, bias, tp, has_top_k ? top_k->data_ptr<int64_t>() : nullptr,
                             has_top_p ? top_p->data_ptr<float>() : nullptr, warp_scratch, thresholds.data_ptr<float>(),
-                            k, splits, slice, stream);
+                            k, splits, stream);
           }
           auto pass = warped ? (vec ? split_pass_kernel<UT, true, true> : split_pass_kernel<UT, false, true>)
                              : (vec ? split_pass_kernel<UT, true, false> : split_pass_kernel<UT, false, false>);

@@ -5,13 +5,17 @@
 //   top-k: t = the k-th largest x (ties kept, as the reference's `sorted < kth` mask);
 //   top-p: among the entries >= top-k's t, the smallest x whose mass strictly above it is < p·Z
 //          (Z: the mass of those entries), the reference's cumulative rule with ties kept.
-// Masses are exp(x - max) in 2^-40 fixed point summed with integer atomics: the histograms, and so
-// the thresholds, do not depend on the order blocks add in, so every run keeps the same entries.
+// Masses are exp(x - max) in 2^-31 fixed point summed with integer atomics: the histograms, and so
+// the thresholds, do not depend on the order blocks add in, so every run keeps the same entries. In
+// shared memory each mass goes in as two 16-bit halves on 32-bit counters (a 64-bit shared atomic
+// add compiles to a compare-and-swap loop, which the few bins of round 0 made the pass's cost), so a
+// block takes at most 65536 entries: the halves' sums fit.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -24,6 +28,7 @@ namespace {
 
 constexpr int kWarpThreads = 256;
 constexpr int kBins = 2048;  // the widest round's digit: 11 bits
+constexpr int kMaxBlockEntries = 65536;  // 65536 · (2^16 - 1) < 2^32: a block's low halves fit
 
 __host__ __device__ constexpr int round_bits(int round) { return round == 2 ? 10 : 11; }
 __host__ __device__ constexpr int round_shift(int round) { return round == 0 ? 21 : round == 1 ? 10 : 0; }
@@ -46,8 +51,8 @@ __device__ __forceinline__ float key_value(unsigned key) {
   return __uint_as_float(key & 0x80000000u ? key & 0x7fffffffu : ~key);
 }
 
-__device__ __forceinline__ unsigned long long fixed_mass(float below_max) {
-  return __float2ull_rn(expf(below_max) * 1099511627776.f);  // 2^40: V·2^40 fits in 64 bits
+__device__ __forceinline__ unsigned fixed_mass(float below_max) {
+  return __float2uint_rn(expf(below_max) * 2147483648.f);  // 2^31: the max's own 1 fits
 }
 
 // Greedy rows never warp (their argmax is always kept).
@@ -69,7 +74,7 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, int k, int gamma, int V, int slice,
     int round) {
   __shared__ unsigned s_count[kBins];
-  __shared__ unsigned long long s_mass[kMass ? kBins : 1];
+  __shared__ unsigned s_mass_lo[kMass ? kBins : 1], s_mass_hi[kMass ? kBins : 1];  // 16-bit halves' sums
   __shared__ unsigned s_max;
   const int r = blockIdx.y;
   const float T = temperature[r];
@@ -79,7 +84,7 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   if (!counting && !maxing) return;
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
     s_count[i] = 0;
-    if constexpr (kMass) s_mass[i] = 0;
+    if constexpr (kMass) s_mass_lo[i] = s_mass_hi[i] = 0;
   }
   if (threadIdx.x == 0) s_max = 0;
   __syncthreads();
@@ -98,7 +103,11 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     if (kMass && key < row.floor_key) return;
     const unsigned digit = (key >> shift) & digit_mask;
     atomicAdd(&s_count[digit], 1u);
-    if constexpr (kMass) atomicAdd(&s_mass[digit], fixed_mass(x - m));
+    if constexpr (kMass) {
+      const unsigned mass = fixed_mass(x - m);
+      atomicAdd(&s_mass_lo[digit], mass & 0xffffu);
+      atomicAdd(&s_mass_hi[digit], mass >> 16);
+    }
   };
   for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
     if constexpr (kVec) {
@@ -124,7 +133,10 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
     if (!s_count[i]) continue;
     atomicAdd(&counts[static_cast<int64_t>(r) * kBins + i], s_count[i]);
-    if constexpr (kMass) atomicAdd(&masses[static_cast<int64_t>(r) * kBins + i], s_mass[i]);
+    if constexpr (kMass) {
+      atomicAdd(&masses[static_cast<int64_t>(r) * kBins + i],
+                (static_cast<unsigned long long>(s_mass_hi[i]) << 16) + s_mass_lo[i]);
+    }
   }
 }
 
@@ -236,9 +248,11 @@ WarpScratch WarpScratch::make(const at::Tensor& like, int R, bool top_p) {
 }
 
 void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
-                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits, int slice,
+                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits,
                      cudaStream_t stream) {
   const int R = U.size(0), gamma = U.size(1), V = U.size(2);
+  splits = std::max(splits, (V + kMaxBlockEntries - 1) / kMaxBlockEntries);
+  const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8, at most kMaxBlockEntries
   auto* rows = reinterpret_cast<WarpRow*>(scratch.rows.data_ptr<uint8_t>());
   auto* counts = reinterpret_cast<unsigned*>(scratch.counts.data_ptr<int>());
   auto* masses = top_p ? reinterpret_cast<unsigned long long*>(scratch.masses.data_ptr<int64_t>()) : nullptr;
