@@ -20,9 +20,9 @@ reads a q row): the p row and the q row (R·V·4 each), or, rebuilding q, W2 onc
 row (R·V·2) instead; "q rebuilt" verifies a draft of our chain (the rebuilt row takes the chain's
 row stats), "q rebuilt, stats pass" one of the torch reference (the kernel computes them first).
 Warped: the sampled chain with every request at top-k 50, top-p 0.9 or both (warp.cu's thresholds
-on the materialized bias, q stored: 3 or 6 histogram passes and picks per step) against the torch
-reference (a sort per row and step) and against the unwarped sampled chain with q ("+q"), the cost
-of the warp; floor as "markov sampled +q".
+on the materialized bias: 3, 4 or 6 histogram passes per step), q stored ("+q", against the torch
+reference, a sort per row and step) and q lazy (rejection rebuilds rows with the thresholds), each
+beside the unwarped chain the same way: the cost of the warp; floor as "markov sampled +q".
 The scheduler (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs
 at R = 256; timed per replay of a one-call graph (includes the graph launch) and per call inside a
 graph of 20 calls (its cost inside an engine's captured step). The production rejection path is
@@ -133,12 +133,14 @@ def timed(call, repeats: int, kernel_only: bool, flush) -> tuple[dict, float]:
     return medians, cold
 
 
-def rejection_call(R: int, temperature: float, stored: bool, chain_draft: bool, seed: int | None = None):
+def rejection_call(R: int, temperature: float, stored: bool, chain_draft: bool, seed: int | None = None,
+                   top_p: float | None = None):
     """One verification at Qwen3-4B shapes on inputs of its own (seed): all ℓ_r = γ, p(x_j) = 0 at one
     random position per request, so every request is rejected there and draws over V."""
     U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False, temperature=temperature, seed=seed)
+    warp = None if top_p is None else torch.full((R,), top_p, device="cuda")
     with cuda_ops.enabled(chain_draft):
-        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
+        draft = markov_chain(U, anchors, w1, w2, temperature, top_p=warp, seeds=seeds, return_q=stored)
     g = torch.Generator(device="cuda").manual_seed(R + 1 if seed is None else seed + 1)
     target = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
     target /= target.sum(-1, keepdim=True)
@@ -154,18 +156,21 @@ GRAPH_OF = 8  # rejection calls in one graph, each on its own inputs (8 · 78 MB
 def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, temperature: float) -> list[dict]:
     rows = []
     # q rebuilt from a draft of our chain (its row stats: no stats pass), the production path; from a
-    # torch-reference draft (a stats pass first); q stored.
-    variants = (("q rebuilt", False, True), ("q rebuilt, stats pass", False, False), ("q stored", True, False))
-    for name, stored, chain_draft in variants:
-        call = rejection_call(R, temperature, stored, chain_draft)
-        medians, cold = timed(call, repeats, kernel_only, flush)
+    # torch-reference draft (a stats pass first); q stored; rebuilt from a top-p 0.9 draft of our
+    # chain (bias GEMM, then a race pass masking below the chain's thresholds).
+    variants = (("q rebuilt", False, True, None), ("q rebuilt, stats pass", False, False, None),
+                ("q stored", True, False, None), ("q rebuilt, top-p 0.9 draft", False, True, 0.9))
+    for name, stored, chain_draft, top_p in variants:
+        call = rejection_call(R, temperature, stored, chain_draft, top_p=top_p)
+        # (the torch reference cannot rebuild our chain's thresholded rows: not timed there)
+        medians, cold = timed(call, repeats, kernel_only or top_p is not None, flush)
         nbytes = R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)
         floor = nbytes / bw
         name = f"rejection {name}"
         row = {"op": name, "R": R, "kernel_ms": medians[True] * 1e3, "kernel_cold_l2_ms": cold * 1e3,
                "torch_ms": ms(medians[False]), "floor_ms": floor * 1e3}
         in_graph = ""
-        if not stored and chain_draft:
+        if not stored and chain_draft and top_p is None:
             # The verification's cost inside an engine's captured step: no graph launch, and no L2
             # leftovers either (each call reads its own inputs).
             calls = [call] + [rejection_call(R, temperature, stored, chain_draft, seed=1000 * i + R)
@@ -188,28 +193,32 @@ WARPS = {"top-k 50": (50, None), "top-p 0.9": (None, 0.9), "top-k 50 + top-p 0.9
 
 def bench_warped(R: int, bw: float, repeats: int, kernel_only: bool, temperature: float) -> list[dict]:
     U, anchors, w1, w2, temp, seeds = markov_inputs(R, False, temperature)
-    plain = statistics.median(time_replays(
-        lambda: markov_chain(U, anchors, w1, w2, temp, seeds=seeds, return_q=True), repeats))
+    plain = {return_q: statistics.median(time_replays(
+        lambda: markov_chain(U, anchors, w1, w2, temp, seeds=seeds, return_q=return_q), repeats))
+        for return_q in (True, False)}
     floor = (GAMMA * V * RANK * 2 + R * GAMMA * V * 2 + R * GAMMA * V * 4) / bw
     rows = []
     for name, (k, p) in WARPS.items():
         top_k = None if k is None else torch.full((R,), k, dtype=torch.int64, device="cuda")
         top_p = None if p is None else torch.full((R,), p, device="cuda")
 
-        def call():
-            return markov_chain(U, anchors, w1, w2, temp, top_k=top_k, top_p=top_p, seeds=seeds, return_q=True)
+        def chain(return_q):
+            return lambda: markov_chain(U, anchors, w1, w2, temp, top_k=top_k, top_p=top_p, seeds=seeds,
+                                        return_q=return_q)
 
-        kernel = statistics.median(time_replays(call, repeats))
+        kernel = {return_q: statistics.median(time_replays(chain(return_q), repeats)) for return_q in (True, False)}
         reference = None
         if not kernel_only:
             with cuda_ops.enabled(False):
-                reference = statistics.median(time_replays(call, max(5, repeats // 5)))
-        row = {"op": f"markov sampled +q, {name}", "R": R, "kernel_ms": kernel * 1e3, "torch_ms": ms(reference),
-               "unwarped_ms": plain * 1e3, "floor_ms": floor * 1e3}
+                reference = statistics.median(time_replays(chain(True), max(5, repeats // 5)))
+        row = {"op": f"markov sampled, {name}", "R": R, "kernel_q_ms": kernel[True] * 1e3,
+               "kernel_lazy_ms": kernel[False] * 1e3, "torch_q_ms": ms(reference),
+               "unwarped_q_ms": plain[True] * 1e3, "unwarped_lazy_ms": plain[False] * 1e3, "floor_q_ms": floor * 1e3}
         rows.append(row)
-        speedup = f"{reference / kernel:8.1f}x" if reference else f"{'-':>9}"
-        print(f"{row['op']:36} {R:4d} {kernel * 1e3:10.3f} {fmt(row['torch_ms'])} {speedup} {plain * 1e3:10.3f} "
-              f"{kernel / plain:8.2f} {kernel / floor:8.2f}", flush=True)
+        speedup = f"{reference / kernel[True]:8.1f}x" if reference else f"{'-':>9}"
+        print(f"{row['op']:32} {R:4d} {kernel[True] * 1e3:8.3f} {fmt(row['torch_q_ms'])} {speedup} "
+              f"{plain[True] * 1e3:9.3f} {kernel[False] * 1e3:8.3f} {plain[False] * 1e3:9.3f} "
+              f"{kernel[True] / floor:8.2f}", flush=True)
     return rows
 
 
@@ -286,8 +295,8 @@ def main() -> None:
                       f"{floor * 1e3:9.3f} {kernel / floor:8.2f} {issue_floor * 1e3:11.3f} "
                       f"{kernel / issue_floor:8.2f} {cold / issue_floor:7.2f} {vs}", flush=True)
     if "warped" in ops:
-        print(f"{'op':36} {'R':>4} {'kernel ms':>10} {'torch ms':>10} {'speedup':>9} {'unwarped':>10} "
-              f"{'÷ unwarp':>8} {'k/floor':>8}")
+        print(f"{'op':32} {'R':>4} {'+q ms':>8} {'torch +q':>10} {'speedup':>9} {'unwarped':>9} "
+              f"{'lazy ms':>8} {'unwarped':>9} {'+q/floor':>8}")
     for R in [int(s) for s in args.sizes.split(",")] if "warped" in ops else []:
         rows += bench_warped(R, bw, args.repeats, args.kernel_only, args.temperature)
     if "confidence" in ops:

@@ -934,7 +934,7 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
@@ -967,8 +967,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              top_p->device() == U.device()),
               "dspark::markov_chain: top_p must be a contiguous fp32 [R] on U's device");
   // Warped rows need the whole row before sampling (warp.cu's thresholds), so they take the
-  // materialized bias, and q is stored: rejection reads it instead of rebuilding rows.
-  TORCH_CHECK(!warped || return_q, "dspark::markov_chain: top_k/top_p need return_q=True (warped q rows are stored)");
+  // materialized bias (bias_gemm, as rejection rebuilds them) and return their thresholds.
 
   auto tokens = at::empty({R, gamma}, U.options().dtype(at::kLong));
   auto q_token = at::empty({R, gamma}, f32);
@@ -1094,7 +1093,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       });
     });
   }
-  return {tokens, q_token, q, prev_emb, row_stats, counters.narrow(0, gamma, 1), conf_logits};
+  return {tokens, q_token, q, prev_emb, row_stats, counters.narrow(0, gamma, 1), conf_logits, thresholds};
 }
 
 }  // namespace dspark

@@ -5,7 +5,7 @@
 
 namespace dspark {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_cuda(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
@@ -17,13 +17,13 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter);
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds);
 
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
 
 // Shapes only: what the CUDA implementations allocate.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
@@ -33,7 +33,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {at::empty({R, gamma}, U.options().dtype(at::kLong)), at::empty({R, gamma}, f32),
           return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32), at::empty({R, gamma, rank}, w1.options()),
           at::empty({R, gamma, 2}, f32), at::empty({1}, U.options().dtype(at::kInt)),
-          at::empty({conf_h.has_value() && conf_h->defined() ? R : 0, gamma}, f32)};
+          at::empty({conf_h.has_value() && conf_h->defined() ? R : 0, gamma}, f32),
+          at::empty({(top_k.has_value() && top_k->defined()) || (top_p.has_value() && top_p->defined()) ? R : 0, gamma},
+                    f32)};
 }
 
 at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
@@ -47,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter) {
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
   return {at::empty({tokens.size(0), tokens.size(1) + 1}, tokens.options()), at::empty({tokens.size(0)}, tokens.options())};
 }
 
@@ -59,11 +61,11 @@ TORCH_LIBRARY(dspark, m) {
       "bool return_q, Tensor? conf_h=None, Tensor? conf_weight=None, Tensor? conf_bias=None, Tensor? top_k=None, "
       "Tensor? top_p=None) "
       "-> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats, Tensor block_counter, "
-      "Tensor conf_logits)");
+      "Tensor conf_logits, Tensor thresholds)");
   m.def(
       "rejection_sample(Tensor target, Tensor? row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
       "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds, "
-      "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None) "
+      "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None, Tensor? thresholds=None) "
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
 }

@@ -11,7 +11,8 @@
 //      sampled with), else a pass per split of V computes them (and the argmax, for a request at
 //      temperature < 1e-5; with row_stats that argmax is the drafted token)
 //   3. race_kernel per split of V: the grouped race (residual.cuh, stream 2) of the residual
-//      max(p − q, 0) and its mass for a rejected request, of p for one that accepted every draft
+//      max(p − q, 0) and its mass for a rejected request, of p for one that accepted every draft;
+//      a top-k/top-p draft's rebuilt q is 0 below the chain's thresholds (this path, always)
 //   4. finish_kernel: the race's winner, or, for a rejected request whose residual has no mass
 //      (≤ 1e-8), p's race over its row (run there: p ≈ q along a whole row is rare).
 // With the chain's row_stats, steps 2 and 3 are one kernel instead: on Hopper fused_step.cu's
@@ -215,6 +216,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
 // Step 3, grid (splits, R). q comes from q_stored [R, γ, V] or, rebuilt, from U, bias and the row
 // stats: the chain's (chain_stats [R, γ, 2] with the drafted tokens, the very max and sum-exp its
 // q_token came from), or else the merged stats partials (stats_partials, stats_splits per request).
+// threshold [R, γ] (null: none): a top-k/top-p row's entries below it are 0 in the rebuilt q.
 template <typename UT, bool kVec>
 __global__ void race_kernel(const float* __restrict__ target, RowStarts row_start,
                             const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
@@ -222,7 +224,8 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
                             const UT* __restrict__ U, const float* __restrict__ bias,
                             const float* __restrict__ temperature, const float* __restrict__ chain_stats,
                             const int64_t* __restrict__ tokens, const Stats* __restrict__ stats_partials,
-                            int stats_splits, Race* __restrict__ partials, int gamma, int V, int slice) {
+                            int stats_splits, const float* __restrict__ threshold, Race* __restrict__ partials,
+                            int gamma, int V, int slice) {
   const int r = blockIdx.y;
   if (greedy != nullptr && greedy[r]) return;
   const int n = state[2 * r];
@@ -252,6 +255,7 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
   const float* q_row = q_stored != nullptr ? q_stored + (static_cast<int64_t>(r) * gamma + pos) * V : nullptr;
   const UT* u_row = U != nullptr ? U + (static_cast<int64_t>(r) * gamma + pos) * V : nullptr;
   const float* b_row = bias != nullptr ? bias + static_cast<int64_t>(r) * V : nullptr;
+  const float t = threshold != nullptr ? threshold[static_cast<int64_t>(r) * gamma + pos] : -INFINITY;
 
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   Race acc = empty_race();
@@ -265,7 +269,10 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
       load_entries<8, kVec>(b_row, v, end, b);
       const float inv_sum = 1.f / row.sum;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) q[i] = rebuilt_q(over_temperature(u[i] + b[i], scale), row.max, inv_sum);
+      for (int i = 0; i < 8; ++i) {
+        const float x = over_temperature(u[i] + b[i], scale);
+        q[i] = x < t ? 0.f : rebuilt_q(x, row.max, inv_sum);
+      }
     }
     if (rebuilt && one_hot) {
 #pragma unroll
@@ -302,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter) {
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
   TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
   const bool starts_given = row_start.has_value() && row_start->defined();
@@ -330,10 +337,16 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   // Rebuilt rows with the chain's row stats on Hopper: the races run on the fused step's
   // accumulators (no fp32 bias round trip, no separate race pass); their bias bits are the chain's.
   const bool chain_stats = !stored && row_stats.has_value() && row_stats->defined();
+  // Top-k/top-p rows of our chain, rebuilt: the chain sampled them from bias_gemm's bias with its
+  // thresholds, so they take the same GEMM and a race pass that masks below the thresholds.
+  const bool masked = !stored && thresholds.has_value() && thresholds->defined();
+  TORCH_CHECK(!masked || (chain_stats && thresholds->scalar_type() == at::kFloat && thresholds->is_contiguous() &&
+                          thresholds->numel() == static_cast<int64_t>(R) * gamma),
+              "dspark::rejection_sample: thresholds must be the chain's contiguous fp32 [R, γ], with its row_stats");
   const int rank = stored ? 0 : w1->size(1);
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
-  const bool small = chain_stats && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
-  const bool fused = chain_stats && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
+  const bool small = chain_stats && !masked && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
+  const bool fused = chain_stats && !masked && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
@@ -354,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
     race<<<dim3(splits, R), kThreads, 0, stream>>>(
         target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(),
-        q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, races,
+        q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr, races,
         gamma, V, slice);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -420,8 +433,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       race<<<dim3(splits, R), kThreads, 0, stream>>>(
           target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(), nullptr, up,
           bias.data_ptr<float>(), temperature->data_ptr<float>(),
-          chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), stats, splits, races,
-          gamma, V, slice);
+          chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), stats, splits,
+          masked ? thresholds->data_ptr<float>() : nullptr, races, gamma, V, slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -59,7 +59,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert "9.0a" in Path(res["path"]).parent.name
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
                            [[3, 7, 64], "torch.bfloat16"], [[3, 7, 2], "torch.float32"], [[1], "torch.int32"],
-                           [[0, 7], "torch.float32"]]
+                           [[0, 7], "torch.float32"], [[0, 7], "torch.float32"]]
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
     assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]

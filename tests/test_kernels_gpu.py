@@ -184,7 +184,7 @@ def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
     greedy row) over the chain's own tokens, and q_token = exp(x_tok - max) / sum with them."""
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     poison_allocator()
-    tokens, q_token, _, _, stats, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
+    tokens, q_token, _, _, stats, _, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, case.return_q)
     prev = torch.cat([anchors.long()[:, None], tokens[:, :-1]], dim=1)
     scale = torch.where(temperature < 1e-5, torch.ones_like(temperature), temperature)[:, None]
     greedy = temperature < 1e-5
@@ -246,7 +246,7 @@ def test_markov_chain_op_under_torch_compile():
 
     @torch.compile(fullgraph=True)
     def draft(U, anchors, w1, w2, temperature, seeds):
-        tokens, q_token, _, emb, _, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
+        tokens, q_token, _, emb, _, _, _, _ = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
         return tokens + 0, q_token * 2, emb
 
     tokens, q2, _ = draft(U, anchors, w1, w2, temperature, seeds)
@@ -305,25 +305,36 @@ def test_markov_chain_warped_rows_keep_what_their_threshold_keeps():
                 assert bool(kept.all())
 
 
-def test_warped_draft_stores_q_and_verifies_on_the_gpu():
-    """return_q=False with warps still stores q (rejection reads it, no rebuild); the CUDA rejection
-    then accepts exactly what the reference accepts on that draft and recovers the same tokens."""
+@pytest.mark.parametrize("R", [1, 16, 128, 130])  # the bias of the small-batch kernel, the fused step, cuBLAS
+def test_warped_lazy_draft_verifies_as_its_stored_q(R):
+    """A top-k/top-p draft with q lazy carries the chain's thresholds; the CUDA rejection rebuilds its
+    rows from the chain's bias with them and verifies as the same chain's stored q rows do (the
+    reference on the stored draft too): the same accepted counts; recovered tokens the same but for
+    a near-tie of the residual race (rebuilt q rounds as exp·(1/sum), stored as exp / sum)."""
     from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample
 
-    case = MarkovCase(16, 7, 151936, 256, greedy_every=4, warps=True, seed=68)
+    case = MarkovCase(R, 7, 151936, 256, greedy_every=4, t_one_every=3, warps=True, seed=68 + R)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     top_k, top_p = markov_warps(case)
-    draft = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds, return_q=False)
-    assert draft.q is not None and draft.source is None
+    lazy = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds, return_q=False)
+    stored = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds, return_q=True)
+    assert lazy.q is None and lazy.source.thresholds is not None and torch.equal(lazy.tokens, stored.tokens)
     g = torch.Generator(device="cuda").manual_seed(5)
     target = torch.rand(case.R, case.gamma + 1, case.V, device="cuda", generator=g) ** 8
     target /= target.sum(-1, keepdim=True)
     ell = torch.randint(0, case.gamma + 1, (case.R,), device="cuda", generator=g)
     greedy = temperature < 1e-5
-    out = rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
+    poison_allocator()
+    out = rejection_sample(target, lazy, ell, greedy=greedy, seeds=seeds)
+    from_stored = rejection_sample(target, stored, ell, greedy=greedy, seeds=seeds)
     with cuda_ops.enabled(False):
-        ref = rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
-    assert torch.equal(out.num_accepted, ref.num_accepted) and torch.equal(out.output_tokens, ref.output_tokens)
+        ref = rejection_sample(target, stored, ell, greedy=greedy, seeds=seeds)
+        with pytest.raises(ValueError, match="CUDA rejection"):
+            rejection_sample(target, lazy, ell, greedy=greedy, seeds=seeds)
+    assert torch.equal(from_stored.num_accepted, ref.num_accepted)
+    assert torch.equal(from_stored.output_tokens, ref.output_tokens)
+    assert torch.equal(out.num_accepted, ref.num_accepted) and int((out.num_accepted < ell).sum()) > 0
+    assert int((out.output_tokens != from_stored.output_tokens).any(dim=1).sum()) <= max(1, R // 64)
 
 
 def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
@@ -332,13 +343,12 @@ def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
     case = MarkovCase(16, 4, 151936, 256, greedy_every=5, warps=True, seed=69)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     top_k, top_p = markov_warps(case)
-    args = (U, anchors, w1, w2, temperature, seeds, True, None, None, None, top_k, top_p)
-    eager = _graph_replays_match_eager(torch.ops.dspark.markov_chain, args, replays=2, outputs=(0, 1, 2))
-    poison_allocator()
-    again = torch.ops.dspark.markov_chain(*args)
-    assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2])
-    with pytest.raises(RuntimeError, match="return_q"):
-        torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False, None, None, None, top_k, top_p)
+    for return_q in (True, False):
+        args = (U, anchors, w1, w2, temperature, seeds, return_q, None, None, None, top_k, top_p)
+        eager = _graph_replays_match_eager(torch.ops.dspark.markov_chain, args, replays=2, outputs=(0, 1, 7))
+        poison_allocator()
+        again = torch.ops.dspark.markov_chain(*args)
+        assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2]) and torch.equal(eager[7], again[7])
 
 @pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
                                                   (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7)])

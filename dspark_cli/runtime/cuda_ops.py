@@ -74,9 +74,9 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
                  return_q=True, confidence=None):
     """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, top-k/top-p per request,
     w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes; the confidence head
-    with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call).
-    With top_k or top_p the draft stores q (R·γ·V·4 bytes) even when return_q is False: the warped
-    rows' thresholds come from whole rows, which rejection would otherwise have to select again."""
+    with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call). With
+    top_k or top_p and q lazy the draft's source carries the chain's thresholds [R, γ]: rejection
+    rebuilds the warped rows with them."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
     if seeds is None or w1.dtype != w2.dtype:
@@ -93,14 +93,14 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         conf = (h.contiguous(), weight.reshape(-1).float().contiguous(), bias.reshape(-1).float())
     warps = (None if top_k is None else top_k.to(torch.int64).contiguous(),
              None if top_p is None else top_p.to(torch.float32).contiguous())
-    store_q = return_q or top_k is not None or top_p is not None
+    warped = top_k is not None or top_p is not None
     temperature = temperature.to(torch.float32).contiguous()
-    tokens, q_token, q, prev_emb, row_stats, block_counter, z = torch.ops.dspark.markov_chain(
+    tokens, q_token, q, prev_emb, row_stats, block_counter, z, thresholds = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
-        seeds.contiguous(), store_q, *conf, *warps)
-    source = None if store_q else DraftSource(U, anchors, w1, w2, temperature, None, None, row_stats,
-                                                 block_counter)
-    return MarkovDraft(tokens, q_token, q if store_q else None, prev_emb, source,
+        seeds.contiguous(), return_q, *conf, *warps)
+    source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, *warps, row_stats, block_counter,
+                                                  thresholds if warped else None)
+    return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source,
                        None if confidence is None else z)
 
 
@@ -118,25 +118,28 @@ def schedule_production(a_stale, a_now, sps):
 def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, generator=None, uniforms=None,
                      exp_noise=None, row_stride=0):
     """Covers seeded (counter-based) randomness, greedy and sampled requests mixed, q stored or
-    rebuilt from draft.source without top-k/top-p (W1 and W2 of one dtype), with the chain's row
-    stats when the CUDA chain drafted it. row_start None: request r's rows start at r·row_stride."""
+    rebuilt from draft.source (W1 and W2 of one dtype), with the chain's row stats when the CUDA
+    chain drafted it; top-k/top-p rows rebuilt only with the CUDA chain's thresholds. row_start
+    None: request r's rows start at r·row_stride."""
     from dspark_cli.runtime.rejection import VerifyResult
 
     if seeds is None or uniforms is not None or exp_noise is not None:
         return NotImplemented
-    row_stats = block_counter = None
+    row_stats = block_counter = thresholds = None
     if draft.q is not None:
         q, rebuild = draft.q.float().contiguous(), (None,) * 5
     else:
         s = draft.source
-        if s is None or s.top_k is not None or s.top_p is not None or s.w1.dtype != s.w2.dtype:
+        warped_by_torch = (s is not None and s.thresholds is None
+                           and (s.top_k is not None or s.top_p is not None))
+        if s is None or warped_by_torch or s.w1.dtype != s.w2.dtype:
             return NotImplemented
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
-        row_stats, block_counter = s.row_stats, s.block_counter
+        row_stats, block_counter, thresholds = s.row_stats, s.block_counter, s.thresholds
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
         target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
         ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),
         draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
-        seeds.contiguous(), row_stats, row_stride, block_counter)
+        seeds.contiguous(), row_stats, row_stride, block_counter, thresholds)
     return VerifyResult(output_tokens, num_accepted)

@@ -32,6 +32,11 @@ class DraftSource:
     # with (its last block sets it back to zero). The chain zeroes it in a launch it makes anyway, so
     # verifying costs no fill launch. Verify a draft on one stream at a time. None from the reference.
     block_counter: torch.Tensor | None = None
+    # [R, γ] fp32: each top-k/top-p row's threshold as our CUDA chain chose it (the row kept x >= t,
+    # t an entry's own x in the chain's bits); None from the reference. Only the CUDA rejection,
+    # which rebuilds a row with the chain's bias bits, can use it: torch's bits differ in the last
+    # place, enough to drop or keep the entry at the threshold.
+    thresholds: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,6 +56,9 @@ class MarkovDraft:
         if self.source is None:
             raise ValueError("this draft has neither q nor the inputs to rebuild q rows")
         s = self.source
+        if s.thresholds is not None:
+            raise ValueError("this draft's top-k/top-p q rows are rebuilt only by the CUDA rejection (pass seeds, "
+                             "not uniforms or a generator), or draft with return_q=True")
         prev_tokens = torch.cat([s.anchors.to(torch.int64).unsqueeze(1), self.tokens], dim=1)
         return residual_row(s.U[rows, position], prev_tokens[rows, position], s.w1, s.w2,
                             s.temperature, top_k=s.top_k, top_p=s.top_p)
