@@ -46,9 +46,11 @@ NUM_SAMPLES = 240
 def random_models():
     sampled = {"name": "sampled", "prompts": [SAMPLED_PROMPT] * NUM_SAMPLES, "max_tokens": 4,
                "temperature": 1.0, "seed": 1000}
+    # vLLM warps the target with the request's top-k/top-p; the proposer warps q the same way
+    warped = {**sampled, "name": "warped", "temperature": 0.8, "top_k": 12, "top_p": 0.8, "seed": 2000}
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "random", "draft": "random", "workloads": [
         greedy_workload("single", PROMPTS[:1], MAX_TOKENS), greedy_workload("pair", PROMPTS[1:3], MAX_TOKENS),
-        greedy_workload("batch", PROMPTS, MAX_TOKENS), sampled]})
+        greedy_workload("batch", PROMPTS, MAX_TOKENS), sampled, warped]})
 
 
 def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
@@ -75,8 +77,9 @@ def test_random_models_greedy_output_is_token_identical(random_models, workload)
     assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
 
 
-def test_random_models_sampled_distribution_matches_no_speculation(random_models):
-    run = random_models["workloads"]["sampled"]
+@pytest.mark.parametrize("workload", ["sampled", "warped"])  # T = 1; T = 0.8 with top-k 12, top-p 0.8
+def test_random_models_sampled_distribution_matches_no_speculation(random_models, workload):
+    run = random_models["workloads"][workload]
     assert run["dspark"]["spec"]["accepted_tokens"] > 0  # the ratio test really ran on drafts
     for position in range(1, 4):  # position 0 comes from prefill; later ones from verification
         base = [o[position] for o in run["baseline"]["outputs"]]

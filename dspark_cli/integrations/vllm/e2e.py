@@ -4,7 +4,7 @@
 
 SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
-       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed"}]}
+       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed", "top_k"?, "top_p"?}]}
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
 engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
 successor target also `expected`, the rule's greedy continuation of each prompt."""
@@ -48,9 +48,10 @@ def _generate(llm, workload: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
+    warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
     params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
                              ignore_eos=True, detokenize=False,
-                             seed=None if workload.get("seed") is None else workload["seed"] + i)
+                             seed=None if workload.get("seed") is None else workload["seed"] + i, **warps)
               for i in range(len(prompts))]
     before = _counters(llm)
     start = time.perf_counter()
