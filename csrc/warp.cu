@@ -1,7 +1,8 @@
 // Top-k / top-p for the Markov chain's warped rows (docs/kernels.md). A warped row keeps exactly the
 // entries x >= t, one threshold t per request and step, found by radix selection over x's
 // order-preserving 32-bit keys: three rounds (11, 11, 10 key bits) per criterion, each a histogram
-// pass over the row and a pick per request.
+// pass over the row and a pick per request. When round 0's bin holds at most 1024 entries, round 1's
+// pass also lists their keys and round 2 histograms the list in its pick instead of a pass.
 //   top-k: t = the k-th largest x (ties kept, as the reference's `sorted < kth` mask);
 //   top-p: among the entries >= top-k's t, the smallest x whose mass strictly above it is < p·Z
 //          (Z: the mass of those entries), the reference's cumulative rule with ties kept.
@@ -29,6 +30,7 @@ namespace {
 constexpr int kWarpThreads = 256;
 constexpr int kBins = 2048;  // the widest round's digit: 11 bits
 constexpr int kMaxBlockEntries = 65536;  // 65536 · (2^16 - 1) < 2^32: a block's low halves fit
+constexpr int kCandidates = 1024;        // round 1's list of keys, per request (4 KB: the passes keep 8 blocks per SM)
 
 __host__ __device__ constexpr int round_bits(int round) { return round == 2 ? 10 : 11; }
 __host__ __device__ constexpr int round_shift(int round) { return round == 0 ? 21 : round == 1 ? 10 : 0; }
@@ -37,7 +39,7 @@ struct WarpRow {
   unsigned max_key;           // the row's largest key (the step's first pass)
   unsigned prefix;            // the key bits the rounds so far fixed
   unsigned floor_key;         // top-p's rounds skip keys below it: top-k's threshold (0: none)
-  unsigned unused;
+  unsigned listed;            // round 0's bin holds <= kCandidates entries: round 1 lists them
   unsigned long long above;   // weight of the entries above the key range still searched
   unsigned long long target;  // top-p: the weight the kept set must reach, ceil(p·Z)
 };
@@ -67,13 +69,14 @@ __device__ __forceinline__ bool top_p_on(const float* top_p, int r, float T) {
 // exp(x - max), entries below floor_key out); else a top-k round (counts), whose round 0 also takes
 // the row's max key for every warped row (with top_k null it does only that). x is computed as the
 // split pass computes it, so the thresholds are values of the very entries the chain samples from.
-template <typename UT, bool kMass, bool kVec>
+template <typename UT, bool kMass, bool kVec, bool kList>
 __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     const UT* __restrict__ U, const float* __restrict__ bias, const float* __restrict__ temperature,
     const int64_t* __restrict__ top_k, const float* __restrict__ top_p, WarpRow* __restrict__ rows,
-    unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, int k, int gamma, int V, int slice,
-    int round) {
+    unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, unsigned* __restrict__ cand_keys,
+    unsigned* __restrict__ cand_count, int k, int gamma, int V, int slice, int round) {
   __shared__ unsigned s_count[kBins];
+  __shared__ unsigned s_cand[kList ? kCandidates : 1], s_cand_n, s_cand_base;  // kList (round 1): keys counted
   __shared__ unsigned s_mass_lo[kMass ? kBins : 1], s_mass_hi[kMass ? kBins : 1];  // 16-bit halves' sums
   __shared__ unsigned s_max;
   const int r = blockIdx.y;
@@ -82,11 +85,12 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   const bool counting = kMass ? p_on : top_k_on(top_k, r, V, T);
   const bool maxing = !kMass && round == 0 && (counting || p_on);
   if (!counting && !maxing) return;
+  if (round == 2 && rows[r].listed) return;  // the pick histograms round 1's list
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
     s_count[i] = 0;
     if constexpr (kMass) s_mass_lo[i] = s_mass_hi[i] = 0;
   }
-  if (threadIdx.x == 0) s_max = 0;
+  if (threadIdx.x == 0) s_max = s_cand_n = 0;
   __syncthreads();
   const WarpRow row = rows[r];
   const int shift = round_shift(round), above_bits = shift + round_bits(round);
@@ -108,6 +112,7 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
       atomicAdd(&s_mass_lo[digit], mass & 0xffffu);
       atomicAdd(&s_mass_hi[digit], mass >> 16);
     }
+    if (kList && row.listed) s_cand[atomicAdd(&s_cand_n, 1u)] = key;  // at most kCandidates in all
   };
   for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {
     if constexpr (kVec) {
@@ -130,6 +135,12 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   __syncthreads();
   if (maxing && threadIdx.x == 0) atomicMax(&rows[r].max_key, s_max);
   if (!counting) return;
+  if (kList && row.listed) {
+    if (threadIdx.x == 0) s_cand_base = atomicAdd(&cand_count[r], s_cand_n);
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < s_cand_n; i += blockDim.x)
+      cand_keys[static_cast<int64_t>(r) * kCandidates + s_cand_base + i] = s_cand[i];
+  }
   for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
     if (!s_count[i]) continue;
     atomicAdd(&counts[static_cast<int64_t>(r) * kBins + i], s_count[i]);
@@ -164,13 +175,15 @@ __device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long
 
 // One round's pick for request r (a block each): scanning the bins from the top, the first non-empty
 // bin where the weight so far reaches the target (top-k: k entries; top-p: ceil(p·Z) of mass) fixes
-// the round's digit; the histogram is zeroed behind the scan for the next round. After round 2 the
-// key is whole: top-k's becomes top-p's floor and the threshold, top-p's the threshold.
+// the round's digit; the histogram is zeroed behind the scan for the next round. Round 2 histograms
+// round 1's list of keys itself when the list is whole (its pass skipped) and empties it. After
+// round 2 the key is whole: top-k's becomes top-p's floor and the threshold, top-p's the threshold.
 template <bool kMass>
 __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
     WarpRow* __restrict__ rows, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
-    float* __restrict__ threshold, int V, int k, int gamma, int round, bool last_of_step) {
+    const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, float* __restrict__ threshold, int V,
+    int k, int gamma, int round, bool last_of_step) {
   const int r = blockIdx.x;
   const float T = temperature[r];
   const bool on = kMass ? top_p_on(top_p, r, T) : top_k_on(top_k, r, V, T);
@@ -183,13 +196,42 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
   const int bins = 1 << round_bits(round);
   unsigned* g_count = counts + static_cast<int64_t>(r) * kBins;
   unsigned long long* g_mass = kMass ? masses + static_cast<int64_t>(r) * kBins : nullptr;
+  constexpr int kLastBins = 1 << round_bits(2);
+  __shared__ unsigned l_count[kLastBins], l_lo[kMass ? kLastBins : 1], l_hi[kMass ? kLastBins : 1];
+  const bool from_list = round == 2 && row.listed;
+  const unsigned listed = from_list ? cand_count[r] : 0u;
+  if (from_list) {  // the keys of round 1's bin that match round 1's digit too
+    for (int i = threadIdx.x; i < kLastBins; i += blockDim.x) {
+      l_count[i] = 0;
+      if constexpr (kMass) l_lo[i] = l_hi[i] = 0;
+    }
+    __syncthreads();
+    const float m = key_value(row.max_key);
+    for (unsigned i = threadIdx.x; i < listed; i += blockDim.x) {
+      const unsigned key = cand_keys[static_cast<int64_t>(r) * kCandidates + i];
+      if ((key >> round_bits(2)) != (row.prefix >> round_bits(2)) || (kMass && key < row.floor_key)) continue;
+      const unsigned digit = key & (kLastBins - 1);
+      atomicAdd(&l_count[digit], 1u);
+      if constexpr (kMass) {
+        const unsigned mass = fixed_mass(key_value(key) - m);  // bit for bit the pass's
+        atomicAdd(&l_lo[digit], mass & 0xffffu);
+        atomicAdd(&l_hi[digit], mass >> 16);
+      }
+    }
+    __syncthreads();
+  }
   unsigned c[8];
   unsigned long long w[8], local = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {  // thread t: bins bins-1-8t down to bins-8-8t
     const int b = bins - 1 - (8 * static_cast<int>(threadIdx.x) + j);
-    c[j] = b >= 0 ? g_count[b] : 0u;
-    w[j] = kMass ? (b >= 0 ? g_mass[b] : 0ull) : c[j];
+    if (from_list) {
+      c[j] = b >= 0 ? l_count[b] : 0u;
+      w[j] = kMass ? (b >= 0 ? (static_cast<unsigned long long>(l_hi[b]) << 16) + l_lo[b] : 0ull) : c[j];
+    } else {
+      c[j] = b >= 0 ? g_count[b] : 0u;
+      w[j] = kMass ? (b >= 0 ? g_mass[b] : 0ull) : c[j];
+    }
     local += w[j];
   }
   if (threadIdx.x == 0) s_first = INT_MAX;
@@ -202,9 +244,10 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
   else target = row.target;
   int mine = -1;
   unsigned long long above_mine = 0;
+  unsigned count_mine = 0;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    if (mine < 0 && c[j] > 0 && cum + w[j] >= target) mine = 8 * threadIdx.x + j, above_mine = cum;
+    if (mine < 0 && c[j] > 0 && cum + w[j] >= target) mine = 8 * threadIdx.x + j, above_mine = cum, count_mine = c[j];
     cum += w[j];
   }
   __syncthreads();  // s_first set; every bin read
@@ -212,12 +255,13 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int b = bins - 1 - (8 * static_cast<int>(threadIdx.x) + j);
-    if (c[j]) {
+    if (c[j] && !from_list) {
       g_count[b] = 0;
       if constexpr (kMass) g_mass[b] = 0;
     }
   }
   __syncthreads();
+  if (from_list && threadIdx.x == 0) cand_count[r] = 0;  // every thread has read it
   if (s_first == INT_MAX) {  // no bin reaches the target (cannot happen: keep the whole row)
     if (last_of_step && threadIdx.x == 0) rows[r] = WarpRow{};
     return;
@@ -228,6 +272,7 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
   if (round < 2) {
     next.prefix = key;
     next.above = above_mine;
+    if (round == 0) next.listed = count_mine <= kCandidates;
     if (kMass && round == 0) next.target = target;
   } else {
     threshold[static_cast<int64_t>(r) * gamma + k] = key_value(key);
@@ -244,7 +289,8 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
 WarpScratch WarpScratch::make(const at::Tensor& like, int R, bool top_p) {
   auto options = like.options();
   return {at::zeros({static_cast<int64_t>(R) * static_cast<int64_t>(sizeof(WarpRow))}, options.dtype(at::kByte)),
-          at::zeros({R, kBins}, options.dtype(at::kInt)), at::zeros({top_p ? R : 0, kBins}, options.dtype(at::kLong))};
+          at::zeros({R, kBins}, options.dtype(at::kInt)), at::zeros({top_p ? R : 0, kBins}, options.dtype(at::kLong)),
+          at::empty({R, kCandidates}, options.dtype(at::kInt)), at::zeros({R}, options.dtype(at::kInt))};
 }
 
 void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
@@ -256,21 +302,25 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
   auto* rows = reinterpret_cast<WarpRow*>(scratch.rows.data_ptr<uint8_t>());
   auto* counts = reinterpret_cast<unsigned*>(scratch.counts.data_ptr<int>());
   auto* masses = top_p ? reinterpret_cast<unsigned long long*>(scratch.masses.data_ptr<int64_t>()) : nullptr;
+  auto* cand_keys = reinterpret_cast<unsigned*>(scratch.cand_keys.data_ptr<int>());
+  auto* cand_count = reinterpret_cast<unsigned*>(scratch.cand_count.data_ptr<int>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_warp_thresholds", [&] {
     using UT = device_t<scalar_t>;
     const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
     const bool vec = V % 8 == 0 && aligned16(up);
     const auto pass = [&](auto mass, int round) {
       constexpr bool kMass = decltype(mass)::value;
-      auto kernel = vec ? histogram_kernel<UT, kMass, true> : histogram_kernel<UT, kMass, false>;
+      auto kernel = round == 1 ? (vec ? histogram_kernel<UT, kMass, true, true> : histogram_kernel<UT, kMass, false, true>)
+                               : (vec ? histogram_kernel<UT, kMass, true, false> : histogram_kernel<UT, kMass, false, false>);
       kernel<<<dim3(splits, R), kWarpThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature, top_k, top_p,
-                                                           rows, counts, masses, k, gamma, V, slice, round);
+                                                           rows, counts, masses, cand_keys, cand_count, k,
+                                                           gamma, V, slice, round);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto pick = [&](auto mass, int round, bool last_of_step) {
       pick_kernel<decltype(mass)::value><<<R, kWarpThreads, 0, stream>>>(temperature, top_k, top_p, rows, counts,
-                                                                         masses, threshold, V, k, gamma, round,
-                                                                         last_of_step);
+                                                                         masses, cand_keys, cand_count, threshold, V,
+                                                                         k, gamma, round, last_of_step);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (!top_k) pass(std::false_type{}, 0);  // the row max only

@@ -7,12 +7,14 @@
 
 namespace dspark {
 
-// Scratch the selection keeps across a chain's steps: per-request state and one round's
-// histograms. Zeroed once per chain (make); each step leaves it zeroed for the next.
+// Scratch the selection keeps across a chain's steps: per-request state, one round's histograms and
+// round 1's key list. Zeroed once per chain (make); each step leaves it zeroed for the next.
 struct WarpScratch {
   at::Tensor rows;    // [R] WarpRow, as bytes
   at::Tensor counts;  // [R, 2048] uint32 (as int32)
   at::Tensor masses;  // [R, 2048] uint64 (as int64), only with top-p
+  at::Tensor cand_keys;   // [R, 1024] uint32 (as int32): round 1's keys, when round 0's bin has that few
+  at::Tensor cand_count;  // [R] uint32: how many round 1 listed
   static WarpScratch make(const at::Tensor& like, int R, bool top_p);
 };
 
