@@ -66,6 +66,19 @@ def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
     assert bad.returncode == 1 and "not patched" in bad.stdout + bad.stderr
 
 
+def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):
+    """The TGI checks run on the CPU: a CPU torch (this venv's, in CI) is enough, and without a
+    server package on the path they still run the drafter/verifier checks and say what is missing."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "dspark_cli", "verify", "tgi", "--json"], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] and result["tgi_server"]["installed"] is False
+    assert all(check["identical"] for check in result["checks"])
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
