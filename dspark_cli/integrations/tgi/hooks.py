@@ -105,8 +105,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     anchor_positions = (positions[last_row] + 1).tolist()  # one device->host copy for the batch
     params = [r.parameters for r in batch.requests]
     temperature = torch.tensor([p.temperature if s else 0.0 for p, s in zip(params, do_sample)])
-    # No warp at all passes None, not a tensor of no-op values: our CUDA chain does not warp, so
-    # a warp tensor sends the draft to the torch reference.
+    # No warp at all passes None, not a tensor of no-op values: given a warp tensor our CUDA chain
+    # takes its top-k/top-p path (the bias written out, threshold passes per step) for the batch.
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64) if any(p.top_k > 0 for p in params) else None
     top_p = torch.tensor([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], dtype=torch.float32) \
         if any(0 < p.top_p < 1 for p in params) else None
