@@ -138,6 +138,8 @@ def test_seeds_make_draws_reproducible_and_per_request():
         (lambda a: {**a, "w1": a["w1"][:-1]}, "w1 has shape"),
         (lambda a: {**a, "w2": a["w2"][:, :-1]}, "Markov rank"),
         (lambda a: {**a, "anchors": a["anchors"].float()}, "anchors must have dtype"),
+        (lambda a: {**a, "anchors": torch.tensor([0, 40, 1])}, r"anchors must be token ids in \[0, V=40\)"),
+        (lambda a: {**a, "anchors": torch.tensor([0, -1, 1])}, r"got values in \[-1, 1\]"),  # w1[-1] would wrap
         (lambda a: {**a, "temperature": torch.ones(2)}, "temperature has shape"),
         (lambda a: {**a, "U": a["U"][0]}, "U must have 3 dimensions"),
         (lambda a: {**a, "U": a["U"][:0], "anchors": a["anchors"][:0], "temperature": torch.ones(0)}, "empty batch"),
@@ -152,6 +154,12 @@ def test_bad_inputs_raise_clear_errors(change, message):
     with pytest.raises(ValueError, match=message):
         markov_chain(args["U"], args["anchors"], args["w1"], args["w2"], args["temperature"],
                      confidence=args.get("confidence"))
+
+
+def test_residual_row_rejects_out_of_range_previous_tokens():
+    U, anchors, w1, w2 = _setup(R=2)
+    with pytest.raises(ValueError, match=r"prev must be token ids in \[0, V=40\), got values in \[3, 50\]"):
+        residual_row(U[:, 0], torch.tensor([3, 50]), w1, w2, torch.ones(2))
 
 
 def test_chain_returns_the_confidence_heads_logits_when_given_the_head():

@@ -183,3 +183,28 @@ def test_bad_inputs_raise_clear_errors():
         rejection_sample(p, (tokens[:, :2], q[:, :, 0], q), torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="one verify length per request"):
         rejection_sample(p, draft, torch.tensor([1]))
+
+
+def test_mismatched_drafts_and_token_ids_raise_clear_errors():
+    g = torch.Generator().manual_seed(8)
+    R, gamma, V, r = 2, 3, 10, 4
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    stored = markov_chain(U, torch.tensor([1, 2]), w1, w2, torch.ones(R), generator=g)
+    lazy = markov_chain(U, torch.tensor([1, 2]), w1, w2, torch.ones(R), generator=g, return_q=False)
+    p = _dist(g, 3, gamma + 1, V)
+    for requests in (3, 1):  # more and fewer target rows than drafts
+        with pytest.raises(ValueError, match="one draft per request of target_probs"):
+            rejection_sample(p[:requests], stored, torch.ones(requests, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"draft source U has shape \(2, 3, 10\): dimension 2 must be 12"):
+        rejection_sample(_dist(g, R, gamma + 1, V + 2), lazy, torch.ones(R, dtype=torch.int64))
+    with pytest.raises(ValueError, match="draft source U"):
+        rejection_sample_flat(_dist(g, 4, V + 1), torch.tensor([0, 2, 4]), lazy)
+    far = stored.tokens.clone()
+    far[1, 2] = V + 5
+    with pytest.raises(ValueError, match=r"draft tokens must be token ids in \[0, V=10\)"):
+        rejection_sample(p[:R], (far, stored.q_token, stored.q), torch.ones(R, dtype=torch.int64))
+    lazy.source.anchors = torch.tensor([-1, 2])  # would silently gather W1[V - 1]
+    with pytest.raises(ValueError, match=r"draft anchors must be token ids in \[0, V=10\), got values in \[-1, 2\]"):
+        rejection_sample(p[:R], lazy, torch.zeros(R, dtype=torch.int64))
+

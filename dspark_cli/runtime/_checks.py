@@ -55,6 +55,14 @@ def in_unit_interval(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must lie in [0, 1]")
 
 
+def token_ids(name: str, t: torch.Tensor, vocab: int) -> None:
+    """Every id in [0, vocab): a negative id would wrap around in a gather (w1[-1]), a large one
+    is an IndexError or a device-side assert."""
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"{name} must be token ids in [0, V={vocab}), got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+
+
 def read_json(path, what: str):
     """The parsed JSON file at path; an unreadable or malformed file is one ValueError naming it."""
     try:

@@ -76,7 +76,7 @@ def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> t
     _checks.nonempty_batch("U_k", U_k)
     R, V = U_k.shape
     _check_markov_weights(w1, w2, V)
-    _check_request_vector("prev", prev, R, INT_DTYPES)
+    _check_token_vector("prev", prev, R, V)
     _check_warps(temperature, top_k, top_p, R)
     return probs_from_logits(_step_logits(U_k, prev.to(torch.int64), w1, w2.float()),
                              temperature.float(), top_k, top_p)
@@ -99,7 +99,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     if gamma == 0:
         raise ValueError("U has block size γ = 0; nothing to draft")
     _check_markov_weights(w1, w2, V)
-    _check_request_vector("anchors", anchors, R, INT_DTYPES)
+    _check_token_vector("anchors", anchors, R, V)
     _check_warps(temperature, top_k, top_p, R)
     if seeds is not None:
         _check_request_vector("seeds", seeds, R, (torch.int64,))
@@ -152,6 +152,14 @@ def _check_markov_weights(w1, w2, vocab: int) -> None:
 def _check_request_vector(name, t, R: int, dtypes) -> None:
     _checks.tensor(name, t, 1, dtypes)
     _checks.dim(name, t, 0, R, "one entry per request")
+
+
+def _check_token_vector(name, t, R: int, vocab: int) -> None:
+    """[R] token ids that index W1. Their range is a value check: run where the others run (on CPU
+    by default, where min/max cost no device sync); on CUDA the chain trusts them."""
+    _check_request_vector(name, t, R, INT_DTYPES)
+    if _checks.want_value_checks(None, t):
+        _checks.token_ids(name, t, vocab)
 
 
 def _check_warps(temperature, top_k, top_p, R: int) -> None:

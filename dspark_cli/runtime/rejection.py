@@ -37,6 +37,7 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     _checks.nonempty_batch("target_probs", target_probs)
     R, rows, V = target_probs.shape
     gamma = draft.tokens.shape[1]
+    _checks.dim("draft tokens", draft.tokens, 0, R, "one draft per request of target_probs")
     _checks.dim("target_probs", target_probs, 1, gamma + 1, "γ + 1 target rows per request")
     _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
     _checks.dim("ell", ell, 0, R, "one verify length per request")
@@ -78,6 +79,14 @@ def _as_draft(draft) -> MarkovDraft:
     raise ValueError("draft must be a MarkovDraft or a (tokens, q_token, q) tuple")
 
 
+def _check_draft_vocab(draft: MarkovDraft, vocab: int) -> None:
+    """The draft's q rows (stored, or rebuilt from its base logits) span the target's vocabulary."""
+    if draft.q is not None:
+        _checks.dim("draft q", draft.q, 2, vocab, "vocab size V of target_probs")
+    elif draft.source is not None:
+        _checks.dim("draft source U", draft.source.U, 2, vocab, "vocab size V of target_probs")
+
+
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0) -> VerifyResult:
     """row_start [R] int64, or None for dense rows: request r's start at r·row_stride."""
@@ -87,8 +96,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     if gamma == 0:
         raise ValueError("drafts have block size γ = 0")
     _checks.dim("draft q_token", draft.q_token, 0, R, "one row per request")
-    if draft.q is not None:
-        _checks.dim("draft q", draft.q, 2, V, "vocab size V of target_probs")
+    _check_draft_vocab(draft, V)
     for name, t in (("greedy", greedy), ("seeds", seeds)):
         if t is not None:
             _checks.tensor(name, t, 1, (torch.bool,) if name == "greedy" else (torch.int64,))
@@ -103,6 +111,11 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
         if row_start is not None and int((row_start + ell).max()) >= num_rows:
             raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
+        # token ids index target rows and W1: checked with the other value checks (on CPU by
+        # default, where min/max cost no device sync); on CUDA the kernels trust them
+        _checks.token_ids("draft tokens", draft.tokens, V)
+        if draft.q is None and draft.source is not None:
+            _checks.token_ids("draft anchors", draft.source.anchors, V)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
