@@ -168,10 +168,9 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     if changes and not force:
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
                          "commit or stash them, or pass --force (they are stashed, not lost)")
+    notes = _save_detached_commits(ws, base, force)
     if user and todo:
-        notes = [f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top"]
-    else:
-        notes = []
+        notes.append(f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top")
     snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
     try:
         if branch_sha:
@@ -195,6 +194,22 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}` "
                      f"(`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
+
+
+def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
+    """Commits made on a detached HEAD that no branch holds would become unreachable when we move
+    HEAD: refuse, or with --force keep them on a dspark/saved-<sha> branch first."""
+    stray = ws.commits_on_no_branch(base)
+    if not stray:
+        return []
+    head, subject = stray[0]
+    saved = f"dspark/saved-{head[:12]}"
+    if not force:
+        raise UsageError(f"HEAD {head[:12]} ({subject}) is detached with {len(stray)} commit(s) on no branch; "
+                         f"put them on a branch (`git -C {ws.path} branch NAME {head[:12]}`), or pass --force "
+                         f"to keep them on branch {saved}")
+    ws.git.run("branch", "-f", saved, head)
+    return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
 
 
 def _open_workspace(workdir: Path) -> tuple[Workspace, dict, list[str]]:
@@ -226,6 +241,7 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
     if changes and not force:
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
                          "commit or stash them, or pass --force (they are stashed, not lost)")
+    notes += _save_detached_commits(ws, base, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
         ws.git.run("checkout", "-q", "-f", "-B", branch, base)
@@ -282,13 +298,18 @@ def status(workdir: Path) -> dict:
     changes = ws.local_changes()
     if changes:
         drift.append(f"{len(changes)} local change(s) in the worktree")
-    if ws.current_branch() != f"refs/heads/{branch}":
+    detached = ws.commits_on_no_branch(base)
+    if detached:
+        drift.append(f"HEAD is detached with {len(detached)} commit(s) on no branch (newest {detached[0][0][:12]}); "
+                     "put them on a branch before dspark apply or revert")
+    elif ws.current_branch() != f"refs/heads/{branch}":
         drift.append(f"HEAD is not on {branch}")
     return {
         "workdir": str(ws.path), "engine": state.get("engine"), "pin": state.get("pin"),
         "source": state.get("source"), "base": base, "branch": branch, "head": ws.head(),
         "applied": [{"label": p.label, "commit": p.commit, "subject": p.subject, "sha256": p.sha256} for p in applied],
         "user_commits": [{"commit": sha, "subject": subject} for sha, subject in user],
+        "detached_commits": [{"commit": sha, "subject": subject} for sha, subject in detached],
         "drift": drift, "build": build_records(state.get("engine"), ws.path),
     }
 

@@ -203,6 +203,14 @@ class Workspace:
             commits.append((sha, subject, trailers))
         return commits
 
+    def commits_on_no_branch(self, base: str) -> list[tuple[str, str]]:
+        """(commit, subject), newest first, of commits a detached HEAD reaches that no branch, tag or
+        remote does: moving HEAD away would leave them unreachable."""
+        if self.current_branch() is not None or self.head() is None:
+            return []
+        raw = self.git.out("log", "--format=%H%x1f%s", "HEAD", "--not", "--branches", "--tags", "--remotes", base)
+        return [tuple(line.split("\x1f", 1)) for line in raw.splitlines() if line]
+
     def applied(self, base: str, tip: str) -> tuple[list[AppliedPatch], list[tuple[str, str]]]:
         """Patches committed on base..tip (by their trailers) and the other, user, commits."""
         patches, user = [], []

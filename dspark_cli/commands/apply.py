@@ -43,6 +43,8 @@ def _render_status(result: dict) -> None:
         console.print(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}", highlight=False)
     for commit in result["user_commits"]:
         console.print(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}", highlight=False)
+    for commit in result["detached_commits"]:
+        console.print(f"  {commit['commit'][:12]}  (yours, on no branch)  {escape(commit['subject'])}", highlight=False)
     console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False)
     for line in result["drift"]:
         console.print(f"  - {escape(line)}", highlight=False)
