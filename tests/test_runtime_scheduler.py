@@ -96,6 +96,20 @@ def test_bad_inputs_raise_clear_errors():
         schedule_production(torch.ones(2, 3), A, SMOOTH)
 
 
+def test_production_validates_a_stale_before_the_cuda_op(monkeypatch):
+    """validate=True checks the stale survival as it checks a_now, before dispatching: the CUDA op
+    (stood in for here, accepting anything) does no value checks of its own."""
+    import dspark_cli.runtime.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "try_cuda", lambda name, tensors, a_stale, a_now, sps: torch.zeros(2, dtype=torch.int64))
+    for a_stale, message in [(torch.tensor([[0.9, float("nan")], [0.5, 0.1]]), "a_stale contains NaN"),
+                             (torch.tensor([[1.5, 0.9], [0.5, 0.1]]), r"a_stale must lie in \[0, 1\]"),
+                             (torch.tensor([[0.5, 0.9], [0.5, 0.1]]), "a_stale must be non-increasing")]:
+        with pytest.raises(ValueError, match=message):
+            schedule_production(a_stale, A, SMOOTH, validate=True)
+    assert schedule_production(A, A, SMOOTH, validate=True).tolist() == [0, 0]  # the op's answer
+
+
 # ---- Appendix A: why the admission of x_k must not look at x_k ------------------------------------
 # Target (0.7, 0.3) over {A, B}; draft (0.5, 0.5); SPS(1..3) = 1, 0.5, 0.45; a_1 = 0.8; c_2 = 0.9
 # after x_1 = A and 0 after x_1 = B. The first emitted token must be A with probability 0.7.

@@ -53,13 +53,14 @@ def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTabl
 
     Passing the current survival as a_stale is the retrospective search of the paper's Appendix A
     and is NOT lossless; tests/test_runtime_scheduler.py measures that bias."""
+    _check_survival("a_stale", a_stale, validate)  # before the CUDA op, which checks nothing
     _check_survival("a_now", a_now, validate)
-    if a_stale.dim() == 2 and a_stale.shape[1] != a_now.shape[1]:
+    if a_stale.shape[1] != a_now.shape[1]:
         raise ValueError(f"a_stale has block size {a_stale.shape[1]}, a_now {a_now.shape[1]}")
     out = try_cuda("schedule_production", [a_stale, a_now], a_stale, a_now, sps)
     if out is not NotImplemented:
         return out
-    return admit_top_k(a_now, verify_budget(a_stale, sps, a_now.shape[0], validate=validate), validate=False)
+    return admit_top_k(a_now, verify_budget(a_stale, sps, a_now.shape[0], validate=False), validate=False)
 
 
 def _ranked(a: torch.Tensor):
