@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,31 +72,51 @@ def unknown_pin_message(engine: Engine, commit: str) -> str:
     return f"{commit} is not pinned in compat.yaml for {engine.name}; known pins: {known}. Use --allow-unpinned to try anyway"
 
 
-def apply(compat: Compat, request: ApplyRequest) -> dict:
-    engine = compat.engine(request.engine)
+def _check_request(request: ApplyRequest) -> None:
     if request.source not in ("git", "pypi"):
         raise UsageError(f"--source must be git or pypi, got {request.source!r}")
     if request.source == "pypi" and request.repo:
         raise UsageError("--repo only applies to --source git")
+    if request.source == "git" and (request.package or request.file):
+        raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
+
+
+def _check_workdir(workdir: Path) -> None:
+    """A workdir (or a parent of it) that is a file is bad input, not an OSError later."""
+    for path in (workdir, *workdir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"--workdir {workdir}: {path} is a file, not a directory")
+            return
+
+
+def _safe_name(ref: str) -> str:
+    """A ref such as v1.1~1 as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", ref)[:12]
+
+
+def apply(compat: Compat, request: ApplyRequest) -> dict:
+    engine = compat.engine(request.engine)
+    _check_request(request)
     pin = engine.resolve_pin(request.commit)
-    unpinned = pin is None
-    if unpinned and not request.allow_unpinned:
+    if pin is None and not request.allow_unpinned:
         raise UsageError(unknown_pin_message(engine, request.commit))
-    if unpinned and request.source == "pypi":
+    if pin is None and request.source == "pypi":
         raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
     series_pin = pin or engine.pins[engine.default_pin]
     patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
 
-    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else request.commit[:12]}").resolve()
-    branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{request.commit[:12]}"
+    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else _safe_name(request.commit)}").resolve()
+    _check_workdir(workdir)
     notes = []
     ws = Workspace(workdir) if workdir.exists() else None
     if ws is not None:
         recovered = recover(ws)
         notes += [recovered] if recovered else []
 
-    identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": unpinned, "branch": branch}
     if request.source == "pypi":
+        branch = f"dspark/{pin.name}"
+        identity = {"engine": engine.name, "pin": pin.name, "unpinned": False, "branch": branch}
         release = pypi_source.choose_release(pin, request.package, request.file)
         source = {"kind": "pypi", "package": release.package, "version": release.version,
                   "file": release.file, "sha256": release.sha256}
@@ -110,13 +131,20 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     else:
         url = request.repo or engine.repository
         ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None)
+        if pin is None:
+            # A ref such as v1.1~1 may name a pinned commit: then it is that pin, series and all.
+            pin = next((p for p in engine.pins.values() if p.matches_commit(base)), None)
+            if pin is not None:
+                notes.append(f"{request.commit} is {base[:12]}, pinned as {pin.name}")
+                series_pin = pin
+                patches, layers = load_layers(pin, request.series)
+        branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{base[:12]}"
+        identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": pin is None, "branch": branch}
         source = {"kind": "git", "repository": url, "commit": base}
         state = ws.read_state()
         if state is not None:
             _check_same_workspace(state, identity, source, workdir)
-    drift = []
-    if unpinned:
-        drift.append(_unpinned_drift(ws, base, series_pin))
+    drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
     state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers}
     result = _apply_series(ws, base, branch, patches, request.force, state)
     result.update({"workdir": str(workdir), "engine": engine.name, "pin": series_pin.name, "source": source,
@@ -146,6 +174,8 @@ def _unpinned_drift(ws: Workspace, base: str, pin: Pin) -> str:
 
 def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], force: bool, state: dict) -> dict:
     branch_sha = ws.branch_sha(branch)
+    if branch_sha is None:
+        _check_branch_name_free(ws, branch)
     applied, user = ws.applied(base, branch_sha) if branch_sha else ([], [])
     if branch_sha and not ws.is_ancestor(base, branch_sha):
         raise UsageError(f"branch {branch} does not contain base {base[:12]}; rename or delete it")
@@ -194,6 +224,15 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}` "
                      f"(`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
+
+
+def _check_branch_name_free(ws: Workspace, branch: str) -> None:
+    """git cannot create dspark/v1.0 while a branch named `dspark` exists (refs are paths)."""
+    parts = branch.split("/")
+    for prefix in ("/".join(parts[:n]) for n in range(1, len(parts))):
+        if ws.branch_sha(prefix):
+            raise UsageError(f"{ws.path} has a branch named {prefix}, so git cannot create {branch}; "
+                             f"rename it (`git -C {ws.path} branch -m {prefix} NEWNAME`) and run again")
 
 
 def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:

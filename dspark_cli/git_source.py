@@ -4,15 +4,20 @@ pinned commit in it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
-import git as gitpython
+# Without this, importing GitPython on a machine without git raises before require_git can say so.
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+import git as gitpython  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.output import err_console
-from dspark_cli.workspace import Workspace
+from dspark_cli.workspace import Workspace, require_git
+
+HEX_REF = re.compile(r"[0-9a-f]{7,40}")
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -40,15 +45,25 @@ def _with_progress(action):
 
 def clone(url: str, path: Path) -> None:
     """Clone into a temporary sibling and rename, so a killed clone leaves no half workdir."""
+    tmp = _temp_sibling(path)
+    _clone_into(url, tmp, path)
+    os.replace(tmp, path)
+
+
+def _temp_sibling(path: Path) -> Path:
     tmp = path.parent / f".{path.name}.dspark-clone-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    err_console.print(f"cloning {url} into {path}")
+    return tmp
+
+
+def _clone_into(url: str, tmp: Path, path: Path) -> None:
+    require_git()
+    err_console.print(f"cloning {url} into {path}", highlight=False, soft_wrap=True)
     try:
         _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress))
     except gitpython.GitCommandError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EnvironmentProblem(f"cannot clone {url}: {_first_line(exc)}") from None
-    os.replace(tmp, path)
 
 
 def fetch(ws: Workspace, url: str) -> None:
@@ -90,18 +105,33 @@ def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None) -> st
 def prepare(path: Path, url: str, ref: str, tag: str | None) -> tuple[Workspace, str]:
     """The workspace at `path` (cloned if missing) and the full id of the commit to patch."""
     if not path.exists() or not any(path.iterdir()):
-        if path.exists():
-            path.rmdir()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clone(url, path)
-        ws = Workspace(path)
-        commit = find_commit(ws, ref, url, tag)
-        ws.git.run("checkout", "-q", "--detach", commit)  # a fresh clone: the pinned tree, detached
-        return ws, commit
+        return _fresh_clone(path, url, ref, tag)
     ws = Workspace(path)
     if not ws.is_repo():
         raise UsageError(f"{path} exists and is not a git repository; choose another --workdir")
     return ws, find_commit(ws, ref, url, tag)
+
+
+def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Workspace, str]:
+    """Clone into a hidden sibling, check out and verify the pinned commit there, and only then move
+    it into place: a failure (commit not found, killed clone) leaves no half-made workdir behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        _clone_into(url, tmp, path)
+        scratch = Workspace(tmp)
+        commit = find_commit(scratch, ref, url, tag)
+        scratch.git.run("checkout", "-q", "--detach", commit)  # a fresh clone: the pinned tree, detached
+        head = scratch.head() or ""
+        if head != commit or (HEX_REF.fullmatch(ref.lower()) and not head.startswith(ref.lower())):
+            raise UsageError(f"{url}: {ref} checked out as {head[:12] or 'nothing'}, not the pinned commit")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rmdir()  # the empty directory the user named
+    os.replace(tmp, path)
+    return Workspace(path), commit
 
 
 def _first_line(exc: Exception) -> str:

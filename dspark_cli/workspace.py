@@ -23,19 +23,27 @@ TRAILER_SHA = "Dspark-Patch-Sha256"
 DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspark@localhost"}
 
 
-class GitFailed(Exception):
+class GitFailed(EnvironmentProblem):
+    """A git command we expected to work failed: one line (git's first error line), exit 3."""
+
     def __init__(self, args, result):
         self.args_ = args
         self.stderr = result.stderr
         self.stdout = result.stdout
-        super().__init__(f"git {' '.join(args)}: {result.stderr.strip() or result.stdout.strip()}")
+        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else "failed")
+        super().__init__(f"git {args[0] if args else ''} failed: {reason}")
+
+
+def require_git() -> None:
+    if shutil.which("git") is None:
+        raise EnvironmentProblem("git is not installed (needed to patch the engine tree)")
 
 
 class Git:
     def __init__(self, cwd: Path):
         self.cwd = Path(cwd)
-        if shutil.which("git") is None:
-            raise EnvironmentProblem("git is not installed (needed to patch the engine tree)")
+        require_git()
 
     def run(self, *args: str, check: bool = True, env: dict | None = None, input: str | None = None):
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}

@@ -56,3 +56,52 @@ def test_a_detached_head_on_a_branch_commit_is_not_refused(toy):
     git(toy["workdir"], "checkout", "-q", "--detach", toy["upstream"]["v1.0"])
     assert applier.status(toy["workdir"])["detached_commits"] == []
     assert applier.revert(toy["workdir"])["status"] == "reverted"
+
+
+def test_a_failed_first_clone_leaves_no_workdir_and_the_rerun_works(toy):
+    with pytest.raises(UsageError, match="deadbeef1 was not found"):
+        run_apply(toy, commit="deadbeef1", allow_unpinned=True)
+    assert not toy["workdir"].exists()
+    assert list(toy["root"].glob(".work.dspark-clone-*")) == []
+    assert run_apply(toy)["status"] == "applied"
+
+
+def test_an_empty_workdir_is_cloned_into(toy):
+    toy["workdir"].mkdir()
+    assert run_apply(toy)["base"] == toy["upstream"]["v1.0"]
+
+
+def test_a_ref_that_names_the_pinned_commit_is_that_pin(toy):
+    result = run_apply(toy, commit="v1.1~1", allow_unpinned=True)
+    assert result["branch"] == "dspark/v1.0" and result["drift"] == []
+    assert any("pinned as v1.0" in note for note in result["notes"])
+
+
+def test_an_unpinned_ref_gets_a_valid_branch_name(toy):
+    git(toy["upstream"]["repo"], "commit", "-q", "--allow-empty", "-m", "after 1.1")
+    result = run_apply(toy, commit="main~0", allow_unpinned=True)
+    assert result["branch"] == f"dspark/unpinned-{result['base'][:12]}"
+
+
+def test_a_branch_named_dspark_is_a_clear_error(toy):
+    git(toy["upstream"]["repo"], "branch", "dspark")
+    toy["workdir"].mkdir()
+    git(toy["root"], "clone", "-q", str(toy["upstream"]["repo"]), str(toy["workdir"]))
+    git(toy["workdir"], "branch", "dspark")
+    with pytest.raises(UsageError, match="has a branch named dspark, so git cannot create dspark/v1.0"):
+        run_apply(toy)
+
+
+@pytest.mark.parametrize("workdir", ["afile", "afile/sub"])
+def test_a_workdir_that_is_a_file_is_bad_input(toy, workdir):
+    (toy["root"] / "afile").write_text("x\n")
+    toy["workdir"] = toy["root"] / workdir
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        run_apply(toy)
+
+
+@pytest.mark.parametrize("option", [{"package": "nonsense"}, {"file": "nonsense.whl"}])
+def test_pypi_only_options_are_refused_with_the_git_source(toy, option):
+    with pytest.raises(UsageError, match="only applies to --source pypi"):
+        run_apply(toy, **option)
+    assert not toy["workdir"].exists()

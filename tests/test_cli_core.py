@@ -168,3 +168,23 @@ def test_error_line_keeps_square_brackets():
     """Error text is data, not rich markup: a bracketed value (like `dspark[build]`) stays."""
     result = run_real("apply", "vllm", "--commit", "[build]", "--source", "pypi", "--workdir", "unused")
     assert result.returncode == 2 and "error: [build] is not pinned" in result.stderr, result.stderr
+
+
+def test_no_git_on_path_is_one_line_exit_3(toy_env, tmp_path):
+    """GitPython raises at import without git; the CLI must still say it in one line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    result = run_real("apply", "toy", "-C", str(toy_env["work"]), env={"PATH": str(bin_dir)})
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == "error: git is not installed (needed to patch the engine tree)"
+
+
+def test_a_git_failure_reaching_the_cli_is_one_line(toy_env):
+    """A git command failing where we did not expect it is exit 3 with git's own error line."""
+    work = toy_env["work"]
+    assert run_real("apply", "toy", "-C", str(work)).returncode == 0
+    (work / ".git" / "refs" / "heads" / "dspark" / "v1.0").write_text("0" * 40 + "\n")  # a broken ref
+    result = run_real("revert", "-C", str(work))
+    assert result.returncode == 3 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "git" in result.stderr
