@@ -18,6 +18,7 @@ from pathlib import Path
 from dspark_cli import git_source, pypi_source
 from dspark_cli.build import cache_root
 from dspark_cli.compat import Compat, Engine, Pin
+from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
@@ -310,12 +311,16 @@ def status(workdir: Path) -> dict:
     state = ws.read_state()
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base
-    applied, user = ws.applied(base, tip)
     drift = []
     if state.get("in_progress"):
         drift.append(f"an interrupted {state['in_progress']['op']} left changes; the next dspark apply or revert restores them")
+        # The state's layers are those before it: compare the branch as recovery will restore it.
+        tip = state["in_progress"]["work_branch_sha"] or base
+    applied, user = ws.applied(base, tip)
     if state.get("unpinned"):
         drift.append(f"base {base[:12]} is not a pinned commit (applied with --allow-unpinned)")
+    else:
+        drift += _pin_drift(state)
     expected = []
     for layer in state.get("layers", []):
         try:
@@ -351,6 +356,26 @@ def status(workdir: Path) -> dict:
         "detached_commits": [{"commit": sha, "subject": subject} for sha, subject in detached],
         "drift": drift, "build": build_records(state.get("engine"), ws.path),
     }
+
+
+def _pin_drift(state: dict) -> list[str]:
+    """The workspace's base against compat.yaml's pin now (its commit, or its release file's sha256)."""
+    try:
+        engine = load_compat().engine(state.get("engine") or "")
+    except UsageError as exc:
+        return [f"cannot compare with compat.yaml: {exc}"]
+    pin = engine.pins.get(state.get("pin") or "")
+    if pin is None:
+        return [f"pin {state.get('pin')} is no longer in compat.yaml for {engine.name}"]
+    source = state.get("source") or {}
+    if source.get("kind") == "pypi":
+        if not any(r.file == source.get("file") and r.sha256 == source.get("sha256") for r in pin.releases):
+            return [f"base is {source.get('file')} (sha256 {str(source.get('sha256'))[:12]}), which compat.yaml no "
+                    f"longer pins for {pin.name}; revert and apply in a new --workdir"]
+    elif not pin.matches_commit(state["base"]):
+        return [f"base {state['base'][:12]} differs from compat.yaml's pin {pin.name} ({pin.commit[:12]}); "
+                "apply it in a new --workdir"]
+    return []
 
 
 def build_records(engine: str | None, workdir: Path) -> list[dict]:

@@ -127,11 +127,17 @@ class Workspace:
     # -- state file --------------------------------------------------------------------------
     def read_state(self) -> dict | None:
         try:
-            return json.loads(self.state_file.read_text(encoding="utf-8"))
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise UsageError(f"{self.state_file}: unreadable dspark state ({exc}); remove it to start over") from None
+            problem = f"unreadable ({exc})"
+        else:
+            problem = _state_shape_problem(state)
+            if problem is None:
+                return state
+        raise UsageError(f"{self.state_file}: corrupt dspark state, {problem}; move it away and run "
+                         "`dspark apply` again to start over") from None
 
     def write_state(self, state: dict) -> None:
         """Atomic replace, so a kill never leaves half a state file."""
@@ -228,6 +234,25 @@ class Workspace:
             else:
                 user.append((sha, subject))
         return patches, user
+
+
+def _state_shape_problem(state) -> str | None:
+    """What is wrong with a parsed state file's shape, None when it is one we wrote."""
+    if not isinstance(state, dict):
+        return f"expected an object, got {type(state).__name__}"
+    for key in ("base", "branch"):
+        if not isinstance(state.get(key), str):
+            return f"{key!r} is missing or not a string"
+    snapshot = state.get("in_progress")
+    fields = set(Snapshot.__dataclass_fields__)
+    if snapshot is not None and not (isinstance(snapshot, dict) and set(snapshot) == fields):
+        return "'in_progress' is not a snapshot"
+    layers = state.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(l, dict) and {"layer", "dir"} <= set(l) for l in layers):
+        return "'layers' is not a list of {layer, dir}"
+    if not isinstance(state.get("source") or {}, dict):
+        return "'source' is not an object"
+    return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,0 +1,62 @@
+"""`dspark status` against what it must notice: compat.yaml's pin moving, a corrupt state file,
+an interrupted layered apply. Real git, real processes where a kill is involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import applier, compat
+from dspark_cli.errors import UsageError
+from test_apply_support import git, make_series, make_toy, write_compat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    t = make_toy(tmp_path, monkeypatch)
+    work = tmp_path / "work"
+    applier.apply(compat.load(t["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work))
+    return {**t, "workdir": work}
+
+
+def test_status_reports_a_base_that_is_no_longer_the_pin(toy):
+    assert applier.status(toy["workdir"])["drift"] == []
+    write_compat(toy["root"], toy["upstream"], toy["series"], commit=toy["upstream"]["v1.1"])
+    drift = applier.status(toy["workdir"])["drift"]
+    assert drift == [f"base {toy['upstream']['v1.0'][:12]} differs from compat.yaml's pin v1.0 "
+                     f"({toy['upstream']['v1.1'][:12]}); apply it in a new --workdir"]
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"base": "x", "branch": "y", "in_progress": {"op": 1}}',
+                                  '{"base": "x", "branch": "y", "layers": [1]}'])
+def test_a_state_file_of_the_wrong_shape_is_one_clear_error(toy, text):
+    (toy["workdir"] / ".git" / "dspark" / "state.json").write_text(text)
+    for operation in (applier.status, applier.revert):
+        with pytest.raises(UsageError, match="corrupt dspark state, .*; move it away and run `dspark apply` again"):
+            operation(toy["workdir"])
+
+
+def test_status_after_an_interrupted_layered_apply(toy):
+    """The state still holds the layers before the apply: status must not call the new layer's
+    half-applied patch 'no longer in its series'; the next apply recovers and finishes."""
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    env = {**os.environ, applier.KILL_AFTER_ENV: "1", "PYTHONPATH": str(REPO_ROOT)}
+    killed = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(toy["workdir"]),
+                             "--series", str(team)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert git(toy["workdir"], "log", "-1", "--format=%s") == "team: readme"
+    status = applier.status(toy["workdir"])
+    assert [p["label"] for p in status["applied"]] == ["dspark/0001-dspark-hook-in-core.patch",
+                                                       "dspark/0002-dspark-method-and-module.patch"]
+    assert len(status["drift"]) == 1 and "interrupted apply" in status["drift"][0]
+    state = json.loads((toy["workdir"] / ".git" / "dspark" / "state.json").read_text())
+    assert state["in_progress"]["op"] == "apply"
