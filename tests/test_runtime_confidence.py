@@ -63,9 +63,16 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         confidence_logits(h, torch.zeros(2, 4, 2), torch.zeros(6), torch.zeros(1))
     with pytest.raises(ValueError, match="empty batch"):
         confidence_logits(h[:0], e[:0], torch.zeros(6), torch.zeros(1))
-    with pytest.raises(ValueError, match="positive"):
-        STSCalibration([1.0, 0.0])
+    for temps in ([1.0, 0.0], [float("inf")], [float("nan")], ["a"], []):
+        with pytest.raises(ValueError, match="'temperatures' must be a non-empty list of finite positive numbers"):
+            STSCalibration(temps)
     bad = tmp_path / "bad.json"
     bad.write_text('{"temperatures": [1.0]}')
     with pytest.raises(ValueError, match="not a dspark-sts/1 file"):
         STSCalibration.load(bad)
+    for temps in ("5", "[1.0, null]"):  # 5 was a TypeError (int is not iterable)
+        bad.write_text('{"format": "dspark-sts/1", "temperatures": %s}' % temps)
+        with pytest.raises(ValueError, match=f"{bad}: STS 'temperatures' must be a non-empty list"):
+            STSCalibration.load(bad)
+    with pytest.raises(ValueError, match="z contains NaN"):  # was an IndexError in the ECE bins
+        STSCalibration.fit(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.int64))

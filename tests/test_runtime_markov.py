@@ -146,6 +146,8 @@ def test_seeds_make_draws_reproducible_and_per_request():
         (lambda a: {**a, "confidence": (torch.zeros(3, 3, 6), torch.zeros(14), torch.zeros(1))}, "must be \\(3, 4\\)"),
         (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), torch.zeros(13), torch.zeros(1))}, "d \\+ r = 6 \\+ 8"),
         (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), torch.zeros(14), torch.zeros(2))}, "one value"),
+        (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), torch.zeros(14))}, r"\(h, weight, bias\), got a tuple of 2"),
+        (lambda a: {**a, "confidence": (torch.zeros(3, 4, 6), [0.0] * 14, torch.zeros(1))}, "weight must be a torch.Tensor"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, message):

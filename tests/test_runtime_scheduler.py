@@ -94,6 +94,16 @@ def test_bad_inputs_raise_clear_errors():
         schedule_exact(torch.tensor([[1.5, 0.9]]), SMOOTH)
     with pytest.raises(ValueError, match="block size"):
         schedule_production(torch.ones(2, 3), A, SMOOTH)
+    for count in (-3, 0, 2.0, True):  # -3 gave K = -12
+        with pytest.raises(ValueError, match="num_requests must be a positive integer"):
+            verify_budget(A, SMOOTH, count)
+    for budget in (float("nan"), 2.7, -1):  # NaN was a RuntimeError from the int64 cast, 2.7 admitted 2
+        with pytest.raises(ValueError, match="budget must be a whole number ≥ 0"):
+            admit_top_k(A, budget)
+    with pytest.raises(ValueError, match="budget must be one integer"):
+        admit_top_k(A, torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="budget must be ≥ 0, got -1"):
+        admit_top_k(A, torch.tensor(-1))
 
 
 def test_production_validates_a_stale_before_the_cuda_op(monkeypatch):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -56,3 +57,14 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         SPSTable.load(bad)
     with pytest.raises(ValueError, match="cannot read"):
         SPSTable.load(tmp_path / "missing.json")
+    # wrong JSON types were a TypeError from int()/float(): one line naming the file and the key
+    for doc, message in [
+        ({"format": "dspark-sps/1", "tokens": 5, "steps_per_s": [1.0]}, "'tokens' must be a list of whole numbers, got 5"),
+        ({"format": "dspark-sps/1", "tokens": [1, 2], "steps_per_s": [1.0, None]}, r"'steps_per_s'\[1\] must be a number, got null"),
+        ({"format": "dspark-sps/1", "tokens": [1, 2.5], "steps_per_s": [1.0, 2.0]}, r"'tokens'\[1\] must be a whole number"),
+        ({"sample_batch_tokens": [1, 2], "sample_steps_per_sec": [1.0, None]}, r"'sample_steps_per_sec'\[1\] must be a number"),
+        ({"format": "dspark-sps/1", "tokens": [2, 1], "steps_per_s": [1.0, 2.0]}, "strictly increasing"),
+    ]:
+        bad.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: .*{message}"):
+            SPSTable.load(bad)

@@ -3,6 +3,8 @@ conditional probability that draft k survives given 1..k-1 survived; survival a_
 T_k is the per-position Sequential Temperature Scaling (STS) calibration (1.0 when absent)."""
 
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     if tuple(h.shape[:2]) != (R, gamma):
         raise ValueError(f"h has shape {tuple(h.shape)}: its [R, γ] must be {(R, gamma)}")
     d = h.shape[2]
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.numel() != d + rank:
         raise ValueError(f"weight has {weight.numel()} entries; expected d + r = {d} + {rank} = {d + rank}")
     values = torch.as_tensor(bias).numel()
@@ -67,8 +71,10 @@ class STSCalibration:
     metadata: dict | None = None
 
     def __post_init__(self):
-        if not self.temperatures or any(not (t > 0) for t in self.temperatures):
-            raise ValueError(f"STS temperatures must be a non-empty list of positive numbers, got {self.temperatures}")
+        temps = self.temperatures
+        if not isinstance(temps, (list, tuple)) or not temps or not all(map(_finite_positive, temps)):
+            raise ValueError(f"STS 'temperatures' must be a non-empty list of finite positive numbers, got {temps!r}")
+        self.temperatures = [float(t) for t in temps]
 
     def tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.temperatures, dtype=torch.float32, device=device)
@@ -79,7 +85,10 @@ class STSCalibration:
         if not isinstance(data, dict) or data.get("format") != STS_FORMAT or "temperatures" not in data:
             raise ValueError(f"{path} is not a {STS_FORMAT} file (need 'format' and 'temperatures')")
         meta = {k: v for k, v in data.items() if k not in ("format", "temperatures")}
-        return cls([float(t) for t in data["temperatures"]], meta or None)
+        try:
+            return cls(data["temperatures"], meta or None)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def save(self, path) -> None:
         doc = {"format": STS_FORMAT, "temperatures": self.temperatures, **(self.metadata or {})}
@@ -94,6 +103,7 @@ class STSCalibration:
         _checks.nonempty_batch("z", z)
         _checks.tensor("num_accepted", num_accepted, 1)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
+        _checks.finite("z", z)  # offline fitting: the pass over z costs nothing that matters
         grid = torch.exp(torch.linspace(-2.0, 2.0, 81)) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
         z = z.float()
         survived_before = torch.ones(z.shape[0])
@@ -106,6 +116,10 @@ class STSCalibration:
             temps.append(float(best))
             survived_before = survived_before * torch.sigmoid(z[:, k] / best)
         return cls(temps)
+
+
+def _finite_positive(t) -> bool:
+    return isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t > 0
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:

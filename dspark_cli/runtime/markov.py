@@ -106,6 +106,8 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     _checks.same_device(U=U, anchors=anchors, w1=w1, w2=w2, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds)
     if confidence is not None:
+        if not isinstance(confidence, (tuple, list)) or len(confidence) != 3:
+            raise ValueError(f"confidence must be a tuple (h, weight, bias), got {_describe(confidence)}")
         check_confidence_inputs(*confidence, R, gamma, w1.shape[1])
 
     tensors = [t for t in (U, anchors, w1, w2, temperature, top_k, top_p, seeds) if t is not None]
@@ -139,6 +141,12 @@ def _sample(probs, seeds, k: int, generator) -> torch.Tensor:
     if seeds is not None:
         return rng.grouped_race_sample(probs, seeds, rng.STREAM_DRAFT, k)
     return rng.race_sample(probs, rng.exponential_like(probs, generator))
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def _check_markov_weights(w1, w2, vocab: int) -> None:

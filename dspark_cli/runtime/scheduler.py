@@ -5,6 +5,8 @@ request r: never by token values, and since a is non-increasing in j this order 
 request's prefix. Admitting the first n candidates gives ℓ_r = #admitted of request r, the batch
 B = R + n tokens and τ = R + Σ a. Everything is tensor ops on a's device: no host sync, no loop."""
 
+import numbers
+
 import torch
 
 from dspark_cli.runtime import _checks
@@ -35,6 +37,8 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
     two steps old, for a batch of `num_requests` anchors. Returns a 0-dim int64 tensor (no sync);
     the earliest n wins ties. Stale data cannot depend on the current drafts: the causal barrier."""
     _check_survival("a_stale", a_stale, validate)
+    if not _is_whole(num_requests) or num_requests < 1:
+        raise ValueError(f"num_requests must be a positive integer (anchors in the batch), got {num_requests!r}")
     a_sorted, _ = _ranked(a_stale)
     theta = _theta(a_sorted, num_requests, sps)
     return torch.clamp(torch.argmax(theta), max=num_requests * a_stale.shape[1])
@@ -43,6 +47,7 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
 def admit_top_k(a_now: torch.Tensor, budget, *, validate=None) -> torch.Tensor:
     """Production step 2: admit the `budget` highest-ranked current candidates (B = R + budget)."""
     _check_survival("a_now", a_now, validate)
+    _check_budget(budget, validate)
     _, request = _ranked(a_now)
     budget = torch.as_tensor(budget, device=a_now.device, dtype=torch.int64)
     return _lengths(request, torch.clamp(budget, 0, request.numel()), a_now.shape[0])
@@ -97,3 +102,20 @@ def _check_survival(name: str, a, validate) -> None:
     _check_matrix(name, a, validate)
     if _checks.want_value_checks(validate, a) and bool((a[:, 1:] > a[:, :-1]).any()):
         raise ValueError(f"{name} must be non-increasing along γ: pass survival(c), not c")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_budget(budget, validate) -> None:
+    """A whole number ≥ 0, or verify_budget's one-value integer tensor. A tensor's value is checked
+    only with the other value checks: reading it is a host sync on CUDA."""
+    if isinstance(budget, torch.Tensor):
+        if budget.numel() != 1 or budget.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"budget must be one integer (verify_budget's K), got a {str(budget.dtype).removeprefix('torch.')} "
+                             f"tensor of shape {tuple(budget.shape)}")
+        if _checks.want_value_checks(validate, budget) and int(budget) < 0:
+            raise ValueError(f"budget must be ≥ 0, got {int(budget)}")
+    elif not _is_whole(budget) or budget < 0:
+        raise ValueError(f"budget must be a whole number ≥ 0 (draft tokens to admit), got {budget!r}")

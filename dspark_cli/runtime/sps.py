@@ -102,12 +102,19 @@ class SPSTable:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: an SPS table is a JSON object")
         if data.get("format") == SPS_FORMAT:
-            meta = {k: v for k, v in data.items() if k not in ("format", "tokens", "steps_per_s", "capture_sizes")}
-            return cls(data.get("tokens", []), data.get("steps_per_s", []), data.get("capture_sizes", []), meta)
-        if "sample_batch_tokens" in data and "sample_steps_per_sec" in data:
-            return cls(data["sample_batch_tokens"], data["sample_steps_per_sec"],
-                       metadata={"source": "sglang", "max_batch_tokens": data.get("max_batch_tokens")})
-        raise ValueError(f"{path} is neither a {SPS_FORMAT} table nor SGLang's SpsCostTable JSON")
+            keys = ("tokens", "steps_per_s", "capture_sizes")
+            meta = {k: v for k, v in data.items() if k not in ("format", *keys)}
+        elif "sample_batch_tokens" in data and "sample_steps_per_sec" in data:
+            keys = ("sample_batch_tokens", "sample_steps_per_sec", None)
+            meta = {"source": "sglang", "max_batch_tokens": data.get("max_batch_tokens")}
+        else:
+            raise ValueError(f"{path} is neither a {SPS_FORMAT} table nor SGLang's SpsCostTable JSON")
+        tokens, steps = _column(path, data, keys[0], whole=True), _column(path, data, keys[1], whole=False)
+        captures = _column(path, data, keys[2], whole=True) if keys[2] else []
+        try:
+            return cls(tokens, steps, captures, meta)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict:
         return {"format": SPS_FORMAT, "tokens": self.tokens, "steps_per_s": self.steps_per_s,
@@ -123,3 +130,17 @@ class SPSTable:
 
     def save_sglang(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_sglang()) + "\n")
+
+
+def _column(path, data: dict, key: str, whole: bool) -> list:
+    """data[key] (absent: []) as a list of numbers, whole ones for token counts; anything else is
+    one ValueError naming the file and the key, not a TypeError from int()/float()."""
+    values = data.get(key, [])
+    kind = "whole number" if whole else "number"
+    if not isinstance(values, list):
+        raise ValueError(f"{path}: '{key}' must be a list of {kind}s, got {json.dumps(values)}")
+    for i, v in enumerate(values):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or (whole and not float(v).is_integer()):
+            raise ValueError(f"{path}: '{key}'[{i}] must be a {kind}, got {json.dumps(v)}")
+    return values
