@@ -6,10 +6,12 @@ speculation and one with DSpark over constructed tiny models (dspark_cli.tiny_mo
 
 import os
 import random
+import subprocess
 
 import pytest
 from scipy.stats import chi2_contingency
 
+from dspark_cli.integrations.spec_runner import PACKAGE_ROOT
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
 from dspark_cli.integrations.vllm.verify import steep_adaptive_run
 from dspark_cli.tiny_models import VOCAB, successor_tokens
@@ -138,3 +140,33 @@ def test_adaptive_verification_verifies_fewer_tokens_under_load(adaptive):
     assert loaded["verified_per_step"] < light["verified_per_step"] - 1, (light, loaded)
     # The target computed fewer tokens: scheduled drafts, not rejections, went down.
     assert eight["spec"]["accepted_tokens"] == eight["spec"]["draft_tokens"]
+
+
+V1_CONFIG_CHECK = """
+import sys
+from pathlib import Path
+from dspark_cli import tiny_models
+from vllm.engine.arg_utils import EngineArgs
+root = Path(sys.argv[1])
+target = tiny_models.build_target(root / "target", "successor")
+draft = tiny_models.build_draft(root / "draft", gamma=3, kind="oracle", target=target)
+for name, spec in (("dspark", {"method": "dspark", "model": str(draft)}),
+                   ("ngram", {"method": "ngram", "prompt_lookup_max": 3})):
+    spec = {**spec, "num_speculative_tokens": 3, "enable_adaptive_verification": True}
+    try:
+        EngineArgs(model=str(target), speculative_config=spec, max_model_len=256).create_engine_config()
+        print("RESULT", name, "accepted")
+    except Exception as e:
+        print("RESULT", name, "refused:", str(e).replace(chr(10), " "))
+"""
+
+
+def test_v1_takes_adaptive_verification_only_with_dspark_drafts(tmp_path):
+    """The series lifts V1's refusals for DSpark only: another method asking for adaptive
+    verification (which only our DSpark proposer feeds on V1) is still refused, as upstream does."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    out = subprocess.run([PYTHON, "-c", V1_CONFIG_CHECK, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    results = dict(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    assert results.get("dspark") == "accepted", out.stdout[-2000:] + out.stderr[-2000:]
+    assert results.get("ngram", "").startswith("refused:") and "adaptive draft verification" in results["ngram"], results
