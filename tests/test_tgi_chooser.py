@@ -132,7 +132,11 @@ def _check(ckpt_dir: Path) -> None:
     chooser = HeterogeneousNextTokenChooser.from_pb(greedy, torch.float32, torch.device("cpu"), None)
     pre = DecodeBatch(requests, chooser, prompts.view(-1), torch.arange(P).repeat(B), seqs, P,
                       cu_seqlen_prefill=torch.arange(0, B * P + 1, P), cache_lengths=[0] * B)
+    # TGI's router sends warmup requests as id 0 and numbers real ones from 0 again: state left
+    # under an arriving id (here 64 warmup rows) must not become the new request's draft context.
+    spec.draft.extend_context(10, torch.randn(64, draft.w["fc.weight"].shape[1]), torch.arange(64))
     next_ids, _, _, accepted, drafts = choose(spec, pre, logits[:, -1].clone(), 3)
+    assert [spec.draft.caches[r.id].length for r in requests] == [P] * B
     seqs = [[int(t) for t in prompt] + [int(t)] for prompt, t in zip(prompts, next_ids)]
     total_accepted = 0
     for _ in range(4):

@@ -1,6 +1,6 @@
 """TGI v3.3.7 series: applies to the real tree and byte-compiles (DSPARK_TGI_SRC), and our TGI-side
 drafter/verifier run losslessly with real tensors on the CPU — through a small generation loop over
-a real transformers Qwen3 target (TGI's server needs CUDA-only wheels; it does not run here)."""
+a real transformers Qwen3 target (the real patched TGI shard runs in tests/test_tgi_shard.py)."""
 
 import os
 import py_compile
@@ -14,7 +14,9 @@ from scipy.stats import chisquare
 
 from dspark_cli import tiny_models
 from dspark_cli.integrations.tgi.draft import DSparkDraft
-from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, layer_output
+from dspark_cli.integrations.tgi.hooks import pad_drafts
+from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, layer_output, uniform_verify_length
+from dspark_cli.runtime import SPSTable
 from dspark_cli.integrations.tgi.verify import generate, greedy_reference
 from tests.tgi_tree import TGI_SRC, needs_tree
 
@@ -123,16 +125,44 @@ def test_greedy_output_is_identical_to_no_speculation(checkpoints, kind):
         assert 0 < accepted < 3 * (rounds - 1)
 
 
-def test_scheduler_limits_what_may_be_accepted(checkpoints):
-    """A steep SPS table makes Algorithm 1 verify less; output stays identical."""
-    from dspark_cli.runtime import SPSTable
-
+def test_scheduler_narrows_the_verified_width_under_a_steep_sps_table(checkpoints):
+    """A steep SPS table makes the scheduler hand the target fewer drafts (the loop, like TGI, runs
+    1 + width rows); output stays identical."""
     target = tiny_models.load_transformers(checkpoints["target"])
     steep = SPSTable([1, 2, 4, 8], [100.0, 60.0, 20.0, 1.0])  # one request: verifying 3 drafts costs 5x
     spec = DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["oracle"]), "exact", steep)
     out, accepted, rounds = generate(target, spec, [5, 6], steps=12)
     assert out == tiny_models.successor_tokens([5, 6], 12)
-    assert spec.stats["verified"] < 3 * (rounds - 1)
+    assert 0 < spec.stats["verified"] < 3 * (rounds - 1) and accepted == spec.stats["verified"]  # oracle: all pass
+
+
+def test_uniform_verify_length_maximizes_theta_over_one_width_for_the_batch():
+    a = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
+    sps = SPSTable([2, 4, 6], [100.0, 80.0, 40.0])
+    # Θ(0) = 2·100 = 200, Θ(1) = (2 + 1.7)·80 = 296, Θ(2) = (2 + 1.7 + 0.6)·40 = 172
+    assert uniform_verify_length(a, sps) == 1
+    assert uniform_verify_length(a, SPSTable([2, 6], [100.0, 100.0])) == 2  # flat: verify everything
+    assert uniform_verify_length(torch.zeros(2, 2), SPSTable([2, 6], [100.0, 100.0])) == 0  # ties: fewer rows
+
+
+def test_arriving_request_drops_state_left_under_its_id(checkpoints):
+    target = tiny_models.load_transformers(checkpoints["target"])
+    spec = DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["oracle"]), "off")
+    feats = torch.randn(64, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
+    spec.draft.extend_context(0, feats, torch.arange(64))  # TGI's warmup requests are all id 0
+    spec.propose([0], torch.tensor([5]), [64], torch.zeros(1))
+    spec.restart([0])
+    assert 0 not in spec.draft.caches and 0 not in spec.pending
+
+
+def test_concatenated_batches_of_different_widths_pad_to_the_widest():
+    class Batch:
+        def __init__(self, ids):
+            self.speculative_ids = ids
+
+    batches = [Batch(torch.tensor([[4, 5]])), Batch(torch.tensor([[7], [8]])), Batch(torch.zeros(1, 0, dtype=torch.int64))]
+    pad_drafts(batches)
+    assert [b.speculative_ids.tolist() for b in batches] == [[[4, 5]], [[7, 0], [8, 0]], [[0, 0]]]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

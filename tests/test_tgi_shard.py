@@ -171,3 +171,24 @@ def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tmp_path):
         [0, [probe]], [1, [{**probe, "id": 2}] + others[:2]], [3, others[2:]]]})
     assert out["tokens"]["1"] == out["tokens"]["2"]
     assert len(set(tuple(v) for v in out["tokens"].values())) > 2  # sampling did vary across seeds
+
+
+def test_steep_sps_table_narrows_the_verify_forward_output_identical(llama, tmp_path):
+    """Six requests under an SPS table that halves steps/s past 12 rows: the scheduler hands TGI
+    drafts of width 1 (12 rows, not 24), so the oracle's rounds emit 2 tokens instead of γ + 1. A
+    request arriving later alone is drafted at full width and concatenated with the narrow batch
+    (pad_drafts). Ids start at 0, as the router's do after its id-0 warmup."""
+    from dspark_cli.runtime import SPSTable
+
+    table = tmp_path / "sps.json"
+    SPSTable([6, 12, 18, 24], [100.0, 60.0, 30.0, 20.0]).save(table)  # Θ: 600, 720, 540, 480 → width 1
+    batch = [{"id": i, "prompt": [3 * i + 1, 3 * i + 2], "max_new_tokens": 12} for i in range(6)]
+    late = [{"id": 6, "prompt": [50, 51], "max_new_tokens": 12}]
+    spec = {"model": str(llama["target"]), "waves": [[0, batch], [1, late]]}
+    plain = shard({**spec, "draft": None})
+    wide = shard({**spec, "draft": str(llama["oracle"])})
+    narrow = shard({**spec, "draft": str(llama["oracle"]), "env": {"DSPARK_SPS_TABLE": str(table)}})
+    assert narrow["tokens"] == wide["tokens"] == plain["tokens"]
+    assert all(plain["tokens"][str(r["id"])] == tiny_models.successor_tokens(r["prompt"], 12) for r in batch + late)
+    # While all six decode, each round gives 2 tokens (width 1): 1 + ⌈11 / 2⌉ rounds, not 1 + ⌈11 / 4⌉.
+    assert all(narrow["rounds"][str(r["id"])] == 7 and wide["rounds"][str(r["id"])] == 4 for r in batch)

@@ -1,10 +1,10 @@
 """The two entry points TGI's patched files call (patches/tgi/v3.3.7). Everything that touches
 TGI's batch object lives here; the math is in speculation.py and dspark_cli.runtime.
 
-Not run inside a real TGI server in this project (its server package needs CUDA-only wheels):
-the batch fields used below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids,
-cu_seqlen_prefill, cache_lengths, input_ids, all_input_ids_tensor, max_current_length,
-next_token_chooser, speculative_ids); tests/test_tgi_dspark.py checks they exist in the real tree.
+Run inside the real TGI v3.3.7 shard on the CPU (tests/test_tgi_shard.py); the batch fields used
+below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids, cu_seqlen_prefill,
+cache_lengths, input_ids, all_input_ids_tensor, max_current_length, next_token_chooser,
+speculative_ids); tests/test_tgi_dspark.py checks they exist in the real tree.
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
         draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
     return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER, "exact"), sps)
+
+
+def pad_drafts(batches) -> None:
+    """FlashCausalLMBatch.concatenate with drafts of different widths (each batch's verify width
+    was chosen for it): pad to the widest so TGI's one-width layout holds them. A request still
+    accepts at most its own width (Pending.ell); the padded rows are computed and unused."""
+    width = max(b.speculative_ids.shape[1] for b in batches)
+    for b in batches:
+        ids = b.speculative_ids
+        b.speculative_ids = torch.cat([ids, ids.new_zeros(ids.shape[0], width - ids.shape[1])], 1)
 
 
 def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
@@ -73,6 +83,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         # A decode batch holds every live request (the router decodes all cached batches together);
         # a prefill batch holds only the arriving ones, so forgetting there would drop live drafts.
         spec.forget_except(set(request_ids))
+    else:  # with speculation TGI prefills a request in one piece (no chunking): it is new
+        spec.restart(request_ids)
     S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
     scores = _warped_logits(batch, next_token_logits, S)
     do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
@@ -110,8 +122,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64) if any(p.top_k > 0 for p in params) else None
     top_p = torch.tensor([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params], dtype=torch.float32) \
         if any(0 < p.top_p < 1 for p in params) else None
-    proposal = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p,
-                            step_seeds(seeds, anchor_positions))
+    proposal, width = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p,
+                                   step_seeds(seeds, anchor_positions))
     spec.stats["steps"] += 1
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
@@ -120,5 +132,6 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     logprobs = alllogprobs[flat_rows]
     next_logprobs = torch.gather(logprobs, 1, next_ids.view(-1, 1)).view(-1)
     accepted_ids = torch.tensor([len(t) for t in tokens], device=scores.device, dtype=batch.input_ids.dtype)
-    speculative_ids = proposal.draft.tokens[:, :speculate].to(scores.device) if speculate > 0 else None
+    # The drafts' width is the next forward's: TGI runs 1 + width rows per request.
+    speculative_ids = proposal.draft.tokens[:, :min(speculate, width)].to(scores.device) if speculate > 0 else None
     return next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids

@@ -1,17 +1,22 @@
-"""DSpark inside TGI's flash causal-LM loop: what our two hooks in TGI call.
+"""DSpark inside TGI's flash causal-LM loop: what our hooks in TGI call.
 
-- `maybe_attach(model)` (end of FlashCausalLM.__init__): when DSPARK_DRAFT names a checkpoint,
-  load the drafter and hook the target's configured decoder layers to capture their residual
-  stream (raw layer output, pre-final-norm, DSPARK.md §1.1) into a CUDA-graph-safe buffer.
-- `hooks.choose(spec, batch, logits, speculate)` replaces `batch.next_token_chooser(...)` in
-  generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
+- `maybe_attach(model)` (end of FlashCausalLM.__init__, only with DSPARK_DRAFT set): load the
+  drafter and hook the target's configured decoder layers to capture their residual stream
+  (raw layer output, pre-final-norm, DSPARK.md §1.1) into a CUDA-graph-safe buffer.
+- `DSparkSpeculation.choose(batch, logits, speculate)` replaces `batch.next_token_chooser(...)`
+  in generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
   only knows the global `--speculate γ`) is unchanged.
+- `hooks.pad_drafts(batches)` in FlashCausalLMBatch.concatenate, for batches drafted at
+  different widths.
 
 Verification is lossless rejection sampling against TGI's own warped target distribution
 (its processors and warpers run exactly as in the plain path) with the Markov-corrected q the
-drafts were sampled from; greedy requests need an exact argmax match. The per-request verify
-length ℓ_r ≤ γ comes from our scheduler: TGI's batch layout always runs 1+γ rows per request, so
-here ℓ_r bounds what may be accepted (non-anticipating), it does not shrink the forward.
+drafts were sampled from; greedy requests need an exact argmax match. The verify length comes
+from our scheduler, within TGI's global γ: TGI lays a speculative batch out as 1 + L rows per
+request for the width L of the drafts it is handed, so the scheduler picks the L that maximizes
+Algorithm 1's Θ = E[accepted tokens] · SPS(rows) over the batch (`uniform_verify_length`) and the
+target's next forward really shrinks to B·(1 + L) rows. (Per-request lengths below L would only
+throw away rows TGI computes anyway.)
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dspark_cli.runtime import rng
 from dspark_cli.integrations.tgi.draft import BlockProposal, DSparkDraft
 
 ENV_DRAFT = "DSPARK_DRAFT"
-ENV_SCHEDULER = "DSPARK_SCHEDULER"      # exact (Algorithm 1) | production | off (verify all γ)
+ENV_SCHEDULER = "DSPARK_SCHEDULER"      # exact (Algorithm 1's Θ over the batch's width) | off (all γ)
 ENV_SPS = "DSPARK_SPS_TABLE"
 ENV_STS = "DSPARK_STS"                  # STS calibration file (dspark-sts/1) for the confidence head
 
@@ -118,7 +123,6 @@ class Pending:
     q_token: torch.Tensor     # [γ]
     q: torch.Tensor           # [γ, V]
     ell: int                  # verify length chosen by the scheduler
-    survival: torch.Tensor    # [γ], kept for the production scheduler's stale budget
 
 
 def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
@@ -128,15 +132,26 @@ def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
     return rng.round_seeds(rng.seed_tensor(request_seeds), torch.tensor(positions, dtype=torch.int64))
 
 
+def uniform_verify_length(a: torch.Tensor, sps: runtime.SPSTable) -> int:
+    """Algorithm 1's objective over the lengths TGI's layout can run, one L for all R requests:
+    Θ(L) = (R + Σ_r Σ_{j<L} a_{r,j}) · SPS(R·(1 + L)) for L = 0..γ; the first maximum (ties go
+    to fewer rows). a [R, γ] survival; uses confidences only, so it is non-anticipating."""
+    R, gamma = a.shape
+    accepted = torch.cat([a.new_zeros(1), a.float().sum(0).cumsum(0)])  # Σ_r Σ_{j<L} a_{r,j}
+    rows = R * (1 + torch.arange(gamma + 1, device=a.device))
+    theta = (R + accepted) * sps.lookup(rows).to(accepted)
+    return int(theta.argmax())
+
+
 class DSparkSpeculation:
     def __init__(self, draft: DSparkDraft, capture: HiddenCapture | None, scheduler: str = "exact",
                  sps: runtime.SPSTable | None = None, seed: int = 0):
-        if scheduler not in ("exact", "production", "off"):
-            raise ValueError(f"{ENV_SCHEDULER} must be exact, production or off, got {scheduler!r}")
+        if scheduler not in ("exact", "off"):
+            # (vLLM's `production` variant sizes per-request lengths: TGI's layout runs one per batch)
+            raise ValueError(f"{ENV_SCHEDULER} must be exact or off for TGI, got {scheduler!r}")
         self.draft, self.capture, self.scheduler = draft, capture, scheduler
         self.sps = sps or runtime.SPSTable.default()
         self.pending: dict[int, Pending] = {}
-        self.stale: list[torch.Tensor] = []       # survival rows of the last two steps (production)
         # on the draft's device: the runtime draws its noise on the tensors' device
         self.generator = torch.Generator(device=draft.w["embed_tokens.weight"].device).manual_seed(seed)
         self.stats = {"steps": 0, "verified": 0, "accepted": 0}
@@ -186,29 +201,32 @@ class DSparkSpeculation:
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
                 temperature: torch.Tensor, top_k: torch.Tensor | None = None,
-                top_p: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> BlockProposal:
-        """top_k/top_p: the request's warp, applied to q as to the target (higher acceptance; any q
+                top_p: torch.Tensor | None = None, seeds: torch.Tensor | None = None) -> tuple[BlockProposal, int]:
+        """The block and the verify width L the scheduler gives the batch's next forward.
+        top_k/top_p: the request's warp, applied to q as to the target (higher acceptance; any q
         stays lossless because the drafts are tested against the q they were sampled from).
         seeds: as in verify (the draft stream of the key is independent of its accept/recover streams)."""
         proposal = self.draft.propose(request_ids, anchors, anchor_positions, temperature, top_k=top_k, top_p=top_p,
                                       seeds=seeds, generator=None if seeds is not None else self.generator)
-        a = proposal.survival
-        gamma = a.shape[1]
-        if self.scheduler == "off":
-            ell = torch.full((len(request_ids),), gamma, dtype=torch.int64)
-        elif self.scheduler == "exact":
-            ell = runtime.schedule_exact(a, self.sps)
-        else:
-            # Budget from survival two steps old (cannot depend on these drafts), top-K by current survival.
-            stale = self.stale[0] if len(self.stale) == 2 else a.new_ones(a.shape)
-            if stale.shape[0] != a.shape[0]:
-                stale = a.new_ones(a.shape)  # batch composition changed: be optimistic, still non-anticipating
-            ell = runtime.schedule_production(stale, a, self.sps)
-        self.stale = (self.stale + [a.detach()])[-2:]
+        gamma = proposal.survival.shape[1]
+        width = gamma if self.scheduler == "off" else uniform_verify_length(proposal.survival, self.sps)
         d = proposal.draft
-        for i, (r, ell_r) in enumerate(zip(request_ids, ell.tolist())):
-            self.pending[r] = Pending(d.tokens[i], d.q_token[i], d.q[i], ell_r, a[i])
-        return proposal
+        for i, r in enumerate(request_ids):
+            self.pending[r] = Pending(d.tokens[i], d.q_token[i], d.q[i], width)
+        return proposal, width
+
+    def restart(self, request_ids: list[int]) -> None:
+        """Arriving requests start from nothing: TGI's router reuses ids (every warmup request is
+        id 0, and so is the first real one), so a cache or draft under the id is someone else's."""
+        for r in request_ids:
+            self.pending.pop(r, None)
+            self.draft.drop(r)
+
+    def choose(self, batch, next_token_logits: torch.Tensor, speculate: int):
+        """What patched TGI calls instead of batch.next_token_chooser (hooks.choose)."""
+        from dspark_cli.integrations.tgi.hooks import choose
+
+        return choose(self, batch, next_token_logits, speculate)
 
     def forget_except(self, live: set[int]) -> None:
         for r in [r for r in self.pending if r not in live]:

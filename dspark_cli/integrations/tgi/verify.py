@@ -18,7 +18,7 @@ from dspark_cli.output import console, emit
 
 SERIES = "tgi/v3.3.7"
 # file of the installed package -> a name our patch puts there
-HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "dspark_choose",
+HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "self.dspark.choose",
          "models/transformers_flash_causal_lm.py": "maybe_attach"}
 
 
@@ -91,7 +91,8 @@ def generate(target, speculation, prompt: list[int], steps: int, temperature: fl
     seq, rid, emitted, accepted, rounds = list(prompt), 0, [], 0, 0
     greedy = torch.tensor([temperature == 0.0])
     while len(emitted) < steps:
-        drafts = speculation.pending[rid].tokens.tolist() if rounds else []
+        pending = speculation.pending.get(rid)  # as TGI: the target runs 1 + L rows, L the width given
+        drafts = pending.tokens[: pending.ell].tolist() if rounds else []
         S = 1 + len(drafts)
         with torch.no_grad():
             logits = target(torch.tensor([seq + drafts])).logits[0, -S:]
