@@ -50,6 +50,7 @@ class Gpus:
     names: list[str] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=list)   # "9.0"
     driver: str | None = None
+    unread: list[str] = field(default_factory=list)  # nvidia-smi lines or capabilities we could not read
     problem: str | None = None
     hint: str | None = None
 
@@ -166,13 +167,7 @@ def gpu_info() -> Gpus:
     if smi:
         out = _run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
         if out and out.returncode == 0 and out.stdout.strip():
-            g = Gpus()
-            for line in out.stdout.strip().splitlines():
-                name, cap, driver = (x.strip() for x in line.split(","))
-                g.names.append(name)
-                g.capabilities.append(cap)
-                g.driver = driver
-            return g
+            return _parse_smi(out.stdout)
     try:
         import torch
 
@@ -189,6 +184,27 @@ def gpu_info() -> Gpus:
                 hint="builds still work with --arch or TORCH_CUDA_ARCH_LIST; kernels need a GPU to run")
 
 
+def _parse_smi(text: str) -> Gpus:
+    """`name, compute_cap, driver` lines; a capability such as [N/A] (MIG, old drivers) or a line
+    of another shape is reported, not guessed."""
+    g = Gpus()
+    for line in text.strip().splitlines():
+        fields = [x.strip() for x in line.split(",")]
+        if len(fields) != 3:
+            g.unread.append(f"nvidia-smi line {line.strip()!r}")
+            continue
+        name, cap, g.driver = fields
+        if re.fullmatch(r"\d+\.\d+", cap):
+            g.names.append(name)
+            g.capabilities.append(cap)
+        else:
+            g.unread.append(f"the compute capability of {name} ({cap})")
+    if g.unread:
+        g.problem = f"could not read {'; '.join(g.unread)}"
+        g.hint = "pass --arch to dspark build or set TORCH_CUDA_ARCH_LIST (e.g. 9.0a)"
+    return g
+
+
 def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[list[str], str]:
     """(arch list, where it came from). Hopper gets 9.0a: our kernels use sm_90a-only instructions."""
     source = "--arch"
@@ -198,7 +214,8 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
     if not spec:
         gpus = gpus or gpu_info()
         if not gpus.capabilities:
-            return [], "none (no GPU; pass --arch or set TORCH_CUDA_ARCH_LIST)"
+            what = "the GPU's compute capability could not be read" if gpus.unread else "no GPU"
+            return [], f"none ({what}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
         spec, source = ";".join(sorted(set(gpus.capabilities))), "detected GPU"
     archs = []
     for item in re.split(r"[;,\s]+", spec.strip()):

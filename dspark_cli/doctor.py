@@ -52,10 +52,11 @@ def check_git() -> Check:
 
 
 def check_gpu(gpus: cuda_env.Gpus) -> Check:
-    if gpus.problem:
-        return Check("gpu", WARN, gpus.problem, gpus.hint)
     driver = f", driver {gpus.driver}" if gpus.driver else ""
-    return Check("gpu", OK, ", ".join(f"{n} (sm {c})" for n, c in zip(gpus.names, gpus.capabilities)) + driver)
+    listing = ", ".join(f"{n} (sm {c})" for n, c in zip(gpus.names, gpus.capabilities)) + driver
+    if gpus.problem:
+        return Check("gpu", WARN, f"{listing}; {gpus.problem}" if gpus.names else gpus.problem, gpus.hint)
+    return Check("gpu", OK, listing)
 
 
 def check_nvcc(nvcc: cuda_env.Nvcc) -> Check:

@@ -158,3 +158,23 @@ def test_disk_for_a_workdir_not_created_yet_and_the_cache(monkeypatch, tmp_path)
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
     assert doctor.cache_dir() == tmp_path / "cache"
     assert by_name(doctor.run_checks(tmp_path))["disk (cache)"].detail.endswith(f"at {tmp_path / 'cache'}")
+
+
+@pytest.mark.parametrize("line, unread", [
+    ("NVIDIA H200, [N/A], 570.86", "the compute capability of NVIDIA H200 ([N/A])"),
+    ("NVIDIA H200 570.86", "nvidia-smi line 'NVIDIA H200 570.86'"),
+])
+def test_an_nvidia_smi_line_we_cannot_read_is_a_warning(monkeypatch, tmp_path, line, unread):
+    """A real nvidia-smi stand-in on PATH: doctor warns and says to pass --arch, never fails or crashes."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho 'NVIDIA H100, 9.0, 570.86'\necho '{line}'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    gpus = cuda_env.gpu_info()
+    gpu = doctor.check_gpu(gpus)
+    assert gpu.status == "warn" and gpu.detail == f"NVIDIA H100 (sm 9.0), driver 570.86; could not read {unread}"
+    assert "--arch" in gpu.hint and doctor.check_arch(gpus).detail == "9.0a (detected GPU)"
+    smi.write_text(f"#!/bin/sh\necho '{line}'\n")
+    arch = doctor.check_arch(cuda_env.gpu_info())
+    assert arch.status == "warn" and "could not be read; pass --arch or set TORCH_CUDA_ARCH_LIST" in arch.detail
