@@ -46,7 +46,11 @@ def fetch_release(release: ReleaseFile) -> Path:
     target = releases / release.file
     if target.is_file() and sha256_of(target) == release.sha256:
         return target
-    releases.mkdir(parents=True, exist_ok=True)
+    try:
+        releases.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create the release cache {releases} ({exc.strerror}); "
+                                 "point DSPARK_CACHE at a writable directory") from None
     with tempfile.TemporaryDirectory(dir=releases, prefix=".download-") as tmp:
         downloaded = (_pip_download if release.kind == "wheel" else _index_download)(release, Path(tmp))
         actual = sha256_of(downloaded)

@@ -42,6 +42,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def read_series(directory: Path) -> list[str]:
     """Patch names listed in DIR/series, in order."""
     series_file = directory / SERIES_FILE
@@ -50,7 +59,7 @@ def read_series(directory: Path) -> list[str]:
     if not series_file.is_file():
         raise UsageError(f"{series_file}: missing (a series directory needs a `series` file)")
     names: list[str] = []
-    for number, raw in enumerate(series_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(_read_text(series_file).splitlines(), 1):
         name = raw.split("#", 1)[0].strip()
         if not name:
             continue
@@ -70,7 +79,7 @@ def read_lock(directory: Path) -> dict[str, str]:
     if not lock_file.is_file():
         raise UsageError(f"{lock_file}: missing; run `dspark series lock {directory}`")
     locked: dict[str, str] = {}
-    for number, raw in enumerate(lock_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(_read_text(lock_file).splitlines(), 1):
         if not raw.strip():
             continue
         match = _LOCK_LINE.match(raw)
@@ -93,7 +102,7 @@ def write_lock(directory: Path) -> Path:
 def check_lock(directory: Path) -> None:
     """CheckFailed unless series.lock is exactly what `dspark series lock` would write."""
     lock_file = directory / LOCK_FILE
-    current = lock_file.read_text(encoding="utf-8") if lock_file.is_file() else None
+    current = _read_text(lock_file) if lock_file.is_file() else None
     if current != lock_text(directory):
         raise CheckFailed(f"{lock_file} is out of date; run `dspark series lock {directory}`")
 

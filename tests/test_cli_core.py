@@ -188,3 +188,24 @@ def test_a_git_failure_reaching_the_cli_is_one_line(toy_env):
     result = run_real("revert", "-C", str(work))
     assert result.returncode == 3 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert "git" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["series", "series.lock"])
+def test_non_utf8_series_files_are_one_line_exit_2(toy_env, name):
+    series_dir = toy_env["series"]
+    (series_dir / name).write_bytes(b"\xff\xfe not text\n")
+    for args in (["series", "lock", str(series_dir), "--check"], ["apply", "toy", "-C", str(toy_env["work"])]):
+        result = run_real(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"error: {series_dir / name}: not UTF-8 text (byte 0)"
+
+
+def test_a_cache_that_is_a_file_is_one_line_exit_3(toy_env, tmp_path, monkeypatch):
+    from dspark_cli.compat import ReleaseFile
+    from dspark_cli.errors import EnvironmentProblem
+    from dspark_cli.pypi_source import fetch_release
+
+    (tmp_path / "cache-file").write_text("x\n")
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache-file"))
+    with pytest.raises(EnvironmentProblem, match="cannot create the release cache .*point DSPARK_CACHE"):
+        fetch_release(ReleaseFile("toy-engine", "1.0", "toy_engine-1.0.tar.gz", "0" * 64))
