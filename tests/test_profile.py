@@ -56,6 +56,24 @@ def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("config, reason", [
+    ({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+      "intermediate_size": 32, "vocab_size": 128}, "BertLMHeadModel returns no KV cache"),
+    ({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 128, "state_size": 4},
+     "MambaForCausalLM keeps a recurrent state that cannot be rolled back"),
+], ids=["bert", "mamba"])
+def test_a_model_without_a_kv_cache_is_bad_input(tmp_path, config, reason):
+    """Was an AttributeError traceback (bert) and exit 3 'the forward failed on cpu' (mamba)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+                   "--repeats", "1", "--warmup", "0", "--context", "4")
+    assert proc.returncode == 2, proc.stderr
+    line = f"error: model_type '{config['model_type']}' is not supported: {reason}; dspark profile times a causal LM with a KV cache"
+    assert line in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_default_sweeps():
     assert default_sizes(16) == [1, 2, 4, 8, 16]
     assert default_sizes(100)[-1] == 100 and 96 in default_sizes(100)

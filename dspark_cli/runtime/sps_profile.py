@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dspark_cli.errors import UsageError
 from dspark_cli.runtime.sps import SPSTable
 
 
@@ -70,6 +71,24 @@ class ForwardTimer:
         self.vocab = config.vocab_size
         params = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self._check_kv_cache(config.model_type)
+
+    @torch.inference_mode()
+    def _check_kv_cache(self, model_type: str) -> None:
+        """Refuse, before any timing, a model without a KV cache we can crop back to the context
+        (a failure mid-timing reads as a device problem). UsageError, not ValueError: the CLI would
+        report a ValueError as a config transformers cannot build, and it built this one."""
+        name = type(self.model).__name__
+        if self.model._is_stateful:  # transformers' flag for a recurrent state (mamba, rwkv, hybrids)
+            reason = f"{name} keeps a recurrent state that cannot be rolled back"
+        else:
+            probe = torch.zeros(1, 1, dtype=torch.long, device=self.settings.device)
+            cache = getattr(self.model(input_ids=probe, use_cache=True), self.cache_name, None)
+            if callable(getattr(cache, "crop", None)):
+                return
+            reason = f"{name} returns no KV cache"
+        raise UsageError(f"model_type {model_type!r} is not supported: {reason}; dspark profile times "
+                         "a causal LM with a KV cache (a decoder-only transformer such as llama or qwen3)")
 
     def _sync(self):
         if self.settings.device.startswith("cuda"):
