@@ -5,10 +5,9 @@ import importlib
 import sys
 
 import typer
-from rich.markup import escape
 
 from dspark_cli.errors import EXIT_USAGE, DsparkError
-from dspark_cli.output import err_console
+from dspark_cli.output import emit_error
 
 # typer may vendor its own click; take the usage-error class from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -34,15 +33,16 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    as_json = "--json" in sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else "--json" in sys.argv[1:]
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except DsparkError as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        emit_error("error", str(exc), exc.exit_code, as_json)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
     except ClickUsageError as exc:
-        err_console.print(f"[red]usage:[/red] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -5,6 +5,7 @@ import sys
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -16,3 +17,10 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     else:
         render(result)
+
+
+def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
+    """An error as one line on stderr and, under --json, also as the one JSON document on stdout."""
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code}) + "\n")
+    err_console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)

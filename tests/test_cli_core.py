@@ -209,3 +209,29 @@ def test_a_cache_that_is_a_file_is_one_line_exit_3(toy_env, tmp_path, monkeypatc
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache-file"))
     with pytest.raises(EnvironmentProblem, match="cannot create the release cache .*point DSPARK_CACHE"):
         fetch_release(ReleaseFile("toy-engine", "1.0", "toy_engine-1.0.tar.gz", "0" * 64))
+
+
+@pytest.mark.parametrize("args, code", [
+    (["series", "lock", "{series}", "--check", "--json"], 1),
+    (["apply", "nosuch", "--json"], 2),
+    (["status", "-C", "/nonexistent", "--json"], 2),
+    (["apply", "toy", "--json", "--bogus"], 2),
+])
+def test_errors_under_json_are_one_json_document_on_stdout(toy_env, args, code):
+    with open(toy_env["series"] / "0001-dspark-hook-in-core.patch", "a") as handle:
+        handle.write("\n")  # an edit the lock does not know
+    result = run_real(*[a.format(series=toy_env["series"]) for a in args])
+    assert result.returncode == code, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == code and document["error"]
+    assert result.stderr.count("\n") == 1 and document["error"] in result.stderr
+
+
+def test_human_output_is_not_wrapped_when_piped(toy_env, tmp_path):
+    """Long paths stay on one line (rich wraps at 80 columns off a terminal unless told not to)."""
+    work = tmp_path / ("a-long-directory-name-" * 4) / "work"
+    applied = run_real("apply", "toy", "-C", str(work))
+    status = run_real("status", "-C", str(work))
+    assert applied.returncode == 0 and status.returncode == 0, applied.stderr + status.stderr
+    assert f"toy v1.0 in {work} (base" in applied.stdout
+    assert f"workspace  {work}  (toy v1.0)" in status.stdout

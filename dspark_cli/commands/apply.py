@@ -14,9 +14,9 @@ WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace 
 
 def _print_notes(result: dict) -> None:
     for note in result.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
     for line in result.get("drift", []):
-        console.print(f"[yellow]drift:[/yellow] {escape(line)}", highlight=False)
+        console.print(f"[yellow]drift:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _render_apply(result: dict) -> None:
@@ -24,36 +24,36 @@ def _render_apply(result: dict) -> None:
     source = result["source"]
     made_from = source.get("file") or source.get("repository")
     console.print(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     for label in result["applied"]:
         mark = "[green]applied[/green]" if label in result["new"] else "already applied"
-        console.print(f"  {mark}  {label}", highlight=False)
+        console.print(f"  {mark}  {label}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{result['status']}[/bold] on branch {result['branch']} "
-                  f"({len(result['new'])} new, {len(result['applied'])} in the series)", highlight=False)
+                  f"({len(result['new'])} new, {len(result['applied'])} in the series)", highlight=False, soft_wrap=True)
 
 
 def _render_status(result: dict) -> None:
     source = result["source"] or {}
     made_from = source.get("file") or source.get("repository")
-    console.print(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})", highlight=False)
-    console.print(f"base       {result['base']}  from {made_from}", highlight=False)
-    console.print(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", highlight=False)
-    console.print(f"applied    {len(result['applied'])} patch(es)", highlight=False)
+    console.print(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})", highlight=False, soft_wrap=True)
+    console.print(f"base       {result['base']}  from {made_from}", highlight=False, soft_wrap=True)
+    console.print(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", highlight=False, soft_wrap=True)
+    console.print(f"applied    {len(result['applied'])} patch(es)", highlight=False, soft_wrap=True)
     for patch in result["applied"]:
-        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}", highlight=False)
+        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}", highlight=False, soft_wrap=True)
     for commit in result["user_commits"]:
-        console.print(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}", highlight=False)
+        console.print(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}", highlight=False, soft_wrap=True)
     for commit in result["detached_commits"]:
-        console.print(f"  {commit['commit'][:12]}  (yours, on no branch)  {escape(commit['subject'])}", highlight=False)
-    console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False)
+        console.print(f"  {commit['commit'][:12]}  (yours, on no branch)  {escape(commit['subject'])}", highlight=False, soft_wrap=True)
+    console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False, soft_wrap=True)
     for line in result["drift"]:
-        console.print(f"  - {escape(line)}", highlight=False)
+        console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
     if not result["build"]:
-        console.print("build      no build record", highlight=False)
+        console.print("build      no build record", highlight=False, soft_wrap=True)
     for build in result["build"]:
         record = build.get("record")
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list))) if isinstance(record, dict) else build.get("error", record)
-        console.print(f"build      {build['file']}: {summary}", highlight=False)
+        console.print(f"build      {build['file']}: {summary}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
             _print_notes(result)
             console.print(f"[bold]{result['status']}[/bold]: {result['branch']} at base {result['base'][:12]}; "
                           f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
 
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
 
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
             {"name": name, "sha256": sha} for name, sha in series_files.read_lock(directory).items()
         ]}
         emit(result, as_json, lambda r: console.print(
-            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"), highlight=False
-        ))
+            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"), highlight=False,
+            soft_wrap=True))
 
     app.add_typer(series_app, name="series")
