@@ -173,3 +173,15 @@ def test_unknown_pin_and_unknown_onto_are_usage_errors(upstream):
     assert bad_pin.returncode == 2 and "v1.0" in bad_pin.stderr
     bad_onto = dspark(u, "--onto", "no-such-tag", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd5"))
     assert bad_onto.returncode == 2 and "Traceback" not in bad_onto.stderr
+
+
+def test_a_release_version_matches_its_pin_without_the_package_index(monkeypatch):
+    """`--onto 0.33.0` is pin v0.33.0 (its release version): the pinned sdist, never an index query."""
+    from dspark_cli import compat
+    from dspark_cli.commands.rebase import _onto_release
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # any query would fail
+    vllm = compat.load(Path(__file__).resolve().parents[1] / "compat.yaml").engine("vllm")
+    for onto in ("0.33.0", "v0.33.0", "0.33"):
+        release, name = _onto_release(vllm, onto, "vllm")
+        assert (release.file, name) == ("vllm-0.33.0.tar.gz", "v0.33.0")

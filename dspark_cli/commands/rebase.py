@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 import yaml
+from packaging.version import InvalidVersion, Version
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
@@ -27,8 +28,30 @@ def _sdist_first(pin: compat_mod.Pin) -> compat_mod.ReleaseFile:
     return sdists[0] if sdists else pypi_source.choose_release(pin, None, None)
 
 
-def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[compat_mod.ReleaseFile, str]:
+def _release_pin(engine: compat_mod.Engine, onto: str) -> compat_mod.Pin | None:
+    """The pin `onto` names: by name, tag or commit, or a release version (0.33.0) equal to a pin's
+    release version or name (v0.33.0), so a pinned release never goes to the package index."""
     pin = engine.resolve_pin(onto)
+    match = _VERSION.match(onto)
+    if pin is not None or not match:
+        return pin
+    wanted = Version(match.group(1))
+    for candidate in engine.pins.values():
+        versions = [r.version for r in candidate.releases] + [candidate.name.removeprefix("v")]
+        if any(_same_version(v, wanted) for v in versions):
+            return candidate
+    return None
+
+
+def _same_version(text: str, wanted: Version) -> bool:
+    try:
+        return Version(text) == wanted
+    except InvalidVersion:
+        return False
+
+
+def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[compat_mod.ReleaseFile, str]:
+    pin = _release_pin(engine, onto)
     if pin is not None and pin.releases:
         return _sdist_first(pin), pin.name
     match = _VERSION.match(onto)
