@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from dspark_cli.errors import UsageError
 
@@ -177,6 +178,14 @@ class _Validator:
             self.fail(node, key_path, "a version range such as '>=3.11'")
         return value
 
+    def version(self, node, key_path) -> str:
+        value = self.string(node, key_path, expected="a PEP 440 version such as 0.32.0")
+        try:
+            Version(value)
+        except InvalidVersion:
+            self.fail(node, key_path, "a PEP 440 version such as 0.32.0")
+        return value
+
     def sequence(self, node, key_path, expected) -> list:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, key_path, expected)
@@ -254,7 +263,7 @@ class _Validator:
             self.fail(keys["file"], f"{where}.file", "a wheel or sdist file name (.whl, .tar.gz, .zip)")
         return ReleaseFile(
             package=self.string(keys["package"], f"{where}.package", NAME, "a package name"),
-            version=self.string(keys["version"], f"{where}.version", expected="a version"),
+            version=self.version(keys["version"], f"{where}.version"),
             file=file_name,
             sha256=self.string(keys["sha256"], f"{where}.sha256", SHA256, "64 lowercase hex digits"),
         )

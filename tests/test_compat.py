@@ -52,6 +52,7 @@ def errors_for(text: str) -> str:
     ("    module: vllm ", "    modul: vllm ", "engines.vllm.modul: expected one of the keys repository, module"),
     ("releases: []", "releases: {}", "engines.tgi.pins.v3.3.7.releases: expected a list of release files, got a mapping"),
     ("file: vllm-0.33.0.tar.gz", "file: ../etc/passwd", "releases[0].file: expected a wheel or sdist file name"),
+    ("version: 0.33.0\n", "version: zero point 33\n", "releases[0].version: expected a PEP 440 version such as 0.32.0"),
     ("engines:\n", "engines: [\n", "not valid YAML"),
 ])
 def test_each_malformation_names_key_line_and_expectation(old, new, expected):
