@@ -105,3 +105,11 @@ def test_pypi_only_options_are_refused_with_the_git_source(toy, option):
     with pytest.raises(UsageError, match="only applies to --source pypi"):
         run_apply(toy, **option)
     assert not toy["workdir"].exists()
+
+
+def test_a_short_id_that_git_resolves_to_another_commit_is_refused(toy):
+    """A tag named like a short id (cafe1234) makes rev-parse pick the tag: HEAD is then not that id."""
+    git(toy["upstream"]["repo"], "tag", "cafe1234", toy["upstream"]["v1.1"])
+    with pytest.raises(UsageError, match="cafe1234 checked out as .*, not the pinned commit"):
+        run_apply(toy, commit="cafe1234", allow_unpinned=True)
+    assert not toy["workdir"].exists()
