@@ -146,7 +146,8 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         if state is not None:
             _check_same_workspace(state, identity, source, workdir)
     drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
-    state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers}
+    state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers,
+             "compat": str(compat.path)}
     result = _apply_series(ws, base, branch, patches, request.force, state)
     result.update({"workdir": str(workdir), "engine": engine.name, "pin": series_pin.name, "source": source,
                    "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift})
@@ -359,9 +360,12 @@ def status(workdir: Path) -> dict:
 
 
 def _pin_drift(state: dict) -> list[str]:
-    """The workspace's base against compat.yaml's pin now (its commit, or its release file's sha256)."""
+    """The workspace's base against the pin in the compat.yaml it was applied from, as that file is
+    now (its commit, or its release file's sha256); the default compat.yaml for older workspaces."""
+    recorded = state.get("compat")
+    path = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
     try:
-        engine = load_compat().engine(state.get("engine") or "")
+        engine = load_compat(path).engine(state.get("engine") or "")
     except UsageError as exc:
         return [f"cannot compare with compat.yaml: {exc}"]
     pin = engine.pins.get(state.get("pin") or "")

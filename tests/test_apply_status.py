@@ -27,7 +27,9 @@ def toy(tmp_path, monkeypatch):
     return {**t, "workdir": work}
 
 
-def test_status_reports_a_base_that_is_no_longer_the_pin(toy):
+def test_status_reports_a_base_that_is_no_longer_the_pin(toy, monkeypatch):
+    """Against the compat.yaml the workspace was applied from, whatever DSPARK_COMPAT says now."""
+    monkeypatch.delenv("DSPARK_COMPAT", raising=False)
     assert applier.status(toy["workdir"])["drift"] == []
     write_compat(toy["root"], toy["upstream"], toy["series"], commit=toy["upstream"]["v1.1"])
     drift = applier.status(toy["workdir"])["drift"]
@@ -49,7 +51,8 @@ def test_status_after_an_interrupted_layered_apply(toy):
     half-applied patch 'no longer in its series'; the next apply recovers and finishes."""
     team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
                        [("team: readme", {"README.team": "ours\n"})])
-    env = {**os.environ, applier.KILL_AFTER_ENV: "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, applier.KILL_AFTER_ENV: "1", "PYTHONPATH": str(REPO_ROOT),
+           "DSPARK_COMPAT": str(toy["compat_path"])}
     killed = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(toy["workdir"]),
                              "--series", str(team)], env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL

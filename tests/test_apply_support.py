@@ -131,6 +131,5 @@ def make_toy(tmp_path: Path, monkeypatch) -> dict:
     isolate_git(monkeypatch, tmp_path)
     upstream = make_upstream(tmp_path)
     series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
-    compat_path = write_compat(tmp_path, upstream, series_dir)
-    monkeypatch.setenv("DSPARK_COMPAT", str(compat_path))  # what `status` compares the workspace with
-    return {"root": tmp_path, "upstream": upstream, "series": series_dir, "compat_path": compat_path}
+    return {"root": tmp_path, "upstream": upstream, "series": series_dir,
+            "compat_path": write_compat(tmp_path, upstream, series_dir)}
