@@ -22,25 +22,34 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
 
-// Shapes only: what the CUDA implementations allocate.
+// Shapes only: what the CUDA implementations allocate. Every size is a SymInt taken from the
+// inputs' sym sizes, so under torch.compile(dynamic=True) the batch size stays symbolic (a concrete
+// .size() here would specialize it and recompile for every new R).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> markov_chain_meta(
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
-  const auto R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
+  const c10::SymInt R = U.sym_size(0), gamma = U.sym_size(1), V = U.sym_size(2), rank = w1.sym_size(1);
+  const c10::SymInt zero = 0;
+  const bool confidence = conf_h.has_value() && conf_h->defined();
+  const bool warped = (top_k.has_value() && top_k->defined()) || (top_p.has_value() && top_p->defined());
   auto f32 = U.options().dtype(at::kFloat);
-  return {at::empty({R, gamma}, U.options().dtype(at::kLong)), at::empty({R, gamma}, f32),
-          return_q ? at::empty({R, gamma, V}, f32) : at::empty({0}, f32), at::empty({R, gamma, rank}, w1.options()),
-          at::empty({R, gamma, 2}, f32), at::empty({1}, U.options().dtype(at::kInt)),
-          at::empty({conf_h.has_value() && conf_h->defined() ? R : 0, gamma}, f32),
-          at::empty({(top_k.has_value() && top_k->defined()) || (top_p.has_value() && top_p->defined()) ? R : 0, gamma},
-                    f32)};
+  return {at::empty_symint({R, gamma}, U.options().dtype(at::kLong)),
+          at::empty_symint({R, gamma}, f32),
+          return_q ? at::empty_symint({R, gamma, V}, f32) : at::empty_symint({zero}, f32),
+          at::empty_symint({R, gamma, rank}, w1.options()),
+          at::empty_symint({R, gamma, c10::SymInt(2)}, f32),
+          // the CUDA op's block counter is the last of γ + 1 int counters (storage offset γ, so not
+          // 16-byte aligned): the same view here, or inductor would assert an alignment it lacks
+          at::empty_symint({gamma + 1}, U.options().dtype(at::kInt)).narrow_symint(0, gamma, 1),
+          at::empty_symint({confidence ? R : zero, gamma}, f32),
+          at::empty_symint({warped ? R : zero, gamma}, f32)};
 }
 
 at::Tensor schedule_production_meta(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit) {
-  return at::empty({a_now.size(0)}, a_now.options().dtype(at::kLong));
+  return at::empty_symint({a_now.sym_size(0)}, a_now.options().dtype(at::kLong));
 }
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
@@ -50,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
     int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
-  return {at::empty({tokens.size(0), tokens.size(1) + 1}, tokens.options()), at::empty({tokens.size(0)}, tokens.options())};
+  const c10::SymInt R = tokens.sym_size(0), gamma = tokens.sym_size(1);
+  return {at::empty_symint({R, gamma + 1}, tokens.options()), at::empty_symint({R}, tokens.options())};
 }
 
 }  // namespace dspark

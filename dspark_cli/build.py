@@ -1,7 +1,8 @@
 """Build and load our CUDA extension (csrc/) with torch.utils.cpp_extension and ninja.
 
 Builds go to $DSPARK_CACHE/build/<key> (DSPARK_CACHE defaults to ~/.cache/dspark), keyed by torch
-version, CUDA version, arch list and a hash of csrc/, so an unchanged rebuild only finds the .so.
+version, CUDA version, arch list, a hash of csrc/ and the compiler flags (build_flags()), so an
+unchanged rebuild only finds the .so.
 No typer/rich here: the GPU machine builds through `python -c` with PYTHONPATH=. alone.
 """
 
@@ -24,6 +25,10 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 LIB_NAME = "dspark_ops"
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+CFLAGS = ["-O3"]
+CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# Read by torch.utils.cpp_extension (CXX) or by nvcc itself (NVCC_*_FLAGS): they change the binary too.
+FLAG_ENV = ("CXX", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
 
 
 def cache_root() -> Path:
@@ -42,6 +47,13 @@ def source_hash() -> str:
     for p in source_files():
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def build_flags() -> dict:
+    """What goes to the compilers besides the sources and the arch list: part of the cache key. The
+    library name is the -DTORCH_EXTENSION_NAME define; FLAG_ENV variables count only when set."""
+    return {"name": LIB_NAME, "cflags": CFLAGS, "cuda_cflags": CUDA_CFLAGS,
+            "env": {k: os.environ[k] for k in FLAG_ENV if os.environ.get(k)}}
 
 
 @dataclass
@@ -84,7 +96,7 @@ def plan(arch: str | None = None) -> BuildPlan:
         raise UsageError(str(exc)) from None
     if not archs:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
-    raw = json.dumps([torch.version, nvcc.version, archs, source_hash()])
+    raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags()], sort_keys=True)
     key = f"torch{torch.version}-cu{nvcc.version}-{'_'.join(archs)}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
     return BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
 
@@ -116,8 +128,8 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
         ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
         includes, cublas = _cuda_library_paths(Path(p.cuda_home))
         ext.load(name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
-                 build_directory=str(p.directory), extra_cflags=["-O3"],
-                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+                 build_directory=str(p.directory), extra_cflags=list(CFLAGS),
+                 extra_cuda_cflags=list(CUDA_CFLAGS),
                  extra_include_paths=includes, extra_ldflags=[cublas],
                  is_python_module=False, verbose=verbose)
     except Exception as exc:  # compiler errors are long; the log stays in the build directory

@@ -1,6 +1,7 @@
 """A real nvcc build of csrc/ (sm_90a) in the CUDA torch venv that .ci/prepare.d/20-cuda-torch.sh
 makes ($DSPARK_CUDA_TORCH_PYTHON), run in a subprocess: the library links, loads without a GPU,
-registers its ops with Meta implementations, and a second build is a cache hit."""
+registers its ops with Meta implementations (symbolic: torch.compile(dynamic=True) compiles once across
+batch sizes), and a second build is a cache hit."""
 
 import base64
 import hashlib
@@ -32,9 +33,52 @@ L = lambda *s: meta(*s, dtype=torch.long)
 rej = torch.ops.dspark.rejection_sample(meta(20, 1000), L(3), L(3), L(3, 7), meta(3, 7), None,
                                         meta(3, 7, 1000, dtype=torch.bfloat16), L(3), meta(1000, 64, dtype=torch.bfloat16),
                                         meta(1000, 64, dtype=torch.bfloat16), meta(3), None, L(3), row_stats=meta(3, 7, 2))
-print(json.dumps({"wheel": str(wheel), "first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
+# torch.compile(dynamic=True, fullgraph=True) over three batch sizes: the Meta impls build their
+# outputs from the inputs' sym sizes, so each function compiles once (recompile_limit 1: a second
+# compilation of the frame fails); markov_chain with the confidence head and top-k/top-p gives
+# non-empty conf_logits and thresholds.
+import torch._dynamo
+from torch._dynamo.utils import counters
+torch._dynamo.config.recompile_limit = 1
+bf = lambda *s: meta(*s, dtype=torch.bfloat16)
+G, V, RANK, D = 7, 1000, 64, 32
+def chain(U, anchors, w1, w2, T, seeds, h, cw, cb, k, p):
+    return torch.ops.dspark.markov_chain(U, anchors, w1, w2, T, seeds, True, h, cw, cb, k, p)
+def chain_lazy(U, anchors, w1, w2, T, seeds):
+    return torch.ops.dspark.markov_chain(U, anchors, w1, w2, T, seeds, False)
+def sched(a_stale, a_now, dense):
+    return torch.ops.dspark.schedule_production(a_stale, a_now, dense, 8)
+def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats, thresholds):
+    return torch.ops.dspark.rejection_sample(target, None, ell, tokens, q_token, None, U, anchors, w1, w2, T, None,
+                                             seeds, row_stats, G + 1, None, thresholds)
+cases = {
+    "markov_chain": (chain, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R), bf(R, G, D),
+                                       meta(D + RANK), meta(1), L(R), meta(R))),
+    "markov_chain_lazy": (chain_lazy, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R))),
+    "schedule_production": (sched, lambda R: (meta(R + 2, G), meta(R, G), meta(9))),
+    "rejection_sample": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
+                                            bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G))),
+}
+dyn = {}
+for name, (fn, make) in cases.items():
+    torch._dynamo.reset(); counters.clear()
+    frames = []
+    def counting(gm, example_inputs):
+        frames.append(name)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=counting)
+    dyn[name] = {"shapes": {}}
+    try:
+        for R in (3, 5, 11):  # none equal to another dim (duck sizing would tie them)
+            out = compiled(*make(R))
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            dyn[name]["shapes"][str(R)] = [[list(o.shape), str(o.dtype)] for o in out]
+    except Exception as exc:
+        dyn[name]["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+    dyn[name].update(compiles=len(frames), unique_graphs=counters["stats"]["unique_graphs"])
+print(json.dumps({"dyn": dyn, "wheel": str(wheel), "first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
-                  "rej": [[list(o.shape), str(o.dtype)] for o in rej],
+                  "rej": [[list(o.shape), str(o.dtype)] for o in rej], "counter_offset": outs[5].storage_offset(),
                   "ops": sorted(n for n in dir(torch.ops.dspark) if not n.startswith("_") and n not in ("name", "overloads")),
                   "schema": str(torch.ops.dspark.markov_chain.default._schema)}))
 """
@@ -60,16 +104,37 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["meta"] == [[[3, 7], "torch.int64"], [[3, 7], "torch.float32"], [[0], "torch.float32"],
                            [[3, 7, 64], "torch.bfloat16"], [[3, 7, 2], "torch.float32"], [[1], "torch.int32"],
                            [[0, 7], "torch.float32"], [[0, 7], "torch.float32"]]
+    assert res["counter_offset"] == 7  # as the CUDA op's: the last of γ + 1 counters
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
     assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
+    check_dynamic_shapes(res["dyn"])
     check_wheel(Path(res["wheel"]), Path(res["path"]), tmp_path)
     # the library carries sm_90a machine code
     cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
     if cuobjdump.is_file():
         listing = subprocess.run([str(cuobjdump), "--list-elf", res["path"]], capture_output=True, text=True).stdout
         assert "sm_90a" in listing
+
+
+def check_dynamic_shapes(dyn: dict) -> None:
+    """Each op under torch.compile(dynamic=True, fullgraph=True) on Meta tensors compiled once for
+    R = 3, 5, 11, and the outputs have the shapes of the CUDA implementations."""
+    f32, i64 = "torch.float32", "torch.int64"
+    for name, res in dyn.items():
+        assert "error" not in res and res["compiles"] == 1 and res["unique_graphs"] == 1, (name, res)
+        assert sorted(res["shapes"]) == ["11", "3", "5"], (name, res)
+    for R in (3, 5, 11):
+        r = str(R)
+        assert dyn["markov_chain"]["shapes"][r] == [[[R, 7], i64], [[R, 7], f32], [[R, 7, 1000], f32],
+                                                    [[R, 7, 64], "torch.bfloat16"], [[R, 7, 2], f32],
+                                                    [[1], "torch.int32"], [[R, 7], f32], [[R, 7], f32]]
+        assert dyn["markov_chain_lazy"]["shapes"][r] == [[[R, 7], i64], [[R, 7], f32], [[0], f32],
+                                                         [[R, 7, 64], "torch.bfloat16"], [[R, 7, 2], f32],
+                                                         [[1], "torch.int32"], [[0, 7], f32], [[0, 7], f32]]
+        assert dyn["schedule_production"]["shapes"][r] == [[[R], i64]]
+        assert dyn["rejection_sample"]["shapes"][r] == [[[R, 8], i64], [[R], i64]]
 
 
 def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:
@@ -131,3 +196,36 @@ def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
     (src / "x.cu").write_text("// v2\n")
     assert build.plan("9.0a").key != k1
 
+
+
+def test_build_key_changes_with_flags(monkeypatch, tmp_path):
+    """The compiler flags (and the environment nvcc and cpp_extension read them from) are in the key."""
+    from dspark_cli import build, cuda_env
+
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/usr/local/cuda"), "nvcc"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/usr/local/cuda/bin/nvcc", "13.0"))
+    for var in build.FLAG_ENV:
+        monkeypatch.delenv(var, raising=False)
+    base = build.plan("9.0a").key
+    assert build.plan("9.0a").key == base
+    keys = {base}
+    monkeypatch.setattr(build, "CUDA_CFLAGS", [*build.CUDA_CFLAGS, "-DDSPARK_DEBUG"])
+    keys.add(build.plan("9.0a").key)
+    monkeypatch.setattr(build, "CFLAGS", ["-O2"])
+    keys.add(build.plan("9.0a").key)
+    monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
+    keys.add(build.plan("9.0a").key)
+    monkeypatch.setenv("CXX", "clang++")
+    keys.add(build.plan("9.0a").key)
+    assert len(keys) == 5
+    # build() hands the compilers exactly the flags the key hashed
+    import torch.utils.cpp_extension as ext
+
+    seen = {}
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/usr/local/cuda/lib64/libcublas.so"))
+    monkeypatch.setattr(ext, "load", lambda **kw: seen.update(kw))
+    assert build.build("9.0a").status == "built"
+    assert seen["extra_cflags"] == ["-O2"] and seen["extra_cuda_cflags"] == [*build.CUDA_CFLAGS]
+    assert seen["extra_cuda_cflags"][-1] == "-DDSPARK_DEBUG" and seen["name"] == build.build_flags()["name"]

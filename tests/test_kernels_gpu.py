@@ -483,3 +483,95 @@ def test_rejection_with_chain_block_counter_under_torch_compile():
         out, n = verify(*args)
         assert torch.equal(out, eager[0]) and torch.equal(n, eager[1])
     assert s.block_counter.tolist() == [0]
+
+
+def test_ops_under_dynamic_torch_compile_compile_once_across_batch_sizes():
+    """Scheduler, chain (confidence head, top-k/top-p, lazy q) and verification in one
+    torch.compile(dynamic=True, fullgraph=True) function: the ops' Meta implementations give
+    symbolic shapes, so three batch sizes share one compilation, and each call gives the eager
+    outputs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    from dspark_cli.runtime import SPSTable
+
+    G, V, RANK, D = 7, 32000, 256, 96
+    sps = SPSTable.default()
+    dense, limit = sps.dense("cuda"), sps.dense_limit
+    ops = torch.ops.dspark
+
+    def step(a_stale, a_now, U, anchors, w1, w2, temperature, seeds, h, weight, bias, top_k, top_p, target):
+        ell = ops.schedule_production(a_stale, a_now, dense, limit)
+        tokens, q_token, _, _, row_stats, counter, z, thresholds = ops.markov_chain(
+            U, anchors, w1, w2, temperature, seeds, False, h, weight, bias, top_k, top_p)
+        out, n = ops.rejection_sample(target, None, ell, tokens, q_token, None, U, anchors, w1, w2, temperature, None,
+                                      seeds, row_stats, G + 1, counter, thresholds)
+        return ell, tokens, q_token, z, thresholds, out, n
+
+    def inputs(R):
+        case = MarkovCase(R, G, V, RANK, greedy_every=0, warps=True, seed=70 + R)
+        U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+        top_k, top_p = markov_warps(case)
+        g = torch.Generator(device="cuda").manual_seed(R)
+        h = torch.randn(R, G, D, device="cuda", generator=g).to(torch.bfloat16)
+        weight = torch.randn(D + RANK, device="cuda", generator=g) / 32
+        target = torch.softmax(3 * torch.randn(R * (G + 1), V, device="cuda", generator=g), -1)
+        a_now = torch.cumprod(torch.rand(R, G, device="cuda", generator=g) ** 0.3, dim=1)
+        return (a_now.flip(0).contiguous(), a_now, U, anchors, w1, w2, temperature, seeds, h, weight,
+                torch.randn(1, device="cuda", generator=g), top_k.contiguous(), top_p.float().contiguous(), target)
+
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend=counting)
+    for R in (3, 16, 37):  # none equal to another dim of the inputs (duck sizing would tie them)
+        args = inputs(R)
+        eager = step(*args)
+        got = compiled(*args)
+        assert got[0].shape == (R,) and got[5].shape == (R, G + 1) and got[4].shape == (R, G)
+        for name, a, b in zip(("ell", "tokens", "q_token", "conf_logits", "thresholds", "output_tokens",
+                               "num_accepted"), got, eager):
+            assert a.shape == b.shape and torch.equal(a, b), (R, name)
+    assert len(compiles) == 1 and counters["stats"]["unique_graphs"] == 1, compiles
+
+
+def test_schedule_production_captures_in_cuda_graph():
+    """The production scheduler (runtime.schedule_production on CUDA tensors: our op, no value
+    checks) syncs nothing with the host: captured in a CUDA graph, each replay on new survival
+    values written in place gives what an eager call gives on them."""
+    from dspark_cli.runtime import SPSTable, schedule_production
+    from dspark_cli.selftest import survival_matrix
+
+    sps = SPSTable.default()
+    g = torch.Generator(device="cpu").manual_seed(77)
+    R, R_stale, gamma = 96, 80, 7
+    a_stale, a_now = survival_matrix(R_stale, gamma, g).cuda(), survival_matrix(R, gamma, g).cuda()
+    eager = schedule_production(a_stale, a_now, sps)  # also caches sps.dense on the GPU
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        schedule_production(a_stale, a_now, sps)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.cuda.set_sync_debug_mode("error")  # a synchronizing torch call raises
+        try:
+            captured = schedule_production(a_stale, a_now, sps)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert captured.shape == (R,) and captured.dtype == torch.int64
+    for i in range(3):
+        if i:
+            a_stale.copy_(survival_matrix(R_stale, gamma, g).cuda())
+            a_now.copy_(survival_matrix(R, gamma, g).cuda())
+            eager = schedule_production(a_stale, a_now, sps)
+        captured.fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager) and int(captured.sum()) > 0, i
