@@ -40,6 +40,21 @@ def partial():
     return successor_target_run("partial")
 
 
+def test_drafts_follow_vllm_per_batch_size_draft_lengths():
+    """vLLM's num_speculative_tokens_per_batch_size asks the drafter for K ≤ γ drafts per step by
+    batch size: the DSpark block still drafts γ, and the proposer hands over K."""
+    run = run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "oracle", "baseline": False,
+                                 "speculative_config": {"num_speculative_tokens_per_batch_size": [[1, 1, GAMMA],
+                                                                                                  [2, 16, 1]]},
+                                 "workloads": [greedy_workload("one", PROMPTS[:1], MAX_TOKENS),
+                                               greedy_workload("six", PROMPTS, MAX_TOKENS)]})
+    for name, prompts in (("one", PROMPTS[:1]), ("six", PROMPTS)):
+        assert run["workloads"][name]["dspark"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in prompts]
+    one, six = run["workloads"]["one"]["dspark"]["spec"], run["workloads"]["six"]["dspark"]["spec"]
+    assert one["draft_tokens"] == GAMMA * one["drafts"], one
+    assert six["drafts"] <= six["draft_tokens"] < 2 * six["drafts"], six  # K = 1 while the six run together
+
+
 SAMPLED_PROMPT = [5, 17, 42]
 NUM_SAMPLES = 240
 

@@ -4,6 +4,7 @@
 
 SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
+       "speculative_config": {...more of vLLM's speculative_config keys...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed", "top_k"?, "top_p"?}]}
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
 engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
@@ -80,7 +81,7 @@ def run(spec: dict) -> dict:
         del llm
     config = {"method": "dspark", "model": str(draft), "num_speculative_tokens": spec["gamma"],
               "draft_sample_method": spec.get("draft_sample_method", "probabilistic"),
-              "enable_adaptive_verification": bool(spec.get("adaptive", False))}
+              "enable_adaptive_verification": bool(spec.get("adaptive", False)), **spec.get("speculative_config", {})}
     llm = _engine(target, config, max_seqs)
     for w in spec["workloads"]:
         result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)

@@ -77,19 +77,22 @@ class DSparkProposer(DFlashProposer):
                              head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
                              seeds=self._draft_seeds(sampling_metadata, U, R), return_q=need_q,
                              confidence=confidence)
-        tokens = draft.tokens
+        # The block always drafts γ; vLLM's scheduler may ask for fewer this step
+        # (num_speculative_tokens_per_batch_size): hand it at most that many.
+        k = min(int(num_speculative_tokens), gamma)
+        tokens = draft.tokens[:, :k]
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
         self.stats["steps"] += 1
         self.stats["requests"] += R
         self.stats["drafted"] += R * gamma
         if not self.adaptive:
-            self.stats["scheduled"] += R * gamma
+            self.stats["scheduled"] += R * k
             return tokens
         # The head's logits z = w·[h_k ; W1[x_{k-1}]] + b came with the draft (our CUDA chain
         # computes them in its last launch); calibration and survival follow.
         a = survival(confidence_probs(draft.confidence_logits, self.verify_lengths.settings.sts))
-        ell = self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()
+        ell = [min(n, k) for n in self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()]
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
         return [row[:n] for row, n in zip(rows, ell)]
