@@ -177,6 +177,33 @@ def compare_markov(case: MarkovCase) -> dict:
     return res
 
 
+def confidence_inputs(case: MarkovCase, h_dtype: torch.dtype, d: int):
+    """(h [R, γ, d], weight [1, d + r], bias [1]) of a confidence head for the case."""
+    g = torch.Generator(device="cuda").manual_seed(case.seed)
+    h = torch.randn(case.R, case.gamma, d, device="cuda", generator=g).to(h_dtype)
+    weight = torch.randn(1, d + case.rank, device="cuda", generator=g) / 32
+    return h, weight, torch.randn(1, device="cuda", generator=g)
+
+
+def compare_confidence(case: MarkovCase, h_dtype: torch.dtype = torch.bfloat16, d: int = 2560) -> dict:
+    """The chain's confidence logits (its last launch) against confidence.py's on the chain's own
+    tokens; the head must not change the drafted tokens."""
+    from dspark_cli.runtime import confidence_logits, markov_chain
+
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    h, weight, bias = confidence_inputs(case, h_dtype, d)
+    poison_allocator()
+    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q,
+                         confidence=(h, weight, bias))
+    ref = confidence_logits(h, draft.prev_emb, weight, bias)
+    plain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q)
+    err = float((draft.confidence_logits - ref).abs().max())
+    same_tokens = bool(torch.equal(plain.tokens, draft.tokens))
+    return {"case": f"confidence {case.label()} h={str(h_dtype).removeprefix('torch.')} d={d}", "requests": case.R,
+            "conf_max_abs_err": err, "same_tokens": same_tokens,
+            "ok": same_tokens and err <= 1e-4 + 1e-5 * float(ref.abs().max())}
+
+
 def survival_matrix(R: int, gamma: int, g: torch.Generator) -> torch.Tensor:
     """Random non-increasing survival rows a_{r,j} = prod_{i<=j} c_{r,i}, c in (0, 1)."""
     return torch.cumprod(torch.rand(R, gamma, generator=g) ** 0.3, dim=1)
@@ -347,13 +374,17 @@ def run_self_test(as_json: bool = False) -> list[dict]:
         raise EnvironmentProblem("no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
     if cuda_ops.load() is None:
         raise EnvironmentProblem(f"CUDA extension not loaded: {cuda_ops.load_error()}; run dspark build")
-    results = ([compare_markov(c) for c in SELF_TEST_CASES] + [compare_rejection(c) for c in SELF_TEST_REJECTION]
+    results = ([compare_markov(c) for c in SELF_TEST_CASES]
+               + [compare_confidence(MarkovCase(16, 7, 151936, 256, return_q=False, seed=52))]
+               + [compare_rejection(c) for c in SELF_TEST_REJECTION]
                + [compare_schedule(256, 256, seed=1), compare_schedule(5, 9, seed=2)])
 
     def render(doc):
         for r in doc["results"]:
             if "diverged" in r:
                 detail = f"diverged={r['diverged']} q_token_rel={r['q_token_max_rel_err']:.2e}"
+            elif "conf_max_abs_err" in r:
+                detail = f"max |Δz|={r['conf_max_abs_err']:.2e} same_tokens={r['same_tokens']}"
             elif "differing" in r:
                 detail = f"differing={r['differing']} accepted={r['accepted_total']}/{r['verified_total']}"
             else:

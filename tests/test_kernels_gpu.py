@@ -7,8 +7,9 @@ memory, CUDA-graph capture and torch.compile. Skipped, with the reason, without 
 import pytest
 import torch
 
-from dspark_cli.selftest import (MarkovCase, RejectionCase, compare_markov, compare_rejection, compare_schedule,
-                                 markov_inputs, markov_warps, poison_allocator, rejection_inputs)
+from dspark_cli.selftest import (MarkovCase, RejectionCase, compare_confidence, compare_markov, compare_rejection,
+                                 compare_schedule, confidence_inputs, markov_inputs, markov_warps, poison_allocator,
+                                 rejection_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -198,13 +199,6 @@ def test_markov_chain_row_stats_are_each_rows_max_and_sum_exp(case):
         torch.testing.assert_close(q_token[:, k][~greedy], own[~greedy], rtol=1e-5, atol=0)
 
 
-def _confidence_inputs(case: MarkovCase, h_dtype, d: int):
-    g = torch.Generator(device="cuda").manual_seed(case.seed)
-    h = torch.randn(case.R, case.gamma, d, device="cuda", generator=g).to(h_dtype)
-    weight = torch.randn(1, d + case.rank, device="cuda", generator=g) / 32
-    return h, weight, torch.randn(1, device="cuda", generator=g)
-
-
 # The chain's last launch differs per path; d % 4 != 0 takes the kernel's scalar loads.
 CONFIDENCE_CASES = [
     (MarkovCase(1, 7, 151936, 256, return_q=False, seed=50), torch.bfloat16, 2560),  # one cooperative launch
@@ -219,23 +213,14 @@ CONFIDENCE_CASES = [
 def test_markov_chain_confidence_logits_match_reference(case, h_dtype, d):
     """The chain given the confidence head returns its logits z = w·[h_k ; W1[x_{k-1}]] + b
     (confidence.py's, computed in the chain's own last launch), and drafts the same tokens."""
-    from dspark_cli.runtime import confidence_logits, markov_chain
-
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
-    h, weight, bias = _confidence_inputs(case, h_dtype, d)
-    poison_allocator()
-    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q,
-                         confidence=(h, weight, bias))
-    torch.testing.assert_close(draft.confidence_logits, confidence_logits(h, draft.prev_emb, weight, bias),
-                               rtol=1e-5, atol=1e-4)
-    plain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.return_q)
-    assert plain.confidence_logits is None and torch.equal(plain.tokens, draft.tokens)
+    res = compare_confidence(case, h_dtype, d)
+    assert res["ok"], res
 
 
 def test_markov_chain_op_with_confidence_captures_in_cuda_graph():
     case = MarkovCase(16, 7, 151936, 256, seed=55)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
-    h, weight, bias = _confidence_inputs(case, torch.bfloat16, 2560)
+    h, weight, bias = confidence_inputs(case, torch.bfloat16, 2560)
     _graph_replays_match_eager(torch.ops.dspark.markov_chain,
                                (U, anchors, w1, w2, temperature, seeds, False, h, weight.reshape(-1), bias),
                                replays=2, outputs=(0, 1, 6))
