@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli import applier, compat
+from dspark_cli import applier
 from dspark_cli.errors import UsageError
-from test_apply_support import git, make_toy, tree_fingerprint
+from test_apply_support import git, run_apply, toy_workspace, tree_fingerprint
 
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    t = make_toy(tmp_path, monkeypatch)
-    return {**t, "compat": compat.load(t["compat_path"]), "workdir": tmp_path / "work"}
-
-
-def run_apply(toy, **options):
-    request = applier.ApplyRequest(engine="toy", workdir=toy["workdir"], **options)
-    return applier.apply(toy["compat"], request)
+    return toy_workspace(tmp_path, monkeypatch)
 
 
 def commit_on_detached_head(work) -> str:

@@ -133,3 +133,18 @@ def make_toy(tmp_path: Path, monkeypatch) -> dict:
     series_dir = make_series(tmp_path, upstream["repo"], "dspark-series", upstream["v1.0"], dspark_edits())
     return {"root": tmp_path, "upstream": upstream, "series": series_dir,
             "compat_path": write_compat(tmp_path, upstream, series_dir)}
+
+
+def toy_workspace(tmp_path: Path, monkeypatch) -> dict:
+    """make_toy plus its loaded compat and the workdir apply writes to."""
+    from dspark_cli import compat
+
+    t = make_toy(tmp_path, monkeypatch)
+    return {**t, "compat": compat.load(t["compat_path"]), "workdir": tmp_path / "work"}
+
+
+def run_apply(toy: dict, **options):
+    from dspark_cli import applier
+
+    request = applier.ApplyRequest(engine="toy", workdir=toy["workdir"], **options)
+    return applier.apply(toy["compat"], request)

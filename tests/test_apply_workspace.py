@@ -13,20 +13,15 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import PatchFailed, UsageError
-from test_apply_support import CORE, git, make_series, make_toy, tree_fingerprint, write_compat
+from test_apply_support import (CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint,
+                                write_compat)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    t = make_toy(tmp_path, monkeypatch)
-    return {**t, "compat": compat.load(t["compat_path"]), "workdir": tmp_path / "work"}
-
-
-def run_apply(toy, **options):
-    request = applier.ApplyRequest(engine="toy", workdir=toy["workdir"], **options)
-    return applier.apply(toy["compat"], request)
+    return toy_workspace(tmp_path, monkeypatch)
 
 
 def test_apply_commits_each_patch_on_the_pin_branch(toy):
