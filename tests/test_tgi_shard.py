@@ -192,3 +192,7 @@ def test_steep_sps_table_narrows_the_verify_forward_output_identical(llama, tmp_
     assert all(plain["tokens"][str(r["id"])] == tiny_models.successor_tokens(r["prompt"], 12) for r in batch + late)
     # While all six decode, each round gives 2 tokens (width 1): 1 + ⌈11 / 2⌉ rounds, not 1 + ⌈11 / 4⌉.
     assert all(narrow["rounds"][str(r["id"])] == 7 and wide["rounds"][str(r["id"])] == 4 for r in batch)
+    # A table where no draft pays (Θ: 600, 120, ...): width 0, TGI decodes one token a round.
+    SPSTable([6, 12, 18, 24], [100.0, 10.0, 5.0, 1.0]).save(table)
+    none = shard({**spec, "draft": str(llama["oracle"]), "env": {"DSPARK_SPS_TABLE": str(table)}})
+    assert none["tokens"] == plain["tokens"] and all(none["rounds"][str(r["id"])] == 12 for r in batch)
