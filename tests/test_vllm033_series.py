@@ -6,8 +6,13 @@ $DSPARK_CACHE/releases when missing, 47 MB) and on the x86_64 wheel when it is c
 contract is checked on the patched tree's syntax (AST): vLLM's DSparkSpeculator offers
 `model.sample_sequential(self, num_reqs, head_hidden)`, our patch defines it on
 Qwen3DSparkForCausalLM, and every attribute v2_fused reads exists on those classes.
-What does not run here: importing the patched vLLM (it needs its CUDA torch 2.14.0) and the V2
-runner itself (GPU + Triton only).
+The patched vLLM imported for real (when .ci/prepare.d/33-vllm033-import.sh has exported
+DSPARK_VLLM033_PYTHON): every module the series changes, plus our integration modules, imports in
+a venv of the 0.33.0 wheel with torch 2.14.1 (CUDA 13.0 build; vLLM pins 2.14.0, not installable
+here), on vLLM's UnspecifiedPlatform (no GPU); the imported sources carry every line the patches
+add, and the hook / lazy imports resolve against the real classes.
+What does not run here: vLLM's compiled kernels (vllm._C_stable_libtorch etc. need libcuda.so.1),
+the V1/V2 runners and the engine (GPU only).
 """
 
 import ast
@@ -131,3 +136,107 @@ def test_every_attribute_v2_fused_reads_exists_in_v033(patched_tree):
     assert not missing, f"v2_fused reads model.{missing} which Qwen3DSparkForCausalLM does not have"
     heads = _self_attributes(models, ["Qwen3DSparkModel", "DSparkMarkovHead", "DSparkConfidenceHead"])
     assert {"markov_head", "confidence_head", "markov_w1", "markov_w2", "proj", "with_markov"} <= heads
+
+
+# --- The patched vLLM 0.33.0, imported for real -------------------------------------------------
+# .ci/prepare.d/33-vllm033-import.sh builds the venv: the vllm 0.33.0 wheel (--no-deps) + its
+# CPU-installable requirements, torch 2.14.1 (CUDA 13.0 build; vLLM pins 2.14.0, not installable
+# here) and our series laid over site-packages. No GPU: vLLM picks its UnspecifiedPlatform, and
+# none of the modules below needs the driver at import time (vLLM's own kernel libraries, e.g.
+# vllm._C_stable_libtorch, do: libcuda.so.1; none of our patches touches or imports them).
+
+VLLM033_PYTHON = os.environ.get("DSPARK_VLLM033_PYTHON")
+# Every module a v0.33.0 patch changes, the modules whose classes our patches hook into or inherit
+# from, and our integration modules the patched code imports (lazily, inside methods).
+PATCHED_MODULES = ["vllm._dspark", "vllm.config.vllm", "vllm.v1.spec_decode.dflash", "vllm.v1.worker.gpu_model_runner",
+                   "vllm.utils.cpu_triton_utils", "vllm.model_executor.models.qwen3_dspark"]
+IMPORTED_MODULES = PATCHED_MODULES + [
+    "vllm.config.speculative", "vllm.v1.worker.gpu.spec_decode.dspark.speculator",
+    "dspark_cli.integrations.vllm.proposer", "dspark_cli.integrations.vllm.v2_fused",
+    "dspark_cli.integrations.vllm.cpu_fixes"]
+
+_PROBE = r'''
+import importlib, inspect, json, sys, traceback
+out = {"imports": {}, "files": {}}
+for name in sys.argv[1].split(","):
+    try:
+        module = importlib.import_module(name)
+        out["imports"][name] = "ok"
+        out["files"][name] = module.__file__
+    except BaseException:
+        out["imports"][name] = traceback.format_exc(limit=-3)
+if all(v == "ok" for v in out["imports"].values()):
+    import torch, vllm, vllm._dspark as marker
+    from vllm.platforms import current_platform
+    from vllm.config.speculative import SpeculativeConfig
+    from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
+    from vllm.v1.spec_decode.dflash import DFlashProposer
+    from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
+    from dspark_cli.integrations.vllm import cpu_fixes, proposer, v2_fused
+    hook = Qwen3DSparkForCausalLM.sample_sequential
+    out.update(
+        versions=[vllm.__version__, torch.__version__], platform=type(current_platform).__name__,
+        series=marker.SERIES, patches=marker.PATCHES, v1_supported=list(marker.V1_SUPPORTED),
+        hook_params=list(inspect.signature(hook).parameters), hook_source=inspect.getsource(hook),
+        speculator_loop=inspect.getsource(DSparkSpeculator._sample_sequential),
+        sources={n: inspect.getsource(importlib.import_module(n)) for n in sys.argv[2].split(",")},
+        use_dspark=callable(getattr(SpeculativeConfig, "use_dspark", None)),
+        proposer_is_dflash=issubclass(proposer.DSparkProposer, DFlashProposer),
+        lazy_names=[callable(f) for f in (proposer.aux_layer_ids, v2_fused.sample_sequential, cpu_fixes.expand_float)],
+    )
+print("DSPARK-PROBE " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def imported():
+    if not VLLM033_PYTHON:
+        pytest.skip("DSPARK_VLLM033_PYTHON is unset: .ci/prepare.d/33-vllm033-import.sh builds the patched vLLM "
+                    "0.33.0 venv (torch 2.14.1 CUDA build + the vllm 0.33.0 wheel, ~1.9 GB) and exports it")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "DSPARK_V2_FUSED": "1"}
+    env.pop("DSPARK_VLLM_PYTHON", None)
+    run = subprocess.run([VLLM033_PYTHON, "-c", _PROBE, ",".join(IMPORTED_MODULES), ",".join(PATCHED_MODULES)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("DSPARK-PROBE ")), None)
+    assert run.returncode == 0 and line, run.stderr[-4000:]
+    return json.loads(line.removeprefix("DSPARK-PROBE "))
+
+
+def test_every_patched_v033_module_imports(imported):
+    failed = {name: tb for name, tb in imported["imports"].items() if tb != "ok"}
+    assert not failed, failed
+    site = Path(imported["files"]["vllm.config.vllm"]).parents[2]
+    for name in IMPORTED_MODULES:  # vLLM from the venv, ours from this checkout
+        assert Path(imported["files"][name]).is_relative_to(ROOT if name.startswith("dspark_cli") else site), name
+    assert imported["versions"][0] == "0.33.0" and imported["versions"][1].startswith("2.14.1")
+    assert imported["platform"] == "UnspecifiedPlatform"  # no GPU, no driver: nothing faked
+
+
+def test_imported_v033_modules_are_the_patched_ones(imported):
+    assert imported["series"] == "vllm/v0.33.0"
+    assert imported["patches"] == [p.path.name for p in load_series(SERIES, "dspark")]
+    assert set(imported["v1_supported"]) == {"dspark speculative decoding", "adaptive draft verification"}
+    # Every line a patch adds is in the source of the module vLLM actually imported.
+    added = {}
+    for patch in load_series(SERIES, "dspark"):
+        file = None
+        for line in patch.path.read_text().splitlines():
+            if line.startswith("diff --git "):
+                file = line.split(" b/", 1)[1]
+            elif line.startswith("+") and not line.startswith("+++") and line[1:].strip():
+                added.setdefault(file, []).append(line[1:])
+    modules = {m.replace(".", "/") + ".py": m for m in PATCHED_MODULES}
+    assert set(added) == set(modules), "PATCHED_MODULES is not the set of files the series changes"
+    for file, lines in added.items():
+        source = imported["sources"][modules[file]].splitlines()
+        missing = [line for line in lines if line not in source]
+        assert not missing, f"the imported {modules[file]} lacks the patch's lines {missing[:3]}"
+
+
+def test_hook_and_lazy_imports_resolve_in_real_v033(imported):
+    assert imported["hook_params"] == ["self", "spec", "num_reqs", "head_hidden"]
+    assert "v2_fused.sample_sequential(self, spec, num_reqs, head_hidden)" in imported["hook_source"]
+    assert "sample_sequential" in imported["speculator_loop"]
+    assert imported["use_dspark"], "SpeculativeConfig.use_dspark(), which the patched V1 runner calls, is gone"
+    assert imported["proposer_is_dflash"]  # our V1 proposer subclasses v0.33.0's real DFlashProposer
+    assert imported["lazy_names"] == [True, True, True]
