@@ -79,7 +79,7 @@ class ForwardTimer:
         (a failure mid-timing reads as a device problem). UsageError, not ValueError: the CLI would
         report a ValueError as a config transformers cannot build, and it built this one."""
         name = type(self.model).__name__
-        if self.model._is_stateful:  # transformers' flag for a recurrent state (mamba, rwkv, hybrids)
+        if getattr(self.model, "_is_stateful", False):  # transformers' flag for a recurrent state (mamba, rwkv, hybrids)
             reason = f"{name} keeps a recurrent state that cannot be rolled back"
         else:
             probe = torch.zeros(1, 1, dtype=torch.long, device=self.settings.device)
