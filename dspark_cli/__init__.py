@@ -9,3 +9,17 @@ __version__ = "0.1.0"
 def cache_dir() -> Path:
     """Where dspark keeps downloads, clones, builds and venvs: $DSPARK_CACHE, else ~/.cache/dspark."""
     return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
+
+
+def cache_subdir(name: str) -> Path:
+    """cache_dir()/name, created; a DSPARK_CACHE that cannot hold it (a file, read-only) is an
+    environment problem, one line, not an OSError."""
+    from dspark_cli.errors import EnvironmentProblem
+
+    path = cache_dir() / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create {path} ({exc.strerror}); point DSPARK_CACHE at a writable "
+                                 "directory") from None
+    return path

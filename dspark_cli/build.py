@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dspark_cli import __version__, cache_dir, cuda_env
+from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -116,7 +116,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     p = plan(arch)
     if p.library.is_file() and not force:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
-    p.directory.mkdir(parents=True, exist_ok=True)
+    cache_subdir(f"build/{p.key}")
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
     if jobs:
         env["MAX_JOBS"] = str(jobs)
@@ -163,8 +163,7 @@ def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:
 
 
 def _record(result: BuildResult) -> BuildResult:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_subdir("build")
     (root / "last.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from dspark_cli import cache_dir
+from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.output import err_console
@@ -42,15 +42,10 @@ def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFi
 
 def fetch_release(release: ReleaseFile) -> Path:
     """The release file in the cache ($DSPARK_CACHE/releases), downloaded if needed, sha256 checked."""
-    releases = cache_dir() / "releases"
-    target = releases / release.file
+    target = cache_dir() / "releases" / release.file
     if target.is_file() and sha256_of(target) == release.sha256:
         return target
-    try:
-        releases.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot create the release cache {releases} ({exc.strerror}); "
-                                 "point DSPARK_CACHE at a writable directory") from None
+    releases = cache_subdir("releases")
     with tempfile.TemporaryDirectory(dir=releases, prefix=".download-") as tmp:
         downloaded = (_pip_download if release.kind == "wheel" else _index_download)(release, Path(tmp))
         actual = sha256_of(downloaded)

@@ -207,8 +207,12 @@ def test_a_cache_that_is_a_file_is_one_line_exit_3(toy_env, tmp_path, monkeypatc
 
     (tmp_path / "cache-file").write_text("x\n")
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache-file"))
-    with pytest.raises(EnvironmentProblem, match="cannot create the release cache .*point DSPARK_CACHE"):
+    with pytest.raises(EnvironmentProblem, match="cannot create .*releases .*point DSPARK_CACHE"):
         fetch_release(ReleaseFile("toy-engine", "1.0", "toy_engine-1.0.tar.gz", "0" * 64))
+    from dspark_cli import cache_subdir
+
+    with pytest.raises(EnvironmentProblem, match="cannot create .*build .*point DSPARK_CACHE"):
+        cache_subdir("build")  # where dspark build writes its libraries and last.json
 
 
 @pytest.mark.parametrize("args, code", [
