@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dspark_cli import git_source
+from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, replace_scalar
 from dspark_cli.errors import UsageError
-from dspark_cli import cache_dir
 from dspark_cli.workspace import Workspace
 
 
@@ -21,7 +20,7 @@ def clone_for(engine: str, repo: str) -> Workspace:
         return ws
     path = cache_dir() / "git" / engine
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        cache_subdir("git")
         git_source.clone(repo, path)
     else:
         git_source.fetch(Workspace(path), repo)
