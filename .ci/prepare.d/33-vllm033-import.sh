@@ -38,17 +38,9 @@ if [ "$(cat "$VLLM033_STAMP" 2>/dev/null)" != "$VLLM033_SHA" ]; then
   VLLM033_TREE="$DSPARK_CACHE/tree-vllm-0.33.0-wheel"
   rm -rf "$VLLM033_TREE"
   dspark apply vllm --source pypi --commit v0.33.0 --package vllm --file "$VLLM033_WHEEL" -C "$VLLM033_TREE"
-  VLLM033_SITE="$("$VLLM033_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  VLLM033_BASE="$(git -C "$VLLM033_TREE" rev-list --max-parents=0 HEAD)"
-  # Overlay the files the series changes; files an earlier run changed go back to the wheel's.
-  VLLM033_OVERLAY="$VLLM033_VENV/dspark-overlay.txt"
-  { cat "$VLLM033_OVERLAY" 2>/dev/null || true; git -C "$VLLM033_TREE" diff --name-only "$VLLM033_BASE" HEAD -- vllm; } \
-    | sort -u > "$VLLM033_OVERLAY.new"
-  while read -r f; do
-    if [ -e "$VLLM033_TREE/$f" ]; then install -D -m 0644 "$VLLM033_TREE/$f" "$VLLM033_SITE/$f"; else rm -f "$VLLM033_SITE/$f"; fi
-  done < "$VLLM033_OVERLAY.new"
-  git -C "$VLLM033_TREE" diff --name-only "$VLLM033_BASE" HEAD -- vllm > "$VLLM033_OVERLAY"
-  rm -f "$VLLM033_OVERLAY.new" && rm -rf "$VLLM033_TREE"  # 1.2 GB, not needed once overlaid
+  source .ci/overlay-series.sh
+  overlay_series "$VLLM033_TREE" "$VLLM033_VENV"
+  rm -rf "$VLLM033_TREE"  # 1.2 GB, not needed once overlaid
   echo "$VLLM033_SHA" > "$VLLM033_STAMP"
 fi
 "$VLLM033_VENV/bin/python" -c "import vllm._dspark as d; print('patched vLLM 0.33.0:', d.SERIES)"
