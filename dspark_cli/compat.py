@@ -171,19 +171,18 @@ class _Validator:
         return value
 
     def specifier(self, node, key_path) -> str:
-        value = self.string(node, key_path, expected="a version range such as '>=3.11'")
-        try:
-            SpecifierSet(value)
-        except InvalidSpecifier:
-            self.fail(node, key_path, "a version range such as '>=3.11'")
-        return value
+        return self._parsable(node, key_path, SpecifierSet, InvalidSpecifier, "a version range such as '>=3.11'")
 
     def version(self, node, key_path) -> str:
-        value = self.string(node, key_path, expected="a PEP 440 version such as 0.32.0")
+        return self._parsable(node, key_path, Version, InvalidVersion, "a PEP 440 version such as 0.32.0")
+
+    def _parsable(self, node, key_path, parse, invalid, expected) -> str:
+        """A string `parse` accepts (packaging's SpecifierSet / Version)."""
+        value = self.string(node, key_path, expected=expected)
         try:
-            Version(value)
-        except InvalidVersion:
-            self.fail(node, key_path, "a PEP 440 version such as 0.32.0")
+            parse(value)
+        except invalid:
+            self.fail(node, key_path, expected)
         return value
 
     def sequence(self, node, key_path, expected) -> list:
