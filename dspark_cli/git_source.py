@@ -14,7 +14,7 @@ import git as gitpython  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.output import err_console
+from dspark_cli.output import err_console, say
 from dspark_cli.workspace import Workspace, require_git
 
 HEX_REF = re.compile(r"[0-9a-f]{7,40}")
@@ -58,7 +58,7 @@ def _temp_sibling(path: Path) -> Path:
 
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
-    err_console.print(f"cloning {url} into {path}", highlight=False, soft_wrap=True)
+    say(f"cloning {url} into {path}", err=True)
     try:
         _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress))
     except gitpython.GitCommandError as exc:

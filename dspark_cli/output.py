@@ -22,8 +22,13 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         render(result)
 
 
+def say(text: str, err: bool = False) -> None:
+    """One line of rich markup, never hard-wrapped (piped output and CI logs keep whole lines)."""
+    (err_console if err else console).print(text, highlight=False, soft_wrap=True)
+
+
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
     """An error as one line on stderr and, under --json, also as the one JSON document on stdout."""
     if as_json and not _json_emitted:
         sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code}) + "\n")
-    err_console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    say(f"[red]{label}:[/red] {escape(message)}", err=True)

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.output import console, emit
+from dspark_cli.output import emit, say
 
 JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output.")
 WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace `dspark apply` made.")
@@ -14,46 +14,45 @@ WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace 
 
 def _print_notes(result: dict) -> None:
     for note in result.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+        say(f"[yellow]note:[/yellow] {escape(note)}")
     for line in result.get("drift", []):
-        console.print(f"[yellow]drift:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+        say(f"[yellow]drift:[/yellow] {escape(line)}")
 
 
 def _render_apply(result: dict) -> None:
     _print_notes(result)
     source = result["source"]
     made_from = source.get("file") or source.get("repository")
-    console.print(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})",
-                  highlight=False, soft_wrap=True)
+    say(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})")
     for label in result["applied"]:
         mark = "[green]applied[/green]" if label in result["new"] else "already applied"
-        console.print(f"  {mark}  {label}", highlight=False, soft_wrap=True)
-    console.print(f"[bold]{result['status']}[/bold] on branch {result['branch']} "
-                  f"({len(result['new'])} new, {len(result['applied'])} in the series)", highlight=False, soft_wrap=True)
+        say(f"  {mark}  {label}")
+    say(f"[bold]{result['status']}[/bold] on branch {result['branch']} "
+        f"({len(result['new'])} new, {len(result['applied'])} in the series)")
 
 
 def _render_status(result: dict) -> None:
     source = result["source"] or {}
     made_from = source.get("file") or source.get("repository")
-    console.print(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})", highlight=False, soft_wrap=True)
-    console.print(f"base       {result['base']}  from {made_from}", highlight=False, soft_wrap=True)
-    console.print(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", highlight=False, soft_wrap=True)
-    console.print(f"applied    {len(result['applied'])} patch(es)", highlight=False, soft_wrap=True)
+    say(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})")
+    say(f"base       {result['base']}  from {made_from}")
+    say(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}")
+    say(f"applied    {len(result['applied'])} patch(es)")
     for patch in result["applied"]:
-        console.print(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}", highlight=False, soft_wrap=True)
+        say(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}")
     for commit in result["user_commits"]:
-        console.print(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}", highlight=False, soft_wrap=True)
+        say(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}")
     for commit in result["detached_commits"]:
-        console.print(f"  {commit['commit'][:12]}  (yours, on no branch)  {escape(commit['subject'])}", highlight=False, soft_wrap=True)
-    console.print("drift      " + ("none" if not result["drift"] else ""), highlight=False, soft_wrap=True)
+        say(f"  {commit['commit'][:12]}  (yours, on no branch)  {escape(commit['subject'])}")
+    say("drift      " + ("none" if not result["drift"] else ""))
     for line in result["drift"]:
-        console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
+        say(f"  - {escape(line)}")
     if not result["build"]:
-        console.print("build      no build record", highlight=False, soft_wrap=True)
+        say("build      no build record")
     for build in result["build"]:
         record = build.get("record")
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list))) if isinstance(record, dict) else build.get("error", record)
-        console.print(f"build      {build['file']}: {summary}", highlight=False, soft_wrap=True)
+        say(f"build      {build['file']}: {summary}")
 
 
 def register(app: typer.Typer) -> None:
@@ -98,9 +97,8 @@ def register(app: typer.Typer) -> None:
 
         def render(result: dict) -> None:
             _print_notes(result)
-            console.print(f"[bold]{result['status']}[/bold]: {result['branch']} at base {result['base'][:12]}; "
-                          f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours",
-                          highlight=False, soft_wrap=True)
+            say(f"[bold]{result['status']}[/bold]: {result['branch']} at base {result['base'][:12]}; "
+                f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours")
 
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
 
@@ -123,8 +121,7 @@ def register(app: typer.Typer) -> None:
         result = {"lock": str(lock), "up_to_date": True, "patches": [
             {"name": name, "sha256": sha} for name, sha in series_files.read_lock(directory).items()
         ]}
-        emit(result, as_json, lambda r: console.print(
-            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"), highlight=False,
-            soft_wrap=True))
+        emit(result, as_json, lambda r: say(
+            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked")))
 
     app.add_typer(series_app, name="series")

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from dspark_cli.errors import UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
-from dspark_cli.output import console, emit, err_console
+from dspark_cli.output import console, emit, err_console, say
 
 
 def register(app: typer.Typer) -> None:
@@ -92,11 +92,11 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)
     # Progress goes to stderr, with pip's own output: stdout carries only the result (or the JSON).
     result = engine_install.install(
-        request, log=lambda line: err_console.print(f"[dim]>[/dim] {escape(line)}", highlight=False, soft_wrap=True))
+        request, log=lambda line: say(f"[dim]>[/dim] {escape(line)}", err=True))
 
     def render(r: dict) -> None:
         def say(text: str, style: str = "") -> None:  # whole lines, data never read as markup: paths stay copyable
-            console.print(f"[{style}]{escape(text)}[/]" if style else escape(text), highlight=False, soft_wrap=True)
+            say(f"[{style}]{escape(text)}[/]" if style else escape(text))
 
         for note in r["notes"]:
             say(f"note: {note}", "yellow")

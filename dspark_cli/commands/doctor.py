@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from dspark_cli.errors import EXIT_FAILED
-from dspark_cli.output import console, emit
+from dspark_cli.output import emit, say
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
                 line = f"[{STYLE[c.status]}]{c.status:4}[/] {escape(c.name):{width}} {escape(str(c.detail))}"
                 if c.hint and c.status != "ok":
                     line += f"\n     {'':{width}} → {escape(c.hint)}"
-                console.print(line, highlight=False, soft_wrap=True)
+                say(line)
 
         emit({"ok": not failed, "checks": [asdict(c) for c in checks]}, as_json, render)
         if failed:
