@@ -116,7 +116,8 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     p = plan(arch)
     if p.library.is_file() and not force:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
-    cache_subdir(f"build/{p.key}")
+    cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
+    p.directory.mkdir(exist_ok=True)
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
     if jobs:
         env["MAX_JOBS"] = str(jobs)
