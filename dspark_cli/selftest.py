@@ -91,15 +91,14 @@ def race_margin(weights: torch.Tensor, seed: torch.Tensor, stream: int, position
     wrong kernel's draw is O(1) away."""
     from dspark_cli.runtime import rng
 
-    sums = rng._group_running_sums(weights.float().unsqueeze(0))[0]  # [groups, 8]
-    race_u, pick_u = rng._group_uniforms(seed.view(1), stream, position, sums.shape[0])
+    sums, keys, pick_u = (t[0] for t in rng.grouped_race_keys(weights.float().unsqueeze(0), seed.view(1), stream, position))
     totals = sums[:, -1]
-    keys = totals / -torch.log(race_u[0])
-    ga, gb = a // rng._GROUP, b // rng._GROUP
+    group = sums.shape[1]
+    ga, gb = a // group, b // group
     if ga != gb:
         return float((keys[ga] - keys[gb]).abs() / keys.max())
-    lo, hi = sorted((a % rng._GROUP, b % rng._GROUP))
-    return float((sums[ga, lo:hi] - pick_u[0, ga] * totals[ga]).abs().min() / totals[ga])
+    lo, hi = sorted((a % group, b % group))
+    return float((sums[ga, lo:hi] - pick_u[ga] * totals[ga]).abs().min() / totals[ga])
 
 
 def _unexplained_chain_divergences(case: MarkovCase, inputs, ref, out) -> int:

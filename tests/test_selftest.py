@@ -13,9 +13,7 @@ def test_race_margin_is_small_only_for_a_near_tie():
     g = torch.Generator().manual_seed(0)
     weights, seed = torch.rand(64, generator=g), torch.tensor(12345)
     a = int(rng.grouped_race_sample(weights.unsqueeze(0), seed.view(1), rng.STREAM_DRAFT, 3)[0])
-    sums = rng._group_running_sums(weights.unsqueeze(0))[0]
-    race_u, _ = rng._group_uniforms(seed.view(1), rng.STREAM_DRAFT, 3, sums.shape[0])
-    keys = sums[:, -1] / -torch.log(race_u[0])
+    keys = rng.grouped_race_keys(weights.unsqueeze(0), seed.view(1), rng.STREAM_DRAFT, 3)[1][0]
     loser = int(keys.argmin())
     b = loser * rng._GROUP
     assert race_margin(weights, seed, rng.STREAM_DRAFT, 3, a, b) > 1e-2

@@ -118,14 +118,21 @@ def grouped_race_sample(weights: torch.Tensor, seeds: torch.Tensor, stream: int,
     first id whose running sum exceeds v·W_g). It needs one Philox call per 16 ids and one log per
     8, where race_sample needs one log per id. position: int or int64 tensor broadcastable to [R, 1].
     The spec (docs/runtime-api.md) is what the CUDA kernels reproduce."""
-    sums = _group_running_sums(weights)
-    race_u, pick_u = _group_uniforms(seeds, stream, position, sums.shape[1])
+    sums, keys, pick_u = grouped_race_keys(weights, seeds, stream, position)
     totals = sums[..., -1]
-    winner = torch.argmax(totals / -torch.log(race_u), dim=-1, keepdim=True)  # ties: lowest group
+    winner = torch.argmax(keys, dim=-1, keepdim=True)  # ties: lowest group
     threshold = pick_u.gather(1, winner) * totals.gather(1, winner)
     winner_sums = sums.gather(1, winner.unsqueeze(-1).expand(-1, -1, _GROUP)).squeeze(1)
     offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(_GROUP - 1)  # 8 only for an all-zero row
     return _GROUP * winner.squeeze(1) + offset
+
+
+def grouped_race_keys(weights: torch.Tensor, seeds: torch.Tensor, stream: int, position):
+    """The grouped race's state: (running sums [R, groups, 8], group keys W_g / E_g [R, groups],
+    pick uniforms [R, groups]); grouped_race_sample draws from it, the self-test measures ties on it."""
+    sums = _group_running_sums(weights)
+    race_u, pick_u = _group_uniforms(seeds, stream, position, sums.shape[1])
+    return sums, sums[..., -1] / -torch.log(race_u), pick_u
 
 
 def _group_running_sums(weights: torch.Tensor) -> torch.Tensor:
