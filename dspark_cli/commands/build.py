@@ -95,17 +95,17 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
         request, log=lambda line: say(f"[dim]>[/dim] {escape(line)}", err=True))
 
     def render(r: dict) -> None:
-        def say(text: str, style: str = "") -> None:  # whole lines, data never read as markup: paths stay copyable
+        def show(text: str, style: str = "") -> None:  # whole lines, data never read as markup: paths stay copyable
             say(f"[{style}]{escape(text)}[/]" if style else escape(text))
 
         for note in r["notes"]:
-            say(f"note: {note}", "yellow")
+            show(f"note: {note}", "yellow")
         ext, inst = r["extension"], r["install"]
-        say("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped" else f"{ext['status']}: {ext['path']}"))
-        say(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}")
+        show("extension  " + (f"skipped: {ext['reason']}" if ext["status"] == "skipped" else f"{ext['status']}: {ext['path']}"))
+        show(f"stubs      {r['stubs']['status']} in {r['stubs']['dir']}")
         deps_note = f"with deps, extras [{','.join(inst['extras'])}]" if inst["deps"] else "--no-deps"
-        say(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from {inst['source']} "
+        show(f"installed  {inst['package']} {r['check']['version']} (editable, {deps_note}) from {inst['source']} "
             f"into {r['python']}: {len(inst['installed'])} distribution(s) in {inst['seconds']:.0f} s")
-        say(f"ok: {r['series']} server imports from the workspace ({r['check']['marker']})", "bold")
+        show(f"ok: {r['series']} server imports from the workspace ({r['check']['marker']})", "bold")
 
     emit(result, as_json, render)
