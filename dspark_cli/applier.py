@@ -53,8 +53,10 @@ def load_layers(pin: Pin, extra: tuple[Path, ...]) -> tuple[list[Patch], list[di
     return patches, [{"layer": name, "dir": str(directory)} for name, directory in layers]
 
 
-def recover(ws: Workspace) -> str | None:
-    """Restore the snapshot an interrupted operation left in the state file."""
+def recover(ws: Workspace, force: bool = False) -> str | None:
+    """Restore the snapshot an interrupted operation left in the state file. Work done in the
+    workspace since (local changes, commits) would go with it: refuse, or with --force keep it on
+    dspark/saved-<time> branches first."""
     if not ws.is_repo():
         return None
     state = ws.read_state()
@@ -63,9 +65,23 @@ def recover(ws: Workspace) -> str | None:
     snapshot = Snapshot(**state["in_progress"])
     if snapshot.pid != os.getpid() and pid_alive(snapshot.pid):
         raise UsageError(f"another dspark {snapshot.op} (pid {snapshot.pid}) is running in {ws.path}")
+    lost = _lost_by_recovery(ws, snapshot, state["base"])
+    if lost and not force:
+        raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
+                         f"discard {lost}; pass --force to keep them on a dspark/saved-<time> branch first")
+    saved = ws.save_before_restore(snapshot, state["base"]) if lost else []
     ws.restore(snapshot)
     ws.finish(state)
-    return f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it"
+    kept = f"; your work since is kept on branch {' and '.join(saved)}" if saved else ""
+    return f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
+
+
+def _lost_by_recovery(ws: Workspace, snapshot: Snapshot, base: str) -> str | None:
+    """'2 local change(s) (e.g. `M x.py`) and 1 commit(s) (abc123 fix)', or None when nothing would be lost."""
+    changes, commits = ws.lost_by_restore(snapshot, base)
+    parts = [f"{len(changes)} local change(s) (e.g. `{changes[0].strip()}`)"] if changes else []
+    parts += [f"{len(commits)} commit(s) ({commits[0][0][:12]} {commits[0][1]})"] if commits else []
+    return " and ".join(parts) or None
 
 
 def unknown_pin_message(engine: Engine, commit: str) -> str:
@@ -112,7 +128,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     notes = []
     ws = Workspace(workdir) if workdir.exists() else None
     if ws is not None:
-        recovered = recover(ws)
+        recovered = recover(ws, request.force)
         notes += [recovered] if recovered else []
 
     if request.source == "pypi":
@@ -253,11 +269,11 @@ def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
     return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
 
 
-def _open_workspace(workdir: Path) -> tuple[Workspace, dict, list[str]]:
+def _open_workspace(workdir: Path, force: bool) -> tuple[Workspace, dict, list[str]]:
     ws = Workspace(workdir)
     if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
         raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
-    recovered = recover(ws)
+    recovered = recover(ws, force)
     return ws, ws.read_state(), [recovered] if recovered else []
 
 
@@ -265,7 +281,7 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
     """Back to the pristine base on the dspark branch. Commits of the user's on top are replayed
     onto the base with --keep-user-commits, else the revert is refused; the old tip stays as
     refs/dspark/before-revert."""
-    ws, state, notes = _open_workspace(workdir)
+    ws, state, notes = _open_workspace(workdir, force)
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base
     applied, user = ws.applied(base, tip)
@@ -314,7 +330,12 @@ def status(workdir: Path) -> dict:
     tip = ws.branch_sha(branch) or base
     drift = []
     if state.get("in_progress"):
-        drift.append(f"an interrupted {state['in_progress']['op']} left changes; the next dspark apply or revert restores them")
+        snapshot = Snapshot(**state["in_progress"])
+        lost = _lost_by_recovery(ws, snapshot, base)
+        drift.append(f"an interrupted {snapshot.op} (started {snapshot.started}) left the workspace half done; the next "
+                     "dspark apply or revert restores the state before it" + (
+                         f", but refuses while that would discard {lost}: with --force it keeps them on a "
+                         "dspark/saved-<time> branch first" if lost else ""))
         # The state's layers are those before it: compare the branch as recovery will restore it.
         tip = state["in_progress"]["work_branch_sha"] or base
     applied, user = ws.applied(base, tip)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -177,11 +178,60 @@ class Workspace:
                 return ref
         return None
 
-    def restore(self, snapshot: Snapshot) -> None:
-        """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
+    def _remove_stale_index_lock(self) -> None:
         lock = self.git_dir / "index.lock"
         if lock.exists():  # left by a git killed with us; only ever removed on our own rollback path
             lock.unlink()
+
+    def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
+        """What restoring `snapshot` would throw away after a killed run: local changes, and commits
+        (not our patch commits) that HEAD or the work branch reach and that no kept ref reaches."""
+        tips = [tip for tip in (self.head(), self.branch_sha(snapshot.work_branch)) if tip]
+        kept = [sha for sha in (snapshot.head, snapshot.work_branch_sha, base) if sha]
+        raw = self.git.out("log", "--format=%H%x1f%s%x1f%B%x1e", *tips, "--not",
+                           f"--exclude={snapshot.work_branch}", "--branches", "--tags", "--remotes",
+                           *kept) if tips else ""
+        commits = [(sha, subject) for sha, subject, trailers in _parse_log(raw) if TRAILER_PATCH not in trailers]
+        return self.local_changes(), commits
+
+    def save_before_restore(self, snapshot: Snapshot, base: str) -> list[str]:
+        """Keep what `lost_by_restore` finds on dspark/saved-<time> branches: one at HEAD with the
+        local changes (staged, unstaged, untracked) committed on top, one at the work branch when it
+        holds commits HEAD does not. Returns the branch names."""
+        self._remove_stale_index_lock()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        changes, commits = self.lost_by_restore(snapshot, base)
+        lost = {sha for sha, _ in commits}
+        head, work_tip = self.head(), self.branch_sha(snapshot.work_branch)
+        saved = []
+        if head and (changes or self._reaches_any(head, lost)):
+            tip = self._commit_worktree(head, f"dspark: local changes saved before recovering an interrupted "
+                                              f"{snapshot.op}\n") if changes else head
+            saved.append((f"dspark/saved-{stamp}", tip))
+        if work_tip and self._reaches_any(work_tip, lost) and not (head and self.is_ancestor(work_tip, head)):
+            saved.append((f"dspark/saved-{stamp}-{snapshot.work_branch.replace('/', '-')}", work_tip))
+        for name, tip in saved:
+            self.git.run("branch", name, tip)
+        return [name for name, _ in saved]
+
+    def _reaches_any(self, tip: str, commits: set[str]) -> bool:
+        return any(self.is_ancestor(sha, tip) for sha in commits)
+
+    def _commit_worktree(self, parent: str, message: str) -> str:
+        """A commit of the worktree as it is (through a scratch index, so a half-merged index does
+        not matter and HEAD does not move)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self.git.run("read-tree", parent, env=env)
+            self.git.run("add", "-A", ".", env=env)
+            tree = self.git.out("write-tree", env=env)
+        identity = {} if self.git.ok("config", "user.email") else {
+            **DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
+        return self.git.out("commit-tree", tree, "-p", parent, "-F", "-", input=message, env=identity)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
+        self._remove_stale_index_lock()
         self.git.run("cherry-pick", "--abort", check=False)
         if snapshot.head is None:
             self.git.run("reset", "-q", "--hard", check=False)
@@ -203,19 +253,8 @@ class Workspace:
     # -- applied series ----------------------------------------------------------------------
     def commits_since(self, base: str, tip: str) -> list[tuple[str, str, dict[str, str]]]:
         """(commit, subject, dspark trailers) for base..tip, oldest first."""
-        raw = self.git.out("log", "--reverse", "--first-parent", "--format=%H%x1f%s%x1f%B%x1e", f"{base}..{tip}")
-        commits = []
-        for record in raw.split("\x1e"):
-            if not record.strip():
-                continue
-            sha, subject, body = record.strip("\n").split("\x1f", 2)
-            trailers = {}
-            for line in body.splitlines():
-                key, sep, value = line.partition(": ")
-                if sep and key in (TRAILER_PATCH, TRAILER_SHA):
-                    trailers[key] = value.strip()
-            commits.append((sha, subject, trailers))
-        return commits
+        return _parse_log(self.git.out("log", "--reverse", "--first-parent", "--format=%H%x1f%s%x1f%B%x1e",
+                                       f"{base}..{tip}"))
 
     def commits_on_no_branch(self, base: str) -> list[tuple[str, str]]:
         """(commit, subject), newest first, of commits a detached HEAD reaches that no branch, tag or
@@ -234,6 +273,22 @@ class Workspace:
             else:
                 user.append((sha, subject))
         return patches, user
+
+
+def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(commit, subject, dspark trailers) from `git log --format=%H%x1f%s%x1f%B%x1e`."""
+    commits = []
+    for record in raw.split("\x1e"):
+        if not record.strip():
+            continue
+        sha, subject, body = record.strip("\n").split("\x1f", 2)
+        trailers = {}
+        for line in body.splitlines():
+            key, sep, value = line.partition(": ")
+            if sep and key in (TRAILER_PATCH, TRAILER_SHA):
+                trailers[key] = value.strip()
+        commits.append((sha, subject, trailers))
+    return commits
 
 
 def _state_shape_problem(state) -> str | None:

@@ -177,12 +177,16 @@ def test_revert_that_cannot_replay_a_user_commit_changes_nothing(toy):
     assert tree_fingerprint(work) == before
 
 
+def run_cli(toy, *args: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DSPARK_COMPAT": str(toy["compat_path"]), "PYTHONPATH": str(REPO_ROOT)}
+    if kill_after:
+        env[applier.KILL_AFTER_ENV] = kill_after
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)
+
+
 def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     """SIGKILL the real CLI right after its first patch commit, then run apply again."""
-    env = {**os.environ, "DSPARK_COMPAT": str(toy["compat_path"]), applier.KILL_AFTER_ENV: "1",
-           "PYTHONPATH": str(REPO_ROOT)}
-    killed = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "--workdir", str(toy["workdir"])],
-                            env=env, capture_output=True, text=True)
+    killed = run_cli(toy, "apply", "toy", "--workdir", str(toy["workdir"]), kill_after="1")
     assert killed.returncode == -signal.SIGKILL
     work = toy["workdir"]
     state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
@@ -196,6 +200,37 @@ def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
         "dspark: method and module", "dspark: hook in core"]
     assert git(work, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("work_since", ["commit", "edit", "both"])
+def test_recovery_never_discards_work_done_after_the_kill(toy, work_since):
+    """After a killed apply the user edits and/or commits on dspark/v1.0: recovery refuses (exit 2,
+    one line, nothing touched); with --force it keeps all of it on a dspark/saved-<time> branch."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="1").returncode == -signal.SIGKILL
+    if work_since in ("commit", "both"):
+        (work / "mine.py").write_text("mine = 1\n")
+        git(work, "add", "mine.py")
+        git(work, "commit", "-q", "-m", "my work after the kill")
+    if work_since in ("edit", "both"):
+        (work / "engine" / "config.py").write_text("my edit\n")
+    assert any("refuses while that would discard" in line for line in applier.status(work)["drift"])
+    before = tree_fingerprint(work)
+    for command in ("apply", "revert"):
+        refused = run_cli(toy, command, *(["toy"] if command == "apply" else []), "-C", str(work))
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "would discard" in refused.stderr and "--force" in refused.stderr
+        assert tree_fingerprint(work) == before
+
+    result = run_apply(toy, force=True)
+    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*").splitlines()
+    assert len(saved) == 1 and any(f"kept on branch {saved[0]}" in note for note in result["notes"])
+    assert result["status"] == "applied" and len(result["new"]) == 2
+    if work_since in ("commit", "both"):
+        assert "my work after the kill" in git(work, "log", "--format=%s", saved[0])
+        assert git(work, "show", f"{saved[0]}:mine.py") == "mine = 1"
+    if work_since in ("edit", "both"):
+        assert git(work, "show", f"{saved[0]}:engine/config.py") == "my edit"
 
 
 @pytest.fixture
