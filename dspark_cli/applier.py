@@ -130,6 +130,9 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     if ws is not None:
         recovered = recover(ws, request.force)
         notes += [recovered] if recovered else []
+    state = ws.read_state() if ws is not None and ws.is_repo() else None
+    if state is not None and (state.get("source") or {}).get("kind") != request.source:
+        raise UsageError(_made_from(state, workdir))  # before any download or fetch into it
 
     if request.source == "pypi":
         branch = f"dspark/{pin.name}"
@@ -137,7 +140,6 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         release = pypi_source.choose_release(pin, request.package, request.file)
         source = {"kind": "pypi", "package": release.package, "version": release.version,
                   "file": release.file, "sha256": release.sha256}
-        state = ws.read_state() if ws is not None and ws.is_repo() else None
         if state is None:
             if workdir.exists() and any(workdir.iterdir()):
                 raise UsageError(f"{workdir} exists and is not a dspark workspace; choose another --workdir")
@@ -174,11 +176,13 @@ def _check_same_workspace(state: dict, identity: dict, source: dict, workdir: Pa
     held = f"{state.get('engine')} {state.get('pin')}"
     if state.get("engine") != identity["engine"] or state.get("branch") != identity["branch"]:
         raise UsageError(f"{workdir} holds {held}; use another --workdir for {identity['engine']} {identity['pin']}")
-    if source["kind"] != state.get("source", {}).get("kind") or (
-        source["kind"] == "pypi" and state["source"].get("sha256") != source["sha256"]
-    ):
-        made_from = state.get("source", {}).get("file") or state.get("source", {}).get("repository")
-        raise UsageError(f"{workdir} was made from {made_from}; use another --workdir for this source")
+    if source["kind"] == "pypi" and state["source"].get("sha256") != source["sha256"]:
+        raise UsageError(_made_from(state, workdir))
+
+
+def _made_from(state: dict, workdir: Path) -> str:
+    source = state.get("source") or {}
+    return f"{workdir} was made from {source.get('file') or source.get('repository')}; use another --workdir for this source"
 
 
 def _unpinned_drift(ws: Workspace, base: str, pin: Pin) -> str:

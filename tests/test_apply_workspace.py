@@ -258,11 +258,10 @@ def local_index(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, local_index):
-    """The PyPI path end to end against a local index: download, sha256, base commit, series."""
+def publish_toy_sdist(toy, tmp_path, local_index) -> tuple[Path, str]:
+    """toy-engine-1.0.tar.gz (the v1.0 tree) on the local index and pinned in compat.yaml."""
     import tarfile
 
-    from dspark_cli.errors import CheckFailed
     from dspark_cli.series import sha256_of
 
     sdist = tmp_path / "toy-engine-1.0.tar.gz"
@@ -273,6 +272,15 @@ def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, loc
     toy["compat_path"].write_text(toy["compat_path"].read_text().replace("releases: []", (
         "releases:\n          - package: toy-engine\n            version: '1.0'\n"
         f"            file: toy-engine-1.0.tar.gz\n            sha256: {digest}")))
+    return sdist, digest
+
+
+def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, local_index):
+    """The PyPI path end to end against a local index: download, sha256, base commit, series."""
+    from dspark_cli.errors import CheckFailed
+    from dspark_cli.series import sha256_of
+
+    sdist, digest = publish_toy_sdist(toy, tmp_path, local_index)
     request = applier.ApplyRequest(engine="toy", workdir=tmp_path / "pypi-work", source="pypi")
     result = applier.apply(compat.load(toy["compat_path"]), request)
     work = tmp_path / "pypi-work"
@@ -291,3 +299,16 @@ def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, loc
                       applier.ApplyRequest(engine="toy", workdir=tmp_path / "pypi-2", source="pypi"))
     assert not (tmp_path / "pypi-2").exists()
     assert not (tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz").exists()
+
+
+def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, local_index):
+    publish_toy_sdist(toy, tmp_path, local_index)
+    work = tmp_path / "pypi-work"
+    applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="pypi"))
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match="was made from toy-engine-1.0.tar.gz"):
+        applier.apply(compat.load(toy["compat_path"]),
+                      applier.ApplyRequest(engine="toy", workdir=work, repo=str(toy["upstream"]["repo"])))
+    assert git(work, "remote") == ""  # no remote added, nothing fetched
+    assert git(work, "cat-file", "-t", toy["upstream"]["v1.1"], check=False) == ""
+    assert tree_fingerprint(work) == before
