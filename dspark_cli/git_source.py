@@ -37,10 +37,20 @@ class _RichProgress(gitpython.RemoteProgress):
         self.progress.update(self.tasks[stage], completed=cur_count, total=max_count or None)
 
 
-def _with_progress(action):
+def _with_progress(action, failure: str):
+    """Run a GitPython clone or fetch under a progress bar; a failure is EnvironmentProblem
+    `failure: <git's reason>`. The progress handler reads git's stderr, so the reason (git's
+    fatal:/error: lines, the first names the cause, the last what failed) is in the handler."""
     with Progress(TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed:,.0f}"),
                   console=err_console, transient=True) as progress:
-        return action(_RichProgress(progress))
+        handler = _RichProgress(progress)
+        try:
+            return action(handler)
+        except gitpython.GitCommandError as exc:
+            errors = [line.strip() for line in handler.error_lines]
+            other = [line.strip() for line in handler.other_lines if line.strip()]
+            reason = "; ".join(dict.fromkeys(errors)) or (other or [str(exc)])[-1]
+            raise EnvironmentProblem(f"{failure}: {reason}") from None
 
 
 def clone(url: str, path: Path) -> None:
@@ -60,19 +70,17 @@ def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
     say(f"cloning {url} into {path}", err=True)
     try:
-        _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress))
-    except gitpython.GitCommandError as exc:
+        _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
+                       f"cannot clone {url}")
+    except EnvironmentProblem:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EnvironmentProblem(f"cannot clone {url}: {_first_line(exc)}") from None
+        raise
 
 
 def fetch(ws: Workspace, url: str) -> None:
     err_console.print(f"fetching {url}")
     repo = gitpython.Repo(ws.path)
-    try:
-        _with_progress(lambda progress: _fetch_with_progress(repo, url, progress))
-    except gitpython.GitCommandError as exc:
-        raise EnvironmentProblem(f"cannot fetch {url}: {_first_line(exc)}") from None
+    _with_progress(lambda progress: _fetch_with_progress(repo, url, progress), f"cannot fetch {url}")
 
 
 def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress) -> None:
@@ -133,8 +141,3 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
     os.replace(tmp, path)
     return Workspace(path), commit
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(getattr(exc, "stderr", "") or exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return next((line for line in lines if "fatal:" in line), lines[0] if lines else "git failed")

@@ -107,3 +107,17 @@ def test_a_short_id_that_git_resolves_to_another_commit_is_refused(toy):
     with pytest.raises(UsageError, match="cafe1234 checked out as .*, not the pinned commit"):
         run_apply(toy, commit="cafe1234", allow_unpinned=True)
     assert not toy["workdir"].exists()
+
+
+def test_clone_and_fetch_failures_say_gits_reason(toy):
+    """The progress handler reads git's stderr: its fatal: line must still reach the one-line error."""
+    from dspark_cli.errors import EnvironmentProblem
+
+    missing = toy["root"] / "no-such-repo"
+    with pytest.raises(EnvironmentProblem, match=f"cannot clone {missing}: fatal: repository .* does not exist"):
+        run_apply(toy, repo=str(missing))
+    assert not toy["workdir"].exists()
+    run_apply(toy)
+    reason = "fatal: .* does not appear to be a git repository; fatal: Could not read from remote"
+    with pytest.raises(EnvironmentProblem, match=f"cannot fetch {missing}: {reason}"):
+        run_apply(toy, repo=str(missing), commit="deadbeef1", allow_unpinned=True)
