@@ -165,7 +165,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
             _check_same_workspace(state, identity, source, workdir)
     drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
     state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers,
-             "compat": str(compat.path)}
+             "compat": str(compat.path.resolve())}  # status may run from another cwd
     result = _apply_series(ws, base, branch, patches, request.force, state)
     result.update({"workdir": str(workdir), "engine": engine.name, "pin": series_pin.name, "source": source,
                    "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift})

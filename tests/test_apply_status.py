@@ -37,6 +37,18 @@ def test_status_reports_a_base_that_is_no_longer_the_pin(toy, monkeypatch):
                      f"({toy['upstream']['v1.1'][:12]}); apply it in a new --workdir"]
 
 
+def test_a_relative_compat_path_is_recorded_resolved(toy, monkeypatch):
+    """DSPARK_COMPAT=compat.yaml at apply time: status from another directory must find that file."""
+    monkeypatch.delenv("DSPARK_COMPAT", raising=False)
+    monkeypatch.chdir(toy["root"])
+    work = toy["root"] / "work-relative"
+    applier.apply(compat.load(Path("compat.yaml")), applier.ApplyRequest(engine="toy", workdir=work))
+    state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
+    assert state["compat"] == str(toy["compat_path"].resolve())
+    monkeypatch.chdir(work)
+    assert applier.status(work)["drift"] == []
+
+
 @pytest.mark.parametrize("text", ["[]", "{}", '{"base": "x", "branch": "y", "in_progress": {"op": 1}}',
                                   '{"base": "x", "branch": "y", "layers": [1]}'])
 def test_a_state_file_of_the_wrong_shape_is_one_clear_error(toy, text):
