@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
-from dspark_cli.workspace import DSPARK_IDENTITY, Snapshot, Workspace, pid_alive
+from dspark_cli.workspace import DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, pid_alive, safe_name
 
 # Test hook: SIGKILL ourselves after committing this many patches, to test recovery for real.
 KILL_AFTER_ENV = "DSPARK_TEST_KILL_AFTER_PATCH"
@@ -98,20 +97,6 @@ def _check_request(request: ApplyRequest) -> None:
         raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
 
 
-def _check_workdir(workdir: Path) -> None:
-    """A workdir (or a parent of it) that is a file is bad input, not an OSError later."""
-    for path in (workdir, *workdir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"--workdir {workdir}: {path} is a file, not a directory")
-            return
-
-
-def _safe_name(ref: str) -> str:
-    """A ref such as v1.1~1 as a directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", ref)[:12]
-
-
 def apply(compat: Compat, request: ApplyRequest) -> dict:
     engine = compat.engine(request.engine)
     _check_request(request)
@@ -123,8 +108,8 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     series_pin = pin or engine.pins[engine.default_pin]
     patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
 
-    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else _safe_name(request.commit)}").resolve()
-    _check_workdir(workdir)
+    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
+    check_dir_option(workdir)
     notes = []
     ws = Workspace(workdir) if workdir.exists() else None
     if ws is not None:

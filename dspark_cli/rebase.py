@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
-from dspark_cli.compat import ReleaseFile
+from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.patching import hunk_at, mail_info
 from dspark_cli.series import Patch
@@ -113,11 +113,15 @@ def conflict_regions(path: Path) -> list[str]:
     return regions
 
 
-def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
-    """Put the worktree on a fresh `branch` at `onto`; an existing branch is kept unless `force`."""
+def check_branch_free(ws: Workspace, branch: str, force: bool) -> None:
     if ws.branch_sha(branch) is not None and not force:
         raise UsageError(f"{ws.path}: branch {branch} exists (an earlier rebase, perhaps being resolved); "
                          "finish or delete it, or pass --force to start over")
+
+
+def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
+    """Put the worktree on a fresh `branch` at `onto`; an existing branch is kept unless `force`."""
+    check_branch_free(ws, branch, force)
     ws.git.run("reset", "-q", "--hard", check=False)  # a conflicted earlier run (only with --force)
     ws.git.run("checkout", "-q", "-f", "-B", branch, onto)
     ws.git.run("clean", "-q", "-fdx")
@@ -291,22 +295,66 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
 # ------------------------------------------------------------------ where the two trees come from
 
 
-def worktree_of(repo: Path, workdir: Path, onto: str) -> Workspace:
-    """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched."""
+def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, resume: bool) -> tuple[Workspace, bool]:
+    """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched,
+    and whether this run added it. Everything that can refuse is checked before `git worktree add`:
+    bad input leaves nothing registered in their repository."""
     source = Workspace(repo)
     if not source.is_repo():
         raise UsageError(f"{repo}: not a git repository")
     if source.resolve_commit(onto) is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
+    if not source.git.ok("check-ref-format", f"refs/heads/{branch}"):
+        raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
+    holder = _worktree_on(source, branch)
+    if holder is not None and holder != workdir:
+        raise UsageError(f"{repo}: branch {branch} is checked out in the worktree {holder}; rebase there "
+                         f"(--workdir {holder}) or remove it (`git -C {repo} worktree remove {holder}`)")
     if (workdir / ".git").exists():
         ws = Workspace(workdir)
         if Path(ws.git.out("rev-parse", "--git-common-dir")).resolve() != source.git_dir.resolve():
             raise UsageError(f"{workdir}: is a git worktree of another repository; use another --workdir")
-        return ws
+        return ws, False
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir}: exists, is not empty and is not a worktree of {repo}")
+    if resume:
+        raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
+    check_branch_free(source, branch, force)
     source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto)
-    return Workspace(workdir)
+    return Workspace(workdir), True
+
+
+def _worktree_on(source: Workspace, branch: str) -> Path | None:
+    """The worktree of `source` that has `branch` checked out, if any."""
+    path = None
+    for line in source.git.out("worktree", "list", "--porcelain").splitlines():
+        if line.startswith("worktree "):
+            path = Path(line.removeprefix("worktree ")).resolve()
+        elif line == f"branch refs/heads/{branch}":
+            return path
+    return None
+
+
+def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch], branch: str,
+                       force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
+    """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
+    failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
+    ws, added = worktree_of(repo, workdir, onto, branch, force, resume)
+    source = Workspace(repo)
+    branch_before = source.branch_sha(branch)
+    try:
+        base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
+        if base is None:
+            raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
+        return ws, rebase_series(ws, base, ws.resolve_commit(onto), patches, branch, force=force, resume=resume)
+    except BaseException:
+        if added:
+            source.git.run("worktree", "remove", "--force", str(workdir), check=False)
+            if branch_before is not None:
+                source.git.run("update-ref", f"refs/heads/{branch}", branch_before, check=False)
+            elif source.branch_sha(branch):
+                source.git.run("branch", "-D", branch, check=False)
+        raise
 
 
 def import_tree(ws: Workspace, directory: Path, parent: str | None, message: str) -> str:

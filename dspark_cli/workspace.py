@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -308,6 +309,20 @@ def _state_shape_problem(state) -> str | None:
     if not isinstance(state.get("source") or {}, dict):
         return "'source' is not an object"
     return None
+
+
+def safe_name(ref: str) -> str:
+    """A ref such as v1.1~1 as a directory or branch name component (v1.1-1)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", ref)
+
+
+def check_dir_option(directory: Path, option: str = "--workdir") -> None:
+    """A directory option naming a file (or a path under one) is bad input, not an OSError later."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{option} {directory}: {path} is a file, not a directory")
+            return
 
 
 def pid_alive(pid: int) -> bool:

@@ -185,3 +185,56 @@ def test_a_release_version_matches_its_pin_without_the_package_index(monkeypatch
     for onto in ("0.33.0", "v0.33.0", "0.33"):
         release, name = _onto_release(vllm, onto, "vllm")
         assert (release.file, name) == ("vllm-0.33.0.tar.gz", "v0.33.0")
+
+
+def worktrees(repo) -> list[str]:
+    return [line for line in git(repo, "worktree", "list", "--porcelain").splitlines() if line.startswith("worktree ")]
+
+
+@pytest.mark.parametrize("option", ["--workdir", "--out"])
+def test_a_directory_option_naming_a_file_is_refused_before_any_work(upstream, option):
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v5.0")
+    afile = u["tmp"] / "afile"
+    afile.write_text("x\n")
+    args = ["--onto", "v5.0", "--repo", str(u["repo"]), option, str(afile)]
+    if option == "--out":
+        args += ["--workdir", str(u["tmp"] / "wd-out")]
+    run = dspark(u, *args)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"{option} {afile}: {afile} is a file, not a directory" in run.stderr
+    assert len(worktrees(u["repo"])) == 1 and not (u["tmp"] / "wd-out").exists()
+    assert git(u["repo"], "branch", "--list", "dspark/*") == ""
+
+
+def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_worktree(upstream):
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v6.0")
+    bad = dspark(u, "--onto", "main~0", "--repo", str(u["repo"]), "--pin", "a..b", "--workdir", str(u["tmp"] / "wd6"))
+    assert bad.returncode == 2 and "dspark/rebase-a..b is not a valid branch name" in bad.stderr, bad.stderr
+    assert len(worktrees(u["repo"])) == 1
+    run = dspark(u, "--onto", "main~0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd6"))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["branch"] == "dspark/rebase-main-0"
+
+    other = u["tmp"] / "other"  # a repository without the pin's commit: fails after the worktree is added
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    commit_files(other, {"mod.py": MOD}, "unrelated")
+    missing = dspark(u, "--onto", "main~0", "--repo", str(other), "--workdir", str(u["tmp"] / "wd6b"))
+    assert missing.returncode == 2 and "has neither" in missing.stderr, missing.stderr
+    assert len(worktrees(other)) == 1 and not (u["tmp"] / "wd6b").exists()
+    assert git(other, "branch", "--list", "dspark/*") == ""
+
+
+def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream):
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v7.0")
+    first = dspark(u, "--onto", "v7.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd7"))
+    assert first.returncode == 4  # a conflict: the work branch is checked out in wd7 for a human
+    assert len(worktrees(u["repo"])) == 2
+    again = dspark(u, "--onto", "v7.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd7b"))
+    assert again.returncode == 2 and "branch dspark/rebase-v7.0" in again.stderr, again.stderr
+    forced = dspark(u, "--onto", "v7.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd7b"), "--force")
+    assert forced.returncode == 2 and f"checked out in the worktree {u['tmp'] / 'wd7'}" in forced.stderr, forced.stderr
+    assert len(worktrees(u["repo"])) == 2 and not (u["tmp"] / "wd7b").exists()

@@ -16,7 +16,7 @@ from dspark_cli import cache_dir, pypi_source, rebase
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
 from dspark_cli.output import console, emit
 from dspark_cli.series import load_series
-from dspark_cli.workspace import Workspace
+from dspark_cli.workspace import Workspace, check_dir_option, safe_name
 
 _VERSION = re.compile(r"^v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)$")
 _COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]g?([0-9a-f]{7,40})['"]""")
@@ -113,18 +113,17 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown {engine_name} pin {from_pin!r}; compat.yaml knows: {', '.join(engine.pins)}")
         source_dir = series_dir or pin.patches
         patches = load_series(source_dir, "dspark")
+        for option, path in (("--workdir", workdir), ("--out", out)):
+            if path is not None:
+                check_dir_option(path.resolve(), option)  # before any work, not an OSError after it
 
         compat_entry = None
         if repo is not None:
-            name = new_pin or (onto if not compat_mod.HEX_COMMIT.match(onto.lower()) else onto[:12])
-            work = workdir or cache_dir() / "rebase" / f"{engine_name}-{name}"
-            ws = rebase.worktree_of(repo.resolve(), work.resolve(), onto)
-            base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
-            onto_commit = ws.resolve_commit(onto)
-            if base is None:
-                raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
-            if onto_commit is None:
-                raise UsageError(f"{repo}: --onto {onto} does not name a commit")
+            # A ref such as main~0 becomes main-0: the name makes the work branch and the out directory.
+            name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.match(onto.lower()) else safe_name(onto))
+            work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
+            ws, result = rebase.rebase_in_worktree(repo.resolve(), work, onto, pin, patches, f"dspark/rebase-{name}",
+                                                   force, resume)
         else:
             base_release = _sdist_first(pin)
             onto_release, name = _onto_release(engine, onto, base_release.package)
@@ -133,9 +132,9 @@ def register(app: typer.Typer) -> None:
             ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
             compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
+            result = rebase.rebase_series(ws, base, onto_commit, patches, f"dspark/rebase-{name}", force=force,
+                                          resume=resume)
 
-        result = rebase.rebase_series(ws, base, onto_commit, patches, f"dspark/rebase-{name}", force=force,
-                                      resume=resume)
         conflict = result.conflicted
         if conflict is None:
             rebase.byte_compile(ws, result)
