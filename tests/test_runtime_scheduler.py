@@ -56,6 +56,15 @@ def test_production_budget_is_a_global_search_and_admission_is_top_k():
     assert int(verify_budget(torch.ones(5, 2), SPSTable([1, 100], [1.0, 1.0]), 2)) == 4
 
 
+def test_budget_maximizes_over_the_n_the_current_batch_can_admit():
+    """4 stale requests, 2 current, γ = 1: Θ_0..Θ_4 = 2.0, 2.9, 1.9, 1.905, 3.438. The argmax over
+    all stale n was 4, clamped to R·γ = 2 (Θ 1.9); the best feasible n ≤ 2 is 1 (Θ 2.9)."""
+    sps = SPSTable([3, 4, 5, 6], [1.0, 0.5, 0.5, 0.9])  # cliff at B = 4, recovers at B = 6
+    a_stale = torch.tensor([[0.9], [0.9], [0.01], [0.01]])
+    assert int(verify_budget(a_stale, sps, 2)) == 1
+    assert schedule_production(a_stale, torch.tensor([[0.9], [0.8]]), sps).tolist() == [1, 0]
+
+
 def _brute_force_lengths(a, budget):
     R, gamma = a.shape
     ranked = sorted(((-float(a[r, j]), j, r) for r in range(R) for j in range(gamma)))

@@ -33,15 +33,18 @@ def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Te
 
 
 def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, validate=None) -> torch.Tensor:
-    """Production step 1 (paper §5.2): K = argmax_n Θ_n over ALL n (no early stop), from survival
-    two steps old, for a batch of `num_requests` anchors. Returns a 0-dim int64 tensor (no sync);
-    the earliest n wins ties. Stale data cannot depend on the current drafts: the causal barrier."""
+    """Production step 1 (paper §5.2): K = argmax_n Θ_n over ALL n ≤ num_requests·γ (no early
+    stop), from survival two steps old, for a batch of `num_requests` anchors. Returns a 0-dim
+    int64 tensor (no sync); the earliest n wins ties. Stale data cannot depend on the current
+    drafts: the causal barrier."""
     _check_survival("a_stale", a_stale, validate)
     if not _is_whole(num_requests) or num_requests < 1:
         raise ValueError(f"num_requests must be a positive integer (anchors in the batch), got {num_requests!r}")
     a_sorted, _ = _ranked(a_stale)
-    theta = _theta(a_sorted, num_requests, sps)
-    return torch.clamp(torch.argmax(theta), max=num_requests * a_stale.shape[1])
+    # only the n the current batch can admit: clamping the argmax over a larger stale batch's n
+    # would pick a worse K than the best feasible one (the slice bound is a host int: no sync)
+    theta = _theta(a_sorted[: num_requests * a_stale.shape[1]], num_requests, sps)
+    return torch.argmax(theta)
 
 
 def admit_top_k(a_now: torch.Tensor, budget, *, validate=None) -> torch.Tensor:
