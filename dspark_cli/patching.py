@@ -64,6 +64,10 @@ def apply_and_commit(ws: Workspace, patch: Patch) -> str:
     result = ws.git.run("apply", "--3way", "--index", "--whitespace=nowarn", str(patch.path), check=False)
     if result.returncode != 0:
         raise diagnose(ws, patch, result.stderr)
+    if ws.git.ok("diff", "--cached", "--quiet"):
+        # Like `git am`, which stops there: an empty commit would claim the patch did something.
+        raise PatchConflict(patch, None, None, "its changes are already in the tree (an earlier patch or the "
+                                               "base made them); drop it from its series")
     info = mail_info(ws, patch)
     env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
     if info.date:

@@ -13,7 +13,7 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import PatchFailed, UsageError
-from test_apply_support import (CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint,
+from test_apply_support import (CORE, dspark_edits, git, make_series, run_apply, toy_workspace, tree_fingerprint,
                                 write_compat)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -311,4 +311,15 @@ def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, loc
                       applier.ApplyRequest(engine="toy", workdir=work, repo=str(toy["upstream"]["repo"])))
     assert git(work, "remote") == ""  # no remote added, nothing fetched
     assert git(work, "cat-file", "-t", toy["upstream"]["v1.1"], check=False) == ""
+    assert tree_fingerprint(work) == before
+
+
+def test_a_patch_already_in_the_tree_is_refused_not_committed_empty(toy):
+    """A team series repeating DSpark's 0001: `git am` stops there; so does apply, tree restored."""
+    run_apply(toy)
+    work = toy["workdir"]
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [dspark_edits()[0]])
+    before = tree_fingerprint(work)
+    with pytest.raises(PatchFailed, match="team/0001-dspark-hook-in-core.patch did not apply: .*already in the tree"):
+        run_apply(toy, series=(team,))
     assert tree_fingerprint(work) == before
