@@ -196,3 +196,27 @@ def test_steep_sps_table_narrows_the_verify_forward_output_identical(llama, tmp_
     SPSTable([6, 12, 18, 24], [100.0, 10.0, 5.0, 1.0]).save(table)
     none = shard({**spec, "draft": str(llama["oracle"]), "env": {"DSPARK_SPS_TABLE": str(table)}})
     assert none["tokens"] == plain["tokens"] and all(none["rounds"][str(r["id"])] == 12 for r in batch)
+
+
+def test_a_batch_narrow_when_concatenated_widens_later_output_identical(llama, tmp_path):
+    """Request 1 decodes alone at width 0 (the table makes no draft pay for one request); request 2
+    arrives at step 4 and the concatenated batch is drafted at width γ. The rows of
+    all_input_ids_tensor must hold γ more tokens than prompt + max_new_tokens whatever width the
+    batch had when concatenated (patch 0003): sized by its width 0 they overflowed once a round
+    accepted γ + 1 tokens (CPU: "The expanded size of the tensor (2) must match the existing size
+    (4)"; CUDA: written into the next request's row)."""
+    from dspark_cli.runtime import SPSTable
+
+    table = tmp_path / "sps.json"
+    # One request: Θ(0) = 100 > Θ(3) = 4·10; two: Θ(0) = 2·10 < Θ(3) = 8·100.
+    SPSTable([1, 2, 4, 8], [100.0, 10.0, 10.0, 100.0]).save(table)
+    first = {"id": 1, "prompt": list(range(3, 13)), "max_new_tokens": 12}
+    late = {"id": 2, "prompt": [60], "max_new_tokens": 12}
+    spec = {"model": str(llama["target"]), "waves": [[0, [first]], [4, [late]]]}
+    plain = shard({**spec, "draft": None})
+    dspark = shard({**spec, "draft": str(llama["oracle"]), "env": {"DSPARK_SPS_TABLE": str(table)}})
+    assert dspark["tokens"] == plain["tokens"]
+    assert plain["tokens"]["1"] == tiny_models.successor_tokens(first["prompt"], 12)
+    assert dspark["finish"] == plain["finish"] == {"1": "FINISH_REASON_LENGTH", "2": "FINISH_REASON_LENGTH"}
+    # Request 1: prefill + 4 rounds alone at width 0, then γ + 1 tokens a round with request 2.
+    assert dspark["rounds"]["1"] < plain["rounds"]["1"] == 12 and dspark["rounds"]["2"] < 12
