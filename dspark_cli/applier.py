@@ -405,6 +405,9 @@ def build_records(engine: str | None, workdir: Path) -> list[dict]:
         except (OSError, ValueError) as exc:
             records.append({"file": str(path), "error": f"unreadable: {exc}"})
             continue
+        if not isinstance(record, dict) or not isinstance(record.get("workdir", ""), str):
+            records.append({"file": str(path), "error": "corrupt: not an object with a string workdir"})
+            continue
         if path.name.startswith("engine-") and Path(record.get("workdir", "")).resolve() != workdir.resolve():
             continue
         records.append({"file": str(path), "record": record})

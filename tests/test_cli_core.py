@@ -103,6 +103,19 @@ def test_status_lists_only_this_workdirs_engine_install(toy_env, tmp_path):
     assert [Path(b["file"]).name for b in status["build"]] == ["engine-toy.json"]
 
 
+@pytest.mark.parametrize("text", ["[1]", '{"workdir": 5}'])
+def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
+    assert run_real("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
+    build = tmp_path / "cache" / "build"
+    build.mkdir(parents=True)
+    (build / "engine-toy.json").write_text(text)
+    status = run_real("status", "-C", str(toy_env["work"]), "--json")
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    assert json.loads(status.stdout)["build"][0]["error"].startswith("corrupt")
+    human = run_real("status", "-C", str(toy_env["work"]))
+    assert human.returncode == 0 and "engine-toy.json: corrupt" in human.stdout, human.stderr
+
+
 @pytest.mark.parametrize("args, code, text", [
     (["apply", "nosuch"], 2, "unknown engine 'nosuch'"),
     (["apply", "toy", "--commit", "v9.9"], 2, "known pins: v1.0"),
