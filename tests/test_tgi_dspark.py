@@ -237,3 +237,28 @@ def test_layer_output_sums_tgi_deferred_residual():
     assert torch.equal(layer_output((h, r)), torch.full((2, 3), 3.0))
     assert torch.equal(layer_output((h, None)), h) and torch.equal(layer_output(h), h)
     assert torch.equal(layer_output((h, torch.ones(1, 2, 2))), h)  # (hidden, attention weights)
+
+
+def test_tensor_parallel_and_vision_language_targets_are_refused_at_attach(checkpoints, monkeypatch):
+    """maybe_attach refuses, with one error before anything loads, a shard of a tensor-parallel
+    model (the drafter is not sharded) and a target whose config has a vision_config (the capture
+    could hook the vision tower's layers); a single-shard text model attaches."""
+    from types import SimpleNamespace
+
+    from dspark_cli.integrations.tgi.hooks import maybe_attach
+
+    monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["oracle"]))
+    target = tiny_models.load_transformers(checkpoints["target"])
+    with pytest.raises(RuntimeError, match=r"tensor parallelism is not supported \(this shard is one of 2\)"):
+        maybe_attach(SimpleNamespace(world_size=2, config=target.config, model=target))
+    vlm = SimpleNamespace(world_size=1, config=SimpleNamespace(vision_config={"hidden_size": 8}), model=target)
+    with pytest.raises(RuntimeError, match="vision-language targets are not supported"):
+        maybe_attach(vlm)
+    target.config.vision_config = {"hidden_size": 8}  # on the inner model's config (transformers backend)
+    with pytest.raises(RuntimeError, match="vision-language"):
+        maybe_attach(SimpleNamespace(world_size=1, model=target))
+    del target.config.vision_config
+    spec = maybe_attach(SimpleNamespace(world_size=1, config=target.config, model=target))
+    assert isinstance(spec, DSparkSpeculation)
+    monkeypatch.delenv("DSPARK_DRAFT")
+    assert maybe_attach(SimpleNamespace(world_size=4, model=target)) is None  # DSpark off: nothing checked

@@ -25,11 +25,32 @@ except ImportError:
     logger = logging.getLogger(__name__)
 
 
+def unsupported(flash_model) -> str | None:
+    """Why DSpark cannot serve this shard's model, or None. Tensor parallelism would run the
+    unsharded drafter on every rank against a sharded target; a vision-language target's first
+    decoder `layers` list (what the capture hooks) may be its vision tower's."""
+    world_size = getattr(flash_model, "world_size", None)
+    if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+    if (world_size or 1) > 1:
+        return (f"tensor parallelism is not supported (this shard is one of {world_size}); "
+                "serve with --num-shard 1 or unset DSPARK_DRAFT")
+    for config in (getattr(flash_model, "config", None), getattr(getattr(flash_model, "model", None), "config", None)):
+        if getattr(config, "vision_config", None) is not None:
+            return (f"vision-language targets are not supported ({type(config).__name__} has a vision_config); "
+                    "unset DSPARK_DRAFT")
+    return None
+
+
 def maybe_attach(flash_model) -> DSparkSpeculation | None:
-    """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set."""
+    """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set. Setups
+    DSpark does not support are refused here, at startup, with one error (not served silently)."""
     path = configured_draft()
     if path is None:
         return None
+    reason = unsupported(flash_model)
+    if reason is not None:
+        raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): {reason}")
     target = flash_model.model
     weight = next(target.parameters())
     draft = DSparkDraft.load(path, device=weight.device, dtype=weight.dtype)
