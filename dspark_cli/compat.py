@@ -18,10 +18,10 @@ from packaging.version import InvalidVersion, Version
 from dspark_cli.errors import UsageError
 
 SCHEMA_VERSION = 1
-HEX_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
-FULL_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+HEX_COMMIT = re.compile(r"[0-9a-f]{7,40}")  # all patterns: fullmatch (`$` would allow a trailing newline)
+FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RELEASE_SUFFIXES = (".whl", ".tar.gz", ".zip")
 
 
@@ -56,7 +56,7 @@ class Pin:
 
     @property
     def commit_is_full(self) -> bool:
-        return bool(FULL_COMMIT.match(self.commit))
+        return bool(FULL_COMMIT.fullmatch(self.commit))
 
     def matches_commit(self, commit: str) -> bool:
         """True if `commit` (full or abbreviated) names this pin's commit."""
@@ -78,7 +78,7 @@ class Engine:
         if ref is None:
             return self.pins[self.default_pin]
         for pin in self.pins.values():
-            if ref in (pin.name, pin.tag) or (HEX_COMMIT.match(ref.lower()) and pin.matches_commit(ref)):
+            if ref in (pin.name, pin.tag) or (HEX_COMMIT.fullmatch(ref.lower()) and pin.matches_commit(ref)):
                 return pin
         return None
 
@@ -166,7 +166,7 @@ class _Validator:
         if not isinstance(node, yaml.ScalarNode) or node.tag == "tag:yaml.org,2002:null":
             self.fail(node, key_path, expected)
         value = node.value
-        if not value.strip() or (pattern is not None and not pattern.match(value)):
+        if not value.strip() or (pattern is not None and not pattern.fullmatch(value)):
             self.fail(node, key_path, expected)
         return value
 
@@ -207,7 +207,7 @@ class _Validator:
 
     def engine(self, name, node) -> Engine:
         where = f"engines.{name}"
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             self.fail(node, where, "an engine name of letters, digits, '.', '_' or '-'")
         keys = self.mapping(node, where, ("repository", "module", "distributions", "default_pin", "pins"))
         pins_node = keys["pins"]
@@ -233,7 +233,7 @@ class _Validator:
 
     def pin(self, engine, name, node) -> Pin:
         where = f"engines.{engine}.pins.{name}"
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             self.fail(node, where, "a pin name of letters, digits, '.', '_' or '-'")
         keys = self.mapping(
             node, where, ("commit", "tag", "patches", "releases", "python", "torch", "cuda", "tested")

@@ -4,7 +4,6 @@ pinned commit in it."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -13,11 +12,10 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import git as gitpython  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn
 
+from dspark_cli.compat import HEX_COMMIT
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.output import err_console, say
 from dspark_cli.workspace import Workspace, require_git
-
-HEX_REF = re.compile(r"[0-9a-f]{7,40}")
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -131,7 +129,7 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
         commit = find_commit(scratch, ref, url, tag)
         scratch.git.run("checkout", "-q", "--detach", commit)  # a fresh clone: the pinned tree, detached
         head = scratch.head() or ""
-        if head != commit or (HEX_REF.fullmatch(ref.lower()) and not head.startswith(ref.lower())):
+        if head != commit or (HEX_COMMIT.fullmatch(ref.lower()) and not head.startswith(ref.lower())):
             raise UsageError(f"{url}: {ref} checked out as {head[:12] or 'nothing'}, not the pinned commit")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

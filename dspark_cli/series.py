@@ -15,7 +15,7 @@ from dspark_cli.errors import CheckFailed, UsageError
 
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
-_LOCK_LINE = re.compile(r"^([0-9a-f]{64})  (\S+)$")
+_LOCK_LINE = re.compile(r"([0-9a-f]{64})  (\S+)")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def read_lock(directory: Path) -> dict[str, str]:
     for number, raw in enumerate(_read_text(lock_file).splitlines(), 1):
         if not raw.strip():
             continue
-        match = _LOCK_LINE.match(raw)
+        match = _LOCK_LINE.fullmatch(raw)
         if not match:
             raise UsageError(f"{lock_file}:{number}: expected '<sha256>  <patch name>', got {raw!r}")
         locked[match.group(2)] = match.group(1)

