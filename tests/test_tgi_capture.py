@@ -53,6 +53,26 @@ def test_features_are_the_residual_streams_of_the_last_forward():
         capture.features(7)
 
 
+def test_eager_forwards_past_the_pinned_buffer_use_their_own():
+    """Once a CUDA graph was captured through it the buffer cannot move; TGI then still runs decode
+    batches past its largest graph eagerly, with B·(1 + L) rows that can exceed the warmup prefill
+    that sized the buffer. Those go to an overflow buffer; smaller forwards (replays included) keep
+    using the pinned one, and features(n) reads the one a forward of n rows wrote."""
+    target, d = TinyTarget(), 8
+    capture = HiddenCapture(target, [0, 2])
+    target(torch.randn(6, d))  # warmup prefill: 6 rows
+    capture.graph_captured = True  # as after TGI's graph capture (CPU: no graphs; the flag is the state)
+    pinned = capture.buffer
+    for n in (10, 3, 12, 6, 10):
+        x = torch.randn(n, d)
+        streams = target(x)
+        assert torch.equal(capture.features(n), torch.cat([streams[0], streams[2]], -1)), n
+        assert capture.buffer is pinned and pinned.shape[0] == 6
+    assert capture.overflow.shape[0] == 12
+    with pytest.raises(RuntimeError, match="did not run on 13 rows"):
+        capture.features(13)
+
+
 def test_last_layer_is_refused():
     with pytest.raises(ValueError, match="last layer"):
         HiddenCapture(TinyTarget(n=3), [0, 2])
@@ -82,8 +102,16 @@ def test_capture_is_replayed_by_a_cuda_graph():
         replayed = capture.features(5).clone()
         ref = target(x)  # eager, for comparison
         assert torch.allclose(replayed, torch.cat([ref[1], ref[2]], -1), atol=1e-5)
-    with pytest.raises(RuntimeError, match="cannot grow"):
-        target(torch.randn(64, d, device="cuda"))
+    pinned = capture.buffer.data_ptr()
+    big = torch.randn(64, d, device="cuda")  # eager past the largest graph: the overflow buffer
+    ref = target(big)
+    assert torch.allclose(capture.features(64), torch.cat([ref[1], ref[2]], -1))
+    assert capture.buffer.data_ptr() == pinned
+    graph.replay()  # a replay after it is read from the pinned buffer again
+    assert torch.allclose(capture.features(5), replayed)
+    with pytest.raises(RuntimeError, match="cannot grow"):  # a graph larger than the pinned buffer
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            target(torch.zeros(64, d, device="cuda"))
 
 
 def _class_fields(source: str, name: str) -> set[str]:

@@ -76,9 +76,13 @@ class HiddenCapture:
 
     Copying into a buffer that outlives every forward (rather than keeping the layer's output) is
     what makes this CUDA-graph safe: a graph captured through the hook records the copy and
-    replays it into the same buffer; padded graph rows land after the real ones. The buffer is
-    sized by the first eager forward (TGI's warmup prefill, its largest batch) and never moves
-    once a graph has been captured through it."""
+    replays it into the same buffer; padded graph rows land after the real ones. The buffer grows
+    with eager forwards until a graph is captured through it (TGI captures its largest graph first,
+    after an eager run of it), then never moves. An eager forward with more rows than it holds
+    after that (TGI's warmup prefill need not be its largest forward: a decode batch past the
+    largest graph runs B·(1 + L) rows eagerly) writes into a separate overflow buffer instead. A
+    forward writes the static buffer iff its rows fit there, and a replay's rows always do, so
+    `features(n)` reads the overflow exactly when n does not fit."""
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int]):
         layers = find_layers(model)
@@ -86,6 +90,7 @@ class HiddenCapture:
             raise ValueError(f"target_layer_ids {layer_ids}: the last layer ({len(layers) - 1}) is normed; not allowed")
         self.layer_ids = layer_ids
         self.buffer: torch.Tensor | None = None
+        self.overflow: torch.Tensor | None = None  # eager forwards larger than the graph-pinned buffer
         self.graph_captured = False
         self.handles = [layers[i].register_forward_hook(self._hook(slot)) for slot, i in enumerate(layer_ids)]
 
@@ -93,27 +98,38 @@ class HiddenCapture:
         def hook(module, args, out):
             x = layer_output(out).detach()
             x = x.reshape(-1, x.shape[-1])
-            self._ensure(x)
             d = x.shape[-1]
-            self.buffer[: x.shape[0], slot * d:(slot + 1) * d].copy_(x)
+            self._target(x)[: x.shape[0], slot * d:(slot + 1) * d].copy_(x)
         return hook
 
-    def _ensure(self, x: torch.Tensor) -> None:
+    @staticmethod
+    def _holds(buf: torch.Tensor | None, x: torch.Tensor) -> bool:
+        return buf is not None and buf.shape[0] >= x.shape[0] and buf.device == x.device and buf.dtype == x.dtype
+
+    def _target(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer this forward's rows go to (allocated or grown as needed)."""
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         self.graph_captured |= capturing
-        fits = (self.buffer is not None and self.buffer.shape[0] >= x.shape[0] and self.buffer.device == x.device
-                and self.buffer.dtype == x.dtype)
-        if fits:
-            return
-        if self.graph_captured:
+        if self._holds(self.buffer, x):
+            return self.buffer
+        width = len(self.layer_ids) * x.shape[-1]
+        if not self.graph_captured:
+            self.buffer = x.new_empty((x.shape[0], width))
+            return self.buffer
+        if capturing or self.buffer is None or self.buffer.device != x.device or self.buffer.dtype != x.dtype:
             raise RuntimeError(f"DSpark capture buffer ({None if self.buffer is None else self.buffer.shape[0]} rows) "
                                f"cannot grow to {x.shape[0]} rows after a CUDA graph was captured through it")
-        self.buffer = x.new_empty((x.shape[0], len(self.layer_ids) * x.shape[-1]))
+        if not self._holds(self.overflow, x):  # an eager forward past the largest graph
+            self.overflow = x.new_empty((x.shape[0], width))
+        return self.overflow
 
     def features(self, rows: int) -> torch.Tensor:
-        if self.buffer is None or self.buffer.shape[0] < rows:
+        buf = self.buffer
+        if buf is not None and buf.shape[0] < rows:
+            buf = self.overflow
+        if buf is None or buf.shape[0] < rows:
             raise RuntimeError(f"the target layers {self.layer_ids} did not run on {rows} rows")
-        return self.buffer[:rows]
+        return buf[:rows]
 
 
 @dataclass
