@@ -40,9 +40,15 @@ def test_profile_times_a_real_forward_and_writes_both_tables(model_dir, tmp_path
     assert all(s > 0 for s in table.steps_per_s)
     assert table.metadata["model_type"] == "qwen3" and table.metadata["device"].startswith("cpu")
     assert table.sps(3) == table.sps(4)  # a 3-token forward replays the 4-token graph
-    sglang = json.loads((tmp_path / "sps.sglang.json").read_text())
-    assert sglang == {"sample_batch_tokens": table.tokens, "sample_steps_per_sec": table.steps_per_s,
-                      "max_batch_tokens": 16}
+    # SGLang's file gives our SPS at every B up to the table's max under SGLang's lookup (the value
+    # of the largest probe ≤ B, dspark_sps.py), and reads back as the same curve
+    sglang_path = tmp_path / "sps.sglang.json"
+    sglang = json.loads(sglang_path.read_text())
+    assert set(sglang) == {"sample_batch_tokens", "sample_steps_per_sec", "max_batch_tokens"}
+    assert sglang["max_batch_tokens"] == 16 and sglang["sample_batch_tokens"][:3] == [1, 5, 9]  # the 4- and 8-token graphs
+    probes, values = sglang["sample_batch_tokens"], sglang["sample_steps_per_sec"]
+    for b in range(1, 17):
+        assert values[max(i for i, p in enumerate(probes) if p <= b)] == table.sps(b) == SPSTable.load(sglang_path).sps(b)
 
 
 def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):

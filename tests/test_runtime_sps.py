@@ -33,9 +33,46 @@ def test_files_round_trip_in_both_formats(tmp_path):
     back = SPSTable.load(ours)
     assert (back.tokens, back.steps_per_s, back.capture_sizes) == (t.tokens, t.steps_per_s, t.capture_sizes)
     assert back.metadata["model"] == "tiny"
-    assert json.loads(sglang.read_text()) == {
-        "sample_batch_tokens": [1, 2, 4], "sample_steps_per_sec": [30.0, 29.0, 25.0], "max_batch_tokens": 4}
-    assert SPSTable.load(sglang).steps_per_s == t.steps_per_s
+    assert json.loads(sglang.read_text()) == {  # B = 3 replays the 4-token graph: SPS(4) from 3 on
+        "sample_batch_tokens": [1, 2, 3], "sample_steps_per_sec": [30.0, 29.0, 25.0], "max_batch_tokens": 4}
+    assert [SPSTable.load(sglang).sps(b) for b in range(1, 5)] == [t.sps(b) for b in range(1, 5)]
+
+
+def _sglang_sps(doc: dict, batch_tokens: int) -> float:
+    """SGLang's SpsCostTable lookup (dspark_sps.py): the value of the largest probe ≤ B, the first
+    probe's below it; past the last probe the last value."""
+    probes = doc["sample_batch_tokens"]
+    below = [i for i, p in enumerate(probes) if p <= batch_tokens]
+    return doc["sample_steps_per_sec"][below[-1] if below else 0]
+
+
+@pytest.mark.parametrize("table", [
+    SPSTable([1, 2, 4, 8, 16, 24, 32, 48, 64], [100.0, 99.0, 97.0, 90.0, 80.0, 76.0, 70.0, 60.0, 50.0],
+             capture_sizes=[1, 2, 4, 8, 16, 24, 32]),  # graphs up to 32, eager (interpolated) beyond
+    SPSTable([1, 10, 100], [100.0, 50.0, 10.0]),  # no graphs: interpolated everywhere
+    SPSTable([4, 8], [9.0, 8.0], capture_sizes=[8, 16]),  # the last capture size past the last point
+], ids=["graphs-then-eager", "eager", "capture-past-points"])
+def test_sglang_file_gives_our_sps_at_every_batch_size(table, tmp_path):
+    """SGLang rounds B down to a probe and holds the last value; we round B up to a capture size and
+    interpolate. The file it reads must give our SPS at every B up to the table's max, and reading it
+    back must give SGLang's (it was a raw copy of our points: 17 tokens got SPS(16), not SPS(24))."""
+    path = tmp_path / "sglang.json"
+    table.save_sglang(path)
+    doc = json.loads(path.read_text())
+    assert doc["max_batch_tokens"] == table.dense_limit
+    back = SPSTable.load(path)
+    for b in range(0, table.dense_limit + 1):
+        assert _sglang_sps(doc, b) == table.sps(b) == back.sps(b), b
+
+
+def test_sglang_files_read_as_sglang_reads_them(tmp_path):
+    doc = {"sample_batch_tokens": [8, 16, 32, 64], "sample_steps_per_sec": [1000.0, 950.0, 500.0, 480.0],
+           "max_batch_tokens": 128}
+    path = tmp_path / "sglang.json"
+    path.write_text(json.dumps(doc))
+    table = SPSTable.load(path)
+    assert [table.sps(b) for b in range(1, 129)] == [_sglang_sps(doc, b) for b in range(1, 129)]
+    torch.testing.assert_close(table.lookup(torch.arange(1, 129)), torch.tensor([_sglang_sps(doc, b) for b in range(1, 129)]))
 
 
 def test_default_table_is_documented_model():

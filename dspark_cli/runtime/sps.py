@@ -4,9 +4,12 @@
 Our file (JSON):
   {"format": "dspark-sps/1", "tokens": [1, 2, 4, ...], "steps_per_s": [...],
    "capture_sizes": [...CUDA-graph capture sizes, may be empty...], ...metadata}
-SGLang's file for --speculative-dspark-sps-table-path (its SpsCostTable):
+SGLang's file for --speculative-dspark-sps-table-path (its SpsCostTable, dspark_sps.py):
   {"sample_batch_tokens": [...], "sample_steps_per_sec": [...], "max_batch_tokens": N}
-`SPSTable.load` reads both.
+SGLang's lookup is a floor step function: the value of the largest probe ≤ B, the first below the
+first probe, the last beyond the final one (max_batch_tokens is only checked ≥ the last probe).
+`to_sglang` writes our curve in that form and `SPSTable.load` reads both, each SPS equal to the
+other's at every B up to the table's max (dense_limit; SGLang's max_batch_tokens).
 
 Lookup SPS(B): with CUDA graphs a forward of B tokens runs padded to the smallest capture size
 ≥ B, so B is first rounded up to it (this is what makes the real curve step-wise); then linear
@@ -112,9 +115,16 @@ class SPSTable:
         tokens, steps = _column(path, data, keys[0], whole=True), _column(path, data, keys[1], whole=False)
         captures = _column(path, data, keys[2], whole=True) if keys[2] else []
         try:
-            return cls(tokens, steps, captures, meta)
+            table = cls(tokens, steps, captures, meta)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+        if keys[2] is None:
+            # SGLang's floor step as ours: probe i's value holds up to probe i+1 − 1 (the last one
+            # up to max_batch_tokens), so a point at each step's end, each a size B is rounded up to
+            last = meta["max_batch_tokens"] if isinstance(meta["max_batch_tokens"], int) else 0
+            ends = [b - 1 for b in table.tokens[1:]] + [max(last, table.tokens[-1])]
+            table = cls(ends, table.steps_per_s, ends, meta)
+        return table
 
     def to_dict(self) -> dict:
         return {"format": SPS_FORMAT, "tokens": self.tokens, "steps_per_s": self.steps_per_s,
@@ -124,9 +134,17 @@ class SPSTable:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_sglang(self) -> dict:
-        """SGLang's SpsCostTable fields; its lookup is a step function on the probes (floor)."""
-        return {"sample_batch_tokens": self.tokens, "sample_steps_per_sec": self.steps_per_s,
-                "max_batch_tokens": self.tokens[-1]}
+        """SGLang's SpsCostTable fields: our SPS(B) for B = 1..dense_limit as SGLang's floor step
+        function, a probe wherever the value changes (at 1 and after each capture size where graphs
+        pad; every B where we interpolate between eager points)."""
+        probes, values = [], []
+        for b in range(1, self.dense_limit + 1):
+            value = self.sps(b)
+            if not values or value != values[-1]:
+                probes.append(b)
+                values.append(value)
+        return {"sample_batch_tokens": probes, "sample_steps_per_sec": values,
+                "max_batch_tokens": self.dense_limit}
 
     def save_sglang(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_sglang()) + "\n")
