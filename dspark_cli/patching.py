@@ -51,12 +51,19 @@ def mail_info(ws: Workspace, patch: Patch) -> MailInfo:
     )
 
 
-def commit_message(info: MailInfo, patch: Patch) -> str:
-    parts = [info.subject]
-    if info.body:
-        parts.append(info.body)
-    parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}")
-    return "\n\n".join(parts) + "\n"
+def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
+    """Commit the index as `git am` would commit `patch` (its author, date, subject and message),
+    with the Dspark-Patch trailers that record it in a workspace when `trailers`; the new commit id."""
+    info = mail_info(ws, patch)
+    parts = [info.subject] + ([info.body] if info.body else [])
+    if trailers:
+        parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}")
+    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
+    if info.date:
+        env["GIT_AUTHOR_DATE"] = info.date
+    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
+               input="\n\n".join(parts) + "\n", env=env)
+    return ws.head()
 
 
 def apply_and_commit(ws: Workspace, patch: Patch) -> str:
@@ -68,15 +75,7 @@ def apply_and_commit(ws: Workspace, patch: Patch) -> str:
         # Like `git am`, which stops there: an empty commit would claim the patch did something.
         raise PatchConflict(patch, None, None, "its changes are already in the tree (an earlier patch or the "
                                                "base made them); drop it from its series")
-    info = mail_info(ws, patch)
-    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
-    if info.date:
-        env["GIT_AUTHOR_DATE"] = info.date
-    ws.git.run(
-        "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
-        input=commit_message(info, patch), env=env,
-    )
-    return ws.head()
+    return commit_as_am(ws, patch, trailers=True)
 
 
 def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflict:

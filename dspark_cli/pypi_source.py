@@ -70,18 +70,26 @@ def _pip_download(release: ReleaseFile, dest: Path) -> Path:
     return path
 
 
-def _index_download(release: ReleaseFile, dest: Path) -> Path:
+def index_files(package: str) -> tuple[str, list[dict]]:
+    """The package index's URL and the files it lists for `package` (JSON simple API, PEP 691)."""
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    project = release.package.lower().replace("_", "-").replace(".", "-")
+    project = package.lower().replace("_", "-").replace(".", "-")
     request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             files = json.load(response)["files"]
-        url = next(f["url"] for f in files if f["filename"] == release.file)
-    except StopIteration:
-        raise EnvironmentProblem(f"{index} does not list {release.file}") from None
-    except (OSError, ValueError, KeyError) as exc:
+        if not all(isinstance(f, dict) for f in files):
+            raise ValueError("'files' is not a list of objects")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
+    return index, files
+
+
+def _index_download(release: ReleaseFile, dest: Path) -> Path:
+    index, files = index_files(release.package)
+    url = next((f.get("url") for f in files if f.get("filename") == release.file), None)
+    if not url:
+        raise EnvironmentProblem(f"{index} does not list {release.file}")
     path = dest / release.file
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out, Progress(

@@ -17,10 +17,8 @@ the original file names, order and amount of diff context, and a new lock.
 from __future__ import annotations
 
 import json
-import os
 import py_compile
 import re
-import urllib.request
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,8 +27,8 @@ from pathlib import Path
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
-from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.patching import hunk_at, mail_info
+from dspark_cli.errors import UsageError
+from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import Patch
 from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
 
@@ -145,7 +143,7 @@ def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
             return outcome
         outcome.status = THREE_WAY
         outcome.details = _failed_hunks(patch, check.stderr)
-    outcome.commit = _commit(ws, patch)
+    outcome.commit = commit_as_am(ws, patch, trailers=False)  # the refreshed series is made from it
     return outcome
 
 
@@ -184,17 +182,6 @@ def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stde
         details = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
         details += [d for d in _failed_hunks(patch, check_stderr) if d not in details]
     return details or ["git apply --3way failed"]
-
-
-def _commit(ws: Workspace, patch: Patch) -> str:
-    info = mail_info(ws, patch)
-    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
-    if info.date:
-        env["GIT_AUTHOR_DATE"] = info.date
-    message = info.subject + (f"\n\n{info.body}" if info.body else "") + "\n"
-    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
-               input=message, env=env)
-    return ws.head()
 
 
 def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], branch: str,
@@ -401,17 +388,10 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile) -> tupl
 def index_release(package: str, version: str) -> ReleaseFile:
     """The sdist of `package==version` as the package index lists it (name and sha256), for
     releases compat.yaml does not know yet (`--onto 0.31.0`)."""
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    project = package.lower().replace("_", "-").replace(".", "-")
     wanted = f"{package.replace('-', '_')}-{version}.tar.gz"
-    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            files = json.load(response)["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
+    index, files = pypi_source.index_files(package)
     for entry in files:
-        if entry["filename"].lower() == wanted.lower() and entry.get("hashes", {}).get("sha256"):
+        if entry.get("filename", "").lower() == wanted.lower() and entry.get("hashes", {}).get("sha256"):
             return ReleaseFile(package=package, version=version, file=entry["filename"],
                                sha256=entry["hashes"]["sha256"])
     raise UsageError(f"{index} lists no sdist {wanted} for {package} {version}")

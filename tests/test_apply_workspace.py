@@ -323,3 +323,25 @@ def test_a_patch_already_in_the_tree_is_refused_not_committed_empty(toy):
     with pytest.raises(PatchFailed, match="team/0001-dspark-hook-in-core.patch did not apply: .*already in the tree"):
         run_apply(toy, series=(team,))
     assert tree_fingerprint(work) == before
+
+
+def test_apply_and_rebase_read_the_package_index_alike(toy, tmp_path, local_index):
+    """pypi_source.index_files serves the release download and rebase's --onto lookup; an answer
+    that is not a file list is one EnvironmentProblem line for both."""
+    from dspark_cli import pypi_source, rebase
+    from dspark_cli.compat import ReleaseFile
+    from dspark_cli.errors import EnvironmentProblem
+
+    sdist, digest = publish_toy_sdist(toy, tmp_path, local_index)
+    page = tmp_path / "index" / "simple" / "toy-engine" / "index.html"
+    entry = json.loads(page.read_text())["files"][0]
+    page.write_text(json.dumps({"files": [entry, {**entry, "filename": "toy_engine-1.0.tar.gz",
+                                                   "hashes": {"sha256": digest}}]}))
+    index, files = pypi_source.index_files("toy_engine")
+    assert index.endswith("/simple") and files[0]["filename"] == sdist.name
+    assert rebase.index_release("toy-engine", "1.0") == ReleaseFile("toy-engine", "1.0", "toy_engine-1.0.tar.gz", digest)
+    page.write_text(json.dumps({"files": [1]}))
+    release = ReleaseFile("toy-engine", "1.0", sdist.name, digest)
+    for lookup in (lambda: pypi_source.fetch_release(release), lambda: rebase.index_release("toy-engine", "1.0")):
+        with pytest.raises(EnvironmentProblem, match="cannot read the package index .*not a list of objects"):
+            lookup()
