@@ -9,8 +9,9 @@ import typer
 from dspark_cli.errors import EXIT_USAGE, DsparkError
 from dspark_cli.output import emit_error
 
-# typer may vendor its own click; take the usage-error class from typer's own exception tree.
+# typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+NoArgsIsHelpError = importlib.import_module(ClickUsageError.__module__).NoArgsIsHelpError
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
@@ -41,6 +42,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except NoArgsIsHelpError:
+        sys.exit(EXIT_USAGE)  # typer printed the help already; exit 2 as click's no_args_is_help does
     except ClickUsageError as exc:
         emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)

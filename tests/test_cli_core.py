@@ -47,6 +47,14 @@ def test_dspark_help_in_a_real_process():
         assert name in result.stdout
 
 
+@pytest.mark.parametrize("args", [[], ["series"]], ids=["dspark", "dspark series"])
+def test_no_command_prints_the_help_once_and_exits_2(args):
+    """As typer's no_args_is_help does: help on stdout, exit 2, and no empty `usage:` error line."""
+    result = run_real(*args)
+    assert result.returncode == 2 and result.stdout.count("Usage:") == 1
+    assert result.stderr == ""
+
+
 @pytest.fixture
 def toy_env(tmp_path, monkeypatch):
     t = make_toy(tmp_path, monkeypatch)
