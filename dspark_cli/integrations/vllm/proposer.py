@@ -142,13 +142,36 @@ class DSparkProposer(DFlashProposer):
 
     def _draft_warps(self, sampling_metadata, R: int, V: int):
         """Draft with the request's temperature/top-k/top-p (any q is lossless; matching the
-        target's warp maximizes acceptance). Greedy drafting when draft_sample_method=greedy."""
+        target's warp maximizes acceptance). Greedy drafting when draft_sample_method=greedy, and
+        for requests with structured outputs: vLLM's scheduler cuts their drafts at the first token
+        the grammar rejects, which is exact for a one-hot q (that draft would be rejected surely,
+        with residual p) but biased for a sampled one (the cut depends on the sampled token, and the
+        user then gets a fresh sample from p instead of the residual norm(max(p − q, 0)))."""
         device = self.device
         if not self.probabilistic or sampling_metadata.all_greedy or sampling_metadata.temperature is None:
             return torch.zeros(R, dtype=torch.float32, device=device), None, None
         temperature = sampling_metadata.temperature[:R].float()
+        structured = self._structured_output_rows(R)
+        if structured:
+            temperature = temperature.clone()
+            temperature[torch.tensor(structured, dtype=torch.int64, device=device)] = 0.0
         top_k = sampling_metadata.top_k
         top_p = sampling_metadata.top_p
         top_k = None if top_k is None else top_k[:R].to(torch.int64)
         top_p = None if top_p is None else top_p[:R].float()
         return temperature, top_k, top_p
+
+    def _structured_output_rows(self, R: int) -> list[int]:
+        """Rows of the batch whose requests have structured outputs (a grammar the scheduler
+        validates drafts against)."""
+        runner = self.runner
+        if runner is None:
+            return []
+        requests = runner.requests
+        rows = []
+        for i, req_id in enumerate(runner.input_batch.req_ids[:R]):
+            state = requests.get(req_id)
+            params = None if state is None else state.sampling_params
+            if params is not None and params.structured_outputs is not None:
+                rows.append(i)
+        return rows
