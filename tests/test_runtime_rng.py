@@ -114,6 +114,13 @@ def test_grouped_race_of_one_hot_rows_is_their_argmax():
         assert torch.equal(rng.grouped_race_sample(rows, torch.arange(6) * 977, rng.STREAM_DRAFT, position), hot)
 
 
+def test_grouped_race_never_returns_an_id_past_the_vocabulary():
+    """An all-zero row (no running sum above v·W_g) took group 0's last slot, id 7 for V = 5."""
+    for V in (1, 5, 8, 13):
+        draws = rng.grouped_race_sample(torch.zeros(4, V), torch.arange(4), rng.STREAM_RECOVER, 0)
+        assert draws.tolist() == [min(7, V - 1)] * 4
+
+
 def test_grouped_race_draws_depend_only_on_own_seed_and_row():
     g = torch.Generator().manual_seed(2)
     w, seeds = torch.rand(64, 50, generator=g), torch.randint(-2**62, 2**62, (64,), generator=g)

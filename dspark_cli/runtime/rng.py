@@ -123,8 +123,10 @@ def grouped_race_sample(weights: torch.Tensor, seeds: torch.Tensor, stream: int,
     winner = torch.argmax(keys, dim=-1, keepdim=True)  # ties: lowest group
     threshold = pick_u.gather(1, winner) * totals.gather(1, winner)
     winner_sums = sums.gather(1, winner.unsqueeze(-1).expand(-1, -1, _GROUP)).squeeze(1)
-    offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(_GROUP - 1)  # 8 only for an all-zero row
-    return _GROUP * winner.squeeze(1) + offset
+    # 8 (no running sum above v·W_g) only for an all-zero row: then group 0's last id, or the row's
+    # last one when V < 8 (the padded ids past V are no tokens)
+    offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(_GROUP - 1)
+    return (_GROUP * winner.squeeze(1) + offset).clamp_max(weights.shape[1] - 1)
 
 
 def grouped_race_keys(weights: torch.Tensor, seeds: torch.Tensor, stream: int, position):
