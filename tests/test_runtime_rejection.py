@@ -213,6 +213,29 @@ def test_bad_inputs_raise_clear_errors():
         rejection_sample(p, draft, torch.tensor([1]))
 
 
+@pytest.mark.parametrize("row, message", [
+    (torch.zeros(5), "all-zero row among the verified rows"),
+    (-torch.full((5,), 0.2), "target_probs must be ≥ 0"),
+    (torch.tensor([0.5, float("nan"), 0.5, 0.0, 0.0]), "target_probs contains NaN or infinite values"),
+    (torch.tensor([0.5, float("inf"), 0.5, 0.0, 0.0]), "target_probs contains NaN or infinite values"),
+], ids=["all-zero", "negative", "nan", "inf"])
+def test_bad_target_rows_raise_instead_of_drawing_garbage(row, message):
+    """For V = 5 such a row drew token 7 (≥ V) or 0. Only rows the verify reads are checked: request
+    0 verifies 1 draft (rows 0, 1), so its rows 2, 3 may hold anything; request 1's row 0 is bad."""
+    g = torch.Generator().manual_seed(5)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    draft = (torch.zeros(2, 3, dtype=torch.int64), q[:, :, 0], q)
+    p[0, 2:] = torch.tensor([float("nan"), -1.0, 0.0, 0.0, 0.0])  # unread padding
+    assert rejection_sample(p, draft, torch.tensor([1, 0]), seeds=torch.arange(2)).output_tokens.max() < 5
+    p[1, 0] = row
+    for ell in (torch.tensor([1, 0]), torch.tensor([0, 3])):
+        with pytest.raises(ValueError, match=message):
+            rejection_sample(p, draft, ell, seeds=torch.arange(2))
+    flat = torch.cat([p[0, :2], p[1, :1]])
+    with pytest.raises(ValueError, match=message):
+        rejection_sample_flat(flat, torch.tensor([0, 2, 3]), draft, seeds=torch.arange(2))
+
+
 def test_mismatched_drafts_and_token_ids_raise_clear_errors():
     g = torch.Generator().manual_seed(8)
     R, gamma, V, r = 2, 3, 10, 4

@@ -49,6 +49,12 @@ def finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def nonnegative(name: str, t: torch.Tensor) -> None:
+    finite(name, t)
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be ≥ 0, got a minimum of {float(t.min())}")
+
+
 def in_unit_interval(name: str, t: torch.Tensor) -> None:
     finite(name, t)
     if bool(((t < 0) | (t > 1)).any()):

@@ -87,6 +87,18 @@ def _check_draft_vocab(draft: MarkovDraft, vocab: int) -> None:
         _checks.dim("draft source U", draft.source.U, 2, vocab, "vocab size V of target_probs")
 
 
+def _check_target_rows(target, row_start, ell, row_stride) -> None:
+    """The rows the verify reads (each request's 1 + ℓ_r; the others may be padding) are
+    distributions: a NaN, negative or all-zero row drew an arbitrary token, silently."""
+    if row_start is None:
+        row_start = torch.arange(ell.numel(), dtype=torch.int64) * row_stride
+    pos = torch.arange(int(ell.max()) + 1, dtype=torch.int64)
+    rows = target[(row_start.unsqueeze(1) + pos)[pos <= ell.unsqueeze(1)]]
+    _checks.nonnegative("target_probs", rows)
+    if bool((rows.sum(dim=1) == 0).any()):
+        raise ValueError("target_probs has an all-zero row among the verified rows (no distribution)")
+
+
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0) -> VerifyResult:
     """row_start [R] int64, or None for dense rows: request r's start at r·row_stride."""
@@ -116,6 +128,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.token_ids("draft tokens", draft.tokens, V)
         if draft.q is None and draft.source is not None:
             _checks.token_ids("draft anchors", draft.source.anchors, V)
+        _check_target_rows(target, row_start, ell, row_stride)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
