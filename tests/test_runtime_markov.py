@@ -158,6 +158,28 @@ def test_bad_inputs_raise_clear_errors(change, message):
                      confidence=args.get("confidence"))
 
 
+@pytest.mark.parametrize("warp, message", [
+    ({"temperature": torch.tensor([1.0, float("nan"), 1.0])}, "temperature contains NaN or infinite values"),
+    ({"temperature": torch.tensor([1.0, float("inf"), 1.0])}, "temperature contains NaN or infinite values"),
+    ({"top_p": torch.tensor([1.0, 0.0, 0.5])}, r"top_p must lie in \(0, 1\]"),
+    ({"top_p": torch.tensor([1.0, 1.5, 0.5])}, r"top_p must lie in \(0, 1\]"),
+    ({"top_p": torch.tensor([1.0, float("nan"), 0.5])}, r"top_p must lie in \(0, 1\]"),
+], ids=["T-nan", "T-inf", "top_p-zero", "top_p-above-1", "top_p-nan"])
+def test_bad_warp_values_raise_instead_of_drafting_silently(warp, message):
+    """A NaN/inf temperature or a top_p outside (0, 1] drafted anyway (NaN rows gave token 0).
+    Checked on CPU tensors, as the token ids are. vLLM's greedy T = -1 and top_k = -1 (off) stay valid."""
+    U, anchors, w1, w2 = _setup(R=3)
+    warps = {"temperature": torch.ones(3), **warp}
+    with pytest.raises(ValueError, match=message):
+        markov_chain(U, anchors, w1, w2, warps.pop("temperature"), seeds=torch.arange(3), **warps)
+    warps = {"temperature": torch.ones(3), **warp}
+    with pytest.raises(ValueError, match=message):
+        residual_row(U[:, 0], anchors, w1, w2, warps.pop("temperature"), **warps)
+    ok = {"top_k": torch.tensor([-1, 1, 0]), "top_p": torch.tensor([1.0, 1e-6, 0.5])}
+    draft = markov_chain(U, anchors, w1, w2, torch.tensor([-1.0, 1e-6, 2.0]), seeds=torch.arange(3), **ok)
+    assert draft.q_token[0].tolist() == [1.0] * 4  # T = -1: greedy
+
+
 def test_residual_row_rejects_out_of_range_previous_tokens():
     U, anchors, w1, w2 = _setup(R=2)
     with pytest.raises(ValueError, match=r"prev must be token ids in \[0, V=40\), got values in \[3, 50\]"):

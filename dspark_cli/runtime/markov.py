@@ -171,8 +171,15 @@ def _check_token_vector(name, t, R: int, vocab: int) -> None:
 
 
 def _check_warps(temperature, top_k, top_p, R: int) -> None:
+    """Shapes always; values where the other value checks run (on CPU by default: no device sync):
+    a NaN/inf temperature or a top_p outside (0, 1] drafted silently. A negative temperature is
+    greedy (vLLM marks greedy rows -1) and any top_k is valid (≤ 0 or ≥ V: off; vLLM's off is -1)."""
     _check_request_vector("temperature", temperature, R, _checks.FLOAT_DTYPES)
+    if _checks.want_value_checks(None, temperature):
+        _checks.finite("temperature", temperature)
     if top_k is not None:
         _check_request_vector("top_k", top_k, R, INT_DTYPES)
     if top_p is not None:
         _check_request_vector("top_p", top_p, R, _checks.FLOAT_DTYPES)
+        if _checks.want_value_checks(None, top_p) and not bool(((top_p > 0) & (top_p <= 1)).all()):
+            raise ValueError(f"top_p must lie in (0, 1] (1: off), got {top_p.tolist()}")
