@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +100,87 @@ def test_structured_output_cut_is_exact_only_for_one_hot_drafts():
     assert output_distribution(torch.tensor([0.5, 0.1, 0.4]))[0] == pytest.approx(0.70)  # biased
     for greedy in range(2):  # a one-hot draft: exact
         assert torch.allclose(output_distribution(torch.nn.functional.one_hot(torch.tensor(greedy), 3).float()), p)
+
+
+def _q(rows: int, k: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.softmax(torch.randn(rows, k, vocab, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_a_skipped_request_is_verified_with_the_q_of_its_own_drafts():
+    """A running request the scheduler skipped keeps its drafts of an older step: it must be
+    verified with that step's q, and the others with the latest one (V1's runner alone had no row
+    for it and verified the whole batch one-hot)."""
+    cache = PendingDraftProbs()
+    q1, q2 = _q(3, 3, 8, 1), _q(2, 3, 8, 2)
+    cache.drafted(["a", "b", "c"], q1)
+    cache.drafted(["a", "b"], q2)  # c skipped: its drafts (from q1) wait in the scheduler
+    drafts = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    got = cache.for_verification(["a", "b", "c"], [3, 2, 2], drafts)
+    assert torch.equal(got, torch.cat([q2[0], q2[1, :2], q1[2, :2]]))
+    cache.drafted(["c", "a"], _q(2, 3, 8, 3))  # c ran again: its drafts, and q, are new
+    assert "c" not in cache._held
+
+
+def test_drafts_without_q_are_verified_one_hot_and_held_rows_of_finished_requests_go():
+    cache = PendingDraftProbs()
+    q = _q(2, 2, 5, 4)
+    cache.drafted(["a", "b"], q)
+    cache.drafted(["a"], None)  # an all-greedy step (no q) without b
+    got = cache.for_verification(["a", "b"], [2, 1], torch.tensor([3, 1, 4]))
+    assert torch.equal(got[:2], torch.nn.functional.one_hot(torch.tensor([3, 1]), 5).float())
+    assert torch.equal(got[2], q[1, 0])
+    assert cache.for_verification(["a"], [2], torch.tensor([3, 1])) is None  # all one-hot: V1's own path
+    cache.drafted(["a"], None, live={"a"})  # b finished
+    assert cache._held == {}
+
+
+def test_installed_on_the_runner_a_zeroed_step_replaces_q_by_one_hot():
+    """When the runner zeroes the batch's drafts instead of drafting (the input does not fit the
+    drafter), q of an earlier step must not be used for those zero drafts."""
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"]), requests={"a": 0, "b": 0},
+                             _input_fits_in_drafter=lambda cad: cad)
+    cache = PendingDraftProbs()
+    cache.install(runner)
+    q = _q(2, 2, 4, 5)
+    cache.drafted(["a", "b"], q)
+    meta = SimpleNamespace(num_draft_tokens=[2, 2], draft_token_ids=torch.tensor([1, 2, 3, 0]))
+    assert torch.equal(runner._get_spec_decode_draft_probs(meta), q.reshape(4, 4))
+    assert runner._input_fits_in_drafter(False) is False  # zeroed drafts for a and b
+    zeros = SimpleNamespace(num_draft_tokens=[2, 2], draft_token_ids=torch.zeros(4, dtype=torch.int64))
+    assert runner._get_spec_decode_draft_probs(zeros) is None
+
+
+STARVED = """
+import json
+from pathlib import Path
+import sys
+from dspark_cli.tiny_models import build_draft, build_target
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+work = Path(sys.argv[1])
+target = build_target(work / "target", "random")
+draft = build_draft(work / "draft", 3, "random", target)
+spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
+# 12 batched tokens: two decoding requests (1 + 3 drafts, plus DSpark's 2 drafting slots each) spend
+# the budget, so the third running request is skipped and keeps its drafts until the first finishes.
+llm = LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
+          seed=0, max_num_seqs=3, max_num_batched_tokens=12, speculative_config=spec)
+prompts = [TokensPrompt(prompt_token_ids=p) for p in ([5, 17, 42], [9], [11, 30])]
+params = [SamplingParams(max_tokens=m, temperature=1.0, ignore_eos=True, detokenize=False) for m in (6, 24, 24)]
+out = llm.generate(prompts, params, use_tqdm=False)
+print("RESULT", json.dumps({"lengths": [len(o.outputs[0].token_ids) for o in out]}), flush=True)
+"""
+
+
+@needs_vllm
+def test_engine_never_verifies_a_batch_one_hot_for_lack_of_a_skipped_requests_q(tmp_path):
+    """In the real engine: a starved request comes back with drafts of an older step. Without the
+    per-request q the runner logs "Missing cached draft probabilities" and verifies every sampled
+    draft of that batch as if it were one-hot (biased)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([PYTHON, "-c", STARVED, str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result and json.loads(result[-1][7:])["lengths"] == [6, 24, 24], log[-4000:]
+    assert "Missing cached draft probabilities" not in log, log[-4000:]

@@ -15,6 +15,7 @@ from vllm.v1.spec_decode.dflash import DFlashProposer
 from dspark_cli.runtime import confidence_probs, cuda_ops, markov_chain, rng, survival
 
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
+from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 
@@ -39,6 +40,11 @@ class DSparkProposer(DFlashProposer):
         self.probabilistic = spec.draft_sample_method == "probabilistic"
         self.adaptive = bool(spec.enable_adaptive_verification)
         self.verify_lengths = None
+        # q of each request's pending drafts until verified (a request the scheduler skips keeps
+        # drafts of an older step; V1's runner alone would verify its whole batch one-hot then).
+        self.pending_q = PendingDraftProbs()
+        if runner is not None and self.probabilistic:
+            self.pending_q.install(runner)
         if self.adaptive:
             if runner is not None and getattr(runner, "use_async_scheduling", False):
                 raise ValueError("DSpark adaptive verification on Model Runner V1 needs async_scheduling=False")
@@ -83,6 +89,9 @@ class DSparkProposer(DFlashProposer):
         tokens = draft.tokens[:, :k]
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
+        if self.runner is not None:
+            self.pending_q.drafted(list(self.runner.input_batch.req_ids[:R]), self._last_draft_probs,
+                                   self.runner.requests)
         self.stats["steps"] += 1
         self.stats["requests"] += R
         self.stats["drafted"] += R * gamma
