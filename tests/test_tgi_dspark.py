@@ -262,3 +262,62 @@ def test_tensor_parallel_and_vision_language_targets_are_refused_at_attach(check
     assert isinstance(spec, DSparkSpeculation)
     monkeypatch.delenv("DSPARK_DRAFT")
     assert maybe_attach(SimpleNamespace(world_size=4, model=target)) is None  # DSpark off: nothing checked
+
+
+def _reference_block(draft, feats, positions, anchor, anchor_pos):
+    """The drafter's block forward for one request as first written: the context K/V projected
+    from its features in one piece, the block's K/V concatenated after them, K/V heads repeated
+    for grouped-query attention, SDPA without a mask."""
+    import torch.nn.functional as F
+    from dspark_cli.integrations.tgi.draft import _rms, _rope
+
+    c, w = draft.config, draft.w
+    ctx = _rms(feats @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
+    ids = torch.tensor([anchor] + [c.mask_token_id] * (c.block_size - 1))
+    pos = torch.arange(anchor_pos, anchor_pos + c.block_size)
+    x = w["embed_tokens.weight"][ids]
+    groups = c.num_heads // c.num_kv_heads
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
+        q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
+        k_ctx, v_ctx = draft._kv(i, ctx, positions)
+        k_blk, v_blk = draft._kv(i, h, pos)
+        k = torch.cat([k_ctx, k_blk]).repeat_interleave(groups, dim=1)
+        v = torch.cat([v_ctx, v_blk]).repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        x = x + o.transpose(0, 1).reshape(c.block_size, -1) @ w[p + "self_attn.o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) \
+            @ w[p + "mlp.down_proj.weight"].T
+    return _rms(x, w["norm.weight"], c.rms_norm_eps)
+
+
+def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forward(checkpoints):
+    """The hot path: requests' committed rows projected together (extend_contexts), their blocks
+    through the dense layers together (hidden_blocks), K/V in buffers grown by doubling with the
+    block's K/V in the scratch slots, GQA through SDPA's enable_gqa — equal to each request's
+    block computed alone from its whole context, after many small commits and an empty context."""
+    g = torch.Generator().manual_seed(11)
+    draft = DSparkDraft.load(checkpoints["random"])
+    assert draft.config.num_heads != draft.config.num_kv_heads  # grouped-query attention exercised
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    lengths = {1: 0, 2: 3, 3: 41}
+    feats = {r: torch.randn(n, width, generator=g) for r, n in lengths.items()}
+    ptrs = set()
+    for step in range(41):  # one row a step for each request that still has some, in one call
+        todo = [(r, f[step:step + 1]) for r, f in feats.items() if step < len(f)]
+        draft.extend_contexts([r for r, _ in todo], torch.cat([f for _, f in todo]),
+                              torch.cat([torch.tensor([step]) for _ in todo]), [1] * len(todo))
+        ptrs.add(draft.caches[3].k_buf[0].data_ptr())
+    assert len(ptrs) <= 4  # 16 → 41 + γ rows by doubling: a few moves, not one per commit
+    draft.extend_contexts([1], torch.zeros(0, width), torch.zeros(0, dtype=torch.int64), [0])
+    assert [draft.caches[r].length for r in lengths] == [0, 3, 41]
+    anchors, positions = torch.tensor([5, 9, 200]), [0, 3, 41]
+    h = draft.hidden_blocks(list(lengths), anchors, positions)
+    for i, (r, n) in enumerate(lengths.items()):
+        ref = _reference_block(draft, feats[r], torch.arange(n), int(anchors[i]), positions[i])
+        assert torch.allclose(h[i], ref, atol=1e-5, rtol=1e-4), r
+    again = draft.hidden_blocks(list(lengths), anchors, positions)  # the scratch slots were not committed
+    assert torch.equal(again, h) and [draft.caches[r].length for r in lengths] == [0, 3, 41]

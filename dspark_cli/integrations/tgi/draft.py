@@ -4,6 +4,14 @@ tensor names of DSPARK.md §2) in plain torch, with its own per-request context 
 Why plain torch: TGI's flash layers assume paged KV and causal attention; the draft needs
 non-causal attention from γ block queries onto "committed context + the block" (KV injection), so
 it keeps its own small cache (5 layers × committed tokens) and runs SDPA without a mask.
+
+Per step: the committed rows of all requests go through fc/K/V projections together
+(`extend_contexts`), and the blocks of all requests through the dense layers together
+(`hidden_blocks`, R·γ rows); only attention runs per request, over its own cache buffer. Each
+request's K/V live in a preallocated buffer grown by doubling (amortized O(1) per committed token,
+not a torch.cat copy of the whole context every step); the block's K/V are written into the slots
+after the committed ones (scratch: the next commit overwrites them), so attention reads one view,
+and grouped-query heads are shared by SDPA's enable_gqa, not copied by repeat_interleave.
 """
 
 from __future__ import annotations
@@ -64,10 +72,37 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tenso
 
 @dataclass
 class RequestCache:
-    """Context K/V per draft layer for one request's committed tokens (positions < anchor)."""
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
+    """Context K/V per draft layer for one request's committed tokens (positions < anchor): buffers
+    [capacity, kv_heads, head_dim] per layer of which the first `length` rows are committed."""
+    k_buf: list[torch.Tensor] = field(default_factory=list)
+    v_buf: list[torch.Tensor] = field(default_factory=list)
     length: int = 0
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        return [b[: self.length] for b in self.k_buf]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [b[: self.length] for b in self.v_buf]
+
+    def reserve(self, rows: int, like: torch.Tensor, num_layers: int) -> None:
+        """Room for `rows` rows after the committed ones: capacity doubles when it runs out."""
+        need = self.length + rows
+        cap = self.k_buf[0].shape[0] if self.k_buf else 0
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 16)
+        shape = (cap, *like.shape[1:])
+        grown_k, grown_v = [], []
+        for i in range(num_layers):
+            k, v = like.new_empty(shape), like.new_empty(shape)
+            if self.length:
+                k[: self.length] = self.k_buf[i][: self.length]
+                v[: self.length] = self.v_buf[i][: self.length]
+            grown_k.append(k)
+            grown_v.append(v)
+        self.k_buf, self.v_buf = grown_k, grown_v
 
 
 @dataclass
@@ -109,20 +144,29 @@ class DSparkDraft:
 
     def extend_context(self, request_id: int, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Project newly committed tokens' target features [n, 5·d_t] into the draft's context K/V."""
+        self.extend_contexts([request_id], features, positions, [features.shape[0]])
+
+    def extend_contexts(self, request_ids: list[int], features: torch.Tensor, positions: torch.Tensor,
+                        counts: list[int]) -> None:
+        """extend_context for several requests at once: features/positions hold counts[i] rows for
+        request_ids[i], in order. One projection for all rows; per request only a slice copy."""
         c, w = self.config, self.w
-        cache = self.caches.setdefault(request_id, RequestCache())
+        caches = [self.caches.setdefault(r, RequestCache()) for r in request_ids]
         if features.shape[0] == 0:
             return
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
-        for i in range(c.num_layers):
-            k, v = self._kv(i, h, positions)
-            if len(cache.k) <= i:
-                cache.k.append(k)
-                cache.v.append(v)
-            else:
-                cache.k[i] = torch.cat([cache.k[i], k])
-                cache.v[i] = torch.cat([cache.v[i], v])
-        cache.length += features.shape[0]
+        kv = [self._kv(i, h, positions) for i in range(c.num_layers)]
+        start = 0
+        for cache, n in zip(caches, counts):
+            if n == 0:
+                continue
+            # + block_size: the slots hidden_blocks writes the block's scratch K/V into
+            cache.reserve(n + c.block_size, kv[0][0], c.num_layers)
+            for i, (k, v) in enumerate(kv):
+                cache.k_buf[i][cache.length:cache.length + n] = k[start:start + n]
+                cache.v_buf[i][cache.length:cache.length + n] = v[start:start + n]
+            cache.length += n
+            start += n
 
     def drop(self, request_id: int) -> None:
         self.caches.pop(request_id, None)
@@ -138,38 +182,51 @@ class DSparkDraft:
 
     def hidden_block(self, request_id: int, anchor: int, anchor_pos: int) -> torch.Tensor:
         """Final-normed hidden h [γ, d] of the block [anchor, mask × (γ−1)] at anchor_pos…"""
+        dev = self.w["embed_tokens.weight"].device
+        return self.hidden_blocks([request_id], torch.tensor([anchor], device=dev), [anchor_pos])[0]
+
+    def hidden_blocks(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int]) -> torch.Tensor:
+        """hidden_block for R requests: [R, γ, d]. The dense layers run on all R·γ rows at once;
+        attention per request (non-causal: every block query sees all committed context and the
+        whole block), its block K/V written after the context in the request's buffer (not
+        committed: length does not move)."""
         c, w = self.config, self.w
-        cache = self.caches.setdefault(request_id, RequestCache())
+        R, G = len(request_ids), c.block_size
+        caches = [self.caches.setdefault(r, RequestCache()) for r in request_ids]
         dev = w["embed_tokens.weight"].device
-        ids = torch.tensor([anchor] + [c.mask_token_id] * (c.block_size - 1), device=dev)
-        pos = torch.arange(anchor_pos, anchor_pos + c.block_size, device=dev)
-        x = w["embed_tokens.weight"][ids]
-        groups = c.num_heads // c.num_kv_heads
+        ids = torch.full((R, G), c.mask_token_id, dtype=torch.int64, device=dev)
+        ids[:, 0] = anchors.to(dev, torch.int64)
+        pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
+               + torch.arange(G, device=dev)).view(-1)
+        x = w["embed_tokens.weight"][ids.view(-1)]                                   # [R·γ, d]
         for i in range(c.num_layers):
             p = f"layers.{i}."
             h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
             q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
             q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
             k_blk, v_blk = self._kv(i, h, pos)
-            k = torch.cat([cache.k[i], k_blk]) if cache.k else k_blk   # block K/V are scratch: not cached
-            v = torch.cat([cache.v[i], v_blk]) if cache.v else v_blk
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-            # Non-causal: every block query sees all committed context and the whole block.
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-            x = x + o.transpose(0, 1).reshape(c.block_size, -1) @ w[p + "self_attn.o_proj.weight"].T
+            o = torch.empty_like(q)
+            for r, cache in enumerate(caches):
+                if i == 0:
+                    cache.reserve(G, k_blk, c.num_layers)
+                n, rows = cache.length, slice(r * G, (r + 1) * G)
+                cache.k_buf[i][n:n + G] = k_blk[rows]
+                cache.v_buf[i][n:n + G] = v_blk[rows]
+                k, v = cache.k_buf[i][: n + G], cache.v_buf[i][: n + G]
+                o[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                         enable_gqa=c.num_heads != c.num_kv_heads).transpose(0, 1)
+            x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
             h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = h @ w[p + "mlp.gate_proj.weight"].T
             up = h @ w[p + "mlp.up_proj.weight"].T
             x = x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-        return _rms(x, w["norm.weight"], c.rms_norm_eps)
+        return _rms(x, w["norm.weight"], c.rms_norm_eps).view(R, G, -1)
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
                 temperature: torch.Tensor, *, top_k=None, top_p=None, seeds=None, generator=None) -> BlockProposal:
         """Draft one block per request: backbone, base logits, Markov chain, confidence head."""
         w = self.w
-        h = torch.stack([self.hidden_block(r, int(a), p) for r, a, p in zip(request_ids, anchors.tolist(),
-                                                                              anchor_positions)])
+        h = self.hidden_blocks(request_ids, anchors, anchor_positions)
         U = h @ w["lm_head.weight"].T
         dev = U.device
         head = None if self.confidence_head is None else (h, *self.confidence_head)

@@ -130,12 +130,13 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         rows = [[i * S + j for j in range(n_acc[i] + 1)] for i in range(len(batch))]
         positions = (batch.position_ids.view(-1, 1) + torch.arange(S, device=batch.position_ids.device)).view(-1)
     features = spec.capture.features(positions.numel())
-    for i, r in enumerate(request_ids):
-        idx = torch.tensor(rows[i], device=features.device)
-        spec.draft.extend_context(r, features[idx], positions[idx])
-    anchors = torch.tensor([t[-1] for t in tokens], device=scores.device)
-    last_row = torch.tensor([r[-1] for r in rows], device=positions.device)
-    anchor_positions = (positions[last_row] + 1).tolist()  # one device->host copy for the batch
+    idx = torch.tensor([j for r in rows for j in r]).to(features.device)  # one host->device copy
+    spec.draft.extend_contexts(request_ids, features[idx], positions[idx.to(positions.device)],
+                               [len(r) for r in rows])
+    anchors = torch.tensor([t[-1] for t in tokens]).to(scores.device)
+    # The anchor follows each request's last committed row: its sample position (the prompt's last
+    # row; decode: the row of the first verify slot) + the drafts it accepted — host values already.
+    anchor_positions = [p + n + 1 for p, n in zip(sample_positions, n_acc)]
     params = [r.parameters for r in batch.requests]
     temperature = torch.tensor([p.temperature if s else 0.0 for p, s in zip(params, do_sample)])
     # No warp at all passes None, not a tensor of no-op values: given a warp tensor our CUDA chain
