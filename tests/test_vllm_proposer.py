@@ -184,3 +184,110 @@ def test_engine_never_verifies_a_batch_one_hot_for_lack_of_a_skipped_requests_q(
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result and json.loads(result[-1][7:])["lengths"] == [6, 24, 24], log[-4000:]
     assert "Missing cached draft probabilities" not in log, log[-4000:]
+
+
+# --- the production scheduler's per-step cost, and the adaptive budget ---------------------------
+
+from collections import deque  # noqa: E402
+
+from dspark_cli.integrations.vllm.settings import SchedulerSettings  # noqa: E402
+from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler  # noqa: E402
+from dspark_cli.runtime import SPSTable, schedule_exact, schedule_production  # noqa: E402
+
+STEEP = SPSTable(tokens=[1, 4, 8, 16], steps_per_s=[100.0, 100.0, 50.0, 10.0])
+
+
+def _survival(R: int, gamma: int, seed: int) -> torch.Tensor:
+    c = torch.rand(R, gamma, generator=torch.Generator().manual_seed(seed))
+    return torch.cumprod(c, dim=1)
+
+
+def _production() -> VerifyLengthScheduler:
+    return VerifyLengthScheduler(SchedulerSettings("production", STEEP, None, "test"))
+
+
+class PerRequestHistory:
+    """The semantics the production scheduler keeps: per request, its rows of its last two steps
+    (forgotten when it misses a step); stale = the older of them; a new request counts as ones."""
+
+    def __init__(self):
+        self.history = {}
+
+    def stale(self, req_ids, gamma):
+        return torch.stack([self.history[r][0] if r in self.history else torch.ones(gamma) for r in req_ids])
+
+    def remember(self, req_ids, a):
+        self.history = {r: self.history.get(r, deque(maxlen=2)) for r in req_ids}
+        for r, row in zip(req_ids, a):
+            self.history[r].append(row.clone())
+
+
+def test_production_scheduler_keeps_per_request_stale_rows_across_changing_batches():
+    scheduler, reference = _production(), PerRequestHistory()
+    rng = torch.Generator().manual_seed(0)
+    pool = [f"r{i}" for i in range(12)]
+    for step in range(30):
+        chosen = torch.randperm(len(pool), generator=rng)[: 1 + step % 7].tolist()
+        req_ids = [pool[i] for i in sorted(chosen)]
+        a = _survival(len(req_ids), 4, step)
+        expected = schedule_production(reference.stale(req_ids, 4), a, STEEP)
+        assert torch.equal(scheduler._stale(req_ids, a), reference.stale(req_ids, 4)), step
+        assert torch.equal(scheduler.lengths(req_ids, a), expected), step
+        reference.remember(req_ids, a)
+
+
+def _aten_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.ops
+
+
+def test_production_scheduler_launches_as_many_ops_for_64_requests_as_for_2():
+    """It looped over requests launching torch.ones / clone per request every step."""
+    counts = {}
+    for R in (2, 64):
+        scheduler = _production()
+        ids = [f"r{i}" for i in range(R)]
+        for step in range(2):
+            scheduler.lengths(ids, _survival(R, 4, step))
+        a = _survival(R, 4, 9)
+        counts[R] = _aten_ops(lambda: scheduler.lengths(ids + ["new"], torch.cat([a, a[:1]])))
+    assert counts[2] == counts[64], (counts[2], counts[64])
+
+
+def test_production_scheduler_schedules_only_the_k_drafts_handed_over():
+    scheduler = _production()
+    ids = ["a", "b", "c"]
+    for step in range(2):
+        scheduler.lengths(ids, _survival(3, 4, step))
+    a = _survival(3, 4, 5)
+    stale = scheduler._stale(ids, a)
+    assert torch.equal(scheduler.lengths(ids, a, k=2), schedule_production(stale[:, :2], a[:, :2], STEEP))
+
+
+SAMPLES = PROPOSER + """
+# temperature on the meta device: reading it (the old `(temperature >= 1e-5).any()`) raises
+meta = SimpleNamespace(all_greedy=False, temperature=torch.empty(4, device="meta"))
+p = proposer({})
+print(json.dumps({"sampled": p._samples(meta),
+                  "all_greedy": p._samples(SimpleNamespace(all_greedy=True, temperature=None)),
+                  "greedy_method": proposer({}, probabilistic=False)._samples(meta)}))
+"""
+
+
+@needs_vllm
+def test_whether_a_step_samples_is_decided_on_the_host():
+    """`bool((temperature >= 1e-5).any())` synced with the device every step."""
+    assert run_in_vllm(SAMPLES) == {"sampled": True, "all_greedy": False, "greedy_method": False}
+

@@ -77,7 +77,8 @@ class DSparkProposer(DFlashProposer):
         V = U.shape[-1]
         head = self.model.model.markov_head
         temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
-        need_q = bool((temperature >= 1e-5).any())
+        # host-side (sampling_metadata.all_greedy): reading the temperatures would sync every step
+        need_q = self._samples(sampling_metadata)
         confidence = None if self.confidence_head is None else (h, *self.confidence_head)
         draft = markov_chain(U, next_token_ids[:R].to(torch.int64), head.markov_w1.weight,
                              head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
@@ -149,6 +150,10 @@ class DSparkProposer(DFlashProposer):
             seeds[index] = rng.round_seeds(request_seeds, positions[index * self.gamma])
         return seeds
 
+    def _samples(self, sampling_metadata) -> bool:
+        """Whether this step drafts by sampling (some request at temperature > 0), from host state."""
+        return self.probabilistic and not sampling_metadata.all_greedy and sampling_metadata.temperature is not None
+
     def _draft_warps(self, sampling_metadata, R: int, V: int):
         """Draft with the request's temperature/top-k/top-p (any q is lossless; matching the
         target's warp maximizes acceptance). Greedy drafting when draft_sample_method=greedy, and
@@ -157,7 +162,7 @@ class DSparkProposer(DFlashProposer):
         with residual p) but biased for a sampled one (the cut depends on the sampled token, and the
         user then gets a fresh sample from p instead of the residual norm(max(p − q, 0)))."""
         device = self.device
-        if not self.probabilistic or sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+        if not self._samples(sampling_metadata):
             return torch.zeros(R, dtype=torch.float32, device=device), None, None
         temperature = sampling_metadata.temperature[:R].float()
         structured = self._structured_output_rows(R)
