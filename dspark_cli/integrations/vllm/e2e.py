@@ -5,7 +5,7 @@
 SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
-       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed", "top_k"?, "top_p"?}]}
+       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?}]}
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
 engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
 successor target also `expected`, the rule's greedy continuation of each prompt."""
@@ -44,6 +44,13 @@ def _counters(llm) -> dict:
     return out
 
 
+def _seed(workload: dict, i: int) -> int | None:
+    """Prompt i's seed: workload["seeds"][i] (None: unseeded) if given, else workload["seed"] + i."""
+    if "seeds" in workload:
+        return workload["seeds"][i]
+    return None if workload.get("seed") is None else workload["seed"] + i
+
+
 def _generate(llm, workload: dict) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -52,7 +59,7 @@ def _generate(llm, workload: dict) -> dict:
     warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
     params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
                              ignore_eos=True, detokenize=False,
-                             seed=None if workload.get("seed") is None else workload["seed"] + i, **warps)
+                             seed=_seed(workload, i), **warps)
               for i in range(len(prompts))]
     before = _counters(llm)
     start = time.perf_counter()

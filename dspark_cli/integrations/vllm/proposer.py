@@ -102,10 +102,40 @@ class DSparkProposer(DFlashProposer):
         # The head's logits z = w·[h_k ; W1[x_{k-1}]] + b came with the draft (our CUDA chain
         # computes them in its last launch); calibration and survival follow.
         a = survival(confidence_probs(draft.confidence_logits, self.verify_lengths.settings.sts))
-        ell = [min(n, k) for n in self.verify_lengths.lengths(list(self.runner.input_batch.req_ids[:R]), a).tolist()]
+        ell = self._verify_lengths(a, k, R, sampling_metadata)
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
         return [row[:n] for row, n in zip(rows, ell)]
+
+    def _verify_lengths(self, a: torch.Tensor, k: int, R: int, sampling_metadata) -> list[int]:
+        """ℓ_r ∈ [0, k] from survival a [R, γ]. Only what can be verified is scheduled: the first k
+        positions (the scheduler hands over k), and not the rows of prefill chunks, whose drafts
+        vLLM discards (they would count in the batch B). A seeded request verifies all k: V1 draws
+        one uniform per verified draft from the request's generator, so a batch-dependent ℓ would
+        make its output depend on the batch; its survival counts as 1 in the schedule (its tokens are
+        in the batch)."""
+        ell = [0] * R
+        if k <= 0:
+            return ell
+        seeded = [i for i in sampling_metadata.generators if i < R]
+        if seeded:
+            a = a.clone()
+            a[torch.tensor(seeded, dtype=torch.int64, device=a.device)] = 1.0
+        req_ids = self.runner.input_batch.req_ids
+        discard = getattr(self.runner, "discard_request_mask", None)
+        discard = None if discard is None else discard.np[:R]
+        if discard is None or not discard.any():
+            ell = self.verify_lengths.lengths(list(req_ids[:R]), a, k).tolist()
+        else:
+            rows = [i for i in range(R) if not discard[i]]
+            if rows:
+                index = torch.tensor(rows, dtype=torch.int64, device=a.device)
+                for i, n in zip(rows, self.verify_lengths.lengths([req_ids[i] for i in rows], a[index], k).tolist()):
+                    ell[i] = n
+        for i in seeded:
+            if discard is None or not discard[i]:
+                ell[i] = k
+        return ell
 
     def _block_hidden_states(self, target_token_ids, target_positions, target_hidden_states,
                              next_token_ids, cad, num_rejected_tokens_gpu) -> torch.Tensor:
