@@ -1,7 +1,8 @@
 // Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production): on
 // Hopper a cluster of two blocks (one sorts the stale survival, one the current), else one block.
-// K = argmax_n Θ_n over the stale survival (Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n
-// on ties), then the top-K current candidates are admitted; ℓ_r = admitted candidates of request r.
+// K = argmax_n Θ_n over the stale survival for the n the current batch can admit (n <= R·γ;
+// Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n on ties), then the top-K current candidates are
+// admitted; ℓ_r = admitted candidates of request r.
 // Candidates are ranked by a descending, then by the j-major flat index j·R + r ascending — the
 // reference's stable sort — with a bitonic sort of 64-bit keys (registers, shuffles, shared memory).
 // No host sync.
@@ -150,7 +151,8 @@ __device__ void verify_budget_block(const float* __restrict__ a_stale, int R_sta
   __syncthreads();
   float theta = -INFINITY;
   int arg = 0x7fffffff;
-  for (int n = threadIdx.x; n <= n_stale; n += blockDim.x) {
+  const int most = min(n_stale, R * gamma);  // a larger stale batch's best n may not be admissible now
+  for (int n = threadIdx.x; n <= most; n += blockDim.x) {
     const int tokens = R + n;
     const float sps = tokens > sps_limit ? sps_dense[sps_limit] * static_cast<float>(sps_limit) / static_cast<float>(tokens)
                                          : sps_dense[max(tokens, 1)];
@@ -170,7 +172,7 @@ __device__ void verify_budget_block(const float* __restrict__ a_stale, int R_sta
     theta = sm.best_theta[lane];
     arg = sm.best_n[lane];
     warp_argmax(theta, arg);
-    if (lane == 0) sm.budget = min(arg, R * gamma);
+    if (lane == 0) sm.budget = arg;
   }
   __syncthreads();
 }
