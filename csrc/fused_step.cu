@@ -232,6 +232,15 @@ __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4
   }
 }
 
+// N consecutive entries (16-byte aligned) of a request's x row: a thread's entries are consecutive
+// vocab ids (the permuted tile), so they leave as whole 16-byte stores.
+template <int N>
+__device__ __forceinline__ void store_entries(float* __restrict__ dst, const float x[N]) {
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c)
+    reinterpret_cast<float4*>(dst)[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
+}
+
 // bias_out rows of this warp's 16 requests for tile columns v0 .. v0+63. The fragment holds 16-byte
 // pieces 64 bytes apart, so the rows go through the tile's ring slot (its W2 consumed once every
 // warp multiplying it has waited for its wgmma) and leave as whole 256-byte rows. Row m of the
@@ -289,15 +298,17 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
 }
 
 // Grid: one CTA per SM (at most one per tile), V % 64 == 0. results [R, gridDim.x] when U is
-// given: the chain step's partials, or with kResidual rejection's races (ResidualRows); bias_out
-// [R, V] when kBiasOut (its code, barrier and registers kept out of the production q-lazy kernel).
+// given: the chain step's partials, or with kResidual rejection's races (ResidualRows). kRowsOut
+// (its code, barrier and registers kept out of the production q-lazy kernel): without U the bias
+// rows into rows_out [R, V] (rejection rebuilding q); with U, x = (U + bias) / T into row k of
+// rows_out [R, γ, V] (q returned: markov.cu makes the rows q after the last step).
 // kStaged: R <= 16 (see kStagedMaxRequests).
-template <typename WT, typename UT, bool kStaged, bool kBiasOut, bool kResidual>
+template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual>
 __global__ void __launch_bounds__(kFusedThreads, 1)
 fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __restrict__ h, int64_t ldh, int R, int V,
                   const UT* __restrict__ U, const float* __restrict__ temperature,
                   const int64_t* __restrict__ seeds, const ResidualRows residual_rows, void* __restrict__ results,
-                  float* __restrict__ bias_out, int k, int gamma) {
+                  float* __restrict__ rows_out, int k, int gamma) {
   using State = EpilogueState<kResidual>;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -415,7 +426,9 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     fence_fragment(acc);
-    if constexpr (kBiasOut) write_bias_rows(acc, ring + slot * kTileBytes, bias_out, R, V, v0, half, halves, group);
+    if constexpr (kRowsOut) {
+      if (!epilogue) write_bias_rows(acc, ring + slot * kTileBytes, rows_out, R, V, v0, half, halves, group);
+    }
     __syncwarp();
     if (lane == 0) mbar_arrive(&freed[slot]);
 
@@ -432,8 +445,11 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
 #pragma unroll
           for (int c = 0; c < 4; ++c) dst[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
         }
-      } else {
-        if (req[i].active) visit_entries<16>(p[i], x, u[i], req[i], v, k);
+      } else if (req[i].active) {
+        visit_entries<16>(p[i], x, u[i], req[i], v, k);
+        if constexpr (kRowsOut) {  // greedy rows: q is one-hot, x unused
+          if (!req[i].greedy) store_entries<16>(rows_out + (req[i].u_row - U) + v, x);
+        }
       }
     }
     if constexpr (kStaged) {
@@ -445,8 +461,11 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
       if constexpr (kResidual) {
         if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k, p_early);
-      } else {
-        if (req[0].active) visit_entries<8>(p[0], x, u[0], req[0], v, k);
+      } else if (req[0].active) {
+        visit_entries<8>(p[0], x, u[0], req[0], v, k);
+        if constexpr (kRowsOut) {
+          if (!req[0].greedy) store_entries<8>(rows_out + (req[0].u_row - U) + v, x);
+        }
       }
     }
   }
@@ -514,21 +533,21 @@ CUtensorMap w2_tile_map(const at::Tensor& w2) {
 
 // A programmatic dependent of the previous kernel (the previous step's reduce, or rejection's
 // accept_kernel): the producer starts streaming W2 while it drains.
-template <typename WT, typename UT, bool kStaged, bool kBiasOut, bool kResidual>
+template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual>
 void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, const float* temperature,
-            const int64_t* seeds, const ResidualRows& residual_rows, void* results, float* bias_out, int k, int gamma,
+            const int64_t* seeds, const ResidualRows& residual_rows, void* results, float* rows_out, int k, int gamma,
             cudaStream_t stream) {
-  auto* kernel = fused_step_kernel<WT, UT, kStaged, kBiasOut, kResidual>;
+  auto* kernel = fused_step_kernel<WT, UT, kStaged, kRowsOut, kResidual>;
   allow_dynamic_smem(kernel, smem_bytes(kStaged));  // the ring and W1[x] exceed 48 KB
   launch_programmatic(kernel, dim3(fused_step_blocks(w2.size(0))), dim3(kFusedThreads), smem_bytes(kStaged), stream,
                       w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U, temperature, seeds, residual_rows,
-                      results, bias_out, k, gamma);
+                      results, rows_out, k, gamma);
 }
 
 // The chain's launchers and rejection's for one (W, U) dtype pair and R.
 template <typename WT, typename UT>
 void dispatch(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, const float* temperature,
-              const int64_t* seeds, const ResidualRows* residual_rows, void* results, float* bias_out, int k, int gamma,
+              const int64_t* seeds, const ResidualRows* residual_rows, void* results, float* rows_out, int k, int gamma,
               cudaStream_t stream) {
   const bool staged = R <= kStagedMaxRequests;
   const WT* hp = static_cast<const WT*>(h);
@@ -538,9 +557,9 @@ void dispatch(const at::Tensor& w2, const void* h, int64_t ldh, int R, const voi
     run(w2, hp, ldh, R, up, temperature, seeds, *residual_rows, results, nullptr, 0, gamma, stream);
     return;
   }
-  auto* run = bias_out == nullptr ? (staged ? launch<WT, UT, true, false, false> : launch<WT, UT, false, false, false>)
+  auto* run = rows_out == nullptr ? (staged ? launch<WT, UT, true, false, false> : launch<WT, UT, false, false, false>)
                                   : (staged ? launch<WT, UT, true, true, false> : launch<WT, UT, false, true, false>);
-  run(w2, hp, ldh, R, up, temperature, seeds, ResidualRows{}, results, bias_out, k, gamma, stream);
+  run(w2, hp, ldh, R, up, temperature, seeds, ResidualRows{}, results, rows_out, k, gamma, stream);
 }
 
 template <typename F>
@@ -568,10 +587,10 @@ int fused_step_blocks(int V) {
 }
 
 void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
-                const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
+                const float* temperature, const int64_t* seeds, Partial* partials, float* rows_out, int k, int gamma,
                 cudaStream_t stream) {
   with_types(w2, u_type, [&](auto w_tag, auto u_tag) {
-    dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, nullptr, partials, bias_out, k,
+    dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, nullptr, partials, rows_out, k,
                                                gamma, stream);
   });
 }

@@ -18,9 +18,10 @@ bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int 
 int fused_step_blocks(int V);
 
 // One step for R requests: partials [R, fused_step_blocks(V)] for reduce_kernel when U is given
-// (U [R, γ, V] of u_type, row k), and the fp32 bias [R, V] into bias_out when it is not null.
+// (U [R, γ, V] of u_type, row k). rows_out when not null: with U, x = (U + bias) / T into its row k
+// of [R, γ, V] (the chain's q before markov.cu normalizes it); without, the fp32 bias [R, V].
 void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
-                const float* temperature, const int64_t* seeds, Partial* partials, float* bias_out, int k, int gamma,
+                const float* temperature, const int64_t* seeds, Partial* partials, float* rows_out, int k, int gamma,
                 cudaStream_t stream);
 
 // Rejection's rows for the races where the bias is made (rejection.cu): per request its verdict

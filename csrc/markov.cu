@@ -9,7 +9,9 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and sum-exp (returned as
 //      row_stats [R, γ, 2]: rejection rebuilds a q row with them), and the W1 gather of the new
 //      token for step k+1 (prev_emb)
-//   4. (return_q only) q_k rows = exp(x - max) / sum
+//   4. (return_q only) steps 1-2 leave x_k = (U_k + bias) / T in q's row k (the arithmetic the race
+//      used); after the last step one pass over all R·γ rows turns them into q = exp(x - max) / sum
+//      in place (no fp32 bias round trip, no second read of U, one launch instead of γ)
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
@@ -18,10 +20,10 @@
 // (no GEMM launch, no fp32 bias round trip, no reduce launch). On sm_90 each step is launched as a
 // programmatic dependent of the previous one, so its first W2 loads overlap the previous step's
 // last block.
-// With q not returned (the production path: rejection rebuilds the one row it needs) a small
-// batch runs all γ steps in one cooperative launch instead: one block per SM keeps its first W2
-// batches in shared memory from step 0 on, so later steps stream about 61 % of W2 (Qwen3-4B on the
-// H200), and the blocks meet at a grid barrier between steps (measured: L2 prefetches and
+// A small batch runs all γ steps in one cooperative launch instead (DSPARK_MARKOV_PATH=step: one
+// launch per step): one block per SM keeps its first W2 batches in shared memory from step 0 on,
+// so later steps stream about 61 % of W2 (Qwen3-4B on the H200), and the blocks meet at a grid
+// barrier between steps (measured: L2 prefetches and
 // evict_last hints for the streamed rows, and L2 prefetches of each block's winner's W1 row,
 // gained nothing; what mattered was the merge after the barrier taking one round trip).
 // On Hopper, 3 <= R <= 128 (bf16/fp16 rank-256 heads, V % 64 == 0) run steps 1 and 2
@@ -129,15 +131,18 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
 }
 
 // Step 3's outputs for request r from its merged partial: token, q_k(x_k), row max and sum-exp.
-__device__ __forceinline__ int write_step(const Partial& p, int r, int k, int gamma, const float* __restrict__ temperature,
-                                          int64_t* __restrict__ tokens, float* __restrict__ q_token,
-                                          float* __restrict__ row_stats) {
+// A row without a winner (NaN or -inf everywhere: bad input, unchecked on the GPU) still yields an
+// id < V, so the W1 gathers that follow stay in bounds.
+__device__ __forceinline__ int write_step(const Partial& p, int r, int k, int gamma, int V,
+                                          const float* __restrict__ temperature, int64_t* __restrict__ tokens,
+                                          float* __restrict__ q_token, float* __restrict__ row_stats) {
   const bool greedy = temperature[r] < kGreedyBelow;
-  tokens[static_cast<int64_t>(r) * gamma + k] = p.idx;
+  const int token = min(p.idx, V - 1);
+  tokens[static_cast<int64_t>(r) * gamma + k] = token;
   q_token[static_cast<int64_t>(r) * gamma + k] = greedy ? 1.f : expf(p.x - p.max) / p.sum;
   row_stats[2 * (static_cast<int64_t>(r) * gamma + k)] = p.max;
   row_stats[2 * (static_cast<int64_t>(r) * gamma + k) + 1] = p.sum;
-  return p.idx;
+  return token;
 }
 
 // Step 3: one block per request merges its partials: token, q_k(x_k), row stats, W1[x_k] for k+1.
@@ -145,7 +150,7 @@ template <typename WT>
 __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, const float* __restrict__ temperature,
                               const WT* __restrict__ w1, int rank, int64_t* __restrict__ tokens,
                               float* __restrict__ q_token, float* __restrict__ row_stats, WT* __restrict__ prev_emb,
-                              int k, int gamma) {
+                              int k, int gamma, int V) {
   // The next step's fused kernel may launch now: its producer streams W2 (no input of ours) while
   // this merge runs; its consumers wait for us. H200: chain R = 16 / 128 4-5 % faster.
   allow_next_kernel();
@@ -155,7 +160,7 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
   Partial p = empty_partial();
   for (int i = threadIdx.x; i < splits; i += blockDim.x) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
   p = block_combine(p);
-  if (threadIdx.x == 0) token_s = write_step(p, r, k, gamma, temperature, tokens, q_token, row_stats);
+  if (threadIdx.x == 0) token_s = write_step(p, r, k, gamma, V, temperature, tokens, q_token, row_stats);
   __syncthreads();
   if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
     const WT* src = w1 + static_cast<int64_t>(token_s) * rank;
@@ -164,49 +169,52 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
   }
 }
 
-// Step 4: q rows, grid (splits, R). kVec: four entries per thread and round, a warp's stores one
-// contiguous 512-byte run (V % 8 == 0, aligned rows; slices start at multiples of 8); greedy rows
-// read nothing. threshold (null: none): top-k/top-p rows' entries below it are 0.
+// Step 4 (return_q): q = exp(x - max) / sum with the row's stats, 0 below a top-k/top-p row's
+// threshold (null: none), one-hot for a greedy row (nothing read), where x = (U + bias) / T is the
+// race's arithmetic. Either per step from the cuBLAS path's bias scratch (bias [R, V]: grid (R,
+// splits), rows k), or once after the last step in place over all R·γ rows (bias null: grid (R·γ,
+// splits)), the fused and small-batch steps having left x in q. kVec: four entries per thread and
+// round (V % 4 == 0, 16-byte aligned U rows; slices start at multiples of 8).
 template <typename UT, bool kVec>
 __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                               const float* __restrict__ temperature, const float* __restrict__ row_stats,
                               const int64_t* __restrict__ tokens, const float* __restrict__ threshold,
                               float* __restrict__ q, int k, int gamma, int V, int slice) {
-  const int r = blockIdx.y;
-  const int start = blockIdx.x * slice;
+  wait_previous_kernel();  // launched programmatically after the step's reduce
+  const bool from_bias = bias != nullptr;
+  const int64_t row = from_bias ? static_cast<int64_t>(blockIdx.x) * gamma + k : blockIdx.x;
+  const int start = blockIdx.y * slice;
   const int end = min(V, start + slice);
-  const float T = temperature[r];
+  const float T = temperature[row / gamma];
   const bool greedy = T < kGreedyBelow;
-  const float m = row_stats[2 * (static_cast<int64_t>(r) * gamma + k)];
-  const float s = row_stats[2 * (static_cast<int64_t>(r) * gamma + k) + 1];
-  const int64_t tok = tokens[static_cast<int64_t>(r) * gamma + k];
-  const float t = threshold ? threshold[static_cast<int64_t>(r) * gamma + k] : -INFINITY;
-  const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
-  const float* b_row = bias + static_cast<int64_t>(r) * V;
-  float* q_row = q + (static_cast<int64_t>(r) * gamma + k) * V;
+  const float m = row_stats[2 * row], s = row_stats[2 * row + 1];
+  const int64_t tok = tokens[row];
+  const float t = threshold ? threshold[row] : -INFINITY;
+  const UT* u_row = U + row * V;
+  const float* b_row = bias + static_cast<int64_t>(blockIdx.x) * V;
+  float* q_row = q + row * V;
+  const auto q_of = [&](float x, int v) { return greedy ? (v == tok ? 1.f : 0.f) : x < t ? 0.f : expf(x - m) / s; };
   if constexpr (kVec) {
 #pragma unroll 2
     for (int v = start + 4 * threadIdx.x; v < end; v += 4 * blockDim.x) {
-      float out[4];
+      float x[4] = {};
       if (greedy) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) out[i] = v + i == tok ? 1.f : 0.f;
-      } else {
+      } else if (from_bias) {
         float u[4], b[4];
         load_vec<4>(u_row + v, u);
         load_vec<4>(b_row + v, b);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float x = (u[i] + b[i]) / T;  // the chain's arithmetic
-          out[i] = x < t ? 0.f : expf(x - m) / s;
-        }
+        for (int i = 0; i < 4; ++i) x[i] = (u[i] + b[i]) / T;
+      } else {
+        load_vec<4>(q_row + v, x);
       }
-      *reinterpret_cast<float4*>(q_row + v) = make_float4(out[0], out[1], out[2], out[3]);
+      *reinterpret_cast<float4*>(q_row + v) = make_float4(q_of(x[0], v), q_of(x[1], v + 1), q_of(x[2], v + 2),
+                                                          q_of(x[3], v + 3));
     }
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-      const float x = (to_float(u_row[v]) + b_row[v]) / T;
-      q_row[v] = greedy ? (v == tok ? 1.f : 0.f) : x < t ? 0.f : expf(x - m) / s;
+      const float x = greedy ? 0.f : from_bias ? (to_float(u_row[v]) + b_row[v]) / T : q_row[v];
+      q_row[v] = q_of(x, v);
     }
   }
 }
@@ -313,11 +321,17 @@ struct LaneRequest {
     scale = greedy ? 1.f : T;
     seed = active ? seeds[r] : 0;
   }
+  // Row k of this lane's request in q [R, γ, V] (null without q, and for a greedy row: one-hot).
+  __device__ __forceinline__ float* x_row(float* q, int k, int gamma, int V) const {
+    return q == nullptr || !active || greedy ? nullptr : q + (static_cast<int64_t>(r) * gamma + k) * V;
+  }
   // Step 2 for the race group this lane's entry (u, bias) of vocab row v belongs to: the group's
   // eight entries are on the lanes sharing lane & 3 (visit_lane_group); every lane calls, `valid`
-  // false where the lane holds no entry.
-  __device__ __forceinline__ void visit(Partial& p, float u, float bias, int v, int k, bool valid) const {
+  // false where the lane holds no entry. x_row (return_q): the request's q row k, gets x.
+  __device__ __forceinline__ void visit(Partial& p, float u, float bias, int v, int k, bool valid,
+                                        float* __restrict__ x_row) const {
     const float x = valid ? over_temperature(u + bias, scale) : -INFINITY;
+    if (x_row != nullptr && valid) x_row[v] = x;
     const uint32_t group = static_cast<uint32_t>(v) >> 3;
     const GroupNoise noise = greedy ? GroupNoise{} : group_noise(counter_words(seed, kStreamDraft, k, group >> 1), group);
     visit_lane_group(p, x, v, !greedy, noise);
@@ -370,12 +384,13 @@ __device__ __forceinline__ void store_block_result(State mine, int R, State* __r
 }
 
 // Steps 1-3 of step k for R <= NR requests. Grid: a few blocks per SM, warps striding over batches
-// of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed by gather_anchor_kernel).
+// of 8 W2 rows; partials [R, gridDim.x]; done[k] counts finished blocks (zeroed by gather_anchor_kernel);
+// q [R, γ, V] (null: not returned) gets row k's x.
 template <typename WT, typename UT, int NR>
 __global__ void __launch_bounds__(kThreads, kSmallStepBlocksPerSm)
 small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
                   const UT* __restrict__ U, const float* __restrict__ temperature,
-                  const int64_t* __restrict__ seeds, float* __restrict__ bias_out, Partial* __restrict__ partials,
+                  const int64_t* __restrict__ seeds, float* __restrict__ q, Partial* __restrict__ partials,
                   unsigned* __restrict__ done, int64_t* __restrict__ tokens, float* __restrict__ q_token,
                   float* __restrict__ row_stats, int R, int k, int gamma, int V) {
   allow_next_kernel();
@@ -403,10 +418,8 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
   uint4 h[NR];
   load_h<WT, NR>(prev_emb + static_cast<int64_t>(k) * kSmallRank, ld_emb, R, h);
   Partial p = empty_partial();
-  const auto epilogue = [&](float u, float bias, int v, bool valid) {  // step 2 for one (request, row)
-    if (bias_out != nullptr && valid) bias_out[static_cast<int64_t>(req.r) * V + v] = bias;
-    req.visit(p, u, bias, v, k, valid);
-  };
+  float* x_row = req.x_row(q, k, gamma, V);
+  const auto epilogue = [&](float u, float bias, int v, bool valid) { req.visit(p, u, bias, v, k, valid, x_row); };
   EntryRouter<NR> route(V);
   for (; b < batches; b += kSmallDepth * stride) {
 #pragma unroll
@@ -431,7 +444,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
     for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x)
       q = combine(q, load_partial_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
     q = block_combine(q);
-    if (threadIdx.x == 0) token_s[rr] = write_step(q, rr, k, gamma, temperature, tokens, q_token, row_stats);
+    if (threadIdx.x == 0) token_s[rr] = write_step(q, rr, k, gamma, V, temperature, tokens, q_token, row_stats);
   }
   __syncthreads();
   if (k + 1 < gamma) {  // W1[x_k] feeds step k+1 and the confidence head
@@ -444,7 +457,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small batches, all γ steps in one cooperative launch (q lazy). One block per SM owns a contiguous
+// Small batches, all γ steps in one cooperative launch. One block per SM owns a contiguous
 // range of W2 row batches and keeps the first `resident` of them in shared memory from step 0 on
 // (about 39 % of W2 at Qwen3-4B sizes on the H200), so steps 1 .. γ-1 stream only the rest from
 // HBM. Between steps the blocks meet at a grid barrier; every block merges the step's partials
@@ -480,8 +493,8 @@ __global__ void __launch_bounds__(kChainThreads, 1)
 small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __restrict__ prev_emb,
                    const UT* __restrict__ U, const float* __restrict__ temperature,
                    const int64_t* __restrict__ seeds, Partial* __restrict__ partials, unsigned* __restrict__ arrived,
-                   int64_t* __restrict__ tokens, float* __restrict__ q_token, float* __restrict__ row_stats, int R,
-                   int gamma, int V, int per_block, int resident) {
+                   int64_t* __restrict__ tokens, float* __restrict__ q_token, float* __restrict__ row_stats,
+                   float* __restrict__ q, int R, int gamma, int V, int per_block, int resident) {
   extern __shared__ uint4 resident_rows[];  // [resident batch][row of 8][lane]
   __shared__ Partial warp_parts[kChainWarps][kSmallMaxRequests];
   __shared__ Partial merge_parts[kChainWarps];
@@ -523,7 +536,8 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
   for (int k = 0; k < gamma; ++k) {
     Partial p = empty_partial();
     EntryRouter<NR> route(V);
-    const auto visit = [&](float u, float bias, int v, bool valid) { req.visit(p, u, bias, v, k, valid); };
+    float* x_row = req.x_row(q, k, gamma, V);
+    const auto visit = [&](float u, float bias, int v, bool valid) { req.visit(p, u, bias, v, k, valid, x_row); };
     for (int n = 0; n < n_total; n += kDepth) {
 #pragma unroll
       for (int d = 0; d < kDepth; ++d) {
@@ -573,8 +587,8 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
     if (threadIdx.x < R) {
       Partial q = empty_partial();
       for (int w = 0; w < per_request; ++w) q = combine(q, merge_parts[threadIdx.x * per_request + w]);
-      token_s[threadIdx.x] = q.idx;
-      if (blockIdx.x == 0) write_step(q, threadIdx.x, k, gamma, temperature, tokens, q_token, row_stats);
+      token_s[threadIdx.x] = min(q.idx, V - 1);  // as write_step
+      if (blockIdx.x == 0) write_step(q, threadIdx.x, k, gamma, V, temperature, tokens, q_token, row_stats);
     }
     __syncthreads();
     if (k + 1 < gamma) {  // W1[x_k]: step k+1's bias here, and prev_emb for the confidence head
@@ -835,7 +849,7 @@ int chain_batch_capacity() {
 template <typename WT, typename UT, int NR>
 bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, const float* temperature,
                         const int64_t* seeds, Partial* partials, unsigned* arrived, int64_t* tokens, float* q_token,
-                        float* row_stats, int R, int gamma, int V, cudaStream_t stream) {
+                        float* row_stats, float* q, int R, int gamma, int V, cudaStream_t stream) {
   const int fit = chain_batch_capacity<WT, UT, NR>();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int total = (V + kSmallRows - 1) / kSmallRows;
@@ -855,7 +869,7 @@ bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, c
   config.attrs = &attr;
   config.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, small_chain_kernel<WT, UT, NR>, w2, w1, prev_emb, U, temperature, seeds,
-                                    partials, arrived, tokens, q_token, row_stats, R, gamma, V, per_block, resident));
+                                    partials, arrived, tokens, q_token, row_stats, q, R, gamma, V, per_block, resident));
   return true;
 }
 
@@ -980,8 +994,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool small = !warped && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
   const bool fused = !warped && !small && fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
-  // The fp32 bias scratch: for q rows, and for the cuBLAS path's split pass.
-  auto bias = at::empty({return_q || (!small && !fused) ? R : 0, V}, f32);
+  // The fp32 bias scratch of the cuBLAS path's split pass.
+  auto bias = at::empty({!small && !fused ? R : 0, V}, f32);
+  // The fused and small-batch steps leave x in q's rows, made q after the last step.
+  float* x_out = return_q && (small || fused) ? q.data_ptr<float>() : nullptr;
   auto partials = at::empty({static_cast<int64_t>(R) * parts_per_request * static_cast<int64_t>(sizeof(Partial))},
                             U.options().dtype(at::kByte));
   auto row_stats = at::empty({R, gamma, 2}, f32);
@@ -993,9 +1009,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // one for rejection_sample's one-launch path (its last block leaves it zero again).
   auto counters = at::empty({gamma + 1}, U.options().dtype(at::kInt));
   auto* done = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
-  // All steps in one cooperative launch at R <= 2 when q is not returned (DSPARK_MARKOV_PATH=step:
-  // one launch per step); its partials are per step, so no step overwrites one still being read.
-  bool chain = small && !return_q && !markov_path_forced("step");
+  // All steps in one cooperative launch at R <= 2 (DSPARK_MARKOV_PATH=step: one launch per step);
+  // its partials are per step, so no step overwrites one still being read.
+  bool chain = small && !markov_path_forced("step");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto thresholds = at::full({warped ? R : 0, gamma}, -INFINITY, f32);  // -inf: the row keeps everything
   WarpScratch warp_scratch = warped ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
@@ -1026,18 +1042,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp, seeds.data_ptr<int64_t>(),
                 reinterpret_cast<Partial*>(chain_parts.data_ptr<uint8_t>()),
                 done, tokens.data_ptr<int64_t>(),
-                q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, gamma, V, stream);
+                q_token.data_ptr<float>(), row_stats.data_ptr<float>(), x_out, R, gamma, V, stream);
           });
-          if (chain) return;
         }
       }
-      for (int k = 0; k < gamma; ++k) {
+      for (int k = 0; !chain && k < gamma; ++k) {  // one launch per step unless the chain ran
         if constexpr (std::is_same_v<WT, __nv_bfloat16> || std::is_same_v<WT, __half>) {
           if (small) {
             with_small_capacity(R, [&](auto capacity) {
               launch_programmatic(small_step_kernel<WT, UT, decltype(capacity)::value>, dim3(small_blocks),
                           dim3(kThreads), 0, stream, reinterpret_cast<const WT*>(w2.data_ptr()), w1p, embp, up, tp,
-                          seeds.data_ptr<int64_t>(), return_q ? bias.data_ptr<float>() : nullptr,
+                          seeds.data_ptr<int64_t>(), x_out,
                           reinterpret_cast<Partial*>(small_parts.data_ptr<uint8_t>()),
                           done, tokens.data_ptr<int64_t>(),
                           q_token.data_ptr<float>(), row_stats.data_ptr<float>(), R, k, gamma, V);
@@ -1046,7 +1061,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
         if (fused) {
           fused_step(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, up, U.scalar_type(), tp,
-                     seeds.data_ptr<int64_t>(), parts, return_q ? bias.data_ptr<float>() : nullptr, k, gamma, stream);
+                     seeds.data_ptr<int64_t>(), parts, x_out, k, gamma, stream);
         } else if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
           if (warped) {
@@ -1063,16 +1078,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (!small) {
           launch_programmatic(reduce_kernel<WT>, dim3(R), dim3(kThreads), 0, stream, parts, parts_per_request, tp,
                               w1p, rank, tokens.data_ptr<int64_t>(), q_token.data_ptr<float>(),
-                              row_stats.data_ptr<float>(), embp, k, gamma);
+                              row_stats.data_ptr<float>(), embp, k, gamma, V);
         }
-        if (return_q) {
+        if (return_q && !small && !fused) {  // the bias scratch is step k's only now
           auto q_rows = vec ? q_rows_kernel<UT, true> : q_rows_kernel<UT, false>;
-          q_rows<<<grid, kThreads, 0, stream>>>(up, bias.data_ptr<float>(), tp, row_stats.data_ptr<float>(),
-                                                tokens.data_ptr<int64_t>(),
-                                                warped ? thresholds.data_ptr<float>() : nullptr, q.data_ptr<float>(),
-                                                k, gamma, V, slice);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_programmatic(q_rows, dim3(R, splits), dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,
+                              row_stats.data_ptr<float>(), tokens.data_ptr<int64_t>(),
+                              warped ? thresholds.data_ptr<float>() : nullptr, q.data_ptr<float>(), k, gamma, V, slice);
         }
+      }
+      if (x_out != nullptr) {  // all R·γ rows at once
+        const int q_splits = choose_splits(R * gamma, V);
+        const int q_slice = ((V + q_splits - 1) / q_splits + 7) / 8 * 8;
+        auto q_rows = vec ? q_rows_kernel<UT, true> : q_rows_kernel<UT, false>;
+        launch_programmatic(q_rows, dim3(R * gamma, q_splits), dim3(kThreads), 0, stream, up, nullptr, tp,
+                            row_stats.data_ptr<float>(), tokens.data_ptr<int64_t>(), nullptr, x_out, 0, gamma, V,
+                            q_slice);
       }
     });
   });

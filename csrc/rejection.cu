@@ -63,7 +63,7 @@ __device__ int block_argmax(const float* __restrict__ row, int V) {
   if (warp == 0) {
     b = lane < blockDim.x / 32 ? warp_best[lane] : Best{-INFINITY, 0x7fffffff};
     b = warp_pick(b);
-    if (lane == 0) result = b.idx;
+    if (lane == 0) result = min(b.idx, V - 1);  // an all-NaN row (unchecked here) still gives an id < V
   }
   __syncthreads();
   return result;

@@ -152,7 +152,8 @@ constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
 
 __device__ __forceinline__ int recovered_token(const Race& race, bool rejected, const float* p_row, int V,
                                                int64_t seed) {
-  if (!rejected || race.mass > kResidualMassFloor) return race.best.idx;
+  // min: a row without a winner (NaN, or no mass: bad input, unchecked here) still yields an id < V
+  if (!rejected || race.mass > kResidualMassFloor) return min(race.best.idx, V - 1);
   Best best{-INFINITY, 0x7fffffff};
   for (int v = 8 * (threadIdx.x % 32); v < V; v += 8 * 32) {
     float p[8];
@@ -161,7 +162,7 @@ __device__ __forceinline__ int recovered_token(const Race& race, bool rejected, 
     const GroupNoise noise = recover_noise(seed, v);
     race_group(best, p, -logf(word_uniform(noise.race)), word_uniform(noise.pick), v);
   }
-  return warp_pick(best).idx;
+  return min(warp_pick(best).idx, V - 1);
 }
 
 // Request r's recovered token from its merged race into out_tokens [R, γ + 1] at n, its first

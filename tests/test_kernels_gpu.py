@@ -91,19 +91,22 @@ def test_markov_chain_small_batches_other_paths(case, env, monkeypatch):
                                   MarkovCase(1, 3, 4099, 256, torch.float16, torch.float16, seed=35),
                                   MarkovCase(2, 7, 50001, 256, torch.bfloat16, torch.float32, seed=36)],
                          ids=lambda c: c.label())
-def test_markov_chain_all_steps_launch_draws_what_the_per_step_kernels_draw(case, monkeypatch):
-    """At R <= 2 with q lazy, the one cooperative launch (W2 partly resident in shared memory, a
-    grid barrier per step) and the per-step kernels compute the same bias bits, noise and keys:
-    identical tokens and W1 gathers; q_token only sums in another order."""
+@pytest.mark.parametrize("return_q", [False, True])
+def test_markov_chain_all_steps_launch_draws_what_the_per_step_kernels_draw(case, return_q, monkeypatch):
+    """At R <= 2, the one cooperative launch (W2 partly resident in shared memory, a grid barrier
+    per step) and the per-step kernels compute the same bias bits, noise and keys: identical tokens
+    and W1 gathers; q_token and the q rows only sum in another order."""
     from dspark_cli.runtime import markov_chain
 
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
-    chain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    chain = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=return_q)
     monkeypatch.setenv("DSPARK_MARKOV_PATH", "step")
     poison_allocator()
-    steps = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    steps = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=return_q)
     assert torch.equal(chain.tokens, steps.tokens) and torch.equal(chain.prev_emb, steps.prev_emb)
     torch.testing.assert_close(chain.q_token, steps.q_token, rtol=1e-5, atol=0)
+    if return_q:
+        torch.testing.assert_close(chain.q, steps.q, rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("R", [48, 16, 1])  # fused step (cuBLAS + split pass under "gemm"); small-batch step
@@ -560,3 +563,25 @@ def test_schedule_production_captures_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager) and int(captured.sum()) > 0, i
+
+
+@pytest.mark.parametrize("R", [1, 16, 130])  # small-batch chain, fused step, cuBLAS path
+def test_rows_without_a_winner_still_give_ids_inside_the_vocabulary(R):
+    """NaN draft logits and all-NaN or all-zero target rows are bad input the GPU path does not
+    check (that would be a host sync); the ids it returns must still be < V, since the chain
+    gathers W1 rows with them (an id of 0x7fffffff read far outside W1)."""
+    from dspark_cli.runtime import markov_chain, rejection_sample
+
+    V = 32000  # V % 64 == 0: the fused step serves R = 16
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, 3, V, 256, greedy_every=2, seed=60))
+    U[0] = float("nan")
+    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True)
+    target = torch.softmax(torch.randn(R, 4, V, device="cuda"), -1)
+    target[0] = float("nan")  # request 0 is greedy (greedy_every=2)
+    if R > 1:
+        target[1] = 0.0  # request 1 samples: no residual mass, no p mass
+    ell = torch.full((R,), 3, dtype=torch.int64, device="cuda")
+    out = rejection_sample(target, draft, ell, greedy=temperature == 0, seeds=seeds)
+    torch.cuda.synchronize()
+    for ids in (draft.tokens, out.output_tokens[out.output_tokens >= 0]):
+        assert int(ids.min()) >= 0 and int(ids.max()) < V
