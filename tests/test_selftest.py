@@ -15,11 +15,11 @@ def test_race_margin_is_small_only_for_a_near_tie():
     a = int(rng.grouped_race_sample(weights.unsqueeze(0), seed.view(1), rng.STREAM_DRAFT, 3)[0])
     keys = rng.grouped_race_keys(weights.unsqueeze(0), seed.view(1), rng.STREAM_DRAFT, 3)[1][0]
     loser = int(keys.argmin())
-    b = loser * rng._GROUP
+    b = loser * rng.GROUP
     assert race_margin(weights, seed, rng.STREAM_DRAFT, 3, a, b) > 1e-2
     # Scale the losing group up until its key sits a rounding step below the winner's: a tie.
     tied = weights.clone()
-    tied[b: b + rng._GROUP] *= float(keys[a // rng._GROUP] / keys[loser]) * (1 - 1e-7)
+    tied[b: b + rng.GROUP] *= float(keys[a // rng.GROUP] / keys[loser]) * (1 - 1e-7)
     assert race_margin(tied, seed, rng.STREAM_DRAFT, 3, a, b) < NEAR_TIE
 
 

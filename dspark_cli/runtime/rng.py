@@ -22,7 +22,7 @@ import torch.nn.functional as F
 STREAM_DRAFT = 0  # Markov chain grouped race: position k, group g
 STREAM_ACCEPT = 1  # acceptance uniforms: position j, index 0
 STREAM_RECOVER = 2  # residual / bonus grouped race (seeded): position 0, group g
-_GROUP = 8  # vocab ids per group of grouped_race_sample
+GROUP = 8  # vocab ids per group of grouped_race_sample
 _ROUND_SEED_COUNTER = 0xFFFF0000  # round_seeds' counter word: disjoint from (stream << 16) | position
 
 _MASK32 = 0xFFFFFFFF
@@ -122,11 +122,11 @@ def grouped_race_sample(weights: torch.Tensor, seeds: torch.Tensor, stream: int,
     totals = sums[..., -1]
     winner = torch.argmax(keys, dim=-1, keepdim=True)  # ties: lowest group
     threshold = pick_u.gather(1, winner) * totals.gather(1, winner)
-    winner_sums = sums.gather(1, winner.unsqueeze(-1).expand(-1, -1, _GROUP)).squeeze(1)
+    winner_sums = sums.gather(1, winner.unsqueeze(-1).expand(-1, -1, GROUP)).squeeze(1)
     # 8 (no running sum above v·W_g) only for an all-zero row: then group 0's last id, or the row's
     # last one when V < 8 (the padded ids past V are no tokens)
-    offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(_GROUP - 1)
-    return (_GROUP * winner.squeeze(1) + offset).clamp_max(weights.shape[1] - 1)
+    offset = (winner_sums <= threshold).sum(dim=-1).clamp_max(GROUP - 1)
+    return (GROUP * winner.squeeze(1) + offset).clamp_max(weights.shape[1] - 1)
 
 
 def grouped_race_keys(weights: torch.Tensor, seeds: torch.Tensor, stream: int, position):
@@ -143,7 +143,7 @@ def _group_running_sums(weights: torch.Tensor) -> torch.Tensor:
     accumulates fp32 in fp64 on the CPU, and its order on CUDA is its own). The CUDA kernels sum
     exp(x - group max) instead, so their sums differ in the last bits: near-ties only."""
     R, V = weights.shape
-    groups = F.pad(weights, (0, -V % _GROUP)).reshape(R, -1, _GROUP)
+    groups = F.pad(weights, (0, -V % GROUP)).reshape(R, -1, GROUP)
     return torch.stack(list(accumulate(groups.unbind(-1))), dim=-1)
 
 
