@@ -332,3 +332,30 @@ def test_adaptive_lengths_schedule_only_what_is_verified_and_seeded_requests_ver
     assert out["discard"] == [e[0], 0, e[1], e[2], 0, e[3]], out
     s = out["seeded_expected"]
     assert out["seeded"] == [s[0], 0, 3, s[2], 0, s[3]], out  # row 4 (seeded) is a prefill chunk
+
+
+TOO_MANY = """
+import sys
+from pathlib import Path
+from dspark_cli.tiny_models import build_draft, build_target
+from vllm import LLM
+work = Path(sys.argv[1])
+target = build_target(work / "target", "successor")
+draft = build_draft(work / "draft", 2, "oracle", target)  # block_size 2
+try:
+    LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
+        speculative_config={"method": "dspark", "model": str(draft), "num_speculative_tokens": 3})
+    print("RESULT started")
+except Exception as e:
+    print("RESULT refused", type(e).__name__)
+"""
+
+
+@needs_vllm
+def test_more_speculative_tokens_than_the_drafts_block_size_is_refused(tmp_path):
+    """γ came from num_speculative_tokens alone: a draft trained for block_size 2 drafted 3."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([PYTHON, "-c", TOO_MANY, str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert "RESULT refused" in log, log[-4000:]
+    assert "num_speculative_tokens = 3 exceeds the DSpark draft's block_size = 2" in log, log[-4000:]

@@ -36,6 +36,11 @@ class DSparkProposer(DFlashProposer):
         super().__init__(vllm_config, device, runner)
         spec = vllm_config.speculative_config
         self.gamma = spec.num_speculative_tokens
+        block_size = getattr(self.draft_model_config.hf_config, "block_size", None)
+        if block_size is not None and self.gamma > int(block_size):
+            raise ValueError(f"num_speculative_tokens = {self.gamma} exceeds the DSpark draft's block_size = "
+                             f"{block_size}: the draft drafts at most block_size tokens per round; "
+                             f"set num_speculative_tokens <= {block_size}")
         self.runner = runner
         self.probabilistic = spec.draft_sample_method == "probabilistic"
         self.adaptive = bool(spec.enable_adaptive_verification)
