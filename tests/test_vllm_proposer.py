@@ -121,6 +121,19 @@ def test_a_skipped_request_is_verified_with_the_q_of_its_own_drafts():
     assert "c" not in cache._held
 
 
+def test_a_batch_that_drafted_last_step_is_verified_from_its_q_without_per_request_copies():
+    """The common step: every request drafted last step. All k drafts in order hand the drafted q
+    itself on (no copy); shorter prefixes or another order, one gather of the same rows."""
+    cache = PendingDraftProbs()
+    q = _q(3, 4, 8, 5)
+    cache.drafted(["a", "b", "c"], q)
+    drafts = torch.zeros(12, dtype=torch.int64)
+    whole = cache.for_verification(["a", "b", "c"], [4, 4, 4], drafts)
+    assert whole.data_ptr() == q.data_ptr() and torch.equal(whole, q.reshape(12, 8))
+    got = cache.for_verification(["c", "a", "b"], [2, 0, 4], drafts[:6])
+    assert torch.equal(got, torch.cat([q[2, :2], q[1]]))
+
+
 def test_drafts_without_q_are_verified_one_hot_and_held_rows_of_finished_requests_go():
     cache = PendingDraftProbs()
     q = _q(2, 2, 5, 4)

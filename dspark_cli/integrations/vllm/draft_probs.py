@@ -37,6 +37,9 @@ class PendingDraftProbs:
     def for_verification(self, req_ids, num_draft_tokens, draft_token_ids: torch.Tensor) -> torch.Tensor | None:
         """q rows [Σ n, V] for the drafts being verified now (request order, n = num_draft_tokens),
         or None when every one of them is one-hot (the rejection sampler's own no-q path)."""
+        latest = self._latest_rows(req_ids, num_draft_tokens)
+        if latest is not None:
+            return latest
         pieces, offset, vocab = [], 0, None
         for req_id, n in zip(req_ids, num_draft_tokens):
             if n == 0:
@@ -60,6 +63,26 @@ class PendingDraftProbs:
                 q = torch.zeros(n, vocab, dtype=torch.float32, device=ids.device).scatter_(1, ids, 1.0)
             out.append(q.float())
         return torch.cat(out, dim=0).contiguous()
+
+    def _latest_rows(self, req_ids, num_draft_tokens) -> torch.Tensor | None:
+        """The common step: every request verified drafted in the last step. Its rows by one gather,
+        or the last step's q itself (no copy: R·k·V·4 bytes, 545 MB at 128 × 7 × 152k) when every
+        request verifies all k drafts in the order it drafted. None: take the general path."""
+        if self._q is None:
+            return None
+        R, k, V = self._q.shape
+        flat = []
+        for req_id, n in zip(req_ids, num_draft_tokens):
+            row = self._rows.get(req_id)
+            if n and row is None:
+                return None
+            flat.extend(range(row * k, row * k + n) if n else ())
+        if not flat:
+            return None
+        q = self._q.reshape(R * k, V)
+        if flat == list(range(R * k)):
+            return q
+        return q.index_select(0, torch.tensor(flat, device=q.device))
 
     def install(self, runner) -> None:
         """Make `runner` (V1's GPUModelRunner) verify with these q rows: its
