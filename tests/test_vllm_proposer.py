@@ -150,8 +150,9 @@ def test_drafts_without_q_are_verified_one_hot_and_held_rows_of_finished_request
 def test_installed_on_the_runner_a_zeroed_step_replaces_q_by_one_hot():
     """When the runner zeroes the batch's drafts instead of drafting (the input does not fit the
     drafter), q of an earlier step must not be used for those zero drafts."""
-    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"]), requests={"a": 0, "b": 0},
-                             _input_fits_in_drafter=lambda cad: cad)
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"], spec_token_ids=[[1, 2], [3, 0]]),
+                             requests={"a": 0, "b": 0}, _input_fits_in_drafter=lambda cad: cad,
+                             _update_states=lambda scheduler_output: None)
     cache = PendingDraftProbs()
     cache.install(runner)
     q = _q(2, 2, 4, 5)
@@ -161,6 +162,82 @@ def test_installed_on_the_runner_a_zeroed_step_replaces_q_by_one_hot():
     assert runner._input_fits_in_drafter(False) is False  # zeroed drafts for a and b
     zeros = SimpleNamespace(num_draft_tokens=[2, 2], draft_token_ids=torch.zeros(4, dtype=torch.int64))
     assert runner._get_spec_decode_draft_probs(zeros) is None
+
+
+def _recovered(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What V1's kernel samples after rejecting a draft: norm(max(p − q, 0))."""
+    r = (p - q).clamp_min(0)
+    return r / r.sum()
+
+
+def test_placeholder_drafts_get_all_zero_q_rows_on_every_path():
+    """vLLM pads a request with one token left (1-token prompt, prefix hit, resumed) with drafts of
+    id −1 and no q. The kernel rejects them surely and samples from max(p − q, 0): q must be all
+    zeros there (a sample of p), not one-hot at token 0 (token 0 could never come) nor an old q."""
+    p = torch.tensor([.3, .2, .2, .2, .1])
+    assert torch.allclose(_recovered(p, torch.zeros(5)), p)
+    assert _recovered(p, torch.nn.functional.one_hot(torch.tensor(0), 5).float())[0] == 0  # the old bias
+    q = _q(2, 2, 5, 7)
+    # fast path (every request drafted last step, all k in order): a copy, never the drafted q zeroed
+    cache = PendingDraftProbs()
+    cache.drafted(["a", "b"], q)
+    kept = q.clone()
+    got = cache.for_verification(["a", "b"], [2, 2], torch.tensor([1, 2, -1, -1]), placeholders=[2, 3])
+    assert got.data_ptr() != q.data_ptr() and torch.equal(q, kept)
+    assert torch.equal(got, torch.cat([q[0], torch.zeros(2, 5)]))
+    # gather path (a prefix, another order)
+    got = cache.for_verification(["b", "a"], [1, 2], torch.tensor([-1, 1, 2]), placeholders=[0])
+    assert torch.equal(got, torch.cat([torch.zeros(1, 5), q[0]]))
+    # general path: a new request (no q) padded with placeholders next to a held one
+    cache.drafted(["a"], _q(1, 2, 5, 8))  # b skipped: held
+    got = cache.for_verification(["b", "c"], [2, 2], torch.tensor([4, 3, -1, -1]), placeholders=[2, 3])
+    assert torch.equal(got, torch.cat([q[1], torch.zeros(2, 5)]))
+    assert cache.counts == {"held": 1, "verified_from_held": 2, "placeholder_rows": 5}
+    # no q in the batch at all: V1's own no-q path (it subtracts nothing for id −1)
+    assert PendingDraftProbs().for_verification(["c"], [2], torch.tensor([-1, -1]), placeholders=[0, 1]) is None
+
+
+def test_installed_runner_finds_placeholders_on_the_host_and_resumed_requests_lose_held_q():
+    """The placeholders come from the runner's host lists of this step's drafts (no device sync);
+    with async scheduling those lists are −1 for every request, and only a request not carried over
+    from the last step (its drafts were not copied on the device) has placeholders. A request
+    resumed after preemption must not be verified with q held from before: that q is dropped."""
+    from dspark_cli.integrations.vllm.draft_probs import placeholder_positions
+
+    batch = SimpleNamespace(req_ids=["a", "b", "c"], spec_token_ids=[[5, 6], [], [-1, -1]])
+    runner = SimpleNamespace(input_batch=batch, requests={"a": 0, "b": 0, "c": 0},
+                             _input_fits_in_drafter=lambda cad: cad, _update_states=lambda scheduler_output: None)
+    assert placeholder_positions(runner, ["a", "b", "c"], [2, 0, 2]) == [2, 3]
+    batch.spec_token_ids = [[-1, -1], [], [-1, -1]]
+    runner.use_async_scheduling, runner._draft_token_ids = True, torch.zeros(3, 2)
+    batch.prev_sampled_token_ids, batch.prev_req_id_to_index = torch.zeros(3, 1), {"a": 0, "b": 1}
+    assert placeholder_positions(runner, ["a", "b", "c"], [2, 0, 2]) == [2, 3]
+    runner.use_async_scheduling = False
+
+    cache = PendingDraftProbs()
+    cache.install(runner)
+    q1 = _q(3, 2, 5, 9)
+    cache.drafted(["a", "b", "c"], q1)
+    cache.drafted(["a", "b"], _q(2, 2, 5, 10))  # c skipped: held, then preempted and resumed
+    assert "c" in cache._held
+    runner._update_states(SimpleNamespace(scheduled_cached_reqs=SimpleNamespace(resumed_req_ids={"c"}),
+                                          finished_req_ids=set(), preempted_req_ids=None, scheduled_new_reqs=[]))
+    assert "c" not in cache._held
+    batch.req_ids, batch.spec_token_ids = ["c"], [[-1, -1]]
+    meta = SimpleNamespace(num_draft_tokens=[2], draft_token_ids=torch.tensor([-1, -1]))
+    assert runner._get_spec_decode_draft_probs(meta) is None  # no q left: V1's no-q path, p for id −1
+    batch.req_ids, batch.spec_token_ids = ["a", "c"], [[5, 6], [-1, -1]]
+    meta = SimpleNamespace(num_draft_tokens=[2, 2], draft_token_ids=torch.tensor([5, 6, -1, -1]))
+    got = runner._get_spec_decode_draft_probs(meta)
+    assert torch.equal(got[2:], torch.zeros(2, 5)) and not torch.equal(got[2:], q1[2])
+
+
+def test_no_q_is_kept_for_drafts_vllm_discards():
+    """A prefill chunk's drafts are discarded by vLLM: holding their q would only take memory."""
+    cache = PendingDraftProbs()
+    cache.drafted(["a", "b"], _q(2, 2, 5, 11), discarded=["b"])
+    cache.drafted(["a"], _q(1, 2, 5, 12))
+    assert cache._held == {} and cache.counts["held"] == 0
 
 
 STARVED = """

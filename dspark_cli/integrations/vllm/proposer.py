@@ -55,8 +55,10 @@ class DSparkProposer(DFlashProposer):
                 raise ValueError("DSpark adaptive verification on Model Runner V1 needs async_scheduling=False")
             settings = SchedulerSettings.resolve(self.draft_model_config.hf_config)
             self.verify_lengths = VerifyLengthScheduler(settings)
-        # Per-step statistics for `dspark verify vllm` and tests: drafted vs scheduled tokens.
-        self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0}
+        # Per-step statistics for `dspark verify vllm` and tests: drafted vs scheduled tokens, and
+        # the q cache's counters (q held for skipped requests, draft rows verified from held q,
+        # placeholder rows verified with a zero q), the same dict PendingDraftProbs updates.
+        self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0, "q": self.pending_q.counts}
 
     def model_returns_tuple(self) -> bool:
         return False  # the DSpark backbone returns one hidden-state tensor, as DFlash's does
@@ -96,8 +98,10 @@ class DSparkProposer(DFlashProposer):
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
         if self.runner is not None:
-            self.pending_q.drafted(list(self.runner.input_batch.req_ids[:R]), self._last_draft_probs,
-                                   self.runner.requests)
+            req_ids = list(self.runner.input_batch.req_ids[:R])
+            discard = getattr(self.runner, "discard_request_mask", None)
+            discard = () if discard is None else [req_ids[i] for i in discard.np[:R].nonzero()[0]]
+            self.pending_q.drafted(req_ids, self._last_draft_probs, self.runner.requests, discard)
         self.stats["steps"] += 1
         self.stats["requests"] += R
         self.stats["drafted"] += R * gamma
