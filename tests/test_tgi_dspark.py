@@ -136,13 +136,34 @@ def test_scheduler_narrows_the_verified_width_under_a_steep_sps_table(checkpoint
     assert 0 < spec.stats["verified"] < 3 * (rounds - 1) and accepted == spec.stats["verified"]  # oracle: all pass
 
 
-def test_uniform_verify_length_maximizes_theta_over_one_width_for_the_batch():
+def test_uniform_verify_length_grows_while_theta_improves_for_the_batch():
     a = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
     sps = SPSTable([2, 4, 6], [100.0, 80.0, 40.0])
     # Θ(0) = 2·100 = 200, Θ(1) = (2 + 1.7)·80 = 296, Θ(2) = (2 + 1.7 + 0.6)·40 = 172
     assert uniform_verify_length(a, sps) == 1
     assert uniform_verify_length(a, SPSTable([2, 6], [100.0, 100.0])) == 2  # flat: verify everything
     assert uniform_verify_length(torch.zeros(2, 2), SPSTable([2, 6], [100.0, 100.0])) == 0  # ties: fewer rows
+
+
+def test_uniform_verify_length_does_not_look_at_the_survival_of_drafts_it_leaves_out():
+    """Non-anticipation (DSPARK.md, Appendix A): the width L may depend on a[:, :L + 1] only (the
+    survival up to the first draft left out, which the drafts before it determine). Survival past
+    it depends on that draft's own value, so looking there — the argmax over all widths did — makes
+    verification lossy: with SPS (1, .5, .45), a = [.8, .72] (draft 1 = A) gave L = 2 and
+    a = [.8, 0] (draft 1 = B) L = 0, so A survived with probability .85 instead of .70."""
+    sps = SPSTable([1, 2, 3], [1.0, 0.5, 0.45])
+    assert uniform_verify_length(torch.tensor([[0.8, 0.72]]), sps) == 0
+    assert uniform_verify_length(torch.tensor([[0.8, 0.0]]), sps) == 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        R, gamma = int(torch.randint(1, 5, (1,), generator=g)), 7
+        a = torch.rand(R, gamma, generator=g).cumprod(1)
+        table = SPSTable(list(range(1, R * (gamma + 1) + 1)),
+                         torch.rand(R * (gamma + 1), generator=g).add(0.2).cumsum(0).flip(0).tolist())
+        L = uniform_verify_length(a, table)
+        later = a.clone()
+        later[:, L + 1:] = torch.rand(R, gamma - L - 1, generator=g) if L + 1 < gamma else later[:, L + 1:]
+        assert uniform_verify_length(later, table) == L
 
 
 def test_arriving_request_drops_state_left_under_its_id(checkpoints):

@@ -161,13 +161,15 @@ def test_dspark_verify_tgi_serves_with_the_installed_shard(tmp_path):
 
 
 def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tmp_path):
-    """As in plain TGI, a request's seed fixes its sampled output whatever else is batched with it."""
+    """As in plain TGI, a request's seed fixes its sampled output whatever else is batched with it,
+    given the same verify widths (DSPARK_SCHEDULER=off: always γ; under the scheduler a batch's
+    width changes which draws a request uses, docs/tgi.md)."""
     target = fixtures.build(tmp_path / "target", "llama", "successor", logit_scale=0.05)
     draft = tiny_models.build_draft(tmp_path / "draft", gamma=GAMMA, kind="oracle", target=target)
     probe = {"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 12, "do_sample": True, "seed": 7}
     others = [{"id": 10 + i, "prompt": [i, 2 * i], "max_new_tokens": 6 + i, "do_sample": True, "seed": 100 + i}
               for i in range(4)]
-    out = shard({"model": str(target), "draft": str(draft), "waves": [
+    out = shard({"model": str(target), "draft": str(draft), "env": {"DSPARK_SCHEDULER": "off"}, "waves": [
         [0, [probe]], [1, [{**probe, "id": 2}] + others[:2]], [3, others[2:]]]})
     assert out["tokens"]["1"] == out["tokens"]["2"]
     assert len(set(tuple(v) for v in out["tokens"].values())) > 2  # sampling did vary across seeds

@@ -13,9 +13,9 @@ Verification is lossless rejection sampling against TGI's own warped target dist
 (its processors and warpers run exactly as in the plain path) with the Markov-corrected q the
 drafts were sampled from; greedy requests need an exact argmax match. The verify length comes
 from our scheduler, within TGI's global γ: TGI lays a speculative batch out as 1 + L rows per
-request for the width L of the drafts it is handed, so the scheduler picks the L that maximizes
-Algorithm 1's Θ = E[accepted tokens] · SPS(rows) over the batch (`uniform_verify_length`) and the
-target's next forward really shrinks to B·(1 + L) rows. (Per-request lengths below L would only
+request for the width L of the drafts it is handed, so the scheduler grows L while Algorithm 1's
+Θ = E[accepted tokens] · SPS(rows) over the batch improves (`uniform_verify_length`, early stop)
+and the target's next forward really shrinks to B·(1 + L) rows. (Per-request lengths below L would only
 throw away rows TGI computes anyway.)
 """
 
@@ -149,14 +149,17 @@ def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
 
 
 def uniform_verify_length(a: torch.Tensor, sps: runtime.SPSTable) -> int:
-    """Algorithm 1's objective over the lengths TGI's layout can run, one L for all R requests:
-    Θ(L) = (R + Σ_r Σ_{j<L} a_{r,j}) · SPS(R·(1 + L)) for L = 0..γ; the first maximum (ties go
-    to fewer rows). a [R, γ] survival; uses confidences only, so it is non-anticipating."""
+    """Algorithm 1 over the lengths TGI's layout can run, one L for all R requests:
+    Θ(L) = (R + Σ_r Σ_{j<L} a_{r,j}) · SPS(R·(1 + L)); L grows while Θ strictly improves and stops
+    at the first non-improvement. a [R, γ] survival. The early stop keeps it non-anticipating:
+    whether draft L + 1 is verified depends on a[:, :L + 1], i.e. on the drafts before it. (The
+    argmax over all L looked at later positions' survival, which depends on draft L + 1 itself
+    through W1[x]: lossy, DSPARK.md's Appendix A.)"""
     R, gamma = a.shape
     accepted = torch.cat([a.new_zeros(1), a.float().sum(0).cumsum(0)])  # Σ_r Σ_{j<L} a_{r,j}
     rows = R * (1 + torch.arange(gamma + 1, device=a.device))
     theta = (R + accepted) * sps.lookup(rows).to(accepted)
-    return int(theta.argmax())
+    return int(torch.cumprod((theta[1:] > theta[:-1]).to(torch.int64), dim=0).sum())
 
 
 class DSparkSpeculation:
