@@ -242,8 +242,10 @@ def test_no_q_is_kept_for_drafts_vllm_discards():
 
 STARVED = """
 import json
+import os
 from pathlib import Path
 import sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: read the drafter's stats
 from dspark_cli.tiny_models import build_draft, build_target
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
@@ -252,27 +254,46 @@ target = build_target(work / "target", "random")
 draft = build_draft(work / "draft", 3, "random", target)
 spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
 # 12 batched tokens: two decoding requests (1 + 3 drafts, plus DSpark's 2 drafting slots each) spend
-# the budget, so the third running request is skipped and keeps its drafts until the first finishes.
-llm = LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
-          seed=0, max_num_seqs=3, max_num_batched_tokens=12, speculative_config=spec)
-prompts = [TokensPrompt(prompt_token_ids=p) for p in ([5, 17, 42], [9], [11, 30])]
-params = [SamplingParams(max_tokens=m, temperature=1.0, ignore_eos=True, detokenize=False) for m in (6, 24, 24)]
-out = llm.generate(prompts, params, use_tqdm=False)
-print("RESULT", json.dumps({"lengths": [len(o.outputs[0].token_ids) for o in out]}), flush=True)
+# the budget, so the third running request (sampled) is skipped after its first drafts and keeps
+# them until the first finishes. The 1-token prompts come in while others decode: vLLM pads them
+# with -1 placeholder drafts. Greedy requests are compared with no speculation.
+prompts = [[5, 17], [11, 30], [7, 8], [9], [4], [6, 6]]
+lengths = [6, 40, 16, 12, 8, 10]  # the second runs while the later ones come in
+temperatures = [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+params = [SamplingParams(max_tokens=m, temperature=t, ignore_eos=True, detokenize=False)
+          for m, t in zip(lengths, temperatures)]
+def engine(spec):
+    return LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
+               seed=0, max_num_seqs=3, max_num_batched_tokens=12, speculative_config=spec)
+llm = engine(spec)
+out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+stats = llm.collective_rpc(lambda self: self.model_runner.drafter.stats)[0]
+del llm
+base = engine(None).generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+greedy = [i for i, t in enumerate(temperatures) if t == 0]
+print("RESULT", json.dumps({"lengths": [len(o.outputs[0].token_ids) for o in out], "q": stats["q"],
+                            "greedy": [list(out[i].outputs[0].token_ids) for i in greedy],
+                            "greedy_baseline": [list(base[i].outputs[0].token_ids) for i in greedy]}), flush=True)
 """
 
 
 @needs_vllm
-def test_engine_never_verifies_a_batch_one_hot_for_lack_of_a_skipped_requests_q(tmp_path):
-    """In the real engine: a starved request comes back with drafts of an older step. Without the
-    per-request q the runner logs "Missing cached draft probabilities" and verifies every sampled
-    draft of that batch as if it were one-hot (biased)."""
+def test_engine_verifies_a_skipped_request_from_its_held_q_and_placeholders_with_zero_q(tmp_path):
+    """In the real engine: a running request starved by the token budget comes back with drafts of
+    an older step and is verified with their q (held: without it V1's runner verifies the whole
+    batch one-hot); 1-token prompts admitted while others decode carry -1 placeholder drafts, whose
+    q rows are zero. The counters show both paths ran; greedy requests match no speculation."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run([PYTHON, "-c", STARVED, str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert result and json.loads(result[-1][7:])["lengths"] == [6, 24, 24], log[-4000:]
+    assert result, log[-4000:]
+    result = json.loads(result[-1][7:])
+    assert result["lengths"] == [6, 40, 16, 12, 8, 10], result
+    q = result["q"]
+    assert q["held"] > 0 and q["verified_from_held"] > 0 and q["placeholder_rows"] > 0, q
+    assert result["greedy"] == result["greedy_baseline"], result
     assert "Missing cached draft probabilities" not in log, log[-4000:]
 
 
