@@ -32,3 +32,21 @@ def test_verify_vllm_without_a_patched_vllm_is_an_environment_problem():
     proc = verify(sys.executable)  # this venv has no vLLM
     assert proc.returncode == 3
     assert "no DSpark-patched vLLM" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not_executable"])
+def test_verify_vllm_with_an_unrunnable_interpreter_is_an_environment_problem(tmp_path, kind):
+    """Was a FileNotFoundError traceback, exit 1 and no JSON."""
+    python = tmp_path / "python"
+    if kind == "directory":
+        python.mkdir()
+    elif kind == "not_executable":
+        python.write_text("#!/bin/sh\n")
+    proc = verify(str(python))
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 1
+    result = json.loads(proc.stdout)
+    assert result["ok"] is False and result["exit_code"] == 3
+    assert result["error"].startswith(f"DSPARK_VLLM_PYTHON={python}: ")
+    if kind == "missing":
+        assert result["error"] == f"DSPARK_VLLM_PYTHON={python}: no such interpreter"

@@ -31,8 +31,13 @@ STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [
 
 def _python() -> str:
     python = os.environ.get("DSPARK_VLLM_PYTHON") or sys.executable
-    probe = subprocess.run([python, "-c", "import vllm, vllm._dspark as d; print(vllm.__version__, d.SERIES)"],
-                           capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", "import vllm, vllm._dspark as d; print(vllm.__version__, d.SERIES)"],
+                               capture_output=True, text=True)
+    except OSError as exc:  # missing, a directory, not executable
+        where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
+        reason = "no such interpreter" if isinstance(exc, FileNotFoundError) else f"cannot run it ({exc.strerror or exc})"
+        raise EnvironmentProblem(f"{where}: {reason}") from exc
     if probe.returncode != 0:
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
                                  "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
