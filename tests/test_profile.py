@@ -1,8 +1,10 @@
 """`dspark profile` end to end on the CPU: a tiny Qwen3 built from its config by transformers."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +86,88 @@ def test_default_sweeps():
     assert default_sizes(16) == [1, 2, 4, 8, 16]
     assert default_sizes(100)[-1] == 100 and 96 in default_sizes(100)
     assert vllm_capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+@pytest.mark.parametrize("where", ["out_dir", "out_under_file", "sglang_dir", "sglang_under_file", "same_file"])
+def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
+    """Were a traceback and exit 1 after all the timing, --sglang-out leaving our table written alone."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.json").write_text("keep")
+    out, sglang = tmp_path / "sps.json", None
+    if where == "out_dir":
+        out = tmp_path / "dir"
+    elif where == "out_under_file":
+        out = tmp_path / "file.json" / "sub.json"
+    elif where == "sglang_dir":
+        sglang = tmp_path / "dir"
+    elif where == "sglang_under_file":
+        sglang = tmp_path / "file.json" / "sub.json"
+    else:
+        sglang = out
+    args = ["profile", "--model", str(model_dir), "--out", str(out), "--max-tokens", "2", "--repeats", "1",
+            "--warmup", "0", "--context", "4", "--json"]
+    proc = _dspark(*args, *(["--sglang-out", str(sglang)] if sglang else []))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "profiling" not in proc.stderr  # no timing ran
+    assert len(proc.stderr.strip().splitlines()) == 1
+    result = json.loads(proc.stdout)
+    assert result["ok"] is False and result["exit_code"] == 2
+    assert ("--sglang-out" if where.startswith("sglang") else "--out") in result["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.json", "model"]  # nothing written
+    assert not any((tmp_path / "dir").iterdir()) and (tmp_path / "file.json").read_text() == "keep"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only directory")
+def test_an_unwritable_output_directory_is_an_environment_problem(model_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = _dspark("profile", "--model", str(model_dir), "--out", str(locked / "sps.json"))
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 3 and "not writable" in proc.stderr and "profiling" not in proc.stderr
+    assert not any(locked.iterdir())
+
+
+def test_both_tables_are_written_or_neither(tmp_path):
+    """A pair is renamed into place only after both files were written in full."""
+    from dspark_cli.commands.profile import _write_both
+    from dspark_cli.errors import EnvironmentProblem
+
+    ours, theirs = tmp_path / "sps.json", tmp_path / "sps.sglang.json"
+    ours.write_text("old")
+
+    def save_ok(path):
+        Path(path).write_text("new")
+
+    def save_fails(path):
+        Path(path).write_text("half")
+        raise OSError(28, "No space left on device", str(path))
+
+    with pytest.raises(EnvironmentProblem, match="No space left on device"):
+        _write_both(((ours, save_ok), (theirs, save_fails)))
+    assert ours.read_text() == "old" and not theirs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sps.json"]  # no temporary files left
+    _write_both(((ours, save_ok), (theirs, save_ok)))
+    assert ours.read_text() == theirs.read_text() == "new"
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "gpu", "cpu:"])
+def test_a_malformed_device_is_bad_input(model_dir, tmp_path, device):
+    """'cuda:x' was exit 3 (no CUDA GPU) on a machine without one."""
+    proc = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"), "--device", device)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --device must be cpu, cuda or cuda:N, got {device!r}"
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_unknown_model_type_is_one_short_line(tmp_path):
+    """Was ~30 KB: transformers' error lists every model type it knows."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nonsense", "hidden_size": 8}))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and len(line) < 300, line[:500]
+    assert "unknown model_type 'nonsense'" in line and str(tmp_path / "config.json") in line
+    assert not (tmp_path / "x.json").exists()

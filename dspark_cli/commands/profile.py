@@ -2,7 +2,9 @@
 scheduler reads, by timing a real transformers forward of the target model (random weights)."""
 
 import datetime
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 import typer
@@ -57,10 +59,19 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     except ImportError as exc:
         raise EnvironmentProblem(f"dspark profile needs torch and transformers: {exc}") from exc
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EnvironmentProblem(f"--device {device}: torch {torch.__version__} sees no CUDA GPU")
-    if device != "cpu" and not device.startswith("cuda"):
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    device = str(parsed)  # canonical: "cpu", "cuda", "cuda:N" ("cpu:0" is the cpu)
+    if parsed.type == "cpu":
+        device = "cpu"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem(f"--device {device}: torch {torch.__version__} sees no CUDA GPU")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -78,6 +89,13 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     batch_sizes = _parse_sizes(sizes, "--sizes") if sizes else sps_profile.default_sizes(max_tokens)
     batch_sizes = sorted(set(batch_sizes) | set(graphs))  # graph sizes are where the step curve is read
 
+    # both outputs are checked before any timing, and written together only after it
+    sglang_path = sglang_out or out.with_name(out.stem + ".sglang.json")
+    _check_output(out, "--out")
+    _check_output(sglang_path, "--sglang-out")
+    if out.resolve() == sglang_path.resolve():
+        raise UsageError(f"--out and --sglang-out are the same file: {out}")
+
     try:
         config = sps_profile.load_config(model)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
@@ -87,7 +105,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     try:
         timer = sps_profile.ForwardTimer(config, settings)
     except (ValueError, KeyError) as exc:
-        raise UsageError(f"--model {model}: transformers cannot build this config: {exc}") from exc
+        raise UsageError(f"--model {model}: transformers cannot build this config: {_short(exc)}") from exc
     except RuntimeError as exc:  # out of memory, device errors
         raise EnvironmentProblem(f"cannot build the model on {device}: {exc}") from exc
 
@@ -103,13 +121,58 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     except RuntimeError as exc:
         raise EnvironmentProblem(f"the forward failed on {device}: {exc}") from exc
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.save(out)
-    sglang_path = sglang_out or out.with_name(out.stem + ".sglang.json")
-    table.save_sglang(sglang_path)
+    _write_both(((out, table.save), (sglang_path, table.save_sglang)))
     return {"out": str(out), "sglang_out": str(sglang_path), "device": metadata["device"],
             "points": [{"tokens": b, "steps_per_s": s} for b, s in zip(table.tokens, table.steps_per_s)],
             "capture_sizes": table.capture_sizes}
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to `limit` characters."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_output(path: Path, option: str) -> None:
+    """Refuse, before any timing, an output path we could not write: a directory or a path under a
+    file is bad input (exit 2); a read-only file or directory is an environment problem (exit 3)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise EnvironmentProblem(f"{option} {path}: the file is not writable")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"{option} {path}: directory {ancestor} is not writable")
+
+
+def _write_both(outputs) -> None:
+    """Write every (path, save) to a temporary file next to it, then rename them all into place:
+    no half-written pair when one of them cannot be written."""
+    temps = []
+    try:
+        for path, save in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(tmp))
+            save(tmp)
+            if path.exists():  # keep an existing file's permissions
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+        for (path, _), tmp in zip(outputs, temps):
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise EnvironmentProblem(f"cannot write {exc.filename or 'the SPS tables'}: {exc.strerror or exc}") from exc
 
 
 def _measure(sps_profile, timer, batch_sizes, graphs, metadata, show_progress):

@@ -39,6 +39,15 @@ def load_config(path: Path):
     data = json.loads(config_file.read_text())
     if "model_type" not in data:
         raise ValueError(f"{config_file} has no model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = data["model_type"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        import transformers
+
+        # AutoConfig's own error lists every model type it knows (~30 KB): name just this one
+        raise ValueError(f"{config_file}: unknown model_type {model_type!r} "
+                         f"(transformers {transformers.__version__} has no such model)")
     return AutoConfig.for_model(**data)
 
 
