@@ -221,15 +221,40 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
     for item in re.split(r"[;,\s]+", spec.strip()):
         if not item:
             continue
-        item = item.removeprefix("sm_").replace("+PTX", "")
-        if re.fullmatch(r"\d\d\w?", item):          # "90a" -> "9.0a"
-            item = f"{item[0]}.{item[1:]}"
-        if not re.fullmatch(r"\d+\.\d+a?", item):
-            raise ValueError(f"not a CUDA arch: {item!r} (expected e.g. 9.0a, 8.0, sm_90a)")
-        if item == "9.0":
-            item = "9.0a"
-        archs.append(item)
+        try:
+            archs.append(parse_arch(item))
+        except ValueError as exc:
+            if source != "detected GPU":
+                raise
+            return [], f"none ({exc}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
+    if not archs:
+        raise ValueError(f"no CUDA arch in {source} {spec!r} (expected e.g. 9.0a, 8.0, sm_90a)")
     return sorted(set(archs)), source
+
+
+# What torch.utils.cpp_extension (2.14) accepts for TORCH_CUDA_ARCH_LIST, from Maxwell (5.0) on.
+KNOWN_ARCHS = ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2", "7.5", "8.0", "8.6", "8.7", "8.9",
+               "9.0", "9.0a", "10.0", "10.0a", "10.3", "10.3a", "10.7", "10.7a", "11.0", "11.0a",
+               "12.0", "12.0a", "12.1", "12.1a")
+
+
+def parse_arch(item: str) -> str:
+    """One arch: 'sm_90a', '90a', '9.0a', 'sm_120', '100a', '8.6+PTX' -> '9.0a', '12.0', '10.0a', '8.6'
+    (a bare number's last digit is the minor version). ValueError for anything else or an arch
+    torch's cpp_extension does not build for. Plain 9.0 becomes 9.0a: our kernels use sm_90a-only
+    instructions."""
+    given = item
+    item = item.strip().removesuffix("+PTX")
+    m = re.fullmatch(r"(?:sm_)?(\d+)(\d)([af]?)", item) or re.fullmatch(r"(\d+)\.(\d)([af]?)", item)
+    if not m:
+        raise ValueError(f"not a CUDA arch: {given!r} (expected e.g. 9.0a, 8.0, sm_90a, sm_120)")
+    arch = f"{int(m[1])}.{m[2]}{m[3]}"
+    if arch == "9.0":
+        arch = "9.0a"
+    if arch not in KNOWN_ARCHS:
+        raise ValueError(f"unsupported CUDA arch: {given!r} ({arch}; torch's cpp_extension builds for "
+                         f"{', '.join(KNOWN_ARCHS)})")
+    return arch
 
 
 def major(version: str | None) -> int | None:

@@ -129,3 +129,21 @@ def test_arch_list_sources_and_normalisation(monkeypatch):
 
 def test_major():
     assert cuda_env.major("13.0") == 13 and cuda_env.major(None) is None
+
+
+@pytest.mark.parametrize("given, arch", [("sm_120", "12.0"), ("sm_100", "10.0"), ("sm_100a", "10.0a"),
+                                         ("120a", "12.0a"), ("sm_90", "9.0a"), ("8.6+PTX", "8.6"), ("7.5", "7.5")])
+def test_arch_major_is_all_but_the_last_digit(given, arch):
+    assert cuda_env.arch_list(given) == ([arch], "--arch")
+
+
+@pytest.mark.parametrize("given", ["1.0", "sm_10", "3.5", "sm_100f", "9.0b", ";", " , ", "sm_", "13.0"])
+def test_bad_or_unbuildable_arch_is_a_value_error(given):
+    with pytest.raises(ValueError):
+        cuda_env.arch_list(given)
+
+
+def test_an_unbuildable_detected_gpu_is_no_arch_not_an_error(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    archs, source = cuda_env.arch_list(gpus=cuda_env.Gpus(["K80"], ["3.7"]))
+    assert archs == [] and "pass --arch" in source
