@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sysconfig
 import time
 import zipfile
@@ -76,7 +77,12 @@ class BuildPlan:
 
 
 def plan(arch: str | None = None) -> BuildPlan:
-    """Check the toolchain and work out where the build goes; one clear line on any problem."""
+    """Check the toolchain and work out where the build goes; one clear line on any problem. A bad
+    --arch (or TORCH_CUDA_ARCH_LIST) is a usage error, found before anything else."""
+    try:
+        archs, arch_source = cuda_env.arch_list(arch)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     torch = cuda_env.torch_info()
     if torch.problem:
         raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
@@ -90,10 +96,6 @@ def plan(arch: str | None = None) -> BuildPlan:
         raise EnvironmentProblem(
             f"nvcc is CUDA {nvcc.version} but torch {torch.version} was built for CUDA {torch.cuda}: "
             f"install the CUDA {cuda_env.major(torch.cuda)}.x toolkit or a torch built for CUDA {nvcc.version}")
-    try:
-        archs, arch_source = cuda_env.arch_list(arch)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     if not archs:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
     raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags()], sort_keys=True)
@@ -111,12 +113,20 @@ class BuildResult:
 
 
 def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False) -> BuildResult:
-    """Compile csrc/ into the cache (or find it there) and record it in last.json."""
+    """Compile csrc/ into the cache (or find it there) and record it in last.json. A cached library
+    counts only if library_problem() finds nothing wrong with it; --force (or a bad cached library)
+    clears this key's build directory first, so ninja cannot call stale objects up to date. A failed
+    build is recorded in last-failed.json: last.json keeps the last good build, which the runtime loads."""
     started = time.monotonic()
     p = plan(arch)
-    if p.library.is_file() and not force:
+    if not force and p.library.exists() and library_problem(p.library) is None:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
+    if p.directory.exists() and (force or p.library.exists()):  # else ninja may resume a failed build
+        try:
+            shutil.rmtree(p.directory)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot clear the build directory {p.directory}: {exc}") from None
     p.directory.mkdir(exist_ok=True)
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
     if jobs:
@@ -124,15 +134,10 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # torch.utils.cpp_extension reads these from the environment
     try:
-        import torch.utils.cpp_extension as ext
-
-        ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
-        includes, cublas = _cuda_library_paths(Path(p.cuda_home))
-        ext.load(name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
-                 build_directory=str(p.directory), extra_cflags=list(CFLAGS),
-                 extra_cuda_cflags=list(CUDA_CFLAGS),
-                 extra_include_paths=includes, extra_ldflags=[cublas],
-                 is_python_module=False, verbose=verbose)
+        _compile(p, verbose)
+        problem = library_problem(p.library)
+        if problem:
+            raise RuntimeError(f"the build left no usable library: {problem}")
     except Exception as exc:  # compiler errors are long; the log stays in the build directory
         _record(BuildResult("failed", str(p.directory), p.key, time.monotonic() - started, p.archs))
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -143,7 +148,52 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    data = p.library.read_bytes()
+    (p.directory / LIBRARY_RECORD).write_text(json.dumps(
+        {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}) + "\n")
     return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs))
+
+
+LIBRARY_RECORD = "library.json"  # next to the .so: its size and sha256 as the build wrote it
+
+
+def _compile(p: BuildPlan, verbose: bool) -> None:
+    """nvcc and ninja through torch.utils.cpp_extension, into p.directory (a test replaces this)."""
+    import torch.utils.cpp_extension as ext
+
+    ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
+    includes, cublas = _cuda_library_paths(Path(p.cuda_home))
+    ext.load(name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
+             build_directory=str(p.directory), extra_cflags=list(CFLAGS),
+             extra_cuda_cflags=list(CUDA_CFLAGS),
+             extra_include_paths=includes, extra_ldflags=[cublas],
+             is_python_module=False, verbose=verbose)
+
+
+def library_problem(path: Path) -> str | None:
+    """Why this built library cannot be used (None: it can): missing, empty, not ELF, or not the size
+    and sha256 the build recorded next to it (a truncated or overwritten file)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if size == 0:
+        return "empty file"
+    if head != b"\x7fELF":
+        return "not an ELF shared library"
+    try:
+        record = json.loads((path.parent / LIBRARY_RECORD).read_text())
+    except (OSError, ValueError):
+        return None  # a build from before these records: the header is all there is to check
+    if not isinstance(record, dict):
+        return None
+    if record.get("size") != size:
+        return f"{size} bytes, the build wrote {record.get('size')}"
+    if record.get("sha256") != hashlib.sha256(path.read_bytes()).hexdigest():
+        return "its sha256 differs from the one the build wrote"
+    return None
 
 
 def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:
@@ -163,18 +213,38 @@ def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:
     return includes, str(cublas)
 
 
+LAST = "last.json"            # the last good build ("built" or "cached"): what the runtime loads
+LAST_FAILED = "last-failed.json"  # the last failed build, kept apart so a good build stays loadable
+
+
 def _record(result: BuildResult) -> BuildResult:
     root = cache_subdir("build")
-    (root / "last.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    text = json.dumps(asdict(result), indent=2) + "\n"
+    if result.status == "failed":
+        (root / LAST_FAILED).write_text(text)
+    else:
+        (root / LAST).write_text(text)
+        (root / LAST_FAILED).unlink(missing_ok=True)
     return result
 
 
 def last_build() -> dict | None:
-    """What the last `dspark build` left (status, path, key), for `dspark status` and the loader."""
+    """The last good build `dspark build` recorded (status, path, key), for `dspark status` and the
+    loader; None if there is none or the record is not an object."""
+    return _read_record(LAST)
+
+
+def last_failed_build() -> dict | None:
+    """The last failed build, if it came after the last good one."""
+    return _read_record(LAST_FAILED)
+
+
+def _read_record(name: str) -> dict | None:
     try:
-        return json.loads((cache_root() / "last.json").read_text())
+        record = json.loads((cache_root() / name).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 WHEEL_PACKAGE = "dspark_ops"
@@ -194,6 +264,27 @@ def load() -> str:
     torch.ops.load_library(str(LIBRARY))
     return str(LIBRARY)
 '''
+
+
+def check_wheel_dir(out_dir: str | Path) -> Path:
+    """Before a build: --wheel must name a directory that exists or can be made, and that this
+    user can write. A file in the way is a usage error (2); no permission is an environment problem (3)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--wheel {out}: not a directory (a file is in the way)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise UsageError(f"--wheel {out}: a parent of it is a file, not a directory") from None
+    except OSError as exc:
+        raise EnvironmentProblem(f"--wheel {out}: cannot create it: {exc.strerror or exc}") from None
+    probe = out / f".dspark-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EnvironmentProblem(f"--wheel {out}: not writable: {exc.strerror or exc}") from None
+    return out
 
 
 def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
@@ -218,12 +309,14 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
     }
     record = [f"{name},sha256={_b64_digest(data)},{len(data)}" for name, data in files.items()]
     files[f"{dist_info}/RECORD"] = ("\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n").encode()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_wheel_dir(out_dir)
     wheel = out / f"{WHEEL_PACKAGE}-{version}-{tag}.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
+    try:
+        with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot write the wheel {wheel}: {exc.strerror or exc}") from None
     return wheel
 
 

@@ -14,18 +14,24 @@ from pathlib import Path
 
 import torch
 
-_state = {"tried": False, "loaded": None, "error": None, "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
+_state = {"tried": False, "loaded": None, "error": None, "note": None,
+          "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
 
 
 def library_path() -> Path | None:
     explicit = os.environ.get("DSPARK_OPS_LIB")
     if explicit:
         return Path(explicit)
-    from dspark_cli.build import last_build  # the record `dspark build` leaves
+    from dspark_cli.build import LAST, cache_root, last_build  # the record `dspark build` leaves
 
-    last = last_build()
-    if last and last.get("status") in ("built", "cached"):
-        return Path(last["path"])
+    _state["note"] = None
+    last = last_build()  # None also for a record that is not a JSON object
+    if last is None and (cache_root() / LAST).is_file():
+        _state["note"] = f"{cache_root() / LAST} is not a build record"
+    elif last is not None and last.get("status") in ("built", "cached"):
+        if isinstance(last.get("path"), str) and last["path"]:
+            return Path(last["path"])
+        _state["note"] = f"{cache_root() / LAST} has no library path"
     wheel = importlib.util.find_spec("dspark_ops")  # installed from `dspark build --wheel`
     return Path(wheel.origin).with_name("dspark_ops.so") if wheel and wheel.origin else None
 
@@ -37,7 +43,14 @@ def load(path: str | Path | None = None) -> str | None:
     _state["tried"] = True
     lib = Path(path) if path else library_path()
     if lib is None or not lib.is_file():
-        _state["error"] = f"no built extension ({lib or 'run dspark build'})"
+        note = f"; {_state['note']}" if _state["note"] and lib is None else ""
+        _state["error"] = f"no built extension ({lib or 'run dspark build'}){note}"
+        return None
+    from dspark_cli.build import library_problem
+
+    problem = library_problem(lib)
+    if problem:  # a truncated .so can crash the process (SIGBUS) inside dlopen
+        _state["error"] = f"{lib}: {problem} (run dspark build)"
         return None
     try:
         torch.ops.load_library(str(lib))

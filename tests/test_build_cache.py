@@ -1,0 +1,161 @@
+"""`dspark build`'s cache without nvcc: the compile step replaced by one that writes a fake library
+(ELF header), records in a DSPARK_CACHE under tmp_path. --force, damaged cached libraries, the good
+record surviving a failed build, --wheel checks, --arch errors, --self-test's one JSON document."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import build, cuda_env
+from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.runtime import cuda_ops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def toolchain(monkeypatch, tmp_path):
+    """A CUDA 13 toolchain as plan() sees it, and a compile that writes a fake library (counted)."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DSPARK_OPS_LIB", raising=False)
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/usr/local/cuda"), "nvcc"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/usr/local/cuda/bin/nvcc", "13.0"))
+    calls = {"n": 0, "fail": False, "seen": []}
+
+    def fake_compile(p, verbose):
+        calls["n"] += 1
+        calls["seen"].append(sorted(x.name for x in p.directory.iterdir()))
+        if calls["fail"]:
+            raise RuntimeError("nvcc: error in markov.cu")
+        p.library.write_bytes(b"\x7fELF" + bytes(range(256)) * 4)
+
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    return calls
+
+
+def test_cached_then_force_rebuilds_from_a_clean_directory(toolchain):
+    first = build.build("9.0a")
+    assert first.status == "built" and toolchain["n"] == 1
+    assert build.build("9.0a").status == "cached" and toolchain["n"] == 1
+    stale = Path(first.path).with_name("markov.cuda.o")
+    stale.write_bytes(b"old object")  # ninja would call this up to date
+    forced = build.build("9.0a", force=True)
+    assert forced.status == "built" and toolchain["n"] == 2
+    assert "markov.cuda.o" not in toolchain["seen"][-1] and not stale.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "not-elf", "same-size-other-bytes"])
+def test_a_damaged_cached_library_is_rebuilt_not_cached(toolchain, damage):
+    lib = Path(build.build("9.0a").path)
+    data = lib.read_bytes()
+    lib.write_bytes({"truncate": data[:100], "empty": b"", "not-elf": b"MZ" + data[2:],
+                     "same-size-other-bytes": data[:-1] + b"!"}[damage])
+    assert build.library_problem(lib)
+    again = build.build("9.0a")
+    assert again.status == "built" and toolchain["n"] == 2 and build.library_problem(lib) is None
+
+
+def test_a_failed_build_keeps_the_last_good_record(toolchain, monkeypatch):
+    good = build.build("9.0a")
+    toolchain["fail"] = True
+    with pytest.raises(EnvironmentProblem, match="build failed"):
+        build.build("8.0")
+    assert build.last_build()["path"] == good.path and build.last_build()["status"] == "built"
+    assert build.last_failed_build()["status"] == "failed"
+    assert cuda_ops.library_path() == Path(good.path)  # the runtime still finds the good build
+    toolchain["fail"] = False
+    build.build("8.0")
+    assert build.last_failed_build() is None
+
+
+@pytest.mark.parametrize("record", ["[1]", '{"status": "built"}', '{"status": "built", "path": 3}', '"x"'])
+def test_a_wrong_shaped_last_json_is_no_build(toolchain, monkeypatch, record):
+    root = build.cache_root()
+    root.mkdir(parents=True)
+    (root / "last.json").write_text(record)
+    monkeypatch.setattr(cuda_ops.importlib.util, "find_spec", lambda name: None)  # no installed wheel
+    assert cuda_ops.library_path() is None
+    monkeypatch.setitem(cuda_ops._state, "tried", False)
+    monkeypatch.setitem(cuda_ops._state, "loaded", None)
+    assert cuda_ops.load() is None and "last.json" in cuda_ops.load_error()
+
+
+def test_the_runtime_refuses_a_truncated_library(toolchain, monkeypatch):
+    lib = Path(build.build("9.0a").path)
+    lib.write_bytes(lib.read_bytes()[:50])
+    monkeypatch.setitem(cuda_ops._state, "tried", False)
+    monkeypatch.setitem(cuda_ops._state, "loaded", None)
+    assert cuda_ops.load() is None and "bytes, the build wrote" in cuda_ops.load_error()
+
+
+def test_wheel_dir_checks(tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(UsageError):
+        build.check_wheel_dir(a_file)
+    with pytest.raises(UsageError):
+        build.check_wheel_dir(a_file / "sub")
+    with pytest.raises(EnvironmentProblem):
+        build.check_wheel_dir("/proc/dspark-wheels")
+    assert build.check_wheel_dir(tmp_path / "new" / "dir").is_dir()
+
+
+def run_real(*args, env=None):
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=full, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("arch", [";", "1.0", "sm_100f", "sm_x"])
+def test_bad_arch_is_exit_2_before_anything_is_created(tmp_path, arch):
+    cache = tmp_path / "cache"
+    out = run_real("build", "--arch", arch, "--json", env={"DSPARK_CACHE": str(cache)})
+    assert out.returncode == 2, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and "arch" in doc["error"]
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("kind, code", [("file", 2), ("proc", 3)])
+def test_bad_wheel_dir_is_one_line_before_building(tmp_path, kind, code):
+    target = tmp_path / "afile" if kind == "file" else Path("/proc/dspark-wheels")
+    if kind == "file":
+        target.write_text("x")
+    cache = tmp_path / "cache"
+    out = run_real("build", "--arch", "9.0a", "--wheel", str(target), "--json", env={"DSPARK_CACHE": str(cache)})
+    assert out.returncode == code, out.stderr
+    assert json.loads(out.stdout)["exit_code"] == code and "--wheel" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (cache / "build").exists()
+
+
+def test_self_test_json_without_a_gpu_is_one_failure_document(toolchain, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a visible GPU")
+    from dspark_cli import cli
+
+    monkeypatch.setitem(cuda_ops._state, "tried", False)
+    monkeypatch.setitem(cuda_ops._state, "loaded", None)
+    monkeypatch.setattr(sys, "argv", ["dspark", "build", "--arch", "9.0a", "--self-test", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 3
+    doc = json.loads(capsys.readouterr().out)  # exactly one JSON document
+    assert doc["ok"] is False and doc["exit_code"] == 3 and "GPU" in doc["error"]
+    assert doc["build"]["status"] == "built"
+
+
+def test_error_lines_keep_emoji_codes_and_brackets(capsys):
+    from dspark_cli.output import emit_error
+
+    emit_error("error", "--device cuda:x: bad [bold]device[/bold]", 2, False)
+    err = capsys.readouterr().err
+    assert "cuda:x: bad [bold]device[/bold]" in err
