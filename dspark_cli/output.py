@@ -1,34 +1,61 @@
 """Human output through rich, machine output as one JSON document on stdout."""
 
+import contextlib
 import json
 import sys
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
 _json_emitted = False  # a command that emits its report and then fails keeps that one document
+_captured: list | None = None  # inside capture_json(): where emit() puts its documents
+_error_fields: dict = {}  # added to the failure document (error_fields())
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     """Print `result` as JSON (for CI) or through `render` (for people)."""
     global _json_emitted
-    if as_json:
+    if as_json and _captured is not None:
+        _captured.append(result)
+    elif as_json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         _json_emitted = True
     else:
         render(result)
 
 
+@contextlib.contextmanager
+def capture_json():
+    """JSON documents emitted inside the block go to the yielded list, not to stdout: a command that
+    runs another's report (build --self-test) folds it into its own one document."""
+    global _captured
+    saved, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = saved
+
+
+def error_fields(**fields: Any) -> None:
+    """Fields that a failure document under --json carries besides ok/error/exit_code (e.g. the build
+    that succeeded before its self-test failed)."""
+    _error_fields.update(fields)
+
+
 def say(text: str, err: bool = False) -> None:
-    """One line of rich markup, never hard-wrapped (piped output and CI logs keep whole lines)."""
-    (err_console if err else console).print(text, highlight=False, soft_wrap=True)
+    """One line of rich markup, never hard-wrapped (piped output and CI logs keep whole lines); no
+    :emoji: codes, so data such as `cuda:x` prints as it is."""
+    (err_console if err else console).print(text, highlight=False, soft_wrap=True, emoji=False)
 
 
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
-    """An error as one line on stderr and, under --json, also as the one JSON document on stdout."""
+    """An error as one line on stderr and, under --json, also as the one JSON document on stdout.
+    The message is printed as plain text: no markup, no :emoji: codes."""
     if as_json and not _json_emitted:
-        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code}) + "\n")
-    say(f"[red]{label}:[/red] {escape(message)}", err=True)
+        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code, **_error_fields},
+                                    default=str) + "\n")
+    err_console.print(Text.assemble((f"{label}:", "red"), " ", message), highlight=False, soft_wrap=True,
+                      emoji=False, markup=False)

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import CheckFailed, UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
-from dspark_cli.output import console, emit, err_console, say
+from dspark_cli.output import capture_json, console, emit, error_fields, say
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"{given[0]} goes with --engine (e.g. `dspark build --engine tgi -C ./tgi`)")
         from dspark_cli import build as builder
 
+        if wheel is not None:  # a file in the way (2) or no permission (3), before minutes of compiling
+            builder.check_wheel_dir(wheel)
         if not as_json:
             p = builder.plan(arch)
             console.print(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
@@ -74,13 +76,36 @@ def register(app: typer.Typer) -> None:
             if "wheel" in r:
                 console.print(f"wheel: {r['wheel']}", highlight=False)
 
-        emit(doc, as_json, render)
+        if not (self_test and as_json):
+            emit(doc, as_json, render)
         if self_test:
-            from dspark_cli.runtime import cuda_ops
-            from dspark_cli.selftest import run_self_test
+            _self_test(doc, as_json)
 
-            cuda_ops.load(result.path)
-            run_self_test(as_json=as_json)
+
+def _self_test(doc: dict, as_json: bool) -> None:
+    """dspark verify ops on the library just built. Under --json, one document for both:
+    {"ok", "build", "self_test"} (plus error/exit_code when a check fails); a self-test that cannot
+    run gives the failure document {"ok": false, "error", "exit_code", "build"}."""
+    from dspark_cli.runtime import cuda_ops
+    from dspark_cli.selftest import run_self_test
+
+    cuda_ops.load(doc["path"])
+    if not as_json:
+        run_self_test(as_json=False)
+        return
+    error_fields(build=doc)
+    failure = None
+    with capture_json() as docs:
+        try:
+            run_self_test(as_json=True)
+        except CheckFailed as exc:
+            failure = exc
+    combined = {"ok": failure is None, "build": doc, "self_test": docs[-1] if docs else None}
+    if failure is not None:
+        combined.update(error=str(failure), exit_code=failure.exit_code)
+    emit(combined, True, lambda r: None)
+    if failure is not None:
+        raise failure
 
 
 def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extension: bool, arch: Optional[str],
