@@ -393,11 +393,12 @@ def _pin_drift(state: dict) -> list[str]:
 
 
 def build_records(engine: str | None, workdir: Path) -> list[dict]:
-    """What `dspark build` recorded that concerns this workdir: the kernel build (last.json) and the
-    install of this engine's server from this workdir (engine-<name>.json; another tree's is not shown)."""
+    """What `dspark build` recorded that concerns this workdir: the kernel build (last.json: the last
+    good one; last-failed.json: a failed one since), and the install of this engine's server from
+    this workdir (engine-<name>.json; another tree's is not shown)."""
     root = cache_root()
     records = []
-    for path in (root / "last.json", root / f"engine-{engine}.json"):
+    for path in (root / "last.json", root / "last-failed.json", root / f"engine-{engine}.json"):
         if not path.is_file():
             continue
         try:

@@ -75,3 +75,17 @@ def test_status_after_an_interrupted_layered_apply(toy):
     assert len(status["drift"]) == 1 and "interrupted apply" in status["drift"][0]
     state = json.loads((toy["workdir"] / ".git" / "dspark" / "state.json").read_text())
     assert state["in_progress"]["op"] == "apply"
+
+
+def test_status_shows_a_failed_kernel_build_beside_the_last_good_one(toy, monkeypatch, tmp_path):
+    """A failed build goes to last-failed.json so the runtime keeps loading the good one: status
+    must show both, not only the good one (the failure would go unseen)."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    build_dir = tmp_path / "cache" / "build"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "last.json").write_text(json.dumps({"status": "built", "key": "good"}))
+    (build_dir / "last-failed.json").write_text(json.dumps({"status": "failed", "key": "bad"}))
+    records = applier.status(toy["workdir"])["build"]
+    assert [(Path(r["file"]).name, r["record"]["status"]) for r in records] == [
+        ("last.json", "built"), ("last-failed.json", "failed")]
+
