@@ -416,15 +416,15 @@ a = torch.cumprod(torch.rand(6, 4, generator=torch.Generator().manual_seed(1)) *
 plain = SimpleNamespace(generators={})
 out = {}
 p.runner.discard_request_mask = SimpleNamespace(np=np.zeros(8, dtype=bool))
-out["k2"] = p._verify_lengths(a, 2, 6, plain)
+out["k2"] = p._verify_lengths(a, 2, 6, plain, p._discarded_rows(6))
 out["k2_expected"] = schedule_exact(a[:, :2], sps).tolist()
 out["k2_cut_after"] = [min(n, 2) for n in schedule_exact(a, sps).tolist()]  # scheduled over γ, then cut
 mask = np.zeros(8, dtype=bool); mask[[1, 4]] = True  # prefill chunks: their drafts are discarded
 p.runner.discard_request_mask = SimpleNamespace(np=mask)
-out["discard"] = p._verify_lengths(a, 4, 6, plain)
+out["discard"] = p._verify_lengths(a, 4, 6, plain, p._discarded_rows(6))
 out["discard_expected"] = schedule_exact(a[[0, 2, 3, 5]], sps).tolist()
 seeded = SimpleNamespace(generators={2: torch.Generator(), 4: torch.Generator(), 7: torch.Generator()})
-out["seeded"] = p._verify_lengths(a, 3, 6, seeded)
+out["seeded"] = p._verify_lengths(a, 3, 6, seeded, p._discarded_rows(6))
 a_seeded = a[[0, 2, 3, 5], :3].clone(); a_seeded[1] = 1.0
 out["seeded_expected"] = schedule_exact(a_seeded, sps).tolist()
 print(json.dumps(out))

@@ -97,11 +97,11 @@ class DSparkProposer(DFlashProposer):
         tokens = draft.tokens[:, :k]
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
+        discard = self._discarded_rows(R)
         if self.runner is not None:
             req_ids = list(self.runner.input_batch.req_ids[:R])
-            discard = getattr(self.runner, "discard_request_mask", None)
-            discard = () if discard is None else [req_ids[i] for i in discard.np[:R].nonzero()[0]]
-            self.pending_q.drafted(req_ids, self._last_draft_probs, self.runner.requests, discard)
+            dropped = () if discard is None else [req_ids[i] for i in discard.nonzero()[0]]
+            self.pending_q.drafted(req_ids, self._last_draft_probs, self.runner.requests, dropped)
         self.stats["steps"] += 1
         self.stats["requests"] += R
         self.stats["drafted"] += R * gamma
@@ -111,18 +111,23 @@ class DSparkProposer(DFlashProposer):
         # The head's logits z = w·[h_k ; W1[x_{k-1}]] + b came with the draft (our CUDA chain
         # computes them in its last launch); calibration and survival follow.
         a = survival(confidence_probs(draft.confidence_logits, self.verify_lengths.settings.sts))
-        ell = self._verify_lengths(a, k, R, sampling_metadata)
+        ell = self._verify_lengths(a, k, R, sampling_metadata, discard)
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
         return [row[:n] for row, n in zip(rows, ell)]
 
-    def _verify_lengths(self, a: torch.Tensor, k: int, R: int, sampling_metadata) -> list[int]:
+    def _discarded_rows(self, R: int):
+        """Host mask [R] of the batch rows whose drafts vLLM discards (prefill chunks), or None."""
+        mask = None if self.runner is None else getattr(self.runner, "discard_request_mask", None)
+        return None if mask is None else mask.np[:R]
+
+    def _verify_lengths(self, a: torch.Tensor, k: int, R: int, sampling_metadata, discard) -> list[int]:
         """ℓ_r ∈ [0, k] from survival a [R, γ]. Only what can be verified is scheduled: the first k
         positions (the scheduler hands over k), and not the rows of prefill chunks, whose drafts
         vLLM discards (they would count in the batch B). A seeded request verifies all k: V1 draws
         one uniform per verified draft from the request's generator, so a batch-dependent ℓ would
         make its output depend on the batch; its survival counts as 1 in the schedule (its tokens are
-        in the batch)."""
+        in the batch). discard: _discarded_rows(R)."""
         ell = [0] * R
         if k <= 0:
             return ell
@@ -131,8 +136,6 @@ class DSparkProposer(DFlashProposer):
             a = a.clone()
             a[torch.tensor(seeded, dtype=torch.int64, device=a.device)] = 1.0
         req_ids = self.runner.input_batch.req_ids
-        discard = getattr(self.runner, "discard_request_mask", None)
-        discard = None if discard is None else discard.np[:R]
         if discard is None or not discard.any():
             ell = self.verify_lengths.lengths(list(req_ids[:R]), a, k).tolist()
         else:
