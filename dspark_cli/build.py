@@ -174,14 +174,12 @@ def library_problem(path: Path) -> str | None:
     """Why this built library cannot be used (None: it can): missing, empty, not ELF, or not the size
     and sha256 the build recorded next to it (a truncated or overwritten file)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(4)
+        data = path.read_bytes()
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
-    if size == 0:
+    if not data:
         return "empty file"
-    if head != b"\x7fELF":
+    if data[:4] != b"\x7fELF":
         return "not an ELF shared library"
     try:
         record = json.loads((path.parent / LIBRARY_RECORD).read_text())
@@ -189,9 +187,9 @@ def library_problem(path: Path) -> str | None:
         return None  # a build from before these records: the header is all there is to check
     if not isinstance(record, dict):
         return None
-    if record.get("size") != size:
-        return f"{size} bytes, the build wrote {record.get('size')}"
-    if record.get("sha256") != hashlib.sha256(path.read_bytes()).hexdigest():
+    if record.get("size") != len(data):
+        return f"{len(data)} bytes, the build wrote {record.get('size')}"
+    if record.get("sha256") != hashlib.sha256(data).hexdigest():
         return "its sha256 differs from the one the build wrote"
     return None
 
