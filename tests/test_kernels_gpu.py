@@ -410,6 +410,29 @@ def test_rejection_sample_matches_reference(case):
     assert 0 < res["accepted_total"] < res["verified_total"] or case.R <= 2, res
 
 
+@pytest.mark.parametrize("R,q_stored,greedy_every", [(1, False, 0), (16, False, 0), (128, False, 0), (37, False, 3),
+                                                      (16, True, 0)])
+def test_rejection_on_fewer_target_rows_than_gamma_plus_one_matches_the_padded_rows(R, q_stored, greedy_every):
+    """TGI hands S = 1 + L rows per request when its width L < γ: the op reads rows r·S + j, j ≤ ℓ_r,
+    and gives what it gives on the rows padded to γ + 1 (NaN there: never read), across the one-launch
+    small and fused paths, accept_kernel's path (greedy rows) and q stored; counts as the reference's."""
+    from dspark_cli.runtime import cuda_ops, rejection_sample
+
+    draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(
+        R, 7, 151936, 256, q_stored=q_stored, chain_draft=not q_stored, greedy_every=greedy_every, seed=40 + R))
+    S = 3
+    ell = ell.clamp(max=S - 1)
+    short = target[:, :S].contiguous()
+    padded = torch.cat([short, torch.full_like(target[:, S:], float("nan"))], 1)
+    out = rejection_sample(short, draft, ell, greedy=greedy, seeds=seeds)
+    full = rejection_sample(padded, draft, ell, greedy=greedy, seeds=seeds)
+    assert torch.equal(out.output_tokens, full.output_tokens) and torch.equal(out.num_accepted, full.num_accepted)
+    with cuda_ops.enabled(False):
+        ref = rejection_sample(short, draft, ell, greedy=greedy, seeds=seeds)
+    assert torch.equal(out.num_accepted, ref.num_accepted)
+    assert ((out.output_tokens >= 0).sum(1) == out.num_accepted + 1).all()
+
+
 @pytest.mark.parametrize("R,chain_counter", [(1, True), (1, False), (16, True), (16, False), (128, True)])
 def test_rejection_with_chain_row_stats_captures_in_cuda_graph(R, chain_counter):
     """The whole verification in the racing kernel (no greedy request, dense rows without a

@@ -193,6 +193,27 @@ def test_flat_layout_matches_padded_and_lazy_q_matches_stored():
     assert torch.equal(padded.num_accepted, flat.num_accepted)
 
 
+def test_fewer_target_rows_than_gamma_plus_one_verify_as_the_padded_batch():
+    """An engine that verified S − 1 < γ drafts per request hands its S rows as they are (TGI's
+    layout at a width the scheduler narrowed): the same tokens as those rows padded to γ + 1."""
+    g = torch.Generator().manual_seed(9)
+    R, gamma, V, r, S = 7, 4, 24, 4, 3
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    T = torch.tensor([1.0, 0.7, 0.0, 1.0, 1.5, 1.0, 0.0])
+    anchors = torch.randint(0, V, (R,), generator=g)
+    target = _dist(g, R, S, V)
+    padded_target = torch.cat([target, _dist(g, R, gamma + 1 - S, V)], 1)
+    ell = torch.tensor([0, 1, 2, 2, 1, 2, 2])
+    for return_q in (True, False):
+        draft = markov_chain(U, anchors, w1, w2, T, seeds=torch.arange(R), return_q=return_q)
+        short = rejection_sample(target, draft, ell, greedy=T < 1e-5, seeds=torch.arange(R) + 9)
+        full = rejection_sample(padded_target, draft, ell, greedy=T < 1e-5, seeds=torch.arange(R) + 9)
+        assert torch.equal(short.output_tokens, full.output_tokens)
+        assert torch.equal(short.num_accepted, full.num_accepted)
+        assert (short.num_accepted < ell).any() and (short.num_accepted == ell).any()
+
+
 def test_bad_inputs_raise_clear_errors():
     g = torch.Generator().manual_seed(0)
     p = _dist(g, 2, 4, 5)
@@ -203,8 +224,10 @@ def test_bad_inputs_raise_clear_errors():
         rejection_sample(p, draft, torch.tensor([4, 0]))
     with pytest.raises(ValueError, match="target_probs must have dtype float32"):
         rejection_sample(p.bfloat16(), draft, torch.tensor([1, 0]))
-    with pytest.raises(ValueError, match="γ \\+ 1 target rows"):
-        rejection_sample(p[:, :3], draft, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="expected 1 to γ \\+ 1 = 4 target rows"):
+        rejection_sample(torch.cat([p, p[:, :1]], 1), draft, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="below the 3 target rows per request"):
+        rejection_sample(p[:, :3], draft, torch.tensor([3, 0]))
     with pytest.raises(ValueError, match="empty batch"):
         rejection_sample(p[:0], (tokens[:0], q[:0, :, 0], q[:0]), torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="draft shapes disagree"):
@@ -259,3 +282,43 @@ def test_mismatched_drafts_and_token_ids_raise_clear_errors():
     with pytest.raises(ValueError, match=r"draft anchors must be token ids in \[0, V=10\), got values in \[-1, 2\]"):
         rejection_sample(p[:R], lazy, torch.zeros(R, dtype=torch.int64))
 
+
+
+def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
+    """A verify batch made of rows of drafts from different steps (lazy with and without top-k,
+    stored): each request's tokens are those its own draft gives it (seeded noise is per request);
+    one draft taken whole comes back as it is; stored and lazy parts do not mix."""
+    from dspark_cli.runtime import gather_drafts
+
+    g = torch.Generator().manual_seed(11)
+    gamma, V, r = 3, 30, 4
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+
+    def draft(R, seed, return_q, top_k=None):
+        U = torch.randn(R, gamma, V, generator=g)
+        T = torch.tensor([1.0, 0.0, 0.8, 1.3][:R])
+        return markov_chain(U, torch.randint(0, V, (R,), generator=g), w1, w2, T, seeds=torch.arange(R) + seed,
+                            return_q=return_q, top_k=top_k)
+
+    a, b = draft(3, 0, False), draft(2, 10, False, top_k=torch.tensor([5, 0]))
+    parts = [(b, [1]), (a, [2, 0]), (b, [0])]
+    batch = gather_drafts(parts)
+    assert batch.q is None and batch.source.top_k.tolist() == [0, 0, 0, 5]
+    assert gather_drafts([(a, [0, 1, 2])]) is a
+    R = 4
+    q = torch.stack([batch.q_rows(torch.full((R,), k)) for k in range(gamma)], 1)
+    target = _dist(g, R, gamma + 1, V)
+    target[:, :gamma] = 0.7 * q + 0.3 * target[:, :gamma]  # near q: acceptances and rejections
+    ell = torch.tensor([3, 2, 3, 1])
+    seeds = torch.arange(R) * 7 + 1
+    res = rejection_sample(target, batch, ell, greedy=batch.source.temperature < 1e-5, seeds=seeds)
+    for i, (d, row) in enumerate([(b, 1), (a, 2), (a, 0), (b, 0)]):
+        alone = gather_drafts([(d, [row])])
+        one = rejection_sample(target[i:i + 1], alone, ell[i:i + 1], greedy=alone.source.temperature < 1e-5,
+                               seeds=seeds[i:i + 1])
+        assert torch.equal(one.output_tokens[0], res.output_tokens[i]), i
+    assert 0 < int(res.num_accepted.sum()) < int(ell.sum())
+    stored = draft(2, 20, True)
+    assert torch.equal(gather_drafts([(stored, [1]), (stored, [0])]).q, stored.q.flip(0))
+    with pytest.raises(ValueError, match="every part must store q, or every part must carry its source"):
+        gather_drafts([(a, [0]), (stored, [0])])

@@ -64,6 +64,56 @@ class MarkovDraft:
                             s.temperature, top_k=s.top_k, top_p=s.top_p)
 
 
+def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
+    """One draft of the requests `parts` names, in order: [(draft, its row indices), ...], for a
+    verify batch assembled from requests drafted in different steps (an engine that filters and
+    merges batches between draft and verify). One draft taken whole and in order comes back as it
+    is: no copy, and our CUDA chain's block counter stays with it (one-launch verification).
+    Otherwise rows are copied; a stored q, or a lazy draft's source (U rows, anchors, warps, and the
+    CUDA chain's row stats and thresholds when every part has them: else the rejection recomputes
+    the rows' stats, to the last bit of the chain's), never both kinds in one batch."""
+    if not parts:
+        raise ValueError("gather_drafts needs at least one (draft, rows) part")
+    first, first_rows = parts[0]
+    if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
+        return first
+    device = first.tokens.device
+    idx = [torch.as_tensor(rows, dtype=torch.int64).to(device) for _, rows in parts]
+    drafts = [d for d, _ in parts]
+
+    def cat(field, items=None):
+        items = [getattr(d, field) for d in drafts] if items is None else items
+        if any(t is None for t in items):
+            return None
+        return torch.cat([t.index_select(0, i) for t, i in zip(items, idx)])
+
+    if all(d.q is not None for d in drafts):
+        return MarkovDraft(cat("tokens"), cat("q_token"), cat("q"), cat("prev_emb"), None, cat("confidence_logits"))
+    sources = [d.source for d in drafts]
+    if any(d.q is not None or s is None for d, s in zip(drafts, sources)):
+        raise ValueError("gather_drafts: every part must store q, or every part must carry its source")
+    w1, w2 = sources[0].w1, sources[0].w2
+    if any(s.w1 is not w1 or s.w2 is not w2 for s in sources):
+        raise ValueError("gather_drafts: the parts were drafted with different Markov weights")
+
+    def warp(field, off):  # a part without this warp is unwarped: fill the value that means off
+        if all(getattr(s, field) is None for s in sources):
+            return None
+        return cat(field, [getattr(s, field) if getattr(s, field) is not None
+                           else torch.full((s.U.shape[0],), off, dtype=torch.int64 if field == "top_k"
+                                           else torch.float32, device=device) for s in sources])
+
+    row_stats = cat("row_stats", [s.row_stats for s in sources])
+    thresholds = None
+    if row_stats is not None and any(s.thresholds is not None for s in sources):
+        thresholds = cat("thresholds", [s.thresholds if s.thresholds is not None
+                                        else torch.full(s.U.shape[:2], -torch.inf, device=device) for s in sources])
+    source = DraftSource(cat("U", [s.U for s in sources]), cat("anchors", [s.anchors for s in sources]), w1, w2,
+                         cat("temperature", [s.temperature for s in sources]), warp("top_k", 0), warp("top_p", 1.0),
+                         row_stats, None, thresholds)
+    return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), source, cat("confidence_logits"))
+
+
 def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp32: torch.Tensor):
     """U_k + W2·W1[prev] in fp32: [R, V]."""
     return U_k.float() + w1[prev].float() @ w2_fp32.t()

@@ -26,8 +26,10 @@ class VerifyResult:
 
 def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, generator=None,
                      uniforms=None, exp_noise=None) -> VerifyResult:
-    """target_probs [R, γ+1, V] fp32 (rows beyond ℓ_r are ignored); draft: MarkovDraft or
-    (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in [0, γ]; greedy [R] bool
+    """target_probs [R, S, V] fp32, S ≤ γ+1 rows per request (rows beyond ℓ_r are ignored: an
+    engine that verified only S−1 drafts per request passes its rows as they are, the draft keeps
+    all γ); draft: MarkovDraft or (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in
+    [0, S−1]; greedy [R] bool
     (None: no greedy request). Randomness: seeds [R] int64 (counter-based, see rng.py; the
     residual/bonus by the grouped race), else `generator` (exponential race); an engine that draws
     with its own per-request generators passes them instead: uniforms [R, γ] in [0, 1) for the
@@ -38,7 +40,8 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     R, rows, V = target_probs.shape
     gamma = draft.tokens.shape[1]
     _checks.dim("draft tokens", draft.tokens, 0, R, "one draft per request of target_probs")
-    _checks.dim("target_probs", target_probs, 1, gamma + 1, "γ + 1 target rows per request")
+    if not 1 <= rows <= gamma + 1:
+        raise ValueError(f"target_probs has {rows} rows per request, expected 1 to γ + 1 = {gamma + 1} target rows")
     _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
     _checks.dim("ell", ell, 0, R, "one verify length per request")
     # request r's rows start at r·rows: no row_start tensor (the CUDA op computes it, saving a launch)
@@ -121,6 +124,8 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
+        if row_start is None and bool((ell >= row_stride).any()):
+            raise ValueError(f"verify lengths must be below the {row_stride} target rows per request, got {ell.tolist()}")
         if row_start is not None and int((row_start + ell).max()) >= num_rows:
             raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
         # token ids index target rows and W1: checked with the other value checks (on CPU by
