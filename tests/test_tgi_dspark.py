@@ -186,13 +186,16 @@ def test_concatenated_batches_of_different_widths_pad_to_the_widest():
     assert [b.speculative_ids.tolist() for b in batches] == [[[4, 5]], [[7, 0], [8, 0]], [[0, 0]]]
 
 
+@pytest.mark.parametrize("seeded", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_sampled_tokens_follow_the_target_distribution(device):
+def test_sampled_tokens_follow_the_target_distribution(device, seeded):
     """Losslessness at T > 0 through our verify path: many requests, one round, drafts from the real
     drafter (Markov chain, its corrected q) and a different target distribution p_j at each verify
     row j; the k-th emitted token of a request follows p_{k-1} (χ², fixed seeds) — a row
-    misalignment or an uncorrected q would skew position 2."""
+    misalignment or an uncorrected q would skew position 2. Seeded (TGI's per-request seeds, as
+    hooks.choose passes them): on the GPU with our extension built, our chain and our rejection op,
+    which rebuilds the rejected rows; else the shard generator's noise through the torch reference."""
     g = torch.Generator().manual_seed(0)
     V, B, S = tiny_models.VOCAB, 3000, 4
     support = torch.arange(0, V, V // 8)[:8]
@@ -206,9 +209,15 @@ def test_sampled_tokens_follow_the_target_distribution(device):
     ids = list(range(B))
     for r in ids:
         draft.extend_context(r, torch.zeros(0, 1, device=device), torch.zeros(0, device=device))
-    spec.propose(ids, torch.randint(0, V, (B,), generator=g).to(device), [0] * B, torch.ones(B))
+    seeds = (lambda offset: torch.arange(B, device=device) * 3 + offset) if seeded else (lambda offset: None)
+    spec.propose(ids, torch.randint(0, V, (B,), generator=g).to(device), [0] * B, torch.ones(B), seeds=seeds(1))
+    if seeded and device == "cuda":
+        from dspark_cli.runtime import cuda_ops
+
+        ours = cuda_ops.available(torch.zeros(1, device=device))
+        assert (spec.pending[0].draft.source.row_stats is not None) == ours  # our chain drafted it
     scores = p_logits.expand(B, S, V).clone().to(device)
-    tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool, device=device))
+    tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool, device=device), seeds(2))
     for k in range(2):  # position 3 is reached by too few requests for a χ² with 8 cells
         emitted = torch.tensor([t[k] for t in tokens if len(t) > k])
         assert len(emitted) >= 200, f"too few requests reached position {k + 1}"
@@ -217,6 +226,30 @@ def test_sampled_tokens_follow_the_target_distribution(device):
         expected = p[k, support].double() / p[k, support].double().sum() * len(emitted)
         assert chisquare(counts.numpy(), expected.numpy()).pvalue > 0.01, k
     assert 0 < sum(n_acc) < 3 * B  # drafts were really tested, some accepted, some not
+
+
+def test_batch_merged_from_two_draft_steps_verifies_each_request_as_alone():
+    """TGI filters and concatenates batches between draft and verify: a batch of requests drafted in
+    two steps, reordered, one finished, verifies each request as verifying it alone does (seeded
+    noise is per request), and the drafts were kept lazily (no q [R, γ, V] between steps)."""
+    g = torch.Generator().manual_seed(4)
+    V = tiny_models.VOCAB
+    spec = DSparkSpeculation(_random_draft_with_q_on_the_support(torch.arange(0, V, 4)[:16], V, g), None, "off")
+    for r in range(5):
+        spec.draft.extend_context(r, torch.zeros(0, 1), torch.zeros(0))
+    spec.propose([0, 1, 2], torch.tensor([3, 9, 40]), [0, 0, 0], torch.tensor([1.0, 0.0, 0.7]),
+                 seeds=torch.tensor([5, 6, 7]))
+    spec.propose([3, 4], torch.tensor([12, 60]), [0, 0], torch.ones(2), seeds=torch.tensor([8, 9]))
+    assert all(p.draft.q is None and p.draft.source is not None for p in spec.pending.values())
+    order = [4, 0, 2, 3]  # request 1 finished; the older batch concatenated after the newer one
+    greedy = torch.tensor([False, False, False, False])
+    logits = 2 * torch.randn(len(order), 4, V, generator=g)
+    logits[:, :, torch.arange(0, V, 4)[:16]] += 4  # mass where the drafts put theirs: some accepted
+    seeds = torch.tensor([31, 32, 33, 34])
+    together, n_together = spec.verify(order, logits, greedy, seeds)
+    alone = [spec.verify([r], logits[i:i + 1], greedy[i:i + 1], seeds[i:i + 1]) for i, r in enumerate(order)]
+    assert together == [t[0][0] for t in alone] and n_together == [t[1][0] for t in alone]
+    assert 0 < sum(n_together) < 3 * len(order)
 
 
 def test_seeded_decode_step_draws_what_rejection_sample_draws_at_ell_0():
@@ -342,3 +375,22 @@ def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forw
         assert torch.allclose(h[i], ref, atol=1e-5, rtol=1e-4), r
     again = draft.hidden_blocks(list(lengths), anchors, positions)  # the scratch slots were not committed
     assert torch.equal(again, h) and [draft.caches[r].length for r in lengths] == [0, 3, 41]
+
+
+def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypatch):
+    """Requests sorted by context length and cut into chunks under the key budget (here one request
+    or two per chunk) attend as in one batched call; a chunk never splits a request."""
+    from dspark_cli.integrations.tgi import draft as draft_module
+
+    g = torch.Generator().manual_seed(12)
+    draft = DSparkDraft.load(checkpoints["random"])
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    lengths = [30, 0, 5, 12, 29]
+    for r, n in enumerate(lengths):
+        draft.extend_context(r, torch.randn(n, width, generator=g), torch.arange(n))
+    anchors = torch.tensor([1, 2, 3, 4, 5])
+    whole = draft.hidden_blocks(list(range(5)), anchors, lengths)
+    gamma = draft.config.block_size
+    monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_KEYS", 2 * (12 + gamma))
+    assert draft_module._chunks_by_length(lengths, gamma) == [[1, 2], [3], [4], [0]]
+    assert torch.allclose(draft.hidden_blocks(list(range(5)), anchors, lengths), whole, atol=1e-5, rtol=1e-4)

@@ -7,11 +7,10 @@ it keeps its own small cache (5 layers × committed tokens) and runs SDPA withou
 
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
-(`hidden_blocks`, R·γ rows); only attention runs per request, over its own cache buffer. Each
-request's K/V live in a preallocated buffer grown by doubling (amortized O(1) per committed token,
-not a torch.cat copy of the whole context every step); the block's K/V are written into the slots
-after the committed ones (scratch: the next commit overwrites them), so attention reads one view,
-and grouped-query heads are shared by SDPA's enable_gqa, not copied by repeat_interleave.
+(`hidden_blocks`, R·γ rows). Each request's committed K/V live in a preallocated buffer grown by
+doubling (amortized O(1) per committed token, not a torch.cat copy of the whole context every
+step). Attention runs batched too (`_block_attention`): a few calls per layer whatever R is, where
+one SDPA call per request cost ~0.3 ms of eager dispatch each on an H200 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,8 +21,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
+
+# Key rows (requests × padded context + block) one batched attention call may gather per layer: a
+# bound on its transient K/V copy (at 8 KV heads × 128 dims, bf16, 512 MB for K and V together).
+ATTENTION_CHUNK_KEYS = 1 << 17
+# Every SDPA backend but cuDNN's: the drafter's key length grows by a few rows every step and cuDNN
+# builds a graph per new shape (~65 ms of host time per call on an H200 with torch 2.11, against
+# ~0.2 ms for the memory-efficient kernel; bench/RESULTS.md, session 17).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -86,6 +94,10 @@ class RequestCache:
     def v(self) -> list[torch.Tensor]:
         return [b[: self.length] for b in self.v_buf]
 
+    def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's committed K, V [length, kv_heads, head_dim] (length > 0)."""
+        return self.k_buf[layer][: self.length], self.v_buf[layer][: self.length]
+
     def reserve(self, rows: int, like: torch.Tensor, num_layers: int) -> None:
         """Room for `rows` rows after the committed ones: capacity doubles when it runs out."""
         need = self.length + rows
@@ -107,7 +119,7 @@ class RequestCache:
 
 @dataclass
 class BlockProposal:
-    draft: runtime.MarkovDraft     # tokens [R, γ], q_token, q, prev_emb
+    draft: runtime.MarkovDraft     # tokens [R, γ], q_token, prev_emb, source (q rebuilt, not stored)
     confidence: torch.Tensor       # c [R, γ] (conditional)
     survival: torch.Tensor         # a [R, γ]
 
@@ -156,17 +168,18 @@ class DSparkDraft:
             return
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
         kv = [self._kv(i, h, positions) for i in range(c.num_layers)]
-        start = 0
+        dst, src, start = [], [], 0
         for cache, n in zip(caches, counts):
             if n == 0:
                 continue
-            # + block_size: the slots hidden_blocks writes the block's scratch K/V into
-            cache.reserve(n + c.block_size, kv[0][0], c.num_layers)
+            cache.reserve(n, kv[0][0], c.num_layers)
             for i, (k, v) in enumerate(kv):
-                cache.k_buf[i][cache.length:cache.length + n] = k[start:start + n]
-                cache.v_buf[i][cache.length:cache.length + n] = v[start:start + n]
+                dst += [cache.k_buf[i][cache.length:cache.length + n], cache.v_buf[i][cache.length:cache.length + n]]
+                src += [k[start:start + n], v[start:start + n]]
             cache.length += n
             start += n
+        if dst:
+            torch._foreach_copy_(dst, src)  # every request's rows in one call (fused launches on CUDA)
 
     def drop(self, request_id: int) -> None:
         self.caches.pop(request_id, None)
@@ -186,10 +199,9 @@ class DSparkDraft:
         return self.hidden_blocks([request_id], torch.tensor([anchor], device=dev), [anchor_pos])[0]
 
     def hidden_blocks(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int]) -> torch.Tensor:
-        """hidden_block for R requests: [R, γ, d]. The dense layers run on all R·γ rows at once;
-        attention per request (non-causal: every block query sees all committed context and the
-        whole block), its block K/V written after the context in the request's buffer (not
-        committed: length does not move)."""
+        """hidden_block for R requests: [R, γ, d]. Everything runs on all R·γ rows at once;
+        attention (non-causal: every block query sees all committed context and the whole block)
+        through _block_attention. Nothing is committed: the caches do not change."""
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
         caches = [self.caches.setdefault(r, RequestCache()) for r in request_ids]
@@ -205,16 +217,8 @@ class DSparkDraft:
             q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
             q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
             k_blk, v_blk = self._kv(i, h, pos)
-            o = torch.empty_like(q)
-            for r, cache in enumerate(caches):
-                if i == 0:
-                    cache.reserve(G, k_blk, c.num_layers)
-                n, rows = cache.length, slice(r * G, (r + 1) * G)
-                cache.k_buf[i][n:n + G] = k_blk[rows]
-                cache.v_buf[i][n:n + G] = v_blk[rows]
-                k, v = cache.k_buf[i][: n + G], cache.v_buf[i][: n + G]
-                o[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                         enable_gqa=c.num_heads != c.num_kv_heads).transpose(0, 1)
+            o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
+                                      v_blk.view(R, G, c.num_kv_heads, -1), caches)
             x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
             h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = h @ w[p + "mlp.gate_proj.weight"].T
@@ -222,9 +226,49 @@ class DSparkDraft:
             x = x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
         return _rms(x, w["norm.weight"], c.rms_norm_eps).view(R, G, -1)
 
+    def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
+                         caches: list[RequestCache]) -> torch.Tensor:
+        """q [R, γ, H, hd] onto each request's committed K/V and its block's k_blk/v_blk [R, γ, kv, hd]
+        -> [R, γ, H, hd]. Requests go in chunks of similar context length (sorted; each chunk's
+        padded keys under ATTENTION_CHUNK_KEYS), one SDPA call per chunk over [padded contexts ;
+        blocks] with a mask on the padding: keys carry their positions in RoPE, so where a block's
+        keys sit does not matter. Grouped-query heads without copying K/V per query head: the g query
+        heads of a KV head and the γ positions make g·γ query rows of that head."""
+        R, G, H, hd = q.shape
+        kv = k_blk.shape[2]
+        lengths = [cache.length for cache in caches]
+        out = torch.empty_like(q)
+        for chunk in _chunks_by_length(lengths, G):
+            idx = torch.tensor(chunk, device=q.device)
+            n = len(chunk)
+            width = lengths[chunk[-1]]  # sorted: the chunk's longest context
+            # zeros, not empty: the padding is masked, but NaN garbage there would still reach the output
+            k, v = k_blk.new_zeros(n, width + G, kv, hd), v_blk.new_zeros(n, width + G, kv, hd)
+            k[:, width:], v[:, width:] = k_blk[idx], v_blk[idx]
+            dst, src = [], []
+            for j, r in enumerate(chunk):
+                if lengths[r]:
+                    ctx_k, ctx_v = caches[r].committed(layer)
+                    dst += [k[j, :lengths[r]], v[j, :lengths[r]]]
+                    src += [ctx_k, ctx_v]
+            if dst:
+                torch._foreach_copy_(dst, src)
+            real = torch.tensor([lengths[r] for r in chunk], device=q.device)
+            key = torch.arange(width + G, device=q.device)
+            keep = (key < real[:, None]) | (key >= width)  # a request's own context, and its block
+            qg = q[idx].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=keep[:, None, None])
+            out[idx] = o.view(n, kv, H // kv, G, hd).permute(0, 3, 1, 2, 4).reshape(n, G, H, hd)
+        return out
+
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
                 temperature: torch.Tensor, *, top_k=None, top_p=None, seeds=None, generator=None) -> BlockProposal:
-        """Draft one block per request: backbone, base logits, Markov chain, confidence head."""
+        """Draft one block per request: backbone, base logits, Markov chain, confidence head.
+        Lazily: the draft keeps U and what rebuilds a q row, and verification rebuilds the one row
+        each rejected request needs (on the GPU our chain and rejection ops, bit-for-bit the row the
+        chain sampled from), instead of writing and holding q [R, γ, V] fp32 between steps."""
         w = self.w
         h = self.hidden_blocks(request_ids, anchors, anchor_positions)
         U = h @ w["lm_head.weight"].T
@@ -234,9 +278,21 @@ class DSparkDraft:
                                      w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
                                      top_k=None if top_k is None else top_k.to(dev),
                                      top_p=None if top_p is None else top_p.to(dev), seeds=seeds, generator=generator,
-                                     confidence=head)
+                                     confidence=head, return_q=False)
         if draft.confidence_logits is not None:  # the head's logits come with the draft
             c = runtime.confidence_probs(draft.confidence_logits, self.sts)
         else:  # a checkpoint without the head: verify everything (scheduler sees certainty)
             c = torch.ones(draft.tokens.shape, dtype=torch.float32, device=U.device)
         return BlockProposal(draft=draft, confidence=c, survival=runtime.survival(c))
+
+
+def _chunks_by_length(lengths: list[int], block: int) -> list[list[int]]:
+    """Request indices sorted by context length, cut into chunks whose padded key rows
+    (requests × (longest context + block)) stay within ATTENTION_CHUNK_KEYS (one request at least)."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if chunks and (len(chunks[-1]) + 1) * (lengths[r] + block) <= ATTENTION_CHUNK_KEYS:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks

@@ -134,11 +134,15 @@ class HiddenCapture:
 
 @dataclass
 class Pending:
-    """What the next verify needs from this step's proposal, for one request."""
-    tokens: torch.Tensor      # [γ]
-    q_token: torch.Tensor     # [γ]
-    q: torch.Tensor           # [γ, V]
+    """What the next verify needs from this step's proposal, for one request: its row of the
+    step's draft (drafted lazily: the draft keeps U and what rebuilds q rows, not q [R, γ, V])."""
+    draft: runtime.MarkovDraft
+    row: int
     ell: int                  # verify length chosen by the scheduler
+
+    @property
+    def tokens(self) -> torch.Tensor:  # [γ]
+        return self.draft.tokens[self.row]
 
 
 def step_seeds(request_seeds: list[int], positions: list[int]) -> torch.Tensor:
@@ -160,6 +164,19 @@ def uniform_verify_length(a: torch.Tensor, sps: runtime.SPSTable) -> int:
     rows = R * (1 + torch.arange(gamma + 1, device=a.device))
     theta = (R + accepted) * sps.lookup(rows).to(accepted)
     return int(torch.cumprod((theta[1:] > theta[:-1]).to(torch.int64), dim=0).sum())
+
+
+def batch_draft(pend: list[Pending]) -> runtime.MarkovDraft:
+    """The verify batch's draft: the step's own when the batch is the one drafted, in order (TGI's
+    usual decode step: no copy), else its requests' rows gathered run by run (after a filter or a
+    concatenate of batches drafted in different steps)."""
+    runs: list[tuple[runtime.MarkovDraft, list[int]]] = []
+    for p in pend:
+        if runs and runs[-1][0] is p.draft:
+            runs[-1][1].append(p.row)
+        else:
+            runs.append((p.draft, [p.row]))
+    return runtime.gather_drafts(runs)
 
 
 class DSparkSpeculation:
@@ -202,12 +219,9 @@ class DSparkSpeculation:
             nxt = torch.where(greedy.to(probs.device), probs[:, 0].argmax(-1), sampled.to(probs.device))
             return [[t] for t in nxt.tolist()], [0] * B
         pend = [self.pending[r] for r in request_ids]
-        tokens = torch.stack([p.tokens for p in pend])[:, : S - 1]
-        q_token = torch.stack([p.q_token for p in pend])[:, : S - 1]
-        q = torch.stack([p.q for p in pend])[:, : S - 1]
         ells = [min(p.ell, S - 1) for p in pend]
         ell = torch.tensor(ells, dtype=torch.int64).to(probs.device)
-        res = runtime.rejection_sample(probs, (tokens, q_token, q), ell, greedy=greedy,
+        res = runtime.rejection_sample(probs, batch_draft(pend), ell, greedy=greedy,
                                        seeds=None if seeds is None else seeds.to(probs.device),
                                        generator=None if seeds is not None else self.generator)
         # One device-to-host copy each, not one sync per token (this runs every decode step).
@@ -230,9 +244,8 @@ class DSparkSpeculation:
                                       seeds=seeds, generator=None if seeds is not None else self.generator)
         gamma = proposal.survival.shape[1]
         width = gamma if self.scheduler == "off" else uniform_verify_length(proposal.survival, self.sps)
-        d = proposal.draft
         for i, r in enumerate(request_ids):
-            self.pending[r] = Pending(d.tokens[i], d.q_token[i], d.q[i], width)
+            self.pending[r] = Pending(proposal.draft, i, width)
         return proposal, width
 
     def restart(self, request_ids: list[int]) -> None:

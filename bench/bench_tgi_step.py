@@ -1,0 +1,120 @@
+"""TGI's DSpark step outside the target forward, eager as TGI runs it: `.verify` (softmax of TGI's
+warped rows, rejection sampling), the commit (`draft.extend_contexts`: each request's anchor row and
+3 accepted rows into the drafter's context K/V) and `.propose` (the drafter's block forward, base
+logits, Markov chain, confidence head), at Qwen3-4B DSpark sizes: V = 151936, r = 256, γ = 7, five
+draft layers of width 2560 (32 query heads, 8 KV heads of 128, MLP 9728), bf16, random weights;
+sampled, seeded as TGI's router seeds every request, all γ drafts verified (DSPARK_SCHEDULER=off);
+each request starts from --context committed rows (growing by 4 a cycle).
+
+    PYTHONPATH=. python bench/bench_tgi_step.py --sizes 1,16,128 [--repeats 20] [--context 512] [--json-out FILE]
+
+Median ms of --repeats cycles (after 3 warm-up cycles), each phase timed between device syncs.
+Runs against any tree whose DSparkSpeculation has this propose/verify API, so two trees can be
+compared in one session."""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from dspark_cli.integrations.tgi.draft import DraftConfig, DSparkDraft
+from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
+
+V, RANK, GAMMA = 151936, 256, 7
+WIDTH, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS, TARGET_LAYERS = 2560, 32, 8, 128, 9728, 5, 5
+COMMIT = 4  # rows committed per request and cycle: the anchor row and 3 accepted drafts
+
+
+def make_draft(device: str) -> DSparkDraft:
+    """Random weights in the released tensor layout, made on the device (bf16)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device=device) * std).bfloat16()
+
+    cfg = DraftConfig(hidden_size=WIDTH, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                      num_layers=LAYERS, block_size=GAMMA, mask_token_id=V - 1,
+                      target_layer_ids=list(range(1, 1 + TARGET_LAYERS)), rope_theta=1e6, rms_norm_eps=1e-6)
+    ones = lambda n: torch.ones(n, device=device, dtype=torch.bfloat16)  # noqa: E731
+    w = {"embed_tokens.weight": rand(V, WIDTH), "fc.weight": rand(WIDTH, TARGET_LAYERS * WIDTH),
+         "hidden_norm.weight": ones(WIDTH), "norm.weight": ones(WIDTH), "lm_head.weight": rand(V, WIDTH),
+         "markov_head.markov_w1.weight": rand(V, RANK, std=0.05), "markov_head.markov_w2.weight": rand(V, RANK, std=0.05),
+         "confidence_head.proj.weight": rand(1, WIDTH + RANK), "confidence_head.proj.bias": ones(1) * 0}
+    for i in range(LAYERS):
+        p = f"layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": rand(HEADS * HEAD_DIM, WIDTH),
+                  p + "self_attn.k_proj.weight": rand(KV_HEADS * HEAD_DIM, WIDTH),
+                  p + "self_attn.v_proj.weight": rand(KV_HEADS * HEAD_DIM, WIDTH),
+                  p + "self_attn.o_proj.weight": rand(WIDTH, HEADS * HEAD_DIM),
+                  p + "mlp.gate_proj.weight": rand(MLP, WIDTH), p + "mlp.up_proj.weight": rand(MLP, WIDTH),
+                  p + "mlp.down_proj.weight": rand(WIDTH, MLP), p + "input_layernorm.weight": ones(WIDTH),
+                  p + "post_attention_layernorm.weight": ones(WIDTH), p + "self_attn.q_norm.weight": ones(HEAD_DIM),
+                  p + "self_attn.k_norm.weight": ones(HEAD_DIM)})
+    return DSparkDraft(cfg, w)
+
+
+def sync_time(fn, device: str):
+    """(ms, fn's result)"""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def bench(draft: DSparkDraft, R: int, repeats: int, context: int, device: str) -> dict:
+    draft.caches.clear()
+    spec = DSparkSpeculation(draft, None, scheduler="off")
+    ids = list(range(R))
+    g = torch.Generator(device=device).manual_seed(R)
+    features = lambda n: torch.randn(n, TARGET_LAYERS * WIDTH, device=device, generator=g).bfloat16()  # noqa: E731
+    draft.extend_contexts(ids, features(R * context), torch.arange(context, device=device).repeat(R), [context] * R)
+    anchors = torch.randint(0, V, (R,), device=device, generator=g)
+    temperature, greedy = torch.ones(R), torch.zeros(R, dtype=torch.bool, device=device)
+    seeds = torch.arange(R, dtype=torch.int64, device=device) * 7 + 1
+    logits = torch.randn(R, GAMMA + 1, V, device=device, generator=g).bfloat16()
+    commit_rows = features(R * COMMIT)
+    times = {"verify": [], "commit": [], "propose": []}
+    spec.propose(ids, anchors, [context] * R, temperature, seeds=seeds)
+    for i in range(repeats + 3):
+        at = context + i * COMMIT
+        t_ver, _ = sync_time(lambda: spec.verify(ids, logits, greedy, seeds + 1), device)
+        positions = (at + torch.arange(COMMIT, device=device)).repeat(R)
+        t_com, _ = sync_time(lambda: draft.extend_contexts(ids, commit_rows, positions, [COMMIT] * R), device)
+        t_prop, _ = sync_time(lambda: spec.propose(ids, anchors, [at + COMMIT] * R, temperature, seeds=seeds), device)
+        if i >= 3:
+            for name, t in (("verify", t_ver), ("commit", t_com), ("propose", t_prop)):
+                times[name].append(t)
+    kept = getattr(spec.pending[0], "draft", None)  # trees before lazy drafts kept q rows instead
+    res = {"R": R, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
+    res.update({f"{name}_ms": statistics.median(t) for name, t in times.items()})
+    res["step_ms"] = res["verify_ms"] + res["commit_ms"] + res["propose_ms"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,16,128")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    draft = make_draft(args.device)
+    rows = [bench(draft, int(R), args.repeats, args.context, args.device) for R in args.sizes.split(",")]
+    print("| R | context | q | verify ms | commit ms | propose ms | step ms |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['R']} | {r['context']} | {r['q']} | {r['verify_ms']:.3f} | {r['commit_ms']:.3f} | "
+              f"{r['propose_ms']:.3f} | {r['step_ms']:.3f} |")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
