@@ -322,3 +322,8 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
     assert torch.equal(gather_drafts([(stored, [1]), (stored, [0])]).q, stored.q.flip(0))
     with pytest.raises(ValueError, match="every part must store q, or every part must carry its source"):
         gather_drafts([(a, [0]), (stored, [0])])
+    warped = draft(2, 30, False, top_k=torch.tensor([4, 4]))
+    warped.source.row_stats = torch.zeros(2, gamma, 2)  # as our CUDA chain leaves a warped draft
+    warped.source.thresholds = torch.zeros(2, gamma)
+    with pytest.raises(ValueError, match="cannot join drafts of the torch reference"):
+        gather_drafts([(warped, [0]), (a, [1])])

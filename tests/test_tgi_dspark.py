@@ -350,9 +350,10 @@ def _reference_block(draft, feats, positions, anchor, anchor_pos):
 
 def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forward(checkpoints):
     """The hot path: requests' committed rows projected together (extend_contexts), their blocks
-    through the dense layers together (hidden_blocks), K/V in buffers grown by doubling with the
-    block's K/V in the scratch slots, GQA through SDPA's enable_gqa — equal to each request's
-    block computed alone from its whole context, after many small commits and an empty context."""
+    through the dense layers together (hidden_blocks), K/V in buffers grown by doubling, one masked
+    attention call over the padded contexts with grouped-query heads folded into query rows — equal
+    to each request's block computed alone from its whole context, after many small commits and an
+    empty context."""
     g = torch.Generator().manual_seed(11)
     draft = DSparkDraft.load(checkpoints["random"])
     assert draft.config.num_heads != draft.config.num_kv_heads  # grouped-query attention exercised
@@ -365,7 +366,7 @@ def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forw
         draft.extend_contexts([r for r, _ in todo], torch.cat([f for _, f in todo]),
                               torch.cat([torch.tensor([step]) for _ in todo]), [1] * len(todo))
         ptrs.add(draft.caches[3].k_buf[0].data_ptr())
-    assert len(ptrs) <= 4  # 16 → 41 + γ rows by doubling: a few moves, not one per commit
+    assert len(ptrs) <= 4  # 16 → 41 rows by doubling: a few moves, not one per commit
     draft.extend_contexts([1], torch.zeros(0, width), torch.zeros(0, dtype=torch.int64), [0])
     assert [draft.caches[r].length for r in lengths] == [0, 3, 41]
     anchors, positions = torch.tensor([5, 9, 200]), [0, 3, 41]
@@ -373,7 +374,7 @@ def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forw
     for i, (r, n) in enumerate(lengths.items()):
         ref = _reference_block(draft, feats[r], torch.arange(n), int(anchors[i]), positions[i])
         assert torch.allclose(h[i], ref, atol=1e-5, rtol=1e-4), r
-    again = draft.hidden_blocks(list(lengths), anchors, positions)  # the scratch slots were not committed
+    again = draft.hidden_blocks(list(lengths), anchors, positions)  # a block forward commits nothing
     assert torch.equal(again, h) and [draft.caches[r].length for r in lengths] == [0, 3, 41]
 
 

@@ -71,7 +71,8 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     is: no copy, and our CUDA chain's block counter stays with it (one-launch verification).
     Otherwise rows are copied; a stored q, or a lazy draft's source (U rows, anchors, warps, and the
     CUDA chain's row stats and thresholds when every part has them: else the rejection recomputes
-    the rows' stats, to the last bit of the chain's), never both kinds in one batch."""
+    the rows' stats, to the last bit of the chain's; warped drafts of our chain need every part's
+    stats), never both kinds in one batch."""
     if not parts:
         raise ValueError("gather_drafts needs at least one (draft, rows) part")
     first, first_rows = parts[0]
@@ -105,7 +106,11 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
 
     row_stats = cat("row_stats", [s.row_stats for s in sources])
     thresholds = None
-    if row_stats is not None and any(s.thresholds is not None for s in sources):
+    if row_stats is None and any(s.thresholds is not None for s in sources):
+        # without the CUDA chain's row stats the CUDA rejection cannot take the thresholds, and
+        # torch's rebuilt warped rows may keep or drop the entry at a threshold: not the q sampled from
+        raise ValueError("gather_drafts: top-k/top-p drafts of our CUDA chain cannot join drafts of the torch reference")
+    if any(s.thresholds is not None for s in sources):
         thresholds = cat("thresholds", [s.thresholds if s.thresholds is not None
                                         else torch.full(s.U.shape[:2], -torch.inf, device=device) for s in sources])
     source = DraftSource(cat("U", [s.U for s in sources]), cat("anchors", [s.anchors for s in sources]), w1, w2,

@@ -3,7 +3,8 @@ tensor names of DSPARK.md §2) in plain torch, with its own per-request context 
 
 Why plain torch: TGI's flash layers assume paged KV and causal attention; the draft needs
 non-causal attention from γ block queries onto "committed context + the block" (KV injection), so
-it keeps its own small cache (5 layers × committed tokens) and runs SDPA without a mask.
+it keeps its own small cache (5 layers × committed tokens) and runs SDPA with a key mask over the
+requests' padded contexts.
 
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
@@ -204,8 +205,9 @@ class DSparkDraft:
         through _block_attention. Nothing is committed: the caches do not change."""
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
-        caches = [self.caches.setdefault(r, RequestCache()) for r in request_ids]
+        caches = [self.caches.get(r, RequestCache()) for r in request_ids]
         dev = w["embed_tokens.weight"].device
+        plan = _attention_chunks([cache.length for cache in caches], G, dev)
         ids = torch.full((R, G), c.mask_token_id, dtype=torch.int64, device=dev)
         ids[:, 0] = anchors.to(dev, torch.int64)
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
@@ -218,7 +220,7 @@ class DSparkDraft:
             q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
             k_blk, v_blk = self._kv(i, h, pos)
             o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
-                                      v_blk.view(R, G, c.num_kv_heads, -1), caches)
+                                      v_blk.view(R, G, c.num_kv_heads, -1), caches, plan)
             x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
             h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = h @ w[p + "mlp.gate_proj.weight"].T
@@ -227,40 +229,33 @@ class DSparkDraft:
         return _rms(x, w["norm.weight"], c.rms_norm_eps).view(R, G, -1)
 
     def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
-                         caches: list[RequestCache]) -> torch.Tensor:
+                         caches: list[RequestCache], plan: list[AttentionChunk]) -> torch.Tensor:
         """q [R, γ, H, hd] onto each request's committed K/V and its block's k_blk/v_blk [R, γ, kv, hd]
-        -> [R, γ, H, hd]. Requests go in chunks of similar context length (sorted; each chunk's
-        padded keys under ATTENTION_CHUNK_KEYS), one SDPA call per chunk over [padded contexts ;
-        blocks] with a mask on the padding: keys carry their positions in RoPE, so where a block's
-        keys sit does not matter. Grouped-query heads without copying K/V per query head: the g query
-        heads of a KV head and the γ positions make g·γ query rows of that head."""
+        -> [R, γ, H, hd], one SDPA call per chunk of the plan over [padded contexts ; blocks] with
+        the chunk's key mask: keys carry their positions in RoPE, so where a block's keys sit does
+        not matter. Grouped-query heads without copying K/V per query head: the g query heads of a
+        KV head and the γ positions make g·γ query rows of that head."""
         R, G, H, hd = q.shape
         kv = k_blk.shape[2]
-        lengths = [cache.length for cache in caches]
         out = torch.empty_like(q)
-        for chunk in _chunks_by_length(lengths, G):
-            idx = torch.tensor(chunk, device=q.device)
-            n = len(chunk)
-            width = lengths[chunk[-1]]  # sorted: the chunk's longest context
+        for chunk in plan:
+            n, width = len(chunk.rows), chunk.width
             # zeros, not empty: the padding is masked, but NaN garbage there would still reach the output
             k, v = k_blk.new_zeros(n, width + G, kv, hd), v_blk.new_zeros(n, width + G, kv, hd)
-            k[:, width:], v[:, width:] = k_blk[idx], v_blk[idx]
+            k[:, width:], v[:, width:] = k_blk[chunk.index], v_blk[chunk.index]
             dst, src = [], []
-            for j, r in enumerate(chunk):
-                if lengths[r]:
+            for j, r in enumerate(chunk.rows):
+                length = caches[r].length
+                if length:
                     ctx_k, ctx_v = caches[r].committed(layer)
-                    dst += [k[j, :lengths[r]], v[j, :lengths[r]]]
+                    dst += [k[j, :length], v[j, :length]]
                     src += [ctx_k, ctx_v]
             if dst:
                 torch._foreach_copy_(dst, src)
-            real = torch.tensor([lengths[r] for r in chunk], device=q.device)
-            key = torch.arange(width + G, device=q.device)
-            keep = (key < real[:, None]) | (key >= width)  # a request's own context, and its block
-            qg = q[idx].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
+            qg = q[chunk.index].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
             with sdpa_kernel(ATTENTION_BACKENDS):
-                o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_mask=keep[:, None, None])
-            out[idx] = o.view(n, kv, H // kv, G, hd).permute(0, 3, 1, 2, 4).reshape(n, G, H, hd)
+                o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=chunk.keep)
+            out[chunk.index] = o.view(n, kv, H // kv, G, hd).permute(0, 3, 1, 2, 4).reshape(n, G, H, hd)
         return out
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
@@ -284,6 +279,29 @@ class DSparkDraft:
         else:  # a checkpoint without the head: verify everything (scheduler sees certainty)
             c = torch.ones(draft.tokens.shape, dtype=torch.float32, device=U.device)
         return BlockProposal(draft=draft, confidence=c, survival=runtime.survival(c))
+
+
+@dataclass
+class AttentionChunk:
+    """Requests attended in one call (the same for every layer of a step): their batch rows, the
+    longest context among them (the padded width) and the key mask [n, 1, 1, width + γ]."""
+    rows: list[int]
+    index: torch.Tensor
+    width: int
+    keep: torch.Tensor
+
+
+def _attention_chunks(lengths: list[int], block: int, device) -> list[AttentionChunk]:
+    """_chunks_by_length's chunks with their index and key mask, made once per step: a key is kept
+    when it is in the request's own context or in its block."""
+    chunks = []
+    for rows in _chunks_by_length(lengths, block):
+        width = lengths[rows[-1]]  # sorted: the chunk's longest context
+        key = torch.arange(width + block, device=device)
+        real = torch.tensor([lengths[r] for r in rows], device=device)
+        keep = (key < real[:, None]) | (key >= width)
+        chunks.append(AttentionChunk(rows, torch.tensor(rows, device=device), width, keep[:, None, None]))
+    return chunks
 
 
 def _chunks_by_length(lengths: list[int], block: int) -> list[list[int]]:
