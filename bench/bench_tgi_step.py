@@ -66,8 +66,8 @@ def sync_time(fn, device: str):
     return (time.perf_counter() - start) * 1e3, out
 
 
-def bench(draft: DSparkDraft, R: int, repeats: int, context: int, device: str) -> dict:
-    draft.caches.clear()
+def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str) -> dict:
+    draft = DSparkDraft(weights.config, weights.w)  # the weights, with no context committed yet
     spec = DSparkSpeculation(draft, None, scheduler="off")
     ids = list(range(R))
     g = torch.Generator(device=device).manual_seed(R)

@@ -96,7 +96,7 @@ def test_released_format_loads_and_the_oracle_markov_head_drafts_the_successors(
     assert draft.config.block_size == 3 and draft.config.target_layer_ids == tiny_models.TARGET_LAYER_IDS
     feats = torch.randn(5, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     draft.extend_context(7, feats, torch.arange(5))
-    assert draft.caches[7].length == 5 and draft.caches[7].k[0].shape[0] == 5
+    assert draft.kv.length(7) == 5 and draft.kv.committed(7, 0)[0].shape[0] == 5
     prop = draft.propose([7], torch.tensor([41]), [5], torch.zeros(1))
     assert prop.draft.tokens.tolist() == [[42, 43, 44]]
     assert torch.all(prop.confidence > 0.99) and prop.survival.shape == (1, 3)
@@ -173,7 +173,7 @@ def test_arriving_request_drops_state_left_under_its_id(checkpoints):
     spec.draft.extend_context(0, feats, torch.arange(64))  # TGI's warmup requests are all id 0
     spec.propose([0], torch.tensor([5]), [64], torch.zeros(1))
     spec.restart([0])
-    assert 0 not in spec.draft.caches and 0 not in spec.pending
+    assert 0 not in spec.draft.kv and 0 not in spec.pending
 
 
 def test_concatenated_batches_of_different_widths_pad_to_the_widest():
@@ -350,7 +350,7 @@ def _reference_block(draft, feats, positions, anchor, anchor_pos):
 
 def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forward(checkpoints):
     """The hot path: requests' committed rows projected together (extend_contexts), their blocks
-    through the dense layers together (hidden_blocks), K/V in buffers grown by doubling, one masked
+    through the dense layers together (hidden_blocks), K/V in pool segments grown by doubling, one masked
     attention call over the padded contexts with grouped-query heads folded into query rows — equal
     to each request's block computed alone from its whole context, after many small commits and an
     empty context."""
@@ -360,22 +360,22 @@ def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forw
     width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
     lengths = {1: 0, 2: 3, 3: 41}
     feats = {r: torch.randn(n, width, generator=g) for r, n in lengths.items()}
-    ptrs = set()
+    places = set()
     for step in range(41):  # one row a step for each request that still has some, in one call
         todo = [(r, f[step:step + 1]) for r, f in feats.items() if step < len(f)]
         draft.extend_contexts([r for r, _ in todo], torch.cat([f for _, f in todo]),
                               torch.cat([torch.tensor([step]) for _ in todo]), [1] * len(todo))
-        ptrs.add(draft.caches[3].k_buf[0].data_ptr())
-    assert len(ptrs) <= 4  # 16 → 41 rows by doubling: a few moves, not one per commit
+        places.add((draft.kv.k.data_ptr(), draft.kv.segments[3].start))
+    assert len(places) <= 4  # 16 → 41 rows by doubling: a few moves, not one per commit
     draft.extend_contexts([1], torch.zeros(0, width), torch.zeros(0, dtype=torch.int64), [0])
-    assert [draft.caches[r].length for r in lengths] == [0, 3, 41]
+    assert [draft.kv.length(r) for r in lengths] == [0, 3, 41]
     anchors, positions = torch.tensor([5, 9, 200]), [0, 3, 41]
     h = draft.hidden_blocks(list(lengths), anchors, positions)
     for i, (r, n) in enumerate(lengths.items()):
         ref = _reference_block(draft, feats[r], torch.arange(n), int(anchors[i]), positions[i])
         assert torch.allclose(h[i], ref, atol=1e-5, rtol=1e-4), r
     again = draft.hidden_blocks(list(lengths), anchors, positions)  # a block forward commits nothing
-    assert torch.equal(again, h) and [draft.caches[r].length for r in lengths] == [0, 3, 41]
+    assert torch.equal(again, h) and [draft.kv.length(r) for r in lengths] == [0, 3, 41]
 
 
 def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypatch):
@@ -395,3 +395,43 @@ def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypat
     monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_KEYS", 2 * (12 + gamma))
     assert draft_module._chunks_by_length(lengths, gamma) == [[1, 2], [3], [4], [0]]
     assert torch.allclose(draft.hidden_blocks(list(range(5)), anchors, lengths), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops():
+    """The drafter's K/V pool under a random sequence of batched commits (1 to 40 rows, new and
+    growing requests) and drops: each live request's committed rows are exactly what was committed
+    for it, in order; packing reclaims dropped segments (the pool stays within a few times the live
+    rows); the padded index reads a request's rows then repeats its last one."""
+    from dspark_cli.integrations.tgi.kv_pool import KVPool
+
+    g = torch.Generator().manual_seed(13)
+    pool, layers = KVPool(2), 2
+    expected: dict[int, list[torch.Tensor]] = {}
+    next_id = 0
+    for step in range(60):
+        if expected and torch.rand(1, generator=g) < 0.2:
+            gone = list(expected)[int(torch.randint(len(expected), (1,), generator=g))]
+            pool.drop(gone)
+            del expected[gone]
+        ids = [r for r in expected if torch.rand(1, generator=g) < 0.7]
+        if torch.rand(1, generator=g) < 0.5:
+            ids.append(next_id)
+            next_id += 1
+        counts = [int(torch.randint(0, 41, (1,), generator=g)) for _ in ids]
+        rows = torch.randn(layers, 2, sum(counts), 3, 4, generator=g)  # [layer, k/v, rows, kv heads, dim]
+        pool.commit(ids, counts, [(rows[i, 0], rows[i, 1]) for i in range(layers)])
+        start = 0
+        for r, n in zip(ids, counts):
+            expected.setdefault(r, []).append(rows[:, :, start:start + n])
+            start += n
+        for r, parts in expected.items():
+            want = torch.cat(parts, 2)
+            for i in range(layers):
+                k, v = pool.committed(r, i) if pool.length(r) else (want[i, 0], want[i, 1])
+                assert torch.equal(k, want[i, 0]) and torch.equal(v, want[i, 1]), (step, r)
+        live = sum(pool.length(r) for r in expected)
+        assert pool.k is None or pool.k.shape[1] <= 8 * max(live, 64), (step, pool.k.shape, live)
+    r = next(r for r in expected if pool.length(r) > 1)
+    idx = pool.padded_index([r], pool.length(r) + 3, "cpu")[0]
+    seg = pool.segments[r]
+    assert idx.tolist() == list(range(seg.start, seg.start + seg.length)) + [seg.start + seg.length - 1] * 3

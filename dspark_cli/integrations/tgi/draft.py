@@ -8,16 +8,16 @@ requests' padded contexts.
 
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
-(`hidden_blocks`, R·γ rows). Each request's committed K/V live in a preallocated buffer grown by
-doubling (amortized O(1) per committed token, not a torch.cat copy of the whole context every
-step). Attention runs batched too (`_block_attention`): a few calls per layer whatever R is, where
-one SDPA call per request cost ~0.3 ms of eager dispatch each on an H200 (bench/RESULTS.md).
+(`hidden_blocks`, R·γ rows). The committed K/V of all requests live in one pool (kv_pool.py: a
+segment per request, grown by doubling), written by one index_copy_ per layer. Attention runs
+batched too (`_block_attention`): a few calls per layer whatever R is, where one SDPA call per
+request cost ~0.3 ms of eager dispatch each on an H200 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
+from dspark_cli.integrations.tgi.kv_pool import KVPool
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
 # bound on its transient K/V copy (at 8 KV heads × 128 dims, bf16, 512 MB for K and V together).
@@ -80,45 +81,6 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tenso
 
 
 @dataclass
-class RequestCache:
-    """Context K/V per draft layer for one request's committed tokens (positions < anchor): buffers
-    [capacity, kv_heads, head_dim] per layer of which the first `length` rows are committed."""
-    k_buf: list[torch.Tensor] = field(default_factory=list)
-    v_buf: list[torch.Tensor] = field(default_factory=list)
-    length: int = 0
-
-    @property
-    def k(self) -> list[torch.Tensor]:
-        return [b[: self.length] for b in self.k_buf]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        return [b[: self.length] for b in self.v_buf]
-
-    def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's committed K, V [length, kv_heads, head_dim] (length > 0)."""
-        return self.k_buf[layer][: self.length], self.v_buf[layer][: self.length]
-
-    def reserve(self, rows: int, like: torch.Tensor, num_layers: int) -> None:
-        """Room for `rows` rows after the committed ones: capacity doubles when it runs out."""
-        need = self.length + rows
-        cap = self.k_buf[0].shape[0] if self.k_buf else 0
-        if need <= cap:
-            return
-        cap = max(need, 2 * cap, 16)
-        shape = (cap, *like.shape[1:])
-        grown_k, grown_v = [], []
-        for i in range(num_layers):
-            k, v = like.new_empty(shape), like.new_empty(shape)
-            if self.length:
-                k[: self.length] = self.k_buf[i][: self.length]
-                v[: self.length] = self.v_buf[i][: self.length]
-            grown_k.append(k)
-            grown_v.append(v)
-        self.k_buf, self.v_buf = grown_k, grown_v
-
-
-@dataclass
 class BlockProposal:
     draft: runtime.MarkovDraft     # tokens [R, γ], q_token, prev_emb, source (q rebuilt, not stored)
     confidence: torch.Tensor       # c [R, γ] (conditional)
@@ -136,7 +98,7 @@ class DSparkDraft:
         self.confidence_head = (weights["confidence_head.proj.weight"].float(),
                                 weights["confidence_head.proj.bias"].float()) \
             if "confidence_head.proj.weight" in weights else None
-        self.caches: dict[int, RequestCache] = {}
+        self.kv = KVPool(config.num_layers)  # committed context K/V of every request
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DSparkDraft":
@@ -162,28 +124,15 @@ class DSparkDraft:
     def extend_contexts(self, request_ids: list[int], features: torch.Tensor, positions: torch.Tensor,
                         counts: list[int]) -> None:
         """extend_context for several requests at once: features/positions hold counts[i] rows for
-        request_ids[i], in order. One projection for all rows; per request only a slice copy."""
+        request_ids[i], in order. One projection for all rows, one pool write per layer."""
         c, w = self.config, self.w
-        caches = [self.caches.setdefault(r, RequestCache()) for r in request_ids]
         if features.shape[0] == 0:
             return
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
-        kv = [self._kv(i, h, positions) for i in range(c.num_layers)]
-        dst, src, start = [], [], 0
-        for cache, n in zip(caches, counts):
-            if n == 0:
-                continue
-            cache.reserve(n, kv[0][0], c.num_layers)
-            for i, (k, v) in enumerate(kv):
-                dst += [cache.k_buf[i][cache.length:cache.length + n], cache.v_buf[i][cache.length:cache.length + n]]
-                src += [k[start:start + n], v[start:start + n]]
-            cache.length += n
-            start += n
-        if dst:
-            torch._foreach_copy_(dst, src)  # every request's rows in one call (fused launches on CUDA)
+        self.kv.commit(request_ids, counts, [self._kv(i, h, positions) for i in range(c.num_layers)])
 
     def drop(self, request_id: int) -> None:
-        self.caches.pop(request_id, None)
+        self.kv.drop(request_id)
 
     def _kv(self, i: int, h: torch.Tensor, positions: torch.Tensor):
         c, w, p = self.config, self.w, f"layers.{i}.self_attn."
@@ -202,12 +151,11 @@ class DSparkDraft:
     def hidden_blocks(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int]) -> torch.Tensor:
         """hidden_block for R requests: [R, γ, d]. Everything runs on all R·γ rows at once;
         attention (non-causal: every block query sees all committed context and the whole block)
-        through _block_attention. Nothing is committed: the caches do not change."""
+        through _block_attention. Nothing is committed: the context pool does not change."""
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
-        caches = [self.caches.get(r, RequestCache()) for r in request_ids]
         dev = w["embed_tokens.weight"].device
-        plan = _attention_chunks([cache.length for cache in caches], G, dev)
+        plan = _attention_chunks(self.kv, request_ids, G, dev)
         ids = torch.full((R, G), c.mask_token_id, dtype=torch.int64, device=dev)
         ids[:, 0] = anchors.to(dev, torch.int64)
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
@@ -220,7 +168,7 @@ class DSparkDraft:
             q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
             k_blk, v_blk = self._kv(i, h, pos)
             o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
-                                      v_blk.view(R, G, c.num_kv_heads, -1), caches, plan)
+                                      v_blk.view(R, G, c.num_kv_heads, -1), plan)
             x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
             h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = h @ w[p + "mlp.gate_proj.weight"].T
@@ -229,7 +177,7 @@ class DSparkDraft:
         return _rms(x, w["norm.weight"], c.rms_norm_eps).view(R, G, -1)
 
     def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
-                         caches: list[RequestCache], plan: list[AttentionChunk]) -> torch.Tensor:
+                         plan: list[AttentionChunk]) -> torch.Tensor:
         """q [R, γ, H, hd] onto each request's committed K/V and its block's k_blk/v_blk [R, γ, kv, hd]
         -> [R, γ, H, hd], one SDPA call per chunk of the plan over [padded contexts ; blocks] with
         the chunk's key mask: keys carry their positions in RoPE, so where a block's keys sit does
@@ -239,19 +187,11 @@ class DSparkDraft:
         kv = k_blk.shape[2]
         out = torch.empty_like(q)
         for chunk in plan:
-            n, width = len(chunk.rows), chunk.width
-            # zeros, not empty: the padding is masked, but NaN garbage there would still reach the output
-            k, v = k_blk.new_zeros(n, width + G, kv, hd), v_blk.new_zeros(n, width + G, kv, hd)
-            k[:, width:], v[:, width:] = k_blk[chunk.index], v_blk[chunk.index]
-            dst, src = [], []
-            for j, r in enumerate(chunk.rows):
-                length = caches[r].length
-                if length:
-                    ctx_k, ctx_v = caches[r].committed(layer)
-                    dst += [k[j, :length], v[j, :length]]
-                    src += [ctx_k, ctx_v]
-            if dst:
-                torch._foreach_copy_(dst, src)
+            n = len(chunk.rows)
+            k, v = k_blk[chunk.index], v_blk[chunk.index]
+            if chunk.context is not None:  # padded contexts: one gather from the pool each
+                k = torch.cat([self.kv.k[layer][chunk.context], k], 1)
+                v = torch.cat([self.kv.v[layer][chunk.context], v], 1)
             qg = q[chunk.index].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
             with sdpa_kernel(ATTENTION_BACKENDS):
                 o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=chunk.keep)
@@ -284,23 +224,26 @@ class DSparkDraft:
 @dataclass
 class AttentionChunk:
     """Requests attended in one call (the same for every layer of a step): their batch rows, the
-    longest context among them (the padded width) and the key mask [n, 1, 1, width + γ]."""
+    pool rows of their contexts padded to the longest [n, width] (None: no context yet) and the
+    key mask [n, 1, 1, width + γ]."""
     rows: list[int]
     index: torch.Tensor
-    width: int
+    context: torch.Tensor | None
     keep: torch.Tensor
 
 
-def _attention_chunks(lengths: list[int], block: int, device) -> list[AttentionChunk]:
-    """_chunks_by_length's chunks with their index and key mask, made once per step: a key is kept
-    when it is in the request's own context or in its block."""
+def _attention_chunks(pool: KVPool, request_ids: list[int], block: int, device) -> list[AttentionChunk]:
+    """_chunks_by_length's chunks with their indices and key masks, made once per step: a key is
+    kept when it is in the request's own context or in its block."""
+    lengths = [pool.length(r) for r in request_ids]
     chunks = []
     for rows in _chunks_by_length(lengths, block):
         width = lengths[rows[-1]]  # sorted: the chunk's longest context
         key = torch.arange(width + block, device=device)
         real = torch.tensor([lengths[r] for r in rows], device=device)
         keep = (key < real[:, None]) | (key >= width)
-        chunks.append(AttentionChunk(rows, torch.tensor(rows, device=device), width, keep[:, None, None]))
+        context = pool.padded_index([request_ids[r] for r in rows], width, device) if width else None
+        chunks.append(AttentionChunk(rows, torch.tensor(rows, device=device), context, keep[:, None, None]))
     return chunks
 
 

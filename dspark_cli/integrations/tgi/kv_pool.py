@@ -1,0 +1,126 @@
+"""The TGI drafter's context K/V: every request's committed rows in one K and one V tensor
+[layers, rows, kv_heads, head_dim], each request owning a contiguous segment of rows, so that a
+step's commits are one index_copy_ per layer and a batch's padded contexts one gather per layer,
+whatever the number of requests (per-request tensors cost a few host dispatches each per layer:
+most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
+
+A segment's capacity doubles when its request outgrows it (the request moves to a new segment at
+the top: one copy); when the top reaches the end, live segments are packed into a fresh tensor
+(room doubled), which also reclaims the segments of dropped requests. Rows are zero-initialized
+and only ever hold finite K/V: a masked key still enters SDPA's products, and NaN garbage there
+would reach the output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_SEGMENT = 16
+
+
+@dataclass
+class Segment:
+    start: int
+    capacity: int
+    length: int = 0
+
+
+class KVPool:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.k: torch.Tensor | None = None  # [layers, rows, kv_heads, head_dim]
+        self.v: torch.Tensor | None = None
+        self.top = 0  # rows below it belong to segments (live or dropped)
+        self.segments: dict[int, Segment] = {}
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self.segments
+
+    def __iter__(self):
+        return iter(list(self.segments))
+
+    def length(self, request_id: int) -> int:
+        seg = self.segments.get(request_id)
+        return 0 if seg is None else seg.length
+
+    def drop(self, request_id: int) -> None:
+        self.segments.pop(request_id, None)  # its rows are reclaimed at the next packing
+
+    def committed(self, request_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request's committed K, V [length, kv_heads, head_dim] of a layer (views)."""
+        seg = self.segments[request_id]
+        rows = slice(seg.start, seg.start + seg.length)
+        return self.k[layer, rows], self.v[layer, rows]
+
+    # ------------------------------------------------------------------ writing
+
+    def commit(self, request_ids: list[int], counts: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Append counts[i] rows to request_ids[i]'s context: kv[layer] = (k, v) [Σ counts, kv_heads,
+        head_dim], the requests' rows in order."""
+        if sum(counts) == 0:
+            return
+        k0 = kv[0][0]
+        for r, n in zip(request_ids, counts):
+            seg = self.segments.get(r)
+            have = 0 if seg is None else seg.length
+            if n and (seg is None or have + n > seg.capacity):
+                self._regrow(r, max(have + n, 2 * (0 if seg is None else seg.capacity), MIN_SEGMENT), k0)
+        bases = [self.segments[r].start + self.segments[r].length for r in request_ids]
+        dst = _rows(bases, counts, k0.device)
+        for layer, (k, v) in enumerate(kv):
+            self.k[layer].index_copy_(0, dst, k)
+            self.v[layer].index_copy_(0, dst, v)
+        for r, n in zip(request_ids, counts):
+            if n:
+                self.segments[r].length += n
+
+    def _regrow(self, request_id: int, capacity: int, like: torch.Tensor) -> None:
+        """Give the request a segment of `capacity` rows at the top, its committed rows moved there."""
+        if self.k is None or self.top + capacity > self.k.shape[1]:
+            self._pack(capacity, like)  # the request's old segment is packed with the others
+        old = self.segments.pop(request_id, None)
+        seg = Segment(self.top, capacity, 0 if old is None else old.length)
+        if old is not None and old.length:
+            src = slice(old.start, old.start + old.length)
+            self.k[:, seg.start:seg.start + old.length] = self.k[:, src]
+            self.v[:, seg.start:seg.start + old.length] = self.v[:, src]
+        self.segments[request_id] = seg
+        self.top += capacity
+
+    def _pack(self, extra: int, like: torch.Tensor) -> None:
+        """A fresh tensor holding the live segments packed from row 0 (each keeps its capacity) and
+        room for `extra` more rows, twice what is needed."""
+        live = sum(s.capacity for s in self.segments.values())
+        shape = (self.num_layers, 2 * (live + extra), *like.shape[1:])
+        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        top, src, dst = 0, [], []
+        for seg in self.segments.values():
+            if seg.length:
+                src.append(torch.arange(seg.start, seg.start + seg.length))
+                dst.append(torch.arange(top, top + seg.length))
+            seg.start = top
+            top += seg.capacity
+        if src:
+            src_rows, dst_rows = torch.cat(src).to(like.device), torch.cat(dst).to(like.device)
+            k[:, dst_rows] = self.k[:, src_rows]
+            v[:, dst_rows] = self.v[:, src_rows]
+        self.k, self.v, self.top = k, v, top
+
+    # ------------------------------------------------------------------ reading
+
+    def padded_index(self, request_ids: list[int], width: int, device) -> torch.Tensor:
+        """[n, width] pool rows of each request's context padded to `width` (padding repeats a row
+        of the pool: masked by the caller)."""
+        starts = torch.tensor([self.segments[r].start if r in self.segments else 0 for r in request_ids])
+        last = torch.tensor([max(self.length(r) - 1, 0) for r in request_ids])
+        pos = torch.minimum(torch.arange(width)[None], last[:, None])
+        return (starts[:, None] + pos).to(device)
+
+
+def _rows(bases: list[int], counts: list[int], device) -> torch.Tensor:
+    """Rows base_i .. base_i + counts_i − 1 for every i, concatenated, built with tensor ops."""
+    counts_t = torch.tensor(counts)
+    first = torch.repeat_interleave(torch.tensor(bases), counts_t)
+    offsets = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
+    return (first + offsets).to(device)
