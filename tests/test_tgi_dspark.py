@@ -402,7 +402,7 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
     growing requests) and drops: each live request's committed rows are exactly what was committed
     for it, in order; packing reclaims dropped segments (the pool stays within a few times the live
     rows); the padded index reads a request's rows then repeats its last one."""
-    from dspark_cli.integrations.tgi.kv_pool import KVPool
+    from dspark_cli.integrations.tgi.kv_pool import SHRINK_ROWS, KVPool
 
     g = torch.Generator().manual_seed(13)
     pool, layers = KVPool(2), 2
@@ -435,3 +435,18 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
     idx = pool.padded_index([r], pool.length(r) + 3, "cpu")[0]
     seg = pool.segments[r]
     assert idx.tolist() == list(range(seg.start, seg.start + seg.length)) + [seg.start + seg.length - 1] * 3
+    # a new request with no rows beside one with rows; one id twice in a call is refused
+    rows = torch.randn(2, 5, 3, 4, generator=g)
+    pool.commit([next_id, r], [0, 5], [(rows[0], rows[1])] * layers)
+    assert next_id not in pool and torch.equal(pool.committed(r, 1)[0][-5:], rows[0])
+    with pytest.raises(ValueError, match="request ids repeat in one call"):
+        pool.commit([r, r], [2, 3], [(rows[0], rows[1])] * layers)
+    # finished requests' rows are given back once they outnumber the live ones (and SHRINK_ROWS)
+    big = KVPool(1)
+    rows = torch.arange(8 << 10, dtype=torch.float32)[:, None, None].expand(-1, 3, 4)
+    big.commit(list(range(8)), [1 << 10] * 8, [(rows, rows)])
+    before = big.k.shape[1]
+    for gone in range(7):
+        big.drop(gone)
+    assert big.k.shape[1] < before and big.k.shape[1] <= 2 * (1024 + SHRINK_ROWS)
+    assert torch.equal(big.committed(7, 0)[0], rows[7 << 10:])

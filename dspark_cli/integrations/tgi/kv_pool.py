@@ -5,8 +5,10 @@ whatever the number of requests (per-request tensors cost a few host dispatches 
 most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
 
 A segment's capacity doubles when its request outgrows it (the request moves to a new segment at
-the top: one copy); when the top reaches the end, live segments are packed into a fresh tensor
-(room doubled), which also reclaims the segments of dropped requests. Rows are zero-initialized
+the top: one copy); when the top reaches the end, the other live segments are packed into a fresh
+tensor (room doubled) and the growing one placed after them. Dropped requests' rows are reclaimed
+by the next packing, or by one at a drop once they outnumber the live rows (and SHRINK_ROWS): after
+a packing the pool is twice its live segments' capacity. Rows are zero-initialized
 and only ever hold finite K/V: a masked key still enters SDPA's products, and NaN garbage there
 would reach the output."""
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 MIN_SEGMENT = 16
+SHRINK_ROWS = 1 << 12  # dead rows a drop tolerates before packing (no repacking at every drop)
 
 
 @dataclass
@@ -45,7 +48,14 @@ class KVPool:
         return 0 if seg is None else seg.length
 
     def drop(self, request_id: int) -> None:
-        self.segments.pop(request_id, None)  # its rows are reclaimed at the next packing
+        if self.segments.pop(request_id, None) is None or self.k is None:
+            return
+        live = self._live_capacity()
+        if self.top - live > max(live, SHRINK_ROWS):
+            self._pack(0, self.k[0])
+
+    def _live_capacity(self) -> int:
+        return sum(seg.capacity for seg in self.segments.values())
 
     def committed(self, request_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One request's committed K, V [length, kv_heads, head_dim] of a layer (views)."""
@@ -58,6 +68,8 @@ class KVPool:
     def commit(self, request_ids: list[int], counts: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Append counts[i] rows to request_ids[i]'s context: kv[layer] = (k, v) [Σ counts, kv_heads,
         head_dim], the requests' rows in order."""
+        if len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"commit: request ids repeat in one call: {request_ids}")
         if sum(counts) == 0:
             return
         k0 = kv[0][0]
@@ -66,7 +78,7 @@ class KVPool:
             have = 0 if seg is None else seg.length
             if n and (seg is None or have + n > seg.capacity):
                 self._regrow(r, max(have + n, 2 * (0 if seg is None else seg.capacity), MIN_SEGMENT), k0)
-        bases = [self.segments[r].start + self.segments[r].length for r in request_ids]
+        bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
         dst = _rows(bases, counts, k0.device)
         for layer, (k, v) in enumerate(kv):
             self.k[layer].index_copy_(0, dst, k)
@@ -76,35 +88,39 @@ class KVPool:
                 self.segments[r].length += n
 
     def _regrow(self, request_id: int, capacity: int, like: torch.Tensor) -> None:
-        """Give the request a segment of `capacity` rows at the top, its committed rows moved there."""
-        if self.k is None or self.top + capacity > self.k.shape[1]:
-            self._pack(capacity, like)  # the request's old segment is packed with the others
+        """Give the request a segment of `capacity` rows at the top, its committed rows moved there
+        (when that takes a packing, from the tensor the packing replaced: it is not packed itself)."""
         old = self.segments.pop(request_id, None)
+        src_k, src_v = self.k, self.v
+        if self.k is None or self.top + capacity > self.k.shape[1]:
+            self._pack(capacity, like)
         seg = Segment(self.top, capacity, 0 if old is None else old.length)
         if old is not None and old.length:
             src = slice(old.start, old.start + old.length)
-            self.k[:, seg.start:seg.start + old.length] = self.k[:, src]
-            self.v[:, seg.start:seg.start + old.length] = self.v[:, src]
+            self.k[:, seg.start:seg.start + old.length] = src_k[:, src]
+            self.v[:, seg.start:seg.start + old.length] = src_v[:, src]
         self.segments[request_id] = seg
         self.top += capacity
 
     def _pack(self, extra: int, like: torch.Tensor) -> None:
         """A fresh tensor holding the live segments packed from row 0 (each keeps its capacity) and
-        room for `extra` more rows, twice what is needed."""
-        live = sum(s.capacity for s in self.segments.values())
-        shape = (self.num_layers, 2 * (live + extra), *like.shape[1:])
+        room for `extra` more rows, twice what is needed. The segments move only once it is filled."""
+        shape = (self.num_layers, 2 * (self._live_capacity() + extra), *like.shape[1:])
         k, v = like.new_zeros(shape), like.new_zeros(shape)
-        top, src, dst = 0, [], []
-        for seg in self.segments.values():
+        starts, top, src, dst = {}, 0, [], []
+        for r, seg in self.segments.items():
             if seg.length:
                 src.append(torch.arange(seg.start, seg.start + seg.length))
                 dst.append(torch.arange(top, top + seg.length))
-            seg.start = top
+            starts[r] = top
             top += seg.capacity
         if src:
             src_rows, dst_rows = torch.cat(src).to(like.device), torch.cat(dst).to(like.device)
-            k[:, dst_rows] = self.k[:, src_rows]
-            v[:, dst_rows] = self.v[:, src_rows]
+            for layer in range(self.num_layers):  # a layer at a time: a smaller temporary
+                k[layer].index_copy_(0, dst_rows, self.k[layer].index_select(0, src_rows))
+                v[layer].index_copy_(0, dst_rows, self.v[layer].index_select(0, src_rows))
+        for r, start in starts.items():
+            self.segments[r].start = start
         self.k, self.v, self.top = k, v, top
 
     # ------------------------------------------------------------------ reading
