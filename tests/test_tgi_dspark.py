@@ -323,7 +323,7 @@ def _reference_block(draft, feats, positions, anchor, anchor_pos):
     from its features in one piece, the block's K/V concatenated after them, K/V heads repeated
     for grouped-query attention, SDPA without a mask."""
     import torch.nn.functional as F
-    from dspark_cli.integrations.tgi.draft import _rms, _rope
+    from dspark_cli.integrations.tgi.draft import _rms, _rope, _rope_tables
 
     c, w = draft.config, draft.w
     ctx = _rms(feats @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
@@ -335,9 +335,9 @@ def _reference_block(draft, feats, positions, anchor, anchor_pos):
         p = f"layers.{i}."
         h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
         q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
-        q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
-        k_ctx, v_ctx = draft._kv(i, ctx, positions)
-        k_blk, v_blk = draft._kv(i, h, pos)
+        q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), _rope_tables(pos, c.head_dim, c.rope_theta))
+        k_ctx, v_ctx = draft._kv(i, ctx, _rope_tables(positions, c.head_dim, c.rope_theta))
+        k_blk, v_blk = draft._kv(i, h, _rope_tables(pos, c.head_dim, c.rope_theta))
         k = torch.cat([k_ctx, k_blk]).repeat_interleave(groups, dim=1)
         v = torch.cat([v_ctx, v_blk]).repeat_interleave(groups, dim=1)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))

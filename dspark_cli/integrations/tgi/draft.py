@@ -65,19 +65,24 @@ class DraftConfig:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    """RMS norm in fp32 (one fused op where torch has it), cast back, then the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [n, heads, hd] rotated at absolute positions [n] (rotate-half convention, as Qwen3)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, 1, head_dim] of absolute positions [n]: made once per step, shared by every
+    layer's queries and keys (eager launches are most of the drafter's step)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[:, None] * inv[None]
-    cos, sin = ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
+    return ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
+
+
+def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [n, heads, hd] rotated by _rope_tables of its positions (rotate-half convention, as Qwen3)."""
+    cos, sin = tables
+    hd = x.shape[-1]
     xf = x.float()
-    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2:]
-    return (xf * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+    return (xf * cos + torch.cat([-xf[..., hd // 2:], xf[..., : hd // 2]], -1) * sin).to(x.dtype)
 
 
 @dataclass
@@ -129,15 +134,16 @@ class DSparkDraft:
         if features.shape[0] == 0:
             return
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
-        self.kv.commit(request_ids, counts, [self._kv(i, h, positions) for i in range(c.num_layers)])
+        rope = _rope_tables(positions, c.head_dim, c.rope_theta)
+        self.kv.commit(request_ids, counts, [self._kv(i, h, rope) for i in range(c.num_layers)])
 
     def drop(self, request_id: int) -> None:
         self.kv.drop(request_id)
 
-    def _kv(self, i: int, h: torch.Tensor, positions: torch.Tensor):
+    def _kv(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         c, w, p = self.config, self.w, f"layers.{i}.self_attn."
         k = (h @ w[p + "k_proj.weight"].T).view(-1, c.num_kv_heads, c.head_dim)
-        k = _rope(_rms(k, w[p + "k_norm.weight"], c.rms_norm_eps), positions, c.rope_theta)
+        k = _rope(_rms(k, w[p + "k_norm.weight"], c.rms_norm_eps), rope)
         v = (h @ w[p + "v_proj.weight"].T).view(-1, c.num_kv_heads, c.head_dim)
         return k, v
 
@@ -161,12 +167,13 @@ class DSparkDraft:
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
                + torch.arange(G, device=dev)).view(-1)
         x = w["embed_tokens.weight"][ids.view(-1)]                                   # [R·γ, d]
+        rope = _rope_tables(pos, c.head_dim, c.rope_theta)
         for i in range(c.num_layers):
             p = f"layers.{i}."
             h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
             q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
-            q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), pos, c.rope_theta)
-            k_blk, v_blk = self._kv(i, h, pos)
+            q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), rope)
+            k_blk, v_blk = self._kv(i, h, rope)
             o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
                                       v_blk.view(R, G, c.num_kv_heads, -1), plan)
             x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
