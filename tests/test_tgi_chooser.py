@@ -136,7 +136,7 @@ def _check(ckpt_dir: Path) -> None:
     # under an arriving id (here 64 warmup rows) must not become the new request's draft context.
     spec.draft.extend_context(10, torch.randn(64, draft.w["fc.weight"].shape[1]), torch.arange(64))
     next_ids, _, _, accepted, drafts = choose(spec, pre, logits[:, -1].clone(), 3)
-    assert [spec.draft.kv.length(r.id) for r in requests] == [P] * B
+    assert [spec.draft.context_kv.length(r.id) for r in requests] == [P] * B
     seqs = [[int(t) for t in prompt] + [int(t)] for prompt, t in zip(prompts, next_ids)]
     total_accepted = 0
     for _ in range(4):

@@ -96,7 +96,7 @@ def test_released_format_loads_and_the_oracle_markov_head_drafts_the_successors(
     assert draft.config.block_size == 3 and draft.config.target_layer_ids == tiny_models.TARGET_LAYER_IDS
     feats = torch.randn(5, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     draft.extend_context(7, feats, torch.arange(5))
-    assert draft.kv.length(7) == 5 and draft.kv.committed(7, 0)[0].shape[0] == 5
+    assert draft.context_kv.length(7) == 5 and draft.context_kv.committed(7, 0)[0].shape[0] == 5
     prop = draft.propose([7], torch.tensor([41]), [5], torch.zeros(1))
     assert prop.draft.tokens.tolist() == [[42, 43, 44]]
     assert torch.all(prop.confidence > 0.99) and prop.survival.shape == (1, 3)
@@ -173,7 +173,7 @@ def test_arriving_request_drops_state_left_under_its_id(checkpoints):
     spec.draft.extend_context(0, feats, torch.arange(64))  # TGI's warmup requests are all id 0
     spec.propose([0], torch.tensor([5]), [64], torch.zeros(1))
     spec.restart([0])
-    assert 0 not in spec.draft.kv and 0 not in spec.pending
+    assert 0 not in spec.draft.context_kv and 0 not in spec.pending
 
 
 def test_concatenated_batches_of_different_widths_pad_to_the_widest():
@@ -336,8 +336,8 @@ def _reference_block(draft, feats, positions, anchor, anchor_pos):
         h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
         q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
         q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), _rope_tables(pos, c.head_dim, c.rope_theta))
-        k_ctx, v_ctx = draft._kv(i, ctx, _rope_tables(positions, c.head_dim, c.rope_theta))
-        k_blk, v_blk = draft._kv(i, h, _rope_tables(pos, c.head_dim, c.rope_theta))
+        k_ctx, v_ctx = draft._project_kv(i, ctx, _rope_tables(positions, c.head_dim, c.rope_theta))
+        k_blk, v_blk = draft._project_kv(i, h, _rope_tables(pos, c.head_dim, c.rope_theta))
         k = torch.cat([k_ctx, k_blk]).repeat_interleave(groups, dim=1)
         v = torch.cat([v_ctx, v_blk]).repeat_interleave(groups, dim=1)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
@@ -365,17 +365,17 @@ def test_batched_block_forward_over_growing_buffers_matches_the_per_request_forw
         todo = [(r, f[step:step + 1]) for r, f in feats.items() if step < len(f)]
         draft.extend_contexts([r for r, _ in todo], torch.cat([f for _, f in todo]),
                               torch.cat([torch.tensor([step]) for _ in todo]), [1] * len(todo))
-        places.add((draft.kv.k.data_ptr(), draft.kv.segments[3].start))
+        places.add((draft.context_kv.k.data_ptr(), draft.context_kv.segments[3].start))
     assert len(places) <= 4  # 16 → 41 rows by doubling: a few moves, not one per commit
     draft.extend_contexts([1], torch.zeros(0, width), torch.zeros(0, dtype=torch.int64), [0])
-    assert [draft.kv.length(r) for r in lengths] == [0, 3, 41]
+    assert [draft.context_kv.length(r) for r in lengths] == [0, 3, 41]
     anchors, positions = torch.tensor([5, 9, 200]), [0, 3, 41]
     h = draft.hidden_blocks(list(lengths), anchors, positions)
     for i, (r, n) in enumerate(lengths.items()):
         ref = _reference_block(draft, feats[r], torch.arange(n), int(anchors[i]), positions[i])
         assert torch.allclose(h[i], ref, atol=1e-5, rtol=1e-4), r
     again = draft.hidden_blocks(list(lengths), anchors, positions)  # a block forward commits nothing
-    assert torch.equal(again, h) and [draft.kv.length(r) for r in lengths] == [0, 3, 41]
+    assert torch.equal(again, h) and [draft.context_kv.length(r) for r in lengths] == [0, 3, 41]
 
 
 def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypatch):

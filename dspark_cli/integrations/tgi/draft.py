@@ -103,7 +103,7 @@ class DSparkDraft:
         self.confidence_head = (weights["confidence_head.proj.weight"].float(),
                                 weights["confidence_head.proj.bias"].float()) \
             if "confidence_head.proj.weight" in weights else None
-        self.kv = KVPool(config.num_layers)  # committed context K/V of every request
+        self.context_kv = KVPool(config.num_layers)  # committed context K/V of every request
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DSparkDraft":
@@ -135,12 +135,12 @@ class DSparkDraft:
             return
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
         rope = _rope_tables(positions, c.head_dim, c.rope_theta)
-        self.kv.commit(request_ids, counts, [self._kv(i, h, rope) for i in range(c.num_layers)])
+        self.context_kv.commit(request_ids, counts, [self._project_kv(i, h, rope) for i in range(c.num_layers)])
 
     def drop(self, request_id: int) -> None:
-        self.kv.drop(request_id)
+        self.context_kv.drop(request_id)
 
-    def _kv(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    def _project_kv(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         c, w, p = self.config, self.w, f"layers.{i}.self_attn."
         k = (h @ w[p + "k_proj.weight"].T).view(-1, c.num_kv_heads, c.head_dim)
         k = _rope(_rms(k, w[p + "k_norm.weight"], c.rms_norm_eps), rope)
@@ -161,7 +161,7 @@ class DSparkDraft:
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
         dev = w["embed_tokens.weight"].device
-        plan = _attention_chunks(self.kv, request_ids, G, dev)
+        plan = _attention_chunks(self.context_kv, request_ids, G, dev)
         ids = torch.full((R, G), c.mask_token_id, dtype=torch.int64, device=dev)
         ids[:, 0] = anchors.to(dev, torch.int64)
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
@@ -173,7 +173,7 @@ class DSparkDraft:
             h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
             q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
             q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), rope)
-            k_blk, v_blk = self._kv(i, h, rope)
+            k_blk, v_blk = self._project_kv(i, h, rope)
             o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
                                       v_blk.view(R, G, c.num_kv_heads, -1), plan)
             x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
@@ -197,8 +197,8 @@ class DSparkDraft:
             n = len(chunk.rows)
             k, v = k_blk[chunk.index], v_blk[chunk.index]
             if chunk.context is not None:  # padded contexts: one gather from the pool each
-                k = torch.cat([self.kv.k[layer][chunk.context], k], 1)
-                v = torch.cat([self.kv.v[layer][chunk.context], v], 1)
+                k = torch.cat([self.context_kv.k[layer][chunk.context], k], 1)
+                v = torch.cat([self.context_kv.v[layer][chunk.context], v], 1)
             qg = q[chunk.index].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
             with sdpa_kernel(ATTENTION_BACKENDS):
                 o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=chunk.keep)

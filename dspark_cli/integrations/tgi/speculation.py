@@ -264,5 +264,5 @@ class DSparkSpeculation:
     def forget_except(self, live: set[int]) -> None:
         for r in [r for r in self.pending if r not in live]:
             self.pending.pop(r)
-        for r in [r for r in self.draft.kv if r not in live]:
+        for r in [r for r in self.draft.context_kv if r not in live]:
             self.draft.drop(r)
