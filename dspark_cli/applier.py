@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli import git_source, pypi_source
-from dspark_cli.build import cache_root
+from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
@@ -398,7 +398,7 @@ def build_records(engine: str | None, workdir: Path) -> list[dict]:
     this workdir (engine-<name>.json; another tree's is not shown)."""
     root = cache_root()
     records = []
-    for path in (root / "last.json", root / "last-failed.json", root / f"engine-{engine}.json"):
+    for path in (root / LAST, root / LAST_FAILED, root / f"engine-{engine}.json"):
         if not path.is_file():
             continue
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.series import sha256_of
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 LIB_NAME = "dspark_ops"
@@ -115,19 +116,26 @@ class BuildResult:
 def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False) -> BuildResult:
     """Compile csrc/ into the cache (or find it there) and record it in last.json. A cached library
     counts only if library_problem() finds nothing wrong with it; --force (or a bad cached library)
-    clears this key's build directory first, so ninja cannot call stale objects up to date. A failed
-    build is recorded in last-failed.json: last.json keeps the last good build, which the runtime loads."""
+    builds from a clean directory, so ninja cannot call stale objects up to date: the old one is set
+    aside (`<key>.previous`) and comes back if the build fails, the failed one kept as `<key>.failed`
+    for its log — last.json may point at the old library, which the runtime keeps loading. A failed
+    build is recorded in last-failed.json."""
     started = time.monotonic()
     p = plan(arch)
     if not force and p.library.exists() and library_problem(p.library) is None:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
-    if p.directory.exists() and (force or p.library.exists()):  # else ninja may resume a failed build
-        try:
-            shutil.rmtree(p.directory)
-        except OSError as exc:
-            raise EnvironmentProblem(f"cannot clear the build directory {p.directory}: {exc}") from None
-    p.directory.mkdir(exist_ok=True)
+    aside = p.directory.with_name(p.directory.name + ".previous")
+    failed_dir = p.directory.with_name(p.directory.name + ".failed")
+    set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
+    try:
+        for old in (aside, failed_dir):
+            shutil.rmtree(old, ignore_errors=True)
+        if set_aside:
+            p.directory.rename(aside)
+        p.directory.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot clear the build directory {p.directory}: {exc}") from None
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
     if jobs:
         env["MAX_JOBS"] = str(jobs)
@@ -135,22 +143,27 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     os.environ.update(env)  # torch.utils.cpp_extension reads these from the environment
     try:
         _compile(p, verbose)
-        problem = library_problem(p.library)
+        problem = library_problem(p.library)  # a fresh directory has no record yet: nothing hashed twice
         if problem:
             raise RuntimeError(f"the build left no usable library: {problem}")
+        (p.directory / LIBRARY_RECORD).write_text(json.dumps(
+            {"size": p.library.stat().st_size, "sha256": sha256_of(p.library)}) + "\n")
     except Exception as exc:  # compiler errors are long; the log stays in the build directory
-        _record(BuildResult("failed", str(p.directory), p.key, time.monotonic() - started, p.archs))
+        where = p.directory
+        if set_aside:  # the old build back where last.json may point; the failed one kept beside it
+            shutil.rmtree(failed_dir, ignore_errors=True)
+            where = p.directory.rename(failed_dir)
+            aside.rename(p.directory)
+        _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs))
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise EnvironmentProblem(f"build failed in {p.directory}: {first} (rerun with --verbose)") from None
+        raise EnvironmentProblem(f"build failed in {where}: {first} (rerun with --verbose)") from None
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    data = p.library.read_bytes()
-    (p.directory / LIBRARY_RECORD).write_text(json.dumps(
-        {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}) + "\n")
+    shutil.rmtree(aside, ignore_errors=True)
     return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs))
 
 
@@ -170,16 +183,20 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
              is_python_module=False, verbose=verbose)
 
 
-def library_problem(path: Path) -> str | None:
+def library_problem(path: Path, check_sha256: bool = True) -> str | None:
     """Why this built library cannot be used (None: it can): missing, empty, not ELF, or not the size
-    and sha256 the build recorded next to it (a truncated or overwritten file)."""
+    and sha256 the build recorded next to it (a truncated or overwritten file). Loading needs only
+    the size and header (what keeps a truncated file from crashing dlopen): check_sha256=False
+    spares every process that loads the ops a hash of the whole library."""
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(4)
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
-    if not data:
+    if not size:
         return "empty file"
-    if data[:4] != b"\x7fELF":
+    if head != b"\x7fELF":
         return "not an ELF shared library"
     try:
         record = json.loads((path.parent / LIBRARY_RECORD).read_text())
@@ -187,9 +204,9 @@ def library_problem(path: Path) -> str | None:
         return None  # a build from before these records: the header is all there is to check
     if not isinstance(record, dict):
         return None
-    if record.get("size") != len(data):
-        return f"{len(data)} bytes, the build wrote {record.get('size')}"
-    if record.get("sha256") != hashlib.sha256(data).hexdigest():
+    if record.get("size") != size:
+        return f"{size} bytes, the build wrote {record.get('size')}"
+    if check_sha256 and record.get("sha256") != sha256_of(path):
         return "its sha256 differs from the one the build wrote"
     return None
 

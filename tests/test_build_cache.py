@@ -75,6 +75,22 @@ def test_a_failed_build_keeps_the_last_good_record(toolchain, monkeypatch):
     assert build.last_failed_build() is None
 
 
+def test_a_failed_forced_build_gives_the_old_library_back(toolchain):
+    """--force builds from a clean directory; when that build fails, the old library (where last.json
+    points) comes back, still loadable, and the failed build stays beside it for its log."""
+    good = build.build("9.0a")
+    data = Path(good.path).read_bytes()
+    toolchain["fail"] = True
+    with pytest.raises(EnvironmentProblem, match=r"build failed in .*\.failed"):
+        build.build("9.0a", force=True)
+    assert Path(good.path).read_bytes() == data and build.library_problem(Path(good.path)) is None
+    assert build.last_build()["path"] == good.path and Path(build.last_failed_build()["path"]).name.endswith(".failed")
+    assert cuda_ops.library_path() == Path(good.path)
+    toolchain["fail"] = False
+    assert build.build("9.0a", force=True).status == "built"
+    assert not Path(good.path).parent.with_name(Path(good.path).parent.name + ".previous").exists()
+
+
 @pytest.mark.parametrize("record", ["[1]", '{"status": "built"}', '{"status": "built", "path": 3}', '"x"'])
 def test_a_wrong_shaped_last_json_is_no_build(toolchain, monkeypatch, record):
     root = build.cache_root()

@@ -48,7 +48,7 @@ def load(path: str | Path | None = None) -> str | None:
         return None
     from dspark_cli.build import library_problem
 
-    problem = library_problem(lib)
+    problem = library_problem(lib, check_sha256=False)
     if problem:  # a truncated .so can crash the process (SIGBUS) inside dlopen
         _state["error"] = f"{lib}: {problem} (run dspark build)"
         return None
