@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import replace_atomically, write_text_atomically
 from dspark_cli.series import sha256_of
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -146,7 +147,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
         problem = library_problem(p.library)  # a fresh directory has no record yet: nothing hashed twice
         if problem:
             raise RuntimeError(f"the build left no usable library: {problem}")
-        (p.directory / LIBRARY_RECORD).write_text(json.dumps(
+        write_text_atomically(p.directory / LIBRARY_RECORD, json.dumps(
             {"size": p.library.stat().st_size, "sha256": sha256_of(p.library)}) + "\n")
     except Exception as exc:  # compiler errors are long; the log stays in the build directory
         where = p.directory
@@ -236,9 +237,9 @@ def _record(result: BuildResult) -> BuildResult:
     root = cache_subdir("build")
     text = json.dumps(asdict(result), indent=2) + "\n"
     if result.status == "failed":
-        (root / LAST_FAILED).write_text(text)
+        write_text_atomically(root / LAST_FAILED, text)
     else:
-        (root / LAST).write_text(text)
+        write_text_atomically(root / LAST, text)
         (root / LAST_FAILED).unlink(missing_ok=True)
     return result
 
@@ -326,10 +327,14 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
     files[f"{dist_info}/RECORD"] = ("\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n").encode()
     out = check_wheel_dir(out_dir)
     wheel = out / f"{WHEEL_PACKAGE}-{version}-{tag}.whl"
-    try:
-        with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+
+    def save(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in files.items():
                 zf.writestr(name, data)
+
+    try:
+        replace_atomically([(wheel, save)])  # a full disk leaves no truncated wheel for pip to choke on
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write the wheel {wheel}: {exc.strerror or exc}") from None
     return wheel

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dspark_cli.errors import EXIT_USAGE, DsparkError
-from dspark_cli.output import emit_error
+from dspark_cli import output
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -35,17 +35,18 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     as_json = "--json" in sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else "--json" in sys.argv[1:]
+    output.reset()
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except DsparkError as exc:
-        emit_error("error", str(exc), exc.exit_code, as_json)
+        output.emit_error("error", str(exc), exc.exit_code, as_json)
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
     except NoArgsIsHelpError:
         sys.exit(EXIT_USAGE)  # typer printed the help already; exit 2 as click's no_args_is_help does
     except ClickUsageError as exc:
-        emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
+        output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

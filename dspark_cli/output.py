@@ -39,6 +39,13 @@ def capture_json():
         _captured = saved
 
 
+def reset() -> None:
+    """Forget what the last command emitted: one process may run several (tests, embedding)."""
+    global _json_emitted
+    _json_emitted = False
+    _error_fields.clear()
+
+
 def error_fields(**fields: Any) -> None:
     """Fields that a failure document under --json carries besides ok/error/exit_code (e.g. the build
     that succeeded before its self-test failed)."""

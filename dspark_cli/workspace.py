@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import write_text_atomically
 
 TRAILER_PATCH = "Dspark-Patch"
 TRAILER_SHA = "Dspark-Patch-Sha256"
@@ -143,10 +144,7 @@ class Workspace:
 
     def write_state(self, state: dict) -> None:
         """Atomic replace, so a kill never leaves half a state file."""
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.state_file)
+        write_text_atomically(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     # -- snapshots ---------------------------------------------------------------------------
     def begin(self, op: str, work_branch: str, stash_changes: bool, state: dict) -> Snapshot:

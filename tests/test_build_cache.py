@@ -167,6 +167,12 @@ def test_self_test_json_without_a_gpu_is_one_failure_document(toolchain, monkeyp
     doc = json.loads(capsys.readouterr().out)  # exactly one JSON document
     assert doc["ok"] is False and doc["exit_code"] == 3 and "GPU" in doc["error"]
     assert doc["build"]["status"] == "built"
+    # the next command in this process fails on its own: its document carries no stale build
+    monkeypatch.setattr(sys, "argv", ["dspark", "apply", "nosuch", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    doc = json.loads(capsys.readouterr().out)
+    assert exc.value.code == 2 and doc["exit_code"] == 2 and "build" not in doc
 
 
 def test_error_lines_keep_emoji_codes_and_brackets(capsys):

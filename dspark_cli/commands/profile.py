@@ -4,12 +4,12 @@ scheduler reads, by timing a real transformers forward of the target model (rand
 import datetime
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import typer
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import replace_atomically
 from dspark_cli.output import console, emit, err_console
 
 
@@ -151,27 +151,10 @@ def _check_output(path: Path, option: str) -> None:
 
 
 def _write_both(outputs) -> None:
-    """Write every (path, save) to a temporary file next to it, then rename them all into place:
-    no half-written pair when one of them cannot be written."""
-    temps = []
+    """Both tables or neither: a failed write leaves the old pair as it was."""
     try:
-        for path, save in outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            temps.append(Path(tmp))
-            save(tmp)
-            if path.exists():  # keep an existing file's permissions
-                os.chmod(tmp, path.stat().st_mode & 0o7777)
-            else:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
-        for (path, _), tmp in zip(outputs, temps):
-            os.replace(tmp, path)
+        replace_atomically(outputs)
     except OSError as exc:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
         raise EnvironmentProblem(f"cannot write {exc.filename or 'the SPS tables'}: {exc.strerror or exc}") from exc
 
 

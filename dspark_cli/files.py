@@ -1,0 +1,39 @@
+"""Writing files so that a kill, a full disk or a failing writer never leaves half of one, or half
+of a set that belongs together (the SPS table and its SGLang form, a state file, a build record)."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) -> None:
+    """Write every (path, save) through save(temporary path beside it), then rename them all into
+    place; when any write fails, every path is left as it was and the temporaries are removed.
+    An existing file keeps its permissions; a new one gets the umask's. Raises OSError."""
+    outputs = [(Path(path), save) for path, save in outputs]
+    temps = []
+    try:
+        for path, save in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(tmp))
+            save(tmp)
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        for (path, _), tmp in zip(outputs, temps):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically([(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))])
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it: set and restore
+    os.umask(umask)
+    return umask

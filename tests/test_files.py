@@ -1,0 +1,39 @@
+"""dspark_cli.files: every file of a set replaced in full, or none touched."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dspark_cli.files import replace_atomically, write_text_atomically
+
+
+def test_a_failing_writer_leaves_every_file_as_it_was(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text("old a")
+    second.write_text("old b")
+
+    def fails(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt  # a kill-like interruption, not only OSError, cleans up
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically([(first, lambda tmp: Path(tmp).write_text("new a")), (second, fails)])
+    assert first.read_text() == "old a" and second.read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_an_existing_file_keeps_its_mode_and_a_new_one_gets_the_umask(tmp_path):
+    kept = tmp_path / "kept"
+    kept.write_text("x")
+    kept.chmod(0o640)
+    write_text_atomically(kept, "y")
+    assert kept.read_text() == "y" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+
+    umask = os.umask(0o027)
+    try:
+        write_text_atomically(tmp_path / "sub" / "new", "z")  # the parent is made too
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "sub" / "new").stat().st_mode) == 0o640
