@@ -1,16 +1,17 @@
-"""TGI's DSpark step outside the target forward, eager as TGI runs it: `.verify` (softmax of TGI's
+"""TGI's DSpark step outside the target forward, as TGI runs it: `.verify` (softmax of TGI's
 warped rows, rejection sampling), the commit (`draft.extend_contexts`: each request's anchor row and
 3 accepted rows into the drafter's context K/V) and `.propose` (the drafter's block forward, base
-logits, Markov chain, confidence head), at Qwen3-4B DSpark sizes: V = 151936, r = 256, γ = 7, five
+logits, Markov chain, confidence head; the block forward eager or its dense parts replayed from
+CUDA graphs), at Qwen3-4B DSpark sizes: V = 151936, r = 256, γ = 7, five
 draft layers of width 2560 (32 query heads, 8 KV heads of 128, MLP 9728), bf16, random weights;
 sampled, seeded as TGI's router seeds every request, all γ drafts verified (DSPARK_SCHEDULER=off);
 each request starts from --context committed rows (growing by 4 a cycle).
 
-    PYTHONPATH=. python bench/bench_tgi_step.py --sizes 1,16,128 [--repeats 20] [--context 512] [--json-out FILE]
+    PYTHONPATH=. python bench/bench_tgi_step.py --sizes 1,16,128 [--modes eager,graphs] [--repeats 20]
+        [--context 512] [--json-out FILE]
 
-Median ms of --repeats cycles (after 3 warm-up cycles), each phase timed between device syncs.
-Runs against any tree whose DSparkSpeculation has this propose/verify API, so two trees can be
-compared in one session."""
+Median ms of --repeats cycles (after 3 warm-up cycles, which capture the graphs), each phase timed
+between device syncs; with both modes, the eager / graphs ratios of one run."""
 
 import argparse
 import json
@@ -66,8 +67,9 @@ def sync_time(fn, device: str):
     return (time.perf_counter() - start) * 1e3, out
 
 
-def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str) -> dict:
-    draft = DSparkDraft(weights.config, weights.w)  # the weights, with no context committed yet
+def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str, mode: str) -> dict:
+    # the weights, with no context committed yet
+    draft = DSparkDraft(weights.config, weights.w, cuda_graphs=mode == "graphs")
     spec = DSparkSpeculation(draft, None, scheduler="off")
     ids = list(range(R))
     g = torch.Generator(device=device).manual_seed(R)
@@ -90,7 +92,7 @@ def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str)
             for name, t in (("verify", t_ver), ("commit", t_com), ("propose", t_prop)):
                 times[name].append(t)
     kept = getattr(spec.pending[0], "draft", None)  # trees before lazy drafts kept q rows instead
-    res = {"R": R, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
+    res = {"R": R, "mode": mode, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
     res.update({f"{name}_ms": statistics.median(t) for name, t in times.items()})
     res["step_ms"] = res["verify_ms"] + res["commit_ms"] + res["propose_ms"]
     return res
@@ -102,15 +104,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--modes", default="eager,graphs",
+                    help="drafter block forward: eager, graphs (CUDA graphs between attention calls) or both")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     draft = make_draft(args.device)
-    rows = [bench(draft, int(R), args.repeats, args.context, args.device) for R in args.sizes.split(",")]
-    print("| R | context | q | verify ms | commit ms | propose ms | step ms |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    modes = args.modes.split(",")
+    rows = [bench(draft, int(R), args.repeats, args.context, args.device, mode)
+            for R in args.sizes.split(",") for mode in modes]
+    print("| R | drafter | context | q | verify ms | commit ms | propose ms | step ms |")
+    print("|---:|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['R']} | {r['context']} | {r['q']} | {r['verify_ms']:.3f} | {r['commit_ms']:.3f} | "
+        print(f"| {r['R']} | {r['mode']} | {r['context']} | {r['q']} | {r['verify_ms']:.3f} | {r['commit_ms']:.3f} | "
               f"{r['propose_ms']:.3f} | {r['step_ms']:.3f} |")
+    if modes == ["eager", "graphs"]:
+        for eager, graphs in zip(rows[::2], rows[1::2]):
+            print(f"R={eager['R']}: eager / graphs = {eager['propose_ms'] / graphs['propose_ms']:.2f}x propose, "
+                  f"{eager['step_ms'] / graphs['step_ms']:.2f}x step")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

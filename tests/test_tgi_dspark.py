@@ -397,6 +397,45 @@ def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypat
     assert torch.allclose(draft.hidden_blocks(list(range(5)), anchors, lengths), whole, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_forward_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dtype):
+    """The drafter's dense pieces replayed from CUDA graphs (block_graphs.py) give the eager block
+    forward's hidden states: batch sizes padded to a graph size (3 → 4, 9 → 16) and exact ones,
+    graphs of one size replayed after another size ran, contexts growing between replays (the
+    attention between the graphs is eager and sees them), and a batch over the largest graph size
+    eager. The two drafters share weights and receive the same commits."""
+    from dspark_cli.integrations.tgi import block_graphs
+
+    g = torch.Generator().manual_seed(21)
+    base = DSparkDraft.load(checkpoints["random"])
+    w = {k: v.to("cuda", dtype) for k, v in base.w.items()}
+    eager, graphed = DSparkDraft(base.config, w, cuda_graphs=False), DSparkDraft(base.config, w, cuda_graphs=True)
+    assert eager.graphs is None and graphed.graphs is not None
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    V, top = base.w["lm_head.weight"].shape[0], block_graphs.GRAPH_BATCH_SIZES[-1]
+    lengths = torch.randint(0, 40, (top + 3,), generator=g).tolist()
+    for draft in (eager, graphed):
+        feats = torch.randn(sum(lengths), width, generator=torch.Generator().manual_seed(1))
+        draft.extend_contexts(list(range(len(lengths))), feats.to("cuda", dtype),
+                              torch.cat([torch.arange(n) for n in lengths]).cuda(), lengths)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for step, R in enumerate([3, 16, 3, 9, 1, top + 3]):
+        ids = torch.randperm(len(lengths), generator=g)[:R].tolist()
+        anchors = torch.randint(0, V, (R,), generator=g).cuda()
+        positions = [lengths[r] + step for r in ids]
+        want = eager.hidden_blocks(ids, anchors, positions)
+        got = graphed.hidden_blocks(ids, anchors, positions)
+        assert got.shape == want.shape and torch.allclose(got.float(), want.float(), **tol), (R, (got - want).abs().max())
+        rows = torch.randn(R, width, generator=g).to("cuda", dtype)  # one more committed row each
+        for draft in (eager, graphed):
+            draft.extend_contexts(ids, rows, torch.tensor(positions).cuda(), [1] * R)
+        for r in ids:
+            lengths[r] += 1
+    assert sorted(graphed.graphs.captured) == [1, 4, 16]  # top + 3 ran eagerly
+
+
 def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops():
     """The drafter's K/V pool under a random sequence of batched commits (1 to 40 rows, new and
     growing requests) and drops: each live request's committed rows are exactly what was committed

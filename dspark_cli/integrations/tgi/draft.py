@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
+from dspark_cli.integrations.tgi.block_graphs import BlockGraphs, block_graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import KVPool
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
@@ -94,7 +95,9 @@ class BlockProposal:
 
 class DSparkDraft:
     def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor],
-                 sts: runtime.STSCalibration | None = None):
+                 sts: runtime.STSCalibration | None = None, cuda_graphs: bool | None = None):
+        """cuda_graphs: replay the block forward's dense parts from CUDA graphs (None: on for CUDA
+        weights unless DSPARK_TGI_CUDA_GRAPHS=0; block_graphs.py)."""
         self.config = config
         self.w = weights
         self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
@@ -104,6 +107,7 @@ class DSparkDraft:
                                 weights["confidence_head.proj.bias"].float()) \
             if "confidence_head.proj.weight" in weights else None
         self.context_kv = KVPool(config.num_layers)  # committed context K/V of every request
+        self.graphs = BlockGraphs(self) if block_graphs_wanted(cuda_graphs, weights["embed_tokens.weight"]) else None
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DSparkDraft":
@@ -157,7 +161,8 @@ class DSparkDraft:
     def hidden_blocks(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int]) -> torch.Tensor:
         """hidden_block for R requests: [R, γ, d]. Everything runs on all R·γ rows at once;
         attention (non-causal: every block query sees all committed context and the whole block)
-        through _block_attention. Nothing is committed: the context pool does not change."""
+        through _block_attention, the dense parts between those calls eagerly or replayed from
+        CUDA graphs (block_graphs.py). Nothing is committed: the context pool does not change."""
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
         dev = w["embed_tokens.weight"].device
@@ -166,33 +171,56 @@ class DSparkDraft:
         ids[:, 0] = anchors.to(dev, torch.int64)
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
                + torch.arange(G, device=dev)).view(-1)
-        x = w["embed_tokens.weight"][ids.view(-1)]                                   # [R·γ, d]
-        rope = _rope_tables(pos, c.head_dim, c.rope_theta)
+
+        def attend(layer, q, k, v, out=None):  # [R·γ, ·] rows in, [R, γ, H, hd] out
+            return self._block_attention(layer, q.view(R, G, c.num_heads, c.head_dim),
+                                         k.view(R, G, c.num_kv_heads, c.head_dim),
+                                         v.view(R, G, c.num_kv_heads, c.head_dim), plan, out)
+
+        if self.graphs is not None and self.graphs.fits(R):
+            return self.graphs.run(ids.view(-1), pos, attend).view(R, G, -1)
+        x, rope = self._embed_block(ids.view(-1), pos)
         for i in range(c.num_layers):
-            p = f"layers.{i}."
-            h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
-            q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
-            q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), rope)
-            k_blk, v_blk = self._project_kv(i, h, rope)
-            o = self._block_attention(i, q.view(R, G, c.num_heads, c.head_dim), k_blk.view(R, G, c.num_kv_heads, -1),
-                                      v_blk.view(R, G, c.num_kv_heads, -1), plan)
-            x = x + o.reshape(R * G, -1) @ w[p + "self_attn.o_proj.weight"].T
-            h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            gate = h @ w[p + "mlp.gate_proj.weight"].T
-            up = h @ w[p + "mlp.up_proj.weight"].T
-            x = x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-        return _rms(x, w["norm.weight"], c.rms_norm_eps).view(R, G, -1)
+            x = self._after_attention(i, x, attend(i, *self._attention_inputs(i, x, rope)))
+        return self._final_norm(x).view(R, G, -1)
+
+    # The dense pieces of the block forward, row-wise (what CUDA graphs capture; rows past a
+    # batch's own, padding a graph's batch size, never mix with them).
+    def _embed_block(self, ids: torch.Tensor, pos: torch.Tensor):
+        """Embeddings [n, d] of token ids [n] and the RoPE tables of their positions [n]."""
+        return self.w["embed_tokens.weight"][ids], _rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+
+    def _attention_inputs(self, i: int, x: torch.Tensor, rope):
+        """Layer i's q [n, H, hd], k and v [n, kv, hd] of the residual stream x [n, d]."""
+        c, w, p = self.config, self.w, f"layers.{i}."
+        h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
+        q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), rope)
+        return (q, *self._project_kv(i, h, rope))
+
+    def _after_attention(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Layer i's residual stream after its attention output o (x's rows, H·hd each) and MLP."""
+        c, w, p = self.config, self.w, f"layers.{i}."
+        x = x + o.reshape(x.shape[0], -1) @ w[p + "self_attn.o_proj.weight"].T
+        h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        up = h @ w[p + "mlp.up_proj.weight"].T
+        return x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x, self.w["norm.weight"], self.config.rms_norm_eps)
 
     def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
-                         plan: list[AttentionChunk]) -> torch.Tensor:
+                         plan: list[AttentionChunk], out: torch.Tensor | None = None) -> torch.Tensor:
         """q [R, γ, H, hd] onto each request's committed K/V and its block's k_blk/v_blk [R, γ, kv, hd]
         -> [R, γ, H, hd], one SDPA call per chunk of the plan over [padded contexts ; blocks] with
         the chunk's key mask: keys carry their positions in RoPE, so where a block's keys sit does
         not matter. Grouped-query heads without copying K/V per query head: the g query heads of a
-        KV head and the γ positions make g·γ query rows of that head."""
+        KV head and the γ positions make g·γ query rows of that head. `out`: where to write (a CUDA
+        graph's input buffer)."""
         R, G, H, hd = q.shape
         kv = k_blk.shape[2]
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         for chunk in plan:
             n = len(chunk.rows)
             k, v = k_blk[chunk.index], v_blk[chunk.index]
