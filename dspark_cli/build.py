@@ -25,7 +25,7 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import replace_atomically, write_text_atomically
 from dspark_cli.series import sha256_of
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"  # a link to the checkout's csrc/; an installed package holds a copy
 LIB_NAME = "dspark_ops"
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 CFLAGS = ["-O3"]
@@ -41,7 +41,7 @@ def cache_root() -> Path:
 def source_files() -> list[Path]:
     files = sorted(p for p in CSRC.iterdir() if p.suffix in SOURCE_SUFFIXES)
     if not files:
-        raise EnvironmentProblem(f"no CUDA sources in {CSRC} (is this a full checkout?)")
+        raise EnvironmentProblem(f"no CUDA sources in {CSRC} (a damaged install? reinstall dspark)")
     return files
 
 

@@ -37,6 +37,19 @@ def test_installed_command_finds_compat_yaml(tmp_path):
         assert "site-packages" in str(series)
 
 
+def test_installed_package_carries_the_cuda_sources(tmp_path):
+    """`dspark build` from a non-editable install compiles the package's copy of csrc/ (it looked
+    for csrc/ beside site-packages and failed with a traceback)."""
+    from dspark_cli import build
+
+    python = str(Path(DSPARK).with_name("python"))
+    out = subprocess.run([python, "-c", "from dspark_cli import build; print(build.CSRC); print(build.source_hash())"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    csrc, digest = out.stdout.split()
+    assert "site-packages" in csrc and digest == build.source_hash()
+
+
 @pytest.mark.parametrize("target", ["ops", "tgi", "vllm"])
 def test_installed_verify_without_torch_or_engine_is_one_line_and_exit_3(tmp_path, target):
     """The package alone has no torch: `verify ops` / `verify tgi` say so; `verify vllm` needs none
