@@ -400,13 +400,14 @@ def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_forward_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dtype):
-    """The drafter's dense pieces replayed from CUDA graphs (block_graphs.py) give the eager block
-    forward's hidden states: batch sizes padded to a graph size (3 → 4, 9 → 16) and exact ones,
-    graphs of one size replayed after another size ran, contexts growing between replays (the
-    attention between the graphs is eager and sees them), and a batch over the largest graph size
-    eager. The two drafters share weights and receive the same commits."""
-    from dspark_cli.integrations.tgi import block_graphs
+def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dtype):
+    """The drafter's static-shape work replayed from CUDA graphs (draft_graphs.py) gives the eager
+    results: the block forward's hidden states for batch sizes padded to a graph size (3 → 4,
+    9 → 16) and exact ones, one size replayed after another ran, contexts growing between replays
+    (the attention between the graphs is eager and sees them), a batch over the largest graph size
+    eager; and the context K/V of commits projected by graphs (R rows a step) or eagerly (the first,
+    over the largest commit size). The two drafters share weights and receive the same commits."""
+    from dspark_cli.integrations.tgi import draft_graphs
 
     g = torch.Generator().manual_seed(21)
     base = DSparkDraft.load(checkpoints["random"])
@@ -414,12 +415,13 @@ def test_block_forward_replayed_from_cuda_graphs_matches_the_eager_one(checkpoin
     eager, graphed = DSparkDraft(base.config, w, cuda_graphs=False), DSparkDraft(base.config, w, cuda_graphs=True)
     assert eager.graphs is None and graphed.graphs is not None
     width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
-    V, top = base.w["lm_head.weight"].shape[0], block_graphs.GRAPH_BATCH_SIZES[-1]
+    V, top = base.w["lm_head.weight"].shape[0], draft_graphs.BLOCK_BATCH_SIZES[-1]
     lengths = torch.randint(0, 40, (top + 3,), generator=g).tolist()
+    assert sum(lengths) > draft_graphs.COMMIT_ROWS[-1]
+    feats = torch.randn(sum(lengths), width, generator=g).to("cuda", dtype)
     for draft in (eager, graphed):
-        feats = torch.randn(sum(lengths), width, generator=torch.Generator().manual_seed(1))
-        draft.extend_contexts(list(range(len(lengths))), feats.to("cuda", dtype),
-                              torch.cat([torch.arange(n) for n in lengths]).cuda(), lengths)
+        draft.extend_contexts(list(range(len(lengths))), feats, torch.cat([torch.arange(n) for n in lengths]).cuda(),
+                              lengths)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for step, R in enumerate([3, 16, 3, 9, 1, top + 3]):
         ids = torch.randperm(len(lengths), generator=g)[:R].tolist()
@@ -433,7 +435,12 @@ def test_block_forward_replayed_from_cuda_graphs_matches_the_eager_one(checkpoin
             draft.extend_contexts(ids, rows, torch.tensor(positions).cuda(), [1] * R)
         for r in ids:
             lengths[r] += 1
-    assert sorted(graphed.graphs.captured) == [1, 4, 16]  # top + 3 ran eagerly
+    assert sorted(graphed.graphs.blocks) == [1, 4, 16]  # top + 3 ran eagerly
+    assert sorted(graphed.graphs.commits) == [1, 4, 16, 512]
+    for r, n in enumerate(lengths):
+        for layer in range(base.config.num_layers):
+            for want, got in zip(eager.context_kv.committed(r, layer), graphed.context_kv.committed(r, layer)):
+                assert got.shape[0] == n and torch.allclose(got.float(), want.float(), **tol), (r, layer)
 
 
 def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops():
@@ -458,7 +465,7 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
             next_id += 1
         counts = [int(torch.randint(0, 41, (1,), generator=g)) for _ in ids]
         rows = torch.randn(layers, 2, sum(counts), 3, 4, generator=g)  # [layer, k/v, rows, kv heads, dim]
-        pool.commit(ids, counts, [(rows[i, 0], rows[i, 1]) for i in range(layers)])
+        pool.commit(ids, counts, rows[:, 0], rows[:, 1])
         start = 0
         for r, n in zip(ids, counts):
             expected.setdefault(r, []).append(rows[:, :, start:start + n])
@@ -476,14 +483,14 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
     assert idx.tolist() == list(range(seg.start, seg.start + seg.length)) + [seg.start + seg.length - 1] * 3
     # a new request with no rows beside one with rows; one id twice in a call is refused
     rows = torch.randn(2, 5, 3, 4, generator=g)
-    pool.commit([next_id, r], [0, 5], [(rows[0], rows[1])] * layers)
+    pool.commit([next_id, r], [0, 5], rows[0].expand(layers, -1, -1, -1), rows[1].expand(layers, -1, -1, -1))
     assert next_id not in pool and torch.equal(pool.committed(r, 1)[0][-5:], rows[0])
     with pytest.raises(ValueError, match="request ids repeat in one call"):
-        pool.commit([r, r], [2, 3], [(rows[0], rows[1])] * layers)
+        pool.commit([r, r], [2, 3], rows[0].expand(layers, -1, -1, -1), rows[1].expand(layers, -1, -1, -1))
     # finished requests' rows are given back once they outnumber the live ones (and SHRINK_ROWS)
     big = KVPool(1)
     rows = torch.arange(8 << 10, dtype=torch.float32)[:, None, None].expand(-1, 3, 4)
-    big.commit(list(range(8)), [1 << 10] * 8, [(rows, rows)])
+    big.commit(list(range(8)), [1 << 10] * 8, rows[None], rows[None])
     before = big.k.shape[1]
     for gone in range(7):
         big.drop(gone)

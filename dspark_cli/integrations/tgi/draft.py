@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
-from dspark_cli.integrations.tgi.block_graphs import BlockGraphs, block_graphs_wanted
+from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import KVPool
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
@@ -96,8 +96,8 @@ class BlockProposal:
 class DSparkDraft:
     def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor],
                  sts: runtime.STSCalibration | None = None, cuda_graphs: bool | None = None):
-        """cuda_graphs: replay the block forward's dense parts from CUDA graphs (None: on for CUDA
-        weights unless DSPARK_TGI_CUDA_GRAPHS=0; block_graphs.py)."""
+        """cuda_graphs: replay the block forward's dense parts and the commit's projection from CUDA
+        graphs (None: on for CUDA weights unless DSPARK_TGI_CUDA_GRAPHS=0; draft_graphs.py)."""
         self.config = config
         self.w = weights
         self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
@@ -107,7 +107,7 @@ class DSparkDraft:
                                 weights["confidence_head.proj.bias"].float()) \
             if "confidence_head.proj.weight" in weights else None
         self.context_kv = KVPool(config.num_layers)  # committed context K/V of every request
-        self.graphs = BlockGraphs(self) if block_graphs_wanted(cuda_graphs, weights["embed_tokens.weight"]) else None
+        self.graphs = DraftGraphs(self) if graphs_wanted(cuda_graphs, weights["embed_tokens.weight"]) else None
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DSparkDraft":
@@ -133,13 +133,23 @@ class DSparkDraft:
     def extend_contexts(self, request_ids: list[int], features: torch.Tensor, positions: torch.Tensor,
                         counts: list[int]) -> None:
         """extend_context for several requests at once: features/positions hold counts[i] rows for
-        request_ids[i], in order. One projection for all rows, one pool write per layer."""
-        c, w = self.config, self.w
+        request_ids[i], in order. One projection for all rows (replayed from a CUDA graph when the
+        drafter has them), one pool write for K and one for V."""
         if features.shape[0] == 0:
             return
+        if self.graphs is not None and self.graphs.fits_commit(features.shape[0]):
+            k, v = self.graphs.project_context(features, positions)
+        else:
+            k, v = self._project_context(features, positions)
+        self.context_kv.commit(request_ids, counts, k, v)
+
+    def _project_context(self, features: torch.Tensor, positions: torch.Tensor):
+        """Every layer's K, V [L, n, kv, hd] of committed rows' target features [n, 5·d_t]."""
+        c, w = self.config, self.w
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
         rope = _rope_tables(positions, c.head_dim, c.rope_theta)
-        self.context_kv.commit(request_ids, counts, [self._project_kv(i, h, rope) for i in range(c.num_layers)])
+        kv = [self._project_kv(i, h, rope) for i in range(c.num_layers)]
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
     def drop(self, request_id: int) -> None:
         self.context_kv.drop(request_id)
@@ -162,7 +172,7 @@ class DSparkDraft:
         """hidden_block for R requests: [R, γ, d]. Everything runs on all R·γ rows at once;
         attention (non-causal: every block query sees all committed context and the whole block)
         through _block_attention, the dense parts between those calls eagerly or replayed from
-        CUDA graphs (block_graphs.py). Nothing is committed: the context pool does not change."""
+        CUDA graphs (draft_graphs.py). Nothing is committed: the context pool does not change."""
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
         dev = w["embed_tokens.weight"].device
@@ -177,8 +187,8 @@ class DSparkDraft:
                                          k.view(R, G, c.num_kv_heads, c.head_dim),
                                          v.view(R, G, c.num_kv_heads, c.head_dim), plan, out)
 
-        if self.graphs is not None and self.graphs.fits(R):
-            return self.graphs.run(ids.view(-1), pos, attend).view(R, G, -1)
+        if self.graphs is not None and self.graphs.fits_block(R):
+            return self.graphs.block(ids.view(-1), pos, attend).view(R, G, -1)
         x, rope = self._embed_block(ids.view(-1), pos)
         for i in range(c.num_layers):
             x = self._after_attention(i, x, attend(i, *self._attention_inputs(i, x, rope)))
@@ -221,16 +231,25 @@ class DSparkDraft:
         R, G, H, hd = q.shape
         kv = k_blk.shape[2]
         out = torch.empty_like(q) if out is None else out
+        g = H // kv
         for chunk in plan:
             n = len(chunk.rows)
-            k, v = k_blk[chunk.index], v_blk[chunk.index]
+
+            def pick(t):  # the chunk's rows of a batch tensor (all of them, in order: no gather)
+                return t if chunk.index is None else t[chunk.index]
+
+            k, v = pick(k_blk), pick(v_blk)
             if chunk.context is not None:  # padded contexts: one gather from the pool each
                 k = torch.cat([self.context_kv.k[layer][chunk.context], k], 1)
                 v = torch.cat([self.context_kv.v[layer][chunk.context], v], 1)
-            qg = q[chunk.index].view(n, G, kv, H // kv, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, H // kv * G, hd)
+            qg = pick(q).view(n, G, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, g * G, hd)
             with sdpa_kernel(ATTENTION_BACKENDS):
                 o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=chunk.keep)
-            out[chunk.index] = o.view(n, kv, H // kv, G, hd).permute(0, 3, 1, 2, 4).reshape(n, G, H, hd)
+            o = o.view(n, kv, g, G, hd).permute(0, 3, 1, 2, 4)  # [n, G, kv, g, hd]
+            if chunk.index is None:
+                out.view(n, G, kv, g, hd).copy_(o)
+            else:
+                out[chunk.index] = o.reshape(n, G, H, hd)
         return out
 
     def propose(self, request_ids: list[int], anchors: torch.Tensor, anchor_positions: list[int],
@@ -258,11 +277,11 @@ class DSparkDraft:
 
 @dataclass
 class AttentionChunk:
-    """Requests attended in one call (the same for every layer of a step): their batch rows, the
-    pool rows of their contexts padded to the longest [n, width] (None: no context yet) and the
-    key mask [n, 1, 1, width + γ]."""
+    """Requests attended in one call (the same for every layer of a step): their batch rows (as a
+    device index; None: the whole batch in its order), the pool rows of their contexts padded to
+    the longest [n, width] (None: no context yet) and the key mask [n, 1, 1, width + γ]."""
     rows: list[int]
-    index: torch.Tensor
+    index: torch.Tensor | None
     context: torch.Tensor | None
     keep: torch.Tensor
 
@@ -271,14 +290,17 @@ def _attention_chunks(pool: KVPool, request_ids: list[int], block: int, device) 
     """_chunks_by_length's chunks with their indices and key masks, made once per step: a key is
     kept when it is in the request's own context or in its block."""
     lengths = [pool.length(r) for r in request_ids]
+    plan = _chunks_by_length(lengths, block)
+    whole = len(plan) == 1  # one call for the batch: in its own order, no gathers of its rows
     chunks = []
-    for rows in _chunks_by_length(lengths, block):
-        width = lengths[rows[-1]]  # sorted: the chunk's longest context
+    for rows in [list(range(len(lengths)))] if whole else plan:
+        width = max(lengths[r] for r in rows)
         key = torch.arange(width + block, device=device)
         real = torch.tensor([lengths[r] for r in rows], device=device)
         keep = (key < real[:, None]) | (key >= width)
         context = pool.padded_index([request_ids[r] for r in rows], width, device) if width else None
-        chunks.append(AttentionChunk(rows, torch.tensor(rows, device=device), context, keep[:, None, None]))
+        index = None if whole else torch.tensor(rows, device=device)
+        chunks.append(AttentionChunk(rows, index, context, keep[:, None, None]))
     return chunks
 
 

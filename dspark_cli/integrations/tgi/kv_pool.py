@@ -1,6 +1,6 @@
 """The TGI drafter's context K/V: every request's committed rows in one K and one V tensor
 [layers, rows, kv_heads, head_dim], each request owning a contiguous segment of rows, so that a
-step's commits are one index_copy_ per layer and a batch's padded contexts one gather per layer,
+step's commits are one index_copy_ for K and one for V and a batch's padded contexts one gather per layer,
 whatever the number of requests (per-request tensors cost a few host dispatches each per layer:
 most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
 
@@ -65,14 +65,14 @@ class KVPool:
 
     # ------------------------------------------------------------------ writing
 
-    def commit(self, request_ids: list[int], counts: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Append counts[i] rows to request_ids[i]'s context: kv[layer] = (k, v) [Σ counts, kv_heads,
-        head_dim], the requests' rows in order."""
+    def commit(self, request_ids: list[int], counts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append counts[i] rows to request_ids[i]'s context: k, v [layers, Σ counts, kv_heads,
+        head_dim], the requests' rows in order; one write each for all layers."""
         if len(set(request_ids)) != len(request_ids):
             raise ValueError(f"commit: request ids repeat in one call: {request_ids}")
         if sum(counts) == 0:
             return
-        k0 = kv[0][0]
+        k0 = k[0]
         for r, n in zip(request_ids, counts):
             seg = self.segments.get(r)
             have = 0 if seg is None else seg.length
@@ -80,9 +80,8 @@ class KVPool:
                 self._regrow(r, max(have + n, 2 * (0 if seg is None else seg.capacity), MIN_SEGMENT), k0)
         bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
         dst = _rows(bases, counts, k0.device)
-        for layer, (k, v) in enumerate(kv):
-            self.k[layer].index_copy_(0, dst, k)
-            self.v[layer].index_copy_(0, dst, v)
+        self.k.index_copy_(1, dst, k)
+        self.v.index_copy_(1, dst, v)
         for r, n in zip(request_ids, counts):
             if n:
                 self.segments[r].length += n
