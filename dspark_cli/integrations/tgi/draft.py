@@ -238,10 +238,11 @@ class DSparkDraft:
             def pick(t):  # the chunk's rows of a batch tensor (all of them, in order: no gather)
                 return t if chunk.index is None else t[chunk.index]
 
-            k, v = pick(k_blk), pick(v_blk)
-            if chunk.context is not None:  # padded contexts: one gather from the pool each
-                k = torch.cat([self.context_kv.k[layer][chunk.context], k], 1)
-                v = torch.cat([self.context_kv.v[layer][chunk.context], v], 1)
+            if chunk.context is None:
+                k, v = pick(k_blk), pick(v_blk)
+            else:  # padded contexts and γ spare rows in one gather each, then the block's K/V in the spare rows
+                k, v = self.context_kv.k[layer][chunk.context], self.context_kv.v[layer][chunk.context]
+                k[:, -G:], v[:, -G:] = pick(k_blk), pick(v_blk)
             qg = pick(q).view(n, G, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(n, kv, g * G, hd)
             with sdpa_kernel(ATTENTION_BACKENDS):
                 o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=chunk.keep)
@@ -279,7 +280,8 @@ class DSparkDraft:
 class AttentionChunk:
     """Requests attended in one call (the same for every layer of a step): their batch rows (as a
     device index; None: the whole batch in its order), the pool rows of their contexts padded to
-    the longest [n, width] (None: no context yet) and the key mask [n, 1, 1, width + γ]."""
+    the longest and γ more [n, width + γ] (None: no context yet; the last γ are overwritten by the
+    block's K/V after the gather) and the key mask [n, 1, 1, width + γ]."""
     rows: list[int]
     index: torch.Tensor | None
     context: torch.Tensor | None
@@ -298,7 +300,7 @@ def _attention_chunks(pool: KVPool, request_ids: list[int], block: int, device) 
         key = torch.arange(width + block, device=device)
         real = torch.tensor([lengths[r] for r in rows], device=device)
         keep = (key < real[:, None]) | (key >= width)
-        context = pool.padded_index([request_ids[r] for r in rows], width, device) if width else None
+        context = pool.padded_index([request_ids[r] for r in rows], width + block, device) if width else None
         index = None if whole else torch.tensor(rows, device=device)
         chunks.append(AttentionChunk(rows, index, context, keep[:, None, None]))
     return chunks
