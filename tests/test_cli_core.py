@@ -129,7 +129,9 @@ def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
     (["apply", "toy", "--commit", "v9.9"], 2, "known pins: v1.0"),
     (["apply", "toy", "--source", "svn"], 2, "--source must be git or pypi"),
     (["apply", "toy", "--source", "pypi"], 2, "has no release file"),
-    (["status", "--workdir", "/nonexistent"], 2, "is not a dspark workspace"),
+    (["status", "--workdir", "/nonexistent"], 2, "/nonexistent does not exist; --workdir/-C names the directory"),
+    (["revert", "-C", "/nonexistent"], 2, "/nonexistent does not exist"),
+    (["status", "-C", "/"], 2, "/ is not a dspark workspace"),
     (["series", "lock", "/nonexistent"], 2, "no such series directory"),
 ])
 def test_errors_map_to_documented_exit_codes(toy_env, args, code, text):
