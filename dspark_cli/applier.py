@@ -111,6 +111,8 @@ def _check_request(request: ApplyRequest) -> None:
         raise UsageError("--repo only applies to --source git")
     if request.source == "git" and (request.package or request.file):
         raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
+    if request.repo and git_source.is_local_path(request.repo) and not Path(request.repo).exists():
+        raise UsageError(f"--repo {request.repo}: no such directory (give a clone's directory or a URL)")
 
 
 def apply(compat: Compat, request: ApplyRequest) -> dict:
