@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dspark_cli import git_source, pypi_source
@@ -33,7 +33,7 @@ class ApplyRequest:
     commit: str | None = None
     workdir: Path | None = None
     repo: str | None = None
-    source: str = "git"
+    source: str | None = None  # None: the workspace's own source (resolve_source)
     series: tuple[Path, ...] = ()
     force: bool = False
     allow_unpinned: bool = False
@@ -88,6 +88,22 @@ def unknown_pin_message(engine: Engine, commit: str) -> str:
     return f"{commit} is not pinned in compat.yaml for {engine.name}; known pins: {known}. Use --allow-unpinned to try anyway"
 
 
+def resolve_source(request: ApplyRequest, workdir: Path, pin: Pin | None) -> ApplyRequest:
+    """--source left out: git with --repo; else the source the workspace was made from (and, with
+    neither --package nor --file, its release file while the pin still lists it); else git."""
+    if request.source is not None:
+        return request
+    ws = Workspace(workdir)
+    state = ws.read_state() if request.repo is None and workdir.is_dir() and ws.is_repo() else None
+    made = (state or {}).get("source") or {}
+    if made.get("kind") != "pypi":
+        return replace(request, source="git")
+    if request.package or request.file or pin is None:
+        return replace(request, source="pypi")
+    listed = any(r.file == made.get("file") for r in pin.releases)
+    return replace(request, source="pypi", file=made["file"] if listed else None)
+
+
 def _check_request(request: ApplyRequest) -> None:
     if request.source not in ("git", "pypi"):
         raise UsageError(f"--source must be git or pypi, got {request.source!r}")
@@ -95,21 +111,24 @@ def _check_request(request: ApplyRequest) -> None:
         raise UsageError("--repo only applies to --source git")
     if request.source == "git" and (request.package or request.file):
         raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
+    if request.repo and git_source.is_local_path(request.repo) and not Path(request.repo).exists():
+        raise UsageError(f"--repo {request.repo}: no such directory (give a clone's directory or a URL)")
 
 
 def apply(compat: Compat, request: ApplyRequest) -> dict:
     engine = compat.engine(request.engine)
-    _check_request(request)
     pin = engine.resolve_pin(request.commit)
     if pin is None and not request.allow_unpinned:
         raise UsageError(unknown_pin_message(engine, request.commit))
-    if pin is None and request.source == "pypi":
-        raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
     series_pin = pin or engine.pins[engine.default_pin]
-    patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
-
     workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
     check_dir_option(workdir)
+    request = resolve_source(request, workdir, pin)
+    _check_request(request)
+    if pin is None and request.source == "pypi":
+        raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
+    patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
+
     notes = []
     ws = Workspace(workdir) if workdir.exists() else None
     if ws is not None:
@@ -167,7 +186,9 @@ def _check_same_workspace(state: dict, identity: dict, source: dict, workdir: Pa
 
 def _made_from(state: dict, workdir: Path) -> str:
     source = state.get("source") or {}
-    return f"{workdir} was made from {source.get('file') or source.get('repository')}; use another --workdir for this source"
+    how = f"--source pypi --file {source.get('file')}" if source.get("kind") == "pypi" else "--source git"
+    return (f"{workdir} was made from {source.get('file') or source.get('repository')} ({how}); "
+            "give that source, or use another --workdir for this one")
 
 
 def _unpinned_drift(ws: Workspace, base: str, pin: Pin) -> str:
@@ -258,10 +279,17 @@ def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
     return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
 
 
-def _open_workspace(workdir: Path, force: bool) -> tuple[Workspace, dict, list[str]]:
+def _existing_workspace(workdir: Path) -> Workspace:
+    if not workdir.exists():
+        raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made")
     ws = Workspace(workdir)
     if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
         raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+    return ws
+
+
+def _open_workspace(workdir: Path, force: bool) -> tuple[Workspace, dict, list[str]]:
+    ws = _existing_workspace(workdir)
     recovered = recover(ws, force)
     return ws, ws.read_state(), [recovered] if recovered else []
 
@@ -311,9 +339,7 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
 
 def status(workdir: Path) -> dict:
     """Where a workspace stands: base, applied patches, drift from pin and series, build record."""
-    ws = Workspace(workdir)
-    if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
-        raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+    ws = _existing_workspace(workdir)
     state = ws.read_state()
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base

@@ -33,3 +33,13 @@ class EnvironmentProblem(DsparkError):
 
 class PatchFailed(DsparkError):
     exit_code = EXIT_PATCH
+
+
+def missing_module(command: str, exc: ImportError, packages: tuple[str, ...]) -> EnvironmentProblem:
+    """An optional dependency (one of `packages`, pip names equal to module names) that does not
+    import: one line naming what to install, instead of the ImportError's traceback."""
+    name = (exc.name or "").split(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and name in packages:
+        return EnvironmentProblem(f"{command} needs {name}, which is not installed in this Python "
+                                  f"(pip install {name})")
+    return EnvironmentProblem(f"{command} needs {' and '.join(packages)}: {exc}")

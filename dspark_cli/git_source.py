@@ -51,6 +51,12 @@ def _with_progress(action, failure: str):
             raise EnvironmentProblem(f"{failure}: {reason}") from None
 
 
+def is_local_path(url: str) -> bool:
+    """What git reads as a path on this machine: no scheme://, and no `host:` before the first slash
+    (scp-like user@host:path)."""
+    return "://" not in url and ":" not in url.split("/", 1)[0]
+
+
 def clone(url: str, path: Path) -> None:
     """Clone into a temporary sibling and rename, so a killed clone leaves no half workdir."""
     tmp = _temp_sibling(path)

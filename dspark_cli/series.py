@@ -54,6 +54,8 @@ def _read_text(path: Path) -> str:
 def read_series(directory: Path) -> list[str]:
     """Patch names listed in DIR/series, in order."""
     series_file = directory / SERIES_FILE
+    if directory.is_file():
+        raise UsageError(f"{directory} is a file, not a series directory (the directory holding `series` and the patches)")
     if not directory.is_dir():
         raise UsageError(f"{directory}: no such series directory")
     if not series_file.is_file():

@@ -113,11 +113,12 @@ def test_clone_and_fetch_failures_say_gits_reason(toy):
     """The progress handler reads git's stderr: its fatal: line must still reach the one-line error."""
     from dspark_cli.errors import EnvironmentProblem
 
-    missing = toy["root"] / "no-such-repo"
-    with pytest.raises(EnvironmentProblem, match=f"cannot clone {missing}: fatal: repository .* does not exist"):
-        run_apply(toy, repo=str(missing))
+    not_a_repo = toy["root"] / "not-a-repo"  # a missing path is refused before git runs (exit 2)
+    not_a_repo.mkdir()
+    with pytest.raises(EnvironmentProblem, match=f"cannot clone {not_a_repo}: fatal: repository .* does not exist"):
+        run_apply(toy, repo=str(not_a_repo))
     assert not toy["workdir"].exists()
     run_apply(toy)
     reason = "fatal: .* does not appear to be a git repository; fatal: Could not read from remote"
-    with pytest.raises(EnvironmentProblem, match=f"cannot fetch {missing}: {reason}"):
-        run_apply(toy, repo=str(missing), commit="deadbeef1", allow_unpinned=True)
+    with pytest.raises(EnvironmentProblem, match=f"cannot fetch {not_a_repo}: {reason}"):
+        run_apply(toy, repo=str(not_a_repo), commit="deadbeef1", allow_unpinned=True)

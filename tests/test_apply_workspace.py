@@ -314,6 +314,28 @@ def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, loc
     assert tree_fingerprint(work) == before
 
 
+def test_a_pypi_workspace_keeps_its_source_when_source_is_left_out(toy, tmp_path, local_index):
+    """README's quickstart then `dspark apply vllm --series ./our-patches -C ./vllm-v0.32.0`: was exit 2
+    '...was made from vllm-0.32.0.tar.gz; use another --workdir for this source'."""
+    publish_toy_sdist(toy, tmp_path, local_index)
+    work = tmp_path / "pypi-work"
+    made = applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="pypi"))
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "--series", str(team), "-C", str(work),
+                          "--json"], capture_output=True, text=True,
+                         env={**os.environ, "DSPARK_COMPAT": str(toy["compat_path"]), "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["source"] == made["source"] and result["base"] == made["base"]
+    assert result["new"] == ["team/0001-team-readme.patch"] and (work / "README.team").read_text() == "ours\n"
+    assert git(work, "remote") == ""  # nothing cloned or fetched
+
+    with pytest.raises(UsageError, match=r"was made from toy-engine-1.0.tar.gz \(--source pypi --file "
+                                         r"toy-engine-1.0.tar.gz\); give that source"):
+        applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="git"))
+
+
 def test_a_patch_already_in_the_tree_is_refused_not_committed_empty(toy):
     """A team series repeating DSpark's 0001: `git am` stops there; so does apply, tree restored."""
     run_apply(toy)

@@ -129,7 +129,9 @@ def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
     (["apply", "toy", "--commit", "v9.9"], 2, "known pins: v1.0"),
     (["apply", "toy", "--source", "svn"], 2, "--source must be git or pypi"),
     (["apply", "toy", "--source", "pypi"], 2, "has no release file"),
-    (["status", "--workdir", "/nonexistent"], 2, "is not a dspark workspace"),
+    (["status", "--workdir", "/nonexistent"], 2, "/nonexistent does not exist; --workdir/-C names the directory"),
+    (["revert", "-C", "/nonexistent"], 2, "/nonexistent does not exist"),
+    (["status", "-C", "/"], 2, "/ is not a dspark workspace"),
     (["series", "lock", "/nonexistent"], 2, "no such series directory"),
 ])
 def test_errors_map_to_documented_exit_codes(toy_env, args, code, text):
@@ -150,6 +152,36 @@ def test_conflict_in_a_real_process_exits_4_with_one_line(toy_env):
     assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr
     assert "team/0001-team-edit-a-line-1.1-changed.patch did not apply: file engine/core.py, hunk #1" in failed.stderr
     assert git(toy_env["work"], "rev-parse", "HEAD") == head and git(toy_env["work"], "status", "--porcelain") == ""
+
+
+def test_a_series_option_naming_a_file_says_so(toy_env):
+    """Was '<file>: no such series directory'."""
+    afile = toy_env["root"] / "afile"
+    afile.write_text("x\n")
+    result = run_real("apply", "toy", "--series", str(afile), "-C", str(toy_env["work"]))
+    assert result.returncode == 2 and not toy_env["work"].exists()
+    assert result.stderr.strip() == f"error: {afile} is a file, not a series directory (the directory holding `series` and the patches)"
+
+
+@pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
+def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command):
+    """Was exit 3 'cannot clone /no/such/dir' after starting a clone."""
+    args = [a.format(work=toy_env["work"]) for a in command]
+    result = run_real(*args, "--repo", "/no/such/dir")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: --repo /no/such/dir: no such directory (give a clone's directory or a URL)"
+    assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
+
+
+@pytest.mark.parametrize("url, local", [
+    ("/no/such/dir", True), ("./tgi", True), ("tgi", True), ("../a:b", True),
+    ("https://github.com/huggingface/text-generation-inference", False), ("file:///srv/tgi", False),
+    ("git@github.com:huggingface/text-generation-inference.git", False), ("host:repo", False),
+])
+def test_what_counts_as_a_local_repo_path(url, local):
+    from dspark_cli.git_source import is_local_path
+
+    assert is_local_path(url) is local
 
 
 def test_dirty_tree_in_a_real_process_exits_2(toy_env):

@@ -58,3 +58,20 @@ def test_installed_verify_without_torch_or_engine_is_one_line_and_exit_3(tmp_pat
                           env={**os.environ, "DSPARK_VLLM_PYTHON": str(Path(DSPARK).with_name("python"))})
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_installed_profile_without_torch_names_what_to_install(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    proc = run("profile", "--model", str(tmp_path), "--out", str(tmp_path / "sps.json"), cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip() == "error: dspark profile needs torch, which is not installed in this Python (pip install torch)"
+
+
+def test_installed_build_extra_brings_numpy(tmp_path):
+    """torch warns 'Failed to initialize NumPy' in `dspark build` without it."""
+    python = str(Path(DSPARK).with_name("python"))
+    out = subprocess.run([python, "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('dspark')))"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    build_extra = {line.split(";")[0].strip() for line in out.stdout.splitlines() if 'extra == "build"' in line}
+    assert {"torch>=2.11", "ninja", "numpy"} <= build_extra, out.stdout

@@ -23,6 +23,13 @@ def _dspark(*args):
     return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def _dspark_without(module, *args):
+    """The CLI in a Python where `module` does not import: None in sys.modules makes `import module`
+    raise ModuleNotFoundError, as an uninstalled package does."""
+    code = f"import sys; sys.modules[{module!r}] = None; from dspark_cli.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     (tmp_path / "model").mkdir()
@@ -79,6 +86,18 @@ def test_a_model_without_a_kv_cache_is_bad_input(tmp_path, config, reason):
     line = f"error: model_type '{config['model_type']}' is not supported: {reason}; dspark profile times a causal LM with a KV cache"
     assert line in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_without_transformers_it_is_one_line_exit_3_naming_the_install(model_dir, tmp_path):
+    """Was a ModuleNotFoundError traceback from sps_profile.load_config."""
+    args = ["profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json")]
+    human = _dspark_without("transformers", *args)
+    line = "error: dspark profile needs transformers, which is not installed in this Python (pip install transformers)"
+    assert human.returncode == 3 and human.stderr.strip() == line, human.stderr
+    as_json = _dspark_without("transformers", *args, "--json")
+    assert as_json.returncode == 3 and json.loads(as_json.stdout) == {
+        "ok": False, "exit_code": 3, "error": line.removeprefix("error: ")}
     assert not (tmp_path / "x.json").exists()
 
 

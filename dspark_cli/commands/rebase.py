@@ -140,11 +140,16 @@ def register(app: typer.Typer) -> None:
             rebase.byte_compile(ws, result)
             if not result.compile_errors:
                 rebase.write_series(ws, result, source_dir, out or pin.patches.parent / name, force)
-        report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
-                  "compat_entry": compat_entry if conflict is None and not result.compile_errors else None}
-        emit(report, as_json, _render)
+        failure = None
         if conflict is not None:
-            raise PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); markers left on branch "
-                              f"{result.branch} in {result.workdir}: resolve, commit, then run again with --continue")
-        if result.compile_errors:
-            raise CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")
+            failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); markers left on branch "
+                                  f"{result.branch} in {result.workdir}: resolve, commit, then run again with --continue")
+        elif result.compile_errors:
+            failure = CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")
+        report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
+                  "compat_entry": compat_entry if failure is None else None, "ok": failure is None}
+        if failure is not None:  # the report is the one JSON document, so it carries the failure's fields too
+            report.update(error=str(failure), exit_code=failure.exit_code)
+        emit(report, as_json, _render)
+        if failure is not None:
+            raise failure

@@ -3,7 +3,7 @@
 import typer
 
 from dspark_cli.cuda_env import torch_info
-from dspark_cli.errors import EnvironmentProblem
+from dspark_cli.errors import EnvironmentProblem, missing_module
 
 
 def _require_torch() -> None:
@@ -38,6 +38,10 @@ def register(app: typer.Typer) -> None:
     def verify_tgi(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
         """Check the installed, patched TGI server package against dspark_cli.runtime."""
         _require_torch()
+        try:
+            import transformers  # noqa: F401 -- the TGI-side loop runs a transformers target
+        except ImportError as exc:
+            raise missing_module("dspark verify tgi", exc, ("transformers",)) from exc
         from dspark_cli.integrations.tgi.verify import run
 
         run(as_json=as_json)
