@@ -87,6 +87,35 @@ def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 
 @dataclass
+class FusedLayer:
+    """One layer's projections concatenated once at load: one GEMM where there were three (q, k, v)
+    and two (gate, up), and the q and k heads normed in one op (eager launches, and in graphs the
+    device time of small kernels, are much of the drafter's step)."""
+    qkv: torch.Tensor       # [(H + 2·kv)·hd, d]
+    gate_up: torch.Tensor   # [2·mlp, d]
+    qk_norm: torch.Tensor   # [H + kv, hd]: q_norm's weight for each query head, k_norm's for each key head
+
+
+def _fuse_layers(config: DraftConfig, w: dict[str, torch.Tensor]) -> list[FusedLayer]:
+    """FusedLayer of every layer; w's q/k/v and gate/up entries become views of them (one copy of
+    the weights, under the checkpoint's names)."""
+    fused = []
+    for i in range(config.num_layers):
+        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        parts = {n: w[n] for n in (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight",
+                                   mlp + "gate_proj.weight", mlp + "up_proj.weight")}
+        names = list(parts)
+        qkv, gate_up = torch.cat([parts[n] for n in names[:3]]), torch.cat([parts[n] for n in names[3:]])
+        for whole, group in ((qkv, names[:3]), (gate_up, names[3:])):
+            for n, piece in zip(group, whole.split([parts[n].shape[0] for n in group])):
+                w[n] = piece
+        qk_norm = torch.cat([w[attn + "q_norm.weight"].expand(config.num_heads, -1),
+                             w[attn + "k_norm.weight"].expand(config.num_kv_heads, -1)])
+        fused.append(FusedLayer(qkv, gate_up, qk_norm))
+    return fused
+
+
+@dataclass
 class BlockProposal:
     draft: runtime.MarkovDraft     # tokens [R, γ], q_token, prev_emb, source (q rebuilt, not stored)
     confidence: torch.Tensor       # c [R, γ] (conditional)
@@ -99,7 +128,8 @@ class DSparkDraft:
         """cuda_graphs: replay the block forward's dense parts and the commit's projection from CUDA
         graphs (None: on for CUDA weights unless DSPARK_TGI_CUDA_GRAPHS=0; draft_graphs.py)."""
         self.config = config
-        self.w = weights
+        self.w = dict(weights)  # the caller's dict keeps its tensors; ours become views of the fused ones
+        self.fused = _fuse_layers(config, self.w)
         self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
         # The confidence head's weight and bias in fp32 once here (the chain's head reads fp32), or
         # None for a checkpoint without the head.
@@ -155,11 +185,12 @@ class DSparkDraft:
         self.context_kv.drop(request_id)
 
     def _project_kv(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        c, w, p = self.config, self.w, f"layers.{i}.self_attn."
-        k = (h @ w[p + "k_proj.weight"].T).view(-1, c.num_kv_heads, c.head_dim)
-        k = _rope(_rms(k, w[p + "k_norm.weight"], c.rms_norm_eps), rope)
-        v = (h @ w[p + "v_proj.weight"].T).view(-1, c.num_kv_heads, c.head_dim)
-        return k, v
+        """Layer i's k (normed, rotated) and v [n, kv, hd] of normed hidden rows h [n, d]: one GEMM
+        on the K and V rows of the fused projection."""
+        c = self.config
+        kv = (h @ self.fused[i].qkv[c.num_heads * c.head_dim:].T).view(-1, 2 * c.num_kv_heads, c.head_dim)
+        k, v = kv.split(c.num_kv_heads, 1)
+        return _rope(_rms(k, self.w[f"layers.{i}.self_attn.k_norm.weight"], c.rms_norm_eps), rope), v
 
     # ------------------------------------------------------------------ one block
 
@@ -201,20 +232,20 @@ class DSparkDraft:
         return self.w["embed_tokens.weight"][ids], _rope_tables(pos, self.config.head_dim, self.config.rope_theta)
 
     def _attention_inputs(self, i: int, x: torch.Tensor, rope):
-        """Layer i's q [n, H, hd], k and v [n, kv, hd] of the residual stream x [n, d]."""
-        c, w, p = self.config, self.w, f"layers.{i}."
-        h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(-1, c.num_heads, c.head_dim)
-        q = _rope(_rms(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps), rope)
-        return (q, *self._project_kv(i, h, rope))
+        """Layer i's q [n, H, hd], k and v [n, kv, hd] of the residual stream x [n, d]: one GEMM for
+        all three, the q and k heads normed and rotated together (views of one tensor come back)."""
+        c, f, H = self.config, self.fused[i], self.config.num_heads
+        h = _rms(x, self.w[f"layers.{i}.input_layernorm.weight"], c.rms_norm_eps)
+        qkv = (h @ f.qkv.T).view(-1, H + 2 * c.num_kv_heads, c.head_dim)
+        qk = _rope(_rms(qkv[:, :H + c.num_kv_heads], f.qk_norm, c.rms_norm_eps), rope)
+        return qk[:, :H], qk[:, H:], qkv[:, H + c.num_kv_heads:]
 
     def _after_attention(self, i: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Layer i's residual stream after its attention output o (x's rows, H·hd each) and MLP."""
         c, w, p = self.config, self.w, f"layers.{i}."
         x = x + o.reshape(x.shape[0], -1) @ w[p + "self_attn.o_proj.weight"].T
         h = _rms(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        gate = h @ w[p + "mlp.gate_proj.weight"].T
-        up = h @ w[p + "mlp.up_proj.weight"].T
+        gate, up = (h @ self.fused[i].gate_up.T).chunk(2, -1)
         return x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
