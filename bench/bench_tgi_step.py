@@ -98,6 +98,19 @@ def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str,
     return res
 
 
+def capture_cost(weights: DSparkDraft) -> str:
+    """What TGI's model load pays for capturing every graph size up front (hooks.maybe_attach)."""
+    draft = DSparkDraft(weights.config, weights.w, cuda_graphs=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    start = time.perf_counter()
+    draft.graphs.capture_all()
+    torch.cuda.synchronize()
+    took, grew = time.perf_counter() - start, (torch.cuda.memory_reserved() - before) / 2**20
+    sizes = len(draft.graphs.blocks) + len(draft.graphs.commits)
+    return f"capture_all: {sizes} sizes in {took:.2f} s, {grew:.0f} MiB more reserved"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,128")
@@ -110,6 +123,8 @@ def main() -> None:
     args = ap.parse_args()
     draft = make_draft(args.device)
     modes = args.modes.split(",")
+    if "graphs" in modes and args.device == "cuda":
+        print(capture_cost(draft))
     rows = [bench(draft, int(R), args.repeats, args.context, args.device, mode)
             for R in args.sizes.split(",") for mode in modes]
     print("| R | drafter | context | q | verify ms | commit ms | propose ms | step ms |")

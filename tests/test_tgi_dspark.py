@@ -450,6 +450,41 @@ def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dt
                 assert got.shape[0] == n and torch.allclose(got.float(), want.float(), **tol), (r, layer)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graphs_captured_ahead_serve_every_size_without_another_capture(checkpoints):
+    """What TGI's model load does (hooks.maybe_attach → capture_all): every block batch size and
+    commit row count captured up front; later steps replay them (no new capture) and match eager."""
+    from dspark_cli.integrations.tgi import draft_graphs
+
+    g = torch.Generator().manual_seed(22)
+    base = DSparkDraft.load(checkpoints["random"])
+    w = {k: v.to("cuda", torch.bfloat16) for k, v in base.w.items()}
+    eager, graphed = DSparkDraft(base.config, w, cuda_graphs=False), DSparkDraft(base.config, w, cuda_graphs=True)
+    graphed.graphs.capture_all()
+
+    def captured():
+        return {k: id(v) for k, v in graphed.graphs.blocks.items()}, {k: id(v) for k, v in graphed.graphs.commits.items()}
+
+    before = captured()
+    assert sorted(before[0]) == list(draft_graphs.BLOCK_BATCH_SIZES)
+    assert sorted(before[1]) == list(draft_graphs.COMMIT_ROWS)
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    lengths = [5, 0, 17, 9, 30]
+    feats = torch.randn(sum(lengths), width, generator=g).to("cuda", torch.bfloat16)
+    positions = torch.cat([torch.arange(n) for n in lengths]).cuda()
+    for draft in (eager, graphed):
+        draft.extend_contexts(list(range(5)), feats, positions, lengths)
+    anchors = torch.randint(0, base.w["lm_head.weight"].shape[0], (5,), generator=g).cuda()
+    want = eager.hidden_blocks(list(range(5)), anchors, lengths)
+    got = graphed.hidden_blocks(list(range(5)), anchors, lengths)
+    assert torch.allclose(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    for r in (0, 2, 3, 4):  # request 1 has no rows
+        for want, got in zip(eager.context_kv.committed(r, 0), graphed.context_kv.committed(r, 0)):
+            assert torch.allclose(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    assert captured() == before  # nothing captured again
+
+
 def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops():
     """The drafter's K/V pool under a random sequence of batched commits (1 to 40 rows, new and
     growing requests) and drops: each live request's committed rows are exactly what was committed
