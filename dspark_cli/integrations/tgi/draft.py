@@ -66,24 +66,30 @@ class DraftConfig:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm in fp32 (one fused op where torch has it), cast back, then the weight."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
+    """RMS norm over the last dim with weight w (torch computes in fp32 and casts back, as Qwen3's
+    norm does): one op; a per-head weight [heads, hd] (q and k heads normed together) is applied
+    after it."""
+    if w.shape == x.shape[-1:]:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * w
 
 
-def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n, 1, head_dim] of absolute positions [n]: made once per step, shared by every
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, 1, head_dim] of absolute positions [n], computed in fp32 and given in `dtype`
+    (the model's: RoPE then runs in it, as Qwen3's does): made once per step, shared by every
     layer's queries and keys (eager launches are most of the drafter's step)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[:, None] * inv[None]
-    return ang.cos().repeat(1, 2)[:, None], ang.sin().repeat(1, 2)[:, None]
+    return ang.cos().repeat(1, 2)[:, None].to(dtype), ang.sin().repeat(1, 2)[:, None].to(dtype)
 
 
 def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [n, heads, hd] rotated by _rope_tables of its positions (rotate-half convention, as Qwen3)."""
+    """x [n, heads, hd] rotated by _rope_tables of its positions (rotate-half convention, as Qwen3),
+    in the tables' dtype, returned in x's."""
     cos, sin = tables
-    hd = x.shape[-1]
-    xf = x.float()
-    return (xf * cos + torch.cat([-xf[..., hd // 2:], xf[..., : hd // 2]], -1) * sin).to(x.dtype)
+    half = x.shape[-1] // 2
+    return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(x.dtype)
 
 
 @dataclass
@@ -177,7 +183,7 @@ class DSparkDraft:
         """Every layer's K, V [L, n, kv, hd] of committed rows' target features [n, 5·d_t]."""
         c, w = self.config, self.w
         h = _rms(features.to(w["fc.weight"].dtype) @ w["fc.weight"].T, w["hidden_norm.weight"], c.rms_norm_eps)
-        rope = _rope_tables(positions, c.head_dim, c.rope_theta)
+        rope = _rope_tables(positions, c.head_dim, c.rope_theta, w["fc.weight"].dtype)
         kv = [self._project_kv(i, h, rope) for i in range(c.num_layers)]
         return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
@@ -229,7 +235,8 @@ class DSparkDraft:
     # batch's own, padding a graph's batch size, never mix with them).
     def _embed_block(self, ids: torch.Tensor, pos: torch.Tensor):
         """Embeddings [n, d] of token ids [n] and the RoPE tables of their positions [n]."""
-        return self.w["embed_tokens.weight"][ids], _rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+        embed = self.w["embed_tokens.weight"]
+        return embed[ids], _rope_tables(pos, self.config.head_dim, self.config.rope_theta, embed.dtype)
 
     def _attention_inputs(self, i: int, x: torch.Tensor, rope):
         """Layer i's q [n, H, hd], k and v [n, kv, hd] of the residual stream x [n, d]: one GEMM for
