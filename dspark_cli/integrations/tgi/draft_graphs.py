@@ -21,7 +21,7 @@ run eagerly. What the graphs read and write between each other and the eager cod
 buffers made once at the largest size and sliced for the others (one size runs at a time); all
 graphs share one memory pool for their scratch, which they may reuse because they replay one at a
 time and in capture order within a step. Memory at Qwen3-4B widths on an H200: the
-buffers, ~46 MB (block) and ~73 MB (commit), and 460 MiB more for capturing every size (the pool
+buffers, ~46 MB (block) and ~73 MB (commit), and 310 MiB more for capturing every size (the pool
 and cuBLAS's workspace for the warm-up stream; 0.5 s). DSPARK_TGI_CUDA_GRAPHS=0 turns graphs off."""
 
 from __future__ import annotations
