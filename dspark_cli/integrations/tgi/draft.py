@@ -66,9 +66,8 @@ class DraftConfig:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm over the last dim with weight w (torch computes in fp32 and casts back, as Qwen3's
-    norm does): one op; a per-head weight [heads, hd] (q and k heads normed together) is applied
-    after it."""
+    """RMS norm over the last dim with weight w, one op (torch normalizes in fp32 and returns x's
+    dtype); a per-head weight [heads, hd] (q and k heads normed together) is applied after it."""
     if w.shape == x.shape[-1:]:
         return F.rms_norm(x, (x.shape[-1],), w, eps)
     return F.rms_norm(x, (x.shape[-1],), eps=eps) * w

@@ -98,7 +98,7 @@ class DSparkProposer(DFlashProposer):
         if need_q:
             self._last_draft_probs = draft.q.contiguous()
         discard = self._discarded_rows(R)
-        if self.runner is not None:
+        if self.runner is not None and self.probabilistic:  # pending_q is installed only then
             req_ids = list(self.runner.input_batch.req_ids[:R])
             dropped = () if discard is None else [req_ids[i] for i in discard.nonzero()[0]]
             self.pending_q.drafted(req_ids, self._last_draft_probs, self.runner.requests, dropped)
