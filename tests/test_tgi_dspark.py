@@ -407,13 +407,15 @@ def test_block_attention_in_length_chunks_equals_one_call(checkpoints, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dtype):
+def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dtype, monkeypatch):
     """The drafter's static-shape work replayed from CUDA graphs (draft_graphs.py) gives the eager
     results: the block forward's hidden states for batch sizes padded to a graph size (3 → 4,
     9 → 16) and exact ones, one size replayed after another ran, contexts growing between replays
-    (the attention between the graphs is eager and sees them), a batch over the largest graph size
-    eager; and the context K/V of commits projected by graphs (R rows a step) or eagerly (the first,
+    (the attention between the graphs is eager and sees them), a batch whose attention takes several
+    length chunks (writing the graphs' input buffer by row index), a batch over the largest graph
+    size eager; and the context K/V of commits projected by graphs (R rows a step) or eagerly (the first,
     over the largest commit size). The two drafters share weights and receive the same commits."""
+    from dspark_cli.integrations.tgi import draft as draft_module
     from dspark_cli.integrations.tgi import draft_graphs
 
     g = torch.Generator().manual_seed(21)
@@ -430,10 +432,15 @@ def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dt
         draft.extend_contexts(list(range(len(lengths))), feats, torch.cat([torch.arange(n) for n in lengths]).cuda(),
                               lengths)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    budget = draft_module.ATTENTION_CHUNK_KEYS
     for step, R in enumerate([3, 16, 3, 9, 1, top + 3]):
         ids = torch.randperm(len(lengths), generator=g)[:R].tolist()
         anchors = torch.randint(0, V, (R,), generator=g).cuda()
         positions = [lengths[r] + step for r in ids]
+        # R = 9: several chunks (two requests of the longest contexts each; contexts are under 60 rows)
+        monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_KEYS", 2 * (60 + base.config.block_size) if R == 9 else budget)
+        if R == 9:
+            assert len(draft_module._chunks_by_length([lengths[r] for r in ids], base.config.block_size)) >= 2
         want = eager.hidden_blocks(ids, anchors, positions)
         got = graphed.hidden_blocks(ids, anchors, positions)
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), **tol), (R, (got - want).abs().max())
@@ -455,6 +462,7 @@ def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dt
 def test_graphs_captured_ahead_serve_every_size_without_another_capture(checkpoints):
     """What TGI's model load does (hooks.maybe_attach → capture_all): every block batch size and
     commit row count captured up front; later steps replay them (no new capture) and match eager."""
+    from dspark_cli.integrations.tgi import draft as draft_module
     from dspark_cli.integrations.tgi import draft_graphs
 
     g = torch.Generator().manual_seed(22)
