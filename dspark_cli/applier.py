@@ -115,8 +115,22 @@ def _check_request(request: ApplyRequest) -> None:
         raise UsageError(f"--repo {request.repo}: no such directory (give a clone's directory or a URL)")
 
 
+def _workspace_pin(engine: Engine, workdir: Path | None) -> str | None:
+    """--commit left out on an existing workspace: the pin it was applied for (None: the default
+    pin; an unpinned workspace names its commit with --commit again)."""
+    if workdir is None or not Path(workdir).is_dir():
+        return None
+    ws = Workspace(Path(workdir))
+    state = ws.read_state() if ws.is_repo() else None
+    if not state or state.get("engine") != engine.name or state.get("unpinned"):
+        return None
+    return state.get("pin") if state.get("pin") in engine.pins else None
+
+
 def apply(compat: Compat, request: ApplyRequest) -> dict:
     engine = compat.engine(request.engine)
+    if request.commit is None:
+        request = replace(request, commit=_workspace_pin(engine, request.workdir))
     pin = engine.resolve_pin(request.commit)
     if pin is None and not request.allow_unpinned:
         raise UsageError(unknown_pin_message(engine, request.commit))

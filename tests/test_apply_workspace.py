@@ -336,6 +336,28 @@ def test_a_pypi_workspace_keeps_its_source_when_source_is_left_out(toy, tmp_path
         applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="git"))
 
 
+def test_a_workspace_keeps_its_pin_when_commit_is_left_out(toy):
+    """`apply --commit v1.1 -C W`, then `apply --series team -C W` without --commit: W's pin, not
+    the default one (was exit 2: 'W holds toy v1.1; use another --workdir for toy v1.0')."""
+    import yaml
+
+    doc = yaml.safe_load(toy["compat_path"].read_text())
+    pins = doc["engines"]["toy"]["pins"]
+    pins["v1.1"] = {**pins["v1.0"], "commit": toy["upstream"]["v1.1"], "tag": "v1.1"}
+    toy["compat_path"].write_text(yaml.safe_dump(doc))
+    table = compat.load(toy["compat_path"])
+    work = toy["workdir"]
+    made = applier.apply(table, applier.ApplyRequest(engine="toy", workdir=work, commit="v1.1"))
+    assert made["pin"] == "v1.1" and made["base"] == toy["upstream"]["v1.1"]
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.1"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    again = applier.apply(table, applier.ApplyRequest(engine="toy", workdir=work, series=(team,)))
+    assert again["pin"] == "v1.1" and again["base"] == made["base"] and again["new"] == ["team/0001-team-readme.patch"]
+    assert git(work, "symbolic-ref", "HEAD") == "refs/heads/dspark/v1.1"
+    fresh = applier.apply(table, applier.ApplyRequest(engine="toy", workdir=toy["root"] / "fresh"))
+    assert fresh["pin"] == "v1.0"  # a new workdir still takes the default pin
+
+
 def test_a_patch_already_in_the_tree_is_refused_not_committed_empty(toy):
     """A team series repeating DSpark's 0001: `git am` stops there; so does apply, tree restored."""
     run_apply(toy)
