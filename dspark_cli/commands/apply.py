@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
     @app.command("apply")
     def apply_command(
         engine: str = typer.Argument(..., help="Engine in compat.yaml: vllm or tgi."),
-        commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: the engine's default pin)."),
+        commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: an existing workspace's pin, else the engine's default pin)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./<engine>-<pin>)."),
         repo: Optional[str] = typer.Option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
         source: Optional[str] = typer.Option(
