@@ -1,8 +1,8 @@
 """The TGI drafter's context K/V: every request's committed rows in one K and one V tensor
 [layers, rows, kv_heads, head_dim], each request owning a contiguous segment of rows, so that a
-step's commits are one index_copy_ for K and one for V and a batch's padded contexts one gather per layer,
-whatever the number of requests (per-request tensors cost a few host dispatches each per layer:
-most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
+step's commits are one index_copy_ for K and one for V, and a batch's padded contexts one gather
+per layer, whatever the number of requests (per-request tensors cost a few host dispatches each
+per layer: most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
 
 A segment's capacity doubles when its request outgrows it (the request moves to a new segment at
 the top: one copy); when the top reaches the end, the other live segments are packed into a fresh
