@@ -26,10 +26,11 @@ and cuBLAS's workspace for the warm-up stream; 0.5 s). DSPARK_TGI_CUDA_GRAPHS=0 
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
+
+from dspark_cli.integrations.switches import env_switch
 
 ENV_CUDA_GRAPHS = "DSPARK_TGI_CUDA_GRAPHS"
 BLOCK_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -40,8 +41,8 @@ def graphs_wanted(requested: bool | None, weight: torch.Tensor) -> bool:
     """Whether a drafter with this weight's device uses CUDA graphs: `requested` when given, else on
     for CUDA unless DSPARK_TGI_CUDA_GRAPHS=0."""
     if requested is None:
-        requested = os.environ.get(ENV_CUDA_GRAPHS, "1").strip().lower() not in ("0", "false", "off", "no")
-    return bool(requested) and weight.is_cuda
+        requested = env_switch(ENV_CUDA_GRAPHS) is not False
+    return requested and weight.is_cuda
 
 
 class DraftGraphs:

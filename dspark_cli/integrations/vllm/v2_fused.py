@@ -26,7 +26,6 @@ is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from dspark_cli.runtime import cuda_ops, rng
 from dspark_cli.runtime.confidence import confidence_probs
 from dspark_cli.runtime.markov import markov_chain
 
+from dspark_cli.integrations.switches import env_switch
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 
 ENV_SWITCH = "DSPARK_V2_FUSED"
@@ -45,10 +45,8 @@ logger = logging.getLogger("dspark.vllm.v2_fused")
 
 def enabled() -> bool:
     """DSPARK_V2_FUSED=1/0 wins; unset, on exactly when our CUDA extension is loaded."""
-    value = os.environ.get(ENV_SWITCH)
-    if value is None or value.strip() == "":
-        return bool(cuda_ops.available())
-    return value.strip().lower() not in ("0", "false", "off", "no")
+    switch = env_switch(ENV_SWITCH)
+    return bool(cuda_ops.available()) if switch is None else switch
 
 
 @dataclass(frozen=True)
