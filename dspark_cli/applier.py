@@ -111,8 +111,7 @@ def _check_request(request: ApplyRequest) -> None:
         raise UsageError("--repo only applies to --source git")
     if request.source == "git" and (request.package or request.file):
         raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
-    if request.repo and git_source.is_local_path(request.repo) and not Path(request.repo).exists():
-        raise UsageError(f"--repo {request.repo}: no such directory (give a clone's directory or a URL)")
+    git_source.check_repo_option(request.repo)
 
 
 def _workspace_pin(engine: Engine, workdir: Path | None) -> str | None:

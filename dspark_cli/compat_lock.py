@@ -29,8 +29,7 @@ def clone_for(engine: str, repo: str) -> Workspace:
 
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     """Resolve each pin's commit (through its tag when present) and write the full ids back."""
-    if repo and git_source.is_local_path(repo) and not Path(repo).exists():
-        raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
+    git_source.check_repo_option(repo)
     text = compat.path.read_text(encoding="utf-8")
     changes = []
     for name in engines:

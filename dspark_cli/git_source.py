@@ -57,6 +57,13 @@ def is_local_path(url: str) -> bool:
     return "://" not in url and ":" not in url.split("/", 1)[0]
 
 
+def check_repo_option(repo: str | None) -> None:
+    """--repo naming a local path that does not exist is bad input, found before any clone (a
+    quoted ~ counts as the home directory, as `compat lock` reads it)."""
+    if repo and is_local_path(repo) and not Path(repo).expanduser().exists():
+        raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
+
+
 def clone(url: str, path: Path) -> None:
     """Clone into a temporary sibling and rename, so a killed clone leaves no half workdir."""
     tmp = _temp_sibling(path)
