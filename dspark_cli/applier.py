@@ -88,20 +88,32 @@ def unknown_pin_message(engine: Engine, commit: str) -> str:
     return f"{commit} is not pinned in compat.yaml for {engine.name}; known pins: {known}. Use --allow-unpinned to try anyway"
 
 
-def resolve_source(request: ApplyRequest, workdir: Path, pin: Pin | None) -> ApplyRequest:
+def _made_state(workdir: Path) -> dict | None:
+    """The state of the dspark workspace at `workdir`, or None (no workspace there yet)."""
+    ws = Workspace(workdir)
+    return ws.read_state() if workdir.is_dir() and ws.is_repo() else None
+
+
+def _workspace_pin(engine: Engine, made: dict | None) -> str | None:
+    """--commit left out: the pin the workspace was applied for (None: the default pin; an
+    unpinned workspace names its commit with --commit again)."""
+    if not made or made.get("engine") != engine.name or made.get("unpinned"):
+        return None
+    return made.get("pin") if made.get("pin") in engine.pins else None
+
+
+def resolve_source(request: ApplyRequest, made: dict | None, pin: Pin | None) -> ApplyRequest:
     """--source left out: git with --repo; else the source the workspace was made from (and, with
     neither --package nor --file, its release file while the pin still lists it); else git."""
     if request.source is not None:
         return request
-    ws = Workspace(workdir)
-    state = ws.read_state() if request.repo is None and workdir.is_dir() and ws.is_repo() else None
-    made = (state or {}).get("source") or {}
-    if made.get("kind") != "pypi":
+    source = ((made if request.repo is None else None) or {}).get("source") or {}
+    if source.get("kind") != "pypi":
         return replace(request, source="git")
     if request.package or request.file or pin is None:
         return replace(request, source="pypi")
-    listed = any(r.file == made.get("file") for r in pin.releases)
-    return replace(request, source="pypi", file=made["file"] if listed else None)
+    listed = any(r.file == source.get("file") for r in pin.releases)
+    return replace(request, source="pypi", file=source["file"] if listed else None)
 
 
 def _check_request(request: ApplyRequest) -> None:
@@ -114,29 +126,19 @@ def _check_request(request: ApplyRequest) -> None:
     git_source.check_repo_option(request.repo)
 
 
-def _workspace_pin(engine: Engine, workdir: Path | None) -> str | None:
-    """--commit left out on an existing workspace: the pin it was applied for (None: the default
-    pin; an unpinned workspace names its commit with --commit again)."""
-    if workdir is None or not Path(workdir).is_dir():
-        return None
-    ws = Workspace(Path(workdir))
-    state = ws.read_state() if ws.is_repo() else None
-    if not state or state.get("engine") != engine.name or state.get("unpinned"):
-        return None
-    return state.get("pin") if state.get("pin") in engine.pins else None
-
-
 def apply(compat: Compat, request: ApplyRequest) -> dict:
     engine = compat.engine(request.engine)
+    given = Path(request.workdir).resolve() if request.workdir else None
+    made = _made_state(given) if given else None  # --commit and --source default to the workspace's
     if request.commit is None:
-        request = replace(request, commit=_workspace_pin(engine, request.workdir))
+        request = replace(request, commit=_workspace_pin(engine, made))
     pin = engine.resolve_pin(request.commit)
     if pin is None and not request.allow_unpinned:
         raise UsageError(unknown_pin_message(engine, request.commit))
     series_pin = pin or engine.pins[engine.default_pin]
-    workdir = Path(request.workdir or f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
+    workdir = given or Path(f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
     check_dir_option(workdir)
-    request = resolve_source(request, workdir, pin)
+    request = resolve_source(request, made if given else _made_state(workdir), pin)
     _check_request(request)
     if pin is None and request.source == "pypi":
         raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
