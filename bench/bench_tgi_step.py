@@ -7,11 +7,11 @@ draft layers of width 2560 (32 query heads, 8 KV heads of 128, MLP 9728), bf16, 
 sampled, seeded as TGI's router seeds every request, all γ drafts verified (DSPARK_SCHEDULER=off);
 each request starts from --context committed rows (growing by 4 a cycle).
 
-    PYTHONPATH=. python bench/bench_tgi_step.py --sizes 1,16,128 [--modes eager,graphs] [--repeats 20]
-        [--context 512] [--json-out FILE]
+    PYTHONPATH=. python bench/bench_tgi_step.py --sizes 1,16,128 [--modes eager,graphs] [--attention op,sdpa]
+        [--repeats 20] [--context 512] [--json-out FILE]
 
 Median ms of --repeats cycles (after 3 warm-up cycles, which capture the graphs), each phase timed
-between device syncs; with both modes, the eager / graphs ratios of one run."""
+between device syncs; the ratios of one run between settings that differ in one thing."""
 
 import argparse
 import json
@@ -67,9 +67,10 @@ def sync_time(fn, device: str):
     return (time.perf_counter() - start) * 1e3, out
 
 
-def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str, mode: str) -> dict:
+def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str, mode: str, attention: str) -> dict:
     # the weights, with no context committed yet
     draft = DSparkDraft(weights.config, weights.w, cuda_graphs=mode == "graphs")
+    draft.paged_attention_fits &= attention == "op"  # "sdpa": the padded gathers and SDPA
     spec = DSparkSpeculation(draft, None, scheduler="off")
     ids = list(range(R))
     g = torch.Generator(device=device).manual_seed(R)
@@ -92,7 +93,7 @@ def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str,
             for name, t in (("verify", t_ver), ("commit", t_com), ("propose", t_prop)):
                 times[name].append(t)
     kept = getattr(spec.pending[0], "draft", None)  # trees before lazy drafts kept q rows instead
-    res = {"R": R, "mode": mode, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
+    res = {"R": R, "mode": mode, "attention": attention, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
     res.update({f"{name}_ms": statistics.median(t) for name, t in times.items()})
     res["step_ms"] = res["verify_ms"] + res["commit_ms"] + res["propose_ms"]
     return res
@@ -119,23 +120,31 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="eager,graphs",
                     help="drafter block forward: eager, graphs (CUDA graphs between attention calls) or both")
+    ap.add_argument("--attention", default="op",
+                    help="drafter attention: op (our CUDA op reading the context pool in place, where it fits), "
+                         "sdpa (padded gathers and SDPA) or both")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     draft = make_draft(args.device)
     modes = args.modes.split(",")
     if "graphs" in modes and args.device == "cuda":
         print(capture_cost(draft))
-    rows = [bench(draft, int(R), args.repeats, args.context, args.device, mode)
-            for R in args.sizes.split(",") for mode in modes]
-    print("| R | drafter | context | q | verify ms | commit ms | propose ms | step ms |")
-    print("|---:|---|---:|---|---:|---:|---:|---:|")
+    attentions = args.attention.split(",")
+    rows = [bench(draft, int(R), args.repeats, args.context, args.device, mode, attention)
+            for R in args.sizes.split(",") for mode in modes for attention in attentions]
+    print("| R | drafter | attention | context | q | verify ms | commit ms | propose ms | step ms |")
+    print("|---:|---|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['R']} | {r['mode']} | {r['context']} | {r['q']} | {r['verify_ms']:.3f} | {r['commit_ms']:.3f} | "
-              f"{r['propose_ms']:.3f} | {r['step_ms']:.3f} |")
-    if modes == ["eager", "graphs"]:
-        for eager, graphs in zip(rows[::2], rows[1::2]):
-            print(f"R={eager['R']}: eager / graphs = {eager['propose_ms'] / graphs['propose_ms']:.2f}x propose, "
-                  f"{eager['step_ms'] / graphs['step_ms']:.2f}x step")
+        print(f"| {r['R']} | {r['mode']} | {r['attention']} | {r['context']} | {r['q']} | {r['verify_ms']:.3f} | "
+              f"{r['commit_ms']:.3f} | {r['propose_ms']:.3f} | {r['step_ms']:.3f} |")
+    # ratios of one run: each pair that differs in one setting only
+    for a, b in ((x, y) for i, x in enumerate(rows) for y in rows[i + 1:] if x["R"] == y["R"]):
+        differ = [k for k in ("mode", "attention") if a[k] != b[k]]
+        if len(differ) == 1:
+            key = differ[0]
+            same = "attention" if key == "mode" else "mode"
+            print(f"R={a['R']}, {same} {a[same]}: {a[key]} / {b[key]} = {a['propose_ms'] / b['propose_ms']:.2f}x "
+                  f"propose, {a['step_ms'] / b['step_ms']:.2f}x step")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -22,6 +22,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
 
+void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
+                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
+                          const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
+
 // Shapes only: what the CUDA implementations allocate. Every size is a SymInt taken from the
 // inputs' sym sizes, so under torch.compile(dynamic=True) the batch size stays symbolic (a concrete
 // .size() here would specialize it and recompile for every new R).
@@ -63,6 +67,11 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
   return {at::empty_symint({R, gamma + 1}, tokens.options()), at::empty_symint({R}, tokens.options())};
 }
 
+// Writes into `out` only: nothing to allocate.
+void draft_attention_meta(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
+                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
+                          const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {}
+
 }  // namespace dspark
 
 TORCH_LIBRARY(dspark, m) {
@@ -78,16 +87,21 @@ TORCH_LIBRARY(dspark, m) {
       "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None, Tensor? thresholds=None) "
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
+  m.def(
+      "draft_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_pool, Tensor v_pool, Tensor starts, "
+      "Tensor lengths, int max_length, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("markov_chain", &dspark::markov_chain_cuda);
   m.impl("rejection_sample", &dspark::rejection_sample_cuda);
   m.impl("schedule_production", &dspark::schedule_production_cuda);
+  m.impl("draft_attention", &dspark::draft_attention_cuda);
 }
 
 TORCH_LIBRARY_IMPL(dspark, Meta, m) {
   m.impl("markov_chain", &dspark::markov_chain_meta);
   m.impl("rejection_sample", &dspark::rejection_sample_meta);
   m.impl("schedule_production", &dspark::schedule_production_meta);
+  m.impl("draft_attention", &dspark::draft_attention_meta);
 }

@@ -51,11 +51,17 @@ def sched(a_stale, a_now, dense):
 def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats, thresholds):
     return torch.ops.dspark.rejection_sample(target, None, ell, tokens, q_token, None, U, anchors, w1, w2, T, None,
                                              seeds, row_stats, G + 1, None, thresholds)
+def attend(q, kb, vb, kp, vp, starts, lengths, out):
+    torch.ops.dspark.draft_attention(q, kb, vb, kp, vp, starts, lengths, 600, out)
+    return out
+I32 = lambda *s: meta(*s, dtype=torch.int32)
 cases = {
     "markov_chain": (chain, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R), bf(R, G, D),
                                        meta(D + RANK), meta(1), L(R), meta(R))),
     "markov_chain_lazy": (chain_lazy, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R))),
     "schedule_production": (sched, lambda R: (meta(R + 2, G), meta(R, G), meta(9))),
+    "draft_attention": (attend, lambda R: (bf(R, G, 32, 128), bf(R, G, 8, 128), bf(R, G, 8, 128), bf(4096, 8, 128),
+                                           bf(4096, 8, 128), I32(R), I32(R), bf(R, G, 32, 128))),
     "rejection_sample": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
                                             bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G))),
 }
@@ -107,7 +113,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["counter_offset"] == 7  # as the CUDA op's: the last of γ + 1 counters
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
-    assert {"markov_chain", "rejection_sample", "schedule_production"} <= set(res["ops"]), res["ops"]
+    assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
     check_dynamic_shapes(res["dyn"])
     check_wheel(Path(res["wheel"]), Path(res["path"]), tmp_path)
@@ -135,6 +141,7 @@ def check_dynamic_shapes(dyn: dict) -> None:
                                                          [[1], "torch.int32"], [[0, 7], f32], [[0, 7], f32]]
         assert dyn["schedule_production"]["shapes"][r] == [[[R], i64]]
         assert dyn["rejection_sample"]["shapes"][r] == [[[R, 8], i64], [[R], i64]]
+        assert dyn["draft_attention"]["shapes"][r] == [[[R, 7, 32, 128], "torch.bfloat16"]]
 
 
 def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:

@@ -11,23 +11,7 @@ from dspark_cli.selftest import (MarkovCase, RejectionCase, compare_confidence, 
                                  compare_schedule, confidence_inputs, markov_inputs, markov_warps, poison_allocator,
                                  rejection_inputs)
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch")
-    from dspark_cli.build import build
-    from dspark_cli.errors import DsparkError
-    from dspark_cli.runtime import cuda_ops
-
-    try:
-        path = cuda_ops.load() or cuda_ops.load(build().path)
-    except DsparkError as exc:
-        pytest.skip(f"extension not built: {exc}")
-    if path is None:
-        pytest.skip(f"extension not loaded: {cuda_ops.load_error()}")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
 
 
 CASES = [

@@ -156,3 +156,28 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
         seeds.contiguous(), row_stats, row_stride, block_counter, thresholds)
     return VerifyResult(output_tokens, num_accepted)
+
+
+DRAFT_ATTENTION_MAX_ROWS = 128  # (H / kv)·γ query rows of one KV head, padded to 16: one CTA's tiles
+
+
+def draft_attention_fits(weight: torch.Tensor, head_dim: int, query_rows: int) -> bool:
+    """Whether draft_attention covers a drafter with weights like `weight`: bf16 or fp16 on a GPU of
+    compute capability 8.0 or more (bf16 tensor cores), head_dim 64 or 128, and (H / kv)·γ query
+    rows per KV head within DRAFT_ATTENTION_MAX_ROWS once padded to 16. Whether the extension is
+    loaded and enabled is available()'s question."""
+    return (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128)
+            and -(-query_rows // 16) * 16 <= DRAFT_ATTENTION_MAX_ROWS
+            and torch.cuda.get_device_capability(weight.device)[0] >= 8)
+
+
+def draft_attention(q, k_block, v_block, k_pool, v_pool, starts, lengths, max_length: int, out=None):
+    """The drafter's block attention onto its paged context (csrc/draft_attention.cu): q [R, γ, H, hd]
+    and the block's k/v [R, γ, kv, hd] onto rows starts[r] .. starts[r] + lengths[r] − 1 of the
+    pool's k/v [rows, kv, hd] followed by the block's own keys, non-causal, scale 1/√hd. starts and
+    lengths int32 [R] on the GPU; max_length (host) the longest context, which sizes the key
+    splits. Writes `out` (allocated when None) and returns it. For what draft_attention_fits."""
+    out = torch.empty_like(q) if out is None else out
+    torch.ops.dspark.draft_attention(q.contiguous(), k_block.contiguous(), v_block.contiguous(), k_pool, v_pool,
+                                     starts, lengths, int(max_length), out)
+    return out

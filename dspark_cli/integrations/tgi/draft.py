@@ -3,8 +3,9 @@ tensor names of DSPARK.md §2) in plain torch, with its own per-request context 
 
 Why plain torch: TGI's flash layers assume paged KV and causal attention; the draft needs
 non-causal attention from γ block queries onto "committed context + the block" (KV injection), so
-it keeps its own small cache (5 layers × committed tokens) and runs SDPA with a key mask over the
-requests' padded contexts.
+it keeps its own small cache (5 layers × committed tokens). Attention reads it in place with our
+CUDA op where it covers the drafter (csrc/draft_attention.cu: bf16/fp16, head_dim 64 or 128), else
+runs SDPA with a key mask over the requests' padded contexts.
 
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
+from dspark_cli.runtime import cuda_ops
 from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import KVPool
 
@@ -142,6 +144,10 @@ class DSparkDraft:
                                 weights["confidence_head.proj.bias"].float()) \
             if "confidence_head.proj.weight" in weights else None
         self.context_kv = KVPool(config.num_layers)  # committed context K/V of every request
+        # Our attention op fits these weights and shapes (whether the extension is loaded and
+        # enabled is asked each step: cuda_ops.enabled switches it for comparisons).
+        self.paged_attention_fits = cuda_ops.draft_attention_fits(
+            weights["embed_tokens.weight"], config.head_dim, config.num_heads // config.num_kv_heads * config.block_size)
         self.graphs = DraftGraphs(self) if graphs_wanted(cuda_graphs, weights["embed_tokens.weight"]) else None
 
     @classmethod
@@ -212,7 +218,7 @@ class DSparkDraft:
         c, w = self.config, self.w
         R, G = len(request_ids), c.block_size
         dev = w["embed_tokens.weight"].device
-        plan = _attention_chunks(self.context_kv, request_ids, G, dev)
+        plan = self._attention_plan(request_ids, dev)
         ids = torch.full((R, G), c.mask_token_id, dtype=torch.int64, device=dev)
         ids[:, 0] = anchors.to(dev, torch.int64)
         pos = (torch.tensor(anchor_positions, dtype=torch.int64).to(dev)[:, None]
@@ -257,16 +263,30 @@ class DSparkDraft:
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return _rms(x, self.w["norm.weight"], self.config.rms_norm_eps)
 
+    def _attention_plan(self, request_ids: list[int], device) -> PagedContexts | list[AttentionChunk]:
+        """How every layer's attention of this step finds the requests' contexts: in place in the pool
+        (our op) or by chunks of padded gathers (SDPA)."""
+        if self.paged_attention_fits and cuda_ops.available(self.w["embed_tokens.weight"]):
+            placement = self.context_kv.placement(request_ids, device)
+            longest = max((self.context_kv.length(r) for r in request_ids), default=0)
+            return PagedContexts(placement[0], placement[1], longest)
+        return _attention_chunks(self.context_kv, request_ids, self.config.block_size, device)
+
     def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
-                         plan: list[AttentionChunk], out: torch.Tensor | None = None) -> torch.Tensor:
+                         plan: PagedContexts | list[AttentionChunk], out: torch.Tensor | None = None) -> torch.Tensor:
         """q [R, γ, H, hd] onto each request's committed K/V and its block's k_blk/v_blk [R, γ, kv, hd]
         -> [R, γ, H, hd], one SDPA call per chunk of the plan over [padded contexts ; blocks] with
         the chunk's key mask: keys carry their positions in RoPE, so where a block's keys sit does
         not matter. Grouped-query heads without copying K/V per query head: the g query heads of a
         KV head and the γ positions make g·γ query rows of that head. `out`: where to write (a CUDA
-        graph's input buffer)."""
+        graph's input buffer). With PagedContexts, our op does all of it in one or two launches."""
         R, G, H, hd = q.shape
         kv = k_blk.shape[2]
+        if isinstance(plan, PagedContexts):
+            pool = self.context_kv
+            k_pool, v_pool = (pool.k[layer], pool.v[layer]) if pool.k is not None else (k_blk.new_empty(0, kv, hd),) * 2
+            return cuda_ops.draft_attention(q, k_blk, v_blk, k_pool, v_pool, plan.starts, plan.lengths,
+                                            plan.longest, out)
         out = torch.empty_like(q) if out is None else out
         g = H // kv
         for chunk in plan:
@@ -311,6 +331,15 @@ class DSparkDraft:
         else:  # a checkpoint without the head: verify everything (scheduler sees certainty)
             c = torch.ones(draft.tokens.shape, dtype=torch.float32, device=U.device)
         return BlockProposal(draft=draft, confidence=c, survival=runtime.survival(c))
+
+
+@dataclass
+class PagedContexts:
+    """The batch's contexts where they lie in the pool, for our attention op: each request's first
+    row and length (int32 [R] on the device) and the longest length (sizes the op's key splits)."""
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    longest: int
 
 
 @dataclass

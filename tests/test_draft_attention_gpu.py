@@ -1,0 +1,154 @@
+"""Our drafter attention op (csrc/draft_attention.cu) on a GPU: each request's block queries onto its
+context where it lies in the pool (segments at scattered starts, gaps between them) and its own
+block, against attention computed per request in fp32 from the same inputs; outputs over
+NaN-poisoned memory; one launch and the split-and-merge path; CUDA-graph capture; and the TGI
+drafter with the op against itself on SDPA. Skipped, with the reason, without a GPU or a build.
+
+    PYTHONPATH=. python -m pytest -q tests/test_draft_attention_gpu.py     (after `dspark build`)"""
+
+import pytest
+import torch
+
+from dspark_cli.runtime import cuda_ops
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
+
+
+def make_case(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False):
+    """Random q and block K/V, and a pool whose segments start at shuffled places with unused rows
+    (filled with a large value: a read of them would show) between and around them. ramp: context
+    keys scaled from 0.2 up to 5 along each context, so that later key tiles hold far larger scores
+    than the first (the kernel's running max moves and its accumulator is rescaled)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    R = len(lengths)
+    rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    q, k_block, v_block = rand(R, gamma, heads, hd), rand(R, gamma, kv, hd), rand(R, gamma, kv, hd)
+    gaps = torch.randint(0, 9, (R,), generator=g, device="cuda").tolist()
+    order = torch.randperm(R, generator=g, device="cuda").tolist()
+    starts, top = [0] * R, 5
+    for r in order:
+        starts[r] = top
+        top += lengths[r] + gaps[r]
+    k_pool = torch.full((top + 7, kv, hd), 300.0, device="cuda", dtype=dtype)
+    v_pool = k_pool.clone()
+    for r in range(R):
+        scale = torch.linspace(0.2, 5, lengths[r], device="cuda")[:, None, None] if ramp else 1
+        k_pool[starts[r]:starts[r] + lengths[r]] = (rand(lengths[r], kv, hd) * scale).to(dtype)
+        v_pool[starts[r]:starts[r] + lengths[r]] = rand(lengths[r], kv, hd)
+    place = torch.tensor([starts, lengths], dtype=torch.int32, device="cuda")
+    return q, k_block, v_block, k_pool, v_pool, place[0], place[1]
+
+
+def reference(q, k_block, v_block, k_pool, v_pool, starts, lengths):
+    """Per request, in fp32: softmax(q kᵀ / √hd) v over [context rows ; block rows], grouped-query heads."""
+    R, gamma, heads, hd = q.shape
+    group = heads // k_block.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for r in range(R):
+        s, n = int(starts[r]), int(lengths[r])
+        k = torch.cat([k_pool[s:s + n], k_block[r]]).float().repeat_interleave(group, 1)  # [keys, H, hd]
+        v = torch.cat([v_pool[s:s + n], v_block[r]]).float().repeat_interleave(group, 1)
+        scores = torch.einsum("thd,khd->htk", q[r].float(), k) / hd ** 0.5
+        out[r] = torch.einsum("htk,khd->thd", scores.softmax(-1), v)
+    return out
+
+
+CASES = [  # lengths, γ, H, kv, hd, dtype, ramp: one launch and split keys (few requests, long contexts)
+    ([560] * 128, 7, 32, 8, 128, torch.bfloat16, False),  # Qwen3-4B DSpark at R = 128
+    ([0, 1, 63, 64, 65, 700, 3], 7, 32, 8, 128, torch.bfloat16, False),  # tile edges, an empty context
+    ([3000], 7, 32, 8, 128, torch.bfloat16, False),          # R = 1: keys split, merged
+    ([5, 2000], 4, 16, 2, 64, torch.float16, False),         # hd 64, fp16, split with a short request
+    ([40, 0, 17] * 44, 16, 8, 1, 64, torch.bfloat16, False),  # 128 query rows per KV head, R = 132
+    ([0, 0], 3, 2, 1, 64, torch.bfloat16, False),            # no context at all (the tiny drafter's shape)
+    ([900] * 40, 7, 32, 8, 128, torch.bfloat16, True),       # scores growing along the context
+    ([2500], 7, 32, 8, 128, torch.float16, True),            # the same in the splits
+]
+
+
+@pytest.mark.parametrize("lengths,gamma,heads,kv,hd,dtype,ramp", CASES)
+def test_draft_attention_matches_per_request_attention(lengths, gamma, heads, kv, hd, dtype, ramp):
+    inputs = make_case(lengths, gamma, heads, kv, hd, dtype, seed=len(lengths) * 31 + gamma, ramp=ramp)
+    out = torch.full_like(inputs[0], float("nan"))
+    cuda_ops.draft_attention(*inputs, max(lengths), out)
+    want = reference(*inputs)
+    err = (out.float() - want).abs().max().item()
+    assert not out.isnan().any() and err < 2e-2, err
+
+
+def test_a_too_small_max_length_still_reads_every_key():
+    """max_length only sizes the key splits: the last split takes whatever keys are left."""
+    inputs = make_case([1500, 2], 7, 32, 8, 128, torch.bfloat16, seed=3)
+    out = cuda_ops.draft_attention(*inputs, 100)
+    assert (out.float() - reference(*inputs)).abs().max().item() < 2e-2
+
+
+def test_draft_attention_replays_from_a_cuda_graph():
+    """No host sync and its split workspace from the caching allocator: the op captures, and a
+    replay after the contexts changed in place reads the new rows."""
+    q, kb, vb, kp, vp, starts, lengths = make_case([900, 20], 7, 32, 8, 128, torch.bfloat16, seed=4)
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts, lengths, 900, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts, lengths, 900, out)
+    kp.mul_(-1.5)
+    lengths[1] = 10
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out.float() - reference(q, kb, vb, kp, vp, starts, lengths)).abs().max().item() < 2e-2
+
+
+def test_draft_attention_refuses_what_it_does_not_cover():
+    q, kb, vb, kp, vp, starts, lengths = make_case([4], 7, 32, 8, 128, torch.bfloat16, seed=5)
+    with pytest.raises(RuntimeError, match="bf16 or fp16"):
+        cuda_ops.draft_attention(q.float(), kb.float(), vb.float(), kp.float(), vp.float(), starts, lengths, 4)
+    with pytest.raises(RuntimeError, match="int32"):
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts.long(), lengths, 4)
+    assert not cuda_ops.draft_attention_fits(q.float(), 128, 28)
+    assert not cuda_ops.draft_attention_fits(q, 96, 28) and not cuda_ops.draft_attention_fits(q, 128, 129)
+    assert cuda_ops.draft_attention_fits(q, 128, 28)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv,gamma", [(64, 2, 1, 3), (128, 8, 2, 7)])
+def test_drafter_on_the_op_matches_the_drafter_on_sdpa(head_dim, heads, kv, gamma):
+    """The TGI drafter's block forward with attention from our op and from its SDPA path
+    (cuda_ops.enabled(False)) over one pool: ragged contexts including an empty one."""
+    from dspark_cli.integrations.tgi.draft import DraftConfig, DSparkDraft, PagedContexts
+
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    width, layers, vocab, mlp = 256, 2, 512, 512
+    rand = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.05).bfloat16()  # noqa: E731
+    ones = lambda n: torch.ones(n, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    cfg = DraftConfig(hidden_size=width, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, num_layers=layers,
+                      block_size=gamma, mask_token_id=vocab - 1, target_layer_ids=[1, 2], rope_theta=1e6,
+                      rms_norm_eps=1e-6)
+    w = {"embed_tokens.weight": rand(vocab, width) * 20, "fc.weight": rand(width, 2 * width),
+         "hidden_norm.weight": ones(width), "norm.weight": ones(width), "lm_head.weight": rand(vocab, width),
+         "markov_head.markov_w1.weight": rand(vocab, 16), "markov_head.markov_w2.weight": rand(vocab, 16)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": rand(heads * head_dim, width) * 10,
+                  p + "self_attn.k_proj.weight": rand(kv * head_dim, width) * 10,
+                  p + "self_attn.v_proj.weight": rand(kv * head_dim, width) * 10,
+                  p + "self_attn.o_proj.weight": rand(width, heads * head_dim),
+                  p + "mlp.gate_proj.weight": rand(mlp, width), p + "mlp.up_proj.weight": rand(mlp, width),
+                  p + "mlp.down_proj.weight": rand(width, mlp), p + "input_layernorm.weight": ones(width),
+                  p + "post_attention_layernorm.weight": ones(width), p + "self_attn.q_norm.weight": ones(head_dim),
+                  p + "self_attn.k_norm.weight": ones(head_dim)})
+    draft = DSparkDraft(cfg, w, cuda_graphs=False)
+    lengths = [70, 0, 300, 5, 129]
+    draft.extend_contexts(list(range(5)), torch.randn(sum(lengths), 2 * width, device="cuda", generator=g).bfloat16(),
+                          torch.cat([torch.arange(n) for n in lengths]).cuda(), lengths)
+    assert draft.paged_attention_fits and isinstance(draft._attention_plan([0], "cuda"), PagedContexts)
+    ids, anchors = [4, 1, 2, 0, 3], torch.tensor([5, 9, 200, 7, 1], device="cuda")
+    positions = [lengths[r] for r in ids]
+    on_op = draft.hidden_blocks(ids, anchors, positions)
+    with cuda_ops.enabled(False):
+        assert isinstance(draft._attention_plan([0], "cuda"), list)
+        on_sdpa = draft.hidden_blocks(ids, anchors, positions)
+    err = (on_op.float() - on_sdpa.float()).abs().max().item()
+    assert err < 5e-2 * on_sdpa.float().abs().max().item(), err
