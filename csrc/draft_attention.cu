@@ -5,13 +5,21 @@
 // padded batch first (at R = 128 and ~560 rows, ~290 MB of K/V copied per layer, then read again);
 // here each CTA streams its keys from where they live.
 //
-// One CTA per (request, KV head, key split): the g query heads of a KV head and the γ positions
-// make M = g·γ query rows (row m = t·g + i: position t, head i of the group), padded to 16 for the
-// tensor cores (wmma, bf16/fp16 in, fp32 accumulate). Keys go by tiles of 64, double-buffered
-// with cp.async; scores, the online softmax's running max/sum and the output accumulator live in
-// shared memory (wmma's fragment layout is opaque, so rescaling the accumulator per row happens
-// there). When there are too few (request, head) pairs to fill the GPU, the keys are split and a
-// second kernel merges the splits by their log-sum-exp (flash-decoding).
+// One CTA of 8 warps per (request, KV head, key split): the g query heads of a KV head and the γ
+// positions make M = g·γ query rows (row m = t·g + i: position t, head i of the group), padded to
+// 16 for the tensor cores (wmma, bf16/fp16 in, fp32 accumulate). Keys go by tiles of 64 through a
+// ring of two cp.async buffers; per tile the scores go to shared memory, 8 lanes per row turn them
+// into probabilities, and each warp adds P·V into the accumulator tiles it keeps in registers
+// for the whole loop. A row's softmax reference max moves only when a tile's scores exceed it by
+// 2^8 (kRescaleMargin), so the accumulators, whose fragment layout wmma does not expose, go
+// through shared memory to be rescaled only on those tiles (mostly none after the first). When
+// there are too few (request, head) pairs to fill the GPU, the keys are split and a second kernel
+// merges the splits by their log-sum-exp (flash-decoding).
+//
+// Measured on an H200 at Qwen3-4B drafter sizes (bench/RESULTS.md, session 19): this layout against
+// 32-key tiles with 2–4 buffers and 64-key tiles with 3 (fewer CTAs per SM: slower at every R), a
+// warp per row in the softmax (20 % slower), and two mma chains per score tile with V fragments
+// shared across a warp's accumulators (6 % slower).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +35,7 @@ namespace dspark {
 namespace {
 
 constexpr int kTileKeys = 64;
+constexpr int kStages = 2;  // K/V tiles in flight or in use: a ring of buffers filled by cp.async
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 128;  // g·γ padded: query rows of one CTA
@@ -46,9 +55,14 @@ struct Layout {
   static constexpr int scratch = 16 * 20;                // floats: one 16×16 tile per warp, stride 20
   static constexpr int acc_tiles = kMaxRows / 16 * (HD / 16) / kWarps;  // accumulator tiles per warp, at most
 
+  // the K/V ring; after the loop the output [rows_padded][out] fp32 takes its place
+  static constexpr size_t ring(int rows_padded) {
+    const size_t tiles = 2ull * kStages * kTileKeys * kv * sizeof(T), output = 4ull * rows_padded * out;
+    return tiles > output ? tiles : output;
+  }
   static constexpr size_t bytes(int rows_padded) {
     return static_cast<size_t>(rows_padded) * q * sizeof(T)       // queries
-           + 4ull * kTileKeys * kv * sizeof(T)                      // K and V tiles, two buffers each
+           + ring(rows_padded)                                      // K and V tiles
            + static_cast<size_t>(rows_padded) * scores * 4          // scores
            + static_cast<size_t>(rows_padded) * probs * sizeof(T)   // probabilities
            + static_cast<size_t>(kWarps) * scratch * 4              // rescale scratch
@@ -77,7 +91,8 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+template <int N>
+__device__ __forceinline__ void async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -113,9 +128,9 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);                                   // [MP][L::q]
-  T* ks = qs + MP * L::q;                                               // [2][kTileKeys][L::kv]
-  T* vs = ks + 2 * kTileKeys * L::kv;                                   // [2][kTileKeys][L::kv]
-  float* ss = reinterpret_cast<float*>(vs + 2 * kTileKeys * L::kv);     // [MP][L::scores]
+  T* ks = qs + MP * L::q;                                               // [kStages][kTileKeys][L::kv]
+  T* vs = ks + kStages * kTileKeys * L::kv;                             // [kStages][kTileKeys][L::kv]
+  float* ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(ks) + L::ring(MP));  // [MP][L::scores]
   T* ps = reinterpret_cast<T*>(ss + MP * L::scores);                    // [MP][L::probs]
   float* scratch = reinterpret_cast<float*>(ps + MP * L::probs);        // [kWarps][L::scratch]
   float* row_max = scratch + kWarps * L::scratch;  // reference max (log2 units)
@@ -129,11 +144,13 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
   const T* k_block = static_cast<const T*>(p.k_block) + (static_cast<size_t>(r) * p.gamma * p.kv_heads + kvh) * HD;
   const T* v_block = static_cast<const T*>(p.v_block) + (static_cast<size_t>(r) * p.gamma * p.kv_heads + kvh) * HD;
 
-  auto load_tile = [&](int tile, int buffer) {
+  // Tile `tile` into its ring slot; one commit group per call, empty past the last tile (so that
+  // waiting for all groups but the newest kStages − 2 always means: this iteration's tile is in).
+  auto load_tile = [&](int tile) {
     const int first = key_begin + tile * kTileKeys;
-    T* kd = ks + buffer * kTileKeys * L::kv;
-    T* vd = vs + buffer * kTileKeys * L::kv;
-    for (int i = threadIdx.x; i < kTileKeys * kChunks; i += kThreads) {
+    T* kd = ks + (tile % kStages) * kTileKeys * L::kv;
+    T* vd = vs + (tile % kStages) * kTileKeys * L::kv;
+    for (int i = threadIdx.x; first < key_end && i < kTileKeys * kChunks; i += kThreads) {
       const int row = i / kChunks, piece = i % kChunks, key = first + row;
       const bool valid = key < key_end;
       const bool context = key < length;
@@ -147,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
   };
 
   const int n_tiles = (key_end - key_begin + kTileKeys - 1) / kTileKeys;
-  load_tile(0, 0);
+  for (int tile = 0; tile < kStages - 1; ++tile) load_tile(tile);
 
   // queries: row m = t·g + i is head kvh·g + i at position t (g consecutive heads: one contiguous run)
   const T* q = static_cast<const T*>(p.q);
@@ -175,12 +192,11 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
   for (int j = 0; j < L::acc_tiles; ++j) wmma::fill_fragment(acc[j], 0.f);
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    const int buffer = tile & 1;
-    async_wait_all();
-    __syncthreads();  // tile's K/V in; every warp done with the previous tile's buffers and probabilities
-    if (tile + 1 < n_tiles) load_tile(tile + 1, buffer ^ 1);
-    const T* kt = ks + buffer * kTileKeys * L::kv;
-    const T* vt = vs + buffer * kTileKeys * L::kv;
+    async_wait<kStages - 2>();
+    __syncthreads();  // tile's K/V in; every warp done with the previous tile's slot and probabilities
+    load_tile(tile + kStages - 1);  // into the slot the previous tile used
+    const T* kt = ks + (tile % kStages) * kTileKeys * L::kv;
+    const T* vt = vs + (tile % kStages) * kTileKeys * L::kv;
 
     // scores S = Q Kᵀ [MP, 64]: K's rows [key][d] read as a column-major Kᵀ
     for (int job = warp; job < m_tiles * (kTileKeys / 16); job += kWarps) {
@@ -199,28 +215,42 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
     }
     __syncthreads();
 
-    // probabilities against each row's reference max, a warp per row, two keys per lane; the tile
-    // holds at least one key of the split
-    const int first = key_begin + tile * kTileKeys;
+    // probabilities against each row's reference max: kRowLanes lanes per row (all rows at once,
+    // short shuffle reductions), kTileKeys / kRowLanes keys per lane; the tile holds at least one
+    // key of the split
+    constexpr int kRowLanes = 8, kLaneKeys = kTileKeys / kRowLanes;
+    static_assert(kLaneKeys * sizeof(T) == 16, "a lane's probabilities are one 16-byte store");
+    const int first = key_begin + tile * kTileKeys, k0 = (threadIdx.x % kRowLanes) * kLaneKeys;
     bool moved = false;
-    for (int m = warp; m < MP; m += kWarps) {
-      const bool in0 = first + lane < key_end, in1 = first + lane + 32 < key_end;
-      const float s0 = in0 ? ss[m * L::scores + lane] * p.scale_log2 : -INFINITY;
-      const float s1 = in1 ? ss[m * L::scores + lane + 32] * p.scale_log2 : -INFINITY;
-      float top = fmaxf(s0, s1);
+    for (int m = threadIdx.x / kRowLanes; m < MP; m += kThreads / kRowLanes) {  // whole warps stop together
+      float x[kLaneKeys], top = -INFINITY;
 #pragma unroll
-      for (int o = 16; o; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+      for (int j = 0; j < kLaneKeys; j += 4) {
+        const float4 four = *reinterpret_cast<const float4*>(ss + m * L::scores + k0 + j);
+        x[j] = four.x, x[j + 1] = four.y, x[j + 2] = four.z, x[j + 3] = four.w;
+      }
+#pragma unroll
+      for (int j = 0; j < kLaneKeys; ++j) {
+        x[j] = first + k0 + j < key_end ? x[j] * p.scale_log2 : -INFINITY;
+        top = fmaxf(top, x[j]);
+      }
+#pragma unroll
+      for (int o = kRowLanes / 2; o; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
       const float old_max = row_max[m];
       const bool move = top > old_max + kRescaleMargin;  // always on the first tile (old max −inf)
       const float ref = move ? top : old_max;
-      const float p0 = exp2f(s0 - ref), p1 = exp2f(s1 - ref);
-      float sum = p0 + p1;
+      float sum = 0.f;
+      alignas(16) T probs[kLaneKeys];
 #pragma unroll
-      for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      ps[m * L::probs + lane] = from_float<T>(p0);
-      ps[m * L::probs + lane + 32] = from_float<T>(p1);
-      __syncwarp();
-      if (lane == 0) {
+      for (int j = 0; j < kLaneKeys; ++j) {
+        const float prob = exp2f(x[j] - ref);
+        probs[j] = from_float<T>(prob);
+        sum += prob;
+      }
+      *reinterpret_cast<uint4*>(ps + m * L::probs + k0) = *reinterpret_cast<const uint4*>(probs);
+#pragma unroll
+      for (int o = kRowLanes / 2; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (k0 == 0) {
         const float rescale = move ? exp2f(old_max - ref) : 1.f;  // 0 when the old max was −inf
         row_rescale[m] = rescale;
         row_sum[m] = row_sum[m] * rescale + sum;

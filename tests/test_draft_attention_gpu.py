@@ -10,47 +10,9 @@ import pytest
 import torch
 
 from dspark_cli.runtime import cuda_ops
+from dspark_cli.selftest import compare_draft_attention, draft_attention_inputs, draft_attention_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
-
-
-def make_case(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False):
-    """Random q and block K/V, and a pool whose segments start at shuffled places with unused rows
-    (filled with a large value: a read of them would show) between and around them. ramp: context
-    keys scaled from 0.2 up to 5 along each context, so that later key tiles hold far larger scores
-    than the first (the kernel's running max moves and its accumulator is rescaled)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    R = len(lengths)
-    rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
-    q, k_block, v_block = rand(R, gamma, heads, hd), rand(R, gamma, kv, hd), rand(R, gamma, kv, hd)
-    gaps = torch.randint(0, 9, (R,), generator=g, device="cuda").tolist()
-    order = torch.randperm(R, generator=g, device="cuda").tolist()
-    starts, top = [0] * R, 5
-    for r in order:
-        starts[r] = top
-        top += lengths[r] + gaps[r]
-    k_pool = torch.full((top + 7, kv, hd), 300.0, device="cuda", dtype=dtype)
-    v_pool = k_pool.clone()
-    for r in range(R):
-        scale = torch.linspace(0.2, 5, lengths[r], device="cuda")[:, None, None] if ramp else 1
-        k_pool[starts[r]:starts[r] + lengths[r]] = (rand(lengths[r], kv, hd) * scale).to(dtype)
-        v_pool[starts[r]:starts[r] + lengths[r]] = rand(lengths[r], kv, hd)
-    place = torch.tensor([starts, lengths], dtype=torch.int32, device="cuda")
-    return q, k_block, v_block, k_pool, v_pool, place[0], place[1]
-
-
-def reference(q, k_block, v_block, k_pool, v_pool, starts, lengths):
-    """Per request, in fp32: softmax(q kᵀ / √hd) v over [context rows ; block rows], grouped-query heads."""
-    R, gamma, heads, hd = q.shape
-    group = heads // k_block.shape[2]
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for r in range(R):
-        s, n = int(starts[r]), int(lengths[r])
-        k = torch.cat([k_pool[s:s + n], k_block[r]]).float().repeat_interleave(group, 1)  # [keys, H, hd]
-        v = torch.cat([v_pool[s:s + n], v_block[r]]).float().repeat_interleave(group, 1)
-        scores = torch.einsum("thd,khd->htk", q[r].float(), k) / hd ** 0.5
-        out[r] = torch.einsum("htk,khd->thd", scores.softmax(-1), v)
-    return out
 
 
 CASES = [  # lengths, γ, H, kv, hd, dtype, ramp: one launch and split keys (few requests, long contexts)
@@ -67,25 +29,21 @@ CASES = [  # lengths, γ, H, kv, hd, dtype, ramp: one launch and split keys (few
 
 @pytest.mark.parametrize("lengths,gamma,heads,kv,hd,dtype,ramp", CASES)
 def test_draft_attention_matches_per_request_attention(lengths, gamma, heads, kv, hd, dtype, ramp):
-    inputs = make_case(lengths, gamma, heads, kv, hd, dtype, seed=len(lengths) * 31 + gamma, ramp=ramp)
-    out = torch.full_like(inputs[0], float("nan"))
-    cuda_ops.draft_attention(*inputs, max(lengths), out)
-    want = reference(*inputs)
-    err = (out.float() - want).abs().max().item()
-    assert not out.isnan().any() and err < 2e-2, err
+    res = compare_draft_attention(lengths, gamma, heads, kv, hd, dtype, seed=len(lengths) * 31 + gamma, ramp=ramp)
+    assert res["ok"], res
 
 
 def test_a_too_small_max_length_still_reads_every_key():
     """max_length only sizes the key splits: the last split takes whatever keys are left."""
-    inputs = make_case([1500, 2], 7, 32, 8, 128, torch.bfloat16, seed=3)
+    inputs = draft_attention_inputs([1500, 2], 7, 32, 8, 128, torch.bfloat16, seed=3)
     out = cuda_ops.draft_attention(*inputs, 100)
-    assert (out.float() - reference(*inputs)).abs().max().item() < 2e-2
+    assert (out.float() - draft_attention_reference(*inputs)).abs().max().item() < 2e-2
 
 
 def test_draft_attention_replays_from_a_cuda_graph():
     """No host sync and its split workspace from the caching allocator: the op captures, and a
     replay after the contexts changed in place reads the new rows."""
-    q, kb, vb, kp, vp, starts, lengths = make_case([900, 20], 7, 32, 8, 128, torch.bfloat16, seed=4)
+    q, kb, vb, kp, vp, starts, lengths = draft_attention_inputs([900, 20], 7, 32, 8, 128, torch.bfloat16, seed=4)
     out = torch.empty_like(q)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -99,11 +57,11 @@ def test_draft_attention_replays_from_a_cuda_graph():
     lengths[1] = 10
     graph.replay()
     torch.cuda.synchronize()
-    assert (out.float() - reference(q, kb, vb, kp, vp, starts, lengths)).abs().max().item() < 2e-2
+    assert (out.float() - draft_attention_reference(q, kb, vb, kp, vp, starts, lengths)).abs().max().item() < 2e-2
 
 
 def test_draft_attention_refuses_what_it_does_not_cover():
-    q, kb, vb, kp, vp, starts, lengths = make_case([4], 7, 32, 8, 128, torch.bfloat16, seed=5)
+    q, kb, vb, kp, vp, starts, lengths = draft_attention_inputs([4], 7, 32, 8, 128, torch.bfloat16, seed=5)
     with pytest.raises(RuntimeError, match="bf16 or fp16"):
         cuda_ops.draft_attention(q.float(), kb.float(), vb.float(), kp.float(), vp.float(), starts, lengths, 4)
     with pytest.raises(RuntimeError, match="int32"):
