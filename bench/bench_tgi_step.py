@@ -93,7 +93,8 @@ def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str,
             for name, t in (("verify", t_ver), ("commit", t_com), ("propose", t_prop)):
                 times[name].append(t)
     kept = getattr(spec.pending[0], "draft", None)  # trees before lazy drafts kept q rows instead
-    res = {"R": R, "mode": mode, "attention": attention, "context": context, "q": "lazy" if kept is not None and kept.q is None else "stored"}
+    res = {"R": R, "mode": mode, "attention": attention, "context": context,
+           "q": "lazy" if kept is not None and kept.q is None else "stored"}
     res.update({f"{name}_ms": statistics.median(t) for name, t in times.items()})
     res["step_ms"] = res["verify_ms"] + res["commit_ms"] + res["propose_ms"]
     return res

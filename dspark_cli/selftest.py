@@ -225,10 +225,11 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0) -> dic
 
 def draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False):
     """q [R, γ, H, hd], the block's K/V, the pool's K/V and the contexts' starts and lengths for
-    cuda_ops.draft_attention: random q and block K/V, and a pool whose segments start at shuffled places with unused rows
-    (filled with a large value: a read of them would show) between and around them. ramp: context
-    keys scaled from 0.2 up to 5 along each context, so that later key tiles hold far larger scores
-    than the first (the kernel's running max moves and its accumulator is rescaled)."""
+    cuda_ops.draft_attention: random q and block K/V, and a pool whose segments start at shuffled
+    places with unused rows (filled with a large value: a read of them would show) between and
+    around them. ramp: context keys scaled from 0.2 up to 5 along each context, so that later key
+    tiles hold far larger scores than the first (the kernel's running max moves and its
+    accumulator is rescaled)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     R = len(lengths)
     rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
-from dspark_cli.runtime import cuda_ops
 from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import KVPool
+from dspark_cli.runtime import cuda_ops
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
 # bound on its transient K/V copy (at 8 KV heads × 128 dims, bf16, 512 MB for K and V together).
