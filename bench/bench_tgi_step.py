@@ -1,5 +1,6 @@
-"""TGI's DSpark step outside the target forward, as TGI runs it: `.verify` (softmax of TGI's
-warped rows, rejection sampling), the commit (`draft.extend_contexts`: each request's anchor row and
+"""TGI's DSpark step outside the target forward, as TGI runs it: the verify (the log-softmax of
+TGI's warped rows, which TGI returns as its logprobs and whose exp is the target for `.verify`'s
+rejection sampling; before session 19 a softmax here and the log-softmax apart, not timed), the commit (`draft.extend_contexts`: each request's anchor row and
 3 accepted rows into the drafter's context K/V) and `.propose` (the drafter's block forward, base
 logits, Markov chain, confidence head; the block forward eager or its dense parts replayed from
 CUDA graphs), at Qwen3-4B DSpark sizes: V = 151936, r = 256, γ = 7, five
@@ -85,7 +86,7 @@ def bench(weights: DSparkDraft, R: int, repeats: int, context: int, device: str,
     spec.propose(ids, anchors, [context] * R, temperature, seeds=seeds)
     for i in range(repeats + 3):
         at = context + i * COMMIT
-        t_ver, _ = sync_time(lambda: spec.verify(ids, logits, greedy, seeds + 1), device)
+        t_ver, _ = sync_time(lambda: spec.verify(ids, torch.log_softmax(logits.float(), -1), greedy, seeds + 1), device)
         positions = (at + torch.arange(COMMIT, device=device)).repeat(R)
         t_com, _ = sync_time(lambda: draft.extend_contexts(ids, commit_rows, positions, [COMMIT] * R), device)
         t_prop, _ = sync_time(lambda: spec.propose(ids, anchors, [at + COMMIT] * R, temperature, seeds=seeds), device)

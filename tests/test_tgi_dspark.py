@@ -223,8 +223,8 @@ def test_sampled_tokens_follow_the_target_distribution(device, seeded):
 
         ours = cuda_ops.available(torch.zeros(1, device=device))
         assert (spec.pending[0].draft.source.row_stats is not None) == ours  # our chain drafted it
-    scores = p_logits.expand(B, S, V).clone().to(device)
-    tokens, n_acc = spec.verify(ids, scores, torch.zeros(B, dtype=torch.bool, device=device), seeds(2))
+    logprobs = torch.log_softmax(p_logits.expand(B, S, V).to(device), -1)  # what hooks.choose passes
+    tokens, n_acc = spec.verify(ids, logprobs, torch.zeros(B, dtype=torch.bool, device=device), seeds(2))
     for k in range(2):  # position 3 is reached by too few requests for a χ² with 8 cells
         emitted = torch.tensor([t[k] for t in tokens if len(t) > k])
         assert len(emitted) >= 200, f"too few requests reached position {k + 1}"
@@ -252,9 +252,10 @@ def test_batch_merged_from_two_draft_steps_verifies_each_request_as_alone():
     greedy = torch.tensor([False, False, False, False])
     logits = 2 * torch.randn(len(order), 4, V, generator=g)
     logits[:, :, torch.arange(0, V, 4)[:16]] += 4  # mass where the drafts put theirs: some accepted
+    logprobs = torch.log_softmax(logits, -1)
     seeds = torch.tensor([31, 32, 33, 34])
-    together, n_together = spec.verify(order, logits, greedy, seeds)
-    alone = [spec.verify([r], logits[i:i + 1], greedy[i:i + 1], seeds[i:i + 1]) for i, r in enumerate(order)]
+    together, n_together = spec.verify(order, logprobs, greedy, seeds)
+    alone = [spec.verify([r], logprobs[i:i + 1], greedy[i:i + 1], seeds[i:i + 1]) for i, r in enumerate(order)]
     assert together == [t[0][0] for t in alone] and n_together == [t[1][0] for t in alone]
     assert 0 < sum(n_together) < 3 * len(order)
 
@@ -266,10 +267,10 @@ def test_seeded_decode_step_draws_what_rejection_sample_draws_at_ell_0():
     g = torch.Generator().manual_seed(3)
     V, B = tiny_models.VOCAB, 32
     spec = DSparkSpeculation(_random_draft_with_q_on_the_support(torch.arange(8), V, g), None, scheduler="off")
-    logits = 3 * torch.randn(B, 1, V, generator=g)
+    logprobs = torch.log_softmax(3 * torch.randn(B, 1, V, generator=g), -1)
     seeds = torch.arange(B) * 101 + 7
-    tokens, n_acc = spec.verify(list(range(B)), logits, torch.zeros(B, dtype=torch.bool), seeds)
-    p = torch.softmax(logits, -1)
+    tokens, n_acc = spec.verify(list(range(B)), logprobs, torch.zeros(B, dtype=torch.bool), seeds)
+    p = logprobs.exp()
     zeros = torch.zeros(B, 1, dtype=torch.int64)
     ref = rejection_sample(torch.cat([p, p], 1), (zeros, torch.ones(B, 1), p), zeros[:, 0], seeds=seeds)
     assert tokens == [[t] for t in ref.output_tokens[:, 0].tolist()] and n_acc == [0] * B

@@ -132,7 +132,10 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     seeds = [r.parameters.seed for r in batch.requests]
     last_rows = batch.cu_seqlen_prefill[1:] - 1 if batch.cu_seqlen_prefill is not None else None
     sample_positions = (batch.position_ids.view(-1) if last_rows is None else batch.position_ids[last_rows]).tolist()
-    tokens, n_acc = spec.verify(request_ids, scores, greedy, step_seeds(seeds, sample_positions))
+    # TGI's logprobs of every row, and through them the target probabilities of the verification
+    alllogprobs = torch.log_softmax(scores.view(len(batch) * S, -1).float(), -1)
+    tokens, n_acc = spec.verify(request_ids, alllogprobs.view(len(batch), S, -1), greedy,
+                                step_seeds(seeds, sample_positions))
 
     # Commit: target features of the anchor + accepted rows extend each request's draft context.
     if batch.cu_seqlen_prefill is not None:  # prefill: every computed prompt row is context
@@ -166,7 +169,6 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     spec.stats["steps"] += 1
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
-    alllogprobs = torch.log_softmax(scores.view(len(batch) * S, -1).float(), -1)
     next_ids = torch.tensor([t for ts in tokens for t in ts], device=scores.device, dtype=torch.long)
     logprobs = alllogprobs[flat_rows]
     next_logprobs = torch.gather(logprobs, 1, next_ids.view(-1, 1)).view(-1)

@@ -201,14 +201,17 @@ class DSparkSpeculation:
 
     # ------------------------------------------------------------------ verification
 
-    def verify(self, request_ids: list[int], target_logits: torch.Tensor, greedy: torch.Tensor,
+    def verify(self, request_ids: list[int], target_logprobs: torch.Tensor, greedy: torch.Tensor,
                seeds: torch.Tensor | None = None):
-        """target_logits [B, S, V] already warped by TGI (S = 1 + γ with drafts, 1 without).
+        """target_logprobs [B, S, V] fp32: the log-softmax of TGI's warped scores (S = 1 + γ with
+        drafts, 1 without), which hooks.choose computes once and also returns to TGI as its
+        logprobs; the target probabilities are its exp (one elementwise pass, where a softmax of
+        the scores would read them again).
         seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
         sampled output depends on its own seed only, not on the batch; else the shard's generator.
         Returns (tokens per request, number of accepted drafts per request)."""
-        B, S, _ = target_logits.shape
-        probs = torch.softmax(target_logits.float(), dim=-1)
+        B, S, _ = target_logprobs.shape
+        probs = target_logprobs.exp()
         if S == 1 or not all(r in self.pending for r in request_ids):
             if seeds is not None:
                 # what rejection_sample draws with ℓ = 0

@@ -97,7 +97,7 @@ def generate(target, speculation, prompt: list[int], steps: int, temperature: fl
         with torch.no_grad():
             logits = target(torch.tensor([seq + drafts])).logits[0, -S:]
         scores = logits / temperature if temperature > 0 else logits
-        tokens, n_acc = speculation.verify([rid], scores.unsqueeze(0), greedy)
+        tokens, n_acc = speculation.verify([rid], torch.log_softmax(scores.float(), -1).unsqueeze(0), greedy)
         features = speculation.capture.features(len(seq) + len(drafts))
         # Context = the prompt after prefill; afterwards the old anchor and the accepted drafts.
         rows = list(range(len(seq))) if not rounds else list(range(len(seq) - 1, len(seq) + n_acc[0]))
