@@ -101,12 +101,28 @@ __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bf
 template <>
 __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
 
+using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc += A · B for one 16×16 output tile from shared memory: A's rows 16 × 16·kSteps (row-major,
+// stride lda), B's k-th 16×16 block at b + k·b_step (layout BLayout, stride ldb).
+template <int kSteps, typename BLayout, typename T>
+__device__ __forceinline__ void mma_tile(Acc& acc, const T* a, int lda, const T* b, int b_step, int ldb) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b_frag;
+    wmma::load_matrix_sync(a_frag, a + k * 16, lda);
+    wmma::load_matrix_sync(b_frag, b + k * b_step, ldb);
+    wmma::mma_sync(acc, a_frag, b_frag, acc);
+  }
+}
+
 template <typename T, int HD>
 __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using L = Layout<T, HD>;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr int kPiece = 16 / static_cast<int>(sizeof(T));  // elements in 16 bytes
   constexpr int kChunks = HD / kPiece;                       // 16-byte pieces of one row
   const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -203,14 +219,7 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
       const int mi = job / (kTileKeys / 16), ni = job % (kTileKeys / 16);
       Acc s;
       wmma::fill_fragment(s, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(a, qs + mi * 16 * L::q + kk * 16, L::q);
-        wmma::load_matrix_sync(b, kt + ni * 16 * L::kv + kk * 16, L::kv);
-        wmma::mma_sync(s, a, b, s);
-      }
+      mma_tile<HD / 16, wmma::col_major>(s, qs + mi * 16 * L::q, L::q, kt + ni * 16 * L::kv, 16, L::kv);
       wmma::store_matrix_sync(ss + mi * 16 * L::scores + ni * 16, s, L::scores, wmma::mem_row_major);
     }
     __syncthreads();
@@ -281,14 +290,8 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
       const int job = warp + j * kWarps;
       if (job >= acc_jobs) break;
       const int mi = job / (HD / 16), ni = job % (HD / 16);
-#pragma unroll
-      for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, ps + mi * 16 * L::probs + kk * 16, L::probs);
-        wmma::load_matrix_sync(b, vt + kk * 16 * L::kv + ni * 16, L::kv);
-        wmma::mma_sync(acc[j], a, b, acc[j]);
-      }
+      mma_tile<kTileKeys / 16, wmma::row_major>(acc[j], ps + mi * 16 * L::probs, L::probs, vt + ni * 16,
+                                                16 * L::kv, L::kv);
     }
   }
 
