@@ -380,8 +380,6 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   for (const at::Tensor* t : {&q, &k_block, &v_block, &k_pool, &v_pool, &out}) {
     TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == q.scalar_type(),
                 "draft_attention: q, k/v block, k/v pool and out must be contiguous CUDA tensors of one dtype");
-  }
-  for (const at::Tensor* t : {&q, &k_block, &v_block, &k_pool, &v_pool, &out}) {
     TORCH_CHECK(aligned16(t->data_ptr()), "draft_attention: tensors must start 16-byte aligned (cp.async, uint4 loads)");
   }
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "draft_attention: bf16 or fp16");
@@ -394,6 +392,8 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);
   if (R == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
+  // the kernel body needs sm_80+ (bf16 tensor cores, cp.async); below it would be compiled empty
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8, "draft_attention: needs compute capability 8.0+");
 
   // Split the keys when the (request, head) pairs fill less than two waves of the GPU's SMs.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
