@@ -358,6 +358,18 @@ def test_a_workspace_keeps_its_pin_when_commit_is_left_out(toy):
     assert fresh["pin"] == "v1.0"  # a new workdir still takes the default pin
 
 
+def test_a_workspace_keeps_the_repository_it_was_cloned_from(toy, tmp_path):
+    """Made from a mirror (--repo), a workspace re-applied without --repo keeps the mirror as its
+    source (recorded, shown by status, fetched from) rather than compat.yaml's repository."""
+    mirror = tmp_path / "mirror.git"
+    git(tmp_path, "clone", "-q", "--bare", str(toy["upstream"]["repo"]), str(mirror))
+    run_apply(toy, repo=str(mirror))
+    result = run_apply(toy)
+    assert result["status"] == "already applied" and result["source"]["repository"] == str(mirror)
+    state = json.loads((toy["workdir"] / ".git" / "dspark" / "state.json").read_text())
+    assert state["source"]["repository"] == str(mirror)
+
+
 def test_a_patch_already_in_the_tree_is_refused_not_committed_empty(toy):
     """A team series repeating DSpark's 0001: `git am` stops there; so does apply, tree restored."""
     run_apply(toy)
