@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark_cli.integrations.ranges import concat_ranges
+
 MIN_SEGMENT = 16
 SHRINK_ROWS = 1 << 12  # dead rows a drop tolerates before packing (no repacking at every drop)
 
@@ -79,7 +81,7 @@ class KVPool:
             if n and (seg is None or have + n > seg.capacity):
                 self._regrow(r, max(have + n, 2 * (0 if seg is None else seg.capacity), MIN_SEGMENT), k0)
         bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
-        dst = _rows(bases, counts, k0.device)
+        dst = concat_ranges(bases, counts, k0.device)
         self.k.index_copy_(1, dst, k)
         self.v.index_copy_(1, dst, v)
         for r, n in zip(request_ids, counts):
@@ -138,11 +140,3 @@ class KVPool:
         last = torch.tensor([max(self.length(r) - 1, 0) for r in request_ids])
         pos = torch.minimum(torch.arange(width)[None], last[:, None])
         return (starts[:, None] + pos).to(device)
-
-
-def _rows(bases: list[int], counts: list[int], device) -> torch.Tensor:
-    """Rows base_i .. base_i + counts_i − 1 for every i, concatenated, built with tensor ops."""
-    counts_t = torch.tensor(counts)
-    first = torch.repeat_interleave(torch.tensor(bases), counts_t)
-    offsets = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
-    return (first + offsets).to(device)

@@ -23,7 +23,11 @@ kept for it: its drafts are placeholders or new, never the ones that q was sampl
 Memory: a held q is γ×V fp32 per skipped request until it drafts again or finishes (worst case
 max_num_seqs × γ × V × 4 bytes, ~1.1 GB at 256 × 7 × 152k)."""
 
+import itertools
+
 import torch
+
+from dspark_cli.integrations.ranges import concat_ranges
 
 
 class PendingDraftProbs:
@@ -113,18 +117,16 @@ class PendingDraftProbs:
         if self._q is None:
             return None
         R, k, V = self._q.shape
-        flat = []
-        for req_id, n in zip(req_ids, num_draft_tokens):
-            row = self._rows.get(req_id)
-            if n and row is None:
-                return None
-            flat.extend(range(row * k, row * k + n) if n else ())
-        if not flat:
+        rows = [self._rows.get(req_id) for req_id in req_ids]
+        counts = list(num_draft_tokens)
+        if any(row is None and n for row, n in zip(rows, counts)) or not any(counts):
             return None
         q = self._q.reshape(R * k, V)
-        if not copy and flat == list(range(R * k)):
-            return q
-        return q.index_select(0, torch.tensor(flat, device=q.device))
+        if not copy and len(rows) == R and rows == list(range(R)) and counts == [k] * R:
+            return q  # the drafted batch in its order, every draft verified
+        # request i's first n_i rows: row_i·k + j for j < n_i
+        flat = concat_ranges([0 if row is None else row * k for row in rows], counts, q.device)
+        return q.index_select(0, flat)
 
     def install(self, runner) -> None:
         """Make `runner` (V1's GPUModelRunner) verify with these q rows: its
@@ -169,6 +171,8 @@ def placeholder_positions(runner, req_ids, num_draft_tokens) -> list[int]:
     if (getattr(runner, "use_async_scheduling", False) and getattr(batch, "prev_sampled_token_ids", None) is not None
             and getattr(runner, "_draft_token_ids", None) is not None):
         carried = getattr(batch, "prev_req_id_to_index", None) or ()
+    if min(itertools.chain.from_iterable(lists), default=0) >= 0:
+        return []  # the common step: no placeholder anywhere (one pass in C, no per-request loop)
     out, offset = [], 0
     for i, (req_id, n) in enumerate(zip(req_ids, num_draft_tokens)):
         if not n:
