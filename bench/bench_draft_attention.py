@@ -79,8 +79,8 @@ def main() -> None:
         sdpa_ms = timed(lambda: sdpa(0, q, kb, vb, plan, out), args.repeats)
         plan_ms = timed(lambda: _attention_chunks(pool, ids, GAMMA, "cuda"), args.repeats)
         keys = sum(lengths)
-        elem = 2
-        floor_bytes = (2 * keys * KV_HEADS * HEAD_DIM + R * GAMMA * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM) * elem
+        # bf16: the contexts' K and V, then q, the block's K and V and the output
+        floor_bytes = 2 * (2 * keys * KV_HEADS * HEAD_DIM + R * GAMMA * (2 * HEADS + 2 * KV_HEADS) * HEAD_DIM)
         floor_ms = floor_bytes / bandwidth
         print(f"| {R} | {keys + R * GAMMA} | {op_ms:.4f} | {sdpa_ms:.4f} | {plan_ms:.4f} | {sdpa_ms / op_ms:.2f}x | "
               f"{floor_ms:.4f} | {op_ms / floor_ms:.2f}x |")
