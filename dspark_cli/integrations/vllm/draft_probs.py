@@ -167,12 +167,12 @@ def placeholder_positions(runner, req_ids, num_draft_tokens) -> list[int]:
     are copied on the device from that step's drafts: such a request has none."""
     batch = runner.input_batch
     lists = batch.spec_token_ids
+    if min(itertools.chain.from_iterable(lists), default=0) >= 0:
+        return []  # the common step: no placeholder anywhere (one pass in C, no per-request loop)
     carried = ()
     if (getattr(runner, "use_async_scheduling", False) and getattr(batch, "prev_sampled_token_ids", None) is not None
             and getattr(runner, "_draft_token_ids", None) is not None):
         carried = getattr(batch, "prev_req_id_to_index", None) or ()
-    if min(itertools.chain.from_iterable(lists), default=0) >= 0:
-        return []  # the common step: no placeholder anywhere (one pass in C, no per-request loop)
     out, offset = [], 0
     for i, (req_id, n) in enumerate(zip(req_ids, num_draft_tokens)):
         if not n:
