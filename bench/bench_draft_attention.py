@@ -69,8 +69,8 @@ def main() -> None:
             pool.commit(ids, counts, rand(1, sum(counts), KV_HEADS, HEAD_DIM), rand(1, sum(counts), KV_HEADS, HEAD_DIM))
         q, kb, vb = rand(R, GAMMA, HEADS, HEAD_DIM), rand(R, GAMMA, KV_HEADS, HEAD_DIM), rand(R, GAMMA, KV_HEADS, HEAD_DIM)
         out = torch.empty_like(q)
-        place = pool.placement(ids, "cuda")
-        paged = PagedContexts(place[0], place[1], max(lengths))
+        place, longest = pool.placement(ids, "cuda")
+        paged = PagedContexts(place[0], place[1], longest)
         op_ms = timed(lambda: cuda_ops.draft_attention(q, kb, vb, pool.k[0], pool.v[0], paged.starts, paged.lengths,
                                                        paged.longest, out), args.repeats)
         # the drafter's method without our op: it reads nothing of the drafter but its pool

@@ -296,18 +296,20 @@ def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
     return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
 
 
-def _existing_workspace(workdir: Path) -> Workspace:
+def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
+    """The dspark workspace at `workdir` and its state; bad input otherwise."""
     if not workdir.exists():
         raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made")
     ws = Workspace(workdir)
-    if not workdir.is_dir() or not ws.is_repo() or ws.read_state() is None:
+    state = ws.read_state() if workdir.is_dir() and ws.is_repo() else None
+    if state is None:
         raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
-    return ws
+    return ws, state
 
 
 def _open_workspace(workdir: Path, force: bool) -> tuple[Workspace, dict, list[str]]:
-    ws = _existing_workspace(workdir)
-    recovered = recover(ws, force)
+    ws, _ = _existing_workspace(workdir)
+    recovered = recover(ws, force)  # may rewrite the state: read it again below
     return ws, ws.read_state(), [recovered] if recovered else []
 
 
@@ -356,8 +358,7 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
 
 def status(workdir: Path) -> dict:
     """Where a workspace stands: base, applied patches, drift from pin and series, build record."""
-    ws = _existing_workspace(workdir)
-    state = ws.read_state()
+    ws, state = _existing_workspace(workdir)
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base
     drift = []

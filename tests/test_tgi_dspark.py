@@ -532,6 +532,10 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
     idx = pool.padded_index([r], pool.length(r) + 3, "cpu")[0]
     seg = pool.segments[r]
     assert idx.tolist() == list(range(seg.start, seg.start + seg.length)) + [seg.start + seg.length - 1] * 3
+    # where our attention op reads each context: first row and length; 0 and 0 for a request without rows
+    place, longest = pool.placement([r, next_id + 99], "cpu")
+    assert place.tolist() == [[seg.start, 0], [seg.length, 0]] and place.dtype == torch.int32
+    assert longest == seg.length
     # a new request with no rows beside one with rows; one id twice in a call is refused
     rows = torch.randn(2, 5, 3, 4, generator=g)
     pool.commit([next_id, r], [0, 5], rows[0].expand(layers, -1, -1, -1), rows[1].expand(layers, -1, -1, -1))

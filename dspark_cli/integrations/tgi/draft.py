@@ -267,8 +267,7 @@ class DSparkDraft:
         """How every layer's attention of this step finds the requests' contexts: in place in the pool
         (our op) or by chunks of padded gathers (SDPA)."""
         if self.paged_attention_fits and cuda_ops.available(self.w["embed_tokens.weight"]):
-            placement = self.context_kv.placement(request_ids, device)
-            longest = max((self.context_kv.length(r) for r in request_ids), default=0)
+            placement, longest = self.context_kv.placement(request_ids, device)
             return PagedContexts(placement[0], placement[1], longest)
         return _attention_chunks(self.context_kv, request_ids, self.config.block_size, device)
 

@@ -126,12 +126,14 @@ class KVPool:
 
     # ------------------------------------------------------------------ reading
 
-    def placement(self, request_ids: list[int], device) -> torch.Tensor:
-        """int32 [2, n] on `device`: each request's first pool row (0 without a segment) and its
-        committed length, for reading the contexts in place (csrc/draft_attention.cu); one copy."""
+    def placement(self, request_ids: list[int], device) -> tuple[torch.Tensor, int]:
+        """For reading the contexts in place (csrc/draft_attention.cu): int32 [2, n] on `device`, each
+        request's first pool row (0 without a segment) and its committed length (one copy), and the
+        longest of those lengths."""
         segments = [self.segments.get(r) for r in request_ids]
-        return torch.tensor([[0 if s is None else s.start for s in segments],
-                             [0 if s is None else s.length for s in segments]], dtype=torch.int32).to(device)
+        lengths = [0 if s is None else s.length for s in segments]
+        rows = torch.tensor([[0 if s is None else s.start for s in segments], lengths], dtype=torch.int32)
+        return rows.to(device), max(lengths, default=0)
 
     def padded_index(self, request_ids: list[int], width: int, device) -> torch.Tensor:
         """[n, width] pool rows of each request's context padded to `width` (padding repeats a row
