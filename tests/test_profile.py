@@ -48,6 +48,7 @@ def test_profile_times_a_real_forward_and_writes_both_tables(model_dir, tmp_path
     assert table.capture_sizes == [4, 8]
     assert all(s > 0 for s in table.steps_per_s)
     assert table.metadata["model_type"] == "qwen3" and table.metadata["device"].startswith("cpu")
+    assert table.metadata["timing"] == "eager"  # no graphs on the CPU
     assert table.sps(3) == table.sps(4)  # a 3-token forward replays the 4-token graph
     # SGLang's file gives our SPS at every B up to the table's max under SGLang's lookup (the value
     # of the largest probe ≤ B, dspark_sps.py), and reads back as the same curve
@@ -190,3 +191,44 @@ def test_an_unknown_model_type_is_one_short_line(tmp_path):
     assert len(line.splitlines()) == 1 and len(line) < 300, line[:500]
     assert "unknown model_type 'nonsense'" in line and str(tmp_path / "config.json") in line
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_static_cache_step_is_the_eager_step(model_dir):
+    """The forward captured in a CUDA graph on GPUs (StaticCache, explicit cache position) computes
+    the same logits as the eager decode step over a DynamicCache, for the same inputs."""
+    from dspark_cli.runtime.sps_profile import ForwardTimer, ProfileSettings, load_config
+
+    timer = ForwardTimer(load_config(model_dir), ProfileSettings(context=8))
+    prompt, step = timer._inputs(3)
+    with torch.inference_mode():
+        cache = timer.model(input_ids=prompt, use_cache=True).past_key_values
+        eager = timer.model(input_ids=step, use_cache=True, past_key_values=cache).logits
+    static = timer.static_step(3)
+    first, again = static(), static()  # a second call rewrites the same slot: same context, same logits
+    assert first.shape == eager.shape == (3, 1, TINY_QWEN3["vocab_size"])
+    torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+def test_on_cuda_the_capture_sizes_are_graph_replays_of_the_real_forward(model_dir, tmp_path):
+    from dspark_cli.runtime.sps_profile import ForwardTimer, ProfileSettings, capture_graph, load_config
+
+    timer = ForwardTimer(load_config(model_dir), ProfileSettings(device="cuda", dtype=torch.bfloat16, context=8))
+    forward = timer.static_step(4)
+    eager = forward().clone()
+    graph, replayed = capture_graph(forward)
+    replayed.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, eager)  # the replay recomputes the step, over the same context
+
+    out = tmp_path / "sps.json"
+    proc = _dspark("profile", "--model", str(model_dir), "--out", str(out), "--device", "cuda", "--max-tokens", "16",
+                   "--capture-sizes", "4,8", "--repeats", "3", "--warmup", "1", "--context", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    table = SPSTable.load(out)
+    assert table.metadata["timing"] == "CUDA-graph replay at the capture sizes, eager elsewhere"
+    assert table.metadata["dtype"] == "bfloat16" and table.tokens == [1, 2, 4, 8, 16]
+    assert all(s > 0 for s in table.steps_per_s)

@@ -1,6 +1,10 @@
 """Measure an SPS table: time one real target forward (transformers, random weights built from the
 model's config) at each batch size B, decode-shaped: B sequences of one new token on top of a
-prefilled KV cache of `context` tokens, i.e. what a verify step costs per token in the batch."""
+prefilled KV cache of `context` tokens, i.e. what a verify step costs per token in the batch.
+
+On CUDA a B that is one of the engine's capture sizes is timed as the engine runs it: a replay of
+the forward captured in a CUDA graph. Timed eagerly, a model's step on a fast GPU is mostly Python
+dispatch, nearly flat in B, and that curve would tell the scheduler that verifying is free."""
 
 import inspect
 import json
@@ -77,6 +81,7 @@ class ForwardTimer:
                 self.model = transformers.AutoModelForCausalLM.from_config(config).eval()
         finally:
             torch.set_default_dtype(previous)
+        self.config = config
         self.vocab = config.vocab_size
         params = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
@@ -103,32 +108,99 @@ class ForwardTimer:
         if self.settings.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    @torch.inference_mode()
-    def median_step_seconds(self, batch: int) -> float:
+    def _inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt [B, context] and the one new token per sequence [B, 1] timed at size B."""
         s = self.settings
         gen = torch.Generator(device="cpu").manual_seed(s.seed + batch)
         prompt = torch.randint(self.vocab, (batch, s.context), generator=gen).to(s.device)
-        cache = getattr(self.model(input_ids=prompt, use_cache=True), self.cache_name)
-        step = torch.randint(self.vocab, (batch, 1), generator=gen).to(s.device)
+        return prompt, torch.randint(self.vocab, (batch, 1), generator=gen).to(s.device)
+
+    def _seconds(self, call) -> float:
+        """Median wall time of `repeats` calls after `warmup` untimed ones."""
+        s = self.settings
         times = []
         for i in range(s.warmup + s.repeats):
             self._sync()
             start = time.perf_counter()
-            self.model(input_ids=step, use_cache=True, **{self.cache_name: cache})
+            call()
             self._sync()
             if i >= s.warmup:
                 times.append(time.perf_counter() - start)
-            cache.crop(-1)  # drop the token just appended: every repeat sees the same context
-        del cache
         return statistics.median(times)
+
+    @torch.inference_mode()
+    def median_step_seconds(self, batch: int, graph: bool = False) -> float:
+        """The decode step at size B, eager or (on CUDA) as a CUDA-graph replay."""
+        if graph:
+            try:
+                return self._graph_replay_seconds(self.static_step(batch))
+            except RuntimeError as exc:
+                raise RuntimeError(f"captured in a CUDA graph at B={batch}: {exc} "
+                                   "(--capture-sizes none times every size eagerly)") from exc
+        prompt, step = self._inputs(batch)
+        cache = getattr(self.model(input_ids=prompt, use_cache=True), self.cache_name)
+
+        def forward():
+            self.model(input_ids=step, use_cache=True, **{self.cache_name: cache})
+            cache.crop(-1)  # drop the token just appended: every call sees the same context
+
+        seconds = self._seconds(forward)
+        del cache
+        return seconds
+
+    @torch.inference_mode()
+    def static_step(self, batch: int):
+        """The decode step at size B over a StaticCache prefilled with the context: every tensor it
+        touches stays in place, so it can be captured in a CUDA graph. Returns a function giving the
+        step's logits; each call first sets the cache's fill counters back to the context (on the
+        device, so a replay does it too), so every call writes the slot after the context again."""
+        from transformers import StaticCache
+
+        s = self.settings
+        prompt, step = self._inputs(batch)
+        cache = StaticCache(config=self.config, max_cache_len=s.context + 1)
+        self.model(input_ids=prompt, use_cache=True, **{self.cache_name: cache})
+        counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
+        if not all(isinstance(c, torch.Tensor) for c in counters):  # transformers keeps it as a device tensor since 5.x
+            raise RuntimeError("this transformers' StaticCache keeps no device fill counter to rewind")
+        position = torch.full((1, 1), s.context, device=s.device)
+
+        @torch.inference_mode()
+        def forward() -> torch.Tensor:
+            for counter in counters:
+                counter.fill_(s.context)
+            return self.model(input_ids=step, position_ids=position, use_cache=True,
+                              **{self.cache_name: cache}).logits
+        return forward
+
+    def _graph_replay_seconds(self, forward) -> float:
+        graph, _ = capture_graph(forward)
+        return self._seconds(graph.replay)
+
+
+def capture_graph(forward):
+    """forward() captured in a CUDA graph: (graph, the tensor it returns, rewritten by each replay)."""
+    side = torch.cuda.Stream()  # capture wants its warm-up call off the default stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = forward()
+    return graph, output
 
 
 def profile_table(timer: ForwardTimer, sizes: list[int], capture_sizes: list[int], metadata: dict,
                   on_size=None) -> SPSTable:
+    """Time every size; on CUDA the capture sizes as graph replays, the others eagerly (an engine
+    pads a batch up to a capture size, and runs one above the largest eagerly)."""
+    graphs = set(capture_sizes) if timer.settings.device.startswith("cuda") else set()
+    metadata = {**metadata, "timing": "CUDA-graph replay at the capture sizes, eager elsewhere" if graphs else "eager"}
     timer.median_step_seconds(sizes[0])  # first-call costs (allocator, kernels) stay out of the table
     steps = []
     for batch in sizes:
-        seconds = timer.median_step_seconds(batch)
+        seconds = timer.median_step_seconds(batch, graph=batch in graphs)
         steps.append(1.0 / seconds)
         if on_size is not None:
             on_size(batch, seconds)
