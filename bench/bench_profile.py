@@ -1,6 +1,7 @@
 """One target decode step on a GPU as `dspark profile` times it, eager (transformers' Python
-dispatch, kernel by kernel) against a CUDA-graph replay (how serving engines run decode), side by
-side from one run, with the step's HBM floor: every weight the step reads once (the embedding table
+dispatch, kernel by kernel) against a CUDA-graph replay (how serving engines run decode), and the
+replay with transformers' own SDPA attention instead of the profile's, side by side from one run,
+with the step's HBM floor: every weight the step reads once (the embedding table
 only as the LM head when tied) plus the KV cache of B sequences of `context + 1` tokens, at the copy
 bandwidth measured in the same run.
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_cli.runtime.sps_profile import ForwardTimer, ProfileSettings, load_config
+from dspark_cli.runtime.sps_profile import ATTENTION, ForwardTimer, ProfileSettings, load_config
 
 
 def copy_bandwidth() -> float:
@@ -54,15 +55,19 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {args.model} bf16, context {args.context}, "
           f"median of {args.repeats}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print("| B | eager ms | graph ms | eager / graph | floor ms | graph / floor |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| B | eager ms | graph ms | eager / graph | graph, transformers' SDPA ms | that / graph | floor ms "
+          "| graph / floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     timer.median_step_seconds(1)  # first-call costs stay out of the table
     for batch in (int(b) for b in args.sizes.split(",")):
         eager = timer.median_step_seconds(batch) * 1e3
         graph = timer.median_step_seconds(batch, graph=True) * 1e3
+        timer.model.set_attn_implementation("sdpa")
+        theirs = timer.median_step_seconds(batch, graph=True) * 1e3
+        timer.model.set_attn_implementation(ATTENTION)
         floor = step_bytes(timer.model, config, batch, args.context, 2) / bandwidth * 1e3
-        print(f"| {batch} | {eager:.3f} | {graph:.3f} | {eager / graph:.2f} | {floor:.3f} | {graph / floor:.2f} |",
-              flush=True)
+        print(f"| {batch} | {eager:.3f} | {graph:.3f} | {eager / graph:.2f} | {theirs:.3f} | {theirs / graph:.2f} "
+              f"| {floor:.3f} | {graph / floor:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

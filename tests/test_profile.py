@@ -49,6 +49,7 @@ def test_profile_times_a_real_forward_and_writes_both_tables(model_dir, tmp_path
     assert all(s > 0 for s in table.steps_per_s)
     assert table.metadata["model_type"] == "qwen3" and table.metadata["device"].startswith("cpu")
     assert table.metadata["timing"] == "eager"  # no graphs on the CPU
+    assert table.metadata["attention"] == "dspark_profile_sdpa"
     assert table.sps(3) == table.sps(4)  # a 3-token forward replays the 4-token graph
     # SGLang's file gives our SPS at every B up to the table's max under SGLang's lookup (the value
     # of the largest probe ≤ B, dspark_sps.py), and reads back as the same curve
@@ -194,15 +195,18 @@ def test_an_unknown_model_type_is_one_short_line(tmp_path):
 
 
 def test_the_static_cache_step_is_the_eager_step(model_dir):
-    """The forward captured in a CUDA graph on GPUs (StaticCache, explicit cache position) computes
-    the same logits as the eager decode step over a DynamicCache, for the same inputs."""
-    from dspark_cli.runtime.sps_profile import ForwardTimer, ProfileSettings, load_config
+    """The forward captured in a CUDA graph on GPUs (StaticCache, our mask-free attention) computes
+    the logits of transformers' own eager decode step over a DynamicCache, for the same inputs."""
+    from dspark_cli.runtime.sps_profile import ATTENTION, ForwardTimer, ProfileSettings, load_config
 
     timer = ForwardTimer(load_config(model_dir), ProfileSettings(context=8))
+    assert timer.model.config._attn_implementation == ATTENTION
     prompt, step = timer._inputs(3)
+    timer.model.set_attn_implementation("sdpa")
     with torch.inference_mode():
         cache = timer.model(input_ids=prompt, use_cache=True).past_key_values
         eager = timer.model(input_ids=step, use_cache=True, past_key_values=cache).logits
+    timer.model.set_attn_implementation(ATTENTION)
     static = timer.static_step(3)
     first, again = static(), static()  # a second call rewrites the same slot: same context, same logits
     assert first.shape == eager.shape == (3, 1, TINY_QWEN3["vocab_size"])
@@ -219,7 +223,8 @@ def test_on_cuda_the_capture_sizes_are_graph_replays_of_the_real_forward(model_d
     forward = timer.static_step(4)
     eager = forward().clone()
     graph, replayed = capture_graph(forward)
-    replayed.zero_()
+    with torch.inference_mode():
+        replayed.zero_()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, eager)  # the replay recomputes the step, over the same context

@@ -114,6 +114,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
         "model": str(model), "model_type": config.model_type, "device": _device_name(torch, device),
         "dtype": str(torch_dtype).removeprefix("torch."), "context": context, "repeats": repeats,
         "shape": "B sequences x 1 new token over a KV cache of `context` tokens; median step time",
+        "attention": timer.model.config._attn_implementation,
         "weights": "random (timing only)", "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
