@@ -76,3 +76,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
             STSCalibration.load(bad)
     with pytest.raises(ValueError, match="z contains NaN"):  # was an IndexError in the ECE bins
         STSCalibration.fit(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.int64))
+
+
+def test_inputs_on_two_devices_are_one_clear_error():
+    """The meta device stands in for a second device: was a RuntimeError from inside the matmul."""
+    h, prev_emb = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    weight, bias = torch.randn(9), torch.zeros(1)
+    with pytest.raises(ValueError, match="all inputs must be on one device: h on cpu, prev_emb on meta"):
+        confidence_logits(h, prev_emb.to("meta"), weight, bias)
+    with pytest.raises(ValueError, match="all inputs must be on one device: h on cpu, weight on meta"):
+        confidence_logits(h, prev_emb, weight.to("meta"), bias)
+    with pytest.raises(ValueError, match="all inputs must be on one device: z on cpu, num_accepted on meta"):
+        STSCalibration.fit(torch.randn(8, 3), torch.zeros(8, dtype=torch.int64, device="meta"))

@@ -551,3 +551,15 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
         big.drop(gone)
     assert big.k.shape[1] < before and big.k.shape[1] <= 2 * (1024 + SHRINK_ROWS)
     assert torch.equal(big.committed(7, 0)[0], rows[7 << 10:])
+
+
+def test_the_confidence_head_without_a_bias_reads_zero_and_without_the_markov_input_is_refused(checkpoints):
+    base = DSparkDraft.load(checkpoints["oracle"])
+    w = dict(base.w)
+    bias = w.pop("confidence_head.proj.bias")
+    assert bias.numel() == 1
+    weight, zero = DSparkDraft(base.config, w).confidence_head
+    assert torch.equal(weight, base.confidence_head[0]) and zero.tolist() == [0.0]
+    w["confidence_head.proj.weight"] = w["confidence_head.proj.weight"][:, :base.config.hidden_size]
+    with pytest.raises(ValueError, match=r"confidence_head_with_markov=false"):
+        DSparkDraft(base.config, w)

@@ -314,7 +314,7 @@ def _survival(R: int, gamma: int, seed: int) -> torch.Tensor:
 
 
 def _production() -> VerifyLengthScheduler:
-    return VerifyLengthScheduler(SchedulerSettings("production", STEEP, None, "test"))
+    return VerifyLengthScheduler(SchedulerSettings("production", STEEP, None))
 
 
 class PerRequestHistory:
@@ -411,7 +411,7 @@ from dspark_cli.runtime import SPSTable, schedule_exact
 sps = SPSTable(tokens=[1, 8, 16, 32], steps_per_s=[100.0, 95.0, 80.0, 40.0])
 ids = ["a", "b", "c", "d", "e", "f"]
 p = proposer({r: SamplingParams(temperature=1.0) for r in ids}, gamma=4)
-p.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", sps, None, "test"))
+p.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", sps, None))
 a = torch.cumprod(torch.rand(6, 4, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5, dim=1)
 plain = SimpleNamespace(generators={})
 out = {}

@@ -6,6 +6,6 @@ from dspark_cli.runtime import cuda_ops
 
 def try_cuda(name: str, tensors, *args, **kwargs):
     op = getattr(cuda_ops, name, None)
-    if op is None or not all(t.is_cuda for t in tensors) or not cuda_ops.available(*tensors):
+    if op is None or not cuda_ops.available(*tensors):
         return NotImplemented
     return op(*args, **kwargs)

@@ -20,6 +20,7 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     entries, one bias value."""
     _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("h", h)
+    _checks.same_device(h=h, weight=weight, bias=bias)
     if tuple(h.shape[:2]) != (R, gamma):
         raise ValueError(f"h has shape {tuple(h.shape)}: its [R, γ] must be {(R, gamma)}")
     d = h.shape[2]
@@ -39,6 +40,7 @@ def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     if prev_emb.shape[:2] != h.shape[:2]:
         raise ValueError(f"prev_emb has shape {tuple(prev_emb.shape)}: its [R, γ] must match h {tuple(h.shape[:2])}")
     check_confidence_inputs(h, weight, bias, *prev_emb.shape)
+    _checks.same_device(h=h, prev_emb=prev_emb)
     d = h.shape[2]
     w = weight.reshape(-1).float()
     b = torch.as_tensor(bias, device=h.device).reshape(-1)
@@ -104,9 +106,10 @@ class STSCalibration:
         _checks.tensor("num_accepted", num_accepted, 1)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
         _checks.finite("z", z)  # offline fitting: the pass over z costs nothing that matters
+        _checks.same_device(z=z, num_accepted=num_accepted)
         grid = torch.exp(torch.linspace(-2.0, 2.0, 81)) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
         z = z.float()
-        survived_before = torch.ones(z.shape[0])
+        survived_before = torch.ones(z.shape[0], device=z.device)
         temps = []
         for k in range(z.shape[1]):
             label = (num_accepted >= k + 1).float()
@@ -125,6 +128,6 @@ def _finite_positive(t) -> bool:
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:
     """ECE with equal-width bins: Σ_b (n_b/N)·|mean(prob_b) − mean(label_b)|."""
     idx = torch.clamp((prob * bins).long(), max=bins - 1)
-    p_sum = torch.zeros(bins).index_add_(0, idx, prob)
-    y_sum = torch.zeros(bins).index_add_(0, idx, label)
+    p_sum = torch.zeros(bins, device=prob.device).index_add_(0, idx, prob)
+    y_sum = torch.zeros(bins, device=prob.device).index_add_(0, idx, label)
     return (p_sum - y_sum).abs().sum() / prob.numel()

@@ -164,6 +164,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         if not isinstance(confidence, (tuple, list)) or len(confidence) != 3:
             raise ValueError(f"confidence must be a tuple (h, weight, bias), got {_describe(confidence)}")
         check_confidence_inputs(*confidence, R, gamma, w1.shape[1])
+        _checks.same_device(U=U, h=confidence[0])
 
     tensors = [t for t in (U, anchors, w1, w2, temperature, top_k, top_p, seeds) if t is not None]
     out = try_cuda("markov_chain", tensors, U, anchors, w1, w2, temperature, top_k=top_k,

@@ -10,7 +10,7 @@ runs SDPA with a key mask over the requests' padded contexts.
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
 (`hidden_blocks`, R·γ rows). The committed K/V of all requests live in one pool (kv_pool.py: a
-segment per request, grown by doubling), written by one index_copy_ per layer. Attention runs
+segment per request, grown by doubling), written by one index_copy_ for K and one for V, all layers at once. Attention runs
 batched too (`_block_attention`): a few calls per layer whatever R is, where one SDPA call per
 request cost ~0.3 ms of eager dispatch each on an H200 (bench/RESULTS.md).
 """
@@ -129,6 +129,21 @@ class BlockProposal:
     survival: torch.Tensor         # a [R, γ]
 
 
+def _confidence_head(config: DraftConfig, weights: dict[str, torch.Tensor]):
+    """The confidence head's weight and bias in fp32 once (the chain's head reads fp32), or None for
+    a checkpoint without the head; a head without a bias (as V4's) gets 0. A head that does not read
+    W1[x_{k-1}] is refused here, at load, rather than at the first draft."""
+    weight = weights.get("confidence_head.proj.weight")
+    if weight is None:
+        return None
+    expected = config.hidden_size + weights["markov_head.markov_w1.weight"].shape[1]
+    if weight.numel() != expected:
+        raise ValueError(f"the DSpark draft's confidence head has {weight.numel()} inputs, not d + r = {expected}: "
+                         "it does not read W1[x_{k-1}] (confidence_head_with_markov=false); every DSpark release does")
+    bias = weights.get("confidence_head.proj.bias")
+    return weight.float(), bias.float() if bias is not None else torch.zeros(1, device=weight.device)
+
+
 class DSparkDraft:
     def __init__(self, config: DraftConfig, weights: dict[str, torch.Tensor],
                  sts: runtime.STSCalibration | None = None, cuda_graphs: bool | None = None):
@@ -138,11 +153,7 @@ class DSparkDraft:
         self.w = dict(weights)  # the caller's dict keeps its tensors; ours become views of the fused ones
         self.fused = _fuse_layers(config, self.w)
         self.sts = sts  # per-position confidence temperatures (DSPARK_STS); None = raw sigmoid
-        # The confidence head's weight and bias in fp32 once here (the chain's head reads fp32), or
-        # None for a checkpoint without the head.
-        self.confidence_head = (weights["confidence_head.proj.weight"].float(),
-                                weights["confidence_head.proj.bias"].float()) \
-            if "confidence_head.proj.weight" in weights else None
+        self.confidence_head = _confidence_head(config, weights)
         self.context_kv = KVPool(config.num_layers)  # committed context K/V of every request
         # Our attention op fits these weights and shapes (whether the extension is loaded and
         # enabled is asked each step: cuda_ops.enabled switches it for comparisons).

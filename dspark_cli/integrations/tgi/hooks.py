@@ -4,7 +4,7 @@ TGI's batch object lives here; the math is in speculation.py and dspark_cli.runt
 Run inside the real TGI v3.3.7 shard on the CPU (tests/test_tgi_shard.py); the batch fields used
 below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids, cu_seqlen_prefill,
 cache_lengths, input_ids, all_input_ids_tensor, max_current_length, next_token_chooser,
-speculative_ids); tests/test_tgi_dspark.py checks they exist in the real tree.
+speculative_ids); tests/test_tgi_capture.py checks they exist in the real tree.
 """
 
 from __future__ import annotations

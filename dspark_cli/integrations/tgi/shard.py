@@ -5,14 +5,15 @@ router's block allocator would. Only the router is replaced; the shard is `text-
 serve`, unmodified apart from our series.
 
 Needs a Python environment where the patched `text_generation_server` imports; on a CPU that is
-TGI's Intel path (torch 2.7.0 + intel-extension-for-pytorch 2.7.0, ATTENTION=flashdecoding-ipex).
+TGI's Intel path (torch 2.7.0 + intel-extension-for-pytorch 2.7.0, ATTENTION=paged: flashdecoding-ipex
+crashes in ipex with any speculation).
 
     python -m dspark_cli.integrations.tgi.shard SPEC.json OUT.json
 
 SPEC: {"model": dir, "draft": dir|null, "waves": [[arrival_decode_step, [request, ...]], ...],
-       "env": {...}} with request = {"id", "prompt": [ids], "max_new_tokens", "temperature",
+       "env": {...}, "speculate": --speculate or absent} with request = {"id", "prompt": [ids], "max_new_tokens", "temperature",
        "do_sample", "seed", "top_k", "top_p", "repetition_penalty", "regex"}.
-OUT: {"speculate": Info.speculate, "tokens": {id: [generated ids]}, "finish": {id: reason},
+OUT: {"speculate": Info.speculate, "device_type": Info.device_type, "tokens": {id: [generated ids]}, "finish": {id: reason},
       "rounds": {id: generate_token calls that emitted its tokens}, "steps": decode calls}
 """
 

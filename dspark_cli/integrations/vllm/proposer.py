@@ -60,9 +60,6 @@ class DSparkProposer(DFlashProposer):
         # placeholder rows verified with a zero q), the same dict PendingDraftProbs updates.
         self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0, "q": self.pending_q.counts}
 
-    def model_returns_tuple(self) -> bool:
-        return False  # the DSpark backbone returns one hidden-state tensor, as DFlash's does
-
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
         if getattr(self.model, "draft_id_to_target_id", None) is not None:

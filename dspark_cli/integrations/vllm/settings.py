@@ -20,7 +20,6 @@ class SchedulerSettings:
     scheduler: str
     sps: SPSTable
     sts: STSCalibration | None
-    sps_source: str
 
     @classmethod
     def resolve(cls, hf_config, environ=os.environ) -> "SchedulerSettings":
@@ -34,4 +33,4 @@ class SchedulerSettings:
         sts_path = pick("DSPARK_STS", "dspark_sts_path")
         sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
         sts = STSCalibration.load(sts_path) if sts_path else None
-        return cls(scheduler, sps, sts, sps_path or "default")
+        return cls(scheduler, sps, sts)

@@ -12,8 +12,10 @@ device: no `.item()`, no host copies, no data-dependent shapes. Cases we do not 
 declined once at the first call (vLLM's own loop then runs) and the reason is logged:
 
   * probabilistic drafting needs `draft_logits` in fp32 (vLLM caches the pre-temperature draft
-    logits in `head_dtype`, bf16 by default; the ratio test rebuilds q from that cache, so our fp32
-    chain must store exactly the logits it sampled from). Serve the target with
+    logits in `head_dtype`, bf16 by default; the ratio test rebuilds q from that cache, so it must
+    hold the fp32 logits our chain sampled from: bit for bit on the torch reference; on our CUDA
+    chain they are recomputed in torch, whose W2·W1[x] sum may differ from the kernel's in the
+    last fp32 place, a relative change of q around 1e-6). Serve the target with
     `--hf-overrides '{"head_dtype": "float32"}'` to use the fused path with probabilistic drafts;
   * reduced draft vocabularies (d2t), logit scale or soft-capping on the draft head, an output
     logit transform, draft watermarking, the acceptance estimator (adaptive verification without
@@ -112,8 +114,9 @@ def _plan_for(model, spec) -> _Plan | None:
 
 
 def corrected_logits(U: torch.Tensor, prev_emb: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """U_k + W2·W1[x_{k-1}] in fp32, [R, γ, V], computed position by position exactly as
-    runtime.markov_chain's reference does, so the cached logits are the ones it sampled from."""
+    """U_k + W2·W1[x_{k-1}] in fp32, [R, γ, V], computed position by position as
+    runtime.markov_chain's reference does: the logits it sampled from, bit for bit; our CUDA chain's
+    may differ in the last place (the module docstring)."""
     w2_fp32 = w2.float()
     return torch.stack([U[:, k].float() + prev_emb[:, k].float() @ w2_fp32.t() for k in range(U.shape[1])], dim=1)
 
