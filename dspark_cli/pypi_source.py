@@ -26,7 +26,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
-from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, Workspace
 
 
 def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:
@@ -150,9 +150,8 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     ws = Workspace(tree)
     ws.git.run("init", "-q", "-b", branch)
     ws.git.run("add", "--all", "--force", ".")  # the release's files exactly, whatever its .gitignore says
-    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
     ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-F", "-",
-               input=base_message(pin, release), env=env)
+               input=base_message(pin, release), env=DSPARK_AUTHOR)
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})
     if path.exists():

@@ -30,7 +30,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import UsageError
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_IDENTITY, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -262,13 +262,21 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
                 result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
 
 
-def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path, force: bool) -> None:
-    """The refreshed series from the rebase commits: same names and order, new lock."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+def check_targets(branch: str, out_dir: Path, force: bool) -> None:
+    """What the rebase will create, checked before any work: a valid work-branch name, and an out
+    directory that is empty unless `force` (a refusal after the rebase would leave its branch)."""
+    if not Git(Path.cwd()).ok("check-ref-format", f"refs/heads/{branch}"):
+        raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+
+
+def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
+    """The refreshed series from the rebase commits: same names and order, new lock. `out_dir` was
+    checked by check_targets."""
+    if out_dir.exists():
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True)
     for outcome in result.outcomes:
         context = context_lines((source_dir / outcome.patch).read_text(encoding="utf-8", errors="replace"))
         text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature", f"-U{context}",
@@ -291,8 +299,6 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
         raise UsageError(f"{repo}: not a git repository")
     if source.resolve_commit(onto) is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
-    if not source.git.ok("check-ref-format", f"refs/heads/{branch}"):
-        raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
     holder = _worktree_on(source, branch)
     if holder is not None and holder != workdir:
         raise UsageError(f"{repo}: branch {branch} is checked out in the worktree {holder}; rebase there "
@@ -351,7 +357,7 @@ def import_tree(ws: Workspace, directory: Path, parent: str | None, message: str
         ws.git.run("--work-tree", str(directory), "add", "-A", "-f", ".", env=env)
         tree = ws.git.out("write-tree", env=env)
     parents = ["-p", parent] if parent else []
-    return ws.git.out("commit-tree", tree, *parents, "-F", "-", input=message, env=DSPARK_IDENTITY)
+    return ws.git.out("commit-tree", tree, *parents, "-F", "-", input=message, env=DSPARK_AUTHOR)
 
 
 def release_label(release: ReleaseFile) -> str:

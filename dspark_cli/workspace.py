@@ -24,6 +24,9 @@ TRAILER_PATCH = "Dspark-Patch"
 TRAILER_SHA = "Dspark-Patch-Sha256"
 # Our own commits (base, patches) are committed by dspark; patch authors are kept as authors.
 DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspark@localhost"}
+# Author and committer of commits that are ours entirely (release trees, state snapshots), so they
+# need no git identity configured on the machine.
+DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
 
 
 class GitFailed(EnvironmentProblem):
@@ -224,8 +227,7 @@ class Workspace:
             self.git.run("read-tree", parent, env=env)
             self.git.run("add", "-A", ".", env=env)
             tree = self.git.out("write-tree", env=env)
-        identity = {} if self.git.ok("config", "user.email") else {
-            **DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
+        identity = {} if self.git.ok("config", "user.email") else DSPARK_AUTHOR
         return self.git.out("commit-tree", tree, "-p", parent, "-F", "-", input=message, env=identity)
 
     def restore(self, snapshot: Snapshot) -> None:

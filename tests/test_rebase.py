@@ -210,6 +210,19 @@ def test_a_directory_option_naming_a_file_is_refused_before_any_work(upstream, o
     assert git(u["repo"], "branch", "--list", "dspark/*") == ""
 
 
+def test_a_non_empty_out_is_refused_before_any_work(upstream):
+    """Was refused only after the rebase, leaving its worktree and branch behind."""
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v5.1")
+    out = u["tmp"] / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine\n")
+    run = dspark(u, "--onto", "v5.1", "--repo", str(u["repo"]), "--out", str(out), "--workdir", str(u["tmp"] / "wd51"))
+    assert run.returncode == 2 and f"{out} exists and is not empty; pass --force to replace it" in run.stderr, run.stderr
+    assert len(worktrees(u["repo"])) == 1 and not (u["tmp"] / "wd51").exists()
+    assert git(u["repo"], "branch", "--list", "dspark/*") == "" and (out / "keep").read_text() == "mine\n"
+
+
 def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_worktree(upstream):
     u = upstream
     new_upstream(u, {"new.py": "X = 1\n"}, "v6.0")
@@ -224,7 +237,8 @@ def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_w
     other.mkdir()
     git(other, "init", "-q", "-b", "main")
     commit_files(other, {"mod.py": MOD}, "unrelated")
-    missing = dspark(u, "--onto", "main~0", "--repo", str(other), "--workdir", str(u["tmp"] / "wd6b"))
+    missing = dspark(u, "--onto", "main~0", "--repo", str(other), "--workdir", str(u["tmp"] / "wd6b"),
+                     "--out", str(u["tmp"] / "out6b"))
     assert missing.returncode == 2 and "has neither" in missing.stderr, missing.stderr
     assert len(worktrees(other)) == 1 and not (u["tmp"] / "wd6b").exists()
     assert git(other, "branch", "--list", "dspark/*") == ""
@@ -241,3 +255,12 @@ def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream)
     forced = dspark(u, "--onto", "v7.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd7b"), "--force")
     assert forced.returncode == 2 and f"checked out in the worktree {u['tmp'] / 'wd7'}" in forced.stderr, forced.stderr
     assert len(worktrees(u["repo"])) == 2 and not (u["tmp"] / "wd7b").exists()
+
+
+def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetched(tmp_path):
+    """Was exit 3 from `git checkout` after both release trees were unpacked."""
+    env = {**os.environ, "DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
+    run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0",
+                          "--pin", "a b", "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip() == "error: dspark/rebase-a b is not a valid branch name; name the new pin with --pin"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
