@@ -114,15 +114,17 @@ class BuildResult:
     archs: list[str]
 
 
-def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False) -> BuildResult:
+def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False,
+          planned: BuildPlan | None = None) -> BuildResult:
     """Compile csrc/ into the cache (or find it there) and record it in last.json. A cached library
     counts only if library_problem() finds nothing wrong with it; --force (or a bad cached library)
     builds from a clean directory, so ninja cannot call stale objects up to date: the old one is set
     aside (`<key>.previous`) and comes back if the build fails, the failed one kept as `<key>.failed`
     for its log — last.json may point at the old library, which the runtime keeps loading. A failed
-    build is recorded in last-failed.json."""
+    build is recorded in last-failed.json. `planned`: plan(arch) when the caller made it already (it
+    runs nvcc twice and hashes csrc/)."""
     started = time.monotonic()
-    p = plan(arch)
+    p = planned or plan(arch)
     if not force and p.library.exists() and library_problem(p.library) is None:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
@@ -245,17 +247,14 @@ def _record(result: BuildResult) -> BuildResult:
 
 
 def last_build() -> dict | None:
-    """The last good build `dspark build` recorded (status, path, key), for `dspark status` and the
-    loader; None if there is none or the record is not an object."""
-    return _read_record(LAST)
+    """The last good build `dspark build` recorded (status, path, key), for the runtime's loader;
+    None if there is none or the record is not an object."""
+    return read_record(LAST)
 
 
-def last_failed_build() -> dict | None:
-    """The last failed build, if it came after the last good one."""
-    return _read_record(LAST_FAILED)
-
-
-def _read_record(name: str) -> dict | None:
+def read_record(name: str) -> dict | None:
+    """A build record (LAST, or LAST_FAILED: a failed build since the last good one) as an object,
+    None if there is none."""
     try:
         record = json.loads((cache_root() / name).read_text())
     except (OSError, ValueError):

@@ -48,8 +48,6 @@ def main() -> None:
     except ClickUsageError as exc:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, replace_scalar
 from dspark_cli.errors import UsageError
+from dspark_cli.files import write_text_atomically
 from dspark_cli.workspace import Workspace
 
 
@@ -47,5 +48,5 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
             text = replace_scalar(text, ["engines", name, "pins", pin.name, "commit"], full)
             changes.append({"engine": name, "pin": pin.name, "short": pin.commit, "commit": full})
     if changes:
-        compat.path.write_text(text, encoding="utf-8")
+        write_text_atomically(compat.path, text)
     return changes

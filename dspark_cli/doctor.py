@@ -92,15 +92,16 @@ def check_arch(gpus: cuda_env.Gpus) -> Check:
     return Check("arch list", OK, f"{';'.join(archs)} ({source})")
 
 
-def host_compiler() -> str | None:
-    """The C++ compiler extension builds use: $CXX as torch's cpp_extension does, else c++ on PATH."""
-    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
-
-
 def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
-    cxx = host_compiler()
+    # The compiler extension builds use, as torch's cpp_extension picks it: $CXX when set (no other
+    # compiler is tried when it is missing), else c++ on PATH.
+    wanted = os.environ.get("CXX")
+    cxx = shutil.which(wanted or "c++")
     if not cxx:
-        return Check("c++ compiler", FAIL, "no c++/g++ on PATH (nor $CXX)", "install g++ (Debian/Ubuntu: build-essential)")
+        if wanted:
+            return Check("c++ compiler", FAIL, f"$CXX is {wanted}, which is not an executable (nor on PATH)",
+                         "set CXX to an installed C++ compiler, or unset it to use c++")
+        return Check("c++ compiler", FAIL, "no c++ on PATH", "install g++ (Debian/Ubuntu: build-essential)")
     out = cuda_env._run([cxx, "-dumpfullversion", "-dumpversion"])
     detail = f"{cxx} {out.stdout.strip() if out and out.returncode == 0 else '(version unknown)'}"
     if not nvcc.path:

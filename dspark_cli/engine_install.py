@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import write_text_atomically
 from dspark_cli.series import marker_constants
 
 ENGINES = ("tgi",)
@@ -178,7 +179,7 @@ def build_extension(request: EngineInstall, log: Log) -> dict:
         return {"status": "skipped", "reason": str(exc)}
     log(f"building the CUDA extension for {', '.join(plan.archs)} (nvcc {plan.nvcc_version}, torch {plan.torch_version})")
     try:
-        built = builder.build(request.arch, request.jobs, request.force, request.verbose)
+        built = builder.build(request.arch, request.jobs, request.force, request.verbose, planned=plan)
     except EnvironmentProblem as exc:
         raise StepFailed("extension", f"{exc}; nothing was installed") from None
     return {"status": built.status, "path": built.path, "key": built.key, "archs": built.archs}
@@ -325,7 +326,7 @@ def record(result: dict) -> None:
     root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        (root / f"engine-{result['engine']}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(root / f"engine-{result['engine']}.json", json.dumps(summary, indent=2) + "\n")
     except OSError:
         pass  # the install is done; a read-only cache only loses the record
 

@@ -5,10 +5,10 @@ Exit codes (documented in README.md):
   1  a check, verification or test failed
   2  bad usage or input (unknown pin, malformed compat.yaml, dirty worktree without --force, ...)
   3  environment problem (git, nvcc, torch, CUDA_HOME, network, disk)
-  4  a patch did not apply; the workspace was restored to its exact pre-apply state
+  4  a patch did not apply (the workspace restored to its exact pre-apply state), a rebase stopped at a
+     conflict, or a revert could not replay a commit of yours (nothing changed)
 """
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENV = 3

@@ -10,8 +10,10 @@ from typing import Callable, Iterable
 def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) -> None:
     """Write every (path, save) through save(temporary path beside it), then rename them all into
     place; when any write fails, every path is left as it was and the temporaries are removed.
-    An existing file keeps its permissions; a new one gets the umask's. Raises OSError."""
-    outputs = [(Path(path), save) for path, save in outputs]
+    An existing file keeps its permissions; a new one gets the umask's; a symlink is written through
+    (its target replaced, the link kept: the package's compat.yaml links to the repository's).
+    Raises OSError."""
+    outputs = [(Path(os.path.realpath(path)), save) for path, save in outputs]
     temps = []
     try:
         for path, save in outputs:

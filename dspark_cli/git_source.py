@@ -10,6 +10,7 @@ from pathlib import Path
 # Without this, importing GitPython on a machine without git raises before require_git can say so.
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import git as gitpython  # noqa: E402
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.compat import HEX_COMMIT
@@ -79,7 +80,7 @@ def _temp_sibling(path: Path) -> Path:
 
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
-    say(f"cloning {url} into {path}", err=True)
+    say(escape(f"cloning {url} into {path}"), err=True)
     try:
         _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
                        f"cannot clone {url}")
@@ -89,7 +90,7 @@ def _clone_into(url: str, tmp: Path, path: Path) -> None:
 
 
 def fetch(ws: Workspace, url: str) -> None:
-    err_console.print(f"fetching {url}")
+    say(escape(f"fetching {url}"), err=True)
     repo = gitpython.Repo(ws.path)
     _with_progress(lambda progress: _fetch_with_progress(repo, url, progress), f"cannot fetch {url}")
 
@@ -103,11 +104,12 @@ def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress
     remote.fetch(tags=True, force=True, progress=progress)
 
 
-def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None) -> str:
-    """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing.
-    When the pin names a tag that exists here, it must point at the same commit."""
+def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch_missing: bool = True) -> str:
+    """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing
+    (not in a fresh clone of `url`: a fetch could add nothing). When the pin names a tag that
+    exists here, it must point at the same commit."""
     commit = ws.resolve_commit(ref)
-    if commit is None:
+    if commit is None and fetch_missing:
         fetch(ws, url)
         commit = ws.resolve_commit(ref)
     if commit is None:
@@ -139,7 +141,7 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
     try:
         _clone_into(url, tmp, path)
         scratch = Workspace(tmp)
-        commit = find_commit(scratch, ref, url, tag)
+        commit = find_commit(scratch, ref, url, tag, fetch_missing=False)
         scratch.git.run("checkout", "-q", "--detach", commit)  # a fresh clone: the pinned tree, detached
         head = scratch.head() or ""
         if head != commit or (HEX_COMMIT.fullmatch(ref.lower()) and not head.startswith(ref.lower())):

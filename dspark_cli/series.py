@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.errors import CheckFailed, UsageError
+from dspark_cli.files import write_text_atomically
 
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
@@ -97,7 +98,7 @@ def lock_text(directory: Path) -> str:
 
 def write_lock(directory: Path) -> Path:
     lock_file = directory / LOCK_FILE
-    lock_file.write_text(lock_text(directory), encoding="utf-8")
+    write_text_atomically(lock_file, lock_text(directory))
     return lock_file
 
 

@@ -32,13 +32,21 @@ DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMA
 class GitFailed(EnvironmentProblem):
     """A git command we expected to work failed: one line (git's first error line), exit 3."""
 
+    # git's options that take a value ahead of the command (`git -c k=v commit`, `--work-tree DIR add`)
+    _VALUED_OPTIONS = ("-c", "-C", "--work-tree", "--git-dir")
+
     def __init__(self, args, result):
-        self.args_ = args
-        self.stderr = result.stderr
-        self.stdout = result.stdout
         lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else "failed")
-        super().__init__(f"git {args[0] if args else ''} failed: {reason}")
+        super().__init__(f"git {self._command(args)} failed: {reason}")
+
+    @classmethod
+    def _command(cls, args) -> str:
+        """The git command's name: the first argument that is neither an option nor an option's value."""
+        args = list(args)
+        while args and args[0].startswith("-"):
+            args = args[2:] if args[0] in cls._VALUED_OPTIONS else args[1:]
+        return args[0] if args else ""
 
 
 def require_git() -> None:

@@ -122,3 +122,14 @@ def test_clone_and_fetch_failures_say_gits_reason(toy):
     reason = "fatal: .* does not appear to be a git repository; fatal: Could not read from remote"
     with pytest.raises(EnvironmentProblem, match=f"cannot fetch {not_a_repo}: {reason}"):
         run_apply(toy, repo=str(not_a_repo), commit="deadbeef1", allow_unpinned=True)
+
+
+def test_a_failed_git_command_is_named_past_its_global_options(tmp_path):
+    """Was `git -c failed: ...` and `git --work-tree failed: ...`."""
+    from dspark_cli.workspace import Git, GitFailed
+
+    git_in = Git(tmp_path)  # not a repository: every command below fails
+    for args, name in ((("-c", "commit.gpgsign=false", "commit", "-q", "-m", "x"), "commit"),
+                       (("--work-tree", str(tmp_path), "add", "-A"), "add"), (("rev-parse", "HEAD"), "rev-parse")):
+        with pytest.raises(GitFailed, match=rf"^git {name} failed: fatal: not a git repository"):
+            git_in.run(*args)

@@ -401,3 +401,14 @@ def test_apply_and_rebase_read_the_package_index_alike(toy, tmp_path, local_inde
     for lookup in (lambda: pypi_source.fetch_release(release), lambda: rebase.index_release("toy-engine", "1.0")):
         with pytest.raises(EnvironmentProblem, match="cannot read the package index .*not a list of objects"):
             lookup()
+
+
+def test_paths_with_brackets_print_as_they_are(toy, tmp_path):
+    """rich read a workdir like `work[/x]` as markup: a MarkupError traceback from apply, and
+    `status` dropped `[cpu]` from the path it printed."""
+    work = tmp_path / "vllm[cpu][/x]"
+    applied = run_cli(toy, "apply", "toy", "--workdir", str(work))
+    assert applied.returncode == 0 and "Traceback" not in applied.stderr, applied.stderr
+    assert f"cloning {toy['upstream']['repo']} into {work}" in applied.stderr and f"in {work} (base" in applied.stdout
+    status = run_cli(toy, "status", "--workdir", str(work))
+    assert status.returncode == 0 and f"workspace  {work}  (toy" in status.stdout, status.stdout

@@ -68,11 +68,11 @@ def test_a_failed_build_keeps_the_last_good_record(toolchain, monkeypatch):
     with pytest.raises(EnvironmentProblem, match="build failed"):
         build.build("8.0")
     assert build.last_build()["path"] == good.path and build.last_build()["status"] == "built"
-    assert build.last_failed_build()["status"] == "failed"
+    assert build.read_record(build.LAST_FAILED)["status"] == "failed"
     assert cuda_ops.library_path() == Path(good.path)  # the runtime still finds the good build
     toolchain["fail"] = False
     build.build("8.0")
-    assert build.last_failed_build() is None
+    assert build.read_record(build.LAST_FAILED) is None
 
 
 def test_a_failed_forced_build_gives_the_old_library_back(toolchain):
@@ -84,7 +84,7 @@ def test_a_failed_forced_build_gives_the_old_library_back(toolchain):
     with pytest.raises(EnvironmentProblem, match=r"build failed in .*\.failed"):
         build.build("9.0a", force=True)
     assert Path(good.path).read_bytes() == data and build.library_problem(Path(good.path)) is None
-    assert build.last_build()["path"] == good.path and Path(build.last_failed_build()["path"]).name.endswith(".failed")
+    assert build.last_build()["path"] == good.path and Path(build.read_record(build.LAST_FAILED)["path"]).name.endswith(".failed")
     assert cuda_ops.library_path() == Path(good.path)
     toolchain["fail"] = False
     assert build.build("9.0a", force=True).status == "built"

@@ -178,3 +178,11 @@ def test_an_nvidia_smi_line_we_cannot_read_is_a_warning(monkeypatch, tmp_path, l
     smi.write_text(f"#!/bin/sh\necho '{line}'\n")
     arch = doctor.check_arch(cuda_env.gpu_info())
     assert arch.status == "warn" and "could not be read; pass --arch or set TORCH_CUDA_ARCH_LIST" in arch.detail
+
+
+def test_a_cxx_that_does_not_exist_fails_rather_than_falling_back(monkeypatch):
+    """torch's cpp_extension builds with $CXX as it is: doctor said ok with /usr/bin/g++ instead."""
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    check = doctor.check_compiler(cuda_env.nvcc_info())
+    assert check.status == "fail" and check.detail == "$CXX is /nonexistent/g++, which is not an executable (nor on PATH)"
+    assert "CXX" in check.hint

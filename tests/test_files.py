@@ -37,3 +37,16 @@ def test_an_existing_file_keeps_its_mode_and_a_new_one_gets_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "sub" / "new").stat().st_mode) == 0o640
+
+
+def test_a_symlink_is_written_through_and_kept(tmp_path):
+    """The package's compat.yaml is a link to the repository's: `compat lock` must not replace the
+    link by a file."""
+    target = tmp_path / "compat.yaml"
+    target.write_text("old\n")
+    link = tmp_path / "pkg" / "compat.yaml"
+    link.parent.mkdir()
+    link.symlink_to("../compat.yaml")
+    write_text_atomically(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compat.yaml", "pkg"]

@@ -23,23 +23,23 @@ def _render_apply(result: dict) -> None:
     _print_notes(result)
     source = result["source"]
     made_from = source.get("file") or source.get("repository")
-    say(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})")
+    say(escape(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})"))
     for label in result["applied"]:
         mark = "[green]applied[/green]" if label in result["new"] else "already applied"
-        say(f"  {mark}  {label}")
-    say(f"[bold]{result['status']}[/bold] on branch {result['branch']} "
+        say(f"  {mark}  {escape(label)}")
+    say(f"[bold]{result['status']}[/bold] on branch {escape(result['branch'])} "
         f"({len(result['new'])} new, {len(result['applied'])} in the series)")
 
 
 def _render_status(result: dict) -> None:
     source = result["source"] or {}
     made_from = source.get("file") or source.get("repository")
-    say(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})")
-    say(f"base       {result['base']}  from {made_from}")
-    say(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}")
+    say(escape(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})"))
+    say(escape(f"base       {result['base']}  from {made_from}"))
+    say(escape(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}"))
     say(f"applied    {len(result['applied'])} patch(es)")
     for patch in result["applied"]:
-        say(f"  {patch['commit'][:12]}  {patch['label']}  {escape(patch['subject'])}")
+        say(escape(f"  {patch['commit'][:12]}  {patch['label']}  {patch['subject']}"))
     for commit in result["user_commits"]:
         say(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}")
     for commit in result["detached_commits"]:
@@ -52,7 +52,7 @@ def _render_status(result: dict) -> None:
     for build in result["build"]:
         record = build.get("record")
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list))) if isinstance(record, dict) else build.get("error", record)
-        say(f"build      {build['file']}: {summary}")
+        say(escape(f"build      {build['file']}: {summary}"))
 
 
 def register(app: typer.Typer) -> None:
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
         def render(result: dict) -> None:
             _print_notes(result)
-            say(f"[bold]{result['status']}[/bold]: {result['branch']} at base {result['base'][:12]}; "
+            say(f"[bold]{result['status']}[/bold]: {escape(result['branch'])} at base {result['base'][:12]}; "
                 f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours")
 
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
@@ -124,6 +124,6 @@ def register(app: typer.Typer) -> None:
             {"name": name, "sha256": sha} for name, sha in series_files.read_lock(directory).items()
         ]}
         emit(result, as_json, lambda r: say(
-            f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked")))
+            escape(f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"))))
 
     app.add_typer(series_app, name="series")

@@ -56,17 +56,17 @@ def register(app: typer.Typer) -> None:
 
         if wheel is not None:  # a file in the way (2) or no permission (3), before minutes of compiling
             builder.check_wheel_dir(wheel)
+        p = builder.plan(arch)
         if not as_json:
-            p = builder.plan(arch)
             console.print(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
                           f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}", highlight=False)
         if as_json or verbose:  # --verbose streams ninja's own [k/N] lines and the compiler output
-            result = builder.build(arch, jobs, force, verbose)
+            result = builder.build(arch, jobs, force, verbose, planned=p)
         else:
             sources = len(builder.source_files())
             with console.status(f"compiling csrc/ ({sources} files) with nvcc and ninja "
                                 f"(a first build takes 30 s to a few minutes)…"):
-                result = builder.build(arch, jobs, force, verbose)
+                result = builder.build(arch, jobs, force, verbose, planned=p)
         doc = asdict(result)
         if wheel is not None:
             doc["wheel"] = str(builder.write_wheel(result, wheel))

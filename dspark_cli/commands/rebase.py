@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 from packaging.version import InvalidVersion, Version
+from rich.markup import escape
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
@@ -69,22 +70,22 @@ def _release_commit_id(ws: Workspace, commit: str, module: str) -> str | None:
 
 
 def _render(report: dict) -> None:
-    table = Table(title=f"rebase onto {report['onto'][:12]} (branch {report['branch']})")
+    table = Table(title=escape(f"rebase onto {report['onto'][:12]} (branch {report['branch']})"))
     for column in ("patch", "result", "files", "details"):
         table.add_column(column, overflow="fold")
     for p in report["patches"]:
         style = {"clean": "green", "3-way": "yellow", "resolved": "yellow", "conflict": "red"}.get(p["status"], "dim")
-        table.add_row(p["patch"], f"[{style}]{p['status']}[/{style}]", "\n".join(p["files"]),
-                      "\n".join(p["details"]))
+        table.add_row(escape(p["patch"]), f"[{style}]{p['status']}[/{style}]", escape("\n".join(p["files"])),
+                      escape("\n".join(p["details"])))
     console.print(table)
     if report["compiled"] or report["compile_errors"]:
-        console.print(f"byte-compiled {len(report['compiled'])} patched Python files"
-                      + (f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else ""))
+        console.print(escape(f"byte-compiled {len(report['compiled'])} patched Python files"
+                             + (f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else "")))
     if report["out_dir"]:
-        console.print(f"refreshed series written to {report['out_dir']}")
+        console.print(escape(f"refreshed series written to {report['out_dir']}"))
     if report.get("compat_entry"):
         entry = yaml.safe_dump({report["new_pin"]: report["compat_entry"]}, sort_keys=False)
-        console.print(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", highlight=False)
+        console.print(escape(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}"), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
