@@ -106,6 +106,9 @@ class ForwardTimer:
         self.vocab = config.vocab_size
         params = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        # A prefill fills the cache; its logits (B·context·V: 78 GB at B = 1008, context 256, V = 152k
+        # in bf16) are not wanted, only the last position's where the model can keep just those.
+        self.prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._check_kv_cache(config.model_type)
 
     @torch.inference_mode()
@@ -156,10 +159,10 @@ class ForwardTimer:
             try:
                 return self._graph_replay_seconds(self.static_step(batch))
             except RuntimeError as exc:
-                raise RuntimeError(f"captured in a CUDA graph at B={batch}: {exc} "
+                raise RuntimeError(f"at B={batch} (a prefill, then the step captured in a CUDA graph): {exc} "
                                    "(--capture-sizes none times every size eagerly)") from exc
         prompt, step = self._inputs(batch)
-        cache = getattr(self.model(input_ids=prompt, use_cache=True), self.cache_name)
+        cache = getattr(self.model(input_ids=prompt, use_cache=True, **self.prefill_kwargs), self.cache_name)
 
         def forward():
             self.model(input_ids=step, use_cache=True, **{self.cache_name: cache})
@@ -180,7 +183,7 @@ class ForwardTimer:
         s = self.settings
         prompt, step = self._inputs(batch)
         cache = StaticCache(config=self.config, max_cache_len=s.context + 1)
-        self.model(input_ids=prompt, use_cache=True, **{self.cache_name: cache})
+        self.model(input_ids=prompt, use_cache=True, **self.prefill_kwargs, **{self.cache_name: cache})
         counters = [getattr(layer, "cumulative_length", None) for layer in cache.layers]
         if not all(isinstance(c, torch.Tensor) for c in counters):  # transformers keeps it as a device tensor since 5.x
             raise RuntimeError("this transformers' StaticCache keeps no device fill counter to rewind")
