@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "launch.h"
@@ -346,8 +347,12 @@ __global__ void merge_splits_kernel(AttentionParams p) {
 
 template <typename T, int HD>
 void launch(AttentionParams& p, const at::Tensor& like, cudaStream_t stream) {
+  // cuda_ops.draft_attention_fits mirrors Layout::bytes to ask the same of the GPU before choosing the op.
   const size_t smem = Layout<T, HD>::bytes(p.rows_padded);
-  allow_dynamic_smem(draft_attention_kernel<T, HD>, static_cast<int>(Layout<T, HD>::bytes(kMaxRows)));
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(smem <= optin, "draft_attention: ", p.rows_padded, " query rows at head_dim ", HD, " need ", smem,
+              " bytes of shared memory per block; this GPU allows ", optin);
+  allow_dynamic_smem(draft_attention_kernel<T, HD>, static_cast<int>(std::min(Layout<T, HD>::bytes(kMaxRows), optin)));
   at::Tensor split_out, split_lse;
   if (p.splits > 1) {
     split_out = at::empty({p.splits, p.R, p.kv_heads, p.rows, HD}, like.options().dtype(at::kFloat));
@@ -385,8 +390,9 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "draft_attention: bf16 or fp16");
   TORCH_CHECK(hd == 64 || hd == 128, "draft_attention: head_dim 64 or 128");
   TORCH_CHECK(starts.scalar_type() == at::kInt && lengths.scalar_type() == at::kInt && starts.numel() == R &&
-                  lengths.numel() == R && starts.is_cuda() && lengths.is_cuda(),
-              "draft_attention: starts and lengths int32 [R] on the GPU");
+                  lengths.numel() == R && starts.is_contiguous() && lengths.is_contiguous() &&
+                  starts.device() == q.device() && lengths.device() == q.device(),
+              "draft_attention: starts and lengths contiguous int32 [R] on q's GPU");
   const int group = static_cast<int>(heads / kv), rows = group * static_cast<int>(gamma);
   const int rows_padded = (rows + 15) / 16 * 16;
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);

@@ -9,9 +9,10 @@
 //   3. per-request reduction of the partials: token, q_k(x_k), row max and sum-exp (returned as
 //      row_stats [R, γ, 2]: rejection rebuilds a q row with them), and the W1 gather of the new
 //      token for step k+1 (prev_emb)
-//   4. (return_q only) steps 1-2 leave x_k = (U_k + bias) / T in q's row k (the arithmetic the race
-//      used); after the last step one pass over all R·γ rows turns them into q = exp(x - max) / sum
-//      in place (no fp32 bias round trip, no second read of U, one launch instead of γ)
+//   4. (return_q only) the fused and small-batch steps leave x_k = (U_k + bias) / T in q's row k (the
+//      arithmetic the race used); after the last step one pass over all R·γ rows turns them into
+//      q = exp(x - max) / sum in place (no fp32 bias round trip, no second read of U, one launch
+//      instead of γ); the cuBLAS path above writes its q rows per step from U and the bias scratch
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
@@ -843,7 +844,7 @@ int chain_batch_capacity() {
   return per_device[device] = per_sm < 1 ? -1 : fit;
 }
 
-// Launches small_chain_kernel (all γ steps at R <= 2, q lazy) with one block per SM and as many W2
+// Launches small_chain_kernel (all γ steps at R <= 2) with one block per SM and as many W2
 // batches resident in shared memory as fit; false (nothing launched) when a block cannot be
 // resident, and the per-step kernels run instead. partials: γ·R·(SM count) Partials; arrived: zeroed.
 template <typename WT, typename UT, int NR>
@@ -991,8 +992,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
-  const bool small = !warped && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  const bool fused = !warped && !small && fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
+  // 16-byte loads: the small-batch step reads W1 rows so, the fused step U rows (a U or W1 that
+  // starts off a 16-byte boundary, e.g. a view, takes the cuBLAS path).
+  const bool small = !warped && aligned16(w1.data_ptr()) && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
+  const bool fused = !warped && !small && aligned16(U.data_ptr()) &&
+                     fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
   // The fp32 bias scratch of the cuBLAS path's split pass.
   auto bias = at::empty({!small && !fused ? R : 0, V}, f32);

@@ -345,8 +345,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
               "dspark::rejection_sample: thresholds must be the chain's contiguous fp32 [R, γ], with its row_stats");
   const int rank = stored ? 0 : w1->size(1);
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
-  const bool small = chain_stats && !masked && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
-  const bool fused = chain_stats && !masked && vec && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
+  // The racing kernels of these paths gather W1 rows for the ratio tests 16 bytes at a time.
+  const bool w1_aligned = !stored && aligned16(w1->data_ptr());
+  const bool small = chain_stats && !masked && w1_aligned && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
+  const bool fused = chain_stats && !masked && vec && w1_aligned && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);

@@ -110,3 +110,19 @@ def test_drafter_on_the_op_matches_the_drafter_on_sdpa(head_dim, heads, kv, gamm
         on_sdpa = draft.hidden_blocks(ids, anchors, positions)
     err = (on_op.float() - on_sdpa.float()).abs().max().item()
     assert err < 5e-2 * on_sdpa.float().abs().max().item(), err
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+@pytest.mark.parametrize("gamma", [3, 7, 16])
+def test_the_op_runs_exactly_where_fits_says_it_does(hd, gamma):
+    """draft_attention_fits' shared-memory count against the op's own check on this GPU: every
+    shape it accepts runs, every one it refuses is refused by the op with the same count."""
+    heads, kv = 8 * (16 // gamma if gamma < 16 else 1), 1
+    rows = heads // kv * gamma
+    inputs = draft_attention_inputs([70, 5], gamma, heads, kv, hd, torch.bfloat16, seed=gamma)
+    if cuda_ops.draft_attention_fits(inputs[0], hd, rows):
+        cuda_ops.draft_attention(*inputs, 70)
+        torch.cuda.synchronize()
+    elif -(-rows // 16) * 16 <= cuda_ops.DRAFT_ATTENTION_MAX_ROWS:
+        with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+            cuda_ops.draft_attention(*inputs, 70)
