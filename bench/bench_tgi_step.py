@@ -121,17 +121,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="eager,graphs",
-                    help="drafter block forward: eager, graphs (CUDA graphs between attention calls) or both")
+                    help="drafter block forward, comma-separated: eager, graphs (CUDA graphs between attention calls)")
     ap.add_argument("--attention", default="op",
-                    help="drafter attention: op (our CUDA op reading the context pool in place, where it fits), "
-                         "sdpa (padded gathers and SDPA) or both")
+                    help="drafter attention, comma-separated: op (our CUDA op reading the context pool in place, "
+                         "where it fits), sdpa (padded gathers and SDPA)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    modes, attentions = args.modes.split(","), args.attention.split(",")
+    for option, values, known in (("--modes", modes, {"eager", "graphs"}), ("--attention", attentions, {"op", "sdpa"})):
+        if not set(values) <= known:
+            ap.error(f"{option}: {', '.join(sorted(set(values) - known))} is none of {', '.join(sorted(known))}")
     draft = make_draft(args.device)
-    modes = args.modes.split(",")
     if "graphs" in modes and args.device == "cuda":
         print(capture_cost(draft))
-    attentions = args.attention.split(",")
     rows = [bench(draft, int(R), args.repeats, args.context, args.device, mode, attention)
             for R in args.sizes.split(",") for mode in modes for attention in attentions]
     print("| R | drafter | attention | context | q | verify ms | commit ms | propose ms | step ms |")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session for issue 4: build the extension, run the GPU tests, benchmark the kernels (the TGI
 # drafter's attention op too), the runtime and `dspark profile`'s step timing. Needs python3 with
-# torch (CUDA build), nvcc, ninja and pytest (transformers for the profile steps); no install of dspark.
+# torch (CUDA build), nvcc, ninja and pytest, and transformers, typer and rich for the profile and
+# CLI steps; no install of dspark (PYTHONPATH=.).
 #   OUT=/tmp/out bash bench/gpu_run.sh
 # Steps run most-needed first and each writes its own file under $OUT, so a run cut short by the
 # device's time limit still returns what finished.
@@ -19,9 +20,7 @@ import time; from dspark_cli.build import build
 r = build(jobs=16); print('build:', r)
 t = time.monotonic(); r2 = build(); print('rebuild (nothing changed): %.2f s' % (time.monotonic() - t), r2.status)
 " 2>&1 | grep -v "warning #\|^ *^\|^$" | tee -a "$OUT/build.txt" || exit 1
-python3 -m pytest -q -ra -p no:cacheprovider tests/test_kernels_gpu.py \
-  tests/test_draft_attention_gpu.py tests/test_profile.py 2>&1 \
-  | tee "$OUT/pytest_gpu.txt"
+python3 -m pytest -q -ra -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/pytest_gpu.txt"  # every GPU test
 python3 bench/bench_kernels.py --ops markov,confidence,schedule --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.txt"
 python3 bench/bench_kernels.py --ops rejection --repeats "$REPEATS" --sizes 1,16,128 \

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (REPO_ROOT / "compat.yaml").read_text()
 
 
-def test_shipped_compat_has_the_three_pins_and_their_release_files():
+def test_shipped_compat_has_its_pins_and_their_release_files():
     loaded = compat.load(REPO_ROOT / "compat.yaml")
     vllm, tgi = loaded.engine("vllm"), loaded.engine("tgi")
     assert vllm.default_pin == "v0.32.0" and set(vllm.pins) == {"v0.29.0", "v0.30.0", "v0.31.0", "v0.32.0", "v0.33.0"}
@@ -145,6 +145,8 @@ def test_fuzz_through_the_cli_exits_2_with_one_line(tmp_path_factory, junk):
     result = CliRunner().invoke(app, ["compat", "--json"], env={"DSPARK_COMPAT": str(path)})
     if result.exit_code != 0:
         assert isinstance(result.exception, CompatError) and result.exception.exit_code == 2
+        message = str(result.exception)
+        assert "\n" not in message and message.startswith(f"{path}:"), message  # one line naming the file (and line or key)
 
 
 def test_malformed_compat_in_a_real_process_is_one_line_exit_2(tmp_path):

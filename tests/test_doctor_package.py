@@ -58,6 +58,8 @@ def test_installed_verify_without_torch_or_engine_is_one_line_and_exit_3(tmp_pat
                           env={**os.environ, "DSPARK_VLLM_PYTHON": str(Path(DSPARK).with_name("python"))})
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    said = "has no DSpark-patched vLLM" if target == "vllm" else "error: torch is not installed"
+    assert said in proc.stderr, proc.stderr
 
 
 def test_installed_profile_without_torch_names_what_to_install(tmp_path):

@@ -78,6 +78,7 @@ def test_last_layer_is_refused():
         HiddenCapture(TinyTarget(n=3), [0, 2])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
 def test_capture_is_replayed_by_a_cuda_graph():
     d = 64

@@ -42,8 +42,8 @@ def build_tgi_utils_package(src: Path, dest: Path, python: str) -> Path:
     return dest
 
 
-@pytest.mark.skipif(not (TGI_SRC and TGI_PY), reason="needs DSPARK_TGI_SRC (a v3.3.7 clone; GitHub is not reachable "
-                                                     "from CI) and DSPARK_TGI_UTILS_PYTHON (.ci/prepare.d/40-tgi-utils.sh)")
+@pytest.mark.skipif(not (TGI_SRC and TGI_PY), reason="needs DSPARK_TGI_SRC (a v3.3.7 clone: .ci/prepare.d/39-tgi-src.sh "
+                                                     "when it could clone the tag) and DSPARK_TGI_UTILS_PYTHON (40-tgi-utils.sh)")
 def test_choose_matches_tgi_next_token_chooser(tmp_path):
     root = build_tgi_utils_package(Path(TGI_SRC), tmp_path / "tgi", TGI_PY)
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{REPO}")

@@ -194,8 +194,8 @@ def test_concatenated_batches_of_different_widths_pad_to_the_widest():
 
 
 @pytest.mark.parametrize("seeded", [False, True])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_sampled_tokens_follow_the_target_distribution(device, seeded):
     """Losslessness at T > 0 through our verify path: many requests, one round, drafts from the real
     drafter (Markov chain, its corrected q) and a different target distribution p_j at each verify

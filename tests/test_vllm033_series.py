@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import compat, pypi_source
-from dspark_cli.errors import DsparkError
+from dspark_cli.errors import EnvironmentProblem
 from dspark_cli.integrations.vllm import v2_fused
 from dspark_cli.series import load_series
 
@@ -51,7 +51,7 @@ def patched_tree(request, tmp_path_factory):
                     "fetches it); the sdist case covers the tree")
     try:
         pypi_source.fetch_release(rel)
-    except DsparkError as exc:
+    except EnvironmentProblem as exc:  # the index not reachable; a sha256 mismatch (CheckFailed) fails
         pytest.skip(f"cannot fetch {rel.file}: {exc}")
     workdir = tmp_path_factory.mktemp(request.param) / "vllm"
     run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", "v0.33.0", "--source", "pypi",

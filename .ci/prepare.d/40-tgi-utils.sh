@@ -1,7 +1,7 @@
 # TGI v3.3.7 token-chooser comparison (tests/test_tgi_chooser.py): a venv with the Python deps of
 # TGI's utils/tokens.py (loguru, outlines, protobuf, grpcio-tools) layered over the CI venv (a .pth
 # to its site-packages: torch, transformers, our package), cached under $DSPARK_CACHE. Only built
-# when DSPARK_TGI_SRC names a TGI clone (GitHub is not reachable from CI, so usually it does not).
+# when DSPARK_TGI_SRC names a TGI clone (39-tgi-src.sh sets it when it could clone the tag).
 if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   TGI_UTILS_VENV="$DSPARK_CACHE/venv-tgi-utils"
   [ -x "$TGI_UTILS_VENV/bin/python" ] || python3 -m venv "$TGI_UTILS_VENV"
