@@ -14,22 +14,8 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_draft_attention import copy_bandwidth
 from dspark_cli.runtime.sps_profile import ATTENTION, ForwardTimer, ProfileSettings, load_config
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device copy (median of 10)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(11):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / sorted(times[1:])[5]
 
 
 def step_bytes(model, config, batch: int, context: int, itemsize: int) -> int:
@@ -52,7 +38,7 @@ def main() -> None:
     config = load_config(args.model)
     timer = ForwardTimer(config, ProfileSettings(device="cuda", dtype=torch.bfloat16, context=args.context,
                                                  warmup=3, repeats=args.repeats))
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth() * 1e3  # bytes per second
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {args.model} bf16, context {args.context}, "
           f"median of {args.repeats}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("| B | eager ms | graph ms | eager / graph | graph, transformers' SDPA ms | that / graph | floor ms "
