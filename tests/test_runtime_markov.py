@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dspark_cli.runtime import confidence_logits, markov_chain, probs_from_logits, residual_row, rng
-from tests.test_runtime_chi2 import chi2_pvalue
+from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
 
 

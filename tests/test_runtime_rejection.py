@@ -4,7 +4,7 @@ from scipy import stats
 
 from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat, rng
 from dspark_cli.runtime.rejection import RESIDUAL_MASS_FLOOR
-from tests.test_runtime_chi2 import chi2_pvalue
+from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
 
 N = 100_000

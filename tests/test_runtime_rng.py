@@ -1,7 +1,7 @@
 import torch
 
 from dspark_cli.runtime import rng
-from tests.test_runtime_chi2 import chi2_pvalue
+from tests.chi2 import chi2_pvalue
 
 
 def _t(*values):

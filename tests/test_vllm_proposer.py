@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
+from dspark_cli.runtime import rejection_sample
+from tests.chi2 import chi2_pvalue
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,25 +83,20 @@ def test_requests_with_structured_outputs_draft_greedily():
 
 
 def test_structured_output_cut_is_exact_only_for_one_hot_drafts():
-    """The brief's worked example, computed: verification of one draft with the grammar's cut."""
+    """The example above through our rejection sampler: one draft x ~ q, verified unless the grammar
+    rejects it (x = 2: the scheduler cuts it, ℓ = 0, a fresh sample from p)."""
+    n, g = 100_000, torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.5, 0.0])
 
-    def output_distribution(q):
-        out = torch.zeros(3)
-        for x in range(3):  # draft token x ~ q
-            if x == 2:  # the scheduler drops the invalid draft: a fresh sample from p
-                out += q[x] * p
-                continue
-            accept = min(1.0, float(p[x] / q[x]))
-            residual = torch.clamp(p - q, min=0)
-            out += q[x] * accept * torch.nn.functional.one_hot(torch.tensor(x), 3)
-            if accept < 1:
-                out += q[x] * (1 - accept) * residual / residual.sum()
-        return out
+    def first_tokens(q: torch.Tensor) -> torch.Tensor:
+        x = torch.multinomial(q, n, replacement=True, generator=g)[:, None]
+        verify = rejection_sample(p.expand(n, 2, 3).contiguous(), (x, q[x], q.expand(n, 1, 3)),
+                                  (x[:, 0] != 2).long(), generator=g)
+        return verify.output_tokens[:, 0]
 
-    assert output_distribution(torch.tensor([0.5, 0.1, 0.4]))[0] == pytest.approx(0.70)  # biased
+    assert chi2_pvalue(first_tokens(torch.tensor([0.5, 0.1, 0.4])), torch.tensor([0.7, 0.3, 0.0])) > 0.01  # biased
     for greedy in range(2):  # a one-hot draft: exact
-        assert torch.allclose(output_distribution(torch.nn.functional.one_hot(torch.tensor(greedy), 3).float()), p)
+        assert chi2_pvalue(first_tokens(torch.nn.functional.one_hot(torch.tensor(greedy), 3).float()), p) > 0.01
 
 
 def _q(rows: int, k: int, vocab: int, seed: int) -> torch.Tensor:

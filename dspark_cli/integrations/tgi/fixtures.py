@@ -54,12 +54,15 @@ def build(path: Path, family: str = "llama", kind: str = "successor", seed: int 
     return path
 
 
-def build_loop_draft(path: Path, gamma: int, target: Path) -> Path:
-    """An oracle draft (released format) for the `loop` target: its Markov head predicts loop_map()."""
+def build_map_draft(path: Path, gamma: int, target: Path, mapping: torch.Tensor,
+                    scale: float = tiny_models.MARKOV_SCALE) -> Path:
+    """A draft (released format) whose Markov head predicts mapping[prev] with logit `scale` over
+    zero base logits: one-hot q at the default scale (e.g. loop_map() for the `loop` target), a q
+    that also spreads over every other token at a small one."""
     tiny_models.build_draft(path, gamma=gamma, kind="oracle", target=target)
     tensors = tiny_models.read_weights(path)
     w2 = torch.zeros(tiny_models.VOCAB, tiny_models.VOCAB)
-    w2[loop_map(), torch.arange(tiny_models.VOCAB)] = tiny_models.MARKOV_SCALE
+    w2[mapping, torch.arange(tiny_models.VOCAB)] = scale
     tensors["markov_head.markov_w2.weight"] = w2
     tiny_models.write_weights(path, tensors)
     return Path(path)
