@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
     def apply_command(
         engine: str = typer.Argument(..., help="Engine in compat.yaml: vllm or tgi."),
         commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: an existing workspace's pin, else the engine's default pin)."),
-        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./<engine>-<pin>)."),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./ENGINE-PIN, e.g. ./vllm-v0.32.0)."),
         repo: Optional[str] = typer.Option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
         source: Optional[str] = typer.Option(
             None, "--source", help="git: clone the repository; pypi: build the tree from the release file "
