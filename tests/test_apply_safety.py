@@ -1,5 +1,5 @@
 """Nothing is lost and nothing is half made: commits on a detached HEAD, failed first clones,
-odd refs and odd workdirs. Real git throughout (the toy upstream of test_apply_support)."""
+odd refs and odd workdirs. Real git throughout (the toy upstream of tests/git_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from dspark_cli import applier
 from dspark_cli.errors import UsageError
-from test_apply_support import git, run_apply, toy_workspace, tree_fingerprint
+from tests.git_fixtures import git, run_apply, toy_workspace, tree_fingerprint
 
 
 @pytest.fixture

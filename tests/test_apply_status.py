@@ -14,7 +14,7 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import UsageError
-from test_apply_support import git, make_series, make_toy, write_compat
+from tests.git_fixtures import git, make_series, make_toy, write_compat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

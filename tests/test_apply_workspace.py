@@ -13,7 +13,7 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import PatchFailed, UsageError
-from test_apply_support import (CORE, dspark_edits, git, make_series, run_apply, toy_workspace, tree_fingerprint,
+from tests.git_fixtures import (CORE, dspark_edits, git, make_series, run_apply, toy_workspace, tree_fingerprint,
                                 write_compat)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,6 @@ record surviving a failed build, --wheel checks, --arch errors, --self-test's on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 from dspark_cli import build, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.runtime import cuda_ops
+from tests.run_cli import run_dspark
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,15 +122,10 @@ def test_wheel_dir_checks(tmp_path):
     assert build.check_wheel_dir(tmp_path / "new" / "dir").is_dir()
 
 
-def run_real(*args, env=None):
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=full, capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("arch", [";", "1.0", "sm_100f", "sm_x"])
 def test_bad_arch_is_exit_2_before_anything_is_created(tmp_path, arch):
     cache = tmp_path / "cache"
-    out = run_real("build", "--arch", arch, "--json", env={"DSPARK_CACHE": str(cache)})
+    out = run_dspark("build", "--arch", arch, "--json", env={"DSPARK_CACHE": str(cache)})
     assert out.returncode == 2, out.stderr
     doc = json.loads(out.stdout)
     assert doc["ok"] is False and doc["exit_code"] == 2 and "arch" in doc["error"]
@@ -145,7 +139,7 @@ def test_bad_wheel_dir_is_one_line_before_building(tmp_path, kind, code):
     if kind == "file":
         target.write_text("x")
     cache = tmp_path / "cache"
-    out = run_real("build", "--arch", "9.0a", "--wheel", str(target), "--json", env={"DSPARK_CACHE": str(cache)})
+    out = run_dspark("build", "--arch", "9.0a", "--wheel", str(target), "--json", env={"DSPARK_CACHE": str(cache)})
     assert out.returncode == code, out.stderr
     assert json.loads(out.stdout)["exit_code"] == code and "--wheel" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (cache / "build").exists()

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from typer.testing import CliRunner
 
 from dspark_cli.cli import app
 from dspark_cli.errors import DsparkError
-from test_apply_support import CORE, git, make_series, make_toy
+from tests.git_fixtures import CORE, git, make_series, make_toy
+from tests.run_cli import run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MY_COMMANDS = [["apply"], ["status"], ["revert"], ["compat"], ["compat", "lock"], ["series"], ["series", "lock"]]
@@ -27,11 +26,6 @@ def exit_code(result) -> int:
     return result.exit_code
 
 
-def run_real(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=full_env, capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("command", MY_COMMANDS, ids=" ".join)
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
@@ -41,7 +35,7 @@ def test_every_command_has_help(command):
 
 
 def test_dspark_help_in_a_real_process():
-    result = run_real("--help")
+    result = run_dspark("--help")
     assert result.returncode == 0
     for name in ("apply", "status", "revert", "compat", "series"):
         assert name in result.stdout
@@ -50,7 +44,7 @@ def test_dspark_help_in_a_real_process():
 @pytest.mark.parametrize("args", [[], ["series"]], ids=["dspark", "dspark series"])
 def test_no_command_prints_the_help_once_and_exits_2(args):
     """As typer's no_args_is_help does: help on stdout, exit 2, and no empty `usage:` error line."""
-    result = run_real(*args)
+    result = run_dspark(*args)
     assert result.returncode == 2 and result.stdout.count("Usage:") == 1
     assert result.stderr == ""
 
@@ -113,14 +107,14 @@ def test_status_lists_only_this_workdirs_engine_install(toy_env, tmp_path):
 
 @pytest.mark.parametrize("text", ["[1]", '{"workdir": 5}'])
 def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
-    assert run_real("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
+    assert run_dspark("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
     build = tmp_path / "cache" / "build"
     build.mkdir(parents=True)
     (build / "engine-toy.json").write_text(text)
-    status = run_real("status", "-C", str(toy_env["work"]), "--json")
+    status = run_dspark("status", "-C", str(toy_env["work"]), "--json")
     assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
     assert json.loads(status.stdout)["build"][0]["error"].startswith("corrupt")
-    human = run_real("status", "-C", str(toy_env["work"]))
+    human = run_dspark("status", "-C", str(toy_env["work"]))
     assert human.returncode == 0 and "engine-toy.json: corrupt" in human.stdout, human.stderr
 
 
@@ -145,9 +139,9 @@ def test_conflict_in_a_real_process_exits_4_with_one_line(toy_env):
         ("team: edit a line 1.1 changed", {"engine/core.py": CORE.replace("line 25\n", "line 25 (team)\n")}),
     ])
     work = str(toy_env["work"])
-    assert run_real("apply", "toy", "--workdir", work).returncode == 0
+    assert run_dspark("apply", "toy", "--workdir", work).returncode == 0
     head = git(toy_env["work"], "rev-parse", "HEAD")
-    failed = run_real("apply", "toy", "--workdir", work, "--series", str(team))
+    failed = run_dspark("apply", "toy", "--workdir", work, "--series", str(team))
     assert failed.returncode == 4
     assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr
     assert "team/0001-team-edit-a-line-1.1-changed.patch did not apply: file engine/core.py, hunk #1" in failed.stderr
@@ -158,7 +152,7 @@ def test_a_series_option_naming_a_file_says_so(toy_env):
     """Was '<file>: no such series directory'."""
     afile = toy_env["root"] / "afile"
     afile.write_text("x\n")
-    result = run_real("apply", "toy", "--series", str(afile), "-C", str(toy_env["work"]))
+    result = run_dspark("apply", "toy", "--series", str(afile), "-C", str(toy_env["work"]))
     assert result.returncode == 2 and not toy_env["work"].exists()
     assert result.stderr.strip() == f"error: {afile} is a file, not a series directory (the directory holding `series` and the patches)"
 
@@ -167,7 +161,7 @@ def test_a_series_option_naming_a_file_says_so(toy_env):
 def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command):
     """Was exit 3 'cannot clone /no/such/dir' after starting a clone."""
     args = [a.format(work=toy_env["work"]) for a in command]
-    result = run_real(*args, "--repo", "/no/such/dir")
+    result = run_dspark(*args, "--repo", "/no/such/dir")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: --repo /no/such/dir: no such directory (give a clone's directory or a URL)"
     assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
@@ -186,10 +180,10 @@ def test_what_counts_as_a_local_repo_path(url, local):
 
 def test_dirty_tree_in_a_real_process_exits_2(toy_env):
     work = toy_env["work"]
-    assert run_real("apply", "toy", "--workdir", str(work)).returncode == 0
+    assert run_dspark("apply", "toy", "--workdir", str(work)).returncode == 0
     git(work, "checkout", "-q", "--detach", toy_env["upstream"]["v1.0"])
     (work / "engine" / "core.py").write_text("edited\n")
-    result = run_real("apply", "toy", "--workdir", str(work))
+    result = run_dspark("apply", "toy", "--workdir", str(work))
     assert result.returncode == 2 and "local change" in result.stderr and "--force" in result.stderr
 
 
@@ -206,7 +200,7 @@ def test_series_lock_writes_and_checks(toy_env):
     written = runner.invoke(app, ["series", "lock", str(series_dir), "--json"])
     assert [p["name"] for p in json.loads(written.stdout)["patches"]][-1] == "0003-extra.patch"
     assert "0003-extra.patch" in (series_dir / "series.lock").read_text()
-    assert run_real("series", "lock", str(series_dir), "--check").returncode == 0
+    assert run_dspark("series", "lock", str(series_dir), "--check").returncode == 0
 
 
 def test_compat_json_lists_engines_and_pins():
@@ -219,7 +213,7 @@ def test_compat_json_lists_engines_and_pins():
 
 def test_error_line_keeps_square_brackets():
     """Error text is data, not rich markup: a bracketed value (like `dspark[build]`) stays."""
-    result = run_real("apply", "vllm", "--commit", "[build]", "--source", "pypi", "--workdir", "unused")
+    result = run_dspark("apply", "vllm", "--commit", "[build]", "--source", "pypi", "--workdir", "unused")
     assert result.returncode == 2 and "error: [build] is not pinned" in result.stderr, result.stderr
 
 
@@ -228,7 +222,7 @@ def test_no_git_on_path_is_one_line_exit_3(toy_env, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    result = run_real("apply", "toy", "-C", str(toy_env["work"]), env={"PATH": str(bin_dir)})
+    result = run_dspark("apply", "toy", "-C", str(toy_env["work"]), env={"PATH": str(bin_dir)})
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == "error: git is not installed (needed to patch the engine tree)"
 
@@ -236,9 +230,9 @@ def test_no_git_on_path_is_one_line_exit_3(toy_env, tmp_path):
 def test_a_git_failure_reaching_the_cli_is_one_line(toy_env):
     """A git command failing where we did not expect it is exit 3 with git's own error line."""
     work = toy_env["work"]
-    assert run_real("apply", "toy", "-C", str(work)).returncode == 0
+    assert run_dspark("apply", "toy", "-C", str(work)).returncode == 0
     (work / ".git" / "refs" / "heads" / "dspark" / "v1.0").write_text("0" * 40 + "\n")  # a broken ref
-    result = run_real("revert", "-C", str(work))
+    result = run_dspark("revert", "-C", str(work))
     assert result.returncode == 3 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert "git" in result.stderr
 
@@ -248,7 +242,7 @@ def test_non_utf8_series_files_are_one_line_exit_2(toy_env, name):
     series_dir = toy_env["series"]
     (series_dir / name).write_bytes(b"\xff\xfe not text\n")
     for args in (["series", "lock", str(series_dir), "--check"], ["apply", "toy", "-C", str(toy_env["work"])]):
-        result = run_real(*args)
+        result = run_dspark(*args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip() == f"error: {series_dir / name}: not UTF-8 text (byte 0)"
 
@@ -277,7 +271,7 @@ def test_a_cache_that_is_a_file_is_one_line_exit_3(toy_env, tmp_path, monkeypatc
 def test_errors_under_json_are_one_json_document_on_stdout(toy_env, args, code):
     with open(toy_env["series"] / "0001-dspark-hook-in-core.patch", "a") as handle:
         handle.write("\n")  # an edit the lock does not know
-    result = run_real(*[a.format(series=toy_env["series"]) for a in args])
+    result = run_dspark(*[a.format(series=toy_env["series"]) for a in args])
     assert result.returncode == code, result.stderr
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["exit_code"] == code and document["error"]
@@ -287,8 +281,8 @@ def test_errors_under_json_are_one_json_document_on_stdout(toy_env, args, code):
 def test_human_output_is_not_wrapped_when_piped(toy_env, tmp_path):
     """Long paths stay on one line (rich wraps at 80 columns off a terminal unless told not to)."""
     work = tmp_path / ("a-long-directory-name-" * 4) / "work"
-    applied = run_real("apply", "toy", "-C", str(work))
-    status = run_real("status", "-C", str(work))
+    applied = run_dspark("apply", "toy", "-C", str(work))
+    status = run_dspark("status", "-C", str(work))
     assert applied.returncode == 0 and status.returncode == 0, applied.stderr + status.stderr
     assert f"toy v1.0 in {work} (base" in applied.stdout
     assert f"workspace  {work}  (toy v1.0)" in status.stdout

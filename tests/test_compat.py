@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from dspark_cli import compat
 from dspark_cli.cli import app
 from dspark_cli.compat import CompatError
-from test_apply_support import dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
+from tests.git_fixtures import dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (REPO_ROOT / "compat.yaml").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import applier, compat
-from test_apply_support import git, isolate_git, make_series, tree_fingerprint
+from tests.git_fixtures import git, isolate_git, make_series, tree_fingerprint
 from tests.tgi_tree import TGI_SRC, needs_tree
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,23 +4,16 @@ byte-compiles."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dspark_cli import series
+from tests.git_fixtures import git
+from tests.run_cli import run_dspark
 
 MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
 OTHER = "A = 1\nB = 2\nC = 3\nD = 4\nE = 5\nF = 6\n"
-
-
-def git(cwd, *args, input=None):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True,
-                          input=input).stdout.strip()
 
 
 def commit_files(repo, files, message):
@@ -72,10 +65,9 @@ engines:
 
 
 def dspark(env_paths, *args):
-    env = {**os.environ, "DSPARK_COMPAT": str(env_paths["compat"]), "DSPARK_CACHE": str(env_paths["tmp"] / "cache"),
-           "GIT_CONFIG_GLOBAL": os.devnull}
-    return subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", *args, "--json"],
-                          env=env, capture_output=True, text=True)
+    return run_dspark("rebase", "eng", "--from", "v1.0", *args, "--json",
+                      env={"DSPARK_COMPAT": str(env_paths["compat"]), "DSPARK_CACHE": str(env_paths["tmp"] / "cache"),
+                           "GIT_CONFIG_GLOBAL": os.devnull})
 
 
 def new_upstream(u, files, tag):
@@ -170,9 +162,8 @@ def test_a_tree_that_no_longer_byte_compiles_is_reported_and_not_written(upstrea
 
 def test_unknown_pin_and_unknown_onto_are_usage_errors(upstream):
     u = upstream
-    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache")}
-    bad_pin = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v9", "--onto", "x",
-                              "--repo", str(u["repo"])], env=env, capture_output=True, text=True)
+    bad_pin = run_dspark("rebase", "eng", "--from", "v9", "--onto", "x", "--repo", str(u["repo"]),
+                         env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache")})
     assert bad_pin.returncode == 2 and "v1.0" in bad_pin.stderr
     bad_onto = dspark(u, "--onto", "no-such-tag", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd5"))
     assert bad_onto.returncode == 2 and "Traceback" not in bad_onto.stderr
@@ -259,8 +250,8 @@ def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream)
 
 def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetched(tmp_path):
     """Was exit 3 from `git checkout` after both release trees were unpacked."""
-    env = {**os.environ, "DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}
-    run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0",
-                          "--pin", "a b", "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--pin", "a b",
+                     "--out", str(tmp_path / "out"),
+                     env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
     assert run.returncode == 2 and run.stderr.strip() == "error: dspark/rebase-a b is not a valid branch name; name the new pin with --pin"
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -460,7 +460,6 @@ def test_drafter_replayed_from_cuda_graphs_matches_the_eager_one(checkpoints, dt
 def test_graphs_captured_ahead_serve_every_size_without_another_capture(checkpoints):
     """What TGI's model load does (hooks.maybe_attach → capture_all): every block batch size and
     commit row count captured up front; later steps replay them (no new capture) and match eager."""
-    from dspark_cli.integrations.tgi import draft as draft_module
     from dspark_cli.integrations.tgi import draft_graphs
 
     g = torch.Generator().manual_seed(22)

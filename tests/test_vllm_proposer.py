@@ -300,7 +300,7 @@ from collections import deque  # noqa: E402
 
 from dspark_cli.integrations.vllm.settings import SchedulerSettings  # noqa: E402
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler  # noqa: E402
-from dspark_cli.runtime import SPSTable, schedule_exact, schedule_production  # noqa: E402
+from dspark_cli.runtime import SPSTable, schedule_production  # noqa: E402
 
 STEEP = SPSTable(tokens=[1, 4, 8, 16], steps_per_s=[100.0, 100.0, 50.0, 10.0])
 

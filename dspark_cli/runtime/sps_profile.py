@@ -168,9 +168,7 @@ class ForwardTimer:
             self.model(input_ids=step, use_cache=True, **{self.cache_name: cache})
             cache.crop(-1)  # drop the token just appended: every call sees the same context
 
-        seconds = self._seconds(forward)
-        del cache
-        return seconds
+        return self._seconds(forward)
 
     @torch.inference_mode()
     def static_step(self, batch: int):

@@ -1,4 +1,4 @@
-"""Builders shared by the apply/compat/CLI tests (no tests here): a throwaway upstream repository
+"""Builders shared by the apply/compat/CLI/rebase tests: a throwaway upstream repository
 with two tagged releases, patch series made with real `git format-patch`, and a compat.yaml for them.
 Everything is real git; nothing is mocked."""
 
@@ -24,10 +24,12 @@ def isolate_git(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
 
 
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
+def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:
+    """git with a fixed identity; the global config only where a test set one (isolate_git), never
+    the user's (a commit.gpgsign or hook there would change what the tests see)."""
+    env = {"GIT_CONFIG_GLOBAL": os.devnull, **os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, input=input)
     if check and result.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {result.stderr}")
     return result.stdout.strip()
