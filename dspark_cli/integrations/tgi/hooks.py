@@ -1,5 +1,7 @@
-"""The two entry points TGI's patched files call (patches/tgi/v3.3.7). Everything that touches
-TGI's batch object lives here; the math is in speculation.py and dspark_cli.runtime.
+"""What TGI's patched files call (patches/tgi/v3.3.7): maybe_attach at model load, pad_drafts
+when batches concatenate, and choose (through DSparkSpeculation.chooser) in generate_token.
+Everything that touches TGI's batch object lives here; the math is in speculation.py and
+dspark_cli.runtime.
 
 Run inside the real TGI v3.3.7 shard on the CPU (tests/test_tgi_shard.py); the batch fields used
 below are those of FlashCausalLMBatch at v3.3.7 (requests, position_ids, cu_seqlen_prefill,

@@ -3,8 +3,8 @@
 - `maybe_attach(model)` (end of FlashCausalLM.__init__, only with DSPARK_DRAFT set): load the
   drafter and hook the target's configured decoder layers to capture their residual stream
   (raw layer output, pre-final-norm, DSPARK.md §1.1) into a CUDA-graph-safe buffer.
-- `DSparkSpeculation.choose(batch, logits, speculate)` replaces `batch.next_token_chooser(...)`
-  in generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
+- `DSparkSpeculation.chooser(batch)(...)` replaces `batch.next_token_chooser(...)` in
+  generate_token and returns the same 5-tuple, so the rest of TGI (and the Rust router, which
   only knows the global `--speculate γ`) is unchanged.
 - `hooks.pad_drafts(batches)` in FlashCausalLMBatch.concatenate, for batches drafted at
   different widths.
@@ -258,11 +258,13 @@ class DSparkSpeculation:
             self.pending.pop(r, None)
             self.draft.drop(r)
 
-    def choose(self, batch, next_token_logits: torch.Tensor, speculate: int):
-        """What patched TGI calls instead of batch.next_token_chooser (hooks.choose)."""
+    def chooser(self, batch):
+        """What patched TGI calls in place of batch.next_token_chooser, with its arguments (token
+        history, logits, speculate, speculative ids and logits); DSpark needs the logits and
+        speculate (hooks.choose reads the rest from the batch)."""
         from dspark_cli.integrations.tgi.hooks import choose
 
-        return choose(self, batch, next_token_logits, speculate)
+        return lambda _history, next_token_logits, speculate, *_: choose(self, batch, next_token_logits, speculate)
 
     def forget_except(self, live: set[int]) -> None:
         for r in [r for r in self.pending if r not in live]:

@@ -1,4 +1,4 @@
-"""Fixes for vLLM 0.32.0's CPU fallbacks of Triton kernels that sampled speculative decoding hits.
+"""Fixes for vLLM's CPU fallbacks (0.29.0 to 0.33.0) of Triton kernels that sampled speculative decoding hits.
 
 `expand_batch_to_tokens` (rejection sampler: per-token temperature/top-k/top-p) runs on CPU
 through a C++ kernel that only handles int64 and writes into a temporary int64 copy, so a float

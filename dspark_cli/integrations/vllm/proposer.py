@@ -1,4 +1,4 @@
-"""DSpark proposer for vLLM 0.32.0's Model Runner V1 (built by our patched GPUModelRunner).
+"""DSpark proposer for vLLM's Model Runner V1, 0.29.0 to 0.33.0 (built by our patched GPUModelRunner).
 
 It reuses V1's DFlash machinery by inheritance (context-K/V precompute from the captured target
 layers, a non-causal block forward over the draft KV cache) with DSpark's anchor-first block:
