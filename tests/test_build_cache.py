@@ -15,8 +15,6 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.runtime import cuda_ops
 from tests.run_cli import run_dspark
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def toolchain(monkeypatch, tmp_path):
