@@ -10,7 +10,6 @@ from pathlib import Path
 # Without this, importing GitPython on a machine without git raises before require_git can say so.
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import git as gitpython  # noqa: E402
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.compat import HEX_COMMIT
@@ -80,7 +79,7 @@ def _temp_sibling(path: Path) -> Path:
 
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
-    say(escape(f"cloning {url} into {path}"), err=True)
+    say(f"cloning {url} into {path}", err=True, markup=False)
     try:
         _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
                        f"cannot clone {url}")
@@ -90,7 +89,7 @@ def _clone_into(url: str, tmp: Path, path: Path) -> None:
 
 
 def fetch(ws: Workspace, url: str) -> None:
-    say(escape(f"fetching {url}"), err=True)
+    say(f"fetching {url}", err=True, markup=False)
     repo = gitpython.Repo(ws.path)
     _with_progress(lambda progress: _fetch_with_progress(repo, url, progress), f"cannot fetch {url}")
 

@@ -52,10 +52,11 @@ def error_fields(**fields: Any) -> None:
     _error_fields.update(fields)
 
 
-def say(text: str, err: bool = False) -> None:
-    """One line of rich markup, never hard-wrapped (piped output and CI logs keep whole lines); no
-    :emoji: codes, so data such as `cuda:x` prints as it is."""
-    (err_console if err else console).print(text, highlight=False, soft_wrap=True, emoji=False)
+def say(text: str, err: bool = False, markup: bool = True) -> None:
+    """One line of rich markup (markup=False: plain text, for lines made of data such as paths,
+    where `[...]` must print as it is), never hard-wrapped (piped output and CI logs keep whole
+    lines); no :emoji: codes, so data such as `cuda:x` prints as it is."""
+    (err_console if err else console).print(text, highlight=False, soft_wrap=True, emoji=False, markup=markup)
 
 
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:

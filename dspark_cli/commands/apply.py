@@ -23,7 +23,7 @@ def _render_apply(result: dict) -> None:
     _print_notes(result)
     source = result["source"]
     made_from = source.get("file") or source.get("repository")
-    say(escape(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})"))
+    say(f"{result['engine']} {result['pin']} in {result['workdir']} (base {result['base'][:12]} from {made_from})", markup=False)
     for label in result["applied"]:
         mark = "[green]applied[/green]" if label in result["new"] else "already applied"
         say(f"  {mark}  {escape(label)}")
@@ -34,12 +34,12 @@ def _render_apply(result: dict) -> None:
 def _render_status(result: dict) -> None:
     source = result["source"] or {}
     made_from = source.get("file") or source.get("repository")
-    say(escape(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})"))
-    say(escape(f"base       {result['base']}  from {made_from}"))
-    say(escape(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}"))
+    say(f"workspace  {result['workdir']}  ({result['engine']} {result['pin']})", markup=False)
+    say(f"base       {result['base']}  from {made_from}", markup=False)
+    say(f"branch     {result['branch']}  HEAD {(result['head'] or '')[:12]}", markup=False)
     say(f"applied    {len(result['applied'])} patch(es)")
     for patch in result["applied"]:
-        say(escape(f"  {patch['commit'][:12]}  {patch['label']}  {patch['subject']}"))
+        say(f"  {patch['commit'][:12]}  {patch['label']}  {patch['subject']}", markup=False)
     for commit in result["user_commits"]:
         say(f"  {commit['commit'][:12]}  (yours)  {escape(commit['subject'])}")
     for commit in result["detached_commits"]:
@@ -52,7 +52,7 @@ def _render_status(result: dict) -> None:
     for build in result["build"]:
         record = build.get("record")
         summary = ", ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, (dict, list))) if isinstance(record, dict) else build.get("error", record)
-        say(escape(f"build      {build['file']}: {summary}"))
+        say(f"build      {build['file']}: {summary}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

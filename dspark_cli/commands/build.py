@@ -58,8 +58,8 @@ def register(app: typer.Typer) -> None:
             builder.check_wheel_dir(wheel)
         p = builder.plan(arch)
         if not as_json:
-            console.print(escape(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
-                                 f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}"), highlight=False)
+            say(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
+                f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}", markup=False)
         if as_json or verbose:  # --verbose streams ninja's own [k/N] lines and the compiler output
             result = builder.build(arch, jobs, force, verbose, planned=p)
         else:
@@ -72,9 +72,9 @@ def register(app: typer.Typer) -> None:
             doc["wheel"] = str(builder.write_wheel(result, wheel))
 
         def render(r):
-            console.print(escape(f"{r['status']} in {r['seconds']:.1f} s: {r['path']}"), highlight=False)
+            say(f"{r['status']} in {r['seconds']:.1f} s: {r['path']}", markup=False)
             if "wheel" in r:
-                console.print(escape(f"wheel: {r['wheel']}"), highlight=False)
+                say(f"wheel: {r['wheel']}", markup=False)
 
         if not (self_test and as_json):
             emit(doc, as_json, render)

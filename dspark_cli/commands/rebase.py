@@ -15,7 +15,7 @@ from rich.table import Table
 from dspark_cli import compat as compat_mod
 from dspark_cli import cache_dir, pypi_source, rebase
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
-from dspark_cli.output import console, emit
+from dspark_cli.output import console, emit, say
 from dspark_cli.series import load_series
 from dspark_cli.workspace import Workspace, check_dir_option, safe_name
 
@@ -79,13 +79,13 @@ def _render(report: dict) -> None:
                       escape("\n".join(p["details"])))
     console.print(table)
     if report["compiled"] or report["compile_errors"]:
-        console.print(escape(f"byte-compiled {len(report['compiled'])} patched Python files"
-                             + (f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else "")))
+        failed = f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else ""
+        say(f"byte-compiled {len(report['compiled'])} patched Python files{failed}", markup=False)
     if report["out_dir"]:
-        console.print(escape(f"refreshed series written to {report['out_dir']}"))
+        say(f"refreshed series written to {report['out_dir']}", markup=False)
     if report.get("compat_entry"):
         entry = yaml.safe_dump({report["new_pin"]: report["compat_entry"]}, sort_keys=False)
-        console.print(escape(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}"), highlight=False)
+        say(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
