@@ -118,31 +118,32 @@ def register(app: typer.Typer) -> None:
             if path is not None:
                 check_dir_option(path.resolve(), option)  # before any work, not an OSError after it
 
-        compat_entry = None
         if repo is not None:
             # A ref such as main~0 becomes main-0: the name makes the work branch and the out directory.
             name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.fullmatch(onto.lower()) else safe_name(onto))
-            work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
-            rebase.check_targets(f"dspark/rebase-{name}", out or pin.patches.parent / name, force)
-            ws, result = rebase.rebase_in_worktree(repo.resolve(), work, onto, pin, patches, f"dspark/rebase-{name}",
-                                                   force, resume)
         else:
             base_release = _sdist_first(pin)
-            onto_release, name = _onto_release(engine, onto, base_release.package)
-            name = new_pin or name
+            onto_release, release_name = _onto_release(engine, onto, base_release.package)
+            name = new_pin or release_name
+        branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
+        rebase.check_targets(branch, out_dir, force)  # before any work
+
+        compat_entry = None
+        if repo is not None:
+            work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
+            ws, result = rebase.rebase_in_worktree(repo.resolve(), work, onto, pin, patches, branch, force, resume)
+        else:
             work = workdir or cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
-            rebase.check_targets(f"dspark/rebase-{name}", out or pin.patches.parent / name, force)
             ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
             compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
-            result = rebase.rebase_series(ws, base, onto_commit, patches, f"dspark/rebase-{name}", force=force,
-                                          resume=resume)
+            result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
 
         conflict = result.conflicted
         if conflict is None:
             rebase.byte_compile(ws, result)
             if not result.compile_errors:
-                rebase.write_series(ws, result, source_dir, out or pin.patches.parent / name)
+                rebase.write_series(ws, result, source_dir, out_dir)
         failure = None
         if conflict is not None:
             failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); markers left on branch "
