@@ -30,7 +30,6 @@ timed that way too: per call in a graph of 8, each call on inputs of its own (no
 
 import argparse
 import json
-import os
 import statistics
 
 import torch
@@ -314,19 +313,11 @@ def main() -> None:
                                                                   args.repeats))
         in_graph = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps), args.repeats,
                                                   inner=20))
-        os.environ["DSPARK_SCHEDULE_ONE_BLOCK"] = "1"  # the pre-Hopper kernel, for comparison
-        try:
-            one_block = statistics.median(time_replays(lambda: schedule_production(a_stale, a_now, sps),
-                                                       args.repeats, inner=20))
-        finally:
-            del os.environ["DSPARK_SCHEDULE_ONE_BLOCK"]
         row = {"op": "schedule_production", "R": R, "kernel_ms": medians[True] * 1e3, "torch_ms": medians[False] * 1e3,
-               "floor_ms": None, "kernel_in_graph_of_20_ms": in_graph * 1e3,
-               "one_block_kernel_in_graph_of_20_ms": one_block * 1e3}
+               "floor_ms": None, "kernel_in_graph_of_20_ms": in_graph * 1e3}
         rows.append(row)
         print(f"{'schedule_production':28} {R:4d} {row['kernel_ms']:10.4f} {row['torch_ms']:10.3f} "
-              f"{medians[False] / medians[True]:8.1f}x   per call in a graph of 20: {in_graph * 1e6:.1f} µs "
-              f"(one-block kernel {one_block * 1e6:.1f} µs)",
+              f"{medians[False] / medians[True]:8.1f}x   per call in a graph of 20: {in_graph * 1e6:.1f} µs",
               flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -1,107 +1,138 @@
-// Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production): on
-// Hopper a cluster of two blocks (one sorts the stale survival, one the current), else one block.
-// K = argmax_n Θ_n over the stale survival for the n the current batch can admit (n <= R·γ;
-// Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n on ties), then the top-K current candidates are
-// admitted; ℓ_r = admitted candidates of request r.
-// Candidates are ranked by a descending, then by the j-major flat index j·R + r ascending — the
-// reference's stable sort — with a bitonic sort of 64-bit keys (registers, shuffles, shared memory).
+// Production verify-length scheduler (dspark_cli/runtime/scheduler.py, schedule_production) in one
+// block whose two halves work at once, each sorting one survival matrix's values:
+//   - warps 0-7 take the verify budget K = argmax_n Θ_n from the stale survival, over the n the
+//     current batch can admit (n <= R·γ; Θ_n = (R + Σ_{i<=n} a_i)·SPS(R + n), earliest n on ties);
+//   - warps 8-15 find the K-th largest current value v*. The reference admits the top K of a stable
+//     sort by a descending over the j-major flat index j·R + r: every candidate above v*, and of
+//     those equal to v* the first K − #(a > v*) in flat order (an exclusive scan of the ties).
+//     ℓ_r = r's admitted candidates.
 // No host sync.
+//
+// The sort is bitonic over up to 2048 32-bit keys, eight per thread in registers. Element
+// i = 256w + 8l + e sits in slot e of lane l of warp w ("A" layout): strides 1-4 are inside a
+// thread, 8-128 across lanes (shuffles). Strides 256-1024 cross warps: for them the keys are
+// transposed through shared memory to the "B" layout i = 256e + 8l + w, where those strides are
+// inside a thread, and back: two transposes per merge size from 512 up.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cooperative_groups.h>
 
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
 
 namespace dspark {
 namespace {
 
-namespace cg = cooperative_groups;
-
 constexpr int kMaxCandidates = 2048;
-constexpr int kThreads = 1024;
+constexpr int kItems = 8;                                  // keys per thread
+constexpr int kHalfThreads = kMaxCandidates / kItems;      // 256: one half sorts one matrix
+constexpr int kHalfWarps = kHalfThreads / 32;
+constexpr int kThreads = 2 * kHalfThreads;
+constexpr int kBudgetBarrier = 1, kAdmitBarrier = 2;      // named barriers of the halves (0: the block's)
 
-// Ascending order of these keys = a descending, then flat index ascending (a >= 0: its bits are monotone).
-__device__ __forceinline__ uint64_t rank_key(float a, int flat) {
-  const uint32_t bits = __float_as_uint(a + 0.f);  // -0.0 -> +0.0
-  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(flat);
+__device__ __forceinline__ void half_barrier(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kHalfThreads) : "memory");
 }
 
-__device__ __forceinline__ float key_value(uint64_t key) { return __uint_as_float(~static_cast<uint32_t>(key >> 32)); }
+// Ascending key order = a descending (a >= 0: its bits are monotone; -0.0 taken as +0.0). The
+// padding key (all ones) sorts last and reads back as value 0.
+__device__ __forceinline__ uint32_t value_key(float a) { return ~__float_as_uint(a + 0.f); }
+__device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_float(~key); }
 
-// Compare-exchange element i (holding `mine`) with its partner i ^ stride (holding `theirs`) in
-// bitonic stage `size`: the lower index keeps the min when the run is ascending.
-__device__ __forceinline__ uint64_t exchange(uint64_t mine, uint64_t theirs, int i, int stride, int size) {
-  const bool ascending = (i & size) == 0, lower = (i & stride) == 0;
-  return (lower == ascending) ? min(mine, theirs) : max(mine, theirs);
-}
+// Shared-memory slot of element i: the low three bits XORed with bits 5-7, so that the A layout's
+// writes (fixed e, lanes l) and the B layout's reads (fixed w, lanes l) hit 32 distinct banks.
+__device__ __forceinline__ int swizzled(int i) { return i ^ ((i >> 5) & 7); }
 
-// Strides <= 32 of one bitonic stage: thread t holds elements 2t and 2t+1, so stride 1 is inside
-// the thread and strides 2..32 are inside the warp (shuffles, no barrier).
-__device__ __forceinline__ void small_strides(uint64_t& k0, uint64_t& k1, int size, int top) {
-  const int i0 = 2 * threadIdx.x;
-  for (int stride = top; stride >= 2; stride >>= 1) {
-    const uint64_t t0 = __shfl_xor_sync(0xffffffffu, k0, stride / 2);
-    const uint64_t t1 = __shfl_xor_sync(0xffffffffu, k1, stride / 2);
-    k0 = exchange(k0, t0, i0, stride, size);
-    k1 = exchange(k1, t1, i0 + 1, stride, size);
+// Compare-exchange of slots e and e | s (element stride unit·s) for every e without bit s.
+template <int s>
+__device__ __forceinline__ void in_thread(uint32_t (&k)[kItems], int base, int unit, int size) {
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) {
+    if (e & s) continue;
+    const bool ascending = ((base + unit * e) & size) == 0;
+    const uint32_t lo = min(k[e], k[e | s]), hi = max(k[e], k[e | s]);
+    k[e] = ascending ? lo : hi;
+    k[e | s] = ascending ? hi : lo;
   }
-  const uint64_t lo = exchange(k0, k1, i0, 1, size), hi = exchange(k1, k0, i0 + 1, 1, size);
-  k0 = lo;
-  k1 = hi;
 }
 
-// Load a [R, γ] survival matrix j-major (flat index j·R + r) and sort its keys, padded with
-// all-ones keys to n_pad = max(64, 2^⌈log2 R·γ⌉). Barriers only for strides >= 64 (21 at n_pad = 2048).
-__device__ void load_sorted(const float* a, int R, int gamma, uint64_t* keys) {
-  const int n = R * gamma;
-  int n_pad = 64;
+// Compare-exchange with lane l ^ m (element stride 8m >= 8, so size >= 16: the direction is the
+// thread's, not the slot's).
+__device__ __forceinline__ void across_lanes(uint32_t (&k)[kItems], int a_base, int m, int size) {
+  const bool keep_min = ((threadIdx.x & m) == 0) == ((a_base & size) == 0);
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) {
+    const uint32_t theirs = __shfl_xor_sync(0xffffffffu, k[e], m);
+    k[e] = keep_min ? min(k[e], theirs) : max(k[e], theirs);
+  }
+}
+
+// From the A layout to the B layout (to_b) or back, through buf.
+__device__ __forceinline__ void transpose(uint32_t (&k)[kItems], uint32_t* buf, bool to_b, int w, int l, int barrier) {
+  half_barrier(barrier);  // buf's last reads are done
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) buf[swizzled(to_b ? 256 * w + 8 * l + e : 256 * e + 8 * l + w)] = k[e];
+  half_barrier(barrier);
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) k[e] = buf[swizzled(to_b ? 256 * e + 8 * l + w : 256 * w + 8 * l + e)];
+}
+
+// Sort a half's keys ascending over the first n_pad elements (a power of two; the rest are padding).
+// The whole half calls with the same n_pad; afterwards thread t holds sorted positions 8t .. 8t + 7.
+__device__ void bitonic_sort(uint32_t (&k)[kItems], uint32_t* buf, int n_pad, int barrier) {
+  const int w = (threadIdx.x / 32) % kHalfWarps, l = threadIdx.x % 32;
+  if (n_pad <= 256 && w > 0) return;  // warp 0 holds every element, and no stride crosses warps
+  const int a_base = 256 * w + 8 * l, b_base = 8 * l + w;
+  for (int size = 2; size <= n_pad; size <<= 1) {
+    if (size >= 512) {  // strides size/2 .. 256 in the B layout
+      transpose(k, buf, true, w, l, barrier);
+      if (size >= 2048) in_thread<4>(k, b_base, 256, size);
+      if (size >= 1024) in_thread<2>(k, b_base, 256, size);
+      in_thread<1>(k, b_base, 256, size);
+      transpose(k, buf, false, w, l, barrier);
+    }
+    for (int m = min(size / 2, 128) / 8; m >= 1; m >>= 1) across_lanes(k, a_base, m, size);
+    if (size >= 8) in_thread<4>(k, a_base, 1, size);
+    if (size >= 4) in_thread<2>(k, a_base, 1, size);
+    in_thread<1>(k, a_base, 1, size);
+  }
+}
+
+// Thread t's keys for flat candidates 8t .. 8t + 7 of a [R, γ] survival matrix (flat index j·R + r),
+// padding past R·γ.
+__device__ __forceinline__ void load_keys(const float* __restrict__ a, int R, int gamma, int t, uint32_t (&k)[kItems]) {
+  const int n = R * gamma, f0 = kItems * t;
+  int r = f0 % R, j = f0 / R;
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) {
+    k[e] = f0 + e < n ? value_key(a[r * gamma + j]) : ~0u;
+    if (++r == R) r = 0, ++j;
+  }
+}
+
+__device__ __forceinline__ int padded(int n) {
+  int n_pad = 2;
   while (n_pad < n) n_pad <<= 1;
-  const int i0 = 2 * threadIdx.x;
-  // Only the first n_pad / 2 threads (whole warps: n_pad >= 64) hold keys; the rest just keep the barriers.
-  const bool holds = i0 < n_pad;
-  uint64_t k0 = i0 < n ? rank_key(a[(i0 % R) * gamma + i0 / R], i0) : ~0ull;
-  uint64_t k1 = i0 + 1 < n ? rank_key(a[((i0 + 1) % R) * gamma + (i0 + 1) / R], i0 + 1) : ~0ull;
-  if (holds) {
-    for (int size = 2; size <= 64; size <<= 1) small_strides(k0, k1, size, min(size / 2, 32));
-    keys[i0] = k0;
-    keys[i0 + 1] = k1;
-  }
-  __syncthreads();
-  for (int size = 128; size <= n_pad; size <<= 1) {
-    for (int stride = size / 2; stride >= 64; stride >>= 1) {
-      for (int i = threadIdx.x; i < n_pad; i += blockDim.x) {
-        const int partner = i ^ stride;
-        if (partner > i) {
-          const uint64_t x = keys[i], y = keys[partner];
-          keys[i] = exchange(x, y, i, stride, size);
-          keys[partner] = exchange(y, x, partner, stride, size);
-        }
-      }
-      __syncthreads();
-    }
-    if (holds) {
-      k0 = keys[i0];
-      k1 = keys[i0 + 1];
-      small_strides(k0, k1, size, 32);
-      keys[i0] = k0;
-      keys[i0 + 1] = k1;
-    }
-    __syncthreads();
-  }
+  return n_pad;
 }
 
-// One block's shared state.
-struct Smem {
-  uint64_t keys[kMaxCandidates];
-  float prefix[kMaxCandidates];
-  float warp_total[kThreads / 32];
-  float best_theta[kThreads / 32];
-  int best_n[kThreads / 32];
-  int ell_s[kMaxCandidates];
-  int budget;
-};
+// Exclusive prefix over the half's threads of x (thread order), through warp_sum; the whole half
+// calls (one half barrier).
+template <typename T>
+__device__ __forceinline__ T half_exclusive_scan(T x, T* warp_sum, int barrier) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % kHalfWarps;
+  T inclusive = x;
+  for (int off = 1; off < 32; off <<= 1) {
+    const T up = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += up;
+  }
+  T before = __shfl_up_sync(0xffffffffu, inclusive, 1);
+  if (lane == 0) before = T(0);
+  if (lane == 31) warp_sum[warp] = inclusive;
+  half_barrier(barrier);
+  T warps_before = T(0);
+  for (int w = 0; w < warp; ++w) warps_before += warp_sum[w];
+  return warps_before + before;
+}
 
 // Argmax of (theta, arg) over the warp, the earliest arg on ties; every lane gets it.
 __device__ __forceinline__ void warp_argmax(float& theta, int& arg) {
@@ -115,105 +146,116 @@ __device__ __forceinline__ void warp_argmax(float& theta, int& arg) {
   }
 }
 
-// 1. The verify budget K from the stale survival (into sm.budget, valid after the final barrier):
-// sort, inclusive prefix sums (thread t owns 2t, 2t+1), then the first argmax of Θ_n.
-__device__ void verify_budget_block(const float* __restrict__ a_stale, int R_stale, int R, int gamma,
-                                    const float* __restrict__ sps_dense, int sps_limit, Smem& sm) {
-  load_sorted(a_stale, R_stale, gamma, sm.keys);
-  const int n_stale = R_stale * gamma;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  {
-    const int i0 = 2 * threadIdx.x;
-    const float v0 = i0 < n_stale ? key_value(sm.keys[i0]) : 0.f;
-    const float v1 = i0 + 1 < n_stale ? key_value(sm.keys[i0 + 1]) : 0.f;
-    float run = v0 + v1;
-    for (int off = 1; off < 32; off <<= 1) {
-      const float up = __shfl_up_sync(0xffffffffu, run, off);
-      if (lane >= off) run += up;
-    }
-    if (lane == 31) sm.warp_total[warp] = run;
-    __syncthreads();
-    if (warp == 0) {
-      float t = sm.warp_total[lane];
-      for (int off = 1; off < 32; off <<= 1) {
-        const float up = __shfl_up_sync(0xffffffffu, t, off);
-        if (lane >= off) t += up;
-      }
-      sm.warp_total[lane] = t;  // inclusive over warps
-    }
-    __syncthreads();
-    float exclusive = __shfl_up_sync(0xffffffffu, run, 1);
-    if (lane == 0) exclusive = 0.f;
-    const float before = (warp > 0 ? sm.warp_total[warp - 1] : 0.f) + exclusive;
-    sm.prefix[i0] = before + v0;
-    sm.prefix[i0 + 1] = before + v0 + v1;
-  }
-  __syncthreads();
+struct alignas(16) Smem {  // 16-byte aligned: admit_buf takes uint4 stores
+  uint32_t budget_buf[kMaxCandidates];  // the budget half's transposes
+  uint32_t admit_buf[kMaxCandidates];   // the admission half's, then its sorted keys
+  uint8_t admitted[kMaxCandidates];     // per flat index
+  float warp_sum[kHalfWarps];
+  int warp_count[kHalfWarps];
+  float warp_theta[kHalfWarps];
+  int warp_n[kHalfWarps];
+  int budget;
+};
+
+// The budget half (t = 0 .. 255): sort the stale values, inclusive prefix sums over the sorted
+// positions (thread t's eight, then the half's), Θ at n = position + 1, the first argmax into
+// sm.budget.
+__device__ void verify_budget(const float* __restrict__ a_stale, int R_stale, int R, int gamma,
+                              const float* __restrict__ sps_dense, int sps_limit, Smem& sm) {
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int n_stale = R_stale * gamma, most = min(n_stale, R * gamma);  // a larger stale batch's best n may not be admissible now
+  uint32_t k[kItems];
+  load_keys(a_stale, R_stale, gamma, t, k);
+  float sps[kItems];  // SPS(R + n) for n = 8t + e + 1, read while the sort runs
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) sps[e] = sps_dense[min(R + kItems * t + e + 1, sps_limit)];
+  const float sps_zero = sps_dense[min(R, sps_limit)];
+  bitonic_sort(k, sm.budget_buf, padded(n_stale), kBudgetBarrier);
+
+  float prefix[kItems];
+  float run = 0.f;
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) prefix[e] = run += key_value(k[e]);
+  const float before = half_exclusive_scan(run, sm.warp_sum, kBudgetBarrier);
+
   float theta = -INFINITY;
   int arg = 0x7fffffff;
-  const int most = min(n_stale, R * gamma);  // a larger stale batch's best n may not be admissible now
-  for (int n = threadIdx.x; n <= most; n += blockDim.x) {
+  const auto consider = [&](int n, float sum, float sps_n) {
     const int tokens = R + n;
-    const float sps = tokens > sps_limit ? sps_dense[sps_limit] * static_cast<float>(sps_limit) / static_cast<float>(tokens)
-                                         : sps_dense[max(tokens, 1)];
-    const float t = (static_cast<float>(R) + (n > 0 ? sm.prefix[n - 1] : 0.f)) * sps;
-    if (t > theta) {  // n ascending per thread: strict > keeps the earliest
-      theta = t;
+    const float s = tokens > sps_limit ? sps_dense[sps_limit] * static_cast<float>(sps_limit) / static_cast<float>(tokens)
+                                       : sps_n;
+    const float th = (static_cast<float>(R) + sum) * s;
+    if (th > theta) {  // n ascending per thread: strict > keeps the earliest
+      theta = th;
       arg = n;
     }
-  }
+  };
+  if (t == 0) consider(0, 0.f, sps_zero);
+#pragma unroll
+  for (int e = 0; e < kItems; ++e)
+    if (kItems * t + e + 1 <= most) consider(kItems * t + e + 1, before + prefix[e], sps[e]);
   warp_argmax(theta, arg);
   if (lane == 0) {
-    sm.best_theta[warp] = theta;
-    sm.best_n[warp] = arg;
+    sm.warp_theta[warp] = theta;
+    sm.warp_n[warp] = arg;
   }
-  __syncthreads();
-  if (warp == 0) {  // argmax over the warps' bests, earliest n on ties
-    theta = sm.best_theta[lane];
-    arg = sm.best_n[lane];
+  half_barrier(kBudgetBarrier);
+  if (warp == 0) {
+    theta = lane < kHalfWarps ? sm.warp_theta[lane] : -INFINITY;
+    arg = lane < kHalfWarps ? sm.warp_n[lane] : 0x7fffffff;
     warp_argmax(theta, arg);
     if (lane == 0) sm.budget = arg;
   }
-  __syncthreads();
 }
 
-// 2. Admit the top-`budget` current candidates, from keys already sorted by load_sorted(a_now).
-__device__ void admit_block(int R, int budget, Smem& sm, int64_t* __restrict__ ell) {
-  for (int r = threadIdx.x; r < R; r += blockDim.x) sm.ell_s[r] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < budget; i += blockDim.x) atomicAdd(&sm.ell_s[static_cast<uint32_t>(sm.keys[i]) % R], 1);
-  __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) ell[r] = sm.ell_s[r];
+// The admission half (t = 0 .. 255), once sm.budget is set and the current keys are sorted into
+// sm.admit_buf: mark the admitted flat indices in sm.admitted.
+__device__ void admit(const uint32_t (&flat_keys)[kItems], int budget, int t, Smem& sm) {
+  const uint32_t kth = sm.admit_buf[budget - 1];
+  int above = budget - 1;  // #(keys < kth): the first position holding kth
+  for (int step = 1024; step > 0; step >>= 1)
+    if (above - step >= 0 && sm.admit_buf[above - step] == kth) above -= step;
+  int ties = 0;
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) ties += flat_keys[e] == kth;
+  int tie_rank = half_exclusive_scan(ties, sm.warp_count, kAdmitBarrier);
+#pragma unroll
+  for (int e = 0; e < kItems; ++e) {
+    const bool tie = flat_keys[e] == kth;
+    sm.admitted[kItems * t + e] = flat_keys[e] < kth || (tie && tie_rank < budget - above);
+    tie_rank += tie;
+  }
 }
 
-// One block does both sorts in turn (GPUs before Hopper).
-__global__ void __launch_bounds__(kThreads) schedule_production_kernel(
+__global__ void __launch_bounds__(kThreads, 1) schedule_production_kernel(
     const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
     const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
   __shared__ Smem sm;
-  verify_budget_block(a_stale, R_stale, R, gamma, sps_dense, sps_limit, sm);
+  const bool admits = threadIdx.x >= kHalfThreads;
+  const int t = threadIdx.x - kHalfThreads;
+  uint32_t flat_keys[kItems];
+  if (admits) {
+    load_keys(a_now, R, gamma, t, flat_keys);
+    uint32_t k[kItems];
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) k[e] = flat_keys[e];
+    bitonic_sort(k, sm.admit_buf, padded(R * gamma), kAdmitBarrier);
+    half_barrier(kAdmitBarrier);  // the sort's last reads of admit_buf are done
+    uint4* sorted = reinterpret_cast<uint4*>(sm.admit_buf + kItems * t);
+    sorted[0] = make_uint4(k[0], k[1], k[2], k[3]);
+    sorted[1] = make_uint4(k[4], k[5], k[6], k[7]);
+  } else {
+    verify_budget(a_stale, R_stale, R, gamma, sps_dense, sps_limit, sm);
+  }
+  __syncthreads();  // the budget and the sorted current keys
   const int budget = sm.budget;
-  __syncthreads();  // everyone has read the budget before load_sorted reuses the keys
-  load_sorted(a_now, R, gamma, sm.keys);
-  admit_block(R, budget, sm, ell);
-}
-
-// Hopper: a cluster of two blocks sorts the stale and the current survival at the same time; block 1
-// reads the budget from block 0's shared memory (distributed shared memory), then admits.
-__global__ void __launch_bounds__(kThreads) schedule_production_cluster_kernel(
-    const float* __restrict__ a_stale, int R_stale, const float* __restrict__ a_now, int R, int gamma,
-    const float* __restrict__ sps_dense, int sps_limit, int64_t* __restrict__ ell) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ Smem sm;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (cluster.block_rank() == 0) verify_budget_block(a_stale, R_stale, R, gamma, sps_dense, sps_limit, sm);
-  else load_sorted(a_now, R, gamma, sm.keys);
-  cluster.sync();  // block 0's budget is final and visible to block 1
-  int budget = 0;
-  if (cluster.block_rank() == 1) budget = *cluster.map_shared_rank(&sm.budget, 0);
-  cluster.sync();  // block 0 keeps its shared memory until block 1 has read it
-  if (cluster.block_rank() == 1) admit_block(R, budget, sm, ell);
-#endif
+  if (admits && budget > 0) admit(flat_keys, budget, t, sm);
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += kThreads) {
+    int admitted = 0;
+    for (int j = 0; j < gamma && budget > 0; ++j) admitted += sm.admitted[j * R + r];
+    ell[r] = admitted;
+  }
 }
 
 }  // namespace
@@ -237,27 +279,8 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
   const float* sps_p = sps_dense.data_ptr<float>();
   const int limit = static_cast<int>(sps_limit);
   int64_t* ell_p = ell.data_ptr<int64_t>();
-  // DSPARK_SCHEDULE_ONE_BLOCK=1 takes the pre-Hopper kernel on Hopper too (tests cover both).
-  const char* one_block = std::getenv("DSPARK_SCHEDULE_ONE_BLOCK");
-  const bool force_one_block = one_block != nullptr && std::strcmp(one_block, "1") == 0;
-  if (at::cuda::getCurrentDeviceProperties()->major >= 9 && !force_one_block) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(2);
-    config.blockDim = dim3(kThreads);
-    config.stream = at::cuda::getCurrentCUDAStream();
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 2;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, schedule_production_cluster_kernel, stale_p, R_stale, now_p, R, gamma,
-                                      sps_p, limit, ell_p));
-  } else {
-    schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(stale_p, R_stale, now_p, R, gamma,
-                                                                                      sps_p, limit, ell_p);
-  }
+  schedule_production_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(stale_p, R_stale, now_p, R, gamma,
+                                                                                    sps_p, limit, ell_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return ell;
 }

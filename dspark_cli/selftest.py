@@ -208,18 +208,24 @@ def survival_matrix(R: int, gamma: int, g: torch.Generator) -> torch.Tensor:
     return torch.cumprod(torch.rand(R, gamma, generator=g) ** 0.3, dim=1)
 
 
-def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0) -> dict:
-    """schedule_production kernel vs reference: ℓ must match exactly (lengths and their sum)."""
+def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels: int = 0, scale: float = 1.0) -> dict:
+    """schedule_production kernel vs reference: ℓ must match exactly (lengths and their sum).
+    levels > 0 rounds the survival to multiples of 1/levels (many ties: the admission order then
+    rests on the flat index); scale multiplies it (small: the budget K is 0)."""
     from dspark_cli.runtime import SPSTable, cuda_ops, schedule_production
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    a_stale, a_now = survival_matrix(R_stale, gamma, g).cuda(), survival_matrix(R, gamma, g).cuda()
+    a_stale, a_now = (scale * survival_matrix(n, gamma, g) for n in (R_stale, R))
+    if levels:
+        a_stale, a_now = (torch.round(a * levels) / levels for a in (a_stale, a_now))
+    a_stale, a_now = a_stale.cuda(), a_now.cuda()
     sps = SPSTable.default()
     with cuda_ops.enabled(False):
         ref = schedule_production(a_stale, a_now, sps)
     poison_allocator()
     out = schedule_production(a_stale, a_now, sps)
-    return {"case": f"schedule_production R={R} R_stale={R_stale} γ={gamma}", "ok": bool(torch.equal(out, ref)),
+    return {"case": f"schedule_production R={R} R_stale={R_stale} γ={gamma} levels={levels} scale={scale}",
+            "ok": bool(torch.equal(out, ref)),
             "budget": int(out.sum()), "budget_ref": int(ref.sum()), "rows_differing": int((out != ref).sum())}
 
 

@@ -327,19 +327,26 @@ def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
         again = torch.ops.dspark.markov_chain(*args)
         assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2]) and torch.equal(eager[7], again[7])
 
+# R·γ on both sides of each power of two the sort pads to (256: no transposes; 512, 1024, 2048: 2, 4, 6)
 @pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
-                                                  (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7)])
+                                                  (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7),
+                                                  (36, 37, 7, 8), (146, 73, 7, 9), (2048, 2048, 1, 10),
+                                                  (1024, 700, 2, 11)])
 def test_schedule_production_matches_reference(R, R_stale, gamma, seed):
     res = compare_schedule(R, R_stale, gamma, seed)
     assert res["ok"], res
 
 
-@pytest.mark.parametrize("R,R_stale,gamma,seed", [(5, 9, 7, 1), (256, 256, 7, 4), (300, 40, 5, 6)])
-def test_schedule_production_one_block_kernel_matches_reference(R, R_stale, gamma, seed, monkeypatch):
-    """The pre-Hopper single-block kernel (Hopper runs a two-block cluster by default)."""
-    monkeypatch.setenv("DSPARK_SCHEDULE_ONE_BLOCK", "1")
-    res = compare_schedule(R, R_stale, gamma, seed)
+@pytest.mark.parametrize("R,R_stale,gamma,levels,scale", [(256, 256, 7, 4, 1.0), (73, 200, 7, 8, 1.0),
+                                                          (36, 36, 7, 2, 1.0), (256, 256, 7, 0, 1e-4),
+                                                          (40, 12, 6, 3, 0.02)])
+def test_schedule_production_breaks_ties_and_takes_no_budget_as_the_reference(R, R_stale, gamma, levels, scale):
+    """Survival rounded to a few levels (equal values: admission by the flat index j·R + r) and
+    survival so small that K = 0 (nothing admitted) or small."""
+    res = compare_schedule(R, R_stale, gamma, seed=R + gamma, levels=levels, scale=scale)
     assert res["ok"], res
+    if scale == 1e-4:
+        assert res["budget"] == 0
 
 
 def test_schedule_production_declines_too_many_candidates():
