@@ -12,7 +12,9 @@
 // i = 256w + 8l + e sits in slot e of lane l of warp w ("A" layout): strides 1-4 are inside a
 // thread, 8-128 across lanes (shuffles). Strides 256-1024 cross warps: for them the keys are
 // transposed through shared memory to the "B" layout i = 256e + 8l + w, where those strides are
-// inside a thread, and back: two transposes per merge size from 512 up.
+// inside a thread, and back: two transposes per merge size from 512 up. 10.1 µs at R = 256 on the
+// H200, where 64-bit (value, index) keys, two per thread over 1024 threads, took 18.4 µs and the
+// same layout with 64-bit keys no less (bench/RESULTS.md, 2026-12-01).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -42,13 +44,16 @@ __device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_floa
 // writes (fixed e, lanes l) and the B layout's reads (fixed w, lanes l) hit 32 distinct banks.
 __device__ __forceinline__ int swizzled(int i) { return i ^ ((i >> 5) & 7); }
 
-// Compare-exchange of slots e and e | s (element stride unit·s) for every e without bit s.
-template <int s>
+// Compare-exchange of slots e and e | s (element stride unit·s) for every e without bit s, ascending
+// where the lower element i has (i & size) == 0. kSameDirection: every slot of the thread has the
+// same direction (A layout from size 8 up), taken once.
+template <int s, bool kSameDirection = false>
 __device__ __forceinline__ void in_thread(uint32_t (&k)[kItems], int base, int unit, int size) {
+  const bool thread_ascending = (base & size) == 0;
 #pragma unroll
   for (int e = 0; e < kItems; ++e) {
     if (e & s) continue;
-    const bool ascending = ((base + unit * e) & size) == 0;
+    const bool ascending = kSameDirection ? thread_ascending : ((base + unit * e) & size) == 0;
     const uint32_t lo = min(k[e], k[e | s]), hi = max(k[e], k[e | s]);
     k[e] = ascending ? lo : hi;
     k[e | s] = ascending ? hi : lo;
@@ -82,7 +87,12 @@ __device__ void bitonic_sort(uint32_t (&k)[kItems], uint32_t* buf, int n_pad, in
   const int w = (threadIdx.x / 32) % kHalfWarps, l = threadIdx.x % 32;
   if (n_pad <= 256 && w > 0) return;  // warp 0 holds every element, and no stride crosses warps
   const int a_base = 256 * w + 8 * l, b_base = 8 * l + w;
-  for (int size = 2; size <= n_pad; size <<= 1) {
+  in_thread<1>(k, a_base, 1, 2);  // sizes 2 and 4: the direction differs between a thread's slots
+  if (n_pad >= 4) {
+    in_thread<2>(k, a_base, 1, 4);
+    in_thread<1>(k, a_base, 1, 4);
+  }
+  for (int size = 8; size <= n_pad; size <<= 1) {
     if (size >= 512) {  // strides size/2 .. 256 in the B layout
       transpose(k, buf, true, w, l, barrier);
       if (size >= 2048) in_thread<4>(k, b_base, 256, size);
@@ -91,9 +101,9 @@ __device__ void bitonic_sort(uint32_t (&k)[kItems], uint32_t* buf, int n_pad, in
       transpose(k, buf, false, w, l, barrier);
     }
     for (int m = min(size / 2, 128) / 8; m >= 1; m >>= 1) across_lanes(k, a_base, m, size);
-    if (size >= 8) in_thread<4>(k, a_base, 1, size);
-    if (size >= 4) in_thread<2>(k, a_base, 1, size);
-    in_thread<1>(k, a_base, 1, size);
+    in_thread<4, true>(k, a_base, 1, size);
+    in_thread<2, true>(k, a_base, 1, size);
+    in_thread<1, true>(k, a_base, 1, size);
   }
 }
 
@@ -209,20 +219,21 @@ __device__ void verify_budget(const float* __restrict__ a_stale, int R_stale, in
 }
 
 // The admission half (t = 0 .. 255), once sm.budget is set and the current keys are sorted into
-// sm.admit_buf: mark the admitted flat indices in sm.admitted.
+// sm.admit_buf: mark the admitted flat indices in sm.admitted. One scan over the thread's counts of
+// keys below the K-th and equal to it, packed (each count <= 2048 < 2^12).
 __device__ void admit(const uint32_t (&flat_keys)[kItems], int budget, int t, Smem& sm) {
   const uint32_t kth = sm.admit_buf[budget - 1];
-  int above = budget - 1;  // #(keys < kth): the first position holding kth
-  for (int step = 1024; step > 0; step >>= 1)
-    if (above - step >= 0 && sm.admit_buf[above - step] == kth) above -= step;
-  int ties = 0;
+  int counts = 0;
 #pragma unroll
-  for (int e = 0; e < kItems; ++e) ties += flat_keys[e] == kth;
-  int tie_rank = half_exclusive_scan(ties, sm.warp_count, kAdmitBarrier);
+  for (int e = 0; e < kItems; ++e) counts += flat_keys[e] < kth ? 1 << 12 : flat_keys[e] == kth;
+  int tie_rank = half_exclusive_scan(counts, sm.warp_count, kAdmitBarrier) & 0xfff;
+  int total = 0;
+  for (int w = 0; w < kHalfWarps; ++w) total += sm.warp_count[w];
+  const int tie_seats = budget - (total >> 12);  // K − #(a > v*)
 #pragma unroll
   for (int e = 0; e < kItems; ++e) {
     const bool tie = flat_keys[e] == kth;
-    sm.admitted[kItems * t + e] = flat_keys[e] < kth || (tie && tie_rank < budget - above);
+    sm.admitted[kItems * t + e] = flat_keys[e] < kth || (tie && tie_rank < tie_seats);
     tie_rank += tie;
   }
 }
