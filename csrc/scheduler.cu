@@ -12,9 +12,9 @@
 // i = 256w + 8l + e sits in slot e of lane l of warp w ("A" layout): strides 1-4 are inside a
 // thread, 8-128 across lanes (shuffles). Strides 256-1024 cross warps: for them the keys are
 // transposed through shared memory to the "B" layout i = 256e + 8l + w, where those strides are
-// inside a thread, and back: two transposes per merge size from 512 up. 10.1 µs at R = 256 on the
-// H200, where 64-bit (value, index) keys, two per thread over 1024 threads, took 18.4 µs and the
-// same layout with 64-bit keys no less (bench/RESULTS.md, 2026-12-01).
+// inside a thread, and back: two transposes per merge size from 512 up. It takes 10.1 µs at R = 256
+// on the H200. Sorting 64-bit (value, index) keys took 18.4 µs, both with two keys per thread over
+// 1024 threads and with this layout (bench/RESULTS.md, 2026-12-01).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
