@@ -1,9 +1,9 @@
-"""Per-kernel device time of one markov_chain / rejection_sample call (torch.profiler), at the
-shapes of bench_kernels.py: where a call's time goes, kernel by kernel. A kernel launched as a
-programmatic dependent (the small-batch Markov steps) starts early and waits for its predecessor,
-so its time includes that wait and the sum can exceed the call's wall time.
+"""Per-kernel device time of one markov_chain / rejection_sample / schedule_production call
+(torch.profiler), at the shapes of bench_kernels.py: where a call's time goes, kernel by kernel.
+A kernel launched as a programmatic dependent (the small-batch Markov steps) starts early and waits
+for its predecessor, so its time includes that wait and the sum can exceed the call's wall time.
 
-    PYTHONPATH=. python bench/profile_kernels.py --sizes 1,128 [--calls 20]
+    PYTHONPATH=. python bench/profile_kernels.py --sizes 1,128,256 [--calls 20]
 """
 
 import argparse
@@ -13,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_kernels import GAMMA, V, markov_inputs
-from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample
+from dspark_cli.runtime import SPSTable, cuda_ops, markov_chain, rejection_sample, schedule_production
+from dspark_cli.selftest import survival_matrix
 
 
 def breakdown(fn, calls: int) -> list[tuple[str, float, int]]:
@@ -47,9 +48,13 @@ def main() -> None:
         target /= target.sum(-1, keepdim=True)
         target[torch.arange(R, device="cuda"), 0, draft.tokens[:, 0]] = 0  # every request rejects at 0
         ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+        g = torch.Generator().manual_seed(R)
+        a_stale, a_now = (survival_matrix(R, GAMMA, g).cuda() for _ in range(2))
+        sps = SPSTable.default()
         cases = {"markov_chain sampled, q lazy":
                      lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False),
-                 "rejection_sample q rebuilt": lambda: rejection_sample(target, draft, ell, seeds=seeds)}
+                 "rejection_sample q rebuilt": lambda: rejection_sample(target, draft, ell, seeds=seeds),
+                 "schedule_production": lambda: schedule_production(a_stale, a_now, sps)}
         for name, fn in cases.items():
             rows = breakdown(fn, args.calls)
             print(f"\n{name}, R={R}: {sum(t for _, t, _ in rows):.1f} µs of kernels per call")
