@@ -1,5 +1,5 @@
-// Device helpers shared by the chain (markov.cu) and rejection (rejection.cu) kernels: the runtime's
-// constants, 16-bit to fp32 conversion, and vector loads of N consecutive entries.
+// Device helpers shared by the kernels: the runtime's constants, 16-bit to fp32 conversion, vector
+// loads of N consecutive entries, and an exclusive scan over a group of warps.
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
@@ -51,6 +51,33 @@ __device__ __forceinline__ void load_vec(const T* p, float out[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = to_float(h[i]);
   }
+}
+
+// Exclusive prefix sum of v in thread order over kWarps consecutive warps (`warp`: this one's index
+// among them), whose totals go through warp_sums [kWarps] in shared memory; sync() is the barrier
+// those warps share (__syncthreads for a whole block). The warps before this one are added in
+// order, so a float scan rounds the same way on every call. *total, when given, gets the sum.
+template <int kWarps, typename T, typename Sync>
+__device__ __forceinline__ T warps_exclusive_scan(T v, int warp, T* warp_sums, Sync sync, T* total = nullptr) {
+  const int lane = threadIdx.x % 32;
+  T inclusive = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const T below = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += below;
+  }
+  T before = __shfl_up_sync(0xffffffffu, inclusive, 1);
+  if (lane == 0) before = T(0);
+  if (lane == 31) warp_sums[warp] = inclusive;
+  sync();
+  T prior = T(0), all = T(0);
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    if (i < warp) prior += warp_sums[i];
+    all += warp_sums[i];
+  }
+  if (total != nullptr) *total = all;
+  return prior + before;
 }
 
 }  // namespace dspark

@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace dspark {
 namespace {
 
@@ -125,23 +127,11 @@ __device__ __forceinline__ int padded(int n) {
   return n_pad;
 }
 
-// Exclusive prefix over the half's threads of x (thread order), through warp_sum; the whole half
-// calls (one half barrier).
+// Exclusive prefix over the half's threads (thread order); *total, when given, gets the half's sum.
 template <typename T>
-__device__ __forceinline__ T half_exclusive_scan(T x, T* warp_sum, int barrier) {
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % kHalfWarps;
-  T inclusive = x;
-  for (int off = 1; off < 32; off <<= 1) {
-    const T up = __shfl_up_sync(0xffffffffu, inclusive, off);
-    if (lane >= off) inclusive += up;
-  }
-  T before = __shfl_up_sync(0xffffffffu, inclusive, 1);
-  if (lane == 0) before = T(0);
-  if (lane == 31) warp_sum[warp] = inclusive;
-  half_barrier(barrier);
-  T warps_before = T(0);
-  for (int w = 0; w < warp; ++w) warps_before += warp_sum[w];
-  return warps_before + before;
+__device__ __forceinline__ T half_exclusive_scan(T x, T* warp_sums, int barrier, T* total = nullptr) {
+  return warps_exclusive_scan<kHalfWarps>(x, static_cast<int>(threadIdx.x / 32) % kHalfWarps, warp_sums,
+                                          [barrier] { half_barrier(barrier); }, total);
 }
 
 // Argmax of (theta, arg) over the warp, the earliest arg on ties; every lane gets it.
@@ -226,9 +216,8 @@ __device__ void admit(const uint32_t (&flat_keys)[kItems], int budget, int t, Sm
   int counts = 0;
 #pragma unroll
   for (int e = 0; e < kItems; ++e) counts += flat_keys[e] < kth ? 1 << 12 : flat_keys[e] == kth;
-  int tie_rank = half_exclusive_scan(counts, sm.warp_count, kAdmitBarrier) & 0xfff;
-  int total = 0;
-  for (int w = 0; w < kHalfWarps; ++w) total += sm.warp_count[w];
+  int total;
+  int tie_rank = half_exclusive_scan(counts, sm.warp_count, kAdmitBarrier, &total) & 0xfff;
   const int tie_seats = budget - (total >> 12);  // K − #(a > v*)
 #pragma unroll
   for (int e = 0; e < kItems; ++e) {

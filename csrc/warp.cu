@@ -151,28 +151,6 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   }
 }
 
-// Exclusive prefix sum over the block in thread order; *total gets the block's sum.
-__device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* total) {
-  __shared__ unsigned long long warp_sums[kWarpThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  unsigned long long inclusive = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const unsigned long long below = __shfl_up_sync(0xffffffffu, inclusive, off);
-    if (lane >= off) inclusive += below;
-  }
-  if (lane == 31) warp_sums[warp] = inclusive;
-  __syncthreads();
-  unsigned long long before = 0, all = 0;
-#pragma unroll
-  for (int i = 0; i < kWarpThreads / 32; ++i) {
-    before += i < warp ? warp_sums[i] : 0;
-    all += warp_sums[i];
-  }
-  *total = all;
-  return before + inclusive - v;
-}
-
 // One round's pick for request r (a block each): scanning the bins from the top, the first non-empty
 // bin where the weight so far reaches the target (top-k: k entries; top-p: ceil(p·Z) of mass) fixes
 // the round's digit; the histogram is zeroed behind the scan for the next round. Round 2 histograms
@@ -235,8 +213,11 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     local += w[j];
   }
   if (threadIdx.x == 0) s_first = INT_MAX;
+  __shared__ unsigned long long warp_sums[kWarpThreads / 32];
   unsigned long long total;
-  unsigned long long cum = row.above + block_exclusive_scan(local, &total);  // weight above my first bin
+  unsigned long long cum = row.above + warps_exclusive_scan<kWarpThreads / 32>(  // weight above my first bin
+                                           local, static_cast<int>(threadIdx.x) / 32, warp_sums, [] { __syncthreads(); },
+                                           &total);
   unsigned long long target;
   if constexpr (!kMass) target = static_cast<unsigned long long>(top_k[r]);
   else if (round == 0) target = top_p[r] <= 0.f ? 0ull : static_cast<unsigned long long>(
