@@ -347,7 +347,6 @@ __global__ void merge_splits_kernel(AttentionParams p) {
 
 template <typename T, int HD>
 void launch(AttentionParams& p, const at::Tensor& like, cudaStream_t stream) {
-  // cuda_ops.draft_attention_fits mirrors Layout::bytes to ask the same of the GPU before choosing the op.
   const size_t smem = Layout<T, HD>::bytes(p.rows_padded);
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(smem <= optin, "draft_attention: ", p.rows_padded, " query rows at head_dim ", HD, " need ", smem,
@@ -369,6 +368,15 @@ void launch(AttentionParams& p, const at::Tensor& like, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int64_t draft_attention_smem(int64_t query_rows, int64_t head_dim) {
+  const int64_t rows_padded = (query_rows + 15) / 16 * 16;
+  if (query_rows < 1 || rows_padded > kMaxRows) return 0;
+  const int rows = static_cast<int>(rows_padded);  // bf16 and fp16 lay out alike
+  if (head_dim == 64) return static_cast<int64_t>(Layout<__half, 64>::bytes(rows));
+  if (head_dim == 128) return static_cast<int64_t>(Layout<__half, 128>::bytes(rows));
+  return 0;
+}
 
 void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
                           const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,

@@ -26,6 +26,10 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
                           const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
                           const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
 
+// Shared memory of one draft_attention CTA for that many query rows per KV head (16-bit dtypes), or
+// 0 where the op does not take the shape: cuda_ops.draft_attention_fits asks it of the GPU's limit.
+int64_t draft_attention_smem(int64_t query_rows, int64_t head_dim);
+
 // Shapes only: what the CUDA implementations allocate. Every size is a SymInt taken from the
 // inputs' sym sizes, so under torch.compile(dynamic=True) the batch size stays symbolic (a concrete
 // .size() here would specialize it and recompile for every new R).
@@ -90,6 +94,7 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "draft_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_pool, Tensor v_pool, Tensor starts, "
       "Tensor lengths, int max_length, Tensor(a!) out) -> ()");
+  m.def("draft_attention_smem(int query_rows, int head_dim) -> int", &dspark::draft_attention_smem);
 }
 
 TORCH_LIBRARY_IMPL(dspark, CUDA, m) {

@@ -86,7 +86,9 @@ print(json.dumps({"dyn": dyn, "wheel": str(wheel), "first": first.status, "secon
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
                   "rej": [[list(o.shape), str(o.dtype)] for o in rej], "counter_offset": outs[5].storage_offset(),
                   "ops": sorted(n for n in dir(torch.ops.dspark) if not n.startswith("_") and n not in ("name", "overloads")),
-                  "schema": str(torch.ops.dspark.markov_chain.default._schema)}))
+                  "schema": str(torch.ops.dspark.markov_chain.default._schema),
+                  "smem": {f"{rows},{hd}": torch.ops.dspark.draft_attention_smem(rows, hd)
+                           for rows, hd in ((128, 128), (113, 64), (28, 128), (32, 128), (0, 128), (129, 128), (32, 96))}}))
 """
 
 
@@ -115,6 +117,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
     assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
+    check_draft_attention_smem(res["smem"])
     check_dynamic_shapes(res["dyn"])
     check_wheel(Path(res["wheel"]), Path(res["path"]), tmp_path)
     # the library carries sm_90a machine code
@@ -122,6 +125,19 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     if cuobjdump.is_file():
         listing = subprocess.run([str(cuobjdump), "--list-elf", res["path"]], capture_output=True, text=True).stdout
         assert "sm_90a" in listing
+
+
+def check_draft_attention_smem(smem: dict) -> None:
+    """dspark::draft_attention_smem, the count cuda_ops.draft_attention_fits holds against the GPU's
+    limit, worked by hand from csrc/draft_attention.cu's Layout: queries, the K/V ring (or the fp32
+    output over it), scores, probabilities, eight warps' rescale scratch, row stats; rows padded to
+    16, and 0 for a shape the op does not take."""
+    assert smem["128,128"] == 34816 + 69632 + 34816 + 18432 + 10240 + 1536 == 169472
+    assert smem["113,64"] == 18432 + 36864 + 34816 + 18432 + 10240 + 1536 == 120320
+    assert smem["28,128"] == smem["32,128"] == 8704 + 69632 + 8704 + 4608 + 10240 + 384 == 102272  # Qwen3-4B's drafter
+    # above the 101,376 bytes a block may take on sm_86/89 and within sm_80's 166,912 and sm_90's 232,448
+    assert 101376 < smem["32,128"] < 166912 < smem["128,128"] < 232448
+    assert smem["0,128"] == smem["129,128"] == smem["32,96"] == 0
 
 
 def check_dynamic_shapes(dyn: dict) -> None:

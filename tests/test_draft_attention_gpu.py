@@ -123,6 +123,6 @@ def test_the_op_runs_exactly_where_fits_says_it_does(hd, gamma):
     if cuda_ops.draft_attention_fits(inputs[0], hd, rows):
         cuda_ops.draft_attention(*inputs, 70)
         torch.cuda.synchronize()
-    elif -(-rows // 16) * 16 <= cuda_ops.DRAFT_ATTENTION_MAX_ROWS:
+    elif torch.ops.dspark.draft_attention_smem(rows, hd) > 0:
         with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
             cuda_ops.draft_attention(*inputs, 70)

@@ -158,34 +158,19 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     return VerifyResult(output_tokens, num_accepted)
 
 
-DRAFT_ATTENTION_MAX_ROWS = 128  # (H / kv)·γ query rows of one KV head, padded to 16: one CTA's tiles
-
-
-def draft_attention_smem(rows_padded: int, head_dim: int, itemsize: int) -> int:
-    """Shared memory of one draft_attention CTA: csrc/draft_attention.cu's Layout<T, HD>::bytes
-    (64-key tiles, two K/V buffers, eight warps; keep the two in step — the op refuses a launch its
-    GPU cannot hold with the same count)."""
-    pad = 16 // itemsize  # rows padded by 16 bytes
-    tiles = 2 * 2 * 64 * (head_dim + pad) * itemsize
-    output = 4 * rows_padded * (head_dim + 4)
-    return (rows_padded * (head_dim + pad) * itemsize + max(tiles, output) + rows_padded * (64 + 4) * 4
-            + rows_padded * (64 + pad) * itemsize + 8 * 16 * 20 * 4 + 3 * rows_padded * 4)
-
-
 def draft_attention_fits(weight: torch.Tensor, head_dim: int, query_rows: int) -> bool:
     """Whether draft_attention covers a drafter with weights like `weight`: bf16 or fp16 on a GPU of
-    compute capability 8.0 or more (bf16 tensor cores), head_dim 64 or 128, (H / kv)·γ query rows
-    per KV head within DRAFT_ATTENTION_MAX_ROWS once padded to 16, and their CTA's shared memory
-    within the GPU's per-block limit (sm_86/89's 99 KB does not hold 32 rows at head_dim 128).
-    Whether the extension is loaded and enabled is available()'s question."""
-    if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128)):
+    compute capability 8.0 or more (bf16 tensor cores), and a shape the op takes (head_dim 64 or 128,
+    (H / kv)·γ query rows per KV head within 128 once padded to 16) whose CTA's shared memory, as the
+    library itself counts it (`dspark::draft_attention_smem`), is within the GPU's per-block limit
+    (sm_86/89's 99 KB does not hold 32 rows at head_dim 128). False without a loadable extension;
+    whether it is enabled is available()'s question."""
+    if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)) or load() is None:
         return False
-    rows_padded = -(-query_rows // 16) * 16
+    smem = torch.ops.dspark.draft_attention_smem(query_rows, head_dim)
     props = torch.cuda.get_device_properties(weight.device)
     limit = getattr(props, "shared_memory_per_block_optin", None)  # a torch without it: Hopper holds every size
-    smem = draft_attention_smem(rows_padded, head_dim, weight.element_size())
-    return rows_padded <= DRAFT_ATTENTION_MAX_ROWS and props.major >= 8 and (
-        smem <= limit if limit is not None else props.major >= 9)
+    return smem > 0 and props.major >= 8 and (smem <= limit if limit is not None else props.major >= 9)
 
 
 def draft_attention(q, k_block, v_block, k_pool, v_pool, starts, lengths, max_length: int, out=None):
