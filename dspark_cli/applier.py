@@ -272,12 +272,14 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
 
 
 def _check_branch_name_free(ws: Workspace, branch: str) -> None:
-    """git cannot create dspark/v1.0 while a branch named `dspark` exists (refs are paths)."""
+    """git cannot create dspark/v1.0 while a branch named `dspark` or `dspark/v1.0/x` exists (refs
+    are paths)."""
     parts = branch.split("/")
-    for prefix in ("/".join(parts[:n]) for n in range(1, len(parts))):
-        if ws.branch_sha(prefix):
-            raise UsageError(f"{ws.path} has a branch named {prefix}, so git cannot create {branch}; "
-                             f"rename it (`git -C {ws.path} branch -m {prefix} NEWNAME`) and run again")
+    blocking = (next((p for p in ("/".join(parts[:n]) for n in range(1, len(parts))) if ws.branch_sha(p)), None)
+                or ws.git.out("for-each-ref", "--count=1", "--format=%(refname:short)", f"refs/heads/{branch}/"))
+    if blocking:
+        raise UsageError(f"{ws.path} has a branch named {blocking}, so git cannot create {branch}; "
+                         f"rename it (`git -C {ws.path} branch -m {blocking} NEWNAME`) and run again")
 
 
 def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:

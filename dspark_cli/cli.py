@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from dspark_cli.errors import EXIT_USAGE, DsparkError
+from dspark_cli.errors import EXIT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, DsparkError
 from dspark_cli import output
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
@@ -42,8 +42,13 @@ def main() -> None:
     except DsparkError as exc:
         output.emit_error("error", str(exc), exc.exit_code, as_json)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
+    except OSError as exc:  # a file or directory we could not read or write (permissions, disk full)
+        output.emit_error("error", str(exc), EXIT_ENV, as_json)
+        sys.exit(EXIT_ENV)
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        output.emit_error("interrupted", "interrupted (Ctrl-C); an apply or revert under way was rolled back first",
+                          EXIT_INTERRUPTED, as_json)
+        sys.exit(EXIT_INTERRUPTED)
     except NoArgsIsHelpError:
         sys.exit(EXIT_USAGE)  # typer printed the help already; exit 2 as click's no_args_is_help does
     except ClickUsageError as exc:

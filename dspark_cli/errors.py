@@ -4,15 +4,17 @@ Exit codes (documented in README.md):
   0  ok
   1  a check, verification or test failed
   2  bad usage or input (unknown pin, malformed compat.yaml, dirty worktree without --force, ...)
-  3  environment problem (git, nvcc, torch, CUDA_HOME, network, disk)
+  3  environment problem (git, nvcc, torch, CUDA_HOME, network, disk, a file we may not read or write)
   4  a patch did not apply (the workspace restored to its exact pre-apply state), a rebase stopped at a
      conflict, or a revert could not replay a commit of yours (nothing changed)
+  130 interrupted (Ctrl-C); an apply or revert under way restores the workspace first
 """
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENV = 3
 EXIT_PATCH = 4
+EXIT_INTERRUPTED = 130
 
 
 class DsparkError(Exception):

@@ -94,29 +94,42 @@ def fetch(ws: Workspace, url: str) -> None:
     _with_progress(lambda progress: _fetch_with_progress(repo, url, progress), f"cannot fetch {url}")
 
 
+UPSTREAM = "dspark-upstream"
+# The workdir may be a clone of the user's: upstream's branches and tags are fetched under refs of
+# our own, so a tag of theirs that upstream also has (v1.0 on another commit) is never moved.
+UPSTREAM_TAGS = f"refs/{UPSTREAM}/tags"
+UPSTREAM_REFSPECS = [f"+refs/heads/*:refs/remotes/{UPSTREAM}/*", f"+refs/tags/*:{UPSTREAM_TAGS}/*"]
+
+
 def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress) -> None:
-    remote = gitpython.Remote(repo, "dspark-upstream")
+    remote = gitpython.Remote(repo, UPSTREAM)
     if not remote.exists():
-        remote = repo.create_remote("dspark-upstream", url)
+        remote = repo.create_remote(UPSTREAM, url)
     elif remote.url != url:
         remote.set_url(url)
-    remote.fetch(tags=True, force=True, progress=progress)
+    remote.fetch(refspec=UPSTREAM_REFSPECS, no_tags=True, progress=progress)
+
+
+def _resolve(ws: Workspace, ref: str) -> str | None:
+    """`ref` in the workdir's own refs, else among upstream's fetched tags (v1.1~1 as well)."""
+    return ws.resolve_commit(ref) or ws.resolve_commit(f"{UPSTREAM_TAGS}/{ref}")
 
 
 def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch_missing: bool = True) -> str:
     """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing
     (not in a fresh clone of `url`: a fetch could add nothing). When the pin names a tag that
     exists here, it must point at the same commit."""
-    commit = ws.resolve_commit(ref)
+    commit = _resolve(ws, ref)
     if commit is None and fetch_missing:
         fetch(ws, url)
-        commit = ws.resolve_commit(ref)
+        commit = _resolve(ws, ref)
     if commit is None:
         ambiguous = ws.git.run("rev-parse", "--verify", f"{ref}^{{commit}}", check=False).stderr
         reason = "is ambiguous" if "ambiguous" in ambiguous else "was not found"
         raise UsageError(f"commit {ref} {reason} in {url}")
     if tag:
-        tagged = ws.resolve_commit(f"refs/tags/{tag}")
+        # upstream's tag when fetched, else the clone's own
+        tagged = ws.resolve_commit(f"{UPSTREAM_TAGS}/{tag}") or ws.resolve_commit(f"refs/tags/{tag}")
         if tagged and tagged != commit:
             raise UsageError(f"tag {tag} points at {tagged[:12]} but compat.yaml pins {ref}")
     return commit

@@ -77,12 +77,14 @@ def test_an_unpinned_ref_gets_a_valid_branch_name(toy):
     assert result["branch"] == f"dspark/unpinned-{result['base'][:12]}"
 
 
-def test_a_branch_named_dspark_is_a_clear_error(toy):
+@pytest.mark.parametrize("blocking", ["dspark", "dspark/v1.0/mine"])
+def test_a_branch_in_the_way_of_the_work_branch_is_a_clear_error(toy, blocking):
+    """refs are paths: neither dspark nor dspark/v1.0/mine may exist beside dspark/v1.0."""
     git(toy["upstream"]["repo"], "branch", "dspark")
     toy["workdir"].mkdir()
     git(toy["root"], "clone", "-q", str(toy["upstream"]["repo"]), str(toy["workdir"]))
-    git(toy["workdir"], "branch", "dspark")
-    with pytest.raises(UsageError, match="has a branch named dspark, so git cannot create dspark/v1.0"):
+    git(toy["workdir"], "branch", blocking)
+    with pytest.raises(UsageError, match=f"has a branch named {blocking}, so git cannot create dspark/v1.0"):
         run_apply(toy)
 
 
@@ -107,6 +109,25 @@ def test_a_short_id_that_git_resolves_to_another_commit_is_refused(toy):
     with pytest.raises(UsageError, match="cafe1234 checked out as .*, not the pinned commit"):
         run_apply(toy, commit="cafe1234", allow_unpinned=True)
     assert not toy["workdir"].exists()
+
+
+def test_applying_in_a_clone_of_yours_never_moves_your_tags(toy):
+    """A repository of the user's that lacks the pin: upstream is fetched under refs/dspark-upstream
+    and refs/remotes/dspark-upstream; their tag v1.0, on a commit of theirs, stays where it was."""
+    work = toy["workdir"]
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    (work / "mine.txt").write_text("mine\n")
+    git(work, "add", "mine.txt")
+    git(work, "commit", "-q", "-m", "my project")
+    git(work, "tag", "v1.0")
+    git(work, "commit", "-q", "--allow-empty", "-m", "my next")
+    mine = git(work, "rev-parse", "v1.0")
+    result = run_apply(toy)
+    assert result["status"] == "applied" and result["base"] == toy["upstream"]["v1.0"]
+    assert git(work, "rev-parse", "v1.0") == mine and git(work, "rev-parse", "main~1") == mine
+    assert git(work, "rev-parse", "refs/dspark-upstream/tags/v1.0") == toy["upstream"]["v1.0"]
+    assert git(work, "tag") == "v1.0"  # upstream's v1.1 is not among the user's tags either
 
 
 def test_clone_and_fetch_failures_say_gits_reason(toy):
