@@ -45,15 +45,16 @@ def main() -> None:
     except OSError as exc:  # a file or directory we could not read or write (permissions, disk full)
         output.emit_error("error", str(exc), EXIT_ENV, as_json)
         sys.exit(EXIT_ENV)
-    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        output.emit_error("interrupted", "interrupted (Ctrl-C); an apply or revert under way was rolled back first",
-                          EXIT_INTERRUPTED, as_json)
-        sys.exit(EXIT_INTERRUPTED)
+    except (typer.Abort, KeyboardInterrupt):
+        rc = EXIT_INTERRUPTED
     except NoArgsIsHelpError:
         sys.exit(EXIT_USAGE)  # typer printed the help already; exit 2 as click's no_args_is_help does
     except ClickUsageError as exc:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
+    if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
+        output.emit_error("interrupted", "interrupted (Ctrl-C); an apply or revert under way was rolled back first",
+                          EXIT_INTERRUPTED, as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from typer.testing import CliRunner
 
 from dspark_cli.cli import app
 from dspark_cli.errors import DsparkError
-from tests.git_fixtures import CORE, git, make_series, make_toy
+from tests.git_fixtures import CORE, git, make_series, make_toy, tree_fingerprint
 from tests.run_cli import run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +190,58 @@ def test_dirty_tree_in_a_real_process_exits_2(toy_env):
     (work / "engine" / "core.py").write_text("edited\n")
     result = run_dspark("apply", "toy", "--workdir", str(work))
     assert result.returncode == 2 and "local change" in result.stderr and "--force" in result.stderr
+
+
+def test_ctrl_c_during_apply_restores_the_tree_and_exits_130(toy_env, tmp_path):
+    """SIGINT while patch 2 is being applied (a git on PATH that waits there): the workspace is
+    back as it was, and the error is one line (one JSON document with --json), exit 130."""
+    work = toy_env["work"]
+    assert run_dspark("apply", "toy", "-C", str(work)).returncode == 0
+    assert run_dspark("revert", "-C", str(work)).returncode == 0
+    (work / "mine.txt").write_text("local work\n")
+    before = tree_fingerprint(work)
+    bin_dir, count, waiting = tmp_path / "bin", tmp_path / "applies", tmp_path / "waiting"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$1" = apply ]; then
+  echo x >> {count}
+  if [ "$(wc -l < {count})" -eq 2 ]; then touch {waiting}; sleep 60; fi
+fi
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(work), "--force", "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting.exists(), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert json.loads(stdout)["exit_code"] == 130 and stderr.count("\n") == 1 and "interrupted" in stderr
+    assert tree_fingerprint(work) == before
+    state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
+    assert state["in_progress"] is None
+
+
+def test_a_file_dspark_may_not_write_is_one_line_exit_3(toy_env, monkeypatch, capsys):
+    """An OSError (here the state file's directory refusing writes, as a read-only .git/dspark
+    does) is the environment's problem: one line, exit 3, one JSON document with --json."""
+    from dspark_cli import cli, workspace
+
+    def denied(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(workspace, "write_text_atomically", denied)
+    monkeypatch.setattr(sys, "argv", ["dspark", "apply", "toy", "-C", str(toy_env["work"]), "--json"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]  # after the clone's progress line
+    assert exited.value.code == 3 and "Traceback" not in err and last.startswith("error: [Errno 13] Permission denied")
+    assert json.loads(out)["error"] in last and "state.json" in last
 
 
 def test_series_lock_writes_and_checks(toy_env):
