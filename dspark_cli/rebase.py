@@ -17,6 +17,7 @@ the original file names, order and amount of diff context, and a new lock.
 from __future__ import annotations
 
 import json
+import os
 import py_compile
 import re
 import shutil
@@ -27,7 +28,7 @@ from pathlib import Path
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import Patch
 from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
@@ -215,6 +216,23 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
     return result
 
 
+def _marker(ws: Workspace) -> Path:
+    return ws.git_dir / "dspark" / "rebase-workdir"
+
+
+def mark_made_by_rebase(ws: Workspace) -> None:
+    _marker(ws).parent.mkdir(parents=True, exist_ok=True)
+    _marker(ws).write_text("made by dspark rebase, which resets and cleans this work tree on every run\n")
+
+
+def check_made_by_rebase(ws: Workspace) -> None:
+    """A rebase resets and cleans its work tree: refuse any checkout it did not make (the user's
+    own, or a worktree of theirs). Work trees of older runs carry the status record instead."""
+    if not (_marker(ws).is_file() or _record_file(ws).is_file()):
+        raise UsageError(f"{ws.path}: is a checkout dspark rebase did not make, and a rebase resets and cleans "
+                         "its work tree; give a new --workdir")
+
+
 def _record_file(ws: Workspace) -> Path:
     return ws.git_dir / "dspark" / "rebase.json"
 
@@ -269,6 +287,9 @@ def check_targets(branch: str, out_dir: Path, force: bool) -> None:
         raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"{out_dir}: {existing} is not writable; choose another --out")
 
 
 def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
@@ -305,8 +326,9 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
                          f"(--workdir {holder}) or remove it (`git -C {repo} worktree remove {holder}`)")
     if (workdir / ".git").exists():
         ws = Workspace(workdir)
-        if Path(ws.git.out("rev-parse", "--git-common-dir")).resolve() != source.git_dir.resolve():
+        if _common_dir(ws) != _common_dir(source):
             raise UsageError(f"{workdir}: is a git worktree of another repository; use another --workdir")
+        check_made_by_rebase(ws)
         return ws, False
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir}: exists, is not empty and is not a worktree of {repo}")
@@ -314,7 +336,14 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
         raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
     check_branch_free(source, branch, force)
     source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto)
-    return Workspace(workdir), True
+    ws = Workspace(workdir)
+    mark_made_by_rebase(ws)
+    return ws, True
+
+
+def _common_dir(ws: Workspace) -> Path:
+    """The git directory all worktrees of ws's repository share (git names it relative to ws)."""
+    return (ws.path / ws.git.out("rev-parse", "--git-common-dir")).resolve()
 
 
 def _worktree_on(source: Workspace, branch: str) -> Path | None:
@@ -369,11 +398,14 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile) -> tupl
     release files come from the cache or the index (sha256 checked); a repository that already
     holds these exact trees is reused."""
     ws = Workspace(workdir)
-    if not (workdir / ".git").exists():
+    if (workdir / ".git").exists():
+        check_made_by_rebase(ws)
+    else:
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir}: exists, is not empty and is not a git repository")
         workdir.mkdir(parents=True, exist_ok=True)
         ws.git.run("init", "-q")
+        mark_made_by_rebase(ws)
     commits: list[str] = []
     for release in (base, onto):
         parent = commits[-1] if commits else None

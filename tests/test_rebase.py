@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import series
-from tests.git_fixtures import git
+from tests.git_fixtures import git, tree_fingerprint
 from tests.run_cli import run_dspark
 
 MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
@@ -233,6 +233,45 @@ def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_w
     assert missing.returncode == 2 and "has neither" in missing.stderr, missing.stderr
     assert len(worktrees(other)) == 1 and not (u["tmp"] / "wd6b").exists()
     assert git(other, "branch", "--list", "dspark/*") == ""
+
+
+@pytest.mark.parametrize("where", ["main checkout", "linked worktree"])
+def test_a_checkout_of_yours_is_never_a_rebase_workdir(upstream, where):
+    """A rebase resets and cleans its work tree: the user's own checkout, or a worktree of theirs,
+    is refused as --workdir (run from inside it, where git names the common dir relatively), and
+    its staged, unstaged, untracked and ignored files and its branch stay as they were."""
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v5.2")
+    mine = u["repo"]
+    if where == "linked worktree":
+        mine = u["tmp"] / "feature"
+        git(u["repo"], "worktree", "add", "-q", "-b", "feature", str(mine), "v1.0")
+    (mine / ".gitignore").write_text(".env\n")
+    (mine / ".env").write_text("SECRET=1\n")
+    (mine / "mod.py").write_text("edited\n")
+    (mine / "staged.py").write_text("S = 1\n")
+    git(mine, "add", "staged.py")
+    before = tree_fingerprint(mine)
+    run = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v5.2", "--repo", ".", "--workdir", ".",
+                     "--out", str(u["tmp"] / "out52"), "--json", cwd=mine,
+                     env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                          "GIT_CONFIG_GLOBAL": os.devnull})
+    assert run.returncode == 2 and "is a checkout dspark rebase did not make" in run.stderr, run.stderr
+    assert tree_fingerprint(mine) == before and (mine / ".env").read_text() == "SECRET=1\n"
+
+
+def test_a_repository_of_yours_is_never_a_release_mode_workdir(tmp_path):
+    """Without --repo the workdir holds the two release trees; a repository rebase did not make is
+    refused before any release is fetched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    git(mine, "init", "-q", "-b", "main")
+    (mine / "notes.txt").write_text("mine\n")
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--workdir", str(mine),
+                     "--out", str(tmp_path / "out"),
+                     env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+    assert run.returncode == 2 and "is a checkout dspark rebase did not make" in run.stderr, run.stderr
+    assert (mine / "notes.txt").read_text() == "mine\n" and not (tmp_path / "out").exists()
 
 
 def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream):
