@@ -9,8 +9,6 @@ the next one (`recover`). Nothing the user had (local changes, commits) is ever 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,11 +19,8 @@ from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
-from dspark_cli.workspace import DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, pid_alive, safe_name
-
-# Test hook: SIGKILL ourselves after committing this many patches, to test recovery for real.
-KILL_AFTER_ENV = "DSPARK_TEST_KILL_AFTER_PATCH"
-
+from dspark_cli.workspace import (DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, kill_point, owner_running,
+                                  safe_name)
 
 @dataclass
 class ApplyRequest:
@@ -62,8 +57,13 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
     if not state or not state.get("in_progress"):
         return None
     snapshot = Snapshot(**state["in_progress"])
-    if snapshot.pid != os.getpid() and pid_alive(snapshot.pid):
+    running = owner_running(snapshot)
+    if running:
         raise UsageError(f"another dspark {snapshot.op} (pid {snapshot.pid}) is running in {ws.path}")
+    if running is None and not force:
+        raise UsageError(f"{ws.path}: a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) in "
+                         "another container or machine did not finish; if it is not running any more, pass "
+                         "--force to recover")
     lost = _lost_by_recovery(ws, snapshot, state["base"])
     if lost and not force:
         raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
@@ -253,9 +253,9 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         else:
             ws.git.run("checkout", "-q", "-b", branch, base)
         for count, patch in enumerate(todo, 1):
-            apply_and_commit(ws, patch)
-            if os.environ.get(KILL_AFTER_ENV) == str(count):
-                os.kill(os.getpid(), signal.SIGKILL)
+            ws.note_applying(patch.path)
+            apply_and_commit(ws, patch, kill_at=f"applied:{count}")
+            kill_point(f"committed:{count}")
     except PatchConflict as conflict:
         ws.restore(snapshot)
         ws.finish(prior_state or state)
@@ -341,12 +341,13 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
     try:
         ws.git.run("checkout", "-q", "-f", "-B", branch, base)
         identity = {} if ws.git.ok("config", "user.email") else DSPARK_IDENTITY
-        for sha, subject in user:
+        for count, (sha, subject) in enumerate(user, 1):
             picked = ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--allow-empty", sha,
                                 check=False, env=identity)
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "
                                   f"{ws.path} is back to its state before the revert")
+            kill_point(f"replayed:{count}")
     except BaseException:
         ws.restore(snapshot)
         ws.finish(state)

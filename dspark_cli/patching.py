@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_PATCH, TRAILER_SHA, Workspace
+from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
@@ -66,11 +66,13 @@ def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
     return ws.head()
 
 
-def apply_and_commit(ws: Workspace, patch: Patch) -> str:
-    """Apply `patch` with `git apply --3way` and commit it; returns the new commit id."""
+def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
+    """Apply `patch` with `git apply --3way` and commit it; returns the new commit id. `kill_at`
+    names the point between the two for the recovery tests' kill_point."""
     result = ws.git.run("apply", "--3way", "--index", "--whitespace=nowarn", str(patch.path), check=False)
     if result.returncode != 0:
         raise diagnose(ws, patch, result.stderr)
+    kill_point(kill_at)
     if ws.git.ok("diff", "--cached", "--quiet"):
         # Like `git am`, which stops there: an empty commit would claim the patch did something.
         raise PatchConflict(patch, None, None, "its changes are already in the tree (an earlier patch or the "

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -27,6 +29,17 @@ DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspar
 # Author and committer of commits that are ours entirely (release trees, state snapshots), so they
 # need no git identity configured on the machine.
 DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
+
+
+# Test hook: SIGKILL ourselves at a named point of an operation (kill_point), to test recovery for
+# real: "committed:<k>" after apply's k-th patch commit, "applied:<k>" between its `git apply` and
+# that commit, "replayed:<k>" after revert's k-th replayed commit.
+KILL_AT_ENV = "DSPARK_TEST_KILL_AT"
+
+
+def kill_point(point: str) -> None:
+    if point and os.environ.get(KILL_AT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class GitFailed(EnvironmentProblem):
@@ -87,6 +100,12 @@ class Snapshot:
     pid: int
     op: str
     started: str
+    # process_tag(pid) of the process that took it: a pid reused since (a new container, a reboot)
+    # is told from a live run. None when written by an older dspark or where /proc cannot tell.
+    process: str | None = None
+    # {"patch": path, "onto": HEAD} while `git apply` and its commit of one patch run: a kill between
+    # them leaves that patch's changes in the worktree, which are ours, not the user's.
+    applying: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -170,11 +189,18 @@ class Workspace:
             pid=os.getpid(),
             op=op,
             started=stamp,
+            process=process_tag(os.getpid()),
         )
         self.write_state({**state, "in_progress": asdict(snapshot)})
         if stash_changes:
             self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message)
         return snapshot
+
+    def note_applying(self, patch: Path) -> None:
+        """Record in the in-progress snapshot that `patch` goes onto HEAD now (lost_by_restore)."""
+        state = self.read_state()
+        state["in_progress"]["applying"] = {"patch": str(patch), "onto": self.head()}
+        self.write_state(state)
 
     def finish(self, state: dict) -> None:
         self.write_state({**state, "in_progress": None})
@@ -202,7 +228,30 @@ class Workspace:
                            f"--exclude={snapshot.work_branch}", "--branches", "--tags", "--remotes",
                            *kept) if tips else ""
         commits = [(sha, subject) for sha, subject, trailers in _parse_log(raw) if TRAILER_PATCH not in trailers]
-        return self.local_changes(), commits
+        if commits and snapshot.work_branch_sha:
+            # revert's replays of commits the old work branch still holds carry nothing new
+            new = {sha for tip in tips for sha in self.git.out(
+                "rev-list", "--cherry-pick", "--right-only", f"{snapshot.work_branch_sha}...{tip}").split()}
+            commits = [(sha, subject) for sha, subject in commits if sha in new]
+        changes = self.local_changes()
+        if changes and self._only_the_patch_being_applied(snapshot):
+            changes = []
+        return changes, commits
+
+    def _only_the_patch_being_applied(self, snapshot: Snapshot) -> bool:
+        """Whether the worktree is HEAD plus exactly the patch apply was committing when it was
+        killed (the user's own changes were stashed before): ours to drop, not the user's."""
+        applying = snapshot.applying
+        if not applying or self.head() != applying.get("onto") or not Path(applying.get("patch", "")).is_file():
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            self.git.run("read-tree", applying["onto"], env=env)
+            patched = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", applying["patch"],
+                                   check=False, env=env)
+            if patched.returncode != 0:
+                return False
+            return self.git.out("write-tree", env=env) == self._worktree_tree(applying["onto"])
 
     def save_before_restore(self, snapshot: Snapshot, base: str) -> list[str]:
         """Keep what `lost_by_restore` finds on dspark/saved-<time> branches: one at HEAD with the
@@ -227,16 +276,20 @@ class Workspace:
     def _reaches_any(self, tip: str, commits: set[str]) -> bool:
         return any(self.is_ancestor(sha, tip) for sha in commits)
 
-    def _commit_worktree(self, parent: str, message: str) -> str:
-        """A commit of the worktree as it is (through a scratch index, so a half-merged index does
-        not matter and HEAD does not move)."""
+    def _worktree_tree(self, parent: str) -> str:
+        """The tree of the worktree as it is, `parent`'s tree for what it does not track (through a
+        scratch index, so a half-merged index does not matter and HEAD does not move)."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             self.git.run("read-tree", parent, env=env)
             self.git.run("add", "-A", ".", env=env)
-            tree = self.git.out("write-tree", env=env)
+            return self.git.out("write-tree", env=env)
+
+    def _commit_worktree(self, parent: str, message: str) -> str:
+        """A commit of the worktree as it is, on `parent`."""
         identity = {} if self.git.ok("config", "user.email") else DSPARK_AUTHOR
-        return self.git.out("commit-tree", tree, "-p", parent, "-F", "-", input=message, env=identity)
+        return self.git.out("commit-tree", self._worktree_tree(parent), "-p", parent, "-F", "-", input=message,
+                            env=identity)
 
     def restore(self, snapshot: Snapshot) -> None:
         """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
@@ -309,7 +362,8 @@ def _state_shape_problem(state) -> str | None:
             return f"{key!r} is missing or not a string"
     snapshot = state.get("in_progress")
     fields = set(Snapshot.__dataclass_fields__)
-    if snapshot is not None and not (isinstance(snapshot, dict) and set(snapshot) == fields):
+    optional = {"process", "applying"}  # added since; an older dspark's snapshot lacks them
+    if snapshot is not None and not (isinstance(snapshot, dict) and fields - optional <= set(snapshot) <= fields):
         return "'in_progress' is not a snapshot"
     layers = state.get("layers", [])
     if not isinstance(layers, list) or not all(isinstance(l, dict) and {"layer", "dir"} <= set(l) for l in layers):
@@ -341,3 +395,40 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _machine() -> str | None:
+    """This boot of this kernel and our pid namespace: where a pid means one process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()} {boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_tag(pid: int) -> str | None:
+    """Process `pid` as one that never repeats: the machine, boot and pid namespace, and the
+    process's start time (/proc/<pid>/stat field 22). None where /proc cannot tell."""
+    machine = _machine()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{machine} {stat.rsplit(')', 1)[1].split()[19]}" if machine else None
+
+
+def owner_running(snapshot: Snapshot) -> bool | None:
+    """Whether the process that took `snapshot` still runs: True, False, or None when this
+    process cannot see it (another machine or container); a pid reused by another process since
+    counts as not running."""
+    if snapshot.pid == os.getpid() and snapshot.process in (None, process_tag(os.getpid())):
+        return False  # ours: this process runs one operation at a time
+    if snapshot.process is None or _machine() is None:  # an older dspark's snapshot, or no /proc
+        return pid_alive(snapshot.pid)
+    host, boot, _, _ = snapshot.process.split(" ")
+    here_host, here_boot, _ = _machine().split(" ")
+    if host == here_host and boot != here_boot:
+        return False  # rebooted since
+    if not snapshot.process.startswith(_machine() + " "):
+        return None
+    return process_tag(snapshot.pid) == snapshot.process

@@ -14,6 +14,7 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import UsageError
+from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import git, make_series, make_toy, write_compat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_status_after_an_interrupted_layered_apply(toy):
     half-applied patch 'no longer in its series'; the next apply recovers and finishes."""
     team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
                        [("team: readme", {"README.team": "ours\n"})])
-    env = {**os.environ, applier.KILL_AFTER_ENV: "1", "PYTHONPATH": str(REPO_ROOT),
+    env = {**os.environ, KILL_AT_ENV: "committed:1", "PYTHONPATH": str(REPO_ROOT),
            "DSPARK_COMPAT": str(toy["compat_path"])}
     killed = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(toy["workdir"]),
                              "--series", str(team)], env=env, capture_output=True, text=True)

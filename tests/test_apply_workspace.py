@@ -13,6 +13,7 @@ import pytest
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import PatchFailed, UsageError
+from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import (CORE, dspark_edits, git, make_series, run_apply, toy_workspace, tree_fingerprint,
                                 write_compat)
 
@@ -180,13 +181,13 @@ def test_revert_that_cannot_replay_a_user_commit_changes_nothing(toy):
 def run_cli(toy, *args: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DSPARK_COMPAT": str(toy["compat_path"]), "PYTHONPATH": str(REPO_ROOT)}
     if kill_after:
-        env[applier.KILL_AFTER_ENV] = kill_after
+        env[KILL_AT_ENV] = kill_after
     return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)
 
 
 def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     """SIGKILL the real CLI right after its first patch commit, then run apply again."""
-    killed = run_cli(toy, "apply", "toy", "--workdir", str(toy["workdir"]), kill_after="1")
+    killed = run_cli(toy, "apply", "toy", "--workdir", str(toy["workdir"]), kill_after="committed:1")
     assert killed.returncode == -signal.SIGKILL
     work = toy["workdir"]
     state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
@@ -202,12 +203,75 @@ def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     assert git(work, "status", "--porcelain") == ""
 
 
+def test_apply_killed_between_git_apply_and_its_commit_is_recovered_without_force(toy):
+    """Patch 2 is in the worktree but not committed: those changes are the apply's own (the
+    snapshot says which patch went onto which HEAD), so recovery drops them without asking."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="applied:2").returncode == -signal.SIGKILL
+    assert git(work, "status", "--porcelain") != ""  # patch 2's files, uncommitted
+    assert not any("would discard" in line for line in applier.status(work)["drift"])
+    again = run_cli(toy, "apply", "toy", "-C", str(work))
+    assert again.returncode == 0, again.stderr
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
+    assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
+
+
+def test_the_same_changes_edited_after_such_a_kill_are_the_users(toy):
+    """The worktree differing from HEAD + the patch in one byte is work of the user's: refused."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="applied:2").returncode == -signal.SIGKILL
+    (work / "engine" / "dspark.py").write_text("ENABLED = False\n")
+    refused = run_cli(toy, "apply", "toy", "-C", str(work))
+    assert refused.returncode == 2 and "would discard" in refused.stderr, refused.stderr
+
+
+def test_revert_killed_after_a_replay_is_recovered_without_force(toy):
+    """revert --keep-user-commits killed after replaying a commit of the user's: the replay holds
+    the same change as the original the old branch keeps, so recovery does not count it as lost."""
+    run_apply(toy)
+    work = toy["workdir"]
+    (work / "mine.txt").write_text("mine\n")
+    git(work, "add", "mine.txt")
+    git(work, "commit", "-q", "-m", "user: add mine.txt")
+    killed = run_cli(toy, "revert", "-C", str(work), "--keep-user-commits", kill_after="replayed:1")
+    assert killed.returncode == -signal.SIGKILL
+    again = run_cli(toy, "revert", "-C", str(work), "--keep-user-commits")
+    assert again.returncode == 0, again.stderr
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == ["user: add mine.txt"]
+    assert not git(work, "branch", "--list", "dspark/saved-*")
+
+
+def test_a_pid_reused_since_the_kill_does_not_block_recovery(toy):
+    """The snapshot names its process by pid and start time (and machine, boot, pid namespace):
+    another process holding that pid now is not the apply; one from another container may be."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    state_file = work / ".git" / "dspark" / "state.json"
+    state = json.loads(state_file.read_text())
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        state["in_progress"]["pid"] = other.pid  # the killed apply's pid, now another process's
+        state_file.write_text(json.dumps(state))
+        recovered = run_cli(toy, "apply", "toy", "-C", str(work))
+        assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stdout, recovered.stderr
+    finally:
+        other.kill()
+    assert run_cli(toy, "revert", "-C", str(work)).returncode == 0
+    host, boot, _, start = state["in_progress"]["process"].split(" ")
+    state["in_progress"]["process"] = f"{host} {boot} pid:[1] {start}"  # another pid namespace
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "in_progress": state["in_progress"]}))
+    refused = run_cli(toy, "apply", "toy", "-C", str(work))
+    assert refused.returncode == 2 and "another container or machine" in refused.stderr, refused.stderr
+    assert run_cli(toy, "apply", "toy", "-C", str(work), "--force").returncode == 0
+
+
 @pytest.mark.parametrize("work_since", ["commit", "edit", "both"])
 def test_recovery_never_discards_work_done_after_the_kill(toy, work_since):
     """After a killed apply the user edits and/or commits on dspark/v1.0: recovery refuses (exit 2,
     one line, nothing touched); with --force it keeps all of it on a dspark/saved-<time> branch."""
     work = toy["workdir"]
-    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="1").returncode == -signal.SIGKILL
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
     if work_since in ("commit", "both"):
         (work / "mine.py").write_text("mine = 1\n")
         git(work, "add", "mine.py")
