@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dspark_cli import git_source, pypi_source
@@ -332,6 +333,11 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
         listing = "; ".join(f"{sha[:12]} {subject}" for sha, subject in user[:3])
         raise UsageError(f"{len(user)} commit(s) of yours on {branch} ({listing}); pass --keep-user-commits "
                          "to replay them onto the base, or move them to another branch first")
+    changed = ws.changed_patch_commits(applied, _patch_files(state))
+    if changed and not force:
+        raise UsageError(f"{changed[0].label}'s commit {changed[0].commit[:12]} holds changes beyond its patch "
+                         f"(amended since apply made it?): move them into a commit of their own, or pass --force "
+                         f"to revert anyway with the branch kept as dspark/saved-<time>")
     changes = ws.local_changes()
     if changes and not force:
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
@@ -353,6 +359,10 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
         ws.finish(state)
         raise
     ws.git.run("update-ref", "refs/dspark/before-revert", tip)
+    if changed:
+        saved = f"dspark/saved-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+        ws.git.run("branch", saved, tip)
+        notes.append(f"{len(changed)} patch commit(s) holding changes of yours are kept on branch {saved}")
     ws.finish({**state, "applied": []})
     if snapshot.stash_message:
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}`")
@@ -392,6 +402,10 @@ def status(workdir: Path) -> dict:
             drift.append(f"{done.label} is applied but no longer in its series")
         elif wanted.sha256 != done.sha256:
             drift.append(f"{done.label} changed in its series since it was applied")
+    files = {(p.label, p.sha256): p.path for p in expected}
+    for done in ws.changed_patch_commits(applied, files):
+        drift.append(f"{done.label}'s commit {done.commit[:12]} holds changes beyond its patch (amended since "
+                     "apply made it?); dspark revert refuses to drop them without --force")
     missing = [p.label for p in expected if p.label not in {d.label for d in applied}]
     if missing:
         drift.append(f"{len(missing)} patch(es) of the series not applied: {', '.join(missing)}")
@@ -414,6 +428,18 @@ def status(workdir: Path) -> dict:
         "detached_commits": [{"commit": sha, "subject": subject} for sha, subject in detached],
         "drift": drift, "build": build_records(state.get("engine"), ws.path),
     }
+
+
+def _patch_files(state: dict) -> dict[tuple[str, str], Path]:
+    """(label, sha256) → patch file of the series layers a workspace was applied with, as far as
+    they can still be read."""
+    files = {}
+    for layer in state.get("layers", []):
+        try:
+            files.update({(p.label, p.sha256): p.path for p in load_series(Path(layer["dir"]), layer["layer"])})
+        except UsageError:
+            continue  # status reports an unreadable series
+    return files
 
 
 def _pin_drift(state: dict) -> list[str]:

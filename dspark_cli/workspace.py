@@ -337,6 +337,25 @@ class Workspace:
         return patches, user
 
 
+    def changed_patch_commits(self, applied: list[AppliedPatch], files: dict[tuple[str, str], Path]) -> list[AppliedPatch]:
+        """The patch commits whose tree is not what their patch makes on their parent: amended (or
+        otherwise rewritten) since apply made them, so they hold changes of the user's. `files`
+        maps (label, sha256) to the patch file; a patch not in it cannot be checked and is skipped."""
+        changed = []
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            for done in applied:
+                path = files.get((done.label, done.sha256))
+                if path is None:
+                    continue
+                self.git.run("read-tree", f"{done.commit}^", env=env)
+                made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", str(path), check=False, env=env)
+                if made.returncode != 0 or self.git.out("write-tree", env=env) != self.git.out(
+                        "rev-parse", f"{done.commit}^{{tree}}"):
+                    changed.append(done)
+        return changed
+
+
 def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
     """(commit, subject, dspark trailers) from `git log --format=%H%x1f%s%x1f%B%x1e`."""
     commits = []

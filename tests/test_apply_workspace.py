@@ -167,6 +167,39 @@ def test_revert_goes_back_to_base_and_never_loses_user_commits(toy):
     assert run_apply(toy)["status"] == "applied"  # patches go back on top of the user's commit
 
 
+def test_an_amended_patch_commit_is_the_users_work(toy):
+    """A patch commit amended after apply keeps its trailers but not the patch's tree: status says
+    so, revert refuses to drop it, and with --force keeps it on a dspark/saved-<time> branch."""
+    run_apply(toy)
+    work = toy["workdir"]
+    (work / "engine" / "dspark.py").write_text("ENABLED = False  # mine\n")
+    git(work, "commit", "-q", "-a", "--amend", "--no-edit")
+    amended = git(work, "rev-parse", "HEAD")
+    drift = applier.status(work)["drift"]
+    assert any("0002-dspark-method-and-module.patch's commit" in line and "beyond its patch" in line for line in drift)
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match=f"commit {amended[:12]} holds changes beyond its patch"):
+        applier.revert(work)
+    assert tree_fingerprint(work) == before
+    result = applier.revert(work, force=True)
+    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
+    assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
+    assert any(f"kept on branch {saved}" in note for note in result["notes"])
+
+
+def test_a_patch_applied_by_3_way_merge_is_not_taken_for_an_amended_one(toy):
+    """A team patch made on v1.0 whose context v1.1 changed goes on by 3-way merge; rebuilding its
+    commit's tree takes the same merge, so status sees no change of the user's."""
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: edit line 22", {"engine/core.py": CORE.replace("line 22\n", "line 22 (team)\n")})])
+    plain = subprocess.run(["git", "apply", "--check", str(next(team.glob("0001-*.patch")))],
+                           cwd=toy["upstream"]["repo"], capture_output=True, text=True)  # upstream is at v1.1
+    assert plain.returncode != 0 and "patch does not apply" in plain.stderr
+    result = run_apply(toy, commit="v1.1", allow_unpinned=True, series=(team,))
+    assert result["status"] == "applied" and "line 25 (1.1)" in (toy["workdir"] / "engine" / "core.py").read_text()
+    assert not any("beyond its patch" in line for line in applier.status(toy["workdir"])["drift"])
+
+
 def test_revert_that_cannot_replay_a_user_commit_changes_nothing(toy):
     run_apply(toy)
     work = toy["workdir"]
