@@ -244,14 +244,17 @@ class Workspace:
         applying = snapshot.applying
         if not applying or self.head() != applying.get("onto") or not Path(applying.get("patch", "")).is_file():
             return False
+        made = self._patched_tree(applying["onto"], Path(applying["patch"]))
+        return made is not None and made == self._worktree_tree(applying["onto"])
+
+    def _patched_tree(self, parent: str, patch: Path) -> str | None:
+        """The tree `patch` makes on `parent` as apply_and_commit applies it (3-way, through a
+        scratch index), None where it does not apply."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self.git.run("read-tree", applying["onto"], env=env)
-            patched = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", applying["patch"],
-                                   check=False, env=env)
-            if patched.returncode != 0:
-                return False
-            return self.git.out("write-tree", env=env) == self._worktree_tree(applying["onto"])
+            self.git.run("read-tree", parent, env=env)
+            made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", str(patch), check=False, env=env)
+            return self.git.out("write-tree", env=env) if made.returncode == 0 else None
 
     def save_before_restore(self, snapshot: Snapshot, base: str) -> list[str]:
         """Keep what `lost_by_restore` finds on dspark/saved-<time> branches: one at HEAD with the
@@ -336,24 +339,12 @@ class Workspace:
                 user.append((sha, subject))
         return patches, user
 
-
     def changed_patch_commits(self, applied: list[AppliedPatch], files: dict[tuple[str, str], Path]) -> list[AppliedPatch]:
         """The patch commits whose tree is not what their patch makes on their parent: amended (or
         otherwise rewritten) since apply made them, so they hold changes of the user's. `files`
         maps (label, sha256) to the patch file; a patch not in it cannot be checked and is skipped."""
-        changed = []
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            for done in applied:
-                path = files.get((done.label, done.sha256))
-                if path is None:
-                    continue
-                self.git.run("read-tree", f"{done.commit}^", env=env)
-                made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", str(path), check=False, env=env)
-                if made.returncode != 0 or self.git.out("write-tree", env=env) != self.git.out(
-                        "rev-parse", f"{done.commit}^{{tree}}"):
-                    changed.append(done)
-        return changed
+        return [done for done in applied if (done.label, done.sha256) in files and self._patched_tree(
+            f"{done.commit}^", files[(done.label, done.sha256)]) != self.git.out("rev-parse", f"{done.commit}^{{tree}}")]
 
 
 def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
@@ -384,6 +375,11 @@ def _state_shape_problem(state) -> str | None:
     optional = {"process", "applying"}  # added since; an older dspark's snapshot lacks them
     if snapshot is not None and not (isinstance(snapshot, dict) and fields - optional <= set(snapshot) <= fields):
         return "'in_progress' is not a snapshot"
+    process = (snapshot or {}).get("process")
+    if process is not None and not (isinstance(process, str) and len(process.split(" ")) == 4):
+        return "'in_progress' names its process wrongly"
+    if not isinstance((snapshot or {}).get("applying") or {}, dict):
+        return "'in_progress' has a wrong 'applying' record"
     layers = state.get("layers", [])
     if not isinstance(layers, list) or not all(isinstance(l, dict) and {"layer", "dir"} <= set(l) for l in layers):
         return "'layers' is not a list of {layer, dir}"
