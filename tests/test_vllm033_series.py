@@ -149,7 +149,8 @@ VLLM033_PYTHON = os.environ.get("DSPARK_VLLM033_PYTHON")
 # Every module a v0.33.0 patch changes, the modules whose classes our patches hook into or inherit
 # from, and our integration modules the patched code imports (lazily, inside methods).
 PATCHED_MODULES = ["vllm._dspark", "vllm.config.vllm", "vllm.v1.spec_decode.dflash", "vllm.v1.worker.gpu_model_runner",
-                   "vllm.utils.cpu_triton_utils", "vllm.model_executor.models.qwen3_dspark"]
+                   "vllm.utils.cpu_triton_utils", "vllm.model_executor.models.qwen3_dspark",
+                   "vllm.v1.sample.ops.topk_topp_sampler"]
 IMPORTED_MODULES = PATCHED_MODULES + [
     "vllm.config.speculative", "vllm.v1.worker.gpu.spec_decode.dspark.speculator",
     "dspark_cli.integrations.vllm.proposer", "dspark_cli.integrations.vllm.v2_fused",

@@ -66,9 +66,12 @@ def random_models():
                "temperature": 1.0, "seed": 1000}
     # vLLM warps the target with the request's top-k/top-p; the proposer warps q the same way
     warped = {**sampled, "name": "warped", "temperature": 0.8, "top_k": 12, "top_p": 0.8, "seed": 2000}
+    # top-k alone takes vLLM's CPU top-k-only path, which the prefill step's empty verify batch used
+    # to crash (series patch 0005)
+    top_k = {**sampled, "name": "top_k", "top_k": 8, "seed": 3000}
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "random", "draft": "random", "workloads": [
         greedy_workload("single", PROMPTS[:1], MAX_TOKENS), greedy_workload("pair", PROMPTS[1:3], MAX_TOKENS),
-        greedy_workload("batch", PROMPTS, MAX_TOKENS), sampled, warped]})
+        greedy_workload("batch", PROMPTS, MAX_TOKENS), sampled, warped, top_k]})
 
 
 def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
@@ -95,7 +98,7 @@ def test_random_models_greedy_output_is_token_identical(random_models, workload)
     assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
 
 
-@pytest.mark.parametrize("workload", ["sampled", "warped"])  # T = 1; T = 0.8 with top-k 12, top-p 0.8
+@pytest.mark.parametrize("workload", ["sampled", "warped", "top_k"])  # T = 1; T = 0.8, top-k 12, top-p 0.8; top-k 8
 def test_random_models_sampled_distribution_matches_no_speculation(random_models, workload):
     run = random_models["workloads"][workload]
     assert run["dspark"]["spec"]["accepted_tokens"] > 0  # the ratio test really ran on drafts
