@@ -211,8 +211,11 @@ exec {shutil.which("git")} "$@"
 """)
     (bin_dir / "git").chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # SIG_DFL in the child: a run from a background job (nohup, CI) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(work), "--force", "--json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
