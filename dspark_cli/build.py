@@ -151,13 +151,16 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
             raise RuntimeError(f"the build left no usable library: {problem}")
         write_text_atomically(p.directory / LIBRARY_RECORD, json.dumps(
             {"size": p.library.stat().st_size, "sha256": sha256_of(p.library)}) + "\n")
-    except Exception as exc:  # compiler errors are long; the log stays in the build directory
+    except BaseException as exc:  # Ctrl-C too: the old library must come back
         where = p.directory
         if set_aside:  # the old build back where last.json may point; the failed one kept beside it
             shutil.rmtree(failed_dir, ignore_errors=True)
             where = p.directory.rename(failed_dir)
             aside.rename(p.directory)
         _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs))
+        if not isinstance(exc, Exception):
+            raise
+        # compiler errors are long; the log stays in the build directory
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise EnvironmentProblem(f"build failed in {where}: {first} (rerun with --verbose)") from None
     finally:
@@ -201,6 +204,8 @@ def library_problem(path: Path, check_sha256: bool = True) -> str | None:
         return "empty file"
     if head != b"\x7fELF":
         return "not an ELF shared library"
+    if not _elf_complete(path, size):
+        return f"truncated ({size} bytes: its section table lies beyond the end)"
     try:
         record = json.loads((path.parent / LIBRARY_RECORD).read_text())
     except (OSError, ValueError):
@@ -212,6 +217,23 @@ def library_problem(path: Path, check_sha256: bool = True) -> str | None:
     if check_sha256 and record.get("sha256") != sha256_of(path):
         return "its sha256 differs from the one the build wrote"
     return None
+
+
+def _elf_complete(path: Path, size: int) -> bool:
+    """Whether a 64-bit little-endian ELF file holds its section header table, which linkers put
+    at the end: a truncated library (a killed link or copy) does not, and dlopen of it can SIGBUS."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(64)
+    except OSError:
+        return False
+    if len(header) < 64:
+        return False
+    if header[4] != 2 or header[5] != 1:  # not ELFCLASS64 little-endian, not what we build: no check
+        return True
+    shoff = int.from_bytes(header[0x28:0x30], "little")
+    shentsize, shnum = int.from_bytes(header[0x3A:0x3C], "little"), int.from_bytes(header[0x3C:0x3E], "little")
+    return shoff + shentsize * shnum <= size
 
 
 def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:

@@ -88,6 +88,35 @@ def test_a_failed_forced_build_gives_the_old_library_back(toolchain):
     assert not Path(good.path).parent.with_name(Path(good.path).parent.name + ".previous").exists()
 
 
+def test_jobs_below_one_is_bad_usage():
+    result = run_dspark("build", "--jobs", "0", "--arch", "9.0a")
+    assert result.returncode == 2 and "--jobs" in result.stderr
+
+
+def test_ctrl_c_in_a_forced_build_gives_the_old_library_back(toolchain, monkeypatch):
+    """KeyboardInterrupt is no Exception: the set-aside library must come back on it too."""
+    good = build.build("9.0a")
+
+    def interrupted(p, verbose):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build("9.0a", force=True)
+    assert build.library_problem(Path(good.path)) is None and build.last_build()["path"] == good.path
+
+
+def test_a_truncated_elf_without_its_record_is_refused(tmp_path):
+    """A link killed before library.json was written leaves no record to compare with: the ELF
+    section table past the end still shows the truncation (dlopen of such a file can SIGBUS)."""
+    whole = Path(sys.executable).resolve().read_bytes()  # a complete 64-bit ELF file
+    lib = tmp_path / "dspark_ops.so"
+    lib.write_bytes(whole)
+    assert build.library_problem(lib) is None
+    lib.write_bytes(whole[:len(whole) // 2])
+    assert "truncated" in build.library_problem(lib)
+
+
 @pytest.mark.parametrize("record", ["[1]", '{"status": "built"}', '{"status": "built", "path": 3}', '"x"'])
 def test_a_wrong_shaped_last_json_is_no_build(toolchain, monkeypatch, record):
     root = build.cache_root()
@@ -105,7 +134,7 @@ def test_the_runtime_refuses_a_truncated_library(toolchain, monkeypatch):
     lib.write_bytes(lib.read_bytes()[:50])
     monkeypatch.setitem(cuda_ops._state, "tried", False)
     monkeypatch.setitem(cuda_ops._state, "loaded", None)
-    assert cuda_ops.load() is None and "bytes, the build wrote" in cuda_ops.load_error()
+    assert cuda_ops.load() is None and "truncated" in cuda_ops.load_error()
 
 
 def test_wheel_dir_checks(tmp_path):

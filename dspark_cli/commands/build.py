@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     def build(
         arch: Optional[str] = typer.Option(None, "--arch", help="Arch list, e.g. '9.0a' or 'sm_90a;8.0' "
                                            "(default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel compile jobs (ninja)."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (ninja)."),
         wheel: Optional[Path] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
                                              "(package dspark_ops, pinned to this torch) into this directory."),
         force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build "
