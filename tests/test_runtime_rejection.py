@@ -241,7 +241,8 @@ def test_bad_inputs_raise_clear_errors():
     (-torch.full((5,), 0.2), "target_probs must be ≥ 0"),
     (torch.tensor([0.5, float("nan"), 0.5, 0.0, 0.0]), "target_probs contains NaN or infinite values"),
     (torch.tensor([0.5, float("inf"), 0.5, 0.0, 0.0]), "target_probs contains NaN or infinite values"),
-], ids=["all-zero", "negative", "nan", "inf"])
+    (torch.tensor([0.3, 0.2, 0.1, 0.0, 0.0]), "rows must sum to 1 .* sums to 0.6"),  # masked, not renormalized
+], ids=["all-zero", "negative", "nan", "inf", "unnormalized"])
 def test_bad_target_rows_raise_instead_of_drawing_garbage(row, message):
     """For V = 5 such a row drew token 7 (≥ V) or 0. Only rows the verify reads are checked: request
     0 verifies 1 draft (rows 0, 1), so its rows 2, 3 may hold anything; request 1's row 0 is bad."""
@@ -257,6 +258,28 @@ def test_bad_target_rows_raise_instead_of_drawing_garbage(row, message):
     flat = torch.cat([p[0, :2], p[1, :1]])
     with pytest.raises(ValueError, match=message):
         rejection_sample_flat(flat, torch.tensor([0, 2, 3]), draft, seeds=torch.arange(2))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("uniforms", -1.0, "uniforms must lie in"), ("uniforms", float("nan"), "uniforms contains NaN"),
+    ("exp_noise", -1.0, "exp_noise must be ≥ 0"), ("exp_noise", float("nan"), "exp_noise contains NaN"),
+    ("q_token", -1.0, "draft q_token must lie in"), ("q", -1.0, "draft q must be ≥ 0"),
+])
+def test_engine_noise_and_draft_values_are_checked(field, value, message):
+    """A uniform of −1 (or a q_token of −1) accepted a draft the target gives probability 0; NaN
+    exp_noise always drew token 0. Integer noise is refused too."""
+    p = torch.zeros(1, 2, 3)
+    p[0, :, 0] = 1.0
+    q = torch.full((1, 1, 3), 1 / 3)
+    draft = {"tokens": torch.ones(1, 1, dtype=torch.int64), "q_token": q[:, :, 1].clone(), "q": q.clone()}
+    noise = {"uniforms": torch.full((1, 1), 0.5), "exp_noise": torch.ones(1, 3)}
+    target = draft if field in draft else noise
+    target[field] = torch.full_like(target[field], value)
+    with pytest.raises(ValueError, match=message):
+        rejection_sample(p, (draft["tokens"], draft["q_token"], draft["q"]), torch.tensor([1]), **noise)
+    with pytest.raises(ValueError, match="uniforms must be a floating-point tensor"):
+        rejection_sample(p, (draft["tokens"], q[:, :, 1], q), torch.tensor([1]),
+                         uniforms=torch.zeros(1, 1, dtype=torch.int64), exp_noise=torch.ones(1, 3))
 
 
 def test_mismatched_drafts_and_token_ids_raise_clear_errors():

@@ -90,6 +90,9 @@ def _check_draft_vocab(draft: MarkovDraft, vocab: int) -> None:
         _checks.dim("draft source U", draft.source.U, 2, vocab, "vocab size V of target_probs")
 
 
+TARGET_SUM_TOLERANCE = 1e-3
+
+
 def _check_target_rows(target, row_start, ell, row_stride) -> None:
     """The rows the verify reads (each request's 1 + ℓ_r; the others may be padding) are
     distributions: a NaN, negative or all-zero row drew an arbitrary token, silently."""
@@ -98,8 +101,14 @@ def _check_target_rows(target, row_start, ell, row_stride) -> None:
     pos = torch.arange(int(ell.max()) + 1, dtype=torch.int64)
     rows = target[(row_start.unsqueeze(1) + pos)[pos <= ell.unsqueeze(1)]]
     _checks.nonnegative("target_probs", rows)
-    if bool((rows.sum(dim=1) == 0).any()):
+    sums = rows.sum(dim=1, dtype=torch.float64)
+    if bool((sums == 0).any()):
         raise ValueError("target_probs has an all-zero row among the verified rows (no distribution)")
+    # an fp32 softmax over 151,936 entries sums to 1 within ~1e-5; a row masked by top-k/top-p and
+    # not renormalized does not, and would be sampled as if it did
+    if bool(((sums - 1).abs() > TARGET_SUM_TOLERANCE).any()):
+        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_TOLERANCE}); a verified row sums to "
+                         f"{float(sums[(sums - 1).abs().argmax()]):.6g} (renormalize after masking)")
 
 
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
@@ -134,6 +143,16 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if draft.q is None and draft.source is not None:
             _checks.token_ids("draft anchors", draft.source.anchors, V)
         _check_target_rows(target, row_start, ell, row_stride)
+        _checks.in_unit_interval("draft q_token", draft.q_token)
+        if draft.q is not None:
+            _checks.nonnegative("draft q", draft.q)
+        for name, t in (("uniforms", uniforms), ("exp_noise", exp_noise)):
+            if t is not None and not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if uniforms is not None:
+            _checks.in_unit_interval("uniforms", uniforms)
+        if exp_noise is not None:
+            _checks.nonnegative("exp_noise", exp_noise)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
