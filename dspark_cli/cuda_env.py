@@ -66,9 +66,11 @@ def prefix_problem(prefix: Path) -> str | None:
     """Why `prefix` cannot serve as CUDA_HOME for building extensions, or None if it can."""
     if not (prefix / "bin" / "nvcc").is_file():
         return f"{prefix} has no bin/nvcc"
-    if not any((prefix / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "targets/x86_64-linux/lib")):
+    # where torch's cpp_extension looks (-L lib64, else lib; -I include): a toolkit with these only
+    # under targets/<arch>/ (and no links to them) passes nvcc's own checks but fails the link
+    if not any((prefix / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
         return f"{prefix} has no lib64/libcudart.so (extension links would fail)"
-    if not any((prefix / inc / "cuda_runtime.h").exists() for inc in ("include", "targets/x86_64-linux/include")):
+    if not (prefix / "include" / "cuda_runtime.h").exists():
         return f"{prefix} has no include/cuda_runtime.h"
     return None
 
@@ -103,7 +105,8 @@ def resolve_cuda_home() -> CudaHome:
             if problem:
                 real = _from_nvcc()
                 hint = f"export {var}={real}" if real else f"point {var} at a CUDA toolkit"
-            return CudaHome(Path(value), var, guess, problem, hint)
+            # absolute: ninja runs the compiler from the build directory
+            return CudaHome(Path(value).absolute(), var, guess, problem, hint)
     real = _from_nvcc()
     if real:
         home = CudaHome(real, "nvcc", guess)

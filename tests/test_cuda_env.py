@@ -39,6 +39,25 @@ def test_prefix_problem_names_the_missing_part(tmp_path):
     assert "cuda_runtime.h" in cuda_env.prefix_problem(make_prefix(tmp_path / "c", header=False))
 
 
+def test_libraries_only_under_targets_are_where_torch_does_not_link_from(tmp_path):
+    """torch links -L $CUDA_HOME/lib64 (else lib) and includes $CUDA_HOME/include: a toolkit whose
+    libcudart.so and headers sit only under targets/x86_64-linux/ fails the link minutes in."""
+    prefix = make_prefix(tmp_path / "t", cudart=False, header=False)
+    for part, name in (("lib", "libcudart.so"), ("include", "cuda_runtime.h")):
+        (prefix / "targets" / "x86_64-linux" / part).mkdir(parents=True)
+        (prefix / "targets" / "x86_64-linux" / part / name).write_text("")
+    assert "lib64/libcudart.so" in cuda_env.prefix_problem(prefix)
+
+
+def test_a_relative_cuda_home_is_made_absolute(tmp_path, monkeypatch):
+    """ninja runs the compiler from the build directory, where a relative prefix means nothing."""
+    make_prefix(tmp_path / "cuda-13.0")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUDA_HOME", "cuda-13.0")
+    home = cuda_env.resolve_cuda_home()
+    assert home.path == tmp_path / "cuda-13.0" and home.path.is_absolute() and home.problem is None
+
+
 def test_cuda_home_without_libcudart_is_refused_with_a_hint(tmp_path, monkeypatch):
     """The /usr/local case: bin/nvcc exists (a wrapper) but the prefix has no toolkit libraries."""
     bad = make_prefix(tmp_path / "usr-local", cudart=False, header=False)
