@@ -75,6 +75,33 @@ def test_sglang_files_read_as_sglang_reads_them(tmp_path):
     torch.testing.assert_close(table.lookup(torch.arange(1, 129)), torch.tensor([_sglang_sps(doc, b) for b in range(1, 129)]))
 
 
+@pytest.mark.parametrize("limit, sps16", [(32.0, 1000.0), (None, 500.0)])
+def test_sglang_max_batch_tokens_written_as_a_float_counts(tmp_path, limit, sps16):
+    """32.0 is SGLang's 32 (it was dropped: SPS(16) came out of the extrapolation); absent, the
+    table ends at its last probe."""
+    path = tmp_path / "sglang.json"
+    path.write_text(json.dumps({"sample_batch_tokens": [1, 8], "sample_steps_per_sec": [1000.0, 1000.0],
+                                **({"max_batch_tokens": limit} if limit is not None else {})}))
+    assert SPSTable.load(path).sps(16) == sps16
+
+
+@pytest.mark.parametrize("limit", ["32", 32.5, 10**12, True])
+def test_a_bad_sglang_max_batch_tokens_is_one_error(tmp_path, limit):
+    """A huge limit loaded fine and then stalled the first schedule building its dense table."""
+    path = tmp_path / "sglang.json"
+    path.write_text(json.dumps({"sample_batch_tokens": [1, 8], "sample_steps_per_sec": [1000.0, 900.0],
+                                "max_batch_tokens": limit}))
+    with pytest.raises(ValueError, match="max_batch_tokens must be a whole number"):
+        SPSTable.load(path)
+
+
+def test_a_file_that_is_not_utf8_names_itself(tmp_path):
+    path = tmp_path / "sps.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=f"cannot read SPS table {path}"):
+        SPSTable.load(path)
+
+
 def test_default_table_is_documented_model():
     t = SPSTable.default()
     assert t.sps(1) == pytest.approx(1 / (10e-3 + 20e-6))

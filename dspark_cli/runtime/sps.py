@@ -121,7 +121,7 @@ class SPSTable:
         if keys[2] is None:
             # SGLang's floor step as ours: probe i's value holds up to probe i+1 − 1 (the last one
             # up to max_batch_tokens), so a point at each step's end, each a size B is rounded up to
-            last = meta["max_batch_tokens"] if isinstance(meta["max_batch_tokens"], int) else 0
+            last = _max_batch_tokens(path, meta["max_batch_tokens"])
             ends = [b - 1 for b in table.tokens[1:]] + [max(last, table.tokens[-1])]
             table = cls(ends, table.steps_per_s, ends, meta)
         return table
@@ -148,6 +148,20 @@ class SPSTable:
 
     def save_sglang(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_sglang()) + "\n")
+
+
+MAX_DENSE_TOKENS = 1 << 20  # the dense lookup table holds one entry per batch size up to the limit
+
+
+def _max_batch_tokens(path, value) -> int:
+    """SGLang's max_batch_tokens: absent (0), or a whole number (32 or 32.0) of at most
+    MAX_DENSE_TOKENS; "32", 32.5 or 10**12 are bad input, not ignored or a stalled scheduler."""
+    if value is None:
+        return 0
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if not whole or not 0 <= value <= MAX_DENSE_TOKENS:
+        raise ValueError(f"{path}: max_batch_tokens must be a whole number in [0, {MAX_DENSE_TOKENS}], got {value!r}")
+    return int(value)
 
 
 def _column(path, data: dict, key: str, whole: bool) -> list:
