@@ -73,6 +73,20 @@ def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_size": 65, "num_attention_heads": 4}, "validation error"),
+    ({"hidden_size": "abc"}, "Validation error for field 'hidden_size'"),
+    ({"num_attention_heads": 0}, "division or modulo by zero"),
+], ids=["indivisible", "string", "zero-heads"])
+def test_a_config_transformers_rejects_is_one_line_exit_2(tmp_path, fields, message):
+    """Were tracebacks with exit 1 (huggingface_hub's validation, a ZeroDivisionError)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **fields}))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+                   "--repeats", "1", "--warmup", "0", "--context", "4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and message.lower() in proc.stderr.lower()
+
+
 @pytest.mark.parametrize("config, reason", [
     ({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
       "intermediate_size": 32, "vocab_size": 128}, "BertLMHeadModel returns no KV cache"),

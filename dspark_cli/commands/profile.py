@@ -99,16 +99,16 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
 
     try:
         config = sps_profile.load_config(model)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
-        raise UsageError(f"--model {model}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 — the user's config, whatever transformers' validation raises
+        raise UsageError(f"--model {model}: {_short(exc)}") from exc
     settings = sps_profile.ProfileSettings(device=device, dtype=torch_dtype, context=context,
                                            warmup=warmup, repeats=repeats)
     try:
         timer = sps_profile.ForwardTimer(config, settings)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # e.g. 0 attention heads
         raise UsageError(f"--model {model}: transformers cannot build this config: {_short(exc)}") from exc
     except RuntimeError as exc:  # out of memory, device errors
-        raise EnvironmentProblem(f"cannot build the model on {device}: {exc}") from exc
+        raise EnvironmentProblem(f"cannot build the model on {device}: {_short(exc)}") from exc
 
     metadata = {
         "model": str(model), "model_type": config.model_type, "device": _device_name(torch, device),
