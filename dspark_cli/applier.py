@@ -23,6 +23,7 @@ from dspark_cli.series import Patch, load_series
 from dspark_cli.workspace import (DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, kill_point, owner_running,
                                   safe_name)
 
+
 @dataclass
 class ApplyRequest:
     engine: str
