@@ -248,9 +248,9 @@ def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/usr/local/cuda/lib64/libcublas.so"))
-    def fake_load(**kw):  # a library that passes build.library_problem()
+    def fake_load(**kw):  # a library that passes build.library_problem() (no ELF class: the header only)
         seen.update(kw)
-        (Path(kw["build_directory"]) / f"{kw['name']}.so").write_bytes(b"\x7fELF fake")
+        (Path(kw["build_directory"]) / f"{kw['name']}.so").write_bytes(b"\x7fELF" + bytes(60))
 
     monkeypatch.setattr(ext, "load", fake_load)
     assert build.build("9.0a").status == "built"
