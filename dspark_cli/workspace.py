@@ -438,12 +438,13 @@ def owner_running(snapshot: Snapshot) -> bool | None:
     counts as not running."""
     if snapshot.pid == os.getpid() and snapshot.process in (None, process_tag(os.getpid())):
         return False  # ours: this process runs one operation at a time
-    if snapshot.process is None or _machine() is None:  # an older dspark's snapshot, or no /proc
+    here = _machine()
+    if snapshot.process is None or here is None:  # an older dspark's snapshot, or no /proc
         return pid_alive(snapshot.pid)
     host, boot, _, _ = snapshot.process.split(" ")
-    here_host, here_boot, _ = _machine().split(" ")
+    here_host, here_boot, _ = here.split(" ")
     if host == here_host and boot != here_boot:
         return False  # rebooted since
-    if not snapshot.process.startswith(_machine() + " "):
+    if not snapshot.process.startswith(here + " "):
         return None
     return process_tag(snapshot.pid) == snapshot.process
