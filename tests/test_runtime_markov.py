@@ -180,6 +180,63 @@ def test_bad_warp_values_raise_instead_of_drafting_silently(warp, message):
     assert draft.q_token[0].tolist() == [1.0] * 4  # T = -1: greedy
 
 
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), r"contains NaN or \+inf values"),
+    (float("inf"), r"contains NaN or \+inf values"),
+    (None, r"has a row with no finite entry \(all -inf\)"),
+], ids=["nan", "+inf", "all-minus-inf-row"])
+def test_bad_base_logits_raise_instead_of_drafting_silently(value, message):
+    """A NaN or +inf logit (or a row masked whole) made a NaN q row, which drew token 0 or an
+    arbitrary one. A single -inf is an engine's mask and stays valid."""
+    U, anchors, w1, w2 = _setup(R=3)
+    bad = U.clone()
+    if value is None:
+        bad[1, 2] = float("-inf")
+    else:
+        bad[1, 2, 5] = value
+    with pytest.raises(ValueError, match="^U " + message):
+        markov_chain(bad, anchors, w1, w2, torch.ones(3), seeds=torch.arange(3))
+    with pytest.raises(ValueError, match="^U_k " + message):
+        residual_row(bad[:, 2], anchors, w1, w2, torch.ones(3))
+    masked = U.clone()
+    masked[:, :, 5] = float("-inf")
+    draft = markov_chain(masked, anchors, w1, w2, torch.ones(3), seeds=torch.arange(3))
+    assert not (draft.tokens == 5).any() and torch.isfinite(draft.q).all()
+
+
+def test_residual_row_inputs_on_two_devices_are_one_clear_error():
+    """The meta device stands in for a second device: a meta w2 gave NaN rows, silently."""
+    U, anchors, w1, w2 = _setup(R=2)
+    with pytest.raises(ValueError, match="all inputs must be on one device: .*w2 on meta"):
+        residual_row(U[:, 0], anchors, w1, w2.to("meta"), torch.ones(2))
+    with pytest.raises(ValueError, match="all inputs must be on one device: .*temperature on meta"):
+        residual_row(U[:, 0], anchors, w1, w2, torch.ones(2, device="meta"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"logits": torch.zeros(4)}, r"^logits must have 2 dimensions"),
+    ({"logits": torch.zeros(3, 4, dtype=torch.int64)}, "^logits must have dtype"),
+    ({"logits": torch.tensor([[0.0, float("nan")]] * 3)}, r"^logits contains NaN or \+inf"),
+    ({"temperature": torch.ones(2)}, r"^temperature has shape \(2,\): dimension 0 must be 3"),
+    ({"temperature": [1.0] * 3}, "^temperature must be a torch.Tensor"),
+    ({"temperature": torch.tensor([1.0, float("nan"), 1.0])}, "^temperature contains NaN"),
+    ({"top_k": torch.tensor([1, 2])}, r"^top_k has shape \(2,\): dimension 0 must be 3"),
+    ({"top_k": torch.tensor([1.5, 2.0, 3.0])}, "^top_k must have dtype int64, int32"),
+    ({"top_p": torch.tensor([0.5])}, r"^top_p has shape \(1,\): dimension 0 must be 3"),
+    ({"top_p": torch.tensor([0.0, 0.5, 1.0])}, r"^top_p must lie in \(0, 1\]"),
+    ({"top_p": torch.ones(3, device="meta")}, "^all inputs must be on one device: .*top_p on meta"),
+], ids=["1-D", "int", "nan", "T-length", "T-list", "T-nan", "k-length", "k-float", "p-length", "p-zero", "p-device"])
+def test_warping_helpers_check_their_inputs(args, message):
+    """warp_logits / probs_from_logits (public) check as markov_chain does: a short top_p vector
+    broadcast silently, a float top_k compared as a float, a 1-D row was taken as one request."""
+    from dspark_cli.runtime.sampling import warp_logits
+
+    args = {"logits": torch.randn(3, 4), "temperature": torch.ones(3), **args}
+    for warp in (warp_logits, probs_from_logits):
+        with pytest.raises(ValueError, match=message):
+            warp(**args)
+
+
 def test_residual_row_rejects_out_of_range_previous_tokens():
     U, anchors, w1, w2 = _setup(R=2)
     with pytest.raises(ValueError, match=r"prev must be token ids in \[0, V=40\), got values in \[3, 50\]"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int64, torch.int32)
 
 
 def tensor(name: str, t, ndim: int, dtypes=None) -> torch.Tensor:
@@ -26,6 +27,11 @@ def dim(name: str, t: torch.Tensor, axis: int, expected: int, what: str) -> None
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}: dimension {axis} must be {expected} ({what})"
         )
+
+
+def request_vector(name: str, t, R: int, dtypes) -> None:
+    tensor(name, t, 1, dtypes)
+    dim(name, t, 0, R, "one entry per request")
 
 
 def nonempty_batch(name: str, t: torch.Tensor) -> None:
@@ -47,6 +53,15 @@ def want_value_checks(validate: bool | None, t: torch.Tensor) -> bool:
 def finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def logits(name: str, t: torch.Tensor) -> None:
+    """-inf masks an entry (an engine's padded or banned vocabulary); NaN, +inf or a row with no
+    finite entry softmaxes to a NaN row, which then draws an arbitrary token."""
+    if bool((torch.isnan(t) | (t == torch.inf)).any()):
+        raise ValueError(f"{name} contains NaN or +inf values (-inf masks an entry)")
+    if not bool(torch.isfinite(t).any(dim=-1).all()):
+        raise ValueError(f"{name} has a row with no finite entry (all -inf)")
 
 
 def nonnegative(name: str, t: torch.Tensor) -> None:

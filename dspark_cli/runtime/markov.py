@@ -8,9 +8,7 @@ import torch
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
 from dspark_cli.runtime.confidence import check_confidence_inputs, confidence_logits
-from dspark_cli.runtime.sampling import probs_from_logits
-
-INT_DTYPES = (torch.int64, torch.int32)
+from dspark_cli.runtime.sampling import check_warps, sample_probs
 
 
 @dataclass
@@ -132,9 +130,12 @@ def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> t
     R, V = U_k.shape
     _check_markov_weights(w1, w2, V)
     _check_token_vector("prev", prev, R, V)
-    _check_warps(temperature, top_k, top_p, R)
-    return probs_from_logits(_step_logits(U_k, prev.to(torch.int64), w1, w2.float()),
-                             temperature.float(), top_k, top_p)
+    check_warps(temperature, top_k, top_p, R)
+    _checks.same_device(U_k=U_k, prev=prev, w1=w1, w2=w2, temperature=temperature, top_k=top_k, top_p=top_p)
+    if _checks.want_value_checks(None, U_k):
+        _checks.logits("U_k", U_k)
+    return sample_probs(_step_logits(U_k, prev.to(torch.int64), w1, w2.float()),
+                        temperature.float(), top_k, top_p)
 
 
 def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None,
@@ -155,11 +156,13 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
         raise ValueError("U has block size γ = 0; nothing to draft")
     _check_markov_weights(w1, w2, V)
     _check_token_vector("anchors", anchors, R, V)
-    _check_warps(temperature, top_k, top_p, R)
+    check_warps(temperature, top_k, top_p, R)
     if seeds is not None:
-        _check_request_vector("seeds", seeds, R, (torch.int64,))
+        _checks.request_vector("seeds", seeds, R, (torch.int64,))
     _checks.same_device(U=U, anchors=anchors, w1=w1, w2=w2, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds)
+    if _checks.want_value_checks(None, U):
+        _checks.logits("U", U)
     if confidence is not None:
         if not isinstance(confidence, (tuple, list)) or len(confidence) != 3:
             raise ValueError(f"confidence must be a tuple (h, weight, bias), got {_describe(confidence)}")
@@ -181,7 +184,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     prev = anchors.to(torch.int64)
     for k in range(gamma):  # the chain is inherently sequential over positions
         prev_emb[:, k] = w1[prev]
-        probs = probs_from_logits(_step_logits(U[:, k], prev, w1, w2_fp32), temperature, top_k, top_p)
+        probs = sample_probs(_step_logits(U[:, k], prev, w1, w2_fp32), temperature, top_k, top_p)
         prev = _sample(probs, seeds, k, generator)
         tokens[:, k] = prev
         q_token[:, k] = probs.gather(1, prev.unsqueeze(1)).squeeze(1)
@@ -213,29 +216,10 @@ def _check_markov_weights(w1, w2, vocab: int) -> None:
     _checks.dim("w2", w2, 1, w1.shape[1], "Markov rank r of w1")
 
 
-def _check_request_vector(name, t, R: int, dtypes) -> None:
-    _checks.tensor(name, t, 1, dtypes)
-    _checks.dim(name, t, 0, R, "one entry per request")
-
-
 def _check_token_vector(name, t, R: int, vocab: int) -> None:
     """[R] token ids that index W1. Their range is a value check: run where the others run (on CPU
     by default, where min/max cost no device sync); on CUDA the chain trusts them."""
-    _check_request_vector(name, t, R, INT_DTYPES)
+    _checks.request_vector(name, t, R, _checks.INT_DTYPES)
     if _checks.want_value_checks(None, t):
         _checks.token_ids(name, t, vocab)
 
-
-def _check_warps(temperature, top_k, top_p, R: int) -> None:
-    """Shapes always; values where the other value checks run (on CPU by default: no device sync):
-    a NaN/inf temperature or a top_p outside (0, 1] drafted silently. A negative temperature is
-    greedy (vLLM marks greedy rows -1) and any top_k is valid (≤ 0 or ≥ V: off; vLLM's off is -1)."""
-    _check_request_vector("temperature", temperature, R, _checks.FLOAT_DTYPES)
-    if _checks.want_value_checks(None, temperature):
-        _checks.finite("temperature", temperature)
-    if top_k is not None:
-        _check_request_vector("top_k", top_k, R, INT_DTYPES)
-    if top_p is not None:
-        _check_request_vector("top_p", top_p, R, _checks.FLOAT_DTYPES)
-        if _checks.want_value_checks(None, top_p) and not bool(((top_p > 0) & (top_p <= 1)).all()):
-            raise ValueError(f"top_p must lie in (0, 1] (1: off), got {top_p.tolist()}")
