@@ -334,7 +334,7 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
         listing = "; ".join(f"{sha[:12]} {subject}" for sha, subject in user[:3])
         raise UsageError(f"{len(user)} commit(s) of yours on {branch} ({listing}); pass --keep-user-commits "
                          "to replay them onto the base, or move them to another branch first")
-    changed = ws.changed_patch_commits(applied, _patch_files(state))
+    changed = ws.changed_patch_commits(applied, _patch_files(_layer_patches(state)[0]))
     if changed and not force:
         raise UsageError(f"{changed[0].label}'s commit {changed[0].commit[:12]} holds changes beyond its patch "
                          f"(amended since apply made it?): move them into a commit of their own, or pass --force "
@@ -390,12 +390,8 @@ def status(workdir: Path) -> dict:
         drift.append(f"base {base[:12]} is not a pinned commit (applied with --allow-unpinned)")
     else:
         drift += _pin_drift(state)
-    expected = []
-    for layer in state.get("layers", []):
-        try:
-            expected += load_series(Path(layer["dir"]), layer["layer"])
-        except UsageError as exc:
-            drift.append(f"series {layer['layer']} cannot be read: {exc}")
+    expected, unreadable = _layer_patches(state)
+    drift += unreadable
     by_label = {p.label: p for p in expected}
     for done in applied:
         wanted = by_label.get(done.label)
@@ -403,8 +399,7 @@ def status(workdir: Path) -> dict:
             drift.append(f"{done.label} is applied but no longer in its series")
         elif wanted.sha256 != done.sha256:
             drift.append(f"{done.label} changed in its series since it was applied")
-    files = {(p.label, p.sha256): p.path for p in expected}
-    for done in ws.changed_patch_commits(applied, files):
+    for done in ws.changed_patch_commits(applied, _patch_files(expected)):
         drift.append(f"{done.label}'s commit {done.commit[:12]} holds changes beyond its patch (amended since "
                      "apply made it?); dspark revert refuses to drop them without --force")
     missing = [p.label for p in expected if p.label not in {d.label for d in applied}]
@@ -431,16 +426,21 @@ def status(workdir: Path) -> dict:
     }
 
 
-def _patch_files(state: dict) -> dict[tuple[str, str], Path]:
-    """(label, sha256) → patch file of the series layers a workspace was applied with, as far as
-    they can still be read."""
-    files = {}
+def _layer_patches(state: dict) -> tuple[list[Patch], list[str]]:
+    """The patches of the series layers a workspace was applied with, as far as they can still be
+    read, and a line for each layer that cannot be (status reports it; revert does without it)."""
+    patches, unreadable = [], []
     for layer in state.get("layers", []):
         try:
-            files.update({(p.label, p.sha256): p.path for p in load_series(Path(layer["dir"]), layer["layer"])})
-        except UsageError:
-            continue  # status reports an unreadable series
-    return files
+            patches += load_series(Path(layer["dir"]), layer["layer"])
+        except UsageError as exc:
+            unreadable.append(f"series {layer['layer']} cannot be read: {exc}")
+    return patches, unreadable
+
+
+def _patch_files(patches: list[Patch]) -> dict[tuple[str, str], Path]:
+    """(label, sha256) → patch file: what a patch commit is compared with (changed_patch_commits)."""
+    return {(p.label, p.sha256): p.path for p in patches}
 
 
 def _pin_drift(state: dict) -> list[str]:

@@ -16,6 +16,7 @@ from dspark_cli import applier, compat
 from dspark_cli.errors import UsageError
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import git, make_series, make_toy, write_compat
+from tests.run_cli import run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,20 @@ def test_status_shows_a_failed_kernel_build_beside_the_last_good_one(toy, monkey
     assert [(Path(r["file"]).name, r["record"]["status"]) for r in records] == [
         ("last.json", "built"), ("last-failed.json", "failed")]
 
+
+
+def test_status_names_a_series_layer_it_can_no_longer_read(toy):
+    """Status reads the layers through the function revert uses (applier._layer_patches): a layer
+    that cannot be read is a drift line, and the layers that can still count."""
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    applier.apply(compat.load(toy["compat_path"]),
+                  applier.ApplyRequest(engine="toy", workdir=toy["workdir"], series=(team,)))
+    (team / "series").unlink()
+    out = run_dspark("status", "-C", str(toy["workdir"]), "--json", env={"DSPARK_COMPAT": str(toy["compat_path"])})
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert len(doc["applied"]) == 3
+    assert doc["drift"] == [
+        f"series team cannot be read: {team / 'series'}: missing (a series directory needs a `series` file)",
+        "team/0001-team-readme.patch is applied but no longer in its series"]
