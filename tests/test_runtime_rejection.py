@@ -282,6 +282,49 @@ def test_engine_noise_and_draft_values_are_checked(field, value, message):
                          uniforms=torch.zeros(1, 1, dtype=torch.int64), exp_noise=torch.ones(1, 3))
 
 
+def test_a_q_token_that_is_not_q_at_the_token_is_refused():
+    """q_token (the ratio test) and q (the residual) of different distributions, e.g. q_token of
+    the unwarped row: accepted silently and sampled lossy. Only verified positions are compared;
+    fp32 rounding of an engine's own gather passes."""
+    g = torch.Generator().manual_seed(4)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    tokens = torch.tensor([[1, 2, 3], [4, 0, 2]])
+    q_token = q.gather(2, tokens.unsqueeze(2)).squeeze(2)
+    shifted = q_token.clone()
+    shifted[1, 1] *= 0.5
+    with pytest.raises(ValueError, match=r"^draft q_token must be q at the drafted token: request 1, draft 1"):
+        rejection_sample(p, (tokens, shifted, q), torch.tensor([1, 2]), seeds=torch.arange(2))
+    rejection_sample(p, (tokens, shifted, q), torch.tensor([3, 1]), seeds=torch.arange(2))  # draft 1 of request 1 unread
+    rejection_sample(p, (tokens, q_token * (1 + 1e-6), q), torch.tensor([3, 3]), seeds=torch.arange(2))
+
+
+def test_draft_tensors_on_another_device_are_one_clear_error():
+    """The meta device stands in for a second device: was a RuntimeError from inside torch."""
+    g = torch.Generator().manual_seed(4)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    for field, draft in (("q_token", (tokens, q[:, :, 0].to("meta"), q)), ("q", (tokens, q[:, :, 0], q.to("meta")))):
+        with pytest.raises(ValueError, match=f"^all inputs must be on one device: .*{field} on meta"):
+            rejection_sample(p, draft, torch.tensor([1, 2]), seeds=torch.arange(2))
+        with pytest.raises(ValueError, match=f"^all inputs must be on one device: .*{field} on meta"):
+            rejection_sample_flat(torch.cat([p[0, :2], p[1, :3]]), torch.tensor([0, 2, 5]), draft)
+
+
+@pytest.mark.parametrize("cu", [[1, 3, 5], [0, 3, 3], [0, 4, 3], [0, 2, 4], [0, 3, 6]],
+                         ids=["first-not-0", "empty-request", "decreasing", "short-last", "long-last"])
+def test_bad_cu_num_tokens_is_one_error_naming_it(cu):
+    """A first offset of 1 or a last offset short of the rows skipped target rows silently; the
+    others were errors about the verify lengths or target_probs, not the offsets."""
+    g = torch.Generator().manual_seed(4)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    draft = (torch.zeros(2, 3, dtype=torch.int64), q[:, :, 0], q)
+    flat = torch.cat([p[0, :3], p[1, :2]])
+    rejection_sample_flat(flat, torch.tensor([0, 3, 5]), draft, seeds=torch.arange(2))
+    with pytest.raises(ValueError, match=r"^cu_num_tokens must start at 0, grow by at least 1 per request and end "
+                                         r"at the 5 rows of target_probs, got \[" + ", ".join(map(str, cu))):
+        rejection_sample_flat(flat, torch.tensor(cu), draft, seeds=torch.arange(2))
+
+
 def test_mismatched_drafts_and_token_ids_raise_clear_errors():
     g = torch.Generator().manual_seed(8)
     R, gamma, V, r = 2, 3, 10, 4

@@ -60,9 +60,19 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     R = draft.tokens.shape[0]
     _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
     cu = cu_num_tokens.to(torch.int64)
+    if _checks.want_value_checks(None, cu):
+        _check_offsets(cu, target_probs.shape[0])
     ell = cu[1:] - cu[:-1] - 1
     return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator, uniforms, exp_noise,
                    check_values=_checks.want_value_checks(None, cu))
+
+
+def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
+    """Request r owns rows cu[r] .. cu[r+1]−1, at least its anchor row, and the offsets cover
+    target_probs exactly: a first offset of 1 or a short last one skipped rows silently."""
+    if int(cu[0]) != 0 or int(cu[-1]) != num_rows or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_num_tokens must start at 0, grow by at least 1 per request and end at the "
+                         f"{num_rows} rows of target_probs, got {cu.tolist()}")
 
 
 def _as_draft(draft) -> MarkovDraft:
@@ -111,6 +121,19 @@ def _check_target_rows(target, row_start, ell, row_stride) -> None:
                          f"{float(sums[(sums - 1).abs().argmax()]):.6g} (renormalize after masking)")
 
 
+def _check_q_token(draft: MarkovDraft, ell: torch.Tensor) -> None:
+    """On the verified positions q_token is q at the drafted token: the ratio test reads q_token and
+    the residual reads q, so a q_token of another distribution (an unwarped q, a shifted position)
+    is no longer lossless. fp32 rounding of an engine's own gather stays within the tolerance."""
+    at_token = draft.q.gather(2, draft.tokens.unsqueeze(2)).squeeze(2)
+    verified = torch.arange(draft.tokens.shape[1], device=ell.device) < ell.unsqueeze(1)
+    off = verified & ~torch.isclose(draft.q_token, at_token, rtol=1e-3, atol=1e-6)
+    if bool(off.any()):
+        r, j = (int(i) for i in off.nonzero()[0])
+        raise ValueError(f"draft q_token must be q at the drafted token: request {r}, draft {j} has q_token "
+                         f"{float(draft.q_token[r, j]):.6g}, q {float(at_token[r, j]):.6g}")
+
+
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0) -> VerifyResult:
     """row_start [R] int64, or None for dense rows: request r's start at r·row_stride."""
@@ -128,15 +151,13 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     for name, t, shape in (("uniforms", uniforms, (R, gamma)), ("exp_noise", exp_noise, (R, V))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-    _checks.same_device(target=target, tokens=draft.tokens, ell=ell, greedy=greedy, seeds=seeds,
-                        uniforms=uniforms, exp_noise=exp_noise)
+    _checks.same_device(target=target, tokens=draft.tokens, q_token=draft.q_token, q=draft.q, ell=ell,
+                        greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise)
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
         if row_start is None and bool((ell >= row_stride).any()):
             raise ValueError(f"verify lengths must be below the {row_stride} target rows per request, got {ell.tolist()}")
-        if row_start is not None and int((row_start + ell).max()) >= num_rows:
-            raise ValueError(f"target_probs has {num_rows} rows, fewer than the verify lengths need")
         # token ids index target rows and W1: checked with the other value checks (on CPU by
         # default, where min/max cost no device sync); on CUDA the kernels trust them
         _checks.token_ids("draft tokens", draft.tokens, V)
@@ -146,6 +167,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
+            _check_q_token(draft, ell)
         for name, t in (("uniforms", uniforms), ("exp_noise", exp_noise)):
             if t is not None and not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
