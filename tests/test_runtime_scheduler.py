@@ -113,6 +113,9 @@ def test_bad_inputs_raise_clear_errors():
         admit_top_k(A, torch.tensor(float("nan")))
     with pytest.raises(ValueError, match="budget must be ≥ 0, got -1"):
         admit_top_k(A, torch.tensor(-1))
+    for threshold in (float("nan"), -0.5, 1.5, "0.5", None, True, torch.tensor(0.5)):  # NaN verified nothing
+        with pytest.raises(ValueError, match=r"^threshold must be a number in \[0, 1\]"):
+            schedule_threshold(torch.full((2, 3), 0.5), threshold)
 
 
 def test_production_validates_a_stale_before_the_cuda_op(monkeypatch):

@@ -17,6 +17,9 @@ from dspark_cli.runtime.sps import SPSTable
 def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> torch.Tensor:
     """DeepSpec's static rule: ℓ_r = first k with per-step c_k < threshold (0 verifies all)."""
     _check_matrix("c", c, validate)
+    # a host number: NaN verified nothing and 1.5 or -0.5 nothing or everything, silently
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1] (a per-step confidence), got {threshold!r}")
     return torch.cumprod((c >= threshold).to(torch.int64), dim=1).sum(dim=1)
 
 
