@@ -323,6 +323,9 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   const int tiles = V / kTileVocab;
   const int first = static_cast<int>(static_cast<int64_t>(blockIdx.x) * tiles / gridDim.x);
   const int count = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * tiles / gridDim.x) - first;
+  // The CTA's t-th tile. Odd chain steps walk the range backwards, so a step starts on the W2 tiles
+  // the previous step read last, which are still in L2 (W2 is a little larger than L2 on Hopper).
+  const auto tile_at = [&](int t) { return first + ((k & 1) ? count - 1 - t : t); };
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSlots; ++i) {
       mbar_init(&full[i], 1);               // the producer's expect_tx; TMA's bytes complete the phase
@@ -341,7 +344,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
         if (t >= kSlots) mbar_wait(&freed[slot], (t / kSlots - 1) & 1);
         mbar_expect_tx(&full[slot], kTileBytes);
         for (int kb = 0; kb < kKBlocks; ++kb)
-          tma_load_block(smem_u32(ring + slot * kTileBytes + kb * kBlockBytes), &w2_tiles, &full[slot], kb, first + t);
+          tma_load_block(smem_u32(ring + slot * kTileBytes + kb * kBlockBytes), &w2_tiles, &full[slot], kb, tile_at(t));
       }
     }
     return;
@@ -402,7 +405,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
 
   for (int t = group, n = 0; t < count; t += groups, ++n) {
     const int slot = t % kSlots;
-    const int v0 = (first + t) * kTileVocab;
+    const int v0 = tile_at(t) * kTileVocab;
     const int v = v0 + (kStaged ? 8 * staged_part : 16 * quad);  // this thread's first vocab id of the tile
     constexpr int kEntries = kStaged ? 8 : 16;
     uint4 u[2][kEntries * sizeof(UT) / 16];  // in flight during the multiply

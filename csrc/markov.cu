@@ -23,10 +23,11 @@
 // last block.
 // A small batch runs all γ steps in one cooperative launch instead (DSPARK_MARKOV_PATH=step: one
 // launch per step): one block per SM keeps its first W2 batches in shared memory from step 0 on,
-// so later steps stream about 61 % of W2 (Qwen3-4B on the H200), and the blocks meet at a grid
-// barrier between steps (measured: L2 prefetches and
-// evict_last hints for the streamed rows, and L2 prefetches of each block's winner's W1 row,
-// gained nothing; what mattered was the merge after the barrier taking one round trip).
+// so later steps stream about 61 % of W2 (Qwen3-4B on the H200), odd steps in reverse order so that
+// each starts on rows still in L2 (R = 1: 0.156 -> 0.149 ms), and the blocks meet at a grid barrier
+// between steps (measured: L2 prefetches and evict_last hints for the streamed rows, and L2
+// prefetches of each block's winner's W1 row, gained nothing; what mattered was the merge after the
+// barrier taking one round trip). The fused step below walks its tiles the same way.
 // On Hopper, 3 <= R <= 128 (bf16/fp16 rank-256 heads, V % 64 == 0) run steps 1 and 2
 // as one kernel instead: fused_step.cu (TMA-fed wgmma tiles, the split pass on the accumulators).
 // Earlier fused variants measured slower on the H200 (bench/RESULTS.md): a tensor-core step keeping
@@ -512,13 +513,19 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
   const int s0 = res + ((warp - res) % kChainWarps + kChainWarps) % kChainWarps;
   const int n_streamed = s0 < count ? (count - s0 + kChainWarps - 1) / kChainWarps : 0;
   const int n_total = n_streamed + (warp < res ? (res - warp + kChainWarps - 1) / kChainWarps : 0);
-  const auto local = [&](int n) { return n < n_streamed ? s0 + n * kChainWarps : warp + (n - n_streamed) * kChainWarps; };
+  // Odd steps walk the streamed batches backwards: a step starts on the rows the previous one read
+  // last, which are still in L2 (the streamed part is about L2's size, so in one direction every
+  // step would evict the rows it is about to need).
+  const auto local = [&](int n, int k) {
+    if (n >= n_streamed) return warp + (n - n_streamed) * kChainWarps;
+    return s0 + ((k & 1) ? n_streamed - 1 - n : n) * kChainWarps;
+  };
 
   constexpr int kDepth = small_depth(NR);
   uint4 raw[kDepth][kSmallRows];
   float u_next[kDepth] = {};
   const auto request = [&](int n, int d, int k) {  // batch n of this warp's list, step k, into slot d
-    const int j = local(n);
+    const int j = local(n, k);
     if (k > 0 && j < res) {
 #pragma unroll
       for (int i = 0; i < kSmallRows; ++i) raw[d][i] = resident_rows[(j * kSmallRows + i) * 32 + lane];
@@ -544,7 +551,7 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
       for (int d = 0; d < kDepth; ++d) {
         const int nd = n + d;
         if (nd >= n_total) break;
-        const int j = local(nd);
+        const int j = local(nd, k);
         const int v = (first + j) * kSmallRows + row_in_batch;
         const float bias = rows_bias<WT, NR>(raw[d], h);
         if (k == 0 && j < res) {
