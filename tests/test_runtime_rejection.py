@@ -393,3 +393,25 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
     warped.source.thresholds = torch.zeros(2, gamma)
     with pytest.raises(ValueError, match="cannot join drafts of the torch reference"):
         gather_drafts([(warped, [0]), (a, [1])])
+
+
+@pytest.mark.parametrize("part, message", [
+    (lambda d: (d, [2]), r"part 1's rows must be a list of row indices in \[0, 2\) \(its draft's requests\), got \[2\]"),
+    (lambda d: (d, [-1]), r"part 1's rows must be a list of row indices in \[0, 2\)"),  # index_select: IndexError
+    (lambda d: (d, [0.5]), r"part 1's rows must be a list of row indices"),  # was taken as row 0
+    (lambda d: (d, [True]), r"part 1's rows must be a list of row indices"),
+    (lambda d: (d, 1), r"part 1's rows must be a list of row indices"),
+    (lambda d: d, r"part 1 must be a \(MarkovDraft, rows\) pair, got a MarkovDraft"),
+], ids=["past-end", "negative", "float", "bool", "int", "no-rows"])
+def test_gather_drafts_refuses_bad_row_indices(part, message):
+    """A row named twice is no error: that request is verified twice, as asked."""
+    from dspark_cli.runtime import gather_drafts
+
+    g = torch.Generator().manual_seed(2)
+    V = 12
+    w1, w2 = torch.randn(V, 4, generator=g), torch.randn(V, 4, generator=g)
+    draft = markov_chain(torch.randn(2, 3, V, generator=g), torch.tensor([1, 2]), w1, w2, torch.ones(2),
+                         seeds=torch.arange(2))
+    with pytest.raises(ValueError, match="^gather_drafts: " + message):
+        gather_drafts([(draft, [0]), part(draft)])
+    assert torch.equal(gather_drafts([(draft, [1]), (draft, [1])]).tokens, draft.tokens[[1, 1]])

@@ -1,6 +1,7 @@
 """Markov-chain drafting (DSPARK.md §1.3, §4): x_k ~ q_k = warp(softmax((U_k + W2·W1[x_{k-1}]) / T))
 with x_0 = the anchor. The fp32 q_k we sample from is exactly the q_k the ratio test uses."""
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,8 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     stats), never both kinds in one batch."""
     if not parts:
         raise ValueError("gather_drafts needs at least one (draft, rows) part")
+    for i, part in enumerate(parts):
+        _check_part(i, part)
     first, first_rows = parts[0]
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
@@ -115,6 +118,20 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
                          cat("temperature", [s.temperature for s in sources]), warp("top_k", 0), warp("top_p", 1.0),
                          row_stats, None, thresholds)
     return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), source, cat("confidence_logits"))
+
+
+def _check_part(i: int, part) -> None:
+    """Rows are host ints, so always checked (no device sync): an out-of-range row was an IndexError
+    (or a device-side assert), a row 0.5 or True was taken as row 0 or 1. A row named twice is no
+    error: its request is verified twice, as the caller asked."""
+    if not isinstance(part, (tuple, list)) or len(part) != 2 or not isinstance(part[0], MarkovDraft):
+        raise ValueError(f"gather_drafts: part {i} must be a (MarkovDraft, rows) pair, got {_describe(part)}")
+    draft, rows = part
+    R = draft.tokens.shape[0]
+    if not isinstance(rows, (list, tuple, range)) or not all(
+            isinstance(row, numbers.Integral) and not isinstance(row, bool) and 0 <= row < R for row in rows):
+        raise ValueError(f"gather_drafts: part {i}'s rows must be a list of row indices in [0, {R}) "
+                         f"(its draft's requests), got {rows!r}")
 
 
 def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp32: torch.Tensor):
