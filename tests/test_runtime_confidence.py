@@ -78,6 +78,25 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         STSCalibration.fit(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.int64))
 
 
+def test_a_weight_of_another_shape_is_refused_though_its_entries_add_up():
+    """d + r = 6 entries as [2, 3] or [6, 1] (some other layer's weight) were read flat, silently;
+    DeepSpec's head is nn.Linear(d + r, 1): weight [1, d + r], or flat [d + r]."""
+    h, e = torch.randn(2, 3, 4), torch.randn(2, 3, 2)
+    for shape in ((2, 3), (6, 1), (1, 1, 6)):
+        with pytest.raises(ValueError, match=rf"^weight has shape \({', '.join(map(str, shape))},?\); expected d \+ r "
+                                             r"= 4 \+ 2 = 6 entries, as \[d \+ r\] or \[1, d \+ r\]"):
+            confidence_logits(h, e, torch.ones(shape), torch.zeros(1))
+    assert torch.equal(confidence_logits(h, e, torch.ones(1, 6), torch.zeros(1)),
+                       confidence_logits(h, e, torch.ones(6), torch.zeros(1)))
+
+
+@pytest.mark.parametrize("bins", [0, -3, 2.5, True, "5"])
+def test_sts_fit_refuses_a_bin_count_that_is_not_a_positive_whole_number(bins):
+    """0 was an IndexError inside the ECE, -3 a RuntimeError, 2.5 a TypeError."""
+    with pytest.raises(ValueError, match=rf"^bins must be a whole number ≥ 1 \(ECE bins\), got {bins!r}"):
+        STSCalibration.fit(torch.randn(8, 2), torch.zeros(8, dtype=torch.int64), bins=bins)
+
+
 def test_inputs_on_two_devices_are_one_clear_error():
     """The meta device stands in for a second device: was a RuntimeError from inside the matmul."""
     h, prev_emb = torch.randn(2, 3, 4), torch.randn(2, 3, 5)

@@ -26,8 +26,11 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     d = h.shape[2]
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.numel() != d + rank:
-        raise ValueError(f"weight has {weight.numel()} entries; expected d + r = {d} + {rank} = {d + rank}")
+    # [1, d + r] (nn.Linear(d + r, 1).weight) or flat; any other shape of d + r entries, a [2, 7] say,
+    # is some other layer's weight and was read flat, silently
+    if tuple(weight.shape) not in ((d + rank,), (1, d + rank)):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected d + r = {d} + {rank} = {d + rank} "
+                         f"entries, as [d + r] or [1, d + r]")
     values = torch.as_tensor(bias).numel()
     if values != 1:
         raise ValueError(f"bias must hold one value, got {values}")
@@ -103,6 +106,8 @@ class STSCalibration:
         (paper §3.2.1). z [N, γ] from rounds verified at full length; num_accepted [N]."""
         _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
         _checks.nonempty_batch("z", z)
+        if not isinstance(bins, numbers.Integral) or isinstance(bins, bool) or bins < 1:
+            raise ValueError(f"bins must be a whole number ≥ 1 (ECE bins), got {bins!r}")
         _checks.tensor("num_accepted", num_accepted, 1)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
         _checks.finite("z", z)  # offline fitting: the pass over z costs nothing that matters
