@@ -87,6 +87,19 @@ def test_a_config_transformers_rejects_is_one_line_exit_2(tmp_path, fields, mess
     assert proc.stderr.count("\n") == 1 and message.lower() in proc.stderr.lower()
 
 
+@pytest.mark.parametrize("field, value", [("vocab_size", -5), ("vocab_size", 0), ("hidden_size", -64),
+                                          ("head_dim", -16)])
+def test_a_size_below_one_is_bad_input(tmp_path, field, value):
+    """Was exit 3, 'cannot build the model on cpu: Trying to create tensor with negative dimension'
+    (and a torch warning besides the line for a vocab_size of 0)."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_QWEN3, field: value}))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+                   "--repeats", "1", "--warmup", "0", "--context", "4")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: --model {tmp_path}: {field} is {value} in config.json; it must be a positive integer\n"
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("config, reason", [
     ({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
       "intermediate_size": 32, "vocab_size": 128}, "BertLMHeadModel returns no KV cache"),

@@ -101,6 +101,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
         config = sps_profile.load_config(model)
     except Exception as exc:  # noqa: BLE001 — the user's config, whatever transformers' validation raises
         raise UsageError(f"--model {model}: {_short(exc)}") from exc
+    _check_sizes(config, model)
     settings = sps_profile.ProfileSettings(device=device, dtype=torch_dtype, context=context,
                                            warmup=warmup, repeats=repeats)
     try:
@@ -127,6 +128,20 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     return {"out": str(out), "sglang_out": str(sglang_path), "device": metadata["device"],
             "points": [{"tokens": b, "steps_per_s": s} for b, s in zip(table.tokens, table.steps_per_s)],
             "capture_sizes": table.capture_sizes}
+
+
+# Sizes that become tensor dimensions: transformers does not validate them, and torch's error for a
+# negative one (a RuntimeError, read as an environment problem) comes only once the model is built.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
+
+
+def _check_sizes(config, model: Path) -> None:
+    """A size of the config that is zero or negative is bad input (exit 2), found before building."""
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UsageError(f"--model {model}: {name} is {value} in config.json; it must be a positive integer")
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
