@@ -108,6 +108,16 @@ def test_default_table_is_documented_model():
     assert t.sps(512) == pytest.approx(1 / (10e-3 + 20e-6 * 512))
 
 
+@pytest.mark.parametrize("field, values", [("tokens", [1, 2.5]), ("tokens", [1.5, 2]), ("tokens", [1, True]),
+                                           ("tokens", [1, float("nan")]), ("capture_sizes", [2.5])])
+def test_token_counts_that_are_not_whole_numbers_are_refused(field, values):
+    """2.5 was truncated to 2 silently (NaN or inf a bare int() error); 2.0 stays valid."""
+    table = {"tokens": [1, 2], "capture_sizes": [], field: values}
+    with pytest.raises(ValueError, match=f"^SPS table {field} must be whole numbers, got "):
+        SPSTable(table["tokens"], [1.0, 2.0], table["capture_sizes"])
+    assert SPSTable([1.0, 2.0], [1.0, 2.0], [2.0]).tokens == [1, 2]
+
+
 def test_bad_tables_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="strictly increasing"):
         SPSTable([4, 2], [1.0, 2.0])
