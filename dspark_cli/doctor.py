@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,16 +138,45 @@ def check_cuda_home(home: cuda_env.CudaHome) -> Check:
     return Check("CUDA_HOME", OK, detail)
 
 
-def check_disk(name: str, path: Path) -> Check:
-    """Free space where `path` will live (its nearest existing parent: the workdir may not exist yet)."""
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: a workdir or cache may not be made yet."""
     existing = path.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    free_gb = shutil.disk_usage(existing).free / 2**30
+    return existing
+
+
+def check_disk(name: str, path: Path) -> Check:
+    """Free space where `path` will live (its nearest existing parent)."""
+    free_gb = shutil.disk_usage(_nearest_existing(path)).free / 2**30
     detail = f"{free_gb:.1f} GiB free at {path}"
     if free_gb < MIN_FREE_GB:
         return Check(name, WARN, detail, f"a vLLM tree, its release file and builds want about {MIN_FREE_GB} GiB")
     return Check(name, OK, detail)
+
+
+def check_cache(path: Path) -> Check:
+    """The disk check at the cache, once dspark can make its directories there: a file in the way or a
+    directory it may not write breaks `dspark build`, `apply --source pypi` and `rebase` (exit 3)."""
+    problem = _cannot_make_directories(path)
+    if problem:
+        return Check("disk (cache)", FAIL, problem, "point DSPARK_CACHE at a directory you can write (dspark keeps "
+                     "release files, kernel builds and rebase trees there)")
+    return check_disk("disk (cache)", path)
+
+
+def _cannot_make_directories(path: Path) -> str | None:
+    """Why directories cannot be made at `path`, or None. Probed by making one (and removing it) in
+    `path` or its nearest existing parent: permission bits do not tell root about a read-only mount."""
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        return f"{path} is a file, not a directory" if existing == path.absolute() else \
+            f"{path}: {existing} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".dspark-doctor-"))
+    except OSError as exc:
+        return f"{path}: cannot make a directory in {existing} ({exc.strerror or exc})"
+    return None
 
 
 def patch_marker(module: str) -> dict | None:
@@ -247,7 +277,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     gpus = cuda_env.gpu_info()
     checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
               check_arch(gpus), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
-              check_disk("disk (workdir)", workdir or Path.cwd()), check_disk("disk (cache)", cache_dir())]
+              check_disk("disk (workdir)", workdir or Path.cwd()), check_cache(cache_dir())]
     try:
         engines = load_compat().engines.values()
     except DsparkError as exc:  # a missing or malformed compat.yaml is one failed check, not a crash

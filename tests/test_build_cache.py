@@ -202,3 +202,22 @@ def test_error_lines_keep_emoji_codes_and_brackets(capsys):
     emit_error("error", "--device cuda:x: bad [bold]device[/bold]", 2, False)
     err = capsys.readouterr().err
     assert "cuda:x: bad [bold]device[/bold]" in err
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "proc"])
+def test_a_cache_it_cannot_write_is_one_line_exit_3(toolchain, monkeypatch, tmp_path, capsys, kind):
+    """Through the CLI, its toolchain as the fixture's (no CUDA torch here): what doctor fails as
+    `disk (cache)` stops the build with one line, before anything is compiled."""
+    from dspark_cli import cli
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    cache = {"file": a_file, "under-a-file": a_file / "cache", "proc": Path("/proc/dspark-cache")}[kind]
+    monkeypatch.setenv("DSPARK_CACHE", str(cache))
+    monkeypatch.setattr(sys, "argv", ["dspark", "build", "--arch", "9.0a", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    out = capsys.readouterr()
+    assert exc.value.code == 3 and toolchain["n"] == 0
+    assert json.loads(out.out)["error"].startswith(f"cannot create {cache / 'build'} (")
+    assert out.err.count("\n") == 1 and "point DSPARK_CACHE at a writable directory" in out.err

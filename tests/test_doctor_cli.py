@@ -1,6 +1,7 @@
 """`dspark doctor` as a command: typer's CliRunner, the JSON schema, exit codes, a real process."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dspark_cli.cli import app
+from tests.run_cli import run_dspark
 
 CHECK_KEYS = {"name", "status", "detail", "hint"}
 
@@ -78,3 +80,29 @@ def test_malformed_compat_yaml_is_one_failed_check(tmp_path):
     check = report["checks"][-1]
     assert check["name"] == "compat.yaml" and check["status"] == "fail"
     assert check["detail"].startswith(f"{bad}:2: engines: expected a mapping") and "DSPARK_COMPAT" in check["hint"]
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "proc", "read-only"])
+def test_a_cache_dspark_cannot_write_fails_with_the_fix(tmp_path, kind):
+    """Was `ok disk (cache)` and exit 0, while dspark build then exits 3 on that cache."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    cache = {"file": a_file, "under-a-file": a_file / "cache", "proc": Path("/proc/dspark-cache"),
+             "read-only": tmp_path / "ro" / "cache"}[kind]
+    if kind == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only directory")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    out = run_dspark("doctor", "--json", env={"DSPARK_CACHE": str(cache)})
+    assert out.returncode == 1 and out.stderr == "", out.stderr
+    check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
+    assert check["status"] == "fail" and check["detail"].startswith(str(cache)), check
+    assert "DSPARK_CACHE" in check["hint"]
+
+
+def test_a_cache_not_made_yet_is_fine_and_left_unmade(tmp_path):
+    cache = tmp_path / "new" / "cache"
+    out = run_dspark("doctor", "--json", env={"DSPARK_CACHE": str(cache)})
+    check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
+    assert check["status"] == "ok" and check["detail"].endswith(f"at {cache}")
+    assert list(tmp_path.iterdir()) == []  # the probe directory is gone again
