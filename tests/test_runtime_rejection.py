@@ -284,8 +284,8 @@ def test_engine_noise_and_draft_values_are_checked(field, value, message):
 
 def test_a_q_token_that_is_not_q_at_the_token_is_refused():
     """q_token (the ratio test) and q (the residual) of different distributions, e.g. q_token of
-    the unwarped row: accepted silently and sampled lossy. Only verified positions are compared;
-    fp32 rounding of an engine's own gather passes."""
+    the unwarped row: accepted silently and sampled lossy. Only verified positions of sampled
+    requests are compared (greedy ones read neither); fp32 rounding of an engine's own gather passes."""
     g = torch.Generator().manual_seed(4)
     p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
     tokens = torch.tensor([[1, 2, 3], [4, 0, 2]])
@@ -296,6 +296,7 @@ def test_a_q_token_that_is_not_q_at_the_token_is_refused():
         rejection_sample(p, (tokens, shifted, q), torch.tensor([1, 2]), seeds=torch.arange(2))
     rejection_sample(p, (tokens, shifted, q), torch.tensor([3, 1]), seeds=torch.arange(2))  # draft 1 of request 1 unread
     rejection_sample(p, (tokens, q_token * (1 + 1e-6), q), torch.tensor([3, 3]), seeds=torch.arange(2))
+    rejection_sample(p, (tokens, shifted, q), torch.tensor([1, 2]), greedy=torch.tensor([False, True]))
 
 
 def test_draft_tensors_on_another_device_are_one_clear_error():

@@ -60,11 +60,12 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     R = draft.tokens.shape[0]
     _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
     cu = cu_num_tokens.to(torch.int64)
-    if _checks.want_value_checks(None, cu):
+    check_values = _checks.want_value_checks(None, cu)
+    if check_values:
         _check_offsets(cu, target_probs.shape[0])
     ell = cu[1:] - cu[:-1] - 1
     return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator, uniforms, exp_noise,
-                   check_values=_checks.want_value_checks(None, cu))
+                   check_values=check_values)
 
 
 def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
@@ -121,12 +122,15 @@ def _check_target_rows(target, row_start, ell, row_stride) -> None:
                          f"{float(sums[(sums - 1).abs().argmax()]):.6g} (renormalize after masking)")
 
 
-def _check_q_token(draft: MarkovDraft, ell: torch.Tensor) -> None:
+def _check_q_token(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
     """On the verified positions q_token is q at the drafted token: the ratio test reads q_token and
     the residual reads q, so a q_token of another distribution (an unwarped q, a shifted position)
-    is no longer lossless. fp32 rounding of an engine's own gather stays within the tolerance."""
+    is no longer lossless. fp32 rounding of an engine's own gather stays within the tolerance.
+    Greedy requests read neither."""
     at_token = draft.q.gather(2, draft.tokens.unsqueeze(2)).squeeze(2)
     verified = torch.arange(draft.tokens.shape[1], device=ell.device) < ell.unsqueeze(1)
+    if greedy is not None:
+        verified &= ~greedy.unsqueeze(1)
     off = verified & ~torch.isclose(draft.q_token, at_token, rtol=1e-3, atol=1e-6)
     if bool(off.any()):
         r, j = (int(i) for i in off.nonzero()[0])
@@ -167,7 +171,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
-            _check_q_token(draft, ell)
+            _check_q_token(draft, ell, greedy)
         for name, t in (("uniforms", uniforms), ("exp_noise", exp_noise)):
             if t is not None and not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
