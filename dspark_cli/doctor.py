@@ -61,9 +61,14 @@ def check_gpu(gpus: cuda_env.Gpus) -> Check:
 
 
 def check_nvcc(nvcc: cuda_env.Nvcc) -> Check:
+    ignored = f"; {nvcc.ignored[0]}, first on PATH, was ignored: {nvcc.ignored[1]}" if nvcc.ignored else ""
     if nvcc.problem:
-        return Check("cuda toolkit", FAIL, nvcc.problem, nvcc.hint)
-    return Check("cuda toolkit", OK, f"nvcc {nvcc.version} ({nvcc.path})")
+        return Check("cuda toolkit", FAIL, nvcc.problem + ignored, nvcc.hint)
+    detail = f"nvcc {nvcc.version} ({nvcc.path})"
+    if ignored:  # works for dspark, but a shell, a build tool or torch's CUDA_HOME guess takes the broken one
+        return Check("cuda toolkit", WARN, detail + ignored,
+                     f"repair or remove {nvcc.ignored[0]}, or put {Path(nvcc.path).parent} before it on PATH")
+    return Check("cuda toolkit", OK, detail)
 
 
 def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc) -> Check:

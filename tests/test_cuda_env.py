@@ -120,6 +120,38 @@ def test_nvcc_without_a_release_line_is_reported(tmp_path):
     assert info.version is None and "did not report a release" in info.problem
 
 
+@needs_nvcc
+@pytest.mark.parametrize("script, mode, why", [
+    ("#!/bin/sh\necho 'nvcc: broken install' >&2\nexit 1\n", 0o755, "`nvcc --version` exits 1 (nvcc: broken install)"),
+    ("#!/bin/sh\necho 'not a compiler'\n", 0o755, "`nvcc --version` reports no release"),
+    ("#!/bin/sh\nexit 0\n", 0o644, "not executable"),
+], ids=["exits-1", "no-release", "not-executable"])
+def test_a_broken_nvcc_first_on_path_is_named_when_another_is_used(tmp_path, monkeypatch, script, mode, why):
+    """The real toolkit is used (/usr/local/cuda, or the one nvcc further along PATH names), and the
+    broken nvcc in front of it is reported instead of passed over in silence."""
+    (tmp_path / "nvcc").write_text(script)
+    (tmp_path / "nvcc").chmod(mode)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    info = cuda_env.nvcc_info()
+    assert info.problem is None and info.version and info.path != str(tmp_path / "nvcc")
+    assert info.ignored == (str(tmp_path / "nvcc"), why)
+
+
+@needs_nvcc
+def test_a_working_nvcc_first_on_path_is_not_reported(tmp_path, monkeypatch):
+    """A wrapper that runs the real nvcc (torch's wrong CUDA_HOME guess, reported by CUDA_HOME) is
+    no broken nvcc, though the toolkit's own nvcc is the one used."""
+    real = cuda_env._nvcc_toolkit_root(NVCC)
+    (tmp_path / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    (tmp_path / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    info = cuda_env.nvcc_info()
+    assert info.path == str(real / "bin" / "nvcc") and info.ignored is None
+
+
 def test_torch_info_reports_this_torch_without_importing_it():
     probe = ("import sys; from dspark_cli import cuda_env; i = cuda_env.torch_info(); "
              "print(i.version, i.cuda, 'torch' in sys.modules)")

@@ -106,3 +106,16 @@ def test_a_cache_not_made_yet_is_fine_and_left_unmade(tmp_path):
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
     assert check["status"] == "ok" and check["detail"].endswith(f"at {cache}")
     assert list(tmp_path.iterdir()) == []  # the probe directory is gone again
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_a_broken_nvcc_on_path_is_a_warning_with_the_fix(tmp_path):
+    """Was `ok cuda toolkit` with another toolkit's nvcc and no word about the one on PATH."""
+    (tmp_path / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "nvcc").chmod(0o755)
+    out = run_dspark("doctor", env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "CUDA_HOME": ""})
+    lines = out.stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if "cuda toolkit" in line)
+    assert lines[i].startswith("warn") and lines[i].endswith(
+        f"; {tmp_path / 'nvcc'}, first on PATH, was ignored: `nvcc --version` exits 1"), lines[i]
+    assert f"→ repair or remove {tmp_path / 'nvcc'}, or put " in lines[i + 1] and "before it on PATH" in lines[i + 1]
