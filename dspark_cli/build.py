@@ -9,12 +9,15 @@ No typer/rich here: the GPU machine builds through `python -c` with PYTHONPATH=.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import sysconfig
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -182,11 +185,56 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
 
     ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
     includes, cublas = _cuda_library_paths(Path(p.cuda_home))
-    ext.load(name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
-             build_directory=str(p.directory), extra_cflags=list(CFLAGS),
-             extra_cuda_cflags=list(CUDA_CFLAGS),
-             extra_include_paths=includes, extra_ldflags=[cublas],
-             is_python_module=False, verbose=verbose)
+    stopping_children(lambda: ext.load(
+        name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
+        build_directory=str(p.directory), extra_cflags=list(CFLAGS), extra_cuda_cflags=list(CUDA_CFLAGS),
+        extra_include_paths=includes, extra_ldflags=[cublas], is_python_module=False, verbose=verbose))
+
+
+def stopping_children(run) -> None:
+    """run(), where a SIGINT or SIGTERM stops our child processes before we stop: KeyboardInterrupt
+    once they have exited. torch runs ninja with subprocess.run, which SIGKILLs ninja on
+    KeyboardInterrupt (and SIGTERM kills us alone), so the compilers ninja starts in process groups
+    of their own would run on as orphans. ninja, sent SIGTERM instead, stops them and exits; a
+    second signal stops waiting for it."""
+    if threading.current_thread() is not threading.main_thread():  # handlers go on the main thread only
+        run()
+        return
+    caught = []
+
+    def stop_children(signum, frame):
+        children = _child_pids()
+        if caught or not children:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop_children) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run()
+    except Exception:
+        if not caught:
+            raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:  # ninja stopped: torch's "error building" is the interruption
+        raise KeyboardInterrupt
+
+
+def _child_pids() -> list[int]:
+    """This process's children, from /proc (none found elsewhere)."""
+    me, pids = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the (command)
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == me:
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def library_problem(path: Path, check_sha256: bool = True) -> str | None:

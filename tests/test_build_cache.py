@@ -5,7 +5,13 @@ record surviving a failed build, --wheel checks, --arch errors, --self-test's on
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -221,3 +227,66 @@ def test_a_cache_it_cannot_write_is_one_line_exit_3(toolchain, monkeypatch, tmp_
     assert exc.value.code == 3 and toolchain["n"] == 0
     assert json.loads(out.out)["error"].startswith(f"cannot create {cache / 'build'} (")
     assert out.err.count("\n") == 1 and "point DSPARK_CACHE at a writable directory" in out.err
+
+
+STAND_IN_COMPILER = """#!/bin/sh
+# a compile (-c) that runs until it is stopped, as nvcc on csrc/ takes minutes; g++ for torch's probes
+case " $* " in *" -c "*) touch "$STARTED"; exec sleep 300;; esac
+exec g++ "$@"
+"""
+LAUNCH = """import sys, torch.utils.cpp_extension as ext
+from dspark_cli import build
+build.stopping_children(lambda: ext.load(name="tiny", sources=[sys.argv[1]], build_directory=sys.argv[2],
+                                         is_python_module=False))
+"""
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag` (a zombie's environment reads empty)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if tag.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++") and Path("/proc/self/environ").exists()),
+                    reason="needs ninja, g++ and /proc")
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "Ctrl-C"])
+def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, how):
+    """torch's cpp_extension runs ninja, ninja a compiler in a process group of its own; the build's
+    launch (build.stopping_children, what _compile runs torch's ext.load in) interrupted by a signal to
+    the process (SIGINT, SIGTERM) or to its group (Ctrl-C in a terminal) leaves nothing running.
+    Before it, SIGINT and SIGTERM to the process left the compiler (and for SIGTERM ninja) running."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(STAND_IN_COMPILER)
+    compiler.chmod(0o755)
+    (tmp_path / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    (tmp_path / "build").mkdir()
+    tag = f"DSPARK_TEST_TAG={uuid.uuid4().hex}"
+    started = tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CXX": str(compiler),
+           "STARTED": str(started), tag.split("=")[0]: tag.split("=")[1]}
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tmp_path / "tiny.cpp"), str(tmp_path / "build")],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), proc.communicate()[0][-2000:]
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, getattr(signal, how))
+        output = proc.communicate(timeout=60)[0]
+        assert "KeyboardInterrupt" in output, output[-2000:]
+        deadline = time.monotonic() + 5
+        while processes_with(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with(tag) == []
+    finally:
+        for pid in processes_with(tag):
+            os.kill(pid, signal.SIGKILL)
