@@ -53,6 +53,8 @@ def main() -> None:
         a_stale, a_now = (survival_matrix(R, GAMMA, g).cuda() for _ in range(2))
         cases = {"markov_chain sampled, q lazy":
                      lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False),
+                 "markov_chain sampled, q stored":
+                     lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True),
                  "rejection_sample q rebuilt": lambda: rejection_sample(target, draft, ell, seeds=seeds),
                  "schedule_production": lambda: schedule_production(a_stale, a_now, sps)}
         for name, fn in cases.items():

@@ -1098,8 +1098,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               warped ? thresholds.data_ptr<float>() : nullptr, q.data_ptr<float>(), k, gamma, V, slice);
         }
       }
-      if (x_out != nullptr) {  // all R·γ rows at once
-        const int q_splits = choose_splits(R * gamma, V);
+      if (x_out != nullptr) {  // all R·γ rows at once. A pure stream: slices of at most about 8192
+        // entries, so several waves of small blocks (choose_splits' one wave alone left R = 16's 112
+        // rows at 2.1x their floor: 68.6 -> 45.5 us on the H200; at R = 1 its wave is the wider one)
+        const int q_splits = std::max(choose_splits(R * gamma, V), (V + 8191) / 8192);
         const int q_slice = ((V + q_splits - 1) / q_splits + 7) / 8 * 8;
         auto q_rows = vec ? q_rows_kernel<UT, true> : q_rows_kernel<UT, false>;
         launch_programmatic(q_rows, dim3(R * gamma, q_splits), dim3(kThreads), 0, stream, up, nullptr, tp,
