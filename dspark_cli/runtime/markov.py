@@ -140,8 +140,12 @@ def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp3
 
 
 def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> torch.Tensor:
-    """Rebuild q rows [R, V] fp32 from base logits U_k [R, V] and the previous tokens [R], bit-for-bit
-    the rows markov_chain sampled from (so engines need not keep q [R, γ, V] in memory)."""
+    """Rebuild q rows [R, V] fp32 from base logits U_k [R, V] and the previous tokens [R] with the
+    arithmetic markov_chain sampled with (so engines need not keep q [R, γ, V] in memory). On the CPU
+    the W2 product of a batch of other rows (a gathered or filtered batch) can differ from the
+    chain's in the last bit (GEMM blocking; ~1e-8 here): only an entry within that of a top-k/top-p
+    cut could then fall on the other side of it. The CUDA path carries the chain's row stats and
+    thresholds instead."""
     _checks.tensor("U_k", U_k, 2, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("U_k", U_k)
     R, V = U_k.shape
