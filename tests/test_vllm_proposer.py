@@ -194,6 +194,52 @@ def test_placeholder_drafts_get_all_zero_q_rows_on_every_path():
     assert PendingDraftProbs().for_verification(["c"], [2], torch.tensor([-1, -1]), placeholders=[0, 1]) is None
 
 
+PLACEHOLDERS_ON_CPU = """
+import json, sys
+from types import SimpleNamespace
+import torch
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, rejection_sample
+
+CpuPlatform.register_triton_kernel_overrides()  # as the CPU engine does: the C++ kernels
+torch.manual_seed(0)
+V, n = 8, 4000
+p1 = torch.tensor([.5, .2, .1, .05, .05, .05, .03, .02])   # a padded request's first verify row
+p2 = torch.full((V,), 1 / V)
+p0 = torch.tensor([.05] * 6 + [.1, .6])                     # a request with a real draft
+q0 = torch.tensor([0.] * 6 + [.1, .9])
+# n pairs: a request padded with two placeholders (the first is the buffer's first row), then one
+# with a draft sampled from q0
+drafts = torch.tensor([-1, -1, 0] * n, dtype=torch.int32)
+drafts[2::3] = torch.multinomial(q0, n, replacement=True).to(torch.int32)
+q = torch.zeros(3 * n, V)
+q[2::3] = q0
+if sys.argv[1] == "no-q":  # V1's own path without draft probabilities (n-gram and others)
+    q, drafts[2::3] = None, 7
+meta = SimpleNamespace(all_greedy=False, all_random=True, temperature=torch.ones(2 * n), generators={})
+out = rejection_sample(drafts, [2, 1] * n, 2, torch.tensor([2, 1] * n).cumsum(0).to(torch.int32), q,
+                       torch.stack([p1, p2, p0] * n).log(), torch.full((2 * n, 1), 3), meta)
+padded = out[0::2, 0]
+print(json.dumps({"placeholders_accepted": int((padded == PLACEHOLDER_TOKEN_ID).sum()),
+                  "first_tokens": padded.clamp_min(0).tolist(), "drafted_tokens": out[1::2, 0].tolist()}))
+"""
+
+
+@needs_vllm
+@pytest.mark.parametrize("path", ["q", "no-q"])
+def test_cpu_rejection_sampler_rejects_placeholder_drafts(path):
+    """vLLM's CPU accept test (a C++ kernel) had no check for id −1: it read p and q one entry before
+    the row and accepted the placeholder in about 60 % of steps, so the request's first token came
+    from a later verify row instead of p (patch 0006). Each padded request's first token must follow
+    p, with DSpark's all-zero q rows and on V1's no-q path alike."""
+    got = run_in_vllm(PLACEHOLDERS_ON_CPU, path)
+    assert got["placeholders_accepted"] == 0
+    assert chi2_pvalue(torch.tensor(got["first_tokens"]),
+                       torch.tensor([.5, .2, .1, .05, .05, .05, .03, .02])) > 0.01
+    if path == "q":  # the real drafts next to them still verify as they should
+        assert chi2_pvalue(torch.tensor(got["drafted_tokens"]), torch.tensor([.05] * 6 + [.1, .6])) > 0.01
+
+
 def test_installed_runner_finds_placeholders_on_the_host_and_resumed_requests_lose_held_q():
     """The placeholders come from the runner's host lists of this step's drafts (no device sync);
     with async scheduling those lists are −1 for every request, and only a request not carried over
