@@ -119,6 +119,9 @@ def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
 def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, speculate: int):
     """Drop-in for batch.next_token_chooser(...): (next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids)."""
     request_ids = [r.id for r in batch.requests]
+    warmup = len(set(request_ids)) < len(request_ids)
+    if warmup:  # TGI's router warms up with several requests, every one id 0: keys of their own
+        request_ids = [-1 - i for i in range(len(request_ids))]  # (no real id is negative)
     if batch.cu_seqlen_prefill is None:
         # A decode batch holds every live request (the router decodes all cached batches together);
         # a prefill batch holds only the arriving ones, so forgetting there would drop live drafts.
@@ -169,6 +172,8 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     proposal, width = spec.propose(request_ids, anchors, anchor_positions, temperature, top_k, top_p,
                                    step_seeds(seeds, anchor_positions))
     spec.stats["steps"] += 1
+    if warmup:  # the drafter ran (warmup measures its memory too); nothing of it outlives the batch
+        spec.restart(request_ids)
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
     next_ids = torch.tensor([t for ts in tokens for t in ts], device=scores.device, dtype=torch.long)

@@ -146,7 +146,10 @@ def serve_and_drive(spec: dict) -> dict:
             stub = generate_pb2_grpc.TextGenerationServiceStub(channel)
             info = stub.Info(pb.InfoRequest())
             router = Router(stub, pb, info.speculate, info.block_size)
-            warm = router._batch([{"id": 0, "prompt": [1, 2, 3, 4], "max_new_tokens": 8}])
+            # As TGI's router: several warmup requests (max_prefill_tokens / max_input_tokens of
+            # them), all id 0.
+            warm = router._batch([{"id": 0, "prompt": [1, 2, 3, 4], "max_new_tokens": 8},
+                                  {"id": 0, "prompt": [5, 6, 7], "max_new_tokens": 8}])
             for r in warm.requests:  # warmup batches carry no blocks: the shard lays them out itself
                 del r.blocks[:]
                 del r.slots[:]
