@@ -513,3 +513,40 @@ def test_more_speculative_tokens_than_the_drafts_block_size_is_refused(tmp_path)
     log = proc.stdout + proc.stderr
     assert "RESULT refused" in log, log[-4000:]
     assert "num_speculative_tokens = 3 exceeds the DSpark draft's block_size = 2" in log, log[-4000:]
+
+
+OTHER_VOCABULARY = """
+import json, shutil, sys
+from pathlib import Path
+from dspark_cli.tiny_models import build_draft, build_target
+from vllm import LLM
+work = Path(sys.argv[1])
+target = build_target(work / "target", "successor")
+draft = build_draft(work / "draft", 2, "oracle", target)
+for name, change in (("padded", {"draft_vocab_size": json.loads((draft / "config.json").read_text())["vocab_size"] + 64}),
+                     ("scaled", {"logit_scale": 0.5})):
+    variant = work / name
+    shutil.copytree(draft, variant)
+    config = json.loads((variant / "config.json").read_text())
+    (variant / "config.json").write_text(json.dumps({**config, **change}))
+    try:
+        LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
+            speculative_config={"method": "dspark", "model": str(variant), "num_speculative_tokens": 2})
+        print("RESULT", name, "started")
+    except Exception as e:
+        print("RESULT", name, "refused", type(e).__name__)
+"""
+
+
+@needs_vllm
+def test_drafts_of_another_vocabulary_or_logit_scale_are_refused_at_start(tmp_path):
+    """V1's verifier reads q with the target's vocabulary: a padded draft vocabulary (which vLLM's
+    model class loads) would be misread, and a logit_scale other than 1 would scale U but not the
+    Markov bias. Both are refused before the engine starts, with the reason."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([PYTHON, "-c", OTHER_VOCABULARY, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    log = proc.stdout + proc.stderr
+    assert "RESULT padded refused" in log and "RESULT scaled refused" in log, log[-4000:]
+    assert "Model Runner V1 verifies drafts of the target's vocabulary only" in log, log[-4000:]
+    assert "the DSpark draft has logit_scale = 0.5" in log, log[-4000:]

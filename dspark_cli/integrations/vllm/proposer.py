@@ -31,6 +31,21 @@ def aux_layer_ids(spec_config) -> tuple[int, ...]:
     return tuple(int(i) + 1 for i in ids)
 
 
+def check_draft_vocabulary(draft_config, target_vocab: int) -> None:
+    """The drafts' q goes to V1's verifier, which reads it with the target's vocabulary, and the
+    Markov bias is added as the released format defines it (logit_scale 1). vLLM's model class
+    also loads drafts with a reduced vocabulary (a d2t map), a padded one or another logit_scale:
+    refused here at start, not misread later."""
+    draft_vocab = getattr(draft_config, "draft_vocab_size", None) or draft_config.vocab_size
+    if draft_vocab != target_vocab:
+        raise ValueError(f"the DSpark draft's vocabulary has {draft_vocab} entries, the target's {target_vocab}: "
+                         f"Model Runner V1 verifies drafts of the target's vocabulary only")
+    scale = getattr(draft_config, "logit_scale", 1.0)
+    if scale != 1.0:
+        raise ValueError(f"the DSpark draft has logit_scale = {scale}: Model Runner V1 supports drafts without "
+                         f"one (logit_scale 1, the released format)")
+
+
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
@@ -41,6 +56,7 @@ class DSparkProposer(DFlashProposer):
             raise ValueError(f"num_speculative_tokens = {self.gamma} exceeds the DSpark draft's block_size = "
                              f"{block_size}: the draft drafts at most block_size tokens per round; "
                              f"set num_speculative_tokens <= {block_size}")
+        check_draft_vocabulary(self.draft_model_config.hf_config, vllm_config.model_config.get_vocab_size())
         self.runner = runner
         self.probabilistic = spec.draft_sample_method == "probabilistic"
         self.adaptive = bool(spec.enable_adaptive_verification)
@@ -62,8 +78,6 @@ class DSparkProposer(DFlashProposer):
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
-        if getattr(self.model, "draft_id_to_target_id", None) is not None:
-            raise ValueError("reduced-vocabulary DSpark drafts are not supported on Model Runner V1")
         self.confidence_head = None
         if self.adaptive:
             self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
