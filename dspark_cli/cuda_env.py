@@ -35,7 +35,6 @@ class Nvcc:
     version: str | None              # "13.0"
     problem: str | None = None
     hint: str | None = None
-    ignored: tuple[str, str] | None = None  # (first nvcc on PATH, why it is broken) when it is not the one used
 
 
 @dataclass
@@ -136,21 +135,19 @@ def nvcc_info(home: CudaHome | None = None) -> Nvcc:
     home = home or resolve_cuda_home()
     nvcc = str(home.path / "bin" / "nvcc") if home.path and (home.path / "bin" / "nvcc").is_file() \
         else shutil.which("nvcc")
-    ignored = _ignored_path_nvcc(nvcc)
     if not nvcc:
-        return Nvcc(None, None, "nvcc not found", "install the CUDA toolkit (nvcc) and put its bin/ on PATH",
-                    ignored)
+        return Nvcc(None, None, "nvcc not found", "install the CUDA toolkit (nvcc) and put its bin/ on PATH")
     out = _run([nvcc, "--version"])
     m = re.search(r"release (\d+\.\d+)", out.stdout if out else "")
     if not m:
-        return Nvcc(nvcc, None, f"{nvcc} --version did not report a release", "check the CUDA toolkit install",
-                    ignored)
-    return Nvcc(nvcc, m.group(1), ignored=ignored)
+        return Nvcc(nvcc, None, f"{nvcc} --version did not report a release", "check the CUDA toolkit install")
+    return Nvcc(nvcc, m.group(1))
 
 
-def _ignored_path_nvcc(used: str | None) -> tuple[str, str] | None:
-    """(path, why) of the first nvcc on PATH when it is broken and so not the one used: a shell, a
-    build tool or torch's CUDA_HOME guess finds it first, while our probes went on to another."""
+def ignored_path_nvcc(used: str | None) -> tuple[str, str] | None:
+    """(path, why) of the first nvcc on PATH when it is broken and so not `used`, the one nvcc_info
+    found: a shell, a build tool or torch's CUDA_HOME guess finds it first. Doctor's question only
+    (it runs that nvcc), so not asked by nvcc_info, which every build calls."""
     first = next((Path(d or ".") / "nvcc" for d in os.environ.get("PATH", "").split(os.pathsep)
                   if (Path(d or ".") / "nvcc").is_file()), None)  # executable or not: shutil.which skips those
     if first is None or (used and first.resolve() == Path(used).resolve()):

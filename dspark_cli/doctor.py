@@ -61,13 +61,14 @@ def check_gpu(gpus: cuda_env.Gpus) -> Check:
 
 
 def check_nvcc(nvcc: cuda_env.Nvcc) -> Check:
-    ignored = f"; {nvcc.ignored[0]}, first on PATH, was ignored: {nvcc.ignored[1]}" if nvcc.ignored else ""
+    broken = cuda_env.ignored_path_nvcc(nvcc.path)
+    ignored = f"; {broken[0]}, first on PATH, was ignored: {broken[1]}" if broken else ""
     if nvcc.problem:
         return Check("cuda toolkit", FAIL, nvcc.problem + ignored, nvcc.hint)
     detail = f"nvcc {nvcc.version} ({nvcc.path})"
     if ignored:  # works for dspark, but a shell, a build tool or torch's CUDA_HOME guess takes the broken one
         return Check("cuda toolkit", WARN, detail + ignored,
-                     f"repair or remove {nvcc.ignored[0]}, or put {Path(nvcc.path).parent} before it on PATH")
+                     f"repair or remove {broken[0]}, or put {Path(nvcc.path).parent} before it on PATH")
     return Check("cuda toolkit", OK, detail)
 
 

@@ -136,7 +136,7 @@ def test_a_broken_nvcc_first_on_path_is_named_when_another_is_used(tmp_path, mon
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     info = cuda_env.nvcc_info()
     assert info.problem is None and info.version and info.path != str(tmp_path / "nvcc")
-    assert info.ignored == (str(tmp_path / "nvcc"), why)
+    assert cuda_env.ignored_path_nvcc(info.path) == (str(tmp_path / "nvcc"), why)
 
 
 @needs_nvcc
@@ -149,7 +149,7 @@ def test_a_working_nvcc_first_on_path_is_not_reported(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     info = cuda_env.nvcc_info()
-    assert info.path == str(real / "bin" / "nvcc") and info.ignored is None
+    assert info.path == str(real / "bin" / "nvcc") and cuda_env.ignored_path_nvcc(info.path) is None
 
 
 def test_torch_info_reports_this_torch_without_importing_it():
