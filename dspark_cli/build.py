@@ -27,6 +27,7 @@ from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import replace_atomically, write_text_atomically
 from dspark_cli.series import sha256_of
+from dspark_cli.workspace import proc_stat
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # a link to the checkout's csrc/; an installed package holds a copy
 LIB_NAME = "dspark_ops"
@@ -226,15 +227,9 @@ def stopping_children(run) -> None:
 
 def _child_pids() -> list[int]:
     """This process's children, from /proc (none found elsewhere)."""
-    me, pids = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the (command)
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == me:
-            pids.append(int(stat.parent.name))
-    return pids
+    me = str(os.getpid())
+    pids = [int(entry.name) for entry in Path("/proc").glob("[0-9]*")]
+    return [pid for pid in pids if (fields := proc_stat(pid)) and fields[1] == me]
 
 
 def library_problem(path: Path, check_sha256: bool = True) -> str | None:

@@ -424,12 +424,17 @@ def _machine() -> str | None:
 def process_tag(pid: int) -> str | None:
     """Process `pid` as one that never repeats: the machine, boot and pid namespace, and the
     process's start time (/proc/<pid>/stat field 22). None where /proc cannot tell."""
-    machine = _machine()
+    machine, fields = _machine(), proc_stat(pid)
+    return f"{machine} {fields[19]}" if machine and fields else None
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state, ppid, ...: field 3 on), or None.
+    The name is cut at the last ')', as it may hold spaces and parentheses."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    return f"{machine} {stat.rsplit(')', 1)[1].split()[19]}" if machine else None
 
 
 def owner_running(snapshot: Snapshot) -> bool | None:
