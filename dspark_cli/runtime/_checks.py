@@ -3,6 +3,7 @@ work. Shape/dtype checks never touch device memory; value checks (NaN, range) ne
 device->host sync, so callers run them only when asked (default: on CPU tensors)."""
 
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -27,6 +28,21 @@ def dim(name: str, t: torch.Tensor, axis: int, expected: int, what: str) -> None
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}: dimension {axis} must be {expected} ({what})"
         )
+
+
+def integer(value) -> bool:
+    """A host integer (Python's or numpy's), not a bool: True would count as 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def real_number(value) -> bool:
+    """A host int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def whole_number(value) -> bool:
+    """An integer, or a float without a fraction (JSON's 32.0); not a bool."""
+    return integer(value) or (real_number(value) and float(value).is_integer())
 
 
 def request_vector(name: str, t, R: int, dtypes) -> None:

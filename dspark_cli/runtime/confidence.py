@@ -4,7 +4,6 @@ T_k is the per-position Sequential Temperature Scaling (STS) calibration (1.0 wh
 
 import json
 import math
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +105,7 @@ class STSCalibration:
         (paper §3.2.1). z [N, γ] from rounds verified at full length; num_accepted [N]."""
         _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
         _checks.nonempty_batch("z", z)
-        if not isinstance(bins, numbers.Integral) or isinstance(bins, bool) or bins < 1:
+        if not _checks.integer(bins) or bins < 1:
             raise ValueError(f"bins must be a whole number ≥ 1 (ECE bins), got {bins!r}")
         _checks.tensor("num_accepted", num_accepted, 1)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
@@ -127,7 +126,7 @@ class STSCalibration:
 
 
 def _finite_positive(t) -> bool:
-    return isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+    return _checks.real_number(t) and math.isfinite(t) and t > 0
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:

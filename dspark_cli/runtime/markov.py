@@ -1,7 +1,6 @@
 """Markov-chain drafting (DSPARK.md §1.3, §4): x_k ~ q_k = warp(softmax((U_k + W2·W1[x_{k-1}]) / T))
 with x_0 = the anchor. The fp32 q_k we sample from is exactly the q_k the ratio test uses."""
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +128,7 @@ def _check_part(i: int, part) -> None:
     draft, rows = part
     R = draft.tokens.shape[0]
     if not isinstance(rows, (list, tuple, range)) or not all(
-            isinstance(row, numbers.Integral) and not isinstance(row, bool) and 0 <= row < R for row in rows):
+            _checks.integer(row) and 0 <= row < R for row in rows):
         raise ValueError(f"gather_drafts: part {i}'s rows must be a list of row indices in [0, {R}) "
                          f"(its draft's requests), got {rows!r}")
 

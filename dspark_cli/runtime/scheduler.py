@@ -5,7 +5,6 @@ request r: never by token values, and since a is non-increasing in j this order 
 request's prefix. Admitting the first n candidates gives ℓ_r = #admitted of request r, the batch
 B = R + n tokens and τ = R + Σ a. Everything is tensor ops on a's device: no host sync, no loop."""
 
-import numbers
 
 import torch
 
@@ -18,7 +17,7 @@ def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> t
     """DeepSpec's static rule: ℓ_r = first k with per-step c_k < threshold (0 verifies all)."""
     _check_matrix("c", c, validate)
     # a host number: NaN verified nothing and 1.5 or -0.5 nothing or everything, silently
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+    if not _checks.real_number(threshold) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be a number in [0, 1] (a per-step confidence), got {threshold!r}")
     return torch.cumprod((c >= threshold).to(torch.int64), dim=1).sum(dim=1)
 
@@ -41,7 +40,7 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
     int64 tensor (no sync); the earliest n wins ties. Stale data cannot depend on the current
     drafts: the causal barrier."""
     _check_survival("a_stale", a_stale, validate)
-    if not _is_whole(num_requests) or num_requests < 1:
+    if not _checks.integer(num_requests) or num_requests < 1:
         raise ValueError(f"num_requests must be a positive integer (anchors in the batch), got {num_requests!r}")
     a_sorted, _ = _ranked(a_stale)
     # only the n the current batch can admit: clamping the argmax over a larger stale batch's n
@@ -110,10 +109,6 @@ def _check_survival(name: str, a, validate) -> None:
         raise ValueError(f"{name} must be non-increasing along γ: pass survival(c), not c")
 
 
-def _is_whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_budget(budget, validate) -> None:
     """A whole number ≥ 0, or verify_budget's one-value integer tensor. A tensor's value is checked
     only with the other value checks: reading it is a host sync on CUDA."""
@@ -123,5 +118,5 @@ def _check_budget(budget, validate) -> None:
                              f"tensor of shape {tuple(budget.shape)}")
         if _checks.want_value_checks(validate, budget) and int(budget) < 0:
             raise ValueError(f"budget must be ≥ 0, got {int(budget)}")
-    elif not _is_whole(budget) or budget < 0:
+    elif not _checks.integer(budget) or budget < 0:
         raise ValueError(f"budget must be a whole number ≥ 0 (draft tokens to admit), got {budget!r}")

@@ -17,7 +17,6 @@ interpolation between profiled points, the first value below the first point, an
 point a constant token rate (SPS = SPS_last · B_last / B), a conservative extrapolation."""
 
 import json
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,7 @@ class SPSTable:
 
     def __post_init__(self):
         for name in ("tokens", "capture_sizes"):  # int() truncated a 2.5 to 2, silently
-            bad = [v for v in getattr(self, name) if not _whole(v)]
+            bad = [v for v in getattr(self, name) if not _checks.whole_number(v)]
             if bad:
                 raise ValueError(f"SPS table {name} must be whole numbers, got {bad[0]!r}")
         self.tokens = [int(t) for t in self.tokens]
@@ -163,16 +162,9 @@ def _max_batch_tokens(path, value) -> int:
     MAX_DENSE_TOKENS; "32", 32.5 or 10**12 are bad input, not ignored or a stalled scheduler."""
     if value is None:
         return 0
-    if not _whole(value) or not 0 <= value <= MAX_DENSE_TOKENS:
+    if not _checks.whole_number(value) or not 0 <= value <= MAX_DENSE_TOKENS:
         raise ValueError(f"{path}: max_batch_tokens must be a whole number in [0, {MAX_DENSE_TOKENS}], got {value!r}")
     return int(value)
-
-
-def _whole(value) -> bool:
-    """An integer, or a float without a fraction (JSON's 32.0); not a bool."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
 
 
 def _column(path, data: dict, key: str, whole: bool) -> list:
