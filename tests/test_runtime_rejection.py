@@ -264,6 +264,12 @@ def test_bad_target_rows_raise_instead_of_drawing_garbage(row, message):
     ("uniforms", -1.0, "uniforms must lie in"), ("uniforms", float("nan"), "uniforms contains NaN"),
     ("exp_noise", -1.0, "exp_noise must be ≥ 0"), ("exp_noise", float("nan"), "exp_noise contains NaN"),
     ("q_token", -1.0, "draft q_token must lie in"), ("q", -1.0, "draft q must be ≥ 0"),
+    ("uniforms", 1.5, r"uniforms must lie in \[0, 1\], got values in \[1.5, 1.5\]"),
+    ("uniforms", float("inf"), "uniforms contains NaN or infinite values"),
+    ("exp_noise", float("inf"), "exp_noise contains NaN or infinite values"),
+    ("q", float("nan"), r"draft q contains NaN or infinite values \(nan at index \[0, 0, 0\]\)"),
+    ("q", float("inf"), "draft q contains NaN or infinite values"),
+    ("q", -float("inf"), "draft q contains NaN or infinite values"),
 ])
 def test_engine_noise_and_draft_values_are_checked(field, value, message):
     """A uniform of −1 (or a q_token of −1) accepted a draft the target gives probability 0; NaN

@@ -66,9 +66,36 @@ def want_value_checks(validate: bool | None, t: torch.Tensor) -> bool:
     return (t.device.type == "cpu") if validate is None else validate
 
 
+def _value_range(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of t in one pass over it, one host sync. torch.aminmax is documented to propagate
+    NaN (both are then NaN), so a comparison on them fails for NaN too. (0, 0) for an empty t."""
+    if t.numel() == 0:
+        return 0.0, 0.0  # aminmax raises on an empty tensor; nothing to check
+    lo, hi = torch.aminmax(t)
+    return tuple(torch.stack((lo, hi)).tolist())
+
+
+def _first(bad: torch.Tensor) -> tuple[int, ...]:
+    """The index of the first entry where the mask bad holds (the slow path, after a check failed)."""
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _at(index: tuple[int, ...], locate: bool) -> str:
+    return f" at index {list(index)}" if locate else ""
+
+
+def _not_finite(name: str, t: torch.Tensor, locate: bool = True) -> None:
+    """The failure path of the one-pass checks: NaN, +inf and -inf come first, as their own error."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        index = _first(bad)
+        raise ValueError(f"{name} contains NaN or infinite values ({float(t[index]):.6g}{_at(index, locate)})")
+
+
 def finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = _value_range(t)
+    if not (-torch.inf < lo and hi < torch.inf):  # NaN fails both
+        _not_finite(name, t)
 
 
 def logits(name: str, t: torch.Tensor) -> None:
@@ -81,16 +108,21 @@ def logits(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has a row with no finite entry (all -inf)")
 
 
-def nonnegative(name: str, t: torch.Tensor) -> None:
-    finite(name, t)
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be ≥ 0, got a minimum of {float(t.min())}")
+def nonnegative(name: str, t: torch.Tensor, locate: bool = True) -> None:
+    """Finite and ≥ 0 (-0.0 is fine), in one aminmax pass (engines check q, R×γ×V, every verify
+    step; isfinite/all/<0/any were four passes and two full-size bool tensors). An error names
+    the first bad entry's index in t unless locate=False (t gathered from the caller's tensor)."""
+    lo, hi = _value_range(t)
+    if not (lo >= 0 and hi < torch.inf):  # NaN fails both; -inf fails the first, +inf the second
+        _not_finite(name, t, locate)
+        raise ValueError(f"{name} must be ≥ 0, got a minimum of {lo:.6g}{_at(_first(t == lo), locate)}")
 
 
 def in_unit_interval(name: str, t: torch.Tensor) -> None:
-    finite(name, t)
-    if bool(((t < 0) | (t > 1)).any()):
-        raise ValueError(f"{name} must lie in [0, 1]")
+    lo, hi = _value_range(t)
+    if not (lo >= 0 and hi <= 1):  # NaN fails both, ±inf one of them
+        _not_finite(name, t)
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]")
 
 
 def token_ids(name: str, t: torch.Tensor, vocab: int) -> None:

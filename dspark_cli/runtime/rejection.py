@@ -111,7 +111,7 @@ def _check_target_rows(target, row_start, ell, row_stride) -> None:
         row_start = torch.arange(ell.numel(), dtype=torch.int64) * row_stride
     pos = torch.arange(int(ell.max()) + 1, dtype=torch.int64)
     rows = target[(row_start.unsqueeze(1) + pos)[pos <= ell.unsqueeze(1)]]
-    _checks.nonnegative("target_probs", rows)
+    _checks.nonnegative("target_probs", rows, locate=False)  # an index into rows, not target_probs, would mislead
     sums = rows.sum(dim=1, dtype=torch.float64)
     if bool((sums == 0).any()):
         raise ValueError("target_probs has an all-zero row among the verified rows (no distribution)")
