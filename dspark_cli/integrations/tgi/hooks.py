@@ -22,8 +22,10 @@ from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import (ENV_SCHEDULER, ENV_SPS, ENV_STS, DSparkSpeculation,
                                                      configured_draft, step_seeds)
 
-try:  # TGI logs through loguru
-    from loguru import logger
+try:  # TGI logs through loguru, to a sink that passes only text_generation_server's modules' records
+    import loguru
+
+    logger = loguru.logger.patch(lambda record: record.update(name=f"text_generation_server.{record['name']}"))
 except ImportError:
     logger = logging.getLogger(__name__)
 
