@@ -4,9 +4,11 @@ a real transformers Qwen3 target (the real patched TGI shard runs in tests/test_
 
 import os
 import py_compile
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -302,25 +304,119 @@ def test_tensor_parallel_and_vision_language_targets_are_refused_at_attach(check
     """maybe_attach refuses, with one error before anything loads, a shard of a tensor-parallel
     model (the drafter is not sharded) and a target whose config has a vision_config (the capture
     could hook the vision tower's layers); a single-shard text model attaches."""
-    from types import SimpleNamespace
-
     from dspark_cli.integrations.tgi.hooks import maybe_attach
 
     monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["oracle"]))
     target = tiny_models.load_transformers(checkpoints["target"])
     with pytest.raises(RuntimeError, match=r"tensor parallelism is not supported \(this shard is one of 2\)"):
-        maybe_attach(SimpleNamespace(world_size=2, config=target.config, model=target))
-    vlm = SimpleNamespace(world_size=1, config=SimpleNamespace(vision_config={"hidden_size": 8}), model=target)
+        maybe_attach(SimpleNamespace(world_size=2, speculate=3, config=target.config, model=target))
+    vlm = SimpleNamespace(world_size=1, speculate=3, config=SimpleNamespace(vision_config={"hidden_size": 8}),
+                          model=target)
     with pytest.raises(RuntimeError, match="vision-language targets are not supported"):
         maybe_attach(vlm)
     target.config.vision_config = {"hidden_size": 8}  # on the inner model's config (transformers backend)
     with pytest.raises(RuntimeError, match="vision-language"):
-        maybe_attach(SimpleNamespace(world_size=1, model=target))
+        maybe_attach(SimpleNamespace(world_size=1, speculate=3, model=target))
     del target.config.vision_config
-    spec = maybe_attach(SimpleNamespace(world_size=1, config=target.config, model=target))
+    spec = maybe_attach(SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target))
     assert isinstance(spec, DSparkSpeculation)
     monkeypatch.delenv("DSPARK_DRAFT")
     assert maybe_attach(SimpleNamespace(world_size=4, model=target)) is None  # DSpark off: nothing checked
+
+
+def _rewritten(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint src whose tensors edit(tensors) changed in place."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = tiny_models.read_weights(src)
+    edit(tensors)
+    tiny_models.write_weights(dst, tensors)
+    return dst
+
+
+def test_a_drafter_of_another_vocabulary_is_refused_at_attach(checkpoints, monkeypatch, tmp_path):
+    """A drafter whose logits are wider than the target's (V = 300 against 256) is a valid
+    checkpoint, but not for this target: maybe_attach refuses it at startup with both sizes, for a
+    flash model's config and for the transformers backend's (the inner model's), before any hook."""
+    from dspark_cli.integrations.tgi.hooks import maybe_attach
+
+    def widen(w):
+        for n in ("embed_tokens.weight", "lm_head.weight", "markov_head.markov_w1.weight",
+                  "markov_head.markov_w2.weight"):
+            w[n] = torch.cat([w[n], w[n][:44]])
+
+    wide = _rewritten(checkpoints["random"], tmp_path / "wide", widen)
+    assert DSparkDraft.load(wide).w["lm_head.weight"].shape[0] == 300
+    monkeypatch.setenv("DSPARK_DRAFT", str(wide))
+    target = tiny_models.load_transformers(checkpoints["target"])
+    message = (rf"DSpark \(DSPARK_DRAFT={wide}\): the drafter's vocabulary has 300 tokens, the target's 256; "
+               "a DSpark drafter serves the target it was trained for")
+    for flash_model in (SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target),
+                        SimpleNamespace(world_size=1, speculate=3, model=target)):
+        with pytest.raises(RuntimeError, match=f"^{message}$"):
+            maybe_attach(flash_model)
+    assert all(not layer._forward_hooks for layer in target.model.layers)  # nothing was attached
+
+
+def test_a_checkpoint_with_nan_or_inf_is_refused_at_load_naming_the_tensor(checkpoints, tmp_path):
+    """DSparkDraft.load checks every tensor once, as cast to the drafter's dtype: a NaN in the
+    Markov head, an inf in a layer, and a value beyond fp16's range loaded as fp16 are refused
+    with the tensor's name; the checkpoint they came from loads."""
+    src = checkpoints["oracle"]
+    DSparkDraft.load(src)
+    cases = {"markov_head.markov_w2.weight": float("nan"), "markov_head.markov_w1.weight": float("inf"),
+             "layers.0.mlp.down_proj.weight": -float("inf")}
+    for name, value in cases.items():
+        def poison(w, name=name, value=value):
+            w[name][3, 5] = value
+        bad = _rewritten(src, tmp_path / name, poison)
+        with pytest.raises(ValueError, match=rf"^{bad}: NaN or infinite values in {name} \(as torch.float32\); "):
+            DSparkDraft.load(bad)
+
+    def large(w):
+        w["fc.weight"][0, 0] = 1e6
+    big = _rewritten(src, tmp_path / "big", large)
+    assert DSparkDraft.load(big).w["fc.weight"][0, 0] == 1e6
+    with pytest.raises(ValueError, match=r"NaN or infinite values in fc.weight \(as torch.float16\)"):
+        DSparkDraft.load(big, dtype=torch.float16)
+
+
+def test_speculate_0_leaves_dspark_off_with_one_warning(checkpoints, monkeypatch, caplog):
+    """--speculate 0 with DSPARK_DRAFT set (TGI's Model.speculate is 0): nothing is loaded or
+    hooked, TGI chooses as without DSpark, and one warning says why (the real shard:
+    tests/test_tgi_shard.py)."""
+    import logging
+
+    from dspark_cli.integrations.tgi.hooks import maybe_attach
+
+    monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["oracle"]))
+    target = tiny_models.load_transformers(checkpoints["target"])
+    with caplog.at_level(logging.WARNING):
+        assert maybe_attach(SimpleNamespace(world_size=1, speculate=0, config=target.config, model=target)) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"DSpark: DSPARK_DRAFT={checkpoints['oracle']} is ignored: --speculate is 0 (speculation off)"]
+    assert all(not layer._forward_hooks for layer in target.model.layers)
+
+
+@pytest.mark.parametrize("stored", [torch.int8, torch.float8_e4m3fn])
+def test_the_drafter_runs_in_the_declared_dtype_else_the_first_compute_parameters(checkpoints, monkeypatch, stored):
+    """A quantized target's first parameter may be int8 (bitsandbytes) or fp8 storage: the drafter
+    takes the dtype and device TGI declares for the model (Model.dtype/.device), else those of
+    the target's first fp32/fp16/bf16 parameter, and drafts: greedy output as without speculation."""
+    from dspark_cli.integrations.tgi.hooks import maybe_attach
+
+    monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["partial"]))
+    target = tiny_models.load_transformers(checkpoints["target"])
+    # a quantizer's stored tensor on the root module: the first of target.parameters(), unused by the forward
+    target.register_parameter("qzeros", torch.nn.Parameter(torch.zeros(8, dtype=stored), requires_grad=False))
+    assert next(target.parameters()).dtype == stored
+    spec = maybe_attach(SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target))
+    assert {t.dtype for t in spec.draft.w.values()} == {torch.float32}
+    out, accepted, _ = generate(target, spec, [3, 17, 99], steps=12)
+    assert out == tiny_models.successor_tokens([3, 17, 99], 12) and accepted > 0
+    declared = maybe_attach(SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target,
+                                            dtype=torch.bfloat16, device=torch.device("cpu")))
+    assert {(t.dtype, t.device.type) for t in declared.draft.w.values()} == {(torch.bfloat16, "cpu")}
 
 
 def _reference_block(draft, feats, positions, anchor, anchor_pos):

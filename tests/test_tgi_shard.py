@@ -210,3 +210,32 @@ def test_a_batch_narrow_when_concatenated_widens_later_output_identical(llama, t
     assert dspark["finish"] == plain["finish"] == {"1": "FINISH_REASON_LENGTH", "2": "FINISH_REASON_LENGTH"}
     # Request 1: prefill + 4 rounds alone at width 0, then γ + 1 tokens a round with request 2.
     assert dspark["rounds"]["1"] < plain["rounds"]["1"] == 12 and dspark["rounds"]["2"] < 12
+
+
+def test_speculate_0_serves_as_plain_tgi_without_drafting(llama):
+    """`--speculate 0` with DSPARK_DRAFT set: speculation is off, so DSpark is not attached (one
+    warning line in the shard's log) and TGI serves as without DSpark: Info reports 0, the same
+    tokens in the same rounds."""
+    spec = {"model": str(llama["target"]), "waves": waves()}
+    plain = shard({**spec, "draft": None})
+    off = shard({**spec, "draft": str(llama["oracle"]), "speculate": 0})
+    assert off["speculate"] == 0 and off["tokens"] == plain["tokens"] and off["rounds"] == plain["rounds"]
+    assert off["log"].splitlines().count(
+        f"DSpark: DSPARK_DRAFT={llama['oracle']} is ignored: --speculate is 0 (speculation off)") == 1
+
+
+def test_a_drafter_of_another_vocabulary_stops_the_shard_at_startup(llama, tmp_path):
+    """The flash Llama's config gives the target's vocabulary (256): a drafter of 300 tokens is
+    refused when the shard loads the model, with one error naming both."""
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "config.json").write_text((llama["oracle"] / "config.json").read_text())
+    w = tiny_models.read_weights(llama["oracle"])
+    for n in ("embed_tokens.weight", "lm_head.weight", "markov_head.markov_w1.weight", "markov_head.markov_w2.weight"):
+        w[n] = torch.cat([w[n], w[n][:44]])
+    tiny_models.write_weights(wide, w)
+    with pytest.raises(RuntimeError, match="TGI shard run failed") as failed:
+        shard({"model": str(llama["target"]), "draft": str(wide), "waves": waves()})
+    unwrapped = "".join(str(failed.value).split())  # TGI's rich traceback wraps lines at 80 columns
+    assert "".join(f"RuntimeError: DSpark (DSPARK_DRAFT={wide}): the drafter's vocabulary has 300 tokens, "
+                   "the target's 256".split()) in unwrapped

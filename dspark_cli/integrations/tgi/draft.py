@@ -93,6 +93,15 @@ def _rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(x.dtype)
 
 
+def _not_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or ±inf, checked once at load (as cast: a value beyond
+    fp16's range is inf there), never per step. One min/max reduction per tensor and one host
+    sync in all, no elementwise mask as large as the tensor (lm_head is V×d)."""
+    names = [n for n, t in weights.items() if t.numel()]  # (aminmax refuses an empty tensor)
+    ends = torch.stack([torch.stack(torch.aminmax(weights[n])) for n in names])  # one dtype: load casts all
+    return [n for n, ok in zip(names, torch.isfinite(ends).all(1).tolist()) if not ok]
+
+
 @dataclass
 class FusedLayer:
     """One layer's projections concatenated once at load: one GEMM where there were three (q, k, v)
@@ -174,6 +183,10 @@ class DSparkDraft:
                    if n not in weights]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        bad = _not_finite(weights)
+        if bad:
+            raise ValueError(f"{path}: NaN or infinite values in {', '.join(bad)} (as {dtype}); "
+                             "the drafter would draft from NaN probabilities")
         return cls(config, weights)
 
     # ------------------------------------------------------------------ context (committed tokens)

@@ -22,6 +22,9 @@ from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import (ENV_SCHEDULER, ENV_SPS, ENV_STS, DSparkSpeculation,
                                                      configured_draft, step_seeds)
 
+# What the drafter may compute in (float8 is floating point too, but a quantized weight's storage)
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 try:  # TGI logs through loguru, to a sink that passes only text_generation_server's modules' records
     import loguru
 
@@ -48,23 +51,56 @@ def unsupported(flash_model) -> str | None:
 
 
 def maybe_attach(flash_model) -> DSparkSpeculation | None:
-    """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set. Setups
-    DSpark does not support are refused here, at startup, with one error (not served silently)."""
+    """Called at the end of FlashCausalLM.__init__: DSpark on when DSPARK_DRAFT is set and TGI
+    speculates. Setups DSpark does not support are refused here, at startup, with one error (not
+    served silently)."""
     path = configured_draft()
     if path is None:
+        return None
+    if flash_model.speculate == 0:
+        # An explicit --speculate 0 (without it patch 0002 makes speculate γ): the router reserves
+        # no KV slots for drafts and TGI may chunk prefills, so DSpark stays off, as TGI's own
+        # speculation would; drafting each step for nothing is what this avoids.
+        logger.warning(f"DSpark: DSPARK_DRAFT={path} is ignored: --speculate is 0 (speculation off)")
         return None
     reason = unsupported(flash_model)
     if reason is not None:
         raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): {reason}")
     target = flash_model.model
-    weight = next(target.parameters())
-    draft = DSparkDraft.load(path, device=weight.device, dtype=weight.dtype)
+    draft = DSparkDraft.load(path, *_compute_placement(flash_model))
+    vocab, target_vocab = draft.w["lm_head.weight"].shape[0], _target_vocab(flash_model)
+    if target_vocab is not None and vocab != target_vocab:
+        raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): the drafter's vocabulary has {vocab} tokens, the "
+                           f"target's {target_vocab}; a DSpark drafter serves the target it was trained for")
     if os.environ.get(ENV_STS):
         draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
     if draft.graphs is not None:
         _capture_draft_graphs(draft)
     return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER, "exact"), sps)
+
+
+def _compute_placement(flash_model) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for the drafter: those TGI declares for the model (Model.__init__ sets
+    .device and .dtype, the compute dtype also for quantized weights), else those of the target's
+    first parameter in a compute dtype (a quantized target's first parameter may be int8 or fp8)."""
+    device, dtype = getattr(flash_model, "device", None), getattr(flash_model, "dtype", None)
+    if device is not None and dtype in COMPUTE_DTYPES:
+        return torch.device(device), dtype
+    weight = next((p for p in flash_model.model.parameters() if p.dtype in COMPUTE_DTYPES), None)
+    if weight is None:
+        raise RuntimeError(f"DSpark: the model declares dtype {dtype} and the target has no float32/float16/"
+                           "bfloat16 parameter to run the drafter in")
+    return weight.device, weight.dtype
+
+
+def _target_vocab(flash_model) -> int | None:
+    """The width of the target's logits: vocab_size of its config (FlashCausalLM.config, or the
+    transformers model's for TGI's transformers backend); None when neither declares one."""
+    for config in (getattr(flash_model, "config", None), getattr(flash_model.model, "config", None)):
+        if getattr(config, "vocab_size", None) is not None:
+            return config.vocab_size
+    return None
 
 
 def _capture_draft_graphs(draft: DSparkDraft) -> None:

@@ -14,7 +14,7 @@ SPEC: {"model": dir, "draft": dir|null, "waves": [[arrival_decode_step, [request
        "env": {...}, "speculate": --speculate or absent} with request = {"id", "prompt": [ids], "max_new_tokens", "temperature",
        "do_sample", "seed", "top_k", "top_p", "repetition_penalty", "regex"}.
 OUT: {"speculate": Info.speculate, "device_type": Info.device_type, "tokens": {id: [generated ids]}, "finish": {id: reason},
-      "rounds": {id: generate_token calls that emitted its tokens}, "steps": decode calls}
+      "rounds": {id: generate_token calls that emitted its tokens}, "steps": decode calls, "log": the shard's log}
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def serve_and_drive(spec: dict) -> dict:
                                          max_total_tokens=512))
             router.next_block = 1
             steps = router.run(spec["waves"])
-            return {"speculate": info.speculate, "device_type": info.device_type,
+            log.seek(0)
+            return {"speculate": info.speculate, "device_type": info.device_type, "log": log.read(),
                     "tokens": {str(k): v for k, v in router.tokens.items()},
                     "finish": {str(k): v for k, v in router.finish.items()},
                     "rounds": {str(k): v for k, v in router.rounds.items()}, "steps": steps}
