@@ -340,6 +340,43 @@ def test_engine_verifies_a_skipped_request_from_its_held_q_and_placeholders_with
     assert "Missing cached draft probabilities" not in log, log[-4000:]
 
 
+PROFILED = """
+import json
+import os
+from pathlib import Path
+import sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: read the drafter's stats
+from dspark_cli.tiny_models import build_draft, build_target, successor_tokens
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+work = Path(sys.argv[1])
+target = build_target(work / "target", "successor")
+draft = build_draft(work / "draft", 3, "oracle", target)
+spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
+# not enforce_eager: vLLM's CPU worker runs its profiling run only when it compiles the model
+llm = LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0, max_num_seqs=5,
+          max_num_batched_tokens=64, speculative_config=spec)
+prompts = [[5, 17], [11, 30, 2]]
+out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                   SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, detokenize=False), use_tqdm=False)
+stats = llm.collective_rpc(lambda self: self.model_runner.drafter.stats)[0]
+print(json.dumps({"profiled_step": stats["profiled_step"], "drafted": stats["drafted"],
+                  "outputs": [list(o.outputs[0].token_ids) for o in out],
+                  "expected": [successor_tokens(p, 10) for p in prompts]}))
+"""
+
+
+@needs_vllm
+def test_the_largest_drafting_step_runs_in_vllms_profiling_run(tmp_path):
+    """vLLM sizes the KV cache from its profiling run's peak memory; the draft logits, q and the
+    pending q of a step at max_num_seqs must be allocated there, or serving takes them from memory
+    the KV cache holds. Here in the compiled CPU engine (its worker profiles only then): the step
+    ran at max_num_seqs with q stored before the KV cache existed, and DSpark drafts as usual."""
+    out = run_in_vllm(PROFILED, str(tmp_path), timeout=900)
+    assert out["profiled_step"] == {"requests": 5, "sampled": True, "before_kv_cache": True}, out
+    assert out["drafted"] > 0 and out["outputs"] == out["expected"], out
+
+
 # --- the production scheduler's per-step cost, and the adaptive budget ---------------------------
 
 from collections import deque  # noqa: E402

@@ -17,6 +17,7 @@ from dspark_cli.runtime import confidence_probs, cuda_ops, markov_chain, rng, su
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
+from dspark_cli.integrations.vllm.step_memory import run_largest_step
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 
 
@@ -75,12 +76,30 @@ class DSparkProposer(DFlashProposer):
         # the q cache's counters (q held for skipped requests, draft rows verified from held q,
         # placeholder rows verified with a zero q), the same dict PendingDraftProbs updates.
         self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0, "q": self.pending_q.counts}
+        # The largest step's tensors, made at the first dummy run that captures no graph: vLLM's
+        # profiling run, which sizes the KV cache from its peak (step_memory).
+        self.stats["profiled_step"] = None
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
         self.confidence_head = None
         if self.adaptive:
             self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
+
+    def dummy_run(self, num_tokens, *args, **kwargs) -> None:
+        super().dummy_run(num_tokens, *args, **kwargs)
+        if self.stats["profiled_step"] is None and not kwargs.get("is_graph_capturing", False):
+            self._run_largest_step()
+
+    def _run_largest_step(self) -> None:
+        requests = self.vllm_config.scheduler_config.max_num_seqs
+        head = self.model.model.markov_head
+        run_largest_step(self.model.compute_draft_logits, head.markov_w1.weight, head.markov_w2.weight,
+                         requests=requests, gamma=self.gamma, hidden_size=self.hidden_size, dtype=self.dtype,
+                         device=self.device, sample=self.probabilistic, confidence_head=self.confidence_head)
+        kv_caches = getattr(self.runner, "kv_caches", None)
+        self.stats["profiled_step"] = {"requests": requests, "sampled": self.probabilistic,
+                                       "before_kv_cache": None if kv_caches is None else not kv_caches}
 
     @torch.inference_mode()
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
