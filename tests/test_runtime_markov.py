@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dspark_cli.runtime import confidence_logits, markov_chain, probs_from_logits, residual_row, rng
+from dspark_cli.runtime import (check_markov_weight_values, confidence_logits, markov_chain, probs_from_logits,
+                                residual_row, rng)
 from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
 
@@ -275,3 +276,14 @@ def test_top_p_keeps_ties_of_its_smallest_kept_value_and_sums_in_fp64():
     expected = int((torch.cumsum(probs.sort(descending=True).values, 0) - probs.sort(descending=True).values
                     < torch.tensor([p], dtype=torch.float64).float().double()).sum())
     assert int(kept.sum()) == expected
+
+
+@pytest.mark.parametrize("which,value", [(0, float("nan")), (1, float("inf")), (1, float("-inf"))])
+def test_markov_weights_with_nan_or_inf_are_refused_by_the_load_time_check(which, value):
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(50, 4, generator=g).bfloat16() for _ in range(2)]
+    check_markov_weight_values(*weights)  # finite weights pass
+    weights[which][17, 2] = value
+    name = ("W1", "W2")[which]
+    with pytest.raises(ValueError, match=f"the Markov head's {name} contains NaN or infinite values"):
+        check_markov_weight_values(*weights)

@@ -555,17 +555,21 @@ def test_more_speculative_tokens_than_the_drafts_block_size_is_refused(tmp_path)
 OTHER_VOCABULARY = """
 import json, shutil, sys
 from pathlib import Path
-from dspark_cli.tiny_models import build_draft, build_target
+from dspark_cli.tiny_models import build_draft, build_target, read_weights, write_weights
 from vllm import LLM
 work = Path(sys.argv[1])
 target = build_target(work / "target", "successor")
 draft = build_draft(work / "draft", 2, "oracle", target)
 for name, change in (("padded", {"draft_vocab_size": json.loads((draft / "config.json").read_text())["vocab_size"] + 64}),
-                     ("scaled", {"logit_scale": 0.5})):
+                     ("scaled", {"logit_scale": 0.5}), ("nan", {})):
     variant = work / name
     shutil.copytree(draft, variant)
     config = json.loads((variant / "config.json").read_text())
     (variant / "config.json").write_text(json.dumps({**config, **change}))
+    if name == "nan":
+        weights = read_weights(variant)
+        weights["markov_head.markov_w2.weight"][3, 1] = float("nan")
+        write_weights(variant, weights)
     try:
         LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, enforce_eager=True,
             speculative_config={"method": "dspark", "model": str(variant), "num_speculative_tokens": 2})
@@ -576,10 +580,11 @@ for name, change in (("padded", {"draft_vocab_size": json.loads((draft / "config
 
 
 @needs_vllm
-def test_drafts_of_another_vocabulary_or_logit_scale_are_refused_at_start(tmp_path):
+def test_drafts_of_another_vocabulary_or_logit_scale_or_with_nan_weights_are_refused_at_start(tmp_path):
     """V1's verifier reads q with the target's vocabulary: a padded draft vocabulary (which vLLM's
     model class loads) would be misread, and a logit_scale other than 1 would scale U but not the
-    Markov bias. Both are refused before the engine starts, with the reason."""
+    Markov bias. Both are refused before the engine starts, with the reason; so is a NaN in the
+    Markov head (every q row would be NaN), checked once at load."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run([PYTHON, "-c", OTHER_VOCABULARY, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -587,3 +592,4 @@ def test_drafts_of_another_vocabulary_or_logit_scale_are_refused_at_start(tmp_pa
     assert "RESULT padded refused" in log and "RESULT scaled refused" in log, log[-4000:]
     assert "Model Runner V1 verifies drafts of the target's vocabulary only" in log, log[-4000:]
     assert "the DSpark draft has logit_scale = 0.5" in log, log[-4000:]
+    assert "RESULT nan refused" in log and "the Markov head's W2 contains NaN or infinite values" in log, log[-4000:]

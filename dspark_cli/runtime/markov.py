@@ -236,6 +236,13 @@ def _check_markov_weights(w1, w2, vocab: int) -> None:
     _checks.dim("w2", w2, 1, w1.shape[1], "Markov rank r of w1")
 
 
+def check_markov_weight_values(w1, w2) -> None:
+    """NaN/inf in the Markov head's W1/W2 make every q row NaN. A check of the weights' values for
+    engines to run once at load: per chain step it would read W2 (155 MB at Qwen3-4B shapes) again."""
+    _checks.finite("the Markov head's W1", w1)
+    _checks.finite("the Markov head's W2", w2)
+
+
 def _check_token_vector(name, t, R: int, vocab: int) -> None:
     """[R] token ids that index W1. Their range is a value check: run where the others run (on CPU
     by default, where min/max cost no device sync); on CUDA the chain trusts them."""

@@ -12,7 +12,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
-from dspark_cli.runtime import confidence_probs, cuda_ops, markov_chain, rng, survival
+from dspark_cli.runtime import check_markov_weight_values, confidence_probs, cuda_ops, markov_chain, rng, survival
 
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
@@ -82,6 +82,8 @@ class DSparkProposer(DFlashProposer):
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
+        head = self.model.model.markov_head
+        check_markov_weight_values(head.markov_w1.weight, head.markov_w2.weight)
         self.confidence_head = None
         if self.adaptive:
             self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
