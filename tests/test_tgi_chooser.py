@@ -52,6 +52,22 @@ def test_choose_matches_tgi_next_token_chooser(tmp_path):
     assert "greedy-equivalent" in out.stdout and "warped-equal" in out.stdout, out.stdout
 
 
+@pytest.mark.skipif(not (TGI_SRC and TGI_PY), reason="needs DSPARK_TGI_SRC (a v3.3.7 clone: .ci/prepare.d/39-tgi-src.sh "
+                                                     "when it could clone the tag) and DSPARK_TGI_UTILS_PYTHON (40-tgi-utils.sh)")
+def test_watermarked_request_shorter_than_the_batch_is_greedy_identical_to_plain_tgi(tmp_path):
+    """TGI's WatermarkLogitsProcessor seeds its green list from the last column of the ids it is
+    given; plain TGI's flash path gives it all_input_ids_tensor[:, :max_current_length], so a
+    request shorter than the batch's longest is seeded from the padding 0. WATERMARK_DELTA (TGI's
+    own knob, read when watermark.py is imported) is set high so that the green list decides the
+    greedy token on the successor target."""
+    root = build_tgi_utils_package(Path(TGI_SRC), tmp_path / "tgi", TGI_PY)
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{REPO}", WATERMARK_DELTA="200")
+    out = subprocess.run([TGI_PY, __file__, str(tmp_path / "ckpt"), "watermark"], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "watermark-identical" in out.stdout, out.stdout
+
+
 # ---------------------------------------------------------------- runs inside DSPARK_TGI_UTILS_PYTHON
 
 
@@ -168,5 +184,121 @@ def _check(ckpt_dir: Path) -> None:
     print(f"greedy-equivalent (accepted drafts: {total_accepted})")
 
 
+def plain_generate(target, params, prompts, steps):
+    """Plain TGI without speculation (flash_causal_lm.py generate_token): every step the chooser
+    gets all_input_ids_tensor[:, :max_current_length], right-padded with 0 to the longest request.
+    Returns each request's generated tokens."""
+    import torch
+    from text_generation_server.utils.tokens import HeterogeneousNextTokenChooser
+
+    chooser = HeterogeneousNextTokenChooser.from_pb(params, torch.float32, torch.device("cpu"), None)
+    seqs = [list(p) for p in prompts]
+    for _ in range(steps):
+        L = max(len(x) for x in seqs)
+        history = torch.tensor([x + [0] * (L - len(x)) for x in seqs])
+        with torch.no_grad():
+            logits = torch.stack([target(torch.tensor([x])).logits[0, -1] for x in seqs])
+        for x, t in zip(seqs, chooser(history, logits, 0)[0].tolist()):
+            x.append(t)
+    return [x[len(p):] for x, p in zip(seqs, prompts)]
+
+
+def dspark_generate(target, spec, params, prompts, steps):
+    """The same batch through hooks.choose: one prefill (rows of all prompts flattened, as TGI's
+    cu_seqlen_prefill layout), then decode steps of 1 + L rows per request, the history tensor
+    right-padded as TGI's. Returns (each request's first `steps` tokens, drafts accepted)."""
+    import torch
+    from text_generation_server.pb import generate_pb2 as pb
+    from text_generation_server.utils.tokens import HeterogeneousNextTokenChooser
+
+    from dspark_cli.integrations.tgi.hooks import choose
+
+    B = len(prompts)
+    chooser = HeterogeneousNextTokenChooser.from_pb(params, torch.float32, torch.device("cpu"), None)
+    requests = [pb.Request(id=20 + i, parameters=p) for i, p in enumerate(params)]
+    seqs = [list(p) for p in prompts]
+
+    def forward(rows_per_request):  # each request's rows through the target, stacked as TGI's flat forward
+        logits, feats = [], []
+        for x, n in zip(seqs, rows_per_request):
+            inp = torch.tensor([x])
+            with torch.no_grad():
+                logits.append(target(inp).logits[0, -n:])
+            feats.append(spec.capture.features(inp.shape[1])[-n:].clone())
+        spec.capture.buffer = torch.cat(feats)
+        return torch.cat(logits)
+
+    def history():
+        L = max(len(x) for x in seqs)
+        return torch.tensor([x + [0] * (L - len(x)) for x in seqs]), L
+
+    lengths = [len(p) for p in prompts]
+    logits = forward(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    hist, L = history()
+    pre = DecodeBatch(requests, chooser, torch.tensor([t for p in prompts for t in p]),
+                      torch.cat([torch.arange(n) for n in lengths]), hist, L, cu_seqlen_prefill=cu,
+                      cache_lengths=[0] * B)
+    next_ids, _, _, _, drafts = choose(spec, pre, logits[cu[1:] - 1].clone(), 3)
+    for x, t in zip(seqs, next_ids.tolist()):
+        x.append(t)
+    accepted = 0
+    while min(len(x) - len(p) for x, p in zip(seqs, prompts)) < steps:
+        S = 1 + drafts.shape[1]
+        for x, d in zip(seqs, drafts.tolist()):
+            x.extend(d)
+        logits = forward([S] * B)
+        for x in seqs:
+            del x[-(S - 1):]
+        hist, L = history()
+        dec = DecodeBatch(requests, chooser, torch.tensor([x[-1] for x in seqs]), torch.tensor([len(x) - 1 for x in seqs]),
+                          hist, L, speculative_ids=drafts.clone())
+        next_ids, _, _, acc, drafts = choose(spec, dec, logits, 3)
+        accepted += int(acc.sum()) - B
+        for x, new in zip(seqs, next_ids.split(acc.tolist())):
+            x.extend(new.tolist())
+    return [x[len(p):len(p) + steps] for x, p in zip(seqs, prompts)], accepted
+
+
+def _check_watermark(ckpt_dir: Path) -> None:
+    """A watermarked greedy request shorter than its batch's longest (and one with a repetition
+    penalty, whose padding is token 0's occurrence): DSpark's tokens equal plain TGI's for the
+    request served alone, where TGI seeds the watermark from the request's own last token."""
+    import torch
+    from text_generation_server.pb import generate_pb2 as pb
+
+    from dspark_cli import tiny_models
+    from dspark_cli.integrations.tgi.draft import DSparkDraft
+    from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
+
+    torch.manual_seed(0)
+    target_path = tiny_models.build_target(ckpt_dir / "target", "successor")
+    target = tiny_models.load_transformers(target_path)
+    draft = DSparkDraft.load(tiny_models.build_draft(ckpt_dir / "partial", gamma=3, kind="partial", target=target_path))
+    params = [_params(pb, watermark=True), _params(pb, watermark=True), _params(pb, repetition_penalty=10.0)]
+    prompts = [[5, 9, 14, 30, 31, 32], [60, 61, 62], [251, 252]]  # request 0 the longest throughout
+    steps = 12
+    alone = [plain_generate(target, [p], [x], steps)[0] for p, x in zip(params, prompts)]
+    batched = plain_generate(target, params, prompts, steps)
+    print(f"plain alone   {alone}\nplain batched {batched}")
+    assert batched[0] == alone[0], "the longest request is seeded from its own last token in both"
+    # The reference is ambiguous for the shorter ones: plain TGI's own tokens depend on the batch.
+    assert batched[1] != alone[1] and batched[2] != alone[2], "the padding did not change plain TGI's tokens"
+    for together in (True, False):
+        spec = DSparkSpeculation.for_target(target, draft, scheduler="off")
+        if together:
+            out, accepted = dspark_generate(target, spec, params, prompts, steps)
+        else:
+            runs = [dspark_generate(target, spec, [p], [x], steps) for p, x in zip(params, prompts)]
+            out, accepted = [o[0] for o, _ in runs], sum(a for _, a in runs)
+        print(f"dspark {'batched' if together else 'alone  '} {out} (accepted drafts: {accepted})")
+        assert accepted > 0, "no draft was accepted: verify rows j >= 1 were not exercised"
+        assert out == alone, (together, out, alone)
+    print("watermark-identical")
+
+
 if __name__ == "__main__":
-    _check(Path(sys.argv[1]))
+    if sys.argv[2:] == ["watermark"]:
+        _check_watermark(Path(sys.argv[1]))
+    else:
+        _check(Path(sys.argv[1]))

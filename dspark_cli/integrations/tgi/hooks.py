@@ -127,6 +127,24 @@ def pad_drafts(batches) -> None:
         b.speculative_ids = torch.cat([ids, ids.new_zeros(ids.shape[0], width - ids.shape[1])], 1)
 
 
+def _own_history(batch, history: torch.Tensor) -> torch.Tensor:
+    """The history TGI hands its processors with each request's right padding (TGI pads with 0 to
+    the batch's longest request) replaced by the request's last token. TGI's watermark seeds its
+    green list from the last column, so plain TGI seeds a request shorter than the batch's longest
+    from the padding 0 and the same request alone from its last token; its repetition penalty
+    counts the padding as an occurrence of token 0. DSpark's batch lengths differ from plain TGI's
+    (requests accept different numbers of drafts: the longest can change), so the one reference it
+    can match is the request alone. Repeating the last token keeps both exact: the watermark reads
+    only the last column, and the repetition penalty penalises each distinct token once."""
+    last_rows = None if batch.cu_seqlen_prefill is None else batch.cu_seqlen_prefill[1:] - 1
+    # The row each request samples after holds its last token (decode: batch.input_ids), at
+    # position_ids = its index in all_input_ids_tensor.
+    last = batch.input_ids if last_rows is None else batch.input_ids[last_rows]
+    positions = batch.position_ids.view(-1) if last_rows is None else batch.position_ids[last_rows]
+    pad = torch.arange(history.shape[1], device=history.device) > positions.to(history.device).view(-1, 1)
+    return torch.where(pad, last.to(history.device, history.dtype).view(-1, 1), history)
+
+
 def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
     """TGI's processors and warpers as HeterogeneousNextTokenChooser applies them, without the choice.
     Row j scores the token after draft j, so its processors see drafts 1..j as already emitted, as
@@ -135,14 +153,24 @@ def _warped_logits(batch, logits: torch.Tensor, S: int) -> torch.Tensor:
     state, which makes penalties lossy and lets grammar-constrained requests accept invalid drafts."""
     chooser = batch.next_token_chooser
     history = batch.all_input_ids_tensor[:, : batch.max_current_length]
+    per_request = chooser.watermark_processor is not None or chooser.repetition_processor is not None
+    own = _own_history(batch, history) if per_request else None
     grammar_states = chooser.fsm_grammar_states
     scores = logits.view(len(batch), S, -1).clone()
     for j in range(S):
-        input_ids = history if j == 0 else torch.cat([history, batch.speculative_ids[:, :j].to(history.dtype)], 1)
+        input_ids, own_ids = history, own
+        if j > 0:
+            drafts = batch.speculative_ids[:, :j].to(history.dtype)
+            input_ids = torch.cat([history, drafts], 1)
+            own_ids = None if own is None else torch.cat([own, drafts], 1)
         s = scores[:, j]
-        for proc in (chooser.watermark_processor, chooser.repetition_processor, chooser.frequency_processor):
+        # The watermark seeds from the last column (j = 0: the request's last token, j >= 1: draft
+        # j) and the repetition penalty sees the request's tokens only, as for the request alone;
+        # the frequency penalty keeps TGI's padded width (docs/tgi.md: not batch-independent).
+        for proc, ids in ((chooser.watermark_processor, own_ids), (chooser.repetition_processor, own_ids),
+                          (chooser.frequency_processor, input_ids)):
             if proc is not None:
-                s = proc(input_ids, s)
+                s = proc(ids, s)
         if chooser.grammar_processor is not None:
             if j > 0:  # (advance_at_index, unlike advance_batch, passes requests without a grammar)
                 grammar_states = [chooser.grammar_processor.advance_at_index(t, state, i) for i, (t, state)
