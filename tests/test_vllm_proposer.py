@@ -371,9 +371,11 @@ def test_the_largest_drafting_step_runs_in_vllms_profiling_run(tmp_path):
     """vLLM sizes the KV cache from its profiling run's peak memory; the draft logits, q and the
     pending q of a step at max_num_seqs must be allocated there, or serving takes them from memory
     the KV cache holds. Here in the compiled CPU engine (its worker profiles only then): the step
-    ran at max_num_seqs with q stored before the KV cache existed, and DSpark drafts as usual."""
+    ran at max_num_seqs with q stored before the KV cache existed, beside the pending q's
+    reservation made at load, and DSpark drafts as usual."""
     out = run_in_vllm(PROFILED, str(tmp_path), timeout=900)
-    assert out["profiled_step"] == {"requests": 5, "sampled": True, "before_kv_cache": True}, out
+    assert out["profiled_step"] == {"requests": 5, "sampled": True, "before_kv_cache": True,
+                                    "pending_q_reserved": True}, out
     assert out["drafted"] > 0 and out["outputs"] == out["expected"], out
 
 

@@ -1,9 +1,10 @@
-"""The V1 proposer's profiling step (integrations/vllm/step_memory) against real drafting steps on a
-GPU: vLLM sizes the KV cache from its profiling run's peak, so the step made there must take at
-least the memory that drafting steps at max_num_seqs take later — greedy and sampled, unwarped and
-with the top-k/top-p a request may ask for, with q pending from the step before, held rows of
-skipped requests and the verifier's copy. Qwen3-4B DSpark shapes. Skipped, with the reason,
-without a GPU or a build.
+"""The V1 proposer's drafting memory in vLLM's profiling run (integrations/vllm/step_memory) against
+real drafting steps on a GPU: vLLM sizes the KV cache from its profiling run, so the pending q's
+reservation and the step made there must take at least the memory that drafting steps at
+max_num_seqs take later — greedy and sampled, unwarped and with the top-k/top-p a request may ask
+for, with q pending from the step before, held rows of skipped requests, the verifier's copy and
+the target's logits the runner holds. Qwen3-4B DSpark shapes. Skipped, with the reason, without a
+GPU or a build.
 
     PYTHONPATH=. python -m pytest -q tests/test_vllm_step_memory_gpu.py     (after `dspark build`)"""
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
-from dspark_cli.integrations.vllm.step_memory import run_largest_step
+from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step
 from dspark_cli.runtime import markov_chain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
@@ -42,9 +43,13 @@ def test_the_profiled_step_takes_at_least_what_drafting_steps_take(requests, sam
     def draft_logits(h):
         return h @ lm_head.T
 
-    profiled = peak_bytes(lambda: run_largest_step(
-        draft_logits, w1, w2, requests=requests, gamma=GAMMA, hidden_size=HIDDEN, dtype=torch.bfloat16,
-        device=device, sample=sample, confidence_head=confidence_head))
+    def profiled_step():
+        reserve = reserve_pending_q(requests, GAMMA, V, device) if sample else None  # from load_model on
+        run_largest_step(draft_logits, w1, w2, requests=requests, gamma=GAMMA, hidden_size=HIDDEN,
+                         dtype=torch.bfloat16, device=device, sample=sample, confidence_head=confidence_head)
+        del reserve
+
+    profiled = peak_bytes(profiled_step)
 
     ids = [f"r{i}" for i in range(requests)]
     full = lambda v, dtype: torch.full((requests,), v, dtype=dtype, device=device)  # noqa: E731
@@ -59,6 +64,7 @@ def test_the_profiled_step_takes_at_least_what_drafting_steps_take(requests, sam
             R = len(batch)
             if tokens is not None and sample:  # verification of the drafts pending for this batch (a copy, freed)
                 pending.for_verification(batch, [GAMMA] * R, tokens.reshape(-1)[: R * GAMMA], placeholders=[0])
+            target_logits = torch.randn(R * (GAMMA + 1), V, generator=g, device=device, dtype=torch.bfloat16)
             h = torch.randn(R * GAMMA, HIDDEN, generator=g, device=device, dtype=torch.bfloat16)
             U = draft_logits(h).view(R, GAMMA, V)
             top_k, top_p = warps[step // 2] if sample else (None, None)
@@ -71,10 +77,21 @@ def test_the_profiled_step_takes_at_least_what_drafting_steps_take(requests, sam
             # what the proposer keeps of a step: the tokens (in vLLM's hands) and q (pending)
             tokens = draft.tokens
             pending.drafted(batch, draft.q if sample else None)
-            del h, U, draft
+            del h, U, draft, target_logits
 
     real = peak_bytes(drafting_steps)
     print(f"requests={requests} sample={sample}: profiled {profiled} B, drafting steps {real} B")
     assert real > 0
     assert profiled >= real, (f"the profiled step took {profiled / 2**20:.0f} MiB, drafting steps "
                               f"{real / 2**20:.0f} MiB at {requests} requests")
+
+
+def test_a_step_that_does_not_fit_says_what_to_lower():
+    """At start, not mid-serving: 100 000 requests' U alone (212 GB in bf16) exceeds the GPU."""
+    device = torch.device("cuda")
+    lm_head = torch.zeros(V, HIDDEN, dtype=torch.bfloat16, device=device)
+    w = torch.zeros(V, RANK, dtype=torch.bfloat16, device=device)
+    with pytest.raises(RuntimeError, match=r"DSpark's drafting does not fit at start: max_num_seqs = "
+                                           r"100000 requests × γ = 7 × V = 151936 .*lower max_num_seqs"):
+        run_largest_step(lambda h: h @ lm_head.T, w, w, requests=100_000, gamma=GAMMA, hidden_size=HIDDEN,
+                         dtype=torch.bfloat16, device=device, sample=True)

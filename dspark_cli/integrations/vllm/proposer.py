@@ -17,7 +17,7 @@ from dspark_cli.runtime import check_markov_weight_values, confidence_probs, cud
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
-from dspark_cli.integrations.vllm.step_memory import run_largest_step
+from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 
 
@@ -76,8 +76,10 @@ class DSparkProposer(DFlashProposer):
         # the q cache's counters (q held for skipped requests, draft rows verified from held q,
         # placeholder rows verified with a zero q), the same dict PendingDraftProbs updates.
         self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0, "q": self.pending_q.counts}
-        # The largest step's tensors, made at the first dummy run that captures no graph: vLLM's
-        # profiling run, which sizes the KV cache from its peak (step_memory).
+        # Drafting's memory in vLLM's profiling run (step_memory): the pending q's size reserved from
+        # load_model to the first real draft; the largest step's tensors made at the first dummy run
+        # that captures no graph (the profiling run).
+        self._pending_q_reserve = None
         self.stats["profiled_step"] = None
 
     def load_model(self, target_model) -> None:
@@ -87,6 +89,9 @@ class DSparkProposer(DFlashProposer):
         self.confidence_head = None
         if self.adaptive:
             self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
+        if self.probabilistic:
+            self._pending_q_reserve = reserve_pending_q(self.vllm_config.scheduler_config.max_num_seqs, self.gamma,
+                                                        self.vllm_config.model_config.get_vocab_size(), self.device)
 
     def dummy_run(self, num_tokens, *args, **kwargs) -> None:
         super().dummy_run(num_tokens, *args, **kwargs)
@@ -101,13 +106,15 @@ class DSparkProposer(DFlashProposer):
                          device=self.device, sample=self.probabilistic, confidence_head=self.confidence_head)
         kv_caches = getattr(self.runner, "kv_caches", None)
         self.stats["profiled_step"] = {"requests": requests, "sampled": self.probabilistic,
-                                       "before_kv_cache": None if kv_caches is None else not kv_caches}
+                                       "before_kv_cache": None if kv_caches is None else not kv_caches,
+                                       "pending_q_reserved": self._pending_q_reserve is not None}
 
     @torch.inference_mode()
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
         self._last_draft_probs = None
+        self._pending_q_reserve = None  # real pending q from here on
         R, gamma = common_attn_metadata.batch_size(), self.gamma
         h = self._block_hidden_states(target_token_ids, target_positions, target_hidden_states,
                                       next_token_ids, common_attn_metadata, num_rejected_tokens_gpu)

@@ -1,46 +1,74 @@
-"""The largest DSpark drafting step's tensors, made once inside vLLM's memory-profiling run.
+"""The memory of DSpark's drafting in vLLM's memory-profiling run, so the KV cache leaves room for it.
 
-vLLM sizes the KV cache from the peak memory of its profiling run (`profile_run`, before the KV
-cache exists; the CPU worker runs it only when it compiles); memory a drafter first takes later comes out of what the
-KV cache already holds. The DFlash dummy run the V1 proposer inherits runs the draft's forward
-only. A DSpark step also makes the draft logits U [R·γ, V] (model dtype) and the Markov chain's q
-[R, γ, V] fp32 with the chain's scratch, while the previous step's drafts and q and the q held for
-skipped requests (draft_probs.PendingDraftProbs: at most max_num_seqs rows together) are alive. At
-max_num_seqs = 256, γ = 7, V = 151936: U 0.5 GB in bf16 and 1.1 GB per q. Verification takes less
-of ours: the pending rows and at most one copy of them. Only values differ from a real step here,
-and the chain's allocations do not depend on values."""
+vLLM sizes the KV cache from its profiling run (`profile_run`, before the KV cache exists; the CPU
+worker runs it only when it compiles): the memory allocated after it plus its transient peak over
+that. Memory a drafter first takes later comes out of what the KV cache already holds. The DFlash
+dummy run the V1 proposer inherits runs the draft's forward only. DSpark also holds, at
+max_num_seqs = 256, γ = 7, V = 151936 (bf16 model):
+- the q pending between steps (draft_probs.PendingDraftProbs: the last drafting step's rows and
+  those held for skipped requests, at most max_num_seqs × γ × V fp32 together, 1.1 GB), alive
+  through the next step's target forward, sampler and drafting: `reserve_pending_q` takes its size
+  in load_model, before the profiling run, and the proposer lets it go at its first real draft;
+- while it drafts: the draft logits U [R·γ, V] (0.5 GB), the chain's q [R, γ, V] fp32 (1.1 GB) and
+  scratch, beside the target's logits [R·(γ+1), V] that the runner keeps through drafting (0.6 GB):
+  `run_largest_step`, in the profiling run's dummy draft.
+Not covered: at verification, the verifier's copy of the pending rows (made when placeholder drafts
+or rows without q are verified) beside vLLM's rejection sampler, whose own dummy run verifies one
+draft per request, not γ (upstream's accounting, for its own drafters too)."""
 
 import torch
 
 from dspark_cli.runtime import cuda_ops, markov_chain
 
 
+def reserve_pending_q(requests: int, gamma: int, vocab: int, device) -> torch.Tensor:
+    """The pending q's size, [requests, γ, V] fp32, held until the first real draft replaces it."""
+    return _fitting(requests, gamma, vocab, lambda: torch.empty(requests, gamma, vocab, dtype=torch.float32,
+                                                                device=device))
+
+
 @torch.inference_mode()
 def run_largest_step(draft_logits, w1, w2, *, requests: int, gamma: int, hidden_size: int, dtype,
                      device, sample: bool, confidence_head=None) -> None:
-    """One drafting step at `requests` rows with everything a real step keeps alive. draft_logits:
-    hidden [n, hidden_size] -> logits [n, V] (the draft model's own head). sample: the engine may
-    draft by sampling: q is stored, the previous step's q is pending, and the warped chain
-    (top-k/top-p) runs besides the unwarped one, as either may be the larger.
-    confidence_head: (weight, bias) as confidence_head_fp32 gives them, or None."""
+    """One drafting step at `requests` rows with what a real step keeps alive beside it (the
+    pending q is `reserve_pending_q`'s). draft_logits: hidden [n, hidden_size] -> logits [n, V]
+    (the draft model's own head); dtype: the model's (target logits, hidden states). sample: the
+    engine may draft by sampling: q is stored and the warped chain (top-k/top-p) runs besides the
+    unwarped one, as either may be the larger. confidence_head: (weight, bias) as
+    confidence_head_fp32 gives them, or None."""
+    _fitting(requests, gamma, w2.shape[0], lambda: _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype,
+                                                        device, sample, confidence_head))
+
+
+def _fitting(requests: int, gamma: int, vocab: int, make):
+    """make(), with an out-of-memory error that says what did not fit and what to lower."""
+    try:
+        return make()
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeError(
+            f"DSpark's drafting does not fit at start: max_num_seqs = {requests} requests × γ = {gamma} × V = "
+            f"{vocab} (each fp32 q is {requests * gamma * vocab * 4 / 2**30:.2f} GiB); lower max_num_seqs or "
+            f"gpu_memory_utilization") from exc
+
+
+def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, sample, confidence_head) -> None:
     h = torch.zeros(requests * gamma, hidden_size, dtype=dtype, device=device)
     U = draft_logits(h).view(requests, gamma, -1)
     V = U.shape[-1]
+    # the target's logits and the previous step's drafts, which the runner holds while this step drafts
+    held = (torch.empty(requests * (gamma + 1), V, dtype=dtype, device=device),
+            torch.empty(requests, gamma, dtype=torch.int64, device=device))
     anchors = torch.zeros(requests, dtype=torch.int64, device=device)
     confidence = None if confidence_head is None else (h.view(requests, gamma, -1), *confidence_head)
     # the proposer's keys: counter-based whenever our CUDA chain runs (the torch chain without keys
     # takes more memory, and is not what runs there)
     seeds = torch.zeros(requests, dtype=torch.int64, device=device) if cuda_ops.available(U) else None
-    # the previous step's drafts (in the runner) and, when drafts are sampled, its q and the held
-    # rows: alive while this step drafts
-    pending = [torch.empty(requests, gamma, dtype=torch.int64, device=device)]
     warps = [(None, None)]
     if sample:
-        pending.append(torch.empty(requests, gamma, V, dtype=torch.float32, device=device))
         warps.append((torch.full((requests,), V - 1, dtype=torch.int64, device=device),
                       torch.full((requests,), 0.9, dtype=torch.float32, device=device)))
     temperature = torch.full((requests,), 1.0 if sample else 0.0, dtype=torch.float32, device=device)
     for top_k, top_p in warps:
         markov_chain(U, anchors, w1, w2[:V], temperature, top_k=top_k, top_p=top_p, seeds=seeds,
                      return_q=sample, confidence=confidence)
-    del pending
+    del held
