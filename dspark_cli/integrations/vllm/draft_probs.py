@@ -94,20 +94,22 @@ class PendingDraftProbs:
                 q = None if q is None else q[:n]
                 from_held += 0 if q is None else n
             if q is not None:
-                vocab = q.shape[-1]
+                vocab, device = q.shape[-1], q.device
             pieces.append((offset, n, q))
             offset += n
         if vocab is None:
             return None
         self.counts["verified_from_held"] += from_held
-        out = []
+        # one allocation, filled in place (per-piece rows joined by a cat would be a second copy of q)
+        out = torch.zeros(offset, vocab, dtype=torch.float32, device=device)
         for start, n, q in pieces:
             if q is None:
                 # one-hot at the draft; a placeholder's (id < 0) row is zeroed by the caller
-                ids = draft_token_ids[start:start + n].to(torch.int64).clamp_min(0).unsqueeze(1)
-                q = torch.zeros(n, vocab, dtype=torch.float32, device=ids.device).scatter_(1, ids, 1.0)
-            out.append(q.float())
-        return torch.cat(out, dim=0).contiguous()
+                ids = draft_token_ids[start:start + n].to(device=device, dtype=torch.int64).clamp_min(0)
+                out[start:start + n].scatter_(1, ids.unsqueeze(1), 1.0)
+            else:
+                out[start:start + n].copy_(q)
+        return out
 
     def _latest_rows(self, req_ids, num_draft_tokens, copy: bool = False) -> torch.Tensor | None:
         """The common step: every request verified drafted in the last step. Its rows by one gather,
