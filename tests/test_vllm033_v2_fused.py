@@ -166,6 +166,15 @@ def test_declines_what_it_cannot_reproduce_exactly(monkeypatch):
     assert v2_fused.sample_sequential(make_model(), make_spec(2, [0, 1]), 2, hidden) is False
 
 
+
+def test_a_markov_head_with_nan_is_refused_at_the_first_call():
+    """The first call is vLLM's eager profile run, at start: NaN in W2 would make every q row NaN."""
+    model = make_model()
+    with torch.no_grad():
+        model.model.markov_head.markov_w2.weight[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="the Markov head's W2 contains NaN or infinite values"):
+        v2_fused.sample_sequential(model, make_spec(2, [0, 1]), 2, torch.randn(MAX_REQS * GAMMA, D))
+
 def test_switch_defaults_to_whether_the_extension_is_loaded(monkeypatch):
     monkeypatch.delenv(v2_fused.ENV_SWITCH)
     from dspark_cli.runtime import cuda_ops

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark_cli.runtime import cuda_ops, rng
+from dspark_cli.runtime import check_markov_weight_values, cuda_ops, rng
 from dspark_cli.runtime.confidence import confidence_probs
 from dspark_cli.runtime.markov import markov_chain
 
@@ -98,6 +98,7 @@ def _resolve_plan(model, spec) -> _Plan | None:
         return None
     head = model.model.markov_head
     w1 = head.markov_w1.weight
+    check_markov_weight_values(w1, head.markov_w2.weight)  # once, at the eager profile run's call
     weight = bias = None
     if spec.use_confidence_head:  # fp32 once here: the chain's confidence launch reads fp32
         weight, bias = confidence_head_fp32(model.model.confidence_head)
