@@ -75,3 +75,20 @@ def test_locate_false_leaves_out_the_index_of_a_gathered_tensor():
     t[0, 0, 1] = INF
     with pytest.raises(ValueError, match=r"^rows contains NaN or infinite values \(inf\)$"):
         _checks.nonnegative("rows", t, locate=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_the_load_time_weight_check_catches_one_bad_entry_on_cuda(value, dtype):
+    """Engines check the Markov weights once at load, on the GPU: CUDA's aminmax must propagate
+    NaN in every float dtype too (W2 at Qwen3-4B size, the bad entry in its last position)."""
+    from dspark_cli.runtime import check_markov_weight_values
+
+    w1 = torch.full((151936, 256), 0.25, dtype=dtype, device="cuda")
+    w2 = w1.clone()
+    check_markov_weight_values(w1, w2)
+    w2[-1, -1] = value
+    with pytest.raises(ValueError, match="the Markov head's W2 contains NaN or infinite values"):
+        check_markov_weight_values(w1, w2)

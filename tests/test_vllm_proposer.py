@@ -283,19 +283,24 @@ def test_no_q_is_kept_for_drafts_vllm_discards():
     assert cache._held == {} and cache.counts["held"] == 0
 
 
-STARVED = """
+# An engine script's start: the engine core in this process (to read the drafter's stats), a target
+# and a γ = 3 draft of the given kinds built under argv[1], a probabilistic DSpark config.
+ENGINE_SCRIPT = """
 import json
 import os
 from pathlib import Path
 import sys
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: read the drafter's stats
-from dspark_cli.tiny_models import build_draft, build_target
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from dspark_cli.tiny_models import build_draft, build_target, successor_tokens
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 work = Path(sys.argv[1])
-target = build_target(work / "target", "random")
-draft = build_draft(work / "draft", 3, "random", target)
-spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
+target = build_target(work / "target", "{target}")
+draft = build_draft(work / "draft", 3, "{draft}", target)
+spec = {{"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}}
+"""
+
+STARVED = ENGINE_SCRIPT.format(target="random", draft="random") + """
 # 12 batched tokens: two decoding requests (1 + 3 drafts, plus DSpark's 2 drafting slots each) spend
 # the budget, so the third running request (sampled) is skipped after its first drafts and keeps
 # them until the first finishes. The 1-token prompts come in while others decode: vLLM pads them
@@ -340,19 +345,7 @@ def test_engine_verifies_a_skipped_request_from_its_held_q_and_placeholders_with
     assert "Missing cached draft probabilities" not in log, log[-4000:]
 
 
-PROFILED = """
-import json
-import os
-from pathlib import Path
-import sys
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: read the drafter's stats
-from dspark_cli.tiny_models import build_draft, build_target, successor_tokens
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-work = Path(sys.argv[1])
-target = build_target(work / "target", "successor")
-draft = build_draft(work / "draft", 3, "oracle", target)
-spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
+PROFILED = ENGINE_SCRIPT.format(target="successor", draft="oracle") + """
 # not enforce_eager: vLLM's CPU worker runs its profiling run only when it compiles the model
 llm = LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0, max_num_seqs=5,
           max_num_batched_tokens=64, speculative_config=spec)
