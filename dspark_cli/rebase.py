@@ -294,18 +294,43 @@ def check_targets(branch: str, out_dir: Path, force: bool) -> None:
 
 def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
     """The refreshed series from the rebase commits: same names and order, new lock. `out_dir` was
-    checked by check_targets."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    for outcome in result.outcomes:
-        context = context_lines((source_dir / outcome.patch).read_text(encoding="utf-8", errors="replace"))
-        text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature", f"-U{context}",
-                          outcome.commit).stdout
-        (out_dir / outcome.patch).write_text(text, encoding="utf-8")
-    shutil.copyfile(source_dir / series_mod.SERIES_FILE, out_dir / series_mod.SERIES_FILE)
-    series_mod.write_lock(out_dir)
+    checked by check_targets.
+
+    `out_dir` may be `source_dir` itself (a refresh in place), so every source text is read before
+    anything is written; the new series is made in a temporary sibling of `out_dir` and swapped in
+    whole, so a failure midway leaves the old series as it was."""
+    contexts = {o.patch: context_lines((source_dir / o.patch).read_text(encoding="utf-8", errors="replace"))
+                for o in result.outcomes}
+    series_file = (source_dir / series_mod.SERIES_FILE).read_bytes()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp's directory is private (0700): the series goes in a plain mkdir under it (the umask's mode).
+    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.dspark-"))
+    try:
+        new = scratch / "new"
+        new.mkdir()
+        for outcome in result.outcomes:
+            text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
+                              f"-U{contexts[outcome.patch]}", outcome.commit).stdout
+            (new / outcome.patch).write_text(text, encoding="utf-8")
+        (new / series_mod.SERIES_FILE).write_bytes(series_file)
+        series_mod.write_lock(new)
+        _swap_in(new, out_dir, scratch / "old")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     result.out_dir = out_dir
+
+
+def _swap_in(new: Path, out_dir: Path, old: Path) -> None:
+    """Put directory `new` at `out_dir` by renames. A directory cannot be renamed over a non-empty
+    one, so the current `out_dir` moves aside to `old` first and comes back if `new` cannot go in."""
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out_dir)
+        raise
 
 
 # ------------------------------------------------------------------ where the two trees come from

@@ -294,3 +294,51 @@ def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetch
                      env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
     assert run.returncode == 2 and run.stderr.strip() == "error: dspark/rebase-a b is not a valid branch name; name the new pin with --pin"
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("target", ["--out", "default out"])
+def test_the_series_being_carried_is_refreshed_in_place(upstream, target):
+    """--out (or the default patches/ENGINE/PIN) naming the --series directory itself: was deleted
+    before its patches were read."""
+    u = upstream
+    onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v8.0")  # every hunk of 0001 moves
+    before = snapshot(u["patches"])
+    args = ["--out", str(u["patches"])] if target == "--out" else ["--pin", "v1.0"]
+    run = dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd8"), "--force", *args)
+    assert run.returncode == 0, run.stderr
+    assert Path(json.loads(run.stdout)["out_dir"]) == u["patches"]
+    refreshed = series.load_series(u["patches"], "dspark")  # its lock matches what was written
+    assert sorted(snapshot(u["patches"])) == sorted(before) and snapshot(u["patches"]) != before
+    assert sorted(p.name for p in u["patches"].parent.iterdir()) == ["v1.0"]  # no temporary directory left
+    fresh = u["tmp"] / "fresh8"
+    git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
+    git(fresh, "checkout", "-q", onto)
+    for p in refreshed:
+        assert "offset" not in git(fresh, "apply", "--index", "--verbose", str(p.path))
+
+
+def test_a_failure_while_writing_leaves_the_old_series_intact(upstream):
+    """The series is written beside --out and swapped in whole: git failing on the second patch
+    (a commit that does not exist) leaves the series being refreshed in place as it was."""
+    from dspark_cli import rebase
+    from dspark_cli.workspace import GitFailed, Workspace
+
+    u = upstream
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v8.1")
+    wd = u["tmp"] / "wd81"
+    run = dspark(u, "--onto", "v8.1", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(u["tmp"] / "o81"))
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    outcomes = [rebase.PatchOutcome(patch=p["patch"], status=p["status"], commit=p["commit"]) for p in report["patches"]]
+    outcomes[1].commit = "0" * 40
+    result = rebase.RebaseResult(workdir=wd, branch=report["branch"], base=report["base"], onto=report["onto"],
+                                 outcomes=outcomes)
+    before = snapshot(u["patches"])
+    with pytest.raises(GitFailed):
+        rebase.write_series(Workspace(wd), result, u["patches"], u["patches"])
+    assert snapshot(u["patches"]) == before and result.out_dir is None
+    assert sorted(p.name for p in u["patches"].parent.iterdir()) == ["v1.0"]
