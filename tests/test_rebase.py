@@ -342,3 +342,30 @@ def test_a_failure_while_writing_leaves_the_old_series_intact(upstream):
         rebase.write_series(Workspace(wd), result, u["patches"], u["patches"])
     assert snapshot(u["patches"]) == before and result.out_dir is None
     assert sorted(p.name for p in u["patches"].parent.iterdir()) == ["v1.0"]
+
+
+def test_relative_paths_are_the_callers_not_the_work_trees(upstream):
+    """--repo, --series, --out and --workdir relative to the cwd, which is neither the repository
+    nor the series' parent: --series was opened by git in the work tree ("can't open patch",
+    reported as a conflict, exit 4)."""
+    u = upstream
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v9.0")
+    here = u["tmp"] / "here"
+    here.mkdir()
+    env = {"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"), "GIT_CONFIG_GLOBAL": os.devnull}
+
+    def rebase_here(*args):
+        return run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v9.0", "--repo", "../upstream",
+                          "--workdir", "wd9", *args, "--json", cwd=here, env=env)
+
+    run = rebase_here("--series", "../patches/eng/v1.0", "--out", "out")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [p["status"] for p in report["patches"]] == ["clean", "clean", "clean"]
+    assert report["out_dir"] == str((here / "out").resolve()) and report["workdir"] == str((here / "wd9").resolve())
+    assert [p.name for p in series.load_series(here / "out", "dspark")] == sorted(p["patch"] for p in report["patches"])
+    # The reviewer's case: a relative --series refreshed in place.
+    again = rebase_here("--series", "out", "--out", "out", "--force")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["out_dir"] == str((here / "out").resolve())
+    series.load_series(here / "out", "dspark")

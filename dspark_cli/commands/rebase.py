@@ -112,11 +112,14 @@ def register(app: typer.Typer) -> None:
         pin = engine.resolve_pin(from_pin)
         if pin is None:
             raise UsageError(f"unknown {engine_name} pin {from_pin!r}; compat.yaml knows: {', '.join(engine.pins)}")
+        # Path options are relative to the caller's cwd, but git runs in the work tree (a relative
+        # patch path there is "can't open patch", reported as a conflict): make them absolute now.
+        repo, out, series_dir, workdir = (p.resolve() if p else None for p in (repo, out, series_dir, workdir))
         source_dir = series_dir or pin.patches
         patches = load_series(source_dir, "dspark")
         for option, path in (("--workdir", workdir), ("--out", out)):
             if path is not None:
-                check_dir_option(path.resolve(), option)  # before any work, not an OSError after it
+                check_dir_option(path, option)  # before any work, not an OSError after it
 
         if repo is not None:
             # A ref such as main~0 becomes main-0: the name makes the work branch and the out directory.
@@ -131,7 +134,7 @@ def register(app: typer.Typer) -> None:
         compat_entry = None
         if repo is not None:
             work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
-            ws, result = rebase.rebase_in_worktree(repo.resolve(), work, onto, pin, patches, branch, force, resume)
+            ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume)
         else:
             work = workdir or cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
             ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
