@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -369,8 +370,15 @@ def check_wheel_dir(out_dir: str | Path) -> Path:
 
 def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
     """A wheel holding the built library (package dspark_ops), pinned to the exact torch it was
-    built against: the .so uses torch's C++ ABI, not Python's, hence the py3-none tag."""
+    built against: the .so uses torch's C++ ABI, not Python's, hence the py3-none tag. The pin is the
+    installed distribution's version (2.14.1), not torch.__version__ (2.14.1+cu130): a local label
+    in `==` must match the installed version's exactly (PEP 440), and pip sees no label there."""
     info = cuda_env.torch_info()
+    try:
+        pin = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise EnvironmentProblem("torch has no installed distribution (no metadata): a wheel pinned to it "
+                                 "could never be installed; build without --wheel") from None
     p = {"torch": info.version, "cuda": info.cuda}
     archs = ".".join("sm" + a.replace(".", "") for a in result.archs)
     local = re.sub(r"[^0-9a-zA-Z]+", ".", f"torch{p['torch']}.{archs}.{result.key[-12:]}")
@@ -383,7 +391,7 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
         f"{WHEEL_PACKAGE}/dspark_ops.so": Path(result.path).read_bytes(),
         f"{dist_info}/METADATA": (f"Metadata-Version: 2.1\nName: {WHEEL_PACKAGE}\nVersion: {version}\n"
                                   f"Summary: dspark CUDA ops built for {', '.join(result.archs)}\n"
-                                  f"Requires-Dist: torch=={p['torch']}\n").encode(),
+                                  f"Requires-Dist: torch=={pin}\n").encode(),
         f"{dist_info}/WHEEL": (f"Wheel-Version: 1.0\nGenerator: dspark {__version__}\nRoot-Is-Purelib: false\n"
                                f"Tag: {tag}\n").encode(),
     }

@@ -175,7 +175,8 @@ def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:
         assert zf.read("dspark_ops/dspark_ops.so") == library.read_bytes()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert wheel.name.startswith("dspark_ops-0.1.0+torch2.14.1.cu130") and wheel.name.endswith("-py3-none-linux_x86_64.whl")
-    assert "Requires-Dist: torch==2.14.1+cu130" in metadata
+    assert "Requires-Dist: torch==2.14.1\n" in metadata
+    check_pip_accepts_the_pin(wheel)
     site = tmp_path / "site"
     subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
@@ -188,6 +189,33 @@ def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     loaded, overloads = out.stdout.strip().splitlines()[-2:]
     assert loaded == str(site / "dspark_ops" / "dspark_ops.so") and overloads == "['default']"
+
+
+def check_pip_accepts_the_pin(wheel: Path) -> None:
+    """pip, with its dependencies (no --no-deps) and no index, finds the wheel's torch pin satisfied by
+    the torch installed in the venv that built it: a pin of torch.__version__ (2.14.1+cu130) was not
+    (the installed distribution is 2.14.1), so pip looked for that torch and found none."""
+    # --isolated: no pip config, whose find-links (a local wheel store) could offer a torch to install
+    out = subprocess.run([PYTHON, "-m", "pip", "--isolated", "install", "--no-index", "--dry-run", str(wheel)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
+    assert "Requirement already satisfied: torch==2.14.1 " in out.stdout, out.stdout
+    would = next(line for line in out.stdout.splitlines() if line.startswith("Would install "))
+    assert would.split()[2:] == [wheel.name.split("-py3")[0]], would  # dspark_ops alone
+
+
+@pytest.mark.skipif(not PYTHON, reason="DSPARK_CUDA_TORCH_PYTHON unset (.ci/prepare.d/20-cuda-torch.sh makes it where nvcc exists)")
+def test_a_wheel_installs_beside_the_torch_it_was_built_with(tmp_path):
+    """write_wheel in the CUDA torch venv (a stand-in library: no compile), then pip's resolver
+    against that venv's torch, as test_csrc_compiles_links_and_registers_ops checks its real wheel."""
+    lib = tmp_path / "dspark_ops.so"
+    lib.write_bytes(b"\x7fELF" + bytes(60))
+    script = ("import sys; from dspark_cli.build import BuildResult, write_wheel; "
+              "print(write_wheel(BuildResult('built', sys.argv[1], 'k' * 12, 0.0, ['9.0a']), sys.argv[2]))")
+    made = subprocess.run([PYTHON, "-c", script, str(lib), str(tmp_path / "wheels")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert made.returncode == 0, made.stderr[-2000:]
+    check_pip_accepts_the_pin(Path(made.stdout.strip()))
 
 
 def test_build_refuses_cuda_major_mismatch(monkeypatch):
