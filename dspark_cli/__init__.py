@@ -7,8 +7,10 @@ __version__ = "0.1.0"
 
 
 def cache_dir() -> Path:
-    """Where dspark keeps downloads, clones, builds and venvs: $DSPARK_CACHE, else ~/.cache/dspark."""
-    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark")
+    """Where dspark keeps downloads, clones, builds and venvs: $DSPARK_CACHE, else ~/.cache/dspark.
+    Absolute: build records (last.json) name paths under it that other processes, in other working
+    directories, load."""
+    return Path(os.environ.get("DSPARK_CACHE") or Path.home() / ".cache" / "dspark").expanduser().absolute()
 
 
 def cache_subdir(name: str) -> Path:

@@ -94,6 +94,23 @@ def test_a_failed_forced_build_gives_the_old_library_back(toolchain):
     assert not Path(good.path).parent.with_name(Path(good.path).parent.name + ".previous").exists()
 
 
+def test_a_relative_dspark_cache_records_absolute_paths(toolchain, monkeypatch, tmp_path):
+    """DSPARK_CACHE=rel-cache (or ~/...): last.json names the library by an absolute path, which a
+    process in another working directory (an engine's server) loads; it was cwd-relative."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv("DSPARK_CACHE", "rel-cache")
+    built = build.build("9.0a")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    record = json.loads((tmp_path / "here" / "rel-cache" / "build" / "last.json").read_text())
+    assert record["path"] == built.path == str(tmp_path / "here" / "rel-cache" / "build" / built.key / "dspark_ops.so")
+    assert build.library_problem(Path(record["path"])) is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DSPARK_CACHE", "~/cache")
+    assert build.build("9.0a").path.startswith(str(tmp_path / "home" / "cache" / "build") + "/")
+
+
 def test_jobs_below_one_is_bad_usage():
     result = run_dspark("build", "--jobs", "0", "--arch", "9.0a")
     assert result.returncode == 2 and "--jobs" in result.stderr
