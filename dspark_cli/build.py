@@ -142,6 +142,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
         if set_aside:
             p.directory.rename(aside)
         p.directory.mkdir(exist_ok=True)
+        (p.directory / BUILD_LOG).unlink(missing_ok=True)  # a failed build's log, in a directory ninja resumes
     except OSError as exc:
         raise EnvironmentProblem(f"cannot clear the build directory {p.directory}: {exc}") from None
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
@@ -157,6 +158,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
         write_text_atomically(p.directory / LIBRARY_RECORD, json.dumps(
             {"size": p.library.stat().st_size, "sha256": sha256_of(p.library)}) + "\n")
     except BaseException as exc:  # Ctrl-C too: the old library must come back
+        logged = isinstance(exc, Exception) and _write_log(p.directory / BUILD_LOG, exc)
         where = p.directory
         if set_aside:  # the old build back where last.json may point; the failed one kept beside it
             shutil.rmtree(failed_dir, ignore_errors=True)
@@ -165,9 +167,9 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
         _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs))
         if not isinstance(exc, Exception):
             raise
-        # compiler errors are long; the log stays in the build directory
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise EnvironmentProblem(f"build failed in {where}: {first} (rerun with --verbose)") from None
+        # ninja's output runs to pages: one line here, all of it in the log
+        log = f"; the whole output is in {where / BUILD_LOG}" if logged else " (rerun with --verbose)"
+        raise EnvironmentProblem(f"build failed in {where}: {first_error(str(exc)) or type(exc).__name__}{log}") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -179,6 +181,29 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
 
 
 LIBRARY_RECORD = "library.json"  # next to the .so: its size and sha256 as the build wrote it
+BUILD_LOG = "build.log"  # in a failed build's directory: the error torch raised, ninja's whole output
+
+
+def _write_log(path: Path, exc: Exception) -> bool:
+    try:
+        path.write_text(f"{type(exc).__name__}: {exc}\n")
+    except OSError:  # a full disk: the one-line message still says what failed
+        return False
+    return True
+
+
+def first_error(output: str) -> str | None:
+    """The line of ninja's output that says what went wrong: the first compiler or linker
+    diagnostic (error, fatal error), else ninja's first `FAILED:` line, else the last line. The
+    commands ninja echoes (`[k/N] cmd`, and the one after `FAILED:`) are skipped: their flags are no
+    diagnostic; so is torch's "Error building extension" prefix, which holds ninja's first line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    commands = {i + 1 for i, line in enumerate(lines) if line.startswith("FAILED:")}
+    found = next((line for i, line in enumerate(lines)
+                  if i not in commands and not line.startswith(("FAILED:", "Error building extension"))
+                  and not re.match(r"\[\d+/\d+\] ", line) and re.search(r"\b(error|fatal)\b", line, re.I)), None)
+    found = found or next((line for line in lines if line.startswith("FAILED:")), None) or (lines[-1] if lines else None)
+    return found[:300] if found else None
 
 
 def _compile(p: BuildPlan, verbose: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from dspark_cli import build, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.runtime import cuda_ops
 from tests.run_cli import run_dspark
+
+REAL_COMPILE = build._compile  # the toolchain fixture replaces it
 
 
 @pytest.fixture
@@ -109,6 +112,57 @@ def test_a_relative_dspark_cache_records_absolute_paths(toolchain, monkeypatch, 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DSPARK_CACHE", "~/cache")
     assert build.build("9.0a").path.startswith(str(tmp_path / "home" / "cache" / "build") + "/")
+
+
+FAILING_COMPILER = """#!/bin/sh
+# a C++ compiler whose compiles (-c) fail as g++ does, with a diagnostic amid other output; g++ for torch's probes
+case " $* " in *" -c "*) echo "In file included from tiny.cpp:1:" >&2
+  echo "tiny.cpp:3:7: error: stand-in refuses this line" >&2; echo "    3 | int x = ;" >&2; exit 1;; esac
+exec g++ "$@"
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_failed_compile_keeps_its_log_and_names_the_error(toolchain, monkeypatch, tmp_path, forced):
+    """torch's real cpp_extension and ninja, a stand-in CXX that fails: the one-line error carries the
+    compiler's diagnostic (it carried ninja's last line, "ninja: build stopped: subcommand failed.")
+    and the path of build.log, which holds the whole output, in the failed build's directory."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    compiler = tmp_path / "c++"
+    compiler.write_text(FAILING_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.setenv("CXX", str(compiler))
+    if forced:
+        good = build.build("9.0a")  # the fixture's fake compile: a library of this key to set aside
+    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/nonexistent/libcublas.so"))
+    with pytest.raises(EnvironmentProblem) as exc:
+        build.build("9.0a", force=forced)
+    where = Path(build.read_record(build.LAST_FAILED)["path"])
+    log = where / build.BUILD_LOG
+    assert where.name.endswith(".failed") == forced
+    assert str(exc.value) == (f"build failed in {where}: tiny.cpp:3:7: error: stand-in refuses this line; "
+                              f"the whole output is in {log}")
+    text = log.read_text()
+    assert re.search(r"FAILED: (\[code=1\] )?tiny\.o", text) and "int x = ;" in text and "ninja: build stopped" in text
+    if forced:
+        assert build.last_build()["path"] == good.path and build.library_problem(Path(good.path)) is None
+
+
+def test_first_error_skips_the_command_ninja_echoes():
+    output = ("Error building extension 'dspark_ops': [1/3] c++ -c ops.cpp\n[2/3] nvcc -DFATAL_X -c warp.cu\n"
+              "FAILED: [code=2] markov.cuda.o\n"
+              "/usr/local/cuda/bin/nvcc -Xcudafe --diag_error=20 -DFATAL_IF=1 -c markov.cu\n"
+              "markov.cu(12): error: identifier \"x\" is undefined\n1 error detected\n"
+              "ninja: build stopped: subcommand failed.\n")
+    assert build.first_error(output) == 'markov.cu(12): error: identifier "x" is undefined'
+    assert build.first_error("FAILED: dspark_ops.so\nc++ -shared x.o\nld: undefined reference\nninja: stopped\n") \
+        == "FAILED: dspark_ops.so"
+    assert build.first_error("\n") is None
 
 
 def test_jobs_below_one_is_bad_usage():
