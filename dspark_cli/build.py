@@ -125,16 +125,17 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     counts only if library_problem() finds nothing wrong with it; --force (or a bad cached library)
     builds from a clean directory, so ninja cannot call stale objects up to date: the old one is set
     aside (`<key>.previous`) and comes back if the build fails, the failed one kept as `<key>.failed`
-    for its log — last.json may point at the old library, which the runtime keeps loading. A failed
-    build is recorded in last-failed.json. `planned`: plan(arch) when the caller made it already (it
+    for its log — last.json may point at the old library, which the runtime keeps loading; a build
+    killed before that puts the old library back first. A failed build is recorded in last-failed.json. `planned`: plan(arch) when the caller made it already (it
     runs nvcc twice and hashes csrc/)."""
     started = time.monotonic()
     p = planned or plan(arch)
+    aside = p.directory.with_name(p.directory.name + ".previous")
+    failed_dir = p.directory.with_name(p.directory.name + ".failed")
+    _restore_set_aside(p, aside, failed_dir)
     if not force and p.library.exists() and library_problem(p.library) is None:
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
-    aside = p.directory.with_name(p.directory.name + ".previous")
-    failed_dir = p.directory.with_name(p.directory.name + ".failed")
     set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
     try:
         for old in (aside, failed_dir):
@@ -178,6 +179,24 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
                 os.environ[k] = v
     shutil.rmtree(aside, ignore_errors=True)
     return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs))
+
+
+def _restore_set_aside(p: BuildPlan, aside: Path, failed_dir: Path) -> None:
+    """A rebuild killed outright (SIGKILL, the machine going down) leaves the good library set aside
+    in `<key>.previous` and `<key>`, where last.json points, without one: put it back before anything
+    else, so it is found (a cache hit) and not deleted as a stale set-aside copy. The killed build's
+    directory becomes `<key>.failed`."""
+    if not aside.is_dir() or (p.library.exists() and library_problem(p.library) is None):
+        return
+    if library_problem(aside / p.library.name) is not None:
+        return
+    try:
+        if p.directory.exists():
+            shutil.rmtree(failed_dir, ignore_errors=True)
+            p.directory.rename(failed_dir)
+        aside.rename(p.directory)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot move the library set aside in {aside} back to {p.directory}: {exc}") from None
 
 
 LIBRARY_RECORD = "library.json"  # next to the .so: its size and sha256 as the build wrote it

@@ -165,6 +165,33 @@ def test_first_error_skips_the_command_ninja_echoes():
     assert build.first_error("\n") is None
 
 
+@pytest.mark.parametrize("killed", ["while compiling", "while swapping back"])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_killed_forced_build_gives_the_set_aside_library_back(toolchain, killed, force):
+    """A --force rebuild killed outright leaves the good library in <key>.previous and <key> without
+    one (killed while compiling: partial objects; while putting a failed build's directories back:
+    no <key> at all). The next build puts the library back where last.json points: a cache hit, or
+    with --force a rebuild that can fail without losing it. It deleted <key>.previous first."""
+    good = build.build("9.0a")
+    library, data = Path(good.path), Path(good.path).read_bytes()
+    directory = library.parent
+    aside = directory.with_name(directory.name + ".previous")
+    directory.rename(aside)  # what build(force=True) does before compiling
+    if killed == "while compiling":
+        directory.mkdir()
+        (directory / "markov.cuda.o").write_bytes(b"half an object")
+    assert build.last_build()["path"] == good.path and not library.exists()
+    toolchain["fail"] = force
+    if force:
+        with pytest.raises(EnvironmentProblem, match="build failed"):
+            build.build("9.0a", force=True)
+        assert toolchain["n"] == 2 and toolchain["seen"][-1] == []  # built from a clean directory
+    else:
+        assert build.build("9.0a").status == "cached" and toolchain["n"] == 1
+    assert library.read_bytes() == data and build.library_problem(library) is None
+    assert build.last_build()["path"] == good.path and not aside.exists()
+
+
 def test_jobs_below_one_is_bad_usage():
     result = run_dspark("build", "--jobs", "0", "--arch", "9.0a")
     assert result.returncode == 2 and "--jobs" in result.stderr
