@@ -35,8 +35,10 @@ LIB_NAME = "dspark_ops"
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-# Read by torch.utils.cpp_extension (CXX) or by nvcc itself (NVCC_*_FLAGS): they change the binary too.
-FLAG_ENV = ("CXX", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+# They change the binary too. Read by torch.utils.cpp_extension (2.14): CXX (the .cpp compiler), CC
+# (passed to nvcc as -ccbin: the .cu host compiler), PYTORCH_NVCC (run instead of $CUDA_HOME/bin/nvcc),
+# CUDA_INC_PATH (one more include directory); by nvcc itself: NVCC_PREPEND_FLAGS, NVCC_APPEND_FLAGS.
+FLAG_ENV = ("CXX", "CC", "PYTORCH_NVCC", "CUDA_INC_PATH", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
 
 
 def cache_root() -> Path:

@@ -100,8 +100,10 @@ def check_arch(gpus: cuda_env.Gpus) -> Check:
 
 
 def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
-    # The compiler extension builds use, as torch's cpp_extension picks it: $CXX when set (no other
-    # compiler is tried when it is missing), else c++ on PATH.
+    # Two compilers build the extension, as torch's cpp_extension runs them: $CXX (else c++ on PATH;
+    # no other is tried when $CXX is missing) compiles the .cpp files, and nvcc compiles the .cu
+    # files' host code with $CC when set (torch passes `-ccbin $CC`), else with its own default (gcc
+    # on PATH). The .cu host compiler is the one nvcc must accept.
     wanted = os.environ.get("CXX")
     cxx = shutil.which(wanted or "c++")
     if not cxx:
@@ -113,16 +115,21 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
     detail = f"{cxx} {out.stdout.strip() if out and out.returncode == 0 else '(version unknown)'}"
     if not nvcc.path:
         return Check("c++ compiler", OK, f"{detail}; not checked against nvcc (no nvcc)")
+    cc = os.environ.get("CC")
+    if cc and not shutil.which(cc):
+        return Check("c++ compiler", FAIL, f"{detail}; $CC is {cc}, which is not an executable (nor on PATH): "
+                     "torch passes it to nvcc as -ccbin", "set CC to an installed host compiler, or unset it")
+    host = f"$CC={cc}" if cc else f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
     # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
-    # preprocessing an empty .cu file with -ccbin runs exactly that check (~0.1 s).
-    probe = cuda_env._run([nvcc.path, "-ccbin", cxx, "-E", "-x", "cu", os.devnull, "-o", os.devnull])
+    # preprocessing an empty .cu file runs exactly that check (~0.1 s).
+    probe = cuda_env._run([nvcc.path, *(["-ccbin", cc] if cc else []), "-E", "-x", "cu", os.devnull, "-o", os.devnull])
     if probe is None or probe.returncode != 0:
         text = (probe.stdout + probe.stderr) if probe else "nvcc did not run"
         reason = next((l.split("#error", 1)[1].strip(" -") for l in text.splitlines() if "#error" in l),
                       text.strip().splitlines()[-1] if text.strip() else "unknown error")
-        return Check("c++ compiler", FAIL, f"{detail} is refused by nvcc {nvcc.version}: {reason[:200]}",
-                     "install a host compiler this nvcc supports and set CXX (and CC) to it")
-    return Check("c++ compiler", OK, f"{detail}; accepted by nvcc {nvcc.version}")
+        return Check("c++ compiler", FAIL, f"{detail}; nvcc {nvcc.version} refuses {host}: {reason[:200]}",
+                     "set CC to a host compiler this nvcc supports (torch passes it to nvcc as -ccbin)")
+    return Check("c++ compiler", OK, f"{detail}; nvcc {nvcc.version} accepts {host}")
 
 
 def check_ninja() -> Check:

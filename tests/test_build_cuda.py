@@ -269,7 +269,13 @@ def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     keys.add(build.plan("9.0a").key)
     monkeypatch.setenv("CXX", "clang++")
     keys.add(build.plan("9.0a").key)
-    assert len(keys) == 5
+    monkeypatch.setenv("CC", "gcc-12")  # torch passes it to nvcc as -ccbin: the .cu files' host compiler
+    keys.add(build.plan("9.0a").key)
+    monkeypatch.setenv("PYTORCH_NVCC", "ccache nvcc")
+    keys.add(build.plan("9.0a").key)
+    monkeypatch.setenv("CUDA_INC_PATH", "/opt/cuda-extra/include")
+    keys.add(build.plan("9.0a").key)
+    assert len(keys) == 8
     # build() hands the compilers exactly the flags the key hashed
     import torch.utils.cpp_extension as ext
 

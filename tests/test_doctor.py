@@ -62,20 +62,43 @@ def test_toolkit_and_compiler_on_this_machine():
     version = cuda_env.nvcc_info().version
     assert checks["cuda toolkit"].status == "ok" and f"nvcc {version}" in checks["cuda toolkit"].detail
     assert checks["c++ compiler"].status == "ok"
-    assert f"accepted by nvcc {version}" in checks["c++ compiler"].detail
+    assert f"nvcc {version} accepts " in checks["c++ compiler"].detail
+
+
+def gnu16(tmp_path) -> Path:
+    """A real g++ that reports __GNUC__ 16 to the preprocessor: nvcc's own host_config.h refuses it."""
+    compiler = tmp_path / "g++-16"
+    compiler.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} -D__GNUC__=16 "$@"\n')
+    compiler.chmod(0o755)
+    return compiler
 
 
 @needs_nvcc
 def test_a_host_compiler_nvcc_refuses_fails(monkeypatch, tmp_path):
-    # A real g++ that reports __GNUC__ 16 to the preprocessor: nvcc's own host_config.h refuses it.
-    cxx = tmp_path / "g++-16"
-    cxx.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} -D__GNUC__=16 "$@"\n')
-    cxx.chmod(0o755)
-    monkeypatch.setenv("CXX", str(cxx))
+    """$CC is what torch passes to nvcc (-ccbin $CC): the compiler probed is that one."""
+    cc = gnu16(tmp_path)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("CC", str(cc))
     check = doctor.check_compiler(cuda_env.nvcc_info())
     assert check.status == "fail"
-    assert "unsupported GNU version" in check.detail and str(cxx) in check.detail
-    assert "CXX" in check.hint
+    assert "unsupported GNU version" in check.detail and f"refuses $CC={cc}" in check.detail
+    assert "set CC" in check.hint
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-gcc"))
+    check = doctor.check_compiler(cuda_env.nvcc_info())
+    assert check.status == "fail" and f"$CC is {tmp_path / 'no-such-gcc'}, which is not an executable" in check.detail
+
+
+@needs_nvcc
+def test_cxx_is_not_nvccs_host_compiler(monkeypatch, tmp_path):
+    """$CXX compiles the .cpp files only; without $CC nvcc uses its default host compiler (gcc on
+    PATH), so a $CXX nvcc would refuse is no failure (doctor probed nvcc with -ccbin $CXX, which no
+    build runs), and the detail names the host compiler nvcc does use."""
+    cxx = gnu16(tmp_path)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.delenv("CC", raising=False)
+    check = doctor.check_compiler(cuda_env.nvcc_info())
+    assert check.status == "ok", check
+    assert check.detail.startswith(f"{cxx} ") and f"accepts its default host compiler ({shutil.which('gcc')})" in check.detail
 
 
 LIB_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib")  # where a toolkit keeps libcudart
