@@ -1,10 +1,13 @@
 """Writing files so that a kill, a full disk or a failing writer never leaves half of one, or half
 of a set that belongs together (the SPS table and its SGLang form, a state file, a build record)."""
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
+
+from dspark_cli.errors import UsageError
 
 
 def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) -> None:
@@ -39,3 +42,17 @@ def _umask() -> int:
     umask = os.umask(0)  # the only way to read it: set and restore
     os.umask(umask)
     return umask
+
+
+def move_into_place(made: Path, path: Path) -> None:
+    """Rename the directory `made` (finished beside `path`) to `path`, which may be missing or an
+    empty directory: rename(2) replaces an empty one atomically. When another run put its own
+    workspace there meanwhile the rename fails rather than mixing the two: that run's is kept and
+    this one is refused (exit 2), its `made` left for the caller to remove."""
+    try:
+        os.replace(made, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise UsageError(f"{path} was made by another dspark run while this one was making it; "
+                         "run again to use it") from None

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.compat import HEX_COMMIT
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import move_into_place
 from dspark_cli.output import err_console, say
 from dspark_cli.workspace import Workspace, require_git
 
@@ -158,11 +159,11 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
         head = scratch.head() or ""
         if head != commit or (HEX_COMMIT.fullmatch(ref.lower()) and not head.startswith(ref.lower())):
             raise UsageError(f"{url}: {ref} checked out as {head[:12] or 'nothing'}, not the pinned commit")
+        # No workspace lock covers this (there is no workspace yet): two runs may clone at once,
+        # each into its own sibling, and the first to move in wins.
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        path.rmdir()  # the empty directory the user named
-    os.replace(tmp, path)
     return Workspace(path), commit
 

@@ -8,6 +8,7 @@ would run the package's build backend to read its metadata, and vLLM's needs tor
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -17,13 +18,16 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
+from dspark_cli.files import move_into_place
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_AUTHOR, Workspace
@@ -140,11 +144,26 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     half-made workdir behind. Returns the workspace and its base commit."""
     archive = fetch_release(release)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # No workspace lock covers this (there is no workspace yet): another run may be making one for
+    # the same path. Each holds a flock on its own sibling while it works, so only those whose run
+    # is gone (killed: the kernel dropped its flock) are removed.
     for stale in path.parent.glob(f".{path.name}.dspark-new-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+        with _claimed(stale) as ours:
+            if ours:
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = path.parent / f".{path.name}.dspark-new-{os.getpid()}"
-    tree = tmp / "tree"
     tmp.mkdir()
+    with _claimed(tmp):
+        try:
+            base = _make_tree(tmp / "tree", pin, release, branch, state, archive)
+            move_into_place(tmp / "tree", path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Workspace(path), base
+
+
+def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict, archive: Path) -> str:
+    """The release's tree at `tree` as a repository with one commit, the base (returned)."""
     err_console.print(f"extracting {release.file}")
     extract(archive, tree)
     ws = Workspace(tree)
@@ -154,8 +173,24 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
                input=base_message(pin, release), env=DSPARK_AUTHOR)
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})
-    if path.exists():
-        path.rmdir()  # an empty directory the user made for us
-    os.replace(tree, path)
-    tmp.rmdir()
-    return Workspace(path), base
+    return base
+
+
+@contextmanager
+def _claimed(directory: Path) -> Iterator[bool]:
+    """An exclusive flock on `directory` for the block: True when we hold it, False when another
+    process does (or the directory is gone)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            ours = True
+        except BlockingIOError:
+            ours = False
+        yield ours
+    finally:
+        os.close(fd)
