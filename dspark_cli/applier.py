@@ -9,15 +9,17 @@ the next one (`recover`). Nothing the user had (local changes, commits) is ever 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dspark_cli import git_source, pypi_source
+from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
+from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
 from dspark_cli.workspace import (DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, kill_point, owner_running,
@@ -52,9 +54,8 @@ def load_layers(pin: Pin, extra: tuple[Path, ...]) -> tuple[list[Patch], list[di
 def recover(ws: Workspace, force: bool = False) -> str | None:
     """Restore the snapshot an interrupted operation left in the state file. Work done in the
     workspace since (local changes, commits) would go with it: refuse, or with --force keep it on
-    dspark/saved-<time> branches first."""
-    if not ws.is_repo():
-        return None
+    dspark/saved-<time> branches first. The caller holds the workspace lock (oplock), so a
+    snapshot found here is never that of a run still going in this machine."""
     state = ws.read_state()
     if not state or not state.get("in_progress"):
         return None
@@ -71,10 +72,13 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
         raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
                          f"discard {lost}; pass --force to keep them on a dspark/saved-<time> branch first")
     saved = ws.save_before_restore(snapshot, state["base"]) if lost else []
-    ws.restore(snapshot)
-    ws.finish(state)
+    ws.undo(snapshot, state)
     kept = f"; your work since is kept on branch {' and '.join(saved)}" if saved else ""
-    return f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
+    message = f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
+    # Said now: the operation that follows may still fail (on the local changes just restored),
+    # and the user must know the workspace was changed.
+    say(f"note: {message}", err=True, markup=False)
+    return message
 
 
 def _lost_by_recovery(ws: Workspace, snapshot: Snapshot, base: str) -> str | None:
@@ -146,52 +150,56 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
     patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
 
-    notes = []
-    ws = Workspace(workdir) if workdir.exists() else None
-    if ws is not None:
-        recovered = recover(ws, request.force)
-        notes += [recovered] if recovered else []
-    state = ws.read_state() if ws is not None and ws.is_repo() else None
-    if state is not None and (state.get("source") or {}).get("kind") != request.source:
-        raise UsageError(_made_from(state, workdir))  # before any download or fetch into it
+    notes, recovered = [], None
+    with ExitStack() as lock:
+        ws = Workspace(workdir) if workdir.exists() else None
+        if ws is not None and ws.is_repo():
+            lock.enter_context(oplock.exclusive(ws.git_dir, workdir))
+            recovered = recover(ws, request.force)
+        state = ws.read_state() if ws is not None and ws.is_repo() else None
+        if state is not None and (state.get("source") or {}).get("kind") != request.source:
+            raise UsageError(_made_from(state, workdir))  # before any download or fetch into it
 
-    if request.source == "pypi":
-        branch = f"dspark/{pin.name}"
-        identity = {"engine": engine.name, "pin": pin.name, "unpinned": False, "branch": branch}
-        release = pypi_source.choose_release(pin, request.package, request.file)
-        source = {"kind": "pypi", "package": release.package, "version": release.version,
-                  "file": release.file, "sha256": release.sha256}
-        if state is None:
-            if workdir.exists() and any(workdir.iterdir()):
-                raise UsageError(f"{workdir} exists and is not a dspark workspace; choose another --workdir")
-            ws, base = pypi_source.create(workdir, pin, release, branch, {**identity, "source": source, "layers": layers})
+        if request.source == "pypi":
+            branch = f"dspark/{pin.name}"
+            identity = {"engine": engine.name, "pin": pin.name, "unpinned": False, "branch": branch}
+            release = pypi_source.choose_release(pin, request.package, request.file)
+            source = {"kind": "pypi", "package": release.package, "version": release.version,
+                      "file": release.file, "sha256": release.sha256}
+            if state is None:
+                if workdir.exists() and any(workdir.iterdir()):
+                    raise UsageError(f"{workdir} exists and is not a dspark workspace; choose another --workdir")
+                ws, base = pypi_source.create(workdir, pin, release, branch, {**identity, "source": source, "layers": layers})
+            else:
+                _check_same_workspace(state, identity, source, workdir)
+                base = state["base"]
         else:
-            _check_same_workspace(state, identity, source, workdir)
-            base = state["base"]
-    else:
-        # Without --repo a workspace keeps the repository it was made from (a mirror given once
-        # with --repo), for any fetch and in its recorded source.
-        url = request.repo or ((state or {}).get("source") or {}).get("repository") or engine.repository
-        ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None)
-        if pin is None:
-            # A ref such as v1.1~1 may name a pinned commit: then it is that pin, series and all.
-            pin = next((p for p in engine.pins.values() if p.matches_commit(base)), None)
-            if pin is not None:
-                notes.append(f"{request.commit} is {base[:12]}, pinned as {pin.name}")
-                series_pin = pin
-                patches, layers = load_layers(pin, request.series)
-        branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{base[:12]}"
-        identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": pin is None, "branch": branch}
-        source = {"kind": "git", "repository": url, "commit": base}
-        state = ws.read_state()
-        if state is not None:
-            _check_same_workspace(state, identity, source, workdir)
-    drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
-    state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers,
-             "compat": str(compat.path.resolve())}  # status may run from another cwd
-    result = _apply_series(ws, base, branch, patches, request.force, state)
+            # Without --repo a workspace keeps the repository it was made from (a mirror given once
+            # with --repo), for any fetch and in its recorded source.
+            url = request.repo or ((state or {}).get("source") or {}).get("repository") or engine.repository
+            ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None)
+            if pin is None:
+                # A ref such as v1.1~1 may name a pinned commit: then it is that pin, series and all.
+                pin = next((p for p in engine.pins.values() if p.matches_commit(base)), None)
+                if pin is not None:
+                    notes.append(f"{request.commit} is {base[:12]}, pinned as {pin.name}")
+                    series_pin = pin
+                    patches, layers = load_layers(pin, request.series)
+            branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{base[:12]}"
+            identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": pin is None, "branch": branch}
+            source = {"kind": "git", "repository": url, "commit": base}
+            state = ws.read_state()
+            if state is not None:
+                _check_same_workspace(state, identity, source, workdir)
+        if not oplock.held(ws.git_dir):  # a workspace made just now: locked before its patching starts
+            lock.enter_context(oplock.exclusive(ws.git_dir, workdir))
+        drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
+        state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers,
+                 "compat": str(compat.path.resolve())}  # status may run from another cwd
+        result = _apply_series(ws, base, branch, patches, request.force, state)
     result.update({"workdir": str(workdir), "engine": engine.name, "pin": series_pin.name, "source": source,
-                   "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift})
+                   "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift,
+                   "recovered": recovered})
     return result
 
 
@@ -241,10 +249,9 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         if prior_state.get("applied") != [p.label for p in patches]:
             ws.write_state({**state, "applied": [p.label for p in patches], "in_progress": None})
         return {"status": "already applied", "applied": [p.label for p in patches], "new": [], "notes": []}
-    changes = ws.local_changes()
-    if changes and not force:
-        raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
-                         "commit or stash them, or pass --force (they are stashed, not lost)")
+    if branch_sha:
+        _check_not_in_another_worktree(ws, branch)
+    changes = _local_changes(ws, force)
     notes = _save_detached_commits(ws, base, force)
     if user and todo:
         notes.append(f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top")
@@ -259,18 +266,40 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
             apply_and_commit(ws, patch, kill_at=f"applied:{count}")
             kill_point(f"committed:{count}")
     except PatchConflict as conflict:
-        ws.restore(snapshot)
-        ws.finish(prior_state or state)
+        ws.undo(snapshot, prior_state)
         raise PatchFailed(f"{conflict}; {ws.path} is back to its state before the apply") from None
     except BaseException:
-        ws.restore(snapshot)
-        ws.finish(prior_state or state)
+        ws.undo(snapshot, prior_state)
         raise
     ws.finish({**state, "applied": [p.label for p in patches]})
     if snapshot.stash_message:
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}` "
                      f"(`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
+
+
+def _local_changes(ws: Workspace, force: bool) -> list[str]:
+    """The worktree's local changes, which the operation stashes with --force. Changes inside a
+    submodule are refused even then: git stash cannot save them, so they would not be kept."""
+    inside = ws.changed_submodules()
+    if inside:
+        raise UsageError(f"{ws.path} has changes inside submodule(s) {', '.join(inside)}, which git stash "
+                         "cannot save (so not even --force would keep them); commit, stash or undo them in "
+                         "the submodule first")
+    changes = ws.local_changes()
+    if changes and not force:
+        raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
+                         "commit or stash them, or pass --force (they are stashed, not lost)")
+    return changes
+
+
+def _check_not_in_another_worktree(ws: Workspace, branch: str) -> None:
+    """git refuses to check out a branch another worktree has checked out, and `checkout -B` or
+    update-ref would move it under that worktree's files: refuse first, naming it."""
+    other = ws.worktree_holding(branch)
+    if other is not None:
+        raise UsageError(f"branch {branch} is checked out in another worktree, {other}; switch that worktree "
+                         f"to another branch (`git -C {other} switch --detach`) and run again")
 
 
 def _check_branch_name_free(ws: Workspace, branch: str) -> None:
@@ -311,25 +340,29 @@ def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
     return ws, state
 
 
-def _open_workspace(workdir: Path, force: bool) -> tuple[Workspace, dict, list[str]]:
-    ws, _ = _existing_workspace(workdir)
-    recovered = recover(ws, force)  # may rewrite the state: read it again below
-    return ws, ws.read_state(), [recovered] if recovered else []
-
-
 def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) -> dict:
     """Back to the pristine base on the dspark branch. Commits of the user's on top are replayed
     onto the base with --keep-user-commits, else the revert is refused; the old tip stays as
     refs/dspark/before-revert."""
-    ws, state, notes = _open_workspace(workdir, force)
+    ws, _ = _existing_workspace(workdir)
+    with oplock.exclusive(ws.git_dir, ws.path):
+        recovered = recover(ws, force)
+        result = _revert(ws, ws.read_state(), force, keep_user_commits)  # recovery may have rewritten it
+    return {**result, "recovered": recovered}
+
+
+def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) -> dict:
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base
     applied, user = ws.applied(base, tip)
+    notes = []
     result = {"workdir": str(ws.path), "base": base, "branch": branch, "notes": notes,
               "removed": [p.label for p in applied], "kept": [sha for sha, _ in user]}
     if not applied and ws.current_branch() == f"refs/heads/{branch}":
         ws.finish({**state, "applied": []})
         return {**result, "status": "already at base"}
+    if user:
+        _check_no_merge(ws, base, tip, branch, applied[-1].commit if applied else base)
     if user and not keep_user_commits:
         listing = "; ".join(f"{sha[:12]} {subject}" for sha, subject in user[:3])
         raise UsageError(f"{len(user)} commit(s) of yours on {branch} ({listing}); pass --keep-user-commits "
@@ -339,25 +372,27 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
         raise UsageError(f"{changed[0].label}'s commit {changed[0].commit[:12]} holds changes beyond its patch "
                          f"(amended since apply made it?): move them into a commit of their own, or pass --force "
                          f"to revert anyway with the branch kept as dspark/saved-<time>")
-    changes = ws.local_changes()
-    if changes and not force:
-        raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
-                         "commit or stash them, or pass --force (they are stashed, not lost)")
+    _check_not_in_another_worktree(ws, branch)
+    changes = _local_changes(ws, force)
     notes += _save_detached_commits(ws, base, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
         ws.git.run("checkout", "-q", "-f", "-B", branch, base)
         identity = {} if ws.git.ok("config", "user.email") else DSPARK_IDENTITY
         for count, (sha, subject) in enumerate(user, 1):
-            picked = ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--allow-empty", sha,
+            # --keep-redundant-commits: a commit whose changes the base already has (it undid a
+            # patch, say) is kept as an empty commit and named below, not dropped or refused.
+            picked = ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--keep-redundant-commits", sha,
                                 check=False, env=identity)
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "
                                   f"{ws.path} is back to its state before the revert")
+            if _empty(ws, "HEAD") and not _empty(ws, sha):
+                notes.append(f"your commit {sha[:12]} ({subject}) changes nothing without the patches; it is kept "
+                             "as an empty commit")
             kill_point(f"replayed:{count}")
     except BaseException:
-        ws.restore(snapshot)
-        ws.finish(state)
+        ws.undo(snapshot, state)
         raise
     ws.git.run("update-ref", "refs/dspark/before-revert", tip)
     if changed:
@@ -368,6 +403,22 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
     if snapshot.stash_message:
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}`")
     return {**result, "status": "reverted", "head": ws.head()}
+
+
+def _check_no_merge(ws: Workspace, base: str, tip: str, branch: str, onto: str) -> None:
+    """Revert replays the user's commits one by one with cherry-pick, which cannot replay a merge
+    (it asks which parent to diff against): name the merge and refuse before touching anything."""
+    merges = ws.git.out("rev-list", "--min-parents=2", f"{base}..{tip}").split()
+    if merges:
+        subject = ws.git.out("log", "-1", "--format=%s", merges[0])
+        raise UsageError(f"your commit {merges[0][:12]} ({subject}) on {branch} is a merge, which revert cannot "
+                         f"replay onto the base; make your commits a line (`git -C {ws.path} rebase {onto[:12]}` "
+                         "drops merges and replays what they brought in) or move them to another branch, then run again")
+
+
+def _empty(ws: Workspace, commit: str) -> bool:
+    """Whether `commit` changes nothing against its first parent."""
+    return ws.git.out("rev-parse", f"{commit}^{{tree}}") == ws.git.out("rev-parse", f"{commit}^1^{{tree}}")
 
 
 def status(workdir: Path) -> dict:

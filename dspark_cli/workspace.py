@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dspark_cli import oplock
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
 
@@ -106,6 +107,9 @@ class Snapshot:
     # {"patch": path, "onto": HEAD} while `git apply` and its commit of one patch run: a kill between
     # them leaves that patch's changes in the worktree, which are ours, not the user's.
     applying: dict | None = None
+    # No state file before the operation (a first apply in a clone of the user's): undoing it
+    # removes the state file again, so a failed first apply does not make the clone a workspace.
+    first: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,31 @@ class Workspace:
         lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all").stdout.splitlines()
         return [line for line in lines if line.strip()]
 
+    def changed_submodules(self) -> list[str]:
+        """Submodules with changes inside (another commit checked out, modified or untracked
+        files): `git stash` saves none of them ("No local changes to save"), so --force could not
+        keep them."""
+        lines = self.git.run("status", "--porcelain=v2", "--untracked-files=all").stdout.splitlines()
+        # "1 XY SCMU <5 fields> path", or "2 XY SCMU <6 fields> path\torig" for a rename: the third
+        # field is S and its flags for a submodule, N... for anything else.
+        changed = []
+        for line in lines:
+            fields = line.split(" ", 9 if line.startswith("2 ") else 8)
+            if fields[0] in ("1", "2") and fields[2].startswith("S") and fields[2] != "S...":
+                changed.append(fields[-1].split("\t")[0])
+        return changed
+
+    def worktree_holding(self, branch: str) -> Path | None:
+        """Another worktree of this repository (`git worktree add`) that has `branch` checked out:
+        moving the branch under it would leave it on a commit its files do not match."""
+        here, path = self.path, None
+        for line in self.git.out("worktree", "list", "--porcelain").splitlines():
+            if line.startswith("worktree "):
+                path = Path(line[len("worktree "):]).resolve()
+            elif line == f"branch refs/heads/{branch}" and path != here:
+                return path
+        return None
+
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         return self.git.ok("merge-base", "--is-ancestor", ancestor, commit)
 
@@ -178,7 +207,10 @@ class Workspace:
 
     # -- snapshots ---------------------------------------------------------------------------
     def begin(self, op: str, work_branch: str, stash_changes: bool, state: dict) -> Snapshot:
-        """Record the pre-operation snapshot in the state file, then stash local changes if asked."""
+        """Record the pre-operation snapshot in the state file, then stash local changes if asked.
+        A stash that saves nothing (git said "No local changes to save") leaves the state as it was
+        and is bad input: the operation would carry or lose changes it claims to have kept."""
+        first = self.read_state() is None
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         snapshot = Snapshot(
             head=self.head(),
@@ -190,10 +222,16 @@ class Workspace:
             op=op,
             started=stamp,
             process=process_tag(os.getpid()),
+            first=first,
         )
         self.write_state({**state, "in_progress": asdict(snapshot)})
         if stash_changes:
             self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message)
+            if self.stash_ref(snapshot.stash_message) is None:
+                self.finish(None if first else state)
+                changes = self.local_changes()
+                raise UsageError(f"git stash saved none of the {len(changes)} local change(s) in {self.path} "
+                                 f"(e.g. `{changes[0].strip() if changes else '?'}`); commit or undo them first")
         return snapshot
 
     def note_applying(self, patch: Path) -> None:
@@ -202,8 +240,17 @@ class Workspace:
         state["in_progress"]["applying"] = {"patch": str(patch), "onto": self.head()}
         self.write_state(state)
 
-    def finish(self, state: dict) -> None:
-        self.write_state({**state, "in_progress": None})
+    def finish(self, state: dict | None) -> None:
+        """End the operation with `state` (its in_progress cleared); None: no state file at all."""
+        if state is None:
+            self.state_file.unlink(missing_ok=True)  # dspark/ keeps the lock file (oplock)
+        else:
+            self.write_state({**state, "in_progress": None})
+
+    def undo(self, snapshot: Snapshot, state: dict) -> None:
+        """Restore `snapshot` and end with `state`, or with no state file where there was none."""
+        self.restore(snapshot)
+        self.finish(None if snapshot.first else state)
 
     def stash_ref(self, message: str) -> str | None:
         """The stash entry (stash@{n}) whose message is `message`."""
@@ -214,9 +261,12 @@ class Workspace:
                 return ref
         return None
 
-    def _remove_stale_index_lock(self) -> None:
+    def _remove_stale_index_lock(self, snapshot: Snapshot) -> None:
+        """An index.lock left by a git killed with the snapshot's owner blocks every git command.
+        Only ours to remove while we hold the workspace lock (no other dspark runs git here) and
+        that owner is gone (us rolling back, or a killed run; not known to run: recovery --force)."""
         lock = self.git_dir / "index.lock"
-        if lock.exists():  # left by a git killed with us; only ever removed on our own rollback path
+        if lock.exists() and oplock.held(self.git_dir) and owner_running(snapshot) is not True:
             lock.unlink()
 
     def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -260,7 +310,7 @@ class Workspace:
         """Keep what `lost_by_restore` finds on dspark/saved-<time> branches: one at HEAD with the
         local changes (staged, unstaged, untracked) committed on top, one at the work branch when it
         holds commits HEAD does not. Returns the branch names."""
-        self._remove_stale_index_lock()
+        self._remove_stale_index_lock(snapshot)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         changes, commits = self.lost_by_restore(snapshot, base)
         lost = {sha for sha, _ in commits}
@@ -296,7 +346,7 @@ class Workspace:
 
     def restore(self, snapshot: Snapshot) -> None:
         """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
-        self._remove_stale_index_lock()
+        self._remove_stale_index_lock(snapshot)
         self.git.run("cherry-pick", "--abort", check=False)
         if snapshot.head is None:
             self.git.run("reset", "-q", "--hard", check=False)
@@ -372,7 +422,7 @@ def _state_shape_problem(state) -> str | None:
             return f"{key!r} is missing or not a string"
     snapshot = state.get("in_progress")
     fields = set(Snapshot.__dataclass_fields__)
-    optional = {"process", "applying"}  # added since; an older dspark's snapshot lacks them
+    optional = {"process", "applying", "first"}  # added since; an older dspark's snapshot lacks them
     if snapshot is not None and not (isinstance(snapshot, dict) and fields - optional <= set(snapshot) <= fields):
         return "'in_progress' is not a snapshot"
     process = (snapshot or {}).get("process")

@@ -229,7 +229,7 @@ def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     assert any("interrupted apply" in line for line in applier.status(work)["drift"])
 
     result = run_apply(toy)
-    assert any(note.startswith("recovered an interrupted apply") for note in result["notes"])
+    assert result["recovered"].startswith("recovered an interrupted apply")
     assert result["new"] == ["dspark/0001-dspark-hook-in-core.patch", "dspark/0002-dspark-method-and-module.patch"]
     assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
         "dspark: method and module", "dspark: hook in core"]
@@ -287,7 +287,7 @@ def test_a_pid_reused_since_the_kill_does_not_block_recovery(toy):
         state["in_progress"]["pid"] = other.pid  # the killed apply's pid, now another process's
         state_file.write_text(json.dumps(state))
         recovered = run_cli(toy, "apply", "toy", "-C", str(work))
-        assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stdout, recovered.stderr
+        assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
     finally:
         other.kill()
     assert run_cli(toy, "revert", "-C", str(work)).returncode == 0
@@ -321,7 +321,7 @@ def test_recovery_never_discards_work_done_after_the_kill(toy, work_since):
 
     result = run_apply(toy, force=True)
     saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*").splitlines()
-    assert len(saved) == 1 and any(f"kept on branch {saved[0]}" in note for note in result["notes"])
+    assert len(saved) == 1 and f"kept on branch {saved[0]}" in result["recovered"]
     assert result["status"] == "applied" and len(result["new"]) == 2
     if work_since in ("commit", "both"):
         assert "my work after the kill" in git(work, "log", "--format=%s", saved[0])

@@ -1,0 +1,53 @@
+"""One `dspark apply` or `dspark revert` at a time in a workspace: an exclusive flock on
+`<git-dir>/dspark/lock`, held from before recovery to the end of the operation.
+
+Without it two runs interleave: the second sees no snapshot yet (the first writes it only when it
+starts changing things), or takes the first's live snapshot for a killed run's and "recovers" it
+under the running git. flock is released by the kernel when its holder exits, however it exits,
+so a killed run never leaves the workspace locked. The lock file is never removed: a run that
+opened it just before the unlink would lock a file no one else can see any more.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from dspark_cli.errors import UsageError
+
+_held: set[Path] = set()  # the lock files this process holds
+
+
+def lock_file(git_dir: Path) -> Path:
+    return git_dir / "dspark" / "lock"
+
+
+@contextmanager
+def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
+    """Hold the workspace's lock for the block; another process holding it is bad usage (exit 2),
+    refused at once rather than waited for: its operation may take minutes or need the user."""
+    path = lock_file(git_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of a run refused meanwhile
+        _held.add(path)
+        yield
+    finally:
+        _held.discard(path)
+        os.close(fd)  # releases the flock
+
+
+def held(git_dir: Path) -> bool:
+    """Whether this process holds the workspace's lock (so no other dspark runs git in it)."""
+    return lock_file(git_dir) in _held

@@ -1,0 +1,162 @@
+"""apply and revert against what else happens in a repository: another dspark run at the same
+time, a clone of the user's, submodules, other worktrees, merges among the user's commits. Real
+git and the real CLI in its own process throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import applier, oplock
+from dspark_cli.workspace import KILL_AT_ENV
+from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
+from tests.run_cli import run_dspark
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    return toy_workspace(tmp_path, monkeypatch)
+
+
+def dspark(toy, *args: str, kill_after: str | None = None):
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), **({KILL_AT_ENV: kill_after} if kill_after else {})}
+    return run_dspark(*args, env=env)
+
+
+def user_commit(work: Path, name: str, text: str = "mine\n") -> str:
+    (work / name).write_text(text)
+    git(work, "add", name)
+    git(work, "commit", "-q", "-m", f"user: {name}")
+    return git(work, "rev-parse", "HEAD")
+
+
+# -- 1. one apply/revert at a time -----------------------------------------------------------------
+
+def test_a_second_run_is_refused_while_one_holds_the_workspace(toy):
+    """The test process holds the lock as a running apply does (the same helper); the CLI, another
+    process, must refuse at once and change nothing, even with a killed run's snapshot to recover
+    and that run's git's index.lock lying there."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    git_dir = work / ".git"
+    (git_dir / "index.lock").write_text("")  # as a live git holds it
+    state = (git_dir / "dspark" / "state.json").read_bytes()
+    (work / "engine" / "config.py").write_text("mine\n")
+    before = tree_fingerprint(work)
+    with oplock.exclusive(git_dir, work):
+        for command in (["apply", "toy", "-C", str(work), "--force"], ["revert", "-C", str(work), "--force"]):
+            refused = dspark(toy, *command)
+            assert refused.returncode == 2, refused.stderr
+            assert refused.stderr.strip() == f"error: another dspark apply/revert (pid {os.getpid()}) is running on {work}"
+        assert (git_dir / "index.lock").exists()
+        assert (git_dir / "dspark" / "state.json").read_bytes() == state
+        (git_dir / "index.lock").unlink()
+        assert tree_fingerprint(work) == before
+    assert not oplock.held(git_dir)
+    recovered = dspark(toy, "apply", "toy", "-C", str(work), "--force")  # the lock is free again
+    assert recovered.returncode == 0, recovered.stderr
+
+
+# -- 2. a failed first apply in a clone of the user's ----------------------------------------------
+
+def test_a_failed_first_apply_in_a_clone_leaves_no_workspace_behind(toy, tmp_path):
+    clone = tmp_path / "my-clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 11\n", "line eleven\n")})])
+    before = tree_fingerprint(clone)
+    failed = dspark(toy, "apply", "toy", "-C", str(clone), "--series", str(team))
+    assert failed.returncode == 4, failed.stderr
+    assert tree_fingerprint(clone) == before
+    assert not (clone / ".git" / "dspark" / "state.json").exists()
+    status = dspark(toy, "status", "-C", str(clone))
+    assert status.returncode == 2 and "is not a dspark workspace" in status.stderr
+    assert dspark(toy, "apply", "toy", "-C", str(clone)).returncode == 0  # a clean start, as before
+
+
+# -- 3. changes git stash cannot save --------------------------------------------------------------
+
+def test_changes_inside_a_submodule_are_refused_even_with_force(toy, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    git(sub, "init", "-q", "-b", "main")
+    user_commit(sub, "a.txt")
+    clone = tmp_path / "my-clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    git(clone, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "vendor/sub")
+    git(clone, "commit", "-q", "-m", "user: a submodule")
+    (clone / "vendor" / "sub" / "a.txt").write_text("edited inside the submodule\n")
+    before = tree_fingerprint(clone)
+    refused = dspark(toy, "apply", "toy", "-C", str(clone), "--force")
+    assert refused.returncode == 2, refused.stderr
+    assert "changes inside submodule(s) vendor/sub, which git stash cannot save" in refused.stderr
+    assert "None" not in refused.stderr + refused.stdout
+    assert tree_fingerprint(clone) == before
+    assert not (clone / ".git" / "dspark" / "state.json").exists()
+    assert (clone / "vendor" / "sub" / "a.txt").read_text() == "edited inside the submodule\n"
+
+
+# -- 4. a branch another worktree has checked out --------------------------------------------------
+
+def test_the_work_branch_checked_out_in_another_worktree_is_never_moved(toy, tmp_path):
+    run_apply(toy)
+    work, other = toy["workdir"], tmp_path / "other-worktree"
+    git(work, "checkout", "-q", "--detach")
+    git(work, "worktree", "add", "-q", str(other), "dspark/v1.0")
+    tip = git(work, "rev-parse", "dspark/v1.0")
+    for command in (["revert", "-C", str(work)], ["apply", "toy", "-C", str(work)]):
+        refused = dspark(toy, *command)
+        assert refused.returncode == 2, refused.stderr
+        assert f"branch dspark/v1.0 is checked out in another worktree, {other.resolve()}" in refused.stderr
+        assert git(work, "rev-parse", "dspark/v1.0") == tip
+        assert git(other, "status", "--porcelain") == ""
+
+
+# -- 5. merges and emptied commits among the user's commits ----------------------------------------
+
+def test_a_merge_among_the_users_commits_is_named_and_nothing_changes(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    git(work, "checkout", "-q", "-b", "side")
+    user_commit(work, "side.txt")
+    git(work, "checkout", "-q", "dspark/v1.0")
+    user_commit(work, "main.txt")
+    git(work, "merge", "-q", "--no-ff", "-m", "user: merge side", "side")
+    merge = git(work, "rev-parse", "HEAD")
+    before = tree_fingerprint(work)
+    for extra in ([], ["--keep-user-commits"]):
+        refused = dspark(toy, "revert", "-C", str(work), *extra)
+        assert refused.returncode == 2, refused.stderr
+        assert f"your commit {merge[:12]} (user: merge side) on dspark/v1.0 is a merge" in refused.stderr
+        assert tree_fingerprint(work) == before
+
+
+def test_a_commit_that_only_undoes_a_patch_is_kept_empty_and_named(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    git(work, "revert", "--no-edit", "HEAD")  # undoes patch 2: nothing left of it on the base
+    undo = git(work, "rev-parse", "HEAD")
+    result = applier.revert(work, keep_user_commits=True)
+    assert result["status"] == "reverted"
+    assert any(note.startswith(f"your commit {undo[:12]} (") and "changes nothing without the patches" in note
+               for note in result["notes"])
+    assert git(work, "rev-parse", "HEAD^{tree}") == git(work, "rev-parse", f"{toy['upstream']['v1.0']}^{{tree}}")
+    assert git(work, "log", "-1", "--format=%s") == git(work, "log", "-1", "--format=%s", undo)
+
+
+# -- 6. a recovery is said even when the run then fails --------------------------------------------
+
+def test_a_recovery_is_reported_at_once_when_the_revert_then_fails(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    user_commit(work, "mine.txt")
+    (work / "engine" / "config.py").write_text("local edit\n")
+    killed = dspark(toy, "revert", "-C", str(work), "--force", "--keep-user-commits", kill_after="replayed:1")
+    assert killed.returncode == -signal.SIGKILL
+    again = dspark(toy, "revert", "-C", str(work), "--keep-user-commits")
+    assert again.returncode == 2 and "local change" in again.stderr, again.stderr
+    assert "note: recovered an interrupted revert" in again.stderr
+    assert (work / "engine" / "config.py").read_text() == "local edit\n"
