@@ -228,15 +228,24 @@ def first_error(output: str) -> str | None:
 
 
 def _compile(p: BuildPlan, verbose: bool) -> None:
-    """nvcc and ninja through torch.utils.cpp_extension, into p.directory (a test replaces this)."""
+    """nvcc and ninja through torch.utils.cpp_extension, into p.directory (a test replaces this).
+
+    Not through the public ext.load: it loads the library into this process (torch.ops.load_library;
+    only is_standalone=True, which links an executable, skips that), and it counts the builds of one
+    name per process (JIT_EXTENSION_VERSIONER), so a second build here (another arch list: another
+    key) became dspark_ops_v1.so and p.library was never written. The helper load() runs to build,
+    _write_ninja_file_and_build_library (same keywords in torch 2.13 and 2.14), writes build.ninja
+    and runs ninja, nothing else: no versioning, no loading. Whoever uses the library loads it
+    (cuda_ops.load)."""
     import torch.utils.cpp_extension as ext
 
     ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
     includes, cublas = _cuda_library_paths(Path(p.cuda_home))
-    stopping_children(lambda: ext.load(
+    stopping_children(lambda: ext._write_ninja_file_and_build_library(
         name=LIB_NAME, sources=[str(f) for f in source_files() if f.suffix in (".cpp", ".cu")],
-        build_directory=str(p.directory), extra_cflags=list(CFLAGS), extra_cuda_cflags=list(CUDA_CFLAGS),
-        extra_include_paths=includes, extra_ldflags=[cublas], is_python_module=False, verbose=verbose))
+        extra_cflags=list(CFLAGS), extra_cuda_cflags=list(CUDA_CFLAGS), extra_sycl_cflags=[],
+        extra_ldflags=[cublas], extra_include_paths=includes, build_directory=str(p.directory),
+        verbose=verbose, with_cuda=None, with_sycl=False))
 
 
 def stopping_children(run) -> None:

@@ -153,6 +153,27 @@ def test_a_failed_compile_keeps_its_log_and_names_the_error(toolchain, monkeypat
         assert build.last_build()["path"] == good.path and build.library_problem(Path(good.path)) is None
 
 
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+def test_two_builds_in_one_process_write_their_own_library_and_load_neither(toolchain, monkeypatch, tmp_path):
+    """torch's real cpp_extension, ninja and g++ on a one-function C++ source (no nvcc: minutes
+    less): two builds for different archs in one process each write <key>/dspark_ops.so. Through
+    ext.load the second built dspark_ops_v1.so (torch's per-process versioner) and failed "left no
+    usable library", and each library was loaded into the building process."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "-lm"))  # no CUDA source: no cuBLAS
+    first, second = build.build("9.0a"), build.build("8.0")
+    assert first.status == second.status == "built" and first.key != second.key
+    for result in (first, second):
+        assert Path(result.path).name == "dspark_ops.so" and build.library_problem(Path(result.path)) is None
+        assert result.path not in Path("/proc/self/maps").read_text()
+    assert build.build("8.0", force=True).status == "built"
+
+
 def test_first_error_skips_the_command_ninja_echoes():
     output = ("Error building extension 'dspark_ops': [1/3] c++ -c ops.cpp\n[2/3] nvcc -DFATAL_X -c warp.cu\n"
               "FAILED: [code=2] markov.cuda.o\n"

@@ -282,11 +282,11 @@ def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/usr/local/cuda/lib64/libcublas.so"))
-    def fake_load(**kw):  # a library that passes build.library_problem() (no ELF class: the header only)
+    def fake_build(**kw):  # a library that passes build.library_problem() (no ELF class: the header only)
         seen.update(kw)
         (Path(kw["build_directory"]) / f"{kw['name']}.so").write_bytes(b"\x7fELF" + bytes(60))
 
-    monkeypatch.setattr(ext, "load", fake_load)
+    monkeypatch.setattr(ext, "_write_ninja_file_and_build_library", fake_build)
     assert build.build("9.0a").status == "built"
     assert seen["extra_cflags"] == ["-O2"] and seen["extra_cuda_cflags"] == [*build.CUDA_CFLAGS]
     assert seen["extra_cuda_cflags"][-1] == "-DDSPARK_DEBUG" and seen["name"] == build.build_flags()["name"]
