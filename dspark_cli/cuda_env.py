@@ -230,12 +230,14 @@ def _parse_smi(text: str) -> Gpus:
 
 
 def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[list[str], str]:
-    """(arch list, where it came from). Hopper gets 9.0a: our kernels use sm_90a-only instructions."""
+    """(arch list, where it came from). Hopper gets 9.0a: our kernels use sm_90a-only instructions.
+    `explicit` is --arch: an empty one is an error (it fell through to the GPU before). A ValueError
+    names where the bad arch came from (--arch or TORCH_CUDA_ARCH_LIST)."""
     source = "--arch"
     spec = explicit
-    if not spec and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if spec is None and os.environ.get("TORCH_CUDA_ARCH_LIST"):
         spec, source = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
-    if not spec:
+    if spec is None:
         gpus = gpus or gpu_info()
         if not gpus.capabilities:
             what = "the GPU's compute capability could not be read" if gpus.unread else "no GPU"
@@ -249,7 +251,7 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
             archs.append(parse_arch(item))
         except ValueError as exc:
             if source != "detected GPU":
-                raise
+                raise ValueError(f"{source}: {exc}") from None
             return [], f"none ({exc}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
     if not archs:
         raise ValueError(f"no CUDA arch in {source} {spec!r} (expected e.g. 9.0a, 8.0, sm_90a)")
@@ -263,12 +265,15 @@ KNOWN_ARCHS = ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2", "7.5", "8
 
 
 def parse_arch(item: str) -> str:
-    """One arch: 'sm_90a', '90a', '9.0a', 'sm_120', '100a', '8.6+PTX' -> '9.0a', '12.0', '10.0a', '8.6'
-    (a bare number's last digit is the minor version). ValueError for anything else or an arch
-    torch's cpp_extension does not build for. Plain 9.0 becomes 9.0a: our kernels use sm_90a-only
-    instructions."""
+    """One arch: 'sm_90a', '90a', '9.0a', 'sm_120', '100a', '8.6+PTX' -> '9.0a', '12.0', '10.0a',
+    '8.6+PTX' (a bare number's last digit is the minor version). ValueError for anything else or an
+    arch torch's cpp_extension does not build for. Plain 9.0 becomes 9.0a: our kernels use
+    sm_90a-only instructions. +PTX stays (torch then embeds that arch's PTX too, which newer GPUs
+    JIT-compile): it changes the library, so it is in the cache key."""
     given = item
-    item = item.strip().removesuffix("+PTX")
+    item = item.strip()
+    ptx = "+PTX" if item.endswith("+PTX") else ""
+    item = item.removesuffix("+PTX")
     m = re.fullmatch(r"(?:sm_)?(\d+)(\d)([af]?)", item) or re.fullmatch(r"(\d+)\.(\d)([af]?)", item)
     if not m:
         raise ValueError(f"not a CUDA arch: {given!r} (expected e.g. 9.0a, 8.0, sm_90a, sm_120)")
@@ -278,7 +283,7 @@ def parse_arch(item: str) -> str:
     if arch not in KNOWN_ARCHS:
         raise ValueError(f"unsupported CUDA arch: {given!r} ({arch}; torch's cpp_extension builds for "
                          f"{', '.join(KNOWN_ARCHS)})")
-    return arch
+    return arch + ptx
 
 
 def major(version: str | None) -> int | None:

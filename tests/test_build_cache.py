@@ -274,7 +274,7 @@ def test_wheel_dir_checks(tmp_path):
     assert build.check_wheel_dir(tmp_path / "new" / "dir").is_dir()
 
 
-@pytest.mark.parametrize("arch", [";", "1.0", "sm_100f", "sm_x"])
+@pytest.mark.parametrize("arch", [";", "1.0", "sm_100f", "sm_x", ""])
 def test_bad_arch_is_exit_2_before_anything_is_created(tmp_path, arch):
     cache = tmp_path / "cache"
     out = run_dspark("build", "--arch", arch, "--json", env={"DSPARK_CACHE": str(cache)})

@@ -239,6 +239,8 @@ def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/usr/local/cuda/bin/nvcc", "13.0"))
     a, b = build.plan("9.0a"), build.plan("8.0;9.0")
     assert a.key != b.key and b.archs == ["8.0", "9.0a"]
+    ptx = build.plan("8.0+PTX;9.0")  # +PTX adds the PTX to the library: another build
+    assert ptx.archs == ["8.0+PTX", "9.0a"] and ptx.key != b.key
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "x.cu").write_text("// v1\n")

@@ -166,7 +166,7 @@ def test_torch_info_reports_this_torch_without_importing_it():
 def test_arch_list_sources_and_normalisation(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert cuda_env.arch_list("9.0") == (["9.0a"], "--arch")  # Hopper gets its sm_90a features
-    assert cuda_env.arch_list("sm_90a, 80 8.6+PTX") == (["8.0", "8.6", "9.0a"], "--arch")
+    assert cuda_env.arch_list("sm_90a, 80 8.6+PTX") == (["8.0", "8.6+PTX", "9.0a"], "--arch")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
     assert cuda_env.arch_list() == (["9.0a"], "TORCH_CUDA_ARCH_LIST")
     assert cuda_env.arch_list("8.0") == (["8.0"], "--arch")  # the flag wins over the variable
@@ -178,17 +178,30 @@ def test_arch_list_sources_and_normalisation(monkeypatch):
         cuda_env.arch_list("hopper")
 
 
+def test_an_arch_error_names_its_source(monkeypatch):
+    """A bad TORCH_CUDA_ARCH_LIST is named as the source (the message read as if --arch were bad);
+    an empty --arch is an error, not the variable's or the GPU's arch list."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a;hopper")
+    with pytest.raises(ValueError, match="^TORCH_CUDA_ARCH_LIST: not a CUDA arch: 'hopper'"):
+        cuda_env.arch_list()
+    with pytest.raises(ValueError, match="^--arch: unsupported CUDA arch: '1.0'"):
+        cuda_env.arch_list("1.0")
+    with pytest.raises(ValueError, match="^no CUDA arch in --arch ''"):
+        cuda_env.arch_list("")
+
+
 def test_major():
     assert cuda_env.major("13.0") == 13 and cuda_env.major(None) is None
 
 
 @pytest.mark.parametrize("given, arch", [("sm_120", "12.0"), ("sm_100", "10.0"), ("sm_100a", "10.0a"),
-                                         ("120a", "12.0a"), ("sm_90", "9.0a"), ("8.6+PTX", "8.6"), ("7.5", "7.5")])
+                                         ("120a", "12.0a"), ("sm_90", "9.0a"), ("8.6+PTX", "8.6+PTX"),
+                                         ("sm_90+PTX", "9.0a+PTX"), ("7.5", "7.5")])
 def test_arch_major_is_all_but_the_last_digit(given, arch):
     assert cuda_env.arch_list(given) == ([arch], "--arch")
 
 
-@pytest.mark.parametrize("given", ["1.0", "sm_10", "3.5", "sm_100f", "9.0b", ";", " , ", "sm_", "13.0"])
+@pytest.mark.parametrize("given", ["1.0", "sm_10", "3.5", "sm_100f", "9.0b", ";", " , ", "sm_", "13.0", "", "3.5+PTX"])
 def test_bad_or_unbuildable_arch_is_a_value_error(given):
     with pytest.raises(ValueError):
         cuda_env.arch_list(given)
