@@ -119,6 +119,7 @@ class BuildResult:
     key: str
     seconds: float
     archs: list[str]
+    torch: str           # torch.__version__ it was built against: the runtime loads it under that torch only
 
 
 def build(arch: str | None = None, jobs: int | None = None, force: bool = False, verbose: bool = False,
@@ -136,7 +137,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     failed_dir = p.directory.with_name(p.directory.name + ".failed")
     _restore_set_aside(p, aside, failed_dir)
     if not force and p.library.exists() and library_problem(p.library) is None:
-        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs))
+        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
     try:
@@ -167,7 +168,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
             shutil.rmtree(failed_dir, ignore_errors=True)
             where = p.directory.rename(failed_dir)
             aside.rename(p.directory)
-        _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs))
+        _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs, p.torch_version))
         if not isinstance(exc, Exception):
             raise
         # ninja's output runs to pages: one line here, all of it in the log
@@ -180,7 +181,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
             else:
                 os.environ[k] = v
     shutil.rmtree(aside, ignore_errors=True)
-    return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs))
+    return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
 
 
 def _restore_set_aside(p: BuildPlan, aside: Path, failed_dir: Path) -> None:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from dspark_cli import build, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
@@ -30,7 +31,8 @@ def toolchain(monkeypatch, tmp_path):
     """A CUDA 13 toolchain as plan() sees it, and a compile that writes a fake library (counted)."""
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DSPARK_OPS_LIB", raising=False)
-    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    # this process's torch (the runtime loads a build only under the torch it was made with), as a CUDA 13.0 build
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo(torch.__version__, "13.0"))
     monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/usr/local/cuda"), "nvcc"))
     monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/usr/local/cuda/bin/nvcc", "13.0"))
     calls = {"n": 0, "fail": False, "seen": []}
@@ -252,6 +254,27 @@ def test_a_wrong_shaped_last_json_is_no_build(toolchain, monkeypatch, record):
     monkeypatch.setitem(cuda_ops._state, "tried", False)
     monkeypatch.setitem(cuda_ops._state, "loaded", None)
     assert cuda_ops.load() is None and "last.json" in cuda_ops.load_error()
+
+
+def test_the_runtime_refuses_a_build_for_another_torch(toolchain, monkeypatch):
+    """last.json records the torch a library was built against; under another torch (an engine venv
+    upgraded since) the loader refuses it with one line, before dlopen: the library binds to torch's
+    C++ ABI. A record from before the field was kept is still loaded."""
+    good = build.build("9.0a")
+    last = build.cache_root() / build.LAST
+    assert json.loads(last.read_text())["torch"] == torch.__version__
+    monkeypatch.setattr(cuda_ops.importlib.util, "find_spec", lambda name: None)  # no installed wheel
+    assert cuda_ops.library_path() == Path(good.path)
+    last.write_text(json.dumps({**json.loads(last.read_text()), "torch": "2.0.0+cu118"}))
+    monkeypatch.setitem(cuda_ops._state, "tried", False)
+    monkeypatch.setitem(cuda_ops._state, "loaded", None)
+    assert cuda_ops.load() is None
+    assert cuda_ops.load_error() == (f"no built extension (run dspark build); {last} is a build for torch 2.0.0+cu118, "
+                                     f"this is torch {torch.__version__}: run dspark build with this torch")
+    record = json.loads(last.read_text())
+    del record["torch"]
+    last.write_text(json.dumps(record))
+    assert cuda_ops.library_path() == Path(good.path)
 
 
 def test_the_runtime_refuses_a_truncated_library(toolchain, monkeypatch):

@@ -211,7 +211,7 @@ def test_a_wheel_installs_beside_the_torch_it_was_built_with(tmp_path):
     lib = tmp_path / "dspark_ops.so"
     lib.write_bytes(b"\x7fELF" + bytes(60))
     script = ("import sys; from dspark_cli.build import BuildResult, write_wheel; "
-              "print(write_wheel(BuildResult('built', sys.argv[1], 'k' * 12, 0.0, ['9.0a']), sys.argv[2]))")
+              "print(write_wheel(BuildResult('built', sys.argv[1], 'k' * 12, 0.0, ['9.0a'], '2.14.1+cu130'), sys.argv[2]))")
     made = subprocess.run([PYTHON, "-c", script, str(lib), str(tmp_path / "wheels")], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert made.returncode == 0, made.stderr[-2000:]

@@ -29,9 +29,14 @@ def library_path() -> Path | None:
     if last is None and (cache_root() / LAST).is_file():
         _state["note"] = f"{cache_root() / LAST} is not a build record"
     elif last is not None and last.get("status") in ("built", "cached"):
-        if isinstance(last.get("path"), str) and last["path"]:
+        built_for = last.get("torch")  # absent from records written before it was kept: not checked
+        if built_for and built_for != torch.__version__:  # torch's C++ ABI: loading could crash later
+            _state["note"] = (f"{cache_root() / LAST} is a build for torch {built_for}, this is torch "
+                              f"{torch.__version__}: run dspark build with this torch")
+        elif isinstance(last.get("path"), str) and last["path"]:
             return Path(last["path"])
-        _state["note"] = f"{cache_root() / LAST} has no library path"
+        else:
+            _state["note"] = f"{cache_root() / LAST} has no library path"
     wheel = importlib.util.find_spec("dspark_ops")  # installed from `dspark build --wheel`
     return Path(wheel.origin).with_name("dspark_ops.so") if wheel and wheel.origin else None
 
