@@ -21,13 +21,16 @@ V, RANK, HIDDEN, GAMMA = 151936, 256, 2560, 7
 
 
 def peak_bytes(fn) -> int:
-    """Peak allocated bytes above what was allocated before `fn` ran."""
+    """Peak bytes of live tensors above those live before `fn` ran. The caching allocator's
+    requested bytes, not its allocated bytes: a cached block is handed out whole when less than
+    1 MiB of it would remain, so allocated bytes carry up to 1 MiB per tensor that depends on the
+    process's history, not on what the step holds (measured: 2-5 MB either way between runs)."""
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_stats()["requested_bytes.all.current"]
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    return torch.cuda.memory_stats()["requested_bytes.all.peak"] - before
 
 
 @pytest.mark.parametrize("sample", [True, False], ids=["sampled", "greedy"])
@@ -48,8 +51,6 @@ def test_the_profiled_step_takes_at_least_what_drafting_steps_take(requests, sam
         run_largest_step(draft_logits, w1, w2, requests=requests, gamma=GAMMA, hidden_size=HIDDEN,
                          dtype=torch.bfloat16, device=device, sample=sample, confidence_head=confidence_head)
         del reserve
-
-    profiled = peak_bytes(profiled_step)
 
     ids = [f"r{i}" for i in range(requests)]
     full = lambda v, dtype: torch.full((requests,), v, dtype=dtype, device=device)  # noqa: E731
@@ -79,7 +80,11 @@ def test_the_profiled_step_takes_at_least_what_drafting_steps_take(requests, sam
             pending.drafted(batch, draft.q if sample else None)
             del h, U, draft, target_logits
 
+    # once unmeasured: one-time allocations (cuBLAS's workspace, 32 MiB) come before either measure,
+    # as in vLLM they come in its profiling run
+    drafting_steps()
     real = peak_bytes(drafting_steps)
+    profiled = peak_bytes(profiled_step)
     print(f"requests={requests} sample={sample}: profiled {profiled} B, drafting steps {real} B")
     assert real > 0
     assert profiled >= real, (f"the profiled step took {profiled / 2**20:.0f} MiB, drafting steps "
