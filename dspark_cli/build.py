@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -129,16 +131,46 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     builds from a clean directory, so ninja cannot call stale objects up to date: the old one is set
     aside (`<key>.previous`) and comes back if the build fails, the failed one kept as `<key>.failed`
     for its log — last.json may point at the old library, which the runtime keeps loading; a build
-    killed before that puts the old library back first. A failed build is recorded in last-failed.json. `planned`: plan(arch) when the caller made it already (it
-    runs nvcc twice and hashes csrc/)."""
+    killed before that puts the old library back first. A failed build is recorded in
+    last-failed.json. Builds of one key run one at a time (a second waits, then finds the first's
+    library). `planned`: plan(arch) when the caller made it already (it runs nvcc twice and hashes
+    csrc/)."""
     started = time.monotonic()
     p = planned or plan(arch)
+    if not force and p.library.exists() and library_problem(p.library) is None:  # the fast path takes no lock
+        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
+    cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
+    with _key_lock(p):
+        return _build_locked(p, started, force, jobs, verbose)
+
+
+@contextlib.contextmanager
+def _key_lock(p: BuildPlan):
+    """One build of a key at a time (CI jobs sharing a cache, a second `dspark build`): ninja runs
+    in the key's directory and the set-aside renames move it, so a second build waits for the
+    first and then finds its library. flock: the kernel drops it when its holder exits, however."""
+    path = p.directory.with_name(p.directory.name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot create the build lock {path}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another dspark build of {p.key} to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, verbose: bool) -> BuildResult:
     aside = p.directory.with_name(p.directory.name + ".previous")
     failed_dir = p.directory.with_name(p.directory.name + ".failed")
     _restore_set_aside(p, aside, failed_dir)
-    if not force and p.library.exists() and library_problem(p.library) is None:
+    if not force and p.library.exists() and library_problem(p.library) is None:  # built while we waited
         return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
-    cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
     try:
         for old in (aside, failed_dir):

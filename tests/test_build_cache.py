@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -432,3 +433,37 @@ def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, how):
     finally:
         for pid in processes_with(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_build_of_a_key_waits_for_the_first_and_finds_its_library(toolchain, capfd):
+    """Two builds of one key at once ran ninja in one directory and moved it under each other
+    (torch's own lock went with ext.load). The first here holds the key's lock while it compiles;
+    the second, in another thread, waits and then takes the first's library as a cache hit."""
+    p = build.plan("9.0a")
+    started, release = threading.Event(), threading.Event()
+    compile_first = build._compile
+
+    def slow_compile(plan, verbose):
+        started.set()
+        release.wait(30)
+        compile_first(plan, verbose)
+
+    build._compile = slow_compile
+    try:
+        first = threading.Thread(target=build.build, kwargs={"arch": "9.0a", "planned": p})
+        first.start()
+        assert started.wait(30)
+        second = {}
+        waiter = threading.Thread(target=lambda: second.update(result=build.build("9.0a")))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # waiting on the lock, not compiling beside the first
+        build._compile = compile_first
+        release.set()
+        first.join(30)
+        waiter.join(30)
+    finally:
+        build._compile = compile_first
+        release.set()
+    assert second["result"].status == "cached" and toolchain["n"] == 1
+    assert "waiting for another dspark build of" in capfd.readouterr().err
