@@ -347,7 +347,12 @@ def revert(workdir: Path, force: bool = False, keep_user_commits: bool = False) 
     ws, _ = _existing_workspace(workdir)
     with oplock.exclusive(ws.git_dir, ws.path):
         recovered = recover(ws, force)
-        result = _revert(ws, ws.read_state(), force, keep_user_commits)  # recovery may have rewritten it
+        state = ws.read_state()  # recovery may have rewritten it, or removed it
+        if state is None:  # a killed first apply, undone: the directory is as it was before dspark
+            return {"workdir": str(ws.path), "status": "nothing to revert", "base": None, "branch": None,
+                    "removed": [], "kept": [], "recovered": recovered,
+                    "notes": ["the interrupted first `dspark apply` was undone: this is no longer a dspark workspace"]}
+        result = _revert(ws, state, force, keep_user_commits)
     return {**result, "recovered": recovered}
 
 

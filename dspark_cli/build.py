@@ -204,7 +204,10 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
         if not isinstance(exc, Exception):
             raise
         # ninja's output runs to pages: one line here, all of it in the log
-        log = f"; the whole output is in {where / BUILD_LOG}" if logged else " (rerun with --verbose)"
+        if verbose:  # torch let ninja write to our stdout: the output is above, the log holds torch's line only
+            log = " (ninja's output is above)"
+        else:
+            log = f"; the whole output is in {where / BUILD_LOG}" if logged else " (rerun with --verbose)"
         raise EnvironmentProblem(f"build failed in {where}: {first_error(str(exc)) or type(exc).__name__}{log}") from None
     finally:
         for k, v in saved.items():

@@ -269,7 +269,8 @@ def parse_arch(item: str) -> str:
     '8.6+PTX' (a bare number's last digit is the minor version). ValueError for anything else or an
     arch torch's cpp_extension does not build for. Plain 9.0 becomes 9.0a: our kernels use
     sm_90a-only instructions. +PTX stays (torch then embeds that arch's PTX too, which newer GPUs
-    JIT-compile): it changes the library, so it is in the cache key."""
+    JIT-compile; an `a` arch's PTX, e.g. compute_90a, runs on that arch only): it changes the
+    library, so it is in the cache key."""
     given = item
     item = item.strip()
     ptx = "+PTX" if item.endswith("+PTX") else ""

@@ -154,21 +154,25 @@ class Workspace:
         return result.stdout.strip() or None
 
     def local_changes(self) -> list[str]:
-        """`git status --porcelain` lines: modified, staged and untracked (not ignored) paths."""
-        lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all").stdout.splitlines()
+        """`git status --porcelain` lines: modified, staged and untracked (not ignored) paths. Files
+        untracked inside a submodule are not ours to save or touch: no stash, checkout or reset
+        recurses into a submodule, so they stay as they are (e.g. a build's output)."""
+        lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
+                             "--ignore-submodules=untracked").stdout.splitlines()
         return [line for line in lines if line.strip()]
 
     def changed_submodules(self) -> list[str]:
-        """Submodules with changes inside (another commit checked out, modified or untracked
-        files): `git stash` saves none of them ("No local changes to save"), so --force could not
-        keep them."""
+        """Submodules with another commit checked out or tracked files modified inside: `git stash`
+        saves neither ("No local changes to save"), so --force could not keep them. Untracked files
+        inside one are left alone by every git command we run, so they are no reason to refuse."""
         lines = self.git.run("status", "--porcelain=v2", "--untracked-files=all").stdout.splitlines()
         # "1 XY SCMU <5 fields> path", or "2 XY SCMU <6 fields> path\torig" for a rename: the third
         # field is S and its flags for a submodule, N... for anything else.
         changed = []
         for line in lines:
             fields = line.split(" ", 9 if line.startswith("2 ") else 8)
-            if fields[0] in ("1", "2") and fields[2].startswith("S") and fields[2] != "S...":
+            # the S field is "S" + C (commit changed) + M (tracked changes) + U (untracked), "." if not
+            if fields[0] in ("1", "2") and fields[2].startswith("S") and (fields[2][1] == "C" or fields[2][2] == "M"):
                 changed.append(fields[-1].split("\t")[0])
         return changed
 

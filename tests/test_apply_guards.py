@@ -77,6 +77,22 @@ def test_a_failed_first_apply_in_a_clone_leaves_no_workspace_behind(toy, tmp_pat
     assert dspark(toy, "apply", "toy", "-C", str(clone)).returncode == 0  # a clean start, as before
 
 
+
+def test_a_revert_after_a_killed_first_apply_undoes_it_and_says_so(toy, tmp_path):
+    """The revert's recovery undoes the killed first apply and removes its state: nothing is left
+    to revert (it read the state it had just removed: a traceback, exit 1)."""
+    clone = tmp_path / "my-clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    (clone / "engine" / "config.py").write_text("mine\n")
+    before = tree_fingerprint(clone)
+    killed = dspark(toy, "apply", "toy", "-C", str(clone), "--force", kill_after="committed:1")
+    assert killed.returncode == -signal.SIGKILL
+    reverted = dspark(toy, "revert", "-C", str(clone))
+    assert reverted.returncode == 0, reverted.stderr
+    assert "nothing to revert" in reverted.stdout and "Traceback" not in reverted.stderr
+    assert tree_fingerprint(clone) == before
+    assert not (clone / ".git" / "dspark" / "state.json").exists()
+
 # -- 3. changes git stash cannot save --------------------------------------------------------------
 
 def test_changes_inside_a_submodule_are_refused_even_with_force(toy, tmp_path):
@@ -98,6 +114,25 @@ def test_changes_inside_a_submodule_are_refused_even_with_force(toy, tmp_path):
     assert not (clone / ".git" / "dspark" / "state.json").exists()
     assert (clone / "vendor" / "sub" / "a.txt").read_text() == "edited inside the submodule\n"
 
+
+
+def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_path):
+    """No stash, checkout or reset recurses into a submodule: a build's output in one stays as it
+    is, and neither apply nor revert needs --force for it."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    git(sub, "init", "-q", "-b", "main")
+    user_commit(sub, "a.txt")
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    git(work, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "vendor/sub")
+    git(work, "commit", "-q", "-m", "user: a submodule")
+    (work / "vendor" / "sub" / "build.o").write_bytes(b"object")
+    reverted = dspark(toy, "revert", "-C", str(work), "--keep-user-commits")
+    assert reverted.returncode == 0, reverted.stderr
+    again = dspark(toy, "apply", "toy", "-C", str(work))
+    assert again.returncode == 0, again.stderr
+    assert (work / "vendor" / "sub" / "build.o").read_bytes() == b"object"
 
 # -- 4. a branch another worktree has checked out --------------------------------------------------
 

@@ -467,3 +467,23 @@ def test_a_second_build_of_a_key_waits_for_the_first_and_finds_its_library(toolc
         release.set()
     assert second["result"].status == "cached" and toolchain["n"] == 1
     assert "waiting for another dspark build of" in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+def test_a_failed_verbose_build_points_at_the_output_above_not_at_the_log(toolchain, monkeypatch, tmp_path, capfd):
+    """With --verbose torch lets ninja write to stdout and its error holds one line: the message
+    said "the whole output is in build.log", which then held only that line."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    compiler = tmp_path / "c++"
+    compiler.write_text(FAILING_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/nonexistent/libcublas.so"))
+    with pytest.raises(EnvironmentProblem) as exc:
+        build.build("9.0a", verbose=True)
+    assert str(exc.value).endswith("(ninja's output is above)") and "build.log" not in str(exc.value)
+    assert "stand-in refuses this line" in capfd.readouterr().out

@@ -99,6 +99,9 @@ def register(app: typer.Typer) -> None:
 
         def render(result: dict) -> None:
             _print_notes(result)
+            if result["branch"] is None:  # a killed first apply was undone: no workspace left
+                say(f"[bold]{result['status']}[/bold]: {escape(result['workdir'])}")
+                return
             say(f"[bold]{result['status']}[/bold]: {escape(result['branch'])} at base {result['base'][:12]}; "
                 f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours")
 
