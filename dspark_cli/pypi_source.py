@@ -30,7 +30,7 @@ from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
-from dspark_cli.workspace import DSPARK_AUTHOR, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, Workspace, pid_alive
 
 
 def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:
@@ -145,14 +145,16 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     archive = fetch_release(release)
     path.parent.mkdir(parents=True, exist_ok=True)
     # No workspace lock covers this (there is no workspace yet): another run may be making one for
-    # the same path. Each holds a flock on its own sibling while it works, so only those whose run
-    # is gone (killed: the kernel dropped its flock) are removed.
+    # the same path. Each holds a flock on its own sibling while it works, and names it by its pid,
+    # so only those whose run is gone (killed: the kernel dropped its flock) are removed; the pid
+    # covers a sibling made a moment ago and not flocked yet.
     for stale in path.parent.glob(f".{path.name}.dspark-new-*"):
+        if _maker_alive(stale):
+            continue
         with _claimed(stale) as ours:
             if ours:
                 shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.parent / f".{path.name}.dspark-new-{os.getpid()}"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.dspark-new-{os.getpid()}-"))
     with _claimed(tmp):
         try:
             base = _make_tree(tmp / "tree", pin, release, branch, state, archive)
@@ -174,6 +176,12 @@ def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: d
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})
     return base
+
+
+def _maker_alive(sibling: Path) -> bool:
+    """Whether the process whose pid names `sibling` (`…dspark-new-<pid>-<random>`) is running."""
+    pid = sibling.name.rsplit(".dspark-new-", 1)[1].split("-", 1)[0]
+    return pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))
 
 
 @contextmanager

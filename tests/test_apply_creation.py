@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 import tarfile
 
 import pytest
@@ -24,7 +25,7 @@ def toy(tmp_path, monkeypatch):
 
 def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
     """Making a pypi workspace clears what killed runs left beside it, but not the sibling another
-    run is building in right now (it holds a flock on it)."""
+    run is building in right now (it holds a flock on it, or has just made it: its pid is alive)."""
     sdist = tmp_path / "toy-engine-1.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(toy["upstream"]["repo"] / "engine", arcname="toy-engine-1.0/engine")
@@ -33,9 +34,12 @@ def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
     toy["compat_path"].write_text(toy["compat_path"].read_text().replace("releases: []", (
         "releases:\n          - package: toy-engine\n            version: '1.0'\n"
         f"            file: {sdist.name}\n            sha256: {sha256_of(sdist)}")))
-    live, dead = tmp_path / ".pypi-work.dspark-new-1", tmp_path / ".pypi-work.dspark-new-2"
-    live.mkdir()
-    dead.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now
+    live, dead = tmp_path / f".pypi-work.dspark-new-{gone.pid}-a", tmp_path / f".pypi-work.dspark-new-{gone.pid}-b"
+    young = tmp_path / f".pypi-work.dspark-new-{os.getpid()}-c"  # made by a live run, not flocked yet
+    for sibling in (live, dead, young):
+        sibling.mkdir()
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -44,7 +48,7 @@ def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
         assert made.returncode == 0, made.stderr
     finally:
         os.close(fd)
-    assert sorted(p.name for p in tmp_path.glob(".pypi-work.*")) == [live.name]  # dead and ours gone
+    assert {p.name for p in tmp_path.glob(".pypi-work.*")} == {live.name, young.name}  # dead and ours gone
 
 
 def test_a_clone_that_lost_the_race_for_the_workdir_leaves_nothing(toy, tmp_path):
