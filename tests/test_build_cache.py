@@ -125,12 +125,8 @@ exec g++ "$@"
 """
 
 
-@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
-@pytest.mark.parametrize("forced", [False, True])
-def test_a_failed_compile_keeps_its_log_and_names_the_error(toolchain, monkeypatch, tmp_path, forced):
-    """torch's real cpp_extension and ninja, a stand-in CXX that fails: the one-line error carries the
-    compiler's diagnostic (it carried ninja's last line, "ninja: build stopped: subcommand failed.")
-    and the path of build.log, which holds the whole output, in the failed build's directory."""
+def failing_sources(monkeypatch, tmp_path) -> None:
+    """csrc/ as one tiny.cpp and CXX a stand-in compiler that refuses it (FAILING_COMPILER)."""
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
@@ -139,6 +135,15 @@ def test_a_failed_compile_keeps_its_log_and_names_the_error(toolchain, monkeypat
     compiler.chmod(0o755)
     monkeypatch.setattr(build, "CSRC", src)
     monkeypatch.setenv("CXX", str(compiler))
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_failed_compile_keeps_its_log_and_names_the_error(toolchain, monkeypatch, tmp_path, forced):
+    """torch's real cpp_extension and ninja, a stand-in CXX that fails: the one-line error carries the
+    compiler's diagnostic (it carried ninja's last line, "ninja: build stopped: subcommand failed.")
+    and the path of build.log, which holds the whole output, in the failed build's directory."""
+    failing_sources(monkeypatch, tmp_path)
     if forced:
         good = build.build("9.0a")  # the fixture's fake compile: a library of this key to set aside
     monkeypatch.setattr(build, "_compile", REAL_COMPILE)
@@ -473,14 +478,7 @@ def test_a_second_build_of_a_key_waits_for_the_first_and_finds_its_library(toolc
 def test_a_failed_verbose_build_points_at_the_output_above_not_at_the_log(toolchain, monkeypatch, tmp_path, capfd):
     """With --verbose torch lets ninja write to stdout and its error holds one line: the message
     said "the whole output is in build.log", which then held only that line."""
-    src = tmp_path / "csrc"
-    src.mkdir()
-    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
-    compiler = tmp_path / "c++"
-    compiler.write_text(FAILING_COMPILER)
-    compiler.chmod(0o755)
-    monkeypatch.setattr(build, "CSRC", src)
-    monkeypatch.setenv("CXX", str(compiler))
+    failing_sources(monkeypatch, tmp_path)
     monkeypatch.setattr(build, "_compile", REAL_COMPILE)
     monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "/nonexistent/libcublas.so"))
     with pytest.raises(EnvironmentProblem) as exc:
