@@ -137,11 +137,18 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     csrc/)."""
     started = time.monotonic()
     p = planned or plan(arch)
-    if not force and p.library.exists() and library_problem(p.library) is None:  # the fast path takes no lock
-        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
+    if not force and (hit := _cache_hit(p, started)):  # the fast path takes no lock
+        return hit
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     with _key_lock(p):
         return _build_locked(p, started, force, jobs, verbose)
+
+
+def _cache_hit(p: BuildPlan, started: float) -> BuildResult | None:
+    """The key's library, recorded as a cache hit, when it is there and sound."""
+    if not p.library.exists() or library_problem(p.library) is not None:
+        return None
+    return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
 
 
 @contextlib.contextmanager
@@ -169,8 +176,8 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
     aside = p.directory.with_name(p.directory.name + ".previous")
     failed_dir = p.directory.with_name(p.directory.name + ".failed")
     _restore_set_aside(p, aside, failed_dir)
-    if not force and p.library.exists() and library_problem(p.library) is None:  # built while we waited
-        return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
+    if not force and (hit := _cache_hit(p, started)):  # built while we waited
+        return hit
     set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
     try:
         for old in (aside, failed_dir):

@@ -5,7 +5,6 @@ request r: never by token values, and since a is non-increasing in j this order 
 request's prefix. Admitting the first n candidates gives ℓ_r = #admitted of request r, the batch
 B = R + n tokens and τ = R + Σ a. Everything is tensor ops on a's device: no host sync, no loop."""
 
-
 import torch
 
 from dspark_cli.runtime import _checks
