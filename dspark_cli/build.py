@@ -29,6 +29,7 @@ from pathlib import Path
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import replace_atomically, write_text_atomically
+from dspark_cli.flock import exclusive_nowait
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import proc_stat
 
@@ -155,21 +156,17 @@ def _cache_hit(p: BuildPlan, started: float) -> BuildResult | None:
 def _key_lock(p: BuildPlan):
     """One build of a key at a time (CI jobs sharing a cache, a second `dspark build`): ninja runs
     in the key's directory and the set-aside renames move it, so a second build waits for the
-    first and then finds its library. flock: the kernel drops it when its holder exits, however."""
+    first and then finds its library."""
     path = p.directory.with_name(p.directory.name + ".lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot create the build lock {path}: {exc}") from None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fd, ours = stack.enter_context(exclusive_nowait(path))
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot create the build lock {path}: {exc}") from None
+        if not ours:
             print(f"waiting for another dspark build of {p.key} to finish", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, verbose: bool) -> BuildResult:

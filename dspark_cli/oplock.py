@@ -10,13 +10,13 @@ opened it just before the unlink would lock a file no one else can see any more.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from dspark_cli.errors import UsageError
+from dspark_cli.flock import exclusive_nowait
 
 _held: set[Path] = set()  # the lock files this process holds
 
@@ -31,21 +31,17 @@ def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
     refused at once rather than waited for: its operation may take minutes or need the user."""
     path = lock_file(git_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir}") from None
-    try:
+    with exclusive_nowait(path) as (fd, ours):
+        if not ours:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of a run refused meanwhile
         _held.add(path)
-        yield
-    finally:
-        _held.discard(path)
-        os.close(fd)  # releases the flock
+        try:
+            yield
+        finally:
+            _held.discard(path)
 
 
 def held(git_dir: Path) -> bool:

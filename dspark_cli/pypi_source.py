@@ -8,7 +8,6 @@ would run the package's build backend to read its metadata, and vLLM's needs tor
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +27,7 @@ from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
+from dspark_cli.flock import exclusive_nowait
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_AUTHOR, Workspace, pid_alive
@@ -188,17 +188,9 @@ def _maker_alive(sibling: Path) -> bool:
 def _claimed(directory: Path) -> Iterator[bool]:
     """An exclusive flock on `directory` for the block: True when we hold it, False when another
     process does (or the directory is gone)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        yield False
-        return
-    try:
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            ours = True
-        except BlockingIOError:
+            _, ours = stack.enter_context(exclusive_nowait(directory, directory=True))
+        except OSError:
             ours = False
         yield ours
-    finally:
-        os.close(fd)

@@ -1,0 +1,29 @@
+"""Exclusive flocks, for the one-at-a-time guards (a workspace's apply/revert, a build key, a
+release tree being made). The kernel drops a flock when its descriptor closes, so a holder that
+is killed, however, never leaves anything locked."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def exclusive_nowait(path: Path, directory: bool = False) -> Iterator[tuple[int, bool]]:
+    """Open `path` (a file, created when missing; or an existing directory) and try an exclusive
+    flock on it without waiting. Yields (descriptor, whether we hold it); the descriptor is closed, and the
+    lock released, at the end of the block. Raises OSError when `path` cannot be opened."""
+    flags = os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR | os.O_CREAT
+    fd = os.open(path, flags, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield fd, held
+    finally:
+        os.close(fd)
