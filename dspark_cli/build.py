@@ -147,7 +147,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
 
 def _cache_hit(p: BuildPlan, started: float) -> BuildResult | None:
     """The key's library, recorded as a cache hit, when it is there and sound."""
-    if not p.library.exists() or library_problem(p.library) is not None:
+    if library_problem(p.library) is not None:  # missing too
         return None
     return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
 
@@ -228,9 +228,7 @@ def _restore_set_aside(p: BuildPlan, aside: Path, failed_dir: Path) -> None:
     in `<key>.previous` and `<key>`, where last.json points, without one: put it back before anything
     else, so it is found (a cache hit) and not deleted as a stale set-aside copy. The killed build's
     directory becomes `<key>.failed`."""
-    if not aside.is_dir() or (p.library.exists() and library_problem(p.library) is None):
-        return
-    if library_problem(aside / p.library.name) is not None:
+    if not aside.is_dir() or library_problem(p.library) is None or library_problem(aside / p.library.name) is not None:
         return
     try:
         if p.directory.exists():
