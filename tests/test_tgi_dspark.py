@@ -300,10 +300,12 @@ def test_layer_output_sums_tgi_deferred_residual():
     assert torch.equal(layer_output((h, torch.ones(1, 2, 2))), h)  # (hidden, attention weights)
 
 
-def test_tensor_parallel_and_vision_language_targets_are_refused_at_attach(checkpoints, monkeypatch):
+def test_tensor_parallel_vision_language_and_attention_backends_are_refused_at_attach(checkpoints, monkeypatch):
     """maybe_attach refuses, with one error before anything loads, a shard of a tensor-parallel
-    model (the drafter is not sharded) and a target whose config has a vision_config (the capture
-    could hook the vision tower's layers); a single-shard text model attaches."""
+    model (the drafter is not sharded), a target whose config has a vision_config (the capture
+    could hook the vision tower's layers) and TGI's attention backends that cannot verify drafts
+    (flashinfer, TGI's default on CUDA for most models; flashdecoding-ipex); a single-shard text
+    model on flashdecoding or paged attention attaches."""
     from dspark_cli.integrations.tgi.hooks import maybe_attach
 
     monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["oracle"]))
@@ -318,7 +320,16 @@ def test_tensor_parallel_and_vision_language_targets_are_refused_at_attach(check
     with pytest.raises(RuntimeError, match="vision-language"):
         maybe_attach(SimpleNamespace(world_size=1, speculate=3, model=target))
     del target.config.vision_config
-    spec = maybe_attach(SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target))
+    text_model = SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target)
+    for backend in ("flashinfer", "flashdecoding-ipex"):
+        monkeypatch.setenv("ATTENTION", backend)
+        with pytest.raises(RuntimeError, match=f"ATTENTION={backend} .*; serve with ATTENTION=flashdecoding"):
+            maybe_attach(text_model)
+    for backend in ("flashdecoding", "paged"):
+        monkeypatch.setenv("ATTENTION", backend)
+        assert isinstance(maybe_attach(text_model), DSparkSpeculation)
+    monkeypatch.delenv("ATTENTION")
+    spec = maybe_attach(text_model)
     assert isinstance(spec, DSparkSpeculation)
     monkeypatch.delenv("DSPARK_DRAFT")
     assert maybe_attach(SimpleNamespace(world_size=4, model=target)) is None  # DSpark off: nothing checked

@@ -33,16 +33,31 @@ except ImportError:
     logger = logging.getLogger(__name__)
 
 
+# TGI v3.3.7's attention backends that cannot verify drafts, whoever drafts them (its n-gram too).
+SPECULATION_BREAKS_ATTENTION = {
+    # flash_causal_lm.forward builds flashinfer's ragged block table from the per-request lengths,
+    # not the request × (1 + drafts) rows it verifies: the rows attend to the wrong KV blocks
+    "flashinfer": "attends the verified rows to the wrong KV blocks (TGI builds its block table per request, "
+                  "not per verified row)",
+    "flashdecoding-ipex": "crashes inside intel-extension-for-pytorch when TGI speculates",
+}
+
+
 def unsupported(flash_model) -> str | None:
     """Why DSpark cannot serve this shard's model, or None. Tensor parallelism would run the
     unsharded drafter on every rank against a sharded target; a vision-language target's first
-    decoder `layers` list (what the capture hooks) may be its vision tower's."""
+    decoder `layers` list (what the capture hooks) may be its vision tower's; two of TGI's attention
+    backends cannot verify drafts."""
     world_size = getattr(flash_model, "world_size", None)
     if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         world_size = torch.distributed.get_world_size()
     if (world_size or 1) > 1:
         return (f"tensor parallelism is not supported (this shard is one of {world_size}); "
                 "serve with --num-shard 1 or unset DSPARK_DRAFT")
+    attention = os.environ.get("ATTENTION")  # TGI's backend: the launcher resolves it for every shard
+    if attention in SPECULATION_BREAKS_ATTENTION:
+        return (f"ATTENTION={attention} {SPECULATION_BREAKS_ATTENTION[attention]}; "
+                "serve with ATTENTION=flashdecoding (CUDA) or ATTENTION=paged")
     for config in (getattr(flash_model, "config", None), getattr(getattr(flash_model, "model", None), "config", None)):
         if getattr(config, "vision_config", None) is not None:
             return (f"vision-language targets are not supported ({type(config).__name__} has a vision_config); "
