@@ -597,11 +597,14 @@ def test_graphs_captured_ahead_serve_every_size_without_another_capture(checkpoi
     assert captured() == before  # nothing captured again
 
 
-def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops():
+@pytest.mark.parametrize("reserve", [None, 1000, 4000], ids=["unreserved", "reserved-short", "reserved"])
+def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops(reserve):
     """The drafter's K/V pool under a random sequence of batched commits (1 to 40 rows, new and
     growing requests) and drops: each live request's committed rows are exactly what was committed
     for it, in order; packing reclaims dropped segments (the pool stays within a few times the live
-    rows); the padded index reads a request's rows then repeats its last one."""
+    rows); the padded index reads a request's rows then repeats its last one. Reserved after the
+    fifth step (as TGI's warmup does): the pool keeps its tensor, compacting and trimming in place,
+    until the live rows alone outgrow it (1000 rows: they do; 4000: never, the live rows peak at 3231)."""
     from dspark_cli.integrations.tgi.kv_pool import SHRINK_ROWS, KVPool
 
     g = torch.Generator().manual_seed(13)
@@ -609,6 +612,10 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
     expected: dict[int, list[torch.Tensor]] = {}
     next_id = 0
     for step in range(60):
+        if step == 5 and reserve:
+            pool.reserve(reserve, torch.empty(0, 3, 4))
+            assert pool.k.shape[1] == reserve
+        tensor, outgrown, held = pool.k, pool.outgrown, pool.reserved
         if expected and torch.rand(1, generator=g) < 0.2:
             gone = list(expected)[int(torch.randint(len(expected), (1,), generator=g))]
             pool.drop(gone)
@@ -630,7 +637,13 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
                 k, v = pool.committed(r, i) if pool.length(r) else (want[i, 0], want[i, 1])
                 assert torch.equal(k, want[i, 0]) and torch.equal(v, want[i, 1]), (step, r)
         live = sum(pool.length(r) for r in expected)
-        assert pool.k is None or pool.k.shape[1] <= 8 * max(live, 64), (step, pool.k.shape, live)
+        if pool.reserved:
+            assert pool.k.shape[1] == pool.reserved >= live
+            assert (pool.k is tensor) == (pool.outgrown == outgrown), step  # a fresh tensor only when outgrown
+            assert pool.outgrown == outgrown or live > held  # outgrown only when the live rows alone are more
+        else:
+            assert pool.k is None or pool.k.shape[1] <= 8 * max(live, 64), (step, pool.k.shape, live)
+    assert (pool.outgrown > 0) == (reserve == 1000)
     r = next(r for r in expected if pool.length(r) > 1)
     idx = pool.padded_index([r], pool.length(r) + 3, "cpu")[0]
     seg = pool.segments[r]
@@ -654,6 +667,28 @@ def test_context_pool_keeps_every_requests_rows_through_growth_packing_and_drops
         big.drop(gone)
     assert big.k.shape[1] < before and big.k.shape[1] <= 2 * (1024 + SHRINK_ROWS)
     assert torch.equal(big.committed(7, 0)[0], rows[7 << 10:])
+
+
+def test_a_reserved_pool_short_of_room_trims_segments_but_keeps_the_rows_a_commit_is_writing():
+    """48 rows reserved, requests 1 and 2 at 10 rows each (16-row segments). Committing 10 more to
+    1 and 8 more to 2 in one call: 1 regrows first (32 rows, placed again in place), then 2 needs
+    room the doubled segments do not leave, so both are trimmed, 1 to its 10 rows plus the 10 this
+    call is about to write. Nothing is allocated and every row lands where it belongs."""
+    from dspark_cli.integrations.tgi.kv_pool import KVPool
+
+    pool = KVPool(1)
+    pool.reserve(48, torch.empty(0, 1, 1))
+    tensor = pool.k
+    rows = lambda lo, hi: torch.arange(float(lo), float(hi))[None, :, None, None]
+    first = torch.cat([rows(0, 10), rows(100, 110)], 1)
+    pool.commit([1, 2], [10, 10], first, first)
+    more = torch.cat([rows(10, 20), rows(110, 118)], 1)
+    pool.commit([1, 2], [10, 8], more, -more)
+    assert pool.k is tensor and pool.outgrown == 0
+    assert {r: (s.start, s.capacity, s.length) for r, s in pool.segments.items()} == {1: (0, 20, 20), 2: (20, 18, 18)}
+    assert pool.committed(1, 0)[0].flatten().tolist() == list(range(20))
+    assert pool.committed(2, 0)[0].flatten().tolist() == list(range(100, 118))
+    assert pool.committed(2, 0)[1].flatten().tolist() == list(range(100, 110)) + [-t for t in range(110, 118)]
 
 
 def test_the_confidence_head_without_a_bias_reads_zero_and_without_the_markov_input_is_refused(checkpoints):

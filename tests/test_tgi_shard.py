@@ -6,6 +6,7 @@ Intel path (torch 2.7.0 + ipex 2.7.0, bf16). Needs DSPARK_TGI_SHARD_PYTHON (the 
 import json
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -70,6 +71,9 @@ def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama):
         # Oracle: prefill gives 1 token, every decode round γ + 1 (arrivals and concatenation lose none).
         assert oracle["rounds"][rid] == 1 + math.ceil((n - 1) / (GAMMA + 1))
         assert oracle["rounds"][rid] <= partial["rounds"][rid] < plain["rounds"][rid] == n
+    # warmup sized the KV cache with the drafter's context in each token's cost, then reserved the pool
+    reserved = re.findall(r"^DSpark: the drafter's context pool holds (\d+) tokens", oracle["log"], re.M)
+    assert len(reserved) == 1 and int(reserved[0]) > 0 and "outgrew" not in oracle["log"]
 
 
 def test_qwen3_through_the_transformers_backend(tmp_path):

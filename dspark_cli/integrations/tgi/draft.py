@@ -219,6 +219,17 @@ class DSparkDraft:
     def drop(self, request_id: int) -> None:
         self.context_kv.drop(request_id)
 
+    def context_bytes_per_token(self) -> int:
+        """What one committed token's K and V take in the context pool, over all layers."""
+        c = self.config
+        return c.num_layers * 2 * c.num_kv_heads * c.head_dim * self.w["fc.weight"].element_size()
+
+    def reserve_context(self, tokens: int) -> None:
+        """Hold the context pool at `tokens` rows for good (TGI's warmup, once it sized its KV cache
+        with context_bytes_per_token added to each token's cost)."""
+        w, c = self.w["fc.weight"], self.config
+        self.context_kv.reserve(tokens, w.new_empty(0, c.num_kv_heads, c.head_dim))
+
     def _project_kv(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Layer i's k (normed, rotated) and v [n, kv, hd] of normed hidden rows h [n, d]: one GEMM
         on the K and V rows of the fused projection."""

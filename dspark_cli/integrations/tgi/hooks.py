@@ -132,6 +132,16 @@ def _capture_draft_graphs(draft: DSparkDraft) -> None:
                 f"{(torch.cuda.memory_reserved() - before) / 2**20:.0f} MiB")
 
 
+def reserve_context(spec: DSparkSpeculation, tokens: int) -> None:
+    """Called at the end of FlashCausalLM.warmup, which counted the drafter's context bytes per
+    token in the memory that sized the KV cache: the drafter's context pool is held at `tokens`
+    rows from now on (the KV cache's tokens and a prefill batch's, whose arriving requests commit
+    before the finished ones they replace are dropped)."""
+    spec.draft.reserve_context(tokens)
+    logger.info(f"DSpark: the drafter's context pool holds {tokens} tokens "
+                f"({tokens * spec.draft.context_bytes_per_token() / 2**30:.2f} GiB)")
+
+
 def pad_drafts(batches) -> None:
     """FlashCausalLMBatch.concatenate with drafts of different widths (each batch's verify width
     was chosen for it): pad to the widest so TGI's one-width layout holds them. A request still
@@ -237,8 +247,13 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         positions = (batch.position_ids.view(-1, 1) + torch.arange(S, device=batch.position_ids.device)).view(-1)
     features = spec.capture.features(positions.numel())
     idx = torch.tensor([j for r in rows for j in r]).to(features.device)  # one host->device copy
+    pool = spec.draft.context_kv
+    outgrown = pool.outgrown
     spec.draft.extend_contexts(request_ids, features[idx], positions[idx.to(positions.device)],
                                [len(r) for r in rows])
+    if pool.outgrown != outgrown:
+        logger.warning(f"DSpark: the drafter's live contexts outgrew the pool reserved at warmup; it now holds "
+                       f"{pool.reserved} tokens, beyond the memory TGI's KV cache was sized with")
     anchors = torch.tensor([t[-1] for t in tokens]).to(scores.device)
     # The anchor follows each request's last committed row: its sample position (the prompt's last
     # row; decode: the row of the first verify slot) + the drafts it accepted — host values already.

@@ -5,12 +5,17 @@ per layer, whatever the number of requests (per-request tensors cost a few host 
 per layer: most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
 
 A segment's capacity doubles when its request outgrows it (the request moves to a new segment at
-the top: one copy); when the top reaches the end, the other live segments are packed into a fresh
-tensor (room doubled) and the growing one placed after them. Dropped requests' rows are reclaimed
-by the next packing, or by one at a drop once they outnumber the live rows (and SHRINK_ROWS): after
-a packing the pool is twice its live segments' capacity. Rows are zero-initialized
-and only ever hold finite K/V: a masked key still enters SDPA's products, and NaN garbage there
-would reach the output."""
+the top: one copy); when the top reaches the end, the live segments are placed again from row 0,
+the growing one last. Unreserved, into a fresh tensor with twice their capacity (room doubled);
+dropped requests' rows are reclaimed by such a packing, or by one at a drop once they outnumber the
+live rows (and SHRINK_ROWS). Reserved (`reserve`, from TGI's warmup: the drafter's rows come out of
+the budget that sizes TGI's KV cache), within the reserved rows, each segment trimmed to its rows
+when the room is short, so serving allocates nothing more unless the live rows alone outgrow it.
+
+Rows outside the committed ones are never read (our attention op reads each context's rows;
+`padded_index` pads with a committed row, or row 0 for a request without rows), so a tensor is
+made empty with only row 0 zeroed: a masked key still enters SDPA's products, and NaN garbage
+there would reach the output."""
 
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ class KVPool:
         self.v: torch.Tensor | None = None
         self.top = 0  # rows below it belong to segments (live or dropped)
         self.segments: dict[int, Segment] = {}
+        self.reserved = 0  # rows held for good (0: none; the tensor grows and shrinks with the live rows)
+        self.outgrown = 0  # how often the live rows alone outgrew the reservation (each time: a fresh tensor)
+        self._incoming: dict[int, int] = {}  # rows a commit is about to write per request: kept by a trim
 
     def __contains__(self, request_id: int) -> bool:
         return request_id in self.segments
@@ -50,11 +58,18 @@ class KVPool:
         return 0 if seg is None else seg.length
 
     def drop(self, request_id: int) -> None:
-        if self.segments.pop(request_id, None) is None or self.k is None:
+        if self.segments.pop(request_id, None) is None or self.k is None or self.reserved:
             return
         live = self._live_capacity()
         if self.top - live > max(live, SHRINK_ROWS):
-            self._pack(0, self.k[0])
+            self._pack(None, 0, 0, self.k[0])
+
+    def reserve(self, rows: int, like: torch.Tensor) -> None:
+        """Hold `rows` rows (at least the live segments' capacity) from now on; like: a tensor of
+        the K/V dtype and device, shaped [any, kv_heads, head_dim]."""
+        self.reserved = max(rows, self._live_capacity())
+        self._place(list(self.segments), {r: seg.capacity for r, seg in self.segments.items()},
+                    *self._allocate(self.reserved, like))
 
     def _live_capacity(self) -> int:
         return sum(seg.capacity for seg in self.segments.values())
@@ -75,11 +90,15 @@ class KVPool:
         if sum(counts) == 0:
             return
         k0 = k[0]
-        for r, n in zip(request_ids, counts):
-            seg = self.segments.get(r)
-            have = 0 if seg is None else seg.length
-            if n and (seg is None or have + n > seg.capacity):
-                self._regrow(r, max(have + n, 2 * (0 if seg is None else seg.capacity), MIN_SEGMENT), k0)
+        self._incoming = dict(zip(request_ids, counts))
+        try:
+            for r, n in zip(request_ids, counts):
+                seg = self.segments.get(r)
+                have = 0 if seg is None else seg.length
+                if n and (seg is None or have + n > seg.capacity):
+                    self._regrow(r, have + n, k0)
+        finally:
+            self._incoming = {}
         bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
         dst = concat_ranges(bases, counts, k0.device)
         self.k.index_copy_(1, dst, k)
@@ -88,40 +107,72 @@ class KVPool:
             if n:
                 self.segments[r].length += n
 
-    def _regrow(self, request_id: int, capacity: int, like: torch.Tensor) -> None:
-        """Give the request a segment of `capacity` rows at the top, its committed rows moved there
-        (when that takes a packing, from the tensor the packing replaced: it is not packed itself)."""
-        old = self.segments.pop(request_id, None)
-        src_k, src_v = self.k, self.v
+    def _regrow(self, request_id: int, needed: int, like: torch.Tensor) -> None:
+        """Give the request a segment of at least `needed` rows (twice its old capacity when there
+        is room), its committed rows moved there: at the top, or last when the segments are placed
+        again."""
+        old = self.segments.get(request_id)
+        capacity = max(needed, 2 * (0 if old is None else old.capacity), MIN_SEGMENT)
         if self.k is None or self.top + capacity > self.k.shape[1]:
-            self._pack(capacity, like)
+            self._pack(request_id, capacity, needed, like)
+            return
         seg = Segment(self.top, capacity, 0 if old is None else old.length)
-        if old is not None and old.length:
+        if seg.length:
             src = slice(old.start, old.start + old.length)
-            self.k[:, seg.start:seg.start + old.length] = src_k[:, src]
-            self.v[:, seg.start:seg.start + old.length] = src_v[:, src]
+            self.k[:, seg.start:seg.start + old.length] = self.k[:, src]
+            self.v[:, seg.start:seg.start + old.length] = self.v[:, src]
         self.segments[request_id] = seg
         self.top += capacity
 
-    def _pack(self, extra: int, like: torch.Tensor) -> None:
-        """A fresh tensor holding the live segments packed from row 0 (each keeps its capacity) and
-        room for `extra` more rows, twice what is needed. The segments move only once it is filled."""
-        shape = (self.num_layers, 2 * (self._live_capacity() + extra), *like.shape[1:])
-        k, v = like.new_zeros(shape), like.new_zeros(shape)
+    def _pack(self, growing: int | None, capacity: int, needed: int, like: torch.Tensor) -> None:
+        """Place the live segments from row 0, each keeping its capacity, then `growing`'s (None:
+        none) with `capacity` rows. Unreserved: in a fresh tensor twice their size. Reserved: in
+        place; when that is short, every segment keeps only its rows and those a commit is about to
+        write (`growing` its `needed`), and only when even that is short, a fresh tensor twice its
+        size, which becomes the reservation."""
+        order = [r for r in self.segments if r != growing] + ([] if growing is None else [growing])
+        caps = {r: seg.capacity for r, seg in self.segments.items()}
+        if growing is not None:
+            caps[growing] = capacity
+        if self.reserved and sum(caps.values()) > self.reserved:
+            caps = {r: self.length(r) + self._incoming.get(r, 0) for r in order}
+            if growing is not None:
+                caps[growing] = needed
+        total = sum(caps.values())
+        if self.reserved and total <= self.reserved:
+            self._place(order, caps, self.k, self.v)
+            return
+        rows = 2 * total
+        if self.reserved:
+            self.reserved, self.outgrown = rows, self.outgrown + 1
+        self._place(order, caps, *self._allocate(rows, like))
+
+    def _allocate(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_layers, max(rows, 1), *like.shape[1:])  # row 0 exists for padding
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        k[:, :1].zero_()  # the row a request without rows is padded with (module docstring)
+        v[:, :1].zero_()
+        return k, v
+
+    def _place(self, order: list[int], caps: dict[int, int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Lay the requests in `order` out from row 0 of k, v with capacities `caps`, their committed
+        rows moved there; k, v may be the pool's own tensors (every row is read before any is
+        written: a layer at a time, a smaller temporary)."""
         starts, top, src, dst = {}, 0, [], []
-        for r, seg in self.segments.items():
-            if seg.length:
-                src.append(torch.arange(seg.start, seg.start + seg.length))
-                dst.append(torch.arange(top, top + seg.length))
+        for r in order:
+            n = self.length(r)
+            if n:
+                seg = self.segments[r]
+                src.append(torch.arange(seg.start, seg.start + n))
+                dst.append(torch.arange(top, top + n))
             starts[r] = top
-            top += seg.capacity
+            top += caps[r]
         if src:
-            src_rows, dst_rows = torch.cat(src).to(like.device), torch.cat(dst).to(like.device)
-            for layer in range(self.num_layers):  # a layer at a time: a smaller temporary
+            src_rows, dst_rows = torch.cat(src).to(k.device), torch.cat(dst).to(k.device)
+            for layer in range(self.num_layers):
                 k[layer].index_copy_(0, dst_rows, self.k[layer].index_select(0, src_rows))
                 v[layer].index_copy_(0, dst_rows, self.v[layer].index_select(0, src_rows))
-        for r, start in starts.items():
-            self.segments[r].start = start
+        self.segments = {r: Segment(starts[r], caps[r], self.length(r)) for r in order}
         self.k, self.v, self.top = k, v, top
 
     # ------------------------------------------------------------------ reading
