@@ -604,3 +604,42 @@ def test_rows_without_a_winner_still_give_ids_inside_the_vocabulary(R):
     torch.cuda.synchronize()
     for ids in (draft.tokens, out.output_tokens[out.output_tokens >= 0]):
         assert int(ids.min()) >= 0 and int(ids.max()) < V
+
+
+def test_zero_noise_and_mostly_zero_rows_never_emit_a_zero_probability_token():
+    """Engine Exp(1) noise with exact zeros on the GPU: our op takes no engine noise
+    (cuda_ops.rejection_sample declines it; its own races key W_g / -logf(u) with u ≤ 1 − 2^-24, so E > 0),
+    and the torch reference that runs instead raised 0/0 = NaN over a zero weight, which argmax picked.
+    Then the op's seeded races over the same rows, zero on most ids. Every emitted recovered/bonus
+    token has positive weight in the row it was raced over (p, or the residual max(p − q, 0))."""
+    from dspark_cli.runtime import cuda_ops, rejection_sample
+    from dspark_cli.runtime.rejection import _as_draft
+
+    g = torch.Generator(device="cuda").manual_seed(70)
+    R, gamma, V = 256, 3, 50000
+    keep = torch.rand(R, gamma + 1, V, device="cuda", generator=g) < 0.3
+    keep[..., 0] = True
+    p = torch.softmax(2 * torch.randn(R, gamma + 1, V, device="cuda", generator=g), -1) * keep
+    p /= p.sum(-1, keepdim=True)
+    q = torch.softmax(2 * torch.randn(R, gamma, V, device="cuda", generator=g), -1)
+    tokens = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(R, gamma)
+    q_token = q.gather(2, tokens.unsqueeze(2)).squeeze(2)
+    draft = (tokens, q_token, q)
+    ell = torch.randint(0, gamma + 1, (R,), device="cuda", generator=g)
+    uniforms = torch.rand(R, gamma, device="cuda", generator=g)
+    exp_noise = torch.where((p == 0).any(1) | (torch.rand(R, V, device="cuda", generator=g) < 0.2), 0.0,
+                            torch.empty(R, V, device="cuda").exponential_(generator=g))
+    seeds = torch.arange(R, device="cuda") + 5
+    assert cuda_ops.rejection_sample(p.reshape(R * (gamma + 1), V), None, ell, _as_draft(draft), seeds=seeds,
+                                     exp_noise=exp_noise, row_stride=gamma + 1) is NotImplemented
+    rows = torch.arange(R, device="cuda")
+    for kwargs in ({"uniforms": uniforms, "exp_noise": exp_noise}, {"seeds": seeds}):
+        res = rejection_sample(p, draft, ell, **kwargs)
+        n = res.num_accepted
+        last = res.output_tokens[rows, n]
+        p_row = p[rows, n]
+        residual = (p_row - q[rows, n.clamp(max=gamma - 1)]).clamp(min=0)
+        assert bool((p_row.gather(1, last.unsqueeze(1)) > 0).all()), kwargs.keys()
+        clear = (n < ell) & (residual.sum(1) > 1e-6)  # rejected, the residual's mass well above the floor
+        assert bool((residual.gather(1, last.unsqueeze(1))[clear] > 0).all()), kwargs.keys()
+        assert 0 < int(clear.sum()) < R

@@ -422,3 +422,122 @@ def test_gather_drafts_refuses_bad_row_indices(part, message):
     with pytest.raises(ValueError, match="^gather_drafts: " + message):
         gather_drafts([(draft, [0]), part(draft)])
     assert torch.equal(gather_drafts([(draft, [1]), (draft, [1])]).tokens, draft.tokens[[1, 1]])
+
+
+def test_race_sample_never_picks_a_zero_weight_over_zero_noise():
+    """An engine's Exp(1) entry of exactly 0 (or −0.0) over a zero weight was 0/0 = NaN, which argmax
+    picks: /tmp/review-rt-1's p = [.5, .5, 0, 0] with noise [1, 1, 1, 0] drew token 3. Noise counts
+    as max(E, NOISE_FLOOR): a positive weight over E = 0 wins, the heavier of two such wins, and
+    noise at or above the floor keys exactly as w / E did."""
+    w = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0], [0.2, 0.8, 0.0, 0.0], [0.0, 0.0, 0.3, 0.7]])
+    noise = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, -0.0], [0.0, -0.0, 1.0, 3.0]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # fp16 cannot hold the floor
+        assert rng.race_sample(w, noise.to(dtype)).tolist() == [0, 1, 0, 2], dtype
+    assert noise[0, 3] == 0 and noise.tolist()[2][3] == 0.0  # the caller's noise is not clamped in place
+    g = torch.Generator().manual_seed(3)
+    rows = _dist(g, 64, 1000)
+    e = rng.exponential_like(rows, g).clamp_min(rng.NOISE_FLOOR)
+    assert torch.equal(rng.race_sample(rows, e), torch.argmax(rows / e, dim=-1))
+
+
+@pytest.mark.parametrize("ell", [0, 1, 3])
+def test_zero_engine_noise_never_emits_a_zero_probability_token(ell):
+    """Many requests whose raced row (p at ℓ = 0 or on acceptance, else the residual max(p − q, 0))
+    is zero on most ids, with engine noise 0 on every one of those ids and on some others: every
+    emitted recovered/bonus token has positive weight in its row, exactly."""
+    g = torch.Generator().manual_seed(20 + ell)
+    R, gamma, V = 2000, 3, 16
+    keep = torch.rand(R, gamma + 1, V, generator=g) < 0.3
+    keep[..., 0] = True  # every row a distribution
+    p = _dist(g, R, gamma + 1, V) * keep
+    p /= p.sum(-1, keepdim=True)
+    q = _dist(g, R, gamma, V)
+    tokens = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(R, gamma)
+    q_token = q.gather(2, tokens.unsqueeze(2)).squeeze(2)
+    uniforms = torch.rand(R, gamma, generator=g)
+    # noise 0 wherever p is 0 in any row (so on every zero-weight id of the raced row), and at random elsewhere
+    exp_noise = torch.where(((p == 0).any(1)) | (torch.rand(R, V, generator=g) < 0.2), 0.0,
+                            torch.empty(R, V).exponential_(generator=g))
+    res = rejection_sample(p, (tokens, q_token, q), torch.full((R,), ell), uniforms=uniforms, exp_noise=exp_noise)
+    n = res.num_accepted
+    rows = torch.arange(R)
+    last = res.output_tokens[rows, n]
+    p_row = p[rows, n]
+    rejected = n < ell
+    residual = (p_row - q[rows, n.clamp(max=gamma - 1)]).clamp(min=0)
+    use_residual = rejected & (residual.sum(1) > RESIDUAL_MASS_FLOOR)
+    weights = torch.where(use_residual.unsqueeze(1), residual, p_row)
+    assert bool((weights.gather(1, last.unsqueeze(1)) > 0).all())
+    assert (int(rejected.sum()) > 100) == (ell > 0) and int((weights == 0).sum()) > R * V // 2
+    # the zero-noise ids are mostly zero-weight ones: under 0/0 = NaN a row with one drew it
+    assert int(((weights == 0) & (exp_noise == 0)).any(1).sum()) > R // 2
+
+
+def _markov_draft_fields(R=3, gamma=4, V=11, r=5, return_q=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    draft = markov_chain(U, torch.zeros(R, dtype=torch.int64), w1, w2, torch.ones(R), seeds=torch.arange(R),
+                         return_q=return_q, top_k=torch.full((R,), 5) if not return_q else None)
+    return draft, _dist(g, R, gamma + 1, V)
+
+
+def _with(draft, source=False, **fields):
+    """A copy of draft (or of its source) with fields replaced."""
+    from dataclasses import replace
+
+    if source:
+        return replace(draft, source=replace(draft.source, **fields))
+    return replace(draft, **fields)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda d: _with(d, q_token=d.q_token[:, :1]), r"draft q_token has shape \(3, 1\), expected \(3, 4\) \(\[R, γ\]"),
+    (lambda d: _with(d, q_token=d.q_token[:2]), r"draft q_token has shape \(2, 4\), expected \(3, 4\)"),
+    (lambda d: _with(d, q_token=d.q_token[0]), r"draft q_token has shape \(4,\), expected \(3, 4\)"),
+    (lambda d: _with(d, q_token=torch.cat([d.q_token, d.q_token], 1)), r"draft q_token has shape \(3, 8\)"),
+    (lambda d: _with(d, q=d.q[:, :2]), r"draft q has shape \(3, 2, 11\), expected \(3, 4, 11\) \(\[R, γ, V\]"),
+    (lambda d: _with(d, q=torch.cat([d.q, d.q])), r"draft q has shape \(6, 4, 11\), expected \(3, 4, 11\)"),
+    (lambda d: _with(d, q=d.q[0]), r"draft q must have 3 dimensions, got shape \(4, 11\)"),
+    (lambda d: _with(d, tokens=d.tokens[0]), r"draft tokens must have 2 dimensions, got shape \(4,\)"),
+    (lambda d: _with(d, tokens=d.tokens.float()), r"draft tokens must have dtype int64, int32, got float32"),
+], ids=["q_token-gamma", "q_token-R", "q_token-1d", "q_token-long", "q-gamma", "q-R", "q-2d", "tokens-1d",
+        "tokens-float"])
+def test_a_hand_built_markov_draft_with_mismatched_stored_fields_is_one_clear_error(bad, message):
+    """/tmp/review-rt-5: an IndexError or RuntimeError from inside torch, or (a longer field) rows
+    read in part, silently. Shapes are metadata: checked with value checks off too (meta tensors
+    stand in for CUDA ones, whose values are not checked)."""
+    draft, target = _markov_draft_fields()
+    bad_draft = bad(draft)
+    ell = torch.tensor([4, 2, 0])
+    with pytest.raises(ValueError, match="^" + message):
+        rejection_sample(target, bad_draft, ell, seeds=torch.arange(3))
+    with pytest.raises(ValueError, match="^" + message):
+        rejection_sample_flat(torch.cat([target[0], target[1, :3], target[2, :1]]), torch.tensor([0, 5, 8, 9]),
+                              bad_draft, seeds=torch.arange(3))
+    meta = {f: getattr(bad_draft, f).to("meta") for f in ("tokens", "q_token", "q", "prev_emb")}
+    with pytest.raises(ValueError, match="^" + message):
+        rejection_sample(target.to("meta"), _with(bad_draft, **meta), ell.to("meta"),
+                         seeds=torch.arange(3, device="meta"))
+
+
+@pytest.mark.parametrize("field, bad, message", [
+    ("U", lambda s: s.U[:, :3], r"draft source U has shape \(3, 3, 11\), expected \(3, 4, 11\)"),
+    ("U", lambda s: torch.cat([s.U, s.U]), r"draft source U has shape \(6, 4, 11\), expected \(3, 4, 11\)"),
+    ("anchors", lambda s: s.anchors[:2], r"draft source anchors has shape \(2,\), expected \(3,\) \(one entry per"),
+    ("temperature", lambda s: s.temperature[:, None], r"draft source temperature has shape \(3, 1\), expected \(3,\)"),
+    ("top_k", lambda s: torch.cat([s.top_k, s.top_k]), r"draft source top_k has shape \(6,\), expected \(3,\)"),
+    ("w1", lambda s: s.w1[:, :3], r"draft source w2 has shape \(11, 5\), expected \(11, 3\) \(\[V, r\] as w1\)"),
+    ("w2", lambda s: s.w2.t(), r"draft source w2 has shape \(5, 11\), expected \(11, 5\)"),
+    ("w1", lambda s: s.w1[:9], r"draft source w1 has shape \(9, 5\), expected \(11, 5\) \(\[V, r\] with V of the"),
+    ("row_stats", lambda s: torch.zeros(3, 4), r"draft source row_stats has shape \(3, 4\), expected \(3, 4, 2\)"),
+    ("thresholds", lambda s: torch.zeros(3, 2), r"draft source thresholds has shape \(3, 2\), expected \(3, 4\)"),
+], ids=["U-gamma", "U-R", "anchors", "temperature", "top_k", "w1-rank", "w2-transposed", "w1-V", "row_stats",
+        "thresholds"])
+def test_a_lazy_draft_with_a_mismatched_source_field_is_one_clear_error(field, bad, message):
+    """The rebuild of q rows reads the source per request and position; the CUDA op trusts its shapes."""
+    draft, target = _markov_draft_fields(return_q=False, seed=1)
+    bad_draft = _with(draft, source=True, **{field: bad(draft.source)})
+    for ell in (torch.tensor([4, 2, 0]), torch.tensor([0, 0, 0])):  # also when no q row would be rebuilt
+        with pytest.raises(ValueError, match="^" + message):
+            rejection_sample(target, bad_draft, ell, seeds=torch.arange(3))

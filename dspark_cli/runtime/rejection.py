@@ -78,6 +78,7 @@ def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
 
 def _as_draft(draft) -> MarkovDraft:
     if isinstance(draft, MarkovDraft):
+        _checks.tensor("draft tokens", draft.tokens, 2, _checks.INT_DTYPES)  # [R, γ]: R and γ come from it
         return draft
     if isinstance(draft, (tuple, list)) and len(draft) == 3:
         tokens, q_token, q = draft
@@ -99,6 +100,41 @@ def _check_draft_vocab(draft: MarkovDraft, vocab: int) -> None:
         _checks.dim("draft q", draft.q, 2, vocab, "vocab size V of target_probs")
     elif draft.source is not None:
         _checks.dim("draft source U", draft.source.U, 2, vocab, "vocab size V of target_probs")
+
+
+def _check_shape(name: str, t, shape: tuple, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} ({what})")
+
+
+def _check_draft_shapes(draft: MarkovDraft, R: int, gamma: int) -> None:
+    """Every draft field the verify reads has the shape the draft tokens [R, γ] give it: a
+    hand-built MarkovDraft with a short field was an IndexError or RuntimeError from inside torch,
+    and a longer one (more requests, positions or ranks) was read in part, silently; the CUDA op
+    trusts these shapes. Metadata only (no device sync): checked on every device, always. The vocab
+    axis is _check_draft_vocab's."""
+    _check_shape("draft q_token", draft.q_token, (R, gamma), "[R, γ] as the draft tokens")
+    if draft.q is not None:
+        _checks.tensor("draft q", draft.q, 3)
+        _check_shape("draft q", draft.q, (R, gamma, draft.q.shape[2]), "[R, γ, V] with R, γ of the draft tokens")
+        return
+    s = draft.source
+    if s is None:
+        return  # q_rows says so, if a sampled request is rejected
+    _checks.tensor("draft source U", s.U, 3)
+    _check_shape("draft source U", s.U, (R, gamma, s.U.shape[2]), "[R, γ, V] with R, γ of the draft tokens")
+    for name in ("anchors", "temperature", "top_k", "top_p"):
+        if (t := getattr(s, name)) is not None:
+            _check_shape(f"draft source {name}", t, (R,), "one entry per request")
+    _checks.tensor("draft source w1", s.w1, 2)
+    _check_shape("draft source w1", s.w1, (s.U.shape[2], s.w1.shape[1]), "[V, r] with V of the draft's U")
+    _check_shape("draft source w2", s.w2, tuple(s.w1.shape), "[V, r] as w1")
+    if s.row_stats is not None:
+        _check_shape("draft source row_stats", s.row_stats, (R, gamma, 2), "[R, γ, 2]: each q row's max, sum-exp")
+    if s.thresholds is not None:
+        _check_shape("draft source thresholds", s.thresholds, (R, gamma), "[R, γ] as the draft tokens")
 
 
 TARGET_SUM_TOLERANCE = 1e-3
@@ -146,7 +182,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     _checks.nonempty_batch("draft tokens", draft.tokens)
     if gamma == 0:
         raise ValueError("drafts have block size γ = 0")
-    _checks.dim("draft q_token", draft.q_token, 0, R, "one row per request")
+    _check_draft_shapes(draft, R, gamma)
     _check_draft_vocab(draft, V)
     for name, t in (("greedy", greedy), ("seeds", seeds)):
         if t is not None:
@@ -215,7 +251,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MASS_FLOOR)
     weights = torch.where(use_residual.unsqueeze(1), residual, p_row)  # neither race needs normalization
     if exp_noise is not None:
-        next_token = rng.race_sample(weights, exp_noise.float())
+        next_token = rng.race_sample(weights, exp_noise)  # raises entries below NOISE_FLOOR (0/0 = NaN) to it
     elif seeds is not None:
         # the draft's grouped race: no per-id noise (one Philox call per 16 ids, one log per 8)
         next_token = rng.grouped_race_sample(weights, seeds, rng.STREAM_RECOVER, 0)

@@ -98,16 +98,28 @@ def uniform(seeds: torch.Tensor, stream: int, position, index) -> torch.Tensor:
     return _to_uniform(picked)
 
 
+NOISE_FLOOR = torch.finfo(torch.float32).tiny  # race_sample's smallest Exp(1) entry: 0/0 is NaN
+
+
 def exponential_like(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exp(1) variates shaped like `rows` from a torch.Generator (or the global RNG)."""
-    e = torch.empty(rows.shape, dtype=torch.float32, device=rows.device).exponential_(generator=generator)
-    return e.clamp_min_(torch.finfo(torch.float32).tiny)  # 0 would make q/E = inf or nan
+    """Exp(1) variates shaped like `rows` from a torch.Generator (or the global RNG). An entry may
+    be 0; race_sample raises it to NOISE_FLOOR (one clamp, not one here and one there)."""
+    return torch.empty(rows.shape, dtype=torch.float32, device=rows.device).exponential_(generator=generator)
 
 
 def race_sample(weights: torch.Tensor, exp_noise: torch.Tensor) -> torch.Tensor:
     """Exponential race: argmax_v w_v / E_v is distributed ∝ w_v (w ≥ 0, any scale), i.e.
-    Gumbel-max without logs of w. Ties (measure zero) resolve to the lowest index."""
-    return torch.argmax(weights / exp_noise, dim=-1)
+    Gumbel-max without logs of w. Ties (measure zero) resolve to the lowest index.
+
+    exp_noise (any float dtype, ≥ 0) counts as max(E, NOISE_FLOOR): an engine's E = 0 made a
+    zero weight's key 0/0 = NaN, which argmax picks (a token of probability 0), and w > 0 over
+    E = 0 an inf that ties with another. The clamp writes a new fp32 buffer the division then
+    writes over (one elementwise pass added, no second [R, V] buffer); the floor changes no key of
+    an E ≥ NOISE_FLOOR, so the race is the same for every such noise."""
+    noise = exp_noise.float()  # fp16 cannot hold the floor (it would clamp to 0)
+    keys = noise.clamp_min(NOISE_FLOOR) if noise is exp_noise else noise.clamp_min_(NOISE_FLOOR)
+    keys = torch.div(weights, keys, out=keys) if keys.shape == weights.shape else weights / keys
+    return torch.argmax(keys, dim=-1)
 
 
 def grouped_race_sample(weights: torch.Tensor, seeds: torch.Tensor, stream: int,
