@@ -588,3 +588,69 @@ def test_drafts_of_another_vocabulary_or_logit_scale_or_with_nan_weights_are_ref
     assert "Model Runner V1 verifies drafts of the target's vocabulary only" in log, log[-4000:]
     assert "the DSpark draft has logit_scale = 0.5" in log, log[-4000:]
     assert "RESULT nan refused" in log and "the Markov head's W2 contains NaN or infinite values" in log, log[-4000:]
+
+
+DRAFT_FORMATS = """
+import json, shutil, sys
+from pathlib import Path
+from dspark_cli.tiny_models import build_draft, build_target
+from dspark_cli.integrations.vllm.proposer import check_draft_layout, warn_unused_draft_topk
+from vllm.engine.arg_utils import EngineArgs
+work = Path(sys.argv[1])
+target = build_target(work / "target", "successor")
+draft = build_draft(work / "draft", 2, "oracle", target)
+cfg = json.loads((draft / "config.json").read_text())
+
+def speculators(name, **extra):  # the same draft in the speculators format (vLLM's converter reads it)
+    path = work / name
+    shutil.copytree(draft, path)
+    layer = {k: v for k, v in cfg.items() if k not in ("architectures", "target_layer_ids")}
+    keys = ("mask_token_id", "markov_rank", "markov_head_type", "block_size", "enable_confidence_head",
+            "confidence_head_with_markov")
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3DSparkModel"], "speculators_model_type": "dspark",
+        "speculators_config": {"proposal_methods": [{"speculative_tokens": 2}],
+                               "verifier": {"name_or_path": str(target)}},
+        "transformer_layer_config": layer, "aux_hidden_state_layer_ids": [i + 1 for i in cfg["target_layer_ids"]],
+        **{k: cfg[k] for k in keys}, **extra}))
+    return path
+
+out = {}
+for name, model, extra in (("released", draft, {}), ("speculators", speculators("speculators"), {}),
+                           ("speculators_from_anchor", speculators("from_anchor", sample_from_anchor=True), {}),
+                           ("topk", draft, {"dspark_draft_topk": 8})):
+    config = EngineArgs(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+                        enforce_eager=True, speculative_config={"method": "dspark", "model": str(model),
+                                                                "num_speculative_tokens": 2, **extra}).create_engine_config()
+    hf = config.speculative_config.draft_model_config.hf_config
+    try:
+        check_draft_layout(hf)
+        layout = "accepted"
+    except ValueError as e:
+        layout = str(e)
+    out[name] = {"layout": layout, "lookahead": config.num_lookahead_tokens, "topk": warn_unused_draft_topk(hf)}
+print(json.dumps(out))
+"""
+
+
+@needs_vllm
+def test_bonus_anchor_drafts_are_refused_and_an_ignored_draft_topk_is_warned(tmp_path):
+    """vLLM's speculators converter defaults DSpark drafts to sample_from_anchor = False: a 1 + N
+    block whose anchor is a bonus query (vLLM reserves N + 1 lookahead slots for it). This proposer
+    lays out the released anchor-first block, so such a draft ran with near-zero acceptance; it is
+    refused at start, and the released format and a speculators draft with sample_from_anchor true
+    pass. dspark_draft_topk (honoured by V2) is reported as ignored, once, on V1. Real vLLM configs,
+    no engine."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([PYTHON, "-c", DRAFT_FORMATS, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["released"] == {"layout": "accepted", "lookahead": 2, "topk": None}, out
+    assert out["speculators_from_anchor"] == {"layout": "accepted", "lookahead": 2, "topk": None}, out
+    refused = out["speculators"]
+    assert refused["lookahead"] == 3, out  # vLLM itself takes it as the 1 + N layout
+    assert refused["layout"].startswith("the DSpark draft has sample_from_anchor = False, dspark_bonus_anchor = True"), out
+    assert out["topk"] == {"layout": "accepted", "lookahead": 2, "topk": 8}, out
+    warnings = [line for line in proc.stderr.splitlines() if "dspark_draft_topk = 8 is ignored on Model Runner V1" in line]
+    assert len(warnings) == 1, proc.stderr[-4000:]

@@ -10,6 +10,7 @@ handed back to the scheduler, so the next target forward really carries only 1 +
 
 import torch
 from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_cli.runtime import check_markov_weight_values, confidence_probs, cuda_ops, markov_chain, rng, survival
@@ -19,6 +20,8 @@ from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
 from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
+
+logger = init_logger(__name__)
 
 
 def aux_layer_ids(spec_config) -> tuple[int, ...]:
@@ -47,9 +50,40 @@ def check_draft_vocabulary(draft_config, target_vocab: int) -> None:
                          f"one (logit_scale 1, the released format)")
 
 
+def check_draft_layout(draft_config) -> None:
+    """vLLM lays out a DSpark block by the draft config's `sample_from_anchor` (V2's speculator,
+    VllmConfig.num_lookahead_tokens; absent = True): anchor-first, N queries that are all drafts (the
+    released format, whose config.json has no such key), or False: the anchor as a bonus query plus
+    N masks, only the masks drafting, which vLLM's speculators converter makes the default (it also
+    sets dspark_bonus_anchor = not sample_from_anchor). This proposer lays out anchor-first only;
+    a bonus-anchor draft would run with near-zero acceptance, so it is refused at start."""
+    from_anchor = getattr(draft_config, "sample_from_anchor", True)
+    bonus = getattr(draft_config, "dspark_bonus_anchor", False)
+    if not from_anchor or bonus:
+        raise ValueError(f"the DSpark draft has sample_from_anchor = {from_anchor}, dspark_bonus_anchor = {bonus} "
+                         f"(the default of speculators-format checkpoints): its block is the anchor as a bonus "
+                         f"query plus num_speculative_tokens masks, and Model Runner V1 drafts only the released "
+                         f"anchor-first block (sample_from_anchor true); use Model Runner V2 for this draft")
+
+
+def warn_unused_draft_topk(draft_config) -> int | None:
+    """vLLM puts `dspark_draft_topk` (the speculative_config field, else the draft config's key) on
+    the draft config; V2 then drafts each position over the top-k of its base logits. This proposer
+    drafts over the full vocabulary: still exact (V1 verifies with the q it sampled from), only not
+    what was asked, so a warning, not a refusal. Returns the ignored k."""
+    k = getattr(draft_config, "dspark_draft_topk", None)
+    if k is not None:
+        logger.warning_once("dspark_draft_topk = %d is ignored on Model Runner V1: the DSpark draft samples over "
+                            "the full vocabulary (exact, possibly slower than V2's top-k drafting)", k)
+    return k
+
+
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
+        draft_config = vllm_config.speculative_config.draft_model_config.hf_config
+        check_draft_layout(draft_config)  # before anything is allocated
         super().__init__(vllm_config, device, runner)
+        warn_unused_draft_topk(draft_config)
         spec = vllm_config.speculative_config
         self.gamma = spec.num_speculative_tokens
         block_size = getattr(self.draft_model_config.hf_config, "block_size", None)
