@@ -110,7 +110,15 @@ def plan(arch: str | None = None) -> BuildPlan:
             f"install the CUDA {cuda_env.major(torch.cuda)}.x toolkit or a torch built for CUDA {nvcc.version}")
     if not archs:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
-    raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags()], sort_keys=True)
+    buildable = cuda_env.nvcc_archs(nvcc)
+    if buildable and (unknown := [a for a in archs if a.split("+")[0].rstrip("a").replace(".", "") not in buildable]):
+        listed = ", ".join(f"{int(n) // 10}.{int(n) % 10}" for n in sorted(buildable, key=int))
+        problem = UsageError if arch_source in ("--arch", "TORCH_CUDA_ARCH_LIST") else EnvironmentProblem
+        raise problem(f"{arch_source}: nvcc {nvcc.version} does not build for {', '.join(unknown)} (it builds {listed})")
+    if missing := cuda_env.compiler_problem():
+        raise EnvironmentProblem("; ".join(missing))
+    toolchain = {"nvcc": nvcc.release, "cuda_home": str(home.path), **cuda_env.host_compilers()}
+    raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags(), toolchain], sort_keys=True)
     key = f"torch{torch.version}-cu{nvcc.version}-{'_'.join(archs)}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
     return BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
 
@@ -443,6 +451,8 @@ def load() -> str:
 def check_wheel_dir(out_dir: str | Path) -> Path:
     """Before a build: --wheel must name a directory that exists or can be made, and that this
     user can write. A file in the way is a usage error (2); no permission is an environment problem (3)."""
+    if not str(out_dir).strip():
+        raise UsageError("--wheel needs a directory (it was empty)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--wheel {out}: not a directory (a file is in the way)")

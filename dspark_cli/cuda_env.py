@@ -35,6 +35,7 @@ class Nvcc:
     version: str | None              # "13.0"
     problem: str | None = None
     hint: str | None = None
+    release: str = ""                # "release 13.0, V13.0.88": the exact compiler, for the build's cache key
 
 
 @dataclass
@@ -138,10 +139,45 @@ def nvcc_info(home: CudaHome | None = None) -> Nvcc:
     if not nvcc:
         return Nvcc(None, None, "nvcc not found", "install the CUDA toolkit (nvcc) and put its bin/ on PATH")
     out = _run([nvcc, "--version"])
-    m = re.search(r"release (\d+\.\d+)", out.stdout if out else "")
+    m = re.search(r"release (\d+\.\d+).*", out.stdout if out else "")
     if not m:
         return Nvcc(nvcc, None, f"{nvcc} --version did not report a release", "check the CUDA toolkit install")
-    return Nvcc(nvcc, m.group(1))
+    return Nvcc(nvcc, m.group(1), release=m.group(0))
+
+
+def nvcc_archs(nvcc: Nvcc) -> set[str] | None:
+    """The arch numbers this nvcc compiles for ("75", "90", "100", ...; `nvcc --list-gpu-arch`),
+    None when it cannot say (an older nvcc without the option)."""
+    out = _run([nvcc.path, "--list-gpu-arch"]) if nvcc.path else None
+    found = set(re.findall(r"compute_(\d+)", out.stdout)) if out and out.returncode == 0 else set()
+    return found or None
+
+
+def compiler_problem() -> tuple[str, str] | None:
+    """(problem, fix) when a host compiler torch's cpp_extension runs is missing: $CXX (else c++ on
+    PATH; no other is tried) compiles the .cpp files, and $CC, when set, reaches nvcc as -ccbin."""
+    wanted = os.environ.get("CXX")
+    if not shutil.which(wanted or "c++"):
+        if wanted:
+            return (f"$CXX is {wanted}, which is not an executable (nor on PATH)",
+                    "set CXX to an installed C++ compiler, or unset it to use c++")
+        return "no c++ on PATH", "install g++ (Debian/Ubuntu: build-essential)"
+    cc = os.environ.get("CC")
+    if cc and not shutil.which(cc):
+        return (f"$CC is {cc}, which is not an executable (nor on PATH): torch passes it to nvcc as -ccbin",
+                "set CC to an installed host compiler, or unset it")
+    return None
+
+
+def host_compilers() -> dict[str, str]:
+    """Which C++ compiler and which nvcc host compiler a build runs, by path and version: a change
+    of either (a gcc upgrade, another $CC) must not find the other's objects in the cache."""
+    found = {}
+    for role, name in (("cxx", os.environ.get("CXX") or "c++"), ("ccbin", os.environ.get("CC") or "gcc")):
+        path = shutil.which(name)
+        out = _run([path, "-dumpfullversion", "-dumpversion"]) if path else None
+        found[role] = f"{os.path.realpath(path) if path else name} {out.stdout.strip() if out else ''}".strip()
+    return found
 
 
 def ignored_path_nvcc(used: str | None) -> tuple[str, str] | None:
@@ -255,7 +291,7 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
             return [], f"none ({exc}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
     if not archs:
         raise ValueError(f"no CUDA arch in {source} {spec!r} (expected e.g. 9.0a, 8.0, sm_90a)")
-    return sorted(set(archs)), source
+    return sorted({a for a in archs if a + "+PTX" not in archs}), source  # 8.6 and 8.6+PTX: 8.6+PTX
 
 
 # What torch.utils.cpp_extension (2.14) accepts for TORCH_CUDA_ARCH_LIST, from Maxwell (5.0) on.

@@ -104,21 +104,14 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
     # no other is tried when $CXX is missing) compiles the .cpp files, and nvcc compiles the .cu
     # files' host code with $CC when set (torch passes `-ccbin $CC`), else with its own default (gcc
     # on PATH). The .cu host compiler is the one nvcc must accept.
-    wanted = os.environ.get("CXX")
-    cxx = shutil.which(wanted or "c++")
-    if not cxx:
-        if wanted:
-            return Check("c++ compiler", FAIL, f"$CXX is {wanted}, which is not an executable (nor on PATH)",
-                         "set CXX to an installed C++ compiler, or unset it to use c++")
-        return Check("c++ compiler", FAIL, "no c++ on PATH", "install g++ (Debian/Ubuntu: build-essential)")
+    if missing := cuda_env.compiler_problem():
+        return Check("c++ compiler", FAIL, *missing)
+    cxx = shutil.which(os.environ.get("CXX") or "c++")
     out = cuda_env._run([cxx, "-dumpfullversion", "-dumpversion"])
     detail = f"{cxx} {out.stdout.strip() if out and out.returncode == 0 else '(version unknown)'}"
     if not nvcc.path:
         return Check("c++ compiler", OK, f"{detail}; not checked against nvcc (no nvcc)")
     cc = os.environ.get("CC")
-    if cc and not shutil.which(cc):
-        return Check("c++ compiler", FAIL, f"{detail}; $CC is {cc}, which is not an executable (nor on PATH): "
-                     "torch passes it to nvcc as -ccbin", "set CC to an installed host compiler, or unset it")
     host = f"$CC={cc}" if cc else f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
     # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
     # preprocessing an empty .cu file runs exactly that check (~0.1 s).

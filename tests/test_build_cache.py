@@ -300,6 +300,8 @@ def test_wheel_dir_checks(tmp_path):
         build.check_wheel_dir(a_file / "sub")
     with pytest.raises(EnvironmentProblem):
         build.check_wheel_dir("/proc/dspark-wheels")
+    with pytest.raises(UsageError, match="--wheel needs a directory"):
+        build.check_wheel_dir("")  # Path("") is the current directory: never what was meant
     assert build.check_wheel_dir(tmp_path / "new" / "dir").is_dir()
 
 

@@ -251,6 +251,77 @@ def test_build_key_changes_with_sources_and_arch(monkeypatch, tmp_path):
 
 
 
+def fake_compilers(bin_dir: Path, monkeypatch, versions: dict[str, str]) -> None:
+    """Executables on PATH named as `versions` says, each answering -dumpfullversion with its version."""
+    bin_dir.mkdir(exist_ok=True)
+    for name, version in versions.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {version}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_build_key_changes_with_the_toolchain(monkeypatch, tmp_path):
+    """Not only nvcc's major.minor: its exact release, the CUDA prefix and the host compilers'
+    versions are in the key (a toolkit or gcc upgrade must not reuse objects built with the old)."""
+    from dspark_cli import build, cuda_env
+
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "nvcc_archs", lambda nvcc: None)
+    for var in ("CC", "CXX"):
+        monkeypatch.delenv(var, raising=False)
+    toolkit = {"home": Path("/usr/local/cuda"), "release": "release 13.0, V13.0.88"}
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(toolkit["home"], "nvcc"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/x/bin/nvcc", "13.0",
+                                                                               release=toolkit["release"]))
+    fake_compilers(tmp_path / "bin", monkeypatch, {"c++": "13.2.0", "gcc": "13.2.0"})
+    keys = [build.plan("9.0a").key]
+    toolkit["release"] = "release 13.0, V13.0.48"
+    keys.append(build.plan("9.0a").key)
+    toolkit["home"] = Path("/opt/cuda-13.0")
+    keys.append(build.plan("9.0a").key)
+    fake_compilers(tmp_path / "bin", monkeypatch, {"gcc": "14.1.0"})  # nvcc's default host compiler
+    keys.append(build.plan("9.0a").key)
+    fake_compilers(tmp_path / "bin", monkeypatch, {"c++": "14.1.0"})
+    keys.append(build.plan("9.0a").key)
+    assert len(set(keys)) == 5 and build.plan("9.0a").key == keys[-1]
+
+
+def test_an_arch_nvcc_cannot_build_and_a_missing_compiler_are_one_line_before_building(monkeypatch):
+    """--arch 7.0 with an nvcc that lists compute_75 and up: bad usage (exit 2), naming what it
+    builds; a $CXX that is not there: an environment problem (exit 3), not minutes of nvcc first."""
+    from dspark_cli import build, cuda_env
+    from dspark_cli.errors import EnvironmentProblem, UsageError
+
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu130", "13.0"))
+    monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(Path("/usr/local/cuda"), "nvcc"))
+    monkeypatch.setattr(cuda_env, "nvcc_info", lambda home=None: cuda_env.Nvcc("/x/bin/nvcc", "13.0"))
+    monkeypatch.setattr(cuda_env, "nvcc_archs", lambda nvcc: {"75", "80", "90", "100", "120"})
+    with pytest.raises(UsageError) as bad:
+        build.plan("7.0;9.0a")
+    assert bad.value.exit_code == 2
+    assert str(bad.value) == "--arch: nvcc 13.0 does not build for 7.0 (it builds 7.5, 8.0, 9.0, 10.0, 12.0)"
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(EnvironmentProblem) as missing:
+        build.plan("9.0a")
+    assert str(missing.value) == ("$CXX is /nonexistent/g++, which is not an executable (nor on PATH); "
+                                  "set CXX to an installed C++ compiler, or unset it to use c++")
+
+
+def test_nvcc_lists_the_archs_it_builds():
+    """The real nvcc's --list-gpu-arch, as plan() reads it (CUDA 13 starts at Turing)."""
+    import shutil
+
+    from dspark_cli import cuda_env
+
+    if not shutil.which("nvcc"):
+        pytest.skip("no nvcc on PATH")
+    nvcc = cuda_env.nvcc_info()
+    archs = cuda_env.nvcc_archs(nvcc)
+    assert archs and "90" in archs
+    if cuda_env.major(nvcc.version) >= 13:
+        assert min(archs, key=int) == "75" and "70" not in archs
+
+
 def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     """The compiler flags (and the environment nvcc and cpp_extension read them from) are in the key."""
     from dspark_cli import build, cuda_env
@@ -269,6 +340,7 @@ def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     keys.add(build.plan("9.0a").key)
     monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
     keys.add(build.plan("9.0a").key)
+    fake_compilers(tmp_path / "bin", monkeypatch, {"clang++": "18.1.3", "gcc-12": "12.3.0"})
     monkeypatch.setenv("CXX", "clang++")
     keys.add(build.plan("9.0a").key)
     monkeypatch.setenv("CC", "gcc-12")  # torch passes it to nvcc as -ccbin: the .cu files' host compiler

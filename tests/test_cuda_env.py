@@ -167,6 +167,7 @@ def test_arch_list_sources_and_normalisation(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert cuda_env.arch_list("9.0") == (["9.0a"], "--arch")  # Hopper gets its sm_90a features
     assert cuda_env.arch_list("sm_90a, 80 8.6+PTX") == (["8.0", "8.6+PTX", "9.0a"], "--arch")
+    assert cuda_env.arch_list("8.6;8.6+PTX") == (["8.6+PTX"], "--arch")  # 8.6+PTX builds 8.6 too
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
     assert cuda_env.arch_list() == (["9.0a"], "TORCH_CUDA_ARCH_LIST")
     assert cuda_env.arch_list("8.0") == (["8.0"], "--arch")  # the flag wins over the variable
