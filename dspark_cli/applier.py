@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from dspark_cli import git_source, oplock, pypi_source
@@ -67,6 +66,10 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
         raise UsageError(f"{ws.path}: a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) in "
                          "another container or machine did not finish; if it is not running any more, pass "
                          "--force to recover")
+    _refuse_assume_unchanged_edits(ws)  # restore's reset --hard would overwrite them
+    moved = _moved_since(ws, snapshot)
+    if moved:  # back on that branch HEAD would name a commit whose files are not the ones restored
+        snapshot = replace(snapshot, branch=None)
     lost = _lost_by_recovery(ws, snapshot, state["base"])
     if lost and not force:
         raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
@@ -74,11 +77,25 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
     saved = ws.save_before_restore(snapshot, state["base"]) if lost else []
     ws.undo(snapshot, state)
     kept = f"; your work since is kept on branch {' and '.join(saved)}" if saved else ""
+    kept += f"; HEAD is left detached at {snapshot.head[:12]}, as {moved}" if moved else ""
     message = f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
     # Said now: the operation that follows may still fail (on the local changes just restored),
     # and the user must know the workspace was changed.
     say(f"note: {message}", err=True, markup=False)
     return message
+
+
+def _moved_since(ws: Workspace, snapshot: Snapshot) -> str | None:
+    """'branch X was deleted since' or 'branch X moved to <sha> since': the branch HEAD was on
+    when `snapshot` was taken no longer points at the snapshot's HEAD (the user moved it after the
+    kill). None when it does, or when it is the work branch, which restore puts back itself."""
+    if snapshot.branch is None or snapshot.head is None or snapshot.branch == f"refs/heads/{snapshot.work_branch}":
+        return None
+    now = ws.resolve_commit(snapshot.branch)
+    name = snapshot.branch.removeprefix("refs/heads/")
+    if now == snapshot.head:
+        return None
+    return f"branch {name} was deleted since" if now is None else f"branch {name} moved to {now[:12]} since"
 
 
 def _lost_by_recovery(ws: Workspace, snapshot: Snapshot, base: str) -> str | None:
@@ -204,9 +221,13 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
 
 
 def _check_same_workspace(state: dict, identity: dict, source: dict, workdir: Path) -> None:
-    held = f"{state.get('engine')} {state.get('pin')}"
     if state.get("engine") != identity["engine"] or state.get("branch") != identity["branch"]:
-        raise UsageError(f"{workdir} holds {held}; use another --workdir for {identity['engine']} {identity['pin']}")
+        wanted = f"{identity['engine']} " + (source["commit"][:12] if identity["unpinned"] else identity["pin"])
+        if state.get("unpinned"):  # its pin is only the series it took: --commit names it again
+            raise UsageError(f"{workdir} holds {state.get('engine')} at the unpinned commit {state['base'][:12]}; pass "
+                             f"--commit {state['base'][:12]} --allow-unpinned to work on it, or use another "
+                             f"--workdir for {wanted}")
+        raise UsageError(f"{workdir} holds {state.get('engine')} {state.get('pin')}; use another --workdir for {wanted}")
     if source["kind"] == "pypi" and state["source"].get("sha256") != source["sha256"]:
         raise UsageError(_made_from(state, workdir))
 
@@ -279,18 +300,39 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
 
 
 def _local_changes(ws: Workspace, force: bool) -> list[str]:
-    """The worktree's local changes, which the operation stashes with --force. Changes inside a
-    submodule are refused even then: git stash cannot save them, so they would not be kept."""
+    """The worktree's local changes, which the operation stashes with --force. Changes git stash
+    cannot save or give back are refused even then, before anything is changed: changes inside a
+    submodule, edits to files marked assume-unchanged, and index entries stash fails on."""
     inside = ws.changed_submodules()
     if inside:
         raise UsageError(f"{ws.path} has changes inside submodule(s) {', '.join(inside)}, which git stash "
                          "cannot save (so not even --force would keep them); commit, stash or undo them in "
                          "the submodule first")
+    _refuse_assume_unchanged_edits(ws)
     changes = ws.local_changes()
+    stuck = ws.entries_stash_cannot_keep() if changes else []
+    if stuck:
+        raise UsageError(f"{ws.path} has index entries git stash cannot save and give back ({_some(stuck)}), so "
+                         "not even --force would keep them; commit them, or take them out of the index (`git reset "
+                         "-q -- <path>` keeps the file; an unmerged one: resolve it or abort the merge or "
+                         "cherry-pick) and run again")
     if changes and not force:
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
                          "commit or stash them, or pass --force (they are stashed, not lost)")
     return changes
+
+
+def _refuse_assume_unchanged_edits(ws: Workspace) -> None:
+    edited = ws.assume_unchanged_edits()
+    if edited:
+        raise UsageError(f"{ws.path} has local changes to {_some(edited)}, marked assume-unchanged: git status does "
+                         "not show them and git stash does not save them, so not even --force would keep them; "
+                         "clear the flag (`git update-index --no-assume-unchanged <path>`) and run again")
+
+
+def _some(paths: list[str]) -> str:
+    """'a, b, c and 4 more'."""
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _check_not_in_another_worktree(ws: Workspace, branch: str) -> None:
@@ -396,14 +438,13 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
                 notes.append(f"your commit {sha[:12]} ({subject}) changes nothing without the patches; it is kept "
                              "as an empty commit")
             kill_point(f"replayed:{count}")
+        ws.git.run("update-ref", "refs/dspark/before-revert", tip)
+        if changed:
+            saved = ws.save_branch(tip)
+            notes.append(f"{len(changed)} patch commit(s) holding changes of yours are kept on branch {saved}")
     except BaseException:
         ws.undo(snapshot, state)
         raise
-    ws.git.run("update-ref", "refs/dspark/before-revert", tip)
-    if changed:
-        saved = f"dspark/saved-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-        ws.git.run("branch", saved, tip)
-        notes.append(f"{len(changed)} patch commit(s) holding changes of yours are kept on branch {saved}")
     ws.finish({**state, "applied": []})
     if snapshot.stash_message:
         notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}`")
@@ -432,13 +473,21 @@ def status(workdir: Path) -> dict:
     base, branch = state["base"], state["branch"]
     tip = ws.branch_sha(branch) or base
     drift = []
-    if state.get("in_progress"):
-        snapshot = Snapshot(**state["in_progress"])
+    snapshot = Snapshot(**state["in_progress"]) if state.get("in_progress") else None
+    running = oplock.holder(ws.git_dir)  # an apply/revert running now (it may be recovering `snapshot`)
+    if snapshot and owner_running(snapshot):
+        drift.append(f"a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) is in progress; "
+                     "run dspark status again when it has finished")
+    elif running:
+        drift.append(f"a dspark apply or revert (pid {running}) is running in {ws.path}; run dspark status again "
+                     "when it has finished")
+    elif snapshot:
         lost = _lost_by_recovery(ws, snapshot, base)
         drift.append(f"an interrupted {snapshot.op} (started {snapshot.started}) left the workspace half done; the next "
                      "dspark apply or revert restores the state before it" + (
                          f", but refuses while that would discard {lost}: with --force it keeps them on a "
                          "dspark/saved-<time> branch first" if lost else ""))
+    if snapshot:
         # The state's layers are those before it: compare the branch as recovery will restore it.
         tip = state["in_progress"]["work_branch_sha"] or base
     applied, user = ws.applied(base, tip)

@@ -47,3 +47,14 @@ def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
 def held(git_dir: Path) -> bool:
     """Whether this process holds the workspace's lock (so no other dspark runs git in it)."""
     return lock_file(git_dir) in _held
+
+
+def holder(git_dir: Path) -> str | None:
+    """The pid (as it wrote it) of another process holding the workspace's lock, an apply or revert
+    running now; None when none does. Probed with a non-blocking flock released at once; a missing
+    lock file (no run ever locked this workspace) is not created."""
+    path = lock_file(git_dir)
+    if path in _held or not path.is_file():
+        return None
+    with exclusive_nowait(path) as (fd, ours):
+        return None if ours else os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

@@ -51,8 +51,8 @@ class GitFailed(EnvironmentProblem):
 
     def __init__(self, args, result):
         lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else "failed")
-        super().__init__(f"git {self._command(args)} failed: {reason}")
+        self.reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[0] if lines else "failed")
+        super().__init__(f"git {self._command(args)} failed: {self.reason}")
 
     @classmethod
     def _command(cls, args) -> str:
@@ -176,6 +176,43 @@ class Workspace:
                 changed.append(fields[-1].split("\t")[0])
         return changed
 
+    def assume_unchanged_edits(self) -> list[str]:
+        """Files marked `git update-index --assume-unchanged` that differ from their index entry (or
+        are gone): git status does not show them, git stash does not save them, and reset --hard or
+        checkout -f overwrites them. Only the flagged files are compared, by git itself, in a
+        scratch copy of the index with their flag cleared."""
+        flagged = [entry[2:] for entry in self.git.out("ls-files", "-v", "-z").split("\0") if entry[:1].islower()]
+        if not flagged:
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            shutil.copyfile(self.path / self.git.out("rev-parse", "--git-path", "index"), env["GIT_INDEX_FILE"])
+            self.git.run("update-index", "-z", "--no-assume-unchanged", "--stdin", input="\0".join(flagged) + "\0",
+                         env=env)
+            differ = set(self.git.out("diff", "--name-only", "-z", env=env).split("\0"))
+        return [path for path in flagged if path in differ]
+
+    def entries_stash_cannot_keep(self) -> list[str]:
+        """'PATH (why)' for index entries `git stash push` fails on, or saves but cannot give back:
+        intent-to-add (`git add -N`) and unmerged (a conflicted merge or cherry-pick) entries make
+        push fail; a file removed from the index but kept in the worktree (`git rm --cached`) is
+        saved, but pop then fails on it (the untracked file collides with the staged deletion)."""
+        entries = iter(self.git.out("status", "--porcelain=v2", "-z", "--untracked-files=all",
+                                    "--ignore-submodules=all").split("\0"))
+        found, removed, untracked = [], [], set()
+        for entry in entries:
+            if entry.startswith("u "):
+                found.append(f"{entry.split(' ', 10)[-1]}: unmerged")
+            elif entry.startswith("1 .A "):
+                found.append(f"{entry.split(' ', 8)[-1]}: intent-to-add")
+            elif entry.startswith("1 D"):
+                removed.append(entry.split(" ", 8)[-1])
+            elif entry.startswith("2 "):
+                next(entries, None)  # -z gives a rename's original path as an entry of its own
+            elif entry.startswith("? "):
+                untracked.add(entry[2:])
+        return found + [f"{path}: removed from the index, kept in the worktree" for path in removed if path in untracked]
+
     def worktree_holding(self, branch: str) -> Path | None:
         """Another worktree of this repository (`git worktree add`) that has `branch` checked out:
         moving the branch under it would leave it on a commit its files do not match."""
@@ -230,12 +267,23 @@ class Workspace:
         )
         self.write_state({**state, "in_progress": asdict(snapshot)})
         if stash_changes:
-            self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message)
-            if self.stash_ref(snapshot.stash_message) is None:
+            pushed = self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message, check=False)
+            stash = self.stash_ref(snapshot.stash_message)
+            if pushed.returncode != 0 or stash is None:
+                # Nothing was done yet but this stash: no snapshot may stay behind, or the next run
+                # would take the user's changes for an interrupted operation's and "recover" them.
                 self.finish(None if first else state)
                 changes = self.local_changes()
-                raise UsageError(f"git stash saved none of the {len(changes)} local change(s) in {self.path} "
-                                 f"(e.g. `{changes[0].strip() if changes else '?'}`); commit or undo them first")
+                if pushed.returncode == 0:
+                    raise UsageError(f"git stash saved none of the {len(changes)} local change(s) in {self.path} "
+                                     f"(e.g. `{changes[0].strip() if changes else '?'}`); commit or undo them first")
+                reason = GitFailed(("stash",), pushed).reason
+                if stash is None:
+                    raise UsageError(f"git stash could not save the local changes in {self.path} ({reason}); "
+                                     "nothing was changed: commit or undo them, then run again")
+                raise UsageError(f"git stash failed in {self.path} ({reason}) after saving the local changes as "
+                                 f"{stash} ({snapshot.stash_message}); they are kept there: `git stash pop --index` "
+                                 "brings them back")
         return snapshot
 
     def note_applying(self, patch: Path) -> None:
@@ -315,7 +363,6 @@ class Workspace:
         local changes (staged, unstaged, untracked) committed on top, one at the work branch when it
         holds commits HEAD does not. Returns the branch names."""
         self._remove_stale_index_lock(snapshot)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         changes, commits = self.lost_by_restore(snapshot, base)
         lost = {sha for sha, _ in commits}
         head, work_tip = self.head(), self.branch_sha(snapshot.work_branch)
@@ -323,12 +370,21 @@ class Workspace:
         if head and (changes or self._reaches_any(head, lost)):
             tip = self._commit_worktree(head, f"dspark: local changes saved before recovering an interrupted "
                                               f"{snapshot.op}\n") if changes else head
-            saved.append((f"dspark/saved-{stamp}", tip))
+            saved.append(self.save_branch(tip))
         if work_tip and self._reaches_any(work_tip, lost) and not (head and self.is_ancestor(work_tip, head)):
-            saved.append((f"dspark/saved-{stamp}-{snapshot.work_branch.replace('/', '-')}", work_tip))
-        for name, tip in saved:
-            self.git.run("branch", name, tip)
-        return [name for name, _ in saved]
+            saved.append(self.save_branch(work_tip, f"-{snapshot.work_branch.replace('/', '-')}"))
+        return saved
+
+    def save_branch(self, tip: str, suffix: str = "") -> str:
+        """Create dspark/saved-<time><suffix> at `tip` and return its name; -2, -3... when a branch
+        of that name exists (a recovery and the revert after it run within the same second)."""
+        first = name = f"dspark/saved-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}{suffix}"
+        count = 1
+        while self.branch_sha(name) is not None:
+            count += 1
+            name = f"{first}-{count}"
+        self.git.run("branch", name, tip)
+        return name
 
     def _reaches_any(self, tip: str, commits: set[str]) -> bool:
         return any(self.is_ancestor(sha, tip) for sha in commits)
@@ -417,29 +473,71 @@ def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
     return commits
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # a full commit id, SHA-1 or SHA-256
+_REF = re.compile(r"(?!-)[^\x00-\x20\x7f~^:?*\[\\]+")  # what git allows in a ref name, roughly
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and "\0" not in value  # a NUL cannot go into a path or a git argument
+
+
+def _commit_or_none(value) -> bool:
+    return value is None or (isinstance(value, str) and _COMMIT.fullmatch(value) is not None)
+
+
+def _ref_or_none(value) -> bool:
+    return value is None or (isinstance(value, str) and _REF.fullmatch(value) is not None)
+
+
+# Each snapshot field and what it must be (the first three are optional: an older dspark's lacks them).
+_SNAPSHOT_FIELDS = {
+    "process": lambda v: v is None or (_text(v) and len(v.split(" ")) == 4),
+    "applying": lambda v: not v or (isinstance(v, dict) and set(v) == {"patch", "onto"} and _text(v["patch"])
+                                    and _commit_or_none(v["onto"])),
+    "first": lambda v: isinstance(v, bool),
+    "head": _commit_or_none,
+    "branch": _ref_or_none,
+    "work_branch": lambda v: v is not None and _ref_or_none(v),
+    "work_branch_sha": _commit_or_none,
+    "stash_message": lambda v: v is None or _text(v),
+    "pid": lambda v: type(v) is int and 0 < v < 2**31,
+    "op": lambda v: v in ("apply", "revert"),
+    "started": _text,
+}
+
+
 def _state_shape_problem(state) -> str | None:
-    """What is wrong with a parsed state file's shape, None when it is one we wrote."""
+    """What is wrong with a parsed state file's shape or types, None when it is one we wrote (so
+    no later use of it fails with a traceback or a git error)."""
     if not isinstance(state, dict):
         return f"expected an object, got {type(state).__name__}"
-    for key in ("base", "branch"):
-        if not isinstance(state.get(key), str):
-            return f"{key!r} is missing or not a string"
-    snapshot = state.get("in_progress")
-    fields = set(Snapshot.__dataclass_fields__)
-    optional = {"process", "applying", "first"}  # added since; an older dspark's snapshot lacks them
-    if snapshot is not None and not (isinstance(snapshot, dict) and fields - optional <= set(snapshot) <= fields):
-        return "'in_progress' is not a snapshot"
-    process = (snapshot or {}).get("process")
-    if process is not None and not (isinstance(process, str) and len(process.split(" ")) == 4):
-        return "'in_progress' names its process wrongly"
-    if not isinstance((snapshot or {}).get("applying") or {}, dict):
-        return "'in_progress' has a wrong 'applying' record"
+    if not (isinstance(state.get("base"), str) and _COMMIT.fullmatch(state["base"])):
+        return "'base' is missing or not a full commit id"
+    if not (state.get("branch") and _ref_or_none(state["branch"])):
+        return "'branch' is missing or not a branch name"
+    for key in ("engine", "pin", "compat"):
+        if state.get(key) is not None and not _text(state[key]):
+            return f"{key!r} is not a string"
+    if not isinstance(state.get("unpinned", False), bool):
+        return "'unpinned' is not true or false"
+    applied = state.get("applied", [])
+    if not (isinstance(applied, list) and all(_text(label) for label in applied)):
+        return "'applied' is not a list of patch names"
+    source = state.get("source") or {}
+    if not (isinstance(source, dict) and all(_text(value) for value in source.values())):
+        return "'source' is not an object of strings"
     layers = state.get("layers", [])
-    if not isinstance(layers, list) or not all(isinstance(l, dict) and {"layer", "dir"} <= set(l) for l in layers):
-        return "'layers' is not a list of {layer, dir}"
-    if not isinstance(state.get("source") or {}, dict):
-        return "'source' is not an object"
-    return None
+    if not (isinstance(layers, list) and all(isinstance(layer, dict) and set(layer) == {"layer", "dir"}
+                                             and _text(layer["layer"]) and _text(layer["dir"]) for layer in layers)):
+        return "'layers' is not a list of {layer, dir} strings"
+    snapshot = state.get("in_progress")
+    if snapshot is None:
+        return None
+    if not (isinstance(snapshot, dict) and set(_SNAPSHOT_FIELDS) - {"process", "applying", "first"} <= set(snapshot)
+            <= set(_SNAPSHOT_FIELDS)):
+        return "'in_progress' is not a snapshot"
+    wrong = next((key for key, valid in _SNAPSHOT_FIELDS.items() if key in snapshot and not valid(snapshot[key])), None)
+    return f"'in_progress' has a wrong {wrong!r}" if wrong else None
 
 
 def safe_name(ref: str) -> str:

@@ -4,6 +4,7 @@ git and the real CLI in its own process throughout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -133,6 +134,106 @@ def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_
     again = dspark(toy, "apply", "toy", "-C", str(work))
     assert again.returncode == 0, again.stderr
     assert (work / "vendor" / "sub" / "build.o").read_bytes() == b"object"
+
+@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]])
+def test_an_edit_to_an_assume_unchanged_file_is_refused_even_with_force(toy, command):
+    """git status does not show it and git stash does not save it: reset --hard would wipe it."""
+    work = toy["workdir"]
+    run_apply(toy)
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    git(work, "update-index", "--assume-unchanged", "engine/config.py", "engine/core.py")
+    (work / "engine" / "config.py").write_text("mine\n")  # core.py stays as it is: not named
+    args = [*command, str(team)] if command[0] == "apply" else command
+    before = tree_fingerprint(work)
+    refused = dspark(toy, *args, "-C", str(work), "--force")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (
+        f"error: {work} has local changes to engine/config.py, marked assume-unchanged: git status does not show "
+        "them and git stash does not save them, so not even --force would keep them; clear the flag "
+        "(`git update-index --no-assume-unchanged <path>`) and run again\n")
+    assert tree_fingerprint(work) == before and (work / "engine" / "config.py").read_text() == "mine\n"
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+    git(work, "update-index", "--no-assume-unchanged", "engine/config.py")
+    done = dspark(toy, *args, "-C", str(work), "--force")  # now stashed, as any local change
+    assert done.returncode == 0, done.stderr
+    assert git(work, "show", "stash@{0}:engine/config.py") == "mine"
+
+
+def test_recovery_refuses_to_overwrite_an_assume_unchanged_edit(toy):
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    git(work, "update-index", "--assume-unchanged", "engine/config.py")
+    (work / "engine" / "config.py").write_text("mine\n")
+    state = (work / ".git" / "dspark" / "state.json").read_bytes()
+    before = tree_fingerprint(work)
+    refused = dspark(toy, "apply", "toy", "-C", str(work), "--force")
+    assert refused.returncode == 2 and "has local changes to engine/config.py, marked assume-unchanged" in refused.stderr
+    assert tree_fingerprint(work) == before and (work / "engine" / "config.py").read_text() == "mine\n"
+    assert (work / ".git" / "dspark" / "state.json").read_bytes() == state  # still to recover, later
+
+
+def unmerged(work: Path) -> None:
+    git(work, "checkout", "-q", "-b", "side", "HEAD~1")
+    user_commit(work, "engine/config.py", "theirs\n")
+    git(work, "checkout", "-q", "dspark/v1.0")
+    git(work, "cherry-pick", "side", check=False)
+    assert git(work, "ls-files", "--unmerged", "--", "engine/config.py") != ""  # a conflict left in the index
+
+
+INDEX_STATES = {  # what the user did, and how the refusal names it
+    "intent-to-add": (lambda work: ((work / "new.py").write_text("x\n"), git(work, "add", "-N", "new.py")),
+                      "new.py: intent-to-add"),
+    "unmerged": (unmerged, "engine/config.py: unmerged"),
+    "rm --cached": (lambda work: git(work, "rm", "-q", "--cached", "engine/config.py"),
+                    "engine/config.py: removed from the index, kept in the worktree"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_STATES))
+@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]])
+def test_index_entries_git_stash_cannot_keep_are_refused_before_anything_changes(toy, case, command):
+    """git stash push fails on intent-to-add and unmerged entries, and saves `git rm --cached` but
+    cannot pop it back: the run must stop before its snapshot, so nothing is taken for an
+    interrupted run later and no run wedges on a stash that does not pop."""
+    work = toy["workdir"]
+    run_apply(toy)
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    make, named = INDEX_STATES[case]
+    make(work)
+    args = [*command, str(team)] if command[0] == "apply" else command
+    before = tree_fingerprint(work)
+    for force in ([], ["--force"]):
+        refused = dspark(toy, *args, "-C", str(work), *force)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr == (
+            f"error: {work} has index entries git stash cannot save and give back ({named}), so not even --force "
+            "would keep them; commit them, or take them out of the index (`git reset -q -- <path>` keeps the file; "
+            "an unmerged one: resolve it or abort the merge or cherry-pick) and run again\n")
+        assert tree_fingerprint(work) == before
+        assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+    assert not any("interrupted" in line for line in applier.status(work)["drift"])
+
+
+def test_a_failed_stash_leaves_no_snapshot_and_changes_nothing(toy):
+    """git stash push failing (here: refs/stash locked) must not leave the snapshot it was taken
+    under: the next run would take the user's changes for an interrupted revert's."""
+    work = toy["workdir"]
+    run_apply(toy)
+    (work / "engine" / "core.py").write_text("mine\n")
+    (work / ".git" / "refs" / "stash.lock").write_text("")
+    before = tree_fingerprint(work)
+    refused = dspark(toy, "revert", "-C", str(work), "--force")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"error: git stash could not save the local changes in {work} (Cannot save the current "
+                              "status); nothing was changed: commit or undo them, then run again\n")
+    assert tree_fingerprint(work) == before
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+    (work / ".git" / "refs" / "stash.lock").unlink()
+    again = dspark(toy, "revert", "-C", str(work), "--force")
+    assert again.returncode == 0 and "note: recovered" not in again.stderr, again.stderr
+    assert git(work, "show", "stash@{0}:engine/core.py") == "mine"
 
 # -- 4. a branch another worktree has checked out --------------------------------------------------
 

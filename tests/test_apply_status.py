@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dspark_cli import applier, compat
 from dspark_cli.errors import UsageError
@@ -108,3 +110,124 @@ def test_status_names_a_series_layer_it_can_no_longer_read(toy):
     assert doc["drift"] == [
         f"series team cannot be read: {team / 'series'}: missing (a series directory needs a `series` file)",
         "team/0001-team-readme.patch is applied but no longer in its series"]
+
+
+def killed_apply_state(toy) -> dict:
+    """The state file a real apply killed after its first patch commit leaves (an in_progress snapshot)."""
+    git(toy["workdir"], "checkout", "-q", "--detach")
+    applier.revert(toy["workdir"])
+    killed = run_dspark("apply", "toy", "-C", str(toy["workdir"]), env={KILL_AT_ENV: "committed:1",
+                                                                         "DSPARK_COMPAT": str(toy["compat_path"])})
+    assert killed.returncode == -signal.SIGKILL
+    return json.loads((toy["workdir"] / ".git" / "dspark" / "state.json").read_text())
+
+
+def set_at(state: dict, path: tuple, value) -> dict:
+    """A deep copy of `state` with the value at `path` (keys and list indices) replaced, or removed for DELETE."""
+    state = json.loads(json.dumps(state))
+    *parents, last = path
+    holder = state
+    for key in parents:
+        holder = holder[key]
+    if value is DELETE:
+        del holder[last]
+    else:
+        holder[last] = value
+    return state
+
+
+DELETE = object()
+WRONG = [  # (path, value, what the one line says)
+    (("base",), "nothex", "'base' is missing or not a full commit id"),
+    (("base",), DELETE, "'base' is missing or not a full commit id"),
+    (("branch",), "-x", "'branch' is missing or not a branch name"),
+    (("pin",), ["v1.0"], "'pin' is not a string"),
+    (("unpinned",), "no", "'unpinned' is not true or false"),
+    (("applied",), [1], "'applied' is not a list of patch names"),
+    (("source", "repository"), None, "'source' is not an object of strings"),
+    (("layers", 0, "dir"), 5, "'layers' is not a list of {layer, dir} strings"),
+    (("layers", 0, "dir"), "a\0b", "'layers' is not a list of {layer, dir} strings"),
+    (("in_progress", "pid"), "abc", "'in_progress' has a wrong 'pid'"),
+    (("in_progress", "pid"), True, "'in_progress' has a wrong 'pid'"),
+    (("in_progress", "pid"), 2**70, "'in_progress' has a wrong 'pid'"),
+    (("in_progress", "head"), "HEAD", "'in_progress' has a wrong 'head'"),
+    (("in_progress", "work_branch"), None, "'in_progress' has a wrong 'work_branch'"),
+    (("in_progress", "op"), "rebase", "'in_progress' has a wrong 'op'"),
+    (("in_progress", "first"), 0, "'in_progress' has a wrong 'first'"),
+    (("in_progress", "applying", "onto"), 5, "'in_progress' has a wrong 'applying'"),
+    (("in_progress", "started"), DELETE, "'in_progress' is not a snapshot"),
+]
+
+
+@pytest.mark.parametrize("path, value, problem", WRONG, ids=[f"{'.'.join(map(str, p))}={v!r}" for p, v, _ in WRONG])
+def test_a_state_file_with_a_wrong_type_is_one_exit_2_line(toy, path, value, problem):
+    """Was a TypeError traceback (layers[0].dir = 5, pid = "abc") or exit 3 (base = "nothex")."""
+    state_file = toy["workdir"] / ".git" / "dspark" / "state.json"
+    state_file.write_text(json.dumps(set_at(killed_apply_state(toy), path, value)))
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
+    for command in (["status"], ["apply", "toy"], ["revert", "--force"]):
+        out = run_dspark(*command, "-C", str(toy["workdir"]), env=env)
+        assert (out.returncode, out.stdout) == (2, ""), out.stderr
+        assert out.stderr == (f"error: {state_file}: corrupt dspark state, {problem}; move it away and run "
+                              "`dspark apply` again to start over\n")
+
+
+def test_every_snapshot_field_is_validated():
+    from dspark_cli.workspace import _SNAPSHOT_FIELDS, Snapshot
+
+    assert set(_SNAPSHOT_FIELDS) == set(Snapshot.__dataclass_fields__)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=6)
+PATHS = [("base",), ("branch",), ("engine",), ("pin",), ("unpinned",), ("applied",), ("compat",), ("source",),
+         ("source", "kind"), ("layers",), ("layers", 0), ("layers", 0, "dir"), ("layers", 0, "layer"), ("in_progress",),
+         *[("in_progress", key) for key in ("head", "branch", "work_branch", "work_branch_sha", "stash_message", "pid",
+                                            "op", "started", "process", "applying", "first")]]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_value_anywhere_in_the_state_is_read_or_refused_in_one_line(toy, data):
+    """Whatever a hand edit puts at any place of the state file, status either reads it or says
+    `corrupt dspark state` (UsageError, exit 2): never a TypeError, KeyError or git failure."""
+    if "killed" not in toy:
+        toy["killed"] = killed_apply_state(toy)
+    path = data.draw(st.sampled_from(PATHS))
+    value = data.draw(st.one_of(st.just(DELETE), JSON))
+    (toy["workdir"] / ".git" / "dspark" / "state.json").write_text(json.dumps(set_at(toy["killed"], path, value)))
+    try:
+        applier.status(toy["workdir"])
+    except UsageError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_status_tells_a_running_apply_from_an_interrupted_one(toy):
+    """An apply still running (its owner alive and holding the workspace lock) is in progress, not
+    'interrupted, half done'; a lock held before any snapshot is written is a run too; once the
+    owner is gone, the same snapshot is an interrupted apply again."""
+    from dspark_cli import oplock
+    from dspark_cli.workspace import process_tag
+
+    work = toy["workdir"]
+    state = killed_apply_state(toy)
+    state_file = work / ".git" / "dspark" / "state.json"
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
+
+    def drift():
+        out = run_dspark("status", "-C", str(work), "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["drift"]
+
+    started = state["in_progress"]["started"]
+    live = {**state["in_progress"], "pid": os.getpid(), "process": process_tag(os.getpid())}  # as if this process ran it
+    state_file.write_text(json.dumps({**state, "in_progress": live}))
+    with oplock.exclusive(work / ".git", work):
+        assert drift()[0] == (f"a dspark apply (pid {os.getpid()}, started {started}) is in progress; run dspark "
+                              "status again when it has finished")
+        state_file.write_text(json.dumps({**state, "in_progress": None}))  # a run still recovering or fetching
+        assert drift()[0] == (f"a dspark apply or revert (pid {os.getpid()}) is running in {work}; run dspark status "
+                              "again when it has finished")
+    state_file.write_text(json.dumps(state))
+    assert drift()[0].startswith(f"an interrupted apply (started {started}) left the workspace half done")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -509,3 +510,73 @@ def test_paths_with_brackets_print_as_they_are(toy, tmp_path):
     assert f"cloning {toy['upstream']['repo']} into {work}" in applied.stderr and f"in {work} (base" in applied.stdout
     status = run_cli(toy, "status", "--workdir", str(work))
     assert status.returncode == 0 and f"workspace  {work}  (toy" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize("since", ["moved", "deleted"])
+def test_recovery_leaves_head_detached_when_its_branch_moved_since_the_kill(toy, tmp_path, since):
+    """The branch HEAD was on at the snapshot, moved (or deleted) by the user after the kill: back
+    on it HEAD would name the user's commit over the old commit's files. Recovery restores the
+    snapshot's HEAD detached, says so, and leaves the user's branch where they put it."""
+    work = toy["workdir"]
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(work))
+    git(work, "checkout", "-q", "-b", "mybranch")
+    head = git(work, "rev-parse", "HEAD")
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    git(work, "checkout", "-q", "mybranch")
+    if since == "moved":
+        (work / "engine" / "core.py").write_text("mine\n")
+        git(work, "commit", "-q", "-am", "mine")
+        detail = f"branch mybranch moved to {git(work, 'rev-parse', 'HEAD')[:12]} since"
+    else:
+        git(work, "checkout", "-q", "--detach")
+        git(work, "branch", "-q", "-D", "mybranch")
+        detail = "branch mybranch was deleted since"
+    mine = git(work, "rev-parse", "-q", "--verify", "mybranch", check=False)
+    done = run_cli(toy, "revert", "-C", str(work))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("note: recovered an interrupted apply (started "
+                           f"{done.stderr.split('(started ')[1].split(')')[0]}): restored the state before it; HEAD "
+                           f"is left detached at {head[:12]}, as {detail}\n")
+    assert git(work, "symbolic-ref", "-q", "HEAD", check=False) == "" and git(work, "rev-parse", "HEAD") == head
+    assert git(work, "status", "--porcelain", "--untracked-files=all") == ""  # files are HEAD's
+    assert git(work, "rev-parse", "-q", "--verify", "mybranch", check=False) == mine
+
+
+def test_saved_branches_of_a_recovery_and_the_revert_after_it_never_collide(toy):
+    """A recovery and a --force revert of an amended patch commit both keep work on
+    dspark/saved-<time>: within one second they asked git for the same name (exit 3, the finished
+    revert left marked interrupted). Every name of the next two minutes is taken here, so both must
+    find a free one."""
+    run_apply(toy)
+    work = toy["workdir"]
+    (work / "engine" / "dspark.py").write_text("ENABLED = False  # mine\n")
+    git(work, "commit", "-q", "-a", "--amend", "--no-edit")
+    amended = git(work, "rev-parse", "HEAD")
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    killed = run_cli(toy, "apply", "toy", "-C", str(work), "--series", str(team), kill_after="committed:1")
+    assert killed.returncode == -signal.SIGKILL
+    (work / "engine" / "config.py").write_text("local edit\n")
+    now = datetime.now(timezone.utc)
+    taken = {f"refs/heads/dspark/saved-{(now + timedelta(seconds=n)).strftime('%Y%m%dT%H%M%SZ')}" for n in range(120)}
+    git(work, "update-ref", "--stdin", input="".join(f"create {ref} {toy['upstream']['v1.0']}\n" for ref in taken))
+    reverted = run_cli(toy, "revert", "-C", str(work), "--force", "--json")
+    assert reverted.returncode == 0, reverted.stderr
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+    saved = set(git(work, "for-each-ref", "--format=%(refname)", "refs/heads/dspark/saved-*").splitlines()) - taken
+    assert len(saved) == 2 and all(ref.rsplit("-", 1)[0] in taken for ref in saved)
+    by_tip = {git(work, "rev-parse", ref): ref for ref in saved}
+    assert amended in by_tip
+    (local,) = set(by_tip) - {amended}
+    assert git(work, "show", f"{local}:engine/config.py") == "local edit"
+
+
+def test_an_unpinned_workspace_is_named_as_such_when_the_pin_is_left_out(toy):
+    work = toy["workdir"]
+    v11 = toy["upstream"]["v1.1"]
+    run_apply(toy, commit="v1.1", allow_unpinned=True)
+    with pytest.raises(UsageError) as refused:
+        run_apply(toy)
+    assert str(refused.value) == (f"{work} holds toy at the unpinned commit {v11[:12]}; pass --commit {v11[:12]} "
+                                  "--allow-unpinned to work on it, or use another --workdir for toy v1.0")
+    assert run_apply(toy, commit=v11[:12], allow_unpinned=True)["status"] == "already applied"
