@@ -19,11 +19,15 @@ def exclusive_nowait(path: Path, directory: bool = False) -> Iterator[tuple[int,
     flags = os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR | os.O_CREAT
     fd = os.open(path, flags, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            held = False
-        yield fd, held
+        yield fd, try_exclusive(fd)
     finally:
         os.close(fd)
+
+
+def try_exclusive(fd: int) -> bool:
+    """An exclusive flock on the open descriptor, if no one else holds one now."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -11,14 +11,16 @@ opened it just before the unlink would lock a file no one else can see any more.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from dspark_cli.errors import UsageError
-from dspark_cli.flock import exclusive_nowait
+from dspark_cli.flock import exclusive_nowait, try_exclusive
 
 _held: set[Path] = set()  # the lock files this process holds
+STATUS_PROBE_GRACE_S = 0.2  # `dspark status` (holder()) takes the lock for an instant: not a run to refuse
 
 
 def lock_file(git_dir: Path) -> Path:
@@ -28,10 +30,15 @@ def lock_file(git_dir: Path) -> Path:
 @contextmanager
 def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
     """Hold the workspace's lock for the block; another process holding it is bad usage (exit 2),
-    refused at once rather than waited for: its operation may take minutes or need the user."""
+    refused rather than waited for (its operation may take minutes or need the user), after the
+    instant a `dspark status` probe may hold it."""
     path = lock_file(git_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_nowait(path) as (fd, ours):
+        deadline = time.monotonic() + STATUS_PROBE_GRACE_S
+        while not ours and time.monotonic() < deadline:
+            time.sleep(0.01)
+            ours = try_exclusive(fd)
         if not ours:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir}")
