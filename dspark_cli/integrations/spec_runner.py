@@ -29,6 +29,14 @@ def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str
         return json.loads(out_path.read_text())
 
 
+def one_line(exc: Exception) -> str:
+    """run_module's failure in one line: its header and the output's last line (the error raised)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else type(exc).__name__
+    return f"{lines[0]} {lines[-1]}"
+
+
 def serve_spec(run) -> None:
     """The module side (its `__main__`): OUT.json = run(SPEC.json) for the paths on the command line."""
     spec_path, out_path = sys.argv[1:3]

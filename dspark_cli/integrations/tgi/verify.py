@@ -14,6 +14,7 @@ import torch
 from rich.markup import escape
 
 from dspark_cli.errors import CheckFailed
+from dspark_cli.integrations.spec_runner import one_line
 from dspark_cli.output import console, emit
 
 SERIES = "tgi/v3.3.7"
@@ -78,7 +79,7 @@ def shard_check(tmp: Path) -> dict:
         start = time.perf_counter()
         dspark = shard.serve_and_drive({"model": str(target), "draft": str(draft), "waves": waves})
     except RuntimeError as e:  # the shard did not start or failed: its log tail is the message
-        return {"ran": True, "identical": False, "error": str(e).splitlines()[0]}
+        return {"ran": True, "identical": False, "error": one_line(e)}
     return {"ran": True, "identical": dspark["tokens"] == plain["tokens"], "speculate": dspark["speculate"],
             "rounds": sum(dspark["rounds"].values()), "rounds_no_spec": sum(plain["rounds"].values()),
             "seconds": time.perf_counter() - start}

@@ -19,6 +19,7 @@ from rich.markup import escape
 from dspark_cli.errors import CheckFailed, EnvironmentProblem
 from dspark_cli.output import console, emit
 
+from dspark_cli.integrations.spec_runner import one_line
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
 
 GAMMA = 3
@@ -109,7 +110,7 @@ def run(as_json: bool) -> None:
     try:
         rows = _checks(python)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {str(exc).splitlines()[0]}") from exc
+        raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {one_line(exc)}") from exc
     result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
     emit(result, as_json, _render)
     if not result["ok"]:
