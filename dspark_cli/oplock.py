@@ -63,5 +63,11 @@ def holder(git_dir: Path) -> str | None:
     path = lock_file(git_dir)
     if path in _held or not path.is_file():
         return None
-    with exclusive_nowait(path) as (fd, ours):
-        return None if ours else os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    try:  # read-only: status also runs where it may not write (another user's workspace); flock does not mind
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # unreadable: nothing to tell, as without a lock file
+    try:
+        return None if try_exclusive(fd) else os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)

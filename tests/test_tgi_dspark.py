@@ -673,7 +673,8 @@ def test_a_reserved_pool_short_of_room_trims_segments_but_keeps_the_rows_a_commi
     """48 rows reserved, requests 1 and 2 at 10 rows each (16-row segments). Committing 10 more to
     1 and 8 more to 2 in one call: 1 regrows first (32 rows, placed again in place), then 2 needs
     room the doubled segments do not leave, so both are trimmed, 1 to its 10 rows plus the 10 this
-    call is about to write. Nothing is allocated and every row lands where it belongs."""
+    call is about to write, plus their shares of the 10 rows left (5 and 4). Nothing is allocated
+    and every row lands where it belongs."""
     from dspark_cli.integrations.tgi.kv_pool import KVPool
 
     pool = KVPool(1)
@@ -685,10 +686,31 @@ def test_a_reserved_pool_short_of_room_trims_segments_but_keeps_the_rows_a_commi
     more = torch.cat([rows(10, 20), rows(110, 118)], 1)
     pool.commit([1, 2], [10, 8], more, -more)
     assert pool.k is tensor and pool.outgrown == 0
-    assert {r: (s.start, s.capacity, s.length) for r, s in pool.segments.items()} == {1: (0, 20, 20), 2: (20, 18, 18)}
+    assert {r: (s.start, s.capacity, s.length) for r, s in pool.segments.items()} == {1: (0, 25, 20), 2: (25, 22, 18)}
     assert pool.committed(1, 0)[0].flatten().tolist() == list(range(20))
     assert pool.committed(2, 0)[0].flatten().tolist() == list(range(100, 118))
     assert pool.committed(2, 0)[1].flatten().tolist() == list(range(100, 110)) + [-t for t in range(110, 118)]
+
+
+def test_a_nearly_full_reserved_pool_places_its_segments_rarely_as_they_grow(monkeypatch):
+    """40 requests of 150 rows in 10,000 reserved rows, then 60 steps adding a row to each (to 84 %
+    full): the room left is shared out at each placement, so the segments are placed again 5 times
+    in all, not at every step (as with no slack left after a trim), and nothing is allocated."""
+    from dspark_cli.integrations.tgi.kv_pool import KVPool
+
+    placed = []
+    place = KVPool._place
+    monkeypatch.setattr(KVPool, "_place", lambda self, *a: placed.append(1) or place(self, *a))
+    pool = KVPool(1)
+    pool.reserve(10_000, torch.empty(0, 1, 1))
+    ids = list(range(40))
+    pool.commit(ids, [150] * 40, torch.zeros(1, 6000, 1, 1), torch.zeros(1, 6000, 1, 1))
+    before, tensor = len(placed), pool.k
+    for step in range(60):
+        rows = torch.full((1, 40, 1, 1), float(step))
+        pool.commit(ids, [1] * 40, rows, -rows)
+    assert len(placed) - before == 5 and pool.k is tensor and pool.outgrown == 0
+    assert all(pool.committed(r, 0)[0][150:].flatten().tolist() == list(range(60)) for r in ids)
 
 
 def test_the_confidence_head_without_a_bias_reads_zero_and_without_the_markov_input_is_refused(checkpoints):

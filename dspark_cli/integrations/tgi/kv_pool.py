@@ -9,8 +9,9 @@ the top: one copy); when the top reaches the end, the live segments are placed a
 the growing one last. Unreserved, into a fresh tensor with twice their capacity (room doubled);
 dropped requests' rows are reclaimed by such a packing, or by one at a drop once they outnumber the
 live rows (and SHRINK_ROWS). Reserved (`reserve`, from TGI's warmup: the drafter's rows come out of
-the budget that sizes TGI's KV cache), within the reserved rows, each segment trimmed to its rows
-when the room is short, so serving allocates nothing more unless the live rows alone outgrow it.
+the budget that sizes TGI's KV cache), within the reserved rows (when the room is short, each segment
+keeps its rows plus a share of the room left in proportion to them, so placements stay rare near a
+full pool), so serving allocates nothing more unless the live rows alone outgrow it.
 
 Rows outside the committed ones are never read (our attention op reads each context's rows;
 `padded_index` pads with a committed row, or row 0 for a request without rows), so a tensor is
@@ -127,9 +128,9 @@ class KVPool:
     def _pack(self, growing: int | None, capacity: int, needed: int, like: torch.Tensor) -> None:
         """Place the live segments from row 0, each keeping its capacity, then `growing`'s (None:
         none) with `capacity` rows. Unreserved: in a fresh tensor twice their size. Reserved: in
-        place; when that is short, every segment keeps only its rows and those a commit is about to
-        write (`growing` its `needed`), and only when even that is short, a fresh tensor twice its
-        size, which becomes the reservation."""
+        place; when that is short, every segment keeps its rows and those a commit is about to
+        write (`growing` its `needed`) plus its share of the room left, and only when even those
+        rows are short, a fresh tensor twice their size, which becomes the reservation."""
         order = [r for r in self.segments if r != growing] + ([] if growing is None else [growing])
         caps = {r: seg.capacity for r, seg in self.segments.items()}
         if growing is not None:
@@ -138,6 +139,11 @@ class KVPool:
             caps = {r: self.length(r) + self._incoming.get(r, 0) for r in order}
             if growing is not None:
                 caps[growing] = needed
+            # The room left goes to the segments in proportion to their rows: each grows into its
+            # share before the next placement (with none, every later growth would place them all).
+            held, spare = sum(caps.values()), self.reserved - sum(caps.values())
+            if spare > 0:
+                caps = {r: n + spare * n // held for r, n in caps.items()}
         total = sum(caps.values())
         if self.reserved and total <= self.reserved:
             self._place(order, caps, self.k, self.v)
