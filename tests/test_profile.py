@@ -74,7 +74,7 @@ def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"hidden_size": 65, "num_attention_heads": 4}, "validation error"),
+    ({"hidden_size": 65, "num_attention_heads": 4}, "is not a multiple of the number of attention heads"),
     ({"hidden_size": "abc"}, "Validation error for field 'hidden_size'"),
     ({"num_attention_heads": 0}, "division or modulo by zero"),
 ], ids=["indivisible", "string", "zero-heads"])
@@ -130,20 +130,48 @@ def test_without_transformers_it_is_one_line_exit_3_naming_the_install(model_dir
     assert not (tmp_path / "x.json").exists()
 
 
+def test_a_multimodal_config_profiles_its_text_model(tmp_path):
+    """gemma3's config keeps vocab_size and the sizes in text_config (was an AttributeError
+    traceback, exit 1); a negative size there is found too."""
+    text = {"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                      "vision_config": vision}))
+    args = ["profile", "--model", str(tmp_path), "--out", str(tmp_path / "sps.json"), "--sizes", "1,2",
+            "--repeats", "1", "--warmup", "0", "--context", "4", "--json"]
+    proc = _dspark(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert [p["tokens"] for p in json.loads(proc.stdout)["points"]] == [1, 2]
+    assert SPSTable.load(tmp_path / "sps.json").tokens == [1, 2]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {**text, "vocab_size": -1},
+                                                      "vision_config": vision}))
+    bad = _dspark(*args)
+    assert bad.returncode == 2 and "vocab_size is -1 in config.json" in bad.stderr, bad.stderr
+
+
 def test_default_sweeps():
     assert default_sizes(16) == [1, 2, 4, 8, 16]
     assert default_sizes(100)[-1] == 100 and 96 in default_sizes(100)
     assert vllm_capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
 
 
-@pytest.mark.parametrize("where", ["out_dir", "out_under_file", "sglang_dir", "sglang_under_file", "same_file"])
+@pytest.mark.parametrize("where", ["out_dir", "out_cwd", "out_config", "out_under_file", "sglang_dir",
+                                   "sglang_under_file", "same_file"])
 def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
-    """Were a traceback and exit 1 after all the timing, --sglang-out leaving our table written alone."""
+    """Were a traceback and exit 1 after all the timing, --sglang-out leaving our table written alone
+    (--out . a traceback before it; --out the model's config.json overwrote it)."""
     (tmp_path / "dir").mkdir()
     (tmp_path / "file.json").write_text("keep")
+    config = (model_dir / "config.json").read_text()
     out, sglang = tmp_path / "sps.json", None
     if where == "out_dir":
         out = tmp_path / "dir"
+    elif where == "out_cwd":
+        out = Path(".")
+    elif where == "out_config":
+        out = model_dir / "config.json"
     elif where == "out_under_file":
         out = tmp_path / "file.json" / "sub.json"
     elif where == "sglang_dir":
@@ -163,6 +191,7 @@ def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
     assert ("--sglang-out" if where.startswith("sglang") else "--out") in result["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.json", "model"]  # nothing written
     assert not any((tmp_path / "dir").iterdir()) and (tmp_path / "file.json").read_text() == "keep"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"] and (model_dir / "config.json").read_text() == config
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write a read-only directory")

@@ -91,11 +91,15 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     batch_sizes = sorted(set(batch_sizes) | set(graphs))  # graph sizes are where the step curve is read
 
     # both outputs are checked before any timing, and written together only after it
+    _check_output(out, "--out")  # first: a directory has no name to derive the SGLang file's from
     sglang_path = sglang_out or out.with_name(out.stem + ".sglang.json")
-    _check_output(out, "--out")
     _check_output(sglang_path, "--sglang-out")
     if out.resolve() == sglang_path.resolve():
         raise UsageError(f"--out and --sglang-out are the same file: {out}")
+    config_file = (model / "config.json" if model.is_dir() else model).resolve()
+    for option, path in (("--out", out), ("--sglang-out", sglang_path)):
+        if path.resolve() == config_file:
+            raise UsageError(f"{option} {path} is the model's config.json; give another file")
 
     try:
         config = sps_profile.load_config(model)
@@ -106,7 +110,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
                                            warmup=warmup, repeats=repeats)
     try:
         timer = sps_profile.ForwardTimer(config, settings)
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # e.g. 0 attention heads
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:  # e.g. 0 attention heads
         raise UsageError(f"--model {model}: transformers cannot build this config: {_short(exc)}") from exc
     except RuntimeError as exc:  # out of memory, device errors
         raise EnvironmentProblem(f"cannot build the model on {device}: {_short(exc)}") from exc
@@ -138,15 +142,17 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 def _check_sizes(config, model: Path) -> None:
     """A size of the config that is zero or negative is bad input (exit 2), found before building."""
+    text = config.get_text_config()  # a multimodal config keeps its sizes in text_config
     for name in SIZE_FIELDS:
-        value = getattr(config, name, None)
+        value = getattr(text, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UsageError(f"--model {model}: {name} is {value} in config.json; it must be a positive integer")
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, cut to `limit` characters."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """An exception's message on one line, cut to `limit` characters (a validator's first line is
+    often only its name; the reason follows)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 

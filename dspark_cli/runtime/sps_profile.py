@@ -103,7 +103,7 @@ class ForwardTimer:
         finally:
             torch.set_default_dtype(previous)
         self.config = self.model.config
-        self.vocab = config.vocab_size
+        self.vocab = config.get_text_config().vocab_size  # (a multimodal config keeps it in text_config)
         params = inspect.signature(self.model.forward).parameters
         self.cache_name = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         # A prefill fills the cache; its logits (B·context·V: 78 GB at B = 1008, context 256, V = 152k
