@@ -7,7 +7,7 @@ from pathlib import Path
 from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, replace_scalar
 from dspark_cli.errors import UsageError
-from dspark_cli.files import write_text_atomically
+from dspark_cli.files import replace_atomically
 from dspark_cli.workspace import Workspace
 
 
@@ -31,7 +31,8 @@ def clone_for(engine: str, repo: str) -> Workspace:
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     """Resolve each pin's commit (through its tag when present) and write the full ids back."""
     git_source.check_repo_option(repo)
-    text = compat.path.read_text(encoding="utf-8")
+    # bytes, not read_text: universal newlines would turn a CRLF file into LF on write-back
+    text = compat.path.read_bytes().decode("utf-8")
     changes = []
     for name in engines:
         engine = compat.engine(name)
@@ -40,13 +41,17 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
             continue
         ws = clone_for(name, repo or engine.repository)
         for pin in pending:
-            full = ws.resolve_commit(f"refs/tags/{pin.tag}") or ws.resolve_commit(pin.commit)
+            # resolve_tag: a tag fetched into the cached clone after its first clone is upstream's
+            full = git_source.resolve_tag(ws, pin.tag) or ws.resolve_commit(pin.commit)
             if full is None:
+                if git_source.is_ambiguous(ws, pin.commit):
+                    raise UsageError(f"{name} {pin.name}: commit {pin.commit} is ambiguous in {ws.path} "
+                                     f"(and tag {pin.tag} is not there); give more of its digits")
                 raise UsageError(f"{name} {pin.name}: neither tag {pin.tag} nor commit {pin.commit} is in {ws.path}")
             if not full.startswith(pin.commit):
                 raise UsageError(f"{name} {pin.name}: tag {pin.tag} is {full[:12]}, but compat.yaml says {pin.commit}")
             text = replace_scalar(text, ["engines", name, "pins", pin.name, "commit"], full)
             changes.append({"engine": name, "pin": pin.name, "short": pin.commit, "commit": full})
     if changes:
-        write_text_atomically(compat.path, text)
+        replace_atomically([(compat.path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))])
     return changes

@@ -59,10 +59,25 @@ def is_local_path(url: str) -> bool:
 
 
 def check_repo_option(repo: str | None) -> None:
-    """--repo naming a local path that does not exist is bad input, found before any clone (a
-    quoted ~ counts as the home directory, as `compat lock` reads it)."""
-    if repo and is_local_path(repo) and not Path(repo).expanduser().exists():
+    """--repo naming a local path that does not exist, or a file git cannot clone, is bad input,
+    found before any clone (a quoted ~ counts as the home directory, as `compat lock` reads it)."""
+    if not repo or not is_local_path(repo):
+        return
+    path = Path(repo).expanduser()
+    if not path.exists():
         raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
+    if not path.is_dir() and not _clonable_file(path):
+        raise UsageError(f"--repo {repo}: a file, not a repository (give a clone's directory or a URL)")
+
+
+def _clonable_file(path: Path) -> bool:
+    """A file `git clone` takes: a bundle, or a .git file pointing at a repository (a worktree's)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return True  # unreadable here: let the clone say why
+    return head.startswith((b"# v2 git bundle", b"# v3 git bundle", b"gitdir: "))
 
 
 def clone(url: str, path: Path) -> None:
@@ -116,6 +131,17 @@ def _resolve(ws: Workspace, ref: str) -> str | None:
     return ws.resolve_commit(ref) or ws.resolve_commit(f"{UPSTREAM_TAGS}/{ref}")
 
 
+def resolve_tag(ws: Workspace, tag: str) -> str | None:
+    """The commit of `tag`: upstream's when fetched (it is newer than a clone's own refs/tags, which
+    a fetch never moves), else the clone's own."""
+    return ws.resolve_commit(f"{UPSTREAM_TAGS}/{tag}") or ws.resolve_commit(f"refs/tags/{tag}")
+
+
+def is_ambiguous(ws: Workspace, ref: str) -> bool:
+    """Whether `ref` failed to resolve because it is a short id several commits share."""
+    return "ambiguous" in ws.git.run("rev-parse", "--verify", f"{ref}^{{commit}}", check=False).stderr
+
+
 def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch_missing: bool = True) -> str:
     """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing
     (not in a fresh clone of `url`: a fetch could add nothing). When the pin names a tag that
@@ -125,12 +151,9 @@ def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch
         fetch(ws, url)
         commit = _resolve(ws, ref)
     if commit is None:
-        ambiguous = ws.git.run("rev-parse", "--verify", f"{ref}^{{commit}}", check=False).stderr
-        reason = "is ambiguous" if "ambiguous" in ambiguous else "was not found"
-        raise UsageError(f"commit {ref} {reason} in {url}")
+        raise UsageError(f"commit {ref} {'is ambiguous' if is_ambiguous(ws, ref) else 'was not found'} in {url}")
     if tag:
-        # upstream's tag when fetched, else the clone's own
-        tagged = ws.resolve_commit(f"{UPSTREAM_TAGS}/{tag}") or ws.resolve_commit(f"refs/tags/{tag}")
+        tagged = resolve_tag(ws, tag)
         if tagged and tagged != commit:
             raise UsageError(f"tag {tag} points at {tagged[:12]} but compat.yaml pins {ref}")
     return commit

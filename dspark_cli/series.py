@@ -66,8 +66,9 @@ def read_series(directory: Path) -> list[str]:
         name = raw.split("#", 1)[0].strip()
         if not name:
             continue
-        if "/" in name or " " in name or name in (".", ".."):
-            raise UsageError(f"{series_file}:{number}: expected a patch file name, got {name!r}")
+        # no whitespace at all: a series.lock line ends at the name's first (str.isspace is re's \s)
+        if "/" in name or any(c.isspace() for c in name) or name in (".", ".."):
+            raise UsageError(f"{series_file}:{number}: expected a patch file name without whitespace or '/', got {name!r}")
         if name in names:
             raise UsageError(f"{series_file}:{number}: {name} is listed twice")
         if not (directory / name).is_file():

@@ -172,6 +172,21 @@ def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command):
     assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
 
 
+@pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
+def test_a_local_repo_path_that_is_a_plain_file_is_bad_input(toy_env, command):
+    """Was exit 3 'cannot clone' after starting one; a git bundle (a file git clones) still is a repository."""
+    afile = toy_env["root"] / "afile"
+    afile.write_text("x\n")
+    args = [a.format(work=toy_env["work"]) for a in command]
+    result = run_dspark(*args, "--repo", str(afile))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: --repo {afile}: a file, not a repository (give a clone's directory or a URL)"
+    assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
+    bundle = toy_env["root"] / "toy.bundle"
+    git(toy_env["upstream"]["repo"], "bundle", "create", "-q", str(bundle), "--all")
+    assert run_dspark(*args, "--repo", str(bundle)).returncode == 0
+
+
 @pytest.mark.parametrize("url, local", [
     ("/no/such/dir", True), ("./tgi", True), ("tgi", True), ("../a:b", True),
     ("https://github.com/huggingface/text-generation-inference", False), ("file:///srv/tgi", False),
@@ -261,6 +276,21 @@ def test_series_lock_writes_and_checks(toy_env):
     assert [p["name"] for p in json.loads(written.stdout)["patches"]][-1] == "0003-extra.patch"
     assert "0003-extra.patch" in (series_dir / "series.lock").read_text()
     assert run_dspark("series", "lock", str(series_dir), "--check").returncode == 0
+
+
+@pytest.mark.parametrize("space", ["\t", "\u00a0"], ids=["tab", "no-break space"])
+def test_a_patch_name_with_whitespace_is_refused_before_the_lock_is_written(toy_env, space):
+    """series.lock ends a name at its first whitespace: such a name was written, then refused by its reader."""
+    series_dir = toy_env["series"]
+    name = f"0003-extra{space}patch.patch"
+    (series_dir / name).write_text((series_dir / "0001-dspark-hook-in-core.patch").read_text())
+    with open(series_dir / "series", "a") as handle:
+        handle.write(f"{name}\n")
+    lock = (series_dir / "series.lock").read_bytes()
+    result = run_dspark("series", "lock", str(series_dir))
+    assert result.returncode == 2 and (series_dir / "series.lock").read_bytes() == lock
+    assert result.stderr.strip() == (f"error: {series_dir / 'series'}:4: expected a patch file name without "
+                                     f"whitespace or '/', got {name!r}")
 
 
 def test_compat_json_lists_engines_and_pins():

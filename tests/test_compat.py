@@ -178,3 +178,76 @@ def test_compat_lock_resolves_short_ids_through_tags_and_keeps_comments(tmp_path
     bad = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"])], env=env)
     assert bad.exit_code != 0 and "tag v1.0 is" in str(bad.exception) and bad.exception.exit_code == 2
     assert git(upstream["repo"], "status", "--porcelain") == ""
+
+
+def _lock(path: Path, repo: str):
+    return CliRunner().invoke(app, ["compat", "lock", "--repo", repo], env={"DSPARK_COMPAT": str(path)})
+
+
+def test_compat_lock_checks_tags_fetched_into_the_cached_clone_after_its_first_clone(tmp_path, monkeypatch):
+    """A fetch puts upstream's tags under refs/dspark-upstream/tags: a tag added (or moved) upstream
+    after the first clone was not seen, and a short id disagreeing with it was locked (exit 0)."""
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    short = upstream["v1.0"][:9]
+    path = write_compat(tmp_path, upstream, series_dir, commit=short)
+    url = upstream["repo"].as_uri()  # a URL: read through the cached clone, not used in place
+    assert _lock(path, url).exit_code == 0 and (tmp_path / "cache" / "git" / "toy").is_dir()
+    unlocked = path.read_text().replace(upstream["v1.0"], short)
+
+    git(upstream["repo"], "tag", "v1.2", upstream["v1.1"])  # added after the first clone
+    path.write_text(unlocked.replace("tag: v1.0", "tag: v1.2"))
+    added = _lock(path, url)
+    assert added.exception.exit_code == 2 and str(added.exception) == f"toy v1.0: tag v1.2 is {upstream['v1.1'][:12]}, but compat.yaml says {short}"
+
+    git(upstream["repo"], "tag", "-f", "v1.0", upstream["v1.1"])  # moved after the first clone
+    path.write_text(unlocked)
+    moved = _lock(path, url)
+    assert moved.exception.exit_code == 2 and str(moved.exception) == f"toy v1.0: tag v1.0 is {upstream['v1.1'][:12]}, but compat.yaml says {short}"
+    assert path.read_text() == unlocked
+
+
+def test_compat_lock_keeps_crlf_line_endings(tmp_path, monkeypatch):
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    path = write_compat(tmp_path, upstream, series_dir, commit=upstream["v1.0"][:9])
+    crlf = path.read_bytes().replace(b"\n", b"\r\n")
+    path.write_bytes(crlf)
+    assert _lock(path, str(upstream["repo"])).exit_code == 0
+    assert path.read_bytes() == crlf.replace(upstream["v1.0"][:9].encode(), upstream["v1.0"].encode())
+
+
+def _commits_sharing_a_7_digit_prefix(repo: Path) -> tuple[str, str]:
+    """Two commits whose ids share 7 hex digits: a birthday search over commit objects hashed here
+    (about 20,000 of them, milliseconds), then only the two that collide are written."""
+    import hashlib
+
+    tree = git(repo, "mktree", input="")
+    seen: dict[str, str] = {}
+    for n in range(1_000_000):
+        body = f"tree {tree}\nauthor T <t@t> 0 +0000\ncommitter T <t@t> 0 +0000\n\n{n}\n"
+        sha = hashlib.sha1(f"commit {len(body)}\0{body}".encode()).hexdigest()
+        if sha[:7] in seen:
+            for text in (seen[sha[:7]], body):
+                git(repo, "hash-object", "-t", "commit", "-w", "--stdin", input=text)
+            return sha[:7], sha
+        seen[sha[:7]] = body
+    raise AssertionError("no collision")
+
+
+def test_compat_lock_says_a_short_id_is_ambiguous(tmp_path, monkeypatch):
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    repo = tmp_path / "ambiguous"
+    git(tmp_path, "init", "-q", str(repo))
+    prefix, full = _commits_sharing_a_7_digit_prefix(repo)
+    assert git(repo, "rev-parse", "--verify", "-q", f"{full}^{{commit}}") == full
+    path = write_compat(tmp_path, upstream, series_dir, commit=prefix)
+    before = path.read_text()
+    result = _lock(path, str(repo))
+    assert result.exception.exit_code == 2 and str(result.exception) == (
+        f"toy v1.0: commit {prefix} is ambiguous in {repo} (and tag v1.0 is not there); give more of its digits")
+    assert path.read_text() == before
