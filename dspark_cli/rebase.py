@@ -7,7 +7,9 @@ commit (`onto`). Each patch is applied on `onto` in series order and classified:
   3-way     the context moved or changed, and `git apply --3way` merged the patch using the
             base blobs named in its `index` lines (which is why `base` must be in the repository);
   conflict  the merge left conflict markers (or could not run); the rebase stops there, on the
-            work branch, for a human to resolve.
+            work branch, for a human to resolve;
+  already upstream  it applied but changed nothing: the new tree has its changes. It makes no
+            commit and is left out of the refreshed series (`dspark apply` refuses such a patch).
 
 Each applied patch becomes one commit (author, date and message kept, like `git am`). When every
 patch applied, the refreshed series is written from those commits with `git format-patch`, with
@@ -16,6 +18,7 @@ the original file names, order and amount of diff context, and a new lock.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import py_compile
@@ -35,6 +38,8 @@ from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
+ALREADY = "already upstream"  # applied to no change: dropped from the refreshed series
+COMMITTED = (CLEAN, THREE_WAY, RESOLVED)  # the statuses that own exactly one work-branch commit
 _OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
 _CHECKING = re.compile(r"^Checking patch (.+)\.\.\.$")
 _HUNK_HEADER = re.compile(r"^@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@")
@@ -121,6 +126,10 @@ def check_branch_free(ws: Workspace, branch: str, force: bool) -> None:
 def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
     """Put the worktree on a fresh `branch` at `onto`; an existing branch is kept unless `force`."""
     check_branch_free(ws, branch, force)
+    # The record describes the branch being replaced: a run that fails midway must not leave
+    # --continue matching the new branch against it (the marker keeps check_made_by_rebase true).
+    mark_made_by_rebase(ws)
+    _record_file(ws).unlink(missing_ok=True)
     ws.git.run("reset", "-q", "--hard", check=False)  # a conflicted earlier run (only with --force)
     ws.git.run("checkout", "-q", "-f", "-B", branch, onto)
     ws.git.run("clean", "-q", "-fdx")
@@ -144,6 +153,11 @@ def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
             return outcome
         outcome.status = THREE_WAY
         outcome.details = _failed_hunks(patch, check.stderr)
+    if ws.git.ok("diff", "--cached", "--quiet"):
+        # Nothing to commit: an (empty) commit would become a 0-byte patch that no series can apply.
+        outcome.status = ALREADY
+        outcome.details = ["its changes are already in the new tree: dropped from the refreshed series"]
+        return outcome
     outcome.commit = commit_as_am(ws, patch, trailers=False)  # the refreshed series is made from it
     return outcome
 
@@ -196,12 +210,7 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
     outcomes: list[PatchOutcome] = []
     if resume:
-        earlier = _recorded_statuses(ws, branch, onto)
-        for patch, commit in zip(patches, _resumed_commits(ws, onto, branch, len(patches))):
-            status = earlier.get(patch.name, RESOLVED)
-            outcomes.append(PatchOutcome(patch=patch.name, status=RESOLVED if status == CONFLICT else status,
-                                         commit=commit,
-                                         files=patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))))
+        outcomes = _resumed_outcomes(ws, branch, onto, patches)
     else:
         start_branch(ws, branch, onto, force)
     for patch in patches[len(outcomes):]:
@@ -238,31 +247,63 @@ def _record_file(ws: Workspace) -> Path:
 
 
 def _record_statuses(ws: Workspace, result: RebaseResult) -> None:
-    """Remember how each patch applied, so --continue reports clean/3-way ones as such."""
+    """Remember how each patch applied and its commit, so --continue can match the work branch."""
     record = _record_file(ws)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"branch": result.branch, "onto": result.onto,
-                                  "statuses": {o.patch: o.status for o in result.outcomes}}))
+                                  "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
+                                              for o in result.outcomes]}))
 
 
-def _recorded_statuses(ws: Workspace, branch: str, onto: str) -> dict[str, str]:
+def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
     try:
         data = json.loads(_record_file(ws).read_text())
     except (OSError, ValueError):
-        return {}
-    same = data.get("branch") == branch and data.get("onto") == ws.resolve_commit(onto)
-    return data.get("statuses", {}) if same else {}
+        data = {}
+    if data.get("branch") != branch or data.get("onto") != ws.resolve_commit(onto) or "patches" not in data:
+        raise UsageError(f"{ws.path}: no record of a rebase of {branch} onto {onto} here; nothing to continue "
+                         "(start over with --force)")
+    return data["patches"]
 
 
-def _resumed_commits(ws: Workspace, onto: str, branch: str, num_patches: int) -> list[str]:
+def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch]) -> list[PatchOutcome]:
+    """The outcomes of the patches the last run got through, matched to the work branch's commits
+    since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
+    owns the single commit after them (the human's resolution); `already upstream` owns none.
+    Anything else (an extra commit, a missing or rewritten one) is refused: matching by position
+    gave an extra commit to a patch that never ran and silently lost that patch's change."""
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
     if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
         raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
-    commits = ws.git.out("rev-list", "--reverse", f"{onto}..HEAD").splitlines()
-    if len(commits) > num_patches:
-        raise UsageError(f"{branch} holds {len(commits)} commits on the new tree but the series has {num_patches}")
-    return commits
+    recorded = _recorded_outcomes(ws, branch, onto)
+    if [r["patch"] for r in recorded] != [p.name for p in patches]:
+        raise UsageError(f"{ws.path}: the series is not the one the last run of {branch} applied; "
+                         "start over with --force")
+    commits = ws.git.out("rev-list", "--reverse", f"{ws.resolve_commit(onto)}..HEAD").splitlines()
+    outcomes: list[PatchOutcome] = []
+    expected: list[str] = []  # the commit each patch so far should own, as "name (sha)"
+    for patch, record in zip(patches, recorded):
+        if record["status"] == NOT_RUN:
+            break
+        files = patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))
+        outcome = PatchOutcome(patch=patch.name, status=record["status"], files=files,
+                               details=record.get("details", []))
+        if record["status"] in COMMITTED:
+            outcome.commit = record["commit"]
+            expected.append(f"{patch.name} ({record['commit'][:12]})")
+        elif record["status"] == CONFLICT:
+            outcome.status, outcome.details = RESOLVED, []
+            outcome.commit = commits[len(expected)] if len(commits) > len(expected) else None
+            expected.append(f"{patch.name} (your resolution)")
+        outcomes.append(outcome)
+    owned = [o.commit for o in outcomes if o.status in COMMITTED]
+    if len(commits) != len(expected) or owned != commits:
+        found = ", ".join(c[:12] for c in commits) or "none"
+        raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "
+                         f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
+                         "(one commit resolving the conflict) or start over with --force")
+    return outcomes
 
 
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:
@@ -280,11 +321,26 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
                 result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
 
 
-def check_targets(branch: str, out_dir: Path, force: bool) -> None:
+def check_targets(branch: str, out_dir: Path, force: bool, source_dir: Path,
+                  protected: dict[str, Path]) -> None:
     """What the rebase will create, checked before any work: a valid work-branch name, and an out
-    directory that is empty unless `force` (a refusal after the rebase would leave its branch)."""
+    directory that is empty unless `force` (a refusal after the rebase would leave its branch).
+
+    A refreshed series replaces `out_dir` whole, so even with `force` it may not be, contain or sit
+    in a `protected` directory (the --repo, the work tree, the cache: --out equal to --repo deleted
+    its .git), nor contain the series being carried (equal to it is the refresh in place)."""
     if not Git(Path.cwd()).ok("check-ref-format", f"refs/heads/{branch}"):
         raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
+    out = out_dir.resolve()
+    for what, path in protected.items():
+        path = path.resolve()
+        if out == path or out in path.parents or path in out.parents:
+            relation = "is" if out == path else "contains" if out in path.parents else "is inside"
+            raise UsageError(f"--out {out_dir} {relation} the {what} {path}; the refreshed series replaces "
+                             "its --out whole: choose another --out")
+    if out in source_dir.resolve().parents:
+        raise UsageError(f"--out {out_dir} contains the series being carried ({source_dir}); the refreshed "
+                         "series replaces its --out whole: choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
@@ -293,31 +349,78 @@ def check_targets(branch: str, out_dir: Path, force: bool) -> None:
 
 
 def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
-    """The refreshed series from the rebase commits: same names and order, new lock. `out_dir` was
-    checked by check_targets.
+    """The refreshed series from the rebase commits: same names and order (less the patches
+    already upstream, unlisted from `series` too), new lock. `out_dir` was checked by check_targets.
 
     `out_dir` may be `source_dir` itself (a refresh in place), so every source text is read before
     anything is written; the new series is made in a temporary sibling of `out_dir` and swapped in
     whole, so a failure midway leaves the old series as it was."""
     contexts = {o.patch: context_lines((source_dir / o.patch).read_text(encoding="utf-8", errors="replace"))
                 for o in result.outcomes}
-    series_file = (source_dir / series_mod.SERIES_FILE).read_bytes()
+    if out_dir.resolve() in source_dir.resolve().parents:  # check_targets refuses it; never swap it away
+        raise UsageError(f"--out {out_dir} contains the series being carried ({source_dir})")
+    dropped = {o.patch for o in result.outcomes if o.status == ALREADY}
+    series_file = _without(source_dir / series_mod.SERIES_FILE, dropped)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdtemp's directory is private (0700): the series goes in a plain mkdir under it (the umask's mode).
-    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.dspark-"))
+    # The pid in its name tells recover_interrupted whether the run that made it is still alive.
+    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{_scratch_prefix(out_dir)}{os.getpid()}-"))
     try:
         new = scratch / "new"
         new.mkdir()
-        for outcome in result.outcomes:
+        for outcome in (o for o in result.outcomes if o.patch not in dropped):
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
                               f"-U{contexts[outcome.patch]}", outcome.commit).stdout
             (new / outcome.patch).write_text(text, encoding="utf-8")
-        (new / series_mod.SERIES_FILE).write_bytes(series_file)
+        (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
         series_mod.write_lock(new)
         _swap_in(new, out_dir, scratch / "old")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result.out_dir = out_dir
+
+
+def _without(series_file: Path, dropped: set[str]) -> bytes:
+    """The `series` file's bytes without the lines listing `dropped` patches (comments kept)."""
+    lines = series_file.read_bytes().splitlines(keepends=True)
+    return b"".join(line for line in lines
+                    if line.decode("utf-8", "replace").split("#", 1)[0].strip() not in dropped)
+
+
+def _scratch_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.dspark-"
+
+
+def recover_interrupted(target: Path) -> list[str]:
+    """Undo what a killed write_series left beside `target`: a run killed between _swap_in's two
+    renames left no `target`, the old series only in its scratch `old`; bring that back, and
+    remove the scratch directories of runs no longer alive. What it did, as lines to report."""
+    if not target.parent.is_dir():
+        return []
+    notes = []
+    dead = [p for p in target.parent.glob(f"{glob.escape(_scratch_prefix(target))}*")
+            if p.is_dir() and not _alive(p.name[len(_scratch_prefix(target)):])]
+    for scratch in sorted(dead, key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
+        if not target.exists() and (scratch / "old").is_dir():
+            os.replace(scratch / "old", target)
+            notes.append(f"{target}: restored from {scratch / 'old'} (a run was killed while replacing it)")
+        shutil.rmtree(scratch, ignore_errors=True)
+    return notes
+
+
+def _alive(suffix: str) -> bool:
+    """Whether the run whose pid starts a scratch name's suffix ("1234-abc") is running. Names
+    without a pid (made before it was recorded) belong to dead runs."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap_in(new: Path, out_dir: Path, old: Path) -> None:

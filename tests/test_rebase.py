@@ -369,3 +369,172 @@ def test_relative_paths_are_the_callers_not_the_work_trees(upstream):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["out_dir"] == str((here / "out").resolve())
     series.load_series(here / "out", "dspark")
+
+
+def conflict_then_resolve(u, tag, workdir):
+    """A rebase stopped at 0001's conflict, resolved and committed by the 'human' in `workdir`."""
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, tag)
+    run = dspark(u, "--onto", tag, "--repo", str(u["repo"]), "--workdir", str(workdir))
+    assert run.returncode == 4, run.stderr
+    (workdir / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(workdir, "commit", "-q", "-am", "ours: mark f3")
+    return git(workdir, "rev-parse", "HEAD")
+
+
+def test_continue_refuses_commits_that_do_not_match_the_patches_one_to_one(upstream):
+    """Was matched by position: an extra commit after the resolution became 0002 (which never
+    ran), exit 0, and 0002's real change was lost from the refreshed series."""
+    u = upstream
+    wd = u["tmp"] / "wd10"
+    resolution = conflict_then_resolve(u, "v10.0", wd)
+    (wd / "extra.py").write_text("X = 1\n")
+    git(wd, "add", "extra.py")
+    git(wd, "commit", "-q", "-m", "an extra commit")
+    extra = git(wd, "rev-parse", "HEAD")
+    out = u["tmp"] / "out10"
+    run = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    first = sorted(p.name for p in u["patches"].glob("*.patch"))[0]
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (
+        f"error: dspark/rebase-v10.0: found 2 commits on the new tree ({resolution[:12]}, {extra[:12]}), expected 1, "
+        f"one per patch so far: {first} (your resolution); leave exactly those (one commit resolving the conflict) "
+        "or start over with --force")
+    assert not out.exists() and git(wd, "rev-parse", "HEAD") == extra  # nothing assigned, nothing written
+
+    git(wd, "reset", "-q", "--hard", "HEAD~1")  # drop the extra commit: now it matches
+    done = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved", "clean", "clean"]
+    second = series.load_series(out, "dspark")[1]
+    assert "+HOOK = True" in second.path.read_text()  # 0002's own change, not the extra commit
+
+    git(wd, "reset", "-q", "--hard", "HEAD~2")  # a commit of a patch that applied is gone: refused too
+    git(wd, "commit", "-q", "--allow-empty", "-m", "not 0002")
+    again = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                   "--continue", "--force")
+    assert again.returncode == 2 and "found 2 commits on the new tree" in again.stderr and "expected 3" in again.stderr
+
+
+def test_continue_without_a_resolution_commit_is_refused(upstream):
+    u = upstream
+    wd = u["tmp"] / "wd11"
+    conflict_then_resolve(u, "v11.0", wd)
+    git(wd, "reset", "-q", "--hard", "HEAD~1")  # the resolution was not committed after all
+    run = dspark(u, "--onto", "v11.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--continue")
+    assert run.returncode == 2 and "found 0 commits on the new tree (none), expected 1" in run.stderr, run.stderr
+
+
+def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(upstream):
+    """Was committed empty, reported 3-way and written as a 0-byte patch that made the refreshed
+    series unappliable ("No valid patches in input")."""
+    u = upstream
+    onto = new_upstream(u, {"ours.py": "HOOK = True\n"}, "v12.0")  # upstream took 0002 as it is
+    out = u["tmp"] / "out12"
+    wd = u["tmp"] / "wd12"
+    run = dspark(u, "--onto", "v12.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    first, second, third = json.loads(run.stdout)["patches"]
+    assert (first["status"], second["status"], third["status"]) == ("clean", "already upstream", "clean")
+    assert second["commit"] is None and second["details"] == [
+        "its changes are already in the new tree: dropped from the refreshed series"]
+    assert len(git(wd, "rev-list", f"{onto}..HEAD").splitlines()) == 2
+    refreshed = series.load_series(out, "dspark")
+    assert [p.name for p in refreshed] == [first["patch"], third["patch"]]
+    assert (out / "series").read_text() == f"# test series\n{first['patch']}\n{third['patch']}\n"
+    assert not (out / second["patch"]).exists()
+    fresh = u["tmp"] / "fresh12"
+    git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
+    git(fresh, "checkout", "-q", onto)
+    for p in refreshed:
+        git(fresh, "apply", "--index", str(p.path))
+    # --continue after it keeps it dropped (it owns no commit on the work branch)
+    again = dspark(u, "--onto", "v12.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                   "--continue", "--force")
+    assert again.returncode == 0, again.stderr
+    assert [p["status"] for p in json.loads(again.stdout)["patches"]] == ["clean", "already upstream", "clean"]
+    assert [p.name for p in series.load_series(out, "dspark")] == [first["patch"], third["patch"]]
+
+
+@pytest.mark.parametrize("where", ["repo", "inside repo", "work tree", "contains cache", "parent of series"])
+def test_an_out_that_would_replace_the_repo_workdir_cache_or_series_is_refused_even_with_force(upstream, where):
+    """--out equal to --repo deleted its .git with --force; a parent of --series deleted the series."""
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v13.0")
+    wd = u["tmp"] / "wd13"
+    out, relation, what = {
+        "repo": (u["repo"], "is", f"--repo {u['repo']}"),
+        "inside repo": (u["repo"] / "series", "is inside", f"--repo {u['repo']}"),
+        "work tree": (wd, "is", f"work tree {wd}"),
+        "contains cache": (u["tmp"] / "c", "contains", f"dspark cache {u['tmp'] / 'c' / 'cache'}"),
+        "parent of series": (u["tmp"] / "patches", None, None),
+    }[where]
+    env = {"DSPARK_COMPAT": str(u["compat"]), "GIT_CONFIG_GLOBAL": os.devnull,
+           "DSPARK_CACHE": str(u["tmp"] / "c" / "cache")}
+    before = tree_fingerprint(u["repo"])
+    run = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v13.0", "--repo", str(u["repo"]),
+                     "--workdir", str(wd), "--out", str(out), "--force", env=env)
+    expected = (f"error: --out {out} {relation} the {what}; the refreshed series replaces its --out whole: "
+                "choose another --out") if relation else (
+        f"error: --out {out} contains the series being carried ({u['patches']}); the refreshed series "
+        "replaces its --out whole: choose another --out")
+    assert run.returncode == 2 and run.stderr.strip() == expected, run.stderr
+    assert tree_fingerprint(u["repo"]) == before and (u["repo"] / ".git").is_dir()
+    assert len(worktrees(u["repo"])) == 1 and not wd.exists()
+    series.load_series(u["patches"], "dspark")  # the series is untouched
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from dspark_cli import rebase
+real, target = os.replace, sys.argv[-1]
+def replace(a, b):
+    real(a, b)
+    if str(a) == target:  # the series just moved aside: die before the new one goes in
+        os.kill(os.getpid(), signal.SIGKILL)
+rebase.os.replace = replace
+from dspark_cli.cli import main
+sys.argv = ["dspark"] + sys.argv[1:-1]
+main()
+"""
+
+
+def test_a_series_stranded_by_a_killed_in_place_refresh_is_recovered_by_the_next_run(upstream):
+    """SIGKILL between _swap_in's two renames left no series, the old one only in the scratch
+    directory's `old`, which nothing recovered or cleaned up."""
+    import subprocess
+    import sys
+
+    u = upstream
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v14.0")
+    before = snapshot(u["patches"])
+    wd = u["tmp"] / "wd14"
+    args = ["rebase", "eng", "--from", "v1.0", "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd),
+            "--out", str(u["patches"]), "--force"]
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, *args, str(u["patches"])], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not u["patches"].exists()
+    [scratch] = u["patches"].parent.glob(".v1.0.dspark-*")
+    assert snapshot(scratch / "old") == before
+
+    # The next run recovers it before anything else, even one that then fails (an unknown --onto).
+    bad = dspark(u, "--onto", "no-such-tag", "--repo", str(u["repo"]), "--workdir", str(wd), "--force",
+                 "--out", str(u["patches"]))
+    assert bad.returncode == 2, bad.stderr
+    assert f"{u['patches']}: restored from {scratch / 'old'} (a run was killed while replacing it)" in bad.stderr
+    assert snapshot(u["patches"]) == before
+    assert sorted(p.name for p in u["patches"].parent.iterdir()) == ["v1.0"]  # the dead run's scratch is gone
+    done = dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--force", "--out",
+                  str(u["patches"]))
+    assert done.returncode == 0, done.stderr
+    series.load_series(u["patches"], "dspark")
+
+
+def test_a_pin_without_release_files_names_repo_in_release_mode(upstream):
+    u = upstream
+    run = dspark(u, "--onto", "v2.0")
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("error: eng v1.0 has no release file in compat.yaml; rebase from git with --repo "
+                                  "(a repository holding its commit)")

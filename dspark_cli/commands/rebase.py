@@ -25,6 +25,9 @@ _COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]g?([0-9
 
 def _sdist_first(pin: compat_mod.Pin) -> compat_mod.ReleaseFile:
     """The pin's sdist if it lists one (an sdist is the tagged tree), else its first release file."""
+    if not pin.releases:  # choose_release's own message names `apply`'s --source git, not rebase's --repo
+        raise UsageError(f"{pin.engine} {pin.name} has no release file in compat.yaml; rebase from git with "
+                         "--repo (a repository holding its commit)")
     sdists = [r for r in pin.releases if r.kind == "sdist"]
     return sdists[0] if sdists else pypi_source.choose_release(pin, None, None)
 
@@ -74,7 +77,8 @@ def _render(report: dict) -> None:
     for column in ("patch", "result", "files", "details"):
         table.add_column(column, overflow="fold")
     for p in report["patches"]:
-        style = {"clean": "green", "3-way": "yellow", "resolved": "yellow", "conflict": "red"}.get(p["status"], "dim")
+        style = {"clean": "green", "3-way": "yellow", "resolved": "yellow", "conflict": "red",
+                 "already upstream": "cyan"}.get(p["status"], "dim")
         table.add_row(escape(p["patch"]), f"[{style}]{p['status']}[/{style}]", escape("\n".join(p["files"])),
                       escape("\n".join(p["details"])))
     console.print(table)
@@ -83,6 +87,9 @@ def _render(report: dict) -> None:
         say(f"byte-compiled {len(report['compiled'])} patched Python files{failed}", markup=False)
     if report["out_dir"]:
         say(f"refreshed series written to {report['out_dir']}", markup=False)
+        dropped = [p["patch"] for p in report["patches"] if p["status"] == rebase.ALREADY]
+        if dropped:
+            say(f"left out of it (the new tree already has their changes): {', '.join(dropped)}", markup=False)
     if report.get("compat_entry"):
         entry = yaml.safe_dump({report["new_pin"]: report["compat_entry"]}, sort_keys=False)
         say(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", markup=False)
@@ -116,6 +123,9 @@ def register(app: typer.Typer) -> None:
         # patch path there is "can't open patch", reported as a conflict): make them absolute now.
         repo, out, series_dir, workdir = (p.resolve() if p else None for p in (repo, out, series_dir, workdir))
         source_dir = series_dir or pin.patches
+        # Before anything reads it: a run killed while swapping a refreshed series in left none.
+        for note in rebase.recover_interrupted(source_dir):
+            say(note, err=True, markup=False)
         patches = load_series(source_dir, "dspark")
         for option, path in (("--workdir", workdir), ("--out", out)):
             if path is not None:
@@ -129,15 +139,19 @@ def register(app: typer.Typer) -> None:
             onto_release, release_name = _onto_release(engine, onto, base_release.package)
             name = new_pin or release_name
         branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
-        rebase.check_targets(branch, out_dir, force)  # before any work
+        for note in rebase.recover_interrupted(out_dir):
+            say(note, err=True, markup=False)
+        default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
+        work = (workdir or cache_dir() / "rebase" / default_work).resolve()
+        protected = {"--repo": repo, "work tree": work, "dspark cache": cache_dir()}
+        rebase.check_targets(branch, out_dir, force, source_dir,
+                             {what: path for what, path in protected.items() if path is not None})  # before any work
 
         compat_entry = None
         if repo is not None:
-            work = (workdir or cache_dir() / "rebase" / f"{engine_name}-{name}").resolve()
             ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume)
         else:
-            work = workdir or cache_dir() / "rebase" / f"{engine_name}-{pin.name}-{name}"
-            ws, base, onto_commit = rebase.release_commits(work.resolve(), base_release, onto_release)
+            ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release)
             compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
             result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
