@@ -283,6 +283,7 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
     commits = ws.git.out("rev-list", "--reverse", f"{ws.resolve_commit(onto)}..HEAD").splitlines()
     outcomes: list[PatchOutcome] = []
     expected: list[str] = []  # the commit each patch so far should own, as "name (sha)"
+    claimed: list[str | None] = []  # those commits, as found
     for patch, record in zip(patches, recorded):
         if record["status"] == NOT_RUN:
             break
@@ -291,19 +292,28 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
                                details=record.get("details", []))
         if record["status"] in COMMITTED:
             outcome.commit = record["commit"]
+            claimed.append(outcome.commit)
             expected.append(f"{patch.name} ({record['commit'][:12]})")
         elif record["status"] == CONFLICT:
-            outcome.status, outcome.details = RESOLVED, []
-            outcome.commit = commits[len(expected)] if len(commits) > len(expected) else None
+            resolution = commits[len(expected)] if len(commits) > len(expected) else None
+            claimed.append(resolution)
             expected.append(f"{patch.name} (your resolution)")
+            if resolution and _changes_nothing(ws, resolution):  # resolved to the new tree as it is
+                outcome.status = ALREADY
+                outcome.details = ["your resolution keeps the new tree as it is: dropped from the refreshed series"]
+            else:
+                outcome.status, outcome.details, outcome.commit = RESOLVED, [], resolution
         outcomes.append(outcome)
-    owned = [o.commit for o in outcomes if o.status in COMMITTED]
-    if len(commits) != len(expected) or owned != commits:
+    if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
+
+
+def _changes_nothing(ws: Workspace, commit: str) -> bool:
+    return ws.git.out("rev-parse", f"{commit}^{{tree}}") == ws.git.out("rev-parse", f"{commit}^^{{tree}}")
 
 
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:

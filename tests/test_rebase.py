@@ -424,6 +424,25 @@ def test_continue_without_a_resolution_commit_is_refused(upstream):
     assert run.returncode == 2 and "found 0 commits on the new tree (none), expected 1" in run.stderr, run.stderr
 
 
+def test_a_conflict_resolved_to_the_new_tree_as_it_is_is_left_out_of_the_series(upstream):
+    """The human decides upstream's version is the patch's change (an empty resolution commit):
+    --continue reports it `already upstream` and drops it, not a 0-byte patch in the series."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v13.0")
+    wd, out = u["tmp"] / "wd13", u["tmp"] / "out13"
+    assert dspark(u, "--onto", "v13.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    git(wd, "checkout", "HEAD", "--", "mod.py")  # the new tree's mod.py, markers gone
+    git(wd, "commit", "-q", "--allow-empty", "-m", "upstream has it")
+    done = dspark(u, "--onto", "v13.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    first, second, third = json.loads(done.stdout)["patches"]
+    assert (first["status"], second["status"], third["status"]) == ("already upstream", "clean", "clean")
+    assert first["commit"] is None and first["details"] == [
+        "your resolution keeps the new tree as it is: dropped from the refreshed series"]
+    written = series.load_series(out, "dspark")
+    assert len(written) == 2 and all(p.path.stat().st_size > 0 for p in written)
+
+
 def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(upstream):
     """Was committed empty, reported 3-way and written as a 0-byte patch that made the refreshed
     series unappliable ("No valid patches in input")."""
