@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -29,7 +28,7 @@ from pathlib import Path
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import replace_atomically, write_text_atomically
-from dspark_cli.flock import exclusive_nowait
+from dspark_cli.flock import exclusive_nowait, wait_exclusive
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import proc_stat
 
@@ -110,17 +109,25 @@ def plan(arch: str | None = None) -> BuildPlan:
             f"install the CUDA {cuda_env.major(torch.cuda)}.x toolkit or a torch built for CUDA {nvcc.version}")
     if not archs:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
-    buildable = cuda_env.nvcc_archs(nvcc)
-    if buildable and (unknown := [a for a in archs if a.split("+")[0].rstrip("a").replace(".", "") not in buildable]):
-        listed = ", ".join(f"{int(n) // 10}.{int(n) % 10}" for n in sorted(buildable, key=int))
-        problem = UsageError if arch_source in ("--arch", "TORCH_CUDA_ARCH_LIST") else EnvironmentProblem
-        raise problem(f"{arch_source}: nvcc {nvcc.version} does not build for {', '.join(unknown)} (it builds {listed})")
     if missing := cuda_env.compiler_problem():
         raise EnvironmentProblem("; ".join(missing))
     toolchain = {"nvcc": nvcc.release, "cuda_home": str(home.path), **cuda_env.host_compilers()}
     raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags(), toolchain], sort_keys=True)
     key = f"torch{torch.version}-cu{nvcc.version}-{'_'.join(archs)}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
-    return BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
+    planned = BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
+    if not planned.library.exists():  # (one there was built by this exact nvcc for these archs: the key says so)
+        _check_nvcc_builds(archs, arch_source, nvcc)
+    return planned
+
+
+def _check_nvcc_builds(archs: list[str], arch_source: str, nvcc: cuda_env.Nvcc) -> None:
+    """An arch the installed nvcc cannot compile for fails after seconds of ninja: one line first."""
+    buildable = cuda_env.nvcc_archs(nvcc)
+    unknown = [a for a in archs if buildable and a.removesuffix("+PTX").rstrip("a") not in buildable]
+    if unknown:
+        listed = ", ".join(sorted(buildable, key=lambda a: tuple(map(int, a.split(".")))))
+        problem = UsageError if arch_source in ("--arch", "TORCH_CUDA_ARCH_LIST") else EnvironmentProblem
+        raise problem(f"{arch_source}: nvcc {nvcc.version} does not build for {', '.join(unknown)} (it builds {listed})")
 
 
 @dataclass
@@ -142,7 +149,7 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     for its log — last.json may point at the old library, which the runtime keeps loading; a build
     killed before that puts the old library back first. A failed build is recorded in
     last-failed.json. Builds of one key run one at a time (a second waits, then finds the first's
-    library). `planned`: plan(arch) when the caller made it already (it runs nvcc twice and hashes
+    library). `planned`: plan(arch) when the caller made it already (it runs nvcc and the host compilers, and hashes
     csrc/)."""
     started = time.monotonic()
     p = planned or plan(arch)
@@ -173,7 +180,7 @@ def _key_lock(p: BuildPlan):
             raise EnvironmentProblem(f"cannot create the build lock {path}: {exc}") from None
         if not ours:
             print(f"waiting for another dspark build of {p.key} to finish", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            wait_exclusive(fd)
         yield
 
 
@@ -448,6 +455,15 @@ def load() -> str:
 '''
 
 
+def wheel_torch_pin() -> str:
+    """The installed torch distribution's version, which a wheel of our library pins."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise EnvironmentProblem("torch has no installed distribution (no metadata): a wheel pinned to it "
+                                 "could never be installed; build without --wheel") from None
+
+
 def check_wheel_dir(out_dir: str | Path) -> Path:
     """Before a build: --wheel must name a directory that exists or can be made, and that this
     user can write. A file in the way is a usage error (2); no permission is an environment problem (3)."""
@@ -476,12 +492,7 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
     built against: the .so uses torch's C++ ABI, not Python's, hence the py3-none tag. The pin is the
     installed distribution's version (2.14.1), not torch.__version__ (2.14.1+cu130): a local label
     in `==` must match the installed version's exactly (PEP 440), and pip sees no label there."""
-    info = cuda_env.torch_info()
-    try:
-        pin = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        raise EnvironmentProblem("torch has no installed distribution (no metadata): a wheel pinned to it "
-                                 "could never be installed; build without --wheel") from None
+    info, pin = cuda_env.torch_info(), wheel_torch_pin()
     p = {"torch": info.version, "cuda": info.cuda}
     archs = ".".join("sm" + a.replace(".", "") for a in result.archs)
     local = re.sub(r"[^0-9a-zA-Z]+", ".", f"torch{p['torch']}.{archs}.{result.key[-12:]}")

@@ -146,18 +146,29 @@ def nvcc_info(home: CudaHome | None = None) -> Nvcc:
 
 
 def nvcc_archs(nvcc: Nvcc) -> set[str] | None:
-    """The arch numbers this nvcc compiles for ("75", "90", "100", ...; `nvcc --list-gpu-arch`),
-    None when it cannot say (an older nvcc without the option)."""
+    """The archs this nvcc compiles for, as parse_arch writes them without a suffix ("7.5", "9.0",
+    "10.0", ...; `nvcc --list-gpu-arch`), None when it cannot say (an older nvcc without the option)."""
     out = _run([nvcc.path, "--list-gpu-arch"]) if nvcc.path else None
-    found = set(re.findall(r"compute_(\d+)", out.stdout)) if out and out.returncode == 0 else set()
-    return found or None
+    found = re.findall(r"compute_(\d+)(\d)\b", out.stdout) if out and out.returncode == 0 else []
+    return {f"{major}.{minor}" for major, minor in found} or None
+
+
+def cxx_path() -> str | None:
+    """The C++ compiler torch's cpp_extension runs for the .cpp files: $CXX, else c++ on PATH (no
+    other is tried)."""
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
+def compiler_version(path: str) -> str | None:
+    out = _run([path, "-dumpfullversion", "-dumpversion"])
+    return out.stdout.strip() if out and out.returncode == 0 else None
 
 
 def compiler_problem() -> tuple[str, str] | None:
-    """(problem, fix) when a host compiler torch's cpp_extension runs is missing: $CXX (else c++ on
-    PATH; no other is tried) compiles the .cpp files, and $CC, when set, reaches nvcc as -ccbin."""
+    """(problem, fix) when a host compiler torch's cpp_extension runs is missing: cxx_path() for
+    the .cpp files, and $CC, when set, reaches nvcc as -ccbin."""
     wanted = os.environ.get("CXX")
-    if not shutil.which(wanted or "c++"):
+    if not cxx_path():
         if wanted:
             return (f"$CXX is {wanted}, which is not an executable (nor on PATH)",
                     "set CXX to an installed C++ compiler, or unset it to use c++")
@@ -173,10 +184,8 @@ def host_compilers() -> dict[str, str]:
     """Which C++ compiler and which nvcc host compiler a build runs, by path and version: a change
     of either (a gcc upgrade, another $CC) must not find the other's objects in the cache."""
     found = {}
-    for role, name in (("cxx", os.environ.get("CXX") or "c++"), ("ccbin", os.environ.get("CC") or "gcc")):
-        path = shutil.which(name)
-        out = _run([path, "-dumpfullversion", "-dumpversion"]) if path else None
-        found[role] = f"{os.path.realpath(path) if path else name} {out.stdout.strip() if out else ''}".strip()
+    for role, path in (("cxx", cxx_path()), ("ccbin", shutil.which(os.environ.get("CC") or "gcc"))):
+        found[role] = f"{os.path.realpath(path)} {compiler_version(path) or ''}".strip() if path else "missing"
     return found
 
 

@@ -106,9 +106,8 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
     # on PATH). The .cu host compiler is the one nvcc must accept.
     if missing := cuda_env.compiler_problem():
         return Check("c++ compiler", FAIL, *missing)
-    cxx = shutil.which(os.environ.get("CXX") or "c++")
-    out = cuda_env._run([cxx, "-dumpfullversion", "-dumpversion"])
-    detail = f"{cxx} {out.stdout.strip() if out and out.returncode == 0 else '(version unknown)'}"
+    cxx = cuda_env.cxx_path()
+    detail = f"{cxx} {cuda_env.compiler_version(cxx) or '(version unknown)'}"
     if not nvcc.path:
         return Check("c++ compiler", OK, f"{detail}; not checked against nvcc (no nvcc)")
     cc = os.environ.get("CC")

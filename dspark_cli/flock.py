@@ -31,3 +31,8 @@ def try_exclusive(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def wait_exclusive(fd: int) -> None:
+    """An exclusive flock on the open descriptor, waiting for its holder to let go."""
+    fcntl.flock(fd, fcntl.LOCK_EX)

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         if wheel is not None:  # a file in the way (2) or no permission (3), before minutes of compiling
             builder.check_wheel_dir(wheel)
         p = builder.plan(arch)
+        if wheel is not None:
+            builder.wheel_torch_pin()  # torch without metadata: no wheel could pin it, found before compiling
         if not as_json:
             say(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
                 f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}", markup=False)

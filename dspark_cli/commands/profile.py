@@ -96,7 +96,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     _check_output(sglang_path, "--sglang-out")
     if out.resolve() == sglang_path.resolve():
         raise UsageError(f"--out and --sglang-out are the same file: {out}")
-    config_file = (model / "config.json" if model.is_dir() else model).resolve()
+    config_file = sps_profile.config_path(model).resolve()
     for option, path in (("--out", out), ("--sglang-out", sglang_path)):
         if path.resolve() == config_file:
             raise UsageError(f"{option} {path} is the model's config.json; give another file")

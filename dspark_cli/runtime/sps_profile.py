@@ -34,11 +34,16 @@ def vllm_capture_sizes(max_tokens: int) -> list[int]:
     return [b for b in raw if b <= max_tokens]
 
 
+def config_path(path: Path) -> Path:
+    """The config.json of `path`: a model directory, or the file itself."""
+    return path / "config.json" if path.is_dir() else path
+
+
 def load_config(path: Path):
     """A model directory with config.json, or a config.json file."""
     from transformers import AutoConfig
 
-    config_file = path / "config.json" if path.is_dir() else path
+    config_file = config_path(path)
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
     data = json.loads(config_file.read_text())
