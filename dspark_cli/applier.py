@@ -170,10 +170,11 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     notes, recovered = [], None
     with ExitStack() as lock:
         ws = Workspace(workdir) if workdir.exists() else None
+        state = None
         if ws is not None and ws.is_repo():
             lock.enter_context(oplock.exclusive(ws.git_dir, workdir))
             recovered = recover(ws, request.force)
-        state = ws.read_state() if ws is not None and ws.is_repo() else None
+            state = ws.read_state()
         if state is not None and (state.get("source") or {}).get("kind") != request.source:
             raise UsageError(_made_from(state, workdir))  # before any download or fetch into it
 
@@ -338,8 +339,8 @@ def _some(paths: list[str]) -> str:
 def _check_not_in_another_worktree(ws: Workspace, branch: str) -> None:
     """git refuses to check out a branch another worktree has checked out, and `checkout -B` or
     update-ref would move it under that worktree's files: refuse first, naming it."""
-    other = ws.worktree_holding(branch)
-    if other is not None:
+    other = ws.worktree_on(branch)
+    if other is not None and other != ws.path:
         raise UsageError(f"branch {branch} is checked out in another worktree, {other}; switch that worktree "
                          f"to another branch (`git -C {other} switch --detach`) and run again")
 
@@ -434,7 +435,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "
                                   f"{ws.path} is back to its state before the revert")
-            if _empty(ws, "HEAD") and not _empty(ws, sha):
+            if ws.changes_nothing("HEAD") and not ws.changes_nothing(sha):
                 notes.append(f"your commit {sha[:12]} ({subject}) changes nothing without the patches; it is kept "
                              "as an empty commit")
             kill_point(f"replayed:{count}")
@@ -460,11 +461,6 @@ def _check_no_merge(ws: Workspace, base: str, tip: str, branch: str, onto: str) 
         raise UsageError(f"your commit {merges[0][:12]} ({subject}) on {branch} is a merge, which revert cannot "
                          f"replay onto the base; make your commits a line (`git -C {ws.path} rebase {onto[:12]}` "
                          "drops merges and replays what they brought in) or move them to another branch, then run again")
-
-
-def _empty(ws: Workspace, commit: str) -> bool:
-    """Whether `commit` changes nothing against its first parent."""
-    return ws.git.out("rev-parse", f"{commit}^{{tree}}") == ws.git.out("rev-parse", f"{commit}^1^{{tree}}")
 
 
 def status(workdir: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, replace_scalar
 from dspark_cli.errors import UsageError
-from dspark_cli.files import replace_atomically
+from dspark_cli.files import write_text_atomically
 from dspark_cli.workspace import Workspace
 
 
@@ -31,7 +31,7 @@ def clone_for(engine: str, repo: str) -> Workspace:
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     """Resolve each pin's commit (through its tag when present) and write the full ids back."""
     git_source.check_repo_option(repo)
-    # bytes, not read_text: universal newlines would turn a CRLF file into LF on write-back
+    # bytes, not read_text: universal newlines would read a CRLF file as LF, and write it back so
     text = compat.path.read_bytes().decode("utf-8")
     changes = []
     for name in engines:
@@ -53,5 +53,5 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
             text = replace_scalar(text, ["engines", name, "pins", pin.name, "commit"], full)
             changes.append({"engine": name, "pin": pin.name, "short": pin.commit, "commit": full})
     if changes:
-        replace_atomically([(compat.path, lambda tmp: Path(tmp).write_bytes(text.encode("utf-8")))])
+        write_text_atomically(compat.path, text)  # (newlines as read: POSIX writes "\n" unchanged)
     return changes

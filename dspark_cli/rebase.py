@@ -32,9 +32,10 @@ from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import write_text_atomically
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace, pid_alive
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -250,9 +251,10 @@ def _record_statuses(ws: Workspace, result: RebaseResult) -> None:
     """Remember how each patch applied and its commit, so --continue can match the work branch."""
     record = _record_file(ws)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"branch": result.branch, "onto": result.onto,
-                                  "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
-                                              for o in result.outcomes]}))
+    write_text_atomically(record, json.dumps({
+        "branch": result.branch, "onto": result.onto,
+        "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
+                    for o in result.outcomes]}))
 
 
 def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
@@ -298,7 +300,7 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
             resolution = commits[len(expected)] if len(commits) > len(expected) else None
             claimed.append(resolution)
             expected.append(f"{patch.name} (your resolution)")
-            if resolution and _changes_nothing(ws, resolution):  # resolved to the new tree as it is
+            if resolution and ws.changes_nothing(resolution):  # resolved to the new tree as it is
                 outcome.status = ALREADY
                 outcome.details = ["your resolution keeps the new tree as it is: dropped from the refreshed series"]
             else:
@@ -310,10 +312,6 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
-
-
-def _changes_nothing(ws: Workspace, commit: str) -> bool:
-    return ws.git.out("rev-parse", f"{commit}^{{tree}}") == ws.git.out("rev-parse", f"{commit}^^{{tree}}")
 
 
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:
@@ -398,7 +396,9 @@ def _without(series_file: Path, dropped: set[str]) -> bytes:
 
 
 def _scratch_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}.dspark-"
+    # its own kind: `.X.dspark-new-…` (a pypi workspace in the making) and `.X.dspark-clone-…` are
+    # other runs' scratch, which a bare `.X.dspark-` would take for dead ones
+    return f".{out_dir.name}.dspark-series-"
 
 
 def recover_interrupted(target: Path) -> list[str]:
@@ -419,18 +419,9 @@ def recover_interrupted(target: Path) -> list[str]:
 
 
 def _alive(suffix: str) -> bool:
-    """Whether the run whose pid starts a scratch name's suffix ("1234-abc") is running. Names
-    without a pid (made before it was recorded) belong to dead runs."""
+    """Whether the run whose pid starts a scratch name's suffix ("1234-abc") is running."""
     pid = suffix.split("-", 1)[0]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and pid_alive(int(pid))
 
 
 def _swap_in(new: Path, out_dir: Path, old: Path) -> None:
@@ -458,7 +449,7 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
         raise UsageError(f"{repo}: not a git repository")
     if source.resolve_commit(onto) is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
-    holder = _worktree_on(source, branch)
+    holder = source.worktree_on(branch)
     if holder is not None and holder != workdir:
         raise UsageError(f"{repo}: branch {branch} is checked out in the worktree {holder}; rebase there "
                          f"(--workdir {holder}) or remove it (`git -C {repo} worktree remove {holder}`)")
@@ -482,17 +473,6 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
 def _common_dir(ws: Workspace) -> Path:
     """The git directory all worktrees of ws's repository share (git names it relative to ws)."""
     return (ws.path / ws.git.out("rev-parse", "--git-common-dir")).resolve()
-
-
-def _worktree_on(source: Workspace, branch: str) -> Path | None:
-    """The worktree of `source` that has `branch` checked out, if any."""
-    path = None
-    for line in source.git.out("worktree", "list", "--porcelain").splitlines():
-        if line.startswith("worktree "):
-            path = Path(line.removeprefix("worktree ")).resolve()
-        elif line == f"branch refs/heads/{branch}":
-            return path
-    return None
 
 
 def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch], branch: str,

@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -213,16 +213,21 @@ class Workspace:
                 untracked.add(entry[2:])
         return found + [f"{path}: removed from the index, kept in the worktree" for path in removed if path in untracked]
 
-    def worktree_holding(self, branch: str) -> Path | None:
-        """Another worktree of this repository (`git worktree add`) that has `branch` checked out:
-        moving the branch under it would leave it on a commit its files do not match."""
-        here, path = self.path, None
+    def worktree_on(self, branch: str) -> Path | None:
+        """The worktree of this repository (this one or a `git worktree add`) that has `branch`
+        checked out, if any."""
+        path = None
         for line in self.git.out("worktree", "list", "--porcelain").splitlines():
             if line.startswith("worktree "):
                 path = Path(line[len("worktree "):]).resolve()
-            elif line == f"branch refs/heads/{branch}" and path != here:
+            elif line == f"branch refs/heads/{branch}":
                 return path
         return None
+
+    def changes_nothing(self, commit: str) -> bool:
+        """Whether `commit` changes nothing against its first parent (one rev-parse for both trees)."""
+        tree, parent = self.git.out("rev-parse", f"{commit}^{{tree}}", f"{commit}^1^{{tree}}").split()
+        return tree == parent
 
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         return self.git.ok("merge-base", "--is-ancestor", ancestor, commit)
@@ -489,7 +494,7 @@ def _ref_or_none(value) -> bool:
     return value is None or (isinstance(value, str) and _REF.fullmatch(value) is not None)
 
 
-# Each snapshot field and what it must be (the first three are optional: an older dspark's lacks them).
+# Each snapshot field and what it must be.
 _SNAPSHOT_FIELDS = {
     "process": lambda v: v is None or (_text(v) and len(v.split(" ")) == 4),
     "applying": lambda v: not v or (isinstance(v, dict) and set(v) == {"patch", "onto"} and _text(v["patch"])
@@ -504,6 +509,10 @@ _SNAPSHOT_FIELDS = {
     "op": lambda v: v in ("apply", "revert"),
     "started": _text,
 }
+
+
+# those a Snapshot has no default for (the others were added since: an older dspark's lacks them)
+_REQUIRED_SNAPSHOT_FIELDS = {f.name for f in fields(Snapshot) if f.default is MISSING}
 
 
 def _state_shape_problem(state) -> str | None:
@@ -533,7 +542,7 @@ def _state_shape_problem(state) -> str | None:
     snapshot = state.get("in_progress")
     if snapshot is None:
         return None
-    if not (isinstance(snapshot, dict) and set(_SNAPSHOT_FIELDS) - {"process", "applying", "first"} <= set(snapshot)
+    if not (isinstance(snapshot, dict) and _REQUIRED_SNAPSHOT_FIELDS <= set(snapshot)
             <= set(_SNAPSHOT_FIELDS)):
         return "'in_progress' is not a snapshot"
     wrong = next((key for key, valid in _SNAPSHOT_FIELDS.items() if key in snapshot and not valid(snapshot[key])), None)
