@@ -118,7 +118,7 @@ def race_sample(weights: torch.Tensor, exp_noise: torch.Tensor) -> torch.Tensor:
     an E ≥ NOISE_FLOOR, so the race is the same for every such noise."""
     noise = exp_noise.float()  # fp16 cannot hold the floor (it would clamp to 0)
     keys = noise.clamp_min(NOISE_FLOOR) if noise is exp_noise else noise.clamp_min_(NOISE_FLOOR)
-    keys = torch.div(weights, keys, out=keys) if keys.shape == weights.shape else weights / keys
+    keys = torch.div(weights, keys, out=keys)  # (every caller's noise is shaped like its weights)
     return torch.argmax(keys, dim=-1)
 
 

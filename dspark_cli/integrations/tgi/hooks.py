@@ -21,9 +21,8 @@ from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft import DSparkDraft
 from dspark_cli.integrations.tgi.speculation import (ENV_SCHEDULER, ENV_SPS, ENV_STS, DSparkSpeculation,
                                                      configured_draft, step_seeds)
+from dspark_cli.runtime._checks import FLOAT_DTYPES  # what the drafter computes in (float8: a weight's storage)
 
-# What the drafter may compute in (float8 is floating point too, but a quantized weight's storage)
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 try:  # TGI logs through loguru, to a sink that passes only text_generation_server's modules' records
     import loguru
@@ -100,9 +99,9 @@ def _compute_placement(flash_model) -> tuple[torch.device, torch.dtype]:
     .device and .dtype, the compute dtype also for quantized weights), else those of the target's
     first parameter in a compute dtype (a quantized target's first parameter may be int8 or fp8)."""
     device, dtype = getattr(flash_model, "device", None), getattr(flash_model, "dtype", None)
-    if device is not None and dtype in COMPUTE_DTYPES:
+    if device is not None and dtype in FLOAT_DTYPES:
         return torch.device(device), dtype
-    weight = next((p for p in flash_model.model.parameters() if p.dtype in COMPUTE_DTYPES), None)
+    weight = next((p for p in flash_model.model.parameters() if p.dtype in FLOAT_DTYPES), None)
     if weight is None:
         raise RuntimeError(f"DSpark: the model declares dtype {dtype} and the target has no float32/float16/"
                            "bfloat16 parameter to run the drafter in")

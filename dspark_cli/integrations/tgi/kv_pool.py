@@ -46,7 +46,6 @@ class KVPool:
         self.segments: dict[int, Segment] = {}
         self.reserved = 0  # rows held for good (0: none; the tensor grows and shrinks with the live rows)
         self.outgrown = 0  # how often the live rows alone outgrew the reservation (each time: a fresh tensor)
-        self._incoming: dict[int, int] = {}  # rows a commit is about to write per request: kept by a trim
 
     def __contains__(self, request_id: int) -> bool:
         return request_id in self.segments
@@ -63,7 +62,7 @@ class KVPool:
             return
         live = self._live_capacity()
         if self.top - live > max(live, SHRINK_ROWS):
-            self._pack(None, 0, 0, self.k[0])
+            self._pack(None, 0, {}, self.k[0])
 
     def reserve(self, rows: int, like: torch.Tensor) -> None:
         """Hold `rows` rows (at least the live segments' capacity) from now on; like: a tensor of
@@ -90,16 +89,13 @@ class KVPool:
             raise ValueError(f"commit: request ids repeat in one call: {request_ids}")
         if sum(counts) == 0:
             return
-        k0 = k[0]
-        self._incoming = dict(zip(request_ids, counts))
-        try:
-            for r, n in zip(request_ids, counts):
-                seg = self.segments.get(r)
-                have = 0 if seg is None else seg.length
-                if n and (seg is None or have + n > seg.capacity):
-                    self._regrow(r, have + n, k0)
-        finally:
-            self._incoming = {}
+        k0, incoming = k[0], None
+        for r, n in zip(request_ids, counts):
+            seg = self.segments.get(r)
+            have = 0 if seg is None else seg.length
+            if n and (seg is None or have + n > seg.capacity):
+                incoming = incoming or dict(zip(request_ids, counts))  # (made only when a segment grows)
+                self._regrow(r, have + n, k0, incoming)
         bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
         dst = concat_ranges(bases, counts, k0.device)
         self.k.index_copy_(1, dst, k)
@@ -108,14 +104,14 @@ class KVPool:
             if n:
                 self.segments[r].length += n
 
-    def _regrow(self, request_id: int, needed: int, like: torch.Tensor) -> None:
+    def _regrow(self, request_id: int, needed: int, like: torch.Tensor, incoming: dict[int, int]) -> None:
         """Give the request a segment of at least `needed` rows (twice its old capacity when there
         is room), its committed rows moved there: at the top, or last when the segments are placed
-        again."""
+        again. incoming: the rows the commit is about to write, per request."""
         old = self.segments.get(request_id)
         capacity = max(needed, 2 * (0 if old is None else old.capacity), MIN_SEGMENT)
         if self.k is None or self.top + capacity > self.k.shape[1]:
-            self._pack(request_id, capacity, needed, like)
+            self._pack(request_id, capacity, incoming, like)
             return
         seg = Segment(self.top, capacity, 0 if old is None else old.length)
         if seg.length:
@@ -125,20 +121,18 @@ class KVPool:
         self.segments[request_id] = seg
         self.top += capacity
 
-    def _pack(self, growing: int | None, capacity: int, needed: int, like: torch.Tensor) -> None:
+    def _pack(self, growing: int | None, capacity: int, incoming: dict[int, int], like: torch.Tensor) -> None:
         """Place the live segments from row 0, each keeping its capacity, then `growing`'s (None:
         none) with `capacity` rows. Unreserved: in a fresh tensor twice their size. Reserved: in
-        place; when that is short, every segment keeps its rows and those a commit is about to
-        write (`growing` its `needed`) plus its share of the room left, and only when even those
-        rows are short, a fresh tensor twice their size, which becomes the reservation."""
+        place; when that is short, every segment keeps its rows and the `incoming` ones a commit is
+        about to write plus its share of the room left, and only when even those rows are short, a
+        fresh tensor twice their size, which becomes the reservation."""
         order = [r for r in self.segments if r != growing] + ([] if growing is None else [growing])
         caps = {r: seg.capacity for r, seg in self.segments.items()}
         if growing is not None:
             caps[growing] = capacity
         if self.reserved and sum(caps.values()) > self.reserved:
-            caps = {r: self.length(r) + self._incoming.get(r, 0) for r in order}
-            if growing is not None:
-                caps[growing] = needed
+            caps = {r: self.length(r) + incoming.get(r, 0) for r in order}
             # The room left goes to the segments in proportion to their rows: each grows into its
             # share before the next placement (with none, every later growth would place them all).
             held, spare = sum(caps.values()), self.reserved - sum(caps.values())

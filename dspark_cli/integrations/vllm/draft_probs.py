@@ -100,13 +100,14 @@ class PendingDraftProbs:
         if vocab is None:
             return None
         self.counts["verified_from_held"] += from_held
-        # one allocation, filled in place (per-piece rows joined by a cat would be a second copy of q)
-        out = torch.zeros(offset, vocab, dtype=torch.float32, device=device)
+        # one allocation, each row written once: the pieces cover it (a cat of per-piece rows would
+        # be a second copy of q)
+        out = torch.empty(offset, vocab, dtype=torch.float32, device=device)
         for start, n, q in pieces:
             if q is None:
                 # one-hot at the draft; a placeholder's (id < 0) row is zeroed by the caller
                 ids = draft_token_ids[start:start + n].to(device=device, dtype=torch.int64).clamp_min(0)
-                out[start:start + n].scatter_(1, ids.unsqueeze(1), 1.0)
+                out[start:start + n].zero_().scatter_(1, ids.unsqueeze(1), 1.0)
             else:
                 out[start:start + n].copy_(q)
         return out
