@@ -379,7 +379,7 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
         for outcome in (o for o in result.outcomes if o.patch not in dropped):
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
                               f"-U{contexts[outcome.patch]}", outcome.commit).stdout
-            (new / outcome.patch).write_text(text, encoding="utf-8")
+            (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly
         (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
         series_mod.write_lock(new)
         _swap_in(new, out_dir, scratch / "old")

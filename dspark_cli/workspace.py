@@ -74,10 +74,13 @@ class Git:
         require_git()
 
     def run(self, *args: str, check: bool = True, env: dict | None = None, input: str | None = None):
+        """git's output as text: UTF-8, a byte that is not (a path named in another encoding) as a
+        surrogate, so it goes back to git as the same byte (input is encoded alike, as Python does
+        arguments); no newline is translated, so a patch's CRLF lines stay as they are."""
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
-        result = subprocess.run(
-            ["git", *args], cwd=self.cwd, env=full_env, input=input, capture_output=True, text=True
-        )
+        result = subprocess.run(["git", *args], cwd=self.cwd, env=full_env, capture_output=True,
+                                input=None if input is None else input.encode("utf-8", "surrogateescape"))
+        result.stdout, result.stderr = (out.decode("utf-8", "surrogateescape") for out in (result.stdout, result.stderr))
         if check and result.returncode != 0:
             raise GitFailed(args, result)
         return result

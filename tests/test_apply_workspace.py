@@ -580,3 +580,20 @@ def test_an_unpinned_workspace_is_named_as_such_when_the_pin_is_left_out(toy):
     assert str(refused.value) == (f"{work} holds toy at the unpinned commit {v11[:12]}; pass --commit {v11[:12]} "
                                   "--allow-unpinned to work on it, or use another --workdir for toy v1.0")
     assert run_apply(toy, commit=v11[:12], allow_unpinned=True)["status"] == "already applied"
+
+
+def test_a_file_name_that_is_not_utf8_round_trips_through_status_revert_and_apply(toy):
+    """git's output was decoded as strict UTF-8: a file named in another encoding was a
+    UnicodeDecodeError traceback from revert (and apply after it)."""
+    run_apply(toy)
+    work = toy["workdir"]
+    name = os.fsdecode(b"caf\xe9.txt")  # latin-1, not UTF-8
+    (work / name).write_text("mine\n")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "my latin-1 file")
+    for args in (("status",), ("revert", "--keep-user-commits"), ("apply", "toy"), ("status",)):
+        done = run_cli(toy, *args, "-C", str(work))
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert (work / name).read_text() == "mine\n"
+    assert git(work, "log", "-1", "--format=%s") == "dspark: method and module"
+    assert git(work, "ls-files", "--", name) == '"caf\\351.txt"'  # tracked (git quotes the byte)
