@@ -417,9 +417,9 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
                          "to replay them onto the base, or move them to another branch first")
     changed = ws.changed_patch_commits(applied, _patch_files(_layer_patches(state)[0]))
     if changed and not force:
-        raise UsageError(f"{changed[0].label}'s commit {changed[0].commit[:12]} holds changes beyond its patch "
-                         f"(amended since apply made it?): move them into a commit of their own, or pass --force "
-                         f"to revert anyway with the branch kept as dspark/saved-<time>")
+        done, why = changed[0]
+        raise UsageError(f"{done.label}'s commit {done.commit[:12]} {why}: move them into a commit of their own, "
+                         "or pass --force to revert anyway with the branch kept as dspark/saved-<time>")
     _check_not_in_another_worktree(ws, branch)
     changes = _local_changes(ws, force)
     notes += _save_detached_commits(ws, base, force)
@@ -500,9 +500,9 @@ def status(workdir: Path) -> dict:
             drift.append(f"{done.label} is applied but no longer in its series")
         elif wanted.sha256 != done.sha256:
             drift.append(f"{done.label} changed in its series since it was applied")
-    for done in ws.changed_patch_commits(applied, _patch_files(expected)):
-        drift.append(f"{done.label}'s commit {done.commit[:12]} holds changes beyond its patch (amended since "
-                     "apply made it?); dspark revert refuses to drop them without --force")
+    for done, why in ws.changed_patch_commits(applied, _patch_files(expected)):
+        drift.append(f"{done.label}'s commit {done.commit[:12]} {why}; dspark revert refuses to drop them without "
+                     "--force")
     missing = [p.label for p in expected if p.label not in {d.label for d in applied}]
     if missing:
         drift.append(f"{len(missing)} patch(es) of the series not applied: {', '.join(missing)}")
@@ -540,7 +540,8 @@ def _layer_patches(state: dict) -> tuple[list[Patch], list[str]]:
 
 
 def _patch_files(patches: list[Patch]) -> dict[tuple[str, str], Path]:
-    """(label, sha256) → patch file: what a patch commit is compared with (changed_patch_commits)."""
+    """(label, sha256) → patch file: what a patch commit of an older dspark, which kept no copy of its
+    patch, is compared with (changed_patch_commits)."""
     return {(p.label, p.sha256): p.path for p in patches}
 
 

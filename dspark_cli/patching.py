@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
+from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
@@ -57,7 +57,8 @@ def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
     info = mail_info(ws, patch)
     parts = [info.subject] + ([info.body] if info.body else [])
     if trailers:
-        parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}")
+        parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}\n"
+                     f"{TRAILER_BLOB}: {ws.keep_patch(patch.path)}")
     env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
     if info.date:
         env["GIT_AUTHOR_DATE"] = info.date

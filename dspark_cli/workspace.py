@@ -7,6 +7,7 @@ before anything was touched); a run killed midway leaves it behind and the next 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,10 @@ from dspark_cli.files import write_text_atomically
 
 TRAILER_PATCH = "Dspark-Patch"
 TRAILER_SHA = "Dspark-Patch-Sha256"
+# The patch file's bytes as a blob of the workspace's own (keep_patch): what revert checks the
+# commit against, whatever has become of the series directory since.
+TRAILER_BLOB = "Dspark-Patch-Blob"
+PATCH_REFS = "refs/dspark/patches"  # one ref per kept blob, so gc never prunes it
 # Our own commits (base, patches) are committed by dspark; patch authors are kept as authors.
 DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspark@localhost"}
 # Author and committer of commits that are ours entirely (release trees, state snapshots), so they
@@ -121,6 +126,7 @@ class AppliedPatch:
     sha256: str
     commit: str
     subject: str
+    blob: str = ""  # TRAILER_BLOB; "" in commits of a dspark older than it
 
 
 class Workspace:
@@ -354,16 +360,17 @@ class Workspace:
         applying = snapshot.applying
         if not applying or self.head() != applying.get("onto") or not Path(applying.get("patch", "")).is_file():
             return False
-        made = self._patched_tree(applying["onto"], Path(applying["patch"]))
+        made = self._patched_tree(applying["onto"], Path(applying["patch"]).read_bytes())
         return made is not None and made == self._worktree_tree(applying["onto"])
 
-    def _patched_tree(self, parent: str, patch: Path) -> str | None:
-        """The tree `patch` makes on `parent` as apply_and_commit applies it (3-way, through a
-        scratch index), None where it does not apply."""
+    def _patched_tree(self, parent: str, patch: bytes) -> str | None:
+        """The tree the patch file `patch` makes on `parent` as apply_and_commit applies it (3-way,
+        through a scratch index), None where it does not apply."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             self.git.run("read-tree", parent, env=env)
-            made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", str(patch), check=False, env=env)
+            made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
+                                input=patch.decode("utf-8", "surrogateescape"))
             return self.git.out("write-tree", env=env) if made.returncode == 0 else None
 
     def save_before_restore(self, snapshot: Snapshot, base: str) -> list[str]:
@@ -452,17 +459,46 @@ class Workspace:
         patches, user = [], []
         for sha, subject, trailers in self.commits_since(base, tip):
             if TRAILER_PATCH in trailers:
-                patches.append(AppliedPatch(trailers[TRAILER_PATCH], trailers.get(TRAILER_SHA, ""), sha, subject))
+                patches.append(AppliedPatch(trailers[TRAILER_PATCH], trailers.get(TRAILER_SHA, ""), sha, subject,
+                                            trailers.get(TRAILER_BLOB, "")))
             else:
                 user.append((sha, subject))
         return patches, user
 
-    def changed_patch_commits(self, applied: list[AppliedPatch], files: dict[tuple[str, str], Path]) -> list[AppliedPatch]:
-        """The patch commits whose tree is not what their patch makes on their parent: amended (or
-        otherwise rewritten) since apply made them, so they hold changes of the user's. `files`
-        maps (label, sha256) to the patch file; a patch not in it cannot be checked and is skipped."""
-        return [done for done in applied if (done.label, done.sha256) in files and self._patched_tree(
-            f"{done.commit}^", files[(done.label, done.sha256)]) != self.git.out("rev-parse", f"{done.commit}^{{tree}}")]
+    def keep_patch(self, patch: Path) -> str:
+        """Store the patch file's bytes as a blob (a ref of its own keeps it from gc) and return its
+        id, for the commit's TRAILER_BLOB."""
+        blob = self.git.out("hash-object", "-w", "--no-filters", "--", str(patch))
+        self.git.run("update-ref", f"{PATCH_REFS}/{blob}", blob)
+        return blob
+
+    def changed_patch_commits(self, applied: list[AppliedPatch],
+                              files: dict[tuple[str, str], Path]) -> list[tuple[AppliedPatch, str]]:
+        """The patch commits that may hold changes of the user's, each with why: its tree is not what
+        its patch makes on its parent (amended, or otherwise rewritten, since apply made it), or its
+        patch's bytes are gone, so that cannot be checked. `files` maps (label, sha256) to the series'
+        patch file: the only copy of a commit made by a dspark older than TRAILER_BLOB."""
+        changed = []
+        for done in applied:
+            patch = self._patch_bytes(done, files.get((done.label, done.sha256)))
+            if patch is None:
+                changed.append((done, "cannot be checked against its patch (applied by an older dspark, and the "
+                                      "series file it was made from has changed or moved since), so it may hold "
+                                      "changes of yours"))
+            elif self._patched_tree(f"{done.commit}^", patch) != self.git.out("rev-parse", f"{done.commit}^{{tree}}"):
+                changed.append((done, "holds changes beyond its patch (amended since apply made it?)"))
+        return changed
+
+    def _patch_bytes(self, done: AppliedPatch, file: Path | None) -> bytes | None:
+        """The bytes of the patch `done` was made from: its kept blob, else `file`; either only
+        when its sha256 is the commit's (a trailer edited since names no patch we can trust)."""
+        if done.blob and self.git.ok("cat-file", "-e", f"{done.blob}^{{blob}}"):
+            patch = self.git.run("cat-file", "blob", done.blob).stdout.encode("utf-8", "surrogateescape")
+        elif file is not None and file.is_file():
+            patch = file.read_bytes()
+        else:
+            return None
+        return patch if hashlib.sha256(patch).hexdigest() == done.sha256 else None
 
 
 def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
@@ -475,7 +511,7 @@ def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
         trailers = {}
         for line in body.splitlines():
             key, sep, value = line.partition(": ")
-            if sep and key in (TRAILER_PATCH, TRAILER_SHA):
+            if sep and key in (TRAILER_PATCH, TRAILER_SHA, TRAILER_BLOB):
                 trailers[key] = value.strip()
         commits.append((sha, subject, trailers))
     return commits

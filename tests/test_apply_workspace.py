@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,77 @@ def test_an_amended_patch_commit_is_the_users_work(toy):
     saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
     assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
     assert any(f"kept on branch {saved}" in note for note in result["notes"])
+
+
+def amend_patch_commit(work) -> str:
+    (work / "engine" / "dspark.py").write_text("ENABLED = False  # mine\n")
+    git(work, "commit", "-q", "-a", "--amend", "--no-edit")
+    return git(work, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize("series_since", ["patch edited", "moved", "deleted"])
+def test_an_amended_patch_commit_is_found_whatever_became_of_its_series(toy, series_since):
+    """The check rebuilt a patch commit from the series file, and skipped it once that file
+    changed (or the --series directory moved): revert then dropped the amendment silently, just
+    when apply says to run it. Apply now keeps the patch's bytes in the repository (gc-safe)."""
+    run_apply(toy)
+    work = toy["workdir"]
+    amended = amend_patch_commit(work)
+    patch = toy["series"] / "0002-dspark-method-and-module.patch"
+    if series_since == "patch edited":
+        patch.write_text(patch.read_text().replace("ENABLED = True", "ENABLED = 2"))
+        from dspark_cli import series
+        series.write_lock(toy["series"])
+        with pytest.raises(UsageError, match="changed since it was applied; run `dspark revert` first"):
+            run_apply(toy)
+    elif series_since == "moved":
+        toy["series"].rename(toy["root"] / "elsewhere")
+    else:
+        shutil.rmtree(toy["series"])
+    git(work, "reflog", "expire", "--expire=now", "--all")
+    git(work, "gc", "-q", "--prune=now")
+    assert any(f"commit {amended[:12]} holds changes beyond its patch" in line
+               for line in applier.status(work)["drift"])
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match=f"commit {amended[:12]} holds changes beyond its patch"):
+        applier.revert(work)
+    assert tree_fingerprint(work) == before
+    result = applier.revert(work, force=True)
+    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
+    assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
+
+
+def test_an_unamended_series_reverts_after_its_patch_files_changed(toy):
+    run_apply(toy)
+    shutil.rmtree(toy["series"])
+    assert not any("beyond its patch" in line or "cannot be checked" in line
+                   for line in applier.status(toy["workdir"])["drift"])
+    assert applier.revert(toy["workdir"])["status"] == "reverted"
+
+
+def as_an_older_dspark_made_them(work, base: str) -> None:
+    """The work branch's commits again, without the patch blob trailer (as dspark wrote them before)."""
+    parent = base
+    for sha in git(work, "rev-list", "--reverse", f"{base}..HEAD").split():
+        message = git(work, "log", "-1", "--format=%B", sha)
+        message = "".join(line + "\n" for line in message.splitlines() if not line.startswith("Dspark-Patch-Blob:"))
+        parent = git(work, "commit-tree", f"{sha}^{{tree}}", "-p", parent, input=message)
+    git(work, "reset", "-q", "--hard", parent)
+
+
+def test_a_patch_commit_of_an_older_dspark_is_checked_while_its_file_matches_and_else_counts_as_changed(toy):
+    run_apply(toy)
+    work = toy["workdir"]
+    as_an_older_dspark_made_them(work, toy["upstream"]["v1.0"])
+    assert applier.status(work)["drift"] == []  # checked against the series file, as it still matches
+    patch = toy["series"] / "0001-dspark-hook-in-core.patch"
+    patch.write_text(patch.read_text().replace("# hook", "# the hook"))
+    first = git(work, "rev-parse", "HEAD~1")
+    with pytest.raises(UsageError, match=f"commit {first[:12]} cannot be checked against its patch .* may hold "
+                                         "changes of yours: .* pass --force"):
+        applier.revert(work)
+    assert applier.revert(work, force=True)["status"] == "reverted"
+    assert git(work, "rev-parse", "HEAD") == toy["upstream"]["v1.0"]
 
 
 def test_a_patch_applied_by_3_way_merge_is_not_taken_for_an_amended_one(toy):
