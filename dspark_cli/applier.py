@@ -67,6 +67,7 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
                          "another container or machine did not finish; if it is not running any more, pass "
                          "--force to recover")
     _refuse_assume_unchanged_edits(ws)  # restore's reset --hard would overwrite them
+    _refuse_ignored_in_the_way(ws, f"recovering the interrupted {snapshot.op}", [ws.head(), snapshot.head])
     moved = _moved_since(ws, snapshot)
     if moved:  # back on that branch HEAD would name a commit whose files are not the ones restored
         snapshot = replace(snapshot, branch=None)
@@ -274,6 +275,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     if branch_sha:
         _check_not_in_another_worktree(ws, branch)
     changes = _local_changes(ws, force)
+    _refuse_ignored_in_the_way(ws, "apply", [ws.head(), branch_sha or base])  # HEAD: a rollback's reset
     notes = _save_detached_commits(ws, base, force)
     if user and todo:
         notes.append(f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top")
@@ -329,6 +331,17 @@ def _refuse_assume_unchanged_edits(ws: Workspace) -> None:
         raise UsageError(f"{ws.path} has local changes to {_some(edited)}, marked assume-unchanged: git status does "
                          "not show them and git stash does not save them, so not even --force would keep them; "
                          "clear the flag (`git update-index --no-assume-unchanged <path>`) and run again")
+
+
+def _refuse_ignored_in_the_way(ws: Workspace, what: str, commits: list[str | None]) -> None:
+    """Ignored files of the user's are not local changes (not refused, not stashed), yet the
+    checkouts and resets of `what` (and of its rollback) would overwrite or delete those at paths
+    its `commits` track: refuse first, naming them, even with --force."""
+    in_the_way = ws.ignored_in_the_way([commit for commit in commits if commit])
+    if in_the_way:
+        raise UsageError(f"{ws.path} has ignored files where {what} would check out tracked ones "
+                         f"({_some(in_the_way)}); git overwrites or deletes ignored files there without asking, so "
+                         "not even --force goes ahead: move them away and run again")
 
 
 def _some(paths: list[str]) -> str:
@@ -422,6 +435,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
                          "or pass --force to revert anyway with the branch kept as dspark/saved-<time>")
     _check_not_in_another_worktree(ws, branch)
     changes = _local_changes(ws, force)
+    _refuse_ignored_in_the_way(ws, "revert", [ws.head(), base, *(sha for sha, _ in user)])  # user's: replayed
     notes += _save_detached_commits(ws, base, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:

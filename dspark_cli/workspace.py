@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dspark_cli import oplock
 from dspark_cli.errors import EnvironmentProblem, UsageError
@@ -221,6 +221,22 @@ class Workspace:
             elif entry.startswith("? "):
                 untracked.add(entry[2:])
         return found + [f"{path}: removed from the index, kept in the worktree" for path in removed if path in untracked]
+
+    def ignored_in_the_way(self, commits: list[str]) -> list[str]:
+        """Ignored files (untracked, matched by .gitignore or the excludes) that checking out or
+        resetting to one of `commits` would overwrite or delete without asking, as git takes them
+        for disposable: where it tracks a file, where it needs a directory, or under a path it
+        tracks as a file. One ls-files, and one ls-tree per commit."""
+        ignored = [path for path in self.git.run("ls-files", "-z", "-o", "-i", "--exclude-standard").stdout.split("\0")
+                   if path]
+        if not ignored:
+            return []
+        files = set()
+        for commit in dict.fromkeys(commits):
+            files.update(self.git.run("ls-tree", "-r", "-z", "--name-only", commit).stdout.split("\0"))
+        dirs = {str(parent) for path in files for parent in PurePosixPath(path).parents}
+        return [path for path in ignored if path in files or path in dirs
+                or any(str(parent) in files for parent in PurePosixPath(path).parents)]
 
     def worktree_on(self, branch: str) -> Path | None:
         """The worktree of this repository (this one or a `git worktree add`) that has `branch`

@@ -173,6 +173,67 @@ def test_recovery_refuses_to_overwrite_an_assume_unchanged_edit(toy):
     assert (work / ".git" / "dspark" / "state.json").read_bytes() == state  # still to recover, later
 
 
+def ignore(work: Path, *patterns: str) -> None:
+    with open(work / ".git" / "info" / "exclude", "a") as exclude:
+        exclude.write("".join(f"{pattern}\n" for pattern in patterns))
+
+
+def in_the_way(setup: str, toy: dict) -> tuple[list[str], dict]:
+    """An ignored file of the user's where the commit the command checks out tracks one, as each
+    command meets it: (the command, the file's path -> its content)."""
+    work = toy["workdir"]
+    if setup == "apply":  # the work branch's tip tracks engine/dspark.py and build/; HEAD, the user's branch, not
+        team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                           [("team: build dir", {"build/gen.py": "X = 1\n"})])
+        command = ["apply", "toy", "--series", str(team)]
+        assert dspark(toy, *command, "-C", str(work)).returncode == 0
+        git(work, "checkout", "-q", "-b", "mine", toy["upstream"]["v1.0"])
+        ignore(work, "engine/dspark.py", "/build")
+        mine = {"build": "mine\n", "engine/dspark.py": "mine\n"}  # build: a file where the tip has a directory
+    elif setup == "revert":  # the base tracks engine/config.py; HEAD, the user's branch, does not
+        git(work, "checkout", "-q", "-b", "mine")
+        git(work, "rm", "-q", "engine/config.py")
+        git(work, "commit", "-q", "-m", "drop config")
+        ignore(work, "*.o")
+        mine = {"engine/config.py/cache.o": "mine\n"}  # under a path the base has as a file
+        command = ["revert"]
+    else:  # a revert killed after its replay left HEAD without engine/dspark.py; recovery puts the tip back
+        user_commit(work, "mine.py")
+        assert dspark(toy, "revert", "-C", str(work), "--keep-user-commits",
+                      kill_after="replayed:1").returncode == -signal.SIGKILL
+        ignore(work, "engine/")
+        mine = {"engine/dspark.py": "mine\n"}
+        command = ["apply", "toy"]
+    for path, text in mine.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(text)
+    return command, mine
+
+
+@pytest.mark.parametrize("setup", ["apply", "revert", "recovery"])
+def test_ignored_files_a_checkout_would_overwrite_are_refused_even_with_force(toy, setup):
+    """git takes ignored files for disposable: apply's checkout of the work branch, revert's of the
+    base and recovery's of the snapshot overwrote or deleted the user's ignored files there."""
+    work = toy["workdir"]
+    run_apply(toy)
+    command, mine = in_the_way(setup, toy)
+    state = (work / ".git" / "dspark" / "state.json").read_bytes()
+    before = tree_fingerprint(work)
+    refused = dspark(toy, *command, "-C", str(work), "--force")
+    assert refused.returncode == 2, refused.stderr
+    what = "recovering the interrupted revert" if setup == "recovery" else setup
+    assert refused.stderr == (f"error: {work} has ignored files where {what} would check out tracked ones "
+                              f"({', '.join(mine)}); git overwrites or deletes ignored files there without asking, "
+                              "so not even --force goes ahead: move them away and run again\n")
+    assert tree_fingerprint(work) == before
+    assert all((work / path).read_text() == text for path, text in mine.items())
+    assert (work / ".git" / "dspark" / "state.json").read_bytes() == state
+    for path in mine:
+        (work / path).rename(work.parent / path.replace("/", "-"))
+    done = dspark(toy, *command, "-C", str(work), "--force")
+    assert done.returncode == 0, done.stderr
+
+
 def unmerged(work: Path) -> None:
     git(work, "checkout", "-q", "-b", "side", "HEAD~1")
     user_commit(work, "engine/config.py", "theirs\n")
