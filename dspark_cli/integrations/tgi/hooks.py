@@ -82,10 +82,18 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
         raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): {reason}")
     target = flash_model.model
     draft = DSparkDraft.load(path, *_compute_placement(flash_model))
-    vocab, target_vocab = draft.w["lm_head.weight"].shape[0], _target_vocab(flash_model)
+    vocab, target_vocab = draft.w["lm_head.weight"].shape[0], _target_config(flash_model, "vocab_size")
     if target_vocab is not None and vocab != target_vocab:
         raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): the drafter's vocabulary has {vocab} tokens, the "
                            f"target's {target_vocab}; a DSpark drafter serves the target it was trained for")
+    # fc reads the captured layers concatenated: a drafter of another hidden size or layer count
+    # would otherwise fail at the first step's fc with a bare shape error
+    width, hidden = draft.w["fc.weight"].shape[1], _target_config(flash_model, "hidden_size")
+    n_layers = len(draft.config.target_layer_ids)
+    if hidden is not None and width != n_layers * hidden:
+        raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): the drafter's fc reads {width} features, the target gives "
+                           f"{n_layers} layers × hidden size {hidden} = {n_layers * hidden}; a DSpark drafter "
+                           "serves the target it was trained for")
     if os.environ.get(ENV_STS):
         draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
@@ -108,12 +116,12 @@ def _compute_placement(flash_model) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def _target_vocab(flash_model) -> int | None:
-    """The width of the target's logits: vocab_size of its config (FlashCausalLM.config, or the
-    transformers model's for TGI's transformers backend); None when neither declares one."""
+def _target_config(flash_model, name: str) -> int | None:
+    """`name` (vocab_size, hidden_size) of the target's config: FlashCausalLM.config, or the
+    transformers model's for TGI's transformers backend; None when neither declares it."""
     for config in (getattr(flash_model, "config", None), getattr(flash_model.model, "config", None)):
-        if getattr(config, "vocab_size", None) is not None:
-            return config.vocab_size
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
     return None
 
 
@@ -219,16 +227,21 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     else:  # with speculation TGI prefills a request in one piece (no chunking): it is new
         spec.restart(request_ids)
     S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
-    scores = _warped_logits(batch, next_token_logits, S)
+    device = next_token_logits.device
     do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
-    greedy = torch.tensor([not s for s in do_sample], device=scores.device)
+    greedy = torch.tensor([not s for s in do_sample], device=device)
     # Each request's TGI seed keys its own noise (position of the row it samples after), so like
     # plain TGI a seeded request's output does not depend on what else is in the batch.
     seeds = [r.parameters.seed for r in batch.requests]
     last_rows = batch.cu_seqlen_prefill[1:] - 1 if batch.cu_seqlen_prefill is not None else None
     sample_positions = (batch.position_ids.view(-1) if last_rows is None else batch.position_ids[last_rows]).tolist()
-    # TGI's logprobs of every row, and through them the target probabilities of the verification
-    alllogprobs = torch.log_softmax(scores.view(len(batch) * S, -1).float(), -1)
+    # TGI's logprobs of every row, and through them the target probabilities of the verification.
+    # Each [B·S, V] copy is dropped as soon as the next exists: the warped (model dtype) scores once
+    # their fp32 copy is made, that copy once log_softmax returns (torch fuses the fp32 cast into
+    # log_softmax for fp16 only, not bf16), so at most two are alive, as during the verification.
+    scores = _warped_logits(batch, next_token_logits, S).view(len(batch) * S, -1).float()
+    alllogprobs = torch.log_softmax(scores, -1)
+    del scores
     tokens, n_acc = spec.verify(request_ids, alllogprobs.view(len(batch), S, -1), greedy,
                                 step_seeds(seeds, sample_positions))
 
@@ -253,7 +266,7 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     if pool.outgrown != outgrown:
         logger.warning(f"DSpark: the drafter's live contexts outgrew the pool reserved at warmup; it now holds "
                        f"{pool.reserved} tokens, beyond the memory TGI's KV cache was sized with")
-    anchors = torch.tensor([t[-1] for t in tokens]).to(scores.device)
+    anchors = torch.tensor([t[-1] for t in tokens]).to(device)
     # The anchor follows each request's last committed row: its sample position (the prompt's last
     # row; decode: the row of the first verify slot) + the drafts it accepted — host values already.
     anchor_positions = [p + n + 1 for p, n in zip(sample_positions, n_acc)]
@@ -271,10 +284,10 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         spec.restart(request_ids)
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
-    next_ids = torch.tensor([t for ts in tokens for t in ts], device=scores.device, dtype=torch.long)
-    logprobs = alllogprobs[flat_rows]
-    next_logprobs = torch.gather(logprobs, 1, next_ids.view(-1, 1)).view(-1)
-    accepted_ids = torch.tensor([len(t) for t in tokens], device=scores.device, dtype=batch.input_ids.dtype)
+    next_ids = torch.tensor([t for ts in tokens for t in ts], device=device, dtype=torch.long)
+    # the emitted tokens' entries only (not a copy of their rows)
+    next_logprobs = alllogprobs[torch.tensor(flat_rows, device=device), next_ids]
+    accepted_ids = torch.tensor([len(t) for t in tokens], device=device, dtype=batch.input_ids.dtype)
     # The drafts' width is the next forward's: TGI runs 1 + width rows per request.
-    speculative_ids = proposal.draft.tokens[:, :min(speculate, width)].to(scores.device) if speculate > 0 else None
+    speculative_ids = proposal.draft.tokens[:, :min(speculate, width)].to(device) if speculate > 0 else None
     return next_ids, next_logprobs, alllogprobs, accepted_ids, speculative_ids

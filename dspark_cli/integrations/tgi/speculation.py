@@ -86,7 +86,12 @@ class HiddenCapture:
 
     def __init__(self, model: torch.nn.Module, layer_ids: list[int]):
         layers = find_layers(model)
-        if max(layer_ids) >= len(layers) - 1:
+        if min(layer_ids) < 0:  # (Python would index them from the end, silently)
+            raise ValueError(f"target_layer_ids {layer_ids}: negative ids are not supported (-1 would be the "
+                             "embedding output, which no DSpark release reads)")
+        if max(layer_ids) >= len(layers):
+            raise ValueError(f"target_layer_ids {layer_ids}: the target has only {len(layers)} decoder layers")
+        if max(layer_ids) == len(layers) - 1:
             raise ValueError(f"target_layer_ids {layer_ids}: the last layer ({len(layers) - 1}) is normed; not allowed")
         self.layer_ids = layer_ids
         self.buffer: torch.Tensor | None = None
@@ -205,24 +210,27 @@ class DSparkSpeculation:
                seeds: torch.Tensor | None = None):
         """target_logprobs [B, S, V] fp32: the log-softmax of TGI's warped scores (S = 1 + γ with
         drafts, 1 without), which hooks.choose computes once and also returns to TGI as its
-        logprobs; the target probabilities are its exp (one elementwise pass, where a softmax of
-        the scores would read them again).
+        logprobs; the target probabilities are the exp of the rows read (one elementwise pass, where
+        a softmax of the scores would read them again).
         seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
         sampled output depends on its own seed only, not on the batch; else the shard's generator.
         Returns (tokens per request, number of accepted drafts per request)."""
         B, S, _ = target_logprobs.shape
-        probs = target_logprobs.exp()
+        # The exp of the rows read only ([B·S, V] fp32 each full copy): a plain step reads row 0,
+        # the verification rows 0..max ℓ.
         if S == 1 or not all(r in self.pending for r in request_ids):
+            probs = target_logprobs[:, 0].exp()
             if seeds is not None:
                 # what rejection_sample draws with ℓ = 0
-                sampled = rng.grouped_race_sample(probs[:, 0], seeds.to(probs.device), rng.STREAM_RECOVER, 0)
+                sampled = rng.grouped_race_sample(probs, seeds.to(probs.device), rng.STREAM_RECOVER, 0)
             else:
                 probs = probs.to(self.generator.device)
-                sampled = torch.multinomial(probs[:, 0], 1, generator=self.generator).view(-1)
-            nxt = torch.where(greedy.to(probs.device), probs[:, 0].argmax(-1), sampled.to(probs.device))
+                sampled = torch.multinomial(probs, 1, generator=self.generator).view(-1)
+            nxt = torch.where(greedy.to(probs.device), probs.argmax(-1), sampled.to(probs.device))
             return [[t] for t in nxt.tolist()], [0] * B
         pend = [self.pending[r] for r in request_ids]
         ells = [min(p.ell, S - 1) for p in pend]
+        probs = target_logprobs[:, :max(ells) + 1].exp()
         ell = torch.tensor(ells, dtype=torch.int64).to(probs.device)
         res = runtime.rejection_sample(probs, batch_draft(pend), ell, greedy=greedy,
                                        seeds=None if seeds is None else seeds.to(probs.device),

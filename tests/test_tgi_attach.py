@@ -1,0 +1,150 @@
+"""TGI startup checks (maybe_attach, HiddenCapture) refuse a drafter that does not fit the target
+with one clear error, and hooks.choose / DSparkSpeculation.verify hold only the [B·S, V] tensors
+they read — real tensors, tiny Qwen3 target and drafter on the CPU."""
+
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dspark_cli import runtime, tiny_models
+from dspark_cli.integrations.tgi import hooks
+from dspark_cli.integrations.tgi.draft import DSparkDraft
+from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, HiddenCapture
+from dspark_cli.runtime import rng
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    target = tiny_models.build_target(root / "target", "successor")
+    return {"target": target, "draft": tiny_models.build_draft(root / "draft", gamma=3, kind="partial", target=target)}
+
+
+def test_a_drafter_of_another_hidden_size_is_refused_at_attach(checkpoints, monkeypatch):
+    """The drafter's fc reads 2 layers × 128; a target of hidden size 192 (same vocabulary) is
+    refused at startup with both widths, for a flash model's config and the transformers
+    backend's, before any hook (it used to attach and fail at the first step's fc)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = {k: v for k, v in tiny_models.target_config().items()
+              if k not in ("architectures", "model_type", "dtype", "torch_dtype")}
+    target = Qwen3ForCausalLM(Qwen3Config(**dict(config, hidden_size=192, intermediate_size=384))).eval()
+    monkeypatch.setenv("DSPARK_DRAFT", str(checkpoints["draft"]))
+    message = (rf"^DSpark \(DSPARK_DRAFT={checkpoints['draft']}\): the drafter's fc reads 256 features, the target "
+               r"gives 2 layers × hidden size 192 = 384; a DSpark drafter serves the target it was trained for$")
+    for flash_model in (SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target),
+                        SimpleNamespace(world_size=1, speculate=3, model=target)):
+        with pytest.raises(RuntimeError, match=message):
+            hooks.maybe_attach(flash_model)
+    assert all(not layer._forward_hooks for layer in target.model.layers)
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n))
+
+
+@pytest.mark.parametrize("ids, reason", [([0, 4], "the target has only 4 decoder layers"),
+                                         ([0, 9], "the target has only 4 decoder layers"),
+                                         ([-1, 1], r"negative ids are not supported \(-1 would be the embedding"),
+                                         ([0, 3], r"the last layer \(3\) is normed")])
+def test_target_layer_ids_outside_the_hookable_layers_are_refused_with_the_reason(ids, reason):
+    target = Stack(4)
+    with pytest.raises(ValueError, match=rf"^target_layer_ids \[{ids[0]}, {ids[1]}\]: {reason}"):
+        HiddenCapture(target, ids)
+    assert all(not layer._forward_hooks for layer in target.layers)
+
+
+# ---------------------------------------------------------------- what the verification holds
+
+
+def _speculation(checkpoints) -> DSparkSpeculation:
+    target = tiny_models.load_transformers(checkpoints["target"])
+    return DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["draft"]), scheduler="off")
+
+
+class Batch(SimpleNamespace):
+    def __len__(self):
+        return len(self.requests)
+
+
+def _batch(B: int, S: int, prefill: bool) -> Batch:
+    """The FlashCausalLMBatch fields hooks.choose reads (tests/test_tgi_chooser.py: against TGI's own
+    chooser), greedy requests without processors; prefill: one 4-token prompt per request."""
+    chooser = SimpleNamespace(do_sample=[False] * B, watermark_processor=None, repetition_processor=None,
+                              frequency_processor=None, grammar_processor=None, warpers=[],
+                              fsm_grammar_states=[0] * B)
+    params = SimpleNamespace(seed=7, temperature=1.0, top_k=0, top_p=1.0)
+    history = torch.randint(0, tiny_models.VOCAB - 2, (B, 8))
+    n = 4 if prefill else 1
+    return Batch(
+        requests=[SimpleNamespace(id=10 + i, parameters=params) for i in range(B)], next_token_chooser=chooser,
+        input_ids=history[:, :n].reshape(-1), position_ids=torch.arange(n).repeat(B) if prefill else torch.full((B,), 5),
+        all_input_ids_tensor=history, max_current_length=6, cache_lengths=[0] * B,
+        cu_seqlen_prefill=torch.arange(B + 1) * n if prefill else None,
+        speculative_ids=None if prefill else torch.randint(0, tiny_models.VOCAB - 2, (B, S - 1)))
+
+
+def _choose(spec, B, S, prefill, logits_dtype=torch.float32):
+    batch = _batch(B, S, prefill)
+    rows = B * 4 if prefill else B * S
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    spec.capture.buffer = torch.randn(rows, width)  # the target forward's captured rows
+    logits = torch.randn(B if prefill else B * S, tiny_models.VOCAB).to(logits_dtype)
+    return hooks.choose(spec, batch, logits, 3)
+
+
+def test_choose_drops_the_warped_scores_before_the_verification(checkpoints, monkeypatch):
+    """During the verification choose holds the fp32 log-probabilities TGI gets back, not also the
+    warped scores or their fp32 copy (each a [B·S, V] tensor besides them); the emitted tokens'
+    log-probabilities are read from them directly."""
+    spec = _speculation(checkpoints)
+    B, S = 3, 4
+    _choose(spec, B, S, prefill=True)
+    made = []
+    warped = hooks._warped_logits
+    monkeypatch.setattr(hooks, "_warped_logits", lambda *a: made.append(weakref.ref(w := warped(*a))) or w)
+    verify = spec.verify
+
+    def checked_verify(request_ids, logprobs, *rest):
+        assert logprobs.shape == (B, S, tiny_models.VOCAB)
+        assert made and all(ref() is None for ref in made), "the warped scores are alive during the verification"
+        return verify(request_ids, logprobs, *rest)
+
+    spec.verify = checked_verify
+    next_ids, next_logprobs, alllogprobs, accepted, _ = _choose(spec, B, S, prefill=False, logits_dtype=torch.bfloat16)
+    assert alllogprobs.dtype == torch.float32 and alllogprobs.shape == (B * S, tiny_models.VOCAB)
+    rows = [i * S + j for i, n in enumerate(accepted.tolist()) for j in range(n)]
+    assert torch.equal(next_logprobs, alllogprobs[rows].gather(1, next_ids.view(-1, 1)).view(-1))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def test_verify_exponentiates_only_the_rows_it_reads(checkpoints, monkeypatch):
+    """A plain step (no pending drafts) reads row 0 of each request, a verification rows 0..max ℓ:
+    the probabilities behind them are that many rows, not all S (each an fp32 [B·S, V] otherwise)."""
+    spec = _speculation(checkpoints)
+    B, S, V = 3, 4, tiny_models.VOCAB
+    seen = {}
+    race, reject = rng.grouped_race_sample, runtime.rejection_sample
+    monkeypatch.setattr(rng, "grouped_race_sample", lambda p, *a: seen.update(race=_storage_bytes(p)) or race(p, *a))
+    monkeypatch.setattr(runtime, "rejection_sample",
+                        lambda p, *a, **k: seen.update(reject=_storage_bytes(p)) or reject(p, *a, **k))
+    logprobs = torch.log_softmax(torch.randn(B, S, V), -1)
+    greedy = torch.zeros(B, dtype=torch.bool)
+    seeds = torch.arange(B, dtype=torch.int64)
+    ids = [1, 2, 3]
+    spec.verify(ids, logprobs, greedy, seeds)  # nothing pending: a plain step from row 0
+    assert seen["race"] == B * V * 4
+    spec.draft.extend_contexts(ids, torch.randn(B, 2 * tiny_models.HIDDEN), torch.zeros(B, dtype=torch.int64), [1] * B)
+    spec.propose(ids, torch.tensor([5, 6, 7]), [1, 1, 1], torch.ones(B), seeds=seeds)
+    for r in ids:
+        spec.pending[r].ell = 1  # verified 1 draft each, inside a batch padded to S − 1 = 3
+    tokens, n_acc = spec.verify(ids, logprobs, greedy, seeds)
+    assert seen["reject"] == B * 2 * V * 4
+    assert all(len(t) == n + 1 and n <= 1 for t, n in zip(tokens, n_acc))
