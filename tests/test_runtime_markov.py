@@ -226,7 +226,11 @@ def test_residual_row_inputs_on_two_devices_are_one_clear_error():
     ({"top_p": torch.tensor([0.5])}, r"^top_p has shape \(1,\): dimension 0 must be 3"),
     ({"top_p": torch.tensor([0.0, 0.5, 1.0])}, r"^top_p must lie in \(0, 1\]"),
     ({"top_p": torch.ones(3, device="meta")}, "^all inputs must be on one device: .*top_p on meta"),
-], ids=["1-D", "int", "nan", "T-length", "T-list", "T-nan", "k-length", "k-float", "p-length", "p-zero", "p-device"])
+    ({"logits": torch.randn(3, 0)}, r"^logits has shape \(3, 0\): an empty vocabulary \(V = 0\)$"),  # an IndexError
+    ({"logits": torch.empty(3, 0, device="meta"), "temperature": torch.ones(3, device="meta")},
+     r"^logits has shape \(3, 0\): an empty vocabulary"),  # a shape: checked where values are not
+], ids=["1-D", "int", "nan", "T-length", "T-list", "T-nan", "k-length", "k-float", "p-length", "p-zero", "p-device",
+        "V-0", "V-0-meta"])
 def test_warping_helpers_check_their_inputs(args, message):
     """warp_logits / probs_from_logits (public) check as markov_chain does: a short top_p vector
     broadcast silently, a float top_k compared as a float, a 1-D row was taken as one request."""
