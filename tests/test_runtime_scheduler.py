@@ -86,6 +86,16 @@ def test_tie_break_is_deterministic_by_position_then_request():
         assert ell.tolist() == _brute_force_lengths(a, k) == admit_top_k(a.clone(), k).tolist()
 
 
+@pytest.mark.parametrize("sps", [None, [1.0, 0.5], "sps.json"])
+def test_a_cost_table_that_is_not_an_sps_table_is_one_clear_error(sps):
+    """None was an AttributeError from inside the ranking."""
+    message = rf"^sps must be an SPSTable \(SPSTable.load\(path\) or SPSTable.default\(\)\), got {type(sps).__name__}$"
+    for schedule in (lambda: schedule_exact(A, sps), lambda: verify_budget(A, sps, 2),
+                     lambda: schedule_production(A, A, sps)):
+        with pytest.raises(ValueError, match=message):
+            schedule()
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="NaN"):
         schedule_exact(torch.tensor([[0.9, float("nan")]]), SMOOTH)

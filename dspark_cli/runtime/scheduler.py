@@ -25,6 +25,7 @@ def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Te
     """Algorithm 1: admit candidates in rank order while Θ = τ·SPS(B) strictly improves; stop at
     the first non-improvement (early stop keeps admission non-anticipating). a = survival(c)."""
     _check_survival("a", a, validate)
+    _check_sps(sps)
     R = a.shape[0]
     a_sorted, request = _ranked(a)
     theta = _theta(a_sorted, R, sps)  # Θ_0 .. Θ_n
@@ -39,6 +40,7 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
     int64 tensor (no sync); the earliest n wins ties. Stale data cannot depend on the current
     drafts: the causal barrier."""
     _check_survival("a_stale", a_stale, validate)
+    _check_sps(sps)
     if not _checks.integer(num_requests) or num_requests < 1:
         raise ValueError(f"num_requests must be a positive integer (anchors in the batch), got {num_requests!r}")
     a_sorted, _ = _ranked(a_stale)
@@ -66,6 +68,7 @@ def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTabl
     _check_survival("a_now", a_now, validate)
     if a_stale.shape[1] != a_now.shape[1]:
         raise ValueError(f"a_stale has block size {a_stale.shape[1]}, a_now {a_now.shape[1]}")
+    _check_sps(sps)
     out = try_cuda("schedule_production", [a_stale, a_now], a_stale, a_now, sps)
     if out is not NotImplemented:
         return out
@@ -106,6 +109,11 @@ def _check_survival(name: str, a, validate) -> None:
     _check_matrix(name, a, validate)
     if _checks.want_value_checks(validate, a) and bool((a[:, 1:] > a[:, :-1]).any()):
         raise ValueError(f"{name} must be non-increasing along γ: pass survival(c), not c")
+
+
+def _check_sps(sps) -> None:
+    if not isinstance(sps, SPSTable):  # None was an AttributeError from inside the ranking
+        raise ValueError(f"sps must be an SPSTable (SPSTable.load(path) or SPSTable.default()), got {type(sps).__name__}")
 
 
 def _check_budget(budget, validate) -> None:
