@@ -78,6 +78,33 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         STSCalibration.fit(torch.full((4, 2), float("nan")), torch.zeros(4, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("call, value, message", [
+    (confidence_probs, float("nan"), "^z contains NaN or infinite values"),
+    (confidence_probs, float("inf"), "^z contains NaN or infinite values"),
+    (survival, float("nan"), "^c contains NaN or infinite values"),
+    (survival, 1.5, r"^c must lie in \[0, 1\], got values in \[0.5, 1.5\]"),  # a survival growing along γ
+    (survival, -0.1, r"^c must lie in \[0, 1\]"),
+])
+def test_confidences_out_of_range_are_refused_unless_value_checks_are_off(call, value, message):
+    """As the schedulers: value checks by default on CPU tensors (on CUDA only with validate=True:
+    they are a host sync), validate=False passes the values through."""
+    x = torch.full((2, 3), 0.5)
+    x[1, 2] = value
+    with pytest.raises(ValueError, match=message):
+        call(x)
+    with pytest.raises(ValueError, match=message):
+        call(x, validate=True)
+    assert call(x, validate=False).shape == (2, 3)
+
+
+@pytest.mark.parametrize("call", [confidence_probs, survival])
+def test_confidences_of_an_empty_batch_are_refused(call):
+    name = "z" if call is confidence_probs else "c"
+    for device in ("cpu", "meta"):  # a shape: checked on every device
+        with pytest.raises(ValueError, match=rf"^{name} is an empty batch \(0 requests\)$"):
+            call(torch.zeros(0, 3, device=device))
+
+
 def test_a_weight_of_another_shape_is_refused_though_its_entries_add_up():
     """d + r = 6 entries as [2, 3] or [6, 1] (some other layer's weight) were read flat, silently;
     DeepSpec's head is nn.Linear(d + r, 1): weight [1, d + r], or flat [d + r]."""

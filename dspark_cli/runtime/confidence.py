@@ -49,9 +49,13 @@ def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     return h.float() @ w[:d] + prev_emb.float() @ w[d:] + b.float()
 
 
-def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None) -> torch.Tensor:
-    """σ(z_k / T_k) -> c [R, γ] fp32."""
+def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None, *, validate=None) -> torch.Tensor:
+    """σ(z_k / T_k) -> c [R, γ] fp32. validate: the value check (z finite), by default on CPU
+    tensors only (on CUDA it would be a host sync per draft step)."""
     _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("z", z)
+    if _checks.want_value_checks(validate, z):
+        _checks.finite("z", z)  # NaN would be a NaN confidence, read as 0 by every comparison
     if sts is None:
         return torch.sigmoid(z.float())
     temps = sts.tensor(z.device)
@@ -59,9 +63,13 @@ def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None) -> to
     return torch.sigmoid(z.float() / temps)
 
 
-def survival(c: torch.Tensor) -> torch.Tensor:
-    """Prefix survival a_{r,j} = Π_{i≤j} c_{r,i} -> [R, γ], non-increasing along γ."""
+def survival(c: torch.Tensor, *, validate=None) -> torch.Tensor:
+    """Prefix survival a_{r,j} = Π_{i≤j} c_{r,i} -> [R, γ], non-increasing along γ. validate: the
+    value check (c in [0, 1]), by default on CPU tensors only, as confidence_probs'."""
     _checks.tensor("c", c, 2, _checks.FLOAT_DTYPES)
+    _checks.nonempty_batch("c", c)
+    if _checks.want_value_checks(validate, c):
+        _checks.in_unit_interval("c", c)  # c > 1 made a survival that grows along γ
     return torch.cumprod(c.float(), dim=1)
 
 
