@@ -1,5 +1,6 @@
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -15,6 +16,32 @@ def test_interpolation_and_extrapolation():
     assert t.sps(200) == pytest.approx(5.0)  # constant token rate beyond the last point
     B = torch.tensor([1, 5, 55, 100, 200, 1000])
     torch.testing.assert_close(t.lookup(B), torch.tensor([t.sps(int(b)) for b in B]))
+
+
+def _linear_sps(table: SPSTable, tokens: int) -> float:
+    """SPS(B) as the table computed it with linear scans (the reference for its bisections)."""
+    b = next((size for size in table.capture_sizes if size >= tokens), tokens)
+    xs, ys = table.tokens, table.steps_per_s
+    if b <= xs[0]:
+        return ys[0]
+    if b >= xs[-1]:
+        return ys[-1] * xs[-1] / b
+    i = next(i for i in range(1, len(xs)) if xs[i] >= b)
+    return ys[i - 1] + (b - xs[i - 1]) / (xs[i] - xs[i - 1]) * (ys[i] - ys[i - 1])
+
+
+def test_a_table_of_8192_probes_and_capture_sizes_builds_its_lookup_in_near_linear_time():
+    """dense() asks SPS(B) for every B up to the table's limit; with a scan of the capture sizes and
+    one of the probes per B, 8192 of each (up to B = 16384) took tens of seconds. The values are
+    those of the scans, at every B checked."""
+    tokens = list(range(1, 16384, 2))
+    table = SPSTable(tokens, [1e4 / (10 + 0.01 * b) + (b % 7) for b in tokens], capture_sizes=list(range(2, 16385, 2)))
+    started = time.perf_counter()
+    dense = table.lookup(torch.arange(0, 16400))
+    assert time.perf_counter() - started < 5.0
+    for b in [1, 2, 3, 4, 8191, 8192, 16383, 16384, *range(5, 16400, 97)]:
+        assert dense[b].item() == pytest.approx(_linear_sps(table, b), rel=1e-6), b
+        assert table.sps(b) == _linear_sps(table, b), b
 
 
 def test_capture_sizes_make_the_curve_step_wise():

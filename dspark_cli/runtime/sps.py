@@ -16,6 +16,7 @@ Lookup SPS(B): with CUDA graphs a forward of B tokens runs padded to the smalles
 interpolation between profiled points, the first value below the first point, and beyond the last
 point a constant token rate (SPS = SPS_last · B_last / B), a conservative extrapolation."""
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,9 @@ class SPSTable:
 
     # ---- lookup -------------------------------------------------------------------------------
     def _padded(self, b: int) -> int:
-        for size in self.capture_sizes:
-            if size >= b:
-                return size
-        return b
+        """The smallest capture size ≥ b, else b (a bisection: dense() asks it for every B)."""
+        i = bisect.bisect_left(self.capture_sizes, b)
+        return self.capture_sizes[i] if i < len(self.capture_sizes) else b
 
     def sps(self, tokens: int) -> float:
         """SPS at one batch size (host float)."""
@@ -72,7 +72,7 @@ class SPSTable:
             return ys[0]
         if b >= xs[-1]:
             return ys[-1] * xs[-1] / b
-        i = next(i for i in range(1, len(xs)) if xs[i] >= b)
+        i = bisect.bisect_left(xs, b)  # the first point ≥ b (≥ 1: xs[0] < b)
         t = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + t * (ys[i] - ys[i - 1])
 
