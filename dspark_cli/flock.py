@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +22,18 @@ def exclusive_nowait(path: Path, directory: bool = False) -> Iterator[tuple[int,
         yield fd, try_exclusive(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def claimed(directory: Path) -> Iterator[bool]:
+    """An exclusive flock on `directory` for the block: True when we hold it, False when another
+    process does (or the directory is gone)."""
+    with ExitStack() as stack:
+        try:
+            _, ours = stack.enter_context(exclusive_nowait(directory, directory=True))
+        except OSError:
+            ours = False
+        yield ours
 
 
 def try_exclusive(fd: int) -> bool:

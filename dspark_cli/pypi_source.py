@@ -17,9 +17,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -27,7 +25,7 @@ from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
-from dspark_cli.flock import exclusive_nowait
+from dspark_cli.flock import claimed
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_AUTHOR, Workspace, pid_alive
@@ -151,11 +149,11 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     for stale in path.parent.glob(f".{path.name}.dspark-new-*"):
         if _maker_alive(stale):
             continue
-        with _claimed(stale) as ours:
+        with claimed(stale) as ours:
             if ours:
                 shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.dspark-new-{os.getpid()}-"))
-    with _claimed(tmp):
+    with claimed(tmp):
         try:
             base = _make_tree(tmp / "tree", pin, release, branch, state, archive)
             move_into_place(tmp / "tree", path)
@@ -182,15 +180,3 @@ def _maker_alive(sibling: Path) -> bool:
     """Whether the process whose pid names `sibling` (`…dspark-new-<pid>-<random>`) is running."""
     pid = sibling.name.rsplit(".dspark-new-", 1)[1].split("-", 1)[0]
     return pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))
-
-
-@contextmanager
-def _claimed(directory: Path) -> Iterator[bool]:
-    """An exclusive flock on `directory` for the block: True when we hold it, False when another
-    process does (or the directory is gone)."""
-    with ExitStack() as stack:
-        try:
-            _, ours = stack.enter_context(exclusive_nowait(directory, directory=True))
-        except OSError:
-            ours = False
-        yield ours

@@ -25,17 +25,20 @@ import py_compile
 import re
 import shutil
 import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
+from dspark_cli.flock import claimed, exclusive_nowait
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace, pid_alive
+from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -370,10 +373,7 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
     dropped = {o.patch for o in result.outcomes if o.status == ALREADY}
     series_file = _without(source_dir / series_mod.SERIES_FILE, dropped)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdtemp's directory is private (0700): the series goes in a plain mkdir under it (the umask's mode).
-    # The pid in its name tells recover_interrupted whether the run that made it is still alive.
-    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{_scratch_prefix(out_dir)}{os.getpid()}-"))
-    try:
+    with _scratch_beside(out_dir) as scratch:
         new = scratch / "new"
         new.mkdir()
         for outcome in (o for o in result.outcomes if o.patch not in dropped):
@@ -383,9 +383,24 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
         (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
         series_mod.write_lock(new)
         _swap_in(new, out_dir, scratch / "old")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     result.out_dir = out_dir
+
+
+@contextmanager
+def _scratch_beside(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory beside `out_dir` for the block, flocked all along: recover_interrupted
+    takes one no process holds for a killed run's (a pid in its name could not tell: in a container
+    every run may be pid 1, and a pid is reused). It gets its scratch name only once locked, so a
+    live run's is never seen free; mkdtemp's is private (0700), so the series goes in a plain mkdir
+    under it (the umask's mode)."""
+    making = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.dspark-making-"))
+    with exclusive_nowait(making, directory=True):  # a directory just made: no one else holds it
+        scratch = making.with_name(_scratch_prefix(out_dir) + making.name.rsplit("-", 1)[1])
+        os.rename(making, scratch)  # the flock is the directory's, whatever its name
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _without(series_file: Path, dropped: set[str]) -> bytes:
@@ -408,20 +423,15 @@ def recover_interrupted(target: Path) -> list[str]:
     if not target.parent.is_dir():
         return []
     notes = []
-    dead = [p for p in target.parent.glob(f"{glob.escape(_scratch_prefix(target))}*")
-            if p.is_dir() and not _alive(p.name[len(_scratch_prefix(target)):])]
-    for scratch in sorted(dead, key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
-        if not target.exists() and (scratch / "old").is_dir():
-            os.replace(scratch / "old", target)
-            notes.append(f"{target}: restored from {scratch / 'old'} (a run was killed while replacing it)")
-        shutil.rmtree(scratch, ignore_errors=True)
+    with ExitStack() as held:  # a scratch whose flock we get is a killed run's (_scratch_beside)
+        dead = [p for p in target.parent.glob(f"{glob.escape(_scratch_prefix(target))}*")
+                if p.is_dir() and held.enter_context(claimed(p))]
+        for scratch in sorted(dead, key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
+            if not target.exists() and (scratch / "old").is_dir():
+                os.replace(scratch / "old", target)
+                notes.append(f"{target}: restored from {scratch / 'old'} (a run was killed while replacing it)")
+            shutil.rmtree(scratch, ignore_errors=True)
     return notes
-
-
-def _alive(suffix: str) -> bool:
-    """Whether the run whose pid starts a scratch name's suffix ("1234-abc") is running."""
-    pid = suffix.split("-", 1)[0]
-    return pid.isdigit() and pid_alive(int(pid))
 
 
 def _swap_in(new: Path, out_dir: Path, old: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_cli import series
+from dspark_cli import flock, rebase, series
 from tests.git_fixtures import git, tree_fingerprint
 from tests.run_cli import run_dspark
 
@@ -517,9 +517,12 @@ main()
 """
 
 
-def test_a_series_stranded_by_a_killed_in_place_refresh_is_recovered_by_the_next_run(upstream):
+@pytest.mark.parametrize("pid", ["gone", "reused"])
+def test_a_series_stranded_by_a_killed_in_place_refresh_is_recovered_by_the_next_run(upstream, pid):
     """SIGKILL between _swap_in's two renames left no series, the old one only in the scratch
-    directory's `old`, which nothing recovered or cleaned up."""
+    directory's `old`, which nothing recovered or cleaned up. Whether its run is alive was asked of
+    the pid in the scratch's name: a pid reused since (in a container every dspark is pid 1) kept
+    the series stranded for good; the scratch's flock, which the kernel dropped, tells."""
     import subprocess
     import sys
 
@@ -537,6 +540,8 @@ def test_a_series_stranded_by_a_killed_in_place_refresh_is_recovered_by_the_next
     assert not u["patches"].exists()
     [scratch] = u["patches"].parent.glob(".v1.0.dspark-*")
     assert snapshot(scratch / "old") == before
+    if pid == "reused":  # the name as the old scheme gave it, with a pid alive now: this process's
+        scratch = scratch.rename(scratch.with_name(f".v1.0.dspark-series-{os.getpid()}-{scratch.name[-8:]}"))
 
     # The next run recovers it before anything else, even one that then fails (an unknown --onto).
     bad = dspark(u, "--onto", "no-such-tag", "--repo", str(u["repo"]), "--workdir", str(wd), "--force",
@@ -557,3 +562,15 @@ def test_a_pin_without_release_files_names_repo_in_release_mode(upstream):
     assert run.returncode == 2
     assert run.stderr.strip() == ("error: eng v1.0 has no release file in compat.yaml; rebase from git with --repo "
                                   "(a repository holding its commit)")
+
+
+def test_the_scratch_of_a_run_still_writing_is_left_alone(upstream):
+    """A scratch directory someone holds the flock of is a live run's, whatever its name says."""
+    target = upstream["patches"]
+    live = target.parent / ".v1.0.dspark-series-1-abcdefgh"
+    (live / "new").mkdir(parents=True)
+    with flock.exclusive_nowait(live, directory=True) as (_, ours):
+        assert ours
+        assert rebase.recover_interrupted(target) == []
+        assert (live / "new").is_dir()
+    assert rebase.recover_interrupted(target) == [] and not live.exists()  # its run is gone: cleared
