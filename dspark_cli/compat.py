@@ -22,6 +22,9 @@ HEX_COMMIT = re.compile(r"[0-9a-f]{7,40}")  # all patterns: fullmatch (`$` would
 FULL_COMMIT = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A pin names the branch dspark/<pin>: a NAME without what git check-ref-format refuses of its
+# characters ('..' anywhere, a '.' or '.lock' at the end).
+PIN_NAME = re.compile(r"(?!.*\.\.)(?!.*\.lock\Z)[A-Za-z0-9][A-Za-z0-9._-]*(?<!\.)")
 RELEASE_SUFFIXES = (".whl", ".tar.gz", ".zip")
 
 
@@ -214,6 +217,10 @@ class _Validator:
         pin_nodes = self.mapping(pins_node, f"{where}.pins", None)
         if not pin_nodes:
             self.fail(pins_node, f"{where}.pins", "at least one pin")
+        for key_node, _ in pins_node.value:  # named at the key: its line, and the name as it is
+            if not PIN_NAME.fullmatch(key_node.value):
+                self.fail(key_node, f"{where}.pins.{key_node.value}", "a pin name of letters, digits, '.', '_' or '-' "
+                          "that git takes as a branch name (no '..', no '.' or '.lock' at the end)")
         pins = {pin_name: self.pin(name, pin_name, pin_node) for pin_name, pin_node in pin_nodes.items()}
         default_pin = self.string(keys["default_pin"], f"{where}.default_pin")
         if default_pin not in pins:
@@ -233,8 +240,6 @@ class _Validator:
 
     def pin(self, engine, name, node) -> Pin:
         where = f"engines.{engine}.pins.{name}"
-        if not NAME.fullmatch(name):
-            self.fail(node, where, "a pin name of letters, digits, '.', '_' or '-'")
         keys = self.mapping(
             node, where, ("commit", "tag", "patches", "releases", "python", "torch", "cuda", "tested")
         )

@@ -68,6 +68,27 @@ def test_each_malformation_names_key_line_and_expectation(old, new, expected):
     assert expected.format(line=line) in message and "\n" not in message
 
 
+@pytest.mark.parametrize("name", ["v1.lock", "a..b", "v1.", "v0.32.0.lock"])
+def test_a_pin_name_git_cannot_take_as_a_branch_name_is_refused_at_load(name):
+    """The pin names the branch dspark/<pin>: such a name loaded, then apply failed in git (exit 3)."""
+    assert subprocess.run(["git", "check-ref-format", f"refs/heads/dspark/{name}"]).returncode != 0
+    old = "    pins:\n      v3.3.7:"
+    message = errors_for(SHIPPED.replace(old, f"    pins:\n      {name}:").replace("default_pin: v3.3.7",
+                                                                                 f"default_pin: {name}"))
+    line = SHIPPED[: SHIPPED.index(old)].count("\n") + 2
+    assert message.startswith(f"compat.yaml:{line}: engines.tgi.pins.{name}: expected a pin name of letters")
+    assert "that git takes as a branch name (no '..', no '.' or '.lock' at the end)" in message
+
+
+@pytest.mark.parametrize("name", ["v1.0", "v1.0-rc1", "main", "v1.locked", "a.b_c-d"])
+def test_pin_names_git_takes_still_load(name):
+    assert subprocess.run(["git", "check-ref-format", f"refs/heads/dspark/{name}"]).returncode == 0
+    loaded = compat.parse(SHIPPED.replace("      v3.3.7:", f"      {name}:").replace("default_pin: v3.3.7",
+                                                                                   f"default_pin: {name}"),
+                          Path("compat.yaml"))
+    assert name in loaded.engine("tgi").pins
+
+
 def _replace_subtree(data, path, value):
     node = data
     for key in path[:-1]:
