@@ -392,6 +392,22 @@ def _production() -> VerifyLengthScheduler:
     return VerifyLengthScheduler(SchedulerSettings("production", STEEP, None))
 
 
+def test_an_sts_file_of_a_longer_block_serves_a_shorter_one_and_a_shorter_file_is_refused_at_start(tmp_path):
+    """An STS file fitted on 7-token blocks with num_speculative_tokens = 5 was accepted at start and
+    then failed the first adaptive draft inside the engine core (z [R, 5] against 7 temperatures)."""
+    from dspark_cli.runtime import STSCalibration
+
+    path = tmp_path / "sts.json"
+    STSCalibration([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], {"fitted_on": "block 7"}).save(path)
+    config, env = SimpleNamespace(), {"DSPARK_STS": str(path)}
+    settings = SchedulerSettings.resolve(config, 5, env)
+    assert settings.sts.temperatures == [1.0, 1.5, 2.0, 2.5, 3.0] and settings.sts.metadata == {"fitted_on": "block 7"}
+    assert SchedulerSettings.resolve(config, 7, env).sts.temperatures[-1] == 4.0
+    with pytest.raises(ValueError, match=r"7 STS temperature\(s\) for num_speculative_tokens = 8; calibrate at least 8"):
+        SchedulerSettings.resolve(config, 8, env)
+    assert SchedulerSettings.resolve(config, 8, {"DSPARK_STS": ""}).sts is None  # how `dspark verify` opts out
+
+
 class PerRequestHistory:
     """The semantics the production scheduler keeps: per request, its rows of its last two steps
     (forgotten when it misses a step); stale = the older of them; a new request counts as ones."""

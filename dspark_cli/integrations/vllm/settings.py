@@ -4,7 +4,8 @@ config.json (the environment wins):
   DSPARK_SCHEDULER / "dspark_scheduler":          exact (Algorithm 1, default) | production
   DSPARK_SPS_TABLE / "dspark_sps_table_path":     SPS table JSON (dspark-sps/1 or SGLang's format);
                                                    default: SPSTable.default() (10 ms + 20 µs/token)
-  DSPARK_STS / "dspark_sts_path":                 per-position confidence temperatures (optional)
+  DSPARK_STS / "dspark_sts_path":                 per-position confidence temperatures (optional;
+                                                   at least γ of them, the first γ used)
 """
 
 import os
@@ -22,7 +23,7 @@ class SchedulerSettings:
     sts: STSCalibration | None
 
     @classmethod
-    def resolve(cls, hf_config, environ=os.environ) -> "SchedulerSettings":
+    def resolve(cls, hf_config, gamma: int, environ=os.environ) -> "SchedulerSettings":
         def pick(env: str, key: str):
             return environ.get(env) or getattr(hf_config, key, None)
 
@@ -33,4 +34,11 @@ class SchedulerSettings:
         sts_path = pick("DSPARK_STS", "dspark_sts_path")
         sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
         sts = STSCalibration.load(sts_path) if sts_path else None
+        if sts is not None:
+            # STS is fitted position by position (T_k with T_1..T_k-1 fixed), so a calibration of a
+            # longer block serves a shorter one: refused only at start, not at the first draft
+            if len(sts.temperatures) < gamma:
+                raise ValueError(f"{sts_path}: {len(sts.temperatures)} STS temperature(s) for num_speculative_tokens "
+                                 f"= {gamma}; calibrate at least {gamma} positions")
+            sts = STSCalibration(sts.temperatures[:gamma], sts.metadata)
         return cls(scheduler, sps, sts)

@@ -53,7 +53,9 @@ def steep_adaptive_run(python: str, gamma: int, scheduler: str, workloads: list[
         sps.write_text(json.dumps(STEEP_SPS))
         return run_in_python(python, {
             "gamma": gamma, "target": "successor", "draft": "oracle", "adaptive": True, "baseline": False,
-            "env": {"DSPARK_SCHEDULER": scheduler, "DSPARK_SPS_TABLE": str(sps)}, "workloads": workloads})["workloads"]
+            # the user's STS file (DSPARK_STS) is calibrated for their draft, not the oracle at this γ
+            "env": {"DSPARK_SCHEDULER": scheduler, "DSPARK_SPS_TABLE": str(sps), "DSPARK_STS": ""},
+            "workloads": workloads})["workloads"]
 
 
 def _checks(python: str) -> list[dict]:
