@@ -6,8 +6,8 @@ at the copy bandwidth measured in the same run.
 
     PYTHONPATH=. python bench/bench_draft_attention.py --sizes 1,16,128 [--context 560] [--repeats 50]
 
-Contexts are ragged: request r holds context − (r mod 64) rows, in segments placed as the drafter's
-pool places them. Median of --repeats, each timed by CUDA events over a loop of 10 calls."""
+Contexts are ragged: request r holds context − (r mod 64) rows, in pages as the drafter's pool hands
+them out (committed in four pieces, so each request's pages interleave with the others'). Median of --repeats, each timed by CUDA events over a loop of 10 calls."""
 
 import argparse
 import functools
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from dspark_cli.integrations.tgi.draft import DSparkDraft, PagedContexts, _attention_chunks
-from dspark_cli.integrations.tgi.kv_pool import KVPool
+from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
 from dspark_cli.runtime import cuda_ops
 
 HEADS, KV_HEADS, HEAD_DIM, GAMMA = 32, 8, 128, 7
@@ -64,15 +64,14 @@ def main() -> None:
         pool = KVPool(1)
         rand = lambda *s: torch.randn(*s, device="cuda", generator=g).bfloat16()  # noqa: E731
         ids = list(range(R))
-        for step in range(4):  # commits in pieces, so segments move and leave gaps as they grow
+        for step in range(4):  # commits in pieces, each request's pages interleaved with the others'
             counts = [n // 4 + (n % 4 if step == 3 else 0) for n in lengths]
             pool.commit(ids, counts, rand(1, sum(counts), KV_HEADS, HEAD_DIM), rand(1, sum(counts), KV_HEADS, HEAD_DIM))
         q, kb, vb = rand(R, GAMMA, HEADS, HEAD_DIM), rand(R, GAMMA, KV_HEADS, HEAD_DIM), rand(R, GAMMA, KV_HEADS, HEAD_DIM)
         out = torch.empty_like(q)
-        place, longest = pool.placement(ids, "cuda")
-        paged = PagedContexts(place[0], place[1], longest)
-        op_ms = timed(lambda: cuda_ops.draft_attention(q, kb, vb, pool.k[0], pool.v[0], paged.starts, paged.lengths,
-                                                       paged.longest, out), args.repeats)
+        paged = PagedContexts(*pool.page_table(ids, "cuda"))
+        op_ms = timed(lambda: cuda_ops.draft_attention(q, kb, vb, pool.k[0], pool.v[0], paged.pages, PAGE_ROWS,
+                                                       paged.lengths, paged.longest, out), args.repeats)
         # the drafter's method without our op: it reads nothing of the drafter but its pool
         sdpa = functools.partial(DSparkDraft._block_attention, SimpleNamespace(context_kv=pool))
         plan = _attention_chunks(pool, ids, GAMMA, "cuda")

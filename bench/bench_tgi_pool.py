@@ -1,26 +1,29 @@
 """The TGI drafter's context pool reserved at warmup (kv_pool.py), near full: what a step's commit
-costs when the segments fit, and what a placement (the segments compacted in place, each given its
-share of the room left) costs when one does not. At the drafter's K/V widths of the Qwen3 DSpark
-drafters (five layers, 8 KV heads of 128, bf16: 20 KiB per committed token), --requests requests
-start at 0.5 to 1.5 times --context rows (spread evenly, so their segments do not all double at
-one step) in a pool reserved for --reserve tokens, then --steps steps commit 4 rows to every
-request (the anchor row and 3 accepted drafts), as TGI's decode does.
+costs, with and without requests finishing and arriving. At the drafter's K/V widths of the Qwen3
+DSpark drafters (five layers, 8 KV heads of 128, bf16: 20 KiB per committed token), --requests
+requests start at 0.5 to 1.5 times --context rows (spread evenly) in a pool reserved for --reserve
+tokens, then --steps steps commit 4 rows to every request (the anchor row and 3 accepted drafts),
+as TGI's decode does. With --lifetime LO,HI, a serving pool's churn: each request finishes after LO
+to HI steps (random, seeded) and a new one arrives in its place in the same commit with a prompt of
+0.5 to 1.5 times --context rows.
 
     PYTHONPATH=. python bench/bench_tgi_pool.py [--reserve 1000000] [--requests 256] [--context 2500]
-        [--steps 300] [--device cuda] [--json-out FILE]
+        [--steps 300] [--lifetime LO,HI] [--device cuda] [--json-out FILE]
 
-Prints the median and slowest commit without a placement, each commit's time with one, how many
-placements the steps took, the occupancy they reached and the copy floor of one placement (the live
-rows read and written once at --bandwidth)."""
+Prints the median, 99th percentile and slowest commit (timed between device syncs), how often the
+tensors were made again (`_remake`: only when the live pages outgrow the reservation), the rows
+committed and the pages taken at the fullest step, and the floor of a decode step's commit (its
+rows written once at --bandwidth)."""
 
 import argparse
 import json
+import random
 import statistics
 import time
 
 import torch
 
-from dspark_cli.integrations.tgi.kv_pool import KVPool
+from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
 
 LAYERS, KV_HEADS, HEAD_DIM, COMMIT = 5, 8, 128, 4
 
@@ -31,10 +34,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--context", type=int, default=2500)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lifetime", help="LO,HI: each request finishes after LO..HI steps and a new one arrives")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bandwidth", type=float, default=4.1e12, help="copy bandwidth, bytes/s (H200: ~4.1e12)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    lifetime = tuple(map(int, args.lifetime.split(","))) if args.lifetime else None
+    rng = random.Random(0)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     pool = KVPool(LAYERS)
@@ -42,36 +48,44 @@ def main() -> None:
     pool.reserve(args.reserve, like)
     ids = list(range(args.requests))
     contexts = [args.context * (args.requests + 2 * i) // (2 * args.requests) for i in ids]  # 0.5x .. 1.5x
-    rows = torch.randn(LAYERS, sum(contexts), KV_HEADS, HEAD_DIM, device=args.device).bfloat16()
-    pool.commit(ids, contexts, rows, rows)
-    del rows
-    step_rows = torch.randn(LAYERS, args.requests * COMMIT, KV_HEADS, HEAD_DIM, device=args.device).bfloat16()
-    row_bytes = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2
-    placed = []
-    place = pool._place
-
-    def timed_place(*a):  # count and mark the placements a commit makes
-        placed.append(True)
-        return place(*a)
-
-    pool._place = timed_place
-    plain, placing = [], []
+    rows = torch.randn(LAYERS, max(sum(contexts), args.requests * COMMIT), KV_HEADS, HEAD_DIM,
+                       device=args.device).bfloat16()
+    pool.commit(ids, contexts, rows[:, :sum(contexts)], rows[:, :sum(contexts)])
+    remade = []
+    remake = pool._remake
+    pool._remake = lambda *a: remade.append(1) or remake(*a)  # count the tensors made again
+    times, fullest, pages_fullest = [], 0.0, 0.0
+    left = {r: rng.randint(*lifetime) for r in ids} if lifetime else {}
+    next_id = args.requests
     for _ in range(args.steps):
-        before = len(placed)
+        counts = [COMMIT] * args.requests
+        for i, r in enumerate(ids if left else ()):
+            left[r] -= 1
+            if left[r] == 0:  # finished: a new request's prompt takes its place
+                pool.drop(r)
+                del left[r]
+                ids[i], next_id = next_id, next_id + 1
+                left[ids[i]] = rng.randint(*lifetime)
+                counts[i] = rng.randint(args.context // 2, 3 * args.context // 2)
+        n = sum(counts)
+        step_rows = rows[:, :n] if n <= rows.shape[1] else rows[:, :1].expand(-1, n, -1, -1)
         sync()
         t = time.perf_counter()
-        pool.commit(ids, [COMMIT] * args.requests, step_rows, step_rows)
+        pool.commit(ids, counts, step_rows, step_rows)
         sync()
-        (placing if len(placed) > before else plain).append((time.perf_counter() - t) * 1e3)
-    live = sum(pool.length(r) for r in ids)
-    floor_ms = 2 * live * row_bytes / args.bandwidth * 1e3
+        times.append((time.perf_counter() - t) * 1e3)
+        fullest = max(fullest, sum(pool.length(r) for r in ids) / pool.reserved)
+        pages_fullest = max(pages_fullest, sum(len(pool.pages[r]) for r in ids) * PAGE_ROWS / pool.reserved)
+    row_bytes = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2
+    times.sort()
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "reserve": args.reserve, "requests": args.requests, "steps": args.steps,
-              "live_rows_end": live, "occupancy_end": live / pool.reserved, "outgrown": pool.outgrown,
-              "commit_ms_median": statistics.median(plain) if plain else None,
-              "commit_ms_max": max(plain) if plain else None,
-              "placements": len(placing), "placement_ms": [round(x, 3) for x in placing],
-              "placement_floor_ms_at_end": floor_ms, "pool_gib": pool.reserved * row_bytes / 2**30}
+              "reserve": args.reserve, "requests": args.requests, "steps": args.steps, "lifetime": lifetime,
+              "arrivals": next_id - args.requests, "rows_committed_fullest": fullest,
+              "pages_taken_fullest": pages_fullest, "remade": len(remade), "outgrown": pool.outgrown,
+              "commit_ms_median": statistics.median(times), "commit_ms_p99": times[int(0.99 * (len(times) - 1))],
+              "commit_ms_max": times[-1],
+              "decode_commit_floor_ms": args.requests * COMMIT * row_bytes / args.bandwidth * 1e3,
+              "pool_gib": pool.k.numel() * 2 * pool.k.element_size() / 2**30}
     print(json.dumps(result, indent=1))
     if args.json_out:
         with open(args.json_out, "w") as f:

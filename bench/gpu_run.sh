@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session for issue 4: build the extension, run the GPU tests, benchmark the kernels (the TGI
-# drafter's attention op too), the runtime and `dspark profile`'s step timing. Needs python3 with
-# torch (CUDA build), nvcc, ninja and pytest, and transformers, typer and rich for the profile and
-# CLI steps; no install of dspark (PYTHONPATH=.).
+# drafter's attention op and context pool too), the runtime and `dspark profile`'s step timing. Needs
+# python3 with torch (CUDA build), nvcc, ninja and pytest, and transformers, typer and rich for the
+# profile and CLI steps; no install of dspark (PYTHONPATH=.).
 #   OUT=/tmp/out bash bench/gpu_run.sh
 # Steps run most-needed first and each writes its own file under $OUT, so a run cut short by the
 # device's time limit still returns what finished.
@@ -31,6 +31,9 @@ python3 bench/bench_kernels.py --ops rejection --repeats "$REPEATS" --sizes 1,16
 python3 bench/bench_kernels.py --ops warped --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_warped.json" 2>&1 | tee "$OUT/bench_warped.txt"
 python3 bench/bench_draft_attention.py --sizes 1,16,128 --repeats "$REPEATS" 2>&1 | tee "$OUT/bench_draft_attention.txt"
+# The drafter's context pool near full: requests growing, then finishing and arriving.
+python3 bench/bench_tgi_pool.py --json-out "$OUT/bench_tgi_pool.json" > /dev/null
+python3 bench/bench_tgi_pool.py --lifetime 100,300 --steps 600 --json-out "$OUT/bench_tgi_pool_churn.json" > /dev/null
 python3 bench/bench_profile.py --sizes 1,8,32,128,512 --context 256 2>&1 | tee "$OUT/bench_profile.txt"
 # The CLI path too, where the machine has typer/rich: a cached rebuild and `dspark verify ops`.
 { time python3 -m dspark_cli build; python3 -m dspark_cli verify ops; } 2>&1 | tee "$OUT/cli.txt"

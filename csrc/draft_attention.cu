@@ -1,7 +1,7 @@
 // The DSpark drafter's block attention read straight from its paged context K/V (TGI's drafter:
 // dspark_cli/integrations/tgi/draft.py, kv_pool.py). Request r's γ block queries attend, without a
-// causal mask, to its committed context — rows starts[r] .. starts[r] + lengths[r] − 1 of the
-// pool — followed by its own block's γ keys. The torch path gathers every request's context into a
+// causal mask, to its committed context — lengths[r] rows of the pool, page by page through its
+// page table (row i in page pages[r][i / page_rows] at i % page_rows) — followed by its own block's γ keys. The torch path gathers every request's context into a
 // padded batch first (at R = 128 and ~560 rows, ~290 MB of K/V copied per layer, then read again);
 // here each CTA streams its keys from where they live.
 //
@@ -77,12 +77,12 @@ struct AttentionParams {
   const void* v_block;
   const void* k_pool;   // [pool rows, kv, hd]
   const void* v_pool;
-  const int* starts;    // [R] first pool row of each request's context
+  const int* pages;     // [R, page_columns] each request's pool pages, in the order of its rows
   const int* lengths;   // [R] its committed rows
   void* out;            // [R, γ, H, hd]
   float* split_out;     // [splits, R, kv, M, hd] each split's normalized output (splits > 1)
   float* split_lse;     // [splits, R, kv, M] its log-sum-exp (natural log)
-  int R, gamma, heads, kv_heads, group, rows, rows_padded, splits, split_keys;
+  int R, gamma, heads, kv_heads, group, rows, rows_padded, splits, split_keys, page_rows, page_columns;
   float scale_log2;     // 1/√hd · log2(e): scores in log2 units
 };
 
@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
   constexpr int kPiece = 16 / static_cast<int>(sizeof(T));  // elements in 16 bytes
   constexpr int kChunks = HD / kPiece;                       // 16-byte pieces of one row
   const int r = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int length = p.lengths[r], start = p.starts[r];
+  const int length = p.lengths[r];
+  const int* pages = p.pages + static_cast<size_t>(r) * p.page_columns;
   const int n_keys = length + p.gamma;
   const int key_begin = split * p.split_keys;
   // the last split takes every key left, whatever the host's max_length said
@@ -171,7 +172,8 @@ __global__ void __launch_bounds__(kThreads) draft_attention_kernel(AttentionPara
       const int row = i / kChunks, piece = i % kChunks, key = first + row;
       const bool valid = key < key_end;
       const bool context = key < length;
-      const size_t offset = (context ? static_cast<size_t>(start) + key : static_cast<size_t>(max(key - length, 0))) * row_elems;
+      const size_t offset = (context ? static_cast<size_t>(pages[key / p.page_rows]) * p.page_rows + key % p.page_rows
+                                     : static_cast<size_t>(max(key - length, 0))) * row_elems;
       const T* ksrc = valid ? (context ? k_pool : k_block) + offset : k_block;
       const T* vsrc = valid ? (context ? v_pool : v_block) + offset : v_block;
       copy16_async(kd + row * L::kv + piece * kPiece, ksrc + piece * kPiece, valid);
@@ -379,8 +381,8 @@ int64_t draft_attention_smem(int64_t query_rows, int64_t head_dim) {
 }
 
 void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
-                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
-                          const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {
+                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pages,
+                          int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {
   TORCH_CHECK(q.dim() == 4 && k_block.dim() == 4 && k_pool.dim() == 3,
               "draft_attention: q [R, γ, H, hd], k_block [R, γ, kv, hd], k_pool [rows, kv, hd]");
   const int64_t R = q.size(0), gamma = q.size(1), heads = q.size(2), hd = q.size(3), kv = k_block.size(2);
@@ -397,10 +399,12 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   }
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "draft_attention: bf16 or fp16");
   TORCH_CHECK(hd == 64 || hd == 128, "draft_attention: head_dim 64 or 128");
-  TORCH_CHECK(starts.scalar_type() == at::kInt && lengths.scalar_type() == at::kInt && starts.numel() == R &&
-                  lengths.numel() == R && starts.is_contiguous() && lengths.is_contiguous() &&
-                  starts.device() == q.device() && lengths.device() == q.device(),
-              "draft_attention: starts and lengths contiguous int32 [R] on q's GPU");
+  TORCH_CHECK(pages.scalar_type() == at::kInt && lengths.scalar_type() == at::kInt && pages.dim() == 2 &&
+                  pages.size(0) == R && lengths.numel() == R && pages.is_contiguous() && lengths.is_contiguous() &&
+                  pages.device() == q.device() && lengths.device() == q.device(),
+              "draft_attention: pages contiguous int32 [R, columns] and lengths int32 [R] on q's GPU");
+  TORCH_CHECK(page_rows >= 1 && k_pool.size(0) % page_rows == 0,
+              "draft_attention: page_rows must be ≥ 1 and divide the pool's rows");
   const int group = static_cast<int>(heads / kv), rows = group * static_cast<int>(gamma);
   const int rows_padded = (rows + 15) / 16 * 16;
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);
@@ -422,7 +426,9 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   p.v_block = v_block.data_ptr();
   p.k_pool = k_pool.data_ptr();
   p.v_pool = v_pool.data_ptr();
-  p.starts = starts.data_ptr<int>();
+  p.pages = pages.data_ptr<int>();
+  p.page_rows = static_cast<int>(page_rows);
+  p.page_columns = static_cast<int>(pages.size(1));
   p.lengths = lengths.data_ptr<int>();
   p.out = out.data_ptr();
   p.R = static_cast<int>(R);

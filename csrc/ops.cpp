@@ -23,8 +23,8 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
                                     int64_t sps_limit);
 
 void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
-                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
-                          const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
+                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pages,
+                          int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
 
 // Shared memory of one draft_attention CTA for that many query rows per KV head (16-bit dtypes), or
 // 0 where the op does not take the shape: cuda_ops.draft_attention_fits asks it of the GPU's limit.
@@ -73,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
 
 // Writes into `out` only: nothing to allocate.
 void draft_attention_meta(const at::Tensor& q, const at::Tensor& k_block, const at::Tensor& v_block,
-                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& starts,
-                          const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {}
+                          const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pages,
+                          int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {}
 
 }  // namespace dspark
 
@@ -92,8 +92,8 @@ TORCH_LIBRARY(dspark, m) {
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
   m.def(
-      "draft_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_pool, Tensor v_pool, Tensor starts, "
-      "Tensor lengths, int max_length, Tensor(a!) out) -> ()");
+      "draft_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_pool, Tensor v_pool, Tensor pages, "
+      "int page_rows, Tensor lengths, int max_length, Tensor(a!) out) -> ()");
   m.def("draft_attention_smem(int query_rows, int head_dim) -> int", &dspark::draft_attention_smem);
 }
 

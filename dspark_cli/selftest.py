@@ -229,59 +229,63 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels
             "budget": int(out.sum()), "budget_ref": int(ref.sum()), "rows_differing": int((out != ref).sum())}
 
 
-def draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False):
-    """q [R, γ, H, hd], the block's K/V, the pool's K/V and the contexts' starts and lengths for
-    cuda_ops.draft_attention: random q and block K/V, and a pool whose segments start at shuffled
-    places with unused rows (filled with a large value: a read of them would show) between and
-    around them. ramp: context keys scaled from 0.2 up to 5 along each context, so that later key
+def draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False, page_rows=16):
+    """q [R, γ, H, hd], the block's K/V, the pool's K/V, the page table with its page_rows and the
+    contexts' lengths for cuda_ops.draft_attention: random q and block K/V, and a pool whose pages
+    go to the requests in shuffled order, with spare pages and every unused row (the tails of the
+    last pages, the table's columns past a request's pages) holding a large value: a read of them
+    would show. ramp: context keys scaled from 0.2 up to 5 along each context, so that later key
     tiles hold far larger scores than the first (the kernel's running max moves and its
     accumulator is rescaled)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     R = len(lengths)
     rand = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
     q, k_block, v_block = rand(R, gamma, heads, hd), rand(R, gamma, kv, hd), rand(R, gamma, kv, hd)
-    gaps = torch.randint(0, 9, (R,), generator=g, device="cuda").tolist()
-    order = torch.randperm(R, generator=g, device="cuda").tolist()
-    starts, top = [0] * R, 5
-    for r in order:
-        starts[r] = top
-        top += lengths[r] + gaps[r]
-    k_pool = torch.full((top + 7, kv, hd), 300.0, device="cuda", dtype=dtype)
+    held = [-(-n // page_rows) for n in lengths]
+    total = sum(held) + 3  # spare pages, one of them the table's padding
+    order = torch.randperm(total, generator=g, device="cuda").tolist()
+    pages = torch.full((R, max(held + [1])), order[-1], dtype=torch.int32)
+    k_pool = torch.full((total * page_rows, kv, hd), 300.0, device="cuda", dtype=dtype)
     v_pool = k_pool.clone()
-    for r in range(R):
-        scale = torch.linspace(0.2, 5, lengths[r], device="cuda")[:, None, None] if ramp else 1
-        k_pool[starts[r]:starts[r] + lengths[r]] = (rand(lengths[r], kv, hd) * scale).to(dtype)
-        v_pool[starts[r]:starts[r] + lengths[r]] = rand(lengths[r], kv, hd)
-    place = torch.tensor([starts, lengths], dtype=torch.int32, device="cuda")
-    return q, k_block, v_block, k_pool, v_pool, place[0], place[1]
+    taken = 0
+    for r, n in enumerate(lengths):
+        pages[r, :held[r]] = torch.tensor(order[taken:taken + held[r]], dtype=torch.int32)
+        taken += held[r]
+        rows = (pages[r, :held[r], None].long() * page_rows + torch.arange(page_rows)).flatten()[:n].cuda()
+        scale = torch.linspace(0.2, 5, n, device="cuda")[:, None, None] if ramp else 1
+        k_pool[rows] = (rand(n, kv, hd) * scale).to(dtype)
+        v_pool[rows] = rand(n, kv, hd)
+    lengths = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    return q, k_block, v_block, k_pool, v_pool, pages.cuda(), page_rows, lengths
 
 
-def draft_attention_reference(q, k_block, v_block, k_pool, v_pool, starts, lengths):
+def draft_attention_reference(q, k_block, v_block, k_pool, v_pool, pages, page_rows, lengths):
     """Per request, in fp32: softmax(q kᵀ / √hd) v over [context rows ; block rows], grouped-query heads."""
     R, gamma, heads, hd = q.shape
     group = heads // k_block.shape[2]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for r in range(R):
-        s, n = int(starts[r]), int(lengths[r])
-        k = torch.cat([k_pool[s:s + n], k_block[r]]).float().repeat_interleave(group, 1)  # [keys, H, hd]
-        v = torch.cat([v_pool[s:s + n], v_block[r]]).float().repeat_interleave(group, 1)
+        n = int(lengths[r])
+        rows = (pages[r, :, None].long() * page_rows + torch.arange(page_rows, device=q.device)).flatten()[:n]
+        k = torch.cat([k_pool[rows], k_block[r]]).float().repeat_interleave(group, 1)  # [keys, H, hd]
+        v = torch.cat([v_pool[rows], v_block[r]]).float().repeat_interleave(group, 1)
         scores = torch.einsum("thd,khd->htk", q[r].float(), k) / hd ** 0.5
         out[r] = torch.einsum("htk,khd->thd", scores.softmax(-1), v)
     return out
 
 
 def compare_draft_attention(lengths, gamma=7, heads=32, kv=8, hd=128, dtype=torch.bfloat16, seed=0,
-                            ramp=False) -> dict:
+                            ramp=False, page_rows=16) -> dict:
     """The drafter attention op vs fp32 attention per request (output over NaN-poisoned memory)."""
     from dspark_cli.runtime import cuda_ops
 
-    inputs = draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp)
+    inputs = draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp, page_rows)
     poison_allocator()
     out = torch.full_like(inputs[0], float("nan"))
     cuda_ops.draft_attention(*inputs, max(lengths), out)
     err = float((out.float() - draft_attention_reference(*inputs)).abs().max())
     return {"case": f"draft_attention R={len(lengths)} context≤{max(lengths)} γ={gamma} H={heads} kv={kv} hd={hd} "
-                    f"{str(dtype).removeprefix('torch.')}{' ramp' if ramp else ''}",
+                    f"{str(dtype).removeprefix('torch.')}{' ramp' if ramp else ''} pages of {page_rows}",
             "ok": not bool(out.isnan().any()) and err < 2e-2, "attention_max_abs_err": err}
 
 
@@ -427,10 +431,10 @@ SELF_TEST_REJECTION = [
 ]
 
 
-SELF_TEST_DRAFT_ATTENTION = [  # lengths, γ, H, kv, hd, dtype, seed, ramp
-    ([560] * 128, 7, 32, 8, 128, torch.bfloat16, 1),          # one launch, Qwen3-4B DSpark at R = 128
-    ([3000], 7, 32, 8, 128, torch.bfloat16, 2, True),         # keys split and merged; the max moves
-    ([40, 0, 17] * 5, 16, 8, 1, 64, torch.float16, 3, True),  # 128 query rows per KV head, hd 64
+SELF_TEST_DRAFT_ATTENTION = [  # lengths, γ, H, kv, hd, dtype, seed, ramp, page_rows
+    ([560] * 128, 7, 32, 8, 128, torch.bfloat16, 1),              # one launch, Qwen3-4B DSpark at R = 128
+    ([3000], 7, 32, 8, 128, torch.bfloat16, 2, True),             # keys split and merged; the max moves
+    ([40, 0, 17] * 5, 16, 8, 1, 64, torch.float16, 3, True, 5),   # 128 query rows per KV head, hd 64, odd pages
 ]
 
 

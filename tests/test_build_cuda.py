@@ -51,8 +51,8 @@ def sched(a_stale, a_now, dense):
 def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats, thresholds):
     return torch.ops.dspark.rejection_sample(target, None, ell, tokens, q_token, None, U, anchors, w1, w2, T, None,
                                              seeds, row_stats, G + 1, None, thresholds)
-def attend(q, kb, vb, kp, vp, starts, lengths, out):
-    torch.ops.dspark.draft_attention(q, kb, vb, kp, vp, starts, lengths, 600, out)
+def attend(q, kb, vb, kp, vp, pages, lengths, out):
+    torch.ops.dspark.draft_attention(q, kb, vb, kp, vp, pages, 16, lengths, 600, out)
     return out
 I32 = lambda *s: meta(*s, dtype=torch.int32)
 cases = {
@@ -61,7 +61,7 @@ cases = {
     "markov_chain_lazy": (chain_lazy, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R))),
     "schedule_production": (sched, lambda R: (meta(R + 2, G), meta(R, G), meta(9))),
     "draft_attention": (attend, lambda R: (bf(R, G, 32, 128), bf(R, G, 8, 128), bf(R, G, 8, 128), bf(4096, 8, 128),
-                                           bf(4096, 8, 128), I32(R), I32(R), bf(R, G, 32, 128))),
+                                           bf(4096, 8, 128), I32(R, 40), I32(R), bf(R, G, 32, 128))),
     "rejection_sample": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
                                             bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G))),
 }

@@ -1,5 +1,5 @@
 """Our drafter attention op (csrc/draft_attention.cu) on a GPU: each request's block queries onto its
-context where it lies in the pool (segments at scattered starts, gaps between them) and its own
+context where it lies in the pool (pages in shuffled order, poisoned rows around them) and its own
 block, against attention computed per request in fp32 from the same inputs; outputs over
 NaN-poisoned memory; one launch and the split-and-merge path; CUDA-graph capture; and the TGI
 drafter with the op against itself on SDPA. Skipped, with the reason, without a GPU or a build.
@@ -15,21 +15,23 @@ from dspark_cli.selftest import compare_draft_attention, draft_attention_inputs,
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
 
 
-CASES = [  # lengths, γ, H, kv, hd, dtype, ramp: one launch and split keys (few requests, long contexts)
-    ([560] * 128, 7, 32, 8, 128, torch.bfloat16, False),  # Qwen3-4B DSpark at R = 128
-    ([0, 1, 63, 64, 65, 700, 3], 7, 32, 8, 128, torch.bfloat16, False),  # tile edges, an empty context
-    ([3000], 7, 32, 8, 128, torch.bfloat16, False),          # R = 1: keys split, merged
-    ([5, 2000], 4, 16, 2, 64, torch.float16, False),         # hd 64, fp16, split with a short request
-    ([40, 0, 17] * 44, 16, 8, 1, 64, torch.bfloat16, False),  # 128 query rows per KV head, R = 132
-    ([0, 0], 3, 2, 1, 64, torch.bfloat16, False),            # no context at all (the tiny drafter's shape)
-    ([900] * 40, 7, 32, 8, 128, torch.bfloat16, True),       # scores growing along the context
-    ([2500], 7, 32, 8, 128, torch.float16, True),            # the same in the splits
+CASES = [  # lengths, γ, H, kv, hd, dtype, ramp, page rows: one launch and split keys (few requests, long contexts)
+    ([560] * 128, 7, 32, 8, 128, torch.bfloat16, False, 16),  # Qwen3-4B DSpark at R = 128 (the TGI pool's pages)
+    ([0, 1, 63, 64, 65, 700, 3], 7, 32, 8, 128, torch.bfloat16, False, 16),  # tile edges, an empty context
+    ([0, 1, 63, 64, 65, 700, 3], 7, 32, 8, 128, torch.bfloat16, False, 1),   # a page per row
+    ([3000], 7, 32, 8, 128, torch.bfloat16, False, 64),       # R = 1: keys split, merged; a page per tile
+    ([5, 2000], 4, 16, 2, 64, torch.float16, False, 7),       # hd 64, fp16, split with a short request; odd pages
+    ([40, 0, 17] * 44, 16, 8, 1, 64, torch.bfloat16, False, 16),  # 128 query rows per KV head, R = 132
+    ([0, 0], 3, 2, 1, 64, torch.bfloat16, False, 16),         # no context at all (the tiny drafter's shape)
+    ([900] * 40, 7, 32, 8, 128, torch.bfloat16, True, 16),    # scores growing along the context
+    ([2500], 7, 32, 8, 128, torch.float16, True, 100),        # the same in the splits; pages across tiles
 ]
 
 
-@pytest.mark.parametrize("lengths,gamma,heads,kv,hd,dtype,ramp", CASES)
-def test_draft_attention_matches_per_request_attention(lengths, gamma, heads, kv, hd, dtype, ramp):
-    res = compare_draft_attention(lengths, gamma, heads, kv, hd, dtype, seed=len(lengths) * 31 + gamma, ramp=ramp)
+@pytest.mark.parametrize("lengths,gamma,heads,kv,hd,dtype,ramp,page_rows", CASES)
+def test_draft_attention_matches_per_request_attention(lengths, gamma, heads, kv, hd, dtype, ramp, page_rows):
+    res = compare_draft_attention(lengths, gamma, heads, kv, hd, dtype, seed=len(lengths) * 31 + gamma, ramp=ramp,
+                                  page_rows=page_rows)
     assert res["ok"], res
 
 
@@ -43,29 +45,34 @@ def test_a_too_small_max_length_still_reads_every_key():
 def test_draft_attention_replays_from_a_cuda_graph():
     """No host sync and its split workspace from the caching allocator: the op captures, and a
     replay after the contexts changed in place reads the new rows."""
-    q, kb, vb, kp, vp, starts, lengths = draft_attention_inputs([900, 20], 7, 32, 8, 128, torch.bfloat16, seed=4)
+    q, kb, vb, kp, vp, pages, page_rows, lengths = draft_attention_inputs([900, 20], 7, 32, 8, 128, torch.bfloat16,
+                                                                          seed=4)
     out = torch.empty_like(q)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts, lengths, 900, out)
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, pages, page_rows, lengths, 900, out)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts, lengths, 900, out)
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, pages, page_rows, lengths, 900, out)
     kp.mul_(-1.5)
     lengths[1] = 10
+    pages[0, :56] = pages[0, :56].flip(0)  # request 0's full pages (900 rows: 56 of 16, then 4) in another order
     graph.replay()
     torch.cuda.synchronize()
-    assert (out.float() - draft_attention_reference(q, kb, vb, kp, vp, starts, lengths)).abs().max().item() < 2e-2
+    ref = draft_attention_reference(q, kb, vb, kp, vp, pages, page_rows, lengths)
+    assert (out.float() - ref).abs().max().item() < 2e-2
 
 
 def test_draft_attention_refuses_what_it_does_not_cover():
-    q, kb, vb, kp, vp, starts, lengths = draft_attention_inputs([4], 7, 32, 8, 128, torch.bfloat16, seed=5)
+    q, kb, vb, kp, vp, pages, page_rows, lengths = draft_attention_inputs([4], 7, 32, 8, 128, torch.bfloat16, seed=5)
     with pytest.raises(RuntimeError, match="bf16 or fp16"):
-        cuda_ops.draft_attention(q.float(), kb.float(), vb.float(), kp.float(), vp.float(), starts, lengths, 4)
+        cuda_ops.draft_attention(q.float(), kb.float(), vb.float(), kp.float(), vp.float(), pages, page_rows, lengths, 4)
     with pytest.raises(RuntimeError, match="int32"):
-        cuda_ops.draft_attention(q, kb, vb, kp, vp, starts.long(), lengths, 4)
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, pages.long(), page_rows, lengths, 4)
+    with pytest.raises(RuntimeError, match="divide the pool's rows"):
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, pages, 7, lengths, 4)
     assert not cuda_ops.draft_attention_fits(q.float(), 128, 28)
     assert not cuda_ops.draft_attention_fits(q, 96, 28) and not cuda_ops.draft_attention_fits(q, 128, 129)
     assert cuda_ops.draft_attention_fits(q, 128, 28)

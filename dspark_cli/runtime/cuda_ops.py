@@ -178,13 +178,14 @@ def draft_attention_fits(weight: torch.Tensor, head_dim: int, query_rows: int) -
     return smem > 0 and props.major >= 8 and (smem <= limit if limit is not None else props.major >= 9)
 
 
-def draft_attention(q, k_block, v_block, k_pool, v_pool, starts, lengths, max_length: int, out=None):
+def draft_attention(q, k_block, v_block, k_pool, v_pool, pages, page_rows: int, lengths, max_length: int, out=None):
     """The drafter's block attention onto its paged context (csrc/draft_attention.cu): q [R, γ, H, hd]
-    and the block's k/v [R, γ, kv, hd] onto rows starts[r] .. starts[r] + lengths[r] − 1 of the
-    pool's k/v [rows, kv, hd] followed by the block's own keys, non-causal, scale 1/√hd. starts and
-    lengths int32 [R] on the GPU; max_length (host) the longest context, which sizes the key
-    splits. Writes `out` (allocated when None) and returns it. For what draft_attention_fits."""
+    and the block's k/v [R, γ, kv, hd] onto request r's lengths[r] committed rows of the pool's k/v
+    [rows, kv, hd] (row i at pool row pages[r, i // page_rows] · page_rows + i % page_rows) followed
+    by the block's own keys, non-causal, scale 1/√hd. pages int32 [R, columns] and lengths int32 [R]
+    on the GPU; max_length (host) the longest context, which sizes the key splits. Writes `out`
+    (allocated when None) and returns it. For what draft_attention_fits."""
     out = torch.empty_like(q) if out is None else out
     torch.ops.dspark.draft_attention(q.contiguous(), k_block.contiguous(), v_block.contiguous(), k_pool, v_pool,
-                                     starts, lengths, int(max_length), out)
+                                     pages, int(page_rows), lengths, int(max_length), out)
     return out

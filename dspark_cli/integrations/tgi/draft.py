@@ -9,8 +9,9 @@ runs SDPA with a key mask over the requests' padded contexts.
 
 Per step: the committed rows of all requests go through fc/K/V projections together
 (`extend_contexts`), and the blocks of all requests through the dense layers together
-(`hidden_blocks`, R·γ rows). The committed K/V of all requests live in one pool (kv_pool.py: a
-segment per request, grown by doubling), written by one index_copy_ for K and one for V, all layers at once. Attention runs
+(`hidden_blocks`, R·γ rows). The committed K/V of all requests live in one pool (kv_pool.py: pages
+of 16 rows, each request a list of them), written by one index_copy_ for K and one for V, all
+layers at once. Attention runs
 batched too (`_block_attention`): a few calls per layer whatever R is, where one SDPA call per
 request cost ~0.3 ms of eager dispatch each on an H200 (bench/RESULTS.md).
 """
@@ -27,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
-from dspark_cli.integrations.tgi.kv_pool import KVPool
+from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
 from dspark_cli.runtime import cuda_ops
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
@@ -302,8 +303,7 @@ class DSparkDraft:
         """How every layer's attention of this step finds the requests' contexts: in place in the pool
         (our op) or by chunks of padded gathers (SDPA)."""
         if self.paged_attention_fits and cuda_ops.available(self.w["embed_tokens.weight"]):
-            placement, longest = self.context_kv.placement(request_ids, device)
-            return PagedContexts(placement[0], placement[1], longest)
+            return PagedContexts(*self.context_kv.page_table(request_ids, device))
         return _attention_chunks(self.context_kv, request_ids, self.config.block_size, device)
 
     def _block_attention(self, layer: int, q: torch.Tensor, k_blk: torch.Tensor, v_blk: torch.Tensor,
@@ -319,7 +319,7 @@ class DSparkDraft:
         if isinstance(plan, PagedContexts):
             pool = self.context_kv
             k_pool, v_pool = (pool.k[layer], pool.v[layer]) if pool.k is not None else (k_blk.new_empty(0, kv, hd),) * 2
-            return cuda_ops.draft_attention(q, k_blk, v_blk, k_pool, v_pool, plan.starts, plan.lengths,
+            return cuda_ops.draft_attention(q, k_blk, v_blk, k_pool, v_pool, plan.pages, PAGE_ROWS, plan.lengths,
                                             plan.longest, out)
         out = torch.empty_like(q) if out is None else out
         g = H // kv
@@ -369,9 +369,10 @@ class DSparkDraft:
 
 @dataclass
 class PagedContexts:
-    """The batch's contexts where they lie in the pool, for our attention op: each request's first
-    row and length (int32 [R] on the device) and the longest length (sizes the op's key splits)."""
-    starts: torch.Tensor
+    """The batch's contexts where they lie in the pool, for our attention op: each request's pages
+    (int32 [R, columns]) and length (int32 [R]) on the device, and the longest length (sizes the
+    op's key splits)."""
+    pages: torch.Tensor
     lengths: torch.Tensor
     longest: int
 

@@ -1,84 +1,80 @@
-"""The TGI drafter's context K/V: every request's committed rows in one K and one V tensor
-[layers, rows, kv_heads, head_dim], each request owning a contiguous segment of rows, so that a
-step's commits are one index_copy_ for K and one for V, and a batch's padded contexts one gather
-per layer, whatever the number of requests (per-request tensors cost a few host dispatches each
-per layer: most of the drafter's step at R = 128 on an H200, bench/RESULTS.md session 17).
+"""The TGI drafter's context K/V in pages: every request's committed rows in one K and one V tensor
+[layers, pages · PAGE_ROWS, kv_heads, head_dim], each request owning a list of pages that hold its
+rows in order, so that a step's commits are one index_copy_ for K and one for V and our attention
+op reads each context through its page table, whatever the number of requests (per-request
+tensors cost a few host dispatches each per layer: most of the drafter's step at R = 128 on an
+H200, bench/RESULTS.md session 17).
 
-A segment's capacity doubles when its request outgrows it (the request moves to a new segment at
-the top: one copy); when the top reaches the end, the live segments are placed again from row 0,
-the growing one last. Unreserved, into a fresh tensor with twice their capacity (room doubled);
-dropped requests' rows are reclaimed by such a packing, or by one at a drop once they outnumber the
-live rows (and SHRINK_ROWS). Reserved (`reserve`, from TGI's warmup: the drafter's rows come out of
-the budget that sizes TGI's KV cache), within the reserved rows (when the room is short, each segment
-keeps its rows plus a share of the room left in proportion to them, so placements stay rare near a
-full pool), so serving allocates nothing more unless the live rows alone outgrow it.
+Nothing ever moves: a request takes pages from a free list as its context grows and gives them
+back when it finishes, so requests finishing and arriving at every step near a full pool cost
+nothing more (contiguous segments did: an arrival found the room shared out, and every live row was
+copied again every few steps, bench/RESULTS.md session 27). A request leaves fewer than PAGE_ROWS
+rows unused, less than TGI's own KV blocks (16 or 256 tokens) leave.
+
+Unreserved (in tests, and before TGI's warmup), the tensors are made again with twice the pages
+when the free list runs out. Reserved (`reserve`, from TGI's warmup: the drafter's rows come out of
+the budget that sizes TGI's KV cache), serving allocates nothing more unless the live pages alone
+outgrow it (then twice as many, counted in `outgrown`).
 
 Rows outside the committed ones are never read (our attention op reads each context's rows;
-`padded_index` pads with a committed row, or row 0 for a request without rows), so a tensor is
-made empty with only row 0 zeroed: a masked key still enters SDPA's products, and NaN garbage
-there would reach the output."""
+`padded_index` pads with a committed row), except page 0's: it belongs to no request and stays
+zero, the padding of a request without rows (a masked key still enters SDPA's products, and NaN
+garbage there would reach the output)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dspark_cli.integrations.ranges import concat_ranges
-
-MIN_SEGMENT = 16
-SHRINK_ROWS = 1 << 12  # dead rows a drop tolerates before packing (no repacking at every drop)
-
-
-@dataclass
-class Segment:
-    start: int
-    capacity: int
-    length: int = 0
+PAGE_ROWS = 16
+MIN_PAGES = 8  # the first tensor's pages (the zero page included)
 
 
 class KVPool:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.k: torch.Tensor | None = None  # [layers, rows, kv_heads, head_dim]
+        self.k: torch.Tensor | None = None  # [layers, pages · PAGE_ROWS, kv_heads, head_dim]
         self.v: torch.Tensor | None = None
-        self.top = 0  # rows below it belong to segments (live or dropped)
-        self.segments: dict[int, Segment] = {}
-        self.reserved = 0  # rows held for good (0: none; the tensor grows and shrinks with the live rows)
-        self.outgrown = 0  # how often the live rows alone outgrew the reservation (each time: a fresh tensor)
+        self.pages: dict[int, list[int]] = {}  # a request's pages, in the order of its rows
+        self.lengths: dict[int, int] = {}
+        self.free: list[int] = []  # pages no request holds (page 0 never among them)
+        # Every request's pages on the device too, one row of `table` each (`slots`; row 0: a
+        # request without rows, all page 0), written as pages are taken: a step's page tables are
+        # one gather, not a copy of every request's pages from the host (62k at 1M rows).
+        self.table: torch.Tensor | None = None  # int32 [slot rows, most pages]
+        self.slots: dict[int, int] = {}
+        self.free_slots: list[int] = []
+        self.reserved = 0  # rows held for good (0: none; the tensors grow as the live pages need)
+        self.outgrown = 0  # how often the live pages alone outgrew the reservation (each time: new tensors)
 
     def __contains__(self, request_id: int) -> bool:
-        return request_id in self.segments
+        return request_id in self.pages
 
     def __iter__(self):
-        return iter(list(self.segments))
+        return iter(list(self.pages))
 
     def length(self, request_id: int) -> int:
-        seg = self.segments.get(request_id)
-        return 0 if seg is None else seg.length
+        return self.lengths.get(request_id, 0)
 
     def drop(self, request_id: int) -> None:
-        if self.segments.pop(request_id, None) is None or self.k is None or self.reserved:
-            return
-        live = self._live_capacity()
-        if self.top - live > max(live, SHRINK_ROWS):
-            self._pack(None, 0, {}, self.k[0])
+        self.free.extend(reversed(self.pages.pop(request_id, [])))
+        self.lengths.pop(request_id, None)
+        if request_id in self.slots:
+            self.free_slots.append(self.slots.pop(request_id))
 
     def reserve(self, rows: int, like: torch.Tensor) -> None:
-        """Hold `rows` rows (at least the live segments' capacity) from now on; like: a tensor of
-        the K/V dtype and device, shaped [any, kv_heads, head_dim]."""
-        self.reserved = max(rows, self._live_capacity())
-        self._place(list(self.segments), {r: seg.capacity for r, seg in self.segments.items()},
-                    *self._allocate(self.reserved, like))
+        """Hold `rows` rows (at least the live pages) from now on; like: a tensor of the K/V dtype
+        and device, shaped [any, kv_heads, head_dim]."""
+        pages = max(-(-rows // PAGE_ROWS), self._live_pages()) + 1
+        self.reserved = (pages - 1) * PAGE_ROWS
+        self._remake(pages, like)
 
-    def _live_capacity(self) -> int:
-        return sum(seg.capacity for seg in self.segments.values())
+    def _live_pages(self) -> int:
+        return sum(map(len, self.pages.values()))
 
     def committed(self, request_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One request's committed K, V [length, kv_heads, head_dim] of a layer (views)."""
-        seg = self.segments[request_id]
-        rows = slice(seg.start, seg.start + seg.length)
-        return self.k[layer, rows], self.v[layer, rows]
+        """One request's committed K, V [length, kv_heads, head_dim] of a layer (copies)."""
+        rows = self._rows([request_id], [0], [self.length(request_id)], self.k.device)
+        return self.k[layer].index_select(0, rows), self.v[layer].index_select(0, rows)
 
     # ------------------------------------------------------------------ writing
 
@@ -89,107 +85,112 @@ class KVPool:
             raise ValueError(f"commit: request ids repeat in one call: {request_ids}")
         if sum(counts) == 0:
             return
-        k0, incoming = k[0], None
-        for r, n in zip(request_ids, counts):
-            seg = self.segments.get(r)
-            have = 0 if seg is None else seg.length
-            if n and (seg is None or have + n > seg.capacity):
-                incoming = incoming or dict(zip(request_ids, counts))  # (made only when a segment grows)
-                self._regrow(r, have + n, k0, incoming)
-        bases = [self.segments[r].start + self.segments[r].length if n else 0 for r, n in zip(request_ids, counts)]
-        dst = concat_ranges(bases, counts, k0.device)
+        have = [self.length(r) for r in request_ids]
+        short = sum(max(-(-(h + n) // PAGE_ROWS) - len(self.pages.get(r, ())), 0)
+                    for r, h, n in zip(request_ids, have, counts) if n)
+        if short > len(self.free):
+            self._make_room(short, k[0])
+        taken = []  # (slot, column, page) of every page taken now
+        for r, h, n in zip(request_ids, have, counts):
+            if n:
+                pages = self.pages.setdefault(r, [])
+                for column in range(len(pages), -(-(h + n) // PAGE_ROWS)):
+                    pages.append(self.free.pop())
+                    taken.append((self._slot(r), column, pages[-1]))
+                self.lengths[r] = h + n
+        self._write_table(taken, k.device)
+        dst = self._rows(request_ids, have, counts, k.device)
         self.k.index_copy_(1, dst, k)
         self.v.index_copy_(1, dst, v)
-        for r, n in zip(request_ids, counts):
-            if n:
-                self.segments[r].length += n
 
-    def _regrow(self, request_id: int, needed: int, like: torch.Tensor, incoming: dict[int, int]) -> None:
-        """Give the request a segment of at least `needed` rows (twice its old capacity when there
-        is room), its committed rows moved there: at the top, or last when the segments are placed
-        again. incoming: the rows the commit is about to write, per request."""
-        old = self.segments.get(request_id)
-        capacity = max(needed, 2 * (0 if old is None else old.capacity), MIN_SEGMENT)
-        if self.k is None or self.top + capacity > self.k.shape[1]:
-            self._pack(request_id, capacity, incoming, like)
-            return
-        seg = Segment(self.top, capacity, 0 if old is None else old.length)
-        if seg.length:
-            src = slice(old.start, old.start + old.length)
-            self.k[:, seg.start:seg.start + old.length] = self.k[:, src]
-            self.v[:, seg.start:seg.start + old.length] = self.v[:, src]
-        self.segments[request_id] = seg
-        self.top += capacity
-
-    def _pack(self, growing: int | None, capacity: int, incoming: dict[int, int], like: torch.Tensor) -> None:
-        """Place the live segments from row 0, each keeping its capacity, then `growing`'s (None:
-        none) with `capacity` rows. Unreserved: in a fresh tensor twice their size. Reserved: in
-        place; when that is short, every segment keeps its rows and the `incoming` ones a commit is
-        about to write plus its share of the room left, and only when even those rows are short, a
-        fresh tensor twice their size, which becomes the reservation."""
-        order = [r for r in self.segments if r != growing] + ([] if growing is None else [growing])
-        caps = {r: seg.capacity for r, seg in self.segments.items()}
-        if growing is not None:
-            caps[growing] = capacity
-        if self.reserved and sum(caps.values()) > self.reserved:
-            caps = {r: self.length(r) + incoming.get(r, 0) for r in order}
-            # The room left goes to the segments in proportion to their rows: each grows into its
-            # share before the next placement (with none, every later growth would place them all).
-            held, spare = sum(caps.values()), self.reserved - sum(caps.values())
-            if spare > 0:
-                caps = {r: n + spare * n // held for r, n in caps.items()}
-        total = sum(caps.values())
-        if self.reserved and total <= self.reserved:
-            self._place(order, caps, self.k, self.v)
-            return
-        rows = 2 * total
+    def _make_room(self, short: int, like: torch.Tensor) -> None:
+        """Tensors with `short` more free pages than the free list has, at least twice the pages:
+        unreserved, or reserved when the live pages alone outgrow the reservation (counted)."""
+        pages = max(2 * (1 if self.k is None else self.k.shape[1] // PAGE_ROWS),
+                    self._live_pages() + short + 1, MIN_PAGES)
         if self.reserved:
-            self.reserved, self.outgrown = rows, self.outgrown + 1
-        self._place(order, caps, *self._allocate(rows, like))
+            self.reserved, self.outgrown = (pages - 1) * PAGE_ROWS, self.outgrown + 1
+        self._remake(pages, like)
 
-    def _allocate(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (self.num_layers, max(rows, 1), *like.shape[1:])  # row 0 exists for padding
+    def _remake(self, pages: int, like: torch.Tensor) -> None:
+        """New tensors of `pages` pages with page 0 zeroed, the live pages moved to 1, 2, ... in
+        request order (one gather per layer and tensor); every other page free."""
+        shape = (self.num_layers, pages * PAGE_ROWS, *like.shape[1:])
         k, v = like.new_empty(shape), like.new_empty(shape)
-        k[:, :1].zero_()  # the row a request without rows is padded with (module docstring)
-        v[:, :1].zero_()
-        return k, v
+        k[:, :PAGE_ROWS].zero_()
+        v[:, :PAGE_ROWS].zero_()
+        live = [p for r in self.pages for p in self.pages[r]]
+        if live:
+            src = (torch.tensor(live)[:, None] * PAGE_ROWS + torch.arange(PAGE_ROWS)).flatten().to(k.device)
+            end = (1 + len(live)) * PAGE_ROWS
+            for new, old in ((k, self.k), (v, self.v)):
+                for layer in range(self.num_layers):
+                    torch.index_select(old[layer], 0, src, out=new[layer, PAGE_ROWS:end])
+        first = 1
+        for r, held in self.pages.items():
+            self.pages[r] = list(range(first, first + len(held)))
+            first += len(held)
+        self.free = list(range(pages - 1, first - 1, -1))  # popped from the end: low pages first
+        self.k, self.v = k, v
+        self.table = None
+        self._write_table([(self.slots[r], c, p) for r, held in self.pages.items() for c, p in enumerate(held)],
+                          k.device)
 
-    def _place(self, order: list[int], caps: dict[int, int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Lay the requests in `order` out from row 0 of k, v with capacities `caps`, their committed
-        rows moved there; k, v may be the pool's own tensors (every row is read before any is
-        written: a layer at a time, a smaller temporary)."""
-        starts, top, src, dst = {}, 0, [], []
-        for r in order:
-            n = self.length(r)
+    def _slot(self, request_id: int) -> int:
+        if request_id not in self.slots:
+            self.slots[request_id] = self.free_slots.pop() if self.free_slots else len(self.slots) + 1
+        return self.slots[request_id]
+
+    def _write_table(self, entries: list[tuple[int, int, int]], device) -> None:
+        """table[slot, column] = page for each entry (one copy to the device), the table made
+        again with twice the rows or columns it lacks."""
+        rows = 1 + max(self.slots.values(), default=0)
+        columns = max([len(p) for p in self.pages.values()] + [1])
+        if self.table is None or rows > self.table.shape[0] or columns > self.table.shape[1]:
+            old, self.table = self.table, torch.zeros(
+                max(rows, 2 * (0 if self.table is None else self.table.shape[0]), 8),
+                max(columns, 2 * (0 if self.table is None else self.table.shape[1]), 8), dtype=torch.int32, device=device)
+            if old is not None:
+                self.table[:old.shape[0], :old.shape[1]] = old
+        if entries:
+            slot, column, page = torch.tensor(entries, dtype=torch.int64).to(device).T
+            self.table[slot, column] = page.int()
+
+    def _rows(self, request_ids: list[int], starts: list[int], counts: list[int], device) -> torch.Tensor:
+        """int64 [Σ counts] on `device`: the pool rows of positions starts[i] .. starts[i] +
+        counts[i] − 1 of request_ids[i]'s context, concatenated; one copy to the device. Only the
+        pages those positions touch are gathered on the host (a decode step's: one or two each)."""
+        touched, first, spans = [], [], []
+        for r, s, n in zip(request_ids, starts, counts):
+            lo = s // PAGE_ROWS
+            first.append(len(touched) - lo)
             if n:
-                seg = self.segments[r]
-                src.append(torch.arange(seg.start, seg.start + n))
-                dst.append(torch.arange(top, top + n))
-            starts[r] = top
-            top += caps[r]
-        if src:
-            src_rows, dst_rows = torch.cat(src).to(k.device), torch.cat(dst).to(k.device)
-            for layer in range(self.num_layers):
-                k[layer].index_copy_(0, dst_rows, self.k[layer].index_select(0, src_rows))
-                v[layer].index_copy_(0, dst_rows, self.v[layer].index_select(0, src_rows))
-        self.segments = {r: Segment(starts[r], caps[r], self.length(r)) for r in order}
-        self.k, self.v, self.top = k, v, top
+                touched.extend(self.pages[r][lo:(s + n - 1) // PAGE_ROWS + 1])
+            spans.append(n)
+        n = torch.tensor(spans, dtype=torch.int64)
+        owner_first = torch.repeat_interleave(torch.tensor(first, dtype=torch.int64), n)
+        pos = torch.repeat_interleave(torch.tensor(starts, dtype=torch.int64), n)
+        pos += torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        page = torch.tensor(touched, dtype=torch.int64)[owner_first + pos // PAGE_ROWS] if touched else pos
+        return (page * PAGE_ROWS + pos % PAGE_ROWS).to(device)
 
     # ------------------------------------------------------------------ reading
 
-    def placement(self, request_ids: list[int], device) -> tuple[torch.Tensor, int]:
-        """For reading the contexts in place (csrc/draft_attention.cu): int32 [2, n] on `device`, each
-        request's first pool row (0 without a segment) and its committed length (one copy), and the
-        longest of those lengths."""
-        segments = [self.segments.get(r) for r in request_ids]
-        lengths = [0 if s is None else s.length for s in segments]
-        rows = torch.tensor([[0 if s is None else s.start for s in segments], lengths], dtype=torch.int32)
-        return rows.to(device), max(lengths, default=0)
+    def page_table(self, request_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For reading the contexts in place (csrc/draft_attention.cu): the requests' pages int32 [n,
+        columns] (a row's columns past the request's own pages hold anything: not read) and
+        committed lengths int32 [n] on the pool's device (one copy, one gather), and the longest
+        of those lengths."""
+        if self.table is None:  # nothing committed yet
+            self._write_table([], device)
+        lengths = [self.length(r) for r in request_ids]
+        host = torch.tensor([lengths, [self.slots.get(r, 0) for r in request_ids]], dtype=torch.int32)
+        lengths_dev, slots = host.to(device)
+        return self.table.index_select(0, slots), lengths_dev, max(lengths, default=0)
 
     def padded_index(self, request_ids: list[int], width: int, device) -> torch.Tensor:
-        """[n, width] pool rows of each request's context padded to `width` (padding repeats a row
-        of the pool: masked by the caller)."""
-        starts = torch.tensor([self.segments[r].start if r in self.segments else 0 for r in request_ids])
-        last = torch.tensor([max(self.length(r) - 1, 0) for r in request_ids])
-        pos = torch.minimum(torch.arange(width)[None], last[:, None])
-        return (starts[:, None] + pos).to(device)
+        """[n, width] pool rows of each request's context padded to `width` (padding repeats its
+        last row, or row 0 of the zero page for a request without rows: masked by the caller)."""
+        pages, lengths, _ = self.page_table(request_ids, device)
+        pos = torch.minimum(torch.arange(width, device=device)[None], (lengths.long() - 1).clamp(min=0)[:, None])
+        return pages.long().gather(1, pos // PAGE_ROWS) * PAGE_ROWS + pos % PAGE_ROWS
