@@ -663,6 +663,23 @@ def test_context_pool_keeps_every_requests_rows_through_growth_and_drops(reserve
         pool.commit([r, r], [2, 3], rows[0].expand(layers, -1, -1, -1), rows[1].expand(layers, -1, -1, -1))
 
 
+def test_the_page_table_grows_only_where_it_is_short_and_a_batch_reads_only_its_columns():
+    """One request growing a page a commit made the device page table square (rows and columns
+    doubled together: 8192 × 8192 int32, 256 MiB, for one request of 8192 pages). And a batch's
+    page tables were as wide as the longest request ever held."""
+    from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
+
+    pool = KVPool(1)
+    pool.reserve(300 * PAGE_ROWS, torch.empty(0, 1, 1))
+    for _ in range(257):
+        pool.commit([7], [PAGE_ROWS], torch.ones(1, PAGE_ROWS, 1, 1), torch.ones(1, PAGE_ROWS, 1, 1))
+    assert pool.table.shape == (8, 512)
+    pool.commit([8], [3 * PAGE_ROWS], torch.ones(1, 3 * PAGE_ROWS, 1, 1), torch.ones(1, 3 * PAGE_ROWS, 1, 1))
+    pages, lengths, longest = pool.page_table([8], "cpu")
+    assert pages.shape == (1, 3) and pages[0].tolist() == pool.pages[8] and longest == 3 * PAGE_ROWS
+    assert pool.page_table([99], "cpu")[0].shape == (1, 1)  # a request without rows: one column of page 0
+
+
 def test_a_nearly_full_reserved_pool_under_churn_moves_nothing_and_allocates_nothing(monkeypatch):
     """50 requests in 10,000 reserved rows, then 300 steps in which every request adds a row and,
     when it has lived 20 to 60 steps, finishes and a new one arrives with a 100 to 200 row prompt

@@ -143,15 +143,15 @@ class KVPool:
 
     def _write_table(self, entries: list[tuple[int, int, int]], device) -> None:
         """table[slot, column] = page for each entry (one copy to the device), the table made
-        again with twice the rows or columns it lacks."""
-        rows = 1 + max(self.slots.values(), default=0)
-        columns = max([len(p) for p in self.pages.values()] + [1])
-        if self.table is None or rows > self.table.shape[0] or columns > self.table.shape[1]:
+        again with twice the rows, or the columns, it lacks (each on its own: growing both at once
+        made a table of one 1M-token request 65536 × 65536)."""
+        need = (1 + max(self.slots.values(), default=0), max([len(p) for p in self.pages.values()] + [1]))
+        have = (0, 0) if self.table is None else tuple(self.table.shape)
+        if need[0] > have[0] or need[1] > have[1]:
             old, self.table = self.table, torch.zeros(
-                max(rows, 2 * (0 if self.table is None else self.table.shape[0]), 8),
-                max(columns, 2 * (0 if self.table is None else self.table.shape[1]), 8), dtype=torch.int32, device=device)
+                *(h if n <= h else max(n, 2 * h, 8) for n, h in zip(need, have)), dtype=torch.int32, device=device)
             if old is not None:
-                self.table[:old.shape[0], :old.shape[1]] = old
+                self.table[:have[0], :have[1]] = old
         if entries:
             slot, column, page = torch.tensor(entries, dtype=torch.int64).to(device).T
             self.table[slot, column] = page.int()
@@ -186,7 +186,9 @@ class KVPool:
         lengths = [self.length(r) for r in request_ids]
         host = torch.tensor([lengths, [self.slots.get(r, 0) for r in request_ids]], dtype=torch.int32)
         lengths_dev, slots = host.to(device)
-        return self.table.index_select(0, slots), lengths_dev, max(lengths, default=0)
+        longest = max(lengths, default=0)
+        columns = max(-(-longest // PAGE_ROWS), 1)  # the batch's own, not the most any request ever held
+        return self.table[:, :columns].index_select(0, slots), lengths_dev, longest
 
     def padded_index(self, request_ids: list[int], width: int, device) -> torch.Tensor:
         """[n, width] pool rows of each request's context padded to `width` (padding repeats its
