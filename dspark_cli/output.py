@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -37,6 +38,25 @@ def capture_json():
         yield _captured
     finally:
         _captured = saved
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(active: bool = True):
+    """File descriptor 1 is 2 inside the block (when active): under --json, what child processes
+    write to our stdout (torch hands ninja fd 1 itself under --verbose) goes to stderr, and stdout
+    holds the JSON document alone."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def reset() -> None:

@@ -487,3 +487,34 @@ def test_a_failed_verbose_build_points_at_the_output_above_not_at_the_log(toolch
         build.build("9.0a", verbose=True)
     assert str(exc.value).endswith("(ninja's output is above)") and "build.log" not in str(exc.value)
     assert "stand-in refuses this line" in capfd.readouterr().out
+
+
+def test_an_empty_wheel_dir_is_bad_usage_through_the_cli(tmp_path):
+    """typer made --wheel '' Path('.'): the wheel went into the current directory, exit 0."""
+    (tmp_path / "cwd").mkdir()
+    out = run_dspark("build", "--arch", "9.0a", "--wheel", "", "--json", env={"DSPARK_CACHE": str(tmp_path / "cache")},
+                     cwd=tmp_path / "cwd")
+    assert out.returncode == 2, out.stderr
+    assert json.loads(out.stdout)["error"] == "--wheel needs a directory (it was empty)"
+    assert len(out.stderr.strip().splitlines()) == 1 and not list((tmp_path / "cwd").iterdir())
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+def test_json_verbose_keeps_stdout_one_json_document(toolchain, monkeypatch, tmp_path, capfd):
+    """torch hands ninja fd 1 under --verbose: its lines went to stdout before the JSON document.
+    Under --json they go to stderr."""
+    from dspark_cli import cli
+
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "-lm"))
+    monkeypatch.setattr(sys, "argv", ["dspark", "build", "--arch", "9.0a", "--json", "--verbose"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    out = capfd.readouterr()
+    assert exc.value.code == 0 and json.loads(out.out)["status"] == "built"
+    assert re.search(r"\[2/2\] .*dspark_ops\.so", out.err)  # ninja's link line, on stderr

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from dspark_cli.errors import CheckFailed, UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
-from dspark_cli.output import capture_json, console, emit, error_fields, say
+from dspark_cli.output import capture_json, console, emit, error_fields, say, stdout_to_stderr
 
 
 def register(app: typer.Typer) -> None:
@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = typer.Option(None, "--arch", help="Arch list, e.g. '9.0a' or 'sm_90a;8.0' "
                                            "(default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (ninja)."),
-        wheel: Optional[Path] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
-                                             "(package dspark_ops, pinned to this torch) into this directory."),
+        # a str, not a Path: typer makes --wheel '' Path('.'), the current directory, past check_wheel_dir
+        wheel: Optional[str] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
+                                            "(package dspark_ops, pinned to this torch) into this directory."),
         force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build "
                                    "(--engine: also regenerate the gRPC stubs)."),
         self_test: bool = typer.Option(False, "--self-test", help="Then check every op on the GPU (dspark verify ops)."),
@@ -63,7 +64,8 @@ def register(app: typer.Typer) -> None:
             say(f"building for {', '.join(p.archs)} ({p.arch_source}) with nvcc {p.nvcc_version}, "
                 f"torch {p.torch_version}, CUDA_HOME={p.cuda_home}", markup=False)
         if as_json or verbose:  # --verbose streams ninja's own [k/N] lines and the compiler output
-            result = builder.build(arch, jobs, force, verbose, planned=p)
+            with stdout_to_stderr(as_json):
+                result = builder.build(arch, jobs, force, verbose, planned=p)
         else:
             sources = len(builder.source_files())
             with console.status(f"compiling csrc/ ({sources} files) with nvcc and ninja "
@@ -118,8 +120,9 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
         workdir=workdir, engine=engine, deps=deps, extras=tuple(e.strip() for e in extras.split(",") if e.strip()),
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)
     # Progress goes to stderr, with pip's own output: stdout carries only the result (or the JSON).
-    result = engine_install.install(
-        request, log=lambda line: say(f"[dim]>[/dim] {escape(line)}", err=True))
+    with stdout_to_stderr(as_json):  # the extension's build, --verbose: ninja's output
+        result = engine_install.install(
+            request, log=lambda line: say(f"[dim]>[/dim] {escape(line)}", err=True))
 
     def render(r: dict) -> None:
         def show(text: str, style: str = "") -> None:  # whole lines, data never read as markup: paths stay copyable
