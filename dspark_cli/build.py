@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import zipfile
@@ -111,7 +112,8 @@ def plan(arch: str | None = None) -> BuildPlan:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
     if missing := cuda_env.compiler_problem():
         raise EnvironmentProblem("; ".join(missing))
-    toolchain = {"nvcc": nvcc.release, "cuda_home": str(home.path), **cuda_env.host_compilers()}
+    # resolved: /usr/local/cuda, a link to /usr/local/cuda-13.0, is the same toolkit and the same build
+    toolchain = {"nvcc": nvcc.release, "cuda_home": str(home.path.resolve()), **cuda_env.host_compilers()}
     raw = json.dumps([torch.version, nvcc.version, archs, source_hash(), build_flags(), toolchain], sort_keys=True)
     key = f"torch{torch.version}-cu{nvcc.version}-{'_'.join(archs)}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
     planned = BuildPlan(torch.version, torch.cuda, nvcc.version, str(home.path), archs, arch_source, key)
@@ -122,12 +124,8 @@ def plan(arch: str | None = None) -> BuildPlan:
 
 def _check_nvcc_builds(archs: list[str], arch_source: str, nvcc: cuda_env.Nvcc) -> None:
     """An arch the installed nvcc cannot compile for fails after seconds of ninja: one line first."""
-    buildable = cuda_env.nvcc_archs(nvcc)
-    unknown = [a for a in archs if buildable and a.removesuffix("+PTX").rstrip("a") not in buildable]
-    if unknown:
-        listed = ", ".join(sorted(buildable, key=lambda a: tuple(map(int, a.split(".")))))
-        problem = UsageError if arch_source in ("--arch", "TORCH_CUDA_ARCH_LIST") else EnvironmentProblem
-        raise problem(f"{arch_source}: nvcc {nvcc.version} does not build for {', '.join(unknown)} (it builds {listed})")
+    if problem := cuda_env.unbuildable_archs(archs, arch_source, nvcc):
+        raise (UsageError if arch_source in ("--arch", "TORCH_CUDA_ARCH_LIST") else EnvironmentProblem)(problem)
 
 
 @dataclass
@@ -149,20 +147,24 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     for its log — last.json may point at the old library, which the runtime keeps loading; a build
     killed before that puts the old library back first. A failed build is recorded in
     last-failed.json. Builds of one key run one at a time (a second waits, then finds the first's
-    library). `planned`: plan(arch) when the caller made it already (it runs nvcc and the host compilers, and hashes
+    library). A key directory without library.json (a failed or killed build's) is never resumed:
+    see _discard. `planned`: plan(arch) when the caller made it already (it runs nvcc and the host compilers, and hashes
     csrc/)."""
     started = time.monotonic()
     p = planned or plan(arch)
     if not force and (hit := _cache_hit(p, started)):  # the fast path takes no lock
         return hit
+    if not shutil.which("ninja"):  # torch would say so only after the key's directory is made
+        raise EnvironmentProblem('ninja not found on PATH: pip install ninja (or "dspark[build]"); '
+                                 "torch builds extensions only with ninja")
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     with _key_lock(p):
         return _build_locked(p, started, force, jobs, verbose)
 
 
 def _cache_hit(p: BuildPlan, started: float) -> BuildResult | None:
-    """The key's library, recorded as a cache hit, when it is there and sound."""
-    if library_problem(p.library) is not None:  # missing too
+    """The key's library, recorded as a cache hit, when its build finished and it is sound."""
+    if _finished_problem(p.library) is not None:  # missing too
         return None
     return _record(BuildResult("cached", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
 
@@ -190,14 +192,15 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
     _restore_set_aside(p, aside, failed_dir)
     if not force and (hit := _cache_hit(p, started)):  # built while we waited
         return hit
-    set_aside = p.directory.exists() and (force or p.library.exists())  # else ninja may resume a failed build
+    set_aside = (p.directory / LIBRARY_RECORD).is_file()  # a finished build: --force, or its library damaged since
     try:
-        for old in (aside, failed_dir):
+        for old in (aside, failed_dir, *p.directory.parent.glob(p.key + STALE + "*")):
             shutil.rmtree(old, ignore_errors=True)
         if set_aside:
             p.directory.rename(aside)
-        p.directory.mkdir(exist_ok=True)
-        (p.directory / BUILD_LOG).unlink(missing_ok=True)  # a failed build's log, in a directory ninja resumes
+        elif p.directory.exists():
+            _discard(p.directory)
+        p.directory.mkdir()
     except OSError as exc:
         raise EnvironmentProblem(f"cannot clear the build directory {p.directory}: {exc}") from None
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
@@ -238,12 +241,27 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
     return _record(BuildResult("built", str(p.library), p.key, time.monotonic() - started, p.archs, p.torch_version))
 
 
+STALE = ".stale-"  # <key>.stale-XXXX: a discarded unfinished build directory (see _discard)
+
+
+def _discard(directory: Path) -> None:
+    """Move an unfinished build's directory (a failed build's, or a killed one's) out of the way and
+    delete it; the next build starts in a fresh one. A build killed outright (SIGKILL) leaves its
+    ninja and the compilers ninja started in process groups of their own running; they write
+    relative to their working directory, which moves with the rename: resuming there, ninja would
+    take their half-written objects, and their link could overwrite the library after we recorded
+    it. A unique name, as one still being written to may not go at once (removed at a later build)."""
+    stale = tempfile.mkdtemp(prefix=directory.name + STALE, dir=directory.parent)
+    directory.rename(stale)  # onto the empty directory mkdtemp made: one atomic step
+    shutil.rmtree(stale, ignore_errors=True)
+
+
 def _restore_set_aside(p: BuildPlan, aside: Path, failed_dir: Path) -> None:
     """A rebuild killed outright (SIGKILL, the machine going down) leaves the good library set aside
     in `<key>.previous` and `<key>`, where last.json points, without one: put it back before anything
     else, so it is found (a cache hit) and not deleted as a stale set-aside copy. The killed build's
     directory becomes `<key>.failed`."""
-    if not aside.is_dir() or library_problem(p.library) is None or library_problem(aside / p.library.name) is not None:
+    if not aside.is_dir() or _finished_problem(p.library) is None or _finished_problem(aside / p.library.name) is not None:
         return
     try:
         if p.directory.exists():
@@ -369,6 +387,15 @@ def library_problem(path: Path, check_sha256: bool = True) -> str | None:
     if check_sha256 and record.get("sha256") != sha256_of(path):
         return "its sha256 differs from the one the build wrote"
     return None
+
+
+def _finished_problem(path: Path) -> str | None:
+    """library_problem() for a library in the build cache, which must have its record: a library
+    without one is no finished build of ours (a killed build's ninja, still running, may have linked
+    it, or be linking it)."""
+    if not (path.parent / LIBRARY_RECORD).is_file():
+        return f"no {LIBRARY_RECORD} beside it: its build did not finish"
+    return library_problem(path)
 
 
 def _elf_complete(path: Path, size: int) -> bool:

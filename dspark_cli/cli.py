@@ -54,7 +54,7 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
         output.emit_error("interrupted", ("interrupted (Ctrl-C); an apply or revert under way was rolled back, "
-                          "a build goes on where it stopped at the next run"),
+                          "a build starts over at the next run"),
                           EXIT_INTERRUPTED, as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -153,6 +153,17 @@ def nvcc_archs(nvcc: Nvcc) -> set[str] | None:
     return {f"{major}.{minor}" for major, minor in found} or None
 
 
+def unbuildable_archs(archs: list[str], arch_source: str, nvcc: Nvcc) -> str | None:
+    """Why this nvcc cannot build these archs (one line naming what it builds), or None; None too
+    when it cannot say (nvcc_archs). What `dspark build` refuses before compiling and doctor fails."""
+    buildable = nvcc_archs(nvcc)
+    unknown = [a for a in archs if buildable and a.removesuffix("+PTX").rstrip("a") not in buildable]
+    if not unknown:
+        return None
+    listed = ", ".join(sorted(buildable, key=lambda a: tuple(map(int, a.split(".")))))
+    return f"{arch_source}: nvcc {nvcc.version} does not build for {', '.join(unknown)} (it builds {listed})"
+
+
 def cxx_path() -> str | None:
     """The C++ compiler torch's cpp_extension runs for the .cpp files: $CXX, else c++ on PATH (no
     other is tried)."""

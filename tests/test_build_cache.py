@@ -489,6 +489,88 @@ def test_a_failed_verbose_build_points_at_the_output_above_not_at_the_log(toolch
     assert "stand-in refuses this line" in capfd.readouterr().out
 
 
+WAITING_COMPILER = """#!/bin/sh
+# a compile (-c) that waits for $RELEASE, then compiles as g++ does: a killed build's, still running; g++ otherwise
+case " $* " in *" -c "*) touch "$STARTED"; while [ ! -e "$RELEASE" ]; do sleep 0.1; done;; esac
+exec g++ "$@"
+"""
+LAUNCH_INTO = """import sys, torch.utils.cpp_extension as ext
+ext._write_ninja_file_and_build_library(
+    name="dspark_ops", sources=[sys.argv[1]], extra_cflags=[], extra_cuda_cflags=[], extra_sycl_cflags=[],
+    extra_ldflags=[], extra_include_paths=[], build_directory=sys.argv[2], verbose=True, with_cuda=False,
+    with_sycl=False)
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++") and Path("/proc/self/environ").exists()),
+                    reason="needs ninja, g++ and /proc")
+def test_a_killed_builds_ninja_left_running_cannot_touch_the_next_build(toolchain, monkeypatch, tmp_path):
+    """A build killed outright (SIGKILL: no handler runs, its key lock goes) leaves ninja and its
+    compiler running in <key> (under --verbose ninja writes to the terminal: no SIGPIPE stops it). The next build of the key resumed ninja there: its library, once
+    recorded, was overwritten by the orphan's link (then refused: the sha256 differs). It now builds
+    in a fresh directory; the orphan's output goes to the discarded one, removed."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(WAITING_COMPILER)
+    compiler.chmod(0o755)
+    (tmp_path / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    p = build.plan("9.0a")
+    p.directory.mkdir(parents=True)
+    tag = f"DSPARK_TEST_TAG={uuid.uuid4().hex}"
+    started, release = tmp_path / "started", tmp_path / "release"
+    env = {**os.environ, "CXX": str(compiler), "STARTED": str(started), "RELEASE": str(release),
+           tag.split("=")[0]: tag.split("=")[1]}
+    killed = subprocess.Popen([sys.executable, "-c", LAUNCH_INTO, str(tmp_path / "tiny.cpp"), str(p.directory)],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists()
+        killed.kill()  # the build's python only: ninja and the compiler run on
+        killed.wait()
+        assert processes_with(tag)
+        built = build.build("9.0a", planned=p)
+        assert built.status == "built" and toolchain["seen"][-1] == []  # nothing of the killed build's
+        release.touch()  # the orphan compiles and links
+        deadline = time.monotonic() + 60
+        while processes_with(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with(tag) == []
+    finally:
+        release.touch()
+        for pid in processes_with(tag):
+            os.kill(pid, signal.SIGKILL)
+    assert build.library_problem(Path(built.path)) is None and build.build("9.0a").status == "cached"
+    assert not list(build.cache_root().glob(p.key + build.STALE + "*"))
+
+
+def test_a_library_without_its_record_is_no_cache_hit(toolchain):
+    """What an orphaned ninja's link leaves (see above): a library, no library.json. It was taken as
+    a cache hit (a build from before the records); now the key is built again, from a clean directory."""
+    lib = Path(build.build("9.0a").path)
+    (lib.parent / build.LIBRARY_RECORD).unlink()
+    assert build.build("9.0a").status == "built" and toolchain["n"] == 2 and toolchain["seen"][-1] == []
+
+
+def test_no_ninja_is_one_line_before_the_key_directory_is_made(toolchain, monkeypatch, tmp_path):
+    p = build.plan("9.0a")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja
+    with pytest.raises(EnvironmentProblem, match="^ninja not found on PATH: pip install ninja"):
+        build.build(planned=p)
+    assert not build.cache_root().exists() and toolchain["n"] == 0
+
+
+def test_a_linked_cuda_home_is_the_key_of_its_target(toolchain, monkeypatch, tmp_path):
+    """/usr/local/cuda, a link to /usr/local/cuda-13.0, is one toolkit: one key, not two builds."""
+    (tmp_path / "cuda-13.0").mkdir()
+    (tmp_path / "cuda").symlink_to(tmp_path / "cuda-13.0")
+    keys = set()
+    for home in ("cuda", "cuda-13.0"):
+        monkeypatch.setattr(cuda_env, "resolve_cuda_home", lambda: cuda_env.CudaHome(tmp_path / home, "CUDA_HOME"))
+        keys.add(build.plan("9.0a").key)
+    assert len(keys) == 1
+
+
 def test_an_empty_wheel_dir_is_bad_usage_through_the_cli(tmp_path):
     """typer made --wheel '' Path('.'): the wheel went into the current directory, exit 0."""
     (tmp_path / "cwd").mkdir()
