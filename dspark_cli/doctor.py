@@ -89,13 +89,16 @@ def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc) -> Check:
     return Check("torch", OK, detail)
 
 
-def check_arch(gpus: cuda_env.Gpus) -> Check:
+def check_arch(gpus: cuda_env.Gpus, nvcc: cuda_env.Nvcc) -> Check:
     try:
         archs, source = cuda_env.arch_list(gpus=gpus)
     except ValueError as exc:
         return Check("arch list", FAIL, str(exc), "fix TORCH_CUDA_ARCH_LIST (e.g. 9.0a)")
     if not archs:
         return Check("arch list", WARN, source, "dspark build --arch 9.0a (Hopper) or set TORCH_CUDA_ARCH_LIST")
+    if problem := cuda_env.unbuildable_archs(archs, source, nvcc):  # what dspark build refuses, in its words
+        return Check("arch list", FAIL, problem, "build only archs this nvcc lists (set TORCH_CUDA_ARCH_LIST or "
+                     "pass --arch), or install a CUDA toolkit that builds them")
     return Check("arch list", OK, f"{';'.join(archs)} ({source})")
 
 
@@ -281,7 +284,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     torch = cuda_env.torch_info()
     gpus = cuda_env.gpu_info()
     checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
-              check_arch(gpus), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
+              check_arch(gpus, nvcc), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
               check_disk("disk (workdir)", workdir or Path.cwd()), check_cache(cache_dir())]
     try:
         engines = load_compat().engines.values()

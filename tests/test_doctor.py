@@ -15,6 +15,9 @@ ALL_CHECKS = ("python", "git", "gpu", "cuda toolkit", "torch", "arch list", "c++
               "CUDA_HOME", "disk (workdir)", "disk (cache)", "engine vllm", "engine tgi")
 
 
+NO_NVCC = cuda_env.Nvcc(None, None)  # the arch list alone: no nvcc to ask what it builds
+
+
 def by_name(checks):
     return {c.name: c for c in checks}
 
@@ -169,10 +172,25 @@ def test_arch_list(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert cuda_env.arch_list("9.0") == (["9.0a"], "--arch")
     assert cuda_env.arch_list("sm_90a;8.0") == (["8.0", "9.0a"], "--arch")
-    assert doctor.check_arch(cuda_env.Gpus(names=["H200"], capabilities=["9.0"])).detail == "9.0a (detected GPU)"
+    assert doctor.check_arch(cuda_env.Gpus(names=["H200"], capabilities=["9.0"]), NO_NVCC).detail == "9.0a (detected GPU)"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "hopper")
-    bad = doctor.check_arch(cuda_env.Gpus())
+    bad = doctor.check_arch(cuda_env.Gpus(), NO_NVCC)
     assert bad.status == "fail" and "not a CUDA arch" in bad.detail
+
+
+def test_an_arch_list_nvcc_cannot_build_fails_as_build_refuses_it(monkeypatch, tmp_path):
+    """An nvcc stand-in that lists compute_75 and up (as CUDA 13.0 does): doctor said ok for
+    TORCH_CUDA_ARCH_LIST=5.0;10.7, which dspark build then refused; now it fails with build's line."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\n[ \"$1\" = --list-gpu-arch ] && printf 'compute_75\\ncompute_90\\ncompute_100\\n'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "5.0;10.7")
+    check = doctor.check_arch(cuda_env.Gpus(), cuda_env.Nvcc(str(nvcc), "13.0"))
+    assert check.status == "fail"
+    assert check.detail == "TORCH_CUDA_ARCH_LIST: nvcc 13.0 does not build for 10.7, 5.0 (it builds 7.5, 9.0, 10.0)"
+    assert "TORCH_CUDA_ARCH_LIST" in check.hint
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a;10.0")
+    assert doctor.check_arch(cuda_env.Gpus(), cuda_env.Nvcc(str(nvcc), "13.0")).status == "ok"
 
 
 def test_disk_for_a_workdir_not_created_yet_and_the_cache(monkeypatch, tmp_path):
@@ -197,9 +215,9 @@ def test_an_nvidia_smi_line_we_cannot_read_is_a_warning(monkeypatch, tmp_path, l
     gpus = cuda_env.gpu_info()
     gpu = doctor.check_gpu(gpus)
     assert gpu.status == "warn" and gpu.detail == f"NVIDIA H100 (sm 9.0), driver 570.86; could not read {unread}"
-    assert "--arch" in gpu.hint and doctor.check_arch(gpus).detail == "9.0a (detected GPU)"
+    assert "--arch" in gpu.hint and doctor.check_arch(gpus, NO_NVCC).detail == "9.0a (detected GPU)"
     smi.write_text(f"#!/bin/sh\necho '{line}'\n")
-    arch = doctor.check_arch(cuda_env.gpu_info())
+    arch = doctor.check_arch(cuda_env.gpu_info(), NO_NVCC)
     assert arch.status == "warn" and "could not be read; pass --arch or set TORCH_CUDA_ARCH_LIST" in arch.detail
 
 
