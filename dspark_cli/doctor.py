@@ -219,12 +219,12 @@ def check_engine(engine, installed: tuple[str, str] | None) -> Check:
         return Check(name, OK, "not installed in this environment",
                      f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
     dist, version = installed
-    pin = next((p for p in engine.pins.values() if _same_release(version, p)), None)
     try:
         marker = patch_marker(engine.module)
     except ValueError as exc:
         return Check(name, WARN, f"{dist} {version}; DSpark marker unreadable: {exc}",
                      f"dspark apply {engine.name} and reinstall the patched tree")
+    pin = installed_pin(engine, version, marker)
     if not marker:
         return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
                      f"dspark apply {engine.name} --commit {pin.name if pin else '<pin>'} and install the patched tree")
@@ -256,6 +256,15 @@ def _series_drift(pin, installed: list[str]) -> str | None:
     return None
 
 
+def installed_pin(engine, version: str, marker: dict | None):
+    """The pin of an installed engine: the one naming its version, else, for a pin that names no
+    release, the one its marker's SERIES (`tgi/v3.3.7`) says was applied: TGI's server package is
+    2.0.5.dev0 at every TGI release, so only the series tells which tree it is. None: not pinned."""
+    pin = next((p for p in engine.pins.values() if _same_release(version, p)), None)
+    series = (marker or {}).get("SERIES")
+    return pin or next((p for p in engine.pins.values() if not p.releases and series == f"{engine.name}/{p.name}"), None)
+
+
 def _same_release(version: str, pin) -> bool:
     """An installed version (maybe with a local tag, 0.32.0+cpu) is the release a pin names."""
     try:
@@ -271,11 +280,15 @@ def check_engine_torch(engine, installed: tuple[str, str] | None, torch: cuda_en
     if not installed or not torch.version:
         return []
     dist, version = installed
+    try:
+        pin = installed_pin(engine, version, patch_marker(engine.module))
+    except ValueError:  # an unreadable marker: check_engine says so
+        pin = installed_pin(engine, version, None)
     base = re.sub(r"\+.*$", "", torch.version)
+    if pin is None or SpecifierSet(pin.torch).contains(base, prereleases=True):
+        return []
     return [Check(f"engine {engine.name} torch", WARN, f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
-                  f"pip install 'torch{pin.torch}'")
-            for pin in engine.pins.values()
-            if _same_release(version, pin) and not SpecifierSet(pin.torch).contains(base, prereleases=True)]
+                  f"pip install 'torch{pin.torch}'")]
 
 
 def run_checks(workdir: Path | None = None) -> list[Check]:

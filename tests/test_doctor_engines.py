@@ -66,18 +66,19 @@ def _has_dist(name: str) -> bool:
         return False
 
 
-def stand_in_site(tmp_path, monkeypatch, version="0.32.0", marker: str | None = None):
-    """A fake vllm distribution on sys.path (STAND-IN, see module docstring); importing it raises."""
-    site = tmp_path / "site"
-    dist_info = site / f"vllm-{version}.dist-info"
+def stand_in_site(tmp_path, monkeypatch, version="0.32.0", marker: str | None = None, name="vllm"):
+    """A fake distribution of engine `name` on sys.path (STAND-IN, see module docstring); importing it raises."""
+    engine = compat.load().engine(name)
+    site, dist = tmp_path / "site", engine.distributions[0]
+    dist_info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
-    (site / "vllm").mkdir()
-    (site / "vllm" / "__init__.py").write_text("raise RuntimeError('doctor must not import the engine')\n")
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (site / engine.module).mkdir()
+    (site / engine.module / "__init__.py").write_text("raise RuntimeError('doctor must not import the engine')\n")
     if marker is not None:
-        (site / "vllm" / "_dspark.py").write_text(marker)
+        (site / engine.module / "_dspark.py").write_text(marker)
     monkeypatch.syspath_prepend(str(site))
-    return compat.load().engine("vllm")
+    return engine
 
 
 def marker_text(series: str, patches: list[str]) -> str:
@@ -143,3 +144,37 @@ def test_stand_in_engine_next_to_a_torch_outside_its_pin(tmp_path, monkeypatch):
     else:
         assert [c.status for c in found] == ["warn"]
         assert found[0].detail == f"vllm 0.33.0 pins torch{pinned}, found {torch.__version__}"
+
+
+TGI_SERIES = read_series(REPO / "patches/tgi/v3.3.7")
+
+
+def test_stand_in_tgi_is_matched_to_its_pin_by_its_marker(tmp_path, monkeypatch):
+    """TGI's server package is 2.0.5.dev0 at every release and its pin names no release: doctor
+    warned "not pinned" for every patched TGI and skipped the series and torch checks. The pin is
+    now the one the marker's SERIES names."""
+    engine = stand_in_site(tmp_path / "a", monkeypatch, "2.0.5.dev0", marker_text("tgi/v3.3.7", TGI_SERIES), "tgi")
+    check = engine_check(engine)
+    assert check.status == "ok", check
+    assert check.detail == (f"text-generation-server 2.0.5.dev0, patched with tgi/v3.3.7 ({len(TGI_SERIES)} patches); "
+                            "matches v3.3.7/series")
+    monkeypatch.setattr(doctor.cuda_env, "torch_info", lambda: doctor.cuda_env.TorchInfo("2.3.1+cu121", "12.1"))
+    torch = doctor.check_engine_torch(engine, doctor.installed_distribution(engine), doctor.cuda_env.torch_info())
+    assert [(c.status, c.detail) for c in torch] == [("warn", "text-generation-server 2.0.5.dev0 pins torch>=2.4, found 2.3.1+cu121")]
+    older = stand_in_site(tmp_path / "b", monkeypatch, "2.0.5.dev0", marker_text("tgi/v3.3.7", TGI_SERIES[:-1]), "tgi")
+    assert engine_check(older).status == "warn" and f"missing {TGI_SERIES[-1]}" in engine_check(older).detail
+    unknown = stand_in_site(tmp_path / "c", monkeypatch, "2.0.5.dev0", marker_text("tgi/v9.9.9", []), "tgi")
+    assert "2.0.5.dev0 is not pinned in compat.yaml" in engine_check(unknown).detail
+
+
+SHARD_PYTHON = os.environ.get("DSPARK_TGI_SHARD_PYTHON")
+
+
+@pytest.mark.skipif(not SHARD_PYTHON, reason="DSPARK_TGI_SHARD_PYTHON unset (the venv with the patched TGI shard)")
+def test_the_patched_tgi_shard_venv_is_matched_to_its_pin():
+    """The real patched TGI server (text-generation-server 2.0.5.dev0) that CI installs."""
+    out = subprocess.run([SHARD_PYTHON, "-m", "dspark_cli", "doctor", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "engine tgi")
+    assert check["status"] == "ok", check
+    assert check["detail"].endswith(f"patched with tgi/v3.3.7 ({len(TGI_SERIES)} patches); matches v3.3.7/series")
