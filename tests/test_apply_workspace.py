@@ -174,9 +174,7 @@ def test_an_amended_patch_commit_is_the_users_work(toy):
     so, revert refuses to drop it, and with --force keeps it on a dspark/saved-<time> branch."""
     run_apply(toy)
     work = toy["workdir"]
-    (work / "engine" / "dspark.py").write_text("ENABLED = False  # mine\n")
-    git(work, "commit", "-q", "-a", "--amend", "--no-edit")
-    amended = git(work, "rev-parse", "HEAD")
+    amended = amend_patch_commit(work)
     drift = applier.status(work)["drift"]
     assert any("0002-dspark-method-and-module.patch's commit" in line and "beyond its patch" in line for line in drift)
     before = tree_fingerprint(work)

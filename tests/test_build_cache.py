@@ -125,6 +125,18 @@ exec g++ "$@"
 """
 
 
+def tiny_real_build(monkeypatch, tmp_path) -> None:
+    """csrc/ as one tiny.cpp built by torch's real cpp_extension, ninja and g++ (no nvcc: minutes
+    less; no CUDA source, so no cuBLAS to link)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
+    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
+    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "-lm"))
+
+
 def failing_sources(monkeypatch, tmp_path) -> None:
     """csrc/ as one tiny.cpp and CXX a stand-in compiler that refuses it (FAILING_COMPILER)."""
     src = tmp_path / "csrc"
@@ -167,13 +179,7 @@ def test_two_builds_in_one_process_write_their_own_library_and_load_neither(tool
     less): two builds for different archs in one process each write <key>/dspark_ops.so. Through
     ext.load the second built dspark_ops_v1.so (torch's per-process versioner) and failed "left no
     usable library", and each library was loaded into the building process."""
-    src = tmp_path / "csrc"
-    src.mkdir()
-    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
-    monkeypatch.setattr(build, "CSRC", src)
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
-    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "-lm"))  # no CUDA source: no cuBLAS
+    tiny_real_build(monkeypatch, tmp_path)
     first, second = build.build("9.0a"), build.build("8.0")
     assert first.status == second.status == "built" and first.key != second.key
     for result in (first, second):
@@ -587,13 +593,7 @@ def test_json_verbose_keeps_stdout_one_json_document(toolchain, monkeypatch, tmp
     Under --json they go to stderr."""
     from dspark_cli import cli
 
-    src = tmp_path / "csrc"
-    src.mkdir()
-    (src / "tiny.cpp").write_text("int tiny() { return 1; }\n")
-    monkeypatch.setattr(build, "CSRC", src)
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(build, "_compile", REAL_COMPILE)
-    monkeypatch.setattr(build, "_cuda_library_paths", lambda home: ([], "-lm"))
+    tiny_real_build(monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "argv", ["dspark", "build", "--arch", "9.0a", "--json", "--verbose"])
     with pytest.raises(SystemExit) as exc:
         cli.main()
