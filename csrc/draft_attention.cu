@@ -1,9 +1,10 @@
 // The DSpark drafter's block attention read straight from its paged context K/V (TGI's drafter:
 // dspark_cli/integrations/tgi/draft.py, kv_pool.py). Request r's γ block queries attend, without a
 // causal mask, to its committed context — lengths[r] rows of the pool, page by page through its
-// page table (row i in page pages[r][i / page_rows] at i % page_rows) — followed by its own block's γ keys. The torch path gathers every request's context into a
-// padded batch first (at R = 128 and ~560 rows, ~290 MB of K/V copied per layer, then read again);
-// here each CTA streams its keys from where they live.
+// page table (row i in page pages[r][i / page_rows] at i % page_rows) — followed by its own
+// block's γ keys. The torch path gathers every request's context into a padded batch first (at
+// R = 128 and ~560 rows, ~290 MB of K/V copied per layer, then read again); here each CTA streams
+// its keys from where they live.
 //
 // One CTA of 8 warps per (request, KV head, key split): the g query heads of a KV head and the γ
 // positions make M = g·γ query rows (row m = t·g + i: position t, head i of the group), padded to
