@@ -274,7 +274,8 @@ def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
 def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch]) -> list[PatchOutcome]:
     """The outcomes of the patches the last run got through, matched to the work branch's commits
     since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
-    owns the single commit after them (the human's resolution); `already upstream` owns none.
+    owns the single commit after them (the human's resolution); `already upstream` owns none, unless
+    it was an empty resolution: that commit stays its own, so a later --continue still counts it.
     Anything else (an extra commit, a missing or rewritten one) is refused: matching by position
     gave an extra commit to a patch that never ran and silently lost that patch's change."""
     if ws.current_branch() != f"refs/heads/{branch}":
@@ -295,7 +296,7 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
         files = patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))
         outcome = PatchOutcome(patch=patch.name, status=record["status"], files=files,
                                details=record.get("details", []))
-        if record["status"] in COMMITTED:
+        if record["status"] in COMMITTED or (record["status"] == ALREADY and record["commit"]):
             outcome.commit = record["commit"]
             claimed.append(outcome.commit)
             expected.append(f"{patch.name} ({record['commit'][:12]})")
@@ -303,11 +304,12 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
             resolution = commits[len(expected)] if len(commits) > len(expected) else None
             claimed.append(resolution)
             expected.append(f"{patch.name} (your resolution)")
+            outcome.commit = resolution  # kept even when dropped: the work branch still holds it
             if resolution and ws.changes_nothing(resolution):  # resolved to the new tree as it is
                 outcome.status = ALREADY
                 outcome.details = ["your resolution keeps the new tree as it is: dropped from the refreshed series"]
             else:
-                outcome.status, outcome.details, outcome.commit = RESOLVED, [], resolution
+                outcome.status, outcome.details = RESOLVED, []
         outcomes.append(outcome)
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"

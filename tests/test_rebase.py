@@ -437,10 +437,36 @@ def test_a_conflict_resolved_to_the_new_tree_as_it_is_is_left_out_of_the_series(
     assert done.returncode == 0, done.stderr
     first, second, third = json.loads(done.stdout)["patches"]
     assert (first["status"], second["status"], third["status"]) == ("already upstream", "clean", "clean")
-    assert first["commit"] is None and first["details"] == [
+    assert first["commit"] == git(wd, "rev-parse", "HEAD~2") and first["details"] == [
         "your resolution keeps the new tree as it is: dropped from the refreshed series"]
     written = series.load_series(out, "dspark")
     assert len(written) == 2 and all(p.path.stat().st_size > 0 for p in written)
+
+
+def test_an_empty_resolution_still_owns_its_commit_at_the_next_continue(upstream):
+    """Was recorded `already upstream` with no commit: when a later patch conflicted too and was
+    resolved, the next --continue found one commit more than expected and refused (exit 2) forever."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300"),
+                     "other.py": OTHER.replace("D = 4\n", "D = 4\nTHEIRS = 1\n")}, "v14.0")
+    wd, out = u["tmp"] / "wd14", u["tmp"] / "out14"
+    assert dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    git(wd, "checkout", "HEAD", "--", "mod.py")  # 0001: upstream's version is the patch's change
+    git(wd, "commit", "-q", "--allow-empty", "-m", "upstream has it")
+    empty = git(wd, "rev-parse", "HEAD")
+    stopped = dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                     "--continue")
+    assert stopped.returncode == 4, stopped.stderr  # 0003 conflicts with THEIRS
+    assert [p["status"] for p in json.loads(stopped.stdout)["patches"]] == ["already upstream", "clean", "conflict"]
+    (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 4\nOURS = 44\nTHEIRS = 1\n"))
+    git(wd, "commit", "-q", "-am", "ours: other")
+    done = dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    first, second, third = json.loads(done.stdout)["patches"]
+    assert (first["status"], first["commit"]) == ("already upstream", empty)
+    assert (second["status"], third["status"]) == ("clean", "resolved")
+    assert [p.name for p in series.load_series(out, "dspark")] == [second["patch"], third["patch"]]
+    assert "+OURS = 44" in (out / third["patch"]).read_text()
 
 
 def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(upstream):
