@@ -24,10 +24,11 @@ class _Processor:
         return hidden @ head.weight[:V].t()
 
 
-def make_model(seed=0, confidence=True):
+def make_model(seed=0, confidence=True, vocab_size=V):
+    """vocab_size: config.vocab_size, W1's rows; draft_vocab_size (W2's and U's) is V."""
     torch.manual_seed(seed)
     markov = torch.nn.Module()
-    markov.markov_w1 = torch.nn.Embedding(V, R_MARKOV)
+    markov.markov_w1 = torch.nn.Embedding(vocab_size, R_MARKOV)
     markov.markov_w2 = torch.nn.Linear(R_MARKOV, V + 14, bias=False)  # padded rows like ParallelLMHead
     with torch.no_grad():
         markov.markov_w2.weight.mul_(8.0)  # a strong Markov bias, so a wrong prev token shows
@@ -39,6 +40,7 @@ def make_model(seed=0, confidence=True):
     lm_head = torch.nn.Linear(D, V, bias=False)
     processor = _Processor()
     return SimpleNamespace(model=inner, lm_head=lm_head, logits_processor=processor, draft_id_to_target_id=None,
+                           config=SimpleNamespace(vocab_size=vocab_size, draft_vocab_size=V),
                            compute_draft_logits=lambda h: processor(lm_head, h))
 
 
@@ -161,6 +163,13 @@ def test_declines_what_it_cannot_reproduce_exactly(monkeypatch):
     estimator = make_spec(2, [0, 1], use_confidence_head=False)
     estimator.use_acceptance_estimator = True
     assert v2_fused.sample_sequential(make_model(), estimator, 2, hidden) is False
+
+    # A draft with draft_vocab_size >= the target's needs no d2t, but W1 may have other rows than
+    # W2/U: was taken, and markov_chain's shape check raised inside the draft step.
+    for rows in (V - 2, V + 2):
+        spec = make_spec(2, [0, 1])
+        assert "draft_vocab_size" in v2_fused.decline_reason(make_model(vocab_size=rows), spec)
+        assert v2_fused.sample_sequential(make_model(vocab_size=rows), spec, 2, hidden) is False
 
     monkeypatch.setenv(v2_fused.ENV_SWITCH, "0")
     assert v2_fused.sample_sequential(make_model(), make_spec(2, [0, 1]), 2, hidden) is False

@@ -17,7 +17,7 @@ declined once at the first call (vLLM's own loop then runs) and the reason is lo
     chain they are recomputed in torch, whose W2·W1[x] sum may differ from the kernel's in the
     last fp32 place, a relative change of q around 1e-6). Serve the target with
     `--hf-overrides '{"head_dtype": "float32"}'` to use the fused path with probabilistic drafts;
-  * reduced draft vocabularies (d2t), logit scale or soft-capping on the draft head, an output
+  * reduced draft vocabularies (d2t), an input vocab_size other than draft_vocab_size, logit scale or soft-capping on the draft head, an output
     logit transform, draft watermarking, the acceptance estimator (adaptive verification without
     a confidence head), a confidence head without the Markov input, quantized Markov weights.
 
@@ -81,6 +81,10 @@ def decline_reason(model, spec) -> str | None:
     w1, w2 = head.markov_w1.weight, head.markov_w2.weight
     if not (w1.is_floating_point() and w2.is_floating_point()):
         return "quantized Markov weights"
+    # vLLM sizes W1 by config.vocab_size but W2 and U by draft_vocab_size; our chain takes one V.
+    if w1.shape[0] != model.config.draft_vocab_size:
+        return (f"the Markov W1 has {w1.shape[0]} rows (vocab_size), the draft vocabulary of W2 and the "
+                f"logits {model.config.draft_vocab_size} (draft_vocab_size)")
     if spec.draft_logits is not None and spec.draft_logits.dtype != torch.float32:
         return (f"draft_logits are cached in {str(spec.draft_logits.dtype).removeprefix('torch.')}, "
                 "not float32 (serve with --hf-overrides '{\"head_dtype\": \"float32\"}')")
