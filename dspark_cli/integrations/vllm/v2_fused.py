@@ -17,9 +17,10 @@ declined once at the first call (vLLM's own loop then runs) and the reason is lo
     chain they are recomputed in torch, whose W2·W1[x] sum may differ from the kernel's in the
     last fp32 place, a relative change of q around 1e-6). Serve the target with
     `--hf-overrides '{"head_dtype": "float32"}'` to use the fused path with probabilistic drafts;
-  * reduced draft vocabularies (d2t), an input vocab_size other than draft_vocab_size, logit scale or soft-capping on the draft head, an output
-    logit transform, draft watermarking, the acceptance estimator (adaptive verification without
-    a confidence head), a confidence head without the Markov input, quantized Markov weights.
+  * reduced draft vocabularies (d2t), an input vocab_size other than draft_vocab_size, logit scale
+    or soft-capping on the draft head, an output logit transform, draft watermarking, the
+    acceptance estimator (adaptive verification without a confidence head), a confidence head
+    without the Markov input, quantized Markov weights.
 
 Switch: env DSPARK_V2_FUSED=1/0 forces it on/off; unset, it is on exactly when our CUDA extension
 is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
