@@ -177,13 +177,7 @@ def test_an_amended_patch_commit_is_the_users_work(toy):
     amended = amend_patch_commit(work)
     drift = applier.status(work)["drift"]
     assert any("0002-dspark-method-and-module.patch's commit" in line and "beyond its patch" in line for line in drift)
-    before = tree_fingerprint(work)
-    with pytest.raises(UsageError, match=f"commit {amended[:12]} holds changes beyond its patch"):
-        applier.revert(work)
-    assert tree_fingerprint(work) == before
-    result = applier.revert(work, force=True)
-    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
-    assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
+    result, saved = revert_refused_then_forced(work, amended)
     assert any(f"kept on branch {saved}" in note for note in result["notes"])
 
 
@@ -191,6 +185,19 @@ def amend_patch_commit(work) -> str:
     (work / "engine" / "dspark.py").write_text("ENABLED = False  # mine\n")
     git(work, "commit", "-q", "-a", "--amend", "--no-edit")
     return git(work, "rev-parse", "HEAD")
+
+
+def revert_refused_then_forced(work, amended: str) -> tuple[dict, str]:
+    """revert refuses to drop the amended commit and changes nothing; --force reverts and keeps it
+    on a dspark/saved-<time> branch. Returns the forced result and that branch."""
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match=f"commit {amended[:12]} holds changes beyond its patch"):
+        applier.revert(work)
+    assert tree_fingerprint(work) == before
+    result = applier.revert(work, force=True)
+    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
+    assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
+    return result, saved
 
 
 @pytest.mark.parametrize("series_since", ["patch edited", "moved", "deleted"])
@@ -216,13 +223,7 @@ def test_an_amended_patch_commit_is_found_whatever_became_of_its_series(toy, ser
     git(work, "gc", "-q", "--prune=now")
     assert any(f"commit {amended[:12]} holds changes beyond its patch" in line
                for line in applier.status(work)["drift"])
-    before = tree_fingerprint(work)
-    with pytest.raises(UsageError, match=f"commit {amended[:12]} holds changes beyond its patch"):
-        applier.revert(work)
-    assert tree_fingerprint(work) == before
-    result = applier.revert(work, force=True)
-    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*")
-    assert result["status"] == "reverted" and git(work, "rev-parse", saved) == amended
+    revert_refused_then_forced(work, amended)
 
 
 def test_an_unamended_series_reverts_after_its_patch_files_changed(toy):
