@@ -12,8 +12,9 @@ commit (`onto`). Each patch is applied on `onto` in series order and classified:
             commit and is left out of the refreshed series (`dspark apply` refuses such a patch).
 
 Each applied patch becomes one commit (author, date and message kept, like `git am`). When every
-patch applied, the refreshed series is written from those commits with `git format-patch`, with
-the original file names, order and amount of diff context, and a new lock.
+patch applied, the marker module is pointed at the new series (refresh_marker) and the refreshed
+series is written from those commits with `git format-patch`, with the original file names, order
+and amount of diff context, and a new lock.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from dspark_cli import pypi_source
@@ -37,8 +38,8 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
 from dspark_cli.flock import claimed, exclusive_nowait
 from dspark_cli.patching import commit_as_am, hunk_at
-from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_AUTHOR, Git, Workspace
+from dspark_cli.series import MARKER_NAME, Patch, marker_with
+from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, GitFailed, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -317,6 +318,48 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
+
+
+def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> None:
+    """Point the marker module (<package>/_dspark.py, added by the series' first patch) at the new
+    series: carried as it was it named the old pin and listed patches the refreshed series drops,
+    which `dspark doctor` reports as drift on every install. Its commit is amended and the later
+    commits replayed on it (none may touch the marker), so the series is written from the branch."""
+    kept = [o for o in result.outcomes if o.status != ALREADY]
+    owner = next((o for o in kept if o.commit and any(PurePosixPath(f).name == MARKER_NAME for f in o.files)), None)
+    if owner is None:
+        return
+    path = next(f for f in owner.files if PurePosixPath(f).name == MARKER_NAME)
+    shown = ws.git.run("show", f"{owner.commit}:{path}", check=False)
+    if shown.returncode != 0:
+        return  # the patch deletes it
+    text = marker_with(shown.stdout, series_name, [o.patch for o in kept])
+    if text is None or ws.git.out("log", "--format=%H", f"{owner.commit}..HEAD", "--", path):
+        owner.details.append(f"{path}: left as it was (not in the SERIES/PATCHES form, or a later patch "
+                             f"changes it): set SERIES = \"{series_name}\" and PATCHES by hand")
+        return
+    if text == shown.stdout:
+        return
+    parent = ws.resolve_commit(f"{owner.commit}^")
+    later = ws.git.out("rev-list", "--reverse", f"{owner.commit}..HEAD").splitlines()
+    try:
+        ws.git.run("checkout", "-q", "--detach", owner.commit)
+        (ws.path / path).write_bytes(text.encode("utf-8", "surrogateescape"))
+        ws.git.run("add", "--", path)
+        ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--amend", "--no-edit",
+                   env=DSPARK_IDENTITY)
+        if later:  # --allow-empty: an empty resolution commit stays the commit its patch owns
+            ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--allow-empty", *later, env=DSPARK_IDENTITY)
+    except GitFailed:
+        ws.git.run("cherry-pick", "--abort", check=False)
+        ws.git.run("checkout", "-q", "-f", result.branch, check=False)  # the work branch as it was
+        raise
+    ws.git.run("checkout", "-q", "-B", result.branch)
+    replayed = dict(zip([owner.commit, *later], ws.git.out("rev-list", "--reverse", f"{parent}..HEAD").splitlines()))
+    for outcome in result.outcomes:
+        outcome.commit = replayed.get(outcome.commit, outcome.commit)
+    owner.details.append(f"{path}: names {series_name} and the {len(kept)} patches of the refreshed series")
+    _record_statuses(ws, result)
 
 
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:

@@ -17,6 +17,9 @@ from dspark_cli.files import write_text_atomically
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
 _LOCK_LINE = re.compile(r"([0-9a-f]{64})  (\S+)")
+MARKER_NAME = "_dspark.py"
+_MARKER_SERIES = re.compile(r'^SERIES = "[^"\n]*"$', re.M)
+_MARKER_PATCHES = re.compile(r"^PATCHES = \[\n(?:[ \t]+\S.*\n)*\]$", re.M)
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,14 @@ def marker_constants(marker: Path) -> dict:
             except (ValueError, TypeError, SyntaxError, RecursionError):
                 pass  # not a literal: never evaluated
     return values
+
+
+def marker_with(text: str, series: str, patches: list[str]) -> str | None:
+    """A marker module's text naming `series` (e.g. "vllm/v0.34.0") and listing `patches`, its
+    other lines kept; None when it does not have the SERIES line and PATCHES block our markers
+    have, for a rebase to leave it to a human rather than guess."""
+    if len(_MARKER_SERIES.findall(text)) != 1 or len(_MARKER_PATCHES.findall(text)) != 1:
+        return None
+    listed = "".join(f'    "{name}",\n' for name in patches)
+    text = _MARKER_SERIES.sub(lambda _: f'SERIES = "{series}"', text)
+    return _MARKER_PATCHES.sub(lambda _: f"PATCHES = [\n{listed}]", text)

@@ -600,3 +600,69 @@ def test_the_scratch_of_a_run_still_writing_is_left_alone(upstream):
         assert rebase.recover_interrupted(target) == []
         assert (live / "new").is_dir()
     assert rebase.recover_interrupted(target) == [] and not live.exists()  # its run is gone: cleared
+
+
+def marker_series(u, patches_listed: str) -> tuple[Path, list[str]]:
+    """A series whose first patch adds the marker module eng/_dspark.py (as ours do), then
+    ours.py and other.py as in the fixture's series."""
+    repo = u["repo"]
+    git(repo, "checkout", "-q", "-b", "marked", u["base"])
+    (repo / "eng").mkdir()
+    commit_files(repo, {"eng/_dspark.py": f'"""Marker."""\n\nSERIES = "eng/v1.0"\n{patches_listed}\nLEVEL = 2\n'},
+                 "ours: marker")
+    commit_files(repo, {"ours.py": "HOOK = True\n"}, "ours: new module")
+    commit_files(repo, {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
+    directory = u["tmp"] / "marked"
+    names = [Path(n).name for n in git(repo, "format-patch", "-o", str(directory), "--zero-commit", "--no-signature",
+                                        "-U2", u["base"]).splitlines()]
+    (directory / "series").write_text("".join(n + "\n" for n in names))
+    series.write_lock(directory)
+    git(repo, "checkout", "-q", "main")
+    return directory, names
+
+
+def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_keeps(upstream):
+    """Carried as it was, patch 0001's marker named the old pin and listed a patch the new series
+    dropped: `dspark doctor` reported every install of the new pin as drifted."""
+    u = upstream
+    listed = "PATCHES = [\n    \"old-0001.patch\",\n    \"old-0002.patch\",\n]"
+    directory, names = marker_series(u, listed)
+    onto = new_upstream(u, {"ours.py": "HOOK = True\n"}, "v20.0")  # upstream took the second patch
+    out, wd = u["tmp"] / "out20", u["tmp"] / "wd20"
+    run = dspark(u, "--onto", "v20.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                 "--series", str(directory))
+    assert run.returncode == 0, run.stderr
+    first, second, third = json.loads(run.stdout)["patches"]
+    assert [p["status"] for p in (first, second, third)] == ["clean", "already upstream", "clean"]
+    assert first["details"][-1] == "eng/_dspark.py: names eng/v20.0 and the 2 patches of the refreshed series"
+    # The work branch is what the series says: the report's commits are its commits, authors kept.
+    assert git(wd, "rev-list", "--reverse", f"{onto}..HEAD").splitlines() == [first["commit"], third["commit"]]
+    assert git(wd, "log", "--format=%an %s", f"{onto}..HEAD").splitlines() == [
+        "Test ours: other", "Test ours: marker"]
+    fresh = u["tmp"] / "fresh20"
+    git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
+    git(fresh, "checkout", "-q", onto)
+    for p in series.load_series(out, "dspark"):
+        git(fresh, "apply", "--index", str(p.path))
+    marker = fresh / "eng" / "_dspark.py"
+    assert series.marker_constants(marker) == {"SERIES": "eng/v20.0", "PATCHES": [names[0], names[2]], "LEVEL": 2}
+    assert (fresh / "other.py").read_text() == (wd / "other.py").read_text()
+    # --continue after it finds the branch it recorded and leaves the marker as it is now.
+    again = dspark(u, "--onto", "v20.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                   "--series", str(directory), "--continue", "--force")
+    assert again.returncode == 0, again.stderr
+    assert [p["commit"] for p in json.loads(again.stdout)["patches"]] == [first["commit"], None, third["commit"]]
+
+
+def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
+    u = upstream
+    directory, _ = marker_series(u, "PATCHES = list_of_patches()")
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v21.0")
+    out = u["tmp"] / "out21"
+    run = dspark(u, "--onto", "v21.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd21"),
+                 "--out", str(out), "--series", str(directory))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["patches"][0]["details"][-1] == (
+        'eng/_dspark.py: left as it was (not in the SERIES/PATCHES form, or a later patch changes it): '
+        'set SERIES = "eng/v21.0" and PATCHES by hand')
+    assert '+SERIES = "eng/v1.0"' in (out / sorted(p.name for p in out.glob("0001-*"))[0]).read_text()

@@ -158,6 +158,7 @@ def register(app: typer.Typer) -> None:
 
         conflict = result.conflicted
         if conflict is None:
+            rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
             rebase.byte_compile(ws, result)
             if not result.compile_errors:
                 rebase.write_series(ws, result, source_dir, out_dir)
