@@ -5,7 +5,10 @@ is killed, however, never leaves anything locked."""
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
+import shutil
+import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -48,3 +51,41 @@ def try_exclusive(fd: int) -> bool:
 def wait_exclusive(fd: int) -> None:
     """An exclusive flock on the open descriptor, waiting for its holder to let go."""
     fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _scratch_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.dspark-{kind}-"
+
+
+@contextmanager
+def scratch_beside(path: Path, kind: str) -> Iterator[Path]:
+    """A new directory `.<name>.dspark-<kind>-<random>` beside `path` for the block, flocked all
+    along and removed after it: what a run builds before moving it into `path`. It is made under a
+    `.dspark-making-` name and gets its kind's name only once locked, so dead_scratches never finds
+    a live run's unlocked (a pid in the name could not tell: in a container every run may be pid 1,
+    and pids are reused). mkdtemp's mode is 0700: build what others read in a plain mkdir under it."""
+    making = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.dspark-making-"))
+    with exclusive_nowait(making, directory=True):  # a directory just made: no one else holds it
+        scratch = making.with_name(_scratch_prefix(path, kind) + making.name.rsplit("-", 1)[1])
+        os.rename(making, scratch)  # the flock is the directory's, whatever its name
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def dead_scratches(path: Path, kind: str) -> Iterator[list[Path]]:
+    """The scratch directories of `kind` beside `path` (scratch_beside) whose run is gone, oldest
+    first, flocked by us for the block: the kernel dropped a killed run's flock, a live run holds
+    its own. Each kind has its own prefix, so one kind's are never taken for another's."""
+    with ExitStack() as held:
+        dead = [p for p in path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*")
+                if p.is_dir() and held.enter_context(claimed(p))]
+        yield sorted(dead, key=lambda p: p.stat().st_mtime)
+
+
+def remove_dead_scratches(path: Path, kind: str) -> None:
+    with dead_scratches(path, kind) as dead:
+        for scratch in dead:
+            shutil.rmtree(scratch, ignore_errors=True)

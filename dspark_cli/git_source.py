@@ -4,8 +4,9 @@ pinned commit in it."""
 from __future__ import annotations
 
 import os
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # Without this, importing GitPython on a machine without git raises before require_git can say so.
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from dspark_cli.compat import HEX_COMMIT
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
+from dspark_cli.flock import remove_dead_scratches, scratch_beside
 from dspark_cli.output import err_console, say
 from dspark_cli.workspace import Workspace, require_git
 
@@ -81,27 +83,27 @@ def _clonable_file(path: Path) -> bool:
 
 
 def clone(url: str, path: Path) -> None:
-    """Clone into a temporary sibling and rename, so a killed clone leaves no half workdir."""
-    tmp = _temp_sibling(path)
-    _clone_into(url, tmp, path)
-    os.replace(tmp, path)
+    """Clone into a scratch sibling and rename, so a killed clone leaves no half workdir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _clone_scratch(path) as tmp:
+        _clone_into(url, tmp, path)
+        move_into_place(tmp, path)
 
 
-def _temp_sibling(path: Path) -> Path:
-    tmp = path.parent / f".{path.name}.dspark-clone-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
+@contextmanager
+def _clone_scratch(path: Path) -> Iterator[Path]:
+    """Where to clone for `path`: in a flocked scratch beside it (removed after the block; killed
+    runs' are removed first), so two runs never clone into one directory."""
+    remove_dead_scratches(path, "clone")
+    with scratch_beside(path, "clone") as scratch:
+        yield scratch / "tree"
 
 
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
     say(f"cloning {url} into {path}", err=True, markup=False)
-    try:
-        _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
-                       f"cannot clone {url}")
-    except EnvironmentProblem:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
+                   f"cannot clone {url}")
 
 
 def fetch(ws: Workspace, url: str) -> None:
@@ -173,8 +175,7 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
     """Clone into a hidden sibling, check out and verify the pinned commit there, and only then move
     it into place: a failure (commit not found, killed clone) leaves no half-made workdir behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
+    with _clone_scratch(path) as tmp:
         _clone_into(url, tmp, path)
         scratch = Workspace(tmp)
         commit = find_commit(scratch, ref, url, tag, fetch_missing=False)
@@ -183,10 +184,7 @@ def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Works
         if head != commit or (HEX_COMMIT.fullmatch(ref.lower()) and not head.startswith(ref.lower())):
             raise UsageError(f"{url}: {ref} checked out as {head[:12] or 'nothing'}, not the pinned commit")
         # No workspace lock covers this (there is no workspace yet): two runs may clone at once,
-        # each into its own sibling, and the first to move in wins.
+        # each into its own scratch, and the first to move in wins.
         move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Workspace(path), commit
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,10 +24,10 @@ from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
-from dspark_cli.flock import claimed
+from dspark_cli.flock import remove_dead_scratches, scratch_beside
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
-from dspark_cli.workspace import DSPARK_AUTHOR, Workspace, pid_alive
+from dspark_cli.workspace import DSPARK_AUTHOR, Workspace
 
 
 def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:
@@ -143,22 +142,11 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     archive = fetch_release(release)
     path.parent.mkdir(parents=True, exist_ok=True)
     # No workspace lock covers this (there is no workspace yet): another run may be making one for
-    # the same path. Each holds a flock on its own sibling while it works, and names it by its pid,
-    # so only those whose run is gone (killed: the kernel dropped its flock) are removed; the pid
-    # covers a sibling made a moment ago and not flocked yet.
-    for stale in path.parent.glob(f".{path.name}.dspark-new-*"):
-        if _maker_alive(stale):
-            continue
-        with claimed(stale) as ours:
-            if ours:
-                shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.dspark-new-{os.getpid()}-"))
-    with claimed(tmp):
-        try:
-            base = _make_tree(tmp / "tree", pin, release, branch, state, archive)
-            move_into_place(tmp / "tree", path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    # the same path, each in its own flocked scratch; only killed runs' are removed.
+    remove_dead_scratches(path, "new")
+    with scratch_beside(path, "new") as scratch:
+        base = _make_tree(scratch / "tree", pin, release, branch, state, archive)
+        move_into_place(scratch / "tree", path)
     return Workspace(path), base
 
 
@@ -174,9 +162,3 @@ def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: d
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})
     return base
-
-
-def _maker_alive(sibling: Path) -> bool:
-    """Whether the process whose pid names `sibling` (`…dspark-new-<pid>-<random>`) is running."""
-    pid = sibling.name.rsplit(".dspark-new-", 1)[1].split("-", 1)[0]
-    return pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))

@@ -19,30 +19,28 @@ and amount of diff context, and a new lock.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import py_compile
 import re
 import shutil
 import tempfile
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
-from dspark_cli.flock import claimed, exclusive_nowait
+from dspark_cli.flock import dead_scratches, scratch_beside
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
 from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, GitFailed, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
+SCRATCH = "series"  # the kind of write_series' scratch directories (flock.scratch_beside)
 ALREADY = "already upstream"  # applied to no change: dropped from the refreshed series
 COMMITTED = (CLEAN, THREE_WAY, RESOLVED)  # the statuses that own exactly one work-branch commit
 _OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
@@ -418,7 +416,7 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
     dropped = {o.patch for o in result.outcomes if o.status == ALREADY}
     series_file = _without(source_dir / series_mod.SERIES_FILE, dropped)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _scratch_beside(out_dir) as scratch:
+    with scratch_beside(out_dir, SCRATCH) as scratch:
         new = scratch / "new"
         new.mkdir()
         for outcome in (o for o in result.outcomes if o.patch not in dropped):
@@ -431,34 +429,11 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
     result.out_dir = out_dir
 
 
-@contextmanager
-def _scratch_beside(out_dir: Path) -> Iterator[Path]:
-    """A scratch directory beside `out_dir` for the block, flocked all along: recover_interrupted
-    takes one no process holds for a killed run's (a pid in its name could not tell: in a container
-    every run may be pid 1, and a pid is reused). It gets its scratch name only once locked, so a
-    live run's is never seen free; mkdtemp's is private (0700), so the series goes in a plain mkdir
-    under it (the umask's mode)."""
-    making = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.dspark-making-"))
-    with exclusive_nowait(making, directory=True):  # a directory just made: no one else holds it
-        scratch = making.with_name(_scratch_prefix(out_dir) + making.name.rsplit("-", 1)[1])
-        os.rename(making, scratch)  # the flock is the directory's, whatever its name
-        try:
-            yield scratch
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _without(series_file: Path, dropped: set[str]) -> bytes:
     """The `series` file's bytes without the lines listing `dropped` patches (comments kept)."""
     lines = series_file.read_bytes().splitlines(keepends=True)
     return b"".join(line for line in lines
                     if line.decode("utf-8", "replace").split("#", 1)[0].strip() not in dropped)
-
-
-def _scratch_prefix(out_dir: Path) -> str:
-    # its own kind: `.X.dspark-new-…` (a pypi workspace in the making) and `.X.dspark-clone-…` are
-    # other runs' scratch, which a bare `.X.dspark-` would take for dead ones
-    return f".{out_dir.name}.dspark-series-"
 
 
 def recover_interrupted(target: Path) -> list[str]:
@@ -468,10 +443,8 @@ def recover_interrupted(target: Path) -> list[str]:
     if not target.parent.is_dir():
         return []
     notes = []
-    with ExitStack() as held:  # a scratch whose flock we get is a killed run's (_scratch_beside)
-        dead = [p for p in target.parent.glob(f"{glob.escape(_scratch_prefix(target))}*")
-                if p.is_dir() and held.enter_context(claimed(p))]
-        for scratch in sorted(dead, key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
+    with dead_scratches(target, SCRATCH) as dead:
+        for scratch in reversed(dead):  # newest first
             if not target.exists() and (scratch / "old").is_dir():
                 os.replace(scratch / "old", target)
                 notes.append(f"{target}: restored from {scratch / 'old'} (a run was killed while replacing it)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
 import tarfile
 
 import pytest
@@ -25,7 +24,8 @@ def toy(tmp_path, monkeypatch):
 
 def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
     """Making a pypi workspace clears what killed runs left beside it, but not the sibling another
-    run is building in right now (it holds a flock on it, or has just made it: its pid is alive)."""
+    run is building in right now (it holds a flock on it, or has just made it and not yet locked
+    it: that one still has its `making` name)."""
     sdist = tmp_path / "toy-engine-1.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(toy["upstream"]["repo"] / "engine", arcname="toy-engine-1.0/engine")
@@ -34,10 +34,8 @@ def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
     toy["compat_path"].write_text(toy["compat_path"].read_text().replace("releases: []", (
         "releases:\n          - package: toy-engine\n            version: '1.0'\n"
         f"            file: {sdist.name}\n            sha256: {sha256_of(sdist)}")))
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a pid no process has now
-    live, dead = tmp_path / f".pypi-work.dspark-new-{gone.pid}-a", tmp_path / f".pypi-work.dspark-new-{gone.pid}-b"
-    young = tmp_path / f".pypi-work.dspark-new-{os.getpid()}-c"  # made by a live run, not flocked yet
+    live, dead = tmp_path / ".pypi-work.dspark-new-a", tmp_path / ".pypi-work.dspark-new-b"
+    young = tmp_path / ".pypi-work.dspark-making-c"  # made by a live run, not flocked yet
     for sibling in (live, dead, young):
         sibling.mkdir()
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)

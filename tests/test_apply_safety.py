@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_cli import applier
+from dspark_cli import applier, flock
 from dspark_cli.errors import UsageError
 from tests.git_fixtures import git, run_apply, toy_workspace, tree_fingerprint
 
@@ -56,8 +56,20 @@ def test_a_failed_first_clone_leaves_no_workdir_and_the_rerun_works(toy):
     with pytest.raises(UsageError, match="deadbeef1 was not found"):
         run_apply(toy, commit="deadbeef1", allow_unpinned=True)
     assert not toy["workdir"].exists()
-    assert list(toy["root"].glob(".work.dspark-clone-*")) == []
+    assert list(toy["root"].glob(".work.dspark-*")) == []
     assert run_apply(toy)["status"] == "applied"
+
+
+def test_a_killed_clones_scratch_is_removed_by_the_next_clone_and_a_live_ones_kept(toy):
+    """Was named by pid and removed only by a run of that same pid: a killed clone's stayed for
+    good, and in a container (every run pid 1) a live run's was removed under it."""
+    dead, live = toy["root"] / ".work.dspark-clone-dead", toy["root"] / ".work.dspark-clone-live"
+    for scratch in (dead, live):
+        (scratch / "tree").mkdir(parents=True)
+    with flock.exclusive_nowait(live, directory=True) as (_, ours):
+        assert ours
+        assert run_apply(toy)["status"] == "applied"
+    assert sorted(p.name for p in toy["root"].glob(".work.dspark-*")) == [live.name]
 
 
 def test_an_empty_workdir_is_cloned_into(toy):
