@@ -21,8 +21,8 @@ from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
-from dspark_cli.workspace import (DSPARK_IDENTITY, Snapshot, Workspace, check_dir_option, kill_point, owner_running,
-                                  safe_name)
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, Snapshot, Workspace, check_dir_option, kill_point,
+                                  owner_running, safe_name)
 
 
 @dataclass
@@ -444,7 +444,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
         for count, (sha, subject) in enumerate(user, 1):
             # --keep-redundant-commits: a commit whose changes the base already has (it undid a
             # patch, say) is kept as an empty commit and named below, not dropped or refused.
-            picked = ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--keep-redundant-commits", sha,
+            picked = ws.git.run(*OUR_COMMITS, "cherry-pick", "--keep-redundant-commits", sha,
                                 check=False, env=identity)
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_IDENTITY, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
+from dspark_cli.workspace import DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
@@ -62,7 +62,7 @@ def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
     env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
     if info.date:
         env["GIT_AUTHOR_DATE"] = info.date
-    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
+    ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
                input="\n\n".join(parts) + "\n", env=env)
     return ws.head()
 

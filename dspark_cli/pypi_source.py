@@ -27,7 +27,7 @@ from dspark_cli.files import move_into_place
 from dspark_cli.flock import remove_dead_scratches, scratch_beside
 from dspark_cli.output import err_console
 from dspark_cli.series import sha256_of
-from dspark_cli.workspace import DSPARK_AUTHOR, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, OUR_COMMITS, Workspace
 
 
 def choose_release(pin: Pin, package: str | None, file: str | None) -> ReleaseFile:
@@ -157,7 +157,7 @@ def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: d
     ws = Workspace(tree)
     ws.git.run("init", "-q", "-b", branch)
     ws.git.run("add", "--all", "--force", ".")  # the release's files exactly, whatever its .gitignore says
-    ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-F", "-",
+    ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "-F", "-",
                input=base_message(pin, release), env=DSPARK_AUTHOR)
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})

@@ -36,7 +36,7 @@ from dspark_cli.files import write_text_atomically
 from dspark_cli.flock import dead_scratches, scratch_beside
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
-from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, GitFailed, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -45,6 +45,7 @@ ALREADY = "already upstream"  # applied to no change: dropped from the refreshed
 COMMITTED = (CLEAN, THREE_WAY, RESOLVED)  # the statuses that own exactly one work-branch commit
 _OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
 _CHECKING = re.compile(r"^Checking patch (.+)\.\.\.$")
+_AUTHOR = re.compile(r"^author (.*) <(.*)> (\d+ [+-]\d{4})$", re.M)  # a raw commit's author header
 _HUNK_HEADER = re.compile(r"^@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@")
 
 
@@ -321,8 +322,9 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
 def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> None:
     """Point the marker module (<package>/_dspark.py, added by the series' first patch) at the new
     series: carried as it was it named the old pin and listed patches the refreshed series drops,
-    which `dspark doctor` reports as drift on every install. Its commit is amended and the later
-    commits replayed on it (none may touch the marker), so the series is written from the branch."""
+    which `dspark doctor` reports as drift on every install. Its commit and the later ones (none may
+    touch the marker) are re-made with the new marker in their trees, by plumbing: no hook, signing
+    or half-done cherry-pick, and the branch moves in one update-ref."""
     kept = [o for o in result.outcomes if o.status != ALREADY]
     owner = next((o for o in kept if o.commit and any(PurePosixPath(f).name == MARKER_NAME for f in o.files)), None)
     if owner is None:
@@ -338,26 +340,33 @@ def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> Non
         return
     if text == shown.stdout:
         return
-    parent = ws.resolve_commit(f"{owner.commit}^")
-    later = ws.git.out("rev-list", "--reverse", f"{owner.commit}..HEAD").splitlines()
-    try:
-        ws.git.run("checkout", "-q", "--detach", owner.commit)
-        (ws.path / path).write_bytes(text.encode("utf-8", "surrogateescape"))
-        ws.git.run("add", "--", path)
-        ws.git.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "--amend", "--no-edit",
-                   env=DSPARK_IDENTITY)
-        if later:  # --allow-empty: an empty resolution commit stays the commit its patch owns
-            ws.git.run("-c", "commit.gpgsign=false", "cherry-pick", "--allow-empty", *later, env=DSPARK_IDENTITY)
-    except GitFailed:
-        ws.git.run("cherry-pick", "--abort", check=False)
-        ws.git.run("checkout", "-q", "-f", result.branch, check=False)  # the work branch as it was
-        raise
-    ws.git.run("checkout", "-q", "-B", result.branch)
-    replayed = dict(zip([owner.commit, *later], ws.git.out("rev-list", "--reverse", f"{parent}..HEAD").splitlines()))
+    blob = ws.git.out("hash-object", "-w", "--stdin", input=text)
+    tip, parent = ws.head(), ws.resolve_commit(f"{owner.commit}^")
+    remade = {}
+    for commit in [owner.commit, *ws.git.out("rev-list", "--reverse", f"{owner.commit}..HEAD").splitlines()]:
+        parent = remade[commit] = _remade_with(ws, commit, parent, path, blob)
+    ws.git.run("update-ref", f"refs/heads/{result.branch}", parent, tip)
+    ws.git.run("reset", "-q", "--hard")  # the work tree and index to the branch: only the marker changes
     for outcome in result.outcomes:
-        outcome.commit = replayed.get(outcome.commit, outcome.commit)
+        outcome.commit = remade.get(outcome.commit, outcome.commit)
     owner.details.append(f"{path}: names {series_name} and the {len(kept)} patches of the refreshed series")
     _record_statuses(ws, result)
+
+
+def _remade_with(ws: Workspace, commit: str, parent: str, path: str, blob: str) -> str:
+    """`commit` made again on `parent` with `path` set to `blob` in its tree: author, date and
+    message kept byte for byte (the message from the raw commit, not a pretty format)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        ws.git.run("read-tree", commit, env=index)
+        mode = ws.git.out("ls-tree", commit, "--", path).split()[0]
+        ws.git.run("update-index", "--cacheinfo", f"{mode},{blob},{path}", env=index)
+        tree = ws.git.out("write-tree", env=index)
+    raw = ws.git.run("cat-file", "commit", commit).stdout
+    headers, message = raw.split("\n\n", 1)
+    name, email, date = _AUTHOR.search(headers).groups()
+    env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": date}
+    return ws.git.out("commit-tree", tree, "-p", parent, "-F", "-", input=message, env=env)
 
 
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
 _LOCK_LINE = re.compile(r"([0-9a-f]{64})  (\S+)")
 MARKER_NAME = "_dspark.py"
-_MARKER_SERIES = re.compile(r'^SERIES = "[^"\n]*"$', re.M)
+_MARKER_SERIES = re.compile(r'^SERIES = "(?:[^"\\\n]|\\.)*"$', re.M)
 _MARKER_PATCHES = re.compile(r"^PATCHES = \[\n(?:[ \t]+\S.*\n)*\]$", re.M)
 
 
@@ -159,6 +160,6 @@ def marker_with(text: str, series: str, patches: list[str]) -> str | None:
     have, for a rebase to leave it to a human rather than guess."""
     if len(_MARKER_SERIES.findall(text)) != 1 or len(_MARKER_PATCHES.findall(text)) != 1:
         return None
-    listed = "".join(f'    "{name}",\n' for name in patches)
-    text = _MARKER_SERIES.sub(lambda _: f'SERIES = "{series}"', text)
+    listed = "".join(f"    {json.dumps(name)},\n" for name in patches)  # a JSON string is a Python literal
+    text = _MARKER_SERIES.sub(lambda _: f"SERIES = {json.dumps(series)}", text)
     return _MARKER_PATCHES.sub(lambda _: f"PATCHES = [\n{listed}]", text)

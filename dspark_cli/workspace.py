@@ -35,6 +35,9 @@ DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspar
 # Author and committer of commits that are ours entirely (release trees, state snapshots), so they
 # need no git identity configured on the machine.
 DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
+# git options for the commits dspark makes (patches, release trees, replays): none signed, and none
+# run the user's hooks (--no-verify still runs prepare-commit-msg, which may rewrite the message).
+OUR_COMMITS = ("-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null")
 
 
 # Test hook: SIGKILL ourselves at a named point of an operation (kill_point), to test recovery for

@@ -623,10 +623,14 @@ def marker_series(u, patches_listed: str) -> tuple[Path, list[str]]:
 
 def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_keeps(upstream):
     """Carried as it was, patch 0001's marker named the old pin and listed a patch the new series
-    dropped: `dspark doctor` reported every install of the new pin as drifted."""
+    dropped: `dspark doctor` reported every install of the new pin as drifted. The user's hooks in
+    the repository (shared by the linked work tree) touch none of the commits dspark makes."""
     u = upstream
     listed = "PATCHES = [\n    \"old-0001.patch\",\n    \"old-0002.patch\",\n]"
     directory, names = marker_series(u, listed)
+    hook = u["repo"] / ".git" / "hooks" / "prepare-commit-msg"
+    hook.write_text('#!/bin/sh\necho "Hooked-By: $2" >> "$1"\n')
+    hook.chmod(0o755)
     onto = new_upstream(u, {"ours.py": "HOOK = True\n"}, "v20.0")  # upstream took the second patch
     out, wd = u["tmp"] / "out20", u["tmp"] / "wd20"
     run = dspark(u, "--onto", "v20.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
@@ -637,8 +641,8 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     assert first["details"][-1] == "eng/_dspark.py: names eng/v20.0 and the 2 patches of the refreshed series"
     # The work branch is what the series says: the report's commits are its commits, authors kept.
     assert git(wd, "rev-list", "--reverse", f"{onto}..HEAD").splitlines() == [first["commit"], third["commit"]]
-    assert git(wd, "log", "--format=%an %s", f"{onto}..HEAD").splitlines() == [
-        "Test ours: other", "Test ours: marker"]
+    assert git(wd, "log", "--format=%an %ad|%B", "--date=raw", f"{onto}..HEAD").split("\n\n") == [
+        git(u["repo"], "log", "-1", "--format=%an %ad|%B", "--date=raw", f"marked{rev}") for rev in ("", "~2")]
     fresh = u["tmp"] / "fresh20"
     git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
     git(fresh, "checkout", "-q", onto)
@@ -666,3 +670,15 @@ def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
         'eng/_dspark.py: left as it was (not in the SERIES/PATCHES form, or a later patch changes it): '
         'set SERIES = "eng/v21.0" and PATCHES by hand')
     assert '+SERIES = "eng/v1.0"' in (out / sorted(p.name for p in out.glob("0001-*"))[0]).read_text()
+
+
+def test_a_pin_name_with_a_quote_makes_a_marker_that_is_still_python(upstream):
+    u = upstream
+    directory, names = marker_series(u, "PATCHES = [\n    \"old.patch\",\n]")
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v22.0")
+    out = u["tmp"] / "out22"
+    run = dspark(u, "--onto", "v22.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd22"),
+                 "--out", str(out), "--series", str(directory), "--pin", 'v2"2')
+    assert run.returncode == 0, run.stderr
+    assert series.marker_constants(u["tmp"] / "wd22" / "eng" / "_dspark.py") == {
+        "SERIES": 'eng/v2"2', "PATCHES": names, "LEVEL": 2}
