@@ -597,6 +597,20 @@ def test_graphs_captured_ahead_serve_every_size_without_another_capture(checkpoi
     assert captured() == before  # nothing captured again
 
 
+def assert_pages_accounted(pool) -> None:
+    """Every page but the zero page is held by exactly one request or free; each request holds the
+    pages its rows need and a slot of its own, and its row of the device table names its pages."""
+    from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS
+
+    held = [p for r in pool for p in pool.pages[r]]
+    assert sorted(held + pool.free) == list(range(1, pool.k.shape[1] // PAGE_ROWS))
+    assert all(len(pool.pages[r]) == -(-pool.length(r) // PAGE_ROWS) for r in pool)
+    slots = [pool.slots[r] for r in pool if pool.pages[r]]
+    assert 0 not in slots and len(set(slots)) == len(slots) and not set(slots) & set(pool.free_slots)
+    for r in pool:
+        assert pool.table[pool.slots[r], :len(pool.pages[r])].tolist() == pool.pages[r]
+
+
 @pytest.mark.parametrize("reserve", [None, 1000, 4000], ids=["unreserved", "reserved-short", "reserved"])
 def test_context_pool_keeps_every_requests_rows_through_growth_and_drops(reserve):
     """The drafter's paged K/V pool under a random sequence of batched commits (1 to 40 rows, new
@@ -638,12 +652,14 @@ def test_context_pool_keeps_every_requests_rows_through_growth_and_drops(reserve
                 assert torch.equal(k, want[i, 0]) and torch.equal(v, want[i, 1]), (step, r)
         if pool.k is not None:
             assert not pool.k[:, :PAGE_ROWS].any() and not pool.v[:, :PAGE_ROWS].any(), step
+            assert_pages_accounted(pool)
         live = sum(pool.length(r) for r in expected)
         peak_pages = max(peak_pages, sum(len(pool.pages[r]) for r in pool))
         if pool.reserved:
             assert pool.k.shape[1] == pool.reserved + PAGE_ROWS and pool.reserved >= live
             assert (pool.k is tensor) == (pool.outgrown == outgrown), step  # new tensors only when outgrown
-            assert pool.outgrown == outgrown or live > held  # outgrown only when the live rows alone are more
+            pages_live = sum(len(pool.pages[r]) for r in pool) * PAGE_ROWS
+            assert pool.outgrown == outgrown or pages_live > held  # only when the live pages alone are more
         else:
             assert pool.k is None or pool.k.shape[1] <= max(2 * (peak_pages + 1), MIN_PAGES) * PAGE_ROWS, step
     assert (pool.outgrown > 0) == (reserve == 1000)
@@ -661,6 +677,12 @@ def test_context_pool_keeps_every_requests_rows_through_growth_and_drops(reserve
     assert next_id not in pool and torch.equal(pool.committed(r, 1)[0][-5:], rows[0])
     with pytest.raises(ValueError, match="request ids repeat in one call"):
         pool.commit([r, r], [2, 3], rows[0].expand(layers, -1, -1, -1), rows[1].expand(layers, -1, -1, -1))
+    # rows that do not match the counts or the pool are refused before anything changes
+    before = (dict(pool.lengths), {q: list(held) for q, held in pool.pages.items()}, list(pool.free))
+    for bad_k, bad_v in ((rows[0, :4], rows[1, :4]), (rows[0].half(), rows[1].half()), (rows[0], rows[1, :, :2])):
+        with pytest.raises(ValueError, match="commit: k"):
+            pool.commit([r, next_id + 5], [2, 3], bad_k.expand(layers, -1, -1, -1), bad_v.expand(layers, -1, -1, -1))
+    assert (pool.lengths, pool.pages, pool.free) == before
 
 
 def test_the_page_table_grows_only_where_it_is_short_and_a_batch_reads_only_its_columns():

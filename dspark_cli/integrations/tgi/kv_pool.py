@@ -14,7 +14,8 @@ rows unused, less than TGI's own KV blocks (16 or 256 tokens) leave.
 Unreserved (in tests, and before TGI's warmup), the tensors are made again with twice the pages
 when the free list runs out. Reserved (`reserve`, from TGI's warmup: the drafter's rows come out of
 the budget that sizes TGI's KV cache), serving allocates nothing more unless the live pages alone
-outgrow it (then twice as many, counted in `outgrown`).
+outgrow it (then a quarter more, counted in `outgrown`: the memory is already beyond TGI's plan,
+and old and new tensors are held at once while the rows move).
 
 Rows outside the committed ones are never read (our attention op reads each context's rows;
 `padded_index` pads with a committed row), except page 0's: it belongs to no request and stays
@@ -43,7 +44,7 @@ class KVPool:
         self.table: torch.Tensor | None = None  # int32 [slot rows, most pages]
         self.slots: dict[int, int] = {}
         self.free_slots: list[int] = []
-        self.reserved = 0  # rows held for good (0: none; the tensors grow as the live pages need)
+        self.reserved: int | None = None  # rows held for good (None: the tensors grow as the live pages need)
         self.outgrown = 0  # how often the live pages alone outgrew the reservation (each time: new tensors)
 
     def __contains__(self, request_id: int) -> bool:
@@ -83,6 +84,7 @@ class KVPool:
         head_dim], the requests' rows in order; one write each for all layers."""
         if len(set(request_ids)) != len(request_ids):
             raise ValueError(f"commit: request ids repeat in one call: {request_ids}")
+        self._check_rows(counts, k, v)  # before anything changes: a bad call leaves the pool as it was
         if sum(counts) == 0:
             return
         have = [self.length(r) for r in request_ids]
@@ -103,12 +105,24 @@ class KVPool:
         self.k.index_copy_(1, dst, k)
         self.v.index_copy_(1, dst, v)
 
+    def _check_rows(self, counts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        if min(counts, default=0) < 0:
+            raise ValueError(f"commit: negative row counts {counts}")
+        want = (self.num_layers, sum(counts))
+        if k.dim() != 4 or v.shape != k.shape or tuple(k.shape[:2]) != want:
+            raise ValueError(f"commit: k and v must both be [{want[0]} layers, {want[1]} rows (Σ counts), kv_heads, "
+                             f"head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+        held = [(t.dtype, t.device, t.shape[2:]) for t in (k, v, self.k) if t is not None]
+        if len(set(held)) > 1:
+            raise ValueError(f"commit: k, v (and the pool's rows) differ in dtype, device or shape: {held}")
+
     def _make_room(self, short: int, like: torch.Tensor) -> None:
-        """Tensors with `short` more free pages than the free list has, at least twice the pages:
-        unreserved, or reserved when the live pages alone outgrow the reservation (counted)."""
-        pages = max(2 * (1 if self.k is None else self.k.shape[1] // PAGE_ROWS),
-                    self._live_pages() + short + 1, MIN_PAGES)
-        if self.reserved:
+        """Tensors with `short` more free pages than the free list has: unreserved, at least twice
+        the pages; reserved (the live pages alone outgrew the reservation: counted), a quarter more."""
+        have = 1 if self.k is None else self.k.shape[1] // PAGE_ROWS
+        grown = have + have // 4 if self.reserved is not None else 2 * have
+        pages = max(grown, self._live_pages() + short + 1, MIN_PAGES)
+        if self.reserved is not None:
             self.reserved, self.outgrown = (pages - 1) * PAGE_ROWS, self.outgrown + 1
         self._remake(pages, like)
 
