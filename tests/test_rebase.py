@@ -658,14 +658,20 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     assert [p["commit"] for p in json.loads(again.stdout)["patches"]] == [first["commit"], None, third["commit"]]
 
 
-def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
-    u = upstream
-    directory, _ = marker_series(u, "PATCHES = list_of_patches()")
-    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v21.0")
-    out = u["tmp"] / "out21"
-    run = dspark(u, "--onto", "v21.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd21"),
-                 "--out", str(out), "--series", str(directory))
+def rebase_marked(u, patches_listed: str, tag: str, *options: str):
+    """A marked series (its PATCHES assignment given) carried onto a new upstream `tag` that only
+    moves mod.py's lines: (the run, its --out, its --workdir, the series' patch names)."""
+    directory, names = marker_series(u, patches_listed)
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, tag)
+    out, wd = u["tmp"] / f"out-{tag}", u["tmp"] / f"wd-{tag}"
+    run = dspark(u, "--onto", tag, "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                 "--series", str(directory), *options)
     assert run.returncode == 0, run.stderr
+    return run, out, wd, names
+
+
+def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
+    run, out, _, _ = rebase_marked(upstream, "PATCHES = list_of_patches()", "v21.0")
     assert json.loads(run.stdout)["patches"][0]["details"][-1] == (
         'eng/_dspark.py: left as it was (not in the SERIES/PATCHES form, or a later patch changes it): '
         'set SERIES = "eng/v21.0" and PATCHES by hand')
@@ -673,12 +679,5 @@ def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
 
 
 def test_a_pin_name_with_a_quote_makes_a_marker_that_is_still_python(upstream):
-    u = upstream
-    directory, names = marker_series(u, "PATCHES = [\n    \"old.patch\",\n]")
-    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v22.0")
-    out = u["tmp"] / "out22"
-    run = dspark(u, "--onto", "v22.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd22"),
-                 "--out", str(out), "--series", str(directory), "--pin", 'v2"2')
-    assert run.returncode == 0, run.stderr
-    assert series.marker_constants(u["tmp"] / "wd22" / "eng" / "_dspark.py") == {
-        "SERIES": 'eng/v2"2', "PATCHES": names, "LEVEL": 2}
+    _, _, wd, names = rebase_marked(upstream, "PATCHES = [\n    \"old.patch\",\n]", "v22.0", "--pin", 'v2"2')
+    assert series.marker_constants(wd / "eng" / "_dspark.py") == {"SERIES": 'eng/v2"2', "PATCHES": names, "LEVEL": 2}
