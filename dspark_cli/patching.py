@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.series import Patch
-from dspark_cli.workspace import DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace, kill_point
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace,
+                                  kill_point)
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")

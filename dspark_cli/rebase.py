@@ -40,9 +40,9 @@ from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
-SCRATCH = "series"  # the kind of write_series' scratch directories (flock.scratch_beside)
 ALREADY = "already upstream"  # applied to no change: dropped from the refreshed series
 COMMITTED = (CLEAN, THREE_WAY, RESOLVED)  # the statuses that own exactly one work-branch commit
+SCRATCH = "series"  # the kind of write_series' scratch directories (flock.scratch_beside)
 _OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
 _CHECKING = re.compile(r"^Checking patch (.+)\.\.\.$")
 _AUTHOR = re.compile(r"^author (.*) <(.*)> (\d+ [+-]\d{4})$", re.M)  # a raw commit's author header
