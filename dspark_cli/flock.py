@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import tempfile
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -64,7 +65,7 @@ def scratch_beside(path: Path, kind: str) -> Iterator[Path]:
     `.dspark-making-` name and gets its kind's name only once locked, so dead_scratches never finds
     a live run's unlocked (a pid in the name could not tell: in a container every run may be pid 1,
     and pids are reused). mkdtemp's mode is 0700: build what others read in a plain mkdir under it."""
-    making = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.dspark-making-"))
+    making = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path, "making")))
     with exclusive_nowait(making, directory=True):  # a directory just made: no one else holds it
         scratch = making.with_name(_scratch_prefix(path, kind) + making.name.rsplit("-", 1)[1])
         os.rename(making, scratch)  # the flock is the directory's, whatever its name
@@ -74,15 +75,28 @@ def scratch_beside(path: Path, kind: str) -> Iterator[Path]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+MAKING_DEAD_AFTER_S = 3600  # a `making` name lives for microseconds: one this old is a killed run's
+
+
 @contextmanager
 def dead_scratches(path: Path, kind: str) -> Iterator[list[Path]]:
     """The scratch directories of `kind` beside `path` (scratch_beside) whose run is gone, oldest
     first, flocked by us for the block: the kernel dropped a killed run's flock, a live run holds
-    its own. Each kind has its own prefix, so one kind's are never taken for another's."""
+    its own. Each kind has its own prefix, so one kind's are never taken for another's. Also the
+    `making` directories of runs killed before they locked theirs (an hour old: never a live one)."""
+    making = [p for p in path.parent.glob(f"{glob.escape(_scratch_prefix(path, 'making'))}*")
+              if time.time() - _mtime(p) > MAKING_DEAD_AFTER_S]
     with ExitStack() as held:
-        dead = [p for p in path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*")
+        dead = [p for p in [*path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"), *making]
                 if p.is_dir() and held.enter_context(claimed(p))]
-        yield sorted(dead, key=lambda p: p.stat().st_mtime)
+        yield sorted(dead, key=_mtime)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another run's sweep
+        return 0.0
 
 
 def remove_dead_scratches(path: Path, kind: str) -> None:
