@@ -105,6 +105,25 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
     return _save(path, target_config(), tensors)
 
 
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer for a constructed model: token i is byte i (V = 256), as GPT-2's byte
+    alphabet spells it, no merges; so text, regexes and JSON grammars map to token ids one byte each
+    (vLLM's structured outputs need a real tokenizer). BOS is byte 0 and EOS byte 254, as the
+    configs say. tokenizer.json + a PreTrainedTokenizerFast config, readable by any transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(VOCAB) if b not in printable]  # spelled from U+0100 up, as GPT-2 does
+    spelling = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    tok = Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(VOCAB)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(Path(path) / "tokenizer.json"))
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spelling[0], "eos_token": spelling[VOCAB - 2],
+        "model_max_length": 1024}, indent=2))
+
+
 def successor_tokens(prompt: list[int], n: int) -> list[int]:
     """The successor target's greedy continuation of `prompt`: n tokens counting up from its last."""
     return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]

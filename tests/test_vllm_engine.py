@@ -7,6 +7,7 @@ speculation and one with DSpark over constructed tiny models (dspark_cli.tiny_mo
 import json
 import os
 import random
+import re
 import subprocess
 
 import pytest
@@ -141,6 +142,50 @@ def test_seeded_sampled_request_under_adaptive_verification_gives_the_same_outpu
         for name, prompts in (("alone", PROMPTS[:1]), ("in_batch", PROMPTS[:6]))]})["workloads"]
     assert run["alone"]["dspark"]["outputs"][0] == run["in_batch"]["dspark"]["outputs"][0]
     assert run["in_batch"]["dspark"]["spec"]["accepted_tokens"] > 0  # its drafts were verified
+
+
+REGEX = r"defgh[0-9]{2,4}(ij|zz)klm"
+CHOICES = ["abc", "abd", "bcd", "ab", "cab"]
+EOS = VOCAB - 2  # byte 254 with the byte-level tokenizer (tiny_models.write_byte_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def structured():
+    """Structured outputs (vLLM's grammar backend over a byte-level tokenizer). Greedy, the successor
+    target with the oracle draft: the grammar lets the rule's run defgh… through (whole blocks
+    accepted), then forbids it (the scheduler cuts the drafts there). Sampled, a flat target with
+    the oracle draft: prompts end in "`", so drafts a, b, c… are valid for some choices."""
+    greedy = run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": "oracle", "workloads": [
+        {"name": "regex", "prompts": [list(b"abc"), list(b"xy")], "max_tokens": 40, "regex": REGEX},
+        {"name": "choice", "prompts": [list(b"klm"), list(b"`")], "max_tokens": 40, "choice": CHOICES}]})
+    sampled = run_in_python(PYTHON, {"gamma": GAMMA, "target": "flat", "draft": "oracle", "workloads": [
+        {"name": "sampled", "prompts": [[5, 17, ord("`")]] * NUM_SAMPLES, "max_tokens": 12, "temperature": 1.0,
+         "seed": 4000, "choice": CHOICES}]})
+    return {**greedy["workloads"], **sampled["workloads"]}
+
+
+def _texts(outputs: list[list[int]]) -> list[str]:
+    assert all(o[-1] == EOS for o in outputs), outputs  # the grammar completed, then EOS
+    return [bytes(o[:-1]).decode("latin-1") for o in outputs]
+
+
+def test_structured_outputs_greedy_are_token_identical_and_valid(structured):
+    for name in ("regex", "choice"):
+        run = structured[name]
+        assert run["dspark"]["outputs"] == run["baseline"]["outputs"], name
+        assert run["dspark"]["spec"]["accepted_tokens"] > 0, name  # drafts were verified, not all cut
+    assert all(re.fullmatch(REGEX, t) for t in _texts(structured["regex"]["dspark"]["outputs"]))
+    assert all(t in CHOICES for t in _texts(structured["choice"]["dspark"]["outputs"]))
+
+
+def test_structured_outputs_sampled_distribution_matches_no_speculation(structured):
+    """Structured requests draft greedily (a one-hot q keeps the scheduler's grammar cut lossless)."""
+    run = structured["sampled"]
+    assert run["dspark"]["spec"]["accepted_tokens"] > 0
+    base, spec = _texts(run["baseline"]["outputs"]), _texts(run["dspark"]["outputs"])
+    assert set(base) | set(spec) <= set(CHOICES)
+    table = _contingency(base, spec)
+    assert chi2_contingency(table)[1] > 1e-3, table
 
 
 def _contingency(a, b, min_count=8):

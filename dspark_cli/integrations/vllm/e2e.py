@@ -5,7 +5,10 @@
 SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
        "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
-       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?}]}
+       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?,
+                      "regex"? | "choice"?}]}
+A workload with a regex or choice is structured output (the target then gets a byte-level tokenizer:
+token i is byte i) and ends at EOS (byte 254) once its grammar is complete.
 Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
 engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
 successor target also `expected`, the rule's greedy continuation of each prompt."""
@@ -24,10 +27,17 @@ SPEC_METRICS = {
 }
 
 
-def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int):
+def _structured(workload: dict):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    grammar = {k: workload[k] for k in ("regex", "choice") if k in workload}
+    return StructuredOutputsParams(**grammar) if grammar else None
+
+
+def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int, tokenizer: bool):
     from vllm import LLM
 
-    return LLM(model=str(target), skip_tokenizer_init=True, dtype="float32", max_model_len=512,
+    return LLM(model=str(target), skip_tokenizer_init=not tokenizer, dtype="float32", max_model_len=512,
                enforce_eager=True, seed=0, gpu_memory_utilization=0.1, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=4096, disable_log_stats=False, speculative_config=speculative_config)
 
@@ -57,8 +67,9 @@ def _generate(llm, workload: dict) -> dict:
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
+    structured = _structured(workload)
     params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
-                             ignore_eos=True, detokenize=False,
+                             ignore_eos=structured is None, detokenize=False, structured_outputs=structured,
                              seed=_seed(workload, i), **warps)
               for i in range(len(prompts))]
     before = _counters(llm)
@@ -73,23 +84,26 @@ def _generate(llm, workload: dict) -> dict:
 
 
 def run(spec: dict) -> dict:
-    from dspark_cli.tiny_models import build_draft, build_target, successor_tokens
+    from dspark_cli.tiny_models import build_draft, build_target, successor_tokens, write_byte_tokenizer
 
     work = Path(spec["workdir"])
     target = build_target(work / f"target-{spec['target']}", spec["target"])
     draft = build_draft(work / f"draft-{spec['draft']}-{spec['gamma']}", spec["gamma"], spec["draft"], target)
+    tokenizer = any(_structured(w) for w in spec["workloads"])
+    if tokenizer:
+        write_byte_tokenizer(target)
     os.environ.update(spec.get("env", {}))
     max_seqs = max(len(w["prompts"]) for w in spec["workloads"])
     result = {"gamma": spec["gamma"], "workloads": {}}
     if spec.get("baseline", True):
-        llm = _engine(target, None, max_seqs)
+        llm = _engine(target, None, max_seqs, tokenizer)
         for w in spec["workloads"]:
             result["workloads"].setdefault(w["name"], {})["baseline"] = _generate(llm, w)
         del llm
     config = {"method": "dspark", "model": str(draft), "num_speculative_tokens": spec["gamma"],
               "draft_sample_method": spec.get("draft_sample_method", "probabilistic"),
               "enable_adaptive_verification": bool(spec.get("adaptive", False)), **spec.get("speculative_config", {})}
-    llm = _engine(target, config, max_seqs)
+    llm = _engine(target, config, max_seqs, tokenizer)
     for w in spec["workloads"]:
         result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)
         if spec["target"] == "successor":  # the rule's continuation, for callers without torch
