@@ -260,8 +260,8 @@ def test_the_static_cache_step_is_the_eager_step(model_dir):
     prompt, step = timer._inputs(3)
     timer.model.set_attn_implementation("sdpa")
     with torch.inference_mode():
-        cache = timer.model(input_ids=prompt, use_cache=True).past_key_values
-        eager = timer.model(input_ids=step, use_cache=True, past_key_values=cache).logits
+        cache = getattr(timer.model(input_ids=prompt, use_cache=True), timer.cache_name)  # its name, either way
+        eager = timer.model(input_ids=step, use_cache=True, **{timer.cache_name: cache}).logits
     timer.model.set_attn_implementation(ATTENTION)
     static = timer.static_step(3)
     first, again = static(), static()  # a second call rewrites the same slot: same context, same logits
