@@ -491,26 +491,27 @@ def wheel_torch_pin() -> str:
                                  "could never be installed; build without --wheel") from None
 
 
-def check_wheel_dir(out_dir: str | Path) -> Path:
-    """Before a build: --wheel must name a directory that exists or can be made, and that this
-    user can write. A file in the way is a usage error (2); no permission is an environment problem (3)."""
+def check_wheel_dir(out_dir: str | Path, create: bool = False) -> Path:
+    """--wheel must name a directory that exists or can be made, and that this user can write. A
+    file in the way is a usage error (2); no permission is an environment problem (3). Checked
+    before a build without making anything (a refused build leaves no directory behind); made
+    with `create`, when there is a wheel to write."""
     if not str(out_dir).strip():
         raise UsageError("--wheel needs a directory (it was empty)")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--wheel {out}: not a directory (a file is in the way)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (NotADirectoryError, FileExistsError):
-        raise UsageError(f"--wheel {out}: a parent of it is a file, not a directory") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--wheel {out}: not a directory (a file is in the way)" if existing == out
+                         else f"--wheel {out}: a parent of it is a file, not a directory")
+    try:  # a directory made and removed: access() says yes to root even where nothing can be made (/proc)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".dspark-write-test-"))
     except OSError as exc:
-        raise EnvironmentProblem(f"--wheel {out}: cannot create it: {exc.strerror or exc}") from None
-    probe = out / f".dspark-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise EnvironmentProblem(f"--wheel {out}: not writable: {exc.strerror or exc}") from None
+        raise EnvironmentProblem(f"--wheel {out}: {existing} is not writable: {exc.strerror or exc}") from None
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EnvironmentProblem(f"--wheel {out}: cannot create it: {exc.strerror or exc}") from None
     return out
 
 
@@ -538,7 +539,7 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
     }
     record = [f"{name},sha256={_b64_digest(data)},{len(data)}" for name, data in files.items()]
     files[f"{dist_info}/RECORD"] = ("\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n").encode()
-    out = check_wheel_dir(out_dir)
+    out = check_wheel_dir(out_dir, create=True)
     wheel = out / f"{WHEEL_PACKAGE}-{version}-{tag}.whl"
 
     def save(tmp: str) -> None:

@@ -308,7 +308,9 @@ def test_wheel_dir_checks(tmp_path):
         build.check_wheel_dir("/proc/dspark-wheels")
     with pytest.raises(UsageError, match="--wheel needs a directory"):
         build.check_wheel_dir("")  # Path("") is the current directory: never what was meant
-    assert build.check_wheel_dir(tmp_path / "new" / "dir").is_dir()
+    assert not build.check_wheel_dir(tmp_path / "new" / "dir").exists()  # checked before a build: nothing made
+    assert build.check_wheel_dir(tmp_path / "new" / "dir", create=True).is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "new"]  # no probe left behind
 
 
 @pytest.mark.parametrize("arch", [";", "1.0", "sm_100f", "sm_x", ""])

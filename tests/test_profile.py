@@ -66,7 +66,12 @@ def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
     missing = _dspark("profile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json"))
     assert missing.returncode == 2 and "no config.json" in missing.stderr
     bad_sizes = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"), "--sizes", "0,4")
-    assert bad_sizes.returncode == 2 and "positive integers" in bad_sizes.stderr
+    assert bad_sizes.returncode == 2 and "integers from 1 to 1048576" in bad_sizes.stderr
+    # a typo'd size is refused in one line (the sweep of sizes up to 10^20 was a MemoryError traceback)
+    huge = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"),
+                   "--max-tokens", "99999999999999999999")
+    [line] = huge.stderr.strip().splitlines()
+    assert huge.returncode == 2 and line.startswith("usage: Invalid value for '--max-tokens'") and "1048576" in line
     if not torch.cuda.is_available():
         no_gpu = _dspark("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"), "--device", "cuda")
         assert no_gpu.returncode == 3 and "sees no CUDA GPU" in no_gpu.stderr

@@ -12,6 +12,8 @@ from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module
 from dspark_cli.files import replace_atomically
 from dspark_cli.output import console, emit, err_console
 
+MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo past it is refused, not swept
+
 
 def register(app: typer.Typer) -> None:
     @app.command("profile")
@@ -19,7 +21,8 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., "--model", help="Model directory with config.json, or a config.json file."),
         out: Path = typer.Option(..., "--out", help="Where to write our SPS table (dspark-sps/1 JSON)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-        max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Largest batch size B (tokens per forward)."),
+        max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=MAX_TOKENS,
+                                       help="Largest batch size B (tokens per forward)."),
         sizes: str = typer.Option("", "--sizes", help="Comma-separated batch sizes instead of the default sweep."),
         capture_sizes: str = typer.Option(
             "auto", "--capture-sizes",
@@ -45,8 +48,8 @@ def _parse_sizes(text: str, option: str) -> list[int]:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         raise UsageError(f"{option} must be comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise UsageError(f"{option} needs positive integers, got {text!r}")
+    if not values or values[0] < 1 or values[-1] > MAX_TOKENS:
+        raise UsageError(f"{option} needs integers from 1 to {MAX_TOKENS}, got {text!r}")
     return values
 
 
