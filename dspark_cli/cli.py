@@ -1,6 +1,7 @@
 """The `dspark` command: a thin typer layer; each command lives in dspark_cli/commands/<name>.py
 and exposes `register(app)`. Errors become one line on stderr and the documented exit code."""
 
+import errno
 import importlib
 import sys
 
@@ -12,6 +13,10 @@ from dspark_cli import output
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 NoArgsIsHelpError = importlib.import_module(ClickUsageError.__module__).NoArgsIsHelpError
+
+# An OSError of these is a path that cannot be what it was given as (a directory where a file goes, a
+# file where a directory goes, a name too long): bad input (2), not the environment (3).
+PATH_SHAPE_ERRORS = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
@@ -43,8 +48,10 @@ def main() -> None:
         output.emit_error("error", str(exc), exc.exit_code, as_json)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a file or directory we could not read or write (permissions, disk full)
-        output.emit_error("error", str(exc), EXIT_ENV, as_json)
-        sys.exit(EXIT_ENV)
+        code = EXIT_USAGE if exc.errno in PATH_SHAPE_ERRORS else EXIT_ENV
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        output.emit_error("error", message, code, as_json)
+        sys.exit(code)
     except (typer.Abort, KeyboardInterrupt):
         rc = EXIT_INTERRUPTED
     except NoArgsIsHelpError:

@@ -18,6 +18,7 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     Raises OSError."""
     outputs = [(Path(os.path.realpath(path)), save) for path, save in outputs]
     temps = []
+    path = None
     try:
         for path, save in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,9 +29,12 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
             os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         for (path, _), tmp in zip(outputs, temps):
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and path is not None:
+            # name the file being written, not our temporary beside it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

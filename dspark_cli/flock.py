@@ -65,7 +65,10 @@ def scratch_beside(path: Path, kind: str) -> Iterator[Path]:
     `.dspark-making-` name and gets its kind's name only once locked, so dead_scratches never finds
     a live run's unlocked (a pid in the name could not tell: in a container every run may be pid 1,
     and pids are reused). mkdtemp's mode is 0700: build what others read in a plain mkdir under it."""
-    making = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path, "making")))
+    try:
+        making = Path(tempfile.mkdtemp(dir=path.parent, prefix=_scratch_prefix(path, "making")))
+    except OSError as exc:  # named by the directory it was to go in, not the random name tried
+        raise OSError(exc.errno, exc.strerror, str(path.parent)) from exc
     with exclusive_nowait(making, directory=True):  # a directory just made: no one else holds it
         scratch = making.with_name(_scratch_prefix(path, kind) + making.name.rsplit("-", 1)[1])
         os.rename(making, scratch)  # the flock is the directory's, whatever its name

@@ -42,8 +42,9 @@ def _with_progress(action, failure: str):
     """Run a GitPython clone or fetch under a progress bar; a failure is EnvironmentProblem
     `failure: <git's reason>`. The progress handler reads git's stderr, so the reason (git's
     fatal:/error: lines, the first names the cause, the last what failed) is in the handler."""
+    # Off where stderr is no terminal (CI logs): a transient bar there only leaves a blank line.
     with Progress(TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed:,.0f}"),
-                  console=err_console, transient=True) as progress:
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         handler = _RichProgress(progress)
         try:
             return action(handler)

@@ -95,7 +95,7 @@ def _index_download(release: ReleaseFile, dest: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out, Progress(
             TextColumn(release.file), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            console=err_console, transient=True,
+            console=err_console, transient=True, disable=not err_console.is_terminal,  # (as git_source's)
         ) as progress:
             task = progress.add_task("download", total=int(response.headers.get("Content-Length") or 0) or None)
             for block in iter(lambda: response.read(1 << 20), b""):

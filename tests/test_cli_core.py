@@ -258,8 +258,18 @@ def test_a_file_dspark_may_not_write_is_one_line_exit_3(toy_env, monkeypatch, ca
         cli.main()
     out, err = capsys.readouterr()
     last = err.strip().splitlines()[-1]  # after the clone's progress line
-    assert exited.value.code == 3 and "Traceback" not in err and last.startswith("error: [Errno 13] Permission denied")
-    assert json.loads(out)["error"] in last and "state.json" in last
+    assert exited.value.code == 3 and "Traceback" not in err and last.endswith("state.json: Permission denied")
+    assert json.loads(out)["error"] in last
+
+
+def test_a_path_that_cannot_be_what_it_was_given_as_is_bad_input_named_as_given(tmp_path):
+    """series.lock being a directory was exit 3 naming our temporary file beside it
+    ("[Errno 21] Is a directory: '.../.series.lock.l32faatn.tmp' -> ...")."""
+    directory = tmp_path / "s"
+    (directory / "series.lock").mkdir(parents=True)
+    (directory / "series").write_text("")
+    run = run_dspark("series", "lock", str(directory))
+    assert run.returncode == 2 and run.stderr == f"error: {directory / 'series.lock'}: Is a directory\n", run.stderr
 
 
 def test_series_lock_writes_and_checks(toy_env):

@@ -287,12 +287,16 @@ def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream)
     assert len(worktrees(u["repo"])) == 2 and not (u["tmp"] / "wd7b").exists()
 
 
-def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetched(tmp_path):
+@pytest.mark.parametrize("pin, message", [
+    ("a b", "dspark/rebase-a b is not a valid branch name; name the new pin with --pin"),
+    ("", "--pin needs a name (it was empty); leave it out for the release's or tag's"),  # was the default, silently
+], ids=["space", "empty"])
+def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetched(tmp_path, pin, message):
     """Was exit 3 from `git checkout` after both release trees were unpacked."""
-    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--pin", "a b",
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--pin", pin,
                      "--out", str(tmp_path / "out"),
                      env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
-    assert run.returncode == 2 and run.stderr.strip() == "error: dspark/rebase-a b is not a valid branch name; name the new pin with --pin"
+    assert run.returncode == 2 and run.stderr.strip() == f"error: {message}"
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 

@@ -115,6 +115,8 @@ def register(app: typer.Typer) -> None:
 
         Exit codes: 0 written, 1 a patched file no longer byte-compiles, 2 bad input,
         3 environment, 4 a patch conflicted (markers left on the work branch)."""
+        if new_pin is not None and not new_pin.strip():
+            raise UsageError("--pin needs a name (it was empty); leave it out for the release's or tag's")
         engine = compat_mod.load().engine(engine_name)
         pin = engine.resolve_pin(from_pin)
         if pin is None:
