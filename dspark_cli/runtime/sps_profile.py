@@ -46,8 +46,11 @@ def load_config(path: Path):
     config_file = config_path(path)
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
-    data = json.loads(config_file.read_text())
-    if "model_type" not in data:
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{config_file} has no model_type")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
