@@ -463,8 +463,10 @@ def recover_interrupted(target: Path) -> list[str]:
 
 def _swap_in(new: Path, out_dir: Path, old: Path) -> None:
     """Put directory `new` at `out_dir` by renames. A directory cannot be renamed over a non-empty
-    one, so the current `out_dir` moves aside to `old` first and comes back if `new` cannot go in."""
+    one, so the current `out_dir` moves aside to `old` first and comes back if `new` cannot go in.
+    The new directory takes the mode of the one it replaces."""
     if out_dir.exists():
+        os.chmod(new, out_dir.stat().st_mode & 0o7777)
         os.replace(out_dir, old)
     try:
         os.replace(new, out_dir)

@@ -311,9 +311,11 @@ def test_the_series_being_carried_is_refreshed_in_place(upstream, target):
     u = upstream
     onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v8.0")  # every hunk of 0001 moves
     before = snapshot(u["patches"])
+    u["patches"].chmod(0o750)
     args = ["--out", str(u["patches"])] if target == "--out" else ["--pin", "v1.0"]
     run = dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd8"), "--force", *args)
     assert run.returncode == 0, run.stderr
+    assert u["patches"].stat().st_mode & 0o7777 == 0o750  # the refreshed directory keeps its mode
     assert Path(json.loads(run.stdout)["out_dir"]) == u["patches"]
     refreshed = series.load_series(u["patches"], "dspark")  # its lock matches what was written
     assert sorted(snapshot(u["patches"])) == sorted(before) and snapshot(u["patches"]) != before
