@@ -1,6 +1,8 @@
-"""Exclusive flocks, for the one-at-a-time guards (a workspace's apply/revert, a build key, a
-release tree being made). The kernel drops a flock when its descriptor closes, so a holder that
-is killed, however, never leaves anything locked."""
+"""Exclusive flocks, for the one-at-a-time guards (a workspace's apply/revert, a build key) and for
+the scratch directories a run builds in before moving the result into place (a clone, a release
+tree, a refreshed series): a scratch whose flock anyone can take is a killed run's. The kernel
+drops a flock when its descriptor closes, so a holder that is killed, however, never leaves
+anything locked."""
 
 from __future__ import annotations
 
