@@ -18,7 +18,7 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import remove_dead_scratches, scratch_beside
 from dspark_cli.output import err_console, say
-from dspark_cli.workspace import Workspace, require_git
+from dspark_cli.workspace import Git, Workspace, require_git
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -62,8 +62,10 @@ def is_local_path(url: str) -> bool:
 
 
 def check_repo_option(repo: str | None) -> None:
-    """--repo naming a local path that does not exist, or a file git cannot clone, is bad input,
-    found before any clone (a quoted ~ counts as the home directory, as `compat lock` reads it)."""
+    """--repo naming a local path that does not exist, a file git cannot clone, or a directory that
+    is no repository (nor a subdirectory of one: git clones neither) is bad input, found before any
+    clone, whether or not one is needed (a quoted ~ counts as the home directory, as `compat lock`
+    reads it)."""
     if not repo or not is_local_path(repo):
         return
     path = Path(repo).expanduser()
@@ -71,6 +73,12 @@ def check_repo_option(repo: str | None) -> None:
         raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
     if not path.is_dir() and not _clonable_file(path):
         raise UsageError(f"--repo {repo}: a file, not a repository (give a clone's directory or a URL)")
+    if path.is_dir():
+        listed = Git(path).run("ls-remote", "--heads", str(path.absolute()), check=False)
+        if listed.returncode != 0:
+            reason = next((line for line in listed.stderr.splitlines() if line.startswith("fatal:")), "")
+            raise UsageError(f"--repo {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
+                             "give a clone's directory or a URL")
 
 
 def _clonable_file(path: Path) -> bool:

@@ -187,6 +187,19 @@ def test_a_local_repo_path_that_is_a_plain_file_is_bad_input(toy_env, command):
     assert run_dspark(*args, "--repo", str(bundle)).returncode == 0
 
 
+@pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
+def test_a_local_directory_git_cannot_clone_is_bad_input_even_where_no_clone_is_needed(toy_env, command):
+    """Was exit 3 'cannot clone' for a fresh workdir, and ignored (exit 0) for an existing one."""
+    args = [a.format(work=toy_env["work"]) for a in command]
+    for directory in (toy_env["root"] / "plain", toy_env["upstream"]["repo"] / "sub"):  # no repo; inside one
+        directory.mkdir()
+        result = run_dspark(*args, "--repo", str(directory))
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: --repo {directory}: git cannot clone it ('{directory}' does not appear to be a git repository); "
+            "give a clone's directory or a URL"), result.stderr
+    assert not toy_env["work"].exists()
+
+
 @pytest.mark.parametrize("url, local", [
     ("/no/such/dir", True), ("./tgi", True), ("tgi", True), ("../a:b", True),
     ("https://github.com/huggingface/text-generation-inference", False), ("file:///srv/tgi", False),
