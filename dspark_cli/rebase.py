@@ -36,7 +36,7 @@ from dspark_cli.files import write_text_atomically
 from dspark_cli.flock import dead_scratches, scratch_beside
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
-from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Git, Workspace
+from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
 
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
@@ -384,16 +384,14 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
                 result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
 
 
-def check_targets(branch: str, out_dir: Path, force: bool, source_dir: Path,
-                  protected: dict[str, Path]) -> None:
-    """What the rebase will create, checked before any work: a valid work-branch name, and an out
-    directory that is empty unless `force` (a refusal after the rebase would leave its branch).
+def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path]) -> None:
+    """What the rebase will create, checked before any work (the new pin's name, which names the
+    work branch, was checked as compat.yaml's): an out directory that is empty unless `force` (a
+    refusal after the rebase would leave its branch).
 
     A refreshed series replaces `out_dir` whole, so even with `force` it may not be, contain or sit
     in a `protected` directory (the --repo, the work tree, the cache: --out equal to --repo deleted
     its .git), nor contain the series being carried (equal to it is the refresh in place)."""
-    if not Git(Path.cwd()).ok("check-ref-format", f"refs/heads/{branch}"):
-        raise UsageError(f"{branch} is not a valid branch name; name the new pin with --pin")
     out = out_dir.resolve()
     for what, path in protected.items():
         path = path.resolve()

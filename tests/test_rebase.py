@@ -2,6 +2,7 @@
 merge, a conflict left for a human and finished with --continue, and a tree that no longer
 byte-compiles."""
 
+import ast
 import json
 import os
 from pathlib import Path
@@ -218,7 +219,7 @@ def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_w
     u = upstream
     new_upstream(u, {"new.py": "X = 1\n"}, "v6.0")
     bad = dspark(u, "--onto", "main~0", "--repo", str(u["repo"]), "--pin", "a..b", "--workdir", str(u["tmp"] / "wd6"))
-    assert bad.returncode == 2 and "dspark/rebase-a..b is not a valid branch name" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "'a..b' cannot be a pin name" in bad.stderr, bad.stderr
     assert len(worktrees(u["repo"])) == 1
     run = dspark(u, "--onto", "main~0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd6"))
     assert run.returncode == 0, run.stderr
@@ -288,15 +289,16 @@ def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream)
 
 
 @pytest.mark.parametrize("pin, message", [
-    ("a b", "dspark/rebase-a b is not a valid branch name; name the new pin with --pin"),
-    ("", "--pin needs a name (it was empty); leave it out for the release's or tag's"),  # was the default, silently
-], ids=["space", "empty"])
+    ("a b", "'a b'"), ("", "''"),  # empty: was the default name, silently
+    ('v2"2', "'v2\"2'"), ("a/b", "'a/b'"),  # a quote made a marker that was no Python; a slash nested directories
+], ids=["space", "empty", "quote", "slash"])
 def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetched(tmp_path, pin, message):
     """Was exit 3 from `git checkout` after both release trees were unpacked."""
     run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--pin", pin,
                      "--out", str(tmp_path / "out"),
                      env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
-    assert run.returncode == 2 and run.stderr.strip() == f"error: {message}"
+    assert run.returncode == 2 and run.stderr.strip() == (
+        f"error: {message} cannot be a pin name (letters, digits, '.', '_' or '-', starting with a letter or digit; no '..', no '.' or '.lock' at the end): choose another --pin")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
@@ -664,26 +666,24 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     assert [p["commit"] for p in json.loads(again.stdout)["patches"]] == [first["commit"], None, third["commit"]]
 
 
-def rebase_marked(u, patches_listed: str, tag: str, *options: str):
-    """A marked series (its PATCHES assignment given) carried onto a new upstream `tag` that only
-    moves mod.py's lines: (the run, its --out, its --workdir, the series' patch names)."""
-    directory, names = marker_series(u, patches_listed)
-    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, tag)
-    out, wd = u["tmp"] / f"out-{tag}", u["tmp"] / f"wd-{tag}"
-    run = dspark(u, "--onto", tag, "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                 "--series", str(directory), *options)
-    assert run.returncode == 0, run.stderr
-    return run, out, wd, names
-
-
 def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
-    run, out, _, _ = rebase_marked(upstream, "PATCHES = list_of_patches()", "v21.0")
+    u = upstream
+    directory, _ = marker_series(u, "PATCHES = list_of_patches()")
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v21.0")
+    out = u["tmp"] / "out21"
+    run = dspark(u, "--onto", "v21.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd21"),
+                 "--out", str(out), "--series", str(directory))
+    assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["patches"][0]["details"][-1] == (
         'eng/_dspark.py: left as it was (not in the SERIES/PATCHES form, or a later patch changes it): '
         'set SERIES = "eng/v21.0" and PATCHES by hand')
     assert '+SERIES = "eng/v1.0"' in (out / sorted(p.name for p in out.glob("0001-*"))[0]).read_text()
 
 
-def test_a_pin_name_with_a_quote_makes_a_marker_that_is_still_python(upstream):
-    _, _, wd, names = rebase_marked(upstream, "PATCHES = [\n    \"old.patch\",\n]", "v22.0", "--pin", 'v2"2')
-    assert series.marker_constants(wd / "eng" / "_dspark.py") == {"SERIES": 'eng/v2"2', "PATCHES": names, "LEVEL": 2}
+def test_marker_values_are_written_as_python_string_literals():
+    """A patch name may hold a quote or a backslash (a series names any file without spaces)."""
+    text = 'X = 1\nSERIES = "eng/v1"\nPATCHES = [\n    "a.patch",\n]\n'
+    names = ['0001-say-"hi".patch', "0002-back\\slash.patch"]
+    marked = series.marker_with(text, "eng/v2", names)
+    assert ast.literal_eval(marked.split("PATCHES = ", 1)[1]) == names and marked.startswith("X = 1\n")
+    assert series.marker_with(marked, "eng/v3", ["b.patch"]) == 'X = 1\nSERIES = "eng/v3"\nPATCHES = [\n    "b.patch",\n]\n'

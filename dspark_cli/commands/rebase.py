@@ -95,6 +95,14 @@ def _render(report: dict) -> None:
         say(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", markup=False)
 
 
+def _check_pin_name(name: str, fix: str) -> None:
+    """The new pin goes into compat.yaml and names patches/ENGINE/PIN and the work branch: it must
+    be a name compat.yaml takes."""
+    if not compat_mod.PIN_NAME.fullmatch(name):
+        raise UsageError(f"{name!r} cannot be a pin name (letters, digits, '.', '_' or '-', starting with a letter "
+                         f"or digit; no '..', no '.' or '.lock' at the end): {fix}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("rebase")
     def rebase_command(
@@ -115,8 +123,8 @@ def register(app: typer.Typer) -> None:
 
         Exit codes: 0 written, 1 a patched file no longer byte-compiles, 2 bad input,
         3 environment, 4 a patch conflicted (markers left on the work branch)."""
-        if new_pin is not None and not new_pin.strip():
-            raise UsageError("--pin needs a name (it was empty); leave it out for the release's or tag's")
+        if new_pin is not None:  # before anything is fetched
+            _check_pin_name(new_pin, "choose another --pin")
         engine = compat_mod.load().engine(engine_name)
         pin = engine.resolve_pin(from_pin)
         if pin is None:
@@ -140,13 +148,14 @@ def register(app: typer.Typer) -> None:
             base_release = _sdist_first(pin)
             onto_release, release_name = _onto_release(engine, onto, base_release.package)
             name = new_pin or release_name
+        _check_pin_name(name, "name the new pin with --pin")
         branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
         for note in rebase.recover_interrupted(out_dir):
             say(note, err=True, markup=False)
         default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
         work = (workdir or cache_dir() / "rebase" / default_work).resolve()
         protected = {"--repo": repo, "work tree": work, "dspark cache": cache_dir()}
-        rebase.check_targets(branch, out_dir, force, source_dir,
+        rebase.check_targets(out_dir, force, source_dir,
                              {what: path for what, path in protected.items() if path is not None})  # before any work
 
         compat_entry = None
