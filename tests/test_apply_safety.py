@@ -152,15 +152,16 @@ def test_clone_and_fetch_failures_say_gits_reason(toy):
     """The progress handler reads git's stderr: its fatal: line must still reach the one-line error."""
     from dspark_cli.errors import EnvironmentProblem
 
-    not_a_repo = toy["root"] / "not-a-repo"  # a missing path is refused before git runs (exit 2)
+    not_a_repo = toy["root"] / "not-a-repo"  # as a local path refused before git runs (exit 2); as a URL, git's
     not_a_repo.mkdir()
-    with pytest.raises(EnvironmentProblem, match=f"cannot clone {not_a_repo}: fatal: repository .* does not exist"):
-        run_apply(toy, repo=str(not_a_repo))
+    url = f"file://{not_a_repo}"
+    reason = "fatal: .* does not appear to be a git repository; fatal: Could not read from remote"
+    with pytest.raises(EnvironmentProblem, match=f"cannot clone {url}: {reason}"):
+        run_apply(toy, repo=url)
     assert not toy["workdir"].exists()
     run_apply(toy)
-    reason = "fatal: .* does not appear to be a git repository; fatal: Could not read from remote"
-    with pytest.raises(EnvironmentProblem, match=f"cannot fetch {not_a_repo}: {reason}"):
-        run_apply(toy, repo=str(not_a_repo), commit="deadbeef1", allow_unpinned=True)
+    with pytest.raises(EnvironmentProblem, match=f"cannot fetch {url}: {reason}"):
+        run_apply(toy, repo=url, commit="deadbeef1", allow_unpinned=True)
 
 
 def test_a_failed_git_command_is_named_past_its_global_options(tmp_path):
