@@ -13,7 +13,6 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 from dspark_cli import cache_dir, cuda_env
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError
+from dspark_cli.files import cannot_make_in, nearest_existing
 from dspark_cli.series import marker_constants, read_series
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -146,17 +146,9 @@ def check_cuda_home(home: cuda_env.CudaHome) -> Check:
     return Check("CUDA_HOME", OK, detail)
 
 
-def _nearest_existing(path: Path) -> Path:
-    """`path`, or its nearest parent that exists: a workdir or cache may not be made yet."""
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return existing
-
-
 def check_disk(name: str, path: Path) -> Check:
     """Free space where `path` will live (its nearest existing parent)."""
-    free_gb = shutil.disk_usage(_nearest_existing(path)).free / 2**30
+    free_gb = shutil.disk_usage(nearest_existing(path)).free / 2**30
     detail = f"{free_gb:.1f} GiB free at {path}"
     if free_gb < MIN_FREE_GB:
         return Check(name, WARN, detail, f"a vLLM tree, its release file and builds want about {MIN_FREE_GB} GiB")
@@ -176,14 +168,12 @@ def check_cache(path: Path) -> Check:
 def _cannot_make_directories(path: Path) -> str | None:
     """Why directories cannot be made at `path`, or None. Probed by making one (and removing it) in
     `path` or its nearest existing parent: permission bits do not tell root about a read-only mount."""
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     if not existing.is_dir():
         return f"{path} is a file, not a directory" if existing == path.absolute() else \
             f"{path}: {existing} is a file, not a directory"
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".dspark-doctor-"))
-    except OSError as exc:
-        return f"{path}: cannot make a directory in {existing} ({exc.strerror or exc})"
+    if problem := cannot_make_in(existing):
+        return f"{path}: cannot make a directory in {existing} ({problem})"
     return None
 
 

@@ -38,6 +38,25 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
         raise
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists: a directory to be made may not be there yet."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def cannot_make_in(directory: Path) -> str | None:
+    """Why nothing can be made in the existing `directory` (the OSError's reason), or None. Probed
+    by making a directory there and removing it: permission bits do not tell root about a read-only
+    mount or /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=directory, prefix=".dspark-probe-"))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically([(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))])
 
