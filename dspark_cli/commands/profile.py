@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module
-from dspark_cli.files import replace_atomically
+from dspark_cli.files import cannot_make_in, nearest_existing, replace_atomically
 from dspark_cli.output import console, emit, err_console
 
 MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo past it is refused, not swept
@@ -167,12 +167,10 @@ def _check_output(path: Path, option: str) -> None:
     if path.exists():
         if not os.access(path, os.W_OK):
             raise EnvironmentProblem(f"{option} {path}: the file is not writable")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise UsageError(f"{option} {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if cannot_make_in(ancestor):
         raise EnvironmentProblem(f"{option} {path}: directory {ancestor} is not writable")
 
 
