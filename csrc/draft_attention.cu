@@ -20,7 +20,8 @@
 // Measured on an H200 at Qwen3-4B drafter sizes (bench/RESULTS.md, session 19): this layout against
 // 32-key tiles with 2–4 buffers and 64-key tiles with 3 (fewer CTAs per SM: slower at every R), a
 // warp per row in the softmax (20 % slower), and two mma chains per score tile with V fragments
-// shared across a warp's accumulators (6 % slower).
+// shared across a warp's accumulators (6 % slower); session 29: each thread's page ids read a tile
+// ahead into registers (3–9 % slower: the copies were not waiting on the page table).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
