@@ -207,10 +207,13 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
             branch = f"dspark/{pin.name}" if pin else f"dspark/unpinned-{base[:12]}"
             identity = {"engine": engine.name, "pin": series_pin.name, "unpinned": pin is None, "branch": branch}
             source = {"kind": "git", "repository": url, "commit": base}
+            if not oplock.held(ws.git_dir):  # cloned just now, maybe by a run beside this one: recovered if it died
+                lock.enter_context(oplock.exclusive(ws.git_dir, workdir))
+                recovered = recover(ws, request.force)
             state = ws.read_state()
             if state is not None:
                 _check_same_workspace(state, identity, source, workdir)
-        if not oplock.held(ws.git_dir):  # a workspace made just now: locked before its patching starts
+        if not oplock.held(ws.git_dir):  # a workspace made just now from a release: locked before its patching starts
             lock.enter_context(oplock.exclusive(ws.git_dir, workdir))
         drift = [] if pin else [_unpinned_drift(ws, base, series_pin)]
         state = {**(ws.read_state() or {}), **identity, "source": source, "base": base, "layers": layers,
@@ -485,18 +488,21 @@ def status(workdir: Path) -> dict:
     drift = []
     snapshot = Snapshot(**state["in_progress"]) if state.get("in_progress") else None
     running = oplock.holder(ws.git_dir)  # an apply/revert running now (it may be recovering `snapshot`)
+    busy = None  # why the tree is not the applied series now: something running, or an interrupted run
     if snapshot and owner_running(snapshot):
-        drift.append(f"a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) is in progress; "
-                     "run dspark status again when it has finished")
+        busy = (f"a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) is in progress; "
+                "run dspark status again when it has finished")
     elif running:
-        drift.append(f"a dspark apply or revert (pid {running}) is running in {ws.path}; run dspark status again "
-                     "when it has finished")
+        busy = (f"a dspark apply or revert (pid {running}) is running in {ws.path}; run dspark status again "
+                "when it has finished")
     elif snapshot:
         lost = _lost_by_recovery(ws, snapshot, base)
-        drift.append(f"an interrupted {snapshot.op} (started {snapshot.started}) left the workspace half done; the next "
-                     "dspark apply or revert restores the state before it" + (
-                         f", but refuses while that would discard {lost}: with --force it keeps them on a "
-                         "dspark/saved-<time> branch first" if lost else ""))
+        busy = (f"an interrupted {snapshot.op} (started {snapshot.started}) left the workspace half done; the next "
+                "dspark apply or revert restores the state before it" + (
+                    f", but refuses while that would discard {lost}: with --force it keeps them on a "
+                    "dspark/saved-<time> branch first" if lost else ""))
+    if busy:
+        drift.append(busy)
     if snapshot:
         # The state's layers are those before it: compare the branch as recovery will restore it.
         tip = state["in_progress"]["work_branch_sha"] or base
@@ -537,7 +543,7 @@ def status(workdir: Path) -> dict:
         "applied": [{"label": p.label, "commit": p.commit, "subject": p.subject, "sha256": p.sha256} for p in applied],
         "user_commits": [{"commit": sha, "subject": subject} for sha, subject in user],
         "detached_commits": [{"commit": sha, "subject": subject} for sha, subject in detached],
-        "drift": drift, "build": build_records(state.get("engine"), ws.path),
+        "drift": drift, "in_progress": busy, "build": build_records(state.get("engine"), ws.path),
     }
 
 

@@ -19,6 +19,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dspark_cli.errors import short_message
+
 
 @dataclass
 class CudaHome:
@@ -228,15 +230,19 @@ def torch_info() -> TorchInfo:
     if spec is None or not spec.submodule_search_locations:
         return TorchInfo(None, None, "torch is not installed", 'pip install "dspark[build]" (or the torch your engine pins)')
     version_py = Path(next(iter(spec.submodule_search_locations))) / "version.py"
-    text = version_py.read_text() if version_py.is_file() else ""
-    version = re.search(r"^__version__\s*(?::[^=]*)?=\s*'([^']+)'", text, re.M)
-    cuda = re.search(r"^cuda\s*(?::[^=]*)?=\s*(?:None|'([^']*)')", text, re.M)
-    if version and cuda:
-        version, cuda = version.group(1), cuda.group(1)
-    else:  # a layout we do not know: ask torch itself
-        import torch
+    try:
+        text = version_py.read_text() if version_py.is_file() else ""
+        version = re.search(r"^__version__\s*(?::[^=]*)?=\s*'([^']+)'", text, re.M)
+        cuda = re.search(r"^cuda\s*(?::[^=]*)?=\s*(?:None|'([^']*)')", text, re.M)
+        if version and cuda:
+            version, cuda = version.group(1), cuda.group(1)
+        else:  # a layout we do not know: ask torch itself
+            import torch
 
-        version, cuda = torch.__version__, torch.version.cuda
+            version, cuda = torch.__version__, torch.version.cuda
+    except Exception as exc:  # an unreadable file, a torch that does not import (a missing CUDA library)
+        return TorchInfo(None, None, f"torch is installed but unusable: {short_message(exc)}",
+                         "reinstall torch (pip install --force-reinstall torch==<the version you need>)")
     return TorchInfo(version, cuda,
                      None if cuda else "torch is a CPU build (no CUDA)",
                      None if cuda else "install a CUDA build of torch to build or run our kernels")
@@ -260,6 +266,9 @@ def gpu_info() -> Gpus:
             return g
     except ImportError:
         pass
+    except Exception as exc:  # torch installed but broken (a missing CUDA library), or CUDA init failing
+        return Gpus(problem=f"no GPU found: nvidia-smi gave nothing and torch failed: {short_message(exc)}",
+                    hint="fix the driver or torch install; builds still work with --arch or TORCH_CUDA_ARCH_LIST")
     return Gpus(problem="no NVIDIA GPU visible (no nvidia-smi, torch sees none)",
                 hint="builds still work with --arch or TORCH_CUDA_ARCH_LIST; kernels need a GPU to run")
 

@@ -133,6 +133,8 @@ def check_workspace(workdir: Path) -> dict:
         status = applier.status(workdir)
     except UsageError as exc:
         raise UsageError(f"step workspace: {exc}") from None
+    if status["in_progress"]:  # pip would install a tree that is being changed, or is half changed
+        raise UsageError(f"step workspace: {status['in_progress']}")
     if status["engine"] != "tgi":
         raise UsageError(f"step workspace: {workdir} holds {status['engine']} {status['pin']}, not tgi; "
                          "pass the workdir of `dspark apply tgi`")

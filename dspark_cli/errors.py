@@ -45,3 +45,10 @@ def missing_module(command: str, exc: ImportError, packages: tuple[str, ...]) ->
         return EnvironmentProblem(f"{command} needs {name}, which is not installed in this Python "
                                   f"(pip install {name})")
     return EnvironmentProblem(f"{command} needs {' and '.join(packages)}: {exc}")
+
+
+def short_message(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (a validator's first line is
+    often only its name; the reason follows)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

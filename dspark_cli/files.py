@@ -12,12 +12,13 @@ from dspark_cli.errors import UsageError
 
 def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) -> None:
     """Write every (path, save) through save(temporary path beside it), then rename them all into
-    place; when any write fails, every path is left as it was and the temporaries are removed.
-    An existing file keeps its permissions; a new one gets the umask's; a symlink is written through
-    (its target replaced, the link kept: the package's compat.yaml links to the repository's).
-    Raises OSError."""
+    place; when any write or rename fails (or is interrupted), every path is left as it was and the
+    temporaries are removed: a path renamed already gets its old file back from a hard link made
+    before the renames. An existing file keeps its permissions; a new one gets the umask's; a
+    symlink is written through (its target replaced, the link kept: the package's compat.yaml links
+    to the repository's). Raises OSError."""
     outputs = [(Path(os.path.realpath(path)), save) for path, save in outputs]
-    temps = []
+    temps, olds, renamed = [], {}, []
     path = None
     try:
         for path, save in outputs:
@@ -27,15 +28,28 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
             temps.append(Path(tmp))
             save(tmp)
             os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        if len(outputs) > 1:
+            for (path, _), tmp in zip(outputs, temps):
+                if path.exists():
+                    olds[path] = tmp.with_suffix(".old")
+                    os.link(path, olds[path])
         for (path, _), tmp in zip(outputs, temps):
             os.replace(tmp, path)
+            renamed.append(path)
     except BaseException as exc:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+        for done in reversed(renamed):
+            if done in olds:
+                os.replace(olds.pop(done), done)
+            else:
+                done.unlink(missing_ok=True)
+        for leftover in [*temps, *olds.values()]:
+            leftover.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno is not None and path is not None:
             # name the file being written, not our temporary beside it
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+    for old in olds.values():
+        old.unlink(missing_ok=True)
 
 
 def nearest_existing(path: Path) -> Path:

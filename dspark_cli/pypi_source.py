@@ -118,7 +118,9 @@ def extract(archive: Path, dest: Path) -> None:
             sdist.extractall(unpacked)
     else:
         with tarfile.open(archive) as sdist:
-            sdist.extractall(unpacked, filter="data")
+            # Python before 3.10.12 / 3.11.4 has no extraction filters: there only the sha256 checked
+            # before this vouches for the archive's member paths
+            sdist.extractall(unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     tops = list(unpacked.iterdir())
     if len(tops) != 1 or not tops[0].is_dir():
         raise CheckFailed(f"{archive.name}: expected one top-level directory, found {len(tops)} entries")

@@ -85,7 +85,9 @@ class Git:
         """git's output as text: UTF-8, a byte that is not (a path named in another encoding) as a
         surrogate, so it goes back to git as the same byte (input is encoded alike, as Python does
         arguments); no newline is translated, so a patch's CRLF lines stay as they are."""
-        full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
+        # GIT_OPTIONAL_LOCKS=0: `git status` (dspark status, beside a running apply) would otherwise
+        # take index.lock to refresh the index, and the apply's own git commands would fail on it.
+        full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
         result = subprocess.run(["git", *args], cwd=self.cwd, env=full_env, capture_output=True,
                                 input=None if input is None else input.encode("utf-8", "surrogateescape"))
         result.stdout, result.stderr = (out.decode("utf-8", "surrogateescape") for out in (result.stdout, result.stderr))
@@ -454,10 +456,26 @@ class Workspace:
             self.git.run("update-ref", "-d", ref)
         if snapshot.branch:
             self.git.run("symbolic-ref", "HEAD", snapshot.branch)
+        if snapshot.head is None:
+            self._unborn_again()
         if snapshot.stash_message:
             stash = self.stash_ref(snapshot.stash_message)
             if stash:
                 self.git.run("stash", "pop", "--index", stash)
+
+    def _unborn_again(self) -> None:
+        """Back on the unborn branch it was on (a repository without commits): no commit to reset
+        to, so the index is emptied and the files it held removed, with the directories they leave
+        empty. They are all the operation's: git's checkout refuses to overwrite untracked files."""
+        files = [name for name in self.git.run("ls-files", "-z").stdout.split("\0") if name]
+        self.git.run("read-tree", "--empty")
+        for name in files:
+            path = self.path / name
+            path.unlink(missing_ok=True)
+            for parent in path.parents:
+                if parent == self.path or any(parent.iterdir()):
+                    break
+                parent.rmdir()
 
     # -- applied series ----------------------------------------------------------------------
     def commits_since(self, base: str, tip: str) -> list[tuple[str, str, dict[str, str]]]:

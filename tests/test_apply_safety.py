@@ -9,8 +9,8 @@ import time
 import pytest
 
 from dspark_cli import applier, flock
-from dspark_cli.errors import UsageError
-from tests.git_fixtures import git, run_apply, toy_workspace, tree_fingerprint
+from dspark_cli.errors import PatchFailed, UsageError
+from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
 
 
 @pytest.fixture
@@ -81,6 +81,23 @@ def test_a_killed_clones_scratch_is_removed_by_the_next_clone_and_a_live_ones_ke
 def test_an_empty_workdir_is_cloned_into(toy):
     toy["workdir"].mkdir()
     assert run_apply(toy)["base"] == toy["upstream"]["v1.0"]
+
+
+def test_a_failed_apply_in_a_repository_without_commits_leaves_it_without_any(toy):
+    """An unborn branch has no commit to reset to: the rollback empties the index and removes what
+    the apply checked out, and the next apply starts from the same empty repository."""
+    work = toy["workdir"]
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    conflicting = make_series(toy["root"], toy["upstream"]["repo"], "mine", toy["upstream"]["v1.1"],
+                              [("mine", {"engine/core.py": CORE.replace("line 25\n", "line 25 mine\n")})])
+    with pytest.raises(PatchFailed, match="back to its state before the apply"):
+        run_apply(toy, series=(conflicting,))
+    assert git(work, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert git(work, "rev-parse", "-q", "--verify", "HEAD", check=False) == ""
+    assert git(work, "status", "--porcelain", "--untracked-files=all") == ""
+    assert [p.name for p in work.iterdir()] == [".git"] and git(work, "branch", "--list") == ""
+    assert run_apply(toy)["status"] == "applied"
 
 
 def test_a_ref_that_names_the_pinned_commit_is_that_pin(toy):

@@ -1,8 +1,11 @@
 """dspark doctor's checks on this real machine (nvcc, gcc, git, no GPU in CI), plus the torch/nvcc
 version rules on constructed probe results (no machine here has a CUDA torch next to nvcc)."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,20 @@ def test_a_cxx_that_does_not_exist_fails_rather_than_falling_back(monkeypatch):
     check = doctor.check_compiler(cuda_env.nvcc_info())
     assert check.status == "fail" and check.detail == "$CXX is /nonexistent/g++, which is not an executable (nor on PATH)"
     assert "CXX" in check.hint
+
+
+def test_a_torch_that_does_not_import_is_a_warning_not_a_crash(tmp_path):
+    """torch installed but broken (its import fails on a missing CUDA library): doctor still runs to
+    the end, and the torch and gpu lines say why (nvidia-smi kept off PATH, so torch is asked)."""
+    broken = tmp_path / "site" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise OSError("libcudnn.so.9: cannot open shared object file")\n')
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists())
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": path, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(root)])}
+    proc = subprocess.run([sys.executable, "-m", "dspark_cli", "doctor", "--json"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    checks = by_name(doctor.Check(**c) for c in json.loads(proc.stdout)["checks"])
+    assert proc.stderr == "" and set(ALL_CHECKS) <= set(checks)
+    assert checks["torch"].status == "warn" and "unusable: libcudnn.so.9" in checks["torch"].detail
+    assert checks["gpu"].status == "warn" and "torch failed: libcudnn.so.9" in checks["gpu"].detail

@@ -24,6 +24,28 @@ def test_a_failing_writer_leaves_every_file_as_it_was(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
 
+def test_an_interrupted_rename_puts_back_the_files_renamed_before_it(tmp_path, monkeypatch):
+    """Ctrl-C between two renames: the files renamed already get their old contents back (a new
+    one is removed), so the set is still all-or-nothing."""
+    old_a, new_b, old_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    old_a.write_text("old a")
+    old_c.write_text("old c")
+    real_replace, renames = os.replace, []
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically([(path, lambda tmp, n=path.name: Path(tmp).write_text(f"new {n}"))
+                            for path in (old_a, new_b, old_c)])
+    assert old_a.read_text() == "old a" and old_c.read_text() == "old c" and not new_b.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+
+
 def test_an_existing_file_keeps_its_mode_and_a_new_one_gets_the_umask(tmp_path):
     kept = tmp_path / "kept"
     kept.write_text("x")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module
+from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module, short_message
 from dspark_cli.files import cannot_make_in, nearest_existing, replace_atomically
 from dspark_cli.output import console, emit, err_console
 
@@ -107,16 +107,16 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     try:
         config = sps_profile.load_config(model)
     except Exception as exc:  # noqa: BLE001 — the user's config, whatever transformers' validation raises
-        raise UsageError(f"--model {model}: {_short(exc)}") from exc
+        raise UsageError(f"--model {model}: {short_message(exc)}") from exc
     _check_sizes(config, model)
     settings = sps_profile.ProfileSettings(device=device, dtype=torch_dtype, context=context,
                                            warmup=warmup, repeats=repeats)
     try:
         timer = sps_profile.ForwardTimer(config, settings)
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:  # e.g. 0 attention heads
-        raise UsageError(f"--model {model}: transformers cannot build this config: {_short(exc)}") from exc
+        raise UsageError(f"--model {model}: transformers cannot build this config: {short_message(exc)}") from exc
     except RuntimeError as exc:  # out of memory, device errors
-        raise EnvironmentProblem(f"cannot build the model on {device}: {_short(exc)}") from exc
+        raise EnvironmentProblem(f"cannot build the model on {device}: {short_message(exc)}") from exc
 
     metadata = {
         "model": str(model), "model_type": config.model_type, "device": _device_name(torch, device),
@@ -150,13 +150,6 @@ def _check_sizes(config, model: Path) -> None:
         value = getattr(text, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UsageError(f"--model {model}: {name} is {value} in config.json; it must be a positive integer")
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, cut to `limit` characters (a validator's first line is
-    often only its name; the reason follows)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_output(path: Path, option: str) -> None:
