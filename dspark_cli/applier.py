@@ -18,10 +18,11 @@ from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import PatchFailed, UsageError
+from dspark_cli.files import check_dir_option
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
-from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, Snapshot, Workspace, check_dir_option, kill_point,
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, Snapshot, Workspace, kill_point,
                                   owner_running, safe_name)
 
 
@@ -161,7 +162,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         raise UsageError(unknown_pin_message(engine, request.commit))
     series_pin = pin or engine.pins[engine.default_pin]
     workdir = given or Path(f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
-    check_dir_option(workdir)
+    check_dir_option(workdir, "--workdir")
     request = resolve_source(request, made if given else _made_state(workdir), pin)
     _check_request(request)
     if pin is None and request.source == "pypi":
@@ -396,6 +397,9 @@ def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
     state = ws.read_state() if workdir.is_dir() and ws.is_repo() else None
     if state is None:
         raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+    if ws.resolve_commit(state["base"]) is None:
+        raise UsageError(f"{ws.state_file}: corrupt dspark state, its base {state['base'][:12]} is not a commit in "
+                         "this repository; move it away and run `dspark apply` again to start over")
     return ws, state
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.files import cannot_make_in, nearest_existing, replace_atomically, write_text_atomically
+from dspark_cli.files import check_dir_option, replace_atomically, write_text_atomically
 from dspark_cli.flock import exclusive_nowait, wait_exclusive
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import proc_stat
@@ -499,12 +499,7 @@ def check_wheel_dir(out_dir: str | Path, create: bool = False) -> Path:
     if not str(out_dir).strip():
         raise UsageError("--wheel needs a directory (it was empty)")
     out = Path(out_dir)
-    existing = nearest_existing(out)
-    if not existing.is_dir():
-        raise UsageError(f"--wheel {out}: not a directory (a file is in the way)" if existing == out.absolute()
-                         else f"--wheel {out}: a parent of it is a file, not a directory")
-    if problem := cannot_make_in(existing):
-        raise EnvironmentProblem(f"--wheel {out}: {existing} is not writable: {problem}")
+    check_dir_option(out, "--wheel")
     if create:
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,9 @@ class _Validator:
         engines = self.mapping(engines_node, "engines", None)
         if not engines:
             self.fail(engines_node, "engines", "at least one engine")
+        for key_node, _ in engines_node.value:  # named at the key: its line, and the name as it is
+            if not NAME.fullmatch(key_node.value):
+                self.fail(key_node, f"engines.{key_node.value}", "an engine name of letters, digits, '.', '_' or '-'")
         return Compat(
             path=self.path,
             engines={name: self.engine(name, node) for name, node in engines.items()},
@@ -210,8 +213,6 @@ class _Validator:
 
     def engine(self, name, node) -> Engine:
         where = f"engines.{name}"
-        if not NAME.fullmatch(name):
-            self.fail(node, where, "an engine name of letters, digits, '.', '_' or '-'")
         keys = self.mapping(node, where, ("repository", "module", "distributions", "default_pin", "pins"))
         pins_node = keys["pins"]
         pin_nodes = self.mapping(pins_node, f"{where}.pins", None)

@@ -22,7 +22,7 @@ from packaging.version import InvalidVersion, Version
 from dspark_cli import cache_dir, cuda_env
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError
-from dspark_cli.files import cannot_make_in, nearest_existing
+from dspark_cli.files import check_dir_option, nearest_existing
 from dspark_cli.series import marker_constants, read_series
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -155,26 +155,14 @@ def check_disk(name: str, path: Path) -> Check:
     return Check(name, OK, detail)
 
 
-def check_cache(path: Path) -> Check:
-    """The disk check at the cache, once dspark can make its directories there: a file in the way or a
-    directory it may not write breaks `dspark build`, `apply --source pypi` and `rebase` (exit 3)."""
-    problem = _cannot_make_directories(path)
-    if problem:
-        return Check("disk (cache)", FAIL, problem, "point DSPARK_CACHE at a directory you can write (dspark keeps "
-                     "release files, kernel builds and rebase trees there)")
-    return check_disk("disk (cache)", path)
-
-
-def _cannot_make_directories(path: Path) -> str | None:
-    """Why directories cannot be made at `path`, or None. Probed by making one (and removing it) in
-    `path` or its nearest existing parent: permission bits do not tell root about a read-only mount."""
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        return f"{path} is a file, not a directory" if existing == path.absolute() else \
-            f"{path}: {existing} is a file, not a directory"
-    if problem := cannot_make_in(existing):
-        return f"{path}: cannot make a directory in {existing} ({problem})"
-    return None
+def check_place(name: str, path: Path, option: str, use: str) -> Check:
+    """The disk check at a directory dspark makes or writes in, once it can: a file in the way or a
+    place it may not write is what `dspark apply`, `build`, `rebase` would stop on (exit 2 or 3)."""
+    try:
+        check_dir_option(path, option)
+    except DsparkError as exc:
+        return Check(name, FAIL, str(exc), f"point {option} at a directory you can write (dspark keeps {use} there)")
+    return check_disk(name, path)
 
 
 def patch_marker(module: str) -> dict | None:
@@ -288,7 +276,8 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     gpus = cuda_env.gpu_info()
     checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
               check_arch(gpus, nvcc), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
-              check_disk("disk (workdir)", workdir or Path.cwd()), check_cache(cache_dir())]
+              check_place("disk (workdir)", workdir or Path.cwd(), "--workdir", "the engine trees it patches"),
+              check_place("disk (cache)", cache_dir(), "DSPARK_CACHE", "release files, kernel builds and rebase trees")]
     try:
         engines = load_compat().engines.values()
     except DsparkError as exc:  # a missing or malformed compat.yaml is one failed check, not a crash

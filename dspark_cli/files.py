@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError
 
 
 def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) -> None:
@@ -69,6 +69,18 @@ def cannot_make_in(directory: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
+
+
+def check_dir_option(directory: Path, option: str) -> None:
+    """A directory the user named (`option directory`) that we will make or write in: a file at it
+    or above it is bad input (UsageError, exit 2), a place we may not write an environment problem
+    (EnvironmentProblem, exit 3). Probed, nothing left behind; a directory not there yet is not made."""
+    existing = nearest_existing(directory)
+    if not existing.is_dir():
+        where = f"{option} {directory}" + ("" if existing == directory.absolute() else f": {existing}")
+        raise UsageError(f"{where} is a file, not a directory")
+    if problem := cannot_make_in(existing):
+        raise EnvironmentProblem(f"{option} {directory}: cannot make anything in {existing} ({problem})")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -31,8 +31,8 @@ from pathlib import Path, PurePosixPath
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
-from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.files import cannot_make_in, nearest_existing, write_text_atomically
+from dspark_cli.errors import UsageError
+from dspark_cli.files import check_dir_option, write_text_atomically
 from dspark_cli.flock import dead_scratches, scratch_beside
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
@@ -404,9 +404,7 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
                          "series replaces its --out whole: choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    existing = nearest_existing(out_dir)
-    if problem := cannot_make_in(existing):
-        raise EnvironmentProblem(f"{out_dir}: {existing} is not writable ({problem}); choose another --out")
+    check_dir_option(out_dir, "--out")
 
 
 def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:

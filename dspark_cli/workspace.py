@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from dspark_cli import oplock
+from dspark_cli.compat import PIN_NAME
 from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.files import write_text_atomically
+from dspark_cli.files import check_dir_option, write_text_atomically  # noqa: F401  (check_dir_option: see below)
 
 TRAILER_PATCH = "Dspark-Patch"
 TRAILER_SHA = "Dspark-Patch-Sha256"
@@ -141,7 +142,13 @@ class Workspace:
 
     # -- basic facts -------------------------------------------------------------------------
     def is_repo(self) -> bool:
-        return (self.path / ".git").exists() and self.git.ok("rev-parse", "--git-dir")
+        if not (self.path / ".git").exists():
+            return False
+        found = self.git.run("rev-parse", "--git-dir", check=False)
+        if "dubious ownership" in found.stderr:  # a repository, but git will not work in it (containerized CI)
+            raise EnvironmentProblem(f"{self.path}: git refuses to work in a repository another user owns; run "
+                                     f"`git config --global --add safe.directory {self.path}`, or dspark as its owner")
+        return found.returncode == 0
 
     @property
     def git_dir(self) -> Path:
@@ -556,6 +563,7 @@ def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
 
 _COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # a full commit id, SHA-1 or SHA-256
 _REF = re.compile(r"(?!-)[^\x00-\x20\x7f~^:?*\[\\]+")  # what git allows in a ref name, roughly
+_WORK_BRANCH = re.compile("dspark/" + PIN_NAME.pattern)  # dspark/<pin>, dspark/unpinned-<commit>
 
 
 def _text(value) -> bool:
@@ -598,8 +606,8 @@ def _state_shape_problem(state) -> str | None:
         return f"expected an object, got {type(state).__name__}"
     if not (isinstance(state.get("base"), str) and _COMMIT.fullmatch(state["base"])):
         return "'base' is missing or not a full commit id"
-    if not (state.get("branch") and _ref_or_none(state["branch"])):
-        return "'branch' is missing or not a branch name"
+    if not (isinstance(state.get("branch"), str) and _WORK_BRANCH.fullmatch(state["branch"])):
+        return "'branch' is missing or not a dspark/<pin> branch name"
     for key in ("engine", "pin", "compat"):
         if state.get(key) is not None and not _text(state[key]):
             return f"{key!r} is not a string"
@@ -611,6 +619,8 @@ def _state_shape_problem(state) -> str | None:
     source = state.get("source") or {}
     if not (isinstance(source, dict) and all(_text(value) for value in source.values())):
         return "'source' is not an object of strings"
+    if source and source.get("kind") not in ("git", "pypi"):
+        return "'source.kind' is not git or pypi"
     layers = state.get("layers", [])
     if not (isinstance(layers, list) and all(isinstance(layer, dict) and set(layer) == {"layer", "dir"}
                                              and _text(layer["layer"]) and _text(layer["dir"]) for layer in layers)):
@@ -628,15 +638,6 @@ def _state_shape_problem(state) -> str | None:
 def safe_name(ref: str) -> str:
     """A ref such as v1.1~1 as a directory or branch name component (v1.1-1)."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", ref)
-
-
-def check_dir_option(directory: Path, option: str = "--workdir") -> None:
-    """A directory option naming a file (or a path under one) is bad input, not an OSError later."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"{option} {directory}: {path} is a file, not a directory")
-            return
 
 
 def pid_alive(pid: int) -> bool:

@@ -62,6 +62,27 @@ def test_a_state_file_of_the_wrong_shape_is_one_clear_error(toy, text):
             operation(toy["workdir"])
 
 
+def test_a_state_file_whose_base_is_not_in_the_repository_is_one_clear_error(toy):
+    """A full commit id the repository does not have: was exit 3 from git log ("Invalid revision range")."""
+    path = toy["workdir"] / ".git" / "dspark" / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "base": "0" * 40}))
+    for operation in (applier.status, applier.revert):
+        with pytest.raises(UsageError, match="corrupt dspark state, its base 000000000000 is not a commit in this "
+                                             "repository; move it away"):
+            operation(toy["workdir"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing the workspace to another user needs root (chown)")
+def test_a_workspace_another_user_owns_is_an_environment_problem_naming_the_fix(toy):
+    """git refuses such a repository ("dubious ownership", common in containerized CI): say so and
+    how to allow it, not that the directory is no workspace or no repository."""
+    subprocess.run(["chown", "-R", "65534", str(toy["workdir"])], check=True)
+    for args in (["status"], ["revert"], ["apply", "toy"]):
+        out = run_dspark(*args, "-C", str(toy["workdir"]), env={"DSPARK_COMPAT": str(toy["compat_path"])})
+        assert out.returncode == 3 and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert f"git config --global --add safe.directory {toy['workdir']}" in out.stderr
+
+
 def test_status_after_an_interrupted_layered_apply(toy):
     """The state still holds the layers before the apply: status must not call the new layer's
     half-applied patch 'no longer in its series'; the next apply recovers and finishes."""
@@ -140,7 +161,10 @@ DELETE = object()
 WRONG = [  # (path, value, what the one line says)
     (("base",), "nothex", "'base' is missing or not a full commit id"),
     (("base",), DELETE, "'base' is missing or not a full commit id"),
-    (("branch",), "-x", "'branch' is missing or not a branch name"),
+    (("branch",), "-x", "'branch' is missing or not a dspark/<pin> branch name"),
+    (("branch",), "dspark/bad..pin", "'branch' is missing or not a dspark/<pin> branch name"),
+    (("branch",), "main", "'branch' is missing or not a dspark/<pin> branch name"),
+    (("source", "kind"), "zzz", "'source.kind' is not git or pypi"),
     (("pin",), ["v1.0"], "'pin' is not a string"),
     (("unpinned",), "no", "'unpinned' is not true or false"),
     (("applied",), [1], "'applied' is not a list of patch names"),

