@@ -4,9 +4,9 @@ interpreter dspark runs in, so that `text-generation-server` serves with DSpark.
 Steps, each named in its error (one line, exit 3 for the environment; exit 2 for a workspace that
 is not an applied TGI tree):
   workspace   the workdir is a `dspark apply tgi` workspace and its server carries our marker
+  preflight   pip in this interpreter, and grpc_tools when the stubs must be generated
   extension   our CUDA extension (dspark_cli/build.py), or skipped with the reason when torch has no
               CUDA or there is no matching nvcc; a compile error stops here, before anything is installed
-  preflight   pip in this interpreter, and grpc_tools when the stubs must be generated
   gen-tools   grpcio-tools at the tree's requirements_gen.txt versions (only when deps are managed
               by us and grpc_tools is missing), so the generated stubs match the protobuf runtime
   stubs       TGI's gRPC stubs: grpc_tools.protoc over proto/v3/generate.proto into

@@ -356,9 +356,7 @@ def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> Non
 def _remade_with(ws: Workspace, commit: str, parent: str, path: str, blob: str) -> str:
     """`commit` made again on `parent` with `path` set to `blob` in its tree: author, date and
     message kept byte for byte (the message from the raw commit, not a pretty format)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        ws.git.run("read-tree", commit, env=index)
+    with ws.scratch_index(commit) as index:
         mode = ws.git.out("ls-tree", commit, "--", path).split()[0]
         ws.git.run("update-index", "--cacheinfo", f"{mode},{blob},{path}", env=index)
         tree = ws.git.out("write-tree", env=index)
@@ -534,8 +532,7 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: 
 
 def import_tree(ws: Workspace, directory: Path, parent: str | None, message: str) -> str:
     """Commit the files under `directory` as one commit (on `parent`), without touching HEAD."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+    with ws.scratch_index() as env:
         ws.git.run("--work-tree", str(directory), "add", "-A", "-f", ".", env=env)
         tree = ws.git.out("write-tree", env=env)
     parents = ["-p", parent] if parent else []

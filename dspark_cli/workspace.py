@@ -7,6 +7,7 @@ before anything was touched); a run killed midway leaves it behind and the next 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from dspark_cli import oplock
 from dspark_cli.compat import PIN_NAME
@@ -141,6 +143,16 @@ class Workspace:
         self.git = Git(self.path)
 
     # -- basic facts -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scratch_index(self, tree: str | None = None) -> Iterator[dict[str, str]]:
+        """The environment for git commands on a throwaway index (holding `tree`, else empty): trees
+        and commits made without touching the real index, HEAD or the work tree."""
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            if tree:
+                self.git.run("read-tree", tree, env=env)
+            yield env
+
     def is_repo(self) -> bool:
         if not (self.path / ".git").exists():
             return False
@@ -394,9 +406,7 @@ class Workspace:
     def _patched_tree(self, parent: str, patch: bytes) -> str | None:
         """The tree the patch file `patch` makes on `parent` as apply_and_commit applies it (3-way,
         through a scratch index), None where it does not apply."""
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self.git.run("read-tree", parent, env=env)
+        with self.scratch_index(parent) as env:
             made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
                                 input=patch.decode("utf-8", "surrogateescape"))
             return self.git.out("write-tree", env=env) if made.returncode == 0 else None
@@ -435,9 +445,7 @@ class Workspace:
     def _worktree_tree(self, parent: str) -> str:
         """The tree of the worktree as it is, `parent`'s tree for what it does not track (through a
         scratch index, so a half-merged index does not matter and HEAD does not move)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            self.git.run("read-tree", parent, env=env)
+        with self.scratch_index(parent) as env:
             self.git.run("add", "-A", ".", env=env)
             return self.git.out("write-tree", env=env)
 
