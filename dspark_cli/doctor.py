@@ -189,20 +189,27 @@ def installed_distribution(engine) -> tuple[str, str] | None:
     return None
 
 
-def check_engine(engine, installed: tuple[str, str] | None) -> Check:
-    """Installed here (`installed`: what installed_distribution found), at which version, and with
-    which of our patches (the marker)."""
+def engine_checks(engine, torch: cuda_env.TorchInfo) -> list[Check]:
+    """The engine's line (installed here? at which version? with which of our patches, read from
+    its marker once), and a torch line when its pin asks for a torch range this torch is outside."""
     name = f"engine {engine.name}"
+    installed = installed_distribution(engine)
     if not installed:
-        return Check(name, OK, "not installed in this environment",
-                     f"dspark apply {engine.name}, then install the patched tree here to use DSpark")
+        return [Check(name, OK, "not installed in this environment",
+                      f"dspark apply {engine.name}, then install the patched tree here to use DSpark")]
     dist, version = installed
     try:
         marker = patch_marker(engine.module)
     except ValueError as exc:
-        return Check(name, WARN, f"{dist} {version}; DSpark marker unreadable: {exc}",
-                     f"dspark apply {engine.name} and reinstall the patched tree")
+        return [Check(name, WARN, f"{dist} {version}; DSpark marker unreadable: {exc}",
+                      f"dspark apply {engine.name} and reinstall the patched tree"),
+                *_torch_check(engine, installed, installed_pin(engine, version, None), torch)]
     pin = installed_pin(engine, version, marker)
+    return [_patches_check(engine, installed, marker, pin), *_torch_check(engine, installed, pin, torch)]
+
+
+def _patches_check(engine, installed: tuple[str, str], marker: dict, pin) -> Check:
+    name, (dist, version) = f"engine {engine.name}", installed
     if not marker:
         return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
                      f"dspark apply {engine.name} --commit {pin.name if pin else '<pin>'} and install the patched tree")
@@ -253,18 +260,13 @@ def _same_release(version: str, pin) -> bool:
         return False
 
 
-def check_engine_torch(engine, installed: tuple[str, str] | None, torch: cuda_env.TorchInfo) -> list[Check]:
-    """An installed engine's pin asks for a torch range; say so when this torch falls outside."""
-    if not installed or not torch.version:
+def _torch_check(engine, installed: tuple[str, str], pin, torch: cuda_env.TorchInfo) -> list[Check]:
+    if pin is None or not torch.version:
+        return []
+    base = re.sub(r"\+.*$", "", torch.version)
+    if SpecifierSet(pin.torch).contains(base, prereleases=True):
         return []
     dist, version = installed
-    try:
-        pin = installed_pin(engine, version, patch_marker(engine.module))
-    except ValueError:  # an unreadable marker: check_engine says so
-        pin = installed_pin(engine, version, None)
-    base = re.sub(r"\+.*$", "", torch.version)
-    if pin is None or SpecifierSet(pin.torch).contains(base, prereleases=True):
-        return []
     return [Check(f"engine {engine.name} torch", WARN, f"{dist} {version} pins torch{pin.torch}, found {torch.version}",
                   f"pip install 'torch{pin.torch}'")]
 
@@ -284,7 +286,5 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
         return checks + [Check("compat.yaml", FAIL, str(exc),
                                "fix the file (dspark compat names the key), or point DSPARK_COMPAT at a valid one")]
     for engine in engines:
-        installed = installed_distribution(engine)
-        checks.append(check_engine(engine, installed))
-        checks += check_engine_torch(engine, installed, torch)
+        checks += engine_checks(engine, torch)
     return checks

@@ -25,7 +25,7 @@ ENGINE_CHECK_IN_VENV = """
 import json, sys
 from dspark_cli import compat, doctor
 engine = compat.load().engine("vllm")
-check = doctor.check_engine(engine, doctor.installed_distribution(engine))
+check = doctor.engine_checks(engine, doctor.cuda_env.torch_info())[0]
 print(json.dumps({"check": check.__dict__, "vllm_imported": "vllm" in sys.modules}))
 """
 
@@ -54,8 +54,8 @@ def test_engines_not_installed_here_are_reported_as_such():
 
 
 def engine_check(engine) -> doctor.Check:
-    """What `dspark doctor` reports for the engine (it looks the distribution up once)."""
-    return doctor.check_engine(engine, doctor.installed_distribution(engine))
+    """What `dspark doctor` reports for the engine (its first line; a torch line may follow)."""
+    return doctor.engine_checks(engine, doctor.cuda_env.torch_info())[0]
 
 
 def _has_dist(name: str) -> bool:
@@ -137,7 +137,7 @@ def test_stand_in_engine_next_to_a_torch_outside_its_pin(tmp_path, monkeypatch):
                            marker_text("vllm/v0.33.0", read_series(REPO / "patches/vllm/v0.33.0")))
     assert engine_check(engine).status == "ok"
     pinned = engine.pins["v0.33.0"].torch
-    found = doctor.check_engine_torch(engine, doctor.installed_distribution(engine), doctor.cuda_env.torch_info())
+    found = doctor.engine_checks(engine, doctor.cuda_env.torch_info())[1:]
     in_range = doctor.SpecifierSet(pinned).contains(torch.__version__.split("+")[0], prereleases=True)
     if in_range:
         assert found == []
@@ -159,7 +159,7 @@ def test_stand_in_tgi_is_matched_to_its_pin_by_its_marker(tmp_path, monkeypatch)
     assert check.detail == (f"text-generation-server 2.0.5.dev0, patched with tgi/v3.3.7 ({len(TGI_SERIES)} patches); "
                             "matches v3.3.7/series")
     monkeypatch.setattr(doctor.cuda_env, "torch_info", lambda: doctor.cuda_env.TorchInfo("2.3.1+cu121", "12.1"))
-    torch = doctor.check_engine_torch(engine, doctor.installed_distribution(engine), doctor.cuda_env.torch_info())
+    torch = doctor.engine_checks(engine, doctor.cuda_env.torch_info())[1:]
     assert [(c.status, c.detail) for c in torch] == [("warn", "text-generation-server 2.0.5.dev0 pins torch>=2.4, found 2.3.1+cu121")]
     older = stand_in_site(tmp_path / "b", monkeypatch, "2.0.5.dev0", marker_text("tgi/v3.3.7", TGI_SERIES[:-1]), "tgi")
     assert engine_check(older).status == "warn" and f"missing {TGI_SERIES[-1]}" in engine_check(older).detail
