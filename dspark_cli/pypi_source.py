@@ -25,7 +25,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import remove_dead_scratches, scratch_beside
-from dspark_cli.output import err_console
+from dspark_cli.output import err_console, say
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_AUTHOR, OUR_COMMITS, Workspace
 
@@ -57,7 +57,7 @@ def fetch_release(release: ReleaseFile) -> Path:
 
 
 def _pip_download(release: ReleaseFile, dest: Path) -> Path:
-    err_console.print(f"pip download {release.package}=={release.version} ({release.file})")
+    say(f"pip download {release.package}=={release.version} ({release.file})", err=True, markup=False)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--dest", str(dest), f"{release.package}=={release.version}"]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -154,7 +154,7 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
 
 def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict, archive: Path) -> str:
     """The release's tree at `tree` as a repository with one commit, the base (returned)."""
-    err_console.print(f"extracting {release.file}")
+    say(f"extracting {release.file}", err=True, markup=False)
     extract(archive, tree)
     ws = Workspace(tree)
     ws.git.run("init", "-q", "-b", branch)

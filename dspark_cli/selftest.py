@@ -439,7 +439,7 @@ SELF_TEST_DRAFT_ATTENTION = [  # lengths, γ, H, kv, hd, dtype, seed, ramp, page
 
 
 def run_self_test(as_json: bool = False) -> list[dict]:
-    from dspark_cli.output import console, emit
+    from dspark_cli.output import emit, say
     from dspark_cli.runtime import cuda_ops
 
     if not torch.cuda.is_available():
@@ -464,7 +464,7 @@ def run_self_test(as_json: bool = False) -> list[dict]:
                 detail = f"differing={r['differing']} accepted={r['accepted_total']}/{r['verified_total']}"
             else:
                 detail = f"budget={r['budget']} (reference {r['budget_ref']})"
-            console.print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  {detail}", highlight=False)
+            say(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  {detail}", markup=False)
 
     emit({"ok": all(r["ok"] for r in results), "library": cuda_ops.load(), "results": results}, as_json, render)
     if not all(r["ok"] for r in results):
