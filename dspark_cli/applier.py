@@ -17,7 +17,7 @@ from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
-from dspark_cli.errors import PatchFailed, UsageError
+from dspark_cli.errors import DsparkError, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
@@ -558,7 +558,7 @@ def _layer_patches(state: dict) -> tuple[list[Patch], list[str]]:
     for layer in state.get("layers", []):
         try:
             patches += load_series(Path(layer["dir"]), layer["layer"])
-        except UsageError as exc:
+        except DsparkError as exc:
             unreadable.append(f"series {layer['layer']} cannot be read: {exc}")
     return patches, unreadable
 

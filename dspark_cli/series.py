@@ -9,10 +9,11 @@ import ast
 import hashlib
 import json
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from dspark_cli.errors import CheckFailed, UsageError
+from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
 
 SERIES_FILE = "series"
@@ -21,6 +22,9 @@ _LOCK_LINE = re.compile(r"([0-9a-f]{64})  (\S+)")
 MARKER_NAME = "_dspark.py"
 _MARKER_SERIES = re.compile(r'^SERIES = "(?:[^"\\\n]|\\.)*"$', re.M)
 _MARKER_PATCHES = re.compile(r"^PATCHES = \[\n(?:[ \t]+\S.*\n)*\]$", re.M)
+# What `git apply` takes as a file's diff: a git header (also for binary, mode-only and rename
+# diffs, which have no ---/+++ lines), or a traditional unified diff's ---/+++ pair.
+_DIFF = re.compile(rb"^(?:diff --git |--- [^\n]*\n\+\+\+ )", re.M)
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,29 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _mode(path: Path, shown: Path) -> int | None:
+    """path's st_mode, None if there is nothing there; a path we may not look at is
+    an EnvironmentProblem (exit 3) naming `shown` (the directory that hides it), not a missing file."""
+    try:
+        return path.stat().st_mode
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"{shown}: cannot read ({exc.strerror})") from None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _is_file(path: Path, shown: Path) -> bool:
+    mode = _mode(path, shown)
+    return mode is not None and stat.S_ISREG(mode)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"{path}: cannot read ({exc.strerror})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
 
@@ -59,11 +81,12 @@ def _read_text(path: Path) -> str:
 def read_series(directory: Path) -> list[str]:
     """Patch names listed in DIR/series, in order."""
     series_file = directory / SERIES_FILE
-    if directory.is_file():
+    mode = _mode(directory, directory)
+    if mode is not None and stat.S_ISREG(mode):
         raise UsageError(f"{directory} is a file, not a series directory (the directory holding `series` and the patches)")
-    if not directory.is_dir():
+    if mode is None or not stat.S_ISDIR(mode):
         raise UsageError(f"{directory}: no such series directory")
-    if not series_file.is_file():
+    if not _is_file(series_file, directory):
         raise UsageError(f"{series_file}: missing (a series directory needs a `series` file)")
     names: list[str] = []
     for number, raw in enumerate(_read_text(series_file).splitlines(), 1):
@@ -75,7 +98,7 @@ def read_series(directory: Path) -> list[str]:
             raise UsageError(f"{series_file}:{number}: expected a patch file name without whitespace or '/', got {name!r}")
         if name in names:
             raise UsageError(f"{series_file}:{number}: {name} is listed twice")
-        if not (directory / name).is_file():
+        if not _is_file(directory / name, directory):
             raise UsageError(f"{series_file}:{number}: {name} does not exist in {directory}")
         names.append(name)
     return names
@@ -132,6 +155,8 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             raise UsageError(
                 f"{directory / name}: sha256 {actual[:12]}… does not match the lock ({locked[name][:12]}…)"
             )
+        if not _DIFF.search((directory / name).read_bytes()):
+            raise UsageError(f"{directory / name}: not a patch (no diff in it)")
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
     return patches
 

@@ -25,7 +25,7 @@ from typing import Iterator
 from dspark_cli import oplock
 from dspark_cli.compat import PIN_NAME
 from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.files import check_dir_option, write_text_atomically  # noqa: F401  (check_dir_option: see below)
+from dspark_cli.files import write_text_atomically
 
 TRAILER_PATCH = "Dspark-Patch"
 TRAILER_SHA = "Dspark-Patch-Sha256"

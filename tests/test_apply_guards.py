@@ -357,3 +357,56 @@ def test_a_recovery_is_reported_at_once_when_the_revert_then_fails(toy):
     assert again.returncode == 2 and "local change" in again.stderr, again.stderr
     assert "note: recovered an interrupted revert" in again.stderr
     assert (work / "engine" / "config.py").read_text() == "local edit\n"
+
+
+# -- what a series may hold --------------------------------------------------------------------------
+
+def series_of(directory: Path, patches: dict[str, bytes]) -> Path:
+    """A series directory holding `patches` (name -> content) in that order, locked."""
+    from dspark_cli import series as series_files
+
+    directory.mkdir()
+    for name, content in patches.items():
+        (directory / name).write_bytes(content)
+    (directory / "series").write_text("".join(f"{name}\n" for name in patches))
+    series_files.write_lock(directory)
+    return directory
+
+
+def test_a_file_that_is_not_a_patch_is_refused_before_anything_changes(toy):
+    """Was exit 4 with git's "No valid patches in input (allow with "--allow-empty")", an option
+    dspark does not have, after the workspace had been touched."""
+    assert dspark(toy, "apply", "toy", "-C", str(toy["workdir"])).returncode == 0
+    before = tree_fingerprint(toy["workdir"])
+    mine = series_of(toy["root"] / "mine", {"0001-hello.patch": b"hello\n"})
+    result = dspark(toy, "apply", "toy", "-C", str(toy["workdir"]), "--series", str(mine))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {mine / '0001-hello.patch'}: not a patch (no diff in it)\n"
+    assert tree_fingerprint(toy["workdir"]) == before
+
+
+def test_patches_without_text_hunks_still_load_and_apply(toy, tmp_path):
+    """git format-patch of a binary file, a rename, a mode-only change and a deletion (none has a
+    ---/+++ pair of its own), and a traditional `diff -u` patch, are all patches."""
+    scratch = tmp_path / "scratch-mine"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(scratch))
+    steps = [("add a binary and a script", lambda: ((scratch / "blob.bin").write_bytes(bytes(range(256))),
+                                                   (scratch / "run.sh").write_text("echo hi\n"))),
+             ("rename the script", lambda: git(scratch, "mv", "run.sh", "go.sh")),
+             ("make it executable", lambda: (scratch / "go.sh").chmod(0o755)),
+             ("delete the binary", lambda: (scratch / "blob.bin").unlink())]
+    for subject, change in steps:
+        change()
+        git(scratch, "add", "-A")
+        git(scratch, "commit", "-q", "-m", subject)
+    made = git(scratch, "format-patch", "--zero-commit", "--no-signature", "-o", str(tmp_path / "made"), "HEAD~4")
+    patches = {Path(p).name: Path(p).read_bytes() for p in made.splitlines()}
+    assert b"GIT binary patch" in patches["0001-add-a-binary-and-a-script.patch"]
+    assert b"+++ " not in patches["0002-rename-the-script.patch"] + patches["0003-make-it-executable.patch"]
+    patches["0005-traditional.patch"] = b"--- a/go.sh\n+++ b/go.sh\n@@ -1 +1 @@\n-echo hi\n+echo hello\n"
+    mine = series_of(tmp_path / "mine", patches)
+    result = dspark(toy, "apply", "toy", "-C", str(toy["workdir"]), "--series", str(mine))
+    assert result.returncode == 0, result.stderr
+    work = toy["workdir"]
+    assert not (work / "blob.bin").exists() and (work / "go.sh").read_text() == "echo hello\n"
+    assert os.access(work / "go.sh", os.X_OK)

@@ -399,3 +399,112 @@ def test_human_output_is_not_wrapped_when_piped(toy_env, tmp_path):
     assert applied.returncode == 0 and status.returncode == 0, applied.stderr + status.stderr
     assert f"toy v1.0 in {work} (base" in applied.stdout
     assert f"workspace  {work}  (toy v1.0)" in status.stdout
+
+
+# -- empty values, unreadable paths, interpreters that cannot run ---------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["apply", "toy", "--commit", ""], "--commit: empty value"),
+    (["apply", "", "-C", "{work}"], "ENGINE: empty value"),
+    (["apply", "toy", "-C", ""], "--workdir: empty path"),
+    (["apply", "toy", "-C", "{work}", "--repo", ""], "--repo: empty value"),
+    (["apply", "toy", "-C", "{work}", "--series", ""], "--series: empty path"),
+    (["apply", "toy", "-C", "{work}", "--package", ""], "--package: empty value"),
+    (["apply", "toy", "-C", "{work}", "--file", ""], "--file: empty value"),
+    (["status", "-C", ""], "--workdir: empty path"),
+    (["revert", "--workdir", ""], "--workdir: empty path"),
+    (["series", "lock", ""], "DIR: empty path"),
+    (["compat", "lock", "--repo", ""], "--repo: empty value"),
+    (["compat", "lock", ""], "ENGINES: empty value"),
+    (["build", "--wheel", ""], "--wheel needs a directory (it was empty)"),
+    (["build", "--engine", "tgi", "-C", ""], "--workdir: empty path"),
+    (["doctor", "-C", ""], "--workdir: empty path"),
+    (["rebase", "toy", "--from", "v1.0", "--onto", "v1.1", "--out", ""], "--out: empty path"),
+    (["rebase", "toy", "--from", "v1.0", "--onto", "v1.1", "--workdir", ""], "--workdir: empty path"),
+    (["rebase", "toy", "--from", "v1.0", "--onto", "v1.1", "--series", ""], "--series: empty path"),
+    (["rebase", "toy", "--from", "", "--onto", "v1.1"], "--from: empty value"),
+    (["profile", "--model", "", "--out", "{work}/sps.json"], "--model: empty path"),
+    (["profile", "--model", "m", "--out", ""], "--out: empty path"),
+    (["profile", "--model", "m", "--out", "{work}/sps.json", "--sizes", ""], "--sizes: empty value"),
+])
+def test_an_empty_value_is_refused_not_read_as_the_current_directory_or_the_default(toy_env, args, message):
+    """`--commit ''` said "error:  is not pinned ..."; `-C ''`, `--series ''` and `series lock ''` meant
+    the current directory; `profile --sizes ''` ran the default sweep."""
+    result = CliRunner().invoke(app, [a.format(work=toy_env["work"]) for a in args])
+    assert exit_code(result) == 2 and str(result.exception) == message, result.output
+    assert not toy_env["work"].exists()
+
+
+def test_an_empty_commit_in_a_real_process_is_one_line(toy_env):
+    result = run_dspark("apply", "toy", "--commit", "", "-C", str(toy_env["work"]))
+    assert result.returncode == 2 and result.stderr == "error: --commit: empty value\n", result.stderr
+
+
+def run_bound_by_permissions(*args: str) -> subprocess.CompletedProcess:
+    """`dspark ARGS` as a process that permission bits bind: root runs it without the capabilities
+    that let it read and search anything (as root, a mode-000 directory is readable)."""
+    if os.geteuid() != 0:
+        return run_dspark(*args)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which bypasses permission bits, and no setpriv to drop that")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, which bypasses permission bits, and setpriv cannot drop that here")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([*drop, sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)
+
+
+@pytest.fixture
+def locked_out(tmp_path):
+    """Paths made mode 000 by a test, given back their permissions at its end (for cleanup)."""
+    paths = []
+
+    def lock(path: Path) -> Path:
+        paths.append((path, path.stat().st_mode))
+        path.chmod(0)
+        return path
+
+    yield lock
+    for path, mode in paths:
+        path.chmod(mode)
+
+
+@pytest.mark.parametrize("args", [["status", "-C", "{dir}"], ["revert", "-C", "{dir}"], ["series", "lock", "{dir}"],
+                                  ["apply", "toy", "-C", "{dir}"], ["apply", "toy", "-C", "{work}", "--series", "{dir}"]],
+                         ids=" ".join)
+def test_a_directory_dspark_may_not_read_is_exit_3_naming_it(toy_env, locked_out, args):
+    """Was exit 2, "usage: Invalid value for '--workdir' / '-C': path '...' is not readable." (typer's
+    check) or "<dir>/series: missing"; README: a directory dspark may not read is 3."""
+    directory = toy_env["root"] / "noperm"
+    directory.mkdir()
+    locked_out(directory)
+    result = run_bound_by_permissions(*[a.format(dir=directory, work=toy_env["work"]) for a in args])
+    assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert str(directory) in result.stderr and "Permission denied" in result.stderr
+    assert not toy_env["work"].exists()
+
+
+@pytest.mark.parametrize("args", [["series", "lock", "{dir}"], ["series", "lock", "{dir}", "--check"],
+                                  ["apply", "toy", "-C", "{work}", "--series", "{dir}"]], ids=" ".join)
+def test_a_series_file_dspark_may_not_read_is_exit_3_naming_it(toy_env, locked_out, args):
+    """Was exit 2, "<dir>/series: cannot read (Permission denied)"."""
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    locked_out(directory / "series")
+    result = run_bound_by_permissions(*[a.format(dir=directory, work=toy_env["work"]) for a in args])
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == f"error: {directory / 'series'}: cannot read (Permission denied)\n"
+    assert not toy_env["work"].exists()
+
+
+def test_a_vllm_python_that_is_not_executable_says_so(tmp_path):
+    """DSPARK_VLLM_PYTHON naming a file without an x bit said "no such interpreter" (given as a bare
+    name, which is looked up on PATH). exec refuses such a file to root too."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    for value in (str(python), "python"):  # a path, and a name found here (cwd) rather than on PATH
+        result = run_dspark("verify", "vllm", env={"DSPARK_VLLM_PYTHON": value, "PATH": "/nonexistent"}, cwd=tmp_path)
+        assert result.returncode == 3 and result.stderr == f"error: DSPARK_VLLM_PYTHON={value}: not executable\n", result.stderr
+    result = run_dspark("verify", "vllm", env={"DSPARK_VLLM_PYTHON": str(tmp_path / "nosuch")})
+    assert result.returncode == 3 and result.stderr.endswith(": no such interpreter\n"), result.stderr

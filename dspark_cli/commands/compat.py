@@ -4,6 +4,7 @@ from typing import List, Optional
 
 import typer
 
+from dspark_cli.commands.params import text_argument, text_option
 from dspark_cli.output import console, emit
 
 
@@ -56,8 +57,8 @@ def register(app: typer.Typer) -> None:
 
     @compat_app.command("lock")
     def compat_lock(
-        engines: Optional[List[str]] = typer.Argument(None, help="Engines to lock (default: all)."),
-        repo: Optional[str] = typer.Option(None, "--repo", help="Clone URL or local clone to read commits from."),
+        engines: Optional[List[str]] = text_argument(None, "ENGINES", help="Engines to lock (default: all)."),
+        repo: Optional[str] = text_option(None, "--repo", help="Clone URL or local clone to read commits from."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ) -> None:
         """Replace short commit ids in compat.yaml with full 40-hex ids resolved in a clone."""

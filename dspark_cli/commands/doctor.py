@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from dspark_cli.commands.params import path_option
 from dspark_cli.errors import EXIT_FAILED
 from dspark_cli.output import emit, say
 
@@ -18,7 +19,7 @@ STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
 def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(
-        workdir: Optional[Path] = typer.Option(None, "--workdir", "-C", help="Where trees and builds go (disk check)."),
+        workdir: Optional[Path] = path_option(None, "--workdir", "-C", help="Where trees and builds go (disk check)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
     ) -> None:
         """Check Python, git, GPU, nvcc, torch, arch list, compiler, ninja, CUDA_HOME, disk, engines.

@@ -5,9 +5,11 @@ import datetime
 import os
 import platform
 from pathlib import Path
+from typing import Optional
 
 import typer
 
+from dspark_cli.commands.params import path_option, text_option
 from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module, short_message
 from dspark_cli.files import cannot_make_in, nearest_existing, replace_atomically
 from dspark_cli.output import console, emit, err_console
@@ -18,21 +20,21 @@ MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo pa
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile(
-        model: Path = typer.Option(..., "--model", help="Model directory with config.json, or a config.json file."),
-        out: Path = typer.Option(..., "--out", help="Where to write our SPS table (dspark-sps/1 JSON)."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        model: Path = path_option(..., "--model", help="Model directory with config.json, or a config.json file."),
+        out: Path = path_option(..., "--out", help="Where to write our SPS table (dspark-sps/1 JSON)."),
+        device: str = text_option("cpu", "--device", help="cpu, cuda or cuda:N."),
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=MAX_TOKENS,
                                        help="Largest batch size B (tokens per forward)."),
-        sizes: str = typer.Option("", "--sizes", help="Comma-separated batch sizes instead of the default sweep."),
-        capture_sizes: str = typer.Option(
+        sizes: Optional[str] = text_option(None, "--sizes", help="Comma-separated batch sizes instead of the default sweep."),
+        capture_sizes: str = text_option(
             "auto", "--capture-sizes",
             help="Comma-separated CUDA-graph capture sizes of the serving engine; 'auto' = vLLM's defaults "
                  "on cuda, none on cpu; 'none' = eager."),
         context: int = typer.Option(64, "--context", min=1, help="KV-cache context length per sequence."),
         repeats: int = typer.Option(5, "--repeats", min=1, help="Timed forwards per size (median kept)."),
         warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed forwards per size."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32."),
-        sglang_out: Path = typer.Option(
+        dtype: str = text_option("auto", "--dtype", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32."),
+        sglang_out: Optional[Path] = path_option(
             None, "--sglang-out",
             help="Where to write SGLang's --speculative-dspark-sps-table-path JSON [default: OUT with .sglang.json]."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -90,7 +92,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
         graphs = []
     else:
         graphs = [b for b in _parse_sizes(capture_sizes, "--capture-sizes") if b <= max_tokens]
-    batch_sizes = _parse_sizes(sizes, "--sizes") if sizes else sps_profile.default_sizes(max_tokens)
+    batch_sizes = _parse_sizes(sizes, "--sizes") if sizes is not None else sps_profile.default_sizes(max_tokens)
     batch_sizes = sorted(set(batch_sizes) | set(graphs))  # graph sizes are where the step curve is read
 
     # both outputs are checked before any timing, and written together only after it

@@ -13,11 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
-from dspark_cli import cache_dir, pypi_source, rebase
+from dspark_cli import cache_dir, cache_subdir, pypi_source, rebase
+from dspark_cli.commands.params import path_option, text_argument, text_option
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
+from dspark_cli.files import check_dir_option
 from dspark_cli.output import console, emit, say
 from dspark_cli.series import load_series
-from dspark_cli.workspace import Workspace, check_dir_option, safe_name
+from dspark_cli.workspace import Workspace, safe_name
 
 _VERSION = re.compile(r"v?(\d+(?:\.\d+)+(?:[.-]?(?:post|rc|a|b)\d+)?)")
 _COMMIT_ID = re.compile(r"""__commit_id__\s*=\s*(?:commit_id\s*=\s*)?['"]g?([0-9a-f]{7,40})['"]""")
@@ -106,14 +108,14 @@ def _check_pin_name(name: str, fix: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("rebase")
     def rebase_command(
-        engine_name: str = typer.Argument(..., metavar="ENGINE", help="Engine in compat.yaml, e.g. vllm."),
-        from_pin: str = typer.Option(..., "--from", help="Pin whose series to carry, e.g. v0.32.0."),
-        onto: str = typer.Option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0)."),
-        repo: Path | None = typer.Option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
-        out: Path | None = typer.Option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN)."),
+        engine_name: str = text_argument(..., "ENGINE", help="Engine in compat.yaml, e.g. vllm."),
+        from_pin: str = text_option(..., "--from", help="Pin whose series to carry, e.g. v0.32.0."),
+        onto: str = text_option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0)."),
+        repo: Path | None = path_option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
+        out: Path | None = path_option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN)."),
         new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
-        series_dir: Path | None = typer.Option(None, "--series", help="Series to carry (default: the --from pin's)."),
-        workdir: Path | None = typer.Option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
+        series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
+        workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
         force: bool = typer.Option(False, "--force", help="Restart an existing work branch; replace a non-empty --out."),
         resume: bool = typer.Option(False, "--continue", help="Go on after a conflict you resolved and committed."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -153,7 +155,7 @@ def register(app: typer.Typer) -> None:
         for note in rebase.recover_interrupted(out_dir):
             say(note, err=True, markup=False)
         default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
-        work = (workdir or cache_dir() / "rebase" / default_work).resolve()
+        work = (workdir or cache_subdir("rebase") / default_work).resolve()  # an unusable DSPARK_CACHE: exit 3
         protected = {"--repo": repo, "work tree": work, "dspark cache": cache_dir()}
         rebase.check_targets(out_dir, force, source_dir,
                              {what: path for what, path in protected.items() if path is not None})  # before any work

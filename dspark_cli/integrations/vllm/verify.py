@@ -9,6 +9,7 @@ step and tokens/s with and without DSpark from the same run."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,12 +38,26 @@ def _python() -> str:
                                capture_output=True, text=True)
     except OSError as exc:  # missing, a directory, not executable
         where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
-        reason = "no such interpreter" if isinstance(exc, FileNotFoundError) else f"cannot run it ({exc.strerror or exc})"
-        raise EnvironmentProblem(f"{where}: {reason}") from exc
+        raise EnvironmentProblem(f"{where}: {_why_not_runnable(python, exc)}") from exc
     if probe.returncode != 0:
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
                                  "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
     return python
+
+
+def _why_not_runnable(python: str, exc: OSError) -> str:
+    """Why exec failed, in words. A name without '/' is looked up on PATH only, as a shell does."""
+    found = python if os.sep in python else shutil.which(python, mode=os.F_OK)
+    path = Path(found or python)
+    if not path.exists():
+        return "no such interpreter"
+    if path.is_dir():
+        return "a directory, not an interpreter"
+    if not os.access(path, os.X_OK):
+        return "not executable"
+    if found is None:
+        return f"not on PATH (a name without '/' is looked up there; give ./{python} for the one here)"
+    return f"cannot run it ({exc.strerror or exc})"
 
 
 def steep_adaptive_run(python: str, gamma: int, scheduler: str, workloads: list[dict]) -> dict:

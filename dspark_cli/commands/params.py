@@ -1,0 +1,55 @@
+"""Path and text options shared by the commands. An empty value is refused (exit 2) rather than read
+as the current directory or the default, and a path is not checked for permissions while parsing:
+typer's check would make an unreadable path a usage error (2), where README says 3."""
+
+import os
+from pathlib import Path
+
+import typer
+
+from dspark_cli.errors import EnvironmentProblem, UsageError
+
+
+def _text(name: str):
+    def parse(value: str) -> str:
+        if not value.strip():
+            raise UsageError(f"{name}: empty value")
+        return value
+    return parse
+
+
+def _path(name: str):
+    def parse(value) -> Path:
+        if isinstance(value, Path):  # a default, not typed by the user
+            return value
+        if value == "":
+            raise UsageError(f"{name}: empty path")
+        return Path(value)
+    return parse
+
+
+def path_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, parser=_path(names[0]), metavar="PATH", **kwargs)
+
+
+def text_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, parser=_text(names[0]), metavar="TEXT", **kwargs)
+
+
+def path_argument(default, name: str, **kwargs):
+    return typer.Argument(default, parser=_path(name), metavar=name, **kwargs)
+
+
+def text_argument(default, name: str, **kwargs):
+    return typer.Argument(default, parser=_text(name), metavar=name, **kwargs)
+
+
+def check_readable_dir(path: Path, name: str) -> None:
+    """A directory we may not list is exit 3, naming it; a missing path or a file is left to the
+    command, which says so (exit 2)."""
+    try:
+        os.scandir(path).close()
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"{name} {path}: cannot read ({exc.strerror})") from None
+    except OSError:
+        pass
