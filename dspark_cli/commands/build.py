@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import check_readable_dir, path_option, text_option
+from dspark_cli.commands.params import check_readable_dir, flag_option, path_option, text_option
 from dspark_cli.errors import CheckFailed, UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
 from dspark_cli.output import capture_json, console, emit, error_fields, say, stdout_to_stderr
@@ -23,19 +23,19 @@ def register(app: typer.Typer) -> None:
         # a str, not a Path: typer makes --wheel '' Path('.'), the current directory, past check_wheel_dir
         wheel: Optional[str] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
                                             "(package dspark_ops, pinned to this torch) into this directory."),
-        force: bool = typer.Option(False, "--force", help="Rebuild even if the cache has this build "
+        force: bool = flag_option("--force", help="Rebuild even if the cache has this build "
                                    "(--engine: also regenerate the gRPC stubs)."),
-        self_test: bool = typer.Option(False, "--self-test", help="Then check every op on the GPU (dspark verify ops)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the compiler commands and output."),
+        self_test: bool = flag_option("--self-test", help="Then check every op on the GPU (dspark verify ops)."),
+        verbose: bool = flag_option("--verbose", "-v", help="Show the compiler commands and output."),
         engine: Optional[str] = text_option(None, "--engine", help="Also install this engine's patched server "
                                              "(tgi) from the --workdir workspace into this Python (docs/tgi.md)."),
         workdir: Path = path_option(Path("."), "--workdir", "-C", help="--engine: the workspace `dspark apply` made."),
-        no_deps: bool = typer.Option(False, "--no-deps", help="--engine: install the server without its "
+        no_deps: bool = flag_option("--no-deps", help="--engine: install the server without its "
                                      "dependencies (you manage the stack; grpcio-tools must be there for the stubs)."),
         extras: str = typer.Option(",".join(TGI_DEFAULT_EXTRAS), "--extras",
                                    help="--engine: the server's pip extras, comma-separated ('' for none)."),
-        no_extension: bool = typer.Option(False, "--no-extension", help="--engine: do not build the CUDA extension."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
+        no_extension: bool = flag_option("--no-extension", help="--engine: do not build the CUDA extension."),
+        as_json: bool = flag_option("--json", help="Print one JSON document (for CI)."),
     ) -> None:
         """Build the CUDA extension with torch.utils.cpp_extension and ninja, cached by torch version,
         CUDA version, arch list and source hash (an unchanged rebuild takes about a second).

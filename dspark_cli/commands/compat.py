@@ -4,8 +4,8 @@ from typing import List, Optional
 
 import typer
 
-from dspark_cli.commands.params import text_argument, text_option
-from dspark_cli.output import console, emit
+from dspark_cli.commands.params import flag_option, text_argument, text_option
+from dspark_cli.output import emit, say
 
 
 def _as_dict(compat) -> dict:
@@ -38,7 +38,7 @@ def _render(result: dict) -> None:
                 out.append(f"    release  {release['file']} ({release['package']}, sha256 {release['sha256'][:16]}…)"
                            if release else "    release  none on PyPI (use --source git)")
             out += [f"    tested   {place}: {what}" for place, what in pin["tested"].items()]
-    console.print("\n".join(out), highlight=False)
+    say("\n".join(out), markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
     @compat_app.callback()
     def compat_show(ctx: typer.Context,
-                    as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+                    as_json: bool = flag_option("--json", help="Machine-readable output.")) -> None:
         """Show every engine, pin, release file and supported range; validates compat.yaml."""
         if ctx.invoked_subcommand is not None:
             return
@@ -59,15 +59,15 @@ def register(app: typer.Typer) -> None:
     def compat_lock(
         engines: Optional[List[str]] = text_argument(None, "ENGINES", help="Engines to lock (default: all)."),
         repo: Optional[str] = text_option(None, "--repo", help="Clone URL or local clone to read commits from."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
         """Replace short commit ids in compat.yaml with full 40-hex ids resolved in a clone."""
         from dspark_cli import compat, compat_lock
 
         loaded = compat.load()
         changes = compat_lock.lock(loaded, engines or list(loaded.engines), repo)
-        emit({"path": str(loaded.path), "locked": changes}, as_json, lambda r: console.print(
+        emit({"path": str(loaded.path), "locked": changes}, as_json, lambda r: say(
             "\n".join(f"{c['engine']} {c['pin']}: {c['short']} -> {c['commit']}" for c in r["locked"])
-            or "every pin already has a full commit id", highlight=False))
+            or "every pin already has a full commit id", markup=False))
 
     app.add_typer(compat_app, name="compat")

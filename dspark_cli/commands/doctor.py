@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import path_option
+from dspark_cli.commands.params import flag_option, path_option
 from dspark_cli.errors import EXIT_FAILED
 from dspark_cli.output import emit, say
 
@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(
         workdir: Optional[Path] = path_option(None, "--workdir", "-C", help="Where trees and builds go (disk check)."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document (for CI)."),
+        as_json: bool = flag_option("--json", help="Print one JSON document (for CI)."),
     ) -> None:
         """Check Python, git, GPU, nvcc, torch, arch list, compiler, ninja, CUDA_HOME, disk, engines.
 

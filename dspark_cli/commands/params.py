@@ -44,6 +44,11 @@ def text_argument(default, name: str, **kwargs):
     return typer.Argument(default, parser=_text(name), metavar=name, **kwargs)
 
 
+def flag_option(*names: str, **kwargs):
+    """An on/off flag: no value after it, and none shown in --help (typer would show `<bool>`)."""
+    return typer.Option(False, *names, metavar="", **kwargs)
+
+
 def check_readable_dir(path: Path, name: str) -> None:
     """A directory we may not list is exit 3, naming it; a missing path or a file is left to the
     command, which says so (exit 2)."""

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from dspark_cli.commands.params import path_option, text_option
+from dspark_cli.commands.params import flag_option, path_option, text_option
 from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module, short_message
-from dspark_cli.files import cannot_make_in, nearest_existing, replace_atomically
+from dspark_cli.files import check_dir_option, replace_atomically
 from dspark_cli.output import console, emit, err_console
 
 MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo past it is refused, not swept
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         sglang_out: Optional[Path] = path_option(
             None, "--sglang-out",
             help="Where to write SGLang's --speculative-dspark-sps-table-path JSON [default: OUT with .sglang.json]."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
         """Time the target forward across batch-token sizes and write the SPS table (ours + SGLang's)."""
         result = run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, repeats,
@@ -162,11 +162,7 @@ def _check_output(path: Path, option: str) -> None:
     if path.exists():
         if not os.access(path, os.W_OK):
             raise EnvironmentProblem(f"{option} {path}: the file is not writable")
-    ancestor = nearest_existing(path.parent)
-    if not ancestor.is_dir():
-        raise UsageError(f"{option} {path}: {ancestor} is not a directory")
-    if cannot_make_in(ancestor):
-        raise EnvironmentProblem(f"{option} {path}: directory {ancestor} is not writable")
+    check_dir_option(path.parent, option)
 
 
 def _write_both(outputs) -> None:

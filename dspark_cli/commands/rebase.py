@@ -14,7 +14,7 @@ from rich.table import Table
 
 from dspark_cli import compat as compat_mod
 from dspark_cli import cache_dir, cache_subdir, pypi_source, rebase
-from dspark_cli.commands.params import path_option, text_argument, text_option
+from dspark_cli.commands.params import flag_option, path_option, text_argument, text_option
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option
 from dspark_cli.output import console, emit, say
@@ -116,9 +116,9 @@ def register(app: typer.Typer) -> None:
         new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
         series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
         workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
-        force: bool = typer.Option(False, "--force", help="Restart an existing work branch; replace a non-empty --out."),
-        resume: bool = typer.Option(False, "--continue", help="Go on after a conflict you resolved and committed."),
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out."),
+        resume: bool = flag_option("--continue", help="Go on after a conflict you resolved and committed."),
+        as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
         """Apply a pin's patch series onto another upstream tree patch by patch (3-way merges),
         report each patch as clean / 3-way / conflict, and write the refreshed series.

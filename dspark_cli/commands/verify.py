@@ -2,6 +2,8 @@
 
 import typer
 
+from dspark_cli.commands.params import flag_option
+
 from dspark_cli.cuda_env import torch_info
 from dspark_cli.errors import EnvironmentProblem, missing_module
 
@@ -18,7 +20,7 @@ def register(app: typer.Typer) -> None:
     verify = typer.Typer(help="Verify the built extension or a patched engine.", no_args_is_help=True)
 
     @verify.command("ops")
-    def verify_ops(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    def verify_ops(as_json: bool = flag_option("--json", help="Machine-readable output.")) -> None:
         """Load the built CUDA extension and check every op against the torch reference on the GPU."""
         _require_torch()
         from dspark_cli.selftest import run_self_test
@@ -27,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
     @verify.command("vllm")
     def verify_vllm(
-        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
         """Run DSpark end to end in the installed, patched vLLM and compare with no speculation."""
         from dspark_cli.integrations.vllm.verify import run
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
         run(as_json=as_json)
 
     @verify.command("tgi")
-    def verify_tgi(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    def verify_tgi(as_json: bool = flag_option("--json", help="Machine-readable output.")) -> None:
         """Check the installed, patched TGI server package against dspark_cli.runtime."""
         _require_torch()
         try:
