@@ -3,6 +3,7 @@ of a set that belongs together (the SPS table and its SGLang form, a state file,
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -14,7 +15,7 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     """Write every (path, save) through save(temporary path beside it), then rename them all into
     place; when any write or rename fails (or is interrupted), every path is left as it was and the
     temporaries are removed: a path renamed already gets its old file back from a hard link made
-    before the renames. An existing file keeps its permissions; a new one gets the umask's; a
+    (or a copy) before the renames. An existing file keeps its permissions; a new one gets the umask's; a
     symlink is written through (its target replaced, the link kept: the package's compat.yaml links
     to the repository's). Raises OSError."""
     outputs = [(Path(os.path.realpath(path)), save) for path, save in outputs]
@@ -32,7 +33,10 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
             for (path, _), tmp in zip(outputs, temps):
                 if path.exists():
                     olds[path] = tmp.with_suffix(".old")
-                    os.link(path, olds[path])
+                    try:
+                        os.link(path, olds[path])
+                    except OSError:  # a filesystem without hard links (vfat, some FUSE mounts)
+                        shutil.copy2(path, olds[path])
         for (path, _), tmp in zip(outputs, temps):
             os.replace(tmp, path)
             renamed.append(path)

@@ -56,10 +56,10 @@ def _mode(path: Path, shown: Path) -> int | None:
     an EnvironmentProblem (exit 3) naming `shown` (the directory that hides it), not a missing file."""
     try:
         return path.stat().st_mode
-    except PermissionError as exc:
-        raise EnvironmentProblem(f"{shown}: cannot read ({exc.strerror})") from None
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
 
 
 def _is_file(path: Path, shown: Path) -> bool:
@@ -67,15 +67,26 @@ def _is_file(path: Path, shown: Path) -> bool:
     return mode is not None and stat.S_ISREG(mode)
 
 
+def _unreadable(path: Path, exc: OSError) -> UsageError | EnvironmentProblem:
+    """A series file we may not read is exit 3; one that cannot be read otherwise (a directory) 2."""
+    kind = EnvironmentProblem if isinstance(exc, PermissionError) else UsageError
+    return kind(f"{path}: cannot read ({exc.strerror})")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")  # universal newlines: a CRLF checkout reads as ours
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except PermissionError as exc:
-        raise EnvironmentProblem(f"{path}: cannot read ({exc.strerror})") from None
     except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+        raise _unreadable(path, exc) from None
 
 
 def read_series(directory: Path) -> list[str]:
@@ -121,7 +132,8 @@ def read_lock(directory: Path) -> dict[str, str]:
 
 
 def lock_text(directory: Path) -> str:
-    return "".join(f"{sha256_of(directory / name)}  {name}\n" for name in read_series(directory))
+    return "".join(f"{hashlib.sha256(_read_bytes(directory / name)).hexdigest()}  {name}\n"
+                   for name in read_series(directory))
 
 
 def write_lock(directory: Path) -> Path:
@@ -150,12 +162,13 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
     for name in names:
         if name not in locked:
             raise UsageError(f"{lock_file}: {name} has no digest; run `dspark series lock {directory}`")
-        actual = sha256_of(directory / name)
+        text = _read_bytes(directory / name)
+        actual = hashlib.sha256(text).hexdigest()
         if actual != locked[name]:
             raise UsageError(
                 f"{directory / name}: sha256 {actual[:12]}… does not match the lock ({locked[name][:12]}…)"
             )
-        if not _DIFF.search((directory / name).read_bytes()):
+        if not _DIFF.search(text):
             raise UsageError(f"{directory / name}: not a patch (no diff in it)")
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
     return patches

@@ -23,7 +23,6 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from dspark_cli import oplock
-from dspark_cli.compat import PIN_NAME
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
 
@@ -471,7 +470,7 @@ class Workspace:
             self.git.run("update-ref", "-d", ref)
         if snapshot.branch:
             self.git.run("symbolic-ref", "HEAD", snapshot.branch)
-        if snapshot.head is None:
+        if snapshot.head is None and self.head() is None:  # still unborn: no commit of the user's since
             self._unborn_again()
         if snapshot.stash_message:
             stash = self.stash_ref(snapshot.stash_message)
@@ -571,7 +570,6 @@ def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
 
 _COMMIT = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # a full commit id, SHA-1 or SHA-256
 _REF = re.compile(r"(?!-)[^\x00-\x20\x7f~^:?*\[\\]+")  # what git allows in a ref name, roughly
-_WORK_BRANCH = re.compile("dspark/" + PIN_NAME.pattern)  # dspark/<pin>, dspark/unpinned-<commit>
 
 
 def _text(value) -> bool:
@@ -614,7 +612,9 @@ def _state_shape_problem(state) -> str | None:
         return f"expected an object, got {type(state).__name__}"
     if not (isinstance(state.get("base"), str) and _COMMIT.fullmatch(state["base"])):
         return "'base' is missing or not a full commit id"
-    if not (isinstance(state.get("branch"), str) and _WORK_BRANCH.fullmatch(state["branch"])):
+    from dspark_cli.compat import PIN_NAME  # here: build.py imports this module where PyYAML may be absent
+
+    if not (isinstance(state.get("branch"), str) and re.fullmatch(f"dspark/{PIN_NAME.pattern}", state["branch"])):
         return "'branch' is missing or not a dspark/<pin> branch name"
     for key in ("engine", "pin", "compat"):
         if state.get(key) is not None and not _text(state[key]):

@@ -46,6 +46,19 @@ def test_an_interrupted_rename_puts_back_the_files_renamed_before_it(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
 
 
+def test_without_hard_links_the_old_files_are_kept_as_copies(tmp_path, monkeypatch):
+    """vfat and some FUSE mounts refuse os.link: the set is still written (and could still be undone)."""
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "a").write_text("old a")
+    (tmp_path / "b").write_text("old b")
+    replace_atomically([(tmp_path / n, lambda tmp, n=n: Path(tmp).write_text(f"new {n}")) for n in ("a", "b")])
+    assert [(tmp_path / n).read_text() for n in ("a", "b")] == ["new a", "new b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_an_existing_file_keeps_its_mode_and_a_new_one_gets_the_umask(tmp_path):
     kept = tmp_path / "kept"
     kept.write_text("x")
