@@ -602,3 +602,26 @@ def test_json_verbose_keeps_stdout_one_json_document(toolchain, monkeypatch, tmp
     out = capfd.readouterr()
     assert exc.value.code == 0 and json.loads(out.out)["status"] == "built"
     assert re.search(r"\[2/2\] .*dspark_ops\.so", out.err)  # ninja's link line, on stderr
+
+
+IMPORT_WITHOUT_CLI_DEPS = """
+import importlib, importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("yaml", "git", "typer"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+"""
+
+
+def test_the_build_and_the_gpu_paths_import_without_the_clis_dependencies():
+    """Machines that build or run the kernels may lack PyYAML, GitPython and typer (the nvcc build
+    test's venv, the GPU device): workspace.py importing compat's loader broke `import
+    dspark_cli.build` there, seen only where the CUDA venv runs."""
+    modules = ["dspark_cli.build", "dspark_cli.cuda_env", "dspark_cli.runtime", "dspark_cli.runtime.cuda_ops",
+               "dspark_cli.selftest", "dspark_cli.integrations.tgi.draft", "dspark_cli.integrations.tgi.kv_pool"]
+    out = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_CLI_DEPS, *modules], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
