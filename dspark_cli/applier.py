@@ -18,7 +18,7 @@ from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError, PatchFailed, UsageError
-from dspark_cli.files import check_dir_option
+from dspark_cli.files import check_dir_option, check_listable
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
@@ -154,6 +154,8 @@ def _check_request(request: ApplyRequest) -> None:
 def apply(compat: Compat, request: ApplyRequest) -> dict:
     engine = compat.engine(request.engine)
     given = Path(request.workdir).resolve() if request.workdir else None
+    if given:
+        check_listable(given, "--workdir")
     made = _made_state(given) if given else None  # --commit and --source default to the workspace's
     if request.commit is None:
         request = replace(request, commit=_workspace_pin(engine, made))
@@ -393,6 +395,7 @@ def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
     """The dspark workspace at `workdir` and its state; bad input otherwise."""
     if not workdir.exists():
         raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made")
+    check_listable(workdir, "--workdir")
     ws = Workspace(workdir)
     state = ws.read_state() if workdir.is_dir() and ws.is_repo() else None
     if state is None:

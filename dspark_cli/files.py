@@ -87,6 +87,17 @@ def check_dir_option(directory: Path, option: str) -> None:
         raise EnvironmentProblem(f"{option} {directory}: cannot make anything in {existing} ({problem})")
 
 
+def check_listable(directory: Path, option: str) -> None:
+    """A directory we may not list is exit 3, naming it; a missing path or a file is left to the
+    caller, which says so (exit 2)."""
+    try:
+        os.scandir(directory).close()
+    except PermissionError as exc:
+        raise EnvironmentProblem(f"{option} {directory}: cannot read ({exc.strerror})") from None
+    except OSError:
+        pass
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     replace_atomically([(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))])
 

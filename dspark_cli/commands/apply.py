@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import check_readable_dir, flag_option, path_argument, path_option, text_argument, text_option
+from dspark_cli.commands.params import flag_option, path_argument, path_option, text_argument, text_option
 from dspark_cli.output import emit, say
 
 JSON_OPTION = flag_option("--json", help="Machine-readable output.")
@@ -76,8 +76,6 @@ def register(app: typer.Typer) -> None:
         """Put DSpark's patch series (and yours) on a pinned engine tree: atomic and idempotent."""
         from dspark_cli import applier, compat
 
-        if workdir is not None:
-            check_readable_dir(workdir, "--workdir")
         request = applier.ApplyRequest(engine=engine, commit=commit, workdir=workdir, repo=repo, source=source,
                                        series=tuple(series), force=force, allow_unpinned=allow_unpinned,
                                        package=package, file=file)
@@ -88,7 +86,6 @@ def register(app: typer.Typer) -> None:
         """Base commit, applied patches, drift and build state of a workspace."""
         from dspark_cli import applier
 
-        check_readable_dir(workdir, "--workdir")
         emit(applier.status(workdir.resolve()), as_json, _render_status)
 
     @app.command("revert")
@@ -109,7 +106,6 @@ def register(app: typer.Typer) -> None:
             say(f"[bold]{result['status']}[/bold]: {escape(result['branch'])} at base {result['base'][:12]}; "
                 f"removed {len(result['removed'])} patch(es), kept {len(result['kept'])} commit(s) of yours")
 
-        check_readable_dir(workdir, "--workdir")
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
 
     series_app = typer.Typer(help="Work with patch series (docs/patch-series.md).", no_args_is_help=True)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import check_readable_dir, flag_option, path_option, text_option
+from dspark_cli.commands.params import flag_option, path_option, text_option
 from dspark_cli.errors import CheckFailed, UsageError
 from dspark_cli.engine_install import TGI_DEFAULT_EXTRAS
 from dspark_cli.output import capture_json, console, emit, error_fields, say, stdout_to_stderr
@@ -117,7 +117,6 @@ def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extensi
                     jobs: Optional[int], force: bool, verbose: bool, as_json: bool) -> None:
     from dspark_cli import engine_install
 
-    check_readable_dir(workdir, "--workdir")
     request = engine_install.EngineInstall(
         workdir=workdir, engine=engine, deps=deps, extras=tuple(e.strip() for e in extras.split(",") if e.strip()),
         extension=extension, force=force, arch=arch, jobs=jobs, verbose=verbose)

@@ -2,12 +2,11 @@
 as the current directory or the default, and a path is not checked for permissions while parsing:
 typer's check would make an unreadable path a usage error (2), where README says 3."""
 
-import os
 from pathlib import Path
 
 import typer
 
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.errors import UsageError
 
 
 def _text(name: str):
@@ -47,14 +46,3 @@ def text_argument(default, name: str, **kwargs):
 def flag_option(*names: str, **kwargs):
     """An on/off flag: no value after it, and none shown in --help (typer would show `<bool>`)."""
     return typer.Option(False, *names, metavar="", **kwargs)
-
-
-def check_readable_dir(path: Path, name: str) -> None:
-    """A directory we may not list is exit 3, naming it; a missing path or a file is left to the
-    command, which says so (exit 2)."""
-    try:
-        os.scandir(path).close()
-    except PermissionError as exc:
-        raise EnvironmentProblem(f"{name} {path}: cannot read ({exc.strerror})") from None
-    except OSError:
-        pass
