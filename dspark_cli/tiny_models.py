@@ -8,7 +8,12 @@ and tensor names of DSPARK.md §2).
   with f(x) = x+1 (or a partially wrong f); confidence head bias +6 (c ≈ 0.998).
 - `random` target/draft: seeded random weights; a `flat` target is a random one whose head is
   scaled down so its next-token distribution is spread out: sampled drafts are often accepted and
-  every draw shows in the output."""
+  every draw shows in the output.
+- `fork` target/draft: at temperature 1 the next token is x+1 or x+2 (nearly all the mass, in
+  proportions that vary with x), so a few sampled tokens cover each output position; the draft's
+  Markov head draws x+1 or x+2 about evenly, and its confidence depends on the parity of the
+  previous drafted token (c ≈ 0.98 after an even one, 0.02 after an odd one): a scheduler that let
+  a_{k+1} decide whether x_k is verified would favour even tokens (DSPARK.md §4, Appendix A)."""
 
 import copy
 import json
@@ -25,6 +30,7 @@ DRAFT_LAYERS = 2
 TARGET_LAYER_IDS = [0, 2]  # decoder-layer outputs the draft reads (never the last layer)
 MASK_TOKEN_ID = VOCAB - 1
 MARKOV_SCALE = 40.0
+FORK_LOGIT = 12.0  # the fork target's logit for x+1 and x+2 (others: about ±1.5)
 WEIGHTS = "model.safetensors"
 
 
@@ -93,11 +99,15 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
     tensors = {"model.embed_tokens.weight": embed, "model.norm.weight": torch.ones(HIDDEN)}
     for i in range(TARGET_LAYERS):
         tensors.update(layer_tensors(f"model.layers.{i}", g, 0.1))
-    if kind == "successor":
+    if kind in ("successor", "fork"):
         for i in range(TARGET_LAYERS):
             tensors[f"model.layers.{i}.self_attn.o_proj.weight"].zero_()
             tensors[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
+    if kind == "successor":
         tensors["lm_head.weight"] = torch.roll(embed, shifts=1, dims=0)
+    elif kind == "fork":  # the final hidden is e_x / rms(e_x): row y's logit is FORK_LOGIT·cos(e_x, e_{y-1 or y-2})
+        unit = embed / embed.norm(dim=1, keepdim=True) / HIDDEN ** 0.5
+        tensors["lm_head.weight"] = FORK_LOGIT * (torch.roll(unit, shifts=1, dims=0) + torch.roll(unit, shifts=2, dims=0))
     elif kind in ("random", "flat"):
         tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * (0.3 if kind == "random" else 0.05)
     else:
@@ -147,7 +157,7 @@ def successor_map(kind: str) -> torch.Tensor:
 
 
 def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1) -> Path:
-    """kind: oracle | partial (Markov head encodes f, base logits zero) | random."""
+    """kind: oracle | partial (Markov head encodes f, base logits zero) | fork | random."""
     g = torch.Generator().manual_seed(seed)
     n_aux = len(TARGET_LAYER_IDS)
     tensors = {
@@ -171,6 +181,14 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
         w2[successor_map(kind), torch.arange(VOCAB)] = MARKOV_SCALE
         tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
         tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
+    elif kind == "fork":
+        tensors["norm.weight"] = torch.zeros(HIDDEN)
+        w2 = torch.zeros(VOCAB, VOCAB)
+        w2[(torch.arange(VOCAB) + 1) % VOCAB, torch.arange(VOCAB)] = FORK_LOGIT
+        w2[(torch.arange(VOCAB) + 2) % VOCAB, torch.arange(VOCAB)] = FORK_LOGIT
+        parity = torch.where(torch.arange(VOCAB) % 2 == 0, 4.0, -4.0)  # c_k from x_{k-1} (W1 = I)
+        tensors["confidence_head.proj.weight"] = torch.cat([torch.zeros(HIDDEN), parity]).unsqueeze(0)
+        tensors["confidence_head.proj.bias"] = torch.tensor([0.0])
     elif kind == "random":
         w2 = torch.randn(VOCAB, VOCAB, generator=g)
     else:

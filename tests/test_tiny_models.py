@@ -1,0 +1,34 @@
+"""The constructed `fork` checkpoints behave as dspark_cli.tiny_models says: the target through
+transformers, the draft's Markov head and confidence head through dspark_cli.runtime."""
+
+import torch
+
+from dspark_cli import tiny_models
+from dspark_cli.runtime import markov_chain
+
+V = tiny_models.VOCAB
+
+
+def test_fork_target_puts_its_mass_on_the_next_two_tokens(tmp_path):
+    model = tiny_models.load_transformers(tiny_models.build_target(tmp_path / "fork", "fork"))
+    ids = torch.tensor([[5, 17, 42, 43, 100, 200, 253, 254]])
+    with torch.no_grad():
+        probs = model(ids).logits.softmax(-1)[0]
+    for row, x in zip(probs, ids[0].tolist()):
+        fork = row[(x + 1) % V], row[(x + 2) % V]
+        assert fork[0] + fork[1] > 0.95 and min(fork) > 0.1, (x, fork)  # both branches sampled often
+
+
+def test_fork_draft_steps_one_or_two_and_is_confident_after_even_tokens(tmp_path):
+    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "fork", 3, "fork"))
+    R, gamma = 2000, 3
+    anchors = torch.arange(R) % V
+    draft = markov_chain(torch.zeros(R, gamma, V), anchors, weights["markov_head.markov_w1.weight"],
+                         weights["markov_head.markov_w2.weight"], torch.ones(R), seeds=torch.arange(R),
+                         confidence=(torch.zeros(R, gamma, tiny_models.HIDDEN), weights["confidence_head.proj.weight"],
+                                     weights["confidence_head.proj.bias"]))
+    prev = torch.cat([anchors[:, None], draft.tokens[:, :-1]], dim=1)
+    step = (draft.tokens - prev) % V
+    assert ((step == 1) | (step == 2)).float().mean() > 0.995  # the other 254 share e^-12 of the weight
+    assert 0.45 < (step == 1).float().mean() < 0.55
+    assert torch.equal(draft.confidence_logits, torch.where(prev % 2 == 0, 4.0, -4.0))
