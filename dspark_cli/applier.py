@@ -391,18 +391,31 @@ def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
     return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
 
 
+def _enclosing_workspace(path: Path) -> Path | None:
+    """The dspark workspace a subdirectory lies in (its top holds .git/dspark/state.json), if any."""
+    for parent in path.resolve().parents:
+        if (parent / ".git" / "dspark" / "state.json").is_file():
+            return parent
+    return None
+
+
 def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
     """The dspark workspace at `workdir` and its state; bad input otherwise."""
     if not workdir.exists():
         raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made")
+    if not workdir.is_dir():
+        raise UsageError(f"{workdir} is a file; --workdir/-C names the directory `dspark apply` made")
     check_listable(workdir, "--workdir")
     ws = Workspace(workdir)
-    state = ws.read_state() if workdir.is_dir() and ws.is_repo() else None
+    state = ws.read_state() if ws.is_repo() else None
     if state is None:
-        raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir)")
+        top = _enclosing_workspace(workdir)
+        if top is not None:
+            raise UsageError(f"{workdir} is inside the dspark workspace {top}; pass --workdir {top}")
+        raise UsageError(f"{workdir} is not a dspark workspace (run `dspark apply` first, or pass --workdir/-C)")
     if ws.resolve_commit(state["base"]) is None:
         raise UsageError(f"{ws.state_file}: corrupt dspark state, its base {state['base'][:12]} is not a commit in "
-                         "this repository; move it away and run `dspark apply` again to start over")
+                         "this repository; to start over, run `dspark apply` with a new --workdir")
     return ws, state
 
 

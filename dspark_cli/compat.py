@@ -77,11 +77,13 @@ class Engine:
     pins: dict[str, Pin]
 
     def resolve_pin(self, ref: str | None) -> Pin | None:
-        """The pin named by `ref`: its name, tag, or (short) commit; the default pin for None."""
+        """The pin named by `ref`: its name, tag, or (short) commit, or a version without the tag's
+        leading v (0.33.0 for v0.33.0, as pip spells it); the default pin for None."""
         if ref is None:
             return self.pins[self.default_pin]
         for pin in self.pins.values():
-            if ref in (pin.name, pin.tag) or (HEX_COMMIT.fullmatch(ref.lower()) and pin.matches_commit(ref)):
+            if ref in (pin.name, pin.tag) or f"v{ref}" in (pin.name, pin.tag) or (
+                    HEX_COMMIT.fullmatch(ref.lower()) and pin.matches_commit(ref)):
                 return pin
         return None
 

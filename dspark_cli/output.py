@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.text import Text
 
 console = Console()
@@ -77,6 +78,16 @@ def say(text: str, err: bool = False, markup: bool = True) -> None:
     where `[...]` must print as it is), never hard-wrapped (piped output and CI logs keep whole
     lines); no :emoji: codes, so data such as `cuda:x` prints as it is."""
     (err_console if err else console).print(text, highlight=False, soft_wrap=True, emoji=False, markup=markup)
+
+
+def say_table(table) -> None:
+    """A rich Table on stdout: in a terminal it fits the window; piped (CI logs) at its natural width
+    rather than rich's 80 columns, so no cell (a patch name, a path) is folded mid-word."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(width=max(console.width, natural), highlight=False, emoji=False).print(table)
 
 
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:

@@ -292,8 +292,8 @@ class Workspace:
             problem = _state_shape_problem(state)
             if problem is None:
                 return state
-        raise UsageError(f"{self.state_file}: corrupt dspark state, {problem}; move it away and run "
-                         "`dspark apply` again to start over") from None
+        raise UsageError(f"{self.state_file}: corrupt dspark state, {problem}; to start over, run "
+                         "`dspark apply` with a new --workdir") from None
 
     def write_state(self, state: dict) -> None:
         """Atomic replace, so a kill never leaves half a state file."""

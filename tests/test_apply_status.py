@@ -58,7 +58,7 @@ def test_a_relative_compat_path_is_recorded_resolved(toy, monkeypatch):
 def test_a_state_file_of_the_wrong_shape_is_one_clear_error(toy, text):
     (toy["workdir"] / ".git" / "dspark" / "state.json").write_text(text)
     for operation in (applier.status, applier.revert):
-        with pytest.raises(UsageError, match="corrupt dspark state, .*; move it away and run `dspark apply` again"):
+        with pytest.raises(UsageError, match="corrupt dspark state, .*; to start over, run `dspark apply` with a new --workdir"):
             operation(toy["workdir"])
 
 
@@ -68,7 +68,7 @@ def test_a_state_file_whose_base_is_not_in_the_repository_is_one_clear_error(toy
     path.write_text(json.dumps({**json.loads(path.read_text()), "base": "0" * 40}))
     for operation in (applier.status, applier.revert):
         with pytest.raises(UsageError, match="corrupt dspark state, its base 000000000000 is not a commit in this "
-                                             "repository; move it away"):
+                                             "repository; to start over, run `dspark apply` with a new --workdir"):
             operation(toy["workdir"])
 
 
@@ -192,8 +192,8 @@ def test_a_state_file_with_a_wrong_type_is_one_exit_2_line(toy, path, value, pro
     for command in (["status"], ["apply", "toy"], ["revert", "--force"]):
         out = run_dspark(*command, "-C", str(toy["workdir"]), env=env)
         assert (out.returncode, out.stdout) == (2, ""), out.stderr
-        assert out.stderr == (f"error: {state_file}: corrupt dspark state, {problem}; move it away and run "
-                              "`dspark apply` again to start over\n")
+        assert out.stderr == (f"error: {state_file}: corrupt dspark state, {problem}; to start over, run "
+                              "`dspark apply` with a new --workdir\n")
 
 
 def test_every_snapshot_field_is_validated():

@@ -138,6 +138,22 @@ def test_errors_map_to_documented_exit_codes(toy_env, args, code, text):
     assert exit_code(result) == code and text in str(result.exception)
 
 
+def test_status_and_revert_name_what_is_wrong_with_the_workdir(toy_env):
+    """A file is not 'not a workspace', and a subdirectory names the workspace it is in."""
+    work = toy_env["work"]
+    assert run_dspark("apply", "toy", "-C", str(work)).returncode == 0
+    afile = toy_env["root"] / "afile"
+    afile.write_text("x\n")
+    for command in ("status", "revert"):
+        result = run_dspark(command, "-C", str(afile))
+        assert result.returncode == 2 and result.stderr == (
+            f"error: {afile} is a file; --workdir/-C names the directory `dspark apply` made\n")
+    inside = work / "engine"
+    result = run_dspark("status", "-C", str(inside))
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {inside} is inside the dspark workspace {work.resolve()}; pass --workdir {work.resolve()}\n")
+
+
 def test_conflict_in_a_real_process_exits_4_with_one_line(toy_env):
     """Exit code 4 and a single stderr line naming patch, file and hunk; the tree is untouched."""
     team = make_series(toy_env["root"], toy_env["upstream"]["repo"], "team", toy_env["upstream"]["v1.1"], [
@@ -322,6 +338,27 @@ def test_compat_json_lists_engines_and_pins():
     assert document["engines"]["vllm"]["default_pin"] == "v0.32.0"
     assert document["engines"]["vllm"]["pins"]["v0.32.0"]["releases"][0]["file"] == "vllm-0.32.0.tar.gz"
     assert "v3.3.7" in document["engines"]["tgi"]["pins"]
+
+
+def test_compat_prints_names_in_bold_and_its_data_as_it_is():
+    """Piped (not a terminal) no style codes at all: no `[bold]` tags either (markup was once off)."""
+    result = CliRunner().invoke(app, ["compat"], env={"DSPARK_COMPAT": str(REPO_ROOT / "compat.yaml")})
+    assert result.exit_code == 0 and "[bold]" not in result.stdout and "\x1b" not in result.stdout
+    assert "\nvllm  https://github.com/vllm-project/vllm.git\n" in result.stdout
+    assert "  v0.32.0 (default)  commit 5df63a720" in result.stdout
+
+
+def test_a_piped_table_keeps_its_natural_width(capsys):
+    """Rich folds a table into 80 columns when stdout is no terminal: CI logs got patch names cut in two."""
+    from rich.table import Table
+
+    from dspark_cli.output import say_table
+
+    table = Table("patch", "result")
+    name = "0003-dspark-V1-runner-builds-the-DSpark-drafter-and-verifies-with-its-q-rows.patch"
+    table.add_row(name, "clean")
+    say_table(table)
+    assert any(name in line and "clean" in line for line in capsys.readouterr().out.splitlines())
 
 
 def test_error_line_keeps_square_brackets():

@@ -37,6 +37,13 @@ def test_shipped_compat_has_its_pins_and_their_release_files():
         assert (pin.patches / "series").is_file() and (pin.patches / "series.lock").is_file()
 
 
+def test_a_pin_resolves_by_name_tag_commit_or_the_version_without_its_v():
+    vllm = compat.load(REPO_ROOT / "compat.yaml").engine("vllm")
+    for ref in ("v0.33.0", "0.33.0", "4ba787ec9"):
+        assert vllm.resolve_pin(ref).name == "v0.33.0", ref
+    assert vllm.resolve_pin("0.34.0") is None and vllm.resolve_pin("vv0.33.0") is None
+
+
 def errors_for(text: str) -> str:
     with pytest.raises(CompatError) as caught:
         compat.parse(text, Path("compat.yaml"))

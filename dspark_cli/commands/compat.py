@@ -4,6 +4,8 @@ from typing import List, Optional
 
 import typer
 
+from rich.markup import escape
+
 from dspark_cli.commands.params import flag_option, text_argument, text_option
 from dspark_cli.output import emit, say
 
@@ -26,19 +28,21 @@ def _as_dict(compat) -> dict:
 
 
 def _render(result: dict) -> None:
-    out = [f"compat.yaml: {result['path']}"]
+    """Engine and pin names in bold; the rest is data (paths, ranges), escaped so it prints as it is."""
+    e = escape
+    out = [f"compat.yaml: {e(result['path'])}"]
     for name, engine in result["engines"].items():
-        out.append(f"[bold]{name}[/bold]  {engine['repository']}")
+        out.append(f"[bold]{e(name)}[/bold]  {e(engine['repository'])}")
         for pin_name, pin in engine["pins"].items():
             default = " (default)" if pin_name == engine["default_pin"] else ""
-            out.append(f"  [bold]{pin_name}[/bold]{default}  commit {pin['commit']}  tag {pin['tag']}")
-            out.append(f"    python {pin['python']}  torch {pin['torch']}  cuda {pin['cuda']}")
-            out.append(f"    series   {pin['patches']}")
+            out.append(f"  [bold]{e(pin_name)}[/bold]{default}  commit {e(pin['commit'])}  tag {e(pin['tag'])}")
+            out.append(e(f"    python {pin['python']}  torch {pin['torch']}  cuda {pin['cuda']}"))
+            out.append(e(f"    series   {pin['patches']}"))
             for release in pin["releases"] or [None]:
-                out.append(f"    release  {release['file']} ({release['package']}, sha256 {release['sha256'][:16]}…)"
-                           if release else "    release  none on PyPI (use --source git)")
-            out += [f"    tested   {place}: {what}" for place, what in pin["tested"].items()]
-    say("\n".join(out), markup=False)
+                out.append(e(f"    release  {release['file']} ({release['package']}, sha256 {release['sha256'][:16]}…)"
+                             if release else "    release  none on PyPI (use --source git)"))
+            out += [e(f"    tested   {place}: {what}") for place, what in pin["tested"].items()]
+    say("\n".join(out))
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ import typer
 from dspark_cli.commands.params import flag_option, path_option, text_option
 from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module, short_message
 from dspark_cli.files import check_dir_option, replace_atomically
-from dspark_cli.output import console, emit, err_console
+from dspark_cli.output import emit, err_console, say, say_table
 
 MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo past it is refused, not swept
 
@@ -205,5 +205,5 @@ def _render(result: dict) -> None:
     table.add_column("tokens/s", justify="right")
     for p in result["points"]:
         table.add_row(str(p["tokens"]), f"{p['steps_per_s']:,.1f}", f"{p['tokens'] * p['steps_per_s']:,.0f}")
-    console.print(table)
-    console.print(f"wrote {result['out']} and {result['sglang_out']} (--speculative-dspark-sps-table-path)")
+    say_table(table)
+    say(f"wrote {result['out']} and {result['sglang_out']} (--speculative-dspark-sps-table-path)", markup=False)

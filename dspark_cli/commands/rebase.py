@@ -17,7 +17,7 @@ from dspark_cli import cache_dir, cache_subdir, pypi_source, rebase
 from dspark_cli.commands.params import flag_option, path_option, text_argument, text_option
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option
-from dspark_cli.output import console, emit, say
+from dspark_cli.output import emit, say, say_table
 from dspark_cli.series import load_series
 from dspark_cli.workspace import Workspace, safe_name
 
@@ -83,7 +83,7 @@ def _render(report: dict) -> None:
                  "already upstream": "cyan"}.get(p["status"], "dim")
         table.add_row(escape(p["patch"]), f"[{style}]{p['status']}[/{style}]", escape("\n".join(p["files"])),
                       escape("\n".join(p["details"])))
-    console.print(table)
+    say_table(table)
     if report["compiled"] or report["compile_errors"]:
         failed = f"; failed: {', '.join(report['compile_errors'])}" if report["compile_errors"] else ""
         say(f"byte-compiled {len(report['compiled'])} patched Python files{failed}", markup=False)

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from dspark_cli.errors import CheckFailed
 from dspark_cli.integrations.spec_runner import one_line
-from dspark_cli.output import console, emit
+from dspark_cli.output import emit, say
 
 SERIES = "tgi/v3.3.7"
 # file of the installed package -> a name our patch puts there
@@ -152,25 +152,25 @@ def run(as_json: bool = False) -> None:
     def render(r):
         srv = r["tgi_server"]
         if not srv["installed"]:
-            console.print("installed TGI server: none in this environment (only the TGI-side loop below ran)")
+            say("installed TGI server: none in this environment (only the TGI-side loop below ran)")
         elif not srv["problems"]:
-            console.print(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({escape(str(srv['location']))})")
+            say(f"[green]ok[/green] installed TGI server patched with {srv['series']} ({escape(str(srv['location']))})")
         for problem in srv["problems"]:
-            console.print(f"[red]FAIL[/red] {escape(problem)}")
+            say(f"[red]FAIL[/red] {escape(problem)}")
         sh = r["tgi_shard"]
         if srv["installed"] and not sh["ran"]:
-            console.print(f"skip installed TGI shard: {escape(sh['why_not'])}")
+            say(f"skip installed TGI shard: {escape(sh['why_not'])}")
         elif sh["ran"] and "error" in sh:
-            console.print(f"[red]FAIL[/red] installed TGI shard: {escape(sh['error'])}")
+            say(f"[red]FAIL[/red] installed TGI shard: {escape(sh['error'])}")
         elif sh["ran"]:
             mark = "[green]ok[/green]" if sh["identical"] else "[red]FAIL[/red]"
-            console.print(f"{mark} installed TGI shard: greedy identical with DSpark on/off; {sh['rounds']} rounds "
-                          f"vs {sh['rounds_no_spec']} without (speculate {sh['speculate']})")
+            say(f"{mark} installed TGI shard: greedy identical with DSpark on/off; {sh['rounds']} rounds "
+                f"vs {sh['rounds_no_spec']} without (speculate {sh['speculate']})")
         for c in r["checks"]:
             mark = "[green]ok[/green]" if c["identical"] else "[red]FAIL[/red]"
-            console.print(f"{mark} {c['draft']:8} greedy identical to no speculation; accepted length "
-                          f"{c['mean_accepted_length']:.2f} of 4; {c['tokens_per_s']:.0f} tok/s vs "
-                          f"{c['tokens_per_s_no_spec']:.0f} without")
+            say(f"{mark} {c['draft']:8} greedy identical to no speculation; accepted length "
+                f"{c['mean_accepted_length']:.2f} of 4; {c['tokens_per_s']:.0f} tok/s vs "
+                f"{c['tokens_per_s_no_spec']:.0f} without")
 
     emit(result, as_json, render)
     if not result["ok"]:

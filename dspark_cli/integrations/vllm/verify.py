@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from dspark_cli.errors import CheckFailed, EnvironmentProblem
-from dspark_cli.output import console, emit
+from dspark_cli.output import emit, say
 
 from dspark_cli.integrations.spec_runner import one_line
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
@@ -137,4 +137,4 @@ def run(as_json: bool) -> None:
 def _render(result: dict) -> None:
     for row in result["checks"]:
         numbers = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float))
-        console.print(f"{'[green]ok[/green]' if row['ok'] else '[red]FAIL[/red]'}  {escape(row['check'])}  ({numbers})", highlight=False)
+        say(f"{'[green]ok[/green]' if row['ok'] else '[red]FAIL[/red]'}  {escape(row['check'])}  ({numbers})")
