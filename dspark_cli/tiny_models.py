@@ -105,7 +105,7 @@ def build_target(path: Path, kind: str = "successor", seed: int = 0) -> Path:
             tensors[f"model.layers.{i}.mlp.down_proj.weight"].zero_()
     if kind == "successor":
         tensors["lm_head.weight"] = torch.roll(embed, shifts=1, dims=0)
-    elif kind == "fork":  # the final hidden is e_x / rms(e_x): row y's logit is FORK_LOGIT·cos(e_x, e_{y-1 or y-2})
+    elif kind == "fork":  # the final hidden is e_x / rms(e_x): logit y = FORK_LOGIT·(cos(e_x, e_{y-1}) + cos(e_x, e_{y-2}))
         unit = embed / embed.norm(dim=1, keepdim=True) / HIDDEN ** 0.5
         tensors["lm_head.weight"] = FORK_LOGIT * (torch.roll(unit, shifts=1, dims=0) + torch.roll(unit, shifts=2, dims=0))
     elif kind in ("random", "flat"):

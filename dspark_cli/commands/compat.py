@@ -3,7 +3,6 @@
 from typing import List, Optional
 
 import typer
-
 from rich.markup import escape
 
 from dspark_cli.commands.params import flag_option, text_argument, text_option
