@@ -15,7 +15,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError
 
 SCHEMA_VERSION = 1
 HEX_COMMIT = re.compile(r"[0-9a-f]{7,40}")  # all patterns: fullmatch (`$` would allow a trailing newline)
@@ -114,8 +114,10 @@ def load(path: Path | None = None) -> Compat:
     path = Path(path) if path else default_path()
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CompatError(f"{path}: cannot read: {exc}") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        raise CompatError(f"{path}: cannot read: {exc}") from None  # a wrong path or not a text file: input
+    except OSError as exc:  # permissions, I/O: the environment (README's exit 3)
+        raise EnvironmentProblem(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse(text, path)
 
 

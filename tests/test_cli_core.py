@@ -507,6 +507,18 @@ def locked_out(tmp_path):
         path.chmod(mode)
 
 
+def test_a_compat_file_that_is_missing_is_exit_2_and_one_dspark_may_not_read_exit_3(tmp_path, locked_out, monkeypatch):
+    """As README's table: a DSPARK_COMPAT naming no file is bad input; a permission problem, the environment."""
+    monkeypatch.setenv("DSPARK_COMPAT", str(tmp_path / "nope.yaml"))
+    missing = run_dspark("compat")
+    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path / 'nope.yaml'}: cannot read")
+    locked = tmp_path / "compat.yaml"
+    shutil.copy(REPO_ROOT / "compat.yaml", locked)
+    monkeypatch.setenv("DSPARK_COMPAT", str(locked_out(locked)))
+    result = run_bound_by_permissions("compat")
+    assert result.returncode == 3 and result.stderr == f"error: {locked}: cannot read (Permission denied)\n"
+
+
 @pytest.mark.parametrize("args", [["status", "-C", "{dir}"], ["revert", "-C", "{dir}"], ["series", "lock", "{dir}"],
                                   ["apply", "toy", "-C", "{dir}"], ["apply", "toy", "-C", "{work}", "--series", "{dir}"]],
                          ids=" ".join)
