@@ -17,7 +17,7 @@ from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin
 from dspark_cli.compat import load as load_compat
-from dspark_cli.errors import DsparkError, PatchFailed, UsageError
+from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option, check_listable
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
@@ -592,7 +592,7 @@ def _pin_drift(state: dict) -> list[str]:
     path = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
     try:
         engine = load_compat(path).engine(state.get("engine") or "")
-    except UsageError as exc:
+    except (UsageError, EnvironmentProblem) as exc:  # status still reports, with this note
         return [f"cannot compare with compat.yaml: {exc}"]
     pin = engine.pins.get(state.get("pin") or "")
     if pin is None:

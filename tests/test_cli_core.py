@@ -519,6 +519,16 @@ def test_a_compat_file_that_is_missing_is_exit_2_and_one_dspark_may_not_read_exi
     assert result.returncode == 3 and result.stderr == f"error: {locked}: cannot read (Permission denied)\n"
 
 
+def test_status_reports_without_a_compat_file_it_may_not_read(toy_env, locked_out):
+    """Drift needs compat.yaml; the rest of the status does not: a note, not a failed command."""
+    assert run_dspark("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
+    locked_out(toy_env["compat_path"])
+    result = run_bound_by_permissions("status", "-C", str(toy_env["work"]), "--json")
+    assert result.returncode == 0, result.stderr
+    drift = json.loads(result.stdout)["drift"]
+    assert drift == [f"cannot compare with compat.yaml: {toy_env['compat_path']}: cannot read (Permission denied)"]
+
+
 @pytest.mark.parametrize("args", [["status", "-C", "{dir}"], ["revert", "-C", "{dir}"], ["series", "lock", "{dir}"],
                                   ["apply", "toy", "-C", "{dir}"], ["apply", "toy", "-C", "{work}", "--series", "{dir}"]],
                          ids=" ".join)
