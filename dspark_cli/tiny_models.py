@@ -13,10 +13,14 @@ and tensor names of DSPARK.md §2).
   proportions that vary with x), so a few sampled tokens cover each output position; the draft's
   Markov head draws x+1 or x+2 about evenly, and its confidence depends on the parity of the
   previous drafted token (c ≈ 0.98 after an even one, 0.02 after an odd one): a scheduler that let
-  a_{k+1} decide whether x_k is verified would favour even tokens (DSPARK.md §4, Appendix A)."""
+  a_{k+1} decide whether x_k is verified would favour even tokens (DSPARK.md §4, Appendix A).
+- `skew` draft: the fork draft leaning 9 : 1 to x+1, confidence as the oracle's. Its q differs
+  from the fork target's p, and from row to row in which tokens it favours: a draft verified with
+  another row's q (drafted after another token) biases the output."""
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ TARGET_LAYER_IDS = [0, 2]  # decoder-layer outputs the draft reads (never the la
 MASK_TOKEN_ID = VOCAB - 1
 MARKOV_SCALE = 40.0
 FORK_LOGIT = 12.0  # the fork target's logit for x+1 and x+2 (others: about ±1.5)
+SKEW_LOGIT = math.log(9.0)  # the skew draft's lean: odds 9 : 1 for x+1 against x+2
 WEIGHTS = "model.safetensors"
 
 
@@ -157,7 +162,7 @@ def successor_map(kind: str) -> torch.Tensor:
 
 
 def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1) -> Path:
-    """kind: oracle | partial (Markov head encodes f, base logits zero) | fork | random."""
+    """kind: oracle | partial (Markov head encodes f, base logits zero) | fork | skew | random."""
     g = torch.Generator().manual_seed(seed)
     n_aux = len(TARGET_LAYER_IDS)
     tensors = {
@@ -189,6 +194,14 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
         parity = torch.where(torch.arange(VOCAB) % 2 == 0, 4.0, -4.0)  # c_k from x_{k-1} (W1 = I)
         tensors["confidence_head.proj.weight"] = torch.cat([torch.zeros(HIDDEN), parity]).unsqueeze(0)
         tensors["confidence_head.proj.bias"] = torch.tensor([0.0])
+    elif kind == "skew":  # x+1 or x+2 as fork, but q = 0.9 / 0.1
+        tensors["norm.weight"] = torch.zeros(HIDDEN)
+        x = torch.arange(VOCAB)
+        w2 = torch.zeros(VOCAB, VOCAB)
+        w2[(x + 1) % VOCAB, x] = FORK_LOGIT + SKEW_LOGIT / 2
+        w2[(x + 2) % VOCAB, x] = FORK_LOGIT - SKEW_LOGIT / 2
+        tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
+        tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
     elif kind == "random":
         w2 = torch.randn(VOCAB, VOCAB, generator=g)
     else:

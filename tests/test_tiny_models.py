@@ -32,3 +32,15 @@ def test_fork_draft_steps_one_or_two_and_is_confident_after_even_tokens(tmp_path
     assert ((step == 1) | (step == 2)).float().mean() > 0.995  # the other 254 share e^-12 of the weight
     assert 0.45 < (step == 1).float().mean() < 0.55
     assert torch.equal(draft.confidence_logits, torch.where(prev % 2 == 0, 4.0, -4.0))
+
+
+def test_skew_draft_steps_one_nine_times_in_ten(tmp_path):
+    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "skew", 3, "skew"))
+    R, gamma = 4000, 3
+    anchors = torch.arange(R) % V
+    draft = markov_chain(torch.zeros(R, gamma, V), anchors, weights["markov_head.markov_w1.weight"],
+                         weights["markov_head.markov_w2.weight"], torch.ones(R), seeds=torch.arange(R))
+    prev = torch.cat([anchors[:, None], draft.tokens[:, :-1]], dim=1)
+    step = (draft.tokens - prev) % V
+    assert ((step == 1) | (step == 2)).float().mean() > 0.995
+    assert 0.88 < (step == 1).float().mean() < 0.92

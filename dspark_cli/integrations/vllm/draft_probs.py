@@ -4,7 +4,9 @@ V1's runner caches the q a drafter returns only for the batch of the step that d
 (`_draft_prob_req_ids`). A running request the scheduler skips (token budget spent before its turn)
 keeps its spec_token_ids from the last step it ran; when it comes back, the runner has no q row for
 it and verifies the WHOLE batch as if every draft were one-hot ("Missing cached draft
-probabilities"), which is biased for sampled drafts. Here each request's q lives until a later step
+probabilities"): still lossless (a draft x accepted with probability p(x), the recovered token drawn
+from p without x), but every sampled draft of that step is accepted less often than with its own q,
+min(1, p(x)/q(x)). Here each request's q lives until a later step
 that includes the request drafts again (or zeroes its drafts), and the runner reads q from here
 (`install` replaces its `_get_spec_decode_draft_probs` on the runner instance; vLLM's files are not
 touched). Rows whose drafts came without q (greedy drafting, the runner's zeroed drafts) are
