@@ -180,30 +180,22 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
         tensors["embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN, generator=g)
         tensors["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
     w1 = torch.eye(VOCAB)
-    if kind in ("oracle", "partial"):
+    x = torch.arange(VOCAB)
+    if kind == "random":
+        w2 = torch.randn(VOCAB, VOCAB, generator=g)
+    elif kind in ("oracle", "partial", "fork", "skew"):
         tensors["norm.weight"] = torch.zeros(HIDDEN)  # h = 0, so U = lm_head(h) = 0
         w2 = torch.zeros(VOCAB, VOCAB)
-        w2[successor_map(kind), torch.arange(VOCAB)] = MARKOV_SCALE
-        tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
-        tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
-    elif kind == "fork":
-        tensors["norm.weight"] = torch.zeros(HIDDEN)
-        w2 = torch.zeros(VOCAB, VOCAB)
-        w2[(torch.arange(VOCAB) + 1) % VOCAB, torch.arange(VOCAB)] = FORK_LOGIT
-        w2[(torch.arange(VOCAB) + 2) % VOCAB, torch.arange(VOCAB)] = FORK_LOGIT
-        parity = torch.where(torch.arange(VOCAB) % 2 == 0, 4.0, -4.0)  # c_k from x_{k-1} (W1 = I)
+        if kind in ("oracle", "partial"):
+            w2[successor_map(kind), x] = MARKOV_SCALE
+        else:  # x+1 or x+2: evenly (fork) or 9 : 1 (skew)
+            lean = SKEW_LOGIT / 2 if kind == "skew" else 0.0
+            w2[(x + 1) % VOCAB, x] = FORK_LOGIT + lean
+            w2[(x + 2) % VOCAB, x] = FORK_LOGIT - lean
+        # c ≈ 0.998 everywhere; the fork draft's c_k by the parity of x_{k-1} instead (W1 = I)
+        parity = torch.where(x % 2 == 0, 4.0, -4.0) if kind == "fork" else torch.zeros(VOCAB)
         tensors["confidence_head.proj.weight"] = torch.cat([torch.zeros(HIDDEN), parity]).unsqueeze(0)
-        tensors["confidence_head.proj.bias"] = torch.tensor([0.0])
-    elif kind == "skew":  # x+1 or x+2 as fork, but q = 0.9 / 0.1
-        tensors["norm.weight"] = torch.zeros(HIDDEN)
-        x = torch.arange(VOCAB)
-        w2 = torch.zeros(VOCAB, VOCAB)
-        w2[(x + 1) % VOCAB, x] = FORK_LOGIT + SKEW_LOGIT / 2
-        w2[(x + 2) % VOCAB, x] = FORK_LOGIT - SKEW_LOGIT / 2
-        tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
-        tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
-    elif kind == "random":
-        w2 = torch.randn(VOCAB, VOCAB, generator=g)
+        tensors["confidence_head.proj.bias"] = torch.tensor([0.0 if kind == "fork" else 6.0])
     else:
         raise ValueError(f"unknown draft kind {kind!r}")
     tensors["markov_head.markov_w1.weight"] = w1

@@ -19,28 +19,28 @@ def test_fork_target_puts_its_mass_on_the_next_two_tokens(tmp_path):
         assert fork[0] + fork[1] > 0.95 and min(fork) > 0.1, (x, fork)  # both branches sampled often
 
 
-def test_fork_draft_steps_one_or_two_and_is_confident_after_even_tokens(tmp_path):
-    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "fork", 3, "fork"))
-    R, gamma = 2000, 3
+def _drafted_steps(tmp_path, kind: str, R: int):
+    """One γ = 3 block from R anchors through the draft's Markov and confidence heads: (the block,
+    each drafted token's predecessor, its step from it mod V)."""
+    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / kind, 3, kind))
     anchors = torch.arange(R) % V
-    draft = markov_chain(torch.zeros(R, gamma, V), anchors, weights["markov_head.markov_w1.weight"],
+    draft = markov_chain(torch.zeros(R, 3, V), anchors, weights["markov_head.markov_w1.weight"],
                          weights["markov_head.markov_w2.weight"], torch.ones(R), seeds=torch.arange(R),
-                         confidence=(torch.zeros(R, gamma, tiny_models.HIDDEN), weights["confidence_head.proj.weight"],
+                         confidence=(torch.zeros(R, 3, tiny_models.HIDDEN), weights["confidence_head.proj.weight"],
                                      weights["confidence_head.proj.bias"]))
     prev = torch.cat([anchors[:, None], draft.tokens[:, :-1]], dim=1)
-    step = (draft.tokens - prev) % V
+    return draft, prev, (draft.tokens - prev) % V
+
+
+def test_fork_draft_steps_one_or_two_and_is_confident_after_even_tokens(tmp_path):
+    draft, prev, step = _drafted_steps(tmp_path, "fork", 2000)
     assert ((step == 1) | (step == 2)).float().mean() > 0.995  # the other 254 share e^-12 of the weight
     assert 0.45 < (step == 1).float().mean() < 0.55
     assert torch.equal(draft.confidence_logits, torch.where(prev % 2 == 0, 4.0, -4.0))
 
 
 def test_skew_draft_steps_one_nine_times_in_ten(tmp_path):
-    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "skew", 3, "skew"))
-    R, gamma = 4000, 3
-    anchors = torch.arange(R) % V
-    draft = markov_chain(torch.zeros(R, gamma, V), anchors, weights["markov_head.markov_w1.weight"],
-                         weights["markov_head.markov_w2.weight"], torch.ones(R), seeds=torch.arange(R))
-    prev = torch.cat([anchors[:, None], draft.tokens[:, :-1]], dim=1)
-    step = (draft.tokens - prev) % V
+    draft, _, step = _drafted_steps(tmp_path, "skew", 4000)
     assert ((step == 1) | (step == 2)).float().mean() > 0.995
     assert 0.88 < (step == 1).float().mean() < 0.92
+    assert torch.equal(draft.confidence_logits, torch.full_like(draft.confidence_logits, 6.0))
