@@ -67,6 +67,12 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
         raise UsageError(f"{ws.path}: a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) in "
                          "another container or machine did not finish; if it is not running any more, pass "
                          "--force to recover")
+    if _touched_nothing(ws, snapshot):
+        ws.finish(None if snapshot.first else state)
+        message = (f"cleared the record of an interrupted {snapshot.op} (started {snapshot.started}), which had "
+                   "changed nothing: your local changes are as they were")
+        say(f"note: {message}", err=True, markup=False)
+        return message
     _refuse_assume_unchanged_edits(ws)  # restore's reset --hard would overwrite them
     _refuse_ignored_in_the_way(ws, f"recovering the interrupted {snapshot.op}", [ws.head(), snapshot.head])
     moved = _moved_since(ws, snapshot)
@@ -77,7 +83,7 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
         raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
                          f"discard {lost}; pass --force to keep them on a dspark/saved-<time> branch first")
     saved = ws.save_before_restore(snapshot, state["base"]) if lost else []
-    ws.undo(snapshot, state)
+    ws.undo(snapshot, state, worktree_saved=bool(saved))
     kept = f"; your work since is kept on branch {' and '.join(saved)}" if saved else ""
     kept += f"; HEAD is left detached at {snapshot.head[:12]}, as {moved}" if moved else ""
     message = f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
@@ -85,6 +91,16 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
     # and the user must know the workspace was changed.
     say(f"note: {message}", err=True, markup=False)
     return message
+
+
+def _touched_nothing(ws: Workspace, snapshot: Snapshot) -> bool:
+    """Killed before its stash of the local changes was stored (git stores it before cleaning the
+    worktree), or after a rollback had popped it back: HEAD and the branches are as the snapshot
+    has them and no patch was being applied, so the local changes are the user's, untouched."""
+    return (snapshot.stash_message is not None and ws.stash_ref(snapshot.stash_message) is None
+            and snapshot.applying is None and ws.head() == snapshot.head
+            and ws.current_branch() == snapshot.branch
+            and ws.branch_sha(snapshot.work_branch) == snapshot.work_branch_sha)
 
 
 def _moved_since(ws: Workspace, snapshot: Snapshot) -> str | None:

@@ -320,7 +320,16 @@ class Workspace:
         )
         self.write_state({**state, "in_progress": asdict(snapshot)})
         if stash_changes:
-            pushed = self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message, check=False)
+            try:
+                pushed = self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message,
+                                      check=False)
+            except BaseException:
+                # Interrupted (Ctrl-C) before the caller's rollback covers it: git stores the stash
+                # before it cleans the worktree, so with no stash nothing was touched.
+                if self.stash_ref(snapshot.stash_message):
+                    self.restore(snapshot)
+                self.finish(None if first else state)
+                raise
             stash = self.stash_ref(snapshot.stash_message)
             if pushed.returncode != 0 or stash is None:
                 # Nothing was done yet but this stash: no snapshot may stay behind, or the next run
@@ -352,9 +361,10 @@ class Workspace:
         else:
             self.write_state({**state, "in_progress": None})
 
-    def undo(self, snapshot: Snapshot, state: dict) -> None:
-        """Restore `snapshot` and end with `state`, or with no state file where there was none."""
-        self.restore(snapshot)
+    def undo(self, snapshot: Snapshot, state: dict, worktree_saved: bool = False) -> None:
+        """Restore `snapshot` and end with `state`, or with no state file where there was none.
+        worktree_saved: the worktree was just kept on a branch (save_before_restore)."""
+        self.restore(snapshot, worktree_saved)
         self.finish(None if snapshot.first else state)
 
     def stash_ref(self, message: str) -> str | None:
@@ -454,7 +464,7 @@ class Workspace:
         return self.git.out("commit-tree", self._worktree_tree(parent), "-p", parent, "-F", "-", input=message,
                             env=identity)
 
-    def restore(self, snapshot: Snapshot) -> None:
+    def restore(self, snapshot: Snapshot, worktree_saved: bool = False) -> None:
         """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
         self._remove_stale_index_lock(snapshot)
         self.git.run("cherry-pick", "--abort", check=False)
@@ -475,7 +485,25 @@ class Workspace:
         if snapshot.stash_message:
             stash = self.stash_ref(snapshot.stash_message)
             if stash:
+                self._clear_stashed_untracked(stash, worktree_saved)
                 self.git.run("stash", "pop", "--index", stash)
+
+    def _clear_stashed_untracked(self, stash: str, worktree_saved: bool) -> None:
+        """`git stash pop` refuses to put back an untracked file the stash holds while one of that
+        name is in the worktree (a pop killed before it dropped the stash; the user took the file
+        back after a kill). Remove each such file that holds what the stash holds, or that was just
+        kept on a saved branch (not an ignored one: `git add -A` skips those), so the pop restores it."""
+        untracked = f"{stash}^3"
+        if not self.git.ok("rev-parse", "-q", "--verify", f"{untracked}^{{commit}}"):
+            return
+        for name in filter(None, self.git.run("ls-tree", "-r", "-z", "--name-only", untracked).stdout.split("\0")):
+            path = self.path / name
+            if not (path.is_file() or path.is_symlink()) or self.git.ok("ls-files", "--error-unmatch", "--", name):
+                continue
+            same = not path.is_symlink() and \
+                self.git.out("hash-object", "--", name) == self.git.out("rev-parse", f"{untracked}:{name}")
+            if same or (worktree_saved and not self.git.ok("check-ignore", "-q", "--no-index", "--", name)):
+                path.unlink()
 
     def _unborn_again(self) -> None:
         """Back on the unborn branch it was on (a repository without commits): no commit to reset

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ import pytest
 from dspark_cli import applier, oplock
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
-from tests.run_cli import run_dspark
+from tests.run_cli import ROOT, run_dspark
 
 
 @pytest.fixture
@@ -295,6 +299,95 @@ def test_a_failed_stash_leaves_no_snapshot_and_changes_nothing(toy):
     again = dspark(toy, "revert", "-C", str(work), "--force")
     assert again.returncode == 0 and "note: recovered" not in again.stderr, again.stderr
     assert git(work, "show", "stash@{0}:engine/core.py") == "mine"
+
+def stopped_around_its_stash(toy, tmp_path: Path, command: list[str], stashed: bool, sig: int):
+    """Run `command` with --force through a git on PATH that waits at `git stash push`, before the
+    real stash (stashed False) or after it (True), and send the CLI `sig` there."""
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    stash = f'{real} "$@"; touch {waiting}; sleep 60; exit' if stashed else f"touch {waiting}; sleep 60"
+    (bin_dir / "git").write_text(f'#!/bin/sh\nif [ "$1 $2" = "stash push" ]; then {stash}; fi\nexec {real} "$@"\n')
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(toy["compat_path"]),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # SIG_DFL: a background job (CI) inherits SIGINT ignored, and Python then raises no KeyboardInterrupt
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", *command, "--force"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting.exists(), proc.communicate()
+    proc.send_signal(sig)
+    return proc.wait(timeout=120), proc.stderr.read()
+
+
+def dirty(work: Path) -> None:
+    (work / "engine" / "core.py").write_text("mine\n")
+    (work / "notes.txt").write_text("untracked\n")
+
+
+@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]], ids=lambda c: c[0])
+@pytest.mark.parametrize("stashed", [False, True], ids=["before the stash", "after it"])
+def test_ctrl_c_around_the_stash_of_local_changes_rolls_back_and_leaves_no_snapshot(toy, tmp_path, command,
+                                                                                     stashed):
+    """Was exit 130 "rolled back" with the snapshot left behind: the next run called the user's
+    own changes an interrupted operation's work and refused, or with --force saved them away."""
+    work = toy["workdir"]
+    run_apply(toy)
+    if command[0] == "apply":
+        command = [*command, str(make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                                             [("team: add", {"team.py": "T = 1\n"})]))]
+    dirty(work)
+    before = tree_fingerprint(work)
+    code, stderr = stopped_around_its_stash(toy, tmp_path, [*command, "-C", str(work)], stashed, signal.SIGINT)
+    assert code == 130 and "interrupted" in stderr, stderr
+    assert tree_fingerprint(work) == before
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+
+
+def test_a_run_killed_before_its_stash_leaves_the_local_changes_to_the_user(toy, tmp_path):
+    """SIGKILL while `git stash push` had not stored anything: the next run finds the snapshot,
+    sees nothing was touched, clears it and says so; the changes are the user's, refused as any."""
+    work = toy["workdir"]
+    run_apply(toy)
+    dirty(work)
+    before = tree_fingerprint(work)
+    code, _ = stopped_around_its_stash(toy, tmp_path, ["revert", "-C", str(work)], False, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"]["op"] == "revert"
+    again = dspark(toy, "revert", "-C", str(work))
+    assert again.returncode == 2, again.stderr
+    assert "note: cleared the record of an interrupted revert" in again.stderr and "would discard" not in again.stderr
+    assert tree_fingerprint(work) == before and not git(work, "branch", "--list", "dspark/saved-*")
+    assert dspark(toy, "revert", "-C", str(work), "--force").returncode == 0
+    assert git(work, "show", "stash@{0}^3:notes.txt") == "untracked"
+
+
+@pytest.mark.parametrize("taken_back", ["as stashed", "then edited"])
+def test_recovery_puts_stashed_untracked_files_back_over_copies_in_the_worktree(toy, taken_back):
+    """After a kill the user took the stash's untracked file back (`git stash apply`; a `git stash
+    pop` killed before its drop leaves the same). Was exit 3 on every recovery (`git stash pop`
+    will not overwrite untracked files), with one more saved branch each try."""
+    work = toy["workdir"]
+    run_apply(toy)
+    assert dspark(toy, "revert", "-C", str(work)).returncode == 0
+    (work / "notes.txt").write_text("untracked\n")
+    assert dspark(toy, "apply", "toy", "-C", str(work), "--force", kill_after="committed:1").returncode == -signal.SIGKILL
+    git(work, "stash", "apply", "-q", "stash@{0}")
+    if taken_back == "then edited":
+        (work / "notes.txt").write_text("edited since\n")
+    recovered = dspark(toy, "apply", "toy", "-C", str(work), "--force")
+    assert recovered.returncode == 0 and "note: recovered an interrupted apply" in recovered.stderr, recovered.stderr
+    saved = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*").splitlines()
+    # the worktree as recovery found it on the saved branch; the stashed file put back, then stashed by this apply
+    assert len(saved) == 1 and git(work, "show", f"{saved[0]}:notes.txt") == (
+        "untracked" if taken_back == "as stashed" else "edited since")
+    assert git(work, "stash", "list", "--format=%gs").count("\n") == 0
+    assert git(work, "show", "stash@{0}^3:notes.txt") == "untracked"
+    assert git(work, "log", "-1", "--format=%s") == "dspark: method and module"
+
 
 # -- 4. a branch another worktree has checked out --------------------------------------------------
 
