@@ -209,6 +209,21 @@ def test_markov_chain_confidence_logits_match_reference(case, h_dtype, d):
     assert res["ok"], res
 
 
+def test_markov_chain_confidence_head_without_bias_adds_nothing():
+    """bias None (nn.Linear(bias=False)) reaches our op as a zero bias."""
+    from dspark_cli.runtime import confidence_logits, markov_chain
+
+    case = MarkovCase(16, 7, 151936, 256, return_q=False, seed=56)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    h, weight, _ = confidence_inputs(case, torch.bfloat16, 2560)
+    drafts = [markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False, confidence=(h, weight, b))
+              for b in (None, torch.zeros(1, device="cuda"))]
+    assert torch.equal(drafts[0].tokens, drafts[1].tokens)
+    assert torch.equal(drafts[0].confidence_logits, drafts[1].confidence_logits)
+    torch.testing.assert_close(drafts[0].confidence_logits, confidence_logits(h, drafts[0].prev_emb, weight, None),
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_markov_chain_op_with_confidence_captures_in_cuda_graph():
     case = MarkovCase(16, 7, 151936, 256, seed=55)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dspark_cli.runtime import STSCalibration, confidence_logits, confidence_probs, survival
+from dspark_cli.runtime import STSCalibration, confidence_logits, confidence_probs, markov_chain, survival
 
 
 def test_confidence_head_matches_linear_layer_on_concatenation():
@@ -134,3 +134,36 @@ def test_inputs_on_two_devices_are_one_clear_error():
         confidence_logits(h, prev_emb, weight.to("meta"), bias)
     with pytest.raises(ValueError, match="all inputs must be on one device: z on cpu, num_accepted on meta"):
         STSCalibration.fit(torch.randn(8, 3), torch.zeros(8, dtype=torch.int64, device="meta"))
+
+
+def test_a_head_without_bias_adds_none():
+    """nn.Linear(d + r, 1, bias=False).bias is None (DSPARK.md lists no bias for V4's head): was
+    torch's "Could not infer dtype of NoneType"."""
+    g = torch.Generator().manual_seed(5)
+    R, gamma, d, r, V = 2, 3, 6, 4, 9
+    h, prev_emb = torch.randn(R, gamma, d, generator=g), torch.randn(R, gamma, r, generator=g)
+    head = torch.nn.Linear(d + r, 1, bias=False)
+    with torch.no_grad():
+        expected = head(torch.cat([h, prev_emb], dim=-1)).squeeze(-1)
+        torch.testing.assert_close(confidence_logits(h, prev_emb, head.weight, head.bias), expected)
+        w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+        draft = markov_chain(torch.randn(R, gamma, V, generator=g), torch.tensor([1, 2]), w1, w2, torch.ones(R),
+                             seeds=torch.arange(R), confidence=(h, head.weight, None))
+        torch.testing.assert_close(draft.confidence_logits,
+                                   head(torch.cat([h, w1[torch.cat([torch.tensor([[1], [2]]), draft.tokens[:, :-1]], 1)]],
+                                                  dim=-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("grid, num_accepted, message", [
+    ([], None, r"grid must be a non-empty list of finite temperatures > 0, got \[\]"),
+    ([1.0, 0.0], None, r"grid must be a non-empty list of finite temperatures > 0, got \[1.0, 0.0\]"),
+    ([float("inf")], None, "grid must be a non-empty list of finite temperatures > 0"),
+    (None, [0, 4], r"num_accepted must count accepted drafts, each in \[0, γ = 3\], got values from 0 to 4"),
+    (None, [-5, 1], r"num_accepted must count accepted drafts, each in \[0, γ = 3\], got values from -5 to 1"),
+    (None, [0.5, 1.0], "num_accepted must have dtype int64, int32, got float32"),
+])
+def test_sts_fit_refuses_a_bad_grid_or_accepted_counts(grid, num_accepted, message):
+    """An empty grid was torch.stack's error; counts outside [0, γ] were fitted silently."""
+    n = torch.tensor(num_accepted if num_accepted is not None else [0, 3])
+    with pytest.raises(ValueError, match=f"^{message}"):
+        STSCalibration.fit(torch.randn(2, 3), n, grid=grid)

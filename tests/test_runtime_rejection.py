@@ -424,6 +424,45 @@ def test_gather_drafts_refuses_bad_row_indices(part, message):
     assert torch.equal(gather_drafts([(draft, [1]), (draft, [1])]).tokens, draft.tokens[[1, 1]])
 
 
+def test_gather_drafts_refuses_parts_of_another_block_size_or_vocabulary():
+    """Was torch.cat's "Sizes of tensors must match" from inside the gather."""
+    from dspark_cli.runtime import gather_drafts
+
+    g = torch.Generator().manual_seed(3)
+    V = 12
+    w1, w2 = torch.randn(V, 4, generator=g), torch.randn(V, 4, generator=g)
+
+    def draft(gamma, vocab, return_q):
+        U = torch.randn(2, gamma, vocab, generator=g)
+        return markov_chain(U, torch.tensor([1, 2]), w1[:vocab], w2[:vocab], torch.ones(2), seeds=torch.arange(2),
+                            return_q=return_q)
+
+    for return_q in (True, False):
+        base = draft(3, V, return_q)
+        with pytest.raises(ValueError, match=r"^gather_drafts: part 1 drafted γ = 4 over V = 12, part 0 γ = 3 over V = 12$"):
+            gather_drafts([(base, [0]), (draft(4, V, return_q), [1])])
+        with pytest.raises(ValueError, match=r"^gather_drafts: part 1 drafted γ = 3 over V = 10, part 0 γ = 3 over V = 12$"):
+            gather_drafts([(base, [0]), (draft(3, 10, return_q), [1])])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("q_token", lambda d: d.q_token.double(), "draft q_token must have dtype float32, got float64"),
+    ("q_token", lambda d: d.tokens, "draft q_token must have dtype float32, got int64"),
+    ("q", lambda d: d.q.double(), "draft q must have dtype float32, got float64"),
+])
+def test_a_hand_made_markov_draft_of_the_wrong_dtype_is_one_clear_error(field, value, message):
+    """A MarkovDraft built by hand skipped the checks a (tokens, q_token, q) tuple gets: a float64
+    q_token was torch's "Double did not match Float" from inside the ratio test."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(4)
+    d = markov_chain(torch.randn(2, 3, 7, generator=g), torch.tensor([1, 2]), torch.randn(7, 4, generator=g),
+                     torch.randn(7, 4, generator=g), torch.ones(2))
+    target = torch.softmax(torch.randn(2, 4, 7, generator=g), -1)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        rejection_sample(target, replace(d, **{field: value(d)}), torch.tensor([0, 3]))
+
+
 def test_race_sample_never_picks_a_zero_weight_over_zero_noise():
     """An engine's Exp(1) entry of exactly 0 (or −0.0) over a zero weight was 0/0 = NaN, which argmax
     picks: /tmp/review-rt-1's p = [.5, .5, 0, 0] with noise [1, 1, 1, 0] drew token 3. Noise counts

@@ -122,6 +122,20 @@ def test_a_bad_sglang_max_batch_tokens_is_one_error(tmp_path, limit):
         SPSTable.load(path)
 
 
+@pytest.mark.parametrize("table", [
+    {"sample_batch_tokens": [1, 4_000_000], "sample_steps_per_sec": [100.0, 1.0]},
+    {"format": "dspark-sps/1", "tokens": [1, 2**20 + 1], "steps_per_s": [100.0, 1.0]},
+    {"format": "dspark-sps/1", "tokens": [1, 8], "steps_per_s": [100.0, 90.0], "capture_sizes": [8, 10**9]},
+], ids=["sglang probe", "tokens", "capture size"])
+def test_a_size_past_the_dense_limit_is_refused_in_every_field(tmp_path, table):
+    """Only SGLang's max_batch_tokens was bounded: a 4M-token probe loaded fine, then took 4 s to
+    build the first lookup (10**9: minutes and tens of GB)."""
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=rf"^{path}: SPS table sizes must be at most 1048576 tokens, got \d+$"):
+        SPSTable.load(path)
+
+
 def test_a_file_that_is_not_utf8_names_itself(tmp_path):
     path = tmp_path / "sps.json"
     path.write_bytes(b"\xff\xfe{}")

@@ -16,7 +16,7 @@ STS_FORMAT = "dspark-sts/1"
 
 def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> None:
     """The head's inputs for R requests of γ drafts, Markov rank r: h [R, γ, d], weight with d + r
-    entries, one bias value."""
+    entries, one bias value or None (a head without bias: nn.Linear(bias=False).bias)."""
     _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("h", h)
     _checks.same_device(h=h, weight=weight, bias=bias)
@@ -30,13 +30,13 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     if tuple(weight.shape) not in ((d + rank,), (1, d + rank)):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected d + r = {d} + {rank} = {d + rank} "
                          f"entries, as [d + r] or [1, d + r]")
-    values = torch.as_tensor(bias).numel()
+    values = 1 if bias is None else torch.as_tensor(bias).numel()
     if values != 1:
         raise ValueError(f"bias must hold one value, got {values}")
 
 
 def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
-    """h [R, γ, d], prev_emb [R, γ, r], weight [1, d+r] or [d+r], bias [1] or scalar -> z [R, γ] fp32."""
+    """h [R, γ, d], prev_emb [R, γ, r], weight [1, d+r] or [d+r], bias [1], scalar or None -> z [R, γ] fp32."""
     _checks.tensor("prev_emb", prev_emb, 3, _checks.FLOAT_DTYPES)
     _checks.tensor("h", h, 3, _checks.FLOAT_DTYPES)
     if prev_emb.shape[:2] != h.shape[:2]:
@@ -45,8 +45,8 @@ def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     _checks.same_device(h=h, prev_emb=prev_emb)
     d = h.shape[2]
     w = weight.reshape(-1).float()
-    b = torch.as_tensor(bias, device=h.device).reshape(-1)
-    return h.float() @ w[:d] + prev_emb.float() @ w[d:] + b.float()
+    z = h.float() @ w[:d] + prev_emb.float() @ w[d:]
+    return z if bias is None else z + torch.as_tensor(bias, device=h.device).reshape(-1).float()
 
 
 def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None, *, validate=None) -> torch.Tensor:
@@ -115,11 +115,16 @@ class STSCalibration:
         _checks.nonempty_batch("z", z)
         if not _checks.integer(bins) or bins < 1:
             raise ValueError(f"bins must be a whole number ≥ 1 (ECE bins), got {bins!r}")
-        _checks.tensor("num_accepted", num_accepted, 1)
+        _checks.tensor("num_accepted", num_accepted, 1, _checks.INT_DTYPES)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
-        _checks.finite("z", z)  # offline fitting: the pass over z costs nothing that matters
+        _checks.finite("z", z)  # offline fitting: the passes over the inputs cost nothing that matters
         _checks.same_device(z=z, num_accepted=num_accepted)
+        if not bool(((num_accepted >= 0) & (num_accepted <= z.shape[1])).all()):
+            raise ValueError(f"num_accepted must count accepted drafts, each in [0, γ = {z.shape[1]}], got values "
+                             f"from {int(num_accepted.min())} to {int(num_accepted.max())}")
         grid = torch.exp(torch.linspace(-2.0, 2.0, 81)) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
+        if grid.dim() != 1 or grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
+            raise ValueError(f"grid must be a non-empty list of finite temperatures > 0, got {grid.tolist()}")
         z = z.float()
         survived_before = torch.ones(z.shape[0], device=z.device)
         temps = []

@@ -104,6 +104,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     conf = (None, None, None)
     if confidence is not None:
         h, weight, bias = confidence
+        bias = torch.zeros(1, device=U.device) if bias is None else bias
         if h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (
                 isinstance(bias, torch.Tensor) and bias.device == U.device and weight.device == U.device
                 and h.device == U.device):

@@ -76,6 +76,10 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     for i, part in enumerate(parts):
         _check_part(i, part)
     first, first_rows = parts[0]
+    for i, (draft, _) in enumerate(parts[1:], 1):
+        if draft.tokens.shape[1] != first.tokens.shape[1] or _vocab(draft) != _vocab(first):
+            raise ValueError(f"gather_drafts: part {i} drafted γ = {draft.tokens.shape[1]} over V = {_vocab(draft)}, "
+                             f"part 0 γ = {first.tokens.shape[1]} over V = {_vocab(first)}")
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
     device = first.tokens.device
@@ -117,6 +121,12 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
                          cat("temperature", [s.temperature for s in sources]), warp("top_k", 0), warp("top_p", 1.0),
                          row_stats, None, thresholds)
     return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), source, cat("confidence_logits"))
+
+
+def _vocab(draft: MarkovDraft) -> int | None:
+    """V of the draft's stored q rows or of the base logits it rebuilds them from."""
+    rows = draft.q if draft.q is not None else draft.source.U if draft.source is not None else None
+    return None if rows is None else rows.shape[-1]
 
 
 def _check_part(i: int, part) -> None:
@@ -166,7 +176,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     counter-based stream rng.STREAM_DRAFT, position k (identical on every rank and in our CUDA
     kernel); otherwise by an exponential race with noise from `generator` (or torch's global RNG).
     Greedy requests (temperature < 1e-5) take the argmax and get q = one-hot.
-    confidence = (h [R, γ, d], weight [1, d+r] or [d+r], bias [1]): the draft also carries the
+    confidence = (h [R, γ, d], weight [1, d+r] or [d+r], bias [1] or None): the draft also carries the
     confidence head's logits confidence_logits(h, prev_emb, weight, bias) (the CUDA chain computes
     them in its own last launch)."""
     _checks.tensor("U", U, 3, _checks.FLOAT_DTYPES)

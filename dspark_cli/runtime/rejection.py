@@ -79,6 +79,9 @@ def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
 def _as_draft(draft) -> MarkovDraft:
     if isinstance(draft, MarkovDraft):
         _checks.tensor("draft tokens", draft.tokens, 2, _checks.INT_DTYPES)  # [R, γ]: R and γ come from it
+        for name, t in (("draft q_token", draft.q_token), ("draft q", draft.q)):  # shapes: checked later
+            if isinstance(t, torch.Tensor) and t.dtype != torch.float32:  # a hand-made draft's, say
+                raise ValueError(f"{name} must have dtype float32, got {str(t.dtype).removeprefix('torch.')}")
         return draft
     if isinstance(draft, (tuple, list)) and len(draft) == 3:
         tokens, q_token, q = draft

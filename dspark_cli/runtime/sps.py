@@ -32,6 +32,10 @@ SPS_FORMAT = "dspark-sps/1"
 DEFAULT_FIXED_S = 10e-3
 DEFAULT_PER_TOKEN_S = 20e-6
 
+# The dense lookup table holds one entry per batch size up to the table's largest size, built
+# once on the host: a size of 10**9 tokens would stall the first scheduled step for minutes.
+MAX_DENSE_TOKENS = 1 << 20
+
 
 @dataclass
 class SPSTable:
@@ -56,6 +60,8 @@ class SPSTable:
             raise ValueError("SPS table steps_per_s must be finite and positive")
         if self.capture_sizes and self.capture_sizes[0] < 1:
             raise ValueError("CUDA-graph capture sizes must be ≥ 1")
+        if self.dense_limit > MAX_DENSE_TOKENS:
+            raise ValueError(f"SPS table sizes must be at most {MAX_DENSE_TOKENS} tokens, got {self.dense_limit}")
         self._dense_cache: dict = {}
 
     # ---- lookup -------------------------------------------------------------------------------
@@ -152,9 +158,6 @@ class SPSTable:
 
     def save_sglang(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_sglang()) + "\n")
-
-
-MAX_DENSE_TOKENS = 1 << 20  # the dense lookup table holds one entry per batch size up to the limit
 
 
 def _max_batch_tokens(path, value) -> int:
