@@ -82,7 +82,8 @@ def _read_bytes(path: Path) -> bytes:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")  # universal newlines: a CRLF checkout reads as ours
+        # universal newlines: a CRLF checkout reads as ours; -sig: a BOM (Notepad's) is not part of a name
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:

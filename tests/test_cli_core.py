@@ -387,6 +387,16 @@ def test_a_git_failure_reaching_the_cli_is_one_line(toy_env):
     assert "git" in result.stderr
 
 
+def test_series_files_saved_with_a_byte_order_mark_read_as_without(toy_env):
+    """Was "series:1: \ufeff0001-….patch does not exist", the mark invisible in the message."""
+    series_dir = toy_env["series"]
+    for name in ("series", "series.lock"):
+        (series_dir / name).write_bytes(b"\xef\xbb\xbf" + (series_dir / name).read_bytes())
+    assert run_dspark("series", "lock", str(series_dir), "--check").returncode == 0
+    applied = run_dspark("apply", "toy", "-C", str(toy_env["work"]))
+    assert applied.returncode == 0, applied.stderr
+
+
 @pytest.mark.parametrize("name", ["series", "series.lock"])
 def test_non_utf8_series_files_are_one_line_exit_2(toy_env, name):
     series_dir = toy_env["series"]
