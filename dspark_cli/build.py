@@ -99,7 +99,8 @@ def plan(arch: str | None = None) -> BuildPlan:
     if torch.problem:
         raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
     home = cuda_env.resolve_cuda_home()
-    if home.path is None or (home.problem and home.source != "nvcc"):
+    # a prefix found without the variables has at most torch's wrong guess against it: we pass ours
+    if home.path is None or (home.problem and home.source in ("CUDA_HOME", "CUDA_PATH")):
         raise EnvironmentProblem(f"CUDA_HOME: {home.problem}; {home.hint}")
     nvcc = cuda_env.nvcc_info(home)
     if nvcc.problem:
@@ -437,13 +438,18 @@ LAST_FAILED = "last-failed.json"  # the last failed build, kept apart so a good 
 
 
 def _record(result: BuildResult) -> BuildResult:
+    """Record the build; a cache that cannot take the record (a directory in its place, say) is the
+    environment's problem (exit 3), not a path the user named (the CLI's exit 2 for such shapes)."""
     root = cache_subdir("build")
     text = json.dumps(asdict(result), indent=2) + "\n"
-    if result.status == "failed":
-        write_text_atomically(root / LAST_FAILED, text)
-    else:
-        write_text_atomically(root / LAST, text)
-        (root / LAST_FAILED).unlink(missing_ok=True)
+    name = LAST_FAILED if result.status == "failed" else LAST
+    try:
+        write_text_atomically(root / name, text)
+        if name == LAST:
+            (root / LAST_FAILED).unlink(missing_ok=True)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot record the build in {exc.filename or root / name} ({exc.strerror}); "
+                                 f"remove it, or point DSPARK_CACHE at another directory") from None
     return result
 
 

@@ -60,8 +60,8 @@ def main() -> None:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
-        output.emit_error("interrupted", ("interrupted (Ctrl-C); an apply or revert under way was rolled back, "
-                          "a build starts over at the next run"),
+        output.emit_error("interrupted", ("interrupted (Ctrl-C); an apply or revert under way was rolled back; "
+                          "a build left the cache as it was (a first build starts over at the next run)"),
                           EXIT_INTERRUPTED, as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 

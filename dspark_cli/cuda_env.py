@@ -112,18 +112,22 @@ def resolve_cuda_home() -> CudaHome:
             return CudaHome(Path(value).absolute(), var, guess, problem, hint)
     real = _from_nvcc()
     if real:
-        home = CudaHome(real, "nvcc", guess)
-        if guess and Path(guess).resolve() != real and (guess_problem := prefix_problem(Path(guess))):
-            # torch would pick the wrong prefix: we pass ours explicitly when building,
-            # but anything else using torch's cpp_extension on this machine needs the variable.
-            home.problem = f"torch would guess CUDA_HOME={guess}, but {guess_problem}"
-            home.hint = f"export CUDA_HOME={real}"
-        return home
+        return _unless_torch_guesses_wrong(CudaHome(real, "nvcc", guess))
     default = Path("/usr/local/cuda")
     if default.exists() and not prefix_problem(default):
-        return CudaHome(default, "default", guess)
+        return _unless_torch_guesses_wrong(CudaHome(default, "default", guess))
     return CudaHome(None, "none", guess, "no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset)",
                     "install the CUDA toolkit matching torch's CUDA version and set CUDA_HOME")
+
+
+def _unless_torch_guesses_wrong(home: CudaHome) -> CudaHome:
+    """torch would pick another prefix that cannot build (a broken nvcc first on PATH, say): we pass
+    ours explicitly when building, but anything else using torch's cpp_extension needs the variable."""
+    guess = home.torch_guess
+    if guess and Path(guess).resolve() != home.path.resolve() and (guess_problem := prefix_problem(Path(guess))):
+        home.problem = f"torch would guess CUDA_HOME={guess}, but {guess_problem}"
+        home.hint = f"export CUDA_HOME={home.path}"
+    return home
 
 
 def _from_nvcc() -> Path | None:
@@ -143,7 +147,9 @@ def nvcc_info(home: CudaHome | None = None) -> Nvcc:
     out = _run([nvcc, "--version"])
     m = re.search(r"release (\d+\.\d+).*", out.stdout if out else "")
     if not m:
-        return Nvcc(nvcc, None, f"{nvcc} --version did not report a release", "check the CUDA toolkit install")
+        said = ((out.stderr or out.stdout).strip().splitlines() or [""])[-1][:200] if out else "it did not run"
+        return Nvcc(nvcc, None, f"{nvcc} --version did not report a release" + (f" ({said})" if said else ""),
+                    "check the CUDA toolkit install")
     return Nvcc(nvcc, m.group(1), release=m.group(0))
 
 
@@ -250,10 +256,13 @@ def torch_info() -> TorchInfo:
 
 def gpu_info() -> Gpus:
     smi = shutil.which("nvidia-smi")
+    smi_failed = None
     if smi:
         out = _run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
         if out and out.returncode == 0 and out.stdout.strip():
             return _parse_smi(out.stdout)
+        if out and out.returncode != 0:  # "NVIDIA-SMI has failed because it could not communicate with the driver"
+            smi_failed = ((out.stdout + out.stderr).strip().splitlines() or [f"exit {out.returncode}"])[0][:200]
     try:
         import torch
 
@@ -269,6 +278,10 @@ def gpu_info() -> Gpus:
     except Exception as exc:  # torch installed but broken (a missing CUDA library), or CUDA init failing
         return Gpus(problem=f"no GPU found: nvidia-smi gave nothing and torch failed: {short_message(exc)}",
                     hint="fix the driver or torch install; builds still work with --arch or TORCH_CUDA_ARCH_LIST")
+    if smi_failed:
+        return Gpus(problem=f"no NVIDIA GPU visible: {smi} failed ({smi_failed}), torch sees none",
+                    hint="check the NVIDIA driver (nvidia-smi must run); builds still work with --arch or "
+                         "TORCH_CUDA_ARCH_LIST")
     return Gpus(problem="no NVIDIA GPU visible (no nvidia-smi, torch sees none)",
                 hint="builds still work with --arch or TORCH_CUDA_ARCH_LIST; kernels need a GPU to run")
 

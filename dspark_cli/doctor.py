@@ -111,8 +111,9 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
         return Check("c++ compiler", FAIL, *missing)
     cxx = cuda_env.cxx_path()
     detail = f"{cxx} {cuda_env.compiler_version(cxx) or '(version unknown)'}"
-    if not nvcc.path:
-        return Check("c++ compiler", OK, f"{detail}; not checked against nvcc (no nvcc)")
+    if not nvcc.path or nvcc.version is None:
+        why = "no nvcc" if not nvcc.path else "nvcc does not run: see cuda toolkit"
+        return Check("c++ compiler", OK, f"{detail}; not checked against nvcc ({why})")
     cc = os.environ.get("CC")
     host = f"$CC={cc}" if cc else f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
     # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
@@ -155,10 +156,12 @@ def check_disk(name: str, path: Path) -> Check:
     return Check(name, OK, detail)
 
 
-def check_place(name: str, path: Path, option: str, use: str) -> Check:
-    """The disk check at a directory dspark makes or writes in, once it can: a file in the way or a
-    place it may not write is what `dspark apply`, `build`, `rebase` would stop on (exit 2 or 3)."""
+def check_place(name: str, place, option: str, use: str) -> Check:
+    """The disk check at a directory dspark makes or writes in (`place`: it, or a callable giving
+    it), once it can: a file in the way, a place it may not write, or one it cannot name (a ~user
+    without a home) is what `dspark apply`, `build`, `rebase` would stop on (exit 2 or 3)."""
     try:
+        path = place() if callable(place) else place
         check_dir_option(path, option)
     except DsparkError as exc:
         return Check(name, FAIL, str(exc), f"point {option} at a directory you can write (dspark keeps {use} there)")
@@ -279,7 +282,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
               check_arch(gpus, nvcc), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
               check_place("disk (workdir)", workdir or Path.cwd(), "--workdir", "the engine trees it patches"),
-              check_place("disk (cache)", cache_dir(), "DSPARK_CACHE", "release files, kernel builds and rebase trees")]
+              check_place("disk (cache)", cache_dir, "DSPARK_CACHE", "release files, kernel builds and rebase trees")]
     try:
         engines = load_compat().engines.values()
     except DsparkError as exc:  # a missing or malformed compat.yaml is one failed check, not a crash

@@ -79,7 +79,10 @@ def check_dir_option(directory: Path, option: str) -> None:
     """A directory the user named (`option directory`) that we will make or write in: a file at it
     or above it is bad input (UsageError, exit 2), a place we may not write an environment problem
     (EnvironmentProblem, exit 3). Probed, nothing left behind; a directory not there yet is not made."""
-    existing = nearest_existing(directory)
+    try:
+        existing = nearest_existing(directory)
+    except OSError as exc:  # a name too long for the file system
+        raise UsageError(f"{option} {directory}: {exc.strerror}") from None
     if not existing.is_dir():
         where = f"{option} {directory}" + ("" if existing == directory.absolute() else f": {existing}")
         raise UsageError(f"{where} is a file, not a directory")

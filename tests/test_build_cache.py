@@ -387,6 +387,31 @@ def test_a_cache_it_cannot_write_is_one_line_exit_3(toolchain, monkeypatch, tmp_
     assert out.err.count("\n") == 1 and "point DSPARK_CACHE at a writable directory" in out.err
 
 
+def test_a_record_the_cache_cannot_take_is_exit_3_not_bad_usage(toolchain, monkeypatch, tmp_path, capsys):
+    """last.json a directory (damaged cache): was exit 2, the exit of a path the user named."""
+    from dspark_cli import cli
+
+    build.build("9.0a")
+    (tmp_path / "cache" / "build" / build.LAST).unlink()
+    (tmp_path / "cache" / "build" / build.LAST).mkdir()
+    monkeypatch.setattr(sys, "argv", ["dspark", "build", "--arch", "9.0a", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 3
+    assert json.loads(capsys.readouterr().out)["error"].startswith(
+        f"cannot record the build in {tmp_path / 'cache' / 'build' / build.LAST}")
+
+
+def test_a_cache_under_a_home_that_cannot_be_found_is_one_line_exit_3(monkeypatch, capsys):
+    """DSPARK_CACHE=~nosuchuser/x: was pathlib's RuntimeError traceback, exit 1, nothing on stdout."""
+    from dspark_cli import cache_dir
+
+    monkeypatch.setenv("DSPARK_CACHE", "~dspark-no-such-user/x")
+    with pytest.raises(EnvironmentProblem, match=r"^DSPARK_CACHE ~dspark-no-such-user/x: Could not determine home "
+                                                  r"directory; set DSPARK_CACHE to an absolute directory$"):
+        cache_dir()
+
+
 STAND_IN_COMPILER = """#!/bin/sh
 # a compile (-c) that runs until it is stopped, as nvcc on csrc/ takes minutes; g++ for torch's probes
 case " $* " in *" -c "*) touch "$STARTED"; exec sleep 300;; esac

@@ -140,6 +140,21 @@ def test_cuda_home_without_libcudart_fails_and_names_the_real_toolkit(monkeypatc
     assert check.hint == f"export CUDA_HOME={real}"
 
 
+@pytest.mark.skipif(cuda_env.prefix_problem(Path("/usr/local/cuda")) is not None, reason="no toolkit at /usr/local/cuda")
+def test_torch_guessing_a_broken_nvccs_prefix_warns_when_the_default_toolkit_is_used(monkeypatch, tmp_path):
+    """A broken nvcc first on PATH: we fall back to /usr/local/cuda, torch would guess its prefix."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    home = cuda_env.resolve_cuda_home()
+    check = doctor.check_cuda_home(home)
+    assert home.source == "default" and check.status == "warn"
+    assert f"torch would guess CUDA_HOME={tmp_path}" in check.detail and check.hint == "export CUDA_HOME=/usr/local/cuda"
+
+
 @needs_nvcc
 def test_torch_guessing_a_prefix_without_libcudart_warns(monkeypatch, tmp_path):
     # nvcc on PATH is a wrapper script (as /usr/local/bin/nvcc often is): torch would take its
@@ -222,6 +237,56 @@ def test_an_nvidia_smi_line_we_cannot_read_is_a_warning(monkeypatch, tmp_path, l
     smi.write_text(f"#!/bin/sh\necho '{line}'\n")
     arch = doctor.check_arch(cuda_env.gpu_info(), NO_NVCC)
     assert arch.status == "warn" and "could not be read; pass --arch or set TORCH_CUDA_ARCH_LIST" in arch.detail
+
+
+def test_an_nvidia_smi_that_fails_is_named_with_its_message(monkeypatch, tmp_path):
+    """Was "no nvidia-smi" for an nvidia-smi that ran and could not reach the driver."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA "
+                   "driver.'\nexit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    gpus = cuda_env.gpu_info()
+    if gpus.names:
+        pytest.skip("torch sees a GPU here")
+    gpu = doctor.check_gpu(gpus)
+    assert gpu.status == "warn" and gpu.detail.startswith(f"no NVIDIA GPU visible: {smi} failed (NVIDIA-SMI has "
+                                                          "failed because it could not communicate")
+    assert "driver" in gpu.hint
+
+
+def test_an_nvcc_that_does_not_run_is_the_toolkits_failure_not_the_compilers(monkeypatch, tmp_path):
+    """Was "nvcc None refuses its default host compiler", with a hint to change CC."""
+    home = tmp_path / "cuda"
+    for part in ("bin", "lib64", "include"):
+        (home / part).mkdir(parents=True)
+    (home / "lib64" / "libcudart.so").write_text("")
+    (home / "include" / "cuda_runtime.h").write_text("")
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\necho 'nvcc: error while loading shared libraries: libnvvm.so' >&2"
+                                       "\nexit 127\n")
+    (home / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    nvcc = cuda_env.nvcc_info()
+    toolkit, compiler = doctor.check_nvcc(nvcc), doctor.check_compiler(nvcc)
+    assert toolkit.status == "fail" and "(nvcc: error while loading shared libraries: libnvvm.so)" in toolkit.detail
+    assert compiler.status == "ok" and compiler.detail.endswith("; not checked against nvcc (nvcc does not run: "
+                                                                "see cuda toolkit)")
+
+
+@pytest.mark.parametrize("place", ["workdir", "cache"])
+def test_a_place_doctor_cannot_name_is_a_failed_check_not_a_lost_report(monkeypatch, tmp_path, place):
+    """A name too long for the file system, a ~user without a home: was no report at all (one
+    error line, exit 2), or pathlib's traceback."""
+    long_name = tmp_path / ("a" * 300)
+    workdir = long_name if place == "workdir" else tmp_path
+    monkeypatch.setenv("DSPARK_CACHE", "~dspark-no-such-user/x" if place == "cache" else str(tmp_path / "cache"))
+    checks = by_name(doctor.run_checks(workdir))
+    assert set(ALL_CHECKS) <= set(checks)
+    check = checks[f"disk ({place})"]
+    assert check.status == "fail", check
+    expected = (f"--workdir {long_name}: File name too long" if place == "workdir"
+                else "DSPARK_CACHE ~dspark-no-such-user/x: Could not determine home directory")
+    assert check.detail.startswith(expected), check.detail
 
 
 def test_a_cxx_that_does_not_exist_fails_rather_than_falling_back(monkeypatch):

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = flag_option("--json", help="Print one JSON document (for CI)."),
     ) -> None:
         """Build the CUDA extension with torch.utils.cpp_extension and ninja, cached by torch version,
-        CUDA version, arch list and source hash (an unchanged rebuild takes about a second).
+        the exact nvcc release and CUDA prefix, the host compilers, arch list, compiler flags and
+        source hash (an unchanged rebuild takes about a second).
         Exit 3 on a toolchain problem (no nvcc, CUDA major mismatch with torch, no arch).
 
         With --engine tgi -C DIR: build the extension if this Python's torch has CUDA and nvcc matches,
