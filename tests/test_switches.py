@@ -13,3 +13,12 @@ def test_env_switch(monkeypatch, value, expected):
     else:
         monkeypatch.setenv("DSPARK_TEST_SWITCH", value)
     assert env_switch("DSPARK_TEST_SWITCH") is expected
+
+
+@pytest.mark.parametrize("value", ["disable", "disabled", "2", "nope"])
+def test_a_value_that_is_neither_on_nor_off_is_refused_naming_the_variable(monkeypatch, value):
+    """Was read as on: DSPARK_V2_FUSED=disable forced the fused path on."""
+    monkeypatch.setenv("DSPARK_TEST_SWITCH", value)
+    with pytest.raises(ValueError, match=rf"^DSPARK_TEST_SWITCH='{value}': expected one of 1, true, on, yes \(on\) "
+                                         r"or 0, false, off, no \(off\)$"):
+        env_switch("DSPARK_TEST_SWITCH")

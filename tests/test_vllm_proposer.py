@@ -450,6 +450,19 @@ def test_an_sts_file_of_a_longer_block_serves_a_shorter_one_and_a_shorter_file_i
     assert SchedulerSettings.resolve(config, 8, {"DSPARK_STS": ""}).sts is None  # how `dspark verify` opts out
 
 
+@pytest.mark.parametrize("config, env, message", [
+    ({"dspark_scheduler": "fast"}, {}, """the draft config's "dspark_scheduler" must be one of exact, production, got 'fast'"""),
+    ({"dspark_scheduler": "exact"}, {"DSPARK_SCHEDULER": "fast"}, "DSPARK_SCHEDULER must be one of exact, production"),
+    ({"dspark_scheduler": ["exact"]}, {}, """the draft config's "dspark_scheduler" must be a non-empty string, got \\['exact'\\]"""),
+    ({"dspark_sps_table_path": 5}, {}, """the draft config's "dspark_sps_table_path" must be a non-empty string, got 5"""),
+    ({"dspark_sts_path": ""}, {}, """the draft config's "dspark_sts_path" must be a non-empty string, got ''"""),
+])
+def test_a_bad_scheduler_knob_names_where_it_came_from(config, env, message):
+    """A config.json value was reported as DSPARK_SCHEDULER's, and a number as a path was a TypeError."""
+    with pytest.raises(ValueError, match="^" + message):
+        SchedulerSettings.resolve(SimpleNamespace(**config), 3, env)
+
+
 class PerRequestHistory:
     """The semantics the production scheduler keeps: per request, its rows of its last two steps
     (forgotten when it misses a step); stale = the older of them; a new request counts as ones."""
@@ -646,6 +659,42 @@ def test_drafts_of_another_vocabulary_or_logit_scale_or_with_nan_weights_are_ref
     assert "Model Runner V1 verifies drafts of the target's vocabulary only" in log, log[-4000:]
     assert "the DSpark draft has logit_scale = 0.5" in log, log[-4000:]
     assert "RESULT nan refused" in log and "the Markov head's W2 contains NaN or infinite values" in log, log[-4000:]
+
+
+CONFIG_LOOKUPS = """
+import json
+from types import SimpleNamespace as NS
+from dspark_cli.integrations.vllm.proposer import check_draft_vocabulary, draft_block_size
+out = {"block": [draft_block_size(NS(**c)) for c in (
+    {"block_size": 4}, {"dflash_config": {"block_size": 3}, "block_size": 4}, {"eagle_config": {"block_size": 5}},
+    {"dspark_block_size": 6}, {"dflash_config": {"dspark_block_size": 7}}, {})]}
+for name, config in (("padded input", NS(vocab_size=136, draft_vocab_size=128, logit_scale=1.0)),
+                     ("padded output", NS(vocab_size=128, draft_vocab_size=136, logit_scale=1.0)),
+                     ("same", NS(vocab_size=128, logit_scale=1.0))):
+    try:
+        check_draft_vocabulary(config, 128)
+        out[name] = "ok"
+    except ValueError as e:
+        out[name] = str(e)
+print("RESULT", json.dumps(out))
+"""
+
+
+@needs_vllm
+def test_the_drafts_block_size_and_vocabularies_are_read_where_vllm_reads_them():
+    """block_size only in dflash_config (or as dspark_block_size) escaped the γ ≤ block_size check;
+    a padded input vocabulary (vocab_size > the target's) passed the start checks and failed the
+    first draft on W1's shape."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([PYTHON, "-c", CONFIG_LOOKUPS], capture_output=True, text=True, env=env, timeout=300)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, (proc.stdout + proc.stderr)[-4000:]
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out["block"] == [4, 3, 5, 6, 7, None]
+    assert out["same"] == "ok"
+    assert out["padded input"] == ("the DSpark draft's input vocabulary (vocab_size) has 136 entries, the target's 128: "
+                                   "Model Runner V1 drafts with the target's vocabulary only")
+    assert "verifies drafts of the target's vocabulary only" in out["padded output"]
 
 
 DRAFT_FORMATS = """

@@ -35,6 +35,19 @@ def aux_layer_ids(spec_config) -> tuple[int, ...]:
     return tuple(int(i) + 1 for i in ids)
 
 
+def draft_block_size(draft_config) -> int | None:
+    """The block the draft was trained for, looked up as vLLM looks it up (its DSpark config
+    checks): `block_size` before `dspark_block_size`, each in dflash_config, then eagle_config,
+    then at the top level."""
+    for key in ("block_size", "dspark_block_size"):
+        for section in ("dflash_config", "eagle_config", None):
+            holder = draft_config if section is None else getattr(draft_config, section, None)
+            value = holder.get(key) if isinstance(holder, dict) else getattr(holder, key, None)
+            if value is not None:
+                return value
+    return None
+
+
 def check_draft_vocabulary(draft_config, target_vocab: int) -> None:
     """The drafts' q goes to V1's verifier, which reads it with the target's vocabulary, and the
     Markov bias is added as the released format defines it (logit_scale 1). vLLM's model class
@@ -44,6 +57,9 @@ def check_draft_vocabulary(draft_config, target_vocab: int) -> None:
     if draft_vocab != target_vocab:
         raise ValueError(f"the DSpark draft's vocabulary has {draft_vocab} entries, the target's {target_vocab}: "
                          f"Model Runner V1 verifies drafts of the target's vocabulary only")
+    if draft_config.vocab_size != target_vocab:  # a padded input vocabulary: W1 has as many rows
+        raise ValueError(f"the DSpark draft's input vocabulary (vocab_size) has {draft_config.vocab_size} entries, "
+                         f"the target's {target_vocab}: Model Runner V1 drafts with the target's vocabulary only")
     scale = getattr(draft_config, "logit_scale", 1.0)
     if scale != 1.0:
         raise ValueError(f"the DSpark draft has logit_scale = {scale}: Model Runner V1 supports drafts without "
@@ -86,7 +102,7 @@ class DSparkProposer(DFlashProposer):
         warn_unused_draft_topk(draft_config)
         spec = vllm_config.speculative_config
         self.gamma = spec.num_speculative_tokens
-        block_size = getattr(self.draft_model_config.hf_config, "block_size", None)
+        block_size = draft_block_size(draft_config)
         if block_size is not None and self.gamma > int(block_size):
             raise ValueError(f"num_speculative_tokens = {self.gamma} exceeds the DSpark draft's block_size = "
                              f"{block_size}: the draft drafts at most block_size tokens per round; "

@@ -1,5 +1,6 @@
 """Knobs of DSpark's verify-length scheduling on vLLM V1, from the environment or the draft's
-config.json (the environment wins):
+config.json (a non-empty variable wins; relative paths are taken against the engine's working
+directory):
 
   DSPARK_SCHEDULER / "dspark_scheduler":          exact (Algorithm 1, default) | production
   DSPARK_SPS_TABLE / "dspark_sps_table_path":     SPS table JSON (dspark-sps/1 or SGLang's format);
@@ -24,14 +25,22 @@ class SchedulerSettings:
 
     @classmethod
     def resolve(cls, hf_config, gamma: int, environ=os.environ) -> "SchedulerSettings":
-        def pick(env: str, key: str):
-            return environ.get(env) or getattr(hf_config, key, None)
+        def pick(env: str, key: str) -> tuple[str | None, str]:
+            """(value, where it came from): a non-empty variable, else the config key; a value that
+            is not a non-empty string is named with its source."""
+            if environ.get(env):
+                return environ[env], env
+            value, where = getattr(hf_config, key, None), f'the draft config\'s "{key}"'
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{where} must be a non-empty string, got {value!r}")
+            return value, where
 
-        scheduler = pick("DSPARK_SCHEDULER", "dspark_scheduler") or "exact"
+        scheduler, where = pick("DSPARK_SCHEDULER", "dspark_scheduler")
+        scheduler = scheduler or "exact"
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"DSPARK_SCHEDULER must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-        sps_path = pick("DSPARK_SPS_TABLE", "dspark_sps_table_path")
-        sts_path = pick("DSPARK_STS", "dspark_sts_path")
+            raise ValueError(f"{where} must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        sps_path, _ = pick("DSPARK_SPS_TABLE", "dspark_sps_table_path")
+        sts_path, _ = pick("DSPARK_STS", "dspark_sts_path")
         sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
         sts = STSCalibration.load(sts_path) if sts_path else None
         if sts is not None:
