@@ -2,6 +2,8 @@
 with one clear error, and hooks.choose / DSparkSpeculation.verify hold only the [B·S, V] tensors
 they read — real tensors, tiny Qwen3 target and drafter on the CPU."""
 
+import json
+import shutil
 import weakref
 from types import SimpleNamespace
 
@@ -45,6 +47,71 @@ class Stack(torch.nn.Module):
     def __init__(self, n: int):
         super().__init__()
         self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n))
+
+
+def _attach(checkpoints, monkeypatch, draft=None, **env):
+    monkeypatch.setenv("DSPARK_DRAFT", str(draft or checkpoints["draft"]))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    target = tiny_models.load_transformers(checkpoints["target"])
+    return hooks.maybe_attach(SimpleNamespace(world_size=1, speculate=3, config=target.config, model=target))
+
+
+def test_an_sts_file_is_checked_against_the_drafter_at_attach(checkpoints, monkeypatch, tmp_path):
+    """DSPARK_STS was first read at warmup's first draft, with an error naming neither it nor the
+    file, and a file of a longer block was refused there (vLLM's integration serves γ with its first
+    γ temperatures); for a drafter without a confidence head it was ignored."""
+    longer, shorter = tmp_path / "sts5.json", tmp_path / "sts2.json"
+    runtime.STSCalibration([1.0, 1.5, 2.0, 2.5, 3.0]).save(longer)
+    runtime.STSCalibration([1.0, 1.5]).save(shorter)
+    assert _attach(checkpoints, monkeypatch, DSPARK_STS=str(longer)).draft.sts.temperatures == [1.0, 1.5, 2.0]
+    with pytest.raises(RuntimeError, match=rf"^DSpark: DSPARK_STS={shorter} holds 2 temperature\(s\) for a drafter of "
+                                           r"block size 3; calibrate at least 3 positions$"):
+        _attach(checkpoints, monkeypatch, DSPARK_STS=str(shorter))
+    headless = tmp_path / "headless"
+    shutil.copytree(checkpoints["draft"], headless)
+    weights = tiny_models.read_weights(headless)
+    tiny_models.write_weights(headless, {k: v for k, v in weights.items() if not k.startswith("confidence_head.")})
+    with pytest.raises(RuntimeError, match=rf"DSPARK_STS={longer} calibrates a confidence head, and this drafter has none"):
+        _attach(checkpoints, monkeypatch, headless, DSPARK_STS=str(longer))
+
+
+def test_an_empty_scheduler_variable_is_the_default(checkpoints, monkeypatch):
+    """Was "DSPARK_SCHEDULER must be exact or off for TGI, got ''"; every other variable reads empty as unset."""
+    assert _attach(checkpoints, monkeypatch, DSPARK_SCHEDULER="").scheduler == "exact"
+
+
+@pytest.mark.parametrize("change, message", [
+    (None, "cannot read the DSpark drafter's config"),
+    ({"block_size": 0}, "'block_size' must be a whole number ≥ 1, got 0"),
+    ({"block_size": "3"}, "'block_size' must be a whole number ≥ 1, got '3'"),
+    ({"mask_token_id": None}, "'mask_token_id' must be a whole number ≥ 0, got None"),
+    ({"target_layer_ids": []}, "'target_layer_ids' must be a non-empty list, got \\[\\]"),
+], ids=["missing", "block-0", "block-str", "no-mask", "no-layers"])
+def test_a_drafter_config_tgi_cannot_use_is_one_error_naming_dspark_draft(checkpoints, monkeypatch, tmp_path, change,
+                                                                         message):
+    """TGI's get_model reads γ first: these were a FileNotFoundError, a KeyError, a TypeError at the
+    first draft, and block_size 0 turned DSpark off saying --speculate was 0."""
+    from dspark_cli.integrations.tgi.speculation import draft_block_size
+
+    draft = tmp_path / "draft"
+    if change is not None:
+        shutil.copytree(checkpoints["draft"], draft)
+        config = json.loads((draft / "config.json").read_text())
+        (draft / "config.json").write_text(json.dumps({**config, **change}))
+    monkeypatch.setenv("DSPARK_DRAFT", str(draft))
+    with pytest.raises(ValueError, match=rf"^DSPARK_DRAFT={draft}: .*{message}"):
+        draft_block_size()
+
+
+def test_a_mask_token_outside_the_vocabulary_is_refused_at_load(checkpoints, tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(checkpoints["draft"], draft)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "mask_token_id": tiny_models.VOCAB}))
+    with pytest.raises(ValueError, match=rf"mask_token_id {tiny_models.VOCAB} is outside the drafter's vocabulary "
+                                         rf"\({tiny_models.VOCAB} tokens\)"):
+        DSparkDraft.load(draft)
 
 
 @pytest.mark.parametrize("ids, reason", [([0, 4], "the target has only 4 decoder layers"),

@@ -55,9 +55,25 @@ class DraftConfig:
 
     @classmethod
     def load(cls, path: Path) -> "DraftConfig":
-        c = json.loads((Path(path) / "config.json").read_text())
-        if "Qwen3DSparkModel" not in c.get("architectures", []):
-            raise ValueError(f"{path}: not a Qwen3DSparkModel checkpoint (architectures={c.get('architectures')})")
+        """The drafter's config.json; a missing file, key or a count that is not a whole number is
+        one ValueError naming the file (TGI's get_model reads this first, for γ)."""
+        file = Path(path) / "config.json"
+        try:
+            c = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{file}: cannot read the DSpark drafter's config ({exc})") from None
+        if not isinstance(c, dict) or "Qwen3DSparkModel" not in (c.get("architectures") or []):
+            raise ValueError(f"{path}: not a Qwen3DSparkModel checkpoint "
+                             f"(architectures={c.get('architectures') if isinstance(c, dict) else None})")
+        counts = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "block_size",
+                  "mask_token_id")
+        for key in counts:
+            value = c.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "mask_token_id" else 1):
+                raise ValueError(f"{file}: {key!r} must be a whole number ≥ {0 if key == 'mask_token_id' else 1}, "
+                                 f"got {value!r}")
+        if not isinstance(c.get("target_layer_ids"), list) or not c["target_layer_ids"]:
+            raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list, got {c.get('target_layer_ids')!r}")
         rope = c.get("rope_parameters") or {}
         return cls(hidden_size=c["hidden_size"], num_heads=c["num_attention_heads"],
                    num_kv_heads=c["num_key_value_heads"],
@@ -184,6 +200,9 @@ class DSparkDraft:
                    if n not in weights]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        if config.mask_token_id >= weights["embed_tokens.weight"].shape[0]:
+            raise ValueError(f"{path}: mask_token_id {config.mask_token_id} is outside the drafter's vocabulary "
+                             f"({weights['embed_tokens.weight'].shape[0]} tokens)")
         bad = _not_finite(weights)
         if bad:
             raise ValueError(f"{path}: NaN or infinite values in {', '.join(bad)} (as {dtype}); "

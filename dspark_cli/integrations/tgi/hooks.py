@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,11 +96,26 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
                            f"{n_layers} layers × hidden size {hidden} = {n_layers * hidden}; a DSpark drafter "
                            "serves the target it was trained for")
     if os.environ.get(ENV_STS):
-        draft.sts = runtime.STSCalibration.load(os.environ[ENV_STS])
+        draft.sts = _sts_for(draft, os.environ[ENV_STS], path)
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
     if draft.graphs is not None:
         _capture_draft_graphs(draft)
-    return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER, "exact"), sps)
+    return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER) or "exact", sps)
+
+
+def _sts_for(draft: DSparkDraft, sts_path: str, path: Path) -> runtime.STSCalibration:
+    """DSPARK_STS for this drafter, checked at startup (it was first read at warmup's first draft):
+    STS is fitted position by position, so a calibration of a longer block serves γ with its first
+    γ temperatures; a shorter one, or a drafter without a confidence head, is refused."""
+    gamma = draft.config.block_size
+    if draft.confidence_head is None:
+        raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): {ENV_STS}={sts_path} calibrates a confidence head, and "
+                           "this drafter has none; unset it")
+    sts = runtime.STSCalibration.load(sts_path)
+    if len(sts.temperatures) < gamma:
+        raise RuntimeError(f"DSpark: {ENV_STS}={sts_path} holds {len(sts.temperatures)} temperature(s) for a drafter "
+                           f"of block size {gamma}; calibrate at least {gamma} positions")
+    return runtime.STSCalibration(sts.temperatures[:gamma], sts.metadata)
 
 
 def _compute_placement(flash_model) -> tuple[torch.device, torch.dtype]:

@@ -50,7 +50,10 @@ def draft_block_size() -> int | None:
         return None
     from dspark_cli.integrations.tgi.draft import DraftConfig
 
-    return DraftConfig.load(path).block_size
+    try:
+        return DraftConfig.load(path).block_size
+    except ValueError as exc:
+        raise ValueError(f"{ENV_DRAFT}={path}: {exc}") from None
 
 
 def layer_output(out) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dspark_cli.output import emit, say
 
 SERIES = "tgi/v3.3.7"
 # file of the installed package -> a name our patch puts there
-HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "self.dspark.choose",
+HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "self.dspark.chooser(batch)",
          "models/transformers_flash_causal_lm.py": "maybe_attach"}
 
 
