@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from dspark_cli import applier, oplock
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
-from tests.run_cli import ROOT, run_dspark
+from tests.run_cli import run_dspark, signal_dspark_when
 
 
 @pytest.fixture
@@ -309,18 +306,9 @@ def stopped_around_its_stash(toy, tmp_path: Path, command: list[str], stashed: b
     stash = f'{real} "$@"; touch {waiting}; sleep 60; exit' if stashed else f"touch {waiting}; sleep 60"
     (bin_dir / "git").write_text(f'#!/bin/sh\nif [ "$1 $2" = "stash push" ]; then {stash}; fi\nexec {real} "$@"\n')
     (bin_dir / "git").chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(toy["compat_path"]),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    # SIG_DFL: a background job (CI) inherits SIGINT ignored, and Python then raises no KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", *command, "--force"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert waiting.exists(), proc.communicate()
-    proc.send_signal(sig)
-    return proc.wait(timeout=120), proc.stderr.read()
+    code, _, stderr = signal_dspark_when(waiting, sig, *command, "--force", env={
+        "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    return code, stderr
 
 
 def dirty(work: Path) -> None:

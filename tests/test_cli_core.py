@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from typer.testing import CliRunner
 from dspark_cli.cli import app
 from dspark_cli.errors import DsparkError
 from tests.git_fixtures import CORE, git, make_series, make_toy, tree_fingerprint
-from tests.run_cli import run_dspark
+from tests.run_cli import run_dspark, signal_dspark_when
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MY_COMMANDS = [["apply"], ["status"], ["revert"], ["compat"], ["compat", "lock"], ["series"], ["series", "lock"]]
@@ -254,19 +253,9 @@ fi
 exec {shutil.which("git")} "$@"
 """)
     (bin_dir / "git").chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    # SIG_DFL in the child: a run from a background job (nohup, CI) inherits SIGINT ignored, and
-    # Python then installs no KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "apply", "toy", "-C", str(work), "--force", "--json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert waiting.exists(), proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    code, stdout, stderr = signal_dspark_when(waiting, signal.SIGINT, "apply", "toy", "-C", str(work), "--force",
+                                              "--json", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == 130, stderr
     assert json.loads(stdout)["exit_code"] == 130 and stderr.count("\n") == 1 and "interrupted" in stderr
     assert tree_fingerprint(work) == before
     state = json.loads((work / ".git" / "dspark" / "state.json").read_text())

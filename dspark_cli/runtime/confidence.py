@@ -91,6 +91,14 @@ class STSCalibration:
     def tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.temperatures, dtype=torch.float32, device=device)
 
+    def for_block(self, gamma: int) -> "STSCalibration | None":
+        """This calibration for blocks of γ drafts: STS is fitted position by position (T_k with
+        T_1..T_k-1 fixed), so one of a longer block serves with its first γ temperatures; None when
+        it has fewer than γ (the engine refuses it at start, naming where it came from)."""
+        if len(self.temperatures) < gamma:
+            return None
+        return STSCalibration(self.temperatures[:gamma], self.metadata)
+
     @classmethod
     def load(cls, path) -> "STSCalibration":
         data = _checks.read_json(path, "STS calibration")

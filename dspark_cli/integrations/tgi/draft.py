@@ -68,10 +68,9 @@ class DraftConfig:
         counts = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "block_size",
                   "mask_token_id")
         for key in counts:
-            value = c.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "mask_token_id" else 1):
-                raise ValueError(f"{file}: {key!r} must be a whole number ≥ {0 if key == 'mask_token_id' else 1}, "
-                                 f"got {value!r}")
+            value, least = c.get(key), 0 if key == "mask_token_id" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{file}: {key!r} must be a whole number ≥ {least}, got {value!r}")
         if not isinstance(c.get("target_layer_ids"), list) or not c["target_layer_ids"]:
             raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list, got {c.get('target_layer_ids')!r}")
         rope = c.get("rope_parameters") or {}

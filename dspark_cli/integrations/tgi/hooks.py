@@ -104,18 +104,18 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
 
 
 def _sts_for(draft: DSparkDraft, sts_path: str, path: Path) -> runtime.STSCalibration:
-    """DSPARK_STS for this drafter, checked at startup (it was first read at warmup's first draft):
-    STS is fitted position by position, so a calibration of a longer block serves γ with its first
-    γ temperatures; a shorter one, or a drafter without a confidence head, is refused."""
+    """DSPARK_STS for this drafter (STSCalibration.for_block), checked at startup (it was first read
+    at warmup's first draft): too short a calibration, or a drafter without a confidence head, is refused."""
     gamma = draft.config.block_size
     if draft.confidence_head is None:
         raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): {ENV_STS}={sts_path} calibrates a confidence head, and "
                            "this drafter has none; unset it")
     sts = runtime.STSCalibration.load(sts_path)
-    if len(sts.temperatures) < gamma:
+    served = sts.for_block(gamma)
+    if served is None:
         raise RuntimeError(f"DSpark: {ENV_STS}={sts_path} holds {len(sts.temperatures)} temperature(s) for a drafter "
                            f"of block size {gamma}; calibrate at least {gamma} positions")
-    return runtime.STSCalibration(sts.temperatures[:gamma], sts.metadata)
+    return served
 
 
 def _compute_placement(flash_model) -> tuple[torch.device, torch.dtype]:

@@ -43,11 +43,10 @@ class SchedulerSettings:
         sts_path, _ = pick("DSPARK_STS", "dspark_sts_path")
         sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
         sts = STSCalibration.load(sts_path) if sts_path else None
-        if sts is not None:
-            # STS is fitted position by position (T_k with T_1..T_k-1 fixed), so a calibration of a
-            # longer block serves a shorter one: refused only at start, not at the first draft
-            if len(sts.temperatures) < gamma:
+        if sts is not None:  # refused at start, not at the first draft
+            served = sts.for_block(gamma)
+            if served is None:
                 raise ValueError(f"{sts_path}: {len(sts.temperatures)} STS temperature(s) for num_speculative_tokens "
                                  f"= {gamma}; calibrate at least {gamma} positions")
-            sts = STSCalibration(sts.temperatures[:gamma], sts.metadata)
+            sts = served
         return cls(scheduler, sps, sts)
