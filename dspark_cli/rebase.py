@@ -422,8 +422,12 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
     with scratch_beside(out_dir, SCRATCH) as scratch:
         new = scratch / "new"
         new.mkdir()
-        for outcome in (o for o in result.outcomes if o.patch not in dropped):
+        kept = [o for o in result.outcomes if o.patch not in dropped]
+        for number, outcome in enumerate(kept, 1):
+            # numbered "[PATCH k/n]" as `git format-patch` numbers a series; one call per patch
+            # because each keeps its own diff context
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
+                              f"--subject-prefix=PATCH {number}/{len(kept)}", "--no-numbered",
                               f"-U{contexts[outcome.patch]}", outcome.commit).stdout
             (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly
         (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
@@ -480,6 +484,9 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
     source = Workspace(repo)
     if not source.is_repo():
         raise UsageError(f"{repo}: not a git repository")
+    # A work tree deleted by hand stays registered: git would refuse its path ("missing but already
+    # registered") and keep its branch checked out. Prune drops only such entries (not locked ones).
+    source.git.run("worktree", "prune")
     if source.resolve_commit(onto) is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
     holder = source.worktree_on(branch)

@@ -5,6 +5,7 @@ byte-compiles."""
 import ast
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,7 @@ def test_clean_and_three_way_patches_are_carried_and_the_series_is_refreshed(ups
     refreshed = series.load_series(out, "dspark")  # lock matches what was written
     assert [p.name for p in refreshed] == sorted(status)
     assert "@@ -3,4 +3,5 @@" in (out / third).read_text()  # the series' -U2 context is kept
+    assert [(out / name).read_text().count(f"Subject: [PATCH {k}/3] ") for k, name in enumerate(sorted(status), 1)] == [1, 1, 1]
     # The refreshed series applies exactly (no 3-way) to the new tree and gives the rebased result.
     fresh = u["tmp"] / "fresh"
     git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
@@ -286,6 +288,24 @@ def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream)
     forced = dspark(u, "--onto", "v7.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd7b"), "--force")
     assert forced.returncode == 2 and f"checked out in the worktree {u['tmp'] / 'wd7'}" in forced.stderr, forced.stderr
     assert len(worktrees(u["repo"])) == 2 and not (u["tmp"] / "wd7b").exists()
+
+
+def test_a_work_tree_deleted_by_hand_is_pruned_so_its_path_and_branch_can_be_used_again(upstream):
+    """rm -rf of a rebase's work tree left it registered: the next run at that path was exit 3
+    ("'.../wd8' is a missing but already registered worktree") and its branch stayed checked out there."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v8.0")
+    wd = u["tmp"] / "wd8"
+    assert dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    shutil.rmtree(wd)
+    again = dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert again.returncode == 2 and "branch dspark/rebase-v8.0 exists" in again.stderr, again.stderr
+    elsewhere = dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd8b"), "--force")
+    assert elsewhere.returncode == 4, elsewhere.stderr  # the conflict again, the branch no longer held by wd8
+    shutil.rmtree(u["tmp"] / "wd8b")
+    same = dspark(u, "--onto", "v8.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--force")
+    assert same.returncode == 4, same.stderr
+    assert worktrees(u["repo"]) == [f"worktree {u['repo']}", f"worktree {wd}"]
 
 
 @pytest.mark.parametrize("pin, message", [
