@@ -59,7 +59,8 @@ def seed_tensor(seeds: list[int], device=None) -> torch.Tensor:
 
 
 def round_seeds(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A fresh 63-bit seed per (request seed, absolute position of the round's first sample).
+    """A fresh 63-bit seed per (request seed, absolute position): any position that grows every
+    round (the V1 proposer passes its block's anchor, the V2 hook its first sample, TGI its last input row).
 
     The streams' counters hold only the position inside a block, so an engine that passed a
     request's own seed every round would reuse that round's noise: drafts would depend on earlier
