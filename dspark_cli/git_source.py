@@ -53,6 +53,10 @@ def _with_progress(action, failure: str):
             other = [line.strip() for line in handler.other_lines if line.strip()]
             reason = "; ".join(dict.fromkeys(errors)) or (other or [str(exc)])[-1]
             raise EnvironmentProblem(f"{failure}: {reason}") from None
+        except (gitpython.exc.UnsafeProtocolError, gitpython.exc.UnsafeOptionError):
+            # GitPython refuses every transport::address URL (ext:: would run a command): bad input
+            raise UsageError(f"{failure}: transport::address URLs are refused (a remote helper runs a command); "
+                             "clone it with git and give the clone's directory") from None
 
 
 def is_local_path(url: str) -> bool:

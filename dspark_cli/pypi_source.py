@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -72,25 +73,34 @@ def _pip_download(release: ReleaseFile, dest: Path) -> Path:
 
 
 def index_files(package: str) -> tuple[str, list[dict]]:
-    """The package index's URL and the files it lists for `package` (JSON simple API, PEP 691)."""
+    """The URL of the package's page on the index and the files it lists (JSON simple API, PEP 691).
+    A file's "url" may be relative to that page (PEP 503): see file_url."""
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
     project = package.lower().replace("_", "-").replace(".", "-")
-    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    page = f"{index}/{project}/"
     try:
+        request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             files = json.load(response)["files"]
         if not all(isinstance(f, dict) for f in files):
             raise ValueError("'files' is not a list of objects")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
-    return index, files
+    return page, files
+
+
+def file_url(page: str, entry: dict) -> str:
+    """An index entry's download URL, made absolute against its project page (mirrors list
+    relative ones, "../../packages/..."). Not a string: ""."""
+    url = entry.get("url")
+    return urllib.parse.urljoin(page, url) if isinstance(url, str) and url else ""
 
 
 def _index_download(release: ReleaseFile, dest: Path) -> Path:
-    index, files = index_files(release.package)
-    url = next((f.get("url") for f in files if f.get("filename") == release.file), None)
+    page, files = index_files(release.package)
+    url = next((file_url(page, f) for f in files if f.get("filename") == release.file), None)
     if not url:
-        raise EnvironmentProblem(f"{index} does not list {release.file}")
+        raise EnvironmentProblem(f"{page} does not list {release.file}")
     path = dest / release.file
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out, Progress(
@@ -101,13 +111,23 @@ def _index_download(release: ReleaseFile, dest: Path) -> Path:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 progress.advance(task, len(block))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a URL urllib cannot open ("unknown url type")
         raise EnvironmentProblem(f"cannot download {url}: {exc}") from None
     return path
 
 
 def extract(archive: Path, dest: Path) -> None:
-    """The release's source tree into `dest`: a wheel's files as they are, an sdist's top directory."""
+    """The release's source tree into `dest`: a wheel's files as they are, an sdist's top directory.
+    An archive that cannot be unpacked (its sha256 matched compat.yaml: the entry names a bad file,
+    or one with a member the extraction filter refuses) is CheckFailed."""
+    try:
+        _extract(archive, dest)
+    except (tarfile.TarError, zipfile.BadZipFile) as exc:
+        detail = " ".join(str(exc).split())  # tarfile's reasons come one per line
+        raise CheckFailed(f"{archive.name}: cannot be unpacked: {detail}") from None
+
+
+def _extract(archive: Path, dest: Path) -> None:
     if archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as wheel:
             wheel.extractall(dest)  # zipfile drops absolute and `..` parts

@@ -562,14 +562,77 @@ def test_apply_and_rebase_read_the_package_index_alike(toy, tmp_path, local_inde
     entry = json.loads(page.read_text())["files"][0]
     page.write_text(json.dumps({"files": [entry, {**entry, "filename": "toy_engine-1.0.tar.gz",
                                                    "hashes": {"sha256": digest}}]}))
-    index, files = pypi_source.index_files("toy_engine")
-    assert index.endswith("/simple") and files[0]["filename"] == sdist.name
+    project_page, files = pypi_source.index_files("toy_engine")
+    assert project_page.endswith("/simple/toy-engine/") and files[0]["filename"] == sdist.name
     assert rebase.index_release("toy-engine", "1.0") == ReleaseFile("toy-engine", "1.0", "toy_engine-1.0.tar.gz", digest)
     page.write_text(json.dumps({"files": [1]}))
     release = ReleaseFile("toy-engine", "1.0", sdist.name, digest)
     for lookup in (lambda: pypi_source.fetch_release(release), lambda: rebase.index_release("toy-engine", "1.0")):
         with pytest.raises(EnvironmentProblem, match="cannot read the package index .*not a list of objects"):
             lookup()
+
+
+def test_an_index_listing_a_relative_url_is_read_against_the_project_page(toy, tmp_path, local_index):
+    """PEP 503 lets a mirror list "../../files/x.tar.gz": urlopen took it as is, a ValueError
+    traceback ("unknown url type"), exit 1."""
+    sdist, _ = publish_toy_sdist(toy, tmp_path, local_index)
+    page = tmp_path / "index" / "simple" / "toy-engine" / "index.html"
+    page.write_text(json.dumps({"files": [{"filename": sdist.name, "url": f"../../files/{sdist.name}"}]}))
+    run = run_cli(toy, "apply", "toy", "--source", "pypi", "--workdir", str(tmp_path / "relative"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "relative" / "engine" / "core.py").is_file()
+
+
+def test_an_index_url_that_is_no_url_is_one_line(toy, tmp_path, local_index, monkeypatch):
+    """A PIP_INDEX_URL urllib cannot open was a ValueError traceback, exit 1."""
+    publish_toy_sdist(toy, tmp_path, local_index)
+    monkeypatch.setenv("PIP_INDEX_URL", "not a url")
+    run = run_cli(toy, "apply", "toy", "--source", "pypi", "--workdir", str(tmp_path / "w"))
+    assert run.returncode == 3 and run.stderr.splitlines()[-1:] == [
+        "error: cannot read the package index not a url: unknown url type: 'not a url/toy-engine/'"], run.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def _absolute_link_sdist(path: Path) -> bytes:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        link = tarfile.TarInfo("toy-engine-1.0/engine/evil")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        data = b"X = 1\n"
+        member = tarfile.TarInfo("toy-engine-1.0/engine/core.py")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name, make", [
+    ("toy-engine-1.0.tar.gz", lambda path: b"not a tar"),
+    ("toy_engine-1.0-py3-none-any.whl", lambda path: b"not a zip"),
+    ("toy-engine-1.0.tar.gz", _absolute_link_sdist),  # Python's "data" extraction filter refuses it
+], ids=["garbage-sdist", "garbage-wheel", "absolute-link"])
+def test_a_release_file_that_cannot_be_unpacked_is_one_line(toy, tmp_path, name, make):
+    """Its sha256 matches compat.yaml, so the entry names a bad file: a tarfile.ReadError /
+    zipfile.BadZipFile / AbsoluteLinkError traceback, exit 1, before."""
+    import tarfile
+
+    from dspark_cli.series import sha256_of
+
+    if make is _absolute_link_sdist and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tar extraction filters (before 3.10.12 / 3.11.4)")
+    release = tmp_path / "cache" / "releases" / name
+    release.parent.mkdir(parents=True, exist_ok=True)
+    data = make(release)
+    release.write_bytes(data)
+    toy["compat_path"].write_text(toy["compat_path"].read_text().replace("releases: []", (
+        "releases:\n          - package: toy-engine\n            version: '1.0'\n"
+        f"            file: {name}\n            sha256: {sha256_of(release)}")))
+    run = run_cli(toy, "apply", "toy", "--source", "pypi", "--workdir", str(tmp_path / "w"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1].startswith(f"error: {name}: cannot be unpacked: "), run.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_paths_with_brackets_print_as_they_are(toy, tmp_path):

@@ -215,6 +215,18 @@ def test_a_local_directory_git_cannot_clone_is_bad_input_even_where_no_clone_is_
     assert not toy_env["work"].exists()
 
 
+def test_a_transport_url_gitpython_refuses_is_bad_input(toy_env):
+    """GitPython refuses every transport::address URL (ext:: runs a command): its
+    UnsafeProtocolError was a traceback, exit 1 (`compat lock` clones through the same function)."""
+    marker = toy_env["root"] / "ran"
+    result = run_dspark("apply", "toy", "-C", str(toy_env["work"]), "--repo", f"ext::sh -c touch% {marker}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot clone ext::sh -c touch% {marker}: transport::address URLs are refused (a remote helper "
+        "runs a command); clone it with git and give the clone's directory"), result.stderr
+    assert not marker.exists() and not toy_env["work"].exists()
+
+
 @pytest.mark.parametrize("url, local", [
     ("/no/such/dir", True), ("./tgi", True), ("tgi", True), ("../a:b", True),
     ("https://github.com/huggingface/text-generation-inference", False), ("file:///srv/tgi", False),
