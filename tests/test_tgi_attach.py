@@ -86,8 +86,10 @@ def test_an_empty_scheduler_variable_is_the_default(checkpoints, monkeypatch):
     ({"block_size": 0}, "'block_size' must be a whole number ≥ 1, got 0"),
     ({"block_size": "3"}, "'block_size' must be a whole number ≥ 1, got '3'"),
     ({"mask_token_id": None}, "'mask_token_id' must be a whole number ≥ 0, got None"),
-    ({"target_layer_ids": []}, "'target_layer_ids' must be a non-empty list, got \\[\\]"),
-], ids=["missing", "block-0", "block-str", "no-mask", "no-layers"])
+    ({"target_layer_ids": []}, "'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got \\[\\]"),
+    ({"target_layer_ids": ["1", "2"]}, "'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got \\['1', '2'\\]"),
+    ({"rms_norm_eps": "1e-6x"}, "'rms_norm_eps' must be a number > 0, got '1e-6x'"),
+], ids=["missing", "block-0", "block-str", "no-mask", "no-layers", "layer-str", "eps-str"])
 def test_a_drafter_config_tgi_cannot_use_is_one_error_naming_dspark_draft(checkpoints, monkeypatch, tmp_path, change,
                                                                          message):
     """TGI's get_model reads γ first: these were a FileNotFoundError, a KeyError, a TypeError at the
@@ -102,6 +104,17 @@ def test_a_drafter_config_tgi_cannot_use_is_one_error_naming_dspark_draft(checkp
     monkeypatch.setenv("DSPARK_DRAFT", str(draft))
     with pytest.raises(ValueError, match=rf"^DSPARK_DRAFT={draft}: .*{message}"):
         draft_block_size()
+
+
+def test_a_config_with_more_layers_than_the_weights_is_refused_at_load(checkpoints, tmp_path):
+    """Was a KeyError 'layers.2.self_attn.q_proj.weight' from the layer fusion, naming neither file nor variable."""
+    draft = tmp_path / "draft"
+    shutil.copytree(checkpoints["draft"], draft)
+    config = json.loads((draft / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    (draft / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers + 1}))
+    with pytest.raises(ValueError, match=rf"^{draft}: checkpoint lacks layers\.{layers}\.self_attn\.q_proj\.weight, "):
+        DSparkDraft.load(draft)
 
 
 def test_a_mask_token_outside_the_vocabulary_is_refused_at_load(checkpoints, tmp_path):
@@ -128,9 +141,9 @@ def test_target_layer_ids_outside_the_hookable_layers_are_refused_with_the_reaso
 # ---------------------------------------------------------------- what the verification holds
 
 
-def _speculation(checkpoints) -> DSparkSpeculation:
-    target = tiny_models.load_transformers(checkpoints["target"])
-    return DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["draft"]), scheduler="off")
+def _speculation(checkpoints, device: str = "cpu") -> DSparkSpeculation:
+    target = tiny_models.load_transformers(checkpoints["target"]).to(device)
+    return DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["draft"], device), scheduler="off")
 
 
 class Batch(SimpleNamespace):
@@ -138,30 +151,59 @@ class Batch(SimpleNamespace):
         return len(self.requests)
 
 
-def _batch(B: int, S: int, prefill: bool) -> Batch:
+def _batch(B: int, S: int, prefill: bool, device: str = "cpu", first_id: int = 10, do_sample=None) -> Batch:
     """The FlashCausalLMBatch fields hooks.choose reads (tests/test_tgi_chooser.py: against TGI's own
-    chooser), greedy requests without processors; prefill: one 4-token prompt per request."""
-    chooser = SimpleNamespace(do_sample=[False] * B, watermark_processor=None, repetition_processor=None,
+    chooser), requests without processors (greedy unless do_sample says); prefill: one 4-token
+    prompt per request. TGI keeps these tensors on the model's device."""
+    chooser = SimpleNamespace(do_sample=do_sample or [False] * B, watermark_processor=None, repetition_processor=None,
                               frequency_processor=None, grammar_processor=None, warpers=[],
                               fsm_grammar_states=[0] * B)
     params = SimpleNamespace(seed=7, temperature=1.0, top_k=0, top_p=1.0)
-    history = torch.randint(0, tiny_models.VOCAB - 2, (B, 8))
+    history = torch.randint(0, tiny_models.VOCAB - 2, (B, 8), device=device)
     n = 4 if prefill else 1
     return Batch(
-        requests=[SimpleNamespace(id=10 + i, parameters=params) for i in range(B)], next_token_chooser=chooser,
-        input_ids=history[:, :n].reshape(-1), position_ids=torch.arange(n).repeat(B) if prefill else torch.full((B,), 5),
+        requests=[SimpleNamespace(id=first_id + i, parameters=params) for i in range(B)], next_token_chooser=chooser,
+        input_ids=history[:, :n].reshape(-1),
+        position_ids=torch.arange(n, device=device).repeat(B) if prefill else torch.full((B,), 5, device=device),
         all_input_ids_tensor=history, max_current_length=6, cache_lengths=[0] * B,
-        cu_seqlen_prefill=torch.arange(B + 1) * n if prefill else None,
-        speculative_ids=None if prefill else torch.randint(0, tiny_models.VOCAB - 2, (B, S - 1)))
+        cu_seqlen_prefill=torch.arange(B + 1, device=device) * n if prefill else None,
+        speculative_ids=None if prefill else torch.randint(0, tiny_models.VOCAB - 2, (B, S - 1), device=device))
 
 
-def _choose(spec, B, S, prefill, logits_dtype=torch.float32):
-    batch = _batch(B, S, prefill)
+def _choose(spec, B, S, prefill, logits_dtype=torch.float32, device="cpu", **batch_options):
+    batch = _batch(B, S, prefill, device, **batch_options)
     rows = B * 4 if prefill else B * S
     width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
-    spec.capture.buffer = torch.randn(rows, width)  # the target forward's captured rows
-    logits = torch.randn(B if prefill else B * S, tiny_models.VOCAB).to(logits_dtype)
+    spec.capture.buffer = torch.randn(rows, width, device=device)  # the target forward's captured rows
+    logits = torch.randn(B if prefill else B * S, tiny_models.VOCAB, device=device).to(logits_dtype)
     return hooks.choose(spec, batch, logits, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_choose_drafts_on_the_gpu_with_the_requests_seeds(checkpoints):
+    """The step's counter-based keys (step_seeds) are made on the host: drafting passed them to the
+    chain as they were, "all inputs must be on one device: ... seeds on cpu" at TGI's warmup, so the
+    shard could not start on a GPU."""
+    spec = _speculation(checkpoints, "cuda")
+    B, S = 2, 4
+    first = _choose(spec, B, S, prefill=True, device="cuda", do_sample=[False, True])
+    assert first[4].device.type == "cuda" and first[4].shape == (B, 3)
+    second = _choose(spec, B, S, prefill=False, device="cuda", do_sample=[False, True])
+    assert second[3].device.type == "cuda" and second[3].shape == (B,)
+
+
+def test_requests_of_batches_that_stopped_are_forgotten(checkpoints):
+    """A run of prefills whose requests all stop at once (max_new_tokens = 1): no decode or
+    FilterBatch names them again, so each kept its pending draft and its context in the pool
+    until patch 0003 had DSpark forget them where generate_token returns no batch."""
+    spec = _speculation(checkpoints)
+    for wave in range(10):
+        ids = [100 + 4 * wave + i for i in range(4)]
+        _choose(spec, 4, 4, prefill=True, first_id=ids[0])
+        assert set(ids) <= set(spec.pending) and set(ids) <= set(spec.draft.context_kv)
+        spec.forget(ids)  # what the patched generate_token does when every request stopped
+        assert not spec.pending and not list(spec.draft.context_kv)
 
 
 def test_choose_drops_the_warped_scores_before_the_verification(checkpoints, monkeypatch):

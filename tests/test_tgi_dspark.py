@@ -2,6 +2,7 @@
 drafter/verifier run losslessly with real tensors on the CPU — through a small generation loop over
 a real transformers Qwen3 target (the real patched TGI shard runs in tests/test_tgi_shard.py)."""
 
+import ast
 import os
 import py_compile
 import shutil
@@ -52,6 +53,21 @@ def test_series_applies_to_the_real_tree_and_compiles(applied_tree):
 
 
 @needs_tree
+def test_a_batch_whose_requests_all_stopped_is_forgotten_by_dspark(applied_tree):
+    """generate_token returns no batch when every request stopped (max_new_tokens = 1, EOS at the
+    first token): the router sends no FilterBatch and no decode names them again, so the patch
+    has DSpark forget them there, before that return."""
+    source = (applied_tree / "server/text_generation_server/models/flash_causal_lm.py").read_text()
+    generate = next(n for n in ast.walk(ast.parse(source))
+                    if isinstance(n, ast.FunctionDef) and n.name == "generate_token")
+    stopped = [n for n in ast.walk(generate) if isinstance(n, ast.If) and ast.unparse(n.test) == "stopped"]
+    assert len(stopped) == 1
+    body = [ast.unparse(n) for n in stopped[0].body]
+    assert body[0] == "if self.dspark is not None:\n    self.dspark.forget([r.id for r in batch.requests])", body
+    assert body[-1].startswith("return (generations, None")
+
+
+@needs_tree
 def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
     """`dspark verify tgi` finds the patched text_generation_server on the path (read from disk, not
     imported) and fails with exit 1 on an unpatched copy."""
@@ -68,6 +84,13 @@ def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
     (unpatched / "text_generation_server" / "_dspark.py").unlink()
     bad = run(unpatched)
     assert bad.returncode == 1 and "not patched" in bad.stdout + bad.stderr
+    # an install of the series before the forget hook: named as a missing hook
+    older = tmp_path / "older"
+    subprocess.run(["cp", "-r", str(server), str(older)], check=True)
+    flash = older / "text_generation_server" / "models" / "flash_causal_lm.py"
+    flash.write_text(flash.read_text().replace("self.dspark.forget(", "self.dspark.drop("))
+    stale = run(older)
+    assert stale.returncode == 1 and "DSpark hook (self.dspark.forget() missing" in stale.stdout, stale.stdout
 
 
 def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):
@@ -181,7 +204,7 @@ def test_arriving_request_drops_state_left_under_its_id(checkpoints):
     feats = torch.randn(64, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     spec.draft.extend_context(0, feats, torch.arange(64))  # TGI's warmup requests are all id 0
     spec.propose([0], torch.tensor([5]), [64], torch.zeros(1))
-    spec.restart([0])
+    spec.forget([0])
     assert 0 not in spec.draft.context_kv and 0 not in spec.pending
 
 

@@ -158,7 +158,7 @@ class Driver:
         concatenated (FlashCausalLMBatch.concatenate: pad_drafts when the widths differ) and decoded
         together; finished requests filtered out (FilterBatch keeps the survivors' drafts)."""
         for c in (a, b):
-            self.spec.restart(c.ids)
+            self.spec.forget(c.ids)
             for r in c.ids:
                 self.spec.draft.extend_context(r, torch.zeros(0, 1), torch.zeros(0))  # empty contexts
         batch_a, batch_b = Batch([(a, i) for i in range(len(a.ids))]), Batch([(b, i) for i in range(len(b.ids))])

@@ -69,18 +69,26 @@ class DraftConfig:
                   "mask_token_id")
         for key in counts:
             value, least = c.get(key), 0 if key == "mask_token_id" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not _whole(value, least):
                 raise ValueError(f"{file}: {key!r} must be a whole number ≥ {least}, got {value!r}")
-        if not isinstance(c.get("target_layer_ids"), list) or not c["target_layer_ids"]:
-            raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list, got {c.get('target_layer_ids')!r}")
+        ids = c.get("target_layer_ids")
+        if not isinstance(ids, list) or not ids or not all(_whole(i, 0) for i in ids):
+            raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got {ids!r}")
         rope = c.get("rope_parameters") or {}
+        reals = {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 1e6)), "rms_norm_eps": c.get("rms_norm_eps", 1e-6)}
+        for key, value in reals.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{file}: {key!r} must be a number > 0, got {value!r}")
         return cls(hidden_size=c["hidden_size"], num_heads=c["num_attention_heads"],
                    num_kv_heads=c["num_key_value_heads"],
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                    num_layers=c["num_hidden_layers"], block_size=c["block_size"], mask_token_id=c["mask_token_id"],
-                   target_layer_ids=list(c["target_layer_ids"]),
-                   rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e6))),
-                   rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)))
+                   target_layer_ids=list(ids), rope_theta=float(reals["rope_theta"]),
+                   rms_norm_eps=float(reals["rms_norm_eps"]))
+
+
+def _whole(value, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -194,8 +202,12 @@ class DSparkDraft:
         weights = {}
         for f in sorted(Path(path).glob("*.safetensors")):
             weights.update({k: v.to(device=device, dtype=dtype) for k, v in load_file(str(f)).items()})
+        per_layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
+                     "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                     "post_attention_layernorm")  # of each of the config's num_hidden_layers
         missing = [n for n in ("embed_tokens.weight", "fc.weight", "hidden_norm.weight", "norm.weight",
-                               "lm_head.weight", "markov_head.markov_w1.weight", "markov_head.markov_w2.weight")
+                               "lm_head.weight", "markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
+                               *(f"layers.{i}.{p}.weight" for i in range(config.num_layers) for p in per_layer))
                    if n not in weights]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
@@ -376,7 +388,8 @@ class DSparkDraft:
         draft = runtime.markov_chain(U, anchors.to(dev, torch.int64), w["markov_head.markov_w1.weight"],
                                      w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
                                      top_k=None if top_k is None else top_k.to(dev),
-                                     top_p=None if top_p is None else top_p.to(dev), seeds=seeds, generator=generator,
+                                     top_p=None if top_p is None else top_p.to(dev),
+                                     seeds=None if seeds is None else seeds.to(dev), generator=generator,
                                      confidence=head, return_q=False)
         if draft.confidence_logits is not None:  # the head's logits come with the draft
             c = runtime.confidence_probs(draft.confidence_logits, self.sts)

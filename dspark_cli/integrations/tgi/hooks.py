@@ -241,7 +241,7 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
         # a prefill batch holds only the arriving ones, so forgetting there would drop live drafts.
         spec.forget_except(set(request_ids))
     else:  # with speculation TGI prefills a request in one piece (no chunking): it is new
-        spec.restart(request_ids)
+        spec.forget(request_ids)
     S = 1 + batch.speculative_ids.shape[1] if batch.speculative_ids is not None else 1
     device = next_token_logits.device
     do_sample = batch.next_token_chooser.do_sample  # TGI's effective flag (temperature != 1 implies sampling)
@@ -297,7 +297,7 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
                                    step_seeds(seeds, anchor_positions))
     spec.stats["steps"] += 1
     if warmup:  # the drafter ran (warmup measures its memory too); nothing of it outlives the batch
-        spec.restart(request_ids)
+        spec.forget(request_ids)
 
     flat_rows = [i * S + j for i in range(len(batch)) for j in range(len(tokens[i]))]
     next_ids = torch.tensor([t for ts in tokens for t in ts], device=device, dtype=torch.long)

@@ -262,9 +262,12 @@ class DSparkSpeculation:
             self.pending[r] = Pending(proposal.draft, i, width)
         return proposal, width
 
-    def restart(self, request_ids: list[int]) -> None:
-        """Arriving requests start from nothing: TGI's router reuses ids (every warmup request is
-        id 0, and so is the first real one), so a cache or draft under the id is someone else's."""
+    def forget(self, request_ids: list[int]) -> None:
+        """Drop what is kept for these requests (pending draft, context K/V). For arriving requests,
+        which start from nothing: TGI's router reuses ids (every warmup request is id 0, and so is
+        the first real one), so a cache or draft under the id is someone else's. And for a batch
+        whose requests all stopped (patch 0003): no FilterBatch or decode names them again, so a
+        run of prefills that finish at once (max_new_tokens = 1) would otherwise keep them all."""
         for r in request_ids:
             self.pending.pop(r, None)
             self.draft.drop(r)

@@ -19,8 +19,9 @@ from dspark_cli.output import emit, say
 
 SERIES = "tgi/v3.3.7"
 # file of the installed package -> a name our patch puts there
-HOOKS = {"models/__init__.py": "draft_block_size", "models/flash_causal_lm.py": "self.dspark.chooser(batch)",
-         "models/transformers_flash_causal_lm.py": "maybe_attach"}
+HOOKS = {"models/__init__.py": ("draft_block_size",),
+         "models/flash_causal_lm.py": ("self.dspark.chooser(batch)", "self.dspark.forget("),
+         "models/transformers_flash_causal_lm.py": ("maybe_attach",)}
 
 
 def installed_server() -> dict:
@@ -40,10 +41,10 @@ def installed_server() -> dict:
     elif marker.get("SERIES") != SERIES or marker.get("PATCHES") != expected:
         problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({SERIES} {expected})")
     root = Path(importlib.util.find_spec("text_generation_server").submodule_search_locations[0])
-    for rel, name in HOOKS.items():
+    for rel, names in HOOKS.items():
         f = root / rel
-        if not f.is_file() or name not in f.read_text(encoding="utf-8"):
-            problems.append(f"{f}: DSpark hook ({name}) missing")
+        text = f.read_text(encoding="utf-8") if f.is_file() else ""
+        problems += [f"{f}: DSpark hook ({name}) missing" for name in names if name not in text]
     return {"installed": True, "location": str(root), "series": marker.get("SERIES"), "problems": problems}
 
 
