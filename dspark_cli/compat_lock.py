@@ -34,7 +34,7 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     # bytes, not read_text: universal newlines would read a CRLF file as LF, and write it back so
     text = compat.path.read_bytes().decode("utf-8")
     changes = []
-    for name in engines:
+    for name in dict.fromkeys(engines):  # `compat lock vllm vllm` locks (and reports) it once
         engine = compat.engine(name)
         pending = [pin for pin in engine.pins.values() if not pin.commit_is_full]
         if not pending:

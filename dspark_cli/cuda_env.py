@@ -322,9 +322,8 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
             return [], f"none ({what}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
         spec, source = ";".join(sorted(set(gpus.capabilities))), "detected GPU"
     archs = []
-    for item in re.split(r"[;,\s]+", spec.strip()):
-        if not item:
-            continue
+    items = [one for item in re.split(r"[;,\s]+", spec.strip()) if item for one in NAMED_ARCHS.get(item, item).split(";")]
+    for item in items:
         try:
             archs.append(parse_arch(item))
         except ValueError as exc:
@@ -340,6 +339,14 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
 KNOWN_ARCHS = ("5.0", "5.2", "5.3", "6.0", "6.1", "6.2", "7.0", "7.2", "7.5", "8.0", "8.6", "8.7", "8.9",
                "9.0", "9.0a", "10.0", "10.0a", "10.3", "10.3a", "10.7", "10.7a", "11.0", "11.0a",
                "12.0", "12.0a", "12.1", "12.1a")
+
+
+# The architecture names torch's cpp_extension (2.14) expands in TORCH_CUDA_ARCH_LIST ("Kepler": below
+# KNOWN_ARCHS, so refused as unsupported).
+NAMED_ARCHS = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+               "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+               "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+               "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX", "Rubin": "10.7+PTX"}
 
 
 def parse_arch(item: str) -> str:

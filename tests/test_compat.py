@@ -3,6 +3,7 @@ fuzzed with hypothesis; `dspark compat lock` against a real local repository."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -196,8 +197,10 @@ def test_compat_lock_resolves_short_ids_through_tags_and_keeps_comments(tmp_path
     path = write_compat(tmp_path, upstream, series_dir, commit=upstream["v1.0"][:9])
     runner = CliRunner()
     env = {"DSPARK_COMPAT": str(path)}
-    result = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"]), "--json"], env=env)
+    # an engine named twice is locked and reported once (was: every change twice)
+    result = runner.invoke(app, ["compat", "lock", "toy", "toy", "--repo", str(upstream["repo"]), "--json"], env=env)
     assert result.exit_code == 0, result.output
+    assert [c["pin"] for c in json.loads(result.stdout)["locked"]] == ["v1.0"], result.stdout
     text = path.read_text()
     assert f"commit: {upstream['v1.0']}   # the release" in text
     assert compat.load(path).engine("toy").pins["v1.0"].commit_is_full

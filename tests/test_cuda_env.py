@@ -176,7 +176,17 @@ def test_arch_list_sources_and_normalisation(monkeypatch):
     archs, source = cuda_env.arch_list(gpus=cuda_env.Gpus())
     assert archs == [] and "--arch" in source
     with pytest.raises(ValueError, match="not a CUDA arch"):
-        cuda_env.arch_list("hopper")
+        cuda_env.arch_list("hopper")  # torch's names are case-sensitive
+
+
+def test_the_arch_names_torch_expands_are_read_as_torch_reads_them(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST=Hopper builds with torch's cpp_extension; doctor failed it ("not a CUDA
+    arch: 'Hopper'") and build refused it."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    assert cuda_env.arch_list() == (["9.0a+PTX"], "TORCH_CUDA_ARCH_LIST")
+    assert cuda_env.arch_list("Ampere;Hopper") == (["8.0", "8.6+PTX", "9.0a+PTX"], "--arch")
+    with pytest.raises(ValueError, match="^--arch: unsupported CUDA arch: '3.5\\+PTX'"):
+        cuda_env.arch_list("Kepler")  # named, but below what torch's cpp_extension builds for
 
 
 def test_an_arch_error_names_its_source(monkeypatch):

@@ -105,6 +105,30 @@ def test_a_size_below_one_is_bad_input(tmp_path, field, value):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_query_heads_not_a_multiple_of_the_kv_heads_are_bad_input(tmp_path):
+    """Was exit 3, 'cannot build the model on cpu: Number of heads in key and value must divide ...'."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_QWEN3, "num_attention_heads": 3, "num_key_value_heads": 2}))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+                   "--repeats", "1", "--warmup", "0", "--context", "4")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --model {tmp_path}: num_attention_heads 3 is not a multiple of num_key_value_heads 2 in config.json\n")
+
+
+def test_a_context_past_the_models_positions_is_bad_input(tmp_path):
+    """GPT-2's learned position table of n_positions rows: --context 64 over 16 was an IndexError
+    traceback, exit 1."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 16, "n_embd": 32,
+                                                      "n_layer": 1, "n_head": 2, "vocab_size": 128,
+                                                      "bos_token_id": 0, "eos_token_id": 0}))
+    args = ["profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+            "--repeats", "1", "--warmup", "0"]
+    proc = _dspark(*args, "--context", "64")
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: --context 64: the model has 16 positions (max_position_embeddings); the timed token sits at "
+        "position 64: give --context 15 or less\n"), proc.stderr
+    assert _dspark(*args, "--context", "15").returncode == 0
+
+
 @pytest.mark.parametrize("config, reason", [
     ({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
       "intermediate_size": 32, "vocab_size": 128}, "BertLMHeadModel returns no KV cache"),

@@ -110,7 +110,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
         config = sps_profile.load_config(model)
     except Exception as exc:  # noqa: BLE001 — the user's config, whatever transformers' validation raises
         raise UsageError(f"--model {model}: {short_message(exc)}") from exc
-    _check_sizes(config, model)
+    _check_sizes(config, model, context)
     settings = sps_profile.ProfileSettings(device=device, dtype=torch_dtype, context=context,
                                            warmup=warmup, repeats=repeats)
     try:
@@ -145,13 +145,24 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_key_value_heads", "head_dim")
 
 
-def _check_sizes(config, model: Path) -> None:
-    """A size of the config that is zero or negative is bad input (exit 2), found before building."""
+def _check_sizes(config, model: Path, context: int) -> None:
+    """Bad input (exit 2), found before building: a size of the config that is zero or negative,
+    query heads that are no multiple of the key/value heads (torch's error, a RuntimeError, came at
+    the first forward), and a --context past the model's positions (a learned position table, as
+    GPT-2's, was an IndexError traceback)."""
     text = config.get_text_config()  # a multimodal config keeps its sizes in text_config
     for name in SIZE_FIELDS:
         value = getattr(text, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UsageError(f"--model {model}: {name} is {value} in config.json; it must be a positive integer")
+    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise UsageError(f"--model {model}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads} in config.json")
+    positions = getattr(text, "max_position_embeddings", None)  # GPT-2's n_positions answers to it too
+    if isinstance(positions, int) and context + 1 > positions:
+        raise UsageError(f"--context {context}: the model has {positions} positions (max_position_embeddings); "
+                         f"the timed token sits at position {context}: give --context {positions - 1} or less")
 
 
 def _check_output(path: Path, option: str) -> None:
