@@ -76,6 +76,19 @@ def test_llama_greedy_output_identical_to_plain_tgi_with_fewer_rounds(llama):
     assert len(reserved) == 1 and int(reserved[0]) > 0 and "outgrew" not in oracle["log"]
 
 
+def test_batches_that_finish_at_prefill_are_served_as_plain_tgi(llama):
+    """Requests of max_new_tokens = 1 stop at their prefill: generate_token returns no batch and
+    patch 0003 has DSpark forget them there (no FilterBatch follows). Three such waves, then one
+    request that decodes: every output as plain TGI's."""
+    finishing = [[0, [{"id": 100 + 4 * w + i, "prompt": [5 + w, 30 + i], "max_new_tokens": 1} for i in range(4)]]
+                 for w in range(3)]
+    waves = finishing + [[0, [{"id": 1, "prompt": [3, 17, 99], "max_new_tokens": 9}]]]
+    plain, dspark = plain_and_dspark(llama["target"], llama["oracle"], waves)
+    assert dspark["tokens"] == plain["tokens"] and len(dspark["tokens"]) == 13
+    assert dspark["tokens"]["1"] == tiny_models.successor_tokens([3, 17, 99], 9)
+    assert dspark["rounds"]["1"] == 1 + math.ceil(8 / (GAMMA + 1))  # the oracle drafts on after them
+
+
 def test_qwen3_through_the_transformers_backend(tmp_path):
     """TGI has no flash Qwen3 model: Qwen3 targets run in TransformersFlashCausalLM (patch 0004)."""
     target = fixtures.build(tmp_path / "target", "qwen3", "successor")
