@@ -28,6 +28,12 @@ __device__ __forceinline__ float exp_ftz(float x) {
 // x = s / T as the reference computes it, without the division at T = 1 (where it is s).
 __device__ __forceinline__ float over_temperature(float s, float scale) { return scale == 1.f ? s : s / scale; }
 
+// A request's verify length ℓ within 0..γ: the reference checks it on the host; in a kernel a
+// larger one read drafts and q of the next request and wrote past the request's tokens.
+__device__ __forceinline__ int clamp_ell(int64_t ell, int gamma) {
+  return ell < 0 ? 0 : ell > gamma ? gamma : static_cast<int>(ell);
+}
+
 // The CUDA type of a torch scalar type (at::BFloat16 -> __nv_bfloat16, at::Half -> __half).
 template <typename T>
 using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,

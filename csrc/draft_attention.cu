@@ -389,7 +389,7 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
               "draft_attention: q [R, γ, H, hd], k_block [R, γ, kv, hd], k_pool [rows, kv, hd]");
   const int64_t R = q.size(0), gamma = q.size(1), heads = q.size(2), hd = q.size(3), kv = k_block.size(2);
   TORCH_CHECK(k_block.sizes() == v_block.sizes() && k_block.size(0) == R && k_block.size(1) == gamma &&
-                  k_block.size(3) == hd && heads % kv == 0,
+                  k_block.size(3) == hd && kv > 0 && heads % kv == 0,
               "draft_attention: k_block/v_block must be [R, γ, kv, hd] with kv dividing H");
   TORCH_CHECK(k_pool.sizes() == v_pool.sizes() && k_pool.size(1) == kv && k_pool.size(2) == hd,
               "draft_attention: k_pool/v_pool must be [rows, kv, hd]");

@@ -577,7 +577,7 @@ void with_types(const at::Tensor& w2, at::ScalarType u_type, F&& f) {
 
 bool fused_step_supported(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  return !markov_path_forced("gemm") && props->major == 9 && R <= kMaxRequests &&
+  return !markov_path_forced("gemm") && props->major == 9 && built_from(900) && R <= kMaxRequests &&
          (w2.scalar_type() == at::kBFloat16 || w2.scalar_type() == at::kHalf) && w2.size(1) == kRank &&
          w2.size(0) % kTileVocab == 0 && aligned16(w2.data_ptr()) && aligned16(h) && ldh % 8 == 0 &&
          // + the static shared memory (mbarriers, merged partials: about 5 KB)

@@ -36,9 +36,26 @@ void with_float_type(at::ScalarType t, const char* what, F&& f) {
   }
 }
 
+// Whether the library holds code for an arch from `lowest` up to the current GPU's (nvcc's numbers:
+// 900 = sm_90; dspark build makes every 9.0 a 9.0a). A library built only for older archs still runs
+// on Hopper through their PTX, JIT-compiled as that arch: its sm_90a kernels are a trap there and its
+// griddepcontrol instructions are compiled out.
+inline bool built_from(int lowest) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int device = props->major * 100 + props->minor * 10;
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};  // nvcc's -gencode archs, e.g. 860,900
+  for (int arch : archs)
+    if (arch >= lowest && arch <= device) return true;
+  return false;
+}
+
+// Requests per launch of the kernels that put them on the grid's y axis (cuda_ops.MAX_REQUESTS).
+constexpr int64_t kMaxGridY = 65535;
+
 // A kernel launched this way may start while the previous kernel drains (programmatic dependent
 // launch, sm_90+): it waits (wait_previous_kernel) before reading the previous kernel's output.
-// DSPARK_PDL=0 turns it off (plain stream order).
+// DSPARK_PDL=0 turns it off (plain stream order); so does a library without sm_90+ code for this
+// GPU, whose kernels could not wait (built_from).
 template <typename... Params, typename... Args>
 void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                          Args... args) {
@@ -52,7 +69,8 @@ void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 && !(off && std::string(off) == "0") ? 1 : 0;
+  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 && built_from(900) &&
+                    !(off && std::string(off) == "0") ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 

@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
       GroupNoise noise{};
       if constexpr (decltype(sampled)::value)
         noise = group_noise(counter_words(key, kStreamDraft, k, static_cast<uint32_t>(v) >> 4), v >> 3);
-      visit8<decltype(sampled)::value, kMasked>(p, x, v, noise);
+      visit8<decltype(sampled)::value>(p, x, v, noise);
     }
   };
   if (greedy) rounds(std::false_type{}, std::true_type{});  // x / 1 == x
@@ -962,6 +962,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
+  TORCH_CHECK(U.size(0) <= kMaxGridY, "dspark::markov_chain: at most 65535 requests per call (the grid's y axis)");
   TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous(),
               "dspark::markov_chain: w1 and w2 must be contiguous with one dtype");
   TORCH_CHECK(temperature.scalar_type() == at::kFloat && seeds.scalar_type() == at::kLong,

@@ -102,16 +102,14 @@ __device__ __forceinline__ float group_key(float m, float s, uint32_t race_word)
 }
 
 // Group v .. v+7 (v % 8 == 0) of one request's step into p: online max / sum-exp, then the group's
-// race (sampled) or its argmax, lowest index on ties (greedy). kMaskable: a group may be all -inf
-// (top-k/top-p masked it) and then adds nothing.
-template <bool kSampled, bool kMaskable = false>
+// race (sampled) or its argmax, lowest index on ties (greedy). A group all -inf (masked by top-k/
+// top-p, or an engine's mask in U) adds nothing: exp(-inf - -inf) would make the row's sum NaN.
+template <bool kSampled>
 __device__ __forceinline__ void visit8(Partial& p, const float x[8], int v, GroupNoise noise) {
   float m = x[0];
 #pragma unroll
   for (int i = 1; i < 8; ++i) m = fmaxf(m, x[i]);
-  if constexpr (kMaskable) {
-    if (m == -INFINITY) return;
-  }
+  if (m == -INFINITY) return;
   float e[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) e[i] = exp_ftz(x[i] - m);

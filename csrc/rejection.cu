@@ -80,7 +80,7 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
                               int* __restrict__ state) {
   const int r = blockIdx.x;
   const bool is_greedy = greedy != nullptr && greedy[r];
-  const int64_t start = row_start[r], len = ell[r];
+  const int64_t start = row_start[r], len = clamp_ell(ell[r], gamma);
   const int64_t* draft = tokens + static_cast<int64_t>(r) * gamma;
   int n = 0;
   int greedy_next = -1;  // argmax of row start + n, once known
@@ -167,6 +167,7 @@ __device__ __forceinline__ void load_entries(const T* row, int v, int end, float
 }
 
 __device__ __forceinline__ void add_to_stats(Stats& s, float x, int v) {  // the sum holds the max's 1: exp_ftz
+  if (x == -INFINITY) return;  // masked: no weight (and exp(-inf - -inf) would be NaN)
   if (x > s.max) {
     s.sum = s.sum * exp_ftz(s.max - x) + 1.f;
     s.max = x;
@@ -199,6 +200,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
 #pragma unroll
       for (int i = 0; i < 4; ++i) x[i] = over_temperature(u[i] + b[i], scale);
       const float m = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+      if (m == -INFINITY) continue;  // four masked entries: no weight (exp(-inf - -inf) would be NaN)
       const int first = x[0] == m ? 0 : x[1] == m ? 1 : x[2] == m ? 2 : 3;  // ties: lowest index
       s = merge(s, Stats{m, (exp_ftz(x[0] - m) + exp_ftz(x[1] - m)) + (exp_ftz(x[2] - m) + exp_ftz(x[3] - m)),
                          v4 + first});
@@ -323,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   TORCH_CHECK(stored || (U && anchors && w1 && w2 && temperature),
               "dspark::rejection_sample: pass q, or U, anchors, w1, w2 and temperature to rebuild it");
   const c10::cuda::CUDAGuard guard(target.device());
+  TORCH_CHECK(tokens.size(0) <= kMaxGridY, "dspark::rejection_sample: at most 65535 requests per call (the grid's y axis)");
   const int R = tokens.size(0), gamma = tokens.size(1), V = target.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto out_tokens = at::empty({R, gamma + 1}, tokens.options());

@@ -90,7 +90,8 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
   }
   sync();
   for (int r = tid; r < R; r += nthreads) {
-    const int len = static_cast<int>(tests.ell[r]), n = min(v.n[r], len), pos = min(n, gamma - 1);
+    const int len = clamp_ell(tests.ell[r], gamma);
+    const int n = min(v.n[r], len), pos = min(n, gamma - 1);
     v.n[r] = n;
     v.rejected[r] = n < len;
     if (pos > 0) v.before[r] = static_cast<int>(tokens[static_cast<int64_t>(r) * gamma + pos - 1]);

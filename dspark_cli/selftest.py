@@ -25,12 +25,14 @@ class MarkovCase:
     seed: int = 0
     t_one_every: int = 0       # every n-th request (from the second) at temperature exactly 1
     warps: bool = False        # top-k/top-p per request (markov_warps)
+    masked: bool = False       # -inf in U (an engine's mask): whole race groups, and scattered entries
 
     def label(self) -> str:
         w, u = str(self.w_dtype).removeprefix("torch."), str(self.u_dtype).removeprefix("torch.")
         return (f"markov R={self.R} γ={self.gamma} V={self.V} r={self.rank} w={w} U={u} "
                 f"greedy_every={self.greedy_every} return_q={self.return_q}"
-                + (f" t_one_every={self.t_one_every}" if self.t_one_every else "") + (" warps" if self.warps else ""))
+                + (f" t_one_every={self.t_one_every}" if self.t_one_every else "") + (" warps" if self.warps else "")
+                + (" masked" if self.masked else ""))
 
 
 def markov_inputs(case: MarkovCase, device: str = "cuda"):
@@ -45,6 +47,9 @@ def markov_inputs(case: MarkovCase, device: str = "cuda"):
     if case.greedy_every:
         temperature[:: case.greedy_every] = 0.0
     seeds = torch.randint(-2**62, 2**62, (case.R,), generator=g).to(device)
+    if case.masked:  # the first 64 ids (8 race groups, 16 groups of 4) and every 97th id
+        U[:, :, :64] = float("-inf")
+        U[:, :, ::97] = float("-inf")
     return U, anchors, w1, w2, temperature, seeds
 
 
@@ -302,12 +307,14 @@ class RejectionCase:
     t_one_every: int = 0       # as MarkovCase
     chain_draft: bool = False  # drafted by our CUDA chain: a rebuilt row uses the chain's row stats
     no_residual: bool = False  # target rows at half the draft's q: a rejection leaves no residual mass
+    masked: bool = False       # as MarkovCase
 
     def label(self) -> str:
         return (f"rejection R={self.R} γ={self.gamma} V={self.V} q={'stored' if self.q_stored else 'rebuilt'} "
                 f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}"
                 + (f" t_one_every={self.t_one_every}" if self.t_one_every else "")
-                + (" chain_draft" if self.chain_draft else "") + (" no_residual" if self.no_residual else ""))
+                + (" chain_draft" if self.chain_draft else "") + (" no_residual" if self.no_residual else "")
+                + (" masked" if self.masked else ""))
 
 
 def rejection_inputs(case: RejectionCase):
@@ -318,7 +325,7 @@ def rejection_inputs(case: RejectionCase):
     from dspark_cli.runtime import cuda_ops, markov_chain
 
     mc = MarkovCase(case.R, case.gamma, case.V, case.rank, greedy_every=case.greedy_every,
-                    return_q=case.q_stored, seed=case.seed, t_one_every=case.t_one_every)
+                    return_q=case.q_stored, seed=case.seed, t_one_every=case.t_one_every, masked=case.masked)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(mc)
     with cuda_ops.enabled(case.chain_draft):
         draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=case.q_stored)

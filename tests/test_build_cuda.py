@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -17,12 +18,12 @@ PYTHON = os.environ.get("DSPARK_CUDA_TORCH_PYTHON")
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
-import json, time, torch
+import json, torch
 from dspark_cli.build import build, last_build, write_wheel
 from dspark_cli.runtime import cuda_ops
 first = build(arch="sm_90a", jobs=2)
 wheel = write_wheel(first, WHEEL_DIR)
-t = time.monotonic(); second = build(arch="sm_90a"); rebuild_s = time.monotonic() - t
+second = build(arch="sm_90a")  # (its time: bench/gpu_run.sh prints it; a test does not time)
 assert cuda_ops.load(first.path) == first.path, cuda_ops.load_error()
 meta = lambda *s, dtype=torch.float32: torch.empty(*s, device="meta", dtype=dtype)
 outs = torch.ops.dspark.markov_chain(meta(3, 7, 1000, dtype=torch.bfloat16), meta(3, dtype=torch.long),
@@ -82,7 +83,7 @@ for name, (fn, make) in cases.items():
     except Exception as exc:
         dyn[name]["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
     dyn[name].update(compiles=len(frames), unique_graphs=counters["stats"]["unique_graphs"])
-print(json.dumps({"dyn": dyn, "wheel": str(wheel), "first": first.status, "second": second.status, "rebuild_s": rebuild_s, "path": first.path,
+print(json.dumps({"dyn": dyn, "wheel": str(wheel), "first": first.status, "second": second.status, "path": first.path,
                   "last": last_build(), "meta": [[list(o.shape), str(o.dtype)] for o in outs], "ell": [list(ell.shape), str(ell.dtype)],
                   "rej": [[list(o.shape), str(o.dtype)] for o in rej], "counter_offset": outs[5].storage_offset(),
                   "ops": sorted(n for n in dir(torch.ops.dspark) if not n.startswith("_") and n not in ("name", "overloads")),
@@ -101,7 +102,7 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
                           timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["first"] == "built" and res["second"] == "cached" and res["rebuild_s"] < 2
+    assert res["first"] == "built" and res["second"] == "cached"
     # A fresh process finds the cached build without importing torch (its import alone takes seconds).
     fresh = subprocess.run([PYTHON, "-c", "import sys; from dspark_cli.build import build; "
                             "print(build(arch='sm_90a').status, 'torch' in sys.modules)"],
@@ -120,11 +121,23 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     check_draft_attention_smem(res["smem"])
     check_dynamic_shapes(res["dyn"])
     check_wheel(Path(res["wheel"]), Path(res["path"]), tmp_path)
-    # the library carries sm_90a machine code
-    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
-    if cuobjdump.is_file():
-        listing = subprocess.run([str(cuobjdump), "--list-elf", res["path"]], capture_output=True, text=True).stdout
-        assert "sm_90a" in listing
+    # the library carries sm_90a machine code (the cache directory's name only says what was asked)
+    listing = subprocess.run([str(cuobjdump()), "--list-elf", res["path"]], capture_output=True, text=True)
+    assert ".sm_90a." in listing.stdout, listing.stdout + listing.stderr
+
+
+def cuobjdump() -> Path:
+    """The toolkit's cuobjdump, else one on PATH, else the copy triton ships beside the CUDA torch
+    (a toolkit of nvcc alone, as this machine's, has none): the check must not pass unrun."""
+    found = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"]
+    found += [Path(p) for p in [shutil.which("cuobjdump")] if p]
+    triton = subprocess.run([PYTHON, "-c", "import os, triton; print(os.path.dirname(triton.__file__))"],
+                            capture_output=True, text=True)
+    if triton.returncode == 0:
+        found.append(Path(triton.stdout.strip()) / "backends" / "nvidia" / "bin" / "cuobjdump")
+    tool = next((p for p in found if p.is_file()), None)
+    assert tool is not None, f"no cuobjdump to list the library's machine code (looked at {', '.join(map(str, found))})"
+    return tool
 
 
 def check_draft_attention_smem(smem: dict) -> None:

@@ -51,6 +51,13 @@ CASES = [
     MarkovCase(3, 5, 151936, 256, return_q=False, greedy_every=2, seed=44),
     MarkovCase(48, 3, 151936, 256, torch.float16, torch.bfloat16, greedy_every=5, seed=42),
     MarkovCase(100, 2, 32000, 256, torch.bfloat16, torch.float32, return_q=False, t_one_every=3, seed=43),
+    # -inf in U (an engine's mask; runtime._checks allows it): a race group all -inf made the row's
+    # sum-exp NaN in the fused step and the cuBLAS path's split pass (every draft then rejected).
+    # Small-batch kernel, fused step, cuBLAS (fp32 weights at R = 1; R = 130), odd V (scalar loads)
+    MarkovCase(2, 4, 151936, 256, greedy_every=2, masked=True, seed=45),
+    MarkovCase(16, 4, 151936, 256, greedy_every=4, masked=True, seed=46),
+    MarkovCase(1, 3, 4099, 64, torch.float32, torch.float32, masked=True, seed=47),
+    MarkovCase(130, 2, 50001, 256, return_q=False, greedy_every=5, masked=True, seed=48),
 ]
 
 
@@ -410,6 +417,11 @@ REJECTION_CASES = [
     RejectionCase(1, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=30),
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=31),
     RejectionCase(48, 5, 151936, 256, q_stored=False, flat=True, chain_draft=True, no_residual=True, seed=32),
+    # -inf in U: the stats pass of a rebuilt row (a torch-drafted lazy draft) summed exp(-inf - -inf)
+    # = NaN (four masked entries, or a masked first entry), so the recovered token came from p
+    RejectionCase(16, 7, 151936, 256, q_stored=False, masked=True, seed=33),
+    RejectionCase(37, 3, 50001, 256, q_stored=False, greedy_every=3, masked=True, seed=34),
+    RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, masked=True, seed=35),
 ]
 
 
@@ -597,6 +609,32 @@ def test_schedule_production_captures_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager) and int(captured.sum()) > 0, i
+
+
+@pytest.mark.parametrize("R,chain_draft", [(2, True), (16, True), (16, False), (48, True)])
+def test_a_verify_length_beyond_gamma_is_read_as_gamma(R, chain_draft):
+    """ℓ > γ is refused by the reference's host check only: the kernels read the next request's
+    drafts and q and wrote its output row (ratio tests in the accept kernel, or in the racing
+    kernel's verdicts at R = 2 / 16 without greedy requests). Read as γ: the outputs of ℓ = γ."""
+    from dspark_cli.runtime import rejection_sample
+
+    draft, target, ell, greedy, seeds = rejection_inputs(
+        RejectionCase(R, 4, 151936, 256, q_stored=False, chain_draft=chain_draft, seed=50 + R))
+    expected = rejection_sample(target, draft, torch.full_like(ell, 4), greedy=greedy, seeds=seeds)
+    beyond = torch.full_like(ell, 4)
+    beyond[::2] = 9
+    got = rejection_sample(target, draft, beyond, greedy=greedy, seeds=seeds)
+    assert torch.equal(got.output_tokens, expected.output_tokens) and torch.equal(got.num_accepted, expected.num_accepted)
+
+
+def test_batches_beyond_the_grid_limit_run_the_reference():
+    """R > 65535 requests put past the grid's y axis failed to launch ("invalid configuration")."""
+    from dspark_cli.runtime import cuda_ops, markov_chain
+
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(65536, 1, 64, 16, torch.float32, seed=51))
+    assert cuda_ops.markov_chain(U, anchors, w1, w2, temperature, seeds=seeds) is NotImplemented
+    draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    assert draft.tokens.shape == (65536, 1) and int(draft.tokens.max()) < 64
 
 
 @pytest.mark.parametrize("R", [1, 16, 130])  # small-batch chain, fused step, cuBLAS path

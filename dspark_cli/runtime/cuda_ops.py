@@ -18,6 +18,11 @@ _state = {"tried": False, "loaded": None, "error": None, "note": None,
           "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
 
 
+# Requests per call our chain and rejection kernels take: some put the request on the grid's y axis,
+# whose limit this is (a launch beyond it fails); the torch reference serves larger batches.
+MAX_REQUESTS = 65535
+
+
 def library_path() -> Path | None:
     explicit = os.environ.get("DSPARK_OPS_LIB")
     if explicit:
@@ -97,7 +102,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     rebuilds the warped rows with them."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
-    if seeds is None or w1.dtype != w2.dtype:
+    if seeds is None or w1.dtype != w2.dtype or U.shape[0] > MAX_REQUESTS:
         return NotImplemented
     if U.shape[2] >= 2**31 or not all(t.dtype in (torch.bfloat16, torch.float16, torch.float32) for t in (U, w1)):
         return NotImplemented
@@ -142,7 +147,7 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     None: request r's rows start at r·row_stride."""
     from dspark_cli.runtime.rejection import VerifyResult
 
-    if seeds is None or uniforms is not None or exp_noise is not None:
+    if seeds is None or uniforms is not None or exp_noise is not None or draft.tokens.shape[0] > MAX_REQUESTS:
         return NotImplemented
     row_stats = block_counter = thresholds = None
     if draft.q is not None:
