@@ -151,14 +151,15 @@ class Batch(SimpleNamespace):
         return len(self.requests)
 
 
-def _batch(B: int, S: int, prefill: bool, device: str = "cpu", first_id: int = 10, do_sample=None) -> Batch:
+def _batch(B: int, S: int, prefill: bool, device: str = "cpu", first_id: int = 10, do_sample=None,
+           top_k: int = 0, top_p: float = 1.0) -> Batch:
     """The FlashCausalLMBatch fields hooks.choose reads (tests/test_tgi_chooser.py: against TGI's own
     chooser), requests without processors (greedy unless do_sample says); prefill: one 4-token
     prompt per request. TGI keeps these tensors on the model's device."""
     chooser = SimpleNamespace(do_sample=do_sample or [False] * B, watermark_processor=None, repetition_processor=None,
                               frequency_processor=None, grammar_processor=None, warpers=[],
                               fsm_grammar_states=[0] * B)
-    params = SimpleNamespace(seed=7, temperature=1.0, top_k=0, top_p=1.0)
+    params = SimpleNamespace(seed=7, temperature=1.0, top_k=top_k, top_p=top_p)
     history = torch.randint(0, tiny_models.VOCAB - 2, (B, 8), device=device)
     n = 4 if prefill else 1
     return Batch(
@@ -181,15 +182,16 @@ def _choose(spec, B, S, prefill, logits_dtype=torch.float32, device="cpu", **bat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_choose_drafts_on_the_gpu_with_the_requests_seeds(checkpoints):
+@pytest.mark.parametrize("warp", [{}, {"top_k": 5, "top_p": 0.9}], ids=["plain", "top-k-top-p"])
+def test_choose_drafts_on_the_gpu_with_the_requests_seeds(checkpoints, warp):
     """The step's counter-based keys (step_seeds) are made on the host: drafting passed them to the
     chain as they were, "all inputs must be on one device: ... seeds on cpu" at TGI's warmup, so the
-    shard could not start on a GPU."""
+    shard could not start on a GPU. Warped: the per-request top-k/top-p, host-made too."""
     spec = _speculation(checkpoints, "cuda")
     B, S = 2, 4
-    first = _choose(spec, B, S, prefill=True, device="cuda", do_sample=[False, True])
+    first = _choose(spec, B, S, prefill=True, device="cuda", do_sample=[False, True], **warp)
     assert first[4].device.type == "cuda" and first[4].shape == (B, 3)
-    second = _choose(spec, B, S, prefill=False, device="cuda", do_sample=[False, True])
+    second = _choose(spec, B, S, prefill=False, device="cuda", do_sample=[False, True], **warp)
     assert second[3].device.type == "cuda" and second[3].shape == (B,)
 
 
