@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
-from dspark_cli.runtime import cuda_ops
+from dspark_cli.runtime import _checks, cuda_ops
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
 # bound on its transient K/V copy (at 8 KV heads × 128 dims, bf16, 512 MB for K and V together).
@@ -69,15 +69,15 @@ class DraftConfig:
                   "mask_token_id")
         for key in counts:
             value, least = c.get(key), 0 if key == "mask_token_id" else 1
-            if not _whole(value, least):
+            if not (_checks.integer(value) and value >= least):
                 raise ValueError(f"{file}: {key!r} must be a whole number ≥ {least}, got {value!r}")
         ids = c.get("target_layer_ids")
-        if not isinstance(ids, list) or not ids or not all(_whole(i, 0) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(_checks.integer(i) and i >= 0 for i in ids):
             raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got {ids!r}")
         rope = c.get("rope_parameters") or {}
         reals = {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 1e6)), "rms_norm_eps": c.get("rms_norm_eps", 1e-6)}
         for key, value in reals.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not (_checks.real_number(value) and value > 0):
                 raise ValueError(f"{file}: {key!r} must be a number > 0, got {value!r}")
         return cls(hidden_size=c["hidden_size"], num_heads=c["num_attention_heads"],
                    num_kv_heads=c["num_key_value_heads"],
@@ -85,10 +85,6 @@ class DraftConfig:
                    num_layers=c["num_hidden_layers"], block_size=c["block_size"], mask_token_id=c["mask_token_id"],
                    target_layer_ids=list(ids), rope_theta=float(reals["rope_theta"]),
                    rms_norm_eps=float(reals["rms_norm_eps"]))
-
-
-def _whole(value, least: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= least
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
