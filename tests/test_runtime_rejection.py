@@ -359,47 +359,55 @@ def test_mismatched_drafts_and_token_ids_raise_clear_errors():
 
 def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
     """A verify batch made of rows of drafts from different steps (lazy with and without top-k,
-    stored): each request's tokens are those its own draft gives it (seeded noise is per request);
-    one draft taken whole comes back as it is; stored and lazy parts do not mix."""
+    stored, a row named twice, a gathered draft gathered again): each request's tokens are those
+    its own draft, verified in its own batch, gives it (seeded noise is per request); one draft
+    taken whole comes back as it is; all-stored parts become one stored draft."""
     from dspark_cli.runtime import gather_drafts
 
     g = torch.Generator().manual_seed(11)
     gamma, V, r = 3, 30, 4
     w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
 
-    def draft(R, seed, return_q, top_k=None):
+    def draft(R, seed, return_q, top_k=None, w=(w1, w2)):
         U = torch.randn(R, gamma, V, generator=g)
         T = torch.tensor([1.0, 0.0, 0.8, 1.3][:R])
-        return markov_chain(U, torch.randint(0, V, (R,), generator=g), w1, w2, T, seeds=torch.arange(R) + seed,
+        return markov_chain(U, torch.randint(0, V, (R,), generator=g), *w, T, seeds=torch.arange(R) + seed,
                             return_q=return_q, top_k=top_k)
 
     a, b = draft(3, 0, False), draft(2, 10, False, top_k=torch.tensor([5, 0]))
-    parts = [(b, [1]), (a, [2, 0]), (b, [0])]
-    batch = gather_drafts(parts)
-    assert batch.q is None and batch.source.top_k.tolist() == [0, 0, 0, 5]
+    stored = draft(2, 20, True)
+    other_weights = draft(2, 30, False, w=(torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)))
+    order = [(b, 1), (a, 2), (a, 0), (b, 0), (stored, 1), (other_weights, 0), (a, 2)]
+    batch = gather_drafts([(b, [1]), (a, [2, 0]), (b, [0]), (stored, [1]), (other_weights, [0]), (a, [2])])
+    assert batch.q is None and batch.source is None
+    assert torch.equal(batch.tokens, torch.stack([d.tokens[row] for d, row in order]))
     assert gather_drafts([(a, [0, 1, 2])]) is a
-    R = 4
-    q = torch.stack([batch.q_rows(torch.full((R,), k)) for k in range(gamma)], 1)
+    R = len(order)
+    q = torch.stack([torch.stack([d.q_rows(torch.full((d.tokens.shape[0],), k))[row] for k in range(gamma)])
+                     for d, row in order])
     target = _dist(g, R, gamma + 1, V)
     target[:, :gamma] = 0.7 * q + 0.3 * target[:, :gamma]  # near q: acceptances and rejections
-    ell = torch.tensor([3, 2, 3, 1])
+    ell = torch.tensor([3, 2, 3, 1, 2, 3, 0])
     seeds = torch.arange(R) * 7 + 1
-    res = rejection_sample(target, batch, ell, greedy=batch.source.temperature < 1e-5, seeds=seeds)
-    for i, (d, row) in enumerate([(b, 1), (a, 2), (a, 0), (b, 0)]):
-        alone = gather_drafts([(d, [row])])
-        one = rejection_sample(target[i:i + 1], alone, ell[i:i + 1], greedy=alone.source.temperature < 1e-5,
-                               seeds=seeds[i:i + 1])
-        assert torch.equal(one.output_tokens[0], res.output_tokens[i]), i
+    greedy = torch.stack([d.source.temperature[row] < 1e-5 if d.source else torch.tensor(False) for d, row in order])
+    res = rejection_sample(target, batch, ell, greedy=greedy, seeds=seeds)
+    for i, (d, row) in enumerate(order):
+        n = d.tokens.shape[0]
+        # row `row` verified in its own draft's batch, the other rows verifying nothing
+        t = target[i:i + 1].expand(n, -1, -1).contiguous()
+        one = rejection_sample(t, d, torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor([row]), int(ell[i])),
+                               greedy=torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor([row]), bool(greedy[i])),
+                               seeds=torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor([row]), int(seeds[i])))
+        assert torch.equal(one.output_tokens[row], res.output_tokens[i]), i
     assert 0 < int(res.num_accepted.sum()) < int(ell.sum())
-    stored = draft(2, 20, True)
+    again = gather_drafts([(batch, [3, 0]), (a, [1])])  # rows of a gathered draft name their own drafts
+    assert [(id(d), rows) for d, rows in again.parts] == [(id(b), [0, 1]), (id(a), [1])]
     assert torch.equal(gather_drafts([(stored, [1]), (stored, [0])]).q, stored.q.flip(0))
-    with pytest.raises(ValueError, match="every part must store q, or every part must carry its source"):
-        gather_drafts([(a, [0]), (stored, [0])])
-    warped = draft(2, 30, False, top_k=torch.tensor([4, 4]))
-    warped.source.row_stats = torch.zeros(2, gamma, 2)  # as our CUDA chain leaves a warped draft
-    warped.source.thresholds = torch.zeros(2, gamma)
-    with pytest.raises(ValueError, match="cannot join drafts of the torch reference"):
-        gather_drafts([(warped, [0]), (a, [1])])
+    flat = rejection_sample_flat(target[:, :2].reshape(2 * R, V), torch.arange(0, 2 * R + 1, 2), batch,
+                                 greedy=greedy, seeds=seeds)
+    capped = rejection_sample(target[:, :2].contiguous(), batch, torch.ones(R, dtype=torch.int64), greedy=greedy,
+                              seeds=seeds)
+    assert torch.equal(flat.output_tokens, capped.output_tokens)
 
 
 @pytest.mark.parametrize("part, message", [

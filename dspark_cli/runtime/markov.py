@@ -45,6 +45,9 @@ class MarkovDraft:
     prev_emb: torch.Tensor  # [R, γ, r] W1[x_{k-1}] (x_0 = anchor), for the confidence head
     source: DraftSource | None = None  # set when q is None, so residual rows can be rebuilt
     confidence_logits: torch.Tensor | None = None  # [R, γ] fp32 z_k when markov_chain got `confidence`
+    # gather_drafts' regrouped rows without q: [(the draft they came from, its rows), ...] in batch
+    # order; rejection verifies them part by part with those drafts (q_rows does not serve them)
+    parts: list | None = None
 
     def q_rows(self, position: torch.Tensor) -> torch.Tensor:
         """q_{position_r + 1} for each request r (0-based draft position) -> [R, V] fp32."""
@@ -66,15 +69,17 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     """One draft of the requests `parts` names, in order: [(draft, its row indices), ...], for a
     verify batch assembled from requests drafted in different steps (an engine that filters and
     merges batches between draft and verify). One draft taken whole and in order comes back as it
-    is: no copy, and our CUDA chain's block counter stays with it (one-launch verification).
-    Otherwise rows are copied; a stored q, or a lazy draft's source (U rows, anchors, warps, and the
-    CUDA chain's row stats and thresholds when every part has them: else the rejection recomputes
-    the rows' stats, to the last bit of the chain's; warped drafts of our chain need every part's
-    stats), never both kinds in one batch."""
+    is: no copy, and our CUDA chain's block counter stays with it (one-launch verification). Parts
+    that all store q are copied into one draft. Otherwise only the rows' tokens, q_token, prev_emb
+    and confidence logits are copied, and the draft keeps the parts: rejection_sample verifies each
+    with the draft it came from, at that draft's batch size, so every rebuilt q row is the one the
+    chain sampled from to the last bit (a bias GEMM's last bits depend on the batch size, and a
+    top-k/top-p row rebuilt at another could drop the entry at its threshold)."""
     if not parts:
         raise ValueError("gather_drafts needs at least one (draft, rows) part")
     for i, part in enumerate(parts):
         _check_part(i, part)
+    parts = _drafted_rows(parts)
     first, first_rows = parts[0]
     for i, (draft, _) in enumerate(parts[1:], 1):
         if draft.tokens.shape[1] != first.tokens.shape[1] or _vocab(draft) != _vocab(first):
@@ -86,41 +91,32 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     idx = [torch.as_tensor(rows, dtype=torch.int64).to(device) for _, rows in parts]
     drafts = [d for d, _ in parts]
 
-    def cat(field, items=None):
-        items = [getattr(d, field) for d in drafts] if items is None else items
+    def cat(field):
+        items = [getattr(d, field) for d in drafts]
         if any(t is None for t in items):
             return None
         return torch.cat([t.index_select(0, i) for t, i in zip(items, idx)])
 
     if all(d.q is not None for d in drafts):
         return MarkovDraft(cat("tokens"), cat("q_token"), cat("q"), cat("prev_emb"), None, cat("confidence_logits"))
-    sources = [d.source for d in drafts]
-    if any(d.q is not None or s is None for d, s in zip(drafts, sources)):
-        raise ValueError("gather_drafts: every part must store q, or every part must carry its source")
-    w1, w2 = sources[0].w1, sources[0].w2
-    if any(s.w1 is not w1 or s.w2 is not w2 for s in sources):
-        raise ValueError("gather_drafts: the parts were drafted with different Markov weights")
+    return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), None, cat("confidence_logits"),
+                       parts=[(d, list(rows)) for d, rows in parts])
 
-    def warp(field, off):  # a part without this warp is unwarped: fill the value that means off
-        if all(getattr(s, field) is None for s in sources):
-            return None
-        return cat(field, [getattr(s, field) if getattr(s, field) is not None
-                           else torch.full((s.U.shape[0],), off, dtype=torch.int64 if field == "top_k"
-                                           else torch.float32, device=device) for s in sources])
 
-    row_stats = cat("row_stats", [s.row_stats for s in sources])
-    thresholds = None
-    if row_stats is None and any(s.thresholds is not None for s in sources):
-        # without the CUDA chain's row stats the CUDA rejection cannot take the thresholds, and
-        # torch's rebuilt warped rows may keep or drop the entry at a threshold: not the q sampled from
-        raise ValueError("gather_drafts: top-k/top-p drafts of our CUDA chain cannot join drafts of the torch reference")
-    if any(s.thresholds is not None for s in sources):
-        thresholds = cat("thresholds", [s.thresholds if s.thresholds is not None
-                                        else torch.full(s.U.shape[:2], -torch.inf, device=device) for s in sources])
-    source = DraftSource(cat("U", [s.U for s in sources]), cat("anchors", [s.anchors for s in sources]), w1, w2,
-                         cat("temperature", [s.temperature for s in sources]), warp("top_k", 0), warp("top_p", 1.0),
-                         row_stats, None, thresholds)
-    return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), source, cat("confidence_logits"))
+def _drafted_rows(parts) -> list[tuple[MarkovDraft, list[int]]]:
+    """The parts with a gathered draft's rows named by the drafts they came from, runs of one
+    draft merged."""
+    out: list[tuple[MarkovDraft, list[int]]] = []
+    for draft, rows in parts:
+        origin = [(draft, row) for row in range(draft.tokens.shape[0])] if draft.parts is None else [
+            (d, row) for d, own in draft.parts for row in own]
+        for row in rows:
+            d, own = origin[row]
+            if out and out[-1][0] is d:
+                out[-1][1].append(own)
+            else:
+                out.append((d, [own]))
+    return out
 
 
 def _vocab(draft: MarkovDraft) -> int | None:
@@ -136,6 +132,8 @@ def _check_part(i: int, part) -> None:
     if not isinstance(part, (tuple, list)) or len(part) != 2 or not isinstance(part[0], MarkovDraft):
         raise ValueError(f"gather_drafts: part {i} must be a (MarkovDraft, rows) pair, got {_describe(part)}")
     draft, rows = part
+    if draft.q is None and draft.source is None and draft.parts is None:
+        raise ValueError(f"gather_drafts: part {i}'s draft has neither q nor the inputs to rebuild q rows")
     R = draft.tokens.shape[0]
     if not isinstance(rows, (list, tuple, range)) or not all(
             _checks.integer(row) and 0 <= row < R for row in rows):
@@ -150,11 +148,11 @@ def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp3
 
 def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> torch.Tensor:
     """Rebuild q rows [R, V] fp32 from base logits U_k [R, V] and the previous tokens [R] with the
-    arithmetic markov_chain sampled with (so engines need not keep q [R, γ, V] in memory). On the CPU
-    the W2 product of a batch of other rows (a gathered or filtered batch) can differ from the
-    chain's in the last bit (GEMM blocking; ~1e-8 here): only an entry within that of a top-k/top-p
-    cut could then fall on the other side of it. The CUDA path carries the chain's row stats and
-    thresholds instead."""
+    arithmetic markov_chain sampled with (so engines need not keep q [R, γ, V] in memory). The W2
+    product of a batch of another size can differ from the chain's in the last bit (GEMM blocking;
+    ~1e-8 on the CPU), which could move an entry across a top-k/top-p cut: rejection_sample
+    rebuilds a gathered draft's rows at their drafts' own batch sizes. The CUDA path carries the
+    chain's row stats and thresholds too."""
     _checks.tensor("U_k", U_k, 2, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("U_k", U_k)
     R, V = U_k.shape

@@ -219,6 +219,9 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if exp_noise is not None:
             _checks.nonnegative("exp_noise", exp_noise)
 
+    if draft.parts is not None:
+        return _verify_by_part(target, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
+                               check_values, row_stride)
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
@@ -268,3 +271,57 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     output = torch.where(out_pos < num_accepted.unsqueeze(1), padded, torch.full_like(padded, -1))
     output.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
     return VerifyResult(output, num_accepted)
+
+
+def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
+                    check_values, row_stride) -> VerifyResult:
+    """A regrouped draft (gather_drafts) verified part by part, each part with the draft its rows
+    came from and at that draft's batch size, so its q rows are rebuilt by the kernel, and to the
+    bits, the chain sampled them with. That draft's other rows go along as stand-ins whose output
+    is dropped: greedy, ℓ = 0, on target row 0 (request 0's first row, which every layout has)."""
+    R, gamma = draft.tokens.shape
+    device = target.device
+    if row_start is None:
+        row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
+    output = torch.empty(R, gamma + 1, dtype=torch.int64, device=device)
+    num_accepted = torch.empty(R, dtype=torch.int64, device=device)
+    for part, at, own in _part_calls(draft.parts):
+        at, own = (torch.tensor(x, dtype=torch.int64, device=device) for x in (at, own))
+        n = part.tokens.shape[0]
+        whole = own.numel() == n  # every row of the part's draft is in the batch: no stand-ins
+
+        def placed(values, fill, shape=(n,), dtype=None):
+            if values is None:
+                return None
+            out = torch.full(shape, fill, dtype=dtype or values.dtype, device=device)
+            return out.index_copy_(0, own, values.index_select(0, at))
+
+        if greedy is not None:
+            part_greedy = placed(greedy, True)
+        else:  # stand-ins are greedy: their argmax of row 0 costs no race
+            part_greedy = None if whole else placed(torch.zeros(R, dtype=torch.bool, device=device), True)
+        res = _verify(target, placed(row_start, 0), placed(ell, 0), part, part_greedy, placed(seeds, 0), generator,
+                      placed(uniforms, 0.5, (n, gamma)), placed(exp_noise, 1.0, (n, target.shape[1])),
+                      check_values)
+        output.index_copy_(0, at, res.output_tokens.index_select(0, own))
+        num_accepted.index_copy_(0, at, res.num_accepted.index_select(0, own))
+    return VerifyResult(output, num_accepted)
+
+
+def _part_calls(parts):
+    """(draft, batch positions, its rows) per verification call: one per part, a row named twice
+    in a part going to a second call (a call verifies each of its draft's rows once)."""
+    at = 0
+    for draft, rows in parts:
+        calls: list[tuple[list[int], list[int]]] = []
+        seen: dict[int, int] = {}
+        for i, row in enumerate(rows):
+            k = seen.get(row, 0)
+            seen[row] = k + 1
+            if k == len(calls):
+                calls.append(([], []))
+            calls[k][0].append(at + i)
+            calls[k][1].append(row)
+        for positions, own in calls:
+            yield draft, positions, own
+        at += len(rows)

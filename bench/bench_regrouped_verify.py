@@ -1,0 +1,63 @@
+"""Verification of a regrouped batch, as TGI's DSpark step runs it (eager, lazy top-k drafts), beside
+the batch verified as it was drafted: a filter (one request of the drafted batch finished) and a
+concatenate (two batches drafted apart). Qwen3-4B shapes (V = 151936, r = 256, γ = 7), all ℓ = γ,
+target rows near q (acceptances and rejections). Medians of --repeats calls, one run.
+
+    PYTHONPATH=. python bench/bench_regrouped_verify.py --sizes 16,128"""
+
+import argparse
+import statistics
+
+import torch
+
+from bench.bench_kernels import GAMMA, V, markov_inputs, time_replays
+from dspark_cli.runtime import gather_drafts, markov_chain, rejection_sample
+
+TOP_K = 50
+
+
+def drafted(R: int, seed: int):
+    """A lazy top-k draft of R requests, target rows near its q, and its seeds."""
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, False, seed=seed)
+    top_k = torch.full((R,), TOP_K, dtype=torch.int64, device="cuda")
+    draft = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=False)
+    q = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=True).q
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    noise = torch.rand(R, GAMMA + 1, V, device="cuda", generator=g)
+    target = torch.cat([q, torch.zeros(R, 1, V, device="cuda")], 1) + 0.3 * noise / V
+    return draft, target / target.sum(-1, keepdim=True), seeds
+
+
+def bench(R: int, repeats: int) -> None:
+    whole, target, seeds = drafted(R, seed=R)
+    half_a, target_a, seeds_a = drafted(R // 2, seed=R + 1)
+    half_b, target_b, seeds_b = drafted(R - R // 2, seed=R + 2)
+    kept = list(range(1, R))
+    ell = torch.full((R,), GAMMA, device="cuda")
+    cases = {
+        "as drafted": lambda: rejection_sample(target, whole, ell, seeds=seeds),
+        f"filtered ({R - 1} of {R})": lambda: rejection_sample(
+            target[1:], gather_drafts([(whole, kept)]), ell[1:], seeds=seeds[1:]),
+        f"concatenated ({R // 2} + {R - R // 2})": lambda: rejection_sample(
+            torch.cat([target_a, target_b]), gather_drafts([(half_a, list(range(R // 2))),
+                                                           (half_b, list(range(R - R // 2)))]),
+            ell, seeds=torch.cat([seeds_a, seeds_b])),
+    }
+    base = None
+    for name, call in cases.items():
+        median = statistics.median(time_replays(call, repeats, graph=False)) * 1e3
+        base = base or median
+        print(f"R = {R:4d}  {name:28} {median:8.3f} ms  {median / base:5.2f}x as drafted", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16,128")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    for R in (int(s) for s in args.sizes.split(",")):
+        bench(R, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
