@@ -16,9 +16,9 @@ from dspark_cli.runtime import gather_drafts, markov_chain, rejection_sample
 TOP_K = 50
 
 
-def drafted(R: int, seed: int):
-    """A lazy top-k draft of R requests, target rows near its q, and its seeds."""
-    U, anchors, w1, w2, temperature, seeds = markov_inputs(R, False, seed=seed)
+def drafted(R: int, seed: int, w1, w2):
+    """A lazy top-k draft of R requests by the drafter heads w1, w2, target rows near its q, and its seeds."""
+    U, anchors, _, _, temperature, seeds = markov_inputs(R, False, seed=seed)
     top_k = torch.full((R,), TOP_K, dtype=torch.int64, device="cuda")
     draft = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=False)
     q = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=True).q
@@ -29,9 +29,10 @@ def drafted(R: int, seed: int):
 
 
 def bench(R: int, repeats: int) -> None:
-    whole, target, seeds = drafted(R, seed=R)
-    half_a, target_a, seeds_a = drafted(R // 2, seed=R + 1)
-    half_b, target_b, seeds_b = drafted(R - R // 2, seed=R + 2)
+    _, _, w1, w2, _, _ = markov_inputs(1, False, seed=0)  # one drafter for every batch
+    whole, target, seeds = drafted(R, R, w1, w2)
+    half_a, target_a, seeds_a = drafted(R // 2, R + 1, w1, w2)
+    half_b, target_b, seeds_b = drafted(R - R // 2, R + 2, w1, w2)
     kept = list(range(1, R))
     ell = torch.full((R,), GAMMA, device="cuda")
     cases = {
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     for R in (int(s) for s in args.sizes.split(",")):
+        if R < 2:
+            ap.error(f"--sizes: {R} cannot be concatenated from two batches (2 or more)")
         bench(R, args.repeats)
 
 

@@ -88,7 +88,7 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
     device = first.tokens.device
-    idx = [torch.as_tensor(rows, dtype=torch.int64).to(device) for _, rows in parts]
+    idx = [device_rows(rows, device) for _, rows in parts]
     drafts = [d for d, _ in parts]
 
     def cat(field):
@@ -101,6 +101,13 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
         return MarkovDraft(cat("tokens"), cat("q_token"), cat("q"), cat("prev_emb"), None, cat("confidence_logits"))
     return MarkovDraft(cat("tokens"), cat("q_token"), None, cat("prev_emb"), None, cat("confidence_logits"),
                        parts=[(d, list(rows)) for d, rows in parts])
+
+
+def device_rows(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Host row indices as an int64 index tensor on `device`; to a GPU from pinned memory without
+    a sync (a pageable copy waits for the stream: the host then idles until queued work is done)."""
+    host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def _drafted_rows(parts) -> list[tuple[MarkovDraft, list[int]]]:

@@ -13,7 +13,7 @@ import torch
 
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
-from dspark_cli.runtime.markov import MarkovDraft
+from dspark_cli.runtime.markov import MarkovDraft, device_rows
 
 RESIDUAL_MASS_FLOOR = 1e-8
 
@@ -278,34 +278,56 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     """A regrouped draft (gather_drafts) verified part by part, each part with the draft its rows
     came from and at that draft's batch size, so its q rows are rebuilt by the kernel, and to the
     bits, the chain sampled them with. That draft's other rows go along as stand-ins whose output
-    is dropped: greedy, ℓ = 0, on target row 0 (request 0's first row, which every layout has)."""
+    is dropped: greedy, ℓ = 0, on target row 0 (request 0's first row, which every layout has).
+    A part's batch positions are a slice when consecutive (TGI's case): no index upload for them."""
     R, gamma = draft.tokens.shape
     device = target.device
     if row_start is None:
         row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
+    done = []  # (batch positions, output tokens, accepted counts) per call
+    for part, at, own in _part_calls(draft.parts):
+        n = part.tokens.shape[0]
+        span = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[-1] + 1)) else device_rows(at, device)
+
+        def take(x):
+            return None if x is None else x[span] if isinstance(span, slice) else x.index_select(0, span)
+
+        if own == list(range(n)):  # the part's whole draft, in its order
+            res = _verify(target, take(row_start), take(ell), part, take(greedy), take(seeds), generator,
+                          take(uniforms), take(exp_noise), check_values)
+            done.append((span, res.output_tokens, res.num_accepted))
+            continue
+        own_t = device_rows(own, device)
+
+        def placed(x, fill):
+            return None if x is None else x.new_full((n, *x.shape[1:]), fill).index_copy_(0, own_t, take(x))
+
+        # stand-ins are greedy: their argmax of row 0 costs no race
+        part_greedy = (placed(greedy, True) if greedy is not None
+                       else torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, own_t, False))
+        res = _verify(target, placed(row_start, 0), placed(ell, 0), part, part_greedy, placed(seeds, 0), generator,
+                      placed(uniforms, 0.5), placed(exp_noise, 1.0), check_values)
+        done.append((span, res.output_tokens.index_select(0, own_t), res.num_accepted.index_select(0, own_t)))
+    if len(done) == 1 and _tile_the_batch([done[0][0]], R):
+        return VerifyResult(done[0][1], done[0][2])
+    if _tile_the_batch([span for span, _, _ in done], R):
+        return VerifyResult(torch.cat([t for _, t, _ in done]), torch.cat([a for _, _, a in done]))
     output = torch.empty(R, gamma + 1, dtype=torch.int64, device=device)
     num_accepted = torch.empty(R, dtype=torch.int64, device=device)
-    for part, at, own in _part_calls(draft.parts):
-        at, own = (torch.tensor(x, dtype=torch.int64, device=device) for x in (at, own))
-        n = part.tokens.shape[0]
-        whole = own.numel() == n  # every row of the part's draft is in the batch: no stand-ins
-
-        def placed(values, fill, shape=(n,), dtype=None):
-            if values is None:
-                return None
-            out = torch.full(shape, fill, dtype=dtype or values.dtype, device=device)
-            return out.index_copy_(0, own, values.index_select(0, at))
-
-        if greedy is not None:
-            part_greedy = placed(greedy, True)
-        else:  # stand-ins are greedy: their argmax of row 0 costs no race
-            part_greedy = None if whole else placed(torch.zeros(R, dtype=torch.bool, device=device), True)
-        res = _verify(target, placed(row_start, 0), placed(ell, 0), part, part_greedy, placed(seeds, 0), generator,
-                      placed(uniforms, 0.5, (n, gamma)), placed(exp_noise, 1.0, (n, target.shape[1])),
-                      check_values)
-        output.index_copy_(0, at, res.output_tokens.index_select(0, own))
-        num_accepted.index_copy_(0, at, res.num_accepted.index_select(0, own))
+    for span, tokens, accepted in done:
+        output[span] = tokens
+        num_accepted[span] = accepted
     return VerifyResult(output, num_accepted)
+
+
+def _tile_the_batch(spans, R) -> bool:
+    """Whether the spans are slices covering 0..R in order (then a cat assembles the output)."""
+    at = 0
+    for s in spans:
+        if not isinstance(s, slice) or s.start != at:
+            return False
+        at = s.stop
+    return at == R
 
 
 def _part_calls(parts):
