@@ -382,6 +382,8 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
     assert batch.q is None and batch.source is None
     assert torch.equal(batch.tokens, torch.stack([d.tokens[row] for d, row in order]))
     assert gather_drafts([(a, [0, 1, 2])]) is a
+    with pytest.raises(ValueError, match="^a gathered draft's q rows are rebuilt part by part by rejection_sample$"):
+        batch.q_rows(torch.zeros(len(order), dtype=torch.int64))
     R = len(order)
     q = torch.stack([torch.stack([d.q_rows(torch.full((d.tokens.shape[0],), k))[row] for k in range(gamma)])
                      for d, row in order])

@@ -54,6 +54,8 @@ class MarkovDraft:
         rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
         if self.q is not None:
             return self.q[rows, position]
+        if self.parts is not None:
+            raise ValueError("a gathered draft's q rows are rebuilt part by part by rejection_sample")
         if self.source is None:
             raise ValueError("this draft has neither q nor the inputs to rebuild q rows")
         s = self.source
