@@ -638,10 +638,11 @@ def build_records(engine: str | None, workdir: Path) -> list[dict]:
         except (OSError, ValueError) as exc:
             records.append({"file": str(path), "error": f"unreadable: {exc}"})
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("workdir", ""), str):
-            records.append({"file": str(path), "error": "corrupt: not an object with a string workdir"})
+        named = record.get("workdir", "") if isinstance(record, dict) else None
+        if not isinstance(named, str) or "\0" in named:  # no path holds a NUL (resolve() raised on it)
+            records.append({"file": str(path), "error": "corrupt: not an object with a workdir path"})
             continue
-        if path.name.startswith("engine-") and Path(record.get("workdir", "")).resolve() != workdir.resolve():
+        if path.name.startswith("engine-") and Path(named).resolve() != workdir.resolve():
             continue
         records.append({"file": str(path), "record": record})
     return records

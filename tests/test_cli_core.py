@@ -109,7 +109,7 @@ def test_status_lists_only_this_workdirs_engine_install(toy_env, tmp_path):
     assert [Path(b["file"]).name for b in status["build"]] == ["engine-toy.json"]
 
 
-@pytest.mark.parametrize("text", ["[1]", '{"workdir": 5}'])
+@pytest.mark.parametrize("text", ["[1]", '{"workdir": 5}', '{"workdir": "/tmp/a\\u0000b"}'])  # no path has a NUL
 def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
     assert run_dspark("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
     build = tmp_path / "cache" / "build"
