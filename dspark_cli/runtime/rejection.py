@@ -308,9 +308,9 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
         res = _verify(target, placed(row_start, 0), placed(ell, 0), part, part_greedy, placed(seeds, 0), generator,
                       placed(uniforms, 0.5), placed(exp_noise, 1.0), check_values)
         done.append((span, res.output_tokens.index_select(0, own_t), res.num_accepted.index_select(0, own_t)))
-    if len(done) == 1 and _tile_the_batch([done[0][0]], R):
-        return VerifyResult(done[0][1], done[0][2])
     if _tile_the_batch([span for span, _, _ in done], R):
+        if len(done) == 1:
+            return VerifyResult(done[0][1], done[0][2])
         return VerifyResult(torch.cat([t for _, t, _ in done]), torch.cat([a for _, _, a in done]))
     output = torch.empty(R, gamma + 1, dtype=torch.int64, device=device)
     num_accepted = torch.empty(R, dtype=torch.int64, device=device)
