@@ -402,6 +402,12 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
                                seeds=torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor([row]), int(seeds[i])))
         assert torch.equal(one.output_tokens[row], res.output_tokens[i]), i
     assert 0 < int(res.num_accepted.sum()) < int(ell.sum())
+    twice = gather_drafts([(b, [1]), (b, [1])])  # one row named twice: verified in two calls
+    assert twice.parts == [(b, [1, 1])]
+    both = rejection_sample(target[:2], twice, ell[:2], greedy=greedy[[0, 0]], seeds=seeds[:2])
+    assert torch.equal(both.output_tokens[0], res.output_tokens[0])
+    assert torch.equal(both.output_tokens[1], rejection_sample(target[1:2], gather_drafts([(b, [1])]), ell[1:2],
+                                                               greedy=greedy[:1], seeds=seeds[1:2]).output_tokens[0])
     again = gather_drafts([(batch, [3, 0]), (a, [1])])  # rows of a gathered draft name their own drafts
     assert [(id(d), rows) for d, rows in again.parts] == [(id(b), [0, 1]), (id(a), [1])]
     assert torch.equal(gather_drafts([(stored, [1]), (stored, [0])]).q, stored.q.flip(0))
@@ -432,6 +438,9 @@ def test_gather_drafts_refuses_bad_row_indices(part, message):
     with pytest.raises(ValueError, match="^gather_drafts: " + message):
         gather_drafts([(draft, [0]), part(draft)])
     assert torch.equal(gather_drafts([(draft, [1]), (draft, [1])]).tokens, draft.tokens[[1, 1]])
+    assert torch.equal(gather_drafts([(draft, []), (draft, [1])]).tokens, draft.tokens[[1]])
+    with pytest.raises(ValueError, match=r"^gather_drafts: the parts name no rows \(a verify batch of no requests\)$"):
+        gather_drafts([(draft, []), (draft, [])])
 
 
 def test_gather_drafts_refuses_parts_of_another_block_size_or_vocabulary():

@@ -82,6 +82,8 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     for i, part in enumerate(parts):
         _check_part(i, part)
     parts = _drafted_rows(parts)
+    if not parts:
+        raise ValueError("gather_drafts: the parts name no rows (a verify batch of no requests)")
     first, first_rows = parts[0]
     for i, (draft, _) in enumerate(parts[1:], 1):
         if draft.tokens.shape[1] != first.tokens.shape[1] or _vocab(draft) != _vocab(first):
