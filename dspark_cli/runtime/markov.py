@@ -119,10 +119,9 @@ def _drafted_rows(parts) -> list[tuple[MarkovDraft, list[int]]]:
     draft merged."""
     out: list[tuple[MarkovDraft, list[int]]] = []
     for draft, rows in parts:
-        origin = [(draft, row) for row in range(draft.tokens.shape[0])] if draft.parts is None else [
-            (d, row) for d, own in draft.parts for row in own]
+        origin = None if draft.parts is None else [(d, row) for d, own in draft.parts for row in own]
         for row in rows:
-            d, own = origin[row]
+            d, own = (draft, row) if origin is None else origin[row]
             if out and out[-1][0] is d:
                 out[-1][1].append(own)
             else:

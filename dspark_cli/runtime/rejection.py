@@ -201,6 +201,10 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
         if row_start is None and bool((ell >= row_stride).any()):
             raise ValueError(f"verify lengths must be below the {row_stride} target rows per request, got {ell.tolist()}")
+    if draft.parts is not None:  # each part's call checks the values below, for its draft's rows
+        return _verify_by_part(target, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
+                               check_values, row_stride)
+    if check_values:
         # token ids index target rows and W1: checked with the other value checks (on CPU by
         # default, where min/max cost no device sync); on CUDA the kernels trust them
         _checks.token_ids("draft tokens", draft.tokens, V)
@@ -219,9 +223,6 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if exp_noise is not None:
             _checks.nonnegative("exp_noise", exp_noise)
 
-    if draft.parts is not None:
-        return _verify_by_part(target, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
-                               check_values, row_stride)
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
