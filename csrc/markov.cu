@@ -784,7 +784,7 @@ confidence_kernel(const HT* __restrict__ h, const ET* __restrict__ prev_emb, con
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    float sum = bias[0];
+    float sum = bias != nullptr ? bias[0] : 0.f;  // a head without bias
     for (int w = 0; w < kConfidenceThreads / 32; ++w) sum += warp_sums[w];
     z[i] = sum;
   }
@@ -973,14 +973,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto f32 = U.options().dtype(at::kFloat);
   const bool confidence = conf_h.has_value() && conf_h->defined();
   const int d = confidence ? conf_h->size(-1) : 0;
+  const bool has_bias = conf_bias.has_value() && conf_bias->defined();
   TORCH_CHECK(!confidence || (conf_h->dim() == 3 && conf_h->size(0) == R && conf_h->size(1) == gamma &&
-                              conf_h->is_contiguous() && conf_h->device() == U.device() && conf_weight && conf_bias &&
+                              conf_h->is_contiguous() && conf_h->device() == U.device() && conf_weight &&
                               conf_weight->scalar_type() == at::kFloat && conf_weight->is_contiguous() &&
                               conf_weight->numel() == d + rank && conf_weight->device() == U.device() &&
-                              conf_bias->scalar_type() == at::kFloat && conf_bias->numel() == 1 &&
-                              conf_bias->device() == U.device()),
+                              (!has_bias || (conf_bias->scalar_type() == at::kFloat && conf_bias->numel() == 1 &&
+                                             conf_bias->device() == U.device()))),
               "dspark::markov_chain: the confidence head needs contiguous conf_h [R, γ, d], fp32 conf_weight "
-              "[d + r] and fp32 conf_bias [1] on U's device");
+              "[d + r] and fp32 conf_bias [1] (or none) on U's device");
   const bool has_top_k = top_k.has_value() && top_k->defined(), has_top_p = top_p.has_value() && top_p->defined();
   const bool warped = has_top_k || has_top_p;
   TORCH_CHECK(!has_top_k || (top_k->scalar_type() == at::kLong && top_k->numel() == R && top_k->is_contiguous() &&
@@ -1124,7 +1125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         launch_programmatic(confidence_kernel<HT, ET>, dim3(rows), dim3(kConfidenceThreads), 0, stream,
                             reinterpret_cast<const HT*>(conf_h->data_ptr()),
                             reinterpret_cast<const ET*>(prev_emb.data_ptr()), conf_weight->data_ptr<float>(),
-                            conf_bias->data_ptr<float>(), d, rank, vec, conf_logits.data_ptr<float>());
+                            has_bias ? conf_bias->data_ptr<float>() : nullptr, d, rank, vec,
+                            conf_logits.data_ptr<float>());
       });
     });
   }

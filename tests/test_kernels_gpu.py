@@ -217,7 +217,8 @@ def test_markov_chain_confidence_logits_match_reference(case, h_dtype, d):
 
 
 def test_markov_chain_confidence_head_without_bias_adds_nothing():
-    """bias None (nn.Linear(bias=False)) reaches our op as a zero bias."""
+    """bias None (nn.Linear(bias=False)) reaches our op as no bias (nothing allocated per call): the
+    same logits as a zero bias."""
     from dspark_cli.runtime import confidence_logits, markov_chain
 
     case = MarkovCase(16, 7, 151936, 256, return_q=False, seed=56)
@@ -227,6 +228,8 @@ def test_markov_chain_confidence_head_without_bias_adds_nothing():
               for b in (None, torch.zeros(1, device="cuda"))]
     assert torch.equal(drafts[0].tokens, drafts[1].tokens)
     assert torch.equal(drafts[0].confidence_logits, drafts[1].confidence_logits)
+    op = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False, h, weight.reshape(-1), None)
+    assert torch.equal(op[0], drafts[0].tokens) and torch.equal(op[6], drafts[0].confidence_logits)
     torch.testing.assert_close(drafts[0].confidence_logits, confidence_logits(h, drafts[0].prev_emb, weight, None),
                                atol=1e-4, rtol=1e-5)
 

@@ -423,9 +423,13 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
     (lambda d: (d, [-1]), r"part 1's rows must be a list of row indices in \[0, 2\)"),  # index_select: IndexError
     (lambda d: (d, [0.5]), r"part 1's rows must be a list of row indices"),  # was taken as row 0
     (lambda d: (d, [True]), r"part 1's rows must be a list of row indices"),
+    (lambda d: (d, [1, True]), r"part 1's rows must be a list of row indices"),  # past the all-int fast path
+    (lambda d: (d, (0, 1, 2)), r"part 1's rows must be a list of row indices in \[0, 2\)"),
+    (lambda d: (d, range(3)), r"part 1's rows must be a list of row indices in \[0, 2\)"),
     (lambda d: (d, 1), r"part 1's rows must be a list of row indices"),
     (lambda d: d, r"part 1 must be a \(MarkovDraft, rows\) pair, got a MarkovDraft"),
-], ids=["past-end", "negative", "float", "bool", "int", "no-rows"])
+], ids=["past-end", "negative", "float", "bool", "int-and-bool", "tuple-past-end", "range-past-end", "int",
+        "no-rows"])
 def test_gather_drafts_refuses_bad_row_indices(part, message):
     """A row named twice is no error: that request is verified twice, as asked."""
     from dspark_cli.runtime import gather_drafts
@@ -439,6 +443,7 @@ def test_gather_drafts_refuses_bad_row_indices(part, message):
         gather_drafts([(draft, [0]), part(draft)])
     assert torch.equal(gather_drafts([(draft, [1]), (draft, [1])]).tokens, draft.tokens[[1, 1]])
     assert torch.equal(gather_drafts([(draft, []), (draft, [1])]).tokens, draft.tokens[[1]])
+    assert torch.equal(gather_drafts([(draft, range(1, 2)), (draft, (0, 1))]).tokens, draft.tokens[[1, 0, 1]])
     with pytest.raises(ValueError, match=r"^gather_drafts: the parts name no rows \(a verify batch of no requests\)$"):
         gather_drafts([(draft, []), (draft, [])])
 

@@ -109,12 +109,12 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     conf = (None, None, None)
     if confidence is not None:
         h, weight, bias = confidence
-        bias = torch.zeros(1, device=U.device) if bias is None else bias
         if h.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (
-                isinstance(bias, torch.Tensor) and bias.device == U.device and weight.device == U.device
-                and h.device == U.device):
+                (bias is None or isinstance(bias, torch.Tensor) and bias.device == U.device)
+                and weight.device == U.device and h.device == U.device):
             return NotImplemented
-        conf = (h.contiguous(), weight.reshape(-1).float().contiguous(), bias.reshape(-1).float())
+        conf = (h.contiguous(), weight.reshape(-1).float().contiguous(),
+                None if bias is None else bias.reshape(-1).float())
     warps = (None if top_k is None else top_k.to(torch.int64).contiguous(),
              None if top_p is None else top_p.to(torch.float32).contiguous())
     warped = top_k is not None or top_p is not None

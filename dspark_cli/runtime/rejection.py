@@ -336,6 +336,10 @@ def _part_calls(parts):
     in a part going to a second call (a call verifies each of its draft's rows once)."""
     at = 0
     for draft, rows in parts:
+        if len(set(rows)) == len(rows):  # each row once (a filter or a concatenation): one call
+            yield draft, list(range(at, at + len(rows))), list(rows)
+            at += len(rows)
+            continue
         calls: list[tuple[list[int], list[int]]] = []
         seen: dict[int, int] = {}
         for i, row in enumerate(rows):
