@@ -469,6 +469,27 @@ def test_gather_drafts_refuses_parts_of_another_block_size_or_vocabulary():
             gather_drafts([(base, [0]), (draft(3, 10, return_q), [1])])
 
 
+def test_a_regrouped_verify_reports_the_callers_noise_not_its_stand_ins():
+    """A part verified at its draft's size fills the rows it does not own with stand-in noise (0.5,
+    1.0): an error about the caller's noise names the caller's values only."""
+    from dspark_cli.runtime import gather_drafts
+
+    g = torch.Generator().manual_seed(4)
+    V = 12
+    w1, w2 = torch.randn(V, 4, generator=g), torch.randn(V, 4, generator=g)
+    lazy = markov_chain(torch.randn(3, 2, V, generator=g), torch.tensor([1, 2, 3]), w1, w2, torch.ones(3),
+                        seeds=torch.arange(3), return_q=False)
+    batch = gather_drafts([(lazy, [2, 1])])
+    target = torch.softmax(torch.randn(2, 3, V, generator=g), -1)
+    ell = torch.full((2,), 2)
+    with pytest.raises(ValueError, match=r"^uniforms must lie in \[0, 1\], got values in \[0\.9, 1\.5\]$"):
+        rejection_sample(target, batch, ell, uniforms=torch.tensor([[0.9, 0.9], [0.9, 1.5]]))
+    noise = torch.full((2, V), 2.0)
+    noise[0, 3] = -1.0  # row 2 of the part's call (its draft's row 2)
+    with pytest.raises(ValueError, match=r"^exp_noise must be ≥ 0, got a minimum of -1 at index \[0, 3\]$"):
+        rejection_sample(target, batch, ell, exp_noise=noise)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("q_token", lambda d: d.q_token.double(), "draft q_token must have dtype float32, got float64"),
     ("q_token", lambda d: d.tokens, "draft q_token must have dtype float32, got int64"),

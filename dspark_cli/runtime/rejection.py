@@ -201,6 +201,14 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")
         if row_start is None and bool((ell >= row_stride).any()):
             raise ValueError(f"verify lengths must be below the {row_stride} target rows per request, got {ell.tolist()}")
+        # the caller's noise, here: a part's call would see it with its stand-ins' fill values
+        for name, t in (("uniforms", uniforms), ("exp_noise", exp_noise)):
+            if t is not None and not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if uniforms is not None:
+            _checks.in_unit_interval("uniforms", uniforms)
+        if exp_noise is not None:
+            _checks.nonnegative("exp_noise", exp_noise)
     if draft.parts is not None:  # each part's call checks the values below, for its draft's rows
         return _verify_by_part(target, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
                                check_values, row_stride)
@@ -215,13 +223,6 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
             _check_q_token(draft, ell, greedy)
-        for name, t in (("uniforms", uniforms), ("exp_noise", exp_noise)):
-            if t is not None and not t.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if uniforms is not None:
-            _checks.in_unit_interval("uniforms", uniforms)
-        if exp_noise is not None:
-            _checks.nonnegative("exp_noise", exp_noise)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]
