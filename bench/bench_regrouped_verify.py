@@ -1,12 +1,15 @@
 """Verification of a regrouped batch, as TGI's DSpark step runs it (eager, lazy top-k drafts), beside
 the batch verified as it was drafted: a filter (one request of the drafted batch finished) and a
-concatenate (two batches drafted apart). Qwen3-4B shapes (V = 151936, r = 256, γ = 7), all ℓ = γ,
-target rows near q (acceptances and rejections). Medians of --repeats calls, one run.
+concatenate (two batches drafted apart), and the filter's gather_drafts alone. Qwen3-4B shapes
+(V = 151936, r = 256, γ = 7), all ℓ = γ, target rows near q (acceptances and rejections). Medians
+of --repeats calls, one run: CUDA-event time and the host's time until the call returns (this path
+is host-bound).
 
     PYTHONPATH=. python bench/bench_regrouped_verify.py --sizes 16,128"""
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -43,12 +46,26 @@ def bench(R: int, repeats: int) -> None:
             torch.cat([target_a, target_b]), gather_drafts([(half_a, list(range(R // 2))),
                                                            (half_b, list(range(R - R // 2)))]),
             ell, seeds=torch.cat([seeds_a, seeds_b])),
+        "gather_drafts of the filter": lambda: gather_drafts([(whole, kept)]),
     }
     base = None
     for name, call in cases.items():
         median = statistics.median(time_replays(call, repeats, graph=False)) * 1e3
         base = base or median
-        print(f"R = {R:4d}  {name:28} {median:8.3f} ms  {median / base:5.2f}x as drafted", flush=True)
+        print(f"R = {R:4d}  {name:28} {median:8.3f} ms  {median / base:5.2f}x as drafted   host "
+              f"{statistics.median(host_seconds(call, repeats)) * 1e3:.3f} ms", flush=True)
+
+
+def host_seconds(call, repeats: int) -> list[float]:
+    """Seconds until the call returns, the GPU idle at its start."""
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return out
 
 
 def main() -> None:
