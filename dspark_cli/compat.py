@@ -279,9 +279,13 @@ class _Validator:
 
 
 def replace_scalar(text: str, root_path_keys: list[str], new_value: str) -> str:
-    """Rewrite one scalar in compat.yaml text in place, keeping comments and layout."""
+    """Rewrite one scalar in compat.yaml text in place, keeping comments and layout. An anchored
+    scalar (`&c 5930acc24`) keeps its anchor, so its aliases (`*c`, which compose to the anchored
+    node) follow the new value."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     for key in root_path_keys:
         node = next(v for k, v in node.value if k.value == key)
     start, end = node.start_mark.index, node.end_mark.index
+    if anchor := re.match(r"&\S+\s+", text[start:end]):
+        start += anchor.end()
     return text[:start] + new_value + text[end:]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, replace_scalar
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
 from dspark_cli.workspace import Workspace
 
@@ -23,9 +23,20 @@ def clone_for(engine: str, repo: str) -> Workspace:
     if not path.exists():
         cache_subdir("git")
         git_source.clone(repo, path)
+    elif not _is_clone(path):  # clone() moves a finished clone into place: this one is not ours
+        raise EnvironmentProblem(f"{path} (dspark's cached clone of {engine}) is not a git repository: remove it "
+                                 f"and run dspark compat lock again")
     else:
         git_source.fetch(Workspace(path), repo)
     return Workspace(path)
+
+
+def _is_clone(path: Path) -> bool:
+    """A directory that is the top of a git work tree (not a directory inside another one)."""
+    if not path.is_dir():
+        return False
+    top = Workspace(path).git.run("rev-parse", "--show-toplevel", check=False)
+    return top.returncode == 0 and Path(top.stdout.strip()).resolve() == path.resolve()
 
 
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from dspark_cli import compat
 from dspark_cli.cli import app
 from dspark_cli.compat import CompatError
+from dspark_cli.errors import EnvironmentProblem
 from tests.git_fixtures import dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +240,48 @@ def test_compat_lock_checks_tags_fetched_into_the_cached_clone_after_its_first_c
     moved = _lock(path, url)
     assert moved.exception.exit_code == 2 and str(moved.exception) == f"toy v1.0: tag v1.0 is {upstream['v1.1'][:12]}, but compat.yaml says {short}"
     assert path.read_text() == unlocked
+
+
+def test_compat_lock_follows_a_yaml_anchor_to_its_aliases(tmp_path, monkeypatch):
+    """A commit given once with an anchor and reused by alias: the rewrite dropped the anchor, and
+    the alias then failed to parse (a yaml ComposerError traceback, exit 1)."""
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    short, full = upstream["v1.0"][:9], upstream["v1.0"]
+    path = write_compat(tmp_path, upstream, series_dir, commit=short)
+    pin = path.read_text().split("    pins:\n")[1]
+    again = pin.replace("v1.0:", "again:", 1).replace(f"commit: {short}   # the release", "commit: *rel")
+    path.write_text(path.read_text().replace(f"commit: {short}", f"commit: &rel {short}") + again)
+    result = CliRunner().invoke(app, ["compat", "lock", "--repo", str(upstream["repo"]), "--json"],
+                                env={"DSPARK_COMPAT": str(path)})
+    assert result.exit_code == 0, result.output
+    assert f"commit: &rel {full}   # the release" in path.read_text() and "commit: *rel" in path.read_text()
+    assert {p.name: p.commit for p in compat.load(path).engine("toy").pins.values()} == {"v1.0": full, "again": full}
+
+
+@pytest.mark.parametrize("kind", ["file", "empty directory", "directory inside a repository"])
+def test_compat_lock_refuses_a_cached_clone_that_is_not_one(tmp_path, monkeypatch, kind):
+    """$DSPARK_CACHE/git/<engine> that is not a clone was fetched into: GitPython's
+    InvalidGitRepositoryError traceback, exit 1."""
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    path = write_compat(tmp_path, upstream, series_dir, commit=upstream["v1.0"][:9])
+    cache = tmp_path / "cache"
+    cached = cache / "git" / "toy"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        cached.write_text("")
+    else:
+        cached.mkdir()
+        if kind == "directory inside a repository":
+            git(cache, "init", "-q")
+    result = _lock(path, upstream["repo"].as_uri())
+    assert isinstance(result.exception, EnvironmentProblem) and result.exception.exit_code == 3, result.output
+    assert str(result.exception) == (f"{cached} (dspark's cached clone of toy) is not a git repository: remove it "
+                                     "and run dspark compat lock again")
+    assert "commit: " + upstream["v1.0"][:9] + " " in path.read_text()
 
 
 def test_compat_lock_keeps_crlf_line_endings(tmp_path, monkeypatch):
