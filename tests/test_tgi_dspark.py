@@ -93,6 +93,29 @@ def test_verify_tgi_checks_the_installed_server_package(applied_tree, tmp_path):
     assert stale.returncode == 1 and "DSpark hook (self.dspark.forget() missing" in stale.stdout, stale.stdout
 
 
+@pytest.mark.parametrize("damage", ["marker not Python", "marker not UTF-8", "hook file not UTF-8"])
+def test_verify_tgi_reports_a_damaged_server_package(tmp_path, monkeypatch, damage):
+    """A damaged install (its _dspark.py not Python or not UTF-8, a hooked file not UTF-8) is a
+    problem in the report, as doctor has it: it was a ValueError or UnicodeDecodeError traceback."""
+    from dspark_cli.integrations.tgi.verify import HOOKS, installed_server
+
+    package = tmp_path / "text_generation_server"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "_dspark.py").write_bytes({"marker not Python": b"SERIES = (\n", "marker not UTF-8": b"SERIES = '\xff'\n"}
+                                         .get(damage, b'SERIES = "tgi/v3.3.7"\n'))
+    hooked = package / next(iter(HOOKS))
+    hooked.parent.mkdir(parents=True, exist_ok=True)
+    hooked.write_bytes(b"\xff\xfe" if damage == "hook file not UTF-8" else b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    server = installed_server()
+    assert server["installed"]
+    expected = {"marker not Python": f"{package / '_dspark.py'} is not readable Python",
+                "marker not UTF-8": f"{package / '_dspark.py'} is not readable Python",
+                "hook file not UTF-8": f"{hooked}: unreadable ("}[damage]
+    assert any(p.startswith(expected) for p in server["problems"]), server["problems"]
+
+
 def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):
     """The TGI checks run on the CPU: a CPU torch (this venv's, in CI) is enough, and without a
     server package on the path they still run the drafter/verifier checks and say what is missing."""

@@ -31,19 +31,29 @@ def installed_server() -> dict:
     from dspark_cli.doctor import patch_marker
     from dspark_cli.series import read_series
 
-    marker = patch_marker("text_generation_server")
+    unreadable = None
+    try:
+        marker = patch_marker("text_generation_server")
+    except ValueError as exc:  # a damaged install's marker: reported, as doctor does
+        marker, unreadable = {}, str(exc)
     if marker is None:
         return {"installed": False, "problems": []}
     expected = read_series(Path(__file__).resolve().parents[2] / "patches" / "tgi" / "v3.3.7")
     problems = []
-    if not marker:
+    if unreadable:
+        problems.append(f"{unreadable} (dspark apply tgi, then reinstall)")
+    elif not marker:
         problems.append("text_generation_server has no _dspark.py: not patched (dspark apply tgi, then reinstall)")
     elif marker.get("SERIES") != SERIES or marker.get("PATCHES") != expected:
         problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({SERIES} {expected})")
     root = Path(importlib.util.find_spec("text_generation_server").submodule_search_locations[0])
     for rel, names in HOOKS.items():
         f = root / rel
-        text = f.read_text(encoding="utf-8") if f.is_file() else ""
+        try:
+            text = f.read_text(encoding="utf-8") if f.is_file() else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{f}: unreadable ({exc})")
+            continue
         problems += [f"{f}: DSpark hook ({name}) missing" for name in names if name not in text]
     return {"installed": True, "location": str(root), "series": marker.get("SERIES"), "problems": problems}
 
