@@ -62,6 +62,22 @@ def test_installed_verify_without_torch_or_engine_is_one_line_and_exit_3(tmp_pat
     assert said in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("target", ["ops", "tgi"])
+def test_installed_verify_with_a_torch_that_does_not_import_is_one_line_and_exit_3(tmp_path, target):
+    """torch installed (its version.py is read) but failing to import, as with a missing CUDA
+    library: the checks' own `import torch` was an ImportError traceback, exit 1."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "version.py").write_text("__version__ = '2.13.0'\ncuda = None\n")
+    (stub / "__init__.py").write_text('raise ImportError("libcudnn.so.9: cannot open shared object file")\n')
+    proc = subprocess.run([DSPARK, "verify", target], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(stub.parent)})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip() == ("error: torch 2.13.0 is installed but does not import: libcudnn.so.9: cannot open "
+                                   "shared object file; reinstall torch (pip install --force-reinstall "
+                                   "torch==<the version you need>)"), proc.stderr
+
+
 def test_installed_profile_without_torch_names_what_to_install(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     proc = run("profile", "--model", str(tmp_path), "--out", str(tmp_path / "sps.json"), cwd=tmp_path)

@@ -5,15 +5,20 @@ import typer
 from dspark_cli.commands.params import flag_option
 
 from dspark_cli.cuda_env import torch_info
-from dspark_cli.errors import EnvironmentProblem, missing_module
+from dspark_cli.errors import EnvironmentProblem, missing_module, short_message
 
 
 def _require_torch() -> None:
     """The ops and TGI checks run torch in this process: without it, one line and exit 3. A CPU
     build is enough here (the TGI checks run on the CPU; the ops check says itself that it needs a GPU)."""
-    torch = torch_info()
+    torch = torch_info()  # from torch/version.py: installed, but not yet imported
     if torch.version is None:
         raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
+    try:
+        import torch as _  # noqa: F401  (the checks import it next: a broken install is one line here)
+    except ImportError as exc:  # a missing CUDA library, an undefined symbol
+        raise EnvironmentProblem(f"torch {torch.version} is installed but does not import: {short_message(exc)}; "
+                                 "reinstall torch (pip install --force-reinstall torch==<the version you need>)") from None
 
 
 def register(app: typer.Typer) -> None:
