@@ -635,7 +635,7 @@ def build_records(engine: str | None, workdir: Path) -> list[dict]:
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: nesting too deep)
             records.append({"file": str(path), "error": f"unreadable: {exc}"})
             continue
         named = record.get("workdir", "") if isinstance(record, dict) else None

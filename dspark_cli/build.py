@@ -379,7 +379,7 @@ def library_problem(path: Path, check_sha256: bool = True) -> str | None:
         return f"truncated ({size} bytes: its section table lies beyond the end)"
     try:
         record = json.loads((path.parent / LIBRARY_RECORD).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # a build from before these records: the header is all there is to check
     if not isinstance(record, dict):
         return None
@@ -464,7 +464,7 @@ def read_record(name: str) -> dict | None:
     None if there is none."""
     try:
         record = json.loads((cache_root() / name).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

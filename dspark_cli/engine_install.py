@@ -290,7 +290,7 @@ def run_pip(args: list[str], step: str, hidden: tuple[str, ...] = ()) -> None:
 def _report_installs(report: Path) -> list[dict]:
     try:
         doc = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return []
     return [{"name": item["metadata"]["name"], "version": item["metadata"]["version"]}
             for item in doc.get("install", [])]

@@ -84,7 +84,7 @@ def index_files(package: str) -> tuple[str, list[dict]]:
             files = json.load(response)["files"]
         if not all(isinstance(f, dict) for f in files):
             raise ValueError("'files' is not a list of objects")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise EnvironmentProblem(f"cannot read the package index {index}: {exc}") from None
     return page, files
 

@@ -263,7 +263,7 @@ def _record_statuses(ws: Workspace, result: RebaseResult) -> None:
 def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
     try:
         data = json.loads(_record_file(ws).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         data = {}
     if data.get("branch") != branch or data.get("onto") != ws.resolve_commit(onto) or "patches" not in data:
         raise UsageError(f"{ws.path}: no record of a rebase of {branch} onto {onto} here; nothing to continue "

@@ -286,8 +286,10 @@ class Workspace:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (IsADirectoryError, NotADirectoryError, ValueError, RecursionError) as exc:  # damaged (too deep too)
             problem = f"unreadable ({exc})"
+        except OSError as exc:  # permissions, I/O: the environment's problem, not the state's
+            raise EnvironmentProblem(f"{self.state_file}: cannot read the dspark state ({exc.strerror or exc})") from None
         else:
             problem = _state_shape_problem(state)
             if problem is None:

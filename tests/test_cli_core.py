@@ -122,6 +122,38 @@ def test_a_malformed_build_record_is_reported_corrupt(toy_env, tmp_path, text):
     assert human.returncode == 0 and "engine-toy.json: corrupt" in human.stdout, human.stderr
 
 
+TOO_DEEP = "[" * 100_000 + "]" * 100_000  # json's decoder recurses per level: a RecursionError, not a ValueError
+
+
+def test_a_build_record_nested_too_deep_is_reported_unreadable(toy_env, tmp_path):
+    assert run_dspark("apply", "toy", "-C", str(toy_env["work"])).returncode == 0
+    build = tmp_path / "cache" / "build"
+    build.mkdir(parents=True)
+    (build / "last.json").write_text(TOO_DEEP)
+    status = run_dspark("status", "-C", str(toy_env["work"]), "--json")
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    assert json.loads(status.stdout)["build"][0]["error"].startswith("unreadable: maximum recursion depth")
+
+
+def test_a_state_file_nested_too_deep_is_corrupt_and_one_dspark_may_not_read_is_exit_3(toy_env, locked_out):
+    """A state.json dspark may not read was called corrupt (exit 2, "start over with a new
+    --workdir"); one nested too deep was a RecursionError traceback."""
+    work = toy_env["work"]
+    assert run_dspark("apply", "toy", "-C", str(work)).returncode == 0
+    state_file = work / ".git" / "dspark" / "state.json"
+    good = state_file.read_text()
+    state_file.write_text(TOO_DEEP)
+    deep = run_dspark("status", "-C", str(work))
+    assert deep.returncode == 2 and deep.stderr.startswith(f"error: {state_file}: corrupt dspark state, unreadable "
+                                                           "(maximum recursion depth"), deep.stderr
+    state_file.write_text(good)
+    locked_out(state_file)
+    for command in ("status", "revert"):
+        result = run_bound_by_permissions(command, "-C", str(work))
+        assert result.returncode == 3 and result.stderr == (f"error: {state_file}: cannot read the dspark state "
+                                                            "(Permission denied)\n"), result.stderr
+
+
 @pytest.mark.parametrize("args, code, text", [
     (["apply", "nosuch"], 2, "unknown engine 'nosuch'"),
     (["apply", "toy", "--commit", "v9.9"], 2, "known pins: v1.0"),

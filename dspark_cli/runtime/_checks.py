@@ -137,5 +137,5 @@ def read_json(path, what: str):
     """The parsed JSON file at path; an unreadable or malformed file is one ValueError naming it."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nesting too deep)
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc

@@ -48,7 +48,7 @@ def load_config(path: Path):
         raise FileNotFoundError(f"no config.json at {path}")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{config_file} is not JSON ({exc})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{config_file} has no model_type")

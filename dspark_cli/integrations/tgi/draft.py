@@ -60,7 +60,7 @@ class DraftConfig:
         file = Path(path) / "config.json"
         try:
             c = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"{file}: cannot read the DSpark drafter's config ({exc})") from None
         if not isinstance(c, dict) or "Qwen3DSparkModel" not in (c.get("architectures") or []):
             raise ValueError(f"{path}: not a Qwen3DSparkModel checkpoint "
