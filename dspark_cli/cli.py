@@ -1,22 +1,17 @@
 """The `dspark` command: a thin typer layer; each command lives in dspark_cli/commands/<name>.py
 and exposes `register(app)`. Errors become one line on stderr and the documented exit code."""
 
-import errno
 import importlib
 import sys
 
 import typer
 
-from dspark_cli.errors import EXIT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, DsparkError
+from dspark_cli.errors import EXIT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, PATH_SHAPE_ERRORS, DsparkError
 from dspark_cli import output
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 NoArgsIsHelpError = importlib.import_module(ClickUsageError.__module__).NoArgsIsHelpError
-
-# An OSError of these is a path that cannot be what it was given as (a directory where a file goes, a
-# file where a directory goes, a name too long): bad input (2), not the environment (3).
-PATH_SHAPE_ERRORS = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 

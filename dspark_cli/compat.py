@@ -15,7 +15,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError
 
 SCHEMA_VERSION = 1
 HEX_COMMIT = re.compile(r"[0-9a-f]{7,40}")  # all patterns: fullmatch (`$` would allow a trailing newline)
@@ -114,9 +114,11 @@ def load(path: Path | None = None) -> Compat:
     path = Path(path) if path else default_path()
     try:
         text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+    except (FileNotFoundError, UnicodeDecodeError) as exc:
         raise CompatError(f"{path}: cannot read: {exc}") from None  # a wrong path or not a text file: input
-    except OSError as exc:  # permissions, I/O: the environment (README's exit 3)
+    except OSError as exc:  # permissions, I/O: the environment (README's exit 3); a path's shape: input
+        if exc.errno in PATH_SHAPE_ERRORS:
+            raise CompatError(f"{path}: cannot read: {exc}") from None
         raise EnvironmentProblem(f"{path}: cannot read ({exc.strerror or exc})") from None
     return parse(text, path)
 

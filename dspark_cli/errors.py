@@ -10,11 +10,17 @@ Exit codes (documented in README.md):
   130 interrupted (Ctrl-C); an apply or revert under way restores the workspace first
 """
 
+import errno
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENV = 3
 EXIT_PATCH = 4
 EXIT_INTERRUPTED = 130
+
+# An OSError of these is a path that cannot be what it was given as (a directory where a file goes, a
+# file where a directory goes, a name too long): bad input (2), not the environment (3).
+PATH_SHAPE_ERRORS = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
 
 
 class DsparkError(Exception):

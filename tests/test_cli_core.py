@@ -555,6 +555,10 @@ def test_a_compat_file_that_is_missing_is_exit_2_and_one_dspark_may_not_read_exi
     monkeypatch.setenv("DSPARK_COMPAT", str(tmp_path / "nope.yaml"))
     missing = run_dspark("compat")
     assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path / 'nope.yaml'}: cannot read")
+    too_long = tmp_path / ("a" * 300 + ".yaml")  # was exit 3, "File name too long"
+    monkeypatch.setenv("DSPARK_COMPAT", str(too_long))
+    named = run_dspark("compat")
+    assert named.returncode == 2 and named.stderr.startswith(f"error: {too_long}: cannot read"), named.stderr
     locked = tmp_path / "compat.yaml"
     shutil.copy(REPO_ROOT / "compat.yaml", locked)
     monkeypatch.setenv("DSPARK_COMPAT", str(locked_out(locked)))

@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
 
     @compat_app.command("lock")
     def compat_lock(
+        ctx: typer.Context,
         engines: Optional[List[str]] = text_argument(None, "ENGINES", help="Engines to lock (default: all)."),
         repo: Optional[str] = text_option(None, "--repo", help="Clone URL or local clone to read commits from."),
         as_json: bool = flag_option("--json", help="Machine-readable output."),
@@ -67,6 +68,7 @@ def register(app: typer.Typer) -> None:
         """Replace short commit ids in compat.yaml with full 40-hex ids resolved in a clone."""
         from dspark_cli import compat, compat_lock
 
+        as_json = as_json or ctx.parent.params["as_json"]  # `dspark compat --json lock` asks for JSON too
         loaded = compat.load()
         changes = compat_lock.lock(loaded, engines or list(loaded.engines), repo)
         emit({"path": str(loaded.path), "locked": changes}, as_json, lambda r: say(

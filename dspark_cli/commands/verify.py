@@ -1,5 +1,7 @@
 """`dspark verify ops|vllm|tgi`: check a built extension or a patched engine for real."""
 
+import importlib
+
 import typer
 
 from dspark_cli.commands.params import flag_option
@@ -15,7 +17,7 @@ def _require_torch() -> None:
     if torch.version is None:
         raise EnvironmentProblem(f"{torch.problem}; {torch.hint}")
     try:
-        import torch as _  # noqa: F401  (the checks import it next: a broken install is one line here)
+        importlib.import_module("torch")  # the checks import it next: a broken install is one line here
     except ImportError as exc:  # a missing CUDA library, an undefined symbol
         raise EnvironmentProblem(f"torch {torch.version} is installed but does not import: {short_message(exc)}; "
                                  "reinstall torch (pip install --force-reinstall torch==<the version you need>)") from None
