@@ -106,8 +106,10 @@ def read_series(directory: Path) -> list[str]:
         if not name:
             continue
         # no whitespace at all: a series.lock line ends at the name's first (str.isspace is re's \s)
-        if "/" in name or any(c.isspace() for c in name) or name in (".", ".."):
+        if "/" in name or "\0" in name or any(c.isspace() for c in name) or name in (".", ".."):  # (no path holds a NUL)
             raise UsageError(f"{series_file}:{number}: expected a patch file name without whitespace or '/', got {name!r}")
+        if name in (SERIES_FILE, LOCK_FILE):  # the lock hashes the patches: it cannot be one of them
+            raise UsageError(f"{series_file}:{number}: {name} is the series' own file, not a patch")
         if name in names:
             raise UsageError(f"{series_file}:{number}: {name} is listed twice")
         if not _is_file(directory / name, directory):
@@ -132,22 +134,26 @@ def read_lock(directory: Path) -> dict[str, str]:
     return locked
 
 
-def lock_text(directory: Path) -> str:
-    return "".join(f"{hashlib.sha256(_read_bytes(directory / name)).hexdigest()}  {name}\n"
-                   for name in read_series(directory))
+def lock_entries(directory: Path) -> list[tuple[str, str]]:
+    """(patch name, sha256) of every patch DIR/series lists, in order: what series.lock holds."""
+    return [(name, hashlib.sha256(_read_bytes(directory / name)).hexdigest()) for name in read_series(directory)]
 
 
-def write_lock(directory: Path) -> Path:
+def lock_text(directory: Path, entries: list[tuple[str, str]] | None = None) -> str:
+    return "".join(f"{sha}  {name}\n" for name, sha in (lock_entries(directory) if entries is None else entries))
+
+
+def write_lock(directory: Path, entries: list[tuple[str, str]] | None = None) -> Path:
     lock_file = directory / LOCK_FILE
-    write_text_atomically(lock_file, lock_text(directory))
+    write_text_atomically(lock_file, lock_text(directory, entries))
     return lock_file
 
 
-def check_lock(directory: Path) -> None:
+def check_lock(directory: Path, entries: list[tuple[str, str]] | None = None) -> None:
     """CheckFailed unless series.lock is exactly what `dspark series lock` would write."""
     lock_file = directory / LOCK_FILE
-    current = _read_text(lock_file) if lock_file.is_file() else None
-    if current != lock_text(directory):
+    current = _read_text(lock_file) if lock_file.exists() else None  # a directory there: _read_text says so
+    if current != lock_text(directory, entries):
         raise CheckFailed(f"{lock_file} is out of date; run `dspark series lock {directory}`")
 
 

@@ -604,6 +604,47 @@ def test_a_series_file_dspark_may_not_read_is_exit_3_naming_it(toy_env, locked_o
     assert not toy_env["work"].exists()
 
 
+def test_series_lock_reports_what_it_wrote_even_over_a_lock_it_may_not_read(toy_env, locked_out):
+    """The report was read back from the new lock: over a mode-000 stale lock, the lock was
+    rewritten and the command said it failed (exit 3)."""
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    lock = directory / "series.lock"
+    good = lock.read_text()
+    lock.write_text("stale\n")
+    locked_out(lock)
+    result = run_bound_by_permissions("series", "lock", str(directory), "--json")
+    assert result.returncode == 0, result.stderr
+    assert [p["name"] for p in json.loads(result.stdout)["patches"]] == [line.split()[1] for line in good.splitlines()]
+    lock.chmod(0o644)
+    assert lock.read_text() == good
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("0001\0x.patch", "expected a patch file name without whitespace or '/'"),  # was a ValueError traceback
+    ("series.lock", "series.lock is the series' own file, not a patch"),  # never settled: --check was stale
+])
+def test_a_series_naming_what_cannot_be_a_patch_is_refused(toy_env, line, problem):
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    before = (directory / "series.lock").read_bytes()
+    with open(directory / "series", "a") as handle:
+        handle.write(line + "\n")
+    for check in ([], ["--check"]):
+        result = run_dspark("series", "lock", str(directory), *check, "--json")
+        assert result.returncode == 2 and problem in json.loads(result.stdout)["error"], result.stdout + result.stderr
+    assert (directory / "series.lock").read_bytes() == before
+
+
+def test_series_lock_check_on_a_directory_where_the_lock_goes_is_bad_input_as_lock_is(toy_env):
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    (directory / "series.lock").unlink()
+    (directory / "series.lock").mkdir()
+    for check in ([], ["--check"]):  # --check said "out of date" (exit 1)
+        assert run_dspark("series", "lock", str(directory), *check).returncode == 2
+
+
 def test_a_vllm_python_that_is_not_executable_says_so(tmp_path):
     """DSPARK_VLLM_PYTHON naming a file without an x bit said "no such interpreter" (given as a bare
     name, which is looked up on PATH). exec refuses such a file to root too."""

@@ -119,14 +119,14 @@ def register(app: typer.Typer) -> None:
         """Write DIR/series.lock: the sha256 of every patch listed in DIR/series."""
         from dspark_cli import series as series_files
 
+        entries = series_files.lock_entries(directory)
         if check:
-            series_files.check_lock(directory)
+            series_files.check_lock(directory, entries)
             lock = directory / series_files.LOCK_FILE
-        else:
-            lock = series_files.write_lock(directory)
-        result = {"lock": str(lock), "up_to_date": True, "patches": [
-            {"name": name, "sha256": sha} for name, sha in series_files.read_lock(directory).items()
-        ]}
+        else:  # the report is what was written: the lock is not read back (it may not be readable)
+            lock = series_files.write_lock(directory, entries)
+        result = {"lock": str(lock), "up_to_date": True,
+                  "patches": [{"name": name, "sha256": sha} for name, sha in entries]}
         emit(result, as_json, lambda r: say(
             escape(f"{r['lock']}: {len(r['patches'])} patch(es) " + ("up to date" if check else "locked"))))
 
