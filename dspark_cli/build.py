@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dspark_cli import __version__, cache_dir, cache_subdir, cuda_env
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError
 from dspark_cli.files import check_dir_option, replace_atomically, write_text_atomically
 from dspark_cli.flock import exclusive_nowait, wait_exclusive
 from dspark_cli.series import sha256_of
@@ -207,8 +207,13 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
     env = {"CUDA_HOME": p.cuda_home, "TORCH_CUDA_ARCH_LIST": ";".join(p.archs)}
     if jobs:
         env["MAX_JOBS"] = str(jobs)
-    saved = {k: os.environ.get(k) for k in env}
+    # a compiler variable set but empty counts as unset (our checks and the cache key read it so);
+    # torch would pass it on ("-ccbin  -D...", an empty nvcc path)
+    blank = [k for k in FLAG_ENV if k in os.environ and not os.environ[k]]
+    saved = {k: os.environ.get(k) for k in [*env, *blank]}
     os.environ.update(env)  # torch.utils.cpp_extension reads these from the environment
+    for k in blank:
+        del os.environ[k]
     try:
         _compile(p, verbose)
         problem = library_problem(p.library)  # a fresh directory has no record yet: nothing hashed twice
@@ -548,8 +553,9 @@ def write_wheel(result: BuildResult, out_dir: str | Path) -> Path:
 
     try:
         replace_atomically([(wheel, save)])  # a full disk leaves no truncated wheel for pip to choke on
-    except OSError as exc:
-        raise EnvironmentProblem(f"cannot write the wheel {wheel}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a directory there or a name too long: the --wheel path given (the library stays cached)
+        problem = UsageError if exc.errno in PATH_SHAPE_ERRORS else EnvironmentProblem
+        raise problem(f"cannot write the wheel {wheel}: {exc.strerror or exc}") from None
     return wheel
 
 

@@ -188,6 +188,29 @@ def test_two_builds_in_one_process_write_their_own_library_and_load_neither(tool
     assert build.build("8.0", force=True).status == "built"
 
 
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("g++")), reason="needs ninja and g++")
+def test_an_empty_compiler_variable_counts_as_unset_in_the_build_too(toolchain, monkeypatch, tmp_path):
+    """CXX= (or CC=, PYTORCH_NVCC=) passed our checks as unset, and torch then wrote `cxx = ''` into
+    build.ninja: a failure after compiling had started, naming no variable."""
+    tiny_real_build(monkeypatch, tmp_path)
+    for var in ("CXX", "CC", "PYTORCH_NVCC"):
+        monkeypatch.setenv(var, "")
+    assert build.build("9.0a").status == "built"
+    assert all(os.environ[var] == "" for var in ("CXX", "CC", "PYTORCH_NVCC"))  # given back as they were
+
+
+def test_a_wheel_path_that_cannot_be_one_is_bad_input(toolchain, tmp_path):
+    """A directory where the wheel goes was exit 3 ("Is a directory"), as a disk problem would be."""
+    from dspark_cli.errors import UsageError
+
+    result = build.build("9.0a")
+    name = build.write_wheel(result, tmp_path / "first").name
+    (tmp_path / "second" / name).mkdir(parents=True)
+    with pytest.raises(UsageError, match="^cannot write the wheel .*: Is a directory$") as refused:
+        build.write_wheel(result, tmp_path / "second")
+    assert refused.value.exit_code == 2
+
+
 def test_first_error_skips_the_command_ninja_echoes():
     output = ("Error building extension 'dspark_ops': [1/3] c++ -c ops.cpp\n[2/3] nvcc -DFATAL_X -c warp.cu\n"
               "FAILED: [code=2] markov.cuda.o\n"
