@@ -184,8 +184,8 @@ def compiler_version(path: str) -> str | None:
 
 
 def compiler_problem() -> tuple[str, str] | None:
-    """(problem, fix) when a host compiler torch's cpp_extension runs is missing: cxx_path() for
-    the .cpp files, and $CC, when set, reaches nvcc as -ccbin."""
+    """(problem, fix) when a compiler torch's cpp_extension runs is missing: cxx_path() for the
+    .cpp files; $CC, when set, reaches nvcc as -ccbin; $PYTORCH_NVCC, when set, replaces nvcc."""
     wanted = os.environ.get("CXX")
     if not cxx_path():
         if wanted:
@@ -196,6 +196,10 @@ def compiler_problem() -> tuple[str, str] | None:
     if cc and not shutil.which(cc):
         return (f"$CC is {cc}, which is not an executable (nor on PATH): torch passes it to nvcc as -ccbin",
                 "set CC to an installed host compiler, or unset it")
+    nvcc = os.environ.get("PYTORCH_NVCC")
+    if nvcc and not shutil.which(nvcc):
+        return (f"$PYTORCH_NVCC is {nvcc}, which is not an executable (nor on PATH): torch runs it instead of "
+                "$CUDA_HOME/bin/nvcc", "set PYTORCH_NVCC to an nvcc, or unset it")
     return None
 
 

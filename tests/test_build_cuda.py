@@ -318,6 +318,11 @@ def test_an_arch_nvcc_cannot_build_and_a_missing_compiler_are_one_line_before_bu
         build.plan("9.0a")
     assert str(missing.value) == ("$CXX is /nonexistent/g++, which is not an executable (nor on PATH); "
                                   "set CXX to an installed C++ compiler, or unset it to use c++")
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PYTORCH_NVCC", __file__)  # a file, not executable: ninja's "code=126" once compiling began
+    with pytest.raises(EnvironmentProblem) as not_nvcc:
+        build.plan("9.0a")
+    assert str(not_nvcc.value).startswith(f"$PYTORCH_NVCC is {__file__}, which is not an executable (nor on PATH)")
 
 
 def test_nvcc_lists_the_archs_it_builds():
