@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -314,8 +315,7 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
     _write_ninja_file_and_build_library (same keywords in torch 2.13 and 2.14), writes build.ninja
     and runs ninja, nothing else: no versioning, no loading. Whoever uses the library loads it
     (cuda_ops.load)."""
-    import torch.utils.cpp_extension as ext
-
+    ext = cpp_extension()
     ext.CUDA_HOME = p.cuda_home  # torch resolved its own guess at import; ours is checked
     includes, cublas = _cuda_library_paths(Path(p.cuda_home))
     stopping_children(lambda: ext._write_ninja_file_and_build_library(
@@ -323,6 +323,20 @@ def _compile(p: BuildPlan, verbose: bool) -> None:
         extra_cflags=list(CFLAGS), extra_cuda_cflags=list(CUDA_CFLAGS), extra_sycl_cflags=[],
         extra_ldflags=[cublas], extra_include_paths=includes, build_directory=str(p.directory),
         verbose=verbose, with_cuda=None, with_sycl=False))
+
+
+def cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found, using CUDA_HOME=..."
+    warning: building on a machine without a GPU (CI) is normal here, and the CUDA_HOME it names is
+    torch's guess, which _compile replaces with the one plan() checked."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as ext
+    finally:
+        logger.setLevel(level)
+    return ext
 
 
 def stopping_children(run) -> None:

@@ -231,6 +231,18 @@ def test_a_wheel_installs_beside_the_torch_it_was_built_with(tmp_path):
     check_pip_accepts_the_pin(Path(made.stdout.strip()))
 
 
+@pytest.mark.skipif(not PYTHON, reason="DSPARK_CUDA_TORCH_PYTHON unset (.ci/prepare.d/20-cuda-torch.sh makes it where nvcc exists)")
+def test_the_build_imports_cpp_extension_without_its_no_cuda_runtime_warning():
+    """A build on a machine without a GPU (CI) printed torch's import-time warning "No CUDA runtime is
+    found, using CUDA_HOME=<its guess>": a second stderr line under --json, naming a CUDA_HOME the
+    build does not use."""
+    script = "from dspark_cli.build import cpp_extension; cpp_extension(); import torch; print(torch.cuda.is_available())"
+    out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "No CUDA runtime is found" not in out.stderr, out.stderr
+
+
 def test_build_refuses_cuda_major_mismatch(monkeypatch):
     """One clear line, exit code 3, when nvcc's CUDA major differs from torch's."""
     from dspark_cli import build, cuda_env
