@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -197,9 +198,17 @@ def compiler_problem() -> tuple[str, str] | None:
         return (f"$CC is {cc}, which is not an executable (nor on PATH): torch passes it to nvcc as -ccbin",
                 "set CC to an installed host compiler, or unset it")
     nvcc = os.environ.get("PYTORCH_NVCC")
-    if nvcc and not shutil.which(nvcc):
-        return (f"$PYTORCH_NVCC is {nvcc}, which is not an executable (nor on PATH): torch runs it instead of "
-                "$CUDA_HOME/bin/nvcc", "set PYTORCH_NVCC to an nvcc, or unset it")
+    if nvcc:
+        # torch writes it into ninja's command line as it stands, so it may be a launcher and nvcc
+        # ("ccache nvcc"): the shell runs its first word
+        try:
+            program = shlex.split(nvcc)[0]
+        except (ValueError, IndexError):
+            program = None
+        if not program or not shutil.which(program):
+            return (f"$PYTORCH_NVCC is {nvcc}, whose command {program or '(none)'} is not an executable (nor on "
+                    "PATH): torch runs it instead of $CUDA_HOME/bin/nvcc",
+                    "set PYTORCH_NVCC to an nvcc (or a launcher and nvcc, like 'ccache nvcc'), or unset it")
     return None
 
 

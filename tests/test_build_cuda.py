@@ -334,7 +334,25 @@ def test_an_arch_nvcc_cannot_build_and_a_missing_compiler_are_one_line_before_bu
     monkeypatch.setenv("PYTORCH_NVCC", __file__)  # a file, not executable: ninja's "code=126" once compiling began
     with pytest.raises(EnvironmentProblem) as not_nvcc:
         build.plan("9.0a")
-    assert str(not_nvcc.value).startswith(f"$PYTORCH_NVCC is {__file__}, which is not an executable (nor on PATH)")
+    assert str(not_nvcc.value).startswith(f"$PYTORCH_NVCC is {__file__}, whose command {__file__} is not an "
+                                          "executable (nor on PATH)")
+
+
+def test_pytorch_nvcc_may_be_a_launcher_and_nvcc(monkeypatch, tmp_path):
+    """torch writes $PYTORCH_NVCC into ninja's command line as it stands ("ccache nvcc" is its own
+    example): the shell runs the first word, so that word is what must exist."""
+    from dspark_cli import cuda_env
+
+    for var in ("CC", "CXX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PYTORCH_NVCC", "dspark-test-launcher nvcc")
+    problem = cuda_env.compiler_problem()
+    assert problem and problem[0].startswith("$PYTORCH_NVCC is dspark-test-launcher nvcc, whose command "
+                                             "dspark-test-launcher is not an executable")
+    fake_compilers(tmp_path / "bin", monkeypatch, {"dspark-test-launcher": "4.9"})
+    assert cuda_env.compiler_problem() is None
+    monkeypatch.setenv("PYTORCH_NVCC", "'unbalanced nvcc")
+    assert "whose command (none) is not an executable" in cuda_env.compiler_problem()[0]
 
 
 def test_nvcc_lists_the_archs_it_builds():
@@ -370,7 +388,7 @@ def test_build_key_changes_with_flags(monkeypatch, tmp_path):
     keys.add(build.plan("9.0a").key)
     monkeypatch.setenv("NVCC_APPEND_FLAGS", "-G")
     keys.add(build.plan("9.0a").key)
-    fake_compilers(tmp_path / "bin", monkeypatch, {"clang++": "18.1.3", "gcc-12": "12.3.0"})
+    fake_compilers(tmp_path / "bin", monkeypatch, {"clang++": "18.1.3", "gcc-12": "12.3.0", "ccache": "4.9"})
     monkeypatch.setenv("CXX", "clang++")
     keys.add(build.plan("9.0a").key)
     monkeypatch.setenv("CC", "gcc-12")  # torch passes it to nvcc as -ccbin: the .cu files' host compiler
