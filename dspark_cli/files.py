@@ -17,8 +17,12 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     temporaries are removed: a path renamed already gets its old file back from a hard link made
     (or a copy) before the renames. An existing file keeps its permissions; a new one gets the umask's; a
     symlink is written through (its target replaced, the link kept: the package's compat.yaml links
-    to the repository's). Raises OSError."""
+    to the repository's). A device, pipe or socket at a path is refused (EINVAL), never replaced.
+    Raises OSError."""
     outputs = [(Path(os.path.realpath(path)), save) for path, save in outputs]
+    for path, _ in outputs:
+        if path.exists() and not path.is_file() and not path.is_dir():  # a directory: rename's own error
+            raise OSError(errno.EINVAL, "not a regular file (renaming over it would replace it)", str(path))
     temps, olds, renamed = [], {}, []
     path = None
     try:

@@ -85,3 +85,15 @@ def test_a_symlink_is_written_through_and_kept(tmp_path):
     write_text_atomically(link, "new\n")
     assert link.is_symlink() and target.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compat.yaml", "pkg"]
+
+
+def test_a_device_pipe_or_socket_is_never_renamed_over(tmp_path):
+    """As root, `dspark profile --out /dev/null` replaced the device with a regular file: the
+    temporary was renamed over whatever the path was. A pipe stands in for the device here."""
+    pipe, other = tmp_path / "pipe", tmp_path / "other.json"
+    os.mkfifo(pipe)
+    with pytest.raises(OSError) as refused:
+        replace_atomically([(other, lambda tmp: Path(tmp).write_text("new")),
+                            (pipe, lambda tmp: Path(tmp).write_text("new"))])
+    assert refused.value.filename == str(pipe) and "not a regular file" in refused.value.strerror
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

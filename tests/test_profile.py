@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,13 @@ def test_a_context_past_the_models_positions_is_bad_input(tmp_path):
         "error: --context 64: the model has 16 positions (max_position_embeddings); the timed token sits at "
         "position 64: give --context 15 or less\n"), proc.stderr
     assert _dspark(*args, "--context", "15").returncode == 0
+    # one position: no --context fits (its least is 1), so the advice is not "give --context 0"
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_positions": 1}))
+    proc = _dspark(*args, "--context", "1")
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: --model {tmp_path}: max_position_embeddings is 1 in config.json; a profile needs at least 2 "
+        "(one context token, then the timed one)\n"), proc.stderr
 
 
 @pytest.mark.parametrize("config, reason", [
@@ -186,12 +194,14 @@ def test_default_sweeps():
     assert vllm_capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
 
 
-@pytest.mark.parametrize("where", ["out_dir", "out_cwd", "out_config", "out_under_file", "sglang_dir",
-                                   "sglang_under_file", "same_file"])
+@pytest.mark.parametrize("where", ["out_dir", "out_cwd", "out_config", "out_under_file", "out_fifo", "sglang_dir",
+                                   "sglang_under_file", "sglang_fifo", "same_file"])
 def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
     """Were a traceback and exit 1 after all the timing, --sglang-out leaving our table written alone
-    (--out . a traceback before it; --out the model's config.json overwrote it)."""
+    (--out . a traceback before it; --out the model's config.json overwrote it; --out a pipe, or as
+    root /dev/null, was replaced by a regular file)."""
     (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "pipe")
     (tmp_path / "file.json").write_text("keep")
     config = (model_dir / "config.json").read_text()
     out, sglang = tmp_path / "sps.json", None
@@ -203,6 +213,10 @@ def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
         out = model_dir / "config.json"
     elif where == "out_under_file":
         out = tmp_path / "file.json" / "sub.json"
+    elif where == "out_fifo":
+        out = tmp_path / "pipe"
+    elif where == "sglang_fifo":
+        sglang = tmp_path / "pipe"
     elif where == "sglang_dir":
         sglang = tmp_path / "dir"
     elif where == "sglang_under_file":
@@ -218,7 +232,8 @@ def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
     result = json.loads(proc.stdout)
     assert result["ok"] is False and result["exit_code"] == 2
     assert ("--sglang-out" if where.startswith("sglang") else "--out") in result["error"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.json", "model"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file.json", "model", "pipe"]  # nothing written
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
     assert not any((tmp_path / "dir").iterdir()) and (tmp_path / "file.json").read_text() == "keep"
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json"] and (model_dir / "config.json").read_text() == config
 

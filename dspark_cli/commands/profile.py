@@ -160,16 +160,22 @@ def _check_sizes(config, model: Path, context: int) -> None:
         raise UsageError(f"--model {model}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
                          f"{kv_heads} in config.json")
     positions = getattr(text, "max_position_embeddings", None)  # GPT-2's n_positions answers to it too
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions < 2:
+        raise UsageError(f"--model {model}: max_position_embeddings is {positions} in config.json; a profile "
+                         "needs at least 2 (one context token, then the timed one)")
     if isinstance(positions, int) and context + 1 > positions:
         raise UsageError(f"--context {context}: the model has {positions} positions (max_position_embeddings); "
                          f"the timed token sits at position {context}: give --context {positions - 1} or less")
 
 
 def _check_output(path: Path, option: str) -> None:
-    """Refuse, before any timing, an output path we could not write: a directory or a path under a
-    file is bad input (exit 2); a read-only file or directory is an environment problem (exit 3)."""
+    """Refuse, before any timing, an output path we could not write: a directory, a device, pipe or
+    socket, or a path under a file is bad input (exit 2); a read-only file or directory is an
+    environment problem (exit 3)."""
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():  # written by renaming over it: a device would be replaced
+        raise UsageError(f"{option} {path} is not a regular file (a device, pipe or socket); give a file path")
     if path.exists():
         if not os.access(path, os.W_OK):
             raise EnvironmentProblem(f"{option} {path}: the file is not writable")
