@@ -728,4 +728,6 @@ def owner_running(snapshot: Snapshot) -> bool | None:
         return False  # rebooted since
     if not snapshot.process.startswith(here + " "):
         return None
+    if (proc_stat(snapshot.pid) or ["?"])[0] in ("Z", "X"):
+        return False  # killed and not yet reaped (a pid 1 that never reaps keeps it so): it runs nothing
     return process_tag(snapshot.pid) == snapshot.process

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -369,6 +370,33 @@ def test_a_pid_reused_since_the_kill_does_not_block_recovery(toy):
     refused = run_cli(toy, "apply", "toy", "-C", str(work))
     assert refused.returncode == 2 and "another container or machine" in refused.stderr, refused.stderr
     assert run_cli(toy, "apply", "toy", "-C", str(work), "--force").returncode == 0
+
+
+def test_a_killed_apply_not_yet_reaped_does_not_block_recovery(toy):
+    """SIGKILLed under `timeout` (or in a container whose pid 1 never reaps), the apply stays a
+    zombie with its pid and start time: it was taken for a live run, and recovery refused ("another
+    dspark apply is running") for as long as nobody reaped it."""
+    from dspark_cli.workspace import proc_stat, process_tag
+
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    state_file = work / ".git" / "dspark" / "state.json"
+    state = json.loads(state_file.read_text())
+    zombie = subprocess.Popen(["sleep", "60"])
+    try:
+        zombie.kill()
+        for _ in range(100):  # until the kernel has made it a zombie
+            if proc_stat(zombie.pid)[0] == "Z":
+                break
+            time.sleep(0.01)
+        state["in_progress"].update(pid=zombie.pid, process=process_tag(zombie.pid))  # the kill's own process
+        state_file.write_text(json.dumps(state))
+        recovered = run_cli(toy, "apply", "toy", "-C", str(work))
+        assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
+    finally:
+        zombie.wait()
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
 
 
 @pytest.mark.parametrize("work_since", ["commit", "edit", "both"])
