@@ -171,14 +171,20 @@ def check_place(name: str, place, option: str, use: str) -> Check:
 def patch_marker(module: str) -> dict | None:
     """Literal constants (SERIES, PATCHES, ...) of <module>/_dspark.py; None without the module, {} without
     the marker. Found with find_spec and read with ast: the engine is never imported (vLLM takes seconds).
-    Raises ValueError for a marker that is not valid Python."""
+    Raises ValueError for a marker that is not valid Python or whose SERIES is no string or PATCHES
+    no list of names (what our series write)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
         marker = Path(location) / "_dspark.py"
         if marker.is_file():
-            return marker_constants(marker)
+            values = marker_constants(marker)
+            patches = values.get("PATCHES")
+            if not isinstance(values.get("SERIES"), str) or not (
+                    isinstance(patches, list) and all(isinstance(p, str) for p in patches)):
+                raise ValueError(f"{marker} has no SERIES string and PATCHES list of patch names")
+            return values
     return {}
 
 
@@ -216,7 +222,7 @@ def _patches_check(engine, installed: tuple[str, str], marker: dict, pin) -> Che
     if not marker:
         return Check(name, WARN, f"{dist} {version} installed, without DSpark patches",
                      f"dspark apply {engine.name} --commit {pin.name if pin else '<pin>'} and install the patched tree")
-    series, patches = marker.get("SERIES", "?"), list(marker.get("PATCHES", []))
+    series, patches = marker["SERIES"], marker["PATCHES"]
     detail = f"{dist} {version}, patched with {series} ({len(patches)} patches)"
     if pin is None:
         return Check(name, WARN, f"{detail}; {version} is not pinned in compat.yaml", "dspark compat lists the pins")

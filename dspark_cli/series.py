@@ -187,8 +187,8 @@ def marker_constants(marker: Path) -> dict:
     literals are skipped. Raises ValueError for a file that is not readable Python."""
     try:
         tree = ast.parse(marker.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{marker} is not readable Python: {exc}") from None
+    except (OSError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError) as exc:  # the last two: absurd nesting
+        raise ValueError(f"{marker} is not readable Python: {exc or type(exc).__name__}") from None
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import compat, doctor
-from dspark_cli.series import read_series
+from dspark_cli.series import marker_constants, read_series
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
@@ -121,13 +121,22 @@ def test_stand_in_without_marker_and_unpinned_version(tmp_path, monkeypatch):
 def test_marker_values_are_read_as_literals_only(tmp_path, monkeypatch):
     # Anything that is not a literal assignment is skipped, never evaluated.
     stand_in_site(tmp_path, monkeypatch, marker='SERIES = "vllm/v0.32.0"\nPATCHES = list(open("/etc/passwd"))\n')
-    assert doctor.patch_marker("vllm") == {"SERIES": "vllm/v0.32.0"}
+    marker = tmp_path / "site" / "vllm" / "_dspark.py"
+    assert marker_constants(marker) == {"SERIES": "vllm/v0.32.0"}
+    with pytest.raises(ValueError, match="has no SERIES string and PATCHES list"):
+        doctor.patch_marker("vllm")  # without its PATCHES it is no marker of ours
     assert doctor.patch_marker("json") == {}  # a real package without our marker
     assert doctor.patch_marker("no_such_module_here") is None
 
 
-def test_stand_in_marker_that_is_not_python_warns(tmp_path, monkeypatch):
-    check = engine_check(stand_in_site(tmp_path, monkeypatch, marker="SERIES = (\n"))
+@pytest.mark.parametrize("marker", ["SERIES = (\n", 'SERIES = "vllm/v0.32.0"\nPATCHES = 5\n',
+                                    'SERIES = "vllm/v0.32.0"\nPATCHES = None\n',
+                                    'SERIES = "vllm/v0.32.0"\nPATCHES = {"a": 1}\n', "SERIES = 3\nPATCHES = []\n",
+                                    "x = " + "-" * 200_000 + "1\n"])
+def test_stand_in_marker_that_is_not_ours_warns(tmp_path, monkeypatch, marker):
+    """Not Python, or PATCHES no list of names (an int was a TypeError traceback and no --json
+    document, a dict counted as "1 patches"), or nesting ast cannot parse (a MemoryError)."""
+    check = engine_check(stand_in_site(tmp_path, monkeypatch, marker=marker))
     assert check.status == "warn" and "marker unreadable" in check.detail and "_dspark.py" in check.detail
 
 
