@@ -477,17 +477,20 @@ def _swap_in(new: Path, out_dir: Path, old: Path) -> None:
 # ------------------------------------------------------------------ where the two trees come from
 
 
-def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, resume: bool) -> tuple[Workspace, bool]:
+def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
+                resume: bool) -> tuple[Workspace, bool, str]:
     """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched,
-    and whether this run added it. Everything that can refuse is checked before `git worktree add`:
-    bad input leaves nothing registered in their repository."""
+    whether this run added it, and `onto` as the commit it names in `repo` (in the worktree HEAD or
+    a relative name would be the work branch's own commits). Everything that can refuse is checked
+    before `git worktree add`: bad input leaves nothing registered in their repository."""
     source = Workspace(repo)
     if not source.is_repo():
         raise UsageError(f"{repo}: not a git repository")
     # A work tree deleted by hand stays registered: git would refuse its path ("missing but already
     # registered") and keep its branch checked out. Prune drops only such entries (not locked ones).
     source.git.run("worktree", "prune")
-    if source.resolve_commit(onto) is None:
+    onto_commit = source.resolve_commit(onto)
+    if onto_commit is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
     holder = source.worktree_on(branch)
     if holder is not None and holder != workdir:
@@ -498,16 +501,16 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool, 
         if _common_dir(ws) != _common_dir(source):
             raise UsageError(f"{workdir}: is a git worktree of another repository; use another --workdir")
         check_made_by_rebase(ws)
-        return ws, False
+        return ws, False, onto_commit
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir}: exists, is not empty and is not a worktree of {repo}")
     if resume:
         raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
     check_branch_free(source, branch, force)
-    source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto)
+    source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto_commit)
     ws = Workspace(workdir)
     mark_made_by_rebase(ws)
-    return ws, True
+    return ws, True, onto_commit
 
 
 def _common_dir(ws: Workspace) -> Path:
@@ -519,14 +522,14 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: 
                        force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
     """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
     failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
-    ws, added = worktree_of(repo, workdir, onto, branch, force, resume)
+    ws, added, onto_commit = worktree_of(repo, workdir, onto, branch, force, resume)
     source = Workspace(repo)
     branch_before = source.branch_sha(branch)
     try:
         base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
         if base is None:
             raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
-        return ws, rebase_series(ws, base, ws.resolve_commit(onto), patches, branch, force=force, resume=resume)
+        return ws, rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
     except BaseException:
         if added:
             source.git.run("worktree", "remove", "--force", str(workdir), check=False)

@@ -443,6 +443,23 @@ def test_continue_refuses_commits_that_do_not_match_the_patches_one_to_one(upstr
     assert again.returncode == 2 and "found 2 commits on the new tree" in again.stderr and "expected 3" in again.stderr
 
 
+def test_onto_head_names_the_repositorys_head_not_the_work_trees(upstream):
+    """--onto HEAD (or HEAD~1, @) was resolved in the linked work tree once it existed, where HEAD
+    is the work branch: --continue looked for a rebase onto the user's own resolution commit."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v12.0")
+    head = git(u["repo"], "rev-parse", "HEAD")
+    wd, out = u["tmp"] / "wd12", u["tmp"] / "out12"
+    args = ["--onto", "HEAD", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
+    assert dspark(u, *args).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(wd, "commit", "-q", "-am", "ours: mark f3")
+    done = dspark(u, *args, "--continue")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["onto"] == head and [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
+
+
 def test_continue_without_a_resolution_commit_is_refused(upstream):
     u = upstream
     wd = u["tmp"] / "wd11"
