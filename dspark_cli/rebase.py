@@ -387,7 +387,8 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
     work branch, was checked as compat.yaml's): an out directory that is empty unless `force` (a
     refusal after the rebase would leave its branch).
 
-    A refreshed series replaces `out_dir` whole, so even with `force` it may not be, contain or sit
+    A refreshed series replaces `out_dir` whole, so even with `force` it must be a series directory
+    (a `series` file, no `.git`: a checkout given by mistake was deleted) and may not be, contain or sit
     in a `protected` directory (the --repo, the work tree, the cache: --out equal to --repo deleted
     its .git), nor contain the series being carried (equal to it is the refresh in place)."""
     out = out_dir.resolve()
@@ -400,8 +401,12 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
     if out in source_dir.resolve().parents:
         raise UsageError(f"--out {out_dir} contains the series being carried ({source_dir}); the refreshed "
                          "series replaces its --out whole: choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+        if (out_dir / ".git").exists() or not (out_dir / series_mod.SERIES_FILE).is_file():
+            raise UsageError(f"--out {out_dir} is not a patch series (a git checkout, or no series file); --force "
+                             "replaces only a series directory: choose another --out")
     check_dir_option(out_dir, "--out")
 
 

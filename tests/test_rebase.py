@@ -215,6 +215,18 @@ def test_a_non_empty_out_is_refused_before_any_work(upstream):
     assert run.returncode == 2 and f"{out} exists and is not empty; pass --force to replace it" in run.stderr, run.stderr
     assert len(worktrees(u["repo"])) == 1 and not (u["tmp"] / "wd51").exists()
     assert git(u["repo"], "branch", "--list", "dspark/*") == "" and (out / "keep").read_text() == "mine\n"
+    # --force replaces a series directory only: a checkout of yours (or any directory without a
+    # series file) given as --out was deleted whole
+    git(out, "init", "-q")
+    (out / "series").write_text("0001-x.patch\n")
+    for checkout in (True, False):  # a checkout holding a series file; then a directory without one
+        if not checkout:
+            shutil.rmtree(out / ".git")
+            (out / "series").unlink()
+        forced = dspark(u, "--onto", "v5.1", "--repo", str(u["repo"]), "--out", str(out), "--workdir",
+                        str(u["tmp"] / "wd51"), "--force")
+        assert forced.returncode == 2 and f"--out {out} is not a patch series" in forced.stderr, forced.stderr
+        assert (out / "keep").read_text() == "mine\n" and not (u["tmp"] / "wd51").exists()
 
 
 def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_worktree(upstream):

@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
         series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
         workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
-        force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out."),
+        force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out that holds a series."),
         resume: bool = flag_option("--continue", help="Go on after a conflict you resolved and committed."),
         as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
