@@ -250,14 +250,15 @@ def _record_file(ws: Workspace) -> Path:
     return ws.git_dir / "dspark" / "rebase.json"
 
 
-def _record_statuses(ws: Workspace, result: RebaseResult) -> None:
-    """Remember how each patch applied and its commit, so --continue can match the work branch."""
+def _record_statuses(ws: Workspace, result: RebaseResult, marker_move: dict | None = None) -> None:
+    """Remember how each patch applied and its commit, so --continue can match the work branch;
+    `marker_move`: the branch move refresh_marker is about to make."""
     record = _record_file(ws)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(record, json.dumps({
         "branch": result.branch, "onto": result.onto,
         "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
-                    for o in result.outcomes]}))
+                    for o in result.outcomes], **({"marker_move": marker_move} if marker_move else {})}))
 
 
 def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
@@ -268,7 +269,7 @@ def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
     if data.get("branch") != branch or data.get("onto") != ws.resolve_commit(onto) or "patches" not in data:
         raise UsageError(f"{ws.path}: no record of a rebase of {branch} onto {onto} here; nothing to continue "
                          "(start over with --force)")
-    return data["patches"]
+    return finish_marker_move(ws, branch, data)
 
 
 def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch]) -> list[PatchOutcome]:
@@ -280,9 +281,9 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
     gave an extra commit to a patch that never ran and silently lost that patch's change."""
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
+    recorded = _recorded_outcomes(ws, branch, onto)
     if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
         raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
-    recorded = _recorded_outcomes(ws, branch, onto)
     if [r["patch"] for r in recorded] != [p.name for p in patches]:
         raise UsageError(f"{ws.path}: the series is not the one the last run of {branch} applied; "
                          "start over with --force")
@@ -345,12 +346,39 @@ def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> Non
     remade = {}
     for commit in [owner.commit, *ws.git.out("rev-list", "--reverse", f"{owner.commit}..HEAD").splitlines()]:
         parent = remade[commit] = _remade_with(ws, commit, parent, path, blob)
-    ws.git.run("update-ref", f"refs/heads/{result.branch}", parent, tip)
-    ws.git.run("reset", "-q", "--hard")  # the work tree and index to the branch: only the marker changes
+    # Journaled: a run stopped between here and the record below is finished by the next --continue
+    # (finish_marker_move), whose commits would otherwise match neither record nor branch.
+    _record_statuses(ws, result, {"from": tip, "to": parent, "remade": remade, "path": path})
+    _move_to_remade(ws, result.branch, tip, parent)
     for outcome in result.outcomes:
         outcome.commit = remade.get(outcome.commit, outcome.commit)
     owner.details.append(f"{path}: names {series_name} and the {len(kept)} patches of the refreshed series")
     _record_statuses(ws, result)
+
+
+def _move_to_remade(ws: Workspace, branch: str, tip: str, remade_tip: str) -> None:
+    ws.git.run("update-ref", f"refs/heads/{branch}", remade_tip, tip)
+    ws.git.run("reset", "-q", "--hard")  # the work tree and index to the branch: only the marker changes
+
+
+def finish_marker_move(ws: Workspace, branch: str, record: dict) -> list[dict]:
+    """The recorded outcomes, after finishing a marker refresh the last run journaled and did not
+    complete (stopped between its record and the branch move, or before the work tree followed).
+    Only when the branch is at either end of that move and nothing but the marker differs from it:
+    anything else is the user's and is left to the usual checks."""
+    move, patches = record.get("marker_move"), record["patches"]
+    if not isinstance(move, dict):
+        return patches
+    head = ws.branch_sha(branch)
+    changed = set(ws.git.out("diff", "--name-only", "HEAD").splitlines())
+    if head not in (move.get("from"), move.get("to")) or not changed <= {move.get("path")}:
+        return patches
+    if head == move["from"]:
+        _move_to_remade(ws, branch, move["from"], move["to"])
+    elif changed:
+        ws.git.run("reset", "-q", "--hard")
+    remade = move.get("remade") or {}
+    return [{**p, "commit": remade.get(p.get("commit"), p.get("commit"))} for p in patches]
 
 
 def _remade_with(ws: Workspace, commit: str, parent: str, path: str, blob: str) -> str:

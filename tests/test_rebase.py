@@ -715,6 +715,53 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     assert [p["commit"] for p in json.loads(again.stdout)["patches"]] == [first["commit"], None, third["commit"]]
 
 
+KILL_IN_MARKER_MOVE = """
+import os, signal, sys
+from dspark_cli import rebase
+real, stage = rebase._move_to_remade, sys.argv[-1]
+def move(ws, branch, tip, remade_tip):
+    if stage == "moved":  # the branch moved, the work tree and index not yet
+        ws.git.run("update-ref", f"refs/heads/{branch}", remade_tip, tip)
+    os.kill(os.getpid(), signal.SIGKILL)
+rebase._move_to_remade = move
+from dspark_cli.cli import main
+sys.argv = ["dspark"] + sys.argv[1:-1]
+main()
+"""
+
+
+@pytest.mark.parametrize("stage", ["journaled", "moved"])
+def test_a_continue_killed_while_refreshing_the_marker_is_finished_by_the_next(upstream, stage):
+    """Killed between the marker's remade commits and the record naming them, --continue found
+    commits matching neither and refused for good; the only way on, --force, threw away the
+    human's resolution. The move is journaled: the next --continue finishes it."""
+    import subprocess
+    import sys
+
+    u = upstream
+    directory, names = marker_series(u, "PATCHES = [\n    \"old.patch\",\n]")
+    new_upstream(u, {"other.py": OTHER.replace("D = 4\n", "D = 40\n")}, "v23.0")  # patch 3 conflicts
+    wd, out = u["tmp"] / "wd23", u["tmp"] / "out23"
+    args = ["--onto", "v23.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+            "--series", str(directory)]
+    assert dspark(u, *args).returncode == 4
+    (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 40\nOURS = 44\n"))
+    git(wd, "commit", "-q", "-am", "ours: other")
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_MARKER_MOVE, "rebase", "eng", "--from", "v1.0", *args,
+                             "--continue", stage], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    done = dspark(u, *args, "--continue")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["patches"]
+    assert [p["status"] for p in report] == ["clean", "clean", "resolved"]
+    assert git(wd, "rev-list", "--reverse", "v23.0..HEAD").splitlines() == [p["commit"] for p in report]
+    assert git(wd, "status", "--porcelain") == ""
+    assert series.marker_constants(wd / "eng" / "_dspark.py")["SERIES"] == "eng/v23.0"
+    assert "+OURS = 44" in series.load_series(out, "dspark")[2].path.read_text()  # the resolution kept
+
+
 def test_a_marker_not_in_our_form_is_left_for_a_human_and_said_so(upstream):
     u = upstream
     directory, _ = marker_series(u, "PATCHES = list_of_patches()")
