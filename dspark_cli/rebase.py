@@ -586,13 +586,16 @@ def release_label(release: ReleaseFile) -> str:
     return f"{release.package}=={release.version} {release.file} sha256={release.sha256}"
 
 
-def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile) -> tuple[Workspace, str, str]:
+def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile,
+                    resume: bool = False) -> tuple[Workspace, str, str]:
     """A repository holding two release trees: base (root commit) and onto (its child). The
     release files come from the cache or the index (sha256 checked); a repository that already
-    holds these exact trees is reused."""
+    holds these exact trees is reused. `resume` (--continue) needs one already there."""
     ws = Workspace(workdir)
     if (workdir / ".git").exists():
         check_made_by_rebase(ws)
+    elif resume:  # before downloading and importing two trees for nothing
+        raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
     else:
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir}: exists, is not empty and is not a git repository")

@@ -639,6 +639,18 @@ def test_a_series_stranded_by_a_killed_in_place_refresh_is_recovered_by_the_next
     series.load_series(u["patches"], "dspark")
 
 
+def test_continue_in_release_mode_with_no_rebase_there_fetches_nothing(tmp_path):
+    """Downloaded and imported both release trees (~20 s, a 97 MB repository left behind) before
+    saying there was nothing to continue; the git mode refused at once."""
+    work = tmp_path / "rbw"
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--pin", "p10", "--out",
+                     str(tmp_path / "out"), "--workdir", str(work), "--continue",
+                     env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+    assert run.returncode == 2 and run.stderr.strip() == (
+        f"error: {work}: no rebase to continue here (run without --continue first)"), run.stderr
+    assert not work.exists() and not (tmp_path / "out").exists() and not (tmp_path / "cache" / "releases").exists()
+
+
 def test_a_pin_without_release_files_names_repo_in_release_mode(upstream):
     u = upstream
     run = dspark(u, "--onto", "v2.0")

@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         if repo is not None:
             ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume)
         else:
-            ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release)
+            ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release, resume)
             compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
             result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
