@@ -311,6 +311,8 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
             ws.note_applying(patch.path)
             apply_and_commit(ws, patch, kill_at=f"applied:{count}")
             kill_point(f"committed:{count}")
+        # named before finish: a Ctrl-C after it would be reported as a rollback of an apply that is done
+        stash = ws.stash_ref(snapshot.stash_message) if snapshot.stash_message else None
     except PatchConflict as conflict:
         ws.undo(snapshot, prior_state)
         raise PatchFailed(f"{conflict}; {ws.path} is back to its state before the apply") from None
@@ -318,9 +320,8 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         ws.undo(snapshot, prior_state)
         raise
     ws.finish({**state, "applied": [p.label for p in patches]})
-    if snapshot.stash_message:
-        notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}` "
-                     f"(`git stash pop` in {ws.path} brings them back)")
+    if stash:
+        notes.append(f"your local changes are saved as `{stash}` (`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
 
 
@@ -496,12 +497,13 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
         if changed:
             saved = ws.save_branch(tip)
             notes.append(f"{len(changed)} patch commit(s) holding changes of yours are kept on branch {saved}")
+        stash = ws.stash_ref(snapshot.stash_message) if snapshot.stash_message else None  # before finish, as apply
     except BaseException:
         ws.undo(snapshot, state)
         raise
     ws.finish({**state, "applied": []})
-    if snapshot.stash_message:
-        notes.append(f"your local changes are saved as `{ws.stash_ref(snapshot.stash_message)}`")
+    if stash:
+        notes.append(f"your local changes are saved as `{stash}`")
     return {**result, "status": "reverted", "head": ws.head()}
 
 

@@ -325,6 +325,7 @@ class Workspace:
             try:
                 pushed = self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message,
                                       check=False)
+                stash = self.stash_ref(snapshot.stash_message)  # a Ctrl-C here left the changes only stashed
             except BaseException:
                 # Interrupted (Ctrl-C) before the caller's rollback covers it: git stores the stash
                 # before it cleans the worktree, so with no stash nothing was touched.
@@ -332,7 +333,6 @@ class Workspace:
                     self.restore(snapshot)
                 self.finish(None if first else state)
                 raise
-            stash = self.stash_ref(snapshot.stash_message)
             if pushed.returncode != 0 or stash is None:
                 # Nothing was done yet but this stash: no snapshot may stay behind, or the next run
                 # would take the user's changes for an interrupted operation's and "recover" them.

@@ -335,6 +335,38 @@ def test_ctrl_c_around_the_stash_of_local_changes_rolls_back_and_leaves_no_snaps
     assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
 
 
+@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]], ids=lambda c: c[0])
+@pytest.mark.parametrize("nth", [1, 2], ids=["naming the stash", "naming it for the note"])
+def test_ctrl_c_when_the_stash_is_looked_up_rolls_back(toy, tmp_path, command, nth):
+    """After `git stash push`, the lookup of its stash@{n} was outside every rollback: a Ctrl-C
+    at the first said "rolled back" with the changes left only in the stash; at the second, after
+    the operation had finished, it said "rolled back" of an operation that was done."""
+    work = toy["workdir"]
+    run_apply(toy)
+    if command[0] == "apply":
+        command = [*command, str(make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                                             [("team: add", {"team.py": "T = 1\n"})]))]
+    dirty(work)
+    before = tree_fingerprint(work)
+    bin_dir, waiting, pushed, count = tmp_path / "bin", tmp_path / "waiting", tmp_path / "pushed", tmp_path / "count"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+[ "$1 $2" = "stash push" ] && touch {pushed}
+if [ "$1 $2" = "stash list" ] && [ -e {pushed} ]; then
+  echo x >> {count}
+  if [ "$(wc -l < {count})" -eq {nth} ]; then {real} "$@"; touch {waiting}; sleep 60; exit; fi
+fi
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    code, _, stderr = signal_dspark_when(waiting, signal.SIGINT, *command, "-C", str(work), "--force", env={
+        "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == 130 and "interrupted" in stderr, stderr
+    assert tree_fingerprint(work) == before
+    assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+
+
 def test_a_run_killed_before_its_stash_leaves_the_local_changes_to_the_user(toy, tmp_path):
     """SIGKILL while `git stash push` had not stored anything: the next run finds the snapshot,
     sees nothing was touched, clears it and says so; the changes are the user's, refused as any."""
