@@ -459,6 +459,9 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     notes = []
     result = {"workdir": str(ws.path), "base": base, "branch": branch, "notes": notes,
               "removed": [p.label for p in applied], "kept": [sha for sha, _ in user]}
+    if ws.head() is None:  # HEAD on a branch deleted by hand: "already at base" would be a claim, not a revert
+        raise UsageError(f"{ws.path}: HEAD is on {ws.current_branch() or '?'}, which has no commit (deleted?); "
+                         f"check out a branch or commit (the base is {base[:12]}), then run again")
     if not applied and ws.current_branch() == f"refs/heads/{branch}":
         ws.finish({**state, "applied": []})
         return {**result, "status": "already at base"}

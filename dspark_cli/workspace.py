@@ -651,6 +651,10 @@ def _state_shape_problem(state) -> str | None:
             return f"{key!r} is not a string"
     if not isinstance(state.get("unpinned", False), bool):
         return "'unpinned' is not true or false"
+    if isinstance(state.get("pin"), str):  # the branch apply made: revert would make and check out another
+        wanted = f"dspark/unpinned-{state['base'][:12]}" if state.get("unpinned") else f"dspark/{state['pin']}"
+        if state["branch"] != wanted:
+            return f"'branch' is {state['branch']}, not {wanted}"
     applied = state.get("applied", [])
     if not (isinstance(applied, list) and all(_text(label) for label in applied)):
         return "'applied' is not a list of patch names"

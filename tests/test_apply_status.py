@@ -62,6 +62,26 @@ def test_a_state_file_of_the_wrong_shape_is_one_clear_error(toy, text):
             operation(toy["workdir"])
 
 
+def test_a_state_file_naming_another_branch_than_its_pins_is_one_clear_error(toy):
+    """branch dspark/foo for pin v1.0: revert made and checked out dspark/foo at the base, said
+    "reverted", and left the patched dspark/v1.0 as it was."""
+    path = toy["workdir"] / ".git" / "dspark" / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "branch": "dspark/foo"}))
+    for operation in (applier.status, applier.revert):
+        with pytest.raises(UsageError, match="corrupt dspark state, 'branch' is dspark/foo, not dspark/v1.0;"):
+            operation(toy["workdir"])
+    assert git(toy["workdir"], "branch", "--list", "dspark/foo") == ""
+
+
+def test_revert_with_head_on_a_deleted_branch_is_refused(toy):
+    """dspark/v1.0 deleted while checked out (HEAD unborn, the patched files staged): revert said
+    "already at base", exit 0, and changed nothing."""
+    work = toy["workdir"]
+    git(work, "update-ref", "-d", "refs/heads/dspark/v1.0")
+    with pytest.raises(UsageError, match="HEAD is on refs/heads/dspark/v1.0, which has no commit"):
+        applier.revert(work, force=True)
+
+
 def test_a_state_file_whose_base_is_not_in_the_repository_is_one_clear_error(toy):
     """A full commit id the repository does not have: was exit 3 from git log ("Invalid revision range")."""
     path = toy["workdir"] / ".git" / "dspark" / "state.json"
