@@ -537,6 +537,10 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
         return ws, False, onto_commit
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir}: exists, is not empty and is not a worktree of {repo}")
+    shown = source.git.run("rev-parse", "--show-toplevel", check=False)  # fails in a bare repository: no checkout
+    top = Path(shown.stdout.strip()).resolve() if shown.returncode == 0 else None
+    if top is not None and (workdir.resolve() == top or top in workdir.resolve().parents):  # in their `git status`
+        raise UsageError(f"--workdir {workdir} is inside your checkout {top}; give one outside it")
     if resume:
         raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
     check_branch_free(source, branch, force)

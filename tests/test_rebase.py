@@ -250,6 +250,16 @@ def test_an_onto_ref_that_is_no_branch_name_is_sanitized_and_failures_leave_no_w
     assert git(other, "branch", "--list", "dspark/*") == ""
 
 
+def test_a_workdir_inside_your_checkout_is_refused(upstream):
+    """--workdir R/sub added the linked work tree inside the user's checkout (`?? sub/` in their
+    git status): "your own checkout is never touched"."""
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v5.3")
+    run = dspark(u, "--onto", "v5.3", "--repo", str(u["repo"]), "--workdir", str(u["repo"] / "sub"))
+    assert run.returncode == 2 and f"--workdir {u['repo'] / 'sub'} is inside your checkout {u['repo']}" in run.stderr
+    assert git(u["repo"], "status", "--porcelain") == "" and len(worktrees(u["repo"])) == 1
+
+
 @pytest.mark.parametrize("where", ["main checkout", "linked worktree"])
 def test_a_checkout_of_yours_is_never_a_rebase_workdir(upstream, where):
     """A rebase resets and cleans its work tree: the user's own checkout, or a worktree of theirs,
