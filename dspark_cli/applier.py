@@ -180,12 +180,21 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         raise UsageError(unknown_pin_message(engine, request.commit))
     series_pin = pin or engine.pins[engine.default_pin]
     workdir = given or Path(f"{engine.name}-{series_pin.name if pin else safe_name(request.commit)[:12]}").resolve()
-    check_dir_option(workdir, "--workdir")
-    request = resolve_source(request, made if given else _made_state(workdir), pin)
+    if not given:
+        check_listable(workdir, "--workdir")
+    made = made if given else _made_state(workdir)
+    request = resolve_source(request, made, pin)
     _check_request(request)
     if pin is None and request.source == "pypi":
         raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
     patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything
+    try:
+        check_dir_option(workdir, "--workdir")
+    except EnvironmentProblem:
+        done = _applied_read_only(engine, pin, request, made, workdir, patches)
+        if done is None:
+            raise
+        return done
 
     notes, recovered = [], None
     with ExitStack() as lock:
@@ -242,6 +251,35 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
                    "base": base, "branch": branch, "notes": notes + result.pop("notes"), "drift": drift,
                    "recovered": recovered})
     return result
+
+
+def _applied_read_only(engine: Engine, pin: Pin | None, request: ApplyRequest, state: dict | None, workdir: Path,
+                       patches: list[Patch]) -> dict | None:
+    """The "already applied" result for a workspace we may not write in (a read-only mount or
+    image), when reading it shows exactly this series applied on its branch, from the source asked
+    for, and no operation left unfinished; None otherwise (the caller reports why it cannot write)."""
+    if pin is None or not state or state.get("in_progress") or state.get("engine") != engine.name:
+        return None
+    source, branch = state.get("source") or {}, f"dspark/{pin.name}"
+    if state.get("pin") != pin.name or state.get("branch") != branch or source.get("kind") != request.source:
+        return None
+    ws = Workspace(workdir)
+    if request.source == "pypi":
+        release = pypi_source.choose_release(pin, request.package, request.file)
+        if source.get("sha256") != release.sha256:
+            return None
+    elif request.repo is not None or ws.resolve_commit(pin.commit) != state["base"]:
+        return None
+    tip = ws.branch_sha(branch)
+    if tip is None or ws.current_branch() != f"refs/heads/{branch}":
+        return None
+    applied, _ = ws.applied(state["base"], tip)
+    if [(p.label, p.sha256) for p in applied] != [(p.label, p.sha256) for p in patches]:
+        return None
+    labels = [p.label for p in patches]
+    return {"status": "already applied", "applied": labels, "new": [], "workdir": str(workdir),
+            "engine": engine.name, "pin": pin.name, "source": source, "base": state["base"], "branch": branch,
+            "notes": [f"{workdir} is read-only here: checked, nothing written"], "drift": [], "recovered": None}
 
 
 def _check_same_workspace(state: dict, identity: dict, source: dict, workdir: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dspark_cli import applier, compat
 from dspark_cli.errors import UsageError
 from dspark_cli.workspace import KILL_AT_ENV
-from tests.git_fixtures import git, make_series, make_toy, write_compat
+from tests.git_fixtures import git, make_series, make_toy, tree_fingerprint, write_compat
 from tests.run_cli import run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +80,31 @@ def test_revert_with_head_on_a_deleted_branch_is_refused(toy):
     git(work, "update-ref", "-d", "refs/heads/dspark/v1.0")
     with pytest.raises(UsageError, match="HEAD is on refs/heads/dspark/v1.0, which has no commit"):
         applier.revert(work, force=True)
+
+
+def test_apply_in_a_workspace_it_may_not_write_reports_already_applied_when_it_is(toy, monkeypatch):
+    """A read-only mount or image holding an applied tree: apply was exit 3 ("cannot make anything
+    in ...") though it had nothing to do. The directory made immutable stands in for read-only
+    (root writes through permissions, not through the immutable flag)."""
+    monkeypatch.setenv("DSPARK_COMPAT", str(toy["compat_path"]))
+    work = toy["workdir"]
+    before = tree_fingerprint(work)
+    if subprocess.run(["chattr", "+i", str(work)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        done = run_dspark("apply", "toy", "-C", str(work), "--json")
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["status"] == "already applied" and result["new"] == [] and len(result["applied"]) == 2
+        assert result["notes"] == [f"{work} is read-only here: checked, nothing written"]
+        team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                           [("team: add", {"team.py": "T = 1\n"})])
+        more = run_dspark("apply", "toy", "-C", str(work), "--series", str(team))  # a patch to apply: cannot
+        assert more.returncode == 3 and more.stderr == f"error: --workdir {work}: cannot make anything in {work} " \
+                                                        "(Operation not permitted)\n", more.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(work)], check=True)
+    assert tree_fingerprint(work) == before
 
 
 def test_a_state_file_whose_base_is_not_in_the_repository_is_one_clear_error(toy):
