@@ -271,8 +271,8 @@ def _applied_read_only(engine: Engine, pin: Pin | None, request: ApplyRequest, s
     elif request.repo is not None or ws.resolve_commit(pin.commit) != state["base"]:
         return None
     tip = ws.branch_sha(branch)
-    if tip is None or ws.current_branch() != f"refs/heads/{branch}":
-        return None
+    if tip is None or ws.current_branch() != f"refs/heads/{branch}" or not ws.is_ancestor(state["base"], tip):
+        return None  # the last: a branch rebased elsewhere keeps its patch trailers, not its base
     applied, _ = ws.applied(state["base"], tip)
     if [(p.label, p.sha256) for p in applied] != [(p.label, p.sha256) for p in patches]:
         return None

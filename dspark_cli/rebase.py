@@ -373,6 +373,12 @@ def finish_marker_move(ws: Workspace, branch: str, record: dict) -> list[dict]:
     changed = set(ws.git.out("diff", "--name-only", "HEAD").splitlines())
     if head not in (move.get("from"), move.get("to")) or not changed <= {move.get("path")}:
         return patches
+    # What the stopped run may have left: at `from` an untouched tree; at `to` the marker still as
+    # `from` had it. Any other marker text is an edit of the user's: left to the local-changes refusal.
+    if changed and (head == move["from"] or not (
+            ws.git.ok("diff", "--quiet", move["from"], "--", move["path"])
+            and ws.git.ok("diff", "--cached", "--quiet", move["from"], "--", move["path"]))):
+        return patches
     if head == move["from"]:
         _move_to_remade(ws, branch, move["from"], move["to"])
     elif changed:

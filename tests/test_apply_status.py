@@ -105,6 +105,15 @@ def test_apply_in_a_workspace_it_may_not_write_reports_already_applied_when_it_i
     finally:
         subprocess.run(["chattr", "-i", str(work)], check=True)
     assert tree_fingerprint(work) == before
+    # The branch rebased onto another upstream keeps its patch trailers, not its base: not applied.
+    other = git(work, "commit-tree", "-m", "another upstream", f"{toy['upstream']['v1.1']}^{{tree}}")
+    git(work, "rebase", "-q", "--onto", other, toy["upstream"]["v1.0"], "dspark/v1.0")
+    subprocess.run(["chattr", "+i", str(work)], check=True)
+    try:
+        moved = run_dspark("apply", "toy", "-C", str(work))
+        assert moved.returncode == 3 and "cannot make anything" in moved.stderr, moved.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(work)], check=True)
 
 
 def test_a_state_file_whose_base_is_not_in_the_repository_is_one_clear_error(toy):

@@ -752,8 +752,9 @@ main()
 """
 
 
+@pytest.mark.parametrize("edited", [False, True], ids=["as killed", "marker edited since"])
 @pytest.mark.parametrize("stage", ["journaled", "moved"])
-def test_a_continue_killed_while_refreshing_the_marker_is_finished_by_the_next(upstream, stage):
+def test_a_continue_killed_while_refreshing_the_marker_is_finished_by_the_next(upstream, stage, edited):
     """Killed between the marker's remade commits and the record naming them, --continue found
     commits matching neither and refused for good; the only way on, --force, threw away the
     human's resolution. The move is journaled: the next --continue finishes it."""
@@ -774,6 +775,13 @@ def test_a_continue_killed_while_refreshing_the_marker_is_finished_by_the_next(u
     killed = subprocess.run([sys.executable, "-c", KILL_IN_MARKER_MOVE, "rebase", "eng", "--from", "v1.0", *args,
                              "--continue", stage], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
+    marker = wd / "eng" / "_dspark.py"
+    if edited:  # an edit of the user's since: never reset away, refused as any local change
+        marker.write_text(marker.read_text() + "EXTRA = 1\n")
+        refused = dspark(u, *args, "--continue")
+        assert refused.returncode == 2 and "resolve the conflict markers" in refused.stderr, refused.stderr
+        assert marker.read_text().endswith("EXTRA = 1\n")
+        git(wd, "checkout", "--", "eng/_dspark.py")  # the user drops it: the move is finished after all
     done = dspark(u, *args, "--continue")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)["patches"]
