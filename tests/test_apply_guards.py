@@ -316,19 +316,25 @@ def dirty(work: Path) -> None:
     (work / "notes.txt").write_text("untracked\n")
 
 
-@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]], ids=lambda c: c[0])
-@pytest.mark.parametrize("stashed", [False, True], ids=["before the stash", "after it"])
-def test_ctrl_c_around_the_stash_of_local_changes_rolls_back_and_leaves_no_snapshot(toy, tmp_path, command,
-                                                                                     stashed):
-    """Was exit 130 "rolled back" with the snapshot left behind: the next run called the user's
-    own changes an interrupted operation's work and refused, or with --force saved them away."""
+def applied_and_dirty(toy, command: list[str]) -> tuple[Path, list[str], dict]:
+    """The toy workspace applied, then given local changes; `command` with what it needs (apply gets a
+    team series to apply); the worktree's fingerprint before the command."""
     work = toy["workdir"]
     run_apply(toy)
     if command[0] == "apply":
         command = [*command, str(make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
                                              [("team: add", {"team.py": "T = 1\n"})]))]
     dirty(work)
-    before = tree_fingerprint(work)
+    return work, command, tree_fingerprint(work)
+
+
+@pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]], ids=lambda c: c[0])
+@pytest.mark.parametrize("stashed", [False, True], ids=["before the stash", "after it"])
+def test_ctrl_c_around_the_stash_of_local_changes_rolls_back_and_leaves_no_snapshot(toy, tmp_path, command,
+                                                                                     stashed):
+    """Was exit 130 "rolled back" with the snapshot left behind: the next run called the user's
+    own changes an interrupted operation's work and refused, or with --force saved them away."""
+    work, command, before = applied_and_dirty(toy, command)
     code, stderr = stopped_around_its_stash(toy, tmp_path, [*command, "-C", str(work)], stashed, signal.SIGINT)
     assert code == 130 and "interrupted" in stderr, stderr
     assert tree_fingerprint(work) == before
@@ -341,13 +347,7 @@ def test_ctrl_c_when_the_stash_is_looked_up_rolls_back(toy, tmp_path, command, n
     """After `git stash push`, the lookup of its stash@{n} was outside every rollback: a Ctrl-C
     at the first said "rolled back" with the changes left only in the stash; at the second, after
     the operation had finished, it said "rolled back" of an operation that was done."""
-    work = toy["workdir"]
-    run_apply(toy)
-    if command[0] == "apply":
-        command = [*command, str(make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
-                                             [("team: add", {"team.py": "T = 1\n"})]))]
-    dirty(work)
-    before = tree_fingerprint(work)
+    work, command, before = applied_and_dirty(toy, command)
     bin_dir, waiting, pushed, count = tmp_path / "bin", tmp_path / "waiting", tmp_path / "pushed", tmp_path / "count"
     bin_dir.mkdir()
     real = shutil.which("git")
