@@ -336,7 +336,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         _check_not_in_another_worktree(ws, branch)
     changes = _local_changes(ws, force)
     _refuse_ignored_in_the_way(ws, "apply", [ws.head(), branch_sha or base])  # HEAD: a rollback's reset
-    notes = _save_detached_commits(ws, base, force)
+    notes = _save_detached_commits(ws, base, branch, force)
     if user and todo:
         notes.append(f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top")
     snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
@@ -430,7 +430,7 @@ def _check_branch_name_free(ws: Workspace, branch: str) -> None:
                          f"rename it (`git -C {ws.path} branch -m {blocking} NEWNAME`) and run again")
 
 
-def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
+def _save_detached_commits(ws: Workspace, base: str, branch: str, force: bool) -> list[str]:
     """Commits made on a detached HEAD that no branch holds would become unreachable when we move
     HEAD: refuse, or with --force keep them on a dspark/saved-<sha> branch first."""
     stray = ws.commits_on_no_branch(base)
@@ -439,11 +439,25 @@ def _save_detached_commits(ws: Workspace, base: str, force: bool) -> list[str]:
     head, subject = stray[0]
     saved = f"dspark/saved-{head[:12]}"
     if not force:
+        how = _lost_branch_at_head(ws, base, branch) or f"put them on a branch (`git -C {ws.path} branch NAME {head[:12]}`)"
         raise UsageError(f"HEAD {head[:12]} ({subject}) is detached with {len(stray)} commit(s) on no branch; "
-                         f"put them on a branch (`git -C {ws.path} branch NAME {head[:12]}`), or pass --force "
-                         f"to keep them on branch {saved}")
+                         f"{how}, or pass --force to keep them on branch {saved}")
     ws.git.run("branch", "-f", saved, head)
     return [f"{len(stray)} commit(s) of yours on a detached HEAD are kept on branch {saved}"]
+
+
+def _lost_branch_at_head(ws: Workspace, base: str, branch: str) -> str | None:
+    """How to get the series branch back when it was deleted while a detached HEAD held its patch
+    commits (`git switch --detach; git branch -D`): None when that is not what happened."""
+    head = ws.head()
+    if ws.branch_sha(branch) is not None or head is None or not ws.is_ancestor(base, head):
+        return None
+    patches, user = ws.applied(base, head)
+    if not patches:
+        return None
+    yours = f" and {len(user)} of yours" if user else ""
+    return (f"branch {branch} is gone and HEAD holds its {len(patches)} patch commit(s){yours}: "
+            f"`git -C {ws.path} switch -c {branch}` puts it back")
 
 
 def _enclosing_workspace(path: Path) -> Path | None:
@@ -517,7 +531,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     _check_not_in_another_worktree(ws, branch)
     changes = _local_changes(ws, force)
     _refuse_ignored_in_the_way(ws, "revert", [ws.head(), base, *(sha for sha, _ in user)])  # user's: replayed
-    notes += _save_detached_commits(ws, base, force)
+    notes += _save_detached_commits(ws, base, branch, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
         ws.git.run("checkout", "-q", "-f", "-B", branch, base)
@@ -612,8 +626,8 @@ def status(workdir: Path) -> dict:
         drift.append(f"{len(changes)} local change(s) in the worktree")
     detached = ws.commits_on_no_branch(base)
     if detached:
-        drift.append(f"HEAD is detached with {len(detached)} commit(s) on no branch (newest {detached[0][0][:12]}); "
-                     "put them on a branch before dspark apply or revert")
+        how = _lost_branch_at_head(ws, base, branch) or "put them on a branch before dspark apply or revert"
+        drift.append(f"HEAD is detached with {len(detached)} commit(s) on no branch (newest {detached[0][0][:12]}); {how}")
     elif ws.current_branch() != f"refs/heads/{branch}":
         drift.append(f"HEAD is not on {branch}")
     return {

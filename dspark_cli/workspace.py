@@ -732,6 +732,7 @@ def owner_running(snapshot: Snapshot) -> bool | None:
         return False  # rebooted since
     if not snapshot.process.startswith(here + " "):
         return None
-    if (proc_stat(snapshot.pid) or ["?"])[0] in ("Z", "X"):
-        return False  # killed and not yet reaped (a pid 1 that never reaps keeps it so): it runs nothing
-    return process_tag(snapshot.pid) == snapshot.process
+    fields = proc_stat(snapshot.pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False  # gone, or killed and not yet reaped (a pid 1 that never reaps keeps it so): it runs nothing
+    return f"{here} {fields[19]}" == snapshot.process

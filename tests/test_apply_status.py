@@ -187,6 +187,24 @@ def test_status_names_a_series_layer_it_can_no_longer_read(toy):
         "team/0001-team-readme.patch is applied but no longer in its series"]
 
 
+def test_a_series_branch_deleted_under_a_detached_head_is_named_with_the_way_back(toy):
+    """`git switch --detach; git branch -D dspark/v1.0` leaves the patch commits on no branch:
+    status and apply name them as the series' (not as the user's) and the one command that puts the
+    branch back; after it, apply finds the series applied."""
+    work, env = toy["workdir"], {"DSPARK_COMPAT": str(toy["compat_path"])}
+    git(work, "switch", "-q", "--detach")
+    git(work, "branch", "-D", "dspark/v1.0")
+    way_back = f"branch dspark/v1.0 is gone and HEAD holds its 2 patch commit(s): `git -C {work} switch -c dspark/v1.0` puts it back"
+    doc = json.loads(run_dspark("status", "-C", str(work), "--json", env=env).stdout)
+    assert way_back in doc["drift"][-1]
+    refused = run_dspark("apply", "toy", "-C", str(work), env=env)
+    assert refused.returncode == 2 and way_back in refused.stderr, refused.stderr
+    git(work, "switch", "-q", "-c", "dspark/v1.0")
+    again = run_dspark("apply", "toy", "-C", str(work), "--json", env=env)
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "already applied", again.stderr
+    assert json.loads(run_dspark("status", "-C", str(work), "--json", env=env).stdout)["drift"] == []
+
+
 def killed_apply_state(toy) -> dict:
     """The state file a real apply killed after its first patch commit leaves (an in_progress snapshot)."""
     git(toy["workdir"], "checkout", "-q", "--detach")
