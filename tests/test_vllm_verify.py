@@ -34,6 +34,17 @@ def test_verify_vllm_without_a_patched_vllm_is_an_environment_problem():
     assert "no DSpark-patched vLLM" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not os.environ.get("DSPARK_VLLM034_PYTHON"),
+                    reason="DSPARK_VLLM034_PYTHON not set (.ci/prepare.d/33-vllm-import.sh builds the patched vLLM 0.34.0 venv)")
+def test_verify_vllm_on_the_v034_series_says_its_checks_need_model_runner_v1():
+    """vLLM 0.34.0 has no V1 runner: our series there only routes V2's Markov loop, and these
+    V1 engine checks (its adaptive one drives our V1 scheduler) would fail for that reason."""
+    proc = verify(os.environ["DSPARK_VLLM034_PYTHON"])
+    assert proc.returncode == 3, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "vllm/v0.34.0 series, which runs DSpark on Model Runner V2 only" in proc.stderr
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "not_executable"])
 def test_verify_vllm_with_an_unrunnable_interpreter_is_an_environment_problem(tmp_path, kind):
     """Was a FileNotFoundError traceback, exit 1 and no JSON."""

@@ -1,11 +1,12 @@
-"""vLLM v0.33.0 Model Runner V2: run DSpark's Markov chain and confidence head through
+"""vLLM Model Runner V2 (v0.33.0, v0.34.0): run DSpark's Markov chain and confidence head through
 dspark_cli.runtime (our fused CUDA ops when the extension is built, the torch reference otherwise).
 
-vLLM v0.33.0's `DSparkSpeculator._sample_sequential` first offers each draft step to the draft
-model's `sample_sequential(spec, num_reqs, head_hidden) -> bool`; True means the model wrote
-`spec.draft_tokens` (and, where used, `spec.draft_logits` / `spec.draft_token_confidence_probs`)
-itself. Our v0.33.0 patch gives `Qwen3DSparkForCausalLM` that method, delegating to
-`sample_sequential` below.
+vLLM's `DSparkSpeculator._sample_sequential` first offers each draft step to the draft model's
+`sample_sequential(spec, num_reqs, head_hidden) -> bool`; True means the model wrote
+`spec.draft_tokens` (and, where used, the draft logits cache / `spec.draft_token_confidence_probs`)
+itself. Our v0.33.0 and v0.34.0 patches give `Qwen3DSparkForCausalLM` that method, delegating to
+`sample_sequential` below. The cache `spec.draft_logits` is the [max_reqs, γ, V] tensor in v0.33.0
+and a `DraftLogitsCache` holding it as `.values` in v0.34.0 (`_logits_cache`).
 
 It runs inside vLLM's FULL CUDA graph of the draft step, so everything here is tensor work on the
 device: no `.item()`, no host copies, no data-dependent shapes. Cases we do not cover exactly are
@@ -20,7 +21,9 @@ declined once at the first call (vLLM's own loop then runs) and the reason is lo
   * reduced draft vocabularies (d2t), an input vocab_size other than draft_vocab_size, logit scale
     or soft-capping on the draft head, an output logit transform, draft watermarking, the
     acceptance estimator (adaptive verification without a confidence head), a confidence head
-    without the Markov input, quantized Markov weights.
+    without the Markov input, quantized Markov weights, a recurrent Markov head (v0.34.0's
+    `has_recurrent_markov_head`), a draft logits cache sharded across TP ranks (v0.34.0 keeps it
+    whole for a model with this hook; declined should that change).
 
 Switch: env DSPARK_V2_FUSED=1/0 forces it on/off; unset, it is on exactly when our CUDA extension
 is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
@@ -63,6 +66,13 @@ class _Plan:
     confidence_bias: torch.Tensor | None
 
 
+def _logits_cache(spec) -> torch.Tensor | None:
+    """The [max_reqs, γ, V] draft logits cache: spec.draft_logits itself (v0.33.0) or its `.values`
+    (v0.34.0's DraftLogitsCache); None when drafting is greedy."""
+    cache = spec.draft_logits
+    return cache if cache is None or isinstance(cache, torch.Tensor) else cache.values
+
+
 def decline_reason(model, spec) -> str | None:
     """Why the fused path cannot reproduce vLLM's semantics exactly for this model, or None."""
     if not enabled():
@@ -78,6 +88,10 @@ def decline_reason(model, spec) -> str | None:
         return "draft watermarking is on"
     if getattr(spec, "use_acceptance_estimator", False):
         return "adaptive verification uses the acceptance estimator (no confidence head)"
+    if getattr(model, "has_recurrent_markov_head", False):
+        return "recurrent Markov head (its state is not the previous token's W1 row)"
+    if getattr(spec.draft_logits, "row_mapping", None) is not None:
+        return "the draft logits cache is sharded across TP ranks (batch-sharded sampling)"
     head = model.model.markov_head
     w1, w2 = head.markov_w1.weight, head.markov_w2.weight
     if not (w1.is_floating_point() and w2.is_floating_point()):
@@ -86,8 +100,9 @@ def decline_reason(model, spec) -> str | None:
     if w1.shape[0] != model.config.draft_vocab_size:
         return (f"the Markov W1 has {w1.shape[0]} rows (vocab_size), the draft vocabulary of W2 and the "
                 f"logits {model.config.draft_vocab_size} (draft_vocab_size)")
-    if spec.draft_logits is not None and spec.draft_logits.dtype != torch.float32:
-        return (f"draft_logits are cached in {str(spec.draft_logits.dtype).removeprefix('torch.')}, "
+    cache = _logits_cache(spec)
+    if cache is not None and cache.dtype != torch.float32:
+        return (f"draft_logits are cached in {str(cache.dtype).removeprefix('torch.')}, "
                 "not float32 (serve with --hf-overrides '{\"head_dtype\": \"float32\"}')")
     if getattr(spec, "use_confidence_head", False):
         confidence = model.model.confidence_head
@@ -176,7 +191,7 @@ def sample_sequential(model, spec, num_reqs: int, head_hidden: torch.Tensor) -> 
                          confidence=confidence)
     spec.draft_tokens[:num_reqs] = draft.tokens
     if plan.probabilistic:
-        store_by_request_state(spec.draft_logits, state, valid, corrected_logits(U, draft.prev_emb, plan.w2))
+        store_by_request_state(_logits_cache(spec), state, valid, corrected_logits(U, draft.prev_emb, plan.w2))
     if draft.confidence_logits is not None:
         spec.draft_token_confidence_probs[:num_reqs] = confidence_probs(draft.confidence_logits)
     return True

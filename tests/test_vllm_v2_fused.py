@@ -1,9 +1,13 @@
-"""dspark_cli.integrations.vllm.v2_fused: the `sample_sequential` hook for vLLM v0.33.0's V2 runner.
+"""dspark_cli.integrations.vllm.v2_fused: the `sample_sequential` hook for vLLM's V2 runner
+(v0.33.0, v0.34.0).
 
 vLLM's V2 runner needs a GPU and Triton, so the engine itself cannot run here. These tests drive
 the hook through the exact attributes vLLM v0.33.0's DSparkSpeculator and Qwen3DSparkForCausalLM
 expose to it (read from the 0.33.0 release: dspark/speculator.py, qwen3_dspark.py), built from
 real torch modules with the same shapes, and check the results against the DSpark math directly.
+v0.34.0 differs only in wrapping the draft logits cache (`DraftLogitsCache.values`, with a
+`row_mapping` when sharded across TP ranks); tests/test_vllm034_series.py runs the hook on the real
+class of the 0.34.0 release, with these stand-ins (tests/v2_hook_standins.py).
 """
 
 from types import SimpleNamespace
@@ -13,62 +17,7 @@ import torch
 
 from dspark_cli.integrations.vllm import v2_fused
 from tests.chi2 import chi2_pvalue_of_counts
-
-V, R_MARKOV, D, GAMMA, MAX_REQS = 50, 8, 16, 4, 6
-
-
-class _Processor:
-    scale, soft_cap = 1.0, None
-
-    def __call__(self, head, hidden):
-        return hidden @ head.weight[:V].t()
-
-
-def make_model(seed=0, confidence=True, vocab_size=V):
-    """vocab_size: config.vocab_size, W1's rows; draft_vocab_size (W2's and U's) is V."""
-    torch.manual_seed(seed)
-    markov = torch.nn.Module()
-    markov.markov_w1 = torch.nn.Embedding(vocab_size, R_MARKOV)
-    markov.markov_w2 = torch.nn.Linear(R_MARKOV, V + 14, bias=False)  # padded rows like ParallelLMHead
-    with torch.no_grad():
-        markov.markov_w2.weight.mul_(8.0)  # a strong Markov bias, so a wrong prev token shows
-    inner = torch.nn.Module()
-    inner.markov_head = markov
-    inner.confidence_head = None
-    if confidence:
-        inner.confidence_head = SimpleNamespace(with_markov=True, proj=torch.nn.Linear(D + R_MARKOV, 1))
-    lm_head = torch.nn.Linear(D, V, bias=False)
-    processor = _Processor()
-    return SimpleNamespace(model=inner, lm_head=lm_head, logits_processor=processor, draft_id_to_target_id=None,
-                           config=SimpleNamespace(vocab_size=vocab_size, draft_vocab_size=V),
-                           compute_draft_logits=lambda h: processor(lm_head, h))
-
-
-def make_spec(num_reqs, states, *, probabilistic=True, temperature=1.0, seed=7, first_pos=100,
-              use_confidence_head=True, cache_dtype=torch.float32):
-    """DSparkSpeculator's buffers after its prepare-inputs kernel (anchor-as-first layout)."""
-    sample_idx_mapping = torch.full((MAX_REQS * GAMMA,), -1, dtype=torch.int64)
-    sample_pos = torch.zeros(MAX_REQS * GAMMA, dtype=torch.int64)
-    for b, s in enumerate(states):
-        sample_idx_mapping[b * GAMMA:(b + 1) * GAMMA] = s
-        sample_pos[b * GAMMA:(b + 1) * GAMMA] = first_pos + torch.arange(GAMMA)
-    input_ids = torch.randint(0, V, (MAX_REQS * GAMMA,), generator=torch.Generator().manual_seed(3))
-    return SimpleNamespace(
-        num_speculative_steps=GAMMA,
-        sample_indices=torch.arange(MAX_REQS * GAMMA),
-        sample_idx_mapping=sample_idx_mapping,
-        sample_pos=sample_pos,
-        input_buffers=SimpleNamespace(input_ids=input_ids),
-        _anchor_idx=torch.arange(MAX_REQS) * GAMMA,
-        temperature=torch.full((MAX_REQS,), temperature),
-        seeds=torch.full((MAX_REQS,), seed, dtype=torch.int64),
-        draft_tokens=torch.zeros(MAX_REQS, GAMMA, dtype=torch.int64),
-        draft_logits=torch.full((MAX_REQS, GAMMA, V), -123.0, dtype=cache_dtype) if probabilistic else None,
-        draft_token_confidence_probs=torch.zeros(MAX_REQS, GAMMA),
-        draft_watermarker=None,
-        use_acceptance_estimator=False,
-        use_confidence_head=use_confidence_head,
-    )
+from tests.v2_hook_standins import D, GAMMA, MAX_REQS, V, make_model, make_spec, v034_cache
 
 
 def corrected(model, U, prev):
@@ -110,6 +59,18 @@ def test_probabilistic_caches_the_logits_it_sampled_from_and_spares_padded_rows(
         torch.testing.assert_close(spec.draft_logits[state], expected, rtol=1e-6, atol=1e-5)
     for untouched in (0, 2, 4, 5):  # slot 0 is what the padding rows' clamped index points at
         assert torch.equal(spec.draft_logits[untouched], before[untouched])
+
+
+def test_v034_cache_object_gets_the_same_drafts_and_logits_as_v033s_tensor():
+    model, num_reqs = make_model(), 3
+    hidden = torch.randn(MAX_REQS * GAMMA, D)
+    v033 = make_spec(num_reqs, [4, -1, 2])
+    v034 = v034_cache(make_spec(num_reqs, [4, -1, 2]))
+    assert v2_fused.sample_sequential(model, v033, num_reqs, hidden)
+    assert v2_fused.sample_sequential(model, v034, num_reqs, hidden)
+    assert torch.equal(v034.draft_tokens, v033.draft_tokens)
+    assert torch.equal(v034.draft_logits.values, v033.draft_logits)
+    assert not torch.equal(v033.draft_logits[4], make_spec(1, [4]).draft_logits[4])  # written, not the fill
 
 
 def test_all_rows_padded_changes_nothing():
@@ -170,6 +131,17 @@ def test_declines_what_it_cannot_reproduce_exactly(monkeypatch):
         spec = make_spec(2, [0, 1])
         assert "draft_vocab_size" in v2_fused.decline_reason(make_model(vocab_size=rows), spec)
         assert v2_fused.sample_sequential(make_model(vocab_size=rows), spec, 2, hidden) is False
+
+    # v0.34.0: a cache sharded across TP ranks (rows by batch position, not request state), a
+    # Markov head whose state is recurrent rather than W1 of the previous token.
+    sharded = v034_cache(make_spec(2, [0, 1]), row_mapping=torch.zeros(MAX_REQS, dtype=torch.int32))
+    assert "sharded" in v2_fused.decline_reason(make_model(), sharded)
+    assert v2_fused.sample_sequential(make_model(), sharded, 2, hidden) is False
+    bf16_v034 = v034_cache(make_spec(2, [0, 1], cache_dtype=torch.bfloat16))
+    assert "float32" in v2_fused.decline_reason(make_model(), bf16_v034)
+    recurrent = make_model()
+    recurrent.has_recurrent_markov_head = True
+    assert "recurrent" in v2_fused.decline_reason(recurrent, make_spec(2, [0, 1]))
 
     monkeypatch.setenv(v2_fused.ENV_SWITCH, "0")
     assert v2_fused.sample_sequential(make_model(), make_spec(2, [0, 1]), 2, hidden) is False
