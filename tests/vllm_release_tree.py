@@ -36,7 +36,7 @@ def applied_release_tree(pin_name: str, kind: str, workdir: Path) -> Path:
     rel = release(pin_name, kind)
     cached = pypi_source.cache_dir() / "releases" / rel.file
     if kind == "wheel" and not cached.is_file():
-        pytest.skip(f"{rel.file} (~340 MB) is not cached under {cached.parent} (.ci/prepare.d/32-vllm-wheels.sh "
+        pytest.skip(f"{rel.file} (240–340 MB) is not cached under {cached.parent} (.ci/prepare.d/32-vllm-wheels.sh "
                     "fetches it); the sdist case covers the tree")
     try:
         pypi_source.fetch_release(rel)
