@@ -35,14 +35,15 @@ def _python() -> str:
     python = os.environ.get("DSPARK_VLLM_PYTHON") or sys.executable
     try:
         probe = subprocess.run([python, "-c", "import vllm, vllm._dspark as d; "
-                                "print(d.SERIES, hasattr(d, 'V1_SUPPORTED'))"], capture_output=True, text=True)
+                                "print('DSPARK-SERIES', d.SERIES, hasattr(d, 'V1_SUPPORTED'))"], capture_output=True, text=True)
     except OSError as exc:  # missing, a directory, not executable
         where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
         raise EnvironmentProblem(f"{where}: {_why_not_runnable(python, exc)}") from exc
     if probe.returncode != 0:
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
                                  "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
-    series, v1 = (probe.stdout.split() + ["", ""])[:2]
+    found = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-SERIES ")]  # vLLM may log to stdout
+    series, v1 = (found[-1] + ["", ""])[:2] if found else ("", "")
     if v1 != "True":  # vLLM >= 0.34.0 has no V1 runner: our series there is the V2 kernel routing only
         raise EnvironmentProblem(f"{python} has vLLM with the {series} series, which runs DSpark on Model Runner V2 "
                                  "only (GPU); these engine checks are for our V1 series (v0.29.0-v0.33.0). Check its "
