@@ -14,6 +14,9 @@ and tensor names of DSPARK.md §2).
   Markov head draws x+1 or x+2 about evenly, and its confidence depends on the parity of the
   previous drafted token (c ≈ 0.98 after an even one, 0.02 after an odd one): a scheduler that let
   a_{k+1} decide whether x_k is verified would favour even tokens (DSPARK.md §4, Appendix A).
+- `fitted` draft: the oracle's construction with f(x) = the token that most often follows x in
+  given outputs of a context-dependent (random) target: drafts accepted often, rejected often enough,
+  so an engine's multi-token steps run next to its rejections.
 - `skew` draft: the fork draft leaning 9 : 1 to x+1, confidence as the oracle's. Its q differs
   from the fork target's p, and from row to row in which tokens it favours: a draft verified with
   another row's q (drafted after another token) biases the output."""
@@ -161,8 +164,20 @@ def successor_map(kind: str) -> torch.Tensor:
     raise ValueError(f"unknown draft kind {kind!r}")
 
 
-def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1) -> Path:
-    """kind: oracle | partial (Markov head encodes f, base logits zero) | fork | skew | random."""
+def fitted_map(sequences: list[list[int]]) -> torch.Tensor:
+    """f(x) for a `fitted` draft: the token that most often follows x in `sequences` (ties to the
+    lower id; x+1 where x is never followed)."""
+    counts = torch.zeros(VOCAB, VOCAB)
+    for seq in sequences:
+        for x, y in zip(seq, seq[1:]):
+            counts[x, y] += 1
+    return torch.where(counts.sum(dim=1) > 0, counts.argmax(dim=1), (torch.arange(VOCAB) + 1) % VOCAB)
+
+
+def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1,
+                follows: torch.Tensor | None = None) -> Path:
+    """kind: oracle | partial | fitted (Markov head encodes f, base logits zero; fitted: f = follows,
+    from fitted_map) | fork | skew | random."""
     g = torch.Generator().manual_seed(seed)
     n_aux = len(TARGET_LAYER_IDS)
     tensors = {
@@ -183,11 +198,13 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
     x = torch.arange(VOCAB)
     if kind == "random":
         w2 = torch.randn(VOCAB, VOCAB, generator=g)
-    elif kind in ("oracle", "partial", "fork", "skew"):
+    elif kind in ("oracle", "partial", "fitted", "fork", "skew"):
         tensors["norm.weight"] = torch.zeros(HIDDEN)  # h = 0, so U = lm_head(h) = 0
         w2 = torch.zeros(VOCAB, VOCAB)
-        if kind in ("oracle", "partial"):
-            w2[successor_map(kind), x] = MARKOV_SCALE
+        if kind == "fitted" and follows is None:
+            raise ValueError("a fitted draft needs `follows` (fitted_map of the target's outputs)")
+        if kind in ("oracle", "partial", "fitted"):
+            w2[follows if kind == "fitted" else successor_map(kind), x] = MARKOV_SCALE
         else:  # x+1 or x+2: evenly (fork) or 9 : 1 (skew)
             lean = SKEW_LOGIT / 2 if kind == "skew" else 0.0
             w2[(x + 1) % VOCAB, x] = FORK_LOGIT + lean

@@ -1,6 +1,7 @@
 """The constructed `fork` checkpoints behave as dspark_cli.tiny_models says: the target through
 transformers, the draft's Markov head and confidence head through dspark_cli.runtime."""
 
+import pytest
 import torch
 
 from dspark_cli import tiny_models
@@ -44,3 +45,14 @@ def test_skew_draft_steps_one_nine_times_in_ten(tmp_path):
     assert ((step == 1) | (step == 2)).float().mean() > 0.995
     assert 0.88 < (step == 1).float().mean() < 0.92
     assert torch.equal(draft.confidence_logits, torch.full_like(draft.confidence_logits, 6.0))
+
+
+def test_fitted_draft_greedily_drafts_the_most_frequent_follower(tmp_path):
+    follows = tiny_models.fitted_map([[7, 9, 7, 9, 7, 3], [9, 4, 9, 4]])
+    assert follows[7] == 9 and follows[9] == 4 and follows[3] == 4 and follows[100] == 101  # 9: 4 twice, 7 twice: lower id
+    weights = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "fitted", 3, "fitted", follows=follows))
+    draft = markov_chain(torch.zeros(1, 3, V), torch.tensor([7]), weights["markov_head.markov_w1.weight"],
+                         weights["markov_head.markov_w2.weight"], torch.zeros(1))
+    assert draft.tokens.tolist() == [[9, 4, 9]]
+    with pytest.raises(ValueError, match="needs `follows`"):
+        tiny_models.build_draft(tmp_path / "unfitted", 3, "fitted")

@@ -2,16 +2,20 @@
 
     python -m dspark_cli.integrations.vllm.e2e SPEC.json OUT.json   (vLLM logs to stdout)
 
-SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat", "draft": "oracle"|"partial"|"random",
-       "baseline": true|false, "adaptive": false, "env": {...DSPARK_* knobs...},
+SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat",
+       "draft": "oracle"|"partial"|"random"|"fitted", "baseline": true|false, "adaptive": false,
+       "env": {...DSPARK_* knobs...}, "engine": {...more LLM(...) arguments, for both engines...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?,
-                      "regex"? | "choice"?}]}
+                      "regex"? | "choice"?, "params"?: {...more SamplingParams arguments...}}]}
 A workload with a regex or choice is structured output (the target then gets a byte-level tokenizer:
-token i is byte i) and ends at EOS (byte 254) once its grammar is complete.
-Per workload: outputs (token ids per prompt) without and with DSpark, seconds, tokens/s, and the
-engine's spec-decode counters (drafts, draft tokens = verified drafts, accepted tokens); for the
-successor target also `expected`, the rule's greedy continuation of each prompt."""
+token i is byte i) and ends at EOS (byte 254) once its grammar is complete. A `fitted` draft is
+fitted to the baseline's outputs (tiny_models.fitted_map), so it needs the baseline.
+Per workload: outputs (token ids per prompt) without and with DSpark, their finish reasons, the
+chosen tokens' logprobs (and the prompt tokens') where the params ask for them, seconds, tokens/s,
+and the engine's counters (spec decode: drafts, draft tokens = verified drafts, accepted tokens;
+prefix-cache hits, preemptions); for the successor target also `expected`, the rule's greedy
+continuation of each prompt."""
 
 import os
 import tempfile
@@ -24,6 +28,8 @@ SPEC_METRICS = {
     "vllm:spec_decode_num_drafts": "drafts",
     "vllm:spec_decode_num_draft_tokens": "draft_tokens",
     "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+    "vllm:prefix_cache_hits": "prefix_cache_hits",
+    "vllm:num_preemptions": "preemptions",
 }
 
 
@@ -34,12 +40,13 @@ def _structured(workload: dict):
     return StructuredOutputsParams(**grammar) if grammar else None
 
 
-def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int, tokenizer: bool):
+def _engine(target: Path, speculative_config: dict | None, max_num_seqs: int, tokenizer: bool, extra: dict):
     from vllm import LLM
 
-    return LLM(model=str(target), skip_tokenizer_init=not tokenizer, dtype="float32", max_model_len=512,
-               enforce_eager=True, seed=0, gpu_memory_utilization=0.1, max_num_seqs=max_num_seqs,
-               max_num_batched_tokens=4096, disable_log_stats=False, speculative_config=speculative_config)
+    args = dict(model=str(target), skip_tokenizer_init=not tokenizer, dtype="float32", max_model_len=512,
+                enforce_eager=True, seed=0, gpu_memory_utilization=0.1, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=4096, disable_log_stats=False, speculative_config=speculative_config)
+    return LLM(**{**args, **extra})
 
 
 def greedy_workload(name: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -68,9 +75,9 @@ def _generate(llm, workload: dict) -> dict:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
     structured = _structured(workload)
+    options = {"ignore_eos": structured is None, **warps, **workload.get("params", {})}
     params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
-                             ignore_eos=structured is None, detokenize=False, structured_outputs=structured,
-                             seed=_seed(workload, i), **warps)
+                             detokenize=False, structured_outputs=structured, seed=_seed(workload, i), **options)
               for i in range(len(prompts))]
     before = _counters(llm)
     start = time.perf_counter()
@@ -79,31 +86,47 @@ def _generate(llm, workload: dict) -> dict:
     after = _counters(llm)
     outputs = [list(r.outputs[0].token_ids) for r in results]
     generated = sum(len(o) for o in outputs)
-    return {"outputs": outputs, "seconds": seconds, "tokens_per_s": generated / seconds,
-            "spec": {k: after[k] - before[k] for k in after}}
+    run = {"outputs": outputs, "finish_reasons": [r.outputs[0].finish_reason for r in results],
+           "seconds": seconds, "tokens_per_s": generated / seconds, "spec": {k: after[k] - before[k] for k in after}}
+    if options.get("logprobs") is not None:
+        run["logprobs"] = [_chosen(r.outputs[0].logprobs, r.outputs[0].token_ids) for r in results]
+    if options.get("prompt_logprobs") is not None:  # the first prompt token has none
+        run["prompt_logprobs"] = [_chosen(r.prompt_logprobs[1:], r.prompt_token_ids[1:]) for r in results]
+    return run
+
+
+def _chosen(logprobs: list[dict], tokens: list[int]) -> list[float]:
+    """The logprob vLLM reports for each token actually there."""
+    return [float(entry[token].logprob) for entry, token in zip(logprobs, tokens)]
 
 
 def run(spec: dict) -> dict:
-    from dspark_cli.tiny_models import build_draft, build_target, successor_tokens, write_byte_tokenizer
+    from dspark_cli.tiny_models import build_draft, build_target, fitted_map, successor_tokens, write_byte_tokenizer
 
     work = Path(spec["workdir"])
     target = build_target(work / f"target-{spec['target']}", spec["target"])
-    draft = build_draft(work / f"draft-{spec['draft']}-{spec['gamma']}", spec["gamma"], spec["draft"], target)
     tokenizer = any(_structured(w) for w in spec["workloads"])
     if tokenizer:
         write_byte_tokenizer(target)
     os.environ.update(spec.get("env", {}))
     max_seqs = max(len(w["prompts"]) for w in spec["workloads"])
+    extra = spec.get("engine", {})
     result = {"gamma": spec["gamma"], "workloads": {}}
     if spec.get("baseline", True):
-        llm = _engine(target, None, max_seqs, tokenizer)
+        llm = _engine(target, None, max_seqs, tokenizer, extra)
         for w in spec["workloads"]:
             result["workloads"].setdefault(w["name"], {})["baseline"] = _generate(llm, w)
         del llm
+    follows = None
+    if spec["draft"] == "fitted":
+        follows = fitted_map([p + o for w in spec["workloads"]
+                              for p, o in zip(w["prompts"], result["workloads"][w["name"]]["baseline"]["outputs"])])
+    draft = build_draft(work / f"draft-{spec['draft']}-{spec['gamma']}", spec["gamma"], spec["draft"], target,
+                        follows=follows)
     config = {"method": "dspark", "model": str(draft), "num_speculative_tokens": spec["gamma"],
               "draft_sample_method": spec.get("draft_sample_method", "probabilistic"),
               "enable_adaptive_verification": bool(spec.get("adaptive", False)), **spec.get("speculative_config", {})}
-    llm = _engine(target, config, max_seqs, tokenizer)
+    llm = _engine(target, config, max_seqs, tokenizer, extra)
     for w in spec["workloads"]:
         result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)
         if spec["target"] == "successor":  # the rule's continuation, for callers without torch
