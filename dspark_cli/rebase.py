@@ -91,6 +91,15 @@ def patch_files(text: str) -> list[str]:
     return files
 
 
+def changed_files(text: str) -> list[str]:
+    """Paths a patch changes that it expects to exist (not the files it creates)."""
+    files = []
+    for block in re.split(r"^(?=diff --git )", text, flags=re.M):
+        if block.startswith("diff --git ") and not re.search(r"^new file mode ", block, re.M):
+            files.append(block.splitlines()[0].split(" b/", 1)[-1])
+    return files
+
+
 def context_lines(text: str, default: int = 3) -> int:
     """The diff context the patch was made with (its widest leading context), so a refreshed
     patch keeps the original's minimal context."""
@@ -153,7 +162,8 @@ def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
         unmerged = ws.git.out("diff", "--name-only", "--diff-filter=U").splitlines()
         if merged.returncode != 0 or unmerged:
             outcome.status = CONFLICT
-            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged)
+            gone = [f for f in changed_files(text) if not ws.git.ok("cat-file", "-e", f"HEAD:{f}")]
+            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone)
             return outcome
         outcome.status = THREE_WAY
         outcome.details = _failed_hunks(patch, check.stderr)
@@ -190,16 +200,23 @@ def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
     return details
 
 
+DELETED_UPSTREAM = "deleted upstream (not in the new tree)"
+
+
 def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stderr: str,
-                      unmerged: list[str]) -> list[str]:
+                      unmerged: list[str], gone: list[str]) -> list[str]:
+    """What stopped the patch: conflict regions per file, the files it changes that the new tree
+    no longer has, and otherwise what git said."""
     details = []
     for file in unmerged:
         regions = conflict_regions(ws.path / file)
         details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
                        else f"{file}: unmerged")
-    if not unmerged:  # 3-way could not even start (e.g. no base blob, file gone): say what git said
-        details = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
-        details += [d for d in _failed_hunks(patch, check_stderr) if d not in details]
+    details += [f"{file}: {DELETED_UPSTREAM}" for file in gone]
+    if not unmerged:  # 3-way could not even start (no base blob, a file gone): say what git said
+        said = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
+        said += [d for d in _failed_hunks(patch, check_stderr) if d not in said]
+        details += [d for d in said if d.split(": ", 1)[0] not in gone]  # git's words for a gone file add nothing
     return details or ["git apply --3way failed"]
 
 

@@ -510,6 +510,33 @@ def test_a_conflict_resolved_to_the_new_tree_as_it_is_is_left_out_of_the_series(
     assert len(written) == 2 and all(p.path.stat().st_size > 0 for p in written)
 
 
+def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upstream):
+    """vLLM 0.34.0 deleted the V1 runner our V1 patches change: git said "does not exist in index"
+    beside "moved or missing upstream, merged 3-way" and the way out read "markers left ... resolve"
+    (there were none). Now the file is named as deleted upstream with the two ways on, and an empty
+    commit drops the patch; the text run says which patches were left out and why."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "main")
+    git(u["repo"], "rm", "-q", "other.py")
+    git(u["repo"], "commit", "-q", "-m", "upstream drops other.py")
+    git(u["repo"], "tag", "v15.0")
+    wd, out = u["tmp"] / "wd15", u["tmp"] / "out15"
+    stopped = dspark(u, "--onto", "v15.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert stopped.returncode == 4, stopped.stderr
+    third = json.loads(stopped.stdout)["patches"][2]
+    assert third["status"] == "conflict" and third["details"] == ["other.py: deleted upstream (not in the new tree)"]
+    assert (f"port its change into the new tree on branch dspark/rebase-v15.0 in {wd} and commit it, or drop the "
+            f"patch with an empty commit (`git -C {wd} commit --allow-empty -m 'drop {third['patch']}'`)") in stopped.stderr
+    git(wd, "commit", "-q", "--allow-empty", "-m", f"drop {third['patch']}")
+    done = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v15.0", "--repo", str(u["repo"]), "--workdir",
+                      str(wd), "--out", str(out), "--continue",
+                      env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                           "GIT_CONFIG_GLOBAL": os.devnull})
+    assert done.returncode == 0, done.stderr
+    assert f"left out of it: {third['patch']} (your empty resolution)" in done.stdout
+    assert len(series.load_series(out, "dspark")) == 2
+
+
 def test_an_empty_resolution_still_owns_its_commit_at_the_next_continue(upstream):
     """Was recorded `already upstream` with no commit: when a later patch conflicted too and was
     resolved, the next --continue found one commit more than expected and refused (exit 2) forever."""

@@ -89,12 +89,22 @@ def _render(report: dict) -> None:
         say(f"byte-compiled {len(report['compiled'])} patched Python files{failed}", markup=False)
     if report["out_dir"]:
         say(f"refreshed series written to {report['out_dir']}", markup=False)
-        dropped = [p["patch"] for p in report["patches"] if p["status"] == rebase.ALREADY]
+        dropped = [f"{p['patch']} ({'your empty resolution' if p['commit'] else 'already in the new tree'})"
+                   for p in report["patches"] if p["status"] == rebase.ALREADY]
         if dropped:
-            say(f"left out of it (the new tree already has their changes): {', '.join(dropped)}", markup=False)
+            say(f"left out of it: {', '.join(dropped)}", markup=False)
     if report.get("compat_entry"):
         entry = yaml.safe_dump({report["new_pin"]: report["compat_entry"]}, sort_keys=False)
         say(f"compat.yaml entry for the new pin (add python/torch/cuda/tested):\n{entry}", markup=False)
+
+
+def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) -> str:
+    where = f"on branch {result.branch} in {result.workdir}"
+    if any(d.endswith(rebase.DELETED_UPSTREAM) for d in conflict.details):
+        return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
+                f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
+                "with --continue")
+    return f"markers left {where}: resolve, commit, then run again with --continue"
 
 
 def _check_pin_name(name: str, fix: str) -> None:
@@ -177,8 +187,7 @@ def register(app: typer.Typer) -> None:
                 rebase.write_series(ws, result, source_dir, out_dir)
         failure = None
         if conflict is not None:
-            failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); markers left on branch "
-                                  f"{result.branch} in {result.workdir}: resolve, commit, then run again with --continue")
+            failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); {_how_to_resolve(conflict, result)}")
         elif result.compile_errors:
             failure = CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")
         report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
