@@ -92,11 +92,12 @@ def patch_files(text: str) -> list[str]:
 
 
 def changed_files(text: str) -> list[str]:
-    """Paths a patch changes that it expects to exist (not the files it creates)."""
+    """Paths a patch expects to exist, as the old tree named them (a rename's or copy's source; not
+    the files it creates)."""
     files = []
     for block in re.split(r"^(?=diff --git )", text, flags=re.M):
-        if block.startswith("diff --git ") and not re.search(r"^new file mode ", block, re.M):
-            files.append(block.splitlines()[0].split(" b/", 1)[-1])
+        if block.startswith("diff --git a/") and not re.search(r"^new file mode ", block, re.M):
+            files.append(block.splitlines()[0].removeprefix("diff --git a/").split(" b/", 1)[0])
     return files
 
 

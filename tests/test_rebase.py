@@ -840,3 +840,11 @@ def test_marker_values_are_written_as_python_string_literals():
     marked = series.marker_with(text, "eng/v2", names)
     assert ast.literal_eval(marked.split("PATCHES = ", 1)[1]) == names and marked.startswith("X = 1\n")
     assert series.marker_with(marked, "eng/v3", ["b.patch"]) == 'X = 1\nSERIES = "eng/v3"\nPATCHES = [\n    "b.patch",\n]\n'
+
+
+def test_the_files_a_patch_expects_are_the_old_trees_names():
+    """A rename's source must exist (its destination is new); a created file need not."""
+    text = ("diff --git a/old name.py b/new name.py\nsimilarity index 90%\nrename from old name.py\nrename to new name.py\n"
+            "diff --git a/kept.py b/kept.py\nindex 1..2 100644\n--- a/kept.py\n+++ b/kept.py\n"
+            "diff --git a/made.py b/made.py\nnew file mode 100644\nindex 0000000..1\n")
+    assert rebase.changed_files(text) == ["old name.py", "kept.py"]

@@ -2,7 +2,9 @@
 
 vLLM v0.34.0 removed Model Runner V1 (v1/worker/gpu_model_runner.py, v1/spec_decode/dflash.py and
 utils/cpu_triton_utils.py are gone; the x86 CPU backend runs a V2-style runner), so the series is
-the marker and the V2 `sample_sequential` hook that routes DSpark's Markov loop to our kernels.
+the marker and the V2 `sample_sequential` hook that routes DSpark's Markov loop to our kernels,
+given to each draft model instance only while our path is on (v0.34.0 stops batch-sharding the
+draft logits for a model that has the hook).
 
 What runs: `dspark apply vllm --commit v0.34.0 --source pypi` on the sdist (51 MB) and the x86_64
 wheel when cached (`.ci/prepare.d/32-vllm-wheels.sh`); the V1 files are checked gone (why the V1
@@ -42,8 +44,8 @@ def test_v1_runner_is_gone_and_the_series_patches_only_the_marker_and_the_v2_hoo
     assert 'SERIES = "vllm/v0.34.0"' in (patched_tree / "vllm/_dspark.py").read_text()
 
 
-def test_vllm_offers_the_hook_and_our_patch_takes_it_and_has_what_it_reads(patched_tree):
-    check_hook_contract(patched_tree)
+def test_vllm_offers_the_hook_and_our_patch_attaches_it_and_has_what_it_reads(patched_tree):
+    check_hook_contract(patched_tree, attached=True)
 
 
 VLLM034_PYTHON = os.environ.get("DSPARK_VLLM034_PYTHON")
@@ -53,7 +55,7 @@ IMPORTED_MODULES = PATCHED_MODULES + ["vllm.v1.worker.gpu.spec_decode.dspark.spe
                                       "dspark_cli.integrations.vllm.v2_fused"]
 
 _PROBE = r'''
-import importlib, inspect, json, sys, traceback
+import importlib, inspect, json, os, sys, traceback, types
 out = {"imports": {}, "files": {}}
 for name in sys.argv[1].split(","):
     try:
@@ -71,7 +73,13 @@ if all(v == "ok" for v in out["imports"].values()):
     from dspark_cli.integrations.vllm import v2_fused
     from tests.v2_hook_standins import D, GAMMA, MAX_REQS, V, make_model, make_spec
 
-    hook = Qwen3DSparkForCausalLM.sample_sequential
+    # With our path off a model gets no hook, and vLLM may batch-shard its draft logits again.
+    sharding = {}
+    for switch in ("0", "1"):
+        os.environ["DSPARK_V2_FUSED"] = switch
+        attached = make_model()
+        v2_fused.attach(attached)
+        sharding[switch] = DSparkSpeculator.supports_batch_sharded_draft_logits(types.SimpleNamespace(model=attached))
     # The hook on the release's own cache class against v0.33.0's plain tensor, same inputs.
     model, states = make_model(), [4, -1, 2]
     hidden = torch.randn(MAX_REQS * GAMMA, D)
@@ -82,7 +90,8 @@ if all(v == "ok" for v in out["imports"].values()):
     out.update(
         versions=[vllm.__version__, torch.__version__], platform=type(current_platform).__name__,
         series=marker.SERIES, patches=marker.PATCHES,
-        hook_params=list(inspect.signature(hook).parameters), hook_source=inspect.getsource(hook),
+        class_has_hook=hasattr(Qwen3DSparkForCausalLM, "sample_sequential"),
+        init_source=inspect.getsource(Qwen3DSparkForCausalLM.__init__), sharding=sharding,
         speculator_loop=inspect.getsource(DSparkSpeculator._sample_sequential),
         sources={n: inspect.getsource(importlib.import_module(n)) for n in sys.argv[2].split(",")},
         real_cache_declined=v2_fused.decline_reason(model, real), ran=ran,
@@ -112,9 +121,14 @@ def test_patched_v034_modules_import_and_are_the_patched_ones(imported):
     assert imported["series"] == "vllm/v0.34.0"
     assert imported["patches"] == ["0001-dspark-marker-module.patch", "0002-dspark-V2-sample-sequential-hook.patch"]
     check_imported_sources_carry_the_series("v0.34.0", imported["sources"], PATCHED_MODULES)
-    assert imported["hook_params"] == ["self", "spec", "num_reqs", "head_hidden"]
-    assert "v2_fused.sample_sequential(self, spec, num_reqs, head_hidden)" in imported["hook_source"]
+    assert not imported["class_has_hook"] and "v2_fused.attach(self)" in imported["init_source"]
     assert "sample_sequential" in imported["speculator_loop"]
+
+
+def test_with_our_path_off_vllm_may_shard_the_draft_logits_again(imported):
+    """v0.34.0 batch-shards the draft logits cache only for a draft model without the hook
+    (DSparkSpeculator.supports_batch_sharded_draft_logits, the release's own method)."""
+    assert imported["sharding"] == {"0": True, "1": False}
 
 
 def test_hook_writes_the_real_v034_draft_logits_cache_as_v033s_tensor(imported):

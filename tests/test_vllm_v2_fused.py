@@ -5,9 +5,10 @@ vLLM's V2 runner needs a GPU and Triton, so the engine itself cannot run here. T
 the hook through the exact attributes vLLM v0.33.0's DSparkSpeculator and Qwen3DSparkForCausalLM
 expose to it (read from the 0.33.0 release: dspark/speculator.py, qwen3_dspark.py), built from
 real torch modules with the same shapes, and check the results against the DSpark math directly.
-v0.34.0 differs only in wrapping the draft logits cache (`DraftLogitsCache.values`, with a
-`row_mapping` when sharded across TP ranks); tests/test_vllm034_series.py runs the hook on the real
-class of the 0.34.0 release, with these stand-ins (tests/v2_hook_standins.py).
+v0.34.0 wraps the draft logits cache (`DraftLogitsCache.values`, with a `row_mapping` when sharded
+across TP ranks) and gets the hook per instance (`attach`, only while our path is on);
+tests/test_vllm034_series.py runs the hook on the real class of the 0.34.0 release, with these
+stand-ins (tests/v2_hook_standins.py).
 """
 
 from types import SimpleNamespace
@@ -71,6 +72,27 @@ def test_v034_cache_object_gets_the_same_drafts_and_logits_as_v033s_tensor():
     assert torch.equal(v034.draft_tokens, v033.draft_tokens)
     assert torch.equal(v034.draft_logits.values, v033.draft_logits)
     assert not torch.equal(v033.draft_logits[4], make_spec(1, [4]).draft_logits[4])  # written, not the fill
+
+
+def test_attach_gives_the_hook_only_while_our_path_is_on(monkeypatch):
+    model, hidden = make_model(), torch.randn(MAX_REQS * GAMMA, D)
+    v2_fused.attach(model)
+    spec, direct = make_spec(2, [1, 3]), make_spec(2, [1, 3])
+    assert model.sample_sequential(spec, 2, hidden) and v2_fused.sample_sequential(model, direct, 2, hidden)
+    assert torch.equal(spec.draft_tokens, direct.draft_tokens)
+    monkeypatch.setenv(v2_fused.ENV_SWITCH, "0")
+    off = make_model()
+    v2_fused.attach(off)
+    assert not hasattr(off, "sample_sequential")
+
+
+def test_a_config_without_draft_vocab_size_reads_vocab_size():
+    """vLLM fills draft_vocab_size in Qwen3's __init__ only; a subclass (Gemma4's) leaves it unset:
+    reading it raised AttributeError inside the first draft step."""
+    model = make_model()
+    del model.config.draft_vocab_size
+    assert v2_fused.decline_reason(model, make_spec(2, [0, 1])) is None
+    assert "draft_vocab_size" in v2_fused.decline_reason(make_model(vocab_size=V + 2), make_spec(2, [0, 1]))
 
 
 def test_all_rows_padded_changes_nothing():

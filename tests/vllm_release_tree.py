@@ -74,7 +74,7 @@ def method_def(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
 
 def attribute_reads(source: str, name: str) -> set[str]:
     """`name.<attr>` reads in a module's source (`name` = spec or model)."""
-    return {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)
+    return {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load)
             and isinstance(n.value, ast.Name) and n.value.id == name}
 
 
@@ -91,10 +91,11 @@ def self_attributes(tree: ast.AST, class_names: list[str]) -> set[str]:
     return found
 
 
-def check_hook_contract(tree: Path) -> None:
+def check_hook_contract(tree: Path, attached: bool = False) -> None:
     """vLLM's DSparkSpeculator offers `model.sample_sequential(self, num_reqs, head_hidden)`, our
-    patch defines it on Qwen3DSparkForCausalLM, and every spec/model attribute v2_fused reads is
-    set by the release's speculator and model classes."""
+    patch defines it on Qwen3DSparkForCausalLM (v0.33.0) or has `v2_fused.attach` give it to each
+    instance (`attached`, v0.34.0), and every spec/model attribute v2_fused reads is set by the
+    release's speculator and model classes."""
     speculator = ast.parse((tree / SPECULATOR).read_text())
     loop = method_def(class_def(speculator, "DSparkSpeculator"), "_sample_sequential")
     calls = [n for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
@@ -103,11 +104,17 @@ def check_hook_contract(tree: Path) -> None:
     assert 'getattr(self.model, "sample_sequential", None)' in ast.unparse(loop).replace("'", '"')
 
     model = ast.parse((tree / MODEL).read_text())
-    hook = method_def(class_def(model, "Qwen3DSparkForCausalLM"), "sample_sequential")
-    assert [a.arg for a in hook.args.args] == ["self", "spec", "num_reqs", "head_hidden"]
-    body = ast.unparse(hook)
-    assert "from dspark_cli.integrations.vllm import v2_fused" in body
-    assert "return v2_fused.sample_sequential(self, spec, num_reqs, head_hidden)" in body
+    ours_class = class_def(model, "Qwen3DSparkForCausalLM")
+    if attached:
+        assert not [n for n in ours_class.body if isinstance(n, ast.FunctionDef) and n.name == "sample_sequential"]
+        body = ast.unparse(method_def(ours_class, "__init__"))
+        assert "from dspark_cli.integrations.vllm import v2_fused" in body and "v2_fused.attach(self)" in body
+    else:
+        hook = method_def(ours_class, "sample_sequential")
+        assert [a.arg for a in hook.args.args] == ["self", "spec", "num_reqs", "head_hidden"]
+        body = ast.unparse(hook)
+        assert "from dspark_cli.integrations.vllm import v2_fused" in body
+        assert "return v2_fused.sample_sequential(self, spec, num_reqs, head_hidden)" in body
 
     ours = (ROOT / "dspark_cli/integrations/vllm/v2_fused.py").read_text()
     spec_base = tree / "vllm/v1/worker/gpu/spec_decode"

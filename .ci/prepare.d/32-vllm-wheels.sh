@@ -1,4 +1,4 @@
-# The vllm 0.33.0 and 0.34.0 x86_64 wheels (~340 MB each; sha256 from compat.yaml), cached under
+# The vllm 0.33.0 and 0.34.0 x86_64 wheels (336 and 239 MB; sha256 from compat.yaml), cached under
 # $DSPARK_CACHE/releases, so tests/test_vllm033_series.py and test_vllm034_series.py apply those
 # series to the wheels' trees as well as to the sdists' (issue 6 asks for the wheel in CI), and
 # 33-vllm-import.sh installs them. Downloaded once, then a cache hit.

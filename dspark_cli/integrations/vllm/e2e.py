@@ -7,7 +7,7 @@ SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat",
        "env": {...DSPARK_* knobs...}, "engine": {...more LLM(...) arguments, for both engines...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?,
-                      "regex"? | "choice"?, "params"?: {...more SamplingParams arguments...}}]}
+                      "regex"? | "choice"?, "params"?: {...SamplingParams arguments, over the ones above...}}]}
 A workload with a regex or choice is structured output (the target then gets a byte-level tokenizer:
 token i is byte i) and ends at EOS (byte 254) once its grammar is complete. A `fitted` draft is
 fitted to the baseline's outputs (tiny_models.fitted_map), so it needs the baseline.
@@ -75,9 +75,9 @@ def _generate(llm, workload: dict) -> dict:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
     warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
     structured = _structured(workload)
-    options = {"ignore_eos": structured is None, **warps, **workload.get("params", {})}
-    params = [SamplingParams(max_tokens=workload["max_tokens"], temperature=workload.get("temperature", 0.0),
-                             detokenize=False, structured_outputs=structured, seed=_seed(workload, i), **options)
+    options = {"ignore_eos": structured is None, "detokenize": False, **warps, **workload.get("params", {})}
+    params = [SamplingParams(**{"max_tokens": workload["max_tokens"], "temperature": workload.get("temperature", 0.0),
+                                "structured_outputs": structured, "seed": _seed(workload, i), **options})
               for i in range(len(prompts))]
     before = _counters(llm)
     start = time.perf_counter()
@@ -119,6 +119,8 @@ def run(spec: dict) -> dict:
         del llm
     follows = None
     if spec["draft"] == "fitted":
+        if not spec.get("baseline", True):
+            raise ValueError("a fitted draft is fitted to the baseline's outputs: it needs \"baseline\": true")
         follows = fitted_map([p + o for w in spec["workloads"]
                               for p, o in zip(w["prompts"], result["workloads"][w["name"]]["baseline"]["outputs"])])
     draft = build_draft(work / f"draft-{spec['draft']}-{spec['gamma']}", spec["gamma"], spec["draft"], target,

@@ -4,9 +4,12 @@ dspark_cli.runtime (our fused CUDA ops when the extension is built, the torch re
 vLLM's `DSparkSpeculator._sample_sequential` first offers each draft step to the draft model's
 `sample_sequential(spec, num_reqs, head_hidden) -> bool`; True means the model wrote
 `spec.draft_tokens` (and, where used, the draft logits cache / `spec.draft_token_confidence_probs`)
-itself. Our v0.33.0 and v0.34.0 patches give `Qwen3DSparkForCausalLM` that method, delegating to
-`sample_sequential` below. The cache `spec.draft_logits` is the [max_reqs, γ, V] tensor in v0.33.0
-and a `DraftLogitsCache` holding it as `.values` in v0.34.0 (`_logits_cache`).
+itself. Our v0.33.0 patch gives `Qwen3DSparkForCausalLM` that method, delegating to
+`sample_sequential` below; our v0.34.0 patch gives each instance the hook through `attach`, only
+while this path is on, because v0.34.0 keeps the draft logits cache whole and the sequential
+sampling replicated across TP ranks for any draft model that has one. The cache `spec.draft_logits`
+is the [max_reqs, γ, V] tensor in v0.33.0 and a `DraftLogitsCache` holding it as `.values` in
+v0.34.0 (`_logits_cache`).
 
 It runs inside vLLM's FULL CUDA graph of the draft step, so everything here is tensor work on the
 device: no `.item()`, no host copies, no data-dependent shapes. Cases we do not cover exactly are
@@ -23,7 +26,8 @@ declined once at the first call (vLLM's own loop then runs) and the reason is lo
     acceptance estimator (adaptive verification without a confidence head), a confidence head
     without the Markov input, quantized Markov weights, a recurrent Markov head (v0.34.0's
     `has_recurrent_markov_head`), a draft logits cache sharded across TP ranks (v0.34.0 keeps it
-    whole for a model with this hook; declined should that change).
+    whole for a model with this hook; declined should that change). On v0.34.0 a declining model
+    still has the hook, so its cache stays whole: DSPARK_V2_FUSED=0 gives vLLM its own path back.
 
 Switch: env DSPARK_V2_FUSED=1/0 forces it on/off; unset, it is on exactly when our CUDA extension
 is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
@@ -31,6 +35,7 @@ is built and loaded (`dspark_cli.runtime.cuda_ops.available()`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -53,6 +58,14 @@ def enabled() -> bool:
     """DSPARK_V2_FUSED=1/0 wins; unset, on exactly when our CUDA extension is loaded."""
     switch = env_switch(ENV_SWITCH)
     return bool(cuda_ops.available()) if switch is None else switch
+
+
+def attach(model) -> None:
+    """Our v0.34.0 patch's hook: the draft model instance gets `sample_sequential` only while this
+    path is on, so with it off vLLM 0.34.0 runs as released (it batch-shards the draft logits and
+    the sequential sampling only for a model without the hook)."""
+    if enabled():
+        model.sample_sequential = functools.partial(sample_sequential, model)
 
 
 @dataclass(frozen=True)
@@ -96,10 +109,12 @@ def decline_reason(model, spec) -> str | None:
     w1, w2 = head.markov_w1.weight, head.markov_w2.weight
     if not (w1.is_floating_point() and w2.is_floating_point()):
         return "quantized Markov weights"
-    # vLLM sizes W1 by config.vocab_size but W2 and U by draft_vocab_size; our chain takes one V.
-    if w1.shape[0] != model.config.draft_vocab_size:
+    # vLLM sizes W1 by config.vocab_size but W2 and U by draft_vocab_size (unset: vocab_size, as vLLM
+    # reads it; subclasses such as Gemma4's do not fill it in); our chain takes one V.
+    draft_vocab = getattr(model.config, "draft_vocab_size", None) or model.config.vocab_size
+    if w1.shape[0] != draft_vocab:
         return (f"the Markov W1 has {w1.shape[0]} rows (vocab_size), the draft vocabulary of W2 and the "
-                f"logits {model.config.draft_vocab_size} (draft_vocab_size)")
+                f"logits {draft_vocab} (draft_vocab_size)")
     cache = _logits_cache(spec)
     if cache is not None and cache.dtype != torch.float32:
         return (f"draft_logits are cached in {str(cache.dtype).removeprefix('torch.')}, "
