@@ -28,7 +28,7 @@ SHIPPED = (REPO_ROOT / "compat.yaml").read_text()
 def test_shipped_compat_has_its_pins_and_their_release_files():
     loaded = compat.load(REPO_ROOT / "compat.yaml")
     vllm, tgi = loaded.engine("vllm"), loaded.engine("tgi")
-    assert vllm.default_pin == "v0.32.0" and set(vllm.pins) == {"v0.29.0", "v0.30.0", "v0.31.0", "v0.32.0", "v0.33.0"}
+    assert vllm.default_pin == "v0.32.0" and set(vllm.pins) == {"v0.29.0", "v0.30.0", "v0.31.0", "v0.32.0", "v0.33.0", "v0.34.0"}
     assert vllm.pins["v0.32.0"].commit.startswith("5df63a720")
     assert vllm.pins["v0.33.0"].commit.startswith("4ba787ec9")
     assert tgi.pins["v3.3.7"].commit == "dfb3fbe78e0d1d69251bd33065591c61bafdfaa8"
@@ -43,7 +43,7 @@ def test_a_pin_resolves_by_name_tag_commit_or_the_version_without_its_v():
     vllm = compat.load(REPO_ROOT / "compat.yaml").engine("vllm")
     for ref in ("v0.33.0", "0.33.0", "4ba787ec9"):
         assert vllm.resolve_pin(ref).name == "v0.33.0", ref
-    assert vllm.resolve_pin("0.34.0") is None and vllm.resolve_pin("vv0.33.0") is None
+    assert vllm.resolve_pin("0.35.0") is None and vllm.resolve_pin("vv0.33.0") is None
 
 
 def errors_for(text: str) -> str:
