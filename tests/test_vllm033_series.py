@@ -64,15 +64,6 @@ IMPORTED_MODULES = PATCHED_MODULES + [
     "dspark_cli.integrations.vllm.cpu_fixes"]
 
 _PROBE = r'''
-import importlib, inspect, json, sys, traceback
-out = {"imports": {}, "files": {}}
-for name in sys.argv[1].split(","):
-    try:
-        module = importlib.import_module(name)
-        out["imports"][name] = "ok"
-        out["files"][name] = module.__file__
-    except BaseException:
-        out["imports"][name] = traceback.format_exc(limit=-3)
 if all(v == "ok" for v in out["imports"].values()):
     import torch, vllm, vllm._dspark as marker
     from vllm.platforms import current_platform
@@ -92,7 +83,6 @@ if all(v == "ok" for v in out["imports"].values()):
         proposer_is_dflash=issubclass(proposer.DSparkProposer, DFlashProposer),
         lazy_names=[callable(f) for f in (proposer.aux_layer_ids, v2_fused.sample_sequential, cpu_fixes.expand_float)],
     )
-print("DSPARK-PROBE " + json.dumps(out))
 '''
 
 
@@ -101,7 +91,7 @@ def imported():
     if not VLLM033_PYTHON:
         pytest.skip("DSPARK_VLLM033_PYTHON is unset: .ci/prepare.d/33-vllm-import.sh builds the patched vLLM "
                     "0.33.0 venv (torch 2.14.1 CUDA build + the vllm 0.33.0 wheel, ~1.9 GB) and exports it")
-    return run_probe(VLLM033_PYTHON, _PROBE, ",".join(IMPORTED_MODULES), ",".join(PATCHED_MODULES))
+    return run_probe(VLLM033_PYTHON, _PROBE, IMPORTED_MODULES, PATCHED_MODULES)
 
 
 def test_every_patched_v033_module_imports(imported):

@@ -134,12 +134,31 @@ def check_hook_contract(tree: Path, attached: bool = False) -> None:
     assert {"markov_head", "confidence_head", "markov_w1", "markov_w2", "proj", "with_markov"} <= heads
 
 
-def run_probe(python: str, probe: str, *args: str) -> dict:
-    """Run `probe` (Python printing one "DSPARK-PROBE <json>" line) with a patched vLLM venv's
-    interpreter, this checkout first on its path; the JSON it printed."""
+_PROBE_HEAD = '''
+import importlib, inspect, json, sys, traceback
+out = {"imports": {}, "files": {}}
+for name in sys.argv[1].split(","):
+    try:
+        module = importlib.import_module(name)
+        out["imports"][name] = "ok"
+        out["files"][name] = module.__file__
+    except BaseException:
+        out["imports"][name] = traceback.format_exc(limit=-3)
+'''
+_PROBE_TAIL = '''
+print("DSPARK-PROBE " + json.dumps(out))
+'''
+
+
+def run_probe(python: str, probe: str, imported: list[str], patched: list[str]) -> dict:
+    """Import `imported` with a patched vLLM venv's interpreter (this checkout first on its path),
+    recording each module's file or traceback in `out`, then run `probe`, which adds to `out` (it
+    gets sys.argv[2], the `patched` modules, and `importlib`, `inspect`); the JSON of `out`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "DSPARK_V2_FUSED": "1"}
     env.pop("DSPARK_VLLM_PYTHON", None)
-    run = subprocess.run([python, "-c", probe, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    script = _PROBE_HEAD + probe + _PROBE_TAIL
+    run = subprocess.run([python, "-c", script, ",".join(imported), ",".join(patched)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
     line = next((l for l in run.stdout.splitlines() if l.startswith("DSPARK-PROBE ")), None)
     assert run.returncode == 0 and line, run.stderr[-4000:]
     return json.loads(line.removeprefix("DSPARK-PROBE "))
