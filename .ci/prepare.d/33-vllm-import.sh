@@ -17,6 +17,8 @@ VLLM_IMPORT_DROP='torch|torchvision|torchaudio|torchcodec|flashinfer-python|tile
 VLLM_IMPORT_TORCH_VENV="${CUDA_TORCH_VENV:-$DSPARK_CACHE/venv-cuda-torch-2.14.1}"
 VLLM_IMPORT_TORCH_SITE="$("$VLLM_IMPORT_TORCH_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
+source .ci/overlay-series.sh  # overlay_series
+
 # vllm_import_venv VERSION: builds $DSPARK_CACHE/venv-vllm-VERSION-import and sets VLLM_IMPORT_PYTHON to
 # its python (a variable, not printed for a $(...): errexit does not reach into a command substitution).
 vllm_import_venv() {
@@ -44,7 +46,6 @@ vllm_import_venv() {
     local tree="$DSPARK_CACHE/tree-vllm-$version-wheel"
     rm -rf "$tree"
     dspark apply vllm --source pypi --commit "v$version" --package vllm --file "$wheel" -C "$tree"
-    source .ci/overlay-series.sh
     overlay_series "$tree" "$venv"
     rm -rf "$tree"  # 1.2 GB, not needed once overlaid
     echo "$sha" > "$stamp"
