@@ -41,6 +41,9 @@ def test_algorithm1_hand_computed():
     flat = SPSTable([1, 100], [1.0, 1.0])
     a = torch.tensor([[0.9, 0.0], [0.5, 0.2]])
     assert schedule_exact(a, flat).tolist() == [1, 2]
+    # a plateau (one capture size): a candidate of survival 1e-6 still strictly improves Θ = 64 + 1e-6;
+    # Θ in fp32 absorbed it and stopped every request at 1
+    assert schedule_exact(survival(torch.tensor([[1.0, 1e-6]] * 32)), SPSTable([1, 128], [1.0, 1.0])).tolist() == [2] * 32
     # nothing worth verifying: plain decode for everyone
     assert schedule_exact(torch.tensor([[0.05, 0.01], [0.02, 0.0]]), SMOOTH).tolist() == [0, 0]
 

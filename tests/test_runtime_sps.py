@@ -180,14 +180,18 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         SPSTable([4, 2], [1.0, 2.0])
     with pytest.raises(ValueError, match="as many steps_per_s"):
         SPSTable([1, 2], [1.0])
-    with pytest.raises(ValueError, match="finite and positive"):
-        SPSTable([1, 2], [1.0, float("nan")])
+    for value in (float("nan"), 10**400):
+        with pytest.raises(ValueError, match="finite and positive"):
+            SPSTable([1, 2], [1.0, value])
     bad = tmp_path / "x.json"
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         SPSTable.load(bad)
     with pytest.raises(ValueError, match="cannot read"):
         SPSTable.load(tmp_path / "missing.json")
+    bad.write_text('{"tokens": [' + "9" * 5000 + "]}")  # past Python's int conversion limit
+    with pytest.raises(ValueError, match=f"^cannot read SPS table {re.escape(str(bad))}: Exceeds the limit"):
+        SPSTable.load(bad)
     # wrong JSON types were a TypeError from int()/float(): one line naming the file and the key
     for doc, message in [
         ({"format": "dspark-sps/1", "tokens": 5, "steps_per_s": [1.0]}, "'tokens' must be a list of whole numbers, got 5"),
@@ -195,6 +199,9 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         ({"format": "dspark-sps/1", "tokens": [1, 2.5], "steps_per_s": [1.0, 2.0]}, r"'tokens'\[1\] must be a whole number"),
         ({"sample_batch_tokens": [1, 2], "sample_steps_per_sec": [1.0, None]}, r"'sample_steps_per_sec'\[1\] must be a number"),
         ({"format": "dspark-sps/1", "tokens": [2, 1], "steps_per_s": [1.0, 2.0]}, "strictly increasing"),
+        # float() of a 400-digit integer was an OverflowError traceback
+        ({"format": "dspark-sps/1", "tokens": [1, 2], "steps_per_s": [1.0, 10**400]}, r"'steps_per_s'\[1\] must be a number"),
+        ({"format": "dspark-sps/1", "tokens": [1, 10**400], "steps_per_s": [1.0, 2.0]}, "sizes must be at most"),
     ]:
         bad.write_text(json.dumps(doc))
         with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: .*{message}"):

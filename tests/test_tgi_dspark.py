@@ -198,6 +198,8 @@ def test_uniform_verify_length_grows_while_theta_improves_for_the_batch():
     assert uniform_verify_length(a, sps) == 1
     assert uniform_verify_length(a, SPSTable([2, 6], [100.0, 100.0])) == 2  # flat: verify everything
     assert uniform_verify_length(torch.zeros(2, 2), SPSTable([2, 6], [100.0, 100.0])) == 0  # ties: fewer rows
+    # Θ(2) = 64 + 32e-8 > Θ(1) = 64 on a flat table: in fp32 Θ stayed 64 and the batch stopped at 1
+    assert uniform_verify_length(torch.tensor([[1.0, 1e-8]] * 32), SPSTable([1, 128], [1.0, 1.0])) == 2
 
 
 def test_uniform_verify_length_does_not_look_at_the_survival_of_drafts_it_leaves_out():

@@ -3,6 +3,7 @@ work. Shape/dtype checks never touch device memory; value checks (NaN, range) ne
 device->host sync, so callers run them only when asked (default: on CPU tensors)."""
 
 import json
+import math
 import numbers
 from pathlib import Path
 
@@ -38,6 +39,15 @@ def integer(value) -> bool:
 def real_number(value) -> bool:
     """A host int or float, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def finite_real(value) -> bool:
+    """A host int or float that is a finite float: a JSON integer of 400 digits is not (float()
+    of it raises OverflowError), nor JSON's Infinity/NaN."""
+    try:
+        return real_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def whole_number(value) -> bool:
@@ -137,5 +147,6 @@ def read_json(path, what: str):
     """The parsed JSON file at path; an unreadable or malformed file is one ValueError naming it."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nesting too deep)
+    # ValueError: malformed JSON, and an integer of over 4300 digits (Python's conversion limit)
+    except (OSError, ValueError, RecursionError) as exc:  # (nesting too deep)
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc

@@ -3,7 +3,6 @@ conditional probability that draft k survives given 1..k-1 survived; survival a_
 T_k is the per-position Sequential Temperature Scaling (STS) calibration (1.0 when absent)."""
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +146,7 @@ class STSCalibration:
 
 
 def _finite_positive(t) -> bool:
-    return _checks.real_number(t) and math.isfinite(t) and t > 0
+    return _checks.finite_real(t) and t > 0
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:

@@ -28,7 +28,9 @@ def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Te
     _check_sps(sps)
     R = a.shape[0]
     a_sorted, request = _ranked(a)
-    theta = _theta(a_sorted, R, sps)  # Θ_0 .. Θ_n
+    # in float64: fp32's τ absorbs a candidate of a < τ·6e-8, which on an SPS plateau (the common
+    # case: B padded to a capture size) stopped Algorithm 1 where Θ still strictly improves
+    theta = _theta(a_sorted.double(), R, sps)  # Θ_0 .. Θ_n
     improves = (theta[1:] > theta[:-1]) & (a_sorted > 0)
     admitted = torch.cumprod(improves.to(torch.int64), dim=0).sum()
     return _lengths(request, admitted, R)
@@ -84,11 +86,11 @@ def _ranked(a: torch.Tensor):
 
 
 def _theta(a_sorted: torch.Tensor, num_requests: int, sps: SPSTable) -> torch.Tensor:
-    """Θ_n = (R + Σ_{i≤n} a_i)·SPS(R + n) for n = 0..len(a_sorted)."""
-    device = a_sorted.device
+    """Θ_n = (R + Σ_{i≤n} a_i)·SPS(R + n) for n = 0..len(a_sorted), in a_sorted's dtype."""
+    device, dtype = a_sorted.device, a_sorted.dtype
     n = torch.arange(a_sorted.numel() + 1, device=device, dtype=torch.int64)
-    tau = num_requests + torch.cat([torch.zeros(1, device=device), torch.cumsum(a_sorted, dim=0)])
-    return tau * sps.lookup(num_requests + n)
+    tau = num_requests + torch.cat([torch.zeros(1, device=device, dtype=dtype), torch.cumsum(a_sorted, dim=0)])
+    return tau * sps.lookup(num_requests + n, dtype)
 
 
 def _lengths(request: torch.Tensor, admitted: torch.Tensor, R: int) -> torch.Tensor:

@@ -49,6 +49,8 @@ class SPSTable:
             bad = [v for v in getattr(self, name) if not _checks.whole_number(v)]
             if bad:
                 raise ValueError(f"SPS table {name} must be whole numbers, got {bad[0]!r}")
+        if not all(_checks.finite_real(s) for s in self.steps_per_s):
+            raise ValueError("SPS table steps_per_s must be finite and positive")
         self.tokens = [int(t) for t in self.tokens]
         self.steps_per_s = [float(s) for s in self.steps_per_s]
         self.capture_sizes = sorted(int(c) for c in self.capture_sizes)
@@ -56,7 +58,7 @@ class SPSTable:
             raise ValueError("an SPS table needs as many steps_per_s values as tokens entries, at least one")
         if self.tokens[0] < 1 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
             raise ValueError(f"SPS table tokens must be strictly increasing and ≥ 1, got {self.tokens}")
-        if any(not (s > 0) or s == float("inf") for s in self.steps_per_s):
+        if any(not s > 0 for s in self.steps_per_s):
             raise ValueError("SPS table steps_per_s must be finite and positive")
         if self.capture_sizes and self.capture_sizes[0] < 1:
             raise ValueError("CUDA-graph capture sizes must be ≥ 1")
@@ -86,20 +88,21 @@ class SPSTable:
     def dense_limit(self) -> int:
         return max(self.tokens[-1], self.capture_sizes[-1] if self.capture_sizes else 1)
 
-    def dense(self, device) -> torch.Tensor:
-        """SPS for B = 0..dense_limit as an fp32 tensor on `device` (index 0 unused), cached."""
-        key = str(device)
+    def dense(self, device, dtype=torch.float32) -> torch.Tensor:
+        """SPS for B = 0..dense_limit as a tensor on `device` (index 0 unused), cached; fp32 is
+        what our CUDA scheduler reads."""
+        key = (str(device), dtype)
         if key not in self._dense_cache:
             values = [self.sps(max(b, 1)) for b in range(self.dense_limit + 1)]
-            self._dense_cache[key] = torch.tensor(values, dtype=torch.float32, device=device)
+            self._dense_cache[key] = torch.tensor(values, dtype=dtype, device=device)
         return self._dense_cache[key]
 
-    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+    def lookup(self, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Vectorized SPS(B) for an int64 tensor of batch sizes, on its device, no host sync."""
-        dense = self.dense(tokens.device)
+        dense = self.dense(tokens.device, dtype)
         limit = self.dense_limit
         inside = dense[torch.clamp(tokens, 1, limit)]
-        beyond = dense[limit] * limit / torch.clamp(tokens, min=1).to(torch.float32)
+        beyond = dense[limit] * limit / torch.clamp(tokens, min=1).to(dtype)
         return torch.where(tokens > limit, beyond, inside)
 
     # ---- files --------------------------------------------------------------------------------
@@ -178,7 +181,6 @@ def _column(path, data: dict, key: str, whole: bool) -> list:
     if not isinstance(values, list):
         raise ValueError(f"{path}: '{key}' must be a list of {kind}s, got {json.dumps(values)}")
     for i, v in enumerate(values):
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not number or (whole and not float(v).is_integer()):
+        if not (_checks.whole_number(v) if whole else _checks.finite_real(v)):
             raise ValueError(f"{path}: '{key}'[{i}] must be a {kind}, got {json.dumps(v)}")
     return values

@@ -168,9 +168,10 @@ def uniform_verify_length(a: torch.Tensor, sps: runtime.SPSTable) -> int:
     argmax over all L looked at later positions' survival, which depends on draft L + 1 itself
     through W1[x]: lossy, DSPARK.md's Appendix A.)"""
     R, gamma = a.shape
-    accepted = torch.cat([a.new_zeros(1), a.float().sum(0).cumsum(0)])  # Σ_r Σ_{j<L} a_{r,j}
+    # float64, as runtime.schedule_exact: fp32 would stop on an SPS plateau where Θ still improves
+    accepted = torch.cat([a.new_zeros(1, dtype=torch.float64), a.double().sum(0).cumsum(0)])  # Σ_r Σ_{j<L} a_{r,j}
     rows = R * (1 + torch.arange(gamma + 1, device=a.device))
-    theta = (R + accepted) * sps.lookup(rows).to(accepted)
+    theta = (R + accepted) * sps.lookup(rows, torch.float64)
     return int(torch.cumprod((theta[1:] > theta[:-1]).to(torch.int64), dim=0).sum())
 
 
