@@ -16,13 +16,12 @@ writing the same drafts and logits as into v0.33.0's plain tensor.
 Not run: the V2 runner and the engine (GPU + Triton; no CPU build of 0.34.0 is on PyPI).
 """
 
-import os
 import py_compile
 
 import pytest
 
 from tests.vllm_release_tree import (MODEL, ROOT, added_lines, applied_release_tree, check_hook_contract,
-                                     check_imported_sources_carry_the_series, run_probe)
+                                     check_imported_sources_carry_the_series, check_imports, run_probe)
 
 pytestmark = pytest.mark.slow
 V1_FILES = ["vllm/v1/worker/gpu_model_runner.py", "vllm/v1/spec_decode/dflash.py", "vllm/utils/cpu_triton_utils.py"]
@@ -48,7 +47,6 @@ def test_vllm_offers_the_hook_and_our_patch_attaches_it_and_has_what_it_reads(pa
     check_hook_contract(patched_tree, attached=True)
 
 
-VLLM034_PYTHON = os.environ.get("DSPARK_VLLM034_PYTHON")
 PATCHED_MODULES = ["vllm._dspark", "vllm.model_executor.models.qwen3_dspark"]
 IMPORTED_MODULES = PATCHED_MODULES + ["vllm.v1.worker.gpu.spec_decode.dspark.speculator",
                                       "vllm.v1.worker.gpu.spec_decode.draft_logits",
@@ -97,17 +95,11 @@ if all(v == "ok" for v in out["imports"].values()):
 
 @pytest.fixture(scope="module")
 def imported():
-    if not VLLM034_PYTHON:
-        pytest.skip("DSPARK_VLLM034_PYTHON is unset: .ci/prepare.d/33-vllm-import.sh builds the patched vLLM "
-                    "0.34.0 venv (torch 2.14.1 CUDA build + the vllm 0.34.0 wheel) and exports it")
-    return run_probe(VLLM034_PYTHON, _PROBE, IMPORTED_MODULES, PATCHED_MODULES)
+    return run_probe("0.34.0", _PROBE, IMPORTED_MODULES, PATCHED_MODULES)
 
 
 def test_patched_v034_modules_import_and_are_the_patched_ones(imported):
-    failed = {name: tb for name, tb in imported["imports"].items() if tb != "ok"}
-    assert not failed, failed
-    assert imported["versions"][0] == "0.34.0" and imported["versions"][1].startswith("2.14.1")
-    assert imported["platform"] == "UnspecifiedPlatform"  # no GPU, no driver: nothing faked
+    check_imports(imported, "0.34.0")
     assert imported["files"]["dspark_cli.integrations.vllm.v2_fused"].startswith(str(ROOT))
     assert imported["series"] == "vllm/v0.34.0"
     assert imported["patches"] == ["0001-dspark-marker-module.patch", "0002-dspark-V2-sample-sequential-hook.patch"]

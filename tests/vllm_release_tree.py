@@ -150,10 +150,16 @@ print("DSPARK-PROBE " + json.dumps(out))
 '''
 
 
-def run_probe(python: str, probe: str, imported: list[str], patched: list[str]) -> dict:
-    """Import `imported` with a patched vLLM venv's interpreter (this checkout first on its path),
+def run_probe(version: str, probe: str, imported: list[str], patched: list[str]) -> dict:
+    """Import `imported` with the patched vLLM `version` venv's interpreter (DSPARK_VLLM0xy_PYTHON,
+    which .ci/prepare.d/33-vllm-import.sh builds; unset: skip), this checkout first on its path,
     recording each module's file or traceback in `out`, then run `probe`, which adds to `out` (it
     gets sys.argv[2], the `patched` modules, and `importlib`, `inspect`); the JSON of `out`."""
+    variable = "DSPARK_VLLM0" + version.split(".")[1] + "_PYTHON"
+    python = os.environ.get(variable)
+    if not python:
+        pytest.skip(f"{variable} is unset: .ci/prepare.d/33-vllm-import.sh builds the patched vLLM {version} venv "
+                    "(torch 2.14.1 CUDA build + the vllm wheel, ~1.9 GB) and exports it")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING", "DSPARK_V2_FUSED": "1"}
     env.pop("DSPARK_VLLM_PYTHON", None)
     script = _PROBE_HEAD + probe + _PROBE_TAIL
@@ -162,6 +168,14 @@ def run_probe(python: str, probe: str, imported: list[str], patched: list[str]) 
     line = next((l for l in run.stdout.splitlines() if l.startswith("DSPARK-PROBE ")), None)
     assert run.returncode == 0 and line, run.stderr[-4000:]
     return json.loads(line.removeprefix("DSPARK-PROBE "))
+
+
+def check_imports(imported: dict, version: str) -> None:
+    """run_probe's imports all succeeded, with that vLLM and torch 2.14.1, and nothing faked a GPU."""
+    failed = {name: tb for name, tb in imported["imports"].items() if tb != "ok"}
+    assert not failed, failed
+    assert imported["versions"][0] == version and imported["versions"][1].startswith("2.14.1")
+    assert imported["platform"] == "UnspecifiedPlatform"  # no GPU, no driver: nothing faked
 
 
 def check_imported_sources_carry_the_series(pin_name: str, sources: dict[str, str], modules: list[str]) -> None:
