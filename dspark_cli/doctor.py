@@ -120,11 +120,17 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
     # preprocessing an empty .cu file runs exactly that check (~0.1 s).
     probe = cuda_env._run([nvcc.path, *(["-ccbin", cc] if cc else []), "-E", "-x", "cu", os.devnull, "-o", os.devnull])
     if probe is None or probe.returncode != 0:
-        text = (probe.stdout + probe.stderr) if probe else "nvcc did not run"
-        reason = next((l.split("#error", 1)[1].strip(" -") for l in text.splitlines() if "#error" in l),
-                      text.strip().splitlines()[-1] if text.strip() else "unknown error")
-        return Check("c++ compiler", FAIL, f"{detail}; nvcc {nvcc.version} refuses {host}: {reason[:200]}",
-                     "set CC to a host compiler this nvcc supports (torch passes it to nvcc as -ccbin)")
+        lines = ((probe.stdout + probe.stderr) if probe else "nvcc did not run").strip().splitlines()
+        refusal = next((l.split("#error", 1)[1].strip(" -") for l in lines if "#error" in l), None)
+        if refusal is not None:  # host_config.h's: this host compiler is not supported
+            return Check("c++ compiler", FAIL, f"{detail}; nvcc {nvcc.version} refuses {host}: {refusal[:200]}",
+                         "set CC to a host compiler this nvcc supports (torch passes it to nvcc as -ccbin)")
+        # anything else is not the host compiler's fault: e.g. a toolkit without its headers
+        # (conda's cuda-nvcc without cuda-cudart-dev: "fatal error: cuda_runtime.h: No such file")
+        reason = next((l for l in lines if "error" in l), lines[-1] if lines else "unknown error")
+        return Check("c++ compiler", FAIL, f"{detail}; nvcc {nvcc.version} cannot compile an empty .cu file with "
+                     f"{host}: {reason[:200]}", "this nvcc's toolkit is incomplete (a missing header: install its cudart "
+                     "development files) or broken; or point CUDA_HOME at a complete toolkit")
     return Check("c++ compiler", OK, f"{detail}; nvcc {nvcc.version} accepts {host}")
 
 

@@ -95,6 +95,23 @@ def test_a_host_compiler_nvcc_refuses_fails(monkeypatch, tmp_path):
 
 
 @needs_nvcc
+def test_a_toolkit_without_headers_is_not_blamed_on_the_host_compiler(monkeypatch, tmp_path):
+    """An nvcc whose toolkit has no include/ (conda's cuda-nvcc without the cudart headers) fails
+    on cuda_runtime.h: doctor said "nvcc refuses its default host compiler: compilation terminated."
+    and told the user to change CC."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").symlink_to(cuda_env.nvcc_info().path)  # nvcc looks for include/ beside bin/
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    nvcc = cuda_env.nvcc_info()
+    assert nvcc.path == str(tmp_path / "bin" / "nvcc")
+    check = doctor.check_compiler(nvcc)
+    assert check.status == "fail" and "cannot compile an empty .cu file" in check.detail
+    assert "cuda_runtime.h" in check.detail and "refuses" not in check.detail
+    assert "set CC" not in check.hint and "missing header" in check.hint
+
+
+@needs_nvcc
 def test_cxx_is_not_nvccs_host_compiler(monkeypatch, tmp_path):
     """$CXX compiles the .cpp files only; without $CC nvcc uses its default host compiler (gcc on
     PATH), so a $CXX nvcc would refuse is no failure (doctor probed nvcc with -ccbin $CXX, which no
