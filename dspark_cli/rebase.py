@@ -19,6 +19,7 @@ and amount of diff context, and a new lock.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import py_compile
@@ -31,9 +32,9 @@ from pathlib import Path, PurePosixPath
 from dspark_cli import pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
-from dspark_cli.errors import UsageError
-from dspark_cli.files import check_dir_option, write_text_atomically
-from dspark_cli.flock import dead_scratches, scratch_beside
+from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
+from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
 from dspark_cli.patching import commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
 from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
@@ -41,12 +42,11 @@ from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
 CLEAN, THREE_WAY, CONFLICT, NOT_RUN = "clean", "3-way", "conflict", "not run"
 RESOLVED = "resolved"  # a conflict a human resolved and committed on the work branch (--continue)
 ALREADY = "already upstream"  # applied to no change: dropped from the refreshed series
-COMMITTED = (CLEAN, THREE_WAY, RESOLVED)  # the statuses that own exactly one work-branch commit
 SCRATCH = "series"  # the kind of write_series' scratch directories (flock.scratch_beside)
 _OFFSET = re.compile(r"Hunk #(\d+) succeeded at (\d+)(?: \(offset (-?\d+) lines?\))?")
 _CHECKING = re.compile(r"^Checking patch (.+)\.\.\.$")
 _AUTHOR = re.compile(r"^author (.*) <(.*)> (\d+ [+-]\d{4})$", re.M)  # a raw commit's author header
-_HUNK_HEADER = re.compile(r"^@@ -\d+(?:,\d+)? \+\d+(?:,\d+)? @@")
+_HUNK_HEADER = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 
 
 @dataclass
@@ -102,16 +102,26 @@ def changed_files(text: str) -> list[str]:
 
 
 def context_lines(text: str, default: int = 3) -> int:
-    """The diff context the patch was made with (its widest leading context), so a refreshed
-    patch keeps the original's minimal context."""
-    widest, in_hunk, leading = 0, False, 0
-    for line in text.splitlines():
-        if _HUNK_HEADER.match(line):
-            in_hunk, leading = True, 0
-        elif in_hunk and line.startswith(" "):
-            leading += 1
-        elif in_hunk:
-            widest, in_hunk = max(widest, leading), False
+    """The diff context the patch was made with, so a refreshed patch keeps the original's minimal
+    context: its widest run of context before or after a hunk's changes (a hunk at a file's start
+    has none before them, one at its end none after). Each hunk is read by its header's counts."""
+    widest, lines = 0, text.split("\n")  # not splitlines(): a form feed in a line is no line break
+    for i, line in enumerate(lines):
+        header = _HUNK_HEADER.match(line)
+        if not header:
+            continue
+        old, new = (1 if n is None else int(n) for n in header.groups())
+        marks = []
+        for body in lines[i + 1:]:
+            if old <= 0 and new <= 0:
+                break
+            mark = body[:1] or " "  # an empty context line whose space an editor stripped
+            if mark == "\\":  # "\ No newline at end of file"
+                continue
+            marks.append(mark)
+            old, new = old - (mark != "+"), new - (mark != "-")
+        run = "".join(marks)
+        widest = max(widest, len(run) - len(run.lstrip(" ")), len(run) - len(run.rstrip(" ")))
     return widest or default
 
 
@@ -293,7 +303,8 @@ def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
 def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch]) -> list[PatchOutcome]:
     """The outcomes of the patches the last run got through, matched to the work branch's commits
     since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
-    owns the single commit after them (the human's resolution); `already upstream` owns none, unless
+    owns the single commit after them (the human's resolution, which they may amend after a
+    byte-compile failure: a resolved patch is matched alike); `already upstream` owns none, unless
     it was an empty resolution: that commit stays its own, so a later --continue still counts it.
     Anything else (an extra commit, a missing or rewritten one) is refused: matching by position
     gave an extra commit to a patch that never ran and silently lost that patch's change."""
@@ -315,11 +326,11 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
         files = patch_files(patch.path.read_text(encoding="utf-8", errors="replace"))
         outcome = PatchOutcome(patch=patch.name, status=record["status"], files=files,
                                details=record.get("details", []))
-        if record["status"] in COMMITTED or (record["status"] == ALREADY and record["commit"]):
+        if record["status"] in (CLEAN, THREE_WAY) or (record["status"] == ALREADY and record["commit"]):
             outcome.commit = record["commit"]
             claimed.append(outcome.commit)
             expected.append(f"{patch.name} ({record['commit'][:12]})")
-        elif record["status"] == CONFLICT:
+        elif record["status"] in (CONFLICT, RESOLVED):  # resolved: amended after a byte-compile failure, say
             resolution = commits[len(expected)] if len(commits) > len(expected) else None
             claimed.append(resolution)
             expected.append(f"{patch.name} (your resolution)")
@@ -327,8 +338,9 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
             if resolution and ws.changes_nothing(resolution):  # resolved to the new tree as it is
                 outcome.status = ALREADY
                 outcome.details = ["your resolution keeps the new tree as it is: dropped from the refreshed series"]
-            else:
+            else:  # a resolution may port the patch to other files (its own was deleted upstream)
                 outcome.status, outcome.details = RESOLVED, []
+                outcome.files = commit_files(ws, resolution) if resolution else files
         outcomes.append(outcome)
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
@@ -419,9 +431,17 @@ def _remade_with(ws: Workspace, commit: str, parent: str, path: str, blob: str) 
     return ws.git.out("commit-tree", tree, "-p", parent, "-F", "-", input=message, env=env)
 
 
+def commit_files(ws: Workspace, commit: str) -> list[str]:
+    """The paths `commit` changes against its parent (a rename's new name)."""
+    listed = ws.git.run("diff-tree", "-r", "-z", "--no-commit-id", "--name-only", commit).stdout
+    return [name for name in listed.split("\0") if name]
+
+
 def byte_compile(ws: Workspace, result: RebaseResult) -> None:
-    """Every Python file the series touches must still compile on the new tree."""
-    touched = sorted({f for o in result.outcomes for f in o.files if f.endswith(".py")})
+    """Every Python file the refreshed series touches must still compile on the new tree: the
+    files of the commits it is made from (a resolution's may not be its patch's)."""
+    touched = sorted({f for o in result.outcomes for f in (commit_files(ws, o.commit) if o.commit else o.files)
+                      if f.endswith(".py")})
     with tempfile.TemporaryDirectory() as tmp:
         for file in touched:
             path = ws.path / file
@@ -460,6 +480,8 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
             raise UsageError(f"--out {out_dir} is not a patch series (a git checkout, or no series file); --force "
                              "replaces only a series directory: choose another --out")
     check_dir_option(out_dir, "--out")
+    if out_dir.exists() and (problem := cannot_make_in(out_dir.parent)):  # replaced by a rename there
+        raise EnvironmentProblem(f"--out {out_dir}: cannot replace it: cannot make anything in {out_dir.parent} ({problem})")
 
 
 def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
@@ -546,6 +568,7 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
     # A work tree deleted by hand stays registered: git would refuse its path ("missing but already
     # registered") and keep its branch checked out. Prune drops only such entries (not locked ones).
     source.git.run("worktree", "prune")
+    _undo_unfinished_add(source, workdir)
     onto_commit = source.resolve_commit(onto)
     if onto_commit is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
@@ -568,10 +591,41 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
     if resume:
         raise UsageError(f"{workdir}: no rebase to continue here (run without --continue first)")
     check_branch_free(source, branch, force)
-    source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto_commit)
-    ws = Workspace(workdir)
-    mark_made_by_rebase(ws)
+    # Until the work tree carries our marker, a record in the repository names it: a run killed in
+    # between left a checkout no run would take as its own (even with --force), and git's own
+    # cleanup after a Ctrl-C can leave a .git file pointing nowhere.
+    adding = _adding_record(source, workdir)
+    adding.parent.mkdir(parents=True, exist_ok=True)
+    adding.write_bytes(os.fsencode(workdir))
+    try:
+        source.git.run("worktree", "add", "-q", "--detach", str(workdir), onto_commit)
+        ws = Workspace(workdir)
+        mark_made_by_rebase(ws)
+    except BaseException:
+        _undo_unfinished_add(source, workdir)
+        raise
+    adding.unlink()
     return ws, True, onto_commit
+
+
+def _adding_record(source: Workspace, workdir: Path) -> Path:
+    """One per work tree path, so a record left by a run killed at one path outlives runs at others."""
+    return _common_dir(source) / "dspark" / "rebase-adding" / hashlib.sha256(os.fsencode(workdir)).hexdigest()[:16]
+
+
+def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
+    """Remove the work tree at `workdir` that a run began to add and never marked (it was missing
+    or empty before: worktree_of checked), with its registration in the user's repository."""
+    adding = _adding_record(source, workdir)
+    try:
+        unfinished = adding.read_bytes() == os.fsencode(workdir)
+    except OSError:
+        return
+    if unfinished:
+        source.git.run("worktree", "remove", "--force", str(workdir), check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+        source.git.run("worktree", "prune")
+        adding.unlink()
 
 
 def _common_dir(ws: Workspace) -> Path:
@@ -619,6 +673,8 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile,
     """A repository holding two release trees: base (root commit) and onto (its child). The
     release files come from the cache or the index (sha256 checked); a repository that already
     holds these exact trees is reused. `resume` (--continue) needs one already there."""
+    for kind in ("init", "tree"):  # what runs killed while making the repository or a tree left
+        remove_dead_scratches(workdir, kind)
     ws = Workspace(workdir)
     if (workdir / ".git").exists():
         check_made_by_rebase(ws)
@@ -627,9 +683,13 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile,
     else:
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir}: exists, is not empty and is not a git repository")
-        workdir.mkdir(parents=True, exist_ok=True)
-        ws.git.run("init", "-q")
-        mark_made_by_rebase(ws)
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        with scratch_beside(workdir, "init") as scratch:  # made and marked beside, then moved in whole
+            made = scratch / "repo"
+            made.mkdir()
+            Workspace(made).git.run("init", "-q")
+            mark_made_by_rebase(Workspace(made))
+            move_into_place(made, workdir)
     commits: list[str] = []
     for release in (base, onto):
         parent = commits[-1] if commits else None
@@ -637,8 +697,8 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile,
         commit = ws.resolve_commit(ref)
         if commit is None:
             archive = pypi_source.fetch_release(release)
-            with tempfile.TemporaryDirectory(dir=workdir.parent, prefix=".dspark-tree-") as tmp:
-                tree = Path(tmp) / "tree"
+            with scratch_beside(workdir, "tree") as tmp:
+                tree = tmp / "tree"
                 pypi_source.extract(archive, tree)
                 label = release_label(release)
                 commit = import_tree(ws, tree, parent, f"{release.package} {release.version}\n\nDspark-Base: {label}\n")

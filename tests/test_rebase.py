@@ -848,3 +848,124 @@ def test_the_files_a_patch_expects_are_the_old_trees_names():
             "diff --git a/kept.py b/kept.py\nindex 1..2 100644\n--- a/kept.py\n+++ b/kept.py\n"
             "diff --git a/made.py b/made.py\nnew file mode 100644\nindex 0000000..1\n")
     assert rebase.changed_files(text) == ["old name.py", "kept.py"]
+
+
+STOP_BEFORE_MARKING = """
+import os, signal, sys
+from dspark_cli import rebase
+how = sys.argv[-1]
+def stop(ws):  # the work tree is added, not yet marked as ours
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise KeyboardInterrupt
+rebase.mark_made_by_rebase = stop
+from dspark_cli.cli import main
+sys.argv = ["dspark"] + sys.argv[1:-1]
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+def test_a_run_stopped_before_its_work_tree_was_marked_leaves_nothing_the_next_cannot_use(upstream, how):
+    """Stopped right after `git worktree add`, the work tree had no marker: every later run, --force
+    too, refused it as "a checkout dspark rebase did not make" and it stayed registered in the
+    user's repository. A Ctrl-C now removes it at once; after a kill the next run does."""
+    import subprocess
+    import sys
+
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v30.0")
+    wd, out = u["tmp"] / "wd30", u["tmp"] / "out30"
+    args = ["rebase", "eng", "--from", "v1.0", "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd),
+            "--out", str(out)]
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    stopped = subprocess.run([sys.executable, "-c", STOP_BEFORE_MARKING, *args, how], env=env, capture_output=True,
+                             text=True)
+    assert stopped.returncode == (-9 if how == "kill" else 130), stopped.stderr
+    if how == "ctrl-c":
+        assert not wd.exists() and len(worktrees(u["repo"])) == 1
+    done = dspark(u, "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert len(worktrees(u["repo"])) == 2 and len(series.load_series(out, "dspark")) == 3
+    assert not list((u["repo"] / ".git" / "dspark" / "rebase-adding").iterdir())
+
+
+def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
+    """The byte-compile took the files from the patch's own text: a resolution that ported the
+    change of a patch whose file upstream deleted into another file was never compiled, and a
+    series that breaks the tree was written, exit 0."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "main")
+    git(u["repo"], "rm", "-q", "other.py")
+    git(u["repo"], "commit", "-q", "-m", "upstream drops other.py")
+    git(u["repo"], "tag", "v31.0")
+    wd, out = u["tmp"] / "wd31", u["tmp"] / "out31"
+    assert dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "consts.py").write_text("OURS = 44\ndef broken(:\n")
+    git(wd, "add", "consts.py")
+    git(wd, "commit", "-q", "-m", "ours: other, ported")
+    resumed = dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                     "--continue")
+    assert resumed.returncode == 1, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["patches"][2]["status"] == "resolved" and report["patches"][2]["files"] == ["consts.py"]
+    assert report["compile_errors"] and report["compile_errors"][0].startswith("consts.py") and not out.exists()
+    (wd / "consts.py").write_text("OURS = 44\n")
+    git(wd, "commit", "-q", "--amend", "-a", "--no-edit")
+    assert dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                  "--continue").returncode == 0
+    assert "consts.py" in series.load_series(out, "dspark")[2].path.read_text()
+
+
+def test_an_out_whose_directory_cannot_be_written_is_refused_before_any_work(upstream):
+    """--out is replaced by a rename in its parent: an --out writable in a parent that is not
+    passed the check, and the run failed after the whole rebase, leaving its branch and work tree."""
+    import subprocess
+
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v32.0")
+    parent = u["tmp"] / "frozen"
+    out = parent / "out"
+    shutil.copytree(u["patches"], out)
+    if subprocess.run(["chattr", "+i", str(parent)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        run = dspark(u, "--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd32"), "--out",
+                     str(out), "--force")
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)], check=True)
+    assert run.returncode == 3 and f"--out {out}: cannot replace it: cannot make anything in {parent}" in run.stderr
+    assert len(worktrees(u["repo"])) == 1 and git(u["repo"], "branch", "--list", "dspark/*") == ""
+    assert snapshot(out) == snapshot(u["patches"])
+
+
+def test_the_context_read_from_a_patch_counts_context_after_a_hunk_at_the_top_of_a_file():
+    """A -U1 patch whose only hunk inserts at line 1 has no context before it: it read as no
+    context at all, so the refreshed patch was written with 3 lines."""
+    top = "diff --git a/m.py b/m.py\n--- a/m.py\n+++ b/m.py\n@@ -1 +1,2 @@\n+import os\n A = 1\n-- \n2.39.5\n"
+    assert rebase.context_lines(top) == 1
+    middle = ("@@ -3,5 +3,6 @@\n a\n b\n+c\n d\n e\n@@ -20,4 +21,3 @@\n x\n y\n-z\n w\n\\ No newline at end of file\n")
+    assert rebase.context_lines(middle) == 2
+    assert rebase.context_lines("@@ -0,0 +1,2 @@\n+a\n+b\n") == 3  # a new file tells nothing: the default
+
+
+def test_release_mode_removes_what_killed_runs_left_beside_its_work_tree(tmp_path, monkeypatch):
+    """A kill while a release tree was extracted left `.dspark-tree-*` (140 MB for vLLM) beside the
+    work tree for good; a repository is now made and marked beside it and moved in whole, so a
+    stop in between leaves no unmarked repository there."""
+    work = tmp_path / "rebase" / "vllm-a-b"
+    work.parent.mkdir()
+    dead = [work.parent / f".{work.name}.dspark-{kind}-x1" for kind in ("tree", "init")]
+    for d in dead:
+        (d / "tree").mkdir(parents=True)
+    with pytest.raises(rebase.UsageError, match="no rebase to continue here"):
+        rebase.release_commits(work, None, None, resume=True)
+    assert not any(d.exists() for d in dead)
+
+    def stop(ws):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rebase, "mark_made_by_rebase", stop)
+    with pytest.raises(KeyboardInterrupt):
+        rebase.release_commits(work, None, None)
+    assert list(work.parent.iterdir()) == []
