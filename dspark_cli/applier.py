@@ -366,7 +366,12 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
 def _local_changes(ws: Workspace, force: bool) -> list[str]:
     """The worktree's local changes, which the operation stashes with --force. Changes git stash
     cannot save or give back are refused even then, before anything is changed: changes inside a
-    submodule, edits to files marked assume-unchanged, and index entries stash fails on."""
+    submodule, edits to files marked assume-unchanged, and index entries stash fails on; and
+    a merge, cherry-pick, revert or rebase of git's under way, which the operation would end."""
+    if under_way := ws.operation_in_progress():
+        what, abort = under_way
+        raise UsageError(f"{ws.path}: {what} is in progress; finish it, or abort it ({abort}), and run again "
+                         "(not even --force: the stash and checkouts would end it)")
     inside = ws.changed_submodules()
     if inside:
         raise UsageError(f"{ws.path} has changes inside submodule(s) {', '.join(inside)}, which git stash "
@@ -586,7 +591,8 @@ def status(workdir: Path) -> dict:
         busy = (f"a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) is in progress; "
                 "run dspark status again when it has finished")
     elif running:
-        busy = (f"a dspark apply or revert (pid {running}) is running in {ws.path}; run dspark status again "
+        busy = (f"a dspark apply or revert (pid {running}) is running in {ws.path} or another worktree of its "
+                "repository; run dspark status again "
                 "when it has finished")
     elif snapshot:
         lost = _lost_by_recovery(ws, snapshot, base)

@@ -1,5 +1,5 @@
-"""One `dspark apply` or `dspark revert` at a time in a workspace: an exclusive flock on
-`<git-dir>/dspark/lock`, held from before recovery to the end of the operation.
+"""One `dspark apply` or `dspark revert` at a time in a workspace's repository: an exclusive flock
+on `<git-common-dir>/dspark/lock`, held from before recovery to the end of the operation.
 
 Without it two runs interleave: the second sees no snapshot yet (the first writes it only when it
 starts changing things), or takes the first's live snapshot for a killed run's and "recovers" it
@@ -24,6 +24,13 @@ STATUS_PROBE_GRACE_S = 0.2  # `dspark status` (holder()) takes the lock for an i
 
 
 def lock_file(git_dir: Path) -> Path:
+    """One lock per repository, in the git directory its worktrees share (a linked worktree's names
+    it in its `commondir` file): they share the dspark/<pin> branches too, and two runs in two
+    worktrees interleaved their commits on one branch."""
+    try:
+        git_dir = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+    except OSError:  # the main worktree's, or a plain repository's: it is the shared one
+        pass
     return git_dir / "dspark" / "lock"
 
 
@@ -41,7 +48,8 @@ def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
             ours = try_exclusive(fd)
         if not ours:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir}")
+            raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir} or another "
+                             "worktree of its repository")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of a run refused meanwhile
         _held.add(path)

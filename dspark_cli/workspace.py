@@ -37,9 +37,11 @@ DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspar
 # Author and committer of commits that are ours entirely (release trees, state snapshots), so they
 # need no git identity configured on the machine.
 DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
-# git options for the commits dspark makes (patches, release trees, replays): none signed, and none
-# run the user's hooks (--no-verify still runs prepare-commit-msg, which may rewrite the message).
-OUR_COMMITS = ("-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null")
+# git options for the commits dspark makes (patches, release trees, replays): none signed.
+OUR_COMMITS = ("-c", "commit.gpgsign=false")
+# No git command of ours runs the user's hooks: a failing post-checkout (git-lfs's, where git-lfs is
+# not installed) failed a rollback's checkout halfway, and --no-verify still runs prepare-commit-msg.
+NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
 
 
 # Test hook: SIGKILL ourselves at a named point of an operation (kill_point), to test recovery for
@@ -90,7 +92,7 @@ class Git:
         # GIT_OPTIONAL_LOCKS=0: `git status` (dspark status, beside a running apply) would otherwise
         # take index.lock to refresh the index, and the apply's own git commands would fail on it.
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
-        result = subprocess.run(["git", *args], cwd=self.cwd, env=full_env, capture_output=True,
+        result = subprocess.run(["git", *NO_HOOKS, *args], cwd=self.cwd, env=full_env, capture_output=True,
                                 input=None if input is None else input.encode("utf-8", "surrogateescape"))
         result.stdout, result.stderr = (out.decode("utf-8", "surrogateescape") for out in (result.stdout, result.stderr))
         if check and result.returncode != 0:
@@ -192,6 +194,24 @@ class Workspace:
         lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
                              "--ignore-submodules=untracked").stdout.splitlines()
         return [line for line in lines if line.strip()]
+
+    # git's files for an operation it has under way, what it is, and how the user ends it
+    _OPERATIONS = (("MERGE_HEAD", "a merge", "git merge --abort"),
+                   ("CHERRY_PICK_HEAD", "a cherry-pick", "git cherry-pick --abort"),
+                   ("REVERT_HEAD", "a revert", "git revert --abort"),
+                   ("rebase-merge", "a rebase", "git rebase --abort"),
+                   ("rebase-apply", "a rebase or git am", "git rebase --abort, or git am --abort"),
+                   ("sequencer", "a cherry-pick or revert of several commits", "git cherry-pick --abort"))
+
+    def operation_in_progress(self) -> tuple[str, str] | None:
+        """(what, how to abort it) for a merge, cherry-pick, revert or rebase git has under way here:
+        our stash and checkouts would end it (a merge's MERGE_HEAD dropped, a stopped rebase going on
+        over our branch). One rev-parse for all of git's per-worktree paths."""
+        paths = self.git.out("rev-parse", *(arg for name, _, _ in self._OPERATIONS for arg in ("--git-path", name)))
+        for path, (_, what, abort) in zip(paths.splitlines(), self._OPERATIONS):
+            if (self.path / path).exists():
+                return what, abort
+        return None
 
     def changed_submodules(self) -> list[str]:
         """Submodules with another commit checked out or tracked files modified inside: `git stash`
@@ -378,13 +398,16 @@ class Workspace:
                 return ref
         return None
 
-    def _remove_stale_index_lock(self, snapshot: Snapshot) -> None:
-        """An index.lock left by a git killed with the snapshot's owner blocks every git command.
-        Only ours to remove while we hold the workspace lock (no other dspark runs git here) and
-        that owner is gone (us rolling back, or a killed run; not known to run: recovery --force)."""
-        lock = self.git_dir / "index.lock"
-        if lock.exists() and oplock.held(self.git_dir) and owner_running(snapshot) is not True:
-            lock.unlink()
+    def _remove_stale_locks(self, snapshot: Snapshot) -> None:
+        """The index.lock, HEAD.lock or work branch's ref lock left by a git killed with the
+        snapshot's owner block the restore's reset, checkout and update-ref for good. Only ours to
+        remove while we hold the workspace lock (no other dspark runs git here) and that owner is
+        gone (us rolling back, or a killed run; not known to run: recovery --force)."""
+        if not oplock.held(self.git_dir) or owner_running(snapshot) is True:
+            return
+        names = ("index.lock", "HEAD.lock", f"refs/heads/{snapshot.work_branch}.lock")
+        for path in self.git.out("rev-parse", *(arg for name in names for arg in ("--git-path", name))).splitlines():
+            (self.path / path).unlink(missing_ok=True)
 
     def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
         """What restoring `snapshot` would throw away after a killed run: local changes, and commits
@@ -416,8 +439,14 @@ class Workspace:
 
     def _patched_tree(self, parent: str, patch: bytes) -> str | None:
         """The tree the patch file `patch` makes on `parent` as apply_and_commit applies it (3-way,
-        through a scratch index), None where it does not apply."""
-        with self.scratch_index(parent) as env:
+        through a scratch index), None where it does not apply. Its blobs and trees go to a scratch
+        object directory (the repository's objects read through it as an alternate): only the id
+        is wanted, and `dspark status` runs where it may not write (a read-only mount, which read
+        every patch commit as amended)."""
+        objects = Path(self.git.out("rev-parse", "--git-path", "objects"))
+        with self.scratch_index(parent) as env, tempfile.TemporaryDirectory() as scratch:
+            env = {**env, "GIT_OBJECT_DIRECTORY": scratch,
+                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": str((self.path / objects).resolve())}
             made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
                                 input=patch.decode("utf-8", "surrogateescape"))
             return self.git.out("write-tree", env=env) if made.returncode == 0 else None
@@ -426,7 +455,7 @@ class Workspace:
         """Keep what `lost_by_restore` finds on dspark/saved-<time> branches: one at HEAD with the
         local changes (staged, unstaged, untracked) committed on top, one at the work branch when it
         holds commits HEAD does not. Returns the branch names."""
-        self._remove_stale_index_lock(snapshot)
+        self._remove_stale_locks(snapshot)
         changes, commits = self.lost_by_restore(snapshot, base)
         lost = {sha for sha, _ in commits}
         head, work_tip = self.head(), self.branch_sha(snapshot.work_branch)
@@ -468,7 +497,7 @@ class Workspace:
 
     def restore(self, snapshot: Snapshot, worktree_saved: bool = False) -> None:
         """Put HEAD, the branches, index and worktree back to `snapshot` (local changes included)."""
-        self._remove_stale_index_lock(snapshot)
+        self._remove_stale_locks(snapshot)
         self.git.run("cherry-pick", "--abort", check=False)
         if snapshot.head is None:
             self.git.run("reset", "-q", "--hard", check=False)

@@ -52,7 +52,7 @@ def test_a_second_run_is_refused_while_one_holds_the_workspace(toy):
         for command in (["apply", "toy", "-C", str(work), "--force"], ["revert", "-C", str(work), "--force"]):
             refused = dspark(toy, *command)
             assert refused.returncode == 2, refused.stderr
-            assert refused.stderr.strip() == f"error: another dspark apply/revert (pid {os.getpid()}) is running on {work}"
+            assert refused.stderr.strip() == f"error: another dspark apply/revert (pid {os.getpid()}) is running on {work} or another worktree of its repository"
         assert (git_dir / "index.lock").exists()
         assert (git_dir / "dspark" / "state.json").read_bytes() == state
         (git_dir / "index.lock").unlink()
@@ -236,10 +236,11 @@ def test_ignored_files_a_checkout_would_overwrite_are_refused_even_with_force(to
 
 
 def unmerged(work: Path) -> None:
-    git(work, "checkout", "-q", "-b", "side", "HEAD~1")
-    user_commit(work, "engine/config.py", "theirs\n")
-    git(work, "checkout", "-q", "dspark/v1.0")
-    git(work, "cherry-pick", "side", check=False)
+    """Conflict stages with no git operation under way, as a conflicted `git stash pop` leaves them
+    (a conflicted cherry-pick is refused as the operation it is: test_a_git_operation_under_way_...)."""
+    blob = git(work, "hash-object", "-w", "engine/config.py")
+    git(work, "update-index", "--index-info", input=f"0 {'0' * 40}\tengine/config.py\n" + "".join(  # stage 0 out
+        f"100644 {blob} {stage}\tengine/config.py\n" for stage in (1, 2, 3)))
     assert git(work, "ls-files", "--unmerged", "--", "engine/config.py") != ""  # a conflict left in the index
 
 
@@ -299,12 +300,13 @@ def test_a_failed_stash_leaves_no_snapshot_and_changes_nothing(toy):
 
 def stopped_around_its_stash(toy, tmp_path: Path, command: list[str], stashed: bool, sig: int):
     """Run `command` with --force through a git on PATH that waits at `git stash push`, before the
-    real stash (stashed False) or after it (True), and send the CLI `sig` there."""
+    real stash (stashed False) or after it (True), and send the CLI `sig` there. ($1 $2 of every git
+    command dspark runs are `-c core.hooksPath=/dev/null`.)"""
     bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
     bin_dir.mkdir()
     real = shutil.which("git")
     stash = f'{real} "$@"; touch {waiting}; sleep 60; exit' if stashed else f"touch {waiting}; sleep 60"
-    (bin_dir / "git").write_text(f'#!/bin/sh\nif [ "$1 $2" = "stash push" ]; then {stash}; fi\nexec {real} "$@"\n')
+    (bin_dir / "git").write_text(f'#!/bin/sh\nif [ "$3 $4" = "stash push" ]; then {stash}; fi\nexec {real} "$@"\n')
     (bin_dir / "git").chmod(0o755)
     code, _, stderr = signal_dspark_when(waiting, sig, *command, "--force", env={
         "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
@@ -352,8 +354,8 @@ def test_ctrl_c_when_the_stash_is_looked_up_rolls_back(toy, tmp_path, command, n
     bin_dir.mkdir()
     real = shutil.which("git")
     (bin_dir / "git").write_text(f"""#!/bin/sh
-[ "$1 $2" = "stash push" ] && touch {pushed}
-if [ "$1 $2" = "stash list" ] && [ -e {pushed} ]; then
+[ "$3 $4" = "stash push" ] && touch {pushed}
+if [ "$3 $4" = "stash list" ] && [ -e {pushed} ]; then
   echo x >> {count}
   if [ "$(wc -l < {count})" -eq {nth} ]; then {real} "$@"; touch {waiting}; sleep 60; exit; fi
 fi
@@ -523,3 +525,104 @@ def test_patches_without_text_hunks_still_load_and_apply(toy, tmp_path):
     work = toy["workdir"]
     assert not (work / "blob.bin").exists() and (work / "go.sh").read_text() == "echo hello\n"
     assert os.access(work / "go.sh", os.X_OK)
+
+
+# -- 6. git's own state: hooks, operations under way, linked worktrees, stale locks -----------------
+
+def test_a_failing_checkout_hook_does_not_stop_a_rollback_halfway(toy, tmp_path):
+    """git-lfs's post-checkout hook fails where git-lfs is not installed: the rollback's checkout
+    failed ("git checkout failed"), HEAD stayed detached with a stray dspark/v1.0 branch and the
+    user's edit only in a stash, and every later run failed alike. Our git commands run no hooks."""
+    clone = tmp_path / "hooked"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    hook = clone / ".git" / "hooks" / "post-checkout"
+    hook.write_text("#!/bin/sh\nexit 1\n")
+    hook.chmod(0o755)
+    (clone / "engine" / "config.py").write_text("mine\n")
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 11\n", "line eleven\n")})])
+    before = tree_fingerprint(clone)
+    failed = dspark(toy, "apply", "toy", "-C", str(clone), "--force", "--series", str(team))
+    assert failed.returncode == 4, failed.stderr
+    assert tree_fingerprint(clone) == before
+    applied = dspark(toy, "apply", "toy", "-C", str(clone), "--force")
+    assert applied.returncode == 0, applied.stderr
+    assert dspark(toy, "revert", "-C", str(clone)).returncode == 0
+
+
+@pytest.mark.parametrize("operation", ["merge", "rebase", "cherry-pick"])
+def test_a_git_operation_under_way_is_refused_even_with_force(toy, operation):
+    """The stash dropped a merge's MERGE_HEAD (the user's next commit silently no merge), and an
+    apply during a stopped `git rebase -i` let the rebase's --continue rewrite their branch."""
+    run_apply(toy)
+    work = toy["workdir"]
+    git(work, "checkout", "-q", "-b", "mine", "main")
+    first = user_commit(work, "a.txt")
+    user_commit(work, "b.txt")
+    if operation == "merge":
+        git(work, "checkout", "-q", "-b", "feat", "main")
+        user_commit(work, "c.txt")
+        git(work, "checkout", "-q", "mine")
+        git(work, "merge", "-q", "--no-ff", "--no-commit", "feat")
+        marker, what = "MERGE_HEAD", "a merge is in progress; finish it, or abort it (git merge --abort)"
+    elif operation == "cherry-pick":  # conflicted: its unmerged entries are not the reason given
+        git(work, "checkout", "-q", "-b", "side", "main")
+        user_commit(work, "a.txt", "theirs\n")
+        git(work, "checkout", "-q", "mine")
+        git(work, "cherry-pick", "side", check=False)
+        marker, what = "CHERRY_PICK_HEAD", "a cherry-pick is in progress; finish it, or abort it (git cherry-pick --abort)"
+    else:
+        git(work, "-c", "sequence.editor=sed -i 1s/^pick/edit/", "rebase", "-q", "-i", f"{first}^")
+        marker, what = "rebase-merge", "a rebase is in progress; finish it, or abort it (git rebase --abort)"
+    before = tree_fingerprint(work)
+    for command in (["apply", "toy", "-C", str(work), "--force"], ["revert", "-C", str(work), "--force"]):
+        refused = dspark(toy, *command)
+        assert refused.returncode == 2 and what in refused.stderr, refused.stderr
+        assert tree_fingerprint(work) == before and (work / ".git" / marker).exists()
+
+
+def test_two_worktrees_of_one_repository_take_turns(toy, tmp_path):
+    """The lock was per worktree, yet linked worktrees share the dspark/<pin> branch: two applies
+    at once interleaved their commits on it. A run in one worktree now refuses one in another."""
+    run_apply(toy)
+    work = toy["workdir"]
+    git(work, "checkout", "-q", "main")
+    other = tmp_path / "other"
+    git(work, "worktree", "add", "-q", "--detach", str(other), "main")
+    with oplock.exclusive(Path(git(other, "rev-parse", "--absolute-git-dir")), other):
+        refused = dspark(toy, "apply", "toy", "-C", str(work))
+        assert refused.returncode == 2, refused.stderr
+        assert f"is running on {work} or another worktree of its repository" in refused.stderr
+
+
+@pytest.mark.parametrize("lock", ["HEAD.lock", "refs/heads/dspark/v1.0.lock"])
+def test_a_lock_file_a_killed_git_left_does_not_block_recovery(toy, lock):
+    """Only a stale index.lock was removed: a HEAD.lock or the work branch's ref lock left by the
+    killed run's git failed every later recovery and revert (exit 3)."""
+    work = toy["workdir"]
+    work.mkdir()
+    git(work, "clone", "-q", str(toy["upstream"]["repo"]), ".")
+    before = tree_fingerprint(work)
+    assert dspark(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    (work / ".git" / lock).write_text("")
+    recovered = dspark(toy, "revert", "-C", str(work))
+    assert recovered.returncode == 0, recovered.stderr
+    assert tree_fingerprint(work) == before and not (work / ".git" / lock).exists()
+
+
+def test_status_where_objects_cannot_be_written_finds_no_drift(toy):
+    """status compares each patch commit with the patch applied afresh, which wrote objects: on a
+    read-only workspace every patch commit read as amended since apply made it."""
+    import subprocess
+
+    run_apply(toy)
+    objects = toy["workdir"] / ".git" / "objects"
+    if subprocess.run(["chattr", "-R", "+i", str(objects)], capture_output=True).returncode != 0:
+        subprocess.run(["chattr", "-R", "-i", str(objects)], capture_output=True)
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        status = dspark(toy, "status", "-C", str(toy["workdir"]), "--json")
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["drift"] == []

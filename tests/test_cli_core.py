@@ -290,7 +290,7 @@ def test_ctrl_c_during_apply_restores_the_tree_and_exits_130(toy_env, tmp_path):
     bin_dir, count, waiting = tmp_path / "bin", tmp_path / "applies", tmp_path / "waiting"
     bin_dir.mkdir()
     (bin_dir / "git").write_text(f"""#!/bin/sh
-if [ "$1" = apply ]; then
+if [ "$3" = apply ]; then  # $1 $2: -c core.hooksPath=/dev/null
   echo x >> {count}
   if [ "$(wc -l < {count})" -eq 2 ]; then touch {waiting}; sleep 60; fi
 fi
