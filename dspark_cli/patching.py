@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.series import Patch
-from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, Workspace,
-                                  kill_point)
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, GitFailed,
+                                  Workspace, environment_failure, kill_point)
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
 _FILE_ERROR = re.compile(r"^error: (?:patch failed: )?(.+?): (.+)$")
+# a new file's `diff --git a/P b/P` header (followed by its mode line), a rename's or copy's target
+_CREATES = re.compile(r"^diff --git a/.+ b/(.+)\nnew file mode |^(?:rename|copy) to (.+)$", re.M)
 
 
 class PatchConflict(Exception):
@@ -71,8 +74,16 @@ def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
 def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
     """Apply `patch` with `git apply --3way` and commit it; returns the new commit id. `kill_at`
     names the point between the two for the recovery tests' kill_point."""
+    absent = [path for path in _created_paths(patch.path) if not os.path.lexists(ws.path / path)]
     result = ws.git.run("apply", "--3way", "--index", "--whitespace=nowarn", str(patch.path), check=False)
     if result.returncode != 0:
+        # git wrote the files before it failed to record them (a read-only object store): the
+        # rollback's reset does not remove files the index never held
+        for path in absent:
+            if os.path.lexists(ws.path / path) and not ws.git.ok("ls-files", "--error-unmatch", "--", path):
+                os.unlink(ws.path / path)
+        if environment_failure(result.stderr):  # no conflict: exit 3, not 4
+            raise GitFailed(("apply",), result)
         raise diagnose(ws, patch, result.stderr)
     kill_point(kill_at)
     if ws.git.ok("diff", "--cached", "--quiet"):
@@ -80,6 +91,12 @@ def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
         raise PatchConflict(patch, None, None, "its changes are already in the tree (an earlier patch or the "
                                                "base made them); drop it from its series")
     return commit_as_am(ws, patch, trailers=True)
+
+
+def _created_paths(patch_path: Path) -> list[str]:
+    """The paths a patch file creates: its new files, and its renames' and copies' targets."""
+    text = patch_path.read_text(encoding="utf-8", errors="surrogateescape")
+    return [m.group(1) or m.group(2) for m in _CREATES.finditer(text)]
 
 
 def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflict:

@@ -75,6 +75,16 @@ class GitFailed(EnvironmentProblem):
         return args[0] if args else ""
 
 
+# git's words for a failure of the machine (permissions, a read-only mount, a full disk), not of the
+# patch or the user's changes: such a failure is exit 3, whichever command hit it.
+_ENVIRONMENT_FAILURE = re.compile(r"Read-only file system|Permission denied|No space left on device|"
+                                  r"Disk quota exceeded|insufficient permission|unable to create temporary file")
+
+
+def environment_failure(stderr: str) -> bool:
+    return bool(_ENVIRONMENT_FAILURE.search(stderr))
+
+
 def require_git() -> None:
     if shutil.which("git") is None:
         raise EnvironmentProblem("git is not installed (needed to patch the engine tree)")
@@ -362,6 +372,8 @@ class Workspace:
                     raise UsageError(f"git stash saved none of the {len(changes)} local change(s) in {self.path} "
                                      f"(e.g. `{changes[0].strip() if changes else '?'}`); commit or undo them first")
                 reason = GitFailed(("stash",), pushed).reason
+                if stash is None and environment_failure(pushed.stderr):
+                    raise GitFailed(("stash",), pushed)
                 if stash is None:
                     raise UsageError(f"git stash could not save the local changes in {self.path} ({reason}); "
                                      "nothing was changed: commit or undo them, then run again")

@@ -626,3 +626,31 @@ def test_status_where_objects_cannot_be_written_finds_no_drift(toy):
         subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["drift"] == []
+
+
+def test_objects_that_cannot_be_written_are_an_environment_problem(toy):
+    """A read-only object store made `git apply` fail, which was reported as the patch not
+    applying (exit 4), and `git stash` fail, which was reported as changes to commit (exit 2):
+    neither the series nor the user's changes are at fault (exit 3), and nothing changes."""
+    import subprocess
+
+    run_apply(toy)
+    work = toy["workdir"]
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    objects = work / ".git" / "objects"
+    if subprocess.run(["chattr", "-R", "+i", str(objects)], capture_output=True).returncode != 0:
+        subprocess.run(["chattr", "-R", "-i", str(objects)], capture_output=True)
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        before = tree_fingerprint(work)
+        layered = dspark(toy, "apply", "toy", "-C", str(work), "--series", str(team))
+        assert layered.returncode == 3 and layered.stderr.startswith("error: git apply failed: "), layered.stderr
+        assert tree_fingerprint(work) == before
+        (work / "engine" / "config.py").write_text("mine\n")
+        before = tree_fingerprint(work)
+        forced = dspark(toy, "apply", "toy", "-C", str(work), "--series", str(team), "--force")
+        assert forced.returncode == 3 and forced.stderr.startswith("error: git stash failed: "), forced.stderr
+        assert tree_fingerprint(work) == before
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
