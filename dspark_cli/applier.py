@@ -342,9 +342,9 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
     try:
         if branch_sha:
-            ws.git.run("checkout", "-q", branch)
+            ws.checkout_noted(branch_sha, "-q", branch)
         else:
-            ws.git.run("checkout", "-q", "-b", branch, base)
+            ws.checkout_noted(base, "-q", "-b", branch, base)
         for count, patch in enumerate(todo, 1):
             ws.note_applying(patch.path)
             apply_and_commit(ws, patch, kill_at=f"applied:{count}")
@@ -539,7 +539,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     notes += _save_detached_commits(ws, base, branch, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
-        ws.git.run("checkout", "-q", "-f", "-B", branch, base)
+        ws.checkout_noted(base, "-q", "-f", "-B", branch, base)
         identity = {} if ws.git.ok("config", "user.email") else DSPARK_IDENTITY
         for count, (sha, subject) in enumerate(user, 1):
             # --keep-redundant-commits: a commit whose changes the base already has (it undid a

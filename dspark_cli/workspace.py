@@ -134,6 +134,9 @@ class Snapshot:
     # {"patch": path, "onto": HEAD} while `git apply` and its commit of one patch run: a kill between
     # them leaves that patch's changes in the worktree, which are ours, not the user's.
     applying: dict | None = None
+    # The commit a checkout of ours moves the worktree to, while it runs: a kill part way leaves
+    # files of that commit in the worktree, which are ours, not the user's.
+    moving_to: str | None = None
     # No state file before the operation (a first apply in a clone of the user's): undoing it
     # removes the state file again, so a failed first apply does not make the clone a workspace.
     first: bool = False
@@ -382,11 +385,21 @@ class Workspace:
                                  "brings them back")
         return snapshot
 
+    def checkout_noted(self, target: str, *args: str) -> None:
+        """`git checkout ARGS`, moving the worktree to commit `target`, recorded as under way in the
+        in-progress snapshot (lost_by_restore), and no longer once it is done."""
+        self._note_in_progress("moving_to", self.resolve_commit(target))
+        self.git.run("checkout", *args)
+        self._note_in_progress("moving_to", None)
+
+    def _note_in_progress(self, key: str, value) -> None:
+        state = self.read_state()
+        state["in_progress"][key] = value
+        self.write_state(state)
+
     def note_applying(self, patch: Path) -> None:
         """Record in the in-progress snapshot that `patch` goes onto HEAD now (lost_by_restore)."""
-        state = self.read_state()
-        state["in_progress"]["applying"] = {"patch": str(patch), "onto": self.head()}
-        self.write_state(state)
+        self._note_in_progress("applying", {"patch": str(patch), "onto": self.head()})
 
     def finish(self, state: dict | None) -> None:
         """End the operation with `state` (its in_progress cleared); None: no state file at all."""
@@ -436,9 +449,21 @@ class Workspace:
                 "rev-list", "--cherry-pick", "--right-only", f"{snapshot.work_branch_sha}...{tip}").split()}
             commits = [(sha, subject) for sha, subject in commits if sha in new]
         changes = self.local_changes()
-        if changes and self._only_the_patch_being_applied(snapshot):
+        if changes and (self._only_the_patch_being_applied(snapshot) or self._part_of_our_checkout(snapshot)):
             changes = []
         return changes, commits
+
+    def _part_of_our_checkout(self, snapshot: Snapshot) -> bool:
+        """Whether every path where the worktree differs from HEAD holds what the commit a killed
+        checkout of ours was moving to holds (the user's own changes were stashed before): the
+        checkout's, part way, not the user's."""
+        head, target = self.head(), snapshot.moving_to
+        if not (head and target):
+            return False
+        now = self._worktree_tree(head)
+        changed = set(self.git.out("diff-tree", "-r", "-z", "--name-only", head, now).split("\0"))
+        unlike_target = set(self.git.out("diff-tree", "-r", "-z", "--name-only", target, now).split("\0"))
+        return not (changed - {""}) & unlike_target
 
     def _only_the_patch_being_applied(self, snapshot: Snapshot) -> bool:
         """Whether the worktree is HEAD plus exactly the patch apply was committing when it was
@@ -660,6 +685,7 @@ _SNAPSHOT_FIELDS = {
     "process": lambda v: v is None or (_text(v) and len(v.split(" ")) == 4),
     "applying": lambda v: not v or (isinstance(v, dict) and set(v) == {"patch", "onto"} and _text(v["patch"])
                                     and _commit_or_none(v["onto"])),
+    "moving_to": _commit_or_none,
     "first": lambda v: isinstance(v, bool),
     "head": _commit_or_none,
     "branch": _ref_or_none,

@@ -654,3 +654,36 @@ def test_objects_that_cannot_be_written_are_an_environment_problem(toy):
         assert tree_fingerprint(work) == before
     finally:
         subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
+
+
+def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming_the_user(toy, tmp_path):
+    """Killed while its checkout was moving the worktree (a big tree takes seconds), the next run
+    took the files of the pin's commit lying there for local changes of the user's: "would discard
+    N local change(s); pass --force", and --force kept them on a bogus dspark/saved-* branch."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    before = tree_fingerprint(clone)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    # as a checkout killed part way: one file of the target written, nothing else (git writes the
+    # index and HEAD last); $1 $2 of our git commands are -c core.hooksPath=/dev/null
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3" = checkout ]; then
+  for target; do :; done
+  path=$({real} diff --name-only HEAD "$target" | head -n 1)
+  {real} show "$target:$path" > "$path"
+  kill -9 $PPID
+  exit 1
+fi
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    killed = run_dspark("apply", "toy", "-C", str(clone), env={
+        "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert git(clone, "status", "--porcelain") != ""  # the checkout's file lies there
+    recovered = dspark(toy, "revert", "-C", str(clone))
+    assert recovered.returncode == 0, recovered.stderr
+    assert "recovered an interrupted apply" in recovered.stderr
+    assert tree_fingerprint(clone) == before and git(clone, "branch", "--list", "dspark/saved-*") == ""
