@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -409,9 +410,21 @@ class Workspace:
             self.write_state({**state, "in_progress": None})
 
     def undo(self, snapshot: Snapshot, state: dict, worktree_saved: bool = False) -> None:
-        """Restore `snapshot` and end with `state`, or with no state file where there was none.
-        worktree_saved: the worktree was just kept on a branch (save_before_restore)."""
-        self.restore(snapshot, worktree_saved)
+        """Restore `snapshot` and end with `state`, or with no state file (and none of the patch
+        refs the operation kept) where there was none. worktree_saved: the worktree was just kept
+        on a branch (save_before_restore). Called while handling the operation's failure: a
+        rollback that fails too says both, and leaves the snapshot for the next run to restore."""
+        failure = sys.exc_info()[1]
+        try:
+            self.restore(snapshot, worktree_saved)
+        except Exception as exc:
+            why = str(exc) or type(exc).__name__
+            raise EnvironmentProblem(f"{failure}; then the rollback failed ({why}): the next dspark apply or revert "
+                                     f"restores {self.path} to its state before the {snapshot.op} once that is fixed"
+                                     if failure else f"the rollback failed ({why})") from exc
+        if snapshot.first:
+            for ref in self.git.out("for-each-ref", "--format=%(refname)", PATCH_REFS).splitlines():
+                self.git.run("update-ref", "-d", ref)
         self.finish(None if snapshot.first else state)
 
     def stash_ref(self, message: str) -> str | None:

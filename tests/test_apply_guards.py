@@ -74,6 +74,7 @@ def test_a_failed_first_apply_in_a_clone_leaves_no_workspace_behind(toy, tmp_pat
     assert failed.returncode == 4, failed.stderr
     assert tree_fingerprint(clone) == before
     assert not (clone / ".git" / "dspark" / "state.json").exists()
+    assert git(clone, "for-each-ref", "refs/dspark") == ""  # the patch blobs' refs went with it
     status = dspark(toy, "status", "-C", str(clone))
     assert status.returncode == 2 and "is not a dspark workspace" in status.stderr
     assert dspark(toy, "apply", "toy", "-C", str(clone)).returncode == 0  # a clean start, as before
@@ -687,3 +688,35 @@ exec {real} "$@"
     assert recovered.returncode == 0, recovered.stderr
     assert "recovered an interrupted apply" in recovered.stderr
     assert tree_fingerprint(clone) == before and git(clone, "branch", "--list", "dspark/saved-*") == ""
+
+
+def test_a_rollback_that_fails_too_says_both_and_the_next_run_restores(toy, tmp_path):
+    """The rollback's first failing git command replaced the patch's failure in the message, and
+    did not say that the snapshot stays for the next run."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    (clone / "engine" / "config.py").write_text("mine\n")
+    before = tree_fingerprint(clone)
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 11\n", "line eleven\n")})])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # the second `reset -q --hard` fails: the rollback's (the first is the failed patch's diagnosis);
+    # $1 $2 of our git commands: -c core.hooksPath=/dev/null
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3 $4 $5" = "reset -q --hard" ]; then
+  echo x >> {tmp_path / "resets"}
+  [ "$(wc -l < {tmp_path / "resets"})" -ge 2 ] && {{ echo "fatal: the disk went away" >&2; exit 128; }}
+fi
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    failed = run_dspark("apply", "toy", "-C", str(clone), "--force", "--series", str(team), env={
+        "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert failed.returncode == 3, failed.stderr
+    assert failed.stderr.startswith("error: team/0001-team-conflicting-core-edit.patch did not apply: file engine/core.py")
+    assert (f"; then the rollback failed (git reset failed: fatal: the disk went away): the next dspark apply or revert "
+            f"restores {clone} to its state before the apply once that is fixed") in failed.stderr
+    recovered = dspark(toy, "revert", "-C", str(clone))
+    assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
+    assert tree_fingerprint(clone) == before
