@@ -510,16 +510,21 @@ def test_a_conflict_resolved_to_the_new_tree_as_it_is_is_left_out_of_the_series(
     assert len(written) == 2 and all(p.path.stat().st_size > 0 for p in written)
 
 
+def upstream_drops_other_py(u, tag):
+    """A new upstream release without other.py, which the series' third patch changes."""
+    git(u["repo"], "checkout", "-q", "main")
+    git(u["repo"], "rm", "-q", "other.py")
+    git(u["repo"], "commit", "-q", "-m", "upstream drops other.py")
+    git(u["repo"], "tag", tag)
+
+
 def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upstream):
     """vLLM 0.34.0 deleted the V1 runner our V1 patches change: git said "does not exist in index"
     beside "moved or missing upstream, merged 3-way" and the way out read "markers left ... resolve"
     (there were none). Now the file is named as deleted upstream with the two ways on, and an empty
     commit drops the patch; the text run says which patches were left out and why."""
     u = upstream
-    git(u["repo"], "checkout", "-q", "main")
-    git(u["repo"], "rm", "-q", "other.py")
-    git(u["repo"], "commit", "-q", "-m", "upstream drops other.py")
-    git(u["repo"], "tag", "v15.0")
+    upstream_drops_other_py(u, "v15.0")
     wd, out = u["tmp"] / "wd15", u["tmp"] / "out15"
     stopped = dspark(u, "--onto", "v15.0", "--repo", str(u["repo"]), "--workdir", str(wd))
     assert stopped.returncode == 4, stopped.stderr
@@ -896,10 +901,7 @@ def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
     change of a patch whose file upstream deleted into another file was never compiled, and a
     series that breaks the tree was written, exit 0."""
     u = upstream
-    git(u["repo"], "checkout", "-q", "main")
-    git(u["repo"], "rm", "-q", "other.py")
-    git(u["repo"], "commit", "-q", "-m", "upstream drops other.py")
-    git(u["repo"], "tag", "v31.0")
+    upstream_drops_other_py(u, "v31.0")
     wd, out = u["tmp"] / "wd31", u["tmp"] / "out31"
     assert dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
     (wd / "consts.py").write_text("OURS = 44\ndef broken(:\n")
