@@ -209,6 +209,12 @@ class Workspace:
                              "--ignore-submodules=untracked").stdout.splitlines()
         return [line for line in lines if line.strip()]
 
+    def git_paths(self, *names: str) -> list[Path]:
+        """Where git keeps each of `names` (index, HEAD.lock, MERGE_HEAD...) for this worktree, the
+        shared ones (objects, refs) in the repository's common directory: one rev-parse for all."""
+        listed = self.git.out("rev-parse", *(arg for name in names for arg in ("--git-path", name)))
+        return [(self.path / path).resolve() for path in listed.splitlines()]
+
     # git's files for an operation it has under way, what it is, and how the user ends it
     _OPERATIONS = (("MERGE_HEAD", "a merge", "git merge --abort"),
                    ("CHERRY_PICK_HEAD", "a cherry-pick", "git cherry-pick --abort"),
@@ -221,9 +227,9 @@ class Workspace:
         """(what, how to abort it) for a merge, cherry-pick, revert or rebase git has under way here:
         our stash and checkouts would end it (a merge's MERGE_HEAD dropped, a stopped rebase going on
         over our branch). One rev-parse for all of git's per-worktree paths."""
-        paths = self.git.out("rev-parse", *(arg for name, _, _ in self._OPERATIONS for arg in ("--git-path", name)))
-        for path, (_, what, abort) in zip(paths.splitlines(), self._OPERATIONS):
-            if (self.path / path).exists():
+        paths = self.git_paths(*(name for name, _, _ in self._OPERATIONS))
+        for path, (_, what, abort) in zip(paths, self._OPERATIONS):
+            if path.exists():
                 return what, abort
         return None
 
@@ -252,7 +258,7 @@ class Workspace:
             return []
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-            shutil.copyfile(self.path / self.git.out("rev-parse", "--git-path", "index"), env["GIT_INDEX_FILE"])
+            shutil.copyfile(self.git_paths("index")[0], env["GIT_INDEX_FILE"])
             self.git.run("update-index", "-z", "--no-assume-unchanged", "--stdin", input="\0".join(flagged) + "\0",
                          env=env)
             differ = set(self.git.out("diff", "--name-only", "-z", env=env).split("\0"))
@@ -443,9 +449,8 @@ class Workspace:
         gone (us rolling back, or a killed run; not known to run: recovery --force)."""
         if not oplock.held(self.git_dir) or owner_running(snapshot) is True:
             return
-        names = ("index.lock", "HEAD.lock", f"refs/heads/{snapshot.work_branch}.lock")
-        for path in self.git.out("rev-parse", *(arg for name in names for arg in ("--git-path", name))).splitlines():
-            (self.path / path).unlink(missing_ok=True)
+        for lock in self.git_paths("index.lock", "HEAD.lock", f"refs/heads/{snapshot.work_branch}.lock"):
+            lock.unlink(missing_ok=True)
 
     def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
         """What restoring `snapshot` would throw away after a killed run: local changes, and commits
@@ -493,10 +498,9 @@ class Workspace:
         object directory (the repository's objects read through it as an alternate): only the id
         is wanted, and `dspark status` runs where it may not write (a read-only mount, which read
         every patch commit as amended)."""
-        objects = Path(self.git.out("rev-parse", "--git-path", "objects"))
+        [objects] = self.git_paths("objects")
         with self.scratch_index(parent) as env, tempfile.TemporaryDirectory() as scratch:
-            env = {**env, "GIT_OBJECT_DIRECTORY": scratch,
-                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": str((self.path / objects).resolve())}
+            env = {**env, "GIT_OBJECT_DIRECTORY": scratch, "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
             made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
                                 input=patch.decode("utf-8", "surrogateescape"))
             return self.git.out("write-tree", env=env) if made.returncode == 0 else None
