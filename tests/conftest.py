@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_sockets_in_session_directory(tmp_path_factory):
+    """Engines the tests start directly (not through run_in_python) put vLLM's never-unlinked IPC
+    sockets into pytest's directory, not /tmp."""
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(tmp_path_factory.mktemp("vllm-sockets")))
 
 
 @pytest.fixture(scope="session")

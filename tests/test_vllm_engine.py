@@ -9,6 +9,7 @@ import os
 import random
 import re
 import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -39,8 +40,18 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def partial():
-    return successor_target_run("partial")
+def partial(tmp_path_factory):
+    """Run with a temporary directory of its own, to see what a run leaves behind there."""
+    tmpdir = tmp_path_factory.mktemp("partial-run-tmpdir")
+    saved = dict(os.environ), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(tmpdir), None
+    os.environ.pop("VLLM_RPC_BASE_PATH", None)  # conftest's, for engines started directly
+    try:
+        return successor_target_run("partial"), tmpdir
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        tempfile.tempdir = saved[1]
 
 
 def test_drafts_follow_vllm_per_batch_size_draft_lengths():
@@ -87,10 +98,16 @@ def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
 
 
 def test_partially_wrong_draft_accepts_in_between_and_output_is_unchanged(partial):
-    run = partial["workloads"]["batch"]
+    run = partial[0]["workloads"]["batch"]
     assert run["dspark"]["outputs"] == run["baseline"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in PROMPTS]
     stats = step_stats(run["dspark"], len(PROMPTS))
     assert 1.2 < stats["accepted_length"] < GAMMA + 0.5, stats
+
+
+def test_engine_run_leaves_no_sockets_in_the_temporary_directory(partial):
+    """vLLM's engine sockets (never unlinked) go into the run's own directory, removed with it.
+    (torch's inductor cache, meant to persist, may stay.)"""
+    assert [p.name for p in partial[1].rglob("*") if p.is_socket()] == []
 
 
 @pytest.mark.parametrize("workload", ["single", "pair", "batch"])

@@ -137,11 +137,13 @@ def run(spec: dict) -> dict:
 
 
 def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
-    """Run `spec` with the vLLM venv's interpreter (this package first on its path)."""
+    """Run `spec` with the vLLM venv's interpreter (this package first on its path). vLLM's engine
+    sockets go into the run's temporary directory: vLLM leaves them behind in /tmp otherwise."""
     with tempfile.TemporaryDirectory(prefix="dspark-vllm-") as tmp:
         return run_module(python, "dspark_cli.integrations.vllm.e2e", {"workdir": str(Path(tmp) / "models"), **spec},
                           timeout_s, "vLLM run",
-                          env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+                          env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                               "VLLM_RPC_BASE_PATH": tmp})
 
 
 def step_stats(run: dict, num_prompts: int) -> dict:
