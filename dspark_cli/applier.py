@@ -400,14 +400,20 @@ def _refuse_assume_unchanged_edits(ws: Workspace) -> None:
 
 
 def _refuse_ignored_in_the_way(ws: Workspace, what: str, commits: list[str | None]) -> None:
-    """Ignored files of the user's are not local changes (not refused, not stashed), yet the
-    checkouts and resets of `what` (and of its rollback) would overwrite or delete those at paths
-    its `commits` track: refuse first, naming them, even with --force."""
-    in_the_way = ws.ignored_in_the_way([commit for commit in commits if commit])
+    """Ignored files and nested repositories of the user's are not local changes (not refused, not
+    stashed), yet the checkouts and resets of `what` (and of its rollback) would overwrite or delete
+    those at paths its `commits` track: refuse first, naming them, even with --force."""
+    commits = [commit for commit in commits if commit]
+    in_the_way = ws.ignored_in_the_way(commits)
     if in_the_way:
         raise UsageError(f"{ws.path} has ignored files where {what} would check out tracked ones "
                          f"({_some(in_the_way)}); git overwrites or deletes ignored files there without asking, so "
                          "not even --force goes ahead: move them away and run again")
+    nested = ws.nested_repositories_in_the_way(commits)
+    if nested:
+        raise UsageError(f"{ws.path} has git repositories of their own where {what} would check out tracked "
+                         f"files ({_some(nested)}); the checkout would overwrite files in them, so not even --force "
+                         "goes ahead: move them away and run again")
 
 
 def _some(paths: list[str]) -> str:

@@ -207,7 +207,18 @@ class Workspace:
         recurses into a submodule, so they stay as they are (e.g. a build's output)."""
         lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
                              "--ignore-submodules=untracked").stdout.splitlines()
-        return [line for line in lines if line.strip()]
+        nested = {f"?? {path}/" for path in self.nested_repositories(lines)}
+        return [line for line in lines if line.strip() and line not in nested]
+
+    def nested_repositories(self, status_lines: list[str] | None = None) -> list[str]:
+        """Untracked directories that are git repositories of their own (a clone inside the tree):
+        git status lists them as `?? DIR/` where it lists every other untracked file singly, and git
+        stash leaves them alone ("Ignoring path"), as do our checkouts unless they track paths there."""
+        if status_lines is None:
+            status_lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
+                                        "--ignore-submodules=untracked").stdout.splitlines()
+        return [line[3:-1] for line in status_lines
+                if line.startswith("?? ") and line.endswith("/") and (self.path / line[3:-1] / ".git").exists()]
 
     def git_paths(self, *names: str) -> list[Path]:
         """Where git keeps each of `names` (index, HEAD.lock, MERGE_HEAD...) for this worktree, the
@@ -292,13 +303,23 @@ class Workspace:
         tracks as a file. One ls-files, and one ls-tree per commit."""
         ignored = [path for path in self.git.run("ls-files", "-z", "-o", "-i", "--exclude-standard").stdout.split("\0")
                    if path]
-        if not ignored:
+        return self._in_the_way(ignored, commits)
+
+    def nested_repositories_in_the_way(self, commits: list[str]) -> list[str]:
+        """Nested repositories (nested_repositories) at or under a path one of `commits` tracks:
+        a forced checkout or reset there overwrites the files in them."""
+        return self._in_the_way(self.nested_repositories(), commits)
+
+    def _in_the_way(self, paths: list[str], commits: list[str]) -> list[str]:
+        """Those of `paths` at a path one of `commits` tracks as a file or needs as a directory, or
+        under a path it tracks as a file. One ls-tree per commit."""
+        if not paths:
             return []
         files = set()
         for commit in dict.fromkeys(commits):
             files.update(self.git.run("ls-tree", "-r", "-z", "--name-only", commit).stdout.split("\0"))
         dirs = {str(parent) for path in files for parent in PurePosixPath(path).parents}
-        return [path for path in ignored if path in files or path in dirs
+        return [path for path in paths if path in files or path in dirs
                 or any(str(parent) in files for parent in PurePosixPath(path).parents)]
 
     def worktree_on(self, branch: str) -> Path | None:

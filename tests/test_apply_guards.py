@@ -137,6 +137,51 @@ def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_
     assert again.returncode == 0, again.stderr
     assert (work / "vendor" / "sub" / "build.o").read_bytes() == b"object"
 
+
+def nested_repository(work: Path, path: str) -> Path:
+    """A clone of the user's inside the tree, untracked, with a commit and an uncommitted edit."""
+    nested = work / path
+    nested.mkdir(parents=True)
+    git(nested, "init", "-q", "-b", "main")
+    user_commit(nested, "tracked.txt")
+    (nested / "tracked.txt").write_text("edited, not committed\n")
+    return nested
+
+
+def test_a_nested_repository_is_left_alone_not_stashed(toy):
+    """git stash skips a repository inside the tree ("Ignoring path"): with --force, apply reported
+    the local changes "saved as stash@{0}", an empty stash; without, it refused a change it cannot save."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    nested = nested_repository(work, "tools/mine")
+    reverted = dspark(toy, "revert", "-C", str(work))
+    assert reverted.returncode == 0, reverted.stderr
+    applied = dspark(toy, "apply", "toy", "-C", str(work), "--force", "--json")
+    assert applied.returncode == 0, applied.stderr
+    assert not any("stash" in note for note in json.loads(applied.stdout)["notes"]), applied.stdout
+    assert git(work, "stash", "list") == ""
+    assert (nested / "tracked.txt").read_text() == "edited, not committed\n"
+    assert git(nested, "log", "--format=%s") == "user: tracked.txt"
+
+
+def test_a_nested_repository_where_a_checkout_writes_is_refused_even_with_force(toy):
+    """git checkout -f writes tracked files into an untracked repository at their path, over its own."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    git(work, "checkout", "-q", "-b", "mine")
+    git(work, "rm", "-q", "-r", "engine")
+    git(work, "commit", "-q", "-m", "user: no engine")
+    nested = nested_repository(work, "engine")
+    (nested / "config.py").write_text("the nested repository's own\n")
+    before = tree_fingerprint(work)
+    refused = dspark(toy, "revert", "-C", str(work), "--force", "--keep-user-commits")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"error: {work} has git repositories of their own where revert would check out tracked "
+                              "files (engine); the checkout would overwrite files in them, so not even --force goes "
+                              "ahead: move them away and run again\n")
+    assert tree_fingerprint(work) == before
+    assert (nested / "config.py").read_text() == "the nested repository's own\n"
+
 @pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]])
 def test_an_edit_to_an_assume_unchanged_file_is_refused_even_with_force(toy, command):
     """git status does not show it and git stash does not save it: reset --hard would wipe it."""
