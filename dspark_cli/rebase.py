@@ -208,6 +208,8 @@ def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
         details.append(f"{file}: hunk {hunk} merged 3-way")
     for match in re.finditer(r"error: (.+): (does not exist in index|No such file or directory)", check_stderr):
         details.append(f"{match.group(1)}: moved or missing upstream, merged 3-way")
+    for match in re.finditer(r"error: (.+): already exists in (working directory|index)", check_stderr):
+        details.append(f"{match.group(1)}: a file this patch adds, added upstream too, merged 3-way")
     return details
 
 

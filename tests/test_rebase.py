@@ -599,6 +599,26 @@ def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(ups
     assert [p.name for p in series.load_series(out, "dspark")] == [first["patch"], third["patch"]]
 
 
+def test_a_new_file_upstream_added_too_is_named_in_the_three_way_details(upstream):
+    """Was reported 3-way with no details at all: git's "already exists" was not read."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "-b", "both", u["base"])
+    commit_files(u["repo"], {"both.py": "SAME = 1\n", "other.py": OTHER + "G = 7\n"}, "ours: both")
+    for old in u["patches"].glob("*.patch"):
+        old.unlink()
+    name = Path(git(u["repo"], "format-patch", "-o", str(u["patches"]), "--zero-commit", "--no-signature", "-U2",
+                    u["base"])).name
+    (u["patches"] / "series").write_text(name + "\n")
+    series.write_lock(u["patches"])
+    new_upstream(u, {"both.py": "SAME = 1\n"}, "v13.0")
+    run = dspark(u, "--onto", "v13.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd13"),
+                 "--out", str(u["tmp"] / "out13"))
+    assert run.returncode == 0, run.stderr
+    [only] = json.loads(run.stdout)["patches"]
+    assert (only["status"], only["details"]) == ("3-way", ["both.py: a file this patch adds, added upstream too, "
+                                                           "merged 3-way"])
+
+
 @pytest.mark.parametrize("where", ["repo", "inside repo", "work tree", "contains cache", "parent of series"])
 def test_an_out_that_would_replace_the_repo_workdir_cache_or_series_is_refused_even_with_force(upstream, where):
     """--out equal to --repo deleted its .git with --force; a parent of --series deleted the series."""
