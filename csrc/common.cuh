@@ -34,6 +34,21 @@ __device__ __forceinline__ int clamp_ell(int64_t ell, int gamma) {
   return ell < 0 ? 0 : ell > gamma ? gamma : static_cast<int>(ell);
 }
 
+// The element types the kernels are built for: fp32, bf16, fp16 (not fp64: the vector loads and the
+// cuBLAS type mapping assume at most 4 bytes, and an fp64 U or W would be read as garbage).
+#define DSPARK_DISPATCH_FLOATS(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+inline bool is_kernel_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// A per-request vector: `numel` entries of `type` on `device` (the op indexes it by request).
+inline bool is_request_vector(const at::Tensor& t, int64_t numel, at::ScalarType type, const at::Device& device) {
+  return t.numel() == numel && t.scalar_type() == type && t.device() == device && t.is_contiguous();
+}
+
 // The CUDA type of a torch scalar type (at::BFloat16 -> __nv_bfloat16, at::Half -> __half).
 template <typename T>
 using device_t = std::conditional_t<std::is_same_v<T, at::BFloat16>, __nv_bfloat16,

@@ -395,8 +395,8 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
               "draft_attention: k_pool/v_pool must be [rows, kv, hd]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "draft_attention: out must be like q");
   for (const at::Tensor* t : {&q, &k_block, &v_block, &k_pool, &v_pool, &out}) {
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == q.scalar_type(),
-                "draft_attention: q, k/v block, k/v pool and out must be contiguous CUDA tensors of one dtype");
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device() && t->is_contiguous() && t->scalar_type() == q.scalar_type(),
+                "draft_attention: q, k/v block, k/v pool and out must be contiguous tensors of one dtype on q's GPU");
     TORCH_CHECK(aligned16(t->data_ptr()), "draft_attention: tensors must start 16-byte aligned (cp.async, uint4 loads)");
   }
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, "draft_attention: bf16 or fp16");
@@ -407,6 +407,8 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
               "draft_attention: pages contiguous int32 [R, columns] and lengths int32 [R] on q's GPU");
   TORCH_CHECK(page_rows >= 1 && k_pool.size(0) % page_rows == 0,
               "draft_attention: page_rows must be ≥ 1 and divide the pool's rows");
+  // The key split below divides by the tiles max_length makes: a negative one made none (SIGFPE).
+  TORCH_CHECK(max_length >= 0, "draft_attention: max_length must be ≥ 0");
   const int group = static_cast<int>(heads / kv), rows = group * static_cast<int>(gamma);
   const int rows_padded = (rows + 15) / 16 * 16;
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);

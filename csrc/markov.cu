@@ -940,7 +940,7 @@ void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_residual_w", [&] {
     using WT = device_t<scalar_t>;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_small_residual_u", [&] {
+    DSPARK_DISPATCH_FLOATS(U.scalar_type(), "dspark_small_residual_u", [&] {
       using UT = device_t<scalar_t>;
       with_small_capacity(R, [&](auto capacity) {
         constexpr int NR = decltype(capacity)::value;
@@ -963,10 +963,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
   TORCH_CHECK(U.size(0) <= kMaxGridY, "dspark::markov_chain: at most 65535 requests per call (the grid's y axis)");
-  TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous(),
-              "dspark::markov_chain: w1 and w2 must be contiguous with one dtype");
-  TORCH_CHECK(temperature.scalar_type() == at::kFloat && seeds.scalar_type() == at::kLong,
-              "dspark::markov_chain: temperature must be fp32 and seeds int64");
+  TORCH_CHECK(is_kernel_float(U) && is_kernel_float(w1), "dspark::markov_chain: U, w1 and w2 must be fp32, bf16 or fp16");
+  // W2's rows are the vocabulary the bias GEMM writes: more rows than U's V wrote past its [R, V] scratch.
+  TORCH_CHECK(w1.scalar_type() == w2.scalar_type() && w1.is_contiguous() && w2.is_contiguous() && w1.dim() == 2 &&
+                  w1.size(0) == U.size(2) && w2.sizes() == w1.sizes() && w1.device() == U.device() &&
+                  w2.device() == U.device(),
+              "dspark::markov_chain: w1 and w2 must be contiguous [V, r] of one dtype on U's device (V = U's last dim)");
+  TORCH_CHECK(is_request_vector(temperature, U.size(0), at::kFloat, U.device()) &&
+                  is_request_vector(seeds, U.size(0), at::kLong, U.device()) &&
+                  (is_request_vector(anchors, U.size(0), at::kLong, U.device()) ||
+                   is_request_vector(anchors, U.size(0), at::kInt, U.device())),
+              "dspark::markov_chain: temperature (fp32), seeds (int64) and anchors (int64 or int32) must be contiguous "
+              "[R] on U's device");
   const c10::cuda::CUDAGuard guard(U.device());
   const int R = U.size(0), gamma = U.size(1), V = U.size(2), rank = w1.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -1004,8 +1012,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 16-byte loads: the small-batch step reads W1 rows so, the fused step U rows (a U or W1 that
   // starts off a 16-byte boundary, e.g. a view, takes the cuBLAS path).
   const bool small = !warped && aligned16(w1.data_ptr()) && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  const bool fused = !warped && !small && aligned16(U.data_ptr()) &&
-                     fused_step_supported(w2, prev_emb.data_ptr(), ld_emb, R);
+  // Rejection rebuilds a fused row only from an aligned W1 (its ratio tests load W1 rows so), else
+  // with bias_gemm: a misaligned W1 takes bias_gemm here too, so both make the row's bias alike.
+  const bool fused = !warped && !small && aligned16(U.data_ptr()) && aligned16(w1.data_ptr()) &&
+                     chain_bias_is_fused(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
   // The fp32 bias scratch of the cuBLAS path's split pass.
   auto bias = at::empty({!small && !fused ? R : 0, V}, f32);
@@ -1031,7 +1041,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1.scalar_type(), "dspark_markov_w", [&] {
+  DSPARK_DISPATCH_FLOATS(w1.scalar_type(), "dspark_markov_w", [&] {
     using WT = device_t<scalar_t>;
     const WT* w1p = reinterpret_cast<const WT*>(w1.data_ptr());
     WT* embp = reinterpret_cast<WT*>(prev_emb.data_ptr());
@@ -1043,7 +1053,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                   counters.data_ptr<int>(), gamma + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_markov_u", [&] {
+    DSPARK_DISPATCH_FLOATS(U.scalar_type(), "dspark_markov_u", [&] {
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
       const float* tp = temperature.data_ptr<float>();

@@ -306,14 +306,18 @@ int choose_splits(int R, int V) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
-    const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
+    const at::Tensor& target_given, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
     const at::Tensor& tokens, const at::Tensor& q_token, const std::optional<at::Tensor>& q,
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
     int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
-  TORCH_CHECK(target.is_cuda() && target.dim() == 2 && target.scalar_type() == at::kFloat && target.is_contiguous(),
+  TORCH_CHECK(target_given.is_cuda() && target_given.dim() == 2 && target_given.scalar_type() == at::kFloat &&
+                  target_given.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
+  // A target starting off a 16-byte boundary (a view) would keep a row the chain's fused step made
+  // from the fused residual (its vector loads), and rebuild it with another GEMM's bits: copy it.
+  const at::Tensor target = aligned16(target_given.data_ptr()) ? target_given : target_given.clone();
   const bool starts_given = row_start.has_value() && row_start->defined();
   TORCH_CHECK(starts_given ? row_start->scalar_type() == at::kLong : row_stride > 0,
               "dspark::rejection_sample: pass int64 row_start, or row_stride > 0 for a dense [R, row_stride, V] batch");
@@ -327,6 +331,22 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const c10::cuda::CUDAGuard guard(target.device());
   TORCH_CHECK(tokens.size(0) <= kMaxGridY, "dspark::rejection_sample: at most 65535 requests per call (the grid's y axis)");
   const int R = tokens.size(0), gamma = tokens.size(1), V = target.size(1);
+  const auto device = target.device();
+  TORCH_CHECK(tokens.dim() == 2 && tokens.device() == device && q_token.sizes() == tokens.sizes() &&
+                  q_token.device() == device && is_request_vector(ell, R, at::kLong, device) &&
+                  is_request_vector(seeds, R, at::kLong, device) &&
+                  (!starts_given || is_request_vector(*row_start, R, at::kLong, device)) &&
+                  (!greedy || !greedy->defined() || is_request_vector(*greedy, R, at::kBool, device)),
+              "dspark::rejection_sample: tokens and q_token [R, γ], contiguous ell, seeds, row_start (int64) and "
+              "greedy (bool) [R], all on the target's device");
+  TORCH_CHECK(stored ? q->dim() == 3 && q->size(0) == R && q->size(1) == gamma && q->device() == device
+                     : U->dim() == 3 && U->size(0) == R && U->size(1) == gamma && U->device() == device &&
+                           is_kernel_float(*U) && is_kernel_float(*w1) && w1->dim() == 2 && w1->size(0) == V &&
+                           w2->sizes() == w1->sizes() && w1->device() == device && w2->device() == device &&
+                           is_request_vector(*anchors, R, at::kLong, device) &&
+                           is_request_vector(*temperature, R, at::kFloat, device),
+              "dspark::rejection_sample: q [R, γ, V], or U [R, γ, V] and w1, w2 [V, r] (fp32, bf16 or fp16), anchors "
+              "(int64) and temperature (fp32) [R] to rebuild it, on the target's device");
   auto stream = at::cuda::getCurrentCUDAStream();
   auto out_tokens = at::empty({R, gamma + 1}, tokens.options());
   auto num_accepted = at::empty({R}, tokens.options());
@@ -396,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     auto stats_parts = at::empty({chain_stats ? 0 : static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Stats))},
                                  target.options().dtype(at::kByte));
     auto* stats = reinterpret_cast<Stats*>(stats_parts.data_ptr<uint8_t>());
-    if (!tests_there) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w1->scalar_type(), "dspark_reject_w", [&] {
+    if (!tests_there) DSPARK_DISPATCH_FLOATS(w1->scalar_type(), "dspark_reject_w", [&] {
       using WT = device_t<scalar_t>;
       accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
           target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
@@ -425,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     } else {
       bias_gemm(*w2, h.data_ptr(), rank, R, bias);
     }
-    if (!small && !fused) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U->scalar_type(), "dspark_reject_u", [&] {
+    if (!small && !fused) DSPARK_DISPATCH_FLOATS(U->scalar_type(), "dspark_reject_u", [&] {
       using UT = device_t<scalar_t>;
       const UT* up = reinterpret_cast<const UT*>(U->data_ptr());
       auto stats_pass = vec ? row_stats_kernel<UT, true> : row_stats_kernel<UT, false>;

@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kThreads, 1) schedule_production_kernel(
 
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit) {
-  TORCH_CHECK(a_stale.is_cuda() && a_now.is_cuda() && sps_dense.is_cuda(), "dspark::schedule_production: CUDA tensors");
+  TORCH_CHECK(a_now.is_cuda() && a_stale.device() == a_now.device() && sps_dense.device() == a_now.device(),
+              "dspark::schedule_production: CUDA tensors on one device");
   TORCH_CHECK(a_stale.scalar_type() == at::kFloat && a_now.scalar_type() == at::kFloat &&
                   sps_dense.scalar_type() == at::kFloat, "dspark::schedule_production: fp32 inputs");
   TORCH_CHECK(a_stale.dim() == 2 && a_now.dim() == 2 && a_stale.size(1) == a_now.size(1),

@@ -285,7 +285,7 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
   auto* masses = top_p ? reinterpret_cast<unsigned long long*>(scratch.masses.data_ptr<int64_t>()) : nullptr;
   auto* cand_keys = reinterpret_cast<unsigned*>(scratch.cand_keys.data_ptr<int>());
   auto* cand_count = reinterpret_cast<unsigned*>(scratch.cand_count.data_ptr<int>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, U.scalar_type(), "dspark_warp_thresholds", [&] {
+  DSPARK_DISPATCH_FLOATS(U.scalar_type(), "dspark_warp_thresholds", [&] {
     using UT = device_t<scalar_t>;
     const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
     const bool vec = V % 8 == 0 && aligned16(up);

@@ -73,6 +73,8 @@ def test_draft_attention_refuses_what_it_does_not_cover():
         cuda_ops.draft_attention(q, kb, vb, kp, vp, pages.long(), page_rows, lengths, 4)
     with pytest.raises(RuntimeError, match="divide the pool's rows"):
         cuda_ops.draft_attention(q, kb, vb, kp, vp, pages, 7, lengths, 4)
+    with pytest.raises(RuntimeError, match="max_length must be"):  # was a division by zero: SIGFPE
+        cuda_ops.draft_attention(q, kb, vb, kp, vp, pages, page_rows, lengths, -7)
     assert not cuda_ops.draft_attention_fits(q.float(), 128, 28)
     assert not cuda_ops.draft_attention_fits(q, 96, 28) and not cuda_ops.draft_attention_fits(q, 128, 129)
     assert cuda_ops.draft_attention_fits(q, 128, 28)

@@ -4,6 +4,8 @@ memory, CUDA-graph capture and torch.compile. Skipped, with the reason, without 
 
     PYTHONPATH=. python -m pytest -q tests/test_kernels_gpu.py     (after `dspark build`)"""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -305,6 +307,89 @@ def test_markov_chain_warped_rows_keep_what_their_threshold_keeps():
                 assert bool((probs[~kept] <= probs[kept].min() * (1 + 1e-4)).all())
             elif not 0 < kk < case.V:
                 assert bool(kept.all())
+
+
+def test_ops_called_directly_refuse_what_they_would_misread():
+    """torch.ops.dspark.* are public: inputs the Python layer would refuse must not reach a kernel.
+    A W2 with more rows than V wrote past the chain's bias scratch; fp64 U or W was read as 16/32-bit
+    data; a per-request vector shorter than R was read past its end."""
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(130, 2, 32000, 256, seed=40))
+    chain = torch.ops.dspark.markov_chain
+    refusals = {
+        "w2 rows beyond V": lambda: chain(U, anchors, w1, torch.cat([w2, w2[:8000]]), temperature, seeds, False),
+        "w1 not [V, r]": lambda: chain(U, anchors, w1[:-1], w2[:-1], temperature, seeds, False),
+        "fp64 U": lambda: chain(U.double(), anchors, w1, w2, temperature, seeds, False),
+        "fp64 W": lambda: chain(U, anchors, w1.double(), w2.double(), temperature, seeds, False),
+        "short seeds": lambda: chain(U, anchors, w1, w2, temperature, seeds[:-1], False),
+        "short anchors": lambda: chain(U, anchors[:1], w1, w2, temperature, seeds, False),
+        "CPU temperature": lambda: chain(U, anchors, w1, w2, temperature.cpu(), seeds, False),
+    }
+    draft = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
+    tokens, q_token = draft[0], draft[1]
+    target = torch.softmax(torch.randn(130 * 3, 32000, device="cuda"), -1)
+    ell = torch.full((130,), 2, dtype=torch.int64, device="cuda")
+
+    def verify(**changed):
+        args = {"tokens": tokens, "q_token": q_token, "U": U, "anchors": anchors, "w1": w1, "w2": w2,
+                "temperature": temperature, "ell": ell, "seeds": seeds, **changed}
+        return torch.ops.dspark.rejection_sample(
+            target, None, args["ell"], args["tokens"], args["q_token"], None, args["U"], args["anchors"], args["w1"],
+            args["w2"], args["temperature"], None, args["seeds"], row_stride=3)
+
+    refusals.update({
+        "verify: fp64 W": lambda: verify(w1=w1.double(), w2=w2.double()),
+        "verify: w2 rows beyond V": lambda: verify(w2=torch.cat([w2, w2[:8000]])),
+        "verify: short ell": lambda: verify(ell=ell[:5]),
+        "verify: U of other requests": lambda: verify(U=U[:7]),
+        "verify: q_token not [R, γ]": lambda: verify(q_token=q_token[:, :1]),
+    })
+    for what, call in refusals.items():
+        with pytest.raises(RuntimeError, match="dspark::"):
+            call()
+            pytest.fail(f"{what}: accepted")
+    verify()  # the same call with nothing changed runs
+    torch.cuda.synchronize()
+    # A hand-built fp64 DraftSource: the Python layer leaves it to the reference, which refuses it
+    # (before, the op verified with its U and W read as garbage)
+    from dspark_cli.runtime import markov_chain, rejection_sample
+
+    lazy = markov_chain(U[:4], anchors[:4], w1, w2, temperature[:4], seeds=seeds[:4], return_q=False)
+    wide = dataclasses.replace(lazy, source=dataclasses.replace(lazy.source, U=lazy.source.U.double(),
+                                                                 w1=w1.double(), w2=w2.double()))
+    with pytest.raises(ValueError, match="must have dtype float32, float16, bfloat16, got float64"):
+        rejection_sample(target[:4 * 3].view(4, 3, 32000), wide, ell[:4], seeds=seeds[:4])
+
+
+@pytest.mark.parametrize("R", [1, 16])  # the small-batch kernels' bias; the fused step's
+@pytest.mark.parametrize("shift", ["w1", "target"])
+def test_a_lazy_draft_with_misaligned_w1_or_target_verifies_as_its_stored_q(R, shift):
+    """The chain took its fused step with a W1 starting off 16 bytes, which rejection's fused race
+    cannot load (so it rebuilt the row with another GEMM's bits), and rejection left the fused race
+    for a misaligned target: now both make the row's bias alike, and nothing loads off alignment."""
+    from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample
+
+    case = MarkovCase(R, 5, 32768, 256, greedy_every=4, seed=90 + R)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    target = torch.rand(R, case.gamma + 1, case.V, device="cuda", generator=g) ** 8
+    target /= target.sum(-1, keepdim=True)
+    moved = {"w1": w1, "target": target}[shift]
+    storage = torch.empty(moved.numel() + 1, dtype=moved.dtype, device="cuda")
+    shifted = storage[1:].view(moved.shape)
+    shifted.copy_(moved)
+    if shift == "w1":
+        w1 = shifted
+    else:
+        target = shifted
+    lazy = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    stored = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True)
+    ell = torch.randint(0, case.gamma + 1, (R,), device="cuda", generator=g)
+    greedy = temperature < 1e-5
+    out = rejection_sample(target, lazy, ell, greedy=greedy, seeds=seeds)
+    with cuda_ops.enabled(False):
+        ref = rejection_sample(target, stored, ell, greedy=greedy, seeds=seeds)
+    assert torch.equal(out.num_accepted, ref.num_accepted)
+    assert int((out.output_tokens != ref.output_tokens).any(dim=1).sum()) <= max(1, R // 8)  # near-ties of the race
 
 
 @pytest.mark.parametrize("R", [1, 16, 128, 130])  # the bias of the small-batch kernel, the fused step, cuBLAS

@@ -116,6 +116,8 @@ def test_bad_inputs_raise_clear_errors():
         schedule_exact(torch.tensor([[1.5, 0.9]]), SMOOTH)
     with pytest.raises(ValueError, match="block size"):
         schedule_production(torch.ones(2, 3), A, SMOOTH)
+    with pytest.raises(ValueError, match="one device: a_stale on cpu, a_now on meta"):  # the CUDA op read
+        schedule_production(A, A.to("meta"), SMOOTH)  # a_stale on a_now's GPU
     for count in (-3, 0, 2.0, True):  # -3 gave K = -12
         with pytest.raises(ValueError, match="num_requests must be a positive integer"):
             verify_budget(A, SMOOTH, count)

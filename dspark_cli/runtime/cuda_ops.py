@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dspark_cli.runtime._checks import FLOAT_DTYPES
+
 _state = {"tried": False, "loaded": None, "error": None, "note": None,
           "enabled": os.environ.get("DSPARK_DISABLE_CUDA_OPS") != "1"}
 
@@ -156,7 +158,8 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         s = draft.source
         warped_by_torch = (s is not None and s.thresholds is None
                            and (s.top_k is not None or s.top_p is not None))
-        if s is None or warped_by_torch or s.w1.dtype != s.w2.dtype:
+        if (s is None or warped_by_torch or s.w1.dtype != s.w2.dtype
+                or s.U.dtype not in FLOAT_DTYPES or s.w1.dtype not in FLOAT_DTYPES):  # the op has no fp64 kernels
             return NotImplemented
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())

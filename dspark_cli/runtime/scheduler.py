@@ -70,6 +70,7 @@ def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTabl
     _check_survival("a_now", a_now, validate)
     if a_stale.shape[1] != a_now.shape[1]:
         raise ValueError(f"a_stale has block size {a_stale.shape[1]}, a_now {a_now.shape[1]}")
+    _checks.same_device(a_stale=a_stale, a_now=a_now)  # the CUDA op reads both on a_now's GPU
     _check_sps(sps)
     out = try_cuda("schedule_production", [a_stale, a_now], a_stale, a_now, sps)
     if out is not NotImplemented:
