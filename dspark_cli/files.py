@@ -28,7 +28,8 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     try:
         for path, save in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            # the name cut to 100 characters: a temporary of a 245-character name (legal) was not
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
             os.close(fd)
             temps.append(Path(tmp))
             save(tmp)

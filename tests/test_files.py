@@ -97,3 +97,14 @@ def test_a_device_pipe_or_socket_is_never_renamed_over(tmp_path):
                             (pipe, lambda tmp: Path(tmp).write_text("new"))])
     assert refused.value.filename == str(pipe) and "not a regular file" in refused.value.strerror
     assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
+    """The temporary beside it was named after it plus 14 characters: past NAME_MAX (255) for a
+    legal name of 242 or more, so `dspark profile --out` failed after its whole sweep."""
+    long = tmp_path / ("c" * 250 + ".json")
+    (tmp_path / "other").write_text("old")
+    replace_atomically([(long, lambda tmp: Path(tmp).write_text("new")),
+                        (tmp_path / "other", lambda tmp: Path(tmp).write_text("new other"))])
+    assert long.read_text() == "new" and (tmp_path / "other").read_text() == "new other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "other"])
