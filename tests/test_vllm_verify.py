@@ -34,6 +34,19 @@ def test_verify_vllm_without_a_patched_vllm_is_an_environment_problem():
     assert "no DSpark-patched vLLM" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_verify_vllm_with_a_program_that_is_no_python_says_so(tmp_path):
+    """/bin/true runs and exits 0 without a word: it was reported as vLLM "with the  series" (V2 only)."""
+    for program in ("/bin/true", tmp_path / "junk"):
+        if program != "/bin/true":
+            program.write_text("#!/bin/sh\necho DSPARK-SERIES\necho hello\n")
+            program.chmod(0o755)
+        proc = verify(str(program))
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {program} did not report a DSpark-patched vLLM (no DSPARK-SERIES line from `import vllm._dspark`): "
+            "is it the Python of the environment vLLM is installed in?"]
+
+
 @pytest.mark.skipif(not os.environ.get("DSPARK_VLLM034_PYTHON"),
                     reason="DSPARK_VLLM034_PYTHON not set (.ci/prepare.d/33-vllm-import.sh builds the patched vLLM 0.34.0 venv)")
 def test_verify_vllm_on_the_v034_series_says_its_checks_need_model_runner_v1():

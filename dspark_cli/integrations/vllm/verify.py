@@ -43,7 +43,10 @@ def _python() -> str:
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
                                  "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
     found = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-SERIES ")]  # vLLM may log to stdout
-    series, v1 = (found[-1] + ["", ""])[:2] if found else ("", "")
+    if not found or len(found[-1]) != 2:  # ran and exited 0, but is no Python with vLLM (e.g. /bin/true)
+        raise EnvironmentProblem(f"{python} did not report a DSpark-patched vLLM (no DSPARK-SERIES line from "
+                                 "`import vllm._dspark`): is it the Python of the environment vLLM is installed in?")
+    series, v1 = found[-1]
     if v1 != "True":  # vLLM >= 0.34.0 has no V1 runner: our series there is the V2 kernel routing only
         raise EnvironmentProblem(f"{python} has vLLM with the {series} series, which runs DSpark on Model Runner V2 "
                                  "only (GPU); these engine checks are for our V1 series (v0.29.0-v0.33.0). Check its "
