@@ -1,11 +1,14 @@
 """The `dspark` command in a fresh process, as a user runs it: real exit codes, stdout and stderr."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +35,18 @@ def signal_dspark_when(waiting: Path, sig: int, *args: str, env: dict | None = N
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
+
+
+def run_bound_by_permissions(*args: str) -> subprocess.CompletedProcess:
+    """`dspark ARGS` as a process that permission bits bind: root runs it without the capabilities
+    that let it read and search anything (as root, a mode-000 directory is readable)."""
+    if os.geteuid() != 0:
+        return run_dspark(*args)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which bypasses permission bits, and no setpriv to drop that")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, which bypasses permission bits, and setpriv cannot drop that here")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*drop, sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 from dspark_cli.cli import app
 from dspark_cli.errors import DsparkError
 from tests.git_fixtures import CORE, git, make_series, make_toy, tree_fingerprint
-from tests.run_cli import run_dspark, signal_dspark_when
+from tests.run_cli import run_bound_by_permissions, run_dspark, signal_dspark_when
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MY_COMMANDS = [["apply"], ["status"], ["revert"], ["compat"], ["compat", "lock"], ["series"], ["series", "lock"]]
@@ -518,21 +517,6 @@ def test_an_empty_value_is_refused_not_read_as_the_current_directory_or_the_defa
 def test_an_empty_commit_in_a_real_process_is_one_line(toy_env):
     result = run_dspark("apply", "toy", "--commit", "", "-C", str(toy_env["work"]))
     assert result.returncode == 2 and result.stderr == "error: --commit: empty value\n", result.stderr
-
-
-def run_bound_by_permissions(*args: str) -> subprocess.CompletedProcess:
-    """`dspark ARGS` as a process that permission bits bind: root runs it without the capabilities
-    that let it read and search anything (as root, a mode-000 directory is readable)."""
-    if os.geteuid() != 0:
-        return run_dspark(*args)
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root, which bypasses permission bits, and no setpriv to drop that")
-    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-    if subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
-        pytest.skip("running as root, which bypasses permission bits, and setpriv cannot drop that here")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([*drop, sys.executable, "-m", "dspark_cli", *args], env=env, capture_output=True, text=True)
 
 
 @pytest.fixture

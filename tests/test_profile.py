@@ -12,6 +12,7 @@ import torch
 
 from dspark_cli.runtime import SPSTable
 from dspark_cli.runtime.sps_profile import default_sizes, vllm_capture_sizes
+from tests.run_cli import run_bound_by_permissions
 
 TINY_QWEN3 = {
     "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -153,6 +154,30 @@ def test_a_model_without_a_kv_cache_is_bad_input(tmp_path, config, reason):
     assert line in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_config_the_probe_forward_cannot_run_is_bad_input(tmp_path):
+    """A head_dim that does not fit the rotary embedding fails in the first forward: was exit 3,
+    "cannot build the model on cpu: The size of tensor a (3) must match ...", blaming the machine."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_QWEN3, "head_dim": 3}))
+    proc = _dspark("profile", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), "--max-tokens", "2",
+                   "--repeats", "1", "--warmup", "0", "--context", "4")
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --model {tmp_path}: transformers cannot run this config: "), line
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_config_dspark_may_not_read_is_an_environment_problem(model_dir, tmp_path):
+    """README: a file dspark may not read is exit 3 (was exit 2, "--model ...: Permission denied")."""
+    config = model_dir / "config.json"
+    config.chmod(0)
+    try:
+        proc = run_bound_by_permissions("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"))
+    finally:
+        config.chmod(0o644)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == f"error: --model {model_dir}: cannot read {config}: Permission denied\n"
 
 
 def test_without_transformers_it_is_one_line_exit_3_naming_the_install(model_dir, tmp_path):

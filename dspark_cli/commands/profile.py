@@ -108,6 +108,10 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
 
     try:
         config = sps_profile.load_config(model)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):  # load_config's "no config.json at ..."
+            raise UsageError(f"--model {model}: {short_message(exc)}") from exc
+        raise EnvironmentProblem(f"--model {model}: cannot read {config_file}: {exc.strerror or exc}") from exc
     except Exception as exc:  # noqa: BLE001 — the user's config, whatever transformers' validation raises
         raise UsageError(f"--model {model}: {short_message(exc)}") from exc
     _check_sizes(config, model, context)
@@ -117,8 +121,11 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
         timer = sps_profile.ForwardTimer(config, settings)
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:  # e.g. 0 attention heads
         raise UsageError(f"--model {model}: transformers cannot build this config: {short_message(exc)}") from exc
-    except RuntimeError as exc:  # out of memory, device errors
-        raise EnvironmentProblem(f"cannot build the model on {device}: {short_message(exc)}") from exc
+    except RuntimeError as exc:
+        if _memory_or_device(exc):
+            raise EnvironmentProblem(f"cannot build the model on {device}: {short_message(exc)}") from exc
+        # the probe forward runs the config: a shape it cannot run (head_dim 3) fails there
+        raise UsageError(f"--model {model}: transformers cannot run this config: {short_message(exc)}") from exc
 
     metadata = {
         "model": str(model), "model_type": config.model_type, "device": _device_name(torch, device),
@@ -166,6 +173,17 @@ def _check_sizes(config, model: Path, context: int) -> None:
     if isinstance(positions, int) and context + 1 > positions:
         raise UsageError(f"--context {context}: the model has {positions} positions (max_position_embeddings); "
                          f"the timed token sits at position {context}: give --context {positions - 1} or less")
+
+
+def _memory_or_device(exc: RuntimeError) -> bool:
+    """Whether building or running the model failed for want of memory or for the device, not for
+    its config: torch's out-of-memory and accelerator errors, or an allocator's or CUDA's words."""
+    import torch
+
+    kinds = tuple(kind for kind in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+                  if kind is not None)
+    text = str(exc).lower()
+    return isinstance(exc, kinds) or any(word in text for word in ("out of memory", "allocate", "cuda", "device"))
 
 
 def _check_output(path: Path, option: str) -> None:
