@@ -63,7 +63,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         confidence_logits(h, torch.zeros(2, 4, 2), torch.zeros(6), torch.zeros(1))
     with pytest.raises(ValueError, match="empty batch"):
         confidence_logits(h[:0], e[:0], torch.zeros(6), torch.zeros(1))
-    for temps in ([1.0, 0.0], [float("inf")], [float("nan")], ["a"], [], [10**400]):  # the last: no OverflowError
+    # 10**400: no OverflowError; 1e-300 was 0 in fp32 (z / T NaN), 1e39 inf
+    for temps in ([1.0, 0.0], [float("inf")], [float("nan")], ["a"], [], [10**400], [1.0, 1e-300], [1e39]):
         with pytest.raises(ValueError, match="'temperatures' must be a non-empty list of finite positive numbers"):
             STSCalibration(temps)
     bad = tmp_path / "bad.json"

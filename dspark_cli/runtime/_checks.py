@@ -50,6 +50,17 @@ def finite_real(value) -> bool:
         return False
 
 
+# Rates and scales read from files (steps/s, STS temperatures) live within these: the runtime keeps
+# them in fp32 and multiplies them by up to ~2^21 tokens (Θ) or divides by them (z / T). 1e39 was
+# inf in fp32 and 1e-300 zero, each accepted from a file and then a wrong schedule or NaN.
+SCALE_MIN, SCALE_MAX = 1e-30, 1e30
+
+
+def in_scale_range(value) -> bool:
+    """A host number within SCALE_MIN..SCALE_MAX (so finite and positive)."""
+    return finite_real(value) and SCALE_MIN <= value <= SCALE_MAX
+
+
 def whole_number(value) -> bool:
     """An integer, or a float without a fraction (JSON's 32.0); not a bool."""
     return integer(value) or (real_number(value) and float(value).is_integer())

@@ -83,8 +83,9 @@ class STSCalibration:
 
     def __post_init__(self):
         temps = self.temperatures
-        if not isinstance(temps, (list, tuple)) or not temps or not all(map(_finite_positive, temps)):
-            raise ValueError(f"STS 'temperatures' must be a non-empty list of finite positive numbers, got {temps!r}")
+        if not isinstance(temps, (list, tuple)) or not temps or not all(map(_checks.in_scale_range, temps)):
+            raise ValueError(f"STS 'temperatures' must be a non-empty list of finite positive numbers within "
+                             f"{_checks.SCALE_MIN:g}..{_checks.SCALE_MAX:g}, got {temps!r}")
         self.temperatures = [float(t) for t in temps]
 
     def tensor(self, device) -> torch.Tensor:
@@ -143,10 +144,6 @@ class STSCalibration:
             temps.append(float(best))
             survived_before = survived_before * torch.sigmoid(z[:, k] / best)
         return cls(temps)
-
-
-def _finite_positive(t) -> bool:
-    return _checks.finite_real(t) and t > 0
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:

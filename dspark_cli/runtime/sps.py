@@ -49,8 +49,9 @@ class SPSTable:
             bad = [v for v in getattr(self, name) if not _checks.whole_number(v)]
             if bad:
                 raise ValueError(f"SPS table {name} must be whole numbers, got {bad[0]!r}")
-        if not all(_checks.finite_real(s) for s in self.steps_per_s):
-            raise ValueError("SPS table steps_per_s must be finite and positive")
+        if not all(_checks.in_scale_range(s) for s in self.steps_per_s):
+            raise ValueError(f"SPS table steps_per_s must be finite and positive, within {_checks.SCALE_MIN:g}.."
+                             f"{_checks.SCALE_MAX:g}")
         self.tokens = [int(t) for t in self.tokens]
         self.steps_per_s = [float(s) for s in self.steps_per_s]
         self.capture_sizes = sorted(int(c) for c in self.capture_sizes)
@@ -58,8 +59,6 @@ class SPSTable:
             raise ValueError("an SPS table needs as many steps_per_s values as tokens entries, at least one")
         if self.tokens[0] < 1 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
             raise ValueError(f"SPS table tokens must be strictly increasing and ≥ 1, got {self.tokens}")
-        if any(not s > 0 for s in self.steps_per_s):
-            raise ValueError("SPS table steps_per_s must be finite and positive")
         if self.capture_sizes and self.capture_sizes[0] < 1:
             raise ValueError("CUDA-graph capture sizes must be ≥ 1")
         if self.dense_limit > MAX_DENSE_TOKENS:
