@@ -445,7 +445,8 @@ def test_an_sts_file_of_a_longer_block_serves_a_shorter_one_and_a_shorter_file_i
     settings = SchedulerSettings.resolve(config, 5, env)
     assert settings.sts.temperatures == [1.0, 1.5, 2.0, 2.5, 3.0] and settings.sts.metadata == {"fitted_on": "block 7"}
     assert SchedulerSettings.resolve(config, 7, env).sts.temperatures[-1] == 4.0
-    with pytest.raises(ValueError, match=r"7 STS temperature\(s\) for num_speculative_tokens = 8; calibrate at least 8"):
+    with pytest.raises(ValueError, match=r"^DSPARK_STS: .*: 7 STS temperature\(s\) for num_speculative_tokens = 8; "
+                                         r"calibrate at least 8"):
         SchedulerSettings.resolve(config, 8, env)
     assert SchedulerSettings.resolve(config, 8, {"DSPARK_STS": ""}).sts is None  # how `dspark verify` opts out
 
@@ -456,6 +457,10 @@ def test_an_sts_file_of_a_longer_block_serves_a_shorter_one_and_a_shorter_file_i
     ({"dspark_scheduler": ["exact"]}, {}, """the draft config's "dspark_scheduler" must be a non-empty string, got \\['exact'\\]"""),
     ({"dspark_sps_table_path": 5}, {}, """the draft config's "dspark_sps_table_path" must be a non-empty string, got 5"""),
     ({"dspark_sts_path": ""}, {}, """the draft config's "dspark_sts_path" must be a non-empty string, got ''"""),
+    # a file's own error named only the file (docs/vllm.md: "naming the variable or the key")
+    ({}, {"DSPARK_SPS_TABLE": "/nonexistent.json"}, "DSPARK_SPS_TABLE: cannot read SPS table /nonexistent.json"),
+    ({"dspark_sts_path": "/nonexistent.json"}, {},
+     """the draft config's "dspark_sts_path": cannot read STS calibration /nonexistent.json"""),
 ])
 def test_a_bad_scheduler_knob_names_where_it_came_from(config, env, message):
     """A config.json value was reported as DSPARK_SCHEDULER's, and a number as a path was a TypeError."""

@@ -39,14 +39,22 @@ class SchedulerSettings:
         scheduler = scheduler or "exact"
         if scheduler not in SCHEDULERS:
             raise ValueError(f"{where} must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-        sps_path, _ = pick("DSPARK_SPS_TABLE", "dspark_sps_table_path")
-        sts_path, _ = pick("DSPARK_STS", "dspark_sts_path")
-        sps = SPSTable.load(sps_path) if sps_path else SPSTable.default()
-        sts = STSCalibration.load(sts_path) if sts_path else None
+        sps_path, sps_from = pick("DSPARK_SPS_TABLE", "dspark_sps_table_path")
+        sts_path, sts_from = pick("DSPARK_STS", "dspark_sts_path")
+        sps = _load(SPSTable.load, sps_path, sps_from) if sps_path else SPSTable.default()
+        sts = _load(STSCalibration.load, sts_path, sts_from) if sts_path else None
         if sts is not None:  # refused at start, not at the first draft
             served = sts.for_block(gamma)
             if served is None:
-                raise ValueError(f"{sts_path}: {len(sts.temperatures)} STS temperature(s) for num_speculative_tokens "
-                                 f"= {gamma}; calibrate at least {gamma} positions")
+                raise ValueError(f"{sts_from}: {sts_path}: {len(sts.temperatures)} STS temperature(s) for "
+                                 f"num_speculative_tokens = {gamma}; calibrate at least {gamma} positions")
             sts = served
         return cls(scheduler, sps, sts)
+
+
+def _load(load, path: str, where: str):
+    """load(path), its error prefixed with where the path came from (the variable or config key)."""
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
