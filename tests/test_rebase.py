@@ -344,6 +344,16 @@ def test_a_bad_pin_name_in_release_mode_is_refused_before_the_releases_are_fetch
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_release_mode_entry_proposes_upstreams_tag_not_the_pins_name(tmp_path):
+    """With --pin the proposed compat.yaml entry had `tag: <pin name>`; compat lock and apply
+    --source git look a pin up by its tag. v0.32.0's series carries cleanly onto 0.31.0."""
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "0.31.0", "--pin", "v0.31.0-ours",
+                     "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--json")
+    assert run.returncode == 0, run.stderr
+    entry = json.loads(run.stdout)["compat_entry"]
+    assert (entry["tag"], entry["patches"], entry["commit"]) == ("v0.31.0", "patches/vllm/v0.31.0-ours", "db9527a46")
+
+
 def snapshot(directory: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 

@@ -56,15 +56,16 @@ def _same_version(text: str, wanted: Version) -> bool:
         return False
 
 
-def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[compat_mod.ReleaseFile, str]:
+def _onto_release(engine: compat_mod.Engine, onto: str, package: str) -> tuple[compat_mod.ReleaseFile, str, str]:
+    """(the release file, its pin's name, upstream's tag for it)."""
     pin = _release_pin(engine, onto)
     if pin is not None and pin.releases:
-        return _sdist_first(pin), pin.name
+        return _sdist_first(pin), pin.name, pin.tag
     match = _VERSION.fullmatch(onto)
     if not match:
         raise UsageError(f"--onto {onto!r}: without --repo it must be a release version (e.g. v0.33.0) "
                          "or a pin in compat.yaml")
-    return rebase.index_release(package, match.group(1)), f"v{match.group(1)}"
+    return rebase.index_release(package, match.group(1)), f"v{match.group(1)}", f"v{match.group(1)}"
 
 
 def _release_commit_id(ws: Workspace, commit: str, module: str) -> str | None:
@@ -158,7 +159,7 @@ def register(app: typer.Typer) -> None:
             name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.fullmatch(onto.lower()) else safe_name(onto))
         else:
             base_release = _sdist_first(pin)
-            onto_release, release_name = _onto_release(engine, onto, base_release.package)
+            onto_release, release_name, onto_tag = _onto_release(engine, onto, base_release.package)
             name = new_pin or release_name
         _check_pin_name(name, "name the new pin with --pin")
         branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
@@ -175,7 +176,8 @@ def register(app: typer.Typer) -> None:
             ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume)
         else:
             ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release, resume)
-            compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": name,
+            # the tag is upstream's (compat lock and apply --source git look it up), not --pin's name
+            compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": onto_tag,
                             "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
             result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
 
