@@ -281,13 +281,24 @@ class _Validator:
 
 
 def replace_scalar(text: str, root_path_keys: list[str], new_value: str) -> str:
-    """Rewrite one scalar in compat.yaml text in place, keeping comments and layout. An anchored
-    scalar (`&c 5930acc24`) keeps its anchor, so its aliases (`*c`, which compose to the anchored
-    node) follow the new value."""
+    """Rewrite one scalar in compat.yaml text in place, keeping comments and layout. Its tag and
+    anchor stay (`!!str &c 5930acc24`: its aliases, `*c`, compose to the anchored node and follow
+    the new value); a block scalar (`>-` and the value on the next line) keeps its header."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     for key in root_path_keys:
         node = next(v for k, v in node.value if k.value == key)
-    start, end = node.start_mark.index, node.end_mark.index
-    if anchor := re.match(r"&\S+\s+", text[start:end]):
-        start += anchor.end()
+    start, end = _value_span(text, node)
     return text[:start] + new_value + text[end:]
+
+
+def _value_span(text: str, node: yaml.ScalarNode) -> tuple[int, int]:
+    """Where `node`'s value is written: its scalar token, after the tag and anchor the node's marks
+    include; of a block scalar only the value's line (the token holds the header, and a comment on
+    it, and its end mark runs on past the line break, into the next line's indentation)."""
+    token = next(t for t in yaml.scan(text, Loader=yaml.SafeLoader)
+                 if isinstance(t, yaml.ScalarToken) and t.start_mark.index >= node.start_mark.index)
+    start, end = token.start_mark.index, token.end_mark.index
+    if token.style in ("|", ">"):
+        end = start + len(text[start:end].rstrip())
+        start = end - len(node.value)
+    return start, end

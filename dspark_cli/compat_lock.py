@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
+
+import yaml
 
 from dspark_cli import cache_dir, cache_subdir, git_source
-from dspark_cli.compat import Compat, replace_scalar
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.compat import Compat, CompatError, Pin, parse, replace_scalar
+from dspark_cli.errors import EnvironmentProblem, UsageError, short_message
 from dspark_cli.files import write_text_atomically
+from dspark_cli.flock import try_exclusive, wait_exclusive
 from dspark_cli.workspace import Workspace
 
 
@@ -42,27 +50,110 @@ def _is_clone(path: Path) -> bool:
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     """Resolve each pin's commit (through its tag when present) and write the full ids back."""
     git_source.check_repo_option(repo)
-    # bytes, not read_text: universal newlines would read a CRLF file as LF, and write it back so
-    text = compat.path.read_bytes().decode("utf-8")
-    changes = []
-    for name in dict.fromkeys(engines):  # `compat lock vllm vllm` locks (and reports) it once
-        engine = compat.engine(name)
-        pending = [pin for pin in engine.pins.values() if not pin.commit_is_full]
+    with _exclusive(compat.path):
+        # read again under the lock: a run we waited for may have locked pins since compat.load
+        text, compat = _read(compat.path)
+        pending = {name: pins for name in dict.fromkeys(engines)  # `compat lock vllm vllm` locks (and reports) it once
+                   if (pins := [pin for pin in compat.engine(name).pins.values() if not pin.commit_is_full])}
         if not pending:
-            continue
-        ws = clone_for(name, repo or engine.repository)
-        for pin in pending:
-            # resolve_tag: a tag fetched into the cached clone after its first clone is upstream's
-            full = git_source.resolve_tag(ws, pin.tag) or ws.resolve_commit(pin.commit)
-            if full is None:
-                if git_source.is_ambiguous(ws, pin.commit):
-                    raise UsageError(f"{name} {pin.name}: commit {pin.commit} is ambiguous in {ws.path} "
-                                     f"(and tag {pin.tag} is not there); give more of its digits")
-                raise UsageError(f"{name} {pin.name}: neither tag {pin.tag} nor commit {pin.commit} is in {ws.path}")
-            if not full.startswith(pin.commit):
-                raise UsageError(f"{name} {pin.name}: tag {pin.tag} is {full[:12]}, but compat.yaml says {pin.commit}")
-            text = replace_scalar(text, ["engines", name, "pins", pin.name, "commit"], full)
-            changes.append({"engine": name, "pin": pin.name, "short": pin.commit, "commit": full})
-    if changes:
-        write_text_atomically(compat.path, text)  # (newlines as read: POSIX writes "\n" unchanged)
+            return []
+        _check_writable(compat.path)
+        changes = []
+        for name, pins in pending.items():
+            ws = clone_for(name, repo or compat.engine(name).repository)
+            changes += [_resolved(name, pin, ws) for pin in pins]
+        # newlines as read: POSIX writes "\n" unchanged
+        write_text_atomically(compat.path, _rewritten(compat, text, changes))
     return changes
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive flock on compat.yaml for the block: two runs each read it, resolved and wrote it
+    back, and the last write dropped the other's commits. A second run waits (a lock is short, but
+    for a first clone). The flock is the file's own: a lock file beside it would be left in the
+    checkout."""
+    fd = _flock_current(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _flock_current(path: Path) -> int:
+    """A descriptor of the file at `path`, exclusively flocked while it is still that path's file:
+    the run we waited for renamed its new file over the one we locked, and a third run may lock that."""
+    while True:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if not try_exclusive(fd):
+                print(f"waiting for another dspark compat lock of {path} to finish", file=sys.stderr, flush=True)
+                wait_exclusive(fd)
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            return fd
+        os.close(fd)
+
+
+def _read(path: Path) -> tuple[str, Compat]:
+    """compat.yaml's text, decoded from bytes (universal newlines would read a CRLF file as LF, and
+    write it back so), and what it says."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompatError(f"{path}: cannot read: {exc}") from None
+    return text, parse(text, path)
+
+
+def _check_writable(path: Path) -> None:
+    """The new file is renamed over compat.yaml, which needs only its directory writable: refuse a
+    file we may not write (as profile does its --out), before any clone or fetch."""
+    if not os.access(path, os.W_OK):
+        raise EnvironmentProblem(f"{path}: the file is not writable")
+
+
+def _resolved(name: str, pin: Pin, ws: Workspace) -> dict:
+    """The change locking `pin`: its full commit id, read in `ws`."""
+    # resolve_tag: a tag fetched into the cached clone after its first clone is upstream's
+    full = git_source.resolve_tag(ws, pin.tag) or ws.resolve_commit(pin.commit)
+    if full is None:
+        if git_source.is_ambiguous(ws, pin.commit):
+            raise UsageError(f"{name} {pin.name}: commit {pin.commit} is ambiguous in {ws.path} "
+                             f"(and tag {pin.tag} is not there); give more of its digits")
+        raise UsageError(f"{name} {pin.name}: neither tag {pin.tag} nor commit {pin.commit} is in {ws.path}")
+    if not full.startswith(pin.commit):
+        raise UsageError(f"{name} {pin.name}: tag {pin.tag} is {full[:12]}, but compat.yaml says {pin.commit}")
+    return {"engine": name, "pin": pin.name, "short": pin.commit, "commit": full}
+
+
+def _rewritten(compat: Compat, text: str, changes: list[dict]) -> str:
+    """`text` with the changes' full ids written in, checked: it must load to the same compat.yaml
+    with only those commits changed. A rewrite that broke the YAML (a block scalar, a tag before an
+    anchor did) or changed another pin (an alias of an anchor that two of them share) is refused
+    (exit 2), and nothing is written."""
+    new = text
+    try:
+        for c in changes:
+            new = replace_scalar(new, ["engines", c["engine"], "pins", c["pin"], "commit"], c["commit"])
+        same = parse(new, compat.path) == _locked(compat, changes)
+        problem = None if same else "it would change more than the commits"
+    except yaml.YAMLError as exc:  # replace_scalar composes the text a previous change rewrote
+        problem = getattr(exc, "problem", None) or short_message(exc)
+    except CompatError as exc:  # its line is the rewritten file's
+        problem = "the rewritten file" + str(exc).removeprefix(str(compat.path))
+    if problem:
+        raise UsageError(f"{compat.path}: cannot write the full commit ids in place ({problem}); nothing was written")
+    return new
+
+
+def _locked(compat: Compat, changes: list[dict]) -> Compat:
+    """`compat` with the changes' commits."""
+    engines = dict(compat.engines)
+    for c in changes:
+        engine = engines[c["engine"]]
+        pin = replace(engine.pins[c["pin"]], commit=c["commit"])
+        engines[c["engine"]] = replace(engine, pins={**engine.pins, pin.name: pin})
+    return replace(compat, engines=engines)

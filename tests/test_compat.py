@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from dspark_cli.cli import app
 from dspark_cli.compat import CompatError
 from dspark_cli.errors import EnvironmentProblem
 from tests.git_fixtures import dspark_edits, git, isolate_git, make_series, make_upstream, write_compat
+from tests.run_cli import run_bound_by_permissions, run_dspark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = (REPO_ROOT / "compat.yaml").read_text()
@@ -298,21 +302,25 @@ def test_compat_lock_keeps_crlf_line_endings(tmp_path, monkeypatch):
     assert path.read_bytes() == crlf.replace(upstream["v1.0"][:9].encode(), upstream["v1.0"].encode())
 
 
-def _commits_sharing_a_7_digit_prefix(repo: Path) -> tuple[str, str]:
-    """Two commits whose ids share 7 hex digits: a birthday search over commit objects hashed here
-    (about 20,000 of them, milliseconds), then only the two that collide are written."""
+def _commits_sharing_a_7_digit_prefix(repo: Path, other: Path | None = None) -> tuple[str, str, str]:
+    """Two commits whose ids share 7 hex digits, (prefix, first, second): a birthday search over
+    commit objects hashed here (about 20,000 of them, milliseconds), then only the two that collide
+    are written, the first in `repo`, the second in `other` (default: `repo` too)."""
     import hashlib
 
+    other = other or repo
     tree = git(repo, "mktree", input="")
-    seen: dict[str, str] = {}
+    git(other, "mktree", input="")  # the empty tree both commits name
+    seen: dict[str, tuple[str, str]] = {}
     for n in range(1_000_000):
         body = f"tree {tree}\nauthor T <t@t> 0 +0000\ncommitter T <t@t> 0 +0000\n\n{n}\n"
         sha = hashlib.sha1(f"commit {len(body)}\0{body}".encode()).hexdigest()
         if sha[:7] in seen:
-            for text in (seen[sha[:7]], body):
-                git(repo, "hash-object", "-t", "commit", "-w", "--stdin", input=text)
-            return sha[:7], sha
-        seen[sha[:7]] = body
+            first, first_body = seen[sha[:7]]
+            git(repo, "hash-object", "-t", "commit", "-w", "--stdin", input=first_body)
+            git(other, "hash-object", "-t", "commit", "-w", "--stdin", input=body)
+            return sha[:7], first, sha
+        seen[sha[:7]] = (sha, body)
     raise AssertionError("no collision")
 
 
@@ -322,7 +330,7 @@ def test_compat_lock_says_a_short_id_is_ambiguous(tmp_path, monkeypatch):
     series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
     repo = tmp_path / "ambiguous"
     git(tmp_path, "init", "-q", str(repo))
-    prefix, full = _commits_sharing_a_7_digit_prefix(repo)
+    prefix, _, full = _commits_sharing_a_7_digit_prefix(repo)
     assert git(repo, "rev-parse", "--verify", "-q", f"{full}^{{commit}}") == full
     path = write_compat(tmp_path, upstream, series_dir, commit=prefix)
     before = path.read_text()
@@ -330,3 +338,114 @@ def test_compat_lock_says_a_short_id_is_ambiguous(tmp_path, monkeypatch):
     assert result.exception.exit_code == 2 and str(result.exception) == (
         f"toy v1.0: commit {prefix} is ambiguous in {repo} (and tag v1.0 is not there); give more of its digits")
     assert path.read_text() == before
+
+
+def _toy_compat(tmp_path, monkeypatch) -> tuple[dict, Path]:
+    """The toy upstream and a compat.yaml pinning v1.0 by a 9-digit short id (DSPARK_COMPAT names it)."""
+    isolate_git(monkeypatch, tmp_path)
+    upstream = make_upstream(tmp_path)
+    series_dir = make_series(tmp_path, upstream["repo"], "s", upstream["v1.0"], dspark_edits())
+    path = write_compat(tmp_path, upstream, series_dir, commit=upstream["v1.0"][:9])
+    monkeypatch.setenv("DSPARK_COMPAT", str(path))
+    return upstream, path
+
+
+@pytest.mark.parametrize("style", [">-", "|-"])
+def test_compat_lock_rewrites_a_block_scalar_commit_on_its_own_line(tmp_path, monkeypatch, style):
+    """`commit: >-` with the id on the next line: the node's end mark runs past its line break, and
+    the id was written over it, joining the next key onto the commit's line (exit 0)."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    short, full = upstream["v1.0"][:9], upstream["v1.0"]
+    before = path.read_text().replace(f"commit: {short}   # the release\n",
+                                      f"commit: {style}   # the release\n          {short}\n")
+    path.write_text(before)
+    result = run_dspark("compat", "lock", "--repo", str(upstream["repo"]))
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == before.replace(short, full)
+    assert compat.load(path).engine("toy").pins["v1.0"].commit == full
+
+
+@pytest.mark.parametrize("properties", ["!!str &rel", "&rel !!str"])
+def test_compat_lock_keeps_a_tag_and_an_anchor_in_either_order(tmp_path, monkeypatch, properties):
+    """A tag before the anchor (`!!str &rel`): the rewrite dropped both, and the alias `*rel` of
+    another pin failed to compose (a ComposerError traceback, exit 1); after it (`&rel !!str`) the
+    tag was dropped."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    short, full = upstream["v1.0"][:9], upstream["v1.0"]
+    pin = path.read_text().split("    pins:\n")[1]
+    again = pin.replace("v1.0:", "again:", 1).replace(f"commit: {short}   # the release", "commit: *rel")
+    before = path.read_text().replace(f"commit: {short}", f"commit: {properties} {short}") + again
+    path.write_text(before)
+    result = run_dspark("compat", "lock", "--repo", str(upstream["repo"]))
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == before.replace(short, full)
+    assert {p.name: p.commit for p in compat.load(path).engine("toy").pins.values()} == {"v1.0": full, "again": full}
+
+
+def test_compat_lock_refuses_a_rewrite_that_changes_another_pin(tmp_path, monkeypatch):
+    """Two engines' pins share an anchored short id that names a different commit in each engine's
+    repository: writing the second full id into the anchor rewrote the first engine's commit too
+    (exit 0). The new text is loaded before it is written; a document that differs from the old one
+    in more than the locked commits is refused, nothing written."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for repo in (ours, theirs):
+        git(tmp_path, "init", "-q", str(repo))
+    prefix, _, _ = _commits_sharing_a_7_digit_prefix(ours, theirs)
+    short = upstream["v1.0"][:9]
+    text = path.read_text().replace(str(upstream["repo"]), str(ours))
+    other = text.split("engines:\n")[1].replace("  toy:", "  other:").replace(str(ours), str(theirs))
+    before = text.replace(f"commit: {short}", f"commit: &c {prefix}") + other.replace(f"commit: {short}", "commit: *c")
+    path.write_text(before)
+    result = run_dspark("compat", "lock")
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {path}: cannot write the full commit ids in place (it would change more than the commits); "
+        "nothing was written\n"), result.stderr
+    assert path.read_text() == before
+
+
+def test_two_compat_locks_at_once_keep_both_engines_commits(tmp_path, monkeypatch):
+    """Each run read compat.yaml, resolved and wrote it back: the later write dropped the earlier
+    run's commits, both exit 0. The first run here stops while it resolves (a stand-in git), the
+    second starts then: it waits for the first and locks its engine in the first's file."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    full = upstream["v1.0"]
+    path.write_text(path.read_text() + path.read_text().split("engines:\n")[1].replace("  toy:", "  other:"))
+    bin_dir, resolving, go = tmp_path / "bin", tmp_path / "resolving", tmp_path / "go"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3 $4" = "rev-parse --verify" ] && [ ! -e {resolving} ]; then  # $1 $2: -c core.hooksPath=/dev/null
+  touch {resolving}
+  while [ ! -e {go} ]; do sleep 0.05; done
+fi
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    lock = [sys.executable, "-m", "dspark_cli", "compat", "lock", "--repo", str(upstream["repo"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen([*lock, "toy"], env={**env, "PATH": f"{bin_dir}:{env['PATH']}"}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not resolving.exists():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.Popen([*lock, "other"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waited = second.stderr.readline()  # the second run's first line, or "" when it ended without one
+    finally:
+        go.touch()
+    assert first.wait(60) == 0 and second.wait(60) == 0, (first.communicate(), second.communicate())
+    assert waited == f"waiting for another dspark compat lock of {path} to finish\n"
+    locked = {name: engine.pins["v1.0"].commit for name, engine in compat.load(path).engines.items()}
+    assert locked == {"toy": full, "other": full}
+
+
+def test_compat_lock_refuses_a_read_only_compat_file_before_resolving(tmp_path, monkeypatch):
+    """A mode-444 compat.yaml was replaced by the rename (exit 0). Refused as profile refuses an
+    --out it may not write: one line, exit 3, the file as it was."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    path.chmod(0o444)
+    before = path.read_text()
+    result = run_bound_by_permissions("compat", "lock", "--repo", upstream["repo"].as_uri())  # a URL: cloned
+    assert result.returncode == 3 and result.stderr == f"error: {path}: the file is not writable\n", result.stderr
+    assert path.read_text() == before and stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert not (tmp_path / "cache" / "git").exists()  # refused before the clone
