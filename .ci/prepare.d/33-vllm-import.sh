@@ -24,7 +24,7 @@ source .ci/overlay-series.sh  # overlay_series
 vllm_import_venv() {
   local version="$1"
   local venv="$DSPARK_CACHE/venv-vllm-$version-import" wheel="vllm-$version-cp38-abi3-manylinux_2_28_x86_64.whl"
-  if ! "$venv/bin/python" -c "from importlib.metadata import version as v; assert (v('vllm'), v('torch')) == ('$version', '2.14.1')" 2>/dev/null; then
+  if ! venv_ready "$venv" "${BASH_SOURCE[0]}"; then
     rm -rf "$venv"
     python3.11 -m venv "$venv"
     local site
@@ -36,6 +36,8 @@ vllm_import_venv() {
     echo "torch==2.14.1" > "$venv/constraints.txt"  # what a dependency asking for torch gets: the one above
     env -u PYTHONPATH "$venv/bin/pip" install -q -r "$venv/requirements.txt" -c "$venv/constraints.txt"
     env -u PYTHONPATH "$venv/bin/pip" install -q --no-deps "$DSPARK_CACHE/releases/$wheel"
+    "$venv/bin/python" -c "from importlib.metadata import version as v; assert (v('vllm'), v('torch')) == ('$version', '2.14.1')"
+    venv_built "$venv" "${BASH_SOURCE[0]}"
   fi
   # Re-apply and re-overlay only when the series or compat.yaml changed (the apply on the wheel
   # takes ~30 s); the stamp lives in the venv, so a rebuilt venv is always overlaid.

@@ -5,13 +5,20 @@ TGI_TAG_COMMIT=dfb3fbe78e0d1d69251bd33065591c61bafdfaa8
 TGI_SRC_CACHE="$DSPARK_CACHE/tgi-v3.3.7"
 if [ -z "${DSPARK_TGI_SRC:-}" ]; then
   if [ "$(git -C "$TGI_SRC_CACHE" rev-parse HEAD 2>/dev/null || true)" != "$TGI_TAG_COMMIT" ]; then
-    rm -rf "$TGI_SRC_CACHE"
-    timeout 300 git clone -q --depth 1 --branch v3.3.7 https://github.com/huggingface/text-generation-inference \
-      "$TGI_SRC_CACHE" 2>/dev/null || rm -rf "$TGI_SRC_CACHE"
+    # cloned beside it and moved into place when whole: a clone killed during its checkout has
+    # HEAD at the commit and files missing
+    rm -rf "$TGI_SRC_CACHE" "$TGI_SRC_CACHE.part"
+    if timeout 300 git clone -q --depth 1 --branch v3.3.7 https://github.com/huggingface/text-generation-inference \
+        "$TGI_SRC_CACHE.part" 2>/dev/null; then
+      mv "$TGI_SRC_CACHE.part" "$TGI_SRC_CACHE"
+    else
+      rm -rf "$TGI_SRC_CACHE.part"
+    fi
   fi
   if [ "$(git -C "$TGI_SRC_CACHE" rev-parse HEAD 2>/dev/null || true)" = "$TGI_TAG_COMMIT" ]; then
     export DSPARK_TGI_SRC="$TGI_SRC_CACHE"
   else
-    echo "39-tgi-src: no TGI v3.3.7 tree (DSPARK_TGI_SRC unset, GitHub not reachable); TGI tree tests skip" >&2
+    echo "39-tgi-src: no TGI v3.3.7 tree (DSPARK_TGI_SRC unset, GitHub not reachable: TGI's server source is on no" \
+      "package registry); the TGI tree and shard tests skip" >&2
   fi
 fi

@@ -4,7 +4,7 @@
 # when DSPARK_TGI_SRC names a TGI clone (39-tgi-src.sh sets it when it could clone the tag).
 if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   TGI_UTILS_VENV="$DSPARK_CACHE/venv-tgi-utils"
-  [ -x "$TGI_UTILS_VENV/bin/python" ] || python3 -m venv "$TGI_UTILS_VENV"
+  venv_usable "$TGI_UTILS_VENV"
   TGI_UTILS_SP="$("$TGI_UTILS_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$TGI_UTILS_SP/dspark-ci.pth"
   "$TGI_UTILS_VENV/bin/python" -m pip install -q loguru "grpcio-tools>=1.69" "protobuf>=5.28.3" "outlines>=0.1.13,<1.0"

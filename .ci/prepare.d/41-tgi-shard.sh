@@ -7,7 +7,7 @@
 # Needs DSPARK_TGI_SRC (39-tgi-src.sh); the first build downloads ~3.5 GB (torch 2.7.0's CUDA libs).
 if [ -n "${DSPARK_TGI_SRC:-}" ]; then
   TGI_VENV="$DSPARK_CACHE/venv-tgi-shard-3.3.7"
-  if ! "$TGI_VENV/bin/python" -c "import intel_extension_for_pytorch, grpc_tools, outlines, compressed_tensors, peft, typer, rich, git, yaml" 2>/dev/null; then
+  if ! venv_ready "$TGI_VENV" "${BASH_SOURCE[0]}"; then
     rm -rf "$TGI_VENV"
     python3.11 -m venv "$TGI_VENV"
     "$TGI_VENV/bin/pip" install -q "${CPU_TORCH_INDEX[@]}" "torch==2.7.0" "intel-extension-for-pytorch==2.7.0"
@@ -20,6 +20,8 @@ if [ -n "${DSPARK_TGI_SRC:-}" ]; then
       "py-cpuinfo>=9.0.0" "rich>=13.8.1" "safetensors>=0.4.5" "scipy>=1.13.1" "sentencepiece>=0.2.0" \
       "tokenizers==0.21.0" "typer>=0.15.1" "transformers==4.51.0" "huggingface-hub==0.30.1" "accelerate>=1.2.1,<2" \
       "compressed-tensors==0.9.1" "peft==0.14.0" "outlines==0.1.14" psutil gitpython packaging pyyaml
+    "$TGI_VENV/bin/python" -c "import intel_extension_for_pytorch, grpc_tools, outlines, compressed_tensors, peft, typer, rich, git, yaml"
+    venv_built "$TGI_VENV" "${BASH_SOURCE[0]}"
   fi
   TGI_TREE="$DSPARK_CACHE/tree-tgi-shard-3.3.7"
   rm -rf "$TGI_TREE"  # a fresh tree each run: the series may have changed since the last one
