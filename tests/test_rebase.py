@@ -180,8 +180,8 @@ def test_a_release_version_matches_its_pin_without_the_package_index(monkeypatch
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # any query would fail
     vllm = compat.load(Path(__file__).resolve().parents[1] / "compat.yaml").engine("vllm")
     for onto in ("0.33.0", "v0.33.0", "0.33"):
-        release, name = _onto_release(vllm, onto, "vllm")
-        assert (release.file, name) == ("vllm-0.33.0.tar.gz", "v0.33.0")
+        release, name, tag = _onto_release(vllm, onto, "vllm")
+        assert (release.file, name, tag) == ("vllm-0.33.0.tar.gz", "v0.33.0", "v0.33.0")
 
 
 def worktrees(repo) -> list[str]:

@@ -42,7 +42,7 @@ def oracle():
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory):
     """Run with a temporary directory of its own, to see what a run leaves behind there."""
-    tmpdir = tmp_path_factory.mktemp("partial-run-tmpdir")
+    tmpdir = tmp_path_factory.mktemp("tmp")  # short: vLLM's socket paths under it must fit 107 bytes
     saved = dict(os.environ), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = str(tmpdir), None
     os.environ.pop("VLLM_RPC_BASE_PATH", None)  # conftest's, for engines started directly

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,24 @@ def test_a_failed_engine_run_is_one_line_ending_with_the_error_it_raised(tmp_pat
         run_module(sys.executable, "failing_run", {}, 60, "vLLM run")
     assert one_line(failed.value) == ("vLLM run failed (exit 1): "
                                       "ValueError: the draft has 3 layers, the config says 2")
+
+
+def test_engine_sockets_go_under_tmp_where_the_temporary_directory_is_too_long_for_them(tmp_path, monkeypatch):
+    """A socket's path holds 107 bytes: under pytest's deeper temporary directory vLLM's engine
+    could not bind its socket (ZMQError "ipc path ... is longer than 107 characters")."""
+    import tempfile
+
+    from dspark_cli.integrations.vllm.e2e import SOCKET_PATH_MAX, _sockets_directory
+
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with _sockets_directory() as sockets:
+        assert Path(sockets).parent == Path("/tmp") and len(f"{sockets}/{'u' * 36}") <= SOCKET_PATH_MAX
+    short = Path(tempfile.mkdtemp(dir="/tmp", prefix="s"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(short))
+        with _sockets_directory() as sockets:
+            assert Path(sockets).parent == short
+    finally:
+        short.rmdir()
