@@ -315,8 +315,9 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   TORCH_CHECK(target_given.is_cuda() && target_given.dim() == 2 && target_given.scalar_type() == at::kFloat &&
                   target_given.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
-  // A target starting off a 16-byte boundary (a view) would keep a row the chain's fused step made
-  // from the fused residual (its vector loads), and rebuild it with another GEMM's bits: copy it.
+  // A target starting off a 16-byte boundary (a view) cannot take the fused race's vector loads, and
+  // the other paths rebuild a row the chain's fused step made with another GEMM's bits: race on an
+  // aligned copy.
   const at::Tensor target = aligned16(target_given.data_ptr()) ? target_given : target_given.clone();
   const bool starts_given = row_start.has_value() && row_start->defined();
   TORCH_CHECK(starts_given ? row_start->scalar_type() == at::kLong : row_stride > 0,
