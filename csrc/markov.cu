@@ -1014,7 +1014,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool small = !warped && aligned16(w1.data_ptr()) && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
   // Rejection rebuilds a fused row only from an aligned W1 (its ratio tests load W1 rows so), else
   // with bias_gemm: a misaligned W1 takes bias_gemm here too, so both make the row's bias alike.
-  const bool fused = !warped && !small && aligned16(U.data_ptr()) && aligned16(w1.data_ptr()) &&
+  // (chain_bias_is_fused excludes the small-batch shapes, so never both.)
+  const bool fused = !warped && aligned16(U.data_ptr()) && aligned16(w1.data_ptr()) &&
                      chain_bias_is_fused(w2, prev_emb.data_ptr(), ld_emb, R);
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
   // The fp32 bias scratch of the cuBLAS path's split pass.
