@@ -51,6 +51,7 @@
 #include "common.cuh"
 #include "fused_step.h"
 #include "launch.h"
+#include "markov.h"
 #include "philox.cuh"
 #include "race.cuh"
 #include "residual.cuh"
@@ -883,15 +884,16 @@ bool launch_small_chain(const WT* w2, const WT* w1, WT* prev_emb, const UT* U, c
 
 }  // namespace
 
-// Whether the chain's bias for R requests comes from the fused step (rejection.cu then runs its
-// races in that kernel too: same bias bits).
-bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
-  return !small_batch_path(w2, h, ldh, R) && fused_step_supported(w2, h, ldh, R);
-}
-
-// Whether it comes from the small-batch kernels (rejection.cu then races in small_residual_kernel).
-bool chain_bias_is_small(const at::Tensor& w2, const void* h, int64_t ldh, int R) {
-  return small_batch_path(w2, h, ldh, R);
+// The one decision of where the chain's bias is made: markov_chain takes it, and rejection.cu races a
+// rebuilt row in the same kernel. The small-batch and fused kernels (and rejection's ratio tests on
+// their paths) load W1 rows 16 bytes at a time, the fused step U rows too; a W1 or U starting off a
+// 16-byte boundary (a view) takes the cuBLAS path.
+BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Tensor& w2, const void* h, int64_t ldh,
+                         int R, bool warped) {
+  if (warped || !aligned16(w1.data_ptr())) return BiasPath::kGemm;
+  if (small_batch_path(w2, h, ldh, R)) return BiasPath::kSmall;
+  if (aligned16(U.data_ptr()) && fused_step_supported(w2, h, ldh, R)) return BiasPath::kFused;
+  return BiasPath::kGemm;
 }
 
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
@@ -933,7 +935,7 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
 }
 
 // Rejection's recovered tokens where the chain drafted with its small-batch kernels
-// (chain_bias_is_small): small_residual_kernel. partials: [R, small_batch_blocks] Races.
+// (BiasPath::kSmall): small_residual_kernel. partials: [R, small_batch_blocks] Races.
 void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
                     const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, int gamma) {
   const int V = w2.size(0);
@@ -1009,14 +1011,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8 for the vector path
   const int64_t ld_emb = static_cast<int64_t>(gamma) * rank;
   const dim3 grid(splits, R);
-  // 16-byte loads: the small-batch step reads W1 rows so, the fused step U rows (a U or W1 that
-  // starts off a 16-byte boundary, e.g. a view, takes the cuBLAS path).
-  const bool small = !warped && aligned16(w1.data_ptr()) && small_batch_path(w2, prev_emb.data_ptr(), ld_emb, R);
-  // Rejection rebuilds a fused row only from an aligned W1 (its ratio tests load W1 rows so), else
-  // with bias_gemm: a misaligned W1 takes bias_gemm here too, so both make the row's bias alike.
-  // (chain_bias_is_fused excludes the small-batch shapes, so never both.)
-  const bool fused = !warped && aligned16(U.data_ptr()) && aligned16(w1.data_ptr()) &&
-                     chain_bias_is_fused(w2, prev_emb.data_ptr(), ld_emb, R);
+  const BiasPath path = chain_bias_path(U, w1, w2, prev_emb.data_ptr(), ld_emb, R, warped);
+  const bool small = path == BiasPath::kSmall, fused = path == BiasPath::kFused;
   const int parts_per_request = fused ? fused_step_blocks(V) : splits;  // what the reduce merges
   // The fp32 bias scratch of the cuBLAS path's split pass.
   auto bias = at::empty({!small && !fused ? R : 0, V}, f32);

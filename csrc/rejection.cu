@@ -29,20 +29,11 @@
 #include "common.cuh"
 #include "fused_step.h"
 #include "launch.h"
+#include "markov.h"
 #include "philox.cuh"
 #include "residual.cuh"
 
 namespace dspark {
-
-// markov.cu: bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, H rows ldh elements apart, by the kernel the
-// chain used for R requests; and whether that is the fused step.
-void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
-bool chain_bias_is_fused(const at::Tensor& w2, const void* h, int64_t ldh, int R);
-bool chain_bias_is_small(const at::Tensor& w2, const void* h, int64_t ldh, int R);
-// markov.cu: rejection's recovered tokens where the chain used its small-batch kernels (R <= 2),
-// written to rows.out_tokens. partials: its scratch.
-void small_residual(const at::Tensor& w2, const void* h, int R, const at::Tensor& U, const float* temperature,
-                    const int64_t* seeds, const ResidualRows& rows, at::Tensor& partials, int gamma);
 
 namespace {
 
@@ -315,9 +306,9 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   TORCH_CHECK(target_given.is_cuda() && target_given.dim() == 2 && target_given.scalar_type() == at::kFloat &&
                   target_given.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
-  // A target starting off a 16-byte boundary (a view) cannot take the fused race's vector loads, and
-  // the other paths rebuild a row the chain's fused step made with another GEMM's bits: race on an
-  // aligned copy.
+  // The fused step's races load target rows 16 bytes at a time; a rebuilt row must come from the
+  // kernel the chain made it with (chain_bias_path), so a target starting off a 16-byte boundary (a
+  // view) is raced as an aligned copy rather than on another path.
   const at::Tensor target = aligned16(target_given.data_ptr()) ? target_given : target_given.clone();
   const bool starts_given = row_start.has_value() && row_start->defined();
   TORCH_CHECK(starts_given ? row_start->scalar_type() == at::kLong : row_stride > 0,
@@ -369,10 +360,11 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
               "dspark::rejection_sample: thresholds must be the chain's contiguous fp32 [R, γ], with its row_stats");
   const int rank = stored ? 0 : w1->size(1);
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
-  // The racing kernels of these paths gather W1 rows for the ratio tests 16 bytes at a time.
-  const bool w1_aligned = !stored && aligned16(w1->data_ptr());
-  const bool small = chain_stats && !masked && w1_aligned && chain_bias_is_small(*w2, h.data_ptr(), rank, R);
-  const bool fused = chain_stats && !masked && vec && w1_aligned && chain_bias_is_fused(*w2, h.data_ptr(), rank, R);
+  // With the chain's row stats the races run in the kernel that made the chain's bias (the same
+  // decision, chain_bias_path); without them, or for warped rows, bias_gemm + race pass + finish.
+  const BiasPath path = chain_stats && !masked ? chain_bias_path(*U, *w1, *w2, h.data_ptr(), rank, R, false)
+                                               : BiasPath::kGemm;
+  const bool small = path == BiasPath::kSmall, fused = path == BiasPath::kFused;
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
