@@ -23,15 +23,19 @@ _held: set[Path] = set()  # the lock files this process holds
 STATUS_PROBE_GRACE_S = 0.2  # `dspark status` (holder()) takes the lock for an instant: not a run to refuse
 
 
-def lock_file(git_dir: Path) -> Path:
-    """One lock per repository, in the git directory its worktrees share (a linked worktree's names
-    it in its `commondir` file): they share the dspark/<pin> branches too, and two runs in two
-    worktrees interleaved their commits on one branch."""
+def common_git_dir(git_dir: Path) -> Path:
+    """The git directory all worktrees of a repository share: a linked worktree's names it in its
+    `commondir` file (git's layout; read here rather than asking git, which costs a process)."""
     try:
-        git_dir = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+        return (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
     except OSError:  # the main worktree's, or a plain repository's: it is the shared one
-        pass
-    return git_dir / "dspark" / "lock"
+        return git_dir.resolve()
+
+
+def lock_file(git_dir: Path) -> Path:
+    """One lock per repository, in its common git directory: its worktrees share the dspark/<pin>
+    branches too, and two runs in two worktrees interleaved their commits on one branch."""
+    return common_git_dir(git_dir) / "dspark" / "lock"
 
 
 @contextmanager

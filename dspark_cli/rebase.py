@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dspark_cli import pypi_source
+from dspark_cli import oplock, pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
@@ -580,7 +580,7 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
                          f"(--workdir {holder}) or remove it (`git -C {repo} worktree remove {holder}`)")
     if (workdir / ".git").exists():
         ws = Workspace(workdir)
-        if _common_dir(ws) != _common_dir(source):
+        if oplock.common_git_dir(ws.git_dir) != oplock.common_git_dir(source.git_dir):
             raise UsageError(f"{workdir}: is a git worktree of another repository; use another --workdir")
         check_made_by_rebase(ws)
         return ws, False, onto_commit
@@ -612,7 +612,8 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
 
 def _adding_record(source: Workspace, workdir: Path) -> Path:
     """One per work tree path, so a record left by a run killed at one path outlives runs at others."""
-    return _common_dir(source) / "dspark" / "rebase-adding" / hashlib.sha256(os.fsencode(workdir)).hexdigest()[:16]
+    name = hashlib.sha256(os.fsencode(workdir)).hexdigest()[:16]
+    return oplock.common_git_dir(source.git_dir) / "dspark" / "rebase-adding" / name
 
 
 def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
@@ -628,11 +629,6 @@ def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         source.git.run("worktree", "prune")
         adding.unlink()
-
-
-def _common_dir(ws: Workspace) -> Path:
-    """The git directory all worktrees of ws's repository share (git names it relative to ws)."""
-    return (ws.path / ws.git.out("rev-parse", "--git-common-dir")).resolve()
 
 
 def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch], branch: str,
