@@ -5,10 +5,20 @@ import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
-def vllm_sockets_in_session_directory(tmp_path_factory):
+def vllm_sockets_directory():
     """Engines the tests start directly (not through run_in_python) put vLLM's never-unlinked IPC
-    sockets into pytest's directory, not /tmp."""
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(tmp_path_factory.mktemp("vllm-sockets")))
+    sockets where run_in_python puts them: a short directory removed after the session."""
+    from dspark_cli.integrations.vllm.e2e import sockets_directory
+
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        yield
+        return
+    with sockets_directory() as sockets:
+        os.environ["VLLM_RPC_BASE_PATH"] = sockets
+        try:
+            yield
+        finally:
+            del os.environ["VLLM_RPC_BASE_PATH"]
 
 
 @pytest.fixture(scope="session")

@@ -95,17 +95,17 @@ def test_engine_sockets_go_under_tmp_where_the_temporary_directory_is_too_long_f
     could not bind its socket (ZMQError "ipc path ... is longer than 107 characters")."""
     import tempfile
 
-    from dspark_cli.integrations.vllm.e2e import SOCKET_PATH_MAX, _sockets_directory
+    from dspark_cli.integrations.vllm.e2e import SOCKET_PATH_MAX, sockets_directory
 
     deep = tmp_path / ("d" * 60)
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    with _sockets_directory() as sockets:
+    with sockets_directory() as sockets:
         assert Path(sockets).parent == Path("/tmp") and len(f"{sockets}/{'u' * 36}") <= SOCKET_PATH_MAX
     short = Path(tempfile.mkdtemp(dir="/tmp", prefix="s"))
     try:
         monkeypatch.setattr(tempfile, "tempdir", str(short))
-        with _sockets_directory() as sockets:
+        with sockets_directory() as sockets:
             assert Path(sockets).parent == short
     finally:
         short.rmdir()

@@ -138,7 +138,7 @@ def run(spec: dict) -> dict:
 
 def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
     """Run `spec` with the vLLM venv's interpreter (this package first on its path)."""
-    with tempfile.TemporaryDirectory(prefix="dspark-vllm-") as tmp, _sockets_directory() as sockets:
+    with tempfile.TemporaryDirectory(prefix="dspark-vllm-") as tmp, sockets_directory() as sockets:
         return run_module(python, "dspark_cli.integrations.vllm.e2e", {"workdir": str(Path(tmp) / "models"), **spec},
                           timeout_s, "vLLM run",
                           env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -148,7 +148,7 @@ def run_in_python(python: str, spec: dict, timeout_s: float = 900) -> dict:
 SOCKET_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path less its NUL)
 
 
-def _sockets_directory() -> tempfile.TemporaryDirectory:
+def sockets_directory() -> tempfile.TemporaryDirectory:
     """Where vLLM puts its engine sockets (VLLM_RPC_BASE_PATH), removed after the run: vLLM leaves
     them behind. Under the temporary directory, or /tmp where that is too long a path for a
     socket's (vLLM names each with a 36-character uuid)."""
