@@ -361,9 +361,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const int rank = stored ? 0 : w1->size(1);
   auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
   // With the chain's row stats the races run in the kernel that made the chain's bias (the same
-  // decision, chain_bias_path); without them, or for warped rows, bias_gemm + race pass + finish.
-  const BiasPath path = chain_stats && !masked ? chain_bias_path(*U, *w1, *w2, h.data_ptr(), rank, R, false)
-                                               : BiasPath::kGemm;
+  // decision, chain_bias_path: warped rows took bias_gemm); without them bias_gemm + race pass + finish.
+  const BiasPath path = chain_stats ? chain_bias_path(*U, *w1, *w2, h.data_ptr(), rank, R, masked) : BiasPath::kGemm;
   const bool small = path == BiasPath::kSmall, fused = path == BiasPath::kFused;
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
