@@ -183,6 +183,9 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
     if not given:
         check_listable(workdir, "--workdir")
     made = made if given else _made_state(workdir)
+    if made and made.get("engine") != engine.name:  # before anything of this engine is fetched into it
+        raise UsageError(f"{workdir} holds {made.get('engine')} {made.get('pin')}; use another --workdir for "
+                         f"{engine.name} {series_pin.name if pin else request.commit}")
     request = resolve_source(request, made, pin)
     _check_request(request)
     if pin is None and request.source == "pypi":

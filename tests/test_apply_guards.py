@@ -765,3 +765,27 @@ exec {shutil.which("git")} "$@"
     recovered = dspark(toy, "revert", "-C", str(clone))
     assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
     assert tree_fingerprint(clone) == before
+
+
+def test_a_workspace_of_another_engine_is_refused_before_anything_is_fetched_into_it(toy):
+    """`dspark apply other -C <toy's workspace>` fetched the other engine's repository into it (a
+    remote and its tags added, then "commit ... was not found"), never saying what it holds."""
+    from tests.git_fixtures import make_upstream
+
+    other = make_upstream(toy["root"] / "other")["repo"]
+    (other / "other.txt").write_text("another engine\n")
+    git(other, "add", ".")
+    git(other, "commit", "-q", "-m", "another engine's release")
+    text = toy["compat_path"].read_text()
+    toy_block = text[text.index("  toy:"):]
+    toy["compat_path"].write_text(text + toy_block.replace("  toy:", "  other:", 1)
+                                  .replace(str(toy["upstream"]["repo"]), str(other))
+                                  .replace(toy["upstream"]["v1.0"], git(other, "rev-parse", "HEAD")))
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    before = tree_fingerprint(work), git(work, "remote"), git(work, "for-each-ref")
+    refused = dspark(toy, "apply", "other", "-C", str(work))
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == f"error: {work} holds toy v1.0; use another --workdir for other v1.0"
+    assert (tree_fingerprint(work), git(work, "remote"), git(work, "for-each-ref")) == before
+
