@@ -11,7 +11,8 @@ from dspark_cli import output
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-NoArgsIsHelpError = importlib.import_module(ClickUsageError.__module__).NoArgsIsHelpError
+# A bare `dspark` (help printed) raises it from click 8.2 on; older click exits 0 instead: () catches nothing.
+NoArgsIsHelpError = getattr(importlib.import_module(ClickUsageError.__module__), "NoArgsIsHelpError", ())
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
