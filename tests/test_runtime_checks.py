@@ -92,3 +92,34 @@ def test_the_load_time_weight_check_catches_one_bad_entry_on_cuda(value, dtype):
     w2[-1, -1] = value
     with pytest.raises(ValueError, match="the Markov head's W2 contains NaN or infinite values"):
         check_markov_weight_values(w1, w2)
+
+
+def _whole_number_calls():
+    """(argument name, a call taking the count) for each public function that takes a host count."""
+    from dspark_cli.runtime import SPSTable, STSCalibration, admit_top_k, gather_drafts, markov_chain, verify_budget
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([[0.9, 0.5], [0.8, 0.1], [0.7, 0.6]])
+    z, accepted = torch.randn(8, 2, generator=g), torch.randint(0, 3, (8,), generator=g)
+    V = 6
+    draft = markov_chain(torch.randn(3, 2, V, generator=g), torch.tensor([0, 1, 2]), torch.randn(V, 2, generator=g),
+                         torch.randn(V, 2, generator=g), torch.ones(3), seeds=torch.arange(3))
+    return [
+        ("budget", lambda n: admit_top_k(a, n).tolist()),
+        ("num_requests", lambda n: int(verify_budget(a, SPSTable.default(), n))),
+        ("bins", lambda n: STSCalibration.fit(z, accepted, bins=n).temperatures),
+        ("rows", lambda n: gather_drafts([(draft, [n])]).tokens.tolist()),
+        ("tokens", lambda n: SPSTable.default().sps(n)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_a_whole_number_means_the_same_in_every_public_function(index):
+    """docs/runtime-api.md: a whole number is an int or a float without a fraction (2.0 is 2, 2.5
+    refused), as SPS table sizes read from JSON. admit_top_k, STSCalibration.fit's bins and
+    gather_drafts' rows refused 2.0 (bins even said "must be a whole number, got 20.0")."""
+    name, call = _whole_number_calls()[index]
+    assert call(2.0) == call(2)
+    for bad in (2.5, "2", True, float("nan"), None):
+        with pytest.raises(ValueError, match=rf"\b{name}\b.* must be a .*whole number"):
+            call(bad)

@@ -168,3 +168,20 @@ def test_sts_fit_refuses_a_bad_grid_or_accepted_counts(grid, num_accepted, messa
     n = torch.tensor(num_accepted if num_accepted is not None else [0, 3])
     with pytest.raises(ValueError, match=f"^{message}"):
         STSCalibration.fit(torch.randn(2, 3), n, grid=grid)
+
+
+@pytest.mark.parametrize("sts", [[1.0, 1.0, 1.0], torch.ones(3), "sts.json"])
+def test_a_calibration_that_is_not_an_sts_calibration_is_one_clear_error(sts):
+    """A list of temperatures was an AttributeError ('list' object has no attribute 'tensor')."""
+    with pytest.raises(ValueError, match=rf"^sts must be an STSCalibration \(STSCalibration.load\(path\) or "
+                                         rf"STSCalibration\(temperatures\)\) or None, got {type(sts).__name__}$"):
+        confidence_probs(torch.zeros(2, 3), sts)
+
+
+@pytest.mark.parametrize("grid", ["ab", ["a", 1.0], [None], 5, {1.0: 2.0}, [10**400]])
+def test_sts_fit_refuses_a_grid_that_is_not_temperatures(grid):
+    """"ab" was a TypeError from torch.as_tensor, 10**400 its RuntimeError (overflow)."""
+    with pytest.raises(ValueError, match=r"^grid must be a non-empty list of finite temperatures > 0, got "):
+        STSCalibration.fit(torch.randn(4, 2), torch.zeros(4, dtype=torch.int64), grid=grid)
+    fitted = STSCalibration.fit(torch.randn(4, 2), torch.zeros(4, dtype=torch.int64), grid=(0.5, 2))
+    assert set(fitted.temperatures) <= {0.5, 2.0}

@@ -291,3 +291,14 @@ def test_markov_weights_with_nan_or_inf_are_refused_by_the_load_time_check(which
     name = ("W1", "W2")[which]
     with pytest.raises(ValueError, match=f"the Markov head's {name} contains NaN or infinite values"):
         check_markov_weight_values(*weights)
+
+
+@pytest.mark.parametrize("generator, message", [
+    (5, "^generator must be a torch.Generator or None, got int$"),
+    ("x", "^generator must be a torch.Generator or None, got str$"),
+])
+def test_a_generator_that_is_not_a_torch_generator_is_one_clear_error(generator, message):
+    """generator=5 was a TypeError from inside torch's exponential_."""
+    U, anchors, w1, w2 = _setup(R=3)
+    with pytest.raises(ValueError, match=message):
+        markov_chain(U, anchors, w1, w2, torch.ones(3), generator=generator)

@@ -419,14 +419,15 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
 
 
 @pytest.mark.parametrize("part, message", [
-    (lambda d: (d, [2]), r"part 1's rows must be a list of row indices in \[0, 2\) \(its draft's requests\), got \[2\]"),
-    (lambda d: (d, [-1]), r"part 1's rows must be a list of row indices in \[0, 2\)"),  # index_select: IndexError
-    (lambda d: (d, [0.5]), r"part 1's rows must be a list of row indices"),  # was taken as row 0
-    (lambda d: (d, [True]), r"part 1's rows must be a list of row indices"),
-    (lambda d: (d, [1, True]), r"part 1's rows must be a list of row indices"),  # past the all-int fast path
-    (lambda d: (d, (0, 1, 2)), r"part 1's rows must be a list of row indices in \[0, 2\)"),
-    (lambda d: (d, range(3)), r"part 1's rows must be a list of row indices in \[0, 2\)"),
-    (lambda d: (d, 1), r"part 1's rows must be a list of row indices"),
+    (lambda d: (d, [2]), r"part 1's rows must be a list of whole numbers in \[0, 2\) \(row indices of its draft's "
+                         r"requests\), got \[2\]"),
+    (lambda d: (d, [-1]), r"part 1's rows must be a list of whole numbers in \[0, 2\)"),  # index_select: IndexError
+    (lambda d: (d, [0.5]), r"part 1's rows must be a list of whole numbers"),  # was taken as row 0
+    (lambda d: (d, [True]), r"part 1's rows must be a list of whole numbers"),
+    (lambda d: (d, [1, True]), r"part 1's rows must be a list of whole numbers"),  # past the all-int fast path
+    (lambda d: (d, (0, 1, 2)), r"part 1's rows must be a list of whole numbers in \[0, 2\)"),
+    (lambda d: (d, range(3)), r"part 1's rows must be a list of whole numbers in \[0, 2\)"),
+    (lambda d: (d, 1), r"part 1's rows must be a list of whole numbers"),
     (lambda d: d, r"part 1 must be a \(MarkovDraft, rows\) pair, got a MarkovDraft"),
 ], ids=["past-end", "negative", "float", "bool", "int-and-bool", "tuple-past-end", "range-past-end", "int",
         "no-rows"])
@@ -625,3 +626,16 @@ def test_a_lazy_draft_with_a_mismatched_source_field_is_one_clear_error(field, b
     for ell in (torch.tensor([4, 2, 0]), torch.tensor([0, 0, 0])):  # also when no q row would be rebuilt
         with pytest.raises(ValueError, match="^" + message):
             rejection_sample(target, bad_draft, ell, seeds=torch.arange(3))
+
+
+@pytest.mark.parametrize("generator", ["x", 5, torch.Generator().get_state()])
+def test_a_generator_that_is_not_a_torch_generator_is_one_clear_error(generator):
+    """generator="x" was a TypeError from inside torch.rand."""
+    g = torch.Generator().manual_seed(0)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    draft = (torch.zeros(2, 3, dtype=torch.int64), q[:, :, 0], q)
+    message = rf"^generator must be a torch.Generator or None, got {type(generator).__name__}$"
+    with pytest.raises(ValueError, match=message):
+        rejection_sample(p, draft, torch.tensor([1, 0]), generator=generator)
+    with pytest.raises(ValueError, match=message):
+        rejection_sample_flat(p[:, :2].reshape(4, 5), torch.tensor([0, 2, 4]), draft, generator=generator)

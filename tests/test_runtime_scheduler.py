@@ -68,6 +68,18 @@ def test_budget_maximizes_over_the_n_the_current_batch_can_admit():
     assert schedule_production(a_stale, torch.tensor([[0.9], [0.8]]), sps).tolist() == [1, 0]
 
 
+def test_budget_searches_every_n_the_current_batch_can_admit_past_a_smaller_stale_batch():
+    """1 stale request, 3 current, γ = 2: the search covers n ≤ 3·2 = 6, the 4 candidates the stale
+    batch lacks counting as survival 0. On a table whose steps/s rises with B, Θ_0..Θ_6 = 3.75,
+    4.81, 5.63, 6.09, 6.56, 7.03, 7.5: K = 6 (the search stopped at a_stale's 2 candidates, K = 2)."""
+    rising = SPSTable([1, 9], [1.0, 2.0])  # SPS(B) = 1 + (B − 1)/8
+    a_stale = torch.tensor([[0.5, 0.25]])
+    assert int(verify_budget(a_stale, rising, 3)) == 6
+    assert schedule_production(a_stale, torch.full((3, 2), 0.5), rising).tolist() == [2, 2, 2]
+    # a table whose steps/s never rises: the zero candidates add nothing, the earlier n keeps the tie
+    assert int(verify_budget(a_stale, SPSTable([1, 9], [1.0, 1.0]), 3)) == 2
+
+
 def _brute_force_lengths(a, budget):
     R, gamma = a.shape
     ranked = sorted(((-float(a[r, j]), j, r) for r in range(R) for j in range(gamma)))
@@ -118,8 +130,8 @@ def test_bad_inputs_raise_clear_errors():
         schedule_production(torch.ones(2, 3), A, SMOOTH)
     with pytest.raises(ValueError, match="one device: a_stale on cpu, a_now on meta"):  # the CUDA op read
         schedule_production(A, A.to("meta"), SMOOTH)  # a_stale on a_now's GPU
-    for count in (-3, 0, 2.0, True):  # -3 gave K = -12
-        with pytest.raises(ValueError, match="num_requests must be a positive integer"):
+    for count in (-3, 0, 2.5, True):  # -3 gave K = -12
+        with pytest.raises(ValueError, match=r"^num_requests must be a whole number ≥ 1 \(anchors in the batch\)"):
             verify_budget(A, SMOOTH, count)
     for budget in (float("nan"), 2.7, -1):  # NaN was a RuntimeError from the int64 cast, 2.7 admitted 2
         with pytest.raises(ValueError, match="budget must be a whole number ≥ 0"):

@@ -163,6 +163,8 @@ def test_default_table_is_documented_model():
     t = SPSTable.default()
     assert t.sps(1) == pytest.approx(1 / (10e-3 + 20e-6))
     assert t.sps(512) == pytest.approx(1 / (10e-3 + 20e-6 * 512))
+    # sampled at powers of two, as the docs say: interpolated above the model between them
+    assert t.sps(768) / (1 / (10e-3 + 20e-6 * 768)) == pytest.approx(1.04, abs=0.005)
 
 
 @pytest.mark.parametrize("field, values", [("tokens", [1, 2.5]), ("tokens", [1.5, 2]), ("tokens", [1, True]),
@@ -207,3 +209,43 @@ def test_bad_tables_raise_clear_errors(tmp_path):
         bad.write_text(json.dumps(doc))
         with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: .*{message}"):
             SPSTable.load(bad)
+
+
+@pytest.mark.parametrize("tokens", [torch.tensor([3.0]), [3], 3, torch.tensor([True])],
+                         ids=["float", "list", "int", "bool"])
+def test_lookup_takes_an_integer_tensor_of_batch_sizes(tokens):
+    """A float tensor was an IndexError from inside the dense table, a list an AttributeError; a host
+    number is sps()'s."""
+    with pytest.raises(ValueError, match=r"^tokens must be an int64 or int32 tensor of batch sizes \(sps\(B\) takes "
+                                         r"one host number\), got "):
+        SPSTable.default().lookup(tokens)
+    sizes = torch.tensor([0, 1, 3, 768, 9000])
+    assert torch.equal(SPSTable.default().lookup(sizes.int()), SPSTable.default().lookup(sizes))
+
+
+@pytest.mark.parametrize("tokens", ["3", 2.5, -1, None, True, torch.tensor(3)])
+def test_sps_takes_a_whole_number_of_tokens(tokens):
+    """'3' was read as 3 and 2.5 as 2, silently; 0 reads as 1, as lookup's."""
+    with pytest.raises(ValueError, match=r"^tokens must be a whole number ≥ 0 \(a batch size\), got "):
+        SPSTable.default().sps(tokens)
+    table = SPSTable([1, 10], [100.0, 50.0])
+    assert table.sps(0) == table.sps(1) == 100.0 and table.sps(4.0) == table.sps(4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (([1], None), r"^SPS table steps_per_s must be a list of numbers, got None$"),
+    ((5, [1.0]), r"^SPS table tokens must be a list of whole numbers, got 5$"),
+    (([1], [1.0], None), r"^SPS table capture_sizes must be a list of whole numbers, got None$"),
+    (([1], [1.0], [], "x"), r"^SPS table metadata must be a dict or None, got str$"),
+])
+def test_table_fields_of_the_wrong_type_are_one_clear_error(args, message):
+    """SPSTable([1], None) was a TypeError (None is not iterable)."""
+    with pytest.raises(ValueError, match=message):
+        SPSTable(*args)
+
+
+def test_a_table_without_metadata_saves(tmp_path):
+    """metadata=None (no metadata, as STSCalibration's) was accepted and then save() a TypeError."""
+    table = SPSTable([1, 2], [1.0, 0.5], [], None)
+    table.save(tmp_path / "sps.json")
+    assert SPSTable.load(tmp_path / "sps.json") == SPSTable([1, 2], [1.0, 0.5])

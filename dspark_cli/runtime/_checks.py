@@ -66,6 +66,20 @@ def whole_number(value) -> bool:
     return integer(value) or (real_number(value) and float(value).is_integer())
 
 
+def count(name: str, value, minimum: int, what: str) -> int:
+    """value as an int when it is a whole number ≥ minimum: the one meaning of a count in the
+    runtime (2.0 is 2, as in an SPS file; 2.5, "2" and True are refused)."""
+    if not whole_number(value) or value < minimum:
+        raise ValueError(f"{name} must be a whole number ≥ {minimum} ({what}), got {value!r}")
+    return int(value)
+
+
+def generator(g) -> None:
+    """None or a torch.Generator: anything else was a TypeError from inside torch's sampling."""
+    if g is not None and not isinstance(g, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
+
+
 def request_vector(name: str, t, R: int, dtypes) -> None:
     tensor(name, t, 1, dtypes)
     dim(name, t, 0, R, "one entry per request")

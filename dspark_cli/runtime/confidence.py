@@ -57,6 +57,9 @@ def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None, *, va
         _checks.finite("z", z)  # NaN would be a NaN confidence, read as 0 by every comparison
     if sts is None:
         return torch.sigmoid(z.float())
+    if not isinstance(sts, STSCalibration):  # a list of temperatures was an AttributeError
+        raise ValueError(f"sts must be an STSCalibration (STSCalibration.load(path) or STSCalibration(temperatures)) "
+                         f"or None, got {type(sts).__name__}")
     temps = sts.tensor(z.device)
     _checks.dim("z", z, 1, temps.numel(), "block size γ of the STS calibration")
     return torch.sigmoid(z.float() / temps)
@@ -121,8 +124,7 @@ class STSCalibration:
         (paper §3.2.1). z [N, γ] from rounds verified at full length; num_accepted [N]."""
         _checks.tensor("z", z, 2, _checks.FLOAT_DTYPES)
         _checks.nonempty_batch("z", z)
-        if not _checks.integer(bins) or bins < 1:
-            raise ValueError(f"bins must be a whole number ≥ 1 (ECE bins), got {bins!r}")
+        bins = _checks.count("bins", bins, 1, "ECE bins")
         _checks.tensor("num_accepted", num_accepted, 1, _checks.INT_DTYPES)
         _checks.dim("num_accepted", num_accepted, 0, z.shape[0], "one entry per calibration round")
         _checks.finite("z", z)  # offline fitting: the passes over the inputs cost nothing that matters
@@ -130,9 +132,7 @@ class STSCalibration:
         if not bool(((num_accepted >= 0) & (num_accepted <= z.shape[1])).all()):
             raise ValueError(f"num_accepted must count accepted drafts, each in [0, γ = {z.shape[1]}], got values "
                              f"from {int(num_accepted.min())} to {int(num_accepted.max())}")
-        grid = torch.exp(torch.linspace(-2.0, 2.0, 81)) if grid is None else torch.as_tensor(grid, dtype=torch.float32)
-        if grid.dim() != 1 or grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
-            raise ValueError(f"grid must be a non-empty list of finite temperatures > 0, got {grid.tolist()}")
+        grid = _grid(grid)
         z = z.float()
         survived_before = torch.ones(z.shape[0], device=z.device)
         temps = []
@@ -144,6 +144,20 @@ class STSCalibration:
             temps.append(float(best))
             survived_before = survived_before * torch.sigmoid(z[:, k] / best)
         return cls(temps)
+
+
+def _grid(grid) -> torch.Tensor:
+    """STSCalibration.fit's temperatures to try: exp(-2..2) in 81 steps by default, else a list,
+    tuple or 1-D tensor of finite numbers > 0, as fp32 ("ab" was a TypeError from torch)."""
+    if grid is None:
+        return torch.exp(torch.linspace(-2.0, 2.0, 81))
+    if isinstance(grid, (list, tuple)) and all(map(_checks.finite_real, grid)):
+        grid = torch.tensor(grid, dtype=torch.float32)
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0 or \
+            not bool((torch.isfinite(grid.float()) & (grid > 0)).all()):
+        shown = grid.tolist() if isinstance(grid, torch.Tensor) else grid
+        raise ValueError(f"grid must be a non-empty list of finite temperatures > 0, got {shown!r}")
+    return grid.float()
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:

@@ -79,9 +79,7 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     top-k/top-p row rebuilt at another could drop the entry at its threshold)."""
     if not parts:
         raise ValueError("gather_drafts needs at least one (draft, rows) part")
-    for i, part in enumerate(parts):
-        _check_part(i, part)
-    parts = _drafted_rows(parts)
+    parts = _drafted_rows([_checked_part(i, part) for i, part in enumerate(parts)])
     if not parts:
         raise ValueError("gather_drafts: the parts name no rows (a verify batch of no requests)")
     first, first_rows = parts[0]
@@ -139,30 +137,35 @@ def _vocab(draft: MarkovDraft) -> int | None:
     return None if rows is None else rows.shape[-1]
 
 
-def _check_part(i: int, part) -> None:
-    """Rows are host ints, so always checked (no device sync): an out-of-range row was an IndexError
-    (or a device-side assert), a row 0.5 or True was taken as row 0 or 1. A row named twice is no
-    error: its request is verified twice, as the caller asked."""
+def _checked_part(i: int, part) -> tuple:
+    """The part (draft, rows), its rows as host ints. Rows are on the host, so always checked (no
+    device sync): an out-of-range row was an IndexError (or a device-side assert), a row 0.5 or True
+    was taken as row 0 or 1. A row named twice is no error: its request is verified twice, as the
+    caller asked."""
     if not isinstance(part, (tuple, list)) or len(part) != 2 or not isinstance(part[0], MarkovDraft):
         raise ValueError(f"gather_drafts: part {i} must be a (MarkovDraft, rows) pair, got {_describe(part)}")
     draft, rows = part
     if draft.q is None and draft.source is None and draft.parts is None:
         raise ValueError(f"gather_drafts: part {i}'s draft has neither q nor the inputs to rebuild q rows")
     R = draft.tokens.shape[0]
-    if not _rows_within(rows, R):
-        raise ValueError(f"gather_drafts: part {i}'s rows must be a list of row indices in [0, {R}) "
-                         f"(its draft's requests), got {rows!r}")
+    indices = _row_indices(rows, R)
+    if indices is None:
+        raise ValueError(f"gather_drafts: part {i}'s rows must be a list of whole numbers in [0, {R}) "
+                         f"(row indices of its draft's requests), got {rows!r}")
+    return draft, indices
 
 
-def _rows_within(rows, R: int) -> bool:
-    """Whether rows is a list of host integers in [0, R). Python ints (what engines pass) take a
-    plain type test and one min/max: the numbers.Integral check costs ~1 µs a row, on every step
-    that follows a finished request in TGI."""
+def _row_indices(rows, R: int):
+    """rows as host ints when it is a list (tuple, range) of whole numbers in [0, R), else None.
+    Python ints (what engines pass) take a plain type test and one min/max: the numbers check
+    costs ~1 µs a row, on every step that follows a finished request in TGI."""
     if not isinstance(rows, (list, tuple, range)):
-        return False
-    if isinstance(rows, range) or all(type(row) is int for row in rows):  # bool's type is not int
-        return not rows or (min(rows) >= 0 and max(rows) < R)
-    return all(_checks.integer(row) and 0 <= row < R for row in rows)
+        return None
+    if not (isinstance(rows, range) or all(type(row) is int for row in rows)):  # bool's type is not int
+        if not all(map(_checks.whole_number, rows)):
+            return None
+        rows = [int(row) for row in rows]  # 2.0 is row 2, as a whole number is everywhere
+    return rows if not rows or (min(rows) >= 0 and max(rows) < R) else None
 
 
 def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp32: torch.Tensor):
@@ -211,6 +214,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     check_warps(temperature, top_k, top_p, R)
     if seeds is not None:
         _checks.request_vector("seeds", seeds, R, (torch.int64,))
+    _checks.generator(generator)
     _checks.same_device(U=U, anchors=anchors, w1=w1, w2=w2, temperature=temperature,
                         top_k=top_k, top_p=top_p, seeds=seeds)
     if _checks.want_value_checks(None, U):

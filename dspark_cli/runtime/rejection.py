@@ -28,12 +28,13 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
                      uniforms=None, exp_noise=None) -> VerifyResult:
     """target_probs [R, S, V] fp32, S ≤ γ+1 rows per request (rows beyond ℓ_r are ignored: an
     engine that verified only S−1 drafts per request passes its rows as they are, the draft keeps
-    all γ); draft: MarkovDraft or (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 in
-    [0, S−1]; greedy [R] bool
-    (None: no greedy request). Randomness: seeds [R] int64 (counter-based, see rng.py; the
-    residual/bonus by the grouped race), else `generator` (exponential race); an engine that draws
-    with its own per-request generators passes them instead: uniforms [R, γ] in [0, 1) for the
-    ratio tests, exp_noise [R, V] Exp(1) for the residual/bonus (exponential race)."""
+    all γ); draft: MarkovDraft or (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 or
+    int32 in [0, S−1]; greedy [R] bool (None: no greedy request). Randomness: seeds [R] int64
+    (counter-based, see rng.py; the residual/bonus by the grouped race), else `generator` (a
+    torch.Generator or None: torch's global RNG; exponential race); an engine that draws with its
+    own per-request generators passes them instead: uniforms [R, γ] in [0, 1] for the ratio tests
+    (u = 1 accepts only where q(x) < p(x)), exp_noise [R, V] Exp(1) for the residual/bonus
+    (exponential race)."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 3, (torch.float32,))
     _checks.nonempty_batch("target_probs", target_probs)
@@ -53,7 +54,8 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
                           generator=None, uniforms=None, exp_noise=None) -> VerifyResult:
     """Varlen entry (the layout of a flattened verify batch, as vLLM V1 builds it):
     target_probs [Σ_r (1+ℓ_r), V] fp32, request r owns rows cu_num_tokens[r] .. cu_num_tokens[r+1]−1
-    (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 starting at 0. Drafts stay [R, γ]."""
+    (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 or int32 starting at 0. Drafts
+    stay [R, γ]."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
     _checks.tensor("cu_num_tokens", cu_num_tokens, 1, (torch.int64, torch.int32))
@@ -196,6 +198,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
     _checks.same_device(target=target, tokens=draft.tokens, q_token=draft.q_token, q=draft.q, ell=ell,
                         greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise)
+    _checks.generator(generator)
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
             raise ValueError(f"verify lengths must lie in [0, γ={gamma}], got {ell.tolist()}")

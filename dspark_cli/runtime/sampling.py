@@ -39,13 +39,15 @@ def _check_logits(logits, temperature, top_k, top_p) -> None:
 
 
 def warp_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k=None, top_p=None) -> torch.Tensor:
-    """fp32 logits [R, V] -> warped fp32 logits (masked entries = -inf).
+    """logits [R, V] (fp32, bf16 or fp16) -> warped fp32 logits (masked entries = -inf);
+    temperature [R] of any of those dtypes.
 
-    top_k [R] int64: keep the entries ≥ the k-th largest (0 or ≥ V: off).
-    top_p [R] fp32: keep the smallest high-probability set whose mass reaches p (1.0: off): x stays
-    iff the mass of the entries above it is < p, summed in fp64 (the fp32 cumsum of 151936 entries
-    is off by ~1e-5, several tokens at the boundary); the most likely token always stays, and ties of
-    the smallest kept value stay with it, as top-k's do. Greedy rows are only masked, not scaled."""
+    top_k [R] int64 or int32: keep the entries ≥ the k-th largest (≤ 0 or ≥ V: off).
+    top_p [R] fp32, bf16 or fp16: keep the smallest high-probability set whose mass reaches p (1.0:
+    off): x stays iff the mass of the entries above it is < p, summed in fp64 (the fp32 cumsum of
+    151936 entries is off by ~1e-5, several tokens at the boundary); the most likely token always
+    stays, and ties of the smallest kept value stay with it, as top-k's do. Greedy rows are only
+    masked, not scaled."""
     _check_logits(logits, temperature, top_k, top_p)
     return _warp(logits, temperature, top_k, top_p)
 

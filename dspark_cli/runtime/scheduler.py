@@ -23,7 +23,10 @@ def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> t
 
 def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Tensor:
     """Algorithm 1: admit candidates in rank order while Θ = τ·SPS(B) strictly improves; stop at
-    the first non-improvement (early stop keeps admission non-anticipating). a = survival(c)."""
+    the first non-improvement (early stop keeps admission non-anticipating). a = survival(c).
+    Admission also stops at the first candidate of survival 0 (all after it are 0 too): it adds no
+    expected token, so it could improve Θ only through a table whose steps/s rises with B, a
+    larger forward for no output."""
     _check_survival("a", a, validate)
     _check_sps(sps)
     R = a.shape[0]
@@ -38,27 +41,32 @@ def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Te
 
 def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, validate=None) -> torch.Tensor:
     """Production step 1 (paper §5.2): K = argmax_n Θ_n over ALL n ≤ num_requests·γ (no early
-    stop), from survival two steps old, for a batch of `num_requests` anchors. Returns a 0-dim
-    int64 tensor (no sync); the earliest n wins ties. Stale data cannot depend on the current
-    drafts: the causal barrier."""
+    stop), from survival two steps old, for a batch of `num_requests` anchors; candidates past a
+    smaller stale batch's count as survival 0. Returns a 0-dim int64 tensor (no sync); the
+    earliest n wins ties. Stale data cannot depend on the current drafts: the causal barrier."""
     _check_survival("a_stale", a_stale, validate)
     _check_sps(sps)
-    if not _checks.integer(num_requests) or num_requests < 1:
-        raise ValueError(f"num_requests must be a positive integer (anchors in the batch), got {num_requests!r}")
+    num_requests = _checks.count("num_requests", num_requests, 1, "anchors in the batch")
     a_sorted, _ = _ranked(a_stale)
-    # only the n the current batch can admit: clamping the argmax over a larger stale batch's n
-    # would pick a worse K than the best feasible one (the slice bound is a host int: no sync)
-    theta = _theta(a_sorted[: num_requests * a_stale.shape[1]], num_requests, sps)
+    theta = _theta(_admissible(a_sorted, num_requests * a_stale.shape[1]), num_requests, sps)
     return torch.argmax(theta)
+
+
+def _admissible(a_sorted: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n ranked values, then zeros up to n: a larger stale batch's candidates past n
+    would pick a K the current batch cannot admit, and a smaller one's missing candidates add no
+    survival, yet a table whose steps/s rises with B can still favour them. n is a host int: no sync."""
+    return torch.nn.functional.pad(a_sorted[:n], (0, max(n - a_sorted.numel(), 0)))
 
 
 def admit_top_k(a_now: torch.Tensor, budget, *, validate=None) -> torch.Tensor:
     """Production step 2: admit the `budget` highest-ranked current candidates (B = R + budget)."""
     _check_survival("a_now", a_now, validate)
-    _check_budget(budget, validate)
+    budget = _check_budget(budget, validate)
     _, request = _ranked(a_now)
-    budget = torch.as_tensor(budget, device=a_now.device, dtype=torch.int64)
-    return _lengths(request, torch.clamp(budget, 0, request.numel()), a_now.shape[0])
+    # a host budget stays a host int (no copy to the device), capped so that no int64 overflows
+    admitted = budget.to(a_now.device) if isinstance(budget, torch.Tensor) else min(budget, request.numel())
+    return _lengths(request, admitted, a_now.shape[0])
 
 
 def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Tensor:
@@ -94,7 +102,8 @@ def _theta(a_sorted: torch.Tensor, num_requests: int, sps: SPSTable) -> torch.Te
     return tau * sps.lookup(num_requests + n, dtype)
 
 
-def _lengths(request: torch.Tensor, admitted: torch.Tensor, R: int) -> torch.Tensor:
+def _lengths(request: torch.Tensor, admitted, R: int) -> torch.Tensor:
+    """ℓ_r = r's candidates among the first `admitted` (an int or a 0-dim tensor; < 0 admits none)."""
     take = (torch.arange(request.numel(), device=request.device) < admitted).to(torch.int64)
     return torch.zeros(R, dtype=torch.int64, device=request.device).scatter_add_(0, request, take)
 
@@ -119,14 +128,14 @@ def _check_sps(sps) -> None:
         raise ValueError(f"sps must be an SPSTable (SPSTable.load(path) or SPSTable.default()), got {type(sps).__name__}")
 
 
-def _check_budget(budget, validate) -> None:
-    """A whole number ≥ 0, or verify_budget's one-value integer tensor. A tensor's value is checked
-    only with the other value checks: reading it is a host sync on CUDA."""
+def _check_budget(budget, validate):
+    """The budget as an int (a whole number ≥ 0) or verify_budget's one-value integer tensor. A
+    tensor's value is checked only with the other value checks: reading it is a host sync on CUDA."""
     if isinstance(budget, torch.Tensor):
         if budget.numel() != 1 or budget.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"budget must be one integer (verify_budget's K), got a {str(budget.dtype).removeprefix('torch.')} "
                              f"tensor of shape {tuple(budget.shape)}")
         if _checks.want_value_checks(validate, budget) and int(budget) < 0:
             raise ValueError(f"budget must be ≥ 0, got {int(budget)}")
-    elif not _checks.integer(budget) or budget < 0:
-        raise ValueError(f"budget must be a whole number ≥ 0 (draft tokens to admit), got {budget!r}")
+        return budget
+    return _checks.count("budget", budget, 0, "draft tokens to admit")

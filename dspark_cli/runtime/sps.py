@@ -9,7 +9,8 @@ SGLang's file for --speculative-dspark-sps-table-path (its SpsCostTable, dspark_
 SGLang's lookup is a floor step function: the value of the largest probe ≤ B, the first below the
 first probe, the last beyond the final one (max_batch_tokens is only checked ≥ the last probe).
 `to_sglang` writes our curve in that form and `SPSTable.load` reads both, each SPS equal to the
-other's at every B up to the table's max (dense_limit; SGLang's max_batch_tokens).
+other's at every B up to the table's max (dense_limit; SGLang's max_batch_tokens). Past it our
+lookup extrapolates (below) where SGLang keeps the last value.
 
 Lookup SPS(B): with CUDA graphs a forward of B tokens runs padded to the smallest capture size
 ≥ B, so B is first rounded up to it (this is what makes the real curve step-wise); then linear
@@ -29,6 +30,7 @@ SPS_FORMAT = "dspark-sps/1"
 
 # Documented default when no profile exists: step time = 10 ms + 20 µs per token, an
 # order-of-magnitude stand-in for a dense 4-8B model on one H100/H200-class GPU. Profile instead.
+# default() samples it at powers of two and interpolates: +4% over the model at B = 768.
 DEFAULT_FIXED_S = 10e-3
 DEFAULT_PER_TOKEN_S = 20e-6
 
@@ -45,6 +47,7 @@ class SPSTable:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_field_types()
         for name in ("tokens", "capture_sizes"):  # int() truncated a 2.5 to 2, silently
             bad = [v for v in getattr(self, name) if not _checks.whole_number(v)]
             if bad:
@@ -55,6 +58,8 @@ class SPSTable:
         self.tokens = [int(t) for t in self.tokens]
         self.steps_per_s = [float(s) for s in self.steps_per_s]
         self.capture_sizes = sorted(int(c) for c in self.capture_sizes)
+        if self.metadata is None:  # no metadata, as STSCalibration's
+            self.metadata = {}
         if not self.tokens or len(self.tokens) != len(self.steps_per_s):
             raise ValueError("an SPS table needs as many steps_per_s values as tokens entries, at least one")
         if self.tokens[0] < 1 or any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
@@ -65,6 +70,15 @@ class SPSTable:
             raise ValueError(f"SPS table sizes must be at most {MAX_DENSE_TOKENS} tokens, got {self.dense_limit}")
         self._dense_cache: dict = {}
 
+    def _check_field_types(self) -> None:
+        """Lists (or tuples) and a dict or None: SPSTable([1], None) was a TypeError, and a metadata
+        of None was accepted, then save() a TypeError."""
+        for name, kind in (("tokens", "whole numbers"), ("steps_per_s", "numbers"), ("capture_sizes", "whole numbers")):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"SPS table {name} must be a list of {kind}, got {getattr(self, name)!r}")
+        if self.metadata is not None and not isinstance(self.metadata, dict):
+            raise ValueError(f"SPS table metadata must be a dict or None, got {type(self.metadata).__name__}")
+
     # ---- lookup -------------------------------------------------------------------------------
     def _padded(self, b: int) -> int:
         """The smallest capture size ≥ b, else b (a bisection: dense() asks it for every B)."""
@@ -72,8 +86,12 @@ class SPSTable:
         return self.capture_sizes[i] if i < len(self.capture_sizes) else b
 
     def sps(self, tokens: int) -> float:
-        """SPS at one batch size (host float)."""
-        b = self._padded(max(int(tokens), 1))
+        """SPS at one batch size B, a whole number ≥ 0 (0 reads as 1, as in lookup) -> host float."""
+        return self._sps(max(_checks.count("tokens", tokens, 0, "a batch size"), 1))
+
+    def _sps(self, b: int) -> float:
+        """sps() for a host int b ≥ 1, unchecked (dense() asks it for every B up to 2^20)."""
+        b = self._padded(b)
         xs, ys = self.tokens, self.steps_per_s
         if b <= xs[0]:
             return ys[0]
@@ -92,12 +110,18 @@ class SPSTable:
         what our CUDA scheduler reads."""
         key = (str(device), dtype)
         if key not in self._dense_cache:
-            values = [self.sps(max(b, 1)) for b in range(self.dense_limit + 1)]
+            values = [self._sps(max(b, 1)) for b in range(self.dense_limit + 1)]
             self._dense_cache[key] = torch.tensor(values, dtype=dtype, device=device)
         return self._dense_cache[key]
 
     def lookup(self, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """Vectorized SPS(B) for an int64 tensor of batch sizes, on its device, no host sync."""
+        """Vectorized SPS(B) for an int64 or int32 tensor of batch sizes (any shape; values < 1 read
+        as 1), on its device, no host sync: the values are not checked."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in _checks.INT_DTYPES:
+            got = f"a {str(tokens.dtype).removeprefix('torch.')} tensor" if isinstance(tokens, torch.Tensor) \
+                else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 or int32 tensor of batch sizes (sps(B) takes one host number), "
+                             f"got {got}")
         dense = self.dense(tokens.device, dtype)
         limit = self.dense_limit
         inside = dense[torch.clamp(tokens, 1, limit)]
@@ -151,7 +175,7 @@ class SPSTable:
         pad; every B where we interpolate between eager points)."""
         probes, values = [], []
         for b in range(1, self.dense_limit + 1):
-            value = self.sps(b)
+            value = self._sps(b)
             if not values or value != values[-1]:
                 probes.append(b)
                 values.append(value)
