@@ -163,7 +163,10 @@ struct alignas(16) Smem {  // 16-byte aligned: admit_buf takes uint4 stores
 __device__ void verify_budget(const float* __restrict__ a_stale, int R_stale, int R, int gamma,
                               const float* __restrict__ sps_dense, int sps_limit, Smem& sm) {
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const int n_stale = R_stale * gamma, most = min(n_stale, R * gamma);  // a larger stale batch's best n may not be admissible now
+  // Every n the current batch can admit, and no more (a larger stale batch's best n may not be
+  // admissible now): past a smaller stale batch's own candidates the sums add survival 0, which a
+  // table whose steps/s rises with the tokens may still prefer.
+  const int n_stale = R_stale * gamma, most = R * gamma;
   uint32_t k[kItems];
   load_keys(a_stale, R_stale, gamma, t, k);
   float sps[kItems];  // SPS(R + n) for n = 8t + e + 1, read while the sort runs

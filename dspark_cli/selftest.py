@@ -213,10 +213,12 @@ def survival_matrix(R: int, gamma: int, g: torch.Generator) -> torch.Tensor:
     return torch.cumprod(torch.rand(R, gamma, generator=g) ** 0.3, dim=1)
 
 
-def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels: int = 0, scale: float = 1.0) -> dict:
+def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels: int = 0, scale: float = 1.0,
+                     sps=None) -> dict:
     """schedule_production kernel vs reference: ℓ must match exactly (lengths and their sum).
     levels > 0 rounds the survival to multiples of 1/levels (many ties: the admission order then
-    rests on the flat index); scale multiplies it (small: the budget K is 0)."""
+    rests on the flat index); scale multiplies it (small: the budget K is 0); sps: the SPS table
+    (default: SPSTable.default())."""
     from dspark_cli.runtime import SPSTable, cuda_ops, schedule_production
 
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -224,7 +226,7 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels
     if levels:
         a_stale, a_now = (torch.round(a * levels) / levels for a in (a_stale, a_now))
     a_stale, a_now = a_stale.cuda(), a_now.cuda()
-    sps = SPSTable.default()
+    sps = sps or SPSTable.default()
     with cuda_ops.enabled(False):
         ref = schedule_production(a_stale, a_now, sps)
     poison_allocator()

@@ -504,6 +504,16 @@ def test_schedule_production_breaks_ties_and_takes_no_budget_as_the_reference(R,
         assert res["budget"] == 0
 
 
+@pytest.mark.parametrize("R,R_stale,gamma", [(16, 1, 7), (40, 12, 6), (300, 40, 5)])
+def test_schedule_production_searches_past_a_smaller_stale_batch_as_the_reference(R, R_stale, gamma):
+    """A table whose steps/s rises with the tokens: the best budget lies past the stale batch's own
+    candidates (they add survival 0 there), where the kernel stopped its search."""
+    from dspark_cli.runtime import SPSTable
+
+    res = compare_schedule(R, R_stale, gamma, seed=R, sps=SPSTable([1, 4096], [1.0, 100.0]))
+    assert res["ok"] and res["budget"] > R_stale * gamma, res
+
+
 def test_schedule_production_declines_too_many_candidates():
     from dspark_cli.runtime import SPSTable, cuda_ops
 
