@@ -1,4 +1,4 @@
-"""One `dspark apply` or `dspark revert` at a time in a workspace's repository: an exclusive flock
+"""One `dspark apply`, `revert` or `rebase` at a time in a workspace's repository: an exclusive flock
 on `<git-common-dir>/dspark/lock`, held from before recovery to the end of the operation.
 
 Without it two runs interleave: the second sees no snapshot yet (the first writes it only when it
@@ -52,7 +52,7 @@ def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
             ours = try_exclusive(fd)
         if not ours:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UsageError(f"another dspark apply/revert (pid {holder}) is running on {workdir} or another "
+            raise UsageError(f"another dspark apply, revert or rebase (pid {holder}) is running on {workdir} or another "
                              "worktree of its repository")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of a run refused meanwhile

@@ -243,20 +243,31 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
         if ws.resolve_commit(commit) is None:
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
     outcomes: list[PatchOutcome] = []
-    if resume:
-        outcomes = _resumed_outcomes(ws, branch, onto, patches)
-    else:
-        start_branch(ws, branch, onto, force)
-    for patch in patches[len(outcomes):]:
-        if any(o.status == CONFLICT for o in outcomes):
-            text = patch.path.read_text(encoding="utf-8", errors="replace")
-            outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
-            continue
-        outcomes.append(apply_one(ws, patch))
+    with oplock.exclusive(ws.git_dir, ws.path):  # one dspark run at a time in this repository
+        _remove_stale_git_locks(ws, branch)
+        if resume:
+            outcomes = _resumed_outcomes(ws, branch, onto, patches)
+        else:
+            start_branch(ws, branch, onto, force)
+        for patch in patches[len(outcomes):]:
+            if any(o.status == CONFLICT for o in outcomes):
+                text = patch.path.read_text(encoding="utf-8", errors="replace")
+                outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
+                continue
+            outcomes.append(apply_one(ws, patch))
     result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
                           outcomes=outcomes)
     _record_statuses(ws, result)
     return result
+
+
+def _remove_stale_git_locks(ws: Workspace, branch: str) -> None:
+    """The index.lock and HEAD.lock of the work tree and its branch's ref lock, left by a git killed
+    with an earlier run: they failed every later run's reset and checkout. Ours to remove while we
+    hold the repository's dspark lock: the work tree is ours, and no other dspark runs git in it."""
+    for lock in (ws.git_dir / "index.lock", ws.git_dir / "HEAD.lock",
+                 oplock.common_git_dir(ws.git_dir) / "refs" / "heads" / f"{branch}.lock"):
+        lock.unlink(missing_ok=True)
 
 
 def _marker(ws: Workspace) -> Path:
@@ -625,7 +636,9 @@ def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
     except OSError:
         return
     if unfinished:
-        source.git.run("worktree", "remove", "--force", str(workdir), check=False)
+        # twice: a worktree killed inside `git worktree add` is still locked ("initializing"), and
+        # neither one --force nor prune drops a locked one (every later run then failed on it)
+        source.git.run("worktree", "remove", "--force", "--force", str(workdir), check=False)
         shutil.rmtree(workdir, ignore_errors=True)
         source.git.run("worktree", "prune")
         adding.unlink()
@@ -645,7 +658,7 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: 
         return ws, rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
     except BaseException:
         if added:
-            source.git.run("worktree", "remove", "--force", str(workdir), check=False)
+            source.git.run("worktree", "remove", "--force", "--force", str(workdir), check=False)
             if branch_before is not None:
                 source.git.run("update-ref", f"refs/heads/{branch}", branch_before, check=False)
             elif source.branch_sha(branch):

@@ -488,40 +488,78 @@ class Workspace:
                 "rev-list", "--cherry-pick", "--right-only", f"{snapshot.work_branch_sha}...{tip}").split()}
             commits = [(sha, subject) for sha, subject in commits if sha in new]
         changes = self.local_changes()
-        if changes and (self._only_the_patch_being_applied(snapshot) or self._part_of_our_checkout(snapshot)):
+        if changes and (self._ours_part_way(snapshot) or self._all_in_our_stash(snapshot)):
             changes = []
         return changes, commits
 
-    def _part_of_our_checkout(self, snapshot: Snapshot) -> bool:
-        """Whether every path where the worktree differs from HEAD holds what the commit a killed
-        checkout of ours was moving to holds (the user's own changes were stashed before): the
-        checkout's, part way, not the user's."""
-        head, target = self.head(), snapshot.moving_to
-        if not (head and target):
+    def _ours_part_way(self, snapshot: Snapshot) -> bool:
+        """Whether every path where the worktree differs from HEAD is where a git command of ours,
+        killed part way, left it on its way to its target: HEAD plus the patch apply was committing,
+        or the commit a checkout was moving to (the user's own changes were stashed before). Git
+        rewrites a path by unlinking it and writing it whole, so a path part way holds the target's
+        bytes, nothing, or a prefix of them: ours to drop, not the user's."""
+        head = self.head()
+        if head is None:
             return False
-        now = self._worktree_tree(head)
-        changed = set(self.git.out("diff-tree", "-r", "-z", "--name-only", head, now).split("\0"))
-        unlike_target = set(self.git.out("diff-tree", "-r", "-z", "--name-only", target, now).split("\0"))
-        return not (changed - {""}) & unlike_target
+        with self._scratch_objects() as objects:
+            targets = [snapshot.moving_to] if snapshot.moving_to else []
+            applying = snapshot.applying
+            if applying and head == applying.get("onto") and Path(applying.get("patch", "")).is_file():
+                targets.append(self._patched_tree(head, Path(applying["patch"]).read_bytes(), objects))
+            targets = [target for target in targets if target]
+            if not targets:
+                return False
+            now = self._worktree_tree(head)
+            changed = set(self.git.out("diff-tree", "-r", "-z", "--name-only", head, now).split("\0")) - {""}
+            return any(self._part_way_to(target, now, changed, objects) for target in targets)
 
-    def _only_the_patch_being_applied(self, snapshot: Snapshot) -> bool:
-        """Whether the worktree is HEAD plus exactly the patch apply was committing when it was
-        killed (the user's own changes were stashed before): ours to drop, not the user's."""
-        applying = snapshot.applying
-        if not applying or self.head() != applying.get("onto") or not Path(applying.get("patch", "")).is_file():
+    def _all_in_our_stash(self, snapshot: Snapshot) -> bool:
+        """Whether the worktree holds exactly what the snapshot's stash holds, its untracked files
+        included: a run killed after `git stash` stored the local changes and before it cleaned the
+        worktree. restore pops that stash back over them, so nothing is lost."""
+        stash = self.stash_ref(snapshot.stash_message) if snapshot.stash_message else None
+        head = self.head()
+        if stash is None or head is None or head != snapshot.head:
             return False
-        made = self._patched_tree(applying["onto"], Path(applying["patch"]).read_bytes())
-        return made is not None and made == self._worktree_tree(applying["onto"])
+        with self.scratch_index(f"{stash}^{{tree}}") as env:
+            if self.git.ok("rev-parse", "-q", "--verify", f"{stash}^3^{{commit}}"):
+                untracked = self.git.run("ls-tree", "-r", "-z", f"{stash}^3").stdout  # --index-info reads this form
+                self.git.run("update-index", "-z", "--index-info", env=env, input=untracked)
+            stashed = self.git.out("write-tree", env=env)
+        return stashed == self._worktree_tree(head)
 
-    def _patched_tree(self, parent: str, patch: bytes) -> str | None:
-        """The tree the patch file `patch` makes on `parent` as apply_and_commit applies it (3-way,
-        through a scratch index), None where it does not apply. Its blobs and trees go to a scratch
-        object directory (the repository's objects read through it as an alternate): only the id
-        is wanted, and `dspark status` runs where it may not write (a read-only mount, which read
-        every patch commit as amended)."""
+    def _part_way_to(self, target: str, now: str, changed: set[str], objects: dict) -> bool:
+        """Whether each changed path that does not hold `target`'s bytes is missing or a prefix of them."""
+        unlike = changed & set(self.git.out("diff-tree", "-r", "-z", "--name-only", target, now, env=objects).split("\0"))
+        for name in unlike:
+            path = self.path / name
+            if not (path.exists() or path.is_symlink()):
+                continue  # unlinked, not yet written
+            blob = self.git.run("cat-file", "blob", f"{target}:{name}", check=False, env=objects)
+            want = blob.stdout.encode("utf-8", "surrogateescape")  # run() decoded the bytes reversibly
+            have = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+            if blob.returncode != 0 or have is None or not (len(have) < len(want) and want.startswith(have)):
+                return False  # a file the target does not hold, or other bytes: the user's
+        return True
+
+    @contextlib.contextmanager
+    def _scratch_objects(self) -> Iterator[dict[str, str]]:
+        """The environment for git commands whose new blobs and trees go to a scratch object
+        directory (the repository's objects read through it as an alternate): `dspark status` runs
+        where it may not write (a read-only mount, which read every patch commit as amended)."""
         [objects] = self.git_paths("objects")
-        with self.scratch_index(parent) as env, tempfile.TemporaryDirectory() as scratch:
-            env = {**env, "GIT_OBJECT_DIRECTORY": scratch, "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
+        with tempfile.TemporaryDirectory() as scratch:
+            yield {"GIT_OBJECT_DIRECTORY": scratch, "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
+
+    def _patched_tree(self, parent: str, patch: bytes, objects: dict | None = None) -> str | None:
+        """The tree the patch file `patch` makes on `parent` as apply_and_commit applies it (3-way,
+        through a scratch index), None where it does not apply. Its objects go to `objects`
+        (_scratch_objects' environment), else to a scratch directory dropped after: only the id is wanted."""
+        if objects is None:
+            with self._scratch_objects() as scratch:
+                return self._patched_tree(parent, patch, scratch)
+        with self.scratch_index(parent) as env:
+            env = {**env, **objects}
             made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
                                 input=patch.decode("utf-8", "surrogateescape"))
             return self.git.out("write-tree", env=env) if made.returncode == 0 else None

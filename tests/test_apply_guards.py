@@ -52,7 +52,7 @@ def test_a_second_run_is_refused_while_one_holds_the_workspace(toy):
         for command in (["apply", "toy", "-C", str(work), "--force"], ["revert", "-C", str(work), "--force"]):
             refused = dspark(toy, *command)
             assert refused.returncode == 2, refused.stderr
-            assert refused.stderr.strip() == f"error: another dspark apply/revert (pid {os.getpid()}) is running on {work} or another worktree of its repository"
+            assert refused.stderr.strip() == f"error: another dspark apply, revert or rebase (pid {os.getpid()}) is running on {work} or another worktree of its repository"
         assert (git_dir / "index.lock").exists()
         assert (git_dir / "dspark" / "state.json").read_bytes() == state
         (git_dir / "index.lock").unlink()
@@ -702,10 +702,14 @@ def test_objects_that_cannot_be_written_are_an_environment_problem(toy):
         subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
 
 
-def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming_the_user(toy, tmp_path):
+@pytest.mark.parametrize("left", ['{real} show "$target:$path" > "$path"',  # written
+                                  'rm "$path"',  # unlinked, not yet written
+                                  '{real} show "$target:$path" | head -c 10 > "$path"'])  # cut short
+def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming_the_user(toy, tmp_path, left):
     """Killed while its checkout was moving the worktree (a big tree takes seconds), the next run
     took the files of the pin's commit lying there for local changes of the user's: "would discard
-    N local change(s); pass --force", and --force kept them on a bogus dspark/saved-* branch."""
+    N local change(s); pass --force", and --force kept them on a bogus dspark/saved-* branch. Git
+    unlinks a file and writes it whole, so a file part way may also be missing or cut short."""
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
     before = tree_fingerprint(clone)
@@ -718,7 +722,7 @@ def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming
 if [ "$3" = checkout ]; then
   for target; do :; done
   path=$({real} diff --name-only HEAD "$target" | head -n 1)
-  {real} show "$target:$path" > "$path"
+  {left.format(real=real)}
   kill -9 $PPID
   exit 1
 fi
@@ -733,6 +737,38 @@ exec {real} "$@"
     assert recovered.returncode == 0, recovered.stderr
     assert "recovered an interrupted apply" in recovered.stderr
     assert tree_fingerprint(clone) == before and git(clone, "branch", "--list", "dspark/saved-*") == ""
+
+
+def test_a_run_killed_after_its_stash_was_stored_before_the_worktree_was_cleaned_is_recovered(toy, tmp_path):
+    """`git stash push` stores the stash, then cleans the worktree: killed between, the local
+    changes are both in the stash and still in the worktree. The next run refused them as work it
+    would discard (with --force: a bogus dspark/saved-* branch); restoring pops the stash over them."""
+    run_apply(toy)
+    work = toy["workdir"]
+    (work / "engine" / "config.py").write_text("mine\n")
+    (work / "notes.txt").write_text("my notes\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    # the stash stored and its changes put back as they were: the window's state
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3" = stash ] && [ "$4" = push ]; then
+  {real} "$@" && {real} stash apply -q --index && kill -9 $PPID
+  exit 1
+fi
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    killed = run_dspark("revert", "-C", str(work), "--force", env={
+        "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(git(work, "stash", "list").splitlines()) == 1 and (work / "notes.txt").is_file()
+    recovered = dspark(toy, "status", "-C", str(work))
+    assert not any("would discard" in line for line in recovered.stdout.splitlines()), recovered.stdout
+    again = dspark(toy, "revert", "-C", str(work), "--force")
+    assert again.returncode == 0, again.stderr
+    assert "recovered an interrupted revert" in again.stderr and git(work, "branch", "--list", "dspark/saved-*") == ""
+    assert git(work, "stash", "show", "-p", "--include-untracked", "stash@{0}").count("+mine") == 1
 
 
 def test_a_rollback_that_fails_too_says_both_and_the_next_run_restores(toy, tmp_path):

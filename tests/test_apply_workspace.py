@@ -323,11 +323,37 @@ def test_apply_killed_between_git_apply_and_its_commit_is_recovered_without_forc
     assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
 
 
+def test_apply_killed_while_git_apply_writes_its_files_is_recovered_without_force(toy):
+    """git apply unlinks each file it changes, then writes them back whole: killed between, files
+    are missing or cut short and its index.lock stays. The next run took those for the user's
+    work ("would discard N local change(s)"; --force kept them on a bogus saved branch)."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="applied:2").returncode == -signal.SIGKILL
+    (work / "engine" / "config.py").unlink()  # unlinked, not yet written
+    (work / "engine" / "dspark.py").write_text("ENABLED")  # written part way
+    (work / ".git" / "index.lock").write_text("")
+    again = run_cli(toy, "apply", "toy", "-C", str(work))
+    assert again.returncode == 0, again.stderr
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
+    assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
+
+
 def test_the_same_changes_edited_after_such_a_kill_are_the_users(toy):
     """The worktree differing from HEAD + the patch in one byte is work of the user's: refused."""
     work = toy["workdir"]
     assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="applied:2").returncode == -signal.SIGKILL
     (work / "engine" / "dspark.py").write_text("ENABLED = False\n")
+    refused = run_cli(toy, "apply", "toy", "-C", str(work))
+    assert refused.returncode == 2 and "would discard" in refused.stderr, refused.stderr
+
+
+def test_bytes_that_are_no_prefix_of_the_patched_file_are_the_users(toy):
+    """Cut short is a prefix of what git was writing; anything else in such a file is the user's."""
+    work = toy["workdir"]
+    assert run_cli(toy, "apply", "toy", "-C", str(work), kill_after="applied:2").returncode == -signal.SIGKILL
+    (work / "engine" / "config.py").unlink()
+    (work / "engine" / "dspark.py").write_text("ENABLED = Tru3")
     refused = run_cli(toy, "apply", "toy", "-C", str(work))
     assert refused.returncode == 2 and "would discard" in refused.stderr, refused.stderr
 

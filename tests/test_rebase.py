@@ -926,6 +926,46 @@ def test_a_run_stopped_before_its_work_tree_was_marked_leaves_nothing_the_next_c
     assert not list((u["repo"] / ".git" / "dspark" / "rebase-adding").iterdir())
 
 
+def test_a_run_killed_inside_git_worktree_add_leaves_nothing_the_next_cannot_use(upstream):
+    """Killed inside `git worktree add`, the work tree's registration stays locked ("initializing"):
+    one --force and prune leave a locked one, so every later run failed (exit 3, "a missing but
+    locked worktree")."""
+    from dspark_cli.workspace import Workspace
+
+    u = upstream
+    onto = new_upstream(u, {"new.py": "X = 1\n"}, "v31.0")
+    wd, out = u["tmp"] / "wd31", u["tmp"] / "out31"
+    record = rebase._adding_record(Workspace(u["repo"]), wd)  # as the killed run wrote it
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_bytes(os.fsencode(wd))
+    git(u["repo"], "worktree", "add", "-q", "--lock", "--detach", str(wd), onto)
+    shutil.rmtree(wd)  # its checkout had not begun
+    done = dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert len(worktrees(u["repo"])) == 2 and len(series.load_series(out, "dspark")) == 3
+    assert not record.exists()
+
+
+@pytest.mark.parametrize("lock", ["index.lock", "HEAD.lock", "branch"])
+def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(upstream, lock):
+    """A git killed with a rebase left its lock file: every later run, --force too, failed on it
+    (exit 3, "Unable to create ...lock: File exists")."""
+    from dspark_cli.workspace import Workspace
+
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v32.0")
+    wd, out = u["tmp"] / "wd32", u["tmp"] / "out32"
+    args = ("--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert dspark(u, *args).returncode == 0
+    git_dir = Workspace(wd).git_dir
+    path = u["repo"] / ".git" / "refs" / "heads" / "dspark" / "rebase-v32.0.lock" if lock == "branch" else git_dir / lock
+    assert path.parent.is_dir(), path
+    path.write_text("")
+    again = dspark(u, *args, "--force")
+    assert again.returncode == 0, again.stderr
+    assert not path.exists()
+
+
 def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
     """The byte-compile took the files from the patch's own text: a resolution that ported the
     change of a patch whose file upstream deleted into another file was never compiled, and a
