@@ -3,8 +3,10 @@ of a set that belongs together (the SPS table and its SGLang form, a state file,
 
 import errno
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,13 +25,14 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     for path, _ in outputs:
         if path.exists() and not path.is_file() and not path.is_dir():  # a directory: rename's own error
             raise OSError(errno.EINVAL, "not a regular file (renaming over it would replace it)", str(path))
+        _remove_stale_temporaries(path)
     temps, olds, renamed = [], {}, []
     path = None
     try:
         for path, save in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             # the name cut to 100 characters: a temporary of a 245-character name (legal) was not
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
             os.close(fd)
             temps.append(Path(tmp))
             save(tmp)
@@ -59,6 +62,26 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
         raise
     for old in olds.values():
         old.unlink(missing_ok=True)
+
+
+STALE_TEMPORARY_S = 3600  # a temporary lives while its save runs: one an hour old is a killed run's
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name[:100]}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """The temporaries (and .old links) beside `path` that runs killed while writing it left: a
+    kill between a save and its rename left `.compat.yaml.<random>.tmp` in the user's checkout
+    for good. Only names mkstemp makes for it, an hour old."""
+    pattern = re.compile(re.escape(_temporary_prefix(path)) + r"[a-z0-9_]{8}\.(tmp|old)")
+    try:
+        for leftover in path.parent.iterdir():
+            if pattern.fullmatch(leftover.name) and time.time() - leftover.lstat().st_mtime > STALE_TEMPORARY_S:
+                leftover.unlink(missing_ok=True)
+    except OSError:  # a directory we cannot list or change: the write says so itself
+        pass
 
 
 def nearest_existing(path: Path) -> Path:
