@@ -600,7 +600,7 @@ def status(workdir: Path) -> dict:
         busy = (f"a dspark {snapshot.op} (pid {snapshot.pid}, started {snapshot.started}) is in progress; "
                 "run dspark status again when it has finished")
     elif running:
-        busy = (f"a dspark apply or revert (pid {running}) is running in {ws.path} or another worktree of its "
+        busy = (f"a dspark apply, revert or rebase (pid {running}) is running in {ws.path} or another worktree of its "
                 "repository; run dspark status again "
                 "when it has finished")
     elif snapshot:

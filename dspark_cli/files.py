@@ -68,17 +68,18 @@ STALE_TEMPORARY_S = 3600  # a temporary lives while its save runs: one an hour o
 
 
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name[:100]}."
+    return f".{path.name[:100]}.dspark-"
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """The temporaries (and .old links) beside `path` that runs killed while writing it left: a
-    kill between a save and its rename left `.compat.yaml.<random>.tmp` in the user's checkout
-    for good. Only names mkstemp makes for it, an hour old."""
+    kill between a save and its rename left `.compat.yaml.dspark-<random>.tmp` in the user's
+    checkout for good. Only the names we make, unchanged for an hour (ctime: an .old link keeps
+    the mtime of the file it links, however new the link)."""
     pattern = re.compile(re.escape(_temporary_prefix(path)) + r"[a-z0-9_]{8}\.(tmp|old)")
     try:
         for leftover in path.parent.iterdir():
-            if pattern.fullmatch(leftover.name) and time.time() - leftover.lstat().st_mtime > STALE_TEMPORARY_S:
+            if pattern.fullmatch(leftover.name) and time.time() - leftover.lstat().st_ctime > STALE_TEMPORARY_S:
                 leftover.unlink(missing_ok=True)
     except OSError:  # a directory we cannot list or change: the write says so itself
         pass

@@ -42,8 +42,12 @@ def lock_file(git_dir: Path) -> Path:
 def exclusive(git_dir: Path, workdir: Path) -> Iterator[None]:
     """Hold the workspace's lock for the block; another process holding it is bad usage (exit 2),
     refused rather than waited for (its operation may take minutes or need the user), after the
-    instant a `dspark status` probe may hold it."""
+    instant a `dspark status` probe may hold it. Held already by this process (a rebase locks
+    before adding its work tree, then again around the patching), the block just runs."""
     path = lock_file(git_dir)
+    if path in _held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_nowait(path) as (fd, ours):
         deadline = time.monotonic() + STATUS_PROBE_GRACE_S
@@ -69,8 +73,8 @@ def held(git_dir: Path) -> bool:
 
 
 def holder(git_dir: Path) -> str | None:
-    """The pid (as it wrote it) of another process holding the workspace's lock, an apply or revert
-    running now; None when none does. Probed with a non-blocking flock released at once; a missing
+    """The pid (as it wrote it) of another process holding the workspace's lock, an apply, revert
+    or rebase running now; None when none does. Probed with a non-blocking flock released at once; a missing
     lock file (no run ever locked this workspace) is not created."""
     path = lock_file(git_dir)
     if path in _held or not path.is_file():

@@ -574,10 +574,9 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
     """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched,
     whether this run added it, and `onto` as the commit it names in `repo` (in the worktree HEAD or
     a relative name would be the work branch's own commits). Everything that can refuse is checked
-    before `git worktree add`: bad input leaves nothing registered in their repository."""
+    before `git worktree add`: bad input leaves nothing registered in their repository. `repo` is
+    a repository (rebase_in_worktree checked it)."""
     source = Workspace(repo)
-    if not source.is_repo():
-        raise UsageError(f"{repo}: not a git repository")
     # A work tree deleted by hand stays registered: git would refuse its path ("missing but already
     # registered") and keep its branch checked out. Prune drops only such entries (not locked ones).
     source.git.run("worktree", "prune")
@@ -648,8 +647,16 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: 
                        force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
     """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
     failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
-    ws, added, onto_commit = worktree_of(repo, workdir, onto, branch, force, resume)
     source = Workspace(repo)
+    if not source.is_repo():
+        raise UsageError(f"{repo}: not a git repository")
+    with oplock.exclusive(source.git_dir, workdir):  # before its work tree is added: one run at a time
+        return _rebase_in_worktree(source, repo, workdir, onto, pin, patches, branch, force, resume)
+
+
+def _rebase_in_worktree(source: Workspace, repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch],
+                        branch: str, force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
+    ws, added, onto_commit = worktree_of(repo, workdir, onto, branch, force, resume)
     branch_before = source.branch_sha(branch)
     try:
         base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)

@@ -493,11 +493,12 @@ class Workspace:
         return changes, commits
 
     def _ours_part_way(self, snapshot: Snapshot) -> bool:
-        """Whether every path where the worktree differs from HEAD is where a git command of ours,
-        killed part way, left it on its way to its target: HEAD plus the patch apply was committing,
-        or the commit a checkout was moving to (the user's own changes were stashed before). Git
-        rewrites a path by unlinking it and writing it whole, so a path part way holds the target's
-        bytes, nothing, or a prefix of them: ours to drop, not the user's."""
+        """Whether the local changes are where a git command of ours, killed part way, left them on
+        its way to its target: HEAD plus the patch apply was committing, or the commit a checkout
+        was moving to (the user's own changes were stashed before). Git rewrites a path by unlinking
+        it and writing it whole, and writes the index last, so each path it was rewriting holds
+        the target's bytes, nothing, or a prefix of them; every other path and the index are as
+        HEAD (or the index as the target): ours to drop, not the user's."""
         head = self.head()
         if head is None:
             return False
@@ -509,38 +510,63 @@ class Workspace:
             targets = [target for target in targets if target]
             if not targets:
                 return False
-            now = self._worktree_tree(head)
-            changed = set(self.git.out("diff-tree", "-r", "-z", "--name-only", head, now).split("\0")) - {""}
-            return any(self._part_way_to(target, now, changed, objects) for target in targets)
+            now, index = self._worktree_tree(head, objects), self._index_tree(objects)
+            changed = self._paths_differing(head, now, objects)
+            return any(index in (self.git.out("rev-parse", f"{head}^{{tree}}"), self._tree_of(target, objects))
+                       and self._part_way_to(head, target, now, changed, objects) for target in targets)
 
     def _all_in_our_stash(self, snapshot: Snapshot) -> bool:
-        """Whether the worktree holds exactly what the snapshot's stash holds, its untracked files
-        included: a run killed after `git stash` stored the local changes and before it cleaned the
-        worktree. restore pops that stash back over them, so nothing is lost."""
+        """Whether the worktree and the index hold exactly what the snapshot's stash holds (its
+        untracked files included): a run killed after `git stash` stored the local changes and
+        before it cleaned the worktree. restore pops that stash back over them: nothing is lost."""
         stash = self.stash_ref(snapshot.stash_message) if snapshot.stash_message else None
         head = self.head()
         if stash is None or head is None or head != snapshot.head:
             return False
-        with self.scratch_index(f"{stash}^{{tree}}") as env:
+        with self._scratch_objects() as objects, self.scratch_index(f"{stash}^{{tree}}") as env:
             if self.git.ok("rev-parse", "-q", "--verify", f"{stash}^3^{{commit}}"):
                 untracked = self.git.run("ls-tree", "-r", "-z", f"{stash}^3").stdout  # --index-info reads this form
-                self.git.run("update-index", "-z", "--index-info", env=env, input=untracked)
-            stashed = self.git.out("write-tree", env=env)
-        return stashed == self._worktree_tree(head)
+                self.git.run("update-index", "-z", "--index-info", env={**env, **objects}, input=untracked)
+            stashed = self.git.out("write-tree", env={**env, **objects})
+            return (stashed == self._worktree_tree(head, objects)
+                    and self._index_tree(objects) == self.git.out("rev-parse", f"{stash}^2^{{tree}}"))
 
-    def _part_way_to(self, target: str, now: str, changed: set[str], objects: dict) -> bool:
-        """Whether each changed path that does not hold `target`'s bytes is missing or a prefix of them."""
-        unlike = changed & set(self.git.out("diff-tree", "-r", "-z", "--name-only", target, now, env=objects).split("\0"))
-        for name in unlike:
+    def _part_way_to(self, head: str, target: str, now: str, changed: set[str], objects: dict) -> bool:
+        """Whether each changed path is one `target` changes, holding its bytes, nothing, or a
+        prefix of them."""
+        rewritten = self._paths_differing(head, target, objects)
+        unlike = self._paths_differing(target, now, objects)
+        for name in changed:
+            if name not in rewritten:
+                return False  # a path git was not writing: the user's change
             path = self.path / name
-            if not (path.exists() or path.is_symlink()):
-                continue  # unlinked, not yet written
+            if name not in unlike or not (path.exists() or path.is_symlink()):
+                continue  # the target's bytes, or unlinked and not yet written
             blob = self.git.run("cat-file", "blob", f"{target}:{name}", check=False, env=objects)
             want = blob.stdout.encode("utf-8", "surrogateescape")  # run() decoded the bytes reversibly
             have = path.read_bytes() if path.is_file() and not path.is_symlink() else None
             if blob.returncode != 0 or have is None or not (len(have) < len(want) and want.startswith(have)):
                 return False  # a file the target does not hold, or other bytes: the user's
         return True
+
+    def _paths_differing(self, a: str, b: str, objects: dict) -> set[str]:
+        return set(self.git.out("diff-tree", "-r", "-z", "--name-only", a, b, env=objects).split("\0")) - {""}
+
+    def _tree_of(self, commit_or_tree: str, objects: dict) -> str:
+        return self.git.out("rev-parse", f"{commit_or_tree}^{{tree}}", env=objects)
+
+    def _index_tree(self, objects: dict) -> str | None:
+        """The tree of the real index (its objects to `objects`), None when it has none (unmerged).
+        Read from a copy: write-tree takes index.lock, which a killed git may have left."""
+        [index] = self.git_paths("index")
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "index"
+            try:
+                shutil.copyfile(index, copy)
+            except FileNotFoundError:  # no index yet: an empty one
+                pass
+            made = self.git.run("write-tree", check=False, env={**objects, "GIT_INDEX_FILE": str(copy)})
+        return made.stdout.strip() if made.returncode == 0 else None
 
     @contextlib.contextmanager
     def _scratch_objects(self) -> Iterator[dict[str, str]]:
@@ -595,10 +621,12 @@ class Workspace:
     def _reaches_any(self, tip: str, commits: set[str]) -> bool:
         return any(self.is_ancestor(sha, tip) for sha in commits)
 
-    def _worktree_tree(self, parent: str) -> str:
+    def _worktree_tree(self, parent: str, objects: dict | None = None) -> str:
         """The tree of the worktree as it is, `parent`'s tree for what it does not track (through a
-        scratch index, so a half-merged index does not matter and HEAD does not move)."""
+        scratch index, so a half-merged index does not matter and HEAD does not move); its objects
+        to `objects` (_scratch_objects' environment) when given, else to the repository."""
         with self.scratch_index(parent) as env:
+            env = {**env, **(objects or {})}
             self.git.run("add", "-A", ".", env=env)
             return self.git.out("write-tree", env=env)
 

@@ -702,22 +702,15 @@ def test_objects_that_cannot_be_written_are_an_environment_problem(toy):
         subprocess.run(["chattr", "-R", "-i", str(objects)], check=True)
 
 
-@pytest.mark.parametrize("left", ['{real} show "$target:$path" > "$path"',  # written
-                                  'rm "$path"',  # unlinked, not yet written
-                                  '{real} show "$target:$path" | head -c 10 > "$path"'])  # cut short
-def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming_the_user(toy, tmp_path, left):
-    """Killed while its checkout was moving the worktree (a big tree takes seconds), the next run
-    took the files of the pin's commit lying there for local changes of the user's: "would discard
-    N local change(s); pass --force", and --force kept them on a bogus dspark/saved-* branch. Git
-    unlinks a file and writes it whole, so a file part way may also be missing or cut short."""
+def killed_in_its_checkout(toy, tmp_path, left: str) -> Path:
+    """A clone of the user's where `dspark apply` was killed inside its checkout of the pin, after
+    the shell line `left` did to the first file the checkout changes what git had done to it (git
+    writes the index and HEAD last); $1 $2 of our git commands are -c core.hooksPath=/dev/null."""
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
-    before = tree_fingerprint(clone)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     real = shutil.which("git")
-    # as a checkout killed part way: one file of the target written, nothing else (git writes the
-    # index and HEAD last); $1 $2 of our git commands are -c core.hooksPath=/dev/null
     (bin_dir / "git").write_text(f"""#!/bin/sh
 if [ "$3" = checkout ]; then
   for target; do :; done
@@ -732,11 +725,42 @@ exec {real} "$@"
     killed = run_dspark("apply", "toy", "-C", str(clone), env={
         "DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return clone
+
+
+@pytest.mark.parametrize("left", ['{real} show "$target:$path" > "$path"',  # written
+                                  'rm "$path"',  # unlinked, not yet written
+                                  '{real} show "$target:$path" | head -c 10 > "$path"'])  # cut short
+def test_a_run_killed_part_way_through_its_checkout_is_recovered_without_blaming_the_user(toy, tmp_path, left):
+    """Killed while its checkout was moving the worktree (a big tree takes seconds), the next run
+    took the files of the pin's commit lying there for local changes of the user's: "would discard
+    N local change(s); pass --force", and --force kept them on a bogus dspark/saved-* branch. Git
+    unlinks a file and writes it whole, so a file part way may also be missing or cut short."""
+    before = tree_fingerprint(toy["upstream"]["repo"])
+    clone = killed_in_its_checkout(toy, tmp_path, left)
     assert git(clone, "status", "--porcelain") != ""  # the checkout's file lies there
     recovered = dspark(toy, "revert", "-C", str(clone))
     assert recovered.returncode == 0, recovered.stderr
     assert "recovered an interrupted apply" in recovered.stderr
-    assert tree_fingerprint(clone) == before and git(clone, "branch", "--list", "dspark/saved-*") == ""
+    after = tree_fingerprint(clone)
+    assert [after[k] for k in ("head", "status", "index", "files")] == [before[k] for k in ("head", "status", "index", "files")]
+    assert git(clone, "branch", "--list", "dspark/saved-*") == ""
+
+
+@pytest.mark.parametrize("users", ["staged, then removed", "a file the checkout keeps, removed"])
+def test_what_the_user_did_beside_a_checkout_killed_part_way_is_theirs(toy, tmp_path, users):
+    """Only paths the checkout was rewriting may be missing or cut short, and only the worktree
+    was compared: a file the user staged and then deleted, or one the checkout does not touch that
+    they deleted, went with the restore without --force."""
+    clone = killed_in_its_checkout(toy, tmp_path, 'rm "$path"')
+    if users == "staged, then removed":
+        (clone / "mine.txt").write_text("mine\n")
+        git(clone, "add", "mine.txt")
+        (clone / "mine.txt").unlink()
+    else:
+        (clone / "engine" / "config.py").unlink()
+    refused = dspark(toy, "revert", "-C", str(clone))
+    assert refused.returncode == 2 and "would discard" in refused.stderr, refused.stderr
 
 
 def test_a_run_killed_after_its_stash_was_stored_before_the_worktree_was_cleaned_is_recovered(toy, tmp_path):

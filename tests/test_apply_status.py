@@ -323,7 +323,7 @@ def test_status_tells_a_running_apply_from_an_interrupted_one(toy):
         assert drift()[0] == (f"a dspark apply (pid {os.getpid()}, started {started}) is in progress; run dspark "
                               "status again when it has finished")
         state_file.write_text(json.dumps({**state, "in_progress": None}))  # a run still recovering or fetching
-        assert drift()[0] == (f"a dspark apply or revert (pid {os.getpid()}) is running in {work} or another worktree "
+        assert drift()[0] == (f"a dspark apply, revert or rebase (pid {os.getpid()}) is running in {work} or another worktree "
                               "of its repository; run dspark status again when it has finished")
     state_file.write_text(json.dumps(state))
     assert drift()[0].startswith(f"an interrupted apply (started {started}) left the workspace half done")

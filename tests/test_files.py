@@ -2,7 +2,6 @@
 
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -111,19 +110,23 @@ def test_a_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, "other"])
 
 
-def test_temporaries_killed_runs_left_beside_a_file_are_removed_by_the_next_write(tmp_path):
-    """A run killed between its save and its rename left `.<name>.<random>.tmp` beside the file
-    (compat.yaml in the user's checkout) for good. One an hour old goes; a live run's, younger, and
-    names mkstemp does not make for it stay."""
+def test_temporaries_killed_runs_left_beside_a_file_are_removed_by_the_next_write(tmp_path, monkeypatch):
+    """A run killed between its save and its rename left `.<name>.dspark-<random>.tmp` beside the
+    file (compat.yaml in the user's checkout) for good. A live run's (changed within the hour)
+    stays, and so do names we do not make, however old."""
+    from dspark_cli import files
+
     target = tmp_path / "compat.yaml"
-    stale, stale_old, live, theirs = (tmp_path / name for name in (
-        ".compat.yaml.ab12_x9z.tmp", ".compat.yaml.qq77rr66.old", ".compat.yaml.k3k3k3k3.tmp", ".compat.yaml.backup.tmp"))
-    for path in (stale, stale_old, live, theirs):
+    live = tmp_path / ".compat.yaml.dspark-k3k3k3k3.tmp"
+    live.write_text("x")
+    write_text_atomically(target, "one\n")
+    assert live.exists()
+    monkeypatch.setattr(files, "STALE_TEMPORARY_S", -1)  # as if an hour had passed
+    ours = [tmp_path / name for name in (".compat.yaml.dspark-ab12_x9z.tmp", ".compat.yaml.dspark-qq77rr66.old")]
+    theirs = [tmp_path / name for name in (".compat.yaml.20250101.old", ".compat.yaml.backup.tmp")]
+    for path in ours + theirs:
         path.write_text("x")
-    two_hours_ago = time.time() - 7200
-    for path in (stale, stale_old, theirs):
-        os.utime(path, (two_hours_ago, two_hours_ago))
-    write_text_atomically(target, "new\n")
-    assert target.read_text() == "new\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compat.yaml", live.name, theirs.name])
+    write_text_atomically(target, "two\n")
+    assert target.read_text() == "two\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compat.yaml", *(p.name for p in theirs)])
 

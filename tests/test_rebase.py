@@ -966,6 +966,23 @@ def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(u
     assert not path.exists()
 
 
+def test_a_rebase_is_refused_while_another_dspark_run_holds_the_repository(upstream):
+    """Without the repository's dspark lock two runs into one work tree raced in git ("index.lock:
+    File exists", exit 3) and an apply beside it could interleave its commits."""
+    from dspark_cli import oplock
+    from dspark_cli.workspace import Workspace
+
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v33.0")
+    wd, out = u["tmp"] / "wd33", u["tmp"] / "out33"
+    with oplock.exclusive(Workspace(u["repo"]).git_dir, u["repo"]):
+        refused = dspark(u, "--onto", "v33.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert refused.returncode == 2, refused.stderr
+    assert f"another dspark apply, revert or rebase (pid {os.getpid()})" in refused.stderr
+    assert not wd.exists() and len(worktrees(u["repo"])) == 1
+    assert dspark(u, "--onto", "v33.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)).returncode == 0
+
+
 def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
     """The byte-compile took the files from the patch's own text: a resolution that ported the
     change of a patch whose file upstream deleted into another file was never compiled, and a

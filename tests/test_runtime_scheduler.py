@@ -235,3 +235,14 @@ def test_appendix_a_retrospective_search_biases_p_a_to_0_85():
     assert torch.equal(ell, torch.where(x1 == 0, 2, 0))  # verifies x_1 only when x_1 = A
     assert stats.binomtest(hits, TRIALS, 0.85).pvalue > 0.01
     assert abs(hits / TRIALS - 0.85) < 0.005
+
+
+@pytest.mark.parametrize("num_requests", [2**20 + 1, 10**300])
+def test_a_batch_larger_than_any_sps_table_is_one_clear_error(num_requests):
+    """Padded to num_requests·γ candidates, 10**9 requests allocated ~28 GB and 10**300 raised a
+    TypeError from inside torch."""
+    from dspark_cli.runtime import verify_budget
+
+    with pytest.raises(ValueError, match="num_requests must be at most 1048576"):
+        verify_budget(torch.full((2, 7), 0.5), SPSTable.default(), num_requests)
+

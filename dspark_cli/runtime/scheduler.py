@@ -9,7 +9,7 @@ import torch
 
 from dspark_cli.runtime import _checks
 from dspark_cli.runtime._dispatch import try_cuda
-from dspark_cli.runtime.sps import SPSTable
+from dspark_cli.runtime.sps import MAX_DENSE_TOKENS, SPSTable
 
 
 def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> torch.Tensor:
@@ -47,6 +47,9 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
     _check_survival("a_stale", a_stale, validate)
     _check_sps(sps)
     num_requests = _checks.count("num_requests", num_requests, 1, "anchors in the batch")
+    if num_requests > MAX_DENSE_TOKENS:  # the zeros _admissible pads with would fill memory first
+        raise ValueError(f"num_requests must be at most {MAX_DENSE_TOKENS} (an SPS table's largest batch), "
+                         f"got {num_requests}")
     a_sorted, _ = _ranked(a_stale)
     theta = _theta(_admissible(a_sorted, num_requests * a_stale.shape[1]), num_requests, sps)
     return torch.argmax(theta)
