@@ -231,9 +231,9 @@ def test_refuses_trees_that_are_not_applied_tgi_workspaces(root):
     assert out.returncode == 2 and "is not a dspark workspace" in out.stderr and out.stderr.count("\n") == 1
 
     ws = apply_mini(root)
-    with oplock.exclusive(ws / ".git", ws):  # an apply or revert running there: its tree may change under pip
+    with oplock.exclusive(ws / ".git", ws):  # an apply, revert or rebase running there: its tree may change under pip
         out = dspark(sys.executable, "build", "--engine", "tgi", "-C", str(ws))
-    assert out.returncode == 2 and "step workspace: a dspark apply or revert" in out.stderr
+    assert out.returncode == 2 and "step workspace: a dspark apply, revert or rebase" in out.stderr
     assert dspark(sys.executable, "revert", "-C", str(ws)).returncode == 0
     out = dspark(sys.executable, "build", "--engine", "tgi", "-C", str(ws))
     assert out.returncode == 2 and "has no server/text_generation_server/_dspark.py" in out.stderr
