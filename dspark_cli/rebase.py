@@ -244,7 +244,9 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
     outcomes: list[PatchOutcome] = []
     with oplock.exclusive(ws.git_dir, ws.path):  # one dspark run at a time in this repository
-        _remove_stale_git_locks(ws, branch)
+        # what a git killed with an earlier run left failed every later run's reset and checkout:
+        # ours to remove under the lock (the work tree is ours; no other dspark runs git in it)
+        ws.remove_git_locks(branch)
         if resume:
             outcomes = _resumed_outcomes(ws, branch, onto, patches)
         else:
@@ -259,15 +261,6 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                           outcomes=outcomes)
     _record_statuses(ws, result)
     return result
-
-
-def _remove_stale_git_locks(ws: Workspace, branch: str) -> None:
-    """The index.lock and HEAD.lock of the work tree and its branch's ref lock, left by a git killed
-    with an earlier run: they failed every later run's reset and checkout. Ours to remove while we
-    hold the repository's dspark lock: the work tree is ours, and no other dspark runs git in it."""
-    for lock in (ws.git_dir / "index.lock", ws.git_dir / "HEAD.lock",
-                 oplock.common_git_dir(ws.git_dir) / "refs" / "heads" / f"{branch}.lock"):
-        lock.unlink(missing_ok=True)
 
 
 def _marker(ws: Workspace) -> Path:

@@ -470,7 +470,12 @@ class Workspace:
         gone (us rolling back, or a killed run; not known to run: recovery --force)."""
         if not oplock.held(self.git_dir) or owner_running(snapshot) is True:
             return
-        for lock in self.git_paths("index.lock", "HEAD.lock", f"refs/heads/{snapshot.work_branch}.lock"):
+        self.remove_git_locks(snapshot.work_branch)
+
+    def remove_git_locks(self, branch: str) -> None:
+        """Remove this worktree's index.lock and HEAD.lock and `branch`'s ref lock: only for a
+        caller that holds the workspace lock and knows the git that made them is gone."""
+        for lock in self.git_paths("index.lock", "HEAD.lock", f"refs/heads/{branch}.lock"):
             lock.unlink(missing_ok=True)
 
     def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -512,7 +517,8 @@ class Workspace:
                 return False
             now, index = self._worktree_tree(head, objects), self._index_tree(objects)
             changed = self._paths_differing(head, now, objects)
-            return any(index in (self.git.out("rev-parse", f"{head}^{{tree}}"), self._tree_of(target, objects))
+            head_tree = self._tree_of(head, objects)
+            return any(index in (head_tree, self._tree_of(target, objects))
                        and self._part_way_to(head, target, now, changed, objects) for target in targets)
 
     def _all_in_our_stash(self, snapshot: Snapshot) -> bool:
