@@ -2,6 +2,7 @@
 of a set that belongs together (the SPS table and its SGLang form, a state file, a build record)."""
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -31,7 +32,6 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
     try:
         for path, save in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # the name cut to 100 characters: a temporary of a 245-character name (legal) was not
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
             os.close(fd)
             temps.append(Path(tmp))
@@ -67,8 +67,21 @@ def replace_atomically(outputs: Iterable[tuple[Path, Callable[[str], None]]]) ->
 STALE_TEMPORARY_S = 3600  # a temporary lives while its save runs: one an hour old is a killed run's
 
 
+NAME_PART_BYTES = 100  # of a file's name in the names made beside it: they stay within NAME_MAX (255)
+
+
+def name_part(path: Path) -> str:
+    """`path`'s name for the names of what we make beside it (temporaries, scratch directories):
+    a long (legal) name is cut to NAME_PART_BYTES and told apart by a hash of the whole, so two
+    names sharing the cut part never take each other's leftovers."""
+    name = os.fsencode(path.name)
+    if len(name) <= NAME_PART_BYTES:
+        return path.name
+    return f"{name[:NAME_PART_BYTES - 17].decode(errors='ignore')}-{hashlib.sha256(name).hexdigest()[:16]}"
+
+
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name[:100]}.dspark-"
+    return f".{name_part(path)}.dspark-"
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +15,8 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from dspark_cli.files import name_part
 
 
 @contextmanager
@@ -57,17 +58,10 @@ def wait_exclusive(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX)
 
 
-SCRATCH_NAME_BYTES = 100  # of `path`'s name in its scratches' names: they stay within NAME_MAX (255)
-
-
 def _scratch_prefix(path: Path, kind: str) -> str:
-    """A long (legal) name is cut and told apart by a hash of it: two names that share the cut
-    part must not share scratches (recover_interrupted restores a scratch's `old` to its path)."""
-    name = path.name
-    if len(os.fsencode(name)) > SCRATCH_NAME_BYTES:
-        cut = os.fsencode(name)[:SCRATCH_NAME_BYTES - 17].decode(errors="ignore")
-        name = f"{cut}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
-    return f".{name}.dspark-{kind}-"
+    # name_part: paths that share a long name's start never share scratches (recover_interrupted
+    # restores a scratch's `old` to its path)
+    return f".{name_part(path)}.dspark-{kind}-"
 
 
 @contextmanager

@@ -130,3 +130,27 @@ def test_temporaries_killed_runs_left_beside_a_file_are_removed_by_the_next_writ
     assert target.read_text() == "two\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["compat.yaml", *(p.name for p in theirs)])
 
+
+
+def test_a_long_name_of_multibyte_characters_is_written(tmp_path):
+    """The temporary's name kept the first 100 characters of the file's: 255 bytes for a legal name
+    of 85 three-byte characters, so the temporary's name was past NAME_MAX."""
+    long = tmp_path / ("表" * 80 + ".yaml")
+    assert len(os.fsencode(long.name)) == 245
+    write_text_atomically(long, "kept\n")
+    assert long.read_text() == "kept\n" and [p.name for p in tmp_path.iterdir()] == [long.name]
+
+
+def test_a_write_leaves_the_temporaries_of_a_name_sharing_its_start(tmp_path, monkeypatch):
+    """Two long names cut to the same start would sweep each other's temporaries (and a live
+    write's only the hour keeps apart): the cut name carries a hash of the whole one."""
+    from dspark_cli import files
+
+    first, second = tmp_path / ("n" * 200 + "1"), tmp_path / ("n" * 200 + "2")
+    monkeypatch.setattr(files, "STALE_TEMPORARY_S", -1)
+    leftover = tmp_path / (files._temporary_prefix(second) + "ab12cd34.tmp")
+    leftover.write_text("x")
+    write_text_atomically(first, "first\n")
+    assert leftover.exists()
+    write_text_atomically(second, "second again\n")
+    assert not leftover.exists()
