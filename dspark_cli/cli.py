@@ -8,18 +8,16 @@ import typer
 
 from dspark_cli.errors import EXIT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, PATH_SHAPE_ERRORS, DsparkError
 from dspark_cli import output
+from dspark_cli.commands.params import command_group
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-# A bare `dspark` (help printed) raises it from click 8.2 on; older click exits 0 instead: () catches nothing.
-NoArgsIsHelpError = getattr(importlib.import_module(ClickUsageError.__module__), "NoArgsIsHelpError", ())
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
-app = typer.Typer(
+app = command_group(
     name="dspark",
     help="DSpark speculative decoding for pinned vLLM and TGI trees.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -50,8 +48,6 @@ def main() -> None:
         sys.exit(code)
     except (typer.Abort, KeyboardInterrupt):
         rc = EXIT_INTERRUPTED
-    except NoArgsIsHelpError:
-        sys.exit(EXIT_USAGE)  # typer printed the help already; exit 2 as click's no_args_is_help does
     except ClickUsageError as exc:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)

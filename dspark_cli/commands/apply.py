@@ -6,7 +6,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import flag_option, path_argument, path_option, text_argument, text_option
+from dspark_cli.commands.params import (command_group, flag_option, path_argument, path_option, text_argument,
+                                        text_option)
 from dspark_cli.output import emit, say
 
 JSON_OPTION = flag_option("--json", help="Machine-readable output.")
@@ -108,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
         emit(applier.revert(workdir.resolve(), force=force, keep_user_commits=keep_user_commits), as_json, render)
 
-    series_app = typer.Typer(help="Work with patch series (docs/patch-series.md).", no_args_is_help=True)
+    series_app = command_group(help="Work with patch series (docs/patch-series.md).")
 
     @series_app.command("lock")
     def series_lock(

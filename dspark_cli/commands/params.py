@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dspark_cli.errors import UsageError
+from dspark_cli.errors import EXIT_USAGE, UsageError
 
 
 def _text(name: str):
@@ -46,3 +46,19 @@ def text_argument(default, name: str, **kwargs):
 def flag_option(*names: str, **kwargs):
     """An on/off flag: no value after it, and none shown in --help (typer would show `<bool>`)."""
     return typer.Option(False, *names, metavar="", **kwargs)
+
+
+def command_group(**kwargs) -> typer.Typer:
+    """A typer group that, called without a command, prints its help and exits 2 (bad usage). Not
+    no_args_is_help: under click < 8.2 (typer < 0.26 takes the installed click) that exits 0."""
+    group = typer.Typer(**kwargs)
+
+    @group.callback(invoke_without_command=True)
+    def _help_without_command(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None:
+            text = ctx.get_help()  # with rich, typer prints the help itself and returns ""
+            if text:
+                typer.echo(text)
+            raise typer.Exit(EXIT_USAGE)
+
+    return group

@@ -4,7 +4,7 @@ import importlib
 
 import typer
 
-from dspark_cli.commands.params import flag_option
+from dspark_cli.commands.params import command_group, flag_option
 
 from dspark_cli.cuda_env import torch_info
 from dspark_cli.errors import EnvironmentProblem, missing_module, short_message
@@ -24,7 +24,7 @@ def _require_torch() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    verify = typer.Typer(help="Verify the built extension or a patched engine.", no_args_is_help=True)
+    verify = command_group(help="Verify the built extension or a patched engine.")
 
     @verify.command("ops")
     def verify_ops(as_json: bool = flag_option("--json", help="Machine-readable output.")) -> None:
