@@ -125,16 +125,22 @@ class ForwardTimer:
         (a failure mid-timing reads as a device problem). UsageError, not ValueError: the CLI would
         report a ValueError as a config transformers cannot build, and it built this one."""
         name = type(self.model).__name__
+        recurrent = f"{name} keeps a recurrent state that cannot be rolled back"
         if getattr(self.model, "_is_stateful", False):  # transformers' flag for a recurrent state (mamba, rwkv, hybrids)
-            reason = f"{name} keeps a recurrent state that cannot be rolled back"
-        else:
-            probe = torch.zeros(1, 1, dtype=torch.long, device=self.settings.device)
-            cache = getattr(self.model(input_ids=probe, use_cache=True), self.cache_name, None)
-            if callable(getattr(cache, "crop", None)):
-                return
-            reason = f"{name} returns no KV cache"
-        raise UsageError(f"model_type {model_type!r} is not supported: {reason}; dspark profile times "
-                         "a causal LM with a KV cache (a decoder-only transformer such as llama or qwen3)")
+            raise self._unsupported(model_type, recurrent)
+        probe = torch.zeros(1, 2, dtype=torch.long, device=self.settings.device)
+        cache = getattr(self.model(input_ids=probe, use_cache=True), self.cache_name, None)
+        if not callable(getattr(cache, "crop", None)):
+            raise self._unsupported(model_type, f"{name} returns no KV cache")
+        try:  # transformers 5.25 gives mamba a cache whose crop raises instead of the flag
+            cache.crop(-1)  # as each timed step does
+        except (RuntimeError, ValueError, NotImplementedError):
+            raise self._unsupported(model_type, recurrent) from None
+
+    @staticmethod
+    def _unsupported(model_type: str, reason: str) -> UsageError:
+        return UsageError(f"model_type {model_type!r} is not supported: {reason}; dspark profile times "
+                          "a causal LM with a KV cache (a decoder-only transformer such as llama or qwen3)")
 
     def _sync(self):
         if self.settings.device.startswith("cuda"):
