@@ -37,6 +37,18 @@ def test_sts_scales_each_position_and_round_trips(tmp_path):
         confidence_probs(torch.zeros(1, 4), sts)
 
 
+@pytest.mark.parametrize("metadata, message", [
+    ({"temperatures": "fitted on alpaca"}, "^STS calibration metadata may not use the key 'temperatures'"),
+    ({"format": "x"}, "^STS calibration metadata may not use the key 'format'"),
+    ("fitted", "^STS calibration metadata must be a dict or None, got str$"),
+])
+def test_sts_metadata_is_a_dict_that_leaves_the_files_keys_alone(metadata, message):
+    """Saved after 'temperatures', such a key overwrote it (the file no longer loaded); a str was a
+    TypeError at save."""
+    with pytest.raises(ValueError, match=message):
+        STSCalibration([1.0, 2.0], metadata)
+
+
 def test_sts_fit_recovers_overconfidence():
     # True conditional acceptance σ(z/2) per position; the raw head claims σ(z): fitted T ≈ 2,
     # and ECE of the cumulative product drops.

@@ -305,6 +305,34 @@ def test_a_q_token_that_is_not_q_at_the_token_is_refused():
     rejection_sample(p, (tokens, shifted, q), torch.tensor([1, 2]), greedy=torch.tensor([False, True]))
 
 
+def test_q_rows_that_do_not_sum_to_one_are_refused_where_the_verify_reads_them():
+    """A q masked by top-k/top-p and not renormalized passed (q ≥ 0, q_token = q at the token) while
+    the ratio test and the residual read it as a distribution: lossy, silently. As for q_token,
+    only verified positions of sampled requests are checked."""
+    g = torch.Generator().manual_seed(6)
+    p, q = _dist(g, 2, 4, 5), _dist(g, 2, 3, 5)
+    tokens = torch.tensor([[1, 2, 3], [4, 0, 2]])
+    q[1, 1] *= 0.5  # request 1's second draft: a masked row left unnormalized
+    q_token = q.gather(2, tokens.unsqueeze(2)).squeeze(2)
+    with pytest.raises(ValueError, match=r"^draft q rows must sum to 1 \(within 0.001\); request 1, draft 1 sums to 0.5$"):
+        rejection_sample(p, (tokens, q_token, q), torch.tensor([1, 2]), seeds=torch.arange(2))
+    rejection_sample(p, (tokens, q_token, q), torch.tensor([3, 1]), seeds=torch.arange(2))  # unread
+    rejection_sample(p, (tokens, q_token, q), torch.tensor([1, 2]), greedy=torch.tensor([False, True]))
+
+
+def test_a_draft_without_q_or_its_source_is_refused_before_any_work():
+    """A hand-built MarkovDraft with neither: the comment promised an error only when a sampled
+    request is rejected, but the reference asked for q rows every time; now one error, up front,
+    on every path."""
+    from dspark_cli.runtime import MarkovDraft
+    g = torch.Generator().manual_seed(7)
+    p = _dist(g, 2, 4, 5)
+    bare = MarkovDraft(torch.zeros(2, 3, dtype=torch.int64), torch.full((2, 3), 0.2), None, None)
+    for ell in (torch.tensor([0, 0]), torch.tensor([3, 1])):
+        with pytest.raises(ValueError, match=r"^the draft has neither q nor the inputs to rebuild its rows"):
+            rejection_sample(p, bare, ell, seeds=torch.arange(2))
+
+
 def test_draft_tensors_on_another_device_are_one_clear_error():
     """The meta device stands in for a second device: was a RuntimeError from inside torch."""
     g = torch.Generator().manual_seed(4)

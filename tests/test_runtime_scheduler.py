@@ -33,6 +33,17 @@ def test_threshold_rule_cuts_at_first_low_step_confidence():
     assert schedule_threshold(c, 0.0).tolist() == [3, 3, 3]
 
 
+@pytest.mark.parametrize("dtype, below", [(torch.bfloat16, 0.8984375), (torch.float16, 0.89990234375),
+                                           (torch.float32, 0.8999999761581421)])
+def test_threshold_rule_compares_against_the_threshold_not_its_rounding_to_c_dtype(dtype, below):
+    """c >= 0.9 rounded 0.9 to c's dtype: bf16(0.9) = 0.8984375, so a bf16 confidence of exactly
+    that, below the threshold, verified every draft."""
+    c = torch.tensor([[below, below]], dtype=dtype)
+    assert float(c[0, 0]) == below < 0.9
+    assert schedule_threshold(c, 0.9).tolist() == [0]
+    assert schedule_threshold(c, below).tolist() == [2]
+
+
 def test_algorithm1_hand_computed():
     assert schedule_exact(A, SMOOTH).tolist() == [1, 1]
     # early stop at the cliff even though verifying everything would pay off (Θ_4 = 3.01)

@@ -244,6 +244,13 @@ def test_table_fields_of_the_wrong_type_are_one_clear_error(args, message):
         SPSTable(*args)
 
 
+@pytest.mark.parametrize("key", ["format", "tokens", "steps_per_s", "capture_sizes"])
+def test_metadata_may_not_use_the_tables_own_keys(key):
+    """Saved after the table's keys, such metadata overwrote them: a file that no longer loaded."""
+    with pytest.raises(ValueError, match=f"^SPS table metadata may not use the key '{key}'"):
+        SPSTable([1, 8], [100.0, 50.0], [], {key: "profiled on an H200"})
+
+
 def test_a_table_without_metadata_saves(tmp_path):
     """metadata=None (no metadata, as STSCalibration's) was accepted and then save() a TypeError."""
     table = SPSTable([1, 2], [1.0, 0.5], [], None)

@@ -175,3 +175,15 @@ def read_json(path, what: str):
     # ValueError: malformed JSON, and an integer of over 4300 digits (Python's conversion limit)
     except (OSError, ValueError, RecursionError) as exc:  # (nesting too deep)
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def file_metadata(what: str, metadata, own_keys) -> None:
+    """Metadata saved beside a file's own keys: a dict (or None) naming none of them, which it
+    would overwrite in the saved file (then no longer loadable)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{what} metadata must be a dict or None, got {type(metadata).__name__}")
+    for key in own_keys:
+        if key in metadata:
+            raise ValueError(f"{what} metadata may not use the key '{key}' (the file's own)")

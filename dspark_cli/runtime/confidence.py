@@ -90,6 +90,7 @@ class STSCalibration:
             raise ValueError(f"STS 'temperatures' must be a non-empty list of finite positive numbers within "
                              f"{_checks.SCALE_MIN:g}..{_checks.SCALE_MAX:g}, got {temps!r}")
         self.temperatures = [float(t) for t in temps]
+        _checks.file_metadata("STS calibration", self.metadata, ("format", "temperatures"))
 
     def tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.temperatures, dtype=torch.float32, device=device)

@@ -127,7 +127,9 @@ def _check_draft_shapes(draft: MarkovDraft, R: int, gamma: int) -> None:
         return
     s = draft.source
     if s is None:
-        return  # q_rows says so, if a sampled request is rejected
+        if draft.parts is None:  # a hand-built draft: every path would stop at its first q row
+            raise ValueError("the draft has neither q nor the inputs to rebuild its rows (markov_chain's drafts have one)")
+        return
     _checks.tensor("draft source U", s.U, 3)
     _check_shape("draft source U", s.U, (R, gamma, s.U.shape[2]), "[R, γ, V] with R, γ of the draft tokens")
     for name in ("anchors", "temperature", "top_k", "top_p"):
@@ -142,7 +144,7 @@ def _check_draft_shapes(draft: MarkovDraft, R: int, gamma: int) -> None:
         _check_shape("draft source thresholds", s.thresholds, (R, gamma), "[R, γ] as the draft tokens")
 
 
-TARGET_SUM_TOLERANCE = 1e-3
+SUM_TOLERANCE = 1e-3
 
 
 def _check_target_rows(target, row_start, ell, row_stride) -> None:
@@ -158,20 +160,27 @@ def _check_target_rows(target, row_start, ell, row_stride) -> None:
         raise ValueError("target_probs has an all-zero row among the verified rows (no distribution)")
     # an fp32 softmax over 151,936 entries sums to 1 within ~1e-5; a row masked by top-k/top-p and
     # not renormalized does not, and would be sampled as if it did
-    if bool(((sums - 1).abs() > TARGET_SUM_TOLERANCE).any()):
-        raise ValueError(f"target_probs rows must sum to 1 (within {TARGET_SUM_TOLERANCE}); a verified row sums to "
+    if bool(((sums - 1).abs() > SUM_TOLERANCE).any()):
+        raise ValueError(f"target_probs rows must sum to 1 (within {SUM_TOLERANCE}); a verified row sums to "
                          f"{float(sums[(sums - 1).abs().argmax()]):.6g} (renormalize after masking)")
 
 
-def _check_q_token(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
-    """On the verified positions q_token is q at the drafted token: the ratio test reads q_token and
-    the residual reads q, so a q_token of another distribution (an unwarped q, a shifted position)
-    is no longer lossless. fp32 rounding of an engine's own gather stays within the tolerance.
-    Greedy requests read neither."""
-    at_token = draft.q.gather(2, draft.tokens.unsqueeze(2)).squeeze(2)
+def _check_stored_q(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
+    """On the verified positions q rows are distributions and q_token is q at the drafted token:
+    the ratio test reads q_token and the residual reads q, so a q masked by top-k/top-p and not
+    renormalized, or a q_token of another distribution (an unwarped q, a shifted position), is no
+    longer lossless. fp32 rounding (a softmax's sum, an engine's own gather) stays within the
+    tolerances. Greedy requests read neither."""
     verified = torch.arange(draft.tokens.shape[1], device=ell.device) < ell.unsqueeze(1)
     if greedy is not None:
         verified &= ~greedy.unsqueeze(1)
+    sums = draft.q.sum(dim=2, dtype=torch.float64)
+    off = verified & ((sums - 1).abs() > SUM_TOLERANCE)
+    if bool(off.any()):
+        r, j = (int(i) for i in off.nonzero()[0])
+        raise ValueError(f"draft q rows must sum to 1 (within {SUM_TOLERANCE}); request {r}, draft {j} sums to "
+                         f"{float(sums[r, j]):.6g}")
+    at_token = draft.q.gather(2, draft.tokens.unsqueeze(2)).squeeze(2)
     off = verified & ~torch.isclose(draft.q_token, at_token, rtol=1e-3, atol=1e-6)
     if bool(off.any()):
         r, j = (int(i) for i in off.nonzero()[0])
@@ -225,7 +234,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
-            _check_q_token(draft, ell, greedy)
+            _check_stored_q(draft, ell, greedy)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise) if t is not None]

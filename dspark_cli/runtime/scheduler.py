@@ -18,7 +18,8 @@ def schedule_threshold(c: torch.Tensor, threshold: float, *, validate=None) -> t
     # a host number: NaN verified nothing and 1.5 or -0.5 nothing or everything, silently
     if not _checks.real_number(threshold) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be a number in [0, 1] (a per-step confidence), got {threshold!r}")
-    return torch.cumprod((c >= threshold).to(torch.int64), dim=1).sum(dim=1)
+    # in float64: c >= 0.9 rounds 0.9 to c's dtype (bf16: 0.8984375, counted as confident)
+    return torch.cumprod((c.double() >= threshold).to(torch.int64), dim=1).sum(dim=1)
 
 
 def schedule_exact(a: torch.Tensor, sps: SPSTable, *, validate=None) -> torch.Tensor:
@@ -51,6 +52,8 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
         raise ValueError(f"num_requests must be at most {MAX_DENSE_TOKENS} (an SPS table's largest batch), "
                          f"got {num_requests}")
     a_sorted, _ = _ranked(a_stale)
+    # in float32, as the CUDA op: unlike Algorithm 1's early stop, a global argmax loses only the
+    # candidates whose survival fp32's τ absorbs (each < τ·6e-8), a negligible share of τ
     theta = _theta(_admissible(a_sorted, num_requests * a_stale.shape[1]), num_requests, sps)
     return torch.argmax(theta)
 

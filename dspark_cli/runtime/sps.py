@@ -72,12 +72,11 @@ class SPSTable:
 
     def _check_field_types(self) -> None:
         """Lists (or tuples) and a dict or None: SPSTable([1], None) was a TypeError, and a metadata
-        of None was accepted, then save() a TypeError."""
+        of None was accepted, then save() a TypeError; metadata naming a table key overwrote it."""
         for name, kind in (("tokens", "whole numbers"), ("steps_per_s", "numbers"), ("capture_sizes", "whole numbers")):
             if not isinstance(getattr(self, name), (list, tuple)):
                 raise ValueError(f"SPS table {name} must be a list of {kind}, got {getattr(self, name)!r}")
-        if self.metadata is not None and not isinstance(self.metadata, dict):
-            raise ValueError(f"SPS table metadata must be a dict or None, got {type(self.metadata).__name__}")
+        _checks.file_metadata("SPS table", self.metadata, ("format", "tokens", "steps_per_s", "capture_sizes"))
 
     # ---- lookup -------------------------------------------------------------------------------
     def _padded(self, b: int) -> int:
