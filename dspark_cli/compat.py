@@ -177,6 +177,8 @@ class _Validator:
         value = node.value
         if not value.strip() or (pattern is not None and not pattern.fullmatch(value)):
             self.fail(node, key_path, expected)
+        if "\0" in value:  # a quoted "\0": no path, ref or URL can hold one (the OS refuses it)
+            self.fail(node, key_path, f"{expected} without a NUL")
         return value
 
     def specifier(self, node, key_path) -> str:

@@ -75,6 +75,12 @@ def errors_for(text: str) -> str:
     ("package: vllm ", 'package: "vllm\\n" ', "engines.vllm.pins.v0.32.0.releases[0].package: expected a package name"),
     ("sha256: d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
      'sha256: "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad\\n"', "sha256: expected 64 lowercase hex"),
+    # A NUL reaches no path, ref or URL (the OS refuses it): was a traceback at the first use.
+    ("tag: v0.32.0", 'tag: "v0.32\\0.0"', "engines.vllm.pins.v0.32.0.tag: expected a non-empty string without a NUL"),
+    ("patches: patches/vllm/v0.32.0", 'patches: "patches/vllm\\0/v0.32.0"', "engines.vllm.pins.v0.32.0.patches: "
+     "expected a series directory (relative to compat.yaml) without a NUL"),
+    ("repository: https://github.com/vllm-project/vllm.git", 'repository: "/tmp/x\\0y"',
+     "engines.vllm.repository: expected a repository URL or path without a NUL"),
 ])
 def test_each_malformation_names_key_line_and_expectation(old, new, expected):
     assert old in SHIPPED
