@@ -457,7 +457,7 @@ class Workspace:
     def stash_ref(self, message: str) -> str | None:
         """The stash entry (stash@{n}) whose message is `message`."""
         listing = self.git.run("stash", "list", "--format=%gd%x00%gs", check=False).stdout
-        for line in listing.splitlines():
+        for line in listing.split("\n"):  # git's line breaks only: a subject may hold U+2028
             ref, _, subject = line.partition("\0")
             if subject.endswith(message):
                 return ref
@@ -483,7 +483,7 @@ class Workspace:
         (not our patch commits) that HEAD or the work branch reach and that no kept ref reaches."""
         tips = [tip for tip in (self.head(), self.branch_sha(snapshot.work_branch)) if tip]
         kept = [sha for sha in (snapshot.head, snapshot.work_branch_sha, base) if sha]
-        raw = self.git.out("log", "--format=%H%x1f%s%x1f%B%x1e", *tips, "--not",
+        raw = self.git.out("log", "-z", LOG_FORMAT, *tips, "--not",
                            f"--exclude={snapshot.work_branch}", "--branches", "--tags", "--remotes",
                            *kept) if tips else ""
         commits = [(sha, subject) for sha, subject, trailers in _parse_log(raw) if TRAILER_PATCH not in trailers]
@@ -700,16 +700,15 @@ class Workspace:
     # -- applied series ----------------------------------------------------------------------
     def commits_since(self, base: str, tip: str) -> list[tuple[str, str, dict[str, str]]]:
         """(commit, subject, dspark trailers) for base..tip, oldest first."""
-        return _parse_log(self.git.out("log", "--reverse", "--first-parent", "--format=%H%x1f%s%x1f%B%x1e",
-                                       f"{base}..{tip}"))
+        return _parse_log(self.git.out("log", "-z", "--reverse", "--first-parent", LOG_FORMAT, f"{base}..{tip}"))
 
     def commits_on_no_branch(self, base: str) -> list[tuple[str, str]]:
         """(commit, subject), newest first, of commits a detached HEAD reaches that no branch, tag or
         remote does: moving HEAD away would leave them unreachable."""
         if self.current_branch() is not None or self.head() is None:
             return []
-        raw = self.git.out("log", "--format=%H%x1f%s", "HEAD", "--not", "--branches", "--tags", "--remotes", base)
-        return [tuple(line.split("\x1f", 1)) for line in raw.splitlines() if line]
+        return [(sha, subject) for sha, subject, _ in _parse_log(self.git.out(
+            "log", "-z", LOG_FORMAT, "HEAD", "--not", "--branches", "--tags", "--remotes", base))]
 
     def applied(self, base: str, tip: str) -> tuple[list[AppliedPatch], list[tuple[str, str]]]:
         """Patches committed on base..tip (by their trailers) and the other, user, commits."""
@@ -758,15 +757,18 @@ class Workspace:
         return patch if hashlib.sha256(patch).hexdigest() == done.sha256 else None
 
 
+# With `git log -z`: NUL between fields and between commits, the one byte no message holds (any
+# other separator, or a split at line breaks, cut a message that held it).
+LOG_FORMAT = "--format=%H%x00%s%x00%B"
+
+
 def _parse_log(raw: str) -> list[tuple[str, str, dict[str, str]]]:
-    """(commit, subject, dspark trailers) from `git log --format=%H%x1f%s%x1f%B%x1e`."""
+    """(commit, subject, dspark trailers) from `git log -z LOG_FORMAT`."""
+    fields = raw.split("\0") if raw else []
     commits = []
-    for record in raw.split("\x1e"):
-        if not record.strip():
-            continue
-        sha, subject, body = record.strip("\n").split("\x1f", 2)
+    for sha, subject, body in zip(fields[0::3], fields[1::3], fields[2::3]):
         trailers = {}
-        for line in body.splitlines():
+        for line in body.split("\n"):  # git's line breaks only
             key, sep, value = line.partition(": ")
             if sep and key in (TRAILER_PATCH, TRAILER_SHA, TRAILER_BLOB):
                 trailers[key] = value.strip()

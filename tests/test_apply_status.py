@@ -205,6 +205,31 @@ def test_a_series_branch_deleted_under_a_detached_head_is_named_with_the_way_bac
     assert json.loads(run_dspark("status", "-C", str(work), "--json", env=env).stdout)["drift"] == []
 
 
+@pytest.mark.parametrize("subject", ["fix\x1ething", "fix\x1fthing", "fix\u2028thing", "fix\x0bthing"])
+def test_commit_messages_holding_log_separators_or_line_breaks_are_read(toy, subject):
+    """git log's fields were cut at \x1f and its records at \x1e, and a detached HEAD's subjects
+    at every str.splitlines break (U+2028, \\v, ...): a commit message holding one was a traceback
+    in status, apply and revert."""
+    work, env = toy["workdir"], {"DSPARK_COMPAT": str(toy["compat_path"])}
+    (work / "user.txt").write_text("mine\n")
+    git(work, "add", "user.txt")
+    git(work, "commit", "-q", "-m", f"{subject}\n\nbody\x1e with\x1f both")
+    doc = json.loads(run_dspark("status", "-C", str(work), "--json", env=env).stdout)
+    assert "1 commit(s) of yours on dspark/v1.0" in doc["drift"]
+    assert len(doc["applied"]) == 2 and doc["user_commits"][0]["subject"] == subject
+    git(work, "switch", "-q", "--detach")
+    git(work, "commit", "-q", "--allow-empty", "-m", subject)
+    doc = json.loads(run_dspark("status", "-C", str(work), "--json", env=env).stdout)
+    assert "HEAD is detached with 1 commit(s) on no branch" in doc["drift"][-1]
+    assert [c["subject"] for c in doc["detached_commits"]] == [subject]
+    refused = run_dspark("apply", "toy", "-C", str(work), env=env)
+    assert refused.returncode == 2 and "is detached with 1 commit(s) on no branch" in refused.stderr, refused.stderr
+    git(work, "switch", "-q", "dspark/v1.0")
+    kept = run_dspark("revert", "-C", str(work), "--keep-user-commits", "--json", env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert (work / "user.txt").read_text() == "mine\n"
+
+
 def killed_apply_state(toy) -> dict:
     """The state file a real apply killed after its first patch commit leaves (an in_progress snapshot)."""
     git(toy["workdir"], "checkout", "-q", "--detach")
