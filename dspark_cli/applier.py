@@ -157,14 +157,14 @@ def resolve_source(request: ApplyRequest, made: dict | None, pin: Pin | None) ->
     return replace(request, source="pypi", file=source["file"] if listed else None)
 
 
-def _check_request(request: ApplyRequest) -> None:
+def _checked_request(request: ApplyRequest) -> ApplyRequest:
     if request.source not in ("git", "pypi"):
         raise UsageError(f"--source must be git or pypi, got {request.source!r}")
     if request.source == "pypi" and request.repo:
         raise UsageError("--repo only applies to --source git")
     if request.source == "git" and (request.package or request.file):
         raise UsageError(f"{'--package' if request.package else '--file'} only applies to --source pypi")
-    git_source.check_repo_option(request.repo)
+    return replace(request, repo=git_source.checked_repo(request.repo))
 
 
 def apply(compat: Compat, request: ApplyRequest) -> dict:
@@ -187,7 +187,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         raise UsageError(f"{workdir} holds {made.get('engine')} {made.get('pin')}; use another --workdir for "
                          f"{engine.name} {series_pin.name if pin else request.commit}")
     request = resolve_source(request, made, pin)
-    _check_request(request)
+    request = _checked_request(request)
     if pin is None and request.source == "pypi":
         raise UsageError("--source pypi builds pinned releases only; use --source git for an unpinned commit")
     patches, layers = load_layers(series_pin, request.series)  # all checks before touching anything

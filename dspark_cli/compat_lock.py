@@ -49,7 +49,7 @@ def _is_clone(path: Path) -> bool:
 
 def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
     """Resolve each pin's commit (through its tag when present) and write the full ids back."""
-    git_source.check_repo_option(repo)
+    repo = git_source.checked_repo(repo)
     with _exclusive(compat.path):
         # read again under the lock: a run we waited for may have locked pins since compat.load
         text, compat = _read(compat.path)

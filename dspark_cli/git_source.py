@@ -65,14 +65,18 @@ def is_local_path(url: str) -> bool:
     return "://" not in url and ":" not in url.split("/", 1)[0]
 
 
-def check_repo_option(repo: str | None) -> None:
-    """--repo naming a local path that does not exist, a file git cannot clone, or a directory that
-    is no repository (nor a subdirectory of one: git clones neither) is bad input, found before any
-    clone, whether or not one is needed (a quoted ~ counts as the home directory, as `compat lock`
-    reads it)."""
+def checked_repo(repo: str | None) -> str | None:
+    """--repo as clones and records take it: a local path made absolute (git runs it from inside
+    the workspace, where a relative one points elsewhere; a quoted ~ is the home directory, as
+    `compat lock` reads it), a URL as given. A path that does not exist, a file git cannot clone,
+    or a directory that is no repository (nor a subdirectory of one: git clones neither) is bad
+    input, found before any clone, whether or not one is needed."""
     if not repo or not is_local_path(repo):
-        return
-    path = Path(repo).expanduser()
+        return repo
+    try:
+        path = Path(repo).expanduser().absolute()
+    except RuntimeError as exc:  # ~user of no such user
+        raise UsageError(f"--repo {repo}: {exc}") from None
     if not path.exists():
         raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
     if not path.is_dir() and not _clonable_file(path):
@@ -83,6 +87,7 @@ def check_repo_option(repo: str | None) -> None:
             reason = next((line for line in listed.stderr.splitlines() if line.startswith("fatal:")), "")
             raise UsageError(f"--repo {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
                              "give a clone's directory or a URL")
+    return str(path)
 
 
 def _clonable_file(path: Path) -> bool:

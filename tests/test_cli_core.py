@@ -247,6 +247,31 @@ def test_a_local_directory_git_cannot_clone_is_bad_input_even_where_no_clone_is_
     assert not toy_env["work"].exists()
 
 
+@pytest.mark.parametrize("given", ["relative", "home"])
+def test_a_local_repo_path_is_recorded_absolute_so_later_fetches_find_it(toy_env, given):
+    """Recorded as typed, a relative --repo pointed nowhere from inside the workspace, where git
+    fetches (exit 3 on the next apply), and a quoted ~/x was checked expanded but cloned as typed
+    (exit 3 'repository ~/x does not exist')."""
+    upstream = toy_env["upstream"]["repo"]
+    home = upstream.parent
+    repo = os.path.relpath(upstream, toy_env["root"]) if given == "relative" else f"~/{upstream.name}"
+    result = run_dspark("apply", "toy", "-C", str(toy_env["work"]), "--repo", repo, "--json",
+                        cwd=toy_env["root"], env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    state = json.loads((toy_env["work"] / ".git" / "dspark" / "state.json").read_text())
+    assert state["source"]["repository"] == str(upstream)
+    git(toy_env["work"], "fetch", "-q", state["source"]["repository"])  # from inside the workspace, as apply does
+
+
+def test_a_repo_under_a_home_of_no_such_user_is_one_line(toy_env):
+    """expanduser's RuntimeError ('Could not determine home directory') was a traceback, exit 1."""
+    for args in (["apply", "toy", "-C", str(toy_env["work"])], ["compat", "lock"]):
+        result = run_dspark(*args, "--repo", "~nosuchuser-dspark/x", "--json")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == "error: --repo ~nosuchuser-dspark/x: Could not determine home directory."
+        assert json.loads(result.stdout)["exit_code"] == 2
+
+
 def test_a_transport_url_gitpython_refuses_is_bad_input(toy_env):
     """GitPython refuses every transport::address URL (ext:: runs a command): its
     UnsafeProtocolError was a traceback, exit 1 (`compat lock` clones through the same function)."""
