@@ -9,7 +9,9 @@ import ast
 import hashlib
 import json
 import re
+import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +179,19 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             )
         if not _DIFF.search(text):
             raise UsageError(f"{directory / name}: not a patch (no diff in it)")
+        _check_parses(directory / name, text)
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
     return patches
+
+
+def _check_parses(path: Path, text: bytes) -> None:
+    """git reads the diff (parsing only, no tree needed): a header with a hunk that is no hunk, or
+    one cut short, failed later in git am, reported as the patch not applying."""
+    parsed = subprocess.run(["git", "apply", "--numstat", "-"], input=text, capture_output=True,
+                            env={**os.environ, "LC_ALL": "C"})
+    if parsed.returncode != 0:
+        said = parsed.stderr.decode("utf-8", "replace").strip().splitlines() or [f"git apply exit {parsed.returncode}"]
+        raise UsageError(f"{path}: not a patch git can read ({said[0].removeprefix('error: ')})")
 
 
 def marker_constants(marker: Path) -> dict:

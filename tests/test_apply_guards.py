@@ -546,6 +546,22 @@ def test_a_file_that_is_not_a_patch_is_refused_before_anything_changes(toy):
     assert tree_fingerprint(toy["workdir"]) == before
 
 
+@pytest.mark.parametrize("content, why", [
+    (b"diff --git a/x b/x\n@@ garbage\n", "No valid patches in input"),
+    (b"diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1,2 +1,2 @@\n-a\n", "corrupt patch at line 6"),
+], ids=["no hunk", "cut short"])
+def test_a_diff_git_cannot_read_is_refused_before_anything_changes(toy, content, why):
+    """A diff header passed the check, then git am failed on the file: exit 4, as a conflict."""
+    assert dspark(toy, "apply", "toy", "-C", str(toy["workdir"])).returncode == 0
+    before = tree_fingerprint(toy["workdir"])
+    mine = series_of(toy["root"] / "mine", {"0001-bad.patch": content})
+    result = dspark(toy, "apply", "toy", "-C", str(toy["workdir"]), "--series", str(mine))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {mine / '0001-bad.patch'}: not a patch git can read ({why}")
+    assert len(result.stderr.splitlines()) == 1
+    assert tree_fingerprint(toy["workdir"]) == before
+
+
 def test_patches_without_text_hunks_still_load_and_apply(toy, tmp_path):
     """git format-patch of a binary file, a rename, a mode-only change and a deletion (none has a
     ---/+++ pair of its own), and a traditional `diff -u` patch, are all patches."""
