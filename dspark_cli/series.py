@@ -8,8 +8,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import re
 import os
+import re
 import stat
 import subprocess
 from dataclasses import dataclass
