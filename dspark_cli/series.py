@@ -123,8 +123,11 @@ def read_series(directory: Path) -> list[str]:
 def read_lock(directory: Path) -> dict[str, str]:
     """name -> sha256 from DIR/series.lock, in file order."""
     lock_file = directory / LOCK_FILE
-    if not lock_file.is_file():
+    mode = _mode(lock_file, lock_file)
+    if mode is None:
         raise UsageError(f"{lock_file}: missing; run `dspark series lock {directory}`")
+    if not stat.S_ISREG(mode):  # a directory, a device: series lock cannot write over it
+        raise UsageError(f"{lock_file}: not a regular file; remove it, then run `dspark series lock {directory}`")
     locked: dict[str, str] = {}
     for number, raw in enumerate(_read_text(lock_file).splitlines(), 1):
         if not raw.strip():

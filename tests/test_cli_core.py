@@ -359,6 +359,21 @@ def test_a_path_that_cannot_be_what_it_was_given_as_is_bad_input_named_as_given(
     assert run.returncode == 2 and run.stderr == f"error: {directory / 'series.lock'}: Is a directory\n", run.stderr
 
 
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_a_series_lock_that_is_no_file_is_named_with_the_way_out(toy_env, kind):
+    """A directory there was 'missing; run dspark series lock', which then failed on it; a link to
+    /dev/null was exit 3 ('not a regular file'), as if the machine were at fault."""
+    mine = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], mine)
+    lock = mine / "series.lock"
+    lock.unlink()
+    lock.mkdir() if kind == "directory" else lock.symlink_to(os.devnull)
+    result = run_dspark("apply", "toy", "-C", str(toy_env["work"]), "--series", str(mine))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {lock}: not a regular file; remove it, then run `dspark series lock {mine}`\n"
+    assert not toy_env["work"].exists()
+
+
 def test_series_lock_writes_and_checks(toy_env):
     runner = CliRunner()
     series_dir = toy_env["series"]
