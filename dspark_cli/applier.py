@@ -677,7 +677,10 @@ def _pin_drift(state: dict) -> list[str]:
     """The workspace's base against the pin in the compat.yaml it was applied from, as that file is
     now (its commit, or its release file's sha256); the default compat.yaml for older workspaces."""
     recorded = state.get("compat")
-    path = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+    try:
+        path = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+    except OSError as exc:  # a name the OS refuses (ENAMETOOLONG)
+        return [f"cannot compare with compat.yaml: the recorded {recorded}: {exc.strerror}"]
     try:
         engine = load_compat(path).engine(state.get("engine") or "")
     except (UsageError, EnvironmentProblem) as exc:  # status still reports, with this note
@@ -703,9 +706,9 @@ def build_records(engine: str | None, workdir: Path) -> list[dict]:
     root = cache_root()
     records = []
     for path in (root / LAST, root / LAST_FAILED, root / f"engine-{engine}.json"):
-        if not path.is_file():
-            continue
         try:
+            if not path.is_file():  # (raises on a name the OS refuses: ENAMETOOLONG)
+                continue
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: nesting too deep)
             records.append({"file": str(path), "error": f"unreadable: {exc}"})

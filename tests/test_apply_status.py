@@ -230,6 +230,29 @@ def test_commit_messages_holding_log_separators_or_line_breaks_are_read(toy, sub
     assert (work / "user.txt").read_text() == "mine\n"
 
 
+def test_a_build_cache_whose_path_the_os_refuses_is_a_note_in_status_not_its_end(toy, tmp_path):
+    """DSPARK_CACHE of a 300-byte name: is_file() raised ENAMETOOLONG and status was exit 2 with
+    no report (rebase said exit 3 for the same value)."""
+    cache = tmp_path / ("z" * 300)
+    result = run_dspark("status", "-C", str(toy["workdir"]), "--json",
+                        env={"DSPARK_COMPAT": str(toy["compat_path"]), "DSPARK_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    build = json.loads(result.stdout)["build"]
+    assert build and all("File name too long" in record["error"] for record in build)
+
+
+def test_a_recorded_compat_path_the_os_refuses_is_a_drift_note(toy):
+    """A state file's compat of a 300-byte name: status was exit 2 with only 'xxx…: File name too
+    long', naming neither the state file nor what it was for."""
+    state_file = toy["workdir"] / ".git" / "dspark" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "compat": "/" + "x" * 300}))
+    result = run_dspark("status", "-C", str(toy["workdir"]), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["drift"] == [
+        f"cannot compare with compat.yaml: the recorded /{'x' * 300}: File name too long"]
+
+
 def killed_apply_state(toy) -> dict:
     """The state file a real apply killed after its first patch commit leaves (an in_progress snapshot)."""
     git(toy["workdir"], "checkout", "-q", "--detach")
