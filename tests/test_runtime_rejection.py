@@ -193,6 +193,30 @@ def test_flat_layout_matches_padded_and_lazy_q_matches_stored():
     assert torch.equal(padded.num_accepted, flat.num_accepted)
 
 
+def test_a_cpu_step_that_reads_no_q_row_rebuilds_none(monkeypatch):
+    """Rebuilding a lazy draft's q rows is a rank-r GEMM over V per request: an all-greedy step, or
+    one where every sampled request accepts all it verifies, reads none, so on the CPU (where
+    knowing that costs no sync) none is rebuilt; the tokens are those of the stored-q draft."""
+    from dspark_cli.runtime import markov
+    g = torch.Generator().manual_seed(8)
+    R, gamma, V, r = 4, 3, 20, 4
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    anchors = torch.randint(0, V, (R,), generator=g)
+    T = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    stored = markov_chain(U, anchors, w1, w2, T, seeds=torch.arange(R))
+    lazy = markov_chain(U, anchors, w1, w2, T, seeds=torch.arange(R), return_q=False)
+    target = _dist(g, R, gamma + 1, V)
+    for j in range(gamma):  # the sampled requests' drafts are certain under the target: all accepted
+        target[1::2, j] = torch.nn.functional.one_hot(stored.tokens[1::2, j], V).float()
+    ell, greedy = torch.tensor([3, 3, 0, 2]), T < 1e-5
+    expected = rejection_sample(target, stored, ell, greedy=greedy, seeds=torch.arange(R) + 9)
+    monkeypatch.setattr(markov, "residual_row", lambda *a, **k: pytest.fail("a q row was rebuilt"))
+    got = rejection_sample(target, lazy, ell, greedy=greedy, seeds=torch.arange(R) + 9)
+    assert torch.equal(got.output_tokens, expected.output_tokens) and got.num_accepted.tolist() == [
+        int(expected.num_accepted[0]), 3, 0, 2]
+
+
 def test_fewer_target_rows_than_gamma_plus_one_verify_as_the_padded_batch():
     """An engine that verified S − 1 < γ drafts per request hands its S rows as they are (TGI's
     layout at a width the scheduler narrowed): the same tokens as those rows padded to γ + 1."""

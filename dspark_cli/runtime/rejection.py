@@ -266,7 +266,8 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
 
     p_row = target[row_start + num_accepted]  # [R, V]: scores the first unaccepted slot
     rejected = num_accepted < ell
-    q_row = draft.q_rows(torch.clamp(num_accepted, max=gamma - 1))
+    q_row = _q_rows_read(draft, torch.clamp(num_accepted, max=gamma - 1),
+                         rejected if greedy is None else rejected & ~greedy, V)
     residual = torch.clamp(p_row - q_row, min=0.0)
     use_residual = rejected & (residual.sum(dim=1) > RESIDUAL_MASS_FLOOR)
     weights = torch.where(use_residual.unsqueeze(1), residual, p_row)  # neither race needs normalization
@@ -285,6 +286,16 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     output = torch.where(out_pos < num_accepted.unsqueeze(1), padded, torch.full_like(padded, -1))
     output.scatter_(1, num_accepted.unsqueeze(1), next_token.unsqueeze(1))
     return VerifyResult(output, num_accepted)
+
+
+def _q_rows_read(draft: MarkovDraft, position: torch.Tensor, needed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The q rows the residual reads (those of rejected, sampled requests). Rebuilding is a rank-r
+    GEMM over V for every request, at the draft's batch size (only there are its bits the chain's,
+    so no subset is rebuilt); on the CPU, where reading `needed` costs no sync, a step that reads
+    none skips it (zeros: every weight then comes from p)."""
+    if draft.q is None and needed.device.type == "cpu" and not bool(needed.any()):
+        return torch.zeros(needed.shape[0], vocab)
+    return draft.q_rows(position)
 
 
 def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
