@@ -182,19 +182,26 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             )
         if not _DIFF.search(text):
             raise UsageError(f"{directory / name}: not a patch (no diff in it)")
-        _check_parses(directory / name, text)
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
+    _check_parses([p.path for p in patches])
     return patches
 
 
-def _check_parses(path: Path, text: bytes) -> None:
-    """git reads the diff (parsing only, no tree needed): a header with a hunk that is no hunk, or
-    one cut short, failed later in git am, reported as the patch not applying."""
-    parsed = subprocess.run(["git", "apply", "--numstat", "-"], input=text, capture_output=True,
-                            env={**os.environ, "LC_ALL": "C"})
-    if parsed.returncode != 0:
-        said = parsed.stderr.decode("utf-8", "replace").strip().splitlines() or [f"git apply exit {parsed.returncode}"]
-        raise UsageError(f"{path}: not a patch git can read ({said[0].removeprefix('error: ')})")
+def _check_parses(paths: list[Path]) -> None:
+    """git reads the diffs (parsing only, no tree needed; one git for the series, then one per file
+    to name the one it could not read): a header with a hunk that is no hunk, or one cut short,
+    failed later in git am, reported as the patch not applying."""
+    def parse(*files: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "apply", "--numstat", "--", *map(str, files)], capture_output=True,
+                              env={**os.environ, "LC_ALL": "C"})
+
+    if not paths or parse(*paths).returncode == 0:
+        return
+    for path in paths:
+        parsed = parse(path)
+        if parsed.returncode != 0:
+            said = parsed.stderr.decode("utf-8", "replace").strip().splitlines() or [f"git apply exit {parsed.returncode}"]
+            raise UsageError(f"{path}: not a patch git can read ({said[0].removeprefix('error: ')})")
 
 
 def marker_constants(marker: Path) -> dict:
