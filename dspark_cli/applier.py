@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
-from dspark_cli.compat import Compat, Engine, Pin
+from dspark_cli.compat import Compat, Engine, Pin, default_path
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option, check_listable
@@ -620,7 +620,7 @@ def status(workdir: Path) -> dict:
     else:
         drift += _pin_drift(state)
     expected, unreadable = _layer_patches(state)
-    drift += unreadable
+    drift += unreadable + _series_read_now(state, expected)
     by_label = {p.label: p for p in expected}
     for done in applied:
         wanted = by_label.get(done.label)
@@ -665,6 +665,30 @@ def _layer_patches(state: dict) -> tuple[list[Patch], list[str]]:
         except DsparkError as exc:
             unreadable.append(f"series {layer['layer']} cannot be read: {exc}")
     return patches, unreadable
+
+
+def _series_read_now(state: dict, expected: list[Patch]) -> list[str]:
+    """Status compares with the compat.yaml the workspace was applied from; when the commands now read
+    another one (DSPARK_COMPAT set or unset since) that names another DSpark series for the pin,
+    `dspark apply` would compare with that one instead: say so, or status and apply disagree
+    silently. One that cannot be read or lacks the pin is not compared: apply says so itself."""
+    recorded = state.get("compat")
+    try:
+        now = default_path().resolve()
+        if not isinstance(recorded, str) or now == Path(recorded):
+            return []
+        engine = load_compat(now).engines.get(state.get("engine") or "")
+        pin = engine.pins.get(state.get("pin") or "") if engine else None
+        series = load_series(pin.patches, "dspark") if pin else []
+    except (DsparkError, OSError):
+        return []
+    was = {p.label: p.sha256 for p in expected if p.layer == "dspark"}
+    is_now = {p.label: p.sha256 for p in series}
+    differ = sorted(label for label in was.keys() | is_now.keys() if was.get(label) != is_now.get(label))
+    if not pin or not differ:
+        return []
+    return [f"the compat.yaml read now, {now}, names another DSpark series for {pin.name} than {recorded}, the one "
+            f"it was applied from ({', '.join(differ)} differ): `dspark apply` here compares with the series read now"]
 
 
 def _patch_files(patches: list[Patch]) -> dict[tuple[str, str], Path]:

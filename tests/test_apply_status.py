@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspark_cli import applier, compat
+from dspark_cli import series as series_files
 from dspark_cli.errors import UsageError
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import git, make_series, make_toy, tree_fingerprint, write_compat
@@ -51,6 +53,28 @@ def test_a_relative_compat_path_is_recorded_resolved(toy, monkeypatch):
     assert state["compat"] == str(toy["compat_path"].resolve())
     monkeypatch.chdir(work)
     assert applier.status(work)["drift"] == []
+
+
+def test_status_names_another_series_in_the_compat_read_now(toy, tmp_path):
+    """Applied from one compat.yaml, then DSPARK_COMPAT names another whose series changed a patch:
+    apply refuses it as changed, so status must not call the workspace drift-free."""
+    other = tmp_path / "other"
+    other.mkdir()
+    series = other / "series-copy"
+    shutil.copytree(toy["series"], series)
+    second = sorted(series.glob("0002-*.patch"))[0]
+    second.write_text(second.read_text().replace("Why: dspark: method and module.", "Why: a team's rewording."))
+    series_files.write_lock(series)
+    env = {"DSPARK_COMPAT": str(write_compat(other, toy["upstream"], series))}
+    doc = json.loads(run_dspark("status", "-C", str(toy["workdir"]), "--json", env=env).stdout)
+    assert doc["drift"] == [f"the compat.yaml read now, {other / 'compat.yaml'}, names another DSpark series for v1.0 "
+                            f"than {toy['compat_path']}, the one it was applied from (dspark/{second.name} differ): "
+                            "`dspark apply` here compares with the series read now"]
+    refused = run_dspark("apply", "toy", "-C", str(toy["workdir"]), env=env)
+    assert refused.returncode == 2 and f"dspark/{second.name} changed since it was applied" in refused.stderr
+    same = json.loads(run_dspark("status", "-C", str(toy["workdir"]), "--json",
+                                 env={"DSPARK_COMPAT": str(toy["compat_path"])}).stdout)
+    assert same["drift"] == []
 
 
 @pytest.mark.parametrize("text", ["[]", "{}", '{"base": "x", "branch": "y", "in_progress": {"op": 1}}',
