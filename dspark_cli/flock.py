@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from dspark_cli.errors import UsageError
 from dspark_cli.files import name_part
 
 
@@ -99,6 +100,16 @@ def dead_scratches(path: Path, kind: str) -> Iterator[list[Path]]:
         dead = [p for p in [*path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"), *making]
                 if p.is_dir() and held.enter_context(claimed(p))]
         yield sorted(dead, key=_mtime)
+
+
+def refuse_while_made_elsewhere(path: Path, kind: str) -> None:
+    """Refuse at once, before any clone or extraction, while another live run is making `path` in
+    a scratch of `kind`: only one of the two could move its tree into place."""
+    for scratch in path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"):
+        with claimed(scratch) as ours:
+            if not ours and scratch.is_dir():
+                raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
+                                 "it has finished")
 
 
 def _mtime(path: Path) -> float:

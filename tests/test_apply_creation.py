@@ -1,6 +1,7 @@
 """Making a workspace (a first clone, a pypi tree) while another run makes one for the same
-workdir: no lock can cover it (there is no workspace yet), so each builds in its own sibling,
-never removes another live run's, and the first to move in wins. Real git and the real CLI."""
+workdir: no workspace lock can cover it (there is no workspace yet), so each builds in its own
+flocked sibling: a run that finds another's in use is refused at once, killed runs' are cleared,
+and of two that start together the first to move in wins. Real git and the real CLI."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def toy(tmp_path, monkeypatch):
     return toy_workspace(tmp_path, monkeypatch)
 
 
-def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
-    """Making a pypi workspace clears what killed runs left beside it, but not the sibling another
-    run is building in right now (it holds a flock on it, or has just made it and not yet locked
-    it: that one still has its `making` name)."""
+def test_a_pypi_create_beside_a_live_one_is_refused_at_once_and_clears_only_killed_ones(toy, tmp_path):
+    """While another run builds the same workdir (it holds a flock on its sibling) a second is
+    refused before it extracts anything, changing nothing. Once that run is gone its sibling is a
+    killed run's: the next apply clears it and the other dead one, but not a sibling a live run has
+    just made and not yet locked (it still has its `making` name)."""
     sdist = tmp_path / "toy-engine-1.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(toy["upstream"]["repo"] / "engine", arcname="toy-engine-1.0/engine")
@@ -38,15 +40,39 @@ def test_concurrent_pypi_creates_keep_each_others_temporary_tree(toy, tmp_path):
     young = tmp_path / ".pypi-work.dspark-making-c"  # made by a live run, not flocked yet
     for sibling in (live, dead, young):
         sibling.mkdir()
+    apply = ("apply", "toy", "--source", "pypi", "-C", str(tmp_path / "pypi-work"))
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        made = run_dspark("apply", "toy", "--source", "pypi", "-C", str(tmp_path / "pypi-work"),
-                          env={"DSPARK_COMPAT": str(toy["compat_path"])})
-        assert made.returncode == 0, made.stderr
+        refused = run_dspark(*apply, env=env)
     finally:
         os.close(fd)
-    assert {p.name for p in tmp_path.glob(".pypi-work.*")} == {live.name, young.name}  # dead and ours gone
+    assert refused.returncode == 2
+    assert f"another dspark run is making {tmp_path / 'pypi-work'} now (in {live.name})" in refused.stderr
+    assert "extracting" not in refused.stderr
+    assert {p.name for p in tmp_path.glob(".pypi-work.*")} == {live.name, dead.name, young.name}
+    assert not (tmp_path / "pypi-work").exists()
+    made = run_dspark(*apply, env=env)
+    assert made.returncode == 0, made.stderr
+    assert {p.name for p in tmp_path.glob(".pypi-work.*")} == {young.name}  # the dead, the gone and ours
+
+
+def test_a_clone_beside_a_live_one_is_refused_at_once(toy, tmp_path):
+    """Another run is cloning into the same workdir: this one is refused before cloning anything."""
+    work = tmp_path / "cloning"
+    live = tmp_path / ".cloning.dspark-clone-a"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        refused = run_dspark("apply", "toy", "-C", str(work), env={"DSPARK_COMPAT": str(toy["compat_path"])})
+    finally:
+        os.close(fd)
+    assert refused.returncode == 2
+    assert f"another dspark run is making {work} now (in {live.name}); run again when it has finished" in refused.stderr
+    assert f"into {work}" not in refused.stderr  # (`cloning URL into DIR` comes before a clone)
+    assert not work.exists() and [p.name for p in tmp_path.glob(".cloning.*")] == [live.name]
 
 
 def test_a_clone_that_lost_the_race_for_the_workdir_leaves_nothing(toy, tmp_path):
