@@ -19,6 +19,7 @@ from dspark_cli.compat import Compat, Engine, Pin, default_path
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option, check_listable
+from dspark_cli.flock import scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
@@ -482,10 +483,22 @@ def _enclosing_workspace(path: Path) -> Path | None:
     return None
 
 
+def _being_made(workdir: Path) -> str:
+    """What the first apply for `workdir` left beside it: the sibling it is making the workspace in
+    now, or a killed one's (which is large: a whole release tree)."""
+    for scratch, live in (found for kind in ("new", "clone") for found in scratches(workdir, kind)):
+        if live:
+            return f"; a dspark apply is making it now (in {scratch.name}): run again when it has finished"
+        return (f"; an apply killed while making it left {scratch}, which the next `dspark apply` making "
+                "this --workdir from the same source removes (or remove it yourself)")
+    return ""
+
+
 def _existing_workspace(workdir: Path) -> tuple[Workspace, dict]:
     """The dspark workspace at `workdir` and its state; bad input otherwise."""
     if not workdir.exists():
-        raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made")
+        raise UsageError(f"{workdir} does not exist; --workdir/-C names the directory `dspark apply` made"
+                         + _being_made(workdir))
     if not workdir.is_dir():
         raise UsageError(f"{workdir} is a file; --workdir/-C names the directory `dspark apply` made")
     check_listable(workdir, "--workdir")

@@ -102,14 +102,23 @@ def dead_scratches(path: Path, kind: str) -> Iterator[list[Path]]:
         yield sorted(dead, key=_mtime)
 
 
+def scratches(path: Path, kind: str) -> list[tuple[Path, bool]]:
+    """The scratch directories of `kind` beside `path`, each with whether a live run holds it."""
+    found = []
+    for scratch in sorted(path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*")):
+        with claimed(scratch) as ours:
+            if scratch.is_dir():
+                found.append((scratch, not ours))
+    return found
+
+
 def refuse_while_made_elsewhere(path: Path, kind: str) -> None:
     """Refuse at once, before any clone or extraction, while another live run is making `path` in
     a scratch of `kind`: only one of the two could move its tree into place."""
-    for scratch in path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"):
-        with claimed(scratch) as ours:
-            if not ours and scratch.is_dir():
-                raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
-                                 "it has finished")
+    for scratch, live in scratches(path, kind):
+        if live:
+            raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
+                             "it has finished")
 
 
 def _mtime(path: Path) -> float:

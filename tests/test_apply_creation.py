@@ -85,3 +85,22 @@ def test_a_clone_that_lost_the_race_for_the_workdir_leaves_nothing(toy, tmp_path
         git_source._fresh_clone(work, str(toy["upstream"]["repo"]), toy["upstream"]["v1.0"], "v1.0")
     assert [p.name for p in work.iterdir()] == ["theirs"]
     assert not list(tmp_path.glob(".raced.dspark-clone-*"))
+
+
+def test_status_of_a_workdir_still_being_made_or_left_half_made_says_so(toy, tmp_path):
+    """A first apply still making the workdir, or killed while making it, left a sibling (a whole
+    release tree): status names it instead of only saying the workdir does not exist."""
+    work, env = tmp_path / "half", {"DSPARK_COMPAT": str(toy["compat_path"])}
+    sibling = tmp_path / ".half.dspark-new-x"
+    sibling.mkdir()
+    fd = os.open(sibling, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        live = run_dspark("status", "-C", str(work), env=env)
+    finally:
+        os.close(fd)
+    assert live.returncode == 2
+    assert f"a dspark apply is making it now (in {sibling.name}): run again when it has finished" in live.stderr
+    killed = run_dspark("status", "-C", str(work), env=env)
+    assert killed.returncode == 2
+    assert f"an apply killed while making it left {sibling}, which the next `dspark apply`" in killed.stderr
