@@ -85,6 +85,12 @@ def test_installed_profile_without_torch_names_what_to_install(tmp_path):
     assert proc.stderr.strip() == "error: dspark profile needs torch, which is not installed in this Python (pip install torch)"
 
 
+def test_installed_profile_of_a_missing_model_is_bad_input_before_torch_is_needed(tmp_path):
+    proc = run("profile", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "sps.json"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --model {tmp_path / 'no-model'}: no config.json at {tmp_path / 'no-model'}"
+
+
 def test_installed_build_extra_brings_numpy(tmp_path):
     """torch warns 'Failed to initialize NumPy' in `dspark build` without it."""
     python = str(Path(DSPARK).with_name("python"))

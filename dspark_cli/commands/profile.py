@@ -57,6 +57,7 @@ def _parse_sizes(text: str, option: str) -> list[int]:
 
 def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, repeats, warmup,
                 dtype, sglang_out, show_progress=False) -> dict:
+    _check_model_exists(model)  # bad input first: a wrong --model is exit 2 also where torch is missing
     try:
         import torch
         import transformers  # noqa: F401 -- sps_profile imports it only when it builds the model
@@ -184,6 +185,16 @@ def _memory_or_device(exc: RuntimeError) -> bool:
                   if kind is not None)
     text = str(exc).lower()
     return isinstance(exc, kinds) or any(word in text for word in ("out of memory", "allocate", "cuda", "device"))
+
+
+def _check_model_exists(model: Path) -> None:
+    """Refuse a --model with no config.json (the file or in the directory) before torch is needed."""
+    try:
+        found = (model / "config.json" if model.is_dir() else model).is_file()
+    except OSError as exc:  # a name the OS refuses (ENAMETOOLONG)
+        raise UsageError(f"--model {model}: {exc.strerror or exc}") from None
+    if not found:
+        raise UsageError(f"--model {model}: no config.json at {model}")
 
 
 def _check_output(path: Path, option: str) -> None:
