@@ -8,6 +8,7 @@ would run the package's build backend to read its metadata, and vLLM's needs tor
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import subprocess
@@ -116,36 +117,45 @@ def _index_download(release: ReleaseFile, dest: Path) -> Path:
     return path
 
 
-def extract(archive: Path, dest: Path) -> None:
+def extract(archive: Path, dest: Path) -> int:
     """The release's source tree into `dest`: a wheel's files as they are, an sdist's top directory.
-    An archive that cannot be unpacked (its sha256 matched compat.yaml: the entry names a bad file,
-    or one with a member the extraction filter refuses) is CheckFailed."""
+    Returns the newest member's time (seconds since the epoch). An archive that cannot be unpacked
+    (its sha256 matched compat.yaml: the entry names a bad file, or one with a member the
+    extraction filter refuses) is CheckFailed."""
     try:
-        _extract(archive, dest)
+        return _extract(archive, dest)
     except (tarfile.TarError, zipfile.BadZipFile) as exc:
         detail = " ".join(str(exc).split())  # tarfile's reasons come one per line
         raise CheckFailed(f"{archive.name}: cannot be unpacked: {detail}") from None
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _extract(archive: Path, dest: Path) -> int:
     if archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as wheel:
             wheel.extractall(dest)  # zipfile drops absolute and `..` parts
-        return
+            return _newest_zip_member(wheel)
     unpacked = dest.parent / f"{dest.name}.unpack"
     if archive.name.endswith(".zip"):
         with zipfile.ZipFile(archive) as sdist:
             sdist.extractall(unpacked)
+            newest = _newest_zip_member(sdist)
     else:
         with tarfile.open(archive) as sdist:
             # Python before 3.10.12 / 3.11.4 has no extraction filters: there only the sha256 checked
             # before this vouches for the archive's member paths
             sdist.extractall(unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            newest = max((int(member.mtime) for member in sdist.getmembers()), default=0)
     tops = list(unpacked.iterdir())
     if len(tops) != 1 or not tops[0].is_dir():
         raise CheckFailed(f"{archive.name}: expected one top-level directory, found {len(tops)} entries")
     os.replace(tops[0], dest)
     unpacked.rmdir()
+    return newest
+
+
+def _newest_zip_member(archive: zipfile.ZipFile) -> int:
+    """Zip times carry no zone: read as UTC, the same on every machine."""
+    return max((calendar.timegm(info.date_time) for info in archive.infolist()), default=0)
 
 
 def base_message(pin: Pin, release: ReleaseFile) -> str:
@@ -176,12 +186,14 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
 def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict, archive: Path) -> str:
     """The release's tree at `tree` as a repository with one commit, the base (returned)."""
     say(f"extracting {release.file}", err=True, markup=False)
-    extract(archive, tree)
+    newest = extract(archive, tree)
     ws = Workspace(tree)
     ws.git.run("init", "-q", "-b", branch)
     ws.git.run("add", "--all", "--force", ".")  # the release's files exactly, whatever its .gitignore says
-    ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "-F", "-",
-               input=base_message(pin, release), env=DSPARK_AUTHOR)
+    # dated by the release's newest file, not the clock: one release file, one base commit anywhere
+    date = f"@{newest} +0000"
+    ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "-F", "-", input=base_message(pin, release),
+               env={**DSPARK_AUTHOR, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
     base = ws.head()
     ws.write_state({**state, "base": base, "in_progress": None})
     return base

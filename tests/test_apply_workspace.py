@@ -524,6 +524,38 @@ def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, loc
     assert not (tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz").exists()
 
 
+def test_one_release_file_makes_one_base_commit_anywhere(toy, tmp_path, local_index):
+    """The base commit is dated by the release's newest file, not the clock: two workspaces made
+    from one release file (by CI runs on different days, say) have the same base."""
+    import tarfile
+    import time
+
+    sdist, _ = publish_toy_sdist(toy, tmp_path, local_index)
+    with tarfile.open(sdist) as tar:
+        newest = max(int(member.mtime) for member in tar.getmembers())
+    bases = []
+    for name in ("first", "second"):
+        request = applier.ApplyRequest(engine="toy", workdir=tmp_path / name, source="pypi")
+        bases.append(applier.apply(compat.load(toy["compat_path"]), request)["base"])
+        time.sleep(1.1)  # git dates have one-second resolution
+    assert bases[0] == bases[1]
+    assert git(tmp_path / "first", "log", "-1", "--format=%at %ct", bases[0]) == f"{newest} {newest}"
+
+
+def test_a_wheel_release_is_dated_by_its_newest_member_in_utc(tmp_path):
+    import calendar
+    import zipfile
+
+    from dspark_cli import pypi_source
+
+    wheel = tmp_path / "toy_engine-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("engine/core.py", date_time=(2026, 3, 1, 12, 0, 0)), "x = 1\n")
+        archive.writestr(zipfile.ZipInfo("engine/config.py", date_time=(2026, 3, 2, 8, 30, 2)), "y = 2\n")
+    assert pypi_source.extract(wheel, tmp_path / "tree") == calendar.timegm((2026, 3, 2, 8, 30, 2))
+    assert (tmp_path / "tree" / "engine" / "config.py").read_text() == "y = 2\n"
+
+
 def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, local_index):
     publish_toy_sdist(toy, tmp_path, local_index)
     work = tmp_path / "pypi-work"
