@@ -15,6 +15,13 @@ ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "U
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
 
+# What an interrupted command leaves (README's exit 130), said after the interrupt.
+AFTER_INTERRUPT = {
+    "apply": "the apply under way was rolled back: the workspace is as it was before it",
+    "revert": "the revert under way was rolled back: the workspace is as it was before it",
+    "build": "the cache is as it was (a first build starts over at the next run)",
+}
+
 app = command_group(
     name="dspark",
     help="DSpark speculative decoding for pinned vLLM and TGI trees.",
@@ -52,9 +59,10 @@ def main() -> None:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
-        output.emit_error("interrupted", ("interrupted (Ctrl-C); an apply or revert under way was rolled back; "
-                          "a build left the cache as it was (a first build starts over at the next run)"),
-                          EXIT_INTERRUPTED, as_json)
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+        after = AFTER_INTERRUPT.get(command)
+        output.emit_error("interrupted", "by Ctrl-C (SIGINT)" + (f"; {after}" if after else ""), EXIT_INTERRUPTED,
+                          as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -141,15 +141,20 @@ class _Validator:
         self.path = path
         self.base = path.resolve().parent
 
-    def fail(self, node, key_path: str, expected: str):
+    def fail(self, node, key_path: str, expected: str, got: str | None = None):
         line = f":{node.start_mark.line + 1}" if node is not None else ""
+        if got is not None:  # the caller's own words for what is there instead
+            raise CompatError(f"{self.path}{line}: {self._where(key_path)}: expected {expected}, {got}")
         got = ""
         if isinstance(node, yaml.ScalarNode):
             got = f", got {node.value[:60]!r}"
         elif node is not None:
             got = f", got a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}"
-        where = (key_path or "(top level)").encode("unicode_escape").decode("ascii")  # keys may hold newlines
-        raise CompatError(f"{self.path}{line}: {where}: expected {expected}{got}")
+        raise CompatError(f"{self.path}{line}: {self._where(key_path)}: expected {expected}{got}")
+
+    @staticmethod
+    def _where(key_path: str) -> str:
+        return (key_path or "(top level)").encode("unicode_escape").decode("ascii")  # keys may hold newlines
 
     def mapping(self, node, key_path, required, optional=()) -> dict:
         """{key: value node} of a mapping with exactly the required keys (plus optional ones)."""
@@ -168,7 +173,7 @@ class _Validator:
             result[key] = value_node
         for key in required or ():
             if key not in result:
-                self.fail(node, key_path, f"a key {key!r}")
+                self.fail(node, key_path, f"a key {key!r}", got=f"which is missing (keys here: {', '.join(result) or 'none'})")
         return result
 
     def string(self, node, key_path, pattern=None, expected="a non-empty string") -> str:

@@ -24,9 +24,8 @@ class PatchConflict(Exception):
 
     def __init__(self, patch: Patch, file: str | None, hunk: str | None, detail: str):
         self.patch, self.file, self.hunk, self.detail = patch, file, hunk, detail
-        where = f"file {file}" if file else "patch"
-        where += f", hunk {hunk}" if hunk else ""
-        super().__init__(f"{patch.label} did not apply: {where}: {detail}")
+        where = (f"file {file}" + (f", hunk {hunk}" if hunk else "") + ": ") if file else ""
+        super().__init__(f"{patch.label} did not apply: {where}{detail}")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def errors_for(text: str) -> str:
 
 @pytest.mark.parametrize("old, new, expected", [
     ("commit: 5df63a720", "commit: xyz", "compat.yaml:{line}: engines.vllm.pins.v0.32.0.commit: expected a commit id"),
-    ("        tag: v0.33.0\n", "", "engines.vllm.pins.v0.33.0: expected a key 'tag'"),
+    ("        tag: v0.33.0\n", "", "engines.vllm.pins.v0.33.0: expected a key 'tag', which is missing (keys here: commit"),
+    ("schema: 1\n", "", "compat.yaml:{line}: (top level): expected a key 'schema', which is missing (keys here: engines)"),
     ("default_pin: v3.3.7", "default_pin: v9", "engines.tgi.default_pin: expected one of the pins (v3.3.7), got 'v9'"),
     ('torch: "==2.14.0"', 'torch: "two point fourteen"', "engines.vllm.pins.v0.33.0.torch: expected a version range"),
     ("schema: 1", "schema: 2", "compat.yaml:{line}: schema: expected schema 1"),
