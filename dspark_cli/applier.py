@@ -361,7 +361,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     except BaseException:
         ws.undo(snapshot, prior_state)
         raise
-    ws.finish({**state, "applied": [p.label for p in patches]})
+    ws.complete("apply", {**state, "applied": [p.label for p in patches]})
     if stash:
         notes.append(f"your local changes are saved as `{stash}` (`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
@@ -583,7 +583,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     except BaseException:
         ws.undo(snapshot, state)
         raise
-    ws.finish({**state, "applied": []})
+    ws.complete("revert", {**state, "applied": []})
     if stash:
         notes.append(f"your local changes are saved as `{stash}`")
     return {**result, "status": "reverted", "head": ws.head()}

@@ -9,18 +9,12 @@ import typer
 from dspark_cli.errors import EXIT_ENV, EXIT_INTERRUPTED, EXIT_USAGE, PATH_SHAPE_ERRORS, DsparkError
 from dspark_cli import output
 from dspark_cli.commands.params import command_group
+from dspark_cli.workspace import PROGRESS
 
 # typer may vendor its own click; take the usage-error classes from typer's own exception tree.
 ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 COMMAND_MODULES = ["compat", "apply", "doctor", "build", "verify", "profile", "rebase"]
-
-# What an interrupted command leaves (README's exit 130), said after the interrupt.
-AFTER_INTERRUPT = {
-    "apply": "the apply under way was rolled back: the workspace is as it was before it",
-    "revert": "the revert under way was rolled back: the workspace is as it was before it",
-    "build": "the cache is as it was (a first build starts over at the next run)",
-}
 
 app = command_group(
     name="dspark",
@@ -60,10 +54,26 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
         command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
-        after = AFTER_INTERRUPT.get(command)
+        after = _after_interrupt(command)
         output.emit_error("interrupted", "by Ctrl-C (SIGINT)" + (f"; {after}" if after else ""), EXIT_INTERRUPTED,
                           as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _after_interrupt(command: str) -> str | None:
+    """What the interrupted command left (README's exit 130), as far as it got."""
+    if command == "build":
+        return "the cache is as it was (a first build starts over at the next run)"
+    if command not in ("apply", "revert"):
+        return None
+    op, stage = PROGRESS.get("op", command), PROGRESS.get("stage")
+    if stage == "rolled back":
+        return f"the {op} under way was rolled back: the workspace is as it was before it"
+    if stage == "finished":
+        return f"the {op} had finished (dspark status shows the workspace)"
+    if stage == "begun":
+        return f"the {op} stopped part-way: the next dspark apply or revert restores the state before it"
+    return f"the {command} had not begun changing the workspace"
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
 # that commit, "replayed:<k>" after revert's k-th replayed commit.
 KILL_AT_ENV = "DSPARK_TEST_KILL_AT"
 
+# How this process's own apply or revert stands, for the line an interrupt prints (cli.main):
+# "begun" (its snapshot is recorded: the next run restores it), "rolled back" or "finished".
+PROGRESS: dict[str, str] = {}
+
 
 def kill_point(point: str) -> None:
     if point and os.environ.get(KILL_AT_ENV) == point:
@@ -382,6 +386,7 @@ class Workspace:
             first=first,
         )
         self.write_state({**state, "in_progress": asdict(snapshot)})
+        PROGRESS.update(op=op, stage="begun")
         if stash_changes:
             try:
                 pushed = self.git.run("stash", "push", "--include-untracked", "-m", snapshot.stash_message,
@@ -393,6 +398,7 @@ class Workspace:
                 if self.stash_ref(snapshot.stash_message):
                     self.restore(snapshot)
                 self.finish(None if first else state)
+                PROGRESS.update(stage="rolled back")
                 raise
             if pushed.returncode != 0 or stash is None:
                 # Nothing was done yet but this stash: no snapshot may stay behind, or the next run
@@ -436,6 +442,11 @@ class Workspace:
         else:
             self.write_state({**state, "in_progress": None})
 
+    def complete(self, op: str, state: dict) -> None:
+        """End this run's operation, done, with `state`."""
+        self.finish(state)
+        PROGRESS.update(op=op, stage="finished")
+
     def undo(self, snapshot: Snapshot, state: dict, worktree_saved: bool = False) -> None:
         """Restore `snapshot` and end with `state`, or with no state file (and none of the patch
         refs the operation kept) where there was none. worktree_saved: the worktree was just kept
@@ -453,6 +464,8 @@ class Workspace:
             for ref in self.git.out("for-each-ref", "--format=%(refname)", PATCH_REFS).splitlines():
                 self.git.run("update-ref", "-d", ref)
         self.finish(None if snapshot.first else state)
+        if snapshot.pid == os.getpid():  # this run's own operation, not an interrupted one's recovered
+            PROGRESS.update(stage="rolled back")
 
     def stash_ref(self, message: str) -> str | None:
         """The stash entry (stash@{n}) whose message is `message`."""

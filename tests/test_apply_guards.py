@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from dspark_cli import applier, oplock
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
-from tests.run_cli import run_dspark, signal_dspark_when
+from tests.run_cli import ROOT, run_dspark, signal_dspark_when
 
 
 @pytest.fixture
@@ -415,6 +418,42 @@ exec {real} "$@"
     assert code == 130 and "interrupted" in stderr, stderr
     assert tree_fingerprint(work) == before
     assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
+
+
+def test_a_second_ctrl_c_during_the_rollback_says_the_next_run_restores_it(toy, tmp_path):
+    """Ctrl-C in a revert's replay, then again in its rollback: the line must not claim a rollback
+    that did not happen; the next run restores the state before the revert, as it says."""
+    work = toy["workdir"]
+    run_apply(toy)
+    user_commit(work, "mine.py")
+    before = tree_fingerprint(work)
+    bin_dir, first, second = tmp_path / "bin", tmp_path / "in-replay", tmp_path / "in-rollback"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3" = "cherry-pick" ] && [ "$4" = "--abort" ]; then touch {second}; sleep 60; exit; fi
+if [ "$5" = "cherry-pick" ]; then touch {first}; sleep 60; exit; fi  # after OUR_COMMITS' -c
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(toy["compat_path"]),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "revert", "-C", str(work), "--keep-user-commits"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for waiting in (first, second):
+        deadline = time.monotonic() + 120
+        while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("interrupted: by Ctrl-C (SIGINT); the revert stopped part-way: the "
+                                               "next dspark apply or revert restores the state before it")
+    again = dspark(toy, "apply", "toy", "-C", str(work))
+    assert again.returncode == 0 and "note: recovered an interrupted revert" in again.stderr, again.stderr
+    assert tree_fingerprint(work) == before
 
 
 def test_a_run_killed_before_its_stash_leaves_the_local_changes_to_the_user(toy, tmp_path):
