@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import yaml
 from dspark_cli import cache_dir, cache_subdir, git_source
 from dspark_cli.compat import Compat, CompatError, Pin, parse, replace_scalar
 from dspark_cli.errors import EnvironmentProblem, UsageError, short_message
-from dspark_cli.files import write_text_atomically
+from dspark_cli.files import cannot_make_in, write_text_atomically
 from dspark_cli.flock import try_exclusive, wait_exclusive
 from dspark_cli.workspace import Workspace
 
@@ -62,8 +63,13 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
         for name, pins in pending.items():
             ws = clone_for(name, repo or compat.engine(name).repository)
             changes += [_resolved(name, pin, ws) for pin in pins]
-        # newlines as read: POSIX writes "\n" unchanged
-        write_text_atomically(compat.path, _rewritten(compat, text, changes))
+        try:  # newlines as read: POSIX writes "\n" unchanged
+            write_text_atomically(compat.path, _rewritten(compat, text, changes))
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            raise EnvironmentProblem(f"{compat.path}: cannot be replaced, it is a mount point (a file bind-mounted "
+                                     "into a container, say): lock a copy of it, then copy that over it") from None
     return changes
 
 
@@ -109,10 +115,14 @@ def _read(path: Path) -> tuple[str, Compat]:
 
 
 def _check_writable(path: Path) -> None:
-    """The new file is renamed over compat.yaml, which needs only its directory writable: refuse a
-    file we may not write (as profile does its --out), before any clone or fetch."""
+    """Before any clone or fetch: the new file is written beside compat.yaml (where a symlink
+    points) and renamed over it, so its directory must take a new file; a file we may not write is
+    refused too (as profile does its --out)."""
     if not os.access(path, os.W_OK):
         raise EnvironmentProblem(f"{path}: the file is not writable")
+    directory = Path(os.path.realpath(path)).parent
+    if problem := cannot_make_in(directory):
+        raise EnvironmentProblem(f"{path}: cannot write its new copy in {directory} ({problem})")
 
 
 def _resolved(name: str, pin: Pin, ws: Workspace) -> dict:

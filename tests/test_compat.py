@@ -456,3 +456,19 @@ def test_compat_lock_refuses_a_read_only_compat_file_before_resolving(tmp_path, 
     assert result.returncode == 3 and result.stderr == f"error: {path}: the file is not writable\n", result.stderr
     assert path.read_text() == before and stat.S_IMODE(path.stat().st_mode) == 0o444
     assert not (tmp_path / "cache" / "git").exists()  # refused before the clone
+
+
+def test_compat_lock_refuses_a_directory_it_cannot_write_its_new_copy_in_before_resolving(tmp_path, monkeypatch):
+    """The new compat.yaml is written beside it and renamed over it: a writable file in a read-only
+    directory failed after the clone (exit 3, "Permission denied" on a temporary)."""
+    upstream, path = _toy_compat(tmp_path, monkeypatch)
+    path.parent.chmod(0o555)
+    before = path.read_text()
+    try:
+        result = run_bound_by_permissions("compat", "lock", "--repo", upstream["repo"].as_uri())
+    finally:
+        path.parent.chmod(0o755)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == (f"error: {path}: cannot write its new copy in {path.parent} (Permission denied)\n"), \
+        result.stderr
+    assert path.read_text() == before and not (tmp_path / "cache" / "git").exists()  # refused before the clone
