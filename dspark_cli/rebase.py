@@ -159,8 +159,9 @@ def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
     ws.git.run("clean", "-q", "-fdx")
 
 
-def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
-    """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree."""
+def apply_one(ws: Workspace, patch: Patch, base: str) -> PatchOutcome:
+    """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree. `base`:
+    the tree the series was made on, which tells a file upstream deleted from one it never had."""
     text = patch.path.read_text(encoding="utf-8", errors="replace")
     outcome = PatchOutcome(patch=patch.name, status=CLEAN, files=patch_files(text))
     check = ws.git.run("apply", "--check", "--verbose", "--whitespace=nowarn", str(patch.path), check=False)
@@ -174,7 +175,8 @@ def apply_one(ws: Workspace, patch: Patch) -> PatchOutcome:
         if merged.returncode != 0 or unmerged:
             outcome.status = CONFLICT
             gone = [f for f in changed_files(text) if not ws.git.ok("cat-file", "-e", f"HEAD:{f}")]
-            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone)
+            never = [f for f in gone if not ws.git.ok("cat-file", "-e", f"{base}:{f}")]
+            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone, never)
             return outcome
         outcome.status = THREE_WAY
         outcome.details = _failed_hunks(patch, check.stderr)
@@ -214,18 +216,20 @@ def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
 
 
 DELETED_UPSTREAM = "deleted upstream (not in the new tree)"
+# A series layered on DSpark's (apply --series) changes files DSpark's adds: no upstream tree has them.
+NEVER_UPSTREAM = "in neither upstream tree (a file another series adds)"
 
 
 def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stderr: str,
-                      unmerged: list[str], gone: list[str]) -> list[str]:
+                      unmerged: list[str], gone: list[str], never: list[str]) -> list[str]:
     """What stopped the patch: conflict regions per file, the files it changes that the new tree
-    no longer has, and otherwise what git said."""
+    no longer has (or that neither tree had), and otherwise what git said."""
     details = []
     for file in unmerged:
         regions = conflict_regions(ws.path / file)
         details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
                        else f"{file}: unmerged")
-    details += [f"{file}: {DELETED_UPSTREAM}" for file in gone]
+    details += [f"{file}: {NEVER_UPSTREAM if file in never else DELETED_UPSTREAM}" for file in gone]
     if not unmerged:  # 3-way could not even start (no base blob, a file gone): say what git said
         said = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
         said += [d for d in _failed_hunks(patch, check_stderr) if d not in said]
@@ -256,7 +260,7 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
                 outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
                 continue
-            outcomes.append(apply_one(ws, patch))
+            outcomes.append(apply_one(ws, patch, base))
     result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
                           outcomes=outcomes)
     _record_statuses(ws, result)

@@ -552,6 +552,25 @@ def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upst
     assert len(series.load_series(out, "dspark")) == 2
 
 
+def test_a_series_layered_on_ours_is_named_as_such_not_as_deleted_upstream(upstream):
+    """A team series made on top of DSpark's (apply --series) changes ours.py, which our series adds:
+    carried alone onto the bare new tree it was reported "deleted upstream", a file upstream never had."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "work")  # the tree with our series on it
+    commit_files(u["repo"], {"ours.py": "HOOK = True\nTEAM = 1\n"}, "team: extend the hook")
+    team = u["tmp"] / "team"
+    names = git(u["repo"], "format-patch", "-o", str(team), "--zero-commit", "--no-signature", "HEAD~1").splitlines()
+    (team / "series").write_text("".join(Path(n).name + "\n" for n in names))
+    series.write_lock(team)
+    new_upstream(u, {"mod.py": MOD.replace("def f", "# 16\ndef f")}, "v16.0")
+    stopped = dspark(u, "--onto", "v16.0", "--repo", str(u["repo"]), "--series", str(team),
+                     "--workdir", str(u["tmp"] / "wd16"))
+    assert stopped.returncode == 4, stopped.stderr
+    [only] = json.loads(stopped.stdout)["patches"]
+    assert only["status"] == "conflict" and only["details"] == ["ours.py: in neither upstream tree (a file another series adds)"]
+    assert "a series layered on DSpark's (`dspark apply --series`) cannot be carried this way" in stopped.stderr
+
+
 def test_an_empty_resolution_still_owns_its_commit_at_the_next_continue(upstream):
     """Was recorded `already upstream` with no commit: when a later patch conflicted too and was
     resolved, the next --continue found one commit more than expected and refused (exit 2) forever."""

@@ -101,6 +101,10 @@ def _render(report: dict) -> None:
 
 def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) -> str:
     where = f"on branch {result.branch} in {result.workdir}"
+    if any(d.endswith(rebase.NEVER_UPSTREAM) for d in conflict.details):
+        return ("rebase carries a series onto the bare upstream tree, so a series layered on DSpark's (`dspark apply "
+                "--series`) cannot be carried this way: carry it by hand onto a workspace of the new pin (`dspark "
+                "apply` of it, then `git cherry-pick` of your commits)")
     if any(d.endswith(rebase.DELETED_UPSTREAM) for d in conflict.details):
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
                 f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
