@@ -54,17 +54,23 @@ def mail_info(ws: Workspace, patch: Patch) -> MailInfo:
     )
 
 
-def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
-    """Commit the index as `git am` would commit `patch` (its author, date, subject and message),
-    with the Dspark-Patch trailers that record it in a workspace when `trailers`; the new commit id."""
+def am_message(ws: Workspace, patch: Patch) -> tuple[list[str], dict]:
+    """What `git am` would commit `patch` with: its message's parts (subject, body) and the
+    environment naming its author and date."""
     info = mail_info(ws, patch)
-    parts = [info.subject] + ([info.body] if info.body else [])
-    if trailers:
-        parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}\n"
-                     f"{TRAILER_BLOB}: {ws.keep_patch(patch.path)}")
     env = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": info.author, "GIT_AUTHOR_EMAIL": info.email}
     if info.date:
         env["GIT_AUTHOR_DATE"] = info.date
+    return [info.subject] + ([info.body] if info.body else []), env
+
+
+def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
+    """Commit the index as `git am` would commit `patch` (its author, date, subject and message),
+    with the Dspark-Patch trailers that record it in a workspace when `trailers`; the new commit id."""
+    parts, env = am_message(ws, patch)
+    if trailers:
+        parts.append(f"{TRAILER_PATCH}: {patch.label}\n{TRAILER_SHA}: {patch.sha256}\n"
+                     f"{TRAILER_BLOB}: {ws.keep_patch(patch.path)}")
     ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "--allow-empty", "-F", "-",
                input="\n\n".join(parts) + "\n", env=env)
     return ws.head()

@@ -35,7 +35,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
-from dspark_cli.patching import commit_as_am, hunk_at
+from dspark_cli.patching import am_message, commit_as_am, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
 from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
 
@@ -515,14 +515,26 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
         for number, outcome in enumerate(kept, 1):
             # numbered "[PATCH k/n]" as `git format-patch` numbers a series; one call per patch
             # because each keeps its own diff context
+            commit = outcome.commit
+            if outcome.status == RESOLVED:
+                commit = _as_its_patch(ws, commit, source_dir / outcome.patch)
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
                               f"--subject-prefix=PATCH {number}/{len(kept)}", "--no-numbered",
-                              f"-U{contexts[outcome.patch]}", outcome.commit).stdout
+                              f"-U{contexts[outcome.patch]}", commit).stdout
             (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly
         (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
         series_mod.write_lock(new)
         _swap_in(new, out_dir, scratch / "old")
     result.out_dir = out_dir
+
+
+def _as_its_patch(ws: Workspace, commit: str, patch_file: Path) -> str:
+    """A human's resolution commit made again (on no branch) with the author, date and message of
+    the patch it resolves, as `git am` would have committed it: the refreshed patch is that patch
+    carried, whatever the resolution's own commit said."""
+    parts, env = am_message(ws, Patch("dspark", patch_file, ""))
+    return ws.git.out("commit-tree", f"{commit}^{{tree}}", "-p", f"{commit}^", "-F", "-",
+                      input="\n\n".join(parts) + "\n", env=env)
 
 
 def _without(series_file: Path, dropped: set[str]) -> bytes:

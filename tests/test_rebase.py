@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,28 @@ def test_conflict_is_left_for_a_human_then_continue_finishes(upstream):
     out = u["tmp"] / "patches" / "eng" / "v3.0"
     first = series.load_series(out, "dspark")[0]
     assert "+    return x + 300  # ours" in first.path.read_text()
+
+
+def test_a_resolved_patch_keeps_its_author_date_and_message(upstream):
+    """The human commits the resolution with a message of their own, later: the refreshed patch is
+    still the carried patch, with its author, date and message, as git am keeps them."""
+    u = upstream
+    wd, out = u["tmp"] / "wd17", u["tmp"] / "out17"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v17.0")
+    assert dspark(u, "--onto", "v17.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    time.sleep(1.1)  # another second than the patch's date (git dates have one-second resolution)
+    git(wd, "commit", "-q", "-am", "fix conflict")
+    done = dspark(u, "--onto", "v17.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    name = sorted(u["patches"].glob("0001-*.patch"))[0].name
+    original, refreshed = (u["patches"] / name).read_text(), (out / name).read_text()
+
+    def header(text):
+        return [line for line in text.split("\n---\n", 1)[0].splitlines()[1:]]  # all but format-patch's From <sha>
+
+    assert header(refreshed) == header(original) and "fix conflict" not in refreshed
+    assert "+    return x + 300  # ours" in refreshed
 
 
 def test_a_tree_that_no_longer_byte_compiles_is_reported_and_not_written(upstream):
