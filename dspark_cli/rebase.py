@@ -485,7 +485,8 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
                          "series replaces its --out whole: choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
-            raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
+            raise UsageError(f"{out_dir} exists and is not empty; give a new --out, or pass --force to replace it "
+                             "(without --out it is the pin's series beside the compat.yaml in use)")
         if (out_dir / ".git").exists() or not (out_dir / series_mod.SERIES_FILE).is_file():
             raise UsageError(f"--out {out_dir} is not a patch series (a git checkout, or no series file); --force "
                              "replaces only a series directory: choose another --out")

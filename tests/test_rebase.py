@@ -235,7 +235,7 @@ def test_a_non_empty_out_is_refused_before_any_work(upstream):
     out.mkdir()
     (out / "keep").write_text("mine\n")
     run = dspark(u, "--onto", "v5.1", "--repo", str(u["repo"]), "--out", str(out), "--workdir", str(u["tmp"] / "wd51"))
-    assert run.returncode == 2 and f"{out} exists and is not empty; pass --force to replace it" in run.stderr, run.stderr
+    assert run.returncode == 2 and f"{out} exists and is not empty; give a new --out, or pass --force to replace it" in run.stderr, run.stderr
     assert len(worktrees(u["repo"])) == 1 and not (u["tmp"] / "wd51").exists()
     assert git(u["repo"], "branch", "--list", "dspark/*") == "" and (out / "keep").read_text() == "mine\n"
     # --force replaces a series directory only: a checkout of yours (or any directory without a
