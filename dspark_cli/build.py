@@ -157,8 +157,8 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     if not force and (hit := _cache_hit(p, started)):  # the fast path takes no lock
         return hit
     if not shutil.which("ninja"):  # torch would say so only after the key's directory is made
-        raise EnvironmentProblem('ninja not found on PATH: pip install ninja (or pip install ".[build]" in the dspark checkout); '
-                                 "torch builds extensions only with ninja")
+        raise EnvironmentProblem('ninja not found on PATH: pip install ninja (or pip install ".[build]" in the dspark '
+                                 "checkout); torch builds extensions only with ninja")
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     with _key_lock(p):
         return _build_locked(p, started, force, jobs, verbose)

@@ -173,7 +173,8 @@ class _Validator:
             result[key] = value_node
         for key in required or ():
             if key not in result:
-                self.fail(node, key_path, f"a key {key!r}", got=f"which is missing (keys here: {', '.join(result) or 'none'})")
+                self.fail(node, key_path, f"a key {key!r}",
+                          got=f"which is missing (keys here: {', '.join(result) or 'none'})")
         return result
 
     def string(self, node, key_path, pattern=None, expected="a non-empty string") -> str:

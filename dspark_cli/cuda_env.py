@@ -247,7 +247,8 @@ def torch_info() -> TorchInfo:
     the import costs seconds, and an unchanged `dspark build` must answer in well under two."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
-        return TorchInfo(None, None, "torch is not installed", 'pip install torch (the one your engine pins), or pip install ".[build]" in the dspark checkout')
+        return TorchInfo(None, None, "torch is not installed",
+                         'pip install torch (the one your engine pins), or pip install ".[build]" in the dspark checkout')
     version_py = Path(next(iter(spec.submodule_search_locations))) / "version.py"
     try:
         text = version_py.read_text() if version_py.is_file() else ""

@@ -139,8 +139,8 @@ def check_ninja() -> Check:
     if ninja:
         out = cuda_env._run([ninja, "--version"])
         return Check("ninja", OK, f"{out.stdout.strip() if out else '?'} ({ninja})")
-    return Check("ninja", WARN, "not found", 'pip install ninja (or pip install ".[build]" in the dspark checkout): dspark build needs it, torch '
-                 "builds extensions only with ninja")
+    return Check("ninja", WARN, "not found", 'pip install ninja (or pip install ".[build]" in the dspark checkout): '
+                 "dspark build needs it, torch builds extensions only with ninja")
 
 
 def check_cuda_home(home: cuda_env.CudaHome) -> Check:

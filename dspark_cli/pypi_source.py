@@ -189,7 +189,8 @@ def _make_tree(tree: Path, pin: Pin, release: ReleaseFile, branch: str, state: d
     newest = extract(archive, tree)
     ws = Workspace(tree)
     ws.git.run("init", "-q", "-b", branch)
-    ws.git.run("add", "--all", "--force", ".")  # the release's files exactly, whatever its .gitignore says
+    # the release's files exactly: whatever its .gitignore says, and no line-end conversion of the user's
+    ws.git.run("-c", "core.autocrlf=false", "add", "--all", "--force", ".")
     # dated by the release's newest file, not the clock: one release file, one base commit anywhere
     date = f"@{newest} +0000"
     ws.git.run(*OUR_COMMITS, "commit", "-q", "--no-verify", "-F", "-", input=base_message(pin, release),
