@@ -180,11 +180,23 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             raise UsageError(
                 f"{directory / name}: sha256 {actual[:12]}… does not match the lock ({locked[name][:12]}…)"
             )
-        if not _DIFF.search(text):
-            raise UsageError(f"{directory / name}: not a patch (no diff in it)")
+        _check_is_patch(directory / name, text)
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
     _check_parses([p.path for p in patches])
     return patches
+
+
+def check_patches(directory: Path, names: list[str]) -> None:
+    """What apply refuses in a series, refused when it is locked (`dspark series lock`): a listed
+    file with no diff in it, or one git cannot parse."""
+    for name in names:
+        _check_is_patch(directory / name, _read_bytes(directory / name))
+    _check_parses([directory / name for name in names])
+
+
+def _check_is_patch(path: Path, text: bytes) -> None:
+    if not _DIFF.search(text):
+        raise UsageError(f"{path}: not a patch (no diff in it)")
 
 
 def _check_parses(paths: list[Path]) -> None:

@@ -661,6 +661,24 @@ def test_a_series_naming_what_cannot_be_a_patch_is_refused(toy_env, line, proble
     assert (directory / "series.lock").read_bytes() == before
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"hello\n", "not a patch (no diff in it)"),
+    (b"diff --git a/x b/x\n@@ garbage\n", "not a patch git can read"),
+], ids=["no diff", "unparsable"])
+def test_series_lock_refuses_a_file_apply_would_refuse(toy_env, content, problem):
+    """Was locked (and --check passed) while every apply of the series was refused."""
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    before = (directory / "series.lock").read_bytes()
+    (directory / "0003-mine.patch").write_bytes(content)
+    with open(directory / "series", "a") as handle:
+        handle.write("0003-mine.patch\n")
+    for check in ([], ["--check"]):
+        result = run_dspark("series", "lock", str(directory), *check)
+        assert result.returncode == 2 and f"{directory / '0003-mine.patch'}: {problem}" in result.stderr, result.stderr
+    assert (directory / "series.lock").read_bytes() == before
+
+
 def test_series_lock_check_on_a_directory_where_the_lock_goes_is_bad_input_as_lock_is(toy_env):
     directory = toy_env["root"] / "mine"
     shutil.copytree(toy_env["series"], directory)

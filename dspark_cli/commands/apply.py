@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
         from dspark_cli import series as series_files
 
         entries = series_files.lock_entries(directory)
+        series_files.check_patches(directory, [name for name, _ in entries])  # what apply would refuse
         if check:
             series_files.check_lock(directory, entries)
             lock = directory / series_files.LOCK_FILE
