@@ -64,6 +64,8 @@ def _after_interrupt(command: str) -> str | None:
     """What the interrupted command left (README's exit 130), as far as it got."""
     if command == "build":
         return "the cache is as it was (a first build starts over at the next run)"
+    if command == "rebase":
+        return "its work branch and tree are left where it stopped: run it again with --force to start over"
     if command not in ("apply", "revert"):
         return None
     op, stage = PROGRESS.get("op", command), PROGRESS.get("stage")

@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from dspark_cli import flock, rebase, series
 from tests.git_fixtures import git, tree_fingerprint
-from tests.run_cli import run_dspark
+from tests.run_cli import run_dspark, signal_dspark_when
 
 MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
 OTHER = "A = 1\nB = 2\nC = 3\nD = 4\nE = 5\nF = 6\n"
@@ -1100,3 +1101,26 @@ def test_release_mode_removes_what_killed_runs_left_beside_its_work_tree(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         rebase.release_commits(work, None, None)
     assert list(work.parent.iterdir()) == []
+
+
+def test_a_rebase_stopped_by_ctrl_c_says_how_to_start_over(upstream, tmp_path):
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v18.0")
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+if [ "$3 $4" = "apply --check" ]; then touch {waiting}; sleep 60; exit; fi
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    wd = u["tmp"] / "wd18"
+    code, _, stderr = signal_dspark_when(
+        waiting, signal.SIGINT, "rebase", "eng", "--from", "v1.0", "--onto", "v18.0", "--repo", str(u["repo"]),
+        "--workdir", str(wd), env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                                   "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("interrupted: by Ctrl-C (SIGINT); its work branch and tree are left "
+                                               "where it stopped: run it again with --force to start over")
+    again = dspark(u, "--onto", "v18.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--force")
+    assert again.returncode == 0, again.stderr
