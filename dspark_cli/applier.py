@@ -323,6 +323,10 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         raise UsageError(f"branch {branch} does not contain base {base[:12]}; rename or delete it")
     for index, done in enumerate(applied):
         if index >= len(patches):
+            layer = done.label.split("/", 1)[0]
+            if layer not in {p.layer for p in patches}:  # a --series layer left out of this run
+                raise UsageError(f"{done.label} is applied from your series layer {layer!r}, which this run was not "
+                                 f"given: pass --series with its directory again, or run `dspark revert` to drop it")
             raise UsageError(f"{done.label} is applied but not in the series any more; run `dspark revert` first")
         if done.label != patches[index].label:
             raise UsageError(f"patch {index + 1} applied is {done.label}, the series has {patches[index].label}; "

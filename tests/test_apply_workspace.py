@@ -111,6 +111,9 @@ def test_layered_series_goes_after_dspark_and_only_new_patches_are_applied(toy):
     status = applier.status(toy["workdir"])
     assert [p["label"] for p in status["applied"]] == result["applied"]
     assert status["drift"] == []
+    with pytest.raises(UsageError, match=r"team/0001-team-telemetry.patch is applied from your series layer 'team', "
+                                         r"which this run was not given: pass --series with its directory again"):
+        run_apply(toy)  # the layer left out
 
 
 def test_patch_changed_after_apply_is_refused(toy):
