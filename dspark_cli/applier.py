@@ -19,11 +19,11 @@ from dspark_cli.compat import Compat, Engine, Pin, default_path
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option, check_listable
-from dspark_cli.flock import scratches
+from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
-from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, Snapshot, Workspace, kill_point,
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, PROGRESS, Snapshot, Workspace, kill_point,
                                   owner_running, safe_name)
 
 
@@ -84,7 +84,9 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
         raise UsageError(f"{ws.path}: recovering the interrupted {snapshot.op} (started {snapshot.started}) would "
                          f"discard {lost}; pass --force to keep them on a dspark/saved-<time> branch first")
     saved = ws.save_before_restore(snapshot, state["base"]) if lost else []
+    PROGRESS.update(op=snapshot.op, stage="recovering")
     ws.undo(snapshot, state, worktree_saved=bool(saved))
+    PROGRESS.clear()
     kept = f"; your work since is kept on branch {' and '.join(saved)}" if saved else ""
     kept += f"; HEAD is left detached at {snapshot.head[:12]}, as {moved}" if moved else ""
     message = f"recovered an interrupted {snapshot.op} (started {snapshot.started}): restored the state before it{kept}"
@@ -326,7 +328,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
             layer = done.label.split("/", 1)[0]
             if layer not in {p.layer for p in patches}:  # a --series layer left out of this run
                 raise UsageError(f"{done.label} is applied from your series layer {layer!r}, which this run was not "
-                                 f"given: pass --series with its directory again, or run `dspark revert` to drop it")
+                                 f"given: pass --series with its directory again (`dspark revert` takes every patch off, ours too)")
             raise UsageError(f"{done.label} is applied but not in the series any more; run `dspark revert` first")
         if done.label != patches[index].label:
             raise UsageError(f"patch {index + 1} applied is {done.label}, the series has {patches[index].label}; "
@@ -490,7 +492,8 @@ def _enclosing_workspace(path: Path) -> Path | None:
 def _being_made(workdir: Path) -> str:
     """What the first apply for `workdir` left beside it: the sibling it is making the workspace in
     now, or a killed one's (which is large: a whole release tree)."""
-    for scratch, live in (found for kind in ("new", "clone") for found in scratches(workdir, kind)):
+    found = [found for kind in MADE_IN for found in scratches(workdir, kind)]
+    for scratch, live in sorted(found, key=lambda f: not f[1]):  # a live one first
         if live:
             return f"; a dspark apply is making it now (in {scratch.name}): run again when it has finished"
         return (f"; an apply killed while making it left {scratch}, which the next `dspark apply` making "

@@ -37,6 +37,7 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     as_json = "--json" in sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else "--json" in sys.argv[1:]
     output.reset()
+    PROGRESS.clear()
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except DsparkError as exc:
@@ -54,9 +55,7 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
         command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
-        after = _after_interrupt(command)
-        output.emit_error("interrupted", "by Ctrl-C (SIGINT)" + (f"; {after}" if after else ""), EXIT_INTERRUPTED,
-                          as_json)
+        output.emit_error("interrupted", _after_interrupt(command) or "stopped", EXIT_INTERRUPTED, as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
@@ -65,10 +64,16 @@ def _after_interrupt(command: str) -> str | None:
     if command == "build":
         return "the cache is as it was (a first build starts over at the next run)"
     if command == "rebase":
-        return "its work branch and tree are left where it stopped: run it again with --force to start over"
+        if "--continue" in sys.argv:
+            return ("what it made is left where it stopped, your resolution commits on its work branch: run it "
+                    "again with --continue (--force starts over and drops them)")
+        return "what it made is left where it stopped: run it again with --force to start over"
     if command not in ("apply", "revert"):
         return None
     op, stage = PROGRESS.get("op", command), PROGRESS.get("stage")
+    if stage == "recovering":
+        return (f"restoring the state before an interrupted {op} stopped part-way: the next dspark apply or "
+                "revert finishes it")
     if stage == "rolled back":
         return f"the {op} under way was rolled back: the workspace is as it was before it"
     if stage == "finished":

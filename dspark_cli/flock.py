@@ -106,16 +106,21 @@ def scratches(path: Path, kind: str) -> list[tuple[Path, bool]]:
     """The scratch directories of `kind` beside `path`, each with whether a live run holds it."""
     found = []
     for scratch in sorted(path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*")):
-        with claimed(scratch) as ours:
-            if scratch.is_dir():
+        try:
+            with exclusive_nowait(scratch, directory=True) as (_, ours):
                 found.append((scratch, not ours))
+        except OSError:  # gone meanwhile, or not ours to open (another user's): no lock to read
+            continue
     return found
 
 
-def refuse_while_made_elsewhere(path: Path, kind: str) -> None:
-    """Refuse at once, before any clone or extraction, while another live run is making `path` in
-    a scratch of `kind`: only one of the two could move its tree into place."""
-    for scratch, live in scratches(path, kind):
+MADE_IN = ("clone", "new")  # the scratch kinds a first apply makes its workdir in (git, pypi)
+
+
+def refuse_while_made_elsewhere(path: Path) -> None:
+    """Refuse at once, before any clone or extraction, while another live run is making `path` (from
+    either source): only one of the two could move its tree into place."""
+    for scratch, live in (found for kind in MADE_IN for found in scratches(path, kind)):
         if live:
             raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
                              "it has finished")

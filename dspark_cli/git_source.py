@@ -112,7 +112,7 @@ def clone(url: str, path: Path) -> None:
 def _clone_scratch(path: Path) -> Iterator[Path]:
     """Where to clone for `path`: in a flocked scratch beside it (removed after the block; killed
     runs' are removed first), so two runs never clone into one directory."""
-    refuse_while_made_elsewhere(path, "clone")
+    refuse_while_made_elsewhere(path)
     remove_dead_scratches(path, "clone")
     with scratch_beside(path, "clone") as scratch:
         yield scratch / "tree"

@@ -79,7 +79,7 @@ def commit_as_am(ws: Workspace, patch: Patch, trailers: bool) -> str:
 def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
     """Apply `patch` with `git apply --3way` and commit it; returns the new commit id. `kill_at`
     names the point between the two for the recovery tests' kill_point."""
-    absent = [path for path in _created_paths(patch.path) if not os.path.lexists(ws.path / path)]
+    absent = [path for path in created_paths(patch.path) if not os.path.lexists(ws.path / path)]
     result = ws.git.run("apply", "--3way", "--index", "--whitespace=nowarn", str(patch.path), check=False)
     if result.returncode != 0:
         # git wrote the files before it failed to record them (a read-only object store): the
@@ -98,7 +98,7 @@ def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
     return commit_as_am(ws, patch, trailers=True)
 
 
-def _created_paths(patch_path: Path) -> list[str]:
+def created_paths(patch_path: Path) -> list[str]:
     """The paths a patch file creates: its new files, and its renames' and copies' targets."""
     text = patch_path.read_text(encoding="utf-8", errors="surrogateescape")
     return [m.group(1) or m.group(2) for m in _CREATES.finditer(text)]

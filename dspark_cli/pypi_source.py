@@ -133,7 +133,7 @@ def _extract(archive: Path, dest: Path) -> int:
     if archive.name.endswith(".whl"):
         with zipfile.ZipFile(archive) as wheel:
             wheel.extractall(dest)  # zipfile drops absolute and `..` parts
-            return _newest_zip_member(wheel)
+            return max(_newest_zip_member(wheel), 0)
     unpacked = dest.parent / f"{dest.name}.unpack"
     if archive.name.endswith(".zip"):
         with zipfile.ZipFile(archive) as sdist:
@@ -150,12 +150,19 @@ def _extract(archive: Path, dest: Path) -> int:
         raise CheckFailed(f"{archive.name}: expected one top-level directory, found {len(tops)} entries")
     os.replace(tops[0], dest)
     unpacked.rmdir()
-    return newest
+    return max(newest, 0)  # git takes no date before the epoch
 
 
 def _newest_zip_member(archive: zipfile.ZipFile) -> int:
-    """Zip times carry no zone: read as UTC, the same on every machine."""
-    return max((calendar.timegm(info.date_time) for info in archive.infolist()), default=0)
+    """Zip times carry no zone: read as UTC, the same on every machine. A zeroed DOS date (month 0)
+    is no time: skipped."""
+    times = []
+    for info in archive.infolist():
+        try:
+            times.append(calendar.timegm(info.date_time))
+        except (ValueError, OverflowError):
+            continue
+    return max(times, default=0)
 
 
 def base_message(pin: Pin, release: ReleaseFile) -> str:
@@ -173,7 +180,7 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     half-made workdir behind. Returns the workspace and its base commit."""
     # No workspace lock covers this (there is no workspace yet): another run may be making one for
     # the same path, each in its own flocked scratch; only killed runs' are removed.
-    refuse_while_made_elsewhere(path, "new")
+    refuse_while_made_elsewhere(path)
     archive = fetch_release(release)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_scratches(path, "new")

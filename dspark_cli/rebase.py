@@ -35,7 +35,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
-from dspark_cli.patching import am_message, commit_as_am, hunk_at
+from dspark_cli.patching import am_message, commit_as_am, created_paths, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
 from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
 
@@ -159,9 +159,10 @@ def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
     ws.git.run("clean", "-q", "-fdx")
 
 
-def apply_one(ws: Workspace, patch: Patch, base: str) -> PatchOutcome:
+def apply_one(ws: Workspace, patch: Patch, base: str, series_adds: set[str] = frozenset()) -> PatchOutcome:
     """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree. `base`:
-    the tree the series was made on, which tells a file upstream deleted from one it never had."""
+    the tree the series was made on, which tells a file upstream deleted from one it never had;
+    `series_adds`: files the earlier patches of this series add (never upstream, but not another's)."""
     text = patch.path.read_text(encoding="utf-8", errors="replace")
     outcome = PatchOutcome(patch=patch.name, status=CLEAN, files=patch_files(text))
     check = ws.git.run("apply", "--check", "--verbose", "--whitespace=nowarn", str(patch.path), check=False)
@@ -175,7 +176,7 @@ def apply_one(ws: Workspace, patch: Patch, base: str) -> PatchOutcome:
         if merged.returncode != 0 or unmerged:
             outcome.status = CONFLICT
             gone = [f for f in changed_files(text) if not ws.git.ok("cat-file", "-e", f"HEAD:{f}")]
-            never = [f for f in gone if not ws.git.ok("cat-file", "-e", f"{base}:{f}")]
+            never = [f for f in gone if f not in series_adds and not ws.git.ok("cat-file", "-e", f"{base}:{f}")]
             outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone, never)
             return outcome
         outcome.status = THREE_WAY
@@ -260,7 +261,8 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
                 outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
                 continue
-            outcomes.append(apply_one(ws, patch, base))
+            earlier = patches[:patches.index(patch)]
+            outcomes.append(apply_one(ws, patch, base, {f for p in earlier for f in created_paths(p.path)}))
     result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
                           outcomes=outcomes)
     _record_statuses(ws, result)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
+from dspark_cli.workspace import require_git
 
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
@@ -180,9 +181,8 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
             raise UsageError(
                 f"{directory / name}: sha256 {actual[:12]}… does not match the lock ({locked[name][:12]}…)"
             )
-        _check_is_patch(directory / name, text)
         patches.append(Patch(layer=layer, path=directory / name, sha256=actual))
-    _check_parses([p.path for p in patches])
+    check_patches(directory, names)
     return patches
 
 
@@ -207,6 +207,8 @@ def _check_parses(paths: list[Path]) -> None:
         return subprocess.run(["git", "apply", "--numstat", "--", *map(str, files)], capture_output=True,
                               env={**os.environ, "LC_ALL": "C"})
 
+    if paths:
+        require_git()
     if not paths or parse(*paths).returncode == 0:
         return
     for path in paths:

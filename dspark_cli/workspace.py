@@ -51,7 +51,8 @@ NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
 KILL_AT_ENV = "DSPARK_TEST_KILL_AT"
 
 # How this process's own apply or revert stands, for the line an interrupt prints (cli.main):
-# "begun" (its snapshot is recorded: the next run restores it), "rolled back" or "finished".
+# "recovering" (an earlier interrupted one's snapshot), "begun" (its snapshot is recorded: the next
+# run restores it), "rolled back" or "finished".
 PROGRESS: dict[str, str] = {}
 
 
@@ -464,7 +465,7 @@ class Workspace:
             for ref in self.git.out("for-each-ref", "--format=%(refname)", PATCH_REFS).splitlines():
                 self.git.run("update-ref", "-d", ref)
         self.finish(None if snapshot.first else state)
-        if snapshot.pid == os.getpid():  # this run's own operation, not an interrupted one's recovered
+        if taken_here(snapshot):  # this run's own operation, not a recovered one's
             PROGRESS.update(stage="rolled back")
 
     def stash_ref(self, message: str) -> str | None:
@@ -909,11 +910,16 @@ def proc_stat(pid: int) -> list[str] | None:
         return None
 
 
+def taken_here(snapshot: Snapshot) -> bool:
+    """Whether this process took `snapshot` (its pid and, where /proc tells, its start)."""
+    return snapshot.pid == os.getpid() and snapshot.process in (None, process_tag(os.getpid()))
+
+
 def owner_running(snapshot: Snapshot) -> bool | None:
     """Whether the process that took `snapshot` still runs: True, False, or None when this
     process cannot see it (another machine or container); a pid reused by another process since
     counts as not running."""
-    if snapshot.pid == os.getpid() and snapshot.process in (None, process_tag(os.getpid())):
+    if taken_here(snapshot):
         return False  # ours: this process runs one operation at a time
     here = _machine()
     if snapshot.process is None or here is None:  # an older dspark's snapshot, or no /proc

@@ -15,7 +15,7 @@ from dspark_cli import git_source
 from dspark_cli.errors import UsageError
 from dspark_cli.series import sha256_of
 from tests.git_fixtures import toy_workspace
-from tests.run_cli import run_dspark
+from tests.run_cli import run_bound_by_permissions, run_dspark
 
 
 @pytest.fixture
@@ -104,3 +104,25 @@ def test_status_of_a_workdir_still_being_made_or_left_half_made_says_so(toy, tmp
     killed = run_dspark("status", "-C", str(work), env=env)
     assert killed.returncode == 2
     assert f"an apply killed while making it left {sibling}, which the next `dspark apply`" in killed.stderr
+    cloning = tmp_path / ".half.dspark-clone-y"  # a live clone beside the killed one: named first
+    cloning.mkdir()
+    fd = os.open(cloning, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        both = run_dspark("status", "-C", str(work), env=env)
+    finally:
+        os.close(fd)
+    assert f"a dspark apply is making it now (in {cloning.name})" in both.stderr, both.stderr
+
+
+def test_a_sibling_this_user_cannot_open_blocks_nothing(toy, tmp_path, monkeypatch):
+    """A killed run of another user (sudo) left a mode-0700 sibling we cannot open to read its lock:
+    it was taken as a live run's, and every apply of that workdir was refused for good."""
+    sibling = tmp_path / ".blocked.dspark-clone-x"
+    sibling.mkdir(mode=0o000)
+    monkeypatch.setenv("DSPARK_COMPAT", str(toy["compat_path"]))
+    try:
+        made = run_bound_by_permissions("apply", "toy", "-C", str(tmp_path / "blocked"))
+    finally:
+        sibling.chmod(0o700)
+    assert made.returncode == 0, made.stderr

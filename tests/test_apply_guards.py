@@ -388,7 +388,7 @@ def test_ctrl_c_around_the_stash_of_local_changes_rolls_back_and_leaves_no_snaps
     work, command, before = applied_and_dirty(toy, command)
     code, stderr = stopped_around_its_stash(toy, tmp_path, [*command, "-C", str(work)], stashed, signal.SIGINT)
     assert code == 130, stderr
-    assert stderr.strip().splitlines()[-1] == (f"interrupted: by Ctrl-C (SIGINT); the {command[0]} under way was "
+    assert stderr.strip().splitlines()[-1] == (f"interrupted: the {command[0]} under way was "
                                                "rolled back: the workspace is as it was before it")
     assert tree_fingerprint(work) == before
     assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
@@ -449,7 +449,7 @@ exec {real} "$@"
         proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == ("interrupted: by Ctrl-C (SIGINT); the revert stopped part-way: the "
+    assert stderr.strip().splitlines()[-1] == ("interrupted: the revert stopped part-way: the "
                                                "next dspark apply or revert restores the state before it")
     again = dspark(toy, "apply", "toy", "-C", str(work))
     assert again.returncode == 0 and "note: recovered an interrupted revert" in again.stderr, again.stderr

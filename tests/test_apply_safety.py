@@ -65,8 +65,9 @@ def test_a_failed_first_clone_leaves_no_workdir_and_the_rerun_works(toy):
 
 def test_a_killed_clones_scratch_is_removed_by_the_next_clone_and_a_live_ones_kept(toy):
     """Was named by pid and removed only by a run of that same pid: a killed clone's stayed for
-    good, and in a container (every run pid 1) a live run's was removed under it. A `making` name
-    (not locked yet) is a live run's unless it is an hour old."""
+    good, and in a container (every run pid 1) a live run's was removed under it. A live run's
+    refuses the clone at once, removing nothing; once that run is gone its scratch is a killed
+    one's. A `making` name (not locked yet) is a live run's unless it is an hour old."""
     dead, live = toy["root"] / ".work.dspark-clone-dead", toy["root"] / ".work.dspark-clone-live"
     young, old = toy["root"] / ".work.dspark-making-young", toy["root"] / ".work.dspark-making-old"
     for scratch in (dead, live, young, old):
@@ -74,8 +75,11 @@ def test_a_killed_clones_scratch_is_removed_by_the_next_clone_and_a_live_ones_ke
     os.utime(old, (time.time() - 2 * flock.MAKING_DEAD_AFTER_S,) * 2)
     with flock.exclusive_nowait(live, directory=True) as (_, ours):
         assert ours
-        assert run_apply(toy)["status"] == "applied"
-    assert sorted(p.name for p in toy["root"].glob(".work.dspark-*")) == [live.name, young.name]
+        with pytest.raises(UsageError, match=f"another dspark run is making {toy['workdir']} now"):
+            run_apply(toy)
+        assert len(list(toy["root"].glob(".work.dspark-*"))) == 4
+    assert run_apply(toy)["status"] == "applied"
+    assert sorted(p.name for p in toy["root"].glob(".work.dspark-*")) == [young.name]
 
 
 def test_an_empty_workdir_is_cloned_into(toy):

@@ -559,6 +559,20 @@ def test_a_wheel_release_is_dated_by_its_newest_member_in_utc(tmp_path):
     assert (tmp_path / "tree" / "engine" / "config.py").read_text() == "y = 2\n"
 
 
+def test_a_zeroed_zip_date_is_no_time_not_a_traceback(tmp_path):
+    """A DOS date of 0 reads back as month 0, which calendar.timegm refused (ValueError)."""
+    import zipfile
+
+    from dspark_cli import pypi_source
+
+    wheel = tmp_path / "toy_engine-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("engine/core.py", date_time=(1980, 0, 0, 0, 0, 0)), "x = 1\n")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.infolist()[0].date_time[1] == 0
+    assert pypi_source.extract(wheel, tmp_path / "tree") == 0
+
+
 def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, local_index):
     publish_toy_sdist(toy, tmp_path, local_index)
     work = tmp_path / "pypi-work"

@@ -1120,7 +1120,7 @@ exec {real} "$@"
         "--workdir", str(wd), env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
                                    "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert code == 130, stderr
-    assert stderr.strip().splitlines()[-1] == ("interrupted: by Ctrl-C (SIGINT); its work branch and tree are left "
-                                               "where it stopped: run it again with --force to start over")
+    assert stderr.strip().splitlines()[-1] == ("interrupted: what it made is left where it stopped: run it again "
+                                               "with --force to start over")
     again = dspark(u, "--onto", "v18.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--force")
     assert again.returncode == 0, again.stderr

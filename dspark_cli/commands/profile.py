@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from dspark_cli.commands.params import flag_option, path_option, text_option
-from dspark_cli.errors import EnvironmentProblem, UsageError, missing_module, short_message
+from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError, missing_module, short_message
 from dspark_cli.files import check_dir_option, replace_atomically
 from dspark_cli.output import emit, err_console, say, say_table
 
@@ -188,11 +188,14 @@ def _memory_or_device(exc: RuntimeError) -> bool:
 
 
 def _check_model_exists(model: Path) -> None:
-    """Refuse a --model with no config.json (the file or in the directory) before torch is needed."""
+    """Refuse a --model with no config.json (the file or in the directory) before torch is needed
+    (sps_profile.config_path's rule: importing sps_profile imports torch)."""
     try:
         found = (model / "config.json" if model.is_dir() else model).is_file()
-    except OSError as exc:  # a name the OS refuses (ENAMETOOLONG)
-        raise UsageError(f"--model {model}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        if exc.errno in PATH_SHAPE_ERRORS:  # a name the OS refuses (ENAMETOOLONG)
+            raise UsageError(f"--model {model}: {exc.strerror or exc}") from None
+        raise EnvironmentProblem(f"--model {model}: cannot read it ({exc.strerror or exc})") from None
     if not found:
         raise UsageError(f"--model {model}: no config.json at {model}")
 
