@@ -135,6 +135,9 @@ def target_python(tmp_path_factory) -> Path:
 @pytest.fixture
 def root(tmp_path, monkeypatch) -> Path:
     isolate_git(monkeypatch, tmp_path)  # also DSPARK_CACHE under tmp_path: the install record lands there
+    # the commands read the compat.yaml apply_mini pins the mini tree in, as a user of their own would
+    # (the shipped one names another v3.3.7 series: status says so)
+    monkeypatch.setenv("DSPARK_COMPAT", str(tmp_path / "compat.yaml"))
     return tmp_path
 
 
