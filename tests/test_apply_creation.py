@@ -5,13 +5,11 @@ and of two that start together the first to move in wins. Real git and the real 
 
 from __future__ import annotations
 
-import fcntl
-import os
 import tarfile
 
 import pytest
 
-from dspark_cli import git_source
+from dspark_cli import flock, git_source
 from dspark_cli.errors import UsageError
 from dspark_cli.series import sha256_of
 from tests.git_fixtures import toy_workspace
@@ -42,12 +40,9 @@ def test_a_pypi_create_beside_a_live_one_is_refused_at_once_and_clears_only_kill
         sibling.mkdir()
     apply = ("apply", "toy", "--source", "pypi", "-C", str(tmp_path / "pypi-work"))
     env = {"DSPARK_COMPAT": str(toy["compat_path"])}
-    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock.exclusive_nowait(live, directory=True) as (_, ours):  # a live run's
+        assert ours
         refused = run_dspark(*apply, env=env)
-    finally:
-        os.close(fd)
     assert refused.returncode == 2
     assert f"another dspark run is making {tmp_path / 'pypi-work'} now (in {live.name})" in refused.stderr
     assert "extracting" not in refused.stderr
@@ -63,12 +58,9 @@ def test_a_clone_beside_a_live_one_is_refused_at_once(toy, tmp_path):
     work = tmp_path / "cloning"
     live = tmp_path / ".cloning.dspark-clone-a"
     live.mkdir()
-    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock.exclusive_nowait(live, directory=True) as (_, ours):  # a live run's
+        assert ours
         refused = run_dspark("apply", "toy", "-C", str(work), env={"DSPARK_COMPAT": str(toy["compat_path"])})
-    finally:
-        os.close(fd)
     assert refused.returncode == 2
     assert f"another dspark run is making {work} now (in {live.name}); run again when it has finished" in refused.stderr
     assert f"into {work}" not in refused.stderr  # (`cloning URL into DIR` comes before a clone)
@@ -93,12 +85,9 @@ def test_status_of_a_workdir_still_being_made_or_left_half_made_says_so(toy, tmp
     work, env = tmp_path / "half", {"DSPARK_COMPAT": str(toy["compat_path"])}
     sibling = tmp_path / ".half.dspark-new-x"
     sibling.mkdir()
-    fd = os.open(sibling, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock.exclusive_nowait(sibling, directory=True) as (_, ours):  # a live run's
+        assert ours
         live = run_dspark("status", "-C", str(work), env=env)
-    finally:
-        os.close(fd)
     assert live.returncode == 2
     assert f"a dspark apply is making it now (in {sibling.name}): run again when it has finished" in live.stderr
     killed = run_dspark("status", "-C", str(work), env=env)
@@ -106,12 +95,9 @@ def test_status_of_a_workdir_still_being_made_or_left_half_made_says_so(toy, tmp
     assert f"an apply killed while making it left {sibling}, which the next `dspark apply`" in killed.stderr
     cloning = tmp_path / ".half.dspark-clone-y"  # a live clone beside the killed one: named first
     cloning.mkdir()
-    fd = os.open(cloning, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock.exclusive_nowait(cloning, directory=True) as (_, ours):  # a live run's
+        assert ours
         both = run_dspark("status", "-C", str(work), env=env)
-    finally:
-        os.close(fd)
     assert f"a dspark apply is making it now (in {cloning.name})" in both.stderr, both.stderr
 
 
