@@ -256,13 +256,14 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             outcomes = _resumed_outcomes(ws, branch, onto, patches)
         else:
             start_branch(ws, branch, onto, force)
+        series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
         for patch in patches[len(outcomes):]:
             if any(o.status == CONFLICT for o in outcomes):
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
                 outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
                 continue
-            earlier = patches[:patches.index(patch)]
-            outcomes.append(apply_one(ws, patch, base, {f for p in earlier for f in created_paths(p.path)}))
+            outcomes.append(apply_one(ws, patch, base, series_adds))
+            series_adds |= set(created_paths(patch.path))
     result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
                           outcomes=outcomes)
     _record_statuses(ws, result)
