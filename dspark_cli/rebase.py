@@ -58,6 +58,16 @@ class PatchOutcome:
     commit: str | None = None
 
 
+@dataclass(frozen=True)
+class Underlay:
+    """DSpark's series a layered series (`dspark apply --series`) sits on: `old` (named `old_name`,
+    e.g. vllm/v0.32.0) on the base tree, `new` on the tree it is carried onto."""
+    old_name: str
+    old: list[Patch]
+    new_name: str
+    new: list[Patch]
+
+
 @dataclass
 class RebaseResult:
     workdir: Path
@@ -65,6 +75,7 @@ class RebaseResult:
     base: str
     onto: str
     outcomes: list[PatchOutcome]
+    under: str | None = None  # the DSpark series a layered series was carried on (on the new tree)
     out_dir: Path | None = None
     compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
     compile_errors: list[str] = field(default_factory=list)
@@ -76,6 +87,7 @@ class RebaseResult:
     def to_json(self) -> dict:
         return {
             "workdir": str(self.workdir), "branch": self.branch, "base": self.base, "onto": self.onto,
+            "under": self.under,
             "patches": [vars(o) for o in self.outcomes],
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "compiled": self.compiled, "compile_errors": self.compile_errors,
@@ -238,15 +250,38 @@ def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stde
     return details or ["git apply --3way failed"]
 
 
+def with_series(ws: Workspace, commit: str, patches: list[Patch], name: str) -> str:
+    """`commit` with DSpark's series `name` applied, as one child commit made in a scratch index
+    (HEAD and the work tree untouched). Its author, committer and date are fixed (the date is
+    `commit`'s), so every run makes the same commit id and --continue finds the tree it stopped on."""
+    with ws.scratch_index(commit) as env:
+        for patch in patches:
+            applied = ws.git.run("apply", "--cached", "--whitespace=nowarn", str(patch.path), env=env, check=False)
+            if applied.returncode != 0:
+                said = next((line.removeprefix("error: ") for line in applied.stderr.splitlines()
+                             if line.startswith("error:")), "git apply failed")
+                raise UsageError(f"DSpark's series {name} does not apply to its own upstream tree ({commit[:12]}): "
+                                 f"{patch.name}: {said}")
+        tree = ws.git.out("write-tree", env=env)
+    date = f"@{ws.git.out('show', '-s', '--format=%ct', commit)} +0000"
+    return ws.git.out("commit-tree", tree, "-p", commit, "-F", "-", input=f"upstream with DSpark's series {name}\n",
+                      env={**DSPARK_AUTHOR, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
+
+
 def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], branch: str,
-                  force: bool = False, resume: bool = False) -> RebaseResult:
+                  force: bool = False, resume: bool = False, underlay: Underlay | None = None) -> RebaseResult:
     """Apply `patches` on `onto` (both commits in ws) one by one; stop at the first conflict.
+    With an `underlay`, `patches` are a series layered on DSpark's: they are carried from `base`
+    with DSpark's old series onto `onto` with its new one.
 
     With `resume`, the work branch already holds the first patches as commits (a human resolved a
     conflict and committed it): those count as resolved and the rest are applied on top."""
     for name, commit in (("base", base), ("onto", onto)):
         if ws.resolve_commit(commit) is None:
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
+    if underlay is not None:
+        base = with_series(ws, ws.resolve_commit(base), underlay.old, underlay.old_name)
+        onto = with_series(ws, ws.resolve_commit(onto), underlay.new, underlay.new_name)
     outcomes: list[PatchOutcome] = []
     with oplock.exclusive(ws.git_dir, ws.path):  # one dspark run at a time in this repository
         # what a git killed with an earlier run left failed every later run's reset and checkout:
@@ -265,7 +300,7 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             outcomes.append(apply_one(ws, patch, base, series_adds))
             series_adds |= set(created_paths(patch.path))
     result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
-                          outcomes=outcomes)
+                          outcomes=outcomes, under=underlay.new_name if underlay else None)
     _record_statuses(ws, result)
     return result
 
@@ -657,25 +692,25 @@ def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
 
 
 def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch], branch: str,
-                       force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
+                       force: bool, resume: bool, underlay: Underlay | None = None) -> tuple[Workspace, RebaseResult]:
     """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
     failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
     source = Workspace(repo)
     if not source.is_repo():
         raise UsageError(f"{repo}: not a git repository")
     with oplock.exclusive(source.git_dir, workdir):  # before its work tree is added: one run at a time
-        return _rebase_in_worktree(source, repo, workdir, onto, pin, patches, branch, force, resume)
+        return _rebase_in_worktree(source, repo, workdir, onto, pin, patches, branch, force, resume, underlay)
 
 
 def _rebase_in_worktree(source: Workspace, repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch],
-                        branch: str, force: bool, resume: bool) -> tuple[Workspace, RebaseResult]:
+                        branch: str, force: bool, resume: bool, underlay: Underlay | None) -> tuple[Workspace, RebaseResult]:
     ws, added, onto_commit = worktree_of(repo, workdir, onto, branch, force, resume)
     branch_before = source.branch_sha(branch)
     try:
         base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
         if base is None:
             raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
-        return ws, rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
+        return ws, rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume, underlay=underlay)
     except BaseException:
         if added:
             source.git.run("worktree", "remove", "--force", "--force", str(workdir), check=False)

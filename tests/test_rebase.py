@@ -576,23 +576,145 @@ def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upst
     assert len(series.load_series(out, "dspark")) == 2
 
 
-def test_a_series_layered_on_ours_is_named_as_such_not_as_deleted_upstream(upstream):
-    """A team series made on top of DSpark's (apply --series) changes ours.py, which our series adds:
-    carried alone onto the bare new tree it was reported "deleted upstream", a file upstream never had."""
-    u = upstream
-    git(u["repo"], "checkout", "-q", "work")  # the tree with our series on it
-    commit_files(u["repo"], {"ours.py": "HOOK = True\nTEAM = 1\n"}, "team: extend the hook")
-    team = u["tmp"] / "team"
-    names = git(u["repo"], "format-patch", "-o", str(team), "--zero-commit", "--no-signature", "HEAD~1").splitlines()
+def team_series(u, edits):
+    """A team series made on top of DSpark's v1.0 series (the `work` branch), as `dspark apply
+    --series` lays it, in team/v1.0 (named after the pin it sits on)."""
+    git(u["repo"], "checkout", "-q", "-B", "team", "work")
+    for subject, files in edits:
+        commit_files(u["repo"], files, subject)
+    team = u["tmp"] / "team" / "v1.0"
+    names = git(u["repo"], "format-patch", "-o", str(team), "--zero-commit", "--no-signature",
+                f"HEAD~{len(edits)}").splitlines()
     (team / "series").write_text("".join(Path(n).name + "\n" for n in names))
     series.write_lock(team)
-    new_upstream(u, {"mod.py": MOD.replace("def f", "# 16\ndef f")}, "v16.0")
-    stopped = dspark(u, "--onto", "v16.0", "--repo", str(u["repo"]), "--series", str(team),
-                     "--workdir", str(u["tmp"] / "wd16"))
+    return team
+
+
+def dspark_pin_v2(u, ours_py):
+    """Upstream v2.0 (mod.py moves down three lines) and DSpark's own series for it, pinned in
+    compat.yaml: our three patches carried, with ours.py now `ours_py`."""
+    onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v2.0")
+    git(u["repo"], "checkout", "-q", "-b", "dspark-v2", "v2.0")
+    commit_files(u["repo"], {"mod.py": ("import os\n\n\n" + MOD).replace("return x + 3", "return x + 3  # ours")},
+                 "ours: mark f3")
+    commit_files(u["repo"], {"ours.py": ours_py}, "ours: new module")
+    commit_files(u["repo"], {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
+    patches = u["tmp"] / "patches" / "eng" / "v2.0"
+    names = git(u["repo"], "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2",
+                "v2.0").splitlines()
+    (patches / "series").write_text("".join(Path(n).name + "\n" for n in names))
+    series.write_lock(patches)
+    with u["compat"].open("a") as compat:
+        compat.write(f"""      v2.0:
+        commit: {onto}
+        tag: v2.0
+        patches: patches/eng/v2.0
+        releases: []
+        python: ">=3.8"
+        torch: ">=2.0"
+        cuda: ">=12"
+        tested:
+          ci-cpu: test
+""")
+    git(u["repo"], "checkout", "-q", "main")
+    return onto
+
+
+def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_on_the_new_pin(upstream):
+    """A team series made on top of DSpark's (apply --series) changes ours.py, which our series adds:
+    carried onto the bare new tree it is a conflict whose file no upstream tree has, and the way on
+    is --layered. With it, the layer is carried from v1.0 + DSpark's v1.0 series onto v2.0 + DSpark's
+    v2.0 series, written beside it (team/v2.0), and `dspark apply --series` of it gives the result."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"}),
+                           ("team: mark f6", {"mod.py": MOD.replace("return x + 3", "return x + 3  # ours")
+                                                          .replace("return x + 6", "return x + 6  # team")})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    bare = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team),
+                  "--workdir", str(u["tmp"] / "wd-bare"), "--out", str(u["tmp"] / "out-bare"))
+    assert bare.returncode == 4, bare.stderr
+    first = json.loads(bare.stdout)["patches"][0]
+    assert first["status"] == "conflict" and first["details"] == ["ours.py: in neither upstream tree (a file another series adds)"]
+    assert "carry it on DSpark's series of both pins with --layered" in bare.stderr
+
+    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["under"] == "eng/v2.0" and report["branch"] == "dspark/rebase-layered-v2.0"
+    assert [p["status"] for p in report["patches"]] == ["3-way", "clean"]  # merged with ours.py of DSpark's v2.0
+    assert report["patches"][0]["details"] == ["ours.py: hunk #1 (@@ -1 +1,2 @@) merged 3-way"]
+    assert report["compat_entry"] is None  # a layer is no pin
+    out = u["tmp"] / "team" / "v2.0"
+    assert Path(report["out_dir"]) == out and [p.name for p in series.load_series(out, "team")] == sorted(
+        p["patch"] for p in report["patches"])
+    assert not (u["tmp"] / "patches" / "eng" / "v2.0" / "series").read_text().count("team")  # ours untouched
+
+    work = u["tmp"] / "applied"
+    applied = run_dspark("apply", "eng", "--commit", "v2.0", "--workdir", str(work), "--series", str(out), "--json",
+                         env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                              "GIT_CONFIG_GLOBAL": os.devnull})
+    assert applied.returncode == 0, applied.stderr
+    assert (work / "ours.py").read_text() == "# v2\nHOOK = True\nTEAM = 1\n"
+    mod = (work / "mod.py").read_text()
+    assert mod.startswith("import os\n") and "x + 3  # ours" in mod and "x + 6  # team" in mod
+    subjects = git(work, "log", "--format=%s", "-5").splitlines()
+    assert subjects == ["team: mark f6", "team: extend the hook", "ours: other", "ours: new module", "ours: mark f3"]
+
+
+def test_a_layered_series_is_carried_between_release_files_too(upstream):
+    """Without --repo the two trees are the pins' release files (sdists, here in the cache)."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    compat = u["compat"].read_text()
+    for version in ("1.0", "2.0"):
+        archive = u["tmp"] / "cache" / "releases" / f"eng-{version}.tar.gz"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        git(u["repo"], "archive", "--format=tar.gz", f"--prefix=eng-{version}/", "-o", str(archive), f"v{version}")
+        compat = compat.replace("releases: []", (
+            f"releases:\n          - package: eng\n            version: '{version}'\n            file: {archive.name}\n"
+            f"            sha256: {series.sha256_of(archive)}"), 1)
+    u["compat"].write_text(compat)
+    run = dspark(u, "--onto", "2.0", "--series", str(team), "--layered")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["under"] == "eng/v2.0" and report["compat_entry"] is None
+    assert [p["status"] for p in report["patches"]] == ["3-way"]
+    [patch] = series.load_series(u["tmp"] / "team" / "v2.0", "team")
+    assert "+TEAM = 1" in patch.path.read_text()
+
+
+def test_a_layered_conflict_is_resolved_and_continued_on_the_same_trees(upstream):
+    """The trees with DSpark's series are remade on every run: --continue must find the same ones."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")  # DSpark's v2.0 series adds a line where the team's goes
+    wd, out = u["tmp"] / "wd-l", u["tmp"] / "out-l"
+    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered",
+                     "--workdir", str(wd), "--out", str(out))
     assert stopped.returncode == 4, stopped.stderr
-    [only] = json.loads(stopped.stdout)["patches"]
-    assert only["status"] == "conflict" and only["details"] == ["ours.py: in neither upstream tree (a file another series adds)"]
-    assert "a series layered on DSpark's (`dspark apply --series`) cannot be carried this way" in stopped.stderr
+    assert json.loads(stopped.stdout)["patches"][0]["details"][0].startswith("ours.py: conflict markers at lines ")
+    (wd / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
+    git(wd, "commit", "-q", "-am", "resolved")
+    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered",
+                  "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved"]
+    [patch] = series.load_series(out, "team")
+    assert "+TEAM = 1" in patch.path.read_text() and "Subject: [PATCH 1/1] team: extend the hook" in patch.path.read_text()
+
+
+def test_layered_needs_a_series_and_an_onto_pin_with_dspark_series(upstream):
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    new_upstream(u, {"mod.py": "import os\n" + MOD}, "v3.0")
+    no_series = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--layered")
+    assert no_series.returncode == 2 and "--layered carries your own series: give it with --series" in no_series.stderr
+    no_pin = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert no_pin.returncode == 2, no_pin.stderr
+    assert "--onto v3.0 is no eng pin in compat.yaml" in no_pin.stderr
+    assert "dspark rebase eng --from v1.0 --onto v3.0" in no_pin.stderr
+    assert not git(u["repo"], "branch", "--list", "dspark/*")  # refused before any work
 
 
 def test_an_empty_resolution_still_owns_its_commit_at_the_next_continue(upstream):

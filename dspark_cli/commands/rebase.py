@@ -76,7 +76,8 @@ def _release_commit_id(ws: Workspace, commit: str, module: str) -> str | None:
 
 
 def _render(report: dict) -> None:
-    table = Table(title=escape(f"rebase onto {report['onto'][:12]} (branch {report['branch']})"))
+    under = f" with DSpark's series {report['under']}" if report["under"] else ""
+    table = Table(title=escape(f"rebase onto {report['onto'][:12]}{under} (branch {report['branch']})"))
     for column in ("patch", "result", "files", "details"):
         table.add_column(column, overflow="fold")
     for p in report["patches"]:
@@ -102,14 +103,35 @@ def _render(report: dict) -> None:
 def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) -> str:
     where = f"on branch {result.branch} in {result.workdir}"
     if any(d.endswith(rebase.NEVER_UPSTREAM) for d in conflict.details):
-        return ("rebase carries a series onto the bare upstream tree, so a series layered on DSpark's (`dspark apply "
-                "--series`) cannot be carried this way: carry it by hand onto a workspace of the new pin (`dspark "
-                "apply` of it, then `git cherry-pick` of your commits)")
+        if result.under is None:
+            return ("a series layered on DSpark's (`dspark apply --series`) changes files DSpark's series adds: "
+                    "carry it on DSpark's series of both pins with --layered")
+        return (f"the file is in neither the new tree nor DSpark's series {result.under}: a series layered on "
+                "another team's must be carried onto that series by hand")
     if any(d.endswith(rebase.DELETED_UPSTREAM) for d in conflict.details):
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
                 f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
                 "with --continue")
     return f"markers left {where}: resolve, commit, then run again with --continue"
+
+
+def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, series_dir: Path | None,
+                  out: Path | None) -> compat_mod.Pin:
+    """The pin whose DSpark series a layered series is carried onto: --onto must name one (by
+    name, tag, commit or release version), since that series is what `apply --series` lays it on."""
+    if series_dir is None:
+        raise UsageError("--layered carries your own series: give it with --series")
+    onto_pin = _release_pin(engine, onto)
+    if onto_pin is None:
+        raise UsageError(f"--layered: --onto {onto} is no {engine.name} pin in compat.yaml, so DSpark has no series "
+                         f"there to layer yours on; carry DSpark's first (`dspark rebase {engine.name} --from "
+                         f"{pin.name} --onto {onto}`), add its pin to compat.yaml, then run this again")
+    if onto_pin.name == pin.name:
+        raise UsageError(f"--layered: --onto {onto} is the --from pin {pin.name} itself")
+    if out is None and series_dir.name != pin.name:
+        raise UsageError(f"--layered: give --out (the carried series is written beside --series only when its "
+                         f"directory is named after the --from pin, {pin.name})")
+    return onto_pin
 
 
 def _check_pin_name(name: str, fix: str) -> None:
@@ -127,12 +149,14 @@ def register(app: typer.Typer) -> None:
         from_pin: str = text_option(..., "--from", help="Pin whose series to carry, e.g. v0.32.0."),
         onto: str = text_option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0)."),
         repo: Path | None = path_option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
-        out: Path | None = path_option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN)."),
+        out: Path | None = path_option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN; with --layered, NEW_PIN beside --series)."),
         new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
         series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
         workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
         force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out that holds a series."),
         resume: bool = flag_option("--continue", help="Go on after a conflict you resolved and committed."),
+        layered: bool = flag_option("--layered", help="--series is layered on DSpark's (apply --series): carry it "
+                                    "on DSpark's series of --from onto the --onto pin's tree with DSpark's series for it."),
         as_json: bool = flag_option("--json", help="Machine-readable output."),
     ) -> None:
         """Apply a pin's patch series onto another upstream tree patch by patch (3-way merges),
@@ -149,11 +173,14 @@ def register(app: typer.Typer) -> None:
         # Path options are relative to the caller's cwd, but git runs in the work tree (a relative
         # patch path there is "can't open patch", reported as a conflict): make them absolute now.
         repo, out, series_dir, workdir = (p.resolve() if p else None for p in (repo, out, series_dir, workdir))
+        onto_pin = _layered_onto(engine, pin, onto, series_dir, out) if layered else None
         source_dir = series_dir or pin.patches
         # Before anything reads it: a run killed while swapping a refreshed series in left none.
         for note in rebase.recover_interrupted(source_dir):
             say(note, err=True, markup=False)
-        patches = load_series(source_dir, "dspark")
+        patches = load_series(source_dir, "team" if layered else "dspark")
+        underlay = rebase.Underlay(f"{engine_name}/{pin.name}", load_series(pin.patches, "dspark"),
+                                   f"{engine_name}/{onto_pin.name}", load_series(onto_pin.patches, "dspark")) if layered else None
         for option, path in (("--workdir", workdir), ("--out", out)):
             if path is not None:
                 check_dir_option(path, option)  # before any work, not an OSError after it
@@ -165,11 +192,15 @@ def register(app: typer.Typer) -> None:
             base_release = _sdist_first(pin)
             onto_release, release_name, onto_tag = _onto_release(engine, onto, base_release.package)
             name = new_pin or release_name
+        if onto_pin is not None:
+            name = new_pin or onto_pin.name
         _check_pin_name(name, "name the new pin with --pin")
-        branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
+        # a layered series is the team's: its own branch and work tree, beside its series by default
+        kind = "-layered" if layered else ""
+        branch, out_dir = f"dspark/rebase{kind}-{name}", out or (source_dir if layered else pin.patches).parent / name
         for note in rebase.recover_interrupted(out_dir):
             say(note, err=True, markup=False)
-        default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
+        default_work = (f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}") + kind
         work = (workdir or cache_subdir("rebase") / default_work).resolve()  # an unusable DSPARK_CACHE: exit 3
         protected = {"--repo": repo, "work tree": work, "dspark cache": cache_dir()}
         rebase.check_targets(out_dir, force, source_dir,
@@ -177,17 +208,20 @@ def register(app: typer.Typer) -> None:
 
         compat_entry = None
         if repo is not None:
-            ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume)
+            ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume, underlay)
         else:
             ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release, resume)
-            # the tag is upstream's (compat lock and apply --source git look it up), not --pin's name
-            compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": onto_tag,
-                            "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
-            result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume)
+            if not layered:  # a layered series is no pin: it is passed to apply with --series
+                # the tag is upstream's (compat lock and apply --source git look it up), not --pin's name
+                compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": onto_tag,
+                                "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
+            result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume,
+                                          underlay=underlay)
 
         conflict = result.conflicted
         if conflict is None:
-            rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
+            if not layered:  # the marker module is DSpark's series', not a layer's
+                rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
             rebase.byte_compile(ws, result)
             if not result.compile_errors:
                 rebase.write_series(ws, result, source_dir, out_dir)
