@@ -180,6 +180,20 @@ def test_a_config_dspark_may_not_read_is_an_environment_problem(model_dir, tmp_p
     assert proc.stderr == f"error: --model {model_dir}: cannot read {config}: Permission denied\n"
 
 
+def test_the_model_path_is_checked_before_torch_is_needed(model_dir, tmp_path):
+    """A missing --model is exit 2 also where torch is not installed; a model directory dspark may
+    not search is exit 3."""
+    nope = tmp_path / "nope"
+    missing = _dspark_without("torch", "profile", "--model", str(nope), "--out", str(tmp_path / "x.json"))
+    assert missing.returncode == 2 and missing.stderr == f"error: --model {nope}: no config.json at {nope}\n"
+    model_dir.chmod(0)
+    try:
+        proc = run_bound_by_permissions("profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json"))
+    finally:
+        model_dir.chmod(0o755)
+    assert proc.returncode == 3 and proc.stderr == f"error: --model {model_dir}: cannot read it (Permission denied)\n"
+
+
 def test_without_transformers_it_is_one_line_exit_3_naming_the_install(model_dir, tmp_path):
     """Was a ModuleNotFoundError traceback from sps_profile.load_config."""
     args = ["profile", "--model", str(model_dir), "--out", str(tmp_path / "x.json")]

@@ -12,6 +12,7 @@ import typer
 from dspark_cli.commands.params import flag_option, path_option, text_option
 from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError, missing_module, short_message
 from dspark_cli.files import check_dir_option, replace_atomically
+from dspark_cli.model_config import config_path
 from dspark_cli.output import emit, err_console, say, say_table
 
 MAX_TOKENS = 1 << 20  # tokens in one forward: past any serving batch; a typo past it is refused, not swept
@@ -102,7 +103,7 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     _check_output(sglang_path, "--sglang-out")
     if out.resolve() == sglang_path.resolve():
         raise UsageError(f"--out and --sglang-out are the same file: {out}")
-    config_file = sps_profile.config_path(model).resolve()
+    config_file = config_path(model).resolve()
     for option, path in (("--out", out), ("--sglang-out", sglang_path)):
         if path.resolve() == config_file:
             raise UsageError(f"{option} {path} is the model's config.json; give another file")
@@ -188,10 +189,9 @@ def _memory_or_device(exc: RuntimeError) -> bool:
 
 
 def _check_model_exists(model: Path) -> None:
-    """Refuse a --model with no config.json (the file or in the directory) before torch is needed
-    (sps_profile.config_path's rule: importing sps_profile imports torch)."""
+    """Refuse a --model with no config.json (the file or in the directory) before torch is needed."""
     try:
-        found = (model / "config.json" if model.is_dir() else model).is_file()
+        found = config_path(model).is_file()
     except OSError as exc:
         if exc.errno in PATH_SHAPE_ERRORS:  # a name the OS refuses (ENAMETOOLONG)
             raise UsageError(f"--model {model}: {exc.strerror or exc}") from None

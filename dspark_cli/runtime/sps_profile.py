@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dspark_cli.errors import UsageError
+from dspark_cli.model_config import config_path
 from dspark_cli.runtime.sps import SPSTable
 
 
@@ -32,11 +33,6 @@ def vllm_capture_sizes(max_tokens: int) -> list[int]:
     """vLLM's default CUDA-graph capture sizes (1, 2, 4, then every 8 to 256, every 16 beyond)."""
     raw = [1, 2, 4, *range(8, 256, 8), *range(256, max_tokens + 1, 16)]
     return [b for b in raw if b <= max_tokens]
-
-
-def config_path(path: Path) -> Path:
-    """The config.json of `path`: a model directory, or the file itself."""
-    return path / "config.json" if path.is_dir() else path
 
 
 def load_config(path: Path):
