@@ -229,7 +229,8 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         else:
             # Without --repo a workspace keeps the repository it was made from (a mirror given once
             # with --repo), for any fetch and in its recorded source.
-            url = request.repo or ((state or {}).get("source") or {}).get("repository") or engine.repository
+            url = (request.repo or ((state or {}).get("source") or {}).get("repository")
+                   or git_source.engine_repository(compat, engine.name))
             ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None)
             if pin is None:
                 # A ref such as v1.1~1 may name a pinned commit: then it is that pin, series and all.

@@ -61,7 +61,7 @@ def lock(compat: Compat, engines: list[str], repo: str | None) -> list[dict]:
         _check_writable(compat.path)
         changes = []
         for name, pins in pending.items():
-            ws = clone_for(name, repo or compat.engine(name).repository)
+            ws = clone_for(name, repo or git_source.engine_repository(compat, name))
             changes += [_resolved(name, pin, ws) for pin in pins]
         try:  # newlines as read: POSIX writes "\n" unchanged
             write_text_atomically(compat.path, _rewritten(compat, text, changes))

@@ -13,7 +13,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import git as gitpython  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn
 
-from dspark_cli.compat import HEX_COMMIT
+from dspark_cli.compat import HEX_COMMIT, Compat
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import refuse_while_made_elsewhere, remove_dead_scratches, scratch_beside
@@ -65,29 +65,35 @@ def is_local_path(url: str) -> bool:
     return "://" not in url and ":" not in url.split("/", 1)[0]
 
 
-def checked_repo(repo: str | None) -> str | None:
-    """--repo as clones and records take it: a local path made absolute (git runs it from inside
-    the workspace, where a relative one points elsewhere; a quoted ~ is the home directory, as
-    `compat lock` reads it), a URL as given. A path that does not exist, a file git cannot clone,
-    or a directory that is no repository (nor a subdirectory of one: git clones neither) is bad
-    input, found before any clone, whether or not one is needed."""
+def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
+    """--repo (or what `origin` names) as clones and records take it: a local path made absolute
+    (git runs it from inside the workspace, where a relative one points elsewhere; a quoted ~ is the
+    home directory, as `compat lock` reads it), a URL as given. A path that does not exist, a file
+    git cannot clone, or a directory that is no repository (nor a subdirectory of one: git clones
+    neither) is bad input, found before any clone, whether or not one is needed."""
     if not repo or not is_local_path(repo):
         return repo
     try:
         path = Path(repo).expanduser().absolute()
     except RuntimeError as exc:  # ~user of no such user
-        raise UsageError(f"--repo {repo}: {exc}") from None
+        raise UsageError(f"{origin} {repo}: {exc}") from None
     if not path.exists():
-        raise UsageError(f"--repo {repo}: no such directory (give a clone's directory or a URL)")
+        raise UsageError(f"{origin} {repo}: no such directory (give a clone's directory or a URL)")
     if not path.is_dir() and not _clonable_file(path):
-        raise UsageError(f"--repo {repo}: a file, not a repository (give a clone's directory or a URL)")
+        raise UsageError(f"{origin} {repo}: a file, not a repository (give a clone's directory or a URL)")
     if path.is_dir():
         listed = Git(path).run("ls-remote", "--heads", str(path.absolute()), check=False)
         if listed.returncode != 0:
             reason = next((line for line in listed.stderr.splitlines() if line.startswith("fatal:")), "")
-            raise UsageError(f"--repo {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
+            raise UsageError(f"{origin} {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
                              "give a clone's directory or a URL")
     return str(path)
+
+
+def engine_repository(compat: Compat, engine: str) -> str:
+    """compat.yaml's `repository` of `engine`, checked as --repo is when it is used: the user wrote
+    that path too, so a missing one is bad input (was exit 3 from the clone), named by file and key."""
+    return checked_repo(compat.engine(engine).repository, f"{compat.path}: engines.{engine}.repository")
 
 
 def _clonable_file(path: Path) -> bool:

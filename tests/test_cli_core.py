@@ -209,13 +209,22 @@ def test_a_series_option_naming_a_file_says_so(toy_env):
     assert result.stderr.strip() == f"error: {afile} is a file, not a series directory (the directory holding `series` and the patches)"
 
 
+@pytest.mark.parametrize("origin", ["--repo", "compat.yaml"])
 @pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
-def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command):
-    """Was exit 3 'cannot clone /no/such/dir' after starting a clone."""
+def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command, origin):
+    """Was exit 3 'cannot clone /no/such/dir' after starting a clone (from compat.yaml's
+    `repository` until it was checked as --repo is), named by where it was written."""
     args = [a.format(work=toy_env["work"]) for a in command]
-    result = run_dspark(*args, "--repo", "/no/such/dir")
+    compat, upstream = toy_env["compat_path"], toy_env["upstream"]
+    if origin == "--repo":
+        args, named = [*args, "--repo", "/no/such/dir"], "--repo"
+    else:  # a short pin too: compat lock reads the repository only to lock one
+        compat.write_text(compat.read_text().replace(f"repository: {upstream['repo']}", "repository: /no/such/dir")
+                          .replace(upstream["v1.0"], upstream["v1.0"][:9]))
+        named = f"{compat}: engines.toy.repository"
+    result = run_dspark(*args)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "error: --repo /no/such/dir: no such directory (give a clone's directory or a URL)"
+    assert result.stderr.strip() == f"error: {named} /no/such/dir: no such directory (give a clone's directory or a URL)"
     assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
 
 
