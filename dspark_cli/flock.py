@@ -33,18 +33,6 @@ def exclusive_nowait(path: Path, directory: bool = False) -> Iterator[tuple[int,
         os.close(fd)
 
 
-@contextmanager
-def claimed(directory: Path) -> Iterator[bool]:
-    """An exclusive flock on `directory` for the block: True when we hold it, False when another
-    process does (or the directory is gone)."""
-    with ExitStack() as stack:
-        try:
-            _, ours = stack.enter_context(exclusive_nowait(directory, directory=True))
-        except OSError:
-            ours = False
-        yield ours
-
-
 def try_exclusive(fd: int) -> bool:
     """An exclusive flock on the open descriptor, if no one else holds one now."""
     try:
@@ -94,36 +82,57 @@ def dead_scratches(path: Path, kind: str) -> Iterator[list[Path]]:
     first, flocked by us for the block: the kernel dropped a killed run's flock, a live run holds
     its own. Each kind has its own prefix, so one kind's are never taken for another's. Also the
     `making` directories of runs killed before they locked theirs (an hour old: never a live one)."""
-    making = [p for p in path.parent.glob(f"{glob.escape(_scratch_prefix(path, 'making'))}*")
-              if time.time() - _mtime(p) > MAKING_DEAD_AFTER_S]
     with ExitStack() as held:
-        dead = [p for p in [*path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"), *making]
-                if p.is_dir() and held.enter_context(claimed(p))]
+        dead = [p for p, live in _tried(held, [*_beside(path, kind), *_killed_making(path)]) if not live]
         yield sorted(dead, key=_mtime)
 
 
 def scratches(path: Path, kind: str) -> list[tuple[Path, bool]]:
     """The scratch directories of `kind` beside `path`, each with whether a live run holds it."""
-    found = []
-    for scratch in sorted(path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*")):
-        try:
-            with exclusive_nowait(scratch, directory=True) as (_, ours):
-                found.append((scratch, not ours))
-        except OSError:  # gone meanwhile, or not ours to open (another user's): no lock to read
-            continue
-    return found
+    with ExitStack() as held:
+        return _tried(held, _beside(path, kind))
 
 
 MADE_IN = ("clone", "new")  # the scratch kinds a first apply makes its workdir in (git, pypi)
 
 
-def refuse_while_made_elsewhere(path: Path) -> None:
-    """Refuse at once, before any clone or extraction, while another live run is making `path` (from
-    either source): only one of the two could move its tree into place."""
-    for scratch, live in (found for kind in MADE_IN for found in scratches(path, kind)):
-        if live:
-            raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
-                             "it has finished")
+def sweep_unless_made_elsewhere(path: Path, kind: str) -> None:
+    """Before a first apply makes `path` in a `kind` scratch: refuse at once, before any clone or
+    extraction, while another live run is making it (from either source: only one of the two could
+    move its tree into place); else remove the killed runs' `kind` scratches, as
+    remove_dead_scratches does. One scan: each sibling's flock is tried once, and a killed run's
+    stays ours until it is removed."""
+    with ExitStack() as held:
+        found = {made_in: _tried(held, _beside(path, made_in)) for made_in in MADE_IN}
+        for scratch, live in (f for each in found.values() for f in each):
+            if live:
+                raise UsageError(f"another dspark run is making {path} now (in {scratch.name}); run again when "
+                                 "it has finished")
+        dead = [p for p, _ in found[kind]] + [p for p, live in _tried(held, _killed_making(path)) if not live]
+        for scratch in sorted(dead, key=_mtime):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _beside(path: Path, kind: str) -> list[Path]:
+    return sorted(path.parent.glob(f"{glob.escape(_scratch_prefix(path, kind))}*"))
+
+
+def _killed_making(path: Path) -> list[Path]:
+    return [p for p in _beside(path, "making") if time.time() - _mtime(p) > MAKING_DEAD_AFTER_S]
+
+
+def _tried(held: ExitStack, directories: list[Path]) -> list[tuple[Path, bool]]:
+    """Each directory with whether a live run holds its flock; one no run holds (a killed run's)
+    stays flocked by us until `held` closes. One we cannot open (gone meanwhile, or another user's:
+    no lock to read) is left out."""
+    found = []
+    for directory in directories:
+        try:
+            _, ours = held.enter_context(exclusive_nowait(directory, directory=True))
+        except OSError:
+            continue
+        found.append((directory, not ours))
+    return found
 
 
 def _mtime(path: Path) -> float:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from dspark_cli.compat import HEX_COMMIT, Compat
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
-from dspark_cli.flock import refuse_while_made_elsewhere, remove_dead_scratches, scratch_beside
+from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
 from dspark_cli.workspace import Git, Workspace, require_git
 
@@ -118,8 +118,7 @@ def clone(url: str, path: Path) -> None:
 def _clone_scratch(path: Path) -> Iterator[Path]:
     """Where to clone for `path`: in a flocked scratch beside it (removed after the block; killed
     runs' are removed first), so two runs never clone into one directory."""
-    refuse_while_made_elsewhere(path)
-    remove_dead_scratches(path, "clone")
+    sweep_unless_made_elsewhere(path, "clone")
     with scratch_beside(path, "clone") as scratch:
         yield scratch / "tree"
 

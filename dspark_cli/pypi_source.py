@@ -26,7 +26,7 @@ from dspark_cli import cache_dir, cache_subdir
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
-from dspark_cli.flock import refuse_while_made_elsewhere, remove_dead_scratches, scratch_beside
+from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
 from dspark_cli.series import sha256_of
 from dspark_cli.workspace import DSPARK_AUTHOR, OUR_COMMITS, Workspace
@@ -180,10 +180,9 @@ def create(path: Path, pin: Pin, release: ReleaseFile, branch: str, state: dict)
     half-made workdir behind. Returns the workspace and its base commit."""
     # No workspace lock covers this (there is no workspace yet): another run may be making one for
     # the same path, each in its own flocked scratch; only killed runs' are removed.
-    refuse_while_made_elsewhere(path)
+    sweep_unless_made_elsewhere(path, "new")
     archive = fetch_release(release)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_scratches(path, "new")
     with scratch_beside(path, "new") as scratch:
         base = _make_tree(scratch / "tree", pin, release, branch, state, archive)
         move_into_place(scratch / "tree", path)
