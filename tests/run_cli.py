@@ -19,20 +19,22 @@ def run_dspark(*args: str, env: dict | None = None, cwd: Path | None = None) -> 
     return subprocess.run([sys.executable, "-m", "dspark_cli", *args], env=full, cwd=cwd, capture_output=True, text=True)
 
 
-def signal_dspark_when(waiting: Path, sig: int, *args: str, env: dict | None = None) -> tuple[int, str, str]:
+def signal_dspark_when(waiting: Path | list[Path], sig: int, *args: str, env: dict | None = None) -> tuple[int, str, str]:
     """Run `python -m dspark_cli ARGS` as run_dspark does, send it `sig` once `waiting` exists (a
-    stand-in git on PATH makes it where it stops); (exit code, stdout, stderr)."""
+    stand-in git on PATH makes it where it stops), or once each of a list exists in turn (a second
+    Ctrl-C); (exit code, stdout, stderr)."""
     full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     # SIG_DFL in the child: a run from a background job (nohup, CI) inherits SIGINT ignored, and
     # Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", *args], env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert waiting.exists(), proc.communicate()
-    proc.send_signal(sig)
+    for stop in [waiting] if isinstance(waiting, Path) else waiting:
+        deadline = time.monotonic() + 120
+        while not stop.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stop.exists(), proc.communicate()
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
 

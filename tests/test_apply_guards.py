@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from dspark_cli import applier, oplock
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
-from tests.run_cli import ROOT, run_dspark, signal_dspark_when
+from tests.run_cli import run_dspark, signal_dspark_when
 
 
 @pytest.fixture
@@ -436,19 +433,10 @@ if [ "$5" = "cherry-pick" ]; then touch {first}; sleep 60; exit; fi  # after OUR
 exec {real} "$@"
 """)
     (bin_dir / "git").chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(toy["compat_path"]),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "revert", "-C", str(work), "--keep-user-commits"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for waiting in (first, second):
-        deadline = time.monotonic() + 120
-        while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert waiting.exists(), proc.communicate()
-        proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    code, _, stderr = signal_dspark_when([first, second], signal.SIGINT, "revert", "-C", str(work),
+                                         "--keep-user-commits", env=env)  # Ctrl-C in the replay, then in the rollback
+    assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == ("interrupted: the revert stopped part-way: the "
                                                "next dspark apply or revert restores the state before it")
     again = dspark(toy, "apply", "toy", "-C", str(work))
