@@ -14,7 +14,7 @@ from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TR
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
-_FILE_ERROR = re.compile(r"^error: (?:patch failed: )?(.+?): (.+)$")
+_FILE_ERROR = re.compile(r"^(?:patch failed: )?(.+?): (.+)$")  # a git_errors line
 # a new file's `diff --git a/P b/P` header (followed by its mode line), a rename's or copy's target
 _CREATES = re.compile(r"^diff --git a/.+ b/(.+)\nnew file mode |^(?:rename|copy) to (.+)$", re.M)
 
@@ -109,7 +109,7 @@ def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflic
     ws.git.run("reset", "-q", "--hard")
     check = ws.git.run("apply", "--check", "--verbose", str(patch.path), check=False)
     stderr = check.stderr if check.returncode != 0 else three_way_stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    errors = git_errors(stderr)
     for line in errors:
         failed = _FAILED_AT.search(line)
         if failed:
@@ -120,7 +120,12 @@ def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflic
         if match:
             return PatchConflict(patch, match.group(1), None, match.group(2))
     detail = (errors or stderr.strip().splitlines() or ["git apply failed"])[0]
-    return PatchConflict(patch, None, None, detail.removeprefix("error: "))
+    return PatchConflict(patch, None, None, detail)
+
+
+def git_errors(stderr: str) -> list[str]:
+    """git's `error: ` lines, without that prefix."""
+    return [line.removeprefix("error: ") for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def hunk_at(patch_path: Path, file: str, old_start: int) -> str | None:

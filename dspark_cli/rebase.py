@@ -35,7 +35,7 @@ from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
-from dspark_cli.patching import am_message, commit_as_am, created_paths, hunk_at
+from dspark_cli.patching import am_message, commit_as_am, created_paths, git_errors, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
 from dspark_cli.workspace import DSPARK_AUTHOR, DSPARK_IDENTITY, Workspace
 
@@ -68,17 +68,53 @@ class Underlay:
     new: list[Patch]
 
 
+@dataclass(frozen=True)
+class Trees:
+    """The commits a series is carried between: upstream's `base` (it was made on) and `onto`;
+    for a layered series, `base_with`/`onto_with` are those with DSpark's series of `underlay`
+    applied, which the series is made on and carried onto (otherwise the upstream commits)."""
+    base: str
+    onto: str
+    base_with: str
+    onto_with: str
+    underlay: Underlay | None = None
+
+    def gone_label(self, ws: Workspace, file: str, series_adds: set[str]) -> str:
+        """Why a file the patch changes is not in the tree it is carried onto."""
+        if file not in series_adds and not _has(ws, self.base_with, file):
+            return NEVER_UPSTREAM
+        if self.underlay is not None and not _has(ws, self.base, file):
+            return f"{GONE}: DSpark's series {self.underlay.old_name} adds it, {self.underlay.new_name} does not"
+        if self.underlay is not None and _has(ws, self.onto, file):
+            return f"{GONE}: DSpark's series {self.underlay.new_name} deletes it"
+        return f"deleted upstream ({GONE})"
+
+    def already_detail(self) -> str:
+        where = f" with DSpark's series {self.underlay.new_name}" if self.underlay else ""
+        return f"its changes are already in the new tree{where}: dropped from the refreshed series"
+
+
+def _has(ws: Workspace, commit: str, file: str) -> bool:
+    return ws.git.ok("cat-file", "-e", f"{commit}:{file}")
+
+
 @dataclass
 class RebaseResult:
     workdir: Path
     branch: str
-    base: str
+    base: str  # upstream's commits: the series was made on `base` and is carried onto `onto`
     onto: str
     outcomes: list[PatchOutcome]
-    under: str | None = None  # the DSpark series a layered series was carried on (on the new tree)
+    # a layered series: DSpark's series under it and the trees with them ({base,onto}_with_series)
+    under: dict | None = None
     out_dir: Path | None = None
     compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
     compile_errors: list[str] = field(default_factory=list)
+
+    @property
+    def start(self) -> str:
+        """The commit the work branch starts from: `onto`, with DSpark's series under a layered one."""
+        return self.under["onto_with_series"] if self.under else self.onto
 
     @property
     def conflicted(self) -> PatchOutcome | None:
@@ -171,9 +207,9 @@ def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
     ws.git.run("clean", "-q", "-fdx")
 
 
-def apply_one(ws: Workspace, patch: Patch, base: str, series_adds: set[str] = frozenset()) -> PatchOutcome:
-    """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree. `base`:
-    the tree the series was made on, which tells a file upstream deleted from one it never had;
+def apply_one(ws: Workspace, patch: Patch, trees: Trees, series_adds: set[str] = frozenset()) -> PatchOutcome:
+    """Apply one patch on HEAD as a commit, or leave its conflict markers in the worktree. `trees`
+    tell a file upstream deleted from one it never had (or one DSpark's series under it dropped);
     `series_adds`: files the earlier patches of this series add (never upstream, but not another's)."""
     text = patch.path.read_text(encoding="utf-8", errors="replace")
     outcome = PatchOutcome(patch=patch.name, status=CLEAN, files=patch_files(text))
@@ -187,16 +223,15 @@ def apply_one(ws: Workspace, patch: Patch, base: str, series_adds: set[str] = fr
         unmerged = ws.git.out("diff", "--name-only", "--diff-filter=U").splitlines()
         if merged.returncode != 0 or unmerged:
             outcome.status = CONFLICT
-            gone = [f for f in changed_files(text) if not ws.git.ok("cat-file", "-e", f"HEAD:{f}")]
-            never = [f for f in gone if f not in series_adds and not ws.git.ok("cat-file", "-e", f"{base}:{f}")]
-            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone, never)
+            gone = {f: trees.gone_label(ws, f, series_adds) for f in changed_files(text) if not _has(ws, "HEAD", f)}
+            outcome.details = _conflict_details(ws, patch, check.stderr, merged.stderr, unmerged, gone)
             return outcome
         outcome.status = THREE_WAY
         outcome.details = _failed_hunks(patch, check.stderr)
     if ws.git.ok("diff", "--cached", "--quiet"):
         # Nothing to commit: an (empty) commit would become a 0-byte patch that no series can apply.
         outcome.status = ALREADY
-        outcome.details = ["its changes are already in the new tree: dropped from the refreshed series"]
+        outcome.details = [trees.already_detail()]
         return outcome
     outcome.commit = commit_as_am(ws, patch, trailers=False)  # the refreshed series is made from it
     return outcome
@@ -228,23 +263,23 @@ def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
     return details
 
 
-DELETED_UPSTREAM = "deleted upstream (not in the new tree)"
+GONE = "not in the new tree"  # in every label of a file the base tree had and the new one lacks
 # A series layered on DSpark's (apply --series) changes files DSpark's adds: no upstream tree has them.
 NEVER_UPSTREAM = "in neither upstream tree (a file another series adds)"
 
 
 def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stderr: str,
-                      unmerged: list[str], gone: list[str], never: list[str]) -> list[str]:
+                      unmerged: list[str], gone: dict[str, str]) -> list[str]:
     """What stopped the patch: conflict regions per file, the files it changes that the new tree
-    no longer has (or that neither tree had), and otherwise what git said."""
+    does not have (`gone`, each with why), and otherwise what git said."""
     details = []
     for file in unmerged:
         regions = conflict_regions(ws.path / file)
         details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
                        else f"{file}: unmerged")
-    details += [f"{file}: {NEVER_UPSTREAM if file in never else DELETED_UPSTREAM}" for file in gone]
+    details += [f"{file}: {why}" for file, why in gone.items()]
     if not unmerged:  # 3-way could not even start (no base blob, a file gone): say what git said
-        said = [line.removeprefix("error: ") for line in merge_stderr.splitlines() if line.startswith("error:")]
+        said = git_errors(merge_stderr)
         said += [d for d in _failed_hunks(patch, check_stderr) if d not in said]
         details += [d for d in said if d.split(": ", 1)[0] not in gone]  # git's words for a gone file add nothing
     return details or ["git apply --3way failed"]
@@ -258,8 +293,7 @@ def with_series(ws: Workspace, commit: str, patches: list[Patch], name: str) -> 
         for patch in patches:
             applied = ws.git.run("apply", "--cached", "--whitespace=nowarn", str(patch.path), env=env, check=False)
             if applied.returncode != 0:
-                said = next((line.removeprefix("error: ") for line in applied.stderr.splitlines()
-                             if line.startswith("error:")), "git apply failed")
+                said = (git_errors(applied.stderr) or ["git apply failed"])[0]
                 raise UsageError(f"DSpark's series {name} does not apply to its own upstream tree ({commit[:12]}): "
                                  f"{patch.name}: {said}")
         tree = ws.git.out("write-tree", env=env)
@@ -279,28 +313,31 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
     for name, commit in (("base", base), ("onto", onto)):
         if ws.resolve_commit(commit) is None:
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
+    base, onto = ws.resolve_commit(base), ws.resolve_commit(onto)
+    trees = Trees(base, onto, base, onto)
     if underlay is not None:
-        base = with_series(ws, ws.resolve_commit(base), underlay.old, underlay.old_name)
-        onto = with_series(ws, ws.resolve_commit(onto), underlay.new, underlay.new_name)
+        trees = Trees(base, onto, with_series(ws, base, underlay.old, underlay.old_name),
+                      with_series(ws, onto, underlay.new, underlay.new_name), underlay)
     outcomes: list[PatchOutcome] = []
     with oplock.exclusive(ws.git_dir, ws.path):  # one dspark run at a time in this repository
         # what a git killed with an earlier run left failed every later run's reset and checkout:
         # ours to remove under the lock (the work tree is ours; no other dspark runs git in it)
         ws.remove_git_locks(branch)
         if resume:
-            outcomes = _resumed_outcomes(ws, branch, onto, patches)
+            outcomes = _resumed_outcomes(ws, branch, trees, patches)
         else:
-            start_branch(ws, branch, onto, force)
+            start_branch(ws, branch, trees.onto_with, force)
         series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
         for patch in patches[len(outcomes):]:
             if any(o.status == CONFLICT for o in outcomes):
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
                 outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
                 continue
-            outcomes.append(apply_one(ws, patch, base, series_adds))
+            outcomes.append(apply_one(ws, patch, trees, series_adds))
             series_adds |= set(created_paths(patch.path))
-    result = RebaseResult(workdir=ws.path, branch=branch, base=ws.resolve_commit(base), onto=ws.resolve_commit(onto),
-                          outcomes=outcomes, under=underlay.new_name if underlay else None)
+    under = None if underlay is None else {"base_series": underlay.old_name, "onto_series": underlay.new_name,
+                                           "base_with_series": trees.base_with, "onto_with_series": trees.onto_with}
+    result = RebaseResult(workdir=ws.path, branch=branch, base=base, onto=onto, outcomes=outcomes, under=under)
     _record_statuses(ws, result)
     return result
 
@@ -332,23 +369,29 @@ def _record_statuses(ws: Workspace, result: RebaseResult, marker_move: dict | No
     record = _record_file(ws)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(record, json.dumps({
-        "branch": result.branch, "onto": result.onto,
+        "branch": result.branch, "onto": result.start, "upstream_onto": result.onto,
         "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
                     for o in result.outcomes], **({"marker_move": marker_move} if marker_move else {})}))
 
 
-def _recorded_outcomes(ws: Workspace, branch: str, onto: str) -> list[dict]:
+def _recorded_outcomes(ws: Workspace, branch: str, trees: Trees) -> list[dict]:
     try:
         data = json.loads(_record_file(ws).read_text())
     except (OSError, ValueError, RecursionError):
         data = {}
-    if data.get("branch") != branch or data.get("onto") != ws.resolve_commit(onto) or "patches" not in data:
-        raise UsageError(f"{ws.path}: no record of a rebase of {branch} onto {onto} here; nothing to continue "
-                         "(start over with --force)")
+    if not isinstance(data, dict):
+        data = {}
+    if (trees.underlay is not None and data.get("branch") == branch and data.get("upstream_onto") == trees.onto
+            and data.get("onto") != trees.onto_with):  # the tree with it is made anew from the series' patches
+        raise UsageError(f"{ws.path}: DSpark's series {trees.underlay.new_name} changed since the last run of "
+                         f"{branch}, so the tree your resolution was made on is gone; start over with --force")
+    if data.get("branch") != branch or data.get("onto") != trees.onto_with or "patches" not in data:
+        raise UsageError(f"{ws.path}: no record of a rebase of {branch} onto {trees.onto[:12]} here; nothing to "
+                         "continue (start over with --force)")
     return finish_marker_move(ws, branch, data)
 
 
-def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch]) -> list[PatchOutcome]:
+def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Patch]) -> list[PatchOutcome]:
     """The outcomes of the patches the last run got through, matched to the work branch's commits
     since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
     owns the single commit after them (the human's resolution, which they may amend after a
@@ -358,13 +401,13 @@ def _resumed_outcomes(ws: Workspace, branch: str, onto: str, patches: list[Patch
     gave an extra commit to a patch that never ran and silently lost that patch's change."""
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
-    recorded = _recorded_outcomes(ws, branch, onto)
+    recorded = _recorded_outcomes(ws, branch, trees)
     if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
         raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
     if [r["patch"] for r in recorded] != [p.name for p in patches]:
         raise UsageError(f"{ws.path}: the series is not the one the last run of {branch} applied; "
                          "start over with --force")
-    commits = ws.git.out("rev-list", "--reverse", f"{ws.resolve_commit(onto)}..HEAD").splitlines()
+    commits = ws.git.out("rev-list", "--reverse", f"{trees.onto_with}..HEAD").splitlines()
     outcomes: list[PatchOutcome] = []
     expected: list[str] = []  # the commit each patch so far should own, as "name (sha)"
     claimed: list[str | None] = []  # those commits, as found
@@ -502,7 +545,8 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
                 result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
 
 
-def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path]) -> None:
+def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path],
+                  default_out: str = "the pin's series beside the compat.yaml in use") -> None:
     """What the rebase will create, checked before any work (the new pin's name, which names the
     work branch, was checked as compat.yaml's): an out directory that is empty unless `force` (a
     refusal after the rebase would leave its branch).
@@ -510,7 +554,8 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
     A refreshed series replaces `out_dir` whole, so even with `force` it must be a series directory
     (a `series` file, no `.git`: a checkout given by mistake was deleted) and may not be, contain or sit
     in a `protected` directory (the --repo, the work tree, the cache: --out equal to --repo deleted
-    its .git), nor contain the series being carried (equal to it is the refresh in place)."""
+    its .git), nor contain the series being carried (equal to it is the refresh in place).
+    `default_out` says where --out goes when not given."""
     out = out_dir.resolve()
     for what, path in protected.items():
         path = path.resolve()
@@ -524,7 +569,7 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise UsageError(f"{out_dir} exists and is not empty; give a new --out, or pass --force to replace it "
-                             "(without --out it is the pin's series beside the compat.yaml in use)")
+                             f"(without --out it is {default_out})")
         if (out_dir / ".git").exists() or not (out_dir / series_mod.SERIES_FILE).is_file():
             raise UsageError(f"--out {out_dir} is not a patch series (a git checkout, or no series file); --force "
                              "replaces only a series directory: choose another --out")
@@ -617,11 +662,19 @@ def _swap_in(new: Path, out_dir: Path, old: Path) -> None:
 # ------------------------------------------------------------------ where the two trees come from
 
 
-def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
+def pin_commit(ws: Workspace, pin: Pin) -> str:
+    """The pin's commit in ws, or its tag's (a clone may lack one or the other)."""
+    commit = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
+    if commit is None:
+        raise UsageError(f"{ws.path}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
+    return commit
+
+
+def worktree_of(repo: Path, workdir: Path, onto: str | Pin, branch: str, force: bool,
                 resume: bool) -> tuple[Workspace, bool, str]:
     """A linked worktree of the user's `repo` at `workdir`, so their own checkout is never touched,
-    whether this run added it, and `onto` as the commit it names in `repo` (in the worktree HEAD or
-    a relative name would be the work branch's own commits). Everything that can refuse is checked
+    whether this run added it, and `onto` (a name, or a pin) as the commit it names in `repo` (in
+    the worktree HEAD or a relative name would be the work branch's own commits). Everything that can refuse is checked
     before `git worktree add`: bad input leaves nothing registered in their repository. `repo` is
     a repository (rebase_in_worktree checked it)."""
     source = Workspace(repo)
@@ -629,7 +682,7 @@ def worktree_of(repo: Path, workdir: Path, onto: str, branch: str, force: bool,
     # registered") and keep its branch checked out. Prune drops only such entries (not locked ones).
     source.git.run("worktree", "prune")
     _undo_unfinished_add(source, workdir)
-    onto_commit = source.resolve_commit(onto)
+    onto_commit = pin_commit(source, onto) if isinstance(onto, Pin) else source.resolve_commit(onto)
     if onto_commit is None:
         raise UsageError(f"{repo}: --onto {onto} does not name a commit")
     holder = source.worktree_on(branch)
@@ -691,7 +744,7 @@ def _undo_unfinished_add(source: Workspace, workdir: Path) -> None:
         adding.unlink()
 
 
-def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch], branch: str,
+def rebase_in_worktree(repo: Path, workdir: Path, onto: str | Pin, pin: Pin, patches: list[Patch], branch: str,
                        force: bool, resume: bool, underlay: Underlay | None = None) -> tuple[Workspace, RebaseResult]:
     """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
     failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
@@ -702,14 +755,12 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str, pin: Pin, patches: 
         return _rebase_in_worktree(source, repo, workdir, onto, pin, patches, branch, force, resume, underlay)
 
 
-def _rebase_in_worktree(source: Workspace, repo: Path, workdir: Path, onto: str, pin: Pin, patches: list[Patch],
+def _rebase_in_worktree(source: Workspace, repo: Path, workdir: Path, onto: str | Pin, pin: Pin, patches: list[Patch],
                         branch: str, force: bool, resume: bool, underlay: Underlay | None) -> tuple[Workspace, RebaseResult]:
     ws, added, onto_commit = worktree_of(repo, workdir, onto, branch, force, resume)
     branch_before = source.branch_sha(branch)
     try:
-        base = ws.resolve_commit(pin.commit) or ws.resolve_commit(pin.tag)
-        if base is None:
-            raise UsageError(f"{repo}: has neither {pin.name}'s commit {pin.commit} nor tag {pin.tag}")
+        base = pin_commit(source, pin)  # the worktree shares its objects and refs
         return ws, rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume, underlay=underlay)
     except BaseException:
         if added:

@@ -592,12 +592,13 @@ def team_series(u, edits):
 
 def dspark_pin_v2(u, ours_py):
     """Upstream v2.0 (mod.py moves down three lines) and DSpark's own series for it, pinned in
-    compat.yaml: our three patches carried, with ours.py now `ours_py`."""
+    compat.yaml: our three patches carried, with ours.py now `ours_py` (None: not added)."""
     onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v2.0")
     git(u["repo"], "checkout", "-q", "-b", "dspark-v2", "v2.0")
     commit_files(u["repo"], {"mod.py": ("import os\n\n\n" + MOD).replace("return x + 3", "return x + 3  # ours")},
                  "ours: mark f3")
-    commit_files(u["repo"], {"ours.py": ours_py}, "ours: new module")
+    if ours_py is not None:  # None: DSpark's v2.0 series no longer adds ours.py
+        commit_files(u["repo"], {"ours.py": ours_py}, "ours: new module")
     commit_files(u["repo"], {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
     patches = u["tmp"] / "patches" / "eng" / "v2.0"
     names = git(u["repo"], "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2",
@@ -640,7 +641,13 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
     run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert report["under"] == "eng/v2.0" and report["branch"] == "dspark/rebase-layered-v2.0"
+    assert report["branch"] == "dspark/layered-rebase/v2.0"
+    assert Path(report["workdir"]) == u["tmp"] / "cache" / "rebase-layered" / "eng-v2.0"
+    # base and onto are upstream's commits; the trees with DSpark's series are named apart
+    assert (report["base"], report["onto"]) == (u["base"], git(u["repo"], "rev-parse", "v2.0"))
+    assert {k: v for k, v in report["under"].items() if not k.endswith("_with_series")} == {
+        "base_series": "eng/v1.0", "onto_series": "eng/v2.0"}
+    assert git(u["repo"], "rev-parse", f"{report['under']['onto_with_series']}^") == report["onto"]
     assert [p["status"] for p in report["patches"]] == ["3-way", "clean"]  # merged with ours.py of DSpark's v2.0
     assert report["patches"][0]["details"] == ["ours.py: hunk #1 (@@ -1 +1,2 @@) merged 3-way"]
     assert report["compat_entry"] is None  # a layer is no pin
@@ -678,7 +685,7 @@ def test_a_layered_series_is_carried_between_release_files_too(upstream):
     run = dspark(u, "--onto", "2.0", "--series", str(team), "--layered")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert report["under"] == "eng/v2.0" and report["compat_entry"] is None
+    assert report["under"]["onto_series"] == "eng/v2.0" and report["compat_entry"] is None
     assert [p["status"] for p in report["patches"]] == ["3-way"]
     [patch] = series.load_series(u["tmp"] / "team" / "v2.0", "team")
     assert "+TEAM = 1" in patch.path.read_text()
@@ -702,6 +709,118 @@ def test_a_layered_conflict_is_resolved_and_continued_on_the_same_trees(upstream
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved"]
     [patch] = series.load_series(out, "team")
     assert "+TEAM = 1" in patch.path.read_text() and "Subject: [PATCH 1/1] team: extend the hook" in patch.path.read_text()
+
+
+def test_a_layered_series_is_carried_onto_a_pin_named_by_its_release_version_in_a_repo_without_its_tag(upstream):
+    """--onto 2.0 names pin v2.0 by its version: in git mode that is the pin's commit (or tag)."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    onto = dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    git(u["repo"], "tag", "-d", "v2.0")
+    run = dspark(u, "--onto", "2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["onto"] == onto and report["new_pin"] == "v2.0"
+    assert [p["status"] for p in report["patches"]] == ["3-way"]
+
+
+@pytest.mark.parametrize("how", ["--out", "--series"])
+def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
+    """--out naming DSpark's series of either pin, or --series naming one (whose default out is the
+    other pin's series), is refused before any work, even with --force."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    ours = u["tmp"] / "patches" / "eng"
+    before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0")}
+    args = (["--series", str(team), "--out", str(ours / "v2.0")] if how == "--out"
+            else ["--series", str(ours / "v1.0")])
+    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--layered", "--force", *args)
+    assert run.returncode == 2, run.stderr
+    expected = ("is the DSpark series eng/v2.0" if how == "--out"
+                else "--series is DSpark's own series eng/v1.0: carry it without --layered")
+    assert expected in run.stderr
+    assert {name: snapshot(ours / name) for name in ("v1.0", "v2.0")} == before
+    assert not git(u["repo"], "branch", "--list", "dspark/*")
+
+
+def test_a_file_dspark_old_series_added_and_its_new_one_does_not_is_named_so(upstream):
+    """Not 'deleted upstream': upstream never had it."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"}),
+                           ("team: more other", {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")
+                                                                  .replace("F = 6\n", "F = 6\nTEAM = 66\n")})])
+    dspark_pin_v2(u, None)
+    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert stopped.returncode == 4, stopped.stderr
+    first = json.loads(stopped.stdout)["patches"][0]
+    assert first["details"] == ["ours.py: not in the new tree: DSpark's series eng/v1.0 adds it, eng/v2.0 does not"]
+    assert "port its change into the new tree" in stopped.stderr
+    work = Path(json.loads(stopped.stdout)["workdir"])
+    git(work, "commit", "-q", "--allow-empty", "-m", "drop it")
+    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["already upstream", "clean"]
+
+
+def test_a_layered_change_dspark_new_series_makes_is_said_to_be_in_it(upstream):
+    u = upstream
+    team = team_series(u, [("team: v2 hook", {"ours.py": "# v2\nHOOK = True\n"})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert run.returncode == 0, run.stderr
+    [patch] = json.loads(run.stdout)["patches"]
+    assert patch["status"] == "already upstream"
+    assert patch["details"] == ["its changes are already in the new tree with DSpark's series eng/v2.0: dropped "
+                                "from the refreshed series"]
+
+
+def test_a_layered_default_out_that_exists_is_named_as_beside_the_series(upstream):
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    (u["tmp"] / "team" / "v2.0").mkdir()
+    (u["tmp"] / "team" / "v2.0" / "mine").write_text("x")
+    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert run.returncode == 2
+    assert "(without --out it is the new pin's name beside --series)" in run.stderr
+
+
+def test_continue_after_dspark_series_under_the_layer_changed_says_so(upstream):
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
+    args = ("--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    stopped = dspark(u, *args)
+    assert stopped.returncode == 4, stopped.stderr
+    work = Path(json.loads(stopped.stdout)["workdir"])
+    (work / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
+    git(work, "commit", "-q", "-am", "resolved")
+    ours = u["tmp"] / "patches" / "eng" / "v2.0"
+    (ours / "series").write_text("".join(line for line in (ours / "series").read_text().splitlines(True)
+                                         if "other" not in line))
+    series.write_lock(ours)
+    resumed = dspark(u, *args, "--continue")
+    assert resumed.returncode == 2
+    assert "DSpark's series eng/v2.0 changed since the last run of dspark/layered-rebase/v2.0" in resumed.stderr
+
+
+def test_a_plain_run_can_take_no_name_a_layered_run_uses(upstream):
+    """A plain run's work tree and branch (named after --pin) never meet a layered run's."""
+    u = upstream
+    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
+    layered = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert layered.returncode == 4, layered.stderr
+    for pin in ("v2.0-layered", "layered"):
+        plain = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--pin", pin)
+        assert plain.returncode == 0, plain.stderr
+        assert json.loads(plain.stdout)["workdir"] != json.loads(layered.stdout)["workdir"]
+    work = Path(json.loads(layered.stdout)["workdir"])
+    (work / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
+    git(work, "commit", "-q", "-am", "resolved")
+    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", "--continue")
+    assert done.returncode == 0, done.stderr
 
 
 def test_layered_needs_a_series_and_an_onto_pin_with_dspark_series(upstream):

@@ -76,7 +76,7 @@ def _release_commit_id(ws: Workspace, commit: str, module: str) -> str | None:
 
 
 def _render(report: dict) -> None:
-    under = f" with DSpark's series {report['under']}" if report["under"] else ""
+    under = f" with DSpark's series {report['under']['onto_series']}" if report["under"] else ""
     table = Table(title=escape(f"rebase onto {report['onto'][:12]}{under} (branch {report['branch']})"))
     for column in ("patch", "result", "files", "details"):
         table.add_column(column, overflow="fold")
@@ -106,9 +106,9 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
         if result.under is None:
             return ("a series layered on DSpark's (`dspark apply --series`) changes files DSpark's series adds: "
                     "carry it on DSpark's series of both pins with --layered")
-        return (f"the file is in neither the new tree nor DSpark's series {result.under}: a series layered on "
-                "another team's must be carried onto that series by hand")
-    if any(d.endswith(rebase.DELETED_UPSTREAM) for d in conflict.details):
+        return (f"the file is in neither the new tree nor DSpark's series {result.under['onto_series']}: a series "
+                "layered on another team's must be carried onto that series by hand")
+    if any(rebase.GONE in d for d in conflict.details):
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
                 f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
                 "with --continue")
@@ -116,22 +116,30 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
 
 
 def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, series_dir: Path | None,
-                  out: Path | None) -> compat_mod.Pin:
-    """The pin whose DSpark series a layered series is carried onto: --onto must name one (by
-    name, tag, commit or release version), since that series is what `apply --series` lays it on."""
+                  out: Path | None, repo: Path | None) -> tuple[compat_mod.Pin, rebase.Underlay]:
+    """The pin whose DSpark series a layered series is carried onto, and DSpark's series of both
+    pins: --onto must name one (by name, tag, commit or release version), since that series is
+    what `apply --series` lays it on."""
     if series_dir is None:
         raise UsageError("--layered carries your own series: give it with --series")
+    ours = next((p for p in engine.pins.values() if p.patches.resolve() == series_dir), None)
+    if ours is not None:
+        raise UsageError(f"--layered: --series is DSpark's own series {engine.name}/{ours.name}: carry it without "
+                         "--layered")
     onto_pin = _release_pin(engine, onto)
     if onto_pin is None:
+        repo_option = f" --repo {repo}" if repo is not None else ""
         raise UsageError(f"--layered: --onto {onto} is no {engine.name} pin in compat.yaml, so DSpark has no series "
                          f"there to layer yours on; carry DSpark's first (`dspark rebase {engine.name} --from "
-                         f"{pin.name} --onto {onto}`), add its pin to compat.yaml, then run this again")
+                         f"{pin.name} --onto {onto}{repo_option}`), add its pin to compat.yaml, then run this again")
     if onto_pin.name == pin.name:
         raise UsageError(f"--layered: --onto {onto} is the --from pin {pin.name} itself")
     if out is None and series_dir.name != pin.name:
         raise UsageError(f"--layered: give --out (the carried series is written beside --series only when its "
                          f"directory is named after the --from pin, {pin.name})")
-    return onto_pin
+    underlay = rebase.Underlay(f"{engine.name}/{pin.name}", load_series(pin.patches, "dspark"),
+                               f"{engine.name}/{onto_pin.name}", load_series(onto_pin.patches, "dspark"))
+    return onto_pin, underlay
 
 
 def _check_pin_name(name: str, fix: str) -> None:
@@ -173,14 +181,12 @@ def register(app: typer.Typer) -> None:
         # Path options are relative to the caller's cwd, but git runs in the work tree (a relative
         # patch path there is "can't open patch", reported as a conflict): make them absolute now.
         repo, out, series_dir, workdir = (p.resolve() if p else None for p in (repo, out, series_dir, workdir))
-        onto_pin = _layered_onto(engine, pin, onto, series_dir, out) if layered else None
+        onto_pin, underlay = _layered_onto(engine, pin, onto, series_dir, out, repo) if layered else (None, None)
         source_dir = series_dir or pin.patches
         # Before anything reads it: a run killed while swapping a refreshed series in left none.
         for note in rebase.recover_interrupted(source_dir):
             say(note, err=True, markup=False)
         patches = load_series(source_dir, "team" if layered else "dspark")
-        underlay = rebase.Underlay(f"{engine_name}/{pin.name}", load_series(pin.patches, "dspark"),
-                                   f"{engine_name}/{onto_pin.name}", load_series(onto_pin.patches, "dspark")) if layered else None
         for option, path in (("--workdir", workdir), ("--out", out)):
             if path is not None:
                 check_dir_option(path, option)  # before any work, not an OSError after it
@@ -195,20 +201,28 @@ def register(app: typer.Typer) -> None:
         if onto_pin is not None:
             name = new_pin or onto_pin.name
         _check_pin_name(name, "name the new pin with --pin")
-        # a layered series is the team's: its own branch and work tree, beside its series by default
-        kind = "-layered" if layered else ""
-        branch, out_dir = f"dspark/rebase{kind}-{name}", out or (source_dir if layered else pin.patches).parent / name
+        default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
+        protected = {"--repo": repo, "dspark cache": cache_dir()}
+        if layered:  # the team's: a branch and work tree no plain run's name can give, out beside its series
+            branch, out_dir = f"dspark/layered-rebase/{name}", out or source_dir.parent / name
+            work = (workdir or cache_subdir("rebase-layered") / default_work).resolve()
+            protected |= {f"DSpark series {engine_name}/{p.name}": p.patches for p in (pin, onto_pin)}
+            default_out = "the new pin's name beside --series"
+        else:
+            branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
+            work = (workdir or cache_subdir("rebase") / default_work).resolve()  # an unusable DSPARK_CACHE: exit 3
+            default_out = "the pin's series beside the compat.yaml in use"
         for note in rebase.recover_interrupted(out_dir):
             say(note, err=True, markup=False)
-        default_work = (f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}") + kind
-        work = (workdir or cache_subdir("rebase") / default_work).resolve()  # an unusable DSPARK_CACHE: exit 3
-        protected = {"--repo": repo, "work tree": work, "dspark cache": cache_dir()}
+        protected["work tree"] = work
         rebase.check_targets(out_dir, force, source_dir,
-                             {what: path for what, path in protected.items() if path is not None})  # before any work
+                             {what: path for what, path in protected.items() if path is not None},
+                             default_out)  # before any work
 
         compat_entry = None
         if repo is not None:
-            ws, result = rebase.rebase_in_worktree(repo, work, onto, pin, patches, branch, force, resume, underlay)
+            ws, result = rebase.rebase_in_worktree(repo, work, onto_pin or onto, pin, patches, branch, force, resume,
+                                                   underlay)
         else:
             ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release, resume)
             if not layered:  # a layered series is no pin: it is passed to apply with --series
