@@ -75,6 +75,7 @@ class Engine:
     distributions: tuple[str, ...]
     default_pin: str
     pins: dict[str, Pin]
+    repository_line: int | None = None  # where compat.yaml writes it: checked only when a clone reads it
 
     def resolve_pin(self, ref: str | None) -> Pin | None:
         """The pin named by `ref`: its name, tag, or (short) commit, or a version without the tag's
@@ -251,6 +252,7 @@ class _Validator:
             distributions=distributions,
             default_pin=default_pin,
             pins=pins,
+            repository_line=keys["repository"].start_mark.line + 1,
         )
 
     def pin(self, engine, name, node) -> Pin:

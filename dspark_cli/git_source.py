@@ -65,16 +65,17 @@ def is_local_path(url: str) -> bool:
     return "://" not in url and ":" not in url.split("/", 1)[0]
 
 
-def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
-    """--repo (or what `origin` names) as clones and records take it: a local path made absolute
-    (git runs it from inside the workspace, where a relative one points elsewhere; a quoted ~ is the
-    home directory, as `compat lock` reads it), a URL as given. A path that does not exist, a file
+def checked_repo(repo: str | None, origin: str = "--repo", relative_to: Path | None = None) -> str | None:
+    """--repo (or what `origin` names) as clones and records take it: a local path made absolute,
+    relative to `relative_to` (default: the cwd; git runs it from inside the workspace, where a
+    relative one points elsewhere; a quoted ~ is the home directory, as `compat lock` reads it), a
+    URL as given. A path that does not exist, a file
     git cannot clone, or a directory that is no repository (nor a subdirectory of one: git clones
     neither) is bad input, found before any clone, whether or not one is needed."""
     if not repo or not is_local_path(repo):
         return repo
     try:
-        path = Path(repo).expanduser().absolute()
+        path = ((relative_to or Path.cwd()) / Path(repo).expanduser()).absolute()
     except RuntimeError as exc:  # ~user of no such user
         raise UsageError(f"{origin} {repo}: {exc}") from None
     if not path.exists():
@@ -92,8 +93,11 @@ def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
 
 def engine_repository(compat: Compat, engine: str) -> str:
     """compat.yaml's `repository` of `engine`, checked as --repo is when it is used: the user wrote
-    that path too, so a missing one is bad input (was exit 3 from the clone), named by file and key."""
-    return checked_repo(compat.engine(engine).repository, f"{compat.path}: engines.{engine}.repository")
+    that path too, so a missing one is bad input (was exit 3 from the clone), named by file, line and
+    key. A relative path is relative to the compat.yaml, as its `patches` are."""
+    where = compat.engine(engine)
+    return checked_repo(where.repository, f"{compat.path}:{where.repository_line}: engines.{engine}.repository",
+                        compat.path.resolve().parent)
 
 
 def _clonable_file(path: Path) -> bool:

@@ -221,11 +221,30 @@ def test_a_local_repo_path_that_does_not_exist_is_bad_input(toy_env, command, or
     else:  # a short pin too: compat lock reads the repository only to lock one
         compat.write_text(compat.read_text().replace(f"repository: {upstream['repo']}", "repository: /no/such/dir")
                           .replace(upstream["v1.0"], upstream["v1.0"][:9]))
-        named = f"{compat}: engines.toy.repository"
+        line = next(n for n, text in enumerate(compat.read_text().splitlines(), 1) if "repository:" in text)
+        named = f"{compat}:{line}: engines.toy.repository"
     result = run_dspark(*args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {named} /no/such/dir: no such directory (give a clone's directory or a URL)"
     assert not toy_env["work"].exists() and not (toy_env["root"] / "cache" / "git").exists()
+
+
+@pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
+def test_a_relative_repository_in_compat_yaml_is_relative_to_the_file_as_patches_are(toy_env, command, tmp_path):
+    """Was relative to the caller's cwd: the same compat.yaml cloned different repositories (or none)
+    depending on where dspark ran."""
+    compat, upstream = toy_env["compat_path"], toy_env["upstream"]
+    relative = os.path.relpath(upstream["repo"], compat.parent)
+    compat.write_text(compat.read_text().replace(f"repository: {upstream['repo']}", f"repository: {relative}")
+                      .replace(upstream["v1.0"], upstream["v1.0"][:9]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_dspark(*[a.format(work=toy_env["work"]) for a in command], cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    if command[0] == "apply":
+        assert git(toy_env["work"], "rev-parse", "HEAD~2") == upstream["v1.0"]
+    else:
+        assert f"commit: {upstream['v1.0']}" in compat.read_text()
 
 
 @pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
