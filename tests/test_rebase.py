@@ -590,16 +590,21 @@ def team_series(u, edits):
     return team
 
 
-def dspark_pin_v2(u, ours_py):
+def dspark_pin_v2(u, ours_py, drop_other=False):
     """Upstream v2.0 (mod.py moves down three lines) and DSpark's own series for it, pinned in
-    compat.yaml: our three patches carried, with ours.py now `ours_py` (None: not added)."""
+    compat.yaml: our three patches carried, with ours.py now `ours_py` (None: not added), and
+    other.py deleted instead of changed with `drop_other`."""
     onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v2.0")
     git(u["repo"], "checkout", "-q", "-b", "dspark-v2", "v2.0")
     commit_files(u["repo"], {"mod.py": ("import os\n\n\n" + MOD).replace("return x + 3", "return x + 3  # ours")},
                  "ours: mark f3")
     if ours_py is not None:  # None: DSpark's v2.0 series no longer adds ours.py
         commit_files(u["repo"], {"ours.py": ours_py}, "ours: new module")
-    commit_files(u["repo"], {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
+    if drop_other:
+        git(u["repo"], "rm", "-q", "other.py")
+        git(u["repo"], "commit", "-q", "-m", "ours: other goes")
+    else:
+        commit_files(u["repo"], {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
     patches = u["tmp"] / "patches" / "eng" / "v2.0"
     names = git(u["repo"], "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2",
                 "v2.0").splitlines()
@@ -761,6 +766,18 @@ def test_a_file_dspark_old_series_added_and_its_new_one_does_not_is_named_so(ups
     done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["already upstream", "clean"]
+
+
+def test_a_file_dspark_new_series_deletes_is_named_so(upstream):
+    u = upstream
+    team = team_series(u, [("team: more other", {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")
+                                                                 .replace("F = 6\n", "F = 6\nTEAM = 66\n")})])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n", drop_other=True)
+    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    assert stopped.returncode == 4, stopped.stderr
+    assert json.loads(stopped.stdout)["patches"][0]["details"] == [
+        "other.py: not in the new tree: DSpark's series eng/v2.0 deletes it"]
+    assert "port its change into the new tree" in stopped.stderr
 
 
 def test_a_layered_change_dspark_new_series_makes_is_said_to_be_in_it(upstream):
