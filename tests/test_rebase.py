@@ -28,6 +28,21 @@ def commit_files(repo, files, message):
     return git(repo, "rev-parse", "HEAD")
 
 
+def pin_entry(name, commit):
+    """compat.yaml's entry of eng's pin `name` (its tag too) at `commit`, series in patches/eng/NAME."""
+    return f"""      {name}:
+        commit: {commit}
+        tag: {name}
+        patches: patches/eng/{name}
+        releases: []
+        python: ">=3.8"
+        torch: ">=2.0"
+        cuda: ">=12"
+        tested:
+          ci-cpu: test
+"""
+
+
 @pytest.fixture
 def upstream(tmp_path):
     """A repository with base commit A, a three-patch series made on A, and compat.yaml naming it."""
@@ -54,17 +69,7 @@ engines:
     distributions: [eng]
     default_pin: v1.0
     pins:
-      v1.0:
-        commit: {base}
-        tag: v1.0
-        patches: patches/eng/v1.0
-        releases: []
-        python: ">=3.8"
-        torch: ">=2.0"
-        cuda: ">=12"
-        tested:
-          ci-cpu: test
-""")
+""" + pin_entry("v1.0", base))
     return {"repo": repo, "base": base, "patches": patches, "compat": compat, "tmp": tmp_path}
 
 
@@ -611,19 +616,32 @@ def dspark_pin_v2(u, ours_py, drop_other=False):
     (patches / "series").write_text("".join(Path(n).name + "\n" for n in names))
     series.write_lock(patches)
     with u["compat"].open("a") as compat:
-        compat.write(f"""      v2.0:
-        commit: {onto}
-        tag: v2.0
-        patches: patches/eng/v2.0
-        releases: []
-        python: ">=3.8"
-        torch: ">=2.0"
-        cuda: ">=12"
-        tested:
-          ci-cpu: test
-""")
+        compat.write(pin_entry("v2.0", onto))
     git(u["repo"], "checkout", "-q", "main")
     return onto
+
+
+HOOK_EDIT = ("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})  # a team patch to ours.py
+
+
+def layered(u, team, *args):
+    """`--layered` of `team` from v1.0 onto v2.0 in git mode."""
+    return dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", *args)
+
+
+def resolved_hook_conflict(u, *args):
+    """A layered run of HOOK_EDIT stopped on DSpark's v2.0 ours.py, which adds a line where the
+    team's goes, and that conflict resolved and committed: (team series, the stopped run's report)."""
+    team = team_series(u, [HOOK_EDIT])
+    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
+    stopped = layered(u, team, *args)
+    assert stopped.returncode == 4, stopped.stderr
+    report = json.loads(stopped.stdout)
+    assert report["patches"][0]["details"][0].startswith("ours.py: conflict markers at lines ")
+    work = Path(report["workdir"])
+    (work / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
+    git(work, "commit", "-q", "-am", "resolved")
+    return team, report
 
 
 def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_on_the_new_pin(upstream):
@@ -632,7 +650,7 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
     is --layered. With it, the layer is carried from v1.0 + DSpark's v1.0 series onto v2.0 + DSpark's
     v2.0 series, written beside it (team/v2.0), and `dspark apply --series` of it gives the result."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"}),
+    team = team_series(u, [HOOK_EDIT,
                            ("team: mark f6", {"mod.py": MOD.replace("return x + 3", "return x + 3  # ours")
                                                           .replace("return x + 6", "return x + 6  # team")})])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
@@ -643,7 +661,7 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
     assert first["status"] == "conflict" and first["details"] == ["ours.py: in neither upstream tree (a file another series adds)"]
     assert "carry it on DSpark's series of both pins with --layered" in bare.stderr
 
-    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    run = layered(u, team)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["branch"] == "dspark/layered-rebase/v2.0"
@@ -676,7 +694,7 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
 def test_a_layered_series_is_carried_between_release_files_too(upstream):
     """Without --repo the two trees are the pins' release files (sdists, here in the cache)."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    team = team_series(u, [HOOK_EDIT])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
     compat = u["compat"].read_text()
     for version in ("1.0", "2.0"):
@@ -699,17 +717,9 @@ def test_a_layered_series_is_carried_between_release_files_too(upstream):
 def test_a_layered_conflict_is_resolved_and_continued_on_the_same_trees(upstream):
     """The trees with DSpark's series are remade on every run: --continue must find the same ones."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
-    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")  # DSpark's v2.0 series adds a line where the team's goes
     wd, out = u["tmp"] / "wd-l", u["tmp"] / "out-l"
-    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered",
-                     "--workdir", str(wd), "--out", str(out))
-    assert stopped.returncode == 4, stopped.stderr
-    assert json.loads(stopped.stdout)["patches"][0]["details"][0].startswith("ours.py: conflict markers at lines ")
-    (wd / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
-    git(wd, "commit", "-q", "-am", "resolved")
-    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered",
-                  "--workdir", str(wd), "--out", str(out), "--continue")
+    team, _ = resolved_hook_conflict(u, "--workdir", str(wd), "--out", str(out))
+    done = layered(u, team, "--workdir", str(wd), "--out", str(out), "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved"]
     [patch] = series.load_series(out, "team")
@@ -719,7 +729,7 @@ def test_a_layered_conflict_is_resolved_and_continued_on_the_same_trees(upstream
 def test_a_layered_series_is_carried_onto_a_pin_named_by_its_release_version_in_a_repo_without_its_tag(upstream):
     """--onto 2.0 names pin v2.0 by its version: in git mode that is the pin's commit (or tag)."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    team = team_series(u, [HOOK_EDIT])
     onto = dspark_pin_v2(u, "# v2\nHOOK = True\n")
     git(u["repo"], "tag", "-d", "v2.0")
     run = dspark(u, "--onto", "2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
@@ -734,7 +744,7 @@ def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
     """--out naming DSpark's series of either pin, or --series naming one (whose default out is the
     other pin's series), is refused before any work, even with --force."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    team = team_series(u, [HOOK_EDIT])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
     ours = u["tmp"] / "patches" / "eng"
     before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0")}
@@ -752,18 +762,18 @@ def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
 def test_a_file_dspark_old_series_added_and_its_new_one_does_not_is_named_so(upstream):
     """Not 'deleted upstream': upstream never had it."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"}),
+    team = team_series(u, [HOOK_EDIT,
                            ("team: more other", {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")
                                                                   .replace("F = 6\n", "F = 6\nTEAM = 66\n")})])
     dspark_pin_v2(u, None)
-    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    stopped = layered(u, team)
     assert stopped.returncode == 4, stopped.stderr
     first = json.loads(stopped.stdout)["patches"][0]
     assert first["details"] == ["ours.py: not in the new tree: DSpark's series eng/v1.0 adds it, eng/v2.0 does not"]
     assert "port its change into the new tree" in stopped.stderr
     work = Path(json.loads(stopped.stdout)["workdir"])
     git(work, "commit", "-q", "--allow-empty", "-m", "drop it")
-    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", "--continue")
+    done = layered(u, team, "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["already upstream", "clean"]
 
@@ -773,7 +783,7 @@ def test_a_file_dspark_new_series_deletes_is_named_so(upstream):
     team = team_series(u, [("team: more other", {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")
                                                                  .replace("F = 6\n", "F = 6\nTEAM = 66\n")})])
     dspark_pin_v2(u, "# v2\nHOOK = True\n", drop_other=True)
-    stopped = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    stopped = layered(u, team)
     assert stopped.returncode == 4, stopped.stderr
     assert json.loads(stopped.stdout)["patches"][0]["details"] == [
         "other.py: not in the new tree: DSpark's series eng/v2.0 deletes it"]
@@ -784,7 +794,7 @@ def test_a_layered_change_dspark_new_series_makes_is_said_to_be_in_it(upstream):
     u = upstream
     team = team_series(u, [("team: v2 hook", {"ours.py": "# v2\nHOOK = True\n"})])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
-    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    run = layered(u, team)
     assert run.returncode == 0, run.stderr
     [patch] = json.loads(run.stdout)["patches"]
     assert patch["status"] == "already upstream"
@@ -794,30 +804,23 @@ def test_a_layered_change_dspark_new_series_makes_is_said_to_be_in_it(upstream):
 
 def test_a_layered_default_out_that_exists_is_named_as_beside_the_series(upstream):
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    team = team_series(u, [HOOK_EDIT])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
     (u["tmp"] / "team" / "v2.0").mkdir()
     (u["tmp"] / "team" / "v2.0" / "mine").write_text("x")
-    run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
+    run = layered(u, team)
     assert run.returncode == 2
     assert "(without --out it is the new pin's name beside --series)" in run.stderr
 
 
 def test_continue_after_dspark_series_under_the_layer_changed_says_so(upstream):
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
-    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
-    args = ("--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
-    stopped = dspark(u, *args)
-    assert stopped.returncode == 4, stopped.stderr
-    work = Path(json.loads(stopped.stdout)["workdir"])
-    (work / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
-    git(work, "commit", "-q", "-am", "resolved")
+    team, _ = resolved_hook_conflict(u)
     ours = u["tmp"] / "patches" / "eng" / "v2.0"
     (ours / "series").write_text("".join(line for line in (ours / "series").read_text().splitlines(True)
                                          if "other" not in line))
     series.write_lock(ours)
-    resumed = dspark(u, *args, "--continue")
+    resumed = layered(u, team, "--continue")
     assert resumed.returncode == 2
     assert "DSpark's series eng/v2.0 changed since the last run of dspark/layered-rebase/v2.0" in resumed.stderr
 
@@ -825,24 +828,18 @@ def test_continue_after_dspark_series_under_the_layer_changed_says_so(upstream):
 def test_a_plain_run_can_take_no_name_a_layered_run_uses(upstream):
     """A plain run's work tree and branch (named after --pin) never meet a layered run's."""
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
-    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
-    layered = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered")
-    assert layered.returncode == 4, layered.stderr
+    team, stopped = resolved_hook_conflict(u)
     for pin in ("v2.0-layered", "layered"):
         plain = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--pin", pin)
         assert plain.returncode == 0, plain.stderr
-        assert json.loads(plain.stdout)["workdir"] != json.loads(layered.stdout)["workdir"]
-    work = Path(json.loads(layered.stdout)["workdir"])
-    (work / "ours.py").write_text("HOOK = True\nV2 = 1\nTEAM = 1\n")
-    git(work, "commit", "-q", "-am", "resolved")
-    done = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--series", str(team), "--layered", "--continue")
+        assert json.loads(plain.stdout)["workdir"] != stopped["workdir"]
+    done = layered(u, team, "--continue")
     assert done.returncode == 0, done.stderr
 
 
 def test_layered_needs_a_series_and_an_onto_pin_with_dspark_series(upstream):
     u = upstream
-    team = team_series(u, [("team: extend the hook", {"ours.py": "HOOK = True\nTEAM = 1\n"})])
+    team = team_series(u, [HOOK_EDIT])
     new_upstream(u, {"mod.py": "import os\n" + MOD}, "v3.0")
     no_series = dspark(u, "--onto", "v3.0", "--repo", str(u["repo"]), "--layered")
     assert no_series.returncode == 2 and "--layered carries your own series: give it with --series" in no_series.stderr
