@@ -100,6 +100,12 @@ class Compat:
         return self.engines[name]
 
 
+def is_local_path(url: str) -> bool:
+    """What git reads as a path on this machine: no scheme://, and no `host:` before the first slash
+    (scp-like user@host:path)."""
+    return "://" not in url and ":" not in url.split("/", 1)[0]
+
+
 def default_path() -> Path:
     """$DSPARK_COMPAT, else the compat.yaml shipped in the package, else the checkout's."""
     if os.environ.get("DSPARK_COMPAT"):
@@ -245,9 +251,12 @@ class _Validator:
             self.string(item, f"{where}.distributions[{i}]", NAME, "a package name")
             for i, item in enumerate(self.sequence(keys["distributions"], f"{where}.distributions", "a list of package names"))
         )
+        repository = self.string(keys["repository"], f"{where}.repository", expected="a repository URL or path")
+        if is_local_path(repository) and not repository.startswith("~") and not Path(repository).is_absolute():
+            repository = str(self.base / repository)  # relative to this file, as `patches` is, not to the cwd
         return Engine(
             name=name,
-            repository=self.string(keys["repository"], f"{where}.repository", expected="a repository URL or path"),
+            repository=repository,
             module=self.string(keys["module"], f"{where}.module", re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$"), "a Python module name"),
             distributions=distributions,
             default_pin=default_pin,

@@ -13,7 +13,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import git as gitpython  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn
 
-from dspark_cli.compat import HEX_COMMIT, Compat
+from dspark_cli.compat import HEX_COMMIT, Compat, is_local_path
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
@@ -59,23 +59,16 @@ def _with_progress(action, failure: str):
                              "clone it with git and give the clone's directory") from None
 
 
-def is_local_path(url: str) -> bool:
-    """What git reads as a path on this machine: no scheme://, and no `host:` before the first slash
-    (scp-like user@host:path)."""
-    return "://" not in url and ":" not in url.split("/", 1)[0]
-
-
-def checked_repo(repo: str | None, origin: str = "--repo", relative_to: Path | None = None) -> str | None:
-    """--repo (or what `origin` names) as clones and records take it: a local path made absolute,
-    relative to `relative_to` (default: the cwd; git runs it from inside the workspace, where a
-    relative one points elsewhere; a quoted ~ is the home directory, as `compat lock` reads it), a
-    URL as given. A path that does not exist, a file
+def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
+    """--repo (or what `origin` names) as clones and records take it: a local path made absolute
+    (git runs it from inside the workspace, where a relative one points elsewhere; a quoted ~ is the
+    home directory, as `compat lock` reads it), a URL as given. A path that does not exist, a file
     git cannot clone, or a directory that is no repository (nor a subdirectory of one: git clones
     neither) is bad input, found before any clone, whether or not one is needed."""
     if not repo or not is_local_path(repo):
         return repo
     try:
-        path = ((relative_to or Path.cwd()) / Path(repo).expanduser()).absolute()
+        path = Path(repo).expanduser().absolute()
     except RuntimeError as exc:  # ~user of no such user
         raise UsageError(f"{origin} {repo}: {exc}") from None
     if not path.exists():
@@ -94,10 +87,9 @@ def checked_repo(repo: str | None, origin: str = "--repo", relative_to: Path | N
 def engine_repository(compat: Compat, engine: str) -> str:
     """compat.yaml's `repository` of `engine`, checked as --repo is when it is used: the user wrote
     that path too, so a missing one is bad input (was exit 3 from the clone), named by file, line and
-    key. A relative path is relative to the compat.yaml, as its `patches` are."""
+    key (a relative path was made absolute against the compat.yaml's directory when it was loaded)."""
     where = compat.engine(engine)
-    return checked_repo(where.repository, f"{compat.path}:{where.repository_line}: engines.{engine}.repository",
-                        compat.path.resolve().parent)
+    return checked_repo(where.repository, f"{compat.path}:{where.repository_line}: engines.{engine}.repository")
 
 
 def _clonable_file(path: Path) -> bool:

@@ -81,7 +81,9 @@ class Trees:
 
     def gone_label(self, ws: Workspace, file: str, series_adds: set[str]) -> str:
         """Why a file the patch changes is not in the tree it is carried onto."""
-        if file not in series_adds and not _has(ws, self.base_with, file):
+        if file in series_adds:  # a patch before it adds it: one resolved to leave it out, say
+            return f"{GONE}: an earlier patch of this series adds it, and the work branch does not have it"
+        if not _has(ws, self.base_with, file):
             return NEVER_UPSTREAM
         if self.underlay is not None and not _has(ws, self.base, file):
             return f"{GONE}: DSpark's series {self.underlay.old_name} adds it, {self.underlay.new_name} does not"
@@ -93,6 +95,13 @@ class Trees:
         where = f" with DSpark's series {self.underlay.new_name}" if self.underlay else ""
         return f"its changes are already in the new tree{where}: dropped from the refreshed series"
 
+    def to_json(self) -> dict:
+        """upstream's base and onto; for a layered series, DSpark's series under it and the trees with them."""
+        under = None if self.underlay is None else {
+            "base_series": self.underlay.old_name, "onto_series": self.underlay.new_name,
+            "base_with_series": self.base_with, "onto_with_series": self.onto_with}
+        return {"base": self.base, "onto": self.onto, "under": under}
+
 
 def _has(ws: Workspace, commit: str, file: str) -> bool:
     return ws.git.ok("cat-file", "-e", f"{commit}:{file}")
@@ -102,19 +111,11 @@ def _has(ws: Workspace, commit: str, file: str) -> bool:
 class RebaseResult:
     workdir: Path
     branch: str
-    base: str  # upstream's commits: the series was made on `base` and is carried onto `onto`
-    onto: str
+    trees: Trees
     outcomes: list[PatchOutcome]
-    # a layered series: DSpark's series under it and the trees with them ({base,onto}_with_series)
-    under: dict | None = None
     out_dir: Path | None = None
     compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
     compile_errors: list[str] = field(default_factory=list)
-
-    @property
-    def start(self) -> str:
-        """The commit the work branch starts from: `onto`, with DSpark's series under a layered one."""
-        return self.under["onto_with_series"] if self.under else self.onto
 
     @property
     def conflicted(self) -> PatchOutcome | None:
@@ -122,8 +123,7 @@ class RebaseResult:
 
     def to_json(self) -> dict:
         return {
-            "workdir": str(self.workdir), "branch": self.branch, "base": self.base, "onto": self.onto,
-            "under": self.under,
+            "workdir": str(self.workdir), "branch": self.branch, **self.trees.to_json(),
             "patches": [vars(o) for o in self.outcomes],
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "compiled": self.compiled, "compile_errors": self.compile_errors,
@@ -310,10 +310,12 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
 
     With `resume`, the work branch already holds the first patches as commits (a human resolved a
     conflict and committed it): those count as resolved and the rest are applied on top."""
+    resolved = []
     for name, commit in (("base", base), ("onto", onto)):
-        if ws.resolve_commit(commit) is None:
+        resolved.append(ws.resolve_commit(commit))
+        if resolved[-1] is None:
             raise UsageError(f"{ws.path}: {name} commit {commit} is not in the repository")
-    base, onto = ws.resolve_commit(base), ws.resolve_commit(onto)
+    base, onto = resolved
     trees = Trees(base, onto, base, onto)
     if underlay is not None:
         trees = Trees(base, onto, with_series(ws, base, underlay.old, underlay.old_name),
@@ -335,9 +337,7 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                 continue
             outcomes.append(apply_one(ws, patch, trees, series_adds))
             series_adds |= set(created_paths(patch.path))
-    under = None if underlay is None else {"base_series": underlay.old_name, "onto_series": underlay.new_name,
-                                           "base_with_series": trees.base_with, "onto_with_series": trees.onto_with}
-    result = RebaseResult(workdir=ws.path, branch=branch, base=base, onto=onto, outcomes=outcomes, under=under)
+    result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes)
     _record_statuses(ws, result)
     return result
 
@@ -369,7 +369,7 @@ def _record_statuses(ws: Workspace, result: RebaseResult, marker_move: dict | No
     record = _record_file(ws)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(record, json.dumps({
-        "branch": result.branch, "onto": result.start, "upstream_onto": result.onto,
+        "branch": result.branch, "onto": result.trees.onto_with, "upstream_onto": result.trees.onto,
         "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
                     for o in result.outcomes], **({"marker_move": marker_move} if marker_move else {})}))
 
@@ -546,7 +546,7 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
 
 
 def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path],
-                  default_out: str = "the pin's series beside the compat.yaml in use") -> None:
+                  default_out: str) -> None:
     """What the rebase will create, checked before any work (the new pin's name, which names the
     work branch, was checked as compat.yaml's): an out directory that is empty unless `force` (a
     refusal after the rebase would leave its branch).

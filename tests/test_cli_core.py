@@ -247,6 +247,16 @@ def test_a_relative_repository_in_compat_yaml_is_relative_to_the_file_as_patches
         assert f"commit: {upstream['v1.0']}" in compat.read_text()
 
 
+def test_a_relative_repository_is_shown_and_refused_as_the_path_it_names(toy_env, tmp_path):
+    compat = toy_env["compat_path"]
+    compat.write_text(compat.read_text().replace(f"repository: {toy_env['upstream']['repo']}", "repository: nope"))
+    shown = run_dspark("compat", "--json", cwd=tmp_path)
+    assert json.loads(shown.stdout)["engines"]["toy"]["repository"] == str(compat.resolve().parent / "nope")
+    refused = run_dspark("apply", "toy", "-C", str(toy_env["work"]), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"engines.toy.repository {compat.resolve().parent / 'nope'}: no such directory" in refused.stderr
+
+
 @pytest.mark.parametrize("command", [["apply", "toy", "-C", "{work}"], ["compat", "lock"]], ids=" ".join)
 def test_a_local_repo_path_that_is_a_plain_file_is_bad_input(toy_env, command):
     """Was exit 3 'cannot clone' after starting one; a git bundle (a file git clones) still is a repository."""

@@ -424,8 +424,8 @@ def test_a_failure_while_writing_leaves_the_old_series_intact(upstream):
     report = json.loads(run.stdout)
     outcomes = [rebase.PatchOutcome(patch=p["patch"], status=p["status"], commit=p["commit"]) for p in report["patches"]]
     outcomes[1].commit = "0" * 40
-    result = rebase.RebaseResult(workdir=wd, branch=report["branch"], base=report["base"], onto=report["onto"],
-                                 outcomes=outcomes)
+    trees = rebase.Trees(report["base"], report["onto"], report["base"], report["onto"])
+    result = rebase.RebaseResult(workdir=wd, branch=report["branch"], trees=trees, outcomes=outcomes)
     before = snapshot(u["patches"])
     with pytest.raises(GitFailed):
         rebase.write_series(Workspace(wd), result, u["patches"], u["patches"])
@@ -691,13 +691,10 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
     assert subjects == ["team: mark f6", "team: extend the hook", "ours: other", "ours: new module", "ours: mark f3"]
 
 
-def test_a_layered_series_is_carried_between_release_files_too(upstream):
-    """Without --repo the two trees are the pins' release files (sdists, here in the cache)."""
-    u = upstream
-    team = team_series(u, [HOOK_EDIT])
-    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+def release_files(u, versions):
+    """Release files (sdists in the cache) for the first pins of compat.yaml, one per version in order."""
     compat = u["compat"].read_text()
-    for version in ("1.0", "2.0"):
+    for version in versions:
         archive = u["tmp"] / "cache" / "releases" / f"eng-{version}.tar.gz"
         archive.parent.mkdir(parents=True, exist_ok=True)
         git(u["repo"], "archive", "--format=tar.gz", f"--prefix=eng-{version}/", "-o", str(archive), f"v{version}")
@@ -705,6 +702,27 @@ def test_a_layered_series_is_carried_between_release_files_too(upstream):
             f"releases:\n          - package: eng\n            version: '{version}'\n            file: {archive.name}\n"
             f"            sha256: {series.sha256_of(archive)}"), 1)
     u["compat"].write_text(compat)
+
+
+@pytest.mark.parametrize("onto", ["v2.0", "commit"])
+def test_a_layered_onto_pin_without_release_files_names_repo_in_release_mode(upstream, onto):
+    """Was the package index (exit 3 offline) by name, and 'must be a release version or a pin' by commit."""
+    u = upstream
+    team = team_series(u, [HOOK_EDIT])
+    commit = dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    release_files(u, ("1.0",))
+    run = dspark(u, "--onto", commit if onto == "commit" else onto, "--series", str(team), "--layered")
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("error: eng v2.0 has no release file in compat.yaml; rebase from git with --repo "
+                                  "(a repository holding its commit)")
+
+
+def test_a_layered_series_is_carried_between_release_files_too(upstream):
+    """Without --repo the two trees are the pins' release files (sdists, here in the cache)."""
+    u = upstream
+    team = team_series(u, [HOOK_EDIT])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    release_files(u, ("1.0", "2.0"))
     run = dspark(u, "--onto", "2.0", "--series", str(team), "--layered")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
@@ -739,23 +757,27 @@ def test_a_layered_series_is_carried_onto_a_pin_named_by_its_release_version_in_
     assert [p["status"] for p in report["patches"]] == ["3-way"]
 
 
-@pytest.mark.parametrize("how", ["--out", "--series"])
+@pytest.mark.parametrize("how", ["--out", "--out of another pin", "--series"])
 def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
-    """--out naming DSpark's series of either pin, or --series naming one (whose default out is the
+    """--out naming DSpark's series of any pin, or --series naming one (whose default out is the
     other pin's series), is refused before any work, even with --force."""
     u = upstream
     team = team_series(u, [HOOK_EDIT])
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
     ours = u["tmp"] / "patches" / "eng"
-    before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0")}
-    args = (["--series", str(team), "--out", str(ours / "v2.0")] if how == "--out"
-            else ["--series", str(ours / "v1.0")])
+    shutil.copytree(ours / "v1.0", ours / "v3.0")
+    with u["compat"].open("a") as compat:
+        compat.write(pin_entry("v3.0", u["base"]))
+    before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")}
+    args = {"--out": ["--series", str(team), "--out", str(ours / "v2.0")],
+            "--out of another pin": ["--series", str(team), "--out", str(ours / "v3.0")],
+            "--series": ["--series", str(ours / "v1.0")]}[how]
     run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--layered", "--force", *args)
     assert run.returncode == 2, run.stderr
-    expected = ("is the DSpark series eng/v2.0" if how == "--out"
-                else "--series is DSpark's own series eng/v1.0: carry it without --layered")
+    expected = {"--out": "is the DSpark series eng/v2.0", "--out of another pin": "is the DSpark series eng/v3.0",
+                "--series": "--series is DSpark's own series eng/v1.0: carry it without --layered"}[how]
     assert expected in run.stderr
-    assert {name: snapshot(ours / name) for name in ("v1.0", "v2.0")} == before
+    assert {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")} == before
     assert not git(u["repo"], "branch", "--list", "dspark/*")
 
 
@@ -776,6 +798,23 @@ def test_a_file_dspark_old_series_added_and_its_new_one_does_not_is_named_so(ups
     done = layered(u, team, "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["already upstream", "clean"]
+
+
+def test_a_file_an_earlier_dropped_patch_of_the_layer_adds_is_named_so(upstream):
+    """Not blamed on DSpark's series: the team's own first patch adds it and was dropped."""
+    u = upstream
+    team = team_series(u, [("team: hook and module", {"ours.py": "HOOK = True\nTEAM = 1\n", "team.py": "T = 1\n"}),
+                           ("team: module", {"team.py": "T = 2\n"})])
+    dspark_pin_v2(u, "HOOK = True\nV2 = 1\n")
+    stopped = layered(u, team)
+    assert stopped.returncode == 4, stopped.stderr
+    work = Path(json.loads(stopped.stdout)["workdir"])
+    git(work, "reset", "-q", "--hard")
+    git(work, "commit", "-q", "--allow-empty", "-m", "drop it")
+    again = layered(u, team, "--continue")
+    assert again.returncode == 4, again.stderr
+    assert json.loads(again.stdout)["patches"][1]["details"] == [
+        "team.py: not in the new tree: an earlier patch of this series adds it, and the work branch does not have it"]
 
 
 def test_a_file_dspark_new_series_deletes_is_named_so(upstream):

@@ -103,10 +103,11 @@ def _render(report: dict) -> None:
 def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) -> str:
     where = f"on branch {result.branch} in {result.workdir}"
     if any(d.endswith(rebase.NEVER_UPSTREAM) for d in conflict.details):
-        if result.under is None:
+        underlay = result.trees.underlay
+        if underlay is None:
             return ("a series layered on DSpark's (`dspark apply --series`) changes files DSpark's series adds: "
                     "carry it on DSpark's series of both pins with --layered")
-        return (f"the file is in neither the new tree nor DSpark's series {result.under['onto_series']}: a series "
+        return (f"the file is in neither the new tree nor DSpark's series {underlay.new_name}: a series "
                 "layered on another team's must be carried onto that series by hand")
     if any(rebase.GONE in d for d in conflict.details):
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
@@ -155,12 +156,12 @@ def register(app: typer.Typer) -> None:
     def rebase_command(
         engine_name: str = text_argument(..., "ENGINE", help="Engine in compat.yaml, e.g. vllm."),
         from_pin: str = text_option(..., "--from", help="Pin whose series to carry, e.g. v0.32.0."),
-        onto: str = text_option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0)."),
+        onto: str = text_option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0); with --layered, a pin."),
         repo: Path | None = path_option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
         out: Path | None = path_option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN; with --layered, NEW_PIN beside --series)."),
         new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
         series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
-        workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase)."),
+        workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase, or rebase-layered with --layered)."),
         force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out that holds a series."),
         resume: bool = flag_option("--continue", help="Go on after a conflict you resolved and committed."),
         layered: bool = flag_option("--layered", help="--series is layered on DSpark's (apply --series): carry it "
@@ -191,22 +192,26 @@ def register(app: typer.Typer) -> None:
             if path is not None:
                 check_dir_option(path, option)  # before any work, not an OSError after it
 
-        if repo is not None:
+        if repo is None:
+            base_release = _sdist_first(pin)
+            if onto_pin is not None:  # the tree under the layer is that pin's: its own release file or none
+                onto_release = _sdist_first(onto_pin)
+            else:
+                onto_release, release_name, onto_tag = _onto_release(engine, onto, base_release.package)
+        if onto_pin is not None:
+            name = new_pin or onto_pin.name
+        elif repo is not None:
             # A ref such as main~0 becomes main-0: the name makes the work branch and the out directory.
             name = new_pin or (onto[:12] if compat_mod.HEX_COMMIT.fullmatch(onto.lower()) else safe_name(onto))
         else:
-            base_release = _sdist_first(pin)
-            onto_release, release_name, onto_tag = _onto_release(engine, onto, base_release.package)
             name = new_pin or release_name
-        if onto_pin is not None:
-            name = new_pin or onto_pin.name
         _check_pin_name(name, "name the new pin with --pin")
         default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
         protected = {"--repo": repo, "dspark cache": cache_dir()}
         if layered:  # the team's: a branch and work tree no plain run's name can give, out beside its series
             branch, out_dir = f"dspark/layered-rebase/{name}", out or source_dir.parent / name
             work = (workdir or cache_subdir("rebase-layered") / default_work).resolve()
-            protected |= {f"DSpark series {engine_name}/{p.name}": p.patches for p in (pin, onto_pin)}
+            protected |= {f"DSpark series {engine_name}/{p.name}": p.patches for p in engine.pins.values()}
             default_out = "the new pin's name beside --series"
         else:
             branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
