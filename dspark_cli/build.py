@@ -32,7 +32,7 @@ from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError
 from dspark_cli.files import check_dir_option, replace_atomically, write_text_atomically
 from dspark_cli.flock import exclusive_nowait, wait_exclusive
 from dspark_cli.series import sha256_of
-from dspark_cli.workspace import proc_stat
+from dspark_cli.workspace import PROGRESS, proc_stat
 
 CSRC = Path(__file__).resolve().parent / "csrc"  # a link to the checkout's csrc/; an installed package holds a copy
 LIB_NAME = "dspark_ops"
@@ -132,7 +132,7 @@ def _check_nvcc_builds(archs: list[str], arch_source: str, nvcc: cuda_env.Nvcc) 
 
 @dataclass
 class BuildResult:
-    status: str          # "built" | "cached" | "failed" (recorded, then raised)
+    status: str          # "built" | "cached" | "failed" | "interrupted" (the last two recorded, then raised)
     path: str
     key: str
     seconds: float
@@ -229,8 +229,11 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
             shutil.rmtree(failed_dir, ignore_errors=True)
             where = p.directory.rename(failed_dir)
             aside.rename(p.directory)
-        _record(BuildResult("failed", str(where), p.key, time.monotonic() - started, p.archs, p.torch_version))
-        if not isinstance(exc, Exception):
+        status = "failed" if isinstance(exc, Exception) else "interrupted"
+        _record(BuildResult(status, str(where), p.key, time.monotonic() - started, p.archs, p.torch_version))
+        if status == "interrupted":  # what the CLI's interrupted line says (cli._after_interrupt)
+            PROGRESS.update(stage=f"the previous library is back in {p.directory}" if set_aside
+                            else "nothing was cached: the next build starts over")
             raise
         # ninja's output runs to pages: one line here, all of it in the log
         if verbose:  # torch let ninja write to our stdout: the output is above, the log holds torch's line only
@@ -461,7 +464,7 @@ def _record(result: BuildResult) -> BuildResult:
     environment's problem (exit 3), not a path the user named (the CLI's exit 2 for such shapes)."""
     root = cache_subdir("build")
     text = json.dumps(asdict(result), indent=2) + "\n"
-    name = LAST_FAILED if result.status == "failed" else LAST
+    name = LAST_FAILED if result.status in ("failed", "interrupted") else LAST
     try:
         write_text_atomically(root / name, text)
         if name == LAST:

@@ -2,6 +2,7 @@
 and exposes `register(app)`. Errors become one line on stderr and the documented exit code."""
 
 import importlib
+import signal
 import sys
 
 import typer
@@ -54,15 +55,20 @@ def main() -> None:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
+        # What was under way has stopped: a second Ctrl-C now would only cut the line short (or
+        # end the process by the signal, not 130, while Python shuts down).
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+        output.error_fields(interrupted=True)
         output.emit_error("interrupted", _after_interrupt(command) or "stopped", EXIT_INTERRUPTED, as_json)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def _after_interrupt(command: str) -> str | None:
     """What the interrupted command left (README's exit 130), as far as it got."""
-    if command == "build":
-        return "the cache is as it was (a first build starts over at the next run)"
+    if command == "build":  # the stage the build got to (build._build_locked), else it had not begun
+        return PROGRESS.get("stage", "the cache is as it was")
     if command == "rebase":
         if "--continue" in sys.argv:
             return ("what it made is left where it stopped, your resolution commits on its work branch: run it "

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark_cli import build, cuda_env
+from dspark_cli import build, cli, cuda_env
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.runtime import cuda_ops
+from dspark_cli.workspace import PROGRESS
 from tests.run_cli import run_dspark
 
 REAL_COMPILE = build._compile  # the toolchain fixture replaces it
@@ -46,6 +47,7 @@ def toolchain(monkeypatch, tmp_path):
         p.library.write_bytes(b"\x7fELF" + bytes(range(256)) * 4)
 
     monkeypatch.setattr(build, "_compile", fake_compile)
+    PROGRESS.clear()  # as cli.main clears it for each command
     return calls
 
 
@@ -266,6 +268,19 @@ def test_ctrl_c_in_a_forced_build_gives_the_old_library_back(toolchain, monkeypa
     with pytest.raises(KeyboardInterrupt):
         build.build("9.0a", force=True)
     assert build.library_problem(Path(good.path)) is None and build.last_build()["path"] == good.path
+    assert build.read_record(build.LAST_FAILED)["status"] == "interrupted"
+    assert cli._after_interrupt("build") == f"the previous library is back in {Path(good.path).parent}"
+
+
+def test_ctrl_c_in_a_first_build_says_nothing_was_cached(toolchain, monkeypatch):
+    def interrupted(p, verbose):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build("9.0a")
+    assert build.last_build() is None and build.read_record(build.LAST_FAILED)["status"] == "interrupted"
+    assert cli._after_interrupt("build") == "nothing was cached: the next build starts over"
 
 
 def test_a_truncated_elf_without_its_record_is_refused(tmp_path):

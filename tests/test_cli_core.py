@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -367,6 +368,31 @@ exec {shutil.which("git")} "$@"
     assert tree_fingerprint(work) == before
     state = json.loads((work / ".git" / "dspark" / "state.json").read_text())
     assert state["in_progress"] is None
+
+
+def test_a_second_ctrl_c_while_the_interrupted_line_is_written_still_exits_130(tmp_path):
+    """The second SIGINT of an impatient user, arriving as the line is written, ended the process by
+    the signal (or with a KeyboardInterrupt traceback) instead of exit 130. Here it comes at that moment."""
+    code = """
+import os, signal, sys
+from dspark_cli import cli, compat, output
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+compat.load = interrupted
+emit = output.emit_error
+def impatient(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    emit(*args, **kwargs)
+output.emit_error = impatient
+sys.argv = ["dspark", "compat", "--json"]
+cli.main()
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130, done.stderr
+    assert json.loads(done.stdout) == {"ok": False, "error": "stopped", "exit_code": 130, "interrupted": True}
+    assert done.stderr == "interrupted: stopped\n"
 
 
 def test_a_file_dspark_may_not_write_is_one_line_exit_3(toy_env, monkeypatch, capsys):
