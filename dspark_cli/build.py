@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -470,8 +471,15 @@ def _record(result: BuildResult) -> BuildResult:
         if name == LAST:
             (root / LAST_FAILED).unlink(missing_ok=True)
     except OSError as exc:
+        if result.status == "cached" and (last_build() or {}).get("path") == result.path:
+            return result  # it names this library already: a read-only shared cache serves as it is
+        fix = "point DSPARK_CACHE at a directory dspark may write"
+        if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # something in the record's way
+            fix = "remove it, or point DSPARK_CACHE at another directory"
+        elif result.status == "cached":  # a read-only cache: its library can still be loaded by path
+            fix += f", or DSPARK_OPS_LIB at {result.path} to load that library as it is"
         raise EnvironmentProblem(f"cannot record the build in {exc.filename or root / name} ({exc.strerror}); "
-                                 f"remove it, or point DSPARK_CACHE at another directory") from None
+                                 f"{fix}") from None
     return result
 
 

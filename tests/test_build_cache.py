@@ -4,6 +4,7 @@ record surviving a failed build, --wheel checks, --arch errors, --self-test's on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -438,6 +439,29 @@ def test_a_record_the_cache_cannot_take_is_exit_3_not_bad_usage(toolchain, monke
     assert exc.value.code == 3
     assert json.loads(capsys.readouterr().out)["error"].startswith(
         f"cannot record the build in {tmp_path / 'cache' / 'build' / build.LAST}")
+
+
+@pytest.mark.parametrize("last_names", ["this library", "another build"])
+def test_a_read_only_cache_serves_a_hit_its_record_names(toolchain, monkeypatch, tmp_path, last_names):
+    """A shared prebuilt cache mounted read-only: a hit whose library last.json already names needs
+    no record (was exit 3 saying "remove it"); one it does not name cannot be loaded through it, so
+    that is exit 3 saying how to load it by path."""
+    hit = build.build("9.0a")
+    if last_names == "another build":
+        other = json.loads((tmp_path / "cache" / "build" / build.LAST).read_text()) | {"path": "/elsewhere/x.so"}
+        (tmp_path / "cache" / "build" / build.LAST).write_text(json.dumps(other))
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(build, "write_text_atomically", read_only)
+    if last_names == "this library":
+        assert build.build("9.0a").status == "cached" and toolchain["n"] == 1
+        return
+    with pytest.raises(EnvironmentProblem, match=re.escape(
+            f"(Read-only file system); point DSPARK_CACHE at a directory dspark may write, or DSPARK_OPS_LIB at "
+            f"{hit.path} to load that library as it is")):
+        build.build("9.0a")
 
 
 def test_a_cache_under_a_home_that_cannot_be_found_is_one_line_exit_3(monkeypatch, capsys):
