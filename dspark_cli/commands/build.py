@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
                                            "(default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (ninja)."),
         # a str, not a Path: typer makes --wheel '' Path('.'), the current directory, past check_wheel_dir
-        wheel: Optional[str] = typer.Option(None, "--wheel", help="Also write a wheel of the built library "
+        wheel: Optional[str] = typer.Option(None, "--wheel", metavar="DIR", help="Also write a wheel of the built library "
                                             "(package dspark_ops, pinned to this torch) into this directory."),
         force: bool = flag_option("--force", help="Rebuild even if the cache has this build "
                                    "(--engine: also regenerate the gRPC stubs)."),
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         workdir: Path = path_option(Path("."), "--workdir", "-C", help="--engine: the workspace `dspark apply` made."),
         no_deps: bool = flag_option("--no-deps", help="--engine: install the server without its "
                                      "dependencies (you manage the stack; grpcio-tools must be there for the stubs)."),
-        extras: str = typer.Option(",".join(TGI_DEFAULT_EXTRAS), "--extras",
+        extras: str = typer.Option(",".join(TGI_DEFAULT_EXTRAS), "--extras", metavar="LIST",
                                    help="--engine: the server's pip extras, comma-separated ('' for none)."),
         no_extension: bool = flag_option("--no-extension", help="--engine: do not build the CUDA extension."),
         as_json: bool = flag_option("--json", help="Print one JSON document (for CI)."),

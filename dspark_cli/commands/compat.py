@@ -5,7 +5,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from dspark_cli.commands.params import flag_option, text_argument, text_option
+from dspark_cli.commands.params import flag_option, plain_help_typer, text_argument, text_option
 from dspark_cli.output import emit, say
 
 
@@ -45,7 +45,7 @@ def _render(result: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    compat_app = typer.Typer(help="Supported engines and pins (compat.yaml; $DSPARK_COMPAT overrides its path).",
+    compat_app = plain_help_typer(help="Supported engines and pins (compat.yaml; $DSPARK_COMPAT overrides its path).",
                              invoke_without_command=True)
 
     @compat_app.callback()

@@ -5,6 +5,7 @@ typer's check would make an unreadable path a usage error (2), where README says
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dspark_cli.errors import EXIT_USAGE, UsageError
 
@@ -48,10 +49,36 @@ def flag_option(*names: str, **kwargs):
     return typer.Option(False, *names, metavar="", **kwargs)
 
 
+def _plain_help(base: type) -> type:
+    """`base` whose --help shows no value type (typer 0.29 shows its flag's, `<bool>`, on every screen)."""
+    class PlainHelp(base):
+        def get_help_option(self, ctx):
+            option = super().get_help_option(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+    return PlainHelp
+
+
+_PLAIN_HELP_GROUP, _PLAIN_HELP_COMMAND = _plain_help(TyperGroup), _plain_help(TyperCommand)
+
+
+def plain_help_typer(**kwargs) -> typer.Typer:
+    """typer.Typer whose group and commands show --help as flag_option shows a flag."""
+    group = typer.Typer(cls=_PLAIN_HELP_GROUP, **kwargs)
+    command = group.command
+
+    def plain_help_command(*args, **options):
+        return command(*args, **{"cls": _PLAIN_HELP_COMMAND, **options})
+
+    group.command = plain_help_command
+    return group
+
+
 def command_group(**kwargs) -> typer.Typer:
     """A typer group that, called without a command, prints its help and exits 2 (bad usage). Not
     no_args_is_help: under click < 8.2 (typer < 0.26 takes the installed click) that exits 0."""
-    group = typer.Typer(**kwargs)
+    group = plain_help_typer(**kwargs)
 
     @group.callback(invoke_without_command=True)
     def _help_without_command(ctx: typer.Context) -> None:

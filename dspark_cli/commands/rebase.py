@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
         onto: str = text_option(..., "--onto", help="New upstream: a commit/tag of --repo, or a release (v0.33.0); with --layered, a pin."),
         repo: Path | None = path_option(None, "--repo", help="Git repository holding both the pin's commit and --onto."),
         out: Path | None = path_option(None, "--out", help="Where to write the refreshed series (default: patches/ENGINE/NEW_PIN; with --layered, NEW_PIN beside --series)."),
-        new_pin: str | None = typer.Option(None, "--pin", help="Name of the new pin (default: the release, tag or short commit)."),
+        new_pin: str | None = typer.Option(None, "--pin", metavar="NAME", help="Name of the new pin (default: the release, tag or short commit)."),
         series_dir: Path | None = path_option(None, "--series", help="Series to carry (default: the --from pin's)."),
         workdir: Path | None = path_option(None, "--workdir", help="Work tree for the rebase (default: under $DSPARK_CACHE/rebase, or rebase-layered with --layered)."),
         force: bool = flag_option("--force", help="Restart an existing work branch; replace a non-empty --out that holds a series."),
