@@ -270,7 +270,7 @@ def torch_info() -> TorchInfo:
 
 def gpu_info() -> Gpus:
     smi = shutil.which("nvidia-smi")
-    smi_failed = None
+    smi_failed, torch_saw = None, "torch sees none"
     if smi:
         out = _run([smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
         if out and out.returncode == 0 and out.stdout.strip():
@@ -288,15 +288,15 @@ def gpu_info() -> Gpus:
                 g.capabilities.append(f"{major}.{minor}")
             return g
     except ImportError:
-        pass
+        torch_saw = "no torch installed to ask"
     except Exception as exc:  # torch installed but broken (a missing CUDA library), or CUDA init failing
         return Gpus(problem=f"no GPU found: nvidia-smi gave nothing and torch failed: {short_message(exc)}",
                     hint="fix the driver or torch install; builds still work with --arch or TORCH_CUDA_ARCH_LIST")
     if smi_failed:
-        return Gpus(problem=f"no NVIDIA GPU visible: {smi} failed ({smi_failed}), torch sees none",
+        return Gpus(problem=f"no NVIDIA GPU visible: {smi} failed ({smi_failed}), {torch_saw}",
                     hint="check the NVIDIA driver (nvidia-smi must run); builds still work with --arch or "
                          "TORCH_CUDA_ARCH_LIST")
-    return Gpus(problem="no NVIDIA GPU visible (no nvidia-smi, torch sees none)",
+    return Gpus(problem=f"no NVIDIA GPU visible (no nvidia-smi, {torch_saw})",
                 hint="builds still work with --arch or TORCH_CUDA_ARCH_LIST; kernels need a GPU to run")
 
 

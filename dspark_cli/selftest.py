@@ -451,10 +451,11 @@ def run_self_test(as_json: bool = False) -> list[dict]:
     from dspark_cli.output import emit, say
     from dspark_cli.runtime import cuda_ops
 
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem("no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
-    if cuda_ops.load() is None:
-        raise EnvironmentProblem(f"CUDA extension not loaded: {cuda_ops.load_error()}; run dspark build")
+    missing = [] if cuda_ops.load() is not None else [f"CUDA extension not loaded: {cuda_ops.load_error()}"]
+    if not torch.cuda.is_available():  # both named at once: not one fixed, then the other found
+        missing.insert(0, "no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
+    if missing:
+        raise EnvironmentProblem("; and ".join(missing))
     results = ([compare_markov(c) for c in SELF_TEST_CASES]
                + [compare_confidence(MarkovCase(16, 7, 151936, 256, return_q=False, seed=52))]
                + [compare_rejection(c) for c in SELF_TEST_REJECTION]

@@ -53,6 +53,13 @@ def test_without_a_gpu_gpu_and_arch_list_warn(monkeypatch):
     assert arch.status == "ok" and arch.detail == "8.0;9.0a (TORCH_CUDA_ARCH_LIST)"
 
 
+def test_without_nvidia_smi_or_torch_the_gpu_line_says_torch_was_not_there_to_ask(monkeypatch, tmp_path):
+    """Was "torch sees none" with no torch installed."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch: ImportError
+    assert cuda_env.gpu_info().problem == "no NVIDIA GPU visible (no nvidia-smi, no torch installed to ask)"
+
+
 @pytest.mark.skipif(not cuda_env.gpu_info().capabilities, reason="no GPU on this machine")
 def test_with_a_gpu_it_is_named_and_targeted(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)

@@ -3,10 +3,12 @@ kernel's token may differ from the reference's only where the reference's draw w
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dspark_cli.runtime import markov_chain, rng
 from dspark_cli.selftest import NEAR_TIE, MarkovCase, _unexplained_chain_divergences, markov_inputs, race_margin
+from tests.run_cli import run_dspark
 
 
 def test_race_margin_is_small_only_for_a_near_tie():
@@ -33,3 +35,12 @@ def test_a_chain_wrong_where_no_tie_was_is_unexplained():
         tokens = ref.tokens.clone()
         tokens[r, 1:] = (tokens[r, 1:] + 1) % case.V
         assert _unexplained_chain_divergences(case, inputs, ref, SimpleNamespace(tokens=tokens)) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_verify_ops_without_a_gpu_or_a_build_names_both(tmp_path):
+    """Was the GPU alone: the missing build came up only once a GPU was there."""
+    result = run_dspark("verify", "ops", env={"DSPARK_CACHE": str(tmp_path / "cache"), "DSPARK_OPS_LIB": ""})
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: no CUDA GPU visible to torch: the self-test runs the kernels on a GPU; "
+                                    "and CUDA extension not loaded: no built extension")
