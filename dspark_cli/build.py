@@ -196,6 +196,9 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
     if not force and (hit := _cache_hit(p, started)):  # built while we waited
         return hit
     set_aside = (p.directory / LIBRARY_RECORD).is_file()  # a finished build: --force, or its library damaged since
+    if set_aside and not force:  # not a silent rebuild of minutes
+        print(f"rebuilding {p.key}: its cached library is unusable ({_finished_problem(p.library)})", file=sys.stderr,
+              flush=True)
     try:
         for old in (aside, failed_dir, *p.directory.parent.glob(p.key + STALE + "*")):
             shutil.rmtree(old, ignore_errors=True)

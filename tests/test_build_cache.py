@@ -64,14 +64,19 @@ def test_cached_then_force_rebuilds_from_a_clean_directory(toolchain):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "not-elf", "same-size-other-bytes"])
-def test_a_damaged_cached_library_is_rebuilt_not_cached(toolchain, damage):
-    lib = Path(build.build("9.0a").path)
+def test_a_damaged_cached_library_is_rebuilt_not_cached(toolchain, damage, capfd):
+    """and says why: a rebuild takes minutes."""
+    first = build.build("9.0a")
+    lib = Path(first.path)
     data = lib.read_bytes()
     lib.write_bytes({"truncate": data[:100], "empty": b"", "not-elf": b"MZ" + data[2:],
                      "same-size-other-bytes": data[:-1] + b"!"}[damage])
-    assert build.library_problem(lib)
+    problem = build.library_problem(lib)
+    assert problem
+    capfd.readouterr()
     again = build.build("9.0a")
     assert again.status == "built" and toolchain["n"] == 2 and build.library_problem(lib) is None
+    assert capfd.readouterr().err == f"rebuilding {first.key}: its cached library is unusable ({problem})\n"
 
 
 def test_a_failed_build_keeps_the_last_good_record(toolchain, monkeypatch):
