@@ -1,3 +1,3 @@
-from dspark_cli.cli import main
+from dspark_cli.cli import console
 
-main()
+console()

@@ -156,13 +156,19 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     started = time.monotonic()
     p = planned or plan(arch)
     if not force and (hit := _cache_hit(p, started)):  # the fast path takes no lock
-        return hit
+        return _done(hit)
     if not shutil.which("ninja"):  # torch would say so only after the key's directory is made
         raise EnvironmentProblem('ninja not found on PATH: pip install ninja (or pip install ".[build]" in the dspark '
                                  "checkout); torch builds extensions only with ninja")
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     with _key_lock(p):
-        return _build_locked(p, started, force, jobs, verbose)
+        return _done(_build_locked(p, started, force, jobs, verbose))
+
+
+def _done(result: BuildResult) -> BuildResult:
+    """What the CLI's interrupted line says of a Ctrl-C after this (a --self-test, an --engine install)."""
+    PROGRESS.update(stage=f"the build had finished: {result.path} is recorded in last.json")
+    return result
 
 
 def _cache_hit(p: BuildPlan, started: float) -> BuildResult | None:
@@ -236,8 +242,8 @@ def _build_locked(p: BuildPlan, started: float, force: bool, jobs: int | None, v
         status = "failed" if isinstance(exc, Exception) else "interrupted"
         _record(BuildResult(status, str(where), p.key, time.monotonic() - started, p.archs, p.torch_version))
         if status == "interrupted":  # what the CLI's interrupted line says (cli._after_interrupt)
-            PROGRESS.update(stage=f"the previous library is back in {p.directory}" if set_aside
-                            else "nothing was cached: the next build starts over")
+            PROGRESS.update(stage=f"the previous library is back in {p.directory}" if set_aside and force
+                            else "nothing usable was cached: the next build starts over")
             raise
         # ninja's output runs to pages: one line here, all of it in the log
         if verbose:  # torch let ninja write to our stdout: the output is above, the log holds torch's line only
@@ -479,8 +485,8 @@ def _record(result: BuildResult) -> BuildResult:
         fix = "point DSPARK_CACHE at a directory dspark may write"
         if exc.errno in (errno.EISDIR, errno.ENOTDIR):  # something in the record's way
             fix = "remove it, or point DSPARK_CACHE at another directory"
-        elif result.status == "cached":  # a read-only cache: its library can still be loaded by path
-            fix += f", or DSPARK_OPS_LIB at {result.path} to load that library as it is"
+        elif result.status == "cached":  # a read-only cache whose record names another build
+            fix += " (a writable copy of this one: its library is then a cache hit)"
         raise EnvironmentProblem(f"cannot record the build in {exc.filename or root / name} ({exc.strerror}); "
                                  f"{fix}") from None
     return result

@@ -55,14 +55,30 @@ def main() -> None:
         output.emit_error("usage", exc.format_message(), EXIT_USAGE, as_json)
         sys.exit(EXIT_USAGE)
     if rc == EXIT_INTERRUPTED:  # Ctrl-C: typer returns 130 (older click raised Abort)
-        # What was under way has stopped: a second Ctrl-C now would only cut the line short (or
-        # end the process by the signal, not 130, while Python shuts down).
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
         command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
         output.error_fields(interrupted=True)
-        output.emit_error("interrupted", _after_interrupt(command) or "stopped", EXIT_INTERRUPTED, as_json)
+        # What was under way has stopped: a second Ctrl-C now would only cut the line short. The
+        # handlers come back after it: a host process running main() keeps its own.
+        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            output.emit_error("interrupted", _after_interrupt(command) or "stopped", EXIT_INTERRUPTED, as_json)
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def console() -> None:
+    """The `dspark` process (console script, python -m dspark_cli): main(), and after an interrupt
+    a further Ctrl-C while Python shuts down is ignored, so the exit stays 130 (it ended the process
+    by the signal, or printed a KeyboardInterrupt traceback)."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
+        raise
 
 
 def _after_interrupt(command: str) -> str | None:
@@ -90,4 +106,4 @@ def _after_interrupt(command: str) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    console()

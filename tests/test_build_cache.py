@@ -286,7 +286,26 @@ def test_ctrl_c_in_a_first_build_says_nothing_was_cached(toolchain, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build.build("9.0a")
     assert build.last_build() is None and build.read_record(build.LAST_FAILED)["status"] == "interrupted"
-    assert cli._after_interrupt("build") == "nothing was cached: the next build starts over"
+    assert cli._after_interrupt("build") == "nothing usable was cached: the next build starts over"
+
+
+def test_ctrl_c_after_the_build_finished_says_it_is_recorded(toolchain):
+    """A --self-test or an --engine install after the build: the build is there, not 'as it was'."""
+    built = build.build("9.0a")
+    assert cli._after_interrupt("build") == f"the build had finished: {built.path} is recorded in last.json"
+
+
+def test_ctrl_c_in_the_rebuild_of_a_damaged_library_does_not_call_it_the_previous_one(toolchain, monkeypatch):
+    lib = Path(build.build("9.0a").path)
+    lib.write_bytes(b"")
+
+    def interrupted(p, verbose):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build("9.0a")
+    assert cli._after_interrupt("build") == "nothing usable was cached: the next build starts over"
 
 
 def test_a_truncated_elf_without_its_record_is_refused(tmp_path):
@@ -450,7 +469,7 @@ def test_a_record_the_cache_cannot_take_is_exit_3_not_bad_usage(toolchain, monke
 def test_a_read_only_cache_serves_a_hit_its_record_names(toolchain, monkeypatch, tmp_path, last_names):
     """A shared prebuilt cache mounted read-only: a hit whose library last.json already names needs
     no record (was exit 3 saying "remove it"); one it does not name cannot be loaded through it, so
-    that is exit 3 saying how to load it by path."""
+    that is exit 3 saying to use a writable copy (DSPARK_OPS_LIB would load it without the torch check)."""
     hit = build.build("9.0a")
     if last_names == "another build":
         other = json.loads((tmp_path / "cache" / "build" / build.LAST).read_text()) | {"path": "/elsewhere/x.so"}
@@ -464,9 +483,10 @@ def test_a_read_only_cache_serves_a_hit_its_record_names(toolchain, monkeypatch,
         assert build.build("9.0a").status == "cached" and toolchain["n"] == 1
         return
     with pytest.raises(EnvironmentProblem, match=re.escape(
-            f"(Read-only file system); point DSPARK_CACHE at a directory dspark may write, or DSPARK_OPS_LIB at "
-            f"{hit.path} to load that library as it is")):
+            "(Read-only file system); point DSPARK_CACHE at a directory dspark may write (a writable copy of this "
+            "one: its library is then a cache hit)")):
         build.build("9.0a")
+    assert hit.status == "built"
 
 
 def test_a_cache_under_a_home_that_cannot_be_found_is_one_line_exit_3(monkeypatch, capsys):

@@ -757,7 +757,7 @@ def test_a_layered_series_is_carried_onto_a_pin_named_by_its_release_version_in_
     assert [p["status"] for p in report["patches"]] == ["3-way"]
 
 
-@pytest.mark.parametrize("how", ["--out", "--out of another pin", "--series"])
+@pytest.mark.parametrize("how", ["--out", "--out of another pin", "--out of another engine", "--series"])
 def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
     """--out naming DSpark's series of any pin, or --series naming one (whose default out is the
     other pin's series), is refused before any work, even with --force."""
@@ -766,18 +766,24 @@ def test_a_layered_run_never_writes_over_dspark_series(upstream, how):
     dspark_pin_v2(u, "# v2\nHOOK = True\n")
     ours = u["tmp"] / "patches" / "eng"
     shutil.copytree(ours / "v1.0", ours / "v3.0")
+    theirs = u["tmp"] / "patches" / "eng2" / "v1.0"
+    shutil.copytree(ours / "v1.0", theirs)
     with u["compat"].open("a") as compat:
         compat.write(pin_entry("v3.0", u["base"]))
-    before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")}
+        compat.write(f"  eng2:\n    repository: {u['repo']}\n    module: eng2\n    distributions: [eng2]\n"
+                     "    default_pin: v1.0\n    pins:\n" + pin_entry("v1.0", u["base"]).replace("eng/", "eng2/"))
+    before = {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")} | {"eng2": snapshot(theirs)}
     args = {"--out": ["--series", str(team), "--out", str(ours / "v2.0")],
             "--out of another pin": ["--series", str(team), "--out", str(ours / "v3.0")],
+            "--out of another engine": ["--series", str(team), "--out", str(theirs)],
             "--series": ["--series", str(ours / "v1.0")]}[how]
     run = dspark(u, "--onto", "v2.0", "--repo", str(u["repo"]), "--layered", "--force", *args)
     assert run.returncode == 2, run.stderr
     expected = {"--out": "is the DSpark series eng/v2.0", "--out of another pin": "is the DSpark series eng/v3.0",
+                "--out of another engine": "is the DSpark series eng2/v1.0",
                 "--series": "--series is DSpark's own series eng/v1.0: carry it without --layered"}[how]
     assert expected in run.stderr
-    assert {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")} == before
+    assert {name: snapshot(ours / name) for name in ("v1.0", "v2.0", "v3.0")} | {"eng2": snapshot(theirs)} == before
     assert not git(u["repo"], "branch", "--list", "dspark/*")
 
 

@@ -175,7 +175,8 @@ def register(app: typer.Typer) -> None:
         3 environment, 4 a patch conflicted (markers left on the work branch)."""
         if new_pin is not None:  # before anything is fetched
             _check_pin_name(new_pin, "choose another --pin")
-        engine = compat_mod.load().engine(engine_name)
+        compat = compat_mod.load()
+        engine = compat.engine(engine_name)
         pin = engine.resolve_pin(from_pin)
         if pin is None:
             raise UsageError(f"unknown {engine_name} pin {from_pin!r}; compat.yaml knows: {', '.join(engine.pins)}")
@@ -211,7 +212,8 @@ def register(app: typer.Typer) -> None:
         if layered:  # the team's: a branch and work tree no plain run's name can give, out beside its series
             branch, out_dir = f"dspark/layered-rebase/{name}", out or source_dir.parent / name
             work = (workdir or cache_subdir("rebase-layered") / default_work).resolve()
-            protected |= {f"DSpark series {engine_name}/{p.name}": p.patches for p in engine.pins.values()}
+            protected |= {f"DSpark series {e.name}/{p.name}": p.patches  # of every engine: one --out holds one
+                          for e in compat.engines.values() for p in e.pins.values()}
             default_out = "the new pin's name beside --series"
         else:
             branch, out_dir = f"dspark/rebase-{name}", out or pin.patches.parent / name
