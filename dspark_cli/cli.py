@@ -83,7 +83,7 @@ def console() -> None:
 
 def _after_interrupt(command: str) -> str | None:
     """What the interrupted command left (README's exit 130), as far as it got."""
-    if command == "build":  # the stage the build got to (build._build_locked), else it had not begun
+    if command == "build":  # the stage build.build got to (finished, or interrupted), else it had not begun
         return PROGRESS.get("stage", "the cache is as it was")
     if command == "rebase":
         if "--continue" in sys.argv:

@@ -451,12 +451,12 @@ def run_self_test(as_json: bool = False) -> list[dict]:
     from dspark_cli.output import emit, say
     from dspark_cli.runtime import cuda_ops
 
-    loaded = cuda_ops.load() is not None
-    why = "" if loaded else cuda_ops.load_error() or ""
-    hint = "" if "dspark build" in why else "; run dspark build"  # most load errors say so already
-    missing = [] if loaded else [f"CUDA extension not loaded: {why}{hint}"]
-    if not torch.cuda.is_available():  # both named at once: not one fixed, then the other found
-        missing.insert(0, "no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
+    missing = []  # both named at once: not one fixed, then the other found
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU visible to torch: the self-test runs the kernels on a GPU")
+    if cuda_ops.load() is None:
+        why = cuda_ops.load_error() or ""
+        missing.append(f"CUDA extension not loaded: {why}" + ("" if "dspark build" in why else "; run dspark build"))
     if missing:
         raise EnvironmentProblem("; and ".join(missing))
     results = ([compare_markov(c) for c in SELF_TEST_CASES]
