@@ -3,6 +3,7 @@ merge, a conflict left for a human and finished with --continue, and a tree that
 byte-compiles."""
 
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -664,8 +665,9 @@ def test_a_layered_series_is_carried_on_dspark_series_of_both_pins_and_applies_o
     run = layered(u, team)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert report["branch"] == "dspark/layered-rebase/v2.0"
-    assert Path(report["workdir"]) == u["tmp"] / "cache" / "rebase-layered" / "eng-v2.0"
+    label = f"team-v1-0-{hashlib.sha256(str(team).encode()).hexdigest()[:8]}"  # the layer's own names
+    assert report["branch"] == f"dspark/layered-rebase/{label}/v2.0"
+    assert Path(report["workdir"]) == u["tmp"] / "cache" / "rebase-layered" / label / "eng-v2.0"
     # base and onto are upstream's commits; the trees with DSpark's series are named apart
     assert (report["base"], report["onto"]) == (u["base"], git(u["repo"], "rev-parse", "v2.0"))
     assert {k: v for k, v in report["under"].items() if not k.endswith("_with_series")} == {
@@ -867,7 +869,7 @@ def test_continue_after_dspark_series_under_the_layer_changed_says_so(upstream):
     series.write_lock(ours)
     resumed = layered(u, team, "--continue")
     assert resumed.returncode == 2
-    assert "DSpark's series eng/v2.0 changed since the last run of dspark/layered-rebase/v2.0" in resumed.stderr
+    assert "DSpark's series eng/v2.0 changed since the last run of dspark/layered-rebase/team-v1-0-" in resumed.stderr
 
 
 def test_a_plain_run_can_take_no_name_a_layered_run_uses(upstream):
@@ -880,6 +882,24 @@ def test_a_plain_run_can_take_no_name_a_layered_run_uses(upstream):
         assert json.loads(plain.stdout)["workdir"] != stopped["workdir"]
     done = layered(u, team, "--continue")
     assert done.returncode == 0, done.stderr
+
+
+def test_two_teams_layers_are_carried_onto_one_pin_side_by_side(upstream):
+    """Was one work branch and tree per new pin: a second team's layered run was refused while the
+    first's conflict waited, and --force there discarded the first team's resolution."""
+    u = upstream
+    team, stopped = resolved_hook_conflict(u, "--out", str(u["tmp"] / "out-a"))
+    other = u["tmp"] / "team-b" / "v1.0"
+    shutil.copytree(team, other)
+    second = layered(u, other, "--out", str(u["tmp"] / "out-b"))
+    assert second.returncode == 4, second.stderr  # its own conflict, on its own branch and tree
+    report = json.loads(second.stdout)
+    assert report["branch"] != stopped["branch"] and report["workdir"] != stopped["workdir"]
+    done = layered(u, team, "--out", str(u["tmp"] / "out-a"), "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved"]
+    [patch] = series.load_series(u["tmp"] / "out-a", "team")
+    assert "+TEAM = 1" in patch.path.read_text()
 
 
 def test_layered_needs_a_series_and_an_onto_pin_with_dspark_series(upstream):

@@ -3,6 +3,7 @@ upstream tree with 3-way merges and write the refreshed series (docs/rebase.md).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -143,6 +144,13 @@ def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, ser
     return onto_pin, underlay
 
 
+def _layer_label(series_dir: Path) -> str:
+    """A ref- and file-name-safe name of one team's layer (its directory's last two names and a hash
+    of its path): two layers carried onto the same pin get their own work branch and tree."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{series_dir.parent.name}-{series_dir.name}").strip("-")
+    return f"{readable}-{hashlib.sha256(str(series_dir).encode()).hexdigest()[:8]}"
+
+
 def _check_pin_name(name: str, fix: str) -> None:
     """The new pin goes into compat.yaml and names patches/ENGINE/PIN and the work branch: it must
     be a name compat.yaml takes."""
@@ -209,9 +217,10 @@ def register(app: typer.Typer) -> None:
         _check_pin_name(name, "name the new pin with --pin")
         default_work = f"{engine_name}-{name}" if repo is not None else f"{engine_name}-{pin.name}-{name}"
         protected = {"--repo": repo, "dspark cache": cache_dir()}
-        if layered:  # the team's: a branch and work tree no plain run's name can give, out beside its series
-            branch, out_dir = f"dspark/layered-rebase/{name}", out or source_dir.parent / name
-            work = (workdir or cache_subdir("rebase-layered") / default_work).resolve()
+        if layered:  # the layer's own branch and work tree (no plain run's, no other layer's), out beside it
+            label = _layer_label(source_dir)
+            branch, out_dir = f"dspark/layered-rebase/{label}/{name}", out or source_dir.parent / name
+            work = (workdir or cache_subdir("rebase-layered") / label / default_work).resolve()
             protected |= {f"DSpark series {e.name}/{p.name}": p.patches  # of every engine: one --out holds one
                           for e in compat.engines.values() for p in e.pins.values()}
             default_out = "the new pin's name beside --series"
