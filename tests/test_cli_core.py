@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,8 +36,28 @@ def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "<bool>" not in result.output  # typer 0.29 showed its --help flag's type in every screen
+    assert "<str>" not in result.output  # nor ENGINE's after its name
     if command[-1] != "series":
         assert "--json" in result.output
+
+
+def every_command(group, path=()):
+    """Every command path of a click group (the app as click sees it)."""
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):
+            yield from every_command(command, (*path, name))
+
+
+def test_no_help_screen_names_typer_value_types():
+    """Each value shows its metavar (ENGINE, PATH, N), never typer 0.29's `<str>` / `<int range>`."""
+    import typer.main
+    commands = list(every_command(typer.main.get_command(app)))
+    assert ("verify", "vllm") in commands and ("rebase",) in commands
+    for command in commands:
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, command
+        assert not re.search(r"<[a-z ]+>", result.output), (command, result.output)
 
 
 def test_dspark_help_in_a_real_process():

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     def build(
         arch: Optional[str] = text_option(None, "--arch", help="Arch list, e.g. '9.0a' or 'sm_90a;8.0' "
                                            "(default: TORCH_CUDA_ARCH_LIST, else the visible GPUs)."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (ninja)."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, metavar="N", help="Parallel compile jobs (ninja)."),
         # a str, not a Path: typer makes --wheel '' Path('.'), the current directory, past check_wheel_dir
         wheel: Optional[str] = typer.Option(None, "--wheel", metavar="DIR", help="Also write a wheel of the built library "
                                             "(package dspark_ops, pinned to this torch) into this directory."),

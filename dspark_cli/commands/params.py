@@ -50,13 +50,21 @@ def flag_option(*names: str, **kwargs):
 
 
 def _plain_help(base: type) -> type:
-    """`base` whose --help shows no value type (typer 0.29 shows its flag's, `<bool>`, on every screen)."""
+    """`base` whose --help shows no value type (typer 0.29 shows its flag's, `<bool>`, on every screen)
+    and whose named arguments show their name alone (typer 0.29 adds `<str>` after ENGINE)."""
     class PlainHelp(base):
         def get_help_option(self, ctx):
             option = super().get_help_option(ctx)
             if option is not None:
                 option.metavar = ""
             return option
+
+        def get_params(self, ctx):
+            params = super().get_params(ctx)
+            for param in params:
+                if param.param_type_name == "argument" and param.metavar:
+                    param.display_type_rich = lambda ctx: None  # the metavar (ENGINE, PATH) says it
+            return params
     return PlainHelp
 
 

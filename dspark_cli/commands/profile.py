@@ -24,16 +24,16 @@ def register(app: typer.Typer) -> None:
         model: Path = path_option(..., "--model", help="Model directory with config.json, or a config.json file."),
         out: Path = path_option(..., "--out", help="Where to write our SPS table (dspark-sps/1 JSON)."),
         device: str = text_option("cpu", "--device", help="cpu, cuda or cuda:N."),
-        max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=MAX_TOKENS,
+        max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=MAX_TOKENS, metavar="N",
                                        help="Largest batch size B (tokens per forward)."),
         sizes: Optional[str] = text_option(None, "--sizes", help="Comma-separated batch sizes instead of the default sweep."),
         capture_sizes: str = text_option(
             "auto", "--capture-sizes",
             help="Comma-separated CUDA-graph capture sizes of the serving engine; 'auto' = vLLM's defaults "
                  "on cuda, none on cpu; 'none' = eager."),
-        context: int = typer.Option(64, "--context", min=1, help="KV-cache context length per sequence."),
-        repeats: int = typer.Option(5, "--repeats", min=1, help="Timed forwards per size (median kept)."),
-        warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed forwards per size."),
+        context: int = typer.Option(64, "--context", min=1, metavar="N", help="KV-cache context length per sequence."),
+        repeats: int = typer.Option(5, "--repeats", min=1, metavar="N", help="Timed forwards per size (median kept)."),
+        warmup: int = typer.Option(2, "--warmup", min=0, metavar="N", help="Untimed forwards per size."),
         dtype: str = text_option("auto", "--dtype", help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32."),
         sglang_out: Optional[Path] = path_option(
             None, "--sglang-out",
