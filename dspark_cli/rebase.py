@@ -195,9 +195,25 @@ def check_branch_free(ws: Workspace, branch: str, force: bool) -> None:
                          "finish or delete it, or pass --force to start over")
 
 
+def check_worktree_free(ws: Workspace, branch: str, force: bool) -> None:
+    """What another run left in this work tree (a conflict being resolved, a resolution not yet
+    continued, edits) is kept unless `force`: a run for another branch would reset it away."""
+    if force:
+        return
+    if ws.local_changes():
+        raise UsageError(f"{ws.path}: holds changes not committed (a conflict being resolved?): commit them and "
+                         "run that rebase with --continue, give another --workdir, or --force to discard them")
+    record = _read_record(ws)
+    if record.get("branch") not in (None, branch) and not record.get("finished"):
+        raise UsageError(f"{ws.path}: holds the unfinished rebase of {record['branch']} (resolve it and run it with "
+                         "--continue); give another --workdir, or --force to discard it")
+
+
 def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
-    """Put the worktree on a fresh `branch` at `onto`; an existing branch is kept unless `force`."""
+    """Put the worktree on a fresh `branch` at `onto`; an existing branch, and another run's
+    unfinished work in the worktree, are kept unless `force`."""
     check_branch_free(ws, branch, force)
+    check_worktree_free(ws, branch, force)
     # The record describes the branch being replaced: a run that fails midway must not leave
     # --continue matching the new branch against it (the marker keeps check_made_by_rebase true).
     mark_made_by_rebase(ws)
@@ -374,13 +390,21 @@ def _record_statuses(ws: Workspace, result: RebaseResult, marker_move: dict | No
                     for o in result.outcomes], **({"marker_move": marker_move} if marker_move else {})}))
 
 
-def _recorded_outcomes(ws: Workspace, branch: str, trees: Trees) -> list[dict]:
+def _read_record(ws: Workspace) -> dict:
     try:
         data = json.loads(_record_file(ws).read_text())
     except (OSError, ValueError, RecursionError):
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_finished(ws: Workspace) -> None:
+    """The run's series is written: another run may take this work tree without --force."""
+    write_text_atomically(_record_file(ws), json.dumps({**_read_record(ws), "finished": True}))
+
+
+def _recorded_outcomes(ws: Workspace, branch: str, trees: Trees) -> list[dict]:
+    data = _read_record(ws)
     if (trees.underlay is not None and data.get("branch") == branch and data.get("upstream_onto") == trees.onto
             and data.get("onto") != trees.onto_with):  # the tree with it is made anew from the series' patches
         raise UsageError(f"{ws.path}: DSpark's series {trees.underlay.new_name} changed since the last run of "
@@ -411,6 +435,7 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
     outcomes: list[PatchOutcome] = []
     expected: list[str] = []  # the commit each patch so far should own, as "name (sha)"
     claimed: list[str | None] = []  # those commits, as found
+    resolutions: list[tuple[int, int]] = []  # (outcomes, claimed commits) up to each resolution
     for patch, record in zip(patches, recorded):
         if record["status"] == NOT_RUN:
             break
@@ -432,7 +457,13 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
             else:  # a resolution may port the patch to other files (its own was deleted upstream)
                 outcome.status, outcome.details = RESOLVED, []
                 outcome.files = commit_files(ws, resolution) if resolution else files
+            resolutions.append((len(outcomes) + 1, len(claimed)))
         outcomes.append(outcome)
+    # The branch reset to a resolution (to amend it after a byte-compile failure): the patches the
+    # last run applied after it are ours to apply again (a later conflict stops again).
+    cut = next(((o, c) for o, c in reversed(resolutions) if claimed[:c] == commits and o < len(outcomes)), None)
+    if claimed != commits and cut is not None:
+        outcomes, claimed = outcomes[:cut[0]], claimed[:cut[1]]
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "

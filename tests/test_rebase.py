@@ -902,6 +902,35 @@ def test_two_teams_layers_are_carried_onto_one_pin_side_by_side(upstream):
     assert "+TEAM = 1" in patch.path.read_text()
 
 
+def test_a_layer_behind_a_link_named_after_the_pin_is_written_beside_the_link(upstream):
+    """The name check and the default --out took the link's target (team-2026q3): refused, 'give --out'."""
+    u = upstream
+    team = team_series(u, [HOOK_EDIT])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    store = u["tmp"] / "store" / "team-2026q3"
+    store.parent.mkdir()
+    team.rename(store)
+    team.symlink_to(store)
+    run = layered(u, team)
+    assert run.returncode == 0, run.stderr
+    assert Path(json.loads(run.stdout)["out_dir"]) == team.parent / "v2.0"
+
+
+def test_a_layer_with_a_long_or_undecodable_directory_name_gets_a_usable_label(upstream):
+    """A path not in UTF-8 was a traceback (the label's hash), and two 140-character names made a
+    label longer than a file name may be ("File name too long", exit 2)."""
+    u = upstream
+    team = team_series(u, [HOOK_EDIT])
+    dspark_pin_v2(u, "# v2\nHOOK = True\n")
+    for parent, name in (("t\udcffeam", "v1.0"), ("t" * 140, "v" * 140)):
+        odd = u["tmp"] / parent / name
+        shutil.copytree(team, odd)
+        run = layered(u, odd, "--out", str(u["tmp"] / f"out-{len(parent)}"))
+        assert run.returncode == 0, run.stderr
+        label = json.loads(run.stdout)["branch"].split("/")[2]
+        assert len(label) <= 57 and git(u["repo"], "check-ref-format", "--branch", label)
+
+
 def test_layered_needs_a_series_and_an_onto_pin_with_dspark_series(upstream):
     u = upstream
     team = team_series(u, [HOOK_EDIT])
@@ -1368,6 +1397,77 @@ def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
     assert dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
                   "--continue").returncode == 0
     assert "consts.py" in series.load_series(out, "dspark")[2].path.read_text()
+
+
+def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(upstream):
+    """0001's resolution broke mod.py and 0002, 0003 applied on top of it: amending it rewrote 0003's
+    commit and every way to fix it was refused ("found N commits ... expected ..."), but --force,
+    which drops the resolution. Now a reset to the resolution, an amend and --continue apply the
+    later patches again, as the failure says."""
+    u = upstream
+    wd, out = u["tmp"] / "wd45", u["tmp"] / "out45"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v45.0")
+    assert dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return (x + 300  # ours"))
+    git(wd, "commit", "-q", "-am", "ours: mark f3")
+    resolution = git(wd, "rev-parse", "HEAD")
+    broken = dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                    "--continue")
+    assert broken.returncode == 1, broken.stderr
+    assert [p["status"] for p in json.loads(broken.stdout)["patches"]] == ["resolved", "clean", "clean"]
+    assert (f"fix your resolution of 0001-ours-mark-f3.patch: `git -C {wd} reset --hard {resolution[:12]}`, amend "
+            "it, then run again with --continue, which applies the patches after it again") in broken.stderr
+    git(wd, "reset", "-q", "--hard", resolution)
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(wd, "commit", "-q", "--amend", "-a", "--no-edit")
+    done = dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                  "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved", "clean", "clean"]
+    refreshed = [p.path.read_text() for p in series.load_series(out, "dspark")]
+    assert "+    return x + 300  # ours" in refreshed[0] and "+OURS = 44" in refreshed[2]
+
+
+def test_a_last_broken_resolution_is_amended_in_place(upstream):
+    u = upstream
+    upstream_drops_other_py(u, "v46.0")
+    wd = u["tmp"] / "wd46"
+    assert dspark(u, "--onto", "v46.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "consts.py").write_text("def broken(:\n")
+    git(wd, "add", "consts.py")
+    git(wd, "commit", "-q", "-m", "ours: other, ported")
+    broken = dspark(u, "--onto", "v46.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--continue")
+    assert broken.returncode == 1
+    assert (f"fix your resolution of 0003-ours-other.patch (`git -C {wd} commit --amend`), then run again with "
+            "--continue") in broken.stderr
+
+
+@pytest.mark.parametrize("left", ["edits", "a resolution not yet continued"])
+def test_another_rebase_in_the_same_workdir_keeps_what_a_pending_one_left(upstream, left):
+    """Was reset and cleaned away without --force: a resolution being made (its edits), or the
+    committed resolution's record, so the first rebase could not --continue."""
+    u = upstream
+    wd = u["tmp"] / "wd47"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v47.0")
+    assert dspark(u, "--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    if left == "a resolution not yet continued":
+        git(wd, "commit", "-q", "-am", "ours: mark f3")
+    other = dspark(u, "--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--pin", "v47.0-b")
+    assert other.returncode == 2
+    assert (f"{wd}: holds changes not committed" if left == "edits" else
+            f"{wd}: holds the unfinished rebase of dspark/rebase-v47.0 (resolve it and run it with --continue)") \
+        in other.stderr
+    if left == "edits":
+        git(wd, "commit", "-q", "-am", "ours: mark f3")
+    done = dspark(u, "--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out",
+                  str(u["tmp"] / "out47"), "--continue")
+    assert done.returncode == 0, done.stderr
+    # finished: the work tree is free for another run, no --force needed
+    again = dspark(u, "--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--pin", "v47.0-b",
+                   "--out", str(u["tmp"] / "out47b"))
+    assert again.returncode == 4, again.stderr  # its own conflict, on its own branch
+    assert json.loads(again.stdout)["branch"] == "dspark/rebase-v47.0-b"
 
 
 def test_an_out_whose_directory_cannot_be_written_is_refused_before_any_work(upstream):

@@ -4,6 +4,7 @@ upstream tree with 3-way merges and write the refreshed series (docs/rebase.md).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -117,11 +118,27 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
     return f"markers left {where}: resolve, commit, then run again with --continue"
 
 
+def _how_to_fix_compile(result: rebase.RebaseResult) -> str:
+    """The way on when a file one of your resolutions changed no longer compiles (nothing of the
+    kind when the files are upstream's or a patch's as it applied)."""
+    broken = [o for o in result.outcomes if o.status == rebase.RESOLVED and o.commit
+              and any(e.startswith(f"{f}: ") for f in o.files for e in result.compile_errors)]
+    if not broken:
+        return ""
+    last, head = broken[-1], Workspace(result.workdir).head()
+    if last.commit == head:
+        return (f"; fix your resolution of {last.patch} (`git -C {result.workdir} commit --amend`), then run again "
+                "with --continue")
+    return (f"; fix your resolution of {last.patch}: `git -C {result.workdir} reset --hard {last.commit[:12]}`, "
+            "amend it, then run again with --continue, which applies the patches after it again")
+
+
 def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, series_dir: Path | None,
-                  out: Path | None, repo: Path | None) -> tuple[compat_mod.Pin, rebase.Underlay]:
+                  series_named: Path | None, out: Path | None, repo: Path | None
+                  ) -> tuple[compat_mod.Pin, rebase.Underlay]:
     """The pin whose DSpark series a layered series is carried onto, and DSpark's series of both
     pins: --onto must name one (by name, tag, commit or release version), since that series is
-    what `apply --series` lays it on."""
+    what `apply --series` lays it on. `series_named`: --series as given (a link keeps its name)."""
     if series_dir is None:
         raise UsageError("--layered carries your own series: give it with --series")
     ours = next((p for p in engine.pins.values() if p.patches.resolve() == series_dir), None)
@@ -136,7 +153,7 @@ def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, ser
                          f"{pin.name} --onto {onto}{repo_option}`), add its pin to compat.yaml, then run this again")
     if onto_pin.name == pin.name:
         raise UsageError(f"--layered: --onto {onto} is the --from pin {pin.name} itself")
-    if out is None and series_dir.name != pin.name:
+    if out is None and series_named.name != pin.name:
         raise UsageError(f"--layered: give --out (the carried series is written beside --series only when its "
                          f"directory is named after the --from pin, {pin.name})")
     underlay = rebase.Underlay(f"{engine.name}/{pin.name}", load_series(pin.patches, "dspark"),
@@ -145,10 +162,11 @@ def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, ser
 
 
 def _layer_label(series_dir: Path) -> str:
-    """A ref- and file-name-safe name of one team's layer (its directory's last two names and a hash
-    of its path): two layers carried onto the same pin get their own work branch and tree."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{series_dir.parent.name}-{series_dir.name}").strip("-")
-    return f"{readable}-{hashlib.sha256(str(series_dir).encode()).hexdigest()[:8]}"
+    """A ref- and file-name-safe name of one team's layer (its directory's last two names, cut short,
+    and a hash of its resolved path): two layers carried onto the same pin get their own work branch
+    and tree, and the same layer the same ones however --series names it."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{series_dir.parent.name}-{series_dir.name}").strip("-")[:48]
+    return f"{readable}-{hashlib.sha256(os.fsencode(series_dir)).hexdigest()[:8]}"
 
 
 def _check_pin_name(name: str, fix: str) -> None:
@@ -190,8 +208,11 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown {engine_name} pin {from_pin!r}; compat.yaml knows: {', '.join(engine.pins)}")
         # Path options are relative to the caller's cwd, but git runs in the work tree (a relative
         # patch path there is "can't open patch", reported as a conflict): make them absolute now.
+        # --series as named (a link to a team's series directory is written beside the link), and resolved
+        series_named = Path(os.path.abspath(series_dir)) if series_dir else None
         repo, out, series_dir, workdir = (p.resolve() if p else None for p in (repo, out, series_dir, workdir))
-        onto_pin, underlay = _layered_onto(engine, pin, onto, series_dir, out, repo) if layered else (None, None)
+        onto_pin, underlay = (_layered_onto(engine, pin, onto, series_dir, series_named, out, repo) if layered
+                              else (None, None))
         source_dir = series_dir or pin.patches
         # Before anything reads it: a run killed while swapping a refreshed series in left none.
         for note in rebase.recover_interrupted(source_dir):
@@ -219,7 +240,7 @@ def register(app: typer.Typer) -> None:
         protected = {"--repo": repo, "dspark cache": cache_dir()}
         if layered:  # the layer's own branch and work tree (no plain run's, no other layer's), out beside it
             label = _layer_label(source_dir)
-            branch, out_dir = f"dspark/layered-rebase/{label}/{name}", out or source_dir.parent / name
+            branch, out_dir = f"dspark/layered-rebase/{label}/{name}", out or series_named.parent / name
             work = (workdir or cache_subdir("rebase-layered") / label / default_work).resolve()
             protected |= {f"DSpark series {e.name}/{p.name}": p.patches  # of every engine: one --out holds one
                           for e in compat.engines.values() for p in e.pins.values()}
@@ -255,11 +276,13 @@ def register(app: typer.Typer) -> None:
             rebase.byte_compile(ws, result)
             if not result.compile_errors:
                 rebase.write_series(ws, result, source_dir, out_dir)
+                rebase.record_finished(ws)
         failure = None
         if conflict is not None:
             failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); {_how_to_resolve(conflict, result)}")
         elif result.compile_errors:
-            failure = CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")
+            failure = CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}"
+                                  f"{_how_to_fix_compile(result)}")
         report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
                   "compat_entry": compat_entry if failure is None else None, "ok": failure is None}
         if failure is not None:  # the report is the one JSON document, so it carries the failure's fields too
