@@ -1,6 +1,7 @@
 """Human output through rich, machine output as one JSON document on stdout."""
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -15,6 +16,26 @@ err_console = Console(stderr=True)
 _json_emitted = False  # a command that emits its report and then fails keeps that one document
 _captured: list | None = None  # inside capture_json(): where emit() puts its documents
 _error_fields: dict = {}  # added to the failure document (error_fields())
+_stdout_failed = False  # stdout took no JSON document (full disk, closed): the failure goes to stderr alone
+
+
+def _write_stdout(text: str) -> None:
+    """`text` on stdout now (flushed). A stdout that cannot take it (a full disk, a closed
+    descriptor) is an OSError naming stdout (cli.main: exit 3), and what it still buffers is
+    dropped, so that Python's exit does not fail on it again with a traceback."""
+    global _stdout_failed
+    try:
+        if sys.stdout is None:  # descriptor 1 closed when Python started
+            raise OSError(errno.EBADF, "closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        _stdout_failed = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if sys.stdout is None:
+            sys.stdout = open(os.devnull, "w")
+        raise OSError(exc.errno, exc.strerror, "stdout") from None
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -23,7 +44,7 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     if as_json and _captured is not None:
         _captured.append(result)
     elif as_json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        _write_stdout(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         _json_emitted = True
     else:
         render(result)
@@ -62,8 +83,8 @@ def stdout_to_stderr(active: bool = True):
 
 def reset() -> None:
     """Forget what the last command emitted: one process may run several (tests, embedding)."""
-    global _json_emitted
-    _json_emitted = False
+    global _json_emitted, _stdout_failed
+    _json_emitted = _stdout_failed = False
     _error_fields.clear()
 
 
@@ -93,8 +114,9 @@ def say_table(table) -> None:
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
     """An error as one line on stderr and, under --json, also as the one JSON document on stdout.
     The message is printed as plain text: no markup, no :emoji: codes."""
-    if as_json and not _json_emitted:
-        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": exit_code, **_error_fields},
-                                    default=str) + "\n")
+    if as_json and not (_json_emitted or _stdout_failed):
+        with contextlib.suppress(OSError):  # then the line below is all there is
+            _write_stdout(json.dumps({"ok": False, "error": message, "exit_code": exit_code, **_error_fields},
+                                     default=str) + "\n")
     err_console.print(Text.assemble((f"{label}:", "red"), " ", message), highlight=False, soft_wrap=True,
                       emoji=False, markup=False)

@@ -60,6 +60,28 @@ def test_no_help_screen_names_typer_value_types():
         assert not re.search(r"<[a-z ]+>", result.output), (command, result.output)
 
 
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+@pytest.mark.parametrize("args, code, line", [
+    (["compat", "--json"], 3, None),  # the document is the output: stdout failing is the failure
+    (["apply", "bogus", "--json"], 2, "error: unknown engine 'bogus'; compat.yaml knows: vllm, tgi"),
+])
+def test_a_json_document_stdout_cannot_take_is_one_line_on_stderr(stdout, args, code, line):
+    """Were two chained tracebacks and exit 1 (the error document went to the stdout that had just
+    failed): a CI writing `dspark doctor --json > doctor.json` on a full disk read a failed check."""
+    if stdout == "full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "dspark_cli", *args]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            run = subprocess.run(command, env=env, text=True, stdout=full, stderr=subprocess.PIPE)
+    else:  # descriptor 1 closed before Python starts (`dspark ... >&-`)
+        run = subprocess.run(command, env=env, text=True, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    assert run.returncode == code
+    expected = line or ("error: stdout: No space left on device" if stdout == "full" else "error: stdout: closed")
+    assert run.stderr.strip() == expected
+
+
 def test_dspark_help_in_a_real_process():
     result = run_dspark("--help")
     assert result.returncode == 0
