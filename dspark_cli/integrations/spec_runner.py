@@ -11,6 +11,12 @@ import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # this dspark_cli, a checkout's or an installed one
+UNAVAILABLE_EXIT = 3  # the module's exit when the engine itself cannot run here (EngineUnavailable)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine does not start here even without DSpark (no GPU for a CUDA build, say): raised
+    by the module for run_module to raise in turn, so the caller can tell it from a DSpark failure."""
 
 
 def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str, env: dict | None = None) -> dict:
@@ -28,7 +34,8 @@ def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str
                               env={**os.environ, **(env or {}), "PYTHONPATH": pythonpath},
                               capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+            failure = EngineUnavailable if proc.returncode == UNAVAILABLE_EXIT else RuntimeError
+            raise failure(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         return json.loads(out_path.read_text())
 
 
@@ -43,4 +50,9 @@ def one_line(exc: Exception) -> str:
 def serve_spec(run) -> None:
     """The module side (its `__main__`): OUT.json = run(SPEC.json) for the paths on the command line."""
     spec_path, out_path = sys.argv[1:3]
-    Path(out_path).write_text(json.dumps(run(json.loads(Path(spec_path).read_text()))))
+    try:
+        result = run(json.loads(Path(spec_path).read_text()))
+    except EngineUnavailable as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(UNAVAILABLE_EXIT)
+    Path(out_path).write_text(json.dumps(result))

