@@ -161,6 +161,21 @@ def test_a_workspace_another_user_owns_is_an_environment_problem_naming_the_fix(
         assert f"git config --global --add safe.directory {toy['workdir']}" in out.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing the repository to another user needs root (chown)")
+def test_a_repo_another_user_owns_is_an_environment_problem_naming_the_fix(toy, tmp_path):
+    """apply and compat lock said "git cannot clone it (detected dubious ownership ...); give a
+    clone's directory" (exit 2) of what is a clone; rebase already said exit 3 and the fix."""
+    repo = toy["upstream"]["repo"]
+    subprocess.run(["chown", "-R", "65534", str(repo)], check=True)
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": os.devnull}
+    for args in (["apply", "toy", "-C", str(tmp_path / "fresh")], ["compat", "lock", "toy"]):
+        out = run_dspark(*args, "--repo", str(repo), env=env)
+        assert out.returncode == 3, (args, out.stderr)
+        assert out.stderr.strip().splitlines() == [
+            f"error: --repo {repo}: git refuses to read a repository another user owns; run "
+            f"`git config --global --add safe.directory {repo}`, or dspark as its owner"]
+
+
 def test_status_after_an_interrupted_layered_apply(toy):
     """The state still holds the layers before the apply: status must not call the new layer's
     half-applied patch 'no longer in its series'; the next apply recovers and finishes."""
