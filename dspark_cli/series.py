@@ -115,8 +115,11 @@ def read_series(directory: Path) -> list[str]:
             raise UsageError(f"{series_file}:{number}: {name} is the series' own file, not a patch")
         if name in names:
             raise UsageError(f"{series_file}:{number}: {name} is listed twice")
-        if not _is_file(directory / name, directory):
+        mode = _mode(directory / name, directory)
+        if mode is None:
             raise UsageError(f"{series_file}:{number}: {name} does not exist in {directory}")
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{series_file}:{number}: {name} in {directory} is not a file (a patch is one)")
         names.append(name)
     return names
 

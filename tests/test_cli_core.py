@@ -474,6 +474,16 @@ def test_a_path_that_cannot_be_what_it_was_given_as_is_bad_input_named_as_given(
     assert run.returncode == 2 and run.stderr == f"error: {directory / 'series.lock'}: Is a directory\n", run.stderr
 
 
+def test_a_series_entry_that_is_a_directory_is_named_so(tmp_path):
+    """Was "sub does not exist in DIR" for a directory that does exist there."""
+    directory = tmp_path / "s"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "series").write_text("sub\n")
+    run = run_dspark("series", "lock", str(directory))
+    assert run.returncode == 2
+    assert run.stderr == f"error: {directory / 'series'}:1: sub in {directory} is not a file (a patch is one)\n"
+
+
 @pytest.mark.parametrize("kind", ["directory", "device"])
 def test_a_series_lock_that_is_no_file_is_named_with_the_way_out(toy_env, kind):
     """A directory there was 'missing; run dspark series lock', which then failed on it; a link to
