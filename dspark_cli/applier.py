@@ -43,7 +43,7 @@ class ApplyRequest:
 
 def load_layers(pin: Pin, extra: tuple[Path, ...]) -> tuple[list[Patch], list[dict]]:
     """DSpark's series for `pin`, then each --series layer; every digest checked against its lock."""
-    layers = [("dspark", pin.patches)] + [(Path(d).resolve().name, Path(d).resolve()) for d in extra]
+    layers = [("dspark", pin.series_dir())] + [(Path(d).resolve().name, Path(d).resolve()) for d in extra]
     names = [name for name, _ in layers]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
@@ -700,7 +700,7 @@ def _series_read_now(state: dict, expected: list[Patch]) -> list[str]:
             return []
         engine = load_compat(now).engines.get(state.get("engine") or "")
         pin = engine.pins.get(state.get("pin") or "") if engine else None
-        series = load_series(pin.patches, "dspark") if pin else []
+        series = load_series(pin.series_dir(), "dspark") if pin else []
     except (DsparkError, OSError):
         return []
     was = {p.label: p.sha256 for p in expected if p.layer == "dspark"}

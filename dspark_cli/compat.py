@@ -56,6 +56,15 @@ class Pin:
     torch: str
     cuda: str
     tested: dict = field(default_factory=dict)
+    patches_key: str = "patches"  # where compat.yaml gives it: "FILE:LINE: engines.E.pins.P.patches"
+
+    def series_dir(self) -> Path:
+        """`patches` when it is a directory; a missing one is compat.yaml's error, named by file,
+        line and key (read_series would name the path alone, like a bad --series)."""
+        if not self.patches.is_dir():
+            raise CompatError(f"{self.patches_key}: expected a series directory (relative to compat.yaml), "
+                              f"{self.patches} is none")
+        return self.patches
 
     @property
     def commit_is_full(self) -> bool:
@@ -284,6 +293,7 @@ class _Validator:
             torch=self.specifier(keys["torch"], f"{where}.torch"),
             cuda=self.specifier(keys["cuda"], f"{where}.cuda"),
             tested={place: self.string(text, f"{where}.tested.{place}") for place, text in tested_keys.items()},
+            patches_key=f"{self.path}:{keys['patches'].start_mark.line + 1}: {self._where(f'{where}.patches')}",
         )
 
     def release(self, where, node) -> ReleaseFile:

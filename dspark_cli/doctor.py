@@ -245,7 +245,7 @@ def _patches_check(engine, installed: tuple[str, str], marker: dict, pin) -> Che
 def _series_drift(pin, installed: list[str]) -> str | None:
     """How the installed patch list differs from the series this checkout would apply now."""
     try:
-        current = read_series(pin.patches)
+        current = read_series(pin.series_dir())
     except DsparkError as exc:
         return f"cannot read the current series ({exc})"
     missing = [n for n in current if n not in installed]

@@ -474,6 +474,22 @@ def test_a_path_that_cannot_be_what_it_was_given_as_is_bad_input_named_as_given(
     assert run.returncode == 2 and run.stderr == f"error: {directory / 'series.lock'}: Is a directory\n", run.stderr
 
 
+@pytest.mark.parametrize("command", [["apply", "vllm", "--source", "pypi"], ["rebase", "vllm", "--from", "v0.32.0",
+                                                                          "--onto", "v0.33.0"]])
+def test_a_pin_series_directory_compat_yaml_names_wrongly_is_named_by_its_key(tmp_path, command):
+    """Was "/nonexistent/series: no such series directory", read as a bad --series."""
+    compat = tmp_path / "compat.yaml"
+    text = (REPO_ROOT / "compat.yaml").read_text()
+    assert "patches: patches/vllm/v0.32.0\n" in text
+    compat.write_text(text.replace("patches: patches/vllm/v0.32.0\n", "patches: /nonexistent/series\n"))
+    line = compat.read_text().splitlines().index("        patches: /nonexistent/series") + 1
+    run = run_dspark(*command, "--workdir", str(tmp_path / "w"), env={"DSPARK_COMPAT": str(compat),
+                                                                     "DSPARK_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 2
+    assert run.stderr == (f"error: {compat}:{line}: engines.vllm.pins.v0.32.0.patches: expected a series directory "
+                          "(relative to compat.yaml), /nonexistent/series is none\n")
+
+
 def test_a_series_entry_that_is_a_directory_is_named_so(tmp_path):
     """Was "sub does not exist in DIR" for a directory that does exist there."""
     directory = tmp_path / "s"

@@ -156,8 +156,8 @@ def _layered_onto(engine: compat_mod.Engine, pin: compat_mod.Pin, onto: str, ser
     if out is None and series_named.name != pin.name:
         raise UsageError(f"--layered: give --out (the carried series is written beside --series only when its "
                          f"directory is named after the --from pin, {pin.name})")
-    underlay = rebase.Underlay(f"{engine.name}/{pin.name}", load_series(pin.patches, "dspark"),
-                               f"{engine.name}/{onto_pin.name}", load_series(onto_pin.patches, "dspark"))
+    underlay = rebase.Underlay(f"{engine.name}/{pin.name}", load_series(pin.series_dir(), "dspark"),
+                               f"{engine.name}/{onto_pin.name}", load_series(onto_pin.series_dir(), "dspark"))
     return onto_pin, underlay
 
 
@@ -217,6 +217,8 @@ def register(app: typer.Typer) -> None:
         # Before anything reads it: a run killed while swapping a refreshed series in left none.
         for note in rebase.recover_interrupted(source_dir):
             say(note, err=True, markup=False)
+        if series_dir is None:
+            pin.series_dir()  # one there, or compat.yaml's key named
         patches = load_series(source_dir, "team" if layered else "dspark")
         for option, path in (("--workdir", workdir), ("--out", out)):
             if path is not None:
