@@ -39,12 +39,14 @@ def _write_stdout(text: str) -> None:
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
-    """Print `result` as JSON (for CI) or through `render` (for people)."""
+    """Print `result` as JSON (for CI) or through `render` (for people). Every command's document
+    has `ok` (true unless the report says otherwise), as every error document does."""
     global _json_emitted
     if as_json and _captured is not None:
         _captured.append(result)
     elif as_json:
-        _write_stdout(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        document = {"ok": True, **result} if isinstance(result, dict) else result
+        _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
         _json_emitted = True
     else:
         render(result)

@@ -82,6 +82,17 @@ def test_a_json_document_stdout_cannot_take_is_one_line_on_stderr(stdout, args, 
     assert run.stderr.strip() == expected
 
 
+def test_every_json_document_has_ok(toy_env):
+    """apply, status, compat and series lock had no `ok` on success (doctor, verify and rebase did),
+    so `jq -e .ok` failed on a successful apply."""
+    work = str(toy_env["work"])
+    for args in (["apply", "toy", "-C", work], ["status", "-C", work], ["compat"],
+                 ["series", "lock", str(toy_env["series"]), "--check"], ["revert", "-C", work]):
+        run = run_dspark(*args, "--json", env={"DSPARK_COMPAT": str(toy_env["compat_path"])})
+        assert run.returncode == 0, (args, run.stderr)
+        assert json.loads(run.stdout)["ok"] is True, args
+
+
 def test_dspark_help_in_a_real_process():
     result = run_dspark("--help")
     assert result.returncode == 0

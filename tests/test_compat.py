@@ -220,7 +220,7 @@ def test_compat_lock_resolves_short_ids_through_tags_and_keeps_comments(tmp_path
     assert "already has a full commit id" in again.output and path.read_text() == text
     # --json before the subcommand: JSON too (was the human text; an error there was JSON already)
     group_json = runner.invoke(app, ["compat", "--json", "lock", "--repo", str(upstream["repo"])], env=env)
-    assert json.loads(group_json.stdout) == {"path": str(path), "locked": []}, group_json.stdout
+    assert json.loads(group_json.stdout) == {"ok": True, "path": str(path), "locked": []}, group_json.stdout
 
     path.write_text(text.replace(upstream["v1.0"], upstream["v1.1"][:9]))  # the short id disagrees with the tag
     bad = runner.invoke(app, ["compat", "lock", "--repo", str(upstream["repo"])], env=env)
