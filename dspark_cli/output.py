@@ -32,7 +32,9 @@ def _write_stdout(text: str) -> None:
     except OSError as exc:
         _stdout_failed = True
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         if sys.stdout is None:
             sys.stdout = open(os.devnull, "w")
         raise OSError(exc.errno, exc.strerror, "stdout") from None
