@@ -206,7 +206,8 @@ def check_worktree_free(ws: Workspace, branch: str, force: bool) -> None:
     record = _read_record(ws)
     if record.get("branch") not in (None, branch) and not record.get("finished"):
         raise UsageError(f"{ws.path}: holds the unfinished rebase of {record['branch']} (resolve it and run it with "
-                         "--continue); give another --workdir, or --force to discard it")
+                         "--continue); give another --workdir, or --force to discard it (a run of an older dspark, "
+                         "or one stopped as it wrote its series, is taken for unfinished too)")
 
 
 def start_branch(ws: Workspace, branch: str, onto: str, force: bool) -> None:
@@ -341,11 +342,13 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
         # what a git killed with an earlier run left failed every later run's reset and checkout:
         # ours to remove under the lock (the work tree is ours; no other dspark runs git in it)
         ws.remove_git_locks(branch)
+        reapply: set[str] = set()
         if resume:
-            outcomes = _resumed_outcomes(ws, branch, trees, patches)
+            outcomes, reapply = _resumed_outcomes(ws, branch, trees, patches)
         else:
             start_branch(ws, branch, trees.onto_with, force)
         series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
+        tip = ws.head()
         for patch in patches[len(outcomes):]:
             if any(o.status == CONFLICT for o in outcomes):
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
@@ -353,6 +356,11 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                 continue
             outcomes.append(apply_one(ws, patch, trees, series_adds))
             series_adds |= set(created_paths(patch.path))
+            if patch.name in reapply and outcomes[-1].status == ALREADY:  # applied last time: the resolution holds it now
+                ws.git.run("reset", "-q", "--hard", tip)
+                raise UsageError(f"{ws.path}: {patch.name} applied after your resolution last time, and now its "
+                                 "change is already there: your resolution holds it (amended in?); leave it "
+                                 "out of the resolution, then --continue")
     result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes)
     _record_statuses(ws, result)
     return result
@@ -415,14 +423,17 @@ def _recorded_outcomes(ws: Workspace, branch: str, trees: Trees) -> list[dict]:
     return finish_marker_move(ws, branch, data)
 
 
-def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Patch]) -> list[PatchOutcome]:
+def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees,
+                      patches: list[Patch]) -> tuple[list[PatchOutcome], set[str]]:
     """The outcomes of the patches the last run got through, matched to the work branch's commits
     since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
     owns the single commit after them (the human's resolution, which they may amend after a
     byte-compile failure: a resolved patch is matched alike); `already upstream` owns none, unless
     it was an empty resolution: that commit stays its own, so a later --continue still counts it.
     Anything else (an extra commit, a missing or rewritten one) is refused: matching by position
-    gave an extra commit to a patch that never ran and silently lost that patch's change."""
+    gave an extra commit to a patch that never ran and silently lost that patch's change. Also
+    returned: the patches to apply again (a branch reset to a resolution after a byte-compile
+    failure drops the ones the last run applied after it)."""
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
     recorded = _recorded_outcomes(ws, branch, trees)
@@ -459,17 +470,20 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
                 outcome.files = commit_files(ws, resolution) if resolution else files
             resolutions.append((len(outcomes) + 1, len(claimed)))
         outcomes.append(outcome)
-    # The branch reset to a resolution (to amend it after a byte-compile failure): the patches the
-    # last run applied after it are ours to apply again (a later conflict stops again).
+    # The branch reset to a resolution to amend it after a byte-compile failure (the last run got
+    # through every patch): the patches it applied after that are ours to apply again.
+    got_through = all(r["status"] not in (CONFLICT, NOT_RUN) for r in recorded)
     cut = next(((o, c) for o, c in reversed(resolutions) if claimed[:c] == commits and o < len(outcomes)), None)
-    if claimed != commits and cut is not None:
+    reapply: set[str] = set()
+    if claimed != commits and got_through and cut is not None:
+        reapply = {o.patch for o in outcomes[cut[0]:] if o.commit}
         outcomes, claimed = outcomes[:cut[0]], claimed[:cut[1]]
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
-    return outcomes
+    return outcomes, reapply
 
 
 def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> None:

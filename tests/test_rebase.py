@@ -1428,6 +1428,70 @@ def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(
     assert "+    return x + 300  # ours" in refreshed[0] and "+OURS = 44" in refreshed[2]
 
 
+def test_a_resolution_amended_to_hold_later_patches_is_refused_not_folded_in(upstream):
+    """`git reset --soft` to the broken resolution and `commit --amend -a` folded 0002 and 0003 into it:
+    --continue applied them again as `already upstream` and wrote a series of 0001 alone, exit 0."""
+    u = upstream
+    wd, out = u["tmp"] / "wd48", u["tmp"] / "out48"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v48.0")
+    assert dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return (x + 300  # ours"))
+    git(wd, "commit", "-q", "-am", "ours: mark f3")
+    resolution = git(wd, "rev-parse", "HEAD")
+    args = ("--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert dspark(u, *args).returncode == 1
+    git(wd, "reset", "-q", "--soft", resolution)
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(wd, "commit", "-q", "--amend", "-a", "--no-edit")
+    amended = git(wd, "rev-parse", "HEAD")
+    refused = dspark(u, *args)
+    assert refused.returncode == 2, refused.stderr
+    assert ("0002-ours-new-module.patch applied after your resolution last time, and now its change is already "
+            "there: your resolution holds it") in refused.stderr
+    assert git(wd, "rev-parse", "HEAD") == amended and not git(wd, "status", "--porcelain") and not out.exists()
+
+
+def test_a_later_conflict_amended_into_an_earlier_resolution_is_refused(upstream):
+    """While 0003's conflict waited, its resolution committed with --amend into 0002's: --continue
+    took the branch as reset to 0002's resolution, applied 0003 again as `already upstream` and wrote
+    0002's patch with 0003's change in it, exit 0."""
+    u = upstream
+    wd = u["tmp"] / "wd49"
+    new_upstream(u, {"ours.py": "HOOK = False\n", "other.py": OTHER.replace("D = 4", "D = 40")}, "v49.0")
+    args = ("--onto", "v49.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert dspark(u, *args).returncode == 4  # 0002: ours.py
+    (wd / "ours.py").write_text("HOOK = True\n")
+    git(wd, "commit", "-q", "-am", "ours: new module")
+    assert dspark(u, *args, "--continue").returncode == 4  # 0003: other.py
+    (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 40\nOURS = 44\n"))
+    git(wd, "commit", "-q", "--amend", "-a", "--no-edit")  # the slip
+    refused = dspark(u, *args, "--continue")
+    assert refused.returncode == 2, refused.stderr
+    assert "found 2 commits on the new tree" in refused.stderr
+
+
+def test_a_conflict_is_still_reported_when_stdout_cannot_take_the_json_report(upstream):
+    """Was exit 3 with `error: stdout: No space left on device` alone: the conflict left on the work
+    branch was not mentioned."""
+    import subprocess
+    import sys
+
+    from tests.run_cli import ROOT
+
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v50.0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(u["compat"]),
+           "DSPARK_CACHE": str(u["tmp"] / "cache"), "GIT_CONFIG_GLOBAL": os.devnull}
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", "--onto", "v50.0",
+                              "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd50"), "--json"],
+                             env=env, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert run.returncode == 4, run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("error: 0001-ours-mark-f3.patch conflicts (mod.py: conflict markers at lines ")
+    assert line.endswith("(and stdout could not take the report: No space left on device)")
+
+
 def test_a_last_broken_resolution_is_amended_in_place(upstream):
     u = upstream
     upstream_drops_other_py(u, "v46.0")
