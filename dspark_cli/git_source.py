@@ -80,8 +80,11 @@ def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
         if listed.returncode != 0:
             reason = next((line for line in listed.stderr.splitlines() if line.startswith("fatal:")), "")
             if "dubious ownership" in listed.stderr:  # a clone, but another user's: git's setting, not the path
+                # git's own line: the directory it checked here is the clone's .git, not the clone
+                fix = next((line.strip() for line in listed.stderr.splitlines() if "safe.directory" in line),
+                           f"git config --global --add safe.directory {path / '.git'}")
                 raise EnvironmentProblem(f"{origin} {repo}: git refuses to read a repository another user owns; run "
-                                         f"`git config --global --add safe.directory {path}`, or dspark as its owner")
+                                         f"`{fix}`, or dspark as its owner")
             raise UsageError(f"{origin} {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
                              "give a clone's directory or a URL")
     return str(path)

@@ -168,12 +168,18 @@ def test_a_repo_another_user_owns_is_an_environment_problem_naming_the_fix(toy, 
     repo = toy["upstream"]["repo"]
     subprocess.run(["chown", "-R", "65534", str(repo)], check=True)
     env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": os.devnull}
+    fix = f"git config --global --add safe.directory {repo / '.git'}"  # what git checks for a clone's source
     for args in (["apply", "toy", "-C", str(tmp_path / "fresh")], ["compat", "lock", "toy"]):
         out = run_dspark(*args, "--repo", str(repo), env=env)
         assert out.returncode == 3, (args, out.stderr)
         assert out.stderr.strip().splitlines() == [
-            f"error: --repo {repo}: git refuses to read a repository another user owns; run "
-            f"`git config --global --add safe.directory {repo}`, or dspark as its owner"]
+            f"error: --repo {repo}: git refuses to read a repository another user owns; run `{fix}`, or dspark "
+            "as its owner"]
+    config = tmp_path / "gitconfig"  # the fix, as said, lets the apply through
+    subprocess.run(fix.split(), env={**os.environ, "GIT_CONFIG_GLOBAL": str(config)}, check=True)
+    out = run_dspark("apply", "toy", "-C", str(tmp_path / "fresh"), "--repo", str(repo),
+                     env={**env, "GIT_CONFIG_GLOBAL": str(config)})
+    assert out.returncode == 0, out.stderr
 
 
 def test_status_after_an_interrupted_layered_apply(toy):
