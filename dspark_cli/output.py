@@ -40,15 +40,22 @@ def _write_stdout(text: str) -> None:
         raise OSError(exc.errno, exc.strerror, "stdout") from None
 
 
-def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exception | None = None) -> None:
     """Print `result` as JSON (for CI) or through `render` (for people). Every command's document
-    has `ok` (true unless the report says otherwise), as every error document does."""
+    has `ok` (true unless the report says otherwise), as every error document does. `failure`: what
+    the report says went wrong, which the caller raises next: a stdout that cannot take the report
+    raises it (its code, a note on stdout), not the stdout's error."""
     global _json_emitted
     if as_json and _captured is not None:
         _captured.append(result)
     elif as_json:
         document = {"ok": True, **result} if isinstance(result, dict) else result
-        _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+        except OSError as exc:
+            if failure is None:
+                raise
+            raise type(failure)(f"{failure} (and stdout could not take the report: {exc.strerror})") from None
         _json_emitted = True
     else:
         render(result)

@@ -479,8 +479,10 @@ def run_self_test(as_json: bool = False) -> list[dict]:
                 detail = f"budget={r['budget']} (reference {r['budget_ref']})"
             say(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}  {detail}", markup=False)
 
-    emit({"ok": all(r["ok"] for r in results), "library": cuda_ops.load(), "results": results}, as_json, render)
-    if not all(r["ok"] for r in results):
-        raise CheckFailed("a CUDA op disagrees with the torch reference (see above)")
+    ok = all(r["ok"] for r in results)
+    failure = None if ok else CheckFailed("a CUDA op disagrees with the torch reference (see above)")
+    emit({"ok": ok, "library": cuda_ops.load(), "results": results}, as_json, render, failure)
+    if failure is not None:
+        raise failure
     return results
 

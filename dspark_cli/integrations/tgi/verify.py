@@ -183,9 +183,9 @@ def run(as_json: bool = False) -> None:
                 f"{c['mean_accepted_length']:.2f} of 4; {c['tokens_per_s']:.0f} tok/s vs "
                 f"{c['tokens_per_s_no_spec']:.0f} without")
 
-    emit(result, as_json, render)
-    if not result["ok"]:
-        raise CheckFailed("; ".join(server["problems"]) or served.get("error")
-                          or "DSpark output differs from no speculation"
-                          + (" in the installed TGI shard" if served["ran"] and not served["identical"] else
-                             " in the TGI-side loop"))
+    failure = None if result["ok"] else CheckFailed(
+        "; ".join(server["problems"]) or served.get("error") or "DSpark output differs from no speculation"
+        + (" in the installed TGI shard" if served["ran"] and not served["identical"] else " in the TGI-side loop"))
+    emit(result, as_json, render, failure)
+    if failure is not None:
+        raise failure

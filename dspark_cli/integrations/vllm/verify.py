@@ -141,9 +141,10 @@ def run(as_json: bool) -> None:
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         raise CheckFailed(f"the patched vLLM engine did not complete a DSpark run: {one_line(exc)}") from exc
     result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
-    emit(result, as_json, _render)
-    if not result["ok"]:
-        raise CheckFailed("DSpark in vLLM: " + "; ".join(r["check"] for r in rows if not r["ok"]))
+    failure = None if result["ok"] else CheckFailed("DSpark in vLLM: " + "; ".join(r["check"] for r in rows if not r["ok"]))
+    emit(result, as_json, _render, failure)
+    if failure is not None:
+        raise failure
 
 
 def _render(result: dict) -> None:
