@@ -254,6 +254,14 @@ def apply_one(ws: Workspace, patch: Patch, trees: Trees, series_adds: set[str] =
     return outcome
 
 
+def _in_new_tree(ws: Workspace, patch: Patch, onto: str) -> bool:
+    """Whether `patch` changes nothing on the new tree `onto` itself: its change is upstream's (or,
+    layered, DSpark's series'), not one a resolution on the work branch brought in."""
+    with ws.scratch_index(onto) as index:  # the patch undoes on it: its result is there already
+        return ws.git.run("apply", "--cached", "--check", "-R", "--whitespace=nowarn", str(patch.path), env=index,
+                          check=False).returncode == 0
+
+
 def _offsets(verbose_stderr: str) -> list[str]:
     details, current = [], None
     for line in verbose_stderr.splitlines():
@@ -342,13 +350,12 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
         # what a git killed with an earlier run left failed every later run's reset and checkout:
         # ours to remove under the lock (the work tree is ours; no other dspark runs git in it)
         ws.remove_git_locks(branch)
-        reapply: set[str] = set()
         if resume:
-            outcomes, reapply = _resumed_outcomes(ws, branch, trees, patches)
+            outcomes = _resumed_outcomes(ws, branch, trees, patches)
         else:
             start_branch(ws, branch, trees.onto_with, force)
         series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
-        tip = ws.head()
+        tip, resolved = ws.head(), any(o.status == RESOLVED for o in outcomes)
         for patch in patches[len(outcomes):]:
             if any(o.status == CONFLICT for o in outcomes):
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
@@ -356,11 +363,11 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
                 continue
             outcomes.append(apply_one(ws, patch, trees, series_adds))
             series_adds |= set(created_paths(patch.path))
-            if patch.name in reapply and outcomes[-1].status == ALREADY:  # applied last time: the resolution holds it now
-                ws.git.run("reset", "-q", "--hard", tip)
-                raise UsageError(f"{ws.path}: {patch.name} applied after your resolution last time, and now its "
-                                 "change is already there: your resolution holds it (amended in?); leave it "
-                                 "out of the resolution, then --continue")
+            if resolved and outcomes[-1].status == ALREADY and not _in_new_tree(ws, patch, trees.onto_with):
+                ws.git.run("reset", "-q", "--hard", tip)  # the branch as you left it
+                raise UsageError(f"{ws.path}: {patch.name}'s change is on the work branch but not in the new tree: "
+                                 "your resolution holds it (amended or copied in?); leave it out of the resolution, "
+                                 "then --continue")
     result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes)
     _record_statuses(ws, result)
     return result
@@ -423,17 +430,16 @@ def _recorded_outcomes(ws: Workspace, branch: str, trees: Trees) -> list[dict]:
     return finish_marker_move(ws, branch, data)
 
 
-def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees,
-                      patches: list[Patch]) -> tuple[list[PatchOutcome], set[str]]:
+def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Patch]) -> list[PatchOutcome]:
     """The outcomes of the patches the last run got through, matched to the work branch's commits
     since `onto` one to one: each patch that applied keeps its recorded commit, the conflicted one
     owns the single commit after them (the human's resolution, which they may amend after a
     byte-compile failure: a resolved patch is matched alike); `already upstream` owns none, unless
     it was an empty resolution: that commit stays its own, so a later --continue still counts it.
     Anything else (an extra commit, a missing or rewritten one) is refused: matching by position
-    gave an extra commit to a patch that never ran and silently lost that patch's change. Also
-    returned: the patches to apply again (a branch reset to a resolution after a byte-compile
-    failure drops the ones the last run applied after it)."""
+    gave an extra commit to a patch that never ran and silently lost that patch's change. A branch
+    reset to a resolution after a byte-compile failure drops the patches the last run applied after
+    it: they are applied again."""
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
     recorded = _recorded_outcomes(ws, branch, trees)
@@ -474,16 +480,14 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees,
     # through every patch): the patches it applied after that are ours to apply again.
     got_through = all(r["status"] not in (CONFLICT, NOT_RUN) for r in recorded)
     cut = next(((o, c) for o, c in reversed(resolutions) if claimed[:c] == commits and o < len(outcomes)), None)
-    reapply: set[str] = set()
     if claimed != commits and got_through and cut is not None:
-        reapply = {o.patch for o in outcomes[cut[0]:] if o.commit}
         outcomes, claimed = outcomes[:cut[0]], claimed[:cut[1]]
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
-    return outcomes, reapply
+    return outcomes
 
 
 def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> None:

@@ -1446,8 +1446,8 @@ def test_a_resolution_amended_to_hold_later_patches_is_refused_not_folded_in(ups
     amended = git(wd, "rev-parse", "HEAD")
     refused = dspark(u, *args)
     assert refused.returncode == 2, refused.stderr
-    assert ("0002-ours-new-module.patch applied after your resolution last time, and now its change is already "
-            "there: your resolution holds it") in refused.stderr
+    assert ("0002-ours-new-module.patch's change is on the work branch but not in the new tree: your resolution "
+            "holds it") in refused.stderr
     assert git(wd, "rev-parse", "HEAD") == amended and not git(wd, "status", "--porcelain") and not out.exists()
 
 
@@ -1490,6 +1490,39 @@ def test_a_conflict_is_still_reported_when_stdout_cannot_take_the_json_report(up
     [line] = run.stderr.strip().splitlines()
     assert line.startswith("error: 0001-ours-mark-f3.patch conflicts (mod.py: conflict markers at lines ")
     assert line.endswith("(and stdout could not take the report: No space left on device)")
+
+
+def test_a_resolution_that_brings_in_a_later_patch_is_refused_not_called_upstream(upstream):
+    """0001's resolution also committed ours.py, 0002's new module: --continue called 0002 `already
+    upstream` ("its changes are already in the new tree", which has no ours.py) and dropped it."""
+    u = upstream
+    wd = u["tmp"] / "wd51"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v51.0")
+    args = ("--onto", "v51.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert dspark(u, *args).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    (wd / "ours.py").write_text("HOOK = True\n")
+    git(wd, "add", "-A")
+    git(wd, "commit", "-q", "-m", "ours: mark f3")
+    resolution = git(wd, "rev-parse", "HEAD")
+    refused = dspark(u, *args, "--continue")
+    assert refused.returncode == 2, refused.stderr
+    assert "0002-ours-new-module.patch's change is on the work branch but not in the new tree" in refused.stderr
+    assert git(wd, "rev-parse", "HEAD") == resolution and not git(wd, "status", "--porcelain")
+
+
+def test_a_patch_upstream_took_is_still_already_upstream_after_a_resolution(upstream):
+    """The check above must not refuse what upstream really has: v52.0 has 0002's ours.py itself."""
+    u = upstream
+    wd, out = u["tmp"] / "wd52", u["tmp"] / "out52"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300"), "ours.py": "HOOK = True\n"}, "v52.0")
+    args = ("--onto", "v52.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    assert dspark(u, *args).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(wd, "commit", "-q", "-am", "ours: mark f3")
+    done = dspark(u, *args, "--continue")
+    assert done.returncode == 0, done.stderr
+    assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved", "already upstream", "clean"]
 
 
 def test_a_last_broken_resolution_is_amended_in_place(upstream):
