@@ -11,33 +11,46 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.text import Text
 
-console = Console()
+from dspark_cli.errors import EnvironmentProblem
+
+class _StdoutConsole(Console):
+    """rich's Console, except that stdout's reader gone is an error emit() names (exit 3, or the
+    failure the report held), not rich's quiet exit 1 (ours for "a check failed")."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+console = _StdoutConsole()
 err_console = Console(stderr=True)
 _json_emitted = False  # a command that emits its report and then fails keeps that one document
 _captured: list | None = None  # inside capture_json(): where emit() puts its documents
 _error_fields: dict = {}  # added to the failure document (error_fields())
-_stdout_failed = False  # stdout took no JSON document (full disk, closed): the failure goes to stderr alone
+_stdout_failed = False  # stdout took no report (full disk, closed): the failure goes to stderr alone
 
 
 def _write_stdout(text: str) -> None:
-    """`text` on stdout now (flushed). A stdout that cannot take it (a full disk, a closed
-    descriptor) is an OSError naming stdout (cli.main: exit 3), and what it still buffers is
-    dropped, so that Python's exit does not fail on it again with a traceback."""
+    """`text` on stdout now (flushed); an OSError when stdout cannot take it."""
+    if sys.stdout is None:  # descriptor 1 closed when Python started
+        raise OSError(errno.EBADF, "closed")
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _stdout_lost(exc: OSError) -> EnvironmentProblem:
+    """stdout could not take what we print (a full disk, a closed descriptor, its reader gone): what
+    it still buffers is dropped, so that Python's exit does not fail on it with a traceback, and the
+    error names stdout (exit 3). Not an OSError: click ends an EPIPE with exit 1 and no word."""
     global _stdout_failed
-    try:
-        if sys.stdout is None:  # descriptor 1 closed when Python started
-            raise OSError(errno.EBADF, "closed")
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except OSError as exc:
-        _stdout_failed = True
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        if sys.stdout is None:
-            sys.stdout = open(os.devnull, "w")
-        raise OSError(exc.errno, exc.strerror, "stdout") from None
+    _stdout_failed = True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    return EnvironmentProblem(f"stdout: {exc.strerror or exc}")
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exception | None = None) -> None:
@@ -48,17 +61,19 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
     global _json_emitted
     if as_json and _captured is not None:
         _captured.append(result)
-    elif as_json:
-        document = {"ok": True, **result} if isinstance(result, dict) else result
-        try:
+        return
+    try:
+        if as_json:
+            document = {"ok": True, **result} if isinstance(result, dict) else result
             _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
-        except OSError as exc:
-            if failure is None:
-                raise
-            raise type(failure)(f"{failure} (and stdout could not take the report: {exc.strerror})") from None
-        _json_emitted = True
-    else:
-        render(result)
+            _json_emitted = True
+        else:
+            render(result)
+    except OSError as exc:
+        lost = _stdout_lost(exc)
+        if failure is None:
+            raise lost from None
+        raise type(failure)(f"{failure} (and stdout could not take the report: {exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager
@@ -119,15 +134,17 @@ def say_table(table) -> None:
         console.print(table)
         return
     natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
-    Console(width=max(console.width, natural), highlight=False, emoji=False).print(table)
+    _StdoutConsole(width=max(console.width, natural), highlight=False, emoji=False).print(table)
 
 
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
     """An error as one line on stderr and, under --json, also as the one JSON document on stdout.
     The message is printed as plain text: no markup, no :emoji: codes."""
     if as_json and not (_json_emitted or _stdout_failed):
-        with contextlib.suppress(OSError):  # then the line below is all there is
+        try:
             _write_stdout(json.dumps({"ok": False, "error": message, "exit_code": exit_code, **_error_fields},
                                      default=str) + "\n")
+        except OSError as exc:  # the line below is all there is
+            _stdout_lost(exc)
     err_console.print(Text.assemble((f"{label}:", "red"), " ", message), highlight=False, soft_wrap=True,
                       emoji=False, markup=False)

@@ -93,6 +93,37 @@ def test_every_json_document_has_ok(toy_env):
         assert json.loads(run.stdout)["ok"] is True, args
 
 
+def run_into(stdout: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`dspark ARGS` whose stdout is /dev/full ("full") or a pipe nobody reads ("gone")."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    command = [sys.executable, "-m", "dspark_cli", *args]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run(command, env=env, text=True, stdout=full, stderr=subprocess.PIPE)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(command, env=env, text=True, stdout=write, stderr=subprocess.PIPE)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("stdout", ["full", "gone"])
+def test_a_report_that_stdout_cannot_take_keeps_the_failure_it_held(stdout):
+    """doctor's failed check was exit 3 (`stdout: ...` alone) on a full disk, and exit 1 with no word
+    at all (click's and rich's broken-pipe exits) when the reader was gone."""
+    env = {"CUDA_HOME": "/nonexistent"}  # a failing check here
+    for as_json in (["--json"], []):
+        run = run_into(stdout, "doctor", *as_json, env=env)
+        assert run.returncode == 1, (as_json, run.stderr)
+        [line] = run.stderr.strip().splitlines()
+        assert line.startswith("error: doctor: ") and "CUDA_HOME" in line and line.endswith(
+            f"(and stdout could not take the report: {'No space left on device' if stdout == 'full' else 'Broken pipe'})")
+    run = run_into(stdout, "compat", "--json")  # nothing failed but stdout
+    assert run.returncode == 3 and run.stderr.strip().splitlines() == [
+        f"error: stdout: {'No space left on device' if stdout == 'full' else 'Broken pipe'}"]
+
+
 def test_dspark_help_in_a_real_process():
     result = run_dspark("--help")
     assert result.returncode == 0

@@ -1482,14 +1482,16 @@ def test_a_conflict_is_still_reported_when_stdout_cannot_take_the_json_report(up
     new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v50.0")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(u["compat"]),
            "DSPARK_CACHE": str(u["tmp"] / "cache"), "GIT_CONFIG_GLOBAL": os.devnull}
-    with open("/dev/full", "w") as full:
-        run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", "--onto", "v50.0",
-                              "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd50"), "--json"],
-                             env=env, stdout=full, stderr=subprocess.PIPE, text=True)
-    assert run.returncode == 4, run.stderr
-    [line] = run.stderr.strip().splitlines()
-    assert line.startswith("error: 0001-ours-mark-f3.patch conflicts (mod.py: conflict markers at lines ")
-    assert line.endswith("(and stdout could not take the report: No space left on device)")
+    for n, as_json in enumerate((["--json"], [])):  # the text report too (was exit 3, `[Errno 28] ...`)
+        with open("/dev/full", "w") as full:
+            run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", "--onto",
+                                  "v50.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / f"wd50-{n}"),
+                                  "--pin", f"v50.0-{n}", *as_json], env=env, stdout=full, stderr=subprocess.PIPE,
+                                 text=True)
+        assert run.returncode == 4, run.stderr
+        [line] = run.stderr.strip().splitlines()
+        assert line.startswith("error: 0001-ours-mark-f3.patch conflicts (mod.py: conflict markers at lines ")
+        assert line.endswith("(and stdout could not take the report: No space left on device)")
 
 
 def test_a_resolution_that_brings_in_a_later_patch_is_refused_not_called_upstream(upstream):

@@ -109,7 +109,7 @@ def _self_test(doc: dict, as_json: bool) -> None:
     combined = {"ok": failure is None, "build": doc, "self_test": docs[-1] if docs else None}
     if failure is not None:
         combined.update(error=str(failure), exit_code=failure.exit_code)
-    emit(combined, True, lambda r: None)
+    emit(combined, True, lambda r: None, failure)
     if failure is not None:
         raise failure
 
