@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dspark_cli.errors import EnvironmentProblem
 
+
 class _StdoutConsole(Console):
     """rich's Console, except that stdout's reader gone is an error emit() names (exit 3, or the
     failure the report held), not rich's quiet exit 1 (ours for "a check failed")."""
