@@ -461,12 +461,14 @@ def test_relative_paths_are_the_callers_not_the_work_trees(upstream):
     series.load_series(here / "out", "dspark")
 
 
-def conflict_then_resolve(u, tag, workdir):
-    """A rebase stopped at 0001's conflict, resolved and committed by the 'human' in `workdir`."""
+def conflict_then_resolve(u, tag, workdir, broken=False):
+    """A rebase stopped at 0001's conflict, resolved and committed by the 'human' in `workdir` (with
+    `broken`, a resolution that no longer byte-compiles)."""
     new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, tag)
     run = dspark(u, "--onto", tag, "--repo", str(u["repo"]), "--workdir", str(workdir))
     assert run.returncode == 4, run.stderr
-    (workdir / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    (workdir / "mod.py").write_text(MOD.replace("return x + 3", "return (x + 300  # ours" if broken else
+                                                "return x + 300  # ours"))
     git(workdir, "commit", "-q", "-am", "ours: mark f3")
     return git(workdir, "rev-parse", "HEAD")
 
@@ -1406,11 +1408,7 @@ def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(
     later patches again, as the failure says."""
     u = upstream
     wd, out = u["tmp"] / "wd45", u["tmp"] / "out45"
-    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v45.0")
-    assert dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
-    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return (x + 300  # ours"))
-    git(wd, "commit", "-q", "-am", "ours: mark f3")
-    resolution = git(wd, "rev-parse", "HEAD")
+    resolution = conflict_then_resolve(u, "v45.0", wd, broken=True)
     broken = dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
                     "--continue")
     assert broken.returncode == 1, broken.stderr
@@ -1433,11 +1431,7 @@ def test_a_resolution_amended_to_hold_later_patches_is_refused_not_folded_in(ups
     --continue applied them again as `already upstream` and wrote a series of 0001 alone, exit 0."""
     u = upstream
     wd, out = u["tmp"] / "wd48", u["tmp"] / "out48"
-    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v48.0")
-    assert dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
-    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return (x + 300  # ours"))
-    git(wd, "commit", "-q", "-am", "ours: mark f3")
-    resolution = git(wd, "rev-parse", "HEAD")
+    resolution = conflict_then_resolve(u, "v48.0", wd, broken=True)
     args = ("--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
     assert dspark(u, *args).returncode == 1
     git(wd, "reset", "-q", "--soft", resolution)
