@@ -18,7 +18,7 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
-from dspark_cli.workspace import Git, Workspace, require_git
+from dspark_cli.workspace import Git, Workspace, another_users_repository, require_git
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -79,12 +79,9 @@ def checked_repo(repo: str | None, origin: str = "--repo") -> str | None:
         listed = Git(path).run("ls-remote", "--heads", str(path.absolute()), check=False)
         if listed.returncode != 0:
             reason = next((line for line in listed.stderr.splitlines() if line.startswith("fatal:")), "")
-            if "dubious ownership" in listed.stderr:  # a clone, but another user's: git's setting, not the path
-                # git's own line: the directory it checked here is the clone's .git, not the clone
-                fix = next((line.strip() for line in listed.stderr.splitlines() if "safe.directory" in line),
-                           f"git config --global --add safe.directory {path / '.git'}")
-                raise EnvironmentProblem(f"{origin} {repo}: git refuses to read a repository another user owns; run "
-                                         f"`{fix}`, or dspark as its owner")
+            refused = another_users_repository(listed.stderr, f"{origin} {repo}", path / ".git")
+            if refused:  # a clone, but another user's: git's setting, not the path
+                raise refused
             raise UsageError(f"{origin} {repo}: git cannot clone it ({reason.removeprefix('fatal: ') or 'no repository'}); "
                              "give a clone's directory or a URL")
     return str(path)

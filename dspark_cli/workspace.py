@@ -177,9 +177,9 @@ class Workspace:
         if not (self.path / ".git").exists():
             return False
         found = self.git.run("rev-parse", "--git-dir", check=False)
-        if "dubious ownership" in found.stderr:  # a repository, but git will not work in it (containerized CI)
-            raise EnvironmentProblem(f"{self.path}: git refuses to work in a repository another user owns; run "
-                                     f"`git config --global --add safe.directory {self.path}`, or dspark as its owner")
+        refused = another_users_repository(found.stderr, str(self.path), self.path)
+        if refused:  # a repository, but git will not work in it (containerized CI)
+            raise refused
         return found.returncode == 0
 
     @property
@@ -868,6 +868,18 @@ def _state_shape_problem(state) -> str | None:
         return "'in_progress' is not a snapshot"
     wrong = next((key for key, valid in _SNAPSHOT_FIELDS.items() if key in snapshot and not valid(snapshot[key])), None)
     return f"'in_progress' has a wrong {wrong!r}" if wrong else None
+
+
+def another_users_repository(stderr: str, where: str, checked: Path) -> EnvironmentProblem | None:
+    """git's refusal of a repository another user owns ("dubious ownership"), as one line with git's
+    own safe.directory command (the directory it checked: a work tree, or a clone's .git when it
+    reads the clone as a remote); `checked` when git printed none. None for any other failure."""
+    if "dubious ownership" not in stderr:
+        return None
+    fix = next((line.strip() for line in stderr.splitlines() if "safe.directory" in line),
+               f"git config --global --add safe.directory {checked}")
+    return EnvironmentProblem(f"{where}: git refuses to work in a repository another user owns; run `{fix}`, or "
+                              "dspark as its owner")
 
 
 def safe_name(ref: str) -> str:

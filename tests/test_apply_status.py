@@ -173,7 +173,7 @@ def test_a_repo_another_user_owns_is_an_environment_problem_naming_the_fix(toy, 
         out = run_dspark(*args, "--repo", str(repo), env=env)
         assert out.returncode == 3, (args, out.stderr)
         assert out.stderr.strip().splitlines() == [
-            f"error: --repo {repo}: git refuses to read a repository another user owns; run `{fix}`, or dspark "
+            f"error: --repo {repo}: git refuses to work in a repository another user owns; run `{fix}`, or dspark "
             "as its owner"]
     config = tmp_path / "gitconfig"  # the fix, as said, lets the apply through
     subprocess.run(fix.split(), env={**os.environ, "GIT_CONFIG_GLOBAL": str(config)}, check=True)
