@@ -159,11 +159,34 @@ def write_lock(directory: Path, entries: list[tuple[str, str]] | None = None) ->
 
 
 def check_lock(directory: Path, entries: list[tuple[str, str]] | None = None) -> None:
-    """CheckFailed unless series.lock is exactly what `dspark series lock` would write."""
+    """CheckFailed unless series.lock is exactly what `dspark series lock` would write, naming the
+    first difference so that a CI log says which patch moved. A missing or malformed lock is a "no"
+    of this check too (exit 1), where apply refuses it as bad input."""
+    entries = lock_entries(directory) if entries is None else entries
     lock_file = directory / LOCK_FILE
-    current = _read_text(lock_file) if lock_file.exists() else None  # a directory there: _read_text says so
-    if current != lock_text(directory, entries):
-        raise CheckFailed(f"{lock_file} is out of date; run `dspark series lock {directory}`")
+    relock = f"run `dspark series lock {directory}`"
+    if not lock_file.exists():
+        raise CheckFailed(f"{lock_file}: missing; {relock}")
+    if _read_text(lock_file) == lock_text(directory, entries):  # a directory there: _read_text says so
+        return
+    try:
+        locked = read_lock(directory)
+    except UsageError as malformed:
+        raise CheckFailed(str(malformed)) from None
+    raise CheckFailed(f"{lock_file} is out of date ({_first_difference(locked, entries)}); {relock}")
+
+
+def _first_difference(locked: dict[str, str], entries: list[tuple[str, str]]) -> str:
+    for name, sha in entries:
+        if name not in locked:
+            return f"{name} is listed in series but not locked"
+        if locked[name] != sha:
+            return f"{name} changed: sha256 {sha[:12]}…, locked {locked[name][:12]}…"
+    listed = {name for name, _ in entries}
+    for name in locked:
+        if name not in listed:
+            return f"{name} is locked but not listed in series"
+    return "the order or the layout of its lines differs"
 
 
 def load_series(directory: Path, layer: str) -> list[Patch]:

@@ -566,7 +566,9 @@ def test_series_lock_writes_and_checks(toy_env):
     with open(series_dir / "series", "a") as handle:
         handle.write("0003-extra.patch  # added later\n")
     stale = runner.invoke(app, ["series", "lock", str(series_dir), "--check"])
-    assert exit_code(stale) == 1 and "out of date" in str(stale.exception)
+    assert exit_code(stale) == 1
+    assert str(stale.exception) == (f"{series_dir / 'series.lock'} is out of date (0003-extra.patch is listed in "
+                                    f"series but not locked); run `dspark series lock {series_dir}`")
     written = runner.invoke(app, ["series", "lock", str(series_dir), "--json"])
     assert [p["name"] for p in json.loads(written.stdout)["patches"]][-1] == "0003-extra.patch"
     assert "0003-extra.patch" in (series_dir / "series.lock").read_text()
@@ -860,6 +862,36 @@ def test_series_lock_refuses_a_file_apply_would_refuse(toy_env, content, problem
         result = run_dspark("series", "lock", str(directory), *check)
         assert result.returncode == 2 and f"{directory / '0003-mine.patch'}: {problem}" in result.stderr, result.stderr
     assert (directory / "series.lock").read_bytes() == before
+
+
+def test_series_lock_check_names_what_differs(toy_env):
+    """--check said "out of date" alone, whatever was wrong: a CI log could not tell which patch moved,
+    nor a missing or malformed lock from a stale one."""
+    directory = toy_env["root"] / "mine"
+    shutil.copytree(toy_env["series"], directory)
+    lock, first = directory / "series.lock", "0001-dspark-hook-in-core.patch"
+    good = lock.read_text()
+    relock = f"run `dspark series lock {directory}`"
+    cases = {
+        "changed": (good, lambda: (directory / first).write_text((directory / first).read_text() + "\n"),
+                    f"{lock} is out of date ({first} changed: sha256 "),
+        "unlisted": (good + f"{'0' * 64}  0009-gone.patch\n", None,
+                     f"{lock} is out of date (0009-gone.patch is locked but not listed in series); {relock}"),
+        "reordered": ("".join(reversed(good.splitlines(keepends=True))), None,
+                      f"{lock} is out of date (the order or the layout of its lines differs); {relock}"),
+        "malformed": ("not a digest line\n", None, f"{lock}:1: expected '<sha256>  <patch name>', got 'not a digest line'"),
+        "missing": (None, None, f"{lock}: missing; {relock}"),
+    }
+    patch_text = (directory / first).read_text()
+    for case, (text, change, message) in cases.items():
+        (directory / first).write_text(patch_text)
+        lock.unlink(missing_ok=True)
+        if text is not None:
+            lock.write_text(text)
+        if change:
+            change()
+        result = run_dspark("series", "lock", str(directory), "--check")
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {message}"), (case, result.stderr)
 
 
 def test_series_lock_check_on_a_directory_where_the_lock_goes_is_bad_input_as_lock_is(toy_env):
