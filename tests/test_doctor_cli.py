@@ -18,7 +18,12 @@ CHECK_KEYS = {"name", "status", "detail", "hint"}
 
 
 def assert_schema(report: dict) -> None:
-    assert set(report) == {"ok", "checks"}
+    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    if failed:  # the failure's fields, as rebase's and build --self-test's reports carry them
+        assert set(report) == {"ok", "checks", "error", "exit_code"} and report["exit_code"] == 1
+        assert report["error"] == f"doctor: {', '.join(failed)} failed"
+    else:
+        assert set(report) == {"ok", "checks"}
     names = [c["name"] for c in report["checks"]]
     assert len(names) == len(set(names)), "one line per check"
     for check in report["checks"]:
@@ -39,12 +44,15 @@ def test_json_schema_and_exit_code_through_cli_runner():
 def test_failed_check_exits_1_and_prints_the_hint(tmp_path):
     empty = tmp_path / "no-toolkit-here"
     empty.mkdir()
-    result = CliRunner().invoke(app, ["doctor"], env={"CUDA_HOME": str(empty)})
-    assert result.exit_code == 1
+    result = run_dspark("doctor", env={"CUDA_HOME": str(empty)})
+    assert result.returncode == 1
     lines = result.stdout.splitlines()
     i = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["CUDA_HOME"])
     assert lines[i].startswith("fail") and f"{empty} has no bin/nvcc" in lines[i]
     assert "→" in lines[i + 1]  # the fix hint on the next line
+    # a CI log's last line says what failed (it was empty: the report alone, exit 1)
+    failed = [line.split()[1] for line in lines if line.startswith("fail")]
+    assert "CUDA_HOME" in failed and result.stderr.endswith(f"error: doctor: {', '.join(failed)} failed\n"), result.stderr
 
 
 def test_only_a_failed_check_exits_1():
@@ -94,7 +102,7 @@ def test_a_cache_dspark_cannot_write_fails_with_the_fix(tmp_path, kind):
             pytest.skip("root writes into a read-only directory")
         (tmp_path / "ro").mkdir(mode=0o555)
     out = run_dspark("doctor", "--json", env={"DSPARK_CACHE": str(cache)})
-    assert out.returncode == 1 and out.stderr == "", out.stderr
+    assert out.returncode == 1 and out.stderr.endswith("disk (cache) failed\n"), out.stderr
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
     assert check["status"] == "fail" and check["detail"].startswith(f"DSPARK_CACHE {cache}"), check
     assert "DSPARK_CACHE" in check["hint"]

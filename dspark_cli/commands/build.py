@@ -110,8 +110,6 @@ def _self_test(doc: dict, as_json: bool) -> None:
     if failure is not None:
         combined.update(error=str(failure), exit_code=failure.exit_code)
     emit(combined, True, lambda r: None, failure)
-    if failure is not None:
-        raise failure
 
 
 def _install_engine(engine: str, workdir: Path, deps: bool, extras: str, extension: bool, arch: Optional[str],

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from dspark_cli.commands.params import flag_option, path_option
-from dspark_cli.errors import EXIT_FAILED, CheckFailed
+from dspark_cli.errors import CheckFailed
 from dspark_cli.output import emit, say
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
@@ -39,8 +39,9 @@ def register(app: typer.Typer) -> None:
                     line += f"\n     {'':{width}} → {escape(c.hint)}"
                 say(line)
 
-        names = ", ".join(c.name for c in checks if c.status == FAIL)
-        failure = CheckFailed(f"doctor: {names} failed") if failed else None
-        emit({"ok": not failed, "checks": [asdict(c) for c in checks]}, as_json, render, failure)
-        if failed:
-            raise typer.Exit(EXIT_FAILED)
+        report = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        failure = None
+        if failed:  # the report is the one JSON document, so it carries the failure's fields too
+            failure = CheckFailed(f"doctor: {', '.join(c.name for c in checks if c.status == FAIL)} failed")
+            report.update(error=str(failure), exit_code=failure.exit_code)
+        emit(report, as_json, render, failure)

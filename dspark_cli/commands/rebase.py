@@ -290,5 +290,3 @@ def register(app: typer.Typer) -> None:
         if failure is not None:  # the report is the one JSON document, so it carries the failure's fields too
             report.update(error=str(failure), exit_code=failure.exit_code)
         emit(report, as_json, _render, failure)
-        if failure is not None:
-            raise failure
