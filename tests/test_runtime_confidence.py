@@ -197,3 +197,33 @@ def test_sts_fit_refuses_a_grid_that_is_not_temperatures(grid):
         STSCalibration.fit(torch.randn(4, 2), torch.zeros(4, dtype=torch.int64), grid=grid)
     fitted = STSCalibration.fit(torch.randn(4, 2), torch.zeros(4, dtype=torch.int64), grid=(0.5, 2))
     assert set(fitted.temperatures) <= {0.5, 2.0}
+
+
+def test_sts_temperatures_and_a_host_bias_are_not_copied_to_the_device_per_call():
+    """STSCalibration.tensor made a new device tensor from the host list on every call (on CUDA a
+    copy that waits for the queue, per draft step, and a failure inside CUDA-graph capture); a bias
+    given as a host number went through the same copy."""
+    sts = STSCalibration([1.5, 2.0, 0.5])
+    assert sts.tensor("cpu") is sts.tensor(torch.device("cpu"))
+    z = torch.tensor([[0.3, -1.0, 2.0]])
+    torch.testing.assert_close(confidence_probs(z, sts), torch.sigmoid(z / torch.tensor([1.5, 2.0, 0.5])))
+    h, prev_emb, weight = torch.ones(1, 3, 2), torch.ones(1, 3, 1), torch.tensor([0.5, 0.25, 1.0])
+    expected = torch.full((1, 3), 1.75 - 0.5)
+    for bias in (-0.5, [-0.5], torch.tensor([-0.5])):
+        torch.testing.assert_close(confidence_logits(h, prev_emb, weight, bias), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+def test_sts_on_cuda_makes_no_host_sync_after_its_first_call():
+    sts, bias = STSCalibration([1.3] * 7), 0.25
+    h, prev_emb, weight = (torch.randn(*shape, device="cuda") for shape in ((16, 7, 32), (16, 7, 8), (40,)))
+    sts.tensor("cuda")  # made once, before the engine's steps (and any capture)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c = confidence_probs(confidence_logits(h, prev_emb, weight, bias), sts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = torch.sigmoid((h @ weight[:32] + prev_emb @ weight[32:] + bias) / 1.3)
+    torch.testing.assert_close(c, expected)

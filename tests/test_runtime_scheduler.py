@@ -257,3 +257,43 @@ def test_a_batch_larger_than_any_sps_table_is_one_clear_error(num_requests):
     with pytest.raises(ValueError, match="num_requests must be at most 1048576"):
         verify_budget(torch.full((2, 7), 0.5), SPSTable.default(), num_requests)
 
+
+
+def test_an_empty_stale_batch_adds_survival_zero():
+    """No request with survival two steps old: the docs count missing stale candidates as survival 0,
+    yet zero rows were refused as "an empty batch"."""
+    a_now = torch.tensor([[0.9, 0.8, 0.5], [0.7, 0.3, 0.1]])
+    for table in (SMOOTH, SPSTable([2, 8], [1.0, 3.0])):  # the second favours zero-survival candidates
+        zeros = torch.zeros(1, 3)
+        assert int(verify_budget(torch.zeros(0, 3), table, 2)) == int(verify_budget(zeros, table, 2))
+        assert torch.equal(schedule_production(torch.zeros(0, 3), a_now, table),
+                           schedule_production(zeros, a_now, table))
+    with pytest.raises(ValueError, match="empty batch"):  # the current batch still may not be empty
+        schedule_production(torch.zeros(1, 3), torch.zeros(0, 3), SMOOTH)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+def test_the_sps_table_warmed_once_serves_every_scheduler_without_a_sync_or_a_copy_in_capture():
+    """`sps.dense("cuda")` was cached under "cuda" while lookups asked for "cuda:0" (and
+    schedule_exact for fp64): each scheduler call then copied the table to the GPU, a host sync, and
+    CUDA-graph capture failed ("Cannot copy between CPU and CUDA tensors during CUDA graph capture")."""
+    table = SPSTable.default()
+    table.dense("cuda")  # the documented warm-up, before capture
+    a = torch.cumprod(torch.rand(64, 7, device="cuda"), dim=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in (lambda: schedule_exact(a, table), lambda: schedule_production(a, a, table)):
+            call()  # no "called a synchronizing CUDA operation"
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                eager = call()
+                with torch.cuda.graph(graph, stream=stream):
+                    captured = call()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, eager)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -3,12 +3,13 @@ conditional probability that draft k survives given 1..k-1 survived; survival a_
 T_k is the per-position Sequential Temperature Scaling (STS) calibration (1.0 when absent)."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dspark_cli.runtime import _checks
+from dspark_cli.runtime._on_device import OnDevice
 
 STS_FORMAT = "dspark-sts/1"
 
@@ -45,7 +46,11 @@ def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     d = h.shape[2]
     w = weight.reshape(-1).float()
     z = h.float() @ w[:d] + prev_emb.float() @ w[d:]
-    return z if bias is None else z + torch.as_tensor(bias, device=h.device).reshape(-1).float()
+    if bias is None:
+        return z
+    if isinstance(bias, torch.Tensor):
+        return z + bias.reshape(-1).float()
+    return z + float(torch.as_tensor(bias).reshape(-1)[0])  # a host number stays one: no copy to the GPU
 
 
 def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None, *, validate=None) -> torch.Tensor:
@@ -60,7 +65,7 @@ def confidence_probs(z: torch.Tensor, sts: "STSCalibration | None" = None, *, va
     if not isinstance(sts, STSCalibration):  # a list of temperatures was an AttributeError
         raise ValueError(f"sts must be an STSCalibration (STSCalibration.load(path) or STSCalibration(temperatures)) "
                          f"or None, got {type(sts).__name__}")
-    temps = sts.tensor(z.device)
+    temps = sts.tensor(z.device)  # made once per device: no copy (a host sync) per draft step
     _checks.dim("z", z, 1, temps.numel(), "block size γ of the STS calibration")
     return torch.sigmoid(z.float() / temps)
 
@@ -83,6 +88,7 @@ class STSCalibration:
 
     temperatures: list[float]
     metadata: dict | None = None
+    _on_device: OnDevice = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         temps = self.temperatures
@@ -91,9 +97,11 @@ class STSCalibration:
                              f"{_checks.SCALE_MIN:g}..{_checks.SCALE_MAX:g}, got {temps!r}")
         self.temperatures = [float(t) for t in temps]
         _checks.file_metadata("STS calibration", self.metadata, ("format", "temperatures"))
+        self._on_device = OnDevice(self.temperatures)
 
     def tensor(self, device) -> torch.Tensor:
-        return torch.tensor(self.temperatures, dtype=torch.float32, device=device)
+        """T_1..T_γ as fp32 on `device`, made on first use there (call once before CUDA-graph capture)."""
+        return self._on_device.get(device, torch.float32)
 
     def for_block(self, gamma: int) -> "STSCalibration | None":
         """This calibration for blocks of γ drafts: STS is fitted position by position (T_k with

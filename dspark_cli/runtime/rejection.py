@@ -260,7 +260,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         u = torch.rand(R, gamma, device=device, generator=generator)
     accept = u * draft.q_token.float() < p_token
     if greedy is not None:
-        match = tokens == target[rows].argmax(dim=-1)
+        match = tokens == target.argmax(dim=-1)[rows]  # one argmax per row, no [R, γ, V] gather
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 

@@ -45,7 +45,7 @@ def verify_budget(a_stale: torch.Tensor, sps: SPSTable, num_requests: int, *, va
     stop), from survival two steps old, for a batch of `num_requests` anchors; candidates past a
     smaller stale batch's count as survival 0. Returns a 0-dim int64 tensor (no sync); the
     earliest n wins ties. Stale data cannot depend on the current drafts: the causal barrier."""
-    _check_survival("a_stale", a_stale, validate)
+    _check_survival("a_stale", a_stale, validate, empty_ok=True)
     _check_sps(sps)
     num_requests = _checks.count("num_requests", num_requests, 1, "anchors in the batch")
     if num_requests > MAX_DENSE_TOKENS:  # the zeros _admissible pads with would fill memory first
@@ -80,7 +80,7 @@ def schedule_production(a_stale: torch.Tensor, a_now: torch.Tensor, sps: SPSTabl
 
     Passing the current survival as a_stale is the retrospective search of the paper's Appendix A
     and is NOT lossless; tests/test_runtime_scheduler.py measures that bias."""
-    _check_survival("a_stale", a_stale, validate)  # before the CUDA op, which checks nothing
+    _check_survival("a_stale", a_stale, validate, empty_ok=True)  # before the CUDA op, which checks nothing
     _check_survival("a_now", a_now, validate)
     if a_stale.shape[1] != a_now.shape[1]:
         raise ValueError(f"a_stale has block size {a_stale.shape[1]}, a_now {a_now.shape[1]}")
@@ -114,17 +114,19 @@ def _lengths(request: torch.Tensor, admitted, R: int) -> torch.Tensor:
     return torch.zeros(R, dtype=torch.int64, device=request.device).scatter_add_(0, request, take)
 
 
-def _check_matrix(name: str, t, validate) -> None:
+def _check_matrix(name: str, t, validate, empty_ok: bool = False) -> None:
     _checks.tensor(name, t, 2, _checks.FLOAT_DTYPES)
-    _checks.nonempty_batch(name, t)
+    if not empty_ok:
+        _checks.nonempty_batch(name, t)
     if t.shape[1] == 0:
         raise ValueError(f"{name} has block size γ = 0")
     if _checks.want_value_checks(validate, t):
         _checks.in_unit_interval(name, t)
 
 
-def _check_survival(name: str, a, validate) -> None:
-    _check_matrix(name, a, validate)
+def _check_survival(name: str, a, validate, empty_ok: bool = False) -> None:
+    """empty_ok: a stale batch of no rows (no request has survival two steps old) adds survival 0."""
+    _check_matrix(name, a, validate, empty_ok)
     if _checks.want_value_checks(validate, a) and bool((a[:, 1:] > a[:, :-1]).any()):
         raise ValueError(f"{name} must be non-increasing along γ: pass survival(c), not c")
 
