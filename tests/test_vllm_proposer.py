@@ -766,3 +766,50 @@ def test_bonus_anchor_drafts_are_refused_and_an_ignored_draft_topk_is_warned(tmp
     assert out["topk"] == {"layout": "accepted", "lookahead": 2, "topk": 8}, out
     warnings = [line for line in proc.stderr.splitlines() if "dspark_draft_topk = 8 is ignored on Model Runner V1" in line]
     assert len(warnings) == 1, proc.stderr[-4000:]
+
+
+AUX_LAYERS = """
+import json
+from types import SimpleNamespace
+from transformers import PretrainedConfig
+from vllm.v1.worker.gpu.spec_decode.eagle.eagle3_utils import get_eagle3_aux_layers_from_config
+from dspark_cli.integrations.vllm.proposer import aux_layer_ids, check_draft_architecture
+
+configs = {
+    "released": {"target_layer_ids": [1, 4, 7]},
+    "eagle aux only": {"eagle_aux_hidden_state_layer_ids": [2, 5, 8]},
+    "eagle aux beside target ids": {"eagle_aux_hidden_state_layer_ids": [3, 6], "target_layer_ids": [1, 4]},
+    "dflash beside top level": {"dflash_config": {"target_layer_ids": [0, 3]}, "target_layer_ids": [1, 4]},
+    "dspark ids beside top level": {"dspark_target_layer_ids": [2, 5], "target_layer_ids": [1, 4]},
+    "layer_ids only": {"eagle_config": {"layer_ids": [4, 9]}},
+}
+out = {}
+for name, keys in configs.items():
+    spec = SimpleNamespace(draft_model_config=SimpleNamespace(hf_config=PretrainedConfig(**keys)))
+    out[name] = [list(aux_layer_ids(spec)), list(get_eagle3_aux_layers_from_config(spec))]
+refused = {}
+for archs in (["Gemma4DSparkModel"], ["DSparkDraftModel"], None):
+    try:
+        check_draft_architecture(PretrainedConfig(architectures=archs))
+    except ValueError as e:
+        refused[str(archs)] = str(e)
+check_draft_architecture(PretrainedConfig(architectures=["Qwen3DSparkModel"]))
+print(json.dumps({"layers": out, "refused": refused}))
+"""
+
+
+@needs_vllm
+def test_target_layers_are_the_ones_vllms_v2_runner_captures_and_other_drafts_are_refused():
+    """V1 read dspark_target_layer_ids or the top-level target_layer_ids first and ignored
+    eagle_aux_hidden_state_layer_ids: a config carrying that key alone was refused ("no
+    target_layer_ids"), and one with dflash_config's ids beside different top-level ones captured
+    other layers than V2 (and vLLM's model class) take. Non-Qwen3 DSpark drafts ran into V1 and failed
+    later; they are refused at start."""
+    out = run_in_vllm(AUX_LAYERS)
+    for name, (ours, vllms) in out["layers"].items():
+        assert ours == vllms, name
+    assert out["layers"]["released"][0] == [2, 5, 8] and out["layers"]["eagle aux only"][0] == [2, 5, 8]
+    assert out["refused"]["['Gemma4DSparkModel']"] == (
+        "the DSpark draft's architecture is ['Gemma4DSparkModel']: Model Runner V1 runs Qwen3DSparkModel and "
+        "Qwen3OmniDSparkModel drafts; run other DSpark drafts on Model Runner V2")
+    assert set(out["refused"]) == {"['Gemma4DSparkModel']", "['DSparkDraftModel']", "None"}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def verify(python: str) -> subprocess.CompletedProcess:
@@ -151,3 +152,21 @@ def test_engine_sockets_go_under_tmp_where_the_temporary_directory_is_too_long_f
             assert Path(sockets).parent == short
     finally:
         short.rmdir()
+
+
+def test_verify_vllm_says_whether_vllm_is_missing_unpatched_or_does_not_import(tmp_path):
+    """Every failed `import vllm, vllm._dspark` was "no DSpark-patched vLLM": a vLLM that does not
+    import (a torch ABI mismatch, a missing CUDA library) was blamed on the patch, its error dropped."""
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    init = site / "vllm" / "__init__.py"
+    cases = {"unpatched": ('__version__ = "0.32.0"\n', "has no DSpark-patched vLLM (vllm 0.32.0 without our series)"),
+             "broken": ('raise ImportError("libcudart.so.13: cannot open shared object file")\n',
+                        "vllm does not import (ImportError: libcudart.so.13: cannot open shared object file)")}
+    for name, (text, said) in cases.items():
+        init.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "dspark_cli", "verify", "vllm"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)]),
+                                   "DSPARK_VLLM_PYTHON": sys.executable})
+        assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+        assert said in proc.stderr, (name, proc.stderr)

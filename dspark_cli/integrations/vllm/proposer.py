@@ -24,15 +24,36 @@ from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 logger = init_logger(__name__)
 
 
+# The drafts whose model class this proposer drives (vLLM maps both to Qwen3DSparkForCausalLM);
+# DeepSeek V4, Gemma 4 and K3 DSpark drafts run on Model Runner V2.
+V1_DRAFT_ARCHITECTURES = ("Qwen3DSparkModel", "Qwen3OmniDSparkModel")
+
+
+def check_draft_architecture(draft_config) -> None:
+    architectures = list(getattr(draft_config, "architectures", None) or [])
+    if not set(architectures) & set(V1_DRAFT_ARCHITECTURES):
+        raise ValueError(f"the DSpark draft's architecture is {architectures or 'not given'}: Model Runner V1 runs "
+                         f"{' and '.join(V1_DRAFT_ARCHITECTURES)} drafts; run other DSpark drafts on Model Runner V2")
+
+
 def aux_layer_ids(spec_config) -> tuple[int, ...]:
-    """Target layers whose outputs the draft reads, as V1 aux-capture points: the released
-    `target_layer_ids` are decoder-layer outputs, V1 captures layer inputs, hence +1."""
+    """Target layers whose outputs the draft reads, as V1 aux-capture points, taken from the config
+    key vLLM's V2 runner takes them from (so a checkpoint reads the same layers on both runners, with
+    the fc width vLLM's model class built for them): `eagle_aux_hidden_state_layer_ids` (capture
+    points already), else `dflash_config.target_layer_ids`, `dspark_target_layer_ids`, the top-level
+    `target_layer_ids` (the released format: decoder-layer outputs, which V1 captures as the next
+    layer's input, hence +1), else `dflash_config` / `eagle_config` `layer_ids` (capture points)."""
     hf = spec_config.draft_model_config.hf_config
-    ids = (getattr(hf, "dspark_target_layer_ids", None) or getattr(hf, "target_layer_ids", None)
-           or (getattr(hf, "dflash_config", None) or {}).get("target_layer_ids"))
-    if not ids:
-        raise ValueError("the DSpark draft config has no target_layer_ids")
-    return tuple(int(i) + 1 for i in ids)
+    dflash, eagle = (section if isinstance(section := getattr(hf, name, None), dict) else {}
+                     for name in ("dflash_config", "eagle_config"))
+    for ids, shift in ((getattr(hf, "eagle_aux_hidden_state_layer_ids", None), 0),
+                       (dflash.get("target_layer_ids"), 1),
+                       (getattr(hf, "dspark_target_layer_ids", None), 1),
+                       (getattr(hf, "target_layer_ids", None), 1),
+                       (dflash.get("layer_ids"), 0), (eagle.get("layer_ids"), 0)):
+        if ids and isinstance(ids, (list, tuple)):
+            return tuple(int(i) + shift for i in ids)
+    raise ValueError("the DSpark draft config has no target_layer_ids")
 
 
 def draft_block_size(draft_config) -> int | None:
@@ -97,7 +118,8 @@ def warn_unused_draft_topk(draft_config) -> int | None:
 class DSparkProposer(DFlashProposer):
     def __init__(self, vllm_config, device, runner=None):
         draft_config = vllm_config.speculative_config.draft_model_config.hf_config
-        check_draft_layout(draft_config)  # before anything is allocated
+        check_draft_architecture(draft_config)  # before anything is allocated
+        check_draft_layout(draft_config)
         super().__init__(vllm_config, device, runner)
         warn_unused_draft_topk(draft_config)
         spec = vllm_config.speculative_config

@@ -41,14 +41,17 @@ def run_largest_step(draft_logits, w1, w2, *, requests: int, gamma: int, hidden_
 
 
 def _fitting(requests: int, gamma: int, vocab: int, make):
-    """make(), with an out-of-memory error that says what did not fit and what to lower."""
+    """make(), with an out-of-memory error that says what did not fit and what to lower. This runs
+    before the KV cache exists, beside the weights alone: gpu_memory_utilization (the KV cache's
+    share) frees nothing here."""
     try:
         return make()
     except torch.OutOfMemoryError as exc:
         raise RuntimeError(
             f"DSpark's drafting does not fit at start: max_num_seqs = {requests} requests × γ = {gamma} × V = "
-            f"{vocab} (each fp32 q is {requests * gamma * vocab * 4 / 2**30:.2f} GiB); lower max_num_seqs or "
-            f"gpu_memory_utilization") from exc
+            f"{vocab} (each fp32 q is {requests * gamma * vocab * 4 / 2**30:.2f} GiB) beside the weights; lower "
+            f"max_num_seqs or num_speculative_tokens, shard the model (tensor_parallel_size), or free the GPU of "
+            f"other processes") from exc
 
 
 def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, sample, confidence_head) -> None:

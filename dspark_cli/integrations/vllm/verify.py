@@ -31,18 +31,37 @@ MAX_TOKENS = 24
 STEEP_SPS = {"format": "dspark-sps/1", "tokens": [1, 4, 8, 16], "steps_per_s": [100.0, 100.0, 50.0, 10.0]}
 
 
+# Tells apart a Python without vLLM (or whose vLLM does not import: a torch ABI mismatch, a missing
+# CUDA library), a vLLM without our series, and a patched one; vLLM may log to stdout, hence the tags.
+_PROBE = """
+import importlib.util, sys
+if importlib.util.find_spec("vllm") is None:
+    print("DSPARK-PROBE no-vllm"); sys.exit()
+import vllm
+if importlib.util.find_spec("vllm._dspark") is None:
+    print("DSPARK-PROBE unpatched", getattr(vllm, "__version__", "?")); sys.exit()
+import vllm._dspark as d
+print("DSPARK-SERIES", d.SERIES, hasattr(d, "V1_SUPPORTED"))
+"""
+
+
 def _python() -> str:
     python = os.environ.get("DSPARK_VLLM_PYTHON") or sys.executable
     try:
-        probe = subprocess.run([python, "-c", "import vllm, vllm._dspark as d; "
-                                "print('DSPARK-SERIES', d.SERIES, hasattr(d, 'V1_SUPPORTED'))"], capture_output=True, text=True)
+        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
     except OSError as exc:  # missing, a directory, not executable
         where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
         raise EnvironmentProblem(f"{where}: {_why_not_runnable(python, exc)}") from exc
-    if probe.returncode != 0:
-        raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (import vllm._dspark failed); "
-                                 "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON")
-    found = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-SERIES ")]  # vLLM may log to stdout
+    tags = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-PROBE ")]
+    apply = "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON"
+    if tags and tags[-1][0] == "no-vllm":
+        raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (no vllm installed there); {apply}")
+    if tags and tags[-1][0] == "unpatched":
+        raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (vllm {tags[-1][1]} without our series); {apply}")
+    if probe.returncode != 0:  # vLLM (or its patched module) is there but does not import
+        last = probe.stderr.strip().splitlines()[-1].strip() if probe.stderr.strip() else f"exit {probe.returncode}"
+        raise EnvironmentProblem(f"{python}: vllm does not import ({last}); fix that environment, or set DSPARK_VLLM_PYTHON")
+    found = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-SERIES ")]
     if not found or len(found[-1]) != 2:  # ran and exited 0, but is no Python with vLLM (e.g. /bin/true)
         raise EnvironmentProblem(f"{python} did not report a DSpark-patched vLLM (no DSPARK-SERIES line from "
                                  "`import vllm._dspark`): is it the Python of the environment vLLM is installed in?")
