@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dspark_cli import runtime, tiny_models
 from dspark_cli.integrations.tgi import hooks
@@ -259,3 +260,24 @@ def test_verify_exponentiates_only_the_rows_it_reads(checkpoints, monkeypatch):
     tokens, n_acc = spec.verify(ids, logprobs, greedy, seeds)
     assert seen["reject"] == B * 2 * V * 4
     assert all(len(t) == n + 1 and n <= 1 for t, n in zip(tokens, n_acc))
+
+
+def test_startup_warns_of_float16_for_a_bfloat16_drafter_and_of_prefix_caching(checkpoints, monkeypatch, tmp_path):
+    """TGI serves Qwen3 through its transformers backend, float16 unless --dtype says otherwise, and the
+    launcher turns prefix caching on with flashdecoding: both served DSpark without a word at startup
+    (prefix caching got one when the first cached prompt came)."""
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(checkpoints["draft"], bf16)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tiny_models.read_weights(bf16).items()},
+              str(bf16 / tiny_models.WEIGHTS))
+    monkeypatch.setenv("PREFIX_CACHING", "0")
+    monkeypatch.setenv("CUDA_GRAPHS", "1,2,4")  # the launcher's default; on the CPU there are none to warn of
+    assert hooks.startup_warnings(DSparkDraft.load(bf16, dtype=torch.bfloat16)) == []
+    assert hooks.startup_warnings(DSparkDraft.load(checkpoints["draft"], dtype=torch.float16)) == []  # saved in fp32
+    monkeypatch.setenv("PREFIX_CACHING", "true")
+    said = hooks.startup_warnings(DSparkDraft.load(bf16, dtype=torch.float16))
+    assert said == ["the target runs in float16 and the drafter, saved in bfloat16, runs in it too (its captured "
+                    "features may overflow there: fewer drafts accepted, output still exact); serve with "
+                    "--dtype bfloat16",
+                    "PREFIX_CACHING is on: prompt rows served from the prefix cache are not in the drafter's context "
+                    "(fewer drafts accepted, output still exact); set PREFIX_CACHING=0"]

@@ -189,15 +189,18 @@ class DSparkDraft:
         self.paged_attention_fits = cuda_ops.draft_attention_fits(
             weights["embed_tokens.weight"], config.head_dim, config.num_heads // config.num_kv_heads * config.block_size)
         self.graphs = DraftGraphs(self) if graphs_wanted(cuda_graphs, weights["embed_tokens.weight"]) else None
+        self.checkpoint_dtype: torch.dtype | None = None  # the stored weights' (load sets it)
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "DSparkDraft":
         from safetensors.torch import load_file
 
         config = DraftConfig.load(path)
-        weights = {}
+        weights, stored = {}, {}
         for f in sorted(Path(path).glob("*.safetensors")):
-            weights.update({k: v.to(device=device, dtype=dtype) for k, v in load_file(str(f)).items()})
+            for name, tensor in load_file(str(f)).items():
+                stored[name] = tensor.dtype
+                weights[name] = tensor.to(device=device, dtype=dtype)
         per_layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
                      "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
                      "post_attention_layernorm")  # of each of the config's num_hidden_layers
@@ -214,7 +217,9 @@ class DSparkDraft:
         if bad:
             raise ValueError(f"{path}: NaN or infinite values in {', '.join(bad)} (as {dtype}); "
                              "the drafter would draft from NaN probabilities")
-        return cls(config, weights)
+        draft = cls(config, weights)
+        draft.checkpoint_dtype = stored["fc.weight"]  # what it was trained and saved in (fc: every release has it)
+        return draft
 
     # ------------------------------------------------------------------ context (committed tokens)
 

@@ -95,12 +95,34 @@ def maybe_attach(flash_model) -> DSparkSpeculation | None:
         raise RuntimeError(f"DSpark (DSPARK_DRAFT={path}): the drafter's fc reads {width} features, the target gives "
                            f"{n_layers} layers × hidden size {hidden} = {n_layers * hidden}; a DSpark drafter "
                            "serves the target it was trained for")
+    for warning in startup_warnings(draft):
+        logger.warning(f"DSpark: {warning}")
     if os.environ.get(ENV_STS):
         draft.sts = _sts_for(draft, os.environ[ENV_STS], path)
     sps = runtime.SPSTable.load(os.environ[ENV_SPS]) if os.environ.get(ENV_SPS) else None
     if draft.graphs is not None:
         _capture_draft_graphs(draft)
     return DSparkSpeculation.for_target(target, draft, os.environ.get(ENV_SCHEDULER) or "exact", sps)
+
+
+def startup_warnings(draft: DSparkDraft) -> list[str]:
+    """Settings TGI serves DSpark under, exactly, but not as well or not as tested as it could: said
+    once at startup (the launcher's defaults lead into each)."""
+    warnings = []
+    if draft.w["fc.weight"].dtype == torch.float16 and draft.checkpoint_dtype == torch.bfloat16:
+        # TGI's transformers backend (Qwen3 has no flash model in v3.3.7) defaults to float16
+        warnings.append("the target runs in float16 and the drafter, saved in bfloat16, runs in it too (its captured "
+                        "features may overflow there: fewer drafts accepted, output still exact); serve with "
+                        "--dtype bfloat16")
+    if os.environ.get("PREFIX_CACHING", "").lower() in {"1", "true"}:
+        warnings.append("PREFIX_CACHING is on: prompt rows served from the prefix cache are not in the drafter's "
+                        "context (fewer drafts accepted, output still exact); set PREFIX_CACHING=0")
+    graphs = [size for size in os.environ.get("CUDA_GRAPHS", "").split(",") if size.strip() not in ("", "0")]
+    if graphs and draft.w["fc.weight"].is_cuda:
+        warnings.append(f"TGI's CUDA graphs (CUDA_GRAPHS={os.environ['CUDA_GRAPHS']}, the launcher's default) have "
+                        "not run with DSpark: pass --cuda-graphs 0 until they have been checked on your GPU "
+                        "(docs/tgi.md)")
+    return warnings
 
 
 def _sts_for(draft: DSparkDraft, sts_path: str, path: Path) -> runtime.STSCalibration:
