@@ -486,7 +486,8 @@ def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
 @pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
                                                   (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7),
                                                   (36, 37, 7, 8), (146, 73, 7, 9), (2048, 2048, 1, 10),
-                                                  (1024, 700, 2, 11)])
+                                                  (1024, 700, 2, 11),
+                                                  (16, 0, 7, 12), (300, 0, 5, 13)])  # no stale rows: survival 0
 def test_schedule_production_matches_reference(R, R_stale, gamma, seed):
     res = compare_schedule(R, R_stale, gamma, seed)
     assert res["ok"], res

@@ -282,6 +282,7 @@ def test_the_sps_table_warmed_once_serves_every_scheduler_without_a_sync_or_a_co
     table.dense("cuda")  # the documented warm-up, before capture
     a = torch.cumprod(torch.rand(64, 7, device="cuda"), dim=1)
     torch.cuda.synchronize()
+    results = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         for call in (lambda: schedule_exact(a, table), lambda: schedule_production(a, a, table)):
@@ -293,7 +294,8 @@ def test_the_sps_table_warmed_once_serves_every_scheduler_without_a_sync_or_a_co
                 with torch.cuda.graph(graph, stream=stream):
                     captured = call()
             graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(captured, eager)
+            results.append((captured, eager))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(torch.equal(captured, eager) for captured, eager in results)  # a bool on the host: a sync
