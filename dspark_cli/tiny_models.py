@@ -177,7 +177,7 @@ def fitted_map(sequences: list[list[int]]) -> torch.Tensor:
 def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | None = None, seed: int = 1,
                 follows: torch.Tensor | None = None) -> Path:
     """kind: oracle | partial | fitted (Markov head encodes f, base logits zero; fitted: f = follows,
-    from fitted_map) | fork | skew | random."""
+    from fitted_map) | fork | skew | random | backbone (the first draft from the backbone alone, below)."""
     g = torch.Generator().manual_seed(seed)
     n_aux = len(TARGET_LAYER_IDS)
     tensors = {
@@ -198,6 +198,23 @@ def build_draft(path: Path, gamma: int, kind: str = "oracle", target: Path | Non
     x = torch.arange(VOCAB)
     if kind == "random":
         w2 = torch.randn(VOCAB, VOCAB, generator=g)
+    elif kind == "backbone":
+        # Needs the successor target, whose embedding and head it copies. Attention and MLP add
+        # nothing, so the anchor's query (the block's first) keeps the anchor's embedding and its
+        # base logits are the target's: the first draft is the anchor + 1, from the backbone alone.
+        # The mask token's embedding is zero (its queries' base logits flat) and the Markov head is
+        # zero: each step accepts the first draft and no other (2 tokens per step; 1 if the
+        # backbone's draft went astray).
+        if target is None:
+            raise ValueError("a backbone draft copies the successor target's embedding and head: pass target")
+        for i in range(DRAFT_LAYERS):
+            tensors[f"layers.{i}.self_attn.o_proj.weight"].zero_()
+            tensors[f"layers.{i}.mlp.down_proj.weight"].zero_()
+        tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].clone()
+        tensors["embed_tokens.weight"][MASK_TOKEN_ID] = 0.0
+        w2 = torch.zeros(VOCAB, VOCAB)
+        tensors["confidence_head.proj.weight"] = torch.zeros(1, HIDDEN + VOCAB)
+        tensors["confidence_head.proj.bias"] = torch.tensor([6.0])
     elif kind in ("oracle", "partial", "fitted", "fork", "skew"):
         tensors["norm.weight"] = torch.zeros(HIDDEN)  # h = 0, so U = lm_head(h) = 0
         w2 = torch.zeros(VOCAB, VOCAB)

@@ -105,6 +105,18 @@ def test_partially_wrong_draft_accepts_in_between_and_output_is_unchanged(partia
     assert 1.2 < stats["accepted_length"] < GAMMA + 0.5, stats
 
 
+def test_a_draft_through_its_backbone_is_accepted_as_constructed():
+    """Every other accepting draft here drafts through its Markov head alone (base logits zero), so a
+    fault in the block the backbone runs on (the anchor's query first, the mask token's id, the base
+    logits into the chain) would pass them all. This draft's first token comes from the backbone
+    alone, its Markov head is zero and its later queries' base logits flat (tiny_models, kind
+    backbone): 2 tokens per step as constructed, 1 if the backbone's draft were wrong."""
+    run = successor_target_run("backbone")["workloads"]["batch"]
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"] == [successor_tokens(p, MAX_TOKENS) for p in PROMPTS]
+    stats = step_stats(run["dspark"], len(PROMPTS))
+    assert 1.9 < stats["accepted_length"] < 2.2, stats
+
+
 def test_engine_run_leaves_no_sockets_in_the_temporary_directory(partial):
     """vLLM's engine sockets (never unlinked) go into the run's own directory, removed with it.
     (torch's inductor cache, meant to persist, may stay.)"""

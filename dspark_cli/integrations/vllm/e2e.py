@@ -3,7 +3,7 @@
     python -m dspark_cli.integrations.vllm.e2e SPEC.json OUT.json   (vLLM logs to stdout)
 
 SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat",
-       "draft": "oracle"|"partial"|"random"|"fitted", "baseline": true|false, "adaptive": false,
+       "draft": "oracle"|"partial"|"random"|"fitted"|"backbone", "baseline": true|false, "adaptive": false,
        "env": {...DSPARK_* knobs...}, "engine": {...more LLM(...) arguments, for both engines...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
        "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?,
