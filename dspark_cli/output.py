@@ -62,6 +62,8 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
     global _json_emitted
     if as_json and _captured is not None:
         _captured.append(result)
+        if failure is not None:
+            raise failure
         return
     try:
         if as_json:

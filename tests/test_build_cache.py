@@ -423,6 +423,28 @@ def test_self_test_json_without_a_gpu_is_one_failure_document(toolchain, monkeyp
     assert exc.value.code == 2 and doc["exit_code"] == 2 and "build" not in doc
 
 
+def test_a_failed_self_test_under_json_fails_the_build_document(monkeypatch, capsys):
+    """emit() raised a report's failure on stdout only: inside capture_json (build --self-test
+    --json folds the self-test's report into its own) it returned, and a CUDA op that disagreed
+    with the reference gave {"ok": true} and exit 0. The self-test's own report (run_self_test's
+    emit with its failure) stands in for a GPU here."""
+    from dspark_cli import selftest
+    from dspark_cli.commands.build import _self_test
+    from dspark_cli.errors import CheckFailed
+    from dspark_cli.output import emit
+
+    def failing_self_test(as_json):
+        emit({"ok": False, "results": [{"case": "markov", "ok": False}]}, as_json, lambda r: None,
+             CheckFailed("a CUDA op disagrees with the torch reference (see above)"))
+
+    monkeypatch.setattr(selftest, "run_self_test", failing_self_test)
+    monkeypatch.setattr(cuda_ops, "load", lambda path=None: path)
+    with pytest.raises(CheckFailed, match="disagrees with the torch reference"):
+        _self_test({"path": "/nowhere/dspark_ops.so", "status": "cached"}, as_json=True)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["exit_code"] == 1 and doc["self_test"]["ok"] is False
+
+
 def test_error_lines_keep_emoji_codes_and_brackets(capsys):
     from dspark_cli.output import emit_error
 
