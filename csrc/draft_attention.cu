@@ -409,6 +409,8 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
               "draft_attention: page_rows must be ≥ 1 and divide the pool's rows");
   // The key split below divides by the tiles max_length makes: a negative one made none (SIGFPE).
   TORCH_CHECK(max_length >= 0, "draft_attention: max_length must be ≥ 0");
+  // key counts and splits are ints in the kernel: 2^40 made a negative split (pages[negative] read)
+  TORCH_CHECK(max_length + gamma < (int64_t{1} << 31) - kTileKeys, "draft_attention: max_length must be < 2^31");
   const int group = static_cast<int>(heads / kv), rows = group * static_cast<int>(gamma);
   const int rows_padded = (rows + 15) / 16 * 16;
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);

@@ -964,6 +964,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
     const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
+  // γ = 0 made prev_emb [R, 0, r], whose null data the anchors' gather wrote through
+  TORCH_CHECK(U.size(0) >= 1 && U.size(1) >= 1 && U.size(2) >= 1, "dspark::markov_chain: U needs R, γ, V >= 1");
   TORCH_CHECK(U.size(0) <= kMaxGridY, "dspark::markov_chain: at most 65535 requests per call (the grid's y axis)");
   TORCH_CHECK(is_kernel_float(U) && is_kernel_float(w1), "dspark::markov_chain: U, w1 and w2 must be fp32, bf16 or fp16");
   // W2's rows are the vocabulary the bias GEMM writes: more rows than U's V wrote past its [R, V] scratch.
@@ -984,13 +986,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool confidence = conf_h.has_value() && conf_h->defined();
   const int d = confidence ? conf_h->size(-1) : 0;
   const bool has_bias = conf_bias.has_value() && conf_bias->defined();
+  // conf_h's dtype here too, not at the last launch: a refusal after the chain's launches broke a capture
   TORCH_CHECK(!confidence || (conf_h->dim() == 3 && conf_h->size(0) == R && conf_h->size(1) == gamma &&
-                              conf_h->is_contiguous() && conf_h->device() == U.device() && conf_weight &&
+                              conf_h->is_contiguous() && is_kernel_float(*conf_h) && conf_h->device() == U.device() &&
+                              conf_weight &&
                               conf_weight->scalar_type() == at::kFloat && conf_weight->is_contiguous() &&
                               conf_weight->numel() == d + rank && conf_weight->device() == U.device() &&
                               (!has_bias || (conf_bias->scalar_type() == at::kFloat && conf_bias->numel() == 1 &&
                                              conf_bias->device() == U.device()))),
-              "dspark::markov_chain: the confidence head needs contiguous conf_h [R, γ, d], fp32 conf_weight "
+              "dspark::markov_chain: the confidence head needs contiguous conf_h [R, γ, d] (fp32, bf16 or fp16), fp32 conf_weight "
               "[d + r] and fp32 conf_bias [1] (or none) on U's device");
   const bool has_top_k = top_k.has_value() && top_k->defined(), has_top_p = top_p.has_value() && top_p->defined();
   const bool warped = has_top_k || has_top_p;

@@ -66,12 +66,12 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
                               const int64_t* __restrict__ ell, const int64_t* __restrict__ tokens,
                               const float* __restrict__ q_token, const bool* __restrict__ greedy,
                               const int64_t* __restrict__ seeds, int gamma, const int64_t* __restrict__ anchors,
-                              const WT* __restrict__ w1, int rank, WT* __restrict__ h,
+                              const WT* __restrict__ w1, int rank, WT* __restrict__ h, int64_t ldh,
                               int64_t* __restrict__ out_tokens, int64_t* __restrict__ num_accepted,
                               int* __restrict__ state) {
   const int r = blockIdx.x;
   const bool is_greedy = greedy != nullptr && greedy[r];
-  const int64_t start = row_start[r], len = clamp_ell(ell[r], gamma);
+  const int64_t start = row_start[r], len = clamp_ell(ell[r], row_start.max_len(gamma));
   const int64_t* draft = tokens + static_cast<int64_t>(r) * gamma;
   int n = 0;
   int greedy_next = -1;  // argmax of row start + n, once known
@@ -100,7 +100,7 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
   if (h != nullptr) {  // W1 of the token before draft position n, for the rebuilt q row
     const int pos = min(n, gamma - 1);
     const int64_t prev = pos == 0 ? anchors[r] : draft[pos - 1];
-    for (int j = threadIdx.x; j < rank; j += blockDim.x) h[static_cast<int64_t>(r) * rank + j] = w1[prev * rank + j];
+    for (int j = threadIdx.x; j < rank; j += blockDim.x) h[static_cast<int64_t>(r) * ldh + j] = w1[prev * rank + j];
   }
 }
 
@@ -322,14 +322,18 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
               "dspark::rejection_sample: pass q, or U, anchors, w1, w2 and temperature to rebuild it");
   const c10::cuda::CUDAGuard guard(target.device());
   TORCH_CHECK(tokens.size(0) <= kMaxGridY, "dspark::rejection_sample: at most 65535 requests per call (the grid's y axis)");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) >= 1 && tokens.size(1) >= 1 && target.size(1) >= 1,
+              "dspark::rejection_sample: tokens [R, γ] with R, γ >= 1 and target rows of V >= 1 entries");
   const int R = tokens.size(0), gamma = tokens.size(1), V = target.size(1);
   const auto device = target.device();
-  TORCH_CHECK(tokens.dim() == 2 && tokens.device() == device && q_token.sizes() == tokens.sizes() &&
-                  q_token.device() == device && is_request_vector(ell, R, at::kLong, device) &&
+  TORCH_CHECK(starts_given || target.size(0) >= static_cast<int64_t>(R) * row_stride,
+              "dspark::rejection_sample: a dense batch needs R · row_stride target rows");
+  TORCH_CHECK(tokens.device() == device && tokens.is_contiguous() && q_token.sizes() == tokens.sizes() &&
+                  q_token.device() == device && q_token.is_contiguous() && is_request_vector(ell, R, at::kLong, device) &&
                   is_request_vector(seeds, R, at::kLong, device) &&
                   (!starts_given || is_request_vector(*row_start, R, at::kLong, device)) &&
                   (!greedy || !greedy->defined() || is_request_vector(*greedy, R, at::kBool, device)),
-              "dspark::rejection_sample: tokens and q_token [R, γ], contiguous ell, seeds, row_start (int64) and "
+              "dspark::rejection_sample: contiguous tokens and q_token [R, γ], ell, seeds, row_start (int64) and "
               "greedy (bool) [R], all on the target's device");
   TORCH_CHECK(stored ? q->dim() == 3 && q->size(0) == R && q->size(1) == gamma && q->device() == device
                      : U->dim() == 3 && U->size(0) == R && U->size(1) == gamma && U->device() == device &&
@@ -356,14 +360,19 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   // thresholds, so they take the same GEMM and a race pass that masks below the thresholds.
   const bool masked = !stored && thresholds.has_value() && thresholds->defined();
   TORCH_CHECK(!masked || (chain_stats && thresholds->scalar_type() == at::kFloat && thresholds->is_contiguous() &&
-                          thresholds->numel() == static_cast<int64_t>(R) * gamma),
+                          thresholds->numel() == static_cast<int64_t>(R) * gamma && thresholds->device() == device),
               "dspark::rejection_sample: thresholds must be the chain's contiguous fp32 [R, γ], with its row_stats");
   const int rank = stored ? 0 : w1->size(1);
-  auto h = at::empty({stored ? 0 : R, rank}, stored ? target.options() : w1->options());
+  // H rows γ·r apart, as the chain's prev_emb[:, k] rows are: the path decision below is then the
+  // chain's call, and the cuBLAS GEMM (which may pick its kernel by the leading dimension) gets the
+  // chain's arguments but the pointer, so a rebuilt bias has the bits the chain sampled from.
+  const int64_t chain_ldh = static_cast<int64_t>(gamma) * rank;
+  auto h = at::empty({stored ? 0 : R, chain_ldh}, stored ? target.options() : w1->options());
   // With the chain's row stats the races run in the kernel that made the chain's bias (the same
   // decision, chain_bias_path: warped rows took bias_gemm); without them bias_gemm + race pass + finish.
-  const BiasPath path = chain_stats ? chain_bias_path(*U, *w1, *w2, h.data_ptr(), rank, R, masked) : BiasPath::kGemm;
+  const BiasPath path = chain_stats ? chain_bias_path(*U, *w1, *w2, h.data_ptr(), chain_ldh, R, masked) : BiasPath::kGemm;
   const bool small = path == BiasPath::kSmall, fused = path == BiasPath::kFused;
+  const int64_t ldh = small ? rank : chain_ldh;  // the small-batch kernels read rows r apart
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
   // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
@@ -378,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
                 "dspark::rejection_sample: q must be contiguous fp32 [R, γ, V]");
     accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
         target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
-        q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr, nullptr, 0, nullptr,
+        q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr, nullptr, 0, nullptr, 0,
         out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
@@ -395,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     // The chain's row stats, when given, replace the stats pass (and are the very ones it sampled with).
     TORCH_CHECK(!chain_stats || (row_stats->scalar_type() == at::kFloat && row_stats->is_contiguous() &&
                                  row_stats->dim() == 3 && row_stats->size(0) == R && row_stats->size(1) == gamma &&
-                                 row_stats->size(2) == 2),
+                                 row_stats->size(2) == 2 && row_stats->device() == device),
                 "dspark::rejection_sample: row_stats must be contiguous fp32 [R, γ, 2]");
     auto bias = at::empty({fused || small ? 0 : R, V}, target.options());
     // The chain's block counter (zero, and left zero) when given, else a zeroed one: a fill launch.
@@ -413,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
           target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
           q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, anchors->data_ptr<int64_t>(),
-          reinterpret_cast<const WT*>(w1->data_ptr()), rank, reinterpret_cast<WT*>(h.data_ptr()),
+          reinterpret_cast<const WT*>(w1->data_ptr()), rank, reinterpret_cast<WT*>(h.data_ptr()), ldh,
           out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -432,10 +441,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
       small_residual(*w2, h.data_ptr(), R, *U, temperature->data_ptr<float>(), seeds.data_ptr<int64_t>(), rows,
                      small_parts, gamma);
     } else if (fused) {
-      fused_residual(*w2, h.data_ptr(), rank, R, U->data_ptr(), U->scalar_type(), temperature->data_ptr<float>(),
+      fused_residual(*w2, h.data_ptr(), ldh, R, U->data_ptr(), U->scalar_type(), temperature->data_ptr<float>(),
                      seeds.data_ptr<int64_t>(), rows, races, gamma, stream);
     } else {
-      bias_gemm(*w2, h.data_ptr(), rank, R, bias);
+      bias_gemm(*w2, h.data_ptr(), ldh, R, bias);
     }
     if (!small && !fused) DSPARK_DISPATCH_FLOATS(U->scalar_type(), "dspark_reject_u", [&] {
       using UT = device_t<scalar_t>;

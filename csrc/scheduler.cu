@@ -110,10 +110,10 @@ __device__ void bitonic_sort(uint32_t (&k)[kItems], uint32_t* buf, int n_pad, in
 }
 
 // Thread t's keys for flat candidates 8t .. 8t + 7 of a [R, γ] survival matrix (flat index j·R + r),
-// padding past R·γ.
+// padding past R·γ (all of them for a stale batch of no rows, R = 0).
 __device__ __forceinline__ void load_keys(const float* __restrict__ a, int R, int gamma, int t, uint32_t (&k)[kItems]) {
   const int n = R * gamma, f0 = kItems * t;
-  int r = f0 % R, j = f0 / R;
+  int r = R > 0 ? f0 % R : 0, j = R > 0 ? f0 / R : 0;
 #pragma unroll
   for (int e = 0; e < kItems; ++e) {
     k[e] = f0 + e < n ? value_key(a[r * gamma + j]) : ~0u;
@@ -269,11 +269,13 @@ at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor&
               "dspark::schedule_production: CUDA tensors on one device");
   TORCH_CHECK(a_stale.scalar_type() == at::kFloat && a_now.scalar_type() == at::kFloat &&
                   sps_dense.scalar_type() == at::kFloat, "dspark::schedule_production: fp32 inputs");
-  TORCH_CHECK(a_stale.dim() == 2 && a_now.dim() == 2 && a_stale.size(1) == a_now.size(1),
-              "dspark::schedule_production: a_stale [R', γ] and a_now [R, γ]");
+  TORCH_CHECK(a_stale.dim() == 2 && a_now.dim() == 2 && a_stale.size(1) == a_now.size(1) && a_now.size(0) >= 1 &&
+                  a_now.size(1) >= 1,
+              "dspark::schedule_production: a_stale [R', γ] and a_now [R, γ], R and γ >= 1 (R' may be 0)");
   TORCH_CHECK(a_stale.numel() <= kMaxCandidates && a_now.numel() <= kMaxCandidates,
               "dspark::schedule_production: at most 2048 candidates");
-  TORCH_CHECK(sps_dense.numel() == sps_limit + 1, "dspark::schedule_production: sps_dense has sps_limit + 1 entries");
+  TORCH_CHECK(sps_dense.dim() == 1 && sps_dense.is_contiguous() && sps_dense.numel() == sps_limit + 1,
+              "dspark::schedule_production: sps_dense is contiguous [sps_limit + 1]");
   const c10::cuda::CUDAGuard guard(a_now.device());
   const int R = a_now.size(0), gamma = a_now.size(1), R_stale = a_stale.size(0);
   auto ell = at::empty({R}, a_now.options().dtype(at::kLong));

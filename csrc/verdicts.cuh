@@ -18,6 +18,11 @@ struct RowStarts {
   const int64_t* starts = nullptr;
   int64_t stride = 0;
   __host__ __device__ int64_t operator[](int r) const { return starts != nullptr ? starts[r] : r * stride; }
+  // ℓ's clamp: a dense batch holds `stride` rows per request, so ℓ ≤ stride − 1 there (a larger one
+  // read the next request's rows, the last request's past the tensor); given starts, γ alone.
+  __host__ __device__ int max_len(int gamma) const {
+    return starts != nullptr || stride - 1 >= gamma ? gamma : static_cast<int>(stride - 1);
+  }
 };
 
 // What a racing kernel needs to run the ratio tests itself (ell set), or nothing (ell null: the
@@ -72,7 +77,8 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     for (int k = 0; k < kPairs; ++k) {
       const int i = base + k * nthreads, r = i / gamma;
       if (i >= R * gamma) continue;
-      token[k] = tokens[i], q[k] = tests.q_token[i], len[k] = tests.ell[r], seed[k] = seeds[r];
+      token[k] = tokens[i], q[k] = tests.q_token[i], len[k] = clamp_ell(tests.ell[r], row_start.max_len(gamma));
+      seed[k] = seeds[r];
       start[k] = row_start[r];
       if (i % gamma == 0) v.before[r] = static_cast<int>(tests.anchors[r]);
     }
@@ -90,7 +96,7 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
   }
   sync();
   for (int r = tid; r < R; r += nthreads) {
-    const int len = clamp_ell(tests.ell[r], gamma);
+    const int len = clamp_ell(tests.ell[r], row_start.max_len(gamma));
     const int n = min(v.n[r], len), pos = min(n, gamma - 1);
     v.n[r] = n;
     v.rejected[r] = n < len;

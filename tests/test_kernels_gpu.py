@@ -323,6 +323,10 @@ def test_ops_called_directly_refuse_what_they_would_misread():
         "short seeds": lambda: chain(U, anchors, w1, w2, temperature, seeds[:-1], False),
         "short anchors": lambda: chain(U, anchors[:1], w1, w2, temperature, seeds, False),
         "CPU temperature": lambda: chain(U, anchors, w1, w2, temperature.cpu(), seeds, False),
+        "γ = 0": lambda: chain(U[:, :0].contiguous(), anchors, w1, w2, temperature, seeds, False),  # wrote through null
+        "fp64 conf_h": lambda: chain(U, anchors, w1, w2, temperature, seeds, False,  # refused after its launches
+                                     torch.zeros(130, 2, 8, dtype=torch.float64, device="cuda"),
+                                     torch.zeros(8 + 256, device="cuda"), None),
     }
     draft = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, False)
     tokens, q_token = draft[0], draft[1]
@@ -331,9 +335,9 @@ def test_ops_called_directly_refuse_what_they_would_misread():
 
     def verify(**changed):
         args = {"tokens": tokens, "q_token": q_token, "U": U, "anchors": anchors, "w1": w1, "w2": w2,
-                "temperature": temperature, "ell": ell, "seeds": seeds, **changed}
+                "temperature": temperature, "ell": ell, "seeds": seeds, "target": target, **changed}
         return torch.ops.dspark.rejection_sample(
-            target, None, args["ell"], args["tokens"], args["q_token"], None, args["U"], args["anchors"], args["w1"],
+            args["target"], None, args["ell"], args["tokens"], args["q_token"], None, args["U"], args["anchors"], args["w1"],
             args["w2"], args["temperature"], None, args["seeds"], row_stride=3)
 
     refusals.update({
@@ -342,6 +346,14 @@ def test_ops_called_directly_refuse_what_they_would_misread():
         "verify: short ell": lambda: verify(ell=ell[:5]),
         "verify: U of other requests": lambda: verify(U=U[:7]),
         "verify: q_token not [R, γ]": lambda: verify(q_token=q_token[:, :1]),
+        "verify: strided tokens": lambda: verify(tokens=torch.cat([tokens, tokens], 1)[:, :2]),  # read flat
+        "verify: strided q_token": lambda: verify(q_token=torch.cat([q_token, q_token], 1)[:, :2]),
+        "verify: fewer target rows than R · row_stride": lambda: verify(target=target[:-1]),
+        "schedule: sps_dense strided": lambda: torch.ops.dspark.schedule_production(
+            torch.rand(4, 7, device="cuda"), torch.rand(4, 7, device="cuda"),
+            torch.rand(20, device="cuda")[::2], 9),
+        "schedule: no current requests": lambda: torch.ops.dspark.schedule_production(
+            torch.rand(4, 7, device="cuda"), torch.rand(0, 7, device="cuda"), torch.rand(10, device="cuda"), 9),
     })
     for what, call in refusals.items():
         with pytest.raises(RuntimeError, match="dspark::"):
@@ -358,6 +370,30 @@ def test_ops_called_directly_refuse_what_they_would_misread():
                                                                  w1=w1.double(), w2=w2.double()))
     with pytest.raises(ValueError, match="must have dtype float32, float16, bfloat16, got float64"):
         rejection_sample(target[:4 * 3].view(4, 3, 32000), wide, ell[:4], seeds=seeds[:4])
+
+
+@pytest.mark.parametrize("q_stored", [True, False])
+def test_a_dense_verify_length_past_its_rows_reads_only_its_own_rows(q_stored):
+    """A dense batch holds row_stride rows per request: ℓ was clamped to γ only, so ℓ ≥ row_stride
+    read the next request's rows (the last one's past the tensor). It verifies as ℓ = row_stride − 1."""
+    R, gamma, V, stride = 9, 7, 32000, 3
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(MarkovCase(R, gamma, V, 256, seed=41))
+    draft = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, q_stored)
+    # each request's rows are its drafts' own q rows: every draft they score is accepted, so a
+    # length past them would go on accepting (and reading the next request's rows)
+    q_rows = torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, True)[2]
+    target = q_rows[:, :stride].reshape(R * stride, V).contiguous()
+    rebuild = (None, None, None, None, None) if q_stored else (U, anchors, w1, w2, temperature)
+    q = draft[2] if q_stored else None
+
+    def verify(length):
+        ell = torch.full((R,), length, dtype=torch.int64, device="cuda")
+        return torch.ops.dspark.rejection_sample(target, None, ell, draft[0], draft[1], q, *rebuild, None, seeds,
+                                                 None if q_stored else draft[4], row_stride=stride)
+
+    past, within = verify(gamma), verify(stride - 1)
+    assert torch.equal(past[0], within[0]) and torch.equal(past[1], within[1])
+    assert int(past[1].max()) <= stride - 1
 
 
 @pytest.mark.parametrize("R", [1, 16])  # the small-batch kernels' bias; the fused step's
