@@ -116,6 +116,38 @@ def test_verify_tgi_reports_a_damaged_server_package(tmp_path, monkeypatch, dama
     assert any(p.startswith(expected) for p in server["problems"]), server["problems"]
 
 
+def test_verify_tgi_compares_the_installed_series_with_the_one_compat_yaml_names(tmp_path, monkeypatch):
+    """verify tgi read the packaged patches/tgi/v3.3.7 whatever DSPARK_COMPAT named, so a team's own
+    TGI series (in its own compat.yaml, which apply and doctor follow) was "not ours"."""
+    import shutil
+
+    import yaml
+
+    from dspark_cli import compat
+    from dspark_cli.integrations.tgi.verify import HOOKS, installed_server
+    from dspark_cli.series import read_series
+
+    ours = tmp_path / "team-series"
+    shutil.copytree(compat.default_path().parent / "patches" / "tgi" / "v3.3.7", ours)
+    (ours / "0009-team.patch").write_text((ours / read_series(ours)[0]).read_text())
+    with open(ours / "series", "a") as handle:
+        handle.write("0009-team.patch\n")
+    config = yaml.safe_load(compat.default_path().read_text())
+    config["engines"]["tgi"]["pins"]["v3.3.7"]["patches"] = str(ours)
+    (tmp_path / "compat.yaml").write_text(yaml.safe_dump(config))
+    package = tmp_path / "site" / "text_generation_server"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "_dspark.py").write_text(f"SERIES = 'tgi/v3.3.7'\nPATCHES = {read_series(ours)!r}\n")
+    for rel, names in HOOKS.items():
+        (package / rel).write_text("\n".join(names))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("DSPARK_COMPAT", str(tmp_path / "compat.yaml"))
+    assert installed_server()["problems"] == []
+    monkeypatch.delenv("DSPARK_COMPAT")
+    assert installed_server()["problems"][0].startswith("installed series tgi/v3.3.7 [")
+
+
 def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):
     """The TGI checks run on the CPU: a CPU torch (this venv's, in CI) is enough, and without a
     server package on the path they still run the drafter/verifier checks and say what is missing."""

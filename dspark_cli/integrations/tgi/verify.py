@@ -17,11 +17,22 @@ from dspark_cli.errors import CheckFailed
 from dspark_cli.integrations.spec_runner import one_line
 from dspark_cli.output import emit, say
 
-SERIES = "tgi/v3.3.7"
 # file of the installed package -> a name our patch puts there
 HOOKS = {"models/__init__.py": ("draft_block_size",),
          "models/flash_causal_lm.py": ("self.dspark.chooser(batch)", "self.dspark.forget("),
          "models/transformers_flash_causal_lm.py": ("maybe_attach",)}
+
+
+def _expected_series(marker: dict) -> tuple[str, list[str]]:
+    """The series name and patch list this checkout's compat.yaml (DSPARK_COMPAT when set, as for
+    every command) gives the installed tree: the TGI pin its marker names, else TGI's default pin."""
+    from dspark_cli import compat
+    from dspark_cli.doctor import installed_pin
+    from dspark_cli.series import read_series
+
+    engine = compat.load().engines["tgi"]
+    pin = installed_pin(engine, "", marker) or engine.resolve_pin(None)
+    return f"tgi/{pin.name}", read_series(pin.series_dir())
 
 
 def installed_server() -> dict:
@@ -29,7 +40,6 @@ def installed_server() -> dict:
     import importlib.util
 
     from dspark_cli.doctor import patch_marker
-    from dspark_cli.series import read_series
 
     unreadable = None
     try:
@@ -38,14 +48,14 @@ def installed_server() -> dict:
         marker, unreadable = {}, str(exc)
     if marker is None:
         return {"installed": False, "problems": []}
-    expected = read_series(Path(__file__).resolve().parents[2] / "patches" / "tgi" / "v3.3.7")
+    series, expected = _expected_series(marker)
     problems = []
     if unreadable:
         problems.append(f"{unreadable} (dspark apply tgi, then reinstall)")
     elif not marker:
         problems.append("text_generation_server has no _dspark.py: not patched (dspark apply tgi, then reinstall)")
-    elif marker.get("SERIES") != SERIES or marker.get("PATCHES") != expected:
-        problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({SERIES} {expected})")
+    elif marker.get("SERIES") != series or marker.get("PATCHES") != expected:
+        problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({series} {expected})")
     root = Path(importlib.util.find_spec("text_generation_server").submodule_search_locations[0])
     for rel, names in HOOKS.items():
         f = root / rel
