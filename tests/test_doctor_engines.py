@@ -181,7 +181,8 @@ SHARD_PYTHON = os.environ.get("DSPARK_TGI_SHARD_PYTHON")
 
 @pytest.mark.skipif(not SHARD_PYTHON, reason="DSPARK_TGI_SHARD_PYTHON unset (the venv with the patched TGI shard)")
 def test_the_patched_tgi_shard_venv_is_matched_to_its_pin():
-    """The real patched TGI server (text-generation-server 2.0.5.dev0) that CI installs."""
+    """The real patched TGI server (text-generation-server 2.0.5.dev0) that .ci/prepare.d/41-tgi-shard.sh
+    installs where a TGI v3.3.7 tree is at hand (DSPARK_TGI_SRC)."""
     out = subprocess.run([SHARD_PYTHON, "-m", "dspark_cli", "doctor", "--json"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "engine tgi")
