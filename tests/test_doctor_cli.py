@@ -51,8 +51,9 @@ def test_failed_check_exits_1_and_prints_the_hint(tmp_path):
     assert lines[i].startswith("fail") and f"{empty} has no bin/nvcc" in lines[i]
     assert "→" in lines[i + 1]  # the fix hint on the next line
     # a CI log's last line says what failed (it was empty: the report alone, exit 1)
-    failed = [line.split()[1] for line in lines if line.startswith("fail")]
-    assert "CUDA_HOME" in failed and result.stderr.endswith(f"error: doctor: {', '.join(failed)} failed\n"), result.stderr
+    failed = [c["name"] for c in json.loads(run_dspark("doctor", "--json", env={"CUDA_HOME": str(empty)}).stdout)["checks"]
+              if c["status"] == "fail"]
+    assert "CUDA_HOME" in failed and result.stderr == f"error: doctor: {', '.join(failed)} failed\n", result.stderr
 
 
 def test_only_a_failed_check_exits_1():
@@ -102,7 +103,7 @@ def test_a_cache_dspark_cannot_write_fails_with_the_fix(tmp_path, kind):
             pytest.skip("root writes into a read-only directory")
         (tmp_path / "ro").mkdir(mode=0o555)
     out = run_dspark("doctor", "--json", env={"DSPARK_CACHE": str(cache)})
-    assert out.returncode == 1 and out.stderr.endswith("disk (cache) failed\n"), out.stderr
+    assert out.returncode == 1 and out.stderr.startswith("error: doctor: ") and "disk (cache)" in out.stderr, out.stderr
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "disk (cache)")
     assert check["status"] == "fail" and check["detail"].startswith(f"DSPARK_CACHE {cache}"), check
     assert "DSPARK_CACHE" in check["hint"]

@@ -146,6 +146,10 @@ def test_verify_tgi_compares_the_installed_series_with_the_one_compat_yaml_names
     assert installed_server()["problems"] == []
     monkeypatch.delenv("DSPARK_COMPAT")
     assert installed_server()["problems"][0].startswith("installed series tgi/v3.3.7 [")
+    del config["engines"]["tgi"]  # a compat.yaml without TGI: one problem in the report (was a KeyError)
+    (tmp_path / "compat.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DSPARK_COMPAT", str(tmp_path / "compat.yaml"))
+    assert installed_server()["problems"] == ["cannot tell which series is ours: unknown engine 'tgi'; compat.yaml knows: vllm"]
 
 
 def test_verify_tgi_runs_on_a_cpu_build_of_torch(tmp_path):

@@ -38,8 +38,8 @@ def test_verify_vllm_without_a_patched_vllm_is_an_environment_problem():
 
 def test_verify_vllm_with_a_program_that_is_no_python_says_so(tmp_path):
     """/bin/true runs and exits 0 without a word: it was reported as vLLM "with the  series" (V2 only)."""
-    for program in ("/bin/true", tmp_path / "junk"):
-        if program != "/bin/true":
+    for program in ("/bin/true", "/bin/false", tmp_path / "junk"):
+        if not str(program).startswith("/bin/"):
             program.write_text("#!/bin/sh\necho DSPARK-SERIES\necho hello\n")
             program.chmod(0o755)
         proc = verify(str(program))

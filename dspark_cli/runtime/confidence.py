@@ -97,7 +97,7 @@ class STSCalibration:
                              f"{_checks.SCALE_MIN:g}..{_checks.SCALE_MAX:g}, got {temps!r}")
         self.temperatures = [float(t) for t in temps]
         _checks.file_metadata("STS calibration", self.metadata, ("format", "temperatures"))
-        self._on_device = OnDevice(self.temperatures)
+        self._on_device = OnDevice(self.temperatures.copy, (torch.float32,))
 
     def tensor(self, device) -> torch.Tensor:
         """T_1..T_γ as fp32 on `device`, made on first use there (call once before CUDA-graph capture)."""

@@ -189,8 +189,9 @@ def _check_stored_q(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
 
 
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
-            check_values, row_stride=0) -> VerifyResult:
-    """row_start [R] int64, or None for dense rows: request r's start at r·row_stride."""
+            check_values, row_stride=0, target_argmax=None) -> VerifyResult:
+    """row_start [R] int64, or None for dense rows: request r's start at r·row_stride.
+    target_argmax: target.argmax(-1) when the caller has it (verified part by part: made once)."""
     R, gamma = draft.tokens.shape
     num_rows, V = target.shape
     _checks.nonempty_batch("draft tokens", draft.tokens)
@@ -260,7 +261,8 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         u = torch.rand(R, gamma, device=device, generator=generator)
     accept = u * draft.q_token.float() < p_token
     if greedy is not None:
-        match = tokens == target.argmax(dim=-1)[rows]  # one argmax per row, no [R, γ, V] gather
+        best = target.argmax(dim=-1) if target_argmax is None else target_argmax  # per row: no [R, γ, V] gather
+        match = tokens == best[rows]
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 
@@ -310,6 +312,13 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     if row_start is None:
         row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
     done = []  # (batch positions, output tokens, accepted counts) per call
+    argmax = []  # target.argmax(-1), made at the first part with greedy rows, for every part
+
+    def best():
+        if not argmax:
+            argmax.append(target.argmax(dim=-1))
+        return argmax[0]
+
     for part, at, own in _part_calls(draft.parts):
         n = part.tokens.shape[0]
         span = slice(at[0], at[-1] + 1) if at == list(range(at[0], at[-1] + 1)) else device_rows(at, device)
@@ -319,7 +328,8 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
 
         if own == list(range(n)):  # the part's whole draft, in its order
             res = _verify(target, take(row_start), take(ell), part, take(greedy), take(seeds), generator,
-                          take(uniforms), take(exp_noise), check_values)
+                          take(uniforms), take(exp_noise), check_values,
+                          target_argmax=None if greedy is None else best())
             done.append((span, res.output_tokens, res.num_accepted))
             continue
         own_t = device_rows(own, device)
@@ -331,7 +341,7 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
         part_greedy = (placed(greedy, True) if greedy is not None
                        else torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, own_t, False))
         res = _verify(target, placed(row_start, 0), placed(ell, 0), part, part_greedy, placed(seeds, 0), generator,
-                      placed(uniforms, 0.5), placed(exp_noise, 1.0), check_values)
+                      placed(uniforms, 0.5), placed(exp_noise, 1.0), check_values, target_argmax=best())
         done.append((span, res.output_tokens.index_select(0, own_t), res.num_accepted.index_select(0, own_t)))
     if _tile_the_batch([span for span, _, _ in done], R):
         if len(done) == 1:

@@ -69,7 +69,7 @@ class SPSTable:
             raise ValueError("CUDA-graph capture sizes must be ≥ 1")
         if self.dense_limit > MAX_DENSE_TOKENS:
             raise ValueError(f"SPS table sizes must be at most {MAX_DENSE_TOKENS} tokens, got {self.dense_limit}")
-        self._dense_values: OnDevice | None = None  # made on first use (up to 2^20 host floats)
+        self._dense_values = OnDevice(self._dense_host, (torch.float32, torch.float64))
 
     def _check_field_types(self) -> None:
         """Lists (or tuples) and a dict or None: SPSTable([1], None) was a TypeError, and a metadata
@@ -105,16 +105,14 @@ class SPSTable:
     def dense_limit(self) -> int:
         return max(self.tokens[-1], self.capture_sizes[-1] if self.capture_sizes else 1)
 
+    def _dense_host(self) -> list[float]:
+        return [self._sps(max(b, 1)) for b in range(self.dense_limit + 1)]
+
     def dense(self, device, dtype=torch.float32) -> torch.Tensor:
         """SPS for B = 0..dense_limit as a tensor on `device` (index 0 unused), cached per device
         (`cuda` and the current `cuda:N` are one) and dtype; fp32 is what our CUDA scheduler and the
         production variant read, fp64 Algorithm 1's: a first call on a device makes both, so one
         call before CUDA-graph capture serves every scheduler."""
-        if self._dense_values is None:
-            self._dense_values = OnDevice([self._sps(max(b, 1)) for b in range(self.dense_limit + 1)])
-        if dtype in (torch.float32, torch.float64):
-            for made in (torch.float32, torch.float64):
-                self._dense_values.get(device, made)
         return self._dense_values.get(device, dtype)
 
     def lookup(self, tokens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

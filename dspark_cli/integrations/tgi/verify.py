@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from dspark_cli.errors import CheckFailed
+from dspark_cli.errors import CheckFailed, DsparkError
 from dspark_cli.integrations.spec_runner import one_line
 from dspark_cli.output import emit, say
 
@@ -30,7 +30,7 @@ def _expected_series(marker: dict) -> tuple[str, list[str]]:
     from dspark_cli.doctor import installed_pin
     from dspark_cli.series import read_series
 
-    engine = compat.load().engines["tgi"]
+    engine = compat.load().engine("tgi")
     pin = installed_pin(engine, "", marker) or engine.resolve_pin(None)
     return f"tgi/{pin.name}", read_series(pin.series_dir())
 
@@ -48,13 +48,17 @@ def installed_server() -> dict:
         marker, unreadable = {}, str(exc)
     if marker is None:
         return {"installed": False, "problems": []}
-    series, expected = _expected_series(marker)
     problems = []
+    try:
+        series, expected = _expected_series(marker)
+    except DsparkError as exc:  # a compat.yaml (DSPARK_COMPAT) without TGI, or with a series unreadable
+        series = expected = None
+        problems.append(f"cannot tell which series is ours: {exc}")
     if unreadable:
         problems.append(f"{unreadable} (dspark apply tgi, then reinstall)")
     elif not marker:
         problems.append("text_generation_server has no _dspark.py: not patched (dspark apply tgi, then reinstall)")
-    elif marker.get("SERIES") != series or marker.get("PATCHES") != expected:
+    elif series is not None and (marker.get("SERIES") != series or marker.get("PATCHES") != expected):
         problems.append(f"installed series {marker.get('SERIES')} {marker.get('PATCHES')} is not ours ({series} {expected})")
     root = Path(importlib.util.find_spec("text_generation_server").submodule_search_locations[0])
     for rel, names in HOOKS.items():
@@ -197,5 +201,3 @@ def run(as_json: bool = False) -> None:
         "; ".join(server["problems"]) or served.get("error") or "DSpark output differs from no speculation"
         + (" in the installed TGI shard" if served["ran"] and not served["identical"] else " in the TGI-side loop"))
     emit(result, as_json, render, failure)
-    if failure is not None:
-        raise failure

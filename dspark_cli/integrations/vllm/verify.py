@@ -58,11 +58,11 @@ def _python() -> str:
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (no vllm installed there); {apply}")
     if tags and tags[-1][0] == "unpatched":
         raise EnvironmentProblem(f"{python} has no DSpark-patched vLLM (vllm {tags[-1][1]} without our series); {apply}")
-    if probe.returncode != 0:  # vLLM (or its patched module) is there but does not import
-        last = probe.stderr.strip().splitlines()[-1].strip() if probe.stderr.strip() else f"exit {probe.returncode}"
+    if probe.returncode != 0 and "Traceback (most recent call last)" in probe.stderr:  # vLLM is there, does not import
+        last = probe.stderr.strip().splitlines()[-1].strip()
         raise EnvironmentProblem(f"{python}: vllm does not import ({last}); fix that environment, or set DSPARK_VLLM_PYTHON")
     found = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-SERIES ")]
-    if not found or len(found[-1]) != 2:  # ran and exited 0, but is no Python with vLLM (e.g. /bin/true)
+    if not found or len(found[-1]) != 2:  # ran, but is no Python with vLLM (e.g. /bin/true, /bin/false)
         raise EnvironmentProblem(f"{python} did not report a DSpark-patched vLLM (no DSPARK-SERIES line from "
                                  "`import vllm._dspark`): is it the Python of the environment vLLM is installed in?")
     series, v1 = found[-1]
@@ -162,8 +162,6 @@ def run(as_json: bool) -> None:
     result = {"engine": "vllm", "python": python, "gamma": GAMMA, "checks": rows, "ok": all(r["ok"] for r in rows)}
     failure = None if result["ok"] else CheckFailed("DSpark in vLLM: " + "; ".join(r["check"] for r in rows if not r["ok"]))
     emit(result, as_json, _render, failure)
-    if failure is not None:
-        raise failure
 
 
 def _render(result: dict) -> None:
