@@ -86,6 +86,30 @@ def test_attach_gives_the_hook_only_while_our_path_is_on(monkeypatch):
     assert not hasattr(off, "sample_sequential")
 
 
+def test_attach_leaves_vllms_sharded_sampling_where_every_call_would_decline(monkeypatch):
+    """Sampled drafts under the default head_dtype (bf16) cache their logits in bf16, which the hook
+    declines on every call; attached anyway, it made vLLM 0.34.0 keep the whole cache and sample on
+    every tensor-parallel rank for nothing. vLLM's config accessor is stood in for (no vLLM here)."""
+    import sys
+    from types import ModuleType
+
+    config = SimpleNamespace(speculative_config=SimpleNamespace(draft_sample_method="probabilistic"),
+                             model_config=SimpleNamespace(head_dtype=torch.bfloat16))
+    vllm_config = ModuleType("vllm.config")
+    vllm_config.get_current_vllm_config = lambda: config
+    monkeypatch.setitem(sys.modules, "vllm", ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.config", vllm_config)
+    monkeypatch.setenv(v2_fused.ENV_SWITCH, "1")
+    declined = make_model()
+    v2_fused.attach(declined)
+    assert not hasattr(declined, "sample_sequential")
+    for method, dtype in (("probabilistic", torch.float32), ("greedy", torch.bfloat16)):
+        config.speculative_config.draft_sample_method, config.model_config.head_dtype = method, dtype
+        served = make_model()
+        v2_fused.attach(served)
+        assert hasattr(served, "sample_sequential"), (method, dtype)
+
+
 def test_a_config_without_draft_vocab_size_reads_vocab_size():
     """vLLM fills draft_vocab_size in Qwen3's __init__ only; a subclass (Gemma4's) leaves it unset:
     reading it raised AttributeError inside the first draft step."""
@@ -164,6 +188,16 @@ def test_declines_what_it_cannot_reproduce_exactly(monkeypatch):
     recurrent = make_model()
     recurrent.has_recurrent_markov_head = True
     assert "recurrent" in v2_fused.decline_reason(recurrent, make_spec(2, [0, 1]))
+
+    # an fp8 W2 beside a bf16 W1 (a ModelOpt FP8 draft) is floating point too: it was taken, and the
+    # reference the op declines to refused fp8 in the profile run (the engine did not start); a
+    # GPTQ/AWQ head has qweight and no weight (an AttributeError)
+    fp8 = make_model()
+    fp8.model.markov_head.markov_w2.weight.data = fp8.model.markov_head.markov_w2.weight.data.to(torch.float8_e4m3fn)
+    packed = make_model()
+    del packed.model.markov_head.markov_w2.weight
+    for quantized in (fp8, packed):
+        assert v2_fused.decline_reason(quantized, make_spec(2, [0, 1])) == "quantized Markov weights"
 
     monkeypatch.setenv(v2_fused.ENV_SWITCH, "0")
     assert v2_fused.sample_sequential(make_model(), make_spec(2, [0, 1]), 2, hidden) is False

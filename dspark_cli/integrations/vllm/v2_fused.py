@@ -62,10 +62,26 @@ def enabled() -> bool:
 
 def attach(model) -> None:
     """Our v0.34.0 patch's hook: the draft model instance gets `sample_sequential` only while this
-    path is on, so with it off vLLM 0.34.0 runs as released (it batch-shards the draft logits and
-    the sequential sampling only for a model without the hook)."""
-    if enabled():
+    path is on and can serve the engine's configuration, so otherwise vLLM 0.34.0 runs as released
+    (it batch-shards the draft logits and the sequential sampling only for a model without the
+    hook: a hook sure to decline every call would cost tensor-parallel engines that sharding)."""
+    if enabled() and _configured_cache_reason() is None:
         model.sample_sequential = functools.partial(sample_sequential, model)
+
+
+def _configured_cache_reason() -> str | None:
+    """decline_reason's cache-dtype refusal, read from the engine's config at model construction:
+    sampled drafts keep their logits in model_config.head_dtype (bf16 by default)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        config = get_current_vllm_config()
+        spec, head_dtype = config.speculative_config, config.model_config.head_dtype
+    except (ImportError, AttributeError):  # no engine config here (a stand-in model): decided per call
+        return None
+    if spec is not None and spec.draft_sample_method == "probabilistic" and head_dtype != torch.float32:
+        return f"draft_logits are cached in {str(head_dtype).removeprefix('torch.')}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -106,8 +122,10 @@ def decline_reason(model, spec) -> str | None:
     if getattr(spec.draft_logits, "row_mapping", None) is not None:
         return "the draft logits cache is sharded across TP ranks (batch-sharded sampling)"
     head = model.model.markov_head
-    w1, w2 = head.markov_w1.weight, head.markov_w2.weight
-    if not (w1.is_floating_point() and w2.is_floating_point()):
+    w1, w2 = (getattr(getattr(head, name), "weight", None) for name in ("markov_w1", "markov_w2"))
+    # fp8 is floating point too, and a GPTQ/AWQ layer has qweight and no weight: our chain (and the
+    # torch reference it falls back to) takes W1 and W2 of one of fp32/bf16/fp16
+    if w1 is None or w2 is None or w1.dtype != w2.dtype or w1.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return "quantized Markov weights"
     # vLLM sizes W1 by config.vocab_size but W2 and U by draft_vocab_size (unset: vocab_size, as vLLM
     # reads it; subclasses such as Gemma4's do not fill it in); our chain takes one V.
