@@ -76,10 +76,10 @@ def _configured_cache_reason() -> str | None:
         from vllm.config import get_current_vllm_config
 
         config = get_current_vllm_config()
-        spec, head_dtype = config.speculative_config, config.model_config.head_dtype
-    except (ImportError, AttributeError):  # no engine config here (a stand-in model): decided per call
-        return None
-    if spec is not None and spec.draft_sample_method == "probabilistic" and head_dtype != torch.float32:
+        speculative, head_dtype = config.speculative_config, config.model_config.head_dtype
+    except (ImportError, AttributeError, AssertionError):  # no engine config here (vLLM 0.34.0 asserts
+        return None  # one is set; a stand-in model): decided per call
+    if speculative is not None and speculative.draft_sample_method == "probabilistic" and head_dtype != torch.float32:
         return f"draft_logits are cached in {str(head_dtype).removeprefix('torch.')}"
     return None
 
