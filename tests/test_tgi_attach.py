@@ -90,7 +90,14 @@ def test_an_empty_scheduler_variable_is_the_default(checkpoints, monkeypatch):
     ({"target_layer_ids": []}, "'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got \\[\\]"),
     ({"target_layer_ids": ["1", "2"]}, "'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got \\['1', '2'\\]"),
     ({"rms_norm_eps": "1e-6x"}, "'rms_norm_eps' must be a number > 0, got '1e-6x'"),
-], ids=["missing", "block-0", "block-str", "no-mask", "no-layers", "layer-str", "eps-str"])
+    # settings the drafter does not compute were read past (drafting with the wrong math, silently)
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}},
+     "rope_parameters.rope_type = 'yarn'; the TGI drafter runs the released drafters' default RoPE"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling = 'linear'"),
+    ({"attention_bias": True}, "attention_bias = True"),
+    ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+], ids=["missing", "block-0", "block-str", "no-mask", "no-layers", "layer-str", "eps-str", "yarn", "linear", "bias",
+        "gelu"])
 def test_a_drafter_config_tgi_cannot_use_is_one_error_naming_dspark_draft(checkpoints, monkeypatch, tmp_path, change,
                                                                          message):
     """TGI's get_model reads γ first: these were a FileNotFoundError, a KeyError, a TypeError at the
@@ -105,6 +112,17 @@ def test_a_drafter_config_tgi_cannot_use_is_one_error_naming_dspark_draft(checkp
     monkeypatch.setenv("DSPARK_DRAFT", str(draft))
     with pytest.raises(ValueError, match=rf"^DSPARK_DRAFT={draft}: .*{message}"):
         draft_block_size()
+
+
+def test_a_checkpoint_with_layer_biases_is_refused_at_load(checkpoints, tmp_path):
+    """A q_proj bias (attention_bias checkpoints carry them) was loaded and never applied."""
+    biased = tmp_path / "biased"
+    shutil.copytree(checkpoints["draft"], biased)
+    weights = tiny_models.read_weights(biased)
+    weights["layers.0.self_attn.q_proj.bias"] = torch.zeros(weights["layers.0.self_attn.q_proj.weight"].shape[0])
+    tiny_models.write_weights(biased, weights)
+    with pytest.raises(ValueError, match=r"bias tensors the drafter would not apply: layers\.0\.self_attn\.q_proj\.bias$"):
+        DSparkDraft.load(biased)
 
 
 def test_a_config_with_more_layers_than_the_weights_is_refused_at_load(checkpoints, tmp_path):

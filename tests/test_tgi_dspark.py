@@ -695,6 +695,29 @@ def assert_pages_accounted(pool) -> None:
         assert pool.table[pool.slots[r], :len(pool.pages[r])].tolist() == pool.pages[r]
 
 
+def test_reserving_an_emptied_pool_frees_the_old_tensors_before_making_the_new(monkeypatch):
+    """TGI reserves the pool after warmup, whose requests are gone by then: the warmup pool's tensors
+    stayed alive while the reserved ones were made, both at once at the peak of startup memory."""
+    import weakref
+
+    from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
+
+    pool = KVPool(2)
+    pool.commit([7], [3 * PAGE_ROWS], torch.randn(2, 3 * PAGE_ROWS, 1, 4), torch.randn(2, 3 * PAGE_ROWS, 1, 4))
+    pool.drop(7)
+    old_k, old_v = weakref.ref(pool.k), weakref.ref(pool.v)
+    alive_at_allocation = []
+    new_empty = torch.Tensor.new_empty
+
+    def spy(self, *args, **kwargs):
+        alive_at_allocation.append(old_k() is not None or old_v() is not None)
+        return new_empty(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", spy)
+    pool.reserve(10 * PAGE_ROWS, torch.empty(0, 1, 4))
+    assert alive_at_allocation == [False, False] and pool.k.shape[1] == 11 * PAGE_ROWS
+
+
 @pytest.mark.parametrize("reserve", [None, 1000, 4000], ids=["unreserved", "reserved-short", "reserved"])
 def test_context_pool_keeps_every_requests_rows_through_growth_and_drops(reserve):
     """The drafter's paged K/V pool under a random sequence of batched commits (1 to 40 rows, new
@@ -837,3 +860,98 @@ def test_the_confidence_head_without_a_bias_reads_zero_and_without_the_markov_in
     w["confidence_head.proj.weight"] = w["confidence_head.proj.weight"][:, :base.config.hidden_size]
     with pytest.raises(ValueError, match=r"confidence_head_with_markov=false"):
         DSparkDraft(base.config, w)
+
+
+def _dspark_md_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _dspark_md_rope(x, positions, theta):
+    """Rotate-half RoPE of x [n, heads, hd] at positions [n], written from DSPARK.md, not draft.py."""
+    hd = x.shape[-1]
+    angles = positions.float()[:, None] / theta ** (torch.arange(0, hd, 2).float() / hd)
+    angles = torch.cat([angles, angles], -1)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return x * angles.cos()[:, None] + torch.cat([-x2, x1], -1) * angles.sin()[:, None]
+
+
+def _dspark_md_block(w, c, features, anchor, anchor_pos):
+    """DSPARK.md's draft block for one request: fc over the concatenated target layers, hidden_norm;
+    [anchor, mask × (γ−1)] at anchor_pos…, attending without a mask to its context (K/V from the
+    normed fc rows, absolute positions) and the block; Qwen3 layers (q/k norms, GQA); final norm."""
+    import math
+
+    G, H, KV, hd = c.block_size, c.num_heads, c.num_kv_heads, c.head_dim
+    context = _dspark_md_norm(features @ w["fc.weight"].T, w["hidden_norm.weight"])
+    x = w["embed_tokens.weight"][torch.tensor([anchor] + [c.mask_token_id] * (G - 1))]
+    n = features.shape[0]
+    block_pos, all_pos = anchor_pos + torch.arange(G), torch.cat([torch.arange(n), anchor_pos + torch.arange(G)])
+    for i in range(c.num_layers):
+        a = f"layers.{i}.self_attn."
+        h = _dspark_md_norm(x, w[f"layers.{i}.input_layernorm.weight"])
+        q = (h @ w[a + "q_proj.weight"].T).view(G, H, hd)
+        k = torch.cat([(context @ w[a + "k_proj.weight"].T).view(n, KV, hd), (h @ w[a + "k_proj.weight"].T).view(G, KV, hd)])
+        v = torch.cat([(context @ w[a + "v_proj.weight"].T).view(n, KV, hd), (h @ w[a + "v_proj.weight"].T).view(G, KV, hd)])
+        q = _dspark_md_rope(_dspark_md_norm(q, w[a + "q_norm.weight"]), block_pos, c.rope_theta)
+        k = _dspark_md_rope(_dspark_md_norm(k, w[a + "k_norm.weight"]), all_pos, c.rope_theta)
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        attention = (torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)).softmax(-1)
+        x = x + torch.einsum("hqk,khd->qhd", attention, v).reshape(G, -1) @ w[a + "o_proj.weight"].T
+        h = _dspark_md_norm(x, w[f"layers.{i}.post_attention_layernorm.weight"])
+        m = f"layers.{i}.mlp."
+        x = x + (torch.nn.functional.silu(h @ w[m + "gate_proj.weight"].T) * (h @ w[m + "up_proj.weight"].T)) @ w[m + "down_proj.weight"].T
+    return _dspark_md_norm(x, w["norm.weight"])
+
+
+def test_the_drafter_matches_an_independent_statement_of_dspark_md():
+    """The drafter tests compared draft.py against references built from draft.py's own norm, RoPE
+    and projections, on fixtures whose norm weights are all 1 and with one KV head per two query
+    heads: q and k norms swapped, a missing hidden_norm weight or a RoPE convention wrong in both
+    would have passed. Here: random norm weights, 4 query heads on 2 KV heads, three requests of
+    other context lengths committed in two steps, against DSPARK.md written out independently;
+    then the greedy chain and the confidence head σ(w·[h_k ; W1[x_{k−1}]] + b)."""
+    from dspark_cli.integrations.tgi.draft import DraftConfig
+
+    torch.manual_seed(0)
+    d, H, KV, hd, L, G, V, r, inner, n_aux = 64, 4, 2, 16, 2, 4, 50, 8, 96, 3
+    c = DraftConfig(hidden_size=d, num_heads=H, num_kv_heads=KV, head_dim=hd, num_layers=L, block_size=G,
+                    mask_token_id=V - 1, target_layer_ids=[1, 2, 3], rope_theta=10000.0, rms_norm_eps=1e-6)
+    rand = lambda *shape, scale=0.2: torch.randn(*shape) * scale  # noqa: E731
+    w = {"embed_tokens.weight": rand(V, d, scale=1), "fc.weight": rand(d, n_aux * d), "hidden_norm.weight": 1 + rand(d),
+         "norm.weight": 1 + rand(d), "lm_head.weight": rand(V, d), "markov_head.markov_w1.weight": rand(V, r),
+         "markov_head.markov_w2.weight": rand(V, r), "confidence_head.proj.weight": rand(1, d + r),
+         "confidence_head.proj.bias": rand(1)}
+    for i in range(L):
+        a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        w.update({a + "q_proj.weight": rand(H * hd, d), a + "k_proj.weight": rand(KV * hd, d),
+                  a + "v_proj.weight": rand(KV * hd, d), a + "o_proj.weight": rand(d, H * hd),
+                  a + "q_norm.weight": 1 + rand(hd), a + "k_norm.weight": 1 + rand(hd), m + "gate_proj.weight": rand(inner, d),
+                  m + "up_proj.weight": rand(inner, d), m + "down_proj.weight": rand(d, inner),
+                  f"layers.{i}.input_layernorm.weight": 1 + rand(d), f"layers.{i}.post_attention_layernorm.weight": 1 + rand(d)})
+    reference = {k: t.clone() for k, t in w.items()}
+    draft = DSparkDraft(c, w, cuda_graphs=False)
+    lengths = {11: 5, 12: 1, 13: 20}
+    features = {k: torch.randn(n, n_aux * d) for k, n in lengths.items()}
+    draft.extend_contexts(list(lengths), torch.cat(list(features.values())),
+                          torch.cat([torch.arange(n) for n in lengths.values()]), list(lengths.values()))
+    more = {11: torch.randn(3, n_aux * d), 13: torch.randn(2, n_aux * d)}
+    draft.extend_contexts(list(more), torch.cat(list(more.values())),
+                          torch.cat([lengths[k] + torch.arange(f.shape[0]) for k, f in more.items()]),
+                          [f.shape[0] for f in more.values()])
+    for k, f in more.items():
+        features[k] = torch.cat([features[k], f])
+    ids, anchors = [13, 11, 12], torch.tensor([3, 7, 9])
+    positions = [features[k].shape[0] for k in ids]
+    h = draft.hidden_blocks(ids, anchors, positions)
+    for j, k in enumerate(ids):
+        torch.testing.assert_close(h[j], _dspark_md_block(reference, c, features[k], int(anchors[j]), positions[j]),
+                                   atol=1e-4, rtol=1e-4)
+    proposal = draft.propose(ids, anchors, positions, torch.zeros(3))
+    U, w1, w2 = h @ reference["lm_head.weight"].T, reference["markov_head.markov_w1.weight"], reference["markov_head.markov_w2.weight"]
+    prev, z = anchors, []
+    for k in range(G):
+        z.append(torch.cat([h[:, k], w1[prev]], -1) @ reference["confidence_head.proj.weight"][0]
+                 + reference["confidence_head.proj.bias"])
+        prev = (U[:, k] + w1[prev] @ w2.T).argmax(-1)
+        assert torch.equal(prev, proposal.draft.tokens[:, k]), k
+    torch.testing.assert_close(proposal.confidence, torch.sigmoid(torch.stack(z, 1)), atol=1e-5, rtol=1e-5)

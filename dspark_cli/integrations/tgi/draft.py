@@ -75,6 +75,7 @@ class DraftConfig:
         if not isinstance(ids, list) or not ids or not all(_checks.integer(i) and i >= 0 for i in ids):
             raise ValueError(f"{file}: 'target_layer_ids' must be a non-empty list of layer numbers ≥ 0, got {ids!r}")
         rope = c.get("rope_parameters") or {}
+        _check_supported_settings(file, c, rope)
         reals = {"rope_theta": rope.get("rope_theta", c.get("rope_theta", 1e6)), "rms_norm_eps": c.get("rms_norm_eps", 1e-6)}
         for key, value in reals.items():
             if not (_checks.real_number(value) and value > 0):
@@ -85,6 +86,22 @@ class DraftConfig:
                    num_layers=c["num_hidden_layers"], block_size=c["block_size"], mask_token_id=c["mask_token_id"],
                    target_layer_ids=list(ids), rope_theta=float(reals["rope_theta"]),
                    rms_norm_eps=float(reals["rms_norm_eps"]))
+
+
+def _check_supported_settings(file: Path, c: dict, rope: dict) -> None:
+    """The released drafters' settings are the ones this drafter computes: default RoPE, no
+    attention bias, SiLU. Another (a YaRN-scaled or biased checkpoint) would draft with the wrong
+    math: still lossless, but accepted far less, with no error; refused here instead."""
+    scaling = c.get("rope_scaling") if isinstance(c.get("rope_scaling"), dict) else {}
+    settings = {"rope_parameters.rope_type": rope.get("rope_type", rope.get("type", "default")),
+                "rope_scaling": scaling.get("rope_type", scaling.get("type", "default")),
+                "attention_bias": bool(c.get("attention_bias", False)), "hidden_act": c.get("hidden_act", "silu")}
+    supported = {"rope_parameters.rope_type": "default", "rope_scaling": "default", "attention_bias": False,
+                 "hidden_act": "silu"}
+    for key, value in settings.items():
+        if value != supported[key]:
+            raise ValueError(f"{file}: {key} = {value!r}; the TGI drafter runs the released drafters' default RoPE, "
+                             "no attention bias and SiLU")
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -210,6 +227,9 @@ class DSparkDraft:
                    if n not in weights]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        biases = sorted(n for n in weights if n.startswith("layers.") and n.endswith(".bias"))
+        if biases:  # the layers this drafter computes have none (the released format's)
+            raise ValueError(f"{path}: checkpoint has bias tensors the drafter would not apply: {', '.join(biases[:3])}")
         if config.mask_token_id >= weights["embed_tokens.weight"].shape[0]:
             raise ValueError(f"{path}: mask_token_id {config.mask_token_id} is outside the drafter's vocabulary "
                              f"({weights['embed_tokens.weight'].shape[0]} tokens)")

@@ -129,11 +129,13 @@ class KVPool:
     def _remake(self, pages: int, like: torch.Tensor) -> None:
         """New tensors of `pages` pages with page 0 zeroed, the live pages moved to 1, 2, ... in
         request order (one gather per layer and tensor); every other page free."""
+        live = [p for r in self.pages for p in self.pages[r]]
+        if not live:  # nothing to move (warmup's pool at reserve): free it before the new one is made
+            self.k = self.v = None
         shape = (self.num_layers, pages * PAGE_ROWS, *like.shape[1:])
         k, v = like.new_empty(shape), like.new_empty(shape)
         k[:, :PAGE_ROWS].zero_()
         v[:, :PAGE_ROWS].zero_()
-        live = [p for r in self.pages for p in self.pages[r]]
         if live:
             src = (torch.tensor(live)[:, None] * PAGE_ROWS + torch.arange(PAGE_ROWS)).flatten().to(k.device)
             end = (1 + len(live)) * PAGE_ROWS
