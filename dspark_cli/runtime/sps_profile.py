@@ -172,9 +172,11 @@ class ForwardTimer:
                 raise RuntimeError(f"at B={batch} (a prefill, then the step captured in a CUDA graph): {exc} "
                                    "(--capture-sizes none times every size eagerly)") from exc
         try:  # the graphs' step run eagerly: a dynamic cache's update copies the whole cache per layer
-            return self._seconds(self.static_step(batch))  # each step, which a paged engine never does
+            static = self.static_step(batch)  # each step, which a paged engine never does
         except RuntimeError:  # a transformers without device fill counters: the dynamic cache, cropped
-            pass
+            static = None
+        if static is not None:
+            return self._seconds(static)
         prompt, step = self._inputs(batch)
         cache = getattr(self.model(input_ids=prompt, use_cache=True, **self.prefill_kwargs), self.cache_name)
 
