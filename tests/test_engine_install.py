@@ -251,9 +251,10 @@ def test_refuses_trees_that_are_not_applied_tgi_workspaces(root):
 
 
 @needs_tree
-def test_real_tgi_tree_installs_and_imports(root, target_python):
+def test_real_tgi_tree_installs_and_imports(root, target_python, monkeypatch):
     """The real v3.3.7 tree with our whole series: stubs from TGI's generate.proto, the server
     installed --no-deps (its build requires `kernels`, which pip's isolated build fetches)."""
+    monkeypatch.delenv("DSPARK_COMPAT")  # the shipped compat.yaml pins the real tree (root's is for the mini one)
     ws = root / "tgi"
     out = dspark(sys.executable, "apply", "tgi", "--repo", TGI_SRC, "-C", str(ws), "--json")
     assert out.returncode == 0, out.stderr
