@@ -60,13 +60,10 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
     the report says went wrong, raised once the report is out; a stdout that cannot take the report
     raises it too (its code, a note on stdout), not the stdout's error."""
     global _json_emitted
-    if as_json and _captured is not None:
-        _captured.append(result)
-        if failure is not None:
-            raise failure
-        return
     try:
-        if as_json:
+        if as_json and _captured is not None:  # folded into the capturing command's document
+            _captured.append(result)
+        elif as_json:
             document = {"ok": True, **result} if isinstance(result, dict) else result
             _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
             _json_emitted = True
