@@ -93,13 +93,12 @@ def _check_supported_settings(file: Path, c: dict, rope: dict) -> None:
     attention bias, SiLU. Another (a YaRN-scaled or biased checkpoint) would draft with the wrong
     math: still lossless, but accepted far less, with no error; refused here instead."""
     scaling = c.get("rope_scaling") if isinstance(c.get("rope_scaling"), dict) else {}
-    settings = {"rope_parameters.rope_type": rope.get("rope_type", rope.get("type", "default")),
-                "rope_scaling": scaling.get("rope_type", scaling.get("type", "default")),
-                "attention_bias": bool(c.get("attention_bias", False)), "hidden_act": c.get("hidden_act", "silu")}
-    supported = {"rope_parameters.rope_type": "default", "rope_scaling": "default", "attention_bias": False,
-                 "hidden_act": "silu"}
-    for key, value in settings.items():
-        if value != supported[key]:
+    for key, value, supported in (
+            ("rope_parameters.rope_type", rope.get("rope_type", rope.get("type", "default")), "default"),
+            ("rope_scaling", scaling.get("rope_type", scaling.get("type", "default")), "default"),
+            ("attention_bias", bool(c.get("attention_bias", False)), False),
+            ("hidden_act", c.get("hidden_act", "silu"), "silu")):
+        if value != supported:
             raise ValueError(f"{file}: {key} = {value!r}; the TGI drafter runs the released drafters' default RoPE, "
                              "no attention bias and SiLU")
 
