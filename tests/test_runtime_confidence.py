@@ -67,6 +67,16 @@ def test_sts_fit_recovers_overconfidence():
     assert fitted < raw / 3
 
 
+def test_sts_for_a_shorter_block_keeps_the_leading_temperatures_and_ece_bins_are_equal_width():
+    """STS is fitted position by position, so a γ = 2 block takes T_1, T_2 of a 3-position file;
+    ECE of 0.1 and 0.12 (one bin of ten) with labels 0, 1 is |0.22 − 1| / 2."""
+    from dspark_cli.runtime.confidence import expected_calibration_error
+
+    assert STSCalibration([1.0, 2.0, 3.0]).for_block(2).temperatures == [1.0, 2.0]
+    ece = expected_calibration_error(torch.tensor([0.1, 0.12]), torch.tensor([0.0, 1.0]), bins=10)
+    assert float(ece) == pytest.approx(0.39)
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     h, e = torch.zeros(2, 3, 4), torch.zeros(2, 3, 2)
     with pytest.raises(ValueError, match="expected d \\+ r = 4 \\+ 2 = 6"):

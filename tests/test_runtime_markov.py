@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dspark_cli.runtime import (check_markov_weight_values, confidence_logits, markov_chain, probs_from_logits,
-                                residual_row, rng)
+                                residual_row, rng, warp_logits)
 from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
 
@@ -103,6 +103,16 @@ def test_top_k_top_p_warps_q_like_the_target_and_draws_stay_inside():
             expected = _naive_top_k_top_p(logits, float(temperature[r]), int(top_k[r]), float(top_p[r]))
             torch.testing.assert_close(draft.q[r, k], expected, atol=1e-6, rtol=1e-5)
             assert draft.q[r, k, draft.tokens[r, k]] > 0
+
+
+def test_temperatures_below_1e_5_are_greedy_and_greedy_rows_are_not_scaled():
+    """A request with T < GREEDY_BELOW samples the argmax (one-hot q: its drafts are verified as
+    greedy), and warping leaves a greedy row's logits as they are (0 or a negative T included):
+    dividing by a tiny T would overflow them."""
+    logits = torch.tensor([[1.0, 1.0 + 2**-20, -3.0]])
+    assert torch.equal(probs_from_logits(logits, torch.tensor([5e-6])), torch.tensor([[0.0, 1.0, 0.0]]))
+    for t in (5e-6, 0.0, -1.0):
+        assert torch.equal(warp_logits(logits, torch.tensor([t])), logits)
 
 
 def test_residual_row_rebuilds_q_exactly():

@@ -691,3 +691,57 @@ def test_a_generator_that_is_not_a_torch_generator_is_one_clear_error(generator)
         rejection_sample(p, draft, torch.tensor([1, 0]), generator=generator)
     with pytest.raises(ValueError, match=message):
         rejection_sample_flat(p[:, :2].reshape(4, 5), torch.tensor([0, 2, 4]), draft, generator=generator)
+
+
+def test_ratio_test_is_strict():
+    """Accept x iff u·q(x) < p(x), strictly: engines' uniforms (torch.rand) can be exactly 0, and a
+    token the target gives probability 0 (one outside its top-k, say) must never be accepted then;
+    at u = 1 a draft with p(x) = q(x) is rejected."""
+    q = torch.tensor([[[1 / 3, 1 / 3, 1 / 3]]])
+    draft = (torch.tensor([[0]]), q[:, :, 0], q)
+    p = torch.tensor([[[0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]]])
+    res = rejection_sample(p, draft, torch.tensor([1]), uniforms=torch.zeros(1, 1), exp_noise=torch.ones(1, 3))
+    assert res.num_accepted.tolist() == [0] and int(res.output_tokens[0, 0]) != 0
+    p_equal = q.expand(1, 2, 3).contiguous()
+    res = rejection_sample(p_equal, draft, torch.tensor([1]), uniforms=torch.ones(1, 1), exp_noise=torch.ones(1, 3))
+    assert res.num_accepted.tolist() == [0]
+
+
+def test_seeded_acceptance_draws_its_own_stream_at_each_position():
+    """A seeded request's ratio tests take u_j from STREAM_ACCEPT at draft position j (the kernels
+    draw the same words): not the draft's stream, whose noise chose x_j, and not one u for all j."""
+    R, gamma = 256, 4
+    q = torch.tensor([0.8, 0.2]).expand(R, gamma, 2).contiguous()
+    p = torch.tensor([0.4, 0.6]).expand(R, gamma + 1, 2).contiguous()  # p/q = 0.5 at the drafted token 0
+    tokens = torch.zeros(R, gamma, dtype=torch.int64)
+    seeds = torch.arange(R) * 104729 + 3
+    res = rejection_sample(p, (tokens, q[:, :, 0], q), torch.full((R,), gamma), seeds=seeds)
+    u = rng.uniform(seeds, rng.STREAM_ACCEPT, torch.arange(gamma).unsqueeze(0), 0)
+    assert torch.equal(res.num_accepted, torch.cumprod((u * 0.8 < 0.4).to(torch.int64), dim=1).sum(dim=1))
+
+
+def test_draft_and_verify_under_the_same_seeds_follow_target_chi2():
+    """A seeded request drafts and verifies under one seed: x_1 from the draft's grouped race, its
+    test and the recovered token from their own streams. Were the test's uniform the draft's race
+    noise, acceptance would depend on x_1 beyond q and the output would not follow p. V = 24 gives the
+    race several groups (with one group its uniform never decides the token)."""
+    g = torch.Generator().manual_seed(11)
+    V = 24
+    p, q = _dist(g, 2, V), _dist(g, 1, V)
+    seeds = torch.arange(N) * 7 + 1
+    tokens = rng.grouped_race_sample(q.expand(N, V).contiguous(), seeds, rng.STREAM_DRAFT, 0).unsqueeze(1)
+    q_n = q.expand(N, 1, V)
+    res = rejection_sample(p.expand(N, 2, V).contiguous(), (tokens, q_n.gather(2, tokens.unsqueeze(2)).squeeze(2), q_n),
+                           torch.ones(N, dtype=torch.int64), seeds=seeds)
+    assert chi2_pvalue(res.output_tokens[:, 0], p[0]) > 0.01
+
+
+def test_residual_above_the_floor_is_sampled():
+    """The other side of the floor: a residual of 5× RESIDUAL_MASS_FLOOR is the distribution the
+    recovered token comes from (here all of it on token 1, which the noise would not pick from p)."""
+    excess = 5 * RESIDUAL_MASS_FLOOR
+    p = torch.tensor([[1e-3, 1e-3, 0.998], [1 / 3, 1 / 3, 1 / 3]])
+    q = torch.tensor([[[1e-3 + excess, 1e-3 - excess, 0.998]]])
+    res = rejection_sample(p.unsqueeze(0), (torch.tensor([[0]]), q[:, :, 0], q), torch.tensor([1]),
+                           uniforms=torch.tensor([[0.9999999]]), exp_noise=torch.tensor([[1.0, 1.0, 0.9]]))
+    assert res.output_tokens.tolist() == [[1, -1]]

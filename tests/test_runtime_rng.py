@@ -41,6 +41,9 @@ def test_round_seeds_are_philox_of_the_position_under_the_request_seed():
     w0, w1, _, _ = rng.philox4x32(*_t(0xFFFFFFFB, 0xFFFFFFFF), *_t(5, 0xFFFF0000))
     assert int(out[3]) == int(w0) | (int(w1) & 0x7FFFFFFF) << 32
     assert torch.equal(rng.round_seeds(seeds[1:2], pos[1:2]), out[1:2])  # the batch does not matter
+    # the position's whole low word counts: contexts past 2^16 tokens do not reuse earlier noise
+    far = rng.round_seeds(torch.full((3,), 7), torch.tensor([5, 5 + 2**16, 5 + 2**31]))
+    assert len(set(far.tolist())) == 3
 
 
 def test_uniform_is_deterministic_in_open_interval_and_uniform():
@@ -52,6 +55,8 @@ def test_uniform_is_deterministic_in_open_interval_and_uniform():
     # streams, positions and seeds give different numbers
     assert not torch.equal(u, rng.uniform(seeds, rng.STREAM_ACCEPT, 3, torch.arange(50_000).unsqueeze(0)))
     assert not torch.equal(u[0], u[1])
+    # the extreme words map inside (0, 1): a 0 would accept a draft of target probability 0
+    assert rng._to_uniform(torch.tensor([0, 0xFFFFFFFF])).tolist() == [2.0**-24, 1 - 2.0**-24]
 
 
 def test_race_sample_follows_weights():

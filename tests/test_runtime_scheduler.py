@@ -59,6 +59,15 @@ def test_algorithm1_hand_computed():
     assert schedule_exact(torch.tensor([[0.05, 0.01], [0.02, 0.0]]), SMOOTH).tolist() == [0, 0]
 
 
+def test_algorithm1_admits_only_on_strict_improvement_and_never_survival_zero():
+    """Θ equal to the last Θ stops admission (Algorithm 1's strict improvement); so does a candidate
+    of survival 0 even where a rising table would make Θ grow (a larger forward for no output)."""
+    tie = SPSTable([1, 2], [1.5, 1.0])  # Θ_0 = 1 · 1.5 = Θ_1 = 1.5 · 1.0
+    assert schedule_exact(torch.tensor([[0.5]]), tie).tolist() == [0]
+    rising = SPSTable([1, 2, 3], [1.0, 2.0, 3.0])
+    assert schedule_exact(torch.tensor([[0.5, 0.0]]), rising).tolist() == [1]
+
+
 def test_production_budget_is_a_global_search_and_admission_is_top_k():
     assert int(verify_budget(A, SMOOTH, 2)) == 2
     assert int(verify_budget(A, JAGGED, 2)) == 4  # no early stop: it finds the maximum behind the cliff

@@ -15,6 +15,9 @@ def test_interpolation_and_extrapolation():
     assert t.sps(200) == pytest.approx(5.0)  # constant token rate beyond the last point
     B = torch.tensor([1, 5, 55, 100, 200, 1000])
     torch.testing.assert_close(t.lookup(B), torch.tensor([t.sps(int(b)) for b in B]))
+    # below a first probe past 1 token the first rate holds (not a token rate extrapolated down)
+    late = SPSTable([4, 8], [10.0, 5.0])
+    assert late.sps(2) == late.sps(1) == float(late.lookup(torch.tensor([2]))[0]) == 10.0
 
 
 def _linear_sps(table: SPSTable, tokens: int) -> float:
