@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dspark_cli.integrations.vllm.cpu_fixes import expand_float
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.runtime import rejection_sample
 from tests.chi2 import chi2_pvalue, chi2_two_sample_pvalue
@@ -48,25 +49,27 @@ def proposer(params: dict, probabilistic=True, gamma=3):
     return p
 
 def metadata(temperature, **kw):
-    return SimpleNamespace(all_greedy=False, temperature=torch.tensor(temperature), top_k=None, top_p=None,
-                           generators={}, **kw)
+    return SimpleNamespace(**{"all_greedy": False, "temperature": torch.tensor(temperature), "top_k": None,
+                              "top_p": None, "generators": {}, **kw})
 """
 
 STRUCTURED = PROPOSER + """
 from dspark_cli.runtime import markov_chain
-params = {"free": SamplingParams(temperature=1.0),
+params = {"free": SamplingParams(temperature=0.5),
           "json": SamplingParams(temperature=1.0, structured_outputs=StructuredOutputsParams(json={"type": "object"})),
-          "choice": SamplingParams(temperature=0.7, structured_outputs=StructuredOutputsParams(choice=["a", "b"]))}
+          "choice": SamplingParams(temperature=0.7, structured_outputs=StructuredOutputsParams(choice=["a", "b"])),
+          "greedy": SamplingParams(temperature=0.0)}
 p = proposer(params)
-meta = metadata([1.0, 1.0, 0.7])
-temperature, top_k, top_p = p._draft_warps(meta, 3, 16)
+# V1's batch holds a greedy request's temperature as 0.0
+meta = metadata([0.5, 1.0, 0.7, 0.0], top_k=torch.tensor([5, 6, 7, 8]), top_p=torch.tensor([0.9, 0.8, 0.7, 0.6]))
+temperature, top_k, top_p = p._draft_warps(meta, 4, 16)
 g = torch.Generator().manual_seed(0)
-U = torch.randn(3, 3, 16, generator=g)
-draft = markov_chain(U, torch.tensor([1, 2, 3]), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
+U = torch.randn(4, 3, 16, generator=g)
+draft = markov_chain(U, torch.tensor([1, 2, 3, 4]), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
                      temperature, generator=g)
-one_hot = [bool(((draft.q[i] == 0) | (draft.q[i] == 1)).all()) for i in range(3)]
-print(json.dumps({"temperature": temperature.tolist(), "metadata_untouched": meta.temperature.tolist(),
-                  "q_one_hot": one_hot}))
+one_hot = [bool(((draft.q[i] == 0) | (draft.q[i] == 1)).all()) for i in range(4)]
+print(json.dumps({"temperature": temperature.tolist(), "top_k": top_k.tolist(), "top_p": top_p.tolist(),
+                  "metadata_untouched": meta.temperature.tolist(), "q_one_hot": one_hot}))
 """
 
 
@@ -77,9 +80,10 @@ def test_requests_with_structured_outputs_draft_greedily():
     instead of the residual (p = (.5, .5, 0), q = (.5, .1, .4), token 2 invalid: P(y = 0) = .70, not
     .50). A one-hot q makes the cut exact, so those requests draft greedily; the others still sample."""
     out = run_in_vllm(STRUCTURED)
-    assert out["temperature"] == [1.0, 0.0, 0.0], out
-    assert out["metadata_untouched"] == pytest.approx([1.0, 1.0, 0.7]), out  # the runner's tensor is not written
-    assert out["q_one_hot"] == [False, True, True], out
+    assert out["temperature"] == [0.5, 0.0, 0.0, 0.0], out  # each request's own warps, greedy stays greedy
+    assert out["top_k"] == [5, 6, 7, 8] and out["top_p"] == pytest.approx([0.9, 0.8, 0.7, 0.6]), out
+    assert out["metadata_untouched"] == pytest.approx([0.5, 1.0, 0.7, 0.0]), out  # the runner's tensor is not written
+    assert out["q_one_hot"] == [False, True, True, True], out
 
 
 def test_structured_output_cut_is_exact_only_for_one_hot_drafts():
@@ -116,6 +120,12 @@ def test_a_skipped_request_is_verified_with_the_q_of_its_own_drafts():
     assert torch.equal(got, torch.cat([q2[0], q2[1, :2], q1[2, :2]]))
     cache.drafted(["c", "a"], _q(2, 3, 8, 3))  # c ran again: its drafts, and q, are new
     assert "c" not in cache._held
+    # skipped in the middle of the batch: its own row, not its neighbour's
+    cache = PendingDraftProbs()
+    q1 = _q(3, 2, 8, 6)
+    cache.drafted(["a", "b", "c"], q1)
+    cache.drafted(["a", "c"], _q(2, 2, 8, 7))
+    assert torch.equal(cache.for_verification(["b"], [2], drafts[:2]), q1[1])
 
 
 def test_a_batch_that_drafted_last_step_is_verified_from_its_q_without_per_request_copies():
@@ -129,6 +139,9 @@ def test_a_batch_that_drafted_last_step_is_verified_from_its_q_without_per_reque
     assert whole.data_ptr() == q.data_ptr() and torch.equal(whole, q.reshape(12, 8))
     got = cache.for_verification(["c", "a", "b"], [2, 0, 4], drafts[:6])
     assert torch.equal(got, torch.cat([q[2, :2], q[1]]))
+    # adaptive verification's usual step: the drafting order, prefixes of their own lengths
+    got = cache.for_verification(["a", "b", "c"], [1, 0, 2], drafts[:3])
+    assert torch.equal(got, torch.cat([q[0, :1], q[2, :2]]))
 
 
 def test_drafts_without_q_are_verified_one_hot_and_held_rows_of_finished_requests_go():
@@ -159,6 +172,15 @@ def test_installed_on_the_runner_a_zeroed_step_replaces_q_by_one_hot():
     assert runner._input_fits_in_drafter(False) is False  # zeroed drafts for a and b
     zeros = SimpleNamespace(num_draft_tokens=[2, 2], draft_token_ids=torch.zeros(4, dtype=torch.int64))
     assert runner._get_spec_decode_draft_probs(zeros) is None
+
+
+def test_cpu_expansion_gives_each_draft_its_requests_temperature_with_greedy_replaced():
+    """The CPU fallback of vLLM's expand_batch_to_tokens (cpu_fixes): request r's value for each of
+    its drafts, a greedy request's temperature (replace_from) replaced (replace_to), as V1's Triton
+    kernel does; left as 0, the target's logits of a mixed batch were divided by it."""
+    out = torch.full((4,), -7.0)
+    expand_float(out, torch.tensor([0.0, 0.5, 2.0]), torch.tensor([2, 3, 4]), 0, 1)
+    assert out.tolist() == [1.0, 1.0, 0.5, 2.0]
 
 
 def _recovered(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -468,6 +490,17 @@ def test_a_bad_scheduler_knob_names_where_it_came_from(config, env, message):
         SchedulerSettings.resolve(SimpleNamespace(**config), 3, env)
 
 
+def test_scheduler_knobs_default_as_documented_and_the_env_wins_over_the_config_key():
+    """docs/vllm.md's table: Algorithm 1, SPSTable.default(), no STS; a config key is honoured and a
+    non-empty env var wins over it."""
+    default = SchedulerSettings.resolve(SimpleNamespace(), 3, {})
+    assert default.scheduler == "exact" and default.sts is None
+    assert (default.sps.tokens, default.sps.steps_per_s) == (SPSTable.default().tokens, SPSTable.default().steps_per_s)
+    config = SimpleNamespace(dspark_scheduler="production")
+    assert SchedulerSettings.resolve(config, 3, {}).scheduler == "production"
+    assert SchedulerSettings.resolve(config, 3, {"DSPARK_SCHEDULER": "exact"}).scheduler == "exact"
+
+
 class PerRequestHistory:
     """The semantics the production scheduler keeps: per request, its rows of its last two steps
     (forgotten when it misses a step); stale = the older of them; a new request counts as ones."""
@@ -496,6 +529,17 @@ def test_production_scheduler_keeps_per_request_stale_rows_across_changing_batch
         assert torch.equal(scheduler._stale(req_ids, a), reference.stale(req_ids, 4)), step
         assert torch.equal(scheduler.lengths(req_ids, a), expected), step
         reference.remember(req_ids, a)
+
+
+def test_production_scheduler_reads_the_row_two_steps_old_on_every_step_of_a_steady_batch():
+    """The random batches above rarely keep a request three steps running: there the stale row must
+    move on with the steps (the row of step t − 2 at step t), not stay the first one seen."""
+    scheduler, ids = _production(), ["a", "b"]
+    rows = [_survival(2, 3, seed) for seed in range(5)]
+    for step, a in enumerate(rows):
+        if step >= 2:
+            assert torch.equal(scheduler._stale(ids, a), rows[step - 2]), step
+        scheduler.lengths(ids, a)
 
 
 def _aten_ops(fn) -> list[str]:
@@ -554,6 +598,26 @@ def test_whether_a_step_samples_is_decided_on_the_host():
     assert run_in_vllm(SAMPLES) == {"sampled": True, "all_greedy": False, "greedy_method": False}
 
 
+SEEDS = PROPOSER + """
+from dspark_cli.runtime import rng
+p = proposer({"a": None, "b": None})
+positions = torch.tensor([10, 11, 12, 40, 41, 42])  # the two blocks' query positions, anchors first
+p._get_positions = lambda n: positions[:n]
+g = torch.Generator(); g.manual_seed(77)
+seeds = p._draft_seeds(SimpleNamespace(generators={1: g}), torch.zeros(2, 3, 16), 2)
+print(json.dumps({"seed": int(seeds[1]),
+                  "expected": int(rng.round_seeds(rng.seed_tensor([77]), torch.tensor([40]))[0])}))
+"""
+
+
+@needs_vllm
+def test_a_seeded_request_keys_its_draft_on_its_own_blocks_anchor_position():
+    """The engine's seeded test compares the batch's first request, whose anchor is row 0 either
+    way: a seeded request elsewhere in the batch must key on its own block's anchor (row r·γ)."""
+    out = run_in_vllm(SEEDS)
+    assert out["seed"] == out["expected"], out
+
+
 LENGTHS = PROPOSER + """
 import numpy as np
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
@@ -578,6 +642,23 @@ seeded = SimpleNamespace(generators={2: torch.Generator(), 4: torch.Generator(),
 out["seeded"] = p._verify_lengths(a, 3, 6, seeded, p._discarded_rows(6))
 a_seeded = a[[0, 2, 3, 5], :3].clone(); a_seeded[1] = 1.0
 out["seeded_expected"] = schedule_exact(a_seeded, sps).tolist()
+# a steep table where survival decides: the seeded row counts as fully confident in the budget
+steep = SPSTable(tokens=[1, 4, 8, 16], steps_per_s=[100.0, 100.0, 50.0, 10.0])
+p4 = proposer({r: SamplingParams(temperature=1.0) for r in "wxyz"}, gamma=3)
+p4.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", steep, None))
+a4 = torch.tensor([[.99, .98, .97], [.3, .05, .01], [.9, .8, .7], [.6, .4, .2]])
+out["steep_seeded"] = p4._verify_lengths(a4, 3, 4, SimpleNamespace(generators={1: torch.Generator()}), None)
+a4_seeded = a4.clone(); a4_seeded[1] = 1.0
+out["steep_seeded_expected"] = schedule_exact(a4_seeded, steep).tolist()
+out["steep_seeded_expected"][1] = 3
+out["steep_unseeded"] = schedule_exact(a4, steep).tolist()
+# survival from the head's logits goes through the STS calibration
+from dspark_cli.runtime import STSCalibration, confidence_probs, survival
+z = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+sts = STSCalibration([2.0, 3.0, 4.0])
+p4.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", steep, sts))
+out["sts_survival"] = torch.allclose(p4._survival(z), survival(torch.sigmoid(z / torch.tensor([2.0, 3.0, 4.0]))))
+out["sts_differs"] = not torch.allclose(p4._survival(z), survival(torch.sigmoid(z)))
 print(json.dumps(out))
 """
 
@@ -594,6 +675,9 @@ def test_adaptive_lengths_schedule_only_what_is_verified_and_seeded_requests_ver
     assert out["discard"] == [e[0], 0, e[1], e[2], 0, e[3]], out
     s = out["seeded_expected"]
     assert out["seeded"] == [s[0], 0, 3, s[2], 0, s[3]], out  # row 4 (seeded) is a prefill chunk
+    assert out["steep_seeded"] == out["steep_seeded_expected"] != [out["steep_unseeded"][0], 3,
+                                                                   *out["steep_unseeded"][2:]], out
+    assert out["sts_survival"] and out["sts_differs"], out  # the STS file reaches the schedule
 
 
 TOO_MANY = """

@@ -219,13 +219,15 @@ class DSparkProposer(DFlashProposer):
         if not self.adaptive:
             self.stats["scheduled"] += R * k
             return tokens
-        # The head's logits z = w·[h_k ; W1[x_{k-1}]] + b came with the draft (our CUDA chain
-        # computes them in its last launch); calibration and survival follow.
-        a = survival(confidence_probs(draft.confidence_logits, self.verify_lengths.settings.sts))
-        ell = self._verify_lengths(a, k, R, sampling_metadata, discard)
+        ell = self._verify_lengths(self._survival(draft.confidence_logits), k, R, sampling_metadata, discard)
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
         return [row[:n] for row, n in zip(rows, ell)]
+
+    def _survival(self, confidence_logits: torch.Tensor) -> torch.Tensor:
+        """Survival a [R, γ] from the head's logits z = w·[h_k ; W1[x_{k-1}]] + b, which came with the
+        draft (our CUDA chain computes them in its last launch), through the STS calibration if set."""
+        return survival(confidence_probs(confidence_logits, self.verify_lengths.settings.sts))
 
     def _discarded_rows(self, R: int):
         """Host mask [R] of the batch rows whose drafts vLLM discards (prefill chunks), or None."""
