@@ -299,3 +299,82 @@ def test_startup_warns_of_float16_for_a_bfloat16_drafter_and_of_prefix_caching(c
                     "--dtype bfloat16",
                     "PREFIX_CACHING is on: prompt rows served from the prefix cache are not in the drafter's context "
                     "(fewer drafts accepted, output still exact); set PREFIX_CACHING=0"]
+
+
+def test_choose_commits_the_anchor_and_accepted_rows_and_drafts_after_them(checkpoints, monkeypatch):
+    """A decode step commits, per request, the target rows of its anchor and its accepted drafts only
+    (not the rejected ones), at their positions, and drafts the next block at position p + n + 1 with
+    the request's own warp (temperature 0 for greedy, its top-k/top-p)."""
+    spec = _speculation(checkpoints)
+    B, S, V = 3, 4, tiny_models.VOCAB
+    prefill = []
+    original = spec.draft.extend_contexts
+    monkeypatch.setattr(spec.draft, "extend_contexts",
+                        lambda ids, f, pos, counts: prefill.append((ids, pos.tolist(), counts)) or original(ids, f, pos, counts))
+    _choose(spec, B, S, prefill=True, do_sample=[False, True, True], top_k=5, top_p=0.9)
+    assert prefill == [([10, 11, 12], [0, 1, 2, 3] * 3, [4, 4, 4])]  # every prompt row
+    pending = torch.stack([spec.pending[10 + i].tokens for i in range(B)])  # [B, γ]
+    batch = _batch(B, S, False, do_sample=[False, True, True], top_k=5, top_p=0.9)
+    batch.speculative_ids = pending.clone()
+    width = len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN
+    spec.capture.buffer = torch.arange(B * S, dtype=torch.float32)[:, None].expand(B * S, width).contiguous()
+    logits = torch.zeros(B * S, V)
+    logits[0:3, pending[0]] = torch.eye(3) * 60           # request 10 (greedy): every draft is the argmax
+    logits[4, pending[1, 0]] = 60                        # request 11: draft 1 certain, draft 2 impossible
+    logits[5, (pending[1, 1] + 1) % V] = 60
+    logits[8, (pending[2, 0] + 1) % V] = 60               # request 12: draft 1 impossible
+    commits, proposals = [], []
+    propose = spec.propose
+    monkeypatch.setattr(spec.draft, "extend_contexts",
+                        lambda ids, f, pos, counts: commits.append((ids, f[:, 0].tolist(), pos.tolist(), counts))
+                        or original(ids, f, pos, counts))
+    monkeypatch.setattr(spec, "propose", lambda *a: proposals.append(a) or propose(*a))
+    _, _, _, accepted, _ = hooks.choose(spec, batch, logits, 3)
+    assert accepted.tolist() == [4, 2, 1]
+    assert commits == [([10, 11, 12], [0, 1, 2, 3, 4, 5, 8], [5, 6, 7, 8, 5, 6, 5], [4, 2, 1])]
+    ids, anchors, anchor_positions, temperature, top_k, top_p, _ = proposals[0]
+    assert anchor_positions == [9, 7, 6] and temperature.tolist() == [0.0, 1.0, 1.0]
+    assert top_k.tolist() == [5, 5, 5] and torch.allclose(top_p, torch.tensor([0.9] * 3))
+
+
+def test_a_decode_batch_drops_the_contexts_of_requests_filtered_out(checkpoints):
+    spec = _speculation(checkpoints)
+    _choose(spec, 3, 4, prefill=True)
+    assert {10, 11, 12} <= set(spec.draft.context_kv)
+    _choose(spec, 1, 4, prefill=False)  # FilterBatch kept request 10 only
+    assert set(spec.pending) == {10} and list(spec.draft.context_kv) == [10]
+
+
+def test_a_greedy_request_without_drafts_takes_the_argmax(checkpoints):
+    """A plain step (prefill, or nothing pending) of a greedy request is TGI's argmax, seeded or not,
+    even where the target is far from one-hot."""
+    spec = _speculation(checkpoints)
+    B, V = 64, tiny_models.VOCAB
+    logprobs = torch.log_softmax(0.1 * torch.randn(B, 1, V, generator=torch.Generator().manual_seed(2)), -1)
+    for seeds in (torch.arange(B, dtype=torch.int64), None):
+        tokens, n_acc = spec.verify(list(range(B)), logprobs, torch.ones(B, dtype=torch.bool), seeds)
+        assert [t[0] for t in tokens] == logprobs[:, 0].argmax(-1).tolist() and n_acc == [0] * B
+
+
+def test_a_config_head_dim_other_than_hidden_over_heads_is_kept(tmp_path):
+    """Qwen3-0.6B/4B-shaped drafters declare head_dim 128 where hidden_size / heads is 64 or 80."""
+    from dspark_cli.integrations.tgi.draft import DraftConfig
+
+    cfg = {"architectures": ["Qwen3DSparkModel"], "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 1, "block_size": 4, "mask_token_id": 3,
+           "target_layer_ids": [1]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert DraftConfig.load(tmp_path).head_dim == 32
+
+
+def test_choose_hands_tgi_drafts_of_the_scheduled_width_within_speculate(checkpoints):
+    """TGI runs 1 + (the width of the drafts choose returns) rows per request: that width is the
+    scheduler's (here 0: no draft pays) and never more than --speculate."""
+    spec = _speculation(checkpoints)
+    spec.scheduler, spec.sps = "exact", runtime.SPSTable([3, 6, 9, 12], [100.0, 1.0, 1.0, 1.0])
+    assert _choose(spec, 3, 4, prefill=True)[4].shape == (3, 0) and spec.pending[10].ell == 0
+    spec.scheduler = "off"
+    batch = _batch(3, 4, True)
+    spec.capture.buffer = torch.randn(12, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
+    out = hooks.choose(spec, batch, torch.randn(3, tiny_models.VOCAB), 2)  # --speculate 2 under a γ = 3 drafter
+    assert out[4].shape == (3, 2)

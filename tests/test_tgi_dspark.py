@@ -955,3 +955,14 @@ def test_the_drafter_matches_an_independent_statement_of_dspark_md():
         prev = (U[:, k] + w1[prev] @ w2.T).argmax(-1)
         assert torch.equal(prev, proposal.draft.tokens[:, k]), k
     torch.testing.assert_close(proposal.confidence, torch.sigmoid(torch.stack(z, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_the_loop_commits_the_anchor_and_accepted_drafts_only(checkpoints):
+    """`dspark verify tgi`'s loop: the drafter's context is the prompt, then per round the old anchor
+    and the accepted drafts (rejected drafts never enter it)."""
+    target = tiny_models.load_transformers(checkpoints["target"])
+    spec = DSparkSpeculation.for_target(target, DSparkDraft.load(checkpoints["partial"]), scheduler="off")
+    prompt = [3, 17, 99]
+    out, accepted, rounds = generate(target, spec, prompt, steps=24)
+    assert 0 < accepted < 3 * (rounds - 1)
+    assert spec.draft.context_kv.length(0) == len(prompt) + accepted + rounds - 1
