@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import applier, oplock
+from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
 from tests.run_cli import run_dspark, signal_dspark_when
@@ -894,3 +895,45 @@ def test_a_workspace_of_another_engine_is_refused_before_anything_is_fetched_int
     assert refused.stderr.strip() == f"error: {work} holds toy v1.0; use another --workdir for other v1.0"
     assert (tree_fingerprint(work), git(work, "remote"), git(work, "for-each-ref")) == before
 
+
+def test_a_failed_layered_apply_leaves_the_state_file_as_it_was(toy):
+    """The rollback of a patch failure must restore the state file too, not only the tree: with the
+    new run's layers recorded, status reported the failed layer's patches as 'not applied' drift."""
+    run_apply(toy)
+    work = toy["workdir"]
+    state_before = (work / ".git" / "dspark" / "state.json").read_bytes()
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 11\n", "line eleven\n")}),
+    ])
+    with pytest.raises(PatchFailed):
+        run_apply(toy, series=(team,))
+    assert (work / ".git" / "dspark" / "state.json").read_bytes() == state_before
+    assert applier.status(work)["drift"] == []
+
+
+def test_a_staged_only_change_is_a_local_change_refused_without_force(toy):
+    """A change staged and not edited since (`git add`; status `M `) is the user's too: taken for a
+    clean tree, it rode along the checkout and was committed inside the first patch commit."""
+    run_apply(toy)
+    work = toy["workdir"]
+    applier.revert(work)
+    (work / "engine" / "config.py").write_text("mine, staged\n")
+    git(work, "add", "engine/config.py")
+    (work / "staged-new.txt").write_text("new, staged\n")
+    git(work, "add", "staged-new.txt")
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match="local change"):
+        run_apply(toy)
+    assert tree_fingerprint(work) == before
+    git(work, "reset", "-q", "--hard")  # (drops the staged new file too)
+    (work / "untracked.txt").write_text("new, not added\n")  # untracked alone is a local change too
+    with pytest.raises(UsageError, match="local change"):
+        run_apply(toy)
+    (work / "untracked.txt").unlink()
+    run_apply(toy)
+    (work / "staged-new.txt").write_text("new, staged\n")
+    git(work, "add", "staged-new.txt")
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match="local change"):
+        applier.revert(work)
+    assert tree_fingerprint(work) == before

@@ -126,6 +126,12 @@ def test_apply_in_a_workspace_it_may_not_write_reports_already_applied_when_it_i
         more = run_dspark("apply", "toy", "-C", str(work), "--series", str(team))  # a patch to apply: cannot
         assert more.returncode == 3 and more.stderr == f"error: --workdir {work}: cannot make anything in {work} " \
                                                         "(Operation not permitted)\n", more.stderr
+        # a series patch changed since (same name, relocked): not the series applied, so no "already applied"
+        patch = sorted(toy["series"].glob("*.patch"))[-1]
+        patch.write_text(patch.read_text().replace("Subject: ", "Subject: (changed) ", 1))
+        series_files.write_lock(toy["series"])
+        changed = run_dspark("apply", "toy", "-C", str(work))
+        assert changed.returncode == 3 and "cannot make anything" in changed.stderr, changed.stderr
     finally:
         subprocess.run(["chattr", "-i", str(work)], check=True)
     assert tree_fingerprint(work) == before
@@ -420,3 +426,17 @@ def test_status_tells_a_running_apply_from_an_interrupted_one(toy):
                               "of its repository; run dspark status again when it has finished")
     state_file.write_text(json.dumps(state))
     assert drift()[0].startswith(f"an interrupted apply (started {started}) left the workspace half done")
+
+
+def test_a_short_pinned_commit_matches_the_full_base_in_status(tmp_path, monkeypatch):
+    """compat.yaml may pin a short id (before `dspark compat lock`): the full base commit apply
+    resolved is that pin, so status reports no drift."""
+    toy = make_toy(tmp_path, monkeypatch)
+    (tmp_path / "short").mkdir()
+    short = compat.load(write_compat(tmp_path / "short", toy["upstream"], toy["series"],
+                                     commit=toy["upstream"]["v1.0"][:9]))
+    pin = short.engine("toy").pins["v1.0"]
+    assert pin.matches_commit(toy["upstream"]["v1.0"])
+    result = applier.apply(short, applier.ApplyRequest(engine="toy", workdir=tmp_path / "w"))
+    assert result["base"] == toy["upstream"]["v1.0"]
+    assert applier.status(tmp_path / "w")["drift"] == []

@@ -517,6 +517,13 @@ def test_pypi_source_downloads_checks_and_records_the_release(toy, tmp_path, loc
     assert git(work, "ls-tree", "-r", "--name-only", result["base"]).splitlines() == ["engine/config.py", "engine/core.py"]
     assert applier.apply(compat.load(toy["compat_path"]), request)["status"] == "already applied"
 
+    # a cached file is checked again before use: a changed one is fetched anew, not unpacked
+    cached = tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz"
+    cached.write_bytes(cached.read_bytes() + b"tampered")
+    again = applier.apply(compat.load(toy["compat_path"]),
+                          applier.ApplyRequest(engine="toy", workdir=tmp_path / "pypi-again", source="pypi"))
+    assert sha256_of(cached) == digest and again["base"] == result["base"]
+
     (tmp_path / "cache" / "releases" / "toy-engine-1.0.tar.gz").unlink()
     sdist.write_bytes(sdist.read_bytes() + b"tampered")
     local_index("toy-engine", sdist)
@@ -583,6 +590,29 @@ def test_a_pypi_workspace_is_refused_for_git_before_any_fetch(toy, tmp_path, loc
                       applier.ApplyRequest(engine="toy", workdir=work, repo=str(toy["upstream"]["repo"])))
     assert git(work, "remote") == ""  # no remote added, nothing fetched
     assert git(work, "cat-file", "-t", toy["upstream"]["v1.1"], check=False) == ""
+    assert tree_fingerprint(work) == before
+
+
+def test_a_pypi_workspace_is_refused_for_another_release_file_of_the_same_name(toy, tmp_path, local_index):
+    """A release re-published under the same file name and pinned with its new sha256 is another
+    base: the workspace made from the old one is not reused for it."""
+    import tarfile
+
+    from dspark_cli.series import sha256_of
+
+    sdist, digest = publish_toy_sdist(toy, tmp_path, local_index)
+    work = tmp_path / "pypi-work"
+    applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="pypi"))
+    before = tree_fingerprint(work)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "NOTICE").write_text("re-published\n")
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(toy["upstream"]["repo"] / "engine", arcname="toy-engine-1.0/engine")
+        tar.add(tmp_path / "extra" / "NOTICE", arcname="toy-engine-1.0/NOTICE")
+    local_index("toy-engine", sdist)
+    toy["compat_path"].write_text(toy["compat_path"].read_text().replace(digest, sha256_of(sdist)))
+    with pytest.raises(UsageError, match="was made from toy-engine-1.0.tar.gz"):
+        applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=work, source="pypi"))
     assert tree_fingerprint(work) == before
 
 

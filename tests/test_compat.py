@@ -76,6 +76,11 @@ def errors_for(text: str) -> str:
     ("package: vllm ", 'package: "vllm\\n" ', "engines.vllm.pins.v0.32.0.releases[0].package: expected a package name"),
     ("sha256: d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
      'sha256: "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad\\n"', "sha256: expected 64 lowercase hex"),
+    # a SHA-1-length digest is no sha256 (every release file check would compare against it)
+    ("sha256: d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
+     "sha256: d2c957d5eee3d0985012151315ddc62cbe0cd368", "sha256: expected 64 lowercase hex digits"),
+    # blank is not a value (a tag of spaces named no tag: a git error later)
+    ("tag: v0.32.0", 'tag: "   "', "engines.vllm.pins.v0.32.0.tag: expected a non-empty string"),
     # A NUL reaches no path, ref or URL (the OS refuses it): was a traceback at the first use.
     ("tag: v0.32.0", 'tag: "v0.32\\0.0"', "engines.vllm.pins.v0.32.0.tag: expected a non-empty string without a NUL"),
     ("patches: patches/vllm/v0.32.0", 'patches: "patches/vllm\\0/v0.32.0"', "engines.vllm.pins.v0.32.0.patches: "

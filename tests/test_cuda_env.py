@@ -222,3 +222,24 @@ def test_an_unbuildable_detected_gpu_is_no_arch_not_an_error(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     archs, source = cuda_env.arch_list(gpus=cuda_env.Gpus(["K80"], ["3.7"]))
     assert archs == [] and "pass --arch" in source
+
+
+def test_the_toolkit_nvcc_reports_is_not_taken_without_libcudart(tmp_path, monkeypatch):
+    """nvcc on PATH names its toolkit (`-dryrun`'s TOP=): a toolkit there without lib64/libcudart.so
+    cannot link our extension, so it is never the CUDA_HOME dspark resolves (nor the one a hint
+    tells the user to export)."""
+    root = tmp_path / "cuda-broken"
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={root}' >&2\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{root / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert cuda_env._nvcc_toolkit_root(str(nvcc)) == root.resolve()
+    assert cuda_env._from_nvcc() is None
+    assert cuda_env.resolve_cuda_home().path != root.resolve()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    assert "cuda-broken" not in (cuda_env.resolve_cuda_home().hint or "")

@@ -1637,3 +1637,25 @@ exec {real} "$@"
                                                "with --force to start over")
     again = dspark(u, "--onto", "v18.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--force")
     assert again.returncode == 0, again.stderr
+
+
+def test_a_swap_that_fails_after_the_old_series_moved_aside_puts_it_back(tmp_path, monkeypatch):
+    """write_series moves --out aside, then renames the new series in: when that second rename
+    fails (or Ctrl-C lands between them) the old series must be back at --out, not left in the
+    scratch directory that is removed right after."""
+    out, new, old = tmp_path / "out", tmp_path / "scratch" / "new", tmp_path / "scratch" / "old"
+    out.mkdir()
+    (out / "series").write_text("0001-old.patch\n")
+    new.mkdir(parents=True)
+    (new / "series").write_text("0001-new.patch\n")
+    real = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == new:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(rebase.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        rebase._swap_in(new, out, old)
+    assert (out / "series").read_text() == "0001-old.patch\n" and not old.exists()
