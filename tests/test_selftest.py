@@ -44,3 +44,19 @@ def test_verify_ops_without_a_gpu_or_a_build_names_both(tmp_path):
     assert result.returncode == 3
     assert result.stderr.startswith("error: no CUDA GPU visible to torch: the self-test runs the kernels on a GPU; "
                                     "and CUDA extension not loaded: no built extension")
+
+
+def test_selftest_judges_a_sampled_divergence_at_its_own_position(monkeypatch):
+    """A sampled row's divergence at step k is judged by the race at position k."""
+    from dspark_cli import selftest
+
+    case = selftest.MarkovCase(3, 4, 512, 16, torch.float32, torch.float32, greedy_every=3, seed=1)
+    inputs = selftest.markov_inputs(case, "cpu")
+    U, anchors, w1, w2, temperature, seeds = inputs
+    ref = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True)
+    positions = []
+    monkeypatch.setattr(selftest, "race_margin", lambda q, seed, stream, k, a, b: positions.append(k) or 1.0)
+    tokens = ref.tokens.clone()
+    tokens[1, 2:] = (tokens[1, 2:] + 1) % case.V  # request 1 (sampled) wrong from step 2
+    assert selftest._unexplained_chain_divergences(case, inputs, ref, SimpleNamespace(tokens=tokens)) == 1
+    assert positions == [2]

@@ -63,15 +63,24 @@ IMPORTED_MODULES = PATCHED_MODULES + [
 
 _PROBE = r'''
 if all(v == "ok" for v in out["imports"].values()):
-    import torch, vllm, vllm._dspark as marker
+    import os, torch, vllm, vllm._dspark as marker
     from vllm.platforms import current_platform
     from vllm.config.speculative import SpeculativeConfig
     from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
     from vllm.v1.spec_decode.dflash import DFlashProposer
     from vllm.v1.worker.gpu.spec_decode.dspark.speculator import DSparkSpeculator
     from dspark_cli.integrations.vllm import cpu_fixes, proposer, v2_fused
+    from tests.v2_hook_standins import D, GAMMA, MAX_REQS, make_model, make_spec
     hook = Qwen3DSparkForCausalLM.sample_sequential
-    out.update(
+    # The release class's hook run on stand-ins: it answers what our path does (off: vLLM's loop).
+    hook_ran = {}
+    for switch in ("0", "1"):
+        os.environ["DSPARK_V2_FUSED"] = switch
+        spec = make_spec(2, [0, 1])
+        with torch.inference_mode():
+            hook_ran[switch] = [hook(make_model(), spec, 2, torch.randn(MAX_REQS * GAMMA, D)),
+                                bool(spec.draft_tokens[:2].any())]
+    out.update(hook_ran=hook_ran,
         versions=[vllm.__version__, torch.__version__], platform=type(current_platform).__name__,
         series=marker.SERIES, patches=marker.PATCHES, v1_supported=list(marker.V1_SUPPORTED),
         hook_params=list(inspect.signature(hook).parameters), hook_source=inspect.getsource(hook),
@@ -110,3 +119,4 @@ def test_hook_and_lazy_imports_resolve_in_real_v033(imported):
     assert imported["use_dspark"], "SpeculativeConfig.use_dspark(), which the patched V1 runner calls, is gone"
     assert imported["proposer_is_dflash"]  # our V1 proposer subclasses v0.33.0's real DFlashProposer
     assert imported["lazy_names"] == [True, True, True]
+    assert imported["hook_ran"] == {"0": [False, False], "1": [True, True]}, imported["hook_ran"]

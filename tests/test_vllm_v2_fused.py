@@ -272,3 +272,145 @@ def test_hook_is_capturable_in_a_cuda_graph_and_replays_like_eager(release):
         assert torch.equal(spec.draft_tokens, eager.draft_tokens)
         torch.testing.assert_close(_cache(spec), _cache(eager))
         torch.testing.assert_close(spec.draft_token_confidence_probs, eager.draft_token_confidence_probs)
+
+
+def _hidden(seed=0):
+    return torch.randn(MAX_REQS * GAMMA, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _greedy_chain(model, spec, num_reqs, hidden, rows):
+    w1 = model.model.markov_head.markov_w1.weight
+    w2 = model.model.markov_head.markov_w2.weight[:V]
+    U = model.compute_draft_logits(hidden[: num_reqs * GAMMA]).view(num_reqs, GAMMA, V)
+    prev = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    out = []
+    for k in range(GAMMA):
+        prev = (U[:, k].float() + w1[prev].float() @ w2.float().t()).argmax(-1)
+        out.append(prev)
+    return torch.stack(out, 1)[rows]
+
+
+# vLLM applies the logits processor (scale, soft cap) to the Markov bias too, and runs the
+# output transform / watermarker in its own loop: served, the drafts differ from vLLM's.
+@pytest.mark.parametrize("tweak, spec_tweak", [
+    (lambda m: setattr(m.logits_processor, "scale", 0.5), None),
+    (lambda m: setattr(m.logits_processor, "soft_cap", 30.0), None),
+    (lambda m: setattr(m, "apply_output_logit_transform", lambda x: x), None),
+    (None, lambda s: setattr(s, "draft_watermarker", object())),
+])
+def test_declines_draft_head_transforms_and_watermarking(tweak, spec_tweak):
+    model, spec = make_model(), make_spec(2, [0, 1])
+    if tweak:
+        model.logits_processor = type(model.logits_processor)()  # instance attrs, class untouched
+        tweak(model)
+    if spec_tweak:
+        spec_tweak(spec)
+    assert v2_fused.decline_reason(model, spec) is not None
+    assert v2_fused.sample_sequential(model, spec, 2, _hidden()) is False
+    assert torch.all(spec.draft_tokens == 0)
+
+
+# W1 and W2 of one dtype our chain does not take (fp8 both, float64): declined, not a
+# ValueError from markov_chain inside the draft step.
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float64])
+def test_same_dtype_unsupported_markov_weights_are_declined(dtype):
+    model = make_model()
+    head = model.model.markov_head
+    head.markov_w1.weight.data = head.markov_w1.weight.data.to(dtype)
+    head.markov_w2.weight.data = head.markov_w2.weight.data.to(dtype)
+    spec = make_spec(2, [0, 1])
+    assert v2_fused.decline_reason(model, spec) == "quantized Markov weights"
+    assert v2_fused.sample_sequential(model, spec, 2, _hidden()) is False
+
+
+# Adaptive verification with a confidence head that does not read W1[x] (vLLM's default
+# confidence_head_with_markov=False): declined, not a ValueError at the profile run.
+def test_confidence_head_without_markov_input_is_declined():
+    model = make_model()
+    model.model.confidence_head.with_markov = False
+    spec = make_spec(2, [0, 1])
+    assert v2_fused.decline_reason(model, spec) == "confidence head without the Markov input"
+    assert v2_fused.sample_sequential(model, spec, 2, _hidden()) is False
+
+
+# Without adaptive verification the confidence head is not read at all (a with_markov=False
+# head must not stop the engine; nothing is written to the confidence buffer).
+def test_confidence_head_is_ignored_without_adaptive_verification():
+    model = make_model()
+    model.model.confidence_head.with_markov = False
+    spec = make_spec(2, [0, 1], use_confidence_head=False)
+    spec.draft_token_confidence_probs.fill_(-1.0)
+    assert v2_fused.sample_sequential(model, spec, 2, _hidden()) is True
+    assert torch.all(spec.draft_token_confidence_probs == -1.0)
+
+
+# Greedy drafting with adaptive verification still writes the confidences.
+def test_greedy_drafts_get_confidences_too():
+    model, num_reqs = make_model(), 2
+    spec = make_spec(num_reqs, [0, 4], probabilistic=False)
+    hidden = _hidden()
+    assert v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+    w1 = model.model.markov_head.markov_w1.weight
+    anchors = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
+    prev = torch.cat([anchors[:, None], spec.draft_tokens[:num_reqs, : GAMMA - 1]], dim=1)
+    x = torch.cat([hidden[: num_reqs * GAMMA].view(num_reqs, GAMMA, D), w1[prev]], dim=-1)
+    expected = torch.sigmoid(model.model.confidence_head.proj(x).squeeze(-1))
+    torch.testing.assert_close(spec.draft_token_confidence_probs[:num_reqs], expected)
+
+
+# Temperatures are read by request state (not batch row); a temperature-0 request in a
+# probabilistic engine drafts vLLM's argmax exactly, even at a near-tie.
+def test_temperature_is_per_request_state_and_zero_is_exact_argmax():
+    model, num_reqs = make_model(), 2
+    hidden = _hidden()
+    for r in range(30):
+        spec = make_spec(num_reqs, [3, 4], temperature=5.0, first_pos=100 + r * GAMMA)
+        spec.temperature[3] = 0.0  # row 0's request is greedy; rows' own indices 0, 1 are hot
+        assert v2_fused.sample_sequential(model, spec, num_reqs, hidden)
+        assert torch.equal(spec.draft_tokens[0], _greedy_chain(model, spec, num_reqs, hidden, 0)), r
+
+
+def test_greedy_request_at_a_near_tie_takes_the_argmax():
+    model, hidden = make_model(), _hidden()
+    w1 = model.model.markov_head.markov_w1.weight
+    w2 = model.model.markov_head.markov_w2.weight[:V]
+    anchors = make_spec(1, [2]).input_buffers.input_ids[0]
+    bias = (w1[anchors].float() @ w2.float().t())
+    design = torch.zeros(V)
+    design[7], design[11] = 10.0, 10.0 - 2e-3  # corrected logits: 7 wins by 2e-3
+    U = torch.zeros(1, GAMMA, V)
+    U[0, 0] = design - bias
+    model.compute_draft_logits = lambda h: U.reshape(GAMMA, V).clone()
+    for r in range(40):
+        spec = make_spec(1, [2], temperature=1.0, first_pos=10 + r * GAMMA)
+        spec.temperature[2] = 0.0
+        assert v2_fused.sample_sequential(model, spec, 1, hidden)
+        assert int(spec.draft_tokens[0, 0]) == 7, r
+
+
+# Each request draws with its own seed (vLLM's seeds[idx_map]): a request's draft does not
+# depend on another request's seed, and does depend on its own.
+def test_seeds_are_per_request_state():
+    model, hidden = make_model(), _hidden()
+    base = make_spec(2, [3, 4], temperature=3.0)
+    base.seeds[3], base.seeds[4] = 111, 222
+    assert v2_fused.sample_sequential(model, base, 2, hidden)
+    changed = 0
+    for s in range(1, 9):
+        other = make_spec(2, [3, 4], temperature=3.0)
+        other.seeds[3], other.seeds[4] = 111, 222 + s
+        other.seeds[0], other.seeds[1] = 5 * s, 7 * s  # rows' own indices: must not matter
+        assert v2_fused.sample_sequential(model, other, 2, hidden)
+        assert torch.equal(other.draft_tokens[0], base.draft_tokens[0])
+        changed += not torch.equal(other.draft_tokens[1], base.draft_tokens[1])
+    assert changed >= 4
+
+
+# The plan (weight value check, a host sync under a CUDA graph; the decision) is resolved once.
+def test_plan_is_resolved_once_per_model(monkeypatch):
+    calls = []
+    monkeypatch.setattr(v2_fused, "check_markov_weight_values", lambda *a: calls.append(1))
+    model, hidden = make_model(), _hidden()
+    for _ in range(3):
+        assert v2_fused.sample_sequential(model, make_spec(2, [0, 1]), 2, hidden)
+    assert len(calls) == 1
