@@ -62,6 +62,17 @@ def test_probabilistic_caches_the_logits_it_sampled_from_and_spares_padded_rows(
         assert torch.equal(spec.draft_logits[untouched], before[untouched])
 
 
+def test_padding_rows_before_a_real_row_never_overwrite_its_slot():
+    """A padded row (state −1) clamps to slot 0; where a real row owns slot 0 and a padded row
+    comes first, every write into slot 0 must still carry the real row's values."""
+    cache = torch.full((4, GAMMA + 1, 3), -5.0)
+    state = torch.tensor([-1, 0, -1])
+    rows = torch.arange(3 * GAMMA * 3, dtype=torch.float32).view(3, GAMMA, 3)
+    v2_fused.store_by_request_state(cache, state, state >= 0, rows)
+    assert torch.equal(cache[0, :GAMMA], rows[1])
+    assert bool((cache[1:] == -5.0).all()) and bool((cache[0, GAMMA:] == -5.0).all())
+
+
 def test_v034_cache_object_gets_the_same_drafts_and_logits_as_v033s_tensor():
     model, num_reqs = make_model(), 3
     hidden = torch.randn(MAX_REQS * GAMMA, D)
