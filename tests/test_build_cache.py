@@ -759,3 +759,26 @@ def test_the_build_and_the_gpu_paths_import_without_the_clis_dependencies():
     out = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_CLI_DEPS, *modules], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_loaders_check_without_sha256_still_compares_the_recorded_size(tmp_path):
+    """cuda_ops.load checks with check_sha256=False: the size against library.json is all that
+    catches a library overwritten by one of another size there."""
+    lib = tmp_path / "dspark_ops.so"
+    lib.write_bytes(b"\x7fELF" + bytes(range(256)) * 4)
+    size = lib.stat().st_size
+    (tmp_path / build.LIBRARY_RECORD).write_text(json.dumps({"size": size + 1, "sha256": "0" * 64}))
+    assert build.library_problem(lib, check_sha256=False) == f"{size} bytes, the build wrote {size + 1}"
+    (tmp_path / build.LIBRARY_RECORD).write_text(json.dumps({"size": size, "sha256": "0" * 64}))
+    assert build.library_problem(lib, check_sha256=False) is None
+
+
+def test_a_library_cut_inside_its_section_table_is_truncated(tmp_path):
+    """The whole section header table must lie within the file, not only its start."""
+    whole = Path(sys.executable).resolve().read_bytes()
+    shoff = int.from_bytes(whole[0x28:0x30], "little")
+    shentsize = int.from_bytes(whole[0x3A:0x3C], "little")
+    assert shoff and int.from_bytes(whole[0x3C:0x3E], "little") > 1
+    lib = tmp_path / "dspark_ops.so"
+    lib.write_bytes(whole[:shoff + shentsize])  # the first section header only
+    assert build.library_problem(lib, check_sha256=False).startswith("truncated")

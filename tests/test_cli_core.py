@@ -913,3 +913,15 @@ def test_a_vllm_python_that_is_not_executable_says_so(tmp_path):
         assert result.returncode == 3 and result.stderr == f"error: DSPARK_VLLM_PYTHON={value}: not executable\n", result.stderr
     result = run_dspark("verify", "vllm", env={"DSPARK_VLLM_PYTHON": str(tmp_path / "nosuch")})
     assert result.returncode == 3 and result.stderr.endswith(": no such interpreter\n"), result.stderr
+
+
+def test_a_failure_after_the_report_keeps_stdout_one_json_document(capsys):
+    """docs/cli.md: --json prints one document; a command that emitted its report and then
+    fails (doctor with a failed check) must not add the error document after it."""
+    from dspark_cli import output
+
+    output.reset()
+    output.emit({"ok": False, "checks": []}, True, lambda r: None)
+    output.emit_error("error", "doctor: git failed", 1, True)
+    output.reset()
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "checks": []}

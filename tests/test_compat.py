@@ -477,3 +477,31 @@ def test_compat_lock_refuses_a_directory_it_cannot_write_its_new_copy_in_before_
     assert result.stderr == (f"error: {path}: cannot write its new copy in {path.parent} (Permission denied)\n"), \
         result.stderr
     assert path.read_text() == before and not (tmp_path / "cache" / "git").exists()  # refused before the clone
+
+
+def test_compat_lock_waiter_locks_the_file_the_holder_renamed_into_place(tmp_path):
+    """A run that waited must end holding the flock of compat.yaml's current file, not of the
+    one the holder renamed its rewrite over (a third run could lock that one meanwhile)."""
+    import fcntl
+    import threading
+
+    from dspark_cli import compat_lock
+
+    path = tmp_path / "compat.yaml"
+    path.write_text("old\n")
+    holder = os.open(path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(compat_lock._flock_current(path)))
+    waiter.start()
+    time.sleep(0.3)
+    new = tmp_path / "new"
+    new.write_text("new\n")
+    os.replace(new, path)
+    os.close(holder)  # releases the old file's flock
+    waiter.join(10)
+    assert got, "the waiter never got the lock"
+    try:
+        assert os.path.samestat(os.fstat(got[0]), os.stat(path))
+    finally:
+        os.close(got[0])

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,16 @@ def test_a_torch_that_does_not_import_is_a_warning_not_a_crash(tmp_path):
     assert proc.stderr == ("" if report["ok"] else f"error: {report['error']}\n") and set(ALL_CHECKS) <= set(checks)
     assert checks["torch"].status == "warn" and "unusable: libcudnn.so.9" in checks["torch"].detail
     assert checks["gpu"].status == "warn" and "torch failed: libcudnn.so.9" in checks["gpu"].detail
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_disk_check_counts_gib_and_warns_below_the_minimum(monkeypatch, tmp_path):
+    """Free space read in the wrong unit (2**20) made 10 GiB look like 10240 'GiB': never a warning."""
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: Usage(2**40, 0, 10 * 2**30))
+    check = doctor.check_disk("disk (workdir)", tmp_path)
+    assert check.status == "warn" and check.detail.startswith("10.0 GiB free at ")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: Usage(2**40, 0, 30 * 2**30))
+    check = doctor.check_disk("disk (workdir)", tmp_path)
+    assert check.status == "ok" and check.detail.startswith("30.0 GiB free at ")

@@ -11,6 +11,7 @@ import pytest
 
 from typer.testing import CliRunner
 
+from dspark_cli import doctor
 from dspark_cli.cli import app
 from tests.run_cli import run_dspark
 
@@ -140,3 +141,13 @@ def test_a_broken_nvcc_on_path_is_a_warning_with_the_fix(tmp_path):
     assert lines[i].startswith("warn") and lines[i].endswith(
         f"; {tmp_path / 'nvcc'}, first on PATH, was ignored: `nvcc --version` exits 1"), lines[i]
     assert f"→ repair or remove {tmp_path / 'nvcc'}, or put " in lines[i + 1] and "before it on PATH" in lines[i + 1]
+
+
+def test_doctor_text_shows_the_hint_of_a_warning(monkeypatch):
+    """docs/doctor.md: a warn line carries its fix hint as a fail line does."""
+    checks = [doctor.Check("python", "ok", "3.12", "never shown"),
+              doctor.Check("ninja", "warn", "not found", "pip install ninja")]
+    monkeypatch.setattr(doctor, "run_checks", lambda workdir=None: checks)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "pip install ninja" in result.stdout and "never shown" not in result.stdout

@@ -188,3 +188,18 @@ def test_the_patched_tgi_shard_venv_is_matched_to_its_pin():
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "engine tgi")
     assert check["status"] == "ok", check
     assert check["detail"].endswith(f"patched with tgi/v3.3.7 ({len(TGI_SERIES)} patches); matches v3.3.7/series")
+
+
+def test_installed_patch_no_longer_in_the_series_warns(tmp_path, monkeypatch):
+    """A marker listing a patch the current series dropped is drift too, not 'matches'."""
+    engine = stand_in_site(tmp_path, monkeypatch, marker=marker_text("vllm/v0.32.0", [*CURRENT, "0099-dropped.patch"]))
+    check = engine_check(engine)
+    assert check.status == "warn" and "not in the series now: 0099-dropped.patch" in check.detail, check
+
+
+def test_an_unpinned_vllm_release_is_not_matched_to_a_pin_by_its_marker(tmp_path, monkeypatch):
+    """Only a pin naming no release (TGI's) is found through the marker's SERIES; vLLM 0.99.0
+    carrying a v0.32.0 marker is an unpinned release (warn), not a tree that 'matches'."""
+    engine = stand_in_site(tmp_path, monkeypatch, version="0.99.0", marker=marker_text("vllm/v0.32.0", CURRENT))
+    check = engine_check(engine)
+    assert check.status == "warn" and "0.99.0 is not pinned in compat.yaml" in check.detail, check
