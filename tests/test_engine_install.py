@@ -274,3 +274,32 @@ def test_real_tgi_tree_installs_and_imports(root, target_python, monkeypatch):
     assert series == "tgi/v3.3.7" and int(fields) >= 8 and stub == "TextGenerationServiceStub"
     assert (target_python.parent / "text-generation-server").is_file()  # TGI's console script
     assert git(ws, "status", "--porcelain") == ""
+
+
+def test_the_extension_step_skips_without_a_toolchain_and_fails_on_a_build_error(tmp_path, monkeypatch):
+    """docs: a missing or mismatched toolchain skips the extension (the server runs on the PyTorch
+    fallbacks), a compile error stops the install before anything is installed, and --force
+    rebuilds."""
+    from types import SimpleNamespace
+
+    from dspark_cli import build, engine_install
+    from dspark_cli.errors import EnvironmentProblem
+
+    def no_nvcc(arch):
+        raise EnvironmentProblem("nvcc not found")
+
+    request = engine_install.EngineInstall(workdir=tmp_path, force=True)
+    monkeypatch.setattr(build, "plan", no_nvcc)
+    assert engine_install.build_extension(request, print) == {"status": "skipped", "reason": "nvcc not found"}
+    calls = []
+
+    def failing_build(arch, jobs, force, verbose, planned):
+        calls.append(force)
+        raise EnvironmentProblem("nvcc exited 1")
+
+    monkeypatch.setattr(build, "plan", lambda arch: SimpleNamespace(archs=["9.0a"], nvcc_version="13.0",
+                                                                    torch_version="2.14.1"))
+    monkeypatch.setattr(build, "build", failing_build)
+    with pytest.raises(engine_install.StepFailed, match="nvcc exited 1; nothing was installed"):
+        engine_install.build_extension(request, print)
+    assert calls == [True]
