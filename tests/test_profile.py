@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark_cli.runtime import SPSTable
-from dspark_cli.runtime.sps_profile import default_sizes, vllm_capture_sizes
+from dspark_cli.runtime import SPSTable, sps_profile
+from dspark_cli.runtime.sps_profile import ForwardTimer, ProfileSettings, default_sizes, vllm_capture_sizes
 from tests.run_cli import run_bound_by_permissions
 
 TINY_QWEN3 = {
@@ -336,7 +336,7 @@ def test_an_unknown_model_type_is_one_short_line(tmp_path):
 def test_the_static_cache_step_is_the_eager_step(model_dir):
     """The forward captured in a CUDA graph on GPUs (StaticCache, our mask-free attention) computes
     the logits of transformers' own eager decode step over a DynamicCache, for the same inputs."""
-    from dspark_cli.runtime.sps_profile import ATTENTION, ForwardTimer, ProfileSettings, load_config
+    from dspark_cli.runtime.sps_profile import ATTENTION, load_config
 
     timer = ForwardTimer(load_config(model_dir), ProfileSettings(context=8))
     assert timer.model.config._attn_implementation == ATTENTION
@@ -376,3 +376,53 @@ def test_on_cuda_the_capture_sizes_are_graph_replays_of_the_real_forward(model_d
     assert table.metadata["timing"] == "CUDA-graph replay at the capture sizes, eager elsewhere"
     assert table.metadata["dtype"] == "bfloat16" and table.tokens == [1, 2, 4, 8, 16]
     assert all(s > 0 for s in table.steps_per_s)
+
+
+def _bare_timer(**settings) -> ForwardTimer:
+    timer = ForwardTimer.__new__(ForwardTimer)  # no model: _seconds only reads the settings
+    timer.settings = ProfileSettings(**settings)
+    return timer
+
+
+def test_warmup_calls_stay_out_of_the_median(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(sps_profile.time, "perf_counter", lambda: clock[0])
+
+    def call():  # the first (warm-up) calls are slow, the timed ones take 1 s each
+        calls.append(1)
+        clock[0] += 10.0 if len(calls) <= 3 else 1.0
+
+    assert _bare_timer(warmup=3, repeats=2)._seconds(call) == 1.0
+    assert len(calls) == 5
+
+
+def test_each_timed_call_is_synchronized_on_both_sides_on_cuda(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    _bare_timer(device="cuda", warmup=0, repeats=2)._seconds(lambda: events.append("call"))
+    assert events == ["sync", "call", "sync"] * 2  # kernels launched asynchronously are waited for
+
+
+class _FakeTimer:
+    def __init__(self, device):
+        self.settings = ProfileSettings(device=device)
+        self.calls = []
+
+    def median_step_seconds(self, batch, graph=False):
+        self.calls.append((batch, graph))
+        return 0.001 * batch
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_profile_table_stores_steps_per_second_and_replays_graphs_at_the_capture_sizes(device):
+    timer = _FakeTimer(device)
+    table = sps_profile.profile_table(timer, [1, 2, 4, 8], [2, 8], {"model_type": "x"})
+    assert table.steps_per_s == pytest.approx([1000.0, 500.0, 250.0, 125.0])  # 1 / step seconds, not tokens/s
+    cuda = device == "cuda"
+    assert timer.calls[1:] == [(1, False), (2, cuda), (4, False), (8, cuda)]  # after one untimed first call
+    assert table.capture_sizes == [2, 8]
+
+
+def test_default_sweeps_follow_their_documented_spacing():
+    assert vllm_capture_sizes(512) == [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
+    assert default_sizes(1024) == [1, 2, 4, 8, *range(16, 129, 8), *range(160, 513, 32), 640, 768, 896, 1024]

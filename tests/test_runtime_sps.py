@@ -259,3 +259,11 @@ def test_a_table_without_metadata_saves(tmp_path):
     table = SPSTable([1, 2], [1.0, 0.5], [], None)
     table.save(tmp_path / "sps.json")
     assert SPSTable.load(tmp_path / "sps.json") == SPSTable([1, 2], [1.0, 0.5])
+
+
+def test_capture_sizes_given_out_of_order_still_pad_up(tmp_path):
+    path = tmp_path / "sps.json"
+    path.write_text(json.dumps({"format": "dspark-sps/1", "tokens": [1, 8, 16, 32], "steps_per_s": [80.0, 72.0, 64.0, 40.0],
+                                "capture_sizes": [32, 8, 16]}))
+    table = SPSTable.load(path)
+    assert table.sps(3) == 72.0 and table.sps(9) == 64.0 and table.capture_sizes == [8, 16, 32]

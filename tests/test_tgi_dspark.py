@@ -3,6 +3,7 @@ drafter/verifier run losslessly with real tensors on the CPU — through a small
 a real transformers Qwen3 target (the real patched TGI shard runs in tests/test_tgi_shard.py)."""
 
 import ast
+import json
 import os
 import py_compile
 import shutil
@@ -966,3 +967,56 @@ def test_the_loop_commits_the_anchor_and_accepted_drafts_only(checkpoints):
     out, accepted, rounds = generate(target, spec, prompt, steps=24)
     assert 0 < accepted < 3 * (rounds - 1)
     assert spec.draft.context_kv.length(0) == len(prompt) + accepted + rounds - 1
+
+
+def _verify_tgi(monkeypatch, capsys, break_first=False):
+    from dspark_cli.integrations.tgi import verify
+
+    if break_first:  # the first draft's (the oracle's) loop emits wrong tokens
+        real, seen = verify.generate, []
+
+        def generate(*args, **kwargs):
+            out, accepted, rounds = real(*args, **kwargs)
+            seen.append(1)
+            return ([t + 1 for t in out] if len(seen) == 1 else out), accepted, rounds
+        monkeypatch.setattr(verify, "generate", generate)
+    verify.run(as_json=True)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_verify_tgi_reports_tokens_per_round_and_one_no_speculation_rate(monkeypatch, capsys):
+    rows = {r["draft"]: r for r in _verify_tgi(monkeypatch, capsys)["checks"]}
+    assert rows["oracle"]["mean_accepted_length"] > 3.0  # γ + 1 per round after the prefill's one
+    assert all(1.0 <= rows[k]["mean_accepted_length"] < rows["oracle"]["mean_accepted_length"] for k in ("partial", "random"))
+    assert len({r["tokens_per_s_no_spec"] for r in rows.values()}) == 1  # one baseline measurement
+
+
+def test_verify_tgi_fails_when_any_draft_changes_the_output(monkeypatch, capsys):
+    from dspark_cli.errors import CheckFailed
+
+    with pytest.raises(CheckFailed):
+        _verify_tgi(monkeypatch, capsys, break_first=True)
+
+
+def test_the_tgi_loop_runs_the_target_on_the_scheduled_width_only(tmp_path):
+    target_path = tiny_models.build_target(tmp_path / "target", "successor")
+    target = tiny_models.load_transformers(target_path)
+    draft = DSparkDraft.load(tiny_models.build_draft(tmp_path / "oracle", 3, "oracle", target=target_path))
+    steep = SPSTable([1, 2, 4, 8], [100.0, 60.0, 20.0, 1.0])
+    spec = DSparkSpeculation.for_target(target, draft, "exact", steep)
+    widths, verify = [], spec.verify
+    spec.verify = lambda ids, logprobs, *a: widths.append(logprobs.shape[1] - 1) or verify(ids, logprobs, *a)
+    out, accepted, rounds = generate(target, spec, [5, 6], steps=12)
+    assert out == tiny_models.successor_tokens([5, 6], 12)
+    assert sum(widths) == spec.stats["verified"] < 3 * (rounds - 1)  # the target saw only the scheduled drafts
+
+
+def test_a_reserved_pool_outgrown_grows_by_a_quarter():
+    from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
+
+    pool = KVPool(1)
+    pool.reserve(64 * PAGE_ROWS, torch.empty(0, 1, 1))
+    rows = torch.ones(1, 64 * PAGE_ROWS, 1, 1)
+    pool.commit([1], [64 * PAGE_ROWS], rows, rows)
+    pool.commit([2], [PAGE_ROWS], rows[:, :PAGE_ROWS], rows[:, :PAGE_ROWS])
+    assert pool.outgrown == 1 and pool.k.shape[1] == (65 + 65 // 4) * PAGE_ROWS

@@ -56,3 +56,12 @@ def test_fitted_draft_greedily_drafts_the_most_frequent_follower(tmp_path):
     assert draft.tokens.tolist() == [[9, 4, 9]]
     with pytest.raises(ValueError, match="needs `follows`"):
         tiny_models.build_draft(tmp_path / "unfitted", 3, "fitted")
+
+
+def test_oracle_markov_head_puts_all_its_mass_on_the_successor(tmp_path):
+    """Engines draft by sampling q (vLLM's probabilistic draft_sample_method): a one-hot q, not only
+    its argmax, makes the oracle accept whole blocks."""
+    w = tiny_models.read_weights(tiny_models.build_draft(tmp_path / "oracle", 3, "oracle"))
+    q = (w["markov_head.markov_w1.weight"] @ w["markov_head.markov_w2.weight"].T).softmax(-1)  # row x: q(· | x)
+    x = torch.arange(tiny_models.VOCAB)
+    assert torch.all(q[x, (x + 1) % tiny_models.VOCAB] > 0.999)

