@@ -290,13 +290,11 @@ def _hidden(seed=0):
 
 
 def _greedy_chain(model, spec, num_reqs, hidden, rows):
-    w1 = model.model.markov_head.markov_w1.weight
-    w2 = model.model.markov_head.markov_w2.weight[:V]
     U = model.compute_draft_logits(hidden[: num_reqs * GAMMA]).view(num_reqs, GAMMA, V)
     prev = spec.input_buffers.input_ids[spec._anchor_idx[:num_reqs]]
     out = []
     for k in range(GAMMA):
-        prev = (U[:, k].float() + w1[prev].float() @ w2.float().t()).argmax(-1)
+        prev = corrected(model, U[:, k], prev).argmax(-1)
         out.append(prev)
     return torch.stack(out, 1)[rows]
 
