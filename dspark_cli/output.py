@@ -31,10 +31,16 @@ _error_fields: dict = {}  # added to the failure document (error_fields())
 _stdout_failed = False  # stdout took no report (full disk, closed): the failure goes to stderr alone
 
 
+def _check_stdout_open() -> None:
+    """An OSError when descriptor 1 was closed when Python started (`dspark ... >&-`): rich's
+    console would print the report into nothing and the command would end 0."""
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "closed")
+
+
 def _write_stdout(text: str) -> None:
     """`text` on stdout now (flushed); an OSError when stdout cannot take it."""
-    if sys.stdout is None:  # descriptor 1 closed when Python started
-        raise OSError(errno.EBADF, "closed")
+    _check_stdout_open()
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -68,6 +74,7 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
             _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
             _json_emitted = True
         else:
+            _check_stdout_open()
             render(result)
     except OSError as exc:
         lost = _stdout_lost(exc)

@@ -94,12 +94,15 @@ def test_every_json_document_has_ok(toy_env):
 
 
 def run_into(stdout: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`dspark ARGS` whose stdout is /dev/full ("full") or a pipe nobody reads ("gone")."""
+    """`dspark ARGS` whose stdout is /dev/full ("full"), a pipe nobody reads ("gone") or descriptor 1
+    closed before Python starts ("closed", `dspark ... >&-`)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     command = [sys.executable, "-m", "dspark_cli", *args]
     if stdout == "full":
         with open("/dev/full", "w") as full:
             return subprocess.run(command, env=env, text=True, stdout=full, stderr=subprocess.PIPE)
+    if stdout == "closed":
+        return subprocess.run(command, env=env, text=True, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
     read, write = os.pipe()
     os.close(read)
     try:
@@ -108,20 +111,24 @@ def run_into(stdout: str, *args: str, env: dict | None = None) -> subprocess.Com
         os.close(write)
 
 
-@pytest.mark.parametrize("stdout", ["full", "gone"])
-def test_a_report_that_stdout_cannot_take_keeps_the_failure_it_held(stdout):
+@pytest.mark.parametrize("stdout, why", [("full", "No space left on device"), ("gone", "Broken pipe"),
+                                         ("closed", "closed")])
+def test_a_report_that_stdout_cannot_take_keeps_the_failure_it_held(stdout, why):
     """doctor's failed check was exit 3 (`stdout: ...` alone) on a full disk, and exit 1 with no word
-    at all (click's and rich's broken-pipe exits) when the reader was gone."""
+    at all (click's and rich's broken-pipe exits) when the reader was gone; a text report into a
+    closed descriptor was printed into nothing: exit 0 for compat, doctor's failure without the note."""
+    if stdout == "full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
     env = {"CUDA_HOME": "/nonexistent"}  # a failing check here
     for as_json in (["--json"], []):
         run = run_into(stdout, "doctor", *as_json, env=env)
         assert run.returncode == 1, (as_json, run.stderr)
         [line] = run.stderr.strip().splitlines()
         assert line.startswith("error: doctor: ") and "CUDA_HOME" in line and line.endswith(
-            f"(and stdout could not take the report: {'No space left on device' if stdout == 'full' else 'Broken pipe'})")
-    run = run_into(stdout, "compat", "--json")  # nothing failed but stdout
-    assert run.returncode == 3 and run.stderr.strip().splitlines() == [
-        f"error: stdout: {'No space left on device' if stdout == 'full' else 'Broken pipe'}"]
+            f"(and stdout could not take the report: {why})")
+    for as_json in (["--json"], []):  # nothing failed but stdout
+        run = run_into(stdout, "compat", *as_json)
+        assert run.returncode == 3 and run.stderr.strip().splitlines() == [f"error: stdout: {why}"], as_json
 
 
 def test_dspark_help_in_a_real_process():
