@@ -116,6 +116,7 @@ class RebaseResult:
     out_dir: Path | None = None
     compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
     compile_errors: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # patch name -> sha256 of the file carried (the record's)
 
     @property
     def conflicted(self) -> PatchOutcome | None:
@@ -355,7 +356,7 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
         else:
             start_branch(ws, branch, trees.onto_with, force)
         series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
-        tip, resolved = ws.head(), any(o.status == RESOLVED for o in outcomes)
+        tip, resolved, start = ws.head(), any(o.status == RESOLVED for o in outcomes), len(outcomes)
         for patch in patches[len(outcomes):]:
             if any(o.status == CONFLICT for o in outcomes):
                 text = patch.path.read_text(encoding="utf-8", errors="replace")
@@ -365,12 +366,24 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
             series_adds |= set(created_paths(patch.path))
             if resolved and outcomes[-1].status == ALREADY and not _in_new_tree(ws, patch, trees.onto_with):
                 ws.git.run("reset", "-q", "--hard", tip)  # the branch as you left it
+                _record_progress(ws, branch, trees, outcomes[:start], patches)  # and the record as it matches it
                 raise UsageError(f"{ws.path}: {patch.name}'s change is on the work branch but not in the new tree: "
                                  "your resolution holds it (amended or copied in?); leave it out of the resolution, "
                                  "then --continue")
-    result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes)
+            # A run stopped from here on (Ctrl-C, a kill) left the commits so far: --continue matches them.
+            _record_progress(ws, branch, trees, outcomes, patches)
+    result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes,
+                          sources={p.name: p.sha256 for p in patches})
     _record_statuses(ws, result)
     return result
+
+
+def _record_progress(ws: Workspace, branch: str, trees: Trees, outcomes: list[PatchOutcome],
+                     patches: list[Patch]) -> None:
+    """The record of a run under way: the outcomes so far, the patches after them not run."""
+    rest = [PatchOutcome(patch=p.name, status=NOT_RUN) for p in patches[len(outcomes):]]
+    _record_statuses(ws, RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=[*outcomes, *rest],
+                                      sources={p.name: p.sha256 for p in patches}))
 
 
 def _marker(ws: Workspace) -> Path:
@@ -401,8 +414,9 @@ def _record_statuses(ws: Workspace, result: RebaseResult, marker_move: dict | No
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(record, json.dumps({
         "branch": result.branch, "onto": result.trees.onto_with, "upstream_onto": result.trees.onto,
-        "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details}
-                    for o in result.outcomes], **({"marker_move": marker_move} if marker_move else {})}))
+        "patches": [{"patch": o.patch, "status": o.status, "commit": o.commit, "details": o.details,
+                     "sha256": result.sources.get(o.patch)} for o in result.outcomes],
+        **({"marker_move": marker_move} if marker_move else {})}))
 
 
 def _read_record(ws: Workspace) -> dict:
@@ -443,9 +457,16 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
     if ws.current_branch() != f"refs/heads/{branch}":
         raise UsageError(f"{ws.path}: not on the work branch {branch}; nothing to continue")
     recorded = _recorded_outcomes(ws, branch, trees)
+    if not ws.is_ancestor(trees.onto_with, "HEAD"):  # `git commit --amend` of upstream's own commit, say
+        raise UsageError(f"{ws.path}: the work branch {branch} no longer starts from the new tree {trees.onto[:12]} "
+                         "(a commit of the new tree amended or reset away?): commit your resolution on top of it "
+                         "(not --amend), or start over with --force")
     if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
         raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
-    if [r["patch"] for r in recorded] != [p.name for p in patches]:
+    # by name and, for the patches the branch holds (or that a resolution resolves), by content: a
+    # --continue with another --from or --series of the same patch names mixed the two series
+    if [r["patch"] for r in recorded] != [p.name for p in patches] or any(
+            r["status"] != NOT_RUN and r.get("sha256") not in (None, p.sha256) for p, r in zip(patches, recorded)):
         raise UsageError(f"{ws.path}: the series is not the one the last run of {branch} applied; "
                          "start over with --force")
     commits = ws.git.out("rev-list", "--reverse", f"{trees.onto_with}..HEAD").splitlines()
@@ -651,7 +672,10 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
             commit = outcome.commit
             if outcome.status == RESOLVED:
                 commit = _as_its_patch(ws, commit, source_dir / outcome.patch)
+            # a/ b/ prefixes and no sign-off whatever the user's config says (diff.noprefix,
+            # diff.mnemonicPrefix, format.signOff): `git apply -p1` must take the patch
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
+                              "--src-prefix=a/", "--dst-prefix=b/", "--no-signoff",
                               f"--subject-prefix=PATCH {number}/{len(kept)}", "--no-numbered",
                               f"-U{contexts[outcome.patch]}", commit).stdout
             (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly

@@ -38,8 +38,9 @@ DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspar
 # Author and committer of commits that are ours entirely (release trees, state snapshots), so they
 # need no git identity configured on the machine.
 DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
-# git options for the commits dspark makes (patches, release trees, replays): none signed.
-OUR_COMMITS = ("-c", "commit.gpgsign=false")
+# git options for the commits dspark makes (patches, release trees, replays): none signed, and each
+# message kept as it is (a user's commit.cleanup=strip dropped `#` lines from replayed commits).
+OUR_COMMITS = ("-c", "commit.gpgsign=false", "-c", "commit.cleanup=whitespace")
 # No git command of ours runs the user's hooks: a failing post-checkout (git-lfs's, where git-lfs is
 # not installed) failed a rollback's checkout halfway, and --no-verify still runs prepare-commit-msg.
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null")

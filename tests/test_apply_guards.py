@@ -139,6 +139,23 @@ def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_
     assert (work / "vendor" / "sub" / "build.o").read_bytes() == b"object"
 
 
+def test_commit_messages_keep_their_hash_lines_whatever_the_users_commit_cleanup(toy, tmp_path):
+    """With commit.cleanup=strip in the user's git config, revert --keep-user-commits replayed a
+    commit of the user's without its `#123 ...` line: part of their message lost."""
+    config = tmp_path / "user.gitconfig"
+    config.write_text("[commit]\n\tcleanup = strip\n[user]\n\tname = U\n\temail = u@x\n")
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    (work / "mine.txt").write_text("mine\n")
+    git(work, "add", "mine.txt")
+    message = "user: mine\n\n#123 the issue this fixes\n"
+    git(work, "commit", "-q", "--cleanup=verbatim", "-m", message)
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": str(config)}
+    reverted = run_dspark("revert", "-C", str(work), "--keep-user-commits", env=env)
+    assert reverted.returncode == 0, reverted.stderr
+    assert git(work, "log", "-1", "--format=%B") == message.strip()
+
+
 def nested_repository(work: Path, path: str) -> Path:
     """A clone of the user's inside the tree, untracked, with a commit and an uncommitted edit."""
     nested = work / path
@@ -429,8 +446,10 @@ def test_a_second_ctrl_c_during_the_rollback_says_the_next_run_restores_it(toy, 
     bin_dir.mkdir()
     real = shutil.which("git")
     (bin_dir / "git").write_text(f"""#!/bin/sh
-if [ "$3" = "cherry-pick" ] && [ "$4" = "--abort" ]; then touch {second}; sleep 60; exit; fi
-if [ "$5" = "cherry-pick" ]; then touch {first}; sleep 60; exit; fi  # after OUR_COMMITS' -c
+case "$*" in
+  *" cherry-pick --abort"*) touch {second}; sleep 60; exit;;
+  *" cherry-pick --keep-redundant-commits "*) touch {first}; sleep 60; exit;;
+esac
 exec {real} "$@"
 """)
     (bin_dir / "git").chmod(0o755)

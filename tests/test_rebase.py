@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from dspark_cli import flock, rebase, series
 from tests.git_fixtures import git, tree_fingerprint
-from tests.run_cli import run_dspark, signal_dspark_when
+from tests.run_cli import ROOT, run_dspark, signal_dspark_when
 
 MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
 OTHER = "A = 1\nB = 2\nC = 3\nD = 4\nE = 5\nF = 6\n"
@@ -1659,3 +1661,134 @@ def test_a_swap_that_fails_after_the_old_series_moved_aside_puts_it_back(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         rebase._swap_in(new, out, old)
     assert (out / "series").read_text() == "0001-old.patch\n" and not old.exists()
+
+
+def test_a_continue_stopped_by_ctrl_c_after_some_patches_is_continued_by_the_next(upstream, tmp_path):
+    """A --continue interrupted after it committed 0002 left that commit on the branch while the
+    record still said 0002 `not run`: the next --continue (what the interrupt line says to run)
+    was refused, 'found 2 commits ... expected 1', and --force would drop the resolution."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-int", u["tmp"] / "out-int"
+    resolution = conflict_then_resolve(u, "v30.0", wd)
+    third = sorted(p.name for p in u["patches"].glob("*.patch"))[2]
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+case "$*" in *"apply --check"*{third}*) touch {waiting}; sleep 60; exit 1;; esac
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    args = ["rebase", "eng", "--from", "v1.0", "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd),
+            "--out", str(out), "--continue"]
+    code, _, stderr = signal_dspark_when(
+        waiting, signal.SIGINT, *args, env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                                            "GIT_CONFIG_GLOBAL": os.devnull,
+                                            "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == 130 and "run it again with --continue" in stderr, stderr
+    assert len(git(wd, "rev-list", "v30.0..HEAD").splitlines()) == 2  # the resolution and 0002's commit
+    again = dspark(u, "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                   "--continue")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
+    assert report["patches"][0]["commit"] == resolution
+
+
+def test_the_refreshed_series_has_git_apply_prefixes_whatever_the_users_diff_config(upstream, tmp_path):
+    """With diff.noprefix (or format.signOff) in the user's git config, format-patch wrote
+    `diff --git mod.py mod.py` (and a Signed-off-by): exit 0, and no patch of the series applied."""
+    u = upstream
+    onto = new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v31.0")
+    config = tmp_path / "user.gitconfig"
+    config.write_text("[diff]\n\tnoprefix = true\n[format]\n\tsignOff = true\n[user]\n\tname = U\n\temail = u@x\n")
+    out = u["tmp"] / "out31"
+    run = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v31.0", "--repo", str(u["repo"]),
+                     "--workdir", str(u["tmp"] / "wd31"), "--out", str(out), "--json",
+                     env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                          "GIT_CONFIG_GLOBAL": str(config)})
+    assert run.returncode == 0, run.stderr
+    fresh = u["tmp"] / "fresh31"
+    git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))
+    git(fresh, "checkout", "-q", onto)
+    for p in series.load_series(out, "dspark"):
+        text = p.path.read_text()
+        assert "\ndiff --git a/" in text and "Signed-off-by" not in text
+        git(fresh, "apply", "--index", str(p.path))
+
+
+def test_continue_refuses_a_resolution_amended_into_the_new_trees_own_commit(upstream):
+    """`git commit --amend` of the resolution of the first patch rewrote upstream's commit: the one
+    commit on the new tree's parent matched, exit 0, and the refreshed 0001 carried upstream's
+    whole change (it no longer applies to the new tree)."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v32.0")
+    wd, out = u["tmp"] / "wd32", u["tmp"] / "out32"
+    assert dspark(u, "--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(wd, "commit", "-q", "-a", "--amend", "--no-edit")
+    run = dspark(u, "--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert run.returncode == 2, run.stderr
+    assert "no longer starts from the new tree" in run.stderr and not out.exists()
+
+
+def test_continue_with_another_series_of_the_same_patch_names_is_refused(upstream):
+    """The record matched the series by patch names only: --continue with another --from pin's
+    (or --series) series of the same names took the first run's commits as its own patches' and
+    wrote a series mixing the two, exit 0. Patches the last run did not get to are still taken."""
+    u = upstream
+    wd, out = u["tmp"] / "wd33", u["tmp"] / "out33"
+    conflict_then_resolve(u, "v33.0", wd)
+    other = u["tmp"] / "other" / "v1.0"
+    shutil.copytree(u["patches"], other)
+    first, _, third = sorted(other.glob("*.patch"))
+    first.write_text(first.read_text().replace("# ours", "# theirs"))  # the patch the resolution resolves
+    series.write_lock(other)
+    args = ["--onto", "v33.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue"]
+    run = dspark(u, *args, "--series", str(other))
+    assert run.returncode == 2 and "the series is not the one the last run" in run.stderr, run.stderr
+    assert not out.exists()
+
+    shutil.copy(u["patches"] / first.name, first)  # only a patch not run yet differs: that one is taken
+    third.write_text(third.read_text().replace("+OURS = 44", "+OURS = 45"))
+    series.write_lock(other)
+    done = dspark(u, *args, "--series", str(other))
+    assert done.returncode == 0, done.stderr
+    assert "+OURS = 45" in (out / third.name).read_text()
+
+
+def test_another_run_is_refused_while_a_rebase_writes_its_series(upstream, tmp_path):
+    """The repository's lock was released when the patches were carried: the marker refresh, the
+    byte-compile check and the series write ran without it, and a second rebase --force into the
+    same work tree ran to exit 0 meanwhile (free to reset the tree the first was writing from)."""
+    from dspark_cli import oplock
+    from dspark_cli.errors import UsageError
+    from dspark_cli.workspace import Workspace
+
+    u = upstream
+    new_upstream(u, {"new.py": "X = 1\n"}, "v34.0")
+    wd, out = u["tmp"] / "wd34", u["tmp"] / "out34"
+    bin_dir, waiting, go = tmp_path / "bin", tmp_path / "waiting", tmp_path / "go"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+case "$*" in *format-patch*) touch {waiting}; while [ ! -e {go} ]; do sleep 0.05; done;; esac
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DSPARK_COMPAT": str(u["compat"]),
+           "DSPARK_CACHE": str(u["tmp"] / "cache"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_cli", "rebase", "eng", "--from", "v1.0", "--onto", "v34.0",
+                             "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting.exists(), proc.communicate()
+        with pytest.raises(UsageError, match=f"another dspark apply, revert or rebase \\(pid {proc.pid}\\)"):
+            with oplock.exclusive(Workspace(u["repo"]).git_dir, wd):
+                pass
+    finally:
+        go.touch()
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert (out / "series").exists()

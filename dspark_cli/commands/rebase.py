@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dspark_cli import compat as compat_mod
-from dspark_cli import cache_dir, cache_subdir, pypi_source, rebase
+from dspark_cli import cache_dir, cache_subdir, oplock, pypi_source, rebase
 from dspark_cli.commands.params import flag_option, path_option, text_argument, text_option
 from dspark_cli.errors import CheckFailed, PatchFailed, UsageError
 from dspark_cli.files import check_dir_option
@@ -273,12 +273,15 @@ def register(app: typer.Typer) -> None:
 
         conflict = result.conflicted
         if conflict is None:
-            if not layered:  # the marker module is DSpark's series', not a layer's
-                rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
-            rebase.byte_compile(ws, result)
-            if not result.compile_errors:
-                rebase.write_series(ws, result, source_dir, out_dir)
-                rebase.record_finished(ws)
+            # under the repository's lock again: another rebase could otherwise reset the work tree
+            # while this one compiles it or writes the series from its branch
+            with oplock.exclusive(ws.git_dir, ws.path):
+                if not layered:  # the marker module is DSpark's series', not a layer's
+                    rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
+                rebase.byte_compile(ws, result)
+                if not result.compile_errors:
+                    rebase.write_series(ws, result, source_dir, out_dir)
+                    rebase.record_finished(ws)
         failure = None
         if conflict is not None:
             failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); {_how_to_resolve(conflict, result)}")
