@@ -116,6 +116,7 @@ class RebaseResult:
     out_dir: Path | None = None
     compiled: list[str] = field(default_factory=list)  # patched .py files that byte-compile
     compile_errors: list[str] = field(default_factory=list)
+    leftover_markers: list[str] = field(default_factory=list)  # "file: ... line N" in a resolution's other files
     sources: dict[str, str] = field(default_factory=dict)  # patch name -> sha256 of the file carried (the record's)
 
     @property
@@ -128,6 +129,7 @@ class RebaseResult:
             "patches": [vars(o) for o in self.outcomes],
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "compiled": self.compiled, "compile_errors": self.compile_errors,
+            "leftover_markers": self.leftover_markers,
         }
 
 
@@ -613,6 +615,22 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
                 result.compiled.append(file)
             except py_compile.PyCompileError as exc:
                 result.compile_errors.append(f"{file}: {exc.msg.strip().splitlines()[-1]}")
+
+
+def find_leftover_markers(ws: Workspace, result: RebaseResult) -> None:
+    """Conflict markers a resolution committed in files other than Python ones (those fail to
+    byte-compile): a .cu or .yaml with them would be written into the series as the patch."""
+    for outcome in result.outcomes:
+        if outcome.status != RESOLVED or not outcome.commit:
+            continue
+        check = ws.git.run("diff", "--check", f"{outcome.commit}^", outcome.commit, check=False).stdout
+        for line in check.splitlines():
+            found = _LEFTOVER_MARKER.match(line)
+            if found and not found.group(1).endswith(".py"):
+                result.leftover_markers.append(f"{found.group(1)}: leftover conflict marker at line {found.group(2)}")
+
+
+_LEFTOVER_MARKER = re.compile(r"(.+):(\d+): leftover conflict marker$")  # `git diff --check`'s line
 
 
 def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path],

@@ -1428,6 +1428,32 @@ def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(
     assert "+    return x + 300  # ours" in refreshed[0] and "+OURS = 44" in refreshed[2]
 
 
+def test_conflict_markers_a_resolution_leaves_in_a_file_other_than_python_fail_the_check(upstream):
+    """Only Python files were checked (by byte-compiling): a resolution that committed a kernel or
+    config file with its markers in it was written into the refreshed series, exit 0."""
+    u = upstream
+    wd, out = u["tmp"] / "wd47", u["tmp"] / "out47"
+    resolution = conflict_then_resolve(u, "v47.0", wd)
+    (wd / "kernel.cu").write_text("int a;\n<<<<<<< ours\nint b;\n=======\nint c;\n>>>>>>> theirs\n")
+    git(wd, "add", "kernel.cu")
+    git(wd, "commit", "-q", "--amend", "--no-edit")
+    args = ("--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    failed = dspark(u, *args)
+    assert failed.returncode == 1, failed.stderr
+    assert json.loads(failed.stdout)["leftover_markers"] == [
+        f"kernel.cu: leftover conflict marker at line {n}" for n in (2, 4, 6)]
+    assert "conflict markers left: kernel.cu: leftover conflict marker at line 2" in failed.stderr
+    assert "fix your resolution of 0001-ours-mark-f3.patch: `git -C" in failed.stderr and not out.exists()
+    git(wd, "reset", "-q", "--hard", git(wd, "rev-parse", "HEAD~2"))  # back to the resolution, fixed:
+    (wd / "kernel.cu").write_text("int a;\nint b;\n")
+    git(wd, "add", "kernel.cu")
+    git(wd, "commit", "-q", "--amend", "--no-edit")
+    assert git(wd, "rev-parse", "HEAD") != resolution
+    done = dspark(u, *args)
+    assert done.returncode == 0, done.stderr
+    assert "+int b;" in (out / "0001-ours-mark-f3.patch").read_text()
+
+
 def test_a_resolution_amended_to_hold_later_patches_is_refused_not_folded_in(upstream):
     """`git reset --soft` to the broken resolution and `commit --amend -a` folded 0002 and 0003 into it:
     --continue applied them again as `already upstream` and wrote a series of 0001 alone, exit 0."""

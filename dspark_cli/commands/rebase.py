@@ -119,10 +119,12 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
 
 
 def _how_to_fix_compile(result: rebase.RebaseResult) -> str:
-    """The way on when a file one of your resolutions changed no longer compiles (nothing of the
-    kind when the files are upstream's or a patch's as it applied)."""
+    """The way on when a file one of your resolutions changed no longer compiles or holds conflict
+    markers (nothing of the kind when the files are upstream's or a patch's as it applied)."""
+    errors = result.compile_errors + result.leftover_markers
     broken = [o for o in result.outcomes if o.status == rebase.RESOLVED and o.commit
-              and any(e.startswith(f"{f}: ") for f in o.files for e in result.compile_errors)]
+              and any(e.startswith(f"{f}: ") for f in rebase.commit_files(Workspace(result.workdir), o.commit)
+                      for e in errors)]
     if not broken:
         return ""
     last, head = broken[-1], Workspace(result.workdir).head()
@@ -279,15 +281,20 @@ def register(app: typer.Typer) -> None:
                 if not layered:  # the marker module is DSpark's series', not a layer's
                     rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
                 rebase.byte_compile(ws, result)
-                if not result.compile_errors:
+                rebase.find_leftover_markers(ws, result)
+                if not (result.compile_errors or result.leftover_markers):
                     rebase.write_series(ws, result, source_dir, out_dir)
                     rebase.record_finished(ws)
         failure = None
         if conflict is not None:
             failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); {_how_to_resolve(conflict, result)}")
-        elif result.compile_errors:
-            failure = CheckFailed(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}"
-                                  f"{_how_to_fix_compile(result)}")
+        elif result.compile_errors or result.leftover_markers:
+            what = []
+            if result.compile_errors:
+                what.append(f"patched files no longer byte-compile: {'; '.join(result.compile_errors)}")
+            if result.leftover_markers:
+                what.append(f"conflict markers left: {'; '.join(result.leftover_markers)}")
+            failure = CheckFailed(f"{'; '.join(what)}{_how_to_fix_compile(result)}")
         report = {**result.to_json(), "engine": engine_name, "from": pin.name, "new_pin": name,
                   "compat_entry": compat_entry if failure is None else None, "ok": failure is None}
         if failure is not None:  # the report is the one JSON document, so it carries the failure's fields too
