@@ -237,3 +237,11 @@ def test_sts_on_cuda_makes_no_host_sync_after_its_first_call():
         torch.cuda.set_sync_debug_mode(0)
     expected = torch.sigmoid((h @ weight[:32] + prev_emb @ weight[32:] + bias) / 1.3)
     torch.testing.assert_close(c, expected)
+
+
+@pytest.mark.parametrize("bias", ["0.5", True, object()], ids=["str", "bool", "object"])
+def test_a_bias_that_is_not_a_number_is_one_clear_error(bias):
+    """A string or an object was a TypeError from torch.as_tensor; True was added as 1.0."""
+    h, prev_emb, weight = torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(9)
+    with pytest.raises(ValueError, match=r"^bias must be a number, a list of one or a tensor of one value"):
+        confidence_logits(h, prev_emb, weight, bias)

@@ -312,3 +312,25 @@ def test_a_generator_that_is_not_a_torch_generator_is_one_clear_error(generator,
     U, anchors, w1, w2 = _setup(R=3)
     with pytest.raises(ValueError, match=message):
         markov_chain(U, anchors, w1, w2, torch.ones(3), generator=generator)
+
+
+@pytest.mark.parametrize("return_q", [True, False], ids=["stored", "lazy"])
+def test_q_rows_refuses_positions_outside_the_block(return_q):
+    """A negative position wrapped around silently (a lazy draft rebuilt a row for a position past
+    the block: U's last step after the last draft token), one ≥ γ was an IndexError."""
+    U, anchors, w1, w2 = _setup(R=3, gamma=4, V=20)
+    draft = markov_chain(U, anchors, w1, w2, torch.ones(3), seeds=torch.arange(3), return_q=return_q)
+    for position in ([-1, 0, 0], [4, 0, 0]):
+        with pytest.raises(ValueError, match=r"^position must be draft positions in \[0, γ = 4\), got "):
+            draft.q_rows(torch.tensor(position))
+    with pytest.raises(ValueError, match=r"^position has shape \(2,\): dimension 0 must be 3"):
+        draft.q_rows(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^position must have dtype int64, int32, got float32$"):
+        draft.q_rows(torch.tensor([0.0, 1.0, 2.0]))
+    assert draft.q_rows(torch.tensor([3, 0, 1])).shape == (3, 20)
+
+
+def test_markov_weight_check_refuses_what_is_not_a_weight_matrix():
+    """A list was an AttributeError ('list' object has no attribute 'numel')."""
+    with pytest.raises(ValueError, match=r"^w1 must be a torch.Tensor, got list$"):
+        check_markov_weight_values([[1.0]], torch.ones(1, 1))

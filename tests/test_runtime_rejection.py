@@ -745,3 +745,38 @@ def test_residual_above_the_floor_is_sampled():
     res = rejection_sample(p.unsqueeze(0), (torch.tensor([[0]]), q[:, :, 0], q), torch.tensor([1]),
                            uniforms=torch.tensor([[0.9999999]]), exp_noise=torch.tensor([[1.0, 1.0, 0.9]]))
     assert res.output_tokens.tolist() == [[1, -1]]
+
+
+def test_gather_drafts_refuses_parts_of_another_markov_rank_or_device():
+    """Was torch.cat's "Sizes of tensors must match" (rank) or index_select's "Tensor on device meta
+    is not on the expected device cpu!" from inside the gather, as γ and V were."""
+    from dspark_cli.runtime import MarkovDraft, gather_drafts
+
+    g = torch.Generator().manual_seed(4)
+    V = 12
+
+    def draft(rank, return_q):
+        w1, w2 = torch.randn(V, rank, generator=g), torch.randn(V, rank, generator=g)
+        return markov_chain(torch.randn(2, 3, V, generator=g), torch.tensor([1, 2]), w1, w2, torch.ones(2),
+                            seeds=torch.arange(2), return_q=return_q)
+
+    for return_q in (True, False):
+        with pytest.raises(ValueError, match=r"^gather_drafts: part 1 has Markov rank r = 5, part 0 r = 4$"):
+            gather_drafts([(draft(4, return_q), [0]), (draft(5, return_q), [1])])
+    base = draft(4, True)
+    on_meta = MarkovDraft(*(t.to("meta") for t in (base.tokens, base.q_token, base.q, base.prev_emb)))
+    with pytest.raises(ValueError, match=r"^gather_drafts: part 1 is on meta, part 0 on cpu$"):
+        gather_drafts([(base, [0]), (on_meta, [1])])
+
+
+@pytest.mark.parametrize("field", ["uniforms", "exp_noise"])
+def test_engine_noise_that_is_not_a_tensor_is_one_clear_error(field):
+    """A list was an AttributeError ('list' object has no attribute 'shape'); seeds, greedy and ell
+    already said "must be a torch.Tensor"."""
+    R, gamma, V = 2, 3, 5
+    p = torch.full((R, gamma + 1, V), 1 / V)
+    tokens = torch.zeros(R, gamma, dtype=torch.int64)
+    q = torch.full((R, gamma, V), 1 / V)
+    noise = {"uniforms": [[0.5] * gamma] * R, "exp_noise": [[1.0] * V] * R}
+    with pytest.raises(ValueError, match=f"^{field} must be a torch.Tensor, got list$"):
+        rejection_sample(p, (tokens, q[..., 0], q), torch.ones(R, dtype=torch.int64), **{field: noise[field]})

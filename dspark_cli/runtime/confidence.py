@@ -30,6 +30,13 @@ def check_confidence_inputs(h, weight, bias, R: int, gamma: int, rank: int) -> N
     if tuple(weight.shape) not in ((d + rank,), (1, d + rank)):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected d + r = {d} + {rank} = {d + rank} "
                          f"entries, as [d + r] or [1, d + r]")
+    if bias is not None and not isinstance(bias, torch.Tensor):  # a host number (or a list of one)
+        try:
+            host = torch.as_tensor(bias)
+        except (TypeError, ValueError, RuntimeError):  # "0.5" or an object was torch's TypeError
+            host = None
+        if host is None or host.dtype == torch.bool or host.is_complex():
+            raise ValueError(f"bias must be a number, a list of one or a tensor of one value, got {bias!r}")
     values = 1 if bias is None else torch.as_tensor(bias).numel()
     if values != 1:
         raise ValueError(f"bias must hold one value, got {values}")

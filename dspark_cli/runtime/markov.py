@@ -51,7 +51,14 @@ class MarkovDraft:
 
     def q_rows(self, position: torch.Tensor) -> torch.Tensor:
         """q_{position_r + 1} for each request r (0-based draft position) -> [R, V] fp32."""
-        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
+        R, gamma = self.tokens.shape
+        _checks.request_vector("position", position, R, _checks.INT_DTYPES)
+        _checks.same_device(tokens=self.tokens, position=position)
+        # a value check (on CPU by default): a negative position wrapped around to another row
+        # (for a lazy draft, one of a position past the block), one ≥ γ was an IndexError
+        if _checks.want_value_checks(None, position) and bool(((position < 0) | (position >= gamma)).any()):
+            raise ValueError(f"position must be draft positions in [0, γ = {gamma}), got {position.tolist()}")
+        rows = torch.arange(R, device=self.tokens.device)
         if self.q is not None:
             return self.q[rows, position]
         if self.parts is not None:
@@ -87,6 +94,10 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
         if draft.tokens.shape[1] != first.tokens.shape[1] or _vocab(draft) != _vocab(first):
             raise ValueError(f"gather_drafts: part {i} drafted γ = {draft.tokens.shape[1]} over V = {_vocab(draft)}, "
                              f"part 0 γ = {first.tokens.shape[1]} over V = {_vocab(first)}")
+        if draft.tokens.device != first.tokens.device:  # was index_select's "not on the expected device"
+            raise ValueError(f"gather_drafts: part {i} is on {draft.tokens.device}, part 0 on {first.tokens.device}")
+        if None not in (_rank(draft), _rank(first)) and _rank(draft) != _rank(first):  # was torch.cat's size error
+            raise ValueError(f"gather_drafts: part {i} has Markov rank r = {_rank(draft)}, part 0 r = {_rank(first)}")
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
     device = first.tokens.device
@@ -135,6 +146,11 @@ def _vocab(draft: MarkovDraft) -> int | None:
     """V of the draft's stored q rows or of the base logits it rebuilds them from."""
     rows = draft.q if draft.q is not None else draft.source.U if draft.source is not None else None
     return None if rows is None else rows.shape[-1]
+
+
+def _rank(draft: MarkovDraft) -> int | None:
+    """r of the draft's prev_emb [R, γ, r] (None for a hand-built draft without it)."""
+    return None if draft.prev_emb is None else draft.prev_emb.shape[-1]
 
 
 def _checked_part(i: int, part) -> tuple:
@@ -275,6 +291,8 @@ def _check_markov_weights(w1, w2, vocab: int) -> None:
 def check_markov_weight_values(w1, w2) -> None:
     """NaN/inf in the Markov head's W1/W2 make every q row NaN. A check of the weights' values for
     engines to run once at load: per chain step it would read W2 (155 MB at Qwen3-4B shapes) again."""
+    _checks.tensor("w1", w1, 2, _checks.FLOAT_DTYPES)  # a list was an AttributeError
+    _checks.tensor("w2", w2, 2, _checks.FLOAT_DTYPES)
     _checks.finite("the Markov head's W1", w1)
     _checks.finite("the Markov head's W2", w2)
 

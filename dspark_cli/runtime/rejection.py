@@ -204,8 +204,8 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             _checks.tensor(name, t, 1, (torch.bool,) if name == "greedy" else (torch.int64,))
             _checks.dim(name, t, 0, R, "one entry per request")
     for name, t, shape in (("uniforms", uniforms, (R, gamma)), ("exp_noise", exp_noise, (R, V))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        if t is not None:  # a list was an AttributeError on .shape
+            _check_shape(name, t, shape, "engine-drawn noise")
     _checks.same_device(target=target, tokens=draft.tokens, q_token=draft.q_token, q=draft.q, ell=ell,
                         greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise)
     _checks.generator(generator)
