@@ -570,7 +570,10 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
         ws.checkout_noted(base, "-q", "-f", "-B", branch, base)
-        identity = {} if ws.git.ok("config", "user.email") else DSPARK_IDENTITY
+        # the user commits their replayed commits where git has a committer of theirs (user.email
+        # without user.name, under user.useConfigOnly, has none: every pick failed as a conflict)
+        identity = {} if ws.git.ok("config", "user.email") and ws.git.ok("var", "GIT_COMMITTER_IDENT") \
+            else DSPARK_IDENTITY
         for count, (sha, subject) in enumerate(user, 1):
             # --keep-redundant-commits: a commit whose changes the base already has (it undid a
             # patch, say) is kept as an empty commit and named below, not dropped or refused.

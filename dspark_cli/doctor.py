@@ -49,6 +49,10 @@ def check_git() -> Check:
     if not git:
         return Check("git", FAIL, "not found", "install git (apply, status, revert and rebase need it)")
     out = cuda_env._run([git, "--version"])
+    if out and out.returncode != 0:  # git that cannot read its config (a malformed ~/.gitconfig) fails everything
+        said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[0]
+        return Check("git", FAIL, f"{git} does not run: {said}", "fix what git says (apply, status, revert and "
+                     "rebase need it)")
     return Check("git", OK, out.stdout.strip() if out else git)
 
 

@@ -4,21 +4,29 @@ pinned commit in it."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from dspark_cli.errors import EnvironmentProblem, UsageError
+
 # Without this, importing GitPython on a machine without git raises before require_git can say so.
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-import git as gitpython  # noqa: E402
+try:
+    import git as gitpython  # noqa: E402
+except ImportError as _exc:
+    # GitPython runs `git version` on import: a git that cannot start (a malformed ~/.gitconfig)
+    # failed every command that imports this module with a traceback. git's own line instead.
+    _said = re.search(r"stderr: '(.*?)'?\s*$", str(_exc), re.S)
+    raise EnvironmentProblem(f"git does not run: {_said.group(1).strip() if _said else _exc}") from None
 from rich.progress import BarColumn, Progress, TextColumn
 
 from dspark_cli.compat import HEX_COMMIT, Compat, is_local_path
-from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
-from dspark_cli.workspace import Git, Workspace, another_users_repository, require_git
+from dspark_cli.workspace import Git, Workspace, another_users_repository, config_env, require_git
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -122,11 +130,17 @@ def _clone_scratch(path: Path) -> Iterator[Path]:
         yield scratch / "tree"
 
 
+def _no_hooks_env() -> dict[str, str]:
+    """core.hooksPath=/dev/null for GitPython's git, as workspace.NO_HOOKS is for ours: a hook of the
+    user's (a failing reference-transaction one) aborted the clone."""
+    return config_env({"core.hooksPath": "/dev/null"})
+
+
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
     say(f"cloning {url} into {path}", err=True, markup=False)
-    _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress),
-                   f"cannot clone {url}")
+    _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress,
+                                                              env=_no_hooks_env()), f"cannot clone {url}")
 
 
 def fetch(ws: Workspace, url: str) -> None:
@@ -148,7 +162,8 @@ def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress
         remote = repo.create_remote(UPSTREAM, url)
     elif remote.url != url:
         remote.set_url(url)
-    remote.fetch(refspec=UPSTREAM_REFSPECS, no_tags=True, progress=progress)
+    with repo.git.custom_environment(**_no_hooks_env()):
+        remote.fetch(refspec=UPSTREAM_REFSPECS, no_tags=True, progress=progress)
 
 
 def _resolve(ws: Workspace, ref: str) -> str | None:

@@ -691,9 +691,14 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
             if outcome.status == RESOLVED:
                 commit = _as_its_patch(ws, commit, source_dir / outcome.patch)
             # a/ b/ prefixes and no sign-off whatever the user's config says (diff.noprefix,
-            # diff.mnemonicPrefix, format.signOff): `git apply -p1` must take the patch
+            # diff.mnemonicPrefix, format.signOff): `git apply -p1` must take the patch; nor any
+            # other format.* setting of theirs (a cover letter ahead of the patch, a base-commit
+            # that fails without an upstream, threading, To/Cc/extra headers, a MIME attachment,
+            # another From, notes), and renames found as without diff.renames=false
             text = ws.git.run("format-patch", "-1", "--stdout", "--zero-commit", "--no-signature",
-                              "--src-prefix=a/", "--dst-prefix=b/", "--no-signoff",
+                              "--src-prefix=a/", "--dst-prefix=b/", "--no-signoff", "--no-cover-letter",
+                              "--no-base", "--no-thread", "--no-attach", "--no-to", "--no-cc", "--no-add-header",
+                              "--no-from", "--no-notes", "-M",
                               f"--subject-prefix=PATCH {number}/{len(kept)}", "--no-numbered",
                               f"-U{contexts[outcome.patch]}", commit).stdout
             (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly

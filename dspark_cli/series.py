@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
-from dspark_cli.workspace import require_git
+from dspark_cli.workspace import GIT_DEFAULTS, config_env, require_git
 
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
@@ -231,7 +231,7 @@ def _check_parses(paths: list[Path]) -> None:
     failed later in git am, reported as the patch not applying."""
     def parse(*files: Path) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "apply", "--numstat", "--", *map(str, files)], capture_output=True,
-                              env={**os.environ, "LC_ALL": "C"})
+                              env={**os.environ, "LC_ALL": "C", **config_env(GIT_DEFAULTS)})
 
     if paths:
         require_git()

@@ -44,6 +44,29 @@ OUR_COMMITS = ("-c", "commit.gpgsign=false", "-c", "commit.cleanup=whitespace")
 # No git command of ours runs the user's hooks: a failing post-checkout (git-lfs's, where git-lfs is
 # not installed) failed a rollback's checkout halfway, and --no-verify still runs prepare-commit-msg.
 NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
+# Settings of a user's git config that change what the git commands of ours read or write, pinned to
+# git's defaults for every one of them: i18n.commitEncoding made `git mailinfo -u` hand us latin-1
+# (read as UTF-8: U+FFFD in every commit message apply made) and commit label UTF-8 messages so;
+# i18n.logOutputEncoding made `git log` subjects lone surrogates in status; mailinfo.scissors cut a
+# patch's message at a `-- >8 --` line; apply.whitespace=error refused (the diagnosis's `--check`,
+# the series parse) patches with trailing whitespace. Given in the environment (config_env), so the
+# command line stays `git -c core.hooksPath=/dev/null COMMAND ...`.
+GIT_DEFAULTS = {"i18n.commitEncoding": "UTF-8", "i18n.logOutputEncoding": "UTF-8", "mailinfo.scissors": "false",
+                "apply.whitespace": "nowarn"}
+
+
+def config_env(settings: dict[str, str], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The GIT_CONFIG_COUNT/KEY_n/VALUE_n variables that give git `settings` as `git -c` does (git
+    2.31 and later), numbered after any that `env` (default: ours) already gives."""
+    env = os.environ if env is None else env
+    try:
+        count = max(int(env.get("GIT_CONFIG_COUNT", "0") or 0), 0)
+    except ValueError:
+        count = 0
+    added = {"GIT_CONFIG_COUNT": str(count + len(settings))}
+    for n, (key, value) in enumerate(settings.items(), count):
+        added.update({f"GIT_CONFIG_KEY_{n}": key, f"GIT_CONFIG_VALUE_{n}": value})
+    return added
 
 
 # Test hook: SIGKILL ourselves at a named point of an operation (kill_point), to test recovery for
@@ -109,6 +132,7 @@ class Git:
         # GIT_OPTIONAL_LOCKS=0: `git status` (dspark status, beside a running apply) would otherwise
         # take index.lock to refresh the index, and the apply's own git commands would fail on it.
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
+        full_env.update(config_env(GIT_DEFAULTS, full_env))
         result = subprocess.run(["git", *NO_HOOKS, *args], cwd=self.cwd, env=full_env, capture_output=True,
                                 input=None if input is None else input.encode("utf-8", "surrogateescape"))
         result.stdout, result.stderr = (out.decode("utf-8", "surrogateescape") for out in (result.stdout, result.stderr))

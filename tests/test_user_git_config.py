@@ -1,0 +1,192 @@
+"""apply, status, revert and rebase under a user's global git config with unusual but legitimate
+settings: the results are those of an empty config. Real git and the real CLI throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dspark_cli import series as series_files
+from tests.git_fixtures import git, toy_workspace
+from tests.run_cli import run_dspark
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    return toy_workspace(tmp_path, monkeypatch)
+
+
+def with_series(toy, tmp_path: Path, message: str, files: dict[str, str]) -> None:
+    """Replace the toy pin's series by one patch of `files` on v1.0 with commit message `message`."""
+    scratch = tmp_path / "scratch-one"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(scratch))
+    git(scratch, "checkout", "-q", "--detach", toy["upstream"]["v1.0"])
+    for path, text in files.items():
+        (scratch / path).write_text(text)
+    git(scratch, "add", "-A")
+    git(scratch, "commit", "-q", "--cleanup=verbatim", "-F", "-", input=message)
+    for old in toy["series"].glob("*.patch"):
+        old.unlink()
+    name = Path(git(scratch, "format-patch", "--zero-commit", "--no-signature", "-o", str(toy["series"]), "-1")).name
+    (toy["series"] / "series").write_text(name + "\n")
+    series_files.write_lock(toy["series"])
+
+
+def dspark(toy, config: str, *args: str):
+    user = toy["root"] / "user.gitconfig"
+    user.write_text(config)
+    return run_dspark(*args, env={"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": str(user)})
+
+
+def test_commit_messages_and_subjects_stay_utf8_whatever_the_users_i18n_encodings(toy, tmp_path):
+    """i18n.commitEncoding=latin1: `git mailinfo -u` gave the message in latin-1, read as UTF-8
+    (U+FFFD in the commit); i18n.logOutputEncoding=latin1: status showed subjects as lone surrogates."""
+    message = "dspark: méthode ü\n\nBody with ünïcödé.\n"
+    with_series(toy, tmp_path, message, {"engine/config.py": "X = 'é'\n"})
+    work = toy["workdir"]
+    config = "[i18n]\n\tcommitEncoding = latin1\n\tlogOutputEncoding = latin1\n"
+    applied = dspark(toy, config, "apply", "toy", "-C", str(work))
+    assert applied.returncode == 0, applied.stderr
+    body = git(work, "log", "-1", "--format=%B")
+    assert body.startswith(message.strip() + "\n\nDspark-Patch: "), body
+    status = dspark(toy, config, "status", "-C", str(work), "--json")
+    assert status.returncode == 0, status.stderr
+    assert [p["subject"] for p in json.loads(status.stdout)["applied"]] == ["dspark: méthode ü"]
+
+
+def test_a_scissors_line_in_a_patch_message_is_kept_whatever_mailinfo_scissors(toy, tmp_path):
+    """mailinfo.scissors=true: apply's commit lost the message above a `-- >8 --` line."""
+    message = "dspark: config\n\nKeep this paragraph.\n-- >8 --\nand this one\n"
+    with_series(toy, tmp_path, message, {"engine/config.py": "X = 1\n"})
+    work = toy["workdir"]
+    applied = dspark(toy, "[mailinfo]\n\tscissors = true\n", "apply", "toy", "-C", str(work))
+    assert applied.returncode == 0, applied.stderr
+    assert git(work, "log", "-1", "--format=%B").startswith(message.strip() + "\n\nDspark-Patch: ")
+
+
+def test_a_patch_adding_trailing_whitespace_applies_whatever_apply_whitespace(toy, tmp_path):
+    """apply.whitespace=error: apply (and rebase) refused the series as `not a patch git can read
+    (...: trailing whitespace.)`, the series parse being the one git apply without --whitespace."""
+    with_series(toy, tmp_path, "dspark: spaces\n", {"engine/config.py": "X = 1   \n"})
+    work = toy["workdir"]
+    applied = dspark(toy, "[apply]\n\twhitespace = error\n", "apply", "toy", "-C", str(work))
+    assert applied.returncode == 0, applied.stderr
+    assert (work / "engine" / "config.py").read_text() == "X = 1   \n"
+
+
+def test_keep_user_commits_with_an_email_and_no_name_under_use_config_only(toy):
+    """user.email set, user.name not, user.useConfigOnly: every replayed commit failed to commit
+    (no committer), reported as `does not apply without the patches` (exit 4)."""
+    work = toy["workdir"]
+    config = "[user]\n\tuseConfigOnly = true\n\temail = u@example.com\n"
+    assert dspark(toy, config, "apply", "toy", "-C", str(work)).returncode == 0
+    (work / "mine.txt").write_text("mine\n")
+    git(work, "add", "mine.txt")
+    git(work, "commit", "-q", "-m", "user: mine")
+    reverted = dspark(toy, config, "revert", "-C", str(work), "--keep-user-commits")
+    assert reverted.returncode == 0, reverted.stderr
+    assert git(work, "log", "-1", "--format=%s") == "user: mine"
+    assert (work / "mine.txt").read_text() == "mine\n" and "dspark" not in (work / "engine" / "config.py").read_text()
+
+
+def test_a_malformed_global_config_is_one_line_not_a_traceback(toy):
+    """GitPython runs `git version` when imported: with a ~/.gitconfig git cannot parse, every
+    command that imports it ended in an ImportError traceback (exit 1); doctor said git was ok."""
+    for args in (["apply", "toy", "-C", str(toy["workdir"])], ["status", "-C", str(toy["workdir"])]):
+        ran = dspark(toy, "[core\n", *args)
+        assert ran.returncode == 3, ran.stderr
+        assert "Traceback" not in ran.stderr and len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+        assert "bad config line 1" in ran.stderr
+    from dspark_cli import doctor
+
+    user = toy["root"] / "user.gitconfig"
+    os.environ["GIT_CONFIG_GLOBAL"] = str(user)  # isolate_git's monkeypatch restores it
+    check = doctor.check_git()
+    assert check.status == doctor.FAIL and "bad config line 1" in check.detail
+
+
+def test_the_first_clone_runs_none_of_the_users_hooks(toy, tmp_path):
+    """core.hooksPath with a failing reference-transaction hook: GitPython's clone (not run through
+    Git.run, which sets core.hooksPath=/dev/null) was aborted by it (exit 3)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "reference-transaction").write_text("#!/bin/sh\nexit 1\n")
+    (hooks / "reference-transaction").chmod(0o755)
+    applied = dspark(toy, f"[core]\n\thooksPath = {hooks}\n", "apply", "toy", "-C", str(toy["workdir"]))
+    assert applied.returncode == 0, applied.stderr
+
+
+MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
+
+
+def test_the_refreshed_series_ignores_the_users_format_patch_config(tmp_path, monkeypatch):
+    """format.coverLetter wrote a cover letter into each refreshed patch, format.useAutoBase failed
+    the rebase (exit 3), format.thread/headers/to/attach/from/notes added what git am or a review
+    does not want, diff.renames=false wrote a rename as a delete and a create."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "upstream"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "mod.py").write_text(MOD)
+    (repo / "old.py").write_text("".join(f"X{i} = {i}\n" for i in range(20)))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "base")
+    git(repo, "tag", "v1.0")
+    base = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "-b", "work")
+    (repo / "mod.py").write_text(MOD.replace("return x + 3", "return x + 3  # ours"))
+    git(repo, "commit", "-q", "-am", "ours: mark f3")
+    git(repo, "mv", "old.py", "new.py")
+    git(repo, "commit", "-q", "-m", "ours: move")
+    patches = tmp_path / "patches" / "eng" / "v1.0"
+    names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", base).splitlines()
+    (patches / "series").write_text("".join(Path(n).name + "\n" for n in names))
+    series_files.write_lock(patches)
+    git(repo, "checkout", "-q", "main")
+    (repo / "other.py").write_text("Y = 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "upstream v2.0")
+    git(repo, "tag", "v2.0")
+    compat = tmp_path / "compat.yaml"
+    compat.write_text(f"""schema: 1
+engines:
+  eng:
+    repository: {repo}
+    module: eng
+    distributions: [eng]
+    default_pin: v1.0
+    pins:
+      v1.0:
+        commit: {base}
+        tag: v1.0
+        patches: patches/eng/v1.0
+        releases: []
+        python: ">=3.8"
+        torch: ">=2.0"
+        cuda: ">=12"
+        tested:
+          ci-cpu: test
+""")
+    outputs = {}
+    for label, config in (("empty", ""), ("user", "[user]\n\tname = U\n\temail = u@example.com\n[format]\n"
+                                          "\tcoverLetter = true\n\tuseAutoBase = true\n\tthread = shallow\n"
+                                          "\theaders = X-Foo: bar\n\tto = a@example.com\n\tcc = c@example.com\n"
+                                          "\tattach\n\tfrom = Other <o@example.com>\n\tnotes = true\n"
+                                          "[diff]\n\trenames = false\n")):
+        user = tmp_path / f"{label}.gitconfig"
+        user.write_text(config)
+        out = tmp_path / f"out-{label}"
+        ran = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v2.0", "--repo", str(repo),
+                         "--workdir", str(tmp_path / f"wd-{label}"), "--out", str(out), "--json",
+                         env={"DSPARK_COMPAT": str(compat), "DSPARK_CACHE": str(tmp_path / "cache"),
+                              "GIT_CONFIG_GLOBAL": str(user)})
+        assert ran.returncode == 0, ran.stderr
+        outputs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        git(repo, "worktree", "remove", "--force", str(tmp_path / f"wd-{label}"))  # the next run's branch
+        git(repo, "branch", "-D", "dspark/rebase-v2.0")
+    assert outputs["user"] == outputs["empty"]
+    assert b"rename from old.py" in outputs["empty"][Path(names[1]).name]
