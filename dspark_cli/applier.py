@@ -570,14 +570,12 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
     snapshot = ws.begin("revert", branch, bool(changes), state)
     try:
         ws.checkout_noted(base, "-q", "-f", "-B", branch, base)
-        # the user commits their replayed commits where git has a committer of theirs (user.email
-        # without user.name, under user.useConfigOnly, has none: every pick failed as a conflict)
-        identity = {} if ws.git.ok("config", "user.email") and ws.git.ok("var", "GIT_COMMITTER_IDENT") \
-            else DSPARK_IDENTITY
+        identity = ws.identity_or(DSPARK_IDENTITY)  # the user commits their replayed commits
         for count, (sha, subject) in enumerate(user, 1):
             # --keep-redundant-commits: a commit whose changes the base already has (it undid a
             # patch, say) is kept as an empty commit and named below, not dropped or refused.
-            picked = ws.git.run(*OUR_COMMITS, "cherry-pick", "--keep-redundant-commits", sha,
+            # the message byte for byte, as a plain cherry-pick keeps it (not OUR_COMMITS' cleanup)
+            picked = ws.git.run(*OUR_COMMITS, "-c", "commit.cleanup=verbatim", "cherry-pick", "--keep-redundant-commits", sha,
                                 check=False, env=identity)
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "

@@ -53,7 +53,12 @@ def check_git() -> Check:
         said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[0]
         return Check("git", FAIL, f"{git} does not run: {said}", "fix what git says (apply, status, revert and "
                      "rebase need it)")
-    return Check("git", OK, out.stdout.strip() if out else git)
+    version = out.stdout.strip() if out else git
+    found = re.search(r"(\d+)\.(\d+)", version)
+    if found and (int(found.group(1)), int(found.group(2))) < (2, 31):
+        return Check("git", WARN, version, "git 2.31 or newer: older git ignores the settings dspark gives it through "
+                     "GIT_CONFIG_COUNT, so your git config can change what apply and rebase write (docs/cli.md)")
+    return Check("git", OK, version)
 
 
 def check_gpu(gpus: cuda_env.Gpus) -> Check:

@@ -15,6 +15,8 @@ from dspark_cli.errors import EnvironmentProblem, UsageError
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 try:
     import git as gitpython  # noqa: E402
+except ModuleNotFoundError:  # GitPython itself missing: an install problem, said as it is
+    raise
 except ImportError as _exc:
     # GitPython runs `git version` on import: a git that cannot start (a malformed ~/.gitconfig)
     # failed every command that imports this module with a traceback. git's own line instead.

@@ -619,18 +619,28 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
 
 def find_leftover_markers(ws: Workspace, result: RebaseResult) -> None:
     """Conflict markers a resolution committed in files other than Python ones (those fail to
-    byte-compile): a .cu or .yaml with them would be written into the series as the patch."""
+    byte-compile): a .cu or .yaml with them would be written into the series as the patch. Of the
+    lines `git diff --check` flags, the `<<<<<<<` and `>>>>>>>` ones: it flags `=======` too, which
+    underlines a heading in reStructuredText and Markdown."""
     for outcome in result.outcomes:
         if outcome.status != RESOLVED or not outcome.commit:
             continue
         check = ws.git.run("diff", "--check", f"{outcome.commit}^", outcome.commit, check=False).stdout
-        for line in check.splitlines():
-            found = _LEFTOVER_MARKER.match(line)
-            if found and not found.group(1).endswith(".py"):
-                result.leftover_markers.append(f"{found.group(1)}: leftover conflict marker at line {found.group(2)}")
+        lines: dict[str, list[str] | None] = {}
+        for flagged in check.splitlines():
+            found = _FLAGGED_MARKER.match(flagged)
+            if not found or found.group(1).endswith(".py"):
+                continue
+            path, number = found.group(1), int(found.group(2))
+            if path not in lines:  # (a path git quoted is not found: its flagged lines all count)
+                shown = ws.git.run("show", f"{outcome.commit}:{path}", check=False)
+                lines[path] = shown.stdout.split("\n") if shown.returncode == 0 else None
+            if lines[path] is None or _OPEN_OR_CLOSE_MARKER.match(lines[path][number - 1]):
+                result.leftover_markers.append(f"{path}: leftover conflict marker at line {number}")
 
 
-_LEFTOVER_MARKER = re.compile(r"(.+):(\d+): leftover conflict marker$")  # `git diff --check`'s line
+_FLAGGED_MARKER = re.compile(r"(.+):(\d+): leftover conflict marker$")  # `git diff --check`'s line
+_OPEN_OR_CLOSE_MARKER = re.compile(r"(<{7}|>{7})(\s|$)")
 
 
 def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[str, Path],
@@ -844,11 +854,18 @@ def rebase_in_worktree(repo: Path, workdir: Path, onto: str | Pin, pin: Pin, pat
                        force: bool, resume: bool, underlay: Underlay | None = None) -> tuple[Workspace, RebaseResult]:
     """rebase_series in a linked worktree of `repo`. A run that fails (a conflict is a result, not a
     failure) leaves neither a worktree it added nor its branch behind in the user's repository."""
+    with repository_lock(repo, workdir):  # before its work tree is added: one run at a time
+        return _rebase_in_worktree(Workspace(repo), repo, workdir, onto, pin, patches, branch, force, resume,
+                                   underlay)
+
+
+def repository_lock(repo: Path, workdir: Path):
+    """The dspark lock of `repo`, which its worktrees share (oplock; held again by this process, a
+    no-op)."""
     source = Workspace(repo)
     if not source.is_repo():
         raise UsageError(f"{repo}: not a git repository")
-    with oplock.exclusive(source.git_dir, workdir):  # before its work tree is added: one run at a time
-        return _rebase_in_worktree(source, repo, workdir, onto, pin, patches, branch, force, resume, underlay)
+    return oplock.exclusive(source.git_dir, workdir)
 
 
 def _rebase_in_worktree(source: Workspace, repo: Path, workdir: Path, onto: str | Pin, pin: Pin, patches: list[Patch],

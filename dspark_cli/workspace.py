@@ -8,6 +8,7 @@ before anything was touched); a run killed midway leaves it behind and the next 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,8 @@ DSPARK_IDENTITY = {"GIT_COMMITTER_NAME": "dspark", "GIT_COMMITTER_EMAIL": "dspar
 # need no git identity configured on the machine.
 DSPARK_AUTHOR = {**DSPARK_IDENTITY, "GIT_AUTHOR_NAME": "dspark", "GIT_AUTHOR_EMAIL": "dspark@localhost"}
 # git options for the commits dspark makes (patches, release trees, replays): none signed, and each
-# message kept as it is (a user's commit.cleanup=strip dropped `#` lines from replayed commits).
+# message cleaned as git does by default for `commit -F` (a user's commit.cleanup=strip dropped `#`
+# lines; revert's replays override it with verbatim, a plain cherry-pick's default).
 OUR_COMMITS = ("-c", "commit.gpgsign=false", "-c", "commit.cleanup=whitespace")
 # No git command of ours runs the user's hooks: a failing post-checkout (git-lfs's, where git-lfs is
 # not installed) failed a rollback's checkout halfway, and --no-verify still runs prepare-commit-msg.
@@ -118,6 +120,20 @@ def environment_failure(stderr: str) -> bool:
 def require_git() -> None:
     if shutil.which("git") is None:
         raise EnvironmentProblem("git is not installed (needed to patch the engine tree)")
+    said = _git_failure(os.environ.get("GIT_CONFIG_GLOBAL"), os.environ.get("HOME"))
+    if said:
+        raise EnvironmentProblem(f"git does not run: {said}")
+
+
+@functools.lru_cache(maxsize=8)
+def _git_failure(global_config: str | None, home: str | None) -> str | None:
+    """git's first line when `git version` fails (a malformed ~/.gitconfig fails every git command:
+    a series parse reported it as the patch git cannot read), else None; once per config."""
+    ran = subprocess.run(["git", "version"], capture_output=True, text=True, errors="replace",
+                         env={**os.environ, "LC_ALL": "C"})
+    if ran.returncode == 0:
+        return None
+    return (ran.stderr.strip().splitlines() or [f"git version: exit {ran.returncode}"])[0]
 
 
 class Git:
@@ -675,9 +691,18 @@ class Workspace:
             self.git.run("add", "-A", ".", env=env)
             return self.git.out("write-tree", env=env)
 
+    def identity_or(self, fallback: dict) -> dict:
+        """{} where git commits as the user (user.email set, and git able to form both the author and
+        the committer from their config: user.useConfigOnly without user.name cannot, and every
+        commit of ours failed), else the `fallback` identity's environment."""
+        if all(self.git.ok(*args) for args in (("config", "user.email"), ("var", "GIT_AUTHOR_IDENT"),
+                                                ("var", "GIT_COMMITTER_IDENT"))):
+            return {}
+        return fallback
+
     def _commit_worktree(self, parent: str, message: str) -> str:
         """A commit of the worktree as it is, on `parent`."""
-        identity = {} if self.git.ok("config", "user.email") else DSPARK_AUTHOR
+        identity = self.identity_or(DSPARK_AUTHOR)
         return self.git.out("commit-tree", self._worktree_tree(parent), "-p", parent, "-F", "-", input=message,
                             env=identity)
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,19 +142,24 @@ def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_
 
 def test_commit_messages_keep_their_hash_lines_whatever_the_users_commit_cleanup(toy, tmp_path):
     """With commit.cleanup=strip in the user's git config, revert --keep-user-commits replayed a
-    commit of the user's without its `#123 ...` line: part of their message lost."""
+    commit of the user's without its `#123 ...` line: part of their message lost. The message comes
+    back byte for byte."""
     config = tmp_path / "user.gitconfig"
     config.write_text("[commit]\n\tcleanup = strip\n[user]\n\tname = U\n\temail = u@x\n")
     work = toy["workdir"]
     assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
     (work / "mine.txt").write_text("mine\n")
     git(work, "add", "mine.txt")
-    message = "user: mine\n\n#123 the issue this fixes\n"
+    # trailing spaces and a run of blank lines too: a plain cherry-pick keeps them (verbatim), and
+    # so must the replay (commit.cleanup=whitespace, right for `commit -F`, would clean them)
+    message = "user: mine  \n\n\n\n#123 the issue this fixes   \n\n\n"
     git(work, "commit", "-q", "--cleanup=verbatim", "-m", message)
     env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": str(config)}
     reverted = run_dspark("revert", "-C", str(work), "--keep-user-commits", env=env)
     assert reverted.returncode == 0, reverted.stderr
-    assert git(work, "log", "-1", "--format=%B") == message.strip()
+    replayed = subprocess.run(["git", "cat-file", "commit", "HEAD"], cwd=work, capture_output=True, text=True,
+                              check=True).stdout  # as git stores it (git() strips its output)
+    assert replayed.split("\n\n", 1)[1] == message
 
 
 def nested_repository(work: Path, path: str) -> Path:

@@ -42,6 +42,16 @@ def test_runs_to_the_end_on_this_machine():
     assert checks["git"].status == "ok" and "git version" in checks["git"].detail
 
 
+def test_a_git_older_than_2_31_warns(tmp_path, monkeypatch):
+    """dspark pins the git settings that change what it writes through GIT_CONFIG_COUNT, which git
+    before 2.31 ignores: doctor says so (a stand-in git reporting 2.30.2, Debian 11's)."""
+    (tmp_path / "git").write_text("#!/bin/sh\necho 'git version 2.30.2'\n")
+    (tmp_path / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    check = doctor.check_git()
+    assert check.status == doctor.WARN and check.detail == "git version 2.30.2" and "2.31" in check.hint
+
+
 @pytest.mark.skipif(bool(cuda_env.gpu_info().capabilities), reason="this machine has a GPU")
 def test_without_a_gpu_gpu_and_arch_list_warn(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)

@@ -1435,13 +1435,14 @@ def test_conflict_markers_a_resolution_leaves_in_a_file_other_than_python_fail_t
     wd, out = u["tmp"] / "wd47", u["tmp"] / "out47"
     resolution = conflict_then_resolve(u, "v47.0", wd)
     (wd / "kernel.cu").write_text("int a;\n<<<<<<< ours\nint b;\n=======\nint c;\n>>>>>>> theirs\n")
-    git(wd, "add", "kernel.cu")
+    (wd / "README.rst").write_text("\nTitle\n=======\n")  # a heading's underline: no marker
+    git(wd, "add", "kernel.cu", "README.rst")
     git(wd, "commit", "-q", "--amend", "--no-edit")
     args = ("--onto", "v47.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
     failed = dspark(u, *args)
     assert failed.returncode == 1, failed.stderr
     assert json.loads(failed.stdout)["leftover_markers"] == [
-        f"kernel.cu: leftover conflict marker at line {n}" for n in (2, 4, 6)]
+        f"kernel.cu: leftover conflict marker at line {n}" for n in (2, 6)]
     assert "conflict markers left: kernel.cu: leftover conflict marker at line 2" in failed.stderr
     assert "fix your resolution of 0001-ours-mark-f3.patch: `git -C" in failed.stderr and not out.exists()
     git(wd, "reset", "-q", "--hard", git(wd, "rev-parse", "HEAD~2"))  # back to the resolution, fixed:

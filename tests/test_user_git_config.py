@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from dspark_cli import series as series_files
+from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import git, toy_workspace
 from tests.run_cli import run_dspark
 
@@ -92,10 +94,28 @@ def test_keep_user_commits_with_an_email_and_no_name_under_use_config_only(toy):
     assert (work / "mine.txt").read_text() == "mine\n" and "dspark" not in (work / "engine" / "config.py").read_text()
 
 
+def test_recovery_saves_local_changes_with_an_email_and_no_name_under_use_config_only(toy):
+    """The same config: recovering an interrupted apply over local changes commits them to a
+    dspark/saved-* branch with `git commit-tree`, which had no author name (GitFailed, exit 3)."""
+    work = toy["workdir"]
+    config = "[user]\n\tuseConfigOnly = true\n\temail = u@example.com\n"
+    user = toy["root"] / "user.gitconfig"
+    user.write_text(config)
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": str(user)}
+    killed = run_dspark("apply", "toy", "-C", str(work), env={**env, KILL_AT_ENV: "committed:1"})
+    assert killed.returncode == -signal.SIGKILL
+    (work / "engine" / "config.py").write_text("edited after the kill\n")
+    recovered = dspark(toy, config, "apply", "toy", "-C", str(work), "--force")
+    assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
+    [saved] = git(work, "for-each-ref", "--format=%(refname:short)", "refs/heads/dspark/saved-*").splitlines()
+    assert git(work, "show", f"{saved}:engine/config.py") == "edited after the kill"
+
+
 def test_a_malformed_global_config_is_one_line_not_a_traceback(toy):
     """GitPython runs `git version` when imported: with a ~/.gitconfig git cannot parse, every
     command that imports it ended in an ImportError traceback (exit 1); doctor said git was ok."""
-    for args in (["apply", "toy", "-C", str(toy["workdir"])], ["status", "-C", str(toy["workdir"])]):
+    for args in (["apply", "toy", "-C", str(toy["workdir"])], ["status", "-C", str(toy["workdir"])],
+                 ["series", "lock", str(toy["series"]), "--check"]):  # a series parse blamed the patch (exit 2)
         ran = dspark(toy, "[core\n", *args)
         assert ran.returncode == 3, ran.stderr
         assert "Traceback" not in ran.stderr and len(ran.stderr.strip().splitlines()) == 1, ran.stderr

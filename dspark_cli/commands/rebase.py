@@ -123,8 +123,7 @@ def _how_to_fix_compile(result: rebase.RebaseResult) -> str:
     markers (nothing of the kind when the files are upstream's or a patch's as it applied)."""
     errors = result.compile_errors + result.leftover_markers
     broken = [o for o in result.outcomes if o.status == rebase.RESOLVED and o.commit
-              and any(e.startswith(f"{f}: ") for f in rebase.commit_files(Workspace(result.workdir), o.commit)
-                      for e in errors)]
+              and any(e.startswith(f"{f}: ") for f in o.files for e in errors)]
     if not broken:
         return ""
     last, head = broken[-1], Workspace(result.workdir).head()
@@ -262,22 +261,25 @@ def register(app: typer.Typer) -> None:
 
         compat_entry = None
         if repo is not None:
-            ws, result = rebase.rebase_in_worktree(repo, work, onto_pin or onto, pin, patches, branch, force, resume,
-                                                   underlay)
+            lock = rebase.repository_lock(repo, work)
         else:
             ws, base, onto_commit = rebase.release_commits(work, base_release, onto_release, resume)
+            lock = oplock.exclusive(ws.git_dir, ws.path)
             if not layered:  # a layered series is no pin: it is passed to apply with --series
                 # the tag is upstream's (compat lock and apply --source git look it up), not --pin's name
                 compat_entry = {"commit": _release_commit_id(ws, onto_commit, engine.module), "tag": onto_tag,
                                 "patches": f"patches/{engine_name}/{name}", "releases": [vars(onto_release)]}
-            result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume,
-                                          underlay=underlay)
-
-        conflict = result.conflicted
-        if conflict is None:
-            # under the repository's lock again: another rebase could otherwise reset the work tree
-            # while this one compiles it or writes the series from its branch
-            with oplock.exclusive(ws.git_dir, ws.path):
+        # one hold of the repository's lock from the first patch to the series written: another
+        # rebase in between could reset the work tree this one compiles and writes the series from
+        with lock:
+            if repo is not None:
+                ws, result = rebase.rebase_in_worktree(repo, work, onto_pin or onto, pin, patches, branch, force,
+                                                       resume, underlay)
+            else:
+                result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume,
+                                              underlay=underlay)
+            conflict = result.conflicted
+            if conflict is None:
                 if not layered:  # the marker module is DSpark's series', not a layer's
                     rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
                 rebase.byte_compile(ws, result)
