@@ -575,8 +575,8 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
             # --keep-redundant-commits: a commit whose changes the base already has (it undid a
             # patch, say) is kept as an empty commit and named below, not dropped or refused.
             # the message byte for byte, as a plain cherry-pick keeps it (not OUR_COMMITS' cleanup)
-            picked = ws.git.run(*OUR_COMMITS, "-c", "commit.cleanup=verbatim", "cherry-pick", "--keep-redundant-commits", sha,
-                                check=False, env=identity)
+            picked = ws.git.run(*OUR_COMMITS, "-c", "commit.cleanup=verbatim", "cherry-pick",
+                                "--keep-redundant-commits", sha, check=False, env=identity)
             if picked.returncode != 0:
                 raise PatchFailed(f"your commit {sha[:12]} ({subject}) does not apply without the patches; "
                                   f"{ws.path} is back to its state before the revert")
