@@ -48,6 +48,10 @@ def pin_entry(name, commit):
 
 @pytest.fixture
 def upstream(tmp_path):
+    return make_upstream(tmp_path)
+
+
+def make_upstream(tmp_path: Path) -> dict:
     """A repository with base commit A, a three-patch series made on A, and compat.yaml naming it."""
     repo = tmp_path / "upstream"
     repo.mkdir()

@@ -14,6 +14,7 @@ from dspark_cli import series as series_files
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import git, toy_workspace
 from tests.run_cli import run_dspark
+from tests.test_rebase import make_upstream, new_upstream
 
 
 @pytest.fixture
@@ -139,74 +140,37 @@ def test_the_first_clone_runs_none_of_the_users_hooks(toy, tmp_path):
     assert applied.returncode == 0, applied.stderr
 
 
-MOD = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(8))
-
-
-def test_the_refreshed_series_ignores_the_users_format_patch_config(tmp_path, monkeypatch):
+def test_the_refreshed_series_ignores_the_users_format_patch_config(tmp_path):
     """format.coverLetter wrote a cover letter into each refreshed patch, format.useAutoBase failed
     the rebase (exit 3), format.thread/headers/to/attach/from/notes added what git am or a review
     does not want, diff.renames=false wrote a rename as a delete and a create."""
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    repo = tmp_path / "upstream"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "mod.py").write_text(MOD)
-    (repo / "old.py").write_text("".join(f"X{i} = {i}\n" for i in range(20)))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "base")
-    git(repo, "tag", "v1.0")
-    base = git(repo, "rev-parse", "HEAD")
-    git(repo, "checkout", "-q", "-b", "work")
-    (repo / "mod.py").write_text(MOD.replace("return x + 3", "return x + 3  # ours"))
-    git(repo, "commit", "-q", "-am", "ours: mark f3")
-    git(repo, "mv", "old.py", "new.py")
-    git(repo, "commit", "-q", "-m", "ours: move")
-    patches = tmp_path / "patches" / "eng" / "v1.0"
-    names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", base).splitlines()
-    (patches / "series").write_text("".join(Path(n).name + "\n" for n in names))
-    series_files.write_lock(patches)
-    git(repo, "checkout", "-q", "main")
-    (repo / "other.py").write_text("Y = 1\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "upstream v2.0")
-    git(repo, "tag", "v2.0")
-    compat = tmp_path / "compat.yaml"
-    compat.write_text(f"""schema: 1
-engines:
-  eng:
-    repository: {repo}
-    module: eng
-    distributions: [eng]
-    default_pin: v1.0
-    pins:
-      v1.0:
-        commit: {base}
-        tag: v1.0
-        patches: patches/eng/v1.0
-        releases: []
-        python: ">=3.8"
-        torch: ">=2.0"
-        cuda: ">=12"
-        tested:
-          ci-cpu: test
-""")
+    u = make_upstream(tmp_path)
+    repo = u["repo"]
+    git(repo, "checkout", "-q", "work")  # a fourth patch, a rename, on the fixture's three
+    git(repo, "mv", "ours.py", "hooks.py")
+    git(repo, "commit", "-q", "-m", "ours: rename")
+    [renamed] = git(repo, "format-patch", "-o", str(u["patches"]), "--zero-commit", "--no-signature",
+                    "--start-number", "4", "-1").splitlines()
+    with open(u["patches"] / "series", "a") as listed:
+        listed.write(Path(renamed).name + "\n")
+    series_files.write_lock(u["patches"])
+    new_upstream(u, {"new.py": "Y = 1\n"}, "v2.0")
     outputs = {}
     for label, config in (("empty", ""), ("user", "[user]\n\tname = U\n\temail = u@example.com\n[format]\n"
                                           "\tcoverLetter = true\n\tuseAutoBase = true\n\tthread = shallow\n"
                                           "\theaders = X-Foo: bar\n\tto = a@example.com\n\tcc = c@example.com\n"
                                           "\tattach\n\tfrom = Other <o@example.com>\n\tnotes = true\n"
                                           "[diff]\n\trenames = false\n")):
-        user = tmp_path / f"{label}.gitconfig"
+        user = u["tmp"] / f"{label}.gitconfig"
         user.write_text(config)
-        out = tmp_path / f"out-{label}"
+        out = u["tmp"] / f"out-{label}"
         ran = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v2.0", "--repo", str(repo),
-                         "--workdir", str(tmp_path / f"wd-{label}"), "--out", str(out), "--json",
-                         env={"DSPARK_COMPAT": str(compat), "DSPARK_CACHE": str(tmp_path / "cache"),
+                         "--workdir", str(u["tmp"] / f"wd-{label}"), "--out", str(out), "--json",
+                         env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
                               "GIT_CONFIG_GLOBAL": str(user)})
         assert ran.returncode == 0, ran.stderr
         outputs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-        git(repo, "worktree", "remove", "--force", str(tmp_path / f"wd-{label}"))  # the next run's branch
+        git(repo, "worktree", "remove", "--force", str(u["tmp"] / f"wd-{label}"))  # the next run's branch
         git(repo, "branch", "-D", "dspark/rebase-v2.0")
     assert outputs["user"] == outputs["empty"]
-    assert b"rename from old.py" in outputs["empty"][Path(names[1]).name]
+    assert b"rename from ours.py" in outputs["empty"][Path(renamed).name]
