@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark_cli.diff_headers import file_diffs
 from dspark_cli.series import Patch
 from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TRAILER_PATCH, TRAILER_SHA, GitFailed,
                                   Workspace, environment_failure, kill_point)
@@ -15,8 +16,6 @@ from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, TRAILER_BLOB, TR
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
 _FAILED_AT = re.compile(r"patch failed: (.+):(\d+)$")
 _FILE_ERROR = re.compile(r"^(?:patch failed: )?(.+?): (.+)$")  # a git_errors line
-# a new file's `diff --git a/P b/P` header (followed by its mode line), a rename's or copy's target
-_CREATES = re.compile(r"^diff --git a/.+ b/(.+)\nnew file mode |^(?:rename|copy) to (.+)$", re.M)
 
 
 class PatchConflict(Exception):
@@ -101,7 +100,7 @@ def apply_and_commit(ws: Workspace, patch: Patch, kill_at: str = "") -> str:
 def created_paths(patch_path: Path) -> list[str]:
     """The paths a patch file creates: its new files, and its renames' and copies' targets."""
     text = patch_path.read_text(encoding="utf-8", errors="surrogateescape")
-    return [m.group(1) or m.group(2) for m in _CREATES.finditer(text)]
+    return [diff.new for diff in file_diffs(text) if diff.created]
 
 
 def diagnose(ws: Workspace, patch: Patch, three_way_stderr: str) -> PatchConflict:
@@ -129,14 +128,13 @@ def git_errors(stderr: str) -> list[str]:
 
 
 def hunk_at(patch_path: Path, file: str, old_start: int) -> str | None:
-    """'#2 (@@ -12,6 +12,7 @@)': the hunk of `file` in the patch that starts at old line `old_start`."""
-    current, number = None, 0
-    for line in patch_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("diff --git "):
-            current, number = line.split(" b/", 1)[-1], 0
-        elif line.startswith("@@") and current is not None:
-            number += 1
+    """'#2 (@@ -12,6 +12,7 @@)': the hunk of `file` (either of its names) in the patch that starts
+    at old line `old_start`."""
+    for diff in file_diffs(patch_path.read_text(encoding="utf-8", errors="surrogateescape")):
+        if file not in (diff.old, diff.new):
+            continue
+        for number, line in enumerate(diff.hunks, 1):
             match = _HUNK.match(line)
-            if current == file and match and int(match.group(1)) == old_start:
+            if match and int(match.group(1)) == old_start:
                 return f"#{number} ({line.split('@@')[1].strip().join(['@@ ', ' @@'])})"
     return None

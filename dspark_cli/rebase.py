@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from dspark_cli import oplock, pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
+from dspark_cli.diff_headers import file_diffs
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
@@ -135,21 +136,13 @@ class RebaseResult:
 
 def patch_files(text: str) -> list[str]:
     """Paths a patch touches (new side; the old side for deletions)."""
-    files = []
-    for line in text.splitlines():
-        if line.startswith("diff --git "):
-            files.append(line.split(" b/", 1)[-1])
-    return files
+    return [diff.path for diff in file_diffs(text)]
 
 
 def changed_files(text: str) -> list[str]:
     """Paths a patch expects to exist, as the old tree named them (a rename's or copy's source; not
     the files it creates)."""
-    files = []
-    for block in re.split(r"^(?=diff --git )", text, flags=re.M):
-        if block.startswith("diff --git a/") and not re.search(r"^new file mode ", block, re.M):
-            files.append(block.splitlines()[0].removeprefix("diff --git a/").split(" b/", 1)[0])
-    return files
+    return [diff.old for diff in file_diffs(text) if diff.old is not None]
 
 
 def context_lines(text: str, default: int = 3) -> int:
@@ -240,7 +233,7 @@ def apply_one(ws: Workspace, patch: Patch, trees: Trees, series_adds: set[str] =
     else:
         merged = ws.git.run("apply", "--3way", "--index", "--verbose", "--whitespace=nowarn", str(patch.path),
                             check=False)
-        unmerged = ws.git.out("diff", "--name-only", "--diff-filter=U").splitlines()
+        unmerged = [f for f in ws.git.out("diff", "--name-only", "-z", "--diff-filter=U").split("\0") if f]
         if merged.returncode != 0 or unmerged:
             outcome.status = CONFLICT
             gone = {f: trees.gone_label(ws, f, series_adds) for f in changed_files(text) if not _has(ws, "HEAD", f)}
@@ -563,7 +556,7 @@ def finish_marker_move(ws: Workspace, branch: str, record: dict) -> list[dict]:
     if not isinstance(move, dict):
         return patches
     head = ws.branch_sha(branch)
-    changed = set(ws.git.out("diff", "--name-only", "HEAD").splitlines())
+    changed = set(ws.git.out("diff", "--name-only", "-z", "HEAD").split("\0")) - {""}
     if head not in (move.get("from"), move.get("to")) or not changed <= {move.get("path")}:
         return patches
     # What the stopped run may have left: at `from` an untouched tree; at `to` the marker still as

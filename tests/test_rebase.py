@@ -1823,3 +1823,38 @@ exec {shutil.which("git")} "$@"
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert (out / "series").exists()
+
+
+def test_non_ascii_file_names_are_reported_as_the_files_are_named(tmp_path):
+    """git C-quotes `módulo.py` in a patch and in its name listings: the report names the file
+    itself, finds its conflict markers and names the hunk a 3-way merge took."""
+    repo = tmp_path / "upstream"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    base = commit_files(repo, {"módulo.py": MOD, "ótro.py": OTHER}, "base")
+    git(repo, "checkout", "-q", "-b", "work")
+    commit_files(repo, {"módulo.py": MOD.replace("return x + 3", "return x + 3  # ours")}, "ours: mark f3")
+    commit_files(repo, {"ótro.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
+    patches = tmp_path / "patches" / "eng" / "v1.0"
+    names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2", base).splitlines()
+    assert '"a/m\\303\\263dulo.py"' in Path(names[0]).read_text()
+    (patches / "series").write_text("".join(Path(n).name + "\n" for n in names))
+    series.write_lock(patches)
+    git(repo, "checkout", "-q", "main")
+    compat = tmp_path / "compat.yaml"
+    compat.write_text(f"schema: 1\nengines:\n  eng:\n    repository: {repo}\n    module: eng\n"
+                      "    distributions: [eng]\n    default_pin: v1.0\n    pins:\n" + pin_entry("v1.0", base))
+    u = {"repo": repo, "compat": compat, "tmp": tmp_path}
+    new_upstream(u, {"módulo.py": MOD.replace("return x + 3", "return x + 300"),
+                     "ótro.py": OTHER.replace("C = 3", "C = 33")}, "v2.0")
+    run = dspark(u, "--onto", "v2.0", "--repo", str(repo), "--workdir", str(tmp_path / "wd"))
+    assert run.returncode == 4, run.stderr
+    first = json.loads(run.stdout)["patches"][0]
+    assert first["files"] == ["módulo.py"] and first["details"][0].startswith("módulo.py: conflict markers at lines ")
+    (tmp_path / "wd" / "módulo.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    git(tmp_path / "wd", "commit", "-q", "-am", "ours: mark f3")
+    done = dspark(u, "--onto", "v2.0", "--repo", str(repo), "--workdir", str(tmp_path / "wd"), "--continue")
+    assert done.returncode == 0, done.stderr
+    second = json.loads(done.stdout)["patches"][1]
+    assert second["status"] == "3-way" and second["files"] == ["ótro.py"]
+    assert second["details"] == ["ótro.py: hunk #1 (@@ -3,4 +3,5 @@) merged 3-way"]
