@@ -11,13 +11,12 @@ import json
 import os
 import re
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_cli.errors import CheckFailed, EnvironmentProblem, UsageError
 from dspark_cli.files import write_text_atomically
-from dspark_cli.workspace import GIT_DEFAULTS, config_env, require_git
+from dspark_cli.workspace import Git
 
 SERIES_FILE = "series"
 LOCK_FILE = "series.lock"
@@ -229,18 +228,19 @@ def _check_parses(paths: list[Path]) -> None:
     """git reads the diffs (parsing only, no tree needed; one git for the series, then one per file
     to name the one it could not read): a header with a hunk that is no hunk, or one cut short,
     failed later in git am, reported as the patch not applying."""
-    def parse(*files: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "apply", "--numstat", "--", *map(str, files)], capture_output=True,
-                              env={**os.environ, "LC_ALL": "C", **config_env(GIT_DEFAULTS)})
+    if not paths:
+        return
+    git = Git(paths[0].parent)  # parsing only: any directory will do; this one exists
 
-    if paths:
-        require_git()
-    if not paths or parse(*paths).returncode == 0:
+    def parse(*files: Path):
+        return git.run("apply", "--numstat", "--", *(os.path.abspath(f) for f in files), check=False)
+
+    if parse(*paths).returncode == 0:
         return
     for path in paths:
         parsed = parse(path)
         if parsed.returncode != 0:
-            said = parsed.stderr.decode("utf-8", "replace").strip().splitlines() or [f"git apply exit {parsed.returncode}"]
+            said = parsed.stderr.strip().splitlines() or [f"git apply exit {parsed.returncode}"]
             raise UsageError(f"{path}: not a patch git can read ({said[0].removeprefix('error: ')})")
 
 
