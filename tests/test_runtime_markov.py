@@ -258,6 +258,23 @@ def test_residual_row_rejects_out_of_range_previous_tokens():
         residual_row(U[:, 0], torch.tensor([3, 50]), w1, w2, torch.ones(2))
 
 
+@pytest.mark.parametrize("return_q", [True, False])
+def test_an_all_greedy_batch_drafts_exactly_what_its_rows_draft_beside_a_sampled_row(return_q):
+    """The CPU's argmax-only loop for all-greedy batches gives every output the general loop gives."""
+    U, anchors, w1, w2 = _setup(R=5, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    h, weight, bias = torch.randn(5, 4, 6, generator=g), torch.randn(1, 6 + 8, generator=g), torch.randn(1, generator=g)
+    warps = {"top_k": torch.tensor([3, 40, 1, 7, 0]), "top_p": torch.tensor([0.5, 1.0, 0.9, 0.2, 1.0])}
+    mixed = markov_chain(U, anchors, w1, w2, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.8]), return_q=return_q,
+                         confidence=(h, weight, bias), seeds=torch.arange(5), **warps)
+    greedy = markov_chain(U[:4], anchors[:4], w1, w2, torch.zeros(4), return_q=return_q,
+                          confidence=(h[:4], weight, bias), seeds=torch.arange(4),
+                          **{name: t[:4] for name, t in warps.items()})
+    for field in ("tokens", "q_token", "prev_emb", "confidence_logits") + (("q",) if return_q else ()):
+        assert torch.equal(getattr(greedy, field), getattr(mixed, field)[:4]), field
+    assert torch.all(greedy.q_token == 1.0) and (greedy.source is None) == return_q
+
+
 def test_chain_returns_the_confidence_heads_logits_when_given_the_head():
     """z_k = w·[h_k ; W1[x_{k-1}]] + b over the chain's own tokens (DSPARK.md §1.4)."""
     U, anchors, w1, w2 = _setup()

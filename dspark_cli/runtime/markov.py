@@ -8,7 +8,7 @@ import torch
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
 from dspark_cli.runtime.confidence import check_confidence_inputs, confidence_logits
-from dspark_cli.runtime.sampling import check_warps, sample_probs
+from dspark_cli.runtime.sampling import check_warps, is_greedy, sample_probs
 
 
 @dataclass
@@ -249,6 +249,10 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
 
     temperature = temperature.float()
     w2_fp32 = w2.float()
+    # An all-greedy batch on the CPU (the host reads the temperatures for free there): the argmax
+    # chain alone, without the softmax, one-hot and race noise each step would spend on its rows
+    # (a CPU engine's drafter runs this every step). Same tokens, q and q_token as the loop below.
+    all_greedy = U.device.type == "cpu" and bool(is_greedy(temperature).all())
     tokens = torch.empty(R, gamma, dtype=torch.int64, device=U.device)
     q_token = torch.empty(R, gamma, dtype=torch.float32, device=U.device)
     q = torch.empty(R, gamma, V, dtype=torch.float32, device=U.device) if return_q else None
@@ -256,12 +260,20 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     prev = anchors.to(torch.int64)
     for k in range(gamma):  # the chain is inherently sequential over positions
         prev_emb[:, k] = w1[prev]
+        if all_greedy:  # top-k/top-p keep the argmax: a greedy row is its one-hot whatever the warps
+            prev = _step_logits(U[:, k], prev, w1, w2_fp32).argmax(dim=-1)
+            tokens[:, k] = prev
+            continue
         probs = sample_probs(_step_logits(U[:, k], prev, w1, w2_fp32), temperature, top_k, top_p)
         prev = _sample(probs, seeds, k, generator)
         tokens[:, k] = prev
         q_token[:, k] = probs.gather(1, prev.unsqueeze(1)).squeeze(1)
         if q is not None:
             q[:, k] = probs
+    if all_greedy:
+        q_token.fill_(1.0)
+        if q is not None:
+            q.zero_().scatter_(2, tokens.unsqueeze(2), 1.0)
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, top_k, top_p)
     z = None if confidence is None else confidence_logits(confidence[0], prev_emb, *confidence[1:])
     return MarkovDraft(tokens, q_token, q, prev_emb, source, z)
