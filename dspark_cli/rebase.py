@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from dspark_cli import oplock, pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
-from dspark_cli.diff_headers import file_diffs
+from dspark_cli.diff_headers import file_diffs, unquote
 from dspark_cli.errors import EnvironmentProblem, UsageError
 from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
@@ -263,7 +263,7 @@ def _offsets(verbose_stderr: str) -> list[str]:
     for line in verbose_stderr.splitlines():
         checking = _CHECKING.match(line)
         if checking:
-            current = checking.group(1)
+            current = " => ".join(unquote(name) for name in checking.group(1).split(" => "))  # a rename: old => new
         match = _OFFSET.search(line)
         if match and match.group(3):
             details.append(f"{current}: hunk #{match.group(1)} at line {match.group(2)} (offset {match.group(3)})")

@@ -1846,7 +1846,7 @@ def test_non_ascii_file_names_are_reported_as_the_files_are_named(tmp_path):
                       "    distributions: [eng]\n    default_pin: v1.0\n    pins:\n" + pin_entry("v1.0", base))
     u = {"repo": repo, "compat": compat, "tmp": tmp_path}
     new_upstream(u, {"módulo.py": MOD.replace("return x + 3", "return x + 300"),
-                     "ótro.py": OTHER.replace("C = 3", "C = 33")}, "v2.0")
+                     "ótro.py": "Z = 0\n" + OTHER.replace("C = 3", "C = 33")}, "v2.0")
     run = dspark(u, "--onto", "v2.0", "--repo", str(repo), "--workdir", str(tmp_path / "wd"))
     assert run.returncode == 4, run.stderr
     first = json.loads(run.stdout)["patches"][0]
@@ -1858,3 +1858,7 @@ def test_non_ascii_file_names_are_reported_as_the_files_are_named(tmp_path):
     second = json.loads(done.stdout)["patches"][1]
     assert second["status"] == "3-way" and second["files"] == ["ótro.py"]
     assert second["details"] == ["ótro.py: hunk #1 (@@ -3,4 +3,5 @@) merged 3-way"]
+    new_upstream(u, {"módulo.py": MOD, "ótro.py": "Y = 0\n" + OTHER}, "v3.0")  # a clean carry, at an offset
+    moved = dspark(u, "--onto", "v3.0", "--repo", str(repo), "--workdir", str(tmp_path / "wd3"))
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["patches"][1]["details"] == ["ótro.py: hunk #1 at line 4 (offset 1)"]
