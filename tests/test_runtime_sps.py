@@ -26,6 +26,8 @@ def _linear_sps(table: SPSTable, tokens: int) -> float:
     xs, ys = table.tokens, table.steps_per_s
     if b <= xs[0]:
         return ys[0]
+    if b in xs:
+        return ys[xs.index(b)]
     if b >= xs[-1]:
         return ys[-1] * xs[-1] / b
     i = next(i for i in range(1, len(xs)) if xs[i] >= b)
@@ -267,3 +269,23 @@ def test_capture_sizes_given_out_of_order_still_pad_up(tmp_path):
                                 "capture_sizes": [32, 8, 16]}))
     table = SPSTable.load(path)
     assert table.sps(3) == 72.0 and table.sps(9) == 64.0 and table.capture_sizes == [8, 16, 32]
+
+
+def test_a_profiled_point_reads_its_own_value_to_the_bit(tmp_path):
+    """At a profiled B the table's value is the one measured there, not the interpolation's t = 1 end
+    (1.0 + (0.3 − 1.0) = 0.30000000000000004) or the token rate's 0.7·7/7: SGLang's file, read as
+    SGLang reads it (a floor step function), gave a value one ulp off its own at every B of a step."""
+    table = SPSTable([1, 3, 7], [1.0, 0.3, 0.7])
+    assert [table.sps(b) for b in (1, 3, 7)] == [1.0, 0.3, 0.7]
+    assert table.lookup(torch.tensor([1, 3, 7]), torch.float64).tolist() == [1.0, 0.3, 0.7]
+    doc = {"sample_batch_tokens": [1, 3, 7], "sample_steps_per_sec": [1.0, 0.3, 0.7], "max_batch_tokens": 9}
+    path = tmp_path / "sglang.json"
+    path.write_text(json.dumps(doc))
+    back = SPSTable.load(path)
+    assert [back.sps(b) for b in range(1, 10)] == [_sglang_sps(doc, b) for b in range(1, 10)]
+    # 54 is both the last probe and max_batch_tokens: the token rate's 1.2999…04·54/54 rounded down
+    doc = {"sample_batch_tokens": [1, 2, 3, 54], "sample_steps_per_sec": [1.0, 1.0, 1.0, 1.2999022840268304],
+           "max_batch_tokens": 54}
+    path.write_text(json.dumps(doc))
+    back = SPSTable.load(path)
+    assert [back.sps(b) for b in range(1, 55)] == [_sglang_sps(doc, b) for b in range(1, 55)]

@@ -95,9 +95,11 @@ class SPSTable:
         xs, ys = self.tokens, self.steps_per_s
         if b <= xs[0]:
             return ys[0]
-        if b >= xs[-1]:
-            return ys[-1] * xs[-1] / b
+        if b >= xs[-1]:  # at the last point its own value, not ys·xs/b rounded (one ulp off)
+            return ys[-1] if b == xs[-1] else ys[-1] * xs[-1] / b
         i = bisect.bisect_left(xs, b)  # the first point ≥ b (≥ 1: xs[0] < b)
+        if xs[i] == b:  # a profiled point: its value, not the t = 1 end y0 + (y1 − y0) (one ulp off)
+            return ys[i]
         t = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + t * (ys[i] - ys[i - 1])
 
