@@ -30,14 +30,22 @@ PROMPTS = [[rng.randrange(VOCAB - 2) for _ in range(rng.randrange(3, 12))] for _
 MAX_TOKENS = 16
 
 
-def successor_target_run(draft: str) -> dict:
+def successor_target_run(draft: str, more_workloads: tuple = ()) -> dict:
     return run_in_python(PYTHON, {"gamma": GAMMA, "target": "successor", "draft": draft,
-                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS)]})
+                                  "workloads": [greedy_workload("batch", PROMPTS, MAX_TOKENS), *more_workloads]})
+
+
+# min_tokens with stop tokens: each prompt's 5th output token (index 4) is a stop token, allowed (≥ 3
+# tokens before it). The oracle's first decode step drafts indices 1-3, all accepted, and samples
+# index 4 as its bonus token. Last tokens far apart: no prompt meets another's stop token earlier.
+MIN_TOKENS_PROMPTS = [[7, 3, 10], [50], [200, 90], [1, 2, 3, 130]]
+MIN_TOKENS = {"min_tokens": 3, "stop_token_ids": [p[-1] + 5 for p in MIN_TOKENS_PROMPTS]}
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    return successor_target_run("oracle")
+    return successor_target_run("oracle", [{**greedy_workload("min_tokens", MIN_TOKENS_PROMPTS, MAX_TOKENS),
+                                            "params": MIN_TOKENS}])
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,16 @@ def test_oracle_draft_accepts_whole_blocks_and_matches_no_speculation(oracle):
     spec = run["dspark"]["spec"]
     assert spec["accepted_tokens"] == spec["draft_tokens"] > 0  # every verified draft accepted
     assert stats["accepted_length"] >= GAMMA + 1 - 0.5, stats
+
+
+def test_min_tokens_lets_a_stop_token_end_the_output_as_the_bonus_token(oracle):
+    """The bonus token's position is the committed outputs plus the accepted drafts: min_tokens is
+    satisfied there even when the committed outputs alone fall short. (vLLM's sampler masked the stop
+    tokens for the bonus token by the committed outputs only: the output ran past the stop token.)"""
+    run = oracle["workloads"]["min_tokens"]
+    assert run["baseline"]["outputs"] == [successor_tokens(p, 5) for p in MIN_TOKENS_PROMPTS]
+    assert run["dspark"]["outputs"] == run["baseline"]["outputs"]
+    assert run["dspark"]["finish_reasons"] == ["stop"] * len(MIN_TOKENS_PROMPTS)
 
 
 def test_partially_wrong_draft_accepts_in_between_and_output_is_unchanged(partial):
