@@ -55,11 +55,11 @@ def test_vllm_offers_the_hook_and_our_patch_takes_it_and_has_what_it_reads(patch
 # from, and our integration modules the patched code imports (lazily, inside methods).
 PATCHED_MODULES = ["vllm._dspark", "vllm.config.vllm", "vllm.v1.spec_decode.dflash", "vllm.v1.worker.gpu_model_runner",
                    "vllm.utils.cpu_triton_utils", "vllm.model_executor.models.qwen3_dspark",
-                   "vllm.v1.sample.ops.topk_topp_sampler"]
+                   "vllm.v1.sample.ops.topk_topp_sampler", "vllm.v1.sample.rejection_sampler"]
 IMPORTED_MODULES = PATCHED_MODULES + [
     "vllm.config.speculative", "vllm.v1.worker.gpu.spec_decode.dspark.speculator",
     "dspark_cli.integrations.vllm.proposer", "dspark_cli.integrations.vllm.v2_fused",
-    "dspark_cli.integrations.vllm.cpu_fixes"]
+    "dspark_cli.integrations.vllm.cpu_fixes", "dspark_cli.integrations.vllm.min_tokens"]
 
 _PROBE = r'''
 if all(v == "ok" for v in out["imports"].values()):
