@@ -29,6 +29,7 @@ SHARED = [PREFIX + prompt(rng.randrange(1, 20)) for _ in range(4)]
 LONG = [prompt(200 + 7 * i) for i in range(3)]  # prefilled in chunks of at most 64 tokens
 SHORT = [prompt(5), prompt(9)]
 PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+ALLOWED = list(range(100, 164))  # the target's choice among them: drafts outside are rejected surely
 STOPS = {"min_tokens": 6, "stop_token_ids": list(range(2, 250, 12))}  # ~1 in 12 tokens stops, after 6
 
 
@@ -45,7 +46,8 @@ def cache_and_chunks():
                       greedy("chunked_logprobs", SHORT + LONG, 24, logprobs=2),
                       greedy("prompt_logprobs", LONG[:2], 4, prompt_logprobs=1),
                       greedy("penalties", SHARED, 32, **PENALTIES),
-                      greedy("stops", SHARED + SHORT, 40, **STOPS)]})["workloads"]
+                      greedy("stops", SHARED + SHORT, 40, **STOPS),
+                      greedy("allowed_tokens", SHORT + SHARED[:2], 24, allowed_token_ids=ALLOWED)]})["workloads"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def assert_same_as_no_speculation(run: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["prefix_cold", "prefix_warm", "chunked_logprobs", "prompt_logprobs", "penalties",
-                                  "stops"])
+                                  "stops", "allowed_tokens"])
 def test_greedy_output_and_logprobs_equal_no_speculation_with_prefix_caching_and_chunked_prefill(cache_and_chunks, name):
     assert_same_as_no_speculation(cache_and_chunks[name])
 
@@ -77,6 +79,7 @@ def test_the_features_really_ran_with_drafts_accepted_and_rejected(cache_and_chu
     warm = cache_and_chunks["prefix_warm"]
     assert warm["dspark"]["spec"]["prefix_cache_hits"] >= 4 * 32  # at least a 32-token block of the prefix, each prompt
     assert len(cache_and_chunks["chunked_logprobs"]["dspark"]["logprobs"][2]) == 24
+    assert all(set(o) <= set(ALLOWED) for o in cache_and_chunks["allowed_tokens"]["dspark"]["outputs"])
     stops = cache_and_chunks["stops"]["dspark"]
     assert "stop" in stops["finish_reasons"] and all(len(o) >= STOPS["min_tokens"] for o in stops["outputs"])
     spec = [w["dspark"]["spec"] for w in cache_and_chunks.values()]
