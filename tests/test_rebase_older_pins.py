@@ -73,3 +73,7 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     head = self_members(ast.parse((workdir / "vllm/model_executor/models/qwen3_dspark.py").read_text()), stored_only=True)
     linear = self_members(ast.parse((workdir / "vllm/model_executor/layers/linear.py").read_text()), stored_only=True)
     assert {"confidence_head", "proj", "with_markov"} <= head and {"input_size", "quant_method"} <= linear
+    # ... and the bonus token's min-tokens processor (min_tokens.bonus_logitsprocs) wraps vLLM's.
+    builtin = (workdir / "vllm/v1/sample/logits_processor/builtin.py").read_text()
+    assert {"min_toks", "neg_inf_tensor", "_mask_stop_token_logits"} <= self_members(ast.parse(builtin), stored_only=True)
+    assert "non_argmax_invariant" in (workdir / "vllm/v1/sample/logits_processor/state.py").read_text()
