@@ -51,10 +51,12 @@ NO_HOOKS = ("-c", "core.hooksPath=/dev/null")
 # (read as UTF-8: U+FFFD in every commit message apply made) and commit label UTF-8 messages so;
 # i18n.logOutputEncoding made `git log` subjects lone surrogates in status; mailinfo.scissors cut a
 # patch's message at a `-- >8 --` line; apply.whitespace=error refused (the diagnosis's `--check`,
-# the series parse) patches with trailing whitespace. Given in the environment (config_env), so the
+# the series parse) patches with trailing whitespace; log.showSignature printed gpg's or ssh-keygen's
+# check ahead of each signed commit's `git log --format` fields (status took it for the commit id,
+# revert cherry-picked it). Given in the environment (config_env), so the
 # command line stays `git -c core.hooksPath=/dev/null COMMAND ...`.
 GIT_DEFAULTS = {"i18n.commitEncoding": "UTF-8", "i18n.logOutputEncoding": "UTF-8", "mailinfo.scissors": "false",
-                "apply.whitespace": "nowarn"}
+                "apply.whitespace": "nowarn", "log.showSignature": "false"}
 
 
 def config_env(settings: dict[str, str], env: dict[str, str] | None = None) -> dict[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,34 @@ def test_the_refreshed_series_ignores_the_users_format_patch_config(tmp_path):
         git(repo, "branch", "-D", "dspark/rebase-v2.0")
     assert outputs["user"] == outputs["empty"]
     assert b"rename from ours.py" in outputs["empty"][Path(renamed).name]
+
+
+def test_status_and_revert_read_signed_user_commits_whatever_log_show_signature(toy, tmp_path):
+    """log.showSignature=true with commits of the user's signed (commit.gpgSign, an ssh key): git log
+    printed the signature check ahead of each signed commit's %H, so status listed `Good "git" s` as
+    the commit id and revert --keep-user-commits cherry-picked that (exit 4, "does not apply")."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen to make a signing key")
+    key = tmp_path / "signing-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    allowed = tmp_path / "allowed-signers"
+    allowed.write_text(f"u@example.com {key.with_suffix('.pub').read_text()}")
+    config = (f"[user]\n\tname = U\n\temail = u@example.com\n\tsigningKey = {key}\n[gpg]\n\tformat = ssh\n"
+              f"[gpg \"ssh\"]\n\tallowedSignersFile = {allowed}\n[commit]\n\tgpgSign = true\n"
+              "[log]\n\tshowSignature = true\n")
+    user = toy["root"] / "user.gitconfig"
+    user.write_text(config)
+    work = toy["workdir"]
+    assert dspark(toy, config, "apply", "toy", "-C", str(work)).returncode == 0
+    (work / "mine.txt").write_text("mine\n")
+    subprocess.run(["git", "add", "mine.txt"], cwd=work, check=True, env={**os.environ, "GIT_CONFIG_GLOBAL": str(user)})
+    subprocess.run(["git", "commit", "-q", "-m", "user: mine"], cwd=work, check=True,
+                   env={**os.environ, "GIT_CONFIG_GLOBAL": str(user)})
+    mine = git(work, "rev-parse", "HEAD")
+    assert git(work, "cat-file", "commit", "HEAD").count("gpgsig") == 1  # signed
+    status = dspark(toy, config, "status", "-C", str(work), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["user_commits"] == [{"commit": mine, "subject": "user: mine"}]
+    reverted = dspark(toy, config, "revert", "-C", str(work), "--keep-user-commits")
+    assert reverted.returncode == 0, reverted.stderr
+    assert git(work, "log", "-1", "--format=%s") == "user: mine" and (work / "mine.txt").read_text() == "mine\n"
