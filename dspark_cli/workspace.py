@@ -250,21 +250,35 @@ class Workspace:
         return result.stdout.strip() or None
 
     def local_changes(self) -> list[str]:
-        """`git status --porcelain` lines: modified, staged and untracked (not ignored) paths. Files
-        untracked inside a submodule are not ours to save or touch: no stash, checkout or reset
-        recurses into a submodule, so they stay as they are (e.g. a build's output)."""
-        lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
-                             "--ignore-submodules=untracked").stdout.splitlines()
+        """`git status --porcelain` lines (`XY PATH`, the path as it is, unquoted): modified, staged
+        and untracked (not ignored) paths. Files untracked inside a submodule are not ours to save or
+        touch: no stash, checkout or reset recurses into a submodule, so they stay as they are (e.g.
+        a build's output)."""
+        lines = self._status_lines()
         nested = {f"?? {path}/" for path in self.nested_repositories(lines)}
         return [line for line in lines if line.strip() and line not in nested]
+
+    def _status_lines(self) -> list[str]:
+        """`git status --porcelain=v1` lines, read with -z: without it git quotes a path holding a
+        space, a quote or a non-ASCII letter (`?? "my tools/"`), which no path of ours then matched.
+        A rename's or copy's original path (the entry after it under -z) is left out."""
+        entries = iter(self.git.run("status", "--porcelain=v1", "-z", "--untracked-files=all",
+                                    "--ignore-submodules=untracked").stdout.split("\0"))
+        lines = []
+        for entry in entries:
+            if not entry:
+                continue
+            lines.append(entry)
+            if entry[:1] in ("R", "C") or entry[1:2] in ("R", "C"):
+                next(entries, None)
+        return lines
 
     def nested_repositories(self, status_lines: list[str] | None = None) -> list[str]:
         """Untracked directories that are git repositories of their own (a clone inside the tree):
         git status lists them as `?? DIR/` where it lists every other untracked file singly, and git
         stash leaves them alone ("Ignoring path"), as do our checkouts unless they track paths there."""
         if status_lines is None:
-            status_lines = self.git.run("status", "--porcelain=v1", "--untracked-files=all",
-                                        "--ignore-submodules=untracked").stdout.splitlines()
+            status_lines = self._status_lines()
         return [line[3:-1] for line in status_lines
                 if line.startswith("?? ") and line.endswith("/") and (self.path / line[3:-1] / ".git").exists()]
 

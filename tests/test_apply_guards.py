@@ -188,6 +188,25 @@ def test_a_nested_repository_is_left_alone_not_stashed(toy):
     assert git(nested, "log", "--format=%s") == "user: tracked.txt"
 
 
+
+@pytest.mark.parametrize("path", ["my tools/mine", "tools/clöne", 'tools/"quoted"'])
+def test_a_nested_repository_whose_path_git_quotes_is_left_alone_too(toy, path):
+    """git status --porcelain quotes a path with a space, a non-ASCII letter or a quote
+    (`?? "my tools/mine/"`): the nested repository was taken for a local change, so apply refused
+    without --force, made an empty stash with it ("saved as stash@{0}"), and status reported it."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    nested = nested_repository(work, path)
+    reverted = dspark(toy, "revert", "-C", str(work))
+    assert reverted.returncode == 0, reverted.stderr
+    applied = dspark(toy, "apply", "toy", "-C", str(work), "--json")
+    assert applied.returncode == 0, applied.stderr
+    assert not any("stash" in note for note in json.loads(applied.stdout)["notes"]), applied.stdout
+    assert git(work, "stash", "list") == ""
+    status = dspark(toy, "status", "-C", str(work), "--json")
+    assert json.loads(status.stdout)["drift"] == [], status.stdout
+    assert (nested / "tracked.txt").read_text() == "edited, not committed\n"
+
 def test_a_nested_repository_where_a_checkout_writes_is_refused_even_with_force(toy):
     """git checkout -f writes tracked files into an untracked repository at their path, over its own."""
     work = toy["workdir"]
