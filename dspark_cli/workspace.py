@@ -386,11 +386,13 @@ class Workspace:
 
     def worktree_on(self, branch: str) -> Path | None:
         """The worktree of this repository (this one or a `git worktree add`) that has `branch`
-        checked out, if any."""
-        path = None
+        checked out, if any. git names a worktree whose git directory sets core.worktree (a
+        submodule's: .git/modules/NAME) by that git directory: that one, when it is ours, is this one."""
+        path, ours = None, self.git_dir.resolve()
         for line in self.git.out("worktree", "list", "--porcelain").splitlines():
             if line.startswith("worktree "):
                 path = Path(line[len("worktree "):]).resolve()
+                path = self.path if path == ours else path
             elif line == f"branch refs/heads/{branch}":
                 return path
         return None

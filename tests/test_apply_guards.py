@@ -140,6 +140,29 @@ def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_
     assert (work / "vendor" / "sub" / "build.o").read_bytes() == b"object"
 
 
+def test_a_workdir_that_is_a_submodule_of_the_users_is_no_other_worktree(toy, tmp_path):
+    """The engine tree vendored as a submodule of a superproject: git's `worktree list` names a
+    submodule's worktree by its git directory (.git/modules/...), so revert, and apply with a
+    layer added, refused: "branch dspark/v1.0 is checked out in another worktree, .../.git/modules/..."."""
+    superproject = tmp_path / "platform"
+    superproject.mkdir()
+    git(superproject, "init", "-q", "-b", "main")
+    git(superproject, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(toy["upstream"]["repo"]),
+        "engines/toy")
+    git(superproject, "commit", "-q", "-m", "user: the engine as a submodule")
+    work = superproject / "engines" / "toy"
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    layered = dspark(toy, "apply", "toy", "-C", str(work), "--series", str(team))
+    assert layered.returncode == 0, layered.stderr
+    assert (work / "TEAM.md").read_text() == "team\n"
+    reverted = dspark(toy, "revert", "-C", str(work))
+    assert reverted.returncode == 0, reverted.stderr
+    assert git(work, "rev-parse", "HEAD") == toy["upstream"]["v1.0"]
+    assert git(work, "symbolic-ref", "HEAD") == "refs/heads/dspark/v1.0"
+
+
 def test_commit_messages_keep_their_hash_lines_whatever_the_users_commit_cleanup(toy, tmp_path):
     """With commit.cleanup=strip in the user's git config, revert --keep-user-commits replayed a
     commit of the user's without its `#123 ...` line: part of their message lost. The message comes
