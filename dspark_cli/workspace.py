@@ -520,12 +520,20 @@ class Workspace:
             raise EnvironmentProblem(f"{failure}; then the rollback failed ({why}): the next dspark apply or revert "
                                      f"restores {self.path} to its state before the {snapshot.op} once that is fixed"
                                      if failure else f"the rollback failed ({why})") from exc
-        if snapshot.first:
+        if snapshot.first and not self._other_workspaces():
             for ref in self.git.out("for-each-ref", "--format=%(refname)", PATCH_REFS).splitlines():
                 self.git.run("update-ref", "-d", ref)
         self.finish(None if snapshot.first else state)
         if taken_here(snapshot):  # this run's own operation, not a recovered one's
             PROGRESS.update(stage="rolled back")
+
+    def _other_workspaces(self) -> bool:
+        """Whether another worktree of this repository (`git worktree add`) is a dspark workspace: the
+        patch refs are the repository's, so they keep its patch commits' copies too."""
+        ours = self.git_dir.resolve()
+        common = oplock.common_git_dir(ours)
+        return any((gitdir / "dspark" / "state.json").is_file() for gitdir in [common, *(common / "worktrees").glob("*")]
+                   if gitdir.resolve() != ours)
 
     def stash_ref(self, message: str) -> str | None:
         """The stash entry (stash@{n}) whose message is `message`."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dspark_cli import applier, oplock
+from dspark_cli import series as series_files
 from dspark_cli.errors import PatchFailed, UsageError
 from dspark_cli.workspace import KILL_AT_ENV
 from tests.git_fixtures import CORE, git, make_series, run_apply, toy_workspace, tree_fingerprint
@@ -81,6 +82,31 @@ def test_a_failed_first_apply_in_a_clone_leaves_no_workspace_behind(toy, tmp_pat
     assert status.returncode == 2 and "is not a dspark workspace" in status.stderr
     assert dspark(toy, "apply", "toy", "-C", str(clone)).returncode == 0  # a clean start, as before
 
+
+
+def test_a_failed_first_apply_in_another_worktree_keeps_this_workspaces_patch_copies(toy, tmp_path):
+    """Worktrees share refs: a first apply that failed in a linked worktree removed every
+    refs/dspark/patches/* of the repository, the main worktree's workspace's too, so after a gc and
+    a change to its series, status called its patch commit "applied by an older dspark ... may hold
+    changes of yours" and revert refused it (exit 2)."""
+    clone = tmp_path / "my-clone"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    assert dspark(toy, "apply", "toy", "-C", str(clone)).returncode == 0
+    kept = git(clone, "for-each-ref", "refs/dspark/patches")
+    other = tmp_path / "other"
+    git(clone, "worktree", "add", "-q", "--detach", str(other), "v1.1")
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"], [
+        ("team: conflicting core edit", {"engine/core.py": CORE.replace("line 25\n", "line twenty-five\n")})])
+    failed = dspark(toy, "apply", "toy", "-C", str(other), "--commit", "v1.1", "--allow-unpinned", "--series", str(team))
+    assert failed.returncode == 4, failed.stderr
+    assert git(clone, "for-each-ref", "refs/dspark/patches") == kept
+    git(clone, "gc", "-q", "--prune=now")
+    second = sorted(toy["series"].glob("0002-*.patch"))[0]  # a newer dspark's fix of the patch
+    second.write_text(second.read_text().replace("Why:", "Why (fixed):"))
+    series_files.write_lock(toy["series"])
+    reverted = dspark(toy, "revert", "-C", str(clone))
+    assert reverted.returncode == 0, reverted.stderr
+    assert git(clone, "rev-parse", "HEAD") == toy["upstream"]["v1.0"]
 
 
 def test_a_revert_after_a_killed_first_apply_undoes_it_and_says_so(toy, tmp_path):
