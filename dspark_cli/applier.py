@@ -8,10 +8,13 @@ the next one (`recover`). Nothing the user had (local changes, commits) is ever 
 
 from __future__ import annotations
 
+import hashlib
 import json
-from contextlib import ExitStack
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
@@ -23,6 +26,7 @@ from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series
+from dspark_cli.series import _read_bytes as read_patch
 from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, PROGRESS, Snapshot, Workspace, kill_point,
                                   owner_running, safe_name)
 
@@ -350,28 +354,47 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     notes = _save_detached_commits(ws, base, branch, force)
     if user and todo:
         notes.append(f"{len(user)} commit(s) of yours on {branch} are kept; the new patches go on top")
-    snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
-    try:
-        if branch_sha:
-            ws.checkout_noted(branch_sha, "-q", branch)
-        else:
-            ws.checkout_noted(base, "-q", "-b", branch, base)
-        for count, patch in enumerate(todo, 1):
-            ws.note_applying(patch.path)
-            apply_and_commit(ws, patch, kill_at=f"applied:{count}")
-            kill_point(f"committed:{count}")
-        # named before finish: a Ctrl-C after it would be reported as a rollback of an apply that is done
-        stash = ws.stash_ref(snapshot.stash_message) if snapshot.stash_message else None
-    except PatchConflict as conflict:
-        ws.undo(snapshot, prior_state)
-        raise PatchFailed(f"{conflict}; {ws.path} is back to its state before the apply") from None
-    except BaseException:
-        ws.undo(snapshot, prior_state)
-        raise
+    with _copies(todo) as copies:
+        snapshot = ws.begin("apply", branch, bool(changes), {**prior_state, "in_progress": None} if prior_state else state)
+        try:
+            if branch_sha:
+                ws.checkout_noted(branch_sha, "-q", branch)
+            else:
+                ws.checkout_noted(base, "-q", "-b", branch, base)
+            for count, (patch, copy) in enumerate(zip(todo, copies), 1):
+                ws.note_applying(patch.path)
+                apply_and_commit(ws, copy, kill_at=f"applied:{count}")
+                kill_point(f"committed:{count}")
+            # named before finish: a Ctrl-C after it would be reported as a rollback of an apply that is done
+            stash = ws.stash_ref(snapshot.stash_message) if snapshot.stash_message else None
+        except PatchConflict as conflict:
+            ws.undo(snapshot, prior_state)
+            raise PatchFailed(f"{conflict}; {ws.path} is back to its state before the apply") from None
+        except BaseException:
+            ws.undo(snapshot, prior_state)
+            raise
     ws.complete("apply", {**state, "applied": [p.label for p in patches]})
     if stash:
         notes.append(f"your local changes are saved as `{stash}` (`git stash pop` in {ws.path} brings them back)")
     return {"status": "applied", "applied": [p.label for p in patches], "new": [p.label for p in todo], "notes": notes}
+
+
+@contextmanager
+def _copies(patches: list[Patch]) -> Iterator[list[Patch]]:
+    """The patches as copies, in a directory of ours, of the bytes their lock was checked against:
+    a series directory in the workdir goes away with the stash of --force (untracked there) or a
+    checkout (tracked on another branch) before its patches are applied."""
+    with tempfile.TemporaryDirectory(prefix="dspark-patches-") as tmp:
+        copies = []
+        for number, patch in enumerate(patches):
+            data = read_patch(patch.path)
+            if hashlib.sha256(data).hexdigest() != patch.sha256:
+                raise UsageError(f"{patch.path} changed while dspark read its series; run again")
+            copy = Path(tmp) / str(number) / patch.name
+            copy.parent.mkdir()
+            copy.write_bytes(data)
+            copies.append(replace(patch, path=copy))
+        yield copies
 
 
 def _local_changes(ws: Workspace, force: bool) -> list[str]:

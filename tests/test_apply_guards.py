@@ -256,6 +256,24 @@ def test_a_nested_repository_whose_path_git_quotes_is_left_alone_too(toy, path):
     assert json.loads(status.stdout)["drift"] == [], status.stdout
     assert (nested / "tracked.txt").read_text() == "edited, not committed\n"
 
+def test_a_series_layer_kept_untracked_in_the_workdir_applies_with_force(toy, tmp_path):
+    """--series naming a directory inside the workdir, untracked there: --force stashed it with the
+    other local changes before its patches were read, and the apply failed on a file that exists
+    (exit 3, "...team/0001-team-readme.patch: No such file or directory")."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    team = make_series(tmp_path, toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"TEAM.md": "team\n"})])
+    shutil.move(str(team), str(work / "team"))
+    applied = dspark(toy, "apply", "toy", "-C", str(work), "--series", str(work / "team"), "--force", "--json")
+    assert applied.returncode == 0, applied.stderr
+    assert (work / "TEAM.md").read_text() == "team\n"
+    assert git(work, "log", "-1", "--format=%s") == "team: readme"
+    assert any("stash@{0}" in note for note in json.loads(applied.stdout)["notes"]), applied.stdout
+    git(work, "stash", "pop")
+    assert (work / "team" / "series").is_file()
+
+
 def test_a_nested_repository_where_a_checkout_writes_is_refused_even_with_force(toy):
     """git checkout -f writes tracked files into an untracked repository at their path, over its own."""
     work = toy["workdir"]
