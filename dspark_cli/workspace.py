@@ -629,12 +629,21 @@ class Workspace:
             path = self.path / name
             if name not in unlike or not (path.exists() or path.is_symlink()):
                 continue  # the target's bytes, or unlinked and not yet written
-            blob = self.git.run("cat-file", "blob", f"{target}:{name}", check=False, env=objects)
-            want = blob.stdout.encode("utf-8", "surrogateescape")  # run() decoded the bytes reversibly
             have = path.read_bytes() if path.is_file() and not path.is_symlink() else None
-            if blob.returncode != 0 or have is None or not (len(have) < len(want) and want.startswith(have)):
+            # the blob's bytes, or as git writes them into the worktree (core.autocrlf, eol=crlf)
+            if have is None or not any(len(have) < len(want) and want.startswith(have)
+                                       for want in self._target_bytes(target, name, objects)):
                 return False  # a file the target does not hold, or other bytes: the user's
         return True
+
+    def _target_bytes(self, target: str, name: str, objects: dict) -> Iterator[bytes]:
+        """The bytes of `name` in `target`: as stored, then as git writes them into the worktree
+        (its line-end conversion); none where `target` does not hold it."""
+        for form in ("blob", "--filters"):
+            blob = self.git.run("cat-file", form, f"{target}:{name}", check=False, env=objects)
+            if blob.returncode != 0:
+                return
+            yield blob.stdout.encode("utf-8", "surrogateescape")  # run() decoded the bytes reversibly
 
     def _paths_differing(self, a: str, b: str, objects: dict) -> set[str]:
         return set(self.git.out("diff-tree", "-r", "-z", "--name-only", a, b, env=objects).split("\0")) - {""}

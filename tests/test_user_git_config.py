@@ -207,3 +207,24 @@ def test_status_and_revert_read_signed_user_commits_whatever_log_show_signature(
     reverted = dspark(toy, config, "revert", "-C", str(work), "--keep-user-commits")
     assert reverted.returncode == 0, reverted.stderr
     assert git(work, "log", "-1", "--format=%s") == "user: mine" and (work / "mine.txt").read_text() == "mine\n"
+
+
+def test_a_file_git_apply_cut_short_under_core_autocrlf_is_recovered_without_force(toy):
+    """core.autocrlf=true: git writes the patched file with CRLF line ends, so a kill while it
+    writes leaves a prefix of that form, which the recovery compared with the blob's LF bytes and
+    took for the user's work ("would discard 1 local change(s)"; --force kept it on a bogus saved
+    branch). As test_apply_workspace's kill in git apply, with the user's line-end conversion."""
+    work = toy["workdir"]
+    config = "[core]\n\tautocrlf = true\n"
+    user = toy["root"] / "user.gitconfig"
+    user.write_text(config)
+    env = {"DSPARK_COMPAT": str(toy["compat_path"]), "GIT_CONFIG_GLOBAL": str(user), KILL_AT_ENV: "applied:2"}
+    assert run_dspark("apply", "toy", "-C", str(work), env=env).returncode == -signal.SIGKILL
+    config_py = (work / "engine" / "config.py").read_bytes()
+    assert config_py.count(b"\r\n") == 2  # git's CRLF form of the patched file
+    (work / "engine" / "config.py").write_bytes(config_py[:config_py.index(b"\r\n") + 2])  # cut short
+    again = dspark(toy, config, "apply", "toy", "-C", str(work))
+    assert again.returncode == 0, again.stderr
+    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
+        "dspark: method and module", "dspark: hook in core"]
+    assert not git(work, "branch", "--list", "dspark/saved-*")
