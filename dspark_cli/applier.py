@@ -78,7 +78,7 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
                    "changed nothing: your local changes are as they were")
         say(f"note: {message}", err=True, markup=False)
         return message
-    _refuse_assume_unchanged_edits(ws)  # restore's reset --hard would overwrite them
+    _refuse_assume_unchanged_edits(ws, [snapshot.head])  # restore's reset --hard would overwrite them
     _refuse_ignored_in_the_way(ws, f"recovering the interrupted {snapshot.op}", [ws.head(), snapshot.head])
     moved = _moved_since(ws, snapshot)
     if moved:  # back on that branch HEAD would name a commit whose files are not the ones restored
@@ -349,7 +349,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         return {"status": "already applied", "applied": [p.label for p in patches], "new": [], "notes": []}
     if branch_sha:
         _check_not_in_another_worktree(ws, branch)
-    changes = _local_changes(ws, force)
+    changes = _local_changes(ws, force, [branch_sha or base], todo)
     _refuse_ignored_in_the_way(ws, "apply", [ws.head(), branch_sha or base])  # HEAD: a rollback's reset
     notes = _save_detached_commits(ws, base, branch, force)
     if user and todo:
@@ -397,7 +397,7 @@ def _copies(patches: list[Patch]) -> Iterator[list[Patch]]:
         yield copies
 
 
-def _local_changes(ws: Workspace, force: bool) -> list[str]:
+def _local_changes(ws: Workspace, force: bool, commits: list[str], patches: list[Patch] = ()) -> list[str]:
     """The worktree's local changes, which the operation stashes with --force. Changes git stash
     cannot save or give back are refused even then, before anything is changed: changes inside a
     submodule, edits to files marked assume-unchanged, and index entries stash fails on; and
@@ -411,7 +411,7 @@ def _local_changes(ws: Workspace, force: bool) -> list[str]:
         raise UsageError(f"{ws.path} has changes inside submodule(s) {', '.join(inside)}, which git stash "
                          "cannot save (so not even --force would keep them); commit, stash or undo them in "
                          "the submodule first")
-    _refuse_assume_unchanged_edits(ws)
+    _refuse_assume_unchanged_edits(ws, commits, patches)
     changes = ws.local_changes()
     stuck = ws.entries_stash_cannot_keep() if changes else []
     if stuck:
@@ -425,12 +425,19 @@ def _local_changes(ws: Workspace, force: bool) -> list[str]:
     return changes
 
 
-def _refuse_assume_unchanged_edits(ws: Workspace) -> None:
-    edited = ws.assume_unchanged_edits()
-    if edited:
-        raise UsageError(f"{ws.path} has local changes to {_some(edited)}, marked assume-unchanged: git status does "
-                         "not show them and git stash does not save them, so not even --force would keep them; "
-                         "clear the flag (`git update-index --no-assume-unchanged <path>`) and run again")
+def _refuse_assume_unchanged_edits(ws: Workspace, commits: list[str | None], patches: list[Patch] = ()) -> None:
+    """Edits git status and git stash pass by: to files marked assume-unchanged (a reset --hard
+    overwrites them), or skip-worktree where the operation's checkouts (HEAD to each of `commits`)
+    or `patches` write (git apply and checkout fail there; elsewhere git leaves them alone)."""
+    edits = ws.hidden_edits()
+    if edits["skip-worktree"]:
+        written = ws.paths_written([c for c in commits if c], [read_patch(p.path) for p in patches])
+        edits["skip-worktree"] = [path for path in edits["skip-worktree"] if path in written]
+    for flag, edited in edits.items():
+        if edited:
+            raise UsageError(f"{ws.path} has local changes to {_some(edited)}, marked {flag}: git status does "
+                             "not show them and git stash does not save them, so not even --force would keep them; "
+                             f"clear the flag (`git update-index --no-{flag} <path>`) and run again")
 
 
 def _refuse_ignored_in_the_way(ws: Workspace, what: str, commits: list[str | None]) -> None:
@@ -587,7 +594,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
         raise UsageError(f"{done.label}'s commit {done.commit[:12]} {why}: move them into a commit of their own, "
                          "or pass --force to revert anyway with the branch kept as dspark/saved-<time>")
     _check_not_in_another_worktree(ws, branch)
-    changes = _local_changes(ws, force)
+    changes = _local_changes(ws, force, [base, *(sha for sha, _ in user)])
     _refuse_ignored_in_the_way(ws, "revert", [ws.head(), base, *(sha for sha, _ in user)])  # user's: replayed
     notes += _save_detached_commits(ws, base, branch, force)
     snapshot = ws.begin("revert", branch, bool(changes), state)

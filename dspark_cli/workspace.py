@@ -207,13 +207,14 @@ class Workspace:
 
     # -- basic facts -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def scratch_index(self, tree: str | None = None) -> Iterator[dict[str, str]]:
-        """The environment for git commands on a throwaway index (holding `tree`, else empty): trees
-        and commits made without touching the real index, HEAD or the work tree."""
+    def scratch_index(self, tree: str | None = None, objects: dict | None = None) -> Iterator[dict[str, str]]:
+        """The environment for git commands on a throwaway index (holding `tree`, else empty; read
+        through `objects`, _scratch_objects' environment, when given): trees and commits made
+        without touching the real index, HEAD or the work tree."""
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             if tree:
-                self.git.run("read-tree", tree, env=env)
+                self.git.run("read-tree", tree, env={**env, **(objects or {})})
             yield env
 
     def is_repo(self) -> bool:
@@ -321,21 +322,28 @@ class Workspace:
                 changed.append(fields[-1].split("\t")[0])
         return changed
 
-    def assume_unchanged_edits(self) -> list[str]:
-        """Files marked `git update-index --assume-unchanged` that differ from their index entry (or
-        are gone): git status does not show them, git stash does not save them, and reset --hard or
-        checkout -f overwrites them. Only the flagged files are compared, by git itself, in a
-        scratch copy of the index with their flag cleared."""
-        flagged = [entry[2:] for entry in self.git.out("ls-files", "-v", "-z").split("\0") if entry[:1].islower()]
-        if not flagged:
-            return []
+    def hidden_edits(self) -> dict[str, list[str]]:
+        """{flag: the files so marked that differ from their index entry}: assume-unchanged ones
+        (ls-files -v: a lowercase tag; also when gone, and reset --hard or checkout -f overwrites
+        them), and skip-worktree ones (S or s; the usual way to keep a local
+        edit of a tracked file out of git status) that are in the worktree (one that is absent is a
+        sparse checkout's, no edit): git status and git stash pass both by, and git apply and checkout
+        fail on the latter (a patch reported as not applying). Only the flagged files are compared,
+        by git itself, in a scratch copy of the index with their flags cleared."""
+        entries = [(entry[:1], entry[2:]) for entry in self.git.out("ls-files", "-v", "-z").split("\0") if entry]
+        flagged = {"assume-unchanged": [path for tag, path in entries if tag.islower()],
+                   "skip-worktree": [path for tag, path in entries
+                                     if tag in ("S", "s") and os.path.lexists(self.path / path)]}
+        paths = list(dict.fromkeys(flagged["assume-unchanged"] + flagged["skip-worktree"]))
+        if not paths:
+            return flagged
         with tempfile.TemporaryDirectory() as tmp:
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             shutil.copyfile(self.git_paths("index")[0], env["GIT_INDEX_FILE"])
-            self.git.run("update-index", "-z", "--no-assume-unchanged", "--stdin", input="\0".join(flagged) + "\0",
-                         env=env)
+            for clear in ("--no-assume-unchanged", "--no-skip-worktree"):  # one flag a run: git heeds only one
+                self.git.run("update-index", "-z", clear, "--stdin", input="\0".join(paths) + "\0", env=env)
             differ = set(self.git.out("diff", "--name-only", "-z", env=env).split("\0"))
-        return [path for path in flagged if path in differ]
+        return {flag: [path for path in listed if path in differ] for flag, listed in flagged.items()}
 
     def entries_stash_cannot_keep(self) -> list[str]:
         """'PATH (why)' for index entries `git stash push` fails on, or saves but cannot give back:
@@ -645,6 +653,22 @@ class Workspace:
                 return
             yield blob.stdout.encode("utf-8", "surrogateescape")  # run() decoded the bytes reversibly
 
+    def paths_written(self, commits: list[str], patches: list[bytes] = ()) -> set[str]:
+        """The paths a checkout from HEAD to each of `commits` writes or removes, and those `patches`
+        change, applied in turn on the first of `commits` (as far as they apply)."""
+        head, written = self.head(), set()
+        with self._scratch_objects() as objects:
+            for commit in commits:
+                written |= self._paths_differing(head, commit, objects) if head else set()
+            tree = commits[0] if commits else head
+            for patch in patches:
+                after = self._patched_tree(tree, patch, objects) if tree else None
+                if after is None:
+                    break
+                written |= self._paths_differing(tree, after, objects)
+                tree = after
+        return written
+
     def _paths_differing(self, a: str, b: str, objects: dict) -> set[str]:
         return set(self.git.out("diff-tree", "-r", "-z", "--name-only", a, b, env=objects).split("\0")) - {""}
 
@@ -680,7 +704,7 @@ class Workspace:
         if objects is None:
             with self._scratch_objects() as scratch:
                 return self._patched_tree(parent, patch, scratch)
-        with self.scratch_index(parent) as env:
+        with self.scratch_index(parent, objects) as env:
             env = {**env, **objects}
             made = self.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", "-", check=False, env=env,
                                 input=patch.decode("utf-8", "surrogateescape"))

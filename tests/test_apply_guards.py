@@ -292,6 +292,44 @@ def test_a_nested_repository_where_a_checkout_writes_is_refused_even_with_force(
     assert tree_fingerprint(work) == before
     assert (nested / "config.py").read_text() == "the nested repository's own\n"
 
+@pytest.mark.parametrize("command", [["apply", "toy"], ["revert"]])
+def test_an_edit_to_a_skip_worktree_file_is_refused_not_blamed_on_the_patch(toy, command):
+    """`git update-index --skip-worktree` keeps a local edit of a tracked file (a config of the
+    user's) out of git status and git stash: apply reported the patch touching it as not applying
+    (exit 4, "context does not match the tree"), revert its checkout as an environment failure
+    (exit 3, "Entry ... not uptodate")."""
+    work = toy["workdir"]
+    run_apply(toy)
+    if command[0] == "apply":
+        assert dspark(toy, "revert", "-C", str(work)).returncode == 0
+    git(work, "update-index", "--skip-worktree", "engine/config.py")
+    (work / "engine" / "config.py").write_text("my local settings\n")
+    before = tree_fingerprint(work)
+    refused = dspark(toy, *command, "-C", str(work), "--force")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (
+        f"error: {work} has local changes to engine/config.py, marked skip-worktree: git status does not show "
+        "them and git stash does not save them, so not even --force would keep them; clear the flag "
+        "(`git update-index --no-skip-worktree <path>`) and run again\n")
+    assert tree_fingerprint(work) == before and (work / "engine" / "config.py").read_text() == "my local settings\n"
+
+
+def test_an_edit_to_a_skip_worktree_file_no_commit_or_patch_touches_is_left_alone(toy):
+    """git's checkouts leave a skip-worktree file alone where the commits they move between agree on
+    it, and no patch touches it: its edit is no reason to refuse."""
+    work = toy["workdir"]
+    run_apply(toy)
+    (work / "local.cfg").write_text("tracked default\n")
+    git(work, "add", "local.cfg")
+    git(work, "commit", "-q", "-m", "user: a config")
+    assert dspark(toy, "revert", "-C", str(work), "--keep-user-commits").returncode == 0
+    git(work, "update-index", "--skip-worktree", "local.cfg")
+    (work / "local.cfg").write_text("my local settings\n")
+    applied = dspark(toy, "apply", "toy", "-C", str(work))
+    assert applied.returncode == 0, applied.stderr
+    assert (work / "local.cfg").read_text() == "my local settings\n"
+
+
 @pytest.mark.parametrize("command", [["apply", "toy", "--series"], ["revert"]])
 def test_an_edit_to_an_assume_unchanged_file_is_refused_even_with_force(toy, command):
     """git status does not show it and git stash does not save it: reset --hard would wipe it."""
