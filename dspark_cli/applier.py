@@ -466,6 +466,9 @@ def _check_not_in_another_worktree(ws: Workspace, branch: str) -> None:
     """git refuses to check out a branch another worktree has checked out, and `checkout -B` or
     update-ref would move it under that worktree's files: refuse first, naming it."""
     other = ws.worktree_on(branch)
+    if other is not None and other != ws.path and not other.exists():  # removed with rm -rf: git still counts it
+        raise UsageError(f"branch {branch} is checked out in another worktree, {other}, whose directory is gone; "
+                         f"`git -C {ws.path} worktree prune` forgets it, then run again")
     if other is not None and other != ws.path:
         raise UsageError(f"branch {branch} is checked out in another worktree, {other}; switch that worktree "
                          f"to another branch (`git -C {other} switch --detach`) and run again")

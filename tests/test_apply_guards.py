@@ -652,6 +652,23 @@ def test_the_work_branch_checked_out_in_another_worktree_is_never_moved(toy, tmp
         assert git(other, "status", "--porcelain") == ""
 
 
+
+def test_a_worktree_whose_directory_is_gone_is_named_with_the_way_out(toy, tmp_path):
+    """A worktree removed with rm -rf, not `git worktree remove`, still holds its branch for git
+    until `git worktree prune`: the refusal told the user to run `git -C <the gone directory> switch
+    --detach`, which cannot run there."""
+    run_apply(toy)
+    work, other = toy["workdir"], tmp_path / "other-worktree"
+    git(work, "checkout", "-q", "--detach")
+    git(work, "worktree", "add", "-q", str(other), "dspark/v1.0")
+    shutil.rmtree(other)
+    refused = dspark(toy, "revert", "-C", str(work))
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"error: branch dspark/v1.0 is checked out in another worktree, {other.resolve()}, "
+                              f"whose directory is gone; `git -C {work} worktree prune` forgets it, then run again\n")
+    git(work, "worktree", "prune")
+    assert dspark(toy, "revert", "-C", str(work)).returncode == 0
+
 # -- 5. merges and emptied commits among the user's commits ----------------------------------------
 
 def test_a_merge_among_the_users_commits_is_named_and_nothing_changes(toy):
