@@ -25,8 +25,7 @@ from dspark_cli.files import check_dir_option, check_listable
 from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
-from dspark_cli.series import Patch, load_series
-from dspark_cli.series import _read_bytes as read_patch
+from dspark_cli.series import Patch, load_series, read_patch_bytes
 from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, PROGRESS, Snapshot, Workspace, kill_point,
                                   owner_running, safe_name)
 
@@ -387,7 +386,7 @@ def _copies(patches: list[Patch]) -> Iterator[list[Patch]]:
     with tempfile.TemporaryDirectory(prefix="dspark-patches-") as tmp:
         copies = []
         for number, patch in enumerate(patches):
-            data = read_patch(patch.path)
+            data = read_patch_bytes(patch.path)
             if hashlib.sha256(data).hexdigest() != patch.sha256:
                 raise UsageError(f"{patch.path} changed while dspark read its series; run again")
             copy = Path(tmp) / str(number) / patch.name
@@ -431,7 +430,7 @@ def _refuse_assume_unchanged_edits(ws: Workspace, commits: list[str | None], pat
     or `patches` write (git apply and checkout fail there; elsewhere git leaves them alone)."""
     edits = ws.hidden_edits()
     if edits["skip-worktree"]:
-        written = ws.paths_written([c for c in commits if c], [read_patch(p.path) for p in patches])
+        written = ws.paths_written([c for c in commits if c], [read_patch_bytes(p.path) for p in patches])
         edits["skip-worktree"] = [path for path in edits["skip-worktree"] if path in written]
     for flag, edited in edits.items():
         if edited:

@@ -75,7 +75,8 @@ def _unreadable(path: Path, exc: OSError) -> UsageError | EnvironmentProblem:
     return kind(f"{path}: cannot read ({exc.strerror})")
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_patch_bytes(path: Path) -> bytes:
+    """A patch file's bytes; an unreadable one is one clear error (exit 2, or 3 for permissions)."""
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -144,7 +145,7 @@ def read_lock(directory: Path) -> dict[str, str]:
 
 def lock_entries(directory: Path) -> list[tuple[str, str]]:
     """(patch name, sha256) of every patch DIR/series lists, in order: what series.lock holds."""
-    return [(name, hashlib.sha256(_read_bytes(directory / name)).hexdigest()) for name in read_series(directory)]
+    return [(name, hashlib.sha256(read_patch_bytes(directory / name)).hexdigest()) for name in read_series(directory)]
 
 
 def lock_text(directory: Path, entries: list[tuple[str, str]] | None = None) -> str:
@@ -200,7 +201,7 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
     for name in names:
         if name not in locked:
             raise UsageError(f"{lock_file}: {name} has no digest; run `dspark series lock {directory}`")
-        text = _read_bytes(directory / name)
+        text = read_patch_bytes(directory / name)
         actual = hashlib.sha256(text).hexdigest()
         if actual != locked[name]:
             raise UsageError(
@@ -215,7 +216,7 @@ def check_patches(directory: Path, names: list[str]) -> None:
     """What apply refuses in a series, refused when it is locked (`dspark series lock`): a listed
     file with no diff in it, or one git cannot parse."""
     for name in names:
-        _check_is_patch(directory / name, _read_bytes(directory / name))
+        _check_is_patch(directory / name, read_patch_bytes(directory / name))
     _check_parses([directory / name for name in names])
 
 
