@@ -202,6 +202,7 @@ def load_series(directory: Path, layer: str) -> list[Patch]:
         if name not in locked:
             raise UsageError(f"{lock_file}: {name} has no digest; run `dspark series lock {directory}`")
         text = read_patch_bytes(directory / name)
+        _check_line_ends(directory / name, text)  # before the lock, which a conversion also fails
         actual = hashlib.sha256(text).hexdigest()
         if actual != locked[name]:
             raise UsageError(
@@ -216,8 +217,22 @@ def check_patches(directory: Path, names: list[str]) -> None:
     """What apply refuses in a series, refused when it is locked (`dspark series lock`): a listed
     file with no diff in it, or one git cannot parse."""
     for name in names:
-        _check_is_patch(directory / name, read_patch_bytes(directory / name))
+        text = read_patch_bytes(directory / name)
+        _check_line_ends(directory / name, text)
+        _check_is_patch(directory / name, text)
     _check_parses([directory / name for name in names])
+
+
+def _check_line_ends(path: Path, text: bytes) -> None:
+    """Refuse a patch file every line of which ends in CRLF: git format-patch writes its header
+    lines (From, Subject, diff --git, @@) with LF, and a patch of CRLF files has CRs on its content
+    lines only (kept: they are that file's bytes), so a checkout converted this one (core.autocrlf),
+    and git apply matches none of its hunks (after a lock that fails, or was made of the converted bytes)."""
+    if b"\n" in text and text.count(b"\r\n") == text.count(b"\n"):
+        raise UsageError(f"{path}: every line ends in CRLF, git's header lines too (git format-patch writes LF "
+                         "there): a checkout converted its line ends (core.autocrlf=true?); mark the series' files "
+                         "-text (`*.patch -text`, `series -text` and `series.lock -text` in the .gitattributes of the "
+                         "repository holding them), then delete them and check them out again (`git checkout -- <dir>`)")
 
 
 def _check_is_patch(path: Path, text: bytes) -> None:

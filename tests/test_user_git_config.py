@@ -3,6 +3,7 @@ settings: the results are those of an empty config. Real git and the real CLI th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,8 +15,8 @@ import pytest
 
 from dspark_cli import series as series_files
 from dspark_cli.workspace import KILL_AT_ENV
-from tests.git_fixtures import git, toy_workspace
-from tests.run_cli import run_dspark
+from tests.git_fixtures import CORE, git, isolate_git, make_series, toy_workspace
+from tests.run_cli import ROOT, run_dspark
 from tests.test_rebase import make_upstream, new_upstream
 
 
@@ -228,3 +229,89 @@ def test_a_file_git_apply_cut_short_under_core_autocrlf_is_recovered_without_for
     assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
         "dspark: method and module", "dspark: hook in core"]
     assert not git(work, "branch", "--list", "dspark/saved-*")
+
+
+def crlf_clone(toy, tmp_path: Path, edits: list[tuple[str, dict[str, str]]]) -> tuple[Path, Path]:
+    """A team series (`v1.0`, patches of `edits`) committed in a repository of its own, and that
+    repository cloned with core.autocrlf=true, as on Windows: (the repository, the clone)."""
+    team = make_series(tmp_path, toy["upstream"]["repo"], "v1.0", toy["upstream"]["v1.0"], edits)
+    repo = tmp_path / "team-repo"
+    repo.mkdir()
+    shutil.move(str(team), repo / "v1.0")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "team series")
+    clone = tmp_path / "team-clone"
+    git(tmp_path, "clone", "-q", "--config", "core.autocrlf=true", str(repo), str(clone))
+    return repo, clone
+
+
+def test_a_series_checked_out_with_crlf_line_ends_is_named_as_such(toy, tmp_path):
+    """core.autocrlf=true: the clone's patch files end every line in CRLF. apply said their sha256
+    did not match the lock (exit 2), and once relocked, that a hunk's context did not match the
+    tree (exit 4): neither named the line ends."""
+    repo, clone = crlf_clone(toy, tmp_path, [("team: tweak", {"engine/core.py": CORE.replace("line 3\n", "line 3 team\n")})])
+    series_dir = clone / "v1.0"
+    [patch] = series_dir.glob("*.patch")
+    assert patch.read_bytes().count(b"\r\n") == patch.read_bytes().count(b"\n")  # converted by the checkout
+    work = toy["workdir"]
+    line = (f"error: {patch}: every line ends in CRLF, git's header lines too (git format-patch writes LF there): "
+            "a checkout converted its line ends (core.autocrlf=true?); mark the series' files -text "
+            "(`*.patch -text`, `series -text` and `series.lock -text` in the .gitattributes of the repository "
+            "holding them), then delete them and check them out again (`git checkout -- <dir>`)")
+    for command in (["apply", "toy", "-C", str(work), "--series", str(series_dir)],
+                    ["series", "lock", str(series_dir)],
+                    ["apply", "toy", "-C", str(work), "--series", str(series_dir)]):  # relocked by hand
+        refused = dspark(toy, "", *command)
+        assert refused.returncode == 2 and refused.stderr.strip() == line, refused.stderr
+        assert not work.exists()
+        lock = series_dir / "series.lock"
+        lock.write_text(f"{hashlib.sha256(patch.read_bytes()).hexdigest()}  {patch.name}\n")
+    # what the line says to do works
+    (repo / ".gitattributes").write_text("*.patch -text\nseries -text\nseries.lock -text\n")
+    git(repo, "add", ".gitattributes")
+    git(repo, "commit", "-q", "-m", "no line-end conversion")
+    git(clone, "checkout", "-q", "--", ".")
+    git(clone, "pull", "-q")
+    for path in series_dir.iterdir():
+        path.unlink()
+    git(clone, "checkout", "--", "v1.0")
+    applied = dspark(toy, "", "apply", "toy", "-C", str(work), "--series", str(series_dir))
+    assert applied.returncode == 0, applied.stderr
+    assert git(work, "log", "-1", "--format=%s") == "team: tweak"
+
+
+def test_a_patch_of_crlf_content_still_applies_from_a_crlf_checkout(toy, tmp_path):
+    """A patch of a file with CRLF line ends has CRs on its content lines, not on git's header
+    lines: it is no converted patch, and core.autocrlf leaves such a mixed file as it is."""
+    crlf = "REM one\r\nREM two\r\n"
+    _, clone = crlf_clone(toy, tmp_path, [("team: a CRLF script", {"engine/run.bat": crlf})])
+    [patch] = (clone / "v1.0").glob("*.patch")
+    assert b"+REM one\r\n" in patch.read_bytes() and b"\ndiff --git a/engine/run.bat b/engine/run.bat\n" in patch.read_bytes()
+    work = toy["workdir"]
+    applied = dspark(toy, "", "apply", "toy", "-C", str(work), "--series", str(clone / "v1.0"))
+    assert applied.returncode == 0, applied.stderr
+    assert (work / "engine" / "run.bat").read_bytes() == crlf.encode()
+    assert dspark(toy, "", "series", "lock", str(clone / "v1.0"), "--check").returncode == 0
+
+
+def test_dsparks_own_series_are_byte_exact_in_a_core_autocrlf_clone(tmp_path, monkeypatch):
+    """dspark's repository cloned with core.autocrlf=true (Windows, WSL) got its patches, series
+    and series.lock with CRLF line ends: every apply refused them. Its .gitattributes marks them
+    -text; here a repository holding that .gitattributes and patches/ is cloned so."""
+    isolate_git(monkeypatch, tmp_path)
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "patches", repo / "patches")
+    if (ROOT / ".gitattributes").is_file():
+        shutil.copy(ROOT / ".gitattributes", repo / ".gitattributes")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "dspark")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "--config", "core.autocrlf=true", str(repo), str(clone))
+    files = [path.relative_to(repo) for path in (repo / "patches").rglob("*") if path.is_file()]
+    assert len(files) > 20
+    changed = [str(name) for name in files if (clone / name).read_bytes() != (repo / name).read_bytes()]
+    assert changed == []
+    for series_dir in {(clone / name).parent for name in files}:
+        series_files.load_series(series_dir, "dspark")
