@@ -13,6 +13,7 @@ import json
 import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -77,6 +78,8 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
                    "changed nothing: your local changes are as they were")
         say(f"note: {message}", err=True, markup=False)
         return message
+    # restore removes the locks the killed run's git left: not one there before that run started
+    _refuse_git_locks(ws, snapshot.work_branch, _time_of(snapshot.started))
     _refuse_assume_unchanged_edits(ws, [snapshot.head])  # restore's reset --hard would overwrite them
     _refuse_ignored_in_the_way(ws, f"recovering the interrupted {snapshot.op}", [ws.head(), snapshot.head])
     moved = _moved_since(ws, snapshot)
@@ -97,6 +100,14 @@ def recover(ws: Workspace, force: bool = False) -> str | None:
     # and the user must know the workspace was changed.
     say(f"note: {message}", err=True, markup=False)
     return message
+
+
+def _time_of(stamp: str) -> float | None:
+    """A snapshot's `started` as a time.time(); None where it is no ISO time (then every lock counts)."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _touched_nothing(ws: Workspace, snapshot: Snapshot) -> bool:
@@ -348,6 +359,7 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
         return {"status": "already applied", "applied": [p.label for p in patches], "new": [], "notes": []}
     if branch_sha:
         _check_not_in_another_worktree(ws, branch)
+    _refuse_git_locks(ws, branch)
     changes = _local_changes(ws, force, [branch_sha or base], todo)
     _refuse_ignored_in_the_way(ws, "apply", [ws.head(), branch_sha or base])  # HEAD: a rollback's reset
     notes = _save_detached_commits(ws, base, branch, force)
@@ -422,6 +434,17 @@ def _local_changes(ws: Workspace, force: bool, commits: list[str], patches: list
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
                          "commit or stash them, or pass --force (they are stashed, not lost)")
     return changes
+
+
+def _refuse_git_locks(ws: Workspace, branch: str, older_than: float | None = None) -> None:
+    """A lock file of git's (index.lock, HEAD.lock, the work branch's) there before the operation is
+    another git's: running (an editor's, a `git commit` waiting on its editor) or killed. Our git
+    commands would fail on it, and a rollback's lock removal, meant for our own killed git's, would
+    delete it: refuse first, even with --force, and leave it alone."""
+    locks = ws.git_locks(branch, older_than)
+    if locks:
+        raise UsageError(f"{locks[0]} exists: another git process is running in {ws.path}, or one was killed and "
+                         "left it; let it finish, or remove the file if no git process is running, and run again")
 
 
 def _refuse_assume_unchanged_edits(ws: Workspace, commits: list[str | None], patches: list[Patch] = ()) -> None:
@@ -596,6 +619,7 @@ def _revert(ws: Workspace, state: dict, force: bool, keep_user_commits: bool) ->
         raise UsageError(f"{done.label}'s commit {done.commit[:12]} {why}: move them into a commit of their own, "
                          "or pass --force to revert anyway with the branch kept as dspark/saved-<time>")
     _check_not_in_another_worktree(ws, branch)
+    _refuse_git_locks(ws, branch)
     changes = _local_changes(ws, force, [base, *(sha for sha, _ in user)])
     _refuse_ignored_in_the_way(ws, "revert", [ws.head(), base, *(sha for sha, _ in user)])  # user's: replayed
     notes += _save_detached_commits(ws, base, branch, force)

@@ -564,8 +564,24 @@ class Workspace:
     def remove_git_locks(self, branch: str) -> None:
         """Remove this worktree's index.lock and HEAD.lock and `branch`'s ref lock: only for a
         caller that holds the workspace lock and knows the git that made them is gone."""
-        for lock in self.git_paths("index.lock", "HEAD.lock", f"refs/heads/{branch}.lock"):
+        for lock in self._git_lock_paths(branch):
             lock.unlink(missing_ok=True)
+
+    def git_locks(self, branch: str, older_than: float | None = None) -> list[Path]:
+        """Those of the locks remove_git_locks removes that exist (made before `older_than`, a
+        time.time(), when given): another git's, running or killed, when no run of ours made them."""
+        found = []
+        for lock in self._git_lock_paths(branch):
+            try:
+                made = lock.lstat().st_mtime
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if older_than is None or made < older_than:
+                found.append(lock)
+        return found
+
+    def _git_lock_paths(self, branch: str) -> list[Path]:
+        return self.git_paths("index.lock", "HEAD.lock", f"refs/heads/{branch}.lock")
 
     def lost_by_restore(self, snapshot: Snapshot, base: str) -> tuple[list[str], list[tuple[str, str]]]:
         """What restoring `snapshot` would throw away after a killed run: local changes, and commits

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -867,6 +868,52 @@ def test_a_lock_file_a_killed_git_left_does_not_block_recovery(toy, lock):
     assert recovered.returncode == 0, recovered.stderr
     assert tree_fingerprint(work) == before and not (work / ".git" / lock).exists()
 
+
+
+@pytest.mark.parametrize("lock", ["index.lock", "HEAD.lock", "refs/heads/dspark/v1.0.lock"])
+@pytest.mark.parametrize("command", ["apply", "revert"])
+def test_a_git_lock_there_before_the_run_is_refused_and_left_alone(toy, command, lock):
+    """A git running beside dspark (an editor's `git status`, a `git commit` waiting on its editor)
+    holds index.lock: apply and revert failed on it (exit 3, git's "File exists") and their rollback
+    deleted it, the other git's, without a word. Refused up front now, the lock never touched."""
+    work = toy["workdir"]
+    work.mkdir()
+    git(work, "clone", "-q", str(toy["upstream"]["repo"]), ".")
+    if command == "revert":
+        assert dspark(toy, "apply", "toy", "-C", str(work)).returncode == 0
+    path = work / ".git" / lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    before = tree_fingerprint(work)
+    args = ["apply", "toy", "-C", str(work)] if command == "apply" else ["revert", "-C", str(work)]
+    for force in ([], ["--force"]):
+        refused = dspark(toy, *args, *force)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == (
+            f"error: {path} exists: another git process is running in {work}, or one was killed and left it; "
+            "let it finish, or remove the file if no git process is running, and run again"), refused.stderr
+        assert path.exists() and tree_fingerprint(work) == before
+    path.unlink()
+    assert dspark(toy, *args).returncode == 0
+
+
+def test_a_git_lock_older_than_a_killed_run_is_not_taken_for_its_own(toy):
+    """Recovery removes the locks a killed run's git left, which no git holds: one already there
+    when that run started is not its own (the run's git would have failed on it)."""
+    work = toy["workdir"]
+    assert dspark(toy, "apply", "toy", "-C", str(work), kill_after="committed:1").returncode == -signal.SIGKILL
+    lock = work / ".git" / "index.lock"
+    lock.write_text("")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    before = tree_fingerprint(work)
+    refused = dspark(toy, "revert", "-C", str(work))
+    assert refused.returncode == 2 and f"error: {lock} exists: another git process is running" in refused.stderr
+    assert lock.exists() and tree_fingerprint(work) == before
+    os.utime(lock)  # as the killed run's git left it
+    recovered = dspark(toy, "revert", "-C", str(work))
+    assert recovered.returncode == 0, recovered.stderr
+    assert not lock.exists() and "recovered an interrupted apply" in recovered.stderr
 
 def test_status_where_objects_cannot_be_written_finds_no_drift(toy):
     """status compares each patch commit with the patch applied afresh, which wrote objects: on a
