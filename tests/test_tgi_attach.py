@@ -239,10 +239,10 @@ def test_choose_drops_the_warped_scores_before_the_verification(checkpoints, mon
     monkeypatch.setattr(hooks, "_warped_logits", lambda *a: made.append(weakref.ref(w := warped(*a))) or w)
     verify = spec.verify
 
-    def checked_verify(request_ids, logprobs, *rest):
+    def checked_verify(request_ids, logprobs, *rest, **options):
         assert logprobs.shape == (B, S, tiny_models.VOCAB)
         assert made and all(ref() is None for ref in made), "the warped scores are alive during the verification"
-        return verify(request_ids, logprobs, *rest)
+        return verify(request_ids, logprobs, *rest, **options)
 
     spec.verify = checked_verify
     next_ids, next_logprobs, alllogprobs, accepted, _ = _choose(spec, B, S, prefill=False, logits_dtype=torch.bfloat16)
@@ -378,3 +378,33 @@ def test_choose_hands_tgi_drafts_of_the_scheduled_width_within_speculate(checkpo
     spec.capture.buffer = torch.randn(12, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
     out = hooks.choose(spec, batch, torch.randn(3, tiny_models.VOCAB), 2)  # --speculate 2 under a γ = 3 drafter
     assert out[4].shape == (3, 2)
+
+
+def _near_tie(rows: int, low: int, high: int) -> torch.Tensor:
+    """fp32 logits [rows, V] whose two largest, at `low` < `high`, are adjacent floats, the larger at
+    `high`: TGI's Greedy (argmax of the warped scores) picks `high`, while exp(log_softmax) rounds
+    both to one probability (a tie that argmax breaks towards `low`)."""
+    logits = -1 + 0.01 * torch.randn(rows, tiny_models.VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[:, low] = 1e-3
+    logits[:, high] = torch.nextafter(torch.tensor(1e-3), torch.tensor(1.0))
+    assert bool((torch.log_softmax(logits, -1).exp()[:, low] == torch.log_softmax(logits, -1).exp()[:, high]).all())
+    return logits
+
+
+def test_a_greedy_request_takes_tgis_argmax_of_the_scores_where_probabilities_round_to_a_tie(checkpoints):
+    """Greedy TGI takes the argmax of the warped scores; choose verified against the argmax of
+    exp(log_softmax(scores)), which can round two distinct maxima to one value and then took the
+    lower token id: another token than TGI's without speculation (prefill), and a draft of TGI's
+    token rejected (decode)."""
+    spec = _speculation(checkpoints)
+    B, S, low, high = 2, 4, 4, 5
+    batch = _batch(B, S, prefill=True)
+    spec.capture.buffer = torch.randn(B * 4, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
+    next_ids, _, _, _, drafts = hooks.choose(spec, batch, _near_tie(B, low, high), 3)
+    assert next_ids.tolist() == [high] * B
+    spec.pending[10].draft.tokens[:, 0] = high  # the drafter proposes TGI's greedy token first
+    batch = _batch(B, S, prefill=False)
+    batch.speculative_ids = spec.pending[10].draft.tokens.clone()  # what TGI verifies: choose's drafts
+    spec.capture.buffer = torch.randn(B * S, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN)
+    next_ids, _, _, accepted, _ = hooks.choose(spec, batch, _near_tie(B * S, low, high), 3)
+    assert accepted.tolist() == [2] * B and next_ids.tolist() == [high, high] * B

@@ -278,10 +278,13 @@ def choose(spec: DSparkSpeculation, batch, next_token_logits: torch.Tensor, spec
     # their fp32 copy is made, that copy once log_softmax returns (torch fuses the fp32 cast into
     # log_softmax for fp16 only, not bf16), so at most two are alive, as during the verification.
     scores = _warped_logits(batch, next_token_logits, S).view(len(batch) * S, -1).float()
+    # Greedy TGI takes the argmax of these scores: exp(log_softmax(·)) can round two distinct
+    # maxima to one probability, whose argmax is then the lower token id.
+    best = scores.argmax(-1).view(len(batch), S) if not all(do_sample) else None
     alllogprobs = torch.log_softmax(scores, -1)
     del scores
     tokens, n_acc = spec.verify(request_ids, alllogprobs.view(len(batch), S, -1), greedy,
-                                step_seeds(seeds, sample_positions))
+                                step_seeds(seeds, sample_positions), target_argmax=best)
 
     # Commit: target features of the anchor + accepted rows extend each request's draft context.
     if batch.cu_seqlen_prefill is not None:  # prefill: every computed prompt row is context

@@ -211,13 +211,17 @@ class DSparkSpeculation:
     # ------------------------------------------------------------------ verification
 
     def verify(self, request_ids: list[int], target_logprobs: torch.Tensor, greedy: torch.Tensor,
-               seeds: torch.Tensor | None = None):
+               seeds: torch.Tensor | None = None, target_argmax: torch.Tensor | None = None):
         """target_logprobs [B, S, V] fp32: the log-softmax of TGI's warped scores (S = 1 + γ with
         drafts, 1 without), which hooks.choose computes once and also returns to TGI as its
         logprobs; the target probabilities are the exp of the rows read (one elementwise pass, where
         a softmax of the scores would read them again).
         seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
         sampled output depends on its own seed only, not on the batch; else the shard's generator.
+        target_argmax [B, S]: the argmax of each row's warped scores (what greedy TGI takes), given by
+        hooks.choose when the batch has a greedy request: the greedy rows are verified against it
+        (exp∘log_softmax can round two distinct maxima to one probability, a tie the argmax of the
+        probabilities breaks towards the lower id).
         Returns (tokens per request, number of accepted drafts per request)."""
         B, S, _ = target_logprobs.shape
         # The exp of the rows read only ([B·S, V] fp32 each full copy): a plain step reads row 0,
@@ -230,11 +234,17 @@ class DSparkSpeculation:
             else:
                 probs = probs.to(self.generator.device)
                 sampled = torch.multinomial(probs, 1, generator=self.generator).view(-1)
-            nxt = torch.where(greedy.to(probs.device), probs.argmax(-1), sampled.to(probs.device))
+            best = probs.argmax(-1) if target_argmax is None else target_argmax[:, 0].to(probs.device)
+            nxt = torch.where(greedy.to(probs.device), best, sampled.to(probs.device))
             return [[t] for t in nxt.tolist()], [0] * B
         pend = [self.pending[r] for r in request_ids]
         ells = [min(p.ell, S - 1) for p in pend]
         probs = target_logprobs[:, :max(ells) + 1].exp()
+        if target_argmax is not None:  # greedy rows: one-hot at the scores' argmax (the verification reads their argmax only)
+            g = greedy.to(probs.device).view(-1, 1, 1)
+            top = target_argmax[:, :probs.shape[1]].to(probs.device).unsqueeze(2)
+            at_top = probs.gather(2, top)
+            probs.masked_fill_(g, 0.0).scatter_(2, top, torch.where(g, torch.ones_like(at_top), at_top))
         ell = torch.tensor(ells, dtype=torch.int64).to(probs.device)
         res = runtime.rejection_sample(probs, batch_draft(pend), ell, greedy=greedy,
                                        seeds=None if seeds is None else seeds.to(probs.device),
