@@ -275,6 +275,13 @@ def test_a_series_layer_kept_untracked_in_the_workdir_applies_with_force(toy, tm
     assert (work / "team" / "series").is_file()
 
 
+def hidden_edit_refusal(work, flag: str) -> str:
+    """The one line apply and revert refuse an edit git status and git stash pass by with."""
+    return (f"error: {work} has local changes to engine/config.py, marked {flag}: git status does not show "
+            "them and git stash does not save them, so not even --force would keep them; clear the flag "
+            f"(`git update-index --no-{flag} <path>`) and run again\n")
+
+
 def test_a_nested_repository_where_a_checkout_writes_is_refused_even_with_force(toy):
     """git checkout -f writes tracked files into an untracked repository at their path, over its own."""
     work = toy["workdir"]
@@ -308,10 +315,7 @@ def test_an_edit_to_a_skip_worktree_file_is_refused_not_blamed_on_the_patch(toy,
     before = tree_fingerprint(work)
     refused = dspark(toy, *command, "-C", str(work), "--force")
     assert refused.returncode == 2, refused.stderr
-    assert refused.stderr == (
-        f"error: {work} has local changes to engine/config.py, marked skip-worktree: git status does not show "
-        "them and git stash does not save them, so not even --force would keep them; clear the flag "
-        "(`git update-index --no-skip-worktree <path>`) and run again\n")
+    assert refused.stderr == hidden_edit_refusal(work, "skip-worktree")
     assert tree_fingerprint(work) == before and (work / "engine" / "config.py").read_text() == "my local settings\n"
 
 
@@ -344,10 +348,7 @@ def test_an_edit_to_an_assume_unchanged_file_is_refused_even_with_force(toy, com
     before = tree_fingerprint(work)
     refused = dspark(toy, *args, "-C", str(work), "--force")
     assert refused.returncode == 2, refused.stderr
-    assert refused.stderr == (
-        f"error: {work} has local changes to engine/config.py, marked assume-unchanged: git status does not show "
-        "them and git stash does not save them, so not even --force would keep them; clear the flag "
-        "(`git update-index --no-assume-unchanged <path>`) and run again\n")
+    assert refused.stderr == hidden_edit_refusal(work, "assume-unchanged")
     assert tree_fingerprint(work) == before and (work / "engine" / "config.py").read_text() == "mine\n"
     assert json.loads((work / ".git" / "dspark" / "state.json").read_text())["in_progress"] is None
     git(work, "update-index", "--no-assume-unchanged", "engine/config.py")
