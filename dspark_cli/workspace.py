@@ -311,15 +311,18 @@ class Workspace:
         """Submodules with another commit checked out or tracked files modified inside: `git stash`
         saves neither ("No local changes to save"), so --force could not keep them. Untracked files
         inside one are left alone by every git command we run, so they are no reason to refuse."""
-        lines = self.git.run("status", "--porcelain=v2", "--untracked-files=all").stdout.splitlines()
-        # "1 XY SCMU <5 fields> path", or "2 XY SCMU <6 fields> path\torig" for a rename: the third
-        # field is S and its flags for a submodule, N... for anything else.
+        records = iter(self.git.run("status", "--porcelain=v2", "-z", "--untracked-files=all").stdout.split("\0"))
+        # "1 XY SCMU <5 fields> path", or "2 XY SCMU <6 fields> path" then the original path as its
+        # own record for a rename: the third field is S and its flags for a submodule, N... otherwise.
         changed = []
-        for line in lines:
-            fields = line.split(" ", 9 if line.startswith("2 ") else 8)
+        for record in records:
+            kind = record[:2]
+            fields = record.split(" ", 9 if kind == "2 " else 8)
+            if kind == "2 ":
+                next(records, None)
             # the S field is "S" + C (commit changed) + M (tracked changes) + U (untracked), "." if not
-            if fields[0] in ("1", "2") and fields[2].startswith("S") and (fields[2][1] == "C" or fields[2][2] == "M"):
-                changed.append(fields[-1].split("\t")[0])
+            if kind in ("1 ", "2 ") and fields[2].startswith("S") and (fields[2][1] == "C" or fields[2][2] == "M"):
+                changed.append(fields[-1])
         return changed
 
     def hidden_edits(self) -> dict[str, list[str]]:

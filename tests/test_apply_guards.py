@@ -127,25 +127,25 @@ def test_a_revert_after_a_killed_first_apply_undoes_it_and_says_so(toy, tmp_path
 
 # -- 3. changes git stash cannot save --------------------------------------------------------------
 
-def test_changes_inside_a_submodule_are_refused_even_with_force(toy, tmp_path):
+@pytest.mark.parametrize("name", ["vendor/sub", "vendor/süb mod"])  # git status quotes the latter
+def test_changes_inside_a_submodule_are_refused_even_with_force(toy, tmp_path, name):
     sub = tmp_path / "sub"
     sub.mkdir()
     git(sub, "init", "-q", "-b", "main")
     user_commit(sub, "a.txt")
     clone = tmp_path / "my-clone"
     git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
-    git(clone, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "vendor/sub")
+    git(clone, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), name)
     git(clone, "commit", "-q", "-m", "user: a submodule")
-    (clone / "vendor" / "sub" / "a.txt").write_text("edited inside the submodule\n")
+    (clone / name / "a.txt").write_text("edited inside the submodule\n")
     before = tree_fingerprint(clone)
     refused = dspark(toy, "apply", "toy", "-C", str(clone), "--force")
     assert refused.returncode == 2, refused.stderr
-    assert "changes inside submodule(s) vendor/sub, which git stash cannot save" in refused.stderr
+    assert f"changes inside submodule(s) {name}, which git stash cannot save" in refused.stderr
     assert "None" not in refused.stderr + refused.stdout
     assert tree_fingerprint(clone) == before
     assert not (clone / ".git" / "dspark" / "state.json").exists()
-    assert (clone / "vendor" / "sub" / "a.txt").read_text() == "edited inside the submodule\n"
-
+    assert (clone / name / "a.txt").read_text() == "edited inside the submodule\n"
 
 
 def test_files_untracked_inside_a_submodule_are_left_alone_not_refused(toy, tmp_path):
