@@ -341,32 +341,69 @@ def rebase_series(ws: Workspace, base: str, onto: str, patches: list[Patch], bra
     if underlay is not None:
         trees = Trees(base, onto, with_series(ws, base, underlay.old, underlay.old_name),
                       with_series(ws, onto, underlay.new, underlay.new_name), underlay)
-    outcomes: list[PatchOutcome] = []
     with oplock.exclusive(ws.git_dir, ws.path):  # one dspark run at a time in this repository
-        # what a git killed with an earlier run left failed every later run's reset and checkout:
-        # ours to remove under the lock (the work tree is ours; no other dspark runs git in it)
-        ws.remove_git_locks(branch)
-        if resume:
-            outcomes = _resumed_outcomes(ws, branch, trees, patches)
-        else:
-            start_branch(ws, branch, trees.onto_with, force)
-        series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
-        tip, resolved, start = ws.head(), any(o.status == RESOLVED for o in outcomes), len(outcomes)
-        for patch in patches[len(outcomes):]:
-            if any(o.status == CONFLICT for o in outcomes):
-                text = patch.path.read_text(encoding="utf-8", errors="replace")
-                outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
-                continue
-            outcomes.append(apply_one(ws, patch, trees, series_adds))
-            series_adds |= set(created_paths(patch.path))
-            if resolved and outcomes[-1].status == ALREADY and not _in_new_tree(ws, patch, trees.onto_with):
-                ws.git.run("reset", "-q", "--hard", tip)  # the branch as you left it
-                _record_progress(ws, branch, trees, outcomes[:start], patches)  # and the record as it matches it
-                raise UsageError(f"{ws.path}: {patch.name}'s change is on the work branch but not in the new tree: "
-                                 "your resolution holds it (amended or copied in?); leave it out of the resolution, "
-                                 "then --continue")
-            # A run stopped from here on (Ctrl-C, a kill) left the commits so far: --continue matches them.
-            _record_progress(ws, branch, trees, outcomes, patches)
+        take_over_git_locks(ws, branch)
+        try:
+            return _rebase_locked(ws, trees, patches, branch, force, resume)
+        except BaseException:  # our git exited with us (a Ctrl-C reaches it too): no lock of its is left
+            run_ended(ws)
+            raise
+
+
+def _running_file(ws: Workspace) -> Path:
+    return ws.git_dir / "dspark" / "rebase-running"
+
+
+def take_over_git_locks(ws: Workspace, branch: str) -> None:
+    """Remove the git lock files (index.lock, HEAD.lock, the work branch's) a git killed with an
+    earlier run of ours left, which failed every later run's reset and checkout; then mark this run
+    as running (run_ended clears it). Only a killed run leaves the mark, so only locks made since it
+    started are its git's: any other is a live git's (a `git commit -a` of the human resolving a
+    conflict, waiting on its editor) or one killed outside dspark, and deleting it let two gits
+    write the index at once. Refused as apply refuses it (exit 2), and left alone."""
+    running = _running_file(ws)
+    try:
+        since = running.stat().st_mtime  # the file's own clock and granularity, as the locks'
+    except OSError:
+        since = None
+    theirs = ws.git_locks(branch) if since is None else ws.git_locks(branch, older_than=since)
+    if theirs:
+        raise UsageError(f"{theirs[0]} exists: another git process is running in {ws.path}, or one was killed and "
+                         "left it; let it finish, or remove the file if no git process is running, and run again")
+    ws.remove_git_locks(branch)
+    running.parent.mkdir(parents=True, exist_ok=True)
+    running.write_text(f"{os.getpid()}\n")  # rewritten: its mtime is this run's start
+
+
+def run_ended(ws: Workspace) -> None:
+    """This run's git commands are over (finished, failed or interrupted, not killed)."""
+    _running_file(ws).unlink(missing_ok=True)
+
+
+def _rebase_locked(ws: Workspace, trees: Trees, patches: list[Patch], branch: str, force: bool,
+                   resume: bool) -> RebaseResult:
+    outcomes: list[PatchOutcome] = []
+    if resume:
+        outcomes = _resumed_outcomes(ws, branch, trees, patches)
+    else:
+        start_branch(ws, branch, trees.onto_with, force)
+    series_adds = {f for p in patches[:len(outcomes)] for f in created_paths(p.path)}  # by the patches before
+    tip, resolved, start = ws.head(), any(o.status == RESOLVED for o in outcomes), len(outcomes)
+    for patch in patches[len(outcomes):]:
+        if any(o.status == CONFLICT for o in outcomes):
+            text = patch.path.read_text(encoding="utf-8", errors="replace")
+            outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
+            continue
+        outcomes.append(apply_one(ws, patch, trees, series_adds))
+        series_adds |= set(created_paths(patch.path))
+        if resolved and outcomes[-1].status == ALREADY and not _in_new_tree(ws, patch, trees.onto_with):
+            ws.git.run("reset", "-q", "--hard", tip)  # the branch as you left it
+            _record_progress(ws, branch, trees, outcomes[:start], patches)  # and the record as it matches it
+            raise UsageError(f"{ws.path}: {patch.name}'s change is on the work branch but not in the new tree: "
+                             "your resolution holds it (amended or copied in?); leave it out of the resolution, "
+                             "then --continue")
+        # A run stopped from here on (Ctrl-C, a kill) left the commits so far: --continue matches them.
+        _record_progress(ws, branch, trees, outcomes, patches)
     result = RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=outcomes,
                           sources={p.name: p.sha256 for p in patches})
     _record_statuses(ws, result)

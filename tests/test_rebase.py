@@ -1347,9 +1347,10 @@ def test_a_run_killed_inside_git_worktree_add_leaves_nothing_the_next_cannot_use
 
 
 @pytest.mark.parametrize("lock", ["index.lock", "HEAD.lock", "branch"])
-def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(upstream, lock):
+def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(upstream, tmp_path, lock):
     """A git killed with a rebase left its lock file: every later run, --force too, failed on it
-    (exit 3, "Unable to create ...lock: File exists")."""
+    (exit 3, "Unable to create ...lock: File exists"). Only the killed run's: a lock made before that
+    run started is another git's (see the test after this one)."""
     from dspark_cli.workspace import Workspace
 
     u = upstream
@@ -1360,7 +1361,19 @@ def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(u
     git_dir = Workspace(wd).git_dir
     path = u["repo"] / ".git" / "refs" / "heads" / "dspark" / "rebase-v32.0.lock" if lock == "branch" else git_dir / lock
     assert path.parent.is_dir(), path
-    path.write_text("")
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+case "$*" in *"apply --check"*) touch {waiting}; sleep 30; exit 1;; esac
+exec {shutil.which("git")} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    code, _, stderr = signal_dspark_when(
+        waiting, signal.SIGKILL, "rebase", "eng", "--from", "v1.0", *args, "--force",
+        env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+             "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == -signal.SIGKILL, stderr
+    path.write_text("")  # as the killed run's git left it
     again = dspark(u, *args, "--force")
     assert again.returncode == 0, again.stderr
     assert not path.exists()
@@ -1862,3 +1875,42 @@ def test_non_ascii_file_names_are_reported_as_the_files_are_named(tmp_path):
     moved = dspark(u, "--onto", "v3.0", "--repo", str(repo), "--workdir", str(tmp_path / "wd3"))
     assert moved.returncode == 0, moved.stderr
     assert json.loads(moved.stdout)["patches"][1]["details"] == ["ótro.py: hunk #1 at line 4 (offset 1)"]
+
+
+def test_a_lock_of_a_git_running_in_the_work_tree_is_refused_and_left_alone(upstream, tmp_path):
+    """A `git commit -a` waiting on its editor in the work tree (the human committing a resolution)
+    holds index.lock: `dspark rebase --continue` run meanwhile deleted it (it took every lock there
+    for a killed git's), so two gits wrote the index at once. A lock no killed run of ours left is
+    another git's: refused as apply refuses it (exit 2), and left in place."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v34.0")
+    wd = u["tmp"] / "wd34"
+    args = ("--onto", "v34.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert dspark(u, *args).returncode == 4
+    (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+    editing, done = tmp_path / "editing", tmp_path / "done"
+    editor = tmp_path / "editor"
+    editor.write_text(f"#!/bin/sh\necho 'ours: mark f3' > \"$1\"\ntouch {editing}\n"
+                      f"while [ ! -e {done} ]; do sleep 0.05; done\n")
+    editor.chmod(0o755)
+    env = {**os.environ, "GIT_EDITOR": str(editor), "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "T",
+           "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@x"}
+    committing = subprocess.Popen(["git", "commit", "-q", "-a"], cwd=wd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not editing.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        index_lock = Path(git(wd, "rev-parse", "--path-format=absolute", "--git-path", "index.lock"))
+        assert index_lock.exists()
+        refused = dspark(u, *args, "--continue")
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: {index_lock} exists: another git process is running in {wd}, or one was killed and left it; "
+            "let it finish, or remove the file if no git process is running, and run again")
+        assert index_lock.exists()
+    finally:
+        done.touch()
+        _, stderr = committing.communicate(timeout=60)
+    assert committing.returncode == 0, stderr
+    assert dspark(u, *args, "--continue").returncode == 0

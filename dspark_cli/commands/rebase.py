@@ -278,15 +278,18 @@ def register(app: typer.Typer) -> None:
             else:
                 result = rebase.rebase_series(ws, base, onto_commit, patches, branch, force=force, resume=resume,
                                               underlay=underlay)
-            conflict = result.conflicted
-            if conflict is None:
-                if not layered:  # the marker module is DSpark's series', not a layer's
-                    rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
-                rebase.byte_compile(ws, result)
-                rebase.find_leftover_markers(ws, result)
-                if not (result.compile_errors or result.leftover_markers):
-                    rebase.write_series(ws, result, source_dir, out_dir)
-                    rebase.record_finished(ws)
+            try:
+                conflict = result.conflicted
+                if conflict is None:
+                    if not layered:  # the marker module is DSpark's series', not a layer's
+                        rebase.refresh_marker(ws, result, f"{engine_name}/{name}")
+                    rebase.byte_compile(ws, result)
+                    rebase.find_leftover_markers(ws, result)
+                    if not (result.compile_errors or result.leftover_markers):
+                        rebase.write_series(ws, result, source_dir, out_dir)
+                        rebase.record_finished(ws)
+            finally:  # only a killed run leaves its mark: the next takes the locks its git left for its own
+                rebase.run_ended(ws)
         failure = None
         if conflict is not None:
             failure = PatchFailed(f"{conflict.patch} conflicts ({'; '.join(conflict.details)}); {_how_to_resolve(conflict, result)}")
