@@ -3,8 +3,10 @@ pinned commit in it."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -138,17 +140,44 @@ def _no_hooks_env() -> dict[str, str]:
     return config_env({"core.hooksPath": "/dev/null"})
 
 
+def _run_with_progress(cwd: Path | None, args: list[str], progress: _RichProgress) -> None:
+    """`git ARGS --progress` with its stderr fed to `progress` line by line, as GitPython's clone and
+    fetch feed it, but decoded here with surrogateescape (as Git.run decodes): GitPython read it as
+    strict UTF-8 in a thread of its own, so a path named in another encoding (a workdir `x\\xff`, in
+    git's `Cloning into '...'`) killed that thread with a traceback and git with SIGPIPE, exit 3 with
+    GitPython's cmdline dump. A failure raises GitCommandError, which _with_progress turns into git's
+    reason (the fatal:/error: lines the handler collected)."""
+    command = ["git", *args]
+    env = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C", **_no_hooks_env()}  # GitPython's C locale too
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    handle = progress.new_message_handler()
+    try:
+        # universal newlines: git redraws a progress line with \r, each redraw is one update
+        for line in io.TextIOWrapper(proc.stderr, encoding="utf-8", errors="surrogateescape", newline=None):
+            handle(line)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.wait() != 0:
+        raise gitpython.GitCommandError(command, proc.returncode)
+
+
 def _clone_into(url: str, tmp: Path, path: Path) -> None:
     require_git()
     say(f"cloning {url} into {path}", err=True, markup=False)
-    _with_progress(lambda progress: gitpython.Repo.clone_from(url, tmp, no_checkout=True, progress=progress,
-                                                              env=_no_hooks_env()), f"cannot clone {url}")
+
+    def clone(progress: _RichProgress) -> None:
+        gitpython.Git.check_unsafe_protocols(url)  # ext:: runs a command: refused, as GitPython's clone refused it
+        _run_with_progress(None, ["clone", "-v", "--no-checkout", "--progress", "--", url, str(tmp)], progress)
+
+    _with_progress(clone, f"cannot clone {url}")
 
 
 def fetch(ws: Workspace, url: str) -> None:
     say(f"fetching {url}", err=True, markup=False)
-    repo = gitpython.Repo(ws.path)
-    _with_progress(lambda progress: _fetch_with_progress(repo, url, progress), f"cannot fetch {url}")
+    _with_progress(lambda progress: _fetch_with_progress(ws, url, progress), f"cannot fetch {url}")
 
 
 UPSTREAM = "dspark-upstream"
@@ -158,14 +187,15 @@ UPSTREAM_TAGS = f"refs/{UPSTREAM}/tags"
 UPSTREAM_REFSPECS = [f"+refs/heads/*:refs/remotes/{UPSTREAM}/*", f"+refs/tags/*:{UPSTREAM_TAGS}/*"]
 
 
-def _fetch_with_progress(repo: gitpython.Repo, url: str, progress: _RichProgress) -> None:
-    remote = gitpython.Remote(repo, UPSTREAM)
-    if not remote.exists():
-        remote = repo.create_remote(UPSTREAM, url)
-    elif remote.url != url:
-        remote.set_url(url)
-    with repo.git.custom_environment(**_no_hooks_env()):
-        remote.fetch(refspec=UPSTREAM_REFSPECS, no_tags=True, progress=progress)
+def _fetch_with_progress(ws: Workspace, url: str, progress: _RichProgress) -> None:
+    gitpython.Git.check_unsafe_protocols(url)
+    known = ws.git.run("config", "--get", f"remote.{UPSTREAM}.url", check=False)
+    if known.returncode != 0:
+        ws.git.run("remote", "add", UPSTREAM, url)
+    elif known.stdout.rstrip("\n") != url:
+        ws.git.run("remote", "set-url", UPSTREAM, url)
+    _run_with_progress(ws.path, ["fetch", "--no-tags", "-v", "--progress", "--", UPSTREAM, *UPSTREAM_REFSPECS],
+                       progress)
 
 
 def _resolve(ws: Workspace, ref: str) -> str | None:

@@ -185,6 +185,36 @@ def test_clone_and_fetch_failures_say_gits_reason(toy):
         run_apply(toy, repo=url, commit="deadbeef1", allow_unpinned=True)
 
 
+def test_a_workdir_or_repo_named_in_another_encoding_is_cloned_and_fetched(toy):
+    """git prints the clone's path ("Cloning into '...'") and a fetch's URL on stderr, which
+    GitPython read as strict UTF-8 in a thread: a path with a byte that is no UTF-8 (a latin-1 name)
+    was a traceback, git killed by SIGPIPE and exit 3 with GitPython's cmdline dump."""
+    import subprocess
+    import sys
+
+    from tests.run_cli import ROOT
+
+    def run_dspark(*args, env):  # its output names the path as it is on disk, not UTF-8
+        return subprocess.run([sys.executable, "-m", "dspark_cli", *args], capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}, errors="surrogateescape")
+
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
+    work = toy["root"] / os.fsdecode(b"w\xe9rk")  # a surrogate in str, the byte 0xe9 on disk
+    run = run_dspark("apply", "toy", "-C", str(work), env=env)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert git(work, "rev-parse", "HEAD") != toy["upstream"]["v1.0"]
+    # a clone of the user's that lacks the pin fetches it from --repo, here a path in latin-1 too
+    mirror = toy["root"] / os.fsdecode(b"mirr\xf6r")
+    git(toy["root"], "clone", "-q", "--bare", str(toy["upstream"]["repo"]), str(mirror))
+    mine = toy["root"] / "mine"
+    mine.mkdir()
+    git(mine, "init", "-q", "-b", "main")
+    git(mine, "commit", "-q", "--allow-empty", "-m", "my project")
+    run = run_dspark("apply", "toy", "-C", str(mine), "--repo", str(mirror), env=env)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert git(mine, "rev-parse", "refs/dspark-upstream/tags/v1.0") == toy["upstream"]["v1.0"]
+
+
 def test_a_failed_git_command_is_named_past_its_global_options(tmp_path):
     """Was `git -c failed: ...` and `git --work-tree failed: ...`."""
     from dspark_cli.workspace import Git, GitFailed
