@@ -22,7 +22,7 @@ from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin, default_path
 from dspark_cli.compat import load as load_compat
 from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
-from dspark_cli.files import check_dir_option, check_listable
+from dspark_cli.files import check_dir_option, check_listable, refuse_replacing_cwd
 from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
@@ -215,6 +215,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
         if done is None:
             raise
         return done
+    refuse_replacing_cwd(workdir, "--workdir")
 
     notes, recovered = [], None
     with ExitStack() as lock:

@@ -132,6 +132,22 @@ def check_dir_option(directory: Path, option: str) -> None:
         raise EnvironmentProblem(f"{option} {directory}: cannot make anything in {existing} ({problem})")
 
 
+def refuse_replacing_cwd(directory: Path, option: str) -> None:
+    """A new workspace is made beside `directory` and renamed over it when it is an empty directory
+    (move_into_place): when that directory is the current one (`-C .` in an empty directory) the
+    shell that ran us is left in a removed directory, where the tree does not show and the next
+    `dspark status -C .` failed with `[Errno 2] No such file or directory`. Refused (exit 2) before
+    anything is fetched; from the parent directory the same run works."""
+    try:
+        here = Path.cwd()
+        if not directory.is_dir() or not os.path.samefile(directory, here) or any(directory.iterdir()):
+            return
+    except OSError:
+        return  # the run's own checks say what is wrong with it
+    raise UsageError(f"{option} {directory} is the current directory, which a new workspace replaces (your shell "
+                     f"would be left in a removed directory): run from its parent, with {option} {here.name}")
+
+
 def check_listable(directory: Path, option: str) -> None:
     """A directory we may not list is exit 3, naming it; a missing path or a file is left to the
     caller, which says so (exit 2)."""

@@ -34,7 +34,8 @@ from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.diff_headers import file_diffs, unquote
 from dspark_cli.errors import EnvironmentProblem, UsageError
-from dspark_cli.files import cannot_make_in, check_dir_option, move_into_place, write_text_atomically
+from dspark_cli.files import (cannot_make_in, check_dir_option, move_into_place, refuse_replacing_cwd,
+                              write_text_atomically)
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
 from dspark_cli.patching import am_message, commit_as_am, created_paths, git_errors, hunk_at
 from dspark_cli.series import MARKER_NAME, Patch, marker_with
@@ -943,6 +944,7 @@ def release_commits(workdir: Path, base: ReleaseFile, onto: ReleaseFile,
     else:
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir}: exists, is not empty and is not a git repository")
+        refuse_replacing_cwd(workdir, "--workdir")
         workdir.parent.mkdir(parents=True, exist_ok=True)
         with scratch_beside(workdir, "init") as scratch:  # made and marked beside, then moved in whole
             made = scratch / "repo"

@@ -112,3 +112,22 @@ def test_a_sibling_this_user_cannot_open_blocks_nothing(toy, tmp_path, monkeypat
     finally:
         sibling.chmod(0o700)
     assert made.returncode == 0, made.stderr
+
+
+def test_apply_in_the_empty_current_directory_is_refused_before_anything_is_fetched(toy):
+    """`dspark apply toy -C .` in an empty directory renamed the new workspace over it: the shell
+    that ran it was left in a removed directory (no tree to see there), and its next `dspark status
+    -C .` was exit 3, `error: [Errno 2] No such file or directory`. Refused (exit 2), nothing made;
+    from the parent directory the same run works."""
+    work = toy["workdir"]
+    work.mkdir()
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
+    refused = run_dspark("apply", "toy", "-C", ".", env=env, cwd=work)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == (
+        f"error: --workdir {work} is the current directory, which a new workspace replaces (your shell would be "
+        f"left in a removed directory): run from its parent, with --workdir {work.name}")
+    assert list(work.iterdir()) == [] and not list(work.parent.glob(f".{work.name}.dspark-*"))
+    done = run_dspark("apply", "toy", "-C", work.name, env=env, cwd=work.parent)
+    assert done.returncode == 0, done.stderr
+    assert run_dspark("status", "-C", ".", env=env, cwd=work).returncode == 0

@@ -335,6 +335,21 @@ def test_a_repository_of_yours_is_never_a_release_mode_workdir(tmp_path):
     assert (mine / "notes.txt").read_text() == "mine\n" and not (tmp_path / "out").exists()
 
 
+def test_the_empty_current_directory_is_no_release_mode_workdir(tmp_path):
+    """Release mode makes its repository beside the workdir and renames it over an empty one: with
+    `--workdir .` the shell was left in a removed directory. Refused before any release is fetched."""
+    here = tmp_path / "here"
+    here.mkdir()
+    run = run_dspark("rebase", "vllm", "--from", "v0.32.0", "--onto", "v0.33.0", "--workdir", ".",
+                     "--out", str(tmp_path / "out"), cwd=here,
+                     env={"DSPARK_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir {here} is the current directory, which a new workspace replaces (your shell would be "
+        "left in a removed directory): run from its parent, with --workdir here")
+    assert list(here.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
 def test_an_existing_work_branch_is_refused_before_a_worktree_is_added(upstream):
     u = upstream
     new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v7.0")
