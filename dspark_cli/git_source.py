@@ -30,7 +30,7 @@ from dspark_cli.compat import HEX_COMMIT, Compat, is_local_path
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
-from dspark_cli.workspace import Git, Workspace, another_users_repository, config_env, require_git
+from dspark_cli.workspace import Git, Workspace, another_users_repository, config_env, git_environ, require_git
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -148,7 +148,7 @@ def _run_with_progress(cwd: Path | None, args: list[str], progress: _RichProgres
     GitPython's cmdline dump. A failure raises GitCommandError, which _with_progress turns into git's
     reason (the fatal:/error: lines the handler collected)."""
     command = ["git", *args]
-    env = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C", **_no_hooks_env()}  # GitPython's C locale too
+    env = {**git_environ(), "LC_ALL": "C", "LANGUAGE": "C", **_no_hooks_env()}  # GitPython's C locale too
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     handle = progress.new_message_handler()

@@ -59,6 +59,23 @@ GIT_DEFAULTS = {"i18n.commitEncoding": "UTF-8", "i18n.logOutputEncoding": "UTF-8
                 "apply.whitespace": "nowarn", "log.showSignature": "false"}
 
 
+# git's variables that name the repository, work tree, index or object store it works on (`git
+# rev-parse --local-env-vars`, less the GIT_CONFIG* ones: settings, not a location). A git hook that
+# runs dspark (or a shell that exported GIT_DIR) passed them on, and every git command of ours worked
+# on that repository instead of the workspace named with -C: an apply --force stashed the user's
+# changes there, fetched into it and switched its HEAD to dspark/<pin>. dspark always names its
+# repository by directory, so they are dropped; a scratch index of ours is given after that.
+REPOSITORY_ENV = ("GIT_DIR", "GIT_WORK_TREE", "GIT_IMPLICIT_WORK_TREE", "GIT_COMMON_DIR", "GIT_INDEX_FILE",
+                  "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_GRAFT_FILE",
+                  "GIT_NO_REPLACE_OBJECTS", "GIT_REPLACE_REF_BASE", "GIT_PREFIX", "GIT_INTERNAL_SUPER_PREFIX",
+                  "GIT_SHALLOW_FILE")
+
+
+def git_environ() -> dict[str, str]:
+    """os.environ without REPOSITORY_ENV: the base of every git command's environment."""
+    return {key: value for key, value in os.environ.items() if key not in REPOSITORY_ENV}
+
+
 def config_env(settings: dict[str, str], env: dict[str, str] | None = None) -> dict[str, str]:
     """The GIT_CONFIG_COUNT/KEY_n/VALUE_n variables that give git `settings` as `git -c` does (git
     2.31 and later), numbered after any that `env` (default: ours) already gives."""
@@ -149,7 +166,7 @@ class Git:
         arguments); no newline is translated, so a patch's CRLF lines stay as they are."""
         # GIT_OPTIONAL_LOCKS=0: `git status` (dspark status, beside a running apply) would otherwise
         # take index.lock to refresh the index, and the apply's own git commands would fail on it.
-        full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
+        full_env = {**git_environ(), "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0", **(env or {})}
         full_env.update(config_env(GIT_DEFAULTS, full_env))
         result = subprocess.run(["git", *NO_HOOKS, *args], cwd=self.cwd, env=full_env, capture_output=True,
                                 input=None if input is None else input.encode("utf-8", "surrogateescape"))

@@ -315,3 +315,35 @@ def test_dsparks_own_series_are_byte_exact_in_a_core_autocrlf_clone(tmp_path, mo
     assert changed == []
     for series_dir in {(clone / name).parent for name in files}:
         series_files.load_series(series_dir, "dspark")
+
+
+def test_a_repository_named_in_the_environment_is_never_the_one_worked_on(toy, tmp_path):
+    """Run from a git hook (or a shell that exported GIT_DIR), git's GIT_DIR and GIT_INDEX_FILE named
+    the user's repository, and every git command of ours worked on it instead of the workspace -C
+    names: `apply --force` stashed its changes, fetched upstream into it and switched its HEAD to
+    dspark/v1.0. Those variables are dropped; the workspace is the one worked on."""
+    from tests.git_fixtures import tree_fingerprint
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    git(mine, "init", "-q", "-b", "main")
+    (mine / "mine.txt").write_text("mine\n")
+    git(mine, "add", "mine.txt")
+    git(mine, "commit", "-q", "-m", "my project")
+    (mine / "staged.txt").write_text("staged\n")
+    git(mine, "add", "staged.txt")
+    before = tree_fingerprint(mine)
+    remotes = git(mine, "remote")
+    work = toy["workdir"]
+    env = {"DSPARK_COMPAT": str(toy["compat_path"])}
+    assert run_dspark("apply", "toy", "-C", str(work), env=env).returncode == 0
+    (work / "engine" / "core.py").write_text("edited\n")
+    hook = {**env, "GIT_DIR": str(mine / ".git"), "GIT_INDEX_FILE": str(mine / ".git" / "index"),
+            "GIT_WORK_TREE": str(mine)}
+    runs = [run_dspark(*args, env=hook) for args in (
+        ["apply", "toy", "-C", str(work), "--force"], ["revert", "-C", str(work), "--force"],
+        ["apply", "toy", "-C", str(tmp_path / "fresh")], ["status", "-C", str(work)])]
+    assert tree_fingerprint(mine) == before and git(mine, "remote") == remotes
+    assert [ran.returncode for ran in runs] == [0, 0, 0, 0], [ran.stderr for ran in runs]
+    assert git(work, "stash", "list", "--format=%gs").count("dspark revert") == 1  # the edit went to its own stash
+    assert git(tmp_path / "fresh", "rev-parse", "--abbrev-ref", "HEAD") == "dspark/v1.0"
