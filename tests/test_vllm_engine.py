@@ -300,6 +300,20 @@ def test_adaptive_verification_verifies_fewer_tokens_under_load(adaptive):
     assert eight["spec"]["accepted_tokens"] == eight["spec"]["draft_tokens"]
 
 
+
+@pytest.mark.parametrize("scheduler", ["exact", "production"])
+def test_adaptive_verification_schedules_no_drafts_past_max_tokens(scheduler):
+    """The schedule counted drafts past a request's max_tokens as if they could be accepted: V1
+    verified them and dropped their tokens. One request under the steep table verifies all it is
+    handed while it can use them: 3 tokens = the prefill's + 1 draft + the bonus; 6 tokens = 1 + 3
+    drafts + bonus, then one token without drafts (were 3 and 3 + 3 drafts verified)."""
+    run = steep_adaptive_run(PYTHON, GAMMA, scheduler, [greedy_workload("three", PROMPTS[:1], 3),
+                                                        greedy_workload("six", PROMPTS[1:2], 6)])
+    for name, prompts, tokens, drafts in (("three", PROMPTS[:1], 3, 1), ("six", PROMPTS[1:2], 6, 3)):
+        ours = run[name]["dspark"]
+        assert ours["outputs"] == [successor_tokens(p, tokens) for p in prompts], name
+        assert ours["spec"]["draft_tokens"] == ours["spec"]["accepted_tokens"] == drafts, (name, ours["spec"])
+
 V1_CONFIG_CHECK = """
 import sys
 from pathlib import Path

@@ -680,6 +680,46 @@ def test_adaptive_lengths_schedule_only_what_is_verified_and_seeded_requests_ver
     assert out["sts_survival"] and out["sts_differs"], out  # the STS file reaches the schedule
 
 
+
+ROOM = PROPOSER + """
+from dspark_cli.integrations.vllm.settings import SchedulerSettings
+from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
+from dspark_cli.runtime import SPSTable
+params = {"a": SamplingParams(max_tokens=10), "b": SamplingParams(max_tokens=4), "c": SamplingParams(max_tokens=100),
+          "d": SamplingParams(max_tokens=10)}
+p = proposer(params, gamma=3)
+for r, n in zip(params, (5, 5, 50, 5)):
+    p.runner.requests[r].num_prompt_tokens = n
+p.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64))
+# fed this step (seq_lens) and drafts rejected: a has 5 + 3 tokens after the step (4 drafts fed, 2
+# rejected), b has reached 4 outputs, c is 3 short of max_model_len, d has 5 + 1 (its prefill)
+cad = SimpleNamespace(seq_lens=torch.tensor([9, 8, 61, 5], dtype=torch.int32))
+rejected = torch.tensor([2, 0, 1, 0], dtype=torch.int32)
+room = p._draft_room(cad, rejected, 4)
+out = {"room": room.tolist(), "room_prefill": p._draft_room(cad, None, 4).tolist()}
+for scheduler in ("exact", "production"):
+    flat = SPSTable(tokens=[1, 64], steps_per_s=[100.0, 100.0])  # every candidate of survival > 0 pays
+    a = torch.full((4, 3), 0.9)
+    for name, generators in ((scheduler, {}), (scheduler + "_seeded", {1: torch.Generator()})):
+        p.verify_lengths = VerifyLengthScheduler(SchedulerSettings(scheduler, flat, None))  # no stale rows
+        out[name] = p._verify_lengths(a, 3, 4, SimpleNamespace(generators=generators), None, room)
+print(json.dumps(out))
+"""
+
+
+@needs_vllm
+def test_adaptive_lengths_schedule_no_drafts_past_max_tokens_or_max_model_len():
+    """The schedule counted drafts past a request's last token (max_tokens, max_model_len) as if
+    they could be accepted: V1 verified them for tokens it drops. Room per request = its limit less
+    the tokens it has after this step (fed − rejected + the sampled one) less the next step's own
+    token; a seeded request still verifies all k (its output must not depend on the cap's batch)."""
+    out = run_in_vllm(ROOM)
+    assert out["room"] == [6, 0, 2, 8], out
+    assert out["room_prefill"] == [4, 0, 1, 8], out
+    assert out["exact"] == out["production"] == [3, 0, 2, 3], out
+    assert out["exact_seeded"] == out["production_seeded"] == [3, 3, 2, 3], out
+
+
 TOO_MANY = """
 import sys
 from pathlib import Path

@@ -219,7 +219,8 @@ class DSparkProposer(DFlashProposer):
         if not self.adaptive:
             self.stats["scheduled"] += R * k
             return tokens
-        ell = self._verify_lengths(self._survival(draft.confidence_logits), k, R, sampling_metadata, discard)
+        room = self._draft_room(common_attn_metadata, num_rejected_tokens_gpu, R)
+        ell = self._verify_lengths(self._survival(draft.confidence_logits), k, R, sampling_metadata, discard, room)
         self.stats["scheduled"] += sum(ell)
         rows = tokens.tolist()
         return [row[:n] for row, n in zip(rows, ell)]
@@ -234,28 +235,60 @@ class DSparkProposer(DFlashProposer):
         mask = None if self.runner is None else getattr(self.runner, "discard_request_mask", None)
         return None if mask is None else mask.np[:R]
 
-    def _verify_lengths(self, a: torch.Tensor, k: int, R: int, sampling_metadata, discard) -> list[int]:
+    def _draft_room(self, cad, num_rejected_tokens_gpu, R: int) -> torch.Tensor:
+        """[R] int64 on the device: how many drafts of each request the next step can still use. A
+        request ends at L = min(prompt + max_tokens, max_model_len) tokens (V1's check_stop); after
+        this step it has seq_len − rejected + 1 (this step's sampled token sits at seq_len −
+        rejected), and the next step yields at most ℓ + 1, so drafts past L − that − 1 would be
+        verified for tokens vLLM drops. From host limits and the step's device lengths: no sync."""
+        max_len = self.vllm_config.model_config.max_model_len
+        limits = []
+        for req_id in self.runner.input_batch.req_ids[:R]:
+            state = self.runner.requests[req_id]
+            max_tokens = getattr(state.sampling_params, "max_tokens", None)
+            limits.append(max_len if max_tokens is None else min(max_len, state.num_prompt_tokens + max_tokens))
+        after = cad.seq_lens[:R].to(torch.int64) + 1
+        if num_rejected_tokens_gpu is not None:
+            after = after - num_rejected_tokens_gpu[:R].to(torch.int64)
+        limit = torch.tensor(limits, dtype=torch.int64).to(after.device, non_blocking=True)
+        return (limit - after - 1).clamp_min(0)
+
+    def _verify_lengths(self, a: torch.Tensor, k: int, R: int, sampling_metadata, discard,
+                        room: torch.Tensor | None = None) -> list[int]:
         """ℓ_r ∈ [0, k] from survival a [R, γ]. Only what can be verified is scheduled: the first k
         positions (the scheduler hands over k), and not the rows of prefill chunks, whose drafts
         vLLM discards (they would count in the batch B). A seeded request verifies all k: V1 draws
         one uniform per verified draft from the request's generator, so a batch-dependent ℓ would
         make its output depend on the batch; its survival counts as 1 in the schedule (its tokens are
-        in the batch). discard: _discarded_rows(R)."""
+        in the batch). discard: _discarded_rows(R). room: _draft_room (None: no cap); an unseeded
+        request's drafts past it (tokens past max_tokens / max_model_len) count as survival 0 and
+        are not verified: the cap depends on token counts only, never on the current drafts."""
         ell = [0] * R
         if k <= 0:
             return ell
+        if room is not None:
+            a = a * (torch.arange(a.shape[1], device=a.device) < room.unsqueeze(1))
         seeded = [i for i in sampling_metadata.generators if i < R]
         if seeded:
             a = a.clone()
             a[torch.tensor(seeded, dtype=torch.int64, device=a.device)] = 1.0
+        if room is not None and seeded:
+            room = room.clone()
+            room[torch.tensor(seeded, dtype=torch.int64, device=room.device)] = k
         req_ids = self.runner.input_batch.req_ids
+
+        def lengths(rows: list[int], survival: torch.Tensor) -> list[int]:
+            n = self.verify_lengths.lengths([req_ids[i] for i in rows], survival, k)
+            # production's top-K may admit candidates of survival 0 past the room: cut them
+            return (n if room is None else torch.minimum(n, room[rows].to(n.device))).tolist()
+
         if discard is None or not discard.any():
-            ell = self.verify_lengths.lengths(list(req_ids[:R]), a, k).tolist()
+            ell = lengths(list(range(R)), a)
         else:
             rows = [i for i in range(R) if not discard[i]]
             if rows:
                 index = torch.tensor(rows, dtype=torch.int64, device=a.device)
-                for i, n in zip(rows, self.verify_lengths.lengths([req_ids[i] for i in rows], a[index], k).tolist()):
+                for i, n in zip(rows, lengths(rows, a[index])):
                     ell[i] = n
         for i in seeded:
             if discard is None or not discard[i]:
