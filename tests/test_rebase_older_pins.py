@@ -75,5 +75,6 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     assert {"confidence_head", "proj", "with_markov"} <= head and {"input_size", "quant_method"} <= linear
     # ... and the bonus token's min-tokens processor (min_tokens.bonus_logitsprocs) wraps vLLM's.
     builtin = (workdir / "vllm/v1/sample/logits_processor/builtin.py").read_text()
-    assert {"min_toks", "neg_inf_tensor", "_mask_stop_token_logits"} <= self_members(ast.parse(builtin), stored_only=True)
+    assert {"min_toks", "neg_inf_tensor", "logits_slice", "restore_logits_slice", "apply"} <= \
+        self_members(ast.parse(builtin), stored_only=True)
     assert "non_argmax_invariant" in (workdir / "vllm/v1/sample/logits_processor/state.py").read_text()

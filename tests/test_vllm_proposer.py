@@ -720,6 +720,55 @@ def test_adaptive_lengths_schedule_no_drafts_past_max_tokens_or_max_model_len():
     assert out["exact_seeded"] == out["production_seeded"] == [3, 3, 2, 3], out
 
 
+BONUS_MIN_TOKENS = """
+import json
+import torch
+from vllm import SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+from dspark_cli.integrations.vllm.min_tokens import bonus_logitsprocs
+
+grammar = StructuredOutputsParams(choice=["a", "b"])
+# (min_tokens, stop tokens, structured, committed outputs, drafts this step)
+rows = [(5, [7], False, [1, 2], 3),          # reaches min_tokens with its drafts: its stop token is free
+        (4, [9, 4], True, [1], 1),           # short; its grammar allows only stop tokens: vLLM restores them
+        (4, [6], False, [1, 2, 3], 0),       # short: masked
+        (6, [3, 5], True, [1, 2], 2)]        # short, structured, other tokens allowed: masked
+
+def processor(extra_outputs: bool):
+    proc = MinTokensLogitsProcessor(None, torch.device("cpu"), False)
+    added = [(i, SamplingParams(min_tokens=m, stop_token_ids=stop, structured_outputs=grammar if st else None), None,
+              out + [0] * (d if extra_outputs else 0)) for i, (m, stop, st, out, d) in enumerate(rows)]
+    proc.update_state(BatchUpdate(batch_size=len(rows), removed=[], added=added, moved=[]))
+    return proc
+
+logits = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+logits[1] = float("-inf"); logits[1, [9, 4]] = torch.tensor([0.5, 1.5])
+ours = processor(False)
+before = {i: e[0] for i, e in ours.min_toks.items()}
+holder = type("LogitsProcessors", (), {})()
+holder.non_argmax_invariant = [ours]
+bonus = bonus_logitsprocs(holder, [d for *_, d in rows])
+got = bonus.non_argmax_invariant[0].apply(logits.clone())
+# the reference: vLLM's own processor with the step's drafts committed (what the bonus position sees)
+want = processor(True).apply(logits.clone())
+print(json.dumps({"equal": bool(torch.equal(got, want)), "untouched": {i: e[0] for i, e in ours.min_toks.items()} == before,
+                  "free": bool(torch.isfinite(got[0, 7])), "restored": torch.isfinite(got[1, [9, 4]]).tolist(),
+                  "masked": [bool(torch.isneginf(got[2, 6])), torch.isneginf(got[3, [3, 5]]).tolist()]}))
+"""
+
+
+@needs_vllm
+def test_bonus_token_min_tokens_masks_as_vllm_would_with_the_drafts_committed():
+    """The bonus token's min-tokens processor (patch 0007) is vLLM's own processor holding only the
+    requests still short of min_tokens after the step's drafts: the same mask vLLM's processor gives
+    once those drafts are committed, structured-output restore included, the batch's processor
+    unchanged (and no private vLLM method called)."""
+    out = run_in_vllm(BONUS_MIN_TOKENS)
+    assert out == {"equal": True, "untouched": True, "free": True, "restored": [True, True],
+                   "masked": [True, [True, True]]}, out
+
 TOO_MANY = """
 import sys
 from pathlib import Path

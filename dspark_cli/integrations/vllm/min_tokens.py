@@ -28,7 +28,7 @@ def bonus_logitsprocs(logitsprocs, num_draft_tokens):
     swapped, changed = [], False
     for processor in processors:
         if isinstance(processor, MinTokensLogitsProcessor) and _reached_by_drafts(processor, num_draft_tokens):
-            processor, changed = _BonusMinTokens(processor, num_draft_tokens), True
+            processor, changed = _bonus_min_tokens(processor, num_draft_tokens), True
         swapped.append(processor)
     if not changed:
         return logitsprocs
@@ -47,38 +47,31 @@ def _reached_by_drafts(processor, num_draft_tokens) -> bool:
                for index, (min_tokens, outputs, _, _) in processor.min_toks.items())
 
 
-class _BonusMinTokens:
-    """The min-tokens processor as the bonus tokens see it: request i's stop tokens masked while its
-    committed outputs plus its num_draft_tokens[i] drafts are fewer than its min_tokens (vLLM's own
-    masking otherwise, structured-output restore included)."""
+def _bonus_min_tokens(processor, num_draft_tokens):
+    """The min-tokens processor as the bonus tokens see it: a shallow copy holding only the requests
+    whose committed outputs plus their num_draft_tokens[i] drafts are still fewer than min_tokens,
+    with the stop-token slices vLLM's update_state would build for them. Its own `apply` then masks
+    (structured-output restore included): vLLM's logic, not a copy of it."""
+    rows, tokens, restore_rows, restore_tokens, short = [], [], [], [], {}
+    for index, entry in processor.min_toks.items():
+        min_tokens, outputs, stop_tokens, structured = entry
+        if len(outputs) + _drafts(num_draft_tokens, index) >= min_tokens:
+            continue
+        short[index] = entry
+        stop_tokens = list(stop_tokens)
+        rows += [index] * len(stop_tokens)
+        tokens += stop_tokens
+        if structured:
+            restore_rows += [index] * len(stop_tokens)
+            restore_tokens += stop_tokens
+    device = processor.neg_inf_tensor.device
 
-    def __init__(self, processor, num_draft_tokens):
-        self.processor = processor
-        self.num_draft_tokens = num_draft_tokens
+    def index(values):
+        return torch.tensor(values, dtype=torch.int64, device=device)
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        rows, tokens, restore_rows, restore_tokens = [], [], [], []
-        for index, (min_tokens, outputs, stop_tokens, structured) in self.processor.min_toks.items():
-            if len(outputs) + _drafts(self.num_draft_tokens, index) >= min_tokens or not stop_tokens:
-                continue
-            stop_tokens = list(stop_tokens)
-            rows += [index] * len(stop_tokens)
-            tokens += stop_tokens
-            if structured:
-                restore_rows += [index] * len(stop_tokens)
-                restore_tokens += stop_tokens
-        if not rows:
-            return logits
-
-        def index(values):
-            return torch.tensor(values, dtype=torch.int64, device=logits.device)
-
-        masked = (index(rows), index(tokens))
-        if not restore_rows:
-            logits.index_put_(masked, self.processor.neg_inf_tensor)
-        else:
-            self.processor._mask_stop_token_logits(logits, masked, (index(restore_rows), index(restore_tokens)))
-        return logits
+    view = object.__new__(type(processor))
+    view.__dict__.update(processor.__dict__)
+    view.min_toks = short
+    view.logits_slice = (index(rows), index(tokens))
+    view.restore_logits_slice = (index(restore_rows), index(restore_tokens))
+    return view
