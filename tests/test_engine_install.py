@@ -262,7 +262,7 @@ def test_real_tgi_tree_installs_and_imports(root, target_python, monkeypatch):
     out = dspark(target_python, "build", "--engine", "tgi", "-C", str(ws), "--no-deps", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    assert result["series"] == "tgi/v3.3.7" and len(result["patches"]) == 4
+    assert result["series"] == "tgi/v3.3.7" and len(result["patches"]) == 5
     assert result["stubs"]["status"] == "generated" and result["install"]["deps"] is False
     assert [d["name"] for d in result["install"]["installed"]] == ["text-generation-server"]
     assert result["check"]["version"] == "2.0.5.dev0"

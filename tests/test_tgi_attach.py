@@ -345,6 +345,24 @@ def test_a_decode_batch_drops_the_contexts_of_requests_filtered_out(checkpoints)
     assert set(spec.pending) == {10} and list(spec.draft.context_kv) == [10]
 
 
+def test_clear_cache_forgets_the_requests_of_the_batches_it_drops(checkpoints):
+    """TGI's ClearCache(id) (the router's, when every request of a batch was cancelled, and after a
+    failed Prefill or Decode, whose batch had already left the shard's cache) and ClearCache() (all
+    batches): no decode names those requests again. Patch 0005 calls cache_cleared before the cache
+    drops them; until then their contexts and pending drafts stayed until the next decode."""
+    spec = _speculation(checkpoints)
+    for first in (10, 20, 30):  # three prefilled batches of two requests each
+        _choose(spec, 2, 4, prefill=True, first_id=first)
+    cached = {1: Batch(requests=[SimpleNamespace(id=10), SimpleNamespace(id=11)]),
+              2: Batch(requests=[SimpleNamespace(id=20), SimpleNamespace(id=21)])}  # 30, 31: their Decode failed
+    assert set(spec.pending) == set(spec.draft.context_kv) == {10, 11, 20, 21, 30, 31}
+    spec.cache_cleared(cached, 1)
+    assert set(spec.pending) == set(spec.draft.context_kv) == {20, 21}
+    free = len(spec.draft.context_kv.free)
+    spec.cache_cleared({2: cached[2]}, None)
+    assert not spec.pending and not list(spec.draft.context_kv) and len(spec.draft.context_kv.free) > free
+
+
 def test_a_greedy_request_without_drafts_takes_the_argmax(checkpoints):
     """A plain step (prefill, or nothing pending) of a greedy request is TGI's argmax, seeded or not,
     even where the target is far from one-hot."""

@@ -44,7 +44,8 @@ def test_series_applies_to_the_real_tree_and_compiles(applied_tree):
                               "HEAD"], capture_output=True, text=True, check=True).stdout.split()
     assert {"server/text_generation_server/_dspark.py", "server/text_generation_server/models/__init__.py",
             "server/text_generation_server/models/flash_causal_lm.py",
-            "server/text_generation_server/models/transformers_flash_causal_lm.py"} == set(changed)
+            "server/text_generation_server/models/transformers_flash_causal_lm.py",
+            "server/text_generation_server/server.py"} == set(changed)
     for f in changed:
         py_compile.compile(str(work / f), doraise=True)
     marker = {}
@@ -66,6 +67,56 @@ def test_a_batch_whose_requests_all_stopped_is_forgotten_by_dspark(applied_tree)
     body = [ast.unparse(n) for n in stopped[0].body]
     assert body[0] == "if self.dspark is not None:\n    self.dspark.forget([r.id for r in batch.requests])", body
     assert body[-1].startswith("return (generations, None")
+
+
+# Run in the TGI shard's venv: the patched server.py's own ClearCache over its own Cache, with a real
+# drafter holding contexts for requests 10, 11 (batch 1), 20 (batch 2) and 30 (a failed Decode's:
+# its batch left the cache); the model is a stand-in carrying only `dspark` (what ClearCache reads).
+CLEAR_CACHE = """
+import asyncio, os, sys
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from dspark_cli import tiny_models
+from dspark_cli.engine_install import generate_stubs
+from dspark_cli.integrations.tgi.draft import DSparkDraft
+from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
+tree, draft = Path(sys.argv[1]), sys.argv[2]
+generate_stubs(tree, lambda line: None)
+sys.path.insert(0, str(tree / "server"))
+os.environ.update(ATTENTION="paged", PREFIX_CACHING="0")  # what TGI's launcher sets
+from text_generation_server.cache import Cache
+from text_generation_server.pb import generate_pb2 as pb
+from text_generation_server.server import TextGenerationService
+spec = DSparkSpeculation(DSparkDraft.load(draft), None)
+ids = [10, 11, 20, 30]
+spec.draft.extend_contexts(ids, torch.randn(8, len(tiny_models.TARGET_LAYER_IDS) * tiny_models.HIDDEN),
+                           torch.tensor([0, 1] * 4), [2] * 4)
+cache = Cache()
+for batch_id, requests in ((1, [10, 11]), (2, [20])):
+    cache.set(SimpleNamespace(batch_id=batch_id, requests=[pb.Request(id=r) for r in requests]))
+service = TextGenerationService(SimpleNamespace(quantize=None, dspark=spec), cache, [])
+live = [sorted(spec.draft.context_kv)]
+for request in (pb.ClearCacheRequest(id=1), pb.ClearCacheRequest()):
+    asyncio.run(service.ClearCache(request, None))
+    live.append(sorted(spec.draft.context_kv))
+print(live)
+"""
+
+
+@needs_tree
+@pytest.mark.skipif(not os.environ.get("DSPARK_TGI_SHARD_PYTHON"), reason="DSPARK_TGI_SHARD_PYTHON is not set")
+def test_tgis_clear_cache_has_dspark_forget_the_requests_of_the_dropped_batches(applied_tree, checkpoints, tmp_path):
+    """The router's ClearCache(id) (every request of the batch cancelled, or its Prefill/Decode
+    failed) and ClearCache() drop batches no decode names again; before patch 0005 DSpark kept
+    their requests' contexts (and pending drafts) until the next decode: [[10, 11, 20, 30]] * 3."""
+    tree = tmp_path / "tgi"
+    shutil.copytree(applied_tree / "server", tree / "server")  # stubs generated here, not in the shared tree
+    shutil.copytree(applied_tree / "proto", tree / "proto")
+    out = subprocess.run([os.environ["DSPARK_TGI_SHARD_PYTHON"], "-c", CLEAR_CACHE, str(tree), str(checkpoints["oracle"])],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.strip().splitlines()[-1] == "[[10, 11, 20, 30], [20], []]"
 
 
 @needs_tree

@@ -291,6 +291,16 @@ class DSparkSpeculation:
 
         return lambda _history, next_token_logits, speculate, *_: choose(self, batch, next_token_logits, speculate)
 
+    def cache_cleared(self, cached: dict, batch_id: int | None) -> None:
+        """TGI's ClearCache (patch 0005), before the shard's cache drops batch `batch_id` (None: all
+        of them; `cached`: that cache's {batch id: batch}): only the requests of the batches that stay
+        cached live on. Between two RPCs those are all the live requests, so this also covers the
+        router's ClearCache after a failed Prefill or Decode, whose batch had already left the cache.
+        Without it the cleared requests' contexts and pending drafts (their step's U, B·γ·V) were
+        kept until the next decode, which an idle shard does not get."""
+        self.forget_except(set() if batch_id is None else
+                           {r.id for i, b in cached.items() if i != batch_id for r in b.requests})
+
     def forget_except(self, live: set[int]) -> None:
         for r in [r for r in self.pending if r not in live]:
             self.pending.pop(r)
