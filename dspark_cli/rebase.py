@@ -271,17 +271,18 @@ def _offsets(verbose_stderr: str) -> list[str]:
     return details
 
 
-def _failed_hunks(patch: Patch, check_stderr: str) -> list[str]:
-    """'file: hunk #2 (@@ … @@) merged' for each hunk whose context no longer matched."""
-    details = []
+def _failed_hunks(patch: Patch, check_stderr: str, merged: bool = True) -> list[str]:
+    """'file: hunk #2 (@@ … @@) merged 3-way' for each hunk whose context no longer matched; with
+    `merged` False (the 3-way merge could not run), 'file: hunk #2 (@@ … @@) does not apply'."""
+    details, how = [], ", merged 3-way" if merged else ""
     for match in re.finditer(r"patch failed: (.+):(\d+)", check_stderr):
         file, line = match.group(1), int(match.group(2))
         hunk = hunk_at(patch.path, file, line) or f"at old line {line}"
-        details.append(f"{file}: hunk {hunk} merged 3-way")
+        details.append(f"{file}: hunk {hunk}" + (" merged 3-way" if merged else " does not apply"))
     for match in re.finditer(r"error: (.+): (does not exist in index|No such file or directory)", check_stderr):
-        details.append(f"{match.group(1)}: moved or missing upstream, merged 3-way")
+        details.append(f"{match.group(1)}: moved or missing upstream{how}")
     for match in re.finditer(r"error: (.+): already exists in (working directory|index)", check_stderr):
-        details.append(f"{match.group(1)}: a file this patch adds, added upstream too, merged 3-way")
+        details.append(f"{match.group(1)}: a file this patch adds, added upstream too{how}")
     return details
 
 
@@ -300,11 +301,23 @@ def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stde
         details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
                        else f"{file}: unmerged")
     details += [f"{file}: {why}" for file, why in gone.items()]
-    if not unmerged:  # 3-way could not even start (no base blob, a file gone): say what git said
-        said = git_errors(merge_stderr)
-        said += [d for d in _failed_hunks(patch, check_stderr) if d not in said]
+    if not unmerged:
+        # 3-way could not even start (no base blob, a file gone, the deletion of a file the new tree
+        # changed, which git does not merge): `git apply` applied none of the patch, so its hunks
+        # are no "merged 3-way" (they read as done, and the way on as "markers left"). git's "patch
+        # failed: F:N" is named as its hunk; its "while searching for:" heads the hunk's lines.
+        said = _failed_hunks(patch, check_stderr, merged=False)
+        said += [d for d in git_errors(merge_stderr)
+                 if d not in said and d != "while searching for:" and not _PATCH_FAILED.fullmatch(d)]
         details += [d for d in said if d.split(": ", 1)[0] not in gone]  # git's words for a gone file add nothing
+        if not gone:  # (a gone file's label leads to the same way on)
+            details.append(NOT_APPLIED)
     return details or ["git apply --3way failed"]
+
+
+_PATCH_FAILED = re.compile(r"patch failed: .+:\d+")
+# A conflict that left no markers to resolve: the patch's change is to be made by hand.
+NOT_APPLIED = "git could not merge it 3-way: none of it was applied"
 
 
 def with_series(ws: Workspace, commit: str, patches: list[Patch], name: str) -> str:

@@ -605,6 +605,32 @@ def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upst
     assert len(series.load_series(out, "dspark")) == 2
 
 
+def test_a_deletion_of_a_file_upstream_changed_is_said_to_be_not_applied_not_merged(upstream):
+    """git merges no deletion 3-way ("Falling back to direct application"), so none of the patch
+    applied and no markers were left, yet its hunk read "merged 3-way" beside git's "while
+    searching for:" and the way on read "markers left ... resolve" (an empty commit, there being
+    nothing to resolve, then dropped the patch's other change unseen)."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "-b", "deletes", u["base"])
+    git(u["repo"], "rm", "-q", "other.py")
+    commit_files(u["repo"], {"mod.py": MOD.replace("return x + 3", "return x + 3  # ours")}, "ours: drop other")
+    for old in u["patches"].glob("*.patch"):
+        old.unlink()
+    name = Path(git(u["repo"], "format-patch", "-o", str(u["patches"]), "--zero-commit", "--no-signature", "-U2",
+                    u["base"])).name
+    (u["patches"] / "series").write_text(name + "\n")
+    series.write_lock(u["patches"])
+    new_upstream(u, {"other.py": OTHER + "G = 7\n"}, "v40.0")
+    wd = u["tmp"] / "wd40"
+    run = dspark(u, "--onto", "v40.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert run.returncode == 4, run.stderr
+    [only] = json.loads(run.stdout)["patches"]
+    assert only["status"] == "conflict" and only["details"] == [
+        "other.py: hunk #1 (@@ -1,6 +0,0 @@) does not apply", "other.py: patch does not apply", rebase.NOT_APPLIED]
+    assert git(wd, "status", "--porcelain") == ""  # indeed nothing applied: no markers to resolve
+    assert "markers left" not in run.stderr and f"port its change into the new tree on branch dspark/rebase-v40.0" in run.stderr
+
+
 def team_series(u, edits):
     """A team series made on top of DSpark's v1.0 series (the `work` branch), as `dspark apply
     --series` lays it, in team/v1.0 (named after the pin it sits on)."""

@@ -111,7 +111,7 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
                     "carry it on DSpark's series of both pins with --layered")
         return (f"the file is in neither the new tree nor DSpark's series {underlay.new_name}: a series "
                 "layered on another team's must be carried onto that series by hand")
-    if any(rebase.GONE in d for d in conflict.details):
+    if any(rebase.GONE in d for d in conflict.details) or rebase.NOT_APPLIED in conflict.details:  # no markers
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
                 f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
                 "with --continue")
