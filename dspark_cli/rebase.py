@@ -91,7 +91,8 @@ class Trees:
             return f"{GONE}: DSpark's series {self.underlay.old_name} adds it, {self.underlay.new_name} does not"
         if self.underlay is not None and _has(ws, self.onto, file):
             return f"{GONE}: DSpark's series {self.underlay.new_name} deletes it"
-        return f"deleted upstream ({GONE})"
+        renamed = _renamed_to(ws, self.base, self.onto, file)
+        return f"renamed upstream to {renamed} ({GONE})" if renamed else f"deleted upstream ({GONE})"
 
     def already_detail(self) -> str:
         where = f" with DSpark's series {self.underlay.new_name}" if self.underlay else ""
@@ -103,6 +104,18 @@ class Trees:
             "base_series": self.underlay.old_name, "onto_series": self.underlay.new_name,
             "base_with_series": self.base_with, "onto_with_series": self.onto_with}
         return {"base": self.base, "onto": self.onto, "under": under}
+
+
+def _renamed_to(ws: Workspace, old: str, new: str, file: str) -> str | None:
+    """Where upstream moved `file` between commits `old` and `new` (git's rename detection), if it
+    did: a file moved was reported "deleted upstream", which sent the human looking for where its
+    code went instead of naming it."""
+    listed = ws.git.run("diff", "-M", "--diff-filter=R", "--name-status", "-z", old, new, check=False)
+    fields = listed.stdout.split("\0") if listed.returncode == 0 else []
+    for i in range(0, len(fields) - 2, 3):  # R<score> NUL old NUL new NUL
+        if fields[i].startswith("R") and fields[i + 1] == file:
+            return fields[i + 2]
+    return None
 
 
 def _has(ws: Workspace, commit: str, file: str) -> bool:

@@ -605,6 +605,22 @@ def test_a_patch_whose_file_upstream_deleted_is_named_so_and_can_be_dropped(upst
     assert len(series.load_series(out, "dspark")) == 2
 
 
+def test_a_patch_whose_file_upstream_renamed_names_the_new_name(upstream):
+    """A file upstream moved was reported "deleted upstream", sending the human to look for where
+    its code went: the report names where it went."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "main")
+    (u["repo"] / "conf").mkdir()
+    git(u["repo"], "mv", "other.py", "conf/other.py")
+    git(u["repo"], "commit", "-q", "-m", "upstream moves other.py")
+    git(u["repo"], "tag", "v41.0")
+    stopped = dspark(u, "--onto", "v41.0", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd41"))
+    assert stopped.returncode == 4, stopped.stderr
+    third = json.loads(stopped.stdout)["patches"][2]
+    assert third["details"] == ["other.py: renamed upstream to conf/other.py (not in the new tree)"]
+    assert "port its change into the new tree" in stopped.stderr
+
+
 def test_a_deletion_of_a_file_upstream_changed_is_said_to_be_not_applied_not_merged(upstream):
     """git merges no deletion 3-way ("Falling back to direct application"), so none of the patch
     applied and no markers were left, yet its hunk read "merged 3-way" beside git's "while
