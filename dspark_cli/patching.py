@@ -41,7 +41,9 @@ def mail_info(ws: Workspace, patch: Patch) -> MailInfo:
     with tempfile.TemporaryDirectory() as tmp:
         msg, diff = Path(tmp) / "msg", Path(tmp) / "patch"
         raw = patch.path.read_text(encoding="utf-8", errors="replace")
-        info = ws.git.run("mailinfo", "-u", str(msg), str(diff), input=raw).stdout
+        # -b: strip only the [PATCH ...] format-patch adds, not a subject's own leading tag ("[Core] ..."):
+        # without it a carried series lost such tags from its subjects, and apply from its commits
+        info = ws.git.run("mailinfo", "-u", "-b", str(msg), str(diff), input=raw).stdout
         body = msg.read_text(encoding="utf-8", errors="replace").strip()
     fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
     return MailInfo(

@@ -130,6 +130,30 @@ def test_clean_and_three_way_patches_are_carried_and_the_series_is_refreshed(ups
     assert subjects == ["ours: other", "ours: new module", "ours: mark f3"]
 
 
+def test_a_series_carried_onto_its_own_tree_is_written_byte_for_byte_as_it_was(upstream):
+    """Subjects led by a tag of their own ("[Core] ...", vLLM's style) lost it: `git mailinfo`
+    without -b strips every leading [...] of a subject, not only format-patch's [PATCH k/n]."""
+    u = upstream
+    git(u["repo"], "checkout", "-q", "-b", "tagged", u["base"])
+    commit_files(u["repo"], {"mod.py": MOD.replace("return x + 3", "return x + 3  # ours")}, "[Core] ours: mark f3")
+    commit_files(u["repo"], {"ours.py": "HOOK = True\n"}, "[V1][Spec Decode] ours: new module")
+    for old in u["patches"].glob("*.patch"):
+        old.unlink()
+    names = git(u["repo"], "format-patch", "-o", str(u["patches"]), "--zero-commit", "--no-signature", "-U2",
+                u["base"]).splitlines()
+    (u["patches"] / "series").write_text("".join(Path(n).name + "\n" for n in names))
+    series.write_lock(u["patches"])
+    out = u["tmp"] / "out42"
+    run = dspark(u, "--onto", "v1.0", "--pin", "same", "--repo", str(u["repo"]), "--workdir", str(u["tmp"] / "wd42"),
+                 "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert [p["status"] for p in json.loads(run.stdout)["patches"]] == ["clean", "clean"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in u["patches"].iterdir())
+    for original in sorted(u["patches"].iterdir()):  # the patches, then series and its lock
+        assert (out / original.name).read_bytes() == original.read_bytes(), original.name
+    assert "Subject: [PATCH 2/2] [V1][Spec Decode] ours: new module" in (out / Path(names[1]).name).read_text()
+
+
 def test_conflict_is_left_for_a_human_then_continue_finishes(upstream):
     u = upstream
     new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v3.0")
