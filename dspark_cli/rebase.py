@@ -675,10 +675,13 @@ def byte_compile(ws: Workspace, result: RebaseResult) -> None:
 
 
 def find_leftover_markers(ws: Workspace, result: RebaseResult) -> None:
-    """Conflict markers a resolution committed in files other than Python ones (those fail to
-    byte-compile): a .cu or .yaml with them would be written into the series as the patch. Of the
+    """Conflict markers a resolution committed (in a Python file that byte-compiles too: markers in a
+    string do): a .cu or .yaml with them would be written into the series as the patch. Of the
     lines `git diff --check` flags, the `<<<<<<<` and `>>>>>>>` ones: it flags `=======` too, which
     underlines a heading in reStructuredText and Markdown."""
+    # A Python file that failed to compile is reported so already; one that compiles may still hold
+    # markers, inside a docstring or another multi-line string, and was written into the series.
+    not_compiled = {error.split(": ", 1)[0] for error in result.compile_errors}
     for outcome in result.outcomes:
         if outcome.status != RESOLVED or not outcome.commit:
             continue
@@ -686,7 +689,7 @@ def find_leftover_markers(ws: Workspace, result: RebaseResult) -> None:
         lines: dict[str, list[str] | None] = {}
         for flagged in check.splitlines():
             found = _FLAGGED_MARKER.match(flagged)
-            if not found or found.group(1).endswith(".py"):
+            if not found or found.group(1) in not_compiled:
                 continue
             path, number = found.group(1), int(found.group(2))
             if path not in lines:  # (a path git quoted is not found: its flagged lines all count)

@@ -1553,6 +1553,23 @@ def test_conflict_markers_a_resolution_leaves_in_a_file_other_than_python_fail_t
     assert "+int b;" in (out / "0001-ours-mark-f3.patch").read_text()
 
 
+def test_conflict_markers_a_resolution_leaves_in_a_python_string_fail_the_check(upstream):
+    """Python files were left to the byte-compile check, but markers inside a docstring or another
+    multi-line string compile: they went into the refreshed series, exit 0."""
+    u = upstream
+    wd, out = u["tmp"] / "wd48", u["tmp"] / "out48"
+    conflict_then_resolve(u, "v48.0", wd)
+    (wd / "doc.py").write_text('"""Doc.\n<<<<<<< ours\nmine\n=======\ntheirs\n>>>>>>> theirs\n"""\n')
+    git(wd, "add", "doc.py")
+    git(wd, "commit", "-q", "--amend", "--no-edit")
+    failed = dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                    "--continue")
+    assert failed.returncode == 1, failed.stderr
+    report = json.loads(failed.stdout)
+    assert "doc.py" in report["compiled"] and not report["compile_errors"] and not out.exists()
+    assert report["leftover_markers"] == [f"doc.py: leftover conflict marker at line {n}" for n in (2, 6)]
+
+
 def test_a_resolution_amended_to_hold_later_patches_is_refused_not_folded_in(upstream):
     """`git reset --soft` to the broken resolution and `commit --amend -a` folded 0002 and 0003 into it:
     --continue applied them again as `already upstream` and wrote a series of 0001 alone, exit 0."""
