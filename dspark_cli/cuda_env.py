@@ -60,8 +60,10 @@ class Gpus:
 
 
 def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess | None:
+    # errors="replace": a tool's output that is not valid UTF-8 (a broken nvcc, a path or message in
+    # another encoding) raised UnicodeDecodeError, a traceback from doctor and build
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return None
 

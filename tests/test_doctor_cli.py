@@ -151,3 +151,17 @@ def test_doctor_text_shows_the_hint_of_a_warning(monkeypatch):
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "pip install ninja" in result.stdout and "never shown" not in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_a_broken_nvcc_printing_bytes_that_are_not_utf8_is_a_warning_not_a_traceback(tmp_path):
+    """Was a UnicodeDecodeError traceback and no JSON: every probe decoded tool output strictly."""
+    (tmp_path / "nvcc").write_text("#!/bin/sh\nprintf 'nvcc: \\377\\376 broken\\n' >&2\nexit 1\n")
+    (tmp_path / "nvcc").chmod(0o755)
+    out = run_dspark("doctor", "--json", env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "CUDA_HOME": ""})
+    assert "Traceback" not in out.stderr, out.stderr
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    check = next(c for c in report["checks"] if c["name"] == "cuda toolkit")
+    assert check["status"] == "warn" and f"{tmp_path / 'nvcc'}, first on PATH, was ignored: `nvcc --version` exits 1" \
+        in check["detail"], check
