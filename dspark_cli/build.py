@@ -157,9 +157,13 @@ def build(arch: str | None = None, jobs: int | None = None, force: bool = False,
     p = planned or plan(arch)
     if not force and (hit := _cache_hit(p, started)):  # the fast path takes no lock
         return _done(hit)
-    if not shutil.which("ninja"):  # torch would say so only after the key's directory is made
+    ninja, _, problem = cuda_env.ninja_info()  # torch would say so only after the key's directory is made
+    if not ninja:
         raise EnvironmentProblem('ninja not found on PATH: pip install ninja (or pip install ".[build]" in the dspark '
                                  "checkout); torch builds extensions only with ninja")
+    if problem:  # torch's own line would be "Ninja is required ... (pip install ninja)", for one on PATH
+        raise EnvironmentProblem(f"{problem}; reinstall it (pip install --force-reinstall ninja) or put a working "
+                                 "ninja first on PATH")
     cache_subdir("build")  # an unusable DSPARK_CACHE is one line here, not an OSError
     with _key_lock(p):
         return _done(_build_locked(p, started, force, jobs, verbose))

@@ -214,6 +214,21 @@ def compiler_problem() -> tuple[str, str] | None:
     return None
 
 
+def ninja_info() -> tuple[str | None, str | None, str | None]:
+    """(path, version, problem) of the ninja on PATH, the one torch's cpp_extension runs. A ninja that
+    is found but does not run (pip's `ninja` script in a moved venv, or without its module) is a
+    problem too: torch then says only "Ninja is required ... (pip install ninja)"."""
+    ninja = shutil.which("ninja")
+    if not ninja:
+        return None, None, "not found"
+    out = _run([ninja, "--version"])
+    if out is None or out.returncode != 0:
+        said = ((out.stdout + out.stderr).strip().splitlines() or [""])[-1].strip()[:200] if out else ""
+        why = "did not run" if out is None else f"exits {out.returncode}"
+        return ninja, None, f"{ninja} does not run: `ninja --version` {why}" + (f" ({said})" if said else "")
+    return ninja, out.stdout.strip(), None
+
+
 def host_compilers() -> dict[str, str]:
     """Which C++ compiler and which nvcc host compiler a build runs, by path and version: a change
     of either (a gcc upgrade, another $CC) must not find the other's objects in the cache."""

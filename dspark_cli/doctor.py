@@ -144,10 +144,12 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
 
 
 def check_ninja() -> Check:
-    ninja = shutil.which("ninja")
-    if ninja:
-        out = cuda_env._run([ninja, "--version"])
-        return Check("ninja", OK, f"{out.stdout.strip() if out else '?'} ({ninja})")
+    ninja, version, problem = cuda_env.ninja_info()
+    if problem is None:
+        return Check("ninja", OK, f"{version} ({ninja})")
+    if ninja:  # found but broken: was ok, while dspark build failed on it
+        return Check("ninja", WARN, problem, "reinstall it (pip install --force-reinstall ninja) or put a working "
+                     "ninja first on PATH: dspark build needs it, torch builds extensions only with ninja")
     return Check("ninja", WARN, "not found", 'pip install ninja (or pip install ".[build]" in the dspark checkout): '
                  "dspark build needs it, torch builds extensions only with ninja")
 

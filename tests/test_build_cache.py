@@ -782,3 +782,18 @@ def test_a_library_cut_inside_its_section_table_is_truncated(tmp_path):
     lib = tmp_path / "dspark_ops.so"
     lib.write_bytes(whole[:shoff + shentsize])  # the first section header only
     assert build.library_problem(lib, check_sha256=False).startswith("truncated")
+
+
+def test_a_ninja_that_does_not_run_is_one_line_naming_it_before_the_key_directory_is_made(toolchain, monkeypatch,
+                                                                                           tmp_path):
+    """Was torch's "Ninja is required to load C++ extensions (pip install ninja to get it)" for a
+    ninja on PATH (pip's script in a moved venv), after a failed build was recorded."""
+    p = build.plan("9.0a")
+    (tmp_path / "ninja").write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named ninja' >&2\nexit 1\n")
+    (tmp_path / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(EnvironmentProblem, match=re.escape(
+            f"{tmp_path / 'ninja'} does not run: `ninja --version` exits 1 (ModuleNotFoundError: No module named "
+            "ninja); reinstall it")):
+        build.build(planned=p)
+    assert not build.cache_root().exists() and toolchain["n"] == 0

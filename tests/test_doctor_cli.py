@@ -165,3 +165,16 @@ def test_a_broken_nvcc_printing_bytes_that_are_not_utf8_is_a_warning_not_a_trace
     check = next(c for c in report["checks"] if c["name"] == "cuda toolkit")
     assert check["status"] == "warn" and f"{tmp_path / 'nvcc'}, first on PATH, was ignored: `nvcc --version` exits 1" \
         in check["detail"], check
+
+
+def test_a_ninja_that_does_not_run_is_a_warning_with_the_fix(tmp_path):
+    """Was `ok ninja  (/path/ninja)`, with no version, while dspark build failed on it."""
+    (tmp_path / "ninja").write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named ninja' >&2\nexit 1\n")
+    (tmp_path / "ninja").chmod(0o755)
+    out = run_dspark("doctor", "--json", env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    check = next(c for c in report["checks"] if c["name"] == "ninja")
+    assert check["status"] == "warn" and check["detail"] == (
+        f"{tmp_path / 'ninja'} does not run: `ninja --version` exits 1 (ModuleNotFoundError: No module named ninja)")
+    assert "pip install --force-reinstall ninja" in check["hint"]
