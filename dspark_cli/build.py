@@ -42,8 +42,9 @@ CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 # They change the binary too. Read by torch.utils.cpp_extension (2.14): CXX (the .cpp compiler), CC
 # (passed to nvcc as -ccbin: the .cu host compiler), PYTORCH_NVCC (run instead of $CUDA_HOME/bin/nvcc),
-# CUDA_INC_PATH (one more include directory); by nvcc itself: NVCC_PREPEND_FLAGS, NVCC_APPEND_FLAGS.
-FLAG_ENV = ("CXX", "CC", "PYTORCH_NVCC", "CUDA_INC_PATH", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+# CUDA_INC_PATH (one more include directory); by nvcc itself: NVCC_PREPEND_FLAGS, NVCC_APPEND_FLAGS,
+# NVCC_CCBIN (the .cu host compiler when torch passes no -ccbin, i.e. CC unset; an empty one fails nvcc).
+FLAG_ENV = ("CXX", "CC", "PYTORCH_NVCC", "CUDA_INC_PATH", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN")
 
 
 def cache_root() -> Path:

@@ -199,6 +199,10 @@ def compiler_problem() -> tuple[str, str] | None:
     if cc and not shutil.which(cc):
         return (f"$CC is {cc}, which is not an executable (nor on PATH): torch passes it to nvcc as -ccbin",
                 "set CC to an installed host compiler, or unset it")
+    ccbin = os.environ.get("NVCC_CCBIN")
+    if not cc and ccbin and not (shutil.which(ccbin) or os.path.isdir(ccbin)):  # nvcc takes a directory too
+        return (f"$NVCC_CCBIN is {ccbin}, which is not an executable (nor on PATH): nvcc compiles the .cu "
+                "files' host code with it", "set NVCC_CCBIN to an installed host compiler, or unset it")
     nvcc = os.environ.get("PYTORCH_NVCC")
     if nvcc:
         # torch writes it into ninja's command line as it stands, so it may be a launcher and nvcc
@@ -229,11 +233,17 @@ def ninja_info() -> tuple[str | None, str | None, str | None]:
     return ninja, out.stdout.strip(), None
 
 
+def host_compiler_name() -> str:
+    """The .cu files' host compiler as nvcc gets it: $CC (torch passes -ccbin $CC), else $NVCC_CCBIN
+    (nvcc reads it when given no -ccbin), else nvcc's default, gcc on PATH."""
+    return os.environ.get("CC") or os.environ.get("NVCC_CCBIN") or "gcc"
+
+
 def host_compilers() -> dict[str, str]:
     """Which C++ compiler and which nvcc host compiler a build runs, by path and version: a change
-    of either (a gcc upgrade, another $CC) must not find the other's objects in the cache."""
+    of either (a gcc upgrade, another $CC or $NVCC_CCBIN) must not find the other's objects in the cache."""
     found = {}
-    for role, path in (("cxx", cxx_path()), ("ccbin", shutil.which(os.environ.get("CC") or "gcc"))):
+    for role, path in (("cxx", cxx_path()), ("ccbin", shutil.which(host_compiler_name()))):
         found[role] = f"{os.path.realpath(path)} {compiler_version(path) or ''}".strip() if path else "missing"
     return found
 

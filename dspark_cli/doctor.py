@@ -123,8 +123,10 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
     if not nvcc.path or nvcc.version is None:
         why = "no nvcc" if not nvcc.path else "nvcc does not run: see cuda toolkit"
         return Check("c++ compiler", OK, f"{detail}; not checked against nvcc ({why})")
-    cc = os.environ.get("CC")
-    host = f"$CC={cc}" if cc else f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
+    cc, ccbin = os.environ.get("CC"), os.environ.get("NVCC_CCBIN")
+    # without $CC, nvcc takes $NVCC_CCBIN: naming gcc then sent the user after the wrong compiler
+    host = f"$CC={cc}" if cc else f"$NVCC_CCBIN={ccbin}" if ccbin else \
+        f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
     # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
     # preprocessing an empty .cu file runs exactly that check (~0.1 s).
     probe = cuda_env._run([nvcc.path, *(["-ccbin", cc] if cc else []), "-E", "-x", "cu", os.devnull, "-o", os.devnull])

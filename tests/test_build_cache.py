@@ -797,3 +797,20 @@ def test_a_ninja_that_does_not_run_is_one_line_naming_it_before_the_key_director
             "ninja); reinstall it")):
         build.build(planned=p)
     assert not build.cache_root().exists() and toolchain["n"] == 0
+
+
+def test_nvcc_ccbin_is_in_the_key(toolchain, monkeypatch, tmp_path):
+    """nvcc compiles the .cu host code with $NVCC_CCBIN when torch passes no -ccbin ($CC unset): another
+    host compiler there found the cached library of gcc's build."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("NVCC_CCBIN", raising=False)
+    plain = build.plan("9.0a").key
+    other = tmp_path / "gcc-other"  # a real compiler, reporting another version
+    other.write_text(f'#!/bin/sh\ncase "$*" in *-dumpversion*) echo 99.1.0;; *) exec {shutil.which("gcc")} "$@";; esac\n')
+    other.chmod(0o755)
+    monkeypatch.setenv("NVCC_CCBIN", str(other))
+    assert build.plan("9.0a").key != plain
+    assert cuda_env.host_compilers()["ccbin"] == f"{other} 99.1.0"
+    monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / "missing-gcc"))
+    with pytest.raises(EnvironmentProblem, match=re.escape(f"$NVCC_CCBIN is {tmp_path / 'missing-gcc'}, which is not")):
+        build.plan("9.0a")

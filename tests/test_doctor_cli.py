@@ -178,3 +178,16 @@ def test_a_ninja_that_does_not_run_is_a_warning_with_the_fix(tmp_path):
     assert check["status"] == "warn" and check["detail"] == (
         f"{tmp_path / 'ninja'} does not run: `ninja --version` exits 1 (ModuleNotFoundError: No module named ninja)")
     assert "pip install --force-reinstall ninja" in check["hint"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_a_missing_nvcc_ccbin_is_named_not_the_toolkit(tmp_path):
+    """nvcc reads $NVCC_CCBIN: one that is not there was "cannot compile an empty .cu file with its
+    default host compiler (/usr/bin/gcc) ... this nvcc's toolkit is incomplete"."""
+    out = run_dspark("doctor", "--json", env={"NVCC_CCBIN": str(tmp_path / "gcc-99"), "CC": ""})
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    check = next(c for c in report["checks"] if c["name"] == "c++ compiler")
+    assert check["status"] == "fail" and check["detail"].startswith(f"$NVCC_CCBIN is {tmp_path / 'gcc-99'}, which is "
+                                                                    "not an executable"), check
+    assert check["hint"] == "set NVCC_CCBIN to an installed host compiler, or unset it"
