@@ -354,12 +354,15 @@ def arch_list(explicit: str | None = None, gpus: Gpus | None = None) -> tuple[li
     names where the bad arch came from (--arch or TORCH_CUDA_ARCH_LIST)."""
     source = "--arch"
     spec = explicit
-    if spec is None and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # TORCH_CUDA_ARCH_LIST=native is torch's "the visible GPUs" (as if unset): was "not a CUDA arch", exit 2
+    native = os.environ.get("TORCH_CUDA_ARCH_LIST") == "native"
+    if spec is None and os.environ.get("TORCH_CUDA_ARCH_LIST") and not native:
         spec, source = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
     if spec is None:
         gpus = gpus or gpu_info()
         if not gpus.capabilities:
             what = "the GPU's compute capability could not be read" if gpus.unread else "no GPU"
+            what += " for TORCH_CUDA_ARCH_LIST=native" if native else ""
             return [], f"none ({what}; pass --arch or set TORCH_CUDA_ARCH_LIST)"
         spec, source = ";".join(sorted(set(gpus.capabilities))), "detected GPU"
     archs = []

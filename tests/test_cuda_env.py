@@ -243,3 +243,14 @@ def test_the_toolkit_nvcc_reports_is_not_taken_without_libcudart(tmp_path, monke
     assert cuda_env.resolve_cuda_home().path != root.resolve()
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
     assert "cuda-broken" not in (cuda_env.resolve_cuda_home().hint or "")
+
+
+def test_torch_cuda_arch_list_native_is_the_visible_gpus_as_torch_reads_it(monkeypatch):
+    """torch's cpp_extension takes TORCH_CUDA_ARCH_LIST=native as unset (the visible GPUs); doctor
+    failed it and build refused it (exit 2, "not a CUDA arch: 'native'")."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    assert cuda_env.arch_list(gpus=cuda_env.Gpus(["H200"], ["9.0"])) == (["9.0a"], "detected GPU")
+    archs, source = cuda_env.arch_list(gpus=cuda_env.Gpus())
+    assert archs == [] and source == ("none (no GPU for TORCH_CUDA_ARCH_LIST=native; pass --arch or set "
+                                      "TORCH_CUDA_ARCH_LIST)")
+    assert cuda_env.arch_list("8.0") == (["8.0"], "--arch")

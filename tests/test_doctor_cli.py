@@ -191,3 +191,16 @@ def test_a_missing_nvcc_ccbin_is_named_not_the_toolkit(tmp_path):
     assert check["status"] == "fail" and check["detail"].startswith(f"$NVCC_CCBIN is {tmp_path / 'gcc-99'}, which is "
                                                                     "not an executable"), check
     assert check["hint"] == "set NVCC_CCBIN to an installed host compiler, or unset it"
+
+
+def test_torch_cuda_arch_list_native_without_a_gpu_is_a_warning_not_a_failure():
+    """Was `fail arch list  TORCH_CUDA_ARCH_LIST: not a CUDA arch: 'native'` (torch's own value)."""
+    out = run_dspark("doctor", "--json", env={"TORCH_CUDA_ARCH_LIST": "native"})
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    check = next(c for c in report["checks"] if c["name"] == "arch list")
+    gpu = next(c for c in report["checks"] if c["name"] == "gpu")
+    if gpu["status"] == "ok":  # a GPU machine: its archs, detected
+        assert check["status"] == "ok" and check["detail"].endswith("(detected GPU)"), check
+    else:
+        assert check["status"] == "warn" and "no GPU for TORCH_CUDA_ARCH_LIST=native" in check["detail"], check
