@@ -156,6 +156,18 @@ def nvcc_info(home: CudaHome | None = None) -> Nvcc:
     return Nvcc(nvcc, m.group(1), release=m.group(0))
 
 
+def toolkit_for(cuda: str, other_than: Path | None) -> Path | None:
+    """A complete toolkit here, other than `other_than`, whose nvcc is CUDA `cuda`'s major version:
+    the one nvcc on PATH belongs to, else /usr/local/cuda. The fix to name when CUDA_HOME points at
+    a toolkit of another CUDA than torch's ("install the CUDA 13 toolkit" sent users after one they had)."""
+    for prefix in (_from_nvcc(), Path("/usr/local/cuda")):
+        if prefix is None or prefix_problem(prefix) or (other_than and prefix.resolve() == other_than.resolve()):
+            continue
+        if major(nvcc_info(CudaHome(prefix, "nvcc")).version) == major(cuda):
+            return prefix
+    return None
+
+
 def nvcc_archs(nvcc: Nvcc) -> set[str] | None:
     """The archs this nvcc compiles for, as parse_arch writes them without a suffix ("7.5", "9.0",
     "10.0", ...; `nvcc --list-gpu-arch`), None when it cannot say (an older nvcc without the option)."""

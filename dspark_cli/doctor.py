@@ -81,7 +81,7 @@ def check_nvcc(nvcc: cuda_env.Nvcc) -> Check:
     return Check("cuda toolkit", OK, detail)
 
 
-def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc) -> Check:
+def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc, home: cuda_env.CudaHome | None = None) -> Check:
     if torch.version is None:
         return Check("torch", WARN, torch.problem, torch.hint)
     if torch.cuda is None:
@@ -89,6 +89,11 @@ def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc) -> Check:
     detail = f"{torch.version}, built for CUDA {torch.cuda}"
     if nvcc.version:
         if cuda_env.major(nvcc.version) != cuda_env.major(torch.cuda):
+            if home and home.source in ("CUDA_HOME", "CUDA_PATH") and (
+                    fix := cuda_env.toolkit_for(torch.cuda, home.path)):  # the right toolkit is here already
+                return Check("torch", FAIL, f"{detail}; nvcc is {nvcc.version} (major versions differ), from "
+                             f"{home.source}={home.path}", f"export {home.source}={fix} (a CUDA "
+                             f"{cuda_env.major(torch.cuda)}.x toolkit here)")
             return Check("torch", FAIL, f"{detail}; nvcc is {nvcc.version} (major versions differ)",
                          f"install the CUDA {torch.cuda} toolkit, or a torch built for CUDA {nvcc.version}")
         if nvcc.version != torch.cuda:
@@ -304,7 +309,7 @@ def run_checks(workdir: Path | None = None) -> list[Check]:
     nvcc = cuda_env.nvcc_info(home)
     torch = cuda_env.torch_info()
     gpus = cuda_env.gpu_info()
-    checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc),
+    checks = [check_python(), check_git(), check_gpu(gpus), check_nvcc(nvcc), check_torch(torch, nvcc, home),
               check_arch(gpus, nvcc), check_compiler(nvcc), check_ninja(), check_cuda_home(home),
               check_place("disk (workdir)", workdir or Path.cwd(), "--workdir", "the engine trees it patches"),
               check_place("disk (cache)", cache_dir, "DSPARK_CACHE", "release files, kernel builds and rebase trees")]

@@ -362,3 +362,28 @@ def test_disk_check_counts_gib_and_warns_below_the_minimum(monkeypatch, tmp_path
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: Usage(2**40, 0, 30 * 2**30))
     check = doctor.check_disk("disk (workdir)", tmp_path)
     assert check.status == "ok" and check.detail.startswith("30.0 GiB free at ")
+
+
+def fake_toolkit(root: Path, release: str) -> Path:
+    """A toolkit layout whose nvcc (a script: no CUDA of that version on this machine) reports `release`."""
+    for part in ("bin", "lib64", "include"):
+        (root / part).mkdir(parents=True)
+    (root / "lib64" / "libcudart.so").write_text("")
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "bin" / "nvcc").write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    return root
+
+
+@needs_nvcc
+def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(tmp_path, monkeypatch):
+    """CUDA_HOME at a CUDA 12 toolkit, torch built for this machine's CUDA: the hint was "install the
+    CUDA 13.0 toolkit", which is installed (nvcc on PATH); the fix is to point CUDA_HOME at it."""
+    real = real_toolkit()
+    version = cuda_env.nvcc_info(cuda_env.CudaHome(real, "nvcc")).version
+    old = fake_toolkit(tmp_path / "cuda-old", f"{int(version.split('.')[0]) - 1}.4")
+    monkeypatch.setenv("CUDA_HOME", str(old))
+    home = cuda_env.resolve_cuda_home()
+    check = doctor.check_torch(cuda_env.TorchInfo("2.14.1+cu", version), cuda_env.nvcc_info(home), home)
+    assert check.status == "fail" and check.detail.endswith(f"(major versions differ), from CUDA_HOME={old}")
+    assert check.hint == f"export CUDA_HOME={real} (a CUDA {version.split('.')[0]}.x toolkit here)"
