@@ -59,11 +59,11 @@ class Gpus:
     hint: str | None = None
 
 
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess | None:
+def _run(cmd: list[str], timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess | None:
     # errors="replace": a tool's output that is not valid UTF-8 (a broken nvcc, a path or message in
     # another encoding) raised UnicodeDecodeError, a traceback from doctor and build
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
 

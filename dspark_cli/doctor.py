@@ -134,7 +134,10 @@ def check_compiler(nvcc: cuda_env.Nvcc) -> Check:
         f"its default host compiler ({shutil.which('gcc') or 'gcc, not on PATH'})"
     # Ask nvcc itself: its host_config.h refuses host compilers it does not support, and
     # preprocessing an empty .cu file runs exactly that check (~0.1 s).
-    probe = cuda_env._run([nvcc.path, *(["-ccbin", cc] if cc else []), "-E", "-x", "cu", os.devnull, "-o", os.devnull])
+    # a blank $NVCC_CCBIN fails nvcc; dspark build drops it (an empty compiler variable counts as unset): so does the probe
+    env = {k: v for k, v in os.environ.items() if k != "NVCC_CCBIN" or v}
+    probe = cuda_env._run([nvcc.path, *(["-ccbin", cc] if cc else []), "-E", "-x", "cu", os.devnull, "-o", os.devnull],
+                          env=env)
     if probe is None or probe.returncode != 0:
         lines = ((probe.stdout + probe.stderr) if probe else "nvcc did not run").strip().splitlines()
         refusal = next((l.split("#error", 1)[1].strip(" -") for l in lines if "#error" in l), None)

@@ -204,3 +204,12 @@ def test_torch_cuda_arch_list_native_without_a_gpu_is_a_warning_not_a_failure():
         assert check["status"] == "ok" and check["detail"].endswith("(detected GPU)"), check
     else:
         assert check["status"] == "warn" and "no GPU for TORCH_CUDA_ARCH_LIST=native" in check["detail"], check
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_a_blank_nvcc_ccbin_counts_as_unset_as_in_the_build():
+    """dspark build drops an empty compiler variable; doctor's probe passed NVCC_CCBIN='' to nvcc, which
+    then failed ("Failed to preprocess host compiler properties"), blamed on the toolkit."""
+    out = run_dspark("doctor", "--json", env={"NVCC_CCBIN": "", "CC": ""})
+    check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "c++ compiler")
+    assert check["status"] == "ok" and "accepts its default host compiler" in check["detail"], check
