@@ -68,8 +68,25 @@ def _run(cmd: list[str], timeout: float = 30, env: dict | None = None) -> subpro
         return None
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False where the path cannot be looked at: under a directory we may not search
+    (another user's ~/.local/bin on PATH, as a CI image's USER inherits it) or a name too long.
+    is_file raised there, and doctor stopped with that one line instead of its report."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def prefix_problem(prefix: Path) -> str | None:
     """Why `prefix` cannot serve as CUDA_HOME for building extensions, or None if it can."""
+    try:
+        return _prefix_problem(prefix)
+    except OSError as exc:  # a prefix we may not search (see _is_file)
+        return f"{prefix} cannot be read ({exc.strerror or exc})"
+
+
+def _prefix_problem(prefix: Path) -> str | None:
     if not (prefix / "bin" / "nvcc").is_file():
         return f"{prefix} has no bin/nvcc"
     # where torch's cpp_extension looks (-L lib64, else lib; -I include): a toolkit with these only
@@ -143,7 +160,7 @@ def _from_nvcc() -> Path | None:
 
 def nvcc_info(home: CudaHome | None = None) -> Nvcc:
     home = home or resolve_cuda_home()
-    nvcc = str(home.path / "bin" / "nvcc") if home.path and (home.path / "bin" / "nvcc").is_file() \
+    nvcc = str(home.path / "bin" / "nvcc") if home.path and _is_file(home.path / "bin" / "nvcc") \
         else shutil.which("nvcc")
     if not nvcc:
         return Nvcc(None, None, "nvcc not found", "install the CUDA toolkit (nvcc) and put its bin/ on PATH")
@@ -265,7 +282,7 @@ def ignored_path_nvcc(used: str | None) -> tuple[str, str] | None:
     found: a shell, a build tool or torch's CUDA_HOME guess finds it first. Doctor's question only
     (it runs that nvcc), so not asked by nvcc_info, which every build calls."""
     first = next((Path(d or ".") / "nvcc" for d in os.environ.get("PATH", "").split(os.pathsep)
-                  if (Path(d or ".") / "nvcc").is_file()), None)  # executable or not: shutil.which skips those
+                  if _is_file(Path(d or ".") / "nvcc")), None)  # executable or not: shutil.which skips those
     if first is None or (used and first.resolve() == Path(used).resolve()):
         return None
     if not os.access(first, os.X_OK):

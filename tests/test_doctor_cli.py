@@ -213,3 +213,36 @@ def test_a_blank_nvcc_ccbin_counts_as_unset_as_in_the_build():
     out = run_dspark("doctor", "--json", env={"NVCC_CCBIN": "", "CC": ""})
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "c++ compiler")
     assert check["status"] == "ok" and "accepts its default host compiler" in check["detail"], check
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize("where", ["PATH", "CUDA_HOME"])
+def test_a_path_that_cannot_be_looked_at_is_reported_not_the_end_of_the_report(tmp_path, where):
+    """A PATH directory or CUDA_HOME that stat refuses (a name too long here; as another user, a
+    directory it may not search: tested below) stopped doctor with "error: .../nvcc: File name too
+    long", exit 3, no report."""
+    odd = tmp_path / ("x" * 300)
+    env = {"PATH": f"{odd}{os.pathsep}{os.environ['PATH']}", "CUDA_HOME": ""} if where == "PATH" else {"CUDA_HOME": str(odd)}
+    out = run_dspark("doctor", "--json", env=env)
+    report = json.loads(out.stdout)
+    assert_schema(report)
+    checks = {c["name"]: c for c in report["checks"]}
+    if where == "PATH":
+        assert checks["cuda toolkit"]["status"] == "ok", checks["cuda toolkit"]
+    else:
+        assert checks["CUDA_HOME"]["status"] == "fail" and checks["CUDA_HOME"]["detail"].endswith(
+            f"{odd} cannot be read (File name too long)"), checks["CUDA_HOME"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.geteuid() == 0,
+                    reason="needs nvcc, and a user the directory's mode binds (root searches any)")
+def test_a_path_directory_it_may_not_search_is_passed_over(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    try:
+        out = run_dspark("doctor", "--json", env={"PATH": f"{locked}{os.pathsep}{os.environ['PATH']}", "CUDA_HOME": ""})
+        report = json.loads(out.stdout)
+        assert_schema(report)
+        assert next(c for c in report["checks"] if c["name"] == "cuda toolkit")["status"] == "ok"
+    finally:
+        locked.chmod(0o755)
