@@ -1151,3 +1151,25 @@ def test_a_staged_only_change_is_a_local_change_refused_without_force(toy):
     with pytest.raises(UsageError, match="local change"):
         applier.revert(work)
     assert tree_fingerprint(work) == before
+
+
+def test_changed_submodules_reads_renames_and_names_git_would_quote(tmp_path):
+    """status -z: a staged rename is two records (the new path's, then the original path's), and a
+    name is given as it is. The original path is no record of its own to parse ("1 x" read as one
+    raised IndexError), and a submodule named with a tab is named whole, not cut at the tab."""
+    from dspark_cli.workspace import Workspace
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    git(sub, "init", "-q", "-b", "main")
+    user_commit(sub, "a.txt")
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    user_commit(work, "1 x")
+    name = "vendor/tab\there"
+    git(work, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), name)
+    git(work, "commit", "-q", "-m", "user: a submodule")
+    git(work, "mv", "1 x", "renamed.txt")  # a staged rename whose original path reads like a record
+    (work / name / "a.txt").write_text("edited inside the submodule\n")
+    assert Workspace(work).changed_submodules() == [name]
