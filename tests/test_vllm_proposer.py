@@ -703,6 +703,9 @@ for scheduler in ("exact", "production"):
     for name, generators in ((scheduler, {}), (scheduler + "_seeded", {1: torch.Generator()})):
         p.verify_lengths = VerifyLengthScheduler(SchedulerSettings(scheduler, flat, None))  # no stale rows
         out[name] = p._verify_lengths(a, 3, 4, SimpleNamespace(generators=generators), None, room)
+    # a prefill chunk's row (discarded) before the others: each row keeps its own room, not its neighbour's
+    discard = __import__("numpy").array([True, False, False, False])
+    out[scheduler + "_discard"] = p._verify_lengths(a, 3, 4, SimpleNamespace(generators={}), discard, room)
 print(json.dumps(out))
 """
 
@@ -718,6 +721,7 @@ def test_adaptive_lengths_schedule_no_drafts_past_max_tokens_or_max_model_len():
     assert out["room_prefill"] == [4, 0, 1, 8], out
     assert out["exact"] == out["production"] == [3, 0, 2, 3], out
     assert out["exact_seeded"] == out["production_seeded"] == [3, 3, 2, 3], out
+    assert out["exact_discard"] == out["production_discard"] == [0, 0, 2, 3], out
 
 
 BONUS_MIN_TOKENS = """
