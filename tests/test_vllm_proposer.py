@@ -706,6 +706,12 @@ for scheduler in ("exact", "production"):
     # a prefill chunk's row (discarded) before the others: each row keeps its own room, not its neighbour's
     discard = __import__("numpy").array([True, False, False, False])
     out[scheduler + "_discard"] = p._verify_lengths(a, 3, 4, SimpleNamespace(generators={}), discard, room)
+# a draft past the room is no candidate of the batch either: request a's (survival 0.9, room 0) would
+# be admitted first, and with its B + 1 b's draft (0.5) would no longer pay on this slowing table
+slowing = SPSTable(tokens=[1, 2, 3, 4], steps_per_s=[100.0, 100.0, 85.0, 70.0])
+p.verify_lengths = VerifyLengthScheduler(SchedulerSettings("exact", slowing, None))
+out["slowing"] = p._verify_lengths(torch.tensor([[0.9], [0.5]]), 1, 2, SimpleNamespace(generators={}), None,
+                                   torch.tensor([0, 3]))
 print(json.dumps(out))
 """
 
@@ -722,6 +728,7 @@ def test_adaptive_lengths_schedule_no_drafts_past_max_tokens_or_max_model_len():
     assert out["exact"] == out["production"] == [3, 0, 2, 3], out
     assert out["exact_seeded"] == out["production_seeded"] == [3, 3, 2, 3], out
     assert out["exact_discard"] == out["production_discard"] == [0, 0, 2, 3], out
+    assert out["slowing"] == [0, 1], out
 
 
 BONUS_MIN_TOKENS = """
