@@ -2012,3 +2012,22 @@ def test_a_lock_of_a_git_running_in_the_work_tree_is_refused_and_left_alone(upst
         _, stderr = committing.communicate(timeout=60)
     assert committing.returncode == 0, stderr
     assert dspark(u, *args, "--continue").returncode == 0
+
+
+def test_a_run_that_fails_inside_the_lock_leaves_no_mark_that_takes_a_later_gits_lock(upstream):
+    """A run that stops with an error of its own (here --continue with the conflict unresolved) is no
+    killed run: its mark goes with it, so a lock a git makes after it is still another git's (refused
+    and left alone), not taken for a lock that run's git left."""
+    u = upstream
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v35.0")
+    wd = u["tmp"] / "wd35"
+    args = ("--onto", "v35.0", "--repo", str(u["repo"]), "--workdir", str(wd))
+    assert dspark(u, *args).returncode == 4
+    failed = dspark(u, *args, "--continue")  # nothing resolved
+    assert failed.returncode not in (0, 3, 4), failed.stderr
+    index_lock = Path(git(wd, "rev-parse", "--path-format=absolute", "--git-path", "index.lock"))
+    index_lock.write_text("")  # a git started since
+    refused = dspark(u, *args, "--continue")
+    assert refused.returncode == 2, refused.stderr
+    assert f"{index_lock} exists: another git process is running" in refused.stderr
+    assert index_lock.exists()
