@@ -2031,3 +2031,22 @@ def test_a_run_that_fails_inside_the_lock_leaves_no_mark_that_takes_a_later_gits
     assert refused.returncode == 2, refused.stderr
     assert f"{index_lock} exists: another git process is running" in refused.stderr
     assert index_lock.exists()
+
+
+def test_markers_in_a_python_file_that_fails_to_compile_are_reported_once_as_its_compile_error(upstream):
+    """A Python file whose markers break its syntax is reported by the byte-compile; the marker check
+    names only the files that compiled (a .py in a string, a .cu), not that one a second time."""
+    u = upstream
+    wd, out = u["tmp"] / "wd48", u["tmp"] / "out48"
+    conflict_then_resolve(u, "v48.0", wd)
+    (wd / "kernel.cu").write_text("int a;\n<<<<<<< ours\nint b;\n=======\nint c;\n>>>>>>> theirs\n")
+    (wd / "broken.py").write_text("A = 1\n<<<<<<< ours\nB = 2\n=======\nB = 3\n>>>>>>> theirs\n")
+    git(wd, "add", "kernel.cu", "broken.py")
+    git(wd, "commit", "-q", "--amend", "--no-edit")
+    failed = dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                    "--continue")
+    assert failed.returncode == 1, failed.stderr
+    report = json.loads(failed.stdout)
+    assert [e.split(": ", 1)[0] for e in report["compile_errors"]] == ["broken.py"], report
+    assert report["leftover_markers"] == [f"kernel.cu: leftover conflict marker at line {n}" for n in (2, 6)]
+    assert not out.exists()
