@@ -355,6 +355,25 @@ def test_pytorch_nvcc_may_be_a_launcher_and_nvcc(monkeypatch, tmp_path):
     assert "whose command (none) is not an executable" in cuda_env.compiler_problem()[0]
 
 
+def test_nvcc_ccbin_is_checked_only_where_nvcc_reads_it(monkeypatch, tmp_path):
+    """nvcc takes $NVCC_CCBIN only when given no -ccbin (torch passes -ccbin $CC when CC is set), and
+    takes a directory as well as a compiler: neither case is a missing host compiler."""
+    from dspark_cli import cuda_env
+
+    for var in ("CC", "CXX", "PYTORCH_NVCC"):
+        monkeypatch.delenv(var, raising=False)
+    fake_compilers(tmp_path / "bin", monkeypatch, {"c++": "13.1", "dspark-test-cc": "13.1"})
+    missing = str(tmp_path / "gcc-99")
+    monkeypatch.setenv("NVCC_CCBIN", missing)
+    problem = cuda_env.compiler_problem()
+    assert problem and problem[0].startswith(f"$NVCC_CCBIN is {missing}, which is not an executable"), problem
+    monkeypatch.setenv("CC", "dspark-test-cc")  # -ccbin $CC: nvcc does not read NVCC_CCBIN
+    assert cuda_env.compiler_problem() is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / "bin"))  # a directory holding the host compiler
+    assert cuda_env.compiler_problem() is None
+
+
 def test_nvcc_lists_the_archs_it_builds():
     """The real nvcc's --list-gpu-arch, as plan() reads it (CUDA 13 starts at Turing)."""
     import shutil
