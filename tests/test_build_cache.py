@@ -811,13 +811,23 @@ def test_nvcc_ccbin_is_in_the_key(toolchain, monkeypatch, tmp_path):
     monkeypatch.setenv("NVCC_CCBIN", str(other))
     assert build.plan("9.0a").key != plain
     assert cuda_env.host_compilers()["ccbin"] == f"{other} 99.1.0"
+    monkeypatch.setenv("CC", shutil.which("gcc"))  # torch passes -ccbin $CC: nvcc does not read NVCC_CCBIN then
+    assert cuda_env.host_compilers()["ccbin"].startswith(f"{os.path.realpath(shutil.which('gcc'))} ")
+    monkeypatch.delenv("CC")
+    keys = set()
+    for name in ("gcc-dir-a", "gcc-dir-b"):  # nvcc takes a directory too: which one is in the key
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / name))
+        keys.add(build.plan("9.0a").key)
+    assert len(keys) == 2
     monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / "missing-gcc"))
     with pytest.raises(EnvironmentProblem, match=re.escape(f"$NVCC_CCBIN is {tmp_path / 'missing-gcc'}, which is not")):
         build.plan("9.0a")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(monkeypatch, tmp_path):
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(monkeypatch, tmp_path, variable):
     """Was "install the CUDA 13.x toolkit", with one on PATH: CUDA_HOME pointed elsewhere. The real
     nvcc on PATH; CUDA_HOME a toolkit of the major before (its nvcc a script reporting it)."""
     real = cuda_env._nvcc_toolkit_root(shutil.which("nvcc"))
@@ -829,11 +839,12 @@ def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(monkeypatc
     (old / "include" / "cuda_runtime.h").write_text("")
     (old / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 9.2, V9.2.1'\n")
     (old / "bin" / "nvcc").chmod(0o755)
-    monkeypatch.setenv("CUDA_HOME", str(old))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv(variable, str(old))
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu", version))  # a CUDA torch
     with pytest.raises(EnvironmentProblem, match=re.escape(
-            f"CUDA_HOME={old} is CUDA 9.2 but torch 2.14.1+cu was built for CUDA {version}: export CUDA_HOME={real} "
+            f"{variable}={old} is CUDA 9.2 but torch 2.14.1+cu was built for CUDA {version}: export {variable}={real} "
             f"(a CUDA {version.split('.')[0]}.x toolkit here)")):
         build.plan("9.0a")
     assert not (tmp_path / "cache").exists()
