@@ -387,3 +387,27 @@ def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(tmp_path, 
     check = doctor.check_torch(cuda_env.TorchInfo("2.14.1+cu", version), cuda_env.nvcc_info(home), home)
     assert check.status == "fail" and check.detail.endswith(f"(major versions differ), from CUDA_HOME={old}")
     assert check.hint == f"export CUDA_HOME={real} (a CUDA {version.split('.')[0]}.x toolkit here)"
+
+
+@needs_nvcc
+def test_the_report_names_the_toolkit_here_for_cuda_home_at_another_cuda(tmp_path, monkeypatch):
+    """run_checks hands the CUDA home it resolved to the torch check: the fix names the toolkit here."""
+    real = real_toolkit()
+    version = cuda_env.nvcc_info(cuda_env.CudaHome(real, "nvcc")).version
+    old = fake_toolkit(tmp_path / "cuda-old", f"{int(version.split('.')[0]) - 1}.4")
+    monkeypatch.setenv("CUDA_HOME", str(old))
+    monkeypatch.setattr(cuda_env, "torch_info", lambda: cuda_env.TorchInfo("2.14.1+cu", version))
+    check = by_name(doctor.run_checks())["torch"]
+    assert check.status == "fail" and check.hint == f"export CUDA_HOME={real} (a CUDA {version.split('.')[0]}.x toolkit here)"
+
+
+@needs_nvcc
+def test_the_compiler_check_names_nvcc_ccbin_as_the_host_compiler_without_cc(monkeypatch):
+    """Without $CC nvcc compiles with $NVCC_CCBIN: the check names it, not nvcc's default gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc on PATH")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("NVCC_CCBIN", gcc)
+    check = doctor.check_compiler(cuda_env.nvcc_info())
+    assert f"$NVCC_CCBIN={gcc}" in check.detail, check
