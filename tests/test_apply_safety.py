@@ -224,3 +224,28 @@ def test_a_failed_git_command_is_named_past_its_global_options(tmp_path):
                        (("--work-tree", str(tmp_path), "add", "-A"), "add"), (("rev-parse", "HEAD"), "rev-parse")):
         with pytest.raises(GitFailed, match=rf"^git {name} failed: fatal: not a git repository"):
             git_in.run(*args)
+
+
+def test_a_fetch_from_another_url_fetches_from_that_url(tmp_path):
+    """The workspace's upstream remote was made for the first URL: a fetch with another (--repo
+    changed) sets the remote to it and fetches from it, not from the old one."""
+    from dspark_cli import git_source
+    from dspark_cli.workspace import Workspace
+
+    heads = {}
+    for name in ("first", "second"):
+        repo = tmp_path / name
+        repo.mkdir()
+        git(repo, "init", "-q", "-b", "main")
+        (repo / "f.txt").write_text(f"{name}\n")
+        git(repo, "add", "f.txt")
+        git(repo, "commit", "-q", "-m", name)
+        heads[name] = git(repo, "rev-parse", "HEAD")
+    work = tmp_path / "work"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    ws = Workspace(work)
+    for name in ("first", "second"):
+        git_source.fetch(ws, str(tmp_path / name))
+        assert git(work, "rev-parse", f"refs/remotes/{git_source.UPSTREAM}/main") == heads[name]
+    assert git(work, "config", "--get", f"remote.{git_source.UPSTREAM}.url") == str(tmp_path / "second")
