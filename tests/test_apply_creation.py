@@ -131,3 +131,5 @@ def test_apply_in_the_empty_current_directory_is_refused_before_anything_is_fetc
     done = run_dspark("apply", "toy", "-C", work.name, env=env, cwd=work.parent)
     assert done.returncode == 0, done.stderr
     assert run_dspark("status", "-C", ".", env=env, cwd=work).returncode == 0
+    again = run_dspark("apply", "toy", "-C", ".", env=env, cwd=work)  # the workspace is there now: nothing replaces it
+    assert again.returncode == 0, again.stderr
