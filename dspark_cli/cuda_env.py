@@ -272,7 +272,11 @@ def host_compilers() -> dict[str, str]:
     """Which C++ compiler and which nvcc host compiler a build runs, by path and version: a change
     of either (a gcc upgrade, another $CC or $NVCC_CCBIN) must not find the other's objects in the cache."""
     found = {}
-    for role, path in (("cxx", cxx_path()), ("ccbin", shutil.which(host_compiler_name()))):
+    ccbin = host_compiler_name()
+    # nvcc runs <dir>/gcc for a directory (-dryrun shows it): keyed by that gcc, so an upgrade of
+    # the compiler in it rebuilds (the directory alone was keyed "missing")
+    ccbin_path = shutil.which("gcc", path=ccbin) if os.path.isdir(ccbin) else shutil.which(ccbin)
+    for role, path in (("cxx", cxx_path()), ("ccbin", ccbin_path)):
         found[role] = f"{os.path.realpath(path)} {compiler_version(path) or ''}".strip() if path else "missing"
     return found
 

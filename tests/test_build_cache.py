@@ -820,6 +820,8 @@ def test_nvcc_ccbin_is_in_the_key(toolchain, monkeypatch, tmp_path):
         monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / name))
         keys.add(build.plan("9.0a").key)
     assert len(keys) == 2
+    shutil.copy(other, tmp_path / "gcc-dir-b" / "gcc")  # nvcc runs <dir>/gcc: its version is in the key
+    assert cuda_env.host_compilers()["ccbin"] == f"{tmp_path / 'gcc-dir-b' / 'gcc'} 99.1.0"
     monkeypatch.setenv("NVCC_CCBIN", str(tmp_path / "missing-gcc"))
     with pytest.raises(EnvironmentProblem, match=re.escape(f"$NVCC_CCBIN is {tmp_path / 'missing-gcc'}, which is not")):
         build.plan("9.0a")
