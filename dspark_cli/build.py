@@ -467,10 +467,11 @@ def _cuda_library_paths(cuda_home: Path) -> tuple[list[str], str]:
     nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
     includes = [] if (cuda_home / "include" / "cublas_v2.h").is_file() else \
         sorted(str(d) for d in nvidia.glob("*/include") if (d / "cublas_v2.h").is_file())
-    candidates = [cuda_home / "lib64" / "libcublas.so", *sorted(nvidia.glob("*/lib/libcublas.so*"))]
+    lib = cuda_home / cuda_env.link_dir(cuda_home)
+    candidates = [lib / "libcublas.so", *sorted(nvidia.glob("*/lib/libcublas.so*"))]
     cublas = next((c for c in candidates if c.is_file()), None)
     if cublas is None:
-        raise EnvironmentProblem(f"libcublas not found under {cuda_home}/lib64 or {nvidia}: install the CUDA toolkit's cuBLAS")
+        raise EnvironmentProblem(f"libcublas not found under {lib} or {nvidia}: install the CUDA toolkit's cuBLAS")
     return includes, str(cublas)
 
 

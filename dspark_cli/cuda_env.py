@@ -89,13 +89,22 @@ def prefix_problem(prefix: Path) -> str | None:
 def _prefix_problem(prefix: Path) -> str | None:
     if not (prefix / "bin" / "nvcc").is_file():
         return f"{prefix} has no bin/nvcc"
-    # where torch's cpp_extension looks (-L lib64, else lib; -I include): a toolkit with these only
-    # under targets/<arch>/ (and no links to them) passes nvcc's own checks but fails the link
-    if not any((prefix / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
-        return f"{prefix} has no lib64/libcudart.so (extension links would fail)"
+    # where torch's cpp_extension looks (-L link_dir; -I include): a toolkit with these only under
+    # targets/<arch>/ (and no links to them) passes nvcc's own checks but fails the link
+    lib = link_dir(prefix)
+    if not (prefix / lib / "libcudart.so").exists():
+        also = " (lib/ has it, but torch links from lib64/ while that exists)" \
+            if lib == "lib64" and (prefix / "lib" / "libcudart.so").exists() else ""
+        return f"{prefix} has no {lib}/libcudart.so{also} (extension links would fail)"
     if not (prefix / "include" / "cuda_runtime.h").exists():
         return f"{prefix} has no include/cuda_runtime.h"
     return None
+
+
+def link_dir(prefix: Path) -> str:
+    """The directory under a CUDA prefix torch's cpp_extension links from (-L): lib64, or lib when
+    there is no lib64 but a lib."""
+    return "lib" if not (prefix / "lib64").exists() and (prefix / "lib").exists() else "lib64"
 
 
 def _nvcc_toolkit_root(nvcc: str) -> Path | None:

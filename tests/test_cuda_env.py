@@ -49,6 +49,19 @@ def test_libraries_only_under_targets_are_where_torch_does_not_link_from(tmp_pat
     assert "lib64/libcudart.so" in cuda_env.prefix_problem(prefix)
 
 
+def test_libcudart_only_in_lib_beside_a_lib64_is_where_torch_does_not_link_from(tmp_path):
+    """torch links -L lib64 whenever lib64 exists (lib only when it does not): a prefix whose
+    libcudart.so sits in lib/ beside a lib64/ without it fails the link."""
+    prefix = make_prefix(tmp_path / "split", cudart=False)
+    (prefix / "lib64").mkdir()
+    (prefix / "lib").mkdir()
+    (prefix / "lib" / "libcudart.so").write_text("")
+    problem = cuda_env.prefix_problem(prefix)
+    assert "no lib64/libcudart.so" in problem and "lib/ has it" in problem
+    (prefix / "lib64").rmdir()  # no lib64: torch links lib/, which has it
+    assert cuda_env.prefix_problem(prefix) is None and cuda_env.link_dir(prefix) == "lib"
+
+
 def test_a_relative_cuda_home_is_made_absolute(tmp_path, monkeypatch):
     """ninja runs the compiler from the build directory, where a relative prefix means nothing."""
     make_prefix(tmp_path / "cuda-13.0")
