@@ -108,14 +108,8 @@ def plan(arch: str | None = None) -> BuildPlan:
     nvcc = cuda_env.nvcc_info(home)
     if nvcc.problem:
         raise EnvironmentProblem(f"{nvcc.problem}; {nvcc.hint}")
-    if cuda_env.major(nvcc.version) != cuda_env.major(torch.cuda):
-        if home.source in ("CUDA_HOME", "CUDA_PATH") and (fix := cuda_env.toolkit_for(torch.cuda, home.path)):
-            raise EnvironmentProblem(
-                f"{home.source}={home.path} is CUDA {nvcc.version} but torch {torch.version} was built for CUDA "
-                f"{torch.cuda}: export {home.source}={fix} (a CUDA {cuda_env.major(torch.cuda)}.x toolkit here)")
-        raise EnvironmentProblem(
-            f"nvcc is CUDA {nvcc.version} but torch {torch.version} was built for CUDA {torch.cuda}: "
-            f"install the CUDA {cuda_env.major(torch.cuda)}.x toolkit or a torch built for CUDA {nvcc.version}")
+    if mismatch := cuda_env.major_mismatch(torch, nvcc, home):
+        raise EnvironmentProblem(": ".join(mismatch))
     if not archs:
         raise EnvironmentProblem(f"no CUDA arch to build for: {arch_source}")
     if missing := cuda_env.compiler_problem():

@@ -194,6 +194,20 @@ def toolkit_for(cuda: str, other_than: Path | None) -> Path | None:
     return None
 
 
+def major_mismatch(torch: TorchInfo, nvcc: Nvcc, home: CudaHome | None) -> tuple[str, str] | None:
+    """(problem, fix) when nvcc is of another CUDA major version than torch was built for (the
+    extension would not load), else None. When CUDA_HOME/CUDA_PATH chose that nvcc and a toolkit of
+    torch's major is here too, the fix names it. What `dspark build` refuses and doctor fails."""
+    if major(nvcc.version) == major(torch.cuda):
+        return None
+    want = major(torch.cuda)
+    if home and home.source in ("CUDA_HOME", "CUDA_PATH") and (fix := toolkit_for(torch.cuda, home.path)):
+        return (f"{home.source}={home.path} is CUDA {nvcc.version} but torch {torch.version} was built for "
+                f"CUDA {torch.cuda}", f"export {home.source}={fix} (a CUDA {want}.x toolkit here)")
+    return (f"nvcc is CUDA {nvcc.version} but torch {torch.version} was built for CUDA {torch.cuda}",
+            f"install a CUDA {want}.x toolkit (torch's is {torch.cuda}) or a torch built for CUDA {nvcc.version}")
+
+
 def nvcc_archs(nvcc: Nvcc) -> set[str] | None:
     """The archs this nvcc compiles for, as parse_arch writes them without a suffix ("7.5", "9.0",
     "10.0", ...; `nvcc --list-gpu-arch`), None when it cannot say (an older nvcc without the option)."""

@@ -88,14 +88,8 @@ def check_torch(torch: cuda_env.TorchInfo, nvcc: cuda_env.Nvcc, home: cuda_env.C
         return Check("torch", WARN, f"{torch.version}: {torch.problem}", torch.hint)
     detail = f"{torch.version}, built for CUDA {torch.cuda}"
     if nvcc.version:
-        if cuda_env.major(nvcc.version) != cuda_env.major(torch.cuda):
-            if home and home.source in ("CUDA_HOME", "CUDA_PATH") and (
-                    fix := cuda_env.toolkit_for(torch.cuda, home.path)):  # the right toolkit is here already
-                return Check("torch", FAIL, f"{detail}; nvcc is {nvcc.version} (major versions differ), from "
-                             f"{home.source}={home.path}", f"export {home.source}={fix} (a CUDA "
-                             f"{cuda_env.major(torch.cuda)}.x toolkit here)")
-            return Check("torch", FAIL, f"{detail}; nvcc is {nvcc.version} (major versions differ)",
-                         f"install the CUDA {torch.cuda} toolkit, or a torch built for CUDA {nvcc.version}")
+        if mismatch := cuda_env.major_mismatch(torch, nvcc, home):
+            return Check("torch", FAIL, *mismatch)
         if nvcc.version != torch.cuda:
             return Check("torch", WARN, f"{detail}; nvcc is {nvcc.version} (minor versions differ)",
                          "usually fine; match them if the build fails")

@@ -214,7 +214,8 @@ def test_torch_and_nvcc_versions():
     minor = doctor.check_torch(cuda_env.TorchInfo("2.14.1+cu131", "13.1"), nvcc13)
     assert minor.status == "warn" and "minor" in minor.detail
     mismatch = doctor.check_torch(cuda_env.TorchInfo("2.11.0+cu128", "12.8"), nvcc13)
-    assert mismatch.status == "fail" and "major" in mismatch.detail and "12.8" in mismatch.hint
+    assert mismatch.status == "fail" and mismatch.detail == "nvcc is CUDA 13.0 but torch 2.11.0+cu128 was built for CUDA 12.8"
+    assert mismatch.hint == "install a CUDA 12.x toolkit (torch's is 12.8) or a torch built for CUDA 13.0"
     cpu = doctor.check_torch(cuda_env.TorchInfo("2.13.0+cpu", None, "torch is a CPU build"), nvcc13)
     assert cpu.status == "warn" and "CPU build" in cpu.detail
     # This machine's real torch (a CPU build in CI) is reported, not crashed on.
@@ -385,7 +386,8 @@ def test_cuda_home_at_another_cuda_than_torchs_names_the_toolkit_here(tmp_path, 
     monkeypatch.setenv("CUDA_HOME", str(old))
     home = cuda_env.resolve_cuda_home()
     check = doctor.check_torch(cuda_env.TorchInfo("2.14.1+cu", version), cuda_env.nvcc_info(home), home)
-    assert check.status == "fail" and check.detail.endswith(f"(major versions differ), from CUDA_HOME={old}")
+    assert check.status == "fail" and check.detail == f"CUDA_HOME={old} is CUDA {int(version.split('.')[0]) - 1}.4 but " \
+        f"torch 2.14.1+cu was built for CUDA {version}"
     assert check.hint == f"export CUDA_HOME={real} (a CUDA {version.split('.')[0]}.x toolkit here)"
 
 
