@@ -30,7 +30,7 @@ from dspark_cli.compat import HEX_COMMIT, Compat, is_local_path
 from dspark_cli.files import move_into_place
 from dspark_cli.flock import scratch_beside, sweep_unless_made_elsewhere
 from dspark_cli.output import err_console, say
-from dspark_cli.workspace import Git, Workspace, another_users_repository, config_env, git_environ, require_git
+from dspark_cli.workspace import NO_HOOKS, Git, Workspace, another_users_repository, git_environ, require_git
 
 
 class _RichProgress(gitpython.RemoteProgress):
@@ -134,12 +134,6 @@ def _clone_scratch(path: Path) -> Iterator[Path]:
         yield scratch / "tree"
 
 
-def _no_hooks_env() -> dict[str, str]:
-    """core.hooksPath=/dev/null for GitPython's git, as workspace.NO_HOOKS is for ours: a hook of the
-    user's (a failing reference-transaction one) aborted the clone."""
-    return config_env({"core.hooksPath": "/dev/null"})
-
-
 def _run_with_progress(cwd: Path | None, args: list[str], progress: _RichProgress) -> None:
     """`git ARGS --progress` with its stderr fed to `progress` line by line, as GitPython's clone and
     fetch feed it, but decoded here with surrogateescape (as Git.run decodes): GitPython read it as
@@ -147,8 +141,10 @@ def _run_with_progress(cwd: Path | None, args: list[str], progress: _RichProgres
     git's `Cloning into '...'`) killed that thread with a traceback and git with SIGPIPE, exit 3 with
     GitPython's cmdline dump. A failure raises GitCommandError, which _with_progress turns into git's
     reason (the fatal:/error: lines the handler collected)."""
-    command = ["git", *args]
-    env = {**git_environ(), "LC_ALL": "C", "LANGUAGE": "C", **_no_hooks_env()}  # GitPython's C locale too
+    # NO_HOOKS as for every git command of ours: a hook of the user's (a failing
+    # reference-transaction one) aborted the clone
+    command = ["git", *NO_HOOKS, *args]
+    env = {**git_environ(), "LC_ALL": "C", "LANGUAGE": "C"}  # GitPython's C locale too
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     handle = progress.new_message_handler()
