@@ -299,6 +299,7 @@ def _failed_hunks(patch: Patch, check_stderr: str, merged: bool = True) -> list[
     return details
 
 
+UNMERGED_NO_MARKERS = "unmerged, without conflict markers (binary)"
 GONE = "not in the new tree"  # in every label of a file the base tree had and the new one lacks
 # A series layered on DSpark's (apply --series) changes files DSpark's adds: no upstream tree has them.
 NEVER_UPSTREAM = "in neither upstream tree (a file another series adds)"
@@ -311,8 +312,10 @@ def _conflict_details(ws: Workspace, patch: Patch, check_stderr: str, merge_stde
     details = []
     for file in unmerged:
         regions = conflict_regions(ws.path / file)
+        # git writes no markers into a binary file: the work tree keeps the new tree's version
         details.append(f"{file}: conflict markers at lines {', '.join(regions)}" if regions
-                       else f"{file}: unmerged")
+                       else f"{file}: {UNMERGED_NO_MARKERS} (the work tree has the new tree's version; "
+                            f"`git checkout --theirs -- {file}` the patch's)")
     details += [f"{file}: {why}" for file, why in gone.items()]
     if not unmerged:
         # 3-way could not even start (no base blob, a file gone, the deletion of a file the new tree

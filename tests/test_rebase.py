@@ -645,6 +645,43 @@ def test_a_patch_whose_file_upstream_renamed_names_the_new_name(upstream):
     assert "port its change into the new tree" in stopped.stderr
 
 
+def test_a_binary_conflict_is_said_to_have_no_markers_and_a_resolution_is_carried(upstream):
+    """git leaves no markers in a binary file it cannot merge: the conflict read "blob.bin:
+    unmerged" and "markers left ... resolve" (there were none). It names the file as binary, which
+    version the work tree has and how to take the patch's; that resolution is carried as a binary
+    patch."""
+    u = upstream
+    repo = u["repo"]
+    git(repo, "checkout", "-q", "work")
+    commit_files(repo, {"blob.bin": "\0ours\0" * 50}, "ours: a binary file")
+    [made] = git(repo, "format-patch", "-o", str(u["patches"]), "--zero-commit", "--no-signature",
+                 "--start-number", "4", "-1").splitlines()
+    with open(u["patches"] / "series", "a") as listed:
+        listed.write(Path(made).name + "\n")
+    series.write_lock(u["patches"])
+    new_upstream(u, {"blob.bin": "\0upstream\0" * 50}, "v42.0")
+    wd, out = u["tmp"] / "wd42", u["tmp"] / "out42"
+    stopped = dspark(u, "--onto", "v42.0", "--repo", str(repo), "--workdir", str(wd))
+    assert stopped.returncode == 4, stopped.stderr
+    fourth = json.loads(stopped.stdout)["patches"][3]
+    assert fourth["status"] == "conflict" and fourth["details"] == [
+        "blob.bin: unmerged, without conflict markers (binary) (the work tree has the new tree's version; "
+        "`git checkout --theirs -- blob.bin` the patch's)"]
+    assert f"choose each file's content on branch dspark/rebase-v42.0 in {wd}, commit" in stopped.stderr
+    assert "markers left" not in stopped.stderr
+    assert (wd / "blob.bin").read_bytes() == b"\0upstream\0" * 50
+    git(wd, "checkout", "--theirs", "--", "blob.bin")
+    git(wd, "add", "blob.bin")
+    git(wd, "commit", "-q", "-m", "ours: a binary file")
+    done = dspark(u, "--onto", "v42.0", "--repo", str(repo), "--workdir", str(wd), "--out", str(out), "--continue")
+    assert done.returncode == 0, done.stderr
+    check = u["tmp"] / "check42"
+    git(u["tmp"], "clone", "-q", "-b", "v42.0", str(repo), str(check))
+    for patch in series.load_series(out, "eng"):
+        git(check, "apply", str(patch.path))
+    assert (check / "blob.bin").read_bytes() == b"\0ours\0" * 50
+
+
 def test_a_deletion_of_a_file_upstream_changed_is_said_to_be_not_applied_not_merged(upstream):
     """git merges no deletion 3-way ("Falling back to direct application"), so none of the patch
     applied and no markers were left, yet its hunk read "merged 3-way" beside git's "while

@@ -115,6 +115,8 @@ def _how_to_resolve(conflict: rebase.PatchOutcome, result: rebase.RebaseResult) 
         return (f"port its change into the new tree {where} and commit it, or drop the patch with an empty commit "
                 f"(`git -C {result.workdir} commit --allow-empty -m 'drop {conflict.patch}'`), then run again "
                 "with --continue")
+    if all(rebase.UNMERGED_NO_MARKERS in d for d in conflict.details):
+        return f"choose each file's content {where}, commit, then run again with --continue"
     return f"markers left {where}: resolve, commit, then run again with --continue"
 
 
