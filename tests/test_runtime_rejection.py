@@ -780,3 +780,27 @@ def test_engine_noise_that_is_not_a_tensor_is_one_clear_error(field):
     noise = {"uniforms": [[0.5] * gamma] * R, "exp_noise": [[1.0] * V] * R}
     with pytest.raises(ValueError, match=f"^{field} must be a torch.Tensor, got list$"):
         rejection_sample(p, (tokens, q[..., 0], q), torch.ones(R, dtype=torch.int64), **{field: noise[field]})
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["generator", "seeds"])
+def test_inputs_that_track_gradients_draft_and_verify_as_detached_ones(seeded):
+    """A drafter's nn.Parameter weights and logits computed outside torch.no_grad() track
+    gradients: the exponential race's division into its noise buffer (out=) was a RuntimeError
+    from autograd for them. Sampling takes no gradient; the draws are those of the detached inputs."""
+    g = torch.Generator().manual_seed(5)
+    R, gamma, V, r = 4, 3, 12, 2
+    U = torch.randn(R, gamma, V, generator=g).requires_grad_()
+    w1, w2 = torch.nn.Parameter(torch.randn(V, r, generator=g)), torch.nn.Parameter(torch.randn(V, r, generator=g))
+    anchors, temperature = torch.randint(0, V, (R,), generator=g), torch.tensor([1.0, 0.0, 0.7, 1.0])
+    target = torch.softmax(torch.randn(R, gamma + 1, V, generator=g), dim=-1).detach().requires_grad_()
+    ell = torch.tensor([3, 1, 0, 2])
+
+    def run(U, w1, w2, target):
+        noise = {"seeds": torch.arange(R) + 9} if seeded else {"generator": torch.Generator().manual_seed(3)}
+        draft = markov_chain(U, anchors, w1, w2, temperature, return_q=False, **noise)
+        noise = {"seeds": torch.arange(R) + 9} if seeded else {"generator": torch.Generator().manual_seed(4)}
+        return draft.tokens, rejection_sample(target, draft, ell, greedy=temperature < 1e-5, **noise).output_tokens
+
+    tracked = run(U, w1, w2, target)
+    detached = run(U.detach(), w1.detach(), w2.detach(), target.detach())
+    assert all(torch.equal(a, b) for a, b in zip(tracked, detached))

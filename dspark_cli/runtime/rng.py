@@ -119,7 +119,9 @@ def race_sample(weights: torch.Tensor, exp_noise: torch.Tensor) -> torch.Tensor:
     an E ≥ NOISE_FLOOR, so the race is the same for every such noise."""
     noise = exp_noise.float()  # fp16 cannot hold the floor (it would clamp to 0)
     keys = noise.clamp_min(NOISE_FLOOR) if noise is exp_noise else noise.clamp_min_(NOISE_FLOOR)
-    keys = torch.div(weights, keys, out=keys)  # (every caller's noise is shaped like its weights)
+    # weights detached: autograd refuses out= for an input that tracks gradients (a drafter's
+    # nn.Parameter weights, logits made outside no_grad), and a draw takes no gradient
+    keys = torch.div(weights.detach(), keys, out=keys)  # (every caller's noise is shaped like its weights)
     return torch.argmax(keys, dim=-1)
 
 
