@@ -804,3 +804,28 @@ def test_inputs_that_track_gradients_draft_and_verify_as_detached_ones(seeded):
     tracked = run(U, w1, w2, target)
     detached = run(U.detach(), w1.detach(), w2.detach(), target.detach())
     assert all(torch.equal(a, b) for a, b in zip(tracked, detached))
+
+
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_acceptance_uniforms_are_fp32_whatever_torchs_default_dtype(default_dtype):
+    """The generator path's ratio-test uniforms were drawn in torch's default dtype: under a bf16
+    default (models are often built that way) u took ~2^8 values per octave, so a draft with
+    p/q = 0.999 was always accepted (lossy), and under fp64 the same generator drew other tokens."""
+    R, V = 20_000, 2
+    q = torch.tensor([0.5, 0.5]).expand(R, 1, V)
+    p = torch.tensor([0.4995, 0.5005]).expand(R, 2, V).contiguous()  # p/q = 0.999 at the drafted token 0
+    draft = (torch.zeros(R, 1, dtype=torch.int64), q[:, :, 0], q)
+
+    def verify():
+        return rejection_sample(p, draft, torch.ones(R, dtype=torch.int64), generator=torch.Generator().manual_seed(1))
+
+    expected = verify()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        got = verify()
+    finally:
+        torch.set_default_dtype(previous)
+    assert int((expected.num_accepted == 0).sum()) > 0  # ~20 of the 20,000 are rejected
+    assert torch.equal(got.num_accepted, expected.num_accepted)
+    assert torch.equal(got.output_tokens, expected.output_tokens)

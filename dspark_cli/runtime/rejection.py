@@ -258,7 +258,8 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     elif seeds is not None:
         u = rng.uniform(seeds, rng.STREAM_ACCEPT, pos, 0)
     else:
-        u = torch.rand(R, gamma, device=device, generator=generator)
+        # fp32 whatever torch's default dtype: a bf16 default's u (at most 0.99609) accepted every p/q above it
+        u = torch.rand(R, gamma, device=device, generator=generator, dtype=torch.float32)
     accept = u * draft.q_token.float() < p_token
     if greedy is not None:
         best = target.argmax(dim=-1) if target_argmax is None else target_argmax  # per row: no [R, γ, V] gather
@@ -296,7 +297,7 @@ def _q_rows_read(draft: MarkovDraft, position: torch.Tensor, needed: torch.Tenso
     so no subset is rebuilt); on the CPU, where reading `needed` costs no sync, a step that reads
     none skips it (zeros: every weight then comes from p)."""
     if draft.q is None and needed.device.type == "cpu" and not bool(needed.any()):
-        return torch.zeros(needed.shape[0], vocab)
+        return torch.zeros(needed.shape[0], vocab, dtype=torch.float32)  # (an fp64 default made the race's rows fp64)
     return draft.q_rows(position)
 
 
