@@ -67,6 +67,24 @@ def test_sts_fit_recovers_overconfidence():
     assert fitted < raw / 3
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16])
+def test_sts_fit_does_not_depend_on_torchs_default_dtype(default_dtype):
+    """The fit's survival, its ECE bins and its grid were made in torch's default dtype: under an
+    fp64 or bf16 default (models are often built in bf16) the ECE's index_add_ of fp32 values
+    into them was a RuntimeError. A fit is the same under any default."""
+    g = torch.Generator().manual_seed(2)
+    z = 3 * torch.randn(2000, 3, generator=g)
+    num_accepted = torch.randint(0, 4, (2000,), generator=g)
+    expected = STSCalibration.fit(z, num_accepted).temperatures
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        got = STSCalibration.fit(z, num_accepted).temperatures
+    finally:
+        torch.set_default_dtype(previous)
+    assert got == expected
+
+
 def test_sts_for_a_shorter_block_keeps_the_leading_temperatures_and_ece_bins_are_equal_width():
     """STS is fitted position by position, so a γ = 2 block takes T_1, T_2 of a 3-position file;
     ECE of 0.1 and 0.12 (one bin of ten) with labels 0, 1 is |0.22 − 1| / 2."""

@@ -150,7 +150,7 @@ class STSCalibration:
                              f"from {int(num_accepted.min())} to {int(num_accepted.max())}")
         grid = _grid(grid)
         z = z.float()
-        survived_before = torch.ones(z.shape[0], device=z.device)
+        survived_before = torch.ones_like(z[:, 0])  # fp32, as z (not torch's default dtype)
         temps = []
         for k in range(z.shape[1]):
             label = (num_accepted >= k + 1).float()
@@ -166,7 +166,7 @@ def _grid(grid) -> torch.Tensor:
     """STSCalibration.fit's temperatures to try: exp(-2..2) in 81 steps by default, else a list,
     tuple or 1-D tensor of finite numbers > 0, as fp32 ("ab" was a TypeError from torch)."""
     if grid is None:
-        return torch.exp(torch.linspace(-2.0, 2.0, 81))
+        return torch.exp(torch.linspace(-2.0, 2.0, 81, dtype=torch.float32))
     if isinstance(grid, (list, tuple)) and all(map(_checks.finite_real, grid)):
         grid = torch.tensor(grid, dtype=torch.float32)
     if not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0 or \
@@ -177,8 +177,9 @@ def _grid(grid) -> torch.Tensor:
 
 
 def expected_calibration_error(prob: torch.Tensor, label: torch.Tensor, bins: int = 20) -> torch.Tensor:
-    """ECE with equal-width bins: Σ_b (n_b/N)·|mean(prob_b) − mean(label_b)|."""
+    """ECE with equal-width bins: Σ_b (n_b/N)·|mean(prob_b) − mean(label_b)|, summed in prob's dtype
+    (index_add_ refuses bins of torch's default dtype when it is another)."""
     idx = torch.clamp((prob * bins).long(), max=bins - 1)
-    p_sum = torch.zeros(bins, device=prob.device).index_add_(0, idx, prob)
-    y_sum = torch.zeros(bins, device=prob.device).index_add_(0, idx, label)
+    p_sum = prob.new_zeros(bins).index_add_(0, idx, prob)
+    y_sum = prob.new_zeros(bins).index_add_(0, idx, label.to(prob.dtype))
     return (p_sum - y_sum).abs().sum() / prob.numel()
