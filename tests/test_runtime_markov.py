@@ -351,3 +351,22 @@ def test_markov_weight_check_refuses_what_is_not_a_weight_matrix():
     """A list was an AttributeError ('list' object has no attribute 'numel')."""
     with pytest.raises(ValueError, match=r"^w1 must be a torch.Tensor, got list$"):
         check_markov_weight_values([[1.0]], torch.ones(1, 1))
+
+
+def test_an_autocast_region_does_not_lower_q_or_the_confidence_logits():
+    """q and z are fp32 by definition, and a draft's q must be the distribution it was sampled from.
+    Inside a caller's autocast region the bias W1[x]·W2ᵀ and z ran in bf16: q was off by up to ~1e-2,
+    and a lazy draft's q rebuilt outside the region was not the q sampled (a lossy ratio test)."""
+    U, anchors, w1, w2 = _setup(V=64, r=16)
+    g = torch.Generator().manual_seed(4)
+    h, weight, bias = torch.randn(5, 4, 6, generator=g), torch.randn(1, 6 + 16, generator=g), torch.randn(1, generator=g)
+    T, seeds = torch.tensor([1.0, 0.7, 1.3, 0.0, 2.0]), torch.arange(5)
+    plain = markov_chain(U, anchors, w1, w2, T, seeds=seeds, confidence=(h, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = markov_chain(U, anchors, w1, w2, T, seeds=seeds, confidence=(h, weight, bias))
+        lazy = markov_chain(U, anchors, w1, w2, T, seeds=seeds, return_q=False)
+        rebuilt = lazy.q_rows(torch.full((5,), 2))
+        z = confidence_logits(h, plain.prev_emb, weight, bias)
+    assert torch.equal(inside.tokens, plain.tokens) and torch.equal(inside.q, plain.q)
+    assert torch.equal(inside.confidence_logits, plain.confidence_logits) and torch.equal(z, plain.confidence_logits)
+    assert torch.equal(rebuilt, plain.q[:, 2])

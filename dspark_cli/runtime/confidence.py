@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_cli.runtime import _checks
+from dspark_cli.runtime import _checks, _fp32
 from dspark_cli.runtime._on_device import OnDevice
 
 STS_FORMAT = "dspark-sts/1"
@@ -52,7 +52,7 @@ def confidence_logits(h, prev_emb, weight, bias) -> torch.Tensor:
     _checks.same_device(h=h, prev_emb=prev_emb)
     d = h.shape[2]
     w = weight.reshape(-1).float()
-    z = h.float() @ w[:d] + prev_emb.float() @ w[d:]
+    z = _fp32.matmul(h.float(), w[:d]) + _fp32.matmul(prev_emb.float(), w[d:])
     if bias is None:
         return z
     if isinstance(bias, torch.Tensor):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark_cli.runtime import _checks, rng
+from dspark_cli.runtime import _checks, _fp32, rng
 from dspark_cli.runtime._dispatch import try_cuda
 from dspark_cli.runtime.confidence import check_confidence_inputs, confidence_logits
 from dspark_cli.runtime.sampling import check_warps, is_greedy, sample_probs
@@ -186,7 +186,7 @@ def _row_indices(rows, R: int):
 
 def _step_logits(U_k: torch.Tensor, prev: torch.Tensor, w1: torch.Tensor, w2_fp32: torch.Tensor):
     """U_k + W2·W1[prev] in fp32: [R, V]."""
-    return U_k.float() + w1[prev].float() @ w2_fp32.t()
+    return U_k.float() + _fp32.matmul(w1[prev].float(), w2_fp32.t())
 
 
 def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> torch.Tensor:
