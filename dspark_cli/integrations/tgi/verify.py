@@ -168,7 +168,8 @@ def run(as_json: bool = False) -> None:
             spec = DSparkSpeculation.for_target(target, draft, scheduler="off")
             start = time.perf_counter()
             out, accepted, rounds = generate(target, spec, prompt, steps)
-            rows.append({"draft": kind, "identical": out == ref, "mean_accepted_length": steps / rounds,
+            # as vLLM's: 1 + accepted drafts per verify round (the first round, the prefill, verifies none)
+            rows.append({"draft": kind, "identical": out == ref, "mean_accepted_length": 1 + accepted / max(rounds - 1, 1),
                          "tokens_per_s": steps / (time.perf_counter() - start), "tokens_per_s_no_spec": base_tps})
     result = {"tgi_server": server, "tgi_shard": served, "checks": rows,
               "ok": all(r["identical"] for r in rows) and not server["problems"]
