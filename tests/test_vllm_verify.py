@@ -183,6 +183,18 @@ def test_step_stats_count_verified_drafts_not_accepted_ones():
     assert stats["verified_per_step"] == pytest.approx((5 + 9) / 5)
 
 
+def test_step_stats_count_the_last_step_whose_accepted_drafts_max_tokens_cut():
+    """vLLM counts a step's accepted drafts before max_tokens trims its output: 48 tokens at γ = 3, every
+    draft accepted, take 12 steps (1 + 12 × 4 = 49 emitted, one cut), not 48 − 1 − 36 = 11 (which
+    reported 4.27 tokens verified per step where at most γ + 1 = 4 can be)."""
+    from dspark_cli.integrations.vllm.e2e import step_stats
+
+    stats = step_stats({"outputs": [[0] * 48], "tokens_per_s": 5.0,
+                        "spec": {"drafts": 12, "draft_tokens": 36, "accepted_tokens": 36}}, 1)
+    assert stats["request_steps"] == 12
+    assert stats["accepted_length"] == 4.0 and stats["verified_per_step"] == 4.0
+
+
 def _fake_engine(spec: dict) -> dict:
     """What run_in_python returns, made up: DSpark at 100 tokens/s, the baseline at 40, every
     decode step of a request accepting `acc` drafts of 3 (0 for the seeded in_batch run)."""

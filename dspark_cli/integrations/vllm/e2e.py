@@ -172,11 +172,13 @@ def step_stats(run: dict, num_prompts: int) -> dict:
     """Per request-step averages from one workload run. accepted_length is vLLM's mean acceptance
     length, 1 + accepted / drafts (a draft = one request-step with ≥ 1 draft token). Every decode
     step of a request emits accepted + 1 tokens and the prefill one, so request-steps ≈ generated −
-    prompts − accepted (the last step may overshoot max_tokens); verified tokens per step counts
-    the anchor plus the drafts the target actually computed, including steps with ℓ_r = 0."""
+    prompts − accepted, including steps with ℓ_r = 0; but vLLM counts a last step's accepted drafts
+    before max_tokens cuts them from the output, so that comes short, never below the drafts (exact
+    when every step drafts). Verified tokens per step counts the anchor plus the drafts the target
+    actually computed."""
     generated = sum(len(o) for o in run["outputs"])
     spec = run["spec"]
-    steps = max(generated - num_prompts - spec["accepted_tokens"], 1)
+    steps = max(generated - num_prompts - spec["accepted_tokens"], spec["drafts"], 1)
     return {"request_steps": steps,
             "accepted_length": 1 + spec["accepted_tokens"] / max(spec["drafts"], 1),
             "verified_per_step": (steps + spec["draft_tokens"]) / steps,
