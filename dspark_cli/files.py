@@ -128,8 +128,27 @@ def check_dir_option(directory: Path, option: str) -> None:
     if not existing.is_dir():
         where = f"{option} {directory}" + ("" if existing == directory.absolute() else f": {existing}")
         raise UsageError(f"{where} is a file, not a directory")
+    check_new_names(directory, option)
     if problem := cannot_make_in(existing):
         raise EnvironmentProblem(f"{option} {directory}: cannot make anything in {existing} ({problem})")
+
+
+def check_new_names(path: Path, option: str) -> None:
+    """A name in `path` below its nearest existing directory that is longer than that file system
+    takes (NAME_MAX) is bad input (UsageError, exit 2), found now: the OS says so only when the
+    name is made, after the work (and `exists()` under a missing directory does not see it)."""
+    try:
+        existing = nearest_existing(path)
+    except OSError as exc:  # a name too long where the path exists up to it
+        raise UsageError(f"{option} {path}: {exc.strerror}") from None
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):  # a file system that does not say
+        return
+    for part in path.absolute().relative_to(existing).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise UsageError(f"{option} {path}: File name too long (a name of {len(os.fsencode(part))} bytes; "
+                             f"the file system takes {name_max})")
 
 
 def refuse_replacing_cwd(directory: Path, option: str) -> None:

@@ -233,12 +233,13 @@ def test_default_sweeps():
     assert vllm_capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
 
 
-@pytest.mark.parametrize("where", ["out_dir", "out_cwd", "out_config", "out_under_file", "out_fifo", "sglang_dir",
-                                   "sglang_under_file", "sglang_fifo", "same_file"])
+@pytest.mark.parametrize("where", ["out_dir", "out_cwd", "out_config", "out_under_file", "out_fifo", "out_long_dir",
+                                   "sglang_dir", "sglang_under_file", "sglang_fifo", "sglang_long_name", "same_file"])
 def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
     """Were a traceback and exit 1 after all the timing, --sglang-out leaving our table written alone
     (--out . a traceback before it; --out the model's config.json overwrote it; --out a pipe, or as
-    root /dev/null, was replaced by a regular file)."""
+    root /dev/null, was replaced by a regular file; a name too long under a directory not made yet
+    was exit 3 after the timing)."""
     (tmp_path / "dir").mkdir()
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "file.json").write_text("keep")
@@ -254,6 +255,10 @@ def test_bad_output_paths_are_refused_before_timing(model_dir, tmp_path, where):
         out = tmp_path / "file.json" / "sub.json"
     elif where == "out_fifo":
         out = tmp_path / "pipe"
+    elif where == "out_long_dir":
+        out = tmp_path / "new" / ("d" * 300) / "sps.json"
+    elif where == "sglang_long_name":
+        sglang = tmp_path / "new" / ("s" * 300 + ".json")
     elif where == "sglang_fifo":
         sglang = tmp_path / "pipe"
     elif where == "sglang_dir":

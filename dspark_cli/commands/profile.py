@@ -11,7 +11,7 @@ import typer
 
 from dspark_cli.commands.params import flag_option, path_option, text_option
 from dspark_cli.errors import PATH_SHAPE_ERRORS, EnvironmentProblem, UsageError, missing_module, short_message
-from dspark_cli.files import check_dir_option, replace_atomically
+from dspark_cli.files import check_dir_option, check_new_names, replace_atomically
 from dspark_cli.model_config import config_path
 from dspark_cli.output import emit, err_console, say, say_table
 
@@ -202,8 +202,9 @@ def _check_model_exists(model: Path) -> None:
 
 def _check_output(path: Path, option: str) -> None:
     """Refuse, before any timing, an output path we could not write: a directory, a device, pipe or
-    socket, or a path under a file is bad input (exit 2); a read-only file or directory is an
-    environment problem (exit 3)."""
+    socket, a path under a file or a name too long is bad input (exit 2); a read-only file or
+    directory is an environment problem (exit 3)."""
+    check_new_names(path, option)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file path")
     if path.exists() and not path.is_file():  # written by renaming over it: a device would be replaced
