@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,34 @@ def test_a_failed_engine_run_is_one_line_ending_with_the_error_it_raised(tmp_pat
         run_module(sys.executable, "failing_run", {}, 60, "vLLM run")
     assert one_line(failed.value) == ("vLLM run failed (exit 1): "
                                       "ValueError: the draft has 3 layers, the config says 2")
+
+
+def test_a_run_past_its_time_takes_the_engines_processes_with_it(tmp_path, monkeypatch):
+    """vLLM's engine core and workers are processes of the run's own: killing the run alone at its
+    timeout (or on Ctrl-C) left them running for good (an idle VLLM::Worker held 1.7 GB)."""
+    from dspark_cli.integrations.spec_runner import run_module
+
+    pid_file = tmp_path / "engine.pid"
+    (tmp_path / "spawning_run.py").write_text(
+        "import subprocess, sys, time\n"
+        "engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(engine.pid))\n"
+        "time.sleep(600)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_module(sys.executable, "spawning_run", {}, 5, "vLLM run")
+    engine = int(pid_file.read_text())
+    for _ in range(100):
+        try:
+            os.kill(engine, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{engine}/stat").read_text().split(") ")[-1].startswith("Z"):  # killed, not yet reaped by init
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(engine, 9)
+        pytest.fail("the run's child process outlived it")
 
 
 def test_the_engine_python_gets_our_package_on_its_path_and_nothing_else_beside_it(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ in and a JSON result out, so the caller never imports the engine:
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,13 +31,37 @@ def run_module(python: str, module: str, spec: dict, timeout_s: float, what: str
         only_ours.mkdir()
         (only_ours / "dspark_cli").symlink_to(PACKAGE_DIR, target_is_directory=True)
         pythonpath = os.pathsep.join(filter(None, [str(only_ours), os.environ.get("PYTHONPATH")]))
-        proc = subprocess.run([python, "-m", module, str(spec_path), str(out_path)],
-                              env={**os.environ, **(env or {}), "PYTHONPATH": pythonpath},
-                              capture_output=True, text=True, timeout=timeout_s)
+        # Its own process group: the engine's processes (vLLM's engine core and workers) are its
+        # children, which outlive a kill of it alone (a timeout, Ctrl-C), so they go with the group.
+        with subprocess.Popen([python, "-m", module, str(spec_path), str(out_path)],
+                              env={**os.environ, **(env or {}), "PYTHONPATH": pythonpath}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout_s)
+            except BaseException:
+                _end_group(proc)
+                raise
         if proc.returncode != 0 or not out_path.exists():
             failure = EngineUnavailable if proc.returncode == UNAVAILABLE_EXIT else RuntimeError
-            raise failure(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+            raise failure(f"{what} failed (exit {proc.returncode}):\n{(stdout + stderr)[-4000:]}")
         return json.loads(out_path.read_text())
+
+
+GRACE_S = 5  # for the run to shut down on SIGTERM before SIGKILL
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the run's process group, then, once the run has exited (or after GRACE_S), SIGKILL
+    to what is left of the group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            break
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def one_line(exc: Exception) -> str:
