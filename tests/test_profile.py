@@ -64,6 +64,18 @@ def test_profile_times_a_real_forward_and_writes_both_tables(model_dir, tmp_path
         assert values[max(i for i, p in enumerate(probes) if p <= b)] == table.sps(b) == SPSTable.load(sglang_path).sps(b)
 
 
+def test_capture_sizes_up_to_the_largest_size_asked_for_are_kept(model_dir, tmp_path):
+    """--sizes past --max-tokens (default 512) are timed, so the capture sizes given up to them stay
+    graphs: 600 was dropped without a word, and a B between 256 and 600 read off an eager 600 where
+    the engine pads it to the 600-token graph."""
+    out = tmp_path / "sps.json"
+    proc = _dspark("profile", "--model", str(model_dir), "--out", str(out), "--sizes", "1,600",
+                   "--capture-sizes", "4,600,700", "--repeats", "1", "--warmup", "0", "--context", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    table = SPSTable.load(out)
+    assert table.tokens == [1, 4, 600] and table.capture_sizes == [4, 600] == json.loads(proc.stdout)["capture_sizes"]
+
+
 def test_profile_errors_have_documented_exit_codes(model_dir, tmp_path):
     missing = _dspark("profile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json"))
     assert missing.returncode == 2 and "no config.json" in missing.stderr

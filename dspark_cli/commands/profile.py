@@ -88,13 +88,14 @@ def run_profile(model, out, device, max_tokens, sizes, capture_sizes, context, r
     else:
         raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
 
+    batch_sizes = _parse_sizes(sizes, "--sizes") if sizes is not None else sps_profile.default_sizes(max_tokens)
+    largest = max(max_tokens, batch_sizes[-1])  # --sizes past --max-tokens are timed: their graphs are kept
     if capture_sizes == "auto":
         graphs = sps_profile.vllm_capture_sizes(max_tokens) if device.startswith("cuda") else []
     elif capture_sizes == "none":
         graphs = []
     else:
-        graphs = [b for b in _parse_sizes(capture_sizes, "--capture-sizes") if b <= max_tokens]
-    batch_sizes = _parse_sizes(sizes, "--sizes") if sizes is not None else sps_profile.default_sizes(max_tokens)
+        graphs = [b for b in _parse_sizes(capture_sizes, "--capture-sizes") if b <= largest]
     batch_sizes = sorted(set(batch_sizes) | set(graphs))  # graph sizes are where the step curve is read
 
     # both outputs are checked before any timing, and written together only after it
