@@ -1044,6 +1044,21 @@ def test_verify_tgi_reports_the_accepted_length_per_verify_round_and_one_no_spec
     assert len({r["tokens_per_s_no_spec"] for r in rows.values()}) == 1  # one baseline measurement
 
 
+def test_verify_tgi_skips_the_shard_of_a_server_that_failed_its_checks_saying_so(monkeypatch, capsys):
+    """The shard was skipped as "no patched TGI server installed" next to the server it had just
+    found installed (tgi_server.installed true) and named the problems of."""
+    from dspark_cli.errors import CheckFailed
+    from dspark_cli.integrations.tgi import verify
+
+    problem = "text_generation_server has no _dspark.py: not patched (dspark apply tgi, then reinstall)"
+    monkeypatch.setattr(verify, "installed_server", lambda: {"installed": True, "location": "/x", "series": None,
+                                                             "problems": [problem]})
+    with pytest.raises(CheckFailed, match="not patched"):
+        verify.run(as_json=True)
+    result = json.loads(capsys.readouterr().out)
+    assert result["tgi_shard"] == {"ran": False, "why_not": "the installed TGI server failed its checks"}
+
+
 def test_verify_tgi_fails_when_any_draft_changes_the_output(monkeypatch, capsys):
     from dspark_cli.errors import CheckFailed
 

@@ -154,8 +154,8 @@ def run(as_json: bool = False) -> None:
     server = installed_server()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        why_not = None if server["installed"] and not server["problems"] else "no patched TGI server installed"
-        why_not = why_not or shard_unservable()
+        why_not = ("no patched TGI server installed" if not server["installed"]
+                   else "the installed TGI server failed its checks" if server["problems"] else shard_unservable())
         served = {"ran": False, "why_not": why_not} if why_not else shard_check(Path(tmp))
         target_path = tiny_models.build_target(Path(tmp) / "target", "successor")
         target = tiny_models.load_transformers(target_path)
