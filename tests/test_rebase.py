@@ -705,7 +705,7 @@ def test_a_deletion_of_a_file_upstream_changed_is_said_to_be_not_applied_not_mer
     assert only["status"] == "conflict" and only["details"] == [
         "other.py: hunk #1 (@@ -1,6 +0,0 @@) does not apply", "other.py: patch does not apply", rebase.NOT_APPLIED]
     assert git(wd, "status", "--porcelain") == ""  # indeed nothing applied: no markers to resolve
-    assert "markers left" not in run.stderr and f"port its change into the new tree on branch dspark/rebase-v40.0" in run.stderr
+    assert "markers left" not in run.stderr and "port its change into the new tree on branch dspark/rebase-v40.0" in run.stderr
 
 
 def team_series(u, edits):
