@@ -51,6 +51,25 @@ def test_verify_vllm_with_a_program_that_is_no_python_says_so(tmp_path):
             "is it the Python of the environment vLLM is installed in?"]
 
 
+def test_a_program_that_never_answers_the_probe_is_an_environment_problem(tmp_path, monkeypatch):
+    """The probe of DSPARK_VLLM_PYTHON had no time limit: a program that never exits (or waits on
+    the terminal's stdin) hung `dspark verify vllm` before any engine ran."""
+    from dspark_cli.errors import EnvironmentProblem
+    from dspark_cli.integrations.vllm import verify as vllm_verify
+
+    hangs = tmp_path / "hangs"
+    hangs.write_text("#!/bin/sh\nexec sleep 30\n")
+    hangs.chmod(0o755)
+    monkeypatch.setenv("DSPARK_VLLM_PYTHON", str(hangs))
+    monkeypatch.setattr(vllm_verify, "PROBE_TIMEOUT_S", 1)
+    started = time.monotonic()
+    with pytest.raises(EnvironmentProblem) as refused:
+        vllm_verify._python()
+    assert time.monotonic() - started < 20
+    assert str(refused.value) == (f"DSPARK_VLLM_PYTHON={hangs}: `{hangs} -c 'import vllm'` did not finish in 1 s: "
+                                  "is it the Python of the environment vLLM is installed in?")
+
+
 @pytest.mark.skipif(not os.environ.get("DSPARK_VLLM034_PYTHON"),
                     reason="DSPARK_VLLM034_PYTHON not set (.ci/prepare.d/33-vllm-import.sh builds the patched vLLM 0.34.0 venv)")
 def test_verify_vllm_on_the_v034_series_says_its_checks_need_model_runner_v1():

@@ -45,13 +45,20 @@ print("DSPARK-SERIES", d.SERIES, hasattr(d, "V1_SUPPORTED"))
 """
 
 
+PROBE_TIMEOUT_S = 300  # `import vllm` takes seconds; a program that is no Python may never answer
+
+
 def _python() -> str:
     python = os.environ.get("DSPARK_VLLM_PYTHON") or sys.executable
+    where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
     try:
-        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
+        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                               timeout=PROBE_TIMEOUT_S)
     except OSError as exc:  # missing, a directory, not executable
-        where = f"DSPARK_VLLM_PYTHON={python}" if os.environ.get("DSPARK_VLLM_PYTHON") else python
         raise EnvironmentProblem(f"{where}: {_why_not_runnable(python, exc)}") from exc
+    except subprocess.TimeoutExpired:
+        raise EnvironmentProblem(f"{where}: `{python} -c 'import vllm'` did not finish in {PROBE_TIMEOUT_S} s: is "
+                                 "it the Python of the environment vLLM is installed in?") from None
     tags = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("DSPARK-PROBE ")]
     apply = "apply the series with `dspark apply vllm` and install the tree, or set DSPARK_VLLM_PYTHON"
     if tags and tags[-1][0] == "no-vllm":
