@@ -27,7 +27,7 @@ from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
 from dspark_cli.patching import PatchConflict, apply_and_commit
 from dspark_cli.series import Patch, load_series, read_patch_bytes
-from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, PROGRESS, Snapshot, Workspace, kill_point,
+from dspark_cli.workspace import (DSPARK_IDENTITY, OUR_COMMITS, PROGRESS, AppliedPatch, Snapshot, Workspace, kill_point,
                                   owner_running, safe_name)
 
 
@@ -707,6 +707,7 @@ def status(workdir: Path) -> dict:
             drift.append(f"{done.label} is applied but no longer in its series")
         elif wanted.sha256 != done.sha256:
             drift.append(f"{done.label} changed in its series since it was applied")
+    drift += _out_of_order(applied, expected)
     for done, why in ws.changed_patch_commits(applied, _patch_files(expected)):
         drift.append(f"{done.label}'s commit {done.commit[:12]} {why}; dspark revert refuses to drop them without "
                      "--force")
@@ -732,6 +733,19 @@ def status(workdir: Path) -> dict:
         "detached_commits": [{"commit": sha, "subject": subject} for sha, subject in detached],
         "drift": drift, "in_progress": busy, "build": build_records(state.get("engine"), ws.path),
     }
+
+
+def _out_of_order(applied: list[AppliedPatch], expected: list[Patch]) -> list[str]:
+    """apply refuses a series that does not start with the patches applied, in their order (reordered,
+    or one inserted before them): a line naming the first difference. Patches no longer in the series
+    (or in a layer that cannot be read) are left out here: their own lines name them."""
+    listed = [p.label for p in expected]
+    known = [done.label for done in applied if done.label in listed]
+    for done, wanted in zip(known, listed):
+        if done != wanted:
+            return [f"{done} is applied where the series has {wanted}: the series no longer starts with the "
+                    "patches applied, in their order, so dspark apply refuses until `dspark revert` takes them off"]
+    return []
 
 
 def _layer_patches(state: dict) -> tuple[list[Patch], list[str]]:

@@ -440,3 +440,18 @@ def test_a_short_pinned_commit_matches_the_full_base_in_status(tmp_path, monkeyp
     result = applier.apply(short, applier.ApplyRequest(engine="toy", workdir=tmp_path / "w"))
     assert result["base"] == toy["upstream"]["v1.0"]
     assert applier.status(tmp_path / "w")["drift"] == []
+
+
+def test_status_names_a_series_whose_order_no_longer_starts_with_the_applied_patches(toy, monkeypatch):
+    """The series reordered (and relocked) since apply: every applied patch is still in it, unchanged,
+    yet apply refuses until a revert; status said "drift none"."""
+    monkeypatch.setenv("DSPARK_COMPAT", str(toy["compat_path"]))
+    series_file = toy["series"] / "series"
+    first, second = [line for line in series_file.read_text().splitlines() if not line.startswith("#")]
+    series_file.write_text(f"{second}\n{first}\n")
+    series_files.write_lock(toy["series"])
+    with pytest.raises(UsageError, match="patch 1 applied is"):
+        applier.apply(compat.load(toy["compat_path"]), applier.ApplyRequest(engine="toy", workdir=toy["workdir"]))
+    assert applier.status(toy["workdir"])["drift"] == [
+        f"dspark/{first} is applied where the series has dspark/{second}: the series no longer starts with the "
+        "patches applied, in their order, so dspark apply refuses until `dspark revert` takes them off"]
