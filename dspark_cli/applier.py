@@ -355,8 +355,9 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     on_branch = ws.current_branch() == f"refs/heads/{branch}"
     prior_state = ws.read_state() or {}
     if not todo and on_branch:
-        if prior_state.get("applied") != [p.label for p in patches]:
-            ws.write_state({**state, "applied": [p.label for p in patches], "in_progress": None})
+        done = {**state, "applied": [p.label for p in patches], "in_progress": None}
+        if done != prior_state:  # also where the layers or compat.yaml were given from moved: status reads them there
+            ws.write_state(done)
         return {"status": "already applied", "applied": [p.label for p in patches], "new": [], "notes": []}
     if branch_sha:
         _check_not_in_another_worktree(ws, branch)

@@ -455,3 +455,20 @@ def test_status_names_a_series_whose_order_no_longer_starts_with_the_applied_pat
     assert applier.status(toy["workdir"])["drift"] == [
         f"dspark/{first} is applied where the series has dspark/{second}: the series no longer starts with the "
         "patches applied, in their order, so dspark apply refuses until `dspark revert` takes them off"]
+
+
+def test_status_reads_a_layer_from_where_the_last_already_applied_run_was_given_it(toy, monkeypatch):
+    """The team moved its series directory (same name, same patches): apply with --series at the new
+    place says "already applied", and status reads the layer there; it read the old, gone, place and
+    reported the layer unreadable and its patch no longer in its series."""
+    monkeypatch.setenv("DSPARK_COMPAT", str(toy["compat_path"]))
+    team = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    table = compat.load(toy["compat_path"])
+    applier.apply(table, applier.ApplyRequest(engine="toy", workdir=toy["workdir"], series=(team,)))
+    moved = toy["root"] / "moved" / "team"
+    moved.parent.mkdir()
+    shutil.move(team, moved)
+    again = applier.apply(table, applier.ApplyRequest(engine="toy", workdir=toy["workdir"], series=(moved,)))
+    assert again["status"] == "already applied"
+    assert applier.status(toy["workdir"])["drift"] == []
