@@ -52,6 +52,11 @@ def load_layers(pin: Pin, extra: tuple[Path, ...]) -> tuple[list[Patch], list[di
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise UsageError(f"two series layers are both named {duplicate!r}; layer directories need distinct names")
+    # the name begins each patch's Dspark-Patch trailer, which is read back line by line and stripped
+    unrecordable = next((d for name, d in layers if name != name.lstrip() or "\n" in name), None)
+    if unrecordable:
+        raise UsageError(f"series layer {str(unrecordable)!r}: its directory's name starts with whitespace or holds a "
+                         "line break, which the commit trailers naming its patches cannot record; rename the directory")
     patches = [patch for name, directory in layers for patch in load_series(directory, name)]
     return patches, [{"layer": name, "dir": str(directory)} for name, directory in layers]
 

@@ -864,3 +864,16 @@ def test_a_file_name_that_is_not_utf8_round_trips_through_status_revert_and_appl
     assert (work / name).read_text() == "mine\n"
     assert git(work, "log", "-1", "--format=%s") == "dspark: method and module"
     assert git(work, "ls-files", "--", name) == '"caf\\351.txt"'  # tracked (git quotes the byte)
+
+
+@pytest.mark.parametrize("name", [" team", "team\nx"])
+def test_a_layer_whose_name_its_commit_trailer_cannot_hold_is_refused_before_anything_changes(toy, name):
+    """The layer's name begins each patch's Dspark-Patch trailer, which is read back stripped and line
+    by line: " team" was applied, then read back as "team", so status called its patch not applied
+    and the next apply refused the workspace ("run `dspark revert` first")."""
+    made = make_series(toy["root"], toy["upstream"]["repo"], "team", toy["upstream"]["v1.0"],
+                       [("team: readme", {"README.team": "ours\n"})])
+    team = made.rename(made.with_name(name))
+    with pytest.raises(UsageError, match="rename the directory"):
+        run_apply(toy, series=(team,))
+    assert not toy["workdir"].exists()
