@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -71,7 +72,7 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
             _captured.append(result)
         elif as_json:
             document = {"ok": True, **result} if isinstance(result, dict) else result
-            _write_stdout(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+            _write_stdout(json.dumps(_finite(document), indent=2, sort_keys=True, default=str) + "\n")
             _json_emitted = True
         else:
             _check_stdout_open()
@@ -83,6 +84,18 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None], failure: Exc
         raise type(failure)(f"{failure} (and stdout could not take the report: {exc.strerror or exc})") from None
     if failure is not None:
         raise failure
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite as None: json.dumps writes NaN and Infinity,
+    which are no JSON (a self-test over a kernel that left NaN in its output reported its error so)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 @contextlib.contextmanager
@@ -151,7 +164,7 @@ def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
     The message is printed as plain text: no markup, no :emoji: codes."""
     if as_json and not (_json_emitted or _stdout_failed):
         try:
-            _write_stdout(json.dumps({"ok": False, "error": message, "exit_code": exit_code, **_error_fields},
+            _write_stdout(json.dumps(_finite({"ok": False, "error": message, "exit_code": exit_code, **_error_fields}),
                                      default=str) + "\n")
         except OSError as exc:  # the line below is all there is
             _stdout_lost(exc)

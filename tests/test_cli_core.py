@@ -932,3 +932,20 @@ def test_a_failure_after_the_report_keeps_stdout_one_json_document(capsys):
     output.emit_error("error", "doctor: git failed", 1, True)
     output.reset()
     assert json.loads(capsys.readouterr().out) == {"ok": False, "checks": []}
+
+
+def test_a_number_that_is_not_finite_is_null_in_the_json_document(capsys):
+    """A self-test whose kernel left NaN in its output reports `"attention_max_abs_err": NaN`, which no
+    strict JSON reader (jq, JSON.parse, json.loads with parse_constant refusing) takes: the failure
+    a CI pipeline most needs to read. Not finite is null, as in nested lists and objects."""
+    from dspark_cli import output
+
+    def strict(name):
+        raise ValueError(f"not JSON: {name}")
+
+    output.reset()
+    output.emit({"ok": False, "cases": [{"err": float("nan"), "peak": float("inf"), "worst": [-float("inf"), 1.5]}]},
+                True, lambda r: None)
+    output.reset()
+    assert json.loads(capsys.readouterr().out, parse_constant=strict) == {
+        "ok": False, "cases": [{"err": None, "peak": None, "worst": [None, 1.5]}]}
