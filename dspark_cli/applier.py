@@ -345,11 +345,11 @@ def _apply_series(ws: Workspace, base: str, branch: str, patches: list[Patch], f
     if branch_sha and not ws.is_ancestor(base, branch_sha):
         raise UsageError(f"branch {branch} does not contain base {base[:12]}; rename or delete it")
     for index, done in enumerate(applied):
+        layer = done.label.split("/", 1)[0]
+        if layer not in {p.layer for p in patches}:  # a --series layer left out of this run, last or not
+            raise UsageError(f"{done.label} is applied from your series layer {layer!r}, which this run was not "
+                             f"given: pass --series with its directory again (`dspark revert` takes every patch off, ours too)")
         if index >= len(patches):
-            layer = done.label.split("/", 1)[0]
-            if layer not in {p.layer for p in patches}:  # a --series layer left out of this run
-                raise UsageError(f"{done.label} is applied from your series layer {layer!r}, which this run was not "
-                                 f"given: pass --series with its directory again (`dspark revert` takes every patch off, ours too)")
             raise UsageError(f"{done.label} is applied but not in the series any more; run `dspark revert` first")
         if done.label != patches[index].label:
             raise UsageError(f"patch {index + 1} applied is {done.label}, the series has {patches[index].label}; "

@@ -116,6 +116,18 @@ def test_layered_series_goes_after_dspark_and_only_new_patches_are_applied(toy):
         run_apply(toy)  # the layer left out
 
 
+def test_a_layer_left_out_before_one_given_is_named_as_left_out(toy):
+    """--series team --series extra applied, then --series extra alone: the team layer is named as
+    the one not given (was: "patch 3 applied is team/..., the series has extra/...; run `dspark revert`
+    first", which takes every layer off)."""
+    team, extra = (make_series(toy["root"], toy["upstream"]["repo"], name, toy["upstream"]["v1.0"],
+                               [(f"{name}: file", {f"engine/{name}.py": "ON = 1\n"})]) for name in ("team", "extra"))
+    run_apply(toy, series=(team, extra))
+    with pytest.raises(UsageError, match=r"team/0001-team-file.patch is applied from your series layer 'team', "
+                                         r"which this run was not given: pass --series with its directory again"):
+        run_apply(toy, series=(extra,))
+
+
 def test_patch_changed_after_apply_is_refused(toy):
     run_apply(toy)
     patch = toy["series"] / "0002-dspark-method-and-module.patch"
