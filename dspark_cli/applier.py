@@ -545,9 +545,12 @@ def _lost_branch_at_head(ws: Workspace, base: str, branch: str) -> str | None:
 
 
 def _enclosing_workspace(path: Path) -> Path | None:
-    """The dspark workspace a subdirectory lies in (its top holds .git/dspark/state.json), if any."""
+    """The dspark workspace a subdirectory lies in (its top holds .git/dspark/state.json, or a
+    worktree's .git file names a git directory that holds dspark/state.json), if any."""
     for parent in path.resolve().parents:
         if (parent / ".git" / "dspark" / "state.json").is_file():
+            return parent
+        if (parent / ".git").is_file() and Workspace(parent).is_repo() and Workspace(parent).state_file.is_file():
             return parent
     return None
 

@@ -1173,3 +1173,14 @@ def test_changed_submodules_reads_renames_and_names_git_would_quote(tmp_path):
     git(work, "mv", "1 x", "renamed.txt")  # a staged rename whose original path reads like a record
     (work / name / "a.txt").write_text("edited inside the submodule\n")
     assert Workspace(work).changed_submodules() == [name]
+
+
+def test_a_subdirectory_of_a_workspace_that_is_a_git_worktree_names_the_workspace(toy, tmp_path):
+    """A workspace made in a `git worktree add` of the user's clone has a .git file, not a directory:
+    -C one of its subdirectories is named as inside it, as in a workspace of its own repository."""
+    clone, work = tmp_path / "clone", tmp_path / "wt"
+    git(tmp_path, "clone", "-q", str(toy["upstream"]["repo"]), str(clone))
+    git(clone, "worktree", "add", "-q", "--detach", str(work), toy["upstream"]["v1.0"])
+    run_apply({**toy, "workdir": work})
+    with pytest.raises(UsageError, match=f"is inside the dspark workspace {work}; pass --workdir {work}"):
+        applier.status(work / "engine")
