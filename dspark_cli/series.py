@@ -139,6 +139,8 @@ def read_lock(directory: Path) -> dict[str, str]:
         match = _LOCK_LINE.fullmatch(raw)
         if not match:
             raise UsageError(f"{lock_file}:{number}: expected '<sha256>  <patch name>', got {raw!r}")
+        if match.group(2) in locked:  # which digest holds? neither is trusted (the later one won)
+            raise UsageError(f"{lock_file}:{number}: {match.group(2)} is locked twice; run `dspark series lock {directory}`")
         locked[match.group(2)] = match.group(1)
     return locked
 

@@ -33,3 +33,14 @@ def test_a_patch_listed_twice_in_series_is_refused(tmp_path):
     (tmp_path / "series").write_text("0001-a.patch\n0001-a.patch\n")
     with pytest.raises(UsageError, match=r"series:2: 0001-a.patch is listed twice"):
         series.read_series(tmp_path)
+
+
+def test_a_patch_locked_twice_is_refused_whichever_digest_matches(tmp_path):
+    """apply took the later of two digests for one patch (a wrong one first, the right one after
+    passed); `series lock --check` flagged the file, apply did not."""
+    (tmp_path / "0001-a.patch").write_text("x")
+    (tmp_path / "series").write_text("0001-a.patch\n")
+    digest = hashlib.sha256(b"x").hexdigest()
+    (tmp_path / "series.lock").write_text(f"{'0' * 64}  0001-a.patch\n{digest}  0001-a.patch\n")
+    with pytest.raises(UsageError, match=r"series.lock:2: 0001-a.patch is locked twice; run `dspark series lock "):
+        series.load_series(tmp_path, "dspark")
