@@ -128,7 +128,7 @@ def check_dir_option(directory: Path, option: str) -> None:
     if not existing.is_dir():
         where = f"{option} {directory}" + ("" if existing == directory.absolute() else f": {existing}")
         raise UsageError(f"{where} is a file, not a directory")
-    check_new_names(directory, option)
+    _check_names_below(directory, existing, option)
     if problem := cannot_make_in(existing):
         raise EnvironmentProblem(f"{option} {directory}: cannot make anything in {existing} ({problem})")
 
@@ -141,6 +141,11 @@ def check_new_names(path: Path, option: str) -> None:
         existing = nearest_existing(path)
     except OSError as exc:  # a name too long where the path exists up to it
         raise UsageError(f"{option} {path}: {exc.strerror}") from None
+    _check_names_below(path, existing, option)
+
+
+def _check_names_below(path: Path, existing: Path, option: str) -> None:
+    """check_new_names with `path`'s nearest existing directory already found."""
     try:
         name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):  # a file system that does not say
