@@ -322,23 +322,36 @@ from vllm.engine.arg_utils import EngineArgs
 root = Path(sys.argv[1])
 target = tiny_models.build_target(root / "target", "successor")
 draft = tiny_models.build_draft(root / "draft", gamma=3, kind="oracle", target=target)
-for name, spec in (("dspark", {"method": "dspark", "model": str(draft)}),
-                   ("ngram", {"method": "ngram", "prompt_lookup_max": 3})):
-    spec = {**spec, "num_speculative_tokens": 3, "enable_adaptive_verification": True}
+dspark = {"method": "dspark", "model": str(draft)}
+for name, spec, adaptive in (("dspark", dspark, True), ("dspark-fixed", dspark, False),
+                             ("ngram", {"method": "ngram", "prompt_lookup_max": 3}, True)):
+    spec = {**spec, "num_speculative_tokens": 3, "enable_adaptive_verification": adaptive}
+    print("CASE", name, flush=True)  # vLLM logs to this stdout: its warnings land under their case
     try:
-        EngineArgs(model=str(target), speculative_config=spec, max_model_len=256).create_engine_config()
-        print("RESULT", name, "accepted")
+        config = EngineArgs(model=str(target), speculative_config=spec, max_model_len=256).create_engine_config()
     except Exception as e:
         print("RESULT", name, "refused:", str(e).replace(chr(10), " "))
+        continue
+    # As on a GPU, where the platform keeps async scheduling asked for (the CPU's turns it off).
+    config.scheduler_config.async_scheduling = True
+    print("RESULT", name, "accepted; with async:", config._get_v1_model_runner_unsupported_features())
 """
 
 
-def test_v1_takes_adaptive_verification_only_with_dspark_drafts(tmp_path):
+def test_v1_takes_adaptive_verification_only_with_dspark_drafts_and_synchronous_scheduling(tmp_path):
     """The series lifts V1's refusals for DSpark only: another method asking for adaptive
-    verification (which only our DSpark proposer feeds on V1) is still refused, as upstream does."""
+    verification (which only our DSpark proposer feeds on V1) is still refused, as upstream does.
+    DSpark's adaptive verification hands vLLM's scheduler its drafts as host lists, so it needs
+    synchronous scheduling: left unset, async scheduling is turned off with a warning (before the
+    CPU platform turns it off anyway); asked for, V1 refuses it. Fixed-length DSpark keeps async."""
     env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
     out = subprocess.run([PYTHON, "-c", V1_CONFIG_CHECK, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=600)
+    cases = dict(re.findall(r"^CASE (\S+)\n(.*?)(?=^CASE |\Z)", out.stdout, re.M | re.S))
     results = dict(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("RESULT "))
-    assert results.get("dspark") == "accepted", out.stdout[-2000:] + out.stderr[-2000:]
+    assert results.get("dspark") == ("accepted; with async: ['DSpark adaptive verification with async "
+                                     "scheduling (pass --no-async-scheduling)']"), out.stdout[-2000:] + out.stderr[-2000:]
+    assert results.get("dspark-fixed") == "accepted; with async: []", results
+    warning = "Async scheduling is disabled: DSpark adaptive verification on the V1 model runner"
+    assert warning in cases["dspark"] and warning not in cases["dspark-fixed"], cases
     assert results.get("ngram", "").startswith("refused:") and "adaptive draft verification" in results["ngram"], results

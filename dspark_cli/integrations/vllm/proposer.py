@@ -140,8 +140,6 @@ class DSparkProposer(DFlashProposer):
         if runner is not None and self.probabilistic:
             self.pending_q.install(runner)
         if self.adaptive:
-            if runner is not None and getattr(runner, "use_async_scheduling", False):
-                raise ValueError("DSpark adaptive verification on Model Runner V1 needs async_scheduling=False")
             settings = SchedulerSettings.resolve(self.draft_model_config.hf_config, self.gamma)
             self.verify_lengths = VerifyLengthScheduler(settings)
         # Per-step statistics for `dspark verify vllm` and tests: drafted vs scheduled tokens, and
