@@ -565,12 +565,31 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
     cut = next(((o, c) for o, c in reversed(resolutions) if claimed[:c] == commits and o < len(outcomes)), None)
     if claimed != commits and got_through and cut is not None:
         outcomes, claimed = outcomes[:cut[0]], claimed[:cut[1]]
+    # A run killed between a patch's commit and the record naming it left that commit after the
+    # recorded ones: the next patch's, made by dspark (its author, date and message). It is the
+    # killed run's own, not the user's: dropped, and the patch applied again.
+    if (len(commits) == len(claimed) + 1 and commits[:-1] == claimed and None not in claimed
+            and len(outcomes) < len(patches) and _made_for(ws, commits[-1], patches[len(outcomes)])):
+        ws.git.run("reset", "-q", "--hard", claimed[-1] if claimed else trees.onto_with)
+        commits = commits[:-1]
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
+
+
+def _made_for(ws: Workspace, commit: str, patch: Patch) -> bool:
+    """Whether `commit` is the one apply_one makes of `patch`: committed by dspark with the patch's
+    author, date and message (as `git am` would commit it)."""
+    parts, env = am_message(ws, patch)
+    wanted = ws.git.run("var", "GIT_AUTHOR_IDENT", env=env).stdout.strip()
+    message = ws.git.run("stripspace", input="\n\n".join(parts) + "\n").stdout
+    found = ws.git.run("log", "-1", "--format=%an <%ae> %ad%n%cn <%ce>", "--date=raw", commit).stdout.splitlines()
+    body = ws.git.run("log", "-1", "--format=%B", commit).stdout
+    committer = f"{DSPARK_IDENTITY['GIT_COMMITTER_NAME']} <{DSPARK_IDENTITY['GIT_COMMITTER_EMAIL']}>"
+    return found == [wanted, committer] and body.rstrip("\n") == message.rstrip("\n")
 
 
 def refresh_marker(ws: Workspace, result: RebaseResult, series_name: str) -> None:

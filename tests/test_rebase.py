@@ -2087,3 +2087,71 @@ def test_markers_in_a_python_file_that_fails_to_compile_are_reported_once_as_its
     assert [e.split(": ", 1)[0] for e in report["compile_errors"]] == ["broken.py"], report
     assert report["leftover_markers"] == [f"kernel.cu: leftover conflict marker at line {n}" for n in (2, 6)]
     assert not out.exists()
+
+
+KILL_AFTER_A_COMMIT = """
+import os, signal, sys
+from dspark_cli import rebase
+real, victim = rebase.apply_one, sys.argv[-1]
+def apply_one(ws, patch, *args, **kwargs):
+    outcome = real(ws, patch, *args, **kwargs)
+    if patch.name.startswith(victim):  # committed, the record not yet naming it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return outcome
+rebase.apply_one = apply_one
+from dspark_cli.cli import main
+sys.argv = ["dspark"] + sys.argv[1:-1]
+main()
+"""
+
+
+def kill_after_commit(u, victim: str, *args: str) -> None:
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_A_COMMIT, "rebase", "eng", "--from", "v1.0", *args,
+                             "--json", victim], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+
+
+@pytest.mark.parametrize("resolved_first", [False, True], ids=["plain run", "continue after a resolution"])
+def test_a_run_killed_between_a_patch_commit_and_its_record_is_continued_by_the_next(upstream, resolved_first):
+    """SIGKILL after a patch's commit and before the record named it: the next --continue found
+    one commit more than recorded and refused ('found 2 commits ..., expected 1'), so the only way
+    on was --force, which threw away a resolution. That commit is the killed run's own (the next
+    patch's author, date and message, committed by dspark): it is made again."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-kc", u["tmp"] / "out-kc"
+    if resolved_first:
+        resolution = conflict_then_resolve(u, "v40.0", wd)
+    else:
+        new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v40.0")
+    args = ["--onto", "v40.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
+    kill_after_commit(u, "0002-", *args, *(["--continue"] if resolved_first else []))
+    before = git(wd, "rev-list", "v40.0..HEAD").splitlines()
+    assert len(before) == 2  # 0001 (or its resolution) and 0002's commit, the record naming only the first
+    done = dspark(u, *args, "--continue")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["patches"]
+    assert [p["status"] for p in report] == ["resolved" if resolved_first else "clean", "clean", "clean"]
+    if resolved_first:
+        assert report[0]["commit"] == resolution
+    assert git(wd, "rev-list", "--reverse", "v40.0..HEAD").splitlines() == [p["commit"] for p in report]
+    assert "+HOOK = True" in series.load_series(out, "dspark")[1].path.read_text()
+
+
+def test_a_commit_of_the_users_after_the_recorded_ones_is_still_refused(upstream):
+    """Only the killed run's own commit is made again: one of the user's (another message or
+    committer) after the recorded commits is refused as before, and left on the branch."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-ku", u["tmp"] / "out-ku"
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v41.0")
+    args = ["--onto", "v41.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
+    kill_after_commit(u, "0002-", *args)
+    git(wd, "reset", "-q", "--hard", "HEAD~1")
+    (wd / "extra.py").write_text("X = 1\n")
+    git(wd, "add", "extra.py")
+    git(wd, "commit", "-q", "-m", "ours: new module")  # the next patch's subject, but the user's commit
+    mine = git(wd, "rev-parse", "HEAD")
+    refused = dspark(u, *args, "--continue")
+    assert refused.returncode == 2 and "found 2 commits" in refused.stderr, refused.stderr
+    assert git(wd, "rev-parse", "HEAD") == mine
