@@ -183,6 +183,22 @@ def context_lines(text: str, default: int = 3) -> int:
     return widest or default
 
 
+_INDEX_LINE = re.compile(r"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: |$)", re.M)
+
+
+def index_abbrev(text: str) -> str:
+    """format-patch's option naming blobs in `index` lines as the patch did: its length (git's
+    default grows with the repository's object count, and the user's core.abbrev changes it, so a
+    refreshed patch differed from one carried unchanged), or --full-index. git still lengthens a
+    name that would be ambiguous."""
+    lengths = [len(name) for names in _INDEX_LINE.findall(text) for name in names]
+    if not lengths:
+        return "--abbrev=7"
+    if max(lengths) >= 40:
+        return "--full-index"
+    return f"--abbrev={max(min(lengths), 7)}"
+
+
 def conflict_regions(path: Path) -> list[str]:
     """'120-134' line ranges of the conflict markers left in a file."""
     regions, start = [], None
@@ -765,8 +781,9 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
     `out_dir` may be `source_dir` itself (a refresh in place), so every source text is read before
     anything is written; the new series is made in a temporary sibling of `out_dir` and swapped in
     whole, so a failure midway leaves the old series as it was."""
-    contexts = {o.patch: context_lines((source_dir / o.patch).read_text(encoding="utf-8", errors="replace"))
-                for o in result.outcomes}
+    texts = {o.patch: (source_dir / o.patch).read_text(encoding="utf-8", errors="replace") for o in result.outcomes}
+    contexts = {name: context_lines(text) for name, text in texts.items()}
+    abbrevs = {name: index_abbrev(text) for name, text in texts.items()}
     if out_dir.resolve() in source_dir.resolve().parents:  # check_targets refuses it; never swap it away
         raise UsageError(f"--out {out_dir} contains the series being carried ({source_dir})")
     dropped = {o.patch for o in result.outcomes if o.status == ALREADY}
@@ -792,7 +809,7 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
                               "--no-base", "--no-thread", "--no-attach", "--no-to", "--no-cc", "--no-add-header",
                               "--no-from", "--no-notes", "-M",
                               f"--subject-prefix=PATCH {number}/{len(kept)}", "--no-numbered",
-                              f"-U{contexts[outcome.patch]}", commit).stdout
+                              f"-U{contexts[outcome.patch]}", abbrevs[outcome.patch], commit).stdout
             (new / outcome.patch).write_bytes(text.encode("utf-8", "surrogateescape"))  # git's bytes exactly
         (new / series_mod.SERIES_FILE).write_bytes(series_file)  # dropped patches unlisted
         series_mod.write_lock(new)

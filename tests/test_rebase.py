@@ -2155,3 +2155,38 @@ def test_a_commit_of_the_users_after_the_recorded_ones_is_still_refused(upstream
     refused = dspark(u, *args, "--continue")
     assert refused.returncode == 2 and "found 2 commits" in refused.stderr, refused.stderr
     assert git(wd, "rev-parse", "HEAD") == mine
+
+
+def index_lengths(text: str) -> set[int]:
+    return {len(side) for line in text.splitlines() if line.startswith("index ")
+            for side in line.split()[1].split("..")}
+
+
+@pytest.mark.parametrize("how", ["a large repository", "core.abbrev"])
+def test_the_refreshed_patches_name_blobs_as_the_series_did_whatever_the_repository(upstream, tmp_path, how):
+    """format-patch abbreviates the `index` lines' blob names by the repository's size (git's
+    default grows with its object count) or the user's core.abbrev: carried with --repo of a real
+    vLLM clone (or the two-tree work repository of six releases), every patch of the series changed
+    (`index 6c8fb7e2..b84e79e7` for `index 6c8fb7e..b84e79e`) and so its series.lock, while the patches
+    did not. They keep the series' own length (git lengthens one only where it would be ambiguous)."""
+    u = upstream
+    env = {"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"), "GIT_CONFIG_GLOBAL": os.devnull}
+    if how == "core.abbrev":
+        config = tmp_path / "user.gitconfig"
+        config.write_text("[core]\n\tabbrev = 12\n")
+        env["GIT_CONFIG_GLOBAL"] = str(config)
+    else:  # more than 2**14 objects: git's own abbreviation is 8 characters
+        blobs = "".join(f"blob\ndata {len(str(i)) + 1}\n{i}\n" for i in range(17000))
+        subprocess.run(["git", "-C", str(u["repo"]), "fast-import", "--quiet"], input=blobs, text=True, check=True)
+        assert len(git(u["repo"], "rev-parse", "--short", "HEAD")) > 7
+    assert index_lengths("".join(p.read_text() for p in u["patches"].glob("*.patch"))) == {7}
+    onto = u["base"]  # the series carried onto its own tree: it should come out as it was
+    git(u["repo"], "tag", "v42.0", onto)
+    out = u["tmp"] / "out42"
+    run = run_dspark("rebase", "eng", "--from", "v1.0", "--onto", "v42.0", "--repo", str(u["repo"]),
+                     "--workdir", str(u["tmp"] / "wd42"), "--out", str(out), "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    for patch in sorted(u["patches"].glob("*.patch")):
+        assert index_lengths((out / patch.name).read_text()) == {7}
+        assert (out / patch.name).read_text() == patch.read_text()
+    assert (out / "series.lock").read_text() == (u["patches"] / "series.lock").read_text()
