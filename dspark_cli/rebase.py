@@ -440,7 +440,12 @@ def _rebase_locked(ws: Workspace, trees: Trees, patches: list[Patch], branch: st
             text = patch.path.read_text(encoding="utf-8", errors="replace")
             outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
             continue
-        outcomes.append(apply_one(ws, patch, trees, series_adds))
+        before = ws.head()
+        try:
+            outcomes.append(apply_one(ws, patch, trees, series_adds))
+        except BaseException:  # a Ctrl-C inside it: what it staged or committed is not recorded,
+            ws.git.run("reset", "-q", "--hard", before, check=False)  # so the next --continue applies it again
+            raise
         series_adds |= set(created_paths(patch.path))
         if resolved and outcomes[-1].status == ALREADY and not _in_new_tree(ws, patch, trees.onto_with):
             ws.git.run("reset", "-q", "--hard", tip)  # the branch as you left it

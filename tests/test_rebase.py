@@ -2190,3 +2190,36 @@ def test_the_refreshed_patches_name_blobs_as_the_series_did_whatever_the_reposit
         assert index_lengths((out / patch.name).read_text()) == {7}
         assert (out / patch.name).read_text() == patch.read_text()
     assert (out / "series.lock").read_text() == (u["patches"] / "series.lock").read_text()
+
+
+def test_a_continue_stopped_by_ctrl_c_inside_a_patch_is_continued_by_the_next(upstream, tmp_path):
+    """Ctrl-C after `git apply --index` of 0003 and before its commit left 0003's change staged:
+    the next --continue (what the interrupt line says to run) was refused, 'resolve the conflict
+    markers and commit the patch before --continue', though there was no conflict, and a commit of
+    it would be refused as an extra one. The interrupted patch is taken back out of the work tree."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-int2", u["tmp"] / "out-int2"
+    resolution = conflict_then_resolve(u, "v43.0", wd)
+    third = sorted(p.name for p in u["patches"].glob("*.patch"))[2]
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    (bin_dir / "git").write_text(f"""#!/bin/sh
+case "$*" in *"apply --index --whitespace=nowarn"*{third}*) {real} "$@"; touch {waiting}; sleep 60; exit 0;; esac
+exec {real} "$@"
+""")
+    (bin_dir / "git").chmod(0o755)
+    args = ["rebase", "eng", "--from", "v1.0", "--onto", "v43.0", "--repo", str(u["repo"]), "--workdir", str(wd),
+            "--out", str(out), "--continue"]
+    code, _, stderr = signal_dspark_when(
+        waiting, signal.SIGINT, *args, env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+                                            "GIT_CONFIG_GLOBAL": os.devnull,
+                                            "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert code == 130 and "run it again with --continue" in stderr, stderr
+    assert git(wd, "status", "--porcelain") == ""  # 0003's staged change taken back out
+    again = dspark(u, "--onto", "v43.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
+                   "--continue")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
+    assert report["patches"][0]["commit"] == resolution
