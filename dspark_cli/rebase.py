@@ -441,6 +441,7 @@ def _rebase_locked(ws: Workspace, trees: Trees, patches: list[Patch], branch: st
             outcomes.append(PatchOutcome(patch=patch.name, status=NOT_RUN, files=patch_files(text)))
             continue
         before = ws.head()
+        _record_applying(ws, patch, before)  # a kill inside it: the next --continue takes it back out
         try:
             outcomes.append(apply_one(ws, patch, trees, series_adds))
         except BaseException:  # a Ctrl-C inside it: what it staged or committed is not recorded,
@@ -467,6 +468,55 @@ def _record_progress(ws: Workspace, branch: str, trees: Trees, outcomes: list[Pa
     rest = [PatchOutcome(patch=p.name, status=NOT_RUN) for p in patches[len(outcomes):]]
     _record_statuses(ws, RebaseResult(workdir=ws.path, branch=branch, trees=trees, outcomes=[*outcomes, *rest],
                                       sources={p.name: p.sha256 for p in patches}))
+
+
+def _record_applying(ws: Workspace, patch: Patch, on: str) -> None:
+    """Name the patch being applied on `on` in the record (the next _record_progress drops it)."""
+    record = _read_record(ws)
+    if "patches" in record:  # only a run with patches recorded can be continued
+        write_text_atomically(_record_file(ws), json.dumps({**record, "applying": {"patch": patch.name, "on": on}}))
+
+
+def _take_back_killed_patch(ws: Workspace, patches: list[Patch]) -> None:
+    """A run killed inside a patch (its change staged or being written, no commit yet) left that
+    change in the work tree, the record naming the patch and the commit it went onto: when every
+    changed file holds that commit's bytes or the patch's (none of the user's edits), it is taken
+    back out, so the patch is applied again. Anything else is left for the local-changes refusal."""
+    pending = _read_record(ws).get("applying")
+    if not isinstance(pending, dict) or pending.get("on") != ws.head():
+        return
+    patch = next((p for p in patches if p.name == pending.get("patch")), None)
+    if patch is None or ws.git.out("diff", "--name-only", "--diff-filter=U"):
+        return
+    changed = {f for f in ws.git.run("diff", "--name-only", "--no-renames", "-z", "HEAD").stdout.split("\0") if f}
+    untracked = {f for f in ws.git.run("ls-files", "--others", "--exclude-standard", "-z").stdout.split("\0") if f}
+    if not changed | untracked:
+        return
+    with ws.scratch_index("HEAD") as index:  # the tree the patch makes on it
+        made = ws.git.run("apply", "--cached", "--whitespace=nowarn", str(patch.path), env=index, check=False)
+        if made.returncode != 0:
+            made = ws.git.run("apply", "--cached", "--3way", "--whitespace=nowarn", str(patch.path), env=index,
+                              check=False)
+        if made.returncode != 0:
+            return
+        target = ws.git.out("write-tree", env=index)
+
+    def blob(rev: str, path: str) -> str | None:
+        found = ws.git.run("rev-parse", "--verify", "-q", f"{rev}:{path}", check=False)
+        return found.stdout.strip() if found.returncode == 0 else None
+
+    for path in changed | untracked:
+        allowed = {blob("HEAD", path), blob(target, path)}
+        staged = ws.git.out("ls-files", "-s", "--", path).split()
+        on_disk = ws.path / path
+        if os.path.islink(on_disk) or (on_disk.exists() and not on_disk.is_file()):
+            return
+        written = ws.git.out("hash-object", "--", path) if on_disk.exists() else None
+        if (staged[1] if len(staged) > 1 else None) not in allowed or written not in allowed:
+            return
+    ws.git.run("reset", "-q", "--hard")
+    for path in untracked:
+        (ws.path / path).unlink(missing_ok=True)
 
 
 def _marker(ws: Workspace) -> Path:
@@ -544,6 +594,7 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
         raise UsageError(f"{ws.path}: the work branch {branch} no longer starts from the new tree {trees.onto[:12]} "
                          "(a commit of the new tree amended or reset away?): commit your resolution on top of it "
                          "(not --amend), or start over with --force")
+    _take_back_killed_patch(ws, patches)
     if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
         raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
     # by name and, for the patches the branch holds (or that a resolution resolves), by content: a

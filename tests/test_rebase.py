@@ -2223,3 +2223,54 @@ exec {real} "$@"
     report = json.loads(again.stdout)
     assert [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
     assert report["patches"][0]["commit"] == resolution
+
+
+KILL_BEFORE_A_COMMIT = """
+import os, signal, sys
+from dspark_cli import rebase
+victim = sys.argv[-1]
+def commit_as_am(ws, patch, trailers):  # its change staged, not committed
+    if patch.name.startswith(victim):
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("not the patch to stop in")
+real = rebase.commit_as_am
+rebase.commit_as_am = lambda ws, patch, trailers: (commit_as_am(ws, patch, trailers) if patch.name.startswith(victim)
+                                                   else real(ws, patch, trailers))
+from dspark_cli.cli import main
+sys.argv = ["dspark"] + sys.argv[1:-1]
+main()
+"""
+
+
+@pytest.mark.parametrize("edit", [None, "in a file of the patch", "in another file"])
+def test_a_run_killed_inside_a_patch_is_continued_by_the_next(upstream, edit):
+    """SIGKILL after `git apply --index` of 0002 and before its commit left its change staged: the
+    next --continue said 'resolve the conflict markers and commit the patch', with no conflict
+    (committing it was refused as an extra commit). What the killed run staged is its own (each
+    changed file holds the new tree's bytes or the patch's): taken out, the patch applied again. An
+    edit of the user's since is kept, and refused as before."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-kb", u["tmp"] / "out-kb"
+    new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v44.0")
+    args = ["--onto", "v44.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_A_COMMIT, "rebase", "eng", "--from", "v1.0", *args,
+                             "--json", "0002-"], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert git(wd, "status", "--porcelain") == "A  ours.py"
+    if edit == "in a file of the patch":
+        (wd / "ours.py").write_text("HOOK = False  # mine\n")
+    elif edit == "in another file":
+        (wd / "other.py").write_text(OTHER + "MINE = 1\n")
+    done = dspark(u, *args, "--continue")
+    if edit:
+        assert done.returncode == 2 and "commit the patch before --continue" in done.stderr, done.stderr
+        assert "MINE = 1" in (wd / "other.py").read_text() if edit == "in another file" else \
+            (wd / "ours.py").read_text() == "HOOK = False  # mine\n"
+        return
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["patches"]
+    assert [p["status"] for p in report] == ["clean", "clean", "clean"]
+    assert git(wd, "rev-list", "--reverse", "v44.0..HEAD").splitlines() == [p["commit"] for p in report]
+    assert "+HOOK = True" in series.load_series(out, "dspark")[1].path.read_text()
