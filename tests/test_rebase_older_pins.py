@@ -9,6 +9,7 @@ import ast
 import json
 import os
 import py_compile
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,46 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     assert {"min_toks", "neg_inf_tensor", "logits_slice", "restore_logits_slice", "apply"} <= \
         self_members(ast.parse(builtin), stored_only=True)
     assert "non_argmax_invariant" in (workdir / "vllm/v1/sample/logits_processor/state.py").read_text()
+
+
+def committed_as_rebase_writes_it(directory: Path) -> dict[str, str]:
+    """The series' files but the `series` file's comment lines (they say how the series was made,
+    by hand)."""
+    files = {p.name: p.read_text() for p in directory.iterdir()}
+    files["series"] = "".join(line for line in files["series"].splitlines(keepends=True) if not line.startswith("#"))
+    return files
+
+
+@pytest.mark.parametrize("pin_name", ["v0.30.0", "v0.31.0"])
+def test_rebase_in_a_clone_writes_the_committed_series(pin_name, tmp_path):
+    """`dspark rebase vllm --from v0.32.0 --onto <pin> --repo <clone>` (every patch clean there)
+    writes the committed series byte for byte. In a clone (more than 2**14 packed objects: vLLM's
+    history, here stood in for by filler blobs) format-patch named blobs with 8 or more characters
+    (`index 6c8fb7e2..b84e79e7`), so every patch and the lock differed from the same series."""
+    pins = compat.load(compat_file()).engine("vllm").pins
+    if pin_name not in pins:
+        pytest.skip(f"{pin_name} is not in compat.yaml")
+    repo = tmp_path / "vllm"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for tag in ("v0.32.0", pin_name):  # the two release trees as commits
+        tree = tmp_path / f"tree-{tag}"
+        run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", tag, "--source", "pypi",
+                              "-C", str(tree), "--json"], capture_output=True, text=True,
+                             env={**os.environ, "DSPARK_COMPAT": str(compat_file())})
+        if run.returncode == 3:
+            skip_unless_ci(f"release file not reachable: {run.stderr.strip()}")
+        assert run.returncode == 0, run.stderr
+        base = subprocess.run(["git", "-C", str(tree), "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.split()[0]
+        subprocess.run(["git", "-C", str(repo), "fetch", "-q", str(tree), f"{base}:refs/tags/{tag}"], check=True)
+        shutil.rmtree(tree)
+    # a clone holds vLLM's history too: more than 2**14 objects, where git's abbreviation grows past 7
+    filler = "".join(f"blob\ndata {len(str(i)) + 1}\n{i}\n" for i in range(20000))
+    subprocess.run(["git", "-C", str(repo), "fast-import", "--quiet"], input=filler, text=True, check=True)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "dspark_cli", "rebase", "vllm", "--from", "v0.32.0", "--onto", pin_name,
+                          "--repo", str(repo), "--workdir", str(tmp_path / "wd"), "--out", str(out), "--json"],
+                         capture_output=True, text=True, env={**os.environ, "DSPARK_COMPAT": str(compat_file())})
+    assert run.returncode == 0, run.stderr
+    assert {p["status"] for p in json.loads(run.stdout)["patches"]} == {"clean"}
+    assert committed_as_rebase_writes_it(out) == committed_as_rebase_writes_it(pins[pin_name].patches)
