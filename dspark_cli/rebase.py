@@ -644,6 +644,24 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
             and len(outcomes) < len(patches) and _made_for(ws, commits[-1], patches[len(outcomes)])):
         ws.git.run("reset", "-q", "--hard", claimed[-1] if claimed else trees.onto_with)
         commits = commits[:-1]
+    # A run killed inside a patch that conflicted (its markers left, the record naming the patch
+    # being applied, not the conflict): the one commit on the commit it went onto is your resolution.
+    pending = _read_record(ws).get("applying")
+    if (len(commits) == len(claimed) + 1 and commits[:-1] == claimed and None not in claimed
+            and len(outcomes) < len(patches) and isinstance(pending, dict)
+            and pending.get("patch") == patches[len(outcomes)].name
+            and pending.get("on") == (claimed[-1] if claimed else trees.onto_with)):
+        resolution, patch = commits[-1], patches[len(outcomes)]
+        if ws.changes_nothing(resolution):
+            outcome = PatchOutcome(patch=patch.name, status=ALREADY, commit=resolution,
+                                   files=patch_files(patch.path.read_text(encoding="utf-8", errors="replace")),
+                                   details=["your resolution keeps the new tree as it is: dropped from the refreshed "
+                                            "series"])
+        else:
+            outcome = PatchOutcome(patch=patch.name, status=RESOLVED, commit=resolution,
+                                   files=commit_files(ws, resolution))
+        outcomes.append(outcome)
+        claimed.append(resolution)
     if claimed != commits:
         found = ", ".join(c[:12] for c in commits) or "none"
         raise UsageError(f"{branch}: found {len(commits)} commits on the new tree ({found}), expected {len(expected)}, "

@@ -2140,20 +2140,19 @@ def test_a_run_killed_between_a_patch_commit_and_its_record_is_continued_by_the_
 
 
 def test_a_commit_of_the_users_after_the_recorded_ones_is_still_refused(upstream):
-    """Only the killed run's own commit is made again: one of the user's (another message or
-    committer) after the recorded commits is refused as before, and left on the branch."""
+    """Only the killed run's own commit is made again: one of the user's on top of it is refused as
+    before, and left on the branch."""
     u = upstream
     wd, out = u["tmp"] / "wd-ku", u["tmp"] / "out-ku"
     new_upstream(u, {"mod.py": "import os\n\n\n" + MOD}, "v41.0")
     args = ["--onto", "v41.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
     kill_after_commit(u, "0002-", *args)
-    git(wd, "reset", "-q", "--hard", "HEAD~1")
     (wd / "extra.py").write_text("X = 1\n")
     git(wd, "add", "extra.py")
-    git(wd, "commit", "-q", "-m", "ours: new module")  # the next patch's subject, but the user's commit
+    git(wd, "commit", "-q", "-m", "ours: other")  # the next patch's subject, but the user's commit
     mine = git(wd, "rev-parse", "HEAD")
     refused = dspark(u, *args, "--continue")
-    assert refused.returncode == 2 and "found 2 commits" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "found 3 commits" in refused.stderr, refused.stderr
     assert git(wd, "rev-parse", "HEAD") == mine
 
 
@@ -2274,3 +2273,31 @@ def test_a_run_killed_inside_a_patch_is_continued_by_the_next(upstream, edit):
     assert [p["status"] for p in report] == ["clean", "clean", "clean"]
     assert git(wd, "rev-list", "--reverse", "v44.0..HEAD").splitlines() == [p["commit"] for p in report]
     assert "+HOOK = True" in series.load_series(out, "dspark")[1].path.read_text()
+
+
+def test_a_run_killed_as_a_patch_conflicted_is_resolved_and_continued(upstream):
+    """SIGKILL after 0003's 3-way merge left its markers and before the record said so: --continue
+    rightly asked to resolve them and commit, then refused that commit as an extra one ('found 3
+    commits ..., expected 2'), so only --force was left, dropping the resolution. The record names
+    the patch being applied: the one commit on the commit it went onto resolves it."""
+    u = upstream
+    wd, out = u["tmp"] / "wd-kx", u["tmp"] / "out-kx"
+    new_upstream(u, {"other.py": OTHER.replace("D = 4\n", "D = 40\n")}, "v45.0")  # 0003 conflicts
+    args = ["--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)]
+    kill = KILL_AFTER_A_COMMIT.replace("if patch.name.startswith(victim):", "if outcome.status == 'conflict':")
+    env = {**os.environ, "DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+           "GIT_CONFIG_GLOBAL": os.devnull, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", kill, "rebase", "eng", "--from", "v1.0", *args, "--json", "-"],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    asked = dspark(u, *args, "--continue")
+    assert asked.returncode == 2 and "resolve the conflict markers and commit the patch" in asked.stderr, asked.stderr
+    (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 40\nOURS = 44\n"))
+    git(wd, "commit", "-q", "-am", "resolved")
+    resolution = git(wd, "rev-parse", "HEAD")
+    done = dspark(u, *args, "--continue")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["patches"]
+    assert [p["status"] for p in report] == ["clean", "clean", "resolved"]
+    assert report[2]["commit"] == resolution
+    assert "+OURS = 44" in series.load_series(out, "dspark")[2].path.read_text()
