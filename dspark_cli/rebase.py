@@ -507,7 +507,7 @@ def _take_back_killed_patch(ws: Workspace, patches: list[Patch]) -> None:
 
     for path in changed | untracked:
         allowed = {blob("HEAD", path), blob(target, path)}
-        staged = ws.git.out("ls-files", "-s", "--", path).split()
+        staged = ws.git.out("--literal-pathspecs", "ls-files", "-s", "--", path).split()
         on_disk = ws.path / path
         if os.path.islink(on_disk) or (on_disk.exists() and not on_disk.is_file()):
             return
