@@ -595,8 +595,15 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
                          "(a commit of the new tree amended or reset away?): commit your resolution on top of it "
                          "(not --amend), or start over with --force")
     _take_back_killed_patch(ws, patches)
-    if ws.git.out("diff", "--name-only", "--diff-filter=U") or ws.local_changes():
-        raise UsageError(f"{ws.path}: resolve the conflict markers and commit the patch before --continue")
+    unmerged = [f for f in ws.git.run("diff", "--name-only", "-z", "--diff-filter=U").stdout.split("\0") if f]
+    if unmerged:
+        raise UsageError(f"{ws.path}: resolve the conflict markers in {_some(unmerged)} and commit the patch before "
+                         "--continue")
+    left = ws.local_changes()
+    if left:  # a resolution committed, a merge tool's backup (FILE.orig) or an edit left beside it
+        raise UsageError(f"{ws.path}: holds changes not committed ({_some([line[3:] for line in left])}): commit "
+                         "them into the patch's resolution or remove them (a merge tool's .orig backup?), then "
+                         "--continue")
     # by name and, for the patches the branch holds (or that a resolution resolves), by content: a
     # --continue with another --from or --series of the same patch names mixed the two series
     if [r["patch"] for r in recorded] != [p.name for p in patches] or any(
@@ -668,6 +675,12 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
+
+
+def _some(paths: list[str], shown: int = 3) -> str:
+    """The first paths, and how many more."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
 
 
 def _made_for(ws: Workspace, commit: str, patch: Patch) -> bool:

@@ -1359,7 +1359,8 @@ def test_a_continue_killed_while_refreshing_the_marker_is_finished_by_the_next(u
     if edited:  # an edit of the user's since: never reset away, refused as any local change
         marker.write_text(marker.read_text() + "EXTRA = 1\n")
         refused = dspark(u, *args, "--continue")
-        assert refused.returncode == 2 and "resolve the conflict markers" in refused.stderr, refused.stderr
+        assert refused.returncode == 2 and "holds changes not committed (eng/_dspark.py)" in refused.stderr, \
+            refused.stderr
         assert marker.read_text().endswith("EXTRA = 1\n")
         git(wd, "checkout", "--", "eng/_dspark.py")  # the user drops it: the move is finished after all
     done = dspark(u, *args, "--continue")
@@ -2264,7 +2265,7 @@ def test_a_run_killed_inside_a_patch_is_continued_by_the_next(upstream, edit):
         (wd / "other.py").write_text(OTHER + "MINE = 1\n")
     done = dspark(u, *args, "--continue")
     if edit:
-        assert done.returncode == 2 and "commit the patch before --continue" in done.stderr, done.stderr
+        assert done.returncode == 2 and "holds changes not committed" in done.stderr, done.stderr
         assert "MINE = 1" in (wd / "other.py").read_text() if edit == "in another file" else \
             (wd / "ours.py").read_text() == "HOOK = False  # mine\n"
         return
@@ -2291,7 +2292,8 @@ def test_a_run_killed_as_a_patch_conflicted_is_resolved_and_continued(upstream):
                             env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     asked = dspark(u, *args, "--continue")
-    assert asked.returncode == 2 and "resolve the conflict markers and commit the patch" in asked.stderr, asked.stderr
+    assert asked.returncode == 2 and "resolve the conflict markers in other.py and commit the patch" in asked.stderr, \
+        asked.stderr
     (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 40\nOURS = 44\n"))
     git(wd, "commit", "-q", "-am", "resolved")
     resolution = git(wd, "rev-parse", "HEAD")
@@ -2301,3 +2303,28 @@ def test_a_run_killed_as_a_patch_conflicted_is_resolved_and_continued(upstream):
     assert [p["status"] for p in report] == ["clean", "clean", "resolved"]
     assert report[2]["commit"] == resolution
     assert "+OURS = 44" in series.load_series(out, "dspark")[2].path.read_text()
+
+
+@pytest.mark.parametrize("left", ["backup", "unmerged"])
+def test_continue_names_what_is_left_uncommitted(upstream, left):
+    """A resolution committed, with the backup `git mergetool` keeps (mod.py.orig, untracked) left
+    beside it: --continue said 'resolve the conflict markers and commit the patch' (there were none,
+    and it was committed) without naming the file. The line names what is left, and says conflict
+    markers only where a file is still unmerged."""
+    u = upstream
+    wd = u["tmp"] / "wd-orig"
+    new_upstream(u, {"mod.py": MOD.replace("return x + 3", "return x + 300")}, "v46.0")
+    args = ["--onto", "v46.0", "--repo", str(u["repo"]), "--workdir", str(wd)]
+    assert dspark(u, *args).returncode == 4
+    if left == "backup":
+        shutil.copy(wd / "mod.py", wd / "mod.py.orig")
+        (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
+        git(wd, "commit", "-q", "-am", "ours: mark f3")
+    refused = dspark(u, *args, "--continue")
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1
+    if left == "backup":
+        assert "mod.py.orig" in line and "conflict markers" not in line, line
+    else:
+        assert "resolve the conflict markers in mod.py and commit the patch" in line, line
