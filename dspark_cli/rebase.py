@@ -192,11 +192,10 @@ def index_abbrev(text: str) -> str:
     refreshed patch differed from one carried unchanged), or --full-index. git still lengthens a
     name that would be ambiguous."""
     lengths = [len(name) for names in _INDEX_LINE.findall(text) for name in names]
-    if not lengths:
-        return "--abbrev=7"
-    if max(lengths) >= 40:
+    short = [n for n in lengths if n < 40]  # a binary file's are full whatever the option (--binary)
+    if lengths and not short:
         return "--full-index"
-    return f"--abbrev={max(min(lengths), 7)}"
+    return f"--abbrev={max(min(short), 7) if short else 7}"
 
 
 def conflict_regions(path: Path) -> list[str]:

@@ -2328,3 +2328,13 @@ def test_continue_names_what_is_left_uncommitted(upstream, left):
         assert "mod.py.orig" in line and "conflict markers" not in line, line
     else:
         assert "resolve the conflict markers in mod.py and commit the patch" in line, line
+
+
+def test_index_abbreviation_is_the_patch_own():
+    """A binary file's index line is full whatever the option: a patch with one beside a text
+    file's keeps the text file's short names (--full-index only where every name is full)."""
+    text_line, binary_line = "index 6c8fb7e..b84e79e 100644\n", f"index {'a' * 40}..{'b' * 40}\n"
+    assert rebase.index_abbrev(text_line + binary_line) == "--abbrev=7"
+    assert rebase.index_abbrev("index 6c8fb7e2a..b84e79e71 100755\n") == "--abbrev=9"
+    assert rebase.index_abbrev(binary_line) == "--full-index"
+    assert rebase.index_abbrev("similarity index 100%\nrename from a\nrename to b\n") == "--abbrev=7"
