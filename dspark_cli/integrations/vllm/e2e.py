@@ -6,10 +6,23 @@ SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat",
        "draft": "oracle"|"partial"|"random"|"fitted"|"backbone", "baseline": true|false, "adaptive": false,
        "env": {...DSPARK_* knobs...}, "engine": {...more LLM(...) arguments, for both engines...},
        "speculative_config": {...more of vLLM's speculative_config keys...},
-       "workloads": [{"name", "prompts": [[ids]], "max_tokens", "temperature", "seed" | "seeds", "top_k"?, "top_p"?,
-                      "regex"? | "choice"?, "params"?: {...SamplingParams arguments, over the ones above...}}]}
+       "workloads": [{"name", "prompts": [[ids]], "max_tokens" (one, or one per prompt), "temperature",
+                      "seed" | "seeds", "top_k"?, "top_p"?, "regex"? | "choice"?,
+                      "params"?: {...SamplingParams arguments, over the ones above...},
+                      "score"?: k, "abort"?: {"prompts": [i], "after_tokens": m}}]}
 A workload with a regex or choice is structured output (the target then gets a byte-level tokenizer:
-token i is byte i) and ends at EOS (byte 254) once its grammar is complete. A `fitted` draft is
+token i is byte i) and ends at EOS (byte 254) once its grammar is complete; one with stop strings
+(params "stop") gets that tokenizer too, and is detokenized (its texts and stop reasons reported).
+With params "n" > 1 every request's n outputs are reported (`samples`, `sample_finish_reasons`).
+`score`: afterwards each prompt + its first output is run through the same engine as a prompt, with
+prompt_logprobs = k: `scores`, the target's logprobs of each output token, and `score_top`, the top k
+at each position ({token: logprob}), to check the output's own logprobs (`top_logprobs` reports
+the output's top logprobs likewise). `abort`: the requests of the listed prompts are aborted once
+they have at least m output tokens, while the others run to the end (their outputs, partial for
+the aborted ones). With "probe": true in the spec, each workload also reports the proposer's q
+cache after it (`pending_q`: the request ids it keeps, held and rows, and `stale`, those the runner
+no longer has), an aborting one also after each of its steps (`probes`); vLLM needs
+VLLM_ALLOW_INSECURE_SERIALIZATION=1 in env to send the probe to its engine process. A `fitted` draft is
 fitted to the baseline's outputs (tiny_models.fitted_map), so it needs the baseline.
 Per workload: outputs (token ids per prompt) without and with DSpark, their finish reasons, the
 chosen tokens' logprobs (and the prompt tokens') where the params ask for them, seconds, tokens/s,
@@ -53,6 +66,11 @@ def greedy_workload(name: str, prompts: list[list[int]], max_tokens: int) -> dic
     return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0}
 
 
+def _params_max_tokens(workload: dict) -> list[int]:
+    m = workload["max_tokens"]
+    return m if isinstance(m, list) else [m] * len(workload["prompts"])
+
+
 def _counters(llm) -> dict:
     out = {v: 0 for v in SPEC_METRICS.values()}
     for metric in llm.get_metrics():
@@ -68,36 +86,120 @@ def _seed(workload: dict, i: int) -> int | None:
     return None if workload.get("seed") is None else workload["seed"] + i
 
 
-def _generate(llm, workload: dict) -> dict:
+def _params(workload: dict) -> list:
     from vllm import SamplingParams
+
+    warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
+    structured = _structured(workload)
+    options = {"ignore_eos": structured is None, "detokenize": bool(workload.get("params", {}).get("stop")),
+               **warps, **workload.get("params", {})}
+    max_tokens = _params_max_tokens(workload)
+    return [SamplingParams(**{"max_tokens": max_tokens[i], "temperature": workload.get("temperature", 0.0),
+                              "structured_outputs": structured, "seed": _seed(workload, i), **options})
+            for i in range(len(workload["prompts"]))]
+
+
+def _generate(llm, workload: dict, probe: bool = False) -> dict:
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
-    warps = {k: workload[k] for k in ("top_k", "top_p") if k in workload}
-    structured = _structured(workload)
-    options = {"ignore_eos": structured is None, "detokenize": False, **warps, **workload.get("params", {})}
-    params = [SamplingParams(**{"max_tokens": workload["max_tokens"], "temperature": workload.get("temperature", 0.0),
-                                "structured_outputs": structured, "seed": _seed(workload, i), **options})
-              for i in range(len(prompts))]
+    params = _params(workload)
     before = _counters(llm)
     start = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
+    aborted = set()
+    if "abort" in workload:
+        results, aborted, probes = _generate_aborting(llm, prompts, params, workload["abort"], probe)
+    else:
+        results = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     after = _counters(llm)
     outputs = [list(r.outputs[0].token_ids) for r in results]
     generated = sum(len(o) for o in outputs)
-    run = {"outputs": outputs, "finish_reasons": [r.outputs[0].finish_reason for r in results],
+    run = {"outputs": outputs,
+           "finish_reasons": ["abort" if i in aborted else r.outputs[0].finish_reason for i, r in enumerate(results)],
            "seconds": seconds, "tokens_per_s": generated / seconds, "spec": {k: after[k] - before[k] for k in after}}
-    if options.get("logprobs") is not None:
+    if params[0].n > 1:
+        ordered = [sorted(r.outputs, key=lambda o: o.index) for r in results]
+        run["samples"] = [[list(o.token_ids) for o in outs] for outs in ordered]
+        run["sample_finish_reasons"] = [[o.finish_reason for o in outs] for outs in ordered]
+    if params[0].detokenize:
+        run["texts"] = [r.outputs[0].text for r in results]
+        run["stop_reasons"] = [r.outputs[0].stop_reason for r in results]
+    if params[0].logprobs is not None:
         run["logprobs"] = [_chosen(r.outputs[0].logprobs, r.outputs[0].token_ids) for r in results]
-    if options.get("prompt_logprobs") is not None:  # the first prompt token has none
+        run["top_logprobs"] = [_top(r.outputs[0].logprobs, params[0].logprobs) for r in results]
+    if params[0].prompt_logprobs is not None:  # the first prompt token has none
         run["prompt_logprobs"] = [_chosen(r.prompt_logprobs[1:], r.prompt_token_ids[1:]) for r in results]
+    if "abort" in workload and probe:
+        run["probes"] = probes
+    if workload.get("score"):
+        run.update(_score(llm, workload["prompts"], outputs, workload["score"]))
     return run
+
+
+def _generate_aborting(llm, prompts: list, params: list, abort: dict, probe: bool) -> tuple[list, set[int], list]:
+    """Run the requests step by step, aborting those of the prompts abort["prompts"] as soon as they
+    have abort["after_tokens"] output tokens. The last RequestOutput of each request (in prompt
+    order; an aborted one's is its last before the abort, unfinished), the aborted prompts, and
+    with `probe` the proposer's q cache after each step (_pending_q_state)."""
+    engine = llm.llm_engine
+    ids = [f"abort-{i}" for i in range(len(prompts))]
+    for request_id, prompt, p in zip(ids, prompts, params):
+        engine.add_request(request_id, prompt, p)
+    victims = {ids[i] for i in abort["prompts"]}
+    last, probes = {}, []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if probe:
+            probes.append(llm.collective_rpc(_pending_q_state)[0])
+        for out in outputs:
+            last[out.request_id] = out
+        due = [r for r in victims if r in last and len(last[r].outputs[0].token_ids) >= abort["after_tokens"]]
+        if due:
+            engine.abort_request(due)
+            victims -= set(due)
+    if victims:
+        raise RuntimeError(f"requests {sorted(victims)} finished before they could be aborted")
+    return [last[r] for r in ids], set(abort["prompts"]), probes
+
+
+def _score(llm, prompts: list[list[int]], outputs: list[list[int]], k: int) -> dict:
+    """The target's logprobs of each output token, read as prompt logprobs of prompt + output."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+    results = llm.generate([TokensPrompt(prompt_token_ids=p + o) for p, o in zip(prompts, outputs)], params,
+                           use_tqdm=False)
+    scores, tops = [], []
+    for r, p, o in zip(results, prompts, outputs):
+        entries = r.prompt_logprobs[len(p):]
+        scores.append(_chosen(entries, o))
+        tops.append(_top(entries, k))
+    return {"scores": scores, "score_top": tops}
+
+
+def _top(logprobs: list[dict], k: int | None = None) -> list[dict]:
+    """Each position's top-ranked logprobs ({token: logprob}, ranks 1..k; all ranked ones when k is None)."""
+    return [{str(t): float(e.logprob) for t, e in entry.items() if e.rank is not None and (k is None or e.rank <= k)}
+            for entry in logprobs]
 
 
 def _chosen(logprobs: list[dict], tokens: list[int]) -> list[float]:
     """The logprob vLLM reports for each token actually there."""
     return [float(entry[token].logprob) for entry, token in zip(logprobs, tokens)]
+
+
+def _pending_q_state(worker) -> dict:
+    """What the proposer's q cache keeps (run on the worker by collective_rpc): the request ids of
+    its held q and last step's rows, those of them the runner no longer has (`stale`), its counters."""
+    runner = worker.model_runner
+    pending = getattr(getattr(runner, "drafter", None), "pending_q", None)
+    if pending is None:
+        return {}
+    kept = set(pending._held) | set(pending._rows)
+    return {"held": sorted(pending._held), "rows": sorted(pending._rows), "counts": dict(pending.counts),
+            "stale": sorted(kept - set(runner.requests))}
 
 
 def _check_platform() -> None:
@@ -114,11 +216,11 @@ def run(spec: dict) -> dict:
 
     work = Path(spec["workdir"])
     target = build_target(work / f"target-{spec['target']}", spec["target"])
-    tokenizer = any(_structured(w) for w in spec["workloads"])
+    tokenizer = any(_structured(w) or w.get("params", {}).get("stop") for w in spec["workloads"])
     if tokenizer:
         write_byte_tokenizer(target)
     os.environ.update(spec.get("env", {}))
-    max_seqs = max(len(w["prompts"]) for w in spec["workloads"])
+    max_seqs = max(len(w["prompts"]) * w.get("params", {}).get("n", 1) for w in spec["workloads"])
     extra = spec.get("engine", {})
     result = {"gamma": spec["gamma"], "workloads": {}}
     _check_platform()
@@ -140,9 +242,12 @@ def run(spec: dict) -> dict:
               "enable_adaptive_verification": bool(spec.get("adaptive", False)), **spec.get("speculative_config", {})}
     llm = _engine(target, config, max_seqs, tokenizer, extra)
     for w in spec["workloads"]:
-        result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w)
+        result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w, bool(spec.get("probe")))
+        if spec.get("probe"):
+            result["workloads"][w["name"]]["pending_q"] = llm.collective_rpc(_pending_q_state)[0]
         if spec["target"] == "successor":  # the rule's continuation, for callers without torch
-            result["workloads"][w["name"]]["expected"] = [successor_tokens(p, w["max_tokens"]) for p in w["prompts"]]
+            result["workloads"][w["name"]]["expected"] = [
+                successor_tokens(p, m) for p, m in zip(w["prompts"], _params_max_tokens(w))]
     return result
 
 
