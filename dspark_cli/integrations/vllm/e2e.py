@@ -9,7 +9,7 @@ SPEC: {"workdir": dir, "gamma": γ, "target": "successor"|"random"|"flat",
        "workloads": [{"name", "prompts": [[ids]], "max_tokens" (one, or one per prompt), "temperature",
                       "seed" | "seeds", "top_k"?, "top_p"?, "regex"? | "choice"?,
                       "params"?: {...SamplingParams arguments, over the ones above...},
-                      "score"?: k, "abort"?: {"prompts": [i], "after_tokens": m}}]}
+                      "score"?: k, "abort"?: {"prompts": [i], "after_tokens": m, "after_steps"?: s}}]}
 A workload with a regex or choice is structured output (the target then gets a byte-level tokenizer:
 token i is byte i) and ends at EOS (byte 254) once its grammar is complete; one with stop strings
 (params "stop") gets that tokenizer too, and is detokenized (its texts and stop reasons reported).
@@ -18,8 +18,8 @@ With params "n" > 1 every request's n outputs are reported (`samples`, `sample_f
 prompt_logprobs = k: `scores`, the target's logprobs of each output token, and `score_top`, the top k
 at each position ({token: logprob}), to check the output's own logprobs (`top_logprobs` reports
 the output's top logprobs likewise). `abort`: the requests of the listed prompts are aborted once
-they have at least m output tokens, while the others run to the end (their outputs, partial for
-the aborted ones). With "probe": true in the spec, each workload also reports the proposer's q
+they have at least m output tokens (and s engine steps ran), while the others run to the end
+(their outputs, partial for the aborted ones). With "probe": true in the spec, each workload also reports the proposer's q
 cache after it (`pending_q`: the request ids it keeps, held and rows, and `stale`, those the runner
 no longer has), an aborting one also after each of its steps (`probes`); vLLM needs
 VLLM_ALLOW_INSECURE_SERIALIZATION=1 in env to send the probe to its engine process. A `fitted` draft is
@@ -139,22 +139,24 @@ def _generate(llm, workload: dict, probe: bool = False) -> dict:
 
 def _generate_aborting(llm, prompts: list, params: list, abort: dict, probe: bool) -> tuple[list, set[int], list]:
     """Run the requests step by step, aborting those of the prompts abort["prompts"] as soon as they
-    have abort["after_tokens"] output tokens. The last RequestOutput of each request (in prompt
-    order; an aborted one's is its last before the abort, unfinished), the aborted prompts, and
+    have abort["after_tokens"] output tokens (default 1), after abort["after_steps"] steps if given.
+    The last RequestOutput of each request (in prompt order; an aborted one's is its last before the abort, unfinished), the aborted prompts, and
     with `probe` the proposer's q cache after each step (_pending_q_state)."""
     engine = llm.llm_engine
     ids = [f"abort-{i}" for i in range(len(prompts))]
     for request_id, prompt, p in zip(ids, prompts, params):
         engine.add_request(request_id, prompt, p)
     victims = {ids[i] for i in abort["prompts"]}
-    last, probes = {}, []
+    last, probes, steps = {}, [], 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
         if probe:
             probes.append(llm.collective_rpc(_pending_q_state)[0])
         for out in outputs:
             last[out.request_id] = out
-        due = [r for r in victims if r in last and len(last[r].outputs[0].token_ids) >= abort["after_tokens"]]
+        steps += 1
+        due = [r for r in victims if r in last and len(last[r].outputs[0].token_ids) >= abort.get("after_tokens", 1)
+               and steps >= abort.get("after_steps", 0)]
         if due:
             engine.abort_request(due)
             victims -= set(due)
