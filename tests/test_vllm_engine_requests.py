@@ -5,6 +5,7 @@ longer ones). Each fixture is one subprocess: the engine without speculation, th
 Greedy: token-identical outputs, finish reasons, texts. Sampled: distributions (χ²) and, for seeded
 requests, vLLM's promise that a seeded request's output does not depend on what else runs."""
 
+import json
 import os
 import random
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dspark_cli.integrations.vllm.e2e import run_in_python
+from dspark_cli.integrations.vllm.verify import STEEP_SPS
 from tests.chi2 import chi2_two_sample_pvalue
 
 PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
@@ -37,13 +39,20 @@ def greedy(name, prompts, max_tokens, **extra):
     return {"name": name, "prompts": prompts, "max_tokens": max_tokens, "temperature": 0.0, **extra}
 
 
-@pytest.fixture(scope="module")
-def greedy_requests():
+@pytest.fixture(scope="module", params=["fixed", "adaptive"])
+def greedy_requests(request, tmp_path_factory):
     """The context-dependent random target, the draft fitted to its outputs: steps accept several
-    drafts and reject others. The proposer's q cache is read after each workload (probe)."""
+    drafts and reject others. The proposer's q cache is read after each workload (probe). Fixed
+    verification, and adaptive verification (production scheduler) under the steep SPS table
+    (verify.STEEP_SPS), where ℓ_r changes with the batch and with max_tokens (the draft room)."""
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    if request.param == "adaptive":
+        sps = tmp_path_factory.mktemp("sps") / "steep.json"
+        sps.write_text(json.dumps(STEEP_SPS))
+        env.update({"DSPARK_SCHEDULER": "production", "DSPARK_SPS_TABLE": str(sps), "DSPARK_STS": ""})
     return run_in_python(PYTHON, {
-        "gamma": GAMMA, "target": "random", "draft": "fitted", "probe": True,
-        "env": {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"},
+        "gamma": GAMMA, "target": "random", "draft": "fitted", "probe": True, "env": env,
+        "adaptive": request.param == "adaptive",
         # vLLM refuses n > 1 at temperature 0; top-k 1 at temperature 1 is as deterministic
         "workloads": [greedy("n", PROMPTS[:3], 16, temperature=1.0, top_k=1, params={"n": 3}),
                       greedy("stop_strings", PROMPTS, 32, params=STOP),
@@ -56,6 +65,16 @@ def greedy_requests():
 def assert_same_as_no_speculation(run: dict, keys=("outputs", "finish_reasons")) -> None:
     for key in keys:
         assert run["dspark"][key] == run["baseline"][key], key
+
+
+def test_drafts_were_verified_and_adaptive_verification_cut_some(greedy_requests, request):
+    spec = [run["dspark"]["spec"] for run in greedy_requests.values()]
+    drafts, verified = sum(s["drafts"] for s in spec), sum(s["draft_tokens"] for s in spec)
+    assert sum(s["accepted_tokens"] for s in spec) > 0.2 * verified
+    if request.node.callspec.params["greedy_requests"] == "adaptive":
+        assert verified < 0.9 * GAMMA * drafts, (verified, drafts)  # ℓ_r < γ on some steps
+    else:
+        assert verified == GAMMA * drafts, (verified, drafts)
 
 
 def test_parallel_sampling_top_k_one_gives_n_identical_outputs_equal_to_no_speculation(greedy_requests):
