@@ -42,10 +42,11 @@ def greedy(name, prompts, max_tokens, **extra):
 @pytest.fixture(scope="module", params=["fixed", "adaptive"])
 def greedy_requests(request, tmp_path_factory):
     """The context-dependent random target, the draft fitted to its outputs: steps accept several
-    drafts and reject others. The proposer's q cache is read after each workload (probe). Fixed
+    drafts and reject others. The engine runs in process (abort timing by steps, and the proposer's
+    q cache read after each workload once the runner has been told of the finished requests). Fixed
     verification, and adaptive verification (production scheduler) under the steep SPS table
     (verify.STEEP_SPS), where ℓ_r changes with the batch and with max_tokens (the draft room)."""
-    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if request.param == "adaptive":
         sps = tmp_path_factory.mktemp("sps") / "steep.json"
         sps.write_text(json.dumps(STEEP_SPS))
@@ -77,12 +78,13 @@ def test_drafts_were_verified_and_adaptive_verification_cut_some(greedy_requests
         assert verified == GAMMA * drafts, (verified, drafts)
 
 
-def test_parallel_sampling_top_k_one_gives_n_identical_outputs_equal_to_no_speculation(greedy_requests):
+def test_parallel_sampling_top_k_one_gives_n_identical_outputs_equal_to_no_speculation(greedy_requests, request):
     run = greedy_requests["n"]
     assert_same_as_no_speculation(run, ("samples", "sample_finish_reasons"))
     for samples in run["dspark"]["samples"]:
         assert len(samples) == 3 and all(s == samples[0] for s in samples) and len(samples[0]) == 16
-    assert run["dspark"]["spec"]["accepted_tokens"] > 0
+    if request.node.callspec.params["greedy_requests"] == "fixed":  # adaptive: 9 requests verify none
+        assert run["dspark"]["spec"]["accepted_tokens"] > 0
 
 
 def test_stop_strings_cut_output_as_without_speculation(greedy_requests):
@@ -271,7 +273,41 @@ def test_aborting_requests_whose_q_is_held_leaves_the_others_and_later_requests_
     # never a q kept for a request the runner no longer has; none left at the end
     assert [p["stale"] for p in probes if p["stale"]] == []
     assert not [r for p in probes[2:] for r in p["held"] + p["rows"] if r.startswith(("abort-0", "abort-2"))]
-    # in process, the step that tells the runner of the last finished requests runs with the next
-    # work: their rows stay until then, as the runner's own state of them does
-    after = tight_budget["after_abort"]["pending_q"]
-    assert after["held"] == after["stale"] == [], after
+    assert tight_budget["after_abort"]["pending_q"]["held"] == tight_budget["after_abort"]["pending_q"]["rows"] == []
+
+
+CHUNKED_PROMPTS = PROMPTS[:3] + [prompt(200), prompt(180)]  # the long ones prefilled in chunks
+CHUNKED_ABORTED = [1, 3]  # after 2 steps: 1 decoding, 3 still in its prefill
+
+
+@pytest.fixture(scope="module")
+def chunked_abort():
+    """A 64-token budget: the long prompts are prefilled in chunks (rows whose drafts vLLM
+    discards) while the short ones decode; one long request is aborted in its prefill, a short one
+    while it decodes. Greedy (a seeded request's partial prefill kills vLLM's CPU engine)."""
+    return run_in_python(PYTHON, {
+        "gamma": GAMMA, "target": "random", "draft": "fitted", "probe": True,
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        # no prefix caching: the long prompts are prefilled again after the reference run
+        "engine": {"max_num_batched_tokens": 64, "enable_prefix_caching": False},
+        "workloads": [greedy("abort_reference", CHUNKED_PROMPTS, 24),
+                      greedy("abort", CHUNKED_PROMPTS, 24,
+                             abort={"prompts": CHUNKED_ABORTED, "after_steps": 2, "after_tokens": 0}),
+                      greedy("after_abort", CHUNKED_PROMPTS, 24)]})["workloads"]
+
+
+def test_aborting_a_request_in_its_chunked_prefill_leaves_the_others_unchanged(chunked_abort):
+    reference, abort = chunked_abort["abort_reference"], chunked_abort["abort"]
+    assert_same_as_no_speculation(reference)
+    assert_same_as_no_speculation(chunked_abort["after_abort"])
+    full = reference["baseline"]["outputs"]
+    for engine in ("baseline", "dspark"):
+        outputs, reasons = abort[engine]["outputs"], abort[engine]["finish_reasons"]
+        assert outputs[3] == [] and reasons[3] == "abort", engine  # aborted before its first token
+        assert reasons[1] == "abort" and 0 < len(outputs[1]) < 24 and outputs[1] == full[1][:len(outputs[1])]
+        for i in set(range(len(CHUNKED_PROMPTS))) - set(CHUNKED_ABORTED):
+            assert outputs[i] == full[i], (engine, i)
+    assert abort["dspark"]["spec"]["accepted_tokens"] > 0
+    probes = abort["dspark"]["probes"]
+    assert probes and [p["stale"] for p in probes if p["stale"]] == []
+    assert chunked_abort["after_abort"]["pending_q"]["held"] == chunked_abort["after_abort"]["pending_q"]["rows"] == []

@@ -19,10 +19,10 @@ prompt_logprobs = k: `scores`, the target's logprobs of each output token, and `
 at each position ({token: logprob}), to check the output's own logprobs (`top_logprobs` reports
 the output's top logprobs likewise). `abort`: the requests of the listed prompts are aborted once
 they have at least m output tokens (and s engine steps ran), while the others run to the end
-(their outputs, partial for the aborted ones). With "probe": true in the spec, each workload also reports the proposer's q
-cache after it (`pending_q`: the request ids it keeps, held and rows, and `stale`, those the runner
-no longer has), an aborting one also after each of its steps (`probes`); vLLM needs
-VLLM_ALLOW_INSECURE_SERIALIZATION=1 in env to send the probe to its engine process. A `fitted` draft is
+(their outputs, partial for the aborted ones). With "probe": true in the spec, each workload
+also reports the proposer's q cache after it (`pending_q`: the request ids it keeps, held and
+rows, and `stale`, those the runner no longer has), an aborting one also after each of its steps
+(`probes`); run the engine in process for that (VLLM_ENABLE_V1_MULTIPROCESSING=0 in env: _probe). A `fitted` draft is
 fitted to the baseline's outputs (tiny_models.fitted_map), so it needs the baseline.
 Per workload: outputs (token ids per prompt) without and with DSpark, their finish reasons, the
 chosen tokens' logprobs (and the prompt tokens') where the params ask for them, seconds, tokens/s,
@@ -34,6 +34,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from dspark_cli.integrations.spec_runner import EngineUnavailable, run_module, serve_spec
 
@@ -139,9 +140,10 @@ def _generate(llm, workload: dict, probe: bool = False) -> dict:
 
 def _generate_aborting(llm, prompts: list, params: list, abort: dict, probe: bool) -> tuple[list, set[int], list]:
     """Run the requests step by step, aborting those of the prompts abort["prompts"] as soon as they
-    have abort["after_tokens"] output tokens (default 1), after abort["after_steps"] steps if given.
-    The last RequestOutput of each request (in prompt order; an aborted one's is its last before the abort, unfinished), the aborted prompts, and
-    with `probe` the proposer's q cache after each step (_pending_q_state)."""
+    have abort["after_tokens"] output tokens (default 1; 0: in prefill too), after
+    abort["after_steps"] steps if given. The last RequestOutput of each request (in prompt order;
+    an aborted one's is its last before the abort, unfinished), the aborted prompts, and with
+    `probe` the proposer's q cache after each step (_pending_q_state)."""
     engine = llm.llm_engine
     ids = [f"abort-{i}" for i in range(len(prompts))]
     for request_id, prompt, p in zip(ids, prompts, params):
@@ -151,18 +153,22 @@ def _generate_aborting(llm, prompts: list, params: list, abort: dict, probe: boo
     while engine.has_unfinished_requests():
         outputs = engine.step()
         if probe:
-            probes.append(llm.collective_rpc(_pending_q_state)[0])
+            probes.append(_probe(llm))
         for out in outputs:
             last[out.request_id] = out
         steps += 1
-        due = [r for r in victims if r in last and len(last[r].outputs[0].token_ids) >= abort.get("after_tokens", 1)
-               and steps >= abort.get("after_steps", 0)]
+        due = [r for r in victims if steps >= abort.get("after_steps", 0)
+               and len(last[r].outputs[0].token_ids if r in last else ()) >= abort.get("after_tokens", 1)]
         if due:
             engine.abort_request(due)
             victims -= set(due)
     if victims:
         raise RuntimeError(f"requests {sorted(victims)} finished before they could be aborted")
-    return [last[r] for r in ids], set(abort["prompts"]), probes
+    return [last.get(r, _NO_OUTPUT) for r in ids], set(abort["prompts"]), probes
+
+
+# what an aborted request that had no output yet (still in prefill) reports
+_NO_OUTPUT = SimpleNamespace(outputs=[SimpleNamespace(token_ids=(), finish_reason=None)])
 
 
 def _score(llm, prompts: list[list[int]], outputs: list[list[int]], k: int) -> dict:
@@ -190,6 +196,18 @@ def _top(logprobs: list[dict], k: int | None = None) -> list[dict]:
 def _chosen(logprobs: list[dict], tokens: list[int]) -> list[float]:
     """The logprob vLLM reports for each token actually there."""
     return [float(entry[token].logprob) for entry, token in zip(logprobs, tokens)]
+
+
+def _probe(llm, flush: bool = False) -> dict:
+    """The proposer's q cache (_pending_q_state). Run the engine in process (env
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) to probe it between steps deterministically: `flush` then
+    first runs the step that tells the runner of the requests finished in the last one (vLLM's
+    engine process runs it on its own, at some time after the outputs came)."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in process: the EngineCore
+    if flush and core is not None:
+        while core.scheduler.has_requests():
+            llm.llm_engine.step()
+    return llm.collective_rpc(_pending_q_state)[0]
 
 
 def _pending_q_state(worker) -> dict:
@@ -246,7 +264,7 @@ def run(spec: dict) -> dict:
     for w in spec["workloads"]:
         result["workloads"].setdefault(w["name"], {})["dspark"] = _generate(llm, w, bool(spec.get("probe")))
         if spec.get("probe"):
-            result["workloads"][w["name"]]["pending_q"] = llm.collective_rpc(_pending_q_state)[0]
+            result["workloads"][w["name"]]["pending_q"] = _probe(llm, flush=True)
         if spec["target"] == "successor":  # the rule's continuation, for callers without torch
             result["workloads"][w["name"]]["expected"] = [
                 successor_tokens(p, m) for p, m in zip(w["prompts"], _params_max_tokens(w))]
