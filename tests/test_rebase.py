@@ -506,6 +506,20 @@ def test_relative_paths_are_the_callers_not_the_work_trees(upstream):
     series.load_series(here / "out", "dspark")
 
 
+def stand_in_git(u, tmp_path, stops_at: str) -> tuple[dict, Path]:
+    """The env to run dspark with under a stand-in git on PATH: the real git, but for a command
+    matching `stops_at`, a sh case arm (`pattern) commands;;`) in which {waiting} is the file to
+    touch when dspark gets there and {real} the real git; and that file (for signal_dspark_when)."""
+    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
+    bin_dir.mkdir()
+    real = shutil.which("git")
+    (bin_dir / "git").write_text(f'#!/bin/sh\ncase "$*" in {stops_at.format(waiting=waiting, real=real)} esac\n'
+                                 f'exec {real} "$@"\n')
+    (bin_dir / "git").chmod(0o755)
+    return {"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
+            "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, waiting
+
+
 def conflict_then_resolve(u, tag, workdir, broken=False):
     """A rebase stopped at 0001's conflict, resolved and committed by the 'human' in `workdir` (with
     `broken`, a resolution that no longer byte-compiles)."""
@@ -1480,17 +1494,9 @@ def test_a_lock_a_killed_git_left_in_the_work_tree_does_not_fail_the_next_runs(u
     git_dir = Workspace(wd).git_dir
     path = u["repo"] / ".git" / "refs" / "heads" / "dspark" / "rebase-v32.0.lock" if lock == "branch" else git_dir / lock
     assert path.parent.is_dir(), path
-    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
-    bin_dir.mkdir()
-    (bin_dir / "git").write_text(f"""#!/bin/sh
-case "$*" in *"apply --check"*) touch {waiting}; sleep 30; exit 1;; esac
-exec {shutil.which("git")} "$@"
-""")
-    (bin_dir / "git").chmod(0o755)
-    code, _, stderr = signal_dspark_when(
-        waiting, signal.SIGKILL, "rebase", "eng", "--from", "v1.0", *args, "--force",
-        env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
-             "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    env, waiting = stand_in_git(u, tmp_path, '*"apply --check"*) touch {waiting}; sleep 30; exit 1;;')
+    code, _, stderr = signal_dspark_when(waiting, signal.SIGKILL, "rebase", "eng", "--from", "v1.0", *args, "--force",
+                                         env=env)
     assert code == -signal.SIGKILL, stderr
     path.write_text("")  # as the killed run's git left it
     again = dspark(u, *args, "--force")
@@ -1801,19 +1807,11 @@ def test_release_mode_removes_what_killed_runs_left_beside_its_work_tree(tmp_pat
 def test_a_rebase_stopped_by_ctrl_c_says_how_to_start_over(upstream, tmp_path):
     u = upstream
     new_upstream(u, {"new.py": "X = 1\n"}, "v18.0")
-    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
-    bin_dir.mkdir()
-    real = shutil.which("git")
-    (bin_dir / "git").write_text(f"""#!/bin/sh
-if [ "$3 $4" = "apply --check" ]; then touch {waiting}; sleep 60; exit; fi
-exec {real} "$@"
-""")
-    (bin_dir / "git").chmod(0o755)
+    env, waiting = stand_in_git(u, tmp_path, '*"apply --check"*) touch {waiting}; sleep 60; exit;;')
     wd = u["tmp"] / "wd18"
     code, _, stderr = signal_dspark_when(
         waiting, signal.SIGINT, "rebase", "eng", "--from", "v1.0", "--onto", "v18.0", "--repo", str(u["repo"]),
-        "--workdir", str(wd), env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
-                                   "GIT_CONFIG_GLOBAL": os.devnull, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        "--workdir", str(wd), env=env)
     assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == ("interrupted: what it made is left where it stopped: run it again "
                                                "with --force to start over")
@@ -1851,19 +1849,10 @@ def test_a_continue_stopped_by_ctrl_c_after_some_patches_is_continued_by_the_nex
     wd, out = u["tmp"] / "wd-int", u["tmp"] / "out-int"
     resolution = conflict_then_resolve(u, "v30.0", wd)
     third = sorted(p.name for p in u["patches"].glob("*.patch"))[2]
-    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
-    bin_dir.mkdir()
-    (bin_dir / "git").write_text(f"""#!/bin/sh
-case "$*" in *"apply --check"*{third}*) touch {waiting}; sleep 60; exit 1;; esac
-exec {shutil.which("git")} "$@"
-""")
-    (bin_dir / "git").chmod(0o755)
+    env, waiting = stand_in_git(u, tmp_path, f'*"apply --check"*{third}*) touch {{waiting}}; sleep 60; exit 1;;')
     args = ["rebase", "eng", "--from", "v1.0", "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd),
             "--out", str(out), "--continue"]
-    code, _, stderr = signal_dspark_when(
-        waiting, signal.SIGINT, *args, env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
-                                            "GIT_CONFIG_GLOBAL": os.devnull,
-                                            "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    code, _, stderr = signal_dspark_when(waiting, signal.SIGINT, *args, env=env)
     assert code == 130 and "run it again with --continue" in stderr, stderr
     assert len(git(wd, "rev-list", "v30.0..HEAD").splitlines()) == 2  # the resolution and 0002's commit
     again = dspark(u, "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
@@ -2201,20 +2190,11 @@ def test_a_continue_stopped_by_ctrl_c_inside_a_patch_is_continued_by_the_next(up
     wd, out = u["tmp"] / "wd-int2", u["tmp"] / "out-int2"
     resolution = conflict_then_resolve(u, "v43.0", wd)
     third = sorted(p.name for p in u["patches"].glob("*.patch"))[2]
-    bin_dir, waiting = tmp_path / "bin", tmp_path / "waiting"
-    bin_dir.mkdir()
-    real = shutil.which("git")
-    (bin_dir / "git").write_text(f"""#!/bin/sh
-case "$*" in *"apply --index --whitespace=nowarn"*{third}*) {real} "$@"; touch {waiting}; sleep 60; exit 0;; esac
-exec {real} "$@"
-""")
-    (bin_dir / "git").chmod(0o755)
+    env, waiting = stand_in_git(u, tmp_path, f'*"apply --index --whitespace=nowarn"*{third}*) {{real}} "$@"; '
+                                             'touch {waiting}; sleep 60; exit 0;;')
     args = ["rebase", "eng", "--from", "v1.0", "--onto", "v43.0", "--repo", str(u["repo"]), "--workdir", str(wd),
             "--out", str(out), "--continue"]
-    code, _, stderr = signal_dspark_when(
-        waiting, signal.SIGINT, *args, env={"DSPARK_COMPAT": str(u["compat"]), "DSPARK_CACHE": str(u["tmp"] / "cache"),
-                                            "GIT_CONFIG_GLOBAL": os.devnull,
-                                            "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    code, _, stderr = signal_dspark_when(waiting, signal.SIGINT, *args, env=env)
     assert code == 130 and "run it again with --continue" in stderr, stderr
     assert git(wd, "status", "--porcelain") == ""  # 0003's staged change taken back out
     again = dspark(u, "--onto", "v43.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),

@@ -36,19 +36,24 @@ def self_members(tree: ast.AST, *, stored_only: bool) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("pin_name", ["v0.29.0", "v0.30.0", "v0.31.0"])
-def test_carried_series_applies_and_compiles(pin_name, tmp_path):
-    pins = compat.load(compat_file()).engine("vllm").pins
-    if pin_name not in pins:
-        pytest.skip(f"{pin_name} is not in compat.yaml yet (entry proposed in docs/rebase.md)")
-    workdir = tmp_path / "vllm"
+def apply_release(pin_name: str, workdir: Path) -> dict:
+    """`dspark apply vllm --commit PIN --source pypi` into `workdir`: its --json report (skipped
+    outside CI when the release file is not reachable)."""
     run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", pin_name, "--source", "pypi",
                           "-C", str(workdir), "--json"], capture_output=True, text=True,
                          env={**os.environ, "DSPARK_COMPAT": str(compat_file())})
     if run.returncode == 3:
         skip_unless_ci(f"release file not reachable: {run.stderr.strip()}")
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["status"] == "applied"
+    return json.loads(run.stdout)
+
+@pytest.mark.parametrize("pin_name", ["v0.29.0", "v0.30.0", "v0.31.0"])
+def test_carried_series_applies_and_compiles(pin_name, tmp_path):
+    pins = compat.load(compat_file()).engine("vllm").pins
+    if pin_name not in pins:
+        pytest.skip(f"{pin_name} is not in compat.yaml yet (entry proposed in docs/rebase.md)")
+    workdir = tmp_path / "vllm"
+    assert apply_release(pin_name, workdir)["status"] == "applied"
 
     touched = set()
     for patch in load_series(pins[pin_name].patches, "dspark"):
@@ -101,12 +106,7 @@ def test_rebase_in_a_clone_writes_the_committed_series(pin_name, tmp_path):
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     for tag in ("v0.32.0", pin_name):  # the two release trees as commits
         tree = tmp_path / f"tree-{tag}"
-        run = subprocess.run([sys.executable, "-m", "dspark_cli", "apply", "vllm", "--commit", tag, "--source", "pypi",
-                              "-C", str(tree), "--json"], capture_output=True, text=True,
-                             env={**os.environ, "DSPARK_COMPAT": str(compat_file())})
-        if run.returncode == 3:
-            skip_unless_ci(f"release file not reachable: {run.stderr.strip()}")
-        assert run.returncode == 0, run.stderr
+        apply_release(tag, tree)
         base = subprocess.run(["git", "-C", str(tree), "rev-list", "--max-parents=0", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.split()[0]
         subprocess.run(["git", "-C", str(repo), "fetch", "-q", str(tree), f"{base}:refs/tags/{tag}"], check=True)
