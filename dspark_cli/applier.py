@@ -21,7 +21,7 @@ from dspark_cli import git_source, oplock, pypi_source
 from dspark_cli.build import LAST, LAST_FAILED, cache_root
 from dspark_cli.compat import Compat, Engine, Pin, default_path
 from dspark_cli.compat import load as load_compat
-from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError
+from dspark_cli.errors import DsparkError, EnvironmentProblem, PatchFailed, UsageError, name_some
 from dspark_cli.files import check_dir_option, check_listable, refuse_replacing_cwd
 from dspark_cli.flock import MADE_IN, scratches
 from dspark_cli.output import say
@@ -433,7 +433,7 @@ def _local_changes(ws: Workspace, force: bool, commits: list[str], patches: list
     changes = ws.local_changes()
     stuck = ws.entries_stash_cannot_keep() if changes else []
     if stuck:
-        raise UsageError(f"{ws.path} has index entries git stash cannot save and give back ({_some(stuck)}), so "
+        raise UsageError(f"{ws.path} has index entries git stash cannot save and give back ({name_some(stuck)}), so "
                          "not even --force would keep them; commit them, or take them out of the index (`git reset "
                          "-q -- <path>` keeps the file; an unmerged one: resolve it or abort the merge or "
                          "cherry-pick) and run again")
@@ -464,7 +464,7 @@ def _refuse_assume_unchanged_edits(ws: Workspace, commits: list[str | None], pat
         edits["skip-worktree"] = [path for path in edits["skip-worktree"] if path in written]
     for flag, edited in edits.items():
         if edited:
-            raise UsageError(f"{ws.path} has local changes to {_some(edited)}, marked {flag}: git status does "
+            raise UsageError(f"{ws.path} has local changes to {name_some(edited)}, marked {flag}: git status does "
                              "not show them and git stash does not save them, so not even --force would keep them; "
                              f"clear the flag (`git update-index --no-{flag} <path>`) and run again")
 
@@ -477,18 +477,13 @@ def _refuse_ignored_in_the_way(ws: Workspace, what: str, commits: list[str | Non
     in_the_way = ws.ignored_in_the_way(commits)
     if in_the_way:
         raise UsageError(f"{ws.path} has ignored files where {what} would check out tracked ones "
-                         f"({_some(in_the_way)}); git overwrites or deletes ignored files there without asking, so "
+                         f"({name_some(in_the_way)}); git overwrites or deletes ignored files there without asking, so "
                          "not even --force goes ahead: move them away and run again")
     nested = ws.nested_repositories_in_the_way(commits)
     if nested:
         raise UsageError(f"{ws.path} has git repositories of their own where {what} would check out tracked "
-                         f"files ({_some(nested)}); the checkout would overwrite files in them, so not even --force "
+                         f"files ({name_some(nested)}); the checkout would overwrite files in them, so not even --force "
                          "goes ahead: move them away and run again")
-
-
-def _some(paths: list[str]) -> str:
-    """'a, b, c and 4 more'."""
-    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 def _check_not_in_another_worktree(ws: Workspace, branch: str) -> None:

@@ -33,7 +33,7 @@ from dspark_cli import oplock, pypi_source
 from dspark_cli import series as series_mod
 from dspark_cli.compat import Pin, ReleaseFile
 from dspark_cli.diff_headers import file_diffs, unquote
-from dspark_cli.errors import EnvironmentProblem, UsageError
+from dspark_cli.errors import EnvironmentProblem, UsageError, name_some
 from dspark_cli.files import (cannot_make_in, check_dir_option, move_into_place, refuse_replacing_cwd,
                               write_text_atomically)
 from dspark_cli.flock import dead_scratches, remove_dead_scratches, scratch_beside
@@ -476,12 +476,11 @@ def _record_applying(ws: Workspace, patch: Patch, on: str) -> None:
         write_text_atomically(_record_file(ws), json.dumps({**record, "applying": {"patch": patch.name, "on": on}}))
 
 
-def _take_back_killed_patch(ws: Workspace, patches: list[Patch]) -> None:
+def _take_back_killed_patch(ws: Workspace, patches: list[Patch], pending: object) -> None:
     """A run killed inside a patch (its change staged or being written, no commit yet) left that
     change in the work tree, the record naming the patch and the commit it went onto: when every
     changed file holds that commit's bytes or the patch's (none of the user's edits), it is taken
     back out, so the patch is applied again. Anything else is left for the local-changes refusal."""
-    pending = _read_record(ws).get("applying")
     if not isinstance(pending, dict) or pending.get("on") != ws.head():
         return
     patch = next((p for p in patches if p.name == pending.get("patch")), None)
@@ -593,14 +592,15 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
         raise UsageError(f"{ws.path}: the work branch {branch} no longer starts from the new tree {trees.onto[:12]} "
                          "(a commit of the new tree amended or reset away?): commit your resolution on top of it "
                          "(not --amend), or start over with --force")
-    _take_back_killed_patch(ws, patches)
+    pending = _read_record(ws).get("applying")  # the patch a killed run was applying, and onto what
+    _take_back_killed_patch(ws, patches, pending)
     unmerged = [f for f in ws.git.run("diff", "--name-only", "-z", "--diff-filter=U").stdout.split("\0") if f]
     if unmerged:
-        raise UsageError(f"{ws.path}: resolve the conflict markers in {_some(unmerged)} and commit the patch before "
+        raise UsageError(f"{ws.path}: resolve the conflict markers in {name_some(unmerged)} and commit the patch before "
                          "--continue")
     left = ws.local_changes()
     if left:  # a resolution committed, a merge tool's backup (FILE.orig) or an edit left beside it
-        raise UsageError(f"{ws.path}: holds changes not committed ({_some([line[3:] for line in left])}): commit "
+        raise UsageError(f"{ws.path}: holds changes not committed ({name_some([line[3:] for line in left])}): commit "
                          "them into the patch's resolution or remove them (a merge tool's .orig backup?), then "
                          "--continue")
     # by name and, for the patches the branch holds (or that a resolution resolves), by content: a
@@ -652,7 +652,6 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
         commits = commits[:-1]
     # A run killed inside a patch that conflicted (its markers left, the record naming the patch
     # being applied, not the conflict): the one commit on the commit it went onto is your resolution.
-    pending = _read_record(ws).get("applying")
     if (len(commits) == len(claimed) + 1 and commits[:-1] == claimed and None not in claimed
             and len(outcomes) < len(patches) and isinstance(pending, dict)
             and pending.get("patch") == patches[len(outcomes)].name
@@ -674,12 +673,6 @@ def _resumed_outcomes(ws: Workspace, branch: str, trees: Trees, patches: list[Pa
                          f"one per patch so far: {', '.join(expected) or 'none'}; leave exactly those "
                          "(one commit resolving the conflict) or start over with --force")
     return outcomes
-
-
-def _some(paths: list[str], shown: int = 3) -> str:
-    """The first paths, and how many more."""
-    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
-    return ", ".join(paths[:shown]) + more
 
 
 def _made_for(ws: Workspace, commit: str, patch: Patch) -> bool:
