@@ -853,9 +853,12 @@ def check_targets(out_dir: Path, force: bool, source_dir: Path, protected: dict[
         raise EnvironmentProblem(f"--out {out_dir}: cannot replace it: cannot make anything in {out_dir.parent} ({problem})")
 
 
-def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path) -> None:
+def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir: Path,
+                 renamed: tuple[str, str] | None = None) -> None:
     """The refreshed series from the rebase commits: same names and order (less the patches
     already upstream, unlisted from `series` too), new lock. `out_dir` was checked by check_targets.
+    `renamed` (old, new), e.g. ("vllm/v0.32.0", "vllm/v0.33.0"): the series name as the `series`
+    file's comments spell it, so its header names the pin it now belongs to.
 
     `out_dir` may be `source_dir` itself (a refresh in place), so every source text is read before
     anything is written; the new series is made in a temporary sibling of `out_dir` and swapped in
@@ -867,6 +870,8 @@ def write_series(ws: Workspace, result: RebaseResult, source_dir: Path, out_dir:
         raise UsageError(f"--out {out_dir} contains the series being carried ({source_dir})")
     dropped = {o.patch for o in result.outcomes if o.status == ALREADY}
     series_file = _without(source_dir / series_mod.SERIES_FILE, dropped)
+    if renamed is not None:
+        series_file = _renamed_in_comments(series_file, *renamed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with scratch_beside(out_dir, SCRATCH) as scratch:
         new = scratch / "new"
@@ -910,6 +915,15 @@ def _without(series_file: Path, dropped: set[str]) -> bytes:
     lines = series_file.read_bytes().splitlines(keepends=True)
     return b"".join(line for line in lines
                     if line.decode("utf-8", "replace").split("#", 1)[0].strip() not in dropped)
+
+
+def _renamed_in_comments(series_file: bytes, old: str, new: str) -> bytes:
+    """`old` as a whole name (not "vllm/v0.32.0rc1") replaced by `new` in the comment part of each
+    line; the patch names listed are left as they are."""
+    name = re.compile(rf"(?<![\w./-]){re.escape(old)}(?![\w/-]|\.\w)".encode())
+    lines = series_file.splitlines(keepends=True)
+    return b"".join(listed + hash_ + name.sub(new.encode(), comment)
+                    for listed, hash_, comment in (line.partition(b"#") for line in lines))
 
 
 def recover_interrupted(target: Path) -> list[str]:

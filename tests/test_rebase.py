@@ -64,7 +64,7 @@ def make_upstream(tmp_path: Path) -> dict:
     commit_files(repo, {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
     patches = tmp_path / "patches" / "eng" / "v1.0"
     names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2", base).splitlines()
-    (patches / "series").write_text("# test series\n" + "".join(Path(n).name + "\n" for n in names))
+    (patches / "series").write_text("# test series eng/v1.0 (not eng/v1.0.1)\n" + "".join(Path(n).name + "\n" for n in names))
     series.write_lock(patches)
     git(repo, "checkout", "-q", "main")
     compat = tmp_path / "compat.yaml"
@@ -1126,7 +1126,8 @@ def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(ups
     assert len(git(wd, "rev-list", f"{onto}..HEAD").splitlines()) == 2
     refreshed = series.load_series(out, "dspark")
     assert [p.name for p in refreshed] == [first["patch"], third["patch"]]
-    assert (out / "series").read_text() == f"# test series\n{first['patch']}\n{third['patch']}\n"
+    # the comment names the new pin (--onto's name), not the one carried from
+    assert (out / "series").read_text() == f"# test series eng/v12.0 (not eng/v1.0.1)\n{first['patch']}\n{third['patch']}\n"
     assert not (out / second["patch"]).exists()
     fresh = u["tmp"] / "fresh12"
     git(u["tmp"], "clone", "-q", str(u["repo"]), str(fresh))

@@ -86,10 +86,11 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
 
 
 def committed_as_rebase_writes_it(directory: Path) -> dict[str, str]:
-    """The series' files but the `series` file's comment lines (they say how the series was made,
-    by hand)."""
+    """The series' files but the `series` file's comment lines after its header (they say how the
+    series was made, by hand); rebase writes the header naming the new pin."""
     files = {p.name: p.read_text() for p in directory.iterdir()}
-    files["series"] = "".join(line for line in files["series"].splitlines(keepends=True) if not line.startswith("#"))
+    header, *rest = files["series"].splitlines(keepends=True)
+    files["series"] = header + "".join(line for line in rest if not line.startswith("#"))
     return files
 
 

@@ -288,7 +288,8 @@ def register(app: typer.Typer) -> None:
                     rebase.byte_compile(ws, result)
                     rebase.find_leftover_markers(ws, result)
                     if not (result.compile_errors or result.leftover_markers):
-                        rebase.write_series(ws, result, source_dir, out_dir)
+                        rebase.write_series(ws, result, source_dir, out_dir,
+                                            None if layered else (f"{engine_name}/{pin.name}", f"{engine_name}/{name}"))
                         rebase.record_finished(ws)
             finally:  # only a killed run leaves its mark: the next takes the locks its git left for its own
                 rebase.run_ended(ws)
