@@ -29,6 +29,10 @@ def prompt(n: int) -> list[int]:
 
 PROMPTS = [prompt(rng.randrange(4, 14)) for _ in range(5)]
 TIGHT_PROMPTS = [prompt(1) for _ in range(6)]  # one token: no partial prefill (see tight_budget)
+# Prompts of ASCII digits and punctuation (no letter, no invalid UTF-8): vLLM's incremental
+# detokenizer starts from the prompt's last tokens, and with the byte tokenizer an incomplete UTF-8
+# sequence there puts prompt bytes (stop letters too) into the output's text.
+STOP_PROMPTS = [[rng.randrange(ord("!"), ord("@") + 1) for _ in range(rng.randrange(4, 14))] for _ in range(5)]
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]  # ~1 token in 10 is one of them
 STOP = {"stop": LETTERS + ["XY"], "detokenize": True}
 MIXED_MAX_TOKENS = [1, 24, 1, 2, 24]
@@ -152,9 +156,11 @@ def sampled_requests():
     seeded = {"prompts": PROMPTS[:4], "max_tokens": 24, "temperature": 1.0, "seed": 500}
     mixed = {"name": "max_tokens_one", "prompts": PROMPTS, "max_tokens": MIXED_MAX_TOKENS, "temperature": 1.0,
              "seed": 700}
+    stop = {"prompts": STOP_PROMPTS, "max_tokens": 32, "temperature": 1.0, "seed": 900}
     return run_in_python(PYTHON, {
         "gamma": GAMMA, "target": "random", "draft": "fitted",
-        "workloads": [n, children, logprobs, {**seeded, "name": "abort_reference"},
+        "workloads": [n, children, logprobs, {**stop, "name": "stop_reference"},
+                      {**stop, "name": "stop_strings", "params": STOP}, {**seeded, "name": "abort_reference"},
                       {**seeded, "name": "abort", "abort": {"prompts": ABORTED, "after_tokens": ABORT_AFTER}},
                       mixed, {**mixed, "name": "max_tokens_one_alone", "max_tokens": [24] * 5}]})["workloads"]
 
@@ -200,6 +206,32 @@ def test_sampled_logprobs_are_the_targets_raw_logprobs(sampled_requests):
             for mine, want in zip(top, score_top):
                 assert mine.keys() == want.keys(), engine
                 assert [mine[t] for t in want] == pytest.approx(list(want.values()), abs=1e-3), engine
+
+
+def first_stop(tokens: list[int]) -> int | None:
+    """How many tokens end at the first stop string of STOP (byte tokenizer: token i is byte i)."""
+    for i, token in enumerate(tokens):
+        if chr(token) in LETTERS or (chr(token) == "Y" and i > 0 and chr(tokens[i - 1]) == "X"):
+            return i + 1
+    return None
+
+
+def test_sampled_stop_strings_cut_the_seeded_output_at_the_first_one(sampled_requests):
+    """Seeded sampled requests with stop strings give the tokens they give without them, up to and
+    including the token that completes the first stop string, whether it came as an accepted draft
+    inside a block, a recovered token or a bonus token (the tokens after it, drafted and accepted
+    in the same step, are dropped)."""
+    reference, stopped = sampled_requests["stop_reference"], sampled_requests["stop_strings"]
+    assert stopped["dspark"]["spec"]["accepted_tokens"] > 0
+    for engine in ("baseline", "dspark"):
+        ours, full = stopped[engine], reference[engine]["outputs"]
+        cuts = [first_stop(tokens) for tokens in full]
+        assert sum(c is not None for c in cuts) >= 3, (engine, cuts)  # the stop strings really cut most outputs
+        for i, (out, cut) in enumerate(zip(ours["outputs"], cuts)):
+            assert out == full[i][:cut], (engine, i)
+            assert ours["finish_reasons"][i] == ("length" if cut is None else "stop"), (engine, i)
+            if cut is not None:
+                assert ours["stop_reasons"][i] in STOP["stop"] and ours["stop_reasons"][i].endswith(chr(out[-1]))
 
 
 def test_aborting_seeded_requests_leaves_the_others_outputs_unchanged(sampled_requests):
