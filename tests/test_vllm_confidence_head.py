@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
-pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+pytestmark = needs_vllm
 
 SCRIPT = """
 import json, sys, tempfile

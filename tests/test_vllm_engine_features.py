@@ -6,15 +6,14 @@ outputs, so steps accept several drafts and reject others. Each fixture is one s
 engine without speculation, then with DSpark, same engine arguments; greedy outputs, finish
 reasons and logprobs must agree."""
 
-import os
 import random
 
 import pytest
 
 from dspark_cli.integrations.vllm.e2e import run_in_python
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
-pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+pytestmark = needs_vllm
 
 GAMMA = 3
 rng = random.Random(1)

@@ -6,7 +6,6 @@ Greedy: token-identical outputs, finish reasons, texts. Sampled: distributions (
 requests, vLLM's promise that a seeded request's output does not depend on what else runs."""
 
 import json
-import os
 import random
 
 import pytest
@@ -15,9 +14,9 @@ import torch
 from dspark_cli.integrations.vllm.e2e import run_in_python
 from dspark_cli.integrations.vllm.verify import STEEP_SPS
 from tests.chi2 import chi2_two_sample_pvalue
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
-pytestmark = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+pytestmark = needs_vllm
 
 GAMMA = 3
 rng = random.Random(2)

@@ -16,10 +16,9 @@ from dspark_cli.integrations.vllm.cpu_fixes import expand_float
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.runtime import rejection_sample
 from tests.chi2 import chi2_pvalue, chi2_two_sample_pvalue
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
-needs_vllm = pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
 
 
 def run_in_vllm(script: str, *args: str, timeout: int = 600) -> dict:

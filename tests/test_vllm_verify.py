@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from dspark_cli import tiny_models
+from tests.vllm_cpu_venv import PYTHON, needs_vllm
 
-PYTHON = os.environ.get("DSPARK_VLLM_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,7 +20,7 @@ def verify(python: str) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, "DSPARK_VLLM_PYTHON": python}, timeout=1800)
 
 
-@pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+@needs_vllm
 def test_verify_vllm_passes_on_the_patched_engine_and_reports_side_by_side_numbers():
     proc = verify(PYTHON)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -300,7 +300,7 @@ print("RESULT", json.dumps([{"spec": r["spec"], "tokens_per_s": r["tokens_per_s"
 """
 
 
-@pytest.mark.skipif(not PYTHON, reason="DSPARK_VLLM_PYTHON not set (.ci/prepare.d/30-vllm-cpu.sh builds the patched vllm-cpu venv)")
+@needs_vllm
 def test_each_workload_reports_its_own_counters_and_generated_tokens_per_second():
     """vLLM's counters are cumulative over an engine's life: a workload run after another on the same
     engine (verify's seeded in_batch after alone, adaptive eight after one) reports only its own."""
