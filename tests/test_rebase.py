@@ -64,7 +64,8 @@ def make_upstream(tmp_path: Path) -> dict:
     commit_files(repo, {"other.py": OTHER.replace("D = 4\n", "D = 4\nOURS = 44\n")}, "ours: other")
     patches = tmp_path / "patches" / "eng" / "v1.0"
     names = git(repo, "format-patch", "-o", str(patches), "--zero-commit", "--no-signature", "-U2", base).splitlines()
-    (patches / "series").write_text("# test series eng/v1.0 (not eng/v1.0.1)\n" + "".join(Path(n).name + "\n" for n in names))
+    (patches / "series").write_text("# test series eng/v1.0 (not eng/v1.0.1)\n"
+                                    + "".join(Path(n).name + "\n" for n in names))
     series.write_lock(patches)
     git(repo, "checkout", "-q", "main")
     compat = tmp_path / "compat.yaml"
