@@ -28,6 +28,20 @@ def toy(tmp_path, monkeypatch):
     return toy_workspace(tmp_path, monkeypatch)
 
 
+SERIES_COMMITS = ["dspark: method and module", "dspark: hook in core"]  # the toy series, newest first
+
+
+def series_commits(toy, work: Path) -> list[str]:
+    """The subjects of the commits on the toy pin's base, newest first."""
+    return git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines()
+
+
+def assert_recovered_cleanly(toy, work: Path) -> None:
+    """The whole series applied, nothing left in the worktree, nothing saved as the user's work."""
+    assert series_commits(toy, work) == SERIES_COMMITS
+    assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
+
+
 def test_apply_commits_each_patch_on_the_pin_branch(toy):
     result = run_apply(toy)
     work = toy["workdir"]
@@ -319,8 +333,7 @@ def test_apply_killed_midway_is_recovered_by_the_next_run(toy):
     result = run_apply(toy)
     assert result["recovered"].startswith("recovered an interrupted apply")
     assert result["new"] == ["dspark/0001-dspark-hook-in-core.patch", "dspark/0002-dspark-method-and-module.patch"]
-    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
-        "dspark: method and module", "dspark: hook in core"]
+    assert series_commits(toy, work) == SERIES_COMMITS
     assert git(work, "status", "--porcelain") == ""
 
 
@@ -333,9 +346,7 @@ def test_apply_killed_between_git_apply_and_its_commit_is_recovered_without_forc
     assert not any("would discard" in line for line in applier.status(work)["drift"])
     again = run_cli(toy, "apply", "toy", "-C", str(work))
     assert again.returncode == 0, again.stderr
-    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
-        "dspark: method and module", "dspark: hook in core"]
-    assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
+    assert_recovered_cleanly(toy, work)
 
 
 def test_apply_killed_while_git_apply_writes_its_files_is_recovered_without_force(toy):
@@ -349,9 +360,7 @@ def test_apply_killed_while_git_apply_writes_its_files_is_recovered_without_forc
     (work / ".git" / "index.lock").write_text("")
     again = run_cli(toy, "apply", "toy", "-C", str(work))
     assert again.returncode == 0, again.stderr
-    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
-        "dspark: method and module", "dspark: hook in core"]
-    assert git(work, "status", "--porcelain") == "" and not git(work, "branch", "--list", "dspark/saved-*")
+    assert_recovered_cleanly(toy, work)
 
 
 def test_the_same_changes_edited_after_such_a_kill_are_the_users(toy):
@@ -436,8 +445,7 @@ def test_a_killed_apply_not_yet_reaped_does_not_block_recovery(toy):
         assert recovered.returncode == 0 and "recovered an interrupted apply" in recovered.stderr, recovered.stderr
     finally:
         zombie.wait()
-    assert git(work, "log", "--format=%s", f"{toy['upstream']['v1.0']}..HEAD").splitlines() == [
-        "dspark: method and module", "dspark: hook in core"]
+    assert series_commits(toy, work) == SERIES_COMMITS
 
 
 @pytest.mark.parametrize("work_since", ["commit", "edit", "both"])
