@@ -87,6 +87,11 @@ def dspark(env_paths, *args):
                            "GIT_CONFIG_GLOBAL": os.devnull})
 
 
+
+def rebase_onto(u, onto: str, wd: Path, out: Path, *args):
+    """`dspark rebase` of the fixture's series onto `onto` in the fixture's repository."""
+    return dspark(u, "--onto", onto, "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), *args)
+
 def new_upstream(u, files, tag):
     git(u["repo"], "checkout", "-q", "main")
     commit = commit_files(u["repo"], files, f"upstream {tag}")
@@ -201,7 +206,7 @@ def test_a_resolved_patch_keeps_its_author_date_and_message(upstream):
     (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
     time.sleep(1.1)  # another second than the patch's date (git dates have one-second resolution)
     git(wd, "commit", "-q", "-am", "fix conflict")
-    done = dspark(u, "--onto", "v17.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    done = rebase_onto(u, "v17.0", wd, out, "--continue")
     assert done.returncode == 0, done.stderr
     name = sorted(u["patches"].glob("0001-*.patch"))[0].name
     original, refreshed = (u["patches"] / name).read_text(), (out / name).read_text()
@@ -544,7 +549,7 @@ def test_continue_refuses_commits_that_do_not_match_the_patches_one_to_one(upstr
     git(wd, "commit", "-q", "-m", "an extra commit")
     extra = git(wd, "rev-parse", "HEAD")
     out = u["tmp"] / "out10"
-    run = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    run = rebase_onto(u, "v10.0", wd, out, "--continue")
     first = sorted(p.name for p in u["patches"].glob("*.patch"))[0]
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == (
@@ -554,7 +559,7 @@ def test_continue_refuses_commits_that_do_not_match_the_patches_one_to_one(upstr
     assert not out.exists() and git(wd, "rev-parse", "HEAD") == extra  # nothing assigned, nothing written
 
     git(wd, "reset", "-q", "--hard", "HEAD~1")  # drop the extra commit: now it matches
-    done = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    done = rebase_onto(u, "v10.0", wd, out, "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved", "clean", "clean"]
     second = series.load_series(out, "dspark")[1]
@@ -562,8 +567,7 @@ def test_continue_refuses_commits_that_do_not_match_the_patches_one_to_one(upstr
 
     git(wd, "reset", "-q", "--hard", "HEAD~2")  # a commit of a patch that applied is gone: refused too
     git(wd, "commit", "-q", "--allow-empty", "-m", "not 0002")
-    again = dspark(u, "--onto", "v10.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                   "--continue", "--force")
+    again = rebase_onto(u, "v10.0", wd, out, "--continue", "--force")
     assert again.returncode == 2 and "found 2 commits on the new tree" in again.stderr and "expected 3" in again.stderr
 
 
@@ -602,7 +606,7 @@ def test_a_conflict_resolved_to_the_new_tree_as_it_is_is_left_out_of_the_series(
     assert dspark(u, "--onto", "v13.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
     git(wd, "checkout", "HEAD", "--", "mod.py")  # the new tree's mod.py, markers gone
     git(wd, "commit", "-q", "--allow-empty", "-m", "upstream has it")
-    done = dspark(u, "--onto", "v13.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    done = rebase_onto(u, "v13.0", wd, out, "--continue")
     assert done.returncode == 0, done.stderr
     first, second, third = json.loads(done.stdout)["patches"]
     assert (first["status"], second["status"], third["status"]) == ("already upstream", "clean", "clean")
@@ -1096,13 +1100,12 @@ def test_an_empty_resolution_still_owns_its_commit_at_the_next_continue(upstream
     git(wd, "checkout", "HEAD", "--", "mod.py")  # 0001: upstream's version is the patch's change
     git(wd, "commit", "-q", "--allow-empty", "-m", "upstream has it")
     empty = git(wd, "rev-parse", "HEAD")
-    stopped = dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                     "--continue")
+    stopped = rebase_onto(u, "v14.0", wd, out, "--continue")
     assert stopped.returncode == 4, stopped.stderr  # 0003 conflicts with THEIRS
     assert [p["status"] for p in json.loads(stopped.stdout)["patches"]] == ["already upstream", "clean", "conflict"]
     (wd / "other.py").write_text(OTHER.replace("D = 4\n", "D = 4\nOURS = 44\nTHEIRS = 1\n"))
     git(wd, "commit", "-q", "-am", "ours: other")
-    done = dspark(u, "--onto", "v14.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    done = rebase_onto(u, "v14.0", wd, out, "--continue")
     assert done.returncode == 0, done.stderr
     first, second, third = json.loads(done.stdout)["patches"]
     assert (first["status"], first["commit"]) == ("already upstream", empty)
@@ -1118,7 +1121,7 @@ def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(ups
     onto = new_upstream(u, {"ours.py": "HOOK = True\n"}, "v12.0")  # upstream took 0002 as it is
     out = u["tmp"] / "out12"
     wd = u["tmp"] / "wd12"
-    run = dspark(u, "--onto", "v12.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    run = rebase_onto(u, "v12.0", wd, out)
     assert run.returncode == 0, run.stderr
     first, second, third = json.loads(run.stdout)["patches"]
     assert (first["status"], second["status"], third["status"]) == ("clean", "already upstream", "clean")
@@ -1136,8 +1139,7 @@ def test_a_patch_upstream_already_has_is_reported_and_left_out_of_the_series(ups
     for p in refreshed:
         git(fresh, "apply", "--index", str(p.path))
     # --continue after it keeps it dropped (it owns no commit on the work branch)
-    again = dspark(u, "--onto", "v12.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                   "--continue", "--force")
+    again = rebase_onto(u, "v12.0", wd, out, "--continue", "--force")
     assert again.returncode == 0, again.stderr
     assert [p["status"] for p in json.loads(again.stdout)["patches"]] == ["clean", "already upstream", "clean"]
     assert [p.name for p in series.load_series(out, "dspark")] == [first["patch"], third["patch"]]
@@ -1308,8 +1310,7 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     hook.chmod(0o755)
     onto = new_upstream(u, {"ours.py": "HOOK = True\n"}, "v20.0")  # upstream took the second patch
     out, wd = u["tmp"] / "out20", u["tmp"] / "wd20"
-    run = dspark(u, "--onto", "v20.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                 "--series", str(directory))
+    run = rebase_onto(u, "v20.0", wd, out, "--series", str(directory))
     assert run.returncode == 0, run.stderr
     first, second, third = json.loads(run.stdout)["patches"]
     assert [p["status"] for p in (first, second, third)] == ["clean", "already upstream", "clean"]
@@ -1327,8 +1328,7 @@ def test_the_marker_names_the_new_pin_and_only_the_patches_the_refreshed_series_
     assert series.marker_constants(marker) == {"SERIES": "eng/v20.0", "PATCHES": [names[0], names[2]], "LEVEL": 2}
     assert (fresh / "other.py").read_text() == (wd / "other.py").read_text()
     # --continue after it finds the branch it recorded and leaves the marker as it is now.
-    again = dspark(u, "--onto", "v20.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                   "--series", str(directory), "--continue", "--force")
+    again = rebase_onto(u, "v20.0", wd, out, "--series", str(directory), "--continue", "--force")
     assert again.returncode == 0, again.stderr
     assert [p["commit"] for p in json.loads(again.stdout)["patches"]] == [first["commit"], None, third["commit"]]
 
@@ -1455,7 +1455,7 @@ def test_a_run_stopped_before_its_work_tree_was_marked_leaves_nothing_the_next_c
     assert stopped.returncode == (-9 if how == "kill" else 130), stopped.stderr
     if how == "ctrl-c":
         assert not wd.exists() and len(worktrees(u["repo"])) == 1
-    done = dspark(u, "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    done = rebase_onto(u, "v30.0", wd, out)
     assert done.returncode == 0, done.stderr
     assert len(worktrees(u["repo"])) == 2 and len(series.load_series(out, "dspark")) == 3
     assert not list((u["repo"] / ".git" / "dspark" / "rebase-adding").iterdir())
@@ -1475,7 +1475,7 @@ def test_a_run_killed_inside_git_worktree_add_leaves_nothing_the_next_cannot_use
     record.write_bytes(os.fsencode(wd))
     git(u["repo"], "worktree", "add", "-q", "--lock", "--detach", str(wd), onto)
     shutil.rmtree(wd)  # its checkout had not begun
-    done = dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+    done = rebase_onto(u, "v31.0", wd, out)
     assert done.returncode == 0, done.stderr
     assert len(worktrees(u["repo"])) == 2 and len(series.load_series(out, "dspark")) == 3
     assert not record.exists()
@@ -1516,11 +1516,11 @@ def test_a_rebase_is_refused_while_another_dspark_run_holds_the_repository(upstr
     new_upstream(u, {"new.py": "X = 1\n"}, "v33.0")
     wd, out = u["tmp"] / "wd33", u["tmp"] / "out33"
     with oplock.exclusive(Workspace(u["repo"]).git_dir, u["repo"]):
-        refused = dspark(u, "--onto", "v33.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out))
+        refused = rebase_onto(u, "v33.0", wd, out)
     assert refused.returncode == 2, refused.stderr
     assert f"another dspark apply, revert or rebase (pid {os.getpid()})" in refused.stderr
     assert not wd.exists() and len(worktrees(u["repo"])) == 1
-    assert dspark(u, "--onto", "v33.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out)).returncode == 0
+    assert rebase_onto(u, "v33.0", wd, out).returncode == 0
 
 
 def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
@@ -1534,16 +1534,14 @@ def test_a_resolution_ported_to_another_file_is_byte_compiled(upstream):
     (wd / "consts.py").write_text("OURS = 44\ndef broken(:\n")
     git(wd, "add", "consts.py")
     git(wd, "commit", "-q", "-m", "ours: other, ported")
-    resumed = dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                     "--continue")
+    resumed = rebase_onto(u, "v31.0", wd, out, "--continue")
     assert resumed.returncode == 1, resumed.stderr
     report = json.loads(resumed.stdout)
     assert report["patches"][2]["status"] == "resolved" and report["patches"][2]["files"] == ["consts.py"]
     assert report["compile_errors"] and report["compile_errors"][0].startswith("consts.py") and not out.exists()
     (wd / "consts.py").write_text("OURS = 44\n")
     git(wd, "commit", "-q", "--amend", "-a", "--no-edit")
-    assert dspark(u, "--onto", "v31.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                  "--continue").returncode == 0
+    assert rebase_onto(u, "v31.0", wd, out, "--continue").returncode == 0
     assert "consts.py" in series.load_series(out, "dspark")[2].path.read_text()
 
 
@@ -1555,8 +1553,7 @@ def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(
     u = upstream
     wd, out = u["tmp"] / "wd45", u["tmp"] / "out45"
     resolution = conflict_then_resolve(u, "v45.0", wd, broken=True)
-    broken = dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                    "--continue")
+    broken = rebase_onto(u, "v45.0", wd, out, "--continue")
     assert broken.returncode == 1, broken.stderr
     assert [p["status"] for p in json.loads(broken.stdout)["patches"]] == ["resolved", "clean", "clean"]
     assert (f"fix your resolution of 0001-ours-mark-f3.patch: `git -C {wd} reset --hard {resolution[:12]}`, amend "
@@ -1564,8 +1561,7 @@ def test_a_broken_resolution_under_later_patches_is_amended_after_a_reset_to_it(
     git(wd, "reset", "-q", "--hard", resolution)
     (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
     git(wd, "commit", "-q", "--amend", "-a", "--no-edit")
-    done = dspark(u, "--onto", "v45.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                  "--continue")
+    done = rebase_onto(u, "v45.0", wd, out, "--continue")
     assert done.returncode == 0, done.stderr
     assert [p["status"] for p in json.loads(done.stdout)["patches"]] == ["resolved", "clean", "clean"]
     refreshed = [p.path.read_text() for p in series.load_series(out, "dspark")]
@@ -1608,8 +1604,7 @@ def test_conflict_markers_a_resolution_leaves_in_a_python_string_fail_the_check(
     (wd / "doc.py").write_text('"""Doc.\n<<<<<<< ours\nmine\n=======\ntheirs\n>>>>>>> theirs\n"""\n')
     git(wd, "add", "doc.py")
     git(wd, "commit", "-q", "--amend", "--no-edit")
-    failed = dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                    "--continue")
+    failed = rebase_onto(u, "v48.0", wd, out, "--continue")
     assert failed.returncode == 1, failed.stderr
     report = json.loads(failed.stdout)
     assert "doc.py" in report["compiled"] and not report["compile_errors"] and not out.exists()
@@ -1857,8 +1852,7 @@ def test_a_continue_stopped_by_ctrl_c_after_some_patches_is_continued_by_the_nex
     code, _, stderr = signal_dspark_when(waiting, signal.SIGINT, *args, env=env)
     assert code == 130 and "run it again with --continue" in stderr, stderr
     assert len(git(wd, "rev-list", "v30.0..HEAD").splitlines()) == 2  # the resolution and 0002's commit
-    again = dspark(u, "--onto", "v30.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                   "--continue")
+    again = rebase_onto(u, "v30.0", wd, out, "--continue")
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
     assert [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
@@ -1897,7 +1891,7 @@ def test_continue_refuses_a_resolution_amended_into_the_new_trees_own_commit(ups
     assert dspark(u, "--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(wd)).returncode == 4
     (wd / "mod.py").write_text(MOD.replace("return x + 3", "return x + 300  # ours"))
     git(wd, "commit", "-q", "-a", "--amend", "--no-edit")
-    run = dspark(u, "--onto", "v32.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), "--continue")
+    run = rebase_onto(u, "v32.0", wd, out, "--continue")
     assert run.returncode == 2, run.stderr
     assert "no longer starts from the new tree" in run.stderr and not out.exists()
 
@@ -2072,8 +2066,7 @@ def test_markers_in_a_python_file_that_fails_to_compile_are_reported_once_as_its
     (wd / "broken.py").write_text("A = 1\n<<<<<<< ours\nB = 2\n=======\nB = 3\n>>>>>>> theirs\n")
     git(wd, "add", "kernel.cu", "broken.py")
     git(wd, "commit", "-q", "--amend", "--no-edit")
-    failed = dspark(u, "--onto", "v48.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                    "--continue")
+    failed = rebase_onto(u, "v48.0", wd, out, "--continue")
     assert failed.returncode == 1, failed.stderr
     report = json.loads(failed.stdout)
     assert [e.split(": ", 1)[0] for e in report["compile_errors"]] == ["broken.py"], report
@@ -2199,8 +2192,7 @@ def test_a_continue_stopped_by_ctrl_c_inside_a_patch_is_continued_by_the_next(up
     code, _, stderr = signal_dspark_when(waiting, signal.SIGINT, *args, env=env)
     assert code == 130 and "run it again with --continue" in stderr, stderr
     assert git(wd, "status", "--porcelain") == ""  # 0003's staged change taken back out
-    again = dspark(u, "--onto", "v43.0", "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out),
-                   "--continue")
+    again = rebase_onto(u, "v43.0", wd, out, "--continue")
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
     assert [p["status"] for p in report["patches"]] == ["resolved", "clean", "clean"]
