@@ -23,10 +23,10 @@ EXIT_INTERRUPTED = 130
 PATH_SHAPE_ERRORS = (errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
 
 
-
 def name_some(paths: list[str]) -> str:
     """'a, b, c and 4 more': the paths an error line names, the first three of them."""
     return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
 
 class DsparkError(Exception):
     exit_code = EXIT_FAILED

@@ -87,10 +87,10 @@ def dspark(env_paths, *args):
                            "GIT_CONFIG_GLOBAL": os.devnull})
 
 
-
 def rebase_onto(u, onto: str, wd: Path, out: Path, *args):
     """`dspark rebase` of the fixture's series onto `onto` in the fixture's repository."""
     return dspark(u, "--onto", onto, "--repo", str(u["repo"]), "--workdir", str(wd), "--out", str(out), *args)
+
 
 def new_upstream(u, files, tag):
     git(u["repo"], "checkout", "-q", "main")

@@ -47,6 +47,7 @@ def apply_release(pin_name: str, workdir: Path) -> dict:
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
+
 @pytest.mark.parametrize("pin_name", ["v0.29.0", "v0.30.0", "v0.31.0"])
 def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     pins = compat.load(compat_file()).engine("vllm").pins
