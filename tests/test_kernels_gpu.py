@@ -558,6 +558,43 @@ def test_schedule_production_declines_too_many_candidates():
     assert cuda_ops.schedule_production(a, a, SPSTable.default()) is NotImplemented
 
 
+@pytest.mark.parametrize("R", [1, 2, 16, 48, 128])  # small-batch kernel, fused step staged / unstaged
+def test_v1_layout_rows_verify_as_the_flat_layout(R):
+    """vLLM V1's verify batch (lazy_drafts.BlockVerify): no bonus rows, each request's bonus row the
+    next request's first row and the last one's a spare row, named by rejection_sample_rows. The
+    CUDA op gives the flat layout's accepted counts and tokens, but for the bonus token of a request
+    that accepted every draft (drawn from another row; V1 replaces it); counts as the reference's."""
+    from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_flat, rejection_sample_rows
+
+    case = MarkovCase(R, 7, 151936, 256, greedy_every=5, seed=150 + R)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    lazy = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+    g = torch.Generator(device="cuda").manual_seed(R)
+    ell = torch.randint(0, case.gamma + 1, (R,), device="cuda", generator=g)
+    # targets near the drafts' own q (the draft's rows, sharpened): accepts and rejections both
+    q_rows = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True).q
+    target = torch.cat([q_rows, q_rows[:, :1]], 1) ** 1.5
+    target /= target.sum(-1, keepdim=True)
+    n = ell.tolist()
+    flat_rows = torch.cat([target[i, :n[i] + 1] for i in range(R)])
+    cu = torch.tensor([0] + [k + 1 for k in n], device="cuda").cumsum(0)
+    v1_rows = torch.cat([*(target[i, :n[i]] for i in range(R)), torch.full((1, case.V), 1 / case.V, device="cuda")])
+    starts = torch.tensor([0] + n[:-1], device="cuda").cumsum(0)
+    greedy = temperature < 1e-5
+    poison_allocator()
+    flat = rejection_sample_flat(flat_rows, cu, lazy, greedy=greedy, seeds=seeds)
+    rows = rejection_sample_rows(v1_rows, starts, ell, lazy, greedy=greedy, seeds=seeds)
+    with cuda_ops.enabled(False):
+        ref = rejection_sample_rows(v1_rows, starts, ell, lazy, greedy=greedy, seeds=seeds)
+    assert torch.equal(rows.num_accepted, flat.num_accepted) and torch.equal(rows.num_accepted, ref.num_accepted)
+    full = rows.num_accepted == ell
+    assert 0 < int(full.sum()) < R or R <= 2
+    pos = torch.arange(case.gamma + 1, device="cuda")
+    same = (pos < rows.num_accepted.unsqueeze(1)) | ((pos == rows.num_accepted.unsqueeze(1)) & ~full.unsqueeze(1))
+    assert torch.equal(torch.where(same, rows.output_tokens, -2), torch.where(same, flat.output_tokens, -2))
+    assert torch.equal(rows.output_tokens < 0, flat.output_tokens < 0)
+
+
 REJECTION_CASES = [
     RejectionCase(1, 7, 151936, 256, seed=1),
     RejectionCase(16, 7, 151936, 256, greedy_every=3, seed=2),

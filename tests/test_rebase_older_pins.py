@@ -84,6 +84,11 @@ def test_carried_series_applies_and_compiles(pin_name, tmp_path):
     assert {"min_toks", "neg_inf_tensor", "logits_slice", "restore_logits_slice", "apply"} <= \
         self_members(ast.parse(builtin), stored_only=True)
     assert "non_argmax_invariant" in (workdir / "vllm/v1/sample/logits_processor/state.py").read_text()
+    # ... and lazily drafted blocks verify with V1's noise and greedy marker (lazy_drafts imports them).
+    sampler = ast.parse((workdir / "vllm/v1/sample/rejection_sampler.py").read_text())
+    assert {"GREEDY_TEMPERATURE", "generate_uniform_probs"} <= {
+        n.name if isinstance(n, ast.FunctionDef) else n.target.id for n in sampler.body
+        if isinstance(n, ast.FunctionDef) or (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))}
 
 
 def committed_as_rebase_writes_it(directory: Path) -> dict[str, str]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat, rng
+from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat, rejection_sample_rows, rng
 from dspark_cli.runtime.rejection import RESIDUAL_MASS_FLOOR
 from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
@@ -191,6 +191,42 @@ def test_flat_layout_matches_padded_and_lazy_q_matches_stored():
     flat = rejection_sample_flat(flat_rows, cu, lazy, greedy=greedy, seeds=torch.arange(R) + 50)
     assert torch.equal(padded.output_tokens, flat.output_tokens)
     assert torch.equal(padded.num_accepted, flat.num_accepted)
+
+
+def test_rows_named_per_request_match_the_flat_layout_and_may_overlap():
+    """rejection_sample_rows on the flat layout's own rows gives the flat entry's tokens; on vLLM
+    V1's layout (no bonus rows: each request's bonus row is the next request's first row, the last
+    one's a spare row) the accepted drafts and recovered tokens of rejected requests are the same."""
+    g = torch.Generator().manual_seed(7)
+    R, gamma, V, r = 6, 3, 20, 4
+    U = torch.randn(R, gamma, V, generator=g)
+    w1, w2 = torch.randn(V, r, generator=g), torch.randn(V, r, generator=g)
+    T = torch.tensor([1.0, 0.5, 0.0, 1.0, 2.0, 1.0])
+    lazy = markov_chain(U, torch.randint(0, V, (R,), generator=g), w1, w2, T, seeds=torch.arange(R),
+                        return_q=False)
+    ell = torch.tensor([0, 1, 3, 2, 3, 1])
+    rows = [_dist(g, int(n) + 1, V) for n in ell]
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(ell + 1, 0)])
+    noise = {"greedy": T < 1e-5, "seeds": torch.arange(R) + 50}
+    flat = rejection_sample_flat(torch.cat(rows), cu, lazy, **noise)
+    named = rejection_sample_rows(torch.cat(rows), cu[:-1], ell, lazy, **noise)
+    assert torch.equal(flat.output_tokens, named.output_tokens) and torch.equal(flat.num_accepted, named.num_accepted)
+
+    v1 = torch.cat([*(x[:-1] for x in rows), torch.full((1, V), 1.0 / V)])  # drafts' rows, one spare row
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(ell, 0)[:-1]])
+    overlapped = rejection_sample_rows(v1, starts, ell, lazy, **noise)
+    assert torch.equal(overlapped.num_accepted, flat.num_accepted)
+    for i in range(R):
+        n = int(flat.num_accepted[i])
+        last = n if n < int(ell[i]) else n - 1  # a full acceptance's bonus came from another row
+        assert overlapped.output_tokens[i, :last + 1].tolist() == flat.output_tokens[i, :last + 1].tolist()
+
+
+def test_rows_named_past_target_probs_are_refused():
+    draft = (torch.tensor([[1, 2]]), torch.full((1, 2), 0.5), torch.full((1, 2, 4), 0.25))
+    with pytest.raises(ValueError, match="rows row_start .. row_start \\+ ell must lie in the 2 rows"):
+        rejection_sample_rows(torch.full((2, 4), 0.25), torch.tensor([0]), torch.tensor([2]), draft,
+                              seeds=torch.tensor([1]))
 
 
 def test_a_cpu_step_that_reads_no_q_row_rebuilds_none(monkeypatch):

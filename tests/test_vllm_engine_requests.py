@@ -129,13 +129,13 @@ def test_aborted_requests_leave_the_others_and_later_requests_unchanged(greedy_r
     assert abort["dspark"]["spec"]["accepted_tokens"] > 0
 
 
-def test_proposer_keeps_no_q_once_the_requests_are_done(greedy_requests):
-    """The q of each request's pending drafts (PendingDraftProbs) is dropped once the request
-    leaves (finished, stopped by a stop string, aborted): after each workload, nothing is kept."""
+def test_proposer_keeps_no_block_once_the_requests_are_done(greedy_requests):
+    """Each request's pending block (lazy_drafts.PendingDrafts, the default) is dropped once the
+    request leaves (finished, stopped by a stop string, aborted): after each workload, nothing is kept."""
     for name, run in greedy_requests.items():
         state = run["pending_q"]
-        assert state, "the probe found no pending q (is the series' proposer running?)"
-        assert state["held"] == state["rows"] == [], (name, state)
+        assert state, "the probe found no pending drafts (is the series' proposer running?)"
+        assert state["mode"] == "lazy" and state["held"] == state["rows"] == [], (name, state)
 
 
 SAMPLED_PROMPT = [5, 17, 42]
@@ -298,13 +298,44 @@ def test_aborting_requests_whose_q_is_held_leaves_the_others_and_later_requests_
     assert reference["dspark"]["spec"]["accepted_tokens"] > 0 and abort["dspark"]["spec"]["accepted_tokens"] > 0
     probes = abort["dspark"]["probes"]
     assert probes and all(p for p in probes), "the probe found no pending q"
-    # q was held for skipped requests and verified from
-    assert probes[-1]["counts"]["held"] > 0 and probes[-1]["counts"]["verified_from_held"] > 0, probes[-1]
+    # blocks were held for skipped requests and verified from, through BlockVerify
+    counts = probes[-1]["counts"]
+    assert counts["held"] > 0 and counts["verified_from_held"] > 0 and counts["blocks_verified"] > 0, probes[-1]
     assert any(r.startswith("abort-2") for r in probes[1]["held"]), probes  # held when aborted
     # never a q kept for a request the runner no longer has; none left at the end
     assert [p["stale"] for p in probes if p["stale"]] == []
     assert not [r for p in probes[2:] for r in p["held"] + p["rows"] if r.startswith(("abort-0", "abort-2"))]
     assert tight_budget["after_abort"]["pending_q"]["held"] == tight_budget["after_abort"]["pending_q"]["rows"] == []
+
+
+@pytest.fixture(scope="module")
+def lazy_and_stored():
+    """Sampled requests under the starved 12-token budget (skipped requests verified from held
+    blocks; 1-token prompts admitted beside decoding ones carry placeholder drafts), seeded and
+    unseeded, greedy among them, with the sampled drafts verified lazily (the default) and from
+    stored q (DSPARK_V1_DRAFT_Q=stored), each in an engine of its own."""
+    workloads = [{"name": "seeded", "prompts": TIGHT_PROMPTS, "max_tokens": 16, "temperature": 1.0, "seed": 31},
+                 {"name": "unseeded", "prompts": TIGHT_PROMPTS, "max_tokens": 16, "temperature": 0.8},
+                 greedy("greedy", TIGHT_PROMPTS, 16)]
+    return {mode: run_in_python(PYTHON, {
+        "gamma": GAMMA, "target": "flat", "draft": "random", "probe": True, "baseline": False,
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "DSPARK_V1_DRAFT_Q": mode},
+        "engine": {"max_num_batched_tokens": 12, "max_num_seqs": 3, "max_model_len": 64},
+        "workloads": workloads})["workloads"] for mode in ("lazy", "stored")}
+
+
+def test_lazily_verified_blocks_give_the_stored_q_outputs(lazy_and_stored):
+    """The same engine run verifying sampled blocks without q (BlockVerify, V1's noise on the CPU)
+    and with V1's own verifier on the stored q: the same tokens for every request, seeded or not
+    (both draw the same random numbers in the same order), with drafts accepted and rejected."""
+    lazy, stored = lazy_and_stored["lazy"], lazy_and_stored["stored"]
+    for name in lazy:
+        assert lazy[name]["dspark"]["outputs"] == stored[name]["dspark"]["outputs"], name
+        assert lazy[name]["pending_q"]["mode"] == "lazy" and stored[name]["pending_q"]["mode"] == "stored"
+    spec = lazy["unseeded"]["dspark"]["spec"]
+    assert 0 < spec["accepted_tokens"] < spec["draft_tokens"], spec
+    counts = lazy["greedy"]["pending_q"]["counts"]  # cumulative over the three workloads
+    assert counts["blocks_verified"] > 0 and counts["verified_from_held"] > 0, counts
 
 
 CHUNKED_PROMPTS = PROMPTS[:3] + [prompt(200), prompt(180)]  # the long ones prefilled in chunks

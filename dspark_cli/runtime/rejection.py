@@ -70,6 +70,29 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
                    check_values=check_values)
 
 
+def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, seeds=None, generator=None,
+                          uniforms=None, exp_noise=None) -> VerifyResult:
+    """Rows named per request (an engine whose target rows are not laid out 1 + ℓ_r per request):
+    target_probs [N, V] fp32; request r's draft j+1 is scored by row row_start[r] + j (j < ℓ_r) and
+    its bonus/ℓ_r = 0 token comes from row row_start[r] + ℓ_r, which must exist. Requests' rows may
+    overlap: vLLM V1 gives the bonus token itself and has no bonus rows, so its hook points each
+    request's bonus row at the next request's first row (and one spare row after the last) and
+    replaces the tokens drawn there. row_start, ell [R] int64 or int32."""
+    draft = _as_draft(draft)
+    _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
+    R = draft.tokens.shape[0]
+    for name, t in (("row_start", row_start), ("ell", ell)):
+        _checks.tensor(name, t, 1, (torch.int64, torch.int32))
+        _checks.dim(name, t, 0, R, "one entry per request")
+    row_start, ell = row_start.to(torch.int64), ell.to(torch.int64)
+    check_values = _checks.want_value_checks(None, row_start)
+    if check_values and bool(((row_start < 0) | (row_start + ell.clamp_min(0) >= target_probs.shape[0])).any()):
+        raise ValueError(f"rows row_start .. row_start + ell must lie in the {target_probs.shape[0]} rows of "
+                         f"target_probs, got row_start {row_start.tolist()}, ell {ell.tolist()}")
+    return _verify(target_probs, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
+                   check_values=check_values)
+
+
 def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
     """Request r owns rows cu[r] .. cu[r+1]−1, at least its anchor row, and the offsets cover
     target_probs exactly: a first offset of 1 or a short last one skipped rows silently."""

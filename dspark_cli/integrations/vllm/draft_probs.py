@@ -67,6 +67,10 @@ class PendingDraftProbs:
             self._held.pop(req_id, None)
             self._rows.pop(req_id, None)
 
+    def kept(self) -> tuple[list[str], list[str]]:
+        """The request ids whose q is kept: (held from older steps, rows of the last drafting step)."""
+        return list(self._held), list(self._rows)
+
     def for_verification(self, req_ids, num_draft_tokens, draft_token_ids: torch.Tensor,
                          placeholders=()) -> torch.Tensor | None:
         """q rows [Σ n, V] for the drafts being verified now (request order, n = num_draft_tokens),
@@ -174,10 +178,7 @@ def placeholder_positions(runner, req_ids, num_draft_tokens) -> list[int]:
     lists = batch.spec_token_ids
     if min(itertools.chain.from_iterable(lists), default=0) >= 0:
         return []  # the common step: no placeholder anywhere (one pass in C, no per-request loop)
-    carried = ()
-    if (getattr(runner, "use_async_scheduling", False) and getattr(batch, "prev_sampled_token_ids", None) is not None
-            and getattr(runner, "_draft_token_ids", None) is not None):
-        carried = getattr(batch, "prev_req_id_to_index", None) or ()
+    carried = carried_over(runner)
     out, offset = [], 0
     for i, (req_id, n) in enumerate(zip(req_ids, num_draft_tokens)):
         if not n:
@@ -187,3 +188,13 @@ def placeholder_positions(runner, req_ids, num_draft_tokens) -> list[int]:
             out.extend(offset + j for j, t in enumerate(ids) if t < 0)
         offset += n
     return out
+
+
+def carried_over(runner):
+    """The requests whose drafts async scheduling copies on the device from the last step's (their
+    host lists hold −1 stand-ins, not placeholders); empty without async scheduling."""
+    batch = runner.input_batch
+    if (getattr(runner, "use_async_scheduling", False) and getattr(batch, "prev_sampled_token_ids", None) is not None
+            and getattr(runner, "_draft_token_ids", None) is not None):
+        return getattr(batch, "prev_req_id_to_index", None) or ()
+    return ()

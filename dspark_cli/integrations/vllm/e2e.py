@@ -211,15 +211,17 @@ def _probe(llm, flush: bool = False) -> dict:
 
 
 def _pending_q_state(worker) -> dict:
-    """What the proposer's q cache keeps (run on the worker by collective_rpc): the request ids of
-    its held q and last step's rows, those of them the runner no longer has (`stale`), its counters."""
+    """What the proposer's pending drafts keep (run on the worker by collective_rpc): lazy blocks or
+    stored q (`mode`), the request ids held from older steps and of the last step's rows, those of
+    them the runner no longer has (`stale`), its counters."""
     runner = worker.model_runner
     pending = getattr(getattr(runner, "drafter", None), "pending_q", None)
     if pending is None:
         return {}
-    kept = set(pending._held) | set(pending._rows)
-    return {"held": sorted(pending._held), "rows": sorted(pending._rows), "counts": dict(pending.counts),
-            "stale": sorted(kept - set(runner.requests))}
+    held, rows = pending.kept()
+    return {"mode": "lazy" if getattr(runner.drafter, "lazy_q", False) else "stored", "held": sorted(held),
+            "rows": sorted(rows), "counts": dict(pending.counts),
+            "stale": sorted((set(held) | set(rows)) - set(runner.requests))}
 
 
 def _check_platform() -> None:

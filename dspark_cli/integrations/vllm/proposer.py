@@ -3,12 +3,14 @@
 It reuses V1's DFlash machinery by inheritance (context-K/V precompute from the captured target
 layers, a non-causal block forward over the draft KV cache) with DSpark's anchor-first block:
 γ queries = anchor + (γ−1) mask tokens, and every query position is a draft. The sequential part
-runs through dspark_cli.runtime: the Markov chain (sampling from, and returning, the exact
-Markov-corrected q that V1's RejectionSampler then tests against), the confidence head, and with
+runs through dspark_cli.runtime: the Markov chain (sampling from the exact Markov-corrected q; by
+default without storing it, V1's RejectionSampler then verifying through lazy_drafts, which rebuilds
+the one residual row a rejected request needs), the confidence head, and with
 `enable_adaptive_verification` the verify-length scheduler. Verify lengths cut the draft lists
 handed back to the scheduler, so the next target forward really carries only 1 + ℓ_r tokens."""
 
 import torch
+import vllm._dspark
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
@@ -17,6 +19,7 @@ from dspark_cli.runtime import check_markov_weight_values, confidence_probs, cud
 
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
+from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts, lazy_mode
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
 from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
@@ -134,17 +137,22 @@ class DSparkProposer(DFlashProposer):
         self.probabilistic = spec.draft_sample_method == "probabilistic"
         self.adaptive = bool(spec.enable_adaptive_verification)
         self.verify_lengths = None
-        # q of each request's pending drafts until verified (a request the scheduler skips keeps
-        # drafts of an older step; V1's runner alone would verify its whole batch one-hot then).
-        self.pending_q = PendingDraftProbs()
+        # Sampled drafts reach V1's verifier without a q tensor (lazy_drafts) where the series has
+        # its hook, unless DSPARK_V1_DRAFT_Q=stored or another acceptance rule (synthetic, FLy).
+        standard = getattr(spec, "rejection_sample_method", "standard") == "standard"
+        self.lazy_q = (self.probabilistic and standard
+                       and lazy_mode(getattr(vllm._dspark, "V1_LAZY_VERIFY", False)))
+        # Each request's pending block (or its q) until verified: a request the scheduler skips
+        # keeps drafts of an older step; V1's runner alone would verify its whole batch one-hot then.
+        self.pending_q = PendingDrafts() if self.lazy_q else PendingDraftProbs()
         if runner is not None and self.probabilistic:
             self.pending_q.install(runner)
         if self.adaptive:
             settings = SchedulerSettings.resolve(self.draft_model_config.hf_config, self.gamma)
             self.verify_lengths = VerifyLengthScheduler(settings)
         # Per-step statistics for `dspark verify vllm` and tests: drafted vs scheduled tokens, and
-        # the q cache's counters (q held for skipped requests, draft rows verified from held q,
-        # placeholder rows verified with a zero q), the same dict PendingDraftProbs updates.
+        # the pending drafts' counters (blocks held for skipped requests, draft rows verified from
+        # them, placeholder rows), the same dict pending_q updates.
         self.stats = {"steps": 0, "requests": 0, "drafted": 0, "scheduled": 0, "q": self.pending_q.counts}
         # Drafting's memory in vLLM's profiling run (step_memory): the pending q's size reserved from
         # load_model to the first real draft; the largest step's tensors made at the first dummy run
@@ -161,7 +169,8 @@ class DSparkProposer(DFlashProposer):
             self.confidence_head = confidence_head_fp32(self.model.model.confidence_head)
         if self.probabilistic:
             self._pending_q_reserve = reserve_pending_q(self.vllm_config.scheduler_config.max_num_seqs, self.gamma,
-                                                        self.vllm_config.model_config.get_vocab_size(), self.device)
+                                                        self.vllm_config.model_config.get_vocab_size(), self.device,
+                                                        self.dtype if self.lazy_q else torch.float32)
 
     def dummy_run(self, num_tokens, *args, **kwargs) -> None:
         super().dummy_run(num_tokens, *args, **kwargs)
@@ -173,7 +182,8 @@ class DSparkProposer(DFlashProposer):
         head = self.model.model.markov_head
         run_largest_step(self.model.compute_draft_logits, head.markov_w1.weight, head.markov_w2.weight,
                          requests=requests, gamma=self.gamma, hidden_size=self.hidden_size, dtype=self.dtype,
-                         device=self.device, sample=self.probabilistic, confidence_head=self.confidence_head)
+                         device=self.device, sample=self.probabilistic, store_q=not self.lazy_q,
+                         confidence_head=self.confidence_head)
         kv_caches = getattr(self.runner, "kv_caches", None)
         self.stats["profiled_step"] = {"requests": requests, "sampled": self.probabilistic,
                                        "before_kv_cache": None if kv_caches is None else not kv_caches,
@@ -194,9 +204,10 @@ class DSparkProposer(DFlashProposer):
         head = self.model.model.markov_head
         temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
         # host-side (sampling_metadata.all_greedy): reading the temperatures would sync every step
-        need_q = self._samples(sampling_metadata)
+        need_q = self._samples(sampling_metadata) and (not self.lazy_q or self._warped_by_torch(U, top_k, top_p))
         confidence = None if self.confidence_head is None else (h, *self.confidence_head)
-        draft = markov_chain(U, next_token_ids[:R].to(torch.int64), head.markov_w1.weight,
+        # copies: a lazy block keeps its anchors and warps until verified, the runner's buffers change
+        draft = markov_chain(U, next_token_ids[:R].to(torch.int64, copy=True), head.markov_w1.weight,
                              head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
                              seeds=self._draft_seeds(sampling_metadata, U, R), return_q=need_q,
                              confidence=confidence)
@@ -204,13 +215,14 @@ class DSparkProposer(DFlashProposer):
         # (num_speculative_tokens_per_batch_size): hand it at most that many.
         k = min(int(num_speculative_tokens), gamma)
         tokens = draft.tokens[:, :k]
-        if need_q:
+        if need_q and not self.lazy_q:
             self._last_draft_probs = draft.q.contiguous()
         discard = self._discarded_rows(R)
         if self.runner is not None and self.probabilistic:  # pending_q is installed only then
             req_ids = list(self.runner.input_batch.req_ids[:R])
             dropped = () if discard is None else [req_ids[i] for i in discard.nonzero()[0]]
-            self.pending_q.drafted(req_ids, self._last_draft_probs, self.runner.requests, dropped)
+            self.pending_q.drafted(req_ids, draft if self.lazy_q else self._last_draft_probs, self.runner.requests,
+                                   dropped)
         self.stats["steps"] += 1
         self.stats["requests"] += R
         self.stats["drafted"] += R * gamma
@@ -336,6 +348,12 @@ class DSparkProposer(DFlashProposer):
             seeds[index] = rng.round_seeds(request_seeds, positions[index * self.gamma])
         return seeds
 
+    @staticmethod
+    def _warped_by_torch(U: torch.Tensor, top_k, top_p) -> bool:
+        """A top-k/top-p step on the torch reference: its rows cannot be rebuilt to the bits the
+        chain sampled from (MarkovDraft.q_rows refuses them), so that step stores q."""
+        return (top_k is not None or top_p is not None) and not cuda_ops.available(U)
+
     def _samples(self, sampling_metadata) -> bool:
         """Whether this step drafts by sampling (some request at temperature > 0), from host state."""
         return self.probabilistic and not sampling_metadata.all_greedy and sampling_metadata.temperature is not None
@@ -350,15 +368,14 @@ class DSparkProposer(DFlashProposer):
         device = self.device
         if not self._samples(sampling_metadata):
             return torch.zeros(R, dtype=torch.float32, device=device), None, None
-        temperature = sampling_metadata.temperature[:R].float()
+        temperature = sampling_metadata.temperature[:R].to(torch.float32, copy=True)
         structured = self._structured_output_rows(R)
         if structured:
-            temperature = temperature.clone()
             temperature[torch.tensor(structured, dtype=torch.int64, device=device)] = 0.0
         top_k = sampling_metadata.top_k
         top_p = sampling_metadata.top_p
-        top_k = None if top_k is None else top_k[:R].to(torch.int64)
-        top_p = None if top_p is None else top_p[:R].float()
+        top_k = None if top_k is None else top_k[:R].to(torch.int64, copy=True)
+        top_p = None if top_p is None else top_p[:R].to(torch.float32, copy=True)
         return temperature, top_k, top_p
 
     def _structured_output_rows(self, R: int) -> list[int]:

