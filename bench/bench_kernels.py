@@ -320,9 +320,14 @@ def main() -> None:
               f"{medians[False] / medians[True]:8.1f}x   per call in a graph of 20: {in_graph * 1e6:.1f} µs",
               flush=True)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
-                       "rows": rows}, f, indent=2)
+        write_rows(args.json_out, bw, rows)
+
+
+def write_rows(path: str, bw: float, rows: list[dict]) -> None:
+    """The run's rows as JSON, with the GPU, torch and the measured copy bandwidth."""
+    with open(path, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
+                   "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ and every p row to draw a recovered token at each position: "V1 recovered-pass f
 bytes, is what it would add at the least."""
 
 import argparse
-import json
 import statistics
 
 import torch
 
-from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays
+from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays, write_rows
 from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
 
 
@@ -82,9 +81,7 @@ def main() -> None:
         print(f"{R:4d}  lazy round = {round_ms[False] / round_ms[True]:.2f}x the stored round "
               f"({round_ms[True] - round_ms[False]:+.3f} ms saved, before V1's recovered pass)", flush=True)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bytes_per_s": bw,
-                       "rows": rows}, f, indent=2)
+        write_rows(args.json_out, bw, rows)
 
 
 if __name__ == "__main__":

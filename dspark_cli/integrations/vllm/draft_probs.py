@@ -138,35 +138,42 @@ class PendingDraftProbs:
         return q.index_select(0, flat)
 
     def install(self, runner) -> None:
-        """Make `runner` (V1's GPUModelRunner) verify with these q rows: its
-        `_get_spec_decode_draft_probs` reads them (placeholder drafts get zero rows), a step whose
-        drafts it zeroes (`_input_fits_in_drafter` false: the drafter does not run) replaces the
-        batch's q by one-hot, and `_update_states` drops the q of requests resumed, new or
-        finished in the scheduler output."""
-        fits = runner._input_fits_in_drafter
-        update_states = runner._update_states
-
-        def input_fits_in_drafter(common_attn_metadata):
-            ok = fits(common_attn_metadata)
-            if not ok:
-                self.drafted(list(runner.input_batch.req_ids), None, runner.requests)
-            return ok
+        """Make `runner` (V1's GPUModelRunner) verify with these q rows (placeholder drafts get zero
+        rows); a step whose drafts it zeroes makes the batch's q one-hot (hook_runner)."""
 
         def draft_probs(spec_decode_metadata):
             req_ids, counts = runner.input_batch.req_ids, spec_decode_metadata.num_draft_tokens
             return self.for_verification(req_ids, counts, spec_decode_metadata.draft_token_ids,
                                          placeholder_positions(runner, req_ids, counts))
 
-        def update_states_and_forget(scheduler_output):
-            cached = scheduler_output.scheduled_cached_reqs
-            self.forget([*getattr(cached, "resumed_req_ids", ()), *scheduler_output.finished_req_ids,
-                         *(getattr(scheduler_output, "preempted_req_ids", None) or ()),
-                         *(r.req_id for r in scheduler_output.scheduled_new_reqs)])
-            return update_states(scheduler_output)
+        hook_runner(runner, self, draft_probs)
 
-        runner._input_fits_in_drafter = input_fits_in_drafter
-        runner._get_spec_decode_draft_probs = draft_probs
-        runner._update_states = update_states_and_forget
+
+def hook_runner(runner, pending, draft_probs) -> None:
+    """Give `runner` (V1's GPUModelRunner) `draft_probs(spec_decode_metadata)` as its
+    `_get_spec_decode_draft_probs` (what its rejection sampler gets as draft_probs); a step whose
+    drafts it zeroes (`_input_fits_in_drafter` false: the drafter does not run) is
+    `pending.drafted(batch, None, live requests)`, and `_update_states` first calls `pending.forget`
+    with the requests resumed, preempted, new or finished in the scheduler output."""
+    fits = runner._input_fits_in_drafter
+    update_states = runner._update_states
+
+    def input_fits_in_drafter(common_attn_metadata):
+        ok = fits(common_attn_metadata)
+        if not ok:
+            pending.drafted(list(runner.input_batch.req_ids), None, runner.requests)
+        return ok
+
+    def update_states_and_forget(scheduler_output):
+        cached = scheduler_output.scheduled_cached_reqs
+        pending.forget([*getattr(cached, "resumed_req_ids", ()), *scheduler_output.finished_req_ids,
+                        *(getattr(scheduler_output, "preempted_req_ids", None) or ()),
+                        *(r.req_id for r in scheduler_output.scheduled_new_reqs)])
+        return update_states(scheduler_output)
+
+    runner._input_fits_in_drafter = input_fits_in_drafter
+    runner._get_spec_decode_draft_probs = draft_probs
+    runner._update_states = update_states_and_forget
 
 
 def placeholder_positions(runner, req_ids, num_draft_tokens) -> list[int]:

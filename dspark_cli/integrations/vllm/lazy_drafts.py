@@ -44,7 +44,7 @@ from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE, generate_unifor
 from dspark_cli.runtime import MarkovDraft, cuda_ops, gather_drafts, rejection_sample_rows
 
 from dspark_cli.integrations.ranges import concat_ranges
-from dspark_cli.integrations.vllm.draft_probs import carried_over
+from dspark_cli.integrations.vllm.draft_probs import carried_over, hook_runner
 
 SWITCH = "DSPARK_V1_DRAFT_Q"
 MODES = ("lazy", "stored")
@@ -135,34 +135,18 @@ class PendingDrafts:
 
     def install(self, runner) -> None:
         """Make `runner` (V1's GPUModelRunner) hand its rejection sampler our BlockVerify instead of
-        q rows, forget the blocks of zeroed drafts and of resumed, new or finished requests."""
-        fits = runner._input_fits_in_drafter
-        update_states = runner._update_states
-
-        def input_fits_in_drafter(common_attn_metadata):
-            ok = fits(common_attn_metadata)
-            if not ok:
-                self.drafted(list(runner.input_batch.req_ids), None, runner.requests)
-            return ok
+        q rows (None in an all-greedy step: V1's greedy path needs no q); zeroed drafts and the
+        requests that leave are handled as for stored q (draft_probs.hook_runner)."""
 
         def draft_probs(spec_decode_metadata):
             batch = runner.input_batch
             if batch.sampling_metadata.all_greedy:
-                return None  # V1's greedy path, which needs no q
+                return None
             req_ids, counts = batch.req_ids, spec_decode_metadata.num_draft_tokens
             return self.verifier(req_ids, counts, spec_decode_metadata.draft_token_ids, batch.spec_token_ids,
                                  placeholder_requests(runner, req_ids, counts))
 
-        def update_states_and_forget(scheduler_output):
-            cached = scheduler_output.scheduled_cached_reqs
-            self.forget([*getattr(cached, "resumed_req_ids", ()), *scheduler_output.finished_req_ids,
-                         *(getattr(scheduler_output, "preempted_req_ids", None) or ()),
-                         *(r.req_id for r in scheduler_output.scheduled_new_reqs)])
-            return update_states(scheduler_output)
-
-        runner._input_fits_in_drafter = input_fits_in_drafter
-        runner._get_spec_decode_draft_probs = draft_probs
-        runner._update_states = update_states_and_forget
+        hook_runner(runner, self, draft_probs)
 
 
 def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
