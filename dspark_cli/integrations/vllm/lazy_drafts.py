@@ -4,15 +4,14 @@ V1's RejectionSampler takes the drafts' q as a tensor [Σ n, V] fp32 and reads e
 samples a recovered token at every draft position). Stored, that q is most of the chain's bytes at
 larger batches: at R = 128, γ = 7, V = 151936 the chain writes 545 MB of q and V1 reads it back
 (docs/vllm.md). Here the proposer drafts lazily (`markov_chain(return_q=False)`: tokens, q_token and
-what rebuilds a row), each request's block is kept until verified, and patch 0008's hook in
-`RejectionSampler.forward` hands V1's processed target logits and its bonus tokens to
-`BlockVerify.dspark_rejection_sample`, which verifies with
-`dspark_cli.runtime.rejection_sample_rows`: the ratio tests read q_token, and only the one residual
-row a rejected request needs is rebuilt from U, W1 and W2 (on the GPU by our rejection kernel, with
-the chain's bits).
+what rebuilds a row), each request's block is kept until verified, and patch 0008's hook (0009 on
+v0.33.0) in `RejectionSampler.forward` hands V1's processed target logits and its bonus tokens to
+`BlockVerify.dspark_rejection_sample`, which verifies with `dspark_cli.runtime.rejection_sample_rows`:
+the ratio tests read q_token, and only the one residual row a rejected request needs is rebuilt
+from U, W1 and W2 (on the GPU by our rejection kernel, with the chain's bits).
 
 What V1 does and this keeps:
-- The bonus token is V1's sampler's (its logits processors, min_p, bad words, min_tokens): a
+- The bonus token is V1's sampler's (its logits processors, penalties, bad words, min_tokens): a
   request that accepts all its drafts emits it. Our runtime draws a token from row
   row_start + ℓ_r there, which here is the next request's first row (the last request's is a
   spare row): that token is replaced.
