@@ -98,39 +98,39 @@ class PendingDrafts:
     def verifier(self, req_ids, num_draft_tokens, draft_token_ids: torch.Tensor, spec_token_ids,
                  placeholder_requests) -> "BlockVerify | None":
         """The verification of this step's drafts, or None for V1's own path: no request here has a
-        block of ours (V1's no-q path is then exactly the one-hot verification). spec_token_ids:
-        the runner's host lists of drafts (batch order), for placeholders; placeholder_requests:
-        the batch positions whose lists are placeholders (not carried over on the device)."""
+        block of ours (V1's no-q path is then exactly the one-hot verification). Requests without
+        drafts are left out of it (their token is V1's bonus token): naming them as stand-in rows of
+        a block would split its verification into a second call. spec_token_ids: the runner's
+        host lists of drafts (batch order), for placeholders; placeholder_requests: the batch
+        positions whose lists are placeholders (not carried over on the device)."""
         counts = list(num_draft_tokens)
         starts = list(itertools.accumulate([0] + counts[:-1]))
-        parts, ell, gets_bonus, one_hot = [], [], [], []
+        verified = [i for i, n in enumerate(counts) if n]
+        parts, ell, one_hot = [], [], []
         from_held = 0
-        for i, (req_id, n) in enumerate(zip(req_ids, counts)):
-            held = self._rows.get(req_id) if n else None
+        for i in verified:
+            held, n = self._rows.get(req_ids[i]), counts[i]
             first = n
             if i in placeholder_requests:
-                ids = spec_token_ids[i][:n]
-                first = next((j for j, t in enumerate(ids) if t < 0), n)
+                first = next((j for j, t in enumerate(spec_token_ids[i][:n]) if t < 0), n)
                 self.counts["placeholder_rows"] += n - first
             ell.append(first)
-            gets_bonus.append(first == n)
             if held is None and first:  # drafts without a block of ours: one-hot at their tokens
-                one_hot.append(i)
+                one_hot.append(len(parts))
             from_held += first if held is not None and held[0] is not self._step else 0
             parts.append(held)
         if all(p is None for p in parts):
             return None
         self.counts["verified_from_held"] += from_held
         self.counts["blocks_verified"] += 1
-        stand_in = next(p for p in parts if p is not None)  # any row: verified with ℓ = 0
+        stand_in = next(p for p in parts if p is not None)  # for a placeholder-only request: verified with ℓ = 0
         if one_hot:
-            hot = _one_hot_draft(draft_token_ids, [starts[i] for i in one_hot], [ell[i] for i in one_hot],
+            hot = _one_hot_draft(draft_token_ids, [starts[verified[k]] for k in one_hot], [ell[k] for k in one_hot],
                                  stand_in[0])
-            for j, i in enumerate(one_hot):
-                parts[i] = (hot, j)
-        rows = [p if p is not None else (stand_in[0], stand_in[1]) for p in parts]
-        draft = gather_drafts(_runs(rows))
-        return BlockVerify(draft, starts, ell, gets_bonus)
+            for j, k in enumerate(one_hot):
+                parts[k] = (hot, j)
+        draft = gather_drafts(_runs([p if p is not None else stand_in for p in parts]))
+        return BlockVerify(draft, verified, ell)
 
     def install(self, runner) -> None:
         """Make `runner` (V1's GPUModelRunner) hand its rejection sampler our BlockVerify instead of
@@ -187,10 +187,12 @@ def _one_hot_draft(draft_token_ids: torch.Tensor, starts: list[int], counts: lis
 
 class BlockVerify:
     """What PendingDrafts.install's runner hands its rejection sampler as `draft_probs`: patch 0008
-    calls `dspark_rejection_sample` in place of V1's `rejection_sample`, with its arguments."""
+    calls `dspark_rejection_sample` in place of V1's `rejection_sample`, with its arguments.
+    `verified`: the batch positions of the requests with drafts, the rows of `draft`; `ell`: how
+    many of each one's drafts are verified (fewer than it has at a placeholder)."""
 
-    def __init__(self, draft: MarkovDraft, starts: list[int], ell: list[int], gets_bonus: list[bool]):
-        self.draft, self.starts, self.ell, self.gets_bonus = draft, starts, ell, gets_bonus
+    def __init__(self, draft: MarkovDraft, verified: list[int], ell: list[int]):
+        self.draft, self.verified, self.ell = draft, verified, ell
 
     def dspark_rejection_sample(self, draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
                                 draft_probs, target_logits, bonus_token_ids, sampling_metadata,
@@ -200,27 +202,39 @@ class BlockVerify:
         logits [Σ n, V] and bonus tokens [R, 1]. fly_*: v0.33.0's FLy acceptance, which is not this."""
         if synthetic_mode or fly_window_size is not None:  # the proposer stores q for these (DSparkProposer)
             raise RuntimeError("DSpark blocks without q rows verify with standard rejection sampling only")
-        R, counts = len(self.starts), list(num_draft_tokens)
-        N, V = target_logits.shape
+        counts = list(num_draft_tokens)
+        R, (N, V) = len(counts), target_logits.shape
         device = target_logits.device
         target = torch.empty(N + 1, V, dtype=torch.float32, device=device)
         torch.softmax(target_logits, dim=-1, out=target[:N])
         target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
-        row_start = torch.tensor(self.starts, dtype=torch.int64).to(device, non_blocking=True)
-        ell = torch.tensor(self.ell, dtype=torch.int64).to(device, non_blocking=True)
-        greedy = None
-        if not sampling_metadata.all_random:
-            greedy = sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
+        starts = list(itertools.accumulate([0] + counts[:-1]))
+        rows = self.verified
+        index = None if len(rows) == R else torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+
+        def take(x):  # the verified requests' entries of a per-request tensor
+            return x if index is None or x is None else x.index_select(0, index)
+
+        row_start, ell, n = (torch.tensor(v, dtype=torch.int64).to(device, non_blocking=True)
+                             for v in ([starts[i] for i in rows], self.ell, [counts[i] for i in rows]))
+        greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
         noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
-        res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=greedy, **noise)
-        bonus = torch.tensor(self.gets_bonus, dtype=torch.bool).to(device, non_blocking=True)
+        res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy),
+                                    **{k: take(v) for k, v in noise.items()})
+        # a request that accepted all its drafts (ℓ = n, no placeholder) emits V1's bonus token
+        bonus = bonus_token_ids.view(R, 1).to(torch.int64)
         at = res.num_accepted.unsqueeze(1)
-        drawn = res.output_tokens.gather(1, at)
-        out = res.output_tokens.scatter(1, at, torch.where(bonus.unsqueeze(1) & (at == ell.unsqueeze(1)),
-                                                           bonus_token_ids.view(R, 1).to(torch.int64), drawn))
-        return out[:, :max_spec_len + 1].to(torch.int32)
+        ours = res.output_tokens.scatter(1, at, torch.where(at == n.unsqueeze(1), take(bonus),
+                                                            res.output_tokens.gather(1, at)))
+        if index is not None:  # requests without drafts: their bonus token alone
+            out = ours.new_full((R, ours.shape[1]), -1)
+            out[:, :1] = bonus
+            ours = out.index_copy_(0, index, ours)
+        return ours[:, :max_spec_len + 1].to(torch.int32)
 
     def _noise(self, counts, generators, V: int, target: torch.Tensor, fp64_exp: bool) -> dict:
+        """Per-request noise for all R requests of the batch (V1 draws it so), before the verified
+        requests' rows are taken."""
         device = target.device
         R, gamma = len(counts), self.draft.tokens.shape[1]
         if cuda_ops.available(target):
