@@ -21,7 +21,7 @@ from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
 from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts, lazy_mode
 from dspark_cli.integrations.vllm.settings import SchedulerSettings
-from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step
+from dspark_cli.integrations.vllm.step_memory import reserve_pending_q, run_largest_step, warped_by_torch
 from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 
 logger = init_logger(__name__)
@@ -204,7 +204,7 @@ class DSparkProposer(DFlashProposer):
         head = self.model.model.markov_head
         temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
         # host-side (sampling_metadata.all_greedy): reading the temperatures would sync every step
-        need_q = self._samples(sampling_metadata) and (not self.lazy_q or self._warped_by_torch(U, top_k, top_p))
+        need_q = self._samples(sampling_metadata) and (not self.lazy_q or warped_by_torch(U, top_k, top_p))
         confidence = None if self.confidence_head is None else (h, *self.confidence_head)
         # copies: a lazy block keeps its anchors and warps until verified, the runner's buffers change
         draft = markov_chain(U, next_token_ids[:R].to(torch.int64, copy=True), head.markov_w1.weight,
@@ -347,12 +347,6 @@ class DSparkProposer(DFlashProposer):
                                             self.device)
             seeds[index] = rng.round_seeds(request_seeds, positions[index * self.gamma])
         return seeds
-
-    @staticmethod
-    def _warped_by_torch(U: torch.Tensor, top_k, top_p) -> bool:
-        """A top-k/top-p step on the torch reference: its rows cannot be rebuilt to the bits the
-        chain sampled from (MarkovDraft.q_rows refuses them), so that step stores q."""
-        return (top_k is not None or top_p is not None) and not cuda_ops.available(U)
 
     def _samples(self, sampling_metadata) -> bool:
         """Whether this step drafts by sampling (some request at temperature > 0), from host state."""

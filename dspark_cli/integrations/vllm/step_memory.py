@@ -16,13 +16,20 @@ max_num_seqs = 256, γ = 7, V = 151936 (bf16 model):
   stores q (1.1 GB) and scratch, beside the target's logits [R·(γ+1), V] that the runner keeps
   through drafting (0.6 GB): `run_largest_step`, in the profiling run's dummy draft.
 Not covered: a block held for a request the scheduler skipped keeps its whole drafting step's U
-alive (rebuilt rows must come from the draft at its drafted batch size) until verified; at verification, the verifier's copy of the pending rows (made when placeholder drafts
+alive (rebuilt rows must come from the draft at its drafted batch size) until verified; at
+verification, the verifier's copy of the pending rows (made when placeholder drafts
 or rows without q are verified) beside vLLM's rejection sampler, whose own dummy run verifies one
 draft per request, not γ (upstream's accounting, for its own drafters too)."""
 
 import torch
 
 from dspark_cli.runtime import cuda_ops, markov_chain
+
+
+def warped_by_torch(U: torch.Tensor, top_k, top_p) -> bool:
+    """A top-k/top-p step on the torch reference: its rows cannot be rebuilt to the bits the chain
+    sampled from (MarkovDraft.q_rows refuses them), so that step stores q even for lazy blocks."""
+    return (top_k is not None or top_p is not None) and not cuda_ops.available(U)
 
 
 def reserve_pending_q(requests: int, gamma: int, vocab: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -77,7 +84,6 @@ def _run(draft_logits, w1, w2, requests, gamma, hidden_size, dtype, device, samp
                       torch.full((requests,), 0.9, dtype=torch.float32, device=device)))
     temperature = torch.full((requests,), 1.0 if sample else 0.0, dtype=torch.float32, device=device)
     for top_k, top_p in warps:
-        warped_by_torch = top_k is not None and seeds is None
         markov_chain(U, anchors, w1, w2[:V], temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                     return_q=sample and (store_q or warped_by_torch), confidence=confidence)
+                     return_q=sample and (store_q or warped_by_torch(U, top_k, top_p)), confidence=confidence)
     del held
