@@ -77,14 +77,20 @@ def case(trial, older, latest, batch, counts, placeholder, seeded):
     theirs = run(lambda md: rejection_sample(draft_token_ids, counts, max_spec, cu, torch.cat(q_rows).contiguous(),
                                              target.clone(), bonus, md))
     pending = PendingDrafts()
-    req = lambda step, row: f"{step}-{row}"
+
+    def req(step, row):
+        return f"{step}-{row}"
+
     pending.drafted([req(0, r) for r in range(R_DRAFT)], older[1])
     held = {req(step, row) for step, row in batch if step == 0}
-    pending.drafted([req(1, r) for r in range(R_DRAFT)] + [], latest[1],
+    pending.drafted([req(1, r) for r in range(R_DRAFT)], latest[1],
                     live={req(1, r) for r in range(R_DRAFT)} | held)
     verify = pending.verifier([req(s, r) for s, r in batch], counts, draft_token_ids, spec_lists, set(placeholder))
     ours = run(lambda md: verify.dspark_rejection_sample(draft_token_ids, counts, max_spec, cu, verify,
                                                          target.clone(), bonus, md))
+    # one verification call per block: no row named twice (the request without drafts is left out)
+    named = [(id(d), row) for d, rows in (verify.draft.parts or []) for row in rows]
+    assert len(named) == len(set(named)) == len(batch) - 1, named
     return theirs, ours, pending.counts
 
 
