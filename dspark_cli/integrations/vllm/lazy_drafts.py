@@ -29,11 +29,15 @@ What V1 does and this keeps:
 - Drafts the drafter did not make (the runner zeroed them when the input did not fit the
   drafter) are verified one-hot at their token, as V1 verifies drafts without q.
 
-Requests the scheduler skipped keep their block: the drafting step's MarkovDraft stays alive while
-any of its requests is pending (rebuilt rows must come from the draft at its drafted batch size:
-only there are its bias bits the chain's). `DSPARK_V1_DRAFT_Q=stored` keeps V1's stored-q path
+Requests the scheduler skipped keep their block, and only theirs: once at most half of an older
+step's rows are pending, those rows are taken out of its draft (`_HeldRows`: their U rows, the
+step's small per-request tensors whole) and the rest of it is freed, as PendingDraftProbs copies
+held q rows. A rebuilt row must come from the draft at its drafted batch size (only there are its bias
+bits the chain's), so verifying held rows restores a draft of that size for the step, U zero but
+at those rows. `DSPARK_V1_DRAFT_Q=stored` keeps V1's stored-q path
 (draft_probs.PendingDraftProbs), e.g. to compare."""
 
+import dataclasses
 import itertools
 import os
 
@@ -41,6 +45,7 @@ import torch
 from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE, generate_uniform_probs
 
 from dspark_cli.runtime import MarkovDraft, cuda_ops, gather_drafts, rejection_sample_rows
+from dspark_cli.runtime.markov import device_rows
 
 from dspark_cli.integrations.ranges import concat_ranges
 from dspark_cli.integrations.vllm.draft_probs import carried_over, hook_runner
@@ -60,14 +65,16 @@ def lazy_mode(hook_present: bool, environ=os.environ) -> bool:
 
 
 class PendingDrafts:
-    """Each request's pending block, as (the MarkovDraft of the step that drafted it, its row)."""
+    """Each request's pending block, as (the MarkovDraft of the step that drafted it, or the
+    _HeldRows or stored-q draft kept of it once the request was skipped, its row there)."""
 
     def __init__(self):
-        self._rows: dict[str, tuple[MarkovDraft, int]] = {}
+        self._rows: dict[str, tuple[MarkovDraft | _HeldRows, int]] = {}
         # PendingDraftProbs' counters: held (requests skipped after drafting), verified_from_held
         # (draft rows verified from an older step's block), placeholder_rows; and blocks_verified
-        # (verify steps that went through BlockVerify)
-        self.counts = {"held": 0, "verified_from_held": 0, "placeholder_rows": 0, "blocks_verified": 0}
+        # (verify steps that went through BlockVerify), blocks_cut (held blocks cut down to their rows)
+        self.counts = {"held": 0, "verified_from_held": 0, "placeholder_rows": 0, "blocks_verified": 0,
+                       "blocks_cut": 0}
         self._step = None  # the last drafting step's draft
 
     def drafted(self, req_ids, draft: MarkovDraft | None, live=None, discarded=()) -> None:
@@ -84,6 +91,30 @@ class PendingDrafts:
         if draft is not None:
             self._rows.update({req_id: (draft, i) for i, req_id in enumerate(req_ids) if req_id not in discarded})
         self._step = draft
+        self._cut_held_blocks()
+
+    def _cut_held_blocks(self) -> None:
+        """Free what pending requests no longer need: an older step's block of which at most half
+        the rows are still pending is cut down to those rows (its U, or q where stored, is most of
+        a step's memory). Halving bounds both the memory held (at most twice the held requests'
+        own rows) and the copying (each row copied at most twice over)."""
+        blocks: dict[int, tuple] = {}
+        for req_id, (block, row) in self._rows.items():
+            if block is not self._step:
+                blocks.setdefault(id(block), (block, []))[1].append(req_id)
+        for block, req_ids in blocks.values():
+            rows = sorted(self._rows[req_id][1] for req_id in req_ids)
+            if 2 * len(rows) > _rows_kept(block):
+                continue
+            if isinstance(block, _HeldRows):
+                kept, at = block.cut(rows), {row: row for row in rows}
+            elif block.q is not None:  # stored q (torch top-k/top-p rows): the rows are the block, as they are
+                kept, at = gather_drafts([(block, rows)]), {row: i for i, row in enumerate(rows)}
+            else:
+                kept, at = _HeldRows.of(block, rows), {row: row for row in rows}
+            for req_id in req_ids:
+                self._rows[req_id] = (kept, at[self._rows[req_id][1]])
+            self.counts["blocks_cut"] += 1
 
     def kept(self) -> tuple[list[str], list[str]]:
         """The request ids with a pending block: (held from older steps, rows of the last drafting step)."""
@@ -108,6 +139,7 @@ class PendingDrafts:
         verified = [i for i, n in enumerate(counts) if n]
         parts, ell, one_hot = [], [], []
         from_held = 0
+        restored = {}  # a _HeldRows' draft, restored once for all its rows here (one verification call)
         for i in verified:
             held, n = self._rows.get(req_ids[i]), counts[i]
             first = n
@@ -118,6 +150,10 @@ class PendingDrafts:
             if held is None and first:  # drafts without a block of ours: one-hot at their tokens
                 one_hot.append(len(parts))
             from_held += first if held is not None and held[0] is not self._step else 0
+            if held is not None and isinstance(held[0], _HeldRows):
+                if id(held[0]) not in restored:
+                    restored[id(held[0])] = held[0].restored()
+                held = (restored[id(held[0])], held[1])
             parts.append(held)
         if all(p is None for p in parts):
             return None
@@ -146,6 +182,37 @@ class PendingDrafts:
                                  placeholder_requests(runner, req_ids, counts))
 
         hook_runner(runner, self, draft_probs)
+
+
+def _rows_kept(block) -> int:
+    return len(block.rows) if isinstance(block, _HeldRows) else block.tokens.shape[0]
+
+
+class _HeldRows:
+    """What a lazy draft keeps for the requests skipped after it: their rows of U (γ × V each) and
+    the draft's per-request tensors whole (tokens, anchors, row stats: small). `restored()` gives
+    the draft back at its drafted batch size with U zero at the other rows: verification reads U
+    only at the rows it rebuilds, those of rejected requests; the draft's other rows go along as
+    greedy stand-ins, and the bias is rebuilt for all of them, as the chain made it."""
+
+    def __init__(self, draft: MarkovDraft, batch: int, rows: list[int], U_rows: torch.Tensor):
+        self._draft, self._batch, self.rows, self._U_rows = draft, batch, rows, U_rows
+
+    @classmethod
+    def of(cls, draft: MarkovDraft, rows: list[int]) -> "_HeldRows":
+        U = draft.source.U
+        return cls(dataclasses.replace(draft, source=dataclasses.replace(draft.source, U=None)), U.shape[0], rows,
+                   U.index_select(0, device_rows(rows, U.device)))
+
+    def cut(self, rows: list[int]) -> "_HeldRows":
+        at = {row: i for i, row in enumerate(self.rows)}
+        return _HeldRows(self._draft, self._batch, rows,
+                         self._U_rows.index_select(0, device_rows([at[row] for row in rows], self._U_rows.device)))
+
+    def restored(self) -> MarkovDraft:
+        U = self._U_rows.new_zeros((self._batch, *self._U_rows.shape[1:]))
+        U.index_copy_(0, device_rows(self.rows, U.device), self._U_rows)
+        return dataclasses.replace(self._draft, source=dataclasses.replace(self._draft.source, U=U))
 
 
 def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
