@@ -9,6 +9,8 @@ request in V1's layout (target rows [R·γ, V] with no bonus rows plus one spare
 rejection_sample_rows with our seeds), every request rejected at a random position so each reads
 (stored) or rebuilds (lazy) one q row: the path BlockVerify takes on CUDA, less its host lists and
 the bonus-token scatter. Each is captured in a CUDA graph and replayed; medians of --repeats.
+"held restore": what a step verifying requests held from an older step adds (lazy_drafts._HeldRows):
+that step's U restored at its batch size R, zero but at the held rows (half of them here).
 Floors at the measured copy bandwidth: chain W2 per step + U (+ q when stored: issue 4's floor);
 verification, stored: the p and q rows it reads (R·V·4 each); lazy: the p row, W2 once and the U
 row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) reads every q row
@@ -36,6 +38,19 @@ def v1_verify_inputs(R: int, draft, seed: int):
     starts = torch.arange(R, device="cuda", dtype=torch.int64) * GAMMA
     ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
     return target, starts, ell
+
+
+def held_restore(R: int, U: torch.Tensor, bw: float, repeats: int) -> dict:
+    """The held rows' U (every other row) restored into a zeroed [R, γ, V]: its time and floor (the
+    zero fill plus the rows read and written)."""
+    held = torch.arange(0, R, 2, device="cuda")
+    U_rows = U.index_select(0, held)
+    restore_s = statistics.median(time_replays(
+        lambda: U_rows.new_zeros(U.shape).index_copy_(0, held, U_rows), repeats))
+    floor = (U.numel() + 2 * U_rows.numel()) * U.element_size() / bw
+    print(f"{R:4d}  held restore ({held.numel()} of {R} rows): {restore_s * 1e3:.3f} ms "
+          f"({restore_s / floor:.2f}x its floor {floor * 1e3:.3f} ms)", flush=True)
+    return {"R": R, "q": "held restore", "restore_ms": restore_s * 1e3, "restore_floor_ms": floor * 1e3}
 
 
 def main() -> None:
@@ -80,6 +95,7 @@ def main() -> None:
                   f"{'-' if v1_pass is None else f'{v1_pass * 1e3:.3f}':>27}", flush=True)
         print(f"{R:4d}  lazy round = {round_ms[False] / round_ms[True]:.2f}x the stored round "
               f"({round_ms[True] - round_ms[False]:+.3f} ms saved, before V1's recovered pass)", flush=True)
+        rows.append(held_restore(R, U, bw, args.repeats))
     if args.json_out:
         write_rows(args.json_out, bw, rows)
 
