@@ -10,7 +10,7 @@ rejection_sample_rows with our seeds), every request rejected at a random positi
 (stored) or rebuilds (lazy) one q row: the path BlockVerify takes on CUDA, less its host lists and
 the bonus-token scatter. Each is captured in a CUDA graph and replayed; medians of --repeats.
 "held restore": what a step verifying requests held from an older step adds (lazy_drafts._HeldRows):
-that step's U restored at its batch size R, zero but at the held rows (half of them here).
+that step's U restored at its batch size R, written only at the held rows (half of them here).
 Floors at the measured copy bandwidth: chain W2 per step + U (+ q when stored: issue 4's floor);
 verification, stored: the p and q rows it reads (R·V·4 each); lazy: the p row, W2 once and the U
 row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) reads every q row
@@ -41,13 +41,13 @@ def v1_verify_inputs(R: int, draft, seed: int):
 
 
 def held_restore(R: int, U: torch.Tensor, bw: float, repeats: int) -> dict:
-    """The held rows' U (every other row) restored into a zeroed [R, γ, V]: its time and floor (the
-    zero fill plus the rows read and written)."""
+    """The held rows' U (every other row) restored into an unwritten [R, γ, V] as _HeldRows does
+    for our CUDA op: its time and floor (the rows read and written)."""
     held = torch.arange(0, R, 2, device="cuda")
     U_rows = U.index_select(0, held)
     restore_s = statistics.median(time_replays(
-        lambda: U_rows.new_zeros(U.shape).index_copy_(0, held, U_rows), repeats))
-    floor = (U.numel() + 2 * U_rows.numel()) * U.element_size() / bw
+        lambda: U_rows.new_empty(U.shape).index_copy_(0, held, U_rows), repeats))
+    floor = 2 * U_rows.numel() * U.element_size() / bw
     print(f"{R:4d}  held restore ({held.numel()} of {R} rows): {restore_s * 1e3:.3f} ms "
           f"({restore_s / floor:.2f}x its floor {floor * 1e3:.3f} ms)", flush=True)
     return {"R": R, "q": "held restore", "restore_ms": restore_s * 1e3, "restore_floor_ms": floor * 1e3}

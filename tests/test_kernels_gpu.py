@@ -505,13 +505,13 @@ def test_regrouped_warped_rows_recover_only_what_their_residual_holds():
     assert rejected > 1200
 
 
-def test_held_rows_verify_with_the_rest_of_their_drafts_u_zeroed():
+def test_held_rows_verify_with_the_rest_of_their_drafts_u_unread():
     """vLLM V1 keeps a skipped request's lazy block as its own rows of U only and verifies it with
-    the draft restored at its drafted batch size, U zero at the other rows (lazy_drafts._HeldRows).
+    the draft restored at its drafted batch size, U unwritten at the other rows (lazy_drafts._HeldRows).
     The CUDA op reads U only at the rows it rebuilds: at R = 2 (small-batch bias), 40 (fused step)
-    and 150 (cuBLAS), unwarped and top-k, the held rows verify to the same tokens either way, for
-    targets near q (a broad residual) and for p = q/2 + δ_z/2 (the residual is δ_z: every recovered
-    token is z, which a row rebuilt from the zeroed U would miss)."""
+    and 150 (cuBLAS), unwarped and top-k, the held rows verify to the same tokens with NaN at the
+    other rows, for targets near q (a broad residual) and for p = q/2 + δ_z/2 (the residual is δ_z:
+    every recovered token is z, which a row rebuilt from another U would miss)."""
     from dspark_cli.runtime import gather_drafts, markov_chain, rejection_sample
 
     gamma, V = 4, 151936
@@ -524,8 +524,8 @@ def test_held_rows_verify_with_the_rest_of_their_drafts_u_zeroed():
         lazy = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=False)
         q = markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, seeds=seeds, return_q=True).q
         held = torch.arange(1, R, 3, device="cuda")  # every third row
-        zeroed = dataclasses.replace(lazy, source=dataclasses.replace(
-            lazy.source, U=torch.zeros_like(U).index_copy_(0, held, U.index_select(0, held))))
+        poisoned = dataclasses.replace(lazy, source=dataclasses.replace(
+            lazy.source, U=torch.full_like(U, float("nan")).index_copy_(0, held, U.index_select(0, held))))
         n, rows = held.numel(), held.tolist()
         q, z = q.index_select(0, held), (anchors.index_select(0, held) + 12345) % V
         one_hot = torch.zeros(n, 1, V, device="cuda")
@@ -536,7 +536,7 @@ def test_held_rows_verify_with_the_rest_of_their_drafts_u_zeroed():
             for trial in range(4):
                 verify_seeds = torch.arange(n, device="cuda") + 1000 * trial
                 ref, got = (rejection_sample(target.contiguous(), gather_drafts([(d, rows)]), ell, seeds=verify_seeds)
-                            for d in (lazy, zeroed))
+                            for d in (lazy, poisoned))
                 assert torch.equal(got.num_accepted, ref.num_accepted)
                 assert torch.equal(got.output_tokens, ref.output_tokens)
                 rejected += int((got.num_accepted < gamma).sum())

@@ -191,9 +191,9 @@ def _rows_kept(block) -> int:
 class _HeldRows:
     """What a lazy draft keeps for the requests skipped after it: their rows of U (γ × V each) and
     the draft's per-request tensors whole (tokens, anchors, row stats: small). `restored()` gives
-    the draft back at its drafted batch size with U zero at the other rows: verification reads U
-    only at the rows it rebuilds, those of rejected requests; the draft's other rows go along as
-    greedy stand-ins, and the bias is rebuilt for all of them, as the chain made it."""
+    the draft back at its drafted batch size with only those rows of U: the draft's other rows go
+    along as greedy stand-ins whose output is dropped, and the bias is rebuilt for all of them,
+    as the chain made it."""
 
     def __init__(self, draft: MarkovDraft, batch: int, rows: list[int], U_rows: torch.Tensor):
         self._draft, self._batch, self.rows, self._U_rows = draft, batch, rows, U_rows
@@ -210,7 +210,11 @@ class _HeldRows:
                          self._U_rows.index_select(0, device_rows([at[row] for row in rows], self._U_rows.device)))
 
     def restored(self) -> MarkovDraft:
-        U = self._U_rows.new_zeros((self._batch, *self._U_rows.shape[1:]))
+        # our CUDA op reads U only at the rows it rebuilds (tests/test_kernels_gpu.py, with NaN at
+        # the others): the other rows are left unwritten; the torch reference rebuilds every row
+        # and checks U's values on the CPU: zeros there
+        shape = (self._batch, *self._U_rows.shape[1:])
+        U = self._U_rows.new_empty(shape) if cuda_ops.available(self._U_rows) else self._U_rows.new_zeros(shape)
         U.index_copy_(0, device_rows(self.rows, U.device), self._U_rows)
         return dataclasses.replace(self._draft, source=dataclasses.replace(self._draft.source, U=U))
 
