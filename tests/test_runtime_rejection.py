@@ -3,6 +3,7 @@ import torch
 from scipy import stats
 
 from dspark_cli.runtime import markov_chain, rejection_sample, rejection_sample_flat, rejection_sample_rows, rng
+from dspark_cli.runtime import rejection
 from dspark_cli.runtime.rejection import RESIDUAL_MASS_FLOOR
 from tests.chi2 import chi2_pvalue
 from tests.test_runtime_rng import grouped_race_by_hand
@@ -445,7 +446,7 @@ def test_mismatched_drafts_and_token_ids_raise_clear_errors():
 
 
 
-def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
+def test_gathered_drafts_verify_each_request_as_its_own_draft_does(monkeypatch):
     """A verify batch made of rows of drafts from different steps (lazy with and without top-k,
     stored, a row named twice, a gathered draft gathered again): each request's tokens are those
     its own draft, verified in its own batch, gives it (seeded noise is per request); one draft
@@ -490,6 +491,20 @@ def test_gathered_drafts_verify_each_request_as_its_own_draft_does():
                                seeds=torch.zeros(n, dtype=torch.int64).index_fill_(0, torch.tensor([row]), int(seeds[i])))
         assert torch.equal(one.output_tokens[row], res.output_tokens[i]), i
     assert 0 < int(res.num_accepted.sum()) < int(ell.sum())
+    # the gathered batch, then one verification call per draft wherever its rows sit in the batch,
+    # a second for a's row 2 named twice
+    drafts_verified = []
+    real_verify = rejection._verify
+
+    def counting(target, row_start, ell, draft, *args, **kwargs):
+        drafts_verified.append(id(draft))
+        return real_verify(target, row_start, ell, draft, *args, **kwargs)
+
+    monkeypatch.setattr(rejection, "_verify", counting)
+    again_res = rejection_sample(target, batch, ell, greedy=greedy, seeds=seeds)
+    monkeypatch.undo()
+    assert drafts_verified == [id(batch), id(b), id(a), id(a), id(stored), id(other_weights)]
+    assert torch.equal(again_res.output_tokens, res.output_tokens)
     twice = gather_drafts([(b, [1]), (b, [1])])  # one row named twice: verified in two calls
     assert twice.parts == [(b, [1, 1])]
     both = rejection_sample(target[:2], twice, ell[:2], greedy=greedy[[0, 0]], seeds=seeds[:2])

@@ -20,6 +20,7 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.logits_processor import LogitsProcessors
 from vllm.v1.sample.rejection_sampler import rejection_sample
 from dspark_cli.runtime import markov_chain
+from dspark_cli.runtime.rejection import _part_calls
 from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts
 
 CpuPlatform.register_triton_kernel_overrides()  # as the CPU engine does: the C++ kernels
@@ -95,9 +96,12 @@ def case(trial, older, latest, batch, counts, placeholder, seeded, older_stored,
     verify = pending.verifier([req(s, r) for s, r in batch], counts, draft_token_ids, spec_lists, set(placeholder))
     ours = run(lambda md: verify.dspark_rejection_sample(draft_token_ids, counts, max_spec, cu, verify,
                                                          target.clone(), bonus, md))
-    # one verification call per block: no row named twice (the request without drafts is left out)
+    # one verification call per block: no row named twice (the request without drafts is left out),
+    # the latest step's rows and the held ones each verified in one call though they interleave
     named = [(id(d), row) for d, rows in (verify.draft.parts or []) for row in rows]
     assert len(named) == len(set(named)) == len(batch) - 1, named
+    blocks = {id(d) for d, _ in verify.draft.parts}
+    assert len(list(_part_calls(verify.draft.parts))) == len(blocks) == 3  # latest, held, one-hot
     return theirs, ours, pending.counts
 
 

@@ -330,7 +330,8 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     came from and at that draft's batch size, so its q rows are rebuilt by the kernel, and to the
     bits, the chain sampled them with. That draft's other rows go along as stand-ins whose output
     is dropped: greedy, ℓ = 0, on target row 0 (request 0's first row, which every layout has).
-    A part's batch positions are a slice when consecutive (TGI's case): no index upload for them."""
+    One call per draft (and per repeat of a row); a call's batch positions are a slice when
+    consecutive (TGI's case): no index upload for them."""
     R, gamma = draft.tokens.shape
     device = target.device
     if row_start is None:
@@ -390,23 +391,27 @@ def _tile_the_batch(spans, R) -> bool:
 
 
 def _part_calls(parts):
-    """(draft, batch positions, its rows) per verification call: one per part, a row named twice
-    in a part going to a second call (a call verifies each of its draft's rows once)."""
+    """(draft, batch positions, its rows) per verification call: one per draft, its rows taken from
+    wherever they sit in the batch (an engine that reorders its batch, or puts requests held from
+    an older step between the latest step's, splits a draft's rows into runs: a call per run cost a
+    rejection launch and, for a lazy draft, the rebuild of its every row); a row named twice going
+    to a second call (a call verifies each of its draft's rows once)."""
+    drafts: dict[int, tuple] = {}  # in first appearance: (draft, batch positions, its rows)
     at = 0
     for draft, rows in parts:
-        if len(set(rows)) == len(rows):  # each row once (a filter or a concatenation): one call
-            yield draft, list(range(at, at + len(rows))), list(rows)
-            at += len(rows)
-            continue
+        _, positions, own = drafts.setdefault(id(draft), (draft, [], []))
+        positions.extend(range(at, at + len(rows)))
+        own.extend(rows)
+        at += len(rows)
+    for draft, positions, own in drafts.values():
         calls: list[tuple[list[int], list[int]]] = []
         seen: dict[int, int] = {}
-        for i, row in enumerate(rows):
+        for position, row in zip(positions, own):
             k = seen.get(row, 0)
             seen[row] = k + 1
             if k == len(calls):
                 calls.append(([], []))
-            calls[k][0].append(at + i)
+            calls[k][0].append(position)
             calls[k][1].append(row)
-        for positions, own in calls:
-            yield draft, positions, own
-        at += len(rows)
+        for call_positions, call_rows in calls:
+            yield draft, call_positions, call_rows

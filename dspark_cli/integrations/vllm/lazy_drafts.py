@@ -19,7 +19,8 @@ What V1 does and this keeps:
 - Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
   async scheduler pads requests it did not carry over) are rejected surely and the token is a
   sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
-  as it is (no bonus replacement).
+  as it is (no bonus replacement). A request whose drafts are all placeholders reads no q: it
+  verifies as a one-hot row, its block (if any) left pending.
 - Noise: on the CPU (torch reference) exactly V1's: one float64 uniform per draft token in
   request order from vLLM's own `generate_uniform_probs` (a seeded request's from its generator),
   then one Exp(1) row per request (global RNG, a seeded request with drafts from its generator),
@@ -147,7 +148,9 @@ class PendingDrafts:
                 first = next((j for j, t in enumerate(spec_token_ids[i][:n]) if t < 0), n)
                 self.counts["placeholder_rows"] += n - first
             ell.append(first)
-            if held is None and first:  # drafts without a block of ours: one-hot at their tokens
+            if not first:  # placeholders only: no q row is read; as a one-hot row it names no other
+                held = None  # request's row a second time (a second call) and restores no held block
+            if held is None:  # drafts without a block of ours: one-hot at their tokens
                 one_hot.append(len(parts))
             from_held += first if held is not None and held[0] is not self._step else 0
             if held is not None and isinstance(held[0], _HeldRows):
@@ -159,13 +162,13 @@ class PendingDrafts:
             return None
         self.counts["verified_from_held"] += from_held
         self.counts["blocks_verified"] += 1
-        stand_in = next(p for p in parts if p is not None)  # for a placeholder-only request: verified with ℓ = 0
         if one_hot:
+            like = next(p for p in parts if p is not None)[0]
             hot = _one_hot_draft(draft_token_ids, [starts[verified[k]] for k in one_hot], [ell[k] for k in one_hot],
-                                 stand_in[0])
+                                 like)
             for j, k in enumerate(one_hot):
                 parts[k] = (hot, j)
-        draft = gather_drafts(_runs([p if p is not None else stand_in for p in parts]))
+        draft = gather_drafts(_runs(parts))
         return BlockVerify(draft, verified, ell)
 
     def install(self, runner) -> None:
@@ -210,11 +213,13 @@ class _HeldRows:
                          self._U_rows.index_select(0, device_rows([at[row] for row in rows], self._U_rows.device)))
 
     def restored(self) -> MarkovDraft:
-        # our CUDA op reads U only at the rows it rebuilds (tests/test_kernels_gpu.py, with NaN at
-        # the others): the other rows are left unwritten; the torch reference rebuilds every row
-        # and checks U's values on the CPU: zeros there
+        # a draft of our CUDA chain (its row stats) is verified by our CUDA op, which reads U only at
+        # the rows it rebuilds (tests/test_kernels_gpu.py, with NaN at the others): the other rows
+        # are left unwritten; the torch reference rebuilds every row and checks U's values on the
+        # CPU: zeros there
         shape = (self._batch, *self._U_rows.shape[1:])
-        U = self._U_rows.new_empty(shape) if cuda_ops.available(self._U_rows) else self._U_rows.new_zeros(shape)
+        ours = self._draft.source.row_stats is not None
+        U = self._U_rows.new_empty(shape) if ours else self._U_rows.new_zeros(shape)
         U.index_copy_(0, device_rows(self.rows, U.device), self._U_rows)
         return dataclasses.replace(self._draft, source=dataclasses.replace(self._draft.source, U=U))
 
@@ -281,13 +286,13 @@ class BlockVerify:
         target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
         starts = list(itertools.accumulate([0] + counts[:-1]))
         rows = self.verified
-        index = None if len(rows) == R else torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        index = None if len(rows) == R else device_rows(rows, device)
 
         def take(x):  # the verified requests' entries of a per-request tensor
             return x if index is None or x is None else x.index_select(0, index)
 
-        row_start, ell, n = (torch.tensor(v, dtype=torch.int64).to(device, non_blocking=True)
-                             for v in ([starts[i] for i in rows], self.ell, [counts[i] for i in rows]))
+        row_start, ell, n = device_rows([starts[i] for i in rows] + self.ell + [counts[i] for i in rows],
+                                        device).split(len(rows))
         greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
         noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
         res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy),
