@@ -1,6 +1,8 @@
 """Verification of a regrouped batch, as TGI's DSpark step runs it (eager, lazy top-k drafts), beside
-the batch verified as it was drafted: a filter (one request of the drafted batch finished) and a
-concatenate (two batches drafted apart), and the filter's gather_drafts alone. Qwen3-4B shapes
+the batch verified as it was drafted: a filter (one request of the drafted batch finished), a
+concatenate (two batches drafted apart), the filter's gather_drafts alone, and two drafts' rows
+interleaved (vLLM V1 after a skipped step), verified one call per draft and, emulating the code
+before 415a7fa, one call per run of rows. Qwen3-4B shapes
 (V = 151936, r = 256, γ = 7), all ℓ = γ, target rows near q (acceptances and rejections). Medians
 of --repeats calls, one run: CUDA-event time and the host's time until the call returns (this path
 is host-bound).
@@ -48,11 +50,22 @@ def bench(R: int, repeats: int) -> None:
             ell, seeds=torch.cat([seeds_a, seeds_b])),
         "gather_drafts of the filter": lambda: gather_drafts([(whole, kept)]),
     }
+    # vLLM V1's batch after a skipped step: the latest step's rows and the held ones interleaved;
+    # verified one call per draft, and (emulated) one call per run of rows, as before 415a7fa
+    n = R // 2
+    parts = [(d, [i]) for i in range(n) for d in (half_a, half_b)]
+    mixed_target, mixed_seeds = (torch.stack([t[i] for i in range(n) for t in pair])
+                                 for pair in ((target_a, target_b), (seeds_a, seeds_b)))
+    cases[f"interleaved ({n} + {n} rows)"] = lambda: rejection_sample(
+        mixed_target, gather_drafts(parts), ell[:2 * n], seeds=mixed_seeds)
+    cases["interleaved, a call per run"] = lambda: [rejection_sample(
+        mixed_target[j:j + 1], gather_drafts([part]), ell[:1], seeds=mixed_seeds[j:j + 1])
+        for j, part in enumerate(parts)]
     base = None
     for name, call in cases.items():
         median = statistics.median(time_replays(call, repeats, graph=False)) * 1e3
         base = base or median
-        print(f"R = {R:4d}  {name:28} {median:8.3f} ms  {median / base:5.2f}x as drafted   host "
+        print(f"R = {R:4d}  {name:30} {median:8.3f} ms  {median / base:5.2f}x as drafted   host "
               f"{statistics.median(host_seconds(call, repeats)) * 1e3:.3f} ms", flush=True)
 
 
