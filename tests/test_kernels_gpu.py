@@ -540,7 +540,7 @@ def test_held_rows_verify_with_the_rest_of_their_drafts_u_unread():
                 assert torch.equal(got.num_accepted, ref.num_accepted)
                 assert torch.equal(got.output_tokens, ref.output_tokens)
                 rejected += int((got.num_accepted < gamma).sum())
-        emitted = got.output_tokens[torch.arange(n, device="cuda"), got.num_accepted]
+        emitted = got.output_tokens[torch.arange(n, device="cuda"), got.num_accepted]  # the last target's (δ_z)
         assert torch.equal(emitted, z)
     assert rejected > 100
 

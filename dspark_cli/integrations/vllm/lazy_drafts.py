@@ -33,9 +33,9 @@ What V1 does and this keeps:
 Requests the scheduler skipped keep their block, and only theirs: once at most half of an older
 step's rows are pending, those rows are taken out of its draft (`_HeldRows`: their U rows, the
 step's small per-request tensors whole) and the rest of it is freed, as PendingDraftProbs copies
-held q rows. A rebuilt row must come from the draft at its drafted batch size (only there are its bias
-bits the chain's), so verifying held rows restores a draft of that size for the step, U zero but
-at those rows. `DSPARK_V1_DRAFT_Q=stored` keeps V1's stored-q path
+held q rows. A rebuilt row must come from the draft at its drafted batch size (only there are its
+bias bits the chain's), so verifying held rows restores a draft of that size for the step, U
+written only at those rows. `DSPARK_V1_DRAFT_Q=stored` keeps V1's stored-q path
 (draft_probs.PendingDraftProbs), e.g. to compare."""
 
 import dataclasses
@@ -100,7 +100,7 @@ class PendingDrafts:
         a step's memory). Halving bounds both the memory held (at most twice the held requests'
         own rows) and the copying (each row copied at most twice over)."""
         blocks: dict[int, tuple] = {}
-        for req_id, (block, row) in self._rows.items():
+        for req_id, (block, _) in self._rows.items():
             if block is not self._step:
                 blocks.setdefault(id(block), (block, []))[1].append(req_id)
         for block, req_ids in blocks.values():
