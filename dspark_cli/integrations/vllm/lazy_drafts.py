@@ -83,27 +83,26 @@ class PendingDrafts:
         runner zeroed their drafts). `live`: the requests the runner still has; `discarded`: requests
         whose drafts vLLM discards (prefill chunks)."""
         batch = set(req_ids)
+        blocks: dict[int, tuple] = {}  # the blocks still pending for requests not in this batch
         for req_id, (held, _) in list(self._rows.items()):
             if req_id in batch or (live is not None and req_id not in live):
                 del self._rows[req_id]
-            elif held is self._step:  # skipped at this step: its block stays until verified
+                continue
+            if held is self._step:  # skipped at this step: its block stays until verified
                 self.counts["held"] += 1
+            blocks.setdefault(id(held), (held, []))[1].append(req_id)
         discarded = set(discarded)
         if draft is not None:
             self._rows.update({req_id: (draft, i) for i, req_id in enumerate(req_ids) if req_id not in discarded})
         self._step = draft
-        self._cut_held_blocks()
+        self._cut_held_blocks(blocks.values())
 
-    def _cut_held_blocks(self) -> None:
-        """Free what pending requests no longer need: an older step's block of which at most half
-        the rows are still pending is cut down to those rows (its U, or q where stored, is most of
-        a step's memory). Halving bounds both the memory held (at most twice the held requests'
-        own rows) and the copying (each row copied at most twice over)."""
-        blocks: dict[int, tuple] = {}
-        for req_id, (block, _) in self._rows.items():
-            if block is not self._step:
-                blocks.setdefault(id(block), (block, []))[1].append(req_id)
-        for block, req_ids in blocks.values():
+    def _cut_held_blocks(self, blocks) -> None:
+        """Free what pending requests no longer need: an older step's block (with the requests
+        holding it) of which at most half the rows are still pending is cut down to those rows (its
+        U, or q where stored, is most of a step's memory). Halving bounds both the memory held (at
+        most twice the held requests' own rows) and the copying (each row copied at most twice)."""
+        for block, req_ids in blocks:
             rows = sorted(self._rows[req_id][1] for req_id in req_ids)
             if 2 * len(rows) > _rows_kept(block):
                 continue

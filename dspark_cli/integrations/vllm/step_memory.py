@@ -15,10 +15,10 @@ max_num_seqs = 256, γ = 7, V = 151936 (bf16 model):
 - while it drafts: the draft logits U [R·γ, V] (0.5 GB), the chain's q [R, γ, V] fp32 when it
   stores q (1.1 GB) and scratch, beside the target's logits [R·(γ+1), V] that the runner keeps
   through drafting (0.6 GB): `run_largest_step`, in the profiling run's dummy draft.
-Not covered: a block held for a request the scheduler skipped keeps its whole drafting step's U
-alive (rebuilt rows must come from the draft at its drafted batch size) until verified; at
-verification, the verifier's copy of the pending rows (made when placeholder drafts
-or rows without q are verified) beside vLLM's rejection sampler, whose own dummy run verifies one
+Lazy blocks held for requests the scheduler skipped keep only their own rows of U
+(lazy_drafts._HeldRows): with the step's own draft at most twice the reservation. Not covered: at
+a step that verifies held rows, their drafting step's U restored at its batch size; the verifier's
+copy of the pending rows (made when placeholder drafts or rows without q are verified) beside vLLM's rejection sampler, whose own dummy run verifies one
 draft per request, not γ (upstream's accounting, for its own drafters too)."""
 
 import torch
