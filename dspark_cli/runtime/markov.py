@@ -100,16 +100,28 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
             raise ValueError(f"gather_drafts: part {i} has Markov rank r = {_rank(draft)}, part 0 r = {_rank(first)}")
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
+    # One copy per draft, not per run of its rows (rows interleaved from two steps are many runs),
+    # then one reorder into the batch's order where the drafts' rows interleave.
     device = first.tokens.device
-    idx = [device_rows(rows, device) for _, rows in parts]
-    drafts = [d for d, _ in parts]
+    rows_of: dict[int, tuple[MarkovDraft, list[int], list[int]]] = {}  # id(draft) -> draft, its rows, their places
+    place = 0
+    for d, rows in parts:
+        _, own, places = rows_of.setdefault(id(d), (d, [], []))
+        own.extend(rows)
+        places.extend(range(place, place + len(rows)))
+        place += len(rows)
+    drafts = [d for d, _, _ in rows_of.values()]
+    idx = [device_rows(rows, device) for _, rows, _ in rows_of.values()]
+    grouped = [p for _, _, places in rows_of.values() for p in places]  # batch place of each grouped row
+    order = None if grouped == list(range(place)) else device_rows(sorted(range(place), key=grouped.__getitem__), device)
 
     def cat(field):
         items = [getattr(d, field) for d in drafts]
         if any(t is None for t in items):
             return None
         picked = [t.index_select(0, i) for t, i in zip(items, idx)]
-        return picked[0] if len(picked) == 1 else torch.cat(picked)  # one part (a filter): no second copy
+        out = picked[0] if len(picked) == 1 else torch.cat(picked)  # one draft (a filter): no second copy
+        return out if order is None else out.index_select(0, order)
 
     if all(d.q is not None for d in drafts):
         return MarkovDraft(cat("tokens"), cat("q_token"), cat("q"), cat("prev_emb"), None, cat("confidence_logits"))
