@@ -179,7 +179,9 @@ def bench_rejection(R: int, bw: float, repeats: int, kernel_only: bool, flush, t
     return rows
 
 
-WARPS = {"top-k 50": (50, None), "top-p 0.9": (None, 0.9), "top-k 50 + top-p 0.9": (50, 0.9)}
+# top-k 20 + top-p 0.95: Qwen3's generation config (vLLM applies a model's sampling defaults)
+WARPS = {"top-k 50": (50, None), "top-p 0.9": (None, 0.9), "top-k 50 + top-p 0.9": (50, 0.9),
+         "top-k 20 + top-p 0.95": (20, 0.95)}
 
 
 def bench_warped(R: int, bw: float, repeats: int, kernel_only: bool, temperature: float) -> list[dict]:

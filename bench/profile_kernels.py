@@ -34,10 +34,26 @@ def breakdown(fn, calls: int) -> list[tuple[str, float, int]]:
     return sorted(((name[:90], total[name] / calls, count[name] // calls) for name in total), key=lambda t: -t[1])
 
 
+def warped_cases(args, U, anchors, w1, w2, temperature, seeds) -> dict:
+    """The chain warped by --top-k / --top-p for every request, q lazy and stored; none without them."""
+    if args.top_k is None and args.top_p is None:
+        return {}
+    R = U.shape[0]
+    top_k = None if args.top_k is None else torch.full((R,), args.top_k, dtype=torch.int64, device="cuda")
+    top_p = None if args.top_p is None else torch.full((R,), args.top_p, device="cuda")
+    name = f"top-k {args.top_k} top-p {args.top_p}"
+    return {f"markov_chain {name}, q {'stored' if return_q else 'lazy'}":
+            lambda return_q=return_q: markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p,
+                                                   seeds=seeds, return_q=return_q)
+            for return_q in (False, True)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,128")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--top-k", type=int, help="also profile the chain warped by this top-k (and --top-p)")
+    ap.add_argument("--top-p", type=float)
     args = ap.parse_args()
     if cuda_ops.load() is None:
         raise SystemExit(f"extension not loaded: {cuda_ops.load_error()} (run dspark build)")
@@ -55,6 +71,7 @@ def main() -> None:
                      lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False),
                  "markov_chain sampled, q stored":
                      lambda: markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=True),
+                 **warped_cases(args, U, anchors, w1, w2, temperature, seeds),
                  "rejection_sample q rebuilt": lambda: rejection_sample(target, draft, ell, seeds=seeds),
                  "schedule_production": lambda: schedule_production(a_stale, a_now, sps)}
         for name, fn in cases.items():

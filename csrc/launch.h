@@ -17,7 +17,8 @@
 
 namespace dspark {
 
-// DSPARK_MARKOV_PATH=gemm | step: a path forced for comparisons and diagnostics (docs/kernels.md).
+// DSPARK_MARKOV_PATH=gemm | step | radix | small-top-k: a path forced for comparisons and diagnostics
+// (docs/kernels.md).
 inline bool markov_path_forced(const char* path) {
   const char* forced = std::getenv("DSPARK_MARKOV_PATH");
   return forced && std::string(forced) == path;

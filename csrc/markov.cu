@@ -13,6 +13,10 @@
 //      arithmetic the race used); after the last step one pass over all R·γ rows turns them into
 //      q = exp(x - max) / sum in place (no fp32 bias round trip, no second read of U, one launch
 //      instead of γ); the cuBLAS path above writes its q rows per step from U and the bias scratch
+// Warped steps (top-k / top-p) take the cuBLAS bias: warp.cu finds each row's threshold and step 2
+// masks below it; from R = 128 on, rows with top-k <= 64 are thresholded and sampled by top_k.cu
+// from one pass over the row instead, which writes their partials for step 3 (warp.cu and step 2
+// skip them).
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
@@ -55,38 +59,26 @@
 #include "philox.cuh"
 #include "race.cuh"
 #include "residual.cuh"
+#include "top_k.h"
 #include "warp.h"
 
 namespace dspark {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Block-wide combine; thread 0 gets the result.
-__device__ __forceinline__ Partial block_combine(Partial p) {
-  __shared__ Partial warp_partials[kThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  p = warp_combine(p);
-  __syncthreads();  // warp_partials may still be read by an earlier call
-  if (lane == 0) warp_partials[warp] = p;
-  __syncthreads();
-  if (warp == 0) {
-    p = lane < blockDim.x / 32 ? warp_partials[lane] : empty_partial();
-    p = warp_combine(p);
-  }
-  return p;
-}
+constexpr int kSmallTopKFrom = 128;  // requests from which top-k <= 64 takes top_k.cu (below)
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row. kMasked: top-k/top-p rows,
-// entries below threshold[r·γ + k] (warp.cu) out.
+// entries below threshold[r·γ + k] (warp.cu) out, rows with picked[r] (top_k.cu) skipped.
 template <typename UT, bool kVec, bool kMasked>
 __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __restrict__ U, const float* __restrict__ bias,
                                   const float* __restrict__ temperature, const int64_t* __restrict__ seeds,
-                                  const float* __restrict__ threshold, Partial* __restrict__ partials, int k,
-                                  int gamma, int V, int slice) {
+                                  const float* __restrict__ threshold, const unsigned* __restrict__ picked,
+                                  Partial* __restrict__ partials, int k, int gamma, int V, int slice) {
   wait_previous_kernel();  // launched programmatically after the bias GEMM
   allow_next_kernel();
   const int r = blockIdx.y;
+  if (kMasked && picked && picked[r]) return;  // top_k.cu sampled this row's step and wrote its partials
   const int start = blockIdx.x * slice;
   const int end = min(V, start + slice);
   const float T = temperature[r];
@@ -129,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 4) split_pass_kernel(const UT* __res
   if (greedy) rounds(std::false_type{}, std::true_type{});  // x / 1 == x
   else if (scale == 1.f) rounds(std::true_type{}, std::true_type{});
   else rounds(std::true_type{}, std::false_type{});
-  p = block_combine(p);
+  p = block_combine<kThreads>(p);
   if (threadIdx.x == 0) partials[static_cast<int64_t>(r) * gridDim.x + blockIdx.x] = p;
 }
 
@@ -162,7 +154,7 @@ __global__ void reduce_kernel(const Partial* __restrict__ partials, int splits, 
   __shared__ int token_s;
   Partial p = empty_partial();
   for (int i = threadIdx.x; i < splits; i += blockDim.x) p = combine(p, partials[static_cast<int64_t>(r) * splits + i]);
-  p = block_combine(p);
+  p = block_combine<kThreads>(p);
   if (threadIdx.x == 0) token_s = write_step(p, r, k, gamma, V, temperature, tokens, q_token, row_stats);
   __syncthreads();
   if (k + 1 < gamma) {  // W1[x_k] feeds step k+1's bias and the confidence head
@@ -446,7 +438,7 @@ small_step_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __re
     Partial q = empty_partial();
     for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x)
       q = combine(q, load_partial_cg(partials + static_cast<int64_t>(rr) * gridDim.x + i));
-    q = block_combine(q);
+    q = block_combine<kThreads>(q);
     if (threadIdx.x == 0) token_s[rr] = write_step(q, rr, k, gamma, V, temperature, tokens, q_token, row_stats);
   }
   __syncthreads();
@@ -1039,6 +1031,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto thresholds = at::full({warped ? R : 0, gamma}, -INFINITY, f32);  // -inf: the row keeps everything
   WarpScratch warp_scratch = warped ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
+  // Rows with top-k <= 64 take top_k.cu's one pass from R = 128 on, where it measured faster than
+  // warp.cu's rounds (H100: 1.3-1.9x); at R = 1 and 16 it measured up to 1.4x slower (its pick,
+  // one block per request, gathers about 1 % of the row). DSPARK_MARKOV_PATH=small-top-k takes it at
+  // any R, =radix never.
+  const bool small_top_k = has_top_k && !markov_path_forced("radix") &&
+                           (R >= kSmallTopKFrom || markov_path_forced("small-top-k"));
+  TopKScratch top_k_scratch = small_top_k ? TopKScratch::make(U, R, V) : TopKScratch{};
+  const unsigned* picked = small_top_k ? reinterpret_cast<const unsigned*>(top_k_scratch.picked.data_ptr<int>()) : nullptr;
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
 
@@ -1088,16 +1088,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      seeds.data_ptr<int64_t>(), parts, x_out, k, gamma, stream);
         } else if (!small) {
           bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
-          if (warped) {
-            warp_thresholds(U, bias, tp, has_top_k ? top_k->data_ptr<int64_t>() : nullptr,
-                            has_top_p ? top_p->data_ptr<float>() : nullptr, warp_scratch, thresholds.data_ptr<float>(),
-                            k, splits, stream);
+          const int64_t* kp = has_top_k ? top_k->data_ptr<int64_t>() : nullptr;
+          const float* pp = has_top_p ? top_p->data_ptr<float>() : nullptr;
+          if (small_top_k) {
+            top_k_candidates(U, bias, tp, kp, pp, seeds.data_ptr<int64_t>(), top_k_scratch,
+                             thresholds.data_ptr<float>(), parts, splits, k, stream);
           }
+          if (warped) warp_thresholds(U, bias, tp, kp, pp, warp_scratch, picked, thresholds.data_ptr<float>(), k, splits, stream);
           auto pass = warped ? (vec ? split_pass_kernel<UT, true, true> : split_pass_kernel<UT, false, true>)
                              : (vec ? split_pass_kernel<UT, true, false> : split_pass_kernel<UT, false, false>);
           launch_programmatic(pass, grid, dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,
-                              seeds.data_ptr<int64_t>(), warped ? thresholds.data_ptr<float>() : nullptr, parts, k,
-                              gamma, V, slice);
+                              seeds.data_ptr<int64_t>(), warped ? thresholds.data_ptr<float>() : nullptr, picked,
+                              parts, k, gamma, V, slice);
         }
         if (!small) {
           launch_programmatic(reduce_kernel<WT>, dim3(R), dim3(kThreads), 0, stream, parts, parts_per_request, tp,

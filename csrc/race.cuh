@@ -80,6 +80,22 @@ __device__ __forceinline__ bool last_block_to_finish(unsigned* counter) {
 
 __device__ __forceinline__ Partial empty_partial() { return {-INFINITY, 0.f, -INFINITY, -INFINITY, 0x7fffffff}; }
 
+// Block-wide combine of a block of kBlockThreads threads, every thread calling; thread 0 gets the result.
+template <int kBlockThreads>
+__device__ __forceinline__ Partial block_combine(Partial p) {
+  __shared__ Partial warp_partials[kBlockThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  p = warp_combine(p);
+  __syncthreads();  // warp_partials may still be read by an earlier call
+  if (lane == 0) warp_partials[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < kBlockThreads / 32 ? warp_partials[lane] : empty_partial();
+    p = warp_combine(p);
+  }
+  return p;
+}
+
 // The draft's grouped race (docs/runtime-api.md, "Random numbers"): vocab ids 8g .. 8g+7 form group
 // g. Its race key is log(W_g / E_g), W_g = Σ exp(x) over the group, E_g = -log u_g, so the winning
 // group is drawn ∝ W_g; inside it the first entry whose prefix sum exceeds v_g·W_g is taken (inverse

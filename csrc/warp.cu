@@ -23,6 +23,7 @@
 #include "common.cuh"
 #include "launch.h"
 #include "warp.h"
+#include "warp_rule.cuh"
 
 namespace dspark {
 namespace {
@@ -44,27 +45,6 @@ struct WarpRow {
   unsigned long long target;  // top-p: the weight the kept set must reach, ceil(p·Z)
 };
 
-// Keys ordered as the floats are (-0 just below +0).
-__device__ __forceinline__ unsigned order_key(float x) {
-  const unsigned b = __float_as_uint(x);
-  return b & 0x80000000u ? ~b : b | 0x80000000u;
-}
-__device__ __forceinline__ float key_value(unsigned key) {
-  return __uint_as_float(key & 0x80000000u ? key & 0x7fffffffu : ~key);
-}
-
-__device__ __forceinline__ unsigned fixed_mass(float below_max) {
-  return __float2uint_rn(expf(below_max) * 2147483648.f);  // 2^31: the max's own 1 fits
-}
-
-// Greedy rows never warp (their argmax is always kept).
-__device__ __forceinline__ bool top_k_on(const int64_t* top_k, int r, int V, float T) {
-  return top_k && T >= kGreedyBelow && top_k[r] > 0 && top_k[r] < V;
-}
-__device__ __forceinline__ bool top_p_on(const float* top_p, int r, float T) {
-  return top_p && T >= kGreedyBelow && top_p[r] < 1.f;  // NaN: off, as the reference's comparison
-}
-
 // One round's histogram of request r's step-k row, grid (splits, R). kMass: a top-p round (weights
 // exp(x - max), entries below floor_key out); else a top-k round (counts), whose round 0 also takes
 // the row's max key for every warped row (with top_k null it does only that). x is computed as the
@@ -74,12 +54,14 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     const UT* __restrict__ U, const float* __restrict__ bias, const float* __restrict__ temperature,
     const int64_t* __restrict__ top_k, const float* __restrict__ top_p, WarpRow* __restrict__ rows,
     unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, unsigned* __restrict__ cand_keys,
-    unsigned* __restrict__ cand_count, int k, int gamma, int V, int slice, int round) {
+    unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked, int k, int gamma, int V, int slice,
+    int round) {
   __shared__ unsigned s_count[kBins];
   __shared__ unsigned s_cand[kList ? kCandidates : 1], s_cand_n, s_cand_base;  // kList (round 1): keys counted
   __shared__ unsigned s_mass_lo[kMass ? kBins : 1], s_mass_hi[kMass ? kBins : 1];  // 16-bit halves' sums
   __shared__ unsigned s_max;
   const int r = blockIdx.y;
+  if (picked && picked[r]) return;  // top_k.cu finished this row's step
   const float T = temperature[r];
   const bool p_on = top_p_on(top_p, r, T);
   const bool counting = kMass ? p_on : top_k_on(top_k, r, V, T);
@@ -160,9 +142,10 @@ template <bool kMass>
 __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
     WarpRow* __restrict__ rows, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
-    const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, float* __restrict__ threshold, int V,
-    int k, int gamma, int round, bool last_of_step) {
+    const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked,
+    float* __restrict__ threshold, int V, int k, int gamma, int round, bool last_of_step) {
   const int r = blockIdx.x;
+  if (picked && picked[r]) return;  // its row state stays zero
   const float T = temperature[r];
   const bool on = kMass ? top_p_on(top_p, r, T) : top_k_on(top_k, r, V, T);
   if (!on) {
@@ -275,8 +258,8 @@ WarpScratch WarpScratch::make(const at::Tensor& like, int R, bool top_p) {
 }
 
 void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
-                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits,
-                     cudaStream_t stream) {
+                     const float* top_p, WarpScratch& scratch, const unsigned* picked, float* threshold, int k,
+                     int splits, cudaStream_t stream) {
   const int R = U.size(0), gamma = U.size(1), V = U.size(2);
   splits = std::max(splits, (V + kMaxBlockEntries - 1) / kMaxBlockEntries);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8, at most kMaxBlockEntries
@@ -294,14 +277,14 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
       auto kernel = round == 1 ? (vec ? histogram_kernel<UT, kMass, true, true> : histogram_kernel<UT, kMass, false, true>)
                                : (vec ? histogram_kernel<UT, kMass, true, false> : histogram_kernel<UT, kMass, false, false>);
       kernel<<<dim3(splits, R), kWarpThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature, top_k, top_p,
-                                                           rows, counts, masses, cand_keys, cand_count, k,
-                                                           gamma, V, slice, round);
+                                                           rows, counts, masses, cand_keys, cand_count, picked,
+                                                           k, gamma, V, slice, round);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto pick = [&](auto mass, int round, bool last_of_step) {
       pick_kernel<decltype(mass)::value><<<R, kWarpThreads, 0, stream>>>(temperature, top_k, top_p, rows, counts,
-                                                                         masses, cand_keys, cand_count, threshold, V,
-                                                                         k, gamma, round, last_of_step);
+                                                                         masses, cand_keys, cand_count, picked,
+                                                                         threshold, V, k, gamma, round, last_of_step);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (!top_k) pass(std::false_type{}, 0);  // the row max only

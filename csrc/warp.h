@@ -20,10 +20,11 @@ struct WarpScratch {
 
 // threshold[r·γ + k] = the smallest x = (U_k + bias)/T request r keeps at step k (rows without a
 // warp, and greedy rows, keep their -inf). bias [R, V] fp32 is step k's; top_k [R] int64 (0 or >= V:
-// off) and top_p [R] fp32 (>= 1: off) may be null, not both. splits: blocks per request at least
-// (more where a block would take over 65536 entries). Launches on `stream`.
+// off) and top_p [R] fp32 (>= 1: off) may be null, not both. Rows with picked[r] set (top_k.cu's;
+// null: none) are skipped. splits: blocks per request at least (more where a block would take over
+// 65536 entries). Launches on `stream`.
 void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
-                     const float* top_p, WarpScratch& scratch, float* threshold, int k, int splits,
-                     cudaStream_t stream);
+                     const float* top_p, WarpScratch& scratch, const unsigned* picked, float* threshold, int k,
+                     int splits, cudaStream_t stream);
 
 }  // namespace dspark

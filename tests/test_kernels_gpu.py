@@ -309,6 +309,59 @@ def test_markov_chain_warped_rows_keep_what_their_threshold_keeps():
                 assert bool(kept.all())
 
 
+def _small_top_k_rows(R: int, V: int, gamma: int, u_dtype, seed: int):
+    """Chain inputs whose rows exercise top_k.cu: k in 1..64 (and 65, 100: warp.cu's), top-p on top
+    (p = 0 too) or not, greedy and T = 1 rows; six entries tied at the top across slices, a row with
+    fewer finite entries than k, and one whose top fifth ties (its lists overflow: warp.cu takes it)."""
+    case = MarkovCase(R, gamma, V, 256, u_dtype, torch.bfloat16, t_one_every=3, seed=seed)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ks = torch.tensor([1, 2, 20, 50, 64, 65, 100, 7])
+    top_k = ks[torch.arange(R) % len(ks)].to("cuda")
+    top_p = torch.tensor([1.0, 0.95, 0.0, 0.5])[torch.randint(0, 4, (R,), generator=g)].to("cuda")
+    temperature[5::11] = 0.0
+    zero_bias = torch.arange(V, device="cuda") % 5 == 0
+    w2[zero_bias] = 0  # x = U / T there: equal U, equal x
+    ids = 5 * torch.randperm(V // 5, generator=g)[:6].to("cuda")  # other slices, other race groups
+    U[::4, :, ids] = 40.0  # six entries tie far above the rest (k = 1: all six kept)
+    if R > 2:
+        U[2, :, 10:] = float("-inf")  # ten finite entries, k = 20: the row keeps everything
+        top_p[2] = 1.0
+        U[3, :, zero_bias] = 1000.0  # a fifth of the row ties at the top: lists overflow
+    return U, anchors, w1, w2, temperature, seeds, top_k, top_p
+
+
+@pytest.mark.parametrize("R,V,u_dtype", [(1, 151936, torch.bfloat16), (16, 151936, torch.bfloat16),
+                                         (128, 151936, torch.bfloat16), (130, 50001, torch.float32),
+                                         (9, 1000, torch.float16)])
+@pytest.mark.parametrize("return_q", [True, False])
+def test_small_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, return_q, monkeypatch):
+    """top_k.cu's one pass and pick (DSPARK_MARKOV_PATH=small-top-k: at any R) against warp.cu's
+    rounds (=radix) on the same inputs: the same thresholds and tokens bit for bit (the same kept
+    entries, the same race groups and noise), q_token, row stats and q rows to rounding (sums in
+    another order)."""
+    args = _small_top_k_rows(R, V, 3, u_dtype, seed=70 + R)
+    U, anchors, w1, w2, temperature, seeds, top_k, top_p = args
+
+    def chain(path):
+        monkeypatch.setenv("DSPARK_MARKOV_PATH", path)
+        poison_allocator()
+        return torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, return_q, None, None, None,
+                                             top_k, top_p)
+
+    fast, radix = chain("small-top-k"), chain("radix")
+    assert torch.equal(fast[7], radix[7])  # thresholds
+    assert torch.equal(fast[0], radix[0])  # tokens
+    torch.testing.assert_close(fast[1], radix[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast[4], radix[4], rtol=1e-5, atol=0)
+    if return_q:
+        torch.testing.assert_close(fast[2], radix[2], rtol=1e-5, atol=1e-12)
+    warped = (top_k > 0) & (temperature >= 1e-5)
+    assert bool((fast[7][warped] > float("-inf")).any())  # the warps bite
+    if R > 2:
+        assert bool((fast[7][2] == float("-inf")).all())  # ten finite entries under k = 20
+
+
 def test_ops_called_directly_refuse_what_they_would_misread():
     """torch.ops.dspark.* are public: inputs the Python layer would refuse must not reach a kernel.
     A W2 with more rows than V wrote past the chain's bias scratch; fp64 U or W was read as 16/32-bit
@@ -545,9 +598,13 @@ def test_held_rows_verify_with_the_rest_of_their_drafts_u_unread():
     assert rejected > 100
 
 
-def test_warped_chain_is_deterministic_and_captures_in_cuda_graph():
-    """The thresholds' integer histograms add in any order to the same sums: a replay of the captured
-    op, and a second eager call, give the same tokens and q bits."""
+@pytest.mark.parametrize("path", ["default", "small-top-k"])
+def test_warped_chain_is_deterministic_and_captures_in_cuda_graph(path, monkeypatch):
+    """The thresholds' integer histograms add in any order to the same sums, and top_k.cu merges its
+    race groups in a fixed order: a replay of the captured op, and a second eager call, give the
+    same tokens and q bits."""
+    if path != "default":
+        monkeypatch.setenv("DSPARK_MARKOV_PATH", path)
     case = MarkovCase(16, 4, 151936, 256, greedy_every=5, warps=True, seed=69)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     top_k, top_p = markov_warps(case)
