@@ -101,7 +101,7 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
     if len(parts) == 1 and list(first_rows) == list(range(first.tokens.shape[0])):
         return first
     # One copy per draft, not per run of its rows (rows interleaved from two steps are many runs),
-    # then one reorder into the batch's order where the drafts' rows interleave.
+    # each straight into its places in the batch.
     device = first.tokens.device
     rows_of: dict[int, tuple[MarkovDraft, list[int], list[int]]] = {}  # id(draft) -> draft, its rows, their places
     place = 0
@@ -112,16 +112,18 @@ def gather_drafts(parts: list[tuple[MarkovDraft, list[int]]]) -> MarkovDraft:
         place += len(rows)
     drafts = [d for d, _, _ in rows_of.values()]
     idx = [device_rows(rows, device) for _, rows, _ in rows_of.values()]
-    grouped = [p for _, _, places in rows_of.values() for p in places]  # batch place of each grouped row
-    order = None if grouped == list(range(place)) else device_rows(sorted(range(place), key=grouped.__getitem__), device)
+    at = [device_rows(places, device) for _, _, places in rows_of.values()] if len(drafts) > 1 else None
 
     def cat(field):
         items = [getattr(d, field) for d in drafts]
         if any(t is None for t in items):
             return None
-        picked = [t.index_select(0, i) for t, i in zip(items, idx)]
-        out = picked[0] if len(picked) == 1 else torch.cat(picked)  # one draft (a filter): no second copy
-        return out if order is None else out.index_select(0, order)
+        if at is None:  # one draft (a filter): its rows in order, one copy
+            return items[0].index_select(0, idx[0])
+        out = items[0].new_empty((place, *items[0].shape[1:]))
+        for t, rows, places in zip(items, idx, at):
+            out.index_copy_(0, places, t.index_select(0, rows))
+        return out
 
     if all(d.q is not None for d in drafts):
         return MarkovDraft(cat("tokens"), cat("q_token"), cat("q"), cat("prev_emb"), None, cat("confidence_logits"))
