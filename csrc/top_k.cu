@@ -136,18 +136,6 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
   }
 }
 
-__device__ __forceinline__ unsigned long long block_sum(unsigned long long v, unsigned long long* warp_sums) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  __syncthreads();  // warp_sums may still be read by an earlier call
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  unsigned long long total = 0;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-  return total;
-}
-
 // The K-th largest of keys[0 .. n) (n >= K), by radix selection in shared memory: four rounds of 8
 // key bits, each a histogram of the keys matching the bits fixed so far and a scan from the top.
 __device__ unsigned kth_largest(const unsigned* keys, unsigned n, int K, unsigned* bins, unsigned* warp_counts) {
@@ -240,7 +228,9 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
       s_mass[i] = fixed_mass(key_value(s_kept_key[i]) - m);
       mine += s_mass[i];
     }
-    const unsigned long long total = block_sum(mine, warp_sums);  // its barrier: s_mass written
+    unsigned long long total;
+    warps_exclusive_scan<kThreads / 32>(mine, static_cast<int>(threadIdx.x) / 32, warp_sums,
+                                        [] { __syncthreads(); }, &total);  // its barrier: s_mass written
     const unsigned long long target = top_p[r] <= 0.f ? 0ull : static_cast<unsigned long long>(
         ceil(static_cast<double>(top_p[r]) * static_cast<double>(total)));
     for (unsigned i = threadIdx.x; i < kept; i += kThreads) {
