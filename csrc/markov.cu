@@ -14,8 +14,8 @@
 //      q = exp(x - max) / sum in place (no fp32 bias round trip, no second read of U, one launch
 //      instead of γ); the cuBLAS path above writes its q rows per step from U and the bias scratch
 // Warped steps (top-k / top-p) write the bias out (bias_gemm): warp.cu finds each row's threshold
-// and step 2 masks below it; from R = 128 on, rows with top-k <= 64 are thresholded and sampled by
-// top_k.cu from one pass over the row instead, which writes their partials for step 3 (warp.cu and
+// and step 2 masks below it; from R = 64 on (32 with top-p), rows with top-k <= 64 are thresholded
+// and sampled by top_k.cu from one pass over the row instead, which writes their partials for step 3 (warp.cu and
 // step 2 skip them).
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
@@ -66,7 +66,9 @@ namespace dspark {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kSmallTopKFrom = 128;  // requests from which top-k <= 64 takes top_k.cu (below)
+// Requests from which top-k <= 64 takes top_k.cu (below); with a top-p tensor too, which spares
+// warp.cu's mass rounds, from fewer.
+constexpr int kSmallTopKFrom = 64, kSmallTopKWithTopPFrom = 32;
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row. kMasked: top-k/top-p rows,
 // entries below threshold[r·γ + k] (warp.cu) out, rows with picked[r] (top_k.cu) skipped.
@@ -1031,12 +1033,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto thresholds = at::full({warped ? R : 0, gamma}, -INFINITY, f32);  // -inf: the row keeps everything
   WarpScratch warp_scratch = warped ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
-  // Rows with top-k <= 64 take top_k.cu's one pass from R = 128 on, where it measured faster than
-  // warp.cu's rounds (H100: 1.3-1.9x); at R = 1 and 16 it measured up to 1.4x slower (its pick,
-  // one block per request, gathers about 1 % of the row). DSPARK_MARKOV_PATH=small-top-k takes it at
-  // any R, =radix never.
+  // Rows with top-k <= 64 take top_k.cu's one pass where it measured faster than warp.cu's rounds
+  // (H100, lazy: top-k 50 1.08x at R = 64, 1.25x at 128; with top-p 1.04-1.09x at 32, 1.5-1.9x from
+  // 64); below, up to 1.4x slower (its pick, one block per request, gathers about 1 % of the row).
+  // DSPARK_MARKOV_PATH=small-top-k takes it at any R, =radix never.
+  const int small_top_k_from = has_top_p ? kSmallTopKWithTopPFrom : kSmallTopKFrom;
   const bool small_top_k = has_top_k && !markov_path_forced("radix") &&
-                           (R >= kSmallTopKFrom || markov_path_forced("small-top-k"));
+                           (R >= small_top_k_from || markov_path_forced("small-top-k"));
   TopKScratch top_k_scratch = small_top_k ? TopKScratch::make(U, R, V) : TopKScratch{};
   const unsigned* picked = small_top_k ? reinterpret_cast<const unsigned*>(top_k_scratch.picked.data_ptr<int>()) : nullptr;
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},

@@ -1,6 +1,6 @@
 // Small top-k (k <= 64) for the Markov chain's warped steps from candidate lists (top_k.cu), called
-// by markov.cu (from R = 128 on) before warp.cu's radix selection, which then skips the rows this
-// finished.
+// by markov.cu (from R = 64 on, 32 with top-p) before warp.cu's radix selection, which then skips
+// the rows this finished.
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
