@@ -101,4 +101,17 @@ __device__ __forceinline__ T warps_exclusive_scan(T v, int warp, T* warp_sums, S
   return prior + before;
 }
 
+// Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait
+// for the previous kernel's results (and memory) before reading them.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 }  // namespace dspark

@@ -187,17 +187,4 @@ __device__ __forceinline__ void visit_lane_group(Partial& p, float x, int v, boo
   if (j == 0) p = combine(p, g);
 }
 
-// Programmatic dependent launch (sm_90): let the next kernel's blocks start as ours exit, and wait
-// for the previous kernel's results (and memory) before reading them.
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 }  // namespace dspark

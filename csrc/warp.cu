@@ -56,6 +56,8 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, unsigned* __restrict__ cand_keys,
     unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked, int k, int gamma, int V, int slice,
     int round) {
+  wait_previous_kernel();  // launched programmatically (with top-k) after the previous round's pick or top_k.cu's
+  allow_next_kernel();
   __shared__ unsigned s_count[kBins];
   __shared__ unsigned s_cand[kList ? kCandidates : 1], s_cand_n, s_cand_base;  // kList (round 1): keys counted
   __shared__ unsigned s_mass_lo[kMass ? kBins : 1], s_mass_hi[kMass ? kBins : 1];  // 16-bit halves' sums
@@ -144,6 +146,8 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     WarpRow* __restrict__ rows, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
     const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked,
     float* __restrict__ threshold, int V, int k, int gamma, int round, bool last_of_step) {
+  wait_previous_kernel();  // launched programmatically (with top-k) after its round's histogram pass
+  allow_next_kernel();
   const int r = blockIdx.x;
   if (picked && picked[r]) return;  // its row state stays zero
   const float T = temperature[r];
@@ -272,20 +276,27 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
     using UT = device_t<scalar_t>;
     const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
     const bool vec = V % 8 == 0 && aligned16(up);
+    // With a top-k tensor the rounds launch programmatically (H100, session 58: 1.10x at R = 1 and
+    // 1.02-1.05x above, top-k 50 alone 0.97x at R = 32); with top-p alone that measured 0.86-0.92x
+    // from R = 16 (cause not found), so those keep plain stream order.
+    const auto launch = [&](auto kernel, dim3 grid, auto... args) {
+      if (top_k) {
+        launch_programmatic(kernel, grid, dim3(kWarpThreads), 0, stream, args...);
+      } else {
+        kernel<<<grid, kWarpThreads, 0, stream>>>(args...);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    };
     const auto pass = [&](auto mass, int round) {
       constexpr bool kMass = decltype(mass)::value;
       auto kernel = round == 1 ? (vec ? histogram_kernel<UT, kMass, true, true> : histogram_kernel<UT, kMass, false, true>)
                                : (vec ? histogram_kernel<UT, kMass, true, false> : histogram_kernel<UT, kMass, false, false>);
-      kernel<<<dim3(splits, R), kWarpThreads, 0, stream>>>(up, bias.data_ptr<float>(), temperature, top_k, top_p,
-                                                           rows, counts, masses, cand_keys, cand_count, picked,
-                                                           k, gamma, V, slice, round);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, dim3(splits, R), up, bias.data_ptr<float>(), temperature, top_k, top_p, rows, counts, masses,
+             cand_keys, cand_count, picked, k, gamma, V, slice, round);
     };
     const auto pick = [&](auto mass, int round, bool last_of_step) {
-      pick_kernel<decltype(mass)::value><<<R, kWarpThreads, 0, stream>>>(temperature, top_k, top_p, rows, counts,
-                                                                         masses, cand_keys, cand_count, picked,
-                                                                         threshold, V, k, gamma, round, last_of_step);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pick_kernel<decltype(mass)::value>, dim3(R), temperature, top_k, top_p, rows, counts, masses, cand_keys,
+             cand_count, picked, threshold, V, k, gamma, round, last_of_step);
     };
     if (!top_k) pass(std::false_type{}, 0);  // the row max only
     for (int round = 0; top_k && round < 3; ++round) {

@@ -615,6 +615,29 @@ def test_warped_chain_is_deterministic_and_captures_in_cuda_graph(path, monkeypa
         again = torch.ops.dspark.markov_chain(*args)
         assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2]) and torch.equal(eager[7], again[7])
 
+@pytest.mark.parametrize("R", [1, 16, 128])
+@pytest.mark.parametrize("path", ["default", "radix", "top-p alone"])
+def test_warped_chain_draws_the_same_without_programmatic_launch(R, path, monkeypatch):
+    """warp.cu's rounds (given top-k) and top_k.cu's kernels start while their predecessor drains
+    and wait for it before reading: in plain stream order (DSPARK_PDL=0) the same thresholds, tokens
+    and q bits."""
+    if path == "radix":
+        monkeypatch.setenv("DSPARK_MARKOV_PATH", path)
+    case = MarkovCase(R, 4, 151936, 256, greedy_every=5 if R > 1 else 0, warps=True, seed=80 + R)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    top_k, top_p = markov_warps(case)
+    if path == "top-p alone":
+        top_k = None
+    args = (U, anchors, w1, w2, temperature, seeds, True, None, None, None, top_k, top_p)
+    poison_allocator()
+    programmatic = torch.ops.dspark.markov_chain(*args)
+    monkeypatch.setenv("DSPARK_PDL", "0")
+    poison_allocator()
+    plain = torch.ops.dspark.markov_chain(*args)
+    for i in (0, 1, 2, 7):  # tokens, q_token, q, thresholds
+        assert torch.equal(programmatic[i], plain[i]), i
+
+
 # R·γ on both sides of each power of two the sort pads to (256: no transposes; 512, 1024, 2048: 2, 4, 6)
 @pytest.mark.parametrize("R,R_stale,gamma,seed", [(1, 1, 7, 0), (5, 9, 7, 1), (16, 16, 7, 2), (128, 120, 7, 3),
                                                   (256, 256, 7, 4), (256, 256, 8, 5), (300, 40, 5, 6), (2, 1, 1, 7),
