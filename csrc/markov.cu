@@ -15,8 +15,8 @@
 //      instead of γ); the cuBLAS path above writes its q rows per step from U and the bias scratch
 // Warped steps (top-k / top-p) write the bias out (bias_gemm): warp.cu finds each row's threshold
 // and step 2 masks below it; from R = 64 on (32 with top-p), rows with top-k <= 64 are thresholded
-// and sampled by top_k.cu from one pass over the row instead, which writes their partials for step 3 (warp.cu and
-// step 2 skip them).
+// and sampled by top_k.cu from one pass over the row instead, which writes their partials for step 3
+// (warp.cu and step 2 skip them).
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps

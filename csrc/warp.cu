@@ -277,7 +277,7 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
     const UT* up = reinterpret_cast<const UT*>(U.data_ptr());
     const bool vec = V % 8 == 0 && aligned16(up);
     // With a top-k tensor the rounds launch programmatically (H100, session 58: 1.10x at R = 1 and
-    // 1.02-1.05x above, top-k 50 alone 0.97x at R = 32); with top-p alone that measured 0.86-0.92x
+    // 1.02-1.06x above, top-k 50 alone 0.97x at R = 32); with top-p alone that measured 0.86-0.92x
     // from R = 16 (cause not found), so those keep plain stream order.
     const auto launch = [&](auto kernel, dim3 grid, auto... args) {
       if (top_k) {

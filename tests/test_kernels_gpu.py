@@ -615,6 +615,7 @@ def test_warped_chain_is_deterministic_and_captures_in_cuda_graph(path, monkeypa
         again = torch.ops.dspark.markov_chain(*args)
         assert torch.equal(eager[0], again[0]) and torch.equal(eager[2], again[2]) and torch.equal(eager[7], again[7])
 
+
 @pytest.mark.parametrize("R", [1, 16, 128])
 @pytest.mark.parametrize("path", ["default", "radix", "top-p alone"])
 def test_warped_chain_draws_the_same_without_programmatic_launch(R, path, monkeypatch):
