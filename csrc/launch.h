@@ -55,11 +55,11 @@ constexpr int64_t kMaxGridY = 65535;
 
 // A kernel launched this way may start while the previous kernel drains (programmatic dependent
 // launch, sm_90+): it waits (wait_previous_kernel) before reading the previous kernel's output.
-// DSPARK_PDL=0 turns it off (plain stream order); so does a library without sm_90+ code for this
-// GPU, whose kernels could not wait (built_from).
+// `programmatic` false, DSPARK_PDL=0, or a library without sm_90+ code for this GPU (whose kernels
+// could not wait, built_from) launch it in plain stream order instead.
 template <typename... Params, typename... Args>
-void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                         Args... args) {
+void launch_in_order(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                     cudaStream_t stream, Args... args) {
   const char* off = std::getenv("DSPARK_PDL");
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -70,9 +70,14 @@ void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = at::cuda::getCurrentDeviceProperties()->major >= 9 && built_from(900) &&
+  config.numAttrs = programmatic && at::cuda::getCurrentDeviceProperties()->major >= 9 && built_from(900) &&
                     !(off && std::string(off) == "0") ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
+template <typename... Params, typename... Args>
+void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                         Args... args) {
+  launch_in_order(true, kernel, grid, block, smem, stream, args...);
 }
 
 // Raises a kernel's dynamic shared-memory limit to `bytes` on the current device. The attribute is
