@@ -23,6 +23,7 @@ Warped: the sampled chain with every request at top-k 50, top-p 0.9 or both (war
 on the materialized bias: 3, 4 or 6 histogram passes per step), q stored ("+q", against the torch
 reference, a sort per row and step) and q lazy (rejection rebuilds rows with the thresholds), each
 beside the unwarped chain the same way: the cost of the warp; floor as "markov sampled +q".
+", bound": the same top-k rows given the host-side top_k_max (= k), as the engines pass it.
 The scheduler (schedule_production, SPSTable.default()) is latency-bound: no floor, goal <= 20 µs
 at R = 256; timed per replay of a one-call graph (includes the graph launch) and per call inside a
 graph of 20 calls (its cost inside an engine's captured step). The production rejection path is
@@ -191,13 +192,14 @@ def bench_warped(R: int, bw: float, repeats: int, kernel_only: bool, temperature
         for return_q in (True, False)}
     floor = (GAMMA * V * RANK * 2 + R * GAMMA * V * 2 + R * GAMMA * V * 4) / bw
     rows = []
-    for name, (k, p) in WARPS.items():
+    for name, (k, p, bound) in [(name, warp + (None,)) for name, warp in WARPS.items()] + [
+            (f"{name}, bound", (k, p, k)) for name, (k, p) in WARPS.items() if k is not None]:
         top_k = None if k is None else torch.full((R,), k, dtype=torch.int64, device="cuda")
         top_p = None if p is None else torch.full((R,), p, device="cuda")
 
         def chain(return_q):
-            return lambda: markov_chain(U, anchors, w1, w2, temp, top_k=top_k, top_p=top_p, seeds=seeds,
-                                        return_q=return_q)
+            return lambda: markov_chain(U, anchors, w1, w2, temp, top_k=top_k, top_p=top_p, top_k_max=bound,
+                                        seeds=seeds, return_q=return_q)
 
         kernel = {return_q: statistics.median(time_replays(chain(return_q), repeats)) for return_q in (True, False)}
         reference = None

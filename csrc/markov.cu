@@ -16,7 +16,8 @@
 // Warped steps (top-k / top-p) write the bias out (bias_gemm): warp.cu finds each row's threshold
 // and step 2 masks below it; from R = 64 on (32 with top-p), rows with top-k <= 64 are thresholded
 // and sampled by top_k.cu from one pass over the row instead, which writes their partials for step 3
-// (warp.cu and step 2 skip them).
+// (warp.cu and step 2 skip them); given the caller's bound top_k_max <= 64, warp.cu is not launched
+// and top_k.cu also thresholds the warped rows it cannot sample (step 2 samples them).
 // On sm_90 steps 2 and 3 are launched as programmatic dependents: each may start as its
 // predecessor drains, and waits for it before reading its output.
 // Small batches (R <= 2, bf16/fp16 W1/W2 of rank 256) take one kernel per step instead: warps
@@ -67,8 +68,10 @@ namespace {
 
 constexpr int kThreads = 256;
 // Requests from which top-k <= 64 takes top_k.cu (below); with a top-p tensor too, which spares
-// warp.cu's mass rounds, from fewer.
+// warp.cu's mass rounds, from fewer; given the caller's bound top_k_max <= 64, which spares
+// warp.cu's launches altogether, from fewer still.
 constexpr int kSmallTopKFrom = 64, kSmallTopKWithTopPFrom = 32;
+constexpr int kBoundedSmallTopKFrom = 48, kBoundedSmallTopKWithTopPFrom = 1;
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row. kMasked: top-k/top-p rows,
 // entries below threshold[r·γ + k] (warp.cu) out, rows with picked[r] (top_k.cu) skipped.
@@ -956,7 +959,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
-    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, int64_t top_k_max) {
   TORCH_CHECK(U.is_cuda() && U.dim() == 3 && U.is_contiguous(), "dspark::markov_chain: U must be contiguous CUDA [R, γ, V]");
   // γ = 0 made prev_emb [R, 0, r], whose null data the anchors' gather wrote through
   TORCH_CHECK(U.size(0) >= 1 && U.size(1) >= 1 && U.size(2) >= 1, "dspark::markov_chain: U needs R, γ, V >= 1");
@@ -1032,14 +1035,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   bool chain = small && !markov_path_forced("step");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto thresholds = at::full({warped ? R : 0, gamma}, -INFINITY, f32);  // -inf: the row keeps everything
-  WarpScratch warp_scratch = warped ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
   // Rows with top-k <= 64 take top_k.cu's one pass where it measured faster than warp.cu's rounds
   // (H100, lazy: top-k 50 1.08x at R = 64, 1.25x at 128; with top-p 1.04-1.09x at 32, 1.5-1.9x from
   // 64); below, up to 1.4x slower (its pick, one block per request, gathers about 1 % of the row).
-  // DSPARK_MARKOV_PATH=small-top-k takes it at any R, =radix never.
-  const int small_top_k_from = has_top_p ? kSmallTopKWithTopPFrom : kSmallTopKFrom;
+  // The caller's host-side bound on the sampled rows' top-k (a row without one counting as V), at
+  // most 64: the lists take every row, so warp.cu's rounds, idle then, are not launched (12 a step
+  // with top-p); a row the lists cannot take after all (ties overflow them, or the bound was wrong)
+  // gets its threshold from top_k.cu's pick over the whole row, one block. Measured faster from
+  // fewer requests then (H100, session 60). DSPARK_MARKOV_PATH=small-top-k takes it at any R, =radix never.
+  const bool bounded = top_k_max > 0 && top_k_max <= kSmallTopKMax;
+  const int small_top_k_from = bounded ? (has_top_p ? kBoundedSmallTopKWithTopPFrom : kBoundedSmallTopKFrom)
+                                       : (has_top_p ? kSmallTopKWithTopPFrom : kSmallTopKFrom);
   const bool small_top_k = has_top_k && !markov_path_forced("radix") &&
                            (R >= small_top_k_from || markov_path_forced("small-top-k"));
+  const bool lists_take_all = small_top_k && bounded;
+  WarpScratch warp_scratch = warped && !lists_take_all ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
   TopKScratch top_k_scratch = small_top_k ? TopKScratch::make(U, R, V) : TopKScratch{};
   const unsigned* picked = small_top_k ? reinterpret_cast<const unsigned*>(top_k_scratch.picked.data_ptr<int>()) : nullptr;
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
@@ -1095,9 +1105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const float* pp = has_top_p ? top_p->data_ptr<float>() : nullptr;
           if (small_top_k) {
             top_k_candidates(U, bias, tp, kp, pp, seeds.data_ptr<int64_t>(), top_k_scratch,
-                             thresholds.data_ptr<float>(), parts, splits, k, stream);
+                             thresholds.data_ptr<float>(), parts, splits, k, lists_take_all, stream);
           }
-          if (warped) warp_thresholds(U, bias, tp, kp, pp, warp_scratch, picked, thresholds.data_ptr<float>(), k, splits, stream);
+          if (warped && !lists_take_all) warp_thresholds(U, bias, tp, kp, pp, warp_scratch, picked, thresholds.data_ptr<float>(), k, splits, stream);
           auto pass = warped ? (vec ? split_pass_kernel<UT, true, true> : split_pass_kernel<UT, false, true>)
                              : (vec ? split_pass_kernel<UT, true, false> : split_pass_kernel<UT, false, false>);
           launch_programmatic(pass, grid, dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,

@@ -9,7 +9,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
-    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p);
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, int64_t top_k_max);
 
 std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const at::Tensor& target, const std::optional<at::Tensor>& row_start, const at::Tensor& ell,
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& U, const at::Tensor& anchors, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& temperature, const at::Tensor& seeds, bool return_q, const std::optional<at::Tensor>& conf_h,
     const std::optional<at::Tensor>& conf_weight, const std::optional<at::Tensor>& conf_bias,
-    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p) {
+    const std::optional<at::Tensor>& top_k, const std::optional<at::Tensor>& top_p, int64_t top_k_max) {
   const c10::SymInt R = U.sym_size(0), gamma = U.sym_size(1), V = U.sym_size(2), rank = w1.sym_size(1);
   const c10::SymInt zero = 0;
   const bool confidence = conf_h.has_value() && conf_h->defined();
@@ -82,7 +82,7 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "markov_chain(Tensor U, Tensor anchors, Tensor w1, Tensor w2, Tensor temperature, Tensor seeds, "
       "bool return_q, Tensor? conf_h=None, Tensor? conf_weight=None, Tensor? conf_bias=None, Tensor? top_k=None, "
-      "Tensor? top_p=None) "
+      "Tensor? top_p=None, int top_k_max=0) "
       "-> (Tensor tokens, Tensor q_token, Tensor q, Tensor prev_emb, Tensor row_stats, Tensor block_counter, "
       "Tensor conf_logits, Tensor thresholds)");
   m.def(

@@ -13,7 +13,10 @@
 //     fixed-point masses, as warp.cu; then every race group holding a kept entry, as visit8 sees it
 //     in the split pass (the rest of the group -inf) with the split pass's noise: the same group
 //     keys, the same token, and partials that reduce_kernel merges as the split pass's.
-// A list that overflows (many ties: a constant row) leaves its row to warp.cu and the split pass.
+// A list that overflows (many ties: a constant row) leaves its row to warp.cu and the split pass;
+// when the caller skips warp.cu (its host-side bound puts every row's top-k at most 64), the pick
+// finds that row's threshold over the whole row itself, as it does for any other warped row the
+// lists cannot take, and the split pass samples it.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -32,7 +35,6 @@ namespace dspark {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxK = 64;
 constexpr int kSlice = 4096;     // entries per slice-pass block, 16 per thread
 constexpr int kListCap = 1024;   // a slice's entries >= θ
 constexpr int kKeep = 128;       // a slice's top-k with ties, as stored
@@ -41,7 +43,7 @@ constexpr int kKeptCap = 256;    // the row's top-k with its ties
 constexpr unsigned kNegInfKey = 0x007fffffu;  // order_key(-inf): entries at or below it weigh nothing
 
 __device__ __forceinline__ bool small_top_k(const int64_t* top_k, int r, int V, float T) {
-  return top_k_on(top_k, r, V, T) && top_k[r] <= kMaxK;
+  return top_k_on(top_k, r, V, T) && top_k[r] <= kSmallTopKMax;
 }
 
 template <typename UT, bool kVec>
@@ -163,16 +165,122 @@ __device__ unsigned kth_largest(const unsigned* keys, unsigned n, int K, unsigne
   return prefix;
 }
 
+// Step k's x = (U_k + bias) / T of one row, computed as the split pass computes it, as order keys.
+template <typename UT>
+struct RowKeys {
+  const UT* u;
+  const float* b;
+  float T;
+  int V;
+  __device__ __forceinline__ unsigned operator[](int v) const { return order_key((to_float(u[v]) + b[v]) / T); }
+};
+
+template <typename UT>
+__device__ unsigned row_max_key(const RowKeys<UT>& row) {
+  __shared__ unsigned s_max;
+  if (threadIdx.x == 0) s_max = 0;
+  __syncthreads();
+  unsigned mine = 0;
+  for (int v = threadIdx.x; v < row.V; v += kThreads) mine = max(mine, row[v]);
+  atomicMax(&s_max, mine);
+  __syncthreads();
+  return s_max;
+}
+
+constexpr int kFlushEntries = 65536;  // 65536 · (2^16 - 1) < 2^32: the 16-bit halves' sums fit
+
+// The largest key u of the row (keys below `floor` left out) whose weight at and above it reaches
+// the target: with counts (kMass false) and target K the K-th largest key, ties kept; with masses
+// exp(x - m) in warp_rule.cuh's fixed point and target ceil(p·Z) (Z: the mass at and above floor;
+// p <= 0: 0, the largest key) top-p's threshold: the key warp.cu's rounds find. Four rounds of 8
+// key bits in this one block, each reading the row; thread t holds digit 255 - t. Masses add in
+// shared memory as 16-bit halves on 32-bit counters, taken into 64 bits every kFlushEntries
+// entries (warp.cu's scheme: a 64-bit shared atomic add is a compare-and-swap loop). kNegInfKey
+// (keep the whole row) if no key reaches the target, which the targets do not allow.
+template <bool kMass, typename UT>
+__device__ unsigned select_in_row(const RowKeys<UT>& row, unsigned floor, float m, float p, int K) {
+  __shared__ unsigned s_count[kThreads], s_lo[kThreads], s_hi[kThreads];
+  __shared__ unsigned long long s_warp[kThreads / 32], s_above;
+  __shared__ int s_digit;
+  const int digit = kThreads - 1 - static_cast<int>(threadIdx.x);
+  unsigned prefix = 0;
+  unsigned long long above = 0, target = static_cast<unsigned long long>(K);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    unsigned count = 0;
+    unsigned long long weight = 0;
+    for (int base = 0; base < row.V; base += kFlushEntries) {
+      s_count[threadIdx.x] = s_lo[threadIdx.x] = s_hi[threadIdx.x] = 0;
+      if (threadIdx.x == 0) s_digit = -1;
+      __syncthreads();
+      const int end = min(row.V, base + kFlushEntries);
+      for (int v = base + static_cast<int>(threadIdx.x); v < end; v += kThreads) {
+        const unsigned key = row[v];
+        if (key < floor || (shift < 24 && key >> (shift + 8) != prefix >> (shift + 8))) continue;
+        const unsigned d = key >> shift & 255u;
+        atomicAdd(&s_count[d], 1u);
+        if constexpr (kMass) {
+          const unsigned mass = fixed_mass(key_value(key) - m);
+          atomicAdd(&s_lo[d], mass & 0xffffu);
+          atomicAdd(&s_hi[d], mass >> 16);
+        }
+      }
+      __syncthreads();
+      count += s_count[digit];
+      weight += kMass ? (static_cast<unsigned long long>(s_hi[digit]) << 16) + s_lo[digit] : s_count[digit];
+      __syncthreads();  // the bins read before the next chunk zeroes them
+    }
+    unsigned long long total;
+    const unsigned long long before = above + warps_exclusive_scan<kThreads / 32>(  // the digits above mine
+        weight, static_cast<int>(threadIdx.x) / 32, s_warp, [] { __syncthreads(); }, &total);
+    if (kMass && shift == 24)
+      target = p <= 0.f ? 0ull : static_cast<unsigned long long>(ceil(static_cast<double>(p) * static_cast<double>(total)));
+    if (count > 0 && before + weight >= target) atomicMax(&s_digit, digit);  // the first from the top
+    __syncthreads();
+    const int chosen = s_digit;
+    if (chosen < 0) return kNegInfKey;
+    if (digit == chosen) s_above = before;
+    __syncthreads();
+    prefix |= static_cast<unsigned>(chosen) << shift;
+    above = s_above;
+    __syncthreads();  // s_digit and s_above read before the next round writes them
+  }
+  return prefix;
+}
+
+// Threshold of a warped row the candidate lists do not take, over the whole row: top-k's key, then
+// top-p's at and above it (warp.cu's rule, one block instead of its rounds; see select_in_row).
+template <typename UT>
+__device__ void whole_row_threshold(const RowKeys<UT>& row, const int64_t* top_k, const float* top_p, int r,
+                                    float* threshold) {
+  unsigned key = 0;  // no floor
+  if (top_k_on(top_k, r, row.V, row.T)) key = select_in_row<false>(row, 0u, 0.f, 0.f, static_cast<int>(top_k[r]));
+  if (top_p_on(top_p, r, row.T)) key = select_in_row<true>(row, key, key_value(row_max_key(row)), top_p[r], 0);
+  if (threadIdx.x == 0) *threshold = key_value(key);
+}
+
+template <typename UT>
 __global__ void __launch_bounds__(kThreads) pick_kernel(
-    const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
-    const int64_t* __restrict__ seeds, const unsigned* __restrict__ keys, const int* __restrict__ ids,
-    const int* __restrict__ count, const unsigned* __restrict__ kth_key, unsigned* __restrict__ overflow,
-    unsigned* __restrict__ picked, float* __restrict__ threshold, Partial* __restrict__ partials, int parts, int k,
-    int gamma, int V, int slices) {
+    const UT* __restrict__ U, const float* __restrict__ bias, const float* __restrict__ temperature,
+    const int64_t* __restrict__ top_k, const float* __restrict__ top_p, const int64_t* __restrict__ seeds,
+    const unsigned* __restrict__ keys, const int* __restrict__ ids, const int* __restrict__ count,
+    const unsigned* __restrict__ kth_key, unsigned* __restrict__ overflow, unsigned* __restrict__ picked,
+    float* __restrict__ threshold, Partial* __restrict__ partials, int parts, int k, int gamma, int V, int slices,
+    bool whole_rows) {
   wait_previous_kernel();  // launched programmatically after the slice pass
   const int r = blockIdx.x;
   const float T = temperature[r];
-  if (!small_top_k(top_k, r, V, T)) return;
+  const RowKeys<UT> row{U + (static_cast<int64_t>(r) * gamma + k) * V, bias + static_cast<int64_t>(r) * V, T, V};
+  float* row_threshold = threshold + static_cast<int64_t>(r) * gamma + k;
+  // A row the lists do not take (picked[r] 0: the split pass samples it): its threshold from the
+  // whole row when warp.cu's rounds do not run.
+  const auto leave = [&] {
+    if (threadIdx.x == 0) picked[r] = 0;
+    if (whole_rows) whole_row_threshold(row, top_k, top_p, r, row_threshold);
+  };
+  if (!small_top_k(top_k, r, V, T)) {
+    if (whole_rows && (top_k_on(top_k, r, V, T) || top_p_on(top_p, r, T))) leave();  // k > 64, or top-p alone
+    return;
+  }
   const int K = static_cast<int>(top_k[r]);
   __shared__ unsigned s_key[kPickCap], s_bins[kThreads], s_warp_counts[kThreads / 32];
   __shared__ int s_id[kPickCap];
@@ -184,7 +292,8 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
   if (threadIdx.x == 0) s_floor = s_n = s_kept = s_max = s_final = 0;
   __syncthreads();  // overflow read by every thread
   if (overflowed) {
-    if (threadIdx.x == 0) overflow[r] = 0, picked[r] = 0;
+    if (threadIdx.x == 0) overflow[r] = 0;
+    leave();
     return;
   }
   // The listed entries at or above the largest of the slices' k-th keys (a bound on the row's).
@@ -202,8 +311,8 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
   }
   __syncthreads();
   const unsigned n = s_n;
-  if (n == 0 || n > kPickCap) {  // a row all -inf (bad input), or too many ties: warp.cu's
-    if (threadIdx.x == 0) picked[r] = 0;
+  if (n == 0 || n > kPickCap) {  // a row all -inf (bad input), or too many ties
+    leave();
     return;
   }
   // Top-k: the K-th largest key, ties kept; everything (-inf too) when fewer than K are above -inf.
@@ -216,8 +325,8 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
   }
   __syncthreads();
   const unsigned kept = s_kept;
-  if (kept > kKeptCap) {  // ties at the threshold: warp.cu's
-    if (threadIdx.x == 0) picked[r] = 0;
+  if (kept > kKeptCap) {  // ties at the threshold
+    leave();
     return;
   }
   unsigned final_key = top_k_key;
@@ -274,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
   for (int i = threadIdx.x; i < parts; i += kThreads)
     partials[static_cast<int64_t>(r) * parts + i] = i == 0 ? p : empty_partial();  // thread 0 holds p
   if (threadIdx.x == 0) {
-    threshold[static_cast<int64_t>(r) * gamma + k] = key_value(final_key);
+    *row_threshold = key_value(final_key);
     picked[r] = 1u;
   }
 }
@@ -290,7 +399,7 @@ TopKScratch TopKScratch::make(const at::Tensor& like, int R, int V) {
 
 void top_k_candidates(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
                       const float* top_p, const int64_t* seeds, TopKScratch& scratch, float* threshold,
-                      Partial* partials, int parts, int k, cudaStream_t stream) {
+                      Partial* partials, int parts, int k, bool whole_rows, cudaStream_t stream) {
   const int R = U.size(0), gamma = U.size(1), V = U.size(2), slices = scratch.count.size(1);
   auto* keys = reinterpret_cast<unsigned*>(scratch.keys.data_ptr<int>());
   auto* kth_key = reinterpret_cast<unsigned*>(scratch.kth_key.data_ptr<int>());
@@ -303,10 +412,10 @@ void top_k_candidates(const at::Tensor& U, const at::Tensor& bias, const float* 
     launch_programmatic(slice, dim3(slices, R), dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), temperature,
                         top_k, keys, scratch.ids.data_ptr<int>(), scratch.count.data_ptr<int>(), kth_key, overflow,
                         k, gamma, V);
+    launch_programmatic(pick_kernel<UT>, dim3(R), dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), temperature,
+                        top_k, top_p, seeds, keys, scratch.ids.data_ptr<int>(), scratch.count.data_ptr<int>(), kth_key,
+                        overflow, picked, threshold, partials, parts, k, gamma, V, slices, whole_rows);
   });
-  launch_programmatic(pick_kernel, dim3(R), dim3(kThreads), 0, stream, temperature, top_k, top_p, seeds, keys,
-                      scratch.ids.data_ptr<int>(), scratch.count.data_ptr<int>(), kth_key, overflow, picked, threshold,
-                      partials, parts, k, gamma, V, slices);
 }
 
 }  // namespace dspark

@@ -23,13 +23,17 @@ struct TopKScratch {
   static TopKScratch make(const at::Tensor& like, int R, int V);
 };
 
+constexpr int kSmallTopKMax = 64;  // the largest top-k the candidate lists take
+
 // Step k of the sampled rows with 0 < top_k < V, top_k <= 64 (and top-p on top, if given): from x =
 // (U_k + bias) / T, the rule of warp_rule.cuh, threshold[r·γ + k] and the race (race.cuh's groups,
 // the split pass's noise) into partials[r·parts .. +parts) (the first the winner, the rest empty),
-// so reduce_kernel merges them as the split pass's. Rows it cannot take (a list full of ties)
-// are left to warp_thresholds and the split pass, picked[r] = 0. Launches on `stream`.
+// so reduce_kernel merges them as the split pass's. Rows it cannot take (a list full of ties) are
+// left to the split pass, picked[r] = 0, with their thresholds from warp_thresholds, or, given
+// whole_rows (warp_thresholds not run), from one block reading the row; whole_rows also covers
+// the other warped rows (top-k > 64, top-p alone). Launches on `stream`.
 void top_k_candidates(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
                       const float* top_p, const int64_t* seeds, TopKScratch& scratch, float* threshold,
-                      Partial* partials, int parts, int k, cudaStream_t stream);
+                      Partial* partials, int parts, int k, bool whole_rows, cudaStream_t stream);
 
 }  // namespace dspark

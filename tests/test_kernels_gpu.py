@@ -362,6 +362,42 @@ def test_small_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, return_q, m
         assert bool((fast[7][2] == float("-inf")).all())  # ten finite entries under k = 20
 
 
+@pytest.mark.parametrize("R,V,u_dtype", [(1, 151936, torch.bfloat16), (40, 151936, torch.bfloat16),
+                                         (128, 151936, torch.bfloat16), (130, 50001, torch.float32),
+                                         (9, 1000, torch.float16)])
+def test_a_host_bound_on_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, monkeypatch):
+    """Given top_k_max <= 64 the chain launches no radix rounds where top_k.cu takes the batch, and
+    top_k.cu's pick finds the threshold of every warped row its lists do not take over the whole
+    row: lists overflowed by ties, rows above the bound (k = 65, 100: the bound is wrong), rows
+    with top-p alone (k = 0). The same thresholds and tokens bit for bit as warp.cu's rounds, on
+    every call."""
+    args = _small_top_k_rows(R, V, 3, u_dtype, seed=90 + R)
+    U, anchors, w1, w2, temperature, seeds, top_k, top_p = args
+    top_k[1::9] = 0
+    top_p[1::9] = 0.9
+
+    def chain(path, top_k_max=0, return_q=True):
+        monkeypatch.setenv("DSPARK_MARKOV_PATH", path)
+        poison_allocator()
+        return torch.ops.dspark.markov_chain(U, anchors, w1, w2, temperature, seeds, return_q, None, None, None,
+                                             top_k, top_p, top_k_max)
+
+    radix = chain("radix")
+    for path in ("small-top-k", "default"):
+        bound = chain(path, top_k_max=64)
+        assert torch.equal(bound[7], radix[7])  # thresholds
+        assert torch.equal(bound[0], radix[0])  # tokens
+        torch.testing.assert_close(bound[1], radix[1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(bound[4], radix[4], rtol=1e-5, atol=0)
+        torch.testing.assert_close(bound[2], radix[2], rtol=1e-5, atol=1e-12)
+        again = chain(path, top_k_max=64, return_q=False)
+        assert torch.equal(again[7], bound[7]) and torch.equal(again[0], bound[0])
+    sampled = temperature >= 1e-5
+    assert bool((radix[7][sampled & (top_k == 0)] > float("-inf")).all())  # top-p alone bites
+    if R > 2:
+        assert bool((radix[7][3] > float("-inf")).all()) and top_k[3] <= 64  # the overflowing row is warped
+
+
 def test_ops_called_directly_refuse_what_they_would_misread():
     """torch.ops.dspark.* are public: inputs the Python layer would refuse must not reach a kernel.
     A W2 with more rows than V wrote past the chain's bias scratch; fp64 U or W was read as 16/32-bit
@@ -598,18 +634,20 @@ def test_held_rows_verify_with_the_rest_of_their_drafts_u_unread():
     assert rejected > 100
 
 
-@pytest.mark.parametrize("path", ["default", "small-top-k"])
+@pytest.mark.parametrize("path", ["default", "small-top-k", "bound"])
 def test_warped_chain_is_deterministic_and_captures_in_cuda_graph(path, monkeypatch):
     """The thresholds' integer histograms add in any order to the same sums, and top_k.cu merges its
     race groups in a fixed order: a replay of the captured op, and a second eager call, give the
-    same tokens and q bits."""
-    if path != "default":
+    same tokens and q bits. "bound": top_k_max = 64, wrong for the rows of k up to 200 and those of
+    top-p alone, whose thresholds top_k.cu's pick then finds over the whole row."""
+    if path == "small-top-k":
         monkeypatch.setenv("DSPARK_MARKOV_PATH", path)
     case = MarkovCase(16, 4, 151936, 256, greedy_every=5, warps=True, seed=69)
     U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
     top_k, top_p = markov_warps(case)
     for return_q in (True, False):
-        args = (U, anchors, w1, w2, temperature, seeds, return_q, None, None, None, top_k, top_p)
+        args = (U, anchors, w1, w2, temperature, seeds, return_q, None, None, None, top_k, top_p,
+                64 if path == "bound" else 0)
         eager = _graph_replays_match_eager(torch.ops.dspark.markov_chain, args, replays=2, outputs=(0, 1, 7))
         poison_allocator()
         again = torch.ops.dspark.markov_chain(*args)

@@ -191,6 +191,25 @@ def test_bad_warp_values_raise_instead_of_drafting_silently(warp, message):
     assert draft.q_token[0].tolist() == [1.0] * 4  # T = -1: greedy
 
 
+@pytest.mark.parametrize("bound", [-1, 2.0, True, "20"])
+def test_a_top_k_bound_that_is_not_a_count_is_refused(bound):
+    U, anchors, w1, w2 = _setup(R=3)
+    with pytest.raises(ValueError, match="top_k_max must be an int >= 0 or None"):
+        markov_chain(U, anchors, w1, w2, torch.ones(3), top_k=torch.tensor([2, 3, 4]), top_k_max=bound,
+                     seeds=torch.arange(3))
+
+
+def test_the_top_k_bound_does_not_change_the_draft():
+    """top_k_max only tells the CUDA chain what it may skip: whether it is right (4), wrong (2) or
+    absent, the reference draws the same block."""
+    U, anchors, w1, w2 = _setup(R=3)
+    args = (U, anchors, w1, w2, torch.tensor([0.8, 1.0, 0.0]))
+    warps = {"top_k": torch.tensor([2, 4, 3]), "top_p": torch.tensor([0.9, 1.0, 0.5]), "seeds": torch.arange(3)}
+    drafts = [markov_chain(*args, **warps, top_k_max=bound) for bound in (None, 4, 2)]
+    for d in drafts[1:]:
+        assert torch.equal(d.tokens, drafts[0].tokens) and torch.equal(d.q, drafts[0].q)
+
+
 @pytest.mark.parametrize("value, message", [
     (float("nan"), r"contains NaN or \+inf values"),
     (float("inf"), r"contains NaN or \+inf values"),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dspark_cli import tiny_models
-from dspark_cli.integrations.tgi.draft import DSparkDraft
+from dspark_cli.integrations.tgi.draft import DSparkDraft, _top_k_bound
 from dspark_cli.integrations.tgi.hooks import pad_drafts
 from dspark_cli.integrations.tgi.speculation import DSparkSpeculation, layer_output, uniform_verify_length
 from dspark_cli.runtime import SPSTable
@@ -79,7 +79,7 @@ from types import SimpleNamespace
 import torch
 from dspark_cli import tiny_models
 from dspark_cli.engine_install import generate_stubs
-from dspark_cli.integrations.tgi.draft import DSparkDraft
+from dspark_cli.integrations.tgi.draft import DSparkDraft, _top_k_bound
 from dspark_cli.integrations.tgi.speculation import DSparkSpeculation
 tree, draft = Path(sys.argv[1]), sys.argv[2]
 generate_stubs(tree, lambda line: None)
@@ -427,6 +427,16 @@ def _random_draft_with_q_on_the_support(support, V, g):
     w["lm_head.weight"] = head * 3
     w.update(tiny_models.layer_tensors("layers.0", g, 0.1, hidden=d, head_dim=8))
     return DSparkDraft(cfg, w)
+
+
+def test_the_host_side_top_k_bound_counts_the_rows_that_sample():
+    """TGI's warps reach the drafter on the host: the bound the CUDA chain skips work with is the
+    largest top-k of the sampled rows, a row without top-k (0) counting as the vocabulary."""
+    assert _top_k_bound(torch.tensor([20, 50, 7]), torch.tensor([1.0, 0.0, 0.5]), 100) == 20  # greedy 50 left out
+    assert _top_k_bound(torch.tensor([0, 20, 7]), torch.tensor([0.7, 1.0, 0.5]), 100) == 100
+    assert _top_k_bound(torch.tensor([20, 150]), torch.tensor([1.0, 1.0]), 100) == 100
+    assert _top_k_bound(torch.tensor([20, 50]), torch.tensor([0.0, 0.0]), 100) is None
+    assert _top_k_bound(None, torch.tensor([1.0]), 100) is None
 
 
 def test_layer_output_sums_tgi_deferred_residual():

@@ -61,13 +61,20 @@ params = {"free": SamplingParams(temperature=0.5),
 p = proposer(params)
 # V1's batch holds a greedy request's temperature as 0.0
 meta = metadata([0.5, 1.0, 0.7, 0.0], top_k=torch.tensor([5, 6, 7, 8]), top_p=torch.tensor([0.9, 0.8, 0.7, 0.6]))
-temperature, top_k, top_p = p._draft_warps(meta, 4, 16)
+temperature, top_k, top_p, bound_unknown = p._draft_warps(meta, 4, 16)
+# InputBatch's host copies (a greedy row holds 0.0 and, without top-k, the vocabulary size)
+p.runner.input_batch.temperature_cpu = meta.temperature.numpy()
+p.runner.input_batch.top_k_cpu = meta.top_k.numpy()
+bound = p._draft_warps(meta, 4, 16)[3]
+p.runner.input_batch.top_k_cpu = meta.top_k.numpy()[[3, 1, 2, 0]]
+no_top_k_bound = p._draft_warps(meta, 4, 16)[3]
 g = torch.Generator().manual_seed(0)
 U = torch.randn(4, 3, 16, generator=g)
 draft = markov_chain(U, torch.tensor([1, 2, 3, 4]), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g),
                      temperature, generator=g)
 one_hot = [bool(((draft.q[i] == 0) | (draft.q[i] == 1)).all()) for i in range(4)]
 print(json.dumps({"temperature": temperature.tolist(), "top_k": top_k.tolist(), "top_p": top_p.tolist(),
+                  "bounds": [bound_unknown, bound, no_top_k_bound],
                   "metadata_untouched": meta.temperature.tolist(), "q_one_hot": one_hot}))
 """
 
@@ -83,6 +90,8 @@ def test_requests_with_structured_outputs_draft_greedily():
     assert out["top_k"] == [5, 6, 7, 8] and out["top_p"] == pytest.approx([0.9, 0.8, 0.7, 0.6]), out
     assert out["metadata_untouched"] == pytest.approx([0.5, 1.0, 0.7, 0.0]), out  # the runner's tensor is not written
     assert out["q_one_hot"] == [False, True, True, True], out
+    # the CUDA chain's top_k_max: the top-k of the one row that samples, from the runner's host arrays
+    assert out["bounds"] == [None, 5, 8], out
 
 
 def test_structured_output_cut_is_exact_only_for_one_hot_drafts():

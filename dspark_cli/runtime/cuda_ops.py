@@ -95,13 +95,14 @@ def available(*tensors) -> bool:
     return load() is not None
 
 
-def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None, generator=None,
-                 return_q=True, confidence=None):
+def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, top_k_max=None, seeds=None,
+                 generator=None, return_q=True, confidence=None):
     """Covers: seeded (counter-based) noise, greedy and sampled rows mixed, top-k/top-p per request,
     w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes; the confidence head
     with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call). With
     top_k or top_p and q lazy the draft's source carries the chain's thresholds [R, γ]: rejection
-    rebuilds the warped rows with them."""
+    rebuilds the warped rows with them. top_k_max (the caller's host-side bound on every row's
+    top-k) at most 64 spares warp.cu's rounds where top_k.cu's lists take the rows."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
     if seeds is None or w1.dtype != w2.dtype or U.shape[0] > MAX_REQUESTS:
@@ -123,7 +124,7 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     temperature = temperature.to(torch.float32).contiguous()
     tokens, q_token, q, prev_emb, row_stats, block_counter, z, thresholds = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
-        seeds.contiguous(), return_q, *conf, *warps)
+        seeds.contiguous(), return_q, *conf, *warps, top_k_max or 0)
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, *warps, row_stats, block_counter,
                                                   thresholds if warped else None)
     return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source,

@@ -223,7 +223,7 @@ def residual_row(U_k, prev, w1, w2, temperature, *, top_k=None, top_p=None) -> t
                         temperature.float(), top_k, top_p)
 
 
-def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, seeds=None,
+def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, top_k_max=None, seeds=None,
                  generator=None, return_q=True, confidence=None) -> MarkovDraft:
     """Draft γ tokens per request, sequential over positions, batched over requests.
 
@@ -233,7 +233,10 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     Greedy requests (temperature < 1e-5) take the argmax and get q = one-hot.
     confidence = (h [R, γ, d], weight [1, d+r] or [d+r], bias [1] or None): the draft also carries the
     confidence head's logits confidence_logits(h, prev_emb, weight, bias) (the CUDA chain computes
-    them in its own last launch)."""
+    them in its own last launch).
+    top_k_max: a bound the caller knows on the host, no sampled row's top-k above it (a row without
+    top-k counts as V; greedy rows do not count), or None. The draft is the same whatever it says:
+    only the CUDA chain's speed depends on it (docs/kernels.md)."""
     _checks.tensor("U", U, 3, _checks.FLOAT_DTYPES)
     _checks.nonempty_batch("U", U)
     R, gamma, V = U.shape
@@ -242,6 +245,8 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
     _check_markov_weights(w1, w2, V)
     _check_token_vector("anchors", anchors, R, V)
     check_warps(temperature, top_k, top_p, R)
+    if top_k_max is not None and (isinstance(top_k_max, bool) or not isinstance(top_k_max, int) or top_k_max < 0):
+        raise ValueError(f"top_k_max must be an int >= 0 or None, got {_describe(top_k_max)}")
     if seeds is not None:
         _checks.request_vector("seeds", seeds, R, (torch.int64,))
     _checks.generator(generator)
@@ -257,7 +262,8 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, see
 
     tensors = [t for t in (U, anchors, w1, w2, temperature, top_k, top_p, seeds) if t is not None]
     out = try_cuda("markov_chain", tensors, U, anchors, w1, w2, temperature, top_k=top_k,
-                   top_p=top_p, seeds=seeds, generator=generator, return_q=return_q, confidence=confidence)
+                   top_p=top_p, top_k_max=top_k_max, seeds=seeds, generator=generator, return_q=return_q,
+                   confidence=confidence)
     if out is not NotImplemented:
         return out
 

@@ -30,6 +30,7 @@ from dspark_cli import runtime
 from dspark_cli.integrations.tgi.draft_graphs import DraftGraphs, graphs_wanted
 from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
 from dspark_cli.runtime import _checks, cuda_ops
+from dspark_cli.runtime.sampling import is_greedy
 
 # Key rows (requests × padded context + block) one batched attention call may gather per layer: a
 # bound on its transient K/V copy (at 8 KV heads × 128 dims, bf16, 512 MB for K and V together).
@@ -409,6 +410,7 @@ class DSparkDraft:
                                      w["markov_head.markov_w2.weight"], temperature.to(dev, torch.float32),
                                      top_k=None if top_k is None else top_k.to(dev),
                                      top_p=None if top_p is None else top_p.to(dev),
+                                     top_k_max=_top_k_bound(top_k, temperature, U.shape[-1]),
                                      seeds=None if seeds is None else seeds.to(dev), generator=generator,
                                      confidence=head, return_q=False)
         if draft.confidence_logits is not None:  # the head's logits come with the draft
@@ -438,6 +440,18 @@ class AttentionChunk:
     index: torch.Tensor | None
     context: torch.Tensor | None
     keep: torch.Tensor
+
+
+def _top_k_bound(top_k: torch.Tensor | None, temperature: torch.Tensor, vocab: int) -> int | None:
+    """The sampled rows' largest top-k (none: the vocabulary size) when the hooks hand the warps
+    over on the host, as TGI's do: the CUDA chain skips work with it, the draft is the same."""
+    if top_k is None or top_k.is_cuda or temperature.is_cuda:
+        return None
+    sampled = ~is_greedy(temperature)
+    if not bool(sampled.any()):
+        return None
+    k = top_k[sampled]
+    return int(torch.where((k > 0) & (k < vocab), k, vocab).max())
 
 
 def _attention_chunks(pool: KVPool, request_ids: list[int], block: int, device) -> list[AttentionChunk]:

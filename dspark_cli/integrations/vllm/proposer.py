@@ -16,6 +16,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.dflash import DFlashProposer
 
 from dspark_cli.runtime import check_markov_weight_values, confidence_probs, cuda_ops, markov_chain, rng, survival
+from dspark_cli.runtime.sampling import GREEDY_BELOW
 
 from dspark_cli.integrations.vllm.confidence_head import confidence_head_fp32
 from dspark_cli.integrations.vllm.draft_probs import PendingDraftProbs
@@ -202,13 +203,13 @@ class DSparkProposer(DFlashProposer):
         U = self.model.compute_draft_logits(h.reshape(R * gamma, -1)).view(R, gamma, -1)
         V = U.shape[-1]
         head = self.model.model.markov_head
-        temperature, top_k, top_p = self._draft_warps(sampling_metadata, R, V)
+        temperature, top_k, top_p, top_k_max = self._draft_warps(sampling_metadata, R, V)
         # host-side (sampling_metadata.all_greedy): reading the temperatures would sync every step
         need_q = self._samples(sampling_metadata) and (not self.lazy_q or warped_by_torch(U, top_k, top_p))
         confidence = None if self.confidence_head is None else (h, *self.confidence_head)
         # copies: a lazy block keeps its anchors and warps until verified, the runner's buffers change
         draft = markov_chain(U, next_token_ids[:R].to(torch.int64, copy=True), head.markov_w1.weight,
-                             head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p,
+                             head.markov_w2.weight[:V], temperature, top_k=top_k, top_p=top_p, top_k_max=top_k_max,
                              seeds=self._draft_seeds(sampling_metadata, U, R), return_q=need_q,
                              confidence=confidence)
         # The block always drafts γ; vLLM's scheduler may ask for fewer this step
@@ -358,10 +359,11 @@ class DSparkProposer(DFlashProposer):
         for requests with structured outputs: vLLM's scheduler cuts their drafts at the first token
         the grammar rejects, which is exact for a one-hot q (that draft would be rejected surely,
         with residual p) but biased for a sampled one (the cut depends on the sampled token, and the
-        user then gets a fresh sample from p instead of the residual norm(max(p − q, 0)))."""
+        user then gets a fresh sample from p instead of the residual norm(max(p − q, 0))).
+        Also the sampled rows' largest top-k from the batch's host copies, for the CUDA chain."""
         device = self.device
         if not self._samples(sampling_metadata):
-            return torch.zeros(R, dtype=torch.float32, device=device), None, None
+            return torch.zeros(R, dtype=torch.float32, device=device), None, None, None
         temperature = sampling_metadata.temperature[:R].to(torch.float32, copy=True)
         structured = self._structured_output_rows(R)
         if structured:
@@ -370,7 +372,19 @@ class DSparkProposer(DFlashProposer):
         top_p = sampling_metadata.top_p
         top_k = None if top_k is None else top_k[:R].to(torch.int64, copy=True)
         top_p = None if top_p is None else top_p[:R].to(torch.float32, copy=True)
-        return temperature, top_k, top_p
+        return temperature, top_k, top_p, None if top_k is None else self._top_k_bound(R, structured)
+
+    def _top_k_bound(self, R: int, structured: list[int]) -> int | None:
+        """The largest top-k of the rows that sample, read from V1's InputBatch host arrays (a row
+        without top-k holds the vocabulary size there), without a device sync; None when the
+        runner has no such arrays. It only lets the CUDA chain skip work: the draft is the same."""
+        batch = getattr(self.runner, "input_batch", None)
+        top_k, temperature = getattr(batch, "top_k_cpu", None), getattr(batch, "temperature_cpu", None)
+        if top_k is None or temperature is None:
+            return None
+        sampled = temperature[:R] >= GREEDY_BELOW
+        sampled[structured] = False
+        return int(top_k[:R][sampled].max()) if sampled.any() else None
 
     def _structured_output_rows(self, R: int) -> list[int]:
         """Rows of the batch whose requests have structured outputs (a grammar the scheduler
