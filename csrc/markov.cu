@@ -71,7 +71,7 @@ constexpr int kThreads = 256;
 // warp.cu's mass rounds, from fewer; given the caller's bound top_k_max <= 64, which spares
 // warp.cu's launches altogether, from fewer still.
 constexpr int kSmallTopKFrom = 64, kSmallTopKWithTopPFrom = 32;
-constexpr int kBoundedSmallTopKFrom = 48, kBoundedSmallTopKWithTopPFrom = 1;
+constexpr int kBoundedSmallTopKFrom = 48, kBoundedSmallTopKWithTopPFrom = 8;
 
 // Step 2: grid (splits, R), the slice [start, end) of request r's row. kMasked: top-k/top-p rows,
 // entries below threshold[r·γ + k] (warp.cu) out, rows with picked[r] (top_k.cu) skipped.
@@ -1041,8 +1041,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // The caller's host-side bound on the sampled rows' top-k (a row without one counting as V), at
   // most 64: the lists take every row, so warp.cu's rounds, idle then, are not launched (12 a step
   // with top-p); a row the lists cannot take after all (ties overflow them, or the bound was wrong)
-  // gets its threshold from top_k.cu's pick over the whole row, one block. Measured faster from
-  // fewer requests then (H100, session 60). DSPARK_MARKOV_PATH=small-top-k takes it at any R, =radix never.
+  // gets its threshold from top_k.cu's pick over the whole row, one block. Then faster from fewer
+  // requests (H100, lazy, session 60: top-k 50 1.10x at R = 48, 1.05x at 128; with top-p 1.10-1.14x
+  // at 8, 1.14-1.27x at 16-48, 1.10x at 128; 0.96-1.03x at R = 1 and 2).
+  // DSPARK_MARKOV_PATH=small-top-k takes it at any R, =radix never.
   const bool bounded = top_k_max > 0 && top_k_max <= kSmallTopKMax;
   const int small_top_k_from = bounded ? (has_top_p ? kBoundedSmallTopKWithTopPFrom : kBoundedSmallTopKFrom)
                                        : (has_top_p ? kSmallTopKWithTopPFrom : kSmallTopKFrom);
