@@ -26,13 +26,14 @@ class MarkovCase:
     t_one_every: int = 0       # every n-th request (from the second) at temperature exactly 1
     warps: bool = False        # top-k/top-p per request (markov_warps)
     masked: bool = False       # -inf in U (an engine's mask): whole race groups, and scattered entries
+    top_k_bound: int = 0       # the host-side top_k_max the chain gets (0: none)
 
     def label(self) -> str:
         w, u = str(self.w_dtype).removeprefix("torch."), str(self.u_dtype).removeprefix("torch.")
         return (f"markov R={self.R} γ={self.gamma} V={self.V} r={self.rank} w={w} U={u} "
                 f"greedy_every={self.greedy_every} return_q={self.return_q}"
                 + (f" t_one_every={self.t_one_every}" if self.t_one_every else "") + (" warps" if self.warps else "")
-                + (" masked" if self.masked else ""))
+                + (" masked" if self.masked else "") + (f" top_k_max={self.top_k_bound}" if self.top_k_bound else ""))
 
 
 def markov_inputs(case: MarkovCase, device: str = "cuda"):
@@ -82,8 +83,8 @@ def run_markov(case: MarkovCase, use_cuda_ops: bool, inputs=None):
     top_k, top_p = markov_warps(case)
     with cuda_ops.enabled(use_cuda_ops):
         poison_allocator()
-        return markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                            return_q=case.return_q)
+        return markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p,
+                            top_k_max=case.top_k_bound or None, seeds=seeds, return_q=case.return_q)
 
 
 NEAR_TIE = 1e-4  # a race decided by less than this (relative) may go either way under fp32 rounding
@@ -426,6 +427,8 @@ SELF_TEST_CASES = [
     MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # cuBLAS, rows at T = 1
     MarkovCase(16, 7, 151936, 256, greedy_every=5, warps=True, seed=8),  # top-k/top-p thresholds (warp.cu)
     MarkovCase(1, 7, 151936, 256, return_q=False, warps=True, seed=9),  # warped, q lazy: thresholds kept
+    # top_k.cu's lists without warp.cu's rounds; its pick thresholds the rows of k > 64 and of top-p alone
+    MarkovCase(48, 5, 151936, 256, greedy_every=7, warps=True, top_k_bound=64, seed=10),
 ]
 
 

@@ -268,6 +268,11 @@ WARPED_CASES = [
     MarkovCase(37, 3, 50257, 64, torch.float32, torch.float16, greedy_every=4, warps=True, seed=64),
     MarkovCase(130, 2, 4099, 256, torch.float16, torch.float16, warps=True, seed=65),
     MarkovCase(9, 4, 1000, 16, torch.float16, torch.float32, warps=True, seed=66),
+    # with the host's top-k bound: top_k.cu without warp.cu's rounds, its pick thresholding the rows
+    # of k > 64 and of top-p alone over the whole row; q stored and lazy, odd V
+    MarkovCase(16, 7, 151936, 256, greedy_every=5, t_one_every=3, warps=True, top_k_bound=64, seed=67),
+    MarkovCase(128, 3, 151936, 256, greedy_every=7, return_q=False, warps=True, top_k_bound=64, seed=68),
+    MarkovCase(130, 2, 50001, 256, torch.float16, torch.float32, warps=True, top_k_bound=20, seed=69),
 ]
 
 
