@@ -138,33 +138,6 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
   }
 }
 
-// The K-th largest of keys[0 .. n) (n >= K), by radix selection in shared memory: four rounds of 8
-// key bits, each a histogram of the keys matching the bits fixed so far and a scan from the top.
-__device__ unsigned kth_largest(const unsigned* keys, unsigned n, int K, unsigned* bins, unsigned* warp_counts) {
-  __shared__ unsigned s_digit, s_above;
-  unsigned prefix = 0;
-  int need = K;  // how many of the keys still matching are the K-th or above
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    bins[threadIdx.x] = 0;
-    __syncthreads();
-    for (unsigned i = threadIdx.x; i < n; i += kThreads) {
-      const unsigned key = keys[i];
-      if (shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8))) atomicAdd(&bins[(key >> shift) & 255], 1u);
-    }
-    __syncthreads();
-    const unsigned count = bins[255 - threadIdx.x];  // thread t: digit 255 - t, the top first
-    const unsigned above = warps_exclusive_scan<kThreads / 32>(count, static_cast<int>(threadIdx.x) / 32, warp_counts,
-                                                               [] { __syncthreads(); });
-    if (above < static_cast<unsigned>(need) && above + count >= static_cast<unsigned>(need))
-      s_digit = 255 - threadIdx.x, s_above = above;
-    __syncthreads();
-    prefix |= s_digit << shift;
-    need -= static_cast<int>(s_above);
-    __syncthreads();  // s_digit, s_above and the bins read before the next round writes them
-  }
-  return prefix;
-}
-
 // Step k's x = (U_k + bias) / T of one row, computed as the split pass computes it, as order keys.
 template <typename UT>
 struct RowKeys {
@@ -173,6 +146,11 @@ struct RowKeys {
   float T;
   int V;
   __device__ __forceinline__ unsigned operator[](int v) const { return order_key((to_float(u[v]) + b[v]) / T); }
+};
+
+struct ListedKeys {  // keys the pick gathered in shared memory
+  const unsigned* keys;
+  __device__ __forceinline__ unsigned operator[](int i) const { return keys[i]; }
 };
 
 template <typename UT>
@@ -189,16 +167,17 @@ __device__ unsigned row_max_key(const RowKeys<UT>& row) {
 
 constexpr int kFlushEntries = 65536;  // 65536 · (2^16 - 1) < 2^32: the 16-bit halves' sums fit
 
-// The largest key u of the row (keys below `floor` left out) whose weight at and above it reaches
+// The largest of keys[0 .. n) (keys below `floor` left out) whose weight at and above it reaches
 // the target: with counts (kMass false) and target K the K-th largest key, ties kept; with masses
 // exp(x - m) in warp_rule.cuh's fixed point and target ceil(p·Z) (Z: the mass at and above floor;
 // p <= 0: 0, the largest key) top-p's threshold: the key warp.cu's rounds find. Four rounds of 8
-// key bits in this one block, each reading the row; thread t holds digit 255 - t. Masses add in
-// shared memory as 16-bit halves on 32-bit counters, taken into 64 bits every kFlushEntries
-// entries (warp.cu's scheme: a 64-bit shared atomic add is a compare-and-swap loop). kNegInfKey
-// (keep the whole row) if no key reaches the target, which the targets do not allow.
-template <bool kMass, typename UT>
-__device__ unsigned select_in_row(const RowKeys<UT>& row, unsigned floor, float m, float p, int K) {
+// key bits in this one block, each reading the keys (a row: RowKeys, or the pick's list:
+// ListedKeys); thread t holds digit 255 - t. Masses add in shared memory as 16-bit halves on
+// 32-bit counters, taken into 64 bits every kFlushEntries keys (warp.cu's scheme: a 64-bit shared
+// atomic add is a compare-and-swap loop). kNegInfKey (keep everything) if no key reaches the
+// target, which the targets do not allow.
+template <bool kMass, typename Keys>
+__device__ unsigned select_from_top(const Keys& keys, int n, unsigned floor, float m, float p, int K) {
   __shared__ unsigned s_count[kThreads], s_lo[kThreads], s_hi[kThreads];
   __shared__ unsigned long long s_warp[kThreads / 32], s_above;
   __shared__ int s_digit;
@@ -208,13 +187,13 @@ __device__ unsigned select_in_row(const RowKeys<UT>& row, unsigned floor, float 
   for (int shift = 24; shift >= 0; shift -= 8) {
     unsigned count = 0;
     unsigned long long weight = 0;
-    for (int base = 0; base < row.V; base += kFlushEntries) {
+    for (int base = 0; base < n; base += kFlushEntries) {
       s_count[threadIdx.x] = s_lo[threadIdx.x] = s_hi[threadIdx.x] = 0;
       if (threadIdx.x == 0) s_digit = -1;
       __syncthreads();
-      const int end = min(row.V, base + kFlushEntries);
-      for (int v = base + static_cast<int>(threadIdx.x); v < end; v += kThreads) {
-        const unsigned key = row[v];
+      const int end = min(n, base + kFlushEntries);
+      for (int i = base + static_cast<int>(threadIdx.x); i < end; i += kThreads) {
+        const unsigned key = keys[i];
         if (key < floor || (shift < 24 && key >> (shift + 8) != prefix >> (shift + 8))) continue;
         const unsigned d = key >> shift & 255u;
         atomicAdd(&s_count[d], 1u);
@@ -248,13 +227,15 @@ __device__ unsigned select_in_row(const RowKeys<UT>& row, unsigned floor, float 
 }
 
 // Threshold of a warped row the candidate lists do not take, over the whole row: top-k's key, then
-// top-p's at and above it (warp.cu's rule, one block instead of its rounds; see select_in_row).
+// top-p's at and above it (warp.cu's rule, one block instead of its rounds; see select_from_top).
 template <typename UT>
 __device__ void whole_row_threshold(const RowKeys<UT>& row, const int64_t* top_k, const float* top_p, int r,
                                     float* threshold) {
   unsigned key = 0;  // no floor
-  if (top_k_on(top_k, r, row.V, row.T)) key = select_in_row<false>(row, 0u, 0.f, 0.f, static_cast<int>(top_k[r]));
-  if (top_p_on(top_p, r, row.T)) key = select_in_row<true>(row, key, key_value(row_max_key(row)), top_p[r], 0);
+  if (top_k_on(top_k, r, row.V, row.T))
+    key = select_from_top<false>(row, row.V, 0u, 0.f, 0.f, static_cast<int>(top_k[r]));
+  if (top_p_on(top_p, r, row.T))
+    key = select_from_top<true>(row, row.V, key, key_value(row_max_key(row)), top_p[r], 0);
   if (threadIdx.x == 0) *threshold = key_value(key);
 }
 
@@ -282,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
     return;
   }
   const int K = static_cast<int>(top_k[r]);
-  __shared__ unsigned s_key[kPickCap], s_bins[kThreads], s_warp_counts[kThreads / 32];
+  __shared__ unsigned s_key[kPickCap];
   __shared__ int s_id[kPickCap];
   __shared__ unsigned s_kept_key[kKeptCap], s_mass[kKeptCap], s_kept_id[kKeptCap];
   __shared__ Partial s_groups[kKeptCap];
@@ -316,7 +297,8 @@ __global__ void __launch_bounds__(kThreads) pick_kernel(
     return;
   }
   // Top-k: the K-th largest key, ties kept; everything (-inf too) when fewer than K are above -inf.
-  const unsigned top_k_key = n < static_cast<unsigned>(K) ? kNegInfKey : kth_largest(s_key, n, K, s_bins, s_warp_counts);
+  const unsigned top_k_key =
+      n < static_cast<unsigned>(K) ? kNegInfKey : select_from_top<false>(ListedKeys{s_key}, static_cast<int>(n), 0u, 0.f, 0.f, K);
   for (unsigned i = threadIdx.x; i < n; i += kThreads) {
     if (s_key[i] < top_k_key) continue;
     const unsigned at = atomicAdd(&s_kept, 1u);

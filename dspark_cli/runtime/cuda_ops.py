@@ -101,8 +101,8 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, top
     w1 and w2 of one dtype (bf16, fp16 or fp32), U of any of those dtypes; the confidence head
     with h of those dtypes and a CUDA tensor bias (an fp32 weight saves a cast per call). With
     top_k or top_p and q lazy the draft's source carries the chain's thresholds [R, γ]: rejection
-    rebuilds the warped rows with them. top_k_max (the caller's host-side bound on every row's
-    top-k) at most 64 spares warp.cu's rounds where top_k.cu's lists take the rows."""
+    rebuilds the warped rows with them. top_k_max (the caller's host-side bound on the sampled
+    rows' top-k) at most 64 spares warp.cu's rounds where top_k.cu's lists take the rows."""
     from dspark_cli.runtime.markov import DraftSource, MarkovDraft
 
     if seeds is None or w1.dtype != w2.dtype or U.shape[0] > MAX_REQUESTS:
