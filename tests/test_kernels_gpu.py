@@ -268,7 +268,7 @@ WARPED_CASES = [
     MarkovCase(37, 3, 50257, 64, torch.float32, torch.float16, greedy_every=4, warps=True, seed=64),
     MarkovCase(130, 2, 4099, 256, torch.float16, torch.float16, warps=True, seed=65),
     MarkovCase(9, 4, 1000, 16, torch.float16, torch.float32, warps=True, seed=66),
-    # from 264 requests the split pass reads a whole row a block, warp.cu's passes in three blocks
+    # past 264 requests the split pass reads a whole row a block, warp.cu's passes in three blocks
     MarkovCase(300, 2, 151936, 256, greedy_every=6, return_q=False, warps=True, seed=70),
     # with the host's top-k bound: top_k.cu without warp.cu's rounds, its pick thresholding the rows
     # of k > 64 and of top-p alone over the whole row; q stored and lazy, odd V
