@@ -611,16 +611,18 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
   }
 }
 
-// bias[R, V] with rows_bias: rejection's rebuilt q rows at R <= 2, bit-identical to the chain's.
+// bias[R, V] with rows_bias at R <= 2: the warped chain's steps and rejection's rebuilt q rows,
+// bit-identical to the chain's. Odd steps walk the batches backwards (as the chain kernels do).
 template <typename WT, int NR>
 __global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
-small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V,
+small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V, int step,
                   float* __restrict__ bias_out) {
   const int lane = threadIdx.x % 32;
   uint4 hr[NR];
   load_h<WT, NR>(h, ldh, R, hr);
   const int batches = (V + kSmallRows - 1) / kSmallRows;
-  for (int b = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; b < batches; b += gridDim.x * (kThreads / 32)) {
+  for (int n = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; n < batches; n += gridDim.x * (kThreads / 32)) {
+    const int b = (step & 1) ? batches - 1 - n : n;
     uint4 raw[kSmallRows];
     load_rows(w2, b * kSmallRows, V, raw);
     const float bias = rows_bias<WT, NR>(raw, hr);
@@ -895,7 +897,7 @@ BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Te
 
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
-void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias) {
+void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step) {
   const int V = w2.size(0), rank = w2.size(1);
   if (small_batch_path(w2, h, ldh, R)) {  // the chain drafted with rows_bias: rebuild with it too
     AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_bias", [&] {
@@ -903,7 +905,7 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
       with_small_capacity(R, [&](auto capacity) {
         small_bias_kernel<WT, decltype(capacity)::value><<<small_batch_blocks(V, small_bias_blocks_per_sm(capacity)), kThreads, 0,
                                                            at::cuda::getCurrentCUDAStream()>>>(
-            reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V,
+            reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V, step,
             bias.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -911,8 +913,8 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
     return;
   }
   if (fused_step_supported(w2, h, ldh, R)) {  // the chain sampled from the fused step's bias: rebuild with it
-    fused_step(w2, h, ldh, R, nullptr, at::kBFloat16, nullptr, nullptr, nullptr, bias.data_ptr<float>(), 0, 1,
-               at::cuda::getCurrentCUDAStream());
+    fused_step(w2, h, ldh, R, nullptr, at::kBFloat16, nullptr, nullptr, nullptr, bias.data_ptr<float>(), step,
+               step + 1, at::cuda::getCurrentCUDAStream());
     return;
   }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
@@ -1102,7 +1104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           fused_step(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, up, U.scalar_type(), tp,
                      seeds.data_ptr<int64_t>(), parts, x_out, k, gamma, stream);
         } else if (!small) {
-          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias);
+          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias, k);
           const int64_t* kp = has_top_k ? top_k->data_ptr<int64_t>() : nullptr;
           const float* pp = has_top_p ? top_p->data_ptr<float>() : nullptr;
           if (small_top_k) {

@@ -15,8 +15,10 @@ enum class BiasPath { kGemm, kSmall, kFused };
 BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Tensor& w2, const void* h, int64_t ldh,
                          int R, bool warped);
 
-// bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ by cuBLAS, the GEMM of BiasPath::kGemm.
-void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias);
+// bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, the bias of BiasPath::kGemm (warped steps). step: the
+// chain's step; on odd steps the small-batch and fused kernels walk W2 backwards, starting on rows the
+// previous step read last, still in L2. The bits do not depend on it.
+void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step = 0);
 
 // Rejection's recovered tokens where the chain took BiasPath::kSmall (small_residual_kernel),
 // written to rows.out_tokens. partials: its scratch.
