@@ -63,6 +63,7 @@
 #include "residual.cuh"
 #include "top_k.h"
 #include "warp.h"
+#include "warp_rule.cuh"
 
 namespace dspark {
 namespace {
@@ -614,13 +615,20 @@ small_chain_kernel(const WT* __restrict__ w2, const WT* __restrict__ w1, WT* __r
 
 // bias[R, V] with rows_bias at R <= 2: the warped chain's steps and rejection's rebuilt q rows,
 // bit-identical to the chain's. Odd steps walk the batches backwards (as the chain kernels do).
-template <typename WT, int NR>
+// kMaxKey: also each row's largest order key of x = (U_step + bias) / T into row_max.keys (warp.cu's
+// max pass, computed as it computes x).
+template <typename WT, typename UT, int NR, bool kMaxKey>
 __global__ void __launch_bounds__(kThreads, small_bias_blocks_per_sm(NR))
 small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t ldh, int R, int V, int step,
-                  float* __restrict__ bias_out) {
-  const int lane = threadIdx.x % 32;
+                  float* __restrict__ bias_out, RowMaxKeys row_max) {
+  const int lane = threadIdx.x % 32, r = lane & 3;
   uint4 hr[NR];
   load_h<WT, NR>(h, ldh, R, hr);
+  const UT* u_row = kMaxKey && r < R
+                        ? static_cast<const UT*>(row_max.U) + (static_cast<int64_t>(r) * row_max.gamma + step) * V
+                        : nullptr;
+  const float T = kMaxKey && r < R ? row_max.temperature[r] : 1.f;
+  unsigned max_key = 0;
   const int batches = (V + kSmallRows - 1) / kSmallRows;
   for (int n = blockIdx.x * (kThreads / 32) + threadIdx.x / 32; n < batches; n += gridDim.x * (kThreads / 32)) {
     const int b = (step & 1) ? batches - 1 - n : n;
@@ -628,7 +636,20 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
     load_rows(w2, b * kSmallRows, V, raw);
     const float bias = rows_bias<WT, NR>(raw, hr);
     const int v = b * kSmallRows + ((lane >> 2) & 7);
-    if ((lane & 3) < R && v < V) bias_out[static_cast<int64_t>(lane & 3) * V + v] = bias;
+    if (r < R && v < V) {
+      bias_out[static_cast<int64_t>(r) * V + v] = bias;
+      if constexpr (kMaxKey) max_key = max(max_key, order_key((to_float(u_row[v]) + bias) / T));
+    }
+  }
+  if constexpr (kMaxKey) {
+    __shared__ unsigned block_max[4];
+    if (threadIdx.x < 4) block_max[threadIdx.x] = 0;
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) max_key = max(max_key, __shfl_xor_sync(0xffffffffu, max_key, off));
+    __syncthreads();
+    if (lane < R) atomicMax(&block_max[lane], max_key);
+    __syncthreads();
+    if (threadIdx.x < R) atomicMax(&row_max.keys[threadIdx.x], block_max[threadIdx.x]);
   }
 }
 
@@ -898,25 +919,33 @@ BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Te
 
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
-void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step) {
+bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step,
+               const RowMaxKeys* max_keys) {
   const int V = w2.size(0), rank = w2.size(1);
   if (small_batch_path(w2, h, ldh, R)) {  // the chain drafted with rows_bias: rebuild with it too
     AT_DISPATCH_REDUCED_FLOATING_TYPES(w2.scalar_type(), "dspark_small_bias", [&] {
       using WT = device_t<scalar_t>;
       with_small_capacity(R, [&](auto capacity) {
-        small_bias_kernel<WT, decltype(capacity)::value><<<small_batch_blocks(V, small_bias_blocks_per_sm(capacity)), kThreads, 0,
-                                                           at::cuda::getCurrentCUDAStream()>>>(
-            reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V, step,
-            bias.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        constexpr int NR = decltype(capacity)::value;
+        const dim3 grid(small_batch_blocks(V, small_bias_blocks_per_sm(NR)));
+        const auto run = [&](auto kernel, const RowMaxKeys& row_max) {
+          kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              reinterpret_cast<const WT*>(w2.data_ptr()), reinterpret_cast<const WT*>(h), ldh, R, V, step,
+              bias.data_ptr<float>(), row_max);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (max_keys == nullptr) return run(small_bias_kernel<WT, float, NR, false>, RowMaxKeys{});
+        DSPARK_DISPATCH_FLOATS(max_keys->u_type, "dspark_small_bias_max", [&] {
+          run(small_bias_kernel<WT, device_t<scalar_t>, NR, true>, *max_keys);
+        });
       });
     });
-    return;
+    return max_keys != nullptr;
   }
   if (fused_step_supported(w2, h, ldh, R)) {  // the chain sampled from the fused step's bias: rebuild with it
     fused_step(w2, h, ldh, R, nullptr, at::kBFloat16, nullptr, nullptr, nullptr, bias.data_ptr<float>(), step,
                step + 1, at::cuda::getCurrentCUDAStream());
-    return;
+    return false;
   }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
@@ -932,6 +961,7 @@ void bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
                                     t, static_cast<int>(ldh), &beta, bias.data_ptr<float>(), CUDA_R_32F, V,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, mode));
+  return false;
 }
 
 // Rejection's recovered tokens where the chain drafted with its small-batch kernels
@@ -1105,14 +1135,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           fused_step(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, up, U.scalar_type(), tp,
                      seeds.data_ptr<int64_t>(), parts, x_out, k, gamma, stream);
         } else if (!small) {
-          bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias, k);
+          // Top-p alone: the max its rounds start from, taken where the bias is made when it can be.
+          unsigned* keys = has_top_p && !has_top_k ? reinterpret_cast<unsigned*>(warp_scratch.max_keys.data_ptr<int>())
+                                                   : nullptr;
+          const RowMaxKeys max_keys{U.data_ptr(), U.scalar_type(), gamma, tp, keys};
+          const bool max_taken = bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias, k,
+                                           keys ? &max_keys : nullptr);
           const int64_t* kp = has_top_k ? top_k->data_ptr<int64_t>() : nullptr;
           const float* pp = has_top_p ? top_p->data_ptr<float>() : nullptr;
           if (small_top_k) {
             top_k_candidates(U, bias, tp, kp, pp, seeds.data_ptr<int64_t>(), top_k_scratch,
                              thresholds.data_ptr<float>(), parts, splits, k, lists_take_all, stream);
           }
-          if (warped && !lists_take_all) warp_thresholds(U, bias, tp, kp, pp, warp_scratch, picked, thresholds.data_ptr<float>(), k, splits, stream);
+          if (warped && !lists_take_all) warp_thresholds(U, bias, tp, kp, pp, warp_scratch, picked, thresholds.data_ptr<float>(), k, splits, max_taken, stream);
           auto pass = warped ? (vec ? split_pass_kernel<UT, true, true> : split_pass_kernel<UT, false, true>)
                              : (vec ? split_pass_kernel<UT, true, false> : split_pass_kernel<UT, false, false>);
           launch_programmatic(pass, grid, dim3(kThreads), 0, stream, up, bias.data_ptr<float>(), tp,

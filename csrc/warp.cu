@@ -37,7 +37,6 @@ __host__ __device__ constexpr int round_bits(int round) { return round == 2 ? 10
 __host__ __device__ constexpr int round_shift(int round) { return round == 0 ? 21 : round == 1 ? 10 : 0; }
 
 struct WarpRow {
-  unsigned max_key;           // the row's largest key (the step's first pass)
   unsigned prefix;            // the key bits the rounds so far fixed
   unsigned floor_key;         // top-p's rounds skip keys below it: top-k's threshold (0: none)
   unsigned listed;            // round 0's bin holds <= kCandidates entries: round 1 lists them
@@ -47,15 +46,16 @@ struct WarpRow {
 
 // One round's histogram of request r's step-k row, grid (splits, R). kMass: a top-p round (weights
 // exp(x - max), entries below floor_key out); else a top-k round (counts), whose round 0 also takes
-// the row's max key for every warped row (with top_k null it does only that). x is computed as the
-// split pass computes it, so the thresholds are values of the very entries the chain samples from.
+// the row's max key (max_keys[r]) for every warped row (with top_k null it does only that). x is
+// computed as the split pass computes it, so the thresholds are values of the very entries the chain
+// samples from.
 template <typename UT, bool kMass, bool kVec, bool kList>
 __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     const UT* __restrict__ U, const float* __restrict__ bias, const float* __restrict__ temperature,
     const int64_t* __restrict__ top_k, const float* __restrict__ top_p, WarpRow* __restrict__ rows,
-    unsigned* __restrict__ counts, unsigned long long* __restrict__ masses, unsigned* __restrict__ cand_keys,
-    unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked, int k, int gamma, int V, int slice,
-    int round) {
+    unsigned* __restrict__ max_keys, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
+    unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked, int k,
+    int gamma, int V, int slice, int round) {
   wait_previous_kernel();  // launched programmatically (with top-k) after the previous round's pick or top_k.cu's
   allow_next_kernel();
   __shared__ unsigned s_count[kBins];
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
   const WarpRow row = rows[r];
   const int shift = round_shift(round), above_bits = shift + round_bits(round);
   const unsigned digit_mask = (1u << round_bits(round)) - 1;
-  const float m = kMass ? key_value(row.max_key) : 0.f;
+  const float m = kMass ? key_value(max_keys[r]) : 0.f;
   const int start = blockIdx.x * slice, end = min(V, start + slice);
   const UT* u_row = U + (static_cast<int64_t>(r) * gamma + k) * V;
   const float* b_row = bias + static_cast<int64_t>(r) * V;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
     if (threadIdx.x % 32 == 0) atomicMax(&s_max, local_max);
   }
   __syncthreads();
-  if (maxing && threadIdx.x == 0) atomicMax(&rows[r].max_key, s_max);
+  if (maxing && threadIdx.x == 0) atomicMax(&max_keys[r], s_max);
   if (!counting) return;
   if (kList && row.listed) {
     if (threadIdx.x == 0) s_cand_base = atomicAdd(&cand_count[r], s_cand_n);
@@ -143,17 +143,22 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
 template <bool kMass>
 __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     const float* __restrict__ temperature, const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
-    WarpRow* __restrict__ rows, unsigned* __restrict__ counts, unsigned long long* __restrict__ masses,
-    const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count, const unsigned* __restrict__ picked,
-    float* __restrict__ threshold, int V, int k, int gamma, int round, bool last_of_step) {
+    WarpRow* __restrict__ rows, unsigned* __restrict__ max_keys, unsigned* __restrict__ counts,
+    unsigned long long* __restrict__ masses, const unsigned* __restrict__ cand_keys, unsigned* __restrict__ cand_count,
+    const unsigned* __restrict__ picked, float* __restrict__ threshold, int V, int k, int gamma, int round,
+    bool last_of_step) {
   wait_previous_kernel();  // launched programmatically (with top-k) after its round's histogram pass
   allow_next_kernel();
   const int r = blockIdx.x;
   if (picked && picked[r]) return;  // its row state stays zero
   const float T = temperature[r];
   const bool on = kMass ? top_p_on(top_p, r, T) : top_k_on(top_k, r, V, T);
+  const auto reset_row = [&] {  // the next step starts from zero
+    rows[r] = WarpRow{};
+    max_keys[r] = 0;
+  };
   if (!on) {
-    if (last_of_step && threadIdx.x == 0) rows[r] = WarpRow{};  // the next step starts from zero
+    if (last_of_step && threadIdx.x == 0) reset_row();
     return;
   }
   __shared__ int s_first;
@@ -171,7 +176,7 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
       if constexpr (kMass) l_lo[i] = l_hi[i] = 0;
     }
     __syncthreads();
-    const float m = key_value(row.max_key);
+    const float m = key_value(max_keys[r]);
     for (unsigned i = threadIdx.x; i < listed; i += blockDim.x) {
       const unsigned key = cand_keys[static_cast<int64_t>(r) * kCandidates + i];
       if ((key >> round_bits(2)) != (row.prefix >> round_bits(2)) || (kMass && key < row.floor_key)) continue;
@@ -231,7 +236,7 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
   __syncthreads();
   if (from_list && threadIdx.x == 0) cand_count[r] = 0;  // every thread has read it
   if (s_first == INT_MAX) {  // no bin reaches the target (cannot happen: keep the whole row)
-    if (last_of_step && threadIdx.x == 0) rows[r] = WarpRow{};
+    if (last_of_step && threadIdx.x == 0) reset_row();
     return;
   }
   if (mine != s_first) return;
@@ -247,7 +252,10 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
     next.floor_key = key;  // top-p's rounds, if any, search at and above top-k's threshold
     next.prefix = 0;
     next.above = 0;
-    if (last_of_step) next = WarpRow{};
+    if (last_of_step) {
+      reset_row();
+      return;
+    }
   }
   rows[r] = next;
 }
@@ -255,19 +263,35 @@ __global__ void __launch_bounds__(kWarpThreads) pick_kernel(
 }  // namespace
 
 WarpScratch WarpScratch::make(const at::Tensor& like, int R, bool top_p) {
-  auto options = like.options();
-  return {at::zeros({static_cast<int64_t>(R) * static_cast<int64_t>(sizeof(WarpRow))}, options.dtype(at::kByte)),
-          at::zeros({R, kBins}, options.dtype(at::kInt)), at::zeros({top_p ? R : 0, kBins}, options.dtype(at::kLong)),
-          at::empty({R, kCandidates}, options.dtype(at::kInt)), at::zeros({R}, options.dtype(at::kInt))};
+  // Every zeroed part in one buffer, one fill (each fill is a launch of its own): masses first, so
+  // every part starts 8-byte aligned.
+  const int64_t rows = R, mass_bytes = top_p ? rows * kBins * 8 : 0, count_bytes = rows * kBins * 4,
+                row_bytes = rows * static_cast<int64_t>(sizeof(WarpRow));
+  auto zeroed = at::zeros({mass_bytes + count_bytes + row_bytes + 2 * rows * 4}, like.options().dtype(at::kByte));
+  int64_t offset = 0;
+  const auto part = [&](int64_t bytes, at::ScalarType type) {
+    auto view = zeroed.narrow(0, offset, bytes).view(type);
+    offset += bytes;
+    return view;
+  };
+  WarpScratch s;
+  s.masses = part(mass_bytes, at::kLong).view({top_p ? rows : 0, kBins});
+  s.counts = part(count_bytes, at::kInt).view({rows, kBins});
+  s.rows = part(row_bytes, at::kByte);
+  s.max_keys = part(rows * 4, at::kInt);
+  s.cand_count = part(rows * 4, at::kInt);
+  s.cand_keys = at::empty({rows, kCandidates}, like.options().dtype(at::kInt));
+  return s;
 }
 
 void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* temperature, const int64_t* top_k,
                      const float* top_p, WarpScratch& scratch, const unsigned* picked, float* threshold, int k,
-                     int splits, cudaStream_t stream) {
+                     int splits, bool max_taken, cudaStream_t stream) {
   const int R = U.size(0), gamma = U.size(1), V = U.size(2);
   splits = std::max(splits, (V + kMaxBlockEntries - 1) / kMaxBlockEntries);
   const int slice = ((V + splits - 1) / splits + 7) / 8 * 8;  // a multiple of 8, at most kMaxBlockEntries
   auto* rows = reinterpret_cast<WarpRow*>(scratch.rows.data_ptr<uint8_t>());
+  auto* max_keys = reinterpret_cast<unsigned*>(scratch.max_keys.data_ptr<int>());
   auto* counts = reinterpret_cast<unsigned*>(scratch.counts.data_ptr<int>());
   auto* masses = top_p ? reinterpret_cast<unsigned long long*>(scratch.masses.data_ptr<int64_t>()) : nullptr;
   auto* cand_keys = reinterpret_cast<unsigned*>(scratch.cand_keys.data_ptr<int>());
@@ -286,14 +310,14 @@ void warp_thresholds(const at::Tensor& U, const at::Tensor& bias, const float* t
       constexpr bool kMass = decltype(mass)::value;
       auto kernel = round == 1 ? (vec ? histogram_kernel<UT, kMass, true, true> : histogram_kernel<UT, kMass, false, true>)
                                : (vec ? histogram_kernel<UT, kMass, true, false> : histogram_kernel<UT, kMass, false, false>);
-      launch(kernel, dim3(splits, R), up, bias.data_ptr<float>(), temperature, top_k, top_p, rows, counts, masses,
-             cand_keys, cand_count, picked, k, gamma, V, slice, round);
+      launch(kernel, dim3(splits, R), up, bias.data_ptr<float>(), temperature, top_k, top_p, rows, max_keys, counts,
+             masses, cand_keys, cand_count, picked, k, gamma, V, slice, round);
     };
     const auto pick = [&](auto mass, int round, bool last_of_step) {
-      launch(pick_kernel<decltype(mass)::value>, dim3(R), temperature, top_k, top_p, rows, counts, masses, cand_keys,
-             cand_count, picked, threshold, V, k, gamma, round, last_of_step);
+      launch(pick_kernel<decltype(mass)::value>, dim3(R), temperature, top_k, top_p, rows, max_keys, counts, masses,
+             cand_keys, cand_count, picked, threshold, V, k, gamma, round, last_of_step);
     };
-    if (!top_k) pass(std::false_type{}, 0);  // the row max only
+    if (!top_k && !max_taken) pass(std::false_type{}, 0);  // the row max only
     for (int round = 0; top_k && round < 3; ++round) {
       pass(std::false_type{}, round);
       pick(std::false_type{}, round, round == 2 && !top_p);

@@ -27,13 +27,15 @@ class MarkovCase:
     warps: bool = False        # top-k/top-p per request (markov_warps)
     masked: bool = False       # -inf in U (an engine's mask): whole race groups, and scattered entries
     top_k_bound: int = 0       # the host-side top_k_max the chain gets (0: none)
+    top_p_alone: bool = False  # with warps: top-p on every row and no top-k tensor (engines pass none)
 
     def label(self) -> str:
         w, u = str(self.w_dtype).removeprefix("torch."), str(self.u_dtype).removeprefix("torch.")
         return (f"markov R={self.R} γ={self.gamma} V={self.V} r={self.rank} w={w} U={u} "
                 f"greedy_every={self.greedy_every} return_q={self.return_q}"
                 + (f" t_one_every={self.t_one_every}" if self.t_one_every else "") + (" warps" if self.warps else "")
-                + (" masked" if self.masked else "") + (f" top_k_max={self.top_k_bound}" if self.top_k_bound else ""))
+                + (" masked" if self.masked else "") + (f" top_k_max={self.top_k_bound}" if self.top_k_bound else "")
+                + (" top-p alone" if self.top_p_alone else ""))
 
 
 def markov_inputs(case: MarkovCase, device: str = "cuda"):
@@ -57,10 +59,12 @@ def markov_inputs(case: MarkovCase, device: str = "cuda"):
 def markov_warps(case: MarkovCase, device: str = "cuda"):
     """(top_k, top_p) for case.warps, else (None, None): requests take in turn both warps, top-k
     (k in 1..200), top-p (p in 0.5..0.99) and none; request 1 has k = 1 and request 2 p = 0 (the
-    most likely token alone)."""
+    most likely token alone). top_p_alone: p in 0.5..0.99 on every row, no top-k."""
     if not case.warps:
         return None, None
     g = torch.Generator(device="cpu").manual_seed(case.seed + 7919)
+    if case.top_p_alone:
+        return None, (0.5 + 0.49 * torch.rand(case.R, generator=g)).to(device)
     kind = torch.arange(case.R) % 4
     top_k = torch.randint(1, 201, (case.R,), generator=g).masked_fill(kind >= 2, 0)
     top_p = (0.5 + 0.49 * torch.rand(case.R, generator=g)).masked_fill((kind == 1) | (kind == 3), 1.0)
@@ -167,7 +171,8 @@ def compare_markov(case: MarkovCase) -> dict:
         res["support_differs"] = int((ok_rows.unsqueeze(1) & ~same_support).sum())
         if case.warps:  # the warps must bite: sampled rows with a warp keep fewer than V entries
             top_k, top_p = markov_warps(case)
-            warped = (inputs[4] >= 1e-5) & (((top_k > 0) & (top_k < case.V)) | (top_p < 1))
+            k_on = (top_k > 0) & (top_k < case.V) if top_k is not None else torch.zeros_like(top_p, dtype=torch.bool)
+            warped = (inputs[4] >= 1e-5) & (k_on | (top_p < 1))
             res["masked_entries"] = int((out.q[warped] == 0).sum())
     else:
         res["q_is_none"] = out.q is None and out.source is not None
@@ -427,6 +432,8 @@ SELF_TEST_CASES = [
     MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # cuBLAS, rows at T = 1
     MarkovCase(16, 7, 151936, 256, greedy_every=5, warps=True, seed=8),  # top-k/top-p thresholds (warp.cu)
     MarkovCase(1, 7, 151936, 256, return_q=False, warps=True, seed=9),  # warped, q lazy: thresholds kept
+    # top-p's row max taken where the small-batch kernel makes the bias (no pass of its own)
+    MarkovCase(2, 5, 151936, 256, u_dtype=torch.float32, warps=True, top_p_alone=True, seed=11),
     # top_k.cu's lists without warp.cu's rounds; its pick thresholds the rows of k > 64 and of top-p alone
     MarkovCase(48, 5, 151936, 256, greedy_every=7, warps=True, top_k_bound=64, seed=10),
 ]
