@@ -14,7 +14,8 @@
 //      q = exp(x - max) / sum in place (no fp32 bias round trip, no second read of U, one launch
 //      instead of γ); the cuBLAS path above writes its q rows per step from U and the bias scratch
 // Warped steps (top-k / top-p) write the bias out (bias_gemm; where our kernels make it, odd steps walk
-// W2 backwards as the unwarped ones below do: 1.06-1.12x at R <= 2, H100): warp.cu finds each row's threshold
+// W2 backwards as the unwarped ones below do: 1.06-1.12x at R <= 2, H100; with top-p alone at R <= 2
+// it also takes the rows' max, sparing warp.cu a pass): warp.cu finds each row's threshold
 // and step 2 masks below it; from R = 64 on (32 with top-p), rows with top-k <= 64 are thresholded
 // and sampled by top_k.cu from one pass over the row instead, which writes their partials for step 3
 // (warp.cu and step 2 skip them); given the caller's bound top_k_max <= 64, warp.cu is not launched
