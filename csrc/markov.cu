@@ -1087,6 +1087,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool lists_take_all = small_top_k && bounded;
   WarpScratch warp_scratch = warped && !lists_take_all ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
   TopKScratch top_k_scratch = small_top_k ? TopKScratch::make(U, R, V) : TopKScratch{};
+  // Top-p alone: the max its rounds start from, taken where the bias is made when it can be (R <= 2).
+  const RowMaxKeys top_p_max{U.data_ptr(), U.scalar_type(), gamma, temperature.data_ptr<float>(),
+                             has_top_p && !has_top_k ? reinterpret_cast<unsigned*>(warp_scratch.max_keys.data_ptr<int>())
+                                                     : nullptr};
   const unsigned* picked = small_top_k ? reinterpret_cast<const unsigned*>(top_k_scratch.picked.data_ptr<int>()) : nullptr;
   auto chain_parts = at::empty({chain ? static_cast<int64_t>(gamma) * R * sms * static_cast<int64_t>(sizeof(Partial)) : 0},
                                U.options().dtype(at::kByte));
@@ -1136,12 +1140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           fused_step(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, up, U.scalar_type(), tp,
                      seeds.data_ptr<int64_t>(), parts, x_out, k, gamma, stream);
         } else if (!small) {
-          // Top-p alone: the max its rounds start from, taken where the bias is made when it can be.
-          unsigned* keys = has_top_p && !has_top_k ? reinterpret_cast<unsigned*>(warp_scratch.max_keys.data_ptr<int>())
-                                                   : nullptr;
-          const RowMaxKeys max_keys{U.data_ptr(), U.scalar_type(), gamma, tp, keys};
           const bool max_taken = bias_gemm(w2, embp + static_cast<int64_t>(k) * rank, ld_emb, R, bias, k,
-                                           keys ? &max_keys : nullptr);
+                                           top_p_max.keys ? &top_p_max : nullptr);
           const int64_t* kp = has_top_k ? top_k->data_ptr<int64_t>() : nullptr;
           const float* pp = has_top_p ? top_p->data_ptr<float>() : nullptr;
           if (small_top_k) {
