@@ -28,6 +28,11 @@ __device__ __forceinline__ float exp_ftz(float x) {
 // x = s / T as the reference computes it, without the division at T = 1 (where it is s).
 __device__ __forceinline__ float over_temperature(float s, float scale) { return scale == 1.f ? s : s / scale; }
 
+// x = (U + bias) / T, a draft logit as every pass over a step's row computes it (the split pass's
+// over_temperature skips the division at T = 1, where it is exact): thresholds, max keys and races
+// then see the same bits.
+__device__ __forceinline__ float draft_logit(float u, float bias, float T) { return (u + bias) / T; }
+
 // A request's verify length ℓ within 0..γ: the reference checks it on the host; in a kernel a
 // larger one read drafts and q of the next request and wrote past the request's tokens.
 __device__ __forceinline__ int clamp_ell(int64_t ell, int gamma) {

@@ -29,6 +29,7 @@
 #include "fused_step.h"
 #include "launch.h"
 #include "residual.cuh"
+#include "warp_rule.cuh"
 
 namespace dspark {
 namespace {
@@ -241,12 +242,63 @@ __device__ __forceinline__ void store_entries(float* __restrict__ dst, const flo
     reinterpret_cast<float4*>(dst)[c] = make_float4(x[4 * c], x[4 * c + 1], x[4 * c + 2], x[4 * c + 3]);
 }
 
+// The row of its warp's half that write_bias_rows' store `it` (0..7) of this thread writes; its
+// 16-byte chunk there is lane % 16.
+__device__ __forceinline__ int bias_store_row(int it) {
+  return 16 * (threadIdx.x / 32 % 4) + (32 * it + threadIdx.x % 32) / 16;
+}
+
+// Top-p alone's row max (RowMaxKeys), taken as write_bias_rows stores the bias rows: per tile the
+// thread's four U entries of each of its eight rows, requested before the multiply, and its running
+// max key of x = (U_k + bias) / T per row, computed as warp.cu's max pass computes it.
+template <typename UT>
+struct RowMaxTaker {
+  using Chunk = std::conditional_t<sizeof(UT) == 4, uint4, uint2>;  // four U entries
+  const UT* U;               // [R, γ, V]
+  unsigned* out;             // [R]
+  const float* temperature;  // shared, [kMaxRequests]
+  int gamma, R, V, k, half;
+  Chunk u[8];
+  unsigned key[8] = {};
+
+  __device__ void load(int v0) {
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+      const int r = half * kHalfRows + bias_store_row(it);
+      const UT* row = U + (static_cast<int64_t>(r) * gamma + k) * V + v0;
+      u[it] = r < R ? reinterpret_cast<const Chunk*>(row)[threadIdx.x % 16] : Chunk{};
+    }
+  }
+  __device__ void take(int it, int r, const float4& bias) {
+    const UT* ui = reinterpret_cast<const UT*>(&u[it]);
+    const float b[4] = {bias.x, bias.y, bias.z, bias.w}, T = temperature[r];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) key[it] = max(key[it], order_key(draft_logit(to_float(ui[e]), b[e], T)));
+  }
+  // After the last tile, every consumer thread: the CTA's max per row into cta_max (shared, zero),
+  // then into out.
+  __device__ void finish(unsigned* cta_max) {
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+      unsigned m = key[it];
+#pragma unroll
+      for (int off = 1; off < 16; off <<= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+      const int r = half * kHalfRows + bias_store_row(it);
+      if (threadIdx.x % 16 == 0 && r < R) atomicMax(&cta_max[r], m);
+    }
+    asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
+    if (threadIdx.x < R) atomicMax(&out[threadIdx.x], cta_max[threadIdx.x]);
+  }
+};
+
 // bias_out rows of this warp's 16 requests for tile columns v0 .. v0+63. The fragment holds 16-byte
 // pieces 64 bytes apart, so the rows go through the tile's ring slot (its W2 consumed once every
 // warp multiplying it has waited for its wgmma) and leave as whole 256-byte rows. Row m of the
-// half keeps 16-byte chunk c at chunk c ^ (m % 8), which spreads the banks.
+// half keeps 16-byte chunk c at chunk c ^ (m % 8), which spreads the banks. With a taker, the rows'
+// max keys too.
+template <typename Taker>
 __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned char* slot, float* __restrict__ bias_out,
-                                                int R, int V, int v0, int half, int halves, int group) {
+                                                int R, int V, int v0, int half, int halves, int group, Taker* taker) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, quad = lane & 3;
   // Every warp of the warpgroup(s) multiplying this tile is done reading the slot.
   asm volatile("bar.sync %0, %1;" ::"r"(6 + group), "r"(128 * halves) : "memory");
@@ -264,10 +316,13 @@ __device__ __forceinline__ void write_bias_rows(const float acc[32], unsigned ch
   __syncwarp();
 #pragma unroll
   for (int it = 0; it < 8; ++it) {  // two rows of 16 chunks per instruction
-    const int m = 16 * (warp % 4) + (32 * it + lane) / 16, c = lane % 16;
+    const int m = bias_store_row(it), c = lane % 16;
     const int r = half * kHalfRows + m;
     const float4 val = *reinterpret_cast<const float4*>(rows + 64 * m + 4 * (c ^ (m & 7)));
-    if (r < R) reinterpret_cast<float4*>(bias_out + static_cast<int64_t>(r) * V + v0)[c] = val;
+    if (r < R) {
+      reinterpret_cast<float4*>(bias_out + static_cast<int64_t>(r) * V + v0)[c] = val;
+      if (taker != nullptr) taker->take(it, r, val);
+    }
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills the slot
 }
@@ -300,15 +355,17 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
 // Grid: one CTA per SM (at most one per tile), V % 64 == 0. results [R, gridDim.x] when U is
 // given: the chain step's partials, or with kResidual rejection's races (ResidualRows). kRowsOut
 // (its code, barrier and registers kept out of the production q-lazy kernel): without U the bias
-// rows into rows_out [R, V] (rejection rebuilding q); with U, x = (U + bias) / T into row k of
-// rows_out [R, γ, V] (q returned: markov.cu makes the rows q after the last step).
+// rows into rows_out [R, V] (rejection rebuilding q; a warped chain step, with row_max.keys for
+// top-p alone); with U, x = (U + bias) / T into row k of rows_out [R, γ, V] (q returned: markov.cu
+// makes the rows q after the last step). kMaxKey (with kRowsOut, U null; no epilogue compiled, so the
+// taker's registers stay out of the q kernel): the bias rows and row_max.keys.
 // kStaged: R <= 16 (see kStagedMaxRequests).
-template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual>
+template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual, bool kMaxKey>
 __global__ void __launch_bounds__(kFusedThreads, 1)
 fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __restrict__ h, int64_t ldh, int R, int V,
                   const UT* __restrict__ U, const float* __restrict__ temperature,
                   const int64_t* __restrict__ seeds, const ResidualRows residual_rows, void* __restrict__ results,
-                  float* __restrict__ rows_out, int k, int gamma) {
+                  float* __restrict__ rows_out, int k, int gamma, const RowMaxKeys row_max) {
   using State = EpilogueState<kResidual>;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -318,6 +375,8 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   float* stage = reinterpret_cast<float*>(w1x + kHalfBytes);  // kStaged only (one half of W1[x])
   __shared__ __align__(8) uint64_t full[kSlots], freed[kSlots];
   __shared__ State merged[kConsumers / 32][16];
+  __shared__ float max_temperature[kMaxKey ? kMaxRequests : 1];
+  __shared__ unsigned cta_max[kMaxKey ? kMaxRequests : 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int halves = R > kHalfRows ? 2 : 1, groups = kGroups / halves;
   const int tiles = V / kTileVocab;
@@ -332,6 +391,10 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       mbar_init(&freed[i], 4 * halves);     // the warps of the warpgroup(s) that multiply the tile
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (kMaxKey && threadIdx.x < kMaxRequests) {
+    cta_max[threadIdx.x] = 0;
+    max_temperature[threadIdx.x] = threadIdx.x < R ? row_max.temperature[threadIdx.x] : 1.f;
   }
   __syncthreads();
   allow_next_kernel();
@@ -364,7 +427,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   const int wg = warp / 4, half = wg % halves, group = wg / halves;
   const int gid = lane >> 2, quad = lane & 3;
   const int rows[2] = {half * kHalfRows + (warp % 4) * 16 + gid, half * kHalfRows + (warp % 4) * 16 + gid + 8};
-  const bool epilogue = U != nullptr;
+  const bool epilogue = !kMaxKey && U != nullptr;
   // Staged: thread t of the warpgroup serves request t / 8, vocab 8·(t % 8) .. +7 of each tile.
   const int staged_row = (threadIdx.x % 128) / 8, staged_part = threadIdx.x % 8;
   const auto request = [&](int r) {
@@ -400,6 +463,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
   asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");   // consumers only
 
   State p[2] = {empty_state<kResidual>(), empty_state<kResidual>()};
+  RowMaxTaker<UT> taker{static_cast<const UT*>(row_max.U), row_max.keys, max_temperature, row_max.gamma, R, V, k, half};
   const uint64_t a_desc = swizzled_desc(smem_u32(w1x + half * kHalfBytes));
   float acc[32];
 
@@ -416,6 +480,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     if constexpr (kResidual && kStaged) {
       if (req[0].active) load_vec<8>(req[0].p_row + v, p_early);
     }
+    if constexpr (kMaxKey) taker.load(v0);
     mbar_wait(&full[slot], (t / kSlots) & 1);
     const uint64_t b_desc = swizzled_desc(smem_u32(ring + slot * kTileBytes));
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -430,7 +495,9 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     fence_fragment(acc);
     if constexpr (kRowsOut) {
-      if (!epilogue) write_bias_rows(acc, ring + slot * kTileBytes, rows_out, R, V, v0, half, halves, group);
+      if (!epilogue)
+        write_bias_rows(acc, ring + slot * kTileBytes, rows_out, R, V, v0, half, halves, group,
+                        kMaxKey ? &taker : nullptr);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(&freed[slot]);
@@ -472,7 +539,10 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
       }
     }
   }
-  if (!epilogue) return;
+  if (!epilogue) {
+    if constexpr (kMaxKey) taker.finish(cta_max);
+    return;
+  }
 
   // Per request: its threads (a quad, or eight staged threads), then the groups' warps in order;
   // one result (r, CTA).
@@ -536,33 +606,34 @@ CUtensorMap w2_tile_map(const at::Tensor& w2) {
 
 // A programmatic dependent of the previous kernel (the previous step's reduce, or rejection's
 // accept_kernel): the producer starts streaming W2 while it drains.
-template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual>
+template <typename WT, typename UT, bool kStaged, bool kRowsOut, bool kResidual, bool kMaxKey = false>
 void launch(const at::Tensor& w2, const WT* h, int64_t ldh, int R, const UT* U, const float* temperature,
             const int64_t* seeds, const ResidualRows& residual_rows, void* results, float* rows_out, int k, int gamma,
-            cudaStream_t stream) {
-  auto* kernel = fused_step_kernel<WT, UT, kStaged, kRowsOut, kResidual>;
+            const RowMaxKeys& row_max, cudaStream_t stream) {
+  auto* kernel = fused_step_kernel<WT, UT, kStaged, kRowsOut, kResidual, kMaxKey>;
   allow_dynamic_smem(kernel, smem_bytes(kStaged));  // the ring and W1[x] exceed 48 KB
   launch_programmatic(kernel, dim3(fused_step_blocks(w2.size(0))), dim3(kFusedThreads), smem_bytes(kStaged), stream,
                       w2_tile_map(w2), h, ldh, R, static_cast<int>(w2.size(0)), U, temperature, seeds, residual_rows,
-                      results, rows_out, k, gamma);
+                      results, rows_out, k, gamma, row_max);
 }
 
 // The chain's launchers and rejection's for one (W, U) dtype pair and R.
 template <typename WT, typename UT>
 void dispatch(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, const float* temperature,
               const int64_t* seeds, const ResidualRows* residual_rows, void* results, float* rows_out, int k, int gamma,
-              cudaStream_t stream) {
+              const RowMaxKeys& row_max, cudaStream_t stream) {
   const bool staged = R <= kStagedMaxRequests;
   const WT* hp = static_cast<const WT*>(h);
   const UT* up = static_cast<const UT*>(U);
   if (residual_rows != nullptr) {
     auto* run = staged ? launch<WT, UT, true, false, true> : launch<WT, UT, false, false, true>;
-    run(w2, hp, ldh, R, up, temperature, seeds, *residual_rows, results, nullptr, 0, gamma, stream);
+    run(w2, hp, ldh, R, up, temperature, seeds, *residual_rows, results, nullptr, 0, gamma, RowMaxKeys{}, stream);
     return;
   }
-  auto* run = rows_out == nullptr ? (staged ? launch<WT, UT, true, false, false> : launch<WT, UT, false, false, false>)
-                                  : (staged ? launch<WT, UT, true, true, false> : launch<WT, UT, false, true, false>);
-  run(w2, hp, ldh, R, up, temperature, seeds, ResidualRows{}, results, rows_out, k, gamma, stream);
+  auto* run = row_max.keys != nullptr ? launch<WT, UT, false, true, false, true>  // bias rows: nothing staged
+               : rows_out == nullptr   ? (staged ? launch<WT, UT, true, false, false> : launch<WT, UT, false, false, false>)
+                                       : (staged ? launch<WT, UT, true, true, false> : launch<WT, UT, false, true, false>);
+  run(w2, hp, ldh, R, up, temperature, seeds, ResidualRows{}, results, rows_out, k, gamma, row_max, stream);
 }
 
 template <typename F>
@@ -591,10 +662,12 @@ int fused_step_blocks(int V) {
 
 void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
                 const float* temperature, const int64_t* seeds, Partial* partials, float* rows_out, int k, int gamma,
-                cudaStream_t stream) {
+                cudaStream_t stream, const RowMaxKeys* max_keys) {
+  TORCH_CHECK(max_keys == nullptr || (U == nullptr && rows_out != nullptr && max_keys->u_type == u_type),
+              "dspark: the fused step takes row max keys only as it writes bias rows, with their U's type");
   with_types(w2, u_type, [&](auto w_tag, auto u_tag) {
     dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, nullptr, partials, rows_out, k,
-                                               gamma, stream);
+                                               gamma, max_keys ? *max_keys : RowMaxKeys{}, stream);
   });
 }
 
@@ -603,7 +676,7 @@ void fused_residual(const at::Tensor& w2, const void* h, int64_t ldh, int R, con
                     cudaStream_t stream) {
   with_types(w2, u_type, [&](auto w_tag, auto u_tag) {
     dispatch<decltype(w_tag), decltype(u_tag)>(w2, h, ldh, R, U, temperature, seeds, &rows, races, nullptr, 0, gamma,
-                                               stream);
+                                               RowMaxKeys{}, stream);
   });
 }
 

@@ -9,6 +9,16 @@
 
 namespace dspark {
 
+// What a bias kernel needs to take, as it makes the bias, each row's largest order key
+// (warp_rule.cuh) of x = (U[r, step] + bias) / T, the max top-p's rounds start from.
+struct RowMaxKeys {
+  const void* U = nullptr;  // [R, γ, V] of u_type
+  at::ScalarType u_type = at::kFloat;
+  int gamma = 0;
+  const float* temperature = nullptr;
+  unsigned* keys = nullptr;  // [R], zero before (atomicMax)
+};
+
 // Whether the fused step serves R requests with these weights on the current device: sm_90,
 // bf16/fp16 W2 [V, 256] with V % 64 == 0, 16-byte aligned W2 and H rows (ldh elements apart),
 // R <= 128, and the cuBLAS path not forced.
@@ -19,10 +29,11 @@ int fused_step_blocks(int V);
 
 // One step for R requests: partials [R, fused_step_blocks(V)] for reduce_kernel when U is given
 // (U [R, γ, V] of u_type, row k). rows_out when not null: with U, x = (U + bias) / T into its row k
-// of [R, γ, V] (the chain's q before markov.cu normalizes it); without, the fp32 bias [R, V].
+// of [R, γ, V] (the chain's q before markov.cu normalizes it); without, the fp32 bias [R, V], and
+// with max_keys (its U 16-byte aligned) each row's max key of step k's x as well.
 void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const void* U, at::ScalarType u_type,
                 const float* temperature, const int64_t* seeds, Partial* partials, float* rows_out, int k, int gamma,
-                cudaStream_t stream);
+                cudaStream_t stream, const RowMaxKeys* max_keys = nullptr);
 
 // Rejection's rows for the races where the bias is made (rejection.cu): per request its verdict
 // (verdicts.cuh: accept_kernel's state {n, rejected}, or the ratio tests run in the kernel when

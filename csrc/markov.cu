@@ -207,7 +207,7 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
         load_vec<4>(u_row + v, u);
         load_vec<4>(b_row + v, b);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) x[i] = (u[i] + b[i]) / T;
+        for (int i = 0; i < 4; ++i) x[i] = draft_logit(u[i], b[i], T);
       } else {
         load_vec<4>(q_row + v, x);
       }
@@ -216,7 +216,7 @@ __global__ void q_rows_kernel(const UT* __restrict__ U, const float* __restrict_
     }
   } else {
     for (int v = start + threadIdx.x; v < end; v += blockDim.x) {
-      const float x = greedy ? 0.f : from_bias ? (to_float(u_row[v]) + b_row[v]) / T : q_row[v];
+      const float x = greedy ? 0.f : from_bias ? draft_logit(to_float(u_row[v]), b_row[v], T) : q_row[v];
       q_row[v] = q_of(x, v);
     }
   }
@@ -639,7 +639,7 @@ small_bias_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int64_t l
     const int v = b * kSmallRows + ((lane >> 2) & 7);
     if (r < R && v < V) {
       bias_out[static_cast<int64_t>(r) * V + v] = bias;
-      if constexpr (kMaxKey) max_key = max(max_key, order_key((to_float(u_row[v]) + bias) / T));
+      if constexpr (kMaxKey) max_key = max(max_key, order_key(draft_logit(to_float(u_row[v]), bias, T)));
     }
   }
   if constexpr (kMaxKey) {
@@ -918,6 +918,8 @@ BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Te
   return BiasPath::kGemm;
 }
 
+constexpr int kFusedMaxKeysFrom = 64;  // requests from which the fused step takes top-p's max (bias_gemm)
+
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
 bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step,
@@ -944,9 +946,16 @@ bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
     return max_keys != nullptr;
   }
   if (fused_step_supported(w2, h, ldh, R)) {  // the chain sampled from the fused step's bias: rebuild with it
-    fused_step(w2, h, ldh, R, nullptr, at::kBFloat16, nullptr, nullptr, nullptr, bias.data_ptr<float>(), step,
-               step + 1, at::cuda::getCurrentCUDAStream());
-    return false;
+    // Its max keys load U four entries at a time (8 or 16 bytes; V % 64 == 0 here). Against warp.cu's
+    // pass (H100, top-p 0.9 alone, lazy, session 63): 0.95-0.98x at R = 3-16, 1.00-1.03x at 32,
+    // 1.09-1.10x at 64, 1.12x at 128; below 64 the pass takes the max. (Not profiled: below 64 a
+    // warpgroup's rows sit in some of its warps, and their U loads may hold up the multiply, which
+    // waits for all four.)
+    const RowMaxKeys* taking = max_keys != nullptr && R >= kFusedMaxKeysFrom && aligned16(max_keys->U) ? max_keys
+                                                                                                   : nullptr;
+    fused_step(w2, h, ldh, R, nullptr, taking ? taking->u_type : at::kBFloat16, nullptr, nullptr, nullptr,
+               bias.data_ptr<float>(), step, step + 1, at::cuda::getCurrentCUDAStream(), taking);
+    return taking != nullptr;
   }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   const float alpha = 1.f, beta = 0.f;
@@ -1087,7 +1096,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool lists_take_all = small_top_k && bounded;
   WarpScratch warp_scratch = warped && !lists_take_all ? WarpScratch::make(U, R, has_top_p) : WarpScratch{};
   TopKScratch top_k_scratch = small_top_k ? TopKScratch::make(U, R, V) : TopKScratch{};
-  // Top-p alone: the max its rounds start from, taken where the bias is made when it can be (R <= 2).
+  // Top-p alone: the max its rounds start from, taken where the bias is made when it can be (bias_gemm).
   const RowMaxKeys top_p_max{U.data_ptr(), U.scalar_type(), gamma, temperature.data_ptr<float>(),
                              has_top_p && !has_top_k ? reinterpret_cast<unsigned*>(warp_scratch.max_keys.data_ptr<int>())
                                                      : nullptr};

@@ -15,20 +15,11 @@ enum class BiasPath { kGemm, kSmall, kFused };
 BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Tensor& w2, const void* h, int64_t ldh,
                          int R, bool warped);
 
-// What a bias kernel needs to take, as it makes the bias, each row's largest order key
-// (warp_rule.cuh) of x = (U[r, step] + bias) / T, the max top-p's rounds start from.
-struct RowMaxKeys {
-  const void* U = nullptr;  // [R, γ, V] of u_type
-  at::ScalarType u_type = at::kFloat;
-  int gamma = 0;
-  const float* temperature = nullptr;
-  unsigned* keys = nullptr;  // [R], zero before (atomicMax)
-};
-
 // bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, the bias of BiasPath::kGemm (warped steps). step: the
 // chain's step; on odd steps the small-batch and fused kernels walk W2 backwards, starting on rows the
 // previous step read last, still in L2. The bits do not depend on it. With max_keys the small-batch
-// kernel (R <= 2) also takes the rows' max keys; returns whether they were taken.
+// kernel (R <= 2) or the fused step (64 <= R <= 128, U 16-byte aligned) also takes the rows' max keys;
+// returns whether they were taken.
 bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step = 0,
                const RowMaxKeys* max_keys = nullptr);
 

@@ -74,10 +74,10 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
       load_vec<8>(u_row + j, u);
       load_vec<8>(b_row + j, b);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = (u[i] + b[i]) / T;
+      for (int i = 0; i < 8; ++i) x[i] = draft_logit(u[i], b[i], T);
     } else if (!kVec) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) x[i] = j + i < n ? (to_float(u_row[j + i]) + b_row[j + i]) / T : 0.f;
+      for (int i = 0; i < 8; ++i) x[i] = j + i < n ? draft_logit(to_float(u_row[j + i]), b_row[j + i], T) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -145,7 +145,7 @@ struct RowKeys {
   const float* b;
   float T;
   int V;
-  __device__ __forceinline__ unsigned operator[](int v) const { return order_key((to_float(u[v]) + b[v]) / T); }
+  __device__ __forceinline__ unsigned operator[](int v) const { return order_key(draft_logit(to_float(u[v]), b[v], T)); }
 };
 
 struct ListedKeys {  // keys the pick gathered in shared memory

@@ -104,11 +104,11 @@ __global__ void __launch_bounds__(kWarpThreads) histogram_kernel(
       load_vec<8>(u_row + v, u);
       load_vec<8>(b_row + v, b);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) visit((u[i] + b[i]) / T);
+      for (int i = 0; i < 8; ++i) visit(draft_logit(u[i], b[i], T));
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i)
-        if (v + i < end) visit((to_float(u_row[v + i]) + b_row[v + i]) / T);
+        if (v + i < end) visit(draft_logit(to_float(u_row[v + i]), b_row[v + i], T));
     }
   }
   if (maxing) {

@@ -432,8 +432,9 @@ SELF_TEST_CASES = [
     MarkovCase(37, 3, 151936, 256, greedy_every=5, t_one_every=2, return_q=False),  # cuBLAS, rows at T = 1
     MarkovCase(16, 7, 151936, 256, greedy_every=5, warps=True, seed=8),  # top-k/top-p thresholds (warp.cu)
     MarkovCase(1, 7, 151936, 256, return_q=False, warps=True, seed=9),  # warped, q lazy: thresholds kept
-    # top-p's row max taken where the small-batch kernel makes the bias (no pass of its own)
+    # top-p's row max taken where the small-batch kernel or the fused step makes the bias (no pass of its own)
     MarkovCase(2, 5, 151936, 256, u_dtype=torch.float32, warps=True, top_p_alone=True, seed=11),
+    MarkovCase(64, 3, 151936, 256, u_dtype=torch.float32, greedy_every=5, warps=True, top_p_alone=True, seed=12),
     # top_k.cu's lists without warp.cu's rounds; its pick thresholds the rows of k > 64 and of top-p alone
     MarkovCase(48, 5, 151936, 256, greedy_every=7, warps=True, top_k_bound=64, seed=10),
 ]
