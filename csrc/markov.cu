@@ -918,7 +918,7 @@ BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Te
   return BiasPath::kGemm;
 }
 
-constexpr int kFusedMaxKeysFrom = 64;  // requests from which the fused step takes top-p's max (bias_gemm)
+constexpr int kFusedMaxKeysFrom = 32;  // requests from which the fused step takes top-p's max (bias_gemm)
 
 // bias[R, V] = H[R, r] · W2[V, r]ᵀ, H rows strided by ldh elements (prev_emb[:, k]); also used by
 // rejection.cu to rebuild a q row with the very GEMM the chain sampled from.
@@ -947,10 +947,8 @@ bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tens
   }
   if (fused_step_supported(w2, h, ldh, R)) {  // the chain sampled from the fused step's bias: rebuild with it
     // Its max keys load U four entries at a time (8 or 16 bytes; V % 64 == 0 here). Against warp.cu's
-    // pass (H100, top-p 0.9 alone, lazy, session 63): 0.95-0.98x at R = 3-16, 1.00-1.03x at 32,
-    // 1.09-1.10x at 64, 1.12x at 128; below 64 the pass takes the max. (Not profiled: below 64 a
-    // warpgroup's rows sit in some of its warps, and their U loads may hold up the multiply, which
-    // waits for all four.)
+    // pass (H100, top-p 0.9 alone, lazy, sessions 63-64): 0.98x at R = 16, 1.00x at 24, 1.03x at 32,
+    // 1.04-1.08x at 40-56, 1.10x at 64, 1.12x at 128; below 32 the pass takes the max.
     const RowMaxKeys* taking = max_keys != nullptr && R >= kFusedMaxKeysFrom && aligned16(max_keys->U) ? max_keys
                                                                                                    : nullptr;
     fused_step(w2, h, ldh, R, nullptr, taking ? taking->u_type : at::kBFloat16, nullptr, nullptr, nullptr,

@@ -18,7 +18,7 @@ BiasPath chain_bias_path(const at::Tensor& U, const at::Tensor& w1, const at::Te
 // bias[R, V] (fp32) = H[R, r] · W2[V, r]ᵀ, the bias of BiasPath::kGemm (warped steps). step: the
 // chain's step; on odd steps the small-batch and fused kernels walk W2 backwards, starting on rows the
 // previous step read last, still in L2. The bits do not depend on it. With max_keys the small-batch
-// kernel (R <= 2) or the fused step (from markov.cu's kFusedMaxKeysFrom = 64 requests, U 16-byte
+// kernel (R <= 2) or the fused step (from markov.cu's kFusedMaxKeysFrom = 32 requests, U 16-byte
 // aligned) also takes the rows' max keys; returns whether they were taken.
 bool bias_gemm(const at::Tensor& w2, const void* h, int64_t ldh, int R, at::Tensor& bias, int step = 0,
                const RowMaxKeys* max_keys = nullptr);

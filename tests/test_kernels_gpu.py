@@ -276,8 +276,8 @@ WARPED_CASES = [
     MarkovCase(128, 3, 151936, 256, greedy_every=7, return_q=False, warps=True, top_k_bound=64, seed=68),
     MarkovCase(130, 2, 50001, 256, torch.float16, torch.float32, warps=True, top_k_bound=20, seed=69),
     # top-p alone: the row max comes from the kernel that makes the bias (small-batch at R <= 2, the
-    # fused step's bias rows from R = 64, one or two halves), else from a pass of its own (after the
-    # fused step's bias at 3..63, after cuBLAS at V % 64 != 0)
+    # fused step's bias rows from R = 32, one or two halves), else from a pass of its own (after the
+    # fused step's bias at 3..31, after cuBLAS at V % 64 != 0)
     MarkovCase(1, 7, 151936, 256, warps=True, top_p_alone=True, seed=71),
     MarkovCase(2, 5, 50001, 256, torch.bfloat16, torch.float32, t_one_every=2, warps=True, top_p_alone=True, seed=72),
     MarkovCase(2, 4, 151936, 256, torch.float16, torch.float16, return_q=False, warps=True, top_p_alone=True, seed=73),
@@ -287,6 +287,8 @@ WARPED_CASES = [
     MarkovCase(37, 4, 50048, 256, torch.bfloat16, torch.float16, t_one_every=3, warps=True, top_p_alone=True, seed=76),
     MarkovCase(8, 3, 50001, 256, greedy_every=4, warps=True, top_p_alone=True, seed=77),
     MarkovCase(64, 2, 151936, 256, t_one_every=5, warps=True, top_p_alone=True, seed=78),
+    MarkovCase(32, 3, 151936, 256, torch.bfloat16, torch.float32, greedy_every=3, warps=True, top_p_alone=True,
+               seed=79),
 ]
 
 
