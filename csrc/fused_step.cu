@@ -263,23 +263,25 @@ struct RowMaxTaker {
 
   // The thread's rows are r0, r0 + 2, ..., r0 + 14 (bias_store_row): one pointer and a stride
   // instead of eight row addresses (ptxas: no spills, against 12-56 bytes).
+  __device__ int first_row() const { return half * kHalfRows + bias_store_row(0); }
+  __device__ int64_t two_rows() const { return static_cast<int64_t>(2) * gamma * V * sizeof(UT) / sizeof(Chunk); }
   __device__ const Chunk* chunk_at(int v0) const {
-    const int r0 = half * kHalfRows + bias_store_row(0);
-    return reinterpret_cast<const Chunk*>(U + (static_cast<int64_t>(r0) * gamma + k) * V + v0) + threadIdx.x % 16;
+    return reinterpret_cast<const Chunk*>(U + (static_cast<int64_t>(first_row()) * gamma + k) * V + v0) +
+           threadIdx.x % 16;
   }
   __device__ void load(int v0) {
-    const int r0 = half * kHalfRows + bias_store_row(0);
+    const int r0 = first_row();
     const Chunk* row = chunk_at(v0);
-    const int64_t stride = static_cast<int64_t>(2) * gamma * V * sizeof(UT) / sizeof(Chunk);
+    const int64_t stride = two_rows();
 #pragma unroll
     for (int it = 0; it < 8; ++it) u[it] = r0 + 2 * it < R ? row[it * stride] : Chunk{};
   }
   // The warpgroup's next tile's rows into L2 while this one multiplies (measured only together
   // with the strided loads: the two made the fused max pay from R = 32 instead of 64, session 64).
   __device__ void prefetch(int v0) const {
-    const int r0 = half * kHalfRows + bias_store_row(0);
+    const int r0 = first_row();
     const Chunk* row = chunk_at(v0);
-    const int64_t stride = static_cast<int64_t>(2) * gamma * V * sizeof(UT) / sizeof(Chunk);
+    const int64_t stride = two_rows();
 #pragma unroll
     for (int it = 0; it < 8; ++it)
       if (r0 + 2 * it < R) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + it * stride));
