@@ -419,6 +419,22 @@ def test_a_host_bound_on_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, m
         assert bool((radix[7][3] > float("-inf")).all()) and top_k[3] <= 64  # the overflowing row is warped
 
 
+def test_a_top_k_bound_past_int64_draws_as_no_bound():
+    """markov_chain takes any int >= 0 as top_k_max; one of 2**63 or more failed the op's call (its
+    schema's int is an int64). Now it draws as no bound does, bit for bit (the same kernels), and a
+    bound of 64 (wrong for rows of k > 64 and of top-p alone) the same tokens."""
+    from dspark_cli.runtime import markov_chain
+
+    case = MarkovCase(40, 3, 4099, 256, greedy_every=5, warps=True, seed=92)
+    U, anchors, w1, w2, temperature, seeds = markov_inputs(case)
+    top_k, top_p = markov_warps(case)
+    none, huge, tight = (markov_chain(U, anchors, w1, w2, temperature, top_k=top_k, top_p=top_p, top_k_max=bound,
+                                      seeds=seeds) for bound in (None, 2**64, 64))
+    assert torch.equal(huge.tokens, none.tokens) and torch.equal(huge.q, none.q)
+    assert torch.equal(tight.tokens, none.tokens)
+    torch.testing.assert_close(tight.q, none.q, rtol=1e-5, atol=1e-12)
+
+
 def test_ops_called_directly_refuse_what_they_would_misread():
     """torch.ops.dspark.* are public: inputs the Python layer would refuse must not reach a kernel.
     A W2 with more rows than V wrote past the chain's bias scratch; fp64 U or W was read as 16/32-bit

@@ -121,10 +121,13 @@ def markov_chain(U, anchors, w1, w2, temperature, *, top_k=None, top_p=None, top
     warps = (None if top_k is None else top_k.to(torch.int64).contiguous(),
              None if top_p is None else top_p.to(torch.float32).contiguous())
     warped = top_k is not None or top_p is not None
+    # The op's top_k_max is an int64 (a bound of 2**63 or more failed its call); every bound past 64
+    # tells it the same (none), so the clamp leaves the draft as it is.
+    top_k_bound = min(top_k_max or 0, 2**63 - 1)
     temperature = temperature.to(torch.float32).contiguous()
     tokens, q_token, q, prev_emb, row_stats, block_counter, z, thresholds = torch.ops.dspark.markov_chain(
         U.contiguous(), anchors.contiguous(), w1.contiguous(), w2.contiguous(), temperature,
-        seeds.contiguous(), return_q, *conf, *warps, top_k_max or 0)
+        seeds.contiguous(), return_q, *conf, *warps, top_k_bound)
     source = None if return_q else DraftSource(U, anchors, w1, w2, temperature, *warps, row_stats, block_counter,
                                                   thresholds if warped else None)
     return MarkovDraft(tokens, q_token, q if return_q else None, prev_emb, source,
