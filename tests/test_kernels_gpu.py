@@ -289,6 +289,13 @@ WARPED_CASES = [
     MarkovCase(64, 2, 151936, 256, t_one_every=5, warps=True, top_p_alone=True, seed=78),
     MarkovCase(32, 3, 151936, 256, torch.bfloat16, torch.float32, greedy_every=3, warps=True, top_p_alone=True,
                seed=79),
+    # review coverage (no defect behind them): the fused max taker with one row in its second half
+    # (R = 65); a V of 37 (odd, under one slice, one race group short) through top_k.cu with the
+    # host's bound (most k >= V: off) and without it (its leftovers to warp.cu), k close to V
+    MarkovCase(65, 2, 32000, 256, torch.bfloat16, torch.float16, greedy_every=4, warps=True, top_p_alone=True,
+               seed=81),
+    MarkovCase(70, 3, 37, 16, torch.float32, torch.float16, greedy_every=5, warps=True, top_k_bound=64, seed=82),
+    MarkovCase(33, 2, 37, 16, torch.float32, torch.bfloat16, t_one_every=3, warps=True, seed=83),
 ]
 
 
@@ -354,7 +361,7 @@ def _small_top_k_rows(R: int, V: int, gamma: int, u_dtype, seed: int):
 
 @pytest.mark.parametrize("R,V,u_dtype", [(1, 151936, torch.bfloat16), (16, 151936, torch.bfloat16),
                                          (128, 151936, torch.bfloat16), (130, 50001, torch.float32),
-                                         (9, 1000, torch.float16)])
+                                         (9, 1000, torch.float16), (33, 4097, torch.float32)])
 @pytest.mark.parametrize("return_q", [True, False])
 def test_small_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, return_q, monkeypatch):
     """top_k.cu's one pass and pick (DSPARK_MARKOV_PATH=small-top-k: at any R) against warp.cu's
