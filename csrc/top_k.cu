@@ -87,18 +87,32 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
   }
   // θ: each warp's c-th largest thread maximum, c = ceil(K / 8), the least of the 8 warps': each
   // warp has c maxima >= θ, so 8·c >= K entries are. (The exact K-th of the 256 maxima, ranked by
-  // every thread, cost more than the pass's loads.)
+  // every thread, cost more than the pass's loads.) Not in a row's last slice when it is partial:
+  // there threads past n hold no entry, their maxima 0, so a warp of them made θ 0 and every
+  // finite entry was listed, more than kListCap from 1025 entries: every row's lists overflowed at
+  // V = 128256 or 50257. That one block per row ranks the 256 maxima instead (θ their K-th largest:
+  // K threads, K entries at or above it).
+  const bool partial = n < kSlice;  // the block's
   const int c = (K + kThreads / 32 - 1) / (kThreads / 32), lane = threadIdx.x % 32;
+  __shared__ unsigned s_thread_max[kThreads];
   unsigned mine = my_max, cth = 0;
-  for (int i = 0; i < c; ++i) {
+  if (partial) s_thread_max[threadIdx.x] = my_max;
+  for (int i = 0; !partial && i < c; ++i) {
     cth = mine;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) cth = max(cth, __shfl_xor_sync(0xffffffffu, cth, off));
     const unsigned holders = __ballot_sync(0xffffffffu, mine == cth);
     if (lane == __ffs(holders) - 1) mine = 0;  // one holder of the i-th largest steps out
   }
-  __syncthreads();  // the counters' zeroing is seen
-  if (lane == 0) atomicMin(&s_theta, cth);
+  __syncthreads();  // the counters' zeroing (and a partial slice's maxima) is seen
+  if (partial) {
+    int greater = 0;
+#pragma unroll 1
+    for (int t = 0; t < kThreads; ++t) greater += s_thread_max[t] > my_max;
+    if (greater < K) atomicMin(&s_theta, my_max);  // the least such maximum: the K-th largest
+  } else if (lane == 0) {
+    atomicMin(&s_theta, cth);
+  }
   __syncthreads();
   const unsigned theta = max(s_theta, kNegInfKey + 1);  // no -inf entry is listed
 #pragma unroll

@@ -361,7 +361,8 @@ def _small_top_k_rows(R: int, V: int, gamma: int, u_dtype, seed: int):
 
 @pytest.mark.parametrize("R,V,u_dtype", [(1, 151936, torch.bfloat16), (16, 151936, torch.bfloat16),
                                          (128, 151936, torch.bfloat16), (130, 50001, torch.float32),
-                                         (9, 1000, torch.float16), (33, 4097, torch.float32)])
+                                         (9, 1000, torch.float16), (33, 4097, torch.float32),
+                                         (48, 128256, torch.bfloat16), (40, 50257, torch.float16)])
 @pytest.mark.parametrize("return_q", [True, False])
 def test_small_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, return_q, monkeypatch):
     """top_k.cu's one pass and pick (DSPARK_MARKOV_PATH=small-top-k: at any R) against warp.cu's
