@@ -393,7 +393,7 @@ def test_small_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, return_q, m
 
 @pytest.mark.parametrize("R,V,u_dtype", [(1, 151936, torch.bfloat16), (40, 151936, torch.bfloat16),
                                          (128, 151936, torch.bfloat16), (130, 50001, torch.float32),
-                                         (9, 1000, torch.float16)])
+                                         (9, 1000, torch.float16), (24, 128256, torch.bfloat16)])
 def test_a_host_bound_on_top_k_draws_what_the_radix_rounds_draw(R, V, u_dtype, monkeypatch):
     """Given top_k_max <= 64 the chain launches no radix rounds where top_k.cu takes the batch, and
     top_k.cu's pick finds the threshold of every warped row its lists do not take over the whole
