@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
   __syncthreads();  // the counters' zeroing (and a partial slice's maxima) is seen
   if (partial) {
     int greater = 0;
-#pragma unroll 1
+#pragma unroll 8
     for (int t = 0; t < kThreads; ++t) greater += s_thread_max[t] > my_max;
     if (greater < K) atomicMin(&s_theta, my_max);  // the least such maximum: the K-th largest
   } else if (lane == 0) {
