@@ -156,12 +156,16 @@ def sampled_requests():
     mixed = {"name": "max_tokens_one", "prompts": PROMPTS, "max_tokens": MIXED_MAX_TOKENS, "temperature": 1.0,
              "seed": 700}
     stop = {"prompts": STOP_PROMPTS, "max_tokens": 32, "temperature": 1.0, "seed": 900}
+    # every logit -inf while min_tokens masks the one allowed token (its stop token): no distribution
+    no_distribution = {"name": "no_distribution", "prompts": PROMPTS, "max_tokens": 8, "temperature": 1.0,
+                       "params": {"allowed_token_ids": [7], "stop_token_ids": [7], "min_tokens": 3}}
     return run_in_python(PYTHON, {
         "gamma": GAMMA, "target": "random", "draft": "fitted",
         "workloads": [n, children, logprobs, {**stop, "name": "stop_reference"},
                       {**stop, "name": "stop_strings", "params": STOP}, {**seeded, "name": "abort_reference"},
                       {**seeded, "name": "abort", "abort": {"prompts": ABORTED, "after_tokens": ABORT_AFTER}},
-                      mixed, {**mixed, "name": "max_tokens_one_alone", "max_tokens": [24] * 5}]})["workloads"]
+                      mixed, {**mixed, "name": "max_tokens_one_alone", "max_tokens": [24] * 5},
+                      no_distribution]})["workloads"]
 
 
 def _two_sample_p(a: list[int], b: list[int]) -> float:
@@ -257,6 +261,12 @@ def test_seeded_sampled_max_tokens_one_next_to_longer_requests(sampled_requests)
         for out, full in zip(mixed, alone):
             assert out == full[:len(out)], engine
 
+
+def test_sampled_requests_whose_target_has_no_distribution_run_as_without_speculation(sampled_requests):
+    """Rows of all -inf logits have a NaN softmax, which stopped the engine (every request in it)
+    on the lazy verification; V1 and no speculation emit the logits' argmax there."""
+    assert_same_as_no_speculation(sampled_requests["no_distribution"])
+    assert sampled_requests["no_distribution"]["dspark"]["finish_reasons"] == ["stop"] * len(PROMPTS)
 
 
 TIGHT_ABORTED = [0, 2]  # after 2 steps: 0 runs with drafts, 2 is skipped, its q held

@@ -206,3 +206,46 @@ def test_greedy_requests_take_the_argmax_of_their_logits_beside_sampled_ones():
     assert out["drafts"][1] == [5, 5]
     assert out["theirs"][1] == [5, 5, 9]  # V1: both drafts accepted, then its bonus token
     assert out["ours"] == out["theirs"]
+
+
+NO_DISTRIBUTION = SETUP + """
+# A sampled request whose target rows have no distribution (every logit -inf: allowed_token_ids =
+# [its stop token] while min_tokens masks it), beside another sampled request
+V, GAMMA = 16, 3
+torch.manual_seed(0)
+w1, w2 = torch.randn(V, 4) * 0.1, torch.randn(V, 4) * 0.1
+U = torch.randn(2, GAMMA, V)
+temps = torch.tensor([1.0, 1.0])
+seeds = torch.tensor([11, 12])
+stored = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=True)
+lazy = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=False)
+ids = stored.tokens.reshape(-1).to(torch.int32)
+target = torch.randn(2 * GAMMA, V)
+target[GAMMA:] = float("-inf")
+cu = torch.tensor([GAMMA, 2 * GAMMA], dtype=torch.int32)
+bonus = torch.tensor([[7], [0]], dtype=torch.int32)
+
+
+def run(fn):
+    torch.manual_seed(1)
+    return fn(metadata(temps.clone(), {})).tolist()
+
+
+theirs = run(lambda md: rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, stored.q.reshape(2 * GAMMA, V).contiguous(),
+                                         target.clone(), bonus, md))
+pending = PendingDrafts()
+pending.drafted(["a", "b"], lazy)
+verify = pending.verifier(["a", "b"], [GAMMA] * 2, ids, ids.view(2, GAMMA).tolist(), set())
+ours = run(lambda md: verify.dspark_rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, verify, target.clone(), bonus, md))
+print(json.dumps({"drafts": stored.tokens.tolist(), "theirs": theirs, "ours": ours}))
+"""
+
+
+def test_a_request_whose_rows_have_no_distribution_gets_v1s_token_not_an_engine_stop():
+    """Target rows whose logits are all -inf (or NaN) have a NaN softmax, which the runtime refuses
+    on the CPU: the ValueError stopped the engine with every request in it. V1 rejects the draft
+    there and emits the logits' argmax; so does the lazy verification now."""
+    out = run_in_vllm(NO_DISTRIBUTION)
+    assert out["drafts"][1][0] != 0
+    assert out["theirs"][1] == [0, -1, -1, -1]
+    assert out["ours"] == out["theirs"]

@@ -16,6 +16,7 @@ What V1 does and this keeps:
   row_start + ℓ_r there, which here is the next request's first row (the last request's is a
   spare row): that token is replaced.
 - Greedy requests: accept iff the draft is the argmax of the target's logits; emit that argmax.
+  On the CPU, so does a row without a distribution (logits all -inf or NaN), as in V1.
 - Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
   async scheduler pads requests it did not carry over) are rejected surely and the token is a
   sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
@@ -235,14 +236,14 @@ def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
             if n and lists[i][:n] and min(lists[i][:n]) < 0 and req_id not in carried}
 
 
-def _one_hot_greedy_rows(probs: torch.Tensor, logits: torch.Tensor, greedy: torch.Tensor, counts: list[int]) -> None:
-    """Greedy requests' rows of `probs` [Σ counts, V] (their softmax) made the one-hot at the argmax
-    of their logits, V1's greedy token: the fp32 softmax rounds logits a few ulps apart to equal
-    probabilities, whose argmax is the lower id. In place, without a device sync."""
-    greedy_rows = greedy.repeat_interleave(device_rows(counts, greedy.device), output_size=probs.shape[0]).unsqueeze(1)
+def _one_hot_rows(probs: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> None:
+    """The `rows` [Σ n, 1] (bool) of `probs` [Σ n, V] (the softmax of `logits`) made the one-hot at
+    the argmax of their logits, V1's token there: greedy requests' rows (the fp32 softmax rounds
+    logits a few ulps apart to equal probabilities, whose argmax is the lower id) and rows without a
+    distribution (a NaN softmax). In place, without a device sync."""
     best = logits.argmax(dim=-1, keepdim=True)
-    kept = probs.gather(1, best)  # before the fill: the sampled rows' own values go back
-    probs.masked_fill_(greedy_rows, 0.0).scatter_(1, best, torch.where(greedy_rows, 1.0, kept))
+    kept = probs.gather(1, best)  # before the fill: the other rows' own values go back
+    probs.masked_fill_(rows, 0.0).scatter_(1, best, torch.where(rows, 1.0, kept))
 
 
 def _runs(rows: list[tuple[MarkovDraft, int]]) -> list[tuple[MarkovDraft, list[int]]]:
@@ -294,8 +295,17 @@ class BlockVerify:
         torch.softmax(target_logits, dim=-1, out=target[:N])
         target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
         greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
-        if greedy is not None:
-            _one_hot_greedy_rows(target[:N], target_logits, greedy, counts)
+        one_hot = None if greedy is None else greedy.repeat_interleave(device_rows(counts, device), output_size=N)
+        if device.type == "cpu":
+            # rows without a distribution (logits all -inf, e.g. allowed_token_ids = [a stop token
+            # min_tokens masks], or NaN): their softmax is NaN throughout, which the runtime's value
+            # checks refuse on the CPU, stopping the engine; V1 emits their argmax. Found here without
+            # a sync; on a GPU, where the runtime checks nothing, finding them would sync.
+            no_distribution = target[:N, 0].isnan()
+            if bool(no_distribution.any()):
+                one_hot = no_distribution if one_hot is None else one_hot | no_distribution
+        if one_hot is not None:
+            _one_hot_rows(target[:N], target_logits, one_hot.unsqueeze(1))
         starts = list(itertools.accumulate([0] + counts[:-1]))
         rows = self.verified
         index = None if len(rows) == R else device_rows(rows, device)
