@@ -159,13 +159,16 @@ def sampled_requests():
     # every logit -inf while min_tokens masks the one allowed token (its stop token): no distribution
     no_distribution = {"name": "no_distribution", "prompts": PROMPTS, "max_tokens": 8, "temperature": 1.0,
                        "params": {"allowed_token_ids": [7], "stop_token_ids": [7], "min_tokens": 3}}
+    # a top_p vLLM takes (in (0, 1]) that its float32 batch holds as 0: the top token alone
+    tiny_top_p = {"name": "tiny_top_p", "prompts": PROMPTS, "max_tokens": 16, "temperature": 1.0,
+                  "params": {"top_p": 1e-50}}
     return run_in_python(PYTHON, {
         "gamma": GAMMA, "target": "random", "draft": "fitted",
         "workloads": [n, children, logprobs, {**stop, "name": "stop_reference"},
                       {**stop, "name": "stop_strings", "params": STOP}, {**seeded, "name": "abort_reference"},
                       {**seeded, "name": "abort", "abort": {"prompts": ABORTED, "after_tokens": ABORT_AFTER}},
                       mixed, {**mixed, "name": "max_tokens_one_alone", "max_tokens": [24] * 5},
-                      no_distribution]})["workloads"]
+                      no_distribution, tiny_top_p]})["workloads"]
 
 
 def _two_sample_p(a: list[int], b: list[int]) -> float:
@@ -267,6 +270,13 @@ def test_sampled_requests_whose_target_has_no_distribution_run_as_without_specul
     on the lazy verification; V1 and no speculation emit the logits' argmax there."""
     assert_same_as_no_speculation(sampled_requests["no_distribution"])
     assert sampled_requests["no_distribution"]["dspark"]["finish_reasons"] == ["stop"] * len(PROMPTS)
+
+
+def test_a_top_p_that_rounds_to_zero_samples_the_top_token_as_without_speculation(sampled_requests):
+    """top_p = 1e-50 is 0 in V1's float32 batch: vLLM keeps the top token alone, and the draft's
+    warp refused 0 on the CPU, which stopped the engine (every request in it)."""
+    assert_same_as_no_speculation(sampled_requests["tiny_top_p"])
+    assert sampled_requests["tiny_top_p"]["dspark"]["spec"]["accepted_tokens"] > 0
 
 
 TIGHT_ABORTED = [0, 2]  # after 2 steps: 0 runs with drafts, 2 is skipped, its q held

@@ -28,6 +28,9 @@ from dspark_cli.integrations.vllm.verify_length import VerifyLengthScheduler
 logger = init_logger(__name__)
 
 
+TOP_P_FLOOR = torch.finfo(torch.float32).tiny  # the smallest positive top_p (_draft_warps)
+
+
 # The drafts whose model class this proposer drives (vLLM maps both to Qwen3DSparkForCausalLM);
 # DeepSeek V4, Gemma 4 and K3 DSpark drafts run on Model Runner V2.
 V1_DRAFT_ARCHITECTURES = ("Qwen3DSparkModel", "Qwen3OmniDSparkModel")
@@ -371,7 +374,10 @@ class DSparkProposer(DFlashProposer):
         top_k = sampling_metadata.top_k
         top_p = sampling_metadata.top_p
         top_k = None if top_k is None else top_k[:R].to(torch.int64, copy=True)
-        top_p = None if top_p is None else top_p[:R].to(torch.float32, copy=True)
+        # vLLM takes any top_p in (0, 1]; its float32 batch holds one below ~1e-45 as 0, which keeps the
+        # top token alone there and which the draft's warp refuses: the smallest positive top_p keeps
+        # the same token
+        top_p = None if top_p is None else top_p[:R].to(torch.float32, copy=True).clamp_min_(TOP_P_FLOOR)
         return temperature, top_k, top_p, None if top_k is None else self._top_k_bound(R, structured)
 
     def _top_k_bound(self, R: int, structured: list[int]) -> int | None:
