@@ -162,25 +162,14 @@ def test_lazy_blocks_verify_to_v1s_own_tokens_with_the_same_noise():
     assert out["refusal"] == "DSPARK_V1_DRAFT_Q='1': expected one of lazy, stored"
 
 
-NEAR_TIE = SETUP + """
-# A greedy request beside a sampled one (BlockVerify verifies the step), its target's two largest
-# logits one ulp apart: their fp32 softmax rounds to equal probabilities, whose argmax is the lower id
-V, GAMMA = 16, 2
-torch.manual_seed(0)
-w1, w2 = torch.randn(V, 4) * 0.1, torch.randn(V, 4) * 0.1
-U = torch.zeros(2, GAMMA, V)
-U[1, :, 5] = 50.0  # the greedy request drafts 5, 5
-temps = torch.tensor([1.0, 0.0])
+# Two requests' blocks (the case above sets V, GAMMA, w1, w2, U, temps, target, bonus, names) verified
+# by V1's sampler from the stored q and by ours from the lazy draft, with the same noise
+TWO_REQUESTS_VERIFIED = """
 seeds = torch.tensor([11, 12])
 stored = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=True)
 lazy = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=False)
 ids = stored.tokens.reshape(-1).to(torch.int32)
-target = torch.randn(2 * GAMMA, V)
-target[GAMMA:] = -5.0
-target[GAMMA:, 3] = 0.1
-target[GAMMA:, 5] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))  # the argmax, by one ulp
 cu = torch.tensor([GAMMA, 2 * GAMMA], dtype=torch.int32)
-bonus = torch.tensor([[7], [9]], dtype=torch.int32)
 
 
 def run(fn):
@@ -191,11 +180,28 @@ def run(fn):
 theirs = run(lambda md: rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, stored.q.reshape(2 * GAMMA, V).contiguous(),
                                          target.clone(), bonus, md))
 pending = PendingDrafts()
-pending.drafted(["sampled", "greedy"], lazy)
-verify = pending.verifier(["sampled", "greedy"], [GAMMA] * 2, ids, ids.view(2, GAMMA).tolist(), set())
+pending.drafted(names, lazy)
+verify = pending.verifier(names, [GAMMA] * 2, ids, ids.view(2, GAMMA).tolist(), set())
 ours = run(lambda md: verify.dspark_rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, verify, target.clone(), bonus, md))
 print(json.dumps({"drafts": stored.tokens.tolist(), "theirs": theirs, "ours": ours}))
 """
+
+NEAR_TIE = SETUP + """
+# A greedy request beside a sampled one (BlockVerify verifies the step), its target's two largest
+# logits one ulp apart: their fp32 softmax rounds to equal probabilities, whose argmax is the lower id
+V, GAMMA = 16, 2
+torch.manual_seed(0)
+w1, w2 = torch.randn(V, 4) * 0.1, torch.randn(V, 4) * 0.1
+U = torch.zeros(2, GAMMA, V)
+U[1, :, 5] = 50.0  # the greedy request drafts 5, 5
+temps = torch.tensor([1.0, 0.0])
+target = torch.randn(2 * GAMMA, V)
+target[GAMMA:] = -5.0
+target[GAMMA:, 3] = 0.1
+target[GAMMA:, 5] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))  # the argmax, by one ulp
+bonus = torch.tensor([[7], [9]], dtype=torch.int32)
+names = ["sampled", "greedy"]
+""" + TWO_REQUESTS_VERIFIED
 
 
 def test_greedy_requests_take_the_argmax_of_their_logits_beside_sampled_ones():
@@ -216,29 +222,11 @@ torch.manual_seed(0)
 w1, w2 = torch.randn(V, 4) * 0.1, torch.randn(V, 4) * 0.1
 U = torch.randn(2, GAMMA, V)
 temps = torch.tensor([1.0, 1.0])
-seeds = torch.tensor([11, 12])
-stored = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=True)
-lazy = markov_chain(U, torch.tensor([1, 2]), w1, w2, temps, seeds=seeds, return_q=False)
-ids = stored.tokens.reshape(-1).to(torch.int32)
 target = torch.randn(2 * GAMMA, V)
 target[GAMMA:] = float("-inf")
-cu = torch.tensor([GAMMA, 2 * GAMMA], dtype=torch.int32)
 bonus = torch.tensor([[7], [0]], dtype=torch.int32)
-
-
-def run(fn):
-    torch.manual_seed(1)
-    return fn(metadata(temps.clone(), {})).tolist()
-
-
-theirs = run(lambda md: rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, stored.q.reshape(2 * GAMMA, V).contiguous(),
-                                         target.clone(), bonus, md))
-pending = PendingDrafts()
-pending.drafted(["a", "b"], lazy)
-verify = pending.verifier(["a", "b"], [GAMMA] * 2, ids, ids.view(2, GAMMA).tolist(), set())
-ours = run(lambda md: verify.dspark_rejection_sample(ids, [GAMMA] * 2, GAMMA, cu, verify, target.clone(), bonus, md))
-print(json.dumps({"drafts": stored.tokens.tolist(), "theirs": theirs, "ours": ours}))
-"""
+names = ["a", "b"]
+""" + TWO_REQUESTS_VERIFIED
 
 
 def test_a_request_whose_rows_have_no_distribution_gets_v1s_token_not_an_engine_stop():
