@@ -17,7 +17,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds);
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
+    const std::optional<at::Tensor>& target_argmax);
 
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
@@ -66,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
+    const std::optional<at::Tensor>& target_argmax) {
   const c10::SymInt R = tokens.sym_size(0), gamma = tokens.sym_size(1);
   return {at::empty_symint({R, gamma + 1}, tokens.options()), at::empty_symint({R}, tokens.options())};
 }
@@ -88,7 +90,8 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "rejection_sample(Tensor target, Tensor? row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
       "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds, "
-      "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None, Tensor? thresholds=None) "
+      "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None, Tensor? thresholds=None, "
+      "Tensor? target_argmax=None) "
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
   m.def(

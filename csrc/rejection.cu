@@ -3,7 +3,8 @@
 // needs is rebuilt from U_k + W2·W1[x_{k-1}] (or read from q when the draft kept it).
 //
 //   1. accept_kernel, one block per request: ratio tests u_j·q_j(x_j) < p_j(x_j) along the prefix
-//      (greedy requests: x_j == argmax p_j), n = accepted count; greedy requests also emit argmax of
+//      (greedy requests: x_j == argmax p_j, or the engine's argmax of the row's logits when given:
+//      their p rows are then not read), n = accepted count; greedy requests also emit argmax of
 //      the first unaccepted row here; the drafts are copied into the output, −1 padded.
 //      For a rebuilt q row it gathers W1[x_{n-1}] (x_{-1} = anchor) into H [R, r].
 //   2. (rebuilt q only) bias = H·W2ᵀ with the GEMM markov_chain sampled with (bias_gemm); the row's
@@ -60,9 +61,18 @@ __device__ int block_argmax(const float* __restrict__ row, int V) {
   return result;
 }
 
+// A greedy request's token at a target row: the engine's argmax when given (the row is not read;
+// an id the engine got wrong still indexes inside the vocabulary), else the row's argmax.
+__device__ int greedy_token(const float* __restrict__ target, const int64_t* __restrict__ target_argmax,
+                            int64_t row, int V) {
+  if (target_argmax != nullptr) return static_cast<int>(min(max(target_argmax[row], int64_t{0}), int64_t{V - 1}));
+  return block_argmax(target + row * V, V);
+}
+
 // Step 1. state[r] = {n, rejected}: what the later kernels need.
 template <typename WT>
-__global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts row_start,
+__global__ void accept_kernel(const float* __restrict__ target, const int64_t* __restrict__ target_argmax, int V,
+                              RowStarts row_start,
                               const int64_t* __restrict__ ell, const int64_t* __restrict__ tokens,
                               const float* __restrict__ q_token, const bool* __restrict__ greedy,
                               const int64_t* __restrict__ seeds, int gamma, const int64_t* __restrict__ anchors,
@@ -79,7 +89,7 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
     const float* row = target + (start + n) * V;
     bool accept;
     if (is_greedy) {
-      greedy_next = block_argmax(row, V);
+      greedy_next = greedy_token(target, target_argmax, start + n, V);
       accept = draft[n] == greedy_next;
     } else {
       accept = passes_ratio_test(seeds[r], n, q_token[static_cast<int64_t>(r) * gamma + n], row[draft[n]]);
@@ -87,7 +97,7 @@ __global__ void accept_kernel(const float* __restrict__ target, int V, RowStarts
     if (!accept) break;
     greedy_next = -1;
   }
-  if (is_greedy && greedy_next < 0) greedy_next = block_argmax(target + (start + n) * V, V);
+  if (is_greedy && greedy_next < 0) greedy_next = greedy_token(target, target_argmax, start + n, V);
   int64_t* out = out_tokens + static_cast<int64_t>(r) * (gamma + 1);
   for (int i = threadIdx.x; i <= gamma; i += blockDim.x) {
     out[i] = i < n ? draft[i] : (i == n && is_greedy ? greedy_next : -1);
@@ -302,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& U, const std::optional<at::Tensor>& anchors, const std::optional<at::Tensor>& w1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
-    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds) {
+    int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
+    const std::optional<at::Tensor>& target_argmax) {
   TORCH_CHECK(target_given.is_cuda() && target_given.dim() == 2 && target_given.scalar_type() == at::kFloat &&
                   target_given.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
@@ -348,6 +359,12 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   auto num_accepted = at::empty({R}, tokens.options());
   auto state = at::empty({R, 2}, tokens.options().dtype(at::kInt));
   const bool* greedy_p = greedy && greedy->defined() ? greedy->data_ptr<bool>() : nullptr;
+  const bool argmax_given = target_argmax.has_value() && target_argmax->defined();
+  TORCH_CHECK(!argmax_given || (target_argmax->scalar_type() == at::kLong && target_argmax->is_contiguous() &&
+                                target_argmax->dim() == 1 && target_argmax->size(0) == target.size(0) &&
+                                target_argmax->device() == device),
+              "dspark::rejection_sample: target_argmax must be contiguous int64 [N], one id per target row, on its device");
+  const int64_t* argmax_p = argmax_given ? target_argmax->data_ptr<int64_t>() : nullptr;
   const int split_count = choose_splits(R, V);
   const int slice = ((V + split_count - 1) / split_count + 15) / 16 * 16;  // whole race groups and Philox calls
   // Vector loads need every row start aligned: V % 8 == 0 and 16-byte aligned bases.
@@ -386,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
                 "dspark::rejection_sample: q must be contiguous fp32 [R, γ, V]");
     accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
-        target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+        target.data_ptr<float>(), argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
         q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr, nullptr, 0, nullptr, 0,
         out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -420,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     if (!tests_there) DSPARK_DISPATCH_FLOATS(w1->scalar_type(), "dspark_reject_w", [&] {
       using WT = device_t<scalar_t>;
       accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
-          target.data_ptr<float>(), V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+          target.data_ptr<float>(), argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
           q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, anchors->data_ptr<int64_t>(),
           reinterpret_cast<const WT*>(w1->data_ptr()), rank, reinterpret_cast<WT*>(h.data_ptr()), ldh,
           out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());

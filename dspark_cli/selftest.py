@@ -316,13 +316,14 @@ class RejectionCase:
     chain_draft: bool = False  # drafted by our CUDA chain: a rebuilt row uses the chain's row stats
     no_residual: bool = False  # target rows at half the draft's q: a rejection leaves no residual mass
     masked: bool = False       # as MarkovCase
+    argmax_given: bool = False  # greedy tokens from target_argmax (an engine's logits); greedy rows NaN, unread
 
     def label(self) -> str:
         return (f"rejection R={self.R} γ={self.gamma} V={self.V} q={'stored' if self.q_stored else 'rebuilt'} "
                 f"greedy_every={self.greedy_every}{' flat' if self.flat else ''}"
                 + (f" t_one_every={self.t_one_every}" if self.t_one_every else "")
                 + (" chain_draft" if self.chain_draft else "") + (" no_residual" if self.no_residual else "")
-                + (" masked" if self.masked else ""))
+                + (" masked" if self.masked else "") + (" argmax_given" if self.argmax_given else ""))
 
 
 def rejection_inputs(case: RejectionCase):
@@ -362,14 +363,20 @@ def run_rejection(case: RejectionCase, use_cuda_ops: bool, inputs):
     from dspark_cli.runtime import cuda_ops, rejection_sample, rejection_sample_flat
 
     draft, target, ell, greedy, seeds = inputs
+    argmax = None
+    if case.argmax_given:  # the argmax of the rows as they were, then the greedy requests' rows poisoned
+        argmax = target.argmax(-1)
+        target = target.masked_fill(greedy.view(-1, 1, 1), float("nan"))
     with cuda_ops.enabled(use_cuda_ops):
         poison_allocator()
         if not case.flat:
-            return rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds)
+            return rejection_sample(target, draft, ell, greedy=greedy, seeds=seeds, target_argmax=argmax)
         rows = [target[r, : int(ell[r]) + 1] for r in range(case.R)]
         cu = torch.zeros(case.R + 1, dtype=torch.int64, device="cuda")
         cu[1:] = torch.cumsum(ell + 1, dim=0)
-        return rejection_sample_flat(torch.cat(rows).contiguous(), cu, draft, greedy=greedy, seeds=seeds)
+        flat_argmax = None if argmax is None else torch.cat([argmax[r, : int(ell[r]) + 1] for r in range(case.R)])
+        return rejection_sample_flat(torch.cat(rows).contiguous(), cu, draft, greedy=greedy, seeds=seeds,
+                                     target_argmax=flat_argmax)
 
 
 def _unexplained_recoveries(inputs, ref, out) -> int:
@@ -448,6 +455,8 @@ SELF_TEST_REJECTION = [
     RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=5),
     RejectionCase(128, 7, 151936, 256, q_stored=False, chain_draft=True, seed=6),  # ratio tests in the racing kernel
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=7),  # p's race instead
+    # an engine's greedy tokens (V1's, TGI's): the greedy requests' rows are not read
+    RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=3, chain_draft=True, argmax_given=True, seed=8),
 ]
 
 

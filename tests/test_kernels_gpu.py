@@ -843,6 +843,15 @@ REJECTION_CASES = [
     RejectionCase(16, 7, 151936, 256, q_stored=False, masked=True, seed=33),
     RejectionCase(37, 3, 50001, 256, q_stored=False, greedy_every=3, masked=True, seed=34),
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, masked=True, seed=35),
+    # greedy tokens given (target_argmax, as V1 and TGI pass them), the greedy requests' rows NaN:
+    # q stored; small-batch kernel; fused step; cuBLAS; flat; all greedy
+    RejectionCase(16, 7, 151936, 256, greedy_every=3, argmax_given=True, seed=36),
+    RejectionCase(2, 7, 151936, 256, q_stored=False, greedy_every=2, chain_draft=True, argmax_given=True, seed=37),
+    RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=4, chain_draft=True, argmax_given=True, seed=38),
+    RejectionCase(130, 5, 151936, 256, q_stored=False, greedy_every=6, argmax_given=True, seed=39),
+    RejectionCase(37, 3, 50257, 64, q_stored=False, greedy_every=2, flat=True, chain_draft=True, argmax_given=True,
+                  seed=40),
+    RejectionCase(9, 4, 32000, 32, greedy_every=1, argmax_given=True, seed=41),
 ]
 
 

@@ -146,11 +146,12 @@ def schedule_production(a_stale, a_now, sps):
 
 
 def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, generator=None, uniforms=None,
-                     exp_noise=None, row_stride=0):
+                     exp_noise=None, row_stride=0, target_argmax=None):
     """Covers seeded (counter-based) randomness, greedy and sampled requests mixed, q stored or
     rebuilt from draft.source (W1 and W2 of one dtype), with the chain's row stats when the CUDA
     chain drafted it; top-k/top-p rows rebuilt only with the CUDA chain's thresholds. row_start
-    None: request r's rows start at r·row_stride."""
+    None: request r's rows start at r·row_stride. target_argmax [N]: the greedy requests' token per
+    target row (their rows are then not read)."""
     from dspark_cli.runtime.rejection import VerifyResult
 
     if seeds is None or uniforms is not None or exp_noise is not None or draft.tokens.shape[0] > MAX_REQUESTS:
@@ -172,7 +173,8 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
         ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),
         draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
-        seeds.contiguous(), row_stats, row_stride, block_counter, thresholds)
+        seeds.contiguous(), row_stats, row_stride, block_counter, thresholds,
+        None if target_argmax is None else target_argmax.to(torch.int64).contiguous())
     return VerifyResult(output_tokens, num_accepted)
 
 

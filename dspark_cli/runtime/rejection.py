@@ -4,7 +4,9 @@ Request r verifies its first ℓ_r drafts: target rows p_0..p_{ℓ_r} (row j sco
 row ℓ_r gives the bonus). Accept x_j iff u_j·q_j(x_j) < p_{j-1}(x_j) (= u_j < min(1, p/q), no
 clamp on q, which would bias rare draws) along the prefix; at the first rejection sample from
 max(p − q, 0) (from p when that mass ≤ 1e-8); if all ℓ_r are accepted, sample the bonus from p_{ℓ_r}.
-ℓ_r = 0 is a plain decode step. Greedy requests: accept iff x_j = argmax p_{j-1}; emit argmax.
+ℓ_r = 0 is a plain decode step. Greedy requests: accept iff x_j = argmax p_{j-1}; emit argmax (or
+the engine's own argmax per row, `target_argmax`: an engine's greedy token is the argmax of its
+logits, which an fp32 softmax can tie; given it, greedy requests' probability rows are not read).
 Everything is tensor ops: no host sync, no Python loop over requests or positions."""
 
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ class VerifyResult:
 
 
 def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, generator=None,
-                     uniforms=None, exp_noise=None) -> VerifyResult:
+                     uniforms=None, exp_noise=None, target_argmax=None) -> VerifyResult:
     """target_probs [R, S, V] fp32, S ≤ γ+1 rows per request (rows beyond ℓ_r are ignored: an
     engine that verified only S−1 drafts per request passes its rows as they are, the draft keeps
     all γ); draft: MarkovDraft or (tokens [R, γ], q_token [R, γ], q [R, γ, V]); ell [R] int64 or
@@ -34,7 +36,9 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
     torch.Generator or None: torch's global RNG; exponential race); an engine that draws with its
     own per-request generators passes them instead: uniforms [R, γ] in [0, 1] for the ratio tests
     (u = 1 accepts only where q(x) < p(x)), exp_noise [R, V] Exp(1) for the residual/bonus
-    (exponential race)."""
+    (exponential race). target_argmax [R, S] int64 or int32: the greedy requests' token per row in
+    place of the argmax of target_probs (the argmax of the engine's logits, its greedy token); their
+    rows of target_probs are then not read."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 3, (torch.float32,))
     _checks.nonempty_batch("target_probs", target_probs)
@@ -45,17 +49,21 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
         raise ValueError(f"target_probs has {rows} rows per request, expected 1 to γ + 1 = {gamma + 1} target rows")
     _checks.tensor("ell", ell, 1, (torch.int64, torch.int32))
     _checks.dim("ell", ell, 0, R, "one verify length per request")
+    if target_argmax is not None:
+        _check_argmax_shape(target_argmax, (R, rows))
+        target_argmax = target_argmax.reshape(R * rows)
     # request r's rows start at r·rows: no row_start tensor (the CUDA op computes it, saving a launch)
     return _verify(target_probs.reshape(R * rows, V), None, ell.to(torch.int64), draft, greedy, seeds, generator,
-                   uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows)
+                   uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows,
+                   target_argmax=target_argmax)
 
 
 def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, seeds=None,
-                          generator=None, uniforms=None, exp_noise=None) -> VerifyResult:
+                          generator=None, uniforms=None, exp_noise=None, target_argmax=None) -> VerifyResult:
     """Varlen entry (the layout of a flattened verify batch, as vLLM V1 builds it):
     target_probs [Σ_r (1+ℓ_r), V] fp32, request r owns rows cu_num_tokens[r] .. cu_num_tokens[r+1]−1
     (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 or int32 starting at 0. Drafts
-    stay [R, γ]."""
+    stay [R, γ]. target_argmax: [Σ_r (1+ℓ_r)], as rejection_sample's per row."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
     _checks.tensor("cu_num_tokens", cu_num_tokens, 1, (torch.int64, torch.int32))
@@ -66,18 +74,21 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     if check_values:
         _check_offsets(cu, target_probs.shape[0])
     ell = cu[1:] - cu[:-1] - 1
+    if target_argmax is not None:
+        _check_argmax_shape(target_argmax, target_probs.shape[:1])
     return _verify(target_probs, cu[:-1], ell, draft, greedy, seeds, generator, uniforms, exp_noise,
-                   check_values=check_values)
+                   check_values=check_values, target_argmax=target_argmax)
 
 
 def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, seeds=None, generator=None,
-                          uniforms=None, exp_noise=None) -> VerifyResult:
+                          uniforms=None, exp_noise=None, target_argmax=None) -> VerifyResult:
     """Rows named per request (an engine whose target rows are not laid out 1 + ℓ_r per request):
     target_probs [N, V] fp32; request r's draft j+1 is scored by row row_start[r] + j (j < ℓ_r) and
     its bonus/ℓ_r = 0 token comes from row row_start[r] + ℓ_r, which must exist. Requests' rows may
     overlap: vLLM V1 gives the bonus token itself and has no bonus rows, so its hook points each
     request's bonus row at the next request's first row (and one spare row after the last) and
-    replaces the tokens drawn there. row_start, ell [R] int64 or int32."""
+    replaces the tokens drawn there. row_start, ell [R] int64 or int32. target_argmax: [N], as
+    rejection_sample's per row (V1 takes its greedy tokens from the logits so)."""
     draft = _as_draft(draft)
     _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
     R = draft.tokens.shape[0]
@@ -85,12 +96,19 @@ def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, s
         _checks.tensor(name, t, 1, (torch.int64, torch.int32))
         _checks.dim(name, t, 0, R, "one entry per request")
     row_start, ell = row_start.to(torch.int64), ell.to(torch.int64)
+    if target_argmax is not None:
+        _check_argmax_shape(target_argmax, target_probs.shape[:1])
     check_values = _checks.want_value_checks(None, row_start)
     if check_values and bool(((row_start < 0) | (row_start + ell.clamp_min(0) >= target_probs.shape[0])).any()):
         raise ValueError(f"rows row_start .. row_start + ell must lie in the {target_probs.shape[0]} rows of "
                          f"target_probs, got row_start {row_start.tolist()}, ell {ell.tolist()}")
     return _verify(target_probs, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
-                   check_values=check_values)
+                   check_values=check_values, target_argmax=target_argmax)
+
+
+def _check_argmax_shape(target_argmax, rows: tuple) -> None:
+    _checks.tensor("target_argmax", target_argmax, len(rows), (torch.int64, torch.int32))
+    _check_shape("target_argmax", target_argmax, tuple(rows), "one token id per target row")
 
 
 def _check_offsets(cu: torch.Tensor, num_rows: int) -> None:
@@ -170,13 +188,19 @@ def _check_draft_shapes(draft: MarkovDraft, R: int, gamma: int) -> None:
 SUM_TOLERANCE = 1e-3
 
 
-def _check_target_rows(target, row_start, ell, row_stride) -> None:
-    """The rows the verify reads (each request's 1 + ℓ_r; the others may be padding) are
-    distributions: a NaN, negative or all-zero row drew an arbitrary token, silently."""
+def _check_target_rows(target, row_start, ell, row_stride, unread=None) -> None:
+    """The rows the verify reads (each request's 1 + ℓ_r, but those of the requests `unread` [R]
+    marks; the others may be padding) are distributions: a NaN, negative or all-zero row drew an
+    arbitrary token, silently."""
     if row_start is None:
         row_start = torch.arange(ell.numel(), dtype=torch.int64) * row_stride
     pos = torch.arange(int(ell.max()) + 1, dtype=torch.int64)
-    rows = target[(row_start.unsqueeze(1) + pos)[pos <= ell.unsqueeze(1)]]
+    read = pos <= ell.unsqueeze(1)
+    if unread is not None:
+        read &= ~unread.unsqueeze(1)
+    rows = target[(row_start.unsqueeze(1) + pos)[read]]
+    if rows.shape[0] == 0:
+        return
     _checks.nonnegative("target_probs", rows, locate=False)  # an index into rows, not target_probs, would mislead
     sums = rows.sum(dim=1, dtype=torch.float64)
     if bool((sums == 0).any()):
@@ -214,7 +238,8 @@ def _check_stored_q(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0, target_argmax=None) -> VerifyResult:
     """row_start [R] int64, or None for dense rows: request r's start at r·row_stride.
-    target_argmax: target.argmax(-1) when the caller has it (verified part by part: made once)."""
+    target_argmax [num_rows]: the greedy requests' tokens, the caller's (see rejection_sample), or
+    target.argmax(-1) made once for a regrouped draft's parts."""
     R, gamma = draft.tokens.shape
     num_rows, V = target.shape
     _checks.nonempty_batch("draft tokens", draft.tokens)
@@ -230,7 +255,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if t is not None:  # a list was an AttributeError on .shape
             _check_shape(name, t, shape, "engine-drawn noise")
     _checks.same_device(target=target, tokens=draft.tokens, q_token=draft.q_token, q=draft.q, ell=ell,
-                        greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise)
+                        greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise, target_argmax=target_argmax)
     _checks.generator(generator)
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
@@ -245,25 +270,30 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             _checks.in_unit_interval("uniforms", uniforms)
         if exp_noise is not None:
             _checks.nonnegative("exp_noise", exp_noise)
+        if target_argmax is not None:
+            _checks.token_ids("target_argmax", target_argmax, V)
+    if greedy is None:
+        target_argmax = None  # no request reads it
     if draft.parts is not None:  # each part's call checks the values below, for its draft's rows
         return _verify_by_part(target, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
-                               check_values, row_stride)
+                               check_values, row_stride, target_argmax)
     if check_values:
         # token ids index target rows and W1: checked with the other value checks (on CPU by
         # default, where min/max cost no device sync); on CUDA the kernels trust them
         _checks.token_ids("draft tokens", draft.tokens, V)
         if draft.q is None and draft.source is not None:
             _checks.token_ids("draft anchors", draft.source.anchors, V)
-        _check_target_rows(target, row_start, ell, row_stride)
+        _check_target_rows(target, row_start, ell, row_stride, None if target_argmax is None else greedy)
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
             _check_stored_q(draft, ell, greedy)
 
     tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
-                           uniforms, exp_noise) if t is not None]
+                           uniforms, exp_noise, target_argmax) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
-                   seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise, row_stride=row_stride)
+                   seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise, row_stride=row_stride,
+                   target_argmax=target_argmax)
     if out is not NotImplemented:
         return out
     if row_start is None:
@@ -286,7 +316,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     accept = u * draft.q_token.float() < p_token
     if greedy is not None:
         best = target.argmax(dim=-1) if target_argmax is None else target_argmax  # per row: no [R, γ, V] gather
-        match = tokens == best[rows]
+        match = tokens == best[rows].to(torch.int64)
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 
@@ -305,7 +335,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     else:
         next_token = rng.race_sample(weights, rng.exponential_like(weights, generator))
     if greedy is not None:
-        next_token = torch.where(greedy, p_row.argmax(dim=-1), next_token)
+        next_token = torch.where(greedy, best[row_start + num_accepted].to(torch.int64), next_token)
 
     out_pos = torch.arange(gamma + 1, device=device, dtype=torch.int64).unsqueeze(0)
     padded = torch.cat([tokens, torch.full((R, 1), -1, dtype=torch.int64, device=device)], dim=1)
@@ -325,7 +355,7 @@ def _q_rows_read(draft: MarkovDraft, position: torch.Tensor, needed: torch.Tenso
 
 
 def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
-                    check_values, row_stride) -> VerifyResult:
+                    check_values, row_stride, target_argmax) -> VerifyResult:
     """A regrouped draft (gather_drafts) verified part by part, each part with the draft its rows
     came from and at that draft's batch size, so its q rows are rebuilt by the kernel, and to the
     bits, the chain sampled them with. That draft's other rows go along as stand-ins whose output
@@ -337,7 +367,10 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     if row_start is None:
         row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
     done = []  # (batch positions, output tokens, accepted counts) per call
-    argmax = []  # target.argmax(-1), made at the first part with greedy rows, for every part
+    argmax = [] if target_argmax is None else [target_argmax]  # else target.argmax(-1), made at most once
+    if target_argmax is None and greedy is not None and check_values:
+        # the parts' calls take the greedy rows' argmax from here and skip those rows: checked once
+        _check_target_rows(target, row_start, ell, row_stride, unread=~greedy)
 
     def best():
         if not argmax:
