@@ -15,7 +15,12 @@ Floors at the measured copy bandwidth: chain W2 per step + U (+ q when stored: i
 verification, stored: the p and q rows it reads (R·V·4 each); lazy: the p row, W2 once and the U
 row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) reads every q row
 and every p row to draw a recovered token at each position: "V1 recovered-pass floor", Σ n·V·8
-bytes, is what it would add at the least."""
+bytes, is what it would add at the least.
+"from logits": the verification as BlockVerify runs it from V1's fp32 logits [R·γ, V] (target_rows:
+the softmax, the logits' argmax when a request is greedy, then rejection_sample_rows with those
+greedy tokens), every other request greedy / none (an all-greedy step takes V1's greedy path); its
+floor: the logits read once, the probabilities written once, the kernel's reads (a sampled
+request's p row, W2 once, its U row)."""
 
 import argparse
 import statistics
@@ -23,6 +28,7 @@ import statistics
 import torch
 
 from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays, write_rows
+from dspark_cli.integrations.vllm.target_rows import target_rows
 from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
 
 
@@ -51,6 +57,34 @@ def held_restore(R: int, U: torch.Tensor, bw: float, repeats: int) -> dict:
     print(f"{R:4d}  held restore ({held.numel()} of {R} rows): {restore_s * 1e3:.3f} ms "
           f"({restore_s / floor:.2f}x its floor {floor * 1e3:.3f} ms)", flush=True)
     return {"R": R, "q": "held restore", "restore_ms": restore_s * 1e3, "restore_floor_ms": floor * 1e3}
+
+
+def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
+    """BlockVerify's CUDA path from V1's logits, with and without greedy requests: median ms, floor."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(R + 7)
+    logits = torch.randn(R * GAMMA, V, device="cuda", generator=g).mul_(3)
+    starts = torch.arange(R, device="cuda", dtype=torch.int64) * GAMMA
+    ell = torch.full((R,), GAMMA, device="cuda", dtype=torch.int64)
+    for mix, every in (("half greedy", 2), ("sampled", 0)):
+        U, anchors, w1, w2, temperature, seeds = markov_inputs(R, greedy=False)
+        greedy = torch.arange(R, device="cuda") % every == 0 if every else torch.zeros(R, dtype=torch.bool, device="cuda")
+        temperature[greedy] = 0.0
+        draft = markov_chain(U, anchors, w1, w2, temperature, seeds=seeds, return_q=False)
+        n_greedy = int(greedy.sum())
+
+        def verify():
+            probs, best = target_rows(logits, any_greedy=n_greedy > 0)
+            return rejection_sample_rows(probs, starts, ell, draft, greedy=greedy if n_greedy else None, seeds=seeds,
+                                         target_argmax=best)
+
+        verify_s = statistics.median(time_replays(verify, repeats))
+        sampled = R - n_greedy
+        floor = (2 * logits.numel() * 4 + sampled * V * 4 + V * RANK * 2 + sampled * V * 2) / bw
+        rows.append({"R": R, "q": f"from logits, {mix}", "verify_ms": verify_s * 1e3, "verify_floor_ms": floor * 1e3})
+        print(f"{R:4d}  from logits, {mix:>11}: {verify_s * 1e3:.3f} ms ({verify_s / floor:.2f}x its floor "
+              f"{floor * 1e3:.3f} ms)", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -96,6 +130,7 @@ def main() -> None:
         print(f"{R:4d}  lazy round = {round_ms[False] / round_ms[True]:.2f}x the stored round "
               f"({round_ms[True] - round_ms[False]:+.3f} ms saved, before V1's recovered pass)", flush=True)
         rows.append(held_restore(R, U, bw, args.repeats))
+        rows.extend(from_logits(R, bw, args.repeats))
     if args.json_out:
         write_rows(args.json_out, bw, rows)
 

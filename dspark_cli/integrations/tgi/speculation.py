@@ -221,7 +221,7 @@ class DSparkSpeculation:
         target_argmax [B, S]: the argmax of each row's warped scores (what greedy TGI takes), given by
         hooks.choose when the batch has a greedy request: the greedy rows are verified against it
         (exp∘log_softmax can round two distinct maxima to one probability, a tie the argmax of the
-        probabilities breaks towards the lower id).
+        probabilities breaks towards the lower id), their probabilities not read.
         Returns (tokens per request, number of accepted drafts per request)."""
         B, S, _ = target_logprobs.shape
         # The exp of the rows read only ([B·S, V] fp32 each full copy): a plain step reads row 0,
@@ -240,15 +240,12 @@ class DSparkSpeculation:
         pend = [self.pending[r] for r in request_ids]
         ells = [min(p.ell, S - 1) for p in pend]
         probs = target_logprobs[:, :max(ells) + 1].exp()
-        if target_argmax is not None:  # greedy rows: one-hot at the scores' argmax (the verification reads their argmax only)
-            g = greedy.to(probs.device).view(-1, 1, 1)
-            top = target_argmax[:, :probs.shape[1]].to(probs.device).unsqueeze(2)
-            at_top = probs.gather(2, top)
-            probs.masked_fill_(g, 0.0).scatter_(2, top, torch.where(g, torch.ones_like(at_top), at_top))
         ell = torch.tensor(ells, dtype=torch.int64).to(probs.device)
         res = runtime.rejection_sample(probs, batch_draft(pend), ell, greedy=greedy,
                                        seeds=None if seeds is None else seeds.to(probs.device),
-                                       generator=None if seeds is not None else self.generator)
+                                       generator=None if seeds is not None else self.generator,
+                                       target_argmax=None if target_argmax is None
+                                       else target_argmax[:, :probs.shape[1]].to(probs.device))
         # One device-to-host copy each, not one sync per token (this runs every decode step).
         n_acc, rows = res.num_accepted.tolist(), res.output_tokens.tolist()
         out = [row[: n + 1] for row, n in zip(rows, n_acc)]

@@ -15,8 +15,10 @@ What V1 does and this keeps:
   request that accepts all its drafts emits it. Our runtime draws a token from row
   row_start + ℓ_r there, which here is the next request's first row (the last request's is a
   spare row): that token is replaced.
-- Greedy requests: accept iff the draft is the argmax of the target's logits; emit that argmax.
-  On the CPU, so does a row without a distribution (logits all -inf or NaN), as in V1.
+- Greedy requests: accept iff the draft is the argmax of the target's logits; emit that argmax
+  (the runtime's target_argmax: their probability rows are not read, and a step without sampled
+  requests computes no softmax). On the CPU, so does a row without a distribution (logits all
+  -inf or NaN), as in V1.
 - Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
   async scheduler pads requests it did not carry over) are rejected surely and the token is a
   sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
@@ -51,6 +53,7 @@ from dspark_cli.runtime.markov import device_rows
 
 from dspark_cli.integrations.ranges import concat_ranges
 from dspark_cli.integrations.vllm.draft_probs import carried_over, hook_runner
+from dspark_cli.integrations.vllm.target_rows import target_rows
 
 SWITCH = "DSPARK_V1_DRAFT_Q"
 MODES = ("lazy", "stored")
@@ -236,16 +239,6 @@ def placeholder_requests(runner, req_ids, num_draft_tokens) -> set[int]:
             if n and lists[i][:n] and min(lists[i][:n]) < 0 and req_id not in carried}
 
 
-def _one_hot_rows(probs: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> None:
-    """The `rows` [Σ n, 1] (bool) of `probs` [Σ n, V] (the softmax of `logits`) made the one-hot at
-    the argmax of their logits, V1's token there: greedy requests' rows (the fp32 softmax rounds
-    logits a few ulps apart to equal probabilities, whose argmax is the lower id) and rows without a
-    distribution (a NaN softmax). In place, without a device sync."""
-    best = logits.argmax(dim=-1, keepdim=True)
-    kept = probs.gather(1, best)  # before the fill: the other rows' own values go back
-    probs.masked_fill_(rows, 0.0).scatter_(1, best, torch.where(rows, 1.0, kept))
-
-
 def _runs(rows: list[tuple[MarkovDraft, int]]) -> list[tuple[MarkovDraft, list[int]]]:
     """gather_drafts' parts: consecutive rows of one draft as one part."""
     parts = []
@@ -289,23 +282,10 @@ class BlockVerify:
         if synthetic_mode or fly_window_size is not None:  # the proposer stores q for these (DSparkProposer)
             raise RuntimeError("DSpark blocks without q rows verify with standard rejection sampling only")
         counts = list(num_draft_tokens)
-        R, (N, V) = len(counts), target_logits.shape
+        R, V = len(counts), target_logits.shape[1]
         device = target_logits.device
-        target = torch.empty(N + 1, V, dtype=torch.float32, device=device)
-        torch.softmax(target_logits, dim=-1, out=target[:N])
-        target[N].fill_(1.0 / V)  # the last request's bonus row: drawn from, then replaced
         greedy = None if sampling_metadata.all_random else sampling_metadata.temperature[:R] == GREEDY_TEMPERATURE
-        one_hot = None if greedy is None else greedy.repeat_interleave(device_rows(counts, device), output_size=N)
-        if device.type == "cpu":
-            # rows without a distribution (logits all -inf, e.g. allowed_token_ids = [a stop token
-            # min_tokens masks], or NaN): their softmax is NaN throughout, which the runtime's value
-            # checks refuse on the CPU, stopping the engine; V1 emits their argmax. Found here without
-            # a sync; on a GPU, where the runtime checks nothing, finding them would sync.
-            no_distribution = target[:N, 0].isnan()
-            if bool(no_distribution.any()):
-                one_hot = no_distribution if one_hot is None else one_hot | no_distribution
-        if one_hot is not None:
-            _one_hot_rows(target[:N], target_logits, one_hot.unsqueeze(1))
+        target, best = target_rows(target_logits, any_greedy=greedy is not None)
         starts = list(itertools.accumulate([0] + counts[:-1]))
         rows = self.verified
         index = None if len(rows) == R else device_rows(rows, device)
@@ -316,7 +296,7 @@ class BlockVerify:
         row_start, ell, n = device_rows([starts[i] for i in rows] + self.ell + [counts[i] for i in rows],
                                         device).split(len(rows))
         noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
-        res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy),
+        res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy), target_argmax=best,
                                     **{k: take(v) for k, v in noise.items()})
         # a request that accepted all its drafts (ℓ = n, no placeholder) emits V1's bonus token
         bonus = bonus_token_ids.view(R, 1).to(torch.int64)
