@@ -16,9 +16,8 @@ What V1 does and this keeps:
   row_start + ℓ_r there, which here is the next request's first row (the last request's is a
   spare row): that token is replaced.
 - Greedy requests: accept iff the draft is the argmax of the target's logits; emit that argmax
-  (the runtime's target_argmax: their probability rows are not read, and a step without sampled
-  requests computes no softmax). On the CPU, so does a row without a distribution (logits all
-  -inf or NaN), as in V1.
+  (the runtime's target_argmax: their probability rows are not read). On the CPU, so does a row
+  without a distribution (logits all -inf or NaN), as in V1.
 - Placeholder drafts (id −1: vLLM pads a request that has one token left to compute, and the
   async scheduler pads requests it did not carry over) are rejected surely and the token is a
   sample of p: verified with ℓ = the first placeholder's position, whose row is then raced over
