@@ -362,7 +362,7 @@ __device__ __forceinline__ void finish_residual(const Race* races, const Residua
   __threadfence();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < R; r += kConsumers / 32) {
-    if (rows.greedy != nullptr && rows.greedy[r]) continue;  // accept_kernel wrote its token
+    if (rows.greedy != nullptr && rows.greedy[r]) continue;  // written (accept_kernel, find_verdicts)
     const Race all = warp_merge_races(races + static_cast<int64_t>(r) * gridDim.x, gridDim.x, lane);
     write_recovered_token(all, r, verdicts.n[r], verdicts.rejected[r], rows.target, rows.row_start, V, seeds[r],
                           rows.out_tokens, gamma);

@@ -735,7 +735,8 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   if (lane == 0) merged[warp] = all;
   __syncthreads();
   // Warp rr writes request rr's token (recovered_token wants a warp).
-  if (warp >= R || (rows.greedy != nullptr && rows.greedy[warp])) return;  // accept_kernel wrote a greedy token
+  // A greedy request's token is written already (accept_kernel or find_verdicts).
+  if (warp >= R || (rows.greedy != nullptr && rows.greedy[warp])) return;
   all = merged[warp * kWarpsPerRequest];
   for (int w = 1; w < kWarpsPerRequest; ++w) all = combine(all, merged[warp * kWarpsPerRequest + w]);
   write_recovered_token(all, warp, verdicts.n[warp], verdicts.rejected[warp], rows.target, rows.row_start, V,

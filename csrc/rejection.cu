@@ -18,9 +18,10 @@
 //      (≤ 1e-8), p's race over its row (run there: p ≈ q along a whole row is rare).
 // With the chain's row_stats, steps 2 and 3 are one kernel instead: on Hopper fused_step.cu's
 // residual epilogue runs the races on the bias accumulators (the bias never goes through HBM), at
-// R <= 2 markov.cu's small_residual_kernel; without greedy requests that kernel runs step 1's
-// ratio tests itself too (verdicts.cuh), and up to 16 requests its last block does step 4: the
-// whole verification is then one launch (the chain's block counter given: without it a fill precedes).
+// R <= 2 markov.cu's small_residual_kernel; without greedy requests, or with their tokens given
+// (target_argmax), that kernel runs step 1's tests itself too (verdicts.cuh), and up to 16
+// requests its last block does step 4: the whole verification is then one launch (the chain's
+// block counter given: without it a fill precedes).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,11 +62,11 @@ __device__ int block_argmax(const float* __restrict__ row, int V) {
   return result;
 }
 
-// A greedy request's token at a target row: the engine's argmax when given (the row is not read;
-// an id the engine got wrong still indexes inside the vocabulary), else the row's argmax.
+// A greedy request's token at a target row: the engine's argmax when given (the row is not read),
+// else the row's argmax.
 __device__ int greedy_token(const float* __restrict__ target, const int64_t* __restrict__ target_argmax,
                             int64_t row, int V) {
-  if (target_argmax != nullptr) return static_cast<int>(min(max(target_argmax[row], int64_t{0}), int64_t{V - 1}));
+  if (target_argmax != nullptr) return engine_argmax(target_argmax, row, V);
   return block_argmax(target + row * V, V);
 }
 
@@ -391,9 +392,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const bool small = path == BiasPath::kSmall, fused = path == BiasPath::kFused;
   const int64_t ldh = small ? rank : chain_ldh;  // the small-batch kernels read rows r apart
   // Where the racing kernel's last block writes the tokens (a block counter), and where it
-  // runs the ratio tests itself (no greedy request: those need whole-row argmaxes first).
+  // runs the ratio tests itself (no greedy request, or the engine's greedy tokens given: whole-row
+  // argmaxes need accept_kernel first).
   const bool finished_there = small || (fused && R <= kFusedFinishMaxRequests);
-  const bool tests_there = (small || fused) && greedy_p == nullptr;
+  const bool tests_there = (small || fused) && (greedy_p == nullptr || argmax_given);
   const int splits = fused ? fused_step_blocks(V) : split_count;  // race partials per request
   auto race_parts = at::empty({static_cast<int64_t>(R) * splits * static_cast<int64_t>(sizeof(Race))},
                               target.options().dtype(at::kByte));
@@ -446,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     RatioTests tests;
     if (tests_there)
       tests = {ell.data_ptr<int64_t>(), q_token.data_ptr<float>(), anchors->data_ptr<int64_t>(), w1->data_ptr(),
-               out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>()};
+               out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), greedy_p, argmax_p};
     const ResidualRows rows{target.data_ptr<float>(), starts, state.data_ptr<int>(),
                             chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p,
                             done_p, finished_there ? out_tokens.data_ptr<int64_t>() : nullptr, tests};

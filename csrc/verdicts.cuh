@@ -1,7 +1,8 @@
 // Rejection's per-request verdicts {n accepted, rejected} where the racing kernels need them: read
-// from accept_kernel's state, or, for a batch without greedy requests, found by the racing kernel
-// itself (every block runs the R·γ ratio tests, a few gathers: one launch and one dependency fewer
-// than with accept_kernel). Both run passes_ratio_test along the prefix.
+// from accept_kernel's state, or, for a batch without greedy requests or with the engine's greedy
+// tokens given (target_argmax), found by the racing kernel itself (every block runs the R·γ tests, a
+// few gathers: one launch and one dependency fewer than with accept_kernel). Both run
+// passes_ratio_test along the prefix; a greedy request's whole-row argmax needs accept_kernel.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -35,7 +36,14 @@ struct RatioTests {
   const void* w1 = nullptr;  // [V, rank], the W2 dtype: H = W1[x_{n-1}] is gathered by the racing kernel
   int64_t* out_tokens = nullptr;  // [R, γ + 1]
   int64_t* num_accepted = nullptr;
+  const bool* greedy = nullptr;  // [R] (null: none); greedy requests then need target_argmax
+  const int64_t* target_argmax = nullptr;  // [N]: a greedy request's token per target row
 };
+
+// The engine's greedy token at a target row (an id it got wrong still indexes inside the vocabulary).
+__device__ __forceinline__ int engine_argmax(const int64_t* target_argmax, int64_t row, int V) {
+  return static_cast<int>(min(max(target_argmax[row], int64_t{0}), int64_t{V - 1}));
+}
 
 // The ratio test of draft position j (rejection.py's): u_j·q_j(x_j) < p_j(x_j), u_j from the request's
 // seed on the acceptance stream.
@@ -53,9 +61,10 @@ struct Verdicts {
 
 // Fills v for R requests, threads tid = 0 .. nthreads-1 of the block taking part (sync: their
 // barrier), kPairs ratio tests per thread per round (more: fewer rounds, more registers). With
-// tests.ell the ratio tests run here and block 0 writes the outputs and the state [R, 2]
-// {n, rejected} (a finish kernel reads it); else accept_kernel's state is read (`before` is then
-// not needed: H is accept_kernel's gather).
+// tests.ell the ratio tests run here (a greedy request's: x_j == the engine's token, its row not
+// read) and block 0 writes the outputs (a greedy request's next token too: the racing kernels skip
+// it) and the state [R, 2] {n, rejected} (a finish kernel reads it); else accept_kernel's state is
+// read (`before` is then not needed: H is accept_kernel's gather).
 template <int kPairs, int capacity, typename Sync>
 __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const float* target,
                               RowStarts row_start, const int64_t* tokens, const int64_t* seeds, int R, int gamma,
@@ -73,6 +82,8 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
   for (int base = tid; base < R * gamma; base += kPairs * nthreads) {
     int64_t token[kPairs], len[kPairs], seed[kPairs], start[kPairs];
     float q[kPairs], p[kPairs];
+    bool greedy[kPairs];
+    int best[kPairs];
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int i = base + k * nthreads, r = i / gamma;
@@ -80,18 +91,23 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
       token[k] = tokens[i], q[k] = tests.q_token[i], len[k] = clamp_ell(tests.ell[r], row_start.max_len(gamma));
       seed[k] = seeds[r];
       start[k] = row_start[r];
+      greedy[k] = tests.greedy != nullptr && tests.greedy[r];
       if (i % gamma == 0) v.before[r] = static_cast<int>(tests.anchors[r]);
     }
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int i = base + k * nthreads, j = i % gamma;
-      if (i < R * gamma && j < len[k]) p[k] = target[(start[k] + j) * V + token[k]];
+      if (i >= R * gamma || j >= len[k]) continue;
+      if (greedy[k])
+        best[k] = engine_argmax(tests.target_argmax, start[k] + j, V);
+      else
+        p[k] = target[(start[k] + j) * V + token[k]];
     }
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
       const int i = base + k * nthreads, j = i % gamma;
       if (i >= R * gamma || j >= len[k]) continue;
-      if (!passes_ratio_test(seed[k], j, q[k], p[k])) atomicMin(&v.n[i / gamma], j);
+      if (greedy[k] ? token[k] != best[k] : !passes_ratio_test(seed[k], j, q[k], p[k])) atomicMin(&v.n[i / gamma], j);
     }
   }
   sync();
@@ -99,7 +115,7 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     const int len = clamp_ell(tests.ell[r], row_start.max_len(gamma));
     const int n = min(v.n[r], len), pos = min(n, gamma - 1);
     v.n[r] = n;
-    v.rejected[r] = n < len;
+    v.rejected[r] = n < len && (tests.greedy == nullptr || !tests.greedy[r]);  // accept_kernel's state
     if (pos > 0) v.before[r] = static_cast<int>(tokens[static_cast<int64_t>(r) * gamma + pos - 1]);
     if (blockIdx.x == 0) tests.num_accepted[r] = n, state[2 * r] = n, state[2 * r + 1] = v.rejected[r];
   }
@@ -107,7 +123,10 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
   if (blockIdx.x == 0) {
     for (int i = tid; i < R * (gamma + 1); i += nthreads) {
       const int r = i / (gamma + 1), j = i % (gamma + 1);
-      tests.out_tokens[i] = j < v.n[r] ? tokens[static_cast<int64_t>(r) * gamma + j] : -1;
+      const bool greedy_next = j == v.n[r] && tests.greedy != nullptr && tests.greedy[r];
+      tests.out_tokens[i] = j < v.n[r]     ? tokens[static_cast<int64_t>(r) * gamma + j]
+                            : greedy_next ? engine_argmax(tests.target_argmax, row_start[r] + j, V)
+                                          : -1;
     }
   }
 }

@@ -844,7 +844,8 @@ REJECTION_CASES = [
     RejectionCase(37, 3, 50001, 256, q_stored=False, greedy_every=3, masked=True, seed=34),
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, masked=True, seed=35),
     # greedy tokens given (target_argmax, as V1 and TGI pass them), the greedy requests' rows NaN:
-    # q stored; small-batch kernel; fused step; cuBLAS; flat; all greedy
+    # q stored; small-batch kernel; fused step; cuBLAS; flat; all greedy; then the one-launch paths
+    # (the racing kernel's own verdicts): fused step up to 16 requests, one all-greedy request
     RejectionCase(16, 7, 151936, 256, greedy_every=3, argmax_given=True, seed=36),
     RejectionCase(2, 7, 151936, 256, q_stored=False, greedy_every=2, chain_draft=True, argmax_given=True, seed=37),
     RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=4, chain_draft=True, argmax_given=True, seed=38),
@@ -852,6 +853,8 @@ REJECTION_CASES = [
     RejectionCase(37, 3, 50257, 64, q_stored=False, greedy_every=2, flat=True, chain_draft=True, argmax_given=True,
                   seed=40),
     RejectionCase(9, 4, 32000, 32, greedy_every=1, argmax_given=True, seed=41),
+    RejectionCase(12, 7, 151936, 256, q_stored=False, greedy_every=3, chain_draft=True, argmax_given=True, seed=42),
+    RejectionCase(1, 7, 151936, 256, q_stored=False, greedy_every=1, chain_draft=True, argmax_given=True, seed=43),
 ]
 
 
