@@ -91,12 +91,14 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
   // there threads past n hold no entry, their maxima 0, so a warp of them made θ 0 and every
   // finite entry was listed, more than kListCap from 1025 entries: every row's lists overflowed at
   // V = 128256 or 50257. That one block per row ranks the 256 maxima instead (θ their K-th largest:
-  // K threads, K entries at or above it).
+  // K threads, K entries at or above it), unless fewer than K threads hold entries (V = 151936's
+  // 376): the K-th largest is then a 0, θ too, without the rank.
   const bool partial = n < kSlice;  // the block's
+  const bool ranked = partial && min(kThreads, (n + 7) / 8) >= K;
   const int c = (K + kThreads / 32 - 1) / (kThreads / 32), lane = threadIdx.x % 32;
   __shared__ unsigned s_thread_max[kThreads];
   unsigned mine = my_max, cth = 0;
-  if (partial) s_thread_max[threadIdx.x] = my_max;
+  if (ranked) s_thread_max[threadIdx.x] = my_max;
   for (int i = 0; !partial && i < c; ++i) {
     cth = mine;
 #pragma unroll
@@ -105,11 +107,13 @@ __global__ void __launch_bounds__(kThreads) slice_kernel(
     if (lane == __ffs(holders) - 1) mine = 0;  // one holder of the i-th largest steps out
   }
   __syncthreads();  // the counters' zeroing (and a partial slice's maxima) is seen
-  if (partial) {
+  if (ranked) {
     int greater = 0;
 #pragma unroll 8
     for (int t = 0; t < kThreads; ++t) greater += s_thread_max[t] > my_max;
     if (greater < K) atomicMin(&s_theta, my_max);  // the least such maximum: the K-th largest
+  } else if (partial) {
+    if (threadIdx.x == 0) s_theta = 0;
   } else if (lane == 0) {
     atomicMin(&s_theta, cth);
   }
