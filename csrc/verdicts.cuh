@@ -115,7 +115,7 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
     const int len = clamp_ell(tests.ell[r], row_start.max_len(gamma));
     const int n = min(v.n[r], len), pos = min(n, gamma - 1);
     v.n[r] = n;
-    v.rejected[r] = n < len && (tests.greedy == nullptr || !tests.greedy[r]);  // accept_kernel's state
+    v.rejected[r] = n < len && (tests.greedy == nullptr || !tests.greedy[r]);  // greedy: no residual race
     if (pos > 0) v.before[r] = static_cast<int>(tokens[static_cast<int64_t>(r) * gamma + pos - 1]);
     if (blockIdx.x == 0) tests.num_accepted[r] = n, state[2 * r] = n, state[2 * r + 1] = v.rejected[r];
   }
