@@ -455,8 +455,10 @@ SELF_TEST_REJECTION = [
     RejectionCase(16, 7, 151936, 256, q_stored=False, greedy_every=5, chain_draft=True, seed=5),
     RejectionCase(128, 7, 151936, 256, q_stored=False, chain_draft=True, seed=6),  # ratio tests in the racing kernel
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, no_residual=True, seed=7),  # p's race instead
-    # an engine's greedy tokens (V1's, TGI's): the greedy requests' rows are not read
+    # an engine's greedy tokens (V1's, TGI's): the greedy requests' rows are not read, their tests run
+    # in the racing kernel (fused step; small-batch kernel)
     RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=3, chain_draft=True, argmax_given=True, seed=8),
+    RejectionCase(2, 7, 151936, 256, q_stored=False, greedy_every=2, chain_draft=True, argmax_given=True, seed=9),
 ]
 
 
