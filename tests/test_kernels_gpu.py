@@ -844,8 +844,9 @@ REJECTION_CASES = [
     RejectionCase(37, 3, 50001, 256, q_stored=False, greedy_every=3, masked=True, seed=34),
     RejectionCase(16, 7, 151936, 256, q_stored=False, chain_draft=True, masked=True, seed=35),
     # greedy tokens given (target_argmax, as V1 and TGI pass them), the greedy requests' rows NaN:
-    # q stored; small-batch kernel; fused step; cuBLAS; flat; all greedy; then the one-launch paths
-    # (the racing kernel's own verdicts): fused step up to 16 requests, one all-greedy request
+    # q stored; small-batch kernel; fused step; cuBLAS; flat; all greedy; the fused step finishing
+    # itself (up to 16 requests); one all-greedy request (small-batch and fused cases: the racing
+    # kernel runs the greedy tests itself)
     RejectionCase(16, 7, 151936, 256, greedy_every=3, argmax_given=True, seed=36),
     RejectionCase(2, 7, 151936, 256, q_stored=False, greedy_every=2, chain_draft=True, argmax_given=True, seed=37),
     RejectionCase(48, 7, 151936, 256, q_stored=False, greedy_every=4, chain_draft=True, argmax_given=True, seed=38),
