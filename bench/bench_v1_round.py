@@ -20,7 +20,10 @@ bytes, is what it would add at the least.
 the softmax, the logits' argmax when a request is greedy, then rejection_sample_rows with those
 greedy tokens), every other request greedy / none (an all-greedy step takes V1's greedy path); its
 floor: the logits read once, the probabilities written once, the kernel's reads (a sampled
-request's p row, W2 once, its U row)."""
+request's p row, W2 once, its U row).
+"target probs": that preparation alone, the softmax and the greedy argmax of the logits [R·γ, V]:
+torch's (softmax, then argmax) against our softmax_rows op, the same outputs asked; floor: the
+logits read once, the probabilities written once."""
 
 import argparse
 import statistics
@@ -30,6 +33,7 @@ import torch
 from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays, write_rows
 from dspark_cli.integrations.vllm.target_rows import target_rows
 from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
+from dspark_cli.runtime.target_probs import softmax_rows
 
 
 def v1_verify_inputs(R: int, draft, seed: int):
@@ -87,6 +91,25 @@ def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
     return rows
 
 
+def target_probs(R: int, bw: float, repeats: int) -> dict:
+    """torch's softmax + argmax of V1's logits against softmax_rows, into the same buffers."""
+    logits = torch.randn(R * GAMMA, V, device="cuda", generator=torch.Generator(device="cuda").manual_seed(R)).mul_(3)
+    N = logits.shape[0]
+    probs = torch.empty(N + 1, V, device="cuda")
+    best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
+
+    def with_torch():
+        torch.softmax(logits, dim=-1, out=probs[:N])
+        torch.argmax(logits, dim=-1, out=best[:N])
+
+    torch_s = statistics.median(time_replays(with_torch, repeats))
+    ours_s = statistics.median(time_replays(lambda: softmax_rows(logits, probs, best), repeats))
+    floor = 2 * logits.numel() * 4 / bw
+    print(f"{R:4d}  target probs: torch {torch_s * 1e3:.3f} ms, softmax_rows {ours_s * 1e3:.3f} ms "
+          f"({torch_s / ours_s:.2f}x faster; {ours_s / floor:.2f}x its floor {floor * 1e3:.3f} ms)", flush=True)
+    return {"R": R, "q": "target probs", "torch_ms": torch_s * 1e3, "ours_ms": ours_s * 1e3, "floor_ms": floor * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,16,128")
@@ -131,6 +154,7 @@ def main() -> None:
               f"({round_ms[True] - round_ms[False]:+.3f} ms saved, before V1's recovered pass)", flush=True)
         rows.append(held_restore(R, U, bw, args.repeats))
         rows.extend(from_logits(R, bw, args.repeats))
+        rows.append(target_probs(R, bw, args.repeats))
     if args.json_out:
         write_rows(args.json_out, bw, rows)
 

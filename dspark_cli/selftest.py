@@ -242,6 +242,28 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels
             "budget": int(out.sum()), "budget_ref": int(ref.sum()), "rows_differing": int((out != ref).sum())}
 
 
+def compare_softmax_rows(N: int, V: int, seed: int) -> dict:
+    """softmax_rows (an engine's logits [N, V] → target probabilities and argmax) against torch's
+    softmax and argmax, over NaN-poisoned buffers with a spare row; rows 0 and 1 hold a tie of their
+    maximum across the row (the first id wins)."""
+    from dspark_cli.runtime import cuda_ops
+    from dspark_cli.runtime.target_probs import softmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(N, V, device="cuda", generator=g).mul_(4)
+    logits[: min(N, 2), [V - 1, V // 3]] = 30.0
+    poison_allocator()
+    probs = torch.empty(N + 1, V, device="cuda")
+    best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
+    with cuda_ops.enabled(True):
+        softmax_rows(logits, probs, best)
+    ref = torch.softmax(logits, dim=-1)
+    err = float(((probs[:N] - ref).abs() / ref.clamp_min(1e-30)).max())
+    same_argmax = bool(torch.equal(best[:N], logits.argmax(-1)))
+    return {"case": f"softmax_rows N={N} V={V}", "ok": same_argmax and err < 1e-5,
+            "probs_max_rel_err": err, "same_argmax": same_argmax}
+
+
 def draft_attention_inputs(lengths, gamma, heads, kv, hd, dtype, seed, ramp=False, page_rows=16):
     """q [R, γ, H, hd], the block's K/V, the pool's K/V, the page table with its page_rows and the
     contexts' lengths for cuda_ops.draft_attention: random q and block K/V, and a pool whose pages
@@ -485,6 +507,8 @@ def run_self_test(as_json: bool = False) -> list[dict]:
                + [compare_confidence(MarkovCase(16, 7, 151936, 256, return_q=False, seed=52))]
                + [compare_rejection(c) for c in SELF_TEST_REJECTION]
                + [compare_schedule(256, 256, seed=1), compare_schedule(5, 9, seed=2)]
+               + [compare_softmax_rows(7, 151936, seed=1), compare_softmax_rows(896, 151936, seed=2),
+                  compare_softmax_rows(130, 50257, seed=3)]
                + [compare_draft_attention(*c) for c in SELF_TEST_DRAFT_ATTENTION])
 
     def render(doc):
@@ -495,6 +519,8 @@ def run_self_test(as_json: bool = False) -> list[dict]:
                 detail = f"max |Δz|={r['conf_max_abs_err']:.2e} same_tokens={r['same_tokens']}"
             elif "attention_max_abs_err" in r:
                 detail = f"max |Δo|={r['attention_max_abs_err']:.2e}"
+            elif "probs_max_rel_err" in r:
+                detail = f"max rel |Δp|={r['probs_max_rel_err']:.2e} same_argmax={r['same_argmax']}"
             elif "differing" in r:
                 detail = f"differing={r['differing']} accepted={r['accepted_total']}/{r['verified_total']}"
             else:

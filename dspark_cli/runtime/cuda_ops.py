@@ -178,6 +178,14 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     return VerifyResult(output_tokens, num_accepted)
 
 
+def softmax_rows(logits, probs, best):
+    """Covers contiguous logits, probs and best (the op writes their first N rows), N rows within
+    MAX_REQUESTS (one per grid row)."""
+    if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, probs, best)):
+        return NotImplemented
+    torch.ops.dspark.softmax_rows(logits, probs, best)
+
+
 def draft_attention_fits(weight: torch.Tensor, head_dim: int, query_rows: int) -> bool:
     """Whether draft_attention covers a drafter with weights like `weight`: bf16 or fp16 on a GPU of
     compute capability 8.0 or more (bf16 tensor cores), and a shape the op takes (head_dim 64 or 128,

@@ -3,6 +3,8 @@ without vLLM, so the GPU benchmark (bench/bench_v1_round.py) times what the engi
 
 import torch
 
+from dspark_cli.runtime.target_probs import softmax_rows
+
 
 def target_rows(logits: torch.Tensor, any_greedy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(probabilities [N + 1, V] fp32, greedy tokens [N + 1] int64 or None) from logits [N, V].
@@ -12,12 +14,9 @@ def target_rows(logits: torch.Tensor, any_greedy: bool) -> tuple[torch.Tensor, t
     given when any request is greedy, after which greedy requests' rows are not read (a step with
     no sampled request does not come here: V1's greedy path verifies it)."""
     N, V = logits.shape
-    best = None
-    if any_greedy:
-        best = torch.zeros(N + 1, dtype=torch.int64, device=logits.device)
-        torch.argmax(logits, dim=-1, out=best[:N])
+    best = torch.zeros(N + 1, dtype=torch.int64, device=logits.device) if any_greedy else None
     probs = torch.empty(N + 1, V, dtype=torch.float32, device=logits.device)
-    torch.softmax(logits, dim=-1, out=probs[:N])
+    softmax_rows(logits, probs, best)  # one op on CUDA: the logits read twice, not four times
     probs[N].fill_(1.0 / V)
     if logits.device.type == "cpu":
         # rows without a distribution (logits all -inf, e.g. allowed_token_ids = [a stop token

@@ -1,0 +1,183 @@
+// Softmax of fp32 logit rows and each row's argmax, the target side of a verification from an
+// engine's logits (dspark_cli/runtime/target_probs.py). torch's softmax reads a [N, V] row three
+// times and writes it once, its argmax reads it again; here:
+//   1. stats_kernel, grid (splits, N): each block's slice of a row gives its max, Σ exp(x − max)
+//      and argmax (one read);
+//   2. write_kernel, the same grid: each block merges its row's `splits` partials and writes
+//      exp(x − max) / Σ over its slice (a read and a write), split 0 the argmax.
+// Splits give small batches (N = γ rows at R = 1) enough blocks; large ones take one per row.
+// Semantics are torch's: a row with a NaN softmaxes to NaN, one of −inf only too; the argmax is
+// the first of equal maxima, NaN ranking above every number.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+namespace dspark {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kMaxSplits = 64;
+constexpr int kMinPerThread = 8;  // entries per thread at least, or a split is not worth its block
+
+struct RowPart {
+  float max;  // of the entries seen (−inf: none above −inf yet)
+  float sum;  // Σ exp(x − max); NaN once a NaN (or a second +inf) is seen
+  float best;
+  int best_idx;
+};
+
+__device__ __forceinline__ RowPart empty_part() { return {-INFINITY, 0.f, -INFINITY, INT_MAX}; }
+
+// torch.argmax's order: NaN above every number, then the value, then the lower index.
+__device__ __forceinline__ bool ranks_above(float a, int ia, float b, int ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+__device__ __forceinline__ void add(RowPart& p, float x, int idx) {
+  if (ranks_above(x, idx, p.best, p.best_idx)) p.best = x, p.best_idx = idx;
+  if (x > p.max) {
+    // p.max = −inf: 0 · 0 + 1; x = +inf: its own term exp(inf − inf) is NaN, as torch's
+    p.sum = p.sum * expf(p.max - x) + (x == INFINITY ? NAN : 1.f);
+    p.max = x;
+  } else if (x != -INFINITY) {  // −inf adds 0 (and exp(−inf − (−inf)) would be NaN); NaN makes the sum NaN
+    p.sum += expf(x - p.max);
+  }
+}
+
+__device__ __forceinline__ RowPart merge(const RowPart& a, const RowPart& b) {
+  RowPart r = empty_part();
+  r.max = fmaxf(a.max, b.max);
+  // a part with no entry above −inf adds nothing (its sum 0); NaN sums stay NaN
+  const float sa = a.sum == 0.f ? 0.f : a.sum * expf(a.max - r.max);
+  const float sb = b.sum == 0.f ? 0.f : b.sum * expf(b.max - r.max);
+  r.sum = sa + sb;
+  const bool a_first = ranks_above(a.best, a.best_idx, b.best, b.best_idx);
+  r.best = a_first ? a.best : b.best;
+  r.best_idx = a_first ? a.best_idx : b.best_idx;
+  return r;
+}
+
+__device__ __forceinline__ RowPart shuffle(const RowPart& p, int offset) {
+  RowPart o = empty_part();
+  o.max = __shfl_xor_sync(0xffffffffu, p.max, offset);
+  o.sum = __shfl_xor_sync(0xffffffffu, p.sum, offset);
+  o.best = __shfl_xor_sync(0xffffffffu, p.best, offset);
+  o.best_idx = __shfl_xor_sync(0xffffffffu, p.best_idx, offset);
+  return o;
+}
+
+// The block's merge of every thread's part (all threads get it).
+__device__ RowPart block_merge(RowPart p) {
+  __shared__ RowPart warps[kThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) p = merge(p, shuffle(p, offset));
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = p;
+  __syncthreads();
+  p = warps[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) p = merge(p, warps[w]);
+  return p;
+}
+
+// The slice [begin, end) of a row that block `split` of `splits` takes: whole groups of 4.
+__device__ __forceinline__ void slice_of(int split, int splits, int V, int& begin, int& end) {
+  const int per = ((V + splits - 1) / splits + 3) / 4 * 4;
+  begin = min(split * per, V);
+  end = min(begin + per, V);
+}
+
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads) stats_kernel(const float* __restrict__ logits, int V,
+                                                         RowPart* __restrict__ parts) {
+  const int split = blockIdx.x, splits = gridDim.x, row = blockIdx.y;
+  const float* x = logits + static_cast<int64_t>(row) * V;
+  int begin, end;
+  slice_of(split, splits, V, begin, end);
+  RowPart p = empty_part();
+  if (kVec) {  // V % 4 == 0: every slice starts 16-byte aligned
+    for (int v = begin + 4 * threadIdx.x; v < end; v += 4 * kThreads) {
+      const float4 f = *reinterpret_cast<const float4*>(x + v);
+      add(p, f.x, v), add(p, f.y, v + 1), add(p, f.z, v + 2), add(p, f.w, v + 3);
+    }
+  } else {
+    for (int v = begin + threadIdx.x; v < end; v += kThreads) add(p, x[v], v);
+  }
+  p = block_merge(p);
+  if (threadIdx.x == 0) parts[static_cast<int64_t>(row) * splits + split] = p;
+}
+
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads) write_kernel(const float* __restrict__ logits, int V,
+                                                         const RowPart* __restrict__ parts, float* __restrict__ probs,
+                                                         int64_t* __restrict__ best) {
+  const int split = blockIdx.x, splits = gridDim.x, row = blockIdx.y;
+  __shared__ RowPart whole;
+  if (threadIdx.x < 32) {
+    RowPart p = empty_part();
+    for (int s = threadIdx.x; s < splits; s += 32) p = merge(p, parts[static_cast<int64_t>(row) * splits + s]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) p = merge(p, shuffle(p, offset));
+    if (threadIdx.x == 0) whole = p;
+  }
+  __syncthreads();
+  const float m = whole.max, sum = whole.sum;
+  if (split == 0 && threadIdx.x == 0 && best != nullptr) best[row] = whole.best_idx;
+  const float* x = logits + static_cast<int64_t>(row) * V;
+  float* out = probs + static_cast<int64_t>(row) * V;
+  int begin, end;
+  slice_of(split, splits, V, begin, end);
+  if (kVec) {
+    for (int v = begin + 4 * threadIdx.x; v < end; v += 4 * kThreads) {
+      const float4 f = *reinterpret_cast<const float4*>(x + v);
+      *reinterpret_cast<float4*>(out + v) =
+          make_float4(expf(f.x - m) / sum, expf(f.y - m) / sum, expf(f.z - m) / sum, expf(f.w - m) / sum);
+    }
+  } else {
+    for (int v = begin + threadIdx.x; v < end; v += kThreads) out[v] = expf(x[v] - m) / sum;
+  }
+}
+
+}  // namespace
+
+void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best) {
+  TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
+              "dspark::softmax_rows: logits must be contiguous fp32 [N, V] on a GPU");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0 && V < INT_MAX, "dspark::softmax_rows: V must be in 1 .. 2^31 − 2");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.dim() == 2 && probs.is_contiguous() && probs.size(0) >= N &&
+                  probs.size(1) == V && probs.device() == logits.device(),
+              "dspark::softmax_rows: probs must be contiguous fp32 [≥ N, V] on the logits' device");
+  const bool with_best = best.has_value() && best->defined();
+  TORCH_CHECK(!with_best || (best->scalar_type() == at::kLong && best->dim() == 1 && best->is_contiguous() &&
+                             best->size(0) >= N && best->device() == logits.device()),
+              "dspark::softmax_rows: best must be contiguous int64 [≥ N] on the logits' device");
+  TORCH_CHECK(N <= 65535, "dspark::softmax_rows: at most 65535 rows per call (the grid's y axis)");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(logits.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // About four blocks per SM in all, each with kMinPerThread entries per thread at least.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t by_size = std::max<int64_t>(1, V / (kThreads * kMinPerThread));
+  const int splits = static_cast<int>(std::clamp<int64_t>((4 * sms + N - 1) / N, 1, std::min<int64_t>(kMaxSplits, by_size)));
+  auto parts_bytes = at::empty({N * splits * static_cast<int64_t>(sizeof(RowPart))}, logits.options().dtype(at::kByte));
+  auto* parts = reinterpret_cast<RowPart*>(parts_bytes.data_ptr<uint8_t>());
+  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(probs.data_ptr()) % 16 == 0;
+  const dim3 grid(splits, static_cast<unsigned>(N));
+  (vec ? stats_kernel<true> : stats_kernel<false>)<<<grid, kThreads, 0, stream>>>(logits.data_ptr<float>(),
+                                                                                  static_cast<int>(V), parts);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  (vec ? write_kernel<true> : write_kernel<false>)<<<grid, kThreads, 0, stream>>>(
+      logits.data_ptr<float>(), static_cast<int>(V), parts, probs.data_ptr<float>(),
+      with_best ? best->data_ptr<int64_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace dspark
