@@ -30,6 +30,9 @@ python3 bench/bench_kernels.py --ops rejection --repeats "$REPEATS" --sizes 1,16
   --json-out "$OUT/bench_rejection.json" 2>&1 | tee "$OUT/bench_rejection.txt"
 python3 bench/bench_kernels.py --ops warped --repeats "$REPEATS" --sizes 1,16,128 \
   --json-out "$OUT/bench_warped.json" 2>&1 | tee "$OUT/bench_warped.txt"
+# One V1 round (chain + verification, q stored / lazy) and the verification from V1's logits.
+python3 bench/bench_v1_round.py --sizes 1,16,128 --repeats "$REPEATS" --json-out "$OUT/bench_v1_round.json" 2>&1 \
+  | tee "$OUT/bench_v1_round.txt"
 python3 bench/bench_draft_attention.py --sizes 1,16,128 --repeats "$REPEATS" 2>&1 | tee "$OUT/bench_draft_attention.txt"
 # The drafter's context pool near full: requests growing, then finishing and arriving.
 python3 bench/bench_tgi_pool.py --json-out "$OUT/bench_tgi_pool.json" > /dev/null
