@@ -1,6 +1,10 @@
 // Softmax of fp32 logit rows and each row's argmax, the target side of a verification from an
 // engine's logits (dspark_cli/runtime/target_probs.py). torch's softmax reads a [N, V] row three
-// times and writes it once, its argmax reads it again; here:
+// times and writes it once, its argmax reads it again. Here, on Hopper with enough rows, one
+// kernel reads each row once and writes it once: a cluster of kClusterBlocks blocks per row, each
+// keeping its slice in shared memory while the cluster merges the slices' max, Σ exp(x − max) and
+// argmax through distributed shared memory. Otherwise (few rows: too few clusters to fill the GPU;
+// older GPUs; rows too long for shared memory or V % 4 != 0) two kernels:
 //   1. stats_kernel, grid (splits, N): each block's slice of a row gives its max, Σ exp(x − max)
 //      and argmax (one read);
 //   2. write_kernel, the same grid: each block merges its row's `splits` partials and writes
@@ -11,10 +15,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+
+#include "launch.h"
 
 namespace dspark {
 namespace {
@@ -22,6 +29,8 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kMaxSplits = 64;
 constexpr int kMinPerThread = 8;  // entries per thread at least, or a split is not worth its block
+constexpr int kClusterBlocks = 8;  // a row's blocks in the one-pass kernel (the portable cluster size)
+constexpr int kClusterSmemLimit = 200 * 1024;  // a block's slice of a row in shared memory, at most
 
 struct RowPart {
   float max;  // of the entries seen (−inf: none above −inf yet)
@@ -144,6 +153,51 @@ __global__ void __launch_bounds__(kThreads) write_kernel(const float* __restrict
   }
 }
 
+// One row per cluster: its slice loaded into shared memory once (stats as it arrives), the
+// cluster's parts merged by warp 0 of every block from the others' shared memory, the slice
+// written from shared memory. Two cluster barriers: the parts are complete, then no block leaves
+// (its shared memory) while another still reads its part.
+__global__ void __launch_bounds__(kThreads) cluster_kernel(const float* __restrict__ logits, int V,
+                                                           float* __restrict__ probs, int64_t* __restrict__ best) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  extern __shared__ float4 slice[];
+  __shared__ RowPart own, whole;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank()), row = blockIdx.y;
+  const float* x = logits + static_cast<int64_t>(row) * V;
+  int begin, end;
+  slice_of(rank, kClusterBlocks, V, begin, end);
+  RowPart p = empty_part();
+  for (int v = begin + 4 * threadIdx.x; v < end; v += 4 * kThreads) {
+    const float4 f = *reinterpret_cast<const float4*>(x + v);
+    slice[(v - begin) / 4] = f;
+    add(p, f.x, v), add(p, f.y, v + 1), add(p, f.z, v + 2), add(p, f.w, v + 3);
+  }
+  p = block_merge(p);
+  if (threadIdx.x == 0) own = p;
+  cluster.sync();
+  if (threadIdx.x < 32) {
+    RowPart q = threadIdx.x < kClusterBlocks ? *cluster.map_shared_rank(&own, threadIdx.x) : empty_part();
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) q = merge(q, shuffle(q, offset));
+    if (threadIdx.x == 0) whole = q;
+  }
+  cluster.sync();
+  const float m = whole.max, sum = whole.sum;
+  if (rank == 0 && threadIdx.x == 0 && best != nullptr) best[row] = whole.best_idx;
+  float* out = probs + static_cast<int64_t>(row) * V;
+  for (int v = begin + 4 * threadIdx.x; v < end; v += 4 * kThreads) {
+    const float4 f = slice[(v - begin) / 4];
+    *reinterpret_cast<float4*>(out + v) =
+        make_float4(expf(f.x - m) / sum, expf(f.y - m) / sum, expf(f.z - m) / sum, expf(f.w - m) / sum);
+  }
+#endif
+}
+
+// Bytes of a cluster block's slice (slice_of's length for kClusterBlocks splits).
+int64_t cluster_slice_bytes(int64_t V) { return ((V + kClusterBlocks - 1) / kClusterBlocks + 3) / 4 * 4 * 4; }
+
 }  // namespace
 
 void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best) {
@@ -162,21 +216,41 @@ void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const 
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = props->multiProcessorCount;
+  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(probs.data_ptr()) % 16 == 0;
+  int64_t* best_p = with_best ? best->data_ptr<int64_t>() : nullptr;
+  // One pass where the clusters fill the GPU (two per SM at least) and a slice fits shared memory.
+  const int64_t slice_bytes = cluster_slice_bytes(V);
+  if (vec && props->major >= 9 && built_from(900) && N * kClusterBlocks >= 2 * sms &&
+      slice_bytes <= kClusterSmemLimit && slice_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin)) {
+    allow_dynamic_smem(cluster_kernel, static_cast<int>(slice_bytes));
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = kClusterBlocks, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(kClusterBlocks, static_cast<unsigned>(N));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(slice_bytes);
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_kernel, logits.data_ptr<float>(), static_cast<int>(V),
+                                      probs.data_ptr<float>(), best_p));
+    return;
+  }
   // About four blocks per SM in all, each with kMinPerThread entries per thread at least.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t by_size = std::max<int64_t>(1, V / (kThreads * kMinPerThread));
   const int splits = static_cast<int>(std::clamp<int64_t>((4 * sms + N - 1) / N, 1, std::min<int64_t>(kMaxSplits, by_size)));
   auto parts_bytes = at::empty({N * splits * static_cast<int64_t>(sizeof(RowPart))}, logits.options().dtype(at::kByte));
   auto* parts = reinterpret_cast<RowPart*>(parts_bytes.data_ptr<uint8_t>());
-  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(probs.data_ptr()) % 16 == 0;
   const dim3 grid(splits, static_cast<unsigned>(N));
   (vec ? stats_kernel<true> : stats_kernel<false>)<<<grid, kThreads, 0, stream>>>(logits.data_ptr<float>(),
                                                                                   static_cast<int>(V), parts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   (vec ? write_kernel<true> : write_kernel<false>)<<<grid, kThreads, 0, stream>>>(
-      logits.data_ptr<float>(), static_cast<int>(V), parts, probs.data_ptr<float>(),
-      with_best ? best->data_ptr<int64_t>() : nullptr);
+      logits.data_ptr<float>(), static_cast<int>(V), parts, probs.data_ptr<float>(), best_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,8 +1,8 @@
 """Our softmax_rows op (csrc/softmax_rows.cu: a verification's target probabilities and greedy
-tokens from an engine's logits) on a GPU against torch.softmax and torch.argmax: split and
-one-block rows, vector and scalar loads, ties, rows of −inf only, NaN and +inf entries, the
-engine's spare rows left alone, and CUDA-graph capture. Skipped, with the reason, without a GPU or
-a build.
+tokens from an engine's logits) on a GPU against torch.softmax and torch.argmax: both paths (few
+rows: two kernels over split rows, vector and scalar loads; from 33 rows on Hopper: one pass, a
+cluster per row), ties, rows of −inf only, NaN and +inf entries, the engine's spare rows left
+alone, and CUDA-graph capture. Skipped, with the reason, without a GPU or a build.
 
     PYTHONPATH=. python -m pytest -q tests/test_softmax_rows_gpu.py     (after `dspark build`)"""
 
@@ -26,9 +26,11 @@ def ours_and_torch(logits: torch.Tensor, spare: int = 1):
     return probs[:N], best[:N], torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("N,V", [(7, 151936), (896, 151936), (130, 50257), (3, 37), (1, 4099), (64, 32000)])
+@pytest.mark.parametrize("N,V", [(7, 151936), (896, 151936), (130, 50257), (3, 37), (1, 4099), (64, 32000),
+                                 (40, 128256), (33, 4)])
 def test_matches_torch_softmax_and_argmax(N, V):
-    """N = 7: one request's γ rows, split across blocks; 896: R = 128, a block per row; odd V: scalar loads."""
+    """N = 7: one request's γ rows, split across blocks; 896 (R = 128), 64, 40 and 33: a cluster per
+    row on Hopper; odd V: scalar loads, two kernels whatever N."""
     g = torch.Generator(device="cuda").manual_seed(N * 7 + V)
     logits = torch.randn(N, V, device="cuda", generator=g).mul_(4)
     probs, best, ref_probs, ref_best = ours_and_torch(logits)
@@ -37,24 +39,27 @@ def test_matches_torch_softmax_and_argmax(N, V):
     torch.testing.assert_close(probs.sum(-1), torch.ones(N, device="cuda"), rtol=1e-5, atol=0)
 
 
-def test_ties_take_the_first_maximum_across_splits():
+@pytest.mark.parametrize("extra_rows", [0, 60])
+def test_ties_take_the_first_maximum_across_splits(extra_rows):
     """Equal maxima in different slices of one row (and in one thread's group of 4): the lowest id,
-    torch.argmax's answer, whatever slice finishes first."""
+    torch.argmax's answer, whatever slice finishes first; extra all-zero rows take the cluster path."""
     V = 151936
-    logits = torch.zeros(4, V, device="cuda")
+    logits = torch.zeros(4 + extra_rows, V, device="cuda")
     logits[0, [5, 90000, 151935]] = 3.0
     logits[1, [151934, 151935]] = 2.0
     logits[2, [4097, 4096]] = 1.0
     probs, best, ref_probs, ref_best = ours_and_torch(logits)  # row 3: all equal
-    assert best.tolist() == ref_best.tolist() == [5, 151934, 4096, 0]
+    assert best.tolist() == ref_best.tolist() == [5, 151934, 4096] + [0] * (1 + extra_rows)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-12)
 
 
-def test_rows_without_a_distribution_are_nan_as_in_torch():
+@pytest.mark.parametrize("extra_rows", [0, 60])
+def test_rows_without_a_distribution_are_nan_as_in_torch(extra_rows):
     """A row of −inf only, a NaN entry, one and two +inf entries, a finite row masked to one entry:
-    the probabilities NaN where torch's are, its values elsewhere; the argmax torch's (NaN first)."""
+    the probabilities NaN where torch's are, its values elsewhere; the argmax torch's (NaN first).
+    With 60 more rows, the cluster path."""
     V = 50000
-    logits = torch.randn(6, V, device="cuda")
+    logits = torch.randn(6 + extra_rows, V, device="cuda")
     logits[0] = float("-inf")
     logits[1, 123] = float("nan")
     logits[2, 777] = float("inf")
@@ -67,9 +72,10 @@ def test_rows_without_a_distribution_are_nan_as_in_torch():
     assert probs[4, 31337] == 1.0
 
 
-def test_without_best_and_under_cuda_graph_capture():
+@pytest.mark.parametrize("N", [21, 200])
+def test_without_best_and_under_cuda_graph_capture(N):
     """best=None writes only the probabilities; captured once, a replay recomputes from new logits."""
-    N, V = 21, 151936
+    V = 151936
     logits = torch.randn(N, V, device="cuda")
     probs = torch.empty(N + 1, V, device="cuda")
     best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
