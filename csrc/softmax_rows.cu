@@ -31,6 +31,7 @@ constexpr int kMaxSplits = 64;
 constexpr int kMinPerThread = 8;  // entries per thread at least, or a split is not worth its block
 constexpr int kClusterBlocks = 8;  // a row's blocks in the one-pass kernel (the portable cluster size)
 constexpr int kClusterSmemLimit = 200 * 1024;  // a block's slice of a row in shared memory, at most
+constexpr int kStaticSmemMargin = 4 * 1024;    // beside it, cluster_kernel's static shared memory (< 1 KB)
 
 struct RowPart {
   float max;  // of the entries seen (−inf: none above −inf yet)
@@ -222,10 +223,13 @@ void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const 
                    reinterpret_cast<uintptr_t>(probs.data_ptr()) % 16 == 0;
   int64_t* best_p = with_best ? best->data_ptr<int64_t>() : nullptr;
   // One pass where the clusters fill the GPU (two per SM at least) and a slice fits shared memory.
+  // The kernel's limit is set once per device (allow_dynamic_smem), so to the most any V takes:
+  // a GPU with less shared memory than that (sm_120's 99 KB) takes two kernels.
   const int64_t slice_bytes = cluster_slice_bytes(V);
   if (vec && props->major >= 9 && built_from(900) && N * kClusterBlocks >= 2 * sms &&
-      slice_bytes <= kClusterSmemLimit && slice_bytes <= static_cast<int64_t>(props->sharedMemPerBlockOptin)) {
-    allow_dynamic_smem(cluster_kernel, static_cast<int>(slice_bytes));
+      slice_bytes <= kClusterSmemLimit &&
+      static_cast<int64_t>(props->sharedMemPerBlockOptin) >= kClusterSmemLimit + kStaticSmemMargin) {
+    allow_dynamic_smem(cluster_kernel, kClusterSmemLimit);
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = kClusterBlocks, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;

@@ -26,6 +26,16 @@ def ours_and_torch(logits: torch.Tensor, spare: int = 1):
     return probs[:N], best[:N], torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
 
 
+def test_a_larger_vocabulary_after_a_smaller_one():
+    """The one-pass kernel's shared-memory limit is set once per process: a later, larger V (a
+    second model) must still launch. First in this file, so the smaller V sets it."""
+    for V in (32000, 151936):
+        logits = torch.randn(64, V, device="cuda")
+        probs, best, ref_probs, ref_best = ours_and_torch(logits)
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-12)
+        assert torch.equal(best, ref_best)
+
+
 @pytest.mark.parametrize("N,V", [(7, 151936), (896, 151936), (130, 50257), (3, 37), (1, 4099), (64, 32000),
                                  (40, 128256), (33, 4)])
 def test_matches_torch_softmax_and_argmax(N, V):
