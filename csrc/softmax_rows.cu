@@ -83,11 +83,17 @@ __device__ __forceinline__ RowPart shuffle(const RowPart& p, int offset) {
   return o;
 }
 
+// The warp's merge of its lanes' parts (every lane gets it).
+__device__ __forceinline__ RowPart warp_merge(RowPart p) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) p = merge(p, shuffle(p, offset));
+  return p;
+}
+
 // The block's merge of every thread's part (all threads get it).
 __device__ RowPart block_merge(RowPart p) {
   __shared__ RowPart warps[kThreads / 32];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) p = merge(p, shuffle(p, offset));
+  p = warp_merge(p);
   if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = p;
   __syncthreads();
   p = warps[0];
@@ -132,8 +138,7 @@ __global__ void __launch_bounds__(kThreads) write_kernel(const float* __restrict
   if (threadIdx.x < 32) {
     RowPart p = empty_part();
     for (int s = threadIdx.x; s < splits; s += 32) p = merge(p, parts[static_cast<int64_t>(row) * splits + s]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) p = merge(p, shuffle(p, offset));
+    p = warp_merge(p);
     if (threadIdx.x == 0) whole = p;
   }
   __syncthreads();
@@ -180,8 +185,7 @@ __global__ void __launch_bounds__(kThreads) cluster_kernel(const float* __restri
   cluster.sync();
   if (threadIdx.x < 32) {
     RowPart q = threadIdx.x < kClusterBlocks ? *cluster.map_shared_rank(&own, threadIdx.x) : empty_part();
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) q = merge(q, shuffle(q, offset));
+    q = warp_merge(q);
     if (threadIdx.x == 0) whole = q;
   }
   cluster.sync();

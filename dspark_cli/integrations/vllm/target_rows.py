@@ -16,7 +16,7 @@ def target_rows(logits: torch.Tensor, any_greedy: bool) -> tuple[torch.Tensor, t
     N, V = logits.shape
     best = torch.zeros(N + 1, dtype=torch.int64, device=logits.device) if any_greedy else None
     probs = torch.empty(N + 1, V, dtype=torch.float32, device=logits.device)
-    softmax_rows(logits, probs, best)  # one op on CUDA: the logits read twice, not four times
+    softmax_rows(logits, probs, best)  # one op on CUDA, where torch's softmax + argmax read the logits four times
     probs[N].fill_(1.0 / V)
     if logits.device.type == "cpu":
         # rows without a distribution (logits all -inf, e.g. allowed_token_ids = [a stop token
