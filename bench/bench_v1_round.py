@@ -17,13 +17,15 @@ row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) r
 and every p row to draw a recovered token at each position: "V1 recovered-pass floor", Σ n·V·8
 bytes, is what it would add at the least.
 "from logits": the verification as BlockVerify runs it from V1's fp32 logits [R·γ, V] (target_rows:
-the softmax, the logits' argmax when a request is greedy, then rejection_sample_rows with those
-greedy tokens), every other request greedy / none (an all-greedy step takes V1's greedy path); its
-floor: the logits read once, the probabilities written once, the kernel's reads (a sampled
-request's p row, W2 once, its U row).
+the logits' softmax stats and, when a request is greedy, their argmax, then rejection_sample_rows
+from LogitRows with those greedy tokens), every other request greedy / none (an all-greedy step
+takes V1's greedy path), against the same from written probabilities (softmax_rows, then
+rejection_sample_rows from them: this integration's form before LogitRows); floor of the first:
+the logits read once, the kernel's reads (a sampled request's p row, W2 once, its U row).
 "target probs": that preparation alone, the softmax and the greedy argmax of the logits [R·γ, V]:
-torch's (softmax, then argmax) against our softmax_rows op, the same outputs asked; floor: the
-logits read once, the probabilities written once."""
+torch's (softmax, then argmax) against our softmax_rows op, the same outputs asked, and
+logit_rows (stats and argmax, no probabilities); floors: the logits read once and the
+probabilities written once, the logits read once."""
 
 import argparse
 import statistics
@@ -33,7 +35,7 @@ import torch
 from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays, write_rows
 from dspark_cli.integrations.vllm.target_rows import target_rows
 from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
-from dspark_cli.runtime.target_probs import softmax_rows
+from dspark_cli.runtime.target_probs import logit_rows, softmax_rows
 
 
 def v1_verify_inputs(R: int, draft, seed: int):
@@ -64,7 +66,8 @@ def held_restore(R: int, U: torch.Tensor, bw: float, repeats: int) -> dict:
 
 
 def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
-    """BlockVerify's CUDA path from V1's logits, with and without greedy requests: median ms, floor."""
+    """BlockVerify's CUDA path from V1's logits, with and without greedy requests, against the same
+    through written probabilities: median ms, floor."""
     rows = []
     g = torch.Generator(device="cuda").manual_seed(R + 7)
     logits = torch.randn(R * GAMMA, V, device="cuda", generator=g).mul_(3)
@@ -78,16 +81,28 @@ def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
         n_greedy = int(greedy.sum())
 
         def verify():
-            probs, best = target_rows(logits, any_greedy=n_greedy > 0)
+            target, best = target_rows(logits, any_greedy=n_greedy > 0)
+            return rejection_sample_rows(target, starts, ell, draft, greedy=greedy if n_greedy else None, seeds=seeds,
+                                         target_argmax=best)
+
+        def verify_through_probs():
+            N = logits.shape[0]
+            probs = torch.empty(N + 1, V, device="cuda")
+            best = torch.zeros(N + 1, dtype=torch.int64, device="cuda") if n_greedy else None
+            softmax_rows(logits, probs, best)
+            probs[N].fill_(1.0 / V)
             return rejection_sample_rows(probs, starts, ell, draft, greedy=greedy if n_greedy else None, seeds=seeds,
                                          target_argmax=best)
 
         verify_s = statistics.median(time_replays(verify, repeats))
+        probs_s = statistics.median(time_replays(verify_through_probs, repeats))
         sampled = R - n_greedy
-        floor = (2 * logits.numel() * 4 + sampled * V * 4 + V * RANK * 2 + sampled * V * 2) / bw
-        rows.append({"R": R, "q": f"from logits, {mix}", "verify_ms": verify_s * 1e3, "verify_floor_ms": floor * 1e3})
+        floor = (logits.numel() * 4 + sampled * V * 4 + V * RANK * 2 + sampled * V * 2) / bw
+        rows.append({"R": R, "q": f"from logits, {mix}", "verify_ms": verify_s * 1e3, "verify_floor_ms": floor * 1e3,
+                     "through_probs_ms": probs_s * 1e3})
         print(f"{R:4d}  from logits, {mix:>11}: {verify_s * 1e3:.3f} ms ({verify_s / floor:.2f}x its floor "
-              f"{floor * 1e3:.3f} ms)", flush=True)
+              f"{floor * 1e3:.3f} ms); through probabilities {probs_s * 1e3:.3f} ms ({probs_s / verify_s:.2f}x)",
+              flush=True)
     return rows
 
 
@@ -104,10 +119,13 @@ def target_probs(R: int, bw: float, repeats: int) -> dict:
 
     torch_s = statistics.median(time_replays(with_torch, repeats))
     ours_s = statistics.median(time_replays(lambda: softmax_rows(logits, probs, best), repeats))
-    floor = 2 * logits.numel() * 4 / bw
+    stats_s = statistics.median(time_replays(lambda: logit_rows(logits, best), repeats))
+    floor, stats_floor = 2 * logits.numel() * 4 / bw, logits.numel() * 4 / bw
     print(f"{R:4d}  target probs: torch {torch_s * 1e3:.3f} ms, softmax_rows {ours_s * 1e3:.3f} ms "
-          f"({torch_s / ours_s:.2f}x faster; {ours_s / floor:.2f}x its floor {floor * 1e3:.3f} ms)", flush=True)
-    return {"R": R, "q": "target probs", "torch_ms": torch_s * 1e3, "ours_ms": ours_s * 1e3, "floor_ms": floor * 1e3}
+          f"({torch_s / ours_s:.2f}x faster; {ours_s / floor:.2f}x its floor {floor * 1e3:.3f} ms); logit_rows "
+          f"{stats_s * 1e3:.3f} ms ({stats_s / stats_floor:.2f}x its floor {stats_floor * 1e3:.3f} ms)", flush=True)
+    return {"R": R, "q": "target probs", "torch_ms": torch_s * 1e3, "ours_ms": ours_s * 1e3, "floor_ms": floor * 1e3,
+            "logit_rows_ms": stats_s * 1e3, "logit_rows_floor_ms": stats_floor * 1e3}
 
 
 def main() -> None:

@@ -209,7 +209,7 @@ __device__ __forceinline__ void load_u(const Request& req, int v, uint4 out[N * 
 
 // Entries v .. v+N-1 of a rejected or bonus row (x = the bias on entry) into acc: q rebuilt with the
 // chain's row stats (rebuilt_q; one-hot at the token for a greedy draft row), p from the target row
-// (p_early: its entries already loaded, else loaded here).
+// (p_early: its entries already loaded, else loaded here; made probabilities here when logits).
 template <int N, typename UT>
 __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4* u, const ResidualRequest<UT>& req,
                                               int v, int /*k*/, const float* p_early = nullptr) {
@@ -222,8 +222,9 @@ __device__ __forceinline__ void visit_entries(Race& acc, float x[N], const uint4
 #pragma unroll
       for (int i = 0; i < 8; ++i) p[i] = p_early[h + i];
     } else {
-      load_vec<8>(req.p_row + v + h, p);
+      load_vec<8>(req.p_row.x + v + h, p);
     }
+    req.p_row.to_probs(p);
     if (req.rejected) {
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -495,7 +496,7 @@ fused_step_kernel(const __grid_constant__ CUtensorMap w2_tiles, const WT* __rest
     // Staged rejection rows: p too (unstaged, its 32 registers a thread would spill the epilogue).
     float p_early[kResidual && kStaged ? 8 : 1];
     if constexpr (kResidual && kStaged) {
-      if (req[0].active) load_vec<8>(req[0].p_row + v, p_early);
+      if (req[0].active) load_vec<8>(req[0].p_row.x + v, p_early);
     }
     if constexpr (kMaxKey) {
       taker.load(v0);

@@ -37,13 +37,13 @@ void fused_step(const at::Tensor& w2, const void* h, int64_t ldh, int R, const v
 
 // Rejection's rows for the races where the bias is made (rejection.cu): per request its verdict
 // (verdicts.cuh: accept_kernel's state {n, rejected}, or the ratio tests run in the kernel when
-// tests.ell is set), its target row target[row_start[r] + n], the chain's row stats [R, γ, 2] and
+// tests.ell is set), its target row target.row(row_start[r] + n), the chain's row stats [R, γ, 2] and
 // drafted tokens [R, γ] (q at position min(n, γ - 1) is rebuilt with them), which requests verify
 // greedily (skipped: their token is already out); a block counter (zero; the last block leaves it
 // zero: race.cuh's count_block_is_last) and the output tokens [R, γ + 1] the last block writes the
 // recovered token into (null: a finish kernel does).
 struct ResidualRows {
-  const float* target = nullptr;
+  TargetRows target;
   RowStarts row_start;
   int* state = nullptr;
   const float* row_stats = nullptr;
@@ -56,7 +56,7 @@ struct ResidualRows {
 
 // Rejection's settings for a request where its races run (fused_step.cu's residual epilogue,
 // markov.cu's small_residual_kernel): nothing for a greedy one (accept_kernel emitted its token);
-// else its row target[row_start + n], raced over as it is (the bonus row) or, when it was rejected
+// else its target row row_start + n, raced over as it is (the bonus row) or, when it was rejected
 // at draft position n (its verdict), as the residual against the q row the chain sampled there: U
 // row min(n, γ - 1), the chain's max and sum-exp of it, its token for a one-hot row.
 template <typename UT>
@@ -66,7 +66,7 @@ struct ResidualRequest {
   int token = -1;
   int64_t seed = 0;
   const UT* u_row = nullptr;
-  const float* p_row = nullptr;
+  TargetRow p_row;
 
   template <int capacity>
   __device__ ResidualRequest(int r, int R, const UT* __restrict__ U, const float* __restrict__ temperature,
@@ -76,7 +76,7 @@ struct ResidualRequest {
     active = true;
     const int n = verdicts.n[r];
     seed = seeds[r];
-    p_row = rows.target + (rows.row_start[r] + n) * static_cast<int64_t>(V);
+    p_row = rows.target.row(rows.row_start[r] + n, V);
     rejected = verdicts.rejected[r];
     if (!rejected) return;
     const int64_t at = static_cast<int64_t>(r) * gamma + min(n, gamma - 1);

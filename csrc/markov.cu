@@ -700,7 +700,7 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   float p_next = 0.f, u_next = 0.f;
   const auto request_row = [&](int batch) {
     const int v = batch * kSmallRows + row_in_batch;
-    p_next = req.active && v < V ? req.p_row[v] : 0.f;
+    p_next = req.active && v < V ? req.p_row.x[v] : 0.f;  // raw: made a probability where used
     u_next = req.u_row != nullptr && v < V ? to_float(req.u_row[v]) : 0.f;
   };
   if (b < batches) request_row(b);
@@ -712,7 +712,7 @@ small_residual_kernel(const WT* __restrict__ w2, const WT* __restrict__ h, int R
   for (; b < batches; b += stride) {  // warp-uniform: every lane reaches the shuffles
     const float bias = rows_bias<WT, NR>(raw, hr);
     const int v = b * kSmallRows + row_in_batch;
-    const float p = p_next, u = u_next;
+    const float p = req.p_row.prob(p_next), u = u_next;
     if (b + stride < batches) load_rows(w2, (b + stride) * kSmallRows, V, raw), request_row(b + stride);
     float q = 0.f;
     if (req.rejected && v < V)

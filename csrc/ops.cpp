@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
     int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
-    const std::optional<at::Tensor>& target_argmax);
+    const std::optional<at::Tensor>& target_argmax, const std::optional<at::Tensor>& target_stats);
 
 at::Tensor schedule_production_cuda(const at::Tensor& a_stale, const at::Tensor& a_now, const at::Tensor& sps_dense,
                                     int64_t sps_limit);
@@ -28,6 +28,8 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
                           int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
 
 void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best);
+
+void softmax_stats_cuda(const at::Tensor& logits, const at::Tensor& stats, const std::optional<at::Tensor>& best);
 
 // Shared memory of one draft_attention CTA for that many query rows per KV head (16-bit dtypes), or
 // 0 where the op does not take the shape: cuda_ops.draft_attention_fits asks it of the GPU's limit.
@@ -70,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_meta(
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
     int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
-    const std::optional<at::Tensor>& target_argmax) {
+    const std::optional<at::Tensor>& target_argmax, const std::optional<at::Tensor>& target_stats) {
   const c10::SymInt R = tokens.sym_size(0), gamma = tokens.sym_size(1);
   return {at::empty_symint({R, gamma + 1}, tokens.options()), at::empty_symint({R}, tokens.options())};
 }
@@ -81,6 +83,8 @@ void draft_attention_meta(const at::Tensor& q, const at::Tensor& k_block, const 
                           int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {}
 
 void softmax_rows_meta(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best) {}
+
+void softmax_stats_meta(const at::Tensor& logits, const at::Tensor& stats, const std::optional<at::Tensor>& best) {}
 
 }  // namespace dspark
 
@@ -95,7 +99,7 @@ TORCH_LIBRARY(dspark, m) {
       "rejection_sample(Tensor target, Tensor? row_start, Tensor ell, Tensor tokens, Tensor q_token, Tensor? q, "
       "Tensor? U, Tensor? anchors, Tensor? w1, Tensor? w2, Tensor? temperature, Tensor? greedy, Tensor seeds, "
       "Tensor? row_stats=None, int row_stride=0, Tensor(a!)? block_counter=None, Tensor? thresholds=None, "
-      "Tensor? target_argmax=None) "
+      "Tensor? target_argmax=None, Tensor? target_stats=None) "
       "-> (Tensor output_tokens, Tensor num_accepted)");
   m.def("schedule_production(Tensor a_stale, Tensor a_now, Tensor sps_dense, int sps_limit) -> Tensor ell");
   m.def(
@@ -103,6 +107,7 @@ TORCH_LIBRARY(dspark, m) {
       "int page_rows, Tensor lengths, int max_length, Tensor(a!) out) -> ()");
   m.def("draft_attention_smem(int query_rows, int head_dim) -> int", &dspark::draft_attention_smem);
   m.def("softmax_rows(Tensor logits, Tensor(a!) probs, Tensor(b!)? best=None) -> ()");
+  m.def("softmax_stats(Tensor logits, Tensor(a!) stats, Tensor(b!)? best=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
@@ -111,6 +116,7 @@ TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("schedule_production", &dspark::schedule_production_cuda);
   m.impl("draft_attention", &dspark::draft_attention_cuda);
   m.impl("softmax_rows", &dspark::softmax_rows_cuda);
+  m.impl("softmax_stats", &dspark::softmax_stats_cuda);
 }
 
 TORCH_LIBRARY_IMPL(dspark, Meta, m) {
@@ -119,4 +125,5 @@ TORCH_LIBRARY_IMPL(dspark, Meta, m) {
   m.impl("schedule_production", &dspark::schedule_production_meta);
   m.impl("draft_attention", &dspark::draft_attention_meta);
   m.impl("softmax_rows", &dspark::softmax_rows_meta);
+  m.impl("softmax_stats", &dspark::softmax_stats_meta);
 }

@@ -63,16 +63,15 @@ __device__ int block_argmax(const float* __restrict__ row, int V) {
 }
 
 // A greedy request's token at a target row: the engine's argmax when given (the row is not read),
-// else the row's argmax.
-__device__ int greedy_token(const float* __restrict__ target, const int64_t* __restrict__ target_argmax,
-                            int64_t row, int V) {
-  if (target_argmax != nullptr) return engine_argmax(target_argmax, row, V);
-  return block_argmax(target + row * V, V);
+// else the row's argmax (of its logits, when the rows are logits: the engine's greedy token).
+__device__ int greedy_token(const TargetRows& target, const int64_t* __restrict__ target_argmax, int64_t row, int V) {
+  if (target_argmax != nullptr) return engine_argmax(target_argmax, target.clamped(row), V);
+  return block_argmax(target.row(row, V).x, V);
 }
 
 // Step 1. state[r] = {n, rejected}: what the later kernels need.
 template <typename WT>
-__global__ void accept_kernel(const float* __restrict__ target, const int64_t* __restrict__ target_argmax, int V,
+__global__ void accept_kernel(const TargetRows target, const int64_t* __restrict__ target_argmax, int V,
                               RowStarts row_start,
                               const int64_t* __restrict__ ell, const int64_t* __restrict__ tokens,
                               const float* __restrict__ q_token, const bool* __restrict__ greedy,
@@ -87,13 +86,13 @@ __global__ void accept_kernel(const float* __restrict__ target, const int64_t* _
   int n = 0;
   int greedy_next = -1;  // argmax of row start + n, once known
   for (; n < len; ++n) {
-    const float* row = target + (start + n) * V;
     bool accept;
     if (is_greedy) {
       greedy_next = greedy_token(target, target_argmax, start + n, V);
       accept = draft[n] == greedy_next;
     } else {
-      accept = passes_ratio_test(seeds[r], n, q_token[static_cast<int64_t>(r) * gamma + n], row[draft[n]]);
+      accept = passes_ratio_test(seeds[r], n, q_token[static_cast<int64_t>(r) * gamma + n],
+                                 target.row(start + n, V)[draft[n]]);
     }
     if (!accept) break;
     greedy_next = -1;
@@ -222,7 +221,7 @@ __global__ void row_stats_kernel(const UT* __restrict__ U, const float* __restri
 // q_token came from), or else the merged stats partials (stats_partials, stats_splits per request).
 // threshold [R, γ] (null: none): a top-k/top-p row's entries below it are 0 in the rebuilt q.
 template <typename UT, bool kVec>
-__global__ void race_kernel(const float* __restrict__ target, RowStarts row_start,
+__global__ void race_kernel(const TargetRows target, RowStarts row_start,
                             const bool* __restrict__ greedy, const int64_t* __restrict__ seeds,
                             const int* __restrict__ state, const float* __restrict__ q_stored,
                             const UT* __restrict__ U, const float* __restrict__ bias,
@@ -235,7 +234,7 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
   const int n = state[2 * r];
   const bool rejected = state[2 * r + 1];
   const int pos = min(n, gamma - 1);
-  const float* p_row = target + (row_start[r] + n) * V;
+  const TargetRow p_row = target.row(row_start[r] + n, V);
   const PhiloxKey key = philox_key(seeds[r]);
 
   // Rebuilt q: exp(x_v - max) / sum (rebuilt_q), or one-hot at the argmax for a greedy temperature.
@@ -265,7 +264,8 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
   Race acc = empty_race();
   for (int v = start + 8 * threadIdx.x; v < end; v += 8 * blockDim.x) {  // one race group per round
     float p[8], q[8] = {};
-    load_entries<8, kVec>(p_row, v, end, p);
+    load_entries<8, kVec>(p_row.x, v, end, p);
+    p_row.to_probs(p, end - v);
     if (rejected && !rebuilt) load_entries<8, kVec>(q_row, v, end, q);
     if (rebuilt && !one_hot) {
       float u[8], b[8];
@@ -290,7 +290,7 @@ __global__ void race_kernel(const float* __restrict__ target, RowStarts row_star
 
 // Step 4, one warp per request.
 __global__ void finish_kernel(const Race* __restrict__ partials, int splits, const bool* __restrict__ greedy,
-                              const int* __restrict__ state, const float* __restrict__ target, RowStarts row_start,
+                              const int* __restrict__ state, const TargetRows target, RowStarts row_start,
                               const int64_t* __restrict__ seeds, int gamma, int V, int64_t* __restrict__ out_tokens) {
   wait_previous_kernel();  // the races (its launch overlaps the racing kernel's tail)
   const int r = blockIdx.x;
@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& temperature,
     const std::optional<at::Tensor>& greedy, const at::Tensor& seeds, const std::optional<at::Tensor>& row_stats,
     int64_t row_stride, const std::optional<at::Tensor>& block_counter, const std::optional<at::Tensor>& thresholds,
-    const std::optional<at::Tensor>& target_argmax) {
+    const std::optional<at::Tensor>& target_argmax, const std::optional<at::Tensor>& target_stats) {
   TORCH_CHECK(target_given.is_cuda() && target_given.dim() == 2 && target_given.scalar_type() == at::kFloat &&
                   target_given.is_contiguous(),
               "dspark::rejection_sample: target must be contiguous fp32 CUDA [N, V]");
@@ -322,6 +322,16 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   // kernel the chain made it with (chain_bias_path), so a target starting off a 16-byte boundary (a
   // view) is raced as an aligned copy rather than on another path.
   const at::Tensor target = aligned16(target_given.data_ptr()) ? target_given : target_given.clone();
+  // Logits with their softmax stats (softmax_stats): probabilities computed where read.
+  const bool from_logits = target_stats.has_value() && target_stats->defined();
+  TORCH_CHECK(!from_logits || (target_stats->scalar_type() == at::kFloat && target_stats->is_contiguous() &&
+                               target_stats->dim() == 2 && target_stats->size(0) == target.size(0) &&
+                               target_stats->size(1) == 2 && target_stats->device() == target.device()),
+              "dspark::rejection_sample: target_stats must be contiguous fp32 [N, 2], the target logits' softmax stats");
+  TORCH_CHECK(target.size(0) >= 1, "dspark::rejection_sample: target needs a row at least");
+  const TargetRows rows_of_target{target.data_ptr<float>(),
+                                  from_logits ? reinterpret_cast<const float2*>(target_stats->data_ptr<float>()) : nullptr,
+                                  target.size(0) - 1};
   const bool starts_given = row_start.has_value() && row_start->defined();
   TORCH_CHECK(starts_given ? row_start->scalar_type() == at::kLong : row_stride > 0,
               "dspark::rejection_sample: pass int64 row_start, or row_stride > 0 for a dense [R, row_stride, V] batch");
@@ -405,13 +415,13 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     TORCH_CHECK(q->scalar_type() == at::kFloat && q->is_contiguous() && q->size(2) == V,
                 "dspark::rejection_sample: q must be contiguous fp32 [R, γ, V]");
     accept_kernel<float><<<R, kAcceptThreads, 0, stream>>>(
-        target.data_ptr<float>(), argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+        rows_of_target, argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
         q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, nullptr, nullptr, 0, nullptr, 0,
         out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto race = vec ? race_kernel<float, true> : race_kernel<float, false>;
     race<<<dim3(splits, R), kThreads, 0, stream>>>(
-        target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(),
+        rows_of_target, starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(),
         q->data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, nullptr, races,
         gamma, V, slice);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -439,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     if (!tests_there) DSPARK_DISPATCH_FLOATS(w1->scalar_type(), "dspark_reject_w", [&] {
       using WT = device_t<scalar_t>;
       accept_kernel<WT><<<R, kAcceptThreads, 0, stream>>>(
-          target.data_ptr<float>(), argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+          rows_of_target, argmax_p, V, starts, ell.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
           q_token.data_ptr<float>(), greedy_p, seeds.data_ptr<int64_t>(), gamma, anchors->data_ptr<int64_t>(),
           reinterpret_cast<const WT*>(w1->data_ptr()), rank, reinterpret_cast<WT*>(h.data_ptr()), ldh,
           out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), state.data_ptr<int>());
@@ -449,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
     if (tests_there)
       tests = {ell.data_ptr<int64_t>(), q_token.data_ptr<float>(), anchors->data_ptr<int64_t>(), w1->data_ptr(),
                out_tokens.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), greedy_p, argmax_p};
-    const ResidualRows rows{target.data_ptr<float>(), starts, state.data_ptr<int>(),
+    const ResidualRows rows{rows_of_target, starts, state.data_ptr<int>(),
                             chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), greedy_p,
                             done_p, finished_there ? out_tokens.data_ptr<int64_t>() : nullptr, tests};
     at::Tensor small_parts;
@@ -476,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       race<<<dim3(splits, R), kThreads, 0, stream>>>(
-          target.data_ptr<float>(), starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(), nullptr, up,
+          rows_of_target, starts, greedy_p, seeds.data_ptr<int64_t>(), state.data_ptr<int>(), nullptr, up,
           bias.data_ptr<float>(), temperature->data_ptr<float>(),
           chain_stats ? row_stats->data_ptr<float>() : nullptr, tokens.data_ptr<int64_t>(), stats, splits,
           masked ? thresholds->data_ptr<float>() : nullptr, races, gamma, V, slice);
@@ -485,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   }
   if (!finished_there) {  // a programmatic dependent of the racing kernel: its launch overlaps that tail
     launch_programmatic(finish_kernel, dim3(R), dim3(32), 0, stream, races, splits, greedy_p, state.data_ptr<int>(),
-                        target.data_ptr<float>(), starts, seeds.data_ptr<int64_t>(), gamma, V,
+                        rows_of_target, starts, seeds.data_ptr<int64_t>(), gamma, V,
                         out_tokens.data_ptr<int64_t>());
   }
   return {out_tokens, num_accepted};

@@ -150,7 +150,7 @@ __device__ __forceinline__ GroupNoise recover_noise(const Key& key, int v) {
 // main pass's noise and keys: the winner p's race would have had there).
 constexpr float kResidualMassFloor = 1e-8f;  // rejection.RESIDUAL_MASS_FLOOR
 
-__device__ __forceinline__ int recovered_token(const Race& race, bool rejected, const float* p_row, int V,
+__device__ __forceinline__ int recovered_token(const Race& race, bool rejected, const TargetRow& p_row, int V,
                                                int64_t seed) {
   // min: a row without a winner (NaN, or no mass: bad input, unchecked here) still yields an id < V
   if (!rejected || race.mass > kResidualMassFloor) return min(race.best.idx, V - 1);
@@ -169,9 +169,9 @@ __device__ __forceinline__ int recovered_token(const Race& race, bool rejected, 
 // unaccepted position (target row row_start[r] + n is its p): every lane of a warp calling, lane 0
 // writing.
 __device__ __forceinline__ void write_recovered_token(const Race& race, int r, int n, bool rejected,
-                                                      const float* target, RowStarts row_start, int V, int64_t seed,
-                                                      int64_t* out_tokens, int gamma) {
-  const int token = recovered_token(race, rejected, target + (row_start[r] + n) * static_cast<int64_t>(V), V, seed);
+                                                      const TargetRows& target, RowStarts row_start, int V,
+                                                      int64_t seed, int64_t* out_tokens, int gamma) {
+  const int token = recovered_token(race, rejected, target.row(row_start[r] + n, V), V, seed);
   if (threadIdx.x % 32 == 0) out_tokens[static_cast<int64_t>(r) * (gamma + 1) + n] = token;
 }
 

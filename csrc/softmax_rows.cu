@@ -10,6 +10,9 @@
 //   2. write_kernel, the same grid: each block merges its row's `splits` partials and writes
 //      exp(x − max) / Σ over its slice (a read and a write), split 0 the argmax.
 // Splits give small batches (N = γ rows at R = 1) enough blocks; large ones take one per row.
+// softmax_stats writes no probabilities: stats_kernel's merged parts give each row's max and
+// 1 / Σ exp(x − max) (and argmax), from which a verification computes the entries it reads
+// (target_rows.cuh); one read of the logits in all.
 // Semantics are torch's: a row with a NaN softmaxes to NaN, one of −inf only too; the argmax is
 // the first of equal maxima, NaN ranking above every number.
 #include <ATen/ATen.h>
@@ -109,9 +112,19 @@ __device__ __forceinline__ void slice_of(int split, int splits, int V, int& begi
   end = min(begin + per, V);
 }
 
+// softmax_stats' row: (max, 1 / Σ exp(x − max)) and the argmax.
+__device__ __forceinline__ void write_stats(const RowPart& p, int row, float2* __restrict__ stats,
+                                            int64_t* __restrict__ best) {
+  stats[row] = make_float2(p.max, 1.f / p.sum);
+  if (best != nullptr) best[row] = p.best_idx;
+}
+
+// Each split's part of its row into parts, or, given stats (one split a row: the part is the
+// row's), softmax_stats' outputs.
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const float* __restrict__ logits, int V,
-                                                         RowPart* __restrict__ parts) {
+                                                         RowPart* __restrict__ parts, float2* __restrict__ stats,
+                                                         int64_t* __restrict__ best) {
   const int split = blockIdx.x, splits = gridDim.x, row = blockIdx.y;
   const float* x = logits + static_cast<int64_t>(row) * V;
   int begin, end;
@@ -126,7 +139,22 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const float* __restrict
     for (int v = begin + threadIdx.x; v < end; v += kThreads) add(p, x[v], v);
   }
   p = block_merge(p);
-  if (threadIdx.x == 0) parts[static_cast<int64_t>(row) * splits + split] = p;
+  if (threadIdx.x != 0) return;
+  if (stats != nullptr)
+    write_stats(p, row, stats, best);
+  else
+    parts[static_cast<int64_t>(row) * splits + split] = p;
+}
+
+// softmax_stats over several splits a row: one warp a row merges its parts.
+__global__ void finish_stats_kernel(const RowPart* __restrict__ parts, int splits, int N, float2* __restrict__ stats,
+                                    int64_t* __restrict__ best) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= N) return;
+  RowPart p = empty_part();
+  for (int s = lane; s < splits; s += 32) p = merge(p, parts[static_cast<int64_t>(row) * splits + s]);
+  p = warp_merge(p);
+  if (lane == 0) write_stats(p, row, stats, best);
 }
 
 template <bool kVec>
@@ -203,29 +231,49 @@ __global__ void __launch_bounds__(kThreads) cluster_kernel(const float* __restri
 // Bytes of a cluster block's slice (slice_of's length for kClusterBlocks splits).
 int64_t cluster_slice_bytes(int64_t V) { return ((V + kClusterBlocks - 1) / kClusterBlocks + 3) / 4 * 4 * 4; }
 
+// The logits [N, V] and best [≥ N] checks both ops make; N ≥ 1 after them (0: nothing to do).
+void check_logits(const char* op, const at::Tensor& logits, const std::optional<at::Tensor>& best) {
+  TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
+              "dspark::", op, ": logits must be contiguous fp32 [N, V] on a GPU");
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(1) < INT_MAX, "dspark::", op, ": V must be in 1 .. 2^31 − 2");
+  TORCH_CHECK(logits.size(0) <= 65535, "dspark::", op, ": at most 65535 rows per call (the grid's y axis)");
+  TORCH_CHECK(!best.has_value() || !best->defined() ||
+                  (best->scalar_type() == at::kLong && best->dim() == 1 && best->is_contiguous() &&
+                   best->size(0) >= logits.size(0) && best->device() == logits.device()),
+              "dspark::", op, ": best must be contiguous int64 [≥ N] on the logits' device");
+}
+
+int64_t* best_ptr(const std::optional<at::Tensor>& best) {
+  return best.has_value() && best->defined() ? best->data_ptr<int64_t>() : nullptr;
+}
+
+// Blocks per row of the two-kernel passes: about four blocks per SM in all, each with
+// kMinPerThread entries per thread at least.
+int choose_splits(int64_t N, int64_t V, int64_t sms) {
+  const int64_t by_size = std::max<int64_t>(1, V / (kThreads * kMinPerThread));
+  return static_cast<int>(std::clamp<int64_t>((4 * sms + N - 1) / N, 1, std::min<int64_t>(kMaxSplits, by_size)));
+}
+
+bool vector_loads(const at::Tensor& logits, const at::Tensor& out) {
+  return logits.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+}
+
 }  // namespace
 
 void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best) {
-  TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
-              "dspark::softmax_rows: logits must be contiguous fp32 [N, V] on a GPU");
+  check_logits("softmax_rows", logits, best);
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V > 0 && V < INT_MAX, "dspark::softmax_rows: V must be in 1 .. 2^31 − 2");
   TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.dim() == 2 && probs.is_contiguous() && probs.size(0) >= N &&
                   probs.size(1) == V && probs.device() == logits.device(),
               "dspark::softmax_rows: probs must be contiguous fp32 [≥ N, V] on the logits' device");
-  const bool with_best = best.has_value() && best->defined();
-  TORCH_CHECK(!with_best || (best->scalar_type() == at::kLong && best->dim() == 1 && best->is_contiguous() &&
-                             best->size(0) >= N && best->device() == logits.device()),
-              "dspark::softmax_rows: best must be contiguous int64 [≥ N] on the logits' device");
-  TORCH_CHECK(N <= 65535, "dspark::softmax_rows: at most 65535 rows per call (the grid's y axis)");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int64_t sms = props->multiProcessorCount;
-  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(probs.data_ptr()) % 16 == 0;
-  int64_t* best_p = with_best ? best->data_ptr<int64_t>() : nullptr;
+  const bool vec = vector_loads(logits, probs);
+  int64_t* best_p = best_ptr(best);
   // One pass where the clusters fill the GPU (two per SM at least) and a slice fits shared memory.
   // The kernel's limit is set once per device (allow_dynamic_smem), so to the most any V takes:
   // a GPU with less shared memory than that (sm_120's 99 KB) takes two kernels.
@@ -248,18 +296,43 @@ void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const 
                                       probs.data_ptr<float>(), best_p));
     return;
   }
-  // About four blocks per SM in all, each with kMinPerThread entries per thread at least.
-  const int64_t by_size = std::max<int64_t>(1, V / (kThreads * kMinPerThread));
-  const int splits = static_cast<int>(std::clamp<int64_t>((4 * sms + N - 1) / N, 1, std::min<int64_t>(kMaxSplits, by_size)));
+  const int splits = choose_splits(N, V, sms);
   auto parts_bytes = at::empty({N * splits * static_cast<int64_t>(sizeof(RowPart))}, logits.options().dtype(at::kByte));
   auto* parts = reinterpret_cast<RowPart*>(parts_bytes.data_ptr<uint8_t>());
   const dim3 grid(splits, static_cast<unsigned>(N));
-  (vec ? stats_kernel<true> : stats_kernel<false>)<<<grid, kThreads, 0, stream>>>(logits.data_ptr<float>(),
-                                                                                  static_cast<int>(V), parts);
+  (vec ? stats_kernel<true> : stats_kernel<false>)<<<grid, kThreads, 0, stream>>>(
+      logits.data_ptr<float>(), static_cast<int>(V), parts, nullptr, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   (vec ? write_kernel<true> : write_kernel<false>)<<<grid, kThreads, 0, stream>>>(
       logits.data_ptr<float>(), static_cast<int>(V), parts, probs.data_ptr<float>(), best_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void softmax_stats_cuda(const at::Tensor& logits, const at::Tensor& stats, const std::optional<at::Tensor>& best) {
+  check_logits("softmax_stats", logits, best);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.is_contiguous() && stats.size(0) >= N &&
+                  stats.size(1) == 2 && stats.device() == logits.device(),
+              "dspark::softmax_stats: stats must be contiguous fp32 [≥ N, 2] on the logits' device");
+  if (N == 0) return;
+  const at::cuda::CUDAGuard guard(logits.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int splits = choose_splits(N, V, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  auto* stats_p = reinterpret_cast<float2*>(stats.data_ptr<float>());
+  int64_t* best_p = best_ptr(best);
+  auto parts_bytes = at::empty({splits > 1 ? N * splits * static_cast<int64_t>(sizeof(RowPart)) : 0},
+                               logits.options().dtype(at::kByte));
+  auto* parts = reinterpret_cast<RowPart*>(parts_bytes.data_ptr<uint8_t>());
+  const bool vec = vector_loads(logits, logits);
+  (vec ? stats_kernel<true> : stats_kernel<false>)<<<dim3(splits, static_cast<unsigned>(N)), kThreads, 0, stream>>>(
+      logits.data_ptr<float>(), static_cast<int>(V), parts, splits > 1 ? nullptr : stats_p, best_p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    constexpr int kRowsPerBlock = 8;  // a warp a row
+    finish_stats_kernel<<<static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock), 32 * kRowsPerBlock, 0,
+                          stream>>>(parts, splits, static_cast<int>(N), stats_p, best_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace dspark

@@ -11,6 +11,7 @@
 
 #include "common.cuh"
 #include "philox.cuh"
+#include "target_rows.cuh"
 
 namespace dspark {
 
@@ -66,7 +67,7 @@ struct Verdicts {
 // it) and the state [R, 2] {n, rejected} (a finish kernel reads it); else accept_kernel's state is
 // read (`before` is then not needed: H is accept_kernel's gather).
 template <int kPairs, int capacity, typename Sync>
-__device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const float* target,
+__device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, int* state, const TargetRows& target,
                               RowStarts row_start, const int64_t* tokens, const int64_t* seeds, int R, int gamma,
                               int V, int tid, int nthreads, Sync sync) {
   if (tests.ell == nullptr) {
@@ -99,9 +100,9 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
       const int i = base + k * nthreads, j = i % gamma;
       if (i >= R * gamma || j >= len[k]) continue;
       if (greedy[k])
-        best[k] = engine_argmax(tests.target_argmax, start[k] + j, V);
+        best[k] = engine_argmax(tests.target_argmax, target.clamped(start[k] + j), V);
       else
-        p[k] = target[(start[k] + j) * V + token[k]];
+        p[k] = target.row(start[k] + j, V)[token[k]];
     }
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
@@ -125,7 +126,7 @@ __device__ void find_verdicts(Verdicts<capacity>& v, const RatioTests& tests, in
       const int r = i / (gamma + 1), j = i % (gamma + 1);
       const bool greedy_next = j == v.n[r] && tests.greedy != nullptr && tests.greedy[r];
       tests.out_tokens[i] = j < v.n[r]     ? tokens[static_cast<int64_t>(r) * gamma + j]
-                            : greedy_next ? engine_argmax(tests.target_argmax, row_start[r] + j, V)
+                            : greedy_next ? engine_argmax(tests.target_argmax, target.clamped(row_start[r] + j), V)
                                           : -1;
     }
   }

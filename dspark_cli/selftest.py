@@ -243,11 +243,12 @@ def compare_schedule(R: int, R_stale: int, gamma: int = 7, seed: int = 0, levels
 
 
 def compare_softmax_rows(N: int, V: int, seed: int) -> dict:
-    """softmax_rows (an engine's logits [N, V] → target probabilities and argmax) against torch's
-    softmax and argmax, over NaN-poisoned buffers with a spare row; rows 0 and 1 hold a tie of their
-    maximum across the row (the first id wins)."""
+    """softmax_rows (an engine's logits [N, V] → target probabilities and argmax) and logit_rows
+    (their softmax stats and argmax, the probabilities LogitRows.probs() computes from them) against
+    torch's softmax and argmax, over NaN-poisoned buffers with a spare row; rows 0 and 1 hold a tie
+    of their maximum across the row (the first id wins)."""
     from dspark_cli.runtime import cuda_ops
-    from dspark_cli.runtime.target_probs import softmax_rows
+    from dspark_cli.runtime.target_probs import logit_rows, softmax_rows
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(N, V, device="cuda", generator=g).mul_(4)
@@ -255,12 +256,14 @@ def compare_softmax_rows(N: int, V: int, seed: int) -> dict:
     poison_allocator()
     probs = torch.empty(N + 1, V, device="cuda")
     best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
+    stats_best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
     with cuda_ops.enabled(True):
         softmax_rows(logits, probs, best)
+        stats_probs = logit_rows(logits, stats_best).probs()
     ref = torch.softmax(logits, dim=-1)
-    err = float(((probs[:N] - ref).abs() / ref.clamp_min(1e-30)).max())
-    same_argmax = bool(torch.equal(best[:N], logits.argmax(-1)))
-    return {"case": f"softmax_rows N={N} V={V}", "ok": same_argmax and err < 1e-5,
+    err = max(float(((p - ref).abs() / ref.clamp_min(1e-30)).max()) for p in (probs[:N], stats_probs))
+    same_argmax = all(bool(torch.equal(b[:N], logits.argmax(-1))) for b in (best, stats_best))
+    return {"case": f"softmax_rows and logit_rows N={N} V={V}", "ok": same_argmax and err < 1e-5,
             "probs_max_rel_err": err, "same_argmax": same_argmax}
 
 

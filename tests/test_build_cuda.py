@@ -49,15 +49,18 @@ def chain_lazy(U, anchors, w1, w2, T, seeds):
     return torch.ops.dspark.markov_chain(U, anchors, w1, w2, T, seeds, False)
 def sched(a_stale, a_now, dense):
     return torch.ops.dspark.schedule_production(a_stale, a_now, dense, 8)
-def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats, thresholds):
+def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats, thresholds, target_stats=None):
     return torch.ops.dspark.rejection_sample(target, None, ell, tokens, q_token, None, U, anchors, w1, w2, T, None,
-                                             seeds, row_stats, G + 1, None, thresholds)
+                                             seeds, row_stats, G + 1, None, thresholds, None, target_stats)
 def attend(q, kb, vb, kp, vp, pages, lengths, out):
     torch.ops.dspark.draft_attention(q, kb, vb, kp, vp, pages, 16, lengths, 600, out)
     return out
 def soft(logits, probs, best):
     torch.ops.dspark.softmax_rows(logits, probs, best)
     return probs, best
+def stats_op(logits, stats, best):
+    torch.ops.dspark.softmax_stats(logits, stats, best)
+    return stats, best
 I32 = lambda *s: meta(*s, dtype=torch.int32)
 cases = {
     "markov_chain": (chain, lambda R: (bf(R, G, V), L(R), bf(V, RANK), bf(V, RANK), meta(R), L(R), bf(R, G, D),
@@ -67,8 +70,12 @@ cases = {
     "draft_attention": (attend, lambda R: (bf(R, G, 32, 128), bf(R, G, 8, 128), bf(R, G, 8, 128), bf(4096, 8, 128),
                                            bf(4096, 8, 128), I32(R, 40), I32(R), bf(R, G, 32, 128))),
     "softmax_rows": (soft, lambda R: (meta(R * G, V), meta(R * G + 1, V), L(R * G + 1))),
+    "softmax_stats": (stats_op, lambda R: (meta(R * G, V), meta(R * G, 2), L(R * G + 1))),
     "rejection_sample": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
                                             bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G))),
+    "rejection_sample_logits": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
+                                                   bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G),
+                                                   meta(R * (G + 1), 2))),
 }
 dyn = {}
 for name, (fn, make) in cases.items():
@@ -120,7 +127,8 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["counter_offset"] == 7  # as the CUDA op's: the last of γ + 1 counters
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
-    assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention", "softmax_rows"} <= set(res["ops"]), res["ops"]
+    assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention", "softmax_rows",
+            "softmax_stats"} <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
     check_draft_attention_smem(res["smem"])
     check_dynamic_shapes(res["dyn"])
@@ -173,9 +181,11 @@ def check_dynamic_shapes(dyn: dict) -> None:
                                                          [[R, 7, 64], "torch.bfloat16"], [[R, 7, 2], f32],
                                                          [[1], "torch.int32"], [[0, 7], f32], [[0, 7], f32]]
         assert dyn["schedule_production"]["shapes"][r] == [[[R], i64]]
-        assert dyn["rejection_sample"]["shapes"][r] == [[[R, 8], i64], [[R], i64]]
+        assert dyn["rejection_sample"]["shapes"][r] == dyn["rejection_sample_logits"]["shapes"][r] == [[[R, 8], i64],
+                                                                                                      [[R], i64]]
         assert dyn["draft_attention"]["shapes"][r] == [[[R, 7, 32, 128], "torch.bfloat16"]]
         assert dyn["softmax_rows"]["shapes"][r] == [[[R * 7 + 1, 1000], f32], [[R * 7 + 1], i64]]
+        assert dyn["softmax_stats"]["shapes"][r] == [[[R * 7, 2], f32], [[R * 7 + 1], i64]]
 
 
 def check_wheel(wheel: Path, library: Path, tmp_path: Path) -> None:

@@ -15,12 +15,12 @@ from dspark_cli.runtime.scheduler import (
     verify_budget,
 )
 from dspark_cli.runtime.sps import SPSTable
-from dspark_cli.runtime.target_probs import softmax_rows
+from dspark_cli.runtime.target_probs import LogitRows, logit_rows, softmax_rows
 
 __all__ = [
     "MarkovDraft", "markov_chain", "residual_row", "gather_drafts", "check_markov_weight_values",
     "confidence_logits", "confidence_probs", "survival", "STSCalibration",
     "schedule_threshold", "schedule_exact", "schedule_production", "verify_budget", "admit_top_k",
     "rejection_sample", "rejection_sample_flat", "rejection_sample_rows", "VerifyResult",
-    "SPSTable", "warp_logits", "probs_from_logits", "softmax_rows",
+    "SPSTable", "warp_logits", "probs_from_logits", "softmax_rows", "LogitRows", "logit_rows",
 ]

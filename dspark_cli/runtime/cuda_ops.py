@@ -151,8 +151,9 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     rebuilt from draft.source (W1 and W2 of one dtype), with the chain's row stats when the CUDA
     chain drafted it; top-k/top-p rows rebuilt only with the CUDA chain's thresholds. row_start
     None: request r's rows start at r·row_stride. target_argmax [N]: the greedy requests' token per
-    target row (their rows are then not read)."""
+    target row (their rows are then not read). target: probabilities [N, V] or LogitRows."""
     from dspark_cli.runtime.rejection import VerifyResult
+    from dspark_cli.runtime.target_probs import LogitRows
 
     if seeds is None or uniforms is not None or exp_noise is not None or draft.tokens.shape[0] > MAX_REQUESTS:
         return NotImplemented
@@ -169,12 +170,17 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
         row_stats, block_counter, thresholds = s.row_stats, s.block_counter, s.thresholds
+    target_stats = None
+    if isinstance(target, LogitRows):  # the op clamps rows past the logits to the last: the spare rows
+        target, target_stats = target.logits, target.stats.contiguous()
+        if target_argmax is not None:
+            target_argmax = target_argmax[:target.shape[0]]
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
         target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
         ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),
         draft.q_token.to(torch.float32).contiguous(), q, *rebuild, None if greedy is None else greedy.contiguous(),
         seeds.contiguous(), row_stats, row_stride, block_counter, thresholds,
-        None if target_argmax is None else target_argmax.to(torch.int64).contiguous())
+        None if target_argmax is None else target_argmax.to(torch.int64).contiguous(), target_stats)
     return VerifyResult(output_tokens, num_accepted)
 
 
@@ -184,6 +190,13 @@ def softmax_rows(logits, probs, best):
     if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, probs, best)):
         return NotImplemented
     torch.ops.dspark.softmax_rows(logits, probs, best)
+
+
+def softmax_stats(logits, stats, best):
+    """Covers contiguous logits and best, N rows within MAX_REQUESTS (one per grid row)."""
+    if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, best)):
+        return NotImplemented
+    torch.ops.dspark.softmax_stats(logits, stats, best)
 
 
 def draft_attention_fits(weight: torch.Tensor, head_dim: int, query_rows: int) -> bool:

@@ -7,6 +7,9 @@ max(p − q, 0) (from p when that mass ≤ 1e-8); if all ℓ_r are accepted, sam
 ℓ_r = 0 is a plain decode step. Greedy requests: accept iff x_j = argmax p_{j-1}; emit argmax (or
 the engine's own argmax per row, `target_argmax`: an engine's greedy token is the argmax of its
 logits, which an fp32 softmax can tie; given it, greedy requests' probability rows are not read).
+rejection_sample_rows and rejection_sample_flat take the target rows as probabilities or as
+LogitRows (target_probs.py: logits and their softmax statistics; on CUDA the entries read are
+computed where read, no [N, V] probabilities written).
 Everything is tensor ops: no host sync, no Python loop over requests or positions."""
 
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import torch
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
 from dspark_cli.runtime.markov import MarkovDraft, device_rows
+from dspark_cli.runtime.target_probs import LogitRows
 
 RESIDUAL_MASS_FLOOR = 1e-8
 
@@ -63,9 +67,10 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     """Varlen entry (the layout of a flattened verify batch, as vLLM V1 builds it):
     target_probs [Σ_r (1+ℓ_r), V] fp32, request r owns rows cu_num_tokens[r] .. cu_num_tokens[r+1]−1
     (its anchor row and ℓ_r draft rows); cu_num_tokens [R+1] int64 or int32 starting at 0. Drafts
-    stay [R, γ]. target_argmax: [Σ_r (1+ℓ_r)], as rejection_sample's per row."""
+    stay [R, γ]. target_argmax: [Σ_r (1+ℓ_r)], as rejection_sample's per row. target_probs may be
+    LogitRows (its rows, spare ones included, as the rows here)."""
     draft = _as_draft(draft)
-    _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
+    _check_target(target_probs)
     _checks.tensor("cu_num_tokens", cu_num_tokens, 1, (torch.int64, torch.int32))
     R = draft.tokens.shape[0]
     _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
@@ -88,9 +93,10 @@ def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, s
     overlap: vLLM V1 gives the bonus token itself and has no bonus rows, so its hook points each
     request's bonus row at the next request's first row (and one spare row after the last) and
     replaces the tokens drawn there. row_start, ell [R] int64 or int32. target_argmax: [N], as
-    rejection_sample's per row (V1 takes its greedy tokens from the logits so)."""
+    rejection_sample's per row (V1 takes its greedy tokens from the logits so). target_probs may be
+    LogitRows (its rows, spare ones included, as the rows here: V1's spare row is one)."""
     draft = _as_draft(draft)
-    _checks.tensor("target_probs", target_probs, 2, (torch.float32,))
+    _check_target(target_probs)
     R = draft.tokens.shape[0]
     for name, t in (("row_start", row_start), ("ell", ell)):
         _checks.tensor(name, t, 1, (torch.int64, torch.int32))
@@ -104,6 +110,24 @@ def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, s
                          f"target_probs, got row_start {row_start.tolist()}, ell {ell.tolist()}")
     return _verify(target_probs, row_start, ell, draft, greedy, seeds, generator, uniforms, exp_noise,
                    check_values=check_values, target_argmax=target_argmax)
+
+
+def _check_target(target) -> None:
+    """Target rows [N, V]: fp32 probabilities, or LogitRows (which checked itself)."""
+    if not isinstance(target, LogitRows):
+        _checks.tensor("target_probs", target, 2, (torch.float32,))
+
+
+def _row_argmax(target) -> torch.Tensor:
+    """Each target row's argmax (of the logits for LogitRows: the engine's greedy token)."""
+    if not isinstance(target, LogitRows):
+        return target.argmax(dim=-1)
+    best = target.logits.argmax(dim=-1)
+    return torch.cat([best, best[-1:].expand(target.spare_rows)]) if target.spare_rows else best
+
+
+def _probs(target) -> torch.Tensor:
+    return target.probs() if isinstance(target, LogitRows) else target
 
 
 def _check_argmax_shape(target_argmax, rows: tuple) -> None:
@@ -237,9 +261,9 @@ def _check_stored_q(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
 
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0, target_argmax=None) -> VerifyResult:
-    """row_start [R] int64, or None for dense rows: request r's start at r·row_stride.
-    target_argmax [num_rows]: the greedy requests' tokens, the caller's (see rejection_sample), or
-    target.argmax(-1) made once for a regrouped draft's parts."""
+    """target: probabilities [num_rows, V] or LogitRows. row_start [R] int64, or None for dense
+    rows: request r's start at r·row_stride. target_argmax [num_rows]: the greedy requests' tokens,
+    the caller's (see rejection_sample), or each row's argmax made once for a regrouped draft's parts."""
     R, gamma = draft.tokens.shape
     num_rows, V = target.shape
     _checks.nonempty_batch("draft tokens", draft.tokens)
@@ -254,8 +278,9 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     for name, t, shape in (("uniforms", uniforms, (R, gamma)), ("exp_noise", exp_noise, (R, V))):
         if t is not None:  # a list was an AttributeError on .shape
             _check_shape(name, t, shape, "engine-drawn noise")
-    _checks.same_device(target=target, tokens=draft.tokens, q_token=draft.q_token, q=draft.q, ell=ell,
-                        greedy=greedy, seeds=seeds, uniforms=uniforms, exp_noise=exp_noise, target_argmax=target_argmax)
+    _checks.same_device(target=target.logits if isinstance(target, LogitRows) else target, tokens=draft.tokens,
+                        q_token=draft.q_token, q=draft.q, ell=ell, greedy=greedy, seeds=seeds, uniforms=uniforms,
+                        exp_noise=exp_noise, target_argmax=target_argmax)
     _checks.generator(generator)
     if check_values:
         if bool(((ell < 0) | (ell > gamma)).any()):
@@ -283,13 +308,14 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.token_ids("draft tokens", draft.tokens, V)
         if draft.q is None and draft.source is not None:
             _checks.token_ids("draft anchors", draft.source.anchors, V)
-        _check_target_rows(target, row_start, ell, row_stride, None if target_argmax is None else greedy)
+        _check_target_rows(_probs(target), row_start, ell, row_stride, None if target_argmax is None else greedy)
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
             _check_stored_q(draft, ell, greedy)
 
-    tensors = [t for t in (target, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
+    target_tensors = (target.logits, target.stats) if isinstance(target, LogitRows) else (target,)
+    tensors = [t for t in (*target_tensors, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise, target_argmax) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
                    seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise, row_stride=row_stride,
@@ -300,6 +326,9 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         row_start = torch.arange(0, R * row_stride, row_stride, device=target.device, dtype=torch.int64)
 
     device = target.device
+    if greedy is not None and target_argmax is None:
+        target_argmax = _row_argmax(target)  # per row: no [R, γ, V] gather
+    target = _probs(target)
     pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j
     verified = pos < ell.unsqueeze(1)
     rows = torch.clamp(row_start.unsqueeze(1) + pos, max=num_rows - 1)  # row j scores draft j+1
@@ -315,8 +344,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         u = torch.rand(R, gamma, device=device, generator=generator, dtype=torch.float32)
     accept = u * draft.q_token.float() < p_token
     if greedy is not None:
-        best = target.argmax(dim=-1) if target_argmax is None else target_argmax  # per row: no [R, γ, V] gather
-        match = tokens == best[rows].to(torch.int64)
+        match = tokens == target_argmax[rows].to(torch.int64)
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 
@@ -335,7 +363,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     else:
         next_token = rng.race_sample(weights, rng.exponential_like(weights, generator))
     if greedy is not None:
-        next_token = torch.where(greedy, best[row_start + num_accepted].to(torch.int64), next_token)
+        next_token = torch.where(greedy, target_argmax[row_start + num_accepted].to(torch.int64), next_token)
 
     out_pos = torch.arange(gamma + 1, device=device, dtype=torch.int64).unsqueeze(0)
     padded = torch.cat([tokens, torch.full((R, 1), -1, dtype=torch.int64, device=device)], dim=1)
@@ -367,14 +395,14 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     if row_start is None:
         row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
     done = []  # (batch positions, output tokens, accepted counts) per call
-    argmax = [] if target_argmax is None else [target_argmax]  # else target.argmax(-1), made at most once
+    argmax = [] if target_argmax is None else [target_argmax]  # else _row_argmax(target), made at most once
     if target_argmax is None and greedy is not None and check_values:
         # the parts' calls take the greedy rows' argmax from here and skip those rows: checked once
-        _check_target_rows(target, row_start, ell, row_stride, unread=~greedy)
+        _check_target_rows(_probs(target), row_start, ell, row_stride, unread=~greedy)
 
     def best():
         if not argmax:
-            argmax.append(target.argmax(dim=-1))
+            argmax.append(_row_argmax(target))
         return argmax[0]
 
     for part, at, own in _part_calls(draft.parts):

@@ -1,9 +1,16 @@
-"""The target's probabilities from an engine's logits, as a verification reads them: the softmax
-over the vocabulary and, for greedy requests, each row's argmax of the logits (the engine's greedy
-token, the runtime's target_argmax). On CUDA with our extension one op does both
-(csrc/softmax_rows.cu: on Hopper from 33 rows the logits read once and the probabilities written
-once, else two reads and a write, where torch's softmax reads three times and writes once and its
-argmax reads again); elsewhere torch."""
+"""The target's probabilities from an engine's logits, as a verification reads them, and, for
+greedy requests, each row's argmax of the logits (the engine's greedy token, the runtime's
+target_argmax). Two forms:
+- softmax_rows writes the probabilities [N, V] (on CUDA one op, csrc/softmax_rows.cu: on Hopper
+  from 33 rows the logits read once and the probabilities written once, else two reads and a
+  write, where torch's softmax reads three times and writes once and its argmax reads again);
+- logit_rows writes none: each row's max and 1 / Σ exp(x − max) (one read of the logits), and the
+  verification computes p = exp(x − max) · (1 / Σ) where it reads an entry (LogitRows). A
+  verification reads one row per request and one entry per ratio test, so this saves writing and
+  reading [N, V] fp32 (545 MB at 128 requests × 7 drafts × Qwen3's 151,936 ids).
+Elsewhere than on CUDA with our extension, torch."""
+
+from dataclasses import dataclass
 
 import torch
 
@@ -31,3 +38,67 @@ def softmax_rows(logits: torch.Tensor, probs: torch.Tensor, best: torch.Tensor |
     torch.softmax(logits, dim=-1, out=probs[:N])
     if best is not None:
         torch.argmax(logits, dim=-1, out=best[:N])
+
+
+@dataclass(frozen=True)
+class LogitRows:
+    """Target rows as an engine's logits with their softmax statistics, for the rejection_sample
+    functions in place of a probability tensor: row i's probabilities are
+    exp(logits[i] − stats[i, 0]) · stats[i, 1] (probs() computes them all; a verification on CUDA
+    only the entries it reads). logits [N, V] fp32, stats [N, 2] fp32 (logit_rows makes them).
+    spare_rows: rows N .. N + spare_rows − 1 read as row N − 1 — an engine's rows past its logits
+    whose draws it replaces (vLLM V1 gives the bonus token itself: the last request's bonus row is
+    one past its logits)."""
+
+    logits: torch.Tensor
+    stats: torch.Tensor
+    spare_rows: int = 0
+
+    def __post_init__(self):
+        _checks.tensor("logits", self.logits, 2, (torch.float32,))
+        _checks.tensor("stats", self.stats, 2, (torch.float32,))
+        _checks.nonempty_batch("logits", self.logits)
+        if self.stats.shape != (self.logits.shape[0], 2):
+            raise ValueError(f"stats has shape {tuple(self.stats.shape)}: ({self.logits.shape[0]}, 2) expected, "
+                             f"the max and 1 / Σ exp(x − max) of each logits row")
+        if not _checks.integer(self.spare_rows) or self.spare_rows < 0:
+            raise ValueError(f"spare_rows must be an integer ≥ 0, got {self.spare_rows!r}")
+        _checks.same_device(logits=self.logits, stats=self.stats)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows as a verification reads them, V)."""
+        return self.logits.shape[0] + self.spare_rows, self.logits.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
+    def probs(self) -> torch.Tensor:
+        """The probabilities [N + spare_rows, V] fp32, as the CUDA verification computes each entry."""
+        probs = torch.exp(self.logits - self.stats[:, :1]) * self.stats[:, 1:]
+        if self.spare_rows:
+            probs = torch.cat([probs, probs[-1:].expand(self.spare_rows, -1)])
+        return probs
+
+
+def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
+    """The target rows of logits [N, V] fp32 for a verification, without writing probabilities:
+    each row's max and 1 / Σ exp(x − max) (softmax_rows' rows are exp(x − max) / Σ; these differ
+    from them in the last bit at most). best[:N] = each row's argmax, when given (as softmax_rows').
+    A row with a NaN, or of −inf only, gives NaN probabilities. spare_rows: see LogitRows."""
+    _checks.tensor("logits", logits, 2, (torch.float32,))
+    N = logits.shape[0]
+    if best is not None:
+        _checks.tensor("best", best, 1, (torch.int64,))
+        if best.shape[0] < N:
+            raise ValueError(f"best has {best.shape[0]} entries: at least the logits' {N} rows expected")
+    _checks.same_device(logits=logits, best=best)
+    stats = torch.empty(N, 2, dtype=torch.float32, device=logits.device)
+    if try_cuda("softmax_stats", [logits], logits, stats, best) is NotImplemented:
+        row_max = logits.amax(dim=-1, keepdim=True)
+        stats[:, :1] = row_max
+        stats[:, 1:] = torch.exp(logits - row_max).sum(dim=-1, keepdim=True).reciprocal()
+        if best is not None:
+            torch.argmax(logits, dim=-1, out=best[:N])
+    return LogitRows(logits, stats, spare_rows)

@@ -294,7 +294,7 @@ class BlockVerify:
 
         row_start, ell, n = device_rows([starts[i] for i in rows] + self.ell + [counts[i] for i in rows],
                                         device).split(len(rows))
-        noise = self._noise(counts, sampling_metadata.generators, V, target, use_fp64_gumbel)
+        noise = self._noise(counts, sampling_metadata.generators, V, target_logits, use_fp64_gumbel)
         res = rejection_sample_rows(target, row_start, ell, self.draft, greedy=take(greedy), target_argmax=best,
                                     **{k: take(v) for k, v in noise.items()})
         # a request that accepted all its drafts (ℓ = n, no placeholder) emits V1's bonus token
