@@ -1,6 +1,8 @@
 // Variable-length rejection sampling on the GPU (docs/kernels.md), the math of
 // dspark_cli/runtime/rejection.py, without storing q [R, γ, V]: the one q row a rejected request
-// needs is rebuilt from U_k + W2·W1[x_{k-1}] (or read from q when the draft kept it).
+// needs is rebuilt from U_k + W2·W1[x_{k-1}] (or read from q when the draft kept it). The target
+// rows are probabilities, or an engine's logits with their softmax stats (target_stats:
+// target_rows.cuh computes each entry read), so neither side needs a [rows, V] matrix written.
 //
 //   1. accept_kernel, one block per request: ratio tests u_j·q_j(x_j) < p_j(x_j) along the prefix
 //      (greedy requests: x_j == argmax p_j, or the engine's argmax of the row's logits when given:
