@@ -255,16 +255,16 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def test_verify_exponentiates_only_the_rows_it_reads(checkpoints, monkeypatch):
-    """A plain step (no pending drafts) reads row 0 of each request, a verification rows 0..max ℓ:
-    the probabilities behind them are that many rows, not all S (each an fp32 [B·S, V] otherwise)."""
+def test_verify_copies_no_probabilities(checkpoints, monkeypatch):
+    """A plain step (no pending drafts) reads row 0 of each request: its exp is B rows, not all
+    B·S. A verification takes the log-probabilities themselves as LogitRows (max 0, sum 1: each
+    entry's probability its exp, computed where read): no copy of them at all."""
     spec = _speculation(checkpoints)
     B, S, V = 3, 4, tiny_models.VOCAB
     seen = {}
-    race, reject = rng.grouped_race_sample, runtime.rejection_sample
+    race, reject = rng.grouped_race_sample, runtime.rejection_sample_rows
     monkeypatch.setattr(rng, "grouped_race_sample", lambda p, *a: seen.update(race=_storage_bytes(p)) or race(p, *a))
-    monkeypatch.setattr(runtime, "rejection_sample",
-                        lambda p, *a, **k: seen.update(reject=_storage_bytes(p)) or reject(p, *a, **k))
+    monkeypatch.setattr(runtime, "rejection_sample_rows", lambda p, *a, **k: seen.update(reject=p) or reject(p, *a, **k))
     logprobs = torch.log_softmax(torch.randn(B, S, V), -1)
     greedy = torch.zeros(B, dtype=torch.bool)
     seeds = torch.arange(B, dtype=torch.int64)
@@ -276,7 +276,9 @@ def test_verify_exponentiates_only_the_rows_it_reads(checkpoints, monkeypatch):
     for r in ids:
         spec.pending[r].ell = 1  # verified 1 draft each, inside a batch padded to S − 1 = 3
     tokens, n_acc = spec.verify(ids, logprobs, greedy, seeds)
-    assert seen["reject"] == B * 2 * V * 4
+    target = seen["reject"]
+    assert isinstance(target, runtime.LogitRows) and target.logits.data_ptr() == logprobs.data_ptr()
+    assert torch.equal(target.probs(), logprobs.view(B * S, V).exp())
     assert all(len(t) == n + 1 and n <= 1 for t, n in zip(tokens, n_acc))
 
 

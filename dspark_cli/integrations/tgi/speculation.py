@@ -175,6 +175,14 @@ def uniform_verify_length(a: torch.Tensor, sps: runtime.SPSTable) -> int:
     return int(torch.cumprod((theta[1:] > theta[:-1]).to(torch.int64), dim=0).sum())
 
 
+def _logprob_rows(logprobs: torch.Tensor) -> runtime.LogitRows:
+    """Log-probabilities [N, V] as target rows: max 0 and 1 / Σ = 1, so an entry's probability is
+    exactly its exp."""
+    stats = torch.zeros(logprobs.shape[0], 2, dtype=torch.float32, device=logprobs.device)
+    stats[:, 1] = 1.0
+    return runtime.LogitRows(logprobs, stats)
+
+
 def batch_draft(pend: list[Pending]) -> runtime.MarkovDraft:
     """The verify batch's draft: the step's own when the batch is the one drafted, in order (TGI's
     usual decode step: no copy), else its requests' rows gathered run by run (after a filter or a
@@ -214,8 +222,8 @@ class DSparkSpeculation:
                seeds: torch.Tensor | None = None, target_argmax: torch.Tensor | None = None):
         """target_logprobs [B, S, V] fp32: the log-softmax of TGI's warped scores (S = 1 + γ with
         drafts, 1 without), which hooks.choose computes once and also returns to TGI as its
-        logprobs; the target probabilities are the exp of the rows read (one elementwise pass, where
-        a softmax of the scores would read them again).
+        logprobs; the target probabilities are their exp, which the verification computes where it
+        reads an entry (LogitRows with max 0 and sum 1: no [B, S, V] copy).
         seeds [B] int64: this step's counter-based key per request (step_seeds), so a request's
         sampled output depends on its own seed only, not on the batch; else the shard's generator.
         target_argmax [B, S]: the argmax of each row's warped scores (what greedy TGI takes), given by
@@ -224,8 +232,7 @@ class DSparkSpeculation:
         probabilities breaks towards the lower id), their probabilities not read.
         Returns (tokens per request, number of accepted drafts per request)."""
         B, S, _ = target_logprobs.shape
-        # The exp of the rows read only ([B·S, V] fp32 each full copy): a plain step reads row 0,
-        # the verification rows 0..max ℓ.
+        # A plain step draws from row 0: its exp only ([B, V]), not the [B·S, V] rows'.
         if S == 1 or not all(r in self.pending for r in request_ids):
             probs = target_logprobs[:, 0].exp()
             if seeds is not None:
@@ -239,13 +246,14 @@ class DSparkSpeculation:
             return [[t] for t in nxt.tolist()], [0] * B
         pend = [self.pending[r] for r in request_ids]
         ells = [min(p.ell, S - 1) for p in pend]
-        probs = target_logprobs[:, :max(ells) + 1].exp()
-        ell = torch.tensor(ells, dtype=torch.int64).to(probs.device)
-        res = runtime.rejection_sample(probs, batch_draft(pend), ell, greedy=greedy,
-                                       seeds=None if seeds is None else seeds.to(probs.device),
-                                       generator=None if seeds is not None else self.generator,
-                                       target_argmax=None if target_argmax is None
-                                       else target_argmax[:, :probs.shape[1]].to(probs.device))
+        target = _logprob_rows(target_logprobs.reshape(B * S, -1))
+        device = target.device
+        res = runtime.rejection_sample_rows(target, torch.arange(B, device=device) * S,
+                                            torch.tensor(ells, dtype=torch.int64).to(device), batch_draft(pend),
+                                            greedy=greedy, seeds=None if seeds is None else seeds.to(device),
+                                            generator=None if seeds is not None else self.generator,
+                                            target_argmax=None if target_argmax is None
+                                            else target_argmax.reshape(B * S).to(device))
         # One device-to-host copy each, not one sync per token (this runs every decode step).
         n_acc, rows = res.num_accepted.tolist(), res.output_tokens.tolist()
         out = [row[: n + 1] for row, n in zip(rows, n_acc)]
