@@ -328,8 +328,10 @@ std::tuple<at::Tensor, at::Tensor> rejection_sample_cuda(
   const bool from_logits = target_stats.has_value() && target_stats->defined();
   TORCH_CHECK(!from_logits || (target_stats->scalar_type() == at::kFloat && target_stats->is_contiguous() &&
                                target_stats->dim() == 2 && target_stats->size(0) == target.size(0) &&
-                               target_stats->size(1) == 2 && target_stats->device() == target.device()),
-              "dspark::rejection_sample: target_stats must be contiguous fp32 [N, 2], the target logits' softmax stats");
+                               target_stats->size(1) == 2 && target_stats->device() == target.device() &&
+                               reinterpret_cast<uintptr_t>(target_stats->data_ptr()) % 8 == 0),
+              "dspark::rejection_sample: target_stats must be contiguous fp32 [N, 2] (8-byte aligned), the target "
+              "logits' softmax stats");
   TORCH_CHECK(target.size(0) >= 1, "dspark::rejection_sample: target needs a row at least");
   const TargetRows rows_of_target{target.data_ptr<float>(),
                                   from_logits ? reinterpret_cast<const float2*>(target_stats->data_ptr<float>()) : nullptr,

@@ -312,8 +312,9 @@ void softmax_stats_cuda(const at::Tensor& logits, const at::Tensor& stats, const
   check_logits("softmax_stats", logits, best);
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.is_contiguous() && stats.size(0) >= N &&
-                  stats.size(1) == 2 && stats.device() == logits.device(),
-              "dspark::softmax_stats: stats must be contiguous fp32 [≥ N, 2] on the logits' device");
+                  stats.size(1) == 2 && stats.device() == logits.device() &&
+                  reinterpret_cast<uintptr_t>(stats.data_ptr()) % 8 == 0,
+              "dspark::softmax_stats: stats must be contiguous fp32 [≥ N, 2] (8-byte aligned) on the logits' device");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(logits.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
