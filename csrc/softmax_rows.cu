@@ -32,6 +32,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kMaxSplits = 64;
 constexpr int kMinPerThread = 8;  // entries per thread at least, or a split is not worth its block
+constexpr int kInFlight = 4;      // stats_kernel's float4 loads in flight per thread
 constexpr int kClusterBlocks = 8;  // a row's blocks in the one-pass kernel (the portable cluster size)
 constexpr int kClusterSmemLimit = 200 * 1024;  // a block's slice of a row in shared memory, at most
 constexpr int kStaticSmemMargin = 4 * 1024;    // beside it, cluster_kernel's static shared memory (< 1 KB)
@@ -131,7 +132,21 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const float* __restrict
   slice_of(split, splits, V, begin, end);
   RowPart p = empty_part();
   if (kVec) {  // V % 4 == 0: every slice starts 16-byte aligned
-    for (int v = begin + 4 * threadIdx.x; v < end; v += 4 * kThreads) {
+    // kInFlight loads issued before the first is used (the adds are a serial chain per thread:
+    // one load at a time waited a round trip per four entries), in the same order as one by one.
+    constexpr int kStride = 4 * kThreads;
+    int v = begin + 4 * threadIdx.x;
+    for (; v + (kInFlight - 1) * kStride < end; v += kInFlight * kStride) {
+      float4 f[kInFlight];
+#pragma unroll
+      for (int i = 0; i < kInFlight; ++i) f[i] = *reinterpret_cast<const float4*>(x + v + i * kStride);
+#pragma unroll
+      for (int i = 0; i < kInFlight; ++i) {
+        const int w = v + i * kStride;
+        add(p, f[i].x, w), add(p, f[i].y, w + 1), add(p, f[i].z, w + 2), add(p, f[i].w, w + 3);
+      }
+    }
+    for (; v < end; v += kStride) {
       const float4 f = *reinterpret_cast<const float4*>(x + v);
       add(p, f.x, v), add(p, f.y, v + 1), add(p, f.z, v + 2), add(p, f.w, v + 3);
     }
