@@ -47,6 +47,10 @@ def test_logit_rows_give_torch_softmax_and_argmax_and_spare_rows_read_as_the_las
     torch.testing.assert_close(probs[:5], torch.softmax(logits, -1), rtol=1e-6, atol=1e-9)
     assert torch.equal(probs[5], probs[4]) and torch.equal(probs[6], probs[4])
     assert best.tolist() == logits.argmax(-1).tolist() + [-7, -7] and best[1] == 3
+    index = torch.tensor([[6, 0], [2, 5]])  # rows read, spare ones among them
+    torch.testing.assert_close(rows.rows(index), probs[index], rtol=1e-6, atol=0)
+    ids = torch.tensor([[3, 39], [0, 7]])
+    torch.testing.assert_close(rows.entries(index, ids), probs[index, ids], rtol=1e-6, atol=0)
 
 
 def test_rows_without_a_distribution_give_nan_probabilities():

@@ -126,8 +126,9 @@ def _row_argmax(target) -> torch.Tensor:
     return torch.cat([best, best[-1:].expand(target.spare_rows)]) if target.spare_rows else best
 
 
-def _probs(target) -> torch.Tensor:
-    return target.probs() if isinstance(target, LogitRows) else target
+def _rows(target, index: torch.Tensor) -> torch.Tensor:
+    """The probabilities of target rows `index` (LogitRows: only those rows computed)."""
+    return target.rows(index) if isinstance(target, LogitRows) else target[index]
 
 
 def _check_argmax_shape(target_argmax, rows: tuple) -> None:
@@ -222,7 +223,7 @@ def _check_target_rows(target, row_start, ell, row_stride, unread=None) -> None:
     read = pos <= ell.unsqueeze(1)
     if unread is not None:
         read &= ~unread.unsqueeze(1)
-    rows = target[(row_start.unsqueeze(1) + pos)[read]]
+    rows = _rows(target, (row_start.unsqueeze(1) + pos)[read])
     if rows.shape[0] == 0:
         return
     _checks.nonnegative("target_probs", rows, locate=False)  # an index into rows, not target_probs, would mislead
@@ -308,7 +309,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         _checks.token_ids("draft tokens", draft.tokens, V)
         if draft.q is None and draft.source is not None:
             _checks.token_ids("draft anchors", draft.source.anchors, V)
-        _check_target_rows(_probs(target), row_start, ell, row_stride, None if target_argmax is None else greedy)
+        _check_target_rows(target, row_start, ell, row_stride, None if target_argmax is None else greedy)
         _checks.in_unit_interval("draft q_token", draft.q_token)
         if draft.q is not None:
             _checks.nonnegative("draft q", draft.q)
@@ -328,12 +329,12 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     device = target.device
     if greedy is not None and target_argmax is None:
         target_argmax = _row_argmax(target)  # per row: no [R, γ, V] gather
-    target = _probs(target)
     pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j
     verified = pos < ell.unsqueeze(1)
     rows = torch.clamp(row_start.unsqueeze(1) + pos, max=num_rows - 1)  # row j scores draft j+1
     tokens = draft.tokens
-    p_token = target[rows, tokens]  # [R, γ]
+    # [R, γ]; LogitRows: those entries computed, as a kernel does (no [N, V] probabilities)
+    p_token = target.entries(rows, tokens) if isinstance(target, LogitRows) else target[rows, tokens]
 
     if uniforms is not None:
         u = uniforms.float()
@@ -348,7 +349,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 
-    p_row = target[row_start + num_accepted]  # [R, V]: scores the first unaccepted slot
+    p_row = _rows(target, row_start + num_accepted)  # [R, V]: scores the first unaccepted slot
     rejected = num_accepted < ell
     q_row = _q_rows_read(draft, torch.clamp(num_accepted, max=gamma - 1),
                          rejected if greedy is None else rejected & ~greedy, V)
@@ -398,7 +399,7 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     argmax = [] if target_argmax is None else [target_argmax]  # else _row_argmax(target), made at most once
     if target_argmax is None and greedy is not None and check_values:
         # the parts' calls take the greedy rows' argmax from here and skip those rows: checked once
-        _check_target_rows(_probs(target), row_start, ell, row_stride, unread=~greedy)
+        _check_target_rows(target, row_start, ell, row_stride, unread=~greedy)
 
     def best():
         if not argmax:

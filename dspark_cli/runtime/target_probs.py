@@ -44,8 +44,9 @@ def softmax_rows(logits: torch.Tensor, probs: torch.Tensor, best: torch.Tensor |
 class LogitRows:
     """Target rows as an engine's logits with their softmax statistics, for the rejection_sample
     functions in place of a probability tensor: row i's probabilities are
-    exp(logits[i] − stats[i, 0]) · stats[i, 1] (probs() computes them all; a verification on CUDA
-    only the entries it reads). logits [N, V] fp32, stats [N, 2] fp32 (logit_rows makes them).
+    exp(logits[i] − stats[i, 0]) · stats[i, 1] (probs() computes them all; rows() and entries()
+    those asked, as the torch reference does; the CUDA kernels the entries they read). logits
+    [N, V] fp32, stats [N, 2] fp32 (logit_rows makes them).
     spare_rows: rows N .. N + spare_rows − 1 read as row N − 1 — an engine's rows past its logits
     whose draws it replaces (vLLM V1 gives the bonus token itself: the last request's bonus row is
     one past its logits)."""
@@ -80,6 +81,16 @@ class LogitRows:
         if self.spare_rows:
             probs = torch.cat([probs, probs[-1:].expand(self.spare_rows, -1)])
         return probs
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The probabilities of the rows `index` (any shape, int64) → [*index.shape, V]."""
+        i = index.clamp(max=self.logits.shape[0] - 1)  # spare rows read the last
+        return torch.exp(self.logits[i] - self.stats[i, :1]) * self.stats[i, 1:]
+
+    def entries(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The probabilities at (row index, token id) pairs of one shape."""
+        i = index.clamp(max=self.logits.shape[0] - 1)
+        return torch.exp(self.logits[i, ids] - self.stats[i, 0]) * self.stats[i, 1]
 
 
 def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
