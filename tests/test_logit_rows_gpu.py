@@ -115,8 +115,8 @@ def _v1_batch(R: int, seed: int):
 @pytest.mark.parametrize("R", [1, 16, 128])
 def test_v1_target_rows_verify_as_their_probabilities_and_capture(R):
     """BlockVerify's target side (target_rows: LogitRows with V1's spare row) verified by the op,
-    against LogitRows.probs() through the op and the torch reference (counts), then captured in a
-    CUDA graph: a replay on new logits gives the eager result on them."""
+    against LogitRows.probs() through the op and the torch reference on the LogitRows (counts),
+    then captured in a CUDA graph: a replay on new logits gives the eager result on them."""
     draft, logits, starts, ell, greedy, seeds = _v1_batch(R, seed=R)
 
     def verify():
@@ -129,8 +129,8 @@ def test_v1_target_rows_verify_as_their_probabilities_and_capture(R):
         assert isinstance(target, LogitRows) and target.shape == (R * 7 + 1, 151936)
         plain = rejection_sample_rows(target.probs(), starts, ell, draft, greedy=greedy, seeds=seeds,
                                       target_argmax=best)
-    with cuda_ops.enabled(False):
-        ref = rejection_sample_rows(target.probs(), starts, ell, draft, greedy=greedy, seeds=seeds, target_argmax=best)
+    with cuda_ops.enabled(False):  # the torch reference from the LogitRows: the rows and entries it reads
+        ref = rejection_sample_rows(target, starts, ell, draft, greedy=greedy, seeds=seeds, target_argmax=best)
     assert torch.equal(ours.output_tokens, plain.output_tokens) and torch.equal(ours.num_accepted, plain.num_accepted)
     assert torch.equal(ours.num_accepted, ref.num_accepted)
     with cuda_ops.enabled(True):
