@@ -77,10 +77,7 @@ class LogitRows:
 
     def probs(self) -> torch.Tensor:
         """The probabilities [N + spare_rows, V] fp32, as the CUDA verification computes each entry."""
-        probs = torch.exp(self.logits - self.stats[:, :1]) * self.stats[:, 1:]
-        if self.spare_rows:
-            probs = torch.cat([probs, probs[-1:].expand(self.spare_rows, -1)])
-        return probs
+        return self.rows(torch.arange(self.shape[0], device=self.device))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The probabilities of the rows `index` (any shape, int64) → [*index.shape, V]."""
