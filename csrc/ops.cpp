@@ -27,8 +27,6 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
                           const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pages,
                           int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out);
 
-void softmax_rows_cuda(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best);
-
 void softmax_stats_cuda(const at::Tensor& logits, const at::Tensor& stats, const std::optional<at::Tensor>& best);
 
 // Shared memory of one draft_attention CTA for that many query rows per KV head (16-bit dtypes), or
@@ -82,8 +80,6 @@ void draft_attention_meta(const at::Tensor& q, const at::Tensor& k_block, const 
                           const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& pages,
                           int64_t page_rows, const at::Tensor& lengths, int64_t max_length, const at::Tensor& out) {}
 
-void softmax_rows_meta(const at::Tensor& logits, const at::Tensor& probs, const std::optional<at::Tensor>& best) {}
-
 void softmax_stats_meta(const at::Tensor& logits, const at::Tensor& stats, const std::optional<at::Tensor>& best) {}
 
 }  // namespace dspark
@@ -106,7 +102,6 @@ TORCH_LIBRARY(dspark, m) {
       "draft_attention(Tensor q, Tensor k_block, Tensor v_block, Tensor k_pool, Tensor v_pool, Tensor pages, "
       "int page_rows, Tensor lengths, int max_length, Tensor(a!) out) -> ()");
   m.def("draft_attention_smem(int query_rows, int head_dim) -> int", &dspark::draft_attention_smem);
-  m.def("softmax_rows(Tensor logits, Tensor(a!) probs, Tensor(b!)? best=None) -> ()");
   m.def("softmax_stats(Tensor logits, Tensor(a!) stats, Tensor(b!)? best=None) -> ()");
 }
 
@@ -115,7 +110,6 @@ TORCH_LIBRARY_IMPL(dspark, CUDA, m) {
   m.impl("rejection_sample", &dspark::rejection_sample_cuda);
   m.impl("schedule_production", &dspark::schedule_production_cuda);
   m.impl("draft_attention", &dspark::draft_attention_cuda);
-  m.impl("softmax_rows", &dspark::softmax_rows_cuda);
   m.impl("softmax_stats", &dspark::softmax_stats_cuda);
 }
 
@@ -124,6 +118,5 @@ TORCH_LIBRARY_IMPL(dspark, Meta, m) {
   m.impl("rejection_sample", &dspark::rejection_sample_meta);
   m.impl("schedule_production", &dspark::schedule_production_meta);
   m.impl("draft_attention", &dspark::draft_attention_meta);
-  m.impl("softmax_rows", &dspark::softmax_rows_meta);
   m.impl("softmax_stats", &dspark::softmax_stats_meta);
 }

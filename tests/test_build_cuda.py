@@ -55,9 +55,6 @@ def rej_op(target, ell, tokens, q_token, U, anchors, w1, w2, T, seeds, row_stats
 def attend(q, kb, vb, kp, vp, pages, lengths, out):
     torch.ops.dspark.draft_attention(q, kb, vb, kp, vp, pages, 16, lengths, 600, out)
     return out
-def soft(logits, probs, best):
-    torch.ops.dspark.softmax_rows(logits, probs, best)
-    return probs, best
 def stats_op(logits, stats, best):
     torch.ops.dspark.softmax_stats(logits, stats, best)
     return stats, best
@@ -69,7 +66,6 @@ cases = {
     "schedule_production": (sched, lambda R: (meta(R + 2, G), meta(R, G), meta(9))),
     "draft_attention": (attend, lambda R: (bf(R, G, 32, 128), bf(R, G, 8, 128), bf(R, G, 8, 128), bf(4096, 8, 128),
                                            bf(4096, 8, 128), I32(R, 40), I32(R), bf(R, G, 32, 128))),
-    "softmax_rows": (soft, lambda R: (meta(R * G, V), meta(R * G + 1, V), L(R * G + 1))),
     "softmax_stats": (stats_op, lambda R: (meta(R * G, V), meta(R * G, 2), L(R * G + 1))),
     "rejection_sample": (rej_op, lambda R: (meta(R * (G + 1), V), L(R), L(R, G), meta(R, G), bf(R, G, V), L(R),
                                             bf(V, RANK), bf(V, RANK), meta(R), L(R), meta(R, G, 2), meta(R, G))),
@@ -127,8 +123,8 @@ def test_csrc_compiles_links_and_registers_ops(tmp_path):
     assert res["counter_offset"] == 7  # as the CUDA op's: the last of γ + 1 counters
     assert res["ell"] == [[5], "torch.int64"]
     assert res["rej"] == [[[3, 8], "torch.int64"], [[3], "torch.int64"]]
-    assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention", "softmax_rows",
-            "softmax_stats"} <= set(res["ops"]), res["ops"]
+    assert {"markov_chain", "rejection_sample", "schedule_production", "draft_attention", "softmax_stats"} \
+        <= set(res["ops"]), res["ops"]
     assert res["schema"].startswith("dspark::markov_chain(Tensor U, Tensor anchors")
     check_draft_attention_smem(res["smem"])
     check_dynamic_shapes(res["dyn"])
@@ -184,7 +180,6 @@ def check_dynamic_shapes(dyn: dict) -> None:
         assert dyn["rejection_sample"]["shapes"][r] == dyn["rejection_sample_logits"]["shapes"][r] == [[[R, 8], i64],
                                                                                                       [[R], i64]]
         assert dyn["draft_attention"]["shapes"][r] == [[[R, 7, 32, 128], "torch.bfloat16"]]
-        assert dyn["softmax_rows"]["shapes"][r] == [[[R * 7 + 1, 1000], f32], [[R * 7 + 1], i64]]
         assert dyn["softmax_stats"]["shapes"][r] == [[[R * 7, 2], f32], [[R * 7 + 1], i64]]
 
 

@@ -1,10 +1,11 @@
 """Verification from an engine's logits without probabilities written (runtime.target_probs:
-logit_rows, LogitRows; csrc/softmax_rows.cu's softmax_stats, csrc/target_rows.cuh) on a GPU:
-the stats against torch, and every racing path of the rejection op (accept_kernel + race pass,
-stored or rebuilt q; the small-batch kernel; the fused step staged and unstaged; residual-free
-rejections; greedy tokens given) giving from LogitRows exactly the tokens it gives from
-LogitRows.probs(), the same probabilities written out; V1's layout with its spare row, eager and
-captured in a CUDA graph. Skipped, with the reason, without a GPU or a build.
+logit_rows, LogitRows; csrc/softmax_stats.cu, csrc/target_rows.cuh) on a GPU: the stats and
+argmax against torch's softmax and argmax (ties across a row's slices, NaN and ±inf rows); every
+racing path of the rejection op (accept_kernel + race pass, stored or rebuilt q; the small-batch
+kernel; the fused step staged and unstaged; residual-free rejections; greedy tokens given) giving
+from LogitRows exactly the tokens it gives from LogitRows.probs(), the same probabilities written
+out; V1's layout with its spare row, eager and captured in a CUDA graph. Skipped, with the
+reason, without a GPU or a build.
 
     PYTHONPATH=. python -m pytest -q tests/test_logit_rows_gpu.py     (after `dspark build`)"""
 
@@ -33,16 +34,49 @@ def test_stats_and_argmax_match_torch(N, V):
     assert torch.equal(best[:N], logits.argmax(-1)) and best[N] == -7
 
 
-def test_rows_without_a_distribution_are_nan():
-    logits = torch.randn(4, 50000, device="cuda")
+def stats_and_best(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LogitRows.probs(), argmax) from our op, the argmax into a buffer with a spare row (−7)."""
+    N = logits.shape[0]
+    best = torch.full((N + 1,), -7, dtype=torch.int64, device="cuda")
+    with cuda_ops.enabled(True):
+        probs = logit_rows(logits, best).probs()
+    assert best[N] == -7, "the spare row was written"
+    return probs[:N], best[:N]
+
+
+@pytest.mark.parametrize("extra_rows", [0, 600])
+def test_ties_take_the_first_maximum_across_splits(extra_rows):
+    """Equal maxima in different slices of one row (and in one thread's group of 4): the lowest id,
+    torch.argmax's answer, whatever slice finishes first; with 600 extra all-zero rows a block
+    takes a whole row and writes its stats itself."""
+    V = 151936
+    logits = torch.zeros(4 + extra_rows, V, device="cuda")
+    logits[0, [5, 90000, 151935]] = 3.0
+    logits[1, [151934, 151935]] = 2.0
+    logits[2, [4097, 4096]] = 1.0
+    probs, best = stats_and_best(logits)  # row 3: all equal
+    assert best.tolist() == logits.argmax(-1).tolist() == [5, 151934, 4096] + [0] * (1 + extra_rows)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("extra_rows", [0, 600])
+def test_rows_without_a_distribution_are_nan_as_in_torch(extra_rows):
+    """A row of −inf only, a NaN entry, one and two +inf entries, a finite row masked to one entry:
+    the probabilities NaN where torch's softmax is, its values elsewhere; the argmax torch's (NaN
+    first). With 600 more rows, a block a row."""
+    V = 50000
+    logits = torch.randn(6 + extra_rows, V, device="cuda")
     logits[0] = float("-inf")
     logits[1, 123] = float("nan")
     logits[2, 777] = float("inf")
-    best = torch.empty(4, dtype=torch.int64, device="cuda")
-    with cuda_ops.enabled(True):
-        probs = logit_rows(logits, best).probs()
-    assert probs[:3].isnan().all() and not probs[3].isnan().any()
-    assert torch.equal(best, logits.argmax(-1))
+    logits[3, [10, 40000]] = float("inf")
+    logits[4] = float("-inf")
+    logits[4, 31337] = 0.5
+    probs, best = stats_and_best(logits)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-5, atol=1e-12, equal_nan=True)
+    assert probs[:4].isnan().all() and not probs[4:].isnan().any()
+    assert torch.equal(best, logits.argmax(-1)) and best[1] == 123 and best[4] == 31337
+    assert probs[4, 31337] == 1.0
 
 
 CASES = [

@@ -1,7 +1,7 @@
 """runtime.target_probs on the CPU: softmax_rows (torch's softmax and argmax into an engine's
 buffers, spare rows untouched), logit_rows / LogitRows (the softmax statistics a verification
 computes its entries from; rejection_sample_rows and _flat verify them as their probabilities,
-spare rows included) and their argument checks; the CUDA ops: tests/test_softmax_rows_gpu.py."""
+spare rows included) and their argument checks; the CUDA op: tests/test_logit_rows_gpu.py."""
 
 import pytest
 import torch

@@ -184,14 +184,6 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     return VerifyResult(output_tokens, num_accepted)
 
 
-def softmax_rows(logits, probs, best):
-    """Covers contiguous logits, probs and best (the op writes their first N rows), N rows within
-    MAX_REQUESTS (one per grid row)."""
-    if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, probs, best)):
-        return NotImplemented
-    torch.ops.dspark.softmax_rows(logits, probs, best)
-
-
 def softmax_stats(logits, stats, best):
     """Covers contiguous logits and best, N rows within MAX_REQUESTS (one per grid row)."""
     if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, best)):

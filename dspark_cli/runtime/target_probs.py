@@ -1,14 +1,12 @@
 """The target's probabilities from an engine's logits, as a verification reads them, and, for
 greedy requests, each row's argmax of the logits (the engine's greedy token, the runtime's
 target_argmax). Two forms:
-- softmax_rows writes the probabilities [N, V] (on CUDA one op, csrc/softmax_rows.cu: on Hopper
-  from 33 rows the logits read once and the probabilities written once, else two reads and a
-  write, where torch's softmax reads three times and writes once and its argmax reads again);
-- logit_rows writes none: each row's max and 1 / Σ exp(x − max) (one read of the logits), and the
-  verification computes p = exp(x − max) · (1 / Σ) where it reads an entry (LogitRows). A
-  verification reads one row per request and one entry per ratio test, so this saves writing and
-  reading [N, V] fp32 (545 MB at 128 requests × 7 drafts × Qwen3's 151,936 ids).
-Elsewhere than on CUDA with our extension, torch."""
+- logit_rows writes no probabilities: each row's max and 1 / Σ exp(x − max) (on CUDA one read of
+  the logits, csrc/softmax_stats.cu), and the verification computes p = exp(x − max) · (1 / Σ)
+  where it reads an entry (LogitRows). A verification reads one row per request and one entry per
+  ratio test, so this spares writing and reading [N, V] fp32 (545 MB at 128 requests × 7 drafts ×
+  Qwen3's 151,936 ids). vLLM V1's path on CUDA;
+- softmax_rows writes the probabilities [N, V] (torch's softmax and argmax): V1's path on the CPU."""
 
 from dataclasses import dataclass
 
@@ -33,8 +31,6 @@ def softmax_rows(logits: torch.Tensor, probs: torch.Tensor, best: torch.Tensor |
         if best.shape[0] < N:
             raise ValueError(f"best has {best.shape[0]} entries: at least the logits' {N} rows expected")
     _checks.same_device(logits=logits, probs=probs, best=best)
-    if try_cuda("softmax_rows", [logits], logits, probs, best) is not NotImplemented:
-        return
     torch.softmax(logits, dim=-1, out=probs[:N])
     if best is not None:
         torch.argmax(logits, dim=-1, out=best[:N])
@@ -92,7 +88,7 @@ class LogitRows:
 
 def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
     """The target rows of logits [N, V] fp32 for a verification, without writing probabilities:
-    each row's max and 1 / Σ exp(x − max) (softmax_rows' rows are exp(x − max) / Σ; these differ
+    each row's max and 1 / Σ exp(x − max) (torch's softmax rows are exp(x − max) / Σ; these differ
     from them in the last bit at most). best[:N] = each row's argmax, when given (as softmax_rows').
     A row with a NaN, or of −inf only, gives NaN probabilities. spare_rows: see LogitRows."""
     _checks.tensor("logits", logits, 2, (torch.float32,))
