@@ -151,7 +151,7 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     rebuilt from draft.source (W1 and W2 of one dtype), with the chain's row stats when the CUDA
     chain drafted it; top-k/top-p rows rebuilt only with the CUDA chain's thresholds. row_start
     None: request r's rows start at r·row_stride. target_argmax [N]: the greedy requests' token per
-    target row (their rows are then not read). target: probabilities [N, V] or LogitRows."""
+    target row (their rows are then not read). target: ProbRows or LogitRows (target_probs.py)."""
     from dspark_cli.runtime.rejection import VerifyResult
     from dspark_cli.runtime.target_probs import LogitRows
 
@@ -170,11 +170,12 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         q, rebuild = None, (s.U.contiguous(), s.anchors.to(torch.int64).contiguous(), s.w1.contiguous(),
                             s.w2.contiguous(), s.temperature.to(torch.float32).contiguous())
         row_stats, block_counter, thresholds = s.row_stats, s.block_counter, s.thresholds
-    target_stats = None
     if isinstance(target, LogitRows):  # the op clamps rows past the logits to the last: the spare rows
         target, target_stats = target.logits, target.stats.contiguous()
         if target_argmax is not None:
             target_argmax = target_argmax[:target.shape[0]]
+    else:
+        target, target_stats = target.probs, None
     output_tokens, num_accepted = torch.ops.dspark.rejection_sample(
         target.contiguous(), None if row_start is None else row_start.to(torch.int64).contiguous(),
         ell.to(torch.int64).contiguous(), draft.tokens.to(torch.int64).contiguous(),

@@ -19,7 +19,7 @@ import torch
 from dspark_cli.runtime import _checks, rng
 from dspark_cli.runtime._dispatch import try_cuda
 from dspark_cli.runtime.markov import MarkovDraft, device_rows
-from dspark_cli.runtime.target_probs import LogitRows
+from dspark_cli.runtime.target_probs import LogitRows, ProbRows
 
 RESIDUAL_MASS_FLOOR = 1e-8
 
@@ -57,7 +57,7 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
         _check_argmax_shape(target_argmax, (R, rows))
         target_argmax = target_argmax.reshape(R * rows)
     # request r's rows start at r·rows: no row_start tensor (the CUDA op computes it, saving a launch)
-    return _verify(target_probs.reshape(R * rows, V), None, ell.to(torch.int64), draft, greedy, seeds, generator,
+    return _verify(ProbRows(target_probs.reshape(R * rows, V)), None, ell.to(torch.int64), draft, greedy, seeds, generator,
                    uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows,
                    target_argmax=target_argmax)
 
@@ -70,7 +70,7 @@ def rejection_sample_flat(target_probs, cu_num_tokens, draft, *, greedy=None, se
     stay [R, γ]. target_argmax: [Σ_r (1+ℓ_r)], as rejection_sample's per row. target_probs may be
     LogitRows (its rows, spare ones included, as the rows here)."""
     draft = _as_draft(draft)
-    _check_target(target_probs)
+    target_probs = _target_rows(target_probs)
     _checks.tensor("cu_num_tokens", cu_num_tokens, 1, (torch.int64, torch.int32))
     R = draft.tokens.shape[0]
     _checks.dim("cu_num_tokens", cu_num_tokens, 0, R + 1, "R + 1 offsets")
@@ -96,7 +96,7 @@ def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, s
     rejection_sample's per row (V1 takes its greedy tokens from the logits so). target_probs may be
     LogitRows (its rows, spare ones included, as the rows here: V1's spare row is one)."""
     draft = _as_draft(draft)
-    _check_target(target_probs)
+    target_probs = _target_rows(target_probs)
     R = draft.tokens.shape[0]
     for name, t in (("row_start", row_start), ("ell", ell)):
         _checks.tensor(name, t, 1, (torch.int64, torch.int32))
@@ -112,23 +112,13 @@ def rejection_sample_rows(target_probs, row_start, ell, draft, *, greedy=None, s
                    check_values=check_values, target_argmax=target_argmax)
 
 
-def _check_target(target) -> None:
-    """Target rows [N, V]: fp32 probabilities, or LogitRows (which checked itself)."""
-    if not isinstance(target, LogitRows):
-        _checks.tensor("target_probs", target, 2, (torch.float32,))
-
-
-def _row_argmax(target) -> torch.Tensor:
-    """Each target row's argmax (of the logits for LogitRows: the engine's greedy token)."""
-    if not isinstance(target, LogitRows):
-        return target.argmax(dim=-1)
-    best = target.logits.argmax(dim=-1)
-    return torch.cat([best, best[-1:].expand(target.spare_rows)]) if target.spare_rows else best
-
-
-def _rows(target, index: torch.Tensor) -> torch.Tensor:
-    """The probabilities of target rows `index` (LogitRows: only those rows computed)."""
-    return target.rows(index) if isinstance(target, LogitRows) else target[index]
+def _target_rows(target) -> ProbRows | LogitRows:
+    """A caller's target rows [N, V] as the verification reads them: LogitRows (which checked
+    itself), or fp32 probabilities as ProbRows."""
+    if isinstance(target, LogitRows):
+        return target
+    _checks.tensor("target_probs", target, 2, (torch.float32,))
+    return ProbRows(target)
 
 
 def _check_argmax_shape(target_argmax, rows: tuple) -> None:
@@ -223,7 +213,7 @@ def _check_target_rows(target, row_start, ell, row_stride, unread=None) -> None:
     read = pos <= ell.unsqueeze(1)
     if unread is not None:
         read &= ~unread.unsqueeze(1)
-    rows = _rows(target, (row_start.unsqueeze(1) + pos)[read])
+    rows = target.rows((row_start.unsqueeze(1) + pos)[read])  # LogitRows: only those rows computed
     if rows.shape[0] == 0:
         return
     _checks.nonnegative("target_probs", rows, locate=False)  # an index into rows, not target_probs, would mislead
@@ -262,7 +252,7 @@ def _check_stored_q(draft: MarkovDraft, ell: torch.Tensor, greedy) -> None:
 
 def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator, uniforms, exp_noise,
             check_values, row_stride=0, target_argmax=None) -> VerifyResult:
-    """target: probabilities [num_rows, V] or LogitRows. row_start [R] int64, or None for dense
+    """target: ProbRows or LogitRows [num_rows, V]. row_start [R] int64, or None for dense
     rows: request r's start at r·row_stride. target_argmax [num_rows]: the greedy requests' tokens,
     the caller's (see rejection_sample), or each row's argmax made once for a regrouped draft's parts."""
     R, gamma = draft.tokens.shape
@@ -279,7 +269,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
     for name, t, shape in (("uniforms", uniforms, (R, gamma)), ("exp_noise", exp_noise, (R, V))):
         if t is not None:  # a list was an AttributeError on .shape
             _check_shape(name, t, shape, "engine-drawn noise")
-    _checks.same_device(target=target.logits if isinstance(target, LogitRows) else target, tokens=draft.tokens,
+    _checks.same_device(target=target.tensors[0], tokens=draft.tokens,
                         q_token=draft.q_token, q=draft.q, ell=ell, greedy=greedy, seeds=seeds, uniforms=uniforms,
                         exp_noise=exp_noise, target_argmax=target_argmax)
     _checks.generator(generator)
@@ -315,8 +305,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
             _checks.nonnegative("draft q", draft.q)
             _check_stored_q(draft, ell, greedy)
 
-    target_tensors = (target.logits, target.stats) if isinstance(target, LogitRows) else (target,)
-    tensors = [t for t in (*target_tensors, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
+    tensors = [t for t in (*target.tensors, row_start, ell, draft.tokens, draft.q_token, greedy, seeds,
                            uniforms, exp_noise, target_argmax) if t is not None]
     out = try_cuda("rejection_sample", tensors, target, row_start, ell, draft, greedy=greedy,
                    seeds=seeds, generator=generator, uniforms=uniforms, exp_noise=exp_noise, row_stride=row_stride,
@@ -328,13 +317,13 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
 
     device = target.device
     if greedy is not None and target_argmax is None:
-        target_argmax = _row_argmax(target)  # per row: no [R, γ, V] gather
+        target_argmax = target.argmax()  # per row: no [R, γ, V] gather
     pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j
     verified = pos < ell.unsqueeze(1)
     rows = torch.clamp(row_start.unsqueeze(1) + pos, max=num_rows - 1)  # row j scores draft j+1
     tokens = draft.tokens
     # [R, γ]; LogitRows: those entries computed, as a kernel does (no [N, V] probabilities)
-    p_token = target.entries(rows, tokens) if isinstance(target, LogitRows) else target[rows, tokens]
+    p_token = target.entries(rows, tokens)
 
     if uniforms is not None:
         u = uniforms.float()
@@ -349,7 +338,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         accept = torch.where(greedy.unsqueeze(1), match, accept)
     num_accepted = torch.cumprod((accept & verified).to(torch.int64), dim=1).sum(dim=1)
 
-    p_row = _rows(target, row_start + num_accepted)  # [R, V]: scores the first unaccepted slot
+    p_row = target.rows(row_start + num_accepted)  # [R, V]: scores the first unaccepted slot
     rejected = num_accepted < ell
     q_row = _q_rows_read(draft, torch.clamp(num_accepted, max=gamma - 1),
                          rejected if greedy is None else rejected & ~greedy, V)
@@ -396,14 +385,14 @@ def _verify_by_part(target, row_start, ell, draft: MarkovDraft, greedy, seeds, g
     if row_start is None:
         row_start = torch.arange(R, device=device, dtype=torch.int64) * row_stride
     done = []  # (batch positions, output tokens, accepted counts) per call
-    argmax = [] if target_argmax is None else [target_argmax]  # else _row_argmax(target), made at most once
+    argmax = [] if target_argmax is None else [target_argmax]  # else target.argmax(), made at most once
     if target_argmax is None and greedy is not None and check_values:
         # the parts' calls take the greedy rows' argmax from here and skip those rows: checked once
         _check_target_rows(target, row_start, ell, row_stride, unread=~greedy)
 
     def best():
         if not argmax:
-            argmax.append(_row_argmax(target))
+            argmax.append(target.argmax())
         return argmax[0]
 
     for part, at, own in _part_calls(draft.parts):

@@ -37,6 +37,35 @@ def softmax_rows(logits: torch.Tensor, probs: torch.Tensor, best: torch.Tensor |
 
 
 @dataclass(frozen=True)
+class ProbRows:
+    """Target rows as probabilities [N, V] fp32 behind LogitRows' interface, so that the
+    verification (rejection.py) reads either form one way."""
+
+    probs: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.probs.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.probs,)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.probs[index]
+
+    def entries(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.probs[index, ids]
+
+    def argmax(self) -> torch.Tensor:
+        return self.probs.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
 class LogitRows:
     """Target rows as an engine's logits with their softmax statistics, for the rejection_sample
     functions in place of a probability tensor: row i's probabilities are
@@ -71,6 +100,10 @@ class LogitRows:
     def device(self) -> torch.device:
         return self.logits.device
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.logits, self.stats
+
     def probs(self) -> torch.Tensor:
         """The probabilities [N + spare_rows, V] fp32, as the CUDA verification computes each entry."""
         return self.rows(torch.arange(self.shape[0], device=self.device))
@@ -84,6 +117,11 @@ class LogitRows:
         """The probabilities at (row index, token id) pairs of one shape."""
         i = index.clamp(max=self.logits.shape[0] - 1)
         return torch.exp(self.logits[i, ids] - self.stats[i, 0]) * self.stats[i, 1]
+
+    def argmax(self) -> torch.Tensor:
+        """Each row's argmax of the logits (an engine's greedy token), spare rows included."""
+        best = self.logits.argmax(dim=-1)
+        return torch.cat([best, best[-1:].expand(self.spare_rows)]) if self.spare_rows else best
 
 
 def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
