@@ -57,8 +57,8 @@ def rejection_sample(target_probs, draft, ell, *, greedy=None, seeds=None, gener
         _check_argmax_shape(target_argmax, (R, rows))
         target_argmax = target_argmax.reshape(R * rows)
     # request r's rows start at r·rows: no row_start tensor (the CUDA op computes it, saving a launch)
-    return _verify(ProbRows(target_probs.reshape(R * rows, V)), None, ell.to(torch.int64), draft, greedy, seeds, generator,
-                   uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows,
+    return _verify(ProbRows(target_probs.reshape(R * rows, V)), None, ell.to(torch.int64), draft, greedy, seeds,
+                   generator, uniforms, exp_noise, check_values=_checks.want_value_checks(None, ell), row_stride=rows,
                    target_argmax=target_argmax)
 
 
