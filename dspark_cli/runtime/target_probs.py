@@ -110,18 +110,21 @@ class LogitRows:
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The probabilities of the rows `index` (any shape, int64) → [*index.shape, V]."""
-        i = index.clamp(max=self.logits.shape[0] - 1)  # spare rows read the last
+        i = self._logit_row(index)
         return torch.exp(self.logits[i] - self.stats[i, :1]) * self.stats[i, 1:]
 
     def entries(self, index: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The probabilities at (row index, token id) pairs of one shape."""
-        i = index.clamp(max=self.logits.shape[0] - 1)
+        i = self._logit_row(index)
         return torch.exp(self.logits[i, ids] - self.stats[i, 0]) * self.stats[i, 1]
 
     def argmax(self) -> torch.Tensor:
         """Each row's argmax of the logits (an engine's greedy token), spare rows included."""
-        best = self.logits.argmax(dim=-1)
-        return torch.cat([best, best[-1:].expand(self.spare_rows)]) if self.spare_rows else best
+        return self.logits.argmax(dim=-1)[self._logit_row(torch.arange(self.shape[0], device=self.device))]
+
+    def _logit_row(self, index: torch.Tensor) -> torch.Tensor:
+        """The logits row each target row reads: its own, or for a spare row the last."""
+        return index.clamp(max=self.logits.shape[0] - 1)
 
 
 def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
