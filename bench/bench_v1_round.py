@@ -34,7 +34,7 @@ import torch
 from bench.bench_kernels import GAMMA, RANK, V, copy_bandwidth, markov_inputs, time_replays, write_rows
 from dspark_cli.integrations.vllm.target_rows import target_rows
 from dspark_cli.runtime import cuda_ops, markov_chain, rejection_sample_rows
-from dspark_cli.runtime.target_probs import logit_rows
+from dspark_cli.runtime.target_probs import logit_rows, softmax_rows
 
 
 def v1_verify_inputs(R: int, draft, seed: int):
@@ -88,9 +88,7 @@ def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
             N = logits.shape[0]
             probs = torch.empty(N + 1, V, device="cuda")
             best = torch.zeros(N + 1, dtype=torch.int64, device="cuda") if n_greedy else None
-            torch.softmax(logits, dim=-1, out=probs[:N])
-            if n_greedy:
-                torch.argmax(logits, dim=-1, out=best[:N])
+            softmax_rows(logits, probs, best)
             probs[N].fill_(1.0 / V)
             return rejection_sample_rows(probs, starts, ell, draft, greedy=greedy if n_greedy else None, seeds=seeds,
                                          target_argmax=best)
@@ -108,17 +106,13 @@ def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
 
 
 def target_probs(R: int, bw: float, repeats: int) -> dict:
-    """torch's softmax + argmax of V1's logits against logit_rows' stats + argmax."""
+    """torch's softmax + argmax of V1's logits (runtime.softmax_rows) against logit_rows' stats + argmax."""
     logits = torch.randn(R * GAMMA, V, device="cuda", generator=torch.Generator(device="cuda").manual_seed(R)).mul_(3)
     N = logits.shape[0]
     probs = torch.empty(N + 1, V, device="cuda")
     best = torch.empty(N + 1, dtype=torch.int64, device="cuda")
 
-    def with_torch():
-        torch.softmax(logits, dim=-1, out=probs[:N])
-        torch.argmax(logits, dim=-1, out=best[:N])
-
-    torch_s = statistics.median(time_replays(with_torch, repeats))
+    torch_s = statistics.median(time_replays(lambda: softmax_rows(logits, probs, best), repeats))
     stats_s = statistics.median(time_replays(lambda: logit_rows(logits, best), repeats))
     floor, stats_floor = 2 * logits.numel() * 4 / bw, logits.numel() * 4 / bw
     print(f"{R:4d}  target probs: torch's softmax + argmax {torch_s * 1e3:.3f} ms ({torch_s / floor:.2f}x its floor "
