@@ -19,29 +19,27 @@ from dspark_cli.selftest import RejectionCase, poison_allocator, rejection_input
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_extension")]
 
 
+def op_rows(logits: torch.Tensor) -> tuple[LogitRows, torch.Tensor]:
+    """Our op's LogitRows and argmax, the argmax into a buffer with a spare row (−7) it must not write."""
+    N = logits.shape[0]
+    best = torch.full((N + 1,), -7, dtype=torch.int64, device="cuda")
+    with cuda_ops.enabled(True):
+        rows = logit_rows(logits, best)
+    assert best[N] == -7, "the spare row was written"
+    return rows, best[:N]
+
+
 @pytest.mark.parametrize("N,V", [(7, 151936), (896, 151936), (130, 50257), (3, 37), (1, 4099)])
 def test_stats_and_argmax_match_torch(N, V):
     """N = 7: split rows and the merge kernel; 896: a block per row; odd V: scalar loads."""
     g = torch.Generator(device="cuda").manual_seed(N + V)
     logits = torch.randn(N, V, device="cuda", generator=g).mul_(4)
-    best = torch.full((N + 1,), -7, dtype=torch.int64, device="cuda")
-    with cuda_ops.enabled(True):
-        rows = logit_rows(logits, best)
+    rows, best = op_rows(logits)
     assert torch.equal(rows.stats[:, 0], logits.amax(-1))
     torch.testing.assert_close(rows.stats[:, 1], torch.exp(logits - logits.amax(-1, keepdim=True)).sum(-1).reciprocal(),
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(rows.probs(), torch.softmax(logits, -1), rtol=1e-5, atol=1e-12)
-    assert torch.equal(best[:N], logits.argmax(-1)) and best[N] == -7
-
-
-def stats_and_best(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LogitRows.probs(), argmax) from our op, the argmax into a buffer with a spare row (−7)."""
-    N = logits.shape[0]
-    best = torch.full((N + 1,), -7, dtype=torch.int64, device="cuda")
-    with cuda_ops.enabled(True):
-        probs = logit_rows(logits, best).probs()
-    assert best[N] == -7, "the spare row was written"
-    return probs[:N], best[:N]
+    assert torch.equal(best, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("extra_rows", [0, 600])
@@ -54,7 +52,8 @@ def test_ties_take_the_first_maximum_across_splits(extra_rows):
     logits[0, [5, 90000, 151935]] = 3.0
     logits[1, [151934, 151935]] = 2.0
     logits[2, [4097, 4096]] = 1.0
-    probs, best = stats_and_best(logits)  # row 3: all equal
+    rows, best = op_rows(logits)  # row 3: all equal
+    probs = rows.probs()
     assert best.tolist() == logits.argmax(-1).tolist() == [5, 151934, 4096] + [0] * (1 + extra_rows)
     torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-5, atol=1e-12)
 
@@ -72,7 +71,8 @@ def test_rows_without_a_distribution_are_nan_as_in_torch(extra_rows):
     logits[3, [10, 40000]] = float("inf")
     logits[4] = float("-inf")
     logits[4, 31337] = 0.5
-    probs, best = stats_and_best(logits)
+    rows, best = op_rows(logits)
+    probs = rows.probs()
     torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-5, atol=1e-12, equal_nan=True)
     assert probs[:4].isnan().all() and not probs[4:].isnan().any()
     assert torch.equal(best, logits.argmax(-1)) and best[1] == 123 and best[4] == 31337
