@@ -29,6 +29,7 @@ def test_writes_the_first_rows_as_torch_and_leaves_the_spare_ones():
     (lambda a: {**a, "probs": a["probs"][:, :9]}, "at least the logits' 4 rows of 10"),
     (lambda a: {**a, "best": a["best"].int()}, "best must have dtype int64"),
     (lambda a: {**a, "best": a["best"][:2]}, "best has 2 entries"),
+    (lambda a: {**a, "logits": a["logits"][:, :0], "probs": a["probs"][:, :0]}, r"empty vocabulary \(V = 0\)"),
 ])
 def test_bad_arguments_are_one_clear_error(change, message):
     args = {"logits": torch.zeros(4, 10), "probs": torch.zeros(5, 10), "best": torch.zeros(5, dtype=torch.int64)}
@@ -80,13 +81,14 @@ def test_rows_verify_as_their_probabilities(with_argmax):
     draft, greedy, seeds = _draft(R, gamma, V, seed=3)
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(R * gamma, V, generator=g).mul_(2)
-    best = torch.zeros(R * gamma + 1, dtype=torch.int64)
+    best = torch.full((R * gamma + 1,), V - 1, dtype=torch.int64)  # best[N]: neither written nor read
     rows = logit_rows(logits, best if with_argmax else None, spare_rows=1)
     starts = torch.arange(R) * gamma
     ell = torch.tensor([3, 0, 2, 3])
-    args = dict(greedy=greedy, seeds=seeds, target_argmax=best if with_argmax else None)
-    ours = rejection_sample_rows(rows, starts, ell, draft, **args)
-    plain = rejection_sample_rows(rows.probs(), starts, ell, draft, **args)
+    args = dict(greedy=greedy, seeds=seeds)
+    ours = rejection_sample_rows(rows, starts, ell, draft, **args, target_argmax=best if with_argmax else None)
+    plain = rejection_sample_rows(rows.probs(), starts, ell, draft, **args,
+                                  target_argmax=rows.argmax() if with_argmax else None)
     assert torch.equal(ours.output_tokens, plain.output_tokens) and torch.equal(ours.num_accepted, plain.num_accepted)
     flat_logits = torch.randn(int((ell + 1).sum()), V, generator=g)
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), (ell + 1).cumsum(0)])
@@ -95,12 +97,31 @@ def test_rows_verify_as_their_probabilities(with_argmax):
     assert torch.equal(flat.num_accepted, plain.num_accepted)
 
 
+def test_a_spare_rows_greedy_token_is_the_last_rows_given_one():
+    """The entry given for a spare row is not read: it takes row N − 1's, as its probabilities and
+    the CUDA op do (V1 leaves best[N] as its buffer held it)."""
+    V = 10
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    logits[2, 3] = logits[3, 5] = 9.0  # row 3 (N − 1), and so the spare row 4: argmax 5
+    best = torch.zeros(5, dtype=torch.int64)
+    rows = logit_rows(logits, best, spare_rows=1)
+    # request 1 (greedy) drafts the argmax of rows 2 and 3; its bonus row is the spare row 4
+    draft = (torch.tensor([[1, 2], [3, 5]]), torch.full((2, 2), 1.0 / V), torch.full((2, 2, V), 1.0 / V))
+    args = dict(greedy=torch.tensor([False, True]), seeds=torch.tensor([1, 2]))
+    start, ell = torch.tensor([0, 2]), torch.tensor([2, 2])
+    given = rejection_sample_rows(rows, start, ell, draft, target_argmax=best, **args)
+    assert given.output_tokens[1].tolist() == [3, 5, 5]
+    assert torch.equal(given.output_tokens, rejection_sample_rows(rows, start, ell, draft, **args).output_tokens)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda: LogitRows(torch.zeros(4, 10), torch.zeros(3, 2)), r"stats has shape \(3, 2\): \(4, 2\) expected"),
     (lambda: LogitRows(torch.zeros(4, 10), torch.zeros(4, 2).double()), "stats must have dtype float32"),
     (lambda: LogitRows(torch.zeros(4, 10).half(), torch.zeros(4, 2)), "logits must have dtype float32"),
     (lambda: LogitRows(torch.zeros(0, 10), torch.zeros(0, 2)), "logits is an empty batch"),
     (lambda: LogitRows(torch.zeros(4, 10), torch.zeros(4, 2), spare_rows=-1), "spare_rows must be an integer"),
+    (lambda: LogitRows(torch.zeros(4, 0), torch.zeros(4, 2)), r"empty vocabulary \(V = 0\)"),
+    (lambda: logit_rows(torch.zeros(4, 0)), r"empty vocabulary \(V = 0\)"),
     (lambda: logit_rows(torch.zeros(4, 10), torch.zeros(3, dtype=torch.int64)), "best has 3 entries"),
     (lambda: rejection_sample_rows(logit_rows(torch.zeros(6, 10)), torch.tensor([0, 3]), torch.tensor([2, 3]),
                                    _draft(2, 3, 10, seed=1)[0]), "must lie in the 6 rows of target_probs"),

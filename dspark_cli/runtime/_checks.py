@@ -90,6 +90,12 @@ def nonempty_batch(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} is an empty batch (0 requests)")
 
 
+def nonempty_vocabulary(name: str, t: torch.Tensor) -> None:
+    """Rows [N, V] need an entry (V ≥ 1): their max, argmax and softmax have none to take."""
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: an empty vocabulary (V = 0)")
+
+
 def same_device(**tensors) -> None:
     devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:

@@ -287,7 +287,7 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         if exp_noise is not None:
             _checks.nonnegative("exp_noise", exp_noise)
         if target_argmax is not None:
-            _checks.token_ids("target_argmax", target_argmax, V)
+            _checks.token_ids("target_argmax", target.as_read(target_argmax), V)  # the entries read
     if greedy is None:
         target_argmax = None  # no request reads it
     if draft.parts is not None:  # each part's call checks the values below, for its draft's rows
@@ -316,7 +316,9 @@ def _verify(target, row_start, ell, draft: MarkovDraft, greedy, seeds, generator
         row_start = torch.arange(0, R * row_stride, row_stride, device=target.device, dtype=torch.int64)
 
     device = target.device
-    if greedy is not None and target_argmax is None:
+    if target_argmax is not None:
+        target_argmax = target.as_read(target_argmax)  # a spare row's token is the row it reads
+    elif greedy is not None:
         target_argmax = target.argmax()  # per row: no [R, γ, V] gather
     pos = torch.arange(gamma, device=device, dtype=torch.int64).unsqueeze(0)  # draft j+1 at index j
     verified = pos < ell.unsqueeze(1)

@@ -30,8 +30,7 @@ def check_warps(temperature, top_k, top_p, R: int) -> None:
 
 def _check_logits(logits, temperature, top_k, top_p) -> None:
     _checks.tensor("logits", logits, 2, _checks.FLOAT_DTYPES)
-    if logits.shape[1] == 0:  # (metadata: checked on every device; the warps' amax/argmax need an entry)
-        raise ValueError(f"logits has shape {tuple(logits.shape)}: an empty vocabulary (V = 0)")
+    _checks.nonempty_vocabulary("logits", logits)  # metadata: checked on every device
     check_warps(temperature, top_k, top_p, logits.shape[0])
     _checks.same_device(logits=logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if _checks.want_value_checks(None, logits):

@@ -22,6 +22,7 @@ def softmax_rows(logits: torch.Tensor, probs: torch.Tensor, best: torch.Tensor |
     probs fp32 [≥ N, V] and best int64 [≥ N]: an engine's buffers with spare rows after N. Rows as
     torch gives them: a row with a NaN, or of −inf only, softmaxes to NaN."""
     _checks.tensor("logits", logits, 2, (torch.float32,))
+    _checks.nonempty_vocabulary("logits", logits)
     _checks.tensor("probs", probs, 2, (torch.float32,))
     N, V = logits.shape
     if probs.shape[0] < N or probs.shape[1] != V:
@@ -64,6 +65,9 @@ class ProbRows:
     def argmax(self) -> torch.Tensor:
         return self.probs.argmax(dim=-1)
 
+    def as_read(self, per_row: torch.Tensor) -> torch.Tensor:
+        return per_row
+
 
 @dataclass(frozen=True)
 class LogitRows:
@@ -84,6 +88,7 @@ class LogitRows:
         _checks.tensor("logits", self.logits, 2, (torch.float32,))
         _checks.tensor("stats", self.stats, 2, (torch.float32,))
         _checks.nonempty_batch("logits", self.logits)
+        _checks.nonempty_vocabulary("logits", self.logits)
         if self.stats.shape != (self.logits.shape[0], 2):
             raise ValueError(f"stats has shape {tuple(self.stats.shape)}: ({self.logits.shape[0]}, 2) expected, "
                              f"the max and 1 / Σ exp(x − max) of each logits row")
@@ -120,7 +125,13 @@ class LogitRows:
 
     def argmax(self) -> torch.Tensor:
         """Each row's argmax of the logits (an engine's greedy token), spare rows included."""
-        return self.logits.argmax(dim=-1)[self._logit_row(torch.arange(self.shape[0], device=self.device))]
+        return self.as_read(self.logits.argmax(dim=-1))
+
+    def as_read(self, per_row: torch.Tensor) -> torch.Tensor:
+        """A value per logits row (or per target row: a spare row's own is not read) → one per
+        target row, each row's logits row's: a spare row takes row N − 1's, as it reads its entries
+        (an engine's greedy tokens given as target_argmax, as the CUDA op reads them)."""
+        return per_row[self._logit_row(torch.arange(self.shape[0], device=self.device))]
 
     def _logit_row(self, index: torch.Tensor) -> torch.Tensor:
         """The logits row each target row reads: its own, or for a spare row the last."""
@@ -129,10 +140,12 @@ class LogitRows:
 
 def logit_rows(logits: torch.Tensor, best: torch.Tensor | None = None, spare_rows: int = 0) -> LogitRows:
     """The target rows of logits [N, V] fp32 for a verification, without writing probabilities:
-    each row's max and 1 / Σ exp(x − max) (torch's softmax rows are exp(x − max) / Σ; these differ
-    from them in the last bit at most). best[:N] = each row's argmax, when given (as softmax_rows').
-    A row with a NaN, or of −inf only, gives NaN probabilities. spare_rows: see LogitRows."""
+    each row's max and 1 / Σ exp(x − max) (torch's softmax rows are exp(x − max) / Σ: the same up to
+    the rounding of the sum, which torch's CPU kernel and ours order differently). best[:N] = each
+    row's argmax, when given (as softmax_rows'). A row with a NaN, or of −inf only, gives NaN
+    probabilities. spare_rows: see LogitRows."""
     _checks.tensor("logits", logits, 2, (torch.float32,))
+    _checks.nonempty_vocabulary("logits", logits)
     N = logits.shape[0]
     if best is not None:
         _checks.tensor("best", best, 1, (torch.int64,))
