@@ -349,13 +349,28 @@ __global__ void merge_splits_kernel(AttentionParams p) {
   }
 }
 
+// Splits the keys (`keys`: max_length + γ) when the (request, KV head) pairs fill less than one wave
+// of CTAs (`slots`: as many as the GPU holds at once): as many splits as that wave holds, whole
+// tiles each. Rounding up instead put the last few CTAs in a second wave (R = 4 to 32 at Qwen3-4B
+// sizes, two CTAs a SM: e.g. R = 16 384 CTAs where 264 fit).
+void split_keys(AttentionParams& p, int64_t keys, int64_t slots) {
+  const int64_t tiles = (keys + kTileKeys - 1) / kTileKeys, pairs = static_cast<int64_t>(p.R) * p.kv_heads;
+  const int64_t splits = std::max<int64_t>(1, std::min(tiles, slots / pairs));
+  const int64_t per_split = (tiles + splits - 1) / splits * kTileKeys;
+  p.split_keys = static_cast<int>(per_split);
+  p.splits = static_cast<int>((keys + per_split - 1) / per_split);
+}
+
 template <typename T, int HD>
-void launch(AttentionParams& p, const at::Tensor& like, cudaStream_t stream) {
+void launch(AttentionParams& p, int64_t keys, const at::Tensor& like, cudaStream_t stream) {
   const size_t smem = Layout<T, HD>::bytes(p.rows_padded);
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(smem <= optin, "draft_attention: ", p.rows_padded, " query rows at head_dim ", HD, " need ", smem,
               " bytes of shared memory per block; this GPU allows ", optin);
   allow_dynamic_smem(draft_attention_kernel<T, HD>, static_cast<int>(std::min(Layout<T, HD>::bytes(kMaxRows), optin)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, draft_attention_kernel<T, HD>, kThreads, smem));
+  split_keys(p, keys, static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   at::Tensor split_out, split_lse;
   if (p.splits > 1) {
     split_out = at::empty({p.splits, p.R, p.kv_heads, p.rows, HD}, like.options().dtype(at::kFloat));
@@ -414,17 +429,10 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   const int group = static_cast<int>(heads / kv), rows = group * static_cast<int>(gamma);
   const int rows_padded = (rows + 15) / 16 * 16;
   TORCH_CHECK(rows_padded <= kMaxRows, "draft_attention: (H / kv)·γ query rows per KV head exceed ", kMaxRows);
-  if (R == 0) return;
+  if (R == 0 || gamma == 0) return;  // no queries: out is empty
   const c10::cuda::CUDAGuard guard(q.device());
   // the kernel body needs sm_80+ (bf16 tensor cores, cp.async); below it would be compiled empty
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8, "draft_attention: needs compute capability 8.0+");
-
-  // Split the keys when the (request, head) pairs fill less than two waves of the GPU's SMs.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t keys = max_length + gamma, tiles = (keys + kTileKeys - 1) / kTileKeys, pairs = R * kv;
-  int64_t splits = pairs >= 2 * sms ? 1 : std::min<int64_t>(tiles, (2 * sms + pairs - 1) / pairs);
-  const int64_t split_keys = (tiles + splits - 1) / splits * kTileKeys;
-  splits = (keys + split_keys - 1) / split_keys;
 
   AttentionParams p{};
   p.q = q.data_ptr();
@@ -444,14 +452,13 @@ void draft_attention_cuda(const at::Tensor& q, const at::Tensor& k_block, const 
   p.group = group;
   p.rows = rows;
   p.rows_padded = rows_padded;
-  p.splits = static_cast<int>(splits);
-  p.split_keys = static_cast<int>(split_keys);
   p.scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(hd));
+  const int64_t keys = max_length + gamma;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
-    hd == 64 ? launch<__nv_bfloat16, 64>(p, q, stream) : launch<__nv_bfloat16, 128>(p, q, stream);
+    hd == 64 ? launch<__nv_bfloat16, 64>(p, keys, q, stream) : launch<__nv_bfloat16, 128>(p, keys, q, stream);
   } else {
-    hd == 64 ? launch<__half, 64>(p, q, stream) : launch<__half, 128>(p, q, stream);
+    hd == 64 ? launch<__half, 64>(p, keys, q, stream) : launch<__half, 128>(p, keys, q, stream);
   }
 }
 

@@ -25,6 +25,7 @@ CASES = [  # lengths, γ, H, kv, hd, dtype, ramp, page rows: one launch and spli
     ([0, 0], 3, 2, 1, 64, torch.bfloat16, False, 16),         # no context at all (the tiny drafter's shape)
     ([900] * 40, 7, 32, 8, 128, torch.bfloat16, True, 16),    # scores growing along the context
     ([2500], 7, 32, 8, 128, torch.float16, True, 100),        # the same in the splits; pages across tiles
+    ([560] * 16, 7, 32, 8, 128, torch.bfloat16, False, 16),   # R = 16: as many splits as one wave of CTAs holds
 ]
 
 
@@ -40,6 +41,15 @@ def test_a_too_small_max_length_still_reads_every_key():
     inputs = draft_attention_inputs([1500, 2], 7, 32, 8, 128, torch.bfloat16, seed=3)
     out = cuda_ops.draft_attention(*inputs, 100)
     assert (out.float() - draft_attention_reference(*inputs)).abs().max().item() < 2e-2
+
+
+def test_an_empty_block_is_a_no_op():
+    """γ = 0: no query, nothing to write (the key split divided by zero tiles when there was no context)."""
+    for lengths in ([0], [5, 0]):
+        inputs = draft_attention_inputs(lengths, 0, 32, 8, 128, torch.bfloat16, seed=6)
+        out = cuda_ops.draft_attention(*inputs, max(lengths))
+        torch.cuda.synchronize()
+        assert out.shape == (len(lengths), 0, 32, 128)
 
 
 def test_draft_attention_replays_from_a_cuda_graph():
