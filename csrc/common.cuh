@@ -1,5 +1,5 @@
 // Device helpers shared by the kernels: the runtime's constants, 16-bit to fp32 conversion, vector
-// loads of N consecutive entries, and an exclusive scan over a group of warps.
+// loads of N consecutive entries, torch.argmax's order, and an exclusive scan over a group of warps.
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
@@ -11,6 +11,15 @@ namespace dspark {
 
 constexpr float kGreedyBelow = 1e-5f;                                 // sampling.GREEDY_BELOW
 constexpr int kStreamDraft = 0, kStreamAccept = 1, kStreamRecover = 2;  // rng.STREAM_*
+
+// torch.argmax's order: NaN above every number, then the value, then the lower index (an engine's
+// greedy token is its logits' torch.argmax).
+__device__ __forceinline__ bool ranks_above(float a, int ia, float b, int ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -44,21 +44,31 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kAcceptThreads = 1024;
 
-// argmax of one fp32 row over the whole block (every thread gets it).
+// torch.argmax's pick (NaN first): residual.cuh's pick, the races', never takes a NaN.
+__device__ __forceinline__ Best pick_argmax(Best a, Best b) { return ranks_above(b.key, b.idx, a.key, a.idx) ? b : a; }
+
+__device__ __forceinline__ Best warp_pick_argmax(Best b) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    b = pick_argmax(b, Best{__shfl_xor_sync(0xffffffffu, b.key, off), __shfl_xor_sync(0xffffffffu, b.idx, off)});
+  return b;
+}
+
+// torch.argmax of one fp32 row over the whole block (every thread gets it).
 __device__ int block_argmax(const float* __restrict__ row, int V) {
   __shared__ Best warp_best[kAcceptThreads / 32];
   __shared__ int result;
   Best b{-INFINITY, 0x7fffffff};
-  for (int v = threadIdx.x; v < V; v += blockDim.x) b = pick(b, Best{row[v], v});
-  b = warp_pick(b);
+  for (int v = threadIdx.x; v < V; v += blockDim.x) b = pick_argmax(b, Best{row[v], v});
+  b = warp_pick_argmax(b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // warp_best / result may still be read from the previous call
   if (lane == 0) warp_best[warp] = b;
   __syncthreads();
   if (warp == 0) {
     b = lane < blockDim.x / 32 ? warp_best[lane] : Best{-INFINITY, 0x7fffffff};
-    b = warp_pick(b);
-    if (lane == 0) result = min(b.idx, V - 1);  // an all-NaN row (unchecked here) still gives an id < V
+    b = warp_pick_argmax(b);
+    if (lane == 0) result = b.idx;
   }
   __syncthreads();
   return result;

@@ -17,6 +17,8 @@
 #include <climits>
 #include <cmath>
 
+#include "common.cuh"
+
 namespace dspark {
 namespace {
 
@@ -24,6 +26,9 @@ constexpr int kThreads = 512;
 constexpr int kMaxSplits = 64;
 constexpr int kMinPerThread = 8;  // entries per thread at least, or a split is not worth its block
 constexpr int kInFlight = 4;      // stats_kernel's float4 loads in flight per thread
+// The largest V whose int indices stay below 2^31: a slice's end (a few entries past V) and the
+// loads' v + (kInFlight − 1)·4·kThreads. Nearer 2^31 they wrapped: a slice, or all, read nothing.
+constexpr int64_t kMaxV = INT_MAX - kInFlight * 4 * kThreads;
 
 struct RowPart {
   float max;  // of the entries seen (−inf: none above −inf yet)
@@ -33,14 +38,6 @@ struct RowPart {
 };
 
 __device__ __forceinline__ RowPart empty_part() { return {-INFINITY, 0.f, -INFINITY, INT_MAX}; }
-
-// torch.argmax's order: NaN above every number, then the value, then the lower index.
-__device__ __forceinline__ bool ranks_above(float a, int ia, float b, int ib) {
-  const bool na = isnan(a), nb = isnan(b);
-  if (na != nb) return na;
-  if (!na && a != b) return a > b;
-  return ia < ib;
-}
 
 __device__ __forceinline__ void add(RowPart& p, float x, int idx) {
   if (ranks_above(x, idx, p.best, p.best_idx)) p.best = x, p.best_idx = idx;
@@ -174,7 +171,7 @@ void softmax_stats_cuda(const at::Tensor& logits, const at::Tensor& stats, const
   TORCH_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
               "dspark::softmax_stats: logits must be contiguous fp32 [N, V] on a GPU");
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V > 0 && V < INT_MAX, "dspark::softmax_stats: V must be in 1 .. 2^31 − 2");
+  TORCH_CHECK(V > 0 && V <= kMaxV, "dspark::softmax_stats: V must be in 1 .. ", kMaxV);
   TORCH_CHECK(N <= 65535, "dspark::softmax_stats: at most 65535 rows per call (the grid's y axis)");
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.is_contiguous() && stats.size(0) >= N &&
                   stats.size(1) == 2 && stats.device() == logits.device() &&

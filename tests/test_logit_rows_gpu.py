@@ -9,6 +9,8 @@ reason, without a GPU or a build.
 
     PYTHONPATH=. python -m pytest -q tests/test_logit_rows_gpu.py     (after `dspark build`)"""
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,56 @@ def test_v1_target_rows_verify_as_their_probabilities_and_capture(R):
     torch.cuda.synchronize()
     assert torch.equal(captured.output_tokens, eager.output_tokens)
     assert torch.equal(captured.num_accepted, eager.num_accepted)
+
+
+@pytest.mark.parametrize("q_stored", [True, False])
+def test_a_greedy_rows_nan_logit_is_its_token_as_torch_argmax_says(q_stored):
+    """Greedy requests without target_argmax take the row's torch.argmax, NaN first: request 0's
+    first row has one NaN logit (id 77), request 2's first row is all NaN (id 0). The op's argmax
+    skipped NaN (the races' pick), so request 0 accepted drafts torch's argmax rejects."""
+    draft, target, ell, greedy, seeds = rejection_inputs(
+        RejectionCase(4, 3, 4096, 64, q_stored=q_stored, greedy_every=2, seed=5))
+    R, S, V = target.shape
+    logits = torch.log(target.reshape(R * S, V)).contiguous()
+    logits[0, 77] = float("nan")
+    logits[2 * S] = float("nan")
+    starts = torch.arange(R, device="cuda") * S
+    with cuda_ops.enabled(True):
+        rows = logit_rows(logits)
+        ours = rejection_sample_rows(rows, starts, ell, draft, greedy=greedy, seeds=seeds)
+        from_probs = rejection_sample_rows(rows.probs(), starts, ell, draft, greedy=greedy, seeds=seeds)
+    with cuda_ops.enabled(False):
+        ref = rejection_sample_rows(rows, starts, ell, draft, greedy=greedy, seeds=seeds)
+    assert ref.output_tokens[0, 0] == 77 and ref.output_tokens[2, 0] == 0 and ref.num_accepted[[0, 2]].sum() == 0
+    assert torch.equal(ours.output_tokens[::2], ref.output_tokens[::2])
+    assert torch.equal(from_probs.output_tokens[2], ref.output_tokens[2])  # all NaN: NaN probabilities too
+
+
+def test_stats_at_the_largest_v_the_op_takes_and_past_it():
+    """V = 2^31 − 8193 (the op's limit: its int indices stay below 2^31) on the op, and V = 2^31 − 64
+    on the torch fallback (the op's slices wrapped there and read nothing)."""
+    for V, on_op in ((cuda_ops.SOFTMAX_STATS_MAX_V, True), (2**31 - 64, False)):
+        logits = torch.zeros(1, V, device="cuda")
+        logits[0, -1] = 1.0
+        rows, best = op_rows(logits)
+        assert best.tolist() == [V - 1] and rows.stats[0, 0] == 1.0, (V, on_op)
+        assert abs(float(rows.stats[0, 1]) * (V - 1 + math.e) / math.e - 1) < 1e-3  # 1 / (1 + (V − 1)/e)
+        del logits, rows
+        torch.cuda.empty_cache()
+
+
+def test_stats_at_an_odd_address_are_read_as_aligned_ones():
+    """A hand-made LogitRows whose stats start 4 bytes past an 8-byte boundary: the op, which reads
+    each row's pair as a float2, gets an aligned copy (it refused them)."""
+    draft, target, ell, greedy, seeds = rejection_inputs(RejectionCase(3, 3, 4096, 64, q_stored=True, seed=9))
+    R, S, V = target.shape
+    logits = torch.log(target.reshape(R * S, V)).contiguous()
+    stats = logit_rows(logits).stats
+    buffer = torch.empty(2 * R * S + 1, device="cuda")
+    odd = buffer[1:].view(R * S, 2)
+    odd.copy_(stats)
+    starts = torch.arange(R, device="cuda") * S
+    with cuda_ops.enabled(True):
+        ours = rejection_sample_rows(LogitRows(logits, odd), starts, ell, draft, greedy=greedy, seeds=seeds)
+        aligned = rejection_sample_rows(LogitRows(logits, stats), starts, ell, draft, greedy=greedy, seeds=seeds)
+    assert odd.data_ptr() % 8 == 4 and torch.equal(ours.output_tokens, aligned.output_tokens)

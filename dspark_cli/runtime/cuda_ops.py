@@ -172,6 +172,8 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
         row_stats, block_counter, thresholds = s.row_stats, s.block_counter, s.thresholds
     if isinstance(target, LogitRows):  # the op clamps rows past the logits to the last: the spare rows
         target, target_stats = target.logits, target.stats.contiguous()
+        if target_stats.data_ptr() % 8:  # the op reads each row's pair as one float2
+            target_stats = target_stats.clone()
         if target_argmax is not None:
             target_argmax = target_argmax[:target.shape[0]]
     else:
@@ -185,9 +187,14 @@ def rejection_sample(target, row_start, ell, draft, *, greedy=None, seeds=None, 
     return VerifyResult(output_tokens, num_accepted)
 
 
+SOFTMAX_STATS_MAX_V = 2**31 - 1 - 8192  # csrc/softmax_stats.cu kMaxV: its int indices stay below 2^31
+
+
 def softmax_stats(logits, stats, best):
-    """Covers contiguous logits and best, N rows within MAX_REQUESTS (one per grid row)."""
-    if logits.shape[0] > MAX_REQUESTS or not all(t is None or t.is_contiguous() for t in (logits, best)):
+    """Covers contiguous logits and best, N rows within MAX_REQUESTS (one per grid row), V within
+    SOFTMAX_STATS_MAX_V."""
+    if (logits.shape[0] > MAX_REQUESTS or logits.shape[1] > SOFTMAX_STATS_MAX_V
+            or not all(t is None or t.is_contiguous() for t in (logits, best))):
         return NotImplemented
     torch.ops.dspark.softmax_stats(logits, stats, best)
 
