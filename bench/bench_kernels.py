@@ -4,9 +4,11 @@
     PYTHONPATH=. python bench/bench_kernels.py --sizes 1,16,128 [--ops ...] [--kernel-only] [--json-out FILE]
 
 Each op is captured in a CUDA graph (both paths; eager if capture fails) and replayed; the median
-of --repeats replays is reported. Floors = bytes that must move / measured copy bandwidth. Markov
-chain: "floor" counts what the call must move — W2 once per step (γ·V·r·2), U (R·γ·V·2) and q
-(R·γ·V·4) only when return_q; "issue floor" is issue 4's definition, W2 + U + q always. "vs vLLM"
+of --repeats replays is reported. Floors = bytes counted / measured copy bandwidth (read + written
+bytes per second). Markov chain: "floor" counts issue 4's bytes for what the call returns — W2 once
+per step (γ·V·r·2), U (R·γ·V·2) and q (R·γ·V·4) only when return_q; "issue floor" is issue 4's
+definition, W2 + U + q always. W2 once per step is that convention, not a bound: at R ≤ 2 the
+one-launch chain keeps part of W2 in shared memory across steps and can run below it. "vs vLLM"
 divides the vLLM v0.33.0 V2 loop's time on one H200 as issue 4 reports it (0.316 / 0.480 / 1.631 ms
 at R = 1 / 16 / 128, sampled, no q) by ours.
 "cold ms": the same op with L2 emptied before each call (a 256 MB write, after resetting any

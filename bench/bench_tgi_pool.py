@@ -13,7 +13,8 @@ to HI steps (random, seeded) and a new one arrives in its place in the same comm
 Prints the median, 99th percentile and slowest commit (timed between device syncs), how often the
 tensors were made again (`_remake`: only when the live pages outgrow the reservation), the rows
 committed and the pages taken at the fullest step, and the floor of a decode step's commit (its
-rows read and written once at --bandwidth, a copy bandwidth that counts both, as bench_kernels')."""
+rows read and written once at the copy bandwidth, which counts both: bench_kernels' measured on
+the device first, or --bandwidth; none on the CPU without it)."""
 
 import argparse
 import json
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from bench.bench_kernels import copy_bandwidth
 from dspark_cli.integrations.tgi.kv_pool import PAGE_ROWS, KVPool
 
 LAYERS, KV_HEADS, HEAD_DIM, COMMIT = 5, 8, 128, 4
@@ -36,12 +38,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lifetime", help="LO,HI: each request finishes after LO..HI steps and a new one arrives")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--bandwidth", type=float, default=4.1e12, help="copy bandwidth, bytes/s (H200: ~4.1e12)")
+    ap.add_argument("--bandwidth", type=float, help="copy bandwidth, bytes/s (default: measured on a GPU)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     lifetime = tuple(map(int, args.lifetime.split(","))) if args.lifetime else None
     rng = random.Random(0)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    on_gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    bandwidth = args.bandwidth or (copy_bandwidth() if on_gpu else None)  # before the pool takes its memory
 
     pool = KVPool(LAYERS)
     like = torch.empty(0, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=args.device)
@@ -84,7 +88,8 @@ def main() -> None:
               "pages_taken_fullest": pages_fullest, "remade": len(remade), "outgrown": pool.outgrown,
               "commit_ms_median": statistics.median(times), "commit_ms_p99": times[int(0.99 * (len(times) - 1))],
               "commit_ms_max": times[-1],
-              "decode_commit_floor_ms": 2 * args.requests * COMMIT * row_bytes / args.bandwidth * 1e3,
+              "copy_bandwidth": bandwidth,
+              "decode_commit_floor_ms": 2 * args.requests * COMMIT * row_bytes / bandwidth * 1e3 if bandwidth else None,
               "pool_gib": pool.k.numel() * 2 * pool.k.element_size() / 2**30}
     print(json.dumps(result, indent=1))
     if args.json_out:

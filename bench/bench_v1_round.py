@@ -15,13 +15,13 @@ Floors at the measured copy bandwidth: chain W2 per step + U (+ q when stored: i
 verification, stored: the p and q rows it reads (R·V·4 each); lazy: the p row, W2 once and the U
 row. V1's own stored-q verification (not run here: no vLLM on the GPU machine) reads every q row
 and every p row to draw a recovered token at each position: "V1 recovered-pass floor", Σ n·V·8
-bytes, is what it would add at the least.
+bytes, is its least time, in place of our stored verification's.
 "from logits": the verification as BlockVerify runs it from V1's fp32 logits [R·γ, V] (target_rows:
 the logits' softmax stats and, when a request is greedy, their argmax, then rejection_sample_rows
 from LogitRows with those greedy tokens), every other request greedy / none (an all-greedy step
 takes V1's greedy path), against the same from written probabilities (torch's softmax and argmax,
 then rejection_sample_rows from them); floor of the first: the logits read once, the kernel's
-reads (a sampled request's p row, W2 once, its U row).
+reads (a sampled request's p row, its U row, and W2 once when any request samples).
 "target probs": that preparation alone from the logits [R·γ, V]: torch's softmax and argmax
 against logit_rows (stats and argmax, no probabilities); floors: the logits read once and the
 probabilities written once, the logits read once."""
@@ -96,7 +96,8 @@ def from_logits(R: int, bw: float, repeats: int) -> list[dict]:
         verify_s = statistics.median(time_replays(verify, repeats))
         probs_s = statistics.median(time_replays(verify_through_probs, repeats))
         sampled = R - n_greedy
-        floor = (logits.numel() * 4 + sampled * V * 4 + V * RANK * 2 + sampled * V * 2) / bw
+        # W2 only for a sampled request's rebuilt q row (greedy ones test the given argmax: no q)
+        floor = (logits.numel() * 4 + sampled * V * 4 + (V * RANK * 2 if sampled else 0) + sampled * V * 2) / bw
         rows.append({"R": R, "q": f"from logits, {mix}", "verify_ms": verify_s * 1e3, "verify_floor_ms": floor * 1e3,
                      "through_probs_ms": probs_s * 1e3})
         print(f"{R:4d}  from logits, {mix:>11}: {verify_s * 1e3:.3f} ms ({verify_s / floor:.2f}x its floor "
