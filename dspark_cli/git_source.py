@@ -9,7 +9,7 @@ import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dspark_cli.errors import EnvironmentProblem, UsageError
 
@@ -210,12 +210,15 @@ def is_ambiguous(ws: Workspace, ref: str) -> bool:
     return "ambiguous" in ws.git.run("rev-parse", "--verify", f"{ref}^{{commit}}", check=False).stderr
 
 
-def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch_missing: bool = True) -> str:
+def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch_missing: bool = True,
+                before_fetch: Callable[[Workspace], None] | None = None) -> str:
     """Full id of `ref` (a full or unique short commit id), fetching from `url` if it is missing
-    (not in a fresh clone of `url`: a fetch could add nothing). When the pin names a tag that
-    exists here, it must point at the same commit."""
+    (not in a fresh clone of `url`: a fetch could add nothing; `before_fetch` may refuse first).
+    When the pin names a tag that exists here, it must point at the same commit."""
     commit = _resolve(ws, ref)
     if commit is None and fetch_missing:
+        if before_fetch is not None:
+            before_fetch(ws)
         fetch(ws, url)
         commit = _resolve(ws, ref)
     if commit is None:
@@ -227,14 +230,16 @@ def find_commit(ws: Workspace, ref: str, url: str, tag: str | None = None, fetch
     return commit
 
 
-def prepare(path: Path, url: str, ref: str, tag: str | None) -> tuple[Workspace, str]:
-    """The workspace at `path` (cloned if missing) and the full id of the commit to patch."""
+def prepare(path: Path, url: str, ref: str, tag: str | None,
+            before_fetch: Callable[[Workspace], None] | None = None) -> tuple[Workspace, str]:
+    """The workspace at `path` (cloned if missing) and the full id of the commit to patch; an
+    existing repository lacking it is fetched into after `before_fetch` (which may refuse)."""
     if not path.exists() or not any(path.iterdir()):
         return _fresh_clone(path, url, ref, tag)
     ws = Workspace(path)
     if not ws.is_repo():
         raise UsageError(f"{path} exists and is not a git repository; choose another --workdir")
-    return ws, find_commit(ws, ref, url, tag)
+    return ws, find_commit(ws, ref, url, tag, before_fetch=before_fetch)
 
 
 def _fresh_clone(path: Path, url: str, ref: str, tag: str | None) -> tuple[Workspace, str]:

@@ -160,13 +160,15 @@ def say_table(table) -> None:
 
 
 def emit_error(label: str, message: str, exit_code: int, as_json: bool) -> None:
-    """An error as one line on stderr and, under --json, also as the one JSON document on stdout.
-    The message is printed as plain text: no markup, no :emoji: codes."""
+    """An error as one line on stderr and, under --json, also as the one JSON document on stdout
+    (when stdout cannot take it, the line says so, as emit's does). The message is printed as plain
+    text: no markup, no :emoji: codes."""
     if as_json and not (_json_emitted or _stdout_failed):
         try:
             _write_stdout(json.dumps(_finite({"ok": False, "error": message, "exit_code": exit_code, **_error_fields}),
                                      default=str) + "\n")
         except OSError as exc:  # the line below is all there is
             _stdout_lost(exc)
+            message = f"{message} (and stdout could not take the report: {exc.strerror or exc})"
     err_console.print(Text.assemble((f"{label}:", "red"), " ", message), highlight=False, soft_wrap=True,
                       emoji=False, markup=False)

@@ -88,6 +88,25 @@ def test_dirty_worktree_is_refused_without_force_and_kept_with_it(toy):
     assert (toy["workdir"] / "notes.txt").read_text() == "untracked\n"
 
 
+def test_a_dirty_clone_of_yours_lacking_the_pin_is_refused_before_any_fetch(toy):
+    """A repository of the user's without the pinned commit is fetched into; with local changes and
+    no --force it is refused first (exit 2), so that no remote or upstream object is added to it."""
+    work = toy["workdir"]
+    work.mkdir()
+    git(work, "init", "-q")
+    (work / "mine.txt").write_text("committed\n")
+    git(work, "add", "mine.txt")
+    git(work, "commit", "-q", "-m", "mine")
+    (work / "mine.txt").write_text("edited\n")
+    before = tree_fingerprint(work)
+    with pytest.raises(UsageError, match="1 local change") as refused:
+        run_apply(toy)
+    assert refused.value.exit_code == 2
+    assert git(work, "remote") == "" and git(work, "cat-file", "-t", toy["upstream"]["v1.0"], check=False) == ""
+    assert tree_fingerprint(work) == before
+    assert run_apply(toy, force=True)["status"] == "applied"  # --force: fetched, the edit stashed
+
+
 def test_failing_patch_restores_the_exact_previous_state(toy):
     """DSpark's series is applied; a team layer's 2nd patch conflicts. With --force over staged
     and unstaged edits, the failure must give back HEAD, branches, index, stash and every byte."""

@@ -63,11 +63,14 @@ def test_no_help_screen_names_typer_value_types():
 @pytest.mark.parametrize("stdout", ["full", "closed"])
 @pytest.mark.parametrize("args, code, line", [
     (["compat", "--json"], 3, None),  # the document is the output: stdout failing is the failure
-    (["apply", "bogus", "--json"], 2, "error: unknown engine 'bogus'; compat.yaml knows: vllm, tgi"),
+    (["apply", "bogus", "--json"], 2, "error: unknown engine 'bogus'; compat.yaml knows: vllm, tgi (and stdout "
+                                      "could not take the report: {why})"),
 ])
 def test_a_json_document_stdout_cannot_take_is_one_line_on_stderr(stdout, args, code, line):
     """Were two chained tracebacks and exit 1 (the error document went to the stdout that had just
-    failed): a CI writing `dspark doctor --json > doctor.json` on a full disk read a failed check."""
+    failed): a CI writing `dspark doctor --json > doctor.json` on a full disk read a failed check.
+    An error's document that stdout cannot take: its line says so (README: the failure's code and
+    line, noting that stdout could not take the report)."""
     if stdout == "full" and not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -78,8 +81,8 @@ def test_a_json_document_stdout_cannot_take_is_one_line_on_stderr(stdout, args, 
     else:  # descriptor 1 closed before Python starts (`dspark ... >&-`)
         run = subprocess.run(command, env=env, text=True, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
     assert run.returncode == code
-    expected = line or ("error: stdout: No space left on device" if stdout == "full" else "error: stdout: closed")
-    assert run.stderr.strip() == expected
+    why = "No space left on device" if stdout == "full" else "closed"
+    assert run.stderr.strip() == (line.format(why=why) if line else f"error: stdout: {why}")
 
 
 def test_every_json_document_has_ok(toy_env):
