@@ -252,7 +252,7 @@ def apply(compat: Compat, request: ApplyRequest) -> dict:
             url = (request.repo or ((state or {}).get("source") or {}).get("repository")
                    or git_source.engine_repository(compat, engine.name))
             ws, base = git_source.prepare(workdir, url, pin.commit if pin else request.commit, pin.tag if pin else None,
-                                          before_fetch=None if request.force else _refuse_local_changes)
+                                          before_fetch=None if request.force else _refuse_local_changes_now)
             if pin is None:
                 # A ref such as v1.1~1 may name a pinned commit: then it is that pin, series and all.
                 pin = next((p for p in engine.pins.values() if p.matches_commit(base)), None)
@@ -438,16 +438,19 @@ def _local_changes(ws: Workspace, force: bool, commits: list[str], patches: list
                          "not even --force would keep them; commit them, or take them out of the index (`git reset "
                          "-q -- <path>` keeps the file; an unmerged one: resolve it or abort the merge or "
                          "cherry-pick) and run again")
-    if changes and not force:
+    if not force:
         _refuse_local_changes(ws, changes)
     return changes
 
 
-def _refuse_local_changes(ws: Workspace, changes: list[str] | None = None) -> None:
-    """Without --force a worktree with local changes is refused: also before a fetch into it (a
-    clone of the user's lacking the pin), which would add our remote and refs to a repository we
-    then refuse to patch."""
-    changes = ws.local_changes() if changes is None else changes
+def _refuse_local_changes_now(ws: Workspace) -> None:
+    """Before a fetch into a clone of the user's that lacks the pin (without --force): a fetch would
+    add our remote and refs to a repository we then refuse to patch."""
+    _refuse_local_changes(ws, ws.local_changes())
+
+
+def _refuse_local_changes(ws: Workspace, changes: list[str]) -> None:
+    """Without --force a worktree with local changes is refused."""
     if changes:
         raise UsageError(f"{ws.path} has {len(changes)} local change(s) (e.g. `{changes[0].strip()}`); "
                          "commit or stash them, or pass --force (they are stashed, not lost)")
